@@ -1,0 +1,92 @@
+"""The one Settings object. Built once at start-up (from `SEQSERVE_*` env vars and CLI flags)
+and passed down; no other module reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerSettings(BaseModel):
+    """Network and process settings (`SEQSERVE_SERVER__*`)."""
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds. Use 0.0.0.0 inside a container."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (tests)."""
+    metrics_port: int = 9464
+    """Prometheus metrics HTTP port; 0 picks a free one, -1 disables the endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds."""
+    grace_seconds: float = 10.0
+    """On SIGTERM/SIGINT: how long in-flight RPCs get to finish before they are cancelled."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+
+
+class EngineSettings(BaseModel):
+    """Step scheduling and model execution (`SEQSERVE_ENGINE__*`)."""
+
+    device: str = "cpu"
+    """torch device for model weights and session state: `cpu` or `cuda` (optional)."""
+    torch_threads: int = 1
+    """torch intra-op threads. One is best for small recurrent steps on few cores."""
+    max_batch_size: int = 256
+    """Most rows (sessions) in one batched step."""
+    max_chunk_tokens: int = 4096
+    """Longest input chunk one request may carry (tokens or frames)."""
+    max_generate_tokens: int = 2048
+    """Largest `max_tokens` a generation may ask for."""
+    max_queue: int = 4096
+    """Pending steps per model version beyond which new work gets RESOURCE_EXHAUSTED."""
+    max_items_per_message: int = 1024
+    """Most items one Stream message may carry."""
+    default_top_k: int = 5
+    """Top-k entries returned in a token prediction when the request does not say."""
+
+
+class SessionSettings(BaseModel):
+    """Session lifecycle (`SEQSERVE_SESSIONS__*`)."""
+
+    ttl_seconds: float = 600.0
+    """Idle time after which a session expires, unless it asked for another TTL."""
+    max_ttl_seconds: float = 86400.0
+    """Largest TTL a client may ask for."""
+    max_sessions: int = 100_000
+    """Cap on live sessions (memory and spilled)."""
+    pool_bytes: int = 256 * 1024 * 1024
+    """Byte budget for in-memory state, per server, across model versions."""
+    pool_initial_slots: int = 64
+    """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
+    spill_dir: Path = REPO_ROOT / "spill"
+    """Where evicted and shut-down sessions are written."""
+    spill_max_bytes: int = 4 * 1024 * 1024 * 1024
+    """Cap on the spill tier's size on disk."""
+    sweep_interval_seconds: float = 1.0
+    """How often expired sessions are swept."""
+
+
+class Settings(BaseSettings):
+    """All of seqserve's configuration. Env: `SEQSERVE_<FIELD>`, nested with `__`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEQSERVE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    model_store: Path = REPO_ROOT / "model_store"
+    """Root of the versioned model store."""
+    registry_poll_seconds: float = 2.0
+    """How often the store is re-read for new versions and alias changes (0 disables)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging level."""
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
