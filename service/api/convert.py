@@ -1,0 +1,124 @@
+"""Protobuf ↔ core conversions. The only place that knows both shapes."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.api.gen.seqserve.v1 import types_pb2 as pb
+from service.engine.generation import (
+    FINISH_MAX_TOKENS,
+    FINISH_STOP_STRING,
+    FINISH_STOP_TOKEN,
+    GeneratedToken,
+)
+from service.engine.session_engine import ModelInput, PredictionOptions
+from service.errors import InvalidArgument
+from service.models import ByteTokenizer
+from service.runtime.sampler import SamplingParams
+from service.runtime.step_batch import Prediction
+from service.sessions.session import Session
+
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FINISH_STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
+    FINISH_STOP_STRING: pb.FINISH_REASON_STOP_STRING,
+    FINISH_MAX_TOKENS: pb.FINISH_REASON_MAX_TOKENS,
+}
+
+
+def input_from_pb(msg: pb.Input) -> ModelInput:
+    kind = msg.WhichOneof("kind")
+    if kind == "tokens":
+        return ModelInput(tokens=list(msg.tokens.ids))
+    if kind == "text":
+        return ModelInput(text=msg.text)
+    if kind == "frames":
+        return ModelInput(frames=list(msg.frames.values))
+    raise InvalidArgument("input is empty: set one of tokens, text or frames")
+
+
+def options_from_pb(msg: pb.PredictionOptions) -> PredictionOptions:
+    return PredictionOptions(top_k=msg.top_k, per_position=msg.per_position)
+
+
+def sampling_from_pb(msg: pb.Sampling, base: SamplingParams) -> SamplingParams:
+    """Fields the message leaves unset fall back to `base` (the session's default)."""
+    return SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else base.temperature,
+        top_k=msg.top_k if msg.HasField("top_k") else base.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else base.top_p,
+        stop_strings=tuple(msg.stop_strings) or base.stop_strings,
+        stop_token_ids=tuple(msg.stop_token_ids) or base.stop_token_ids,
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else base.max_tokens,
+    )
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
+    return pb.Sampling(
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        stop_strings=list(params.stop_strings),
+        stop_token_ids=list(params.stop_token_ids),
+        max_tokens=params.max_tokens,
+    )
+
+
+def duration_seconds(msg: Duration) -> float | None:
+    seconds = msg.seconds + msg.nanos / 1e9
+    return seconds or None
+
+
+def session_to_pb(session: Session, clock_now: float, wall_now: float) -> pb.Session:
+    created, expires = Timestamp(), Timestamp()
+    created.FromNanoseconds(int(session.created_at * 1e9))
+    expires.FromNanoseconds(int(session.expires_at(clock_now, wall_now) * 1e9))
+    ttl = Duration()
+    ttl.FromNanoseconds(int(session.ttl_seconds * 1e9))
+    if session.closed:
+        state = pb.SESSION_STATE_CLOSED
+    elif session.slot is None:
+        state = pb.SESSION_STATE_SPILLED
+    else:
+        state = pb.SESSION_STATE_ACTIVE
+    return pb.Session(
+        session_id=session.session_id,
+        model=session.model,
+        version=session.version,
+        fingerprint=session.fingerprint,
+        position=session.position,
+        created_at=created,
+        expires_at=expires,
+        ttl=ttl,
+        default_sampling=sampling_to_pb(session.default_sampling),
+        state=state,
+        seed=session.seed,
+        parent_session_id=session.parent_session_id,
+    )
+
+
+def prediction_to_pb(
+    pred: Prediction, position: int, tokenizer: ByteTokenizer | None
+) -> pb.Prediction:
+    if pred.values:
+        return pb.Prediction(regression=pb.Regression(values=pred.values), position=position)
+    assert tokenizer is not None
+    top = [
+        pb.TopToken(id=i, prob=p, text=tokenizer.decode_one(i))
+        for i, p in zip(pred.top_ids, pred.top_probs, strict=True)
+    ]
+    return pb.Prediction(tokens=pb.TokenPrediction(top=top), position=position)
+
+
+def per_position_to_pb(
+    preds: list[Prediction], last_position: int, tokenizer: ByteTokenizer | None
+) -> list[pb.Prediction]:
+    first = last_position - len(preds) + 1
+    return [prediction_to_pb(p, first + i, tokenizer) for i, p in enumerate(preds)]
+
+
+def token_to_pb(token: GeneratedToken) -> pb.GeneratedToken:
+    return pb.GeneratedToken(
+        id=token.token_id, text=token.text, finish_reason=_FINISH[token.finish_reason]
+    )

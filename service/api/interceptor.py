@@ -1,0 +1,108 @@
+"""The one place errors become gRPC statuses, and every RPC is timed.
+
+A `SeqServeError` aborts with its declared status and message. Anything else is a bug: it is
+logged with an error id, and the client gets INTERNAL with that id and no stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service.errors import SeqServeError
+
+log = logging.getLogger(__name__)
+
+RpcObserver = Callable[[str, str, float], None]  # (method, code name, seconds)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, observe_rpc: RpcObserver) -> None:
+        self._observe = observe_rpc
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(method, handler.stream_stream), **kwargs
+        )
+
+    def _unary(self, method: str, fn: Any) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await fn(request, context)
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                await _abort(exc, context)
+                raise
+            finally:
+                self._observe(method, code, time.perf_counter() - started)
+
+        return call
+
+    def _streaming(self, method: str, fn: Any) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                async for response in fn(request, context):
+                    yield response
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                await _abort(exc, context)
+                raise
+            finally:
+                self._observe(method, code, time.perf_counter() - started)
+
+        return call
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+    if isinstance(exc, SeqServeError):
+        return exc.status.name
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if not isinstance(exc, Exception):
+        return "CANCELLED"  # CancelledError, GeneratorExit: the client went away
+    return "INTERNAL"
+
+
+async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+    """Turn `exc` into the RPC's status. Aborting raises AbortError."""
+    if isinstance(exc, SeqServeError):
+        await context.abort(exc.status, exc.message)
+    if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
+        return
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error (error id %s)", error_id, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})")

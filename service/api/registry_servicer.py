@@ -1,0 +1,78 @@
+"""gRPC glue for `seqserve.v1.ModelRegistry`: what the store holds and what is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from service.api.gen.seqserve.v1 import model_registry_pb2 as pb
+from service.api.gen.seqserve.v1 import model_registry_pb2_grpc as pb_grpc
+from service.engine.model_versions import ModelVersions
+from service.registry.snapshot import ModelEntry
+
+_CELL = {"lstm": pb.CELL_TYPE_LSTM, "gru": pb.CELL_TYPE_GRU}
+
+
+class RegistryServicer(pb_grpc.ModelRegistryServicer):
+    def __init__(self, versions: ModelVersions) -> None:
+        self.versions = versions
+        self.store = versions.store
+
+    def _default_version(self, entry: ModelEntry) -> int:
+        try:
+            return entry.resolve("")
+        except Exception:  # no usable version: report 0 rather than fail the listing
+            return 0
+
+    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        snapshot = await asyncio.to_thread(self.store.snapshot)
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelSummary(
+                    name=entry.name,
+                    versions=list(entry.usable_versions),
+                    aliases=dict(entry.aliases),
+                    default_version=self._default_version(entry),
+                )
+                for entry in sorted(snapshot.models.values(), key=lambda e: e.name)
+            ]
+        )
+
+    async def GetModel(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        entry = await asyncio.to_thread(self.store.model, request.name)
+        versions = []
+        for v in entry.versions:
+            lv = self.versions.find(entry.name, v.version)
+            manifest = v.manifest
+            versions.append(
+                pb.ModelVersion(
+                    version=v.version,
+                    manifest_json=json.dumps(manifest.model_dump(mode="json")) if manifest else "",
+                    fingerprint=manifest.fingerprint() if manifest else "",
+                    cell=_CELL.get(manifest.cell, pb.CELL_TYPE_UNSPECIFIED)
+                    if manifest
+                    else pb.CELL_TYPE_UNSPECIFIED,
+                    loaded=lv is not None,
+                    live_sessions=lv.sessions if lv is not None else 0,
+                    status=pb.VERSION_STATUS_OK if v.ok else pb.VERSION_STATUS_REFUSED,
+                    status_reason=v.problem or "",
+                )
+            )
+        return pb.GetModelResponse(
+            model=pb.ModelDetail(
+                name=entry.name,
+                versions=versions,
+                aliases=dict(entry.aliases),
+                default_version=self._default_version(entry),
+            )
+        )
+
+    async def SetAlias(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        await asyncio.to_thread(self.store.set_alias, request.name, request.alias, request.version)
+        entry = await asyncio.to_thread(self.store.model, request.name)
+        return pb.SetAliasResponse(aliases=dict(entry.aliases))
+
+    async def DeleteAlias(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        await asyncio.to_thread(self.store.delete_alias, request.name, request.alias)
+        entry = await asyncio.to_thread(self.store.model, request.name)
+        return pb.DeleteAliasResponse(aliases=dict(entry.aliases))

@@ -1,0 +1,144 @@
+"""The composition root: builds the store, engine, metrics and gRPC server from Settings, and
+owns start-up and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.gen import SERVICE_NAMES
+from service.api.gen.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
+from service.api.interceptor import ErrorMappingInterceptor
+from service.api.metrics_observer import MetricsObserver
+from service.api.registry_servicer import RegistryServicer
+from service.api.session_servicer import SessionServicer
+from service.engine.session_engine import SessionEngine
+from service.metrics.prometheus_metrics import Metrics
+from service.registry.store import ModelStore
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_GAUGE_REFRESH_SECONDS = 1.0
+
+
+class SeqServeServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        torch.set_num_threads(settings.engine.torch_threads)
+        self.store = ModelStore(settings.model_store)
+        self.metrics = Metrics()
+        self.engine = SessionEngine(settings, self.store, MetricsObserver(self.metrics))
+        limit = settings.server.max_message_bytes
+        self.grpc = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor(self.metrics.observe_rpc)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        self.port = 0
+        self.metrics_port = 0
+        self._refresher: asyncio.Task[None] | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings.server
+        await self.engine.start()
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(self.engine), self.grpc
+        )
+        model_registry_pb2_grpc.add_ModelRegistryServicer_to_server(
+            RegistryServicer(self.engine.versions), self.grpc
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.grpc,
+        )  # fmt: skip
+        self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind gRPC to {s.host}:{s.port}")
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.start_http_server(s.metrics_host, s.metrics_port)
+        await self.grpc.start()
+        self._health = health_servicer
+        for name in ("", *SERVICE_NAMES):
+            await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
+        log.info(
+            "seqserve listening on %s:%d (metrics on %s:%d, store %s)",
+            s.host, self.port, s.metrics_host, self.metrics_port, self.settings.model_store,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight RPCs finish (up to the grace period), stop the engine."""
+        if self._stopped.is_set():
+            return
+        if self._health is not None:
+            for name in ("", *SERVICE_NAMES):
+                await _set_health(self._health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(self.settings.server.grace_seconds)
+        await self.engine.stop()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        self.metrics.stop()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            self.refresh_gauges()
+            await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
+
+    def refresh_gauges(self) -> None:
+        sessions = list(self.engine.sessions)
+        in_memory = sum(1 for s in sessions if s.slot is not None)
+        self.metrics.set_sessions("memory", in_memory)
+        self.metrics.set_sessions("spilled", len(sessions) - in_memory)
+        used = 0
+        for lv in self.engine.versions.loaded():
+            used += lv.pool.used_slots * lv.pool.bytes_per_slot
+            self.metrics.set_queue_depth(lv.name, str(lv.version), lv.scheduler.queue_depth)
+        self.metrics.set_state_bytes("memory", used)
+        self.metrics.set_pool_capacity_bytes(self.engine.budget.limit_bytes)
+        spill = getattr(self.engine, "spill_bytes", None)
+        self.metrics.set_state_bytes("spilled", int(spill() if callable(spill) else 0))
+
+
+async def _set_health(servicer, name: str, status) -> None:  # type: ignore[no-untyped-def]
+    result = servicer.set(name, status)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = SeqServeServer(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        log.info("received %s: draining", signal.Signals(signum).name)
+        if stopping is None:
+            stopping = loop.create_task(server.stop())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.wait_stopped()

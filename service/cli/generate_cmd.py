@@ -1,0 +1,55 @@
+"""`seqserve generate`: a client that streams a generation to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+
+from service.client.client import SeqServeClient
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream a generation from a running server")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server address H:P")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", default="", help='"" = production alias or latest')
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="makes the output reproducible")
+    p.set_defaults(func=run)
+
+
+async def _generate(args: argparse.Namespace) -> None:
+    async with SeqServeClient(args.target) as client:
+        session = await client.create_session(args.model, args.version, seed=args.seed)
+        try:
+            sys.stdout.write(args.prompt)
+            async for piece in session.generate(
+                args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                stop=args.stop,
+            ):
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        finally:
+            await session.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_generate(args))
+    except grpc.aio.AioRpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,215 @@
+"""An asyncio client for seqserve.
+
+    async with SeqServeClient("127.0.0.1:50051") as client:
+        session = await client.create_session("bytes-lstm", seed=7)
+        first = await session.feed(text="def ")
+        async for piece in session.generate(max_tokens=40, temperature=0.8):
+            print(piece.text, end="")
+        await session.close()
+
+Errors arrive as `grpc.aio.AioRpcError` carrying the server's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from service.api.gen.seqserve.v1 import model_registry_pb2 as reg_pb
+from service.api.gen.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
+from service.api.gen.seqserve.v1 import session_service_pb2 as pb
+from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.api.gen.seqserve.v1 import types_pb2 as types
+
+
+@dataclass(frozen=True)
+class TokenPrediction:
+    """What the session predicts after its last input."""
+
+    position: int
+    top: list[tuple[int, float, str]]  # (token id, probability, text), most likely first
+    values: list[float]  # regression output (empty for token models)
+
+
+@dataclass(frozen=True)
+class GeneratedPiece:
+    token_id: int
+    text: str
+    position: int
+    finish_reason: str | None  # "stop_token" | "stop_string" | "max_tokens" on the last
+
+
+def make_input(
+    text: str | None = None,
+    tokens: Sequence[int] | None = None,
+    frames: Sequence[float] | None = None,
+) -> types.Input:
+    if sum(x is not None for x in (text, tokens, frames)) != 1:
+        raise ValueError("give exactly one of text, tokens or frames")
+    if text is not None:
+        return types.Input(text=text)
+    if tokens is not None:
+        return types.Input(tokens=types.Tokens(ids=list(tokens)))
+    return types.Input(frames=types.Frames(values=list(frames or ())))
+
+
+def make_sampling(
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+) -> types.Sampling:
+    msg = types.Sampling(stop_strings=list(stop), stop_token_ids=list(stop_token_ids))
+    if temperature is not None:
+        msg.temperature = temperature
+    if top_k is not None:
+        msg.top_k = top_k
+    if top_p is not None:
+        msg.top_p = top_p
+    if max_tokens is not None:
+        msg.max_tokens = max_tokens
+    return msg
+
+
+def prediction_from_pb(msg: types.Prediction) -> TokenPrediction:
+    if msg.WhichOneof("kind") == "regression":
+        return TokenPrediction(msg.position, [], list(msg.regression.values))
+    return TokenPrediction(msg.position, [(t.id, t.prob, t.text) for t in msg.tokens.top], [])
+
+
+_FINISH = {
+    types.FINISH_REASON_UNSPECIFIED: None,
+    types.FINISH_REASON_STOP_TOKEN: "stop_token",
+    types.FINISH_REASON_STOP_STRING: "stop_string",
+    types.FINISH_REASON_MAX_TOKENS: "max_tokens",
+}
+
+
+def piece_from_pb(token: types.GeneratedToken, position: int) -> GeneratedPiece:
+    return GeneratedPiece(token.id, token.text, position, _FINISH[token.finish_reason])
+
+
+class SeqServeClient:
+    def __init__(self, target: str, *, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.sessions = pb_grpc.SessionServiceStub(self.channel)
+        self.registry = reg_grpc.ModelRegistryStub(self.channel)
+
+    async def __aenter__(self) -> SeqServeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def create_session(
+        self,
+        model: str,
+        version: str = "",
+        *,
+        seed: int | None = None,
+        ttl_seconds: float | None = None,
+        sampling: types.Sampling | None = None,
+    ) -> ClientSession:
+        request = pb.CreateSessionRequest(model=model, version=version)
+        if seed is not None:
+            request.seed = seed
+        if ttl_seconds is not None:
+            request.ttl.CopyFrom(_duration(ttl_seconds))
+        if sampling is not None:
+            request.default_sampling.CopyFrom(sampling)
+        response = await self.sessions.CreateSession(request)
+        return ClientSession(self, response.session)
+
+    async def attach(self, session_id: str) -> ClientSession:
+        """A handle on an existing session (e.g. after a reconnect)."""
+        response = await self.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))
+        return ClientSession(self, response.session)
+
+    async def list_models(self) -> list[reg_pb.ModelSummary]:
+        return list((await self.registry.ListModels(reg_pb.ListModelsRequest())).models)
+
+
+class ClientSession:
+    def __init__(self, client: SeqServeClient, info: types.Session) -> None:
+        self.client = client
+        self.info = info
+        self.session_id = info.session_id
+
+    async def feed(
+        self,
+        text: str | None = None,
+        tokens: Sequence[int] | None = None,
+        frames: Sequence[float] | None = None,
+        *,
+        top_k: int = 0,
+    ) -> TokenPrediction:
+        """Feed one chunk; returns the prediction after its last input."""
+        response = await self.client.sessions.Step(
+            pb.StepRequest(
+                session_id=self.session_id,
+                input=make_input(text, tokens, frames),
+                options=types.PredictionOptions(top_k=top_k),
+            )
+        )
+        return prediction_from_pb(response.prediction)
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncIterator[GeneratedPiece]:
+        request = pb.GenerateRequest(
+            session_id=self.session_id,
+            sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop),
+        )
+        if prompt is not None:
+            request.prompt.CopyFrom(make_input(text=prompt))
+        call = self.client.sessions.Generate(request)
+        try:
+            async for response in call:
+                yield piece_from_pb(response.token, response.position)
+        finally:
+            call.cancel()
+
+    async def fork(self, *, seed: int | None = None) -> ClientSession:
+        request = pb.ForkSessionRequest(session_id=self.session_id)
+        if seed is not None:
+            request.seed = seed
+        response = await self.client.sessions.ForkSession(request)
+        return ClientSession(self.client, response.session)
+
+    async def refresh(self) -> types.Session:
+        response = await self.client.sessions.GetSession(
+            pb.GetSessionRequest(session_id=self.session_id)
+        )
+        self.info = response.session
+        return self.info
+
+    async def close(self) -> None:
+        await self.client.sessions.CloseSession(pb.CloseSessionRequest(session_id=self.session_id))
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d

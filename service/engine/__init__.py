@@ -1,0 +1,1 @@
+"""The transport-free core: step scheduling, model versions and the session engine."""

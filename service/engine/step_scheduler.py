@@ -1,0 +1,209 @@
+"""Continuous batching for one loaded model version.
+
+One loop per version: wait until work is pending, give producers one event-loop tick to add
+theirs, take every pending feed (up to `max_batch_size` rows, one per session) together with
+every running generation, run the batch on the runner's thread, fan the results out, repeat.
+Flushing what is pending at each tick beat waiting on a timer here: the step itself is the
+batching window. Generations stay in the batch step after step until they finish or are
+cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from service.engine.generation import Generation
+from service.errors import ResourceExhausted, Unavailable
+from service.metrics.stats import StepStats
+from service.runtime.runner import ModelRunner
+from service.runtime.step_batch import RowResult, RowWork, StepBatch
+from service.sessions.session import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Feed:
+    session: Session
+    row: RowWork
+    future: asyncio.Future[RowResult]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class StepScheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        model: str,
+        version: int,
+        max_batch_size: int,
+        max_queue: int,
+        on_stats: Callable[[StepStats], None],
+        on_generation_done: Callable[[Generation], None],
+        on_token_times: Callable[[float | None, float | None], None],
+    ) -> None:
+        self._runner = runner
+        self._model, self._version = model, str(version)
+        self._max_batch = max_batch_size
+        self._max_queue = max_queue
+        self._on_stats = on_stats
+        self._on_generation_done = on_generation_done
+        self._on_token_times = on_token_times  # (time to first token, inter-token gap)
+        self._pending: deque[_Feed] = deque()
+        self._generations: list[Generation] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"runner-{model}")
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_generations(self) -> int:
+        return len(self._generations)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="step-scheduler")
+
+    def submit(self, session: Session, row: RowWork) -> asyncio.Future[RowResult]:
+        """Queue one feed row; the future resolves after the step that consumed it."""
+        if self._stopping:
+            raise Unavailable("model version is shutting down")
+        if len(self._pending) >= self._max_queue:
+            raise ResourceExhausted(
+                f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}"
+            )
+        future: asyncio.Future[RowResult] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Feed(session, row, future))
+        self._wakeup.set()
+        return future
+
+    def start_generation(self, generation: Generation) -> None:
+        if self._stopping:
+            raise Unavailable("model version is shutting down")
+        self._generations.append(generation)
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        """Finish the step in flight, fail what is still queued, stop the loop."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending and not self._generations:
+                if self._stopping:
+                    break
+                await self._wakeup.wait()
+                self._wakeup.clear()
+            await asyncio.sleep(0)  # one tick: let producers woken with us add their rows
+            self._retire_cancelled()
+            if self._stopping:
+                self._fail_pending(Unavailable("server is draining"))
+                for gen in list(self._generations):
+                    self._retire(gen)
+                continue
+            feeds = self._take_feeds(self._max_batch - len(self._generations))
+            gens = list(self._generations)
+            if not feeds and not gens:
+                continue
+            rows = [g_row(g) for g in gens] + [f.row for f in feeds]
+            started = time.perf_counter()
+            try:
+                output = await loop.run_in_executor(
+                    self._executor, self._runner.execute, StepBatch(rows)
+                )
+            except Exception as exc:  # a bug in the runner: fail this batch, keep serving
+                log.exception("step failed for %s:%s", self._model, self._version)
+                for f in feeds:
+                    if not f.future.done():
+                        f.future.set_exception(exc)
+                for gen in gens:
+                    gen.tokens.put_nowait(exc)
+                    self._retire(gen)
+                continue
+            self._fan_out(gens, feeds, output.results)
+            t = output.timings
+            self._on_stats(
+                StepStats(
+                    model=self._model,
+                    version=self._version,
+                    rows=len(rows),
+                    tokens_in=sum(r.consumed for r in output.results[len(gens) :]),
+                    tokens_generated=len(gens),
+                    queue_wait_seconds=[started - f.enqueued_at for f in feeds],
+                    gather_seconds=t.gather_seconds,
+                    forward_seconds=t.forward_seconds,
+                    scatter_seconds=t.scatter_seconds,
+                    sample_seconds=t.sample_seconds,
+                    total_seconds=time.perf_counter() - started,
+                )
+            )
+
+    def _take_feeds(self, room: int) -> list[_Feed]:
+        """Up to `room` pending feeds, at most one per session (the rest wait their turn)."""
+        taken: list[_Feed] = []
+        seen: set[str] = set()
+        deferred: list[_Feed] = []
+        while self._pending and len(taken) < max(room, 1):
+            feed = self._pending.popleft()
+            if feed.future.cancelled():
+                continue
+            if feed.session.session_id in seen:
+                deferred.append(feed)
+                continue
+            seen.add(feed.session.session_id)
+            taken.append(feed)
+        self._pending.extendleft(reversed(deferred))
+        return taken
+
+    def _fan_out(self, gens: list[Generation], feeds: list[_Feed], results: list[RowResult]) -> None:
+        now = time.perf_counter()
+        for gen, res in zip(gens, results[: len(gens)], strict=True):
+            gen.session.position += res.consumed
+            assert res.token is not None
+            token = gen.advance(res.token)
+            if gen.last_token_at is None:
+                self._on_token_times(now - gen.started_at, None)
+            else:
+                self._on_token_times(None, now - gen.last_token_at)
+            gen.last_token_at = now
+            gen.tokens.put_nowait(token)
+            if gen.finished:
+                self._retire(gen)
+        for feed, res in zip(feeds, results[len(gens) :], strict=True):
+            feed.session.position += res.consumed
+            if not feed.future.done():
+                feed.future.set_result(res)
+
+    def _retire_cancelled(self) -> None:
+        for gen in [g for g in self._generations if g.cancelled]:
+            self._retire(gen)
+
+    def _retire(self, gen: Generation) -> None:
+        if gen in self._generations:
+            self._generations.remove(gen)
+            self._on_generation_done(gen)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        while self._pending:
+            feed = self._pending.popleft()
+            if not feed.future.done():
+                feed.future.set_exception(exc)
+
+
+def g_row(gen: Generation) -> RowWork:
+    assert gen.session.slot is not None, "a generating session stays in memory"
+    return RowWork(slot=gen.session.slot, inputs=None, sampling=gen.sampling, rng=gen.session.rng)

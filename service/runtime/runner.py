@@ -1,0 +1,161 @@
+"""The model runner: executes one StepBatch against a version's model and state pool.
+
+Per batch: gather state rows by slot, sample the generate rows from their last outputs, run one
+fused recurrent step over every single-input row and one whole-chunk call over the multi-input
+rows, scatter the new state back, and turn head outputs into predictions. Runs off the event
+loop (torch releases the GIL); the pool lock keeps slot allocation out of the way.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from service.models import RecurrentState, SequenceModel
+from service.runtime.sampler import sample
+from service.runtime.state_pool import StatePool
+from service.runtime.step_batch import (
+    Prediction,
+    RowResult,
+    StepBatch,
+    StepOutput,
+    StepTimings,
+)
+
+
+class ModelRunner:
+    def __init__(self, model: SequenceModel, pool: StatePool) -> None:
+        self.model = model
+        self.pool = pool
+        self.config = model.config
+        self.device = pool.device
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch) -> StepOutput:
+        t0 = time.perf_counter()
+        timings = StepTimings()
+        rows = batch.rows
+        results = [RowResult(consumed=0) for _ in rows]
+        single = [i for i, r in enumerate(rows) if r.inputs is None or len(r.inputs) == 1]
+        multi = [i for i, r in enumerate(rows) if r.inputs is not None and len(r.inputs) > 1]
+        with self.pool.lock:
+            if single:
+                self._run_single(batch, single, results, timings)
+            if multi:
+                self._run_multi(batch, multi, results, timings)
+        t1 = time.perf_counter()
+        # Whatever the phases did not account for (locking, bookkeeping) is forward overhead.
+        accounted = timings.gather_seconds + timings.scatter_seconds + timings.sample_seconds
+        timings.forward_seconds = max(timings.forward_seconds, t1 - t0 - accounted)
+        return StepOutput(results, timings)
+
+    def _slots(self, batch: StepBatch, idx: list[int]) -> Tensor:
+        return torch.tensor([batch.rows[i].slot for i in idx], dtype=torch.int64, device=self.device)
+
+    def _run_single(
+        self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
+    ) -> None:
+        t0 = time.perf_counter()
+        slots = self._slots(batch, idx)
+        state, last = self.pool.gather(slots)  # h/c [L, B, H], last [B, out]
+        t1 = time.perf_counter()
+        gen = [j for j, i in enumerate(idx) if batch.rows[i].inputs is None]
+        sampled: Tensor | None = None
+        if gen:
+            params = [batch.rows[idx[j]].sampling for j in gen]
+            rngs = [batch.rows[idx[j]].rng for j in gen]
+            assert all(p is not None for p in params) and all(r is not None for r in rngs)
+            sampled = sample(last[gen], params, rngs)  # type: ignore[arg-type]
+        t2 = time.perf_counter()
+        inputs = self._stack_single_inputs(batch, idx, gen, sampled)  # [B] or [B, D]
+        out, new_state = self.model.step(inputs, state)  # out [B, out]
+        t3 = time.perf_counter()
+        self.pool.scatter(slots, new_state, out)
+        t4 = time.perf_counter()
+        gen_set = set(gen)
+        feed = [j for j in range(len(idx)) if j not in gen_set]
+        preds = self._predictions(out, [batch.rows[idx[j]].top_k for j in feed], feed)
+        for j, pred in zip(feed, preds, strict=True):
+            res = results[idx[j]]
+            res.consumed, res.prediction = 1, pred
+            if batch.rows[idx[j]].per_position:
+                res.per_position = [pred]
+        if sampled is not None:
+            for j, token in zip(gen, sampled.tolist(), strict=True):
+                results[idx[j]].consumed, results[idx[j]].token = 1, int(token)
+        t5 = time.perf_counter()
+        timings.gather_seconds += t1 - t0
+        timings.sample_seconds += (t2 - t1) + (t5 - t4)
+        timings.forward_seconds += t3 - t2
+        timings.scatter_seconds += t4 - t3
+
+    def _stack_single_inputs(
+        self, batch: StepBatch, idx: list[int], gen: list[int], sampled: Tensor | None
+    ) -> Tensor:
+        if self.config.input_kind == "tokens":
+            tokens = torch.empty(len(idx), dtype=torch.int64)
+            gen_pos = {j: k for k, j in enumerate(gen)}
+            for j, i in enumerate(idx):
+                row_in = batch.rows[i].inputs
+                if row_in is None:
+                    assert sampled is not None
+                    tokens[j] = sampled[gen_pos[j]]
+                else:
+                    tokens[j] = row_in[0]
+            return tokens.to(self.device)
+        assert not gen, "generation needs a token model"
+        return torch.stack([batch.rows[i].inputs[0] for i in idx]).to(self.device)  # type: ignore[index]
+
+    def _run_multi(
+        self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
+    ) -> None:
+        t0 = time.perf_counter()
+        slots = self._slots(batch, idx)
+        state, _ = self.pool.gather(slots)
+        seqs = [batch.rows[i].inputs for i in idx]
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)  # type: ignore[arg-type]
+        padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(self.device)  # type: ignore[arg-type]
+        want_all = any(batch.rows[i].per_position for i in idx)
+        t1 = time.perf_counter()
+        out, new_state = self.model.run_chunk(padded, state, lengths, all_positions=want_all)
+        if want_all:
+            last_pos = (lengths - 1).to(self.device)
+            last_out = out[torch.arange(len(idx), device=self.device), last_pos]  # [B, out]
+        else:
+            last_out = out  # [B, out]
+        t2 = time.perf_counter()
+        self.pool.scatter(slots, new_state, last_out)
+        t3 = time.perf_counter()
+        preds = self._predictions(last_out, [batch.rows[i].top_k for i in idx], range(len(idx)))
+        for j, i in enumerate(idx):
+            res = results[i]
+            res.consumed, res.prediction = int(lengths[j]), preds[j]
+            if batch.rows[i].per_position:
+                n = int(lengths[j])
+                res.per_position = self._predictions(
+                    out[j, :n], [batch.rows[i].top_k] * n, range(n)
+                )
+        t4 = time.perf_counter()
+        timings.gather_seconds += t1 - t0
+        timings.forward_seconds += t2 - t1
+        timings.scatter_seconds += t3 - t2
+        timings.sample_seconds += t4 - t3
+
+    def _predictions(self, out: Tensor, top_ks: list[int], rows) -> list[Prediction]:  # type: ignore[no-untyped-def]
+        """Head outputs → predictions for the given rows of `out`."""
+        rows = list(rows)
+        if not rows:
+            return []
+        sub = out[rows].float().cpu()  # [R, out]
+        if self.config.head_kind == "regression":
+            return [Prediction(values=v) for v in sub.tolist()]
+        k_max = max(1, min(max(top_ks), sub.shape[1]))
+        probs = torch.softmax(sub, dim=1)
+        top_p, top_i = probs.topk(k_max, dim=1)
+        ids, ps = top_i.tolist(), top_p.tolist()
+        return [
+            Prediction(top_ids=ids[r][:k], top_probs=ps[r][:k])
+            for r, k in enumerate(max(1, k) for k in top_ks)
+        ]

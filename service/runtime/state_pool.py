@@ -1,0 +1,162 @@
+"""Preallocated recurrent state for every session of one loaded model version.
+
+Layout: h [L, S, H] (and c [L, S, H] for an LSTM) plus the head output after each session's last
+input, last [S, out], which generation samples from. A session holds a slot index; the runner
+gathers rows by index, runs one batched step and scatters them back. The pool grows by doubling
+while the server-wide byte budget allows.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.errors import ResourceExhausted
+from service.models import ModelConfig, RecurrentState
+
+
+class ByteBudget:
+    """Server-wide budget for in-memory state, shared by every version's pool."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self._lock = threading.Lock()
+
+    def try_reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used_bytes + nbytes > self.limit_bytes:
+                return False
+            self.used_bytes += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used_bytes -= nbytes
+
+
+@dataclass(frozen=True)
+class SlotSnapshot:
+    """One session's state copied out of the pool (for spill, fork and shutdown)."""
+
+    h: np.ndarray  # [L, H] float32
+    c: np.ndarray | None  # [L, H] float32 for an LSTM
+    last: np.ndarray  # [out] float32
+
+
+class StatePool:
+    def __init__(
+        self,
+        config: ModelConfig,
+        initial_output: Tensor,
+        budget: ByteBudget,
+        initial_slots: int = 64,
+        device: str = "cpu",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self._budget = budget
+        self._initial_output = initial_output.detach().to(self.device).float()  # [out]
+        self.lock = threading.Lock()  # held by the runner around gather/step/scatter
+        self.capacity = 0
+        self.h = torch.zeros(config.num_layers, 0, config.hidden_size, device=self.device)
+        self.c: Tensor | None = torch.zeros_like(self.h) if config.has_cell_state else None
+        self.last = torch.zeros(0, config.output_dim, device=self.device)
+        self._free: list[int] = []
+        self._grow_to(max(1, initial_slots), required=False)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return 4 * (self.config.state_numel() + self.config.output_dim)
+
+    @property
+    def used_slots(self) -> int:
+        return self.capacity - len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.bytes_per_slot
+
+    def allocate(self) -> int:
+        """A fresh zeroed slot. Raises ResourceExhausted when the budget allows no growth."""
+        if not self._free:
+            self._grow_to(self.capacity * 2, required=True)
+        slot = self._free.pop()
+        self.reset(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        assert 0 <= slot < self.capacity and slot not in self._free, f"bad free of slot {slot}"
+        self._free.append(slot)
+
+    def reset(self, slot: int) -> None:
+        with self.lock:
+            self.h[:, slot].zero_()
+            if self.c is not None:
+                self.c[:, slot].zero_()
+            self.last[slot].copy_(self._initial_output)
+
+    def gather(self, slots: Tensor) -> tuple[RecurrentState, Tensor]:
+        """slots [B] → (state with h/c [L, B, H], last outputs [B, out]); copies."""
+        h = self.h.index_select(1, slots)
+        c = self.c.index_select(1, slots) if self.c is not None else None
+        return RecurrentState(h, c), self.last.index_select(0, slots)
+
+    def scatter(self, slots: Tensor, state: RecurrentState, last: Tensor) -> None:
+        self.h.index_copy_(1, slots, state.h)
+        if self.c is not None:
+            assert state.c is not None
+            self.c.index_copy_(1, slots, state.c)
+        self.last.index_copy_(0, slots, last)
+
+    def snapshot(self, slot: int) -> SlotSnapshot:
+        with self.lock:
+            return SlotSnapshot(
+                h=self.h[:, slot].cpu().numpy().copy(),
+                c=self.c[:, slot].cpu().numpy().copy() if self.c is not None else None,
+                last=self.last[slot].cpu().numpy().copy(),
+            )
+
+    def restore(self, slot: int, snap: SlotSnapshot) -> None:
+        with self.lock:
+            self.h[:, slot].copy_(torch.from_numpy(snap.h))
+            if self.c is not None:
+                assert snap.c is not None, "an LSTM slot needs its cell state"
+                self.c[:, slot].copy_(torch.from_numpy(snap.c))
+            self.last[slot].copy_(torch.from_numpy(snap.last))
+
+    def close(self) -> None:
+        """Give the pool's bytes back to the budget (the version is being unloaded)."""
+        self._budget.release(self.nbytes)
+        self.capacity = 0
+        self._free.clear()
+
+    def _grow_to(self, new_capacity: int, required: bool) -> None:
+        extra = new_capacity - self.capacity
+        # Shrink the request until it fits: a pool near the budget still gets its last slots.
+        while extra > 0 and not self._budget.try_reserve(extra * self.bytes_per_slot):
+            extra //= 2
+        if extra <= 0:
+            if required:
+                raise ResourceExhausted(
+                    f"state memory budget exhausted ({self._budget.limit_bytes} bytes); "
+                    "close sessions or raise SEQSERVE_SESSIONS__POOL_BYTES"
+                )
+            return
+        cfg = self.config
+        with self.lock:
+            pad = torch.zeros(cfg.num_layers, extra, cfg.hidden_size, device=self.device)
+            self.h = torch.cat([self.h, pad], dim=1)
+            if self.c is not None:
+                self.c = torch.cat([self.c, torch.zeros_like(pad)], dim=1)
+            self.last = torch.cat(
+                [self.last, torch.zeros(extra, cfg.output_dim, device=self.device)], dim=0
+            )
+            old = self.capacity
+            self.capacity = old + extra
+            # Hand out low slots first (pop from the end).
+            self._free.extend(range(self.capacity - 1, old - 1, -1))

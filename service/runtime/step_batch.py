@@ -1,0 +1,57 @@
+"""The plain data that crosses from the step scheduler to the model runner, and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from service.runtime.sampler import SamplingParams, SessionRng
+
+
+@dataclass
+class RowWork:
+    """One session's share of a batched step."""
+
+    slot: int  # the session's state-pool slot
+    inputs: Tensor | None  # [T] int64 tokens or [T, D] frames to consume; None = generate
+    sampling: SamplingParams | None = None  # generate rows: sample from the last output, feed it
+    rng: SessionRng | None = None  # generate rows: the session's RNG
+    top_k: int = 0  # feed rows: top entries of the prediction to return (token models)
+    per_position: bool = False  # feed rows: also return a prediction at every input position
+
+
+@dataclass
+class StepBatch:
+    rows: list[RowWork]  # at most one row per session
+
+
+@dataclass
+class Prediction:
+    """A token model's top-k next tokens, or a regression model's output vector."""
+
+    top_ids: list[int] = field(default_factory=list)
+    top_probs: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RowResult:
+    consumed: int  # inputs fed into the state this step (the sampled token counts as one)
+    prediction: Prediction | None = None  # after the last input (feed rows)
+    per_position: list[Prediction] = field(default_factory=list)
+    token: int | None = None  # generate rows: the sampled (and consumed) token
+
+
+@dataclass
+class StepTimings:
+    gather_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    scatter_seconds: float = 0.0
+    sample_seconds: float = 0.0  # sampling plus turning outputs into predictions
+
+
+@dataclass
+class StepOutput:
+    results: list[RowResult]  # one per row, in batch order
+    timings: StepTimings

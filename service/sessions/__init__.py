@@ -1,0 +1,1 @@
+"""Sessions: the per-client state handles, their store, limits and lifecycle."""
