@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+NODE_DIR := tests/node
 
-.PHONY: install serve test lint typecheck protos fmt bench clean
+.PHONY: install system-deps node-deps serve test lint typecheck protos fmt bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -14,10 +15,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Prometheus (promtool + a real server for the integration test) and docker-compose (to
+# validate the compose file), from Debian's packages.
+system-deps:
+	bash .ci/install-system-deps.sh
+
+# The Node.js gRPC client used to check the .proto files work from another language.
+node-deps: $(NODE_DIR)/node_modules/.package-lock.json
+
+$(NODE_DIR)/node_modules/.package-lock.json: $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
 serve: $(STAMP)
 	$(VENV)/bin/seqserve serve
 
-test: $(STAMP)
+test: $(STAMP) system-deps node-deps
 	$(VENV)/bin/ruff check service tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest ; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
@@ -36,4 +48,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules

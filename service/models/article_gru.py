@@ -30,7 +30,9 @@ class ArticleGRU(nn.Module):
                 (f"bias_ih_l{k}", (3 * hidden_size,)),
                 (f"bias_hh_l{k}", (3 * hidden_size,)),
             ):
-                self.register_parameter(name, nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
+                self.register_parameter(
+                    name, nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+                )
 
     def layer_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return (

@@ -82,9 +82,7 @@ class SequenceModel(nn.Module):
         if lengths is None or bool((lengths == x.shape[1]).all()):
             out, hn = self.rnn(x, hx)
         else:
-            packed = pack_padded_sequence(
-                x, lengths.cpu(), batch_first=True, enforce_sorted=False
-            )
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out_packed, hn = self.rnn(packed, hx)
             out, _ = pad_packed_sequence(out_packed, batch_first=True, total_length=x.shape[1])
         if self.config.has_cell_state:
@@ -146,6 +144,7 @@ class SequenceModel(nn.Module):
                 if first_gates is not None and k == 0:
                     gates = torch.addmm(first_gates, h, w.w_hh_t)  # [B, 4H]
                 else:
+                    assert x is not None, "layer input is set for every layer but a tabled first"
                     gates = torch.addmm(w.b_sum, torch.cat([x, h], dim=1), w.w_cat_t)
                 i, f, g, o = gates.chunk(4, dim=1)
                 assert state.c is not None
@@ -156,6 +155,7 @@ class SequenceModel(nn.Module):
                 if first_gates is not None and k == 0:
                     gi = first_gates  # [B, 3H], includes b_ih
                 else:
+                    assert x is not None, "layer input is set for every layer but a tabled first"
                     gi = torch.addmm(w.b_ih, x, w.w_ih_t)  # [B, 3H]
                 if c.reset_after:
                     gh = torch.addmm(w.b_hh, h, w.w_hh_t)  # [B, 3H]
@@ -167,8 +167,11 @@ class SequenceModel(nn.Module):
                     rz = torch.sigmoid(gi[:, : 2 * hidden] + gh_rz)
                     r, z = rz.chunk(2, dim=1)
                     n = torch.tanh(
-                        torch.addmm(gi[:, 2 * hidden :] + w.b_hh[2 * hidden :], r * h,
-                                    w.w_hh_t[:, 2 * hidden :])
+                        torch.addmm(
+                            gi[:, 2 * hidden :] + w.b_hh[2 * hidden :],
+                            r * h,
+                            w.w_hh_t[:, 2 * hidden :],
+                        )
                     )
                 h_new = n + z * (h - n)  # (1 - z)*n + z*h
             h_out.append(h_new)

@@ -61,7 +61,7 @@ class SessionRng:
     @classmethod
     def from_state(cls, state: dict) -> SessionRng:
         bit_gen = np.random.PCG64()
-        bit_gen.state = state
+        bit_gen.state = state  # type: ignore[assignment]
         return cls(np.random.Generator(bit_gen))
 
 
