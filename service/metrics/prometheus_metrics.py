@@ -1,0 +1,350 @@
+"""Every Prometheus metric seqserve exports, and the one class that records them.
+
+The engine, session store and API layer report plain facts (`StepStats`, an RPC's code and
+duration, a session event); `Metrics` turns them into series on its *own* `CollectorRegistry`,
+never the process-global one, so two servers in one test process do not collide and nothing
+leaks in from imported libraries. Names carry the `seqserve_` prefix and base units (seconds,
+bytes). Labels are bounded — method, code, model, version, tier, event, phase — and never a
+session id: a session label would create a series per user and take Prometheus down.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from service.metrics.batch_histogram import BatchHistogram, HistogramSeries
+from service.metrics.stats import StepStats
+
+# 50 µs (a batched step at small batch) … 10 s (a long prompt under load).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# Loading and verifying weights: milliseconds for the bundled models, minutes at worst.
+MODEL_LOAD_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+# Rows per batched step: powers of two up past any sane `max_batch_size`.
+BATCH_ROWS_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))  # 1 … 4096
+
+SESSION_EVENTS = ("created", "closed", "expired", "evicted", "restored", "forked")
+TIERS = ("memory", "spilled")
+PHASES = ("gather", "forward", "scatter", "sample")
+# google.rpc.Code names: the `code` label may only take these, which keeps it bounded.
+GRPC_CODES = frozenset(
+    (
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+        "UNAUTHENTICATED",
+    )
+)  # fmt: skip
+
+_MV = ("model", "version")
+
+
+@dataclass(slots=True)
+class _VersionSeries:
+    """Children for one (model, version), resolved once: `labels()` per observation is the
+    dominant cost on the hot path otherwise."""
+
+    batch_rows: Histogram
+    phase: dict[str, Histogram]
+    step: Histogram
+    queue_wait: HistogramSeries
+    step_latency: HistogramSeries
+    time_to_first_token: HistogramSeries
+    inter_token: HistogramSeries
+    tokens_in: Counter
+    tokens_generated: Counter
+    session_events: dict[str, Counter]
+    queue_depth: Gauge
+
+
+class Metrics:
+    """Records seqserve's facts as Prometheus series; serves or renders the exposition."""
+
+    def __init__(self, *, process_collectors: bool = True) -> None:
+        """`process_collectors`: also export the standard process_*, python_* series (CPU,
+        RSS, GC) on this registry. Tests that compare whole expositions turn them off."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process_collectors:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+        self._rpc_duration = Histogram(
+            "seqserve_rpc_duration_seconds",
+            "gRPC call duration, receipt to final status, by method and status code.",
+            ("method", "code"), buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._batch_rows = Histogram(
+            "seqserve_batch_rows",
+            "Rows (sessions) in one batched model step.",
+            _MV, buckets=BATCH_ROWS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._step_phase = Histogram(
+            "seqserve_step_phase_seconds",
+            "Compute time of one batched step, by phase (gather, forward, scatter, sample).",
+            (*_MV, "phase"), buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._step = Histogram(
+            "seqserve_step_duration_seconds",
+            "Wall time of one batched step as the scheduler sees it, thread hop included.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._queue_wait = BatchHistogram(
+            "seqserve_queue_wait_seconds",
+            "Time a fed chunk waited in the step queue before its step started.",
+            _MV, LATENCY_BUCKETS, r,
+        )  # fmt: skip
+        self._step_latency = BatchHistogram(
+            "seqserve_step_latency_seconds",
+            "Server latency of one step request: request received to reply ready.",
+            _MV, LATENCY_BUCKETS, r,
+        )  # fmt: skip
+        self._time_to_first_token = BatchHistogram(
+            "seqserve_time_to_first_token_seconds",
+            "Generation start to the first sampled token.",
+            _MV, LATENCY_BUCKETS, r,
+        )  # fmt: skip
+        self._inter_token = BatchHistogram(
+            "seqserve_inter_token_latency_seconds",
+            "Gap between consecutive generated tokens of one generation.",
+            _MV, LATENCY_BUCKETS, r,
+        )  # fmt: skip
+        self._tokens_in = Counter(
+            "seqserve_tokens_in", "Inputs (tokens or frames) consumed from clients.", _MV,
+            registry=r,
+        )  # fmt: skip
+        self._tokens_generated = Counter(
+            "seqserve_tokens_generated", "Tokens sampled by generations.", _MV, registry=r
+        )
+        self._session_events = Counter(
+            "seqserve_session_events",
+            "Session lifecycle events: created, closed, expired, evicted, restored, forked.",
+            ("event", *_MV), registry=r,
+        )  # fmt: skip
+        self._queue_depth = Gauge(
+            "seqserve_queue_depth", "Steps waiting in a version's step queue.", _MV, registry=r
+        )
+        self._sessions = Gauge(
+            "seqserve_sessions", "Live sessions by tier (memory, spilled).", ("tier",), registry=r
+        )
+        self._state_bytes = Gauge(
+            "seqserve_state_bytes",
+            "Bytes of session state by tier: pool slots in use (memory), spill files (spilled).",
+            ("tier",), registry=r,
+        )  # fmt: skip
+        self._pool_capacity = Gauge(
+            "seqserve_state_pool_capacity_bytes",
+            "Byte budget of the in-memory state pool, for the memory tier's fill ratio.",
+            registry=r,
+        )
+        self._model_load = Histogram(
+            "seqserve_model_load_duration_seconds",
+            "Time to verify and load one model version.",
+            _MV, buckets=MODEL_LOAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._model_info = Gauge(
+            "seqserve_model_info",
+            "1 for each loaded model version; labels carry its fingerprint and cell.",
+            (*_MV, "fingerprint", "cell"), registry=r,
+        )  # fmt: skip
+
+        # A fresh scrape shows every bounded series at zero, so rate() and the pool ratio
+        # have a baseline before the first event.
+        for tier in TIERS:
+            self._sessions.labels(tier).set(0)
+            self._state_bytes.labels(tier).set(0)
+        self._versions: dict[tuple[str, str], _VersionSeries] = {}
+        self._versions_lock = threading.Lock()
+        self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}  # -> (fingerprint, cell)
+        self._server: WSGIServer | None = None
+        self._server_thread: threading.Thread | None = None
+
+    # ---- requests and steps ------------------------------------------------------------
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """One finished RPC. `method` is the short RPC name, `code` a gRPC status name."""
+        if code not in GRPC_CODES:
+            raise ValueError(f"not a gRPC status code name: {code!r}")
+        self._rpc_duration.labels(method, code).observe(seconds)
+
+    def observe_step(self, stats: StepStats) -> None:
+        """One batched step of one model version."""
+        s = self._series(stats.model, stats.version)
+        s.batch_rows.observe(stats.rows)
+        s.phase["gather"].observe(stats.gather_seconds)
+        s.phase["forward"].observe(stats.forward_seconds)
+        s.phase["scatter"].observe(stats.scatter_seconds)
+        s.phase["sample"].observe(stats.sample_seconds)
+        s.step.observe(stats.total_seconds)
+        if stats.queue_wait_seconds:
+            s.queue_wait.observe_many(stats.queue_wait_seconds)
+        if stats.tokens_in:
+            s.tokens_in.inc(stats.tokens_in)
+        if stats.tokens_generated:
+            s.tokens_generated.inc(stats.tokens_generated)
+
+    def observe_request_latency(self, model: str, version: str, seconds: float) -> None:
+        """One step request: received → reply ready."""
+        self._series(model, version).step_latency.observe(seconds)
+
+    def observe_request_latencies(self, model: str, version: str, seconds: Iterable[float]) -> None:
+        """Many step requests at once (the items of one Stream message)."""
+        self._series(model, version).step_latency.observe_many(seconds)
+
+    def observe_time_to_first_token(self, model: str, version: str, seconds: float) -> None:
+        self._series(model, version).time_to_first_token.observe(seconds)
+
+    def observe_inter_token(self, model: str, version: str, seconds: float) -> None:
+        self._series(model, version).inter_token.observe(seconds)
+
+    def observe_inter_tokens(self, model: str, version: str, seconds: Iterable[float]) -> None:
+        """The gaps of every generation that advanced in one step, in one call."""
+        self._series(model, version).inter_token.observe_many(seconds)
+
+    def set_queue_depth(self, model: str, version: str, depth: int) -> None:
+        self._series(model, version).queue_depth.set(depth)
+
+    # ---- sessions and state ------------------------------------------------------------
+
+    def session_event(self, event: str, model: str, version: str) -> None:
+        """Count a lifecycle event; `event` is one of `SESSION_EVENTS`."""
+        counter = self._series(model, version).session_events.get(event)
+        if counter is None:
+            raise ValueError(f"unknown session event {event!r}; expected one of {SESSION_EVENTS}")
+        counter.inc()
+
+    def set_sessions(self, tier: str, count: int) -> None:
+        self._sessions.labels(_check_tier(tier)).set(count)
+
+    def set_state_bytes(self, tier: str, nbytes: int) -> None:
+        self._state_bytes.labels(_check_tier(tier)).set(nbytes)
+
+    def set_pool_capacity_bytes(self, nbytes: int) -> None:
+        self._pool_capacity.set(nbytes)
+
+    # ---- models ------------------------------------------------------------------------
+
+    def observe_model_load(self, model: str, version: str, seconds: float) -> None:
+        self._model_load.labels(model, version).observe(seconds)
+
+    def set_model_info(
+        self, model: str, version: str, fingerprint: str, cell: str, loaded: bool
+    ) -> None:
+        """Mark a version loaded (info series = 1) or unloaded (info series removed).
+
+        Loading also creates the version's series at zero, so its counters have a baseline
+        for rate() before the first step.
+        """
+        key = (model, version)
+        with self._versions_lock:
+            previous = self._info_labels.pop(key, None)
+            if previous is not None:
+                self._model_info.remove(model, version, *previous)
+            if loaded:
+                self._model_info.labels(model, version, fingerprint, cell).set(1)
+                self._info_labels[key] = (fingerprint, cell)
+        if loaded:
+            self._series(model, version)
+        elif (series := self._versions.get(key)) is not None:
+            # An unloaded version queues nothing; its last depth would otherwise stay frozen.
+            series.queue_depth.set(0)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Drop every series of a version that is gone for good (its last session ended).
+
+        Optional: without it each version ever loaded keeps its series until restart. Call it
+        at least one scrape interval after the version's final events, or they go unseen.
+        """
+        self.set_model_info(model, version, "", "", loaded=False)
+        with self._versions_lock:
+            if self._versions.pop((model, version), None) is None:
+                return
+        labels = (model, version)
+        for family in (self._batch_rows, self._step, self._tokens_in, self._tokens_generated,
+                       self._queue_depth, self._model_load, self._queue_wait, self._step_latency,
+                       self._time_to_first_token, self._inter_token):  # fmt: skip
+            family.remove(*labels)
+        for phase in PHASES:
+            self._step_phase.remove(*labels, phase)
+        for event in SESSION_EVENTS:
+            self._session_events.remove(event, *labels)
+
+    # ---- exposition --------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format."""
+        return prometheus_client.generate_latest(self.registry)
+
+    def start_http_server(self, host: str, port: int) -> int:
+        """Serve `/metrics` on a daemon thread; returns the bound port (`port=0` picks one)."""
+        if self._server is not None:
+            raise RuntimeError("metrics HTTP server already running")
+        server, thread = prometheus_client.start_http_server(
+            port, addr=host, registry=self.registry
+        )
+        self._server, self._server_thread = server, thread
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        """Stop the HTTP server, if running, and release its port. Safe to call twice."""
+        server, thread = self._server, self._server_thread
+        self._server = self._server_thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5.0)
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _series(self, model: str, version: str) -> _VersionSeries:
+        key = (model, version)
+        series = self._versions.get(key)  # lock-free fast path: a dict read is atomic
+        if series is not None:
+            return series
+        with self._versions_lock:
+            series = self._versions.get(key)
+            if series is None:
+                series = self._versions[key] = _VersionSeries(
+                    batch_rows=self._batch_rows.labels(model, version),
+                    phase={p: self._step_phase.labels(model, version, p) for p in PHASES},
+                    step=self._step.labels(model, version),
+                    queue_wait=self._queue_wait.labels(model, version),
+                    step_latency=self._step_latency.labels(model, version),
+                    time_to_first_token=self._time_to_first_token.labels(model, version),
+                    inter_token=self._inter_token.labels(model, version),
+                    tokens_in=self._tokens_in.labels(model, version),
+                    tokens_generated=self._tokens_generated.labels(model, version),
+                    session_events={
+                        e: self._session_events.labels(e, model, version) for e in SESSION_EVENTS
+                    },
+                    queue_depth=self._queue_depth.labels(model, version),
+                )
+        return series
+
+
+def _check_tier(tier: str) -> str:
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
+    return tier

@@ -1,0 +1,114 @@
+"""deploy/prometheus: the config, the alert rules and their unit tests, checked by `promtool`,
+and every metric they name checked against what `Metrics` really exposes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .conftest import DEPLOY_DIR, StartPrometheus
+
+PROMETHEUS_DIR = DEPLOY_DIR / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
+EXPECTED_ALERTS = {
+    "SeqserveDown",
+    "SeqserveHighInterTokenLatency",
+    "SeqserveHighErrorRatio",
+    "SeqserveEvictionStorm",
+    "SeqservePoolNearFull",
+}
+
+
+def _promtool(
+    promtool: str, *args: str, cwd: Path = PROMETHEUS_DIR
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _alert_names(text: str) -> list[str]:
+    return re.findall(r"^\s*- alert:\s*(\S+)\s*$", text, flags=re.MULTILINE)
+
+
+def test_config_is_valid(promtool: str) -> None:
+    result = _promtool(promtool, "check", "config", "prometheus.yml")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: prometheus.yml is valid" in result.stdout
+    assert "SUCCESS: 1 rule files found" in result.stdout
+
+
+def test_config_scrapes_seqserve_every_5s() -> None:
+    text = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+
+    assert re.search(r"job_name:\s*seqserve\b", text)
+    assert '"seqserve:9464"' in text
+    assert re.search(r"^\s+scrape_interval:\s*5s\s*$", text, flags=re.MULTILINE)
+    assert re.search(r"rule_files:\s*\n\s*-\s*alerts\.yml", text)
+
+
+def test_rules_are_valid(promtool: str) -> None:
+    result = _promtool(promtool, "check", "rules", "alerts.yml")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(EXPECTED_ALERTS)} rules found" in result.stdout
+
+
+def test_every_expected_alert_is_defined_once() -> None:
+    names = _alert_names(ALERTS.read_text())
+
+    assert sorted(names) == sorted(EXPECTED_ALERTS)
+
+
+def test_alert_unit_tests_pass(promtool: str) -> None:
+    result = _promtool(promtool, "test", "rules", "alerts_test.yml")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_has_a_firing_case() -> None:
+    text = ALERTS_TEST.read_text()
+    # An alert is shown firing where its test case expects a non-empty alert list.
+    firing = set(re.findall(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:\s*\n\s*- exp_labels:", text))
+    quiet = set(re.findall(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:\s*\[\]", text))
+
+    assert firing == EXPECTED_ALERTS
+    assert quiet, "at least one case must show an alert not firing"
+
+
+def test_alert_unit_tests_can_fail(promtool: str, tmp_path: Path) -> None:
+    # Guards against a vacuous harness: a server that never goes down must fail the
+    # SeqserveDown firing expectation.
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    down = 'values: "1 1 0 0 0 0 0"'
+    text = ALERTS_TEST.read_text()
+    assert down in text
+    (tmp_path / "alerts_test.yml").write_text(text.replace(down, 'values: "1 1 1 1 1 1 1"'))
+
+    result = _promtool(promtool, "test", "rules", "alerts_test.yml", cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert "alertname: SeqserveDown" in result.stdout + result.stderr
+
+
+def test_rules_reference_only_exposed_series(exposed_series: dict[str, frozenset[str]]) -> None:
+    for path in (ALERTS, ALERTS_TEST):
+        names = set(re.findall(r"\b(seqserve_\w+)", path.read_text()))
+        assert names, path
+        unknown = names - exposed_series.keys()
+        assert not unknown, f"{path.name} names series Metrics never exposes: {unknown}"
+
+
+def test_rules_load_into_a_live_prometheus(prometheus_factory: StartPrometheus) -> None:
+    server = prometheus_factory(rule_files=[ALERTS])
+
+    groups = server.api("/api/v1/rules")["groups"]
+
+    loaded = {rule["name"] for group in groups for rule in group["rules"]}
+    assert loaded == EXPECTED_ALERTS
+    assert all(rule["health"] != "err" for group in groups for rule in group["rules"])
