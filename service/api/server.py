@@ -33,6 +33,10 @@ class SeqServeServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         torch.set_num_threads(settings.engine.torch_threads)
+        if settings.engine.device.startswith("cuda"):
+            # cuDNN's RNN defaults to TF32 for fp32: chunks would drift ~1e-3 from single steps.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.store = ModelStore(settings.model_store)
         self.metrics = Metrics()
         self.engine = SessionEngine(settings, self.store, MetricsObserver(self.metrics))

@@ -76,7 +76,8 @@ class SequenceModel(nn.Module):
     ) -> tuple[Tensor, RecurrentState]:
         """x [B, T, E] → (outputs [B, T, H], final state). Rows stop at `lengths` if given."""
         if isinstance(self.rnn, ArticleGRU):
-            out, h = self.rnn(x, state.h, lengths)
+            mask_lengths = None if lengths is None else lengths.to(x.device)
+            out, h = self.rnn(x, state.h, mask_lengths)
             return out, RecurrentState(h, None)
         hx = (state.h, state.c) if self.config.has_cell_state else state.h
         if lengths is None or bool((lengths == x.shape[1]).all()):
@@ -180,6 +181,20 @@ class SequenceModel(nn.Module):
             torch.stack(h_out, dim=0), torch.stack(c_out, dim=0) if c_out else None
         )
         return self.head(x), new_state
+
+    def invalidate_fused(self) -> None:
+        """Forget the rearranged weights `step` uses; they are rebuilt on the next step."""
+        self._fused = None
+        self._gate_table = None
+
+    def load_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.invalidate_fused()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        # .to(), .cuda(), .float() … move or convert the weights: the fused copies must follow.
+        self.invalidate_fused()
+        return super()._apply(*args, **kwargs)
 
     def _fused_layers(self) -> list[_FusedLayer]:
         """Weights rearranged for `step`, built once (weights are frozen when serving)."""
