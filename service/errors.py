@@ -67,6 +67,77 @@ class Internal(SeqServeError):
     status = grpc.StatusCode.INTERNAL
 
 
+# ---- model store ----------------------------------------------------------------------------
+# Subclasses say what went wrong precisely; each keeps its parent's status code.
+
+
+class ModelNotFound(NotFound):
+    """No model of that name in the store."""
+
+
+class VersionNotFound(NotFound):
+    """The model exists, but not that version (or it has no usable version at all)."""
+
+
+class AliasNotFound(NotFound):
+    """The model exists, but not that alias."""
+
+
+class VersionUnusable(FailedPrecondition):
+    """The version is on disk but refused: malformed manifest, missing weights file."""
+
+
+class WeightsMismatch(FailedPrecondition):
+    """The weights file's tensors (names, shapes, dtypes) do not match the manifest."""
+
+
+class DigestMismatch(DataLoss):
+    """The weights file's sha256 differs from the one its manifest records."""
+
+
+class InvalidCheckpoint(InvalidArgument):
+    """A checkpoint offered for import cannot be turned into a served model."""
+
+
+# ---- sessions -------------------------------------------------------------------------------
+
+
+class SessionNotFound(NotFound):
+    """No session with that id (never created, or ended too long ago to remember)."""
+
+
+class SessionExpired(NotFound):
+    """The session was idle past its TTL and is gone."""
+
+
+class SessionLimit(ResourceExhausted):
+    """The cap on live sessions (in memory and spilled) is reached."""
+
+
+class PoolExhausted(ResourceExhausted):
+    """No state slot within the byte budget, and every session in memory is busy."""
+
+
+class SpillTierFull(ResourceExhausted):
+    """The spill tier is at its size cap (or its disk is full), so nothing can be evicted."""
+
+
+class SpillTierInUse(Unavailable):
+    """Another server process holds the spill directory's lock."""
+
+
+class SpillCorrupted(DataLoss):
+    """A spill record is missing, truncated or fails its checksum; it is never used."""
+
+
+class SpillMismatch(FailedPrecondition):
+    """A spill record is intact but belongs to other weights (fingerprint or shapes differ)."""
+
+
+class VersionGone(FailedPrecondition):
+    """A session's pinned version can no longer be loaded from the store."""
+
+
 # The table DESIGN section 4 specifies, kept here so one test can check it row by row.
 ERROR_TABLE: dict[type[SeqServeError], grpc.StatusCode] = {
     cls: cls.status

@@ -16,6 +16,8 @@ from service.models.config import ModelConfig
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
+# Also a folder name in the store, so no separators and no leading dot.
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 
 
 class _Strict(BaseModel):
@@ -63,7 +65,7 @@ class Training(_Strict):
 
 
 class Manifest(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     version: int = Field(gt=0)
     cell: Literal["lstm", "gru"]
     reset_after: bool = True
@@ -73,17 +75,56 @@ class Manifest(_Strict):
     input: Annotated[TokensInput | FeaturesInput, Field(discriminator="kind")]
     head: Annotated[ClassificationHead | RegressionHead, Field(discriminator="kind")]
     dtype: Literal["float32"] = "float32"
-    weights_file: str = WEIGHTS_FILE
+    weights_file: str = Field(default=WEIGHTS_FILE, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    """A file name inside the version folder (no path separators, so it cannot point outside)."""
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created_at: datetime
     description: str = ""
     training: Training
 
-    def to_config(self) -> ModelConfig:
-        if isinstance(self.input, TokensInput):
-            input_dim = self.input.vocab_size
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        *,
+        name: str,
+        version: int,
+        weights_sha256: str,
+        created_at: datetime,
+        description: str,
+        training: Training,
+        tokenizer: str = "bytes",
+    ) -> Manifest:
+        """The manifest describing `config`; the inverse of `to_config`."""
+        model_input: TokensInput | FeaturesInput
+        if config.input_kind == "tokens":
+            model_input = TokensInput(
+                vocab_size=config.input_dim, tokenizer=tokenizer, embed_dim=config.embed_dim
+            )
         else:
-            input_dim = self.input.dim
+            model_input = FeaturesInput(dim=config.input_dim, embed_dim=config.embed_dim)
+        head: ClassificationHead | RegressionHead
+        if config.head_kind == "classification":
+            head = ClassificationHead()
+        else:
+            head = RegressionHead(dim=config.output_dim)
+        return cls(
+            name=name,
+            version=version,
+            cell=config.cell,
+            reset_after=config.reset_after,
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            input=model_input,
+            head=head,
+            weights_sha256=weights_sha256,
+            created_at=created_at,
+            description=description,
+            training=training,
+        )
+
+    def to_config(self) -> ModelConfig:
+        input_dim = self.input.vocab_size if isinstance(self.input, TokensInput) else self.input.dim
         output_dim = input_dim if isinstance(self.head, ClassificationHead) else self.head.dim
         return ModelConfig(
             cell=self.cell,
@@ -100,7 +141,8 @@ class Manifest(_Strict):
     def fingerprint(self) -> str:
         """Identity of what a session's state means: the weights digest plus the architecture."""
         arch = self.model_dump(
-            mode="json", include={"cell", "reset_after", "num_layers", "hidden_size", "input", "head"}
+            mode="json",
+            include={"cell", "reset_after", "num_layers", "hidden_size", "input", "head"},
         )
         blob = json.dumps({"weights": self.weights_sha256, "arch": arch}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

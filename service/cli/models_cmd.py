@@ -1,0 +1,317 @@
+"""`seqserve models list|show|verify|alias|import`: manage the model store from a terminal.
+
+Exit codes: 0 success; 1 the store refused (not found, digest mismatch, a bad version);
+2 a bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service.errors import InvalidArgument, SeqServeError
+from service.registry.checkpoint_import import ImportSpec
+from service.registry.manifest import Manifest
+from service.registry.snapshot import ModelEntry
+from service.registry.store import ModelStore
+from service.settings import Settings
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "models", help="manage the model store", description="Manage the versioned model store."
+    )
+    sub = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store", type=Path, default=None, help="store root (default: SEQSERVE_MODEL_STORE)"
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("list", parents=[common, as_json], help="models, versions and aliases")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("show", parents=[common, as_json], help="one model in detail")
+    p.add_argument("name")
+    p.add_argument(
+        "--version", default="", help="version, alias or 'latest' (default: production, latest)"
+    )
+    p.set_defaults(func=_show)
+
+    p = sub.add_parser("verify", parents=[common, as_json], help="re-hash every version")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser(
+        "alias", parents=[common], help="set an alias (NAME ALIAS VERSION) or delete one"
+    )
+    p.add_argument("--delete", action="store_true", help="delete ALIAS instead of setting it")
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.add_argument("version", nargs="?", type=int)
+    p.set_defaults(func=_alias)
+
+    p = sub.add_parser(
+        "import",
+        parents=[common],
+        help="publish a torch.save(state_dict) checkpoint as a new version",
+        description="Publish a checkpoint saved with torch.save(state_dict): nn.LSTM / nn.GRU "
+        "weights (weight_ih_l0, …) plus the input layer (embedding.weight, or "
+        "input_proj.weight and input_proj.bias) and head (head.weight, head.bias). The "
+        "architecture is read from the tensor shapes.",
+    )
+    p.add_argument("name", help="model name in the store")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument(
+        "--rename-prefix",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rename tensors starting with OLD (repeatable), e.g. fc.=head. lstm.=rnn.",
+    )
+    p.add_argument("--key", help="the state dict is this entry of the saved dict")
+    p.add_argument("--input", choices=("tokens", "features"), help="expected input kind")
+    p.add_argument(
+        "--head",
+        choices=("classification", "regression"),
+        help="default: classification when the head's width equals the vocabulary",
+    )
+    p.add_argument(
+        "--article-gru",
+        action="store_true",
+        help="GRU weights for the article's cell (reset before the matmul); torch's nn.GRU "
+        "is reset-after, the default",
+    )
+    p.add_argument("--tokenizer", default="bytes")
+    p.add_argument("--description", default="")
+    p.add_argument("--data", default="", help="training data provenance for the manifest")
+    p.add_argument("--steps", type=int, default=0, help="training steps, for the manifest")
+    p.add_argument("--alias", help="also point this alias at the new version")
+    p.set_defaults(func=_import)
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    # The composition root for this command: the one place Settings is built.
+    return ModelStore(args.store if args.store is not None else Settings().model_store)
+
+
+def _fail(exc: SeqServeError) -> int:
+    print(f"error: {exc.message}", file=sys.stderr)
+    return 2 if isinstance(exc, InvalidArgument) else 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    snap = _store(args).snapshot()
+    if args.json:
+        print(json.dumps([_model_json(m) for m in snap.models.values()], indent=2))
+        return 0
+    if not snap.models:
+        print(f"no models in {snap.root}")
+        return 0
+    rows = [
+        [
+            m.name,
+            _architecture(m),
+            ", ".join(map(str, m.usable_versions)) or "-",
+            str(m.latest or "-"),
+            _aliases_text(m),
+        ]
+        for m in snap.models.values()
+    ]
+    print(_table(["MODEL", "ARCHITECTURE", "VERSIONS", "LATEST", "ALIASES"], rows))
+    for problem in snap.problems:
+        print(f"refused: {problem}", file=sys.stderr)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    try:
+        model = _store(args).model(args.name)
+        version = model.resolve(args.version)
+        manifest = model.usable(version).manifest
+    except SeqServeError as exc:
+        return _fail(exc)
+    assert manifest is not None, "usable versions have a manifest"
+    if args.json:
+        body = _model_json(model)
+        body.update(
+            version=version,
+            fingerprint=manifest.fingerprint(),
+            manifest=manifest.model_dump(mode="json"),
+        )
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"{model.name} version {version}    fingerprint {manifest.fingerprint()}")
+    print(_manifest_text(manifest))
+    print()
+    by_version: dict[int, list[str]] = {}
+    for alias, v in sorted(model.aliases.items()):
+        by_version.setdefault(v, []).append(alias)
+    rows = [
+        [
+            str(v.version) + (" *" if v.version == version else ""),
+            ", ".join(by_version.get(v.version, [])) or "-",
+            v.manifest.created_at.strftime("%Y-%m-%d %H:%M:%SZ") if v.manifest else "-",
+            v.status if not v.ok else (v.manifest.description if v.manifest else ""),
+        ]
+        for v in model.versions
+    ]
+    print(_table(["VERSION", "ALIASES", "CREATED", "DESCRIPTION / STATUS"], rows))
+    if model.aliases_problem:
+        print(f"refused: {model.aliases_problem}", file=sys.stderr)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    results = _store(args).verify()
+    bad = [r for r in results if not r.ok]
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "model": r.name,
+                        "version": r.version,
+                        "ok": r.ok,
+                        "path": str(r.path),
+                        "message": r.message,
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
+    else:
+        rows = [[r.name, str(r.version), "ok" if r.ok else "BAD", str(r.path)] for r in results]
+        if rows:
+            print(_table(["MODEL", "VERSION", "STATUS", "FILE"], rows))
+        print(f"{len(results) - len(bad)} of {len(results)} versions ok")
+    for r in bad:
+        print(f"bad: {r.path}: {r.message}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _alias(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        if args.delete:
+            if args.version is not None:
+                raise InvalidArgument("alias --delete takes NAME ALIAS, no version")
+            store.delete_alias(args.name, args.alias)
+            print(f"deleted alias {args.alias!r} of {args.name!r}")
+        else:
+            if args.version is None:
+                raise InvalidArgument("usage: models alias NAME ALIAS VERSION (or --delete)")
+            store.set_alias(args.name, args.alias, args.version)
+            print(f"{args.name}: {args.alias} → version {args.version}")
+    except SeqServeError as exc:
+        return _fail(exc)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        renames = tuple(_parse_rename(r) for r in args.rename_prefix)
+        spec = ImportSpec(
+            rename_prefixes=renames,
+            key=args.key,
+            input_kind=args.input,
+            head_kind=args.head,
+            reset_after=not args.article_gru,
+            tokenizer=args.tokenizer,
+            description=args.description,
+            data=args.data,
+            steps=args.steps,
+        )
+        manifest = store.import_checkpoint(args.name, args.checkpoint, spec)
+        if args.alias:
+            store.set_alias(manifest.name, args.alias, manifest.version)
+    except SeqServeError as exc:
+        return _fail(exc)
+    print(f"published {manifest.name} version {manifest.version} ({_manifest_arch(manifest)})")
+    if args.alias:
+        print(f"{manifest.name}: {args.alias} → version {manifest.version}")
+    return 0
+
+
+def _parse_rename(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old:
+        raise InvalidArgument(f"--rename-prefix expects OLD=NEW, got {text!r}")
+    return old, new
+
+
+# ---- formatting ------------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [list(headers), *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _architecture(model: ModelEntry) -> str:
+    latest = model.entry(model.latest) if model.latest is not None else None
+    return _manifest_arch(latest.manifest) if latest and latest.manifest else "-"
+
+
+def _manifest_arch(m: Manifest) -> str:
+    cell = m.cell if m.cell == "lstm" else f"gru{'' if m.reset_after else ' (article)'}"
+    if m.input.kind == "tokens":
+        source = f"{m.input.tokenizer} tokens ({m.input.vocab_size})"
+    else:
+        source = f"frames of {m.input.dim}"
+    target = "next token" if m.head.kind == "classification" else f"regression ({m.head.dim})"
+    return f"{cell} {m.num_layers}x{m.hidden_size}, {source} → {target}"
+
+
+def _aliases_text(model: ModelEntry) -> str:
+    if model.aliases_problem:
+        return "(aliases.json unreadable)"
+    return ", ".join(f"{a}→{v}" for a, v in sorted(model.aliases.items())) or "-"
+
+
+def _manifest_text(m: Manifest) -> str:
+    t = m.training
+    lines = [
+        ("architecture", _manifest_arch(m)),
+        ("description", m.description or "-"),
+        ("created", m.created_at.isoformat()),
+        ("weights", f"{m.weights_file} sha256 {m.weights_sha256}"),
+        ("data", t.data),
+        ("steps", str(t.steps)),
+    ]
+    if t.final_loss is not None:
+        lines.append(("final loss", f"{t.final_loss:.4g}"))
+    lines += [(f"val {k}", f"{v:.4g}") for k, v in sorted(t.validation.items())]
+    lines += [(f"baseline {k}", f"{v:.4g}") for k, v in sorted(t.baselines.items())]
+    if t.command:
+        lines.append(("command", t.command))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in lines)
+
+
+def _model_json(m: ModelEntry) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "latest": m.latest,
+        "aliases": dict(m.aliases),
+        "versions": [
+            {
+                "version": v.version,
+                "status": v.status,
+                "created_at": v.manifest.created_at.isoformat() if v.manifest else None,
+                "description": v.manifest.description if v.manifest else None,
+            }
+            for v in m.versions
+        ],
+        "problems": list(m.problems),
+    }

@@ -1,0 +1,214 @@
+"""`seqserve models list|show|verify|alias|import` against a store in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from service.cli.main import main
+from service.models import ModelConfig, SequenceModel
+from service.registry.manifest import Training
+from service.registry.store import ModelStore
+
+
+def _config(input_kind: str) -> ModelConfig:
+    tokens = input_kind == "tokens"
+    return ModelConfig(
+        cell="lstm" if tokens else "gru",
+        num_layers=1,
+        hidden_size=8,
+        input_kind="tokens" if tokens else "features",
+        input_dim=256 if tokens else 3,
+        embed_dim=4,
+        head_kind="classification" if tokens else "regression",
+        output_dim=256 if tokens else 2,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    """bytes-lstm versions 1 and 2 (production → 1); co2-gru version 1."""
+    store = ModelStore(tmp_path / "store")
+    for name, kind, seeds in (("bytes-lstm", "tokens", (0, 1)), ("co2-gru", "features", (2,))):
+        for seed in seeds:
+            torch.manual_seed(seed)
+            store.publish(
+                name,
+                _config(kind),
+                SequenceModel(_config(kind)).state_dict(),
+                description=f"{name} seed {seed}",
+                training=Training(data="random", steps=0, validation={"mae": 0.5}),
+            )
+    store.set_alias("bytes-lstm", "production", 1)
+    return store
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_table(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "models", "list", "--store", str(store.root))
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["MODEL", "ARCHITECTURE", "VERSIONS", "LATEST", "ALIASES"]
+    assert rows[0].startswith("bytes-lstm") and "1, 2" in rows[0] and "production→1" in rows[0]
+    assert rows[1].startswith("co2-gru") and "frames of 3" in rows[1]
+
+
+def test_list_json(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "models", "list", "--json", "--store", str(store.root))
+    assert code == 0
+    models = {m["name"]: m for m in json.loads(out)}
+    assert models["bytes-lstm"]["aliases"] == {"production": 1}
+    assert models["bytes-lstm"]["latest"] == 2
+    assert [v["status"] for v in models["co2-gru"]["versions"]] == ["ok"]
+
+
+def test_list_reports_refused_versions(store: ModelStore, capsys) -> None:
+    manifest = store.root / "co2-gru" / "1" / "manifest.json"
+    manifest.write_text("{}")
+    code, _, err = _run(capsys, "models", "list", "--store", str(store.root))
+    assert code == 0
+    assert f"refused: {manifest}: invalid manifest" in err
+
+
+def test_store_defaults_to_the_setting(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQSERVE_MODEL_STORE", str(store.root))
+    code, out, _ = _run(capsys, "models", "list")
+    assert code == 0 and "bytes-lstm" in out
+
+
+def test_show_resolves_production_and_prints_fingerprint(
+    store: ModelStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _run(capsys, "models", "show", "bytes-lstm", "--store", str(store.root))
+    assert code == 0
+    fingerprint = store.load("bytes-lstm", 1).fingerprint
+    assert out.splitlines()[0] == f"bytes-lstm version 1    fingerprint {fingerprint}"
+    assert "bytes-lstm seed 0" in out  # the description
+    assert "1 *" in out and "production" in out
+
+
+def test_show_json_of_a_version(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(
+        capsys, "models", "show", "co2-gru", "--version", "1", "--json", "--store", str(store.root)
+    )
+    assert code == 0
+    body = json.loads(out)
+    assert body["version"] == 1
+    assert body["fingerprint"] == store.load("co2-gru", 1).fingerprint
+    assert body["manifest"]["training"]["validation"] == {"mae": 0.5}
+    assert body["manifest"]["input"] == {"kind": "features", "dim": 3, "embed_dim": 4}
+
+
+def test_show_unknown_model(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "models", "show", "nope", "--store", str(store.root))
+    assert code == 1
+    assert "model 'nope' not found; available: bytes-lstm, co2-gru" in err
+
+
+def test_verify_clean_store(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "models", "verify", "--store", str(store.root))
+    assert code == 0
+    assert "3 of 3 versions ok" in out
+    assert err == ""
+
+
+def test_verify_names_each_bad_file_and_fails(
+    store: ModelStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = [store.root / "bytes-lstm" / v / "weights.safetensors" for v in ("1", "2")]
+    for path in bad:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    code, out, err = _run(capsys, "models", "verify", "--store", str(store.root))
+    assert code == 1
+    assert "1 of 3 versions ok" in out
+    for path in bad:
+        assert f"bad: {path}: " in err
+    code, out, _ = _run(capsys, "models", "verify", "--json", "--store", str(store.root))
+    assert code == 1
+    assert {(r["model"], r["version"]) for r in json.loads(out) if not r["ok"]} == {
+        ("bytes-lstm", 1),
+        ("bytes-lstm", 2),
+    }
+
+
+def test_alias_set_and_delete(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(store.root)
+    assert _run(capsys, "models", "alias", "bytes-lstm", "staging", "2", "--store", root)[0] == 0
+    assert dict(store.model("bytes-lstm").aliases) == {"production": 1, "staging": 2}
+    code, out, _ = _run(
+        capsys, "models", "alias", "--delete", "bytes-lstm", "staging", "--store", root
+    )
+    assert code == 0 and "deleted" in out
+    assert dict(store.model("bytes-lstm").aliases) == {"production": 1}
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["bytes-lstm", "staging"], 2, "usage: models alias NAME ALIAS VERSION"),
+        (["bytes-lstm", "latest", "1"], 2, "alias 'latest' is reserved"),
+        (["bytes-lstm", "staging", "9"], 1, "version 9 of 'bytes-lstm' not found; versions: 1, 2"),
+        (["--delete", "bytes-lstm", "canary"], 1, "alias 'canary' of 'bytes-lstm' not found"),
+    ],
+)
+def test_alias_errors(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, message: str
+) -> None:
+    got, _, err = _run(capsys, "models", "alias", *argv, "--store", str(store.root))
+    assert got == code
+    assert message in err
+    assert dict(store.model("bytes-lstm").aliases) == {"production": 1}
+
+
+def test_import_a_torch_gru_checkpoint(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    torch.manual_seed(5)
+    proj, gru, out = nn.Linear(3, 4), nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
+    state = {
+        **{f"encoder.{k}": v for k, v in gru.state_dict().items()},
+        "inp.weight": proj.weight,
+        "inp.bias": proj.bias,
+        "out.weight": out.weight,
+        "out.bias": out.bias,
+    }
+    ckpt = tmp_path / "gru.pt"
+    torch.save(state, ckpt)
+    code, stdout, err = _run(
+        capsys,
+        "models", "import", "co2-gru", str(ckpt),
+        "--rename-prefix", "inp.=input_proj.", "--rename-prefix", "out.=head.",
+        "--data", "co2 readings", "--alias", "production",
+        "--store", str(store.root),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "published co2-gru version 2" in stdout
+    entry = store.model("co2-gru")
+    assert dict(entry.aliases) == {"production": 2}
+    manifest = store.load("co2-gru", 2).manifest
+    assert manifest.training.data == "co2 readings"
+    assert manifest.input.kind == "features"
+
+
+def test_import_bad_checkpoint_exits_2(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "lstm.pt"
+    torch.save(nn.LSTM(4, 8).state_dict(), ckpt)
+    code, _, err = _run(capsys, "models", "import", "x", str(ckpt), "--store", str(store.root))
+    assert code == 2
+    assert "no input layer" in err
+    assert "x" not in store.snapshot().models

@@ -1,0 +1,76 @@
+"""Setting and deleting aliases: validated names, existing versions, atomic aliases.json."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from service.errors import (
+    AliasNotFound,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelNotFound,
+    VersionNotFound,
+)
+from service.registry.store import ModelStore
+
+from .conftest import PublishFn
+
+
+@pytest.fixture
+def model(store: ModelStore, publish: PublishFn) -> ModelStore:
+    publish("m")
+    publish("m")
+    return store
+
+
+def _on_disk(store: ModelStore) -> dict[str, int]:
+    return json.loads((store.root / "m" / "aliases.json").read_text())
+
+
+def test_set_move_and_delete(model: ModelStore) -> None:
+    model.set_alias("m", "production", 1)
+    model.set_alias("m", "staging", 2)
+    assert _on_disk(model) == {"production": 1, "staging": 2}
+    model.set_alias("m", "production", 2)
+    assert _on_disk(model) == {"production": 2, "staging": 2}
+    model.delete_alias("m", "staging")
+    assert _on_disk(model) == {"production": 2}
+    assert dict(model.model("m").aliases) == {"production": 2}
+    # Only the aliases file and its lock appear beside the versions: no temp files left.
+    names = sorted(p.name for p in (model.root / "m").iterdir())
+    assert names == [".aliases.lock", "1", "2", "aliases.json"]
+
+
+@pytest.mark.parametrize("alias", ["latest", "3", "", "Prod", "has space", "a/b"])
+def test_invalid_alias_names_are_refused(model: ModelStore, alias: str) -> None:
+    with pytest.raises(InvalidArgument, match=repr(alias)):
+        model.set_alias("m", alias, 1)
+    assert not (model.root / "m" / "aliases.json").exists()
+
+
+def test_alias_must_point_at_an_existing_version(model: ModelStore) -> None:
+    with pytest.raises(VersionNotFound, match=r"version 5 of 'm' not found; versions: 1, 2"):
+        model.set_alias("m", "production", 5)
+    with pytest.raises(ModelNotFound):
+        model.set_alias("nope", "production", 1)
+
+
+def test_delete_unknown_alias_names_the_existing_ones(model: ModelStore) -> None:
+    model.set_alias("m", "production", 1)
+    with pytest.raises(AliasNotFound) as info:
+        model.delete_alias("m", "canary")
+    assert info.value.message == "alias 'canary' of 'm' not found; aliases: production"
+    assert _on_disk(model) == {"production": 1}
+
+
+def test_a_malformed_aliases_file_is_not_overwritten(model: ModelStore) -> None:
+    path = model.root / "m" / "aliases.json"
+    path.write_text('{"production": true}')
+    with pytest.raises(FailedPrecondition, match=re.escape(f"{path}: alias 'production'")):
+        model.set_alias("m", "staging", 1)
+    with pytest.raises(FailedPrecondition, match="fix or remove it"):
+        model.delete_alias("m", "production")
+    assert path.read_text() == '{"production": true}'
