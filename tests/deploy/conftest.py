@@ -1,20 +1,29 @@
 """Fixtures for deployment tests: the real `promtool` / `prometheus` binaries, the repo's
-deploy/ folder, and the series a live `Metrics` actually exposes (what configs may reference).
+deploy/ folder, the series a live `Metrics` actually exposes (what configs may reference), and
+a live in-process seqserve with its metrics endpoint on 127.0.0.1.
+
+The store and server fixtures are tests/api's own (`store_root`, `server_factory`), imported
+here so both folders start servers the same way.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from api.conftest import ServerFactory, server_factory, store_root
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.api.server import SeqServeServer
+from service.client.client import SeqServeClient
 from service.metrics import Metrics, StepStats
 
 from .prometheus_server import INSTALL_HINT, PrometheusServer, start_prometheus
+
+__all__ = ["server_factory", "store_root"]  # re-exported fixtures, used by this folder's tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy"
@@ -49,6 +58,19 @@ def prometheus_factory(tmp_path: Path) -> Iterator[StartPrometheus]:
     yield start
     for server in reversed(started):
         server.stop()
+
+
+@pytest.fixture
+async def live_server(server_factory: ServerFactory) -> SeqServeServer:
+    """A seqserve over the test store (models `tok`, `frames`) with its metrics endpoint on
+    127.0.0.1 (`live_server.metrics_port`)."""
+    return await server_factory(server={"metrics_host": "127.0.0.1", "metrics_port": 0})
+
+
+@pytest.fixture
+async def live_client(live_server: SeqServeServer) -> AsyncIterator[SeqServeClient]:
+    async with SeqServeClient(f"127.0.0.1:{live_server.port}") as client:
+        yield client
 
 
 def _exercised_metrics() -> Metrics:

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from service.metrics.prometheus_metrics import GRPC_CODES
+
 from .conftest import DEPLOY_DIR, StartPrometheus
 
 PROMETHEUS_DIR = DEPLOY_DIR / "prometheus"
@@ -112,3 +114,37 @@ def test_rules_load_into_a_live_prometheus(prometheus_factory: StartPrometheus) 
     loaded = {rule["name"] for group in groups for rule in group["rules"]}
     assert loaded == EXPECTED_ALERTS
     assert all(rule["health"] != "err" for group in groups for rule in group["rules"])
+
+
+SERVER_SIDE_CODES = {
+    "INTERNAL", "UNKNOWN", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "DATA_LOSS",
+}  # fmt: skip
+
+
+def _error_ratio_codes(text: str) -> set[str]:
+    (codes,) = re.findall(r'seqserve_rpc_duration_seconds_count\{code=~"([^"]+)"\}', text)
+    return set(codes.split("|"))
+
+
+def test_error_ratio_counts_server_side_codes_only() -> None:
+    codes = _error_ratio_codes(ALERTS.read_text())
+
+    # A misspelt code would match nothing and silently never fire.
+    assert codes <= GRPC_CODES
+    assert codes == SERVER_SIDE_CODES
+
+
+def test_error_ratio_unit_test_rejects_counting_client_errors(
+    promtool: str, tmp_path: Path
+) -> None:
+    # The unit test must tell the rule apart from one that counts every non-OK code.
+    text = ALERTS.read_text()
+    matcher = re.search(r'code=~"[^"]+"', text)
+    assert matcher is not None
+    (tmp_path / "alerts.yml").write_text(text.replace(matcher.group(0), 'code!="OK"'))
+    shutil.copy(ALERTS_TEST, tmp_path / "alerts_test.yml")
+
+    result = _promtool(promtool, "test", "rules", "alerts_test.yml", cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert "alertname: SeqserveHighErrorRatio" in result.stdout + result.stderr
