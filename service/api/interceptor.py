@@ -97,12 +97,20 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
     return "INTERNAL"
 
 
-async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-    """Turn `exc` into the RPC's status. Aborting raises AbortError."""
-    if isinstance(exc, SeqServeError):
-        await context.abort(exc.status, exc.message)
-    if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
-        return
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client sees for `exc`. An INTERNAL one (a bug, or an `Internal`
+    raised on purpose) is logged with its traceback under a new error id, and the client gets
+    only the id to quote."""
+    if isinstance(exc, SeqServeError) and exc.status != grpc.StatusCode.INTERNAL:
+        return exc.status, exc.message
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error (error id %s)", error_id, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})")
+    what = exc.message if isinstance(exc, SeqServeError) else "internal error"
+    return grpc.StatusCode.INTERNAL, f"{what} (error id {error_id})"
+
+
+async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+    """Turn `exc` into the RPC's status. Aborting raises AbortError."""
+    if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
+        return
+    await context.abort(*status_of(exc))

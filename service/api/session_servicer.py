@@ -10,17 +10,16 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-import grpc
 from google.rpc import status_pb2
 
 from service.api import convert
 from service.api.gen.seqserve.v1 import session_service_pb2 as pb
 from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.api.interceptor import status_of
 from service.engine.session_engine import SessionEngine, StepOutcome
-from service.errors import InvalidArgument, SeqServeError
+from service.errors import InvalidArgument
 from service.runtime.sampler import SamplingParams
 from service.sessions.session import Session
 
@@ -34,7 +33,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     def _session_pb(self, session: Session):  # type: ignore[no-untyped-def]
         return convert.session_to_pb(session, self.engine.sessions.clock(), time.time())
 
-    async def CreateSession(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def CreateSession(self, request, context):  # type: ignore[no-untyped-def]
         session, outcome = await self.engine.create_session(
             request.model,
             request.version,
@@ -49,16 +48,16 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             self._fill_prediction(response, outcome)
         return response
 
-    async def GetSession(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def GetSession(self, request, context):  # type: ignore[no-untyped-def]
         return pb.GetSessionResponse(
             session=self._session_pb(self.engine.get_session(request.session_id))
         )
 
-    async def CloseSession(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def CloseSession(self, request, context):  # type: ignore[no-untyped-def]
         session = await self.engine.close_session(request.session_id)
         return pb.CloseSessionResponse(session=self._session_pb(session))
 
-    async def ForkSession(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def ForkSession(self, request, context):  # type: ignore[no-untyped-def]
         child = await self.engine.fork_session(
             request.session_id,
             ttl_seconds=convert.duration_seconds(request.ttl),
@@ -66,7 +65,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         return pb.ForkSessionResponse(session=self._session_pb(child))
 
-    async def Step(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Step(self, request, context):  # type: ignore[no-untyped-def]
         outcome = await self.engine.step(
             request.session_id,
             convert.input_from_pb(request.input),
@@ -79,7 +78,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             self._fill_prediction(response, outcome)
         return response
 
-    async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:  # type: ignore[no-untyped-def]
         async for token in self._generate(
             request.session_id,
             request.prompt if request.HasField("prompt") else None,
@@ -91,7 +90,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                 token=convert.token_to_pb(token),
             )
 
-    async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:  # type: ignore[no-untyped-def]  # noqa: N802
+    async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:  # type: ignore[no-untyped-def]
         """Items run concurrently across sessions and in order within a session; replies that
         are ready together go back in one message."""
         out: asyncio.Queue[pb.StreamReply | None] = asyncio.Queue()
@@ -120,9 +119,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                         tails[item.session_id] = task
                         running.add(task)
                         task.add_done_callback(running.discard)
-                        task.add_done_callback(
-                            lambda t, sid=item.session_id: tails.get(sid) is t and tails.pop(sid)
-                        )
+                        task.add_done_callback(_forget_tail(tails, item.session_id))
                 if running:
                     await asyncio.gather(*list(running), return_exceptions=True)
             finally:
@@ -201,7 +198,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             else None
         )
         prompt = convert.input_from_pb(prompt_pb) if prompt_pb is not None else None
-        async with contextlib.aclosing(self.engine.generate(session_id, prompt, sampling)) as gen:
+        tokens = self.engine.generate(session_id, prompt, sampling)
+        async with contextlib.aclosing(tokens) as gen:  # type: ignore[type-var]
             async for token in gen:
                 yield token
 
@@ -212,20 +210,28 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         if outcome.per_position:
             response.per_position.extend(
-                convert.per_position_to_pb(outcome.per_position, outcome.position, outcome.tokenizer)
+                convert.per_position_to_pb(
+                    outcome.per_position, outcome.position, outcome.tokenizer
+                )
             )
 
 
-def _error_reply(item: pb.StreamItem, exc: BaseException) -> pb.StreamReply:
-    if isinstance(exc, SeqServeError):
-        code, message = exc.status, exc.message
-    else:
-        error_id = uuid.uuid4().hex[:12]
-        log.error("stream item failed (error id %s)", error_id, exc_info=exc)
-        code, message = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})"
+def _forget_tail(
+    tails: dict[str, asyncio.Task[None]], session_id: str
+) -> Callable[[asyncio.Task[None]], None]:
+    """Drop a session's tail once its last queued item is done, so the map stays small."""
+
+    def forget(task: asyncio.Task[None]) -> None:
+        if tails.get(session_id) is task:
+            del tails[session_id]
+
+    return forget
+
+
+def _error_reply(item: pb.StreamItem, exc: Exception) -> pb.StreamReply:
+    code, message = status_of(exc)
     return pb.StreamReply(
         session_id=item.session_id,
         request_id=item.request_id,
         error=status_pb2.Status(code=code.value[0], message=message),
     )
-

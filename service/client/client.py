@@ -177,10 +177,12 @@ class ClientSession:
         top_k: int | None = None,
         top_p: float | None = None,
         stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[GeneratedPiece]:
+        """Unset arguments fall back to the session's default sampling, then the server's."""
         request = pb.GenerateRequest(
             session_id=self.session_id,
-            sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop),
+            sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop, stop_token_ids),
         )
         if prompt is not None:
             request.prompt.CopyFrom(make_input(text=prompt))

@@ -1,10 +1,16 @@
 """Fixtures for tests over real gRPC on loopback: a store of small random models and an
-in-process server bound to port 0."""
+in-process server bound to port 0.
+
+`server_factory` starts servers with other settings (small limits, another store); every server
+it starts is stopped at teardown. Servers here run without the metrics HTTP endpoint (shutting
+it down costs ~0.5 s per test); pass `server={"metrics_port": 0}` to get one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +31,8 @@ FRAME_CONFIG = ModelConfig(
     embed_dim=8, head_kind="regression", output_dim=2, reset_after=False,
 )  # fmt: skip
 
+ServerFactory = Callable[..., Awaitable[SeqServeServer]]
+
 
 def publish_random(store: ModelStore, name: str, config: ModelConfig, seed: int) -> None:
     torch.manual_seed(seed)
@@ -44,24 +52,57 @@ def store_root(tmp_path: Path) -> Path:
     return root
 
 
-def make_settings(store_root: Path, tmp_path: Path, **engine: object) -> Settings:
+def make_settings(
+    store_root: Path,
+    tmp_path: Path,
+    *,
+    server: dict[str, Any] | None = None,
+    sessions: dict[str, Any] | None = None,
+    **engine: object,
+) -> Settings:
+    """Test settings: port 0, no metrics endpoint, no store polling; `server`, `sessions` and
+    the keyword arguments (engine settings) override single fields."""
     return Settings(
         model_store=store_root,
         registry_poll_seconds=0,
-        server=ServerSettings(port=0, metrics_port=0, grace_seconds=2.0),
+        server=ServerSettings(
+            **{"port": 0, "metrics_port": -1, "grace_seconds": 2.0, **(server or {})}
+        ),
         engine=EngineSettings(**engine),  # type: ignore[arg-type]
-        sessions=SessionSettings(spill_dir=tmp_path / "spill"),
-    )
+        sessions=SessionSettings(**{"spill_dir": tmp_path / "spill", **(sessions or {})}),
+    )  # fmt: skip
 
 
 @pytest.fixture
-async def server(store_root: Path, tmp_path: Path) -> AsyncIterator[SeqServeServer]:
-    srv = SeqServeServer(make_settings(store_root, tmp_path))
-    await srv.start()
+async def server_factory(store_root: Path, tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """`await server_factory(store_root=..., server={...}, sessions={...}, **engine)`."""
+    started: list[SeqServeServer] = []
+
+    async def start(
+        *,
+        store_root: Path = store_root,
+        server: dict[str, Any] | None = None,
+        sessions: dict[str, Any] | None = None,
+        **engine: object,
+    ) -> SeqServeServer:
+        work = tmp_path / f"server{len(started)}"
+        srv = SeqServeServer(
+            make_settings(store_root, work, server=server, sessions=sessions, **engine)
+        )
+        await srv.start()
+        started.append(srv)
+        return srv
+
     try:
-        yield srv
+        yield start
     finally:
-        await srv.stop()
+        for srv in reversed(started):
+            await srv.stop()
+
+
+@pytest.fixture
+async def server(server_factory: ServerFactory) -> SeqServeServer:
+    return await server_factory()
 
 
 @pytest.fixture

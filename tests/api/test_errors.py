@@ -1,0 +1,492 @@
+"""Every row of DESIGN section 4's error table, produced over a real channel, plus a check that
+`service.errors.ERROR_TABLE` is that table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from service import errors
+from service.api.gen.seqserve.v1 import model_registry_pb2 as reg
+from service.api.gen.seqserve.v1 import session_service_pb2 as pb
+from service.api.gen.seqserve.v1 import types_pb2 as types
+from service.api.server import SeqServeServer
+from service.client.client import SeqServeClient, make_sampling
+from service.registry.store import ModelStore
+from service.runtime.runner import ModelRunner
+
+from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
+from .support import (
+    code_value,
+    expect_status,
+    expect_stream_status,
+    frames,
+    item,
+    read_replies,
+    text,
+    tokens,
+)
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+# ---- the table itself --------------------------------------------------------------------------
+
+# DESIGN.md section 4, "Errors (one table in code, tested)", row by row: condition → status.
+DESIGN_ERROR_TABLE = [
+    ("bad token id, wrong frame size, bad sampling params, empty or oversized input",
+     "INVALID_ARGUMENT"),
+    ("unknown session, model, version or alias", "NOT_FOUND"),
+    ("two concurrent requests on one session", "ABORTED"),
+    ("session closed, version unloading", "FAILED_PRECONDITION"),
+    ("over session / queue / memory limits", "RESOURCE_EXHAUSTED"),
+    ("draining, model not ready", "UNAVAILABLE"),
+    ("weights digest mismatch", "DATA_LOSS"),
+    ("anything else", "INTERNAL"),
+]  # fmt: skip
+
+# The class in service.errors that stands for each row.
+ROW_CLASS = {
+    "INVALID_ARGUMENT": errors.InvalidArgument,
+    "NOT_FOUND": errors.NotFound,
+    "ABORTED": errors.Aborted,
+    "FAILED_PRECONDITION": errors.FailedPrecondition,
+    "RESOURCE_EXHAUSTED": errors.ResourceExhausted,
+    "UNAVAILABLE": errors.Unavailable,
+    "DATA_LOSS": errors.DataLoss,
+    "INTERNAL": errors.Internal,
+}
+
+
+def test_error_table_is_designs_table() -> None:
+    expected = {ROW_CLASS[code]: grpc.StatusCode[code] for _, code in DESIGN_ERROR_TABLE}
+    assert expected == errors.ERROR_TABLE
+    assert len({code for _, code in DESIGN_ERROR_TABLE}) == len(DESIGN_ERROR_TABLE)
+    # Every error class the service can raise keeps the status of its row.
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.SeqServeError):
+            if cls is errors.SeqServeError:
+                continue
+            row = next(base for base in errors.ERROR_TABLE if issubclass(cls, base))
+            assert cls.status == errors.ERROR_TABLE[row], cls
+    assert errors.DigestMismatch.status == grpc.StatusCode.DATA_LOSS
+    assert issubclass(errors.ModelNotFound, errors.NotFound)
+    assert issubclass(errors.VersionUnusable, errors.FailedPrecondition)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+async def _create(client: SeqServeClient, model: str = "tok", **fields: object) -> str:
+    request = pb.CreateSessionRequest(model=model, **fields)  # type: ignore[arg-type]
+    return (await client.sessions.CreateSession(request)).session.session_id
+
+
+def _create_call(client: SeqServeClient, model: str = "tok", **fields: object):  # type: ignore[no-untyped-def]
+    return client.sessions.CreateSession(pb.CreateSessionRequest(model=model, **fields))  # type: ignore[arg-type]
+
+
+def _step(client: SeqServeClient, sid: str, inp: types.Input | None, **options: object):  # type: ignore[no-untyped-def]
+    request = pb.StepRequest(session_id=sid, options=types.PredictionOptions(**options))  # type: ignore[arg-type]
+    if inp is not None:
+        request.input.CopyFrom(inp)
+    return client.sessions.Step(request)
+
+
+def _generate(
+    client: SeqServeClient,
+    sid: str,
+    sampling: types.Sampling | None = None,
+    prompt: types.Input | None = None,
+):  # type: ignore[no-untyped-def]
+    request = pb.GenerateRequest(session_id=sid)
+    if sampling is not None:
+        request.sampling.CopyFrom(sampling)
+    if prompt is not None:
+        request.prompt.CopyFrom(prompt)
+    return client.sessions.Generate(request)
+
+
+async def _client_of(srv: SeqServeServer, **kwargs: int) -> SeqServeClient:
+    return SeqServeClient(f"127.0.0.1:{srv.port}", **kwargs)
+
+
+# ---- INVALID_ARGUMENT ----------------------------------------------------------------------
+
+
+async def test_bad_token_ids(client: SeqServeClient) -> None:
+    sid = await _create(client)
+    await expect_status(_step(client, sid, tokens(1, 256)), INVALID, "256", "[0, 256)")
+    await expect_status(_step(client, sid, tokens(-1)), INVALID, "-1")
+    await expect_status(
+        client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", prefix=tokens(300))),
+        INVALID, "300",
+    )  # fmt: skip
+    await expect_stream_status(_generate(client, sid, prompt=tokens(999)), INVALID, "999")
+    info = await client.sessions.GetSession(pb.GetSessionRequest(session_id=sid))
+    assert info.session.position == 0  # nothing was consumed by the refused chunks
+
+
+async def test_wrong_input_for_the_model(client: SeqServeClient) -> None:
+    feats = await _create(client, model="frames")
+    toks = await _create(client)
+    await expect_status(
+        _step(client, feats, frames([0.1, 0.2])), INVALID, "frame size 3", "2 values"
+    )
+    await expect_status(_step(client, feats, frames([0.1] * 7)), INVALID, "7 values")
+    await expect_status(_step(client, feats, frames([0.1, math.nan, 0.3])), INVALID, "finite")
+    await expect_status(_step(client, feats, text("abc")), INVALID, "frames")
+    await expect_status(_step(client, toks, frames([0.1, 0.2, 0.3])), INVALID, "not frames")
+    await expect_stream_status(_generate(client, feats), INVALID, "token model")
+
+
+async def test_empty_inputs(client: SeqServeClient) -> None:
+    sid = await _create(client)
+    feats = await _create(client, model="frames")
+    await expect_status(_step(client, sid, None), INVALID, "empty")
+    await expect_status(_step(client, sid, types.Input(tokens=types.Tokens())), INVALID, "empty")
+    await expect_status(_step(client, sid, text("")), INVALID, "empty")
+    await expect_status(
+        _step(client, feats, types.Input(frames=types.Frames())), INVALID, "non-empty"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sampling", "needle"),
+    [
+        (make_sampling(top_p=0.0), "top_p"),
+        (make_sampling(top_p=1.5), "top_p"),
+        (make_sampling(top_p=-0.1), "top_p"),
+        (make_sampling(temperature=-1.0), "temperature"),
+        (make_sampling(temperature=math.nan), "temperature"),
+        (make_sampling(top_k=-2), "top_k"),
+        (make_sampling(max_tokens=2049), "max_tokens"),
+        (make_sampling(max_tokens=0), "max_tokens"),
+        (make_sampling(stop_token_ids=[256]), "stop token"),
+        (make_sampling(stop=[""]), "stop strings"),
+    ],
+)
+async def test_bad_sampling_params(
+    client: SeqServeClient, sampling: types.Sampling, needle: str
+) -> None:
+    sid = await _create(client)
+    await expect_stream_status(_generate(client, sid, sampling), INVALID, needle)
+    # The same params as a session's default are refused when the session is created.
+    await expect_status(
+        _create_call(client, default_sampling=sampling),
+        INVALID, needle,
+    )  # fmt: skip
+    # And in a Stream generate item, in-band.
+    call = client.sessions.Stream()
+    await call.write(pb.StreamRequest(items=[item(sid, "g", generate=sampling)]))
+    (reply,) = (await read_replies(call, ["g"]))["g"]
+    await call.done_writing()
+    assert reply.error.code == code_value(INVALID) and needle in reply.error.message
+    # The session was not touched and is free for the next request.
+    r = await _step(client, sid, text("ok"))
+    assert r.position == 2
+
+
+async def test_bad_prediction_options_and_ttl(client: SeqServeClient) -> None:
+    sid = await _create(client)
+    await expect_status(_step(client, sid, text("a"), top_k=-1), INVALID, "top_k")
+    await expect_status(
+        _create_call(client, ttl=Duration(seconds=-5)),
+        INVALID, "ttl",
+    )  # fmt: skip
+    await expect_status(
+        _create_call(client, ttl=Duration(seconds=10**6)),
+        INVALID, "ttl",
+    )  # fmt: skip
+
+
+async def test_oversized_chunks(server_factory: ServerFactory) -> None:
+    srv = await server_factory(max_chunk_tokens=8)
+    async with await _client_of(srv) as client:
+        sid = await _create(client)
+        feats = await _create(client, model="frames")
+        await expect_status(_step(client, sid, tokens(*range(9))), INVALID, "9 tokens", "8")
+        await expect_status(_step(client, sid, text("123456789")), INVALID, "9 tokens")
+        await expect_status(_step(client, feats, frames([0.0] * 27)), INVALID, "9 frames")
+        await expect_status(
+            _create_call(client, prefix=text("x" * 9)),
+            INVALID, "exceeds",
+        )  # fmt: skip
+        await expect_stream_status(
+            _generate(client, sid, prompt=text("y" * 20)), INVALID, "exceeds"
+        )
+        assert (await _step(client, sid, tokens(*range(8)))).position == 8  # at the cap is fine
+        assert (await _step(client, feats, frames([0.0] * 24))).position == 8
+
+
+async def test_message_over_max_message_bytes(server_factory: ServerFactory) -> None:
+    """gRPC itself refuses a message over `server.max_message_bytes` before any handler runs,
+    with the library's RESOURCE_EXHAUSTED (the standard code for it; chunk-level limits give
+    INVALID_ARGUMENT, above)."""
+    srv = await server_factory(server={"max_message_bytes": 64 * 1024})
+    async with await _client_of(srv) as client:
+        sid = await _create(client)
+        await expect_status(
+            _step(client, sid, text("a" * 100_000)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
+        )  # fmt: skip
+        assert (await _step(client, sid, text("a" * 1000))).position == 1000
+
+
+# ---- NOT_FOUND -----------------------------------------------------------------------------------
+
+
+async def test_unknown_session_model_version_alias(client: SeqServeClient) -> None:
+    sid = "s_does_not_exist"
+    await expect_status(_step(client, sid, text("a")), NOT_FOUND, sid)
+    await expect_status(
+        client.sessions.GetSession(pb.GetSessionRequest(session_id=sid)), NOT_FOUND, sid
+    )
+    await expect_status(
+        client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), NOT_FOUND
+    )
+    await expect_status(
+        client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), NOT_FOUND
+    )
+    await expect_stream_status(_generate(client, sid), NOT_FOUND, sid)
+
+    create = client.sessions.CreateSession
+    await expect_status(create(pb.CreateSessionRequest(model="nope")), NOT_FOUND, "nope", "tok")
+    await expect_status(
+        create(pb.CreateSessionRequest(model="tok", version="7")), NOT_FOUND, "7", "versions: 1"
+    )
+    await expect_status(
+        create(pb.CreateSessionRequest(model="tok", version="staging")), NOT_FOUND, "staging"
+    )
+    await expect_status(
+        client.registry.GetModel(reg.GetModelRequest(name="nope")), NOT_FOUND, "nope"
+    )
+    await expect_status(
+        client.registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="staging")),
+        NOT_FOUND,
+        "staging",
+    )
+
+
+# ---- ABORTED -------------------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_on_one_session_are_aborted(client: SeqServeClient) -> None:
+    sid = await _create(client, seed=1)
+    other = await _create(client)
+    long_gen = _generate(client, sid, make_sampling(max_tokens=2048))
+    first = await long_gen.read()  # the generation is running
+    assert first.token.finish_reason == types.FINISH_REASON_UNSPECIFIED
+    try:
+        aborted = grpc.StatusCode.ABORTED
+        await expect_status(_step(client, sid, text("x")), aborted, sid, "in progress")
+        await expect_status(
+            client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), aborted
+        )
+        await expect_status(
+            client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), aborted
+        )
+        await expect_stream_status(_generate(client, sid, make_sampling(max_tokens=1)), aborted)
+        call = client.sessions.Stream()
+        await call.write(
+            pb.StreamRequest(items=[item(sid, "busy", text("y")), item(other, "free", text("y"))])
+        )
+        r = await read_replies(call, ["busy", "free"])
+        await call.done_writing()
+        assert r["busy"][0].error.code == code_value(aborted)
+        assert r["free"][0].error.code == 0 and r["free"][0].position == 1
+    finally:
+        long_gen.cancel()
+
+
+# ---- FAILED_PRECONDITION -------------------------------------------------------------------------
+
+
+def _add_malformed_version(store_root: Path, version: int) -> None:
+    """Version `version` of `tok`: v1's weights with a manifest carrying an unknown field."""
+    src, dst = store_root / "tok" / "1", store_root / "tok" / str(version)
+    dst.mkdir()
+    (dst / "weights.safetensors").write_bytes((src / "weights.safetensors").read_bytes())
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest.update(version=version, surprise_field=True)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+async def test_refused_version_is_failed_precondition(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    _add_malformed_version(store_root, 2)
+    fp = grpc.StatusCode.FAILED_PRECONDITION
+    await expect_status(
+        client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="2")),
+        fp, "surprise_field",
+    )  # fmt: skip
+    await expect_status(
+        client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=2)),
+        fp, "unusable",
+    )  # fmt: skip
+    # A broken newest version never becomes the default: new sessions still get version 1.
+    s = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+    assert s.session.version == 1
+
+
+async def test_malformed_aliases_file_is_failed_precondition(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    (store_root / "tok" / "aliases.json").write_text('{"production": "one"')
+    await expect_status(
+        client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")),
+        grpc.StatusCode.FAILED_PRECONDITION, "aliases.json",
+    )  # fmt: skip
+    # An explicit version does not need the aliases.
+    s = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="1"))
+    assert s.session.version == 1
+
+
+# ---- RESOURCE_EXHAUSTED --------------------------------------------------------------------------
+
+
+async def test_session_limit(server_factory: ServerFactory) -> None:
+    srv = await server_factory(sessions={"max_sessions": 2})
+    async with await _client_of(srv) as client:
+        a = await _create(client)
+        await _create(client, model="frames")
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        await expect_status(
+            client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")), exhausted, "limit"
+        )
+        await expect_status(
+            client.sessions.ForkSession(pb.ForkSessionRequest(session_id=a)), exhausted, "limit"
+        )
+        await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=a))
+        assert await _create(client)  # room again
+
+
+# ---- UNAVAILABLE ---------------------------------------------------------------------------------
+
+
+async def test_stop_drains_new_rpcs_and_stream_items(
+    server_factory: ServerFactory,
+) -> None:
+    srv = await server_factory(server={"grace_seconds": 30.0})
+    async with await _client_of(srv) as client:
+        sid = await _create(client)
+        call = client.sessions.Stream()
+        await call.write(pb.StreamRequest(items=[item(sid, "before", text("ab"))]))
+        assert (await read_replies(call, ["before"]))["before"][0].position == 2
+
+        stopping = asyncio.create_task(srv.stop())
+        # A new RPC is refused once the stop has begun (the listener is closed); one that
+        # races the start of the shutdown may instead be cancelled by gRPC.
+        for _ in range(1000):
+            try:
+                await client.sessions.GetSession(pb.GetSessionRequest(session_id=sid))
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    break
+                assert err.code() == grpc.StatusCode.CANCELLED, err
+            await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("the server still accepts RPCs after stop() began")
+        assert not stopping.done()  # it waits for the open stream (grace is 30 s)
+        # A stream already open may finish, but new work on it is refused in-band, so the
+        # client moves its sessions elsewhere; the stream itself ends cleanly.
+        await call.write(pb.StreamRequest(items=[item(sid, "after", text("c"))]))
+        (reply,) = (await read_replies(call, ["after"]))["after"]
+        assert reply.error.code == code_value(grpc.StatusCode.UNAVAILABLE)
+        assert "draining" in reply.error.message
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        await stopping
+        assert srv.engine.draining
+
+
+async def test_draining_engine_answers_unavailable(
+    server: SeqServeServer, client: SeqServeClient
+) -> None:
+    """What a request racing the stop sees once the engine drains (before the listener closes)."""
+    sid = await _create(client)
+    server.engine.begin_draining()
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    await expect_status(_step(client, sid, text("a")), unavailable, "draining")
+    await expect_status(
+        client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")), unavailable
+    )
+    await expect_status(
+        client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), unavailable
+    )
+    await expect_stream_status(_generate(client, sid), unavailable, "draining")
+
+
+# ---- DATA_LOSS -----------------------------------------------------------------------------------
+
+
+async def test_weights_digest_mismatch_is_data_loss(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=5)  # version 2
+    weights = store_root / "tok" / "2" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit in the tensor data, after the header
+    weights.write_bytes(bytes(data))
+    for _ in range(2):  # refused every time, not just on the first load
+        await expect_status(
+            client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="2")),
+            grpc.StatusCode.DATA_LOSS, "sha256",
+        )  # fmt: skip
+    # The rest keeps serving.
+    ok = await client.sessions.CreateSession(
+        pb.CreateSessionRequest(model="tok", version="1", prefix=text("a"))
+    )
+    assert ok.session.version == 1 and ok.prediction.tokens.top
+    assert await _create(client, model="frames")
+
+
+# ---- INTERNAL ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(self: ModelRunner, batch: object) -> None:
+        raise RuntimeError("secret detail at /srv/seqserve/runtime/runner.py line 42")
+
+    monkeypatch.setattr(ModelRunner, "execute", explode)
+
+
+def _assert_internal_message(message: str) -> None:
+    assert "error id" in message
+    assert "secret" not in message and "Traceback" not in message and "runner.py" not in message
+
+
+async def test_unexpected_exception_is_internal_with_an_error_id(
+    client: SeqServeClient, broken_runner: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = await _create(client)
+    internal = grpc.StatusCode.INTERNAL
+    _assert_internal_message(await expect_status(_step(client, sid, text("a")), internal))
+    _assert_internal_message(
+        await expect_stream_status(_generate(client, sid, make_sampling(max_tokens=3)), internal)
+    )
+    call = client.sessions.Stream()
+    await call.write(pb.StreamRequest(items=[item(sid, "x", text("a"))]))
+    (reply,) = (await read_replies(call, ["x"]))["x"]
+    await call.done_writing()
+    assert reply.error.code == code_value(internal)
+    _assert_internal_message(reply.error.message)
+
+    # The server survives the bug: once the runner works again, so does the session.
+    monkeypatch.undo()
+    assert (await _step(client, sid, text("b"))).position == 1
+
+
+async def test_internal_error_ids_are_distinct(client: SeqServeClient, broken_runner: None) -> None:
+    sid = await _create(client)
+    first = await expect_status(_step(client, sid, text("a")), grpc.StatusCode.INTERNAL)
+    second = await expect_status(_step(client, sid, text("a")), grpc.StatusCode.INTERNAL)
+    assert first != second

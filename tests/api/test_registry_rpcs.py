@@ -1,0 +1,210 @@
+"""ModelRegistry over a real channel: listing, detail with load state and fingerprints, and
+aliases that move new sessions while old ones stay pinned to their version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+
+from service.api.gen.seqserve.v1 import model_registry_pb2 as reg
+from service.api.gen.seqserve.v1 import session_service_pb2 as pb
+from service.client.client import SeqServeClient
+from service.registry.store import ModelStore
+
+from .conftest import TOKEN_CONFIG, publish_random
+from .support import ReferenceSession, assert_matches_reference, expect_status, text
+
+
+async def _model(client: SeqServeClient, name: str) -> reg.ModelDetail:
+    return (await client.registry.GetModel(reg.GetModelRequest(name=name))).model
+
+
+async def _create(
+    client: SeqServeClient, version: str = "", **fields: object
+) -> pb.CreateSessionResponse:
+    request = pb.CreateSessionRequest(model="tok", version=version, **fields)  # type: ignore[arg-type]
+    return await client.sessions.CreateSession(request)
+
+
+async def test_list_models(client: SeqServeClient, store_root: Path) -> None:
+    models = (await client.registry.ListModels(reg.ListModelsRequest())).models
+    assert [m.name for m in models] == ["frames", "tok"]
+    assert all(list(m.versions) == [1] and m.default_version == 1 and not m.aliases for m in models)
+
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=3)
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="canary", version=2))
+    models = {m.name: m for m in (await client.registry.ListModels(reg.ListModelsRequest())).models}
+    assert list(models["tok"].versions) == [1, 2]
+    assert models["tok"].default_version == 2  # no `production`: the latest
+    assert dict(models["tok"].aliases) == {"canary": 2}
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=1))
+    models = {m.name: m for m in (await client.registry.ListModels(reg.ListModelsRequest())).models}
+    assert models["tok"].default_version == 1
+
+
+async def test_get_model_reports_manifest_load_state_and_fingerprint(
+    client: SeqServeClient,
+) -> None:
+    tok = await _model(client, "tok")
+    assert tok.name == "tok" and tok.default_version == 1
+    (v1,) = tok.versions
+    assert v1.version == 1 and v1.cell == reg.CELL_TYPE_LSTM
+    assert v1.status == reg.VERSION_STATUS_OK and v1.status_reason == ""
+    assert not v1.loaded and v1.live_sessions == 0
+    manifest = json.loads(v1.manifest_json)
+    assert manifest["name"] == "tok" and manifest["version"] == 1 and manifest["cell"] == "lstm"
+    assert manifest["hidden_size"] == TOKEN_CONFIG.hidden_size
+
+    created = await _create(client)
+    child = await client.sessions.ForkSession(
+        pb.ForkSessionRequest(session_id=created.session.session_id)
+    )
+    (v1,) = (await _model(client, "tok")).versions
+    assert v1.loaded and v1.live_sessions == 2
+    assert v1.fingerprint == created.session.fingerprint == child.session.fingerprint
+
+    frames = await _model(client, "frames")
+    assert frames.versions[0].cell == reg.CELL_TYPE_GRU
+    assert json.loads(frames.versions[0].manifest_json)["reset_after"] is False
+    assert not frames.versions[0].loaded
+
+
+async def test_refused_version_is_listed_with_its_reason(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    bad = store_root / "tok" / "2"
+    bad.mkdir()
+    (bad / "weights.safetensors").write_bytes(
+        (store_root / "tok" / "1" / "weights.safetensors").read_bytes()
+    )
+    (bad / "manifest.json").write_text("{not json")
+    tok = await _model(client, "tok")
+    assert [v.version for v in tok.versions] == [1, 2]
+    v2 = tok.versions[1]
+    assert v2.status == reg.VERSION_STATUS_REFUSED and "manifest.json" in v2.status_reason
+    assert v2.manifest_json == "" and v2.fingerprint == "" and not v2.loaded
+    assert tok.default_version == 1
+    listed = {m.name: m for m in (await client.registry.ListModels(reg.ListModelsRequest())).models}
+    assert list(listed["tok"].versions) == [1]  # only servable versions
+
+
+async def test_set_alias_moves_new_sessions_and_old_ones_stay_pinned(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    old = await _create(client, prefix=text("ab"))
+    assert old.session.version == 1
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=3)  # version 2
+    aliases = (
+        await client.registry.SetAlias(
+            reg.SetAliasRequest(name="tok", alias="production", version=1)
+        )
+    ).aliases
+    assert dict(aliases) == {"production": 1}
+    assert (await _create(client)).session.version == 1  # production wins over latest
+
+    aliases = (
+        await client.registry.SetAlias(
+            reg.SetAliasRequest(name="tok", alias="production", version=2)
+        )
+    ).aliases
+    assert dict(aliases) == {"production": 2}
+    new = await _create(client, prefix=text("ab"))
+    assert new.session.version == 2
+    assert new.session.fingerprint != old.session.fingerprint
+    assert_matches_reference(
+        new.prediction, ReferenceSession(store_root, "tok", 2).feed(list(b"ab"))[-1]
+    )
+
+    # The old session still runs on version 1's weights.
+    ref_v1 = ReferenceSession(store_root, "tok", 1)
+    ref_v1.feed(list(b"ab"))
+    step = await client.sessions.Step(
+        pb.StepRequest(session_id=old.session.session_id, input=text("c"))
+    )
+    assert_matches_reference(step.prediction, ref_v1.feed(list(b"c"))[-1])
+    info = await client.sessions.GetSession(pb.GetSessionRequest(session_id=old.session.session_id))
+    assert info.session.version == 1 and info.session.fingerprint == old.session.fingerprint
+
+    versions = {v.version: v for v in (await _model(client, "tok")).versions}
+    assert versions[1].loaded and versions[2].loaded
+
+    # Versions and aliases can also be named explicitly.
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="staging", version=1))
+    assert (await _create(client, "staging")).session.version == 1
+    assert (await _create(client, "1")).session.version == 1
+    assert (await _create(client, "latest")).session.version == 2
+
+
+async def test_old_version_unloads_after_its_last_session(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    old = await _create(client)
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=3)
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=2))
+    await _create(client)
+    versions = {v.version: v for v in (await _model(client, "tok")).versions}
+    assert versions[1].loaded and versions[1].live_sessions == 1 and versions[2].loaded
+
+    await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=old.session.session_id))
+    for _ in range(500):  # the unload runs just after the close returns
+        versions = {v.version: v for v in (await _model(client, "tok")).versions}
+        if not versions[1].loaded:
+            break
+        await asyncio.sleep(0.01)
+    assert not versions[1].loaded and versions[1].live_sessions == 0
+    assert versions[2].loaded  # what new sessions resolve to stays loaded
+
+
+async def test_delete_alias(client: SeqServeClient, store_root: Path) -> None:
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=3)
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=1))
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="staging", version=2))
+    pinned = await _create(client, "staging")
+    aliases = (
+        await client.registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="production"))
+    ).aliases
+    assert dict(aliases) == {"staging": 2}
+    assert (await _model(client, "tok")).default_version == 2  # back to the latest
+    aliases = (
+        await client.registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="staging"))
+    ).aliases
+    assert dict(aliases) == {}
+    await expect_status(_create(client, "staging"), grpc.StatusCode.NOT_FOUND, "staging")
+    # A session created through the alias keeps its version.
+    info = await client.sessions.GetSession(
+        pb.GetSessionRequest(session_id=pinned.session.session_id)
+    )
+    assert info.session.version == 2
+    assert json.loads((store_root / "tok" / "aliases.json").read_text()) == {}
+
+
+async def test_registry_errors(client: SeqServeClient) -> None:
+    nf, invalid = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
+    registry = client.registry
+    await expect_status(registry.GetModel(reg.GetModelRequest(name="nope")), nf, "nope", "tok")
+    await expect_status(
+        registry.SetAlias(reg.SetAliasRequest(name="nope", alias="a", version=1)), nf, "nope"
+    )
+    await expect_status(
+        registry.SetAlias(reg.SetAliasRequest(name="tok", alias="a", version=9)), nf, "9"
+    )
+    await expect_status(
+        registry.SetAlias(reg.SetAliasRequest(name="tok", alias="7", version=1)), invalid, "'7'"
+    )
+    await expect_status(
+        registry.SetAlias(reg.SetAliasRequest(name="tok", alias="latest", version=1)),
+        invalid,
+        "reserved",
+    )
+    await expect_status(
+        registry.SetAlias(reg.SetAliasRequest(name="tok", alias="Bad Name", version=1)), invalid
+    )
+    await expect_status(
+        registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="missing")), nf, "missing"
+    )
+    await expect_status(registry.DeleteAlias(reg.DeleteAliasRequest(name="nope", alias="a")), nf)
+    # Nothing was changed by the refused calls.
+    assert not (await _model(client, "tok")).aliases

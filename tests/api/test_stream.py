@@ -1,0 +1,232 @@
+"""Stream over a real channel: one message carries items for many sessions, replies echo
+session_id / request_id per item, an item's error travels in-band without touching the rest,
+and items for one session run in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from service.api.gen.seqserve.v1 import session_service_pb2 as pb
+from service.api.gen.seqserve.v1 import types_pb2 as types
+from service.client.client import SeqServeClient, make_sampling
+
+from .support import (
+    ReferenceSession,
+    assert_matches_reference,
+    code_value,
+    frames,
+    item,
+    read_replies,
+    text,
+    tokens,
+    top_ids,
+    top_probs,
+)
+
+INVALID = code_value(grpc.StatusCode.INVALID_ARGUMENT)
+NOT_FOUND = code_value(grpc.StatusCode.NOT_FOUND)
+
+
+async def _create(client: SeqServeClient, model: str = "tok", **fields: object) -> str:
+    request = pb.CreateSessionRequest(model=model, **fields)  # type: ignore[arg-type]
+    return (await client.sessions.CreateSession(request)).session.session_id
+
+
+async def _position(client: SeqServeClient, sid: str) -> int:
+    return (await client.sessions.GetSession(pb.GetSessionRequest(session_id=sid))).session.position
+
+
+async def test_one_message_many_sessions_each_reply_echoes_its_ids(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    sids = [await _create(client) for _ in range(12)]
+    chunks = [[int(t) for t in rng.integers(0, 256, 1 + i % 4)] for i in range(12)]
+    call = client.sessions.Stream()
+    await call.write(
+        pb.StreamRequest(
+            items=[
+                item(sid, f"req-{i}", tokens(*chunk), top_k=4)
+                for i, (sid, chunk) in enumerate(zip(sids, chunks, strict=True))
+            ]
+        )
+    )
+    replies = await read_replies(call, [f"req-{i}" for i in range(12)])
+    for i, (sid, chunk) in enumerate(zip(sids, chunks, strict=True)):
+        (reply,) = replies[f"req-{i}"]
+        assert reply.session_id == sid and reply.error.code == 0
+        assert reply.position == len(chunk) == reply.prediction.position
+        assert len(reply.prediction.tokens.top) == 4
+        assert_matches_reference(
+            reply.prediction, ReferenceSession(store_root, "tok").feed(chunk)[-1]
+        )
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_inband_errors_leave_other_items_and_later_messages_alone(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    good = await _create(client)
+    bad_token = await _create(client)
+    feats = await _create(client, model="frames")
+    call = client.sessions.Stream()
+    await call.write(
+        pb.StreamRequest(
+            items=[
+                item(good, "ok-1", text("ab")),
+                item(bad_token, "bad-id", tokens(5, 256)),
+                item("s_unknown", "no-session", text("x")),
+                item(feats, "bad-frame", frames([0.1, 0.2])),  # frame size is 3
+                item(feats, "frames-ok", frames([0.1, 0.2, 0.3])),
+                item(good, "neither"),  # no input, no generate
+            ]
+        )
+    )
+    r = await read_replies(
+        call, ["ok-1", "bad-id", "no-session", "bad-frame", "frames-ok", "neither"]
+    )
+    assert r["ok-1"][0].error.code == 0 and r["ok-1"][0].position == 2
+    for rid, code, needle in (
+        ("bad-id", INVALID, "256"),
+        ("no-session", NOT_FOUND, "s_unknown"),
+        ("bad-frame", INVALID, "3"),
+        ("neither", INVALID, "neither"),
+    ):
+        (reply,) = r[rid]
+        assert reply.error.code == code, (rid, reply.error)
+        assert needle in reply.error.message
+        assert not reply.HasField("prediction") and not reply.HasField("token")
+    assert r["bad-id"][0].session_id == bad_token
+    assert r["frames-ok"][0].error.code == 0 and r["frames-ok"][0].position == 1
+    assert r["frames-ok"][0].prediction.WhichOneof("kind") == "regression"
+    assert await _position(client, bad_token) == 0  # the bad item consumed nothing
+
+    # The stream is still up: a later message on it works for every session, the bad one too.
+    await call.write(
+        pb.StreamRequest(
+            items=[item(good, "ok-2", text("c")), item(bad_token, "retry", tokens(5, 255))]
+        )
+    )
+    r = await read_replies(call, ["ok-2", "retry"])
+    assert r["ok-2"][0].position == 3 and r["retry"][0].position == 2
+    reference = ReferenceSession(store_root, "tok")
+    assert_matches_reference(r["ok-2"][0].prediction, reference.feed(list(b"abc"))[-1])
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_items_for_one_session_run_in_order(client: SeqServeClient, store_root: Path) -> None:
+    sid = await _create(client)
+    other = await _create(client)
+    chunks = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]
+    call = client.sessions.Stream()
+    items = [item(sid, f"c{i}", tokens(*chunk), top_k=6) for i, chunk in enumerate(chunks)]
+    items.insert(2, item(other, "other", tokens(1)))
+    await call.write(pb.StreamRequest(items=items))
+    # And one more message for the same session before any reply is read.
+    await call.write(pb.StreamRequest(items=[item(sid, "c5", tokens(10), top_k=6)]))
+    r = await read_replies(call, [f"c{i}" for i in range(6)] + ["other"])
+    await call.done_writing()
+
+    reference = ReferenceSession(store_root, "tok")
+    for i, chunk in enumerate([*chunks, [10]]):
+        (reply,) = r[f"c{i}"]
+        out = reference.feed(chunk)[-1]
+        assert reply.position == reference.position
+        assert_matches_reference(reply.prediction, out)
+    assert await _position(client, sid) == 10
+
+
+async def test_generate_items_reply_per_token(client: SeqServeClient) -> None:
+    a = await _create(client, seed=1)
+    b = await _create(client, seed=2)
+    a_alone = await _create(client, seed=1)
+    call = client.sessions.Stream()
+    await call.write(
+        pb.StreamRequest(
+            items=[
+                item(a, "gen-a", text("hi"), generate=make_sampling(max_tokens=5)),
+                item(b, "gen-b", generate=make_sampling(max_tokens=3, temperature=0)),
+                item(b, "feed-b", text("!"), top_k=2),  # after b's generation, in order
+            ]
+        )
+    )
+    r = await read_replies(call, ["feed-b"], generate=["gen-a", "gen-b"])
+    await call.done_writing()
+    ga, gb = r["gen-a"], r["gen-b"]
+    assert [x.position for x in ga] == [3, 4, 5, 6, 7]
+    assert [x.token.finish_reason for x in ga][-1] == types.FINISH_REASON_MAX_TOKENS
+    assert all(x.token.finish_reason == types.FINISH_REASON_UNSPECIFIED for x in ga[:-1])
+    assert {x.session_id for x in ga} == {a} and {x.session_id for x in gb} == {b}
+    assert [x.position for x in gb] == [1, 2, 3]
+    assert r["feed-b"][0].position == 4
+
+    # The same generation through the Generate RPC gives the same tokens.
+    unary = [
+        x.token.id
+        async for x in client.sessions.Generate(
+            pb.GenerateRequest(
+                session_id=a_alone, prompt=text("hi"), sampling=make_sampling(max_tokens=5)
+            )
+        )
+    ]
+    assert [x.token.id for x in ga] == unary
+
+
+async def test_generate_item_error_is_inband(client: SeqServeClient) -> None:
+    sid = await _create(client)
+    feats = await _create(client, model="frames")
+    call = client.sessions.Stream()
+    await call.write(
+        pb.StreamRequest(
+            items=[
+                item(sid, "bad-top-p", generate=make_sampling(top_p=1.5)),
+                item(feats, "frames-gen", generate=make_sampling(max_tokens=2)),
+                item(sid, "fine", generate=make_sampling(max_tokens=2)),
+            ]
+        )
+    )
+    r = await read_replies(call, ["bad-top-p", "frames-gen"], generate=["fine"])
+    await call.done_writing()
+    assert r["bad-top-p"][0].error.code == INVALID and "top_p" in r["bad-top-p"][0].error.message
+    assert r["frames-gen"][0].error.code == INVALID
+    assert [x.position for x in r["fine"]] == [1, 2]
+
+
+async def test_too_many_items_in_one_message(server_factory, store_root: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = await server_factory(max_items_per_message=4)
+    async with SeqServeClient(f"127.0.0.1:{srv.port}") as client:
+        sid = await _create(client)
+        call = client.sessions.Stream()
+        await call.write(pb.StreamRequest(items=[item(sid, f"i{n}", tokens(n)) for n in range(5)]))
+        r = await read_replies(call, [f"i{n}" for n in range(5)])
+        assert all(r[f"i{n}"][0].error.code == INVALID for n in range(5))
+        assert "limit is 4" in r["i0"][0].error.message
+        await call.write(pb.StreamRequest(items=[item(sid, f"j{n}", tokens(n)) for n in range(4)]))
+        r = await read_replies(call, [f"j{n}" for n in range(4)])
+        assert [r[f"j{n}"][0].position for n in range(4)] == [1, 2, 3, 4]
+        await call.done_writing()
+
+
+async def test_stream_and_unary_agree(client: SeqServeClient) -> None:
+    a = await _create(client)
+    b = await _create(client)
+    call = client.sessions.Stream()
+    await call.write(pb.StreamRequest(items=[item(a, "x", text("stream me"), top_k=7)]))
+    streamed = (await read_replies(call, ["x"]))["x"][0]
+    await call.done_writing()
+    unary = await client.sessions.Step(
+        pb.StepRequest(
+            session_id=b, input=text("stream me"), options=types.PredictionOptions(top_k=7)
+        )
+    )
+    assert streamed.position == unary.position == 9
+    assert top_ids(streamed.prediction) == top_ids(unary.prediction)
+    np.testing.assert_allclose(
+        top_probs(streamed.prediction), top_probs(unary.prediction), atol=1e-6
+    )
