@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system tools the test suite drives as real components: `promtool` / `prometheus`
-# (Prometheus config, rules and a live scrape) and `docker-compose` (compose file validation).
+# (Prometheus config, rules and a live scrape), `docker-compose` (compose file validation) and
+# `node` / `npm` (a Node.js gRPC client built from the .proto files alone).
 #
 # Idempotent: does nothing when every tool is already on PATH. As root it installs the missing
 # Debian packages (one `apt-get update`, no recommends); otherwise it names what to install and
@@ -12,6 +13,8 @@ declare -A PACKAGE_FOR=(
     [promtool]=prometheus
     [prometheus]=prometheus
     [docker-compose]=docker-compose
+    [node]=nodejs
+    [npm]=npm
 )
 
 missing_packages=()
@@ -25,7 +28,7 @@ for tool in "${!PACKAGE_FOR[@]}"; do
 done
 
 if [[ ${#missing_packages[@]} -eq 0 ]]; then
-    echo "install-system-deps: promtool, prometheus and docker-compose already present"
+    echo "install-system-deps: promtool, prometheus, docker-compose, node and npm already present"
     exit 0
 fi
 
