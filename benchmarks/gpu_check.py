@@ -99,7 +99,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
-    report: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    report: dict[str, object] = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+    }
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -120,7 +123,9 @@ def main() -> int:
             report[f"{name}_max_abs_diff"] = worst
             passed = same_len and worst < 1e-3
             ok &= passed
-            print(f"{name}: cpu vs cuda max |diff| = {worst:.2e} ({'ok' if passed else 'MISMATCH'})")
+            print(
+                f"{name}: cpu vs cuda max |diff| = {worst:.2e} ({'ok' if passed else 'MISMATCH'})"
+            )
     timings = {}
     for batch in (1, 64, 256):
         cpu_s = time_step(CONFIGS["lstm"], "cpu", batch)

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import Tensor
 
-from service.models import RecurrentState, SequenceModel
+from service.models import SequenceModel
 from service.runtime.sampler import sample
 from service.runtime.state_pool import StatePool
 from service.runtime.step_batch import (
@@ -38,8 +38,10 @@ class ModelRunner:
         timings = StepTimings()
         rows = batch.rows
         results = [RowResult(consumed=0) for _ in rows]
-        single = [i for i, r in enumerate(rows) if r.inputs is None or len(r.inputs) == 1]
-        multi = [i for i, r in enumerate(rows) if r.inputs is not None and len(r.inputs) > 1]
+        single: list[int] = []
+        multi: list[int] = []
+        for i, r in enumerate(rows):  # shape[0], not len(): Tensor.__len__ is Python-level
+            (single if r.inputs is None or r.inputs.shape[0] == 1 else multi).append(i)
         with self.pool.lock:
             if single:
                 self._run_single(batch, single, results, timings)
@@ -52,7 +54,9 @@ class ModelRunner:
         return StepOutput(results, timings)
 
     def _slots(self, batch: StepBatch, idx: list[int]) -> Tensor:
-        return torch.tensor([batch.rows[i].slot for i in idx], dtype=torch.int64, device=self.device)
+        return torch.tensor(
+            [batch.rows[i].slot for i in idx], dtype=torch.int64, device=self.device
+        )
 
     def _run_single(
         self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
@@ -94,19 +98,22 @@ class ModelRunner:
     def _stack_single_inputs(
         self, batch: StepBatch, idx: list[int], gen: list[int], sampled: Tensor | None
     ) -> Tensor:
-        if self.config.input_kind == "tokens":
-            tokens = torch.empty(len(idx), dtype=torch.int64)
-            gen_pos = {j: k for k, j in enumerate(gen)}
-            for j, i in enumerate(idx):
-                row_in = batch.rows[i].inputs
-                if row_in is None:
-                    assert sampled is not None
-                    tokens[j] = sampled[gen_pos[j]]
-                else:
-                    tokens[j] = row_in[0]
-            return tokens.to(self.device)
-        assert not gen, "generation needs a token model"
-        return torch.stack([batch.rows[i].inputs[0] for i in idx]).to(self.device)  # type: ignore[index]
+        """One concatenation of the feed rows' inputs (each [1] or [1, D]) and one scatter of the
+        sampled tokens, not a tensor write per row: per-element indexing dominated big batches."""
+        feeds = [batch.rows[i].inputs for i in idx if batch.rows[i].inputs is not None]
+        if not gen:
+            return torch.cat(feeds).to(self.device)  # type: ignore[arg-type]
+        assert self.config.input_kind == "tokens", "generation needs a token model"
+        assert sampled is not None
+        sampled = sampled.to(device="cpu", dtype=torch.int64)
+        if not feeds:
+            return sampled.to(self.device)
+        tokens = torch.empty(len(idx), dtype=torch.int64)
+        tokens[torch.tensor(gen, dtype=torch.int64)] = sampled
+        gen_set = set(gen)
+        feed_pos = torch.tensor([j for j in range(len(idx)) if j not in gen_set], dtype=torch.int64)
+        tokens[feed_pos] = torch.cat(feeds).to(device="cpu", dtype=torch.int64)  # type: ignore[arg-type]
+        return tokens.to(self.device)
 
     def _run_multi(
         self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
@@ -148,7 +155,8 @@ class ModelRunner:
         rows = list(rows)
         if not rows:
             return []
-        sub = out[rows].float().cpu()  # [R, out]
+        every_row = len(rows) == out.shape[0] and rows == list(range(len(rows)))
+        sub = (out if every_row else out[rows]).float().cpu()  # [R, out]
         if self.config.head_kind == "regression":
             return [Prediction(values=v) for v in sub.tolist()]
         k_max = max(1, min(max(top_ks), sub.shape[1]))

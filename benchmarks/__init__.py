@@ -1,0 +1,1 @@
+"""seqserve benchmarks: `python -m benchmarks.run` (see run.py). Measurements, not tests."""

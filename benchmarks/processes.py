@@ -1,0 +1,113 @@
+"""Servers under test as subprocesses (their own interpreter and GIL), optionally pinned to
+CPUs, and the server's Prometheus endpoint read back.
+
+Ports: the servers bind port 0 and write the ports they got to `--port-file` (JSON) once they
+listen; probing for a free port first would race.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# Runs in the child: pin itself, then become the real command (no preexec_fn with threads).
+_PIN_AND_EXEC = (
+    "import os, sys; "
+    "os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int  # -1 when it has no metrics endpoint
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (all its threads), from /proc."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+        return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(
+    name: str,
+    argv: Sequence[str],
+    workdir: Path,
+    cpus: Sequence[int] | None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    cwd: Path | None = None,
+) -> ServerProcess:
+    """Start `python argv... --port-file F` (pinned to `cpus` if given), wait for F.
+
+    The log goes to `workdir/NAME.log`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file, log_path = workdir / f"{name}.ports.json", workdir / f"{name}.log"
+    port_file.unlink(missing_ok=True)
+    cmd = [sys.executable, *argv, "--port-file", str(port_file)]
+    if cpus:
+        cmd = [sys.executable, "-c", _PIN_AND_EXEC, ",".join(map(str, cpus)), *cmd]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=cwd,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists():  # written atomically once the server listens
+            ports = json.loads(port_file.read_text())
+            metrics = int(ports.get("metrics_port", -1))
+            return ServerProcess(name, proc, int(ports["port"]), metrics, log_path)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    tail = log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"{name} did not come up (exit {proc.returncode}); log tail:\n{tail}")
+
+
+# Never route these local scrapes through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """Every sample on the server's metrics endpoint, summed over labels, by sample name."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with _OPENER.open(url, timeout=10) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals

@@ -1,0 +1,233 @@
+"""Benchmark rows, the targets they are judged against, and the RESULTS.md they go into."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from service.loadtest import LoadReport
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # e.g. "service/stream/64"
+    label: str
+    sessions: int  # sessions, or rows per batch for the in-process step
+    tokens_per_second: float
+    messages_per_second: float | None
+    p50_ms: float | None  # per step (feed) or per token (compute, stateless)
+    p99_ms: float | None
+    mean_ms: float | None
+    ttft_p50_ms: float | None
+    itl_p50_ms: float | None
+    rows_per_step: float | None  # from the server's seqserve_batch_rows histogram
+    server_cpu: float | None  # cores the server process used, on average
+    client_cpu: float | None  # cores this (load) process used
+    errors: int
+
+    @staticmethod
+    def from_report(
+        key: str,
+        label: str,
+        report: LoadReport,
+        rows_per_step: float | None,
+        server_cpu: float | None,
+        client_cpu: float | None,
+    ) -> Row:
+        def ms(summary: Any, field: str) -> float | None:
+            return None if summary is None else getattr(summary, field) * 1e3
+
+        return Row(
+            key=key,
+            label=label,
+            sessions=report.sessions,
+            tokens_per_second=report.tokens_per_second,
+            messages_per_second=report.messages_per_second,
+            p50_ms=ms(report.step_latency, "p50"),
+            p99_ms=ms(report.step_latency, "p99"),
+            mean_ms=ms(report.step_latency, "mean"),
+            ttft_p50_ms=ms(report.time_to_first_token, "p50"),
+            itl_p50_ms=ms(report.inter_token_latency, "p50"),
+            rows_per_step=rows_per_step,
+            server_cpu=server_cpu,
+            client_cpu=client_cpu,
+            errors=report.error_count,
+        )
+
+    @staticmethod
+    def compute(key: str, label: str, batch: int, seconds_per_call: float) -> Row:
+        ms = seconds_per_call * 1e3
+        return Row(
+            key=key, label=label, sessions=batch, tokens_per_second=batch / seconds_per_call,
+            messages_per_second=None, p50_ms=ms, p99_ms=None, mean_ms=ms, ttft_p50_ms=None,
+            itl_p50_ms=None, rows_per_step=float(batch), server_cpu=None, client_cpu=None,
+            errors=0,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def progress_line(self) -> str:
+        p50 = "-" if self.p50_ms is None else f"{self.p50_ms:.3f} ms"
+        return f"{self.key:<24} {self.tokens_per_second:>12,.0f} tokens/s  p50 {p50}"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    measured: float | None  # None: a row it needs is missing
+    threshold: float
+    higher_is_better: bool
+    how: str  # which rows, in words
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        if self.higher_is_better:
+            return self.measured >= self.threshold
+        return self.measured <= self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "met": self.met}
+
+
+def evaluate_targets(rows: dict[str, Row]) -> list[Target]:
+    def ratio(a: str, b: str, f: Callable[[Row], float | None]) -> float | None:
+        if a not in rows or b not in rows:
+            return None
+        x, y = f(rows[a]), f(rows[b])
+        return None if x is None or not y else x / y
+
+    tps: Callable[[Row], float | None] = lambda r: r.tokens_per_second  # noqa: E731
+    mps: Callable[[Row], float | None] = lambda r: r.messages_per_second  # noqa: E731
+    p50: Callable[[Row], float | None] = lambda r: r.p50_ms  # noqa: E731
+    rows64 = rows.get("service/stream/64")
+    return [
+        Target("service ≥ 75% of the echo ceiling at 64 sessions (messages/s)",
+               ratio("service/stream/64", "echo/stream/64", mps), 0.75, True,
+               "service/stream/64 ÷ echo/stream/64"),
+        Target("multiplexed frames ≥ 4× one-token-per-message (tokens/s)",
+               ratio("service/mux/64", "service/stream/64", tps), 4.0, True,
+               "service/mux/64 ÷ service/stream/64"),
+        Target("pushed generation ≥ 1.3× one-token-per-message at 16 sessions (tokens/s)",
+               ratio("service/generate/16", "service/stream/16", tps), 1.3, True,
+               "service/generate/16 ÷ service/stream/16"),
+        Target("pushed generation ≥ 1.3× one-token-per-message at 64 sessions (tokens/s)",
+               ratio("service/generate/64", "service/stream/64", tps), 1.3, True,
+               "service/generate/64 ÷ service/stream/64"),
+        Target("per-token latency at history 10,000 within 1.2× history 10 (p50)",
+               ratio("service/history/10000", "service/history/10", p50), 1.2, False,
+               "service/history/10000 ÷ service/history/10"),
+        Target("service ≥ 50× faster per token than stateless at history 1,000",
+               ratio("stateless/1000", "service/history/1000", p50), 50.0, True,
+               "stateless/1000 ÷ service/history/1000 (p50 per token)"),
+        Target("mean rows per batched step ≥ 8 at 64 sessions",
+               None if rows64 is None else rows64.rows_per_step, 8.0, True,
+               "seqserve_batch_rows_sum ÷ _count over service/stream/64"),
+    ]  # fmt: skip
+
+
+def machine_info(
+    server_cpus: Sequence[int] | None,
+    client_cpus: Sequence[int] | None,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    elapsed: float,
+) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpus_online": os.cpu_count(),
+        "server_cpus": list(server_cpus) if server_cpus else "not pinned",
+        "client_cpus": list(client_cpus) if client_cpus else "not pinned",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "elapsed_seconds": round(elapsed, 1),
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def write_markdown(
+    path: Path,
+    rows: list[Row],
+    targets: list[Target],
+    info: dict[str, Any],
+    command: str,
+    window: float,
+) -> None:
+    lines = [
+        "# seqserve benchmark results",
+        "",
+        f"Produced by `{command}` ({info['date']}, {info['elapsed_seconds']} s). "
+        f"Each load row is a closed loop measured over {window:g} s after a warm-up; "
+        "the server runs in its own process. These are measurements on a shared, noisy "
+        "machine, not tests: compare rows of the same run, not runs.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {info['cpu']} ({info['cpus_online']} online)",
+        f"- pinning: servers on CPUs {info['server_cpus']}, load generator and in-process "
+        f"rows on {info['client_cpus']}",
+        f"- Python {info['python']}, torch {info['torch']} ({info['torch_threads']} thread), "
+        f"grpcio {info['grpcio']}; {info['platform']}",
+        f"- load average before / after: {info['loadavg_before']} / {info['loadavg_after']}",
+        f"- model: {info['model']} from `{info['store']}`",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | threshold | met | rows |",
+        "|---|---:|---:|:---:|---|",
+    ]
+    for t in targets:
+        met = {True: "yes", False: "**no**", None: "–"}[t.met]
+        sign = "≥" if t.higher_is_better else "≤"
+        lines.append(
+            f"| {t.name} | {_fmt(t.measured, '.2f')} | {sign} {t.threshold:g} | {met} | {t.how} |"
+        )
+    lines += [
+        "",
+        "## Measurements",
+        "",
+        "Latencies in ms: per step (send → reply) for feeds, per call for in-process rows. "
+        "CPU columns: cores used on average over the measured window (the server process; "
+        "the load-generator process).",
+        "",
+        "| key | what | sessions | tokens/s | msgs/s | p50 | p99 | TTFT p50 | ITL p50 "
+        "| rows/step | server CPU | client CPU | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r.key}` | {r.label} | {r.sessions} | {r.tokens_per_second:,.0f} "
+            f"| {_fmt(r.messages_per_second, ',.0f')} | {_fmt(r.p50_ms, '.3f')} "
+            f"| {_fmt(r.p99_ms, '.3f')} | {_fmt(r.ttft_p50_ms, '.3f')} "
+            f"| {_fmt(r.itl_p50_ms, '.3f')} | {_fmt(r.rows_per_step, '.1f')} "
+            f"| {_fmt(r.server_cpu, '.2f')} | {_fmt(r.client_cpu, '.2f')} | {r.errors} |"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,64 @@
+"""What a load test does: how many sessions, what each sends, for how long."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+GenerateVia = Literal["rpc", "stream"]
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """One load test. Every session runs turns in a closed loop: send, wait for the answer,
+    think, repeat. A turn either feeds `tokens_per_message` inputs or, with probability
+    `generate_fraction`, feeds them as a prompt and generates up to `max_tokens`."""
+
+    target: str  # host:port of the server; the only address the load test ever contacts
+    model: str = "bytes-lstm"
+    version: str = ""  # "" = what the server resolves by default (production alias, else latest)
+    sessions: int = 16  # concurrent sessions created on the server
+    duration_seconds: float = 10.0  # measured window; workers stop sending when it ends
+    warmup_seconds: float = 0.0  # run this long first without recording anything
+    tokens_per_message: int = 1  # inputs (tokens or feature frames) per feed item
+    think_ms: float = 0.0  # mean pause between a session's turns (uniform in ±50%)
+    generate_fraction: float = 0.0  # probability that a turn generates instead of only feeding
+    generate_via: GenerateVia = "rpc"  # `Generate` RPC, or a generate item on the Stream
+    max_tokens: int = 32  # tokens per generation
+    temperature: float = 1.0  # sampling temperature for generations (0 = greedy)
+    multiplex: int = 1  # sessions per Stream; each tick sends one frame with one item each
+    history: int = 0  # inputs fed to each session before the clock starts (long contexts)
+    top_k: int = 0  # top-k of each prediction (0 = server default)
+    invalid_sessions: int = 0  # extra sessions with ids the server never issued (error path)
+    seed: int = 0  # makes the inputs, think times and turn choices reproducible
+    drain_seconds: float = 5.0  # after the window, how long in-flight turns may take to finish
+    ready_timeout_seconds: float = 10.0  # how long to wait for the server to accept calls
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        checks: list[tuple[bool, str]] = [
+            (bool(self.target.strip()), "target must be host:port"),
+            (bool(self.model), "model must be set"),
+            (self.sessions >= 0, "sessions must be >= 0"),
+            (self.sessions + self.invalid_sessions > 0, "need at least one session"),
+            (self.duration_seconds > 0, "duration must be > 0"),
+            (self.warmup_seconds >= 0, "warmup must be >= 0"),
+            (self.tokens_per_message >= 1, "tokens per message must be >= 1"),
+            (self.think_ms >= 0, "think time must be >= 0"),
+            (0.0 <= self.generate_fraction <= 1.0, "generate fraction must be in [0, 1]"),
+            (self.generate_via in ("rpc", "stream"), "generate-via must be rpc or stream"),
+            (self.max_tokens >= 1, "max tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.multiplex >= 1, "multiplex must be >= 1"),
+            (self.history >= 0, "history must be >= 0"),
+            (self.top_k >= 0, "top-k must be >= 0"),
+            (self.invalid_sessions >= 0, "invalid sessions must be >= 0"),
+            (self.drain_seconds >= 0, "drain must be >= 0"),
+            (self.ready_timeout_seconds >= 0, "ready timeout must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

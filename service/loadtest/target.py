@@ -1,0 +1,93 @@
+"""The server under test: the one channel to it, and what its model takes as input.
+
+The load generator talks to `config.target` and nothing else. The channel ignores proxy
+settings in the environment (`http_proxy`, `grpc_proxy`, ...), which would otherwise route
+every call through another host, and skips DNS service-config lookups.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from service.api.gen.seqserve.v1 import model_registry_pb2 as reg_pb
+from service.api.gen.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
+from service.api.gen.seqserve.v1 import types_pb2 as types
+
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.enable_http_proxy", 0),  # only ever connect to the target itself
+    ("grpc.service_config_disable_resolution", 1),  # no DNS TXT lookups for service config
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.use_local_subchannel_pool", 1),  # each channel gets its own connection
+)
+
+
+def open_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def status_name(code: int) -> str:
+    """google.rpc.Status code number → gRPC status name (e.g. 5 → NOT_FOUND)."""
+    return _CODE_NAMES.get(code, f"CODE_{code}")
+
+
+class TargetError(Exception):
+    """The target cannot be load-tested as asked (unreachable, unknown model, wrong kind)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    input_kind: str  # "tokens" or "features"
+    input_size: int  # vocabulary size (tokens) or frame width (features)
+
+    def random_input(self, rng: random.Random, n: int) -> types.Input:
+        """n random tokens, or n random feature frames."""
+        if self.input_kind == "tokens":
+            return types.Input(
+                tokens=types.Tokens(ids=[rng.randrange(self.input_size) for _ in range(n)])
+            )
+        return types.Input(
+            frames=types.Frames(values=[rng.gauss(0.0, 1.0) for _ in range(n * self.input_size)])
+        )
+
+
+async def fetch_model_info(channel: grpc.aio.Channel, model: str, version: str) -> ModelInfo:
+    """Resolve `version` ("" / number / alias) the way the server does, from `GetModel`."""
+    detail = (
+        await reg_grpc.ModelRegistryStub(channel).GetModel(reg_pb.GetModelRequest(name=model))
+    ).model
+    if version == "":
+        resolved = detail.default_version
+    elif version.isdigit():
+        resolved = int(version)
+    elif version in detail.aliases:
+        resolved = detail.aliases[version]
+    else:
+        raise TargetError(f"model {model!r} has no alias {version!r}")
+    for entry in detail.versions:
+        if entry.version == resolved:
+            manifest = json.loads(entry.manifest_json or "{}")
+            break
+    else:
+        raise TargetError(f"model {model!r} has no version {resolved}")
+    spec = manifest.get("input", {})
+    kind = spec.get("kind")
+    if kind == "tokens":
+        size = int(spec["vocab_size"])
+    elif kind == "features":
+        size = int(spec["dim"])
+    else:
+        raise TargetError(f"model {model!r} v{resolved}: manifest names no usable input kind")
+    return ModelInfo(name=model, version=resolved, input_kind=kind, input_size=size)

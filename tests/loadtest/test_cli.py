@@ -1,0 +1,86 @@
+"""`seqserve loadtest` end to end against an in-process server: the text report, --json and
+--plot files, and exit codes. The CLI runs its own event loop, so it runs in a thread here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from service.cli.loadtest_cmd import config_from_args
+from service.cli.main import build_parser, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+async def run_cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, ["loadtest", *argv])
+
+
+async def test_writes_report_json_and_plot(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path, plot_path = tmp_path / "r" / "report.json", tmp_path / "r" / "report.png"
+
+    code = await run_cli(
+        "--target", target, "--model", "tok", "--sessions", "3", "--duration", "1",
+        "--generate-fraction", "0.3", "--max-tokens", "3", "--invalid-sessions", "1",
+        "--json", str(report_path), "--plot", str(plot_path),
+    )  # fmt: skip
+
+    assert code == 0
+    out = capsys.readouterr()
+    assert "tokens/s" in out.out and "NOT_FOUND" in out.out
+    assert "sessions 3" in out.err  # the progress line
+    data = json.loads(report_path.read_text())
+    assert data["rates"]["tokens_per_second"] > 0
+    assert data["errors"]["NOT_FOUND"] > 0
+    step = data["step_latency"]
+    assert step["p50"] <= step["p90"] <= step["p99"] <= step["max"]
+    assert plot_path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+async def test_json_to_stdout_keeps_stdout_parseable(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await run_cli(
+        "--target", target, "--model", "tok", "--sessions", "1", "--duration", "0.5",
+        "--json", "-", "--quiet",
+    )  # fmt: skip
+
+    assert code == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["sessions"] == 1
+    assert "tokens/s" in out.err
+
+
+async def test_unknown_model_exits_1(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = await run_cli("--target", target, "--model", "nope", "--duration", "0.5", "--quiet")
+
+    assert code == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["loadtest", "--sessions", "4", "--generate-fraction", "2", "--quiet"])
+
+    assert code == 2
+    assert "generate fraction" in capsys.readouterr().err
+
+
+def test_flags_map_onto_the_config() -> None:
+    args = build_parser().parse_args(
+        ["loadtest", "--target", "seqserve:50051", "--sessions", "64", "--duration", "30",
+         "--multiplex", "16", "--think-ms", "250", "--generate-fraction", "0.25",
+         "--generate-via", "stream", "--max-tokens", "64", "--tokens-per-message", "4",
+         "--history", "1000", "--warmup", "2", "--model", "m", "--version", "staging"]
+    )  # fmt: skip
+
+    cfg = config_from_args(args)
+
+    assert (cfg.target, cfg.sessions, cfg.duration_seconds) == ("seqserve:50051", 64, 30.0)
+    assert (cfg.multiplex, cfg.think_ms, cfg.generate_fraction) == (16, 250.0, 0.25)
+    assert (cfg.generate_via, cfg.max_tokens, cfg.tokens_per_message) == ("stream", 64, 4)
+    assert (cfg.history, cfg.warmup_seconds, cfg.model, cfg.version) == (1000, 2.0, "m", "staging")

@@ -1,0 +1,182 @@
+"""`run_load` against a real in-process server: what it measures, what it counts as errors,
+and that it contacts nothing but its target."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from service.api.gen.seqserve.v1 import session_service_pb2 as pb
+from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.api.server import SeqServeServer
+from service.loadtest import LoadConfig, TargetError, run_load
+from service.loadtest.progress import Progress
+from service.loadtest.recorder import LoadRecorder
+from service.loadtest.sessions import create_sessions
+from service.loadtest.target import ModelInfo, open_channel
+
+
+def config(target: str, **overrides: object) -> LoadConfig:
+    base: dict[str, object] = {"model": "tok", "sessions": 4, "duration_seconds": 1.0}
+    return LoadConfig(target=target, **{**base, **overrides})  # type: ignore[arg-type]
+
+
+def assert_ordered(summary: object) -> None:
+    assert summary is not None
+    s = summary
+    assert 0 < s.p50 <= s.p90 <= s.p99 <= s.max  # type: ignore[attr-defined]
+    assert s.count > 0  # type: ignore[attr-defined]
+
+
+async def test_streaming_sessions_with_generate_rpc(target: str, server: SeqServeServer) -> None:
+    seen: list[Progress] = []
+
+    report = await run_load(
+        config(target, generate_fraction=0.5, max_tokens=4, seed=3),
+        progress=seen.append,
+        progress_interval=0.25,
+    )
+
+    assert report.sessions == 4
+    assert report.tokens_in > 0 and report.tokens_generated > 0
+    assert report.tokens_per_second > 0
+    assert report.generations > 0
+    assert_ordered(report.step_latency)
+    assert_ordered(report.time_to_first_token)
+    assert_ordered(report.inter_token_latency)
+    assert report.errors == {}
+    assert [p.phase for p in seen][-1] == "draining"
+    assert any(p.phase == "measuring" and p.tokens_per_second > 0 for p in seen)
+    assert list(server.engine.sessions) == []  # every session was closed afterwards
+
+
+async def test_multiplexed_frames_carry_one_item_per_session(target: str) -> None:
+    report = await run_load(
+        config(target, sessions=6, multiplex=3, generate_fraction=0.5, generate_via="stream")
+    )
+
+    assert report.messages > 0
+    assert report.items == 3 * report.messages  # two streams, three sessions in every frame
+    assert report.tokens_generated > 0 and report.tokens_in > 0
+    assert_ordered(report.time_to_first_token)
+    assert report.errors == {}
+
+
+async def test_invalid_sessions_are_counted_by_status_code(target: str) -> None:
+    report = await run_load(config(target, sessions=2, invalid_sessions=1))
+
+    assert report.sessions == 2
+    assert report.errors["NOT_FOUND"] > 0
+    assert set(report.errors) == {"NOT_FOUND"}
+    assert report.errors_by_operation == {"stream": {"NOT_FOUND": report.errors["NOT_FOUND"]}}
+    assert "loadtest-invalid-0" in report.error_examples["NOT_FOUND"]
+    assert report.tokens_in > 0  # the valid sessions went on
+    assert sum(p.errors for p in report.timeline) == report.errors["NOT_FOUND"]
+
+
+async def test_feature_model_is_fed_frames(target: str) -> None:
+    report = await run_load(config(target, model="frames", sessions=3, tokens_per_message=2))
+
+    assert report.input_kind == "features"
+    assert report.step_latency is not None
+    assert report.tokens_in == 2 * report.step_latency.count
+    assert report.errors == {}
+
+
+async def test_history_is_fed_before_the_window(target: str) -> None:
+    channel = open_channel(target)
+    try:
+        stub = pb_grpc.SessionServiceStub(channel)
+        recorder = LoadRecorder()
+        model = ModelInfo(name="tok", version=1, input_kind="tokens", input_size=256)
+        sessions = await create_sessions(
+            stub, config(target, sessions=2, history=1500), model, recorder
+        )
+        positions = [
+            (await stub.GetSession(pb.GetSessionRequest(session_id=s.session_id))).session.position
+            for s in sessions
+        ]
+    finally:
+        await channel.close()
+
+    assert positions == [1500, 1500]
+    assert not recorder.errors
+
+
+async def test_unknown_model_is_refused_before_any_load(target: str) -> None:
+    with pytest.raises(TargetError, match="NOT_FOUND"):
+        await run_load(config(target, model="no-such-model"))
+
+
+async def test_generation_needs_a_token_model(target: str) -> None:
+    with pytest.raises(TargetError, match="generation needs a token model"):
+        await run_load(config(target, model="frames", generate_fraction=0.5))
+
+
+async def test_unreachable_target_is_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = sock.getsockname()[1]
+        with pytest.raises(TargetError, match="accepted no connection"):
+            await run_load(config(f"127.0.0.1:{port}", ready_timeout_seconds=0.3))
+
+
+async def test_server_going_away_midway_is_reported_not_raised(
+    target: str, server: SeqServeServer
+) -> None:
+    async def stop_soon() -> None:
+        await asyncio.sleep(0.4)
+        await server.stop()
+
+    stopper = asyncio.create_task(stop_soon())
+    report = await run_load(config(target, duration_seconds=1.5, drain_seconds=1.0))
+    await stopper
+
+    assert report.tokens_in > 0  # before the stop
+    # After it: items refused in-band while the server drains, then streams torn down (the
+    # client's transport reports those as it sees them), then sessions that cannot be closed.
+    assert report.errors_by_operation["stream"]["UNAVAILABLE"] > 0
+    assert report.errors_by_operation["close"] == {"UNAVAILABLE": 4}
+
+
+class _ConnectionCounter:
+    """A TCP listener standing in for a proxy: counts connections made to it."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        async def on_connect(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        self._server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+@pytest.fixture
+async def proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[_ConnectionCounter]:
+    counter = _ConnectionCounter()
+    async with counter as url:
+        for name in ("grpc_proxy", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, url)
+        for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        yield counter
+
+
+async def test_proxy_settings_never_divert_traffic(target: str, proxy: _ConnectionCounter) -> None:
+    report = await run_load(config(target, sessions=2, duration_seconds=0.5))
+
+    assert report.tokens_in > 0
+    assert proxy.connections == 0
