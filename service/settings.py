@@ -64,9 +64,13 @@ class SessionSettings(BaseModel):
     pool_initial_slots: int = 64
     """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
     spill_dir: Path = REPO_ROOT / "spill"
-    """Where evicted and shut-down sessions are written."""
+    """Where evicted and shut-down sessions are written; a server started on it resumes the
+    sessions it finds there. One server per directory (it is locked)."""
     spill_max_bytes: int = 4 * 1024 * 1024 * 1024
-    """Cap on the spill tier's size on disk."""
+    """Cap on the spill tier's size on disk; evicting past it gives RESOURCE_EXHAUSTED."""
+    slot_wait_seconds: float = 5.0
+    """When the pool is full and every session in memory is busy, how long a request waits for
+    one to go idle (and be evicted) before RESOURCE_EXHAUSTED. 0 refuses at once."""
     sweep_interval_seconds: float = 1.0
     """How often expired sessions are swept."""
 

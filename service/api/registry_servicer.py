@@ -24,7 +24,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
         except Exception:  # no usable version: report 0 rather than fail the listing
             return 0
 
-    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
         snapshot = await asyncio.to_thread(self.store.snapshot)
         return pb.ListModelsResponse(
             models=[
@@ -38,7 +38,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
             ]
         )
 
-    async def GetModel(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def GetModel(self, request, context):  # type: ignore[no-untyped-def]
         entry = await asyncio.to_thread(self.store.model, request.name)
         versions = []
         for v in entry.versions:
@@ -53,7 +53,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
                     if manifest
                     else pb.CELL_TYPE_UNSPECIFIED,
                     loaded=lv is not None,
-                    live_sessions=lv.sessions if lv is not None else 0,
+                    live_sessions=self.versions.pinned(entry.name, v.version),  # spilled too
                     status=pb.VERSION_STATUS_OK if v.ok else pb.VERSION_STATUS_REFUSED,
                     status_reason=v.problem or "",
                 )
@@ -67,12 +67,12 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
             )
         )
 
-    async def SetAlias(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def SetAlias(self, request, context):  # type: ignore[no-untyped-def]
         await asyncio.to_thread(self.store.set_alias, request.name, request.alias, request.version)
         entry = await asyncio.to_thread(self.store.model, request.name)
         return pb.SetAliasResponse(aliases=dict(entry.aliases))
 
-    async def DeleteAlias(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    async def DeleteAlias(self, request, context):  # type: ignore[no-untyped-def]
         await asyncio.to_thread(self.store.delete_alias, request.name, request.alias)
         entry = await asyncio.to_thread(self.store.model, request.name)
         return pb.DeleteAliasResponse(aliases=dict(entry.aliases))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -39,7 +40,8 @@ class SeqServeServer:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.store = ModelStore(settings.model_store)
         self.metrics = Metrics()
-        self.engine = SessionEngine(settings, self.store, MetricsObserver(self.metrics))
+        self.metrics_observer = MetricsObserver(self.metrics)
+        self.engine = SessionEngine(settings, self.store, self.metrics_observer)
         limit = settings.server.max_message_bytes
         self.grpc = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor(self.metrics.observe_rpc)],
@@ -86,18 +88,21 @@ class SeqServeServer:
         )  # fmt: skip
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight RPCs finish (up to the grace period), stop the engine."""
+        """Stop accepting, let in-flight RPCs finish (up to the grace period), then stop the
+        engine, which writes every session to the spill tier for the next start."""
         if self._stopped.is_set():
             return
         if self._health is not None:
             for name in ("", *SERVICE_NAMES):
                 await _set_health(self._health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.engine.begin_draining()  # streams still open get UNAVAILABLE for new items
         await self.grpc.stop(self.settings.server.grace_seconds)
         await self.engine.stop()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        self.metrics_observer.close()
         self.metrics.stop()
         self._stopped.set()
 
@@ -130,10 +135,15 @@ async def _set_health(servicer, name: str, status) -> None:  # type: ignore[no-u
         await result
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(
+    settings: Settings, on_started: Callable[[SeqServeServer], None] | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully (sessions go to the spill tier).
+    `on_started` is called once the server listens (e.g. to publish the bound port)."""
     server = SeqServeServer(settings)
     await server.start()
+    if on_started is not None:
+        on_started(server)
     loop = asyncio.get_running_loop()
     stopping: asyncio.Task[None] | None = None
 

@@ -1,13 +1,22 @@
-"""`seqserve serve`: run the gRPC server (and the metrics endpoint) until SIGTERM/SIGINT."""
+"""`seqserve serve`: run the gRPC server (and the metrics endpoint) until SIGTERM/SIGINT.
+
+On SIGTERM every session is written to the spill directory; started again on the same
+directory, the server resumes each one where it stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.api.server import SeqServeServer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="metrics port (default 9464; -1 disables)")
     p.add_argument("--store", type=Path, help="model store (default: SEQSERVE_MODEL_STORE)")
     p.add_argument("--spill-dir", type=Path, help="session spill directory")
+    p.add_argument("--spill-max-bytes", type=int, help="cap on the spill directory's size")
+    p.add_argument("--pool-bytes", type=int, help="byte budget for session state in memory")
+    p.add_argument("--max-sessions", type=int, help="cap on live sessions (memory and spilled)")
+    p.add_argument("--ttl", type=float, help="default idle TTL of a session, in seconds")
+    p.add_argument(
+        "--port-file",
+        type=Path,
+        help="once listening, write the gRPC and metrics ports here as JSON (for --port 0)",
+    )
     p.set_defaults(func=run)
 
 
@@ -30,9 +48,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     update: dict[str, object] = {"server": settings.server.model_copy(update=server)}
     if args.store is not None:
         update["model_store"] = args.store
-    if getattr(args, "spill_dir", None) is not None:
-        update["sessions"] = settings.sessions.model_copy(update={"spill_dir": args.spill_dir})
+    flags = {
+        "spill_dir": getattr(args, "spill_dir", None),
+        "spill_max_bytes": getattr(args, "spill_max_bytes", None),
+        "pool_bytes": getattr(args, "pool_bytes", None),
+        "max_sessions": getattr(args, "max_sessions", None),
+        "ttl_seconds": getattr(args, "ttl", None),
+    }
+    sessions = {k: v for k, v in flags.items() if v is not None}
+    if sessions:
+        update["sessions"] = settings.sessions.model_copy(update=sessions)
     return settings.model_copy(update=update)
+
+
+def write_port_file(path: Path, server: SeqServeServer) -> None:
+    """Atomically, so a reader polling for the file never sees half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f'{{"port": {server.port}, "metrics_port": {server.metrics_port}}}\n')
+    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,5 +75,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve(settings))
+    port_file: Path | None = getattr(args, "port_file", None)
+    on_started = None if port_file is None else (lambda srv: write_port_file(port_file, srv))
+    asyncio.run(serve(settings, on_started))
     return 0

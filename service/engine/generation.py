@@ -45,8 +45,10 @@ class Generation:
     def advance(self, token: int) -> GeneratedToken:
         """Record one sampled-and-consumed token; decide whether generation ends with it."""
         self.count += 1
-        text = self._decoder.decode(bytes([token])) if self._tokenizer.name == "bytes" else (
-            self._tokenizer.decode([token])
+        text = (
+            self._decoder.decode(bytes([token]))
+            if self._tokenizer.name == "bytes"
+            else (self._tokenizer.decode([token]))
         )
         reason: str | None = None
         if token in self.sampling.stop_token_ids:

@@ -1,28 +1,40 @@
 """Loaded model versions: each with its model, state pool, runner and step scheduler.
 
-A version is loaded on first use and stays loaded while sessions are pinned to it; once its last
-session ends it is unloaded unless it is still what new sessions resolve to.
+A version is loaded on first use and stays loaded while sessions are pinned to it (in memory or
+spilled); once its last session ends it is unloaded unless new sessions still resolve to it.
+Resolution re-reads the store on every call, so versions published and aliases moved on disk
+take effect for the next new session. Before a loaded version takes a new session its files are
+checked again (a stat, and a re-hash only when the weights file changed): a version whose files
+vanished or fail their digest is refused for new sessions while its running sessions go on.
+`poll()` (run every `registry_poll_seconds`) unloads what nothing uses any more and warms the
+version an alias moved to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from service.engine.generation import Generation
 from service.engine.step_scheduler import StepScheduler
+from service.errors import DigestMismatch, SeqServeError, VersionUnusable
 from service.metrics.stats import StepStats
 from service.models import ByteTokenizer, ModelConfig
+from service.registry.snapshot import ModelEntry
 from service.registry.store import LoadedModel, ModelStore
 from service.runtime.runner import ModelRunner
 from service.runtime.state_pool import ByteBudget, StatePool
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+FileIdentity = tuple[int, int, int]  # (inode, size, mtime ns): changes when the file does
 
 
 @dataclass
@@ -33,6 +45,8 @@ class LoadedVersion:
     pool: StatePool
     runner: ModelRunner
     scheduler: StepScheduler
+    weights_path: Path
+    weights_identity: FileIdentity | None  # the weights file as last verified
     sessions: int = 0  # sessions pinned to this version (in memory or spilled)
     unloading: bool = field(default=False)
 
@@ -54,7 +68,9 @@ class VersionObserver:
 
     def on_step(self, stats: StepStats) -> None: ...
 
-    def on_token_times(self, model: str, version: str, ttft: float | None, gap: float | None) -> None: ...
+    def on_token_times(
+        self, model: str, version: str, ttft: float | None, gap: float | None
+    ) -> None: ...
 
     def on_request(self, model: str, version: str, seconds: float) -> None: ...
 
@@ -81,6 +97,10 @@ class ModelVersions:
         self._observer = observer or VersionObserver()
         self._loaded: dict[tuple[str, int], LoadedVersion] = {}
         self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
+        self._pins: dict[tuple[str, int], int] = {}  # sessions per version, loaded or not
+        self._defaults: dict[str, int] = {}  # what "" resolved to at the last poll
+        self._warm_failed: set[tuple[str, int]] = set()  # logged once, not every poll
+        self._problems: dict[str, str] = {}  # what poll() last warned about, by subject
 
     def loaded(self) -> list[LoadedVersion]:
         return list(self._loaded.values())
@@ -88,9 +108,41 @@ class ModelVersions:
     def find(self, name: str, version: int) -> LoadedVersion | None:
         return self._loaded.get((name, version))
 
+    # ---- pins: which versions sessions need ----------------------------------------------
+
+    def pin(self, name: str, version: int) -> None:
+        key = (name, version)
+        self._pins[key] = self._pins.get(key, 0) + 1
+        self._sync_count(key)
+
+    def unpin(self, name: str, version: int) -> None:
+        key = (name, version)
+        left = self._pins.get(key, 0) - 1
+        assert left >= 0, f"unpinned {name}:{version} more often than pinned"
+        if left:
+            self._pins[key] = left
+        else:
+            self._pins.pop(key, None)
+        self._sync_count(key)
+
+    def pinned(self, name: str, version: int) -> int:
+        return self._pins.get((name, version), 0)
+
+    def _sync_count(self, key: tuple[str, int]) -> None:
+        lv = self._loaded.get(key)
+        if lv is not None:
+            lv.sessions = self._pins.get(key, 0)
+
+    # ---- resolving and loading -----------------------------------------------------------
+
     async def resolve(self, name: str, spec: str) -> LoadedVersion:
-        """Resolve `spec` ("" / number / alias) against the store and load that version."""
-        version = await asyncio.to_thread(self.store.resolve, name, spec)
+        """Resolve `spec` ("" / number / alias) against the store as it is now, and load that
+        version; a loaded one is first checked against its files on disk."""
+        entry = await asyncio.to_thread(self.store.model, name)
+        version = entry.resolve(spec)
+        lv = self._loaded.get((name, version))
+        if lv is not None:
+            await asyncio.to_thread(check_on_disk, lv, entry)
         return await self.get(name, version)
 
     async def get(self, name: str, version: int) -> LoadedVersion:
@@ -109,6 +161,7 @@ class ModelVersions:
         engine = self._settings.engine
         loaded = await asyncio.to_thread(self.store.load, name, version, engine.device)
         model = loaded.model
+        weights_path = self.store.root / name / str(version) / loaded.manifest.weights_file
         with torch.inference_mode():
             zero_h = torch.zeros(1, model.config.hidden_size, device=engine.device)
             initial_output = model.head(zero_h)[0]  # what a fresh session predicts
@@ -129,26 +182,32 @@ class ModelVersions:
             max_queue=engine.max_queue,
             on_stats=observer.on_step,
             on_generation_done=self._on_generation_done,
-            on_token_times=lambda ttft, gap: observer.on_token_times(
-                name, str(version), ttft, gap
-            ),
+            on_token_times=lambda ttft, gap: observer.on_token_times(name, str(version), ttft, gap),
         )
         scheduler.start()
-        lv = LoadedVersion(name, version, loaded, pool, runner, scheduler)
+        lv = LoadedVersion(
+            name, version, loaded, pool, runner, scheduler, weights_path, _identity(weights_path)
+        )
         self._loaded[(name, version)] = lv
-        log.info("loaded %s:%d (%s) in %.3fs", name, version, loaded.fingerprint, loaded.load_seconds)
+        self._sync_count((name, version))
+        log.info(
+            "loaded %s:%d (%s) in %.3fs", name, version, loaded.fingerprint, loaded.load_seconds
+        )
         observer.on_loaded(lv)
         return lv
 
-    async def release_if_unused(self, lv: LoadedVersion) -> None:
-        """Unload a version nobody uses that new sessions no longer resolve to."""
-        if lv.sessions > 0 or lv.unloading:
+    # ---- unloading -----------------------------------------------------------------------
+
+    async def release_if_unused(self, name: str, version: int) -> None:
+        """Unload a version no session is pinned to that new sessions no longer resolve to."""
+        lv = self._loaded.get((name, version))
+        if lv is None or lv.sessions > 0 or lv.unloading:
             return
         try:
-            current = await asyncio.to_thread(self.store.resolve, lv.name, "")
-        except Exception:  # the model vanished from the store: nothing resolves to it
+            current: int | None = await asyncio.to_thread(self.store.resolve, name, "")
+        except SeqServeError:  # the model vanished or is broken: nothing resolves to it
             current = None
-        if current == lv.version or lv.sessions > 0:
+        if current == version or lv.sessions > 0 or lv.unloading:
             return
         await self.unload(lv)
 
@@ -160,6 +219,121 @@ class ModelVersions:
         log.info("unloaded %s:%d", lv.name, lv.version)
         self._observer.on_unloaded(lv)
 
+    async def stop_schedulers(self) -> None:
+        """Finish the step in flight everywhere and refuse more (shutdown, before spilling)."""
+        for lv in list(self._loaded.values()):
+            await lv.scheduler.stop()
+
     async def close(self) -> None:
         for lv in list(self._loaded.values()):
             await self.unload(lv)
+
+    # ---- watching the store --------------------------------------------------------------
+
+    async def poll(self) -> None:
+        """Notice what changed on disk: log where new sessions now go and warm that version;
+        unload loaded versions whose files broke or that nothing needs any more."""
+        snapshot = await asyncio.to_thread(self.store.snapshot)
+        for name in sorted({lv.name for lv in self._loaded.values()}):
+            await self._follow_default(name, snapshot.models.get(name))
+        for lv in list(self._loaded.values()):
+            entry = snapshot.models.get(lv.name)
+            subject = f"{lv.name}:{lv.version}"
+            try:
+                if entry is None:
+                    raise VersionUnusable(f"model {lv.name!r} is gone from the store")
+                await asyncio.to_thread(check_on_disk, lv, entry)
+            except SeqServeError as exc:
+                self._report(subject, f"refused for new sessions: {exc.message}")
+                if lv.sessions == 0 and not lv.unloading:
+                    await self.unload(lv)
+                continue
+            self._report(subject, None)
+            if lv.sessions == 0 and not lv.unloading and self._defaults.get(lv.name) != lv.version:
+                await self.unload(lv)
+
+    async def _follow_default(self, name: str, entry: ModelEntry | None) -> None:
+        try:
+            if entry is None:
+                raise VersionUnusable(f"model {name!r} is gone from the store")
+            default = entry.resolve("")
+        except SeqServeError as exc:
+            self._report(name, f"new sessions cannot be served: {exc.message}")
+            self._defaults.pop(name, None)
+            return
+        self._report(name, None)
+        previous = self._defaults.get(name)
+        if previous is not None and default != previous:
+            log.info("new sessions of %s now go to version %d (was %d)", name, default, previous)
+        self._defaults[name] = default
+        await self._warm(name, default)
+
+    def _report(self, subject: str, problem: str | None) -> None:
+        """Log a problem once when it appears and once when it clears, not at every poll."""
+        before = self._problems.get(subject)
+        if problem == before:
+            return
+        if problem is None:
+            self._problems.pop(subject, None)
+            log.info("%s: fine again", subject)
+        else:
+            self._problems[subject] = problem
+            log.warning("%s: %s", subject, problem)
+
+    async def _warm(self, name: str, version: int) -> None:
+        key = (name, version)
+        if key in self._loaded or key in self._warm_failed:
+            return
+        try:
+            await self.get(name, version)
+        except SeqServeError as exc:
+            self._warm_failed.add(key)
+            log.warning("could not preload %s:%d: %s", name, version, exc.message)
+
+
+def check_on_disk(lv: LoadedVersion, entry: ModelEntry) -> None:
+    """Raise unless `lv`'s files are still in the store, unchanged. Blocking (stat, maybe hash).
+
+    VersionUnusable when the folder, manifest or weights file is gone or the manifest now
+    describes other weights; DigestMismatch when the weights no longer hash to their digest."""
+    what = f"{lv.name}:{lv.version}"
+    found = entry.entry(lv.version)
+    if found is None:
+        raise VersionUnusable(f"{what} is gone from the store; it takes no new sessions")
+    if found.problem is not None or found.manifest is None:
+        raise VersionUnusable(f"{what} is unusable on disk: {found.problem}")
+    if found.manifest.fingerprint() != lv.fingerprint:
+        raise VersionUnusable(
+            f"{what}: its manifest on disk changed since it was loaded; it takes no new sessions"
+        )
+    identity = _identity(lv.weights_path)
+    if identity is None:
+        raise VersionUnusable(f"{lv.weights_path}: missing")
+    if identity == lv.weights_identity:
+        return
+    digest = _sha256_file(lv.weights_path)
+    expected = lv.loaded.manifest.weights_sha256
+    if digest != expected:
+        raise DigestMismatch(
+            f"{lv.weights_path}: sha256 mismatch: manifest expects {expected}, file has {digest}"
+        )
+    lv.weights_identity = identity
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise VersionUnusable(f"{path}: unreadable: {exc}") from exc
+    return digest.hexdigest()

@@ -2,6 +2,12 @@
 
 The gRPC servicers are glue around this class: they convert protobuf to these calls and back.
 Every public method raises only `service.errors` types for conditions a client can cause.
+
+A session's life: created on the version its model/alias resolves to (pinned there for good);
+each request marks it busy, restores it from the spill tier if it was evicted, runs, and touches
+its idle clock; it ends when closed or when idle past its TTL. At shutdown every session in
+memory is written to the spill tier, and at start-up the tier is indexed, so a restarted server
+answers for each one at the same position.
 """
 
 from __future__ import annotations
@@ -11,56 +17,40 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from service.engine.generation import GeneratedToken, Generation
+from service.engine.model_input import ModelInput, to_tensor
 from service.engine.model_versions import LoadedVersion, ModelVersions, VersionObserver
+from service.engine.session_residency import SessionResidency
+from service.engine.step_outcome import PredictionOptions, StepOutcome
 from service.errors import (
     Aborted,
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    NotFound,
     SeqServeError,
+    SessionExpired,
+    SpillCorrupted,
     Unavailable,
+    VersionGone,
 )
-from service.models import ByteTokenizer
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.runtime.state_pool import ByteBudget
-from service.runtime.step_batch import Prediction, RowResult, RowWork
+from service.runtime.step_batch import RowResult, RowWork
 from service.sessions.session import Session, new_session_id
 from service.sessions.session_store import SessionStore
+from service.sessions.spill_tier import SpillTier
 from service.settings import Settings
 
+__all__ = ["ModelInput", "PredictionOptions", "SessionEngine", "StepOutcome"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """Exactly one of the three is set."""
-
-    tokens: Sequence[int] | None = None
-    text: str | None = None
-    frames: Sequence[float] | None = None
-
-
-@dataclass(frozen=True)
-class PredictionOptions:
-    top_k: int = 0  # 0 = the server default
-    per_position: bool = False
-
-
-@dataclass
-class StepOutcome:
-    session: Session
-    position: int  # inputs the session has consumed after this step
-    prediction: Prediction
-    per_position: list[Prediction] = field(default_factory=list)
-    tokenizer: ByteTokenizer | None = None  # decodes the prediction's token ids
 
 
 class SessionEngine:
@@ -71,29 +61,75 @@ class SessionEngine:
         observer: VersionObserver | None = None,
         sessions: SessionStore | None = None,
     ) -> None:
+        cfg = settings.sessions
         self.settings = settings
-        self.budget = ByteBudget(settings.sessions.pool_bytes)
-        self.versions = ModelVersions(
-            store, settings, self.budget, self._generation_done, observer
-        )
-        self.sessions = sessions or SessionStore(settings.sessions.max_sessions)
         self.observer = observer or VersionObserver()
+        self.budget = ByteBudget(cfg.pool_bytes)
+        self.versions = ModelVersions(
+            store, settings, self.budget, self._generation_done, self.observer
+        )
+        # not `or`: an empty store is falsy
+        self.sessions = sessions if sessions is not None else SessionStore(cfg.max_sessions)
+        self.spill = SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
+        self.residency = SessionResidency(
+            self.sessions, self.versions, self.spill, self.observer_event, cfg.slot_wait_seconds
+        )
         self.draining = False
-        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._loops: list[asyncio.Task[None]] = []  # TTL sweeper, registry poller
+        self._chores: set[asyncio.Task[None]] = set()  # unloads started when sessions end
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        """Index the spill tier (sessions from before a restart), then start the sweepers."""
+        resumed = await asyncio.to_thread(self.residency.open)
+        if resumed or self.residency.broken:
+            log.info(
+                "resumed %d sessions from %s (%d records refused)",
+                resumed, self.spill.directory, len(self.residency.broken),
+            )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        sweep = _every(self.settings.sessions.sweep_interval_seconds, self.sweep_expired)
+        self._loops.append(loop.create_task(sweep, name="ttl-sweeper"))
+        if self.settings.registry_poll_seconds > 0:
+            poll = _every(self.settings.registry_poll_seconds, self.versions.poll)
+            self._loops.append(loop.create_task(poll, name="registry-poller"))
+
+    def begin_draining(self) -> None:
+        """Refuse new work from now on; what is running finishes (first step of a shutdown)."""
+        self.draining = True
 
     async def stop(self) -> None:
-        """Refuse new work, finish steps in flight, stop every version."""
+        """Refuse new work, finish the steps in flight, write every session in memory to the
+        spill tier (fsynced), stop every version."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.draining = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in [*self._loops, *self._chores]:
+            task.cancel()
+        for task in [*self._loops, *self._chores]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.versions.stop_schedulers()
+        written, lost = self.residency.spill_all()
+        await asyncio.to_thread(self.spill.sync)
+        await asyncio.to_thread(self.spill.mark_clean_stop, self.sessions.wall_clock())
+        log.info("spilled %d sessions to %s for a restart", written, self.spill.directory)
+        if lost:
+            log.error("%d sessions could not be spilled and are lost", lost)
         await self.versions.close()
+        self.spill.close()
+
+    async def settle(self) -> None:
+        """Wait for the unloads that ended sessions started in the background."""
+        while self._chores:
+            await asyncio.gather(*list(self._chores), return_exceptions=True)
+
+    def spill_bytes(self) -> int:
+        """Bytes the spill tier holds on disk (the metrics gauge)."""
+        return self.spill.bytes_used
 
     # ---- sessions ------------------------------------------------------------------------
 
@@ -112,28 +148,33 @@ class SessionEngine:
         ttl = self._ttl(ttl_seconds)
         self.sessions.check_capacity()
         lv = await self.versions.resolve(model, version)
+        self._check_open()
         sampling = default_sampling or SamplingParams()
         if lv.tokenizer is not None:
             sampling.validate(lv.config.output_dim, self.settings.engine.max_generate_tokens)
         prefix_tensor = self._to_tensor(lv, prefix) if prefix is not None else None
         if seed is None:
             seed = secrets.randbits(63)
-        session = Session(
-            session_id=new_session_id(),
-            model=lv.name,
-            version=lv.version,
-            fingerprint=lv.fingerprint,
-            slot=lv.pool.allocate(),
-            rng=SessionRng.seeded(seed),
-            default_sampling=sampling,
-            ttl_seconds=ttl,
-            created_at=time.time(),
-            last_used=self.sessions.clock(),
-            seed=seed,
-        )
-        self.sessions.add(session)
-        lv.sessions += 1
-        self.observer_event("created", session)
+        self.versions.pin(lv.name, lv.version)  # keeps `lv` loaded while a slot is found
+        try:
+            slot = await self.residency.allocate(lv)
+            session = Session(
+                session_id=new_session_id(),
+                model=lv.name,
+                version=lv.version,
+                fingerprint=lv.fingerprint,
+                slot=slot,
+                rng=SessionRng.seeded(seed),
+                default_sampling=sampling,
+                ttl_seconds=ttl,
+                created_at=time.time(),
+                last_used=self.sessions.clock(),
+                seed=seed,
+            )
+            self._register(session, lv, "created")
+        except BaseException:
+            self.versions.unpin(lv.name, lv.version)
+            raise
         if prefix_tensor is None:
             return session, None
         session.busy = True
@@ -144,27 +185,27 @@ class SessionEngine:
         return session, outcome
 
     def get_session(self, session_id: str) -> Session:
-        return self.sessions.get(session_id)
+        return self._lookup(session_id)
 
     async def close_session(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
+        session = self._lookup(session_id)
         if session.busy:
             raise Aborted(f"session {session_id!r} has a request in progress")
-        await self._end(session, "closed")
+        self._end(session, "closed")
         return session
 
     async def fork_session(
         self, session_id: str, ttl_seconds: float | None = None, seed: int | None = None
     ) -> Session:
+        """A new session with a copy of the source's state, position and RNG (or a new seed)."""
         self._check_open()
-        source = self._acquire(session_id)
+        ttl = self._ttl(ttl_seconds) if ttl_seconds else None
+        source, lv = await self._checkout(session_id)
         try:
-            lv = await self._version_of(source)
             self.sessions.check_capacity()
+            slot = await self.residency.allocate(lv)  # the source is busy: never evicted
             assert source.slot is not None
-            snap = lv.pool.snapshot(source.slot)
-            slot = lv.pool.allocate()
-            lv.pool.restore(slot, snap)
+            lv.pool.restore(slot, lv.pool.snapshot(source.slot))
             child = Session(
                 session_id=new_session_id(),
                 model=source.model,
@@ -179,14 +220,17 @@ class SessionEngine:
                 seed=source.seed if seed is None else seed,
                 parent_session_id=source.session_id,
                 default_sampling=source.default_sampling,
-                ttl_seconds=self._ttl(ttl_seconds) if ttl_seconds else source.ttl_seconds,
+                ttl_seconds=ttl or source.ttl_seconds,
                 created_at=time.time(),
                 last_used=self.sessions.clock(),
                 position=source.position,
             )
-            self.sessions.add(child)
-            lv.sessions += 1
-            self.observer_event("forked", child)
+            self.versions.pin(child.model, child.version)
+            try:
+                self._register(child, lv, "forked")
+            except BaseException:
+                self.versions.unpin(child.model, child.version)
+                raise
             return child
         finally:
             self._release(source)
@@ -198,9 +242,8 @@ class SessionEngine:
     ) -> StepOutcome:
         self._check_open()
         started = time.perf_counter()
-        session = self._acquire(session_id)
+        session, lv = await self._checkout(session_id)
         try:
-            lv = await self._version_of(session)
             outcome = await self._feed(lv, session, self._to_tensor(lv, inp), options)
         finally:
             self._release(session)
@@ -216,10 +259,9 @@ class SessionEngine:
         """Sample up to `max_tokens`, one token per step; each token is consumed into the
         session. Stopping early (cancel) leaves the session at its last completed step."""
         self._check_open()
-        session = self._acquire(session_id)
+        session, lv = await self._checkout(session_id)
         generation: Generation | None = None
         try:
-            lv = await self._version_of(session)
             if lv.tokenizer is None:
                 raise InvalidArgument(
                     f"model {lv.name!r} takes feature frames; generation needs a token model"
@@ -243,7 +285,102 @@ class SessionEngine:
             else:  # the scheduler releases the session when it retires the generation
                 generation.cancelled = True
 
-    # ---- internals -----------------------------------------------------------------------
+    # ---- internals: lookup, busy flag, residency -----------------------------------------
+
+    def _lookup(self, session_id: str) -> Session:
+        """The live session, or NotFound (saying so if it expired) / DATA_LOSS if its spill
+        record was refused at start-up."""
+        try:
+            session = self.sessions.get(session_id)
+        except NotFound:
+            broken = self.residency.broken.get(session_id)
+            if broken is not None:
+                raise SpillCorrupted(
+                    f"session {session_id!r} cannot be resumed: its spill record was refused "
+                    f"({broken})"
+                ) from None
+            raise
+        if self.sessions.is_expired(session):  # the sweeper has not got to it yet
+            self._end(session, "expired")
+            raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
+        return session
+
+    async def _checkout(self, session_id: str) -> tuple[Session, LoadedVersion]:
+        """Mark the session busy and make sure its state is in memory. Release it after."""
+        session = self._lookup(session_id)
+        if session.busy:
+            raise Aborted(
+                f"session {session_id!r} has a request in progress; "
+                "send one request at a time per session"
+            )
+        session.busy = True
+        self.sessions.touch(session)
+        try:
+            lv = await self._pinned_version(session)
+            if session.slot is None:
+                await self.residency.restore(session, lv)
+        except BaseException:
+            self._release(session)
+            raise
+        return session, lv
+
+    async def _pinned_version(self, session: Session) -> LoadedVersion:
+        if session.closed:
+            raise FailedPrecondition(f"session {session.session_id!r} is closed")
+        try:
+            lv = await self.versions.get(session.model, session.version)
+        except NotFound as exc:
+            raise VersionGone(
+                f"session {session.session_id!r} runs on {session.model}:{session.version}, "
+                f"which can no longer be loaded: {exc.message}"
+            ) from exc
+        if lv.unloading:
+            raise FailedPrecondition(f"{session.model}:{session.version} is unloading")
+        return lv
+
+    def _release(self, session: Session) -> None:
+        pending = session.pending_step
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _f: self._release(session))
+            return
+        session.pending_step = None
+        session.busy = False
+        if not session.closed:
+            self.sessions.touch(session)
+            self.residency.notify_idle()
+
+    def _generation_done(self, generation: Generation) -> None:
+        self._release(generation.session)
+
+    def _register(self, session: Session, lv: LoadedVersion, event: str) -> None:
+        """Add a new session whose slot is allocated (and version pinned) to the store."""
+        try:
+            self.sessions.add(session)
+        except SeqServeError:
+            assert session.slot is not None
+            lv.pool.free(session.slot)
+            self.residency.notify_idle()
+            raise
+        self.observer_event(event, session)
+
+    def _end(self, session: Session, why: str) -> None:
+        session.closed = True
+        self.sessions.remove(session, why)
+        self.residency.discard(session)
+        self.residency.notify_idle()
+        self.versions.unpin(session.model, session.version)
+        self.observer_event(why, session)
+        self._chore(self.versions.release_if_unused(session.model, session.version))
+
+    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    def observer_event(self, event: str, session: Session) -> None:
+        self.observer.on_session_event(event, session.model, str(session.version))
+
+    # ---- internals: steps and inputs -----------------------------------------------------
 
     async def _feed(
         self,
@@ -258,48 +395,24 @@ class SessionEngine:
             raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
         assert session.slot is not None
         row = RowWork(slot=session.slot, inputs=inputs, top_k=top_k, per_position=opts.per_position)
-        result: RowResult = await lv.scheduler.submit(session, row)
+        future = lv.scheduler.submit(session, row)
+        try:
+            result: RowResult = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The row may already be in the running step, which writes this session's slot:
+            # the session stays busy until it settles, so nothing evicts or frees the slot
+            # under it. (So a cancelled request's input may still be consumed.)
+            session.pending_step = future
+            future.add_done_callback(_retrieve)
+            raise
         assert result.prediction is not None
         return StepOutcome(
             session, session.position, result.prediction, result.per_position, lv.tokenizer
         )
 
     def _to_tensor(self, lv: LoadedVersion, inp: ModelInput) -> Tensor:
-        """Validate one input chunk against the model; tokens → [T] int64, frames → [T, D]."""
-        cfg = lv.config
         cap = self.settings.engine.max_chunk_tokens
-        given = [x is not None for x in (inp.tokens, inp.text, inp.frames)]
-        if sum(given) != 1:
-            raise InvalidArgument("input must set exactly one of tokens, text or frames")
-        if inp.frames is not None:
-            if cfg.input_kind != "features":
-                raise InvalidArgument(f"model {lv.name!r} takes tokens or text, not frames")
-            n = len(inp.frames)
-            if n == 0 or n % cfg.input_dim:
-                raise InvalidArgument(
-                    f"frames must be a non-empty multiple of the frame size {cfg.input_dim}; "
-                    f"got {n} values"
-                )
-            if n // cfg.input_dim > cap:
-                raise InvalidArgument(f"chunk of {n // cfg.input_dim} frames exceeds {cap}")
-            frames = torch.tensor(inp.frames, dtype=torch.float32).view(-1, cfg.input_dim)
-            if not bool(torch.isfinite(frames).all()):
-                raise InvalidArgument("frames must be finite numbers")
-            return frames
-        if cfg.input_kind != "tokens" or lv.tokenizer is None:
-            raise InvalidArgument(f"model {lv.name!r} takes feature frames, not tokens or text")
-        ids = list(inp.tokens) if inp.tokens is not None else lv.tokenizer.encode(inp.text or "")
-        if not ids:
-            raise InvalidArgument("input is empty")
-        if len(ids) > cap:
-            raise InvalidArgument(f"chunk of {len(ids)} tokens exceeds the limit of {cap}")
-        bad = [t for t in ids if not 0 <= t < cfg.input_dim]
-        if bad:
-            raise InvalidArgument(
-                f"token ids out of range [0, {cfg.input_dim}): {bad[:8]}"
-                + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-            )
-        return torch.tensor(ids, dtype=torch.int64)
+        return to_tensor(inp, lv.name, lv.config, lv.tokenizer, cap)
 
     def _ttl(self, requested: float | None) -> float:
         cfg = self.settings.sessions
@@ -315,58 +428,28 @@ class SessionEngine:
         if self.draining:
             raise Unavailable("server is draining; retry on another replica")
 
-    def _acquire(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session.busy:
-            raise Aborted(
-                f"session {session_id!r} has a request in progress; "
-                "send one request at a time per session"
-            )
-        session.busy = True
-        self.sessions.touch(session)
-        return session
-
-    def _release(self, session: Session) -> None:
-        session.busy = False
-        if not session.closed:
-            self.sessions.touch(session)
-
-    def _generation_done(self, generation: Generation) -> None:
-        self._release(generation.session)
-
-    async def _version_of(self, session: Session) -> LoadedVersion:
-        if session.closed:
-            raise FailedPrecondition(f"session {session.session_id!r} is closed")
-        lv = await self.versions.get(session.model, session.version)
-        if lv.unloading:
-            raise FailedPrecondition(f"{session.model}:{session.version} is unloading")
-        return lv
-
-    async def _end(self, session: Session, why: str) -> None:
-        session.closed = True
-        self.sessions.remove(session, why)
-        lv = self.versions.find(session.model, session.version)
-        if lv is not None:
-            if session.slot is not None:
-                lv.pool.free(session.slot)
-                session.slot = None
-            lv.sessions -= 1
-            self.observer_event(why, session)
-            await self.versions.release_if_unused(lv)
-
-    def observer_event(self, event: str, session: Session) -> None:
-        self.observer.on_session_event(event, session.model, str(session.version))
+    # ---- background ----------------------------------------------------------------------
 
     async def sweep_expired(self) -> int:
+        """End every session idle past its TTL; returns how many."""
         expired = self.sessions.expired()
         for session in expired:
-            await self._end(session, "expired")
+            self._end(session, "expired")
         return len(expired)
 
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sessions.sweep_interval_seconds)
-            try:
-                await self.sweep_expired()
-            except SeqServeError:
-                log.exception("sweeping expired sessions failed")
+
+async def _every(seconds: float, work: Callable[[], Awaitable[Any]]) -> None:
+    """Run `work` every `seconds` until cancelled; a failure is logged and the loop goes on
+    (one bad session must not stop expiry, nor a store caught mid-edit the poller)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await work()
+        except Exception:
+            log.exception("background %s failed", getattr(work, "__name__", "task"))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Consume an abandoned step's outcome so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

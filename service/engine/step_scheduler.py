@@ -169,7 +169,9 @@ class StepScheduler:
         self._pending.extendleft(reversed(deferred))
         return taken
 
-    def _fan_out(self, gens: list[Generation], feeds: list[_Feed], results: list[RowResult]) -> None:
+    def _fan_out(
+        self, gens: list[Generation], feeds: list[_Feed], results: list[RowResult]
+    ) -> None:
         now = time.perf_counter()
         for gen, res in zip(gens, results[: len(gens)], strict=True):
             gen.session.position += res.consumed

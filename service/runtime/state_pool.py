@@ -9,6 +9,7 @@ while the server-wide byte budget allows.
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,12 +67,18 @@ class StatePool:
         self.h = torch.zeros(config.num_layers, 0, config.hidden_size, device=self.device)
         self.c: Tensor | None = torch.zeros_like(self.h) if config.has_cell_state else None
         self.last = torch.zeros(0, config.output_dim, device=self.device)
-        self._free: list[int] = []
+        self._free: list[int] = []  # a stack: low slots on top, handed out first
+        self._free_set: set[int] = set()  # the same slots, for an O(1) double-free check
         self._grow_to(max(1, initial_slots), required=False)
 
     @property
     def bytes_per_slot(self) -> int:
         return 4 * (self.config.state_numel() + self.config.output_dim)
+
+    @property
+    def budget(self) -> ByteBudget:
+        """The server-wide budget this pool draws from."""
+        return self._budget
 
     @property
     def used_slots(self) -> int:
@@ -84,14 +91,16 @@ class StatePool:
     def allocate(self) -> int:
         """A fresh zeroed slot. Raises ResourceExhausted when the budget allows no growth."""
         if not self._free:
-            self._grow_to(self.capacity * 2, required=True)
+            self._grow_to(max(1, self.capacity * 2), required=True)
         slot = self._free.pop()
+        self._free_set.discard(slot)
         self.reset(slot)
         return slot
 
     def free(self, slot: int) -> None:
-        assert 0 <= slot < self.capacity and slot not in self._free, f"bad free of slot {slot}"
+        assert 0 <= slot < self.capacity and slot not in self._free_set, f"bad free of {slot}"
         self._free.append(slot)
+        self._free_set.add(slot)
 
     def reset(self, slot: int) -> None:
         with self.lock:
@@ -129,11 +138,49 @@ class StatePool:
                 self.c[:, slot].copy_(torch.from_numpy(snap.c))
             self.last[slot].copy_(torch.from_numpy(snap.last))
 
+    def compact(self, movable: Collection[int]) -> dict[int, int]:
+        """Give unused capacity back to the budget; returns the moves made, {old slot: new}.
+
+        In-use slots in `movable` may be moved down into free ones (their owner must update its
+        slot); every other in-use slot stays put, since a running step may be writing it. The
+        pool then shrinks to the highest slot still in use.
+        """
+        free = self._free_set
+        used = [s for s in range(self.capacity) if s not in free]
+        movable = set(movable)
+        pinned_top = max((s for s in used if s not in movable), default=-1)
+        target = max(len(used), pinned_top + 1)
+        if target >= self.capacity:
+            return {}
+        movers = [s for s in used if s >= target]  # all movable: target covers every pinned slot
+        holes = sorted(s for s in free if s < target)  # len(holes) >= len(movers) by counting
+        moves = dict(zip(movers, holes, strict=False))
+        with self.lock:
+            if moves:
+                src = torch.tensor(list(moves), dtype=torch.int64, device=self.device)
+                dst = torch.tensor(list(moves.values()), dtype=torch.int64, device=self.device)
+                self.h.index_copy_(1, dst, self.h.index_select(1, src))
+                if self.c is not None:
+                    self.c.index_copy_(1, dst, self.c.index_select(1, src))
+                self.last.index_copy_(0, dst, self.last.index_select(0, src))
+            # clone(): a view would keep the whole old storage alive
+            self.h = self.h[:, :target].clone()
+            if self.c is not None:
+                self.c = self.c[:, :target].clone()
+            self.last = self.last[:target].clone()
+            released = (self.capacity - target) * self.bytes_per_slot
+            self.capacity = target
+            self._free = sorted(holes[len(moves) :], reverse=True)  # low slots pop first
+            self._free_set = set(self._free)
+        self._budget.release(released)
+        return moves
+
     def close(self) -> None:
         """Give the pool's bytes back to the budget (the version is being unloaded)."""
         self._budget.release(self.nbytes)
         self.capacity = 0
         self._free.clear()
+        self._free_set.clear()
 
     def _grow_to(self, new_capacity: int, required: bool) -> None:
         extra = new_capacity - self.capacity
@@ -160,3 +207,4 @@ class StatePool:
             self.capacity = old + extra
             # Hand out low slots first (pop from the end).
             self._free.extend(range(self.capacity - 1, old - 1, -1))
+            self._free_set.update(range(old, self.capacity))

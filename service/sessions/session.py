@@ -1,19 +1,21 @@
-"""One client session: a handle on a state-pool slot, pinned to one model version."""
+"""One client session: a handle on a state-pool slot (or a spill record), pinned to one version."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from service.runtime.sampler import SamplingParams, SessionRng
 
 
 def new_session_id() -> str:
-    """Unguessable: 128 random bits, URL-safe."""
+    """Unguessable: 128 random bits, URL-safe (and so safe as a file name in the spill tier)."""
     return "s_" + secrets.token_urlsafe(16)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: two handles are the same session only if they are one
 class Session:
     session_id: str
     model: str
@@ -30,7 +32,14 @@ class Session:
     position: int = 0  # inputs consumed so far, generated tokens included
     busy: bool = False  # a request is running on it (one at a time, never interleaved)
     closed: bool = False
-    spilled: bool = field(default=False)  # its state lives in the spill tier, not the pool
+    # A step whose request was cancelled while the step may still be running: the session
+    # stays busy until it settles, so nothing evicts, moves or frees the slot under it.
+    pending_step: asyncio.Future[Any] | None = None
+
+    @property
+    def spilled(self) -> bool:
+        """Its state lives in the spill tier, not the pool."""
+        return self.slot is None
 
     def expires_at(self, clock_now: float, wall_now: float) -> float:
         """Wall-clock expiry time, from the idle clock."""

@@ -1,6 +1,8 @@
 """Owns the live sessions: lookup, idle TTL, the live-session cap and LRU order.
 
-The clock is injectable so TTL behaviour is testable without sleeping.
+Two LRU orders are kept: all sessions (for TTL bookkeeping and listing) and the sessions whose
+state is in memory (eviction candidates), so picking an eviction victim never walks past the
+spilled ones. The clock is injectable so TTL behaviour is testable without sleeping.
 """
 
 from __future__ import annotations
@@ -9,17 +11,24 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
-from service.errors import NotFound, ResourceExhausted
+from service.errors import SessionExpired, SessionLimit, SessionNotFound
 from service.sessions.session import Session
 
 _REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
 
 
 class SessionStore:
-    def __init__(self, max_sessions: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.max_sessions = max_sessions
         self.clock = clock
+        self.wall_clock = wall_clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._resident: OrderedDict[str, Session] = OrderedDict()  # in memory, LRU first
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
         self._ended_order: deque[str] = deque()
 
@@ -29,47 +38,85 @@ class SessionStore:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
+    @property
+    def resident_count(self) -> int:
+        return len(self._resident)
+
     def check_capacity(self) -> None:
         if len(self._sessions) >= self.max_sessions:
-            raise ResourceExhausted(
+            raise SessionLimit(
                 f"live session limit reached ({self.max_sessions}); close sessions or retry later"
             )
 
     def add(self, session: Session) -> None:
         self.check_capacity()
+        self.adopt(session)
+
+    def adopt(self, session: Session) -> None:
+        """Add without the cap: sessions found in the spill tier at start-up are kept even if
+        the cap was lowered meanwhile (new ones are refused until enough end)."""
         self._sessions[session.session_id] = session
+        if session.slot is not None:
+            self._resident[session.session_id] = session
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
             why = self._ended.get(session_id)
             if why == "expired":
-                raise NotFound(f"session {session_id!r} expired after its idle TTL")
+                raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
             if why == "closed":
-                raise NotFound(f"session {session_id!r} was closed")
-            raise NotFound(f"session {session_id!r} not found")
+                raise SessionNotFound(f"session {session_id!r} was closed")
+            raise SessionNotFound(f"session {session_id!r} not found")
         return session
 
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
         self._sessions.move_to_end(session.session_id)
+        if session.session_id in self._resident:
+            self._resident.move_to_end(session.session_id)
+
+    def set_slot(self, session: Session, slot: int | None) -> None:
+        """Move a session between tiers: a slot means in memory, None means spilled."""
+        session.slot = slot
+        if slot is None:
+            self._resident.pop(session.session_id, None)
+        elif session.session_id in self._sessions:
+            self._resident[session.session_id] = session  # a restore is a use: most recent
 
     def remove(self, session: Session, why: str) -> None:
         self._sessions.pop(session.session_id, None)
+        self._resident.pop(session.session_id, None)
         self._ended[session.session_id] = why
         self._ended_order.append(session.session_id)
         if len(self._ended_order) > _REMEMBER_ENDED:
             self._ended.pop(self._ended_order.popleft(), None)
 
+    def is_expired(self, session: Session) -> bool:
+        """Idle past its TTL (a busy session never expires mid-request)."""
+        return not session.busy and self.clock() - session.last_used > session.ttl_seconds
+
     def expired(self) -> list[Session]:
-        """Idle sessions past their TTL (busy ones are never expired mid-request)."""
-        now = self.clock()
-        return [
-            s
-            for s in self._sessions.values()
-            if not s.busy and now - s.last_used > s.ttl_seconds
-        ]
+        return [s for s in self._sessions.values() if self.is_expired(s)]
+
+    def eviction_victim(self) -> Session | None:
+        """The least recently used in-memory session with no request running, if any.
+
+        Busy sessions were touched when their request began, so they sit at the recent end and
+        this scan is short."""
+        for session in self._resident.values():
+            if not session.busy:
+                return session
+        return None
+
+    def resident(self) -> list[Session]:
+        return list(self._resident.values())
 
     def least_recently_used(self) -> Iterator[Session]:
         """Sessions from least to most recently used."""
         return iter(list(self._sessions.values()))
+
+    # ---- wall time, for records that outlive this process's monotonic clock ----------------
+
+    def last_used_wall(self, session: Session) -> float:
+        return self.wall_clock() - (self.clock() - session.last_used)

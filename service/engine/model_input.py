@@ -1,0 +1,60 @@
+"""One input chunk as a client sent it, and its validation into the tensor a model consumes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from service.errors import InvalidArgument
+from service.models import ByteTokenizer, ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """Exactly one of the three is set."""
+
+    tokens: Sequence[int] | None = None
+    text: str | None = None
+    frames: Sequence[float] | None = None
+
+
+def to_tensor(
+    inp: ModelInput, name: str, cfg: ModelConfig, tokenizer: ByteTokenizer | None, cap: int
+) -> Tensor:
+    """Validate one chunk against model `name`; tokens → [T] int64, frames → [T, D] float32.
+    `cap` is the longest chunk accepted. Raises InvalidArgument saying what is wrong."""
+    given = [x is not None for x in (inp.tokens, inp.text, inp.frames)]
+    if sum(given) != 1:
+        raise InvalidArgument("input must set exactly one of tokens, text or frames")
+    if inp.frames is not None:
+        if cfg.input_kind != "features":
+            raise InvalidArgument(f"model {name!r} takes tokens or text, not frames")
+        n = len(inp.frames)
+        if n == 0 or n % cfg.input_dim:
+            raise InvalidArgument(
+                f"frames must be a non-empty multiple of the frame size {cfg.input_dim}; "
+                f"got {n} values"
+            )
+        if n // cfg.input_dim > cap:
+            raise InvalidArgument(f"chunk of {n // cfg.input_dim} frames exceeds {cap}")
+        frames = torch.tensor(inp.frames, dtype=torch.float32).view(-1, cfg.input_dim)
+        if not bool(torch.isfinite(frames).all()):
+            raise InvalidArgument("frames must be finite numbers")
+        return frames
+    if cfg.input_kind != "tokens" or tokenizer is None:
+        raise InvalidArgument(f"model {name!r} takes feature frames, not tokens or text")
+    ids = list(inp.tokens) if inp.tokens is not None else tokenizer.encode(inp.text or "")
+    if not ids:
+        raise InvalidArgument("input is empty")
+    if len(ids) > cap:
+        raise InvalidArgument(f"chunk of {len(ids)} tokens exceeds the limit of {cap}")
+    bad = [t for t in ids if not 0 <= t < cfg.input_dim]
+    if bad:
+        raise InvalidArgument(
+            f"token ids out of range [0, {cfg.input_dim}): {bad[:8]}"
+            + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        )
+    return torch.tensor(ids, dtype=torch.int64)

@@ -1,0 +1,261 @@
+"""Where each session's state lives: a state-pool slot, or a record in the spill tier.
+
+When a version's pool cannot get a slot within the byte budget, it first takes back capacity
+other versions' pools hold but do not use; then the least recently used idle session (of any
+version) is written to the spill tier and its slot reused, and so on until a slot fits. A spilled
+session is restored on its next use, bit for bit: state, position and RNG, so its next
+prediction is the one it would have made had it never left. Busy sessions (a request or a
+generation running) never move. Everything here runs on the event loop, so a session is never
+half spilled when a request for it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from service.engine.model_versions import LoadedVersion, ModelVersions
+from service.errors import (
+    PoolExhausted,
+    ResourceExhausted,
+    SeqServeError,
+    SpillCorrupted,
+    SpillMismatch,
+    Unavailable,
+)
+from service.runtime.sampler import SessionRng
+from service.sessions.session import Session
+from service.sessions.session_store import SessionStore
+from service.sessions.spill_record import SamplingRecord, SpillHeader, SpillRecord
+from service.sessions.spill_tier import SpillTier
+
+log = logging.getLogger(__name__)
+
+SessionEvent = Callable[[str, Session], None]  # ("evicted" | "restored", session)
+
+
+class SessionResidency:
+    def __init__(
+        self,
+        sessions: SessionStore,
+        versions: ModelVersions,
+        tier: SpillTier,
+        on_event: SessionEvent,
+        wait_seconds: float = 0.0,
+    ) -> None:
+        self.sessions = sessions
+        self.versions = versions
+        self.tier = tier
+        self._on_event = on_event
+        self._wait_seconds = wait_seconds
+        self._went_idle = asyncio.Event()
+        self._frozen = False  # set by spill_all: nothing comes back into memory after it
+        self.broken: dict[str, str] = {}  # session id → why its record was refused at start
+
+    # ---- start-up ------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Index the spill tier: every record becomes a spilled session, restored on first use.
+        Records past their TTL are deleted; unreadable ones are remembered as broken.
+
+        Idle time runs on from where it stood at the last clean stop: the time the server was
+        down does not count (clients could not reach it). After a crash the stop time is
+        unknown, and the downtime counts."""
+        scan = self.tier.open()
+        self.broken = dict(scan.broken)
+        idle_until = scan.stopped_at if scan.stopped_at is not None else self.sessions.wall_clock()
+        adopted = 0
+        for header in scan.headers:
+            idle = max(0.0, idle_until - header.last_used_wall)
+            try:
+                session = _session_from(header, self.sessions.clock() - idle)
+            except (TypeError, ValueError, KeyError) as exc:  # numpy rejected the RNG state
+                self.broken[header.session_id] = f"unusable RNG state: {exc}"
+                continue
+            if self.sessions.is_expired(session):
+                self.tier.delete(header.session_id)
+                self.sessions.remove(session, "expired")
+                continue
+            self.sessions.adopt(session)
+            self.versions.pin(session.model, session.version)
+            adopted += 1
+        return adopted
+
+    # ---- slots ---------------------------------------------------------------------------
+
+    async def allocate(self, lv: LoadedVersion) -> int:
+        """A zeroed slot in `lv`'s pool, evicting idle sessions to the spill tier if need be.
+
+        When every session in memory is busy, waits up to `slot_wait_seconds` for one to go
+        idle (a request finishing), then raises PoolExhausted. The wait cannot deadlock: a
+        waiter holds no slot, and the busy sessions holding them finish their steps. Raises
+        SpillTierFull when the tier cannot take the eviction."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_seconds
+        while True:
+            if self._frozen:
+                raise Unavailable("server is shutting down; retry on another replica")
+            try:
+                return self._allocate_now(lv)
+            except PoolExhausted:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise
+            self._went_idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._went_idle.wait(), remaining)
+
+    def notify_idle(self) -> None:
+        """A session went idle or ended: waiting allocations may find a victim now."""
+        self._went_idle.set()
+
+    def _allocate_now(self, lv: LoadedVersion) -> int:
+        while True:
+            try:
+                return lv.pool.allocate()
+            except ResourceExhausted:  # the budget allows no growth: make room
+                pass
+            if self._reclaim(lv):
+                continue
+            victim = self.sessions.eviction_victim()
+            if victim is None:
+                raise PoolExhausted(
+                    f"state memory budget exhausted ({lv.pool.budget.limit_bytes} bytes) and "
+                    "every session in memory is busy; retry shortly, or raise "
+                    "SEQSERVE_SESSIONS__POOL_BYTES"
+                )
+            self.spill(victim)
+            self._on_event("evicted", victim)
+
+    def _reclaim(self, wanting: LoadedVersion) -> bool:
+        """Shrink other versions' pools to what they use; True if any bytes came back."""
+        for other in self.versions.loaded():
+            if other is wanting or other.pool.used_slots == other.pool.capacity:
+                continue
+            owners = {
+                s.slot: s
+                for s in self.sessions.resident()
+                if s.model == other.name and s.version == other.version and s.slot is not None
+            }
+            movable = [slot for slot, s in owners.items() if not s.busy]
+            before = other.pool.nbytes
+            for old, new in other.pool.compact(movable).items():
+                owners[old].slot = new
+            if other.pool.nbytes < before:
+                return True
+        return False
+
+    # ---- spill and restore ---------------------------------------------------------------
+
+    def spill(self, session: Session, *, durable: bool = False) -> None:
+        """Write an idle in-memory session to the tier and free its slot."""
+        lv = self.versions.find(session.model, session.version)
+        assert lv is not None and session.slot is not None, "only a session in memory spills"
+        record = SpillRecord(self._header(session), lv.pool.snapshot(session.slot))
+        self.tier.write(record, durable=durable)
+        lv.pool.free(session.slot)
+        self.sessions.set_slot(session, None)
+
+    async def restore(self, session: Session, lv: LoadedVersion) -> None:
+        """Bring a spilled session back into a slot. Its record is checked first: a damaged one
+        raises SpillCorrupted (DATA_LOSS), one for other weights SpillMismatch; neither is used."""
+        if self._frozen:  # a request that outlived the drain must not undo the shutdown spill
+            raise Unavailable("server is shutting down; retry on another replica")
+        record = self.tier.read(session.session_id)
+        header = record.header
+        if (header.model, header.version, header.position) != (
+            session.model,
+            session.version,
+            session.position,
+        ):
+            raise SpillCorrupted(
+                f"spill record of session {session.session_id!r} is for {header.model}:"
+                f"{header.version} at position {header.position}, the session is "
+                f"{session.model}:{session.version} at {session.position}"
+            )
+        if header.fingerprint != lv.fingerprint:
+            raise SpillMismatch(
+                f"session {session.session_id!r} was spilled from weights {header.fingerprint}, "
+                f"but {lv.name}:{lv.version} now has {lv.fingerprint}; its state means nothing "
+                "to these weights"
+            )
+        cfg = lv.config
+        shape = (cfg.num_layers, cfg.hidden_size, cfg.has_cell_state, cfg.output_dim)
+        if (header.num_layers, header.hidden_size, header.has_cell_state, header.output_dim) != (
+            shape
+        ):
+            raise SpillMismatch(
+                f"spill record of session {session.session_id!r} has state shaped for another "
+                f"architecture than {lv.name}:{lv.version}"
+            )
+        slot = await self.allocate(lv)  # the session is busy: never its own victim
+        lv.pool.restore(slot, record.state)
+        self.sessions.set_slot(session, slot)
+        self.tier.delete(session.session_id)
+        self._on_event("restored", session)
+
+    def discard(self, session: Session) -> None:
+        """The session ended: free its slot or delete its record."""
+        if session.slot is not None:
+            lv = self.versions.find(session.model, session.version)
+            if lv is not None:
+                lv.pool.free(session.slot)
+            self.sessions.set_slot(session, None)
+        self.tier.delete(session.session_id)
+
+    def spill_all(self) -> tuple[int, int]:
+        """Shutdown: write every session still in memory (busy or not: the schedulers have
+        stopped, so every slot holds its last completed step), then fsync. → (written, lost)."""
+        self._frozen = True
+        written = lost = 0
+        for session in self.sessions.resident():
+            try:
+                self.spill(session)
+                written += 1
+            except SeqServeError as exc:
+                lost += 1
+                log.error("session %s could not be spilled: %s", session.session_id, exc.message)
+        return written, lost
+
+    def _header(self, session: Session) -> SpillHeader:
+        lv = self.versions.find(session.model, session.version)
+        assert lv is not None
+        cfg = lv.config
+        return SpillHeader(
+            session_id=session.session_id,
+            model=session.model,
+            version=session.version,
+            fingerprint=session.fingerprint,
+            position=session.position,
+            seed=session.seed,
+            parent_session_id=session.parent_session_id,
+            created_at=session.created_at,
+            ttl_seconds=session.ttl_seconds,
+            last_used_wall=self.sessions.last_used_wall(session),
+            rng_state=session.rng.get_state(),
+            default_sampling=SamplingRecord.of(session.default_sampling),
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            has_cell_state=cfg.has_cell_state,
+            output_dim=cfg.output_dim,
+        )
+
+
+def _session_from(header: SpillHeader, last_used: float) -> Session:
+    return Session(
+        session_id=header.session_id,
+        model=header.model,
+        version=header.version,
+        fingerprint=header.fingerprint,
+        slot=None,
+        rng=SessionRng.from_state(header.rng_state),
+        default_sampling=header.default_sampling.params(),
+        ttl_seconds=header.ttl_seconds,
+        created_at=header.created_at,
+        last_used=last_used,
+        seed=header.seed,
+        parent_session_id=header.parent_session_id,
+        position=header.position,
+    )

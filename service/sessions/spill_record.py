@@ -1,0 +1,161 @@
+"""The spill record: one session's state and metadata as a self-checking byte string.
+
+Layout:
+
+    b"SQSPILL1"      8 bytes: magic and format version
+    header length    4 bytes, unsigned little-endian
+    header           JSON (UTF-8), a `SpillHeader`
+    arrays           float32 little-endian: h [L, H], then c [L, H] (LSTM only), then last [out]
+    sha256           32 bytes, over everything before it
+
+No pickle anywhere: the header is JSON (numpy's PCG64 state is a dict of plain ints), the arrays
+are raw floats whose shapes the header states. The checksum covers the header too, so a flipped
+position or fingerprint is caught, not just damaged state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import SpillCorrupted
+from service.runtime.sampler import SamplingParams
+from service.runtime.state_pool import SlotSnapshot
+
+MAGIC = b"SQSPILL1"
+_LENGTH = struct.Struct("<I")
+PREFIX_BYTES = len(MAGIC) + _LENGTH.size  # what must be read before the header
+DIGEST_BYTES = 32
+MAX_HEADER_BYTES = 1 << 20  # far above any real header; bounds what a damaged length can ask for
+_FLOAT = np.dtype("<f4")
+
+
+class SamplingRecord(BaseModel):
+    """A session's default sampling parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_strings: list[str]
+    stop_token_ids: list[int]
+    max_tokens: int
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> SamplingRecord:
+        return cls(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            stop_strings=list(params.stop_strings),
+            stop_token_ids=list(params.stop_token_ids),
+            max_tokens=params.max_tokens,
+        )
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            stop_strings=tuple(self.stop_strings),
+            stop_token_ids=tuple(self.stop_token_ids),
+            max_tokens=self.max_tokens,
+        )
+
+
+class SpillHeader(BaseModel):
+    """Everything about a session except its state arrays."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    session_id: str = Field(pattern=r"^s_[A-Za-z0-9_-]{1,64}$")
+    model: str
+    version: int = Field(ge=1)
+    fingerprint: str
+    position: int = Field(ge=0)
+    seed: int
+    parent_session_id: str
+    created_at: float  # wall clock
+    ttl_seconds: float = Field(gt=0)
+    last_used_wall: float  # wall clock of its last use: the TTL runs on across a restart
+    rng_state: dict[str, Any]  # numpy PCG64 bit-generator state
+    default_sampling: SamplingRecord
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    has_cell_state: bool
+    output_dim: int = Field(ge=1)
+
+    def array_bytes(self) -> int:
+        per = self.num_layers * self.hidden_size
+        return 4 * (per * (2 if self.has_cell_state else 1) + self.output_dim)
+
+
+@dataclass(frozen=True)
+class SpillRecord:
+    header: SpillHeader
+    state: SlotSnapshot
+
+
+def encode(record: SpillRecord) -> bytes:
+    header, state = record.header, record.state
+    layers, hidden = header.num_layers, header.hidden_size
+    assert state.h.shape == (layers, hidden), f"h is {state.h.shape}, header says {layers}x{hidden}"
+    assert (state.c is not None) == header.has_cell_state, "cell state present iff an LSTM"
+    assert state.last.shape == (header.output_dim,), f"last is {state.last.shape}"
+    head = header.model_dump_json().encode("utf-8")
+    arrays = [state.h] + ([state.c] if state.c is not None else []) + [state.last]
+    body = b"".join(
+        [MAGIC, _LENGTH.pack(len(head)), head]
+        + [np.ascontiguousarray(a, dtype=_FLOAT).tobytes() for a in arrays]
+    )
+    return body + hashlib.sha256(body).digest()
+
+
+def header_length(prefix: bytes, source: str) -> int:
+    """The header's length, from the first PREFIX_BYTES of a record."""
+    if len(prefix) < PREFIX_BYTES or prefix[: len(MAGIC)] != MAGIC:
+        raise SpillCorrupted(f"{source}: not a spill record (bad magic)")
+    (length,) = _LENGTH.unpack_from(prefix, len(MAGIC))
+    if not 0 < length <= MAX_HEADER_BYTES:
+        raise SpillCorrupted(f"{source}: header length {length} is out of range")
+    return length
+
+
+def parse_header(raw: bytes, source: str) -> SpillHeader:
+    try:
+        return SpillHeader.model_validate_json(raw)
+    except ValidationError as exc:  # bad UTF-8 and bad JSON included
+        raise SpillCorrupted(f"{source}: unreadable header: {exc}") from exc
+
+
+def decode(data: bytes, source: str) -> SpillRecord:
+    """Check the checksum, then parse. Raises SpillCorrupted on any damage."""
+    if len(data) < PREFIX_BYTES + DIGEST_BYTES:
+        raise SpillCorrupted(f"{source}: truncated ({len(data)} bytes)")
+    body, digest = data[:-DIGEST_BYTES], data[-DIGEST_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        raise SpillCorrupted(f"{source}: checksum mismatch; the record is damaged and was not used")
+    length = header_length(body, source)
+    start = PREFIX_BYTES + length
+    header = parse_header(body[PREFIX_BYTES:start], source)
+    if len(body) - start != header.array_bytes():
+        raise SpillCorrupted(
+            f"{source}: {len(body) - start} bytes of state, the header implies "
+            f"{header.array_bytes()}"
+        )
+    floats = np.frombuffer(body, dtype=_FLOAT, offset=start)
+    per = header.num_layers * header.hidden_size
+    shape = (header.num_layers, header.hidden_size)
+    h = floats[:per].reshape(shape).astype(np.float32)
+    rest = floats[per:]
+    c = None
+    if header.has_cell_state:
+        c, rest = rest[:per].reshape(shape).astype(np.float32), rest[per:]
+    last = rest.astype(np.float32)
+    return SpillRecord(header, SlotSnapshot(h=h, c=c, last=last))

@@ -1,0 +1,236 @@
+"""The spill tier: one `<session id>.spill` file per session in a directory, under a size cap.
+
+Files appear whole or not at all (temp file, then rename). Evictions are not fsynced one by one:
+they happen on the request path, and a process crash keeps them in the page cache anyway; only
+a power loss can tear one, and then its checksum refuses it. A graceful shutdown calls `sync()`,
+which fsyncs every file written since the last sync, and the directory.
+
+One server owns a directory at a time: `open()` takes an exclusive lock on `.lock` inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.errors import Internal, SpillCorrupted, SpillTierFull, SpillTierInUse
+from service.sessions import spill_record
+from service.sessions.spill_record import SpillHeader, SpillRecord
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".spill"
+STOP_MARKER = ".stopped_at"  # wall time of the last clean stop
+_ID_RE = re.compile(r"^s_[A-Za-z0-9_-]{1,64}$")
+_SYNC_THREADS = 8  # fsyncs in parallel share journal commits
+
+
+@dataclass
+class TierScan:
+    """What `open()` found on disk."""
+
+    headers: list[SpillHeader] = field(default_factory=list)  # readable records
+    broken: dict[str, str] = field(default_factory=dict)  # session id → what is wrong
+    stopped_at: float | None = None  # wall time of the last clean stop; None after a crash
+
+
+class SpillTier:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self._dir = str(self.directory)
+        self.max_bytes = max_bytes
+        self._sizes: dict[str, int] = {}  # session id → bytes on disk
+        self._bytes = 0
+        self._unsynced: set[str] = set()
+        self._lock_fd: int | None = None
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sizes
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def path(self, session_id: str) -> Path:
+        return Path(self._file(session_id))
+
+    def _file(self, session_id: str) -> str:
+        # Plain strings on the eviction path: pathlib costs more than the syscalls here.
+        return f"{self._dir}/{session_id}{SUFFIX}"
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def open(self) -> TierScan:
+        """Lock the directory, clear temp files a crash left, and read every record's header."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise SpillTierInUse(
+                f"spill directory {self.directory} is in use by another server process"
+            ) from exc
+        self._lock_fd = fd
+        scan = TierScan(stopped_at=self._take_stop_marker())
+        for path in sorted(self.directory.iterdir()):
+            if path.name.endswith(".tmp"):  # a write a crash cut short
+                path.unlink(missing_ok=True)
+                continue
+            if path.suffix != SUFFIX or not _ID_RE.match(path.stem):
+                continue
+            size = path.stat().st_size
+            self._sizes[path.stem] = size
+            self._bytes += size
+            try:
+                header = self._read_header(path)
+                if header.session_id != path.stem:
+                    raise SpillCorrupted(f"{path}: holds session {header.session_id!r}")
+            except SpillCorrupted as exc:
+                scan.broken[path.stem] = exc.message
+                log.warning("spill record refused: %s", exc.message)
+                continue
+            scan.headers.append(header)
+        return scan
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    # ---- records -------------------------------------------------------------------------
+
+    def write(self, record: SpillRecord, *, durable: bool = False) -> None:
+        """Write (or replace) a session's record. Raises SpillTierFull over the cap."""
+        session_id = record.header.session_id
+        data = spill_record.encode(record)
+        new_total = self._bytes - self._sizes.get(session_id, 0) + len(data)
+        if new_total > self.max_bytes:
+            raise SpillTierFull(
+                f"spill tier full ({self._bytes} of {self.max_bytes} bytes); close sessions "
+                "or raise SEQSERVE_SESSIONS__SPILL_MAX_BYTES"
+            )
+        final = self._file(session_id)
+        tmp = f"{self._dir}/.{session_id}{SUFFIX}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpillTierFull(f"spill tier's disk is full: {exc}") from exc
+            raise Internal(f"could not write spill record {final}: {exc}") from exc
+        self._bytes = new_total
+        self._sizes[session_id] = len(data)
+        if durable:
+            self._fsync_dir()
+            self._unsynced.discard(session_id)
+        else:
+            self._unsynced.add(session_id)
+
+    def read(self, session_id: str) -> SpillRecord:
+        """The record, checksum verified. Raises SpillCorrupted if missing or damaged."""
+        path = self._file(session_id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise SpillCorrupted(f"spill record {path} is unreadable: {exc}") from exc
+        record = spill_record.decode(data, path)
+        if record.header.session_id != session_id:
+            raise SpillCorrupted(f"{path}: holds session {record.header.session_id!r}")
+        return record
+
+    def delete(self, session_id: str) -> None:
+        size = self._sizes.pop(session_id, None)
+        if size is None:
+            return
+        self._bytes -= size
+        self._unsynced.discard(session_id)
+        try:
+            os.unlink(self._file(session_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # stale, but the index no longer points at it
+            log.warning("could not delete spill record %s: %s", self._file(session_id), exc)
+
+    def sync(self) -> None:
+        """fsync every record written without it since the last sync, then the directory."""
+        ids, self._unsynced = list(self._unsynced), set()
+        if ids:
+            with ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="spill-sync") as pool:
+                list(pool.map(self._fsync_file, ids))
+        if self.directory.exists():
+            self._fsync_dir()
+
+    def mark_clean_stop(self, wall_time: float) -> None:
+        """Record when the server stopped cleanly, so the next start knows how long it was down
+        (the idle clock does not run while nobody can reach the server)."""
+        marker = self.directory / STOP_MARKER
+        tmp = marker.with_name(f"{STOP_MARKER}.{os.getpid()}.tmp")
+        with tmp.open("w") as f:
+            f.write(repr(wall_time))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        self._fsync_dir()
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _take_stop_marker(self) -> float | None:
+        """Read and remove the clean-stop marker: a later crash must not find a stale one."""
+        marker = self.directory / STOP_MARKER
+        try:
+            text = marker.read_text()
+        except FileNotFoundError:
+            return None
+        marker.unlink()
+        try:
+            return float(text)
+        except ValueError:
+            log.warning("ignoring unreadable %s: %r", marker, text[:40])
+            return None
+
+    def _read_header(self, path: Path) -> SpillHeader:
+        try:
+            with path.open("rb") as f:
+                prefix = f.read(spill_record.PREFIX_BYTES)
+                length = spill_record.header_length(prefix, str(path))
+                raw = f.read(length)
+        except OSError as exc:
+            raise SpillCorrupted(f"{path}: unreadable: {exc}") from exc
+        if len(raw) != length:
+            raise SpillCorrupted(f"{path}: truncated header")
+        return spill_record.parse_header(raw, str(path))
+
+    def _fsync_file(self, session_id: str) -> None:
+        try:
+            fd = os.open(self._file(session_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

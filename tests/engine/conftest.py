@@ -1,0 +1,160 @@
+"""Fixtures for engine tests: a store of tiny random models, engines with small pools and a
+controllable clock, and a reference engine whose pool never fills (so nothing is evicted)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.engine.model_versions import VersionObserver
+from service.engine.session_engine import ModelInput, SessionEngine
+from service.models import ModelConfig, SequenceModel
+from service.registry.manifest import Training
+from service.registry.store import ModelStore
+from service.runtime.step_batch import Prediction
+from service.sessions.session import Session
+from service.sessions.session_store import SessionStore
+from service.settings import EngineSettings, SessionSettings, Settings
+
+TOK = ModelConfig(
+    cell="lstm", num_layers=2, hidden_size=8, input_kind="tokens", input_dim=256,
+    embed_dim=6, head_kind="classification", output_dim=256,
+)  # fmt: skip
+FRAMES = ModelConfig(
+    cell="gru", num_layers=1, hidden_size=6, input_kind="features", input_dim=3,
+    embed_dim=4, head_kind="regression", output_dim=2, reset_after=False,
+)  # fmt: skip
+TOK_SLOT_BYTES = 4 * (TOK.state_numel() + TOK.output_dim)  # one session's state in the pool
+
+
+class FakeClock:
+    """Both clocks a SessionStore reads (monotonic and wall), moved by hand."""
+
+    def __init__(self, start: float = 1_000.0, wall: float = 1.7e9) -> None:
+        self.now = start
+        self.wall_now = wall
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return self.wall_now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.wall_now += seconds
+
+
+class RecordingObserver(VersionObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+
+    def on_session_event(self, event: str, model: str, version: str) -> None:
+        self.events.append((event, model, version))
+
+    def count(self, event: str) -> int:
+        return sum(1 for e in self.events if e[0] == event)
+
+
+def publish(store: ModelStore, name: str, config: ModelConfig, seed: int) -> int:
+    torch.manual_seed(seed)
+    model = SequenceModel(config)
+    manifest = store.publish(
+        name, config, model.state_dict(), description=f"random {name} seed {seed}",
+        training=Training(data="random init", steps=0, seed=seed),
+    )  # fmt: skip
+    return manifest.version
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    store = ModelStore(root)
+    publish(store, "tok", TOK, seed=1)
+    publish(store, "frames", FRAMES, seed=2)
+    return root
+
+
+EngineFactory = Callable[..., Awaitable[SessionEngine]]
+
+
+@pytest.fixture
+async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineFactory]:
+    """`await make_engine(slots=N, spill_dir=..., clock=FakeClock(), observer=..., **sessions)`:
+    a started engine whose pool holds `slots` TOK sessions (None: plenty). Stopped at teardown
+    unless the test stopped it."""
+    started: list[SessionEngine] = []
+
+    async def start(
+        *,
+        slots: int | None = None,
+        spill_dir: Path | None = None,
+        clock: FakeClock | None = None,
+        observer: VersionObserver | None = None,
+        engine: dict[str, Any] | None = None,
+        **sessions: Any,
+    ) -> SessionEngine:
+        if slots is not None:
+            sessions.setdefault("pool_bytes", slots * TOK_SLOT_BYTES)
+            sessions.setdefault("pool_initial_slots", slots)
+        sessions.setdefault("spill_dir", spill_dir or tmp_path / f"spill{len(started)}")
+        settings = Settings(
+            model_store=store_root,
+            registry_poll_seconds=0,
+            engine=EngineSettings(**(engine or {})),
+            sessions=SessionSettings(**sessions),
+        )
+        store = (
+            SessionStore(settings.sessions.max_sessions, clock=clock, wall_clock=clock.wall)
+            if clock is not None
+            else None
+        )
+        eng = SessionEngine(settings, ModelStore(store_root), observer, store)
+        await eng.start()
+        started.append(eng)
+        return eng
+
+    try:
+        yield start
+    finally:
+        for eng in reversed(started):
+            await eng.stop()
+
+
+async def wait_idle(*sessions: Session) -> None:
+    """Until the scheduler has retired cancelled generations (it does so between steps)."""
+    for _ in range(5_000):
+        if not any(s.busy for s in sessions):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("sessions stayed busy")
+
+
+def toks(*ids: int) -> ModelInput:
+    return ModelInput(tokens=list(ids))
+
+
+def frames(*values: float) -> ModelInput:
+    """Feature frames for FRAMES (a multiple of 3 values)."""
+    return ModelInput(frames=list(values))
+
+
+def same(a: Prediction, b: Prediction) -> bool:
+    """Bit-identical predictions (same ids, same probabilities, same values)."""
+    return (a.top_ids, a.top_probs, a.values) == (b.top_ids, b.top_probs, b.values)
+
+
+def close(a: Prediction, b: Prediction, tol: float = 1e-5) -> bool:
+    """Equal up to float rounding: for the same history fed in other chunkings (a chunk runs
+    the whole-sequence kernel, a single token the fused step)."""
+    return (
+        a.top_ids == b.top_ids
+        and all(abs(x - y) <= tol for x, y in zip(a.top_probs, b.top_probs, strict=True))
+        and all(abs(x - y) <= tol for x, y in zip(a.values, b.values, strict=True))
+        and len(a.values) == len(b.values)
+    )

@@ -1,0 +1,162 @@
+"""A pool far smaller than the sessions: LRU idle sessions go to the spill tier and come back
+on their next request exactly as if they had never left."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+
+from service.errors import PoolExhausted, ResourceExhausted, SpillTierFull
+from service.runtime.sampler import SamplingParams
+
+from .conftest import (
+    TOK_SLOT_BYTES,
+    EngineFactory,
+    RecordingObserver,
+    frames,
+    same,
+    toks,
+    wait_idle,
+)
+
+
+async def test_many_more_sessions_than_slots_answer_like_never_evicted(
+    make_engine: EngineFactory,
+) -> None:
+    observer = RecordingObserver()
+    tiny = await make_engine(slots=4, observer=observer)
+    roomy = await make_engine()
+    pairs = []
+    for i in range(14):
+        a, _ = await tiny.create_session("tok", seed=100 + i)
+        b, _ = await roomy.create_session("tok", seed=100 + i)
+        pairs.append((a.session_id, b.session_id))
+    for round_ in range(3):
+        for i, (a, b) in enumerate(pairs):
+            chunk = toks(*[(i * 31 + round_ * 7 + k) % 256 for k in range(1 + (i + round_) % 3)])
+            got = await tiny.step(a, chunk)
+            want = await roomy.step(b, chunk)
+            assert got.position == want.position
+            assert same(got.prediction, want.prediction), f"session {i}, round {round_}"
+    # Generation samples from the restored last output with the restored RNG.
+    sampling = SamplingParams(temperature=1.0, max_tokens=6)
+    for a, b in pairs:
+        got_tokens = [t.token_id async for t in tiny.generate(a, sampling=sampling)]
+        want_tokens = [t.token_id async for t in roomy.generate(b, sampling=sampling)]
+        assert got_tokens == want_tokens
+
+    assert observer.count("evicted") > 0 and observer.count("restored") > 0
+    pool = tiny.versions.find("tok", 1)
+    assert pool is not None and pool.pool.capacity <= 4
+    assert tiny.budget.used_bytes <= tiny.budget.limit_bytes
+    spilled = [s for s in tiny.sessions if s.slot is None]
+    assert len(spilled) == 14 - 4
+    assert len(tiny.spill) == len(spilled) and tiny.spill_bytes() > 0
+
+
+async def test_eviction_takes_the_least_recently_used_idle_session(
+    make_engine: EngineFactory,
+) -> None:
+    engine = await make_engine(slots=3)
+    ids = [(await engine.create_session("tok", seed=i))[0].session_id for i in range(3)]
+    await engine.step(ids[0], toks(1))  # ids[1] is now the least recently used
+    fourth, _ = await engine.create_session("tok")
+    assert engine.get_session(ids[1]).slot is None
+    assert all(engine.get_session(i).slot is not None for i in (ids[0], ids[2]))
+    assert fourth.slot is not None
+
+
+async def test_nothing_evictable_is_resource_exhausted_and_recovers(
+    make_engine: EngineFactory,
+) -> None:
+    engine = await make_engine(
+        slots=2, slot_wait_seconds=0.0, engine={"max_generate_tokens": 1_000_000}
+    )
+    a, _ = await engine.create_session("tok", seed=1)
+    b, _ = await engine.create_session("tok", seed=2)
+    long = SamplingParams(temperature=1.0, max_tokens=1_000_000)
+    async with (
+        aclosing(engine.generate(a.session_id, sampling=long)) as gen_a,
+        aclosing(engine.generate(b.session_id, sampling=long)) as gen_b,
+    ):
+        await anext(gen_a)
+        await anext(gen_b)  # both sessions are busy generating: neither may be evicted
+        with pytest.raises(PoolExhausted) as err:
+            await engine.create_session("tok")
+        assert isinstance(err.value, ResourceExhausted)
+    await wait_idle(a, b)
+    # With one generating, forking the other has no victim either (the source is busy too).
+    async with aclosing(engine.generate(a.session_id, sampling=long)) as gen_a:
+        await anext(gen_a)
+        with pytest.raises(PoolExhausted):
+            await engine.fork_session(b.session_id)
+    # Generations over: the sessions are idle again, so one is evicted for the newcomer.
+    await wait_idle(a, b)
+    c, _ = await engine.create_session("tok")
+    assert c.slot is not None
+    assert {a.slot is None, b.slot is None} == {True, False}
+
+
+async def test_a_request_waits_for_a_busy_session_to_go_idle(make_engine: EngineFactory) -> None:
+    """Every slot busy: a newcomer waits (bounded) instead of failing, and gets the slot of
+    the first session to finish."""
+    engine = await make_engine(slots=1, slot_wait_seconds=60.0)
+    a, _ = await engine.create_session("tok", seed=1)
+    async with aclosing(
+        engine.generate(a.session_id, sampling=SamplingParams(temperature=1.0, max_tokens=40))
+    ) as gen:
+        await anext(gen)  # `a` is busy: the pool's only slot is taken
+        waiting = asyncio.create_task(engine.create_session("tok"))
+        tokens = [t async for t in gen]  # drain the generation; `a` goes idle after it
+        assert tokens[-1].finish_reason == "max_tokens"
+    b, _ = await waiting
+    assert b.slot is not None and a.slot is None
+    assert (await engine.step(a.session_id, toks(1))).position == 41  # restored, waiting no more
+
+
+async def test_full_spill_tier_is_resource_exhausted_without_harm(
+    make_engine: EngineFactory,
+) -> None:
+    tiny = await make_engine(slots=2, spill_max_bytes=1)
+    roomy = await make_engine()
+    pairs = []
+    for seed in (1, 2):
+        a, _ = await tiny.create_session("tok", seed=seed)
+        b, _ = await roomy.create_session("tok", seed=seed)
+        pairs.append((a.session_id, b.session_id))
+    with pytest.raises(SpillTierFull):
+        await tiny.create_session("tok")
+    for a, b in pairs:  # the refused eviction touched nothing
+        assert same(
+            (await tiny.step(a, toks(5, 6))).prediction,
+            (await roomy.step(b, toks(5, 6))).prediction,
+        )
+    assert len(tiny.spill) == 0 and tiny.spill_bytes() == 0
+
+
+async def test_versions_share_the_budget_by_reclaiming_idle_capacity(
+    make_engine: EngineFactory,
+) -> None:
+    """A second model gets slots out of a budget the first model's pool had taken whole."""
+    engine = await make_engine(pool_bytes=6 * TOK_SLOT_BYTES, pool_initial_slots=64)
+    roomy = await make_engine()
+    tok = [(await engine.create_session("tok", seed=i))[0].session_id for i in range(6)]
+    ref = [(await roomy.create_session("tok", seed=i))[0].session_id for i in range(6)]
+    for a, b in zip(tok, ref, strict=True):
+        assert same(
+            (await engine.step(a, toks(9))).prediction, (await roomy.step(b, toks(9))).prediction
+        )
+    frame_ids = []
+    for _ in range(4):  # needs capacity the tok pool holds: its idle sessions are evicted
+        session, _ = await engine.create_session("frames")
+        frame_ids.append(session.session_id)
+        out = await engine.step(session.session_id, frames(0.5, -0.5, 1.0))
+        assert len(out.prediction.values) == 2
+    assert engine.budget.used_bytes <= engine.budget.limit_bytes
+    for a, b in zip(tok, ref, strict=True):  # and come back intact
+        assert same(
+            (await engine.step(a, toks(3, 4))).prediction,
+            (await roomy.step(b, toks(3, 4))).prediction,
+        )

@@ -1,0 +1,73 @@
+"""StatePool.compact: unused capacity goes back to the shared budget, moved state stays intact,
+and slots that may be in a running step never move."""
+
+from __future__ import annotations
+
+import torch
+
+from service.runtime.state_pool import ByteBudget, StatePool
+
+from .conftest import TOK, TOK_SLOT_BYTES
+
+
+def _pool(slots: int, budget: ByteBudget) -> StatePool:
+    return StatePool(TOK, torch.zeros(TOK.output_dim), budget, initial_slots=slots)
+
+
+def _mark(pool: StatePool, slot: int, value: float) -> None:
+    pool.h[:, slot] = value
+    assert pool.c is not None
+    pool.c[:, slot] = -value
+    pool.last[slot] = 2 * value
+
+
+def _value(pool: StatePool, slot: int) -> float:
+    snap = pool.snapshot(slot)
+    assert snap.c is not None
+    v = float(snap.h[0, 0])
+    assert (snap.h == v).all() and (snap.c == -v).all() and (snap.last == 2 * v).all()
+    return v
+
+
+def test_compact_moves_idle_slots_down_and_releases_the_tail() -> None:
+    budget = ByteBudget(8 * TOK_SLOT_BYTES)
+    pool = _pool(8, budget)
+    slots = [pool.allocate() for _ in range(8)]
+    assert slots == list(range(8)) and budget.used_bytes == 8 * TOK_SLOT_BYTES
+    for s in slots:
+        _mark(pool, s, float(s + 1))
+    for s in (0, 2, 3, 5):
+        pool.free(s)
+    moves = pool.compact(movable=[6, 7])  # 1 and 4 are busy: they stay where they are
+    # Slot 4 must stay, so the pool keeps 5 slots: 1 and 4 in place, 6 and 7 moved to 0 and 2.
+    assert moves == {6: 0, 7: 2}
+    assert pool.capacity == 5 and budget.used_bytes == 5 * TOK_SLOT_BYTES
+    assert (_value(pool, 1), _value(pool, 4)) == (2.0, 5.0)
+    assert (_value(pool, 0), _value(pool, 2)) == (7.0, 8.0)
+    assert pool.used_slots == 4
+    assert pool.allocate() == 3  # the one hole left
+
+
+def test_a_busy_slot_at_the_top_limits_the_shrink() -> None:
+    budget = ByteBudget(8 * TOK_SLOT_BYTES)
+    pool = _pool(8, budget)
+    for _ in range(8):
+        pool.allocate()
+    for s in range(1, 7):
+        pool.free(s)
+    _mark(pool, 7, 5.0)
+    assert pool.compact(movable=[]) == {}  # slot 7 is in use and may not move: no shrink
+    assert pool.capacity == 8
+    assert pool.compact(movable=[7]) == {7: 1}
+    assert pool.capacity == 2 and _value(pool, 1) == 5.0
+    assert budget.used_bytes == 2 * TOK_SLOT_BYTES
+
+
+def test_an_empty_pool_shrinks_to_nothing_and_grows_again() -> None:
+    budget = ByteBudget(4 * TOK_SLOT_BYTES)
+    pool = _pool(4, budget)
+    pool.compact(movable=[])
+    assert pool.capacity == 0 and budget.used_bytes == 0
+    slot = pool.allocate()
+    assert slot == 0 and pool.capacity == 1
+    assert float(pool.h[:, slot].abs().sum()) == 0.0

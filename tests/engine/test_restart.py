@@ -1,0 +1,105 @@
+"""Stop writes every session to the spill tier; an engine started on the same directory resumes
+each at the same position with the same next prediction and the same random stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.errors import SessionExpired, SpillTierInUse
+from service.runtime.sampler import SamplingParams
+
+from .conftest import EngineFactory, FakeClock, RecordingObserver, frames, same, toks
+
+
+async def test_sessions_survive_a_restart(make_engine: EngineFactory, tmp_path: Path) -> None:
+    spill = tmp_path / "shared-spill"
+    first = await make_engine(slots=3, spill_dir=spill)
+    roomy = await make_engine()
+    pairs = []
+    for i in range(7):  # more than the pool: some are already spilled when it stops
+        a, _ = await first.create_session("tok", seed=i, ttl_seconds=3600.0)
+        b, _ = await roomy.create_session("tok", seed=i)
+        chunk = toks(*range(i + 1, i + 3 + i % 2))
+        await first.step(a.session_id, chunk)
+        await roomy.step(b.session_id, chunk)
+        warmup = SamplingParams(temperature=1.0, max_tokens=3)  # moves the RNG off its seed
+        got_ids = [t.token_id async for t in first.generate(a.session_id, sampling=warmup)]
+        assert got_ids == [t.token_id async for t in roomy.generate(b.session_id, sampling=warmup)]
+        pairs.append((a.session_id, b.session_id))
+    frame_s, _ = await first.create_session("frames", seed=5)
+    frames_ref, _ = await roomy.create_session("frames", seed=5)
+    for engine, sid in ((first, frame_s.session_id), (roomy, frames_ref.session_id)):
+        await engine.step(sid, frames(0.25, 0.5, -1.0, 2.0, 0.0, 1.0))
+    fork = await first.fork_session(pairs[0][0])
+    positions = {s.session_id: s.position for s in first.sessions}
+    await first.stop()
+    assert len(list(spill.glob("*.spill"))) == len(positions)
+
+    observer = RecordingObserver()
+    second = await make_engine(slots=3, spill_dir=spill, observer=observer)
+    assert {s.session_id: s.position for s in second.sessions} == positions
+    assert all(s.slot is None for s in second.sessions)
+    assert second.get_session(fork.session_id).parent_session_id == pairs[0][0]
+    assert second.get_session(pairs[2][0]).ttl_seconds == 3600.0
+    assert second.versions.pinned("tok", 1) == 8
+    for a, b in pairs:
+        got, want = await second.step(a, toks(42)), await roomy.step(b, toks(42))
+        assert got.position == want.position and same(got.prediction, want.prediction)
+    got = await second.step(frame_s.session_id, frames(1.0, 1.0, 1.0))
+    want = await roomy.step(frames_ref.session_id, frames(1.0, 1.0, 1.0))
+    assert got.prediction.values == want.prediction.values
+    sampling = SamplingParams(temperature=0.8, max_tokens=5)
+    for a, b in pairs:  # the RNG went through the restart too
+        got_ids = [t.token_id async for t in second.generate(a, sampling=sampling)]
+        want_ids = [t.token_id async for t in roomy.generate(b, sampling=sampling)]
+        assert got_ids == want_ids
+    assert observer.count("restored") >= len(pairs)
+
+
+async def test_idle_time_runs_on_across_a_restart_but_not_while_down(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "shared-spill"
+    clock = FakeClock()
+    first = await make_engine(spill_dir=spill, clock=clock)
+    short, _ = await first.create_session("tok", ttl_seconds=60.0)
+    long, _ = await first.create_session("tok", ttl_seconds=600.0)
+    clock.advance(40.0)
+    await first.stop()
+    clock.advance(3600.0)  # down for an hour: nobody could use the sessions meanwhile
+    second = await make_engine(spill_dir=spill, clock=clock)
+    clock.advance(15.0)  # 55 s idle in all while up
+    assert second.get_session(short.session_id).position == 0
+    clock.advance(6.0)
+    with pytest.raises(SessionExpired):
+        await second.step(short.session_id, toks(1))
+    assert not (spill / f"{short.session_id}.spill").exists()
+    assert (await second.step(long.session_id, toks(1))).position == 1
+
+
+async def test_after_a_crash_the_downtime_counts(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """No clean-stop marker (a crash after the records were written): the stop time is
+    unknown, so the idle clock is taken to have run all along."""
+    spill = tmp_path / "shared-spill"
+    clock = FakeClock()
+    first = await make_engine(spill_dir=spill, clock=clock)
+    short, _ = await first.create_session("tok", ttl_seconds=60.0)
+    long, _ = await first.create_session("tok", ttl_seconds=600.0)
+    clock.advance(40.0)
+    await first.stop()
+    (spill / ".stopped_at").unlink()
+    clock.advance(30.0)
+    second = await make_engine(spill_dir=spill, clock=clock)
+    with pytest.raises(SessionExpired):
+        second.get_session(short.session_id)
+    assert second.get_session(long.session_id).position == 0
+
+
+async def test_one_server_per_spill_directory(make_engine: EngineFactory, tmp_path: Path) -> None:
+    await make_engine(spill_dir=tmp_path / "shared-spill")
+    with pytest.raises(SpillTierInUse):
+        await make_engine(spill_dir=tmp_path / "shared-spill")

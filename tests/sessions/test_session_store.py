@@ -1,0 +1,86 @@
+"""SessionStore: the cap, TTL on its clock, LRU order and why an ended session is gone."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import SessionExpired, SessionLimit, SessionNotFound
+from service.runtime.sampler import SamplingParams, SessionRng
+from service.sessions.session import Session, new_session_id
+from service.sessions.session_store import SessionStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _session(store: SessionStore, slot: int | None = 0, ttl: float = 10.0) -> Session:
+    return Session(
+        session_id=new_session_id(), model="m", version=1, fingerprint="f", slot=slot,
+        rng=SessionRng.seeded(1), default_sampling=SamplingParams(), ttl_seconds=ttl,
+        created_at=0.0, last_used=store.clock(),
+    )  # fmt: skip
+
+
+def test_cap_counts_spilled_sessions_too() -> None:
+    store = SessionStore(max_sessions=2)
+    store.add(_session(store, slot=0))
+    store.add(_session(store, slot=None))
+    with pytest.raises(SessionLimit):
+        store.add(_session(store))
+    store.adopt(_session(store))  # restart: kept even over the cap
+    assert len(store) == 3 and store.resident_count == 2
+
+
+def test_ttl_runs_on_the_clock_and_ended_ids_say_why() -> None:
+    clock = Clock()
+    store = SessionStore(10, clock=clock)
+    a, b = _session(store, ttl=10.0), _session(store, ttl=30.0)
+    store.add(a)
+    store.add(b)
+    clock.now += 10.0
+    assert store.expired() == []  # exactly at the TTL is not past it
+    clock.now += 0.5
+    assert store.expired() == [a]
+    a.busy = True
+    assert store.expired() == []  # never mid-request
+    a.busy = False
+    store.remove(a, "expired")
+    store.remove(b, "closed")
+    with pytest.raises(SessionExpired, match="expired"):
+        store.get(a.session_id)
+    with pytest.raises(SessionNotFound, match="closed"):
+        store.get(b.session_id)
+    with pytest.raises(SessionNotFound, match="not found"):
+        store.get("s_never")
+
+
+def test_eviction_victim_is_the_least_recently_used_idle_one_in_memory() -> None:
+    store = SessionStore(10, clock=Clock())
+    a, b, c = (_session(store, slot=i) for i in range(3))
+    for s in (a, b, c):
+        store.add(s)
+    assert store.eviction_victim() is a
+    store.touch(a)
+    assert store.eviction_victim() is b
+    b.busy = True
+    assert store.eviction_victim() is c
+    store.set_slot(c, None)  # spilled: no longer a candidate
+    assert store.eviction_victim() is a
+    a.busy = True
+    assert store.eviction_victim() is None
+    store.set_slot(c, 5)  # restored: most recent
+    assert store.eviction_victim() is c
+
+
+def test_last_used_in_wall_time() -> None:
+    clock = Clock()
+    store = SessionStore(10, clock=clock, wall_clock=lambda: 1.7e9)
+    s = _session(store)
+    clock.now += 25.0
+    wall = store.last_used_wall(s)
+    assert wall == 1.7e9 - 25.0

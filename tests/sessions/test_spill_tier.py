@@ -1,0 +1,91 @@
+"""The spill directory: atomic records, a size cap, an index built from headers at open."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.errors import SpillCorrupted, SpillTierFull, SpillTierInUse
+from service.sessions.spill_tier import SpillTier
+
+from .test_spill_record import make_record
+
+
+@pytest.fixture
+def tier(tmp_path: Path) -> Iterator[SpillTier]:
+    t = SpillTier(tmp_path / "spill", max_bytes=1 << 20)
+    t.open()
+    yield t
+    t.close()
+
+
+def test_write_read_delete(tier: SpillTier) -> None:
+    record = make_record()
+    tier.write(record)
+    sid = record.header.session_id
+    assert sid in tier and tier.bytes_used == tier.path(sid).stat().st_size
+    assert tier.read(sid).header == record.header
+    tier.write(make_record(position=13))  # replacing counts once
+    assert tier.bytes_used == tier.path(sid).stat().st_size
+    tier.delete(sid)
+    assert sid not in tier and tier.bytes_used == 0 and not tier.path(sid).exists()
+    with pytest.raises(SpillCorrupted, match="unreadable"):
+        tier.read(sid)
+
+
+def test_size_cap(tmp_path: Path) -> None:
+    record = make_record()
+    tier = SpillTier(tmp_path / "spill", max_bytes=100)
+    tier.open()
+    try:
+        with pytest.raises(SpillTierFull):
+            tier.write(record)
+        assert tier.bytes_used == 0 and not tier.path(record.header.session_id).exists()
+    finally:
+        tier.close()
+
+
+def test_open_indexes_headers_and_refuses_broken_files(tmp_path: Path) -> None:
+    directory = tmp_path / "spill"
+    first = SpillTier(directory, max_bytes=1 << 20)
+    first.open()
+    first.write(make_record(), durable=True)
+    first.sync()
+    first.close()
+    (directory / "s_broken.spill").write_bytes(b"junk")
+    (directory / "s_other.spill").write_bytes(first.path("s_abcDEF-_123").read_bytes())
+    (directory / ".s_x.spill.123.tmp").write_bytes(b"half a record")  # a crash mid-write
+    (directory / "notes.txt").write_text("not ours")
+
+    second = SpillTier(directory, max_bytes=1 << 20)
+    scan = second.open()
+    try:
+        assert [h.session_id for h in scan.headers] == ["s_abcDEF-_123"]
+        assert set(scan.broken) == {"s_broken", "s_other"}  # s_other holds another session
+        assert not (directory / ".s_x.spill.123.tmp").exists()
+        assert (directory / "notes.txt").exists()
+        on_disk = sum(p.stat().st_size for p in directory.glob("*.spill"))
+        assert second.bytes_used == on_disk
+    finally:
+        second.close()
+
+
+def test_one_owner_per_directory(tier: SpillTier) -> None:
+    with pytest.raises(SpillTierInUse):
+        SpillTier(tier.directory, max_bytes=1).open()
+
+
+def test_clean_stop_marker_is_read_once(tmp_path: Path) -> None:
+    directory = tmp_path / "spill"
+    tier = SpillTier(directory, max_bytes=1 << 20)
+    assert tier.open().stopped_at is None
+    tier.mark_clean_stop(1234.5)
+    tier.close()
+    again = SpillTier(directory, max_bytes=1 << 20)
+    assert again.open().stopped_at == 1234.5
+    again.close()
+    third = SpillTier(directory, max_bytes=1 << 20)
+    assert third.open().stopped_at is None  # a crash after a start must not reuse it
+    third.close()
