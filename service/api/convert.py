@@ -98,17 +98,29 @@ def session_to_pb(session: Session, clock_now: float, wall_now: float) -> pb.Ses
     )
 
 
+def fill_prediction(
+    msg: pb.Prediction, pred: Prediction, position: int, tokenizer: ByteTokenizer | None
+) -> None:
+    """Write `pred` into `msg` in place (building nested messages and copying them in costs
+    about twice as much on the hot path)."""
+    msg.position = position
+    if pred.values:
+        msg.regression.values.extend(pred.values)
+        return
+    assert tokenizer is not None
+    msg.tokens.SetInParent()
+    top = msg.tokens.top
+    decode = tokenizer.decode_one
+    for token_id, prob in zip(pred.top_ids, pred.top_probs, strict=True):
+        top.add(id=token_id, prob=prob, text=decode(token_id))
+
+
 def prediction_to_pb(
     pred: Prediction, position: int, tokenizer: ByteTokenizer | None
 ) -> pb.Prediction:
-    if pred.values:
-        return pb.Prediction(regression=pb.Regression(values=pred.values), position=position)
-    assert tokenizer is not None
-    top = [
-        pb.TopToken(id=i, prob=p, text=tokenizer.decode_one(i))
-        for i, p in zip(pred.top_ids, pred.top_probs, strict=True)
-    ]
-    return pb.Prediction(tokens=pb.TokenPrediction(top=top), position=position)
+    msg = pb.Prediction()
+    fill_prediction(msg, pred, position, tokenizer)
+    return msg
 
 
 def per_position_to_pb(

@@ -97,7 +97,7 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
     return "INTERNAL"
 
 
-def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a client sees for `exc`. An INTERNAL one (a bug, or an `Internal`
     raised on purpose) is logged with its traceback under a new error id, and the client gets
     only the id to quote."""

@@ -19,7 +19,7 @@ from service.api.gen.seqserve.v1 import session_service_pb2 as pb
 from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.api.interceptor import status_of
 from service.engine.session_engine import SessionEngine, StepOutcome
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, SeqServeError
 from service.runtime.sampler import SamplingParams
 from service.sessions.session import Session
 
@@ -102,6 +102,10 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             try:
                 async for message in request_iterator:
                     too_many = len(message.items) > cap
+                    # A message's plain feeds (input, no generate, session not already queued
+                    # on this stream) go to the engine together as one group.
+                    feeds: list[pb.StreamItem] = []
+                    feeds_task: asyncio.Task[None] | None = None
                     for item in message.items:
                         if too_many:
                             out.put_nowait(
@@ -113,6 +117,19 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                                     ),
                                 )
                             )
+                            continue
+                        if (
+                            item.session_id not in tails
+                            and item.HasField("input")
+                            and not item.HasField("generate")
+                        ):
+                            if feeds_task is None:  # starts once this loop yields: sees all
+                                feeds_task = asyncio.create_task(self._stream_feeds(feeds, out))
+                                running.add(feeds_task)
+                                feeds_task.add_done_callback(running.discard)
+                            feeds.append(item)
+                            tails[item.session_id] = feeds_task
+                            feeds_task.add_done_callback(_forget_tail(tails, item.session_id))
                             continue
                         prev = tails.get(item.session_id)
                         task = asyncio.create_task(self._stream_item(item, prev, out))
@@ -144,6 +161,42 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    async def _stream_feeds(
+        self, items: list[pb.StreamItem], out: asyncio.Queue[pb.StreamReply | None]
+    ) -> None:
+        """Plain feeds of one message, for distinct sessions: one engine call for all."""
+        replies: list[pb.StreamReply | None] = [None] * len(items)
+        requests = []
+        accepted: list[int] = []
+        for k, item in enumerate(items):
+            try:
+                inp = convert.input_from_pb(item.input)
+            except SeqServeError as exc:
+                replies[k] = _error_reply(item, exc)
+                continue
+            requests.append((item.session_id, inp, convert.options_from_pb(item.options)))
+            accepted.append(k)
+        outcomes: list[StepOutcome | BaseException]
+        try:
+            outcomes = list(await self.engine.step_many(requests)) if requests else []
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcomes = [exc] * len(requests)
+        for k, outcome in zip(accepted, outcomes, strict=True):
+            item = items[k]
+            if isinstance(outcome, BaseException):
+                replies[k] = _error_reply(item, outcome)
+                continue
+            reply = pb.StreamReply(
+                session_id=item.session_id, request_id=item.request_id, position=outcome.position
+            )
+            if not item.options.skip:
+                self._fill_prediction(reply, outcome)
+            replies[k] = reply
+        for done in replies:
+            out.put_nowait(done)
 
     async def _stream_item(
         self,
@@ -205,8 +258,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
 
     @staticmethod
     def _fill_prediction(response, outcome: StepOutcome) -> None:  # type: ignore[no-untyped-def]
-        response.prediction.CopyFrom(
-            convert.prediction_to_pb(outcome.prediction, outcome.position, outcome.tokenizer)
+        convert.fill_prediction(
+            response.prediction, outcome.prediction, outcome.position, outcome.tokenizer
         )
         if outcome.per_position:
             response.per_position.extend(
@@ -228,7 +281,7 @@ def _forget_tail(
     return forget
 
 
-def _error_reply(item: pb.StreamItem, exc: Exception) -> pb.StreamReply:
+def _error_reply(item: pb.StreamItem, exc: BaseException) -> pb.StreamReply:
     code, message = status_of(exc)
     return pb.StreamReply(
         session_id=item.session_id,

@@ -21,6 +21,18 @@ class ModelInput:
     frames: Sequence[float] | None = None
 
 
+_SINGLE_TOKENS: list[Tensor] = []
+
+
+def _single_token(token_id: int) -> Tensor:
+    """A shared [1] int64 tensor per token id, made once: building one per request costs more
+    than the rest of the input path. Shared, so never modified (the runner copies inputs)."""
+    while len(_SINGLE_TOKENS) <= token_id:
+        start = len(_SINGLE_TOKENS)
+        _SINGLE_TOKENS.extend(torch.arange(start, max(2 * start, token_id + 1, 256)).view(-1, 1))
+    return _SINGLE_TOKENS[token_id]
+
+
 def to_tensor(
     inp: ModelInput, name: str, cfg: ModelConfig, tokenizer: ByteTokenizer | None, cap: int
 ) -> Tensor:
@@ -46,6 +58,8 @@ def to_tensor(
         return frames
     if cfg.input_kind != "tokens" or tokenizer is None:
         raise InvalidArgument(f"model {name!r} takes feature frames, not tokens or text")
+    if inp.tokens is not None and len(inp.tokens) == 1 and 0 <= inp.tokens[0] < cfg.input_dim:
+        return _single_token(inp.tokens[0])  # the common streaming case: one new token
     ids = list(inp.tokens) if inp.tokens is not None else tokenizer.encode(inp.text or "")
     if not ids:
         raise InvalidArgument("input is empty")

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -42,7 +42,7 @@ from service.errors import (
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.runtime.state_pool import ByteBudget
-from service.runtime.step_batch import RowResult, RowWork
+from service.runtime.step_batch import RowWork
 from service.sessions.session import Session, new_session_id
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_tier import SpillTier
@@ -250,6 +250,72 @@ class SessionEngine:
         self.observer.on_request(lv.name, str(lv.version), time.perf_counter() - started)
         return outcome
 
+    async def step_many(
+        self, requests: Sequence[tuple[str, ModelInput, PredictionOptions | None]]
+    ) -> list[StepOutcome | SeqServeError]:
+        """Feed many sessions at once (one Stream message's items), each with its own outcome:
+        the step's result, or the error that refused that item alone. Requests name distinct
+        sessions. Sessions already in memory are checked out and queued together with no await
+        per item (one group, one future per version); spilled ones take the ordinary path."""
+        if self.draining:
+            return [Unavailable("server is draining; retry on another replica")] * len(requests)
+        started = time.perf_counter()
+        outcomes: list[StepOutcome | SeqServeError | None] = [None] * len(requests)
+        queued: dict[tuple[str, int], tuple[LoadedVersion, list[tuple[int, Session, RowWork]]]] = {}
+        slow: list[int] = []
+        for i, (session_id, inp, options) in enumerate(requests):
+            try:
+                session = self._lookup(session_id)
+                lv = self.versions.find(session.model, session.version)
+                if session.slot is None or lv is None or lv.unloading or session.closed:
+                    slow.append(i)  # needs a load, a restore or a precise error: the full path
+                    continue
+                if session.busy:
+                    raise _busy(session_id)
+                row = self._row(lv, session, self._to_tensor(lv, inp), options)
+            except SeqServeError as exc:
+                outcomes[i] = exc
+                continue
+            session.busy = True
+            self.sessions.touch(session)
+            queued.setdefault((lv.name, lv.version), (lv, []))[1].append((i, session, row))
+        groups = []
+        for lv, items in queued.values():
+            try:
+                group = lv.scheduler.submit([(session, row) for _, session, row in items])
+            except SeqServeError as exc:
+                for i, session, _ in items:
+                    outcomes[i] = exc
+                    self._release(session)
+                continue
+            # Free the sessions the moment their rows have run, not when this call returns:
+            # spilled items below may be waiting for exactly these slots. A cancelled caller
+            # leaves them busy until then too, so nothing evicts a slot under a running step.
+            group.future.add_done_callback(self._releaser([s for _, s, _ in items]))
+            groups.append((lv, items, group))
+        slow_work = asyncio.gather(*(self.step(*requests[i]) for i in slow), return_exceptions=True)
+        try:
+            for lv, items, group in groups:
+                results = await asyncio.shield(group.future)
+                elapsed = time.perf_counter() - started
+                for (i, session, _), result in zip(items, results, strict=True):
+                    if isinstance(result, BaseException):
+                        outcomes[i] = _as_error(result)
+                        continue
+                    assert result.prediction is not None
+                    outcomes[i] = StepOutcome(
+                        session, session.position, result.prediction, result.per_position,
+                        lv.tokenizer,
+                    )  # fmt: skip
+                    self.observer.on_request(lv.name, str(lv.version), elapsed)
+            for i, outcome in zip(slow, await slow_work, strict=True):
+                outcomes[i] = _as_error(outcome) if isinstance(outcome, BaseException) else outcome
+        except asyncio.CancelledError:
+            slow_work.cancel()
+            raise
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
+
     async def generate(
         self,
         session_id: str,
@@ -309,10 +375,7 @@ class SessionEngine:
         """Mark the session busy and make sure its state is in memory. Release it after."""
         session = self._lookup(session_id)
         if session.busy:
-            raise Aborted(
-                f"session {session_id!r} has a request in progress; "
-                "send one request at a time per session"
-            )
+            raise _busy(session_id)
         session.busy = True
         self.sessions.touch(session)
         try:
@@ -349,6 +412,13 @@ class SessionEngine:
             self.sessions.touch(session)
             self.residency.notify_idle()
 
+    def _releaser(self, sessions: list[Session]) -> Callable[[asyncio.Future[Any]], None]:
+        def release(_done: asyncio.Future[Any]) -> None:
+            for session in sessions:
+                self._release(session)
+
+        return release
+
     def _generation_done(self, generation: Generation) -> None:
         self._release(generation.session)
 
@@ -382,6 +452,22 @@ class SessionEngine:
 
     # ---- internals: steps and inputs -----------------------------------------------------
 
+    def _row(
+        self,
+        lv: LoadedVersion,
+        session: Session,
+        inputs: Tensor,
+        options: PredictionOptions | None,
+    ) -> RowWork:
+        opts = options or PredictionOptions()
+        top_k = opts.top_k or self.settings.engine.default_top_k
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
+        assert session.slot is not None
+        return RowWork(
+            slot=session.slot, inputs=inputs, top_k=top_k, per_position=opts.per_position
+        )
+
     async def _feed(
         self,
         lv: LoadedVersion,
@@ -389,22 +475,17 @@ class SessionEngine:
         inputs: Tensor,
         options: PredictionOptions | None,
     ) -> StepOutcome:
-        opts = options or PredictionOptions()
-        top_k = opts.top_k or self.settings.engine.default_top_k
-        if top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
-        assert session.slot is not None
-        row = RowWork(slot=session.slot, inputs=inputs, top_k=top_k, per_position=opts.per_position)
-        future = lv.scheduler.submit(session, row)
+        group = lv.scheduler.submit([(session, self._row(lv, session, inputs, options))])
         try:
-            result: RowResult = await asyncio.shield(future)
+            (result,) = await asyncio.shield(group.future)
         except asyncio.CancelledError:
             # The row may already be in the running step, which writes this session's slot:
             # the session stays busy until it settles, so nothing evicts or frees the slot
             # under it. (So a cancelled request's input may still be consumed.)
-            session.pending_step = future
-            future.add_done_callback(_retrieve)
+            session.pending_step = group.future
             raise
+        if isinstance(result, BaseException):
+            raise result
         assert result.prediction is not None
         return StepOutcome(
             session, session.position, result.prediction, result.per_position, lv.tokenizer
@@ -449,7 +530,16 @@ async def _every(seconds: float, work: Callable[[], Awaitable[Any]]) -> None:
             log.exception("background %s failed", getattr(work, "__name__", "task"))
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Consume an abandoned step's outcome so asyncio does not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
+def _busy(session_id: str) -> Aborted:
+    return Aborted(
+        f"session {session_id!r} has a request in progress; send one request at a time per session"
+    )
+
+
+def _as_error(exc: BaseException) -> SeqServeError:
+    """A row's failure as the error its item reports (a bug becomes INTERNAL)."""
+    if isinstance(exc, SeqServeError):
+        return exc
+    internal = Internal("step failed")
+    internal.__cause__ = exc
+    return internal

@@ -28,11 +28,37 @@ from service.sessions.session import Session
 log = logging.getLogger(__name__)
 
 
+class FeedGroup:
+    """Feed rows submitted together (one request, or one Stream message's items): `future`
+    resolves to their outcomes in submission order once every row has run — a RowResult, or
+    the exception that failed that row. One future per group, not per row, keeps the per-item
+    cost of a many-session frame low."""
+
+    __slots__ = ("future", "outcomes", "remaining")
+
+    def __init__(self, size: int) -> None:
+        self.future: asyncio.Future[list[RowResult | BaseException]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.outcomes: list[RowResult | BaseException] = [_UNSET] * size  # type: ignore[list-item]
+        self.remaining = size
+
+    def settle(self, index: int, outcome: RowResult | BaseException) -> None:
+        self.outcomes[index] = outcome
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.outcomes)
+
+
+_UNSET = object()
+
+
 @dataclass
 class _Feed:
     session: Session
     row: RowWork
-    future: asyncio.Future[RowResult]
+    group: FeedGroup
+    index: int  # the row's place in its group
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -73,18 +99,22 @@ class StepScheduler:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="step-scheduler")
 
-    def submit(self, session: Session, row: RowWork) -> asyncio.Future[RowResult]:
-        """Queue one feed row; the future resolves after the step that consumed it."""
+    def submit(self, work: list[tuple[Session, RowWork]]) -> FeedGroup:
+        """Queue feed rows (one per session); the group's future resolves after the steps that
+        consumed them. Raises ResourceExhausted when the queue cannot take them all."""
         if self._stopping:
             raise Unavailable("model version is shutting down")
-        if len(self._pending) >= self._max_queue:
+        if len(self._pending) + len(work) > self._max_queue:
             raise ResourceExhausted(
                 f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}"
             )
-        future: asyncio.Future[RowResult] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Feed(session, row, future))
+        group = FeedGroup(len(work))
+        now = time.perf_counter()
+        self._pending.extend(
+            _Feed(session, row, group, i, now) for i, (session, row) in enumerate(work)
+        )
         self._wakeup.set()
-        return future
+        return group
 
     def start_generation(self, generation: Generation) -> None:
         if self._stopping:
@@ -128,8 +158,7 @@ class StepScheduler:
             except Exception as exc:  # a bug in the runner: fail this batch, keep serving
                 log.exception("step failed for %s:%s", self._model, self._version)
                 for f in feeds:
-                    if not f.future.done():
-                        f.future.set_exception(exc)
+                    f.group.settle(f.index, exc)
                 for gen in gens:
                     gen.tokens.put_nowait(exc)
                     self._retire(gen)
@@ -159,7 +188,7 @@ class StepScheduler:
         deferred: list[_Feed] = []
         while self._pending and len(taken) < max(room, 1):
             feed = self._pending.popleft()
-            if feed.future.cancelled():
+            if feed.group.future.cancelled():
                 continue
             if feed.session.session_id in seen:
                 deferred.append(feed)
@@ -187,8 +216,7 @@ class StepScheduler:
                 self._retire(gen)
         for feed, res in zip(feeds, results[len(gens) :], strict=True):
             feed.session.position += res.consumed
-            if not feed.future.done():
-                feed.future.set_result(res)
+            feed.group.settle(feed.index, res)
 
     def _retire_cancelled(self) -> None:
         for gen in [g for g in self._generations if g.cancelled]:
@@ -202,8 +230,7 @@ class StepScheduler:
     def _fail_pending(self, exc: Exception) -> None:
         while self._pending:
             feed = self._pending.popleft()
-            if not feed.future.done():
-                feed.future.set_exception(exc)
+            feed.group.settle(feed.index, exc)
 
 
 def g_row(gen: Generation) -> RowWork:

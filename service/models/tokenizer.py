@@ -6,6 +6,8 @@ from __future__ import annotations
 class ByteTokenizer:
     name = "bytes"
     vocab_size = 256
+    # Each byte on its own as text (a lone non-ASCII byte is U+FFFD), decoded once.
+    _PIECES = tuple(bytes([b]).decode("utf-8", errors="replace") for b in range(256))
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -16,7 +18,7 @@ class ByteTokenizer:
 
     def decode_one(self, token_id: int) -> str:
         """The text of one token on its own (a lone continuation byte gives U+FFFD)."""
-        return bytes([token_id]).decode("utf-8", errors="replace")
+        return self._PIECES[token_id]
 
 
 def get_tokenizer(name: str) -> ByteTokenizer:
