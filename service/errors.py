@@ -106,6 +106,10 @@ class SessionNotFound(NotFound):
     """No session with that id (never created, or ended too long ago to remember)."""
 
 
+class SessionClosed(FailedPrecondition):
+    """The session was closed; its id is remembered so a late request learns why."""
+
+
 class SessionExpired(NotFound):
     """The session was idle past its TTL and is gone."""
 

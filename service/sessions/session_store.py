@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
-from service.errors import SessionExpired, SessionLimit, SessionNotFound
+from service.errors import SessionClosed, SessionExpired, SessionLimit, SessionNotFound
 from service.sessions.session import Session
 
 _REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
@@ -66,7 +66,7 @@ class SessionStore:
             if why == "expired":
                 raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
             if why == "closed":
-                raise SessionNotFound(f"session {session_id!r} was closed")
+                raise SessionClosed(f"session {session_id!r} was closed")
             raise SessionNotFound(f"session {session_id!r} not found")
         return session
 

@@ -329,7 +329,7 @@ async def test_python_client_session_api(client: SeqServeClient) -> None:
     await session.close()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await session.refresh()
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # closed
 
     series = await client.create_session("frames")
     values = await series.feed(frames=[0.5, -0.5, 1.0])

@@ -121,24 +121,25 @@ async def test_close_session_then_every_rpc_says_it_was_closed(client: SeqServeC
     ).session
     assert closed.state == types.SESSION_STATE_CLOSED and closed.position == 3
     sid = s.session_id
-    nf = grpc.StatusCode.NOT_FOUND
+    fp = grpc.StatusCode.FAILED_PRECONDITION  # DESIGN's table: "session closed"
     await expect_status(
-        client.sessions.GetSession(pb.GetSessionRequest(session_id=sid)), nf, "closed"
+        client.sessions.GetSession(pb.GetSessionRequest(session_id=sid)), fp, "closed"
     )
-    await expect_status(_step(client, sid, text("x")), nf, "closed")
+    await expect_status(_step(client, sid, text("x")), fp, "closed")
     await expect_status(
-        client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), nf, "closed"
+        client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), fp, "closed"
     )
     await expect_status(
-        client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), nf, "closed"
+        client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), fp, "closed"
     )
 
     async def generate() -> None:
         async for _ in client.sessions.Generate(pb.GenerateRequest(session_id=sid)):
             pass
 
-    await expect_status(generate(), nf, "closed")
-    # Never seen at all is a different message.
+    await expect_status(generate(), fp, "closed")
+    # Never seen at all is a different status and message.
+    nf = grpc.StatusCode.NOT_FOUND
     unknown = await expect_status(
         client.sessions.GetSession(pb.GetSessionRequest(session_id="s_nope")), nf, "s_nope"
     )

@@ -35,7 +35,7 @@ def test_is_a_no_op_when_tools_are_present() -> None:
 
 
 def test_non_root_without_tools_names_packages_and_fails(tmp_path: Path) -> None:
-    # A PATH with no promtool / prometheus / docker-compose / node / npm, and an `id` that says non-root.
+    # A PATH with no promtool, prometheus, docker-compose, node or npm; an `id` saying non-root.
     fake_id = tmp_path / "id"
     fake_id.write_text("#!/bin/sh\necho 1000\n")
     fake_id.chmod(0o755)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import SessionExpired, SessionLimit, SessionNotFound
+from service.errors import SessionClosed, SessionExpired, SessionLimit, SessionNotFound
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions.session import Session, new_session_id
 from service.sessions.session_store import SessionStore
@@ -53,7 +53,7 @@ def test_ttl_runs_on_the_clock_and_ended_ids_say_why() -> None:
     store.remove(b, "closed")
     with pytest.raises(SessionExpired, match="expired"):
         store.get(a.session_id)
-    with pytest.raises(SessionNotFound, match="closed"):
+    with pytest.raises(SessionClosed, match="closed"):
         store.get(b.session_id)
     with pytest.raises(SessionNotFound, match="not found"):
         store.get("s_never")
