@@ -180,6 +180,7 @@ class ModelVersions:
             version,
             max_batch_size=engine.max_batch_size,
             max_queue=engine.max_queue,
+            inline_max_rows=engine.inline_max_rows,
             on_stats=observer.on_step,
             on_generation_done=self._on_generation_done,
             on_token_times=lambda ttft, gap: observer.on_token_times(name, str(version), ttft, gap),
