@@ -42,6 +42,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
         entry = await asyncio.to_thread(self.store.model, request.name)
         versions = []
         for v in entry.versions:
+            problem = v.problem or self.versions.refusal(entry.name, v.version)
             lv = self.versions.find(entry.name, v.version)
             manifest = v.manifest
             versions.append(
@@ -54,8 +55,8 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
                     else pb.CELL_TYPE_UNSPECIFIED,
                     loaded=lv is not None,
                     live_sessions=self.versions.pinned(entry.name, v.version),  # spilled too
-                    status=pb.VERSION_STATUS_OK if v.ok else pb.VERSION_STATUS_REFUSED,
-                    status_reason=v.problem or "",
+                    status=pb.VERSION_STATUS_OK if problem is None else pb.VERSION_STATUS_REFUSED,
+                    status_reason=problem or "",
                 )
             )
         return pb.GetModelResponse(

@@ -101,6 +101,9 @@ class ModelVersions:
         self._defaults: dict[str, int] = {}  # what "" resolved to at the last poll
         self._warm_failed: set[tuple[str, int]] = set()  # logged once, not every poll
         self._problems: dict[str, str] = {}  # what poll() last warned about, by subject
+        # Versions whose weights failed their digest, with the file's identity then: skipped
+        # when "" / "latest" resolve to the latest version, until the file changes.
+        self._refused: dict[tuple[str, int], tuple[FileIdentity | None, str]] = {}
 
     def loaded(self) -> list[LoadedVersion]:
         return list(self._loaded.values())
@@ -137,13 +140,49 @@ class ModelVersions:
 
     async def resolve(self, name: str, spec: str) -> LoadedVersion:
         """Resolve `spec` ("" / number / alias) against the store as it is now, and load that
-        version; a loaded one is first checked against its files on disk."""
+        version; a loaded one is first checked against its files on disk.
+
+        When the spec means "the latest version" (no `production` alias), a version whose
+        weights fail their digest is skipped, like one whose manifest is malformed, and the
+        next older one is served; asked for by number or alias, it is refused (DATA_LOSS)."""
         entry = await asyncio.to_thread(self.store.model, name)
         version = entry.resolve(spec)
-        lv = self._loaded.get((name, version))
+        if not _means_latest(entry, spec):
+            return await self._checked(entry, version)
+        candidates = [v for v in reversed(entry.usable_versions) if v <= version]
+        for i, candidate in enumerate(candidates):
+            if i + 1 < len(candidates) and self._still_refused(entry, candidate):
+                continue
+            try:
+                return await self._checked(entry, candidate)
+            except DigestMismatch as exc:
+                weights = entry.path / str(candidate) / _weights_file(entry, candidate)
+                self._refused[(name, candidate)] = (_identity(weights), exc.message)
+                log.error("%s:%d refused: %s", name, candidate, exc.message)
+                if i + 1 == len(candidates):
+                    raise
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def refusal(self, name: str, version: int) -> str | None:
+        """Why `version` is skipped for new sessions, if its digest failed."""
+        found = self._refused.get((name, version))
+        return None if found is None else found[1]
+
+    def _still_refused(self, entry: ModelEntry, version: int) -> bool:
+        found = self._refused.get((entry.name, version))
+        if found is None:
+            return False
+        weights = entry.path / str(version) / _weights_file(entry, version)
+        if _identity(weights) != found[0]:  # the file changed: give it another chance
+            del self._refused[(entry.name, version)]
+            return False
+        return True
+
+    async def _checked(self, entry: ModelEntry, version: int) -> LoadedVersion:
+        lv = self._loaded.get((entry.name, version))
         if lv is not None:
             await asyncio.to_thread(check_on_disk, lv, entry)
-        return await self.get(name, version)
+        return await self.get(entry.name, version)
 
     async def get(self, name: str, version: int) -> LoadedVersion:
         key = (name, version)
@@ -290,6 +329,16 @@ class ModelVersions:
         except SeqServeError as exc:
             self._warm_failed.add(key)
             log.warning("could not preload %s:%d: %s", name, version, exc.message)
+
+
+def _means_latest(entry: ModelEntry, spec: str) -> bool:
+    spec = spec.strip()
+    return spec == "latest" or (spec == "" and "production" not in entry.aliases)
+
+
+def _weights_file(entry: ModelEntry, version: int) -> str:
+    found = entry.entry(version)
+    return found.manifest.weights_file if found is not None and found.manifest else ""
 
 
 def check_on_disk(lv: LoadedVersion, entry: ModelEntry) -> None:

@@ -448,6 +448,36 @@ async def test_weights_digest_mismatch_is_data_loss(
     assert await _create(client, model="frames")
 
 
+async def test_latest_with_a_bad_digest_is_skipped_for_the_next_older(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """Like a malformed manifest, a tampered latest version is skipped when "" / "latest" mean
+    the newest version; by number it is still refused, and GetModel says why."""
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=5)  # version 2
+    weights = store_root / "tok" / "2" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    for spec in ("", "latest", ""):  # the second "" takes the remembered refusal
+        made = await client.sessions.CreateSession(
+            pb.CreateSessionRequest(model="tok", version=spec)
+        )
+        assert made.session.version == 1
+    await expect_status(
+        client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="2")),
+        grpc.StatusCode.DATA_LOSS, "sha256",
+    )  # fmt: skip
+    detail = (await client.registry.GetModel(reg.GetModelRequest(name="tok"))).model
+    status = {v.version: (v.status, v.status_reason) for v in detail.versions}
+    assert status[1][0] == reg.VERSION_STATUS_OK
+    assert status[2][0] == reg.VERSION_STATUS_REFUSED and "sha256" in status[2][1]
+    # Repaired (republished bytes), it is served again.
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    made = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+    assert made.session.version == 2
+
+
 # ---- INTERNAL ------------------------------------------------------------------------------------
 
 
