@@ -153,15 +153,28 @@ class ModelVersions:
         for i, candidate in enumerate(candidates):
             if i + 1 < len(candidates) and self._still_refused(entry, candidate):
                 continue
+            weights = entry.path / str(candidate) / _weights_file(entry, candidate)
+            before = _identity(weights)
             try:
                 return await self._checked(entry, candidate)
             except DigestMismatch as exc:
-                weights = entry.path / str(candidate) / _weights_file(entry, candidate)
-                self._refused[(name, candidate)] = (_identity(weights), exc.message)
+                if before is not None and _identity(weights) == before:  # not mid-rewrite
+                    self._refused[(name, candidate)] = (before, exc.message)
                 log.error("%s:%d refused: %s", name, candidate, exc.message)
                 if i + 1 == len(candidates):
                     raise
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def default_version(self, entry: ModelEntry) -> int:
+        """What "" resolves to for new sessions, skipping digest-refused versions as resolve()
+        does; no loading. Raises like ModelEntry.resolve."""
+        version = entry.resolve("")
+        if not _means_latest(entry, ""):
+            return version
+        for candidate in reversed(entry.usable_versions):
+            if candidate <= version and not self._still_refused(entry, candidate):
+                return candidate
+        return version
 
     def refusal(self, name: str, version: int) -> str | None:
         """Why `version` is skipped for new sessions, if its digest failed."""
@@ -175,6 +188,7 @@ class ModelVersions:
         weights = entry.path / str(version) / _weights_file(entry, version)
         if _identity(weights) != found[0]:  # the file changed: give it another chance
             del self._refused[(entry.name, version)]
+            self._warm_failed.discard((entry.name, version))
             return False
         return True
 
@@ -244,7 +258,8 @@ class ModelVersions:
         if lv is None or lv.sessions > 0 or lv.unloading:
             return
         try:
-            current: int | None = await asyncio.to_thread(self.store.resolve, name, "")
+            entry = await asyncio.to_thread(self.store.model, name)
+            current: int | None = self.default_version(entry)
         except SeqServeError:  # the model vanished or is broken: nothing resolves to it
             current = None
         if current == version or lv.sessions > 0 or lv.unloading:
@@ -296,7 +311,7 @@ class ModelVersions:
         try:
             if entry is None:
                 raise VersionUnusable(f"model {name!r} is gone from the store")
-            default = entry.resolve("")
+            default = self.default_version(entry)
         except SeqServeError as exc:
             self._report(name, f"new sessions cannot be served: {exc.message}")
             self._defaults.pop(name, None)

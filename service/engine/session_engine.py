@@ -304,7 +304,7 @@ class SessionEngine:
                         continue
                     assert result.prediction is not None
                     outcomes[i] = StepOutcome(
-                        session, session.position, result.prediction, result.per_position,
+                        session, result.position, result.prediction, result.per_position,
                         lv.tokenizer,
                     )  # fmt: skip
                     self.observer.on_request(lv.name, str(lv.version), elapsed)
@@ -336,8 +336,9 @@ class SessionEngine:
             params.validate(lv.config.output_dim, self.settings.engine.max_generate_tokens)
             if prompt is not None:
                 await self._feed(lv, session, self._to_tensor(lv, prompt), None)
-            generation = Generation(session, params, lv.tokenizer)
-            lv.scheduler.start_generation(generation)
+            started = Generation(session, params, lv.tokenizer)
+            lv.scheduler.start_generation(started)
+            generation = started  # from here the scheduler releases the session
             while True:
                 item = await generation.tokens.get()
                 if isinstance(item, BaseException):
@@ -488,7 +489,7 @@ class SessionEngine:
             raise result
         assert result.prediction is not None
         return StepOutcome(
-            session, session.position, result.prediction, result.per_position, lv.tokenizer
+            session, result.position, result.prediction, result.per_position, lv.tokenizer
         )
 
     def _to_tensor(self, lv: LoadedVersion, inp: ModelInput) -> Tensor:

@@ -154,9 +154,12 @@ class StepScheduler:
             rows = [g_row(g) for g in gens] + [f.row for f in feeds]
             started = time.perf_counter()
             try:
-                if len(rows) <= self._inline_max_rows:
-                    # A lone row: handing it to the runner thread and back costs more than
-                    # the step itself (~0.25 ms of 1.3 ms per token for one session, measured).
+                if len(rows) <= self._inline_max_rows and all(
+                    r.inputs is None or r.inputs.shape[0] == 1 for r in rows
+                ):
+                    # A lone one-input row: handing it to the runner thread and back costs more
+                    # than the step (~0.25 ms of 1.3 ms per token for one session, measured).
+                    # Chunks always go to the thread: they would stall the loop.
                     output = self._runner.execute(StepBatch(rows))
                 else:
                     output = await loop.run_in_executor(
@@ -223,6 +226,7 @@ class StepScheduler:
                 self._retire(gen)
         for feed, res in zip(feeds, results[len(gens) :], strict=True):
             feed.session.position += res.consumed
+            res.position = feed.session.position  # read later, when the session may be in use
             feed.group.settle(feed.index, res)
 
     def _retire_cancelled(self) -> None:

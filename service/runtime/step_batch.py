@@ -41,6 +41,7 @@ class RowResult:
     prediction: Prediction | None = None  # after the last input (feed rows)
     per_position: list[Prediction] = field(default_factory=list)
     token: int | None = None  # generate rows: the sampled (and consumed) token
+    position: int = -1  # the session's position right after this row (set by the scheduler)
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""`SessionEngine.step_many`: many sessions fed at once (one Stream message's items)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from service.engine.session_engine import ModelInput
+from service.errors import DataLoss, InvalidArgument, Unavailable
+from service.runtime.step_batch import StepBatch
+
+from .conftest import EngineFactory
+
+
+async def test_each_item_reports_the_position_its_own_step_left(
+    make_engine: EngineFactory,
+) -> None:
+    """A session of a fast version is released as soon as its row ran, while the call still
+    waits on a slow version's group; another request may then step it again. The reply must
+    still carry the position after *its* step, not a later one."""
+    engine = await make_engine(engine={"inline_max_rows": 0})
+    a, _ = await engine.create_session("tok")
+    b, _ = await engine.create_session("frames")
+    slow_version = engine.versions.find("tok", 1)
+    assert slow_version is not None
+    execute = slow_version.runner.execute
+
+    def slow(batch: StepBatch):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)  # a big batch of a big model
+        return execute(batch)
+
+    slow_version.runner.execute = slow  # type: ignore[method-assign]
+    many = asyncio.create_task(
+        engine.step_many(
+            [
+                (a.session_id, ModelInput(tokens=[1]), None),
+                (b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]), None),
+            ]
+        )
+    )
+    await asyncio.sleep(0.1)
+    meanwhile = await engine.step(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]))
+    assert meanwhile.position == 2
+    outcomes = await many
+    assert [o.position for o in outcomes] == [1, 1]  # type: ignore[union-attr]
+
+
+async def test_errors_stay_with_their_items(make_engine: EngineFactory) -> None:
+    engine = await make_engine()
+    a, _ = await engine.create_session("tok")
+    b, _ = await engine.create_session("tok")
+    outcomes = await engine.step_many(
+        [
+            (a.session_id, ModelInput(tokens=[999]), None),  # out of the vocabulary
+            (b.session_id, ModelInput(tokens=[1, 2]), None),
+            ("s_unknown", ModelInput(tokens=[1]), None),
+        ]
+    )
+    assert isinstance(outcomes[0], InvalidArgument)
+    assert outcomes[1].position == 2  # type: ignore[union-attr]
+    assert type(outcomes[2]).__name__ == "SessionNotFound"
+    assert a.position == 0 and not a.busy and not b.busy
+
+
+async def test_draining_refuses_every_item(make_engine: EngineFactory) -> None:
+    engine = await make_engine()
+    a, _ = await engine.create_session("tok")
+    engine.begin_draining()
+    outcomes = await engine.step_many([(a.session_id, ModelInput(tokens=[1]), None)])
+    assert isinstance(outcomes[0], Unavailable) and a.position == 0
+    assert not isinstance(outcomes[0], DataLoss)
