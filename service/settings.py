@@ -47,8 +47,9 @@ class EngineSettings(BaseModel):
     max_generate_tokens: int = 2048
     """Largest `max_tokens` a generation may ask for."""
     inline_max_rows: int = 1
-    """Batched steps of at most this many rows run on the event-loop thread instead of the
-    runner thread: for a lone session the thread handoff costs more than it saves. 0 = never."""
+    """Batched steps of at most this many rows, each of one input, run on the event-loop thread
+    instead of the runner thread: for a lone session the thread handoff costs more than it
+    saves. Chunks always go to the runner thread. 0 = never."""
     max_queue: int = 4096
     """Pending steps per model version beyond which new work gets RESOURCE_EXHAUSTED."""
     max_items_per_message: int = 1024
