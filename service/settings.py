@@ -30,7 +30,8 @@ class ServerSettings(BaseModel):
     (`gc.freeze`) and young collections run every this many allocations. 0 keeps Python's
     defaults, whose full collections stalled the event loop for ~150 ms under load."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """Largest gRPC message accepted or sent."""
+    """Largest request message accepted (larger: INVALID_ARGUMENT; over twice this, gRPC's own
+    RESOURCE_EXHAUSTED) and largest reply sent."""
 
 
 class EngineSettings(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from service.errors import SeqServeError
+from service.errors import InvalidArgument, SeqServeError
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,9 @@ RpcObserver = Callable[[str, str, float], None]  # (method, code name, seconds)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, observe_rpc: RpcObserver) -> None:
+    def __init__(self, observe_rpc: RpcObserver, max_message_bytes: int = 0) -> None:
         self._observe = observe_rpc
+        self._max_message_bytes = max_message_bytes  # 0 = no check here
 
     async def intercept_service(
         self,
@@ -40,11 +41,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), **kwargs
+                self._unary(method, self._sized(handler.unary_unary)), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream), **kwargs
+                self._streaming(method, self._sized(handler.unary_stream)), **kwargs
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
@@ -53,6 +54,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             self._streaming(method, handler.stream_stream), **kwargs
         )
+
+    def _sized(self, fn: Any) -> Any:
+        """Refuse a request message over the configured size with INVALID_ARGUMENT. (The
+        transport's own ceiling, twice the setting, answers RESOURCE_EXHAUSTED beyond that.)"""
+        limit = self._max_message_bytes
+        if limit <= 0:
+            return fn
+
+        def sized(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            check_message_size(request, limit)
+            return fn(request, context)
+
+        return sized
 
     def _unary(self, method: str, fn: Any) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -84,6 +98,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 self._observe(method, code, time.perf_counter() - started)
 
         return call
+
+
+def check_message_size(message: Any, limit: int) -> None:
+    size = message.ByteSize()
+    if size > limit:
+        raise InvalidArgument(
+            f"message of {size} bytes exceeds the limit of {limit} "
+            "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send smaller chunks or fewer items"
+        )
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:

@@ -46,9 +46,11 @@ class SeqServeServer:
         self.engine = SessionEngine(settings, self.store, self.metrics_observer)
         limit = settings.server.max_message_bytes
         self.grpc = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(self.metrics.observe_rpc)],
+            interceptors=[ErrorMappingInterceptor(self.metrics.observe_rpc, limit)],
             options=[
-                ("grpc.max_receive_message_length", limit),
+                # Requests up to twice the limit reach our code, which refuses those over it
+                # with INVALID_ARGUMENT; beyond that gRPC itself answers RESOURCE_EXHAUSTED.
+                ("grpc.max_receive_message_length", 2 * limit),
                 ("grpc.max_send_message_length", limit),
             ],
         )

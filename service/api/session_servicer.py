@@ -97,26 +97,28 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         tails: dict[str, asyncio.Task[None]] = {}
         running: set[asyncio.Task[None]] = set()
         cap = self.engine.settings.engine.max_items_per_message
+        max_bytes = self.engine.settings.server.max_message_bytes
 
         async def read() -> None:
             try:
                 async for message in request_iterator:
-                    too_many = len(message.items) > cap
+                    refusal: SeqServeError | None = None
+                    if len(message.items) > cap:
+                        refusal = InvalidArgument(
+                            f"message carries {len(message.items)} items; the limit is {cap}"
+                        )
+                    elif (size := message.ByteSize()) > max_bytes:
+                        refusal = InvalidArgument(
+                            f"message of {size} bytes exceeds the limit of {max_bytes} "
+                            "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send fewer items per message"
+                        )
                     # A message's plain feeds (input, no generate, session not already queued
                     # on this stream) go to the engine together as one group.
                     feeds: list[pb.StreamItem] = []
                     feeds_task: asyncio.Task[None] | None = None
                     for item in message.items:
-                        if too_many:
-                            out.put_nowait(
-                                _error_reply(
-                                    item,
-                                    InvalidArgument(
-                                        f"message carries {len(message.items)} items; "
-                                        f"the limit is {cap}"
-                                    ),
-                                )
-                            )
+                        if refusal is not None:
+                            out.put_nowait(_error_reply(item, refusal))
                             continue
                         if (
                             item.session_id not in tails

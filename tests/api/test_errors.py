@@ -226,17 +226,36 @@ async def test_oversized_chunks(server_factory: ServerFactory) -> None:
 
 
 async def test_message_over_max_message_bytes(server_factory: ServerFactory) -> None:
-    """gRPC itself refuses a message over `server.max_message_bytes` before any handler runs,
-    with the library's RESOURCE_EXHAUSTED (the standard code for it; chunk-level limits give
-    INVALID_ARGUMENT, above)."""
+    """A request over `server.max_message_bytes` is refused by our code with INVALID_ARGUMENT,
+    naming the limit and the setting; a stream message over it gets in-band errors and the
+    stream goes on. Past twice the limit gRPC itself refuses it with RESOURCE_EXHAUSTED, before
+    any handler runs."""
     srv = await server_factory(server={"max_message_bytes": 64 * 1024})
     async with await _client_of(srv) as client:
         sid = await _create(client)
         await expect_status(
             _step(client, sid, text("a" * 100_000)),
+            grpc.StatusCode.INVALID_ARGUMENT, "MAX_MESSAGE_BYTES",
+        )  # fmt: skip
+        await expect_status(
+            _step(client, sid, text("a" * 200_000)),
             grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
         )  # fmt: skip
         assert (await _step(client, sid, text("a" * 1000))).position == 1000
+
+        call = client.sessions.Stream()
+        big = pb.StreamItem(session_id=sid, request_id="big", input=text("b" * 70_000))
+        await call.write(pb.StreamRequest(items=[big]))
+        await call.write(
+            pb.StreamRequest(
+                items=[pb.StreamItem(session_id=sid, request_id="ok", input=text("c"))]
+            )
+        )
+        await call.done_writing()
+        replies = {r.request_id: r async for message in call for r in message.replies}
+        assert replies["big"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "MAX_MESSAGE_BYTES" in replies["big"].error.message
+        assert replies["ok"].error.code == 0 and replies["ok"].position == 1001
 
 
 # ---- NOT_FOUND -----------------------------------------------------------------------------------
