@@ -26,7 +26,7 @@ async def test_each_item_reports_the_position_its_own_step_left(
     execute = slow_version.runner.execute
 
     def slow(batch: StepBatch):  # type: ignore[no-untyped-def]
-        time.sleep(0.3)  # a big batch of a big model
+        time.sleep(1.0)  # a big batch of a big model
         return execute(batch)
 
     slow_version.runner.execute = slow  # type: ignore[method-assign]
@@ -38,7 +38,11 @@ async def test_each_item_reports_the_position_its_own_step_left(
             ]
         )
     )
-    await asyncio.sleep(0.1)
+    for _ in range(500):  # until B's own row has run and B is free again
+        await asyncio.sleep(0.002)
+        if b.position == 1 and not b.busy:
+            break
+    assert not many.done(), "the slow version's group should still be running"
     meanwhile = await engine.step(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]))
     assert meanwhile.position == 2
     outcomes = await many
