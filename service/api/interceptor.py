@@ -101,6 +101,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def check_message_size(message: Any, limit: int) -> None:
+    """INVALID_ARGUMENT for a request message over `limit` bytes (0: no limit)."""
+    if limit <= 0:
+        return
     size = message.ByteSize()
     if size > limit:
         raise InvalidArgument(

@@ -17,7 +17,7 @@ from google.rpc import status_pb2
 from service.api import convert
 from service.api.gen.seqserve.v1 import session_service_pb2 as pb
 from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
-from service.api.interceptor import status_of
+from service.api.interceptor import check_message_size, status_of
 from service.engine.session_engine import SessionEngine, StepOutcome
 from service.errors import InvalidArgument, SeqServeError
 from service.runtime.sampler import SamplingParams
@@ -107,11 +107,11 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                         refusal = InvalidArgument(
                             f"message carries {len(message.items)} items; the limit is {cap}"
                         )
-                    elif (size := message.ByteSize()) > max_bytes:
-                        refusal = InvalidArgument(
-                            f"message of {size} bytes exceeds the limit of {max_bytes} "
-                            "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send fewer items per message"
-                        )
+                    else:
+                        try:
+                            check_message_size(message, max_bytes)
+                        except InvalidArgument as exc:
+                            refusal = exc
                     # A message's plain feeds (input, no generate, session not already queued
                     # on this stream) go to the engine together as one group.
                     feeds: list[pb.StreamItem] = []
