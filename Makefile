@@ -42,7 +42,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 protos: $(STAMP)
-	$(PY) -m service.api.codegen
+	$(PY) -m service.codegen
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

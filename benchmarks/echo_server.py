@@ -22,11 +22,11 @@ from pathlib import Path
 
 import grpc
 
-from service.api.gen.seqserve.v1 import model_registry_pb2 as reg_pb
-from service.api.gen.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
-from service.api.gen.seqserve.v1 import types_pb2 as types
+from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
+from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.pb.seqserve.v1 import types_pb2 as types
 
 VOCAB = 256
 TOP_K = 5  # the real server's default top-k

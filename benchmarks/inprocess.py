@@ -19,7 +19,7 @@ from service.models import SequenceModel
 from service.registry.store import ModelStore
 from service.runtime.runner import ModelRunner
 from service.runtime.state_pool import ByteBudget, StatePool
-from service.runtime.step_batch import RowWork, StepBatch
+from service.runtime.step_batch import Row, StepBatch
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def batched_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing
     tokens = torch.randint(0, config.input_dim, (batch,), generator=gen)
 
     def step() -> None:
-        rows = [RowWork(slot=s, inputs=tokens[i : i + 1], top_k=5) for i, s in enumerate(slots)]
+        rows = [Row(slot=s, inputs=tokens[i : i + 1], top_k=5) for i, s in enumerate(slots)]
         runner.execute(StepBatch(rows))
 
     return _time(step, min_seconds, min_calls=20)

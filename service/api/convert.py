@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service.api.gen.seqserve.v1 import types_pb2 as pb
+from service.engine.feed import PredictionOptions
 from service.engine.generation import (
     FINISH_MAX_TOKENS,
     FINISH_STOP_STRING,
     FINISH_STOP_TOKEN,
     GeneratedToken,
 )
-from service.engine.session_engine import ModelInput, PredictionOptions
+from service.engine.model_input import ModelInput
 from service.errors import InvalidArgument
 from service.models import ByteTokenizer
+from service.pb.seqserve.v1 import types_pb2 as pb
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import Prediction
 from service.sessions.session import Session
@@ -42,27 +45,26 @@ def options_from_pb(msg: pb.PredictionOptions) -> PredictionOptions:
     return PredictionOptions(top_k=msg.top_k, per_position=msg.per_position)
 
 
-def sampling_from_pb(msg: pb.Sampling, base: SamplingParams) -> SamplingParams:
-    """Fields the message leaves unset fall back to `base` (the session's default)."""
-    return SamplingParams(
-        temperature=msg.temperature if msg.HasField("temperature") else base.temperature,
-        top_k=msg.top_k if msg.HasField("top_k") else base.top_k,
-        top_p=msg.top_p if msg.HasField("top_p") else base.top_p,
-        stop_strings=tuple(msg.stop_strings) or base.stop_strings,
-        stop_token_ids=tuple(msg.stop_token_ids) or base.stop_token_ids,
-        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else base.max_tokens,
-    )
+def sampling_from_pb(msg: pb.Sampling, base: SamplingParams | None = None) -> SamplingParams:
+    """Fields the message leaves unset (or repeated fields left empty) fall back to `base`
+    (the session's default, or the defaults of `SamplingParams`)."""
+    base = base or SamplingParams()
+    changes: dict[str, object] = {}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(msg, name)
+        if isinstance(value, (str, int, float)):
+            if msg.HasField(name):
+                changes[name] = value
+        elif len(value):
+            changes[name] = tuple(value)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
-    return pb.Sampling(
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        stop_strings=list(params.stop_strings),
-        stop_token_ids=list(params.stop_token_ids),
-        max_tokens=params.max_tokens,
-    )
+    return pb.Sampling(**dataclasses.asdict(params))
+
+
+_SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 
 
 def duration_seconds(msg: Duration) -> float | None:

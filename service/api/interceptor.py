@@ -1,11 +1,17 @@
 """The one place errors become gRPC statuses, and every RPC is timed.
 
-A `SeqServeError` aborts with its declared status and message. Anything else is a bug: it is
-logged with an error id, and the client gets INTERNAL with that id and no stack trace.
+A `SeqServeError` aborts with its declared status and message. `NotImplementedError` (a method
+the servicer does not implement, as generated base classes raise) is UNIMPLEMENTED. Anything
+else is a bug: it is logged with an error id, and the client gets INTERNAL with that id and no
+stack trace.
+
+Until the server is ready (`ready` returns true), calls to the gated services (seqserve.v1.*)
+are refused with UNAVAILABLE; health and reflection always pass.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import uuid
@@ -14,17 +20,27 @@ from typing import Any
 
 import grpc
 
-from service.errors import InvalidArgument, SeqServeError
+from service.errors import InvalidArgument, SeqServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
 RpcObserver = Callable[[str, str, float], None]  # (method, code name, seconds)
 
+# Method paths refused with UNAVAILABLE until the server is ready.
+GATED_PREFIXES: tuple[str, ...] = ("/seqserve.v1.",)
+NOT_READY_MESSAGE = "server is starting; retry shortly"
+
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, observe_rpc: RpcObserver, max_message_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        observe_rpc: RpcObserver,
+        max_message_bytes: int = 0,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         self._observe = observe_rpc
         self._max_message_bytes = max_message_bytes  # 0 = no check here
+        self._ready = ready  # None: always ready
 
     async def intercept_service(
         self,
@@ -35,24 +51,29 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
+        gated = self._ready is not None and details.method.startswith(GATED_PREFIXES)
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, self._sized(handler.unary_unary)), **kwargs
+                self._unary(method, self._sized(handler.unary_unary), gated), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, self._sized(handler.unary_stream)), **kwargs
+                self._streaming(
+                    method, handler.unary_stream, self._sized(handler.unary_stream), gated
+                ),
+                **kwargs,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary), **kwargs
+                self._unary(method, handler.stream_unary, gated), **kwargs
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, handler.stream_stream), **kwargs
+            self._streaming(method, handler.stream_stream, handler.stream_stream, gated),
+            **kwargs,
         )
 
     def _sized(self, fn: Any) -> Any:
@@ -68,12 +89,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         return sized
 
-    def _unary(self, method: str, fn: Any) -> Any:
+    def _check_ready(self, gated: bool) -> None:
+        if gated and self._ready is not None and not self._ready():
+            raise Unavailable(NOT_READY_MESSAGE)
+
+    def _unary(self, method: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code = "OK"
             try:
-                return await fn(request, context)
+                self._check_ready(gated)
+                result = fn(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
             except BaseException as exc:
                 code = _code_of(exc, context)
                 await _abort(exc, context)
@@ -83,13 +112,48 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _streaming(self, method: str, fn: Any) -> Any:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _streaming(self, method: str, original: Any, fn: Any, gated: bool = False) -> Any:
+        """Wrap a response-streaming handler. `original` is the servicer's own function,
+        inspected to choose the wrapper; `fn` is what to call (it may wrap `original`).
+
+        An async generator yields its responses, and so does its wrapper. Anything else (a
+        coroutine that sends with `context.write`, like the aio health servicer's Watch, or a
+        plain function such as an unimplemented method) gets a coroutine wrapper: gRPC aio
+        does not allow a handler both to write and to yield."""
+        if inspect.isasyncgenfunction(original):
+
+            async def iterate(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                code = "OK"
+                try:
+                    self._check_ready(gated)
+                    async for response in fn(request, context):
+                        yield response
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    await _abort(exc, context)
+                    raise
+                finally:
+                    self._observe(method, code, time.perf_counter() - started)
+
+            return iterate
+
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
             started = time.perf_counter()
             code = "OK"
             try:
-                async for response in fn(request, context):
-                    yield response
+                self._check_ready(gated)
+                result = fn(request, context)
+                if inspect.isawaitable(result):
+                    await result
+                elif hasattr(result, "__aiter__"):  # an async iterator from a plain function
+                    async for response in result:
+                        await context.write(response)
+                elif result is not None:  # a plain iterator (e.g. a sync generator)
+                    for response in result:
+                        await context.write(response)
             except BaseException as exc:
                 code = _code_of(exc, context)
                 await _abort(exc, context)
@@ -97,7 +161,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 self._observe(method, code, time.perf_counter() - started)
 
-        return call
+        return run
 
 
 def check_message_size(message: Any, limit: int) -> None:
@@ -120,6 +184,8 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     if not isinstance(exc, Exception):
         return "CANCELLED"  # CancelledError, GeneratorExit: the client went away
+    if isinstance(exc, NotImplementedError):
+        return "UNIMPLEMENTED"
     return "INTERNAL"
 
 
@@ -139,4 +205,6 @@ async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
     """Turn `exc` into the RPC's status. Aborting raises AbortError."""
     if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
         return
+    if isinstance(exc, NotImplementedError):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
     await context.abort(*status_of(exc))

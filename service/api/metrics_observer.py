@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.engine.model_versions import LoadedVersion, VersionObserver
+from service.engine.served_version import ServedVersion, VersionObserver
 from service.metrics.prometheus_metrics import Metrics
 from service.metrics.stats import StepStats
 
@@ -37,22 +37,24 @@ class MetricsObserver(VersionObserver):
     def on_session_event(self, event: str, model: str, version: str) -> None:
         self.metrics.session_event(event, model, version)
 
-    def on_loaded(self, lv: LoadedVersion) -> None:
-        version = str(lv.version)
-        pending = self._forgetting.pop((lv.name, version), None)
+    def on_loaded(self, served: ServedVersion) -> None:
+        version = str(served.version)
+        pending = self._forgetting.pop((served.name, version), None)
         if pending is not None:  # loaded again before its series were dropped: keep them
             pending.cancel()
-        self.metrics.observe_model_load(lv.name, version, lv.loaded.load_seconds)
-        self.metrics.set_model_info(lv.name, version, lv.fingerprint, lv.config.cell, True)
+        self.metrics.observe_model_load(served.name, version, served.model.load_seconds)
+        self.metrics.set_model_info(
+            served.name, version, served.fingerprint, served.config.cell, True
+        )
 
-    def on_unloaded(self, lv: LoadedVersion) -> None:
+    def on_unloaded(self, served: ServedVersion) -> None:
         """Drop the info series now, and every other series of the version a while later.
 
         Without the second step each version ever loaded would keep its series until restart:
         a long-running server that rolls out a new version a day grows without bound.
         """
-        key = (lv.name, str(lv.version))
-        self.metrics.set_model_info(*key, lv.fingerprint, lv.config.cell, False)
+        key = (served.name, str(served.version))
+        self.metrics.set_model_info(*key, served.fingerprint, served.config.cell, False)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a synchronous caller): keep the series

@@ -5,44 +5,49 @@ from __future__ import annotations
 import asyncio
 import json
 
-from service.api.gen.seqserve.v1 import model_registry_pb2 as pb
-from service.api.gen.seqserve.v1 import model_registry_pb2_grpc as pb_grpc
-from service.engine.model_versions import ModelVersions
+from service.engine.served_versions import ServedVersions
+from service.errors import SeqServeError
+from service.pb.seqserve.v1 import model_registry_pb2 as pb
+from service.pb.seqserve.v1 import model_registry_pb2_grpc as pb_grpc
 from service.registry.snapshot import ModelEntry
 
 _CELL = {"lstm": pb.CELL_TYPE_LSTM, "gru": pb.CELL_TYPE_GRU}
 
 
 class RegistryServicer(pb_grpc.ModelRegistryServicer):
-    def __init__(self, versions: ModelVersions) -> None:
+    def __init__(self, versions: ServedVersions) -> None:
         self.versions = versions
         self.store = versions.store
 
     def _default_version(self, entry: ModelEntry) -> int:
+        """What `CreateSession` with no version gets now (the store's one rule); blocking."""
         try:
-            return entry.resolve("")
-        except Exception:  # no usable version: report 0 rather than fail the listing
+            return self.store.version_for(entry, "")
+        except SeqServeError:  # no usable version: report 0 rather than fail the listing
             return 0
 
     async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
         snapshot = await asyncio.to_thread(self.store.snapshot)
+        models = sorted(snapshot.models.values(), key=lambda e: e.name)
+        defaults = await asyncio.to_thread(lambda: [self._default_version(e) for e in models])
         return pb.ListModelsResponse(
             models=[
                 pb.ModelSummary(
                     name=entry.name,
                     versions=list(entry.usable_versions),
                     aliases=dict(entry.aliases),
-                    default_version=self._default_version(entry),
+                    default_version=default,
                 )
-                for entry in sorted(snapshot.models.values(), key=lambda e: e.name)
+                for entry, default in zip(models, defaults, strict=True)
             ]
         )
 
     async def GetModel(self, request, context):  # type: ignore[no-untyped-def]
         entry = await asyncio.to_thread(self.store.model, request.name)
+        default = await asyncio.to_thread(self._default_version, entry)
         versions = []
         for v in entry.versions:
-            problem = v.problem or self.versions.refusal(entry.name, v.version)
+            problem = v.problem or self.store.refusal(entry, v.version)
             lv = self.versions.find(entry.name, v.version)
             manifest = v.manifest
             versions.append(
@@ -64,7 +69,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
                 name=entry.name,
                 versions=versions,
                 aliases=dict(entry.aliases),
-                default_version=self._default_version(entry),
+                default_version=default,
             )
         )
 

@@ -1,5 +1,9 @@
 """The composition root: builds the store, engine, metrics and gRPC server from Settings, and
-owns start-up and graceful shutdown."""
+owns start-up and graceful shutdown.
+
+Start-up is two steps: `listen()` binds and starts gRPC with every health status NOT_SERVING
+(seqserve.v1 calls are refused with UNAVAILABLE), then `open()` starts the engine and turns
+health to SERVING. `start()` does both."""
 
 from __future__ import annotations
 
@@ -15,17 +19,17 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.gen import SERVICE_NAMES
-from service.api.gen.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
 from service.api.interceptor import ErrorMappingInterceptor
 from service.api.metrics_observer import MetricsObserver
 from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
-from service.engine.model_versions import LoadedVersion
-from service.engine.session_engine import SessionEngine
+from service.engine.served_version import ServedVersion
 from service.metrics.prometheus_metrics import Metrics
+from service.pb import SERVICE_NAMES
+from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
 from service.registry.store import ModelStore
 from service.settings import Settings
+from service.wiring import build_engine
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +47,14 @@ class SeqServeServer:
         self.store = ModelStore(settings.model_store)
         self.metrics = Metrics()
         self.metrics_observer = _ServerObserver(self.metrics, settings.server.gc_gen0_threshold)
-        self.engine = SessionEngine(settings, self.store, self.metrics_observer)
+        self.engine = build_engine(settings, store=self.store, observer=self.metrics_observer)
         limit = settings.server.max_message_bytes
+        self._open = False  # set by open(): until then seqserve.v1 calls get UNAVAILABLE
+        interceptor = ErrorMappingInterceptor(
+            self.metrics.observe_rpc, limit, ready=lambda: self._open
+        )
         self.grpc = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(self.metrics.observe_rpc, limit)],
+            interceptors=[interceptor],
             options=[
                 # Requests up to twice the limit reach our code, which refuses those over it
                 # with INVALID_ARGUMENT; beyond that gRPC itself answers RESOURCE_EXHAUSTED.
@@ -58,18 +66,38 @@ class SeqServeServer:
         self.metrics_port = 0
         self._refresher: asyncio.Task[None] | None = None
         self._health: health.aio.HealthServicer | None = None
+        self._engine_started = False  # set by open(): an engine never started is not stopped
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        """`listen()`, then `open()`. If opening fails, gRPC is stopped again."""
+        await self.listen()
+        try:
+            await self.open()
+        except BaseException:
+            await self.grpc.stop(None)
+            self.metrics.stop()
+            raise
+
+    async def listen(self) -> None:
+        """Bind and start gRPC, every health status NOT_SERVING. Health and reflection answer;
+        SessionService and ModelRegistry refuse with UNAVAILABLE until `open()`."""
         s = self.settings.server
-        await self.engine.start()
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(self.engine), self.grpc
+            SessionServicer(
+                self.engine,
+                max_items_per_message=self.settings.engine.max_items_per_message,
+                max_message_bytes=self.settings.server.max_message_bytes,
+            ),
+            self.grpc,
         )
         model_registry_pb2_grpc.add_ModelRegistryServicer_to_server(
             RegistryServicer(self.engine.versions), self.grpc
         )
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = health.aio.HealthServicer()  # starts with "" SERVING: not yet
+        for name in ("", *SERVICE_NAMES):
+            await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -83,13 +111,25 @@ class SeqServeServer:
             self.metrics_port = self.metrics.start_http_server(s.metrics_host, s.metrics_port)
         await self.grpc.start()
         self._health = health_servicer
-        for name in ("", *SERVICE_NAMES):
-            await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
         log.info(
-            "seqserve listening on %s:%d (metrics on %s:%d, store %s)",
+            "seqserve listening on %s:%d (metrics on %s:%d, store %s); starting",
             s.host, self.port, s.metrics_host, self.metrics_port, self.settings.model_store,
         )  # fmt: skip
+
+    async def open(self) -> None:
+        """Start the engine (resuming spilled sessions), then accept calls and report SERVING.
+        Call after `listen()`."""
+        if self._health is None:
+            raise RuntimeError("open() before listen()")
+        self._engine_started = True
+        await self.engine.start()
+        if self._stopping:  # stop() began meanwhile: stay NOT_SERVING
+            return
+        self._open = True
+        for name in ("", *SERVICE_NAMES):
+            await _set_health(self._health, name, health_pb2.HealthCheckResponse.SERVING)
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
+        log.info("seqserve serving on port %d", self.port)
 
     def tune_gc(self) -> None:
         """Process-wide GC tuning, for `serve` (not for servers embedded in other programs)."""
@@ -101,12 +141,14 @@ class SeqServeServer:
         engine, which writes every session to the spill tier for the next start."""
         if self._stopped.is_set():
             return
+        self._stopping = True
         if self._health is not None:
             for name in ("", *SERVICE_NAMES):
                 await _set_health(self._health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.begin_draining()  # streams still open get UNAVAILABLE for new items
         await self.grpc.stop(self.settings.server.grace_seconds)
-        await self.engine.stop()
+        if self._engine_started:  # stopped before open(): the spill tier was never opened
+            await self.engine.stop()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -124,18 +166,14 @@ class SeqServeServer:
             await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
 
     def refresh_gauges(self) -> None:
-        sessions = list(self.engine.sessions)
-        in_memory = sum(1 for s in sessions if s.slot is not None)
-        self.metrics.set_sessions("memory", in_memory)
-        self.metrics.set_sessions("spilled", len(sessions) - in_memory)
-        used = 0
-        for lv in self.engine.versions.loaded():
-            used += lv.pool.used_slots * lv.pool.bytes_per_slot
-            self.metrics.set_queue_depth(lv.name, str(lv.version), lv.scheduler.queue_depth)
-        self.metrics.set_state_bytes("memory", used)
-        self.metrics.set_pool_capacity_bytes(self.engine.budget.limit_bytes)
-        spill = getattr(self.engine, "spill_bytes", None)
-        self.metrics.set_state_bytes("spilled", int(spill() if callable(spill) else 0))
+        stats = self.engine.stats()
+        self.metrics.set_sessions("memory", stats.sessions_in_memory)
+        self.metrics.set_sessions("spilled", stats.sessions_spilled)
+        for v in stats.versions:
+            self.metrics.set_queue_depth(v.model, str(v.version), v.queue_depth)
+        self.metrics.set_state_bytes("memory", sum(v.state_bytes for v in stats.versions))
+        self.metrics.set_pool_capacity_bytes(stats.pool_capacity_bytes)
+        self.metrics.set_state_bytes("spilled", stats.spilled_bytes)
 
 
 async def _set_health(servicer, name: str, status) -> None:  # type: ignore[no-untyped-def]
@@ -176,8 +214,8 @@ class _ServerObserver(MetricsObserver):
         self._gc_gen0_threshold = gc_gen0_threshold
         self.tuning_gc = False  # set by SeqServeServer.tune_gc
 
-    def on_loaded(self, lv: LoadedVersion) -> None:
-        super().on_loaded(lv)
+    def on_loaded(self, served: ServedVersion) -> None:
+        super().on_loaded(served)
         if self.tuning_gc:
             _freeze_heap(self._gc_gen0_threshold)
 

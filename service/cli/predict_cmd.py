@@ -22,7 +22,7 @@ import torch
 from service.errors import InvalidArgument, SeqServeError
 from service.models.tokenizer import get_tokenizer
 from service.registry.manifest import Manifest, TokensInput
-from service.registry.store import LoadedModel, ModelStore
+from service.registry.store import ModelStore, VerifiedModel
 from service.settings import Settings
 
 
@@ -112,7 +112,7 @@ def parse_input(
     return torch.tensor(values, dtype=torch.float32).view(1, -1, spec.dim)  # [1, T, D]
 
 
-def predict(loaded: LoadedModel, inputs: torch.Tensor, top_k: int) -> dict[str, Any]:
+def predict(loaded: VerifiedModel, inputs: torch.Tensor, top_k: int) -> dict[str, Any]:
     """Run `inputs` [1, T(, D)] from a zero state; the JSON-shaped prediction after the last."""
     model = loaded.model
     device = next(model.parameters()).device

@@ -1,5 +1,7 @@
 """A running generation: the sampling settings, stop conditions and the token stream to its
-consumer. The scheduler keeps it in the batch step after step until it finishes or is cancelled."""
+consumer. The scheduler keeps it in the batch step after step until it finishes or is cancelled,
+then retires it: `retired` resolves once no step will touch the session's slot again, and the
+session's lease is let go only then."""
 
 from __future__ import annotations
 
@@ -7,10 +9,14 @@ import asyncio
 import codecs
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams
-from service.sessions.session import Session
+from service.runtime.step_batch import Row
+
+if TYPE_CHECKING:
+    from service.engine.session_lease import Lease
 
 FINISH_STOP_TOKEN = "stop_token"
 FINISH_STOP_STRING = "stop_string"
@@ -26,12 +32,11 @@ class GeneratedToken:
 
 
 class Generation:
-    def __init__(
-        self, session: Session, sampling: SamplingParams, tokenizer: ByteTokenizer
-    ) -> None:
-        self.session = session
+    def __init__(self, lease: Lease, sampling: SamplingParams, tokenizer: ByteTokenizer) -> None:
+        self.lease = lease
         self.sampling = sampling
         self.tokens: asyncio.Queue[GeneratedToken | BaseException] = asyncio.Queue()
+        self.retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.cancelled = False
         self.finished = False
         self.count = 0
@@ -42,8 +47,21 @@ class Generation:
         self._tail = ""  # recent text, long enough to spot any stop string
         self._tail_len = max((len(s) for s in sampling.stop_strings), default=0)
 
-    def advance(self, token: int) -> GeneratedToken:
-        """Record one sampled-and-consumed token; decide whether generation ends with it."""
+    def row(self) -> Row:
+        """This generation's row of the next step: sample from the last output, consume it."""
+        session = self.lease.session
+        assert session.slot is not None, "a generating session stays in memory"
+        return Row(slot=session.slot, inputs=None, sampling=self.sampling, rng=session.rng)
+
+    def retire(self) -> None:
+        """No step will touch this generation's row again (called by the scheduler)."""
+        if not self.retired.done():
+            self.retired.set_result(None)
+
+    def advance(self, token: int, consumed: int) -> GeneratedToken:
+        """Record one sampled token the step consumed into the state; decide whether the
+        generation ends with it."""
+        position = self.lease.advance(consumed)
         self.count += 1
         text = (
             self._decoder.decode(bytes([token]))
@@ -62,4 +80,4 @@ class Generation:
         if reason is not None:
             text += self._decoder.decode(b"", final=True)
             self.finished = True
-        return GeneratedToken(token, text, self.session.position, reason)
+        return GeneratedToken(token, text, position, reason)

@@ -16,7 +16,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from service.engine.model_versions import LoadedVersion, ModelVersions
+from service.engine.served_version import ServedVersion
+from service.engine.served_versions import ServedVersions
 from service.errors import (
     PoolExhausted,
     ResourceExhausted,
@@ -28,7 +29,7 @@ from service.errors import (
 from service.runtime.sampler import SessionRng
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
-from service.sessions.spill_record import SamplingRecord, SpillHeader, SpillRecord
+from service.sessions.spill_record import SpillHeader, SpillRecord
 from service.sessions.spill_tier import SpillTier
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class SessionResidency:
     def __init__(
         self,
         sessions: SessionStore,
-        versions: ModelVersions,
+        versions: ServedVersions,
         tier: SpillTier,
         on_event: SessionEvent,
         wait_seconds: float = 0.0,
@@ -52,19 +53,21 @@ class SessionResidency:
         self._wait_seconds = wait_seconds
         self._went_idle = asyncio.Event()
         self._frozen = False  # set by spill_all: nothing comes back into memory after it
-        self.broken: dict[str, str] = {}  # session id → why its record was refused at start
 
     # ---- start-up ------------------------------------------------------------------------
 
     def open(self) -> int:
         """Index the spill tier: every record becomes a spilled session, restored on first use.
-        Records past their TTL are deleted; unreadable ones are remembered as broken.
+        Records past their TTL are deleted; unreadable ones are remembered as broken (a request
+        for one gets DATA_LOSS).
 
         Idle time runs on from where it stood at the last clean stop: the time the server was
         down does not count (clients could not reach it). After a crash the stop time is
-        unknown, and the downtime counts."""
+        unknown, and the downtime counts.
+        """
         scan = self.tier.open()
-        self.broken = dict(scan.broken)
+        for session_id, why in scan.broken.items():
+            self.sessions.mark_broken(session_id, why)
         idle_until = scan.stopped_at if scan.stopped_at is not None else self.sessions.wall_clock()
         adopted = 0
         for header in scan.headers:
@@ -72,7 +75,7 @@ class SessionResidency:
             try:
                 session = _session_from(header, self.sessions.clock() - idle)
             except (TypeError, ValueError, KeyError) as exc:  # numpy rejected the RNG state
-                self.broken[header.session_id] = f"unusable RNG state: {exc}"
+                self.sessions.mark_broken(header.session_id, f"unusable RNG state: {exc}")
                 continue
             if self.sessions.is_expired(session):
                 self.tier.delete(header.session_id)
@@ -85,8 +88,8 @@ class SessionResidency:
 
     # ---- slots ---------------------------------------------------------------------------
 
-    async def allocate(self, lv: LoadedVersion) -> int:
-        """A zeroed slot in `lv`'s pool, evicting idle sessions to the spill tier if need be.
+    async def allocate(self, served: ServedVersion) -> int:
+        """A zeroed slot in `version`'s pool, evicting idle sessions to the spill tier if need be.
 
         When every session in memory is busy, waits up to `slot_wait_seconds` for one to go
         idle (a request finishing), then raises PoolExhausted. The wait cannot deadlock: a
@@ -98,7 +101,7 @@ class SessionResidency:
             if self._frozen:
                 raise Unavailable("server is shutting down; retry on another replica")
             try:
-                return self._allocate_now(lv)
+                return self._allocate_now(served)
             except PoolExhausted:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -111,27 +114,27 @@ class SessionResidency:
         """A session went idle or ended: waiting allocations may find a victim now."""
         self._went_idle.set()
 
-    def _allocate_now(self, lv: LoadedVersion) -> int:
+    def _allocate_now(self, served: ServedVersion) -> int:
         while True:
             try:
-                return lv.pool.allocate()
+                return served.pool.allocate()
             except ResourceExhausted:  # the budget allows no growth: make room
                 pass
-            if self._reclaim(lv):
+            if self._reclaim(served):
                 continue
             victim = self.sessions.eviction_victim()
             if victim is None:
                 raise PoolExhausted(
-                    f"state memory budget exhausted ({lv.pool.budget.limit_bytes} bytes) and "
+                    f"state memory budget exhausted ({served.pool.budget.limit_bytes} bytes) and "
                     "every session in memory is busy; retry shortly, or raise "
                     "SEQSERVE_SESSIONS__POOL_BYTES"
                 )
             self.spill(victim)
             self._on_event("evicted", victim)
 
-    def _reclaim(self, wanting: LoadedVersion) -> bool:
+    def _reclaim(self, wanting: ServedVersion) -> bool:
         """Shrink other versions' pools to what they use; True if any bytes came back."""
-        for other in self.versions.loaded():
+        for other in self.versions.served():
             if other is wanting or other.pool.used_slots == other.pool.capacity:
                 continue
             owners = {
@@ -142,7 +145,7 @@ class SessionResidency:
             movable = [slot for slot, s in owners.items() if not s.busy]
             before = other.pool.nbytes
             for old, new in other.pool.compact(movable).items():
-                owners[old].slot = new
+                self.sessions.set_slot(owners[old], new)
             if other.pool.nbytes < before:
                 return True
         return False
@@ -151,14 +154,14 @@ class SessionResidency:
 
     def spill(self, session: Session, *, durable: bool = False) -> None:
         """Write an idle in-memory session to the tier and free its slot."""
-        lv = self.versions.find(session.model, session.version)
-        assert lv is not None and session.slot is not None, "only a session in memory spills"
-        record = SpillRecord(self._header(session), lv.pool.snapshot(session.slot))
+        served = self.versions.find(session.model, session.version)
+        assert served is not None and session.slot is not None, "only a session in memory spills"
+        record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
         self.tier.write(record, durable=durable)
-        lv.pool.free(session.slot)
+        served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
 
-    async def restore(self, session: Session, lv: LoadedVersion) -> None:
+    async def restore(self, session: Session, served: ServedVersion) -> None:
         """Bring a spilled session back into a slot. Its record is checked first: a damaged one
         raises SpillCorrupted (DATA_LOSS), one for other weights SpillMismatch; neither is used."""
         if self._frozen:  # a request that outlived the drain must not undo the shutdown spill
@@ -175,23 +178,23 @@ class SessionResidency:
                 f"{header.version} at position {header.position}, the session is "
                 f"{session.model}:{session.version} at {session.position}"
             )
-        if header.fingerprint != lv.fingerprint:
+        if header.fingerprint != served.fingerprint:
             raise SpillMismatch(
                 f"session {session.session_id!r} was spilled from weights {header.fingerprint}, "
-                f"but {lv.name}:{lv.version} now has {lv.fingerprint}; its state means nothing "
-                "to these weights"
+                f"but {served.name}:{served.version} now has {served.fingerprint}; its state "
+                "means nothing to these weights"
             )
-        cfg = lv.config
+        cfg = served.config
         shape = (cfg.num_layers, cfg.hidden_size, cfg.has_cell_state, cfg.output_dim)
         if (header.num_layers, header.hidden_size, header.has_cell_state, header.output_dim) != (
             shape
         ):
             raise SpillMismatch(
                 f"spill record of session {session.session_id!r} has state shaped for another "
-                f"architecture than {lv.name}:{lv.version}"
+                f"architecture than {served.name}:{served.version}"
             )
-        slot = await self.allocate(lv)  # the session is busy: never its own victim
-        lv.pool.restore(slot, record.state)
+        slot = await self.allocate(served)  # the session is busy: never its own victim
+        served.pool.restore(slot, record.state)
         self.sessions.set_slot(session, slot)
         self.tier.delete(session.session_id)
         self._on_event("restored", session)
@@ -199,9 +202,9 @@ class SessionResidency:
     def discard(self, session: Session) -> None:
         """The session ended: free its slot or delete its record."""
         if session.slot is not None:
-            lv = self.versions.find(session.model, session.version)
-            if lv is not None:
-                lv.pool.free(session.slot)
+            served = self.versions.find(session.model, session.version)
+            if served is not None:
+                served.pool.free(session.slot)
             self.sessions.set_slot(session, None)
         self.tier.delete(session.session_id)
 
@@ -220,9 +223,9 @@ class SessionResidency:
         return written, lost
 
     def _header(self, session: Session) -> SpillHeader:
-        lv = self.versions.find(session.model, session.version)
-        assert lv is not None
-        cfg = lv.config
+        served = self.versions.find(session.model, session.version)
+        assert served is not None
+        cfg = served.config
         return SpillHeader(
             session_id=session.session_id,
             model=session.model,
@@ -235,7 +238,7 @@ class SessionResidency:
             ttl_seconds=session.ttl_seconds,
             last_used_wall=self.sessions.last_used_wall(session),
             rng_state=session.rng.get_state(),
-            default_sampling=SamplingRecord.of(session.default_sampling),
+            default_sampling=session.default_sampling,
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
             has_cell_state=cfg.has_cell_state,
@@ -251,7 +254,7 @@ def _session_from(header: SpillHeader, last_used: float) -> Session:
         fingerprint=header.fingerprint,
         slot=None,
         rng=SessionRng.from_state(header.rng_state),
-        default_sampling=header.default_sampling.params(),
+        default_sampling=header.default_sampling,
         ttl_seconds=header.ttl_seconds,
         created_at=header.created_at,
         last_used=last_used,

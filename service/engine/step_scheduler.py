@@ -1,11 +1,14 @@
 """Continuous batching for one loaded model version.
 
-One loop per version: wait until work is pending, give producers one event-loop tick to add
-theirs, take every pending feed (up to `max_batch_size` rows, one per session) together with
-every running generation, run the batch on the runner's thread, fan the results out, repeat.
-Flushing what is pending at each tick beat waiting on a timer here: the step itself is the
-batching window. Generations stay in the batch step after step until they finish or are
-cancelled.
+One loop per version: wait until rows are pending, give producers one event-loop tick to add
+theirs, take the pending rows (up to `max_batch_size`) together with every running generation,
+run the batch on the runner's thread, fan the results out, repeat. Flushing what is pending at
+each tick beat waiting on a timer here: the step itself is the batching window. Generations stay
+in the batch step after step until they finish or are cancelled.
+
+The scheduler knows nothing of sessions. Each row comes with its owner, told how many inputs
+the step consumed the moment the state changed (so position and state never disagree), and
+the session lease guarantees at most one row per session is ever queued or running.
 """
 
 from __future__ import annotations
@@ -17,22 +20,28 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from service.engine.generation import Generation
 from service.errors import ResourceExhausted, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
-from service.runtime.step_batch import RowResult, RowWork, StepBatch
-from service.sessions.session import Session
+from service.runtime.step_batch import Row, RowResult, StepBatch
 
 log = logging.getLogger(__name__)
 
 
-class FeedGroup:
-    """Feed rows submitted together (one request, or one Stream message's items): `future`
-    resolves to their outcomes in submission order once every row has run — a RowResult, or
-    the exception that failed that row. One future per group, not per row, keeps the per-item
-    cost of a many-session frame low."""
+class RowOwner(Protocol):
+    def advance(self, consumed: int) -> int:
+        """`consumed` inputs went into the row's state; return the position that leaves."""
+        ...
+
+
+class RowGroup:
+    """Rows submitted together (one feed, or one Stream message's feeds): `future` resolves to
+    their outcomes in submission order once every row has run — a RowResult, or the exception
+    that failed that row. One future per group, not per row, keeps the per-feed cost of a
+    many-session frame low."""
 
     __slots__ = ("future", "outcomes", "remaining")
 
@@ -54,10 +63,10 @@ _UNSET = object()
 
 
 @dataclass
-class _Feed:
-    session: Session
-    row: RowWork
-    group: FeedGroup
+class _Queued:
+    owner: RowOwner
+    row: Row
+    group: RowGroup
     index: int  # the row's place in its group
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -72,7 +81,6 @@ class StepScheduler:
         max_queue: int,
         inline_max_rows: int,
         on_stats: Callable[[StepStats], None],
-        on_generation_done: Callable[[Generation], None],
         on_token_times: Callable[[float | None, float | None], None],
     ) -> None:
         self._runner = runner
@@ -81,9 +89,8 @@ class StepScheduler:
         self._max_queue = max_queue
         self._inline_max_rows = inline_max_rows  # batches this small run on the loop thread
         self._on_stats = on_stats
-        self._on_generation_done = on_generation_done
         self._on_token_times = on_token_times  # (time to first token, inter-token gap)
-        self._pending: deque[_Feed] = deque()
+        self._pending: deque[_Queued] = deque()
         self._generations: list[Generation] = []
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"runner-{model}")
@@ -101,8 +108,8 @@ class StepScheduler:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="step-scheduler")
 
-    def submit(self, work: list[tuple[Session, RowWork]]) -> FeedGroup:
-        """Queue feed rows (one per session); the group's future resolves after the steps that
+    def submit(self, work: list[tuple[RowOwner, Row]]) -> RowGroup:
+        """Queue rows (one per session); the group's future resolves after the steps that
         consumed them. Raises ResourceExhausted when the queue cannot take them all."""
         if self._stopping:
             raise Unavailable("model version is shutting down")
@@ -110,15 +117,17 @@ class StepScheduler:
             raise ResourceExhausted(
                 f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}"
             )
-        group = FeedGroup(len(work))
+        group = RowGroup(len(work))
         now = time.perf_counter()
         self._pending.extend(
-            _Feed(session, row, group, i, now) for i, (session, row) in enumerate(work)
+            _Queued(owner, row, group, i, now) for i, (owner, row) in enumerate(work)
         )
         self._wakeup.set()
         return group
 
     def start_generation(self, generation: Generation) -> None:
+        """Keep `generation` in every step until it finishes or is cancelled; its `retired`
+        future resolves once no step will touch its row again."""
         if self._stopping:
             raise Unavailable("model version is shutting down")
         self._generations.append(generation)
@@ -147,11 +156,11 @@ class StepScheduler:
                 for gen in list(self._generations):
                     self._retire(gen)
                 continue
-            feeds = self._take_feeds(self._max_batch - len(self._generations))
+            feeds = self._take(self._max_batch - len(self._generations))
             gens = list(self._generations)
             if not feeds and not gens:
                 continue
-            rows = [g_row(g) for g in gens] + [f.row for f in feeds]
+            rows = [g.row() for g in gens] + [f.row for f in feeds]
             started = time.perf_counter()
             try:
                 if len(rows) <= self._inline_max_rows and all(
@@ -191,31 +200,22 @@ class StepScheduler:
                 )
             )
 
-    def _take_feeds(self, room: int) -> list[_Feed]:
-        """Up to `room` pending feeds, at most one per session (the rest wait their turn)."""
-        taken: list[_Feed] = []
-        seen: set[str] = set()
-        deferred: list[_Feed] = []
+    def _take(self, room: int) -> list[_Queued]:
+        """Up to `room` pending rows (at least one, so feeds progress beside generations)."""
+        taken: list[_Queued] = []
         while self._pending and len(taken) < max(room, 1):
-            feed = self._pending.popleft()
-            if feed.group.future.cancelled():
-                continue
-            if feed.session.session_id in seen:
-                deferred.append(feed)
-                continue
-            seen.add(feed.session.session_id)
-            taken.append(feed)
-        self._pending.extendleft(reversed(deferred))
+            queued = self._pending.popleft()
+            if not queued.group.future.cancelled():
+                taken.append(queued)
         return taken
 
     def _fan_out(
-        self, gens: list[Generation], feeds: list[_Feed], results: list[RowResult]
+        self, gens: list[Generation], feeds: list[_Queued], results: list[RowResult]
     ) -> None:
         now = time.perf_counter()
         for gen, res in zip(gens, results[: len(gens)], strict=True):
-            gen.session.position += res.consumed
             assert res.token is not None
-            token = gen.advance(res.token)
+            token = gen.advance(res.token, res.consumed)
             if gen.last_token_at is None:
                 self._on_token_times(now - gen.started_at, None)
             else:
@@ -225,8 +225,7 @@ class StepScheduler:
             if gen.finished:
                 self._retire(gen)
         for feed, res in zip(feeds, results[len(gens) :], strict=True):
-            feed.session.position += res.consumed
-            res.position = feed.session.position  # read later, when the session may be in use
+            res.position = feed.owner.advance(res.consumed)
             feed.group.settle(feed.index, res)
 
     def _retire_cancelled(self) -> None:
@@ -236,14 +235,9 @@ class StepScheduler:
     def _retire(self, gen: Generation) -> None:
         if gen in self._generations:
             self._generations.remove(gen)
-            self._on_generation_done(gen)
+            gen.retire()
 
     def _fail_pending(self, exc: Exception) -> None:
         while self._pending:
             feed = self._pending.popleft()
             feed.group.settle(feed.index, exc)
-
-
-def g_row(gen: Generation) -> RowWork:
-    assert gen.session.slot is not None, "a generating session stays in memory"
-    return RowWork(slot=gen.session.slot, inputs=None, sampling=gen.sampling, rng=gen.session.rng)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.loadtest.config import LoadConfig
 from service.loadtest.recorder import LoadRecorder
 from service.loadtest.target import ModelInfo, status_name
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.pb.seqserve.v1 import types_pb2 as types
 
 _RETRY_PAUSE_SECONDS = 0.05  # after a dead stream, so a down server is not hammered
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import grpc
 
-from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.loadtest.config import LoadConfig
 from service.loadtest.drivers import ClientSession, StreamGroupDriver
 from service.loadtest.progress import Progress, ProgressTracker
@@ -24,6 +23,7 @@ from service.loadtest.recorder import LoadRecorder
 from service.loadtest.report import LoadReport, build_report
 from service.loadtest.sessions import close_sessions, create_sessions
 from service.loadtest.target import ModelInfo, TargetError, fetch_model_info, open_channel
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 
 ProgressCallback = Callable[[Progress], None]
 

@@ -10,13 +10,13 @@ from typing import TypeVar
 
 import grpc
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.loadtest.config import LoadConfig
 from service.loadtest.drivers import ClientSession
 from service.loadtest.recorder import LoadRecorder
 from service.loadtest.target import ModelInfo
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.pb.seqserve.v1 import types_pb2 as types
 
 _CONCURRENCY = 32  # set-up calls in flight at once
 _HISTORY_CHUNK = 1024  # inputs per prefill call, well under the server's chunk limit

@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 
-from service.api.gen.seqserve.v1 import model_registry_pb2 as reg_pb
-from service.api.gen.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
-from service.api.gen.seqserve.v1 import types_pb2 as types
+from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
+from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
+from service.pb.seqserve.v1 import types_pb2 as types
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

@@ -10,7 +10,7 @@ from service.runtime.sampler import SamplingParams, SessionRng
 
 
 @dataclass
-class RowWork:
+class Row:
     """One session's share of a batched step."""
 
     slot: int  # the session's state-pool slot
@@ -23,7 +23,7 @@ class RowWork:
 
 @dataclass
 class StepBatch:
-    rows: list[RowWork]  # at most one row per session
+    rows: list[Row]  # at most one row per session
 
 
 @dataclass

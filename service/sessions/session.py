@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
 from service.runtime.sampler import SamplingParams, SessionRng
 
@@ -17,6 +15,9 @@ def new_session_id() -> str:
 
 @dataclass(eq=False)  # identity semantics: two handles are the same session only if they are one
 class Session:
+    """Created by the session lifecycle (or read back from the spill tier); changed afterwards
+    only through `SessionStore`, which owns every live session."""
+
     session_id: str
     model: str
     version: int  # the exact version it was created on, forever
@@ -30,11 +31,8 @@ class Session:
     seed: int = 0  # the RNG's starting seed (given or chosen), reported so runs can be repeated
     parent_session_id: str = ""  # set on forks
     position: int = 0  # inputs consumed so far, generated tokens included
-    busy: bool = False  # a request is running on it (one at a time, never interleaved)
+    busy: bool = False  # its lease is held: a request or generation runs on it
     closed: bool = False
-    # A step whose request was cancelled while the step may still be running: the session
-    # stays busy until it settles, so nothing evicts, moves or frees the slot under it.
-    pending_step: asyncio.Future[Any] | None = None
 
     @property
     def spilled(self) -> bool:

@@ -1,5 +1,10 @@
 """Owns the live sessions: lookup, idle TTL, the live-session cap and LRU order.
 
+It is also the one module that changes a `Session` record after it is created: its tier
+(`set_slot`), its position (`advance`), its busy flag (`set_busy`, for the session lease), its
+idle clock (`touch`) and its end (`remove`). Lookups never end a session: one idle past its TTL
+is reported expired, and the sweeper ends it.
+
 Two LRU orders are kept: all sessions (for TTL bookkeeping and listing) and the sessions whose
 state is in memory (eviction candidates), so picking an eviction victim never walks past the
 spilled ones. The clock is injectable so TTL behaviour is testable without sleeping.
@@ -11,7 +16,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
-from service.errors import SessionClosed, SessionExpired, SessionLimit, SessionNotFound
+from service.errors import (
+    SessionClosed,
+    SessionExpired,
+    SessionLimit,
+    SessionNotFound,
+    SpillCorrupted,
+)
 from service.sessions.session import Session
 
 _REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
@@ -30,6 +41,7 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, Session] = OrderedDict()  # in memory, LRU first
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
+        self._broken: dict[str, str] = {}  # session id → why its records could not be used
         self._ended_order: deque[str] = deque()
 
     def __len__(self) -> int:
@@ -60,6 +72,9 @@ class SessionStore:
             self._resident[session.session_id] = session
 
     def get(self, session_id: str) -> Session:
+        """The live session, or the error that says why there is none: not found, closed,
+        expired (also when idle past its TTL but not yet swept), or DATA_LOSS when its records
+        were refused at start-up."""
         session = self._sessions.get(session_id)
         if session is None:
             why = self._ended.get(session_id)
@@ -67,8 +82,24 @@ class SessionStore:
                 raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
             if why == "closed":
                 raise SessionClosed(f"session {session_id!r} was closed")
+            broken = self._broken.get(session_id)
+            if broken is not None:
+                raise SpillCorrupted(
+                    f"session {session_id!r} cannot be resumed: its spill record was refused "
+                    f"({broken})"
+                )
             raise SessionNotFound(f"session {session_id!r} not found")
+        if self.is_expired(session):
+            raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
         return session
+
+    def mark_broken(self, session_id: str, why: str) -> None:
+        """Remember a session whose records exist but could not be used (DATA_LOSS)."""
+        self._broken[session_id] = why
+
+    @property
+    def broken(self) -> dict[str, str]:
+        return dict(self._broken)
 
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
@@ -84,7 +115,19 @@ class SessionStore:
         elif session.session_id in self._sessions:
             self._resident[session.session_id] = session  # a restore is a use: most recent
 
+    def advance(self, session: Session, consumed: int) -> int:
+        """Count inputs consumed into the session's state; returns its new position."""
+        session.position += consumed
+        return session.position
+
+    def set_busy(self, session: Session, busy: bool) -> None:
+        """Held by a lease (a request or generation runs on it), or free again."""
+        session.busy = busy
+
     def remove(self, session: Session, why: str) -> None:
+        """End the session ("closed", "expired"): it is marked closed and forgotten, its id
+        remembered so a late request learns why."""
+        session.closed = True
         self._sessions.pop(session.session_id, None)
         self._resident.pop(session.session_id, None)
         self._ended[session.session_id] = why

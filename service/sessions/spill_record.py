@@ -35,40 +35,6 @@ MAX_HEADER_BYTES = 1 << 20  # far above any real header; bounds what a damaged l
 _FLOAT = np.dtype("<f4")
 
 
-class SamplingRecord(BaseModel):
-    """A session's default sampling parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float
-    top_k: int
-    top_p: float
-    stop_strings: list[str]
-    stop_token_ids: list[int]
-    max_tokens: int
-
-    @classmethod
-    def of(cls, params: SamplingParams) -> SamplingRecord:
-        return cls(
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            stop_strings=list(params.stop_strings),
-            stop_token_ids=list(params.stop_token_ids),
-            max_tokens=params.max_tokens,
-        )
-
-    def params(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            stop_strings=tuple(self.stop_strings),
-            stop_token_ids=tuple(self.stop_token_ids),
-            max_tokens=self.max_tokens,
-        )
-
-
 class SpillHeader(BaseModel):
     """Everything about a session except its state arrays."""
 
@@ -85,7 +51,7 @@ class SpillHeader(BaseModel):
     ttl_seconds: float = Field(gt=0)
     last_used_wall: float  # wall clock of its last use: the TTL runs on across a restart
     rng_state: dict[str, Any]  # numpy PCG64 bit-generator state
-    default_sampling: SamplingRecord
+    default_sampling: SamplingParams  # as its dataclass fields, in JSON
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
     has_cell_state: bool

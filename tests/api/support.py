@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 
 def _load_reference() -> ModuleType:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.runtime.runner import ModelRunner
 from service.runtime.step_batch import StepBatch
 

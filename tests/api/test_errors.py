@@ -13,11 +13,11 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from service import errors
-from service.api.gen.seqserve.v1 import model_registry_pb2 as reg
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import model_registry_pb2 as reg
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 from service.registry.store import ModelStore
 from service.runtime.runner import ModelRunner
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import grpc
 
-from service.api.gen.seqserve.v1 import model_registry_pb2 as reg
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
+from service.pb.seqserve.v1 import model_registry_pb2 as reg
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 from service.registry.store import ModelStore
 
 from .conftest import TOKEN_CONFIG, ServerFactory, publish_random

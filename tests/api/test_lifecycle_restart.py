@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 from .conftest import TOKEN_CONFIG, ServerFactory
 from .support import expect_status, tokens

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 NPM_CI_TIMEOUT_S = 300

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import grpc
 
-from service.api.gen.seqserve.v1 import model_registry_pb2 as reg
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
 from service.client.client import SeqServeClient
+from service.pb.seqserve.v1 import model_registry_pb2 as reg
+from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.registry.store import ModelStore
 
 from .conftest import TOKEN_CONFIG, publish_random
@@ -208,3 +208,34 @@ async def test_registry_errors(client: SeqServeClient) -> None:
     await expect_status(registry.DeleteAlias(reg.DeleteAliasRequest(name="nope", alias="a")), nf)
     # Nothing was changed by the refused calls.
     assert not (await _model(client, "tok")).aliases
+
+
+async def test_a_newest_version_failing_its_digest_is_never_reported_as_the_default(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """ListModels, GetModel and CreateSession share one rule: the newest version's weights
+    fail their digest, so all three say version 1, before any session was made and after; once
+    the file is whole again all three move to version 2."""
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=3)
+    weights = store_root / "tok" / "2" / "weights.safetensors"
+    whole = weights.read_bytes()
+    damaged = bytearray(whole)
+    damaged[-1] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+
+    async def defaults() -> tuple[int, int, int]:
+        listed = {
+            m.name: m for m in (await client.registry.ListModels(reg.ListModelsRequest())).models
+        }
+        detail = await _model(client, "tok")
+        created = (await _create(client)).session.version
+        return listed["tok"].default_version, detail.default_version, created
+
+    assert await defaults() == (1, 1, 1)
+    v2 = (await _model(client, "tok")).versions[1]
+    assert v2.status == reg.VERSION_STATUS_REFUSED and "sha256 mismatch" in v2.status_reason
+    assert await defaults() == (1, 1, 1)  # still, with the verdict remembered
+
+    weights.write_bytes(whole)
+    assert await defaults() == (2, 2, 2)
+    assert (await _model(client, "tok")).versions[1].status == reg.VERSION_STATUS_OK

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 from google.protobuf.duration_pb2 import Duration
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 from .support import (
     ReferenceSession,

@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 from .support import (
     ReferenceSession,
@@ -230,3 +230,57 @@ async def test_stream_and_unary_agree(client: SeqServeClient) -> None:
     np.testing.assert_allclose(
         top_probs(streamed.prediction), top_probs(unary.prediction), atol=1e-6
     )
+
+
+async def test_feeds_around_a_generation_keep_their_order_in_one_message(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """[feed, generate, feed] for one session, with another session's feeds between them: the
+    session sees them in message order (a feed after a generation waits for it)."""
+    sid = await _create(client)
+    other = await _create(client)
+    items = [
+        item(other, "o1", tokens(5)),
+        item(sid, "f1", tokens(1, 2)),
+        item(sid, "gen", generate=make_sampling(temperature=0, max_tokens=3)),
+        item(other, "o2", tokens(6)),
+        item(sid, "f2", tokens(3), top_k=6),
+    ]
+    call = client.sessions.Stream()
+    await call.write(pb.StreamRequest(items=items))
+    r = await read_replies(call, ["o1", "f1", "o2", "f2"], generate=["gen"])
+    await call.done_writing()
+
+    reference = ReferenceSession(store_root, "tok")
+    logits = reference.feed([1, 2])[-1]
+    assert r["f1"][0].position == 2
+    greedy = []
+    for _ in range(3):  # temperature 0: the reference's argmax, fed back in
+        greedy.append(int(np.argmax(logits)))
+        logits = reference.feed([greedy[-1]])[-1]
+    assert [x.token.id for x in r["gen"]] == greedy
+    assert [x.position for x in r["gen"]] == [3, 4, 5]
+    (f2,) = r["f2"]
+    assert f2.position == 6
+    assert_matches_reference(f2.prediction, reference.feed([3])[-1])
+    assert [r["o1"][0].position, r["o2"][0].position] == [1, 2]
+
+
+async def test_an_item_for_a_session_another_stream_is_using_is_aborted_inband(
+    client: SeqServeClient,
+) -> None:
+    """Items of one stream queue for their session; another stream's item is refused."""
+    sid = await _create(client)
+    first = client.sessions.Stream()
+    await first.write(
+        pb.StreamRequest(items=[item(sid, "long", generate=make_sampling(max_tokens=2000))])
+    )
+    reply = (await first.read()).replies[0]  # the generation holds the session now
+    assert reply.request_id == "long" and reply.error.code == 0
+    second = client.sessions.Stream()
+    await second.write(pb.StreamRequest(items=[item(sid, "intruder", tokens(1))]))
+    (refused,) = (await second.read()).replies
+    assert refused.request_id == "intruder"
+    assert refused.error.code == code_value(grpc.StatusCode.ABORTED), refused.error.message
+    await second.done_writing()
+    first.cancel()

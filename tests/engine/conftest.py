@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine.model_versions import VersionObserver
+from service.engine.served_version import VersionObserver
 from service.engine.session_engine import ModelInput, SessionEngine
 from service.models import ModelConfig, SequenceModel
 from service.registry.manifest import Training
@@ -20,6 +20,7 @@ from service.runtime.step_batch import Prediction
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.settings import EngineSettings, SessionSettings, Settings
+from service.wiring import build_engine
 
 TOK = ModelConfig(
     cell="lstm", num_layers=2, hidden_size=8, input_kind="tokens", input_dim=256,
@@ -114,7 +115,7 @@ async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineF
             if clock is not None
             else None
         )
-        eng = SessionEngine(settings, ModelStore(store_root), observer, store)
+        eng = build_engine(settings, observer=observer, sessions=store)
         await eng.start()
         started.append(eng)
         return eng

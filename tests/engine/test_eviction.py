@@ -36,8 +36,8 @@ async def test_many_more_sessions_than_slots_answer_like_never_evicted(
     for round_ in range(3):
         for i, (a, b) in enumerate(pairs):
             chunk = toks(*[(i * 31 + round_ * 7 + k) % 256 for k in range(1 + (i + round_) % 3)])
-            got = await tiny.step(a, chunk)
-            want = await roomy.step(b, chunk)
+            got = await tiny.feed(a, chunk)
+            want = await roomy.feed(b, chunk)
             assert got.position == want.position
             assert same(got.prediction, want.prediction), f"session {i}, round {round_}"
     # Generation samples from the restored last output with the restored RNG.
@@ -53,7 +53,7 @@ async def test_many_more_sessions_than_slots_answer_like_never_evicted(
     assert tiny.budget.used_bytes <= tiny.budget.limit_bytes
     spilled = [s for s in tiny.sessions if s.slot is None]
     assert len(spilled) == 14 - 4
-    assert len(tiny.spill) == len(spilled) and tiny.spill_bytes() > 0
+    assert len(tiny.spill) == len(spilled) and tiny.stats().spilled_bytes > 0
 
 
 async def test_eviction_takes_the_least_recently_used_idle_session(
@@ -61,7 +61,7 @@ async def test_eviction_takes_the_least_recently_used_idle_session(
 ) -> None:
     engine = await make_engine(slots=3)
     ids = [(await engine.create_session("tok", seed=i))[0].session_id for i in range(3)]
-    await engine.step(ids[0], toks(1))  # ids[1] is now the least recently used
+    await engine.feed(ids[0], toks(1))  # ids[1] is now the least recently used
     fourth, _ = await engine.create_session("tok")
     assert engine.get_session(ids[1]).slot is None
     assert all(engine.get_session(i).slot is not None for i in (ids[0], ids[2]))
@@ -113,7 +113,7 @@ async def test_a_request_waits_for_a_busy_session_to_go_idle(make_engine: Engine
         assert tokens[-1].finish_reason == "max_tokens"
     b, _ = await waiting
     assert b.slot is not None and a.slot is None
-    assert (await engine.step(a.session_id, toks(1))).position == 41  # restored, waiting no more
+    assert (await engine.feed(a.session_id, toks(1))).position == 41  # restored, waiting no more
 
 
 async def test_full_spill_tier_is_resource_exhausted_without_harm(
@@ -130,10 +130,10 @@ async def test_full_spill_tier_is_resource_exhausted_without_harm(
         await tiny.create_session("tok")
     for a, b in pairs:  # the refused eviction touched nothing
         assert same(
-            (await tiny.step(a, toks(5, 6))).prediction,
-            (await roomy.step(b, toks(5, 6))).prediction,
+            (await tiny.feed(a, toks(5, 6))).prediction,
+            (await roomy.feed(b, toks(5, 6))).prediction,
         )
-    assert len(tiny.spill) == 0 and tiny.spill_bytes() == 0
+    assert len(tiny.spill) == 0 and tiny.stats().spilled_bytes == 0
 
 
 async def test_versions_share_the_budget_by_reclaiming_idle_capacity(
@@ -146,17 +146,17 @@ async def test_versions_share_the_budget_by_reclaiming_idle_capacity(
     ref = [(await roomy.create_session("tok", seed=i))[0].session_id for i in range(6)]
     for a, b in zip(tok, ref, strict=True):
         assert same(
-            (await engine.step(a, toks(9))).prediction, (await roomy.step(b, toks(9))).prediction
+            (await engine.feed(a, toks(9))).prediction, (await roomy.feed(b, toks(9))).prediction
         )
     frame_ids = []
     for _ in range(4):  # needs capacity the tok pool holds: its idle sessions are evicted
         session, _ = await engine.create_session("frames")
         frame_ids.append(session.session_id)
-        out = await engine.step(session.session_id, frames(0.5, -0.5, 1.0))
+        out = await engine.feed(session.session_id, frames(0.5, -0.5, 1.0))
         assert len(out.prediction.values) == 2
     assert engine.budget.used_bytes <= engine.budget.limit_bytes
     for a, b in zip(tok, ref, strict=True):  # and come back intact
         assert same(
-            (await engine.step(a, toks(3, 4))).prediction,
-            (await roomy.step(b, toks(3, 4))).prediction,
+            (await engine.feed(a, toks(3, 4))).prediction,
+            (await roomy.feed(b, toks(3, 4))).prediction,
         )

@@ -13,7 +13,7 @@ async def test_fork_copies_then_diverges(make_engine: EngineFactory) -> None:
     observer = RecordingObserver()
     engine = await make_engine(observer=observer)
     parent, _ = await engine.create_session("tok", seed=3)
-    await engine.step(parent.session_id, toks(10, 20, 30))
+    await engine.feed(parent.session_id, toks(10, 20, 30))
     child = await engine.fork_session(parent.session_id)
     assert (child.position, child.parent_session_id, child.seed) == (3, parent.session_id, 3)
     assert child.slot != parent.slot
@@ -26,10 +26,10 @@ async def test_fork_copies_then_diverges(make_engine: EngineFactory) -> None:
 
     # Different inputs now: the states part ways, and feeding one leaves the other alone.
     twin, _ = await engine.create_session("tok", seed=3)  # replays the parent's history
-    await engine.step(twin.session_id, toks(10, 20, 30, *p_gen))
-    c_next = await engine.step(child.session_id, toks(99))
-    p_next = await engine.step(parent.session_id, toks(1))
-    t_next = await engine.step(twin.session_id, toks(1))
+    await engine.feed(twin.session_id, toks(10, 20, 30, *p_gen))
+    c_next = await engine.feed(child.session_id, toks(99))
+    p_next = await engine.feed(parent.session_id, toks(1))
+    t_next = await engine.feed(twin.session_id, toks(1))
     assert close(p_next.prediction, t_next.prediction)
     assert not close(c_next.prediction, p_next.prediction)
     assert (parent.position, child.position) == (12, 12)
@@ -38,7 +38,7 @@ async def test_fork_copies_then_diverges(make_engine: EngineFactory) -> None:
 async def test_fork_with_a_seed_has_its_own_random_stream(make_engine: EngineFactory) -> None:
     engine = await make_engine()
     parent, _ = await engine.create_session("tok", seed=3)
-    await engine.step(parent.session_id, toks(65, 66))
+    await engine.feed(parent.session_id, toks(65, 66))
     child = await engine.fork_session(parent.session_id, seed=4)
     assert child.seed == 4
     long = SamplingParams(temperature=2.0, max_tokens=24)
@@ -52,13 +52,13 @@ async def test_fork_of_a_spilled_session(make_engine: EngineFactory) -> None:
     roomy = await make_engine()
     parent, _ = await engine.create_session("tok", seed=8)
     ref, _ = await roomy.create_session("tok", seed=8)
-    await engine.step(parent.session_id, toks(7, 7))
-    await roomy.step(ref.session_id, toks(7, 7))
+    await engine.feed(parent.session_id, toks(7, 7))
+    await roomy.feed(ref.session_id, toks(7, 7))
     await engine.create_session("tok")
     await engine.create_session("tok")  # `parent` is evicted now
     assert parent.slot is None
     child = await engine.fork_session(parent.session_id)
-    got = await engine.step(child.session_id, toks(3))
-    want = await roomy.step(ref.session_id, toks(3))
+    got = await engine.feed(child.session_id, toks(3))
+    want = await roomy.feed(ref.session_id, toks(3))
     assert got.position == want.position == 3
     assert same(got.prediction, want.prediction)

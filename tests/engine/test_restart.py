@@ -22,8 +22,8 @@ async def test_sessions_survive_a_restart(make_engine: EngineFactory, tmp_path: 
         a, _ = await first.create_session("tok", seed=i, ttl_seconds=3600.0)
         b, _ = await roomy.create_session("tok", seed=i)
         chunk = toks(*range(i + 1, i + 3 + i % 2))
-        await first.step(a.session_id, chunk)
-        await roomy.step(b.session_id, chunk)
+        await first.feed(a.session_id, chunk)
+        await roomy.feed(b.session_id, chunk)
         warmup = SamplingParams(temperature=1.0, max_tokens=3)  # moves the RNG off its seed
         got_ids = [t.token_id async for t in first.generate(a.session_id, sampling=warmup)]
         assert got_ids == [t.token_id async for t in roomy.generate(b.session_id, sampling=warmup)]
@@ -31,7 +31,7 @@ async def test_sessions_survive_a_restart(make_engine: EngineFactory, tmp_path: 
     frame_s, _ = await first.create_session("frames", seed=5)
     frames_ref, _ = await roomy.create_session("frames", seed=5)
     for engine, sid in ((first, frame_s.session_id), (roomy, frames_ref.session_id)):
-        await engine.step(sid, frames(0.25, 0.5, -1.0, 2.0, 0.0, 1.0))
+        await engine.feed(sid, frames(0.25, 0.5, -1.0, 2.0, 0.0, 1.0))
     fork = await first.fork_session(pairs[0][0])
     positions = {s.session_id: s.position for s in first.sessions}
     await first.stop()
@@ -45,10 +45,10 @@ async def test_sessions_survive_a_restart(make_engine: EngineFactory, tmp_path: 
     assert second.get_session(pairs[2][0]).ttl_seconds == 3600.0
     assert second.versions.pinned("tok", 1) == 8
     for a, b in pairs:
-        got, want = await second.step(a, toks(42)), await roomy.step(b, toks(42))
+        got, want = await second.feed(a, toks(42)), await roomy.feed(b, toks(42))
         assert got.position == want.position and same(got.prediction, want.prediction)
-    got = await second.step(frame_s.session_id, frames(1.0, 1.0, 1.0))
-    want = await roomy.step(frames_ref.session_id, frames(1.0, 1.0, 1.0))
+    got = await second.feed(frame_s.session_id, frames(1.0, 1.0, 1.0))
+    want = await roomy.feed(frames_ref.session_id, frames(1.0, 1.0, 1.0))
     assert got.prediction.values == want.prediction.values
     sampling = SamplingParams(temperature=0.8, max_tokens=5)
     for a, b in pairs:  # the RNG went through the restart too
@@ -74,9 +74,12 @@ async def test_idle_time_runs_on_across_a_restart_but_not_while_down(
     assert second.get_session(short.session_id).position == 0
     clock.advance(6.0)
     with pytest.raises(SessionExpired):
-        await second.step(short.session_id, toks(1))
+        await second.feed(short.session_id, toks(1))
+    # A lookup never ends a session: the record stays until the sweeper ends it.
+    assert (spill / f"{short.session_id}.spill").exists()
+    assert await second.sweep_expired() == 1
     assert not (spill / f"{short.session_id}.spill").exists()
-    assert (await second.step(long.session_id, toks(1))).position == 1
+    assert (await second.feed(long.session_id, toks(1))).position == 1
 
 
 async def test_after_a_crash_the_downtime_counts(

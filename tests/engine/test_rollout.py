@@ -31,10 +31,10 @@ async def test_alias_flip_moves_new_sessions_only(
     new, _ = await engine.create_session("tok")
     assert new.version == 2
     # The old session still answers with version 1's weights, the new one with version 2's.
-    got = await engine.step(old.session_id, toks(4, 5))
-    want = await pinned.step(ref.session_id, toks(4, 5))
+    got = await engine.feed(old.session_id, toks(4, 5))
+    want = await pinned.feed(ref.session_id, toks(4, 5))
     assert same(got.prediction, want.prediction)
-    other = await engine.step(new.session_id, toks(4, 5))
+    other = await engine.feed(new.session_id, toks(4, 5))
     assert not same(other.prediction, want.prediction)
     assert engine.versions.find("tok", 1) is not None
     # Flip back and forth: only new sessions follow.
@@ -69,9 +69,9 @@ async def test_poll_unloads_a_version_nothing_resolves_to_and_warms_the_new_one(
     await engine.close_session(s.session_id)
     await engine.settle()
     assert engine.versions.find("tok", 1) is not None  # still what new sessions get
-    await engine.versions.poll()
+    await engine.watcher.poll()
     publish(store, "tok", TOK, seed=2)
-    await engine.versions.poll()
+    await engine.watcher.poll()
     assert engine.versions.find("tok", 1) is None
     assert engine.versions.find("tok", 2) is not None  # warm before its first session
 
@@ -82,12 +82,12 @@ async def test_version_whose_files_vanish_takes_no_new_sessions(
     engine = await make_engine()
     publish(store, "tok", TOK, seed=2)
     running, _ = await engine.create_session("tok", "2")
-    await engine.step(running.session_id, toks(1))
+    await engine.feed(running.session_id, toks(1))
     (store_root / "tok" / "2" / "weights.safetensors").unlink()
     with pytest.raises(VersionUnusable, match="missing"):
         await engine.create_session("tok", "2")
     assert (await engine.create_session("tok"))[0].version == 1  # latest is 1 again
-    assert (await engine.step(running.session_id, toks(2))).position == 2
+    assert (await engine.feed(running.session_id, toks(2))).position == 2
     await engine.fork_session(running.session_id)  # an existing session's branch is fine
 
 
@@ -105,6 +105,6 @@ async def test_version_failing_its_digest_takes_no_new_sessions(
     with pytest.raises(DigestMismatch) as err:
         await engine.create_session("tok")
     assert isinstance(err.value, DataLoss)
-    assert (await engine.step(running.session_id, toks(3))).position == 1
-    await engine.versions.poll()  # still has a session: stays loaded
+    assert (await engine.feed(running.session_id, toks(3))).position == 1
+    await engine.watcher.poll()  # still has a session: stays loaded
     assert engine.versions.find("tok", 2) is not None

@@ -56,19 +56,19 @@ async def test_damaged_record_is_data_loss_while_running(
     engine = await make_engine(slots=1)
     roomy = await make_engine()
     victim, _ = await engine.create_session("tok", seed=1)
-    await engine.step(victim.session_id, toks(1, 2, 3))
+    await engine.feed(victim.session_id, toks(1, 2, 3))
     other, _ = await engine.create_session("tok", seed=2)  # evicts `victim`
     ref, _ = await roomy.create_session("tok", seed=2)
     damage(engine.spill.path(victim.session_id))
     with pytest.raises(SpillCorrupted) as err:
-        await engine.step(victim.session_id, toks(4))
+        await engine.feed(victim.session_id, toks(4))
     assert isinstance(err.value, DataLoss)
     with pytest.raises(SpillCorrupted):  # refused every time, not used on a retry
         await engine.fork_session(victim.session_id)
     # Nothing else is disturbed, and the refused session can still be closed.
     got, want = (
-        await engine.step(other.session_id, toks(9)),
-        await roomy.step(ref.session_id, toks(9)),
+        await engine.feed(other.session_id, toks(9)),
+        await roomy.feed(ref.session_id, toks(9)),
     )
     assert same(got.prediction, want.prediction)
     await engine.close_session(victim.session_id)
@@ -85,13 +85,13 @@ async def test_damaged_record_is_data_loss_after_a_restart(
     first = await make_engine(spill_dir=spill)
     bad, _ = await first.create_session("tok", seed=1)
     good, _ = await first.create_session("tok", seed=2)
-    await first.step(bad.session_id, toks(5))
+    await first.feed(bad.session_id, toks(5))
     await first.stop()
     damage(spill / f"{bad.session_id}.spill")
     second = await make_engine(spill_dir=spill)
     with pytest.raises(DataLoss):
-        await second.step(bad.session_id, toks(6))
-    assert (await second.step(good.session_id, toks(6))).position == 1
+        await second.feed(bad.session_id, toks(6))
+    assert (await second.feed(good.session_id, toks(6))).position == 1
 
 
 async def test_record_from_other_weights_is_failed_precondition(
@@ -106,7 +106,7 @@ async def test_record_from_other_weights_is_failed_precondition(
     forged = record.header.model_copy(update={"fingerprint": "0123456789abcdef"})
     path.write_bytes(spill_record.encode(spill_record.SpillRecord(forged, record.state)))
     with pytest.raises(SpillMismatch) as err:
-        await engine.step(victim.session_id, toks(1))
+        await engine.feed(victim.session_id, toks(1))
     assert isinstance(err.value, FailedPrecondition)
     assert "0123456789abcdef" in err.value.message
 
@@ -118,7 +118,7 @@ async def test_version_replaced_on_disk_refuses_its_spilled_sessions_after_resta
     spill = tmp_path / "shared-spill"
     first = await make_engine(spill_dir=spill)
     session, _ = await first.create_session("tok", "1")
-    await first.step(session.session_id, toks(1))
+    await first.feed(session.session_id, toks(1))
     await first.stop()
     store = ModelStore(store_root)
     publish(store, "tok", TOK, seed=77)  # version 2, other weights
@@ -128,4 +128,4 @@ async def test_version_replaced_on_disk_refuses_its_spilled_sessions_after_resta
     manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
     second = await make_engine(spill_dir=spill)
     with pytest.raises(SpillMismatch):
-        await second.step(session.session_id, toks(2))
+        await second.feed(session.session_id, toks(2))

@@ -1,54 +1,211 @@
-"""Where the step scheduler runs a batch: a lone one-input row on the event-loop thread (the
-thread handoff costs more than the step), anything else — chunks included — on the runner
-thread, so a long chunk never stalls the loop."""
+"""The step scheduler against a fake runner (a plain object that records each batch and returns
+chosen outputs): batching, order, positions, generations, failures, limits, and which thread
+runs a step. The real runner is tested in tests/runtime against tiny real models."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 
-from service.engine.session_engine import ModelInput
-from service.errors import Unavailable
-from service.runtime.step_batch import StepBatch
+from service.engine.generation import FINISH_MAX_TOKENS, Generation
+from service.engine.step_scheduler import StepScheduler
+from service.errors import ResourceExhausted, Unavailable
+from service.metrics.stats import StepStats
+from service.models import ByteTokenizer
+from service.runtime.sampler import SamplingParams
+from service.runtime.step_batch import (
+    Prediction,
+    Row,
+    RowResult,
+    StepBatch,
+    StepOutput,
+    StepTimings,
+)
 
-from .conftest import EngineFactory
+
+class FakeRunner:
+    """Records every batch (the slots of its rows, and the thread it ran on); answers each feed
+    row with a prediction naming its slot and each generate row with token `slot + 100`. Set
+    `fail` to make the next step raise."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: list[threading.Thread] = []
+        self.fail: Exception | None = None
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        self.batches.append([r.slot for r in batch.rows])
+        self.threads.append(threading.current_thread())
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+        results = []
+        for r in batch.rows:
+            if r.inputs is None:
+                results.append(RowResult(consumed=1, token=r.slot + 100))
+            else:
+                consumed = int(r.inputs.shape[0])
+                results.append(RowResult(consumed=consumed, prediction=Prediction(values=[r.slot])))
+        return StepOutput(results, StepTimings())
+
+
+@dataclass
+class Owner:
+    """A row's owner: counts what the scheduler says each step consumed."""
+
+    position: int = 0
+    advances: list[int] = field(default_factory=list)
+
+    def advance(self, consumed: int) -> int:
+        self.advances.append(consumed)
+        self.position += consumed
+        return self.position
+
+
+class FakeLease(Owner):
+    """What a Generation reads of its lease: the session's slot and RNG, and `advance`."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.session = SimpleNamespace(slot=slot, rng=None)
+
+
+def feed(slot: int, tokens: int = 1) -> Row:
+    return Row(slot=slot, inputs=torch.arange(tokens), top_k=1)
+
+
+@pytest.fixture
+async def scheduler() -> Any:
+    made: list[StepScheduler] = []
+
+    def make(runner: FakeRunner, **kwargs: Any) -> StepScheduler:
+        options: dict[str, Any] = {
+            "max_batch_size": 8, "max_queue": 64, "inline_max_rows": 1,
+            "on_stats": lambda _s: None, "on_token_times": lambda _a, _b: None,
+        }  # fmt: skip
+        options.update(kwargs)
+        s = StepScheduler(runner, "m", 1, **options)
+        s.start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.stop()
+
+
+async def test_rows_of_one_tick_run_as_one_batch_in_order(scheduler: Any) -> None:
+    runner = FakeRunner()
+    stats: list[StepStats] = []
+    s = scheduler(runner, on_stats=stats.append)
+    owners = [Owner(position=10 * i) for i in range(3)]
+    first = s.submit([(owners[0], feed(5)), (owners[1], feed(3, tokens=4))])
+    second = s.submit([(owners[2], feed(9, tokens=2))])
+    results = await asyncio.wait_for(first.future, 5)
+    await asyncio.wait_for(second.future, 5)
+    assert runner.batches == [[5, 3, 9]]  # both groups in one step, in submission order
+    assert [r.prediction.values for r in results] == [[5], [3]]  # type: ignore[union-attr]
+    assert [r.position for r in results] == [1, 14]  # each owner advanced by what it consumed
+    assert [o.advances for o in owners] == [[1], [4], [2]]
+    assert len(stats) == 1 and stats[0].rows == 3 and stats[0].tokens_in == 7
+    assert len(stats[0].queue_wait_seconds) == 3
+
+
+async def test_a_batch_holds_at_most_max_batch_size_rows(scheduler: Any) -> None:
+    runner = FakeRunner()
+    s = scheduler(runner, max_batch_size=2)
+    group = s.submit([(Owner(), feed(slot)) for slot in range(5)])
+    await asyncio.wait_for(group.future, 5)
+    assert runner.batches == [[0, 1], [2, 3], [4]]
+
+
+async def test_generations_stay_in_the_batch_until_they_finish(scheduler: Any) -> None:
+    runner = FakeRunner()
+    s = scheduler(runner)
+    lease = FakeLease(slot=7)
+    gen = Generation(lease, SamplingParams(max_tokens=3), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    beside = s.submit([(Owner(), feed(2))])  # a feed runs in the same steps as the generation
+    tokens = [await asyncio.wait_for(gen.tokens.get(), 5) for _ in range(3)]
+    await asyncio.wait_for(beside.future, 5)
+    await asyncio.wait_for(gen.retired, 5)
+    assert [t.token_id for t in tokens] == [107, 107, 107]  # type: ignore[union-attr]
+    assert [t.position for t in tokens] == [1, 2, 3]  # type: ignore[union-attr]
+    assert tokens[-1].finish_reason == FINISH_MAX_TOKENS  # type: ignore[union-attr]
+    assert runner.batches == [[7, 2], [7], [7]]  # generation rows first, in every step
+    steps = len(runner.batches)
+    await asyncio.wait_for(s.submit([(Owner(), feed(1))]).future, 5)
+    assert runner.batches[steps:] == [[1]]  # retired: no longer in the batch
+
+
+async def test_a_cancelled_generation_is_retired_before_the_next_step(scheduler: Any) -> None:
+    runner = FakeRunner()
+    s = scheduler(runner)
+    lease = FakeLease(slot=4)
+    gen = Generation(lease, SamplingParams(max_tokens=1000), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    await asyncio.wait_for(gen.tokens.get(), 5)
+    gen.cancelled = True
+    await asyncio.wait_for(gen.retired, 5)
+    consumed = lease.position
+    await asyncio.wait_for(s.submit([(Owner(), feed(1))]).future, 5)
+    assert runner.batches[-1] == [1] and lease.position == consumed
+
+
+async def test_a_failed_step_fails_its_rows_and_the_next_step_runs(scheduler: Any) -> None:
+    runner = FakeRunner()
+    s = scheduler(runner)
+    runner.fail = RuntimeError("boom")
+    owner = Owner()
+    lease = FakeLease(slot=6)
+    gen = Generation(lease, SamplingParams(max_tokens=5), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    failed = s.submit([(owner, feed(1))])
+    (outcome,) = await asyncio.wait_for(failed.future, 5)
+    assert isinstance(outcome, RuntimeError)
+    assert isinstance(await asyncio.wait_for(gen.tokens.get(), 5), RuntimeError)
+    await asyncio.wait_for(gen.retired, 5)
+    assert owner.advances == [] and lease.advances == []  # nothing counted as consumed
+    (ok,) = await asyncio.wait_for(s.submit([(owner, feed(2))]).future, 5)
+    assert isinstance(ok, RowResult) and ok.position == 1
+
+
+async def test_a_full_queue_refuses_and_a_stopped_scheduler_fails_what_is_queued(
+    scheduler: Any,
+) -> None:
+    runner = FakeRunner()
+    s = scheduler(runner, max_queue=2)
+    with pytest.raises(ResourceExhausted):
+        s.submit([(Owner(), feed(i)) for i in range(3)])
+    queued = s.submit([(Owner(), feed(0)), (Owner(), feed(1))])
+    await s.stop()
+    outcomes = await asyncio.wait_for(queued.future, 5)
+    assert all(isinstance(o, Unavailable) for o in outcomes) and runner.batches == []
+    with pytest.raises(Unavailable):
+        s.submit([(Owner(), feed(0))])
+    lease = FakeLease(slot=0)
+    with pytest.raises(Unavailable):
+        s.start_generation(Generation(lease, SamplingParams(), ByteTokenizer()))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("tokens", "inline_max_rows", "on_loop_thread"),
-    [([7], 1, True), ([7, 8, 9, 10, 11], 1, False), ([7], 0, False)],
+    [(1, 1, True), (5, 1, False), (1, 0, False)],
+    ids=["lone-token-inline", "chunk-on-runner-thread", "inline-off"],
 )
 async def test_which_thread_runs_the_step(
-    make_engine: EngineFactory, tokens: list[int], inline_max_rows: int, on_loop_thread: bool
+    scheduler: Any, tokens: int, inline_max_rows: int, on_loop_thread: bool
 ) -> None:
-    engine = await make_engine(engine={"inline_max_rows": inline_max_rows})
-    session, _ = await engine.create_session("tok")
-    version = engine.versions.find("tok", 1)
-    assert version is not None
-    threads: list[threading.Thread] = []
-    execute = version.runner.execute
-
-    def spy(batch: StepBatch):  # type: ignore[no-untyped-def]
-        threads.append(threading.current_thread())
-        return execute(batch)
-
-    version.runner.execute = spy  # type: ignore[method-assign]
-    outcome = await engine.step(session.session_id, ModelInput(tokens=tokens))
-    assert outcome.position == len(tokens)
-    assert threads == [threading.current_thread()] if on_loop_thread else threads != []
-    assert all((t is threading.current_thread()) == on_loop_thread for t in threads)
-
-
-async def test_a_generation_refused_at_start_leaves_the_session_free(
-    make_engine: EngineFactory,
-) -> None:
-    engine = await make_engine()
-    session, _ = await engine.create_session("tok", prefix=ModelInput(tokens=[1]))
-    version = engine.versions.find("tok", 1)
-    assert version is not None
-    await version.scheduler.stop()  # e.g. the version is being unloaded
-    with pytest.raises(Unavailable):
-        async for _ in engine.generate(session.session_id):
-            pass
-    assert not session.busy
+    """A lone one-input row runs on the event-loop thread (the handoff costs more than the
+    step); chunks, and everything when inline_max_rows is 0, run on the runner thread."""
+    runner = FakeRunner()
+    s = scheduler(runner, inline_max_rows=inline_max_rows)
+    await asyncio.wait_for(s.submit([(Owner(), feed(3, tokens=tokens))]).future, 5)
+    assert len(runner.threads) == 1
+    assert (runner.threads[0] is threading.current_thread()) == on_loop_thread

@@ -17,12 +17,12 @@ async def test_idle_session_expires_after_its_ttl(make_engine: EngineFactory) ->
     engine = await make_engine(clock=clock, ttl_seconds=60.0)
     session, _ = await engine.create_session("tok")
     clock.advance(59.0)
-    await engine.step(session.session_id, toks(1))  # a use resets the idle clock
+    await engine.feed(session.session_id, toks(1))  # a use resets the idle clock
     clock.advance(59.0)
     assert engine.get_session(session.session_id).position == 1
     clock.advance(2.0)
     with pytest.raises(SessionExpired, match="expired") as err:
-        await engine.step(session.session_id, toks(2))
+        await engine.feed(session.session_id, toks(2))
     assert isinstance(err.value, NotFound)
     with pytest.raises(SessionExpired, match="expired"):  # and stays gone, saying why
         engine.get_session(session.session_id)
@@ -64,7 +64,7 @@ async def test_expired_spilled_session_frees_its_record_and_its_version(
     assert old.slot is None and old.session_id in engine.spill
     clock.advance(6.0)
     assert await engine.sweep_expired() == 1
-    assert old.session_id not in engine.spill and engine.spill_bytes() == 0
+    assert old.session_id not in engine.spill and engine.stats().spilled_bytes == 0
     assert observer.count("expired") == 1
     assert engine.versions.pinned("tok", 1) == 1
 

@@ -11,17 +11,17 @@ from typing import cast
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.metrics_observer import MetricsObserver
-from service.engine.model_versions import LoadedVersion
+from service.engine.served_version import ServedVersion
 from service.metrics import Metrics, StepStats
 
 
-def _version(name: str, version: int) -> LoadedVersion:
+def _version(name: str, version: int) -> ServedVersion:
     """A stand-in with only what the observer reads: no model, pool or scheduler."""
     lv = SimpleNamespace(
         name=name, version=version, fingerprint=f"fp-{name}-{version}",
-        loaded=SimpleNamespace(load_seconds=0.05), config=SimpleNamespace(cell="gru"),
+        model=SimpleNamespace(load_seconds=0.05), config=SimpleNamespace(cell="gru"),
     )  # fmt: skip
-    return cast(LoadedVersion, lv)
+    return cast(ServedVersion, lv)
 
 
 def _label_sets(metrics: Metrics) -> set[tuple[str, str, str]]:
@@ -39,7 +39,7 @@ def _has_version(metrics: Metrics, name: str, version: str) -> set[str]:
     return {s for s, m, v in _label_sets(metrics) if (m, v) == (name, version)}
 
 
-def _load_and_step(observer: MetricsObserver, lv: LoadedVersion) -> None:
+def _load_and_step(observer: MetricsObserver, lv: ServedVersion) -> None:
     observer.on_loaded(lv)
     observer.on_step(
         StepStats(model=lv.name, version=str(lv.version), rows=2, tokens_in=3, tokens_generated=1)

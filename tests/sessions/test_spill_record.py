@@ -12,7 +12,7 @@ from service.errors import SpillCorrupted
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.runtime.state_pool import SlotSnapshot
 from service.sessions import spill_record
-from service.sessions.spill_record import SamplingRecord, SpillHeader, SpillRecord
+from service.sessions.spill_record import SpillHeader, SpillRecord
 
 
 def make_record(lstm: bool = True, position: int = 12) -> SpillRecord:
@@ -31,8 +31,8 @@ def make_record(lstm: bool = True, position: int = 12) -> SpillRecord:
         ttl_seconds=600.0,
         last_used_wall=1.7e9 + 5,
         rng_state=rng.get_state(),
-        default_sampling=SamplingRecord.of(
-            SamplingParams(temperature=0.5, top_k=3, stop_strings=("\n",), stop_token_ids=(0,))
+        default_sampling=SamplingParams(
+            temperature=0.5, top_k=3, stop_strings=("\n",), stop_token_ids=(0,)
         ),
         num_layers=2,
         hidden_size=4,
@@ -63,7 +63,8 @@ def test_round_trip_is_exact(lstm: bool) -> None:
     a = SessionRng.from_state(back.header.rng_state)
     b = SessionRng.from_state(record.header.rng_state)
     assert [a.uniform() for _ in range(5)] == [b.uniform() for _ in range(5)]
-    assert back.header.default_sampling.params() == record.header.default_sampling.params()
+    assert back.header.default_sampling == record.header.default_sampling
+    assert isinstance(back.header.default_sampling.stop_strings, tuple)
     assert back.state.h.flags.writeable  # torch.from_numpy needs writable arrays
 
 

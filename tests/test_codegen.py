@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.api import codegen
+from service import codegen
 
 BUF = Path(sys.executable).parent / "buf"
 
@@ -22,9 +22,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_committed_gen_matches_protos(tmp_path: Path) -> None:
     codegen.generate(tmp_path / "gen")
     fresh, committed = _tree(tmp_path / "gen"), _tree(codegen.DEFAULT_OUT)
-    assert sorted(fresh) == sorted(committed), "run `python -m service.api.codegen`"
+    assert sorted(fresh) == sorted(committed), "run `python -m service.codegen`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"stale generated files {stale}: run `python -m service.api.codegen`"
+    assert not stale, f"stale generated files {stale}: run `python -m service.codegen`"
 
 
 def test_buf_lint_is_clean() -> None:
@@ -37,8 +37,8 @@ def test_buf_lint_is_clean() -> None:
 
 
 def test_generated_modules_import_and_name_services() -> None:
-    from service.api.gen import SERVICE_NAMES
-    from service.api.gen.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
+    from service.pb import SERVICE_NAMES
+    from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
 
     assert SERVICE_NAMES == ("seqserve.v1.ModelRegistry", "seqserve.v1.SessionService")
     assert hasattr(session_service_pb2_grpc, "SessionServiceServicer")
@@ -46,8 +46,8 @@ def test_generated_modules_import_and_name_services() -> None:
 
 
 def test_stream_request_round_trip() -> None:
-    from service.api.gen.seqserve.v1 import session_service_pb2 as ss
-    from service.api.gen.seqserve.v1 import types_pb2 as t
+    from service.pb.seqserve.v1 import session_service_pb2 as ss
+    from service.pb.seqserve.v1 import types_pb2 as t
 
     request = ss.StreamRequest(
         items=[
@@ -84,8 +84,8 @@ def test_stream_request_round_trip() -> None:
 def test_stream_reply_carries_in_band_error_and_finish_reason() -> None:
     from google.rpc import code_pb2, status_pb2
 
-    from service.api.gen.seqserve.v1 import session_service_pb2 as ss
-    from service.api.gen.seqserve.v1 import types_pb2 as t
+    from service.pb.seqserve.v1 import session_service_pb2 as ss
+    from service.pb.seqserve.v1 import types_pb2 as t
 
     response = ss.StreamResponse(
         replies=[

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.api.gen.seqserve.v1 import model_registry_pb2 as seqserve_dot_v1_dot_model__registry__pb2
+from service.pb.seqserve.v1 import model_registry_pb2 as seqserve_dot_v1_dot_model__registry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,0 +1,157 @@
+"""Multiplexing for `SessionService.Stream`: one call carries many sessions.
+
+Each message's items are dispatched as they arrive: the plain feeds (input, no generate) go to
+the engine together as one group, each generation runs as its own task, and replies that are
+ready together go back in one message. An item's error travels in-band on its reply, so the
+stream and the other sessions on it go on.
+
+Order within a session is the session lease's job: the whole stream is one `Line`, so an item
+for a session this stream is already using waits its turn instead of being refused. Leases are
+taken in the order tasks start, so tasks are started in item order for each session: a group
+is started before any later task for a session in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from google.rpc import status_pb2
+
+from service.api.interceptor import check_message_size, status_of
+from service.engine.session_lease import Line
+from service.errors import InvalidArgument, SeqServeError
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+
+FeedItems = Callable[[list[pb.StreamItem], Line], Awaitable[list[pb.StreamReply]]]
+RunItem = Callable[[pb.StreamItem, Line], AsyncIterator[pb.StreamReply]]
+
+
+class StreamMux:
+    def __init__(
+        self, feed_items: FeedItems, run_item: RunItem, max_items: int, max_bytes: int
+    ) -> None:
+        self._feed_items = feed_items  # a group of plain feeds → one reply each, in order
+        self._run_item = run_item  # any other item → its replies (a generation's tokens)
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+
+    async def run(
+        self, messages: AsyncIterable[pb.StreamRequest]
+    ) -> AsyncIterator[pb.StreamResponse]:
+        out: asyncio.Queue[list[pb.StreamReply] | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        line = Line()
+
+        def spawn(work: Coroutine[Any, Any, None]) -> None:
+            task = asyncio.get_running_loop().create_task(work)
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+        async def read() -> None:
+            try:
+                async for message in messages:
+                    refusal = self._refusal(message)
+                    if refusal is not None:
+                        out.put_nowait([error_reply(item, refusal) for item in message.items])
+                        continue
+                    self._dispatch(list(message.items), line, out, spawn)
+                if running:
+                    await asyncio.gather(*list(running), return_exceptions=True)
+            finally:
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                batches = [await out.get()]
+                while not out.empty():
+                    batches.append(out.get_nowait())
+                replies = [r for batch in batches if batch is not None for r in batch]
+                if replies:
+                    yield pb.StreamResponse(replies=replies)
+                if None in batches:
+                    break
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    def _refusal(self, message: pb.StreamRequest) -> SeqServeError | None:
+        if len(message.items) > self._max_items:
+            return InvalidArgument(
+                f"message carries {len(message.items)} items; the limit is {self._max_items}"
+            )
+        try:
+            check_message_size(message, self._max_bytes)
+        except InvalidArgument as exc:
+            return exc
+        return None
+
+    def _dispatch(
+        self,
+        items: list[pb.StreamItem],
+        line: Line,
+        out: asyncio.Queue[list[pb.StreamReply] | None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        group: list[pb.StreamItem] = []
+        in_group: set[str] = set()
+
+        def start_group() -> None:
+            if group:
+                spawn(self._feed_group(list(group), line, out))
+                group.clear()
+                in_group.clear()
+
+        for item in items:
+            if item.session_id in in_group:  # its earlier item must take the lease first
+                start_group()
+            if item.HasField("input") and not item.HasField("generate"):
+                group.append(item)
+                in_group.add(item.session_id)
+            else:
+                spawn(self._item(item, line, out))
+        start_group()
+
+    async def _feed_group(
+        self,
+        items: list[pb.StreamItem],
+        line: Line,
+        out: asyncio.Queue[list[pb.StreamReply] | None],
+    ) -> None:
+        try:
+            replies = await self._feed_items(items, line)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            replies = [error_reply(item, exc) for item in items]
+        out.put_nowait(replies)
+
+    async def _item(
+        self,
+        item: pb.StreamItem,
+        line: Line,
+        out: asyncio.Queue[list[pb.StreamReply] | None],
+    ) -> None:
+        try:
+            async with contextlib.aclosing(self._run_item(item, line)) as replies:  # type: ignore[type-var]
+                async for reply in replies:
+                    out.put_nowait([reply])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            out.put_nowait([error_reply(item, exc)])
+
+
+def error_reply(item: pb.StreamItem, exc: BaseException) -> pb.StreamReply:
+    code, message = status_of(exc)
+    return pb.StreamReply(
+        session_id=item.session_id,
+        request_id=item.request_id,
+        error=status_pb2.Status(code=code.value[0], message=message),
+    )

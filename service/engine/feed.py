@@ -1,0 +1,37 @@
+"""A feed, the engine's unit of work: input for one session (a Step request, or one Stream
+item), with the options that shape its prediction, and what it returns.
+
+Nouns used throughout: an API *item* (one entry of a Stream message) becomes a *feed* here; the
+step scheduler runs each feed as one *row* of a batched step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from service.engine.model_input import ModelInput
+from service.models import ByteTokenizer
+from service.runtime.step_batch import Prediction
+from service.sessions.session import Session
+
+
+@dataclass(frozen=True)
+class PredictionOptions:
+    top_k: int = 0  # 0 = the server default
+    per_position: bool = False
+
+
+@dataclass(frozen=True)
+class Feed:
+    session_id: str
+    input: ModelInput
+    options: PredictionOptions = PredictionOptions()
+
+
+@dataclass
+class FeedOutcome:
+    session: Session
+    position: int  # inputs the session has consumed after this feed
+    prediction: Prediction
+    per_position: list[Prediction] = field(default_factory=list)
+    tokenizer: ByteTokenizer | None = None  # decodes the prediction's token ids

@@ -1,0 +1,131 @@
+"""The table of served model versions: which are loaded, which sessions need them.
+
+A version is loaded on first use and stays loaded while sessions are pinned to it (in memory or
+spilled); once its last session ends it is unloaded unless new sessions still resolve to it.
+Resolution re-reads the store on every call, so versions published and aliases moved on disk
+take effect for the next new session; which version a spec means is the store's rule
+(`ModelStore.version_for`), the same one the registry RPCs report. Before a loaded version takes
+a new session its files are checked again (a stat; a re-hash only when the weights changed): a
+version whose files vanished or fail their digest is refused for new sessions while its running
+sessions go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.engine.served_version import ServedVersion, VersionObserver
+from service.engine.version_loader import VersionLoader
+from service.errors import SeqServeError
+from service.registry.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+VersionKey = tuple[str, int]
+
+
+class ServedVersions:
+    def __init__(self, store: ModelStore, loader: VersionLoader, observer: VersionObserver) -> None:
+        self.store = store
+        self._loader = loader
+        self._observer = observer
+        self._served: dict[VersionKey, ServedVersion] = {}
+        self._loading: dict[VersionKey, asyncio.Future[ServedVersion]] = {}
+        self._pins: dict[VersionKey, int] = {}  # sessions per version, loaded or not
+
+    def served(self) -> list[ServedVersion]:
+        return list(self._served.values())
+
+    def find(self, name: str, version: int) -> ServedVersion | None:
+        return self._served.get((name, version))
+
+    # ---- pins: which versions sessions need ----------------------------------------------
+
+    def pin(self, name: str, version: int) -> None:
+        key = (name, version)
+        self._pins[key] = self._pins.get(key, 0) + 1
+        self._sync_count(key)
+
+    def unpin(self, name: str, version: int) -> None:
+        key = (name, version)
+        left = self._pins.get(key, 0) - 1
+        assert left >= 0, f"unpinned {name}:{version} more often than pinned"
+        if left:
+            self._pins[key] = left
+        else:
+            self._pins.pop(key, None)
+        self._sync_count(key)
+
+    def pinned(self, name: str, version: int) -> int:
+        return self._pins.get((name, version), 0)
+
+    def _sync_count(self, key: VersionKey) -> None:
+        served = self._served.get(key)
+        if served is not None:
+            served.sessions = self._pins.get(key, 0)
+
+    # ---- resolving and loading -----------------------------------------------------------
+
+    async def resolve(self, name: str, spec: str) -> ServedVersion:
+        """The version `spec` ("" / number / alias) means for a new session now, loaded; a
+        loaded one is first checked against its files on disk."""
+        entry = await asyncio.to_thread(self.store.model, name)
+        version = await asyncio.to_thread(self.store.version_for, entry, spec)
+        served = self._served.get((name, version))
+        if served is not None:
+            await asyncio.to_thread(self.store.check_unchanged, entry, version, served.fingerprint)
+        return await self.get(name, version)
+
+    async def get(self, name: str, version: int) -> ServedVersion:
+        """The served version, loading it first if need be (one load however many wait)."""
+        key = (name, version)
+        served = self._served.get(key)
+        if served is not None:
+            return served
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(key))
+            self._loading[key] = pending
+            pending.add_done_callback(lambda _f: self._loading.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _load(self, key: VersionKey) -> ServedVersion:
+        served = await self._loader.load(*key)
+        self._served[key] = served
+        self._sync_count(key)
+        self._observer.on_loaded(served)
+        return served
+
+    # ---- unloading -----------------------------------------------------------------------
+
+    async def release_if_unused(self, name: str, version: int) -> None:
+        """Unload a version no session is pinned to that new sessions no longer resolve to."""
+        served = self._served.get((name, version))
+        if served is None or served.sessions > 0 or served.unloading:
+            return
+        try:
+            entry = await asyncio.to_thread(self.store.model, name)
+            current: int | None = await asyncio.to_thread(self.store.version_for, entry, "")
+        except SeqServeError:  # the model vanished or is broken: nothing resolves to it
+            current = None
+        if current == version or served.sessions > 0 or served.unloading:
+            return
+        await self.unload(served)
+
+    async def unload(self, served: ServedVersion) -> None:
+        served.unloading = True
+        self._served.pop((served.name, served.version), None)
+        await served.scheduler.stop()
+        served.pool.close()
+        log.info("unloaded %s:%d", served.name, served.version)
+        self._observer.on_unloaded(served)
+
+    async def stop_schedulers(self) -> None:
+        """Finish the step in flight everywhere and refuse more (shutdown, before spilling)."""
+        for served in list(self._served.values()):
+            await served.scheduler.stop()
+
+    async def close(self) -> None:
+        for served in list(self._served.values()):
+            await self.unload(served)

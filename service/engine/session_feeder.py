@@ -1,0 +1,205 @@
+"""Feeding sessions: input into a session's state, and generation out of it.
+
+Each feed holds its session's lease (`session_lease`), is validated into a tensor, goes to its
+version's step scheduler as one row, and comes back as a `FeedOutcome` with the position the
+step left. A Stream message's feeds go to each scheduler as one group: sessions already in
+memory are leased and queued with no await per feed; the rest (spilled, on a version still to
+load, or waiting their turn in a line) take the full path beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from torch import Tensor
+
+from service.engine.feed import Feed, FeedOutcome, PredictionOptions
+from service.engine.generation import GeneratedToken, Generation
+from service.engine.model_input import ModelInput, to_tensor
+from service.engine.served_version import ServedVersion, VersionObserver
+from service.engine.session_lease import Lease, Line, SessionLeases
+from service.engine.step_scheduler import RowGroup
+from service.errors import Internal, InvalidArgument, SeqServeError
+from service.runtime.sampler import SamplingParams
+from service.runtime.step_batch import Row, RowResult
+from service.settings import EngineSettings
+
+
+class SessionFeeder:
+    def __init__(
+        self, leases: SessionLeases, limits: EngineSettings, observer: VersionObserver
+    ) -> None:
+        self._leases = leases
+        self._max_chunk = limits.max_chunk_tokens
+        self._default_top_k = limits.default_top_k
+        self._max_generate = limits.max_generate_tokens
+        self._observer = observer
+
+    # ---- one feed ------------------------------------------------------------------------
+
+    async def feed(self, feed: Feed, line: Line | None = None) -> FeedOutcome:
+        started = time.perf_counter()
+        async with self._leases.hold(feed.session_id, line) as lease:
+            served = lease.served
+            outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
+        self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
+        return outcome
+
+    async def run(
+        self, lease: Lease, inputs: Tensor, options: PredictionOptions | None = None
+    ) -> FeedOutcome:
+        """Feed validated `inputs` to a leased, ready session."""
+        served = lease.served
+        group = served.scheduler.submit([(lease, self._row(lease, inputs, options))])
+        # If the caller is cancelled now, the row may be in the running step, writing the slot:
+        # the lease is let go only when the step settles. (A cancelled feed may be consumed.)
+        lease.in_flight = group.future
+        (result,) = await asyncio.shield(group.future)
+        return _outcome(lease, result)
+
+    def inputs(self, served: ServedVersion, inp: ModelInput) -> Tensor:
+        """Validate `inp` for `served`'s model: the tensor it feeds, or InvalidArgument."""
+        return to_tensor(inp, served.name, served.config, served.tokenizer, self._max_chunk)
+
+    def _row(self, lease: Lease, inputs: Tensor, options: PredictionOptions | None) -> Row:
+        opts = options or PredictionOptions()
+        top_k = opts.top_k or self._default_top_k
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
+        assert lease.session.slot is not None
+        return Row(
+            slot=lease.session.slot, inputs=inputs, top_k=top_k, per_position=opts.per_position
+        )
+
+    # ---- many feeds (one Stream message) ---------------------------------------------------
+
+    async def feed_many(
+        self, feeds: Sequence[Feed], line: Line | None = None
+    ) -> list[FeedOutcome | SeqServeError]:
+        """Each feed's outcome, or the error that refused that feed alone. Leases are taken in
+        order before anything awaits, so a line keeps its order."""
+        started = time.perf_counter()
+        outcomes: list[FeedOutcome | SeqServeError | None] = [None] * len(feeds)
+        batches: dict[tuple[str, int], tuple[ServedVersion, list[tuple[int, Lease, Row]]]] = {}
+        slow: list[tuple[int, Lease]] = []
+        for i, feed in enumerate(feeds):
+            try:
+                lease = self._leases.take(feed.session_id, line)
+            except SeqServeError as exc:
+                outcomes[i] = exc
+                continue
+            served = self._leases.ready_now(lease)
+            if served is None:  # needs its turn, a load or a restore: the full path
+                slow.append((i, lease))
+                continue
+            try:
+                row = self._row(lease, self.inputs(served, feed.input), feed.options)
+            except SeqServeError as exc:
+                outcomes[i] = exc
+                self._leases.release(lease)
+                continue
+            batches.setdefault((served.name, served.version), (served, []))[1].append(
+                (i, lease, row)
+            )
+        groups: list[tuple[ServedVersion, list[tuple[int, Lease, Row]], RowGroup]] = []
+        for served, items in batches.values():
+            try:
+                group = served.scheduler.submit([(lease, row) for _, lease, row in items])
+            except SeqServeError as exc:
+                group = None
+                for i, _, _ in items:
+                    outcomes[i] = exc
+            for _, lease, _ in items:
+                # Let go the moment the rows have run, not when this call returns: slow feeds
+                # below may be waiting for exactly these slots.
+                lease.in_flight = group.future if group is not None else None
+                self._leases.release(lease)
+            if group is not None:
+                groups.append((served, items, group))
+        slow_work = asyncio.gather(
+            *(self._feed_leased(lease, feeds[i]) for i, lease in slow), return_exceptions=True
+        )
+        try:
+            for served, items, group in groups:
+                results = await asyncio.shield(group.future)
+                elapsed = time.perf_counter() - started
+                for (i, lease, _), result in zip(items, results, strict=True):
+                    try:
+                        outcomes[i] = _outcome(lease, result)
+                    except BaseException as exc:
+                        outcomes[i] = _as_error(exc)
+                        continue
+                    self._observer.on_request(served.name, str(served.version), elapsed)
+            for (i, _), outcome in zip(slow, await slow_work, strict=True):
+                outcomes[i] = _as_error(outcome) if isinstance(outcome, BaseException) else outcome
+        except asyncio.CancelledError:
+            slow_work.cancel()
+            raise
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    async def _feed_leased(self, lease: Lease, feed: Feed) -> FeedOutcome:
+        started = time.perf_counter()
+        try:
+            served = await self._leases.ready(lease)
+            outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
+        finally:
+            self._leases.release(lease)
+        self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
+        return outcome
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        session_id: str,
+        prompt: ModelInput | None = None,
+        sampling: SamplingParams | None = None,
+        line: Line | None = None,
+    ) -> AsyncIterator[GeneratedToken]:
+        """Sample up to `max_tokens`, one token per step; each token is consumed into the
+        session. Stopping early (cancel) leaves the session at its last completed step."""
+        async with self._leases.hold(session_id, line) as lease:
+            served = lease.served
+            if served.tokenizer is None:
+                raise InvalidArgument(
+                    f"model {served.name!r} takes feature frames; generation needs a token model"
+                )
+            params = sampling or lease.session.default_sampling
+            params.validate(served.config.output_dim, self._max_generate)
+            if prompt is not None:
+                await self.run(lease, self.inputs(served, prompt))
+            generation = Generation(lease, params, served.tokenizer)
+            served.scheduler.start_generation(generation)
+            lease.in_flight = generation.retired  # the lease outlives the last step
+            try:
+                while True:
+                    item = await generation.tokens.get()
+                    if isinstance(item, BaseException):
+                        raise Internal("generation step failed") from item
+                    yield item
+                    if item.finish_reason is not None:
+                        break
+            finally:
+                generation.cancelled = True  # the scheduler retires it before the next step
+
+
+def _outcome(lease: Lease, result: RowResult | BaseException) -> FeedOutcome:
+    if isinstance(result, BaseException):
+        raise result
+    assert result.prediction is not None
+    return FeedOutcome(
+        lease.session, result.position, result.prediction, result.per_position,
+        lease.served.tokenizer,
+    )  # fmt: skip
+
+
+def _as_error(exc: BaseException) -> SeqServeError:
+    """A feed's failure as the error it reports (a bug becomes INTERNAL)."""
+    if isinstance(exc, SeqServeError):
+        return exc
+    internal = Internal("step failed")
+    internal.__cause__ = exc
+    return internal

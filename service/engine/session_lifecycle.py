@@ -1,0 +1,182 @@
+"""Sessions begin and end here: create, fork, close, and expiry by the sweeper.
+
+A session is created on the version its model/alias resolves to and pinned there for good; a
+fork copies another's state, position and RNG into a new slot. A session ends when closed or
+when the sweeper finds it idle past its TTL: its slot is freed or its spill record deleted, its
+version unpinned, and a version nothing needs any more unloaded in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from service.engine.served_version import ServedVersion, VersionObserver
+from service.engine.served_versions import ServedVersions
+from service.engine.session_lease import SessionLeases
+from service.engine.session_residency import SessionResidency
+from service.errors import InvalidArgument, SeqServeError
+from service.runtime.sampler import SamplingParams, SessionRng
+from service.sessions.session import Session, new_session_id
+from service.sessions.session_store import SessionStore
+from service.settings import SessionSettings
+
+log = logging.getLogger(__name__)
+
+
+class SessionLifecycle:
+    def __init__(
+        self,
+        sessions: SessionStore,
+        versions: ServedVersions,
+        residency: SessionResidency,
+        leases: SessionLeases,
+        limits: SessionSettings,
+        max_generate_tokens: int,
+        observer: VersionObserver,
+    ) -> None:
+        self._sessions = sessions
+        self._versions = versions
+        self._residency = residency
+        self._leases = leases
+        self._ttl_default = limits.ttl_seconds
+        self._ttl_max = limits.max_ttl_seconds
+        self._max_generate = max_generate_tokens
+        self._observer = observer
+        self._chores: set[asyncio.Task[None]] = set()  # unloads started when sessions end
+
+    async def version_for_new_session(self, model: str, version: str) -> ServedVersion:
+        """The version a new session of `model` gets (checked: capacity first)."""
+        self._sessions.check_capacity()
+        return await self._versions.resolve(model, version)
+
+    async def create(
+        self,
+        served: ServedVersion,
+        *,
+        seed: int | None,
+        ttl_seconds: float | None,
+        default_sampling: SamplingParams | None,
+    ) -> Session:
+        ttl = self.ttl(ttl_seconds)
+        sampling = default_sampling or SamplingParams()
+        if served.tokenizer is not None:
+            sampling.validate(served.config.output_dim, self._max_generate)
+        if seed is None:
+            seed = secrets.randbits(63)
+        self._versions.pin(served.name, served.version)  # keeps it loaded while a slot is found
+        try:
+            slot = await self._residency.allocate(served)
+            session = Session(
+                session_id=new_session_id(),
+                model=served.name,
+                version=served.version,
+                fingerprint=served.fingerprint,
+                slot=slot,
+                rng=SessionRng.seeded(seed),
+                default_sampling=sampling,
+                ttl_seconds=ttl,
+                created_at=time.time(),
+                last_used=self._sessions.clock(),
+                seed=seed,
+            )
+            self._register(session, served, "created")
+        except BaseException:
+            self._versions.unpin(served.name, served.version)
+            raise
+        return session
+
+    async def fork(
+        self, session_id: str, ttl_seconds: float | None = None, seed: int | None = None
+    ) -> Session:
+        """A new session with a copy of the source's state, position and RNG (or a new seed)."""
+        ttl = self.ttl(ttl_seconds) if ttl_seconds else None
+        async with self._leases.hold(session_id) as lease:
+            source, served = lease.session, lease.served
+            self._sessions.check_capacity()
+            slot = await self._residency.allocate(served)  # the source is leased: not evicted
+            assert source.slot is not None
+            served.pool.restore(slot, served.pool.snapshot(source.slot))
+            child = Session(
+                session_id=new_session_id(),
+                model=source.model,
+                version=source.version,
+                fingerprint=source.fingerprint,
+                slot=slot,
+                rng=(
+                    SessionRng.from_state(source.rng.get_state())
+                    if seed is None
+                    else SessionRng.seeded(seed)
+                ),
+                seed=source.seed if seed is None else seed,
+                parent_session_id=source.session_id,
+                default_sampling=source.default_sampling,
+                ttl_seconds=ttl or source.ttl_seconds,
+                created_at=time.time(),
+                last_used=self._sessions.clock(),
+                position=source.position,
+            )
+            self._versions.pin(child.model, child.version)
+            try:
+                self._register(child, served, "forked")
+            except BaseException:
+                self._versions.unpin(child.model, child.version)
+                raise
+            return child
+
+    async def close(self, session_id: str) -> Session:
+        async with self._leases.hold(session_id, bring_in=False) as lease:
+            self.end(lease.session, "closed")
+            return lease.session
+
+    def sweep_expired(self) -> int:
+        """End every session idle past its TTL (leased ones never are); returns how many."""
+        expired = self._sessions.expired()
+        for session in expired:
+            self.end(session, "expired")
+        return len(expired)
+
+    def end(self, session: Session, why: str) -> None:
+        self._sessions.remove(session, why)
+        self._residency.discard(session)
+        self._residency.notify_idle()
+        self._versions.unpin(session.model, session.version)
+        self._observer.on_session_event(why, session.model, str(session.version))
+        self._chore(self._versions.release_if_unused(session.model, session.version))
+
+    async def settle(self) -> None:
+        """Wait for the unloads that ended sessions started in the background."""
+        while self._chores:
+            await asyncio.gather(*list(self._chores), return_exceptions=True)
+
+    def cancel_chores(self) -> list[asyncio.Task[None]]:
+        for task in self._chores:
+            task.cancel()
+        return list(self._chores)
+
+    def ttl(self, requested: float | None) -> float:
+        if requested is None or requested == 0:
+            return self._ttl_default
+        if not 0 < requested <= self._ttl_max:
+            raise InvalidArgument(f"ttl must be in (0, {self._ttl_max}] seconds, got {requested}")
+        return requested
+
+    def _register(self, session: Session, served: ServedVersion, event: str) -> None:
+        """Add a new session whose slot is allocated (and version pinned) to the store."""
+        try:
+            self._sessions.add(session)
+        except SeqServeError:
+            assert session.slot is not None
+            served.pool.free(session.slot)
+            self._residency.notify_idle()
+            raise
+        self._observer.on_session_event(event, session.model, str(session.version))
+
+    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)

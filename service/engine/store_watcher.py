@@ -1,0 +1,86 @@
+"""Watches the model store while the server runs (`registry_poll_seconds`).
+
+Each poll: log where new sessions of each served model now go and preload that version; unload
+served versions whose files broke or that nothing needs any more. Problems are logged once when
+they appear and once when they clear, not at every poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.engine.served_versions import ServedVersions
+from service.errors import SeqServeError, VersionUnusable
+from service.registry.snapshot import ModelEntry
+
+log = logging.getLogger(__name__)
+
+
+class StoreWatcher:
+    def __init__(self, versions: ServedVersions) -> None:
+        self._versions = versions
+        self._store = versions.store
+        self._defaults: dict[str, int] = {}  # what "" resolved to at the last poll
+        self._warm_failed: set[tuple[str, int]] = set()  # logged once, not every poll
+        self._problems: dict[str, str] = {}  # what was last warned about, by subject
+
+    async def poll(self) -> None:
+        snapshot = await asyncio.to_thread(self._store.snapshot)
+        served = self._versions.served()
+        for name in sorted({s.name for s in served}):
+            await self._follow_default(name, snapshot.models.get(name))
+        for sv in self._versions.served():
+            entry = snapshot.models.get(sv.name)
+            subject = f"{sv.name}:{sv.version}"
+            try:
+                if entry is None:
+                    raise VersionUnusable(f"model {sv.name!r} is gone from the store")
+                await asyncio.to_thread(
+                    self._store.check_unchanged, entry, sv.version, sv.fingerprint
+                )
+            except SeqServeError as exc:
+                self._report(subject, f"refused for new sessions: {exc.message}")
+                if sv.sessions == 0 and not sv.unloading:
+                    await self._versions.unload(sv)
+                continue
+            self._report(subject, None)
+            if sv.sessions == 0 and not sv.unloading and self._defaults.get(sv.name) != sv.version:
+                await self._versions.unload(sv)
+
+    async def _follow_default(self, name: str, entry: ModelEntry | None) -> None:
+        try:
+            if entry is None:
+                raise VersionUnusable(f"model {name!r} is gone from the store")
+            default = await asyncio.to_thread(self._store.version_for, entry, "")
+        except SeqServeError as exc:
+            self._report(name, f"new sessions cannot be served: {exc.message}")
+            self._defaults.pop(name, None)
+            return
+        self._report(name, None)
+        previous = self._defaults.get(name)
+        if previous is not None and default != previous:
+            log.info("new sessions of %s now go to version %d (was %d)", name, default, previous)
+        self._defaults[name] = default
+        await self._warm(name, default)
+
+    def _report(self, subject: str, problem: str | None) -> None:
+        before = self._problems.get(subject)
+        if problem == before:
+            return
+        if problem is None:
+            self._problems.pop(subject, None)
+            log.info("%s: fine again", subject)
+        else:
+            self._problems[subject] = problem
+            log.warning("%s: %s", subject, problem)
+
+    async def _warm(self, name: str, version: int) -> None:
+        key = (name, version)
+        if self._versions.find(name, version) is not None or key in self._warm_failed:
+            return
+        try:
+            await self._versions.get(name, version)
+        except SeqServeError as exc:
+            self._warm_failed.add(key)
+            log.warning("could not preload %s:%d: %s", name, version, exc.message)

@@ -1,0 +1,219 @@
+"""The standard health service (grpc.health.v1.Health) over a real channel: Check, Watch across
+`listen()` / `open()` / `stop()`, List, and a channel that does client-side health checking.
+SessionService refuses with UNAVAILABLE until the server is open; no health call counts as
+INTERNAL in the RPC metric."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api.server import SeqServeServer
+from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
+from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+
+from .conftest import make_settings
+from .support import expect_status
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SESSION_SERVICE = "seqserve.v1.SessionService"
+REGISTRY_SERVICE = "seqserve.v1.ModelRegistry"
+TIMEOUT = 10.0  # seconds: every wait here is bounded by this
+
+# What a load-balancing client would configure: round_robin, with the subchannel used only
+# while the server's overall ("") health is SERVING, learned through Watch.
+HEALTH_CHECKED_OPTIONS = [
+    (
+        "grpc.service_config",
+        json.dumps(
+            {
+                "loadBalancingConfig": [{"round_robin": {}}],
+                "healthCheckConfig": {"serviceName": ""},
+            }
+        ),
+    ),
+]
+
+
+def _target(server: SeqServeServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+async def _next_status(call: Any) -> int:
+    """The next status a Watch stream sends (it must send one within TIMEOUT)."""
+    message = await asyncio.wait_for(call.read(), TIMEOUT)
+    assert message is not grpc.aio.EOF, "the Watch stream ended"
+    return int(message.status)
+
+
+async def _check(stub: health_pb2_grpc.HealthStub, service: str) -> int:
+    response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+    return int(response.status)
+
+
+def _rpc_counts(server: SeqServeServer, method: str) -> dict[str, float]:
+    """RPCs of `method` the server's metric has recorded, by status code."""
+    counts: dict[str, float] = {}
+    for family in server.metrics.registry.collect():
+        if family.name != "seqserve_rpc_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count") and sample.labels.get("method") == method:
+                counts[sample.labels["code"]] = sample.value
+    return counts
+
+
+async def _recorded(server: SeqServeServer, method: str) -> dict[str, float]:
+    """The counts for `method` once at least one call has finished (streams such as Watch are
+    recorded when they end, after the client has gone)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (counts := _rpc_counts(server, method)):
+        assert time.monotonic() < deadline, f"no {method} call was recorded"
+        await asyncio.sleep(0.02)
+    return counts
+
+
+async def test_check_reports_serving_once_started_and_not_found_for_unknown(
+    server: SeqServeServer,
+) -> None:
+    async with grpc.aio.insecure_channel(_target(server)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert await _check(stub, "") == SERVING
+        assert await _check(stub, SESSION_SERVICE) == SERVING
+        assert await _check(stub, REGISTRY_SERVICE) == SERVING
+        await expect_status(
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT),
+            grpc.StatusCode.NOT_FOUND,
+        )
+    assert _rpc_counts(server, "Check") == {"OK": 3, "NOT_FOUND": 1}
+
+
+async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: Path) -> None:
+    # A long grace period: stop() must return because the Watch ends, not because it expired.
+    grace = 30.0
+    server = SeqServeServer(make_settings(store_root, tmp_path, server={"grace_seconds": grace}))
+    stopping: asyncio.Task[None] | None = None
+    watch: Any = None
+    await server.listen()
+    try:
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            sessions = pb_grpc.SessionServiceStub(channel)
+            registry = reg_grpc.ModelRegistryStub(channel)
+
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+            assert await _next_status(watch) == NOT_SERVING
+            assert await _check(health, SESSION_SERVICE) == NOT_SERVING
+            assert await _check(health, REGISTRY_SERVICE) == NOT_SERVING
+
+            # Listening but not open: our services refuse, and never reach the engine.
+            await expect_status(
+                sessions.CreateSession(pb.CreateSessionRequest(model="tok"), timeout=TIMEOUT),
+                grpc.StatusCode.UNAVAILABLE,
+                "server is starting",
+            )
+            await expect_status(
+                registry.ListModels(reg_pb.ListModelsRequest(), timeout=TIMEOUT),
+                grpc.StatusCode.UNAVAILABLE,
+                "server is starting",
+            )
+            assert not list(server.engine.sessions)
+            assert _rpc_counts(server, "CreateSession") == {"UNAVAILABLE": 1}
+
+            await asyncio.wait_for(server.open(), TIMEOUT)
+            assert await _next_status(watch) == SERVING
+            assert await _check(health, SESSION_SERVICE) == SERVING
+            created = await sessions.CreateSession(
+                pb.CreateSessionRequest(model="tok"), timeout=TIMEOUT
+            )
+            assert created.session.session_id
+
+            # Draining: NOT_SERVING reaches the watcher while in-flight calls may still finish.
+            started = time.monotonic()
+            stopping = asyncio.create_task(server.stop())
+            assert await _next_status(watch) == NOT_SERVING
+            watch.cancel()
+            await asyncio.wait_for(asyncio.shield(stopping), TIMEOUT)
+            assert time.monotonic() - started < grace
+    finally:
+        if watch is not None:
+            watch.cancel()
+        if stopping is None:
+            await server.stop()
+        else:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stopping, grace + TIMEOUT)
+    counts = _rpc_counts(server, "Watch")
+    assert counts and "INTERNAL" not in counts and "UNIMPLEMENTED" not in counts, counts
+
+
+async def test_list_is_unimplemented_not_internal(server: SeqServeServer) -> None:
+    async with grpc.aio.insecure_channel(_target(server)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        await expect_status(
+            stub.List(health_pb2.HealthListRequest(), timeout=TIMEOUT),
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
+    assert _rpc_counts(server, "List") == {"UNIMPLEMENTED": 1}
+
+
+async def test_a_client_side_health_checked_channel_connects_and_calls(
+    server: SeqServeServer,
+) -> None:
+    async with grpc.aio.insecure_channel(
+        _target(server), options=HEALTH_CHECKED_OPTIONS
+    ) as channel:
+        await asyncio.wait_for(channel.channel_ready(), TIMEOUT)
+        sessions = pb_grpc.SessionServiceStub(channel)
+        created = await sessions.CreateSession(
+            pb.CreateSessionRequest(model="tok", seed=3), timeout=TIMEOUT
+        )
+        assert created.session.model == "tok" and created.session.seed == 3
+        assert await _check(health_pb2_grpc.HealthStub(channel), "") == SERVING
+    # The channel's health check is a Watch that ends when the channel closes.
+    watch = await _recorded(server, "Watch")
+    assert "INTERNAL" not in watch and "UNIMPLEMENTED" not in watch, watch
+    assert _rpc_counts(server, "Check") == {"OK": 1}
+    assert _rpc_counts(server, "CreateSession") == {"OK": 1}
+
+
+async def test_a_health_checked_channel_waits_for_open(store_root: Path, tmp_path: Path) -> None:
+    server = SeqServeServer(make_settings(store_root, tmp_path))
+    await server.listen()
+    try:
+        async with grpc.aio.insecure_channel(
+            _target(server), options=HEALTH_CHECKED_OPTIONS
+        ) as channel:
+            # NOT_SERVING: the client does not use the connection (a short, bounded look).
+            ready = asyncio.ensure_future(channel.channel_ready())
+            done, _ = await asyncio.wait({ready}, timeout=1.0)
+            assert not done, "the channel became ready while the server was NOT_SERVING"
+            await asyncio.wait_for(server.open(), TIMEOUT)
+            await asyncio.wait_for(ready, TIMEOUT)
+            sessions = pb_grpc.SessionServiceStub(channel)
+            created = await sessions.CreateSession(
+                pb.CreateSessionRequest(model="tok"), timeout=TIMEOUT
+            )
+            assert created.session.session_id
+    finally:
+        await server.stop()
+
+
+async def test_stop_before_open_leaves_the_spill_tier_alone(
+    store_root: Path, tmp_path: Path
+) -> None:
+    server = SeqServeServer(make_settings(store_root, tmp_path))
+    await server.listen()
+    await asyncio.wait_for(server.stop(), TIMEOUT)
+    # The engine never started, so it neither ran nor wrote a clean-stop marker.
+    assert not (tmp_path / "spill" / ".stopped_at").exists()
