@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.client.client import ClientSession, SeqServeClient
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 MODEL = "tok"
 FEED = [1, 2, 3]  # a Step's input

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.api.server import SeqServeServer
 from service.loadtest import LoadConfig, TargetError, run_load
 from service.loadtest.progress import Progress
 from service.loadtest.recorder import LoadRecorder
 from service.loadtest.sessions import create_sessions
 from service.loadtest.target import ModelInfo, open_channel
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 
 
 def config(target: str, **overrides: object) -> LoadConfig:
