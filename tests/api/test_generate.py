@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 from .support import ReferenceSession, assert_matches_reference, softmax, text, tokens, top_ids
 
@@ -266,17 +266,32 @@ async def test_seeded_generation_is_reproducible(client: SeqServeClient) -> None
     assert _ids(await _generate(client, reseeded, sampling)) != base
 
 
+def _inverse_cdf_draws(logits: np.ndarray, u: float, tol: float = 1e-5) -> set[int]:
+    """The token a draw at uniform u takes from softmax(logits), tokens ranked best first, each
+    covering [mass before it, mass through it): one token, or two when u lies within float32
+    noise of the boundary between them."""
+    probs = softmax(logits)
+    order = np.argsort(-probs, kind="stable")
+    hi = np.cumsum(probs[order])
+    lo = hi - probs[order]
+    return {int(t) for t, a, b in zip(order, lo, hi, strict=True) if a - tol <= u < b + tol}
+
+
 async def test_sampled_tokens_follow_the_reference_distribution(
     client: SeqServeClient, store_root: Path
 ) -> None:
-    """Sampling at temperature 1 from the served model: each draw is a token the reference gives
-    probability to, and the session ends up where the reference fed the same tokens does."""
+    """Sampling at temperature 1 from the served model: each draw is the token the reference
+    distribution gives at the session's next uniform number (its RNG is numpy's PCG64 seeded with
+    the session's seed, one number per token), and the session ends up where the reference fed
+    the same tokens does."""
     sid = await _create(client, seed=2, prefix=text("ab"))
     replies = await _generate(client, sid, make_sampling(temperature=1.0, max_tokens=16))
     reference = ReferenceSession(store_root, "tok")
+    stream = np.random.Generator(np.random.PCG64(2))  # the session's stream, replayed
     out = reference.feed(list(b"ab"))[-1]
     for r in replies:
-        assert softmax(out)[r.token.id] > 0
+        u = float(stream.random())
+        assert r.token.id in _inverse_cdf_draws(out, u), (r.position, u)
         out = reference.feed([r.token.id])[-1]
     after = await _step(client, sid, tokens(1), top_k=5)
     assert_matches_reference(after.prediction, reference.feed([1])[-1])

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
+import numpy as np
 import pytest
 
-from service.api.gen.seqserve.v1 import session_service_pb2 as pb
-from service.api.gen.seqserve.v1 import types_pb2 as types
 from service.client.client import SeqServeClient
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
+
+from .support import ReferenceSession, softmax
 
 
-async def test_feed_then_generate_reproducibly(client: SeqServeClient) -> None:
+async def test_feed_then_generate_reproducibly(client: SeqServeClient, store_root: Path) -> None:
     a = await client.create_session("tok", seed=11)
     pred = await a.feed(text="hello")
     assert pred.position == 5
-    assert len(pred.top) == 5 and abs(sum(p for _, p, _ in pred.top)) <= 1.0
+    # The default top 5: the five most likely next bytes of the reference, with its probabilities.
+    probs = softmax(ReferenceSession(store_root, "tok").feed(list(b"hello"))[-1])
+    ids, served = [i for i, _, _ in pred.top], [p for _, p, _ in pred.top]
+    assert len(ids) == len(set(ids)) == 5
+    assert served == sorted(served, reverse=True)
+    np.testing.assert_allclose(served, probs[ids], rtol=1e-5, atol=0)
+    assert float(probs[ids].min()) >= float(np.delete(probs, ids).max()) - 1e-6
     pieces = [p async for p in a.generate(max_tokens=7, temperature=1.0)]
     assert [p.position for p in pieces] == list(range(6, 13))
     assert pieces[-1].finish_reason == "max_tokens"

@@ -1,12 +1,13 @@
-"""`SessionEngine.step_many`: many sessions fed at once (one Stream message's items)."""
+"""`SessionEngine.feed_many` (`SessionFeeder`): many sessions fed at once (one Stream message's
+feeds), each with its own outcome."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from service.engine.session_engine import ModelInput
-from service.errors import DataLoss, InvalidArgument, Unavailable
+from service.engine.session_engine import Feed, ModelInput
+from service.errors import InvalidArgument, Unavailable
 from service.runtime.step_batch import StepBatch
 
 from .conftest import EngineFactory
@@ -31,10 +32,10 @@ async def test_each_item_reports_the_position_its_own_step_left(
 
     slow_version.runner.execute = slow  # type: ignore[method-assign]
     many = asyncio.create_task(
-        engine.step_many(
+        engine.feed_many(
             [
-                (a.session_id, ModelInput(tokens=[1]), None),
-                (b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]), None),
+                Feed(a.session_id, ModelInput(tokens=[1])),
+                Feed(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3])),
             ]
         )
     )
@@ -43,7 +44,7 @@ async def test_each_item_reports_the_position_its_own_step_left(
         if b.position == 1 and not b.busy:
             break
     assert not many.done(), "the slow version's group should still be running"
-    meanwhile = await engine.step(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]))
+    meanwhile = await engine.feed(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]))
     assert meanwhile.position == 2
     outcomes = await many
     assert [o.position for o in outcomes] == [1, 1]  # type: ignore[union-attr]
@@ -53,11 +54,11 @@ async def test_errors_stay_with_their_items(make_engine: EngineFactory) -> None:
     engine = await make_engine()
     a, _ = await engine.create_session("tok")
     b, _ = await engine.create_session("tok")
-    outcomes = await engine.step_many(
+    outcomes = await engine.feed_many(
         [
-            (a.session_id, ModelInput(tokens=[999]), None),  # out of the vocabulary
-            (b.session_id, ModelInput(tokens=[1, 2]), None),
-            ("s_unknown", ModelInput(tokens=[1]), None),
+            Feed(a.session_id, ModelInput(tokens=[999])),  # out of the vocabulary
+            Feed(b.session_id, ModelInput(tokens=[1, 2])),
+            Feed("s_unknown", ModelInput(tokens=[1])),
         ]
     )
     assert isinstance(outcomes[0], InvalidArgument)
@@ -70,6 +71,6 @@ async def test_draining_refuses_every_item(make_engine: EngineFactory) -> None:
     engine = await make_engine()
     a, _ = await engine.create_session("tok")
     engine.begin_draining()
-    outcomes = await engine.step_many([(a.session_id, ModelInput(tokens=[1]), None)])
+    outcomes = await engine.feed_many([Feed(a.session_id, ModelInput(tokens=[1]))])
     assert isinstance(outcomes[0], Unavailable) and a.position == 0
-    assert not isinstance(outcomes[0], DataLoss)
+    assert "draining" in outcomes[0].message and not a.busy

@@ -1,0 +1,270 @@
+"""sample(), SessionRng and SamplingParams.validate.
+
+Greedy is the argmax; temperature / top_k / top_p restrict the support to what a NumPy
+reference of the same rule keeps (and every kept token is reachable); each draw is the inverse
+CDF of the kept distribution at the row's own uniform number, so a seed gives one sequence and a
+row's draw does not depend on the other rows of the batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from service.errors import InvalidArgument
+from service.runtime.sampler import SamplingParams, SessionRng, sample
+
+V = 40
+
+
+def _logits(rows: int, seed: int, scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, V, generator=g) * scale
+
+
+class _FixedU:
+    """An RNG stand-in returning the given uniform numbers in turn."""
+
+    def __init__(self, *u: float) -> None:
+        self._u = list(u)
+
+    def uniform(self) -> float:
+        return self._u.pop(0)
+
+
+def _kept(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of the rule: (kept token ids best first, their renormalised probabilities)."""
+    z = np.asarray(logits, dtype=np.float64) / p.temperature
+    order = np.argsort(-z, kind="stable")
+    probs = np.exp(z[order] - z[order][0])
+    probs /= probs.sum()
+    k = p.top_k or len(z)
+    before = np.cumsum(probs) - probs  # mass of strictly better tokens
+    keep = (np.arange(len(z)) < k) & ((before < p.top_p) | (np.arange(len(z)) == 0))
+    kept = order[keep]
+    return kept, probs[keep] / probs[keep].sum()
+
+
+def _reference_draw(logits: np.ndarray, p: SamplingParams, u: float) -> set[int]:
+    """Tokens the inverse CDF at u may give: normally one; two when u sits within float32
+    noise of a boundary between kept tokens."""
+    kept, probs = _kept(logits, p)
+    hi = np.cumsum(probs)
+    lo = hi - probs
+    tol = 1e-5
+    return {int(t) for t, a, b in zip(kept, lo, hi, strict=True) if a - tol <= u < b + tol}
+
+
+# ---- the support ------------------------------------------------------------------------------
+
+
+def test_greedy_is_the_argmax_of_each_row() -> None:
+    logits = _logits(64, seed=0)
+    params = [SamplingParams(temperature=0.0)] * 64
+    out = sample(logits, params, [SessionRng.seeded(i) for i in range(64)])
+    assert out.dtype == torch.int64 and out.shape == (64,)
+    assert out.tolist() == logits.argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=5.0, top_k=1),
+        SamplingParams(temperature=5.0, top_p=1e-6),
+        SamplingParams(temperature=5.0, top_k=3, top_p=1e-6),
+    ],
+    ids=["top_k=1", "top_p tiny", "both"],
+)
+def test_a_cut_to_one_token_always_gives_the_argmax(params: SamplingParams) -> None:
+    logits = _logits(1, seed=1, scale=0.3)  # nearly uniform: without the cut, anything goes
+    best = int(logits.argmax())
+    rng = SessionRng.seeded(3)
+    draws = [int(sample(logits, [params], [rng])[0]) for _ in range(300)]
+    assert set(draws) == {best}
+
+
+def test_top_k_draws_stay_in_the_k_best_and_reach_each_of_them() -> None:
+    logits = _logits(1, seed=2, scale=0.5)
+    top5 = set(torch.topk(logits[0], 5).indices.tolist())
+    rng = SessionRng.seeded(4)
+    draws = [int(sample(logits, [SamplingParams(top_k=5)], [rng])[0]) for _ in range(2000)]
+    assert set(draws) == top5
+    # Without the cut, the same near-uniform distribution leaves the top 5 most of the time.
+    rng = SessionRng.seeded(4)
+    free = [int(sample(logits, [SamplingParams()], [rng])[0]) for _ in range(200)]
+    assert sum(t not in top5 for t in free) > 100
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "expected"),
+    [
+        (1.0, 0.3, {0}),
+        (1.0, 0.5, {0, 1}),
+        (1.0, 0.56, {0, 1, 2}),
+        (1.0, 0.85, {0, 1, 2, 3, 4}),
+        (1.0, 1.0, {0, 1, 2, 3, 4, 5}),
+        (0.5, 0.5, {0}),
+    ],
+)
+def test_top_p_keeps_the_smallest_set_reaching_the_mass(
+    temperature: float, top_p: float, expected: set[int]
+) -> None:
+    # Best first by id; the mass of strictly better tokens is 0, .4, .551, .7, .82, .92. At
+    # temperature 0.5 they sharpen to .68, .10, ... so 0.5 is reached by the first alone.
+    probs = np.array([0.4, 0.151, 0.149, 0.12, 0.1, 0.08])
+    logits = torch.tensor(np.log(probs), dtype=torch.float32)[None]
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    kept, _ = _kept(logits[0].numpy(), params)
+    assert set(kept.tolist()) == expected  # the reference of the rule agrees with the table
+    rng = SessionRng.seeded(8)
+    draws = {int(sample(logits, [params], [rng])[0]) for _ in range(1500)}
+    assert draws == expected
+
+
+def test_a_set_reaching_top_p_exactly_is_enough() -> None:
+    """Two equal logits: 0.5 each, exactly. The best token alone reaches top_p = 0.5, so the
+    other (its mass of better tokens is exactly 0.5, not below) is cut."""
+    logits = torch.zeros(1, 2)
+    rng = SessionRng.seeded(12)
+    draws = {int(sample(logits, [SamplingParams(top_p=0.5)], [rng])[0]) for _ in range(100)}
+    assert len(draws) == 1
+    draws = {int(sample(logits, [SamplingParams(top_p=0.51)], [rng])[0]) for _ in range(100)}
+    assert draws == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=7),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=2.0, top_k=12, top_p=0.6),
+    ],
+    ids=["plain", "top_k", "top_p", "both"],
+)
+def test_each_draw_is_the_inverse_cdf_of_the_kept_distribution(params: SamplingParams) -> None:
+    """The sampler against a NumPy transcription of the rule, draw by draw: the same uniform
+    number from the same seeded stream picks the same token."""
+    logits = _logits(200, seed=5)
+    rngs = [SessionRng.seeded(100 + i) for i in range(200)]
+    out = sample(logits, [params] * 200, rngs).tolist()
+    mirror = [np.random.Generator(np.random.PCG64(100 + i)) for i in range(200)]
+    for i, token in enumerate(out):
+        u = float(mirror[i].random())
+        assert token in _reference_draw(logits[i].numpy(), params, u), (i, u)
+
+
+def test_a_draw_at_either_end_of_the_uniform_range_stays_in_the_support() -> None:
+    logits = _logits(1, seed=6)
+    params = SamplingParams(temperature=1.0, top_k=3)
+    ranked = torch.argsort(logits[0], descending=True).tolist()
+    low = sample(logits, [params], [_FixedU(0.0)])  # type: ignore[list-item]
+    high = sample(logits, [params], [_FixedU(1.0 - 2**-53)])  # type: ignore[list-item]
+    assert int(low[0]) == ranked[0]
+    assert int(high[0]) == ranked[2]  # the last kept token, never a cut one
+
+
+# ---- seeds and batching -----------------------------------------------------------------------
+
+
+def test_the_same_seed_gives_the_same_sequence_and_another_seed_another() -> None:
+    logits = _logits(1, seed=7, scale=0.5)
+    params = [SamplingParams(temperature=1.0)]
+
+    def run(seed: int) -> list[int]:
+        rng = SessionRng.seeded(seed)
+        return [int(sample(logits, params, [rng])[0]) for _ in range(50)]
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_a_rows_draw_does_not_depend_on_the_rest_of_the_batch() -> None:
+    logits = _logits(6, seed=8, scale=0.5)
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.0),  # greedy rows mixed in
+        SamplingParams(temperature=1.5, top_k=4),
+        SamplingParams(temperature=0.8, top_p=0.7),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=2.0, top_k=10, top_p=0.9),
+    ]
+    batched: list[list[int]] = []
+    alone: list[list[int]] = []
+    rngs = [SessionRng.seeded(40 + i) for i in range(6)]
+    for _ in range(20):
+        batched.append(sample(logits, params, rngs).tolist())
+    rngs = [SessionRng.seeded(40 + i) for i in range(6)]
+    for _ in range(20):
+        alone.append([int(sample(logits[i : i + 1], [params[i]], [rngs[i]])[0]) for i in range(6)])
+    assert batched == alone
+    # And in another order, with other rows between them.
+    rngs = [SessionRng.seeded(40 + i) for i in range(6)]
+    perm = [5, 2, 0, 4, 1, 3]
+    for step in range(20):
+        out = sample(logits[perm], [params[i] for i in perm], [rngs[i] for i in perm]).tolist()
+        assert [out[perm.index(i)] for i in range(6)] == batched[step]
+
+
+# ---- SessionRng -------------------------------------------------------------------------------
+
+
+def test_session_rng_state_round_trip_continues_the_stream() -> None:
+    rng = SessionRng.seeded(2**62 + 5)
+    for _ in range(7):
+        rng.uniform()
+    state = rng.get_state()
+    via_json = json.loads(json.dumps(state))  # the state travels in spill headers as JSON
+    copy, restored = SessionRng.from_state(state), SessionRng.from_state(via_json)
+    expected = [rng.uniform() for _ in range(10)]
+    assert [copy.uniform() for _ in range(10)] == expected
+    assert [restored.uniform() for _ in range(10)] == expected
+    # The copies are independent streams: drawing from one does not advance another.
+    assert rng.get_state() == copy.get_state() == restored.get_state()
+    copy.uniform()
+    assert rng.get_state() != copy.get_state()
+    state["state"]["state"] = 0  # nor does editing the dict taken from it
+    assert rng.uniform() == restored.uniform()
+
+
+def test_a_seeded_session_rng_is_numpy_pcg64_with_that_seed() -> None:
+    rng = SessionRng.seeded(123)
+    mirror = np.random.Generator(np.random.PCG64(123))
+    assert [rng.uniform() for _ in range(5)] == [float(mirror.random()) for _ in range(5)]
+    a, b = SessionRng(), SessionRng()  # unseeded: each its own stream
+    assert [a.uniform() for _ in range(4)] != [b.uniform() for _ in range(4)]
+
+
+# ---- SamplingParams.validate ------------------------------------------------------------------
+
+
+def test_defaults_and_the_edges_of_every_range_are_valid() -> None:
+    SamplingParams().validate(V, 16)
+    SamplingParams(
+        temperature=0.0, top_k=0, top_p=1.0, max_tokens=1, stop_token_ids=(0, V - 1)
+    ).validate(V, 16)
+    SamplingParams(temperature=100.0, top_k=V + 5, top_p=1e-9, max_tokens=16).validate(V, 16)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (SamplingParams(temperature=-0.01), "temperature must be in [0, 100]"),
+        (SamplingParams(temperature=100.01), "temperature must be in [0, 100]"),
+        (SamplingParams(temperature=float("nan")), "temperature must be in [0, 100]"),
+        (SamplingParams(top_k=-1), "top_k must be >= 0"),
+        (SamplingParams(top_p=0.0), "top_p must be in (0, 1]"),
+        (SamplingParams(top_p=1.0001), "top_p must be in (0, 1]"),
+        (SamplingParams(top_p=float("nan")), "top_p must be in (0, 1]"),
+        (SamplingParams(max_tokens=0), "max_tokens must be in [1, 16]"),
+        (SamplingParams(max_tokens=17), "max_tokens must be in [1, 16]"),
+        (SamplingParams(stop_token_ids=(3, V, -1)), f"out of range [0, {V}): [{V}, -1]"),
+        (SamplingParams(stop_strings=("ok", "")), "stop strings must not be empty"),
+    ],
+)
+def test_validate_refuses_each_bad_field(params: SamplingParams, message: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        params.validate(V, 16)
+    assert message in err.value.message

@@ -1,0 +1,343 @@
+"""StatePool and ByteBudget: slots handed out, freed and reused; growth by doubling while the
+shared byte budget allows and ResourceExhausted past it; zeroed reallocated slots; bit-exact
+snapshot / restore; gather / scatter by slot; compact(); close()."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service.errors import ResourceExhausted
+from service.models import ModelConfig, RecurrentState
+from service.runtime.state_pool import ByteBudget, SlotSnapshot, StatePool
+
+from .conftest import CELL_IDS, CELLS, random_snapshot, token_config
+
+LSTM = token_config("lstm")  # 2 layers, H = 16, vocabulary 40
+GRU = token_config("gru", reset_after=False)
+# 4 bytes per float: LSTM h and c (2 layers x 16 each) plus 40 last outputs; GRU h only.
+LSTM_SLOT_BYTES = 4 * (2 * 2 * 16 + 40)
+GRU_SLOT_BYTES = 4 * (2 * 16 + 40)
+
+
+def _initial(config: ModelConfig) -> torch.Tensor:
+    """A recognisable, nonzero initial output, so "reset" is told apart from "zeroed"."""
+    return torch.arange(config.output_dim, dtype=torch.float32) * 0.25 - 3.0
+
+
+def _pool(config: ModelConfig, budget: ByteBudget, slots: int) -> StatePool:
+    return StatePool(config, _initial(config), budget, initial_slots=slots)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _assert_same_bits(a: SlotSnapshot, b: SlotSnapshot) -> None:
+    np.testing.assert_array_equal(_bits(a.h), _bits(b.h))
+    np.testing.assert_array_equal(_bits(a.last), _bits(b.last))
+    assert (a.c is None) == (b.c is None)
+    if a.c is not None:
+        assert b.c is not None
+        np.testing.assert_array_equal(_bits(a.c), _bits(b.c))
+
+
+def _fill(pool: StatePool, slot: int, value: float) -> None:
+    """Every float of the slot set to `value` (c to -value, last to 2 * value)."""
+    pool.restore(
+        slot,
+        SlotSnapshot(
+            h=np.full((pool.config.num_layers, pool.config.hidden_size), value, np.float32),
+            c=None
+            if pool.c is None
+            else np.full((pool.config.num_layers, pool.config.hidden_size), -value, np.float32),
+            last=np.full(pool.config.output_dim, 2 * value, np.float32),
+        ),
+    )
+
+
+def _value(pool: StatePool, slot: int) -> float:
+    """The value `_fill` wrote into the slot (checking every float of it)."""
+    snap = pool.snapshot(slot)
+    v = float(snap.h.flat[0])
+    assert (snap.h == v).all() and (snap.last == 2 * v).all()
+    if snap.c is not None:
+        assert (snap.c == -v).all()
+    return v
+
+
+# ---- sizes and the budget ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("config", "expected"), [(LSTM, LSTM_SLOT_BYTES), (GRU, GRU_SLOT_BYTES)])
+def test_a_slot_costs_its_state_and_last_output_in_float32(
+    config: ModelConfig, expected: int
+) -> None:
+    budget = ByteBudget(1 << 20)
+    pool = _pool(config, budget, slots=3)
+    assert pool.bytes_per_slot == expected
+    assert pool.capacity == 3 and pool.nbytes == 3 * expected
+    assert budget.used_bytes == 3 * expected  # the pool reserved exactly what it holds
+    assert tuple(pool.h.shape) == (2, 3, 16) and tuple(pool.last.shape) == (3, 40)
+    assert (pool.c is not None) == config.has_cell_state
+
+
+def test_byte_budget_reserves_up_to_its_limit_and_takes_releases_back() -> None:
+    budget = ByteBudget(100)
+    assert budget.try_reserve(60)
+    assert not budget.try_reserve(41)  # 101 > 100: refused, and nothing is reserved
+    assert budget.used_bytes == 60
+    assert budget.try_reserve(40)  # exactly the limit fits
+    assert not budget.try_reserve(1)
+    budget.release(30)
+    assert budget.used_bytes == 70
+    assert budget.try_reserve(30) and budget.used_bytes == 100
+
+
+# ---- allocate / free / reuse ------------------------------------------------------------------
+
+
+def test_slots_are_handed_out_low_first_and_a_freed_slot_is_reused_before_growing() -> None:
+    budget = ByteBudget(1 << 20)
+    pool = _pool(LSTM, budget, slots=4)
+    assert [pool.allocate() for _ in range(4)] == [0, 1, 2, 3]
+    assert pool.used_slots == 4 and pool.capacity == 4
+    pool.free(2)
+    assert pool.used_slots == 3
+    assert pool.allocate() == 2  # the freed slot, not a new one
+    assert pool.capacity == 4 and budget.used_bytes == 4 * LSTM_SLOT_BYTES
+    pool.free(1)
+    pool.free(3)
+    assert {pool.allocate(), pool.allocate()} == {1, 3}
+    assert pool.capacity == 4 and pool.used_slots == 4
+
+
+def test_double_free_and_free_of_an_unknown_slot_are_refused() -> None:
+    pool = _pool(LSTM, ByteBudget(1 << 20), slots=2)
+    slot = pool.allocate()
+    pool.free(slot)
+    with pytest.raises(AssertionError, match="bad free"):
+        pool.free(slot)
+    with pytest.raises(AssertionError, match="bad free"):
+        pool.free(1)  # never allocated
+    with pytest.raises(AssertionError, match="bad free"):
+        pool.free(2)  # past the capacity
+    assert pool.used_slots == 0 and pool.allocate() == slot
+
+
+def test_the_pool_doubles_while_the_budget_allows_then_takes_what_fits_then_refuses() -> None:
+    budget = ByteBudget(6 * LSTM_SLOT_BYTES)
+    pool = _pool(LSTM, budget, slots=2)
+    got = [pool.allocate() for _ in range(2)]
+    assert pool.capacity == 2
+    got.append(pool.allocate())  # full: doubles to 4
+    assert pool.capacity == 4 and budget.used_bytes == 4 * LSTM_SLOT_BYTES
+    got.append(pool.allocate())
+    got.append(pool.allocate())  # doubling to 8 does not fit; the 2 slots left do
+    assert pool.capacity == 6 and budget.used_bytes == 6 * LSTM_SLOT_BYTES
+    got.append(pool.allocate())
+    assert got == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ResourceExhausted, match="budget exhausted"):
+        pool.allocate()
+    # The refusal changed nothing, and a freed slot is still handed out.
+    assert pool.capacity == 6 and pool.used_slots == 6
+    assert budget.used_bytes == 6 * LSTM_SLOT_BYTES
+    pool.free(4)
+    assert pool.allocate() == 4
+
+
+def test_an_initial_size_over_the_budget_gets_what_fits_and_growth_is_exact() -> None:
+    budget = ByteBudget(3 * LSTM_SLOT_BYTES)
+    pool = _pool(LSTM, budget, slots=64)  # 64, 32, ... 4 do not fit; 2 does
+    assert pool.capacity == 2 and budget.used_bytes == 2 * LSTM_SLOT_BYTES
+    pool.allocate()
+    pool.allocate()
+    assert pool.allocate() == 2  # one more slot fits, though doubling does not
+    assert pool.capacity == 3 and budget.used_bytes == budget.limit_bytes
+    with pytest.raises(ResourceExhausted):
+        pool.allocate()
+
+
+def test_a_pool_with_no_budget_is_built_empty_and_refuses_to_allocate() -> None:
+    budget = ByteBudget(LSTM_SLOT_BYTES - 1)
+    pool = _pool(LSTM, budget, slots=4)
+    assert pool.capacity == 0 and budget.used_bytes == 0
+    with pytest.raises(ResourceExhausted):
+        pool.allocate()
+
+
+def test_pools_share_one_budget() -> None:
+    budget = ByteBudget(4 * LSTM_SLOT_BYTES + 2 * GRU_SLOT_BYTES)
+    a = _pool(LSTM, budget, slots=4)
+    b = _pool(GRU, budget, slots=2)
+    assert budget.used_bytes == budget.limit_bytes
+    for _ in range(2):
+        b.allocate()
+    with pytest.raises(ResourceExhausted):
+        b.allocate()  # the LSTM pool holds the rest
+    a.close()
+    assert budget.used_bytes == 2 * GRU_SLOT_BYTES  # only the LSTM pool's bytes came back
+    assert b.allocate() == 2 and b.capacity == 4
+
+
+# ---- contents of slots ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [LSTM, GRU], ids=["lstm", "gru"])
+def test_a_reallocated_slot_is_zeroed_and_predicts_the_initial_output(config: ModelConfig) -> None:
+    pool = _pool(config, ByteBudget(1 << 20), slots=4)
+    slots = [pool.allocate() for _ in range(3)]
+    for s in slots:
+        _fill(pool, s, float(s + 1))
+    pool.free(1)
+    assert pool.allocate() == 1
+    snap = pool.snapshot(1)
+    assert not snap.h.any()
+    if config.has_cell_state:
+        assert snap.c is not None and not snap.c.any()
+    else:
+        assert snap.c is None
+    np.testing.assert_array_equal(snap.last, _initial(config).numpy())
+    assert (_value(pool, 0), _value(pool, 2)) == (1.0, 3.0)  # neighbours untouched
+
+
+def test_reset_zeroes_one_slot_in_place() -> None:
+    pool = _pool(LSTM, ByteBudget(1 << 20), slots=2)
+    a, b = pool.allocate(), pool.allocate()
+    _fill(pool, a, 5.0)
+    _fill(pool, b, 6.0)
+    pool.reset(a)
+    snap = pool.snapshot(a)
+    assert snap.c is not None
+    assert not snap.h.any() and not snap.c.any()
+    np.testing.assert_array_equal(snap.last, _initial(LSTM).numpy())
+    assert _value(pool, b) == 6.0
+
+
+@pytest.mark.parametrize(("cell", "reset_after"), CELLS, ids=CELL_IDS)
+def test_snapshot_restore_round_trip_is_bit_exact(cell: str, reset_after: bool) -> None:
+    config = token_config(cell, reset_after)
+    rng = np.random.default_rng(3)
+    pool = _pool(config, ByteBudget(1 << 20), slots=4)
+    for _ in range(4):
+        pool.allocate()
+    original = random_snapshot(config, rng)
+    original.h[0, 0] = -0.0  # a sign bit that == would not see
+    original.last[1] = np.float32(1e-40)  # a subnormal
+    pool.restore(2, original)
+    snap = pool.snapshot(2)
+    _assert_same_bits(snap, original)
+    assert snap.h.dtype == snap.last.dtype == np.float32
+    assert snap.h.shape == (2, 16) and snap.last.shape == (40,)
+    # Into another slot of another pool: the same bits again.
+    other = _pool(config, ByteBudget(1 << 20), slots=1)
+    other.restore(other.allocate(), snap)
+    _assert_same_bits(other.snapshot(0), original)
+    # Only slot 2 was written.
+    for s in (0, 1, 3):
+        assert not pool.snapshot(s).h.any()
+
+
+def test_a_snapshot_is_a_copy() -> None:
+    pool = _pool(LSTM, ByteBudget(1 << 20), slots=1)
+    slot = pool.allocate()
+    _fill(pool, slot, 1.5)
+    snap = pool.snapshot(slot)
+    _fill(pool, slot, -7.0)
+    assert snap.c is not None
+    assert (snap.h == 1.5).all() and (snap.c == -1.5).all() and (snap.last == 3.0).all()
+    snap.h[:] = 9.0  # and writing the snapshot does not reach the pool
+    assert _value(pool, slot) == -7.0
+
+
+def test_an_lstm_slot_cannot_be_restored_without_its_cell_state() -> None:
+    pool = _pool(LSTM, ByteBudget(1 << 20), slots=1)
+    slot = pool.allocate()
+    snap = random_snapshot(LSTM, np.random.default_rng(0))
+    with pytest.raises(AssertionError, match="cell state"):
+        pool.restore(slot, SlotSnapshot(h=snap.h, c=None, last=snap.last))
+
+
+def test_gather_and_scatter_go_by_slot_index_in_the_order_given() -> None:
+    pool = _pool(LSTM, ByteBudget(1 << 20), slots=5)
+    for s in range(5):
+        pool.allocate()
+        _fill(pool, s, float(s))
+    slots = torch.tensor([3, 0, 4])
+    state, last = pool.gather(slots)
+    assert state.c is not None
+    assert state.h[:, :, 0].tolist() == [[3.0, 0.0, 4.0]] * 2
+    assert state.c[:, :, 0].tolist() == [[-3.0, -0.0, -4.0]] * 2
+    assert last[:, 0].tolist() == [6.0, 0.0, 8.0]
+    state.h.add_(100.0)  # the gathered rows are copies
+    assert _value(pool, 3) == 3.0
+    # Scatter the rows back shifted by one position: slot 3 gets what came from 0, and so on.
+    perm = torch.tensor([1, 2, 0])
+    pool.scatter(slots, RecurrentState(state.h[:, perm] - 100.0, state.c[:, perm]), last[perm])
+    assert [_value(pool, s) for s in range(5)] == [4.0, 1.0, 2.0, 0.0, 3.0]
+
+
+# ---- compact and close ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [LSTM, GRU], ids=["lstm", "gru"])
+def test_compact_moves_movable_slots_into_holes_and_releases_the_tail(config: ModelConfig) -> None:
+    slot_bytes = LSTM_SLOT_BYTES if config.has_cell_state else GRU_SLOT_BYTES
+    budget = ByteBudget(8 * slot_bytes)
+    pool = _pool(config, budget, slots=8)
+    for s in range(8):
+        assert pool.allocate() == s
+        _fill(pool, s, float(s + 1))
+    for s in (1, 2, 4, 5, 6):
+        pool.free(s)
+    # In use: 0, 3 (pinned) and 7 (movable). Three in use, pinned 3 → the pool keeps 4 slots.
+    moves = pool.compact(movable=[7])
+    assert moves == {7: 1}
+    assert pool.capacity == 4 and pool.nbytes == 4 * slot_bytes
+    assert budget.used_bytes == 4 * slot_bytes  # the tail went back to the budget
+    assert tuple(pool.h.shape) == (2, 4, 16) and tuple(pool.last.shape) == (4, 40)
+    assert pool.c is None or tuple(pool.c.shape) == (2, 4, 16)
+    assert [_value(pool, s) for s in (0, 1, 3)] == [1.0, 8.0, 4.0]
+    assert pool.used_slots == 3
+    assert pool.allocate() == 2  # the hole left over, without growing
+    assert pool.capacity == 4
+    assert pool.allocate() == 4 and pool.capacity == 8  # then doubling again
+
+
+def test_compact_with_nothing_to_give_back_changes_nothing() -> None:
+    budget = ByteBudget(1 << 20)
+    pool = _pool(LSTM, budget, slots=4)
+    for s in range(4):
+        pool.allocate()
+        _fill(pool, s, float(s))
+    before = budget.used_bytes
+    assert pool.compact(movable=range(4)) == {}  # every slot in use
+    pool.free(1)
+    assert pool.compact(movable=[]) == {}  # slot 3 is pinned at the top
+    assert pool.capacity == 4 and budget.used_bytes == before
+    assert [_value(pool, s) for s in (0, 2, 3)] == [0.0, 2.0, 3.0]
+    assert pool.allocate() == 1
+
+
+def test_compact_drops_a_free_tail_without_moving_anything() -> None:
+    budget = ByteBudget(1 << 20)
+    pool = _pool(LSTM, budget, slots=8)
+    for s in range(3):
+        pool.allocate()
+        _fill(pool, s, float(s + 1))
+    assert pool.compact(movable=[0, 1, 2]) == {}  # 0..2 already fill the bottom
+    assert pool.capacity == 3 and budget.used_bytes == 3 * LSTM_SLOT_BYTES
+    assert [_value(pool, s) for s in range(3)] == [1.0, 2.0, 3.0]
+
+
+def test_close_gives_every_byte_back() -> None:
+    budget = ByteBudget(1 << 20)
+    budget.try_reserve(1000)  # someone else's bytes
+    pool = _pool(LSTM, budget, slots=4)
+    pool.allocate()
+    pool.allocate()  # grows nothing: 4 slots were reserved up front
+    assert budget.used_bytes == 1000 + 4 * LSTM_SLOT_BYTES
+    pool.close()
+    assert budget.used_bytes == 1000
+    assert pool.capacity == 0 and pool.used_slots == 0 and pool.nbytes == 0
