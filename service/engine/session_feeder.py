@@ -105,19 +105,18 @@ class SessionFeeder:
             )
         groups: list[tuple[ServedVersion, list[tuple[int, Lease, Row]], RowGroup]] = []
         for served, items in batches.values():
+            leased = [lease for _, lease, _ in items]
             try:
                 group = served.scheduler.submit([(lease, row) for _, lease, row in items])
             except SeqServeError as exc:
-                group = None
-                for i, _, _ in items:
+                for i, lease, _ in items:
                     outcomes[i] = exc
-            for _, lease, _ in items:
-                # Let go the moment the rows have run, not when this call returns: slow feeds
-                # below may be waiting for exactly these slots.
-                lease.in_flight = group.future if group is not None else None
-                self._leases.release(lease)
-            if group is not None:
-                groups.append((served, items, group))
+                    self._leases.release(lease)
+                continue
+            # Let go the moment the rows have run, not when this call returns: slow feeds
+            # below may be waiting for exactly these slots.
+            self._leases.release_after(leased, group.future)
+            groups.append((served, items, group))
         slow_work = asyncio.gather(
             *(self._feed_leased(lease, feeds[i]) for i, lease in slow), return_exceptions=True
         )

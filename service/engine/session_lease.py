@@ -159,6 +159,21 @@ class SessionLeases:
             return
         self._let_go(lease)
 
+    def release_after(self, leases: list[Lease], step: asyncio.Future[Any]) -> None:
+        """Let granted `leases` go once `step` (the group their rows run in) settles: one
+        callback for a whole Stream message's feeds."""
+        for lease in leases:
+            lease.in_flight = step
+
+        def let_go(_done: asyncio.Future[Any]) -> None:
+            for lease in leases:
+                self._let_go(lease)
+
+        if step.done():
+            let_go(step)
+        else:
+            step.add_done_callback(let_go)
+
     def _grant(self, lease: Lease) -> None:
         self._holders[lease.session.session_id] = lease
         lease.granted = True
