@@ -1,12 +1,21 @@
 """The composition root: the one place that builds the server's parts from `Settings` and
-hands each the narrow settings it needs. Nothing else constructs engine parts.
+hands each the narrow settings it needs. Nothing else constructs them.
 
     store ─ versions (loader: pools, runners, schedulers) ─ residency (spill tier)
-          └ leases ─ lifecycle, feeder ─ engine ─ servicers ─ gRPC server, metrics
+          └ leases ─ lifecycle, feeder ─ engine ─ servicers, interceptor (metrics)
+
+`SeqServeServer` (service.api.server) takes these parts and runs them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.api.gc_tuning import ServerObserver
+from service.api.interceptor import ErrorMappingInterceptor
+from service.api.registry_servicer import RegistryServicer
+from service.api.session_servicer import SessionServicer
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_engine import Background, SessionEngine
@@ -16,7 +25,9 @@ from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.session_residency import SessionResidency
 from service.engine.store_watcher import StoreWatcher
 from service.engine.version_loader import VersionLoader
+from service.metrics.prometheus_metrics import Metrics
 from service.registry.store import ModelStore
+from service.registry.version_rule import VersionRule
 from service.runtime.state_pool import ByteBudget
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
@@ -40,7 +51,7 @@ def build_engine(
     sessions = sessions if sessions is not None else SessionStore(cfg.max_sessions)
     budget = ByteBudget(cfg.pool_bytes)
     loader = VersionLoader(store, budget, settings.engine, cfg.pool_initial_slots, observer)
-    versions = ServedVersions(store, loader, observer)
+    versions = ServedVersions(store, VersionRule(), loader, observer)
     spill = SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
 
     def on_residency_event(event: str, session: Session) -> None:  # evicted, restored
@@ -65,4 +76,38 @@ def build_engine(
         feeder=feeder,
         watcher=StoreWatcher(versions),
         background=Background(cfg.sweep_interval_seconds, settings.registry_poll_seconds),
+    )
+
+
+@dataclass(frozen=True)
+class ServerParts:
+    store: ModelStore
+    metrics: Metrics
+    observer: ServerObserver  # engine stats and events → metrics (and GC tuning on loads)
+    engine: SessionEngine
+    session_servicer: SessionServicer
+    registry_servicer: RegistryServicer
+    interceptor: ErrorMappingInterceptor  # errors → statuses, RPC timing, readiness gate
+
+
+def build_server_parts(settings: Settings, *, ready: Callable[[], bool]) -> ServerParts:
+    """Everything the gRPC server runs; `ready` gates seqserve.v1 calls until start-up ends."""
+    store = ModelStore(settings.model_store)
+    metrics = Metrics()
+    observer = ServerObserver(metrics, settings.server.gc_gen0_threshold)
+    engine = build_engine(settings, store=store, observer=observer)
+    return ServerParts(
+        store=store,
+        metrics=metrics,
+        observer=observer,
+        engine=engine,
+        session_servicer=SessionServicer(
+            engine,
+            max_items_per_message=settings.engine.max_items_per_message,
+            max_message_bytes=settings.server.max_message_bytes,
+        ),
+        registry_servicer=RegistryServicer(engine.versions),
+        interceptor=ErrorMappingInterceptor(
+            metrics.observe_rpc, settings.server.max_message_bytes, ready=ready
+        ),
     )

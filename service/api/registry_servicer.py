@@ -18,11 +18,12 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
     def __init__(self, versions: ServedVersions) -> None:
         self.versions = versions
         self.store = versions.store
+        self.rule = versions.rule
 
     def _default_version(self, entry: ModelEntry) -> int:
         """What `CreateSession` with no version gets now (the store's one rule); blocking."""
         try:
-            return self.store.version_for(entry, "")
+            return self.rule.version_for(entry, "")
         except SeqServeError:  # no usable version: report 0 rather than fail the listing
             return 0
 
@@ -47,7 +48,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
         default = await asyncio.to_thread(self._default_version, entry)
         versions = []
         for v in entry.versions:
-            problem = v.problem or self.store.refusal(entry, v.version)
+            problem = v.problem or self.rule.refusal(entry, v.version)
             lv = self.versions.find(entry.name, v.version)
             manifest = v.manifest
             versions.append(

@@ -1,5 +1,5 @@
-"""The composition root: builds the store, engine, metrics and gRPC server from Settings, and
-owns start-up and graceful shutdown.
+"""The gRPC server's life: binds, serves health and reflection, starts the engine, and shuts
+down gracefully. Its parts come from the composition root (`service.wiring`).
 
 Start-up is two steps: `listen()` binds and starts gRPC with every health status NOT_SERVING
 (seqserve.v1 calls are refused with UNAVAILABLE), then `open()` starts the engine and turns
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -19,17 +18,11 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.interceptor import ErrorMappingInterceptor
-from service.api.metrics_observer import MetricsObserver
-from service.api.registry_servicer import RegistryServicer
-from service.api.session_servicer import SessionServicer
-from service.engine.served_version import ServedVersion
-from service.metrics.prometheus_metrics import Metrics
+from service.api.gc_tuning import freeze_heap
 from service.pb import SERVICE_NAMES
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
-from service.registry.store import ModelStore
 from service.settings import Settings
-from service.wiring import build_engine
+from service.wiring import build_server_parts
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +37,15 @@ class SeqServeServer:
             # cuDNN's RNN defaults to TF32 for fp32: chunks would drift ~1e-3 from single steps.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        self.store = ModelStore(settings.model_store)
-        self.metrics = Metrics()
-        self.metrics_observer = _ServerObserver(self.metrics, settings.server.gc_gen0_threshold)
-        self.engine = build_engine(settings, store=self.store, observer=self.metrics_observer)
-        limit = settings.server.max_message_bytes
         self._open = False  # set by open(): until then seqserve.v1 calls get UNAVAILABLE
-        interceptor = ErrorMappingInterceptor(
-            self.metrics.observe_rpc, limit, ready=lambda: self._open
-        )
+        self.parts = build_server_parts(settings, ready=lambda: self._open)
+        self.store = self.parts.store
+        self.metrics = self.parts.metrics
+        self.metrics_observer = self.parts.observer
+        self.engine = self.parts.engine
+        limit = settings.server.max_message_bytes
         self.grpc = grpc.aio.server(
-            interceptors=[interceptor],
+            interceptors=[self.parts.interceptor],
             options=[
                 # Requests up to twice the limit reach our code, which refuses those over it
                 # with INVALID_ARGUMENT; beyond that gRPC itself answers RESOURCE_EXHAUSTED.
@@ -85,15 +76,10 @@ class SeqServeServer:
         SessionService and ModelRegistry refuse with UNAVAILABLE until `open()`."""
         s = self.settings.server
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(
-                self.engine,
-                max_items_per_message=self.settings.engine.max_items_per_message,
-                max_message_bytes=self.settings.server.max_message_bytes,
-            ),
-            self.grpc,
+            self.parts.session_servicer, self.grpc
         )
         model_registry_pb2_grpc.add_ModelRegistryServicer_to_server(
-            RegistryServicer(self.engine.versions), self.grpc
+            self.parts.registry_servicer, self.grpc
         )
         health_servicer = health.aio.HealthServicer()  # starts with "" SERVING: not yet
         for name in ("", *SERVICE_NAMES):
@@ -134,7 +120,7 @@ class SeqServeServer:
     def tune_gc(self) -> None:
         """Process-wide GC tuning, for `serve` (not for servers embedded in other programs)."""
         self.metrics_observer.tuning_gc = True
-        _freeze_heap(self.settings.server.gc_gen0_threshold)
+        freeze_heap(self.settings.server.gc_gen0_threshold)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight RPCs finish (up to the grace period), then stop the
@@ -204,30 +190,3 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     await server.wait_stopped()
-
-
-class _ServerObserver(MetricsObserver):
-    """Metrics, plus re-freezing the heap once a model version's objects exist."""
-
-    def __init__(self, metrics: Metrics, gc_gen0_threshold: int) -> None:
-        super().__init__(metrics)
-        self._gc_gen0_threshold = gc_gen0_threshold
-        self.tuning_gc = False  # set by SeqServeServer.tune_gc
-
-    def on_loaded(self, served: ServedVersion) -> None:
-        super().on_loaded(served)
-        if self.tuning_gc:
-            _freeze_heap(self._gc_gen0_threshold)
-
-
-def _freeze_heap(gen0_threshold: int) -> None:
-    """Keep the cyclic GC off the hot path. Full collections scanned every object torch and
-    the loaded models had made, stalling the event loop: at 64 streaming sessions p99 step
-    latency was ~170 ms against ~20 ms with this (benchmarks). Long-lived objects are moved
-    out of the collector's sight and young collections run less often."""
-    if gen0_threshold <= 0:
-        return
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, max(gen1, 20), max(gen2, 100))

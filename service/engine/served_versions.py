@@ -4,7 +4,7 @@ A version is loaded on first use and stays loaded while sessions are pinned to i
 spilled); once its last session ends it is unloaded unless new sessions still resolve to it.
 Resolution re-reads the store on every call, so versions published and aliases moved on disk
 take effect for the next new session; which version a spec means is the store's rule
-(`ModelStore.version_for`), the same one the registry RPCs report. Before a loaded version takes
+(`VersionRule.version_for`), the same one the registry RPCs report. Before a loaded version takes
 a new session its files are checked again (a stat; a re-hash only when the weights changed): a
 version whose files vanished or fail their digest is refused for new sessions while its running
 sessions go on.
@@ -19,6 +19,7 @@ from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.version_loader import VersionLoader
 from service.errors import SeqServeError
 from service.registry.store import ModelStore
+from service.registry.version_rule import VersionRule
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,15 @@ VersionKey = tuple[str, int]
 
 
 class ServedVersions:
-    def __init__(self, store: ModelStore, loader: VersionLoader, observer: VersionObserver) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        rule: VersionRule,
+        loader: VersionLoader,
+        observer: VersionObserver,
+    ) -> None:
         self.store = store
+        self.rule = rule
         self._loader = loader
         self._observer = observer
         self._served: dict[VersionKey, ServedVersion] = {}
@@ -71,10 +79,10 @@ class ServedVersions:
         """The version `spec` ("" / number / alias) means for a new session now, loaded; a
         loaded one is first checked against its files on disk."""
         entry = await asyncio.to_thread(self.store.model, name)
-        version = await asyncio.to_thread(self.store.version_for, entry, spec)
+        version = await asyncio.to_thread(self.rule.version_for, entry, spec)
         served = self._served.get((name, version))
         if served is not None:
-            await asyncio.to_thread(self.store.check_unchanged, entry, version, served.fingerprint)
+            await asyncio.to_thread(self.rule.check_unchanged, entry, version, served.fingerprint)
         return await self.get(name, version)
 
     async def get(self, name: str, version: int) -> ServedVersion:
@@ -106,7 +114,7 @@ class ServedVersions:
             return
         try:
             entry = await asyncio.to_thread(self.store.model, name)
-            current: int | None = await asyncio.to_thread(self.store.version_for, entry, "")
+            current: int | None = await asyncio.to_thread(self.rule.version_for, entry, "")
         except SeqServeError:  # the model vanished or is broken: nothing resolves to it
             current = None
         if current == version or served.sessions > 0 or served.unloading:

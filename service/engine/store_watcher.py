@@ -21,6 +21,7 @@ class StoreWatcher:
     def __init__(self, versions: ServedVersions) -> None:
         self._versions = versions
         self._store = versions.store
+        self._rule = versions.rule
         self._defaults: dict[str, int] = {}  # what "" resolved to at the last poll
         self._warm_failed: set[tuple[str, int]] = set()  # logged once, not every poll
         self._problems: dict[str, str] = {}  # what was last warned about, by subject
@@ -37,7 +38,7 @@ class StoreWatcher:
                 if entry is None:
                     raise VersionUnusable(f"model {sv.name!r} is gone from the store")
                 await asyncio.to_thread(
-                    self._store.check_unchanged, entry, sv.version, sv.fingerprint
+                    self._rule.check_unchanged, entry, sv.version, sv.fingerprint
                 )
             except SeqServeError as exc:
                 self._report(subject, f"refused for new sessions: {exc.message}")
@@ -52,7 +53,7 @@ class StoreWatcher:
         try:
             if entry is None:
                 raise VersionUnusable(f"model {name!r} is gone from the store")
-            default = await asyncio.to_thread(self._store.version_for, entry, "")
+            default = await asyncio.to_thread(self._rule.version_for, entry, "")
         except SeqServeError as exc:
             self._report(name, f"new sessions cannot be served: {exc.message}")
             self._defaults.pop(name, None)

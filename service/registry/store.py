@@ -3,11 +3,11 @@
     <root>/<name>/<version>/manifest.json + weights.safetensors
     <root>/<name>/aliases.json            {"production": 3, "staging": 4}
 
-`ModelStore` publishes new versions, moves aliases, loads verified weights, re-verifies the
-whole store, and holds the one rule for which version new sessions get (`version_for`).
-Everything it writes appears atomically: a version folder is built under a hidden temp name and
-renamed into place, aliases.json is replaced by rename. So a server polling `snapshot()` never
-sees half a version.
+`ModelStore` publishes new versions, moves aliases, loads verified weights and re-verifies the
+whole store (which version new sessions get is `version_rule.VersionRule`). Everything it
+writes appears atomically: a version folder is built under a hidden temp name and renamed into
+place, aliases.json is replaced by rename. So a server polling `snapshot()` never sees half a
+version.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch
 
 from service.errors import (
     AliasNotFound,
-    DigestMismatch,
     FailedPrecondition,
     InvalidArgument,
     SeqServeError,
@@ -43,7 +42,7 @@ from service.registry.aliases import (
 )
 from service.registry.atomic import fsync_dir, write_durably
 from service.registry.checkpoint_import import ImportSpec, checkpoint_to_model
-from service.registry.digests import DigestVerdicts, read_verified
+from service.registry.digests import read_verified
 from service.registry.manifest import (
     MANIFEST_FILE,
     MODEL_NAME_PATTERN,
@@ -53,8 +52,6 @@ from service.registry.manifest import (
     Training,
 )
 from service.registry.snapshot import (
-    LATEST,
-    PRODUCTION,
     ManifestError,
     ModelEntry,
     StoreSnapshot,
@@ -91,11 +88,10 @@ class VerifyResult:
 
 
 class ModelStore:
-    """One store root. Cheap to construct; holds the path and the digest verdicts it reached."""
+    """One store root. Cheap to construct; holds no state besides the path."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        self.digests = DigestVerdicts()
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -119,64 +115,6 @@ class ModelStore:
         version; "latest"; digits → that version; otherwise an alias. NotFound errors say what
         was asked and what exists."""
         return self.model(name).resolve(spec)
-
-    def version_for(self, entry: ModelEntry, spec: str) -> int:
-        """The version a new session asking for `spec` gets: the one rule `CreateSession`,
-        `ListModels` and `GetModel` share.
-
-        As `entry.resolve(spec)`, except that when `spec` means the latest version ("latest", or
-        "" without a `production` alias) a version whose weights fail their digest is skipped,
-        like one whose manifest is malformed, for the next older one. Asked for by number or
-        alias, such a version is not skipped (loading it raises DigestMismatch). Blocking: may
-        hash weights files, each once per change."""
-        version = entry.resolve(spec)
-        spec = spec.strip()
-        if not (spec == LATEST or (spec == "" and PRODUCTION not in entry.aliases)):
-            return version
-        candidates = [v for v in reversed(entry.usable_versions) if v <= version]
-        for i, candidate in enumerate(candidates):
-            try:
-                self.check_weights(entry, candidate)
-            except DigestMismatch:
-                if i + 1 == len(candidates):
-                    raise
-                continue
-            return candidate
-        raise AssertionError("unreachable: the loop returns or raises")
-
-    def check_weights(self, entry: ModelEntry, version: int) -> None:
-        """DigestMismatch / VersionUnusable unless `version`'s weights are usable and hash to
-        their manifest's digest (hashed again only when the file changed)."""
-        found = entry.usable(version)
-        assert found.manifest is not None
-        self.digests.check(found.path / found.manifest.weights_file, found.manifest.weights_sha256)
-
-    def check_unchanged(self, entry: ModelEntry, version: int, fingerprint: str) -> None:
-        """Raise unless `version` is still in the store as it was loaded (with `fingerprint`):
-        VersionUnusable when its folder, manifest or weights are gone or the manifest now
-        describes other weights; DigestMismatch when the weights no longer match."""
-        what = f"{entry.name}:{version}"
-        found = entry.entry(version)
-        if found is None:
-            raise VersionUnusable(f"{what} is gone from the store; it takes no new sessions")
-        if found.problem is not None or found.manifest is None:
-            raise VersionUnusable(f"{what} is unusable on disk: {found.problem}")
-        if found.manifest.fingerprint() != fingerprint:
-            raise VersionUnusable(
-                f"{what}: its manifest on disk changed since it was loaded; it takes no new "
-                "sessions"
-            )
-        self.check_weights(entry, version)
-
-    def refusal(self, entry: ModelEntry, version: int) -> str | None:
-        """Why `version` is refused for its digest, if its weights were hashed as they are now
-        and failed."""
-        found = entry.entry(version)
-        if found is None or found.manifest is None:
-            return None
-        return self.digests.refusal(
-            found.path / found.manifest.weights_file, found.manifest.weights_sha256
-        )
 
     def load(self, name: str, version: int, device: torch.device | str = "cpu") -> VerifiedModel:
         """Load one version: digest verified on the bytes before they are parsed, tensors

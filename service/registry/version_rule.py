@@ -1,0 +1,76 @@
+"""The one rule for which version a new session gets, and whether a served version is still
+intact: shared by `CreateSession`, `ListModels`/`GetModel` and the server's store watcher.
+
+A version serves new sessions while its manifest is usable and its weights hash to the digest
+the manifest records. Digest verdicts are remembered per weights file while the file is
+unchanged, so asking again costs a stat, not a hash.
+"""
+
+from __future__ import annotations
+
+from service.errors import DigestMismatch, VersionUnusable
+from service.registry.digests import DigestVerdicts
+from service.registry.snapshot import LATEST, PRODUCTION, ModelEntry
+
+
+class VersionRule:
+    def __init__(self) -> None:
+        self._digests = DigestVerdicts()
+
+    def version_for(self, entry: ModelEntry, spec: str) -> int:
+        """The version a new session asking for `spec` gets: the one rule `CreateSession`,
+        `ListModels` and `GetModel` share.
+
+        As `entry.resolve(spec)`, except that when `spec` means the latest version ("latest", or
+        "" without a `production` alias) a version whose weights fail their digest is skipped,
+        like one whose manifest is malformed, for the next older one. Asked for by number or
+        alias, such a version is not skipped (loading it raises DigestMismatch). Blocking: may
+        hash weights files, each once per change."""
+        version = entry.resolve(spec)
+        spec = spec.strip()
+        if not (spec == LATEST or (spec == "" and PRODUCTION not in entry.aliases)):
+            return version
+        candidates = [v for v in reversed(entry.usable_versions) if v <= version]
+        for i, candidate in enumerate(candidates):
+            try:
+                self.check_weights(entry, candidate)
+            except DigestMismatch:
+                if i + 1 == len(candidates):
+                    raise
+                continue
+            return candidate
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def check_weights(self, entry: ModelEntry, version: int) -> None:
+        """DigestMismatch / VersionUnusable unless `version`'s weights are usable and hash to
+        their manifest's digest (hashed again only when the file changed)."""
+        found = entry.usable(version)
+        assert found.manifest is not None
+        self._digests.check(found.path / found.manifest.weights_file, found.manifest.weights_sha256)
+
+    def check_unchanged(self, entry: ModelEntry, version: int, fingerprint: str) -> None:
+        """Raise unless `version` is still in the store as it was loaded (with `fingerprint`):
+        VersionUnusable when its folder, manifest or weights are gone or the manifest now
+        describes other weights; DigestMismatch when the weights no longer match."""
+        what = f"{entry.name}:{version}"
+        found = entry.entry(version)
+        if found is None:
+            raise VersionUnusable(f"{what} is gone from the store; it takes no new sessions")
+        if found.problem is not None or found.manifest is None:
+            raise VersionUnusable(f"{what} is unusable on disk: {found.problem}")
+        if found.manifest.fingerprint() != fingerprint:
+            raise VersionUnusable(
+                f"{what}: its manifest on disk changed since it was loaded; it takes no new "
+                "sessions"
+            )
+        self.check_weights(entry, version)
+
+    def refusal(self, entry: ModelEntry, version: int) -> str | None:
+        """Why `version` is refused for its digest, if its weights were hashed as they are now
+        and failed."""
+        found = entry.entry(version)
+        if found is None or found.manifest is None:
+            return None
+        return self._digests.refusal(
+            found.path / found.manifest.weights_file, found.manifest.weights_sha256
+        )
