@@ -130,6 +130,11 @@ class SpillTierInUse(Unavailable):
     """Another server process holds the spill directory's lock."""
 
 
+class SpillDirUnusable(Unavailable):
+    """The spill directory cannot be created, locked or written (read-only, missing parent,
+    no permission): the server does not start."""
+
+
 class SpillCorrupted(DataLoss):
     """A spill record is missing, truncated or fails its checksum; it is never used."""
 
@@ -140,6 +145,13 @@ class SpillMismatch(FailedPrecondition):
 
 class VersionGone(FailedPrecondition):
     """A session's pinned version can no longer be loaded from the store."""
+
+
+# ---- the process ----------------------------------------------------------------------------
+
+
+class PortInUse(Unavailable):
+    """The gRPC port is taken (another server listens on it): the server does not start."""
 
 
 # The table DESIGN section 4 specifies, kept here so one test can check it row by row.

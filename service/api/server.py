@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.gc_tuning import freeze_heap
+from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
 from service.settings import Settings
@@ -51,6 +52,9 @@ class SeqServeServer:
                 # with INVALID_ARGUMENT; beyond that gRPC itself answers RESOURCE_EXHAUSTED.
                 ("grpc.max_receive_message_length", 2 * limit),
                 ("grpc.max_send_message_length", limit),
+                # One server per port: with SO_REUSEPORT (gRPC's default) a second server on
+                # the same port starts and silently takes half the connections.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self.port = 0
@@ -90,9 +94,15 @@ class SeqServeServer:
              reflection.SERVICE_NAME),
             self.grpc,
         )  # fmt: skip
-        self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
+        try:
+            self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind gRPC to {s.host}:{s.port}")
+            raise PortInUse(
+                f"cannot listen on {s.host}:{s.port}: the address is in use or not available "
+                "(is another seqserve running? set --port or SEQSERVE_SERVER__PORT)"
+            )
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.start_http_server(s.metrics_host, s.metrics_port)
         await self.grpc.start()

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,7 @@ def write_port_file(path: Path, server: SeqServeServer) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.api.server import serve  # heavy imports only for this command
+    from service.errors import PortInUse, SpillDirUnusable, SpillTierInUse
 
     settings = settings_from_args(args)
     logging.basicConfig(
@@ -77,5 +79,9 @@ def run(args: argparse.Namespace) -> int:
     )
     port_file: Path | None = getattr(args, "port_file", None)
     on_started = None if port_file is None else (lambda srv: write_port_file(port_file, srv))
-    asyncio.run(serve(settings, on_started))
+    try:
+        asyncio.run(serve(settings, on_started))
+    except (PortInUse, SpillDirUnusable, SpillTierInUse) as exc:
+        print(f"seqserve serve: {exc.message}", file=sys.stderr)  # one line, no traceback
+        return 2
     return 0

@@ -20,7 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import Internal, SpillCorrupted, SpillTierFull, SpillTierInUse
+from service.errors import (
+    Internal,
+    SpillCorrupted,
+    SpillDirUnusable,
+    SpillTierFull,
+    SpillTierInUse,
+)
 from service.sessions import spill_record
 from service.sessions.spill_record import SpillHeader, SpillRecord
 
@@ -71,9 +77,13 @@ class SpillTier:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> TierScan:
-        """Lock the directory, clear temp files a crash left, and read every record's header."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        """Lock the directory, clear temp files a crash left, and read every record's header.
+        SpillDirUnusable when the directory cannot be created, locked or written."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _unusable(self.directory, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -82,6 +92,13 @@ class SpillTier:
                 f"spill directory {self.directory} is in use by another server process"
             ) from exc
         self._lock_fd = fd
+        probe = self.directory / f".probe-{os.getpid()}.tmp"
+        try:  # a directory we can lock but not write fails here, not at the first eviction
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            self.close()
+            raise _unusable(self.directory, exc) from None
         scan = TierScan(stopped_at=self._take_stop_marker())
         for path in sorted(self.directory.iterdir()):
             if path.name.endswith(".tmp"):  # a write a crash cut short
@@ -234,3 +251,10 @@ class SpillTier:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _unusable(directory: Path, exc: OSError) -> SpillDirUnusable:
+    return SpillDirUnusable(
+        f"spill directory {directory} is not usable: {exc.strerror or exc} "
+        "(set SEQSERVE_SESSIONS__SPILL_DIR or --spill-dir to a writable directory)"
+    )

@@ -1,0 +1,93 @@
+"""Start-up failures are one clear line, not a traceback, and leave nothing half started: a
+second server on a taken port (SO_REUSEPORT is off, so it cannot silently share it), and a
+spill directory that cannot be written (a read-only tmpfs, mounted by the test as root)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.api.server import SeqServeServer
+from service.client.client import SeqServeClient
+from service.errors import PortInUse
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+
+from .conftest import ServerFactory, make_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve(store: Path, spill: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """`seqserve serve` expected to fail at start-up (bounded: 60 s)."""
+    argv = [
+        sys.executable, "-m", "service.cli.main", "serve", "--port", str(port),
+        "--metrics-port", "-1", "--store", str(store), "--spill-dir", str(spill),
+    ]  # fmt: skip
+    env = {**os.environ, "SEQSERVE_REGISTRY_POLL_SECONDS": "0"}
+    return subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("seqserve serve:")]
+    assert len(lines) == 1, done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+async def test_a_second_server_on_the_same_port_fails_and_the_first_serves_on(
+    server_factory: ServerFactory, store_root: Path, tmp_path: Path
+) -> None:
+    first = await server_factory()
+    second = SeqServeServer(
+        make_settings(store_root, tmp_path / "second", server={"port": first.port})
+    )
+    with pytest.raises(PortInUse, match="in use"):
+        await second.start()
+    async with SeqServeClient(f"127.0.0.1:{first.port}") as client:
+        for _ in range(8):  # new connections all reach the first server
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+                stub = client.sessions.__class__(channel)
+                reply = await stub.CreateSession(pb.CreateSessionRequest(model="tok"))
+                assert reply.session.session_id
+    assert len(list(first.engine.sessions)) == 8
+
+
+async def test_serve_on_a_taken_port_exits_with_one_line(
+    server_factory: ServerFactory, store_root: Path, tmp_path: Path
+) -> None:
+    first = await server_factory()
+    done = _serve(store_root, tmp_path / "spill2", first.port)
+    _one_line_error(done, "in use", str(first.port))
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A read-only tmpfs (root can write anywhere else, so chmod would prove nothing)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("where", ["the directory", "its parent"])
+def test_serve_on_a_read_only_spill_dir_exits_with_one_line(
+    store_root: Path, read_only_dir: Path, where: str
+) -> None:
+    spill = read_only_dir if where == "the directory" else read_only_dir / "missing" / "spill"
+    done = _serve(store_root, spill, 0)
+    _one_line_error(done, "SEQSERVE_SESSIONS__SPILL_DIR", "Read-only file system")
