@@ -64,7 +64,7 @@ def build_engine(
     lifecycle = SessionLifecycle(
         sessions, versions, residency, leases, cfg, settings.engine.max_generate_tokens, observer
     )
-    feeder = SessionFeeder(leases, settings.engine, observer)
+    feeder = SessionFeeder(leases, settings.engine, settings.server.max_message_bytes, observer)
     return SessionEngine(
         sessions=sessions,
         versions=versions,

@@ -70,8 +70,8 @@ class StreamMux:
                 while not out.empty():
                     batches.append(out.get_nowait())
                 replies = [r for batch in batches if batch is not None for r in batch]
-                if replies:
-                    yield pb.StreamResponse(replies=replies)
+                for part in self._fit(replies):
+                    yield pb.StreamResponse(replies=part)
                 if None in batches:
                     break
         finally:
@@ -80,6 +80,22 @@ class StreamMux:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    def _fit(self, replies: list[pb.StreamReply]) -> list[list[pb.StreamReply]]:
+        """Replies ready together, in messages that each fit `max_bytes` (each reply alone does:
+        the engine refuses a feed whose reply could not, before its step)."""
+        if len(replies) <= 1 or self._max_bytes <= 0:
+            return [replies] if replies else []
+        parts: list[list[pb.StreamReply]] = [[]]
+        size = 0
+        for reply in replies:
+            grow = reply.ByteSize() + 8  # the field's tag and length prefix, generously
+            if parts[-1] and size + grow > self._max_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append(reply)
+            size += grow
+        return parts
 
     def _refusal(self, message: pb.StreamRequest) -> SeqServeError | None:
         if len(message.items) > self._max_items:

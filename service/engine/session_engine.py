@@ -194,8 +194,14 @@ class SessionEngine:
         )
         if prefix_tensor is None:
             return session, None
-        async with self.leases.hold(session.session_id) as lease:
-            return session, await self.feeder.run(lease, prefix_tensor, options)
+        try:
+            async with self.leases.hold(session.session_id) as lease:
+                return session, await self.feeder.run(lease, prefix_tensor, options)
+        except BaseException:
+            # A refused or cancelled create leaves no session behind (the client has no id).
+            if not session.closed and not session.busy:
+                self.lifecycle.end(session, "closed")
+            raise
 
     def get_session(self, session_id: str) -> Session:
         return self.sessions.get(session_id)

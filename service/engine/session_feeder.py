@@ -18,6 +18,7 @@ from torch import Tensor
 from service.engine.feed import Feed, FeedOutcome, PredictionOptions
 from service.engine.generation import GeneratedToken, Generation
 from service.engine.model_input import ModelInput, to_tensor
+from service.engine.reply_size import reply_bytes
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.session_lease import Lease, Line, SessionLeases
 from service.engine.step_scheduler import RowGroup
@@ -29,9 +30,14 @@ from service.settings import EngineSettings
 
 class SessionFeeder:
     def __init__(
-        self, leases: SessionLeases, limits: EngineSettings, observer: VersionObserver
+        self,
+        leases: SessionLeases,
+        limits: EngineSettings,
+        max_reply_bytes: int,
+        observer: VersionObserver,
     ) -> None:
         self._leases = leases
+        self._max_reply = max_reply_bytes  # 0: no limit
         self._max_chunk = limits.max_chunk_tokens
         self._default_top_k = limits.default_top_k
         self._max_generate = limits.max_generate_tokens
@@ -53,10 +59,15 @@ class SessionFeeder:
         """Feed validated `inputs` to a leased, ready session."""
         served = lease.served
         group = served.scheduler.submit([(lease, self._row(lease, inputs, options))])
-        # If the caller is cancelled now, the row may be in the running step, writing the slot:
-        # the lease is let go only when the step settles. (A cancelled feed may be consumed.)
         lease.in_flight = group.future
-        (result,) = await asyncio.shield(group.future)
+        try:
+            (result,) = await asyncio.shield(group.future)
+        except asyncio.CancelledError:
+            # Cancelled before the row went into a step: withdrawn, the session is untouched.
+            # Too late: the step may be writing the slot now, and the lease is let go only once
+            # it settles (the feed is consumed; the position says so).
+            group.withdraw()
+            raise
         return _outcome(lease, result)
 
     def inputs(self, served: ServedVersion, inp: ModelInput) -> Tensor:
@@ -68,6 +79,17 @@ class SessionFeeder:
         top_k = opts.top_k or self._default_top_k
         if top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {opts.top_k}")
+        served = lease.served
+        if self._max_reply:
+            size = reply_bytes(
+                served.config, served.tokenizer, top_k, int(inputs.shape[0]), opts.per_position
+            )
+            if size > self._max_reply:
+                raise InvalidArgument(
+                    f"the reply could take up to {size} bytes, over the limit of "
+                    f"{self._max_reply} (SEQSERVE_SERVER__MAX_MESSAGE_BYTES); ask for a smaller "
+                    "top_k, per_position on shorter chunks, or send smaller chunks"
+                )
         assert lease.session.slot is not None
         return Row(
             slot=lease.session.slot, inputs=inputs, top_k=top_k, per_position=opts.per_position
@@ -134,6 +156,8 @@ class SessionFeeder:
             for (i, _), outcome in zip(slow, await slow_work, strict=True):
                 outcomes[i] = _as_error(outcome) if isinstance(outcome, BaseException) else outcome
         except asyncio.CancelledError:
+            for _, _, group in groups:
+                group.withdraw()  # what has not gone into a step yet never will
             slow_work.cancel()
             raise
         assert all(o is not None for o in outcomes)

@@ -43,7 +43,7 @@ class RowGroup:
     that failed that row. One future per group, not per row, keeps the per-feed cost of a
     many-session frame low."""
 
-    __slots__ = ("future", "outcomes", "remaining")
+    __slots__ = ("future", "outcomes", "remaining", "taken")
 
     def __init__(self, size: int) -> None:
         self.future: asyncio.Future[list[RowResult | BaseException]] = (
@@ -51,6 +51,15 @@ class RowGroup:
         )
         self.outcomes: list[RowResult | BaseException] = [_UNSET] * size  # type: ignore[list-item]
         self.remaining = size
+        self.taken = False  # a row of it went into a step
+
+    def withdraw(self) -> bool:
+        """Take the group back if none of its rows has gone into a step yet (its caller was
+        cancelled): nothing of it will run. False when too late."""
+        if self.taken or self.future.done():
+            return False
+        self.future.cancel()
+        return True
 
     def settle(self, index: int, outcome: RowResult | BaseException) -> None:
         self.outcomes[index] = outcome
@@ -206,6 +215,7 @@ class StepScheduler:
         while self._pending and len(taken) < max(room, 1):
             queued = self._pending.popleft()
             if not queued.group.future.cancelled():
+                queued.group.taken = True
                 taken.append(queued)
         return taken
 

@@ -209,3 +209,36 @@ async def test_which_thread_runs_the_step(
     await asyncio.wait_for(s.submit([(Owner(), feed(3, tokens=tokens))]).future, 5)
     assert len(runner.threads) == 1
     assert (runner.threads[0] is threading.current_thread()) == on_loop_thread
+
+
+class BlockingRunner(FakeRunner):
+    """A FakeRunner whose steps wait until `go` is set (it runs on the runner thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+        self.entered = threading.Event()
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        self.entered.set()
+        assert self.go.wait(10), "the test never let the step finish"
+        return super().execute(batch)
+
+
+async def test_a_group_withdrawn_before_its_step_never_runs(scheduler: Any) -> None:
+    """A cancelled feed whose row is still queued is taken back (its session is untouched);
+    one whose row is already in the running step cannot be."""
+    runner = BlockingRunner()
+    s = scheduler(runner, inline_max_rows=0)
+    running_owner, queued_owner = Owner(), Owner()
+    running = s.submit([(running_owner, feed(1))])
+    assert await asyncio.to_thread(runner.entered.wait, 5)  # row 1 is in the step now
+    queued = s.submit([(queued_owner, feed(2))])
+    assert queued.withdraw() and queued.future.cancelled()
+    assert not running.withdraw()  # too late: it is being computed
+    runner.go.set()
+    (result,) = await asyncio.wait_for(running.future, 5)
+    assert isinstance(result, RowResult) and running_owner.advances == [1]
+    await asyncio.wait_for(s.submit([(Owner(), feed(3))]).future, 5)
+    assert runner.batches == [[1], [3]]  # slot 2's row never ran
+    assert queued_owner.advances == []
