@@ -135,6 +135,15 @@ class SpillDirUnusable(Unavailable):
     no permission): the server does not start."""
 
 
+class JournalUnavailable(Unavailable):
+    """A step could not be made durable (the state directory is full, read-only or failing);
+    it was not applied."""
+
+
+class SessionLost(DataLoss):
+    """A session's records were lost or damaged (for example by a crash mid-write)."""
+
+
 class SpillCorrupted(DataLoss):
     """A spill record is missing, truncated or fails its checksum; it is never used."""
 

@@ -81,7 +81,29 @@ class SessionSettings(BaseModel):
     """When the pool is full and every session in memory is busy, how long a request waits for
     one to go idle (and be evicted) before RESOURCE_EXHAUSTED. 0 refuses at once."""
     sweep_interval_seconds: float = 1.0
-    """How often expired sessions are swept."""
+    """How often expired sessions are swept (and idle sessions checkpointed)."""
+    durability: Literal["journal", "shutdown"] = "journal"
+    """`journal`: every acknowledged step is in the journal (in `spill_dir`/journal) before its
+    reply leaves, so a killed server loses no session. `shutdown`: sessions are written only on
+    a graceful stop (SIGTERM) and on eviction; a crash loses the ones in memory."""
+    fsync: Literal["batch", "interval", "never"] = "interval"
+    """When journal writes are fsynced: after every batched step (survives power loss, costs a
+    disk flush per step), every `fsync_interval_seconds` in the background, or never (the OS
+    writes them back; a killed process loses nothing either way)."""
+    fsync_interval_seconds: float = 0.2
+    """The fsync period of the `interval` policy."""
+    checkpoint_steps: int = 256
+    """A session is checkpointed (its state written, its journal records released) once this
+    many of its steps are journaled: recovery replays at most this many steps per session."""
+    checkpoint_idle_seconds: float = 5.0
+    """A session idle this long with journaled steps is checkpointed, so idle sessions do not
+    keep the journal from being trimmed."""
+    write_timeout_seconds: float = 30.0
+    """At shutdown, the most time writing the sessions in memory may take, whatever the disk
+    does; sessions not written by then keep their steps in the journal (`durability=journal`)
+    or are lost (`shutdown`). Shutdown takes at most `grace_seconds` plus this."""
+    journal_segment_bytes: int = 64 * 1024 * 1024
+    """Journal segment size: segments no session needs any more are deleted whole."""
 
 
 class Settings(BaseSettings):

@@ -16,6 +16,7 @@ from service.api.gc_tuning import ServerObserver
 from service.api.interceptor import ErrorMappingInterceptor
 from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
+from service.engine.durability import Durability
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_engine import Background, SessionEngine
@@ -29,6 +30,7 @@ from service.metrics.prometheus_metrics import Metrics
 from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
 from service.runtime.state_pool import ByteBudget
+from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_tier import SpillTier
@@ -50,7 +52,21 @@ def build_engine(
     # not `or`: an empty session store is falsy
     sessions = sessions if sessions is not None else SessionStore(cfg.max_sessions)
     budget = ByteBudget(cfg.pool_bytes)
-    loader = VersionLoader(store, budget, settings.engine, cfg.pool_initial_slots, observer)
+    journal = (
+        Journal(
+            cfg.spill_dir / "journal",
+            fsync=cfg.fsync,
+            fsync_interval_seconds=cfg.fsync_interval_seconds,
+            segment_bytes=cfg.journal_segment_bytes,
+        )
+        if cfg.durability == "journal"
+        else None
+    )
+    durability = Durability(journal, sessions, cfg.checkpoint_steps, cfg.checkpoint_idle_seconds)
+    loader = VersionLoader(
+        store, budget, settings.engine, cfg.pool_initial_slots, observer,
+        commit=durability.commit if durability.enabled else None,
+    )  # fmt: skip
     versions = ServedVersions(store, VersionRule(), loader, observer)
     spill = SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
 
@@ -58,12 +74,13 @@ def build_engine(
         observer.on_session_event(event, session.model, str(session.version))
 
     residency = SessionResidency(
-        sessions, versions, spill, on_residency_event, cfg.slot_wait_seconds
+        sessions, versions, spill, on_residency_event, durability, cfg.slot_wait_seconds
     )
-    leases = SessionLeases(sessions, versions, residency)
+    leases = SessionLeases(sessions, versions, residency, durability)
     lifecycle = SessionLifecycle(
-        sessions, versions, residency, leases, cfg, settings.engine.max_generate_tokens, observer
-    )
+        sessions, versions, residency, leases, durability, cfg,
+        settings.engine.max_generate_tokens, observer,
+    )  # fmt: skip
     feeder = SessionFeeder(leases, settings.engine, settings.server.max_message_bytes, observer)
     return SessionEngine(
         sessions=sessions,
@@ -75,7 +92,10 @@ def build_engine(
         lifecycle=lifecycle,
         feeder=feeder,
         watcher=StoreWatcher(versions),
-        background=Background(cfg.sweep_interval_seconds, settings.registry_poll_seconds),
+        durability=durability,
+        background=Background(
+            cfg.sweep_interval_seconds, settings.registry_poll_seconds, cfg.write_timeout_seconds
+        ),
     )
 
 

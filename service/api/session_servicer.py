@@ -126,9 +126,24 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         return [r for r in replies if r is not None]
 
     async def _run_item(self, item: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:
-        """A generate item (with an optional prompt in `input`): one reply per token."""
+        """An item on its own: a generation (with an optional prompt in `input`), one reply per
+        token; or a feed that waits behind this stream's earlier items for its session."""
         if not item.HasField("generate"):
-            raise InvalidArgument("stream item has neither input nor generate")
+            if not item.HasField("input"):
+                raise InvalidArgument("stream item has neither input nor generate")
+            outcome = await self.engine.feed(
+                item.session_id,
+                convert.input_from_pb(item.input),
+                convert.options_from_pb(item.options),
+                line,
+            )
+            reply = pb.StreamReply(
+                session_id=item.session_id, request_id=item.request_id, position=outcome.position
+            )
+            if not item.options.skip:
+                _fill_prediction(reply, outcome)
+            yield reply
+            return
         prompt = item.input if item.HasField("input") else None
         tokens = self._generate(item.session_id, prompt, item.generate.sampling, line)
         async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]

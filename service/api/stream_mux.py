@@ -7,8 +7,11 @@ stream and the other sessions on it go on.
 
 Order within a session is the session lease's job: the whole stream is one `Line`, so an item
 for a session this stream is already using waits its turn instead of being refused. Leases are
-taken in the order tasks start, so tasks are started in item order for each session: a group
-is started before any later task for a session in it.
+taken in the order tasks start (each task takes its leases before it first suspends), so tasks
+are started in item order for each session: a group is started before any later task for a
+session in it. A feed for a session with an unfinished item on this stream runs as its own task,
+not in a group, so its reply goes out when it is done and never holds back, or overtakes, the
+replies of other sessions or of its own earlier items.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class StreamMux:
         out: asyncio.Queue[list[pb.StreamReply] | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         line = Line()
+        unfinished: dict[str, int] = {}  # session id → its items on this stream not yet replied
 
         def spawn(work: Coroutine[Any, Any, None]) -> None:
             task = asyncio.get_running_loop().create_task(work)
@@ -57,7 +61,7 @@ class StreamMux:
                     if refusal is not None:
                         out.put_nowait([error_reply(item, refusal) for item in message.items])
                         continue
-                    self._dispatch(list(message.items), line, out, spawn)
+                    self._dispatch(list(message.items), line, out, spawn, unfinished)
                 if running:
                     await asyncio.gather(*list(running), return_exceptions=True)
             finally:
@@ -114,24 +118,28 @@ class StreamMux:
         line: Line,
         out: asyncio.Queue[list[pb.StreamReply] | None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
+        unfinished: dict[str, int],
     ) -> None:
         group: list[pb.StreamItem] = []
         in_group: set[str] = set()
 
         def start_group() -> None:
             if group:
-                spawn(self._feed_group(list(group), line, out))
+                spawn(self._feed_group(list(group), line, out, unfinished))
                 group.clear()
                 in_group.clear()
 
         for item in items:
-            if item.session_id in in_group:  # its earlier item must take the lease first
+            sid = item.session_id
+            if sid in in_group:  # its earlier item must take the lease first
                 start_group()
-            if item.HasField("input") and not item.HasField("generate"):
+            plain = item.HasField("input") and not item.HasField("generate")
+            if plain and not unfinished.get(sid):
                 group.append(item)
-                in_group.add(item.session_id)
+                in_group.add(sid)
             else:
-                spawn(self._item(item, line, out))
+                spawn(self._item(item, line, out, unfinished))
+            unfinished[sid] = unfinished.get(sid, 0) + 1
         start_group()
 
     async def _feed_group(
@@ -139,6 +147,7 @@ class StreamMux:
         items: list[pb.StreamItem],
         line: Line,
         out: asyncio.Queue[list[pb.StreamReply] | None],
+        unfinished: dict[str, int],
     ) -> None:
         try:
             replies = await self._feed_items(items, line)
@@ -146,6 +155,9 @@ class StreamMux:
             raise
         except Exception as exc:
             replies = [error_reply(item, exc) for item in items]
+        finally:
+            for item in items:
+                _finished(unfinished, item.session_id)
         out.put_nowait(replies)
 
     async def _item(
@@ -153,6 +165,7 @@ class StreamMux:
         item: pb.StreamItem,
         line: Line,
         out: asyncio.Queue[list[pb.StreamReply] | None],
+        unfinished: dict[str, int],
     ) -> None:
         try:
             async with contextlib.aclosing(self._run_item(item, line)) as replies:  # type: ignore[type-var]
@@ -162,6 +175,16 @@ class StreamMux:
             raise
         except Exception as exc:
             out.put_nowait([error_reply(item, exc)])
+        finally:
+            _finished(unfinished, item.session_id)
+
+
+def _finished(unfinished: dict[str, int], session_id: str) -> None:
+    left = unfinished.get(session_id, 0) - 1
+    if left > 0:
+        unfinished[session_id] = left
+    else:
+        unfinished.pop(session_id, None)
 
 
 def error_reply(item: pb.StreamItem, exc: BaseException) -> pb.StreamReply:

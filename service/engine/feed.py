@@ -21,7 +21,7 @@ class PredictionOptions:
     per_position: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Feed:
     session_id: str
     input: ModelInput

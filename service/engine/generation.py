@@ -58,10 +58,15 @@ class Generation:
         if not self.retired.done():
             self.retired.set_result(None)
 
-    def advance(self, token: int, consumed: int) -> GeneratedToken:
-        """Record one sampled token the step consumed into the state; decide whether the
-        generation ends with it."""
-        position = self.lease.advance(consumed)
+    @property
+    def owner(self) -> Lease:
+        """The row's owner for the scheduler: journal record, position."""
+        return self.lease
+
+    def advance(self, token: int, consumed: int, segment: int | None = None) -> GeneratedToken:
+        """Record one sampled token the step consumed into the state (journaled in `segment`);
+        decide whether the generation ends with it."""
+        position = self.lease.advance(consumed, segment)
         self.count += 1
         text = (
             self._decoder.decode(bytes([token]))

@@ -24,9 +24,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.engine.durability import Durability
 from service.engine.feed import Feed, FeedOutcome, PredictionOptions
 from service.engine.generation import GeneratedToken
 from service.engine.model_input import ModelInput
+from service.engine.recovery import Recovery
 from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
 from service.engine.session_lease import Line, SessionLeases
@@ -70,6 +72,7 @@ class Background:
 
     sweep_seconds: float
     poll_seconds: float
+    write_timeout: float = 30.0  # shutdown: the most time writing sessions may take
 
 
 class SessionEngine:
@@ -85,8 +88,10 @@ class SessionEngine:
         lifecycle: SessionLifecycle,
         feeder: SessionFeeder,
         watcher: StoreWatcher,
+        durability: Durability,
         background: Background,
     ) -> None:
+        self.durability = durability
         self.sessions = sessions
         self.versions = versions
         self.residency = residency
@@ -106,10 +111,22 @@ class SessionEngine:
     async def start(self) -> None:
         """Index the spill tier (sessions from before a restart), then start the sweepers."""
         resumed = await asyncio.to_thread(self.residency.open)
+        journal = self.durability.journal
+        if journal is not None:
+            records = await asyncio.to_thread(lambda: list(journal.open()))
+            report = await Recovery(self.sessions, self.versions, self.residency).run(records)
+            await asyncio.to_thread(self.spill.sync)  # the new checkpoints, before the journal goes
+            journal.start()
+            journal.drop_before(journal.segment)
+            if records:
+                log.info(
+                    "recovered %d sessions from the journal (%d steps replayed, %d lost)",
+                    report.replayed_sessions, report.replayed_steps, report.lost,
+                )  # fmt: skip
         broken = self.sessions.broken
         if resumed or broken:
             log.info(
-                "resumed %d sessions from %s (%d records refused)",
+                "resumed %d sessions from %s (%d refused)",
                 resumed, self.spill.directory, len(broken),
             )  # fmt: skip
         loop = asyncio.get_running_loop()
@@ -137,14 +154,34 @@ class SessionEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.versions.stop_schedulers()
-        written, lost = self.residency.spill_all()
-        await asyncio.to_thread(self.spill.sync)
-        await asyncio.to_thread(self.spill.mark_clean_stop, self.sessions.wall_clock())
+        journal = self.durability.journal
+        written, lost = await self._write_all()
+        if lost == 0:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.spill.sync)
+                await asyncio.to_thread(self.spill.mark_clean_stop, self.sessions.wall_clock())
         log.info("spilled %d sessions to %s for a restart", written, self.spill.directory)
         if lost:
-            log.error("%d sessions could not be spilled and are lost", lost)
+            kept = "their steps stay in the journal" if journal else "they are lost"
+            log.error("%d sessions could not be written at shutdown; %s", lost, kept)
+        if journal is not None:
+            journal.close()
+            if lost == 0:  # every session is in a checkpoint: the journal is not needed
+                journal.drop_before(journal.segment + 1)
         await self.versions.close()
         self.spill.close()
+
+    async def _write_all(self) -> tuple[int, int]:
+        """Spill every session in memory, within `write_timeout` whatever the disk does."""
+        work = asyncio.ensure_future(asyncio.to_thread(self.residency.spill_all))
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), self._background.write_timeout)
+        except TimeoutError:
+            left = self.sessions.resident_count
+            log.error(
+                "writing sessions at shutdown took over %.0f s", self._background.write_timeout
+            )
+            return len(self.sessions) - left, left
 
     async def settle(self) -> None:
         """Wait for the unloads that ended sessions started in the background."""
@@ -216,7 +253,11 @@ class SessionEngine:
         return await self.lifecycle.fork(session_id, ttl_seconds, seed)
 
     async def sweep_expired(self) -> int:
-        return self.lifecycle.sweep_expired()
+        """End sessions idle past their TTL, and checkpoint those idle with journaled steps."""
+        ended = self.lifecycle.sweep_expired()
+        if self.durability.enabled:
+            self.residency.checkpoint_idle(self.durability.checkpoint_idle_seconds)
+        return ended
 
     # ---- feeding -------------------------------------------------------------------------
 

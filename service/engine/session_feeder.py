@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from torch import Tensor
 
@@ -139,9 +139,14 @@ class SessionFeeder:
             # below may be waiting for exactly these slots.
             self._leases.release_after(leased, group.future)
             groups.append((served, items, group))
-        slow_work = asyncio.gather(
-            *(self._feed_leased(lease, feeds[i]) for i, lease in slow), return_exceptions=True
-        )
+        slow_tasks = []
+        for i, lease in slow:
+            task = asyncio.ensure_future(self._feed_leased(lease, feeds[i]))
+            # Released by the task's end, not only its `finally`: a task cancelled before it
+            # ever ran (the caller went away in the same tick) still lets its lease go.
+            task.add_done_callback(self._releaser(lease))
+            slow_tasks.append(task)
+        slow_work = asyncio.gather(*slow_tasks, return_exceptions=True)
         try:
             for served, items, group in groups:
                 results = await asyncio.shield(group.future)
@@ -162,6 +167,12 @@ class SessionFeeder:
             raise
         assert all(o is not None for o in outcomes)
         return outcomes  # type: ignore[return-value]
+
+    def _releaser(self, lease: Lease) -> Callable[[asyncio.Future[FeedOutcome]], None]:
+        def release(_done: asyncio.Future[FeedOutcome]) -> None:
+            self._leases.release(lease)
+
+        return release
 
     async def _feed_leased(self, lease: Lease, feed: Feed) -> FeedOutcome:
         started = time.perf_counter()
@@ -200,6 +211,8 @@ class SessionFeeder:
             try:
                 while True:
                     item = await generation.tokens.get()
+                    if isinstance(item, SeqServeError):  # draining, not durable
+                        raise item
                     if isinstance(item, BaseException):
                         raise Internal("generation step failed") from item
                     yield item

@@ -22,16 +22,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import Aborted, FailedPrecondition, NotFound, SessionClosed, VersionGone
+from service.errors import (
+    Aborted,
+    FailedPrecondition,
+    NotFound,
+    SeqServeError,
+    SessionClosed,
+    VersionGone,
+)
+from service.runtime.step_batch import Row, RowResult
+from service.sessions import journal_record
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
+
+log = logging.getLogger(__name__)
 
 
 class Line:
@@ -40,9 +53,13 @@ class Line:
 
 
 class Lease:
-    __slots__ = ("_store", "_turn", "granted", "in_flight", "line", "session", "version")
+    __slots__ = (
+        "_durability", "_store", "_turn", "granted", "in_flight", "line", "session", "version",
+    )  # fmt: skip
 
-    def __init__(self, session: Session, line: Line | None, store: SessionStore) -> None:
+    def __init__(
+        self, session: Session, line: Line | None, store: SessionStore, durability: Durability
+    ) -> None:
         self.session = session
         self.line = line
         self.version: ServedVersion | None = None  # set once it is ready
@@ -50,6 +67,7 @@ class Lease:
         # A step or generation that may still write the slot; the lease outlives it.
         self.in_flight: asyncio.Future[Any] | None = None
         self._store = store
+        self._durability = durability
         self._turn: asyncio.Future[None] | None = None  # resolved when a waiting lease's turn comes
 
     @property
@@ -57,16 +75,38 @@ class Lease:
         assert self.version is not None, "the lease is not ready"
         return self.version
 
-    def advance(self, consumed: int) -> int:
-        """Count inputs the step consumed into the session's state; the new position."""
+    def record(self, row: Row, result: RowResult) -> bytes:
+        """The journal record of this session's row in a step (before `advance`)."""
+        session = self.session
+        if row.inputs is None:  # a generated token, fed back in
+            assert result.token is not None and row.sampling is not None
+            draws = 0 if row.sampling.temperature == 0.0 else 1
+            return journal_record.generated(
+                session.session_id, session.position, result.token, draws
+            )
+        values = row.inputs.detach().cpu().numpy()
+        if values.ndim == 1:  # token ids
+            return journal_record.tokens(session.session_id, session.position, values)
+        return journal_record.frames(session.session_id, session.position, values)
+
+    def advance(self, consumed: int, segment: int | None = None) -> int:
+        """Count inputs the step consumed into the session's state (journaled in `segment`,
+        None without a journal); the new position."""
+        if segment is not None:
+            self._durability.journaled(self.session, segment)
         return self._store.advance(self.session, consumed)
 
 
 class SessionLeases:
     def __init__(
-        self, sessions: SessionStore, versions: ServedVersions, residency: SessionResidency
+        self,
+        sessions: SessionStore,
+        versions: ServedVersions,
+        residency: SessionResidency,
+        durability: Durability,
     ) -> None:
         self._sessions = sessions
+        self._durability = durability
         self._versions = versions
         self._residency = residency
         self._holders: dict[str, Lease] = {}
@@ -92,7 +132,7 @@ class SessionLeases:
         """The session's lease, or a place in its line. Raises what `SessionStore.get` raises
         for a missing session, and Aborted when another caller holds it."""
         session = self._sessions.get(session_id)
-        lease = Lease(session, line, self._sessions)
+        lease = Lease(session, line, self._sessions, self._durability)
         holder = self._holders.get(session_id)
         if holder is None:
             self._grant(lease)
@@ -201,4 +241,9 @@ class SessionLeases:
         self._sessions.set_busy(session, False)
         if not session.closed:
             self._sessions.touch(session)
+            if self._durability.due(session):  # bound what recovery replays
+                try:
+                    self._residency.checkpoint(session)
+                except SeqServeError as exc:  # the journal still holds its steps
+                    log.warning("checkpoint of a session failed: %s", exc.message)
             self._residency.notify_idle()

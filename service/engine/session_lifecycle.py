@@ -15,6 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_lease import SessionLeases
@@ -35,6 +36,7 @@ class SessionLifecycle:
         versions: ServedVersions,
         residency: SessionResidency,
         leases: SessionLeases,
+        durability: Durability,
         limits: SessionSettings,
         max_generate_tokens: int,
         observer: VersionObserver,
@@ -43,6 +45,7 @@ class SessionLifecycle:
         self._versions = versions
         self._residency = residency
         self._leases = leases
+        self._durability = durability
         self._ttl_default = limits.ttl_seconds
         self._ttl_max = limits.max_ttl_seconds
         self._max_generate = max_generate_tokens
@@ -88,6 +91,11 @@ class SessionLifecycle:
         except BaseException:
             self._versions.unpin(served.name, served.version)
             raise
+        try:
+            self._durability.created(session)
+        except SeqServeError:
+            self.end(session, "closed", journal=False)
+            raise
         return session
 
     async def fork(
@@ -126,6 +134,12 @@ class SessionLifecycle:
             except BaseException:
                 self._versions.unpin(child.model, child.version)
                 raise
+            if self._durability.enabled:  # the child's first checkpoint is its whole history
+                try:
+                    self._residency.checkpoint(child)
+                except SeqServeError:
+                    self.end(child, "closed", journal=False)
+                    raise
             return child
 
     async def close(self, session_id: str) -> Session:
@@ -140,7 +154,11 @@ class SessionLifecycle:
             self.end(session, "expired")
         return len(expired)
 
-    def end(self, session: Session, why: str) -> None:
+    def end(self, session: Session, why: str, *, journal: bool = True) -> None:
+        if journal:
+            self._durability.ended(session, why)
+        else:
+            self._durability.checkpointed(session)  # nothing of it is needed any more
         self._sessions.remove(session, why)
         self._residency.discard(session)
         self._residency.notify_idle()

@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.errors import (
@@ -44,8 +45,10 @@ class SessionResidency:
         versions: ServedVersions,
         tier: SpillTier,
         on_event: SessionEvent,
+        durability: Durability,
         wait_seconds: float = 0.0,
     ) -> None:
+        self.durability = durability
         self.sessions = sessions
         self.versions = versions
         self.tier = tier
@@ -158,8 +161,18 @@ class SessionResidency:
         assert served is not None and session.slot is not None, "only a session in memory spills"
         record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
         self.tier.write(record, durable=durable)
+        self.durability.checkpointed(session)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
+
+    def checkpoint(self, session: Session) -> None:
+        """Write an idle in-memory session's state to the tier and keep it in memory: its
+        journal records up to here are no longer needed. Raises what the tier's write does."""
+        served = self.versions.find(session.model, session.version)
+        assert served is not None and session.slot is not None, "only a session in memory"
+        record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
+        self.tier.write(record)
+        self.durability.checkpointed(session)
 
     async def restore(self, session: Session, served: ServedVersion) -> None:
         """Bring a spilled session back into a slot. Its record is checked first: a damaged one
@@ -196,8 +209,27 @@ class SessionResidency:
         slot = await self.allocate(served)  # the session is busy: never its own victim
         served.pool.restore(slot, record.state)
         self.sessions.set_slot(session, slot)
-        self.tier.delete(session.session_id)
+        if not self.durability.enabled:  # with a journal the record stays: it is the checkpoint
+            self.tier.delete(session.session_id)
         self._on_event("restored", session)
+
+    def checkpoint_idle(self, min_idle_seconds: float) -> int:
+        """Checkpoint sessions in memory idle this long with journaled steps: their journal
+        records are released. Returns how many were written."""
+        now = self.sessions.clock()
+        written = 0
+        for session in self.sessions.resident():
+            if session.unsaved_steps == 0 or session.busy:
+                continue
+            if now - session.last_used < min_idle_seconds:
+                continue
+            try:
+                self.checkpoint(session)
+            except SeqServeError as exc:
+                log.warning("checkpoint of an idle session failed: %s", exc.message)
+                break  # the disk refuses: try again at the next sweep
+            written += 1
+        return written
 
     def discard(self, session: Session) -> None:
         """The session ended: free its slot or delete its record."""

@@ -26,15 +26,23 @@ from service.engine.generation import Generation
 from service.errors import ResourceExhausted, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
-from service.runtime.step_batch import Row, RowResult, StepBatch
+from service.runtime.step_batch import Row, RowResult, StepBatch, StepOutput
 
 log = logging.getLogger(__name__)
 
 
 class RowOwner(Protocol):
-    def advance(self, consumed: int) -> int:
-        """`consumed` inputs went into the row's state; return the position that leaves."""
+    def record(self, row: Row, result: RowResult) -> bytes:
+        """The row's journal record for this step (called before `advance`)."""
         ...
+
+    def advance(self, consumed: int, segment: int | None = None) -> int:
+        """`consumed` inputs went into the row's state (journaled in `segment`, if any);
+        return the position that leaves."""
+        ...
+
+
+Commit = Callable[[list[bytes]], int]  # one step's journal records → the segment they went to
 
 
 class RowGroup:
@@ -91,6 +99,7 @@ class StepScheduler:
         inline_max_rows: int,
         on_stats: Callable[[StepStats], None],
         on_token_times: Callable[[float | None, float | None], None],
+        commit: Commit | None = None,
     ) -> None:
         self._runner = runner
         self._model, self._version = model, str(version)
@@ -99,6 +108,7 @@ class StepScheduler:
         self._inline_max_rows = inline_max_rows  # batches this small run on the loop thread
         self._on_stats = on_stats
         self._on_token_times = on_token_times  # (time to first token, inter-token gap)
+        self._commit = commit  # group commit of each step's journal records (None: no journal)
         self._pending: deque[_Queued] = deque()
         self._generations: list[Generation] = []
         self._wakeup = asyncio.Event()
@@ -161,8 +171,10 @@ class StepScheduler:
             await asyncio.sleep(0)  # one tick: let producers woken with us add their rows
             self._retire_cancelled()
             if self._stopping:
-                self._fail_pending(Unavailable("server is draining"))
+                draining = Unavailable("server is draining; retry on another replica")
+                self._fail_pending(draining)
                 for gen in list(self._generations):
+                    gen.tokens.put_nowait(draining)  # its consumer stops waiting for tokens
                     self._retire(gen)
                 continue
             feeds = self._take(self._max_batch - len(self._generations))
@@ -191,7 +203,19 @@ class StepScheduler:
                     gen.tokens.put_nowait(exc)
                     self._retire(gen)
                 continue
-            self._fan_out(gens, feeds, output.results)
+            segment: int | None = None
+            if self._commit is not None:
+                try:
+                    segment = self._commit(self._records(gens, feeds, rows, output.results))
+                except Unavailable as exc:  # not durable: the step must not count
+                    self._undo(rows, output)
+                    for f in feeds:
+                        f.group.settle(f.index, exc)
+                    for gen in gens:
+                        gen.tokens.put_nowait(exc)
+                        self._retire(gen)
+                    continue
+            self._fan_out(gens, feeds, output.results, segment)
             t = output.timings
             self._on_stats(
                 StepStats(
@@ -219,13 +243,34 @@ class StepScheduler:
                 taken.append(queued)
         return taken
 
+    def _records(
+        self,
+        gens: list[Generation],
+        feeds: list[_Queued],
+        rows: list[Row],
+        results: list[RowResult],
+    ) -> list[bytes]:
+        owners: list[RowOwner] = [g.owner for g in gens] + [f.owner for f in feeds]
+        return [o.record(r, res) for o, r, res in zip(owners, rows, results, strict=True)]
+
+    def _undo(self, rows: list[Row], output: StepOutput) -> None:
+        """Put the step's rows back as they were, random streams included."""
+        self._runner.undo(output)
+        for row in rows:
+            if row.inputs is None and row.rng is not None and row.sampling is not None:
+                row.rng.rewind(0 if row.sampling.temperature == 0.0 else 1)
+
     def _fan_out(
-        self, gens: list[Generation], feeds: list[_Queued], results: list[RowResult]
+        self,
+        gens: list[Generation],
+        feeds: list[_Queued],
+        results: list[RowResult],
+        segment: int | None,
     ) -> None:
         now = time.perf_counter()
         for gen, res in zip(gens, results[: len(gens)], strict=True):
             assert res.token is not None
-            token = gen.advance(res.token, res.consumed)
+            token = gen.advance(res.token, res.consumed, segment)
             if gen.last_token_at is None:
                 self._on_token_times(now - gen.started_at, None)
             else:
@@ -235,7 +280,7 @@ class StepScheduler:
             if gen.finished:
                 self._retire(gen)
         for feed, res in zip(feeds, results[len(gens) :], strict=True):
-            res.position = feed.owner.advance(res.consumed)
+            res.position = feed.owner.advance(res.consumed, segment)
             feed.group.settle(feed.index, res)
 
     def _retire_cancelled(self) -> None:

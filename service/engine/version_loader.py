@@ -9,7 +9,7 @@ import logging
 import torch
 
 from service.engine.served_version import ServedVersion, VersionObserver
-from service.engine.step_scheduler import StepScheduler
+from service.engine.step_scheduler import Commit, StepScheduler
 from service.registry.store import ModelStore
 from service.runtime.runner import ModelRunner
 from service.runtime.state_pool import ByteBudget, StatePool
@@ -26,7 +26,9 @@ class VersionLoader:
         engine: EngineSettings,
         initial_slots: int,
         observer: VersionObserver,
+        commit: Commit | None = None,
     ) -> None:
+        self._commit = commit
         self._store = store
         self._budget = budget
         self._engine = engine
@@ -59,6 +61,7 @@ class VersionLoader:
             inline_max_rows=engine.inline_max_rows,
             on_stats=observer.on_step,
             on_token_times=lambda ttft, gap: observer.on_token_times(name, str(version), ttft, gap),
+            commit=self._commit,
         )
         scheduler.start()
         log.info(

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import Tensor
 
-from service.models import SequenceModel
+from service.models import RecurrentState, SequenceModel
 from service.runtime.sampler import sample
 from service.runtime.state_pool import StatePool
 from service.runtime.step_batch import (
@@ -38,20 +38,28 @@ class ModelRunner:
         timings = StepTimings()
         rows = batch.rows
         results = [RowResult(consumed=0) for _ in rows]
+        before: list[tuple[Tensor, RecurrentState, Tensor]] = []
         single: list[int] = []
         multi: list[int] = []
         for i, r in enumerate(rows):  # shape[0], not len(): Tensor.__len__ is Python-level
             (single if r.inputs is None or r.inputs.shape[0] == 1 else multi).append(i)
         with self.pool.lock:
             if single:
-                self._run_single(batch, single, results, timings)
+                before.append(self._run_single(batch, single, results, timings))
             if multi:
-                self._run_multi(batch, multi, results, timings)
+                before.append(self._run_multi(batch, multi, results, timings))
         t1 = time.perf_counter()
         # Whatever the phases did not account for (locking, bookkeeping) is forward overhead.
         accounted = timings.gather_seconds + timings.scatter_seconds + timings.sample_seconds
         timings.forward_seconds = max(timings.forward_seconds, t1 - t0 - accounted)
-        return StepOutput(results, timings)
+        return StepOutput(results, timings, before)
+
+    def undo(self, output: StepOutput) -> None:
+        """Put the rows of a finished step back as they were before it (a step that could not
+        be made durable must not count). The rows' RNG draws are the caller's to rewind."""
+        with self.pool.lock:
+            for slots, state, last in output.before:
+                self.pool.scatter(slots, state, last)
 
     def _slots(self, batch: StepBatch, idx: list[int]) -> Tensor:
         return torch.tensor(
@@ -60,7 +68,7 @@ class ModelRunner:
 
     def _run_single(
         self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
-    ) -> None:
+    ) -> tuple[Tensor, RecurrentState, Tensor]:
         t0 = time.perf_counter()
         slots = self._slots(batch, idx)
         state, last = self.pool.gather(slots)  # h/c [L, B, H], last [B, out]
@@ -94,6 +102,7 @@ class ModelRunner:
         timings.sample_seconds += (t2 - t1) + (t5 - t4)
         timings.forward_seconds += t3 - t2
         timings.scatter_seconds += t4 - t3
+        return slots, state, last
 
     def _stack_single_inputs(
         self, batch: StepBatch, idx: list[int], gen: list[int], sampled: Tensor | None
@@ -117,10 +126,10 @@ class ModelRunner:
 
     def _run_multi(
         self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
-    ) -> None:
+    ) -> tuple[Tensor, RecurrentState, Tensor]:
         t0 = time.perf_counter()
         slots = self._slots(batch, idx)
-        state, _ = self.pool.gather(slots)
+        state, last_before = self.pool.gather(slots)
         seqs = [batch.rows[i].inputs for i in idx]
         lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)  # type: ignore[arg-type]
         padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(self.device)  # type: ignore[arg-type]
@@ -149,6 +158,7 @@ class ModelRunner:
         timings.forward_seconds += t2 - t1
         timings.scatter_seconds += t3 - t2
         timings.sample_seconds += t4 - t3
+        return slots, state, last_before
 
     def _predictions(self, out: Tensor, top_ks: list[int], rows) -> list[Prediction]:  # type: ignore[no-untyped-def]
         """Head outputs → predictions for the given rows of `out`."""

@@ -55,6 +55,17 @@ class SessionRng:
     def uniform(self) -> float:
         return float(self.generator.random())
 
+    def skip(self, draws: int) -> None:
+        """Move on by `draws` uniform numbers without drawing them (journal replay)."""
+        if draws:
+            self.generator.bit_generator.advance(draws)  # type: ignore[attr-defined]
+
+    def rewind(self, draws: int) -> None:
+        """Step back `draws` uniform numbers (a step that did not count). PCG64 advances
+        modulo 2**128, so a step back is a step of 2**128 - 1."""
+        if draws:
+            self.generator.bit_generator.advance(2**128 - draws)  # type: ignore[attr-defined]
+
     def get_state(self) -> dict:
         return dict(self.generator.bit_generator.state)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from service.models import RecurrentState
 from service.runtime.sampler import SamplingParams, SessionRng
 
 
@@ -56,3 +57,6 @@ class StepTimings:
 class StepOutput:
     results: list[RowResult]  # one per row, in batch order
     timings: StepTimings
+    # The rows' state before the step, (slots [B], state, last outputs [B, out]) per part of
+    # the batch: what `ModelRunner.undo` writes back when the step must not count.
+    before: list[tuple[Tensor, RecurrentState, Tensor]] = field(default_factory=list)

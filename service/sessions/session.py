@@ -33,6 +33,10 @@ class Session:
     position: int = 0  # inputs consumed so far, generated tokens included
     busy: bool = False  # its lease is held: a request or generation runs on it
     closed: bool = False
+    # Durability: steps journaled since the last checkpoint, and the journal segment holding
+    # the oldest of them (None when everything is in the checkpoint).
+    unsaved_steps: int = 0
+    journal_segment: int | None = None
 
     @property
     def spilled(self) -> bool:

@@ -71,6 +71,9 @@ class SessionStore:
         if session.slot is not None:
             self._resident[session.session_id] = session
 
+    def contains(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
     def get(self, session_id: str) -> Session:
         """The live session, or the error that says why there is none: not found, closed,
         expired (also when idle past its TTL but not yet swept), or DATA_LOSS when its records
@@ -119,6 +122,25 @@ class SessionStore:
         """Count inputs consumed into the session's state; returns its new position."""
         session.position += consumed
         return session.position
+
+    def journaled(self, session: Session, segment: int) -> bool:
+        """One more step of the session is in the journal (in `segment`); True when it is the
+        first since its checkpoint (the caller pins the segment)."""
+        session.unsaved_steps += 1
+        if session.journal_segment is None:
+            session.journal_segment = segment
+            return True
+        return False
+
+    def checkpointed(self, session: Session) -> int | None:
+        """The session's state is in a checkpoint; returns the segment it no longer needs."""
+        segment, session.journal_segment = session.journal_segment, None
+        session.unsaved_steps = 0
+        return segment
+
+    def checkpointed_steps_reset(self, session: Session) -> None:
+        """A creation record pins the journal but is no step toward the checkpoint count."""
+        session.unsaved_steps = 0
 
     def set_busy(self, session: Session, busy: bool) -> None:
         """Held by a lease (a request or generation runs on it), or free again."""

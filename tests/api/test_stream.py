@@ -284,3 +284,28 @@ async def test_an_item_for_a_session_another_stream_is_using_is_aborted_inband(
     assert refused.error.code == code_value(grpc.StatusCode.ABORTED), refused.error.message
     await second.done_writing()
     first.cancel()
+
+
+async def test_a_feed_waiting_behind_a_generation_holds_back_no_other_reply(
+    client: SeqServeClient,
+) -> None:
+    """B generates; then [feed A, feed B], then [feed A]. A's replies come in order and are
+    not held until B's generation ends; B's feed answers after its generation."""
+    a, b = await _create(client), await _create(client)
+    call = client.sessions.Stream()
+    await call.write(
+        pb.StreamRequest(items=[item(b, "genB", generate=make_sampling(max_tokens=400))])
+    )
+    first = await call.read()  # B's generation is running
+    await call.write(pb.StreamRequest(items=[item(a, "A1", tokens(1)), item(b, "B1", tokens(1))]))
+    await call.write(pb.StreamRequest(items=[item(a, "A2", tokens(2))]))
+    order: list[str] = [r.request_id for r in first.replies if r.token.finish_reason]
+    while "B1" not in order:
+        message = await call.read()
+        assert message is not grpc.aio.EOF
+        for r in message.replies:
+            assert r.error.code == 0, r.error.message
+            if r.request_id != "genB" or r.token.finish_reason:
+                order.append(r.request_id)
+    await call.done_writing()
+    assert order == ["A1", "A2", "genB", "B1"]

@@ -53,7 +53,9 @@ async def test_many_more_sessions_than_slots_answer_like_never_evicted(
     assert tiny.budget.used_bytes <= tiny.budget.limit_bytes
     spilled = [s for s in tiny.sessions if s.slot is None]
     assert len(spilled) == 14 - 4
-    assert len(tiny.spill) == len(spilled) and tiny.stats().spilled_bytes > 0
+    # Every spilled session has its record (with the journal on, resident ones keep their last
+    # checkpoint there too).
+    assert all(s.session_id in tiny.spill for s in spilled) and tiny.stats().spilled_bytes > 0
 
 
 async def test_eviction_takes_the_least_recently_used_idle_session(

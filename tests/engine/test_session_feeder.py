@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.engine.session_engine import Feed, ModelInput
+import pytest
+
+from service.engine.session_engine import Feed, Line, ModelInput
 from service.errors import InvalidArgument, Unavailable
+from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import StepBatch
 
 from .conftest import EngineFactory
@@ -74,3 +77,47 @@ async def test_draining_refuses_every_item(make_engine: EngineFactory) -> None:
     outcomes = await engine.feed_many([Feed(a.session_id, ModelInput(tokens=[1]))])
     assert isinstance(outcomes[0], Unavailable) and a.position == 0
     assert "draining" in outcomes[0].message and not a.busy
+
+
+async def test_a_call_cancelled_before_its_slow_feeds_start_lets_their_leases_go(
+    make_engine: EngineFactory,
+) -> None:
+    """Cancelled in the same tick it started: the spilled session's lease (taken up front) is
+    still let go, and a lease that was waiting in a line leaves the line."""
+    engine = await make_engine()
+    spilled, _ = await engine.create_session("tok")
+    engine.residency.spill(spilled)  # the slow path: it needs a restore
+    waiting, _ = await engine.create_session("tok")
+    line = Line()
+    holder = engine.leases.take(waiting.session_id, line)
+    loop = asyncio.get_running_loop()
+    call = loop.create_task(
+        engine.feed_many(
+            [Feed(spilled.session_id, ModelInput(tokens=[1])),
+             Feed(waiting.session_id, ModelInput(tokens=[1]))],
+            line,
+        )
+    )  # fmt: skip
+    loop.call_soon(call.cancel)  # after the call's first step, before its feeds' tasks run
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    engine.leases.release(holder)
+    await asyncio.sleep(0.01)
+    assert not spilled.busy and not waiting.busy
+    assert (await engine.feed(spilled.session_id, ModelInput(tokens=[2]))).position == 1
+    assert (await engine.feed(waiting.session_id, ModelInput(tokens=[2]))).position == 1
+
+
+async def test_stopping_ends_a_running_generation_for_its_consumer(
+    make_engine: EngineFactory,
+) -> None:
+    engine = await make_engine(engine={"max_generate_tokens": 4000})
+    session, _ = await engine.create_session("tok")
+    tokens = engine.generate(session.session_id, sampling=SamplingParams(max_tokens=4000))
+    await anext(tokens)
+    stopping = asyncio.create_task(engine.stop())
+    with pytest.raises(Unavailable):
+        async with asyncio.timeout(10):
+            async for _ in tokens:
+                pass
+    await asyncio.wait_for(stopping, 10)

@@ -15,10 +15,10 @@ import torch
 
 from service.engine.generation import FINISH_MAX_TOKENS, Generation
 from service.engine.step_scheduler import StepScheduler
-from service.errors import ResourceExhausted, Unavailable
+from service.errors import JournalUnavailable, ResourceExhausted, Unavailable
 from service.metrics.stats import StepStats
 from service.models import ByteTokenizer
-from service.runtime.sampler import SamplingParams
+from service.runtime.sampler import SamplingParams, SessionRng
 from service.runtime.step_batch import (
     Prediction,
     Row,
@@ -38,6 +38,7 @@ class FakeRunner:
         self.batches: list[list[int]] = []
         self.threads: list[threading.Thread] = []
         self.fail: Exception | None = None
+        self.undone: list[StepOutput] = []
 
     def execute(self, batch: StepBatch) -> StepOutput:
         self.batches.append([r.slot for r in batch.rows])
@@ -48,22 +49,33 @@ class FakeRunner:
         results = []
         for r in batch.rows:
             if r.inputs is None:
+                if r.rng is not None and r.sampling is not None and r.sampling.temperature:
+                    r.rng.uniform()  # the draw the real sampler takes
                 results.append(RowResult(consumed=1, token=r.slot + 100))
             else:
                 consumed = int(r.inputs.shape[0])
                 results.append(RowResult(consumed=consumed, prediction=Prediction(values=[r.slot])))
         return StepOutput(results, StepTimings())
 
+    def undo(self, output: StepOutput) -> None:
+        self.undone.append(output)
+
 
 @dataclass
 class Owner:
-    """A row's owner: counts what the scheduler says each step consumed."""
+    """A row's owner: counts what the scheduler says each step consumed, and in which journal
+    segment; its journal record names its slot and position."""
 
     position: int = 0
     advances: list[int] = field(default_factory=list)
+    segments: list[int | None] = field(default_factory=list)
 
-    def advance(self, consumed: int) -> int:
+    def record(self, row: Row, result: RowResult) -> bytes:
+        return f"{row.slot}@{self.position}".encode()
+
+    def advance(self, consumed: int, segment: int | None = None) -> int:
         self.advances.append(consumed)
+        self.segments.append(segment)
         self.position += consumed
         return self.position
 
@@ -242,3 +254,50 @@ async def test_a_group_withdrawn_before_its_step_never_runs(scheduler: Any) -> N
     await asyncio.wait_for(s.submit([(Owner(), feed(3))]).future, 5)
     assert runner.batches == [[1], [3]]  # slot 2's row never ran
     assert queued_owner.advances == []
+
+
+class Journal:
+    """A commit hook: records each step's records as one group, or refuses when `full`."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[bytes]] = []
+        self.full = False
+
+    def commit(self, records: list[bytes]) -> int:
+        if self.full:
+            raise JournalUnavailable("the disk is full")
+        self.groups.append(records)
+        return 7  # the segment
+
+
+async def test_each_step_is_committed_once_before_its_rows_count(scheduler: Any) -> None:
+    runner, journal = FakeRunner(), Journal()
+    s = scheduler(runner, commit=journal.commit)
+    owners = [Owner(), Owner(position=5)]
+    group = s.submit([(owners[0], feed(1)), (owners[1], feed(2, tokens=3))])
+    await asyncio.wait_for(group.future, 5)
+    assert journal.groups == [[b"1@0", b"2@5"]]  # one write for the step, before advance
+    assert [o.segments for o in owners] == [[7], [7]]
+
+
+async def test_a_step_that_cannot_be_committed_is_undone_and_refused(scheduler: Any) -> None:
+    runner, journal = FakeRunner(), Journal()
+    s = scheduler(runner, commit=journal.commit)
+    journal.full = True
+    owner = Owner()
+    rng = SessionRng.seeded(3)
+    expected_next = SessionRng.seeded(3).uniform()
+    lease = FakeLease(slot=6)
+    lease.session.rng = rng
+    gen = Generation(lease, SamplingParams(temperature=1.0, max_tokens=5), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    (outcome,) = await asyncio.wait_for(s.submit([(owner, feed(1))]).future, 5)
+    assert isinstance(outcome, JournalUnavailable)
+    assert isinstance(await asyncio.wait_for(gen.tokens.get(), 5), JournalUnavailable)
+    await asyncio.wait_for(gen.retired, 5)
+    assert len(runner.undone) == 1  # the step's state was put back
+    assert owner.advances == [] and lease.advances == []  # positions untouched
+    assert rng.uniform() == expected_next  # the draw the step took was given back
+    journal.full = False
+    (ok,) = await asyncio.wait_for(s.submit([(owner, feed(1))]).future, 5)
+    assert isinstance(ok, RowResult) and ok.position == 1

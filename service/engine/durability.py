@@ -1,0 +1,94 @@
+"""Durability: what the journal knows of each session (DESIGN section 10).
+
+With `durability = "journal"` (the default) every step's inputs and sampled tokens go to the
+journal, one write per batched step, before any reply of that step leaves (the step scheduler
+calls `commit`). A session's journal records are needed until its next checkpoint: a spill
+record written when it has `checkpoint_steps` unsaved steps, when it has been idle for
+`checkpoint_idle_seconds`, when it is evicted, and at shutdown. Creation and ending are
+journaled too, so a session created and fed since the last checkpoint survives a crash, and one
+closed does not come back. With `durability = "shutdown"` nothing is journaled: sessions survive
+a graceful restart (SIGTERM spills them) but not a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from service.errors import JournalUnavailable
+from service.sessions import journal_record
+from service.sessions.journal import Journal
+from service.sessions.session import Session
+from service.sessions.session_store import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+class Durability:
+    def __init__(
+        self,
+        journal: Journal | None,
+        sessions: SessionStore,
+        checkpoint_steps: int,
+        checkpoint_idle_seconds: float,
+    ) -> None:
+        self.journal = journal
+        self._sessions = sessions
+        self.checkpoint_steps = checkpoint_steps
+        self.checkpoint_idle_seconds = checkpoint_idle_seconds
+        self.end_records_lost = 0  # END records the disk refused (counted, logged once)
+
+    @property
+    def enabled(self) -> bool:
+        return self.journal is not None
+
+    def commit(self, records: list[bytes]) -> int:
+        """Group commit of one batched step's records; the segment they went to. Raises
+        JournalUnavailable (the step must then not count)."""
+        assert self.journal is not None
+        return self.journal.append(records)
+
+    def journaled(self, session: Session, segment: int) -> None:
+        if self._sessions.journaled(session, segment) and self.journal is not None:
+            self.journal.pin(segment)
+
+    def checkpointed(self, session: Session) -> None:
+        """Its state is in a checkpoint now: its journal records are no longer needed."""
+        segment = self._sessions.checkpointed(session)
+        if segment is not None and self.journal is not None:
+            self.journal.unpin(segment)
+
+    def due(self, session: Session) -> bool:
+        return self.journal is not None and session.unsaved_steps >= self.checkpoint_steps
+
+    def created(self, session: Session) -> None:
+        """Journal a new session (its own write: creation is not a step). Raises
+        JournalUnavailable; the caller then does not create it."""
+        if self.journal is None:
+            return
+        meta = {
+            "model": session.model,
+            "version": session.version,
+            "fingerprint": session.fingerprint,
+            "seed": session.seed,
+            "ttl_seconds": session.ttl_seconds,
+            "created_at": session.created_at,
+            "parent_session_id": session.parent_session_id,
+            "default_sampling": dataclasses.asdict(session.default_sampling),
+        }
+        segment = self.journal.append([journal_record.create(session.session_id, meta)])
+        self.journaled(session, segment)
+        self._sessions.checkpointed_steps_reset(session)
+
+    def ended(self, session: Session, why: str) -> None:
+        """Journal that the session ended, so recovery does not bring it back."""
+        self.checkpointed(session)
+        if self.journal is None:
+            return
+        try:
+            self.journal.append([journal_record.end(session.session_id, session.position, why)])
+        except JournalUnavailable:
+            self.end_records_lost += 1  # a crash before its checkpoint is deleted revives it
+
+
+__all__ = ["Durability", "JournalUnavailable"]

@@ -1,0 +1,192 @@
+"""The journal: append-only segment files holding every acknowledged step since each session's
+last checkpoint (`journal/<sequence>.log` in the state directory).
+
+`append` writes a whole batch of records with one `write` (group commit: one per batched step,
+not one per session) before any of their replies leave. By default that hands the records to
+the OS, which survives a killed process; the fsync policy adds surviving a power loss: after
+every batch, every `fsync_interval` seconds (a background thread), or never.
+
+A session's records are needed until its next checkpoint (a spill record). Sessions pin the
+segment holding their oldest needed record; older segments that nobody pins are deleted, so
+the journal stays about as long as `checkpoint_steps` steps of the busiest sessions.
+
+A write that fails (disk full, read-only, I/O error) raises `JournalUnavailable` and nothing of
+the batch counts as written: the segment it may have torn is closed and the next append starts
+a new one, so a torn record only ever ends a segment, where recovery stops reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from service.errors import JournalUnavailable
+from service.sessions.journal_record import JournalRecord, decode_stream
+
+log = logging.getLogger(__name__)
+
+FsyncPolicy = Literal["batch", "interval", "never"]
+_SEGMENT_RE = re.compile(r"^(\d{12})\.log$")
+_SETTING = "SEQSERVE_SESSIONS__SPILL_DIR"
+
+
+class Journal:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: FsyncPolicy = "interval",
+        fsync_interval_seconds: float = 0.2,
+        segment_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.directory = Path(directory)
+        self._fsync = fsync
+        self._interval = fsync_interval_seconds
+        self._segment_bytes = segment_bytes
+        self._seq = 0  # the segment being written
+        self._fd: int | None = None
+        self._size = 0
+        self._pins: dict[int, int] = {}  # segment → sessions whose oldest needed record is there
+        self._trimmed_below = 1  # segments below this are deleted
+        self._dirty = False
+        self._lock = threading.Lock()  # the fsync thread and close
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self.failed_writes = 0  # appends refused because the disk would not take them
+        self._failing = False
+
+    @property
+    def segment(self) -> int:
+        return self._seq
+
+    # ---- start and stop --------------------------------------------------------------------
+
+    def open(self) -> Iterator[JournalRecord]:
+        """Every record the segments on disk hold, oldest first (for recovery). Writing starts
+        in a new segment once `start()` is called."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for seq, path in self._segments():
+            self._seq = max(self._seq, seq)
+            yield from decode_stream(path.read_bytes())
+
+    def start(self) -> None:
+        """Begin writing (a fresh segment) and, for the interval policy, the fsync thread."""
+        self._roll()
+        if self._fsync == "interval":
+            self._syncer = threading.Thread(target=self._sync_loop, name="journal-fsync")
+            self._syncer.daemon = True
+            self._syncer.start()
+
+    def drop_before(self, seq: int) -> None:
+        """Delete every segment older than `seq` (after recovery checkpointed their sessions)."""
+        for old, path in self._segments():
+            if old < seq:
+                path.unlink(missing_ok=True)
+        self._trimmed_below = max(self._trimmed_below, seq)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join(timeout=5)
+        with self._lock:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def append(self, records: list[bytes]) -> int:
+        """Write `records` with one write; returns the segment they went to. Raises
+        JournalUnavailable when the disk does not take them (nothing counts as written)."""
+        data = b"".join(records)
+        try:
+            if self._fd is None or self._size >= self._segment_bytes:
+                self._roll()
+            assert self._fd is not None
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(28, "short write (the disk is probably full)")
+            if self._fsync == "batch":
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._close_torn()
+            self.failed_writes += 1
+            if not self._failing:
+                self._failing = True
+                log.error("journal writes failing: %s (%s)", exc.strerror or exc, self.directory)
+            raise JournalUnavailable(
+                f"session state cannot be made durable: {exc.strerror or 'write failed'} "
+                f"(the state directory, {_SETTING}); the step was not applied, retry later"
+            ) from None
+        if self._failing:
+            self._failing = False
+            log.warning("journal writes succeed again after %d failed", self.failed_writes)
+        self._size += len(data)
+        self._dirty = True
+        return self._seq
+
+    def pin(self, seq: int) -> None:
+        self._pins[seq] = self._pins.get(seq, 0) + 1
+
+    def unpin(self, seq: int) -> None:
+        left = self._pins.get(seq, 0) - 1
+        if left > 0:
+            self._pins[seq] = left
+            return
+        self._pins.pop(seq, None)
+        floor = min(min(self._pins, default=self._seq), self._seq)
+        while self._trimmed_below < floor:  # segments nobody needs: deleted by name
+            with contextlib.suppress(OSError):
+                (self.directory / f"{self._trimmed_below:012d}.log").unlink()
+            self._trimmed_below += 1
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._dirty:
+                self._dirty = False
+                os.fsync(self._fd)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _roll(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+            self._seq += 1
+            path = self.directory / f"{self._seq:012d}.log"
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._size = 0
+
+    def _close_torn(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None  # the next append starts a new segment
+
+    def _segments(self) -> list[tuple[int, Path]]:
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.directory):
+                m = _SEGMENT_RE.match(entry.name)
+                if m:
+                    found.append((int(m.group(1)), Path(entry.path)))
+        return sorted(found)
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.sync()
+            except OSError as exc:
+                log.error("journal fsync failed: %s", exc)
