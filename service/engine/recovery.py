@@ -95,10 +95,11 @@ class Recovery:
             if rec.kind == jr.END:
                 plans.pop(sid, None)
                 gone = known.pop(sid, None)
-                if gone is not None and self._sessions.contains(sid):
-                    self._residency.discard(gone)
-                    self._sessions.remove(gone, rec.why or "closed")
-                    self._versions.unpin(gone.model, gone.version)
+                if gone is not None:
+                    if self._sessions.contains(sid):  # adopted from a checkpoint
+                        self._residency.discard(gone)
+                        self._versions.unpin(gone.model, gone.version)
+                    self._sessions.remove(gone, rec.why or "closed")  # its id says why
                 continue
             base = known.get(sid)
             if base is None:  # neither a checkpoint nor a creation: its base is gone

@@ -92,19 +92,39 @@ def end(session_id: str, position: int, why: str) -> bytes:
 
 
 def decode_stream(data: bytes) -> Iterator[JournalRecord]:
-    """The records of one segment, in order, up to the first damaged or incomplete one."""
+    """The records of one segment, in order. A damaged record is skipped: reading resumes at
+    the next offset where a whole record checks out (the damaged session's later records then
+    show a gap, which recovery refuses with DATA_LOSS); a torn last record is simply the end."""
     offset, size = 0, len(data)
     while offset + _FRAME.size <= size:
-        length, crc = _FRAME.unpack_from(data, offset)
-        start = offset + _FRAME.size
-        body = data[start : start + length]
-        if len(body) != length or zlib.crc32(body) != crc:
-            return
-        record = _decode_body(body)
+        record, end = _frame_at(data, offset)
         if record is None:
-            return
+            offset = _resync(data, offset + 1)
+            continue
         yield record
-        offset = start + length
+        offset = end
+
+
+def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
+    length, crc = _FRAME.unpack_from(data, offset)
+    start = offset + _FRAME.size
+    body = data[start : start + length]
+    if len(body) != length or length < _HEAD.size or zlib.crc32(body) != crc:
+        return None, offset
+    try:
+        return _decode_body(body), start + length
+    except (ValueError, UnicodeDecodeError, struct.error):
+        return None, offset
+
+
+def _resync(data: bytes, offset: int) -> int:
+    """The next offset at or after `offset` where a whole record checks out (or the end)."""
+    size = len(data)
+    while offset + _FRAME.size <= size:
+        if _frame_at(data, offset)[0] is not None:
+            return offset
+        offset += 1
+    return size
 
 
 def _decode_body(body: bytes) -> JournalRecord | None:

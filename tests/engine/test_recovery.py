@@ -1,0 +1,112 @@
+"""Recovery after a crash, in process: the first engine is abandoned without its shutdown (no
+spill of the sessions in memory, its files left as a killed process leaves them), and a second
+engine on the same directory must bring every session back exactly: position, next prediction
+and random stream equal to a reference engine that was never interrupted. (A real SIGKILL of a
+real server is in tests/api/test_crash.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.engine.session_engine import SessionEngine
+from service.errors import DataLoss, SessionClosed
+from service.runtime.sampler import SamplingParams
+
+from .conftest import EngineFactory, close, frames, toks
+
+
+async def crash(engine: SessionEngine) -> None:
+    """What a SIGKILL leaves: the steps in flight finish or not, nothing is spilled, the
+    journal's writes are in the OS, and the directory lock goes with the process."""
+    for task in engine._loops:
+        task.cancel()
+    await engine.versions.stop_schedulers()
+    assert engine.durability.journal is not None
+    engine.durability.journal.close()
+    engine.spill.close()
+    engine._stopped = True  # the fixture must not stop (spill) it
+
+
+SAMPLING = SamplingParams(temperature=1.0, max_tokens=5)
+
+
+@pytest.mark.parametrize("checkpoint_steps", [1000, 3], ids=["journal-only", "with-checkpoints"])
+async def test_every_session_comes_back_exactly(
+    make_engine: EngineFactory, tmp_path: Path, checkpoint_steps: int
+) -> None:
+    spill = tmp_path / "state"
+    first = await make_engine(slots=4, spill_dir=spill, checkpoint_steps=checkpoint_steps)
+    roomy = await make_engine(durability="shutdown")
+    pairs = []
+    for i in range(8):  # more than the 4 slots: some are evicted (checkpointed) on the way
+        a, _ = await first.create_session("tok", seed=100 + i)
+        b, _ = await roomy.create_session("tok", seed=100 + i)
+        pairs.append((a.session_id, b.session_id))
+    for round_ in range(4):
+        for i, (a, b) in enumerate(pairs):
+            chunk = toks(*[(i * 13 + round_ * 5 + k) % 256 for k in range(1 + (i + round_) % 3)])
+            assert (await first.feed(a, chunk)).position == (await roomy.feed(b, chunk)).position
+        a, b = pairs[round_]
+        got = [t.token_id async for t in first.generate(a, sampling=SAMPLING)]
+        want = [t.token_id async for t in roomy.generate(b, sampling=SAMPLING)]
+        assert got == want
+    parent, ref_parent = pairs[0]
+    child = await first.fork_session(parent)
+    ref_child = await roomy.fork_session(ref_parent)
+    await first.feed(child.session_id, toks(9))
+    await roomy.feed(ref_child.session_id, toks(9))
+    frame_s, _ = await first.create_session("frames")
+    frame_ref, _ = await roomy.create_session("frames")
+    await first.feed(frame_s.session_id, frames(0.5, -1.0, 2.0, 0.25, 0.0, 1.0))
+    await roomy.feed(frame_ref.session_id, frames(0.5, -1.0, 2.0, 0.25, 0.0, 1.0))
+    never_fed, _ = await first.create_session("tok", seed=7)
+    never_fed_ref, _ = await roomy.create_session("tok", seed=7)
+    closed = pairs.pop()[0]
+    await first.close_session(closed)
+
+    await crash(first)
+    second = await make_engine(slots=4, spill_dir=spill, checkpoint_steps=checkpoint_steps)
+
+    pairs += [(child.session_id, ref_child.session_id),
+              (never_fed.session_id, never_fed_ref.session_id)]  # fmt: skip
+    for a, b in pairs:
+        assert second.get_session(a).position == roomy.get_session(b).position
+        got, want = await second.feed(a, toks(42)), await roomy.feed(b, toks(42))
+        assert got.position == want.position
+        assert close(got.prediction, want.prediction), a
+        got_t = [t.token_id async for t in second.generate(a, sampling=SAMPLING)]
+        want_t = [t.token_id async for t in roomy.generate(b, sampling=SAMPLING)]
+        assert got_t == want_t, "the random stream continues where it was"
+    got = await second.feed(frame_s.session_id, frames(1.0, 1.0, 1.0))
+    want = await roomy.feed(frame_ref.session_id, frames(1.0, 1.0, 1.0))
+    assert got.position == want.position == 3 and close(got.prediction, want.prediction)
+    with pytest.raises(SessionClosed):
+        second.get_session(closed)
+
+
+async def test_a_session_whose_records_are_damaged_is_refused_with_data_loss(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    hurt, _ = await first.create_session("tok")
+    fine, _ = await first.create_session("tok")
+    for k in range(3):
+        await first.feed(hurt.session_id, toks(k + 1))
+        await first.feed(fine.session_id, toks(k + 1))
+    await crash(first)
+    journal = spill / "journal"
+    (segment,) = sorted(journal.iterdir())
+    data = bytearray(segment.read_bytes())
+    at = data.find(b"\x01\x01\x18" + hurt.session_id.encode() + (1).to_bytes(8, "little"))
+    assert at > 0, "hurt's record at position 1"
+    data[at + 40] ^= 0xFF  # inside that record: its checksum fails
+    segment.write_bytes(bytes(data))
+
+    second = await make_engine(spill_dir=spill)
+    with pytest.raises(DataLoss) as err:
+        await second.feed(hurt.session_id, toks(9))
+    assert hurt.session_id in err.value.message and "gap" in err.value.message
+    assert (await second.feed(fine.session_id, toks(9))).position == 4

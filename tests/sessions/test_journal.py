@@ -1,0 +1,115 @@
+"""The journal on disk: records round-trip, a damaged record is never applied (reading resumes
+at the next whole record; a torn tail ends the segment), group commit writes once, segments nobody needs
+are deleted, and a write the disk refuses raises JournalUnavailable naming the setting."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.errors import JournalUnavailable
+from service.sessions import journal_record as jr
+from service.sessions.journal import Journal
+
+SID = "s_abcdefghijklmnopqrstuv"
+
+
+def _records() -> list[bytes]:
+    return [
+        jr.create(SID, {"model": "tok", "version": 1, "seed": 3}),
+        jr.tokens(SID, 0, np.array([1, 2, 3])),
+        jr.generated(SID, 3, 250, 1),
+        jr.frames("s_other", 7, np.array([[0.5, -1.0, 2.0]], dtype=np.float32)),
+        jr.end(SID, 4, "closed"),
+    ]
+
+
+def test_every_kind_round_trips() -> None:
+    got = list(jr.decode_stream(b"".join(_records())))
+    assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS, jr.GENERATED, jr.FRAMES, jr.END]
+    assert got[0].meta == {"model": "tok", "version": 1, "seed": 3}
+    assert got[1].tokens is not None and got[1].tokens.tolist() == [1, 2, 3]
+    assert (got[1].position, got[1].consumed) == (0, 3)
+    assert got[2].tokens is not None and (got[2].tokens.tolist(), got[2].draws) == ([250], 1)
+    assert got[3].frames is not None and got[3].frames.tolist() == [0.5, -1.0, 2.0]
+    assert (got[3].session_id, got[3].position) == ("s_other", 7)
+    assert (got[4].why, got[4].position) == ("closed", 4)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "newer-version"])
+def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -> None:
+    records = _records()
+    data = bytearray(b"".join(records))
+    at = len(records[0]) + len(records[1])  # the third record (GENERATED)
+    if damage == "flip":
+        data[at + 12] ^= 0x01  # its body: the checksum no longer matches
+    elif damage == "truncate":
+        data = data[: at + 5]
+    else:  # a record a newer server wrote: not guessed at
+        newer = bytearray(records[2])
+        newer[8] = jr.VERSION + 1
+        import zlib
+
+        body = bytes(newer[8:])
+        newer[4:8] = zlib.crc32(body).to_bytes(4, "little")
+        data = data[:at] + newer + data[at + len(records[2]) :]
+    got = list(jr.decode_stream(bytes(data)))
+    if damage == "truncate":  # a torn tail: the end of what was written
+        assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS]
+    else:  # the record is never applied; the ones after it still are
+        assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS, jr.FRAMES, jr.END]
+
+
+def test_group_commit_is_one_write_and_reads_back_in_order(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal", fsync="batch")
+    assert list(journal.open()) == []
+    journal.start()
+    journal.append(_records()[:2])
+    journal.append(_records()[2:])
+    journal.close()
+    again = Journal(tmp_path / "journal")
+    assert [r.kind for r in again.open()] == [jr.CREATE, jr.TOKENS, jr.GENERATED, jr.FRAMES, jr.END]
+
+
+def test_segments_nobody_pins_are_deleted(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal", fsync="never", segment_bytes=64)
+    list(journal.open())
+    journal.start()
+    segments = []
+    for i in range(4):  # each append fills a segment; the next one rolls
+        seq = journal.append([jr.tokens(SID, i * 10, np.arange(20))])
+        journal.pin(seq)
+        segments.append(seq)
+    files = lambda: sorted(p.name for p in (tmp_path / "journal").iterdir())  # noqa: E731
+    assert len(files()) == 4
+    journal.unpin(segments[1])  # an older segment is still pinned: nothing can go
+    assert len(files()) == 4
+    journal.unpin(segments[0])  # now the two oldest are free
+    assert files() == [f"{s:012d}.log" for s in segments[2:]]
+    journal.close()
+
+
+def test_a_refused_write_names_the_setting_and_the_next_starts_a_new_segment(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "journal", fsync="never")
+    list(journal.open())
+    journal.start()
+    first = journal.append([jr.tokens(SID, 0, np.array([1]))])
+    fd = journal._fd
+    assert fd is not None
+    os.close(fd)  # the next write fails with EBADF, like a disk gone bad
+    journal._fd = os.open(os.devnull, os.O_RDONLY)  # a descriptor that refuses writes
+    with pytest.raises(JournalUnavailable) as err:
+        journal.append([jr.tokens(SID, 1, np.array([2]))])
+    message = err.value.message
+    assert "SEQSERVE_SESSIONS__SPILL_DIR" in message and str(tmp_path) not in message
+    assert journal.failed_writes == 1
+    second = journal.append([jr.tokens(SID, 1, np.array([3]))])
+    assert second == first + 1
+    journal.close()
+    got = list(Journal(tmp_path / "journal").open())
+    assert [r.tokens.tolist() for r in got if r.tokens is not None] == [[1], [3]]
