@@ -65,6 +65,10 @@ async def test_every_session_comes_back_exactly(
     never_fed_ref, _ = await roomy.create_session("tok", seed=7)
     closed = pairs.pop()[0]
     await first.close_session(closed)
+    a, b = pairs[1]  # sampled last: its draws are only in the journal, not in a checkpoint
+    got = [t.token_id async for t in first.generate(a, sampling=SAMPLING)]
+    assert got == [t.token_id async for t in roomy.generate(b, sampling=SAMPLING)]
+    assert (first.get_session(a).unsaved_steps > 0) == (checkpoint_steps > 5)
 
     await crash(first)
     second = await make_engine(slots=4, spill_dir=spill, checkpoint_steps=checkpoint_steps)
