@@ -35,21 +35,22 @@ pytestmark = pytest.mark.integration
 class ServerProcess:
     """`python -m service.cli.main serve` on port 0; the port comes back through --port-file."""
 
-    def __init__(self, store: Path, spill: Path, work: Path) -> None:
+    def __init__(self, store: Path, spill: Path, work: Path, slots: int = 3) -> None:
         self.port_file = work / "port.json"
         self.log = work / "server.log"
+        self.slots = slots
         self.args = [
             sys.executable, "-m", "service.cli.main", "serve",
             "--port", "0", "--metrics-port", "-1", "--store", str(store),
             "--spill-dir", str(spill), "--port-file", str(self.port_file),
-            "--pool-bytes", str(3 * SLOT_BYTES), "--ttl", "3600",
+            "--pool-bytes", str(slots * SLOT_BYTES), "--ttl", "3600",
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
     async def start(self) -> None:
         self.port_file.unlink(missing_ok=True)
-        env = {**os.environ, "SEQSERVE_SESSIONS__POOL_INITIAL_SLOTS": "3"}
+        env = {**os.environ, "SEQSERVE_SESSIONS__POOL_INITIAL_SLOTS": str(self.slots)}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
