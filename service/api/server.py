@@ -170,6 +170,8 @@ class SeqServeServer:
         self.metrics.set_state_bytes("memory", sum(v.state_bytes for v in stats.versions))
         self.metrics.set_pool_capacity_bytes(stats.pool_capacity_bytes)
         self.metrics.set_state_bytes("spilled", stats.spilled_bytes)
+        self.metrics.set_state_write_failures("journal", stats.journal_write_failures)
+        self.metrics.set_state_write_failures("end", stats.end_records_lost)
 
 
 async def _set_health(servicer, name: str, status) -> None:  # type: ignore[no-untyped-def]

@@ -63,6 +63,8 @@ class EngineStats:
     sessions_spilled: int
     spilled_bytes: int  # on disk in the spill tier
     pool_capacity_bytes: int  # the byte budget shared by the pools
+    journal_write_failures: int = 0  # steps refused because the journal could not be written
+    end_records_lost: int = 0  # session ends the journal could not record
     versions: list[VersionStats] = field(default_factory=list)
 
 
@@ -195,6 +197,10 @@ class SessionEngine:
             sessions_spilled=len(sessions) - in_memory,
             spilled_bytes=self.spill.bytes_used,
             pool_capacity_bytes=self.budget.limit_bytes,
+            journal_write_failures=(
+                self.durability.journal.failed_writes if self.durability.journal else 0
+            ),
+            end_records_lost=self.durability.end_records_lost,
             versions=[
                 VersionStats(
                     model=sv.name,

@@ -152,6 +152,13 @@ class Metrics:
             "Bytes of session state by tier: pool slots in use (memory), spill files (spilled).",
             ("tier",), registry=r,
         )  # fmt: skip
+        self._write_failures = Counter(
+            "seqserve_state_write_failures",
+            "Writes of session state the disk refused (full, read-only, failing): `journal` "
+            "(a step refused with UNAVAILABLE), `end` (a session's end record).",
+            ("kind",), registry=r,
+        )  # fmt: skip
+        self._write_failures_seen: dict[str, int] = {}
         self._pool_capacity = Gauge(
             "seqserve_state_pool_capacity_bytes",
             "Byte budget of the in-memory state pool, for the memory tier's fill ratio.",
@@ -238,6 +245,13 @@ class Metrics:
 
     def set_state_bytes(self, tier: str, nbytes: int) -> None:
         self._state_bytes.labels(_check_tier(tier)).set(nbytes)
+
+    def set_state_write_failures(self, kind: str, total: int) -> None:
+        """Bring the counter up to `total` failed writes of `kind` (the engine counts them)."""
+        seen = self._write_failures_seen.get(kind, 0)
+        if total > seen:
+            self._write_failures.labels(kind).inc(total - seen)
+            self._write_failures_seen[kind] = total
 
     def set_pool_capacity_bytes(self, nbytes: int) -> None:
         self._pool_capacity.set(nbytes)

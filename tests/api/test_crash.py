@@ -79,7 +79,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_step(
                     .session.session_id)
                 for _ in range(SESSIONS)
             ]  # fmt: skip
-        for round_ in range(2):
+        for _round in range(2):
             async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
                 load = [
                     asyncio.create_task(_load(client, fed, random.Random(rng.random())))

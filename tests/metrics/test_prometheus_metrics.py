@@ -36,6 +36,7 @@ FAMILIES = {
     "seqserve_sessions": "gauge",
     "seqserve_state_bytes": "gauge",
     "seqserve_state_pool_capacity_bytes": "gauge",
+    "seqserve_state_write_failures": "counter",
     "seqserve_model_load_duration_seconds": "histogram",
     "seqserve_model_info": "gauge",
 }

@@ -1,6 +1,7 @@
 """The journal on disk: records round-trip, a damaged record is never applied (reading resumes
-at the next whole record; a torn tail ends the segment), group commit writes once, segments nobody needs
-are deleted, and a write the disk refuses raises JournalUnavailable naming the setting."""
+at the next whole record; a torn tail ends the segment), group commit writes once, segments
+nobody needs are deleted, and a write the disk refuses raises JournalUnavailable naming the
+setting."""
 
 from __future__ import annotations
 

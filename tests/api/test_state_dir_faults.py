@@ -1,0 +1,142 @@
+"""Faults of the state directory while serving: a full disk (a small tmpfs the test mounts as
+root) and an injected write error. A step that cannot be made durable gets UNAVAILABLE naming
+the setting (no server path, no other session's id) and changes nothing; once the disk takes
+writes again the session goes on exactly; shutdown on a full disk still finishes in bounded
+time, and the steps it could not checkpoint come back from the journal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.client.client import SeqServeClient
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+
+from .conftest import ServerFactory
+from .support import ReferenceSession, assert_matches_reference, code_value, item, tokens
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of the disk; returns the filler file."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+async def _step(client: SeqServeClient, sid: str, *ids: int) -> pb.StepResponse:
+    return await client.sessions.Step(pb.StepRequest(session_id=sid, input=tokens(*ids)))
+
+
+async def test_a_full_disk_refuses_steps_with_unavailable_and_changes_nothing(
+    small_disk: Path, server_factory: ServerFactory, store_root: Path
+) -> None:
+    server = await server_factory(sessions={"spill_dir": small_disk / "state"})
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        sid = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+        sid = sid.session.session_id
+        other = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+        acked = [1, 2]
+        await _step(client, sid, *acked)
+        filler = fill(small_disk)
+        err = None
+        for k in range(1000):  # the journal's last page still takes a few records
+            try:
+                await _step(client, sid, k % 256)
+            except grpc.aio.AioRpcError as exc:
+                err = exc
+                break
+            acked.append(k % 256)
+        assert err is not None, "the full disk never refused a step"
+        details = err.details() or ""
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert "SEQSERVE_SESSIONS__SPILL_DIR" in details
+        assert str(small_disk) not in details and other.session.session_id not in details
+        call = client.sessions.Stream()  # in a Stream: in-band, for that item
+        await call.write(pb.StreamRequest(items=[item(sid, "r", tokens(3))]))
+        (reply,) = (await call.read()).replies
+        assert reply.error.code == code_value(grpc.StatusCode.UNAVAILABLE)
+        await call.done_writing()
+        got = await client.sessions.GetSession(pb.GetSessionRequest(session_id=sid))
+        assert got.session.position == len(acked)
+        server.refresh_gauges()
+        assert b'seqserve_state_write_failures_total{kind="journal"} 2.0' in server.metrics.render()
+
+        filler.unlink()  # the disk takes writes again: the session goes on exactly
+        reference = ReferenceSession(store_root, "tok")
+        reference.feed(acked)
+        reply = await _step(client, sid, 3)
+        assert reply.position == len(acked) + 1
+        assert_matches_reference(reply.prediction, reference.feed([3])[-1])
+
+
+async def test_an_injected_write_error_is_refused_and_the_journal_moves_on(
+    tmp_path: Path, server_factory: ServerFactory, store_root: Path
+) -> None:
+    server = await server_factory()
+    journal = server.engine.durability.journal
+    assert journal is not None
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+        sid = created.session.session_id
+        await _step(client, sid, 5)
+        segment = journal.segment
+        assert journal._fd is not None
+        os.close(journal._fd)  # an I/O error on the next write (EBADF on a read-only fd)
+        journal._fd = os.open(os.devnull, os.O_RDONLY)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _step(client, sid, 6)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        reply = await _step(client, sid, 6)  # the next write goes to a new segment
+        assert reply.position == 2 and journal.segment == segment + 1
+        reference = ReferenceSession(store_root, "tok")
+        assert_matches_reference(reply.prediction, reference.feed([5, 6])[-1])
+
+
+async def test_shutdown_on_a_full_disk_is_bounded_and_the_journal_keeps_the_steps(
+    small_disk: Path, server_factory: ServerFactory, store_root: Path
+) -> None:
+    sessions = {"spill_dir": small_disk / "state", "write_timeout_seconds": 5.0}
+    first = await server_factory(sessions=sessions)
+    async with SeqServeClient(f"127.0.0.1:{first.port}") as client:
+        sids = []
+        for k in range(4):
+            created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+            sids.append(created.session.session_id)
+            await _step(client, sids[-1], k + 1, k + 2)
+    filler = fill(small_disk)
+    started = time.monotonic()
+    await first.stop()  # every checkpoint write fails: ENOSPC
+    assert time.monotonic() - started < first.settings.server.grace_seconds + 5.0 + 2.0
+    filler.unlink()
+    second = await server_factory(sessions=sessions)
+    async with SeqServeClient(f"127.0.0.1:{second.port}") as client:
+        for k, sid in enumerate(sids):  # recovered from the journal
+            reference = ReferenceSession(store_root, "tok")
+            reference.feed([k + 1, k + 2])
+            reply = await _step(client, sid, 9)
+            assert reply.position == 3
+            assert_matches_reference(reply.prediction, reference.feed([9])[-1])
