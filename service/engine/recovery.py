@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from service.sessions.session_store import SessionStore
 
 log = logging.getLogger(__name__)
 
-_REPLAY_ROWS = 256  # sessions replayed per batched call
+_REPLAY_ROWS = 512  # sessions replayed per batched call
 
 
 @dataclass
@@ -40,6 +41,14 @@ class _Plan:
     session: Session
     fresh: bool  # no checkpoint: the base is a new session's zero state
     records: list[jr.JournalRecord] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    rows: list[Row] = field(default_factory=list)
+    ready: list[tuple[_Plan, int]] = field(default_factory=list)  # (plan, RNG draws)
+    consumed: list[int] = field(default_factory=list)  # per row, once computed
+    lost: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,16 @@ class Recovery:
         self._residency = residency
 
     async def run(self, records: Iterable[jr.JournalRecord]) -> RecoveryReport:
+        # Nothing else runs during recovery (the server is not serving yet): give the replay
+        # every core, then go back to the serving setting.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        try:
+            return await self._run(records)
+        finally:
+            torch.set_num_threads(threads)
+
+    async def _run(self, records: Iterable[jr.JournalRecord]) -> RecoveryReport:
         plans = self._plan(records)
         by_version: dict[tuple[str, int], list[_Plan]] = {}
         for plan in plans.values():
@@ -72,11 +91,19 @@ class Recovery:
                     self._lose(plan, f"its version {model}:{version} cannot be loaded: {exc}")
                 lost += len(group)
                 continue
+            # Pipelined: a batch computes on the runner's threads while the one before it is
+            # checkpointed on this one.
+            finishing: _Batch | None = None
             for start in range(0, len(group), _REPLAY_ROWS):
-                done, n_steps, n_lost = await self._replay(
-                    served, group[start : start + _REPLAY_ROWS]
-                )
-                replayed, steps, lost = replayed + done, steps + n_steps, lost + n_lost
+                batch = await self._prepare(served, group[start : start + _REPLAY_ROWS])
+                lost += batch.lost
+                compute = asyncio.ensure_future(self._compute(served, batch))
+                if finishing is not None:
+                    replayed, steps = self._finish(finishing, replayed, steps)
+                await compute
+                finishing = batch
+            if finishing is not None:
+                replayed, steps = self._finish(finishing, replayed, steps)
         return RecoveryReport(replayed, steps, lost)
 
     # ---- reading the journal -------------------------------------------------------------
@@ -111,21 +138,20 @@ class Recovery:
 
     # ---- replaying -----------------------------------------------------------------------
 
-    async def _replay(self, served: ServedVersion, plans: list[_Plan]) -> tuple[int, int, int]:
+    async def _prepare(self, served: ServedVersion, plans: list[_Plan]) -> _Batch:
+        """Slots for the sessions with steps to replay, their base state restored."""
         cfg = served.config
-        rows: list[Row] = []
-        ready: list[tuple[_Plan, int]] = []  # (plan, draws)
-        lost = 0
+        batch = _Batch()
         for plan in plans:
             session = plan.session
             if session.fingerprint != served.fingerprint:
                 self._lose(plan, "it was journaled for other weights")
-                lost += 1
+                batch.lost += 1
                 continue
             inputs, draws, problem = _inputs(plan, session.position, cfg.input_kind, cfg.input_dim)
             if problem is not None:
                 self._lose(plan, problem)
-                lost += 1
+                batch.lost += 1
                 continue
             if plan.fresh:
                 self._sessions.adopt(session)
@@ -140,17 +166,24 @@ class Recovery:
             if not plan.fresh:
                 served.pool.restore(slot, self._residency.tier.read(session.session_id).state)
             self._sessions.set_slot(session, slot)
-            rows.append(Row(slot=slot, inputs=inputs, top_k=1))
-            ready.append((plan, draws))
-        if rows:
-            output = await asyncio.to_thread(served.runner.execute, StepBatch(rows))
-            for (plan, draws), result in zip(ready, output.results, strict=True):
-                session = plan.session
-                self._sessions.advance(session, result.consumed)
-                session.rng.skip(draws)
-                self._sessions.touch(session)  # used until the crash: its idle clock restarts
-                self._residency.spill(session)  # the new checkpoint; the slot is free again
-        return len(ready), sum(r.consumed for r in output.results) if rows else 0, lost
+            batch.rows.append(Row(slot=slot, inputs=inputs, top_k=1))
+            batch.ready.append((plan, draws))
+        return batch
+
+    async def _compute(self, served: ServedVersion, batch: _Batch) -> None:
+        if batch.rows:
+            output = await asyncio.to_thread(served.runner.execute, StepBatch(batch.rows))
+            batch.consumed = [r.consumed for r in output.results]
+
+    def _finish(self, batch: _Batch, replayed: int, steps: int) -> tuple[int, int]:
+        """Count the replayed steps, skip the RNG draws, write each session's checkpoint."""
+        for (plan, draws), consumed in zip(batch.ready, batch.consumed, strict=True):
+            session = plan.session
+            self._sessions.advance(session, consumed)
+            session.rng.skip(draws)
+            self._sessions.touch(session)  # used until the crash: its idle clock restarts
+            self._residency.spill(session)  # the new checkpoint; the slot is free again
+        return replayed + len(batch.ready), steps + sum(batch.consumed)
 
     def _lose(self, plan: _Plan, why: str) -> None:
         session = plan.session
@@ -167,29 +200,24 @@ def _inputs(
 ) -> tuple[torch.Tensor | None, int, str | None]:
     """The session's inputs after `base`, as one chunk; the RNG draws they took; or why the
     records cannot be replayed (a gap: records were lost)."""
-    parts: list[np.ndarray] = []
+    parts: list[bytes] = []
     position, draws = base, 0
     for rec in plan.records:
-        n = (
-            rec.consumed
-            if rec.kind != jr.FRAMES
-            else (rec.frames.size // dim if rec.frames is not None else 0)
-        )
+        n = rec.n // dim if rec.kind == jr.FRAMES else rec.n
         if rec.position + n <= base:
             continue  # already in the checkpoint
         if rec.position != position:
             return None, 0, f"its journal has a gap at position {position} (records were lost)"
-        values = rec.frames if rec.kind == jr.FRAMES else rec.tokens
-        assert values is not None
-        parts.append(values)
+        parts.append(rec.data)
         position += n
         draws += rec.draws
     if not parts:
         return None, 0, None
-    flat = np.concatenate(parts)
     if kind == "tokens":
-        return torch.from_numpy(flat.astype(np.int64)), draws, None
-    return torch.from_numpy(flat.astype(np.float32)).view(-1, dim), draws, None
+        ids = np.frombuffer(b"".join(parts), dtype="<i4").astype(np.int64)
+        return torch.from_numpy(ids), draws, None
+    values = np.frombuffer(b"".join(parts), dtype="<f4").copy()
+    return torch.from_numpy(values).view(-1, dim), draws, None
 
 
 def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # type: ignore[type-arg]

@@ -23,8 +23,7 @@ import json
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,25 +38,32 @@ _INT32 = np.dtype("<i4")
 _FLOAT32 = np.dtype("<f4")
 
 
-@dataclass(frozen=True)
-class JournalRecord:
+class JournalRecord(NamedTuple):
+    """One decoded record. A tuple, not a dataclass: recovery decodes millions of them."""
+
     kind: int
     session_id: str
     position: int  # the session's position before this record
-    tokens: np.ndarray | None = None  # TOKENS: int32 ids; GENERATED: the one token
-    frames: np.ndarray | None = None  # FRAMES: flat float32 values
+    data: bytes = b""  # TOKENS, GENERATED: int32 ids; FRAMES: float32 values
+    n: int = 0  # values in `data`
     draws: int = 0  # GENERATED: uniform numbers its sampling took from the session's RNG
     meta: dict[str, Any] | None = None  # CREATE: the session's description
     why: str = ""  # END
 
     @property
+    def tokens(self) -> np.ndarray | None:
+        if self.kind not in (TOKENS, GENERATED):
+            return None
+        return np.frombuffer(self.data, dtype=_INT32)
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        return np.frombuffer(self.data, dtype=_FLOAT32) if self.kind == FRAMES else None
+
+    @property
     def consumed(self) -> int:
         """Inputs this record fed (frames count in values; the caller divides by the dim)."""
-        if self.kind == TOKENS and self.tokens is not None:
-            return int(self.tokens.shape[0])
-        if self.kind == GENERATED:
-            return 1
-        return 0
+        return self.n if self.kind in (TOKENS, GENERATED) else 0
 
 
 def _frame(body: bytes) -> bytes:
@@ -106,15 +112,40 @@ def decode_stream(data: bytes) -> Iterator[JournalRecord]:
 
 
 def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
+    """The record framed at `offset` and where the next begins, or (None, offset)."""
     length, crc = _FRAME.unpack_from(data, offset)
     start = offset + _FRAME.size
-    body = data[start : start + length]
-    if len(body) != length or length < _HEAD.size or zlib.crc32(body) != crc:
+    end = start + length
+    if length < _HEAD.size + _POSITION.size or end > len(data):
         return None, offset
+    if zlib.crc32(memoryview(data)[start:end]) != crc:
+        return None, offset
+    version, kind, sid_len = data[start], data[start + 1], data[start + 2]
+    if version != VERSION:  # a newer server's record: not ours to guess at
+        return None, offset
+    at = start + _HEAD.size
     try:
-        return _decode_body(body), start + length
+        session_id = data[at : at + sid_len].decode("ascii")
+        at += sid_len
+        (position,) = _POSITION.unpack_from(data, at)
+        at += _POSITION.size
+        if kind in (TOKENS, FRAMES):
+            (count,) = _COUNT.unpack_from(data, at)
+            at += _COUNT.size
+            if at + 4 * count != end:
+                return None, offset
+            return JournalRecord(kind, session_id, position, data[at:end], count), end
+        if kind == GENERATED:
+            _token, draws = _GENERATED.unpack_from(data, at)
+            return JournalRecord(kind, session_id, position, data[at : at + 4], 1, draws), end
+        if kind == CREATE:
+            meta = json.loads(data[at:end])
+            return JournalRecord(kind, session_id, position, meta=meta), end
+        if kind == END:
+            return JournalRecord(kind, session_id, position, why=data[at:end].decode()), end
     except (ValueError, UnicodeDecodeError, struct.error):
-        return None, offset
+        pass
+    return None, offset
 
 
 def _resync(data: bytes, offset: int) -> int:
@@ -125,34 +156,3 @@ def _resync(data: bytes, offset: int) -> int:
             return offset
         offset += 1
     return size
-
-
-def _decode_body(body: bytes) -> JournalRecord | None:
-    if len(body) < _HEAD.size:
-        return None
-    version, kind, sid_len = _HEAD.unpack_from(body, 0)
-    if version != VERSION:  # a newer server's record: not ours to guess at
-        return None
-    at = _HEAD.size
-    session_id = body[at : at + sid_len].decode("ascii")
-    at += sid_len
-    (position,) = _POSITION.unpack_from(body, at)
-    at += _POSITION.size
-    if kind in (TOKENS, FRAMES):
-        (count,) = _COUNT.unpack_from(body, at)
-        at += _COUNT.size
-        dtype = _INT32 if kind == TOKENS else _FLOAT32
-        values = np.frombuffer(body, dtype=dtype, count=count, offset=at).copy()
-        if kind == TOKENS:
-            return JournalRecord(kind, session_id, position, tokens=values)
-        return JournalRecord(kind, session_id, position, frames=values)
-    if kind == GENERATED:
-        token, draws = _GENERATED.unpack_from(body, at)
-        return JournalRecord(
-            kind, session_id, position, tokens=np.array([token], dtype=_INT32), draws=draws
-        )
-    if kind == CREATE:
-        return JournalRecord(kind, session_id, position, meta=json.loads(body[at:]))
-    if kind == END:
-        return JournalRecord(kind, session_id, position, why=body[at:].decode("utf-8"))
-    return None
