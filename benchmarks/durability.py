@@ -61,7 +61,7 @@ async def _load(
             warmup_seconds=1.0,
             seed=1,
             sessions=sessions,
-        )  # fmt: skip
+        )
     )
     p50 = report.step_latency.p50 * 1e3 if report.step_latency is not None else float("nan")
     return {"tokens_per_second": report.tokens_per_second, "p50_ms": p50}
@@ -108,8 +108,11 @@ async def main_async(args: argparse.Namespace, work: Path) -> int:
                 for mode, server in servers.items():
                     got = await _load(server, args.model, sessions, window)
                     rows.setdefault(f"{mode}/stream/{sessions}", []).append(got)
-                    print(f"{mode:14s} {sessions:3d} sessions: {got['tokens_per_second']:8,.0f} "
-                          f"tokens/s  p50 {got['p50_ms']:.3f} ms", file=sys.stderr, flush=True)  # fmt: skip
+                    line = (
+                        f"{mode:14s} {sessions:3d} sessions: {got['tokens_per_second']:8,.0f} "
+                        f"tokens/s  p50 {got['p50_ms']:.3f} ms"
+                    )
+                    print(line, file=sys.stderr, flush=True)
     finally:
         for server in servers.values():
             server.stop()
