@@ -95,6 +95,7 @@ def write_journal(state: Path, store: Path, model: str, sessions: int, steps: in
 
 
 async def main_async(args: argparse.Namespace, work: Path) -> int:
+    all_cpus = os.sched_getaffinity(0)
     server_cpus, client_cpus = split_cpus(no_pin=False)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
@@ -117,6 +118,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> int:
         for server in servers.values():
             server.stop()
 
+    os.sched_setaffinity(0, all_cpus)  # the recovering servers inherit every core
     n, steps = (1000, 100) if args.quick else (10_000, 100)
     empty, full = work / "empty-state", work / "full-state"
     written = time.perf_counter()
