@@ -108,7 +108,7 @@ class SessionLifecycle:
             self._sessions.check_capacity()
             slot = await self._residency.allocate(served)  # the source is leased: not evicted
             assert source.slot is not None
-            served.pool.restore(slot, served.pool.snapshot(source.slot))
+            self._residency.copy_state(served, source.slot, slot)
             child = Session(
                 session_id=new_session_id(),
                 model=source.model,
@@ -189,8 +189,7 @@ class SessionLifecycle:
             self._sessions.add(session)
         except SeqServeError:
             assert session.slot is not None
-            served.pool.free(session.slot)
-            self._residency.notify_idle()
+            self._residency.free_slot(served, session.slot)
             raise
         self._observer.on_session_event(event, session.model, str(session.version))
 

@@ -213,6 +213,15 @@ class SessionResidency:
             self.tier.delete(session.session_id)
         self._on_event("restored", session)
 
+    def copy_state(self, served: ServedVersion, source: int, target: int) -> None:
+        """A fork: `target`'s state becomes a copy of `source`'s."""
+        served.pool.restore(target, served.pool.snapshot(source))
+
+    def free_slot(self, served: ServedVersion, slot: int) -> None:
+        """Give back a slot no session holds (a creation that failed), and wake waiters."""
+        served.pool.free(slot)
+        self.notify_idle()
+
     def checkpoint_idle(self, min_idle_seconds: float) -> int:
         """Checkpoint sessions in memory idle this long with journaled steps: their journal
         records are released. Returns how many were written."""

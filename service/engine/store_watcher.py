@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from service.engine.served_versions import ServedVersions
 from service.errors import SeqServeError, VersionUnusable
 from service.registry.snapshot import ModelEntry
 
 log = logging.getLogger(__name__)
+
+WARM_RETRY_SECONDS = 60.0
 
 
 class StoreWatcher:
@@ -23,7 +26,9 @@ class StoreWatcher:
         self._store = versions.store
         self._rule = versions.rule
         self._defaults: dict[str, int] = {}  # what "" resolved to at the last poll
-        self._warm_failed: set[tuple[str, int]] = set()  # logged once, not every poll
+        # Preloads that failed, with when: retried after WARM_RETRY_SECONDS (the files may
+        # have been fixed), logged once until they succeed.
+        self._warm_failed: dict[tuple[str, int], float] = {}
         self._problems: dict[str, str] = {}  # what was last warned about, by subject
 
     async def poll(self) -> None:
@@ -78,10 +83,17 @@ class StoreWatcher:
 
     async def _warm(self, name: str, version: int) -> None:
         key = (name, version)
-        if self._versions.find(name, version) is not None or key in self._warm_failed:
+        if self._versions.find(name, version) is not None:
+            return
+        failed_at = self._warm_failed.get(key)
+        if failed_at is not None and time.monotonic() - failed_at < WARM_RETRY_SECONDS:
             return
         try:
             await self._versions.get(name, version)
         except SeqServeError as exc:
-            self._warm_failed.add(key)
-            log.warning("could not preload %s:%d: %s", name, version, exc.message)
+            if key not in self._warm_failed:
+                log.warning("could not preload %s:%d: %s", name, version, exc.message)
+            self._warm_failed[key] = time.monotonic()
+            return
+        if self._warm_failed.pop(key, None) is not None:
+            log.info("preloaded %s:%d after earlier failures", name, version)
