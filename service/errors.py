@@ -13,6 +13,9 @@ class SeqServeError(Exception):
     """Base class. `status` is the gRPC status code a client sees."""
 
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # A machine-readable reason and facts for a google.rpc.ErrorInfo detail on the status
+    # (clients read these, not the message text); None: no detail.
+    error_info: tuple[str, dict[str, str]] | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -100,6 +103,16 @@ class InvalidCheckpoint(InvalidArgument):
 
 
 # ---- sessions -------------------------------------------------------------------------------
+
+
+class PositionMismatch(FailedPrecondition):
+    """`expected_position` is not the session's position, nor that of a retry of its last
+    applied request. The ErrorInfo detail carries the session's position."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+        self.error_info = ("POSITION_MISMATCH", {"position": str(position)})
 
 
 class SessionNotFound(NotFound):

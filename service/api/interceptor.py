@@ -19,10 +19,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from service.errors import InvalidArgument, SeqServeError, Unavailable
 
 log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "seqserve.v1"  # ErrorInfo.domain of our error details
 
 RpcObserver = Callable[[str, str, float], None]  # (method, code name, seconds)
 
@@ -201,10 +205,32 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{what} (error id {error_id})"
 
 
+def rich_status(exc: BaseException) -> status_pb2.Status:
+    """`status_of(exc)` as a google.rpc.Status, with an ErrorInfo detail when the error has
+    one (for Stream's in-band errors, and the status details of a failed call)."""
+    code, message = status_of(exc)
+    status = status_pb2.Status(code=code.value[0], message=message)
+    info = exc.error_info if isinstance(exc, SeqServeError) else None
+    if info is not None:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.ErrorInfo(reason=info[0], domain=ERROR_DOMAIN, metadata=info[1])
+        )
+        status.details.append(detail)
+    return status
+
+
 async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
     """Turn `exc` into the RPC's status. Aborting raises AbortError."""
     if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
         return
     if isinstance(exc, NotImplementedError):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+    if isinstance(exc, SeqServeError) and exc.error_info is not None:
+        status = rich_status(exc)
+        await context.abort(
+            exc.status,
+            status.message,
+            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        )
     await context.abort(*status_of(exc))

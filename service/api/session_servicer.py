@@ -41,6 +41,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             default_sampling=convert.sampling_from_pb(request.default_sampling),
             prefix=convert.input_from_pb(request.prefix) if request.HasField("prefix") else None,
             options=convert.options_from_pb(request.options),
+            request_id=request.request_id,
         )
         response = pb.CreateSessionResponse(session=self._session_pb(session))
         if outcome is not None and not request.options.skip:
@@ -61,6 +62,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             request.session_id,
             ttl_seconds=convert.duration_seconds(request.ttl),
             seed=request.seed if request.HasField("seed") else None,
+            request_id=request.request_id,
         )
         return pb.ForkSessionResponse(session=self._session_pb(child))
 
@@ -69,6 +71,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             request.session_id,
             convert.input_from_pb(request.input),
             convert.options_from_pb(request.options),
+            expected_position=_expected(request),
+            request_id=request.request_id,
         )
         response = pb.StepResponse(
             session_id=request.session_id, request_id=request.request_id, position=outcome.position
@@ -83,6 +87,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             request.prompt if request.HasField("prompt") else None,
             request.sampling if request.HasField("sampling") else None,
             None,
+            _expected(request),
+            request.request_id,
         )
         async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
             async for token in stream:
@@ -109,7 +115,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             except SeqServeError as exc:
                 replies[k] = error_reply(item, exc)
                 continue
-            feeds.append(Feed(item.session_id, inp, convert.options_from_pb(item.options)))
+            options = convert.options_from_pb(item.options)
+            feeds.append(Feed(item.session_id, inp, options, _expected(item), item.request_id))
             accepted.append(k)
         outcomes = await self.engine.feed_many(feeds, line) if feeds else []
         for k, outcome in zip(accepted, outcomes, strict=True):
@@ -136,6 +143,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                 convert.input_from_pb(item.input),
                 convert.options_from_pb(item.options),
                 line,
+                expected_position=_expected(item),
+                request_id=item.request_id,
             )
             reply = pb.StreamReply(
                 session_id=item.session_id, request_id=item.request_id, position=outcome.position
@@ -145,7 +154,14 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             yield reply
             return
         prompt = item.input if item.HasField("input") else None
-        tokens = self._generate(item.session_id, prompt, item.generate.sampling, line)
+        tokens = self._generate(
+            item.session_id,
+            prompt,
+            item.generate.sampling,
+            line,
+            _expected(item),
+            item.request_id,
+        )
         async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
             async for token in stream:
                 yield pb.StreamReply(
@@ -155,7 +171,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                     token=convert.token_to_pb(token),
                 )
 
-    def _generate(self, session_id, prompt_pb, sampling_pb, line):  # type: ignore[no-untyped-def]
+    def _generate(self, session_id, prompt_pb, sampling_pb, line, expected, request_id):  # type: ignore[no-untyped-def]
         """The engine's token stream; sampling fields the request leaves unset fall back to
         the session's defaults."""
         sampling = None
@@ -163,7 +179,14 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             base = self.engine.get_session(session_id).default_sampling
             sampling = convert.sampling_from_pb(sampling_pb, base)
         prompt = convert.input_from_pb(prompt_pb) if prompt_pb is not None else None
-        return self.engine.generate(session_id, prompt, sampling, line)
+        return self.engine.generate(
+            session_id, prompt, sampling, line, expected_position=expected, request_id=request_id
+        )
+
+
+def _expected(request) -> int | None:  # type: ignore[no-untyped-def]
+    """A request's `expected_position`, None when unset."""
+    return request.expected_position if request.HasField("expected_position") else None
 
 
 def _fill_prediction(response, outcome: FeedOutcome) -> None:  # type: ignore[no-untyped-def]

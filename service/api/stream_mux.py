@@ -21,9 +21,7 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-from google.rpc import status_pb2
-
-from service.api.interceptor import check_message_size, status_of
+from service.api.interceptor import check_message_size, rich_status
 from service.engine.session_lease import Line
 from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -188,9 +186,6 @@ def _finished(unfinished: dict[str, int], session_id: str) -> None:
 
 
 def error_reply(item: pb.StreamItem, exc: BaseException) -> pb.StreamReply:
-    code, message = status_of(exc)
     return pb.StreamReply(
-        session_id=item.session_id,
-        request_id=item.request_id,
-        error=status_pb2.Status(code=code.value[0], message=message),
+        session_id=item.session_id, request_id=item.request_id, error=rich_status(exc)
     )

@@ -26,6 +26,8 @@ class Feed:
     session_id: str
     input: ModelInput
     options: PredictionOptions = PredictionOptions()
+    expected_position: int | None = None  # see StepRequest.expected_position
+    request_id: str = ""  # names the feed for a retry
 
 
 @dataclass

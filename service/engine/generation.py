@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service.models import ByteTokenizer
@@ -23,6 +23,15 @@ FINISH_STOP_STRING = "stop_string"
 FINISH_MAX_TOKENS = "max_tokens"
 
 
+@dataclass
+class GenerationLog:
+    """What a generation has applied so far: a retry sends these tokens again and continues."""
+
+    params: SamplingParams
+    tokens: list[GeneratedToken] = field(default_factory=list)
+    finished: bool = False
+
+
 @dataclass(frozen=True)
 class GeneratedToken:
     token_id: int
@@ -32,9 +41,16 @@ class GeneratedToken:
 
 
 class Generation:
-    def __init__(self, lease: Lease, sampling: SamplingParams, tokenizer: ByteTokenizer) -> None:
+    def __init__(
+        self,
+        lease: Lease,
+        sampling: SamplingParams,
+        tokenizer: ByteTokenizer,
+        log: GenerationLog | None = None,
+    ) -> None:
         self.lease = lease
         self.sampling = sampling
+        self.log = log if log is not None else GenerationLog(sampling)
         self.tokens: asyncio.Queue[GeneratedToken | BaseException] = asyncio.Queue()
         self.retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.cancelled = False
@@ -46,6 +62,13 @@ class Generation:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tail = ""  # recent text, long enough to spot any stop string
         self._tail_len = max((len(s) for s in sampling.stop_strings), default=0)
+        if self.log.tokens:  # a retry continues: count and stop-string window carry on
+            self.count = len(self.log.tokens)
+            self._tail = (
+                "".join(t.text for t in self.log.tokens)[-self._tail_len :]
+                if self._tail_len
+                else ""
+            )
 
     def row(self) -> Row:
         """This generation's row of the next step: sample from the last output, consume it."""
@@ -85,4 +108,7 @@ class Generation:
         if reason is not None:
             text += self._decoder.decode(b"", final=True)
             self.finished = True
-        return GeneratedToken(token, text, position, reason)
+        generated = GeneratedToken(token, text, position, reason)
+        self.log.tokens.append(generated)
+        self.log.finished = self.finished
+        return generated

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ from service.sessions.spill_tier import SpillTier
 __all__ = ["Feed", "FeedOutcome", "Line", "ModelInput", "PredictionOptions", "SessionEngine"]
 
 log = logging.getLogger(__name__)
+
+_REMEMBER_MADE = 100_000  # creations and forks remembered by request id
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class SessionEngine:
         self._background = background
         self.draining = False
         self._stopped = False
+        # Creations and forks by request id, so a retry returns what the first call made.
+        self._made: OrderedDict[tuple[str, str], tuple[Session, FeedOutcome | None]] = OrderedDict()
         self._loops: list[asyncio.Task[None]] = []
 
     # ---- start and stop ------------------------------------------------------------------
@@ -224,10 +229,14 @@ class SessionEngine:
         default_sampling: SamplingParams | None = None,
         prefix: ModelInput | None = None,
         options: PredictionOptions | None = None,
+        request_id: str = "",
     ) -> tuple[Session, FeedOutcome | None]:
         """A new session, and the outcome of feeding it `prefix` (validated before the
-        session exists)."""
+        session exists). A retry with the same `request_id` returns the first call's."""
         self._check_open()
+        made = self._made.get(("create", request_id)) if request_id else None
+        if made is not None:
+            return made
         ttl = self.lifecycle.ttl(ttl_seconds)
         served = await self.lifecycle.version_for_new_session(model, version)
         self._check_open()
@@ -236,10 +245,11 @@ class SessionEngine:
             served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling
         )
         if prefix_tensor is None:
-            return session, None
+            return self._remember_made("create", request_id, session, None)
         try:
             async with self.leases.hold(session.session_id) as lease:
-                return session, await self.feeder.run(lease, prefix_tensor, options)
+                outcome = await self.feeder.run(lease, prefix_tensor, options)
+                return self._remember_made("create", request_id, session, outcome)
         except BaseException:
             # A refused or cancelled create leaves no session behind (the client has no id).
             if not session.closed and not session.busy:
@@ -253,10 +263,27 @@ class SessionEngine:
         return await self.lifecycle.close(session_id)
 
     async def fork_session(
-        self, session_id: str, ttl_seconds: float | None = None, seed: int | None = None
+        self,
+        session_id: str,
+        ttl_seconds: float | None = None,
+        seed: int | None = None,
+        request_id: str = "",
     ) -> Session:
         self._check_open()
-        return await self.lifecycle.fork(session_id, ttl_seconds, seed)
+        made = self._made.get(("fork", request_id)) if request_id else None
+        if made is not None:
+            return made[0]
+        child = await self.lifecycle.fork(session_id, ttl_seconds, seed)
+        return self._remember_made("fork", request_id, child, None)[0]
+
+    def _remember_made(
+        self, kind: str, request_id: str, session: Session, outcome: FeedOutcome | None
+    ) -> tuple[Session, FeedOutcome | None]:
+        if request_id:
+            self._made[(kind, request_id)] = (session, outcome)
+            while len(self._made) > _REMEMBER_MADE:
+                self._made.popitem(last=False)
+        return session, outcome
 
     async def sweep_expired(self) -> int:
         """End sessions idle past their TTL, and checkpoint those idle with journaled steps."""
@@ -273,9 +300,13 @@ class SessionEngine:
         inp: ModelInput,
         options: PredictionOptions | None = None,
         line: Line | None = None,
+        *,
+        expected_position: int | None = None,
+        request_id: str = "",
     ) -> FeedOutcome:
         self._check_open()
-        return await self.feeder.feed(Feed(session_id, inp, options or PredictionOptions()), line)
+        feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
+        return await self.feeder.feed(feed, line)
 
     async def feed_many(
         self, feeds: Sequence[Feed], line: Line | None = None
@@ -292,10 +323,15 @@ class SessionEngine:
         prompt: ModelInput | None = None,
         sampling: SamplingParams | None = None,
         line: Line | None = None,
+        *,
+        expected_position: int | None = None,
+        request_id: str = "",
     ) -> AsyncIterator[GeneratedToken]:
         """Sample up to `max_tokens`, one token per step (see `SessionFeeder.generate`)."""
         self._check_open()
-        return self.feeder.generate(session_id, prompt, sampling, line)
+        return self.feeder.generate(
+            session_id, prompt, sampling, line, expected_position, request_id
+        )
 
     def _check_open(self) -> None:
         if self.draining:

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from torch import Tensor
 
 from service.engine.feed import Feed, FeedOutcome, PredictionOptions
-from service.engine.generation import GeneratedToken, Generation
+from service.engine.generation import GeneratedToken, Generation, GenerationLog
 from service.engine.model_input import ModelInput, to_tensor
 from service.engine.reply_size import reply_bytes
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.session_lease import Lease, Line, SessionLeases
 from service.engine.step_scheduler import RowGroup
-from service.errors import Internal, InvalidArgument, SeqServeError
+from service.errors import Internal, InvalidArgument, PositionMismatch, SeqServeError
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import Row, RowResult
 from service.settings import EngineSettings
@@ -49,7 +49,12 @@ class SessionFeeder:
         started = time.perf_counter()
         async with self._leases.hold(feed.session_id, line) as lease:
             served = lease.served
+            retried = _retried_feed(lease, feed)
+            if retried is not None:
+                return retried
+            before = lease.session.position
             outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
+            lease.remember(feed.request_id, before, outcome)
         self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
         return outcome
 
@@ -117,6 +122,11 @@ class SessionFeeder:
                 slow.append((i, lease))
                 continue
             try:
+                retried = _retried_feed(lease, feed)
+                if retried is not None:
+                    outcomes[i] = retried
+                    self._leases.release(lease)
+                    continue
                 row = self._row(lease, self.inputs(served, feed.input), feed.options)
             except SeqServeError as exc:
                 outcomes[i] = exc
@@ -153,13 +163,20 @@ class SessionFeeder:
                 elapsed = time.perf_counter() - started
                 for (i, lease, _), result in zip(items, results, strict=True):
                     try:
-                        outcomes[i] = _outcome(lease, result)
+                        outcome = _outcome(lease, result)
                     except BaseException as exc:
                         outcomes[i] = _as_error(exc)
                         continue
+                    outcomes[i] = outcome
+                    before = outcome.position - result.consumed  # type: ignore[union-attr]
+                    lease.remember(feeds[i].request_id, before, outcome)
                     self._observer.on_request(served.name, str(served.version), elapsed)
-            for (i, _), outcome in zip(slow, await slow_work, strict=True):
-                outcomes[i] = _as_error(outcome) if isinstance(outcome, BaseException) else outcome
+            for (i, _), slow_outcome in zip(slow, await slow_work, strict=True):
+                outcomes[i] = (
+                    _as_error(slow_outcome)
+                    if isinstance(slow_outcome, BaseException)
+                    else slow_outcome
+                )
         except asyncio.CancelledError:
             for _, _, group in groups:
                 group.withdraw()  # what has not gone into a step yet never will
@@ -178,7 +195,12 @@ class SessionFeeder:
         started = time.perf_counter()
         try:
             served = await self._leases.ready(lease)
+            retried = _retried_feed(lease, feed)
+            if retried is not None:
+                return retried
+            before = lease.session.position
             outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
+            lease.remember(feed.request_id, before, outcome)
         finally:
             self._leases.release(lease)
         self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
@@ -192,20 +214,37 @@ class SessionFeeder:
         prompt: ModelInput | None = None,
         sampling: SamplingParams | None = None,
         line: Line | None = None,
+        expected_position: int | None = None,
+        request_id: str = "",
     ) -> AsyncIterator[GeneratedToken]:
         """Sample up to `max_tokens`, one token per step; each token is consumed into the
-        session. Stopping early (cancel) leaves the session at its last completed step."""
+        session. Stopping early (cancel) leaves the session at its last completed step. A
+        retry of the session's last generation (same request id, the position before it)
+        sends the tokens it applied again, then continues it."""
         async with self._leases.hold(session_id, line) as lease:
             served = lease.served
             if served.tokenizer is None:
                 raise InvalidArgument(
                     f"model {served.name!r} takes feature frames; generation needs a token model"
                 )
-            params = sampling or lease.session.default_sampling
-            params.validate(served.config.output_dim, self._max_generate)
-            if prompt is not None:
-                await self.run(lease, self.inputs(served, prompt))
-            generation = Generation(lease, params, served.tokenizer)
+            retried = lease.precondition(expected_position, request_id)
+            if retried is not None:
+                log = retried.reply
+                if not isinstance(log, GenerationLog):
+                    raise _not_a_retry(lease, expected_position)
+                for token in list(log.tokens):
+                    yield token
+                if log.finished:
+                    return
+            else:
+                params = sampling or lease.session.default_sampling
+                params.validate(served.config.output_dim, self._max_generate)
+                before = lease.session.position
+                if prompt is not None:
+                    await self.run(lease, self.inputs(served, prompt))
+                log = GenerationLog(params)
+                lease.remember(request_id, before, log)
+            generation = Generation(lease, log.params, served.tokenizer, log)
             served.scheduler.start_generation(generation)
             lease.in_flight = generation.retired  # the lease outlives the last step
             try:
@@ -220,6 +259,26 @@ class SessionFeeder:
                         break
             finally:
                 generation.cancelled = True  # the scheduler retires it before the next step
+
+
+def _retried_feed(lease: Lease, feed: Feed) -> FeedOutcome | None:
+    """The original reply when `feed` retries the session's last request (nothing is applied
+    again); None when it applies; PositionMismatch when it does neither."""
+    applied = lease.precondition(feed.expected_position, feed.request_id)
+    if applied is None:
+        return None
+    if not isinstance(applied.reply, FeedOutcome):  # that id named a generation
+        raise _not_a_retry(lease, feed.expected_position)
+    return applied.reply
+
+
+def _not_a_retry(lease: Lease, expected: int | None) -> PositionMismatch:
+    position = lease.session.position
+    return PositionMismatch(
+        f"session {lease.session.session_id!r} is at position {position}, not {expected} "
+        "(its last request was of another kind)",
+        position,
+    )
 
 
 def _outcome(lease: Lease, result: RowResult | BaseException) -> FeedOutcome:

@@ -35,13 +35,14 @@ from service.errors import (
     Aborted,
     FailedPrecondition,
     NotFound,
+    PositionMismatch,
     SeqServeError,
     SessionClosed,
     VersionGone,
 )
 from service.runtime.step_batch import Row, RowResult
 from service.sessions import journal_record
-from service.sessions.session import Session
+from service.sessions.session import AppliedRequest, Session
 from service.sessions.session_store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,33 @@ class Lease:
         if values.ndim == 1:  # token ids
             return journal_record.tokens(session.session_id, session.position, values)
         return journal_record.frames(session.session_id, session.position, values)
+
+    def remember(self, request_id: str, position: int, reply: Any) -> None:
+        """Keep `reply` for a retry of request `request_id` (applied at `position`)."""
+        applied = AppliedRequest(request_id, position, reply) if request_id else None
+        self._store.remember(self.session, applied)
+
+    def precondition(self, expected: int | None, request_id: str) -> AppliedRequest | None:
+        """Check `expected` against the session's position: None, the request applies; the
+        session's last applied request, when this is a retry of it; else PositionMismatch."""
+        session = self.session
+        if expected is None or expected == session.position:
+            return None
+        last = session.last_request
+        if (
+            request_id
+            and last is not None
+            and (last.request_id, last.position)
+            == (
+                request_id,
+                expected,
+            )
+        ):
+            return last
+        raise PositionMismatch(
+            f"session {session.session_id!r} is at position {session.position}, not {expected}",
+            session.position,
+        )
 
     def advance(self, consumed: int, segment: int | None = None) -> int:
         """Count inputs the step consumed into the session's state (journaled in `segment`,

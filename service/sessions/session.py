@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from service.runtime.sampler import SamplingParams, SessionRng
 
@@ -11,6 +12,16 @@ from service.runtime.sampler import SamplingParams, SessionRng
 def new_session_id() -> str:
     """Unguessable: 128 random bits, URL-safe (and so safe as a file name in the spill tier)."""
     return "s_" + secrets.token_urlsafe(16)
+
+
+@dataclass
+class AppliedRequest:
+    """The last request applied to a session under a request id: a retry of it (same id, the
+    position before it) gets the same reply again and applies nothing."""
+
+    request_id: str
+    position: int  # the session's position before the request
+    reply: Any  # what answers the retry: a feed's outcome, a generation's log
 
 
 @dataclass(eq=False)  # identity semantics: two handles are the same session only if they are one
@@ -37,6 +48,7 @@ class Session:
     # the oldest of them (None when everything is in the checkpoint).
     unsaved_steps: int = 0
     journal_segment: int | None = None
+    last_request: AppliedRequest | None = None  # for exactly-once retries
 
     @property
     def spilled(self) -> bool:

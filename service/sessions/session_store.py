@@ -23,7 +23,7 @@ from service.errors import (
     SessionNotFound,
     SpillCorrupted,
 )
-from service.sessions.session import Session
+from service.sessions.session import AppliedRequest, Session
 
 _REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
 
@@ -141,6 +141,10 @@ class SessionStore:
     def checkpointed_steps_reset(self, session: Session) -> None:
         """A creation record pins the journal but is no step toward the checkpoint count."""
         session.unsaved_steps = 0
+
+    def remember(self, session: Session, applied: AppliedRequest | None) -> None:
+        """The request just applied (None: one without a request id, which no retry names)."""
+        session.last_request = applied
 
     def set_busy(self, session: Session, busy: bool) -> None:
         """Held by a lease (a request or generation runs on it), or free again."""

@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from service.pb.seqserve.v1 import types_pb2 as seqserve_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!seqserve/v1/session_service.proto\x12\x0bseqserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x17seqserve/v1/types.proto\"\x80\x02\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x10\x64\x65\x66\x61ult_sampling\x18\x05 \x01(\x0b\x32\x15.seqserve.v1.Sampling\x12\"\n\x06prefix\x18\x06 \x01(\x0b\x32\x12.seqserve.v1.Input\x12/\n\x07options\x18\x07 \x01(\x0b\x32\x1e.seqserve.v1.PredictionOptionsB\x07\n\x05_seed\"\x9a\x01\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\x12+\n\nprediction\x18\x02 \x01(\x0b\x32\x17.seqserve.v1.Prediction\x12-\n\x0cper_position\x18\x03 \x03(\x0b\x32\x17.seqserve.v1.Prediction\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\"l\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"<\n\x13\x46orkSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\"\x89\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.Input\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.seqserve.v1.PredictionOptions\"\xa4\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x03\x12+\n\nprediction\x18\x04 \x01(\x0b\x32\x17.seqserve.v1.Prediction\x12-\n\x0cper_position\x18\x05 \x03(\x0b\x32\x17.seqserve.v1.Prediction\"\xb5\x01\n\nStreamItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.Input\x12+\n\x08generate\x18\x04 \x01(\x0b\x32\x19.seqserve.v1.GenerateSpec\x12/\n\x07options\x18\x05 \x01(\x0b\x32\x1e.seqserve.v1.PredictionOptions\"7\n\rStreamRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.StreamItem\"\xf2\x01\n\x0bStreamReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x03\x12+\n\nprediction\x18\x04 \x01(\x0b\x32\x17.seqserve.v1.Prediction\x12-\n\x0cper_position\x18\x05 \x03(\x0b\x32\x17.seqserve.v1.Prediction\x12*\n\x05token\x18\x06 \x01(\x0b\x32\x1b.seqserve.v1.GeneratedToken\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\";\n\x0eStreamResponse\x12)\n\x07replies\x18\x01 \x03(\x0b\x32\x18.seqserve.v1.StreamReply\"r\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06prompt\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.Input\x12\'\n\x08sampling\x18\x03 \x01(\x0b\x32\x15.seqserve.v1.Sampling\"d\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12*\n\x05token\x18\x03 \x01(\x0b\x32\x1b.seqserve.v1.GeneratedToken2\xad\x04\n\x0eSessionService\x12V\n\rCreateSession\x12!.seqserve.v1.CreateSessionRequest\x1a\".seqserve.v1.CreateSessionResponse\x12M\n\nGetSession\x12\x1e.seqserve.v1.GetSessionRequest\x1a\x1f.seqserve.v1.GetSessionResponse\x12S\n\x0c\x43loseSession\x12 .seqserve.v1.CloseSessionRequest\x1a!.seqserve.v1.CloseSessionResponse\x12P\n\x0b\x46orkSession\x12\x1f.seqserve.v1.ForkSessionRequest\x1a .seqserve.v1.ForkSessionResponse\x12;\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse\x12\x45\n\x06Stream\x12\x1a.seqserve.v1.StreamRequest\x1a\x1b.seqserve.v1.StreamResponse(\x01\x30\x01\x12I\n\x08Generate\x12\x1c.seqserve.v1.GenerateRequest\x1a\x1d.seqserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!seqserve/v1/session_service.proto\x12\x0bseqserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x17seqserve/v1/types.proto\"\x94\x02\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x10\x64\x65\x66\x61ult_sampling\x18\x05 \x01(\x0b\x32\x15.seqserve.v1.Sampling\x12\"\n\x06prefix\x18\x06 \x01(\x0b\x32\x12.seqserve.v1.Input\x12/\n\x07options\x18\x07 \x01(\x0b\x32\x1e.seqserve.v1.PredictionOptions\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05_seed\"\x9a\x01\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\x12+\n\nprediction\x18\x02 \x01(\x0b\x32\x17.seqserve.v1.Prediction\x12-\n\x0cper_position\x18\x03 \x03(\x0b\x32\x17.seqserve.v1.Prediction\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\";\n\x12GetSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\"\x80\x01\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05_seed\"<\n\x13\x46orkSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.seqserve.v1.Session\"\xbf\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.Input\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.seqserve.v1.PredictionOptions\x12\x1e\n\x11\x65xpected_position\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_expected_position\"\xa4\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x03\x12+\n\nprediction\x18\x04 \x01(\x0b\x32\x17.seqserve.v1.Prediction\x12-\n\x0cper_position\x18\x05 \x03(\x0b\x32\x17.seqserve.v1.Prediction\"\xeb\x01\n\nStreamItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.seqserve.v1.Input\x12+\n\x08generate\x18\x04 \x01(\x0b\x32\x19.seqserve.v1.GenerateSpec\x12/\n\x07options\x18\x05 \x01(\x0b\x32\x1e.seqserve.v1.PredictionOptions\x12\x1e\n\x11\x65xpected_position\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_expected_position\"7\n\rStreamRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.StreamItem\"\xf2\x01\n\x0bStreamReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x03\x12+\n\nprediction\x18\x04 \x01(\x0b\x32\x17.seqserve.v1.Prediction\x12-\n\x0cper_position\x18\x05 \x03(\x0b\x32\x17.seqserve.v1.Prediction\x12*\n\x05token\x18\x06 \x01(\x0b\x32\x1b.seqserve.v1.GeneratedToken\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\";\n\x0eStreamResponse\x12)\n\x07replies\x18\x01 \x03(\x0b\x32\x18.seqserve.v1.StreamReply\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06prompt\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.Input\x12\'\n\x08sampling\x18\x03 \x01(\x0b\x32\x15.seqserve.v1.Sampling\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1e\n\x11\x65xpected_position\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_expected_position\"d\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12*\n\x05token\x18\x03 \x01(\x0b\x32\x1b.seqserve.v1.GeneratedToken2\xad\x04\n\x0eSessionService\x12V\n\rCreateSession\x12!.seqserve.v1.CreateSessionRequest\x1a\".seqserve.v1.CreateSessionResponse\x12M\n\nGetSession\x12\x1e.seqserve.v1.GetSessionRequest\x1a\x1f.seqserve.v1.GetSessionResponse\x12S\n\x0c\x43loseSession\x12 .seqserve.v1.CloseSessionRequest\x1a!.seqserve.v1.CloseSessionResponse\x12P\n\x0b\x46orkSession\x12\x1f.seqserve.v1.ForkSessionRequest\x1a .seqserve.v1.ForkSessionResponse\x12;\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse\x12\x45\n\x06Stream\x12\x1a.seqserve.v1.StreamRequest\x1a\x1b.seqserve.v1.StreamResponse(\x01\x30\x01\x12I\n\x08Generate\x12\x1c.seqserve.v1.GenerateRequest\x1a\x1d.seqserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,37 +35,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.v1.session_service
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATESESSIONREQUEST']._serialized_start=133
-  _globals['_CREATESESSIONREQUEST']._serialized_end=389
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=392
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=546
-  _globals['_GETSESSIONREQUEST']._serialized_start=548
-  _globals['_GETSESSIONREQUEST']._serialized_end=587
-  _globals['_GETSESSIONRESPONSE']._serialized_start=589
-  _globals['_GETSESSIONRESPONSE']._serialized_end=648
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=650
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=691
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=693
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=754
-  _globals['_FORKSESSIONREQUEST']._serialized_start=756
-  _globals['_FORKSESSIONREQUEST']._serialized_end=864
-  _globals['_FORKSESSIONRESPONSE']._serialized_start=866
-  _globals['_FORKSESSIONRESPONSE']._serialized_end=926
-  _globals['_STEPREQUEST']._serialized_start=929
-  _globals['_STEPREQUEST']._serialized_end=1066
-  _globals['_STEPRESPONSE']._serialized_start=1069
-  _globals['_STEPRESPONSE']._serialized_end=1233
-  _globals['_STREAMITEM']._serialized_start=1236
-  _globals['_STREAMITEM']._serialized_end=1417
-  _globals['_STREAMREQUEST']._serialized_start=1419
-  _globals['_STREAMREQUEST']._serialized_end=1474
-  _globals['_STREAMREPLY']._serialized_start=1477
-  _globals['_STREAMREPLY']._serialized_end=1719
-  _globals['_STREAMRESPONSE']._serialized_start=1721
-  _globals['_STREAMRESPONSE']._serialized_end=1780
-  _globals['_GENERATEREQUEST']._serialized_start=1782
-  _globals['_GENERATEREQUEST']._serialized_end=1896
-  _globals['_GENERATERESPONSE']._serialized_start=1898
-  _globals['_GENERATERESPONSE']._serialized_end=1998
-  _globals['_SESSIONSERVICE']._serialized_start=2001
-  _globals['_SESSIONSERVICE']._serialized_end=2558
+  _globals['_CREATESESSIONREQUEST']._serialized_end=409
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=412
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=566
+  _globals['_GETSESSIONREQUEST']._serialized_start=568
+  _globals['_GETSESSIONREQUEST']._serialized_end=607
+  _globals['_GETSESSIONRESPONSE']._serialized_start=609
+  _globals['_GETSESSIONRESPONSE']._serialized_end=668
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=670
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=711
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=713
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=774
+  _globals['_FORKSESSIONREQUEST']._serialized_start=777
+  _globals['_FORKSESSIONREQUEST']._serialized_end=905
+  _globals['_FORKSESSIONRESPONSE']._serialized_start=907
+  _globals['_FORKSESSIONRESPONSE']._serialized_end=967
+  _globals['_STEPREQUEST']._serialized_start=970
+  _globals['_STEPREQUEST']._serialized_end=1161
+  _globals['_STEPRESPONSE']._serialized_start=1164
+  _globals['_STEPRESPONSE']._serialized_end=1328
+  _globals['_STREAMITEM']._serialized_start=1331
+  _globals['_STREAMITEM']._serialized_end=1566
+  _globals['_STREAMREQUEST']._serialized_start=1568
+  _globals['_STREAMREQUEST']._serialized_end=1623
+  _globals['_STREAMREPLY']._serialized_start=1626
+  _globals['_STREAMREPLY']._serialized_end=1868
+  _globals['_STREAMRESPONSE']._serialized_start=1870
+  _globals['_STREAMRESPONSE']._serialized_end=1929
+  _globals['_GENERATEREQUEST']._serialized_start=1932
+  _globals['_GENERATEREQUEST']._serialized_end=2120
+  _globals['_GENERATERESPONSE']._serialized_start=2122
+  _globals['_GENERATERESPONSE']._serialized_end=2222
+  _globals['_SESSIONSERVICE']._serialized_start=2225
+  _globals['_SESSIONSERVICE']._serialized_end=2782
 # @@protoc_insertion_point(module_scope)

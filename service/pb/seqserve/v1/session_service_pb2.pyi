@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "version", "seed", "ttl", "default_sampling", "prefix", "options")
+    __slots__ = ("model", "version", "seed", "ttl", "default_sampling", "prefix", "options", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class CreateSessionRequest(_message.Message):
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     seed: int
@@ -27,7 +28,8 @@ class CreateSessionRequest(_message.Message):
     default_sampling: _types_pb2.Sampling
     prefix: _types_pb2.Input
     options: _types_pb2.PredictionOptions
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., seed: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_sampling: _Optional[_Union[_types_pb2.Sampling, _Mapping]] = ..., prefix: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.PredictionOptions, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., seed: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_sampling: _Optional[_Union[_types_pb2.Sampling, _Mapping]] = ..., prefix: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.PredictionOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session", "prediction", "per_position")
@@ -64,14 +66,16 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[_types_pb2.Session, _Mapping]] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
-    __slots__ = ("session_id", "ttl", "seed")
+    __slots__ = ("session_id", "ttl", "seed", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     ttl: _duration_pb2.Duration
     seed: int
-    def __init__(self, session_id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ForkSessionResponse(_message.Message):
     __slots__ = ("session",)
@@ -80,16 +84,18 @@ class ForkSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[_types_pb2.Session, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input", "options")
+    __slots__ = ("session_id", "request_id", "input", "options", "expected_position")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: str
     input: _types_pb2.Input
     options: _types_pb2.PredictionOptions
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., input: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.PredictionOptions, _Mapping]] = ...) -> None: ...
+    expected_position: int
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., input: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.PredictionOptions, _Mapping]] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("session_id", "request_id", "position", "prediction", "per_position")
@@ -106,18 +112,20 @@ class StepResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., position: _Optional[int] = ..., prediction: _Optional[_Union[_types_pb2.Prediction, _Mapping]] = ..., per_position: _Optional[_Iterable[_Union[_types_pb2.Prediction, _Mapping]]] = ...) -> None: ...
 
 class StreamItem(_message.Message):
-    __slots__ = ("session_id", "request_id", "input", "generate", "options")
+    __slots__ = ("session_id", "request_id", "input", "generate", "options", "expected_position")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: str
     input: _types_pb2.Input
     generate: _types_pb2.GenerateSpec
     options: _types_pb2.PredictionOptions
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., input: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., generate: _Optional[_Union[_types_pb2.GenerateSpec, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.PredictionOptions, _Mapping]] = ...) -> None: ...
+    expected_position: int
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., input: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., generate: _Optional[_Union[_types_pb2.GenerateSpec, _Mapping]] = ..., options: _Optional[_Union[_types_pb2.PredictionOptions, _Mapping]] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("items",)
@@ -150,14 +158,18 @@ class StreamResponse(_message.Message):
     def __init__(self, replies: _Optional[_Iterable[_Union[StreamReply, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "sampling")
+    __slots__ = ("session_id", "prompt", "sampling", "request_id", "expected_position")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: _types_pb2.Input
     sampling: _types_pb2.Sampling
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.Sampling, _Mapping]] = ...) -> None: ...
+    request_id: str
+    expected_position: int
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[_Union[_types_pb2.Input, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.Sampling, _Mapping]] = ..., request_id: _Optional[str] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("session_id", "position", "token")
