@@ -48,8 +48,8 @@ class Durability:
         assert self.journal is not None
         return self.journal.append(records)
 
-    def journaled(self, session: Session, segment: int) -> None:
-        if self._sessions.journaled(session, segment) and self.journal is not None:
+    def journaled(self, session: Session, segment: int, steps: int = 1) -> None:
+        if self._sessions.journaled(session, segment, steps) and self.journal is not None:
             self.journal.pin(segment)
 
     def checkpointed(self, session: Session) -> None:
@@ -77,8 +77,17 @@ class Durability:
             "default_sampling": dataclasses.asdict(session.default_sampling),
         }
         segment = self.journal.append([journal_record.create(session.session_id, meta)])
-        self.journaled(session, segment)
-        self._sessions.checkpointed_steps_reset(session)
+        self.journaled(session, segment, steps=0)  # pins the journal; no step yet
+
+    def generation_started(
+        self, session: Session, request_id: str, sampling: dict[str, object]
+    ) -> None:
+        if self.journal is None or not request_id:
+            return
+        record = journal_record.generation_start(
+            session.session_id, session.position, request_id, sampling
+        )
+        self.journaled(session, self.journal.append([record]), steps=0)
 
     def ended(self, session: Session, why: str) -> None:
         """Journal that the session ended, so recovery does not bring it back."""

@@ -40,6 +40,59 @@ class GeneratedToken:
     finish_reason: str | None  # set on the last token
 
 
+class TokenText:
+    """A generation's tokens as text, and when it ends (stop token, stop string, max_tokens),
+    recorded in its log. Needs no session: recovery rebuilds a journaled generation's log with
+    it."""
+
+    def __init__(
+        self, sampling: SamplingParams, tokenizer: ByteTokenizer, log: GenerationLog
+    ) -> None:
+        self.sampling = sampling
+        self.log = log
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._tail_len = max((len(s) for s in sampling.stop_strings), default=0)
+        self._tail = ""  # recent text, long enough to spot any stop string
+        if log.tokens and self._tail_len:  # a retry continues: the stop-string window too
+            self._tail = "".join(t.text for t in log.tokens)[-self._tail_len :]
+
+    def add(self, token: int, position: int) -> GeneratedToken:
+        """Record one token the session consumed (reaching `position`)."""
+        text = (
+            self._decoder.decode(bytes([token]))
+            if self._tokenizer.name == "bytes"
+            else (self._tokenizer.decode([token]))
+        )
+        reason: str | None = None
+        if token in self.sampling.stop_token_ids:
+            reason = FINISH_STOP_TOKEN
+        elif self._tail_len:
+            self._tail = (self._tail + text)[-(self._tail_len + len(text)) :]
+            if any(s in self._tail for s in self.sampling.stop_strings):
+                reason = FINISH_STOP_STRING
+        if reason is None and len(self.log.tokens) + 1 >= self.sampling.max_tokens:
+            reason = FINISH_MAX_TOKENS
+        if reason is not None:
+            text += self._decoder.decode(b"", final=True)
+        generated = GeneratedToken(token, text, position, reason)
+        self.log.tokens.append(generated)
+        self.log.finished = reason is not None
+        return generated
+
+
+def rebuilt_log(
+    sampling: SamplingParams, tokenizer: ByteTokenizer, tokens: list[int], first_position: int
+) -> GenerationLog:
+    """The log of a generation whose tokens were journaled, the first reaching
+    `first_position`."""
+    log = GenerationLog(sampling)
+    text = TokenText(sampling, tokenizer, log)
+    for i, token in enumerate(tokens):
+        text.add(token, first_position + i)
+    return log
+
+
 class Generation:
     def __init__(
         self,
@@ -54,21 +107,13 @@ class Generation:
         self.tokens: asyncio.Queue[GeneratedToken | BaseException] = asyncio.Queue()
         self.retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.cancelled = False
-        self.finished = False
-        self.count = 0
         self.started_at = time.perf_counter()
         self.last_token_at: float | None = None
-        self._tokenizer = tokenizer
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._tail = ""  # recent text, long enough to spot any stop string
-        self._tail_len = max((len(s) for s in sampling.stop_strings), default=0)
-        if self.log.tokens:  # a retry continues: count and stop-string window carry on
-            self.count = len(self.log.tokens)
-            self._tail = (
-                "".join(t.text for t in self.log.tokens)[-self._tail_len :]
-                if self._tail_len
-                else ""
-            )
+        self._text = TokenText(sampling, tokenizer, self.log)
+
+    @property
+    def finished(self) -> bool:
+        return self.log.finished
 
     def row(self) -> Row:
         """This generation's row of the next step: sample from the last output, consume it."""
@@ -89,26 +134,4 @@ class Generation:
     def advance(self, token: int, consumed: int, segment: int | None = None) -> GeneratedToken:
         """Record one sampled token the step consumed into the state (journaled in `segment`);
         decide whether the generation ends with it."""
-        position = self.lease.advance(consumed, segment)
-        self.count += 1
-        text = (
-            self._decoder.decode(bytes([token]))
-            if self._tokenizer.name == "bytes"
-            else (self._tokenizer.decode([token]))
-        )
-        reason: str | None = None
-        if token in self.sampling.stop_token_ids:
-            reason = FINISH_STOP_TOKEN
-        elif self._tail_len:
-            self._tail = (self._tail + text)[-(self._tail_len + len(text)) :]
-            if any(s in self._tail for s in self.sampling.stop_strings):
-                reason = FINISH_STOP_STRING
-        if reason is None and self.count >= self.sampling.max_tokens:
-            reason = FINISH_MAX_TOKENS
-        if reason is not None:
-            text += self._decoder.decode(b"", final=True)
-            self.finished = True
-        generated = GeneratedToken(token, text, position, reason)
-        self.log.tokens.append(generated)
-        self.log.finished = self.finished
-        return generated
+        return self._text.add(token, self.lease.advance(consumed, segment))

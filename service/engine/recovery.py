@@ -17,18 +17,22 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from service.engine.feed import FeedOutcome
+from service.engine.generation import rebuilt_log
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError
+from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams, SessionRng
-from service.runtime.step_batch import Row, StepBatch
+from service.runtime.step_batch import Row, RowResult, StepBatch
 from service.sessions import journal_record as jr
-from service.sessions.session import Session
+from service.sessions.session import AppliedRequest, Session
 from service.sessions.session_store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -45,10 +49,30 @@ class _Plan:
 
 @dataclass
 class _Batch:
-    rows: list[Row] = field(default_factory=list)
-    ready: list[tuple[_Plan, int]] = field(default_factory=list)  # (plan, RNG draws)
-    consumed: list[int] = field(default_factory=list)  # per row, once computed
+    rows: list[Row] = field(default_factory=list)  # everything but the last feeds
+    last_rows: list[Row] = field(default_factory=list)  # the last feeds, with their options
+    # (plan, replay, index in rows, index in last_rows)
+    ready: list[tuple[_Plan, _Replay, int | None, int | None]] = field(default_factory=list)
+    results: list[RowResult] = field(default_factory=list)
+    last_results: list[RowResult] = field(default_factory=list)
+    tokenizer: ByteTokenizer | None = None
     lost: int = 0
+
+    def add(self, slot: int, plan: _Plan, replay: _Replay) -> None:
+        before, last = replay.split()
+        first = None
+        if before is not None:
+            first = len(self.rows)
+            self.rows.append(Row(slot=slot, inputs=before, top_k=1))
+        index = None
+        if last is not None:
+            assert replay.last is not None
+            index = len(self.last_rows)
+            top_k, per_position = replay.last[3], replay.last[4]
+            self.last_rows.append(
+                Row(slot=slot, inputs=last, top_k=top_k, per_position=per_position)
+            )
+        self.ready.append((plan, replay, first, index))
 
 
 @dataclass(frozen=True)
@@ -148,15 +172,15 @@ class Recovery:
                 self._lose(plan, "it was journaled for other weights")
                 batch.lost += 1
                 continue
-            inputs, draws, problem = _inputs(plan, session.position, cfg.input_kind, cfg.input_dim)
-            if problem is not None:
-                self._lose(plan, problem)
+            replay = _replay_of(plan, session.position, cfg.input_kind, cfg.input_dim)
+            if replay.problem is not None:
+                self._lose(plan, replay.problem)
                 batch.lost += 1
                 continue
             if plan.fresh:
                 self._sessions.adopt(session)
                 self._versions.pin(session.model, session.version)
-            if inputs is None:  # nothing after its base: a fresh session never fed
+            if replay.empty:  # nothing after its base: a fresh session never fed
                 if plan.fresh:
                     slot = await self._residency.allocate(served)
                     self._sessions.set_slot(session, slot)
@@ -166,24 +190,35 @@ class Recovery:
             if not plan.fresh:
                 served.pool.restore(slot, self._residency.tier.read(session.session_id).state)
             self._sessions.set_slot(session, slot)
-            batch.rows.append(Row(slot=slot, inputs=inputs, top_k=1))
-            batch.ready.append((plan, draws))
+            batch.add(slot, plan, replay)
         return batch
 
     async def _compute(self, served: ServedVersion, batch: _Batch) -> None:
-        if batch.rows:
-            output = await asyncio.to_thread(served.runner.execute, StepBatch(batch.rows))
-            batch.consumed = [r.consumed for r in output.results]
+        def run() -> None:  # the last requests' rows after the rest: they need the state before
+            if batch.rows:
+                batch.results = served.runner.execute(StepBatch(batch.rows)).results
+            if batch.last_rows:
+                batch.last_results = served.runner.execute(StepBatch(batch.last_rows)).results
+
+        await asyncio.to_thread(run)
+        batch.tokenizer = served.tokenizer
 
     def _finish(self, batch: _Batch, replayed: int, steps: int) -> tuple[int, int]:
-        """Count the replayed steps, skip the RNG draws, write each session's checkpoint."""
-        for (plan, draws), consumed in zip(batch.ready, batch.consumed, strict=True):
+        """Count the replayed steps, skip the RNG draws, rebuild each session's last request,
+        write its checkpoint."""
+        total = 0
+        for plan, replay, first, last in batch.ready:
             session = plan.session
+            consumed = batch.results[first].consumed if first is not None else 0
+            result = batch.last_results[last] if last is not None else None
+            consumed += result.consumed if result is not None else 0
             self._sessions.advance(session, consumed)
-            session.rng.skip(draws)
+            total += consumed
+            session.rng.skip(replay.draws)
+            self._sessions.remember(session, replay.applied(session, result, batch.tokenizer))
             self._sessions.touch(session)  # used until the crash: its idle clock restarts
             self._residency.spill(session)  # the new checkpoint; the slot is free again
-        return replayed + len(batch.ready), steps + sum(batch.consumed)
+        return replayed + len(batch.ready), steps + total
 
     def _lose(self, plan: _Plan, why: str) -> None:
         session = plan.session
@@ -195,29 +230,94 @@ class Recovery:
         self._sessions.mark_broken(session.session_id, why)
 
 
-def _inputs(
-    plan: _Plan, base: int, kind: str, dim: int
-) -> tuple[torch.Tensor | None, int, str | None]:
-    """The session's inputs after `base`, as one chunk; the RNG draws they took; or why the
-    records cannot be replayed (a gap: records were lost)."""
-    parts: list[bytes] = []
-    position, draws = base, 0
+@dataclass
+class _Replay:
+    """What to replay for one session: its inputs after its base, the last request (rebuilt
+    for exactly-once retries) split off when it was a feed."""
+
+    kind: str
+    dim: int
+    parts: list[bytes] = field(default_factory=list)
+    draws: int = 0
+    problem: str | None = None
+    # The last request after the base: ("feed", id, position, top_k, per_position, part index)
+    # or ("generate", id, position, sampling, [tokens], first token's position); None when the
+    # last one had no id; absent (the checkpoint's stands) when there were no records.
+    last: tuple[Any, ...] | None = None
+    seen_request: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.parts
+
+    def tensor(self, parts: list[bytes]) -> torch.Tensor | None:
+        if not parts:
+            return None
+        if self.kind == "tokens":
+            return torch.from_numpy(np.frombuffer(b"".join(parts), dtype="<i4").astype(np.int64))
+        values = np.frombuffer(b"".join(parts), dtype="<f4").copy()
+        return torch.from_numpy(values).view(-1, self.dim)
+
+    def split(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the inputs before the last request, the last request's) when it was a feed."""
+        if self.last is not None and self.last[0] == "feed":
+            at = self.last[5]
+            return self.tensor(self.parts[:at]), self.tensor(self.parts[at:])
+        return self.tensor(self.parts), None
+
+    def applied(
+        self, session: Session, result: RowResult | None, tokenizer: ByteTokenizer | None
+    ) -> AppliedRequest | None:
+        if not self.seen_request:  # no records after the checkpoint: its own stands
+            return session.last_request
+        if self.last is None:
+            return None
+        if self.last[0] == "feed":
+            assert result is not None and result.prediction is not None
+            outcome = FeedOutcome(
+                session, session.position, result.prediction, result.per_position, tokenizer
+            )
+            return AppliedRequest(self.last[1], self.last[2], outcome)
+        _, request_id, position, sampling, tokens, first = self.last
+        if tokenizer is None:
+            return None
+        params = SamplingParams.from_dict(sampling)
+        return AppliedRequest(request_id, position, rebuilt_log(params, tokenizer, tokens, first))
+
+
+def _replay_of(plan: _Plan, base: int, kind: str, dim: int) -> _Replay:
+    """The session's records after `base`, checked for gaps (records were lost)."""
+    replay = _Replay(kind, dim)
+    position = base
     for rec in plan.records:
+        if rec.kind == jr.GEN_START:
+            if rec.position >= base:
+                replay.seen_request = True
+                replay.last = ("generate", rec.request_id, rec.position, rec.meta or {}, [], None)
+            continue
         n = rec.n // dim if rec.kind == jr.FRAMES else rec.n
         if rec.position + n <= base:
             continue  # already in the checkpoint
         if rec.position != position:
-            return None, 0, f"its journal has a gap at position {position} (records were lost)"
-        parts.append(rec.data)
+            replay.problem = f"its journal has a gap at position {position} (records were lost)"
+            return replay
+        replay.seen_request = True
+        last = replay.last
+        generating = last is not None and last[0] == "generate" and last[1] == rec.request_id
+        if rec.kind == jr.GENERATED:
+            if generating and last is not None:
+                last[4].append(int(np.frombuffer(rec.data, dtype="<i4")[0]))
+                if last[5] is None:
+                    replay.last = (*last[:5], rec.position + 1)
+            else:
+                replay.last = None
+        elif not (generating and last is not None and not last[4]):  # not a generation's prompt
+            feed = ("feed", rec.request_id, rec.position, rec.top_k, rec.per_position)
+            replay.last = (*feed, len(replay.parts)) if rec.request_id else None
+        replay.parts.append(rec.data)
         position += n
-        draws += rec.draws
-    if not parts:
-        return None, 0, None
-    if kind == "tokens":
-        ids = np.frombuffer(b"".join(parts), dtype="<i4").astype(np.int64)
-        return torch.from_numpy(ids), draws, None
-    values = np.frombuffer(b"".join(parts), dtype="<f4").copy()
-    return torch.from_numpy(values).view(-1, dim), draws, None
+        replay.draws += rec.draws
+    return replay
 
 
 def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # type: ignore[type-arg]
@@ -229,9 +329,7 @@ def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  #
         fingerprint=meta["fingerprint"],
         slot=None,
         rng=SessionRng.seeded(int(meta["seed"])),
-        default_sampling=SamplingParams(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in sampling.items()}  # type: ignore[arg-type]
-        ),
+        default_sampling=SamplingParams.from_dict(sampling),
         ttl_seconds=float(meta["ttl_seconds"]),
         created_at=float(meta["created_at"]),
         last_used=clock_now,

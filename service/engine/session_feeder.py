@@ -10,6 +10,7 @@ load, or waiting their turn in a line) take the full path beside them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -53,6 +54,7 @@ class SessionFeeder:
             if retried is not None:
                 return retried
             before = lease.session.position
+            lease.request_id = feed.request_id
             outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
             lease.remember(feed.request_id, before, outcome)
         self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
@@ -128,6 +130,7 @@ class SessionFeeder:
                     self._leases.release(lease)
                     continue
                 row = self._row(lease, self.inputs(served, feed.input), feed.options)
+                lease.request_id = feed.request_id
             except SeqServeError as exc:
                 outcomes[i] = exc
                 self._leases.release(lease)
@@ -199,6 +202,7 @@ class SessionFeeder:
             if retried is not None:
                 return retried
             before = lease.session.position
+            lease.request_id = feed.request_id
             outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
             lease.remember(feed.request_id, before, outcome)
         finally:
@@ -228,6 +232,7 @@ class SessionFeeder:
                     f"model {served.name!r} takes feature frames; generation needs a token model"
                 )
             retried = lease.precondition(expected_position, request_id)
+            lease.request_id = request_id
             if retried is not None:
                 log = retried.reply
                 if not isinstance(log, GenerationLog):
@@ -240,8 +245,10 @@ class SessionFeeder:
                 params = sampling or lease.session.default_sampling
                 params.validate(served.config.output_dim, self._max_generate)
                 before = lease.session.position
-                if prompt is not None:
-                    await self.run(lease, self.inputs(served, prompt))
+                prompt_inputs = self.inputs(served, prompt) if prompt is not None else None
+                lease.journal_generation(request_id, dataclasses.asdict(params))
+                if prompt_inputs is not None:
+                    await self.run(lease, prompt_inputs)
                 log = GenerationLog(params)
                 lease.remember(request_id, before, log)
             generation = Generation(lease, log.params, served.tokenizer, log)
@@ -269,6 +276,8 @@ def _retried_feed(lease: Lease, feed: Feed) -> FeedOutcome | None:
         return None
     if not isinstance(applied.reply, FeedOutcome):  # that id named a generation
         raise _not_a_retry(lease, feed.expected_position)
+    if applied.reply.tokenizer is None:  # read back from a checkpoint
+        applied.reply.tokenizer = lease.served.tokenizer
     return applied.reply
 
 

@@ -55,7 +55,8 @@ class Line:
 
 class Lease:
     __slots__ = (
-        "_durability", "_store", "_turn", "granted", "in_flight", "line", "session", "version",
+        "_durability", "_store", "_turn", "granted", "in_flight", "line", "request_id",
+        "session", "version",
     )  # fmt: skip
 
     def __init__(
@@ -69,6 +70,7 @@ class Lease:
         self.in_flight: asyncio.Future[Any] | None = None
         self._store = store
         self._durability = durability
+        self.request_id = ""  # the request running on it, named in its journal records
         self._turn: asyncio.Future[None] | None = None  # resolved when a waiting lease's turn comes
 
     @property
@@ -83,12 +85,19 @@ class Lease:
             assert result.token is not None and row.sampling is not None
             draws = 0 if row.sampling.temperature == 0.0 else 1
             return journal_record.generated(
-                session.session_id, session.position, result.token, draws
+                session.session_id, session.position, result.token, draws, self.request_id
             )
         values = row.inputs.detach().cpu().numpy()
-        if values.ndim == 1:  # token ids
-            return journal_record.tokens(session.session_id, session.position, values)
-        return journal_record.frames(session.session_id, session.position, values)
+        encode = journal_record.tokens if values.ndim == 1 else journal_record.frames
+        return encode(
+            session.session_id, session.position, values, self.request_id, row.top_k,
+            row.per_position,
+        )  # fmt: skip
+
+    def journal_generation(self, request_id: str, sampling: dict[str, Any]) -> None:
+        """Journal that a generation starts here (its own write), so a retry after a restart
+        can continue it. Raises JournalUnavailable; nothing is applied then."""
+        self._durability.generation_started(self.session, request_id, sampling)
 
     def remember(self, request_id: str, position: int, reply: Any) -> None:
         """Keep `reply` for a retry of request `request_id` (applied at `position`)."""

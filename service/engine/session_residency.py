@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from service.engine.applied_request import from_record, to_record
 from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
@@ -85,6 +86,7 @@ class SessionResidency:
                 self.sessions.remove(session, "expired")
                 continue
             self.sessions.adopt(session)
+            self.sessions.remember(session, from_record(header.last_request, session))
             self.versions.pin(session.model, session.version)
             adopted += 1
         return adopted
@@ -280,6 +282,7 @@ class SessionResidency:
             last_used_wall=self.sessions.last_used_wall(session),
             rng_state=session.rng.get_state(),
             default_sampling=session.default_sampling,
+            last_request=to_record(session.last_request),
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
             has_cell_state=cfg.has_cell_state,

@@ -7,6 +7,7 @@ generates the same tokens whether it runs alone or batched with others.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,11 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     max_tokens: int = 16
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:
+        """From `dataclasses.asdict` output read back from JSON (lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})  # type: ignore[arg-type]
 
     def validate(self, vocab_size: int, max_tokens_cap: int) -> None:
         if not (self.temperature >= 0.0 and self.temperature <= 100.0):

@@ -5,16 +5,21 @@ A record is framed as
     length   4 bytes, unsigned little-endian: the body's length
     crc32    4 bytes, unsigned little-endian: zlib.crc32 of the body
     body     version (1 byte), kind (1 byte), session id (1-byte length, ASCII),
-             the session's position before the record (8 bytes), then the kind's payload:
-             TOKENS     count (4 bytes), int32 ids
-             FRAMES     count (4 bytes), float32 values
+             the session's position before the record (8 bytes),
+             [version 2] the request id that applied it (1-byte length, UTF-8),
+             then the kind's payload:
+             TOKENS     [v2: top_k (2 bytes), per_position (1 byte)] count (4 bytes), int32 ids
+             FRAMES     [v2: top_k (2 bytes), per_position (1 byte)] count (4), float32 values
              GENERATED  the sampled token (int32), the RNG draws it took (1 byte)
+             GEN_START  JSON (the rest of the body): the generation's sampling
              CREATE     JSON (the rest of the body): model, version, seed, sampling, ...
              END        why (the rest of the body, UTF-8): "closed", "expired"
 
-No pickle. A record that fails its checksum or is cut short is never applied; `decode_stream`
-stops there (the rest of that segment was written after a failure or torn by a crash). The
-version byte lets a newer server read an older server's records.
+Version 2 adds the request id and a feed's prediction options, so recovery can rebuild the
+reply to a session's last request for an exactly-once retry. This server writes version 2 and
+reads both (tests/sessions/fixtures holds version 1 records). No pickle. A record that fails
+its checksum is never applied: reading resumes at the next whole record; a torn last record is
+the end of its segment.
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-VERSION = 1
-TOKENS, FRAMES, GENERATED, CREATE, END = 1, 2, 3, 4, 5
+VERSION = 2  # what this server writes
+READABLE = (1, 2)
+TOKENS, FRAMES, GENERATED, CREATE, END, GEN_START = 1, 2, 3, 4, 5, 6
+MAX_REQUEST_ID = 255  # bytes of a request id a record can carry
 _FRAME = struct.Struct("<II")
 _HEAD = struct.Struct("<BBB")  # version, kind, session id length
 _POSITION = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
+_OPTIONS = struct.Struct("<HB")  # top_k, per_position
 _GENERATED = struct.Struct("<iB")
 _INT32 = np.dtype("<i4")
 _FLOAT32 = np.dtype("<f4")
@@ -47,8 +55,11 @@ class JournalRecord(NamedTuple):
     data: bytes = b""  # TOKENS, GENERATED: int32 ids; FRAMES: float32 values
     n: int = 0  # values in `data`
     draws: int = 0  # GENERATED: uniform numbers its sampling took from the session's RNG
-    meta: dict[str, Any] | None = None  # CREATE: the session's description
+    meta: dict[str, Any] | None = None  # CREATE: the session; GEN_START: the sampling
     why: str = ""  # END
+    request_id: str = ""  # the request that applied it ("" in version 1)
+    top_k: int = 0  # TOKENS, FRAMES: the feed's prediction options (version 2)
+    per_position: bool = False
 
     @property
     def tokens(self) -> np.ndarray | None:
@@ -70,23 +81,55 @@ def _frame(body: bytes) -> bytes:
     return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
-def _head(kind: int, session_id: str, position: int) -> bytes:
+def _head(kind: int, session_id: str, position: int, request_id: str = "") -> bytes:
     sid = session_id.encode("ascii")
-    return _HEAD.pack(VERSION, kind, len(sid)) + sid + _POSITION.pack(position)
+    rid = request_id.encode("utf-8")[:MAX_REQUEST_ID]
+    return (
+        _HEAD.pack(VERSION, kind, len(sid)) + sid + _POSITION.pack(position)
+        + bytes([len(rid)]) + rid
+    )  # fmt: skip
 
 
-def tokens(session_id: str, position: int, ids: np.ndarray) -> bytes:
+def tokens(
+    session_id: str,
+    position: int,
+    ids: np.ndarray,
+    request_id: str = "",
+    top_k: int = 0,
+    per_position: bool = False,
+) -> bytes:
     data = np.ascontiguousarray(ids, dtype=_INT32)
-    return _frame(_head(TOKENS, session_id, position) + _COUNT.pack(data.size) + data.tobytes())
+    options = _OPTIONS.pack(min(top_k, 0xFFFF), per_position)
+    head = _head(TOKENS, session_id, position, request_id)
+    return _frame(head + options + _COUNT.pack(data.size) + data.tobytes())
 
 
-def frames(session_id: str, position: int, values: np.ndarray) -> bytes:
+def frames(
+    session_id: str,
+    position: int,
+    values: np.ndarray,
+    request_id: str = "",
+    top_k: int = 0,
+    per_position: bool = False,
+) -> bytes:
     data = np.ascontiguousarray(values, dtype=_FLOAT32).reshape(-1)
-    return _frame(_head(FRAMES, session_id, position) + _COUNT.pack(data.size) + data.tobytes())
+    options = _OPTIONS.pack(min(top_k, 0xFFFF), per_position)
+    head = _head(FRAMES, session_id, position, request_id)
+    return _frame(head + options + _COUNT.pack(data.size) + data.tobytes())
 
 
-def generated(session_id: str, position: int, token: int, draws: int) -> bytes:
-    return _frame(_head(GENERATED, session_id, position) + _GENERATED.pack(token, draws))
+def generated(
+    session_id: str, position: int, token: int, draws: int, request_id: str = ""
+) -> bytes:
+    head = _head(GENERATED, session_id, position, request_id)
+    return _frame(head + _GENERATED.pack(token, draws))
+
+
+def generation_start(
+    session_id: str, position: int, request_id: str, sampling: dict[str, Any]
+) -> bytes:
+    head = _head(GEN_START, session_id, position, request_id)
+    return _frame(head + json.dumps(sampling).encode("utf-8"))
 
 
 def create(session_id: str, meta: dict[str, Any]) -> bytes:
@@ -103,25 +146,25 @@ def decode_stream(data: bytes) -> Iterator[JournalRecord]:
     show a gap, which recovery refuses with DATA_LOSS); a torn last record is simply the end."""
     offset, size = 0, len(data)
     while offset + _FRAME.size <= size:
-        record, end = _frame_at(data, offset)
+        record, end_at = _frame_at(data, offset)
         if record is None:
             offset = _resync(data, offset + 1)
             continue
         yield record
-        offset = end
+        offset = end_at
 
 
 def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
     """The record framed at `offset` and where the next begins, or (None, offset)."""
     length, crc = _FRAME.unpack_from(data, offset)
     start = offset + _FRAME.size
-    end = start + length
-    if length < _HEAD.size + _POSITION.size or end > len(data):
+    end_at = start + length
+    if length < _HEAD.size + _POSITION.size or end_at > len(data):
         return None, offset
-    if zlib.crc32(memoryview(data)[start:end]) != crc:
+    if zlib.crc32(memoryview(data)[start:end_at]) != crc:
         return None, offset
     version, kind, sid_len = data[start], data[start + 1], data[start + 2]
-    if version != VERSION:  # a newer server's record: not ours to guess at
+    if version not in READABLE:  # a newer server's record: not ours to guess at
         return None, offset
     at = start + _HEAD.size
     try:
@@ -129,21 +172,40 @@ def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
         at += sid_len
         (position,) = _POSITION.unpack_from(data, at)
         at += _POSITION.size
+        request_id = ""
+        if version >= 2:
+            rid_len = data[at]
+            request_id = data[at + 1 : at + 1 + rid_len].decode("utf-8")
+            at += 1 + rid_len
         if kind in (TOKENS, FRAMES):
+            top_k, per_position = 0, False
+            if version >= 2:
+                top_k, flag = _OPTIONS.unpack_from(data, at)
+                per_position = bool(flag)
+                at += _OPTIONS.size
             (count,) = _COUNT.unpack_from(data, at)
             at += _COUNT.size
-            if at + 4 * count != end:
+            if at + 4 * count != end_at:
                 return None, offset
-            return JournalRecord(kind, session_id, position, data[at:end], count), end
+            record = JournalRecord(
+                kind, session_id, position, data[at:end_at], count,
+                request_id=request_id, top_k=top_k, per_position=per_position,
+            )  # fmt: skip
+            return record, end_at
         if kind == GENERATED:
             _token, draws = _GENERATED.unpack_from(data, at)
-            return JournalRecord(kind, session_id, position, data[at : at + 4], 1, draws), end
-        if kind == CREATE:
-            meta = json.loads(data[at:end])
-            return JournalRecord(kind, session_id, position, meta=meta), end
+            token = data[at : at + 4]
+            return JournalRecord(
+                kind, session_id, position, token, 1, draws, request_id=request_id
+            ), end_at
+        if kind in (CREATE, GEN_START):
+            meta = json.loads(data[at:end_at])
+            return JournalRecord(
+                kind, session_id, position, meta=meta, request_id=request_id
+            ), end_at
         if kind == END:
-            return JournalRecord(kind, session_id, position, why=data[at:end].decode()), end
-    except (ValueError, UnicodeDecodeError, struct.error):
+            return JournalRecord(kind, session_id, position, why=data[at:end_at].decode()), end_at
+    except (ValueError, UnicodeDecodeError, struct.error, IndexError):
         pass
     return None, offset
 

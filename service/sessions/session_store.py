@@ -123,10 +123,11 @@ class SessionStore:
         session.position += consumed
         return session.position
 
-    def journaled(self, session: Session, segment: int) -> bool:
-        """One more step of the session is in the journal (in `segment`); True when it is the
-        first since its checkpoint (the caller pins the segment)."""
-        session.unsaved_steps += 1
+    def journaled(self, session: Session, segment: int, steps: int = 1) -> bool:
+        """A record of the session is in the journal (in `segment`), counting `steps` toward
+        its checkpoint; True when it is its first since its checkpoint (the caller pins the
+        segment)."""
+        session.unsaved_steps += steps
         if session.journal_segment is None:
             session.journal_segment = segment
             return True
@@ -137,10 +138,6 @@ class SessionStore:
         segment, session.journal_segment = session.journal_segment, None
         session.unsaved_steps = 0
         return segment
-
-    def checkpointed_steps_reset(self, session: Session) -> None:
-        """A creation record pins the journal but is no step toward the checkpoint count."""
-        session.unsaved_steps = 0
 
     def remember(self, session: Session, applied: AppliedRequest | None) -> None:
         """The request just applied (None: one without a request id, which no retry names)."""

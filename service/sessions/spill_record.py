@@ -52,6 +52,9 @@ class SpillHeader(BaseModel):
     last_used_wall: float  # wall clock of its last use: the TTL runs on across a restart
     rng_state: dict[str, Any]  # numpy PCG64 bit-generator state
     default_sampling: SamplingParams  # as its dataclass fields, in JSON
+    # The last request applied under a request id, and its reply (exactly-once retries);
+    # absent in records of servers before it.
+    last_request: dict[str, Any] | None = None
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
     has_cell_state: bool

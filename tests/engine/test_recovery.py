@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.session_engine import SessionEngine
+from service.engine.session_engine import PredictionOptions, SessionEngine
 from service.errors import DataLoss, SessionClosed
 from service.runtime.sampler import SamplingParams
+from service.sessions import journal_record as jr
 
 from .conftest import EngineFactory, close, frames, toks
 
@@ -104,7 +105,8 @@ async def test_a_session_whose_records_are_damaged_is_refused_with_data_loss(
     journal = spill / "journal"
     (segment,) = sorted(journal.iterdir())
     data = bytearray(segment.read_bytes())
-    at = data.find(b"\x01\x01\x18" + hurt.session_id.encode() + (1).to_bytes(8, "little"))
+    head = bytes([jr.VERSION, jr.TOKENS, len(hurt.session_id)])
+    at = data.find(head + hurt.session_id.encode() + (1).to_bytes(8, "little"))
     assert at > 0, "hurt's record at position 1"
     data[at + 40] ^= 0xFF  # inside that record: its checksum fails
     segment.write_bytes(bytes(data))
@@ -114,3 +116,54 @@ async def test_a_session_whose_records_are_damaged_is_refused_with_data_loss(
         await second.feed(hurt.session_id, toks(9))
     assert hurt.session_id in err.value.message and "gap" in err.value.message
     assert (await second.feed(fine.session_id, toks(9))).position == 4
+
+
+@pytest.mark.parametrize(
+    "checkpoint_steps", [1000, 1], ids=["from-the-journal", "from-a-checkpoint"]
+)
+async def test_a_retry_after_a_crash_gets_the_original_reply(
+    make_engine: EngineFactory, tmp_path: Path, checkpoint_steps: int
+) -> None:
+    """The reply to a session's last request is rebuilt by replay (or read from the checkpoint
+    written after it): a retry after the restart gets it and applies nothing; a retried
+    generation sends its tokens again and continues with the same random stream."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=checkpoint_steps)
+    roomy = await make_engine(durability="shutdown")
+    fed, _ = await first.create_session("tok")
+    await first.feed(fed.session_id, toks(1, 2))
+    original = await first.feed(
+        fed.session_id, toks(3, 4, 5), PredictionOptions(top_k=7, per_position=True),
+        expected_position=2, request_id="r1",
+    )  # fmt: skip
+    gen, _ = await first.create_session("tok", seed=5)
+    twin, _ = await roomy.create_session("tok", seed=5)
+    sampling = SamplingParams(temperature=1.0, max_tokens=9)
+    stream = first.generate(gen.session_id, toks(8), sampling, expected_position=0, request_id="g")
+    early = [await anext(stream) for _ in range(3)]
+    await stream.aclose()
+    await crash(first)
+
+    second = await make_engine(spill_dir=spill, checkpoint_steps=checkpoint_steps)
+    retried = await second.feed(
+        fed.session_id, toks(3, 4, 5), PredictionOptions(top_k=7, per_position=True),
+        expected_position=2, request_id="r1",
+    )  # fmt: skip
+    assert retried.position == original.position == 5
+    assert second.get_session(fed.session_id).position == 5  # nothing applied again
+    assert close(retried.prediction, original.prediction)
+    assert len(retried.per_position) == 3
+    assert all(
+        close(a, b) for a, b in zip(retried.per_position, original.per_position, strict=True)
+    )
+
+    again = [
+        t
+        async for t in second.generate(
+            gen.session_id, toks(8), sampling, expected_position=0, request_id="g"
+        )
+    ]
+    assert [t.token_id for t in again[:3]] == [t.token_id for t in early]
+    want = [t.token_id async for t in roomy.generate(twin.session_id, toks(8), sampling)]
+    assert [t.token_id for t in again] == want
+    assert [t.position for t in again] == list(range(2, 11))

@@ -1,0 +1,57 @@
+"""A session's last applied request (for exactly-once retries) as JSON, so it survives in the
+session's checkpoint: the feed's reply, or the generation's log."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from service.engine.feed import FeedOutcome
+from service.engine.generation import GeneratedToken, GenerationLog
+from service.runtime.sampler import SamplingParams
+from service.runtime.step_batch import Prediction
+from service.sessions.session import AppliedRequest, Session
+
+
+def to_record(applied: AppliedRequest | None) -> dict[str, Any] | None:
+    if applied is None:
+        return None
+    record: dict[str, Any] = {"request_id": applied.request_id, "position": applied.position}
+    reply = applied.reply
+    if isinstance(reply, FeedOutcome):
+        record["feed"] = {
+            "position": reply.position,
+            "prediction": dataclasses.asdict(reply.prediction),
+            "per_position": [dataclasses.asdict(p) for p in reply.per_position],
+        }
+    elif isinstance(reply, GenerationLog):
+        record["generation"] = {
+            "sampling": dataclasses.asdict(reply.params),
+            "tokens": [[t.token_id, t.text, t.position, t.finish_reason] for t in reply.tokens],
+            "finished": reply.finished,
+        }
+    return record
+
+
+def from_record(record: dict[str, Any] | None, session: Session) -> AppliedRequest | None:
+    if not record:
+        return None
+    reply: FeedOutcome | GenerationLog | None = None
+    if "feed" in record:
+        feed = record["feed"]
+        reply = FeedOutcome(
+            session,
+            int(feed["position"]),
+            Prediction(**feed["prediction"]),
+            [Prediction(**p) for p in feed["per_position"]],
+        )  # its tokenizer is set when it is sent again
+    elif "generation" in record:
+        gen = record["generation"]
+        reply = GenerationLog(
+            SamplingParams.from_dict(gen["sampling"]),
+            [GeneratedToken(int(i), str(t), int(p), r) for i, t, p, r in gen["tokens"]],
+            bool(gen["finished"]),
+        )
+    if reply is None:
+        return None
+    return AppliedRequest(str(record["request_id"]), int(record["position"]), reply)
