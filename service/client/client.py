@@ -8,12 +8,25 @@
         await session.close()
 
 Errors arrive as `grpc.aio.AioRpcError` carrying the server's status code and message.
+
+Exactly once across crashes: every feed, generation, creation and fork carries a request id,
+and feeds and generations the position the session is expected at. When the server is
+unreachable (UNAVAILABLE: restarting, draining, its disk refusing writes) the client retries
+the same request with the same id and position, within its `RetryPolicy`; the server applies
+it if it had not, or answers with the original reply if it had (a generation resends the
+tokens it applied and goes on; the client yields each token once). So an app that calls
+`session.feed(...)` across a server crash and restart sees each input applied exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -23,6 +36,33 @@ from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep retrying a request the server could not take (UNAVAILABLE)."""
+
+    deadline_seconds: float = 30.0  # give up (re-raise) after this long
+    first_backoff_seconds: float = 0.05
+    max_backoff_seconds: float = 1.0
+
+    async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self.deadline_seconds
+        backoff = self.first_backoff_seconds
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.max_backoff_seconds)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -95,8 +135,15 @@ def piece_from_pb(token: types.GeneratedToken, position: int) -> GeneratedPiece:
 
 
 class SeqServeClient:
-    def __init__(self, target: str, *, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.target = target
+        self.retry = retry or RetryPolicy()
         self.channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -125,14 +172,14 @@ class SeqServeClient:
         ttl_seconds: float | None = None,
         sampling: types.Sampling | None = None,
     ) -> ClientSession:
-        request = pb.CreateSessionRequest(model=model, version=version)
+        request = pb.CreateSessionRequest(model=model, version=version, request_id=new_request_id())
         if seed is not None:
             request.seed = seed
         if ttl_seconds is not None:
             request.ttl.CopyFrom(_duration(ttl_seconds))
         if sampling is not None:
             request.default_sampling.CopyFrom(sampling)
-        response = await self.sessions.CreateSession(request)
+        response = await self.retry.run(lambda: self.sessions.CreateSession(request))
         return ClientSession(self, response.session)
 
     async def attach(self, session_id: str) -> ClientSession:
@@ -149,6 +196,9 @@ class ClientSession:
         self.client = client
         self.info = info
         self.session_id = info.session_id
+        # What the server has applied, as far as we know; None after a generation we stopped
+        # reading early (the server may have applied a token more): asked again before use.
+        self.position: int | None = info.position
 
     async def feed(
         self,
@@ -158,14 +208,19 @@ class ClientSession:
         *,
         top_k: int = 0,
     ) -> TokenPrediction:
-        """Feed one chunk; returns the prediction after its last input."""
-        response = await self.client.sessions.Step(
-            pb.StepRequest(
-                session_id=self.session_id,
-                input=make_input(text, tokens, frames),
-                options=types.PredictionOptions(top_k=top_k),
-            )
+        """Feed one chunk; returns the prediction after its last input. Applied exactly once,
+        across retries (see the module docstring)."""
+        if self.position is None:
+            await self.refresh()
+        request = pb.StepRequest(
+            session_id=self.session_id,
+            request_id=new_request_id(),
+            input=make_input(text, tokens, frames),
+            options=types.PredictionOptions(top_k=top_k),
+            expected_position=self.position,
         )
+        response = await self.client.retry.run(lambda: self.client.sessions.Step(request))
+        self.position = response.position
         return prediction_from_pb(response.prediction)
 
     async def generate(
@@ -179,25 +234,53 @@ class ClientSession:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[GeneratedPiece]:
-        """Unset arguments fall back to the session's default sampling, then the server's."""
+        """Unset arguments fall back to the session's default sampling, then the server's.
+        Retried like `feed`: a token is yielded once, however often the server resends it."""
+        if self.position is None:
+            await self.refresh()
         request = pb.GenerateRequest(
             session_id=self.session_id,
+            request_id=new_request_id(),
             sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop, stop_token_ids),
+            expected_position=self.position,
         )
         if prompt is not None:
             request.prompt.CopyFrom(make_input(text=prompt))
-        call = self.client.sessions.Generate(request)
+        policy = self.client.retry
+        deadline = time.monotonic() + policy.deadline_seconds
+        backoff = policy.first_backoff_seconds
+        yielded = 0
+        done = False
         try:
-            async for response in call:
-                yield piece_from_pb(response.token, response.position)
+            while True:
+                call = self.client.sessions.Generate(request)
+                seen = 0
+                try:
+                    async for response in call:
+                        seen += 1
+                        if seen <= yielded:  # sent again by a retry: already ours
+                            continue
+                        yielded += 1
+                        self.position = response.position
+                        yield piece_from_pb(response.token, response.position)
+                    done = True
+                    return
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                finally:
+                    call.cancel()
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, policy.max_backoff_seconds)
         finally:
-            call.cancel()
+            if not done:  # stopped early: the server may have applied a token more
+                self.position = None
 
     async def fork(self, *, seed: int | None = None) -> ClientSession:
-        request = pb.ForkSessionRequest(session_id=self.session_id)
+        request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
         if seed is not None:
             request.seed = seed
-        response = await self.client.sessions.ForkSession(request)
+        response = await self.client.retry.run(lambda: self.client.sessions.ForkSession(request))
         return ClientSession(self.client, response.session)
 
     async def refresh(self) -> types.Session:
@@ -205,6 +288,7 @@ class ClientSession:
             pb.GetSessionRequest(session_id=self.session_id)
         )
         self.info = response.session
+        self.position = response.session.position
         return self.info
 
     async def close(self) -> None:

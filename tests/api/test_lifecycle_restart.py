@@ -35,13 +35,13 @@ pytestmark = pytest.mark.integration
 class ServerProcess:
     """`python -m service.cli.main serve` on port 0; the port comes back through --port-file."""
 
-    def __init__(self, store: Path, spill: Path, work: Path, slots: int = 3) -> None:
+    def __init__(self, store: Path, spill: Path, work: Path, slots: int = 3, port: int = 0) -> None:
         self.port_file = work / "port.json"
         self.log = work / "server.log"
         self.slots = slots
         self.args = [
             sys.executable, "-m", "service.cli.main", "serve",
-            "--port", "0", "--metrics-port", "-1", "--store", str(store),
+            "--port", str(port), "--metrics-port", "-1", "--store", str(store),
             "--spill-dir", str(spill), "--port-file", str(self.port_file),
             "--pool-bytes", str(slots * SLOT_BYTES), "--ttl", "3600",
         ]  # fmt: skip
