@@ -27,7 +27,7 @@ from service.engine.generation import rebuilt_log
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import SeqServeError
+from service.errors import SeqServeError, SessionLost, SpillMismatch, VersionGone
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.runtime.step_batch import Row, RowResult, StepBatch
@@ -111,8 +111,9 @@ class Recovery:
             try:
                 served = await self._versions.get(model, version)
             except SeqServeError as exc:
+                why = f"its version {model}:{version} cannot be loaded: {exc.message}"
                 for plan in group:
-                    self._lose(plan, f"its version {model}:{version} cannot be loaded: {exc}")
+                    self._lose(plan, why, VersionGone)
                 lost += len(group)
                 continue
             # Pipelined: a batch computes on the runner's threads while the one before it is
@@ -169,7 +170,12 @@ class Recovery:
         for plan in plans:
             session = plan.session
             if session.fingerprint != served.fingerprint:
-                self._lose(plan, "it was journaled for other weights")
+                self._lose(
+                    plan,
+                    f"it was journaled for weights {session.fingerprint}, but {model_of(served)} "
+                    f"now has {served.fingerprint}",
+                    SpillMismatch,
+                )
                 batch.lost += 1
                 continue
             replay = _replay_of(plan, session.position, cfg.input_kind, cfg.input_dim)
@@ -220,14 +226,14 @@ class Recovery:
             self._residency.spill(session)  # the new checkpoint; the slot is free again
         return replayed + len(batch.ready), steps + total
 
-    def _lose(self, plan: _Plan, why: str) -> None:
+    def _lose(self, plan: _Plan, why: str, error: type[SeqServeError] = SessionLost) -> None:
         session = plan.session
         log.error("session %s cannot be recovered: %s", session.session_id, why)
         if self._sessions.contains(session.session_id):
             self._residency.discard(session)
             self._sessions.remove(session, "lost")
             self._versions.unpin(session.model, session.version)
-        self._sessions.mark_broken(session.session_id, why)
+        self._sessions.mark_broken(session.session_id, why, error)
 
 
 @dataclass
@@ -336,3 +342,7 @@ def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  #
         seed=int(meta["seed"]),
         parent_session_id=meta.get("parent_session_id", ""),
     )
+
+
+def model_of(served: ServedVersion) -> str:
+    return f"{served.name}:{served.version}"

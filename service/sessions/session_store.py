@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
 from service.errors import (
+    SeqServeError,
     SessionClosed,
     SessionExpired,
     SessionLimit,
@@ -41,7 +42,8 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, Session] = OrderedDict()  # in memory, LRU first
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
-        self._broken: dict[str, str] = {}  # session id → why its records could not be used
+        # session id → why its records could not be used, and the error a request gets
+        self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
         self._ended_order: deque[str] = deque()
 
     def __len__(self) -> int:
@@ -87,22 +89,28 @@ class SessionStore:
                 raise SessionClosed(f"session {session_id!r} was closed")
             broken = self._broken.get(session_id)
             if broken is not None:
-                raise SpillCorrupted(
-                    f"session {session_id!r} cannot be resumed: its spill record was refused "
-                    f"({broken})"
-                )
+                why, error = broken
+                if error is SpillCorrupted:
+                    raise SpillCorrupted(
+                        f"session {session_id!r} cannot be resumed: its records were refused "
+                        f"({why})"
+                    )
+                raise error(f"session {session_id!r} cannot be resumed: {why}")
             raise SessionNotFound(f"session {session_id!r} not found")
         if self.is_expired(session):
             raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
         return session
 
-    def mark_broken(self, session_id: str, why: str) -> None:
-        """Remember a session whose records exist but could not be used (DATA_LOSS)."""
-        self._broken[session_id] = why
+    def mark_broken(
+        self, session_id: str, why: str, error: type[SeqServeError] = SpillCorrupted
+    ) -> None:
+        """Remember a session whose records exist but could not be used: damaged or lost
+        (DATA_LOSS, the default), or intact but for other weights (FAILED_PRECONDITION)."""
+        self._broken[session_id] = (why, error)
 
     @property
     def broken(self) -> dict[str, str]:
-        return dict(self._broken)
+        return {sid: why for sid, (why, _) in self._broken.items()}
 
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()

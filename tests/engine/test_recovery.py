@@ -6,16 +6,18 @@ real server is in tests/api/test_crash.py.)"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from service.engine.session_engine import PredictionOptions, SessionEngine
-from service.errors import DataLoss, SessionClosed
+from service.errors import DataLoss, FailedPrecondition, SessionClosed, SpillMismatch
+from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
 from service.sessions import journal_record as jr
 
-from .conftest import EngineFactory, close, frames, toks
+from .conftest import TOK, EngineFactory, close, frames, publish, toks
 
 
 async def crash(engine: SessionEngine) -> None:
@@ -167,3 +169,26 @@ async def test_a_retry_after_a_crash_gets_the_original_reply(
     want = [t.token_id async for t in roomy.generate(twin.session_id, toks(8), sampling)]
     assert [t.token_id for t in again] == want
     assert [t.position for t in again] == list(range(2, 11))
+
+
+async def test_a_session_journaled_for_weights_replaced_since_is_failed_precondition(
+    make_engine: EngineFactory, store_root: Path, tmp_path: Path
+) -> None:
+    """Its records are intact, but tok/1 was rewritten in place with other weights while the
+    server was down: FAILED_PRECONDITION naming both fingerprints, as for a spill record."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    session, _ = await first.create_session("tok", "1")
+    await first.feed(session.session_id, toks(1, 2))
+    await crash(first)
+    store = ModelStore(store_root)
+    publish(store, "tok", TOK, seed=77)
+    shutil.rmtree(store_root / "tok" / "1")
+    (store_root / "tok" / "2").rename(store_root / "tok" / "1")
+    manifest = store_root / "tok" / "1" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    second = await make_engine(spill_dir=spill)
+    with pytest.raises(SpillMismatch) as err:
+        await second.feed(session.session_id, toks(3))
+    assert isinstance(err.value, FailedPrecondition)
+    assert session.fingerprint in err.value.message
