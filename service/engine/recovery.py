@@ -341,6 +341,7 @@ def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  #
         last_used=clock_now,
         seed=int(meta["seed"]),
         parent_session_id=meta.get("parent_session_id", ""),
+        made_by=meta.get("made_by", ""),
     )
 
 

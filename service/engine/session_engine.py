@@ -47,7 +47,7 @@ __all__ = ["Feed", "FeedOutcome", "Line", "ModelInput", "PredictionOptions", "Se
 
 log = logging.getLogger(__name__)
 
-_REMEMBER_MADE = 100_000  # creations and forks remembered by request id
+_REMEMBER_OUTCOMES = 10_000  # prefix outcomes of creations kept for retries
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,9 @@ class SessionEngine:
         self._background = background
         self.draining = False
         self._stopped = False
-        # Creations and forks by request id, so a retry returns what the first call made.
-        self._made: OrderedDict[tuple[str, str], tuple[Session, FeedOutcome | None]] = OrderedDict()
+        # The prefix outcome of creations by request id, for a retry's reply (the session
+        # itself is found through SessionStore.made, which survives a restart).
+        self._prefix_outcomes: OrderedDict[str, FeedOutcome] = OrderedDict()
         self._loops: list[asyncio.Task[None]] = []
 
     # ---- start and stop ------------------------------------------------------------------
@@ -234,27 +235,32 @@ class SessionEngine:
         """A new session, and the outcome of feeding it `prefix` (validated before the
         session exists). A retry with the same `request_id` returns the first call's."""
         self._check_open()
-        made = self._made.get(("create", request_id)) if request_id else None
-        if made is not None:
-            return made
+        made = self.sessions.made(f"create:{request_id}") if request_id else None
+        if made is not None:  # a retry: what the first call made (and its prefix's outcome)
+            return made, self._prefix_outcomes.get(made.session_id)
         ttl = self.lifecycle.ttl(ttl_seconds)
         served = await self.lifecycle.version_for_new_session(model, version)
         self._check_open()
         prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
         session = await self.lifecycle.create(
-            served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling
-        )
+            served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
+            request_id=request_id,
+        )  # fmt: skip
         if prefix_tensor is None:
-            return self._remember_made("create", request_id, session, None)
+            return session, None
         try:
             async with self.leases.hold(session.session_id) as lease:
                 outcome = await self.feeder.run(lease, prefix_tensor, options)
-                return self._remember_made("create", request_id, session, outcome)
         except BaseException:
             # A refused or cancelled create leaves no session behind (the client has no id).
             if not session.closed and not session.busy:
                 self.lifecycle.end(session, "closed")
             raise
+        if request_id:  # for a retry (kept in memory: after a restart it gets the session)
+            self._prefix_outcomes[session.session_id] = outcome
+            while len(self._prefix_outcomes) > _REMEMBER_OUTCOMES:
+                self._prefix_outcomes.popitem(last=False)
+        return session, outcome
 
     def get_session(self, session_id: str) -> Session:
         return self.sessions.get(session_id)
@@ -270,20 +276,10 @@ class SessionEngine:
         request_id: str = "",
     ) -> Session:
         self._check_open()
-        made = self._made.get(("fork", request_id)) if request_id else None
-        if made is not None:
-            return made[0]
-        child = await self.lifecycle.fork(session_id, ttl_seconds, seed)
-        return self._remember_made("fork", request_id, child, None)[0]
-
-    def _remember_made(
-        self, kind: str, request_id: str, session: Session, outcome: FeedOutcome | None
-    ) -> tuple[Session, FeedOutcome | None]:
-        if request_id:
-            self._made[(kind, request_id)] = (session, outcome)
-            while len(self._made) > _REMEMBER_MADE:
-                self._made.popitem(last=False)
-        return session, outcome
+        made = self.sessions.made(f"fork:{request_id}") if request_id else None
+        if made is not None:  # a retry: the fork the first call made
+            return made
+        return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
 
     async def sweep_expired(self) -> int:
         """End sessions idle past their TTL, and checkpoint those idle with journaled steps."""

@@ -64,6 +64,7 @@ class SessionLifecycle:
         seed: int | None,
         ttl_seconds: float | None,
         default_sampling: SamplingParams | None,
+        request_id: str = "",
     ) -> Session:
         ttl = self.ttl(ttl_seconds)
         sampling = default_sampling or SamplingParams()
@@ -86,6 +87,7 @@ class SessionLifecycle:
                 created_at=time.time(),
                 last_used=self._sessions.clock(),
                 seed=seed,
+                made_by=f"create:{request_id}" if request_id else "",
             )
             self._register(session, served, "created")
         except BaseException:
@@ -99,7 +101,11 @@ class SessionLifecycle:
         return session
 
     async def fork(
-        self, session_id: str, ttl_seconds: float | None = None, seed: int | None = None
+        self,
+        session_id: str,
+        ttl_seconds: float | None = None,
+        seed: int | None = None,
+        request_id: str = "",
     ) -> Session:
         """A new session with a copy of the source's state, position and RNG (or a new seed)."""
         ttl = self.ttl(ttl_seconds) if ttl_seconds else None
@@ -127,6 +133,7 @@ class SessionLifecycle:
                 created_at=time.time(),
                 last_used=self._sessions.clock(),
                 position=source.position,
+                made_by=f"fork:{request_id}" if request_id else "",
             )
             self._versions.pin(child.model, child.version)
             try:

@@ -283,6 +283,7 @@ class SessionResidency:
             rng_state=session.rng.get_state(),
             default_sampling=session.default_sampling,
             last_request=to_record(session.last_request),
+            made_by=session.made_by,
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
             has_cell_state=cfg.has_cell_state,
@@ -304,5 +305,6 @@ def _session_from(header: SpillHeader, last_used: float) -> Session:
         last_used=last_used,
         seed=header.seed,
         parent_session_id=header.parent_session_id,
+        made_by=header.made_by,
         position=header.position,
     )

@@ -49,6 +49,7 @@ class Session:
     unsaved_steps: int = 0
     journal_segment: int | None = None
     last_request: AppliedRequest | None = None  # for exactly-once retries
+    made_by: str = ""  # "create:<request id>" / "fork:<request id>": a retry finds it
 
     @property
     def spilled(self) -> bool:

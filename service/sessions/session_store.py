@@ -44,6 +44,7 @@ class SessionStore:
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
         # session id → why its records could not be used, and the error a request gets
         self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
+        self._made: dict[str, Session] = {}  # Session.made_by → the live session
         self._ended_order: deque[str] = deque()
 
     def __len__(self) -> int:
@@ -70,8 +71,14 @@ class SessionStore:
         """Add without the cap: sessions found in the spill tier at start-up are kept even if
         the cap was lowered meanwhile (new ones are refused until enough end)."""
         self._sessions[session.session_id] = session
+        if session.made_by:
+            self._made[session.made_by] = session
         if session.slot is not None:
             self._resident[session.session_id] = session
+
+    def made(self, made_by: str) -> Session | None:
+        """The live session a create or fork request (`made_by`) made, if any."""
+        return self._made.get(made_by)
 
     def contains(self, session_id: str) -> bool:
         return session_id in self._sessions
@@ -159,6 +166,8 @@ class SessionStore:
         """End the session ("closed", "expired"): it is marked closed and forgotten, its id
         remembered so a late request learns why."""
         session.closed = True
+        if session.made_by and self._made.get(session.made_by) is session:
+            del self._made[session.made_by]
         self._sessions.pop(session.session_id, None)
         self._resident.pop(session.session_id, None)
         self._ended[session.session_id] = why

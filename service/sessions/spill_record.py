@@ -55,6 +55,7 @@ class SpillHeader(BaseModel):
     # The last request applied under a request id, and its reply (exactly-once retries);
     # absent in records of servers before it.
     last_request: dict[str, Any] | None = None
+    made_by: str = ""  # the create or fork request that made the session
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
     has_cell_state: bool

@@ -192,3 +192,20 @@ async def test_a_session_journaled_for_weights_replaced_since_is_failed_precondi
         await second.feed(session.session_id, toks(3))
     assert isinstance(err.value, FailedPrecondition)
     assert session.fingerprint in err.value.message
+
+
+async def test_create_and_fork_retries_after_a_crash_return_what_was_made(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    made, _ = await first.create_session("tok", request_id="c")
+    child = await first.fork_session(made.session_id, request_id="f")
+    await crash(first)
+    second = await make_engine(spill_dir=spill)
+    again, _ = await second.create_session("tok", request_id="c")
+    assert again.session_id == made.session_id
+    assert (await second.fork_session(made.session_id, request_id="f")).session_id == (
+        child.session_id
+    )
+    assert len(second.sessions) == 2  # nothing made twice
