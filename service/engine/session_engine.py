@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +45,6 @@ from service.sessions.spill_tier import SpillTier
 __all__ = ["Feed", "FeedOutcome", "Line", "ModelInput", "PredictionOptions", "SessionEngine"]
 
 log = logging.getLogger(__name__)
-
-_REMEMBER_OUTCOMES = 10_000  # prefix outcomes of creations kept for retries
 
 
 @dataclass(frozen=True)
@@ -109,9 +106,6 @@ class SessionEngine:
         self._background = background
         self.draining = False
         self._stopped = False
-        # The prefix outcome of creations by request id, for a retry's reply (the session
-        # itself is found through SessionStore.made, which survives a restart).
-        self._prefix_outcomes: OrderedDict[str, FeedOutcome] = OrderedDict()
         self._loops: list[asyncio.Task[None]] = []
 
     # ---- start and stop ------------------------------------------------------------------
@@ -236,8 +230,8 @@ class SessionEngine:
         session exists). A retry with the same `request_id` returns the first call's."""
         self._check_open()
         made = self.sessions.made(f"create:{request_id}") if request_id else None
-        if made is not None:  # a retry: what the first call made (and its prefix's outcome)
-            return made, self._prefix_outcomes.get(made.session_id)
+        if made is not None:  # a retry: what the first call made, and its prefix's outcome
+            return made, await self._prefix_outcome(made, request_id)
         ttl = self.lifecycle.ttl(ttl_seconds)
         served = await self.lifecycle.version_for_new_session(model, version)
         self._check_open()
@@ -250,17 +244,28 @@ class SessionEngine:
             return session, None
         try:
             async with self.leases.hold(session.session_id) as lease:
+                lease.request_id = request_id  # journaled with the prefix: survives a restart
                 outcome = await self.feeder.run(lease, prefix_tensor, options)
+                lease.remember(request_id, 0, outcome)
         except BaseException:
             # A refused or cancelled create leaves no session behind (the client has no id).
             if not session.closed and not session.busy:
                 self.lifecycle.end(session, "closed")
             raise
-        if request_id:  # for a retry (kept in memory: after a restart it gets the session)
-            self._prefix_outcomes[session.session_id] = outcome
-            while len(self._prefix_outcomes) > _REMEMBER_OUTCOMES:
-                self._prefix_outcomes.popitem(last=False)
         return session, outcome
+
+    async def _prefix_outcome(self, session: Session, request_id: str) -> FeedOutcome | None:
+        """The outcome of the prefix a creation fed, while it is the session's last request."""
+        last = session.last_request
+        if last is None or last.request_id != request_id:
+            return None
+        outcome = last.reply
+        if not isinstance(outcome, FeedOutcome):
+            return None
+        if outcome.tokenizer is None:  # read back from a checkpoint
+            served = await self.versions.get(session.model, session.version)
+            outcome.tokenizer = served.tokenizer
+        return outcome
 
     def get_session(self, session_id: str) -> Session:
         return self.sessions.get(session_id)

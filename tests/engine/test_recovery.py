@@ -199,12 +199,19 @@ async def test_create_and_fork_retries_after_a_crash_return_what_was_made(
 ) -> None:
     spill = tmp_path / "state"
     first = await make_engine(spill_dir=spill)
-    made, _ = await first.create_session("tok", request_id="c")
+    options = PredictionOptions(top_k=4)
+    made, outcome = await first.create_session(
+        "tok", prefix=toks(1, 2), options=options, request_id="c"
+    )
     child = await first.fork_session(made.session_id, request_id="f")
     await crash(first)
     second = await make_engine(spill_dir=spill)
-    again, _ = await second.create_session("tok", request_id="c")
-    assert again.session_id == made.session_id
+    again, again_outcome = await second.create_session(
+        "tok", prefix=toks(1, 2), options=options, request_id="c"
+    )
+    assert again.session_id == made.session_id and again.position == 2
+    assert outcome is not None and again_outcome is not None
+    assert close(again_outcome.prediction, outcome.prediction)  # the reply, rebuilt by replay
     assert (await second.fork_session(made.session_id, request_id="f")).session_id == (
         child.session_id
     )
