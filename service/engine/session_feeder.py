@@ -49,16 +49,25 @@ class SessionFeeder:
     async def feed(self, feed: Feed, line: Line | None = None) -> FeedOutcome:
         started = time.perf_counter()
         async with self._leases.hold(feed.session_id, line) as lease:
-            served = lease.served
-            retried = _retried_feed(lease, feed)
-            if retried is not None:
-                return retried
-            before = lease.session.position
-            lease.request_id = feed.request_id
-            outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
-            lease.remember(feed.request_id, before, outcome)
-        self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
+            outcome = await self._apply(lease, feed)
+        self._observed(lease, started)
         return outcome
+
+    async def _apply(self, lease: Lease, feed: Feed) -> FeedOutcome:
+        """Feed a leased, ready session: apply `feed`, or answer a retry of its last request
+        with the original reply."""
+        retried = _retried_feed(lease, feed)
+        if retried is not None:
+            return retried
+        before = lease.session.position
+        lease.request_id = feed.request_id
+        outcome = await self.run(lease, self.inputs(lease.served, feed.input), feed.options)
+        lease.remember(feed.request_id, before, outcome)
+        return outcome
+
+    def _observed(self, lease: Lease, started: float) -> None:
+        served = lease.served
+        self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
 
     async def run(
         self, lease: Lease, inputs: Tensor, options: PredictionOptions | None = None
@@ -197,17 +206,11 @@ class SessionFeeder:
     async def _feed_leased(self, lease: Lease, feed: Feed) -> FeedOutcome:
         started = time.perf_counter()
         try:
-            served = await self._leases.ready(lease)
-            retried = _retried_feed(lease, feed)
-            if retried is not None:
-                return retried
-            before = lease.session.position
-            lease.request_id = feed.request_id
-            outcome = await self.run(lease, self.inputs(served, feed.input), feed.options)
-            lease.remember(feed.request_id, before, outcome)
+            await self._leases.ready(lease)
+            outcome = await self._apply(lease, feed)
         finally:
             self._leases.release(lease)
-        self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
+        self._observed(lease, started)
         return outcome
 
     # ---- generation ------------------------------------------------------------------------
