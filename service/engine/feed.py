@@ -10,9 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from service.engine.model_input import ModelInput
+from service.errors import InvalidArgument
 from service.models import ByteTokenizer
 from service.runtime.step_batch import Prediction
 from service.sessions.session import Session
+
+MAX_REQUEST_ID_BYTES = 128  # a request id must fit, whole, in a journal record
+
+
+def check_request_id(request_id: str) -> None:
+    """INVALID_ARGUMENT for a request id too long to be remembered for a retry."""
+    if len(request_id) > MAX_REQUEST_ID_BYTES // 4 and (
+        len(request_id.encode("utf-8")) > MAX_REQUEST_ID_BYTES
+    ):
+        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes")
 
 
 @dataclass(frozen=True)

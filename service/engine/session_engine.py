@@ -33,6 +33,7 @@ from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
 from service.engine.session_lease import Line, SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
+from service.engine.session_maker import SessionMaker
 from service.engine.session_residency import SessionResidency
 from service.engine.store_watcher import StoreWatcher
 from service.errors import SeqServeError, Unavailable
@@ -106,6 +107,7 @@ class SessionEngine:
         self._background = background
         self.draining = False
         self._stopped = False
+        self.maker = SessionMaker(sessions, versions, leases, lifecycle, feeder, self._check_open)
         self._loops: list[asyncio.Task[None]] = []
 
     # ---- start and stop ------------------------------------------------------------------
@@ -226,46 +228,11 @@ class SessionEngine:
         options: PredictionOptions | None = None,
         request_id: str = "",
     ) -> tuple[Session, FeedOutcome | None]:
-        """A new session, and the outcome of feeding it `prefix` (validated before the
-        session exists). A retry with the same `request_id` returns the first call's."""
+        """A new session, and the outcome of feeding it `prefix` (see `SessionMaker`)."""
         self._check_open()
-        made = self.sessions.made(f"create:{request_id}") if request_id else None
-        if made is not None:  # a retry: what the first call made, and its prefix's outcome
-            return made, await self._prefix_outcome(made, request_id)
-        ttl = self.lifecycle.ttl(ttl_seconds)
-        served = await self.lifecycle.version_for_new_session(model, version)
-        self._check_open()
-        prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
-        session = await self.lifecycle.create(
-            served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
-            request_id=request_id,
-        )  # fmt: skip
-        if prefix_tensor is None:
-            return session, None
-        try:
-            async with self.leases.hold(session.session_id) as lease:
-                lease.request_id = request_id  # journaled with the prefix: survives a restart
-                outcome = await self.feeder.run(lease, prefix_tensor, options)
-                lease.remember(request_id, 0, outcome)
-        except BaseException:
-            # A refused or cancelled create leaves no session behind (the client has no id).
-            if not session.closed and not session.busy:
-                self.lifecycle.end(session, "closed")
-            raise
-        return session, outcome
-
-    async def _prefix_outcome(self, session: Session, request_id: str) -> FeedOutcome | None:
-        """The outcome of the prefix a creation fed, while it is the session's last request."""
-        last = session.last_request
-        if last is None or last.request_id != request_id:
-            return None
-        outcome = last.reply
-        if not isinstance(outcome, FeedOutcome):
-            return None
-        if outcome.tokenizer is None:  # read back from a checkpoint
-            served = await self.versions.get(session.model, session.version)
-            outcome.tokenizer = served.tokenizer
-        return outcome
+        return await self.maker.create(
+            model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id
+        )
 
     def get_session(self, session_id: str) -> Session:
         return self.sessions.get(session_id)
@@ -281,10 +248,7 @@ class SessionEngine:
         request_id: str = "",
     ) -> Session:
         self._check_open()
-        made = self.sessions.made(f"fork:{request_id}") if request_id else None
-        if made is not None:  # a retry: the fork the first call made
-            return made
-        return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
+        return await self.maker.fork(session_id, ttl_seconds, seed, request_id)
 
     async def sweep_expired(self) -> int:
         """End sessions idle past their TTL, and checkpoint those idle with journaled steps."""

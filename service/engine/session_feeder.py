@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from torch import Tensor
 
-from service.engine.feed import Feed, FeedOutcome, PredictionOptions
+from service.engine.feed import Feed, FeedOutcome, PredictionOptions, check_request_id
 from service.engine.generation import GeneratedToken, Generation, GenerationLog
 from service.engine.model_input import ModelInput, to_tensor
 from service.engine.reply_size import reply_bytes
@@ -234,6 +234,7 @@ class SessionFeeder:
                 raise InvalidArgument(
                     f"model {served.name!r} takes feature frames; generation needs a token model"
                 )
+            check_request_id(request_id)
             retried = lease.precondition(expected_position, request_id)
             lease.request_id = request_id
             if retried is not None:
@@ -274,6 +275,7 @@ class SessionFeeder:
 def _retried_feed(lease: Lease, feed: Feed) -> FeedOutcome | None:
     """The original reply when `feed` retries the session's last request (nothing is applied
     again); None when it applies; PositionMismatch when it does neither."""
+    check_request_id(feed.request_id)
     applied = lease.precondition(feed.expected_position, feed.request_id)
     if applied is None:
         return None

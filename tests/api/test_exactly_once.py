@@ -143,3 +143,16 @@ async def test_create_and_fork_retries_return_what_the_first_call_made(
     assert fork_again.session.session_id == fork.session.session_id
     other = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
     assert other.session.session_id != sid
+
+
+async def test_a_request_id_too_long_to_remember_is_invalid_argument(
+    client: SeqServeClient,
+) -> None:
+    sid = await _create(client)
+    long_id = "é" * 65  # 130 bytes
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.sessions.Step(_step(sid, long_id, 0, 1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in (err.value.details() or "")
+    assert await _position(client, sid) == 0
+    assert (await client.sessions.Step(_step(sid, "x" * 128, 0, 1))).position == 1

@@ -1,0 +1,145 @@
+"""Making sessions: creation (with a prefix fed at once) and forks, exactly once per request id.
+
+A create or fork that names a request id is remembered by the session store (`made_by`, which
+survives a restart in the session's creation record and checkpoint): a retry returns what the
+first call made, with the prefix's prediction while the prefix is the session's last request.
+Two calls with one request id never both make a session: the second waits for the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from service.engine.feed import FeedOutcome, PredictionOptions, check_request_id
+from service.engine.model_input import ModelInput
+from service.engine.served_versions import ServedVersions
+from service.engine.session_feeder import SessionFeeder
+from service.engine.session_lease import SessionLeases
+from service.engine.session_lifecycle import SessionLifecycle
+from service.runtime.sampler import SamplingParams
+from service.sessions.session import Session
+from service.sessions.session_store import SessionStore
+
+
+class SessionMaker:
+    def __init__(
+        self,
+        sessions: SessionStore,
+        versions: ServedVersions,
+        leases: SessionLeases,
+        lifecycle: SessionLifecycle,
+        feeder: SessionFeeder,
+        check_open: Callable[[], None],
+    ) -> None:
+        self.sessions = sessions
+        self.versions = versions
+        self.leases = leases
+        self.lifecycle = lifecycle
+        self.feeder = feeder
+        self._check_open = check_open  # draining: refuse (checked again after an await)
+        self._making: dict[str, asyncio.Future[None]] = {}  # creates/forks running, by request
+
+    async def create(
+        self,
+        model: str,
+        version: str,
+        seed: int | None,
+        ttl_seconds: float | None,
+        default_sampling: SamplingParams | None,
+        prefix: ModelInput | None,
+        options: PredictionOptions | None,
+        request_id: str,
+    ) -> tuple[Session, FeedOutcome | None]:
+        """A new session, and the outcome of feeding it `prefix` (validated before the
+        session exists). A retry with the same `request_id` returns the first call's."""
+        check_request_id(request_id)
+        key = f"create:{request_id}"
+        async with self._made_once(key if request_id else ""):
+            made = self.sessions.made(key) if request_id else None
+            if made is not None:  # a retry: what the first call made, and its prefix's outcome
+                return made, await self._prefix_outcome(made, request_id)
+            return await self._create(
+                model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id
+            )
+
+    async def _create(
+        self,
+        model: str,
+        version: str,
+        seed: int | None,
+        ttl_seconds: float | None,
+        default_sampling: SamplingParams | None,
+        prefix: ModelInput | None,
+        options: PredictionOptions | None,
+        request_id: str,
+    ) -> tuple[Session, FeedOutcome | None]:
+        ttl = self.lifecycle.ttl(ttl_seconds)
+        served = await self.lifecycle.version_for_new_session(model, version)
+        self._check_open()
+        prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
+        session = await self.lifecycle.create(
+            served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
+            request_id=request_id,
+        )  # fmt: skip
+        if prefix_tensor is None:
+            return session, None
+        try:
+            async with self.leases.hold(session.session_id) as lease:
+                lease.request_id = request_id  # journaled with the prefix: survives a restart
+                outcome = await self.feeder.run(lease, prefix_tensor, options)
+                lease.remember(request_id, 0, outcome)
+        except BaseException:
+            # A refused or cancelled create leaves no session behind (the client has no id).
+            if not session.closed and not session.busy:
+                self.lifecycle.end(session, "closed")
+            raise
+        return session, outcome
+
+    async def _prefix_outcome(self, session: Session, request_id: str) -> FeedOutcome | None:
+        """The outcome of the prefix a creation fed, while it is the session's last request."""
+        last = session.last_request
+        if last is None or last.request_id != request_id:
+            return None
+        outcome = last.reply
+        if not isinstance(outcome, FeedOutcome):
+            return None
+        if outcome.tokenizer is None:  # read back from a checkpoint
+            served = await self.versions.get(session.model, session.version)
+            outcome.tokenizer = served.tokenizer
+        return outcome
+
+    async def fork(
+        self,
+        session_id: str,
+        ttl_seconds: float | None = None,
+        seed: int | None = None,
+        request_id: str = "",
+    ) -> Session:
+        """A fork of the session; a retry with the same `request_id` returns the first
+        call's."""
+        check_request_id(request_id)
+        key = f"fork:{request_id}"
+        async with self._made_once(key if request_id else ""):
+            made = self.sessions.made(key) if request_id else None
+            if made is not None:  # a retry: the fork the first call made
+                return made
+            return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
+
+    @contextlib.asynccontextmanager
+    async def _made_once(self, key: str) -> AsyncIterator[None]:
+        """One create or fork per request id at a time: a retry that arrives while the first
+        call is still running waits for it, then finds what it made."""
+        if not key:
+            yield
+            return
+        while (running := self._making.get(key)) is not None:
+            await asyncio.shield(running)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._making[key] = done
+        try:
+            yield
+        finally:
+            del self._making[key]
+            done.set_result(None)
