@@ -73,8 +73,9 @@ class SessionSettings(BaseModel):
     pool_initial_slots: int = 64
     """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
     spill_dir: Path = REPO_ROOT / "spill"
-    """Where evicted and shut-down sessions are written; a server started on it resumes the
-    sessions it finds there. One server per directory (it is locked)."""
+    """The state directory: checkpoints of evicted, idle and shut-down sessions, and the journal
+    (`journal/`); a server started on it resumes the sessions it finds there, after a crash too.
+    One server per directory (it is locked)."""
     spill_max_bytes: int = 4 * 1024 * 1024 * 1024
     """Cap on the spill tier's size on disk; evicting past it gives RESOURCE_EXHAUSTED."""
     slot_wait_seconds: float = 5.0
