@@ -142,16 +142,20 @@ class SeqServeServer:
             for name in ("", *SERVICE_NAMES):
                 await _set_health(self._health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.begin_draining()  # streams still open get UNAVAILABLE for new items
-        await self.grpc.stop(self.settings.server.grace_seconds)
-        if self._engine_started:  # stopped before open(): the spill tier was never opened
-            await self.engine.stop()
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        self.metrics_observer.close()
-        self.metrics.stop()
-        self._stopped.set()
+        try:
+            await self.grpc.stop(self.settings.server.grace_seconds)
+            if self._engine_started:  # stopped before open(): the spill tier was never opened
+                await self.engine.stop()
+        except Exception:  # whatever the disk did, the process must still exit
+            log.exception("shutdown did not finish cleanly")
+        finally:
+            if self._refresher is not None:
+                self._refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._refresher
+            self.metrics_observer.close()
+            self.metrics.stop()
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -140,3 +140,35 @@ async def test_shutdown_on_a_full_disk_is_bounded_and_the_journal_keeps_the_step
             reply = await _step(client, sid, 9)
             assert reply.position == 3
             assert_matches_reference(reply.prediction, reference.feed([9])[-1])
+
+
+async def test_a_real_server_on_a_full_disk_exits_on_sigterm(
+    small_disk: Path, store_root: Path, tmp_path: Path
+) -> None:
+    """The report this answers: SIGTERM on a full spill directory logged "could not be spilled"
+    and never exited. A real `seqserve serve` with sessions in memory, the disk full, SIGTERM:
+    it exits (within grace + write timeout), and the restart recovers the sessions."""
+    from .test_lifecycle_restart import ServerProcess
+
+    server = ServerProcess(store_root, small_disk / "state", tmp_path, slots=8)
+    try:
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+            sid = created.session.session_id
+            await _step(client, sid, 4, 5, 6)
+        filler = fill(small_disk)
+        started = time.monotonic()
+        assert await server.terminate() == 0
+        assert time.monotonic() - started < 10.0 + 30.0  # grace + write timeout, the defaults
+        assert "could not be written at shutdown" in server.log.read_text()
+        filler.unlink()
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            reply = await _step(client, sid, 7)
+        assert reply.position == 4
+        reference = ReferenceSession(store_root, "tok")
+        reference.feed([4, 5, 6])
+        assert_matches_reference(reply.prediction, reference.feed([7])[-1])
+    finally:
+        server.kill()
