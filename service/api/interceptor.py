@@ -11,6 +11,7 @@ are refused with UNAVAILABLE; health and reflection always pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -97,22 +98,28 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if gated and self._ready is not None and not self._ready():
             raise Unavailable(NOT_READY_MESSAGE)
 
+    @contextlib.asynccontextmanager
+    async def _observed(
+        self, method: str, gated: bool, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Around one call: the readiness gate, the status its error maps to, its timing."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            self._check_ready(gated)
+            yield
+        except BaseException as exc:
+            code = _code_of(exc, context)
+            await _abort(exc, context)
+            raise
+        finally:
+            self._observe(method, code, time.perf_counter() - started)
+
     def _unary(self, method: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code = "OK"
-            try:
-                self._check_ready(gated)
+            async with self._observed(method, gated, context):
                 result = fn(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                await _abort(exc, context)
-                raise
-            finally:
-                self._observe(method, code, time.perf_counter() - started)
+                return await result if inspect.isawaitable(result) else result
 
         return call
 
@@ -129,26 +136,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             async def iterate(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                code = "OK"
-                try:
-                    self._check_ready(gated)
+                async with self._observed(method, gated, context):
                     async for response in fn(request, context):
                         yield response
-                except BaseException as exc:
-                    code = _code_of(exc, context)
-                    await _abort(exc, context)
-                    raise
-                finally:
-                    self._observe(method, code, time.perf_counter() - started)
 
             return iterate
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
-            started = time.perf_counter()
-            code = "OK"
-            try:
-                self._check_ready(gated)
+            async with self._observed(method, gated, context):
                 result = fn(request, context)
                 if inspect.isawaitable(result):
                     await result
@@ -158,12 +153,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 elif result is not None:  # a plain iterator (e.g. a sync generator)
                     for response in result:
                         await context.write(response)
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                await _abort(exc, context)
-                raise
-            finally:
-                self._observe(method, code, time.perf_counter() - started)
 
         return run
 
