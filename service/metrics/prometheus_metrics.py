@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import (
@@ -27,6 +26,7 @@ from prometheus_client import (
 )
 
 from service.metrics.batch_histogram import BatchHistogram, HistogramSeries
+from service.metrics.http_endpoint import MetricsEndpoint
 from service.metrics.stats import StepStats
 
 # 50 µs (a batched step at small batch) … 10 s (a long prompt under load).
@@ -183,8 +183,7 @@ class Metrics:
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
         self._versions_lock = threading.Lock()
         self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}  # -> (fingerprint, cell)
-        self._server: WSGIServer | None = None
-        self._server_thread: threading.Thread | None = None
+        self._endpoint = MetricsEndpoint(self.registry)
 
     # ---- requests and steps ------------------------------------------------------------
 
@@ -311,24 +310,11 @@ class Metrics:
 
     def start_http_server(self, host: str, port: int) -> int:
         """Serve `/metrics` on a daemon thread; returns the bound port (`port=0` picks one)."""
-        if self._server is not None:
-            raise RuntimeError("metrics HTTP server already running")
-        server, thread = prometheus_client.start_http_server(
-            port, addr=host, registry=self.registry
-        )
-        self._server, self._server_thread = server, thread
-        return int(server.server_port)
+        return self._endpoint.start(host, port)
 
     def stop(self) -> None:
         """Stop the HTTP server, if running, and release its port. Safe to call twice."""
-        server, thread = self._server, self._server_thread
-        self._server = self._server_thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5.0)
+        self._endpoint.stop()
 
     # ---- internals ---------------------------------------------------------------------
 
