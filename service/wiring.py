@@ -17,6 +17,7 @@ from service.api.interceptor import ErrorMappingInterceptor
 from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
 from service.engine.durability import Durability
+from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_engine import Background, SessionEngine
@@ -76,7 +77,9 @@ def build_engine(
     residency = SessionResidency(
         sessions, versions, spill, on_residency_event, durability, cfg.slot_wait_seconds
     )
-    leases = SessionLeases(sessions, versions, residency, durability)
+    leases = SessionLeases(
+        sessions, versions, residency, durability, PendingReplays(sessions, versions, residency)
+    )
     lifecycle = SessionLifecycle(
         sessions, versions, residency, leases, durability, cfg,
         settings.engine.max_generate_tokens, observer,

@@ -169,6 +169,7 @@ class SeqServeServer:
         stats = self.engine.stats()
         self.metrics.set_sessions("memory", stats.sessions_in_memory)
         self.metrics.set_sessions("spilled", stats.sessions_spilled)
+        self.metrics.set_sessions("replaying", stats.sessions_replaying)
         for v in stats.versions:
             self.metrics.set_queue_depth(v.model, str(v.version), v.queue_depth)
         self.metrics.set_state_bytes("memory", sum(v.state_bytes for v in stats.versions))

@@ -90,15 +90,20 @@ class Durability:
         )
         self.journaled(session, self.journal.append([record]), steps=0)
 
-    def ended(self, session: Session, why: str) -> None:
-        """Journal that the session ended, so recovery does not bring it back."""
+    def ended(self, session: Session, why: str, *, must_record: bool = False) -> None:
+        """Journal that the session ended, so recovery does not bring it back. When the disk
+        refuses: with `must_record` (a client's close) raise JournalUnavailable, nothing
+        changed; otherwise (expiry) count it: its checkpoint, deleted next, could revive it
+        after a crash, where its idle time expires it again."""
+        if self.journal is not None:
+            record = journal_record.end(session.session_id, session.position, why)
+            try:
+                self.journal.append([record])
+            except JournalUnavailable:
+                if must_record:
+                    raise
+                self.end_records_lost += 1
         self.checkpointed(session)
-        if self.journal is None:
-            return
-        try:
-            self.journal.append([journal_record.end(session.session_id, session.position, why)])
-        except JournalUnavailable:
-            self.end_records_lost += 1  # a crash before its checkpoint is deleted revives it
 
 
 __all__ = ["Durability", "JournalUnavailable"]

@@ -62,6 +62,7 @@ class EngineStats:
 
     sessions_in_memory: int
     sessions_spilled: int
+    sessions_replaying: int  # recovered, their journaled steps still to be replayed
     spilled_bytes: int  # on disk in the spill tier
     pool_capacity_bytes: int  # the byte budget shared by the pools
     journal_write_failures: int = 0  # steps refused because the journal could not be written
@@ -118,15 +119,21 @@ class SessionEngine:
         journal = self.durability.journal
         if journal is not None:
             records = await asyncio.to_thread(lambda: list(journal.open()))
-            report = await Recovery(self.sessions, self.versions, self.residency).run(records)
-            await asyncio.to_thread(self.spill.sync)  # the new checkpoints, before the journal goes
+            replays = self.leases.replays
+            report = await Recovery(self.sessions, self.versions, self.residency, replays).run(
+                records, journal.oldest
+            )
+            del records
             journal.start()
-            journal.drop_before(journal.segment)
-            if records:
+            if not replays:  # nothing left to replay: every session is in a checkpoint
+                journal.drop_before(journal.segment)
+            if report.pending_sessions or report.lost:
                 log.info(
-                    "recovered %d sessions from the journal (%d steps replayed, %d lost)",
-                    report.replayed_sessions, report.replayed_steps, report.lost,
+                    "recovered %d sessions from the journal (%d steps to replay, in the "
+                    "background or when first used; %d lost)",
+                    report.pending_sessions, report.pending_steps, report.lost,
                 )  # fmt: skip
+            replays.start()
         broken = self.sessions.broken
         if resumed or broken:
             log.info(
@@ -157,6 +164,7 @@ class SessionEngine:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.leases.replays.stop()  # the batch replaying finishes; the rest stays journaled
         await self.versions.stop_schedulers()
         journal = self.durability.journal
         written, lost = await self._write_all()
@@ -170,7 +178,7 @@ class SessionEngine:
             log.error("%d sessions could not be written at shutdown; %s", lost, kept)
         if journal is not None:
             journal.close()
-            if lost == 0:  # every session is in a checkpoint: the journal is not needed
+            if lost == 0 and not self.leases.replays:  # all in checkpoints: no journal needed
                 journal.drop_before(journal.segment + 1)
         await self.versions.close()
         self.spill.close()
@@ -194,9 +202,11 @@ class SessionEngine:
     def stats(self) -> EngineStats:
         sessions = list(self.sessions)
         in_memory = self.sessions.resident_count
+        replaying = len(self.leases.replays)
         return EngineStats(
             sessions_in_memory=in_memory,
-            sessions_spilled=len(sessions) - in_memory,
+            sessions_spilled=len(sessions) - in_memory - replaying,
+            sessions_replaying=replaying,
             spilled_bytes=self.spill.bytes_used,
             pool_capacity_bytes=self.budget.limit_bytes,
             journal_write_failures=(

@@ -11,7 +11,8 @@ with ABORTED when another request holds it: requests on one session never interl
 exception is a *line*, one caller's ordered requests (a Stream's items): a request whose line
 holds the lease waits its turn instead, and turns go in the order they were taken. `take` is
 synchronous, so a caller keeps its order by taking leases in arrival order. Once it is its
-turn, the lease loads the session's version and restores its state from the spill tier.
+turn, the lease waits for the session's journal replay if one is still pending after a restart,
+loads the session's version and restores its state from the spill tier.
 
 A lease is let go when its holder is done, unless a step or generation it started may still
 write the session's slot (its caller was cancelled mid-step): then it is let go when that
@@ -28,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.engine.durability import Durability
+from service.engine.replay import PendingReplays
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
@@ -141,9 +143,11 @@ class SessionLeases:
         versions: ServedVersions,
         residency: SessionResidency,
         durability: Durability,
+        replays: PendingReplays,
     ) -> None:
         self._sessions = sessions
         self._durability = durability
+        self.replays = replays
         self._versions = versions
         self._residency = residency
         self._holders: dict[str, Lease] = {}
@@ -159,8 +163,10 @@ class SessionLeases:
         try:
             if bring_in:
                 await self.ready(lease)
-            elif lease._turn is not None:
-                await lease._turn
+            else:
+                if lease._turn is not None:
+                    await lease._turn
+                await self.replays.settle(lease.session)
             yield lease
         finally:
             self.release(lease)
@@ -202,6 +208,7 @@ class SessionLeases:
             if lease._turn is not None:
                 await lease._turn
             session = lease.session
+            await self.replays.settle(session)
             if session.closed:
                 raise SessionClosed(f"session {session.session_id!r} is closed")
             try:

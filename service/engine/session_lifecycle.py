@@ -151,7 +151,7 @@ class SessionLifecycle:
 
     async def close(self, session_id: str) -> Session:
         async with self._leases.hold(session_id, bring_in=False) as lease:
-            self.end(lease.session, "closed")
+            self.end(lease.session, "closed", must_record=True)
             return lease.session
 
     def sweep_expired(self) -> int:
@@ -161,9 +161,13 @@ class SessionLifecycle:
             self.end(session, "expired")
         return len(expired)
 
-    def end(self, session: Session, why: str, *, journal: bool = True) -> None:
+    def end(
+        self, session: Session, why: str, *, journal: bool = True, must_record: bool = False
+    ) -> None:
+        """End the session: journaled (refused, changing nothing, if `must_record` and the
+        journal cannot take it), removed, its slot or record freed, its version unpinned."""
         if journal:
-            self._durability.ended(session, why)
+            self._durability.ended(session, why, must_record=must_record)
         else:
             self._durability.checkpointed(session)  # nothing of it is needed any more
         self._sessions.remove(session, why)

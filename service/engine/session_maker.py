@@ -99,6 +99,7 @@ class SessionMaker:
 
     async def _prefix_outcome(self, session: Session, request_id: str) -> FeedOutcome | None:
         """The outcome of the prefix a creation fed, while it is the session's last request."""
+        await self.leases.replays.settle(session)  # the reply is rebuilt by its replay
         last = session.last_request
         if last is None or last.request_id != request_id:
             return None

@@ -29,6 +29,7 @@ from service.errors import (
     Unavailable,
 )
 from service.runtime.sampler import SessionRng
+from service.runtime.state_pool import SlotSnapshot
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_record import SpillHeader, SpillRecord
@@ -175,6 +176,11 @@ class SessionResidency:
         record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
         self.tier.write(record)
         self.durability.checkpointed(session)
+
+    def checkpoint_record(self, session: Session, state: SlotSnapshot) -> SpillRecord:
+        """The checkpoint of a session not in memory whose state was computed elsewhere (a
+        replay of its journal)."""
+        return SpillRecord(self._header(session), state)
 
     async def restore(self, session: Session, served: ServedVersion) -> None:
         """Bring a spilled session back into a slot. Its record is checked first: a damaged one

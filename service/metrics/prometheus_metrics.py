@@ -44,6 +44,8 @@ BATCH_ROWS_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))  #
 
 SESSION_EVENTS = ("created", "closed", "expired", "evicted", "restored", "forked")
 TIERS = ("memory", "spilled")
+# Sessions also count by "replaying": recovered, their journaled steps not yet replayed.
+SESSION_TIERS = (*TIERS, "replaying")
 PHASES = ("gather", "forward", "scatter", "sample")
 # google.rpc.Code names: the `code` label may only take these, which keeps it bounded.
 GRPC_CODES = frozenset(
@@ -145,7 +147,10 @@ class Metrics:
             "seqserve_queue_depth", "Steps waiting in a version's step queue.", _MV, registry=r
         )
         self._sessions = Gauge(
-            "seqserve_sessions", "Live sessions by tier (memory, spilled).", ("tier",), registry=r
+            "seqserve_sessions",
+            "Live sessions by tier (memory, spilled, replaying: journal replay pending).",
+            ("tier",),
+            registry=r,
         )
         self._state_bytes = Gauge(
             "seqserve_state_bytes",
@@ -177,8 +182,9 @@ class Metrics:
 
         # A fresh scrape shows every bounded series at zero, so rate() and the pool ratio
         # have a baseline before the first event.
-        for tier in TIERS:
+        for tier in SESSION_TIERS:
             self._sessions.labels(tier).set(0)
+        for tier in TIERS:
             self._state_bytes.labels(tier).set(0)
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
         self._versions_lock = threading.Lock()
@@ -240,7 +246,7 @@ class Metrics:
         counter.inc()
 
     def set_sessions(self, tier: str, count: int) -> None:
-        self._sessions.labels(_check_tier(tier)).set(count)
+        self._sessions.labels(_check_tier(tier, SESSION_TIERS)).set(count)
 
     def set_state_bytes(self, tier: str, nbytes: int) -> None:
         self._state_bytes.labels(_check_tier(tier)).set(nbytes)
@@ -344,7 +350,7 @@ class Metrics:
         return series
 
 
-def _check_tier(tier: str) -> str:
-    if tier not in TIERS:
-        raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
+def _check_tier(tier: str, tiers: tuple[str, ...] = TIERS) -> str:
+    if tier not in tiers:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {tiers}")
     return tier

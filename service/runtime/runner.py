@@ -88,7 +88,7 @@ class ModelRunner:
         t4 = time.perf_counter()
         gen_set = set(gen)
         feed = [j for j in range(len(idx)) if j not in gen_set]
-        preds = self._predictions(out, [batch.rows[idx[j]].top_k for j in feed], feed)
+        preds = self.predictions(out, [batch.rows[idx[j]].top_k for j in feed], feed)
         for j, pred in zip(feed, preds, strict=True):
             res = results[idx[j]]
             res.consumed, res.prediction = 1, pred
@@ -144,15 +144,13 @@ class ModelRunner:
         t2 = time.perf_counter()
         self.pool.scatter(slots, new_state, last_out)
         t3 = time.perf_counter()
-        preds = self._predictions(last_out, [batch.rows[i].top_k for i in idx], range(len(idx)))
+        preds = self.predictions(last_out, [batch.rows[i].top_k for i in idx], range(len(idx)))
         for j, i in enumerate(idx):
             res = results[i]
             res.consumed, res.prediction = int(lengths[j]), preds[j]
             if batch.rows[i].per_position:
                 n = int(lengths[j])
-                res.per_position = self._predictions(
-                    out[j, :n], [batch.rows[i].top_k] * n, range(n)
-                )
+                res.per_position = self.predictions(out[j, :n], [batch.rows[i].top_k] * n, range(n))
         t4 = time.perf_counter()
         timings.gather_seconds += t1 - t0
         timings.forward_seconds += t2 - t1
@@ -160,7 +158,7 @@ class ModelRunner:
         timings.sample_seconds += t4 - t3
         return slots, state, last_before
 
-    def _predictions(self, out: Tensor, top_ks: list[int], rows) -> list[Prediction]:  # type: ignore[no-untyped-def]
+    def predictions(self, out: Tensor, top_ks: list[int], rows) -> list[Prediction]:  # type: ignore[no-untyped-def]
         """Head outputs → predictions for the given rows of `out`."""
         rows = list(rows)
         if not rows:

@@ -130,6 +130,15 @@ class StatePool:
                 last=self.last[slot].cpu().numpy().copy(),
             )
 
+    def fresh_snapshot(self) -> SlotSnapshot:
+        """A new session's state: zeros, and the head's output for them."""
+        h = np.zeros((self.config.num_layers, self.config.hidden_size), dtype=np.float32)
+        return SlotSnapshot(
+            h=h,
+            c=h.copy() if self.c is not None else None,
+            last=self._initial_output.cpu().numpy().copy(),
+        )
+
     def restore(self, slot: int, snap: SlotSnapshot) -> None:
         with self.lock:
             self.h[:, slot].copy_(torch.from_numpy(snap.h))

@@ -50,6 +50,7 @@ class Journal:
         self._interval = fsync_interval_seconds
         self._segment_bytes = segment_bytes
         self._seq = 0  # the segment being written
+        self.oldest = 0  # the oldest segment `open` found (0: none)
         self._fd: int | None = None
         self._size = 0
         self._pins: dict[int, int] = {}  # segment → sessions whose oldest needed record is there
@@ -73,6 +74,7 @@ class Journal:
         self.directory.mkdir(parents=True, exist_ok=True)
         for seq, path in self._segments():
             self._seq = max(self._seq, seq)
+            self.oldest = self.oldest or seq
             yield from decode_stream(path.read_bytes())
 
     def start(self) -> None:

@@ -50,6 +50,8 @@ class Session:
     journal_segment: int | None = None
     last_request: AppliedRequest | None = None  # for exactly-once retries
     made_by: str = ""  # "create:<request id>" / "fork:<request id>": a retry finds it
+    # Recovered at its position, its state still to be computed from the journal (replay.py).
+    replay_pending: bool = False
 
     @property
     def spilled(self) -> bool:

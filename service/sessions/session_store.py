@@ -158,6 +158,10 @@ class SessionStore:
         """The request just applied (None: one without a request id, which no retry names)."""
         session.last_request = applied
 
+    def set_replay_pending(self, session: Session, pending: bool) -> None:
+        """Its journaled steps are still to be replayed (it neither expires nor evicts)."""
+        session.replay_pending = pending
+
     def set_busy(self, session: Session, busy: bool) -> None:
         """Held by a lease (a request or generation runs on it), or free again."""
         session.busy = busy
@@ -170,14 +174,26 @@ class SessionStore:
             del self._made[session.made_by]
         self._sessions.pop(session.session_id, None)
         self._resident.pop(session.session_id, None)
-        self._ended[session.session_id] = why
-        self._ended_order.append(session.session_id)
+        self._remember_end(session.session_id, why)
+
+    def _remember_end(self, session_id: str, why: str) -> None:
+        self._ended[session_id] = why
+        self._ended_order.append(session_id)
         if len(self._ended_order) > _REMEMBER_ENDED:
             self._ended.pop(self._ended_order.popleft(), None)
 
+    def ended_earlier(self, session_id: str, why: str) -> None:
+        """A session that ended before a restart, known only by its END record: a late
+        request learns why (closed, expired), not NOT_FOUND."""
+        if session_id not in self._sessions and session_id not in self._ended:
+            self._remember_end(session_id, why)
+
     def is_expired(self, session: Session) -> bool:
-        """Idle past its TTL (a busy session never expires mid-request)."""
-        return not session.busy and self.clock() - session.last_used > session.ttl_seconds
+        """Idle past its TTL (a busy session never expires mid-request, nor one whose replay
+        is pending)."""
+        if session.busy or session.replay_pending:
+            return False
+        return self.clock() - session.last_used > session.ttl_seconds
 
     def expired(self) -> list[Session]:
         return [s for s in self._sessions.values() if self.is_expired(s)]

@@ -172,3 +172,32 @@ async def test_a_real_server_on_a_full_disk_exits_on_sigterm(
         assert_matches_reference(reply.prediction, reference.feed([7])[-1])
     finally:
         server.kill()
+
+
+async def test_a_close_the_journal_cannot_record_is_refused_and_the_session_lives_on(
+    tmp_path: Path, server_factory: ServerFactory, store_root: Path
+) -> None:
+    """An END record that is not written would let a crash bring the session back: the close
+    is refused with UNAVAILABLE instead, and the session is untouched."""
+    server = await server_factory()
+    journal = server.engine.durability.journal
+    assert journal is not None
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+        sid = created.session.session_id
+        await _step(client, sid, 5)
+        assert journal._fd is not None
+        os.close(journal._fd)  # the next write fails
+        journal._fd = os.open(os.devnull, os.O_RDONLY)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "SEQSERVE_SESSIONS__SPILL_DIR" in (err.value.details() or "")
+        reply = await _step(client, sid, 6)  # still open, nothing lost
+        reference = ReferenceSession(store_root, "tok")
+        assert reply.position == 2
+        assert_matches_reference(reply.prediction, reference.feed([5, 6])[-1])
+        await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid))
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await _step(client, sid, 7)
+        assert gone.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # closed

@@ -127,6 +127,19 @@ async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineF
             await eng.stop()
 
 
+async def crash(engine: SessionEngine) -> None:
+    """What a SIGKILL leaves: the steps in flight finish or not, nothing is spilled, the
+    journal's writes are in the OS, and the directory lock goes with the process."""
+    replays = engine.leases.replays
+    for task in [*engine._loops, *replays._tasks, *([replays._drain] if replays._drain else [])]:
+        task.cancel()
+    await engine.versions.stop_schedulers()
+    assert engine.durability.journal is not None
+    engine.durability.journal.close()
+    engine.spill.close()
+    engine._stopped = True  # the fixture must not stop (spill) it
+
+
 async def wait_idle(*sessions: Session) -> None:
     """Until the scheduler has retired cancelled generations (it does so between steps)."""
     for _ in range(5_000):

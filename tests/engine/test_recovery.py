@@ -11,26 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.session_engine import PredictionOptions, SessionEngine
+from service.engine.session_engine import PredictionOptions
 from service.errors import DataLoss, FailedPrecondition, SessionClosed, SpillMismatch
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
 from service.sessions import journal_record as jr
 
-from .conftest import TOK, EngineFactory, close, frames, publish, toks
-
-
-async def crash(engine: SessionEngine) -> None:
-    """What a SIGKILL leaves: the steps in flight finish or not, nothing is spilled, the
-    journal's writes are in the OS, and the directory lock goes with the process."""
-    for task in engine._loops:
-        task.cancel()
-    await engine.versions.stop_schedulers()
-    assert engine.durability.journal is not None
-    engine.durability.journal.close()
-    engine.spill.close()
-    engine._stopped = True  # the fixture must not stop (spill) it
-
+from .conftest import TOK, EngineFactory, close, crash, frames, publish, toks
 
 SAMPLING = SamplingParams(temperature=1.0, max_tokens=5)
 

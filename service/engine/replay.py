@@ -1,0 +1,339 @@
+"""Replaying journaled steps, after a restart, while the server already serves.
+
+Recovery (`recovery.py`) reads the journal before the server reports SERVING and leaves every
+session with records after its checkpoint at its final position, with its random stream moved
+on past the journaled draws; what it does not yet have is the state those steps make. That is
+computed here, from the base state (the checkpoint, or a new session's zero state) and the
+journaled inputs, through the model's whole-chunk kernel, then written as a new checkpoint:
+- in the background, in batches, right after start-up;
+- at once, for one session, when a request needs it first (`settle`): the lease waits for it,
+  so a request never sees a session that is not replayed.
+A session with a replay pending is never in memory, never evicted and never expires; its journal
+segment stays pinned until its new checkpoint is written. Replays do not hold the state pool:
+serving goes on beside them. A session whose base cannot be read is refused with DATA_LOSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.engine.feed import FeedOutcome
+from service.engine.generation import rebuilt_log
+from service.engine.served_version import ServedVersion
+from service.engine.served_versions import ServedVersions
+from service.engine.session_residency import SessionResidency
+from service.errors import SeqServeError, SessionLost, Unavailable
+from service.models import ByteTokenizer
+from service.runtime.chunk_replay import ReplayRow, replay_rows
+from service.runtime.sampler import SamplingParams
+from service.runtime.state_pool import SlotSnapshot
+from service.runtime.step_batch import RowResult
+from service.sessions import journal_record as jr
+from service.sessions.session import AppliedRequest, Session
+from service.sessions.session_store import SessionStore
+
+log = logging.getLogger(__name__)
+
+_BATCH_SESSIONS = 256  # sessions replayed per background batch
+_WRITES_PER_TURN = 32  # checkpoints written before the event loop gets a turn
+_RETRY_SECONDS = 1.0  # after a background batch failed (the disk refused a checkpoint)
+
+
+@dataclass
+class Replay:
+    """What to replay for one session: its inputs after its base, the last request (rebuilt
+    for exactly-once retries) split off when it was a feed."""
+
+    kind: str
+    dim: int
+    base: int = 0  # the position of the base state
+    end: int = 0  # the position after the last record
+    parts: list[bytes] = field(default_factory=list)
+    draws: int = 0
+    problem: str | None = None
+    # The last request after the base: ("feed", id, position, top_k, per_position, part index)
+    # or ("generate", id, position, sampling, [tokens], first token's position); None when the
+    # last one had no id; absent (the checkpoint's stands) when there were no records.
+    last: tuple[Any, ...] | None = None
+    seen_request: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.parts
+
+    def array(self, parts: list[bytes]) -> np.ndarray | None:
+        """The inputs of `parts`: [T] int64 tokens or [T, D] float32 frames."""
+        if not parts:
+            return None
+        if self.kind == "tokens":
+            return np.frombuffer(b"".join(parts), dtype="<i4").astype(np.int64)
+        return np.frombuffer(b"".join(parts), dtype="<f4").reshape(-1, self.dim).copy()
+
+    def split(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(the inputs before the last request, the last request's) when it was a feed."""
+        if self.last is not None and self.last[0] == "feed":
+            at = self.last[5]
+            return self.array(self.parts[:at]), self.array(self.parts[at:])
+        return self.array(self.parts), None
+
+    def applied(
+        self, session: Session, result: RowResult | None, tokenizer: ByteTokenizer | None
+    ) -> AppliedRequest | None:
+        if not self.seen_request:  # no records after the checkpoint: its own stands
+            return session.last_request
+        if self.last is None:
+            return None
+        if self.last[0] == "feed":
+            assert result is not None and result.prediction is not None
+            outcome = FeedOutcome(
+                session, session.position, result.prediction, result.per_position, tokenizer
+            )
+            return AppliedRequest(self.last[1], self.last[2], outcome)
+        _, request_id, position, sampling, tokens, first = self.last
+        if tokenizer is None:
+            return None
+        params = SamplingParams.from_dict(sampling)
+        return AppliedRequest(request_id, position, rebuilt_log(params, tokenizer, tokens, first))
+
+
+def replay_of(records: list[jr.JournalRecord], base: int, kind: str, dim: int) -> Replay:
+    """A session's records after `base`, checked for gaps (records were lost)."""
+    replay = Replay(kind, dim, base=base, end=base)
+    position = base
+    for rec in records:
+        if rec.kind == jr.GEN_START:
+            if rec.position >= base:
+                replay.seen_request = True
+                replay.last = ("generate", rec.request_id, rec.position, rec.meta or {}, [], None)
+            continue
+        n = rec.n // dim if rec.kind == jr.FRAMES else rec.n
+        if rec.position + n <= base:
+            continue  # already in the checkpoint
+        if rec.position != position:
+            replay.problem = f"its journal has a gap at position {position} (records were lost)"
+            return replay
+        replay.seen_request = True
+        last = replay.last
+        generating = last is not None and last[0] == "generate" and last[1] == rec.request_id
+        if rec.kind == jr.GENERATED:
+            if generating and last is not None:
+                last[4].append(int(np.frombuffer(rec.data, dtype="<i4")[0]))
+                if last[5] is None:
+                    replay.last = (*last[:5], rec.position + 1)
+            else:
+                replay.last = None
+        elif not (generating and last is not None and not last[4]):  # not a generation's prompt
+            feed = ("feed", rec.request_id, rec.position, rec.top_k, rec.per_position)
+            replay.last = (*feed, len(replay.parts)) if rec.request_id else None
+        replay.parts.append(rec.data)
+        position += n
+        replay.draws += rec.draws
+    replay.end = position
+    return replay
+
+
+@dataclass
+class _Pending:
+    session: Session
+    fresh: bool  # no checkpoint: the base is a new session's zero state
+    replay: Replay
+    task: asyncio.Task[None] | None = None  # the replay running it
+
+
+@dataclass
+class _Computed:
+    state: SlotSnapshot | None = None  # None: its base could not be read (`problem` says why)
+    result: RowResult | None = None  # the last feed's outcome, when the last request was one
+    problem: str | None = None
+
+
+class PendingReplays:
+    """Sessions whose journaled steps are still to be replayed, and the replays running."""
+
+    def __init__(
+        self,
+        sessions: SessionStore,
+        versions: ServedVersions,
+        residency: SessionResidency,
+        batch_sessions: int = _BATCH_SESSIONS,
+    ) -> None:
+        self._sessions = sessions
+        self._versions = versions
+        self._residency = residency
+        self._batch = batch_sessions
+        self._pending: dict[str, _Pending] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._drain: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.replayed_sessions = 0
+        self.replayed_steps = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, session: Session, replay: Replay, *, fresh: bool) -> None:
+        """Recovery found `session` at `replay.end` with the records of `replay` to apply."""
+        self._pending[session.session_id] = _Pending(session, fresh, replay)
+
+    # ---- while serving ---------------------------------------------------------------------
+
+    async def settle(self, session: Session) -> None:
+        """Return once `session` has no replay pending: the one running it finishes, or it is
+        replayed now. Raises what its replay raised (the session then stays pending)."""
+        while (pending := self._pending.get(session.session_id)) is not None:
+            if self._stopping:
+                raise Unavailable("server is shutting down; retry on another replica")
+            task = pending.task if pending.task is not None else self._launch([pending])
+            await asyncio.shield(task)
+
+    def start(self) -> None:
+        """Replay everything pending in the background (batches of sessions of one version)."""
+        if self._pending:
+            self._drain = asyncio.get_running_loop().create_task(
+                self._drain_all(), name="journal-replay"
+            )
+
+    async def stop(self) -> None:
+        """Start no more replays; wait for the running ones (each is one bounded batch)."""
+        self._stopping = True
+        running = [*self._tasks, *([self._drain] if self._drain is not None else [])]
+        await asyncio.gather(*running, return_exceptions=True)
+
+    async def wait(self) -> None:
+        """Return once the background replay has ended (nothing pending, or stopping)."""
+        if self._drain is not None:
+            await asyncio.shield(self._drain)
+
+    async def _drain_all(self) -> None:
+        started = time.perf_counter()
+        while not self._stopping:
+            batch = self._next_batch()
+            if not batch:
+                if not self._tasks:
+                    break
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                continue
+            try:
+                await asyncio.shield(self._launch(batch))
+            except SeqServeError as exc:
+                log.warning("journal replay failed, retrying: %s", exc.message)
+                await asyncio.sleep(_RETRY_SECONDS)
+        if not self._pending:
+            log.info(
+                "replayed %d sessions (%d steps) from the journal in %.1f s while serving",
+                self.replayed_sessions, self.replayed_steps, time.perf_counter() - started,
+            )  # fmt: skip
+
+    def _next_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        for pending in self._pending.values():
+            if pending.task is not None:
+                continue
+            if batch and (pending.session.model, pending.session.version) != (
+                batch[0].session.model,
+                batch[0].session.version,
+            ):
+                continue
+            batch.append(pending)
+            if len(batch) == self._batch:
+                break
+        return batch
+
+    def _launch(self, batch: list[_Pending]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._replay(batch))
+        for pending in batch:
+            pending.task = task
+        self._tasks.add(task)
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            for pending in batch:
+                if pending.task is task:
+                    pending.task = None
+
+        task.add_done_callback(done)
+        return task
+
+    # ---- one batch -------------------------------------------------------------------------
+
+    async def _replay(self, batch: list[_Pending]) -> None:
+        first = batch[0].session
+        served = await self._versions.get(first.model, first.version)  # pinned: loaded
+        computed = await asyncio.to_thread(self._compute, served, batch)
+        written: list[tuple[_Pending, Any]] = []
+        for pending, got in zip(batch, computed, strict=True):
+            session = pending.session
+            if session.closed:
+                self._pending.pop(session.session_id, None)
+                continue
+            if got.state is None:
+                assert got.problem is not None
+                self._pending.pop(session.session_id, None)
+                lose(self._sessions, self._residency, session, got.problem)
+                continue
+            applied = pending.replay.applied(session, got.result, served.tokenizer)
+            self._sessions.remember(session, applied)
+            written.append((pending, self._residency.checkpoint_record(session, got.state)))
+        for k, (pending, record) in enumerate(written):
+            if k and k % _WRITES_PER_TURN == 0:
+                await asyncio.sleep(0)  # serving goes on between chunks of writes
+            self._residency.tier.write(record)  # raises when the disk refuses: still pending
+            session = pending.session
+            self._residency.durability.checkpointed(session)  # its journal records go
+            self._sessions.set_replay_pending(session, False)
+            self._pending.pop(session.session_id, None)
+            self.replayed_sessions += 1
+            self.replayed_steps += pending.replay.end - pending.replay.base
+
+    def _compute(self, served: ServedVersion, batch: list[_Pending]) -> list[_Computed]:
+        """Off the event loop: read each base, run the journaled inputs through the model."""
+        computed = [_Computed() for _ in batch]
+        rows: list[ReplayRow] = []
+        live: list[int] = []
+        for k, pending in enumerate(batch):
+            try:
+                base = self._base(served, pending)
+            except SeqServeError as exc:
+                computed[k].problem = f"its checkpoint cannot be read: {exc.message}"
+                continue
+            earlier, last = pending.replay.split()
+            top_k, per_position = (pending.replay.last or (None,) * 5)[3:5]
+            rows.append(ReplayRow(base, earlier, last, top_k or 0, bool(per_position)))
+            live.append(k)
+        for k, (state, result) in zip(live, replay_rows(served.runner, rows), strict=True):
+            computed[k].state, computed[k].result = state, result
+        return computed
+
+    def _base(self, served: ServedVersion, pending: _Pending) -> SlotSnapshot:
+        if pending.fresh:
+            return served.pool.fresh_snapshot()
+        record = self._residency.tier.read(pending.session.session_id)
+        if record.header.position != pending.replay.base:
+            raise SessionLost(
+                f"its checkpoint is at position {record.header.position}, its journal starts "
+                f"from {pending.replay.base}"
+            )
+        return record.state
+
+
+def lose(
+    sessions: SessionStore,
+    residency: SessionResidency,
+    session: Session,
+    why: str,
+    error: type[SeqServeError] = SessionLost,
+) -> None:
+    """Refuse the session from now on (DATA_LOSS, or `error`), naming why."""
+    log.error("session %s cannot be recovered: %s", session.session_id, why)
+    if sessions.contains(session.session_id):
+        residency.durability.checkpointed(session)  # its journal records are not needed
+        residency.discard(session)
+        sessions.remove(session, "lost")
+        residency.versions.unpin(session.model, session.version)
+    sessions.mark_broken(session.session_id, why, error)

@@ -1,0 +1,136 @@
+"""Journal replay after a restart runs while the server serves: sessions are at their final
+positions from the start, a request replays its own session first, the rest replay in the
+background; a crash, a close, expiry or a shutdown in the middle of it loses nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.engine.replay import PendingReplays
+from service.engine.session_engine import SessionEngine
+from service.errors import SessionClosed
+from service.runtime.sampler import SamplingParams
+
+from .conftest import EngineFactory, FakeClock, close, crash, toks
+
+SAMPLING = SamplingParams(temperature=1.0, max_tokens=4)
+N = 12
+
+
+async def _fed_pairs(first: SessionEngine, roomy: SessionEngine) -> list[tuple[str, str]]:
+    """N sessions on `first` and their twins on `roomy`, fed and sampled alike."""
+    pairs = []
+    for i in range(N):
+        a, _ = await first.create_session("tok", seed=i)
+        b, _ = await roomy.create_session("tok", seed=i)
+        for k in range(3):
+            chunk = toks(*[(i * 7 + k * 3 + j) % 256 for j in range(1 + (i + k) % 4)])
+            assert (await first.feed(a.session_id, chunk)).position == (
+                await roomy.feed(b.session_id, chunk)
+            ).position
+        if i % 3 == 0:
+            got = [t.token_id async for t in first.generate(a.session_id, sampling=SAMPLING)]
+            want = [t.token_id async for t in roomy.generate(b.session_id, sampling=SAMPLING)]
+            assert got == want
+        pairs.append((a.session_id, b.session_id))
+    return pairs
+
+
+async def _same(engine: SessionEngine, roomy: SessionEngine, a: str, b: str, token: int) -> None:
+    """The next step and the next samples agree with the uninterrupted twin."""
+    got, want = await engine.feed(a, toks(token)), await roomy.feed(b, toks(token))
+    assert got.position == want.position
+    assert close(got.prediction, want.prediction), a
+    got_t = [t.token_id async for t in engine.generate(a, sampling=SAMPLING)]
+    assert got_t == [t.token_id async for t in roomy.generate(b, sampling=SAMPLING)]
+
+
+async def test_requests_replay_their_session_first_the_rest_replay_in_the_background(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    roomy = await make_engine(durability="shutdown")
+    pairs = await _fed_pairs(first, roomy)
+    await crash(first)
+
+    second = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    replays = second.leases.replays
+    assert len(replays) == N and second.stats().sessions_replaying == N  # nothing computed yet
+    for a, b in pairs:  # positions are final before any replay
+        assert second.get_session(a).position == roomy.get_session(b).position
+    a, b = pairs[5]
+    await _same(second, roomy, a, b, 42)  # replayed on demand, ahead of the background
+    await replays.wait()
+    assert len(replays) == 0 and second.stats().sessions_replaying == 0
+    assert replays.replayed_sessions == N
+    for k, (a, b) in enumerate(pairs):
+        if k != 5:
+            assert second.get_session(a).slot is None  # replayed to a checkpoint, not memory
+            await _same(second, roomy, a, b, 7)
+
+
+async def test_a_crash_before_the_background_replay_ends_loses_nothing(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    roomy = await make_engine(durability="shutdown")
+    pairs = await _fed_pairs(first, roomy)
+    await crash(first)
+
+    # The background replay gets to no session: each is replayed when a request needs it.
+    monkeypatch.setattr(PendingReplays, "_next_batch", lambda self: [])
+    second = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    a, b = pairs[0]
+    await _same(second, roomy, a, b, 11)  # replayed, stepped and journaled anew
+    assert len(second.leases.replays) == N - 1
+    await crash(second)  # the others never replayed: their journal segments must still be there
+
+    third = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    for a, b in pairs:
+        await _same(third, roomy, a, b, 3)
+
+
+async def test_shutdown_keeps_the_journal_of_sessions_not_yet_replayed(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    roomy = await make_engine(durability="shutdown")
+    pairs = await _fed_pairs(first, roomy)
+    await crash(first)
+
+    second = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    await second.stop()  # at once: the background replay had no turn
+    third = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    for a, b in pairs:
+        await _same(third, roomy, a, b, 5)
+
+
+async def test_close_and_expiry_of_sessions_whose_replay_is_pending(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    roomy = await make_engine(durability="shutdown")
+    pairs = await _fed_pairs(first, roomy)
+    await crash(first)
+
+    clock = FakeClock()
+    second = await make_engine(spill_dir=spill, checkpoint_steps=1000, clock=clock)
+    closed = pairs[1][0]
+    await second.close_session(closed)  # waits for its replay, then ends it
+    clock.advance(10 * 3600.0)  # past every TTL: but a session whose replay is pending stays
+    pending = len(second.leases.replays)
+    assert pending == N - 1 and second.lifecycle.sweep_expired() == 0
+    await second.leases.replays.wait()
+    assert second.lifecycle.sweep_expired() == N - 1  # replayed: its idle clock runs again
+    await crash(second)
+
+    third = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    with pytest.raises(SessionClosed):
+        third.get_session(closed)
+    assert len(third.sessions) == 0
