@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools the test suite drives as real components: `promtool` / `prometheus`
 # (Prometheus config, rules and a live scrape), `docker-compose` (compose file validation) and
-# `node` / `npm` (a Node.js gRPC client built from the .proto files alone).
+# `node` / `npm` (a Node.js gRPC client built from the .proto files alone), `nginx` (the gRPC
+# load balancer in front of replicas) and `redis-server` (the shared state tier).
 #
 # Idempotent: does nothing when every tool is already on PATH. As root it installs the missing
 # Debian packages (one `apt-get update`, no recommends); otherwise it names what to install and
@@ -15,6 +16,8 @@ declare -A PACKAGE_FOR=(
     [docker-compose]=docker-compose
     [node]=nodejs
     [npm]=npm
+    [nginx]=nginx
+    [redis-server]=redis-server
 )
 
 missing_packages=()
@@ -28,7 +31,7 @@ for tool in "${!PACKAGE_FOR[@]}"; do
 done
 
 if [[ ${#missing_packages[@]} -eq 0 ]]; then
-    echo "install-system-deps: promtool, prometheus, docker-compose, node and npm already present"
+    echo "install-system-deps: promtool, prometheus, docker-compose, node, npm, nginx and redis-server already present"
     exit 0
 fi
 
@@ -40,8 +43,8 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 
-# The Debian prometheus package enables and starts a daemon listening on :9090 on every
-# interface. Tests start their own Prometheus on 127.0.0.1, so forbid service starts during
+# The Debian prometheus, nginx and redis-server packages enable and start daemons (:9090 and :80
+# on every interface, :6379). Tests start their own on 127.0.0.1, so forbid service starts during
 # the install (policy-rc.d exit 101 = "action forbidden"), restoring any existing policy after.
 policy=/usr/sbin/policy-rc.d
 saved_policy=""
@@ -67,13 +70,17 @@ apt-get install -y --no-install-recommends "${missing_packages[@]}"
 # policy-rc.d in some setups), stop it so nothing listens on a non-loopback address, and
 # disable the unit (works offline too) so a reboot does not start it either.
 if command -v systemctl >/dev/null 2>&1; then
-    systemctl disable prometheus >/dev/null 2>&1 || true
-    if [[ -d /run/systemd/system ]]; then
-        systemctl stop prometheus >/dev/null 2>&1 || true
-    fi
+    for unit in prometheus nginx redis-server; do
+        systemctl disable "$unit" >/dev/null 2>&1 || true
+        if [[ -d /run/systemd/system ]]; then
+            systemctl stop "$unit" >/dev/null 2>&1 || true
+        fi
+    done
 fi
 if command -v service >/dev/null 2>&1; then
-    service prometheus stop >/dev/null 2>&1 || true
+    for unit in prometheus nginx redis-server; do
+        service "$unit" stop >/dev/null 2>&1 || true
+    done
 fi
 
 for tool in "${!PACKAGE_FOR[@]}"; do

@@ -17,7 +17,7 @@ from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2
-from service.sessions.session import Session
+from service.sessions.session import ROUTE_HEADER, Session
 
 
 class SessionServicer(pb_grpc.SessionServiceServicer):
@@ -42,6 +42,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             prefix=convert.input_from_pb(request.prefix) if request.HasField("prefix") else None,
             options=convert.options_from_pb(request.options),
             request_id=request.request_id,
+            route=_metadata(context, ROUTE_HEADER),
         )
         response = pb.CreateSessionResponse(session=self._session_pb(session))
         if outcome is not None and not request.options.skip:
@@ -182,6 +183,14 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         return self.engine.generate(
             session_id, prompt, sampling, line, expected_position=expected, request_id=request_id
         )
+
+
+def _metadata(context, key: str) -> str:  # type: ignore[no-untyped-def]
+    """The call's metadata value for `key` ("" when absent)."""
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return str(item.value)
+    return ""
 
 
 def _expected(request) -> int | None:  # type: ignore[no-untyped-def]

@@ -16,12 +16,18 @@ the same request with the same id and position, within its `RetryPolicy`; the se
 it if it had not, or answers with the original reply if it had (a generation resends the
 tokens it applied and goes on; the client yields each token once). So an app that calls
 `session.feed(...)` across a server crash and restart sees each input applied exactly once.
+
+Routing: every call carries the session's routing key as `x-seqserve-route` metadata, so a
+load balancer that hashes it (nginx, ingress-nginx; see the README) sends all calls of a
+session to one replica. A new session's key is the one given to `create_session`, else the
+client's `route_key`, else a random one; it is part of the session id from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,6 +42,7 @@ from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.sessions.session import ROUTE_HEADER, route_of
 
 T = TypeVar("T")
 
@@ -141,9 +148,11 @@ class SeqServeClient:
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         retry: RetryPolicy | None = None,
+        route_key: str | None = None,
     ) -> None:
         self.target = target
         self.retry = retry or RetryPolicy()
+        self.route_key = route_key  # for every session this client creates (None: one each)
         self.channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -171,20 +180,28 @@ class SeqServeClient:
         seed: int | None = None,
         ttl_seconds: float | None = None,
         sampling: types.Sampling | None = None,
+        route_key: str | None = None,
     ) -> ClientSession:
+        """A new session; `route_key` (else the client's, else a random one) routes it."""
         request = pb.CreateSessionRequest(model=model, version=version, request_id=new_request_id())
+        key = route_key or self.route_key or secrets.token_urlsafe(6)
+        metadata = ((ROUTE_HEADER, key),)
         if seed is not None:
             request.seed = seed
         if ttl_seconds is not None:
             request.ttl.CopyFrom(_duration(ttl_seconds))
         if sampling is not None:
             request.default_sampling.CopyFrom(sampling)
-        response = await self.retry.run(lambda: self.sessions.CreateSession(request))
+        response = await self.retry.run(
+            lambda: self.sessions.CreateSession(request, metadata=metadata)
+        )
         return ClientSession(self, response.session)
 
     async def attach(self, session_id: str) -> ClientSession:
         """A handle on an existing session (e.g. after a reconnect)."""
-        response = await self.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))
+        response = await self.sessions.GetSession(
+            pb.GetSessionRequest(session_id=session_id), metadata=route_metadata(session_id)
+        )
         return ClientSession(self, response.session)
 
     async def list_models(self) -> list[reg_pb.ModelSummary]:
@@ -196,6 +213,7 @@ class ClientSession:
         self.client = client
         self.info = info
         self.session_id = info.session_id
+        self.metadata = route_metadata(info.session_id)  # on every call: routes to its replica
         # What the server has applied, as far as we know; None after a generation we stopped
         # reading early (the server may have applied a token more): asked again before use.
         self.position: int | None = info.position
@@ -219,7 +237,9 @@ class ClientSession:
             options=types.PredictionOptions(top_k=top_k),
             expected_position=self.position,
         )
-        response = await self.client.retry.run(lambda: self.client.sessions.Step(request))
+        response = await self.client.retry.run(
+            lambda: self.client.sessions.Step(request, metadata=self.metadata)
+        )
         self.position = response.position
         return prediction_from_pb(response.prediction)
 
@@ -253,7 +273,7 @@ class ClientSession:
         done = False
         try:
             while True:
-                call = self.client.sessions.Generate(request)
+                call = self.client.sessions.Generate(request, metadata=self.metadata)
                 seen = 0
                 try:
                     async for response in call:
@@ -280,19 +300,28 @@ class ClientSession:
         request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
         if seed is not None:
             request.seed = seed
-        response = await self.client.retry.run(lambda: self.client.sessions.ForkSession(request))
+        response = await self.client.retry.run(
+            lambda: self.client.sessions.ForkSession(request, metadata=self.metadata)
+        )
         return ClientSession(self.client, response.session)
 
     async def refresh(self) -> types.Session:
         response = await self.client.sessions.GetSession(
-            pb.GetSessionRequest(session_id=self.session_id)
+            pb.GetSessionRequest(session_id=self.session_id), metadata=self.metadata
         )
         self.info = response.session
         self.position = response.session.position
         return self.info
 
     async def close(self) -> None:
-        await self.client.sessions.CloseSession(pb.CloseSessionRequest(session_id=self.session_id))
+        await self.client.sessions.CloseSession(
+            pb.CloseSessionRequest(session_id=self.session_id), metadata=self.metadata
+        )
+
+
+def route_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that routes a call on `session_id` (for a Stream: one per routing key)."""
+    return ((ROUTE_HEADER, route_of(session_id)),)
 
 
 def _duration(seconds: float) -> Duration:

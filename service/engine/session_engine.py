@@ -237,12 +237,14 @@ class SessionEngine:
         prefix: ModelInput | None = None,
         options: PredictionOptions | None = None,
         request_id: str = "",
+        route: str = "",
     ) -> tuple[Session, FeedOutcome | None]:
         """A new session, and the outcome of feeding it `prefix` (see `SessionMaker`)."""
         self._check_open()
         return await self.maker.create(
-            model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id
-        )
+            model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id,
+            route,
+        )  # fmt: skip
 
     def get_session(self, session_id: str) -> Session:
         return self.sessions.get(session_id)

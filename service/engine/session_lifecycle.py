@@ -22,7 +22,7 @@ from service.engine.session_lease import SessionLeases
 from service.engine.session_residency import SessionResidency
 from service.errors import InvalidArgument, SeqServeError
 from service.runtime.sampler import SamplingParams, SessionRng
-from service.sessions.session import Session, new_session_id
+from service.sessions.session import Session, new_session_id, route_of
 from service.sessions.session_store import SessionStore
 from service.settings import SessionSettings
 
@@ -65,6 +65,7 @@ class SessionLifecycle:
         ttl_seconds: float | None,
         default_sampling: SamplingParams | None,
         request_id: str = "",
+        route: str = "",
     ) -> Session:
         ttl = self.ttl(ttl_seconds)
         sampling = default_sampling or SamplingParams()
@@ -76,7 +77,7 @@ class SessionLifecycle:
         try:
             slot = await self._residency.allocate(served)
             session = Session(
-                session_id=new_session_id(),
+                session_id=new_session_id(route),
                 model=served.name,
                 version=served.version,
                 fingerprint=served.fingerprint,
@@ -116,7 +117,7 @@ class SessionLifecycle:
             assert source.slot is not None
             self._residency.copy_state(served, source.slot, slot)
             child = Session(
-                session_id=new_session_id(),
+                session_id=new_session_id(route_of(source.session_id)),  # same replica
                 model=source.model,
                 version=source.version,
                 fingerprint=source.fingerprint,

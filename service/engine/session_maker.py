@@ -18,8 +18,9 @@ from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
 from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
+from service.errors import InvalidArgument
 from service.runtime.sampler import SamplingParams
-from service.sessions.session import Session
+from service.sessions.session import ROUTE_HEADER, Session, valid_route
 from service.sessions.session_store import SessionStore
 
 
@@ -51,18 +52,25 @@ class SessionMaker:
         prefix: ModelInput | None,
         options: PredictionOptions | None,
         request_id: str,
+        route: str = "",
     ) -> tuple[Session, FeedOutcome | None]:
         """A new session, and the outcome of feeding it `prefix` (validated before the
-        session exists). A retry with the same `request_id` returns the first call's."""
+        session exists). A retry with the same `request_id` returns the first call's. `route`
+        is its routing key (random when empty)."""
         check_request_id(request_id)
+        if route and not valid_route(route):
+            raise InvalidArgument(
+                f"routing key ({ROUTE_HEADER}) must be 1-64 characters of A-Z a-z 0-9 _ -"
+            )
         key = f"create:{request_id}"
         async with self._made_once(key if request_id else ""):
             made = self.sessions.made(key) if request_id else None
             if made is not None:  # a retry: what the first call made, and its prefix's outcome
                 return made, await self._prefix_outcome(made, request_id)
             return await self._create(
-                model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id
-            )
+                model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id,
+                route,
+            )  # fmt: skip
 
     async def _create(
         self,
@@ -74,6 +82,7 @@ class SessionMaker:
         prefix: ModelInput | None,
         options: PredictionOptions | None,
         request_id: str,
+        route: str,
     ) -> tuple[Session, FeedOutcome | None]:
         ttl = self.lifecycle.ttl(ttl_seconds)
         served = await self.lifecycle.version_for_new_session(model, version)
@@ -81,7 +90,7 @@ class SessionMaker:
         prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
         session = await self.lifecycle.create(
             served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
-            request_id=request_id,
+            request_id=request_id, route=route,
         )  # fmt: skip
         if prefix_tensor is None:
             return session, None

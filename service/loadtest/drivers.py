@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from service.client.client import route_metadata
 from service.loadtest.config import LoadConfig
 from service.loadtest.recorder import LoadRecorder
 from service.loadtest.target import ModelInfo, status_name
@@ -72,6 +73,7 @@ class StreamGroupDriver:
         self._recorder = recorder
         self._stop = stop
         self._rng = random.Random(sessions[0].rng.random())  # think times of this group
+        self._route = route_metadata(sessions[0].session_id)  # the group shares a routing key
         self._tick = 0
         self._generates = model.input_kind == "tokens" and config.generate_fraction > 0
         self._options = types.PredictionOptions(top_k=config.top_k)
@@ -91,7 +93,7 @@ class StreamGroupDriver:
                 try:
                     if turn.items:
                         if call is None:
-                            call = self._stub.Stream()
+                            call = self._stub.Stream(metadata=self._route)
                         if not await self._exchange(call, turn):
                             call.cancel()
                             call = None
@@ -191,7 +193,7 @@ class StreamGroupDriver:
         sent = time.perf_counter()
         rec.message_sent(sent, 0)
         last: float | None = None
-        call = self._stub.Generate(request)
+        call = self._stub.Generate(request, metadata=route_metadata(session.session_id))
         try:
             async for response in call:
                 now = time.perf_counter()

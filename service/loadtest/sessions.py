@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import grpc
 
+from service.client.client import route_metadata
 from service.loadtest.config import LoadConfig
 from service.loadtest.drivers import ClientSession
 from service.loadtest.recorder import LoadRecorder
@@ -17,6 +19,7 @@ from service.loadtest.target import ModelInfo
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.sessions.session import ROUTE_HEADER
 
 _CONCURRENCY = 32  # set-up calls in flight at once
 _HISTORY_CHUNK = 1024  # inputs per prefill call, well under the server's chunk limit
@@ -45,13 +48,15 @@ async def create_sessions(
     add `config.invalid_sessions` ids the server never issued. Failures are recorded."""
     master = random.Random(config.seed)
     seeds = [master.getrandbits(63) for _ in range(config.sessions + config.invalid_sessions)]
+    run = secrets.token_urlsafe(4)  # this run's routing keys: one per Stream group
 
     async def create(i: int) -> ClientSession | None:
         request = pb.CreateSessionRequest(
             model=model.name, version=str(model.version), seed=seeds[i]
         )
+        route = ((ROUTE_HEADER, f"lt{run}-{i // max(1, config.multiplex)}"),)
         try:
-            response = await stub.CreateSession(request)
+            response = await stub.CreateSession(request, metadata=route)
         except grpc.aio.AioRpcError as exc:
             recorder.error("create", exc.code().name, exc.details() or "", time.perf_counter())
             return None
@@ -89,7 +94,7 @@ async def _prefill(
             options=skip,
         )
         try:
-            await stub.Step(request)
+            await stub.Step(request, metadata=route_metadata(session.session_id))
         except grpc.aio.AioRpcError as exc:
             recorder.error("history", exc.code().name, exc.details() or "", time.perf_counter())
             return False
@@ -104,7 +109,7 @@ async def close_sessions(
         request = pb.CloseSessionRequest(session_id=session.session_id)
         for attempt in range(_CLOSE_RETRIES):
             try:
-                await stub.CloseSession(request)
+                await stub.CloseSession(request, metadata=route_metadata(session.session_id))
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.ABORTED and attempt + 1 < _CLOSE_RETRIES:

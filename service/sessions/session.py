@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from service.runtime.sampler import SamplingParams, SessionRng
 
+# The routing key: chosen at creation (by the client, in this metadata, or at random) and part
+# of the session's id, so anyone holding the id can route its calls (DESIGN section 11).
+ROUTE_HEADER = "x-seqserve-route"
+ROUTE_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+SESSION_ID_PATTERN = rf"^s_(?:{ROUTE_PATTERN}\.)?[A-Za-z0-9_-]{{1,64}}$"
+_ROUTE_RE = re.compile(rf"^{ROUTE_PATTERN}$")
 
-def new_session_id() -> str:
-    """Unguessable: 128 random bits, URL-safe (and so safe as a file name in the spill tier)."""
-    return "s_" + secrets.token_urlsafe(16)
+
+def new_session_id(route: str = "") -> str:
+    """`s_<route>.<128 random bits>`: unguessable, URL-safe and safe as a file name. A random
+    route (48 bits) when none is given."""
+    return f"s_{route or secrets.token_urlsafe(6)}.{secrets.token_urlsafe(16)}"
+
+
+def route_of(session_id: str) -> str:
+    """The routing key in a session id (the whole id for ids made before keys existed)."""
+    body = session_id[2:] if session_id.startswith("s_") else session_id
+    route, dot, _ = body.partition(".")
+    return route if dot else session_id
+
+
+def valid_route(route: str) -> bool:
+    return bool(_ROUTE_RE.match(route))
 
 
 @dataclass

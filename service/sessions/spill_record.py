@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.errors import SpillCorrupted
 from service.runtime.sampler import SamplingParams
 from service.runtime.state_pool import SlotSnapshot
+from service.sessions.session import SESSION_ID_PATTERN
 
 MAGIC = b"SQSPILL1"
 _LENGTH = struct.Struct("<I")
@@ -40,7 +41,7 @@ class SpillHeader(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    session_id: str = Field(pattern=r"^s_[A-Za-z0-9_-]{1,64}$")
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
     model: str
     version: int = Field(ge=1)
     fingerprint: str

@@ -28,13 +28,14 @@ from service.errors import (
     SpillTierInUse,
 )
 from service.sessions import spill_record
+from service.sessions.session import SESSION_ID_PATTERN
 from service.sessions.spill_record import SpillHeader, SpillRecord
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".spill"
 STOP_MARKER = ".stopped_at"  # wall time of the last clean stop
-_ID_RE = re.compile(r"^s_[A-Za-z0-9_-]{1,64}$")
+_ID_RE = re.compile(SESSION_ID_PATTERN)
 _SYNC_THREADS = 8  # fsyncs in parallel share journal commits
 
 

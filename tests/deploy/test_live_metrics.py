@@ -11,6 +11,7 @@ from collections import Counter
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.metrics.prometheus_metrics import PHASES, SESSION_EVENTS
+from service.sessions.session import SESSION_ID_PATTERN
 
 from .exposition import Exposition, fetch
 from .traffic import MODEL, Tally, Traffic
@@ -34,7 +35,7 @@ DESIGN_FAMILIES = {
 }
 BOUNDED_LABELS = {"method", "code", "model", "version", "tier", "event", "phase", "le"}
 INFO_LABELS = {"fingerprint", "cell"}  # seqserve_model_info only: one series per loaded version
-SESSION_ID = re.compile(r"^s_[A-Za-z0-9_-]{16,}$")  # service.sessions.session.new_session_id
+SESSION_ID = re.compile(SESSION_ID_PATTERN)  # service.sessions.session.new_session_id
 V = {"model": MODEL, "version": "1"}
 
 
