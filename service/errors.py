@@ -148,6 +148,16 @@ class SpillDirUnusable(Unavailable):
     no permission): the server does not start."""
 
 
+class SessionMoved(Unavailable):
+    """Another replica took the session over (its epoch moved on): this replica's write was
+    refused and the step not applied; a retry reaches the holder or takes it back."""
+
+
+class StateTierUnusable(Unavailable):
+    """The Redis state tier is unreachable or configured to lose sessions: the server does not
+    start."""
+
+
 class JournalUnavailable(Unavailable):
     """A step could not be made durable (the state directory is full, read-only or failing);
     it was not applied."""

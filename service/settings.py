@@ -105,6 +105,11 @@ class SessionSettings(BaseModel):
     or are lost (`shutdown`). Shutdown takes at most `grace_seconds` plus this."""
     journal_segment_bytes: int = 64 * 1024 * 1024
     """Journal segment size: segments no session needs any more are deleted whole."""
+    state_url: str = ""
+    """The shared state tier, `redis://HOST:PORT/DB` (or `rediss://`): every session's
+    checkpoint, journal and holder live there, so any replica can take a session over. Empty:
+    the local tier (`spill_dir`). Needs `durability=journal`; Redis must run with
+    `appendonly yes` and `maxmemory-policy noeviction` (checked at start-up)."""
 
 
 class Settings(BaseSettings):

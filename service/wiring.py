@@ -26,15 +26,18 @@ from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.session_residency import SessionResidency
 from service.engine.store_watcher import StoreWatcher
+from service.engine.takeover import Takeover
 from service.engine.version_loader import VersionLoader
 from service.metrics.prometheus_metrics import Metrics
 from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
 from service.runtime.state_pool import ByteBudget
 from service.sessions.journal import Journal
+from service.sessions.redis_state import RedisCheckpoints, RedisJournal, RedisState
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_tier import SpillTier
+from service.sessions.state_tier import Checkpoints, JournalLog
 from service.settings import Settings
 
 
@@ -53,23 +56,28 @@ def build_engine(
     # not `or`: an empty session store is falsy
     sessions = sessions if sessions is not None else SessionStore(cfg.max_sessions)
     budget = ByteBudget(cfg.pool_bytes)
-    journal = (
-        Journal(
+    shared = RedisState(cfg.state_url, fsync=cfg.fsync) if cfg.state_url else None
+    journal: JournalLog | None = None
+    if shared is not None:
+        journal = RedisJournal(shared, sessions)
+    elif cfg.durability == "journal":
+        journal = Journal(
             cfg.spill_dir / "journal",
             fsync=cfg.fsync,
             fsync_interval_seconds=cfg.fsync_interval_seconds,
             segment_bytes=cfg.journal_segment_bytes,
         )
-        if cfg.durability == "journal"
-        else None
-    )
     durability = Durability(journal, sessions, cfg.checkpoint_steps, cfg.checkpoint_idle_seconds)
     loader = VersionLoader(
         store, budget, settings.engine, cfg.pool_initial_slots, observer,
         commit=durability.commit if durability.enabled else None,
     )  # fmt: skip
     versions = ServedVersions(store, VersionRule(), loader, observer)
-    spill = SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
+    spill: Checkpoints = (
+        RedisCheckpoints(shared, sessions)
+        if shared is not None
+        else SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
+    )
 
     def on_residency_event(event: str, session: Session) -> None:  # evicted, restored
         observer.on_session_event(event, session.model, str(session.version))
@@ -77,9 +85,8 @@ def build_engine(
     residency = SessionResidency(
         sessions, versions, spill, on_residency_event, durability, cfg.slot_wait_seconds
     )
-    leases = SessionLeases(
-        sessions, versions, residency, durability, PendingReplays(sessions, versions, residency)
-    )
+    replays = PendingReplays(sessions, versions, residency)
+    leases = SessionLeases(sessions, versions, residency, durability, replays)
     lifecycle = SessionLifecycle(
         sessions, versions, residency, leases, durability, cfg,
         settings.engine.max_generate_tokens, observer,
@@ -96,6 +103,7 @@ def build_engine(
         feeder=feeder,
         watcher=StoreWatcher(versions),
         durability=durability,
+        takeover=Takeover(shared, sessions, versions, residency, replays, observer),
         background=Background(
             cfg.sweep_interval_seconds, settings.registry_poll_seconds, cfg.write_timeout_seconds
         ),

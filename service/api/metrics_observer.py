@@ -37,6 +37,9 @@ class MetricsObserver(VersionObserver):
     def on_session_event(self, event: str, model: str, version: str) -> None:
         self.metrics.session_event(event, model, version)
 
+    def on_takeover(self, model: str, version: str, seconds: float) -> None:
+        self.metrics.observe_takeover(model, version, seconds)
+
     def on_loaded(self, served: ServedVersion) -> None:
         version = str(served.version)
         pending = self._forgetting.pop((served.name, version), None)

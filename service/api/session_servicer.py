@@ -50,9 +50,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         return response
 
     async def GetSession(self, request, context):  # type: ignore[no-untyped-def]
-        return pb.GetSessionResponse(
-            session=self._session_pb(self.engine.get_session(request.session_id))
-        )
+        session = await self.engine.describe_session(request.session_id)
+        return pb.GetSessionResponse(session=self._session_pb(session))
 
     async def CloseSession(self, request, context):  # type: ignore[no-untyped-def]
         session = await self.engine.close_session(request.session_id)
@@ -172,17 +171,21 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                     token=convert.token_to_pb(token),
                 )
 
-    def _generate(self, session_id, prompt_pb, sampling_pb, line, expected, request_id):  # type: ignore[no-untyped-def]
+    async def _generate(self, session_id, prompt_pb, sampling_pb, line, expected, request_id):  # type: ignore[no-untyped-def]
         """The engine's token stream; sampling fields the request leaves unset fall back to
         the session's defaults."""
+        await self.engine.locate(session_id)  # its defaults are the holder's
         sampling = None
         if sampling_pb is not None:
             base = self.engine.get_session(session_id).default_sampling
             sampling = convert.sampling_from_pb(sampling_pb, base)
         prompt = convert.input_from_pb(prompt_pb) if prompt_pb is not None else None
-        return self.engine.generate(
+        tokens = self.engine.generate(
             session_id, prompt, sampling, line, expected_position=expected, request_id=request_id
         )
+        async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+            async for token in stream:
+                yield token
 
 
 def _metadata(context, key: str) -> str:  # type: ignore[no-untyped-def]

@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", type=Path, help="model store (default: SEQSERVE_MODEL_STORE)")
     p.add_argument("--spill-dir", type=Path, help="session spill directory")
     p.add_argument("--spill-max-bytes", type=int, help="cap on the spill directory's size")
+    p.add_argument(
+        "--state-url",
+        help="shared state tier, redis://HOST:PORT/DB: replicas take sessions over from it",
+    )
     p.add_argument("--pool-bytes", type=int, help="byte budget for session state in memory")
     p.add_argument("--max-sessions", type=int, help="cap on live sessions (memory and spilled)")
     p.add_argument("--ttl", type=float, help="default idle TTL of a session, in seconds")
@@ -52,6 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     flags = {
         "spill_dir": getattr(args, "spill_dir", None),
         "spill_max_bytes": getattr(args, "spill_max_bytes", None),
+        "state_url": getattr(args, "state_url", None),
         "pool_bytes": getattr(args, "pool_bytes", None),
         "max_sessions": getattr(args, "max_sessions", None),
         "ttl_seconds": getattr(args, "ttl", None),
@@ -71,7 +76,7 @@ def write_port_file(path: Path, server: SeqServeServer) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.api.server import serve  # heavy imports only for this command
-    from service.errors import PortInUse, SpillDirUnusable, SpillTierInUse
+    from service.errors import PortInUse, SpillDirUnusable, SpillTierInUse, StateTierUnusable
 
     settings = settings_from_args(args)
     logging.basicConfig(
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     on_started = None if port_file is None else (lambda srv: write_port_file(port_file, srv))
     try:
         asyncio.run(serve(settings, on_started))
-    except (PortInUse, SpillDirUnusable, SpillTierInUse) as exc:
+    except (PortInUse, SpillDirUnusable, SpillTierInUse, StateTierUnusable) as exc:
         print(f"seqserve serve: {exc.message}", file=sys.stderr)  # one line, no traceback
         return 2
     return 0

@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from service.errors import JournalUnavailable
+from service.errors import JournalUnavailable, SessionMoved
 from service.sessions import journal_record
-from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
+from service.sessions.state_tier import JournalLog
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Durability:
     def __init__(
         self,
-        journal: Journal | None,
+        journal: JournalLog | None,
         sessions: SessionStore,
         checkpoint_steps: int,
         checkpoint_idle_seconds: float,
@@ -99,6 +99,10 @@ class Durability:
             record = journal_record.end(session.session_id, session.position, why)
             try:
                 self.journal.append([record])
+            except SessionMoved:
+                if must_record:
+                    raise
+                # another replica holds it now: its end is not this replica's to write
             except JournalUnavailable:
                 if must_record:
                     raise

@@ -14,6 +14,7 @@ other weights, with FAILED_PRECONDITION.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,12 +22,13 @@ from dataclasses import dataclass, field
 from service.engine.replay import PendingReplays, lose, replay_of
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
-from service.engine.session_residency import SessionResidency
+from service.engine.session_residency import SessionResidency, session_from
 from service.errors import SeqServeError, SessionLost, SpillMismatch, VersionGone
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
+from service.sessions.spill_record import SpillRecord
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,50 @@ class Recovery:
     async def run(self, records: Iterable[jr.JournalRecord], oldest_segment: int) -> RecoveryReport:
         """Plan every session's replay; their journal records stay (`oldest_segment` pinned)
         until each has a new checkpoint."""
-        plans = self._plan(records)
+        known = {s.session_id: s for s in self._sessions}  # from their checkpoints
+        return await self._recover(self._plan(records, known), oldest_segment)
+
+    async def take_over(
+        self,
+        session_id: str,
+        checkpoint: SpillRecord | None,
+        records: list[jr.JournalRecord],
+        epoch: int,
+    ) -> None:
+        """One session read from the shared tier (its checkpoint, its journal since) becomes
+        this replica's, at `epoch`: at its position, its replay pending as after a restart."""
+        known: dict[str, Session] = {}
+        if checkpoint is not None:
+            header = checkpoint.header
+            session = session_from(header, self._sessions.clock())
+            self._sessions.set_epoch(session, epoch)
+            self._residency.adopt(session, header)
+            known[session_id] = session
+        plans = self._plan(records, known)
+        for plan in plans.values():
+            self._sessions.set_epoch(plan.session, epoch)
+        await self._recover(plans, 0)
+
+    async def describe(
+        self, session_id: str, checkpoint: SpillRecord | None, records: list[jr.JournalRecord]
+    ) -> Session | None:
+        """The session the tier holds, as a detached copy at its journaled position (None when
+        its records say nothing usable): what GetSession answers on a replica not holding it."""
+        base = None
+        if checkpoint is not None:
+            base = session_from(checkpoint.header, self._sessions.clock())
+        else:
+            create = next((r for r in records if r.kind == jr.CREATE and r.meta), None)
+            if create is not None and create.meta is not None:
+                base = _fresh_session(session_id, create.meta, self._sessions.clock())
+        if base is None:
+            return None
+        served = await self._versions.get(base.model, base.version)
+        cfg = served.config
+        replay = replay_of(records, base.position, cfg.input_kind, cfg.input_dim)
+        return dataclasses.replace(base, position=replay.end)
+
+    async def _recover(self, plans: dict[str, _Plan], oldest_segment: int) -> RecoveryReport:
         by_version: dict[tuple[str, int], list[_Plan]] = {}
         for plan in plans.values():
             s = plan.session
@@ -87,8 +132,9 @@ class Recovery:
 
     # ---- reading the journal -------------------------------------------------------------
 
-    def _plan(self, records: Iterable[jr.JournalRecord]) -> dict[str, _Plan]:
-        known: dict[str, Session] = {s.session_id: s for s in self._sessions}  # checkpoints
+    def _plan(
+        self, records: Iterable[jr.JournalRecord], known: dict[str, Session]
+    ) -> dict[str, _Plan]:
         plans: dict[str, _Plan] = {}
         for rec in records:
             sid = rec.session_id

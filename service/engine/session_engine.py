@@ -36,12 +36,13 @@ from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.session_maker import SessionMaker
 from service.engine.session_residency import SessionResidency
 from service.engine.store_watcher import StoreWatcher
+from service.engine.takeover import Takeover
 from service.errors import SeqServeError, Unavailable
 from service.runtime.sampler import SamplingParams
 from service.runtime.state_pool import ByteBudget
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
-from service.sessions.spill_tier import SpillTier
+from service.sessions.state_tier import Checkpoints
 
 __all__ = ["Feed", "FeedOutcome", "Line", "ModelInput", "PredictionOptions", "SessionEngine"]
 
@@ -86,7 +87,7 @@ class SessionEngine:
         sessions: SessionStore,
         versions: ServedVersions,
         residency: SessionResidency,
-        spill: SpillTier,
+        spill: Checkpoints,
         budget: ByteBudget,
         leases: SessionLeases,
         lifecycle: SessionLifecycle,
@@ -94,8 +95,10 @@ class SessionEngine:
         watcher: StoreWatcher,
         durability: Durability,
         background: Background,
+        takeover: Takeover,
     ) -> None:
         self.durability = durability
+        self.takeover = takeover
         self.sessions = sessions
         self.versions = versions
         self.residency = residency
@@ -115,6 +118,7 @@ class SessionEngine:
 
     async def start(self) -> None:
         """Index the spill tier (sessions from before a restart), then start the sweepers."""
+        await self.takeover.start()
         resumed = await asyncio.to_thread(self.residency.open)
         journal = self.durability.journal
         if journal is not None:
@@ -247,9 +251,22 @@ class SessionEngine:
         )  # fmt: skip
 
     def get_session(self, session_id: str) -> Session:
+        """The session as this replica has it (see `describe_session` for any replica's)."""
         return self.sessions.get(session_id)
 
+    async def describe_session(self, session_id: str) -> Session:
+        """The session wherever it is held; read-only: it does not move it here."""
+        local = self.sessions.peek(session_id)
+        if (local is not None and not self.takeover.moved(session_id)) or not self.takeover.shared:
+            return self.sessions.get(session_id)
+        return await self.takeover.describe(session_id)
+
+    async def locate(self, session_id: str) -> None:
+        """Take the session over from the shared tier if another replica (or none) holds it."""
+        await self.takeover.ensure(session_id)
+
     async def close_session(self, session_id: str) -> Session:
+        await self.takeover.ensure(session_id)
         return await self.lifecycle.close(session_id)
 
     async def fork_session(
@@ -260,6 +277,7 @@ class SessionEngine:
         request_id: str = "",
     ) -> Session:
         self._check_open()
+        await self.takeover.ensure(session_id)
         return await self.maker.fork(session_id, ttl_seconds, seed, request_id)
 
     async def sweep_expired(self) -> int:
@@ -282,6 +300,7 @@ class SessionEngine:
         request_id: str = "",
     ) -> FeedOutcome:
         self._check_open()
+        await self.takeover.ensure(session_id)
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
         return await self.feeder.feed(feed, line)
 
@@ -292,9 +311,21 @@ class SessionEngine:
         the feed's result, or the error that refused that feed alone."""
         if self.draining:
             return [Unavailable("server is draining; retry on another replica")] * len(feeds)
-        return await self.feeder.feed_many(feeds, line)
+        if not self.takeover.shared:
+            return await self.feeder.feed_many(feeds, line)
+        refused: dict[str, SeqServeError] = {}
+        for session_id in dict.fromkeys(f.session_id for f in feeds):  # in the items' order
+            try:
+                await self.takeover.ensure(session_id)
+            except SeqServeError as exc:  # the tier is unreachable, or the session is moving
+                refused[session_id] = exc
+        if not refused:
+            return await self.feeder.feed_many(feeds, line)
+        going = [f for f in feeds if f.session_id not in refused]
+        done = iter(await self.feeder.feed_many(going, line) if going else [])
+        return [refused.get(f.session_id) or next(done) for f in feeds]
 
-    def generate(
+    async def generate(
         self,
         session_id: str,
         prompt: ModelInput | None = None,
@@ -306,9 +337,13 @@ class SessionEngine:
     ) -> AsyncIterator[GeneratedToken]:
         """Sample up to `max_tokens`, one token per step (see `SessionFeeder.generate`)."""
         self._check_open()
-        return self.feeder.generate(
+        await self.takeover.ensure(session_id)
+        tokens = self.feeder.generate(
             session_id, prompt, sampling, line, expected_position, request_id
         )
+        async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+            async for token in stream:
+                yield token
 
     def _check_open(self) -> None:
         if self.draining:

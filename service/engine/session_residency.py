@@ -24,6 +24,7 @@ from service.errors import (
     PoolExhausted,
     ResourceExhausted,
     SeqServeError,
+    SessionMoved,
     SpillCorrupted,
     SpillMismatch,
     Unavailable,
@@ -33,7 +34,7 @@ from service.runtime.state_pool import SlotSnapshot
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_record import SpillHeader, SpillRecord
-from service.sessions.spill_tier import SpillTier
+from service.sessions.state_tier import Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class SessionResidency:
         self,
         sessions: SessionStore,
         versions: ServedVersions,
-        tier: SpillTier,
+        tier: Checkpoints,
         on_event: SessionEvent,
         durability: Durability,
         wait_seconds: float = 0.0,
@@ -78,7 +79,7 @@ class SessionResidency:
         for header in scan.headers:
             idle = max(0.0, idle_until - header.last_used_wall)
             try:
-                session = _session_from(header, self.sessions.clock() - idle)
+                session = session_from(header, self.sessions.clock() - idle)
             except (TypeError, ValueError, KeyError) as exc:  # numpy rejected the RNG state
                 self.sessions.mark_broken(header.session_id, f"unusable RNG state: {exc}")
                 continue
@@ -86,11 +87,15 @@ class SessionResidency:
                 self.tier.delete(header.session_id)
                 self.sessions.remove(session, "expired")
                 continue
-            self.sessions.adopt(session)
-            self.sessions.remember(session, from_record(header.last_request, session))
-            self.versions.pin(session.model, session.version)
+            self.adopt(session, header)
             adopted += 1
         return adopted
+
+    def adopt(self, session: Session, header: SpillHeader) -> None:
+        """A session read back from its checkpoint (`header`) joins the live ones, spilled."""
+        self.sessions.adopt(session)
+        self.sessions.remember(session, from_record(header.last_request, session))
+        self.versions.pin(session.model, session.version)
 
     # ---- slots ---------------------------------------------------------------------------
 
@@ -135,7 +140,13 @@ class SessionResidency:
                     "every session in memory is busy; retry shortly, or raise "
                     "SEQSERVE_SESSIONS__POOL_BYTES"
                 )
-            self.spill(victim)
+            try:
+                self.spill(victim)
+            except SessionMoved:  # another replica holds it: this copy is stale, let it go
+                self.discard(victim)
+                self.sessions.forget(victim)
+                self.versions.unpin(victim.model, victim.version)
+                continue
             self._on_event("evicted", victim)
 
     def _reclaim(self, wanting: ServedVersion) -> bool:
@@ -242,6 +253,8 @@ class SessionResidency:
                 continue
             try:
                 self.checkpoint(session)
+            except SessionMoved:
+                continue  # another replica holds it; the next request here drops this copy
             except SeqServeError as exc:
                 log.warning("checkpoint of an idle session failed: %s", exc.message)
                 break  # the disk refuses: try again at the next sweep
@@ -266,6 +279,8 @@ class SessionResidency:
             try:
                 self.spill(session)
                 written += 1
+            except SessionMoved:
+                pass  # another replica holds it: nothing of it is this replica's to write
             except SeqServeError as exc:
                 lost += 1
                 log.error("session %s could not be spilled: %s", session.session_id, exc.message)
@@ -297,7 +312,8 @@ class SessionResidency:
         )
 
 
-def _session_from(header: SpillHeader, last_used: float) -> Session:
+def session_from(header: SpillHeader, last_used: float) -> Session:
+    """The session a checkpoint describes, not in memory."""
     return Session(
         session_id=header.session_id,
         model=header.model,

@@ -10,6 +10,7 @@ session id: a session label would create a series per user and take Prometheus d
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ MODEL_LOAD_BUCKETS: tuple[float, ...] = (
 # Rows per batched step: powers of two up past any sane `max_batch_size`.
 BATCH_ROWS_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))  # 1 … 4096
 
-SESSION_EVENTS = ("created", "closed", "expired", "evicted", "restored", "forked")
+SESSION_EVENTS = (
+    "created", "closed", "expired", "evicted", "restored", "forked", "taken_over", "moved",
+)  # fmt: skip
 TIERS = ("memory", "spilled")
 # Sessions also count by "replaying": recovered, their journaled steps not yet replayed.
 SESSION_TIERS = (*TIERS, "replaying")
@@ -105,6 +108,11 @@ class Metrics:
             "seqserve_step_phase_seconds",
             "Compute time of one batched step, by phase (gather, forward, scatter, sample).",
             (*_MV, "phase"), buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._takeover = Histogram(
+            "seqserve_takeover_seconds",
+            "Taking a session over from the shared state tier: claim, read, version load.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._step = Histogram(
             "seqserve_step_duration_seconds",
@@ -245,6 +253,9 @@ class Metrics:
             raise ValueError(f"unknown session event {event!r}; expected one of {SESSION_EVENTS}")
         counter.inc()
 
+    def observe_takeover(self, model: str, version: str, seconds: float) -> None:
+        self._takeover.labels(model, version).observe(seconds)
+
     def set_sessions(self, tier: str, count: int) -> None:
         self._sessions.labels(_check_tier(tier, SESSION_TIERS)).set(count)
 
@@ -307,6 +318,8 @@ class Metrics:
             self._step_phase.remove(*labels, phase)
         for event in SESSION_EVENTS:
             self._session_events.remove(event, *labels)
+        with contextlib.suppress(KeyError):  # made on the first takeover only
+            self._takeover.remove(*labels)
 
     # ---- exposition --------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class Session:
     made_by: str = ""  # "create:<request id>" / "fork:<request id>": a retry finds it
     # Recovered at its position, its state still to be computed from the journal (replay.py).
     replay_pending: bool = False
+    holder_epoch: int = 1  # the fencing epoch this replica holds it at (the Redis tier)
 
     @property
     def spilled(self) -> bool:

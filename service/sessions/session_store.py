@@ -158,6 +158,21 @@ class SessionStore:
         """The request just applied (None: one without a request id, which no retry names)."""
         session.last_request = applied
 
+    def peek(self, session_id: str) -> Session | None:
+        """The live session with this id, if this process has it (no expiry check)."""
+        return self._sessions.get(session_id)
+
+    def forget(self, session: Session) -> None:
+        """Drop a session another replica holds now: not ended, nothing remembered here."""
+        session.closed = True
+        if session.made_by and self._made.get(session.made_by) is session:
+            del self._made[session.made_by]
+        self._sessions.pop(session.session_id, None)
+        self._resident.pop(session.session_id, None)
+
+    def set_epoch(self, session: Session, epoch: int) -> None:
+        session.holder_epoch = epoch
+
     def set_replay_pending(self, session: Session, pending: bool) -> None:
         """Its journaled steps are still to be replayed (it neither expires nor evicts)."""
         session.replay_pending = pending
@@ -169,11 +184,7 @@ class SessionStore:
     def remove(self, session: Session, why: str) -> None:
         """End the session ("closed", "expired"): it is marked closed and forgotten, its id
         remembered so a late request learns why."""
-        session.closed = True
-        if session.made_by and self._made.get(session.made_by) is session:
-            del self._made[session.made_by]
-        self._sessions.pop(session.session_id, None)
-        self._resident.pop(session.session_id, None)
+        self.forget(session)
         self._remember_end(session.session_id, why)
 
     def _remember_end(self, session_id: str, why: str) -> None:

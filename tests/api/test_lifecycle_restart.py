@@ -35,7 +35,16 @@ pytestmark = pytest.mark.integration
 class ServerProcess:
     """`python -m service.cli.main serve` on port 0; the port comes back through --port-file."""
 
-    def __init__(self, store: Path, spill: Path, work: Path, slots: int = 3, port: int = 0) -> None:
+    def __init__(
+        self,
+        store: Path,
+        spill: Path,
+        work: Path,
+        slots: int = 3,
+        port: int = 0,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        work.mkdir(parents=True, exist_ok=True)
         self.port_file = work / "port.json"
         self.log = work / "server.log"
         self.slots = slots
@@ -43,7 +52,7 @@ class ServerProcess:
             sys.executable, "-m", "service.cli.main", "serve",
             "--port", str(port), "--metrics-port", "-1", "--store", str(store),
             "--spill-dir", str(spill), "--port-file", str(self.port_file),
-            "--pool-bytes", str(slots * SLOT_BYTES), "--ttl", "3600",
+            "--pool-bytes", str(slots * SLOT_BYTES), "--ttl", "3600", *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0

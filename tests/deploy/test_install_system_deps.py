@@ -35,7 +35,7 @@ def test_is_a_no_op_when_tools_are_present() -> None:
 
 
 def test_non_root_without_tools_names_packages_and_fails(tmp_path: Path) -> None:
-    # A PATH with no promtool, prometheus, docker-compose, node or npm; an `id` saying non-root.
+    # A PATH with none of the tools; an `id` saying non-root.
     fake_id = tmp_path / "id"
     fake_id.write_text("#!/bin/sh\necho 1000\n")
     fake_id.chmod(0o755)
@@ -47,4 +47,6 @@ def test_non_root_without_tools_names_packages_and_fails(tmp_path: Path) -> None
     missing = re.search(r"missing system packages: (.*)", result.stderr)
     assert missing is not None, result.stderr
     # promtool and prometheus come from one package: named once.
-    assert sorted(missing.group(1).split()) == ["docker-compose", "nodejs", "npm", "prometheus"]
+    assert sorted(missing.group(1).split()) == [
+        "docker-compose", "nginx", "nodejs", "npm", "prometheus", "redis-server"
+    ]  # fmt: skip

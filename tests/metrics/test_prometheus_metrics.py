@@ -25,6 +25,7 @@ FAMILIES = {
     "seqserve_batch_rows": "histogram",
     "seqserve_step_phase_seconds": "histogram",
     "seqserve_step_duration_seconds": "histogram",
+    "seqserve_takeover_seconds": "histogram",
     "seqserve_queue_wait_seconds": "histogram",
     "seqserve_step_latency_seconds": "histogram",
     "seqserve_time_to_first_token_seconds": "histogram",

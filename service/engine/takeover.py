@@ -1,0 +1,132 @@
+"""Taking sessions over from the shared state tier (Redis), on first use (DESIGN section 10).
+
+With a shared tier, a request for a session this replica does not hold takes it over before
+anything else: one script bumps the session's epoch (so the previous holder, alive, frozen or
+dead, has every later write refused) and reads its checkpoint and journal; the session then
+joins this replica exactly as after a restart — at its position, its journal replayed when the
+lease needs its state (`Recovery.take_over`, `PendingReplays`). Its version is loaded if this
+replica has not loaded it yet (a version missing from the store: FAILED_PRECONDITION).
+
+A replica whose write was refused (`SessionMoved`: it was taken over) drops its copy at the next
+request for the session and takes it back the same way, so a retry always lands on the state
+the tier holds. Without a shared tier (the local directory) this does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+from service.engine.recovery import Recovery
+from service.engine.replay import PendingReplays
+from service.engine.served_version import VersionObserver
+from service.engine.served_versions import ServedVersions
+from service.engine.session_residency import SessionResidency
+from service.errors import SessionMoved
+from service.sessions.redis_state import RedisState
+from service.sessions.session import SESSION_ID_PATTERN, Session
+from service.sessions.session_store import SessionStore
+
+log = logging.getLogger(__name__)
+_ID_RE = re.compile(SESSION_ID_PATTERN)
+
+
+class Takeover:
+    def __init__(
+        self,
+        state: RedisState | None,
+        sessions: SessionStore,
+        versions: ServedVersions,
+        residency: SessionResidency,
+        replays: PendingReplays,
+        observer: VersionObserver,
+    ) -> None:
+        self._state = state
+        self._sessions = sessions
+        self._versions = versions
+        self._residency = residency
+        self._replays = replays
+        self._observer = observer
+        self._claiming: dict[str, asyncio.Future[None]] = {}
+
+    @property
+    def shared(self) -> bool:
+        return self._state is not None
+
+    async def start(self) -> None:
+        """Check the tier is reachable and configured not to lose sessions (raises
+        StateTierUnusable: the server does not start)."""
+        if self._state is not None:
+            await asyncio.to_thread(self._state.check)
+
+    async def ensure(self, session_id: str) -> None:
+        """Make sure this replica holds `session_id` if the tier has it; afterwards the session
+        store answers for it (the session, or why there is none)."""
+        state = self._state
+        if state is None or not _ID_RE.match(session_id):
+            return
+        while (running := self._claiming.get(session_id)) is not None:
+            await asyncio.shield(running)  # another request of ours is taking it over
+        local = self._sessions.peek(session_id)
+        if local is not None:
+            if session_id not in state.moved:
+                return
+            self.drop(local)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._claiming[session_id] = done
+        try:
+            await self._take(state, session_id)
+        finally:
+            del self._claiming[session_id]
+            done.set_result(None)
+
+    def drop(self, session: Session) -> None:
+        """Forget this replica's copy of a session another replica holds now."""
+        if session.busy:  # a request of ours still runs on it: its write will be refused
+            raise SessionMoved(
+                f"session {session.session_id!r} is moving to this replica; retry shortly"
+            )
+        assert self._state is not None
+        self._state.moved.discard(session.session_id)
+        self._residency.discard(session)  # frees its slot (the tier keeps its record)
+        self._sessions.forget(session)
+        self._versions.unpin(session.model, session.version)
+        self._observer.on_session_event("moved", session.model, str(session.version))
+        log.info("session %s is held by another replica now", session.session_id)
+
+    def moved(self, session_id: str) -> bool:
+        """This replica's copy is stale: a write of it was refused."""
+        return self._state is not None and session_id in self._state.moved
+
+    async def describe(self, session_id: str) -> Session:
+        """The session as the tier holds it, without taking it over (GetSession)."""
+        assert self._state is not None
+        found = await asyncio.to_thread(self._state.peek, session_id)
+        if found.epoch == 0:
+            if found.ended:
+                self._sessions.ended_earlier(session_id, found.ended)
+            return self._sessions.get(session_id)  # raises: NOT_FOUND, or why it ended
+        recovery = Recovery(self._sessions, self._versions, self._residency, self._replays)
+        session = await recovery.describe(session_id, found.checkpoint, found.records)
+        if session is None:
+            return self._sessions.get(session_id)
+        return session
+
+    async def _take(self, state: RedisState, session_id: str) -> None:
+        started = time.perf_counter()
+        claimed = await asyncio.to_thread(state.claim, session_id)
+        if claimed.epoch == 0:
+            if claimed.ended:
+                self._sessions.ended_earlier(session_id, claimed.ended)
+            return
+        state.moved.discard(session_id)
+        recovery = Recovery(self._sessions, self._versions, self._residency, self._replays)
+        await recovery.take_over(session_id, claimed.checkpoint, claimed.records, claimed.epoch)
+        session = self._sessions.peek(session_id)
+        if session is not None:
+            elapsed = time.perf_counter() - started
+            self._observer.on_takeover(session.model, str(session.version), elapsed)
+            self._observer.on_session_event("taken_over", session.model, str(session.version))
+            log.info("took session %s over at epoch %d", session_id, claimed.epoch)

@@ -1,0 +1,68 @@
+"""The state tier's two interfaces, each with two backends (DESIGN section 10).
+
+- `Checkpoints`: each session's last checkpoint (a spill record). Local: `SpillTier`, one file
+  per session in the state directory. Shared: `RedisCheckpoints`.
+- `JournalLog`: every acknowledged step since each session's checkpoint. Local: `Journal`,
+  append-only segment files. Shared: `RedisJournal`, a list per session.
+
+The engine sees only these; `wiring.py` picks the backends (`SESSIONS__STATE_URL` set: Redis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from service.sessions.journal_record import JournalRecord
+from service.sessions.spill_record import SpillRecord
+from service.sessions.spill_tier import TierScan
+
+
+class Checkpoints(Protocol):
+    @property
+    def directory(self) -> Path | str: ...  # where they are, for logs
+
+    @property
+    def bytes_used(self) -> int: ...
+
+    def open(self) -> TierScan: ...
+
+    def close(self) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def mark_clean_stop(self, wall_time: float) -> None: ...
+
+    def write(self, record: SpillRecord, *, durable: bool = False) -> None: ...
+
+    def read(self, session_id: str) -> SpillRecord: ...
+
+    def delete(self, session_id: str) -> None: ...
+
+
+class JournalLog(Protocol):
+    @property
+    def oldest(self) -> int: ...  # the oldest segment `open` read (0: none)
+
+    @property
+    def segment(self) -> int: ...  # the segment appends go to
+
+    @property
+    def failed_writes(self) -> int: ...
+
+    def open(self) -> Iterator[JournalRecord]: ...
+
+    def start(self) -> None: ...
+
+    def drop_before(self, seq: int) -> None: ...
+
+    def close(self) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def pin(self, seq: int) -> None: ...
+
+    def unpin(self, seq: int) -> None: ...
+
+    def append(self, records: list[bytes]) -> int: ...

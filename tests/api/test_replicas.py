@@ -1,0 +1,157 @@
+"""Replicas sharing the Redis state tier, behind nginx running the deploy file: real
+`seqserve serve` processes, a real redis-server, a real nginx, all on 127.0.0.1.
+
+- 64 sessions fed through nginx; the replica holding the most is killed with SIGKILL; feeding
+  goes on through nginx. Each session's acknowledged inputs are all there, once each, and its
+  next prediction is the NumPy reference's over exactly those inputs.
+- A replica frozen with SIGSTOP while another takes its session over applies nothing to it
+  when it wakes: its queued step is refused (UNAVAILABLE), the session is the other's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from service.client.client import RetryPolicy, SeqServeClient, route_metadata
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
+
+from .real_services import NginxServer, RedisServer
+from .support import ReferenceSession, assert_matches_reference, tokens
+from .test_lifecycle_restart import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+SESSIONS = 64
+ROUNDS_BEFORE, ROUNDS_AFTER = 3, 3
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def replicas(
+    store_root: Path, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[list[ServerProcess]]:
+    extra = ("--state-url", redis_server.url)
+    procs = [
+        ServerProcess(store_root, tmp_path / f"s{i}", tmp_path / f"r{i}", SESSIONS, extra=extra)
+        for i in range(3)
+    ]
+    yield procs
+    for proc in procs:
+        proc.kill()
+
+
+def _holder_pid(redis_url: str, session_id: str) -> int:
+    holder = redis.Redis.from_url(redis_url).hget(f"seqserve:h:{session_id}", "holder")
+    assert holder is not None, session_id
+    return int(holder.decode().split(":")[1])
+
+
+async def test_a_replica_killed_behind_nginx_loses_no_acknowledged_step(
+    store_root: Path, tmp_path: Path, redis_server: RedisServer, replicas: list[ServerProcess]
+) -> None:
+    await asyncio.gather(*(r.start() for r in replicas))
+    nginx = NginxServer(tmp_path / "nginx", [r.port for r in replicas])
+    nginx.start()
+    try:
+        async with SeqServeClient(nginx.target, retry=RetryPolicy(deadline_seconds=60)) as client:
+            sessions = [await client.create_session("tok", seed=i) for i in range(SESSIONS)]
+            fed: list[list[int]] = [[] for _ in sessions]
+
+            async def feed_round(k: int) -> None:
+                async def one(i: int) -> None:
+                    token = (i * 31 + k * 7) % 256
+                    await sessions[i].feed(tokens=[token], top_k=3)
+                    fed[i].append(token)  # acknowledged
+
+                await asyncio.gather(*(one(i) for i in range(SESSIONS)))
+
+            for k in range(ROUNDS_BEFORE):
+                await feed_round(k)
+            pids = [_holder_pid(redis_server.url, s.session_id) for s in sessions]
+            by_replica = {r.proc.pid: pids.count(r.proc.pid) for r in replicas if r.proc}
+            assert sum(by_replica.values()) == SESSIONS and all(by_replica.values()), by_replica
+            victim = max(replicas, key=lambda r: by_replica[r.proc.pid if r.proc else 0])
+            victim.kill()  # SIGKILL
+            for k in range(ROUNDS_BEFORE, ROUNDS_BEFORE + ROUNDS_AFTER):
+                await feed_round(k)
+
+            for session, inputs in zip(sessions, fed, strict=True):
+                assert len(inputs) == ROUNDS_BEFORE + ROUNDS_AFTER
+                reply = await client.sessions.Step(
+                    pb.StepRequest(
+                        session_id=session.session_id,
+                        input=tokens(5),
+                        expected_position=len(inputs),
+                        options=types.PredictionOptions(top_k=5),
+                    ),
+                    metadata=route_metadata(session.session_id),
+                )
+                assert reply.position == len(inputs) + 1, session.session_id
+                reference = ReferenceSession(store_root, "tok")
+                reference.feed(inputs)
+                assert_matches_reference(reply.prediction, reference.feed([5])[-1])
+            assert victim.proc is not None  # every session is held by a replica still alive
+            assert all(
+                _holder_pid(redis_server.url, s.session_id) != victim.proc.pid for s in sessions
+            )
+    finally:
+        nginx.stop()
+
+
+async def test_a_frozen_replica_applies_nothing_once_its_session_is_taken_over(
+    store_root: Path, redis_server: RedisServer, replicas: list[ServerProcess]
+) -> None:
+    first, second = replicas[0], replicas[1]
+    await asyncio.gather(first.start(), second.start())
+    assert first.proc is not None
+    async with (
+        SeqServeClient(f"127.0.0.1:{first.port}") as to_first,
+        SeqServeClient(f"127.0.0.1:{second.port}") as to_second,
+    ):
+        session = await to_first.create_session("tok", seed=1)
+        await session.feed(tokens=[1, 2])
+        sid, route = session.session_id, route_metadata(session.session_id)
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        try:
+            stale = asyncio.ensure_future(
+                to_first.sessions.Step(
+                    pb.StepRequest(session_id=sid, input=tokens(66), expected_position=2),
+                    metadata=route,
+                    timeout=60,
+                )
+            )
+            await asyncio.sleep(0.3)  # the step waits in the frozen process's socket
+            taken = await to_second.sessions.Step(
+                pb.StepRequest(session_id=sid, input=tokens(3), expected_position=2),
+                metadata=route,
+            )
+            assert taken.position == 3
+        finally:
+            os.kill(first.proc.pid, signal.SIGCONT)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stale
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert _holder_pid(redis_server.url, sid) == second.proc.pid  # type: ignore[union-attr]
+        after = await to_second.sessions.Step(
+            pb.StepRequest(session_id=sid, input=tokens(4), expected_position=3), metadata=route
+        )
+    reference = ReferenceSession(store_root, "tok")
+    reference.feed([1, 2, 3])
+    assert after.position == 4
+    assert_matches_reference(after.prediction, reference.feed([4])[-1])
