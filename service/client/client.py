@@ -49,7 +49,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How long to keep retrying a request the server could not take (UNAVAILABLE)."""
+    """How long to keep retrying a request the server could not take (see `retryable`)."""
 
     deadline_seconds: float = 30.0  # give up (re-raise) after this long
     first_backoff_seconds: float = 0.05
@@ -62,10 +62,18 @@ class RetryPolicy:
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                if not retryable(err) or time.monotonic() > deadline:
                     raise
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self.max_backoff_seconds)
+
+
+def retryable(err: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE (restarting, draining, the state tier or disk refusing writes, the session
+    moving between replicas), and CANCELLED when this client did not cancel (a call caught by a
+    server's shutdown arrives so; a call this client cancels raises asyncio.CancelledError
+    instead). Both are safe to resend: the request id and expected position make it apply once."""
+    return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def new_request_id() -> str:
@@ -286,7 +294,7 @@ class ClientSession:
                     done = True
                     return
                 except grpc.aio.AioRpcError as err:
-                    if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    if not retryable(err) or time.monotonic() > deadline:
                         raise
                 finally:
                     call.cancel()

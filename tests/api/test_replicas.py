@@ -20,11 +20,11 @@ import grpc
 import pytest
 import redis
 
-from service.client.client import RetryPolicy, SeqServeClient, route_metadata
+from service.client.client import ClientSession, RetryPolicy, SeqServeClient, route_metadata
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
 
-from .real_services import NginxServer, RedisServer
+from .real_services import NginxServer, RedisServer, free_port
 from .support import ReferenceSession, assert_matches_reference, tokens
 from .test_lifecycle_restart import ServerProcess
 
@@ -155,3 +155,132 @@ async def test_a_frozen_replica_applies_nothing_once_its_session_is_taken_over(
     reference.feed([1, 2, 3])
     assert after.position == 4
     assert_matches_reference(after.prediction, reference.feed([4])[-1])
+
+
+class _Load:
+    """SESSIONS sessions fed one token each per round, through `target`, until stopped; what
+    each acknowledged is kept for the reference."""
+
+    def __init__(self, client: SeqServeClient) -> None:
+        self.client = client
+        self.sessions: list[ClientSession] = []
+        self.fed: list[list[int]] = []
+        self.rounds = 0
+        self._stop = asyncio.Event()
+
+    async def open(self) -> None:
+        self.sessions = [await self.client.create_session("tok", seed=i) for i in range(SESSIONS)]
+        self.fed = [[] for _ in self.sessions]
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.gather(*(self._one(i) for i in range(SESSIONS)))
+            self.rounds += 1
+
+    async def _one(self, i: int) -> None:
+        token = (i * 13 + self.rounds * 5) % 256
+        await self.sessions[i].feed(tokens=[token])
+        self.fed[i].append(token)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def check(self, store_root: Path) -> None:
+        """Every session: its position is its acknowledged inputs, once each; its next
+        prediction is the reference's over them."""
+        for session, inputs in zip(self.sessions, self.fed, strict=True):
+            reply = await self.client.sessions.Step(
+                pb.StepRequest(
+                    session_id=session.session_id,
+                    input=tokens(5),
+                    expected_position=len(inputs),
+                    options=types.PredictionOptions(top_k=5),
+                ),
+                metadata=route_metadata(session.session_id),
+            )
+            assert reply.position == len(inputs) + 1, session.session_id
+            reference = ReferenceSession(store_root, "tok")
+            reference.feed(inputs)
+            assert_matches_reference(reply.prediction, reference.feed([5])[-1])
+
+
+async def test_a_rolling_restart_behind_nginx_under_load_loses_no_session(
+    store_root: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """SIGTERM one replica at a time (each drains, writes its sessions, exits, and comes back on
+    its port) while 64 sessions are fed through nginx."""
+    extra = ("--state-url", redis_server.url)
+    replicas = [
+        ServerProcess(
+            store_root,
+            tmp_path / f"s{i}",
+            tmp_path / f"r{i}",
+            SESSIONS,
+            port=free_port(),
+            extra=extra,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    nginx: NginxServer | None = None
+    try:
+        await asyncio.gather(*(r.start() for r in replicas))
+        nginx = NginxServer(tmp_path / "nginx", [r.port for r in replicas])
+        nginx.start()
+        async with SeqServeClient(nginx.target, retry=RetryPolicy(deadline_seconds=60)) as client:
+            load = _Load(client)
+            await load.open()
+            running = asyncio.create_task(load.run())
+            for replica in replicas:
+                before = load.rounds
+                while load.rounds < before + 2:  # it serves some rounds first
+                    await asyncio.sleep(0.05)
+                assert await replica.terminate() == 0
+                await replica.start()
+                assert not running.done(), running
+            before = load.rounds
+            while load.rounds < before + 2:
+                await asyncio.sleep(0.05)
+            load.stop()
+            await running
+            await load.check(store_root)
+            assert load.rounds >= 8
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        for replica in replicas:
+            replica.kill()
+
+
+async def test_redis_killed_and_restarted_on_its_append_only_file_loses_nothing(
+    store_root: Path, tmp_path: Path, redis_server: RedisServer, replicas: list[ServerProcess]
+) -> None:
+    """Steps that need the tier get UNAVAILABLE while it is down; the service recovers by
+    itself once it is back, and no acknowledged step is lost."""
+    await asyncio.gather(*(r.start() for r in replicas[:2]))
+    targets = [f"127.0.0.1:{r.port}" for r in replicas[:2]]
+    async with (
+        SeqServeClient(targets[0], retry=RetryPolicy(deadline_seconds=60)) as client,
+        SeqServeClient(targets[1]) as other,
+    ):
+        load = _Load(client)
+        await load.open()
+        running = asyncio.create_task(load.run())
+        while load.rounds < 2:
+            await asyncio.sleep(0.05)
+        redis_server.kill()  # SIGKILL
+        session = load.sessions[0]
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # no retries on this channel
+            await other.sessions.Step(
+                pb.StepRequest(session_id=session.session_id, input=tokens(1)),
+                metadata=route_metadata(session.session_id),
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "STATE_URL" in (err.value.details() or "")
+        await asyncio.sleep(1.0)  # the load keeps retrying meanwhile
+        redis_server.start()  # same port, same directory: it loads its append-only file
+        before = load.rounds
+        while load.rounds < before + 2:
+            await asyncio.sleep(0.05)
+        load.stop()
+        await running
+        await load.check(store_root)
