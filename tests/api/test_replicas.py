@@ -218,7 +218,7 @@ async def test_a_rolling_restart_behind_nginx_under_load_loses_no_session(
             SESSIONS,
             port=free_port(),
             extra=extra,
-        )  # fmt: skip
+        )
         for i in range(3)
     ]
     nginx: NginxServer | None = None
