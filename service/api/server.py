@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from service.api.gc_tuning import freeze_heap
 from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
+
+LIVENESS = "seqserve.liveness"  # the health service name a liveness probe asks for
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
 from service.settings import Settings
 from service.wiring import build_server_parts
@@ -88,6 +90,9 @@ class SeqServeServer:
         health_servicer = health.aio.HealthServicer()  # starts with "" SERVING: not yet
         for name in ("", *SERVICE_NAMES):
             await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # For a liveness probe: SERVING from now until the process exits, through recovery,
+        # model loading and draining (readiness follows "" and the services' names).
+        await _set_health(health_servicer, LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.server import SeqServeServer
+from service.api.server import LIVENESS, SeqServeServer
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -115,6 +115,7 @@ async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: P
             assert await _next_status(watch) == NOT_SERVING
             assert await _check(health, SESSION_SERVICE) == NOT_SERVING
             assert await _check(health, REGISTRY_SERVICE) == NOT_SERVING
+            assert await _check(health, LIVENESS) == SERVING  # alive while starting
 
             # Listening but not open: our services refuse, and never reach the engine.
             await expect_status(

@@ -3,9 +3,10 @@
 `docker-compose config` (the real tool; CI installs it) validates the file and resolves it;
 then every path it mounts or builds from must exist, every file the Dockerfile copies must be
 in the build context, and the services must point at each other as the configs expect
-(Prometheus scrapes `seqserve:9464`, Grafana reads `prometheus:9090`, the load generator
-targets `seqserve:50051` with flags the CLI accepts). The container health check is run
-against a live server.
+(three replicas on one Redis tier and one read-only store, nginx hashing onto exactly those
+replicas, Prometheus scraping each, Grafana reading `prometheus:9090`, the load generator
+targeting nginx with flags the CLI accepts). The container health check is run against a live
+server.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .prometheus_server import INSTALL_HINT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = DEPLOY_DIR / "Dockerfile"
-SERVICES = {"seqserve", "prometheus", "grafana", "loadtest"}
+REPLICAS = ("replica1", "replica2", "replica3")
+SERVICES = {*REPLICAS, "nginx", "redis", "prometheus", "grafana", "loadtest"}
 
 # Compose v1 (Debian's `docker-compose`, Python) prints YAML only; v2 can print JSON. For v1,
 # its own interpreter (which has PyYAML, a dependency of docker-compose) converts to JSON.
@@ -84,6 +86,28 @@ def _volumes(service: dict[str, Any]) -> list[tuple[str, str]]:
     return mounts
 
 
+def _source(volume: str | dict[str, Any]) -> Path:
+    return Path(volume["source"] if isinstance(volume, dict) else volume.split(":")[0])
+
+
+def _target(volume: str | dict[str, Any]) -> str:
+    return str(volume["target"] if isinstance(volume, dict) else volume.split(":")[1])
+
+
+def _read_only(volume: str | dict[str, Any]) -> bool:
+    if isinstance(volume, dict):
+        return bool(volume.get("read_only"))
+    return volume.split(":")[2:3] == ["ro"]
+
+
+def _seconds(duration: str | int | float) -> float:
+    """A compose duration ("30s", "1m30s") in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)([hms])", duration))
+
+
 def _published(service: dict[str, Any]) -> set[tuple[str, int]]:
     """(host ip, container port) of each published port."""
     out = set()
@@ -110,19 +134,55 @@ def test_services_and_the_loadtest_profile(compose: dict[str, Any]) -> None:
     assert all("profiles" not in services[name] for name in SERVICES - {"loadtest"})
 
 
-def test_server_binds_every_interface_in_the_container(compose: dict[str, Any]) -> None:
-    server = compose["services"]["seqserve"]
-    env = server["environment"]
+def test_replicas_bind_every_interface_and_share_the_tier_and_store(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    for name in REPLICAS:
+        server = services[name]
+        env = server["environment"]
+        assert env["SEQSERVE_SERVER__HOST"] == "0.0.0.0"
+        assert env["SEQSERVE_SERVER__METRICS_HOST"] == "0.0.0.0"
+        assert env["SEQSERVE_SESSIONS__STATE_URL"] == "redis://redis:6379/0"
+        assert server["healthcheck"]["test"] == ["CMD", "seqserve-healthcheck"]
+        assert _published(server) == set()  # reached through nginx only
+        store = env["SEQSERVE_MODEL_STORE"]
+        mounts = [v for v in server["volumes"] if _target(v) == store]
+        assert len(mounts) == 1 and _read_only(mounts[0]), mounts
+        assert _source(mounts[0]) == REPO_ROOT / "model_store"
+        # The drain and the writes to Redis fit in the time compose waits before SIGKILL.
+        grace = float(env["SEQSERVE_SERVER__GRACE_SECONDS"])
+        write = float(env["SEQSERVE_SESSIONS__WRITE_TIMEOUT_SECONDS"])
+        assert grace + write <= _seconds(server["stop_grace_period"])
+        assert server["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert len({json.dumps(services[n], sort_keys=True) for n in REPLICAS}) == 1  # alike
 
-    assert env["SEQSERVE_SERVER__HOST"] == "0.0.0.0"
-    assert env["SEQSERVE_SERVER__METRICS_HOST"] == "0.0.0.0"
-    port, metrics_port = (
-        int(env["SEQSERVE_SERVER__PORT"]),
-        int(env["SEQSERVE_SERVER__METRICS_PORT"]),
-    )
-    # Published on the host's loopback only.
-    assert _published(server) == {("127.0.0.1", port), ("127.0.0.1", metrics_port)}
-    assert server["healthcheck"]["test"] == ["CMD", "seqserve-healthcheck"]
+
+def test_nginx_hashes_onto_the_replicas_and_is_the_published_port(
+    compose: dict[str, Any],
+) -> None:
+    nginx = compose["services"]["nginx"]
+    mounts = {_target(v): _source(v) for v in nginx["volumes"]}
+    conf = mounts["/etc/nginx/conf.d/default.conf"]
+    text = conf.read_text()
+    port = compose["services"]["replica1"]["environment"]["SEQSERVE_SERVER__PORT"]
+
+    assert conf == DEPLOY_DIR / "nginx" / "seqserve.conf"
+    assert set(re.findall(r"server (\S+):(\d+) ", text)) == {(r, port) for r in REPLICAS}
+    assert "hash $http_x_seqserve_route consistent;" in text
+    assert "grpc_pass grpc://seqserve_replicas;" in text
+    assert _published(nginx) == {("127.0.0.1", int(port))}
+
+
+def test_redis_is_configured_as_the_state_tier_needs(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    if isinstance(command, str):
+        command = shlex.split(command)
+    flags = dict(zip(command[1::2], command[2::2], strict=False))
+
+    assert flags["--appendonly"] == "yes"
+    assert flags["--maxmemory-policy"] == "noeviction"
+    assert flags["--appendfsync"] == "everysec"  # matches the replicas' default fsync policy
 
 
 def test_every_mounted_path_exists(compose: dict[str, Any]) -> None:
@@ -139,7 +199,7 @@ def test_every_mounted_path_exists(compose: dict[str, Any]) -> None:
 def test_every_build_has_its_dockerfile_and_context(compose: dict[str, Any]) -> None:
     builds = [s["build"] for s in compose["services"].values() if "build" in s]
 
-    assert len(builds) == 2  # the server and the load generator share one image
+    assert len(builds) == len(REPLICAS) + 1  # the replicas and the load generator: one image
     for build in builds:
         context = Path(build["context"])
         assert context == REPO_ROOT
@@ -190,14 +250,15 @@ def test_every_file_the_dockerfile_copies_is_in_the_build_context() -> None:
             assert not _ignored(source, ignore), f"COPY source {source} is in .dockerignore"
 
 
-def test_prometheus_scrapes_the_compose_service(compose: dict[str, Any]) -> None:
+def test_prometheus_scrapes_every_replica(compose: dict[str, Any]) -> None:
     services = compose["services"]
     config = (DEPLOY_DIR / "prometheus" / "prometheus.yml").read_text()
-    metrics_port = services["seqserve"]["environment"]["SEQSERVE_SERVER__METRICS_PORT"]
+    metrics_port = services["replica1"]["environment"]["SEQSERVE_SERVER__METRICS_PORT"]
     mounted = dict((t, Path(s)) for s, t in _volumes(services["prometheus"]))
     rule_files = re.findall(r"^rule_files:\s*\n((?:\s+- .+\n)+)", config, flags=re.MULTILINE)
 
-    assert f'"seqserve:{metrics_port}"' in config
+    targets = ", ".join(f'"{r}:{metrics_port}"' for r in REPLICAS)
+    assert f"targets: [{targets}]" in config
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
     assert mounted["/etc/prometheus"] == DEPLOY_DIR / "prometheus"
     assert rule_files, "prometheus.yml names no rule files"
@@ -229,11 +290,12 @@ def test_load_generator_targets_the_server_with_valid_flags(compose: dict[str, A
     args = build_parser().parse_args(loadtest["command"])  # flags the CLI really has
 
     assert args.command == "loadtest"
-    assert args.target == f"seqserve:{services['seqserve']['environment']['SEQSERVE_SERVER__PORT']}"
+    assert args.target == f"nginx:{services['replica1']['environment']['SEQSERVE_SERVER__PORT']}"
     assert args.json is not None and args.plot is not None
     reports = {t for _s, t in _volumes(loadtest)}
     assert args.json.parent.as_posix() in reports and args.plot.parent.as_posix() in reports
-    assert loadtest["depends_on"]["seqserve"]["condition"] == "service_healthy"
+    assert all(loadtest["depends_on"][r]["condition"] == "service_healthy" for r in REPLICAS)
+    assert "nginx" in loadtest["depends_on"]
 
 
 async def _healthcheck(port: int) -> int:

@@ -48,7 +48,7 @@ def test_config_scrapes_seqserve_every_5s() -> None:
     text = (PROMETHEUS_DIR / "prometheus.yml").read_text()
 
     assert re.search(r"job_name:\s*seqserve\b", text)
-    assert '"seqserve:9464"' in text
+    assert 'targets: ["replica1:9464", "replica2:9464", "replica3:9464"]' in text
     assert re.search(r"^\s+scrape_interval:\s*5s\s*$", text, flags=re.MULTILINE)
     assert re.search(r"rule_files:\s*\n\s*-\s*alerts\.yml", text)
 
