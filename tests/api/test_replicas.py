@@ -20,11 +20,11 @@ import grpc
 import pytest
 import redis
 
+from benchmarks.real_services import NginxServer, RedisServer, free_port
 from service.client.client import ClientSession, RetryPolicy, SeqServeClient, route_metadata
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
 
-from .real_services import NginxServer, RedisServer, free_port
 from .support import ReferenceSession, assert_matches_reference, tokens
 from .test_lifecycle_restart import ServerProcess
 

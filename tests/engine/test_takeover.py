@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from api.real_services import RedisServer
 
+from benchmarks.real_services import RedisServer
 from service.engine.session_engine import SessionEngine
 from service.errors import SessionClosed, SessionMoved, SessionNotFound, StateTierUnusable
 from service.runtime.sampler import SamplingParams

@@ -1,6 +1,6 @@
-"""Real Redis and nginx for the tests (Debian's `redis-server` and `nginx`, installed by
-`.ci/install-system-deps.sh`), each started on 127.0.0.1 in a test's directory, waited for with
-bounded loops, and killed at the end."""
+"""Real Redis and nginx for the tests and benchmarks (Debian's `redis-server` and `nginx`,
+installed by `.ci/install-system-deps.sh`), each started on 127.0.0.1 in a given directory,
+waited for with bounded loops, and killed at the end."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NGINX_CONF = REPO / "deploy" / "nginx" / "seqserve.conf"
 
 
