@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.api.gc_tuning import ServerObserver
 from service.api.interceptor import ErrorMappingInterceptor
@@ -33,12 +34,14 @@ from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
 from service.runtime.state_pool import ByteBudget
 from service.sessions.journal import Journal
-from service.sessions.redis_state import RedisCheckpoints, RedisJournal, RedisState
+from service.sessions.redis_state import RedisState
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
+from service.sessions.shared_tier import SharedCheckpoints, SharedJournal, SharedState
 from service.sessions.spill_tier import SpillTier
+from service.sessions.sqlite_state import SqliteState
 from service.sessions.state_tier import Checkpoints, JournalLog
-from service.settings import Settings
+from service.settings import SessionSettings, Settings
 
 
 def build_engine(
@@ -56,10 +59,10 @@ def build_engine(
     # not `or`: an empty session store is falsy
     sessions = sessions if sessions is not None else SessionStore(cfg.max_sessions)
     budget = ByteBudget(cfg.pool_bytes)
-    shared = RedisState(cfg.state_url, fsync=cfg.fsync) if cfg.state_url else None
+    shared = shared_state(cfg)
     journal: JournalLog | None = None
     if shared is not None:
-        journal = RedisJournal(shared, sessions)
+        journal = SharedJournal(shared, sessions)
     elif cfg.durability == "journal":
         journal = Journal(
             cfg.spill_dir / "journal",
@@ -74,7 +77,7 @@ def build_engine(
     )  # fmt: skip
     versions = ServedVersions(store, VersionRule(), loader, observer)
     spill: Checkpoints = (
-        RedisCheckpoints(shared, sessions)
+        SharedCheckpoints(shared, sessions)
         if shared is not None
         else SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
     )
@@ -108,6 +111,17 @@ def build_engine(
             cfg.sweep_interval_seconds, settings.registry_poll_seconds, cfg.write_timeout_seconds
         ),
     )
+
+
+def shared_state(cfg: SessionSettings) -> SharedState | None:
+    """The shared state tier `state_url` names: `redis://...`, `sqlite:PATH` (the workers of
+    `serve --workers`), or none (the local directory tier)."""
+    url = cfg.state_url
+    if not url:
+        return None
+    if url.startswith("sqlite:"):
+        return SqliteState(Path(url.removeprefix("sqlite:")), fsync=cfg.fsync)
+    return RedisState(url, fsync=cfg.fsync)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from grpc_reflection.v1alpha import reflection
 from service.api.gc_tuning import freeze_heap
 from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
-
-LIVENESS = "seqserve.liveness"  # the health service name a liveness probe asks for
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
 from service.settings import Settings
 from service.wiring import build_server_parts
 
 log = logging.getLogger(__name__)
+
+LIVENESS = "seqserve.liveness"  # the health service name a liveness probe asks for
 
 _GAUGE_REFRESH_SECONDS = 1.0
 

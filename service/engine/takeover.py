@@ -1,4 +1,4 @@
-"""Taking sessions over from the shared state tier (Redis), on first use (DESIGN section 10).
+"""Taking sessions over from the shared state tier, on first use (DESIGN section 10).
 
 With a shared tier, a request for a session this replica does not hold takes it over before
 anything else: one script bumps the session's epoch (so the previous holder, alive, frozen or
@@ -25,9 +25,9 @@ from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
 from service.errors import SessionMoved
-from service.sessions.redis_state import RedisState
 from service.sessions.session import SESSION_ID_PATTERN, Session
 from service.sessions.session_store import SessionStore
+from service.sessions.shared_tier import SharedState
 
 log = logging.getLogger(__name__)
 _ID_RE = re.compile(SESSION_ID_PATTERN)
@@ -36,7 +36,7 @@ _ID_RE = re.compile(SESSION_ID_PATTERN)
 class Takeover:
     def __init__(
         self,
-        state: RedisState | None,
+        state: SharedState | None,
         sessions: SessionStore,
         versions: ServedVersions,
         residency: SessionResidency,
@@ -114,7 +114,7 @@ class Takeover:
             return self._sessions.get(session_id)
         return session
 
-    async def _take(self, state: RedisState, session_id: str) -> None:
+    async def _take(self, state: SharedState, session_id: str) -> None:
         started = time.perf_counter()
         claimed = await asyncio.to_thread(state.claim, session_id)
         if claimed.epoch == 0:

@@ -1,7 +1,8 @@
-"""Sessions in the shared Redis tier (a real redis-server), in process: two engines stand for
-two replicas. A session stepped through either is one session: the other takes it over (its
-epoch fences the first), every acknowledged step is there once, the next prediction and the
-random stream continue as if never moved; GetSession reads without moving."""
+"""Sessions in the shared state tier — a real redis-server, and the SQLite file the workers of
+`serve --workers` share — in process: two engines stand for two replicas. A session stepped
+through either is one session: the other takes it over (its epoch fences the first), every
+acknowledged step is there once, the next prediction and the random stream continue as if never
+moved; GetSession reads without moving."""
 
 from __future__ import annotations
 
@@ -34,14 +35,22 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture(params=["redis", "sqlite"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each shared backend: Redis (replicas), SQLite in the state directory (workers)."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    return f"sqlite:{tmp_path / 'shared' / 'state.db'}"
+
+
 async def _replicas(make_engine: EngineFactory, url: str) -> tuple[SessionEngine, SessionEngine]:
     return await make_engine(state_url=url), await make_engine(state_url=url)
 
 
 async def test_a_session_moves_between_replicas_and_stays_one_session(
-    make_engine: EngineFactory, redis_url: str
+    make_engine: EngineFactory, state_url: str
 ) -> None:
-    a, b = await _replicas(make_engine, redis_url)
+    a, b = await _replicas(make_engine, state_url)
     roomy = await make_engine(durability="shutdown")
     s, _ = await a.create_session("tok", seed=3)
     ref, _ = await roomy.create_session("tok", seed=3)
@@ -64,9 +73,9 @@ async def test_a_session_moves_between_replicas_and_stays_one_session(
 
 
 async def test_a_replica_killed_loses_no_acknowledged_step(
-    make_engine: EngineFactory, redis_url: str
+    make_engine: EngineFactory, state_url: str
 ) -> None:
-    a, b = await _replicas(make_engine, redis_url)
+    a, b = await _replicas(make_engine, state_url)
     roomy = await make_engine(durability="shutdown")
     pairs = []
     for i in range(6):
@@ -83,9 +92,9 @@ async def test_a_replica_killed_loses_no_acknowledged_step(
 
 
 async def test_get_session_reads_without_moving_and_ends_are_seen_everywhere(
-    make_engine: EngineFactory, redis_url: str
+    make_engine: EngineFactory, state_url: str
 ) -> None:
-    a, b = await _replicas(make_engine, redis_url)
+    a, b = await _replicas(make_engine, state_url)
     s, _ = await a.create_session("tok")
     await a.feed(s.session_id, toks(1, 2))
     seen = await b.describe_session(s.session_id)

@@ -1,0 +1,246 @@
+"""A state tier several processes share: any of them can take a session over (DESIGN section 10).
+
+Per session it keeps a checkpoint (a spill record), the journal records since that checkpoint,
+and its holder with a fencing epoch. Two backends, one interface (`SharedState`):
+- `RedisState` (`redis_state.py`): `SESSIONS__STATE_URL=redis://...`, for replicas on several
+  machines;
+- `SqliteState` (`sqlite_state.py`): a database file in the state directory, for the worker
+  processes of `seqserve serve --workers N` on one box.
+
+Every write of a session — a batch's journal records, a checkpoint (which also empties its
+journal), its end — is checked against the epoch in the same atomic step that writes (a Lua
+script; a SQLite transaction). A takeover raises the epoch, so the previous holder, however
+alive, has every later write refused and answers UNAVAILABLE; no lock is held between writes,
+so a frozen process keeps nothing from anyone. Keys expire by each session's TTL on the tier's
+clock, refreshed by every write, so a session whose holder died still expires.
+
+`SharedJournal` and `SharedCheckpoints` give the engine the journal and spill-tier interfaces
+of the local tier (`state_tier.py`) over either backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from service.errors import JournalUnavailable, SessionMoved, SpillCorrupted
+from service.sessions import spill_record
+from service.sessions.journal_record import JournalRecord, decode_stream
+from service.sessions.session_store import SessionStore
+from service.sessions.spill_record import SpillRecord
+from service.sessions.spill_tier import TierScan
+
+log = logging.getLogger(__name__)
+
+_CREATE, _END = 4, 5  # journal_record kinds that make and end a session
+
+
+@dataclass
+class Claimed:
+    """What the tier holds of a session, read in the same step that took it over."""
+
+    epoch: int  # the reader's epoch from now on (0: the session does not exist)
+    checkpoint: SpillRecord | None
+    records: list[JournalRecord] = field(default_factory=list)
+    ended: str = ""  # when it does not exist: why it ended ("" when it never did)
+
+
+@dataclass
+class Write:
+    """One session's share of a batch: its records, checked against `epoch`."""
+
+    session_id: str
+    epoch: int
+    ttl_ms: int
+    op: Literal["create", "step", "end"]
+    records: list[bytes]  # for "end": [why]
+
+
+def replica_name() -> str:
+    """This process's name as a holder: host, pid and a random suffix (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class SharedState:
+    """What both backends share: the moved set, failure counting and the errors."""
+
+    setting = "SEQSERVE_SESSIONS__STATE_URL"
+
+    def __init__(self, where: str, replica: str | None) -> None:
+        self.where = where  # for logs and messages (no password)
+        self.replica = replica or replica_name()
+        self.moved: set[str] = set()  # sessions whose writes were refused: another holds them
+        self.failed_writes = 0
+        self._failing = False
+
+    # -- the backend's part ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """At start-up: usable, configured not to lose sessions (raises StateTierUnusable)."""
+        raise NotImplementedError
+
+    def append(self, writes: list[Write]) -> list[str]:
+        """All `writes` if every epoch holds, else none: the ids whose epoch did not."""
+        raise NotImplementedError
+
+    def checkpoint(self, session_id: str, epoch: int, ttl_ms: int, data: bytes) -> bool:
+        """Replace the checkpoint and empty the journal, if `epoch` holds."""
+        raise NotImplementedError
+
+    def claim(self, session_id: str) -> Claimed:
+        """Take the session over: raise its epoch, name this process its holder, read it."""
+        raise NotImplementedError
+
+    def peek(self, session_id: str) -> Claimed:
+        """Read the session without taking it (epoch 1 when it exists, 0 when not)."""
+        raise NotImplementedError
+
+    def read_checkpoint(self, session_id: str) -> bytes | None:
+        raise NotImplementedError
+
+    # Each backend raises `self.unreachable(exc)` (JournalUnavailable) for its connection or
+    # I/O errors, from every method above but `check`.
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def claimed(
+        self, session_id: str, epoch: int, checkpoint: bytes | None, records: list[bytes]
+    ) -> Claimed:
+        record = None
+        if checkpoint is not None:
+            record = spill_record.decode(bytes(checkpoint), f"checkpoint of {session_id}")
+        decoded = list(decode_stream(b"".join(records))) if records else []
+        return Claimed(epoch, record, decoded)
+
+    def unreachable(self, exc: Exception) -> JournalUnavailable:
+        self.failed_writes += 1
+        if not self._failing:
+            self._failing = True
+            log.error("state tier %s failing: %s", self.where, exc)
+        return JournalUnavailable(
+            f"session state cannot be made durable: the state tier ({self.setting}) is "
+            "unreachable; the step was not applied, retry later"
+        )
+
+    def reachable(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.warning("state tier reachable again after %d failed writes", self.failed_writes)
+
+    def fenced(self, session_ids: list[str]) -> SessionMoved:
+        self.moved.update(session_ids)
+        return SessionMoved(
+            "the step was not applied: a session of its batch is held by another replica now "
+            "(taken over); retry"
+        )
+
+
+class SharedJournal:
+    """The journal interface of the local tier (`journal.Journal`), over the shared tier."""
+
+    def __init__(self, state: SharedState, sessions: SessionStore) -> None:
+        self._state = state
+        self._sessions = sessions
+        self.oldest = 0
+        self.segment = 0
+
+    @property
+    def failed_writes(self) -> int:
+        return self._state.failed_writes
+
+    def open(self) -> Iterator[JournalRecord]:
+        return iter(())  # sessions are read when taken over, not at start-up
+
+    def start(self) -> None:
+        pass
+
+    def drop_before(self, seq: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass  # the tier's own fsync policy does it
+
+    def pin(self, seq: int) -> None:
+        pass  # a checkpoint empties its session's journal itself
+
+    def unpin(self, seq: int) -> None:
+        pass
+
+    def append(self, records: list[bytes]) -> int:
+        """All of a batch's records, every session's epoch checked, in one atomic step.
+        Raises JournalUnavailable (unreachable) or SessionMoved (fenced): nothing written."""
+        by_session: dict[str, list[bytes]] = {}
+        kinds: dict[str, int] = {}
+        for record in records:  # frame (8 bytes), version, kind, id length, id
+            sid = record[11 : 11 + record[10]].decode("ascii")
+            by_session.setdefault(sid, []).append(record)
+            kinds[sid] = record[9]
+        writes = []
+        for sid, batch in by_session.items():
+            session = self._sessions.peek(sid)
+            epoch = session.holder_epoch if session is not None else 0
+            ttl_ms = int((session.ttl_seconds if session is not None else 600.0) * 1000)
+            if kinds[sid] == _END:
+                (end,) = decode_stream(batch[-1])
+                writes.append(Write(sid, epoch, ttl_ms, "end", [end.why.encode()]))
+            else:
+                op: Literal["create", "step"] = "create" if kinds[sid] == _CREATE else "step"
+                writes.append(Write(sid, epoch, ttl_ms, op, batch))
+        fenced = self._state.append(writes)  # raises JournalUnavailable when unreachable
+        self._state.reachable()
+        if fenced:
+            raise self._state.fenced(fenced)
+        return 0
+
+
+class SharedCheckpoints:
+    """The spill-tier interface of the local tier (`spill_tier.SpillTier`), over the shared
+    tier."""
+
+    def __init__(self, state: SharedState, sessions: SessionStore) -> None:
+        self._state = state
+        self._sessions = sessions
+        self.directory = state.where
+        self.bytes_used = 0  # the tier's own metrics say how much
+
+    def open(self) -> TierScan:
+        return TierScan()  # nothing to index: sessions are read when taken over
+
+    def close(self) -> None:
+        self._state.close()
+
+    def sync(self) -> None:
+        pass
+
+    def mark_clean_stop(self, wall_time: float) -> None:
+        pass  # expiry runs on the tier's clock, which did not stop
+
+    def write(self, record: SpillRecord, *, durable: bool = False) -> None:
+        """The checkpoint, and its session's journal emptied, if this process still holds it."""
+        sid = record.header.session_id
+        session = self._sessions.peek(sid)
+        epoch = session.holder_epoch if session is not None else 0
+        ttl_ms = int(record.header.ttl_seconds * 1000)
+        written = self._state.checkpoint(sid, epoch, ttl_ms, spill_record.encode(record))
+        if not written:
+            raise self._state.fenced([sid])
+
+    def read(self, session_id: str) -> SpillRecord:
+        data = self._state.read_checkpoint(session_id)
+        if data is None:
+            raise SpillCorrupted(f"checkpoint of session {session_id!r} is missing from the tier")
+        return spill_record.decode(bytes(data), f"checkpoint of {session_id}")
+
+    def delete(self, session_id: str) -> None:
+        pass  # its end (an END record) deletes it, fenced like every write

@@ -1,0 +1,223 @@
+"""The SQLite backend of the shared state tier (`shared_tier.py`): the worker processes of
+`seqserve serve --workers N` on one box share one database file in the state directory.
+
+Tables: `holders` (session → epoch, holder, expiry), `checkpoints` (session → spill record),
+`journal` (records since each session's checkpoint, in order) and `ended` (why a session
+ended, for a day). Each operation is one transaction (`BEGIN IMMEDIATE`: one writer at a
+time), so the epoch check and the write are atomic, as in Redis's scripts. WAL mode; the fsync
+policy maps to `synchronous` (batch: FULL, interval: NORMAL, never: OFF). A transaction's write
+lock lasts for that transaction only: between writes nothing is held, so a frozen worker keeps
+nothing from the others (a worker frozen inside a transaction holds it for `busy_timeout`, then
+the others answer UNAVAILABLE until it wakes). Expiry uses the wall clock of the box, which all
+workers share.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from service.errors import StateTierUnusable
+from service.sessions.shared_tier import Claimed, SharedState, Write
+
+_SYNCHRONOUS = {"batch": "FULL", "interval": "NORMAL", "never": "OFF"}
+_ENDED_SECONDS = 86_400.0
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS holders (
+    sid TEXT PRIMARY KEY, epoch INTEGER NOT NULL, holder TEXT NOT NULL, expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (sid TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, sid TEXT NOT NULL, record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_by_session ON journal (sid, seq);
+CREATE TABLE IF NOT EXISTS ended (sid TEXT PRIMARY KEY, why TEXT NOT NULL, expires REAL NOT NULL);
+"""
+
+
+class SqliteState(SharedState):
+    def __init__(self, path: Path, *, fsync: str = "interval", replica: str | None = None) -> None:
+        super().__init__(f"sqlite:{path}", replica)
+        self.path = path
+        self.fsync = fsync
+        self._lock = threading.Lock()  # one connection, used from the loop and from threads
+        self._db: sqlite3.Connection | None = None
+
+    def check(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(
+                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={_SYNCHRONOUS.get(self.fsync, 'NORMAL')}")
+            db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StateTierUnusable(
+                f"state database {self.path} cannot be used ({exc}); check "
+                "SEQSERVE_SESSIONS__SPILL_DIR"
+            ) from None
+        self._db = db
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def append(self, writes: list[Write]) -> list[str]:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> list[str]:
+            fenced = []
+            for w in writes:
+                row = self._holder(db, w.session_id, now)
+                if (w.op == "create" and row is not None) or (
+                    w.op != "create" and (row is None or row[0] != w.epoch)
+                ):
+                    fenced.append(w.session_id)
+            if fenced:
+                return fenced
+            for w in writes:
+                expires = now + w.ttl_ms / 1000.0
+                if w.op == "end":
+                    self._delete(db, w.session_id)
+                    why = w.records[0].decode()
+                    db.execute(
+                        "INSERT OR REPLACE INTO ended VALUES (?, ?, ?)",
+                        (w.session_id, why, now + _ENDED_SECONDS),
+                    )
+                    continue
+                if w.op == "create":
+                    db.execute(
+                        "INSERT INTO holders VALUES (?, ?, ?, ?)",
+                        (w.session_id, w.epoch, self.replica, expires),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE holders SET expires = ? WHERE sid = ?", (expires, w.session_id)
+                    )
+                db.executemany(
+                    "INSERT INTO journal (sid, record) VALUES (?, ?)",
+                    [(w.session_id, r) for r in w.records],
+                )
+            return []
+
+        return self._transaction(work)
+
+    def checkpoint(self, session_id: str, epoch: int, ttl_ms: int, data: bytes) -> bool:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> bool:
+            row = self._holder(db, session_id, now)
+            if row is None or row[0] != epoch:
+                return False
+            db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)", (session_id, data))
+            db.execute("DELETE FROM journal WHERE sid = ?", (session_id,))
+            db.execute(
+                "UPDATE holders SET expires = ? WHERE sid = ?",
+                (now + ttl_ms / 1000.0, session_id),
+            )
+            return True
+
+        return self._transaction(work)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def claim(self, session_id: str) -> Claimed:
+        return self._read(session_id, take=True)
+
+    def peek(self, session_id: str) -> Claimed:
+        return self._read(session_id, take=False)
+
+    def read_checkpoint(self, session_id: str) -> bytes | None:
+        def work(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT data FROM checkpoints WHERE sid = ?", (session_id,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return self._transaction(work)
+
+    def purge_expired(self) -> int:
+        """Delete every session past its expiry (whoever held it): what Redis's key TTLs do."""
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> int:
+            gone = [r[0] for r in db.execute("SELECT sid FROM holders WHERE expires < ?", (now,))]
+            for sid in gone:
+                self._delete(db, sid)
+            db.execute("DELETE FROM ended WHERE expires < ?", (now,))
+            return len(gone)
+
+        return self._transaction(work)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _read(self, session_id: str, *, take: bool) -> Claimed:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> Claimed:
+            row = self._holder(db, session_id, now)
+            if row is None:
+                ended = db.execute(
+                    "SELECT why FROM ended WHERE sid = ? AND expires >= ?", (session_id, now)
+                ).fetchone()
+                return Claimed(0, None, ended=ended[0] if ended else "")
+            epoch = int(row[0])
+            if take:
+                epoch += 1
+                db.execute(
+                    "UPDATE holders SET epoch = ?, holder = ? WHERE sid = ?",
+                    (epoch, self.replica, session_id),
+                )
+            else:
+                epoch = 1
+            checkpoint = db.execute(
+                "SELECT data FROM checkpoints WHERE sid = ?", (session_id,)
+            ).fetchone()
+            records = [
+                bytes(r[0])
+                for r in db.execute(
+                    "SELECT record FROM journal WHERE sid = ? ORDER BY seq", (session_id,)
+                )
+            ]
+            data = None if checkpoint is None else bytes(checkpoint[0])
+            return self.claimed(session_id, epoch, data, records)
+
+        return self._transaction(work)
+
+    def _holder(self, db: sqlite3.Connection, session_id: str, now: float) -> tuple[int] | None:
+        row = db.execute(
+            "SELECT epoch, expires FROM holders WHERE sid = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        if row[1] < now:  # expired on the tier's clock: gone, whoever held it
+            self._delete(db, session_id)
+            return None
+        return (int(row[0]),)
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, session_id: str) -> None:
+        for table in ("holders", "checkpoints", "journal"):
+            db.execute(f"DELETE FROM {table} WHERE sid = ?", (session_id,))
+
+    def _transaction(self, work):  # type: ignore[no-untyped-def]
+        with self._lock:
+            db = self._db
+            if db is None:
+                raise self.unreachable(RuntimeError("the state database is closed"))
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                raise self.unreachable(exc) from None
