@@ -32,6 +32,9 @@ class ServerSettings(BaseModel):
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request message accepted (larger: INVALID_ARGUMENT; over twice this, gRPC's own
     RESOURCE_EXHAUSTED) and largest reply sent."""
+    worker: int = -1
+    """Set by `serve --workers N` for its worker processes (0..N-1): the worker shares the port
+    with its siblings (SO_REUSEPORT) under the supervisor's port lock. Not for setting by hand."""
 
 
 class EngineSettings(BaseModel):

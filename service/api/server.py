@@ -55,8 +55,9 @@ class SeqServeServer:
                 ("grpc.max_receive_message_length", 2 * limit),
                 ("grpc.max_send_message_length", limit),
                 # One server per port: with SO_REUSEPORT (gRPC's default) a second server on
-                # the same port starts and silently takes half the connections.
-                ("grpc.so_reuseport", 0),
+                # the same port starts and silently takes half the connections. The workers of
+                # one `serve --workers N` share it on purpose, under their supervisor's lock.
+                ("grpc.so_reuseport", 1 if settings.server.worker >= 0 else 0),
             ],
         )
         self.port = 0

@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int, help="cap on live sessions (memory and spilled)")
     p.add_argument("--ttl", type=float, help="default idle TTL of a session, in seconds")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="run N server processes on the port (one per core), sharing the state directory",
+    )
+    p.add_argument(
         "--port-file",
         type=Path,
         help="once listening, write the gRPC and metrics ports here as JSON (for --port 0)",
@@ -74,8 +80,21 @@ def write_port_file(path: Path, server: SeqServeServer) -> None:
     os.replace(tmp, path)
 
 
+# The flags a worker gets from its supervisor as they were given (port ones are its own).
+_PASSED_ON = ("host", "store", "spill_dir", "spill_max_bytes", "state_url", "pool_bytes",
+              "max_sessions", "ttl")  # fmt: skip
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["serve"]
+    for name in _PASSED_ON:
+        value = getattr(args, name, None)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
-    from service.api.server import serve  # heavy imports only for this command
     from service.errors import PortInUse, SpillDirUnusable, SpillTierInUse, StateTierUnusable
 
     settings = settings_from_args(args)
@@ -83,10 +102,30 @@ def run(args: argparse.Namespace) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     port_file: Path | None = getattr(args, "port_file", None)
-    on_started = None if port_file is None else (lambda srv: write_port_file(port_file, srv))
+    workers = getattr(args, "workers", 0) or 0
     try:
-        asyncio.run(serve(settings, on_started))
+        if workers > 0:
+            from service.cli.workers import run_workers  # no torch in the supervisor
+
+            return run_workers(settings, worker_argv(args), workers, port_file)
+        return _serve_one(settings, port_file)
     except (PortInUse, SpillDirUnusable, SpillTierInUse, StateTierUnusable) as exc:
         print(f"seqserve serve: {exc.message}", file=sys.stderr)  # one line, no traceback
         return 2
+
+
+def _serve_one(settings: Settings, port_file: Path | None) -> int:
+    from service.api.server import serve  # heavy imports only for this command
+    from service.cli.workers import PortLock
+
+    lock = None
+    if settings.server.worker < 0 and settings.server.port != 0:  # workers: their supervisor's
+        lock = PortLock(settings.server.port)
+        lock.acquire()
+    on_started = None if port_file is None else (lambda srv: write_port_file(port_file, srv))
+    try:
+        asyncio.run(serve(settings, on_started))
+    finally:
+        if lock is not None:
+            lock.release()
     return 0

@@ -285,6 +285,7 @@ class SessionEngine:
         ended = self.lifecycle.sweep_expired()
         if self.durability.enabled:
             self.residency.checkpoint_idle(self.durability.checkpoint_idle_seconds)
+        await self.takeover.purge()
         return ended
 
     # ---- feeding -------------------------------------------------------------------------
@@ -300,7 +301,7 @@ class SessionEngine:
         request_id: str = "",
     ) -> FeedOutcome:
         self._check_open()
-        await self.takeover.ensure(session_id)
+        await self.takeover.ensure(session_id, expected_position)
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
         return await self.feeder.feed(feed, line)
 
@@ -314,9 +315,10 @@ class SessionEngine:
         if not self.takeover.shared:
             return await self.feeder.feed_many(feeds, line)
         refused: dict[str, SeqServeError] = {}
+        expected = {f.session_id: f.expected_position for f in reversed(feeds)}  # the first's
         for session_id in dict.fromkeys(f.session_id for f in feeds):  # in the items' order
             try:
-                await self.takeover.ensure(session_id)
+                await self.takeover.ensure(session_id, expected[session_id])
             except SeqServeError as exc:  # the tier is unreachable, or the session is moving
                 refused[session_id] = exc
         if not refused:
@@ -337,7 +339,7 @@ class SessionEngine:
     ) -> AsyncIterator[GeneratedToken]:
         """Sample up to `max_tokens`, one token per step (see `SessionFeeder.generate`)."""
         self._check_open()
-        await self.takeover.ensure(session_id)
+        await self.takeover.ensure(session_id, expected_position)
         tokens = self.feeder.generate(
             session_id, prompt, sampling, line, expected_position, request_id
         )

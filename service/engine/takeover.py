@@ -61,9 +61,14 @@ class Takeover:
         if self._state is not None:
             await asyncio.to_thread(self._state.check)
 
-    async def ensure(self, session_id: str) -> None:
+    async def ensure(self, session_id: str, expected_position: int | None = None) -> None:
         """Make sure this replica holds `session_id` if the tier has it; afterwards the session
-        store answers for it (the session, or why there is none)."""
+        store answers for it (the session, or why there is none).
+
+        A copy this replica still has may be stale without its knowing (another took the
+        session over, and this one has not written it since): a request expecting another
+        position than the copy's asks the tier whose it is, so a client moving between
+        replicas is not told FAILED_PRECONDITION by a stale copy."""
         state = self._state
         if state is None or not _ID_RE.match(session_id):
             return
@@ -72,7 +77,13 @@ class Takeover:
         local = self._sessions.peek(session_id)
         if local is not None:
             if session_id not in state.moved:
-                return
+                if expected_position is None or expected_position == local.position:
+                    return
+                if local.busy or local.replay_pending:
+                    return  # its own request or replay decides; a stale write is refused
+                epoch = await asyncio.to_thread(state.epoch_of, session_id)
+                if epoch == local.holder_epoch:
+                    return  # ours: the client is wrong, and the lease says so
             self.drop(local)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._claiming[session_id] = done
@@ -95,6 +106,13 @@ class Takeover:
         self._versions.unpin(session.model, session.version)
         self._observer.on_session_event("moved", session.model, str(session.version))
         log.info("session %s is held by another replica now", session.session_id)
+
+    async def purge(self) -> None:
+        """Sessions whose holder died expire in the tier too (the sweeper calls this)."""
+        if self._state is not None:
+            gone = await asyncio.to_thread(self._state.purge_expired)
+            if gone:
+                log.info("%d sessions expired in the state tier", gone)
 
     def moved(self, session_id: str) -> bool:
         """This replica's copy is stale: a write of it was refused."""

@@ -193,6 +193,13 @@ class RedisState(SharedState):
             raise self.unreachable(exc) from None
         return None if data is None else bytes(data)  # type: ignore[arg-type]
 
+    def epoch_of(self, session_id: str) -> int:
+        try:
+            epoch = self.client.hget(self.keys(session_id)[0], "epoch")
+        except redis.RedisError as exc:
+            raise self.unreachable(exc) from None
+        return 0 if epoch is None else int(epoch)  # type: ignore[arg-type]
+
     def close(self) -> None:
         self.client.close()
 

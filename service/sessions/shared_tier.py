@@ -103,6 +103,15 @@ class SharedState:
     def read_checkpoint(self, session_id: str) -> bytes | None:
         raise NotImplementedError
 
+    def epoch_of(self, session_id: str) -> int:
+        """The session's current epoch (0: no such session)."""
+        raise NotImplementedError
+
+    def purge_expired(self) -> int:
+        """Delete sessions past their TTL on the tier's clock, whoever held them (Redis does it
+        itself: key TTLs)."""
+        return 0
+
     # Each backend raises `self.unreachable(exc)` (JournalUnavailable) for its connection or
     # I/O errors, from every method above but `check`.
 

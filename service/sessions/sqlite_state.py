@@ -135,6 +135,15 @@ class SqliteState(SharedState):
 
         return self._transaction(work)
 
+    def epoch_of(self, session_id: str) -> int:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> int:
+            row = self._holder(db, session_id, now)
+            return 0 if row is None else row[0]
+
+        return self._transaction(work)
+
     def purge_expired(self) -> int:
         """Delete every session past its expiry (whoever held it): what Redis's key TTLs do."""
         now = time.time()

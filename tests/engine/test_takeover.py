@@ -7,13 +7,20 @@ moved; GetSession reads without moving."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from benchmarks.real_services import RedisServer
 from service.engine.session_engine import SessionEngine
-from service.errors import SessionClosed, SessionMoved, SessionNotFound, StateTierUnusable
+from service.errors import (
+    FailedPrecondition,
+    SessionClosed,
+    SessionMoved,
+    SessionNotFound,
+    StateTierUnusable,
+)
 from service.runtime.sampler import SamplingParams
 
 from .conftest import EngineFactory, close, crash, toks
@@ -89,6 +96,26 @@ async def test_a_replica_killed_loses_no_acknowledged_step(
     for sid, rid in pairs:
         got, want = await b.feed(sid, toks(9)), await roomy.feed(rid, toks(9))
         assert got.position == want.position and close(got.prediction, want.prediction), sid
+
+
+async def test_a_stale_copy_never_answers_failed_precondition(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """b takes the session over; a (which has not written it since) is asked for the new
+    position: it learns from the tier that its copy is stale and takes the session back."""
+    a, b = await _replicas(make_engine, state_url)
+    roomy = await make_engine(durability="shutdown")
+    s, _ = await a.create_session("tok", seed=5)
+    r, _ = await roomy.create_session("tok", seed=5)
+    for engine, sid in ((a, s.session_id), (roomy, r.session_id)):
+        await engine.feed(sid, toks(1), expected_position=0)
+    await b.feed(s.session_id, toks(2), expected_position=1)
+    await roomy.feed(r.session_id, toks(2), expected_position=1)
+    got = await a.feed(s.session_id, toks(3), expected_position=2)
+    want = await roomy.feed(r.session_id, toks(3), expected_position=2)
+    assert got.position == want.position == 3 and close(got.prediction, want.prediction)
+    with pytest.raises(FailedPrecondition):  # a real mismatch still is one
+        await a.feed(s.session_id, toks(4), expected_position=7)
 
 
 async def test_get_session_reads_without_moving_and_ends_are_seen_everywhere(

@@ -1,0 +1,204 @@
+"""`seqserve serve --workers N`: N server processes on one port, so one box uses all its cores.
+
+The supervisor (this process; it imports no torch) takes the port's lock — a file every
+`seqserve serve` takes for its port, so a second one, with or without `--workers`, refuses to
+start — then starts N workers: each is `seqserve serve` with the same flags, bound to the port
+with SO_REUSEPORT (the kernel spreads connections over them), its metrics on its own port
+(`--metrics-port` + its index), and all of them on the shared state tier: the SQLite file
+`state.db` in the state directory (or Redis, if `--state-url` names it). A session called
+through another worker's connection is taken over through the tier, exactly.
+
+SIGTERM or SIGINT is passed on to every worker, each drains and writes its sessions, and the
+supervisor exits when they have. A worker that dies is started again (not more than
+`_RESTARTS` times a minute: then everything stops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import PortInUse
+from service.settings import Settings
+
+log = logging.getLogger("service.cli.workers")
+
+_START_TIMEOUT_S = 180.0
+_RESTARTS = 5  # per minute, per worker
+_SLACK_S = 15.0  # beyond grace + write timeout, before a worker that will not stop is killed
+
+
+class PortLock:
+    """An exclusive lock on a file named after the port, held while this process lives: every
+    `seqserve serve` takes it, so two never share a port by accident (workers of one
+    supervisor share it on purpose)."""
+
+    def __init__(self, port: int, directory: Path | None = None) -> None:
+        self.path = (directory or Path(tempfile.gettempdir())) / f"seqserve-port-{port}.lock"
+        self.port = port
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PortInUse(
+                f"port {self.port} is in use by another seqserve (pid {holder}; lock "
+                f"{self.path}); stop it or choose another --port"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class _Worker:
+    index: int
+    argv: list[str]
+    env: dict[str, str]
+    port_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: list[float] | None = None
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.starts = [*(self.starts or []), time.monotonic()][-_RESTARTS:]
+
+    def too_often(self) -> bool:
+        starts = self.starts or []
+        return len(starts) >= _RESTARTS and time.monotonic() - starts[0] < 60.0
+
+
+def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """A bound (not listening) SO_REUSEPORT socket holding the port while the workers run: with
+    port 0 it is how the workers learn which port to share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock, int(sock.getsockname()[1])
+
+
+def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path | None) -> int:
+    """Supervise `count` workers until SIGTERM/SIGINT; the exit status."""
+    s = settings.server
+    reserved, port = reserve_port(s.host, s.port)
+    lock = PortLock(port)
+    lock.acquire()
+    spill = settings.sessions.spill_dir
+    spill.mkdir(parents=True, exist_ok=True)
+    dir_lock = os.open(spill / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:  # the state directory is the workers' now: a lone server on it must refuse
+        fcntl.flock(dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PortInUse(f"state directory {spill} is in use by another server process") from None
+    work = Path(tempfile.mkdtemp(prefix="seqserve-workers-"))
+    workers = []
+    for i in range(count):
+        env = {**os.environ, "SEQSERVE_SERVER__WORKER": str(i)}
+        if not settings.sessions.state_url:
+            env["SEQSERVE_SESSIONS__STATE_URL"] = f"sqlite:{spill.resolve() / 'state.db'}"
+        metrics = -1 if s.metrics_port < 0 else (0 if s.metrics_port == 0 else s.metrics_port + i)
+        worker_file = work / f"worker-{i}.json"
+        child = [sys.executable, "-m", "service.cli.main", *argv, "--port", str(port),
+                 "--metrics-port", str(metrics), "--port-file", str(worker_file)]  # fmt: skip
+        workers.append(_Worker(i, child, env, worker_file))
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("received %s: stopping %d workers", signal.Signals(signum).name, count)
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    status = 0
+    try:
+        for w in workers:
+            w.start()
+        ports = _wait_started(workers, lambda: stopping)
+        if ports is not None:
+            log.info("seqserve: %d workers serving on %s:%d (metrics on %s)",
+                     count, s.host, port, ports)  # fmt: skip
+            if port_file is not None:
+                _write_json(port_file, {"port": port, "metrics_port": ports[0],
+                                        "workers": [w.proc.pid for w in workers if w.proc],
+                                        "metrics_ports": ports})  # fmt: skip
+        while not stopping:
+            time.sleep(0.2)
+            for w in workers:
+                assert w.proc is not None
+                code = w.proc.poll()
+                if code is None or stopping:
+                    continue
+                if w.too_often():
+                    log.error("worker %d keeps exiting (status %d): stopping", w.index, code)
+                    stopping, status = True, 1
+                    break
+                log.error("worker %d exited with status %d: starting it again", w.index, code)
+                w.start()
+    finally:
+        _stop_all(workers, settings)
+        reserved.close()
+        lock.release()
+        os.close(dir_lock)
+    return status
+
+
+def _wait_started(workers: list[_Worker], stopping) -> list[int] | None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline and not stopping():
+        if all(w.port_file.exists() for w in workers):
+            return [int(json.loads(w.port_file.read_text())["metrics_port"]) for w in workers]
+        if any(w.proc is not None and w.proc.poll() is not None for w in workers):
+            return None  # the loop restarts it (or gives up)
+        time.sleep(0.05)
+    return None
+
+
+def _stop_all(workers: list[_Worker], settings: Settings) -> None:
+    for w in workers:
+        if w.proc is not None and w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+    limit = settings.server.grace_seconds + settings.sessions.write_timeout_seconds + _SLACK_S
+    deadline = time.monotonic() + limit
+    for w in workers:
+        if w.proc is None:
+            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(max(0.1, deadline - time.monotonic()))
+        if w.proc.poll() is None:
+            log.error("worker %d did not stop in %.0f s: killing it", w.index, limit)
+            w.proc.kill()
+            w.proc.wait()
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
