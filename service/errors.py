@@ -152,6 +152,8 @@ class SessionMoved(Unavailable):
     """Another replica took the session over (its epoch moved on): this replica's write was
     refused and the step not applied; a retry reaches the holder or takes it back."""
 
+    session_ids: tuple[str, ...] = ()  # the sessions whose writes were refused
+
 
 class StateTierUnusable(Unavailable):
     """The Redis state tier is unreachable or configured to lose sessions: the server does not

@@ -28,7 +28,7 @@ from service.engine.generation import rebuilt_log
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import SeqServeError, SessionLost, Unavailable
+from service.errors import SeqServeError, SessionLost, SessionMoved, Unavailable
 from service.models import ByteTokenizer
 from service.runtime.chunk_replay import ReplayRow, replay_rows
 from service.runtime.sampler import SamplingParams
@@ -270,11 +270,11 @@ class PendingReplays:
         for pending, got in zip(batch, computed, strict=True):
             session = pending.session
             if session.closed:
-                self._pending.pop(session.session_id, None)
+                self._forget(pending)
                 continue
             if got.state is None:
                 assert got.problem is not None
-                self._pending.pop(session.session_id, None)
+                self._forget(pending)
                 lose(self._sessions, self._residency, session, got.problem)
                 continue
             applied = pending.replay.applied(session, got.result, served.tokenizer)
@@ -283,13 +283,28 @@ class PendingReplays:
         for k, (pending, record) in enumerate(written):
             if k and k % _WRITES_PER_TURN == 0:
                 await asyncio.sleep(0)  # serving goes on between chunks of writes
-            self._residency.tier.write(record)  # raises when the disk refuses: still pending
             session = pending.session
+            if session.closed or self._pending.get(session.session_id) is not pending:
+                continue  # ended, or dropped and taken back, while this batch ran
+            try:
+                self._residency.tier.write(record)  # raises when the disk refuses: pending
+            except SessionMoved:  # another process took it over meanwhile: not ours to write
+                self._forget(pending)
+                self._sessions.forget(session, moved=True)
+                self._residency.versions.unpin(session.model, session.version)
+                self._residency.durability.checkpointed(session)
+                continue
             self._residency.durability.checkpointed(session)  # its journal records go
-            self._sessions.set_replay_pending(session, False)
-            self._pending.pop(session.session_id, None)
+            self._forget(pending)
             self.replayed_sessions += 1
             self.replayed_steps += pending.replay.end - pending.replay.base
+
+    def _forget(self, pending: _Pending) -> None:
+        """No replay pending for it any more (only this entry: a newer one for the id stays)."""
+        sid = pending.session.session_id
+        if self._pending.get(sid) is pending:
+            del self._pending[sid]
+        self._sessions.set_replay_pending(pending.session, False)
 
     def _compute(self, served: ServedVersion, batch: list[_Pending]) -> list[_Computed]:
         """Off the event loop: read each base, run the journaled inputs through the model."""

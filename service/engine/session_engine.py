@@ -257,7 +257,7 @@ class SessionEngine:
     async def describe_session(self, session_id: str) -> Session:
         """The session wherever it is held; read-only: it does not move it here."""
         local = self.sessions.peek(session_id)
-        if (local is not None and not self.takeover.moved(session_id)) or not self.takeover.shared:
+        if not self.takeover.shared or (local is not None and await self.takeover.holds(local)):
             return self.sessions.get(session_id)
         return await self.takeover.describe(session_id)
 

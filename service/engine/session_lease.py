@@ -167,6 +167,9 @@ class SessionLeases:
                 if lease._turn is not None:
                     await lease._turn
                 await self.replays.settle(lease.session)
+                if lease.session.closed:  # lost in its replay, or ended meanwhile: say which
+                    self._sessions.get(lease.session.session_id)
+                    raise SessionClosed(f"session {lease.session.session_id!r} was closed")
             yield lease
         finally:
             self.release(lease)
@@ -209,7 +212,8 @@ class SessionLeases:
                 await lease._turn
             session = lease.session
             await self.replays.settle(session)
-            if session.closed:
+            if session.closed:  # lost in its replay (DATA_LOSS), closed, expired: say which
+                self._sessions.get(session.session_id)
                 raise SessionClosed(f"session {session.session_id!r} is closed")
             try:
                 version = await self._versions.get(session.model, session.version)

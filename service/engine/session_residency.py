@@ -144,7 +144,7 @@ class SessionResidency:
                 self.spill(victim)
             except SessionMoved:  # another replica holds it: this copy is stale, let it go
                 self.discard(victim)
-                self.sessions.forget(victim)
+                self.sessions.forget(victim, moved=True)
                 self.versions.unpin(victim.model, victim.version)
                 continue
             self._on_event("evicted", victim)
@@ -179,13 +179,14 @@ class SessionResidency:
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
 
-    def checkpoint(self, session: Session) -> None:
+    def checkpoint(self, session: Session, *, first: bool = False) -> None:
         """Write an idle in-memory session's state to the tier and keep it in memory: its
-        journal records up to here are no longer needed. Raises what the tier's write does."""
+        journal records up to here are no longer needed. `first`: a fork's child, whose first
+        checkpoint is its whole history. Raises what the tier's write does."""
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory"
         record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
-        self.tier.write(record)
+        self.tier.write(record, first=first)
         self.durability.checkpointed(session)
 
     def checkpoint_record(self, session: Session, state: SlotSnapshot) -> SpillRecord:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from service.engine.generation import Generation
-from service.errors import ResourceExhausted, Unavailable
+from service.errors import ResourceExhausted, SessionMoved, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
 from service.runtime.step_batch import Row, RowResult, StepBatch, StepOutput
@@ -204,9 +204,16 @@ class StepScheduler:
                     self._retire(gen)
                 continue
             segment: int | None = None
+            results = output.results
             if self._commit is not None:
+                records = self._records(gens, feeds, rows, results)
                 try:
-                    segment = self._commit(self._records(gens, feeds, rows, output.results))
+                    try:
+                        segment = self._commit(records)
+                    except SessionMoved as moved:  # the rest of the batch still counts
+                        gens, feeds, results = self._without(moved, records, gens, feeds, results)
+                        kept = [r for r in records if _session_of(r) not in moved.session_ids]
+                        segment = self._commit(kept) if kept else None
                 except Unavailable as exc:  # not durable: the step must not count
                     self._undo(rows, output)
                     for f in feeds:
@@ -215,7 +222,7 @@ class StepScheduler:
                         gen.tokens.put_nowait(exc)
                         self._retire(gen)
                     continue
-            self._fan_out(gens, feeds, output.results, segment)
+            self._fan_out(gens, feeds, results, segment)
             t = output.timings
             self._on_stats(
                 StepStats(
@@ -252,6 +259,33 @@ class StepScheduler:
     ) -> list[bytes]:
         owners: list[RowOwner] = [g.owner for g in gens] + [f.owner for f in feeds]
         return [o.record(r, res) for o, r, res in zip(owners, rows, results, strict=True)]
+
+    def _without(
+        self,
+        moved: SessionMoved,
+        records: list[bytes],
+        gens: list[Generation],
+        feeds: list[_Queued],
+        results: list[RowResult],
+    ) -> tuple[list[Generation], list[_Queued], list[RowResult]]:
+        """Fail the rows of sessions another process holds now (their copies here are stale,
+        and are dropped at their next request); the batch without them."""
+        fenced = {i for i, r in enumerate(records) if _session_of(r) in moved.session_ids}
+        kept_gens, kept_feeds, kept_results = [], [], []
+        for i, gen in enumerate(gens):
+            if i in fenced:
+                gen.tokens.put_nowait(moved)
+                self._retire(gen)
+            else:
+                kept_gens.append(gen)
+                kept_results.append(results[i])
+        for j, feed in enumerate(feeds):
+            if len(gens) + j in fenced:
+                feed.group.settle(feed.index, moved)
+            else:
+                kept_feeds.append(feed)
+                kept_results.append(results[len(gens) + j])
+        return kept_gens, kept_feeds, kept_results
 
     def _undo(self, rows: list[Row], output: StepOutput) -> None:
         """Put the step's rows back as they were, random streams included."""
@@ -296,3 +330,8 @@ class StepScheduler:
         while self._pending:
             feed = self._pending.popleft()
             feed.group.settle(feed.index, exc)
+
+
+def _session_of(record: bytes) -> str:
+    """The session a journal record is for (frame, version, kind, id length, id)."""
+    return record[11 : 11 + record[10]].decode("ascii")

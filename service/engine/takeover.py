@@ -102,7 +102,7 @@ class Takeover:
         assert self._state is not None
         self._state.moved.discard(session.session_id)
         self._residency.discard(session)  # frees its slot (the tier keeps its record)
-        self._sessions.forget(session)
+        self._sessions.forget(session, moved=True)
         self._versions.unpin(session.model, session.version)
         self._observer.on_session_event("moved", session.model, str(session.version))
         log.info("session %s is held by another replica now", session.session_id)
@@ -117,6 +117,16 @@ class Takeover:
     def moved(self, session_id: str) -> bool:
         """This replica's copy is stale: a write of it was refused."""
         return self._state is not None and session_id in self._state.moved
+
+    async def holds(self, session: Session) -> bool:
+        """This replica still holds `session` (the tier's epoch is its own): a read-only answer
+        from it is current."""
+        if self._state is None:
+            return True
+        if session.session_id in self._state.moved:
+            return False
+        epoch = await asyncio.to_thread(self._state.epoch_of, session.session_id)
+        return epoch == session.holder_epoch
 
     async def describe(self, session_id: str) -> Session:
         """The session as the tier holds it, without taking it over (GetSession)."""

@@ -68,9 +68,15 @@ end
 return fenced
 """
 
-# KEYS: h, j, c. ARGV: epoch, ttl ms, checkpoint bytes. 1 when written, 0 when fenced.
+# KEYS: h, j, c. ARGV: epoch, ttl ms, checkpoint bytes, replica when it is a new session's
+# first (a fork: no record made it), else "". 1 when written, 0 when fenced.
 _CHECKPOINT = """
-if redis.call("HGET", KEYS[1], "epoch") ~= ARGV[1] then return 0 end
+if ARGV[4] ~= "" then
+  if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
+  redis.call("HSET", KEYS[1], "epoch", ARGV[1], "holder", ARGV[4])
+elseif redis.call("HGET", KEYS[1], "epoch") ~= ARGV[1] then
+  return 0
+end
 redis.call("SET", KEYS[3], ARGV[3], "PX", tonumber(ARGV[2]))
 redis.call("DEL", KEYS[2])
 redis.call("PEXPIRE", KEYS[1], tonumber(ARGV[2]))
@@ -173,10 +179,13 @@ class RedisState(SharedState):
             raise self.unreachable(exc) from None
         return [writes[int(k) - 1].session_id for k in fenced]
 
-    def checkpoint(self, session_id: str, epoch: int, ttl_ms: int, data: bytes) -> bool:
+    def checkpoint(
+        self, session_id: str, epoch: int, ttl_ms: int, data: bytes, *, first: bool = False
+    ) -> bool:
         h, j, c, _ = self.keys(session_id)
+        args: list[bytes | str | int] = [str(epoch), ttl_ms, data, self.replica if first else ""]
         try:
-            return bool(self._checkpoint(keys=[h, j, c], args=[str(epoch), ttl_ms, data]))
+            return bool(self._checkpoint(keys=[h, j, c], args=args))
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
 
@@ -186,12 +195,16 @@ class RedisState(SharedState):
     def peek(self, session_id: str) -> Claimed:
         return self._read(self._peek, session_id, [])
 
-    def read_checkpoint(self, session_id: str) -> bytes | None:
+    def read_checkpoint(self, session_id: str) -> tuple[int, bytes | None]:
+        h, _, c, _ = self.keys(session_id)
         try:
-            data = self.client.get(self.keys(session_id)[2])
+            with self.client.pipeline(transaction=True) as pipe:  # MULTI: one consistent read
+                pipe.hget(h, "epoch")
+                pipe.get(c)
+                epoch, data = pipe.execute()
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
-        return None if data is None else bytes(data)  # type: ignore[arg-type]
+        return (0 if epoch is None else int(epoch)), (None if data is None else bytes(data))
 
     def epoch_of(self, session_id: str) -> int:
         try:

@@ -21,6 +21,7 @@ from service.errors import (
     SessionClosed,
     SessionExpired,
     SessionLimit,
+    SessionMoved,
     SessionNotFound,
     SpillCorrupted,
 )
@@ -94,6 +95,8 @@ class SessionStore:
                 raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
             if why == "closed":
                 raise SessionClosed(f"session {session_id!r} was closed")
+            if why == "moved":
+                raise SessionMoved(f"session {session_id!r} is held by another replica now; retry")
             broken = self._broken.get(session_id)
             if broken is not None:
                 why, error = broken
@@ -162,13 +165,16 @@ class SessionStore:
         """The live session with this id, if this process has it (no expiry check)."""
         return self._sessions.get(session_id)
 
-    def forget(self, session: Session) -> None:
-        """Drop a session another replica holds now: not ended, nothing remembered here."""
+    def forget(self, session: Session, *, moved: bool = False) -> None:
+        """Drop the session from this process. `moved`: another process holds it now (not
+        ended): until this one takes it back, its id answers UNAVAILABLE, retry."""
         session.closed = True
         if session.made_by and self._made.get(session.made_by) is session:
             del self._made[session.made_by]
         self._sessions.pop(session.session_id, None)
         self._resident.pop(session.session_id, None)
+        if moved:
+            self._remember_end(session.session_id, "moved")
 
     def set_epoch(self, session: Session, epoch: int) -> None:
         session.holder_epoch = epoch
@@ -196,8 +202,8 @@ class SessionStore:
     def ended_earlier(self, session_id: str, why: str) -> None:
         """A session that ended before a restart, known only by its END record: a late
         request learns why (closed, expired), not NOT_FOUND."""
-        if session_id not in self._sessions and session_id not in self._ended:
-            self._remember_end(session_id, why)
+        if session_id not in self._sessions and self._ended.get(session_id) != why:
+            self._remember_end(session_id, why)  # the tier says so: it overrides this copy's
 
     def is_expired(self, session: Session) -> bool:
         """Idle past its TTL (a busy session never expires mid-request, nor one whose replay

@@ -88,8 +88,11 @@ class SharedState:
         """All `writes` if every epoch holds, else none: the ids whose epoch did not."""
         raise NotImplementedError
 
-    def checkpoint(self, session_id: str, epoch: int, ttl_ms: int, data: bytes) -> bool:
-        """Replace the checkpoint and empty the journal, if `epoch` holds."""
+    def checkpoint(
+        self, session_id: str, epoch: int, ttl_ms: int, data: bytes, *, first: bool = False
+    ) -> bool:
+        """Replace the checkpoint and empty the journal, if `epoch` holds; with `first` (a
+        fork's child, which no record made), make the session at `epoch` unless it exists."""
         raise NotImplementedError
 
     def claim(self, session_id: str) -> Claimed:
@@ -100,7 +103,8 @@ class SharedState:
         """Read the session without taking it (epoch 1 when it exists, 0 when not)."""
         raise NotImplementedError
 
-    def read_checkpoint(self, session_id: str) -> bytes | None:
+    def read_checkpoint(self, session_id: str) -> tuple[int, bytes | None]:
+        """(the session's epoch, its checkpoint), read together."""
         raise NotImplementedError
 
     def epoch_of(self, session_id: str) -> int:
@@ -146,10 +150,12 @@ class SharedState:
 
     def fenced(self, session_ids: list[str]) -> SessionMoved:
         self.moved.update(session_ids)
-        return SessionMoved(
-            "the step was not applied: a session of its batch is held by another replica now "
-            "(taken over); retry"
+        error = SessionMoved(
+            "the step was not applied: the session is held by another replica now (taken "
+            "over); retry"
         )
+        error.session_ids = tuple(session_ids)
+        return error
 
 
 class SharedJournal:
@@ -235,18 +241,24 @@ class SharedCheckpoints:
     def mark_clean_stop(self, wall_time: float) -> None:
         pass  # expiry runs on the tier's clock, which did not stop
 
-    def write(self, record: SpillRecord, *, durable: bool = False) -> None:
-        """The checkpoint, and its session's journal emptied, if this process still holds it."""
+    def write(self, record: SpillRecord, *, durable: bool = False, first: bool = False) -> None:
+        """The checkpoint, and its session's journal emptied, if this process still holds it
+        (`first`: a fork's child, made by this write)."""
         sid = record.header.session_id
         session = self._sessions.peek(sid)
         epoch = session.holder_epoch if session is not None else 0
         ttl_ms = int(record.header.ttl_seconds * 1000)
-        written = self._state.checkpoint(sid, epoch, ttl_ms, spill_record.encode(record))
-        if not written:
+        data = spill_record.encode(record)
+        if not self._state.checkpoint(sid, epoch, ttl_ms, data, first=first):
             raise self._state.fenced([sid])
 
     def read(self, session_id: str) -> SpillRecord:
-        data = self._state.read_checkpoint(session_id)
+        """The checkpoint of a session this process holds; SessionMoved when another took it
+        over since (this copy is stale: the caller's retry takes it back)."""
+        epoch, data = self._state.read_checkpoint(session_id)
+        session = self._sessions.peek(session_id)
+        if session is not None and epoch != session.holder_epoch:
+            raise self._state.fenced([session_id])
         if data is None:
             raise SpillCorrupted(f"checkpoint of session {session_id!r} is missing from the tier")
         return spill_record.decode(bytes(data), f"checkpoint of {session_id}")

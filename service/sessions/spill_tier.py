@@ -128,7 +128,7 @@ class SpillTier:
 
     # ---- records -------------------------------------------------------------------------
 
-    def write(self, record: SpillRecord, *, durable: bool = False) -> None:
+    def write(self, record: SpillRecord, *, durable: bool = False, first: bool = False) -> None:
         """Write (or replace) a session's record. Raises SpillTierFull over the cap."""
         session_id = record.header.session_id
         data = spill_record.encode(record)

@@ -103,12 +103,21 @@ class SqliteState(SharedState):
 
         return self._transaction(work)
 
-    def checkpoint(self, session_id: str, epoch: int, ttl_ms: int, data: bytes) -> bool:
+    def checkpoint(
+        self, session_id: str, epoch: int, ttl_ms: int, data: bytes, *, first: bool = False
+    ) -> bool:
         now = time.time()
 
         def work(db: sqlite3.Connection) -> bool:
             row = self._holder(db, session_id, now)
-            if row is None or row[0] != epoch:
+            if first:
+                if row is not None:
+                    return False
+                db.execute(
+                    "INSERT INTO holders VALUES (?, ?, ?, ?)",
+                    (session_id, epoch, self.replica, now + ttl_ms / 1000.0),
+                )
+            elif row is None or row[0] != epoch:
                 return False
             db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)", (session_id, data))
             db.execute("DELETE FROM journal WHERE sid = ?", (session_id,))
@@ -128,10 +137,13 @@ class SqliteState(SharedState):
     def peek(self, session_id: str) -> Claimed:
         return self._read(session_id, take=False)
 
-    def read_checkpoint(self, session_id: str) -> bytes | None:
-        def work(db: sqlite3.Connection) -> bytes | None:
+    def read_checkpoint(self, session_id: str) -> tuple[int, bytes | None]:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> tuple[int, bytes | None]:
+            holder = self._holder(db, session_id, now)
             row = db.execute("SELECT data FROM checkpoints WHERE sid = ?", (session_id,)).fetchone()
-            return None if row is None else bytes(row[0])
+            return (0 if holder is None else holder[0]), (None if row is None else bytes(row[0]))
 
         return self._transaction(work)
 

@@ -10,7 +10,7 @@ import pytest
 
 from service.engine.replay import PendingReplays
 from service.engine.session_engine import SessionEngine
-from service.errors import SessionClosed
+from service.errors import DataLoss, SessionClosed
 from service.runtime.sampler import SamplingParams
 
 from .conftest import EngineFactory, FakeClock, close, crash, toks
@@ -134,3 +134,31 @@ async def test_close_and_expiry_of_sessions_whose_replay_is_pending(
     with pytest.raises(SessionClosed):
         third.get_session(closed)
     assert len(third.sessions) == 0
+
+
+async def test_a_session_lost_in_its_replay_answers_data_loss_and_unpins_once(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """Its checkpoint was damaged: the request that starts its replay (a close here) gets
+    DATA_LOSS, and the version another session still uses stays pinned by that one."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    s, _ = await first.create_session("tok", seed=1)
+    t, _ = await first.create_session("tok", seed=2)
+    await first.feed(s.session_id, toks(1, 2))
+    first.residency.checkpoint(first.sessions.get(s.session_id))
+    await first.feed(s.session_id, toks(3))
+    await crash(first)
+    (record,) = spill.glob(f"{s.session_id}*")
+    data = bytearray(record.read_bytes())
+    data[-3] ^= 0xFF  # inside the state: the checksum fails
+    record.write_bytes(bytes(data))
+
+    second = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    with pytest.raises(DataLoss):
+        await second.close_session(s.session_id)
+    with pytest.raises(DataLoss):
+        await second.feed(s.session_id, toks(4))
+    assert second.versions.pinned("tok", 1) == 1  # t's
+    await second.close_session(t.session_id)
+    assert second.versions.pinned("tok", 1) == 0

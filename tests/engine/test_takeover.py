@@ -13,9 +13,11 @@ import pytest
 import redis
 
 from benchmarks.real_services import RedisServer
+from service.engine.feed import Feed
 from service.engine.session_engine import SessionEngine
 from service.errors import (
     FailedPrecondition,
+    SeqServeError,
     SessionClosed,
     SessionMoved,
     SessionNotFound,
@@ -148,3 +150,95 @@ async def test_a_tier_that_would_lose_sessions_stops_the_start(
     with pytest.raises(StateTierUnusable) as err:
         await make_engine(state_url="redis://127.0.0.1:1/0")
     assert "unreachable" in err.value.message
+
+
+async def test_a_fork_lives_in_the_tier_and_moves_like_any_session(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    a, b = await _replicas(make_engine, state_url)
+    roomy = await make_engine(durability="shutdown")
+    s, _ = await a.create_session("tok", seed=1)
+    r, _ = await roomy.create_session("tok", seed=1)
+    await a.feed(s.session_id, toks(1, 2, 3))
+    await roomy.feed(r.session_id, toks(1, 2, 3))
+    child = await a.fork_session(s.session_id)  # its first checkpoint makes it in the tier
+    ref_child = await roomy.fork_session(r.session_id)
+    got, want = (
+        await b.feed(child.session_id, toks(4)),
+        await roomy.feed(ref_child.session_id, toks(4)),
+    )
+    assert got.position == want.position == 4 and close(got.prediction, want.prediction)
+
+
+async def _retried(call):  # type: ignore[no-untyped-def]
+    """What a client does: once more after UNAVAILABLE (a stale copy was dropped)."""
+    try:
+        return await call()
+    except SessionMoved:
+        return await call()
+
+
+async def test_a_stale_spilled_copy_is_dropped_not_data_loss(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """a spilled the session; b took it over and checkpointed past a's checkpoint: a's restore
+    finds the tier's epoch is not its own and answers UNAVAILABLE, and the retry is exact."""
+    a = await make_engine(state_url=state_url)
+    b = await make_engine(state_url=state_url, checkpoint_steps=1)
+    roomy = await make_engine(durability="shutdown")
+    s, _ = await a.create_session("tok", seed=1)
+    r, _ = await roomy.create_session("tok", seed=1)
+    await a.feed(s.session_id, toks(1, 2, 3))
+    await roomy.feed(r.session_id, toks(1, 2, 3))
+    a.residency.spill(a.sessions.get(s.session_id))
+    await b.feed(s.session_id, toks(4))
+    await roomy.feed(r.session_id, toks(4))
+    got = await _retried(lambda: a.feed(s.session_id, toks(5)))
+    want = await roomy.feed(r.session_id, toks(5))
+    assert got.position == want.position == 5 and close(got.prediction, want.prediction)
+
+
+async def test_a_retry_reaching_a_stale_copy_gets_the_original_reply(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    a, b = await _replicas(make_engine, state_url)
+    s, _ = await a.create_session("tok", seed=1)
+    sid = s.session_id
+    await a.feed(sid, toks(1), expected_position=0, request_id="r0")
+    await b.feed(sid, toks(2), expected_position=1, request_id="r1")
+    first = await b.feed(sid, toks(3), expected_position=2, request_id="r2")  # reply lost
+    again = await _retried(lambda: a.feed(sid, toks(3), expected_position=2, request_id="r2"))
+    assert again.position == first.position == 3 and close(again.prediction, first.prediction)
+    assert (await a.describe_session(sid)).position == 3  # nothing applied twice
+
+
+async def test_one_fenced_session_fails_only_its_own_row(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    a, b = await _replicas(make_engine, state_url)
+    x, _ = await a.create_session("tok", seed=1)
+    y, _ = await a.create_session("tok", seed=2)
+    await a.feed(x.session_id, toks(1))
+    await a.feed(y.session_id, toks(1))
+    await b.feed(x.session_id, toks(2))  # b takes x over; a does not know yet
+    out = await a.feed_many([Feed(x.session_id, toks(3)), Feed(y.session_id, toks(3))])
+    assert isinstance(out[0], SessionMoved)
+    assert not isinstance(out[1], SeqServeError) and out[1].position == 2
+
+
+async def test_a_replay_fenced_by_a_takeover_leaves_nothing_pending(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    c = await make_engine(state_url=state_url)
+    a = await make_engine(state_url=state_url)
+    b = await make_engine(state_url=state_url)
+    x, _ = await c.create_session("tok", seed=1, ttl_seconds=60)
+    await c.feed(x.session_id, toks(1, 2))
+    await a.takeover.ensure(x.session_id)  # a takes it: its replay pending
+    await b.takeover.ensure(x.session_id)  # b takes it before a's replay writes
+    with pytest.raises(SessionMoved):
+        await a.feed(x.session_id, toks(3))  # a's replay write is refused: a lets go
+    assert len(a.leases.replays) == 0 and a.sessions.peek(x.session_id) is None
+    assert a.versions.pinned("tok", 1) == 0
+    got = await a.feed(x.session_id, toks(3))  # the retry takes it back
+    assert got.position == 3
