@@ -106,7 +106,8 @@ async def test_node_client_matches_python_client(
     step, generated = await _python_run(client, text, seed, max_tokens, temperature, top_k)
 
     assert got["model"] == "tok" and got["version"] == 1 and got["seed"] == str(seed)
-    assert got["session_id"].startswith("s_") and len(got["fingerprint"]) >= 16
+    assert got["session_id"].startswith("s_node-client.")  # its --route, via the metadata
+    assert len(got["fingerprint"]) >= 16
     assert got["step"]["request_id"] == "node-1"
     assert got["step"]["position"] == step.position == len(text.encode())
     assert [t["id"] for t in got["step"]["top"]] == [t.id for t in step.prediction.tokens.top]

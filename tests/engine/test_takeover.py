@@ -23,9 +23,10 @@ from service.errors import (
     SessionNotFound,
     StateTierUnusable,
 )
+from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
 
-from .conftest import EngineFactory, close, crash, toks
+from .conftest import TOK, EngineFactory, close, crash, publish, toks
 
 SAMPLING = SamplingParams(temperature=1.0, max_tokens=4)
 
@@ -242,3 +243,29 @@ async def test_a_replay_fenced_by_a_takeover_leaves_nothing_pending(
     assert a.versions.pinned("tok", 1) == 0
     got = await a.feed(x.session_id, toks(3))  # the retry takes it back
     assert got.position == 3
+
+
+async def test_an_alias_flip_during_a_takeover_keeps_the_session_on_its_version(
+    make_engine: EngineFactory, state_url: str, store_root: Path
+) -> None:
+    """Both replicas read one store. The alias moves to a new version set through a's store;
+    b sees it at its next poll: new sessions there get the new version, while a session a made
+    on the old one, taken over by b, loads and runs the old one (exactly)."""
+    store = ModelStore(store_root)
+    store.set_alias("tok", "production", 1)
+    a, b = await _replicas(make_engine, state_url)
+    roomy = await make_engine(durability="shutdown")
+    s, _ = await a.create_session("tok", "production")
+    r, _ = await roomy.create_session("tok", "1", seed=s.seed)
+    assert s.version == 1
+    await a.feed(s.session_id, toks(1, 2))
+    await roomy.feed(r.session_id, toks(1, 2))
+    new = publish(store, "tok", TOK, seed=99)
+    store.set_alias("tok", "production", new)  # on the shared store, as a's registry would
+    await b.watcher.poll()
+    fresh, _ = await b.create_session("tok", "production")
+    assert fresh.version == new
+    got = await b.feed(s.session_id, toks(3))  # taken over mid-flip
+    want = await roomy.feed(r.session_id, toks(3))
+    assert b.get_session(s.session_id).version == 1
+    assert got.position == want.position == 3 and close(got.prediction, want.prediction)

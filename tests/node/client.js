@@ -4,6 +4,11 @@
 //
 //   node tests/node/client.js HOST:PORT [--model=tok] [--text=hello] [--seed=7]
 //                                      [--max-tokens=6] [--temperature=1] [--top-k=5]
+//                                      [--route=node-client]
+//
+// Every call carries the session's routing key as `x-seqserve-route` metadata (the key given
+// with --route on CreateSession; afterwards the one in the session id), as a load balancer in
+// front of several replicas needs.
 //
 // Used by tests/api/test_node_client.py, which checks the output against the Python client.
 'use strict';
@@ -15,7 +20,10 @@ const protoLoader = require('@grpc/proto-loader');
 const PROTOS = path.resolve(__dirname, '..', '..', 'protos');
 
 function parseArgs(argv) {
-  const args = {model: 'tok', text: 'hello', seed: '7', 'max-tokens': '6', temperature: '1', 'top-k': '5'};
+  const args = {
+    model: 'tok', text: 'hello', seed: '7', 'max-tokens': '6', temperature: '1', 'top-k': '5',
+    route: 'node-client',
+  };
   const positional = [];
   for (const arg of argv) {
     const m = /^--([a-z-]+)=(.*)$/s.exec(arg);
@@ -41,10 +49,23 @@ function loadService() {
   return grpc.loadPackageDefinition(definition).seqserve.v1.SessionService;
 }
 
-// Promise wrapper for a unary call.
-function unary(client, method, request) {
+// The routing key in a session id (`s_<key>.<random>`; the whole id for older ids), sent as
+// `x-seqserve-route` metadata on every call so a load balancer keeps a session on one replica.
+function routeOf(sessionId) {
+  const m = /^s_([A-Za-z0-9_-]{1,64})\./.exec(sessionId);
+  return m ? m[1] : sessionId;
+}
+
+function routed(key) {
+  const metadata = new grpc.Metadata();
+  metadata.set('x-seqserve-route', key);
+  return metadata;
+}
+
+// Promise wrapper for a unary call, routed by `key`.
+function unary(client, method, request, key) {
   return new Promise((resolve, reject) => {
-    client[method](request, {deadline: Date.now() + 20000}, (err, response) => {
+    client[method](request, routed(key), {deadline: Date.now() + 20000}, (err, response) => {
       if (err) reject(err);
       else resolve(response);
     });
@@ -66,15 +87,18 @@ async function main() {
   const SessionService = loadService();
   const client = new SessionService(args.target, grpc.credentials.createInsecure());
   try {
-    const created = await unary(client, 'CreateSession', {model: args.model, seed: args.seed});
+    const created = await unary(
+      client, 'CreateSession', {model: args.model, seed: args.seed}, args.route,
+    );
     const session = created.session;
+    const key = routeOf(session.session_id);
 
     const step = await unary(client, 'Step', {
       session_id: session.session_id,
       request_id: 'node-1',
       input: {text: args.text},
       options: {top_k: Number(args['top-k'])},
-    });
+    }, key);
 
     const tokens = await collect(
       client.Generate({
@@ -83,18 +107,18 @@ async function main() {
           temperature: Number(args.temperature),
           max_tokens: Number(args['max-tokens']),
         },
-      }),
+      }, routed(key)),
     );
 
     // An error comes back as a gRPC status, by code.
     let missing = null;
     try {
-      await unary(client, 'GetSession', {session_id: 's_no_such_session'});
+      await unary(client, 'GetSession', {session_id: 's_no_such_session'}, 'nowhere');
     } catch (err) {
       missing = {code: err.code, name: grpc.status[err.code]};
     }
 
-    const closed = await unary(client, 'CloseSession', {session_id: session.session_id});
+    const closed = await unary(client, 'CloseSession', {session_id: session.session_id}, key);
 
     const result = {
       session_id: session.session_id,
