@@ -111,7 +111,9 @@ class SessionEngine:
         self._background = background
         self.draining = False
         self._stopped = False
-        self.maker = SessionMaker(sessions, versions, leases, lifecycle, feeder, self._check_open)
+        self.maker = SessionMaker(
+            sessions, versions, leases, lifecycle, feeder, self._check_open, takeover
+        )
         self._loops: list[asyncio.Task[None]] = []
 
     # ---- start and stop ------------------------------------------------------------------

@@ -18,6 +18,7 @@ from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
 from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
+from service.engine.takeover import Takeover
 from service.errors import InvalidArgument
 from service.runtime.sampler import SamplingParams
 from service.sessions.session import ROUTE_HEADER, Session, valid_route
@@ -33,7 +34,9 @@ class SessionMaker:
         lifecycle: SessionLifecycle,
         feeder: SessionFeeder,
         check_open: Callable[[], None],
+        takeover: Takeover,
     ) -> None:
+        self.takeover = takeover  # a retry may reach another process than the first call
         self.sessions = sessions
         self.versions = versions
         self.leases = leases
@@ -64,7 +67,7 @@ class SessionMaker:
             )
         key = f"create:{request_id}"
         async with self._made_once(key if request_id else ""):
-            made = self.sessions.made(key) if request_id else None
+            made = await self._made(key) if request_id else None
             if made is not None:  # a retry: what the first call made, and its prefix's outcome
                 return made, await self._prefix_outcome(made, request_id)
             return await self._create(
@@ -132,10 +135,14 @@ class SessionMaker:
         check_request_id(request_id)
         key = f"fork:{request_id}"
         async with self._made_once(key if request_id else ""):
-            made = self.sessions.made(key) if request_id else None
+            made = await self._made(key) if request_id else None
             if made is not None:  # a retry: the fork the first call made
                 return made
             return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
+
+    async def _made(self, key: str) -> Session | None:
+        """What the request `key` made: here, or on another process (the shared tier)."""
+        return self.sessions.made(key) or await self.takeover.made(key)
 
     @contextlib.asynccontextmanager
     async def _made_once(self, key: str) -> AsyncIterator[None]:

@@ -107,6 +107,18 @@ class Takeover:
         self._observer.on_session_event("moved", session.model, str(session.version))
         log.info("session %s is held by another replica now", session.session_id)
 
+    async def made(self, made_by: str) -> Session | None:
+        """The session a create or fork request made on any process (taken over here), for
+        a retry that reaches another process than the first call did."""
+        if self._state is None:
+            return None
+        session_id = await asyncio.to_thread(self._state.made, made_by)
+        if not session_id:
+            return None
+        await self.ensure(session_id)
+        session = self._sessions.peek(session_id)
+        return session if session is not None and session.made_by == made_by else None
+
     async def purge(self) -> None:
         """Sessions whose holder died expire in the tier too (the sweeper calls this)."""
         if self._state is not None:

@@ -28,7 +28,8 @@ _SETTING = "SEQSERVE_SESSIONS__STATE_URL"
 _APPENDFSYNC = {"batch": "always", "interval": "everysec", "never": "no"}
 
 # KEYS: per session h, j, c, e. ARGV: replica, sessions, then per session: epoch, ttl ms, op
-# ("create", "step", "end"), record count, the records (for "end": the why). Returns the
+# ("create", "step", "end"), the made-by key of a create with a request id (else ""), record
+# count, the records (for "end": the why). Returns the
 # indexes (1-based) of the sessions whose epoch did not hold; then nothing was written.
 _APPEND = """
 local replica = ARGV[1]
@@ -39,9 +40,9 @@ local ops = {}
 for s = 1, n do
   local h = KEYS[4 * s - 3]
   local epoch, ttl = ARGV[at], tonumber(ARGV[at + 1])
-  local op, count = ARGV[at + 2], tonumber(ARGV[at + 3])
-  ops[s] = {epoch, ttl, op, at + 4, count}
-  at = at + 4 + count
+  local op, made, count = ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4])
+  ops[s] = {epoch, ttl, op, at + 5, count, made}
+  at = at + 5 + count
   if op == "create" then
     if redis.call("EXISTS", h) == 1 then table.insert(fenced, s) end
   elseif redis.call("HGET", h, "epoch") ~= epoch then
@@ -51,13 +52,14 @@ end
 if #fenced > 0 then return fenced end
 for s = 1, n do
   local h, j, c, e = KEYS[4 * s - 3], KEYS[4 * s - 2], KEYS[4 * s - 1], KEYS[4 * s]
-  local epoch, ttl, op, first, count = unpack(ops[s])
+  local epoch, ttl, op, first, count, made = unpack(ops[s])
   if op == "end" then
     redis.call("DEL", h, j, c)
     redis.call("SET", e, ARGV[first], "PX", 86400000)
   else
     if op == "create" then
       redis.call("HSET", h, "epoch", epoch, "holder", replica)
+      if made ~= "" then redis.call("SET", made, h, "PX", ttl) end  -- made key -> its h key
     end
     for k = first, first + count - 1 do redis.call("RPUSH", j, ARGV[k]) end
     redis.call("PEXPIRE", h, ttl)
@@ -69,11 +71,13 @@ return fenced
 """
 
 # KEYS: h, j, c. ARGV: epoch, ttl ms, checkpoint bytes, replica when it is a new session's
-# first (a fork: no record made it), else "". 1 when written, 0 when fenced.
+# first (a fork: no record made it), else "", and then its made-by key (or "").
+# 1 when written, 0 when fenced.
 _CHECKPOINT = """
 if ARGV[4] ~= "" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
   redis.call("HSET", KEYS[1], "epoch", ARGV[1], "holder", ARGV[4])
+  if ARGV[5] ~= "" then redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2])) end
 elseif redis.call("HGET", KEYS[1], "epoch") ~= ARGV[1] then
   return 0
 end
@@ -172,7 +176,8 @@ class RedisState(SharedState):
         args: list[bytes | str | int] = [self.replica, len(writes)]
         for w in writes:
             keys += self.keys(w.session_id)
-            args += [str(w.epoch), w.ttl_ms, w.op, len(w.records), *w.records]
+            made = self._made_key(w.made_by) if w.made_by else ""
+            args += [str(w.epoch), w.ttl_ms, w.op, made, len(w.records), *w.records]
         try:
             fenced = self._append(keys=keys, args=args)
         except redis.RedisError as exc:
@@ -180,10 +185,20 @@ class RedisState(SharedState):
         return [writes[int(k) - 1].session_id for k in fenced]
 
     def checkpoint(
-        self, session_id: str, epoch: int, ttl_ms: int, data: bytes, *, first: bool = False
+        self,
+        session_id: str,
+        epoch: int,
+        ttl_ms: int,
+        data: bytes,
+        *,
+        first: bool = False,
+        made_by: str = "",
     ) -> bool:
         h, j, c, _ = self.keys(session_id)
-        args: list[bytes | str | int] = [str(epoch), ttl_ms, data, self.replica if first else ""]
+        made = self._made_key(made_by) if made_by else ""
+        args: list[bytes | str | int] = [
+            str(epoch), ttl_ms, data, self.replica if first else "", made,
+        ]  # fmt: skip
         try:
             return bool(self._checkpoint(keys=[h, j, c], args=args))
         except redis.RedisError as exc:
@@ -212,6 +227,17 @@ class RedisState(SharedState):
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
         return 0 if epoch is None else int(epoch)  # type: ignore[arg-type]
+
+    def made(self, made_by: str) -> str:
+        try:
+            h = self.client.get(self._made_key(made_by))
+        except redis.RedisError as exc:
+            raise self.unreachable(exc) from None
+        prefix = f"{self.namespace}:h:"
+        return bytes(h).decode().removeprefix(prefix) if h else ""  # type: ignore[arg-type]
+
+    def _made_key(self, made_by: str) -> str:
+        return f"{self.namespace}:m:{made_by}"
 
     def close(self) -> None:
         self.client.close()

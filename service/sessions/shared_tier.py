@@ -59,6 +59,7 @@ class Write:
     ttl_ms: int
     op: Literal["create", "step", "end"]
     records: list[bytes]  # for "end": [why]
+    made_by: str = ""  # "create:<request id>": the tier remembers which session it made
 
 
 def replica_name() -> str:
@@ -89,10 +90,18 @@ class SharedState:
         raise NotImplementedError
 
     def checkpoint(
-        self, session_id: str, epoch: int, ttl_ms: int, data: bytes, *, first: bool = False
+        self,
+        session_id: str,
+        epoch: int,
+        ttl_ms: int,
+        data: bytes,
+        *,
+        first: bool = False,
+        made_by: str = "",
     ) -> bool:
         """Replace the checkpoint and empty the journal, if `epoch` holds; with `first` (a
-        fork's child, which no record made), make the session at `epoch` unless it exists."""
+        fork's child, which no record made), make the session at `epoch` unless it exists,
+        remembering `made_by`."""
         raise NotImplementedError
 
     def claim(self, session_id: str) -> Claimed:
@@ -109,6 +118,10 @@ class SharedState:
 
     def epoch_of(self, session_id: str) -> int:
         """The session's current epoch (0: no such session)."""
+        raise NotImplementedError
+
+    def made(self, made_by: str) -> str:
+        """The session a create or fork request (`made_by`) made, wherever ("" if none)."""
         raise NotImplementedError
 
     def purge_expired(self) -> int:
@@ -209,9 +222,11 @@ class SharedJournal:
             if kinds[sid] == _END:
                 (end,) = decode_stream(batch[-1])
                 writes.append(Write(sid, epoch, ttl_ms, "end", [end.why.encode()]))
+            elif kinds[sid] == _CREATE:
+                made_by = session.made_by if session is not None else ""
+                writes.append(Write(sid, epoch, ttl_ms, "create", batch, made_by))
             else:
-                op: Literal["create", "step"] = "create" if kinds[sid] == _CREATE else "step"
-                writes.append(Write(sid, epoch, ttl_ms, op, batch))
+                writes.append(Write(sid, epoch, ttl_ms, "step", batch))
         fenced = self._state.append(writes)  # raises JournalUnavailable when unreachable
         self._state.reachable()
         if fenced:
@@ -249,7 +264,8 @@ class SharedCheckpoints:
         epoch = session.holder_epoch if session is not None else 0
         ttl_ms = int(record.header.ttl_seconds * 1000)
         data = spill_record.encode(record)
-        if not self._state.checkpoint(sid, epoch, ttl_ms, data, first=first):
+        made_by = record.header.made_by if first else ""
+        if not self._state.checkpoint(sid, epoch, ttl_ms, data, first=first, made_by=made_by):
             raise self._state.fenced([sid])
 
     def read(self, session_id: str) -> SpillRecord:

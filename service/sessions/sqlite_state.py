@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS journal (
 );
 CREATE INDEX IF NOT EXISTS journal_by_session ON journal (sid, seq);
 CREATE TABLE IF NOT EXISTS ended (sid TEXT PRIMARY KEY, why TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS made (
+    made_by TEXT PRIMARY KEY, sid TEXT NOT NULL, expires REAL NOT NULL
+);
 """
 
 
@@ -91,6 +94,8 @@ class SqliteState(SharedState):
                         "INSERT INTO holders VALUES (?, ?, ?, ?)",
                         (w.session_id, w.epoch, self.replica, expires),
                     )
+                    if w.made_by:
+                        self._made(db, w.made_by, w.session_id, expires)
                 else:
                     db.execute(
                         "UPDATE holders SET expires = ? WHERE sid = ?", (expires, w.session_id)
@@ -104,7 +109,14 @@ class SqliteState(SharedState):
         return self._transaction(work)
 
     def checkpoint(
-        self, session_id: str, epoch: int, ttl_ms: int, data: bytes, *, first: bool = False
+        self,
+        session_id: str,
+        epoch: int,
+        ttl_ms: int,
+        data: bytes,
+        *,
+        first: bool = False,
+        made_by: str = "",
     ) -> bool:
         now = time.time()
 
@@ -117,6 +129,8 @@ class SqliteState(SharedState):
                     "INSERT INTO holders VALUES (?, ?, ?, ?)",
                     (session_id, epoch, self.replica, now + ttl_ms / 1000.0),
                 )
+                if made_by:
+                    self._made(db, made_by, session_id, now + ttl_ms / 1000.0)
             elif row is None or row[0] != epoch:
                 return False
             db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)", (session_id, data))
@@ -156,6 +170,21 @@ class SqliteState(SharedState):
 
         return self._transaction(work)
 
+    def made(self, made_by: str) -> str:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> str:
+            row = db.execute(
+                "SELECT sid FROM made WHERE made_by = ? AND expires >= ?", (made_by, now)
+            ).fetchone()
+            return "" if row is None else str(row[0])
+
+        return self._transaction(work)
+
+    @staticmethod
+    def _made(db: sqlite3.Connection, made_by: str, session_id: str, expires: float) -> None:
+        db.execute("INSERT OR REPLACE INTO made VALUES (?, ?, ?)", (made_by, session_id, expires))
+
     def purge_expired(self) -> int:
         """Delete every session past its expiry (whoever held it): what Redis's key TTLs do."""
         now = time.time()
@@ -165,6 +194,7 @@ class SqliteState(SharedState):
             for sid in gone:
                 self._delete(db, sid)
             db.execute("DELETE FROM ended WHERE expires < ?", (now,))
+            db.execute("DELETE FROM made WHERE expires < ?", (now,))
             return len(gone)
 
         return self._transaction(work)

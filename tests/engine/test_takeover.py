@@ -6,6 +6,8 @@ moved; GetSession reads without moving."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import redis
 
 from benchmarks.real_services import RedisServer
-from service.engine.feed import Feed
+from service.engine.feed import Feed, PredictionOptions
 from service.engine.session_engine import SessionEngine
 from service.errors import (
     FailedPrecondition,
@@ -269,3 +271,38 @@ async def test_an_alias_flip_during_a_takeover_keeps_the_session_on_its_version(
     want = await roomy.feed(r.session_id, toks(3))
     assert b.get_session(s.session_id).version == 1
     assert got.position == want.position == 3 and close(got.prediction, want.prediction)
+
+
+async def test_a_session_whose_version_left_the_store_is_failed_precondition_on_takeover(
+    make_engine: EngineFactory, state_url: str, store_root: Path
+) -> None:
+    a, b = await _replicas(make_engine, state_url)
+    store = ModelStore(store_root)
+    two = publish(store, "tok", TOK, seed=5)
+    s, _ = await a.create_session("tok", str(two))
+    await a.feed(s.session_id, toks(1))
+    shutil.rmtree(store_root / "tok" / str(two))  # gone while a still holds the session
+    with pytest.raises(FailedPrecondition) as err:
+        await asyncio.wait_for(b.feed(s.session_id, toks(2)), 30)  # an answer, not a hang
+    assert f"tok:{two}" in err.value.message
+
+
+async def test_create_and_fork_retries_reaching_another_replica_make_nothing_twice(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    a, b = await _replicas(make_engine, state_url)
+    options = PredictionOptions(top_k=4)
+    made, outcome = await a.create_session(
+        "tok", prefix=toks(1, 2), options=options, request_id="c"
+    )
+    child = await a.fork_session(made.session_id, request_id="f")
+    await crash(a)  # the replies were lost with it: the client retries elsewhere
+    again, again_outcome = await b.create_session(
+        "tok", prefix=toks(1, 2), options=options, request_id="c"
+    )
+    assert again.session_id == made.session_id and again.position == 2
+    assert outcome is not None and again_outcome is not None
+    assert close(again_outcome.prediction, outcome.prediction)
+    forked = await b.fork_session(made.session_id, request_id="f")
+    assert forked.session_id == child.session_id
+    assert len(b.sessions) == 2
