@@ -56,12 +56,11 @@ def _serve(
     return start_server(name, argv, out, cpus, env=env, timeout=600.0, cwd=REPO)
 
 
-async def _load(
-    server: ServerProcess, model: str, sessions: int, window: float
-) -> dict[str, float]:
+async def load_row(target: str, model: str, sessions: int, window: float) -> dict[str, float]:
+    """tokens/s and p50 ms of `sessions` sessions, one token per message, for `window` s."""
     report = await run_load(
         LoadConfig(
-            target=server.target,
+            target=target,
             model=model,
             duration_seconds=window,
             warmup_seconds=1.0,
@@ -113,7 +112,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> int:
         for _round in range(0 if args.recovery_only else 2):
             for sessions in (1, 64):
                 for mode, server in servers.items():
-                    got = await _load(server, args.model, sessions, window)
+                    got = await load_row(server.target, args.model, sessions, window)
                     rows.setdefault(f"{mode}/stream/{sessions}", []).append(got)
                     line = (
                         f"{mode:14s} {sessions:3d} sessions: {got['tokens_per_second']:8,.0f} "
@@ -181,14 +180,20 @@ def _background_replay_seconds(server: ServerProcess, timeout: float = 600.0) ->
     raise TimeoutError(f"no background replay line in {server.log_path}")
 
 
-def _table(rows: dict[str, list[dict[str, float]]], recovery: dict[str, float]) -> str:
-    lines = ["| mode | sessions | tokens/s (round 1 / 2) | p50 ms (round 1 / 2) |",
+def rounds_table(rows: dict[str, list[dict[str, float]]], first: str) -> list[str]:
+    """Markdown rows "<first>/<sessions>" → tokens/s and p50 of each round."""
+    lines = [f"| {first} | sessions | tokens/s (round 1 / 2) | p50 ms (round 1 / 2) |",
              "|---|---:|---:|---:|"]  # fmt: skip
     for key, runs in rows.items():
-        mode, _, sessions = key.split("/")
+        name, _, sessions = key.rpartition("/")
         tps = " / ".join(f"{r['tokens_per_second']:,.0f}" for r in runs)
         p50 = " / ".join(f"{r['p50_ms']:.3f}" for r in runs)
-        lines.append(f"| {mode} | {sessions} | {tps} | {p50} |")
+        lines.append(f"| {name} | {sessions} | {tps} | {p50} |")
+    return lines
+
+
+def _table(rows: dict[str, list[dict[str, float]]], recovery: dict[str, float]) -> str:
+    lines = rounds_table(rows, "mode")
     lines.append("")
     lines.append(
         f"Recovery of {recovery['sessions']:,} sessions x {recovery['steps_each']} journaled "

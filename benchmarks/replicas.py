@@ -23,10 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.durability import load_row, rounds_table
 from benchmarks.processes import ServerProcess, start_server
 from benchmarks.real_services import NginxServer, RedisServer
 from benchmarks.run import split_cpus
-from service.loadtest import LoadConfig, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,23 +40,6 @@ def _serve(
     if state_url:
         argv += ["--state-url", state_url]
     return start_server(name, argv, work, cpus, timeout=300.0, cwd=REPO)
-
-
-async def _load(
-    target: str, args: argparse.Namespace, sessions: int, window: float
-) -> dict[str, float]:
-    report = await run_load(
-        LoadConfig(
-            target=target,
-            model=args.model,
-            duration_seconds=window,
-            warmup_seconds=1.0,
-            seed=1,
-            sessions=sessions,
-        )
-    )
-    p50 = report.step_latency.p50 * 1e3 if report.step_latency is not None else float("nan")
-    return {"tokens_per_second": report.tokens_per_second, "p50_ms": p50}
 
 
 async def main_async(args: argparse.Namespace, work: Path) -> int:
@@ -88,7 +71,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> int:
         ]
         for _round in range(2):
             for key, target, sessions in plan:
-                got = await _load(target, args, sessions, window)
+                got = await load_row(target, args.model, sessions, window)
                 rows.setdefault(key, []).append(got)
                 print(f"{key:28s} {got['tokens_per_second']:8,.0f} tokens/s  "
                       f"p50 {got['p50_ms']:.3f} ms", file=sys.stderr, flush=True)  # fmt: skip
@@ -102,19 +85,8 @@ async def main_async(args: argparse.Namespace, work: Path) -> int:
     (args.out / "replicas.json").write_text(
         json.dumps({"window_seconds": window, "rows": rows}, indent=2) + "\n"
     )
-    print(_table(rows))
+    print("\n".join(rounds_table(rows, "setup")))
     return 0
-
-
-def _table(rows: dict[str, list[dict[str, float]]]) -> str:
-    lines = ["| setup | sessions | tokens/s (round 1 / 2) | p50 ms (round 1 / 2) |",
-             "|---|---:|---:|---:|"]  # fmt: skip
-    for key, runs in rows.items():
-        setup, _, sessions = key.rpartition("/")
-        tps = " / ".join(f"{r['tokens_per_second']:,.0f}" for r in runs)
-        p50 = " / ".join(f"{r['p50_ms']:.3f}" for r in runs)
-        lines.append(f"| {setup} | {sessions} | {tps} | {p50} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,56 @@ def _holder_pid(redis_url: str, session_id: str) -> int:
     return int(holder.decode().split(":")[1])
 
 
+class _Load:
+    """SESSIONS sessions fed one token each per round, through `target`, until stopped; what
+    each acknowledged is kept for the reference."""
+
+    def __init__(self, client: SeqServeClient) -> None:
+        self.client = client
+        self.sessions: list[ClientSession] = []
+        self.fed: list[list[int]] = []
+        self.rounds = 0
+        self._stop = asyncio.Event()
+
+    async def open(self) -> None:
+        self.sessions = [await self.client.create_session("tok", seed=i) for i in range(SESSIONS)]
+        self.fed = [[] for _ in self.sessions]
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            await self.round()
+
+    async def round(self) -> None:
+        await asyncio.gather(*(self._one(i) for i in range(SESSIONS)))
+        self.rounds += 1
+
+    async def _one(self, i: int) -> None:
+        token = (i * 13 + self.rounds * 5) % 256
+        await self.sessions[i].feed(tokens=[token])
+        self.fed[i].append(token)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def check(self, store_root: Path) -> None:
+        """Every session: its position is its acknowledged inputs, once each; its next
+        prediction is the reference's over them."""
+        for session, inputs in zip(self.sessions, self.fed, strict=True):
+            reply = await self.client.sessions.Step(
+                pb.StepRequest(
+                    session_id=session.session_id,
+                    input=tokens(5),
+                    expected_position=len(inputs),
+                    options=types.PredictionOptions(top_k=5),
+                ),
+                metadata=route_metadata(session.session_id),
+            )
+            assert reply.position == len(inputs) + 1, session.session_id
+            reference = ReferenceSession(store_root, "tok")
+            reference.feed(inputs)
+            assert_matches_reference(reply.prediction, reference.feed([5])[-1])
+
+
 async def test_a_replica_killed_behind_nginx_loses_no_acknowledged_step(
     store_root: Path, tmp_path: Path, redis_server: RedisServer, replicas: list[ServerProcess]
 ) -> None:
@@ -70,46 +120,22 @@ async def test_a_replica_killed_behind_nginx_loses_no_acknowledged_step(
     nginx.start()
     try:
         async with SeqServeClient(nginx.target, retry=RetryPolicy(deadline_seconds=60)) as client:
-            sessions = [await client.create_session("tok", seed=i) for i in range(SESSIONS)]
-            fed: list[list[int]] = [[] for _ in sessions]
-
-            async def feed_round(k: int) -> None:
-                async def one(i: int) -> None:
-                    token = (i * 31 + k * 7) % 256
-                    await sessions[i].feed(tokens=[token], top_k=3)
-                    fed[i].append(token)  # acknowledged
-
-                await asyncio.gather(*(one(i) for i in range(SESSIONS)))
-
-            for k in range(ROUNDS_BEFORE):
-                await feed_round(k)
-            pids = [_holder_pid(redis_server.url, s.session_id) for s in sessions]
+            load = _Load(client)
+            await load.open()
+            for _ in range(ROUNDS_BEFORE):
+                await load.round()
+            pids = [_holder_pid(redis_server.url, s.session_id) for s in load.sessions]
             by_replica = {r.proc.pid: pids.count(r.proc.pid) for r in replicas if r.proc}
             assert sum(by_replica.values()) == SESSIONS and all(by_replica.values()), by_replica
             victim = max(replicas, key=lambda r: by_replica[r.proc.pid if r.proc else 0])
             victim.kill()  # SIGKILL
-            for k in range(ROUNDS_BEFORE, ROUNDS_BEFORE + ROUNDS_AFTER):
-                await feed_round(k)
-
-            for session, inputs in zip(sessions, fed, strict=True):
-                assert len(inputs) == ROUNDS_BEFORE + ROUNDS_AFTER
-                reply = await client.sessions.Step(
-                    pb.StepRequest(
-                        session_id=session.session_id,
-                        input=tokens(5),
-                        expected_position=len(inputs),
-                        options=types.PredictionOptions(top_k=5),
-                    ),
-                    metadata=route_metadata(session.session_id),
-                )
-                assert reply.position == len(inputs) + 1, session.session_id
-                reference = ReferenceSession(store_root, "tok")
-                reference.feed(inputs)
-                assert_matches_reference(reply.prediction, reference.feed([5])[-1])
+            for _ in range(ROUNDS_AFTER):
+                await load.round()
+            assert all(len(inputs) == ROUNDS_BEFORE + ROUNDS_AFTER for inputs in load.fed)
+            await load.check(store_root)
             assert victim.proc is not None  # every session is held by a replica still alive
-            assert all(
-                _holder_pid(redis_server.url, s.session_id) != victim.proc.pid for s in sessions
-            )
+            holders = {_holder_pid(redis_server.url, s.session_id) for s in load.sessions}
+            assert victim.proc.pid not in holders
     finally:
         nginx.stop()
 
@@ -155,53 +181,6 @@ async def test_a_frozen_replica_applies_nothing_once_its_session_is_taken_over(
     reference.feed([1, 2, 3])
     assert after.position == 4
     assert_matches_reference(after.prediction, reference.feed([4])[-1])
-
-
-class _Load:
-    """SESSIONS sessions fed one token each per round, through `target`, until stopped; what
-    each acknowledged is kept for the reference."""
-
-    def __init__(self, client: SeqServeClient) -> None:
-        self.client = client
-        self.sessions: list[ClientSession] = []
-        self.fed: list[list[int]] = []
-        self.rounds = 0
-        self._stop = asyncio.Event()
-
-    async def open(self) -> None:
-        self.sessions = [await self.client.create_session("tok", seed=i) for i in range(SESSIONS)]
-        self.fed = [[] for _ in self.sessions]
-
-    async def run(self) -> None:
-        while not self._stop.is_set():
-            await asyncio.gather(*(self._one(i) for i in range(SESSIONS)))
-            self.rounds += 1
-
-    async def _one(self, i: int) -> None:
-        token = (i * 13 + self.rounds * 5) % 256
-        await self.sessions[i].feed(tokens=[token])
-        self.fed[i].append(token)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    async def check(self, store_root: Path) -> None:
-        """Every session: its position is its acknowledged inputs, once each; its next
-        prediction is the reference's over them."""
-        for session, inputs in zip(self.sessions, self.fed, strict=True):
-            reply = await self.client.sessions.Step(
-                pb.StepRequest(
-                    session_id=session.session_id,
-                    input=tokens(5),
-                    expected_position=len(inputs),
-                    options=types.PredictionOptions(top_k=5),
-                ),
-                metadata=route_metadata(session.session_id),
-            )
-            assert reply.position == len(inputs) + 1, session.session_id
-            reference = ReferenceSession(store_root, "tok")
-            reference.feed(inputs)
-            assert_matches_reference(reply.prediction, reference.feed([5])[-1])
 
 
 async def test_a_rolling_restart_behind_nginx_under_load_loses_no_session(

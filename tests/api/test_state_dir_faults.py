@@ -17,6 +17,7 @@ import pytest
 
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.sessions.journal import Journal
 
 from .conftest import ServerFactory
 from .support import ReferenceSession, assert_matches_reference, code_value, item, tokens
@@ -45,6 +46,13 @@ def fill(disk: Path) -> Path:
         except OSError:
             pass
     return filler
+
+
+def _break(journal: Journal) -> None:
+    """An I/O error on the journal's next write (EBADF: its file is now read-only)."""
+    assert journal._fd is not None
+    os.close(journal._fd)
+    journal._fd = os.open(os.devnull, os.O_RDONLY)
 
 
 async def _step(client: SeqServeClient, sid: str, *ids: int) -> pb.StepResponse:
@@ -104,9 +112,7 @@ async def test_an_injected_write_error_is_refused_and_the_journal_moves_on(
         sid = created.session.session_id
         await _step(client, sid, 5)
         segment = journal.segment
-        assert journal._fd is not None
-        os.close(journal._fd)  # an I/O error on the next write (EBADF on a read-only fd)
-        journal._fd = os.open(os.devnull, os.O_RDONLY)
+        _break(journal)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _step(client, sid, 6)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -186,9 +192,7 @@ async def test_a_close_the_journal_cannot_record_is_refused_and_the_session_live
         created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
         sid = created.session.session_id
         await _step(client, sid, 5)
-        assert journal._fd is not None
-        os.close(journal._fd)  # the next write fails
-        journal._fd = os.open(os.devnull, os.O_RDONLY)
+        _break(journal)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -38,6 +38,19 @@ async def _fed_pairs(first: SessionEngine, roomy: SessionEngine) -> list[tuple[s
     return pairs
 
 
+async def _crashed(
+    make_engine: EngineFactory, tmp_path: Path
+) -> tuple[Path, SessionEngine, list[tuple[str, str]]]:
+    """A state directory whose engine was killed with N fed sessions in its journal only;
+    their uninterrupted twins; the (session, twin) ids."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    roomy = await make_engine(durability="shutdown")
+    pairs = await _fed_pairs(first, roomy)
+    await crash(first)
+    return spill, roomy, pairs
+
+
 async def _same(engine: SessionEngine, roomy: SessionEngine, a: str, b: str, token: int) -> None:
     """The next step and the next samples agree with the uninterrupted twin."""
     got, want = await engine.feed(a, toks(token)), await roomy.feed(b, toks(token))
@@ -50,11 +63,7 @@ async def _same(engine: SessionEngine, roomy: SessionEngine, a: str, b: str, tok
 async def test_requests_replay_their_session_first_the_rest_replay_in_the_background(
     make_engine: EngineFactory, tmp_path: Path
 ) -> None:
-    spill = tmp_path / "state"
-    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
-    roomy = await make_engine(durability="shutdown")
-    pairs = await _fed_pairs(first, roomy)
-    await crash(first)
+    spill, roomy, pairs = await _crashed(make_engine, tmp_path)
 
     second = await make_engine(spill_dir=spill, checkpoint_steps=1000)
     replays = second.leases.replays
@@ -75,11 +84,7 @@ async def test_requests_replay_their_session_first_the_rest_replay_in_the_backgr
 async def test_a_crash_before_the_background_replay_ends_loses_nothing(
     make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spill = tmp_path / "state"
-    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
-    roomy = await make_engine(durability="shutdown")
-    pairs = await _fed_pairs(first, roomy)
-    await crash(first)
+    spill, roomy, pairs = await _crashed(make_engine, tmp_path)
 
     # The background replay gets to no session: each is replayed when a request needs it.
     monkeypatch.setattr(PendingReplays, "_next_batch", lambda self: [])
@@ -97,11 +102,7 @@ async def test_a_crash_before_the_background_replay_ends_loses_nothing(
 async def test_shutdown_keeps_the_journal_of_sessions_not_yet_replayed(
     make_engine: EngineFactory, tmp_path: Path
 ) -> None:
-    spill = tmp_path / "state"
-    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
-    roomy = await make_engine(durability="shutdown")
-    pairs = await _fed_pairs(first, roomy)
-    await crash(first)
+    spill, roomy, pairs = await _crashed(make_engine, tmp_path)
 
     second = await make_engine(spill_dir=spill, checkpoint_steps=1000)
     await second.stop()  # at once: the background replay had no turn
@@ -113,11 +114,7 @@ async def test_shutdown_keeps_the_journal_of_sessions_not_yet_replayed(
 async def test_close_and_expiry_of_sessions_whose_replay_is_pending(
     make_engine: EngineFactory, tmp_path: Path
 ) -> None:
-    spill = tmp_path / "state"
-    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
-    roomy = await make_engine(durability="shutdown")
-    pairs = await _fed_pairs(first, roomy)
-    await crash(first)
+    spill, _roomy, pairs = await _crashed(make_engine, tmp_path)
 
     clock = FakeClock()
     second = await make_engine(spill_dir=spill, checkpoint_steps=1000, clock=clock)
