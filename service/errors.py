@@ -64,6 +64,22 @@ class DataLoss(SeqServeError):
     status = grpc.StatusCode.DATA_LOSS
 
 
+class Unauthenticated(SeqServeError):
+    """No bearer token (or client certificate) where one is required, or one not known."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SeqServeError):
+    """A principal whose role does not allow the call (a `client` on a registry write)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class InsecureBind(Unavailable):
+    """A non-loopback address without TLS and tokens, and no `--insecure`: not started."""
+
+
 class Internal(SeqServeError):
     """A bug. Reported to clients as INTERNAL with an error id, never a stack trace."""
 
@@ -199,6 +215,8 @@ ERROR_TABLE: dict[type[SeqServeError], grpc.StatusCode] = {
         ResourceExhausted,
         Unavailable,
         DataLoss,
+        Unauthenticated,
+        PermissionDenied,
         Internal,
     )
 }

@@ -115,6 +115,25 @@ class SessionSettings(BaseModel):
     `appendonly yes` and `maxmemory-policy noeviction` (checked at start-up)."""
 
 
+class SecuritySettings(BaseModel):
+    """TLS, tokens and the start-up safety check (`SEQSERVE_SECURITY__*`)."""
+
+    auth_tokens: Path | None = None
+    """A file of `<principal> <role> <sha256 hex>` lines (`seqserve auth add-token`); set,
+    every call but health needs `authorization: Bearer <token>`. Re-read when it changes."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with `tls_key`, gRPC is served over TLS."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS); the
+    certificate's subject common name is the principal (role `client`)."""
+    insecure: bool = False
+    """Allow a non-loopback bind without TLS and tokens (a private network only)."""
+    reflection: bool = True
+    """Serve gRPC reflection (it needs a token too when tokens are on)."""
+
+
 class Settings(BaseSettings):
     """All of seqserve's configuration. Env: `SEQSERVE_<FIELD>`, nested with `__`."""
 
@@ -134,3 +153,4 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)

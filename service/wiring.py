@@ -33,6 +33,8 @@ from service.metrics.prometheus_metrics import Metrics
 from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
 from service.runtime.state_pool import ByteBudget
+from service.security.call_auth import CallAuth
+from service.security.tokens import TokenFile
 from service.sessions.journal import Journal
 from service.sessions.redis_state import RedisState
 from service.sessions.session import Session
@@ -113,6 +115,13 @@ def build_engine(
     )
 
 
+def call_auth(settings: Settings) -> CallAuth:
+    """Who may call: tokens from the tokens file, client certificates with mutual TLS."""
+    sec = settings.security
+    tokens = TokenFile(sec.auth_tokens) if sec.auth_tokens is not None else None
+    return CallAuth(tokens, client_certificates=sec.tls_client_ca is not None)
+
+
 def shared_state(cfg: SessionSettings) -> SharedState | None:
     """The shared state tier `state_url` names: `redis://...`, `sqlite:PATH` (the workers of
     `serve --workers`), or none (the local directory tier)."""
@@ -153,6 +162,9 @@ def build_server_parts(settings: Settings, *, ready: Callable[[], bool]) -> Serv
         ),
         registry_servicer=RegistryServicer(engine.versions),
         interceptor=ErrorMappingInterceptor(
-            metrics.observe_rpc, settings.server.max_message_bytes, ready=ready
+            metrics.observe_rpc,
+            settings.server.max_message_bytes,
+            ready=ready,
+            auth=call_auth(settings),
         ),
     )

@@ -24,6 +24,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from service.errors import InvalidArgument, SeqServeError, Unavailable
+from service.security import principal
+from service.security.call_auth import CallAuth
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         observe_rpc: RpcObserver,
         max_message_bytes: int = 0,
         ready: Callable[[], bool] | None = None,
+        auth: CallAuth | None = None,
     ) -> None:
         self._observe = observe_rpc
         self._max_message_bytes = max_message_bytes  # 0 = no check here
         self._ready = ready  # None: always ready
+        self._auth = auth  # None: no authentication
 
     async def intercept_service(
         self,
@@ -55,29 +59,29 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
-        gated = self._ready is not None and details.method.startswith(GATED_PREFIXES)
+        path = details.method
+        gated = self._ready is not None and path.startswith(GATED_PREFIXES)
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, self._sized(handler.unary_unary), gated), **kwargs
+                self._unary(path, self._sized(handler.unary_unary), gated), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(
-                    method, handler.unary_stream, self._sized(handler.unary_stream), gated
+                    path, handler.unary_stream, self._sized(handler.unary_stream), gated
                 ),
                 **kwargs,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary, gated), **kwargs
+                self._unary(path, handler.stream_unary, gated), **kwargs
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, handler.stream_stream, handler.stream_stream, gated),
+            self._streaming(path, handler.stream_stream, handler.stream_stream, gated),
             **kwargs,
         )
 
@@ -100,12 +104,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _observed(
-        self, method: str, gated: bool, context: grpc.aio.ServicerContext
+        self, path: str, gated: bool, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[None]:
-        """Around one call: the readiness gate, the status its error maps to, its timing."""
+        """Around one call: who calls (the call's principal, for ownership checks below), the
+        readiness gate, the status its error maps to, its timing."""
         started = time.perf_counter()
         code = "OK"
+        method = path.rsplit("/", 1)[-1]
         try:
+            if self._auth is not None:
+                principal.current.set(self._auth.principal(path, context))
             self._check_ready(gated)
             yield
         except BaseException as exc:
@@ -115,15 +123,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         finally:
             self._observe(method, code, time.perf_counter() - started)
 
-    def _unary(self, method: str, fn: Any, gated: bool = False) -> Any:
+    def _unary(self, path: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._observed(method, gated, context):
+            async with self._observed(path, gated, context):
                 result = fn(request, context)
                 return await result if inspect.isawaitable(result) else result
 
         return call
 
-    def _streaming(self, method: str, original: Any, fn: Any, gated: bool = False) -> Any:
+    def _streaming(self, path: str, original: Any, fn: Any, gated: bool = False) -> Any:
         """Wrap a response-streaming handler. `original` is the servicer's own function,
         inspected to choose the wrapper; `fn` is what to call (it may wrap `original`).
 
@@ -136,14 +144,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             async def iterate(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                async with self._observed(method, gated, context):
+                async with self._observed(path, gated, context):
                     async for response in fn(request, context):
                         yield response
 
             return iterate
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
-            async with self._observed(method, gated, context):
+            async with self._observed(path, gated, context):
                 result = fn(request, context)
                 if inspect.isawaitable(result):
                     await result

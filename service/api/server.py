@@ -22,6 +22,7 @@ from service.api.gc_tuning import freeze_heap
 from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
+from service.security.tls import check_bind, server_credentials
 from service.settings import Settings
 from service.wiring import build_server_parts
 
@@ -95,13 +96,21 @@ class SeqServeServer:
         # model loading and draining (readiness follows "" and the services' names).
         await _set_health(health_servicer, LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
-            self.grpc,
-        )  # fmt: skip
+        sec = self.settings.security
+        check_bind(s.host, sec)
+        credentials = server_credentials(sec)
+        if sec.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME),
+                self.grpc,
+            )  # fmt: skip
+        address = f"{s.host}:{s.port}"
         try:
-            self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
+            if credentials is None:
+                self.port = self.grpc.add_insecure_port(address)
+            else:
+                self.port = self.grpc.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:

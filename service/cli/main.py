@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "service.cli.models_cmd",
     "service.cli.train_cmd",
     "service.cli.loadtest_cmd",
+    "service.cli.auth_cmd",
 )
 
 

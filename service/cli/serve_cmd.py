@@ -35,6 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-bytes", type=int, help="byte budget for session state in memory")
     p.add_argument("--max-sessions", type=int, help="cap on live sessions (memory and spilled)")
     p.add_argument("--ttl", type=float, help="default idle TTL of a session, in seconds")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve gRPC over TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", type=Path, help="PEM CA: require client certificates (mutual TLS)"
+    )
+    p.add_argument(
+        "--auth-tokens", type=Path, help="tokens file (seqserve auth add-token): require tokens"
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback bind without TLS and tokens (private networks only)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -70,6 +84,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     sessions = {k: v for k, v in flags.items() if v is not None}
     if sessions:
         update["sessions"] = settings.sessions.model_copy(update=sessions)
+    security_flags = {
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+        "tls_client_ca": getattr(args, "tls_client_ca", None),
+        "auth_tokens": getattr(args, "auth_tokens", None),
+        "insecure": getattr(args, "insecure", None),
+    }
+    security = {k: v for k, v in security_flags.items() if v is not None}
+    if security:
+        update["security"] = settings.security.model_copy(update=security)
     return settings.model_copy(update=update)
 
 
@@ -81,8 +105,10 @@ def write_port_file(path: Path, server: SeqServeServer) -> None:
 
 
 # The flags a worker gets from its supervisor as they were given (port ones are its own).
-_PASSED_ON = ("host", "store", "spill_dir", "spill_max_bytes", "state_url", "pool_bytes",
-              "max_sessions", "ttl")  # fmt: skip
+_PASSED_ON = (
+    "host", "store", "spill_dir", "spill_max_bytes", "state_url", "pool_bytes", "max_sessions",
+    "ttl", "tls_cert", "tls_key", "tls_client_ca", "auth_tokens",
+)  # fmt: skip
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
@@ -91,11 +117,20 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name, None)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
+    if getattr(args, "insecure", None):
+        argv.append("--insecure")
     return argv
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.errors import PortInUse, SpillDirUnusable, SpillTierInUse, StateTierUnusable
+    from service.errors import (
+        InsecureBind,
+        InvalidArgument,
+        PortInUse,
+        SpillDirUnusable,
+        SpillTierInUse,
+        StateTierUnusable,
+    )
 
     settings = settings_from_args(args)
     logging.basicConfig(
@@ -109,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
 
             return run_workers(settings, worker_argv(args), workers, port_file)
         return _serve_one(settings, port_file)
-    except (PortInUse, SpillDirUnusable, SpillTierInUse, StateTierUnusable) as exc:
+    except (
+        InsecureBind, InvalidArgument, PortInUse, SpillDirUnusable, SpillTierInUse,
+        StateTierUnusable,
+    ) as exc:  # fmt: skip
         print(f"seqserve serve: {exc.message}", file=sys.stderr)  # one line, no traceback
         return 2
 

@@ -76,6 +76,7 @@ class Durability:
             "parent_session_id": session.parent_session_id,
             "default_sampling": dataclasses.asdict(session.default_sampling),
             "made_by": session.made_by,
+            "owner": session.owner,
         }
         segment = self.journal.append([journal_record.create(session.session_id, meta)])
         self.journaled(session, segment, steps=0)  # pins the journal; no step yet

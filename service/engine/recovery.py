@@ -213,4 +213,5 @@ def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  #
         seed=int(meta["seed"]),
         parent_session_id=meta.get("parent_session_id", ""),
         made_by=meta.get("made_by", ""),
+        owner=str(meta.get("owner", "")),
     )

@@ -351,4 +351,4 @@ def lose(
         residency.discard(session)
         sessions.remove(session, "lost")
         residency.versions.unpin(session.model, session.version)
-    sessions.mark_broken(session.session_id, why, error)
+    sessions.mark_broken(session.session_id, why, error, owner=session.owner)

@@ -22,7 +22,8 @@ from service.engine.session_lease import SessionLeases
 from service.engine.session_residency import SessionResidency
 from service.errors import InvalidArgument, SeqServeError
 from service.runtime.sampler import SamplingParams, SessionRng
-from service.sessions.session import Session, new_session_id, route_of
+from service.security.principal import owner_for_new
+from service.sessions.session import Session, made_key, new_session_id, route_of
 from service.sessions.session_store import SessionStore
 from service.settings import SessionSettings
 
@@ -88,7 +89,8 @@ class SessionLifecycle:
                 created_at=time.time(),
                 last_used=self._sessions.clock(),
                 seed=seed,
-                made_by=f"create:{request_id}" if request_id else "",
+                owner=owner_for_new(),
+                made_by=made_key("create", request_id, owner_for_new()) if request_id else "",
             )
             self._register(session, served, "created")
         except BaseException:
@@ -134,7 +136,8 @@ class SessionLifecycle:
                 created_at=time.time(),
                 last_used=self._sessions.clock(),
                 position=source.position,
-                made_by=f"fork:{request_id}" if request_id else "",
+                owner=owner_for_new(),  # a fork belongs to whoever forked
+                made_by=made_key("fork", request_id, owner_for_new()) if request_id else "",
             )
             self._versions.pin(child.model, child.version)
             try:

@@ -21,7 +21,8 @@ from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.takeover import Takeover
 from service.errors import InvalidArgument
 from service.runtime.sampler import SamplingParams
-from service.sessions.session import ROUTE_HEADER, Session, valid_route
+from service.security.principal import owner_for_new
+from service.sessions.session import ROUTE_HEADER, Session, made_key, valid_route
 from service.sessions.session_store import SessionStore
 
 
@@ -65,7 +66,7 @@ class SessionMaker:
             raise InvalidArgument(
                 f"routing key ({ROUTE_HEADER}) must be 1-64 characters of A-Z a-z 0-9 _ -"
             )
-        key = f"create:{request_id}"
+        key = made_key("create", request_id, owner_for_new())
         async with self._made_once(key if request_id else ""):
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: what the first call made, and its prefix's outcome
@@ -133,7 +134,7 @@ class SessionMaker:
         """A fork of the session; a retry with the same `request_id` returns the first
         call's."""
         check_request_id(request_id)
-        key = f"fork:{request_id}"
+        key = made_key("fork", request_id, owner_for_new())
         async with self._made_once(key if request_id else ""):
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: the fork the first call made

@@ -306,6 +306,7 @@ class SessionResidency:
             default_sampling=session.default_sampling,
             last_request=to_record(session.last_request),
             made_by=session.made_by,
+            owner=session.owner,
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
             has_cell_state=cfg.has_cell_state,
@@ -329,5 +330,6 @@ def session_from(header: SpillHeader, last_used: float) -> Session:
         seed=header.seed,
         parent_session_id=header.parent_session_id,
         made_by=header.made_by,
+        owner=header.owner,
         position=header.position,
     )

@@ -25,9 +25,11 @@ from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
 from service.errors import SessionMoved
+from service.security.principal import caller, may_see
+from service.sessions import journal_record as jr
 from service.sessions.session import SESSION_ID_PATTERN, Session
 from service.sessions.session_store import SessionStore
-from service.sessions.shared_tier import SharedState
+from service.sessions.shared_tier import Claimed, SharedState
 
 log = logging.getLogger(__name__)
 _ID_RE = re.compile(SESSION_ID_PATTERN)
@@ -144,18 +146,24 @@ class Takeover:
         """The session as the tier holds it, without taking it over (GetSession)."""
         assert self._state is not None
         found = await asyncio.to_thread(self._state.peek, session_id)
+        if found.epoch and not may_see(_owner(found)):
+            return self._sessions.get(session_id)  # not the caller's: NOT_FOUND
         if found.epoch == 0:
             if found.ended:
                 self._sessions.ended_earlier(session_id, found.ended)
             return self._sessions.get(session_id)  # raises: NOT_FOUND, or why it ended
         recovery = Recovery(self._sessions, self._versions, self._residency, self._replays)
         session = await recovery.describe(session_id, found.checkpoint, found.records)
-        if session is None:
-            return self._sessions.get(session_id)
+        if session is None or not may_see(session.owner):
+            return self._sessions.get(session_id)  # raises NOT_FOUND (or why it is gone)
         return session
 
     async def _take(self, state: SharedState, session_id: str) -> None:
         started = time.perf_counter()
+        if caller() is not None:  # ownership is checked before anything moves
+            found = await asyncio.to_thread(state.peek, session_id)
+            if found.epoch and not may_see(_owner(found)):
+                return  # not the caller's: the session store answers NOT_FOUND
         claimed = await asyncio.to_thread(state.claim, session_id)
         if claimed.epoch == 0:
             if claimed.ended:
@@ -170,3 +178,13 @@ class Takeover:
             self._observer.on_takeover(session.model, str(session.version), elapsed)
             self._observer.on_session_event("taken_over", session.model, str(session.version))
             log.info("took session %s over at epoch %d", session_id, claimed.epoch)
+
+
+def _owner(found: Claimed) -> str:
+    """Who owns the session the tier holds: its checkpoint says, or its creation record."""
+    if found.checkpoint is not None:
+        return found.checkpoint.header.owner
+    for record in found.records:
+        if record.kind == jr.CREATE and record.meta is not None:
+            return str(record.meta.get("owner", ""))
+    return ""

@@ -34,6 +34,20 @@ def valid_route(route: str) -> bool:
     return bool(_ROUTE_RE.match(route))
 
 
+def clip(text: str, limit: int = 100) -> str:
+    """A client's string as it may appear in a status message: repr'd, at most ~`limit`
+    characters (a 100,000-character id is not echoed back)."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def made_key(kind: str, request_id: str, owner: str) -> str:
+    """What a create or fork with a request id is remembered by: per principal, so one
+    principal's request id never finds another's session."""
+    return f"{kind}:{owner}/{request_id}" if owner else f"{kind}:{request_id}"
+
+
 @dataclass
 class AppliedRequest:
     """The last request applied to a session under a request id: a retry of it (same id, the
@@ -73,6 +87,7 @@ class Session:
     # Recovered at its position, its state still to be computed from the journal (replay.py).
     replay_pending: bool = False
     holder_epoch: int = 1  # the fencing epoch this replica holds it at (the Redis tier)
+    owner: str = ""  # the principal that made it ("": auth off); no one else hears of it
 
     @property
     def spilled(self) -> bool:

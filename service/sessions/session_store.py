@@ -25,7 +25,8 @@ from service.errors import (
     SessionNotFound,
     SpillCorrupted,
 )
-from service.sessions.session import AppliedRequest, Session
+from service.security.principal import may_see
+from service.sessions.session import AppliedRequest, Session, clip
 
 _REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
 
@@ -43,6 +44,7 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, Session] = OrderedDict()  # in memory, LRU first
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
+        self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
         # session id → why its records could not be used, and the error a request gets
         self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
         self._made: dict[str, Session] = {}  # Session.made_by → the live session
@@ -87,36 +89,48 @@ class SessionStore:
     def get(self, session_id: str) -> Session:
         """The live session, or the error that says why there is none: not found, closed,
         expired (also when idle past its TTL but not yet swept), or DATA_LOSS when its records
-        were refused at start-up."""
+        were refused at start-up. A caller that does not own the session hears NOT_FOUND,
+        whatever its state (`security.principal`)."""
+        shown = clip(session_id)
         session = self._sessions.get(session_id)
         if session is None:
+            if not may_see(self._owners.get(session_id, "")):
+                raise SessionNotFound(f"session {shown} not found")
             why = self._ended.get(session_id)
             if why == "expired":
-                raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
+                raise SessionExpired(f"session {shown} expired after its idle TTL")
             if why == "closed":
-                raise SessionClosed(f"session {session_id!r} was closed")
+                raise SessionClosed(f"session {shown} was closed")
             if why == "moved":
-                raise SessionMoved(f"session {session_id!r} is held by another replica now; retry")
+                raise SessionMoved(f"session {shown} is held by another replica now; retry")
             broken = self._broken.get(session_id)
             if broken is not None:
                 why, error = broken
                 if error is SpillCorrupted:
                     raise SpillCorrupted(
-                        f"session {session_id!r} cannot be resumed: its records were refused "
-                        f"({why})"
+                        f"session {shown} cannot be resumed: its records were refused ({why})"
                     )
-                raise error(f"session {session_id!r} cannot be resumed: {why}")
-            raise SessionNotFound(f"session {session_id!r} not found")
+                raise error(f"session {shown} cannot be resumed: {why}")
+            raise SessionNotFound(f"session {shown} not found")
+        if not may_see(session.owner):
+            raise SessionNotFound(f"session {shown} not found")
         if self.is_expired(session):
-            raise SessionExpired(f"session {session_id!r} expired after its idle TTL")
+            raise SessionExpired(f"session {shown} expired after its idle TTL")
         return session
 
     def mark_broken(
-        self, session_id: str, why: str, error: type[SeqServeError] = SpillCorrupted
+        self,
+        session_id: str,
+        why: str,
+        error: type[SeqServeError] = SpillCorrupted,
+        owner: str = "",
     ) -> None:
         """Remember a session whose records exist but could not be used: damaged or lost
-        (DATA_LOSS, the default), or intact but for other weights (FAILED_PRECONDITION)."""
+        (DATA_LOSS, the default), or intact but for other weights (FAILED_PRECONDITION). Only
+        its `owner` (when known) hears which."""
         self._broken[session_id] = (why, error)
+        if owner:
+            self._owners[session_id] = owner
 
     @property
     def broken(self) -> dict[str, str]:
@@ -174,6 +188,8 @@ class SessionStore:
         self._sessions.pop(session.session_id, None)
         self._resident.pop(session.session_id, None)
         if moved:
+            if session.owner:
+                self._owners[session.session_id] = session.owner
             self._remember_end(session.session_id, "moved")
 
     def set_epoch(self, session: Session, epoch: int) -> None:
@@ -191,13 +207,17 @@ class SessionStore:
         """End the session ("closed", "expired"): it is marked closed and forgotten, its id
         remembered so a late request learns why."""
         self.forget(session)
+        if session.owner:
+            self._owners[session.session_id] = session.owner
         self._remember_end(session.session_id, why)
 
     def _remember_end(self, session_id: str, why: str) -> None:
         self._ended[session_id] = why
         self._ended_order.append(session_id)
         if len(self._ended_order) > _REMEMBER_ENDED:
-            self._ended.pop(self._ended_order.popleft(), None)
+            gone = self._ended_order.popleft()
+            self._ended.pop(gone, None)
+            self._owners.pop(gone, None)
 
     def ended_earlier(self, session_id: str, why: str) -> None:
         """A session that ended before a restart, known only by its END record: a late

@@ -57,6 +57,7 @@ class SpillHeader(BaseModel):
     # absent in records of servers before it.
     last_request: dict[str, Any] | None = None
     made_by: str = ""  # the create or fork request that made the session
+    owner: str = ""  # the principal that owns it ("": made with auth off)
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
     has_cell_state: bool

@@ -20,7 +20,13 @@ from service.client.client import SeqServeClient
 from service.models import ModelConfig, SequenceModel
 from service.registry.manifest import Training
 from service.registry.store import ModelStore
-from service.settings import EngineSettings, ServerSettings, SessionSettings, Settings
+from service.settings import (
+    EngineSettings,
+    SecuritySettings,
+    ServerSettings,
+    SessionSettings,
+    Settings,
+)
 
 TOKEN_CONFIG = ModelConfig(
     cell="lstm", num_layers=2, hidden_size=24, input_kind="tokens", input_dim=256,
@@ -58,10 +64,11 @@ def make_settings(
     *,
     server: dict[str, Any] | None = None,
     sessions: dict[str, Any] | None = None,
+    security: dict[str, Any] | None = None,
     **engine: object,
 ) -> Settings:
-    """Test settings: port 0, no metrics endpoint, no store polling; `server`, `sessions` and
-    the keyword arguments (engine settings) override single fields."""
+    """Test settings: port 0, no metrics endpoint, no store polling; `server`, `sessions`,
+    `security` and the keyword arguments (engine settings) override single fields."""
     return Settings(
         model_store=store_root,
         registry_poll_seconds=0,
@@ -70,6 +77,7 @@ def make_settings(
         ),
         engine=EngineSettings(**engine),  # type: ignore[arg-type]
         sessions=SessionSettings(**{"spill_dir": tmp_path / "spill", **(sessions or {})}),
+        security=SecuritySettings(**(security or {})),
     )  # fmt: skip
 
 
@@ -83,12 +91,14 @@ async def server_factory(store_root: Path, tmp_path: Path) -> AsyncIterator[Serv
         store_root: Path = store_root,
         server: dict[str, Any] | None = None,
         sessions: dict[str, Any] | None = None,
+        security: dict[str, Any] | None = None,
         **engine: object,
     ) -> SeqServeServer:
         work = tmp_path / f"server{len(started)}"
-        srv = SeqServeServer(
-            make_settings(store_root, work, server=server, sessions=sessions, **engine)
+        settings = make_settings(
+            store_root, work, server=server, sessions=sessions, security=security, **engine
         )
+        srv = SeqServeServer(settings)
         await srv.start()
         started.append(srv)
         return srv

@@ -48,6 +48,8 @@ DESIGN_ERROR_TABLE = [
     ("over session / queue / memory limits", "RESOURCE_EXHAUSTED"),
     ("draining, model not ready", "UNAVAILABLE"),
     ("weights digest mismatch", "DATA_LOSS"),
+    ("no or unknown credentials (DESIGN section 13)", "UNAUTHENTICATED"),
+    ("a role that does not allow the call (DESIGN section 13)", "PERMISSION_DENIED"),
     ("anything else", "INTERNAL"),
 ]  # fmt: skip
 
@@ -60,6 +62,8 @@ ROW_CLASS = {
     "RESOURCE_EXHAUSTED": errors.ResourceExhausted,
     "UNAVAILABLE": errors.Unavailable,
     "DATA_LOSS": errors.DataLoss,
+    "UNAUTHENTICATED": errors.Unauthenticated,
+    "PERMISSION_DENIED": errors.PermissionDenied,
     "INTERNAL": errors.Internal,
 }
 

@@ -1,0 +1,65 @@
+"""Authenticating a call: a bearer token from the tokens file, or the client certificate of a
+mutual-TLS connection. Health is open (probes carry no credentials); every other method needs a
+principal once tokens or client certificates are configured, and registry writes need `admin`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.errors import PermissionDenied, Unauthenticated
+from service.security.principal import Principal
+from service.security.tokens import TokenFile
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+ADMIN_METHODS = frozenset(
+    {"/seqserve.v1.ModelRegistry/SetAlias", "/seqserve.v1.ModelRegistry/DeleteAlias"}
+)
+
+
+class CallAuth:
+    def __init__(self, tokens: TokenFile | None, client_certificates: bool) -> None:
+        self.tokens = tokens
+        self.client_certificates = client_certificates
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens is not None or self.client_certificates
+
+    def principal(self, method: str, context: Any) -> Principal | None:
+        """Who calls `method` (None: auth is off, or the method is open). Raises
+        Unauthenticated or PermissionDenied."""
+        if not self.enabled or method.startswith(OPEN_PREFIXES):
+            return None
+        who = self._from_token(context) or self._from_certificate(context)
+        if who is None:
+            raise Unauthenticated(
+                "this server needs credentials: send 'authorization: Bearer <token>'"
+                + (" or a client certificate" if self.client_certificates else "")
+            )
+        if method in ADMIN_METHODS and not who.admin:
+            raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs the admin role")
+        return who
+
+    def _from_token(self, context: Any) -> Principal | None:
+        header = ""
+        for item in context.invocation_metadata() or ():
+            if item.key == "authorization":
+                header = str(item.value)
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip() or self.tokens is None:
+            raise Unauthenticated("invalid credentials: expected 'authorization: Bearer <token>'")
+        who = self.tokens.authenticate(token.strip())
+        if who is None:
+            raise Unauthenticated("invalid bearer token")
+        return who
+
+    def _from_certificate(self, context: Any) -> Principal | None:
+        if not self.client_certificates:
+            return None
+        names = (context.auth_context() or {}).get("x509_common_name") or []
+        if not names:
+            return None
+        name = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
+        return Principal(name, "client")

@@ -1,0 +1,123 @@
+"""The tokens file: `<principal> <role> <sha256 hex of the token>` per line, `#` comments.
+
+Only hashes are stored; a token is checked by hashing it and comparing with every line in
+constant time. The file is re-read when it changes (its mtime and size are checked at most once
+a second), so tokens are added and revoked without a restart. Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import InvalidArgument
+from service.security.principal import ROLES, Principal, Role
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHECK_EVERY_S = 1.0
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    principal: Principal
+    sha256: bytes
+
+
+def parse(text: str, source: str = "tokens file") -> list[_Entry]:
+    """The entries of a tokens file; InvalidArgument naming the line of a malformed one."""
+    entries = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if (
+            len(parts) != 3
+            or not _NAME_RE.match(parts[0])
+            or parts[1] not in ROLES
+            or not _HASH_RE.match(parts[2])
+        ):
+            raise InvalidArgument(
+                f"{source} line {number}: expected '<principal> <role> <sha256 hex>' with role "
+                f"one of {', '.join(ROLES)}"
+            )
+        role: Role = "admin" if parts[1] == "admin" else "client"
+        entries.append(_Entry(Principal(parts[0], role), bytes.fromhex(parts[2])))
+    return entries
+
+
+class TokenFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: list[_Entry] = []
+        self._stamp: tuple[float, int] | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self.reload(force=True)
+
+    def reload(self, *, force: bool = False) -> None:
+        """Re-read the file if it changed. A file that became unreadable or malformed keeps
+        the last good entries (and says so in the log once per change)."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            if force:
+                raise InvalidArgument(
+                    f"tokens file {self.path} cannot be read: {exc.strerror}"
+                ) from None
+            return
+        stamp = (st.st_mtime, st.st_size)
+        if stamp == self._stamp and not force:
+            return
+        try:
+            entries = parse(self.path.read_text(), str(self.path))
+        except (OSError, InvalidArgument) as exc:
+            if force:
+                raise
+            log.error("tokens file %s not reloaded: %s", self.path, exc)
+            self._stamp = stamp
+            return
+        with self._lock:
+            self._entries, self._stamp = entries, stamp
+        log.info("tokens file %s: %d tokens", self.path, len(entries))
+
+    def authenticate(self, token: str) -> Principal | None:
+        now = time.monotonic()
+        if now - self._checked >= _CHECK_EVERY_S:
+            self._checked = now
+            self.reload()
+        wanted = hashlib.sha256(token.encode()).digest()
+        found = None
+        for entry in self._entries:  # every entry, always: no early exit to time
+            if hmac.compare_digest(entry.sha256, wanted):
+                found = entry.principal
+        return found
+
+
+def add_token(path: Path, principal: str, role: str) -> str:
+    """A new random token for `principal`: its hash appended to the file (made 0600 if new);
+    the token itself is returned, to be shown once."""
+    if not _NAME_RE.match(principal):
+        raise InvalidArgument("principal must be 1-64 characters of A-Z a-z 0-9 _ . @ : -")
+    if role not in ROLES:
+        raise InvalidArgument(f"role must be one of {', '.join(ROLES)}")
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{principal} {role} {digest(token)}\n")
+    return token

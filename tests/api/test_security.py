@@ -1,0 +1,325 @@
+"""Security over real gRPC: tokens with roles, sessions bound to their owner, TLS and mutual TLS
+with certificates made here (the `cryptography` package), the start-up refusal, long ids."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api.server import SeqServeServer
+from service.errors import InsecureBind
+from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
+from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.security.tokens import add_token
+
+from .conftest import ServerFactory, make_settings
+from .support import item, tokens
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+# ---- certificates ----------------------------------------------------------------------------
+
+
+@dataclass
+class Pem:
+    cert: bytes
+    key: bytes
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _issue(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@dataclass
+class Certs:
+    ca: bytes
+    server: Pem
+    clients: dict[str, Pem]
+    stranger: Pem  # signed by another CA
+    files: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certs]:
+    out = tmp_path_factory.mktemp("certs")
+    ca_key = _key()
+    ca = _issue("seqserve test CA", ca_key, None, ca=True)
+    issuer = (ca.subject, ca_key)
+
+    def leaf(name: str, *, server: bool = False, by=issuer) -> Pem:  # type: ignore[no-untyped-def]
+        key = _key()
+        cert = _issue(name, key, by, server=server)
+        return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
+
+    other_key = _key()
+    other = _issue("another CA", other_key, None, ca=True)
+    certs = Certs(
+        ca=ca.public_bytes(serialization.Encoding.PEM),
+        server=leaf("localhost", server=True),
+        clients={name: leaf(name) for name in ("alice", "bob")},
+        stranger=leaf("mallory", by=(other.subject, other_key)),
+        files={},
+    )
+    for name, data in (("ca.pem", certs.ca), ("server.pem", certs.server.cert),
+                       ("server.key", certs.server.key)):  # fmt: skip
+        (out / name).write_bytes(data)
+        certs.files[name] = out / name
+    yield certs
+
+
+def _tls_channel(target: str, certs: Certs, client: Pem | None = None) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=certs.ca,
+        private_key=client.key if client else None,
+        certificate_chain=client.cert if client else None,
+    )
+    return grpc.aio.secure_channel(target, creds)
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    return err.value.code()
+
+
+# ---- tokens and roles ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    path = tmp_path / "tokens"
+    made = {
+        "alice": add_token(path, "alice", "client"),
+        "bob": add_token(path, "bob", "client"),
+        "root": add_token(path, "root", "admin"),
+    }
+    return path, made
+
+
+async def test_tokens_authenticate_and_roles_gate_registry_writes(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
+) -> None:
+    path, tok = token_file
+    assert "alice" not in path.read_text().split("\n")[0].split()[2]  # only hashes stored
+    server = await server_factory(security={"auth_tokens": path})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        sessions = pb_grpc.SessionServiceStub(channel)
+        registry = reg_grpc.ModelRegistryStub(channel)
+        create = pb.CreateSessionRequest(model="tok")
+        assert await _code(sessions.CreateSession(create)) == grpc.StatusCode.UNAUTHENTICATED
+        wrong = sessions.CreateSession(create, metadata=_bearer("not-a-token"))
+        assert await _code(wrong) == grpc.StatusCode.UNAUTHENTICATED
+        basic = sessions.CreateSession(create, metadata=(("authorization", "Basic eA=="),))
+        assert await _code(basic) == grpc.StatusCode.UNAUTHENTICATED
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+
+        made = await sessions.CreateSession(create, metadata=_bearer(tok["alice"]))
+        assert made.session.session_id
+        alias = reg_pb.SetAliasRequest(name="tok", alias="canary", version=1)
+        denied = registry.SetAlias(alias, metadata=_bearer(tok["alice"]))
+        assert await _code(denied) == grpc.StatusCode.PERMISSION_DENIED
+        await registry.SetAlias(alias, metadata=_bearer(tok["root"]))
+        listed = await registry.ListModels(
+            reg_pb.ListModelsRequest(), metadata=_bearer(tok["alice"])
+        )
+        assert listed.models
+
+        revoked = path.read_text().replace(
+            next(line for line in path.read_text().splitlines() if line.startswith("bob ")), ""
+        )
+        path.write_text(revoked + "# bob's token revoked\n")  # re-read within a second
+        for _ in range(40):
+            try:
+                await sessions.CreateSession(create, metadata=_bearer(tok["bob"]))
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("a revoked token still works")
+
+
+async def test_a_session_is_its_owners_alone(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
+) -> None:
+    path, tok = token_file
+    server = await server_factory(security={"auth_tokens": path})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        alice, bob = _bearer(tok["alice"]), _bearer(tok["bob"])
+        made = await stub.CreateSession(pb.CreateSessionRequest(model="tok"), metadata=alice)
+        sid = made.session.session_id
+        await stub.Step(pb.StepRequest(session_id=sid, input=tokens(1, 2)), metadata=alice)
+        child = await stub.ForkSession(pb.ForkSessionRequest(session_id=sid), metadata=alice)
+
+        probes = {
+            "GetSession": stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bob),
+            "Step": stub.Step(pb.StepRequest(session_id=sid, input=tokens(3)), metadata=bob),
+            "ForkSession": stub.ForkSession(pb.ForkSessionRequest(session_id=sid), metadata=bob),
+            "CloseSession": stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=bob),
+            "child": stub.GetSession(
+                pb.GetSessionRequest(session_id=child.session.session_id), metadata=bob
+            ),
+        }
+        unknown = "s_nobody.nothing"
+        for name, call in probes.items():
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == NOT_FOUND, name
+            # Word for word what an id that never existed gets: no hint it does.
+            assert (err.value.details() or "").replace(sid, unknown).replace(
+                child.session.session_id, unknown
+            ) == f"session {unknown!r} not found"
+        generate = stub.Generate(pb.GenerateRequest(session_id=sid), metadata=bob)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in generate:
+                pass
+        assert err.value.code() == NOT_FOUND
+        call = stub.Stream(metadata=bob)
+        await call.write(pb.StreamRequest(items=[item(sid, "r", tokens(4))]))
+        (reply,) = (await call.read()).replies
+        assert reply.error.code == NOT_FOUND.value[0]
+        await call.done_writing()
+
+        got = await stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=alice)
+        assert got.session.position == 2  # bob changed nothing
+        closed = pb.CloseSessionRequest(session_id=sid)
+        await stub.CloseSession(closed, metadata=alice)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # bob is not told it was closed
+            await stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bob)
+        assert err.value.code() == NOT_FOUND
+
+
+async def test_long_ids_are_not_echoed(server_factory: ServerFactory) -> None:
+    server = await server_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetSession(pb.GetSessionRequest(session_id="s_" + "x" * 100_000))
+        assert err.value.code() == NOT_FOUND
+        assert len(err.value.details() or "") < 200
+
+
+# ---- TLS -------------------------------------------------------------------------------------
+
+
+async def test_tls_and_mutual_tls(
+    server_factory: ServerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
+    server = await server_factory(security=tls)
+    target = f"localhost:{server.port}"
+    async with grpc.aio.insecure_channel(target) as plain:  # plain text to a TLS port
+        check = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert await _code(check) == grpc.StatusCode.UNAVAILABLE
+    async with _tls_channel(target, certs) as channel:
+        made = await pb_grpc.SessionServiceStub(channel).CreateSession(
+            pb.CreateSessionRequest(model="tok")
+        )
+        assert made.session.session_id
+
+    ca = tmp_path / "client-ca.pem"
+    ca.write_bytes(certs.ca)
+    mutual = await server_factory(security={**tls, "tls_client_ca": ca})
+    target = f"localhost:{mutual.port}"
+    async with _tls_channel(target, certs) as no_cert:
+        call = pb_grpc.SessionServiceStub(no_cert).CreateSession(
+            pb.CreateSessionRequest(model="tok"), timeout=5
+        )
+        assert await _code(call) == grpc.StatusCode.UNAVAILABLE  # the handshake fails
+    async with _tls_channel(target, certs, certs.stranger) as stranger:
+        call = pb_grpc.SessionServiceStub(stranger).CreateSession(
+            pb.CreateSessionRequest(model="tok"), timeout=5
+        )
+        assert await _code(call) == grpc.StatusCode.UNAVAILABLE  # another CA's certificate
+    async with (
+        _tls_channel(target, certs, certs.clients["alice"]) as alice,
+        _tls_channel(target, certs, certs.clients["bob"]) as bob,
+    ):
+        made = await pb_grpc.SessionServiceStub(alice).CreateSession(
+            pb.CreateSessionRequest(model="tok")
+        )
+        sid = made.session.session_id
+        probe = pb_grpc.SessionServiceStub(bob).GetSession(pb.GetSessionRequest(session_id=sid))
+        assert await _code(probe) == NOT_FOUND  # the certificate's name is the principal
+        mine = await pb_grpc.SessionServiceStub(alice).GetSession(
+            pb.GetSessionRequest(session_id=sid)
+        )
+        assert mine.session.session_id == sid
+
+
+async def test_a_network_bind_without_tls_and_tokens_is_refused(
+    store_root: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(store_root, tmp_path, server={"host": "0.0.0.0"})
+    with pytest.raises(InsecureBind) as err:
+        await SeqServeServer(settings).listen()
+    assert "--insecure" in err.value.message
+    allowed = make_settings(
+        store_root, tmp_path, server={"host": "0.0.0.0"}, security={"insecure": True}
+    )
+    server = SeqServeServer(allowed)
+    await server.start()
+    try:
+        assert server.port > 0
+    finally:
+        await server.stop()
