@@ -8,12 +8,14 @@ import sys
 
 import grpc
 
+from service.client import credentials
 from service.client.client import SeqServeClient
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a generation from a running server")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address H:P")
+    credentials.add_arguments(p)
     p.add_argument("--model", required=True)
     p.add_argument("--version", default="", help='"" = production alias or latest')
     p.add_argument("--prompt", required=True)
@@ -27,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def _generate(args: argparse.Namespace) -> None:
-    async with SeqServeClient(args.target) as client:
+    async with SeqServeClient(args.target, credentials=credentials.from_args(args)) as client:
         session = await client.create_session(args.model, args.version, seed=args.seed)
         try:
             sys.stdout.write(args.prompt)

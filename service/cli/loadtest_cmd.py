@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from service.client import credentials
 from service.loadtest import LoadConfig, LoadReport, TargetError, run_load
 from service.loadtest.progress import ProgressPrinter
 
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d = LoadConfig(target="")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address H:P")
+    credentials.add_arguments(p)
     p.add_argument("--sessions", type=int, default=d.sessions, help="concurrent sessions")
     p.add_argument("--duration", type=float, default=d.duration_seconds, help="seconds measured")
     p.add_argument("--json", type=Path, help="write the report as JSON here ('-' = stdout)")
@@ -118,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     printer = None if args.quiet else ProgressPrinter(sys.stderr)
     try:
-        report = asyncio.run(run_load(config, progress=printer))
+        creds = credentials.from_args(args)
+        report = asyncio.run(run_load(config, progress=printer, credentials=creds))
     except TargetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from service.client.credentials import Credentials
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -157,11 +158,13 @@ class SeqServeClient:
         max_message_bytes: int = 4 * 1024 * 1024,
         retry: RetryPolicy | None = None,
         route_key: str | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        """`credentials`: a token and TLS (default: the token in SEQSERVE_TOKEN, no TLS)."""
         self.target = target
         self.retry = retry or RetryPolicy()
         self.route_key = route_key  # for every session this client creates (None: one each)
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = (credentials or Credentials.from_env()).channel(
             target,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),

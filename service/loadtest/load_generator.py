@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import grpc
 
+from service.client.credentials import Credentials
 from service.loadtest.config import LoadConfig
 from service.loadtest.drivers import ClientSession, StreamGroupDriver
 from service.loadtest.progress import Progress, ProgressTracker
@@ -32,11 +33,13 @@ async def run_load(
     config: LoadConfig,
     progress: ProgressCallback | None = None,
     progress_interval: float = 1.0,
+    credentials: Credentials | None = None,
 ) -> LoadReport:
     """Raises ValueError for a bad config and TargetError when the target cannot be tested
-    (unreachable, unknown model); failures during the run are counted in the report."""
+    (unreachable, unknown model); failures during the run are counted in the report.
+    `credentials`: token and TLS (default: SEQSERVE_TOKEN, plain text); never reported."""
     config.validate()
-    channel = open_channel(config.target)
+    channel = open_channel(config.target, credentials)
     try:
         return await _run(channel, config, progress, progress_interval)
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from service.client.credentials import Credentials
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
@@ -29,8 +30,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def open_channel(target: str, credentials: Credentials | None = None) -> grpc.aio.Channel:
+    return (credentials or Credentials.from_env()).channel(target, CHANNEL_OPTIONS)
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

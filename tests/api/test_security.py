@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.server import SeqServeServer
+from service.client.client import SeqServeClient
+from service.client.credentials import Credentials
 from service.errors import InsecureBind
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
@@ -28,6 +31,7 @@ from service.security.tokens import add_token
 
 from .conftest import ServerFactory, make_settings
 from .support import item, tokens
+from .test_lifecycle_restart import REPO_ROOT
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
@@ -323,3 +327,47 @@ async def test_a_network_bind_without_tls_and_tokens_is_refused(
         assert server.port > 0
     finally:
         await server.stop()
+
+
+# ---- clients -----------------------------------------------------------------------------------
+
+
+async def test_the_python_client_and_the_cli_speak_tls_with_a_token(
+    server_factory: ServerFactory,
+    certs: Certs,
+    token_file: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path, tok = token_file
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
+    server = await server_factory(security={**tls, "auth_tokens": path})
+    target = f"localhost:{server.port}"
+    creds = Credentials(token=tok["alice"], ca_file=certs.files["ca.pem"])
+    async with SeqServeClient(target, credentials=creds) as client:
+        session = await client.create_session("tok", seed=3)
+        assert (await session.feed(tokens=[1, 2])).position == 2
+        pieces = [p async for p in session.generate(max_tokens=3)]
+        assert len(pieces) == 3
+    monkeypatch.setenv("SEQSERVE_TOKEN", tok["bob"])  # the default: the token from the env
+    async with SeqServeClient(
+        target, credentials=Credentials(ca_file=certs.files["ca.pem"])
+    ) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # bob's token, alice's session
+            await (await client.attach(session.session_id)).refresh()
+        assert err.value.code() == NOT_FOUND
+    monkeypatch.delenv("SEQSERVE_TOKEN")
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli.main", "generate", "--target", target,
+        "--model", "tok", "--prompt", "hi", "--max-tokens", "3", "--seed", "1",
+        "--token", tok["alice"], "--tls-ca", str(certs.files["ca.pem"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    _out, errors = await asyncio.wait_for(cli.communicate(), 120)
+    assert cli.returncode == 0, errors.decode()
+    no_token = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli.main", "generate", "--target", target,
+        "--model", "tok", "--prompt", "hi", "--tls-ca", str(certs.files["ca.pem"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    _, errors = await asyncio.wait_for(no_token.communicate(), 120)
+    assert no_token.returncode != 0 and b"UNAUTHENTICATED" in errors
