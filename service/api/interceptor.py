@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from service.errors import InvalidArgument, SeqServeError, Unavailable
@@ -62,7 +63,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         path = details.method
         gated = self._ready is not None and path.startswith(GATED_PREFIXES)
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
@@ -78,10 +79,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(path, handler.stream_unary, gated), **kwargs
+                self._unary(path, _checked_stream(handler.stream_unary), gated), **kwargs
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(path, handler.stream_stream, handler.stream_stream, gated),
+            self._streaming(
+                path, handler.stream_stream, _checked_stream(handler.stream_stream), gated
+            ),
             **kwargs,
         )
 
@@ -126,6 +129,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, path: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._observed(path, gated, context):
+                _check_parsed(request)
                 result = fn(request, context)
                 return await result if inspect.isawaitable(result) else result
 
@@ -145,6 +149,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 async with self._observed(path, gated, context):
+                    _check_parsed(request)
                     async for response in fn(request, context):
                         yield response
 
@@ -163,6 +168,50 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         await context.write(response)
 
         return run
+
+
+class _Unparsable:
+    """A request body that is not the method's protobuf message (kept to be refused in the
+    handler, where the refusal is a status like any other and is counted)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def ByteSize(self) -> int:
+        return self.size
+
+
+def _lenient(deserializer: Any) -> Any:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Unparsable(len(data))
+
+    return parse
+
+
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, _Unparsable):
+        log.warning("refused a request body of %d bytes that is not valid protobuf", request.size)
+        raise InvalidArgument("the request is not a valid protobuf message for this method")
+
+
+def _checked_stream(fn: Any) -> Any:
+    """A request-streaming handler whose requests are checked as they arrive."""
+
+    def handler(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                _check_parsed(request)
+                yield request
+
+        return fn(checked(), context)
+
+    return handler
 
 
 def check_message_size(message: Any, limit: int) -> None:

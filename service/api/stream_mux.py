@@ -76,6 +76,9 @@ class StreamMux:
                     yield pb.StreamResponse(replies=part)
                 if None in batches:
                     break
+            await asyncio.wait([reader])
+            if not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]  # reading failed: the call fails
         finally:
             reader.cancel()
             for task in list(running):

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 SUFFIX = ".spill"
 STOP_MARKER = ".stopped_at"  # wall time of the last clean stop
 _ID_RE = re.compile(SESSION_ID_PATTERN)
+# How a record is named in messages a client may see: never the server's path (it is logged).
+_SOURCE = "its spill record"
 _SYNC_THREADS = 8  # fsyncs in parallel share journal commits
 
 
@@ -113,10 +115,10 @@ class SpillTier:
             try:
                 header = self._read_header(path)
                 if header.session_id != path.stem:
-                    raise SpillCorrupted(f"{path}: holds session {header.session_id!r}")
+                    raise SpillCorrupted(f"{_SOURCE} holds another session's state")
             except SpillCorrupted as exc:
-                scan.broken[path.stem] = exc.message
-                log.warning("spill record refused: %s", exc.message)
+                scan.broken[path.stem] = exc.message  # what the session's owner is told
+                log.warning("spill record %s refused: %s", path, exc.message)
                 continue
             scan.headers.append(header)
         return scan
@@ -151,8 +153,11 @@ class SpillTier:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpillTierFull(f"spill tier's disk is full: {exc}") from exc
-            raise Internal(f"could not write spill record {final}: {exc}") from exc
+                raise SpillTierFull(
+                    f"spill tier's disk is full ({exc.strerror}); SEQSERVE_SESSIONS__SPILL_DIR"
+                ) from exc
+            log.error("could not write spill record %s: %s", final, exc)
+            raise Internal(f"could not write a spill record ({exc.strerror})") from exc
         self._bytes = new_total
         self._sizes[session_id] = len(data)
         if durable:
@@ -168,10 +173,16 @@ class SpillTier:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            raise SpillCorrupted(f"spill record {path} is unreadable: {exc}") from exc
-        record = spill_record.decode(data, path)
+            log.warning("spill record %s unreadable: %s", path, exc)
+            raise SpillCorrupted(f"{_SOURCE} is unreadable ({exc.strerror})") from exc
+        try:
+            record = spill_record.decode(data, _SOURCE)
+        except SpillCorrupted as exc:
+            log.warning("spill record %s refused: %s", path, exc.message)
+            raise
         if record.header.session_id != session_id:
-            raise SpillCorrupted(f"{path}: holds session {record.header.session_id!r}")
+            log.warning("spill record %s holds %s", path, record.header.session_id)
+            raise SpillCorrupted(f"{_SOURCE} holds another session's state")
         return record
 
     def delete(self, session_id: str) -> None:
@@ -228,13 +239,13 @@ class SpillTier:
         try:
             with path.open("rb") as f:
                 prefix = f.read(spill_record.PREFIX_BYTES)
-                length = spill_record.header_length(prefix, str(path))
+                length = spill_record.header_length(prefix, _SOURCE)
                 raw = f.read(length)
         except OSError as exc:
-            raise SpillCorrupted(f"{path}: unreadable: {exc}") from exc
+            raise SpillCorrupted(f"{_SOURCE} is unreadable ({exc.strerror})") from exc
         if len(raw) != length:
-            raise SpillCorrupted(f"{path}: truncated header")
-        return spill_record.parse_header(raw, str(path))
+            raise SpillCorrupted(f"{_SOURCE} has a truncated header")
+        return spill_record.parse_header(raw, _SOURCE)
 
     def _fsync_file(self, session_id: str) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import ipaddress
 import sys
 from collections.abc import Iterator
@@ -28,8 +29,9 @@ from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
+from service.sessions import spill_tier
 
-from .conftest import ServerFactory, make_settings
+from .conftest import TOKEN_CONFIG, ServerFactory, make_settings
 from .support import item, tokens
 from .test_lifecycle_restart import REPO_ROOT
 
@@ -371,3 +373,54 @@ async def test_the_python_client_and_the_cli_speak_tls_with_a_token(
     )  # fmt: skip
     _, errors = await asyncio.wait_for(no_token.communicate(), 120)
     assert no_token.returncode != 0 and b"UNAUTHENTICATED" in errors
+
+
+async def test_a_body_that_is_not_protobuf_is_invalid_argument_and_counted(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        garbage = b"\xff\xff\xff\xff\x0f not a message"
+        step = channel.unary_unary("/seqserve.v1.SessionService/Step")
+        assert await _code(step(garbage)) == grpc.StatusCode.INVALID_ARGUMENT
+        stream = channel.stream_stream("/seqserve.v1.SessionService/Stream")
+        call = stream(iter([garbage]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = await pb_grpc.SessionServiceStub(channel).CreateSession(
+            pb.CreateSessionRequest(model="tok")
+        )
+        assert ok.session.session_id  # the server is fine
+    for _ in range(100):
+        text = server.metrics.render().decode()
+        if 'method="Stream"' in text:
+            break
+        await asyncio.sleep(0.02)
+    assert 'code="INVALID_ARGUMENT",method="Step"' in text
+    assert 'code="INVALID_ARGUMENT",method="Stream"' in text
+
+
+async def test_a_failed_eviction_tells_the_caller_nothing_of_the_evicted_session(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B's request needs A's slot; writing A out fails (a read-only disk): B hears neither A's
+    id nor a server path."""
+    slot = 4 * (TOKEN_CONFIG.state_numel() + TOKEN_CONFIG.output_dim)
+    server = await server_factory(
+        sessions={"pool_bytes": slot, "pool_initial_slots": 1, "slot_wait_seconds": 0}
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        a = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
+
+        def read_only(*_args: object) -> None:
+            raise OSError(errno.EROFS, "Read-only file system", "/srv/state/" + a + ".spill")
+
+        monkeypatch.setattr(spill_tier.os, "replace", read_only)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateSession(pb.CreateSessionRequest(model="tok"))
+        details = err.value.details() or ""
+        assert a not in details and "/srv" not in details, details
+        assert str(server.settings.sessions.spill_dir) not in details
