@@ -116,7 +116,8 @@ def add_token(path: Path, principal: str, role: str) -> str:
         raise InvalidArgument("principal must be 1-64 characters of A-Z a-z 0-9 _ . @ : -")
     if role not in ROLES:
         raise InvalidArgument(f"role must be one of {', '.join(ROLES)}")
-    token = secrets.token_urlsafe(32)
+    # A recognisable prefix (secret scanners, logs) that also keeps it from reading as a flag.
+    token = "sqs_" + secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
         f.write(f"{principal} {role} {digest(token)}\n")
