@@ -17,9 +17,14 @@ class SeqServeError(Exception):
     # (clients read these, not the message text); None: no detail.
     error_info: tuple[str, dict[str, str]] | None = None
 
-    def __init__(self, message: str) -> None:
+    # Seconds after which a retry may succeed, for a google.rpc.RetryInfo detail (None: none).
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidArgument(SeqServeError):
@@ -74,6 +79,10 @@ class PermissionDenied(SeqServeError):
     """A principal whose role does not allow the call (a `client` on a registry write)."""
 
     status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A principal over its share: live sessions, or input tokens per second (RetryInfo)."""
 
 
 class InsecureBind(Unavailable):

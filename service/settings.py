@@ -132,6 +132,11 @@ class SecuritySettings(BaseModel):
     """Allow a non-loopback bind without TLS and tokens (a private network only)."""
     reflection: bool = True
     """Serve gRPC reflection (it needs a token too when tokens are on)."""
+    sessions_per_principal: int = 1000
+    """Live sessions one principal may hold on this server (0: no cap; auth off: none)."""
+    tokens_per_second: float = 20_000.0
+    """Input tokens per second one principal may feed (a token bucket, a second's burst; a
+    generation counts its prompt and max_tokens when it starts). 0: no cap."""
 
 
 class Settings(BaseSettings):

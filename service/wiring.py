@@ -34,6 +34,7 @@ from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
 from service.runtime.state_pool import ByteBudget
 from service.security.call_auth import CallAuth
+from service.security.quotas import Quotas
 from service.security.tokens import TokenFile
 from service.sessions.journal import Journal
 from service.sessions.redis_state import RedisState
@@ -109,6 +110,9 @@ def build_engine(
         watcher=StoreWatcher(versions),
         durability=durability,
         takeover=Takeover(shared, sessions, versions, residency, replays, observer),
+        quotas=Quotas(
+            settings.security.sessions_per_principal, settings.security.tokens_per_second
+        ),
         background=Background(
             cfg.sweep_interval_seconds, settings.registry_poll_seconds, cfg.write_timeout_seconds
         ),

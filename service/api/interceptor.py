@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
@@ -263,6 +263,13 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
             error_details_pb2.ErrorInfo(reason=info[0], domain=ERROR_DOMAIN, metadata=info[1])
         )
         status.details.append(detail)
+    retry = exc.retry_after if isinstance(exc, SeqServeError) else None
+    if retry is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry * 1e9))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.append(detail)
     return status
 
 
@@ -272,7 +279,9 @@ async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         return
     if isinstance(exc, NotImplementedError):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
-    if isinstance(exc, SeqServeError) and exc.error_info is not None:
+    if isinstance(exc, SeqServeError) and (
+        exc.error_info is not None or exc.retry_after is not None
+    ):
         status = rich_status(exc)
         await context.abort(
             exc.status,

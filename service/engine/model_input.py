@@ -20,6 +20,14 @@ class ModelInput:
     text: str | None = None
     frames: Sequence[float] | None = None
 
+    def size(self) -> int:
+        """Inputs it carries, roughly, for quotas: tokens, text bytes, or frame values."""
+        if self.tokens is not None:
+            return len(self.tokens)
+        if self.text is not None:
+            return len(self.text.encode())
+        return len(self.frames or ())
+
 
 _SINGLE_TOKENS: list[Tensor] = []
 

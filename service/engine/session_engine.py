@@ -40,6 +40,7 @@ from service.engine.takeover import Takeover
 from service.errors import SeqServeError, Unavailable
 from service.runtime.sampler import SamplingParams
 from service.runtime.state_pool import ByteBudget
+from service.security.quotas import Quotas
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.state_tier import Checkpoints
@@ -96,9 +97,11 @@ class SessionEngine:
         durability: Durability,
         background: Background,
         takeover: Takeover,
+        quotas: Quotas | None = None,
     ) -> None:
         self.durability = durability
         self.takeover = takeover
+        self.quotas = quotas or Quotas(0, 0.0)
         self.sessions = sessions
         self.versions = versions
         self.residency = residency
@@ -112,8 +115,9 @@ class SessionEngine:
         self.draining = False
         self._stopped = False
         self.maker = SessionMaker(
-            sessions, versions, leases, lifecycle, feeder, self._check_open, takeover
-        )
+            sessions, versions, leases, lifecycle, feeder, self._check_open, takeover,
+            self.quotas,
+        )  # fmt: skip
         self._loops: list[asyncio.Task[None]] = []
 
     # ---- start and stop ------------------------------------------------------------------
@@ -303,6 +307,7 @@ class SessionEngine:
         request_id: str = "",
     ) -> FeedOutcome:
         self._check_open()
+        self.quotas.charge(inp.size())
         await self.takeover.ensure(session_id, expected_position)
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
         return await self.feeder.feed(feed, line)
@@ -314,6 +319,10 @@ class SessionEngine:
         the feed's result, or the error that refused that feed alone."""
         if self.draining:
             return [Unavailable("server is draining; retry on another replica")] * len(feeds)
+        try:
+            self.quotas.charge(sum(f.input.size() for f in feeds))
+        except SeqServeError as exc:
+            return [exc] * len(feeds)
         if not self.takeover.shared:
             return await self.feeder.feed_many(feeds, line)
         refused: dict[str, SeqServeError] = {}
@@ -341,6 +350,8 @@ class SessionEngine:
     ) -> AsyncIterator[GeneratedToken]:
         """Sample up to `max_tokens`, one token per step (see `SessionFeeder.generate`)."""
         self._check_open()
+        prompt_size = prompt.size() if prompt is not None else 0
+        self.quotas.charge(prompt_size + (sampling.max_tokens if sampling is not None else 0))
         await self.takeover.ensure(session_id, expected_position)
         tokens = self.feeder.generate(
             session_id, prompt, sampling, line, expected_position, request_id

@@ -22,6 +22,7 @@ from service.engine.takeover import Takeover
 from service.errors import InvalidArgument
 from service.runtime.sampler import SamplingParams
 from service.security.principal import owner_for_new
+from service.security.quotas import Quotas
 from service.sessions.session import ROUTE_HEADER, Session, made_key, valid_route
 from service.sessions.session_store import SessionStore
 
@@ -36,7 +37,9 @@ class SessionMaker:
         feeder: SessionFeeder,
         check_open: Callable[[], None],
         takeover: Takeover,
+        quotas: Quotas,
     ) -> None:
+        self.quotas = quotas
         self.takeover = takeover  # a retry may reach another process than the first call
         self.sessions = sessions
         self.versions = versions
@@ -89,6 +92,7 @@ class SessionMaker:
         route: str,
     ) -> tuple[Session, FeedOutcome | None]:
         ttl = self.lifecycle.ttl(ttl_seconds)
+        self.quotas.check_new_session(self.sessions)
         served = await self.lifecycle.version_for_new_session(model, version)
         self._check_open()
         prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
@@ -139,6 +143,7 @@ class SessionMaker:
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: the fork the first call made
                 return made
+            self.quotas.check_new_session(self.sessions)
             return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
 
     async def _made(self, key: str) -> Session | None:

@@ -13,7 +13,7 @@ spilled ones. The clock is injectable so TTL behaviour is testable without sleep
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 
 from service.errors import (
@@ -45,6 +45,7 @@ class SessionStore:
         self._resident: OrderedDict[str, Session] = OrderedDict()  # in memory, LRU first
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
         self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
+        self._owned: Counter[str] = Counter()  # owner → live sessions it has here
         # session id → why its records could not be used, and the error a request gets
         self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
         self._made: dict[str, Session] = {}  # Session.made_by → the live session
@@ -66,6 +67,10 @@ class SessionStore:
                 f"live session limit reached ({self.max_sessions}); close sessions or retry later"
             )
 
+    def owned_by(self, owner: str) -> int:
+        """Live sessions `owner` has in this process."""
+        return self._owned.get(owner, 0)
+
     def add(self, session: Session) -> None:
         self.check_capacity()
         self.adopt(session)
@@ -74,6 +79,8 @@ class SessionStore:
         """Add without the cap: sessions found in the spill tier at start-up are kept even if
         the cap was lowered meanwhile (new ones are refused until enough end)."""
         self._sessions[session.session_id] = session
+        if session.owner:
+            self._owned[session.owner] += 1
         if session.made_by:
             self._made[session.made_by] = session
         if session.slot is not None:
@@ -185,7 +192,10 @@ class SessionStore:
         session.closed = True
         if session.made_by and self._made.get(session.made_by) is session:
             del self._made[session.made_by]
-        self._sessions.pop(session.session_id, None)
+        if self._sessions.pop(session.session_id, None) is not None and session.owner:
+            self._owned[session.owner] -= 1
+            if self._owned[session.owner] <= 0:
+                del self._owned[session.owner]
         self._resident.pop(session.session_id, None)
         if moved:
             if session.owner:

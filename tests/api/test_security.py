@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.server import SeqServeServer
@@ -424,3 +425,53 @@ async def test_a_failed_eviction_tells_the_caller_nothing_of_the_evicted_session
         details = err.value.details() or ""
         assert a not in details and "/srv" not in details, details
         assert str(server.settings.sessions.spill_dir) not in details
+
+
+def _retry_delay(err: grpc.aio.AioRpcError) -> float:
+    """The RetryInfo detail's delay, in seconds."""
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw is not None, "no status details"
+    status = status_pb2.Status.FromString(raw)
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToNanoseconds() / 1e9
+    raise AssertionError("no RetryInfo detail")
+
+
+async def test_quotas_hold_one_principal_without_touching_another(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
+) -> None:
+    path, tok = token_file
+    server = await server_factory(
+        security={"auth_tokens": path, "sessions_per_principal": 2, "tokens_per_second": 40}
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        alice, bob = _bearer(tok["alice"]), _bearer(tok["bob"])
+        create = pb.CreateSessionRequest(model="tok")
+        mine = [(await stub.CreateSession(create, metadata=alice)).session.session_id
+                for _ in range(2)]  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateSession(create, metadata=alice)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "SESSIONS_PER_PRINCIPAL" in (err.value.details() or "")
+        assert _retry_delay(err.value) > 0
+        theirs = (await stub.CreateSession(create, metadata=bob)).session.session_id
+
+        burst = pb.StepRequest(session_id=mine[0], input=tokens(*range(40)))
+        await stub.Step(burst, metadata=alice)  # the whole second's worth
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Step(pb.StepRequest(session_id=mine[0], input=tokens(1)), metadata=alice)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        delay = _retry_delay(err.value)
+        assert 0 < delay <= 1.1
+        got = await stub.GetSession(pb.GetSessionRequest(session_id=mine[0]), metadata=alice)
+        assert got.session.position == 40  # the refused step changed nothing
+        other = pb.StepRequest(session_id=theirs, input=tokens(1))
+        assert (await stub.Step(other, metadata=bob)).position == 1  # bob is not held back
+        await asyncio.sleep(delay)
+        again = pb.StepRequest(session_id=mine[0], input=tokens(1))
+        assert (await stub.Step(again, metadata=alice)).position == 41
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=mine[1]), metadata=alice)
+        assert (await stub.CreateSession(create, metadata=alice)).session.session_id

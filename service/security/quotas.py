@@ -1,0 +1,60 @@
+"""Per-principal quotas: live sessions, and input tokens per second (a token bucket), so one
+principal cannot exhaust the server for the others. Over either: RESOURCE_EXHAUSTED with a
+`google.rpc.RetryInfo` detail saying when to retry. With auth off there is no principal and no
+quota. The counts are this process's: with several replicas each enforces its own (see the
+README)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from service.errors import QuotaExceeded
+from service.security.principal import caller
+from service.sessions.session_store import SessionStore
+
+
+class Quotas:
+    def __init__(self, sessions_per_principal: int, tokens_per_second: float) -> None:
+        self.sessions_per_principal = sessions_per_principal  # 0: no cap
+        self.tokens_per_second = tokens_per_second  # 0: no cap
+        self._buckets: dict[str, tuple[float, float]] = {}  # principal → (tokens, at)
+        self._lock = threading.Lock()
+
+    # ---- sessions --------------------------------------------------------------------------
+
+    def check_new_session(self, sessions: SessionStore) -> None:
+        who = caller()
+        cap = self.sessions_per_principal
+        if who is None or cap <= 0 or sessions.owned_by(who.name) < cap:
+            return
+        raise QuotaExceeded(
+            f"{who.name} has {cap} live sessions, the most one principal may have "
+            "(SEQSERVE_SECURITY__SESSIONS_PER_PRINCIPAL); close some",
+            retry_after=1.0,
+        )
+
+    # ---- tokens per second -----------------------------------------------------------------
+
+    def charge(self, tokens: int) -> None:
+        """Take `tokens` from the caller's bucket (refilled at `tokens_per_second`, holding at
+        most a second's worth), or refuse with the time until there are enough. A request
+        larger than the bucket is allowed when the bucket is full, and leaves it in debt: the
+        rate holds over time."""
+        who = caller()
+        rate = self.tokens_per_second
+        if who is None or rate <= 0 or tokens <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            level, at = self._buckets.get(who.name, (rate, now))
+            level = min(rate, level + (now - at) * rate)
+            needed = min(tokens, rate)  # a chunk over a second's worth needs a full bucket
+            if level < needed:
+                self._buckets[who.name] = (level, now)
+                raise QuotaExceeded(
+                    f"{who.name} is over its {rate:g} input tokens per second "
+                    "(SEQSERVE_SECURITY__TOKENS_PER_SECOND); slow down",
+                    retry_after=(needed - level) / rate + 0.01,
+                )
+            self._buckets[who.name] = (level - tokens, now)
