@@ -82,13 +82,22 @@ class RedisServer:
 
 
 class NginxServer:
-    """nginx running `deploy/nginx/seqserve.conf` itself, its replicas rewritten to local
-    ports and its listener to 127.0.0.1."""
+    """nginx running a deploy file (`deploy/nginx/seqserve.conf` by default) itself, its
+    replicas rewritten to local ports, its listener to 127.0.0.1, and any other paths of the
+    file (certificates, secrets) replaced as `paths` says."""
 
-    def __init__(self, workdir: Path, replica_ports: list[int]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        replica_ports: list[int],
+        conf: Path = NGINX_CONF,
+        paths: dict[str, Path] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.replica_ports = replica_ports
+        self.conf = conf
+        self.paths = paths or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,14 +105,18 @@ class NginxServer:
         return f"127.0.0.1:{self.port}"
 
     def config(self) -> str:
-        """The deploy file with only its addresses changed."""
-        text = NGINX_CONF.read_text()
+        """The deploy file with only its addresses and paths changed."""
+        text = self.conf.read_text()
+        for old, new in self.paths.items():
+            assert old in text, f"{old} is not in {self.conf.name}"
+            text = text.replace(old, str(new))
         servers = re.findall(r"^\s*server replica\d+:50051 .*;$", text, flags=re.M)
         assert len(servers) == 3, "the deploy file names three replicas"
         options = servers[0].split(":50051", 1)[1]  # " max_fails=... fail_timeout=...;"
         local = "\n".join(f"    server 127.0.0.1:{p}{options}" for p in self.replica_ports)
         text = text.replace("\n".join(servers), local)
-        return text.replace("listen 50051 http2;", f"listen 127.0.0.1:{self.port} http2;")
+        text = text.replace("listen 50051 http2;", f"listen 127.0.0.1:{self.port} http2;")
+        return text.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{self.port} ssl http2;")
 
     def start(self, timeout: float = 15.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)

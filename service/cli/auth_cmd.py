@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add = actions.add_parser("add-token", help="create a token for a principal and print it")
     add.add_argument("--file", type=Path, required=True, help="the tokens file (created 0600)")
     add.add_argument("--principal", required=True, help="who the token is for")
-    add.add_argument("--role", choices=["client", "admin"], default="client")
+    add.add_argument("--role", choices=["client", "admin", "proxy"], default="client")
     add.set_defaults(func=run)
 
 

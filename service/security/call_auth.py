@@ -11,6 +11,7 @@ from service.security.principal import Principal
 from service.security.tokens import TokenFile
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+CLIENT_HEADER = "x-seqserve-client"  # set by a proxy (role `proxy`) to the client it verified
 ADMIN_METHODS = frozenset(
     {"/seqserve.v1.ModelRegistry/SetAlias", "/seqserve.v1.ModelRegistry/DeleteAlias"}
 )
@@ -31,6 +32,8 @@ class CallAuth:
         if not self.enabled or method.startswith(OPEN_PREFIXES):
             return None
         who = self._from_token(context) or self._from_certificate(context)
+        if who is not None and who.role == "proxy":
+            who = self._forwarded(context, who)
         if who is None:
             raise Unauthenticated(
                 "this server needs credentials: send 'authorization: Bearer <token>'"
@@ -54,6 +57,20 @@ class CallAuth:
         if who is None:
             raise Unauthenticated("invalid bearer token")
         return who
+
+    @staticmethod
+    def _forwarded(context: Any, proxy: Principal) -> Principal:
+        """The client a proxy vouches for (it verified the client's certificate); a proxy
+        that names no client is refused: it never acts as itself."""
+        name = ""
+        for item in context.invocation_metadata() or ():
+            if item.key == CLIENT_HEADER:
+                name = str(item.value).strip()
+        if not name or len(name) > 128:
+            raise Unauthenticated(
+                f"proxy {proxy.name} forwarded no client identity ({CLIENT_HEADER})"
+            )
+        return Principal(name, "client")
 
     def _from_certificate(self, context: Any) -> Principal | None:
         if not self.client_certificates:

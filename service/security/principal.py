@@ -11,8 +11,10 @@ import contextvars
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["client", "admin"]
-ROLES: tuple[Role, ...] = ("client", "admin")
+# `proxy`: a load balancer that verified a client's certificate and names it in the
+# `x-seqserve-client` header; only a proxy's calls are believed about who the client is.
+Role = Literal["client", "admin", "proxy"]
+ROLES: tuple[Role, ...] = ("client", "admin", "proxy")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ def parse(text: str, source: str = "tokens file") -> list[_Entry]:
                 f"{source} line {number}: expected '<principal> <role> <sha256 hex>' with role "
                 f"one of {', '.join(ROLES)}"
             )
-        role: Role = "admin" if parts[1] == "admin" else "client"
+        role: Role = (
+            "admin" if parts[1] == "admin" else "proxy" if parts[1] == "proxy" else "client"
+        )
         entries.append(_Entry(Principal(parts[0], role), bytes.fromhex(parts[2])))
     return entries
 

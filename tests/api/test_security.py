@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.real_services import NGINX_CONF, NginxServer
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.client.credentials import Credentials
@@ -475,3 +476,79 @@ async def test_quotas_hold_one_principal_without_touching_another(
         assert (await stub.Step(again, metadata=alice)).position == 41
         await stub.CloseSession(pb.CloseSessionRequest(session_id=mine[1]), metadata=alice)
         assert (await stub.CreateSession(create, metadata=alice)).session.session_id
+
+
+# ---- behind nginx ------------------------------------------------------------------------------
+
+
+async def test_tokens_pass_through_nginx_and_client_certificates_are_verified_there(
+    server_factory: ServerFactory,
+    certs: Certs,
+    token_file: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """Plain nginx (deploy/nginx/seqserve.conf) passes bearer tokens through unchanged. With
+    deploy/nginx/seqserve-mtls.conf nginx verifies client certificates and names the client to
+    the replica with its own `proxy` token; the replica believes that header only from it."""
+    path, tok = token_file
+    proxy_token = add_token(path, "nginx", "proxy")
+    replica = await server_factory(security={"auth_tokens": path})
+    plain = NginxServer(tmp_path / "nginx", [replica.port])
+    secrets_conf = tmp_path / "proxy-token.conf"
+    secrets_conf.write_text(f'set $seqserve_proxy_token "{proxy_token}";\n')
+    ca = tmp_path / "client-ca.pem"
+    ca.write_bytes(certs.ca)
+    mutual = NginxServer(
+        tmp_path / "nginx-mtls",
+        [replica.port],
+        conf=NGINX_CONF.with_name("seqserve-mtls.conf"),
+        paths={
+            "/etc/nginx/tls/server.pem": certs.files["server.pem"],
+            "/etc/nginx/tls/server.key": certs.files["server.key"],
+            "/etc/nginx/tls/client-ca.pem": ca,
+            "/etc/nginx/secrets/proxy-token.conf": secrets_conf,
+        },
+    )
+    plain.start()
+    mutual.start()
+    try:
+        create = pb.CreateSessionRequest(model="tok")
+        async with grpc.aio.insecure_channel(plain.target) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            assert await _code(stub.CreateSession(create)) == grpc.StatusCode.UNAUTHENTICATED
+            made = await stub.CreateSession(create, metadata=_bearer(tok["alice"]))
+            probe = stub.GetSession(
+                pb.GetSessionRequest(session_id=made.session.session_id),
+                metadata=_bearer(tok["bob"]),
+            )
+            assert await _code(probe) == NOT_FOUND
+
+        target = f"localhost:{mutual.port}"
+        async with _tls_channel(target, certs) as no_cert:
+            call = pb_grpc.SessionServiceStub(no_cert).CreateSession(create, timeout=5)
+            assert await _code(call) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+        async with (
+            _tls_channel(target, certs, certs.clients["alice"]) as alice,
+            _tls_channel(target, certs, certs.clients["bob"]) as bob,
+        ):
+            # A client cannot claim to be someone else: nginx replaces the header.
+            forged = (("x-seqserve-client", "bob"),)
+            mine = await pb_grpc.SessionServiceStub(alice).CreateSession(create, metadata=forged)
+            sid = mine.session.session_id
+            seen = pb_grpc.SessionServiceStub(bob).GetSession(pb.GetSessionRequest(session_id=sid))
+            assert await _code(seen) == NOT_FOUND
+            again = await pb_grpc.SessionServiceStub(alice).GetSession(
+                pb.GetSessionRequest(session_id=sid)
+            )
+            assert again.session.session_id == sid
+        # Straight to the replica, the header counts for nothing without the proxy's token.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as direct:
+            stub = pb_grpc.SessionServiceStub(direct)
+            claim = (*_bearer(tok["bob"]), ("x-seqserve-client", "alice"))
+            probe = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=claim)
+            assert await _code(probe) == NOT_FOUND
+            bare_proxy = stub.CreateSession(create, metadata=_bearer(proxy_token))
+            assert await _code(bare_proxy) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        plain.stop()
+        mutual.stop()
