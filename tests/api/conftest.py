@@ -28,6 +28,8 @@ from service.settings import (
     Settings,
 )
 
+from .certs import Certs, make_certs
+
 TOKEN_CONFIG = ModelConfig(
     cell="lstm", num_layers=2, hidden_size=24, input_kind="tokens", input_dim=256,
     embed_dim=12, head_kind="classification", output_dim=256,
@@ -119,3 +121,9 @@ async def server(server_factory: ServerFactory) -> SeqServeServer:
 async def client(server: SeqServeServer) -> AsyncIterator[SeqServeClient]:
     async with SeqServeClient(f"127.0.0.1:{server.port}") as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """Certificates for TLS tests (see `certs.py`)."""
+    return make_certs(tmp_path_factory.mktemp("certs"))

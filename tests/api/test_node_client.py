@@ -21,6 +21,10 @@ from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient, make_sampling
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.security.tokens import add_token
+
+from .certs import Certs
+from .conftest import ServerFactory
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 NPM_CI_TIMEOUT_S = 300
@@ -127,3 +131,29 @@ async def test_node_client_matches_python_client(
     assert got["generated"][-1]["finish_reason"] == "FINISH_REASON_MAX_TOKENS"
     assert got["missing"] == {"code": 5, "name": "NOT_FOUND"}
     assert got["closed_state"] == "SESSION_STATE_CLOSED"
+
+
+async def test_node_client_over_tls_with_a_token(
+    node_client: list[str], server_factory: ServerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    token = add_token(tokens, "node-app", "client")
+    server = await server_factory(
+        security={
+            "tls_cert": certs.files["server.pem"],
+            "tls_key": certs.files["server.key"],
+            "auth_tokens": tokens,
+        }
+    )
+    ca = str(certs.files["ca.pem"])
+    got = await _run_node(
+        node_client, f"localhost:{server.port}", "--model=tok", f"--ca={ca}", f"--token={token}"
+    )
+    assert got["step"]["position"] == len(b"hello")
+    assert got["closed_state"] == "SESSION_STATE_CLOSED"
+    proc = await asyncio.create_subprocess_exec(
+        *node_client, f"localhost:{server.port}", "--model=tok", f"--ca={ca}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), CLIENT_TIMEOUT_S)
+    assert proc.returncode != 0 and b"UNAUTHENTICATED" in err.upper()

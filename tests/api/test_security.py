@@ -4,20 +4,12 @@ with certificates made here (the `cryptography` package), the start-up refusal, 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import errno
-import ipaddress
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -33,100 +25,12 @@ from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
 from service.sessions import spill_tier
 
+from .certs import Certs, Pem
 from .conftest import TOKEN_CONFIG, ServerFactory, make_settings
 from .support import item, tokens
 from .test_lifecycle_restart import REPO_ROOT
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
-
-
-# ---- certificates ----------------------------------------------------------------------------
-
-
-@dataclass
-class Pem:
-    cert: bytes
-    key: bytes
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _issue(
-    name: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-@dataclass
-class Certs:
-    ca: bytes
-    server: Pem
-    clients: dict[str, Pem]
-    stranger: Pem  # signed by another CA
-    files: dict[str, Path]
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certs]:
-    out = tmp_path_factory.mktemp("certs")
-    ca_key = _key()
-    ca = _issue("seqserve test CA", ca_key, None, ca=True)
-    issuer = (ca.subject, ca_key)
-
-    def leaf(name: str, *, server: bool = False, by=issuer) -> Pem:  # type: ignore[no-untyped-def]
-        key = _key()
-        cert = _issue(name, key, by, server=server)
-        return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
-
-    other_key = _key()
-    other = _issue("another CA", other_key, None, ca=True)
-    certs = Certs(
-        ca=ca.public_bytes(serialization.Encoding.PEM),
-        server=leaf("localhost", server=True),
-        clients={name: leaf(name) for name in ("alice", "bob")},
-        stranger=leaf("mallory", by=(other.subject, other_key)),
-        files={},
-    )
-    for name, data in (("ca.pem", certs.ca), ("server.pem", certs.server.cert),
-                       ("server.key", certs.server.key)):  # fmt: skip
-        (out / name).write_bytes(data)
-        certs.files[name] = out / name
-    yield certs
 
 
 def _tls_channel(target: str, certs: Certs, client: Pem | None = None) -> grpc.aio.Channel:

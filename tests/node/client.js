@@ -4,7 +4,7 @@
 //
 //   node tests/node/client.js HOST:PORT [--model=tok] [--text=hello] [--seed=7]
 //                                      [--max-tokens=6] [--temperature=1] [--top-k=5]
-//                                      [--route=node-client]
+//                                      [--route=node-client] [--ca=FILE] [--token=TOKEN]
 //
 // Every call carries the session's routing key as `x-seqserve-route` metadata (the key given
 // with --route on CreateSession; afterwards the one in the session id), as a load balancer in
@@ -13,6 +13,7 @@
 // Used by tests/api/test_node_client.py, which checks the output against the Python client.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -56,9 +57,12 @@ function routeOf(sessionId) {
   return m ? m[1] : sessionId;
 }
 
+let bearer = null; // --token, or SEQSERVE_TOKEN: sent as `authorization: Bearer ...`
+
 function routed(key) {
   const metadata = new grpc.Metadata();
   metadata.set('x-seqserve-route', key);
+  if (bearer) metadata.set('authorization', `Bearer ${bearer}`);
   return metadata;
 }
 
@@ -84,8 +88,13 @@ function collect(call) {
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
+  bearer = args.token || process.env.SEQSERVE_TOKEN || null;
   const SessionService = loadService();
-  const client = new SessionService(args.target, grpc.credentials.createInsecure());
+  // --ca=FILE: TLS, trusting that CA for the server's certificate.
+  const channelCredentials = args.ca
+    ? grpc.credentials.createSsl(fs.readFileSync(args.ca))
+    : grpc.credentials.createInsecure();
+  const client = new SessionService(args.target, channelCredentials);
   try {
     const created = await unary(
       client, 'CreateSession', {model: args.model, seed: args.seed}, args.route,
