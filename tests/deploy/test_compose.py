@@ -155,6 +155,11 @@ def test_replicas_bind_every_interface_and_share_the_tier_and_store(
         write = float(env["SEQSERVE_SESSIONS__WRITE_TIMEOUT_SECONDS"])
         assert grace + write <= _seconds(server["stop_grace_period"])
         assert server["depends_on"]["redis"]["condition"] == "service_healthy"
+        tokens = Path(env["SEQSERVE_SECURITY__AUTH_TOKENS"])  # deploy/local-secrets.sh's
+        secrets = [v for v in server["volumes"] if _target(v) == str(tokens.parent)]
+        assert len(secrets) == 1 and _read_only(secrets[0])
+        assert _source(secrets[0]) == REPO_ROOT / "deploy" / "secrets"
+        assert env["SEQSERVE_SECURITY__INSECURE"] == "true"  # the compose network only
     assert len({json.dumps(services[n], sort_keys=True) for n in REPLICAS}) == 1  # alike
 
 
@@ -295,6 +300,7 @@ def test_load_generator_targets_the_server_with_valid_flags(compose: dict[str, A
     reports = {t for _s, t in _volumes(loadtest)}
     assert args.json.parent.as_posix() in reports and args.plot.parent.as_posix() in reports
     assert all(loadtest["depends_on"][r]["condition"] == "service_healthy" for r in REPLICAS)
+    assert "SEQSERVE_TOKEN" in loadtest["environment"]  # the replicas need a token
     assert "nginx" in loadtest["depends_on"]
 
 

@@ -77,8 +77,13 @@ def test_probes_grace_and_selectors_fit_the_server() -> None:
         spec = docs[(kind, name)]["spec"]
         selector = spec["selector"].get("matchLabels", spec["selector"])
         assert selector.items() <= labels.items(), (kind, selector)
-    (mount,) = container["volumeMounts"]
-    assert mount["readOnly"] and mount["mountPath"] == env["SEQSERVE_MODEL_STORE"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["models"]["readOnly"]
+    assert mounts["models"]["mountPath"] == env["SEQSERVE_MODEL_STORE"]
+    tokens = Path(env["SEQSERVE_SECURITY__AUTH_TOKENS"])  # from a Secret, read-only
+    assert mounts["tokens"]["readOnly"] and str(tokens.parent) == mounts["tokens"]["mountPath"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["tokens"]["secret"]["secretName"] == "seqserve-tokens"
 
 
 def test_redis_is_configured_as_the_state_tier_needs() -> None:
