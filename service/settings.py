@@ -130,6 +130,9 @@ class SecuritySettings(BaseModel):
     certificate's subject common name is the principal (role `client`)."""
     insecure: bool = False
     """Allow a non-loopback bind without TLS and tokens (a private network only)."""
+    metrics_tls: bool = False
+    """Serve the metrics endpoint over HTTPS with `tls_cert`/`tls_key` (and, with
+    `tls_client_ca`, only to scrapers with a certificate that CA signed)."""
     reflection: bool = True
     """Serve gRPC reflection (it needs a token too when tokens are on)."""
     sessions_per_principal: int = 1000

@@ -119,7 +119,13 @@ class SeqServeServer:
                 "(is another seqserve running? set --port or SEQSERVE_SERVER__PORT)"
             )
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.start_http_server(s.metrics_host, s.metrics_port)
+            tls = {}
+            if sec.metrics_tls:
+                tls = {"certfile": sec.tls_cert, "keyfile": sec.tls_key,
+                       "client_cafile": sec.tls_client_ca}  # fmt: skip
+            self.metrics_port = self.metrics.start_http_server(
+                s.metrics_host, s.metrics_port, **tls
+            )
         await self.grpc.start()
         self._health = health_servicer
         log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -15,12 +16,26 @@ class MetricsEndpoint:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, host: str, port: int) -> int:
-        """Serve `/metrics`; returns the bound port (`port=0` picks one)."""
+    def start(
+        self,
+        host: str,
+        port: int,
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
+        client_cafile: Path | None = None,
+    ) -> int:
+        """Serve `/metrics`; returns the bound port (`port=0` picks one). With a certificate
+        and key, over HTTPS; with a client CA, scrapers must present a certificate it signed."""
         if self._server is not None:
             raise RuntimeError("metrics HTTP server already running")
         self._server, self._thread = prometheus_client.start_http_server(
-            port, addr=host, registry=self._registry
+            port,
+            addr=host,
+            registry=self._registry,
+            certfile=str(certfile) if certfile else None,
+            keyfile=str(keyfile) if keyfile else None,
+            client_cafile=str(client_cafile) if client_cafile else None,
+            client_auth_required=client_cafile is not None,
         )
         return int(self._server.server_port)
 

@@ -14,6 +14,7 @@ import contextlib
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import prometheus_client
 from prometheus_client import (
@@ -327,9 +328,10 @@ class Metrics:
         """The registry in the Prometheus text exposition format."""
         return prometheus_client.generate_latest(self.registry)
 
-    def start_http_server(self, host: str, port: int) -> int:
-        """Serve `/metrics` on a daemon thread; returns the bound port (`port=0` picks one)."""
-        return self._endpoint.start(host, port)
+    def start_http_server(self, host: str, port: int, **tls: Any) -> int:
+        """Serve `/metrics` on a daemon thread; returns the bound port (`port=0` picks one).
+        `tls`: certfile, keyfile, client_cafile (see `MetricsEndpoint.start`)."""
+        return self._endpoint.start(host, port, **tls)
 
     def stop(self) -> None:
         """Stop the HTTP server, if running, and release its port. Safe to call twice."""

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import http.client
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -456,3 +460,28 @@ async def test_tokens_pass_through_nginx_and_client_certificates_are_verified_th
     finally:
         plain.stop()
         mutual.stop()
+
+
+async def test_the_metrics_endpoint_serves_https(
+    server_factory: ServerFactory, certs: Certs
+) -> None:
+    server = await server_factory(
+        server={"metrics_port": 0},
+        security={
+            "tls_cert": certs.files["server.pem"],
+            "tls_key": certs.files["server.key"],
+            "metrics_tls": True,
+        },
+    )
+    url = f"https://localhost:{server.metrics_port}/metrics"
+    context = ssl.create_default_context(cafile=str(certs.files["ca.pem"]))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+    body = await asyncio.to_thread(lambda: opener.open(url, timeout=10).read())
+    assert b"seqserve_sessions" in body
+    plain = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        await asyncio.to_thread(
+            lambda: plain.open(f"http://localhost:{server.metrics_port}/metrics", timeout=10).read()
+        )
