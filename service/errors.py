@@ -197,6 +197,8 @@ class SessionLost(DataLoss):
 class SpillCorrupted(DataLoss):
     """A spill record is missing, truncated or fails its checksum; it is never used."""
 
+    owner: str = ""  # the session's owner, when the record's owner block was still readable
+
 
 class SpillMismatch(FailedPrecondition):
     """A spill record is intact but belongs to other weights (fingerprint or shapes differ)."""

@@ -73,7 +73,7 @@ class SessionResidency:
         """
         scan = self.tier.open()
         for session_id, why in scan.broken.items():
-            self.sessions.mark_broken(session_id, why)
+            self.sessions.mark_broken(session_id, why, owner=scan.owners.get(session_id, ""))
         idle_until = scan.stopped_at if scan.stopped_at is not None else self.sessions.wall_clock()
         adopted = 0
         for header in scan.headers:

@@ -1,8 +1,11 @@
 """The spill record: one session's state and metadata as a self-checking byte string.
 
-Layout:
+Layout (version 2; version 1, still read, has no owner block):
 
-    b"SQSPILL1"      8 bytes: magic and format version
+    b"SQSPILL2"      8 bytes: magic and format version
+    owner            2 bytes (length, unsigned little-endian), the owner's name (UTF-8), and
+                     a CRC-32 of the name (4 bytes): readable on its own when the rest of the
+                     record is damaged, so only the owner is told its session is lost
     header length    4 bytes, unsigned little-endian
     header           JSON (UTF-8), a `SpillHeader`
     arrays           float32 little-endian: h [L, H], then c [L, H] (LSTM only), then last [out]
@@ -16,7 +19,9 @@ position or fingerprint is caught, not just damaged state.
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +33,13 @@ from service.runtime.sampler import SamplingParams
 from service.runtime.state_pool import SlotSnapshot
 from service.sessions.session import SESSION_ID_PATTERN
 
-MAGIC = b"SQSPILL1"
+MAGIC_V1 = b"SQSPILL1"
+MAGIC = b"SQSPILL2"  # what this server writes
 _LENGTH = struct.Struct("<I")
-PREFIX_BYTES = len(MAGIC) + _LENGTH.size  # what must be read before the header
+_OWNER = struct.Struct("<H")
+PREFIX_BYTES = len(MAGIC) + _LENGTH.size  # a version-1 record's bytes before its header
 DIGEST_BYTES = 32
+_SOURCE = "its spill record"
 MAX_HEADER_BYTES = 1 << 20  # far above any real header; bounds what a damaged length can ask for
 _FLOAT = np.dtype("<f4")
 
@@ -81,22 +89,47 @@ def encode(record: SpillRecord) -> bytes:
     assert (state.c is not None) == header.has_cell_state, "cell state present iff an LSTM"
     assert state.last.shape == (header.output_dim,), f"last is {state.last.shape}"
     head = header.model_dump_json().encode("utf-8")
+    owner = header.owner.encode("utf-8")
     arrays = [state.h] + ([state.c] if state.c is not None else []) + [state.last]
     body = b"".join(
-        [MAGIC, _LENGTH.pack(len(head)), head]
+        [MAGIC, _OWNER.pack(len(owner)), owner, _LENGTH.pack(zlib.crc32(owner))]
+        + [_LENGTH.pack(len(head)), head]
         + [np.ascontiguousarray(a, dtype=_FLOAT).tobytes() for a in arrays]
     )
     return body + hashlib.sha256(body).digest()
 
 
-def header_length(prefix: bytes, source: str) -> int:
-    """The header's length, from the first PREFIX_BYTES of a record."""
-    if len(prefix) < PREFIX_BYTES or prefix[: len(MAGIC)] != MAGIC:
-        raise SpillCorrupted(f"{source}: not a spill record (bad magic)")
-    (length,) = _LENGTH.unpack_from(prefix, len(MAGIC))
+def read_prefix(read) -> tuple[int, str | None]:  # type: ignore[no-untyped-def]
+    """From `read(n)` (a file's, or a buffer's): the header's length, and the owner a version-2
+    record names (None: version 1, or an owner block that fails its own check). Raises
+    SpillCorrupted for a record whose start is damaged (carrying the owner when readable)."""
+    magic = read(len(MAGIC))
+    owner: str | None = None
+    if magic == MAGIC:
+        (size,) = _OWNER.unpack(_exact(read, _OWNER.size))
+        name = _exact(read, size)
+        (crc,) = _LENGTH.unpack(_exact(read, _LENGTH.size))
+        if zlib.crc32(name) == crc:
+            owner = name.decode("utf-8", errors="replace")
+    elif magic != MAGIC_V1:
+        raise SpillCorrupted(f"{_SOURCE}: not a spill record (bad magic)")
+    (length,) = _LENGTH.unpack(_exact(read, _LENGTH.size, owner))
     if not 0 < length <= MAX_HEADER_BYTES:
-        raise SpillCorrupted(f"{source}: header length {length} is out of range")
-    return length
+        raise _corrupted(f"{_SOURCE}: header length {length} is out of range", owner)
+    return length, owner
+
+
+def _exact(read, n: int, owner: str | None = None) -> bytes:  # type: ignore[no-untyped-def]
+    data = read(n)
+    if len(data) != n:
+        raise _corrupted(f"{_SOURCE}: truncated", owner)
+    return bytes(data)
+
+
+def _corrupted(message: str, owner: str | None) -> SpillCorrupted:
+    error = SpillCorrupted(message)
+    error.owner = owner or ""
+    return error
 
 
 def parse_header(raw: bytes, source: str) -> SpillHeader:
@@ -111,11 +144,15 @@ def decode(data: bytes, source: str) -> SpillRecord:
     if len(data) < PREFIX_BYTES + DIGEST_BYTES:
         raise SpillCorrupted(f"{source}: truncated ({len(data)} bytes)")
     body, digest = data[:-DIGEST_BYTES], data[-DIGEST_BYTES:]
+    stream = io.BytesIO(body)
+    length, owner = read_prefix(stream.read)
     if hashlib.sha256(body).digest() != digest:
-        raise SpillCorrupted(f"{source}: checksum mismatch; the record is damaged and was not used")
-    length = header_length(body, source)
-    start = PREFIX_BYTES + length
-    header = parse_header(body[PREFIX_BYTES:start], source)
+        raise _corrupted(
+            f"{source}: checksum mismatch; the record is damaged and was not used", owner
+        )
+    at = stream.tell()
+    start = at + length
+    header = parse_header(body[at:start], source)
     if len(body) - start != header.array_bytes():
         raise SpillCorrupted(
             f"{source}: {len(body) - start} bytes of state, the header implies "

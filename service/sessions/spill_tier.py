@@ -48,6 +48,7 @@ class TierScan:
     headers: list[SpillHeader] = field(default_factory=list)  # readable records
     broken: dict[str, str] = field(default_factory=dict)  # session id → what is wrong
     stopped_at: float | None = None  # wall time of the last clean stop; None after a crash
+    owners: dict[str, str] = field(default_factory=dict)  # broken session → owner, if readable
 
 
 class SpillTier:
@@ -118,6 +119,7 @@ class SpillTier:
                     raise SpillCorrupted(f"{_SOURCE} holds another session's state")
             except SpillCorrupted as exc:
                 scan.broken[path.stem] = exc.message  # what the session's owner is told
+                scan.owners[path.stem] = exc.owner or _owner_of(path)
                 log.warning("spill record %s refused: %s", path, exc.message)
                 continue
             scan.headers.append(header)
@@ -238,8 +240,7 @@ class SpillTier:
     def _read_header(self, path: Path) -> SpillHeader:
         try:
             with path.open("rb") as f:
-                prefix = f.read(spill_record.PREFIX_BYTES)
-                length = spill_record.header_length(prefix, _SOURCE)
+                length, _owner = spill_record.read_prefix(f.read)
                 raw = f.read(length)
         except OSError as exc:
             raise SpillCorrupted(f"{_SOURCE} is unreadable ({exc.strerror})") from exc
@@ -263,6 +264,15 @@ class SpillTier:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _owner_of(path: Path) -> str:
+    """The owner block of a record whose header is damaged (empty when that is too)."""
+    try:
+        with path.open("rb") as f:
+            return spill_record.read_prefix(f.read)[1] or ""
+    except (OSError, SpillCorrupted) as exc:
+        return getattr(exc, "owner", "")
 
 
 def _unusable(directory: Path, exc: OSError) -> SpillDirUnusable:

@@ -27,7 +27,7 @@ from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
-from service.sessions import spill_tier
+from service.sessions import spill_record, spill_tier
 
 from .certs import Certs, Pem
 from .conftest import TOKEN_CONFIG, ServerFactory, make_settings
@@ -485,3 +485,36 @@ async def test_the_metrics_endpoint_serves_https(
         await asyncio.to_thread(
             lambda: plain.open(f"http://localhost:{server.metrics_port}/metrics", timeout=10).read()
         )
+
+
+async def test_only_the_owner_hears_that_a_damaged_session_is_lost(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """Alice's session is written at shutdown, and its record damaged while the server is down:
+    after the restart alice hears DATA_LOSS, bob the NOT_FOUND of an id that never existed."""
+    path, tok = token_file
+    state = tmp_path / "state"
+    first = await server_factory(security={"auth_tokens": path}, sessions={"spill_dir": state})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        made = await stub.CreateSession(
+            pb.CreateSessionRequest(model="tok"), metadata=_bearer(tok["alice"])
+        )
+    sid = made.session.session_id
+    await first.stop()
+    (record,) = state.glob(f"{sid}*")
+    data = bytearray(record.read_bytes())
+    length_at = len(spill_record.MAGIC) + 2 + len(b"alice") + 4  # after the owner block
+    data[length_at : length_at + 4] = b"\xff\xff\xff\xff"  # the header cannot be found
+    record.write_bytes(bytes(data))
+    second = await server_factory(security={"auth_tokens": path}, sessions={"spill_dir": state})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        get = pb.GetSessionRequest(session_id=sid)
+        assert await _code(stub.GetSession(get, metadata=_bearer(tok["alice"]))) == (
+            grpc.StatusCode.DATA_LOSS
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetSession(get, metadata=_bearer(tok["bob"]))
+        assert err.value.code() == NOT_FOUND
+        assert err.value.details() == f"session {sid!r} not found"

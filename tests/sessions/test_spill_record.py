@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -70,9 +71,31 @@ def test_round_trip_is_exact(lstm: bool) -> None:
 
 def test_header_is_plain_json() -> None:
     data = spill_record.encode(make_record())
-    length = spill_record.header_length(data[: spill_record.PREFIX_BYTES], "mem")
-    header = json.loads(data[spill_record.PREFIX_BYTES : spill_record.PREFIX_BYTES + length])
+    stream = io.BytesIO(data)
+    length, owner = spill_record.read_prefix(stream.read)
+    header = json.loads(stream.read(length))
     assert header["session_id"] == "s_abcDEF-_123" and header["position"] == 12
+    assert owner == ""  # made with auth off
+
+
+def test_the_owner_stays_readable_when_the_rest_is_damaged() -> None:
+    """A flipped byte anywhere after the owner block: the record is refused, and the error still
+    says whose it was (so only they are told it is lost); a damaged owner block says nobody."""
+    record = make_record()
+    record.header.owner = "alice"
+    data = spill_record.encode(record)
+    owner_end = len(spill_record.MAGIC) + 2 + len(b"alice") + 4
+    for at in (owner_end + 3, len(data) // 2, len(data) - 1):
+        damaged = bytearray(data)
+        damaged[at] ^= 0x01
+        with pytest.raises(SpillCorrupted) as err:
+            spill_record.decode(bytes(damaged), "mem")
+        assert err.value.owner == "alice", at
+    damaged = bytearray(data)
+    damaged[len(spill_record.MAGIC) + 3] ^= 0x01  # inside the name: its own CRC fails
+    with pytest.raises(SpillCorrupted) as err:
+        spill_record.decode(bytes(damaged), "mem")
+    assert err.value.owner == ""
 
 
 def test_every_single_byte_flip_is_refused() -> None:
