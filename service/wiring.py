@@ -111,7 +111,7 @@ def build_engine(
         durability=durability,
         takeover=Takeover(shared, sessions, versions, residency, replays, observer),
         quotas=Quotas(
-            settings.security.sessions_per_principal, settings.security.tokens_per_second
+            settings.security.sessions_per_principal, settings.security.tokens_per_second, shared
         ),
         background=Background(
             cfg.sweep_interval_seconds, settings.registry_poll_seconds, cfg.write_timeout_seconds

@@ -307,7 +307,7 @@ class SessionEngine:
         request_id: str = "",
     ) -> FeedOutcome:
         self._check_open()
-        self.quotas.charge(inp.size())
+        await self.quotas.charge(inp.size())
         await self.takeover.ensure(session_id, expected_position)
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
         return await self.feeder.feed(feed, line)
@@ -320,7 +320,7 @@ class SessionEngine:
         if self.draining:
             return [Unavailable("server is draining; retry on another replica")] * len(feeds)
         try:
-            self.quotas.charge(sum(f.input.size() for f in feeds))
+            await self.quotas.charge(sum(f.input.size() for f in feeds))
         except SeqServeError as exc:
             return [exc] * len(feeds)
         if not self.takeover.shared:
@@ -351,7 +351,7 @@ class SessionEngine:
         """Sample up to `max_tokens`, one token per step (see `SessionFeeder.generate`)."""
         self._check_open()
         prompt_size = prompt.size() if prompt is not None else 0
-        self.quotas.charge(prompt_size + (sampling.max_tokens if sampling is not None else 0))
+        await self.quotas.charge(prompt_size + (sampling.max_tokens if sampling is not None else 0))
         await self.takeover.ensure(session_id, expected_position)
         tokens = self.feeder.generate(
             session_id, prompt, sampling, line, expected_position, request_id

@@ -92,7 +92,7 @@ class SessionMaker:
         route: str,
     ) -> tuple[Session, FeedOutcome | None]:
         ttl = self.lifecycle.ttl(ttl_seconds)
-        self.quotas.check_new_session(self.sessions)
+        await self.quotas.check_new_session(self.sessions)
         served = await self.lifecycle.version_for_new_session(model, version)
         self._check_open()
         prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
@@ -143,7 +143,7 @@ class SessionMaker:
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: the fork the first call made
                 return made
-            self.quotas.check_new_session(self.sessions)
+            await self.quotas.check_new_session(self.sessions)
             return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
 
     async def _made(self, key: str) -> Session | None:

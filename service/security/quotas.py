@@ -1,32 +1,46 @@
 """Per-principal quotas: live sessions, and input tokens per second (a token bucket), so one
 principal cannot exhaust the server for the others. Over either: RESOURCE_EXHAUSTED with a
 `google.rpc.RetryInfo` detail saying when to retry. With auth off there is no principal and no
-quota. The counts are this process's: with several replicas each enforces its own (see the
-README)."""
+quota. With a shared state tier (Redis; the workers' SQLite) the counts and buckets live in the
+tier, so they hold across replicas; otherwise they are this process's."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 from service.errors import QuotaExceeded
 from service.security.principal import caller
 from service.sessions.session_store import SessionStore
+from service.sessions.shared_tier import SharedState
 
 
 class Quotas:
-    def __init__(self, sessions_per_principal: int, tokens_per_second: float) -> None:
+    def __init__(
+        self,
+        sessions_per_principal: int,
+        tokens_per_second: float,
+        shared: SharedState | None = None,
+    ) -> None:
         self.sessions_per_principal = sessions_per_principal  # 0: no cap
         self.tokens_per_second = tokens_per_second  # 0: no cap
+        self._shared = shared
         self._buckets: dict[str, tuple[float, float]] = {}  # principal → (tokens, at)
         self._lock = threading.Lock()
 
     # ---- sessions --------------------------------------------------------------------------
 
-    def check_new_session(self, sessions: SessionStore) -> None:
+    async def check_new_session(self, sessions: SessionStore) -> None:
         who = caller()
         cap = self.sessions_per_principal
-        if who is None or cap <= 0 or sessions.owned_by(who.name) < cap:
+        if who is None or cap <= 0:
+            return
+        if self._shared is not None:
+            owned = await asyncio.to_thread(self._shared.owned, who.name)
+        else:
+            owned = sessions.owned_by(who.name)
+        if owned < cap:
             return
         raise QuotaExceeded(
             f"{who.name} has {cap} live sessions, the most one principal may have "
@@ -36,7 +50,7 @@ class Quotas:
 
     # ---- tokens per second -----------------------------------------------------------------
 
-    def charge(self, tokens: int) -> None:
+    async def charge(self, tokens: int) -> None:
         """Take `tokens` from the caller's bucket (refilled at `tokens_per_second`, holding at
         most a second's worth), or refuse with the time until there are enough. A request
         larger than the bucket is allowed when the bucket is full, and leaves it in debt: the
@@ -45,6 +59,11 @@ class Quotas:
         rate = self.tokens_per_second
         if who is None or rate <= 0 or tokens <= 0:
             return
+        if self._shared is not None:
+            wait = await asyncio.to_thread(self._shared.take_tokens, who.name, tokens, rate)
+            if wait > 0:
+                raise self._over(who.name, rate, wait)
+            return
         now = time.monotonic()
         with self._lock:
             level, at = self._buckets.get(who.name, (rate, now))
@@ -52,9 +71,13 @@ class Quotas:
             needed = min(tokens, rate)  # a chunk over a second's worth needs a full bucket
             if level < needed:
                 self._buckets[who.name] = (level, now)
-                raise QuotaExceeded(
-                    f"{who.name} is over its {rate:g} input tokens per second "
-                    "(SEQSERVE_SECURITY__TOKENS_PER_SECOND); slow down",
-                    retry_after=(needed - level) / rate + 0.01,
-                )
+                raise self._over(who.name, rate, (needed - level) / rate + 0.01)
             self._buckets[who.name] = (level - tokens, now)
+
+    @staticmethod
+    def _over(name: str, rate: float, wait: float) -> QuotaExceeded:
+        return QuotaExceeded(
+            f"{name} is over its {rate:g} input tokens per second "
+            "(SEQSERVE_SECURITY__TOKENS_PER_SECOND); slow down",
+            retry_after=wait,
+        )

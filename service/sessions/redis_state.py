@@ -28,8 +28,9 @@ _SETTING = "SEQSERVE_SESSIONS__STATE_URL"
 _APPENDFSYNC = {"batch": "always", "interval": "everysec", "never": "no"}
 
 # KEYS: per session h, j, c, e. ARGV: replica, sessions, then per session: epoch, ttl ms, op
-# ("create", "step", "end"), the made-by key of a create with a request id (else ""), record
-# count, the records (for "end": the why). Returns the
+# ("create", "step", "end"), the made-by key of a create with a request id (else ""), the
+# owner's key (a sorted set of its sessions by expiry; "" with auth off), record count, the
+# records (for "end": the why). Returns the
 # indexes (1-based) of the sessions whose epoch did not hold; then nothing was written.
 _APPEND = """
 local replica = ARGV[1]
@@ -40,9 +41,10 @@ local ops = {}
 for s = 1, n do
   local h = KEYS[4 * s - 3]
   local epoch, ttl = ARGV[at], tonumber(ARGV[at + 1])
-  local op, made, count = ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4])
-  ops[s] = {epoch, ttl, op, at + 5, count, made}
-  at = at + 5 + count
+  local op, made, owned = ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  local count = tonumber(ARGV[at + 5])
+  ops[s] = {epoch, ttl, op, at + 6, count, made, owned}
+  at = at + 6 + count
   if op == "create" then
     if redis.call("EXISTS", h) == 1 then table.insert(fenced, s) end
   elseif redis.call("HGET", h, "epoch") ~= epoch then
@@ -50,13 +52,18 @@ for s = 1, n do
   end
 end
 if #fenced > 0 then return fenced end
+local clock = redis.call("TIME")
+local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
 for s = 1, n do
   local h, j, c, e = KEYS[4 * s - 3], KEYS[4 * s - 2], KEYS[4 * s - 1], KEYS[4 * s]
-  local epoch, ttl, op, first, count, made = unpack(ops[s])
+  local epoch, ttl, op, first, count, made, owned = unpack(ops[s])
   if op == "end" then
     redis.call("DEL", h, j, c)
     redis.call("SET", e, ARGV[first], "PX", 86400000)
+    if owned ~= "" then redis.call("ZREM", owned, h) end
   else
+    -- the owner's live sessions, each scored by when it expires (counted by `owned`)
+    if owned ~= "" then redis.call("ZADD", owned, now_ms + ttl, h) end
     if op == "create" then
       redis.call("HSET", h, "epoch", epoch, "holder", replica)
       if made ~= "" then redis.call("SET", made, h, "PX", ttl) end  -- made key -> its h key
@@ -71,13 +78,18 @@ return fenced
 """
 
 # KEYS: h, j, c. ARGV: epoch, ttl ms, checkpoint bytes, replica when it is a new session's
-# first (a fork: no record made it), else "", and then its made-by key (or "").
+# first (a fork: no record made it), else "", then its made-by key and its owner's key (or "").
 # 1 when written, 0 when fenced.
 _CHECKPOINT = """
 if ARGV[4] ~= "" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
   redis.call("HSET", KEYS[1], "epoch", ARGV[1], "holder", ARGV[4])
   if ARGV[5] ~= "" then redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2])) end
+  if ARGV[6] ~= "" then
+    local clock = redis.call("TIME")
+    local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
+    redis.call("ZADD", ARGV[6], now_ms + tonumber(ARGV[2]), KEYS[1])
+  end
 elseif redis.call("HGET", KEYS[1], "epoch") ~= ARGV[1] then
   return 0
 end
@@ -94,6 +106,36 @@ if redis.call("EXISTS", KEYS[1]) == 0 then return {0, redis.call("GET", KEYS[4])
 local epoch = redis.call("HINCRBY", KEYS[1], "epoch", 1)
 redis.call("HSET", KEYS[1], "holder", ARGV[1])
 return {epoch, redis.call("GET", KEYS[3]), redis.call("LRANGE", KEYS[2], 0, -1)}
+"""
+
+# KEYS: an owner's sorted set. Its live sessions (expired ones are dropped first).
+_OWNED = """
+local clock = redis.call("TIME")
+local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
+redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now_ms)
+return redis.call("ZCARD", KEYS[1])
+"""
+
+# KEYS: an owner's token bucket. ARGV: rate per second, tokens. "0" when taken, else the
+# seconds until there are enough (a string: Lua numbers become integers in replies).
+_BUCKET = """
+local rate, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call("TIME")
+local now = clock[1] + clock[2] / 1000000
+local state = redis.call("HMGET", KEYS[1], "level", "at")
+local level = tonumber(state[1]) or rate
+local at = tonumber(state[2]) or now
+level = math.min(rate, level + (now - at) * rate)
+local needed = math.min(tokens, rate)
+local wait = "0"
+if level < needed then
+  wait = tostring((needed - level) / rate + 0.01)
+else
+  level = level - tokens
+end
+redis.call("HSET", KEYS[1], "level", tostring(level), "at", tostring(now))
+redis.call("EXPIRE", KEYS[1], 60)
+return wait
 """
 
 # The same read without taking the session (GetSession on a replica that does not hold it).
@@ -133,6 +175,8 @@ class RedisState(SharedState):
         self._checkpoint = self.client.register_script(_CHECKPOINT)
         self._claim = self.client.register_script(_CLAIM)
         self._peek = self.client.register_script(_PEEK)
+        self._owned = self.client.register_script(_OWNED)
+        self._bucket = self.client.register_script(_BUCKET)
 
     def keys(self, session_id: str) -> list[str]:
         ns = self.namespace
@@ -177,7 +221,8 @@ class RedisState(SharedState):
         for w in writes:
             keys += self.keys(w.session_id)
             made = self._made_key(w.made_by) if w.made_by else ""
-            args += [str(w.epoch), w.ttl_ms, w.op, made, len(w.records), *w.records]
+            owned = self._owner_key(w.owner) if w.owner else ""
+            args += [str(w.epoch), w.ttl_ms, w.op, made, owned, len(w.records), *w.records]
         try:
             fenced = self._append(keys=keys, args=args)
         except redis.RedisError as exc:
@@ -193,11 +238,13 @@ class RedisState(SharedState):
         *,
         first: bool = False,
         made_by: str = "",
+        owner: str = "",
     ) -> bool:
         h, j, c, _ = self.keys(session_id)
         made = self._made_key(made_by) if made_by else ""
+        owned = self._owner_key(owner) if owner and first else ""
         args: list[bytes | str | int] = [
-            str(epoch), ttl_ms, data, self.replica if first else "", made,
+            str(epoch), ttl_ms, data, self.replica if first else "", made, owned,
         ]  # fmt: skip
         try:
             return bool(self._checkpoint(keys=[h, j, c], args=args))
@@ -238,6 +285,22 @@ class RedisState(SharedState):
 
     def _made_key(self, made_by: str) -> str:
         return f"{self.namespace}:m:{made_by}"
+
+    def _owner_key(self, owner: str) -> str:
+        return f"{self.namespace}:o:{owner}"
+
+    def owned(self, owner: str) -> int:
+        try:
+            return int(self._owned(keys=[self._owner_key(owner)]))
+        except redis.RedisError as exc:
+            raise self.unreachable(exc) from None
+
+    def take_tokens(self, owner: str, tokens: int, rate: float) -> float:
+        key = f"{self.namespace}:b:{owner}"
+        try:
+            return float(self._bucket(keys=[key], args=[rate, tokens]))
+        except redis.RedisError as exc:
+            raise self.unreachable(exc) from None
 
     def close(self) -> None:
         self.client.close()

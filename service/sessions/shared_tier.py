@@ -60,6 +60,7 @@ class Write:
     op: Literal["create", "step", "end"]
     records: list[bytes]  # for "end": [why]
     made_by: str = ""  # "create:<request id>": the tier remembers which session it made
+    owner: str = ""  # the session's principal: the tier counts each principal's sessions
 
 
 def replica_name() -> str:
@@ -98,10 +99,11 @@ class SharedState:
         *,
         first: bool = False,
         made_by: str = "",
+        owner: str = "",
     ) -> bool:
         """Replace the checkpoint and empty the journal, if `epoch` holds; with `first` (a
         fork's child, which no record made), make the session at `epoch` unless it exists,
-        remembering `made_by`."""
+        remembering `made_by`. `owner`: counted as the session's principal."""
         raise NotImplementedError
 
     def claim(self, session_id: str) -> Claimed:
@@ -128,6 +130,16 @@ class SharedState:
         """Delete sessions past their TTL on the tier's clock, whoever held them (Redis does it
         itself: key TTLs)."""
         return 0
+
+    def owned(self, owner: str) -> int:
+        """Live sessions `owner` has in the tier, on every replica."""
+        raise NotImplementedError
+
+    def take_tokens(self, owner: str, tokens: int, rate: float) -> float:
+        """Take `tokens` from `owner`'s bucket in the tier (refilled at `rate`, holding a
+        second's worth; see `security.quotas`): 0 when taken, else seconds until there are
+        enough."""
+        raise NotImplementedError
 
     # Each backend raises `self.unreachable(exc)` (JournalUnavailable) for its connection or
     # I/O errors, from every method above but `check`.
@@ -219,14 +231,15 @@ class SharedJournal:
             session = self._sessions.peek(sid)
             epoch = session.holder_epoch if session is not None else 0
             ttl_ms = int((session.ttl_seconds if session is not None else 600.0) * 1000)
+            owner = session.owner if session is not None else ""
             if kinds[sid] == _END:
                 (end,) = decode_stream(batch[-1])
-                writes.append(Write(sid, epoch, ttl_ms, "end", [end.why.encode()]))
+                writes.append(Write(sid, epoch, ttl_ms, "end", [end.why.encode()], owner=owner))
             elif kinds[sid] == _CREATE:
                 made_by = session.made_by if session is not None else ""
-                writes.append(Write(sid, epoch, ttl_ms, "create", batch, made_by))
+                writes.append(Write(sid, epoch, ttl_ms, "create", batch, made_by, owner))
             else:
-                writes.append(Write(sid, epoch, ttl_ms, "step", batch))
+                writes.append(Write(sid, epoch, ttl_ms, "step", batch, owner=owner))
         fenced = self._state.append(writes)  # raises JournalUnavailable when unreachable
         self._state.reachable()
         if fenced:
@@ -265,7 +278,10 @@ class SharedCheckpoints:
         ttl_ms = int(record.header.ttl_seconds * 1000)
         data = spill_record.encode(record)
         made_by = record.header.made_by if first else ""
-        if not self._state.checkpoint(sid, epoch, ttl_ms, data, first=first, made_by=made_by):
+        owner = record.header.owner
+        if not self._state.checkpoint(
+            sid, epoch, ttl_ms, data, first=first, made_by=made_by, owner=owner
+        ):
             raise self._state.fenced([sid])
 
     def read(self, session_id: str) -> SpillRecord:

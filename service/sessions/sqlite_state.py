@@ -26,8 +26,11 @@ _SYNCHRONOUS = {"batch": "FULL", "interval": "NORMAL", "never": "OFF"}
 _ENDED_SECONDS = 86_400.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS holders (
-    sid TEXT PRIMARY KEY, epoch INTEGER NOT NULL, holder TEXT NOT NULL, expires REAL NOT NULL
+    sid TEXT PRIMARY KEY, epoch INTEGER NOT NULL, holder TEXT NOT NULL, expires REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS holders_by_owner ON holders (owner, expires);
+CREATE TABLE IF NOT EXISTS buckets (owner TEXT PRIMARY KEY, level REAL NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (sid TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, sid TEXT NOT NULL, record BLOB NOT NULL
@@ -91,8 +94,8 @@ class SqliteState(SharedState):
                     continue
                 if w.op == "create":
                     db.execute(
-                        "INSERT INTO holders VALUES (?, ?, ?, ?)",
-                        (w.session_id, w.epoch, self.replica, expires),
+                        "INSERT INTO holders VALUES (?, ?, ?, ?, ?)",
+                        (w.session_id, w.epoch, self.replica, expires, w.owner),
                     )
                     if w.made_by:
                         self._made(db, w.made_by, w.session_id, expires)
@@ -117,6 +120,7 @@ class SqliteState(SharedState):
         *,
         first: bool = False,
         made_by: str = "",
+        owner: str = "",
     ) -> bool:
         now = time.time()
 
@@ -126,8 +130,8 @@ class SqliteState(SharedState):
                 if row is not None:
                     return False
                 db.execute(
-                    "INSERT INTO holders VALUES (?, ?, ?, ?)",
-                    (session_id, epoch, self.replica, now + ttl_ms / 1000.0),
+                    "INSERT INTO holders VALUES (?, ?, ?, ?, ?)",
+                    (session_id, epoch, self.replica, now + ttl_ms / 1000.0, owner),
                 )
                 if made_by:
                     self._made(db, made_by, session_id, now + ttl_ms / 1000.0)
@@ -184,6 +188,35 @@ class SqliteState(SharedState):
     @staticmethod
     def _made(db: sqlite3.Connection, made_by: str, session_id: str, expires: float) -> None:
         db.execute("INSERT OR REPLACE INTO made VALUES (?, ?, ?)", (made_by, session_id, expires))
+
+    def owned(self, owner: str) -> int:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "SELECT COUNT(*) FROM holders WHERE owner = ? AND expires >= ?", (owner, now)
+            ).fetchone()
+            return int(row[0])
+
+        return self._transaction(work)
+
+    def take_tokens(self, owner: str, tokens: int, rate: float) -> float:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> float:
+            row = db.execute("SELECT level, at FROM buckets WHERE owner = ?", (owner,)).fetchone()
+            level, at = (rate, now) if row is None else (float(row[0]), float(row[1]))
+            level = min(rate, level + (now - at) * rate)
+            needed = min(tokens, rate)
+            wait = 0.0
+            if level < needed:
+                wait = (needed - level) / rate + 0.01
+            else:
+                level -= tokens
+            db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)", (owner, level, now))
+            return wait
+
+        return self._transaction(work)
 
     def purge_expired(self) -> int:
         """Delete every session past its expiry (whoever held it): what Redis's key TTLs do."""

@@ -19,7 +19,7 @@ from service.registry.store import ModelStore
 from service.runtime.step_batch import Prediction
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
-from service.settings import EngineSettings, SessionSettings, Settings
+from service.settings import EngineSettings, SecuritySettings, SessionSettings, Settings
 from service.wiring import build_engine
 
 TOK = ModelConfig(
@@ -98,6 +98,7 @@ async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineF
         clock: FakeClock | None = None,
         observer: VersionObserver | None = None,
         engine: dict[str, Any] | None = None,
+        security: dict[str, Any] | None = None,
         **sessions: Any,
     ) -> SessionEngine:
         if slots is not None:
@@ -109,6 +110,7 @@ async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineF
             registry_poll_seconds=0,
             engine=EngineSettings(**(engine or {})),
             sessions=SessionSettings(**sessions),
+            security=SecuritySettings(**(security or {})),
         )
         store = (
             SessionStore(settings.sessions.max_sessions, clock=clock, wall_clock=clock.wall)

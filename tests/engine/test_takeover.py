@@ -19,6 +19,7 @@ from service.engine.feed import Feed, PredictionOptions
 from service.engine.session_engine import SessionEngine
 from service.errors import (
     FailedPrecondition,
+    QuotaExceeded,
     SeqServeError,
     SessionClosed,
     SessionMoved,
@@ -27,6 +28,8 @@ from service.errors import (
 )
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
+from service.security import principal
+from service.security.principal import Principal
 
 from .conftest import TOK, EngineFactory, close, crash, publish, toks
 
@@ -306,3 +309,27 @@ async def test_create_and_fork_retries_reaching_another_replica_make_nothing_twi
     forked = await b.fork_session(made.session_id, request_id="f")
     assert forked.session_id == child.session_id
     assert len(b.sessions) == 2
+
+
+async def test_quotas_hold_across_replicas(make_engine: EngineFactory, state_url: str) -> None:
+    """A principal's live sessions and its tokens per second are counted in the tier: what it
+    has on one replica counts on the other."""
+    limits = {"sessions_per_principal": 2, "tokens_per_second": 10}
+    a = await make_engine(state_url=state_url, security=limits)
+    b = await make_engine(state_url=state_url, security=limits)
+    principal.current.set(Principal("alice", "client"))
+    first, _ = await a.create_session("tok")
+    await b.create_session("tok")
+    with pytest.raises(QuotaExceeded) as err:
+        await a.create_session("tok")  # two already, one on each replica
+    assert err.value.retry_after is not None
+    await b.close_session(first.session_id)  # a's session, closed through b
+    third, _ = await a.create_session("tok")
+
+    await a.feed(third.session_id, toks(*range(10)))  # the second's worth, on a
+    with pytest.raises(QuotaExceeded) as err:
+        await b.feed(third.session_id, toks(1))  # b sees the same bucket
+    assert err.value.retry_after is not None and 0 < err.value.retry_after <= 1.1
+    principal.current.set(Principal("bob", "client"))
+    other, _ = await b.create_session("tok")
+    assert (await b.feed(other.session_id, toks(1))).position == 1  # bob's own share
