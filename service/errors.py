@@ -9,6 +9,14 @@ from __future__ import annotations
 import grpc
 
 
+def quote(text: str, limit: int = 100) -> str:
+    """A client's string as a status message may show it: repr'd, at most ~`limit` characters
+    (a 100,000-character name is not echoed back)."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 class SeqServeError(Exception):
     """Base class. `status` is the gRPC status code a client sees."""
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, quote
 from service.registry.atomic import replace_durably
 
 ALIASES_FILE = "aliases.json"
@@ -32,10 +32,12 @@ class AliasFileError(ValueError):
 
 def validate_alias_name(alias: str) -> None:
     if alias in RESERVED_ALIASES:
-        raise InvalidArgument(f"alias {alias!r} is reserved: it always means the highest version")
+        raise InvalidArgument(
+            f"alias {quote(alias)} is reserved: it always means the highest version"
+        )
     if not _ALIAS_RE.match(alias):
         raise InvalidArgument(
-            f"invalid alias {alias!r}: use a lowercase letter then letters, digits, '_', '.' "
+            f"invalid alias {quote(alias)}: use a lowercase letter then letters, digits, '_', '.' "
             "or '-' (at most 64 characters); digits alone name versions"
         )
 

@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 from pydantic import ValidationError
 
-from service.errors import AliasNotFound, ModelNotFound, VersionNotFound, VersionUnusable
+from service.errors import AliasNotFound, ModelNotFound, VersionNotFound, VersionUnusable, quote
 from service.models.tokenizer import get_tokenizer
 from service.registry.aliases import AliasFileError, read_aliases
 from service.registry.manifest import MANIFEST_FILE, Manifest, TokensInput
@@ -98,7 +98,9 @@ class ModelEntry:
         aliases = self._alias_map()
         if alias not in aliases:
             known = ", ".join(sorted(aliases)) or "none"
-            raise AliasNotFound(f"alias {alias!r} of {self.name!r} not found; aliases: {known}")
+            raise AliasNotFound(
+                f"alias {quote(alias)} of {self.name!r} not found; aliases: {known}"
+            )
         return self.usable(aliases[alias], via_alias=alias).version
 
     def usable(self, version: int, via_alias: str | None = None) -> VersionEntry:
@@ -135,7 +137,7 @@ class StoreSnapshot:
         entry = self.models.get(name)
         if entry is None:
             known = ", ".join(sorted(self.models)) or f"none (the store at {self.root} is empty)"
-            raise ModelNotFound(f"model {name!r} not found; available: {known}")
+            raise ModelNotFound(f"model {quote(name)} not found; available: {known}")
         return entry
 
     def resolve(self, name: str, spec: str = "") -> int:

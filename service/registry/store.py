@@ -30,6 +30,7 @@ from service.errors import (
     InvalidArgument,
     SeqServeError,
     VersionUnusable,
+    quote,
 )
 from service.models import ModelConfig, SequenceModel
 from service.models.tokenizer import ByteTokenizer, get_tokenizer
@@ -232,7 +233,9 @@ class ModelStore:
             aliases = self._aliases_for_update(entry)
             if alias not in aliases:
                 known = ", ".join(sorted(aliases)) or "none"
-                raise AliasNotFound(f"alias {alias!r} of {name!r} not found; aliases: {known}")
+                raise AliasNotFound(
+                    f"alias {quote(alias)} of {quote(name)} not found; aliases: {known}"
+                )
             del aliases[alias]
             write_aliases(entry.path, aliases)
 
@@ -263,8 +266,8 @@ class ModelStore:
     def _check_name(name: str) -> None:
         if not _NAME_RE.match(name):
             raise InvalidArgument(
-                f"invalid model name {name!r}: use lowercase letters, digits, '_', '.' or '-', "
-                "starting with a letter or digit (at most 64 characters)"
+                f"invalid model name {quote(name)}: use lowercase letters, digits, '_', '.' or "
+                "'-', starting with a letter or digit (at most 64 characters)"
             )
 
     @staticmethod

@@ -34,14 +34,6 @@ def valid_route(route: str) -> bool:
     return bool(_ROUTE_RE.match(route))
 
 
-def clip(text: str, limit: int = 100) -> str:
-    """A client's string as it may appear in a status message: repr'd, at most ~`limit`
-    characters (a 100,000-character id is not echoed back)."""
-    if len(text) <= limit:
-        return repr(text)
-    return repr(text[:limit]) + f"... ({len(text)} characters)"
-
-
 def made_key(kind: str, request_id: str, owner: str) -> str:
     """What a create or fork with a request id is remembered by: per principal, so one
     principal's request id never finds another's session."""

@@ -24,9 +24,10 @@ from service.errors import (
     SessionMoved,
     SessionNotFound,
     SpillCorrupted,
+    quote,
 )
-from service.security.principal import may_see
-from service.sessions.session import AppliedRequest, Session, clip
+from service.security.principal import caller, may_see
+from service.sessions.session import AppliedRequest, Session
 
 _REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
 
@@ -98,7 +99,7 @@ class SessionStore:
         expired (also when idle past its TTL but not yet swept), or DATA_LOSS when its records
         were refused at start-up. A caller that does not own the session hears NOT_FOUND,
         whatever its state (`security.principal`)."""
-        shown = clip(session_id)
+        shown = quote(session_id)
         session = self._sessions.get(session_id)
         if session is None:
             if not may_see(self._owners.get(session_id, "")):
@@ -111,6 +112,8 @@ class SessionStore:
             if why == "moved":
                 raise SessionMoved(f"session {shown} is held by another replica now; retry")
             broken = self._broken.get(session_id)
+            if broken is not None and caller() is not None and session_id not in self._owners:
+                broken = None  # whose it was is unknown: with auth on, nobody is told of it
             if broken is not None:
                 why, error = broken
                 if error is SpillCorrupted:

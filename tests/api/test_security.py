@@ -16,12 +16,14 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from benchmarks.real_services import NGINX_CONF, NginxServer
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.client.credentials import Credentials
 from service.errors import InsecureBind
+from service.loadtest import LoadConfig, run_load
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -500,6 +502,9 @@ async def test_only_the_owner_hears_that_a_damaged_session_is_lost(
         made = await stub.CreateSession(
             pb.CreateSessionRequest(model="tok"), metadata=_bearer(tok["alice"])
         )
+        kept = await stub.CreateSession(
+            pb.CreateSessionRequest(model="tok"), metadata=_bearer(tok["alice"])
+        )
     sid = made.session.session_id
     await first.stop()
     (record,) = state.glob(f"{sid}*")
@@ -518,3 +523,46 @@ async def test_only_the_owner_hears_that_a_damaged_session_is_lost(
             await stub.GetSession(get, metadata=_bearer(tok["bob"]))
         assert err.value.code() == NOT_FOUND
         assert err.value.details() == f"session {sid!r} not found"
+        intact = pb.GetSessionRequest(session_id=kept.session.session_id)  # spilled, restored
+        assert (await stub.GetSession(intact, metadata=_bearer(tok["alice"]))).session.session_id
+        assert await _code(stub.GetSession(intact, metadata=_bearer(tok["bob"]))) == NOT_FOUND
+
+
+async def test_reflection_can_be_turned_off_and_the_load_generator_takes_a_token(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
+) -> None:
+    path, tok = token_file
+    server = await server_factory(security={"auth_tokens": path, "reflection": False})
+    target = f"127.0.0.1:{server.port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        call = reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                       metadata=_bearer(tok["alice"]))  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    config = LoadConfig(target=target, model="tok", sessions=4, duration_seconds=0.5)
+    report = await run_load(config, credentials=Credentials(token=tok["alice"]))
+    assert report.tokens_per_second > 0 and not report.errors
+
+
+async def test_long_names_are_not_echoed(server_factory: ServerFactory) -> None:
+    server = await server_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        registry = reg_grpc.ModelRegistryStub(channel)
+        long = "m" * 100_000
+        calls = {
+            "model": stub.CreateSession(pb.CreateSessionRequest(model=long)),
+            "alias": stub.CreateSession(pb.CreateSessionRequest(model="tok", version="a" * 9999)),
+            "registry": registry.GetModel(reg_pb.GetModelRequest(name=long)),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert len(err.value.details() or "") < 400, name

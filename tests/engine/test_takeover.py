@@ -333,3 +333,23 @@ async def test_quotas_hold_across_replicas(make_engine: EngineFactory, state_url
     principal.current.set(Principal("bob", "client"))
     other, _ = await b.create_session("tok")
     assert (await b.feed(other.session_id, toks(1))).position == 1  # bob's own share
+
+
+async def test_another_principal_neither_sees_nor_moves_a_session(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """Ownership is checked before a takeover: bob probing alice's id through the other replica
+    gets NOT_FOUND, and the session stays where it was (alice's next step is not fenced)."""
+    a, b = await _replicas(make_engine, state_url)
+    principal.current.set(Principal("alice", "client"))
+    s, _ = await a.create_session("tok")
+    await a.feed(s.session_id, toks(1))
+    principal.current.set(Principal("bob", "client"))
+    with pytest.raises(SessionNotFound):
+        await b.feed(s.session_id, toks(2))
+    with pytest.raises(SessionNotFound):
+        await b.describe_session(s.session_id)
+    assert b.sessions.peek(s.session_id) is None
+    principal.current.set(Principal("alice", "client"))
+    assert (await a.feed(s.session_id, toks(2))).position == 2  # still a's: not fenced
+    assert (await b.feed(s.session_id, toks(3))).position == 3  # alice may move it
