@@ -112,17 +112,20 @@ async def test_shutdown_keeps_the_journal_of_sessions_not_yet_replayed(
 
 
 async def test_close_and_expiry_of_sessions_whose_replay_is_pending(
-    make_engine: EngineFactory, tmp_path: Path
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spill, _roomy, pairs = await _crashed(make_engine, tmp_path)
 
     clock = FakeClock()
+    monkeypatch.setattr(PendingReplays, "_next_batch", lambda self: [])  # no background yet
     second = await make_engine(spill_dir=spill, checkpoint_steps=1000, clock=clock)
     closed = pairs[1][0]
     await second.close_session(closed)  # waits for its replay, then ends it
     clock.advance(10 * 3600.0)  # past every TTL: but a session whose replay is pending stays
     pending = len(second.leases.replays)
     assert pending == N - 1 and second.lifecycle.sweep_expired() == 0
+    monkeypatch.undo()
+    second.leases.replays.start()  # now the background replays them
     await second.leases.replays.wait()
     assert second.lifecycle.sweep_expired() == N - 1  # replayed: its idle clock runs again
     await crash(second)
