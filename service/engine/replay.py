@@ -16,6 +16,7 @@ serving goes on beside them. A session whose base cannot be read is refused with
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -196,7 +197,7 @@ class PendingReplays:
         """Replay everything pending in the background (batches of sessions of one version)."""
         if self._pending:
             self._drain = asyncio.get_running_loop().create_task(
-                self._drain_all(), name="journal-replay"
+                self._drain_all(), name="journal-replay", context=contextvars.Context()
             )
 
     async def stop(self) -> None:
@@ -246,7 +247,10 @@ class PendingReplays:
         return batch
 
     def _launch(self, batch: list[_Pending]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(self._replay(batch))
+        # A fresh context: a replay serves whoever waits for it, not the request that began it.
+        task = asyncio.get_running_loop().create_task(
+            self._replay(batch), context=contextvars.Context()
+        )
         for pending in batch:
             pending.task = task
         self._tasks.add(task)

@@ -9,6 +9,7 @@ version unpinned, and a version nothing needs any more unloaded in the backgroun
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 import time
@@ -209,6 +210,6 @@ class SessionLifecycle:
         self._observer.on_session_event(event, session.model, str(session.version))
 
     def _chore(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)

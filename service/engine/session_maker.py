@@ -21,7 +21,7 @@ from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.takeover import Takeover
 from service.errors import InvalidArgument
 from service.runtime.sampler import SamplingParams
-from service.security.principal import owner_for_new
+from service.security.principal import may_see, owner_for_new
 from service.security.quotas import Quotas
 from service.sessions.session import ROUTE_HEADER, Session, made_key, valid_route
 from service.sessions.session_store import SessionStore
@@ -92,14 +92,16 @@ class SessionMaker:
         route: str,
     ) -> tuple[Session, FeedOutcome | None]:
         ttl = self.lifecycle.ttl(ttl_seconds)
-        await self.quotas.check_new_session(self.sessions)
-        served = await self.lifecycle.version_for_new_session(model, version)
-        self._check_open()
-        prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
-        session = await self.lifecycle.create(
-            served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
-            request_id=request_id, route=route,
-        )  # fmt: skip
+        async with self.quotas.new_session(self.sessions):
+            if prefix is not None:
+                await self.quotas.charge(prefix.size())  # a prefix is input like any other
+            served = await self.lifecycle.version_for_new_session(model, version)
+            self._check_open()
+            prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
+            session = await self.lifecycle.create(
+                served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
+                request_id=request_id, route=route,
+            )  # fmt: skip
         if prefix_tensor is None:
             return session, None
         try:
@@ -143,12 +145,14 @@ class SessionMaker:
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: the fork the first call made
                 return made
-            await self.quotas.check_new_session(self.sessions)
-            return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
+            async with self.quotas.new_session(self.sessions):
+                return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
 
     async def _made(self, key: str) -> Session | None:
-        """What the request `key` made: here, or on another process (the shared tier)."""
-        return self.sessions.made(key) or await self.takeover.made(key)
+        """What the request `key` made: here, or on another process (the shared tier); only
+        the caller's own."""
+        made = self.sessions.made(key) or await self.takeover.made(key)
+        return made if made is not None and may_see(made.owner) else None
 
     @contextlib.asynccontextmanager
     async def _made_once(self, key: str) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ the session lease guarantees at most one row per session is ever queued or runni
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -125,7 +126,11 @@ class StepScheduler:
         return len(self._generations)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="step-scheduler")
+        # A fresh context: the loop outlives the request that started it, and must not run as
+        # that request's principal.
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name="step-scheduler", context=contextvars.Context()
+        )
 
     def submit(self, work: list[tuple[RowOwner, Row]]) -> RowGroup:
         """Queue rows (one per session); the group's future resolves after the steps that

@@ -24,7 +24,7 @@ from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import SessionMoved
+from service.errors import SessionMoved, SpillCorrupted
 from service.security.principal import caller, may_see
 from service.sessions import journal_record as jr
 from service.sessions.session import SESSION_ID_PATTERN, Session
@@ -78,6 +78,8 @@ class Takeover:
             await asyncio.shield(running)  # another request of ours is taking it over
         local = self._sessions.peek(session_id)
         if local is not None:
+            if not may_see(local.owner):
+                return  # not the caller's: the session store answers NOT_FOUND
             if session_id not in state.moved:
                 if expected_position is None or expected_position == local.position:
                     return
@@ -91,6 +93,10 @@ class Takeover:
         self._claiming[session_id] = done
         try:
             await self._take(state, session_id)
+        except SpillCorrupted as exc:  # its checkpoint in the tier is damaged
+            if may_see(exc.owner or ""):
+                self._sessions.mark_broken(session_id, exc.message, owner=exc.owner)
+            # anyone else hears the NOT_FOUND of an id that never existed
         finally:
             del self._claiming[session_id]
             done.set_result(None)
@@ -145,12 +151,17 @@ class Takeover:
     async def describe(self, session_id: str) -> Session:
         """The session as the tier holds it, without taking it over (GetSession)."""
         assert self._state is not None
-        found = await asyncio.to_thread(self._state.peek, session_id)
+        try:
+            found = await asyncio.to_thread(self._state.peek, session_id)
+        except SpillCorrupted as exc:
+            if may_see(exc.owner or ""):
+                self._sessions.mark_broken(session_id, exc.message, owner=exc.owner)
+            return self._sessions.get(session_id)
         if found.epoch and not may_see(_owner(found)):
             return self._sessions.get(session_id)  # not the caller's: NOT_FOUND
         if found.epoch == 0:
             if found.ended:
-                self._sessions.ended_earlier(session_id, found.ended)
+                self._sessions.ended_earlier(session_id, found.ended, found.ended_owner)
             return self._sessions.get(session_id)  # raises: NOT_FOUND, or why it ended
         recovery = Recovery(self._sessions, self._versions, self._residency, self._replays)
         session = await recovery.describe(session_id, found.checkpoint, found.records)
@@ -167,7 +178,7 @@ class Takeover:
         claimed = await asyncio.to_thread(state.claim, session_id)
         if claimed.epoch == 0:
             if claimed.ended:
-                self._sessions.ended_earlier(session_id, claimed.ended)
+                self._sessions.ended_earlier(session_id, claimed.ended, claimed.ended_owner)
             return
         state.moved.discard(session_id)
         recovery = Recovery(self._sessions, self._versions, self._residency, self._replays)

@@ -4,6 +4,7 @@ principal once tokens or client certificates are configured, and registry writes
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from service.errors import PermissionDenied, Unauthenticated
@@ -12,6 +13,7 @@ from service.security.tokens import TokenFile
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 CLIENT_HEADER = "x-seqserve-client"  # set by a proxy (role `proxy`) to the client it verified
+_CN_RE = re.compile(r"^[A-Za-z0-9_.@ -]{1,64}$")  # what a certificate name may be to be a principal
 ADMIN_METHODS = frozenset(
     {"/seqserve.v1.ModelRegistry/SetAlias", "/seqserve.v1.ModelRegistry/DeleteAlias"}
 )
@@ -66,11 +68,11 @@ class CallAuth:
         for item in context.invocation_metadata() or ():
             if item.key == CLIENT_HEADER:
                 name = str(item.value).strip()
-        if not name or len(name) > 128:
+        if not _CN_RE.match(name):
             raise Unauthenticated(
-                f"proxy {proxy.name} forwarded no client identity ({CLIENT_HEADER})"
+                f"proxy {proxy.name} forwarded no usable client identity ({CLIENT_HEADER})"
             )
-        return Principal(name, "client")
+        return Principal(f"cert:{name}", "client")  # as if the certificate came here
 
     def _from_certificate(self, context: Any) -> Principal | None:
         if not self.client_certificates:
@@ -79,4 +81,7 @@ class CallAuth:
         if not names:
             return None
         name = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
-        return Principal(name, "client")
+        if not _CN_RE.match(name):
+            raise Unauthenticated("the client certificate's common name cannot name a principal")
+        # Its own namespace: a certificate never stands for a token's principal, nor the reverse.
+        return Principal(f"cert:{name}", "client")

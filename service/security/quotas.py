@@ -7,8 +7,11 @@ tier, so they hold across replicas; otherwise they are this process's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 
 from service.errors import QuotaExceeded
 from service.security.principal import caller
@@ -26,24 +29,40 @@ class Quotas:
         self.sessions_per_principal = sessions_per_principal  # 0: no cap
         self.tokens_per_second = tokens_per_second  # 0: no cap
         self._shared = shared
+        self._making: Counter[str] = Counter()  # sessions being made now, by principal
         self._buckets: dict[str, tuple[float, float]] = {}  # principal → (tokens, at)
         self._lock = threading.Lock()
 
     # ---- sessions --------------------------------------------------------------------------
 
-    async def check_new_session(self, sessions: SessionStore) -> None:
+    @contextlib.asynccontextmanager
+    async def new_session(self, sessions: SessionStore) -> AsyncIterator[None]:
+        """Around making a session: refused when the caller already has its cap, counting
+        the sessions it is making right now (so a burst of creates cannot pass the cap
+        together; across replicas, a burst can still pass it by one per replica)."""
         who = caller()
         cap = self.sessions_per_principal
         if who is None or cap <= 0:
+            yield
             return
         if self._shared is not None:
             owned = await asyncio.to_thread(self._shared.owned, who.name)
         else:
             owned = sessions.owned_by(who.name)
-        if owned < cap:
-            return
-        raise QuotaExceeded(
-            f"{who.name} has {cap} live sessions, the most one principal may have "
+        if owned + self._making[who.name] >= cap:
+            raise self._at_cap(who.name, cap)
+        self._making[who.name] += 1
+        try:
+            yield
+        finally:
+            self._making[who.name] -= 1
+            if self._making[who.name] <= 0:
+                del self._making[who.name]
+
+    @staticmethod
+    def _at_cap(name: str, cap: int) -> QuotaExceeded:
+        return QuotaExceeded(
+            f"{name} has {cap} live sessions, the most one principal may have "
             "(SEQSERVE_SECURITY__SESSIONS_PER_PRINCIPAL); close some",
             retry_after=1.0,
         )

@@ -23,7 +23,7 @@ from service.security.principal import ROLES, Principal, Role
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")  # no ':' (certificate names are "cert:...")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHECK_EVERY_S = 1.0
 
@@ -73,8 +73,9 @@ class TokenFile:
         self.reload(force=True)
 
     def reload(self, *, force: bool = False) -> None:
-        """Re-read the file if it changed. A file that became unreadable or malformed keeps
-        the last good entries (and says so in the log once per change)."""
+        """Re-read the file if it changed. A file that disappeared or cannot be read refuses
+        every token (fail closed); a malformed one keeps the last good entries (a half-written
+        file must not lock everyone out) and says so in the log once per change."""
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -82,6 +83,11 @@ class TokenFile:
                 raise InvalidArgument(
                     f"tokens file {self.path} cannot be read: {exc.strerror}"
                 ) from None
+            if self._entries or self._stamp is not None:  # gone: no token is good any more
+                log.error("tokens file %s cannot be read (%s): refusing every token",
+                          self.path, exc.strerror)  # fmt: skip
+                with self._lock:
+                    self._entries, self._stamp = [], None
             return
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp and not force:
@@ -115,7 +121,7 @@ def add_token(path: Path, principal: str, role: str) -> str:
     """A new random token for `principal`: its hash appended to the file (made 0600 if new);
     the token itself is returned, to be shown once."""
     if not _NAME_RE.match(principal):
-        raise InvalidArgument("principal must be 1-64 characters of A-Z a-z 0-9 _ . @ : -")
+        raise InvalidArgument("principal must be 1-64 characters of A-Z a-z 0-9 _ . @ -")
     if role not in ROLES:
         raise InvalidArgument(f"role must be one of {', '.join(ROLES)}")
     # A recognisable prefix (secret scanners, logs) that also keeps it from reading as a flag.

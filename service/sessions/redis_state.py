@@ -313,5 +313,5 @@ class RedisState(SharedState):
         epoch = int(reply[0])
         if epoch == 0:
             why = reply[1]
-            return Claimed(0, None, ended=why.decode() if why else "")
+            return self.ended(why.decode()) if why else Claimed(0, None)
         return self.claimed(session_id, epoch, reply[1] or None, list(reply[2] or []))

@@ -102,6 +102,8 @@ class SessionStore:
         shown = quote(session_id)
         session = self._sessions.get(session_id)
         if session is None:
+            if caller() is not None and session_id not in self._owners:
+                raise SessionNotFound(f"session {shown} not found")  # whose it was: unknown
             if not may_see(self._owners.get(session_id, "")):
                 raise SessionNotFound(f"session {shown} not found")
             why = self._ended.get(session_id)
@@ -112,8 +114,6 @@ class SessionStore:
             if why == "moved":
                 raise SessionMoved(f"session {shown} is held by another replica now; retry")
             broken = self._broken.get(session_id)
-            if broken is not None and caller() is not None and session_id not in self._owners:
-                broken = None  # whose it was is unknown: with auth on, nobody is told of it
             if broken is not None:
                 why, error = broken
                 if error is SpillCorrupted:
@@ -232,11 +232,13 @@ class SessionStore:
             self._ended.pop(gone, None)
             self._owners.pop(gone, None)
 
-    def ended_earlier(self, session_id: str, why: str) -> None:
-        """A session that ended before a restart, known only by its END record: a late
-        request learns why (closed, expired), not NOT_FOUND."""
+    def ended_earlier(self, session_id: str, why: str, owner: str = "") -> None:
+        """A session that ended before a restart (or on another replica), known only by its
+        END record: a late request by its owner learns why (closed, expired)."""
         if session_id not in self._sessions and self._ended.get(session_id) != why:
             self._remember_end(session_id, why)  # the tier says so: it overrides this copy's
+        if owner:
+            self._owners[session_id] = owner
 
     def is_expired(self, session: Session) -> bool:
         """Idle past its TTL (a busy session never expires mid-request, nor one whose replay

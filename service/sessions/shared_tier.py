@@ -48,6 +48,7 @@ class Claimed:
     checkpoint: SpillRecord | None
     records: list[JournalRecord] = field(default_factory=list)
     ended: str = ""  # when it does not exist: why it ended ("" when it never did)
+    ended_owner: str = ""  # and whose it was
 
 
 @dataclass
@@ -149,6 +150,12 @@ class SharedState:
 
     # -- shared ------------------------------------------------------------------------------
 
+    @staticmethod
+    def ended(tombstone: str) -> Claimed:
+        """A session that is gone: why it ended, and whose it was (tombstone "why\nowner")."""
+        why, _, owner = tombstone.partition("\n")
+        return Claimed(0, None, ended=why, ended_owner=owner)
+
     def claimed(
         self, session_id: str, epoch: int, checkpoint: bytes | None, records: list[bytes]
     ) -> Claimed:
@@ -234,7 +241,8 @@ class SharedJournal:
             owner = session.owner if session is not None else ""
             if kinds[sid] == _END:
                 (end,) = decode_stream(batch[-1])
-                writes.append(Write(sid, epoch, ttl_ms, "end", [end.why.encode()], owner=owner))
+                tombstone = f"{end.why}\n{owner}".encode()  # why it ended, and whose it was
+                writes.append(Write(sid, epoch, ttl_ms, "end", [tombstone], owner=owner))
             elif kinds[sid] == _CREATE:
                 made_by = session.made_by if session is not None else ""
                 writes.append(Write(sid, epoch, ttl_ms, "create", batch, made_by, owner))

@@ -249,7 +249,7 @@ class SqliteState(SharedState):
                 ended = db.execute(
                     "SELECT why FROM ended WHERE sid = ? AND expires >= ?", (session_id, now)
                 ).fetchone()
-                return Claimed(0, None, ended=ended[0] if ended else "")
+                return self.ended(ended[0]) if ended else Claimed(0, None)
             epoch = int(row[0])
             if take:
                 epoch += 1

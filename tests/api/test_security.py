@@ -22,13 +22,13 @@ from benchmarks.real_services import NGINX_CONF, NginxServer
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.client.credentials import Credentials
-from service.errors import InsecureBind
+from service.errors import InsecureBind, InvalidArgument
 from service.loadtest import LoadConfig, run_load
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
-from service.security.tokens import add_token
+from service.security.tokens import TokenFile, add_token
 from service.sessions import spill_record, spill_tier
 
 from .certs import Certs, Pem
@@ -566,3 +566,15 @@ async def test_long_names_are_not_echoed(server_factory: ServerFactory) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert len(err.value.details() or "") < 400, name
+
+
+def test_a_deleted_tokens_file_refuses_every_token(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    token = add_token(path, "alice", "client")
+    tokens = TokenFile(path)
+    assert tokens.authenticate(token) is not None
+    path.unlink()
+    tokens._checked = 0.0  # the next check looks at the file now
+    assert tokens.authenticate(token) is None
+    with pytest.raises(InvalidArgument):
+        add_token(path, "cert:alice", "client")  # certificate names are not token names

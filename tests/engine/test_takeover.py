@@ -353,3 +353,45 @@ async def test_another_principal_neither_sees_nor_moves_a_session(
     principal.current.set(Principal("alice", "client"))
     assert (await a.feed(s.session_id, toks(2))).position == 2  # still a's: not fenced
     assert (await b.feed(s.session_id, toks(3))).position == 3  # alice may move it
+
+
+async def test_an_ended_session_is_told_only_to_its_owner_on_another_replica(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    a, b = await _replicas(make_engine, state_url)
+    principal.current.set(Principal("alice", "client"))
+    s, _ = await a.create_session("tok")
+    await a.close_session(s.session_id)
+    principal.current.set(Principal("bob", "client"))
+    with pytest.raises(SessionNotFound):  # not "was closed": bob never learns it existed
+        await b.feed(s.session_id, toks(1))
+    principal.current.set(Principal("alice", "client"))
+    with pytest.raises(SessionClosed):
+        await b.feed(s.session_id, toks(1))
+
+
+async def test_a_burst_of_creates_does_not_pass_the_session_cap(
+    make_engine: EngineFactory,
+) -> None:
+    engine = await make_engine(security={"sessions_per_principal": 1})
+    principal.current.set(Principal("alice", "client"))
+    made = await asyncio.gather(
+        *(engine.create_session("tok") for _ in range(8)), return_exceptions=True
+    )
+    assert sum(not isinstance(m, BaseException) for m in made) == 1
+    assert all(isinstance(m, QuotaExceeded) for m in made if isinstance(m, BaseException))
+
+
+async def test_generations_and_prefixes_are_charged_their_real_size(
+    make_engine: EngineFactory,
+) -> None:
+    engine = await make_engine(security={"tokens_per_second": 5})
+    principal.current.set(Principal("alice", "client"))
+    s, _ = await engine.create_session("tok")
+    _ = [t async for t in engine.generate(s.session_id)]  # the session default: 16 tokens
+    with pytest.raises(QuotaExceeded):
+        await engine.feed(s.session_id, toks(1))  # in debt after those 16
+    principal.current.set(Principal("bob", "client"))
+    await engine.create_session("tok", prefix=toks(*range(50)))  # a full bucket allows it
+    with pytest.raises(QuotaExceeded):
+        await engine.create_session("tok", prefix=toks(1))
