@@ -38,6 +38,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
+from service.client.multiplex import FeedMux
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -159,8 +160,12 @@ class SeqServeClient:
         retry: RetryPolicy | None = None,
         route_key: str | None = None,
         credentials: Credentials | None = None,
+        multiplex: bool = False,
     ) -> None:
-        """`credentials`: a token and TLS (default: the token in SEQSERVE_TOKEN, no TLS)."""
+        """`credentials`: a token and TLS (default: the token in SEQSERVE_TOKEN, no TLS).
+        `multiplex`: feeds issued concurrently go out together as Stream messages, one per
+        routing key per event-loop tick (see `multiplex.py`); off by default for now: a Stream
+        that stalls behind a proxy while its replica drains is not yet detected."""
         self.target = target
         self.retry = retry or RetryPolicy()
         self.route_key = route_key  # for every session this client creates (None: one each)
@@ -172,6 +177,7 @@ class SeqServeClient:
             ],
         )
         self.sessions = pb_grpc.SessionServiceStub(self.channel)
+        self.mux = FeedMux(self.sessions) if multiplex else None
         self.registry = reg_grpc.ModelRegistryStub(self.channel)
 
     async def __aenter__(self) -> SeqServeClient:
@@ -181,6 +187,8 @@ class SeqServeClient:
         await self.close()
 
     async def close(self) -> None:
+        if self.mux is not None:
+            await self.mux.close()
         await self.channel.close()
 
     async def create_session(
@@ -241,6 +249,18 @@ class ClientSession:
         across retries (see the module docstring)."""
         if self.position is None:
             await self.refresh()
+        mux = self.client.mux
+        if mux is not None:  # with the other feeds of this tick, in one Stream message
+            item = pb.StreamItem(
+                session_id=self.session_id,
+                request_id=new_request_id(),
+                input=make_input(text, tokens, frames),
+                options=types.PredictionOptions(top_k=top_k),
+                expected_position=self.position,
+            )
+            reply = await self.client.retry.run(lambda: mux.feed(item))
+            self.position = reply.position
+            return prediction_from_pb(reply.prediction)
         request = pb.StepRequest(
             session_id=self.session_id,
             request_id=new_request_id(),

@@ -1,0 +1,135 @@
+"""Coalescing feeds: the feeds an app issues concurrently on one client go to the server as
+Stream messages, one per routing key per event-loop tick, instead of one Step call each.
+
+An app that awaits 64 `session.feed()` calls at once sends one message with 64 items: the
+server steps them as one batch and answers in one message, which is what makes multiplexed
+frames several times faster than one call per token. Each feed still gets its own result or its
+own error (the same `grpc.aio.AioRpcError` a Step would raise, details included), and is retried
+like a Step: same request id, same expected position, so it applies once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.sessions.session import ROUTE_HEADER, route_of
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class FeedMux:
+    def __init__(self, stub: pb_grpc.SessionServiceStub) -> None:
+        self._stub = stub
+        self._queued: dict[str, list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]] = {}
+        self._flush_scheduled = False
+        self._streams: dict[str, _Stream] = {}
+
+    async def feed(self, item: pb.StreamItem) -> pb.StreamReply:
+        """Send `item` with the other feeds of this tick; its reply, or its error raised."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[pb.StreamReply] = loop.create_future()
+        self._queued.setdefault(route_of(item.session_id), []).append((item, done))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queued, self._queued = self._queued, {}
+        for route, entries in queued.items():
+            stream = self._streams.get(route)
+            if stream is None or stream.closed:
+                stream = self._streams[route] = _Stream(self._stub, route)
+            stream.send(entries)
+
+    async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
+
+
+class _Stream:
+    """One Stream call for one routing key: a writer sending each tick's items as one message,
+    a reader handing each reply to the feed that waits for it."""
+
+    def __init__(self, stub: pb_grpc.SessionServiceStub, route: str) -> None:
+        self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+        self._waiting: dict[str, asyncio.Future[pb.StreamReply]] = {}
+        self.closed = False
+        self._call = stub.Stream(self._requests(), metadata=((ROUTE_HEADER, route),))
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def send(self, entries: list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]) -> None:
+        for item, done in entries:
+            self._waiting[item.request_id] = done
+        self._outbox.put_nowait(pb.StreamRequest(items=[item for item, _ in entries]))
+
+    async def _requests(self) -> AsyncIterator[pb.StreamRequest]:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        failure: BaseException | None = None
+        try:
+            async for response in self._call:
+                for reply in response.replies:
+                    done = self._waiting.pop(reply.request_id, None)
+                    if done is None or done.done():
+                        continue
+                    if reply.HasField("error"):
+                        done.set_exception(_error(reply.error))
+                    else:
+                        done.set_result(reply)
+        except grpc.aio.AioRpcError as exc:
+            failure = _broken(exc)
+        except asyncio.CancelledError:
+            failure = _unavailable("the stream was closed")
+            raise
+        finally:
+            self.closed = True
+            failure = failure or _unavailable("the stream ended before its reply")
+            for done in self._waiting.values():
+                if not done.done():
+                    done.set_exception(failure)  # UNAVAILABLE and the like: feeds retry
+            self._waiting.clear()
+
+    async def close(self) -> None:
+        self.closed = True
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await self._reader
+
+
+def _error(status) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
+    """A Stream item's in-band error as the AioRpcError a Step call would have raised."""
+    trailing = grpc.aio.Metadata()
+    if status.details:
+        trailing.add("grpc-status-details-bin", status.SerializeToString())
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=status.message)
+
+
+def _broken(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The stream's own failure, for the feeds it carried. A transport break (the server or a
+    proxy reset it, or a write failed: INTERNAL or UNKNOWN from the call itself) says nothing
+    about the feeds: they are told UNAVAILABLE and retried, within the client's retry deadline
+    (exactly once: request ids, expected positions). Anything else (UNAUTHENTICATED, ...) is
+    theirs as it is."""
+    if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        return _unavailable(f"the stream broke ({exc.details()}); retry")
+    return exc
+
+
+def _unavailable(why: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why
+    )
