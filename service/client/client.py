@@ -29,57 +29,21 @@ import asyncio
 import random
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
 from service.client.multiplex import FeedMux
+from service.client.retry import RetryPolicy, new_request_id, retryable
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
 from service.sessions.session import ROUTE_HEADER, route_of
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How long to keep retrying a request the server could not take (see `retryable`)."""
-
-    deadline_seconds: float = 30.0  # give up (re-raise) after this long
-    first_backoff_seconds: float = 0.05
-    max_backoff_seconds: float = 1.0
-
-    async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        deadline = time.monotonic() + self.deadline_seconds
-        backoff = self.first_backoff_seconds
-        while True:
-            try:
-                return await attempt()
-            except grpc.aio.AioRpcError as err:
-                if not retryable(err) or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self.max_backoff_seconds)
-
-
-def retryable(err: grpc.aio.AioRpcError) -> bool:
-    """UNAVAILABLE (restarting, draining, the state tier or disk refusing writes, the session
-    moving between replicas), and CANCELLED when this client did not cancel (a call caught by a
-    server's shutdown arrives so; a call this client cancels raises asyncio.CancelledError
-    instead). Both are safe to resend: the request id and expected position make it apply once."""
-    return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -359,3 +323,6 @@ def _duration(seconds: float) -> Duration:
     d = Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
+
+
+__all__ = ["ClientSession", "RetryPolicy", "SeqServeClient", "new_request_id", "retryable"]

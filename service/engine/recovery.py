@@ -19,7 +19,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from service.engine.replay import PendingReplays, lose, replay_of
+from service.engine.replay import PendingReplays, lose
+from service.engine.replay_plan import replay_of
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency, session_from

@@ -19,24 +19,18 @@ import asyncio
 import contextvars
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from service.engine.feed import FeedOutcome
-from service.engine.generation import rebuilt_log
+from service.engine.replay_plan import Replay
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError, SessionLost, SessionMoved, Unavailable
-from service.models import ByteTokenizer
 from service.runtime.chunk_replay import ReplayRow, replay_rows
-from service.runtime.sampler import SamplingParams
 from service.runtime.state_pool import SlotSnapshot
 from service.runtime.step_batch import RowResult
-from service.sessions import journal_record as jr
-from service.sessions.session import AppliedRequest, Session
+from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -44,99 +38,6 @@ log = logging.getLogger(__name__)
 _BATCH_SESSIONS = 256  # sessions replayed per background batch
 _WRITES_PER_TURN = 32  # checkpoints written before the event loop gets a turn
 _RETRY_SECONDS = 1.0  # after a background batch failed (the disk refused a checkpoint)
-
-
-@dataclass
-class Replay:
-    """What to replay for one session: its inputs after its base, the last request (rebuilt
-    for exactly-once retries) split off when it was a feed."""
-
-    kind: str
-    dim: int
-    base: int = 0  # the position of the base state
-    end: int = 0  # the position after the last record
-    parts: list[bytes] = field(default_factory=list)
-    draws: int = 0
-    problem: str | None = None
-    # The last request after the base: ("feed", id, position, top_k, per_position, part index)
-    # or ("generate", id, position, sampling, [tokens], first token's position); None when the
-    # last one had no id; absent (the checkpoint's stands) when there were no records.
-    last: tuple[Any, ...] | None = None
-    seen_request: bool = False
-
-    @property
-    def empty(self) -> bool:
-        return not self.parts
-
-    def array(self, parts: list[bytes]) -> np.ndarray | None:
-        """The inputs of `parts`: [T] int64 tokens or [T, D] float32 frames."""
-        if not parts:
-            return None
-        if self.kind == "tokens":
-            return np.frombuffer(b"".join(parts), dtype="<i4").astype(np.int64)
-        return np.frombuffer(b"".join(parts), dtype="<f4").reshape(-1, self.dim).copy()
-
-    def split(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(the inputs before the last request, the last request's) when it was a feed."""
-        if self.last is not None and self.last[0] == "feed":
-            at = self.last[5]
-            return self.array(self.parts[:at]), self.array(self.parts[at:])
-        return self.array(self.parts), None
-
-    def applied(
-        self, session: Session, result: RowResult | None, tokenizer: ByteTokenizer | None
-    ) -> AppliedRequest | None:
-        if not self.seen_request:  # no records after the checkpoint: its own stands
-            return session.last_request
-        if self.last is None:
-            return None
-        if self.last[0] == "feed":
-            assert result is not None and result.prediction is not None
-            outcome = FeedOutcome(
-                session, session.position, result.prediction, result.per_position, tokenizer
-            )
-            return AppliedRequest(self.last[1], self.last[2], outcome)
-        _, request_id, position, sampling, tokens, first = self.last
-        if tokenizer is None:
-            return None
-        params = SamplingParams.from_dict(sampling)
-        return AppliedRequest(request_id, position, rebuilt_log(params, tokenizer, tokens, first))
-
-
-def replay_of(records: list[jr.JournalRecord], base: int, kind: str, dim: int) -> Replay:
-    """A session's records after `base`, checked for gaps (records were lost)."""
-    replay = Replay(kind, dim, base=base, end=base)
-    position = base
-    for rec in records:
-        if rec.kind == jr.GEN_START:
-            if rec.position >= base:
-                replay.seen_request = True
-                replay.last = ("generate", rec.request_id, rec.position, rec.meta or {}, [], None)
-            continue
-        n = rec.n // dim if rec.kind == jr.FRAMES else rec.n
-        if rec.position + n <= base:
-            continue  # already in the checkpoint
-        if rec.position != position:
-            replay.problem = f"its journal has a gap at position {position} (records were lost)"
-            return replay
-        replay.seen_request = True
-        last = replay.last
-        generating = last is not None and last[0] == "generate" and last[1] == rec.request_id
-        if rec.kind == jr.GENERATED:
-            if generating and last is not None:
-                last[4].append(int(np.frombuffer(rec.data, dtype="<i4")[0]))
-                if last[5] is None:
-                    replay.last = (*last[:5], rec.position + 1)
-            else:
-                replay.last = None
-        elif not (generating and last is not None and not last[4]):  # not a generation's prompt
-            feed = ("feed", rec.request_id, rec.position, rec.top_k, rec.per_position)
-            replay.last = (*feed, len(replay.parts)) if rec.request_id else None
-        replay.parts.append(rec.data)
-        position += n
-        replay.draws += rec.draws
-    replay.end = position
-    return replay
 
 
 @dataclass

@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
+from service.engine.background import Background, every
 from service.engine.durability import Durability
+from service.engine.engine_stats import EngineStats, VersionStats
 from service.engine.feed import Feed, FeedOutcome, PredictionOptions
 from service.engine.generation import GeneratedToken
 from service.engine.model_input import ModelInput
@@ -48,37 +48,6 @@ from service.sessions.state_tier import Checkpoints
 __all__ = ["Feed", "FeedOutcome", "Line", "ModelInput", "PredictionOptions", "SessionEngine"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VersionStats:
-    model: str
-    version: int
-    queue_depth: int  # rows waiting for a step
-    state_bytes: int  # bytes of its pool's slots in use
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for the metrics gauges."""
-
-    sessions_in_memory: int
-    sessions_spilled: int
-    sessions_replaying: int  # recovered, their journaled steps still to be replayed
-    spilled_bytes: int  # on disk in the spill tier
-    pool_capacity_bytes: int  # the byte budget shared by the pools
-    journal_write_failures: int = 0  # steps refused because the journal could not be written
-    end_records_lost: int = 0  # session ends the journal could not record
-    versions: list[VersionStats] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Background:
-    """How often the engine's background loops run (0: never)."""
-
-    sweep_seconds: float
-    poll_seconds: float
-    write_timeout: float = 30.0  # shutdown: the most time writing sessions may take
 
 
 class SessionEngine:
@@ -151,10 +120,10 @@ class SessionEngine:
                 resumed, self.spill.directory, len(broken),
             )  # fmt: skip
         loop = asyncio.get_running_loop()
-        sweep = _every(self._background.sweep_seconds, self.sweep_expired)
+        sweep = every(self._background.sweep_seconds, self.sweep_expired)
         self._loops.append(loop.create_task(sweep, name="ttl-sweeper"))
         if self._background.poll_seconds > 0:
-            poll = _every(self._background.poll_seconds, self.watcher.poll)
+            poll = every(self._background.poll_seconds, self.watcher.poll)
             self._loops.append(loop.create_task(poll, name="registry-poller"))
 
     def begin_draining(self) -> None:
@@ -367,12 +336,4 @@ class SessionEngine:
             raise Unavailable("server is draining; retry on another replica")
 
 
-async def _every(seconds: float, work: Callable[[], Awaitable[Any]]) -> None:
-    """Run `work` every `seconds` until cancelled; a failure is logged and the loop goes on
-    (one bad session must not stop expiry, nor a store caught mid-edit the poller)."""
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await work()
-        except Exception:
-            log.exception("background %s failed", getattr(work, "__name__", "task"))
+__all__ = ["Background", "EngineStats", "SessionEngine", "VersionStats"]

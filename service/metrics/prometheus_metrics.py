@@ -28,38 +28,19 @@ from prometheus_client import (
 )
 
 from service.metrics.batch_histogram import BatchHistogram, HistogramSeries
+from service.metrics.bounds import (
+    BATCH_ROWS_BUCKETS,
+    GRPC_CODES,
+    LATENCY_BUCKETS,
+    MODEL_LOAD_BUCKETS,
+    PHASES,
+    SESSION_EVENTS,
+    SESSION_TIERS,
+    TIERS,
+    check_tier,
+)
 from service.metrics.http_endpoint import MetricsEndpoint
 from service.metrics.stats import StepStats
-
-# 50 µs (a batched step at small batch) … 10 s (a long prompt under load).
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.00005, 0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-# Loading and verifying weights: milliseconds for the bundled models, minutes at worst.
-MODEL_LOAD_BUCKETS: tuple[float, ...] = (
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-)  # fmt: skip
-# Rows per batched step: powers of two up past any sane `max_batch_size`.
-BATCH_ROWS_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))  # 1 … 4096
-
-SESSION_EVENTS = (
-    "created", "closed", "expired", "evicted", "restored", "forked", "taken_over", "moved",
-)  # fmt: skip
-TIERS = ("memory", "spilled")
-# Sessions also count by "replaying": recovered, their journaled steps not yet replayed.
-SESSION_TIERS = (*TIERS, "replaying")
-PHASES = ("gather", "forward", "scatter", "sample")
-# google.rpc.Code names: the `code` label may only take these, which keeps it bounded.
-GRPC_CODES = frozenset(
-    (
-        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-        "UNAUTHENTICATED",
-    )
-)  # fmt: skip
 
 _MV = ("model", "version")
 
@@ -258,10 +239,10 @@ class Metrics:
         self._takeover.labels(model, version).observe(seconds)
 
     def set_sessions(self, tier: str, count: int) -> None:
-        self._sessions.labels(_check_tier(tier, SESSION_TIERS)).set(count)
+        self._sessions.labels(check_tier(tier, SESSION_TIERS)).set(count)
 
     def set_state_bytes(self, tier: str, nbytes: int) -> None:
-        self._state_bytes.labels(_check_tier(tier)).set(nbytes)
+        self._state_bytes.labels(check_tier(tier)).set(nbytes)
 
     def set_state_write_failures(self, kind: str, total: int) -> None:
         """Bring the counter up to `total` failed writes of `kind` (the engine counts them)."""
@@ -363,9 +344,3 @@ class Metrics:
                     queue_depth=self._queue_depth.labels(model, version),
                 )
         return series
-
-
-def _check_tier(tier: str, tiers: tuple[str, ...] = TIERS) -> str:
-    if tier not in tiers:
-        raise ValueError(f"unknown tier {tier!r}; expected one of {tiers}")
-    return tier

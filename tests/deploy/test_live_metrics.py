@@ -10,7 +10,7 @@ from collections import Counter
 
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
-from service.metrics.prometheus_metrics import PHASES, SESSION_EVENTS
+from service.metrics.bounds import PHASES, SESSION_EVENTS
 from service.sessions.session import SESSION_ID_PATTERN
 
 from .exposition import Exposition, fetch

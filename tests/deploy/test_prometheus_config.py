@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from service.metrics.prometheus_metrics import GRPC_CODES
+from service.metrics.bounds import GRPC_CODES
 
 from .conftest import DEPLOY_DIR, StartPrometheus
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service.metrics import Metrics, StepStats
-from service.metrics.prometheus_metrics import (
+from service.metrics.bounds import (
     LATENCY_BUCKETS,
     PHASES,
     SESSION_EVENTS,
