@@ -320,7 +320,7 @@ class SessionEngine:
         """Sample up to `max_tokens`, one token per step (see `SessionFeeder.generate`)."""
         self._check_open()
         await self.takeover.ensure(session_id, expected_position)
-        if self.quotas.tokens_per_second > 0:  # its prompt, and the most it may generate
+        if self.quotas.charging:  # its prompt, and the most it may generate
             params = sampling or self.sessions.get(session_id).default_sampling
             prompt_size = prompt.size() if prompt is not None else 0
             await self.quotas.charge(prompt_size + params.max_tokens)

@@ -69,6 +69,11 @@ class Quotas:
 
     # ---- tokens per second -----------------------------------------------------------------
 
+    @property
+    def charging(self) -> bool:
+        """Whether this call is charged at all (a principal calls, and there is a rate)."""
+        return self.tokens_per_second > 0 and caller() is not None
+
     async def charge(self, tokens: int) -> None:
         """Take `tokens` from the caller's bucket (refilled at `tokens_per_second`, holding at
         most a second's worth), or refuse with the time until there are enough. A request
