@@ -23,6 +23,8 @@ class ServerSettings(BaseModel):
     """Prometheus metrics HTTP port; 0 picks a free one, -1 disables the endpoint."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics endpoint binds."""
+    http_port: int = 8080
+    """HTTP/JSON API and playground page port (on `host`); 0 picks a free one, -1 disables."""
     grace_seconds: float = 10.0
     """On SIGTERM/SIGINT: how long in-flight RPCs get to finish before they are cancelled."""
     gc_gen0_threshold: int = 50_000
