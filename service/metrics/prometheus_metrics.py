@@ -69,6 +69,9 @@ class Metrics:
     def __init__(self, *, process_collectors: bool = True) -> None:
         """`process_collectors`: also export the standard process_*, python_* series (CPU,
         RSS, GC) on this registry. Tests that compare whole expositions turn them off."""
+        # No `*_created` series: in the text format Prometheus stores each as one more plain
+        # series per counter / histogram child, and nothing here reads them. Process-wide.
+        prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         if process_collectors:

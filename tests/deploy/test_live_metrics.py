@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import subprocess
 from collections import Counter
 
 from service.api.server import SeqServeServer
@@ -159,3 +160,24 @@ def _assert_gauges(during: Exposition, after: Exposition, live_sessions: int) ->
     assert during.total("seqserve_queue_depth", **V) == 0  # between requests: nothing queued
     assert after.total("seqserve_sessions", tier="memory") == 0
     assert after.total("seqserve_state_bytes", tier="memory") == 0
+
+
+async def test_live_exposition_has_no_created_series(
+    live_server: SeqServeServer, live_client: SeqServeClient, promtool: str
+) -> None:
+    traffic = Traffic(live_client, sessions=2, max_tokens=3)
+    opened = await traffic.open()
+    await traffic.drive(opened)
+    await traffic.close(opened)
+    body = await asyncio.to_thread(fetch, live_server.metrics_port)
+    exp = Exposition.parse(body)
+
+    # Counters and histograms that moved are there; none of them has a *_created twin.
+    assert exp.total("seqserve_tokens_in_total", **V) > 0
+    assert exp.total("seqserve_rpc_duration_seconds_count") > 0
+    assert [s.name for s in exp.samples if s.name.endswith("_created")] == []
+    assert b"_created" not in body
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result
