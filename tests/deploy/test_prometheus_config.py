@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from service.metrics.bounds import GRPC_CODES
 
 from .conftest import DEPLOY_DIR, StartPrometheus
@@ -148,3 +150,48 @@ def test_error_ratio_unit_test_rejects_counting_client_errors(
 
     assert result.returncode != 0
     assert "alertname: SeqserveHighErrorRatio" in result.stdout + result.stderr
+
+
+RUNBOOK_BASE = "https://github.com/seqserve/seqserve/blob/main/README.md#"
+README = DEPLOY_DIR.parent / "README.md"
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces → '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _readme_anchors() -> dict[str, str]:
+    """anchor → heading text, for every heading outside code blocks."""
+    anchors: dict[str, str] = {}
+    in_code = False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and (m := re.match(r"#{1,6}\s+(.+?)\s*$", line)):
+            anchors.setdefault(github_anchor(m.group(1)), m.group(1))
+    return anchors
+
+
+def test_every_alert_links_its_runbook_section_in_the_readme() -> None:
+    rules = [
+        rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    anchors = _readme_anchors()
+    assert {r["alert"] for r in rules} == EXPECTED_ALERTS
+    assert "runbook" in anchors, "README.md has no Runbook section"
+    for rule in rules:
+        url = rule["annotations"].get("runbook_url", "")
+        assert url.startswith(RUNBOOK_BASE), f"{rule['alert']}: runbook_url {url!r}"
+        anchor = url.removeprefix(RUNBOOK_BASE)
+        assert anchors.get(anchor) == rule["alert"], f"{rule['alert']}: no README heading #{anchor}"
+
+
+def test_github_anchor_matches_githubs_rules() -> None:
+    assert github_anchor("SeqserveHighErrorRatio") == "seqservehigherrorratio"
+    assert github_anchor("### `seqserve loadtest`".lstrip("# ")) == "seqserve-loadtest"
+    assert github_anchor("Sessions: how they live, expire") == "sessions-how-they-live-expire"
