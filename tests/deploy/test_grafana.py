@@ -1,5 +1,5 @@
 """deploy/grafana: valid dashboard JSON whose queries name only series `Metrics` exposes,
-parse as PromQL in a real Prometheus, and use the provisioned datasource."""
+parse as PromQL in a real Prometheus, and take their datasource from a variable."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import pytest
+import yaml
 
 from .conftest import DEPLOY_DIR, StartPrometheus
 
@@ -97,16 +98,46 @@ def test_required_panels_present(dashboard: dict[str, Any]) -> None:
         assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs, title
 
 
-def test_panels_use_the_provisioned_datasource(dashboard: dict[str, Any]) -> None:
-    uid = re.search(r"^\s*uid:\s*(\S+)\s*$", DATASOURCES.read_text(), flags=re.MULTILINE)
-    assert uid is not None
-    assert re.search(r"url:\s*http://prometheus:9090\s*$", DATASOURCES.read_text(), re.MULTILINE)
+DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _datasource_refs(node: Any) -> list[Any]:
+    """Every `datasource` value anywhere in the dashboard (panels, targets, variables)."""
+    if isinstance(node, dict):
+        found = [node["datasource"]] if "datasource" in node else []
+        return found + [ref for value in node.values() for ref in _datasource_refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _datasource_refs(value)]
+    return []
+
+
+def test_datasource_is_a_variable_so_the_dashboard_imports_anywhere(
+    dashboard: dict[str, Any],
+) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    assert not ds.get("current"), "no data source pinned: Grafana picks its default Prometheus"
+    # The variable comes first: the other variables' queries run on it.
+    assert dashboard["templating"]["list"][0]["name"] == "datasource"
+    refs = _datasource_refs(dashboard)
+    assert len(refs) > 20
+    assert all(ref == DATASOURCE_REF for ref in refs), [r for r in refs if r != DATASOURCE_REF]
+    assert '"uid": "prometheus"' not in DASHBOARD.read_text()
     for panel in _panels(dashboard):
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": uid.group(1)}, panel["title"]
+        assert panel["datasource"] == DATASOURCE_REF, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == uid.group(1), panel["title"]
+            assert target["datasource"] == DATASOURCE_REF, panel["title"]
+
+
+def test_provisioned_datasource_is_the_default_prometheus() -> None:
+    # With nothing chosen, ${datasource} resolves to Grafana's default data source of its
+    # type: in the compose stack that is the provisioned Prometheus.
+    (source,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"] is True
+    assert source["url"] == "http://prometheus:9090"
 
 
 def test_provider_loads_from_a_folder() -> None:
