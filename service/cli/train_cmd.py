@@ -6,7 +6,12 @@ below. The manifest records the data set, steps, seed, final loss, the validatio
 to a trivial baseline's, and `command`: the full command line, every training flag spelled out,
 so the run can be repeated even if defaults change.
 
-Exit codes: 0 published; 1 the data or store refused; 2 a bad argument.
+Every run compares its validation figures with the baseline's. A model that does not beat the
+baseline (too few steps, too high a learning rate) is published with a warning on stderr; with
+`--require-baseline` it is not published at all.
+
+Exit codes: 0 published; 1 the data or store refused; 2 a bad argument; 3 not published
+because `--require-baseline` was given and validation did not beat the baseline.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from service.registry.store import ModelStore
 from service.settings import Settings
 from service.training.series_task import train_series
 from service.training.text_task import train_text
-from service.training.trainer import TrainOptions, TrainResult
+from service.training.trainer import (
+    BaselineShortfall,
+    TrainOptions,
+    TrainResult,
+    baseline_shortfalls,
+)
+
+EXIT_WORSE_THAN_BASELINE = 3
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--alias", help="also point this alias (e.g. production) at the new version")
     p.add_argument(
+        "--require-baseline",
+        action="store_true",
+        help="publish only if every validation figure beats the trivial baseline's "
+        "(otherwise exit 3 and write nothing; without it: publish with a warning)",
+    )
+    p.add_argument(
         "--store",
         type=Path,
         default=None,
@@ -174,6 +192,10 @@ def run_train(args: argparse.Namespace) -> int:
             result = train_text(options, progress=progress, max_eval_bytes=resolved.eval_bytes)
         else:
             result = train_series(options, progress=progress)
+        shortfalls = baseline_shortfalls(result)
+        _warn(shortfalls, refused=args.require_baseline)
+        if shortfalls and args.require_baseline:
+            return EXIT_WORSE_THAN_BASELINE
         training = Training(
             data=result.data,
             steps=options.steps,
@@ -203,6 +225,21 @@ def run_train(args: argparse.Namespace) -> int:
     if resolved.alias:
         print(f"  alias {resolved.alias} → {manifest.version}")
     return 0
+
+
+def _warn(shortfalls: list[BaselineShortfall], *, refused: bool) -> None:
+    if not shortfalls:
+        return
+    figures = ", ".join(
+        f"{s.metric} {s.value:.4f} vs baseline {s.baseline:.4f}" for s in shortfalls
+    )
+    print(
+        f"warning: validation is no better than the trivial baseline ({figures}; lower is "
+        "better): train longer (--steps) or check the learning rate",
+        file=sys.stderr,
+    )
+    if refused:
+        print("error: --require-baseline: not published; the store is unchanged", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:

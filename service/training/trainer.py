@@ -54,6 +54,25 @@ class TrainResult:
     baselines: dict[str, float]  # the trivial baseline's figures, same keys
 
 
+@dataclass(frozen=True)
+class BaselineShortfall:
+    """A validation figure that did not beat the trivial baseline's."""
+
+    metric: str
+    value: float
+    baseline: float
+
+
+def baseline_shortfalls(result: TrainResult) -> list[BaselineShortfall]:
+    """Every validation figure no better than its baseline's. All of them are errors (bits per
+    byte, MAE, RMSE): lower is better, so a tie is a shortfall too (nothing was learned)."""
+    return [
+        BaselineShortfall(metric, value, result.baselines[metric])
+        for metric, value in sorted(result.validation.items())
+        if metric in result.baselines and not value < result.baselines[metric]
+    ]
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed torch and Python's `random`; return the NumPy generator the task draws data from."""
     torch.manual_seed(seed)

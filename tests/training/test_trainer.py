@@ -10,6 +10,9 @@ import torch
 from service.models import ModelConfig, SequenceModel
 from service.training.trainer import (
     FINAL_LR_FRACTION,
+    BaselineShortfall,
+    TrainResult,
+    baseline_shortfalls,
     export_state_dict,
     learning_rate,
     run_steps,
@@ -61,3 +64,23 @@ def test_seed_everything_repeats_weights_and_data_draws() -> None:
     assert draws[0] == draws[1] != draws[2]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not torch.equal(weights[0]["head.weight"], weights[2]["head.weight"])
+
+
+def _result(validation: dict[str, float], baselines: dict[str, float]) -> TrainResult:
+    config = ModelConfig(
+        cell="gru", num_layers=1, hidden_size=2, input_kind="features", input_dim=1,
+        embed_dim=1, head_kind="regression", output_dim=1,
+    )  # fmt: skip
+    return TrainResult(config, {}, "d", "data", 0.0, validation, baselines)
+
+
+def test_baseline_shortfalls_lists_every_figure_not_below_its_baseline() -> None:
+    better = _result({"mae": 0.5, "rmse": 0.7}, {"mae": 1.0, "rmse": 1.2})
+    mixed = _result({"mae": 0.5, "rmse": 1.2, "extra": 9.0}, {"mae": 1.0, "rmse": 1.2})
+    diverged = _result({"bits_per_byte": float("nan")}, {"bits_per_byte": 4.7})
+
+    assert baseline_shortfalls(better) == []
+    # A tie learned nothing; a figure with no baseline is not compared.
+    assert baseline_shortfalls(mixed) == [BaselineShortfall("rmse", 1.2, 1.2)]
+    (nan,) = baseline_shortfalls(diverged)
+    assert nan.metric == "bits_per_byte" and nan.baseline == 4.7
