@@ -1,40 +1,69 @@
 """The one Settings object. Built once at start-up (from `SEQSERVE_*` env vars and CLI flags)
-and passed down; no other module reads the environment."""
+and passed down; no other module reads the environment.
+
+Every field is validated (ranges, choices) with its docstring as its description; the command
+line's flags are generated from these fields (`service/cli/settings_flags.py`), and a field's
+short flag names, if any, are declared here with `flag(...)`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Short command-line names of a setting, besides its generated `--section.name` flag."""
+
+    names: tuple[str, ...]
+
+
+def flag(*names: str) -> Flag:
+    return Flag(names)
+
+
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0 picks a free one
+OptionalPort = Annotated[int, Field(ge=-1, le=65535)]  # -1 disables
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+Address = Annotated[str, Field(min_length=1)]
+# Sub-models: docstrings are descriptions; an unknown key (config file, env) is an error.
+_SECTION = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
 
 class ServerSettings(BaseModel):
     """Network and process settings (`SEQSERVE_SERVER__*`)."""
 
-    host: str = "127.0.0.1"
+    model_config = _SECTION
+
+    host: Annotated[Address, flag("--host")] = "127.0.0.1"
     """Address the gRPC server binds. Use 0.0.0.0 inside a container."""
-    port: int = 50051
+    port: Annotated[Port, flag("--port")] = 50051
     """gRPC port; 0 picks a free one (tests)."""
-    metrics_port: int = 9464
+    metrics_port: Annotated[OptionalPort, flag("--metrics-port")] = 9464
     """Prometheus metrics HTTP port; 0 picks a free one, -1 disables the endpoint."""
-    metrics_host: str = "127.0.0.1"
+    metrics_host: Address = "127.0.0.1"
     """Address the metrics endpoint binds."""
-    http_port: int = 8080
+    http_port: Annotated[OptionalPort, flag("--http-port")] = 8080
     """HTTP/JSON API and playground page port (on `host`); 0 picks a free one, -1 disables."""
-    grace_seconds: float = 10.0
+    grace_seconds: Seconds = 10.0
     """On SIGTERM/SIGINT: how long in-flight RPCs get to finish before they are cancelled."""
-    gc_gen0_threshold: int = 50_000
+    gc_gen0_threshold: NonNegative = 50_000
     """Python GC tuning for `serve`: after start-up and each model load the heap is frozen
     (`gc.freeze`) and young collections run every this many allocations. 0 keeps Python's
     defaults, whose full collections stalled the event loop for ~150 ms under load."""
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: Positive = 4 * 1024 * 1024
     """Largest request message accepted (larger: INVALID_ARGUMENT; over twice this, gRPC's own
     RESOURCE_EXHAUSTED) and largest reply sent."""
-    worker: int = -1
+    worker: Annotated[int, Field(ge=-1)] = -1
     """Set by `serve --workers N` for its worker processes (0..N-1): the worker shares the port
     with its siblings (SO_REUSEPORT) under the supervisor's port lock. Not for setting by hand."""
 
@@ -42,51 +71,58 @@ class ServerSettings(BaseModel):
 class EngineSettings(BaseModel):
     """Step scheduling and model execution (`SEQSERVE_ENGINE__*`)."""
 
-    device: str = "cpu"
-    """torch device for model weights and session state: `cpu` or `cuda` (optional)."""
-    torch_threads: int = 1
+    model_config = _SECTION
+
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")] = "cpu"
+    """torch device for model weights and session state: `cpu`, `cuda` or `cuda:N` (refused at
+    start-up when this torch has no such device)."""
+    torch_threads: Positive = 1
     """torch intra-op threads. One is best for small recurrent steps on few cores."""
-    max_batch_size: int = 256
+    max_batch_size: Positive = 256
     """Most rows (sessions) in one batched step."""
-    max_chunk_tokens: int = 4096
+    max_chunk_tokens: Positive = 4096
     """Longest input chunk one request may carry (tokens or frames)."""
-    max_generate_tokens: int = 2048
+    max_generate_tokens: Positive = 2048
     """Largest `max_tokens` a generation may ask for."""
-    inline_max_rows: int = 1
+    inline_max_rows: NonNegative = 1
     """Batched steps of at most this many rows, each of one input, run on the event-loop thread
     instead of the runner thread: for a lone session the thread handoff costs more than it
     saves. Chunks always go to the runner thread. 0 = never."""
-    max_queue: int = 4096
+    max_queue: Positive = 4096
     """Pending steps per model version beyond which new work gets RESOURCE_EXHAUSTED."""
-    max_items_per_message: int = 1024
+    max_items_per_message: Positive = 1024
     """Most items one Stream message may carry."""
-    default_top_k: int = 5
+    default_top_k: Positive = 5
     """Top-k entries returned in a token prediction when the request does not say."""
 
 
 class SessionSettings(BaseModel):
     """Session lifecycle (`SEQSERVE_SESSIONS__*`)."""
 
-    ttl_seconds: float = 600.0
+    model_config = _SECTION
+
+    ttl_seconds: Annotated[PositiveSeconds, flag("--ttl")] = 600.0
     """Idle time after which a session expires, unless it asked for another TTL."""
-    max_ttl_seconds: float = 86400.0
+    max_ttl_seconds: PositiveSeconds = 86400.0
     """Largest TTL a client may ask for."""
-    max_sessions: int = 100_000
+    max_sessions: Annotated[Positive, flag("--max-sessions")] = 100_000
     """Cap on live sessions (memory and spilled)."""
-    pool_bytes: int = 256 * 1024 * 1024
+    pool_bytes: Annotated[Positive, flag("--pool-bytes")] = 256 * 1024 * 1024
     """Byte budget for in-memory state, per server, across model versions."""
-    pool_initial_slots: int = 64
+    pool_initial_slots: Positive = 64
     """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
-    spill_dir: Path = REPO_ROOT / "spill"
+    spill_dir: Annotated[Path, flag("--spill-dir")] = REPO_ROOT / "spill"
     """The state directory: checkpoints of evicted, idle and shut-down sessions, and the journal
     (`journal/`); a server started on it resumes the sessions it finds there, after a crash too.
     One server per directory (it is locked)."""
-    spill_max_bytes: int = 4 * 1024 * 1024 * 1024
+    spill_max_bytes: Annotated[Positive, flag("--spill-max-bytes")] = (
+        4 * 1024 * 1024 * 1024
+    )
     """Cap on the spill tier's size on disk; evicting past it gives RESOURCE_EXHAUSTED."""
-    slot_wait_seconds: float = 5.0
+    slot_wait_seconds: Seconds = 5.0
     """When the pool is full and every session in memory is busy, how long a request waits for
     one to go idle (and be evicted) before RESOURCE_EXHAUSTED. 0 refuses at once."""
-    sweep_interval_seconds: float = 1.0
+    sweep_interval_seconds: PositiveSeconds = 1.0
     """How often expired sessions are swept (and idle sessions checkpointed)."""
     durability: Literal["journal", "shutdown"] = "journal"
     """`journal`: every acknowledged step is in the journal (in `spill_dir`/journal) before its
@@ -96,50 +132,63 @@ class SessionSettings(BaseModel):
     """When journal writes are fsynced: after every batched step (survives power loss, costs a
     disk flush per step), every `fsync_interval_seconds` in the background, or never (the OS
     writes them back; a killed process loses nothing either way)."""
-    fsync_interval_seconds: float = 0.2
+    fsync_interval_seconds: PositiveSeconds = 0.2
     """The fsync period of the `interval` policy."""
-    checkpoint_steps: int = 256
+    checkpoint_steps: Positive = 256
     """A session is checkpointed (its state written, its journal records released) once this
     many of its steps are journaled: recovery replays at most this many steps per session."""
-    checkpoint_idle_seconds: float = 5.0
+    checkpoint_idle_seconds: Seconds = 5.0
     """A session idle this long with journaled steps is checkpointed, so idle sessions do not
     keep the journal from being trimmed."""
-    write_timeout_seconds: float = 30.0
+    write_timeout_seconds: Seconds = 30.0
     """At shutdown, the most time writing the sessions in memory may take, whatever the disk
     does; sessions not written by then keep their steps in the journal (`durability=journal`)
     or are lost (`shutdown`). Shutdown takes at most `grace_seconds` plus this."""
-    journal_segment_bytes: int = 64 * 1024 * 1024
+    journal_segment_bytes: Positive = 64 * 1024 * 1024
     """Journal segment size: segments no session needs any more are deleted whole."""
-    state_url: str = ""
+    state_url: Annotated[
+        str, Field(pattern=r"^((redis|rediss)://.+|sqlite:.+|)$"), flag("--state-url")
+    ] = ""
     """The shared state tier, `redis://HOST:PORT/DB` (or `rediss://`): every session's
     checkpoint, journal and holder live there, so any replica can take a session over. Empty:
     the local tier (`spill_dir`). Needs `durability=journal`; Redis must run with
     `appendonly yes` and `maxmemory-policy noeviction` (checked at start-up)."""
 
+    @model_validator(mode="after")
+    def _ttl_within_max(self) -> SessionSettings:
+        if self.ttl_seconds > self.max_ttl_seconds:
+            raise ValueError(
+                f"ttl_seconds ({self.ttl_seconds:g}) is over max_ttl_seconds "
+                f"({self.max_ttl_seconds:g})"
+            )
+        return self
+
 
 class SecuritySettings(BaseModel):
     """TLS, tokens and the start-up safety check (`SEQSERVE_SECURITY__*`)."""
 
-    auth_tokens: Path | None = None
+    model_config = _SECTION
+
+    auth_tokens: Annotated[Path | None, flag("--auth-tokens")] = None
     """A file of `<principal> <role> <sha256 hex>` lines (`seqserve auth add-token`); set,
     every call but health needs `authorization: Bearer <token>`. Re-read when it changes."""
-    tls_cert: Path | None = None
+    tls_cert: Annotated[Path | None, flag("--tls-cert")] = None
     """PEM certificate chain of the server; with `tls_key`, gRPC is served over TLS."""
-    tls_key: Path | None = None
+    tls_key: Annotated[Path | None, flag("--tls-key")] = None
     """PEM private key of `tls_cert`."""
-    tls_client_ca: Path | None = None
+    tls_client_ca: Annotated[Path | None, flag("--tls-client-ca")] = None
     """PEM CA bundle: clients must present a certificate it signed (mutual TLS); the
     certificate's subject common name is the principal (role `client`)."""
-    insecure: bool = False
+    insecure: Annotated[bool, flag("--insecure")] = False
     """Allow a non-loopback bind without TLS and tokens (a private network only)."""
     metrics_tls: bool = False
     """Serve the metrics endpoint over HTTPS with `tls_cert`/`tls_key` (and, with
     `tls_client_ca`, only to scrapers with a certificate that CA signed)."""
     reflection: bool = True
     """Serve gRPC reflection (it needs a token too when tokens are on)."""
-    sessions_per_principal: int = 1000
+    sessions_per_principal: NonNegative = 1000
     """Live sessions one principal may hold on this server (0: no cap; auth off: none)."""
-    tokens_per_second: float = 20_000.0
+    tokens_per_second: Annotated[float, Field(ge=0)] = 20_000.0
     """Input tokens per second one principal may feed (a token bucket, a second's burst; a
     generation counts its prompt and max_tokens when it starts). 0: no cap."""
 
@@ -152,15 +201,28 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="ignore",
         protected_namespaces=(),
+        use_attribute_docstrings=True,
     )
 
-    model_store: Path = REPO_ROOT / "model_store"
+    model_store: Annotated[Path, flag("--store")] = REPO_ROOT / "model_store"
     """Root of the versioned model store."""
-    registry_poll_seconds: float = 2.0
+    registry_poll_seconds: Seconds = 2.0
     """How often the store is re-read for new versions and alias changes (0 disables)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    """Logging level."""
+    """Logging level (any case)."""
     server: ServerSettings = Field(default_factory=ServerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def environment_values() -> dict[str, Any]:
+    """What the `SEQSERVE_*` environment variables say, nested like the model and not yet
+    validated (pydantic-settings' own parsing; a variable it cannot parse raises
+    `pydantic_settings.SettingsError`)."""
+    return EnvSettingsSource(Settings)()

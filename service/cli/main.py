@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 # Each module exposes `register(subparsers)`, which adds its subcommand and sets `func`
 # (called with the parsed args, returning an exit code).
@@ -16,14 +17,38 @@ COMMAND_MODULES = (
     "service.cli.train_cmd",
     "service.cli.loadtest_cmd",
     "service.cli.auth_cmd",
+    "service.cli.config_cmd",
 )
+# Command modules import only argparse-level things at the top (torch, grpc and the engine are
+# imported inside the command's function), so `--help` and `--version` stay fast.
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's help shows its flags' defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("seqserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="seqserve", description="Serve stateful LSTM and GRU sequence models over gRPC."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"seqserve {version()}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

@@ -1,0 +1,267 @@
+"""Builds the one `Settings` object from its sources and says where each value came from.
+
+Precedence, highest first: command-line flags > `SEQSERVE_*` environment variables > the TOML
+config file (`--config FILE`) > the defaults in `service/settings.py`. A bad value from any of
+them is an `InvalidSetting` whose message is one line naming the setting, its flags and its
+environment variable; the command line prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import SettingsError
+
+from service.settings import Flag, Settings, environment_values
+
+ENV_PREFIX = "SEQSERVE_"
+
+
+class InvalidSetting(ValueError):
+    """A setting that cannot be used; `str()` is the one-line message."""
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One setting: a field of `Settings` or of one of its sections."""
+
+    path: tuple[str, ...]  # ("sessions", "pool_bytes")
+    info: FieldInfo
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def flag(self) -> str:
+        """The generated flag: `--sessions.pool-bytes`, `--log-level`."""
+        return "--" + ".".join(p.replace("_", "-") for p in self.path)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return tuple(n for m in self.info.metadata if isinstance(m, Flag) for n in m.names)
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + "__".join(self.path).upper()
+
+    @property
+    def default(self) -> Any:
+        return self.info.get_default(call_default_factory=True)
+
+    @property
+    def is_bool(self) -> bool:
+        return self.info.annotation is bool
+
+    @property
+    def is_list(self) -> bool:
+        return typing.get_origin(self.info.annotation) is list
+
+    @property
+    def optional(self) -> bool:
+        return type(None) in typing.get_args(self.info.annotation)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if typing.get_origin(self.info.annotation) is typing.Literal:
+            return tuple(str(a) for a in typing.get_args(self.info.annotation))
+        return ()
+
+
+def _is_section(info: FieldInfo) -> bool:
+    ann = info.annotation
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def leaves(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
+    """Every setting, walking the model (sections recursively), in declaration order."""
+    for name, info in model.model_fields.items():
+        if _is_section(info):
+            assert isinstance(info.annotation, type)
+            yield from leaves(info.annotation, (*prefix, name))
+        else:
+            yield Leaf((*prefix, name), info)
+
+
+def leaf_by_path() -> dict[tuple[str, ...], Leaf]:
+    return {leaf.path: leaf for leaf in leaves()}
+
+
+@dataclass
+class Loaded:
+    settings: Settings
+    sources: dict[str, str]  # setting name -> "default" | "config file F" | "env V" | "flag"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file's values, nested like the model (`[server]`, `[engine]`, …)."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidSetting(f"config file {path}: no such file") from None
+    except OSError as exc:
+        raise InvalidSetting(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidSetting(f"config file {path}: not valid TOML: {exc}") from None
+    known = leaf_by_path()
+    sections = {p[0] for p in known if len(p) > 1}
+    for key, value in data.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise InvalidSetting(f"config file {path}: `{key}` must be a [{key}] table")
+            for sub in value:
+                if (key, sub) not in known:
+                    raise InvalidSetting(f"config file {path}: unknown setting {key}.{sub}")
+        elif (key,) not in known:
+            raise InvalidSetting(f"config file {path}: unknown setting {key}")
+    return data
+
+
+def _env_layer() -> dict[str, Any]:
+    try:
+        return environment_values()
+    except SettingsError as exc:  # e.g. SEQSERVE_SERVER='{not json'
+        raise InvalidSetting(f"invalid environment: {exc}") from None
+
+
+def _flat(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and not prefix:
+            out.update(_flat(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load(
+    flags: dict[tuple[str, ...], Any] | None = None, config_file: Path | None = None
+) -> Loaded:
+    """Settings from flags (setting path -> value as given), env, the config file and defaults."""
+    layers: list[tuple[str, dict[tuple[str, ...], Any]]] = []
+    if config_file is not None:
+        layers.append((f"config file {config_file}", _flat(read_config_file(config_file))))
+    env = _flat(_env_layer())
+    layers.append(("env", env))
+    layers.append(("flag", dict(flags or {})))
+    merged: dict[tuple[str, ...], Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    for source, values in layers:
+        for path, value in values.items():
+            merged[path] = value
+            sources[path] = source
+    for path, source in sources.items():
+        if source == "env":
+            sources[path] = "env " + ENV_PREFIX + "__".join(path).upper()
+    known = leaf_by_path()
+    try:
+        settings = Settings.model_validate(_nest(merged))
+    except ValidationError as exc:
+        raise InvalidSetting(describe(exc, sources)) from None
+    names = {leaf.path: leaf.name for leaf in known.values()}
+    return Loaded(settings, {names[p]: sources.get(p, "default") for p in known})
+
+
+def _what(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    for key, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if key in ctx and kind.startswith(("greater", "less")):
+            return f"must be {op} {ctx[key]}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be an integer"
+    if kind in ("float_parsing", "float_type"):
+        return "must be a number"
+    if kind in ("bool_parsing", "bool_type"):
+        return "must be true or false"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if value == "" or isinstance(value, dict) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe(exc: ValidationError, sources: dict[tuple[str, ...], str] | None = None) -> str:
+    """One line for a validation error: the first problem, naming the setting."""
+    errors = exc.errors()
+    err = errors[0]
+    path = tuple(str(p) for p in err["loc"])
+    leaf = leaf_by_path().get(path)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    source = (sources or {}).get(path)
+    origin = f" [from {source}]" if source else ""
+    if leaf is None:
+        name = ".".join(path) or "settings"
+        if err["type"] == "extra_forbidden":
+            return f"unknown setting {name}{origin}{more}"
+        return f"invalid settings {name}: {_what(err)}{origin}{more}"
+    names = ", ".join((*leaf.aliases, leaf.flag, leaf.env))
+    got = f", got {_shown(err['input'])}" if "input" in err else ""
+    return f"invalid setting {leaf.name} ({names}): {_what(err)}{got}{origin}{more}"
+
+
+def _fail(leaf: Leaf, why: str) -> InvalidSetting:
+    names = ", ".join((*leaf.aliases, leaf.flag, leaf.env))
+    return InvalidSetting(f"invalid setting {leaf.name} ({names}): {why}")
+
+
+def check_runnable(settings: Settings) -> None:
+    """What only the machine can tell: the paths that must exist do, the device is there.
+    Run by `serve` before anything starts (imports torch only for a non-CPU device)."""
+    known = leaf_by_path()
+    store = settings.model_store
+    if not store.is_dir():
+        raise _fail(
+            known[("model_store",)],
+            f"no model store at {store} (point --store or SEQSERVE_MODEL_STORE at one)",
+        )
+    spill = settings.sessions.spill_dir
+    if spill.exists() and not spill.is_dir():
+        raise _fail(known[("sessions", "spill_dir")], f"{spill} is not a directory")
+    sec = settings.security
+    for name in ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(sec, name)
+        if path is not None and not path.is_file():
+            raise _fail(known[("security", name)], f"no such file: {path}")
+    device = settings.engine.device
+    if device != "cpu":
+        import torch  # only here: a CPU server never pays for this check
+
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise _fail(
+                known[("engine", "device")],
+                f"{device} is not available: this torch ({torch.__version__}) has no CUDA "
+                "device; use cpu",
+            )
+        if index >= torch.cuda.device_count():
+            raise _fail(
+                known[("engine", "device")],
+                f"{device} is not available: {torch.cuda.device_count()} CUDA device(s)",
+            )
