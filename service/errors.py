@@ -18,19 +18,20 @@ def quote(text: str, limit: int = 100) -> str:
 
 
 class SeqServeError(Exception):
-    """Base class. `status` is the gRPC status code a client sees."""
+    """Base class. `status` is the gRPC status code a client sees; `reason` (a key of `REASONS`)
+    the `google.rpc.ErrorInfo` reason every failed call carries, one per row of the table."""
 
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    # A machine-readable reason and facts for a google.rpc.ErrorInfo detail on the status
-    # (clients read these, not the message text); None: no detail.
-    error_info: tuple[str, dict[str, str]] | None = None
-
+    reason: str = "INTERNAL"
     # Seconds after which a retry may succeed, for a google.rpc.RetryInfo detail (None: none).
     retry_after: float | None = None
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Facts for the ErrorInfo's metadata beside the reason (clients read these, not the
+        # message text).
+        self.metadata: dict[str, str] = {}
         if retry_after is not None:
             self.retry_after = retry_after
 
@@ -39,61 +40,78 @@ class InvalidArgument(SeqServeError):
     """Bad token id, wrong frame size, bad sampling params, empty or oversized input."""
 
     status = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
 
 
 class NotFound(SeqServeError):
     """Unknown session, model, version or alias (or an expired session)."""
 
     status = grpc.StatusCode.NOT_FOUND
+    reason = "SESSION_NOT_FOUND"
 
 
 class Aborted(SeqServeError):
     """Two concurrent requests on one session."""
 
     status = grpc.StatusCode.ABORTED
+    reason = "SESSION_BUSY"
 
 
 class FailedPrecondition(SeqServeError):
     """Session closed, version unloading or unusable, spilled record from another model."""
 
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "VERSION_UNAVAILABLE"
 
 
 class ResourceExhausted(SeqServeError):
     """Over the session, queue or memory limits with nothing evictable."""
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "MEMORY_EXHAUSTED"
 
 
 class Unavailable(SeqServeError):
     """Draining, or the model is not ready."""
 
     status = grpc.StatusCode.UNAVAILABLE
+    reason = "DRAINING"
 
 
 class DataLoss(SeqServeError):
     """Weights digest mismatch, corrupted spill record."""
 
     status = grpc.StatusCode.DATA_LOSS
+    reason = "SESSION_LOST"
 
 
 class Unauthenticated(SeqServeError):
     """No bearer token (or client certificate) where one is required, or one not known."""
 
     status = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(SeqServeError):
     """A principal whose role does not allow the call (a `client` on a registry write)."""
 
     status = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class NotReady(Unavailable):
+    """The server is still starting (recovering sessions, loading models): retry shortly."""
+
+    reason = "NOT_READY"
 
 
 class QuotaExceeded(ResourceExhausted):
     """A principal over its share: live sessions, or input tokens per second (RetryInfo)."""
 
+    reason = "QUOTA_EXCEEDED"
 
-class InsecureBind(Unavailable):
+
+class InsecureBind(NotReady):
     """A non-loopback address without TLS and tokens, and no `--insecure`: not started."""
 
 
@@ -110,13 +128,19 @@ class Internal(SeqServeError):
 class ModelNotFound(NotFound):
     """No model of that name in the store."""
 
+    reason = "MODEL_NOT_FOUND"
+
 
 class VersionNotFound(NotFound):
     """The model exists, but not that version (or it has no usable version at all)."""
 
+    reason = "VERSION_NOT_FOUND"
+
 
 class AliasNotFound(NotFound):
     """The model exists, but not that alias."""
+
+    reason = "ALIAS_NOT_FOUND"
 
 
 class VersionUnusable(FailedPrecondition):
@@ -129,6 +153,8 @@ class WeightsMismatch(FailedPrecondition):
 
 class DigestMismatch(DataLoss):
     """The weights file's sha256 differs from the one its manifest records."""
+
+    reason = "DIGEST_MISMATCH"
 
 
 class InvalidCheckpoint(InvalidArgument):
@@ -145,7 +171,9 @@ class PositionMismatch(FailedPrecondition):
     def __init__(self, message: str, position: int) -> None:
         super().__init__(message)
         self.position = position
-        self.error_info = ("POSITION_MISMATCH", {"position": str(position)})
+        self.metadata = {"position": str(position)}
+
+    reason = "POSITION_MISMATCH"
 
 
 class SessionNotFound(NotFound):
@@ -155,13 +183,23 @@ class SessionNotFound(NotFound):
 class SessionClosed(FailedPrecondition):
     """The session was closed; its id is remembered so a late request learns why."""
 
+    reason = "SESSION_CLOSED"
+
 
 class SessionExpired(NotFound):
     """The session was idle past its TTL and is gone."""
 
 
+class QueueFull(ResourceExhausted):
+    """A model version's step queue is full (`engine.max_queue`)."""
+
+    reason = "QUEUE_FULL"
+
+
 class SessionLimit(ResourceExhausted):
     """The cap on live sessions (in memory and spilled) is reached."""
+
+    reason = "SESSION_LIMIT"
 
 
 class PoolExhausted(ResourceExhausted):
@@ -172,11 +210,11 @@ class SpillTierFull(ResourceExhausted):
     """The spill tier is at its size cap (or its disk is full), so nothing can be evicted."""
 
 
-class SpillTierInUse(Unavailable):
+class SpillTierInUse(NotReady):
     """Another server process holds the spill directory's lock."""
 
 
-class SpillDirUnusable(Unavailable):
+class SpillDirUnusable(NotReady):
     """The spill directory cannot be created, locked or written (read-only, missing parent,
     no permission): the server does not start."""
 
@@ -185,10 +223,12 @@ class SessionMoved(Unavailable):
     """Another replica took the session over (its epoch moved on): this replica's write was
     refused and the step not applied; a retry reaches the holder or takes it back."""
 
+    reason = "SESSION_MOVED"
+
     session_ids: tuple[str, ...] = ()  # the sessions whose writes were refused
 
 
-class StateTierUnusable(Unavailable):
+class StateTierUnusable(NotReady):
     """The Redis state tier is unreachable or configured to lose sessions: the server does not
     start."""
 
@@ -196,6 +236,8 @@ class StateTierUnusable(Unavailable):
 class JournalUnavailable(Unavailable):
     """A step could not be made durable (the state directory is full, read-only or failing);
     it was not applied."""
+
+    reason = "NOT_DURABLE"
 
 
 class SessionLost(DataLoss):
@@ -219,7 +261,7 @@ class VersionGone(FailedPrecondition):
 # ---- the process ----------------------------------------------------------------------------
 
 
-class PortInUse(Unavailable):
+class PortInUse(NotReady):
     """The gRPC port is taken (another server listens on it): the server does not start."""
 
 
@@ -238,4 +280,33 @@ ERROR_TABLE: dict[type[SeqServeError], grpc.StatusCode] = {
         PermissionDenied,
         Internal,
     )
+}
+
+
+# ErrorInfo reasons (domain "seqserve.v1"), one per row of the table: several rows share a status.
+# Clients branch on these; `service.client.errors` has one exception class for each.
+REASONS: dict[str, grpc.StatusCode] = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,  # bad input, sampling, ids, sizes
+    "SESSION_NOT_FOUND": grpc.StatusCode.NOT_FOUND,  # unknown or expired session
+    "MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "VERSION_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "ALIAS_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "SESSION_BUSY": grpc.StatusCode.ABORTED,  # another request runs on the session
+    "SESSION_CLOSED": grpc.StatusCode.FAILED_PRECONDITION,
+    "VERSION_UNAVAILABLE": grpc.StatusCode.FAILED_PRECONDITION,  # unloading, refused, gone
+    "POSITION_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,  # metadata["position"]
+    "SESSION_LIMIT": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "QUEUE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "MEMORY_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,  # state pool or spill tier full
+    "QUOTA_EXCEEDED": grpc.StatusCode.RESOURCE_EXHAUSTED,  # with a RetryInfo detail
+    "DRAINING": grpc.StatusCode.UNAVAILABLE,
+    "NOT_READY": grpc.StatusCode.UNAVAILABLE,
+    "NOT_DURABLE": grpc.StatusCode.UNAVAILABLE,  # the step's journal record was not written
+    "SESSION_MOVED": grpc.StatusCode.UNAVAILABLE,  # another replica took the session over
+    "DIGEST_MISMATCH": grpc.StatusCode.DATA_LOSS,
+    "SESSION_LOST": grpc.StatusCode.DATA_LOSS,
+    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "UNIMPLEMENTED": grpc.StatusCode.UNIMPLEMENTED,  # a method this server does not have
+    "INTERNAL": grpc.StatusCode.INTERNAL,  # metadata["error_id"], as in the server log
 }

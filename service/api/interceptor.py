@@ -24,7 +24,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import InvalidArgument, SeqServeError, Unavailable
+from service.errors import InvalidArgument, NotReady, SeqServeError
 from service.security import principal
 from service.security.call_auth import CallAuth
 
@@ -103,7 +103,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def _check_ready(self, gated: bool) -> None:
         if gated and self._ready is not None and not self._ready():
-            raise Unavailable(NOT_READY_MESSAGE)
+            raise NotReady(NOT_READY_MESSAGE)
 
     @contextlib.asynccontextmanager
     async def _observed(
@@ -240,29 +240,45 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and message a client sees for `exc`. An INTERNAL one (a bug, or an `Internal`
-    raised on purpose) is logged with its traceback under a new error id, and the client gets
-    only the id to quote."""
-    if isinstance(exc, SeqServeError) and exc.status != grpc.StatusCode.INTERNAL:
-        return exc.status, exc.message
-    error_id = uuid.uuid4().hex[:12]
-    log.error("internal error (error id %s)", error_id, exc_info=exc)
-    what = exc.message if isinstance(exc, SeqServeError) else "internal error"
-    return grpc.StatusCode.INTERNAL, f"{what} (error id {error_id})"
+    """The status and message a client sees for `exc` (see `rich_status`)."""
+    status = rich_status(exc)
+    return _CODES[status.code], status.message
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def rich_status(exc: BaseException) -> status_pb2.Status:
-    """`status_of(exc)` as a google.rpc.Status, with an ErrorInfo detail when the error has
-    one (for Stream's in-band errors, and the status details of a failed call)."""
-    code, message = status_of(exc)
-    status = status_pb2.Status(code=code.value[0], message=message)
-    info = exc.error_info if isinstance(exc, SeqServeError) else None
-    if info is not None:
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.ErrorInfo(reason=info[0], domain=ERROR_DOMAIN, metadata=info[1])
+    """The google.rpc.Status a client sees for `exc` (a failed call's status details, or a
+    Stream item's in-band error). It always carries an ErrorInfo (domain `seqserve.v1`) whose
+    reason is the error's row of the table (`service.errors.REASONS`), and a RetryInfo when the
+    error says when to retry. An INTERNAL one (a bug, or an `Internal` raised on purpose) is
+    logged with its traceback under a new error id; the client gets only the id, in the message
+    and in the ErrorInfo's metadata["error_id"]."""
+    metadata: dict[str, str] = {}
+    if isinstance(exc, NotImplementedError):
+        code, message, reason = (
+            grpc.StatusCode.UNIMPLEMENTED,
+            "method not implemented",
+            "UNIMPLEMENTED",
         )
-        status.details.append(detail)
+    elif isinstance(exc, SeqServeError) and exc.status != grpc.StatusCode.INTERNAL:
+        code, message, reason = exc.status, exc.message, exc.reason
+        metadata.update(exc.metadata)
+    else:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("internal error (error id %s)", error_id, exc_info=exc)
+        what = exc.message if isinstance(exc, SeqServeError) else "internal error"
+        code, message, reason = (
+            grpc.StatusCode.INTERNAL,
+            f"{what} (error id {error_id})",
+            "INTERNAL",
+        )
+        metadata["error_id"] = error_id
+    status = status_pb2.Status(code=code.value[0], message=message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
+    status.details.append(detail)
     retry = exc.retry_after if isinstance(exc, SeqServeError) else None
     if retry is not None:
         delay = duration_pb2.Duration()
@@ -274,18 +290,13 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
 
 
 async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-    """Turn `exc` into the RPC's status. Aborting raises AbortError."""
+    """Turn `exc` into the RPC's status, with its details (`rich_status`) in the standard
+    `grpc-status-details-bin` trailer. Aborting raises AbortError."""
     if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
         return
-    if isinstance(exc, NotImplementedError):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
-    if isinstance(exc, SeqServeError) and (
-        exc.error_info is not None or exc.retry_after is not None
-    ):
-        status = rich_status(exc)
-        await context.abort(
-            exc.status,
-            status.message,
-            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-        )
-    await context.abort(*status_of(exc))
+    status = rich_status(exc)
+    await context.abort(
+        _CODES[status.code],
+        status.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )

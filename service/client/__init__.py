@@ -1,5 +1,32 @@
-"""The Python client a client app uses: open a session, feed it, read predictions, generate."""
+"""The Python client a client app uses: open a session, feed it, read predictions, generate.
 
-from service.client.client import ClientSession, SeqServeClient, TokenPrediction
+Importing it needs grpcio and protobuf only (no torch, numpy or the engine)."""
 
-__all__ = ["ClientSession", "SeqServeClient", "TokenPrediction"]
+from service.client.client import ClientSession, SeqServeClient
+from service.client.credentials import Credentials
+from service.client.errors import SeqServeError
+from service.client.results import (
+    GeneratedPiece,
+    ModelInfo,
+    Prediction,
+    SessionInfo,
+    TokenPrediction,
+    TopToken,
+    VersionInfo,
+)
+from service.client.retry import RetryPolicy
+
+__all__ = [
+    "ClientSession",
+    "Credentials",
+    "GeneratedPiece",
+    "ModelInfo",
+    "Prediction",
+    "RetryPolicy",
+    "SeqServeClient",
+    "SeqServeError",
+    "SessionInfo",
+    "TokenPrediction",
+    "TopToken",
+    "VersionInfo",
+]

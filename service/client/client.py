@@ -1,13 +1,17 @@
 """An asyncio client for seqserve.
 
-    async with SeqServeClient("127.0.0.1:50051") as client:
-        session = await client.create_session("bytes-lstm", seed=7)
-        first = await session.feed(text="def ")
-        async for piece in session.generate(max_tokens=40, temperature=0.8):
-            print(piece.text, end="")
-        await session.close()
+    async with SeqServeClient("127.0.0.1:50051", timeout=10) as client:
+        async with await client.create_session("bytes-lstm", seed=7) as session:
+            first = await session.feed(text="def ")
+            async for piece in session.generate(max_tokens=40, temperature=0.8):
+                print(piece.text, end="")
 
-Errors arrive as `grpc.aio.AioRpcError` carrying the server's status code and message.
+Results are plain dataclasses (`results.py`). Every failure is a
+`service.client.errors.SeqServeError`, one subclass per reason the server gives (`errors.py`);
+no bare `grpc.aio.AioRpcError` leaves a method here.
+
+Timeouts: `timeout=` on the client is every call's default, `timeout=` on a call overrides it;
+it bounds the whole call, retries included (`DeadlineExceededError` when it runs out).
 
 Exactly once across crashes: every feed, generation, creation and fork carries a request id,
 and feeds and generations the position the session is expected at. When the server is
@@ -16,6 +20,7 @@ the same request with the same id and position, within its `RetryPolicy`; the se
 it if it had not, or answers with the original reply if it had (a generation resends the
 tokens it applied and goes on; the client yields each token once). So an app that calls
 `session.feed(...)` across a server crash and restart sees each input applied exactly once.
+Reads are retried too; `close` is not (a second close would be refused).
 
 Routing: every call carries the session's routing key as `x-seqserve-route` metadata, so a
 load balancer that hashes it (nginx, ingress-nginx; see the README) sends all calls of a
@@ -26,18 +31,30 @@ client's `route_key`, else a random one; it is part of the session id from then 
 from __future__ import annotations
 
 import asyncio
-import random
 import secrets
-import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from types import TracebackType
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
+from service.client.errors import SeqServeError
 from service.client.multiplex import FeedMux
-from service.client.retry import RetryPolicy, new_request_id, retryable
+from service.client.results import (
+    GeneratedPiece,
+    ModelInfo,
+    Prediction,
+    SessionInfo,
+    TokenPrediction,
+    make_input,
+    make_sampling,
+    model_from_pb,
+    piece_from_pb,
+    prediction_from_pb,
+    session_from_pb,
+)
+from service.client.retry import CHANNEL_OPTIONS, RetryPolicy, new_request_id, retryable
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -46,100 +63,38 @@ from service.pb.seqserve.v1 import types_pb2 as types
 from service.sessions.session import ROUTE_HEADER, route_of
 
 
-@dataclass(frozen=True)
-class TokenPrediction:
-    """What the session predicts after its last input."""
-
-    position: int
-    top: list[tuple[int, float, str]]  # (token id, probability, text), most likely first
-    values: list[float]  # regression output (empty for token models)
-
-
-@dataclass(frozen=True)
-class GeneratedPiece:
-    token_id: int
-    text: str
-    position: int
-    finish_reason: str | None  # "stop_token" | "stop_string" | "max_tokens" on the last
-
-
-def make_input(
-    text: str | None = None,
-    tokens: Sequence[int] | None = None,
-    frames: Sequence[float] | None = None,
-) -> types.Input:
-    if sum(x is not None for x in (text, tokens, frames)) != 1:
-        raise ValueError("give exactly one of text, tokens or frames")
-    if text is not None:
-        return types.Input(text=text)
-    if tokens is not None:
-        return types.Input(tokens=types.Tokens(ids=list(tokens)))
-    return types.Input(frames=types.Frames(values=list(frames or ())))
-
-
-def make_sampling(
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    max_tokens: int | None = None,
-    stop: Sequence[str] = (),
-    stop_token_ids: Sequence[int] = (),
-) -> types.Sampling:
-    msg = types.Sampling(stop_strings=list(stop), stop_token_ids=list(stop_token_ids))
-    if temperature is not None:
-        msg.temperature = temperature
-    if top_k is not None:
-        msg.top_k = top_k
-    if top_p is not None:
-        msg.top_p = top_p
-    if max_tokens is not None:
-        msg.max_tokens = max_tokens
-    return msg
-
-
-def prediction_from_pb(msg: types.Prediction) -> TokenPrediction:
-    if msg.WhichOneof("kind") == "regression":
-        return TokenPrediction(msg.position, [], list(msg.regression.values))
-    return TokenPrediction(msg.position, [(t.id, t.prob, t.text) for t in msg.tokens.top], [])
-
-
-_FINISH = {
-    types.FINISH_REASON_UNSPECIFIED: None,
-    types.FINISH_REASON_STOP_TOKEN: "stop_token",
-    types.FINISH_REASON_STOP_STRING: "stop_string",
-    types.FINISH_REASON_MAX_TOKENS: "max_tokens",
-}
-
-
-def piece_from_pb(token: types.GeneratedToken, position: int) -> GeneratedPiece:
-    return GeneratedPiece(token.id, token.text, position, _FINISH[token.finish_reason])
-
-
 class SeqServeClient:
     def __init__(
         self,
         target: str,
         *,
+        timeout: float | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
         retry: RetryPolicy | None = None,
         route_key: str | None = None,
         credentials: Credentials | None = None,
         multiplex: bool = False,
     ) -> None:
-        """`credentials`: a token and TLS (default: the token in SEQSERVE_TOKEN, no TLS).
-        `multiplex`: feeds issued concurrently go out together as Stream messages, one per
-        routing key per event-loop tick (see `multiplex.py`); off by default for now: a Stream
-        that stalls behind a proxy while its replica drains is not yet detected."""
+        """`timeout`: seconds for each call (None: no limit), unless the call gives its own.
+        `retry`: how long to retry what is safe to retry. `credentials`: a token and TLS
+        (default: the token in SEQSERVE_TOKEN, no TLS). `multiplex`: feeds issued concurrently
+        go out together as Stream messages, one per routing key per event-loop tick (see
+        `multiplex.py`); off by default for now: a Stream that stalls behind a proxy while its
+        replica drains is not yet detected."""
         self.target = target
+        self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.route_key = route_key  # for every session this client creates (None: one each)
+        self.channel_options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *CHANNEL_OPTIONS,
+        ]
         self.channel = (credentials or Credentials.from_env()).channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
+            target, options=self.channel_options
         )
+        # The generated stubs, for what the methods here do not cover (they raise bare
+        # grpc.aio.AioRpcError and do not retry).
         self.sessions = pb_grpc.SessionServiceStub(self.channel)
         self.mux = FeedMux(self.sessions) if multiplex else None
         self.registry = reg_grpc.ModelRegistryStub(self.channel)
@@ -155,6 +110,9 @@ class SeqServeClient:
             await self.mux.close()
         await self.channel.close()
 
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
     async def create_session(
         self,
         model: str,
@@ -164,8 +122,11 @@ class SeqServeClient:
         ttl_seconds: float | None = None,
         sampling: types.Sampling | None = None,
         route_key: str | None = None,
+        timeout: float | None = None,
     ) -> ClientSession:
-        """A new session; `route_key` (else the client's, else a random one) routes it."""
+        """A new session on `model` at `version` ("" : alias `production`, else the latest; a
+        number; an alias). `route_key` (else the client's, else a random one) routes it.
+        Usable as `async with await client.create_session(...) as session:` (closed on exit)."""
         request = pb.CreateSessionRequest(model=model, version=version, request_id=new_request_id())
         key = route_key or self.route_key or secrets.token_urlsafe(6)
         metadata = ((ROUTE_HEADER, key),)
@@ -176,30 +137,59 @@ class SeqServeClient:
         if sampling is not None:
             request.default_sampling.CopyFrom(sampling)
         response = await self.retry.run(
-            lambda: self.sessions.CreateSession(request, metadata=metadata)
+            lambda left: self.sessions.CreateSession(request, metadata=metadata, timeout=left),
+            timeout=self._timeout(timeout),
         )
         return ClientSession(self, response.session)
 
-    async def attach(self, session_id: str) -> ClientSession:
+    async def attach(self, session_id: str, *, timeout: float | None = None) -> ClientSession:
         """A handle on an existing session (e.g. after a reconnect)."""
-        response = await self.sessions.GetSession(
-            pb.GetSessionRequest(session_id=session_id), metadata=route_metadata(session_id)
+        request = pb.GetSessionRequest(session_id=session_id)
+        metadata = route_metadata(session_id)
+        response = await self.retry.run(
+            lambda left: self.sessions.GetSession(request, metadata=metadata, timeout=left),
+            timeout=self._timeout(timeout),
         )
         return ClientSession(self, response.session)
 
-    async def list_models(self) -> list[reg_pb.ModelSummary]:
-        return list((await self.registry.ListModels(reg_pb.ListModelsRequest())).models)
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        response = await self.retry.run(
+            lambda left: self.registry.ListModels(reg_pb.ListModelsRequest(), timeout=left),
+            timeout=self._timeout(timeout),
+        )
+        return [model_from_pb(m) for m in response.models]
+
+    async def get_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """A model with its versions' details (status, cell, fingerprint, manifest, ...)."""
+        response = await self.retry.run(
+            lambda left: self.registry.GetModel(reg_pb.GetModelRequest(name=name), timeout=left),
+            timeout=self._timeout(timeout),
+        )
+        return model_from_pb(response.model)
 
 
 class ClientSession:
     def __init__(self, client: SeqServeClient, info: types.Session) -> None:
         self.client = client
-        self.info = info
+        self.info: SessionInfo = session_from_pb(info)
         self.session_id = info.session_id
         self.metadata = route_metadata(info.session_id)  # on every call: routes to its replica
         # What the server has applied, as far as we know; None after a generation we stopped
         # reading early (the server may have applied a token more): asked again before use.
         self.position: int | None = info.position
+        self.closed = False
+
+    async def __aenter__(self) -> ClientSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.closed:
+            await self.close()
 
     async def feed(
         self,
@@ -208,11 +198,13 @@ class ClientSession:
         frames: Sequence[float] | None = None,
         *,
         top_k: int = 0,
-    ) -> TokenPrediction:
+        timeout: float | None = None,
+    ) -> Prediction:
         """Feed one chunk; returns the prediction after its last input. Applied exactly once,
         across retries (see the module docstring)."""
         if self.position is None:
-            await self.refresh()
+            await self.refresh(timeout=timeout)
+        limit = self.client._timeout(timeout)
         mux = self.client.mux
         if mux is not None:  # with the other feeds of this tick, in one Stream message
             item = pb.StreamItem(
@@ -222,7 +214,9 @@ class ClientSession:
                 options=types.PredictionOptions(top_k=top_k),
                 expected_position=self.position,
             )
-            reply = await self.client.retry.run(lambda: mux.feed(item))
+            reply = await self.client.retry.run(
+                lambda left: asyncio.wait_for(mux.feed(item), left), timeout=limit
+            )
             self.position = reply.position
             return prediction_from_pb(reply.prediction)
         request = pb.StepRequest(
@@ -233,7 +227,8 @@ class ClientSession:
             expected_position=self.position,
         )
         response = await self.client.retry.run(
-            lambda: self.client.sessions.Step(request, metadata=self.metadata)
+            lambda left: self.client.sessions.Step(request, metadata=self.metadata, timeout=left),
+            timeout=limit,
         )
         self.position = response.position
         return prediction_from_pb(response.prediction)
@@ -248,11 +243,13 @@ class ClientSession:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        timeout: float | None = None,
     ) -> AsyncIterator[GeneratedPiece]:
         """Unset arguments fall back to the session's default sampling, then the server's.
-        Retried like `feed`: a token is yielded once, however often the server resends it."""
+        Retried like `feed`: a token is yielded once, however often the server resends it.
+        `timeout` bounds the whole generation."""
         if self.position is None:
-            await self.refresh()
+            await self.refresh(timeout=timeout)
         request = pb.GenerateRequest(
             session_id=self.session_id,
             request_id=new_request_id(),
@@ -261,15 +258,16 @@ class ClientSession:
         )
         if prompt is not None:
             request.prompt.CopyFrom(make_input(text=prompt))
-        policy = self.client.retry
-        deadline = time.monotonic() + policy.deadline_seconds
-        backoff = policy.first_backoff_seconds
+        attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout))
         yielded = 0
         done = False
         try:
             while True:
-                call = self.client.sessions.Generate(request, metadata=self.metadata)
+                call = self.client.sessions.Generate(
+                    request, metadata=self.metadata, timeout=attempts.seconds_left()
+                )
                 seen = 0
+                failure: grpc.aio.AioRpcError | None = None
                 try:
                     async for response in call:
                         seen += 1
@@ -281,37 +279,51 @@ class ClientSession:
                     done = True
                     return
                 except grpc.aio.AioRpcError as err:
-                    if not retryable(err) or time.monotonic() > deadline:
-                        raise
+                    failure = err
                 finally:
                     call.cancel()
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, policy.max_backoff_seconds)
+                await attempts.failed(failure)  # raises, or sleeps before the next attempt
         finally:
             if not done:  # stopped early: the server may have applied a token more
                 self.position = None
 
-    async def fork(self, *, seed: int | None = None) -> ClientSession:
+    async def fork(self, *, seed: int | None = None, timeout: float | None = None) -> ClientSession:
+        """A new session with a copy of this one's state (and random stream, unless `seed`)."""
         request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
         if seed is not None:
             request.seed = seed
         response = await self.client.retry.run(
-            lambda: self.client.sessions.ForkSession(request, metadata=self.metadata)
+            lambda left: self.client.sessions.ForkSession(
+                request, metadata=self.metadata, timeout=left
+            ),
+            timeout=self.client._timeout(timeout),
         )
         return ClientSession(self.client, response.session)
 
-    async def refresh(self) -> types.Session:
-        response = await self.client.sessions.GetSession(
-            pb.GetSessionRequest(session_id=self.session_id), metadata=self.metadata
+    async def refresh(self, *, timeout: float | None = None) -> SessionInfo:
+        """The session as the server has it now (position, expiry, state, ...)."""
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        response = await self.client.retry.run(
+            lambda left: self.client.sessions.GetSession(
+                request, metadata=self.metadata, timeout=left
+            ),
+            timeout=self.client._timeout(timeout),
         )
-        self.info = response.session
-        self.position = response.session.position
+        self.info = session_from_pb(response.session)
+        self.position = self.info.position
         return self.info
 
-    async def close(self) -> None:
-        await self.client.sessions.CloseSession(
-            pb.CloseSessionRequest(session_id=self.session_id), metadata=self.metadata
+    async def close(self, *, timeout: float | None = None) -> None:
+        """End the session (not retried: a second close would be refused)."""
+        request = pb.CloseSessionRequest(session_id=self.session_id)
+        await self.client.retry.run(
+            lambda left: self.client.sessions.CloseSession(
+                request, metadata=self.metadata, timeout=left
+            ),
+            timeout=self.client._timeout(timeout),
+            retry=False,
         )
+        self.closed = True
 
 
 def route_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
@@ -325,4 +337,18 @@ def _duration(seconds: float) -> Duration:
     return d
 
 
-__all__ = ["ClientSession", "RetryPolicy", "SeqServeClient", "new_request_id", "retryable"]
+__all__ = [
+    "ClientSession",
+    "GeneratedPiece",
+    "ModelInfo",
+    "Prediction",
+    "RetryPolicy",
+    "SeqServeClient",
+    "SeqServeError",
+    "SessionInfo",
+    "TokenPrediction",
+    "make_input",
+    "make_sampling",
+    "new_request_id",
+    "retryable",
+]

@@ -1,5 +1,15 @@
-"""Retrying what the server could not take: the same request again (same request id, same
-expected position), so it applies once."""
+"""The client's one retry layer, and its timeouts.
+
+A call the server could not take (UNAVAILABLE: restarting, draining, its disk refusing writes,
+the session moving between replicas) is sent again, the same request (same request id, same
+expected position) so it applies once: only calls that are safe to repeat are retried (steps
+with `expected_position` + `request_id`, creates and forks with a `request_id`, reads). The
+channel itself retries nothing (`CHANNEL_OPTIONS`): no gRPC service-config retry policy
+stacks under this one.
+
+A timeout bounds a whole call, retries and backoff included: each attempt gets what is left as
+its gRPC deadline. Every failure leaves as a `service.client.errors.SeqServeError`.
+"""
 
 from __future__ import annotations
 
@@ -13,37 +23,101 @@ from typing import TypeVar
 
 import grpc
 
+from service.client.errors import DeadlineExceededError, SeqServeError, error_from_rpc
+
 T = TypeVar("T")
+
+# For every channel the client opens: gRPC's own retries off (transparent ones included), and
+# no service config taken from name resolution (where a retry policy could come from).
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.enable_retries", 0),
+    ("grpc.service_config_disable_resolution", 1),
+)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """How long to keep retrying a request the server could not take (see `retryable`)."""
 
-    deadline_seconds: float = 30.0  # give up (re-raise) after this long
+    deadline_seconds: float = 30.0  # give up (raise the last error) after this long
     first_backoff_seconds: float = 0.05
     max_backoff_seconds: float = 1.0
 
-    async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        deadline = time.monotonic() + self.deadline_seconds
-        backoff = self.first_backoff_seconds
+    def attempts(self, *, timeout: float | None = None, retry: bool = True) -> Attempts:
+        return Attempts(self, timeout, retry)
+
+    async def run(
+        self,
+        attempt: Callable[[float | None], Awaitable[T]],
+        *,
+        timeout: float | None = None,
+        retry: bool = True,
+    ) -> T:
+        """`attempt(seconds_left)` until it succeeds, or fails in a way not to retry (then its
+        error, as a `SeqServeError`, is raised). `seconds_left`: None without a timeout."""
+        attempts = self.attempts(timeout=timeout, retry=retry)
         while True:
             try:
-                return await attempt()
-            except grpc.aio.AioRpcError as err:
-                if not retryable(err) or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self.max_backoff_seconds)
+                return await attempt(attempts.seconds_left())
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                await attempts.failed(exc)
+
+
+class Attempts:
+    """The attempts of one call: how long the next may take, and whether to make one."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None, retry: bool) -> None:
+        self._policy = policy
+        now = time.monotonic()
+        self._retry_until = now + policy.deadline_seconds
+        self._give_up = None if timeout is None else now + timeout
+        self._timeout = timeout
+        self._retry = retry
+        self._backoff = policy.first_backoff_seconds
+
+    def seconds_left(self) -> float | None:
+        if self._give_up is None:
+            return None
+        left = self._give_up - time.monotonic()
+        if left <= 0:
+            raise self._timed_out()
+        return left
+
+    async def failed(self, exc: BaseException) -> None:
+        """After a failed attempt: return (having slept) to try again, or raise `exc` as a
+        `SeqServeError`."""
+        if isinstance(exc, TimeoutError):  # an attempt bounded by asyncio, not gRPC
+            raise self._timed_out() from None
+        if not isinstance(exc, grpc.aio.AioRpcError):
+            raise exc
+        error = error_from_rpc(exc)
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._give_up is not None:
+            raise self._timed_out() from None
+        pause = max(self._backoff * (0.5 + random.random()), error.retry_delay or 0.0)
+        now = time.monotonic()
+        late = now + pause > (self._give_up if self._give_up is not None else float("inf"))
+        if not self._retry or not retryable(error) or now > self._retry_until or late:
+            raise error from (None if error is exc else exc)
+        await asyncio.sleep(pause)
+        self._backoff = min(self._backoff * 2, self._policy.max_backoff_seconds)
+
+    def _timed_out(self) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within the timeout of {self._timeout}s"
+        )
 
 
 def retryable(err: grpc.aio.AioRpcError) -> bool:
     """UNAVAILABLE (restarting, draining, the state tier or disk refusing writes, the session
     moving between replicas), and CANCELLED when this client did not cancel (a call caught by a
     server's shutdown arrives so; a call this client cancels raises asyncio.CancelledError
-    instead). Both are safe to resend: the request id and expected position make it apply once."""
+    instead). Both are safe to resend when the request id and expected position make it apply
+    once; the caller says whether they do."""
     return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+__all__ = ["CHANNEL_OPTIONS", "Attempts", "RetryPolicy", "SeqServeError", "new_request_id"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from service.engine.generation import Generation
-from service.errors import ResourceExhausted, SessionMoved, Unavailable
+from service.errors import QueueFull, SessionMoved, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
 from service.runtime.step_batch import Row, RowResult, StepBatch, StepOutput
@@ -134,11 +134,11 @@ class StepScheduler:
 
     def submit(self, work: list[tuple[RowOwner, Row]]) -> RowGroup:
         """Queue rows (one per session); the group's future resolves after the steps that
-        consumed them. Raises ResourceExhausted when the queue cannot take them all."""
+        consumed them. Raises QueueFull (RESOURCE_EXHAUSTED) when the queue cannot take them all."""
         if self._stopping:
             raise Unavailable("model version is shutting down")
         if len(self._pending) + len(work) > self._max_queue:
-            raise ResourceExhausted(
+            raise QueueFull(
                 f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}"
             )
         group = RowGroup(len(work))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.runtime.sampler import SamplingParams, SessionRng
+if TYPE_CHECKING:  # annotations only: the client imports this module without torch or numpy
+    from service.runtime.sampler import SamplingParams, SessionRng
 
 # The routing key: chosen at creation (by the client, in this metadata, or at random) and part
 # of the session's id, so anyone holding the id can route its calls (DESIGN section 11).

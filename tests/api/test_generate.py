@@ -324,7 +324,7 @@ async def test_cancelled_generation_leaves_a_usable_session(client: SeqServeClie
 async def test_python_client_session_api(client: SeqServeClient) -> None:
     """The client wrapper's paths: create, feed, generate with stops, fork, refresh, close."""
     session = await client.create_session("tok", seed=6, ttl_seconds=90)
-    assert session.info.seed == 6 and session.info.ttl.ToSeconds() == 90
+    assert session.info.seed == 6 and session.info.ttl_seconds == 90
     pred = await session.feed(text="ab", top_k=2)
     assert pred.position == 2 and len(pred.top) == 2 and not pred.values
     branch = await session.fork()
