@@ -11,14 +11,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument, SeqServeError
-from service.registry.checkpoint_import import ImportSpec
-from service.registry.manifest import Manifest
-from service.registry.snapshot import ModelEntry
-from service.registry.store import ModelStore
 from service.settings import Settings
+
+if TYPE_CHECKING:  # the store (and torch) are imported when a command runs: --help stays fast
+    from service.registry.manifest import Manifest
+    from service.registry.snapshot import ModelEntry
+    from service.registry.store import ModelStore
 
 
 def register(subparsers: Any) -> None:
@@ -95,6 +96,8 @@ def register(subparsers: Any) -> None:
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
+    from service.registry.store import ModelStore
+
     # The composition root for this command: the one place Settings is built.
     return ModelStore(args.store if args.store is not None else Settings().model_store)
 
@@ -217,6 +220,8 @@ def _import(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         renames = tuple(_parse_rename(r) for r in args.rename_prefix)
+        from service.registry.checkpoint_import import ImportSpec
+
         spec = ImportSpec(
             rename_prefixes=renames,
             key=args.key,

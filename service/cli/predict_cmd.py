@@ -15,15 +15,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument, SeqServeError
-from service.models.tokenizer import get_tokenizer
-from service.registry.manifest import Manifest, TokensInput
-from service.registry.store import ModelStore, VerifiedModel
 from service.settings import Settings
+
+if TYPE_CHECKING:  # torch and the store are imported when the command runs: --help stays fast
+    import torch
+
+    from service.registry.manifest import Manifest
+    from service.registry.store import VerifiedModel
 
 
 def register(subparsers: Any) -> None:
@@ -48,6 +49,8 @@ def register(subparsers: Any) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from service.registry.store import ModelStore
+
     settings = Settings()  # composition root for this command
     store = ModelStore(args.store if args.store is not None else settings.model_store)
     top_k = settings.engine.default_top_k if args.top_k is None else args.top_k
@@ -77,6 +80,11 @@ def parse_input(
 ) -> torch.Tensor:
     """The input as a batch of one: token ids [1, T] (int64) or frames [1, T, D] (float32).
     Raises InvalidArgument with a message fit for a terminal."""
+    import torch
+
+    from service.models.tokenizer import get_tokenizer
+    from service.registry.manifest import TokensInput
+
     spec = manifest.input
     if isinstance(spec, TokensInput):
         if frames is not None:
@@ -114,6 +122,8 @@ def parse_input(
 
 def predict(loaded: VerifiedModel, inputs: torch.Tensor, top_k: int) -> dict[str, Any]:
     """Run `inputs` [1, T(, D)] from a zero state; the JSON-shaped prediction after the last."""
+    import torch
+
     model = loaded.model
     device = next(model.parameters()).device
     steps = inputs.shape[1]

@@ -21,23 +21,14 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument, SeqServeError
-from service.models import CellKind
-from service.registry.manifest import Training
-from service.registry.store import ModelStore
 from service.settings import Settings
-from service.training.series_task import train_series
-from service.training.text_task import train_text
-from service.training.trainer import (
-    BaselineShortfall,
-    TrainOptions,
-    TrainResult,
-    baseline_shortfalls,
-)
+
+if TYPE_CHECKING:  # torch and training are imported when the command runs: --help stays fast
+    from service.models import CellKind
+    from service.training.trainer import BaselineShortfall, TrainResult
 
 EXIT_WORSE_THAN_BASELINE = 3
 
@@ -169,6 +160,14 @@ def canonical_command(args: argparse.Namespace) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.registry.manifest import Training
+    from service.registry.store import ModelStore
+    from service.training.series_task import train_series
+    from service.training.text_task import train_text
+    from service.training.trainer import TrainOptions, baseline_shortfalls
+
     try:
         resolved = resolve_options(args)
         options = TrainOptions(
