@@ -49,6 +49,7 @@ class VersionLoader:
             self._budget,
             initial_slots=self._initial_slots,
             device=engine.device,
+            head=model.head,
         )
         runner = ModelRunner(model, pool)
         observer = self._observer

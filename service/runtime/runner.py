@@ -1,6 +1,7 @@
 """The model runner: executes one StepBatch against a version's model and state pool.
 
-Per batch: gather state rows by slot, sample the generate rows from their last outputs, run one
+Per batch: gather state rows by slot, sample the generate rows from their last outputs (the head
+over their top-layer h: the pool keeps no outputs), run one
 fused recurrent step over every single-input row and one whole-chunk call over the multi-input
 rows, scatter the new state back, and turn head outputs into predictions. Runs off the event
 loop (torch releases the GIL); the pool lock keeps slot allocation out of the way.
@@ -38,7 +39,7 @@ class ModelRunner:
         timings = StepTimings()
         rows = batch.rows
         results = [RowResult(consumed=0) for _ in rows]
-        before: list[tuple[Tensor, RecurrentState, Tensor]] = []
+        before: list[tuple[Tensor, RecurrentState]] = []
         single: list[int] = []
         multi: list[int] = []
         for i, r in enumerate(rows):  # shape[0], not len(): Tensor.__len__ is Python-level
@@ -58,8 +59,8 @@ class ModelRunner:
         """Put the rows of a finished step back as they were before it (a step that could not
         be made durable must not count). The rows' RNG draws are the caller's to rewind."""
         with self.pool.lock:
-            for slots, state, last in output.before:
-                self.pool.scatter(slots, state, last)
+            for slots, state in output.before:
+                self.pool.scatter(slots, state)
 
     def _slots(self, batch: StepBatch, idx: list[int]) -> Tensor:
         return torch.tensor(
@@ -68,10 +69,10 @@ class ModelRunner:
 
     def _run_single(
         self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
-    ) -> tuple[Tensor, RecurrentState, Tensor]:
+    ) -> tuple[Tensor, RecurrentState]:
         t0 = time.perf_counter()
         slots = self._slots(batch, idx)
-        state, last = self.pool.gather(slots)  # h/c [L, B, H], last [B, out]
+        state = self.pool.gather(slots)  # h/c [L, B, H]
         t1 = time.perf_counter()
         gen = [j for j, i in enumerate(idx) if batch.rows[i].inputs is None]
         sampled: Tensor | None = None
@@ -79,12 +80,14 @@ class ModelRunner:
             params = [batch.rows[idx[j]].sampling for j in gen]
             rngs = [batch.rows[idx[j]].rng for j in gen]
             assert all(p is not None for p in params) and all(r is not None for r in rngs)
-            sampled = sample(last[gen], params, rngs)  # type: ignore[arg-type]
+            h_top = state.h[-1]  # [B, H]
+            last = self.pool.outputs(h_top if len(gen) == len(idx) else h_top[gen])  # [G, out]
+            sampled = sample(last, params, rngs)  # type: ignore[arg-type]
         t2 = time.perf_counter()
         inputs = self._stack_single_inputs(batch, idx, gen, sampled)  # [B] or [B, D]
         out, new_state = self.model.step(inputs, state)  # out [B, out]
         t3 = time.perf_counter()
-        self.pool.scatter(slots, new_state, out)
+        self.pool.scatter(slots, new_state)
         t4 = time.perf_counter()
         gen_set = set(gen)
         feed = [j for j in range(len(idx)) if j not in gen_set]
@@ -102,7 +105,7 @@ class ModelRunner:
         timings.sample_seconds += (t2 - t1) + (t5 - t4)
         timings.forward_seconds += t3 - t2
         timings.scatter_seconds += t4 - t3
-        return slots, state, last
+        return slots, state
 
     def _stack_single_inputs(
         self, batch: StepBatch, idx: list[int], gen: list[int], sampled: Tensor | None
@@ -126,10 +129,10 @@ class ModelRunner:
 
     def _run_multi(
         self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings
-    ) -> tuple[Tensor, RecurrentState, Tensor]:
+    ) -> tuple[Tensor, RecurrentState]:
         t0 = time.perf_counter()
         slots = self._slots(batch, idx)
-        state, last_before = self.pool.gather(slots)
+        state = self.pool.gather(slots)
         seqs = [batch.rows[i].inputs for i in idx]
         lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)  # type: ignore[arg-type]
         padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(self.device)  # type: ignore[arg-type]
@@ -142,7 +145,7 @@ class ModelRunner:
         else:
             last_out = out  # [B, out]
         t2 = time.perf_counter()
-        self.pool.scatter(slots, new_state, last_out)
+        self.pool.scatter(slots, new_state)
         t3 = time.perf_counter()
         preds = self.predictions(last_out, [batch.rows[i].top_k for i in idx], range(len(idx)))
         for j, i in enumerate(idx):
@@ -156,7 +159,7 @@ class ModelRunner:
         timings.forward_seconds += t2 - t1
         timings.scatter_seconds += t3 - t2
         timings.sample_seconds += t4 - t3
-        return slots, state, last_before
+        return slots, state
 
     def predictions(self, out: Tensor, top_ks: list[int], rows) -> list[Prediction]:  # type: ignore[no-untyped-def]
         """Head outputs → predictions for the given rows of `out`."""

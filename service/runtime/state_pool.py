@@ -1,15 +1,18 @@
 """Preallocated recurrent state for every session of one loaded model version.
 
-Layout: h [L, S, H] (and c [L, S, H] for an LSTM) plus the head output after each session's last
-input, last [S, out], which generation samples from. A session holds a slot index; the runner
-gathers rows by index, runs one batched step and scatters them back. The pool grows by doubling
-while the server-wide byte budget allows.
+Layout: h [L, S, H] (and c [L, S, H] for an LSTM), nothing else per slot. The head output after
+a session's last input (what generation samples from, and a spill record's `last`) is not kept:
+it is a function of the state, head(h[-1]), computed when needed (`outputs`), so an idle session
+costs exactly its hidden state. A session holds a slot index; the runner gathers rows by index,
+runs one batched step and scatters them back. The pool grows by an eighth of its size (at least
+`initial_slots`) while the server-wide byte budget allows: at most 1/8 of it is ever unused
+growth, and each slot is copied ~9 times over the pool's growth (amortized).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +49,7 @@ class SlotSnapshot:
 
     h: np.ndarray  # [L, H] float32
     c: np.ndarray | None  # [L, H] float32 for an LSTM
-    last: np.ndarray  # [out] float32
+    last: np.ndarray  # [out] float32: head(h[-1]) (restore ignores it: the state decides)
 
 
 class StatePool:
@@ -57,23 +60,28 @@ class StatePool:
         budget: ByteBudget,
         initial_slots: int = 64,
         device: str = "cpu",
+        *,
+        head: Callable[[Tensor], Tensor],
     ) -> None:
+        """`head`: the model's head, top-layer h [B, H] → outputs [B, out]; `initial_output`
+        is head(zeros), what a fresh session predicts."""
         self.config = config
         self.device = torch.device(device)
         self._budget = budget
+        self._head = head
         self._initial_output = initial_output.detach().to(self.device).float()  # [out]
+        self._min_growth = max(1, initial_slots)
         self.lock = threading.Lock()  # held by the runner around gather/step/scatter
         self.capacity = 0
         self.h = torch.zeros(config.num_layers, 0, config.hidden_size, device=self.device)
         self.c: Tensor | None = torch.zeros_like(self.h) if config.has_cell_state else None
-        self.last = torch.zeros(0, config.output_dim, device=self.device)
         self._free: list[int] = []  # a stack: low slots on top, handed out first
         self._free_set: set[int] = set()  # the same slots, for an O(1) double-free check
         self._grow_to(max(1, initial_slots), required=False)
 
     @property
     def bytes_per_slot(self) -> int:
-        return 4 * (self.config.state_numel() + self.config.output_dim)
+        return 4 * self.config.state_numel()
 
     @property
     def budget(self) -> ByteBudget:
@@ -91,7 +99,7 @@ class StatePool:
     def allocate(self) -> int:
         """A fresh zeroed slot. Raises ResourceExhausted when the budget allows no growth."""
         if not self._free:
-            self._grow_to(max(1, self.capacity * 2), required=True)
+            self._grow_to(self.capacity + max(self._min_growth, self.capacity // 8), required=True)
         slot = self._free.pop()
         self._free_set.discard(slot)
         self.reset(slot)
@@ -107,27 +115,33 @@ class StatePool:
             self.h[:, slot].zero_()
             if self.c is not None:
                 self.c[:, slot].zero_()
-            self.last[slot].copy_(self._initial_output)
 
-    def gather(self, slots: Tensor) -> tuple[RecurrentState, Tensor]:
-        """slots [B] → (state with h/c [L, B, H], last outputs [B, out]); copies."""
+    def gather(self, slots: Tensor) -> RecurrentState:
+        """slots [B] → state with h/c [L, B, H]; copies."""
         h = self.h.index_select(1, slots)
         c = self.c.index_select(1, slots) if self.c is not None else None
-        return RecurrentState(h, c), self.last.index_select(0, slots)
+        return RecurrentState(h, c)
 
-    def scatter(self, slots: Tensor, state: RecurrentState, last: Tensor) -> None:
+    def outputs(self, h_top: Tensor) -> Tensor:
+        """The head output after the last input of the sessions whose top-layer h is h_top
+        [B, H] → [B, out] (what a generation samples from)."""
+        with torch.inference_mode():
+            return self._head(h_top)
+
+    def scatter(self, slots: Tensor, state: RecurrentState) -> None:
         self.h.index_copy_(1, slots, state.h)
         if self.c is not None:
             assert state.c is not None
             self.c.index_copy_(1, slots, state.c)
-        self.last.index_copy_(0, slots, last)
 
     def snapshot(self, slot: int) -> SlotSnapshot:
         with self.lock:
+            h = self.h[:, slot]  # [L, H]
+            last = self.outputs(h[-1:])[0]  # [out]
             return SlotSnapshot(
-                h=self.h[:, slot].cpu().numpy().copy(),
+                h=h.cpu().numpy().copy(),
                 c=self.c[:, slot].cpu().numpy().copy() if self.c is not None else None,
-                last=self.last[slot].cpu().numpy().copy(),
+                last=last.float().cpu().numpy().copy(),
             )
 
     def fresh_snapshot(self) -> SlotSnapshot:
@@ -140,12 +154,12 @@ class StatePool:
         )
 
     def restore(self, slot: int, snap: SlotSnapshot) -> None:
+        """Put a snapshot's state in `slot` (its `last` is not kept: it follows from h)."""
         with self.lock:
             self.h[:, slot].copy_(torch.from_numpy(snap.h))
             if self.c is not None:
                 assert snap.c is not None, "an LSTM slot needs its cell state"
                 self.c[:, slot].copy_(torch.from_numpy(snap.c))
-            self.last[slot].copy_(torch.from_numpy(snap.last))
 
     def compact(self, movable: Collection[int]) -> dict[int, int]:
         """Give unused capacity back to the budget; returns the moves made, {old slot: new}.
@@ -171,12 +185,10 @@ class StatePool:
                 self.h.index_copy_(1, dst, self.h.index_select(1, src))
                 if self.c is not None:
                     self.c.index_copy_(1, dst, self.c.index_select(1, src))
-                self.last.index_copy_(0, dst, self.last.index_select(0, src))
             # clone(): a view would keep the whole old storage alive
             self.h = self.h[:, :target].clone()
             if self.c is not None:
                 self.c = self.c[:, :target].clone()
-            self.last = self.last[:target].clone()
             released = (self.capacity - target) * self.bytes_per_slot
             self.capacity = target
             self._free = sorted(holes[len(moves) :], reverse=True)  # low slots pop first
@@ -209,9 +221,6 @@ class StatePool:
             self.h = torch.cat([self.h, pad], dim=1)
             if self.c is not None:
                 self.c = torch.cat([self.c, torch.zeros_like(pad)], dim=1)
-            self.last = torch.cat(
-                [self.last, torch.zeros(extra, cfg.output_dim, device=self.device)], dim=0
-            )
             old = self.capacity
             self.capacity = old + extra
             # Hand out low slots first (pop from the end).

@@ -57,6 +57,6 @@ class StepTimings:
 class StepOutput:
     results: list[RowResult]  # one per row, in batch order
     timings: StepTimings
-    # The rows' state before the step, (slots [B], state, last outputs [B, out]) per part of
-    # the batch: what `ModelRunner.undo` writes back when the step must not count.
-    before: list[tuple[Tensor, RecurrentState, Tensor]] = field(default_factory=list)
+    # The rows' state before the step, (slots [B], state) per part of the batch: what
+    # `ModelRunner.undo` writes back when the step must not count.
+    before: list[tuple[Tensor, RecurrentState]] = field(default_factory=list)

@@ -18,7 +18,7 @@ from service.registry.store import ModelStore
 from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
 from .support import code_value, expect_status, item, read_replies, tokens
 
-SLOT_BYTES = 4 * (TOKEN_CONFIG.state_numel() + TOKEN_CONFIG.output_dim)
+SLOT_BYTES = 4 * TOKEN_CONFIG.state_numel()  # a slot holds h and c, nothing else
 
 
 def _tiny(slots: int, **sessions: object) -> dict[str, object]:

@@ -319,7 +319,7 @@ async def test_a_failed_eviction_tells_the_caller_nothing_of_the_evicted_session
 ) -> None:
     """B's request needs A's slot; writing A out fails (a read-only disk): B hears neither A's
     id nor a server path."""
-    slot = 4 * (TOKEN_CONFIG.state_numel() + TOKEN_CONFIG.output_dim)
+    slot = 4 * TOKEN_CONFIG.state_numel()
     server = await server_factory(
         sessions={"pool_bytes": slot, "pool_initial_slots": 1, "slot_wait_seconds": 0}
     )

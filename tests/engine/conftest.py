@@ -30,7 +30,7 @@ FRAMES = ModelConfig(
     cell="gru", num_layers=1, hidden_size=6, input_kind="features", input_dim=3,
     embed_dim=4, head_kind="regression", output_dim=2, reset_after=False,
 )  # fmt: skip
-TOK_SLOT_BYTES = 4 * (TOK.state_numel() + TOK.output_dim)  # one session's state in the pool
+TOK_SLOT_BYTES = 4 * TOK.state_numel()  # one session's state in the pool (h and c)
 
 
 class FakeClock:

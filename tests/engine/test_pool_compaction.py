@@ -10,15 +10,19 @@ from service.runtime.state_pool import ByteBudget, StatePool
 from .conftest import TOK, TOK_SLOT_BYTES
 
 
+def _head(h_top: torch.Tensor) -> torch.Tensor:
+    """A stand-in head: twice the first unit of the top layer, across the vocabulary."""
+    return (2 * h_top[:, :1]).expand(-1, TOK.output_dim)  # [B, out]
+
+
 def _pool(slots: int, budget: ByteBudget) -> StatePool:
-    return StatePool(TOK, torch.zeros(TOK.output_dim), budget, initial_slots=slots)
+    return StatePool(TOK, torch.zeros(TOK.output_dim), budget, initial_slots=slots, head=_head)
 
 
 def _mark(pool: StatePool, slot: int, value: float) -> None:
     pool.h[:, slot] = value
     assert pool.c is not None
     pool.c[:, slot] = -value
-    pool.last[slot] = 2 * value
 
 
 def _value(pool: StatePool, slot: int) -> float:
@@ -69,5 +73,5 @@ def test_an_empty_pool_shrinks_to_nothing_and_grows_again() -> None:
     pool.compact(movable=[])
     assert pool.capacity == 0 and budget.used_bytes == 0
     slot = pool.allocate()
-    assert slot == 0 and pool.capacity == 1
+    assert slot == 0 and pool.capacity == 4  # growth is at least the initial slots
     assert float(pool.h[:, slot].abs().sum()) == 0.0

@@ -60,7 +60,11 @@ def make_runner(
 ) -> tuple[SequenceModel, StatePool, ModelRunner]:
     model = make_model(config, seed=seed)
     pool = StatePool(
-        config, initial_output(model), budget or ByteBudget(BIG_BUDGET), initial_slots=slots
+        config,
+        initial_output(model),
+        budget or ByteBudget(BIG_BUDGET),
+        initial_slots=slots,
+        head=model.head,
     )
     return model, pool, ModelRunner(model, pool)
 

@@ -37,14 +37,15 @@ BATCH_ATOL = 1e-6  # batched against alone: the same float32 arithmetic, up to s
 def _setup(
     config: ModelConfig, slots: int = 8, seed: int = 0, state_seed: int = 1
 ) -> tuple[StatePool, ModelRunner, list[SlotSnapshot]]:
-    """A runner whose pool has every slot allocated and holding a random state."""
+    """A runner whose pool has every slot allocated and holding a random state; the snapshots
+    read back (so each `last` is the model's head over the slot's top-layer h)."""
     _, pool, runner = make_runner(config, seed=seed, slots=slots)
     rng = np.random.default_rng(state_seed)
     snaps = []
     for _ in range(slots):
         slot = pool.allocate()
-        snaps.append(random_snapshot(config, rng))
-        pool.restore(slot, snaps[-1])
+        pool.restore(slot, random_snapshot(config, rng))
+        snaps.append(pool.snapshot(slot))
     return pool, runner, snaps
 
 

@@ -1,5 +1,6 @@
-"""StatePool and ByteBudget: slots handed out, freed and reused; growth by doubling while the
-shared byte budget allows and ResourceExhausted past it; zeroed reallocated slots; bit-exact
+"""StatePool and ByteBudget: slots handed out, freed and reused; growth by an eighth (at least the
+initial slots) while the shared byte budget allows and ResourceExhausted past it; a slot holds
+only h (and c), its output computed from the top layer's h; zeroed reallocated slots; bit-exact
 snapshot / restore; gather / scatter by slot; compact(); close()."""
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from .conftest import CELL_IDS, CELLS, random_snapshot, token_config
 
 LSTM = token_config("lstm")  # 2 layers, H = 16, vocabulary 40
 GRU = token_config("gru", reset_after=False)
-# 4 bytes per float: LSTM h and c (2 layers x 16 each) plus 40 last outputs; GRU h only.
-LSTM_SLOT_BYTES = 4 * (2 * 2 * 16 + 40)
-GRU_SLOT_BYTES = 4 * (2 * 16 + 40)
+# 4 bytes per float: LSTM h and c (2 layers x 16 each); GRU h only. No outputs are kept.
+LSTM_SLOT_BYTES = 4 * (2 * 2 * 16)
+GRU_SLOT_BYTES = 4 * (2 * 16)
 
 
 def _initial(config: ModelConfig) -> torch.Tensor:
@@ -26,8 +27,19 @@ def _initial(config: ModelConfig) -> torch.Tensor:
     return torch.arange(config.output_dim, dtype=torch.float32) * 0.25 - 3.0
 
 
+def _head(config: ModelConfig):  # type: ignore[no-untyped-def]
+    """A stand-in head, top-layer h [B, H] → [B, out]: the initial output plus twice the first
+    unit (so head(zeros) is the initial output, and a filled slot's output is recognisable)."""
+    return lambda h: _initial(config) + 2 * h[:, :1]
+
+
 def _pool(config: ModelConfig, budget: ByteBudget, slots: int) -> StatePool:
-    return StatePool(config, _initial(config), budget, initial_slots=slots)
+    return StatePool(config, _initial(config), budget, initial_slots=slots, head=_head(config))
+
+
+def _expected_last(config: ModelConfig, h: np.ndarray) -> np.ndarray:
+    """What a snapshot with top-layer state h[-1] reports as its last output."""
+    return (_head(config)(torch.from_numpy(h[-1:]))[0]).numpy()
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -35,8 +47,8 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def _assert_same_bits(a: SlotSnapshot, b: SlotSnapshot) -> None:
+    """The same state, bit for bit (`last` is not state: it follows from h)."""
     np.testing.assert_array_equal(_bits(a.h), _bits(b.h))
-    np.testing.assert_array_equal(_bits(a.last), _bits(b.last))
     assert (a.c is None) == (b.c is None)
     if a.c is not None:
         assert b.c is not None
@@ -44,7 +56,7 @@ def _assert_same_bits(a: SlotSnapshot, b: SlotSnapshot) -> None:
 
 
 def _fill(pool: StatePool, slot: int, value: float) -> None:
-    """Every float of the slot set to `value` (c to -value, last to 2 * value)."""
+    """Every float of the slot set to `value` (c to -value); the `last` given is ignored."""
     pool.restore(
         slot,
         SlotSnapshot(
@@ -52,7 +64,7 @@ def _fill(pool: StatePool, slot: int, value: float) -> None:
             c=None
             if pool.c is None
             else np.full((pool.config.num_layers, pool.config.hidden_size), -value, np.float32),
-            last=np.full(pool.config.output_dim, 2 * value, np.float32),
+            last=np.full(pool.config.output_dim, 1e9, np.float32),
         ),
     )
 
@@ -61,7 +73,8 @@ def _value(pool: StatePool, slot: int) -> float:
     """The value `_fill` wrote into the slot (checking every float of it)."""
     snap = pool.snapshot(slot)
     v = float(snap.h.flat[0])
-    assert (snap.h == v).all() and (snap.last == 2 * v).all()
+    assert (snap.h == v).all()
+    np.testing.assert_array_equal(snap.last, _initial(pool.config).numpy() + 2 * v)
     if snap.c is not None:
         assert (snap.c == -v).all()
     return v
@@ -71,7 +84,7 @@ def _value(pool: StatePool, slot: int) -> float:
 
 
 @pytest.mark.parametrize(("config", "expected"), [(LSTM, LSTM_SLOT_BYTES), (GRU, GRU_SLOT_BYTES)])
-def test_a_slot_costs_its_state_and_last_output_in_float32(
+def test_a_slot_costs_its_state_in_float32_and_nothing_more(
     config: ModelConfig, expected: int
 ) -> None:
     budget = ByteBudget(1 << 20)
@@ -79,8 +92,9 @@ def test_a_slot_costs_its_state_and_last_output_in_float32(
     assert pool.bytes_per_slot == expected
     assert pool.capacity == 3 and pool.nbytes == 3 * expected
     assert budget.used_bytes == 3 * expected  # the pool reserved exactly what it holds
-    assert tuple(pool.h.shape) == (2, 3, 16) and tuple(pool.last.shape) == (3, 40)
+    assert tuple(pool.h.shape) == (2, 3, 16)
     assert (pool.c is not None) == config.has_cell_state
+    assert not hasattr(pool, "last")  # no output cache per slot
 
 
 def test_byte_budget_reserves_up_to_its_limit_and_takes_releases_back() -> None:
@@ -93,6 +107,22 @@ def test_byte_budget_reserves_up_to_its_limit_and_takes_releases_back() -> None:
     budget.release(30)
     assert budget.used_bytes == 70
     assert budget.try_reserve(30) and budget.used_bytes == 100
+
+
+def test_a_large_pool_grows_by_an_eighth_so_little_of_it_is_ever_unused() -> None:
+    """Doubling left up to half of a big pool unused (100,000 sessions in 131,072 slots);
+    growing by max(initial slots, capacity / 8) leaves at most an eighth."""
+    budget = ByteBudget(1 << 30)
+    pool = _pool(GRU, budget, slots=8)
+    capacities = []
+    for n in range(1, 2001):
+        pool.allocate()
+        if pool.capacity not in capacities:
+            capacities.append(pool.capacity)
+        assert pool.capacity - n <= max(8, pool.capacity // 8), (n, pool.capacity)
+    assert capacities[:9] == [8, 16, 24, 32, 40, 48, 56, 64, 72]
+    assert capacities[9:11] == [81, 91]  # 72 + 72 // 8, 81 + 81 // 8
+    assert budget.used_bytes == pool.capacity * GRU_SLOT_BYTES
 
 
 # ---- allocate / free / reuse ------------------------------------------------------------------
@@ -126,15 +156,15 @@ def test_double_free_and_free_of_an_unknown_slot_are_refused() -> None:
     assert pool.used_slots == 0 and pool.allocate() == slot
 
 
-def test_the_pool_doubles_while_the_budget_allows_then_takes_what_fits_then_refuses() -> None:
+def test_the_pool_grows_while_the_budget_allows_then_takes_what_fits_then_refuses() -> None:
     budget = ByteBudget(6 * LSTM_SLOT_BYTES)
     pool = _pool(LSTM, budget, slots=2)
     got = [pool.allocate() for _ in range(2)]
     assert pool.capacity == 2
-    got.append(pool.allocate())  # full: doubles to 4
+    got.append(pool.allocate())  # full: grows by the initial 2 slots, to 4
     assert pool.capacity == 4 and budget.used_bytes == 4 * LSTM_SLOT_BYTES
     got.append(pool.allocate())
-    got.append(pool.allocate())  # doubling to 8 does not fit; the 2 slots left do
+    got.append(pool.allocate())  # 2 more fit, exactly
     assert pool.capacity == 6 and budget.used_bytes == 6 * LSTM_SLOT_BYTES
     got.append(pool.allocate())
     assert got == [0, 1, 2, 3, 4, 5]
@@ -153,7 +183,7 @@ def test_an_initial_size_over_the_budget_gets_what_fits_and_growth_is_exact() ->
     assert pool.capacity == 2 and budget.used_bytes == 2 * LSTM_SLOT_BYTES
     pool.allocate()
     pool.allocate()
-    assert pool.allocate() == 2  # one more slot fits, though doubling does not
+    assert pool.allocate() == 2  # one more slot fits, though growing by 64 does not
     assert pool.capacity == 3 and budget.used_bytes == budget.limit_bytes
     with pytest.raises(ResourceExhausted):
         pool.allocate()
@@ -224,10 +254,11 @@ def test_snapshot_restore_round_trip_is_bit_exact(cell: str, reset_after: bool) 
         pool.allocate()
     original = random_snapshot(config, rng)
     original.h[0, 0] = -0.0  # a sign bit that == would not see
-    original.last[1] = np.float32(1e-40)  # a subnormal
+    original.h[1, 1] = np.float32(1e-40)  # a subnormal
     pool.restore(2, original)
     snap = pool.snapshot(2)
     _assert_same_bits(snap, original)
+    np.testing.assert_array_equal(snap.last, _expected_last(config, original.h))
     assert snap.h.dtype == snap.last.dtype == np.float32
     assert snap.h.shape == (2, 16) and snap.last.shape == (40,)
     # Into another slot of another pool: the same bits again.
@@ -246,7 +277,8 @@ def test_a_snapshot_is_a_copy() -> None:
     snap = pool.snapshot(slot)
     _fill(pool, slot, -7.0)
     assert snap.c is not None
-    assert (snap.h == 1.5).all() and (snap.c == -1.5).all() and (snap.last == 3.0).all()
+    assert (snap.h == 1.5).all() and (snap.c == -1.5).all()
+    np.testing.assert_array_equal(snap.last, _initial(LSTM).numpy() + 3.0)
     snap.h[:] = 9.0  # and writing the snapshot does not reach the pool
     assert _value(pool, slot) == -7.0
 
@@ -265,16 +297,17 @@ def test_gather_and_scatter_go_by_slot_index_in_the_order_given() -> None:
         pool.allocate()
         _fill(pool, s, float(s))
     slots = torch.tensor([3, 0, 4])
-    state, last = pool.gather(slots)
+    state = pool.gather(slots)
     assert state.c is not None
     assert state.h[:, :, 0].tolist() == [[3.0, 0.0, 4.0]] * 2
     assert state.c[:, :, 0].tolist() == [[-3.0, -0.0, -4.0]] * 2
-    assert last[:, 0].tolist() == [6.0, 0.0, 8.0]
+    last = pool.outputs(state.h[-1])  # [3, out]: the head over the gathered top layer
+    assert (last - _initial(LSTM))[:, 0].tolist() == [6.0, 0.0, 8.0]
     state.h.add_(100.0)  # the gathered rows are copies
     assert _value(pool, 3) == 3.0
     # Scatter the rows back shifted by one position: slot 3 gets what came from 0, and so on.
     perm = torch.tensor([1, 2, 0])
-    pool.scatter(slots, RecurrentState(state.h[:, perm] - 100.0, state.c[:, perm]), last[perm])
+    pool.scatter(slots, RecurrentState(state.h[:, perm] - 100.0, state.c[:, perm]))
     assert [_value(pool, s) for s in range(5)] == [4.0, 1.0, 2.0, 0.0, 3.0]
 
 
@@ -296,13 +329,13 @@ def test_compact_moves_movable_slots_into_holes_and_releases_the_tail(config: Mo
     assert moves == {7: 1}
     assert pool.capacity == 4 and pool.nbytes == 4 * slot_bytes
     assert budget.used_bytes == 4 * slot_bytes  # the tail went back to the budget
-    assert tuple(pool.h.shape) == (2, 4, 16) and tuple(pool.last.shape) == (4, 40)
+    assert tuple(pool.h.shape) == (2, 4, 16)
     assert pool.c is None or tuple(pool.c.shape) == (2, 4, 16)
     assert [_value(pool, s) for s in (0, 1, 3)] == [1.0, 8.0, 4.0]
     assert pool.used_slots == 3
     assert pool.allocate() == 2  # the hole left over, without growing
     assert pool.capacity == 4
-    assert pool.allocate() == 4 and pool.capacity == 8  # then doubling again
+    assert pool.allocate() == 4 and pool.capacity == 8  # then growing: 8 more cut to the 4 left
 
 
 def test_compact_with_nothing_to_give_back_changes_nothing() -> None:
