@@ -26,8 +26,9 @@ node-deps: $(NODE_DIR)/node_modules/.package-lock.json
 $(NODE_DIR)/node_modules/.package-lock.json: $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 
+# Flags for the server: make serve ARGS="--port 50052 --metrics-port 9465" (SEQSERVE_* env works too).
 serve: $(STAMP)
-	$(VENV)/bin/seqserve serve
+	$(VENV)/bin/seqserve serve $(ARGS)
 
 test: $(STAMP) system-deps node-deps
 	$(VENV)/bin/ruff check service tests benchmarks

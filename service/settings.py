@@ -111,6 +111,10 @@ class SessionSettings(BaseModel):
     """Byte budget for in-memory state, per server, across model versions."""
     pool_initial_slots: Positive = 64
     """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
+    preload: list[Annotated[str, Field(pattern=r"^[^:\s]+(:[^:\s]+)?$")]] = []
+    """Versions loaded at start-up, as `model[:version]` (a number or an alias; no version: the
+    default one), besides those loaded anyway: every aliased version and the default one of
+    every model. Health stays NOT_SERVING until all are loaded."""
     spill_dir: Annotated[Path, flag("--spill-dir")] = REPO_ROOT / "spill"
     """The state directory: checkpoints of evicted, idle and shut-down sessions, and the journal
     (`journal/`); a server started on it resumes the sessions it finds there, after a crash too.

@@ -43,12 +43,27 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
             ]
         )
 
+    def _problem(self, entry: ModelEntry, version: int) -> str | None:
+        """Why `version` takes no new sessions (a bad manifest, missing weights, weights that
+        fail their digest), or None; blocking: hashes weights not hashed since they changed.
+        Paths in it are relative to the store (a client never sees the server's paths)."""
+        found = entry.entry(version)
+        problem = found.problem if found is not None else None
+        if problem is None:
+            try:
+                self.rule.check_weights(entry, version)
+            except SeqServeError as exc:
+                problem = exc.message
+        return None if problem is None else problem.replace(f"{self.store.root}/", "")
+
     async def GetModel(self, request, context):  # type: ignore[no-untyped-def]
         entry = await asyncio.to_thread(self.store.model, request.name)
         default = await asyncio.to_thread(self._default_version, entry)
+        problems = await asyncio.to_thread(
+            lambda: [self._problem(entry, v.version) for v in entry.versions]
+        )
         versions = []
-        for v in entry.versions:
-            problem = v.problem or self.rule.refusal(entry, v.version)
+        for v, problem in zip(entry.versions, problems, strict=True):
             lv = self.versions.find(entry.name, v.version)
             manifest = v.manifest
             versions.append(

@@ -2,8 +2,11 @@
 down gracefully. Its parts come from the composition root (`service.wiring`).
 
 Start-up is two steps: `listen()` binds and starts gRPC with every health status NOT_SERVING
-(seqserve.v1 calls are refused with UNAVAILABLE), then `open()` starts the engine and turns
-health to SERVING. `start()` does both."""
+(seqserve.v1 calls are refused with UNAVAILABLE), then `open()` starts the engine, loads the
+versions new sessions will ask for (every aliased and default version, and `engine.preload`)
+and turns health to SERVING. `start()` does both. The metrics port's `/readyz` answers 200
+exactly while health is SERVING (not before `open()` is done, not while draining); `/healthz`
+200 from `listen()` on."""
 
 from __future__ import annotations
 
@@ -124,7 +127,7 @@ class SeqServeServer:
                 tls = {"certfile": sec.tls_cert, "keyfile": sec.tls_key,
                        "client_cafile": sec.tls_client_ca}  # fmt: skip
             self.metrics_port = self.metrics.start_http_server(
-                s.metrics_host, s.metrics_port, **tls
+                s.metrics_host, s.metrics_port, ready=self.ready, **tls
             )
         await self.grpc.start()
         self._health = health_servicer
@@ -152,6 +155,8 @@ class SeqServeServer:
         """Process-wide GC tuning, for `serve` (not for servers embedded in other programs)."""
         self.metrics_observer.tuning_gc = True
         freeze_heap(self.settings.server.gc_gen0_threshold)
+        loaded = await self.engine.versions.preload(self.settings.engine.preload)
+        log.info("loaded %s", ", ".join(f"{n}:{v}" for n, v in loaded) or "no model version")
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight RPCs finish (up to the grace period), then stop the
@@ -160,6 +165,11 @@ class SeqServeServer:
             return
         self._stopping = True
         if self._health is not None:
+    def ready(self) -> bool:
+        """Whether the server takes calls: opened (models loaded) and not draining. Called from
+        the metrics endpoint's thread (reads two booleans)."""
+        return self._open and not self._stopping
+
             for name in ("", *SERVICE_NAMES):
                 await _set_health(self._health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.begin_draining()  # streams still open get UNAVAILABLE for new items

@@ -19,10 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--version", default="", help='"" = production alias or latest')
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    unset = "unset: the session's default sampling (server default %s)"
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=200,
+        help="most tokens to generate (this command's default; a call that does not say gets "
+        "the session's default, 16 on the server)",
+    )
+    p.add_argument("--temperature", type=float, help="0 = greedy; " + unset % "1.0")
+    p.add_argument("--top-k", type=int, help="keep the K likeliest tokens; " + unset % "0, off")
+    p.add_argument("--top-p", type=float, help="nucleus cut; " + unset % "1.0, off")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="makes the output reproducible")
     p.set_defaults(func=run)

@@ -1,7 +1,10 @@
 """The table of served model versions: which are loaded, which sessions need them.
 
-A version is loaded on first use and stays loaded while sessions are pinned to it (in memory or
-spilled); once its last session ends it is unloaded unless new sessions still resolve to it.
+At start-up (`preload`) every version an alias points to, the default one of every model and
+those the `engine.preload` setting names are loaded before the server reports ready; any other
+version is loaded on first use. A version stays loaded while sessions are pinned to it (in memory
+or spilled); once its last session ends it is unloaded unless new sessions still resolve to it
+(the default version, an aliased one, or one preloaded by name).
 Resolution re-reads the store on every call, so versions published and aliases moved on disk
 take effect for the next new session; which version a spec means is the store's rule
 (`VersionRule.version_for`), the same one the registry RPCs report. Before a loaded version takes
@@ -14,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.version_loader import VersionLoader
-from service.errors import SeqServeError
+from service.errors import InvalidArgument, NotFound, SeqServeError
 from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
 
@@ -41,6 +45,7 @@ class ServedVersions:
         self._served: dict[VersionKey, ServedVersion] = {}
         self._loading: dict[VersionKey, asyncio.Future[ServedVersion]] = {}
         self._pins: dict[VersionKey, int] = {}  # sessions per version, loaded or not
+        self._preloaded: set[VersionKey] = set()  # named by the preload setting: kept loaded
 
     def served(self) -> list[ServedVersion]:
         return list(self._served.values())
@@ -105,19 +110,62 @@ class ServedVersions:
         self._observer.on_loaded(served)
         return served
 
+    async def preload(self, extra: Sequence[str] = ()) -> list[VersionKey]:
+        """Load what new sessions will ask for, before the server says it is ready: every
+        aliased version and the default one of every model in the store, and `extra`
+        (`model[:version]`, the `engine.preload` setting). A version that fails to load (bad
+        digest, unusable files) is logged and skipped: the rest still serve. An `extra` entry
+        naming no model, version or alias raises InvalidArgument (a configuration error).
+        Returns what is loaded, in load order."""
+        wanted: list[VersionKey] = []
+        snapshot = await asyncio.to_thread(self.store.snapshot)
+        for entry in sorted(snapshot.models.values(), key=lambda e: e.name):
+            specs = ["", *sorted(entry.aliases)]
+            for spec in specs:
+                try:
+                    version = await asyncio.to_thread(self.rule.version_for, entry, spec)
+                except SeqServeError as exc:
+                    log.error("not preloading %s (%s): %s", entry.name, spec or "default", exc)
+                    continue
+                if (entry.name, version) not in wanted:
+                    wanted.append((entry.name, version))
+        for item in extra:
+            name, _, spec = item.partition(":")
+            try:
+                entry = await asyncio.to_thread(self.store.model, name)
+                version = await asyncio.to_thread(self.rule.version_for, entry, spec)
+            except NotFound as exc:
+                raise InvalidArgument(f"engine.preload: {item!r}: {exc.message}") from None
+            self._preloaded.add((name, version))
+            if (name, version) not in wanted:
+                wanted.append((name, version))
+        loaded: list[VersionKey] = []
+        for key in wanted:
+            try:
+                await self.get(*key)
+            except SeqServeError as exc:  # refused (digest, files): the rest still serve
+                log.error("could not preload %s:%d: %s", *key, exc.message)
+                continue
+            loaded.append(key)
+        return loaded
+
     # ---- unloading -----------------------------------------------------------------------
 
     async def release_if_unused(self, name: str, version: int) -> None:
-        """Unload a version no session is pinned to that new sessions no longer resolve to."""
+        """Unload a version no session is pinned to that new sessions no longer resolve to
+        (not the default version, not aliased, not preloaded by name)."""
         served = self._served.get((name, version))
         if served is None or served.sessions > 0 or served.unloading:
+            return
+        if (name, version) in self._preloaded:
             return
         try:
             entry = await asyncio.to_thread(self.store.model, name)
             current: int | None = await asyncio.to_thread(self.rule.version_for, entry, "")
         except SeqServeError:  # the model vanished or is broken: nothing resolves to it
-            current = None
-        if current == version or served.sessions > 0 or served.unloading:
+            entry, current = None, None
+        aliased = entry is not None and version in entry.aliases.values()
+        if current == version or aliased or served.sessions > 0 or served.unloading:
             return
         await self.unload(served)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,8 +312,11 @@ class Metrics:
         """The registry in the Prometheus text exposition format."""
         return prometheus_client.generate_latest(self.registry)
 
-    def start_http_server(self, host: str, port: int, **tls: Any) -> int:
-        """Serve `/metrics` on a daemon thread; returns the bound port (`port=0` picks one).
+    def start_http_server(
+        self, host: str, port: int, ready: Callable[[], bool] = lambda: True, **tls: Any
+    ) -> int:
+        """Serve `/metrics`, `/healthz` (live) and `/readyz` (200 while `ready()`, else 503) on
+        a daemon thread, 404 elsewhere; returns the bound port (`port=0` picks one).
         `tls`: certfile, keyfile, client_cafile (see `MetricsEndpoint.start`)."""
         return self._endpoint.start(host, port, **tls)
 

@@ -1,7 +1,8 @@
 """The standard health service (grpc.health.v1.Health) over a real channel: Check, Watch across
 `listen()` / `open()` / `stop()`, List, and a channel that does client-side health checking.
 SessionService refuses with UNAVAILABLE until the server is open; no health call counts as
-INTERNAL in the RPC metric."""
+INTERNAL in the RPC metric. Readiness: the versions new sessions will ask for load before
+health says SERVING, and the metrics port's /healthz, /readyz (and 404 elsewhere) follow."""
 
 from __future__ import annotations
 
@@ -9,19 +10,24 @@ import asyncio
 import contextlib
 import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.server import LIVENESS, SeqServeServer
+from service.errors import InvalidArgument
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.registry.store import ModelStore
 
-from .conftest import make_settings
+from .conftest import TOKEN_CONFIG, make_settings, publish_random
 from .support import expect_status
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -218,3 +224,135 @@ async def test_stop_before_open_leaves_the_spill_tier_alone(
     await asyncio.wait_for(server.stop(), TIMEOUT)
     # The engine never started, so it neither ran nor wrote a clean-stop marker.
     assert not (tmp_path / "spill" / ".stopped_at").exists()
+
+
+# ---- readiness: start-up loading, /healthz, /readyz ---------------------------------------
+
+
+def _http_status(port: int, path: str) -> int:
+    """The status the metrics port answers for `path` (blocking; run in a thread)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def _statuses(server: SeqServeServer) -> tuple[int, int]:
+    """(/healthz, /readyz) as the metrics port answers them now."""
+    port = server.metrics_port
+    return (
+        await asyncio.to_thread(_http_status, port, "/healthz"),
+        await asyncio.to_thread(_http_status, port, "/readyz"),
+    )
+
+
+def _gate_loads(server: SeqServeServer) -> tuple[asyncio.Event, list[tuple[str, int]]]:
+    """Hold every model load until the returned event is set (a slow disk, deterministically);
+    the list records what started loading. Everything else is the real server."""
+    release, started = asyncio.Event(), []
+    loader = server.engine.versions._loader
+    load = loader.load
+
+    async def held(name: str, version: int) -> Any:
+        started.append((name, version))
+        await release.wait()
+        return await load(name, version)
+
+    loader.load = held  # type: ignore[method-assign]
+    return release, started
+
+
+async def test_ready_only_once_aliased_and_preloaded_versions_are_loaded(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """tok has versions 1-4: `production` on 1, `staging` on 2, 3 named by engine.preload, 4
+    neither. Until 1, 2, 3 and frames:1 are loaded, health is NOT_SERVING and /readyz 503;
+    then SERVING and 200. While draining: NOT_SERVING and 503, /healthz still 200."""
+    store = ModelStore(store_root)
+    for seed in (3, 4, 5):
+        publish_random(store, "tok", TOKEN_CONFIG, seed=seed)
+    store.set_alias("tok", "production", 1)
+    store.set_alias("tok", "staging", 2)
+    settings = make_settings(
+        store_root, tmp_path, server={"metrics_port": 0, "grace_seconds": 30.0}, preload=["tok:3"]
+    )
+    server = SeqServeServer(settings)
+    release, started = _gate_loads(server)
+    await server.listen()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        port = server.metrics_port
+        assert await _statuses(server) == (200, 503)
+        for path in ("/", "/metrics/", "/ready", "/favicon.ico"):
+            assert await asyncio.to_thread(_http_status, port, path) == 404, path
+        assert await asyncio.to_thread(_http_status, port, "/metrics") == 200
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            opening = asyncio.create_task(server.open())
+            deadline = time.monotonic() + TIMEOUT
+            while not started:  # the first load has begun and is held
+                assert time.monotonic() < deadline and not opening.done()
+                await asyncio.sleep(0.01)
+            assert await _check(health, "") == NOT_SERVING
+            assert await _check(health, SESSION_SERVICE) == NOT_SERVING
+            assert await _statuses(server) == (200, 503)
+
+            release.set()
+            await asyncio.wait_for(opening, TIMEOUT)
+            assert sorted(started) == [("frames", 1), ("tok", 1), ("tok", 2), ("tok", 3)]
+            assert await _check(health, "") == SERVING
+            assert await _statuses(server) == (200, 200)
+            registry = reg_grpc.ModelRegistryStub(channel)
+            detail = await registry.GetModel(reg_pb.GetModelRequest(name="tok"), timeout=TIMEOUT)
+            assert {v.version: v.loaded for v in detail.model.versions} == {
+                1: True, 2: True, 3: True, 4: False
+            }  # fmt: skip
+
+            # An open stream holds the drain (up to the 30 s grace) while we look.
+            stream = pb_grpc.SessionServiceStub(channel).Stream(timeout=60)
+            await stream.write(pb.StreamRequest())
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+            assert await _next_status(watch) == SERVING
+            stopping = asyncio.create_task(server.stop())
+            assert await _next_status(watch) == NOT_SERVING
+            watch.cancel()
+            assert await _statuses(server) == (200, 503)
+            assert not stopping.done()
+            stream.cancel()
+    finally:
+        release.set()
+        if stopping is None:
+            await server.stop()
+        else:
+            await asyncio.wait_for(stopping, TIMEOUT)
+
+
+async def test_a_broken_aliased_version_does_not_block_readiness(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """`staging` points at a version whose weights fail their digest: it is skipped (the rest
+    still serve) and the server becomes ready."""
+    store = ModelStore(store_root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=3)
+    store.set_alias("tok", "production", 1)
+    store.set_alias("tok", "staging", 2)
+    weights = store_root / "tok" / "2" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    server = SeqServeServer(make_settings(store_root, tmp_path, server={"metrics_port": 0}))
+    try:
+        await asyncio.wait_for(server.start(), TIMEOUT)
+        assert await _statuses(server) == (200, 200)
+        loaded = {(v.name, v.version) for v in server.engine.versions.served()}
+        assert loaded == {("tok", 1), ("frames", 1)}
+    finally:
+        await server.stop()
+
+
+async def test_a_preload_naming_nothing_in_the_store_refuses_to_start(
+    store_root: Path, tmp_path: Path
+) -> None:
+    server = SeqServeServer(make_settings(store_root, tmp_path, preload=["tok:canary"]))
+    with pytest.raises(InvalidArgument, match=r"engine.preload: 'tok:canary': .*canary"):
+        await asyncio.wait_for(server.start(), TIMEOUT)
+    await server.stop()

@@ -46,14 +46,14 @@ async def test_list_models(client: SeqServeClient, store_root: Path) -> None:
 
 
 async def test_get_model_reports_manifest_load_state_and_fingerprint(
-    client: SeqServeClient,
+    client: SeqServeClient, store_root: Path
 ) -> None:
     tok = await _model(client, "tok")
     assert tok.name == "tok" and tok.default_version == 1
     (v1,) = tok.versions
     assert v1.version == 1 and v1.cell == reg.CELL_TYPE_LSTM
     assert v1.status == reg.VERSION_STATUS_OK and v1.status_reason == ""
-    assert not v1.loaded and v1.live_sessions == 0
+    assert v1.loaded and v1.live_sessions == 0  # the default version loads at start-up
     manifest = json.loads(v1.manifest_json)
     assert manifest["name"] == "tok" and manifest["version"] == 1 and manifest["cell"] == "lstm"
     assert manifest["hidden_size"] == TOKEN_CONFIG.hidden_size
@@ -69,7 +69,12 @@ async def test_get_model_reports_manifest_load_state_and_fingerprint(
     frames = await _model(client, "frames")
     assert frames.versions[0].cell == reg.CELL_TYPE_GRU
     assert json.loads(frames.versions[0].manifest_json)["reset_after"] is False
-    assert not frames.versions[0].loaded
+    assert frames.versions[0].loaded
+
+    # Published after start-up: listed, not loaded until a session asks for it.
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=3)
+    v2 = (await _model(client, "tok")).versions[1]
+    assert v2.version == 2 and v2.status == reg.VERSION_STATUS_OK and not v2.loaded
 
 
 async def test_refused_version_is_listed_with_its_reason(
@@ -239,3 +244,40 @@ async def test_a_newest_version_failing_its_digest_is_never_reported_as_the_defa
     weights.write_bytes(whole)
     assert await defaults() == (2, 2, 2)
     assert (await _model(client, "tok")).versions[1].status == reg.VERSION_STATUS_OK
+
+
+async def test_get_model_hashes_every_version_and_refuses_one_failing_its_digest(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """With `production` on version 1, nothing else ever hashes version 3's weights, yet
+    GetModel reports it REFUSED for its digest (no server path in the reason). ListModels,
+    GetModel and CreateSession agree on the default: the alias while it is set, else the newest
+    version whose weights are whole (2)."""
+    store = ModelStore(store_root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=3)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=4)
+    weights = store_root / "tok" / "3" / "weights.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=1))
+
+    async def defaults() -> tuple[int, int, int]:
+        listed = {
+            m.name: m for m in (await client.registry.ListModels(reg.ListModelsRequest())).models
+        }
+        detail = await _model(client, "tok")
+        created = (await _create(client)).session.version
+        return listed["tok"].default_version, detail.default_version, created
+
+    detail = await _model(client, "tok")
+    statuses = {v.version: (v.status, v.status_reason) for v in detail.versions}
+    assert statuses[1] == statuses[2] == (reg.VERSION_STATUS_OK, "")
+    status, reason = statuses[3]
+    assert status == reg.VERSION_STATUS_REFUSED and "sha256 mismatch" in reason, reason
+    assert reason.startswith("tok/3/weights.safetensors") and str(store_root) not in reason
+    assert await defaults() == (1, 1, 1)
+
+    await client.registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="production"))
+    assert await defaults() == (2, 2, 2)  # the newest whole version, not the broken 3
+    await expect_status(_create(client, "3"), grpc.StatusCode.DATA_LOSS, "sha256 mismatch")
