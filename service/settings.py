@@ -7,6 +7,7 @@ short flag names, if any, are declared here with `flag(...)`."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_model_store() -> Path:
+    """`./model_store` in the directory seqserve starts in (the repository root for `make
+    serve`); `seqserve serve` refuses to start when it is not there."""
+    return Path.cwd() / "model_store"
+
+
+def default_data_dir() -> Path:
+    """Where seqserve keeps its state when no path is given, never inside the installed
+    package: `$SEQSERVE_DATA_DIR`, else `$XDG_STATE_HOME/seqserve`, else
+    `~/.local/state/seqserve`."""
+    if os.environ.get("SEQSERVE_DATA_DIR"):
+        return Path(os.environ["SEQSERVE_DATA_DIR"])
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "seqserve"
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,10 @@ class EngineSettings(BaseModel):
     """Most items one Stream message may carry."""
     default_top_k: Positive = 5
     """Top-k entries returned in a token prediction when the request does not say."""
+    preload: list[Annotated[str, Field(pattern=r"^[^:\s]+(:[^:\s]+)?$")]] = []
+    """Versions loaded at start-up, as `model[:version]` (a number or an alias; no version: the
+    default one), besides those loaded anyway: every aliased version and the default one of
+    every model. Health stays NOT_SERVING until all are loaded."""
 
 
 class SessionSettings(BaseModel):
@@ -111,17 +132,14 @@ class SessionSettings(BaseModel):
     """Byte budget for in-memory state, per server, across model versions."""
     pool_initial_slots: Positive = 64
     """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
-    preload: list[Annotated[str, Field(pattern=r"^[^:\s]+(:[^:\s]+)?$")]] = []
-    """Versions loaded at start-up, as `model[:version]` (a number or an alias; no version: the
-    default one), besides those loaded anyway: every aliased version and the default one of
-    every model. Health stays NOT_SERVING until all are loaded."""
-    spill_dir: Annotated[Path, flag("--spill-dir")] = REPO_ROOT / "spill"
+    spill_dir: Annotated[Path, flag("--spill-dir")] = Field(
+        default_factory=lambda: default_data_dir() / "spill"
+    )
     """The state directory: checkpoints of evicted, idle and shut-down sessions, and the journal
     (`journal/`); a server started on it resumes the sessions it finds there, after a crash too.
-    One server per directory (it is locked)."""
-    spill_max_bytes: Annotated[Positive, flag("--spill-max-bytes")] = (
-        4 * 1024 * 1024 * 1024
-    )
+    One server per directory (it is locked). Default: `spill/` in the data directory
+    (`$SEQSERVE_DATA_DIR`, else `$XDG_STATE_HOME/seqserve`, else `~/.local/state/seqserve`)."""
+    spill_max_bytes: Annotated[Positive, flag("--spill-max-bytes")] = 4 * 1024 * 1024 * 1024
     """Cap on the spill tier's size on disk; evicting past it gives RESOURCE_EXHAUSTED."""
     slot_wait_seconds: Seconds = 5.0
     """When the pool is full and every session in memory is busy, how long a request waits for
@@ -208,8 +226,9 @@ class Settings(BaseSettings):
         use_attribute_docstrings=True,
     )
 
-    model_store: Annotated[Path, flag("--store")] = REPO_ROOT / "model_store"
-    """Root of the versioned model store."""
+    model_store: Annotated[Path, flag("--store")] = Field(default_factory=default_model_store)
+    """Root of the versioned model store. Default: `./model_store` in the current directory
+    (`serve` refuses to start without a store)."""
     registry_poll_seconds: Seconds = 2.0
     """How often the store is re-read for new versions and alias changes (0 disables)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

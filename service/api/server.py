@@ -143,6 +143,8 @@ class SeqServeServer:
             raise RuntimeError("open() before listen()")
         self._engine_started = True
         await self.engine.start()
+        loaded = await self.engine.versions.preload(self.settings.engine.preload)
+        log.info("loaded %s", ", ".join(f"{n}:{v}" for n, v in loaded) or "no model version")
         if self._stopping:  # stop() began meanwhile: stay NOT_SERVING
             return
         self._open = True
@@ -151,12 +153,15 @@ class SeqServeServer:
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
         log.info("seqserve serving on port %d", self.port)
 
+    def ready(self) -> bool:
+        """Whether the server takes calls: opened (models loaded) and not draining. Called from
+        the metrics endpoint's thread (reads two booleans)."""
+        return self._open and not self._stopping
+
     def tune_gc(self) -> None:
         """Process-wide GC tuning, for `serve` (not for servers embedded in other programs)."""
         self.metrics_observer.tuning_gc = True
         freeze_heap(self.settings.server.gc_gen0_threshold)
-        loaded = await self.engine.versions.preload(self.settings.engine.preload)
-        log.info("loaded %s", ", ".join(f"{n}:{v}" for n, v in loaded) or "no model version")
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight RPCs finish (up to the grace period), then stop the
@@ -165,11 +170,6 @@ class SeqServeServer:
             return
         self._stopping = True
         if self._health is not None:
-    def ready(self) -> bool:
-        """Whether the server takes calls: opened (models loaded) and not draining. Called from
-        the metrics endpoint's thread (reads two booleans)."""
-        return self._open and not self._stopping
-
             for name in ("", *SERVICE_NAMES):
                 await _set_health(self._health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.begin_draining()  # streams still open get UNAVAILABLE for new items
