@@ -35,7 +35,7 @@ def _serve(
     name: str, args: argparse.Namespace, work: Path, cpus, state_url: str = ""
 ) -> ServerProcess:  # type: ignore[no-untyped-def]
     argv = ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "-1", "--store", str(args.store),
+            "--metrics-port", "-1", "--http-port", "-1", "--store", str(args.store),
             "--spill-dir", str(work / f"{name}-state")]  # fmt: skip
     if state_url:
         argv += ["--state-url", state_url]

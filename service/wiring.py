@@ -29,6 +29,9 @@ from service.engine.session_residency import SessionResidency
 from service.engine.store_watcher import StoreWatcher
 from service.engine.takeover import Takeover
 from service.engine.version_loader import VersionLoader
+from service.http.calls import Calls
+from service.http.http_server import HttpApi
+from service.http.routes import Routes
 from service.metrics.prometheus_metrics import Metrics
 from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
@@ -146,6 +149,7 @@ class ServerParts:
     session_servicer: SessionServicer
     registry_servicer: RegistryServicer
     interceptor: ErrorMappingInterceptor  # errors → statuses, RPC timing, readiness gate
+    http: HttpApi  # the HTTP/JSON API over the same servicers (auth, gate and timing its own)
 
 
 def build_server_parts(settings: Settings, *, ready: Callable[[], bool]) -> ServerParts:
@@ -154,21 +158,25 @@ def build_server_parts(settings: Settings, *, ready: Callable[[], bool]) -> Serv
     metrics = Metrics()
     observer = ServerObserver(metrics, settings.server.gc_gen0_threshold)
     engine = build_engine(settings, store=store, observer=observer)
+    auth = call_auth(settings)
+    session_servicer = SessionServicer(
+        engine,
+        max_items_per_message=settings.engine.max_items_per_message,
+        max_message_bytes=settings.server.max_message_bytes,
+    )
+    registry_servicer = RegistryServicer(engine.versions)
+    calls = Calls(auth, ready, metrics.observe_rpc, settings.server.max_message_bytes)
     return ServerParts(
         store=store,
         metrics=metrics,
         observer=observer,
         engine=engine,
-        session_servicer=SessionServicer(
-            engine,
-            max_items_per_message=settings.engine.max_items_per_message,
-            max_message_bytes=settings.server.max_message_bytes,
-        ),
-        registry_servicer=RegistryServicer(engine.versions),
+        session_servicer=session_servicer,
+        registry_servicer=registry_servicer,
         interceptor=ErrorMappingInterceptor(
-            metrics.observe_rpc,
-            settings.server.max_message_bytes,
-            ready=ready,
-            auth=call_auth(settings),
+            metrics.observe_rpc, settings.server.max_message_bytes, ready=ready, auth=auth
+        ),
+        http=HttpApi(
+            Routes(calls, session_servicer, registry_servicer), settings.server.grace_seconds
         ),
     )

@@ -25,7 +25,7 @@ from service.api.gc_tuning import freeze_heap
 from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
-from service.security.tls import check_bind, server_credentials
+from service.security.tls import check_bind, server_credentials, server_ssl_context
 from service.settings import Settings
 from service.wiring import build_server_parts
 
@@ -66,6 +66,7 @@ class SeqServeServer:
         )
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0  # the HTTP/JSON API's; 0 while it is off (`http_port` -1)
         self._refresher: asyncio.Task[None] | None = None
         self._health: health.aio.HealthServicer | None = None
         self._engine_started = False  # set by open(): an engine never started is not stopped
@@ -79,6 +80,7 @@ class SeqServeServer:
             await self.open()
         except BaseException:
             await self.grpc.stop(None)
+            await self.parts.http.stop()
             self.metrics.stop()
             raise
 
@@ -130,10 +132,20 @@ class SeqServeServer:
                 s.metrics_host, s.metrics_port, ready=self.ready, **tls
             )
         await self.grpc.start()
+        if s.http_port >= 0:
+            try:
+                self.http_port = await self.parts.http.start(
+                    s.host, s.http_port, server_ssl_context(sec), shared=s.worker >= 0
+                )
+            except BaseException:
+                await self.grpc.stop(None)
+                self.metrics.stop()
+                raise
         self._health = health_servicer
         log.info(
-            "seqserve listening on %s:%d (metrics on %s:%d, store %s); starting",
-            s.host, self.port, s.metrics_host, self.metrics_port, self.settings.model_store,
+            "seqserve listening on %s:%d (HTTP on %d, metrics on %s:%d, store %s); starting",
+            s.host, self.port, self.http_port, s.metrics_host, self.metrics_port,
+            self.settings.model_store,
         )  # fmt: skip
 
     async def open(self) -> None:
@@ -174,7 +186,10 @@ class SeqServeServer:
                 await _set_health(self._health, name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.begin_draining()  # streams still open get UNAVAILABLE for new items
         try:
-            await self.grpc.stop(self.settings.server.grace_seconds)
+            self.parts.http.begin_draining()
+            await asyncio.gather(
+                self.grpc.stop(self.settings.server.grace_seconds), self.parts.http.stop()
+            )
             if self._engine_started:  # stopped before open(): the spill tier was never opened
                 await self.engine.stop()
         except Exception:  # whatever the disk did, the process must still exit

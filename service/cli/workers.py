@@ -107,6 +107,7 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
     """Supervise `count` workers until SIGTERM/SIGINT; the exit status."""
     s = settings.server
     reserved, port = reserve_port(s.host, s.port)
+    http_reserved, http_port = reserve_port(s.host, s.http_port) if s.http_port >= 0 else (None, -1)
     lock = PortLock(port)
     lock.acquire()
     spill = settings.sessions.spill_dir
@@ -125,7 +126,8 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
         metrics = -1 if s.metrics_port < 0 else (0 if s.metrics_port == 0 else s.metrics_port + i)
         worker_file = work / f"worker-{i}.json"
         child = [sys.executable, "-m", "service.cli.main", *argv, "--port", str(port),
-                 "--metrics-port", str(metrics), "--port-file", str(worker_file)]  # fmt: skip
+                 "--metrics-port", str(metrics), "--http-port", str(http_port),
+                 "--port-file", str(worker_file)]  # fmt: skip
         workers.append(_Worker(i, child, env, worker_file))
     stopping = False
 
@@ -147,6 +149,7 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
                      count, s.host, port, ports)  # fmt: skip
             if port_file is not None:
                 _write_json(port_file, {"port": port, "metrics_port": ports[0],
+                                        "http_port": http_port,
                                         "workers": [w.proc.pid for w in workers if w.proc],
                                         "metrics_ports": ports})  # fmt: skip
         while not stopping:
@@ -165,6 +168,8 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
     finally:
         _stop_all(workers, settings)
         reserved.close()
+        if http_reserved is not None:
+            http_reserved.close()
         lock.release()
         os.close(dir_lock)
     return status

@@ -32,6 +32,8 @@ GRPC_CODES = frozenset(
         "UNAUTHENTICATED",
     )
 )  # fmt: skip
+# The `protocol` label of call durations: gRPC, or the HTTP/JSON API.
+PROTOCOLS = ("grpc", "http")
 
 
 def check_tier(tier: str, tiers: tuple[str, ...] = TIERS) -> str:

@@ -34,6 +34,7 @@ from service.metrics.bounds import (
     LATENCY_BUCKETS,
     MODEL_LOAD_BUCKETS,
     PHASES,
+    PROTOCOLS,
     SESSION_EVENTS,
     SESSION_TIERS,
     TIERS,
@@ -81,8 +82,9 @@ class Metrics:
 
         self._rpc_duration = Histogram(
             "seqserve_rpc_duration_seconds",
-            "gRPC call duration, receipt to final status, by method and status code.",
-            ("method", "code"), buckets=LATENCY_BUCKETS, registry=r,
+            "Call duration, receipt to final status, by method, gRPC status code and protocol "
+            "(grpc, or http: the HTTP/JSON API's routes count as the methods they call).",
+            ("method", "code", "protocol"), buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._batch_rows = Histogram(
             "seqserve_batch_rows",
@@ -186,11 +188,14 @@ class Metrics:
 
     # ---- requests and steps ------------------------------------------------------------
 
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        """One finished RPC. `method` is the short RPC name, `code` a gRPC status name."""
+    def observe_rpc(self, method: str, code: str, seconds: float, protocol: str = "grpc") -> None:
+        """One finished call. `method` is the short RPC name, `code` a gRPC status name,
+        `protocol` `grpc` or `http`."""
         if code not in GRPC_CODES:
             raise ValueError(f"not a gRPC status code name: {code!r}")
-        self._rpc_duration.labels(method, code).observe(seconds)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"not a protocol: {protocol!r}")
+        self._rpc_duration.labels(method, code, protocol).observe(seconds)
 
     def observe_step(self, stats: StepStats) -> None:
         """One batched step of one model version."""
@@ -318,7 +323,7 @@ class Metrics:
         """Serve `/metrics`, `/healthz` (live) and `/readyz` (200 while `ready()`, else 503) on
         a daemon thread, 404 elsewhere; returns the bound port (`port=0` picks one).
         `tls`: certfile, keyfile, client_cafile (see `MetricsEndpoint.start`)."""
-        return self._endpoint.start(host, port, **tls)
+        return self._endpoint.start(host, port, ready=ready, **tls)
 
     def stop(self) -> None:
         """Stop the HTTP server, if running, and release its port. Safe to call twice."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import logging
 
 import grpc
@@ -61,3 +62,17 @@ def check_bind(host: str, sec: SecuritySettings) -> None:
         f"refusing to listen on {host} without TLS and tokens (or client certificates): set "
         "--tls-cert/--tls-key and --auth-tokens, or --insecure on a private network"
     )
+
+
+def server_ssl_context(sec: SecuritySettings) -> ssl.SSLContext | None:
+    """The same TLS as `server_credentials`, for the HTTP port (None: plain text)."""
+    if server_credentials(sec) is None:  # validates the settings and the files the same way
+        return None
+    assert sec.tls_cert is not None and sec.tls_key is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(sec.tls_cert, sec.tls_key)
+    if sec.tls_client_ca is not None:
+        context.load_verify_locations(cafile=str(sec.tls_client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -75,7 +75,8 @@ def make_settings(
         model_store=store_root,
         registry_poll_seconds=0,
         server=ServerSettings(
-            **{"port": 0, "metrics_port": -1, "grace_seconds": 2.0, **(server or {})}
+            **{"port": 0, "metrics_port": -1, "http_port": -1, "grace_seconds": 2.0,
+               **(server or {})}
         ),
         engine=EngineSettings(**engine),  # type: ignore[arg-type]
         sessions=SessionSettings(**{"spill_dir": tmp_path / "spill", **(sessions or {})}),

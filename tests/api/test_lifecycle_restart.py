@@ -50,7 +50,7 @@ class ServerProcess:
         self.slots = slots
         self.args = [
             sys.executable, "-m", "service.cli.main", "serve",
-            "--port", str(port), "--metrics-port", "-1", "--store", str(store),
+            "--port", str(port), "--metrics-port", "-1", "--http-port", "-1", "--store", str(store),
             "--spill-dir", str(spill), "--port-file", str(self.port_file),
             "--pool-bytes", str(slots * SLOT_BYTES), "--ttl", "3600", *extra,
         ]  # fmt: skip

@@ -73,7 +73,7 @@ async def test_two_workers_on_one_port_serve_the_same_sessions_exactly(
         target = f"127.0.0.1:{server.port}"
         second = subprocess.run(
             [sys.executable, "-m", "service.cli.main", "serve", "--port", str(server.port),
-             "--metrics-port", "-1", "--spill-dir", str(tmp_path / "other")],
+             "--metrics-port", "-1", "--http-port", "-1", "--spill-dir", str(tmp_path / "other")],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert second.returncode == 2 and "in use by another seqserve" in second.stderr

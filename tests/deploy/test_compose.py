@@ -319,7 +319,7 @@ async def test_healthcheck_script_follows_the_server(tmp_path: Path) -> None:
         Settings(
             model_store=tmp_path / "store",
             registry_poll_seconds=0,
-            server=ServerSettings(port=0, metrics_port=-1, grace_seconds=0.1),
+            server=ServerSettings(port=0, metrics_port=-1, http_port=-1, grace_seconds=0.1),
             sessions=SessionSettings(spill_dir=tmp_path / "spill"),
         )
     )

@@ -43,7 +43,7 @@ async def server(store_root: Path, tmp_path: Path) -> AsyncIterator[SeqServeServ
     settings = Settings(
         model_store=store_root,
         registry_poll_seconds=0,
-        server=ServerSettings(port=0, metrics_port=-1, grace_seconds=0.5),
+        server=ServerSettings(port=0, metrics_port=-1, http_port=-1, grace_seconds=0.5),
         engine=EngineSettings(),
         sessions=SessionSettings(spill_dir=tmp_path / "spill"),
     )

@@ -1,0 +1,155 @@
+"""One HTTP request as one call of a seqserve.v1 method: who calls (the same `CallAuth` as gRPC,
+from the `Authorization` header or the TLS client certificate), the readiness gate, the
+protobuf request parsed from JSON with protobuf's JSON mapping, and the call's timing in the
+same metric family as gRPC's (`protocol="http"`).
+
+The servicers are the gRPC ones: they read a call's metadata through `invocation_metadata()`
+and its certificate through `auth_context()`, which `HttpContext` gives them from HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from service.api.interceptor import NOT_READY_MESSAGE
+from service.errors import InvalidArgument, SeqServeError, Unavailable, quote
+from service.http.status_map import HttpError
+from service.security import principal
+from service.security.call_auth import CLIENT_HEADER, CallAuth
+from service.sessions.session import ROUTE_HEADER
+
+M = TypeVar("M", bound=Message)
+
+# Headers a servicer or CallAuth reads as gRPC metadata (lower-case, as gRPC gives them).
+FORWARDED_HEADERS = ("authorization", ROUTE_HEADER, CLIENT_HEADER)
+
+RpcObserver = Callable[[str, str, float, str], None]  # (method, code, seconds, protocol)
+
+
+@dataclass(frozen=True)
+class _Metadatum:
+    key: str
+    value: str
+
+
+class HttpContext:
+    """What the servicers and `CallAuth` read of a gRPC call, from an HTTP request."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+
+    def invocation_metadata(self) -> tuple[_Metadatum, ...]:
+        headers = self._request.headers
+        return tuple(
+            _Metadatum(name, headers[name]) for name in FORWARDED_HEADERS if name in headers
+        )
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        """The verified client certificate's common name, as gRPC's auth context names it."""
+        transport = self._request.transport
+        cert = transport.get_extra_info("peercert") if transport is not None else None
+        if not cert:
+            return {}
+        names = [v.encode() for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+        return {"x509_common_name": names} if names else {}
+
+
+class Calls:
+    """Runs seqserve.v1 methods for HTTP requests; errors become HTTP answers here only."""
+
+    def __init__(
+        self,
+        auth: CallAuth,
+        ready: Callable[[], bool],
+        observe: RpcObserver,
+        max_body_bytes: int,
+    ) -> None:
+        self._auth = auth
+        self._ready = ready
+        self._observe = observe
+        self.max_body_bytes = max_body_bytes
+        self.draining = False
+
+    @contextlib.asynccontextmanager
+    async def call(self, method: str, grpc_path: str, request: web.Request) -> AsyncIterator[None]:
+        """Around one call: the caller's principal, the readiness gate, the timing. Errors
+        propagate (as the interceptor lets them for gRPC); `answer` turns them into HTTP."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            principal.current.set(self._auth.principal(grpc_path, HttpContext(request)))
+            if self.draining:
+                raise Unavailable("server is draining; retry on another replica")
+            if not self._ready():
+                raise Unavailable(NOT_READY_MESSAGE)
+            yield
+        except SeqServeError as exc:
+            code = exc.status.name
+            raise
+        except ConnectionResetError:  # the client went away while we wrote
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        except BaseException:  # CancelledError: the client went away
+            code = "CANCELLED"
+            raise
+        finally:
+            self._observe(method, code, time.perf_counter() - started, "http")
+
+    async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:
+        """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in
+        the URL) set; a body that names another value for one of them is refused."""
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise _too_large(request.content_length, self.max_body_bytes)
+        raw = await request.content.read(self.max_body_bytes + 1)
+        if len(raw) > self.max_body_bytes:
+            raise _too_large(len(raw), self.max_body_bytes)
+        if raw.strip():
+            try:
+                json_format.Parse(raw.decode("utf-8"), message)
+            except (json_format.ParseError, UnicodeDecodeError) as exc:
+                raise InvalidArgument(f"the request body is not a valid JSON {_name(message)}: "
+                                      f"{quote(str(exc), 160)}") from None  # fmt: skip
+        for field, value in path_fields.items():
+            given = getattr(message, field)
+            if given and given != value:
+                raise InvalidArgument(
+                    f"{field} in the body ({quote(given)}) is not the one in the path "
+                    f"({quote(value)})"
+                )
+            setattr(message, field, value)
+        return message
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as protobuf's JSON mapping gives it, every field shown."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def json_answer(message: Message) -> web.Response:
+    return web.json_response(to_json(message))
+
+
+def error_answer(exc: BaseException) -> web.Response:
+    error = HttpError(exc)
+    return web.json_response(error.body, status=error.http_status, headers=error.headers)
+
+
+def _too_large(size: int, limit: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"request body of {size} bytes exceeds the limit of {limit} "
+        "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send smaller chunks"
+    )
+
+
+def _name(message: Message) -> str:
+    return message.DESCRIPTOR.name

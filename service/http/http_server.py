@@ -1,0 +1,84 @@
+"""The HTTP side of a server: an aiohttp application on the gRPC server's event loop, with the
+JSON routes, the OpenAPI document and the playground page (plain files shipped in the package)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+
+from service.errors import PortInUse
+from service.http.calls import Calls
+from service.http.openapi import openapi_document
+from service.http.routes import Routes
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(str(resources.files("service.http") / "static"))
+
+
+class HttpApi:
+    def __init__(self, routes: Routes, grace_seconds: float = 10.0) -> None:
+        self.calls: Calls = routes.calls
+        self._grace_seconds = grace_seconds
+        self.app = web.Application(client_max_size=routes.calls.max_body_bytes + 1)
+        routes.add_to(self.app)
+        document = openapi_document()
+
+        async def openapi(_: web.Request) -> web.Response:
+            return web.json_response(document)
+
+        self.app.router.add_get("/v1/openapi.json", openapi)
+        self.app.router.add_get("/", _index)
+        self.app.router.add_static("/static/", STATIC_DIR, append_version=False)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None, shared: bool = False
+    ) -> int:
+        """Listen on `host:port` (0 picks a port); returns the bound port. `shared`: with
+        SO_REUSEPORT, for the worker processes of `serve --workers` (as gRPC's port)."""
+        # handler_cancellation: a client that hangs up cancels its call, as in gRPC (and ends a
+        # server-sent generation at once).
+        self._runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self._grace_seconds,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, host, port, ssl_context=ssl_context, reuse_address=True,
+            reuse_port=shared or None,
+        )  # fmt: skip
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise PortInUse(
+                f"cannot listen for HTTP on {host}:{port}: {exc.strerror} (set --http-port, "
+                "or -1 to turn the HTTP API off)"
+            ) from None
+        server = site._server  # aiohttp keeps the asyncio server here
+        sockets = getattr(server, "sockets", None) or ()
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        return self.port
+
+    def begin_draining(self) -> None:
+        """New calls get UNAVAILABLE (503) from now; calls in flight go on."""
+        self.calls.draining = True
+
+    async def stop(self) -> None:
+        """Close the listener and the connections (calls in flight had the grace period)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def _index(_: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})

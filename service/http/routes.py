@@ -1,0 +1,180 @@
+"""The HTTP/JSON routes: each one is a seqserve.v1 method, called through the gRPC servicer with
+the body parsed by protobuf's JSON mapping, so one JSON document reads the same over both.
+
+    GET    /v1/models                     ListModels
+    GET    /v1/models/{model}             GetModel
+    POST   /v1/sessions                   CreateSession   (body: CreateSessionRequest)
+    GET    /v1/sessions/{id}              GetSession
+    DELETE /v1/sessions/{id}              CloseSession
+    POST   /v1/sessions/{id}:fork         ForkSession     (body: ForkSessionRequest)
+    POST   /v1/sessions/{id}:step         Step            (body: StepRequest)
+    POST   /v1/sessions/{id}:generate     Generate        (body: GenerateRequest) → SSE
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.message import Message
+
+from service.api.registry_servicer import RegistryServicer
+from service.api.session_servicer import SessionServicer
+from service.errors import NotFound, quote
+from service.http.calls import Calls, HttpContext, error_answer, json_answer, to_json
+from service.http.status_map import HttpError
+from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+
+SESSIONS = "/seqserve.v1.SessionService/"
+REGISTRY = "/seqserve.v1.ModelRegistry/"
+SESSION_VERBS = ("fork", "step", "generate")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Routes:
+    def __init__(self, calls: Calls, sessions: SessionServicer, registry: RegistryServicer) -> None:
+        self.calls = calls
+        self.sessions = sessions
+        self.registry = registry
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model}", self.get_model)
+        app.router.add_post("/v1/sessions", self.create_session)
+        app.router.add_get("/v1/sessions/{id}", self.get_session)
+        app.router.add_delete("/v1/sessions/{id}", self.close_session)
+        app.router.add_post("/v1/sessions/{id}", self.session_verb)  # {id}:fork, :step, :generate
+
+    async def _unary(
+        self,
+        request: web.Request,
+        service: str,
+        method: str,
+        run: Callable[[HttpContext], Awaitable[Message]],
+    ) -> web.Response:
+        try:
+            async with self.calls.call(method, service + method, request):
+                return json_answer(await run(HttpContext(request)))
+        except Exception as exc:
+            return error_answer(exc)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return await self._unary(
+            request, REGISTRY, "ListModels",
+            lambda ctx: self.registry.ListModels(reg_pb.ListModelsRequest(), ctx),
+        )  # fmt: skip
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        message = reg_pb.GetModelRequest(name=request.match_info["model"])
+        return await self._unary(
+            request, REGISTRY, "GetModel", lambda ctx: self.registry.GetModel(message, ctx)
+        )
+
+    async def create_session(self, request: web.Request) -> web.Response:
+        async def run(ctx: HttpContext) -> Message:
+            message = await self.calls.parse(request, pb.CreateSessionRequest())
+            return await self.sessions.CreateSession(message, ctx)
+
+        return await self._unary(request, SESSIONS, "CreateSession", run)
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        message = pb.GetSessionRequest(session_id=request.match_info["id"])
+        return await self._unary(
+            request, SESSIONS, "GetSession", lambda ctx: self.sessions.GetSession(message, ctx)
+        )
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        message = pb.CloseSessionRequest(session_id=request.match_info["id"])
+        return await self._unary(
+            request, SESSIONS, "CloseSession", lambda ctx: self.sessions.CloseSession(message, ctx)
+        )
+
+    async def session_verb(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/sessions/{id}:verb` (a custom method in the AIP-136 style)."""
+        session_id, _, verb = request.match_info["id"].rpartition(":")
+        if not session_id or verb not in SESSION_VERBS:
+            return error_answer(
+                NotFound(
+                    f"no route POST /v1/sessions/{quote(request.match_info['id'])}: expected "
+                    "/v1/sessions/{id}:fork, :step or :generate"
+                )
+            )
+        if verb == "generate":
+            return await self.generate(request, session_id)
+        if verb == "fork":
+
+            async def fork(ctx: HttpContext) -> Message:
+                message = await self.calls.parse(
+                    request, pb.ForkSessionRequest(), session_id=session_id
+                )
+                return await self.sessions.ForkSession(message, ctx)
+
+            return await self._unary(request, SESSIONS, "ForkSession", fork)
+
+        async def step(ctx: HttpContext) -> Message:
+            message = await self.calls.parse(request, pb.StepRequest(), session_id=session_id)
+            return await self.sessions.Step(message, ctx)
+
+        return await self._unary(request, SESSIONS, "Step", step)
+
+    async def generate(self, request: web.Request, session_id: str) -> web.StreamResponse:
+        """Server-sent events: `token` per generated token (a GenerateResponse), then `done`
+        with the finish reason and position, or `error` if the generation fails after its
+        first token. An error before the first token is a plain JSON error answer. Closing the
+        connection cancels the generation (its tokens so far stay in the session)."""
+        response: web.StreamResponse | None = None
+        try:
+            async with self.calls.call("Generate", SESSIONS + "Generate", request):
+                message = await self.calls.parse(
+                    request, pb.GenerateRequest(), session_id=session_id
+                )
+                tokens = self.sessions.Generate(message, HttpContext(request))
+                async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+                    last: pb.GenerateResponse | None = None
+                    async for reply in stream:
+                        if response is None:  # the generation started: commit to SSE
+                            response = await _event_stream(request)
+                        await _send(response, "token", to_json(reply))
+                        last = reply
+                    if response is None:  # max_tokens 0 or the like: nothing generated
+                        response = await _event_stream(request)
+                    done = {
+                        "sessionId": session_id,
+                        "position": str(last.position) if last is not None else None,
+                        "finishReason": to_json(last.token).get("finishReason")
+                        if last is not None
+                        else None,
+                    }
+                    await _send(response, "done", done)
+        except ConnectionResetError:  # the client closed the connection: nothing to answer
+            return response if response is not None else web.Response(status=499)
+        except Exception as exc:
+            if response is None:
+                return error_answer(exc)
+            with contextlib.suppress(ConnectionResetError):
+                await _send(response, "error", HttpError(exc).body)
+        assert response is not None
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+
+async def _event_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+async def _send(response: web.StreamResponse, event: str, data: dict[str, Any]) -> None:
+    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())

@@ -1,0 +1,421 @@
+// The seqserve playground: one session per page, fed incrementally as you type (never two
+// requests at once), generations streamed as server-sent events. Plain JS, no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ROUTE = randomRoute(); // the routing key: every call of this page reaches one replica
+let token = null; // a bearer token, only in memory, when the server asks for one
+
+// ---- the HTTP/JSON API --------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    super(e.message || `HTTP ${status}`);
+    this.httpStatus = status;
+    this.code = e.status || "UNKNOWN";
+  }
+}
+
+function headers(json) {
+  const h = { "x-seqserve-route": ROUTE };
+  if (json) h["content-type"] = "application/json";
+  if (token) h["authorization"] = `Bearer ${token}`;
+  return h;
+}
+
+async function api(method, path, body, init = {}) {
+  const res = await fetch(path, {
+    method, headers: headers(body !== undefined),
+    body: body === undefined ? undefined : JSON.stringify(body), ...init,
+  });
+  const data = await res.json().catch(() => null);
+  if (!res.ok) {
+    if (res.status === 401) askForToken();
+    throw new ApiError(res.status, data);
+  }
+  return data;
+}
+
+// Server-sent events from a POST (EventSource only does GET without headers).
+async function* events(path, body, signal) {
+  const res = await fetch(path, {
+    method: "POST", headers: headers(true), body: JSON.stringify(body), signal,
+  });
+  if (!res.ok) {
+    const data = await res.json().catch(() => null);
+    if (res.status === 401) askForToken();
+    throw new ApiError(res.status, data);
+  }
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      yield { event, data: JSON.parse(data) };
+    }
+  }
+}
+
+// ---- page state ---------------------------------------------------------------------------
+
+let models = [];         // ListModels
+let manifest = null;     // the chosen version's manifest
+let session = null;      // {id, text, position}: what the session has consumed
+let wanted = "";         // what the text box says
+let pumping = false;     // a request for the text box is in flight
+let generating = null;   // AbortController of the running generation
+
+function status(text, error = false) {
+  $("status").textContent = text;
+  $("status").className = error ? "error" : "";
+}
+
+function showSession() {
+  $("session-line").textContent = session
+    ? `session ${session.id} · position ${session.position}` : "";
+}
+
+function askForToken() {
+  $("auth").hidden = false;
+  $("token").focus();
+}
+
+function randomRoute() {
+  const bytes = new Uint8Array(9);
+  crypto.getRandomValues(bytes);
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_");
+}
+
+const utf8 = new TextEncoder();
+
+// ---- models -------------------------------------------------------------------------------
+
+async function loadModels() {
+  try {
+    models = (await api("GET", "/v1/models")).models;
+  } catch (e) {
+    status(e.message, true);
+    return;
+  }
+  const select = $("model");
+  select.replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+  await chooseModel();
+}
+
+async function chooseModel() {
+  const name = $("model").value;
+  const model = models.find((m) => m.name === name);
+  if (!model) return;
+  const options = [new Option(`default (${model.defaultVersion})`, "")];
+  for (const [alias, v] of Object.entries(model.aliases)) options.push(new Option(`${alias} → ${v}`, alias));
+  for (const v of model.versions) options.push(new Option(`${v}`, `${v}`));
+  $("version").replaceChildren(...options);
+  await chooseVersion();
+}
+
+async function chooseVersion() {
+  await closeSession();
+  const name = $("model").value;
+  const detail = (await api("GET", `/v1/models/${encodeURIComponent(name)}`)).model;
+  const wantedVersion = $("version").value || detail.defaultVersion;
+  const resolved = detail.aliases[wantedVersion] || wantedVersion;
+  const version = detail.versions.find((v) => `${v.version}` === `${resolved}`);
+  manifest = version && version.manifestJson ? JSON.parse(version.manifestJson) : null;
+  const frames = manifest && manifest.input && manifest.input.kind === "features";
+  $("tokens-panel").hidden = !!frames;
+  $("frames-panel").hidden = !frames;
+  if (frames) {
+    $("frame-dim").textContent = manifest.input.dim;
+    status(`${name}: a frame model (${manifest.input.dim} values in, ${manifest.head.dim} out)`);
+  } else {
+    status(`${name}: type to see the next-token distribution`);
+    wanted = $("prompt").value;
+    pump();
+  }
+}
+
+// ---- token models: feed as you type ---------------------------------------------------------
+
+async function closeSession() {
+  const old = session;
+  session = null;
+  showSession();
+  if (old) await api("DELETE", `/v1/sessions/${old.id}`).catch(() => {});
+}
+
+function createBody(prefix) {
+  const body = { model: $("model").value, version: $("version").value, options: { topK: topK() } };
+  if (prefix) body.prefix = { text: prefix };
+  return body;
+}
+
+function topK() {
+  return Math.max(1, Math.min(50, parseInt($("top-k").value, 10) || 8));
+}
+
+// Bring the session to the text box's text, one request at a time. Appended text is fed as a
+// step; any other edit (backspace, a paste in the middle) restarts from the new text.
+async function pump() {
+  if (pumping || generating) return;
+  pumping = true;
+  try {
+    while (session === null || session.dirty || session.text !== wanted) {
+      const target = wanted;
+      let reply;
+      if (session && !session.dirty && target.startsWith(session.text)) {
+        reply = await api("POST", `/v1/sessions/${session.id}:step`, {
+          input: { text: target.slice(session.text.length) },
+          expectedPosition: session.position,
+          options: { topK: topK() },
+        });
+        session.position = reply.position;
+        session.text = target;
+      } else {
+        await closeSession();
+        reply = await api("POST", "/v1/sessions", createBody(target));
+        session = { id: reply.session.sessionId, text: target, position: reply.session.position };
+      }
+      showSession();
+      showBars(reply.prediction);
+    }
+    status("");
+  } catch (e) {
+    status(`${e.code || "error"}: ${e.message}`, true);
+    if (session) session.dirty = true; // start again from the text at the next keystroke
+  } finally {
+    pumping = false;
+  }
+}
+
+function showBars(prediction) {
+  const bars = $("bars");
+  const top = prediction && prediction.tokens ? prediction.tokens.top : [];
+  if (!top.length) {
+    bars.replaceChildren();
+    return;
+  }
+  bars.replaceChildren(...top.map((t) => {
+    const row = document.createElement("div");
+    row.className = "bar";
+    const label = document.createElement("span");
+    label.className = "tok";
+    label.textContent = JSON.stringify(t.text).slice(1, -1) || `#${t.id}`;
+    const track = document.createElement("span");
+    track.className = "track";
+    const fill = document.createElement("span");
+    fill.className = "fill";
+    fill.style.display = "block";
+    fill.style.width = `${(t.prob * 100).toFixed(1)}%`;
+    track.append(fill);
+    const p = document.createElement("span");
+    p.className = "p";
+    p.textContent = `${(t.prob * 100).toFixed(1)}%`;
+    row.append(label, track, p);
+    return row;
+  }));
+}
+
+async function generate() {
+  if (generating) return;
+  while (pumping) await new Promise((r) => setTimeout(r, 20));
+  wanted = $("prompt").value;
+  await pump();
+  if (!session) return;
+  generating = new AbortController();
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  $("prompt").readOnly = true;
+  $("bars").replaceChildren();
+  status("generating…");
+  const temperature = parseFloat($("temperature").value);
+  const body = {
+    expectedPosition: session.position,
+    sampling: {
+      maxTokens: parseInt($("max-tokens").value, 10) || 60,
+      temperature: Number.isFinite(temperature) ? temperature : 0.8,
+    },
+  };
+  let finish = "";
+  try {
+    for await (const { event, data } of events(`/v1/sessions/${session.id}:generate`, body, generating.signal)) {
+      if (event === "token") {
+        session.text += data.token.text;
+        session.position = data.position;
+        $("prompt").value = session.text;
+        showSession();
+      } else if (event === "done") {
+        finish = data.finishReason;
+      } else if (event === "error") {
+        throw new ApiError(500, data);
+      }
+    }
+    status(`done: ${finish.replace("FINISH_REASON_", "").toLowerCase()} — type on to see the bars again`);
+  } catch (e) {
+    if (e.name === "AbortError") status("stopped");
+    else status(`${e.code || "error"}: ${e.message}`, true);
+    await resync();
+  } finally {
+    generating = null;
+    $("generate").disabled = false;
+    $("stop").disabled = true;
+    $("prompt").readOnly = false;
+    wanted = $("prompt").value;
+    if (session && utf8.encode(session.text).length !== Number(session.position)) session.dirty = true;
+  }
+}
+
+// After a stopped or failed generation the session may hold tokens this page never saw.
+async function resync() {
+  if (!session) return;
+  try {
+    const s = (await api("GET", `/v1/sessions/${session.id}`)).session;
+    if (s.position !== session.position) session.dirty = true;
+  } catch (e) {
+    session.dirty = true;
+  }
+}
+
+// ---- frame models: a series in, its predictions plotted -------------------------------------
+
+function parseSeries(text, dim) {
+  const frames = [];
+  text.split(/\r?\n/).forEach((line, i) => {
+    const trimmed = line.trim();
+    if (!trimmed || /^[a-zA-Z#]/.test(trimmed)) return; // blank, a header or a comment
+    const values = trimmed.split(/[,;\s]+/).map(Number);
+    if (values.length !== dim || values.some((v) => !Number.isFinite(v))) {
+      throw new Error(`line ${i + 1}: expected ${dim} numbers, got "${trimmed.slice(0, 40)}"`);
+    }
+    frames.push(values);
+  });
+  if (!frames.length) throw new Error("no frames: paste or upload a series first");
+  return frames;
+}
+
+// Three years of a CO2-like weekly series (a trend and a seasonal cycle) as [value, sin, cos]
+// of the week's phase in the year; other shapes get a smooth random walk.
+function exampleSeries(dim) {
+  const lines = [];
+  let walk = 0;
+  for (let w = 0; w < 156; w++) {
+    const doy = (w * 7) % 365.25;
+    const phase = (2 * Math.PI * doy) / 365.25;
+    if (dim === 3) {
+      const co2 = 355 + (1.6 * w) / 52.18 + 3 * Math.sin(phase + 0.9);
+      lines.push([co2.toFixed(2), Math.sin(phase).toFixed(4), Math.cos(phase).toFixed(4)].join(","));
+    } else {
+      walk += Math.sin(w / 5) * 0.3;
+      lines.push(Array.from({ length: dim }, (_, k) => (walk + k * 0.1).toFixed(3)).join(","));
+    }
+  }
+  return lines.join("\n");
+}
+
+async function predictSeries() {
+  let frames;
+  try {
+    frames = parseSeries($("series").value, manifest.input.dim);
+  } catch (e) {
+    status(e.message, true);
+    return;
+  }
+  $("predict").disabled = true;
+  status("predicting…");
+  let id = null;
+  try {
+    const created = await api("POST", "/v1/sessions", { model: $("model").value, version: $("version").value });
+    id = created.session.sessionId;
+    const reply = await api("POST", `/v1/sessions/${id}:step`, {
+      input: { frames: { values: frames.flat() } },
+      options: { perPosition: true },
+    });
+    const predictions = reply.perPosition.map((p) => p.regression.values[0]);
+    plot(frames.map((f) => f[0]), predictions);
+    status(`${frames.length} frames; the last prediction (the frame after the series): ${predictions[predictions.length - 1].toFixed(3)}`);
+  } catch (e) {
+    status(`${e.code || "error"}: ${e.message}`, true);
+  } finally {
+    if (id) await api("DELETE", `/v1/sessions/${id}`).catch(() => {});
+    $("predict").disabled = false;
+  }
+}
+
+// Input value k against the prediction made after frame k-1 (for frame k).
+function plot(inputs, predictions) {
+  const canvas = $("plot");
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 36;
+  ctx.clearRect(0, 0, w, h);
+  const all = inputs.concat(predictions);
+  const lo = Math.min(...all), hi = Math.max(...all);
+  const n = inputs.length + 1;
+  const x = (i) => pad + ((w - 2 * pad) * i) / Math.max(1, n - 1);
+  const y = (v) => h - pad - ((h - 2 * pad) * (v - lo)) / (hi - lo || 1);
+  ctx.strokeStyle = "#e4e7ec";
+  ctx.fillStyle = "#667085";
+  ctx.font = "12px system-ui, sans-serif";
+  for (let k = 0; k <= 4; k++) {
+    const v = lo + ((hi - lo) * k) / 4;
+    ctx.beginPath(); ctx.moveTo(pad, y(v)); ctx.lineTo(w - pad, y(v)); ctx.stroke();
+    ctx.fillText(v.toFixed(1), 2, y(v) + 4);
+  }
+  const line = (values, offset, color) => {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    values.forEach((v, i) => (i ? ctx.lineTo(x(i + offset), y(v)) : ctx.moveTo(x(i + offset), y(v))));
+    ctx.stroke();
+  };
+  line(inputs, 0, "#667085");
+  line(predictions, 1, "#2f6fdf");
+}
+
+// ---- wiring -------------------------------------------------------------------------------
+
+$("model").addEventListener("change", chooseModel);
+$("version").addEventListener("change", chooseVersion);
+$("prompt").addEventListener("input", () => {
+  wanted = $("prompt").value;
+  pump();
+});
+$("top-k").addEventListener("change", () => {
+  if (session) session.dirty = true;
+  pump();
+});
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", () => generating && generating.abort());
+$("example").addEventListener("click", () => {
+  $("series").value = exampleSeries(manifest.input.dim);
+  predictSeries();
+});
+$("predict").addEventListener("click", predictSeries);
+$("series-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  if (!file) return;
+  $("series").value = await file.text();
+  predictSeries();
+});
+$("auth-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  token = $("token").value.trim() || null;
+  $("token").value = "";
+  $("auth").hidden = true;
+  loadModels();
+});
+window.addEventListener("pagehide", () => {
+  if (session) fetch(`/v1/sessions/${session.id}`, { method: "DELETE", headers: headers(false), keepalive: true });
+});
+
+loadModels();
