@@ -2,7 +2,8 @@
 # Installs the system tools the test suite drives as real components: `promtool` / `prometheus`
 # (Prometheus config, rules and a live scrape), `docker-compose` (compose file validation) and
 # `node` / `npm` (a Node.js gRPC client built from the .proto files alone), `nginx` (the gRPC
-# load balancer in front of replicas) and `redis-server` (the shared state tier).
+# load balancer in front of replicas), `redis-server` (the shared state tier) and `chromium`
+# (the playground page, driven headless by Playwright; nothing downloads a browser of its own).
 #
 # Idempotent: does nothing when every tool is already on PATH. As root it installs the missing
 # Debian packages (one `apt-get update`, no recommends); otherwise it names what to install and
@@ -18,6 +19,7 @@ declare -A PACKAGE_FOR=(
     [npm]=npm
     [nginx]=nginx
     [redis-server]=redis-server
+    [chromium]=chromium
 )
 
 missing_packages=()
@@ -31,7 +33,7 @@ for tool in "${!PACKAGE_FOR[@]}"; do
 done
 
 if [[ ${#missing_packages[@]} -eq 0 ]]; then
-    echo "install-system-deps: promtool, prometheus, docker-compose, node, npm, nginx and redis-server already present"
+    echo "install-system-deps: promtool, prometheus, docker-compose, node, npm, nginx, redis-server and chromium already present"
     exit 0
 fi
 

@@ -48,5 +48,5 @@ def test_non_root_without_tools_names_packages_and_fails(tmp_path: Path) -> None
     assert missing is not None, result.stderr
     # promtool and prometheus come from one package: named once.
     assert sorted(missing.group(1).split()) == [
-        "docker-compose", "nginx", "nodejs", "npm", "prometheus", "redis-server"
+        "chromium", "docker-compose", "nginx", "nodejs", "npm", "prometheus", "redis-server"
     ]  # fmt: skip
