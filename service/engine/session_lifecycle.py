@@ -125,11 +125,7 @@ class SessionLifecycle:
                 version=source.version,
                 fingerprint=source.fingerprint,
                 slot=slot,
-                rng=(
-                    SessionRng.from_state(source.rng.get_state())
-                    if seed is None
-                    else SessionRng.seeded(seed)
-                ),
+                rng=source.rng.copy() if seed is None else SessionRng.seeded(seed),
                 seed=source.seed if seed is None else seed,
                 parent_session_id=source.session_id,
                 default_sampling=source.default_sampling,

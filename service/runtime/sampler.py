@@ -6,7 +6,7 @@ generates the same tokens whether it runs alone or batched with others.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,32 +48,79 @@ class SamplingParams:
             raise InvalidArgument("stop strings must not be empty")
 
 
-@dataclass
 class SessionRng:
-    """A session's random stream; its state travels with the session (fork, spill)."""
+    """A session's random stream (numpy PCG64); its state travels with the session (fork,
+    spill).
 
-    generator: np.random.Generator = field(default_factory=np.random.default_rng)
+    A seeded stream is held as (seed, draws) until something draws from it: the numpy
+    generator (~0.9 KB) is built on first use, at the same point of the stream (PCG64 jumps
+    ahead in O(log n)). Most sessions never generate, so most never build one. A stream read
+    back from a record (`from_state`) is a generator from the start."""
+
+    __slots__ = ("_draws", "_generator", "_seed")
+
+    def __init__(self, generator: np.random.Generator | None = None) -> None:
+        self._seed: int | None = None
+        self._draws = 0  # uniform numbers drawn from the seeded stream, while not built
+        self._generator = generator if generator is not None else np.random.default_rng()
 
     @classmethod
     def seeded(cls, seed: int | None) -> SessionRng:
-        return cls(np.random.Generator(np.random.PCG64(seed)))
+        if seed is None:
+            return cls(np.random.Generator(np.random.PCG64(None)))
+        rng = cls.__new__(cls)
+        rng._seed, rng._draws, rng._generator = seed, 0, None
+        return rng
+
+    @property
+    def built(self) -> bool:
+        """Whether the numpy generator exists (False: only a seed and a count are held)."""
+        return self._generator is not None
+
+    def _built(self) -> np.random.Generator:
+        if self._generator is None:
+            self._generator = self._build()
+        return self._generator
+
+    def _build(self) -> np.random.Generator:
+        bit_gen = np.random.PCG64(self._seed)
+        if self._draws:  # PCG64 advances modulo 2**128: a negative count steps back
+            bit_gen.advance(self._draws % 2**128)  # type: ignore[attr-defined]
+        return np.random.Generator(bit_gen)
 
     def uniform(self) -> float:
-        return float(self.generator.random())
+        return float(self._built().random())  # one 64-bit output: one step of the stream
 
     def skip(self, draws: int) -> None:
         """Move on by `draws` uniform numbers without drawing them (journal replay)."""
-        if draws:
-            self.generator.bit_generator.advance(draws)  # type: ignore[attr-defined]
+        if not draws:
+            return
+        if self._generator is None:
+            self._draws += draws
+        else:
+            self._generator.bit_generator.advance(draws)  # type: ignore[attr-defined]
 
     def rewind(self, draws: int) -> None:
         """Step back `draws` uniform numbers (a step that did not count). PCG64 advances
         modulo 2**128, so a step back is a step of 2**128 - 1."""
-        if draws:
-            self.generator.bit_generator.advance(2**128 - draws)  # type: ignore[attr-defined]
+        if not draws:
+            return
+        if self._generator is None:
+            self._draws -= draws
+        else:
+            self._generator.bit_generator.advance(2**128 - draws)  # type: ignore[attr-defined]
 
     def get_state(self) -> dict:
-        return dict(self.generator.bit_generator.state)
+        generator = self._generator if self._generator is not None else self._build()
+        return dict(generator.bit_generator.state)
+
+    def copy(self) -> SessionRng:
+        """An independent stream at the same point (a fork's)."""
+        if self._generator is None:
+            twin = SessionRng.seeded(self._seed)
+            twin._draws = self._draws
+            return twin
+        return SessionRng.from_state(self.get_state())
 
     @classmethod
     def from_state(cls, state: dict) -> SessionRng:

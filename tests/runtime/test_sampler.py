@@ -8,6 +8,7 @@ row's draw does not depend on the other rows of the batch."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -268,3 +269,53 @@ def test_validate_refuses_each_bad_field(params: SamplingParams, message: str) -
     with pytest.raises(InvalidArgument) as err:
         params.validate(V, 16)
     assert message in err.value.message
+
+
+# ---- SessionRng held as a seed and a count until first use --------------------------------------
+
+
+def test_a_seeded_rng_builds_no_generator_until_it_draws_and_skips_and_rewinds_the_same() -> None:
+    lazy, eager = SessionRng.seeded(77), SessionRng.seeded(77)
+    eager.uniform()  # built from here on
+    eager.rewind(1)
+    assert not lazy.built and eager.built
+    for rng in (lazy, eager):
+        rng.skip(10)
+        rng.rewind(3)
+    assert not lazy.built  # skipping and rewinding count, they build nothing
+    assert lazy.get_state() == eager.get_state()  # nor does reading the state
+    assert not lazy.built
+    mirror = np.random.Generator(np.random.PCG64(77))
+    mirror.bit_generator.advance(7)  # type: ignore[attr-defined]
+    expected = [float(mirror.random()) for _ in range(3)]
+    assert [lazy.uniform() for _ in range(3)] == expected == [eager.uniform() for _ in range(3)]
+    assert lazy.built
+
+
+def test_a_rewind_past_the_seed_is_the_same_stream_stepped_back() -> None:
+    lazy, eager = SessionRng.seeded(5), SessionRng.seeded(5)
+    eager.get_state()
+    eager.uniform()
+    eager.rewind(1)  # built, back at the start
+    lazy.rewind(2)
+    eager.rewind(2)
+    assert lazy.uniform() == eager.uniform()
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["seed-and-count", "generator"])
+def test_a_copy_continues_the_same_stream_independently(built: bool) -> None:
+    rng = SessionRng.seeded(9)
+    rng.skip(4)
+    if built:
+        rng.uniform()
+    twin = rng.copy()
+    assert twin.built == built and twin.get_state() == rng.get_state()
+    drawn = [twin.uniform() for _ in range(3)]
+    assert [rng.uniform() for _ in range(3)] == drawn  # the copy's draws did not move it
+
+
+def test_an_unbuilt_rng_is_small() -> None:
+    """The point of holding a seed: no numpy objects per session that never generates."""
+    rng = SessionRng.seeded(2**62 + 1)
+    assert not hasattr(rng, "__dict__")
+    assert sys.getsizeof(rng) <= 64 and not rng.built
