@@ -14,7 +14,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
+from service.errors import REASONS
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
 
@@ -92,28 +94,65 @@ async def read_replies(
             )
             if ended:
                 waiting.discard(reply.request_id)
+            if reply.error.code != 0:  # an in-band error carries its reason like a call's
+                check_error_info(reply.error)
     return out
 
 
-async def expect_status(awaitable: Any, code: grpc.StatusCode, *needles: str) -> str:
-    """Await a unary call; assert it fails with `code` and a message containing `needles`."""
+async def expect_status(
+    awaitable: Any,
+    code: grpc.StatusCode,
+    *needles: str,
+    reason: str | None = None,
+    by_grpc: bool = False,
+) -> str:
+    """Await a unary call; assert it fails with `code`, a message containing `needles`, and an
+    ErrorInfo detail whose reason is a row of `code` in the error table (`reason`, if given).
+    `by_grpc`: the status comes from gRPC itself (e.g. a message over its size limit), which
+    carries no details."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await awaitable
     details = err.value.details() or ""
     assert err.value.code() == code, f"expected {code.name}, got {err.value.code()}: {details}"
     for needle in needles:
         assert needle in details, f"{needle!r} not in {details!r}"
+    if not by_grpc:
+        status = status_pb2.Status()
+        for key, value in err.value.trailing_metadata() or ():
+            if key == "grpc-status-details-bin":
+                status.ParseFromString(value)
+        assert status.code == code_value(code), f"no status details on {code.name}: {details}"
+        check_error_info(status, reason)
     return details
 
 
-async def expect_stream_status(call: Any, code: grpc.StatusCode, *needles: str) -> str:
-    """Drain a server-streaming call; assert it ends with `code`."""
+def check_error_info(status: status_pb2.Status, reason: str | None = None) -> str:
+    """Assert `status` carries a seqserve.v1 ErrorInfo whose reason is a row of its code in the
+    error table (and is `reason`, if given); returns the reason."""
+    infos = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            infos.append(info)
+    assert len(infos) == 1, f"expected one ErrorInfo on {status}"
+    assert infos[0].domain == "seqserve.v1"
+    got = infos[0].reason
+    assert REASONS.get(got) is not None and REASONS[got].value[0] == status.code, (got, status)
+    if reason is not None:
+        assert got == reason, f"expected reason {reason}, got {got}: {status.message}"
+    return got
+
+
+async def expect_stream_status(
+    call: Any, code: grpc.StatusCode, *needles: str, reason: str | None = None
+) -> str:
+    """Drain a server-streaming call; assert it ends with `code` (as `expect_status`)."""
 
     async def drain() -> None:
         async for _ in call:
             pass
 
-    return await expect_status(drain(), code, *needles)
+    return await expect_status(drain(), code, *needles, reason=reason)
 
 
 def code_value(code: grpc.StatusCode) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2
 
 from service import errors
 from service.api.server import SeqServeServer
@@ -23,6 +24,7 @@ from service.runtime.runner import ModelRunner
 
 from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
 from .support import (
+    check_error_info,
     code_value,
     expect_status,
     expect_stream_status,
@@ -84,6 +86,33 @@ def test_error_table_is_designs_table() -> None:
     assert issubclass(errors.VersionUnusable, errors.FailedPrecondition)
 
 
+# The ErrorInfo reasons that split a row of the table: DESIGN's conditions, one reason each.
+SPLIT_ROWS = {
+    "NOT_FOUND": {"SESSION_NOT_FOUND", "MODEL_NOT_FOUND", "VERSION_NOT_FOUND", "ALIAS_NOT_FOUND"},
+    "FAILED_PRECONDITION": {"SESSION_CLOSED", "VERSION_UNAVAILABLE", "POSITION_MISMATCH"},
+    "RESOURCE_EXHAUSTED": {"SESSION_LIMIT", "QUEUE_FULL", "MEMORY_EXHAUSTED", "QUOTA_EXCEEDED"},
+    "UNAVAILABLE": {"DRAINING", "NOT_READY", "NOT_DURABLE", "SESSION_MOVED"},
+    "DATA_LOSS": {"DIGEST_MISMATCH", "SESSION_LOST"},
+}
+
+
+def test_every_error_class_has_a_reason_of_its_row() -> None:
+    """Each class's ErrorInfo reason is one of `REASONS`, under the class's own status; every
+    row's reasons are there; a reason names one status only."""
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.SeqServeError):
+            assert errors.REASONS[cls.reason] == cls.status, cls
+    for code, reasons in SPLIT_ROWS.items():
+        assert {r for r, c in errors.REASONS.items() if c.name == code} == reasons
+    for code in ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL"):
+        assert errors.REASONS[code] == grpc.StatusCode[code]  # one row: the code's own name
+    assert errors.REASONS["SESSION_BUSY"] == grpc.StatusCode.ABORTED
+    assert errors.QueueFull.reason == "QUEUE_FULL" and errors.PoolExhausted.reason == (
+        "MEMORY_EXHAUSTED"
+    )
+    assert errors.PositionMismatch("m", 3).metadata == {"position": "3"}
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 
 
@@ -126,7 +155,9 @@ async def _client_of(srv: SeqServeServer, **kwargs: int) -> SeqServeClient:
 
 async def test_bad_token_ids(client: SeqServeClient) -> None:
     sid = await _create(client)
-    await expect_status(_step(client, sid, tokens(1, 256)), INVALID, "256", "[0, 256)")
+    await expect_status(
+        _step(client, sid, tokens(1, 256)), INVALID, "256", "[0, 256)", reason="INVALID_ARGUMENT"
+    )
     await expect_status(_step(client, sid, tokens(-1)), INVALID, "-1")
     await expect_status(
         client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", prefix=tokens(300))),
@@ -243,7 +274,7 @@ async def test_message_over_max_message_bytes(server_factory: ServerFactory) -> 
         )  # fmt: skip
         await expect_status(
             _step(client, sid, text("a" * 200_000)),
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max", by_grpc=True,
         )  # fmt: skip
         assert (await _step(client, sid, text("a" * 1000))).position == 1000
 
@@ -267,34 +298,43 @@ async def test_message_over_max_message_bytes(server_factory: ServerFactory) -> 
 
 async def test_unknown_session_model_version_alias(client: SeqServeClient) -> None:
     sid = "s_does_not_exist"
-    await expect_status(_step(client, sid, text("a")), NOT_FOUND, sid)
+    session = "SESSION_NOT_FOUND"
+    await expect_status(_step(client, sid, text("a")), NOT_FOUND, sid, reason=session)
     await expect_status(
-        client.sessions.GetSession(pb.GetSessionRequest(session_id=sid)), NOT_FOUND, sid
-    )
+        client.sessions.GetSession(pb.GetSessionRequest(session_id=sid)),
+        NOT_FOUND, sid, reason=session,
+    )  # fmt: skip
     await expect_status(
-        client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), NOT_FOUND
-    )
+        client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)),
+        NOT_FOUND, reason=session,
+    )  # fmt: skip
     await expect_status(
-        client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), NOT_FOUND
-    )
-    await expect_stream_status(_generate(client, sid), NOT_FOUND, sid)
+        client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)),
+        NOT_FOUND, reason=session,
+    )  # fmt: skip
+    await expect_stream_status(_generate(client, sid), NOT_FOUND, sid, reason=session)
 
     create = client.sessions.CreateSession
-    await expect_status(create(pb.CreateSessionRequest(model="nope")), NOT_FOUND, "nope", "tok")
     await expect_status(
-        create(pb.CreateSessionRequest(model="tok", version="7")), NOT_FOUND, "7", "versions: 1"
-    )
+        create(pb.CreateSessionRequest(model="nope")),
+        NOT_FOUND, "nope", "tok", reason="MODEL_NOT_FOUND",
+    )  # fmt: skip
     await expect_status(
-        create(pb.CreateSessionRequest(model="tok", version="staging")), NOT_FOUND, "staging"
-    )
+        create(pb.CreateSessionRequest(model="tok", version="7")),
+        NOT_FOUND, "7", "versions: 1", reason="VERSION_NOT_FOUND",
+    )  # fmt: skip
     await expect_status(
-        client.registry.GetModel(reg.GetModelRequest(name="nope")), NOT_FOUND, "nope"
-    )
+        create(pb.CreateSessionRequest(model="tok", version="staging")),
+        NOT_FOUND, "staging", reason="ALIAS_NOT_FOUND",
+    )  # fmt: skip
+    await expect_status(
+        client.registry.GetModel(reg.GetModelRequest(name="nope")),
+        NOT_FOUND, "nope", reason="MODEL_NOT_FOUND",
+    )  # fmt: skip
     await expect_status(
         client.registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="staging")),
-        NOT_FOUND,
-        "staging",
-    )
+        NOT_FOUND, "staging", reason="ALIAS_NOT_FOUND",
+    )  # fmt: skip
 
 
 # ---- ABORTED -------------------------------------------------------------------------------------
@@ -308,7 +348,9 @@ async def test_concurrent_requests_on_one_session_are_aborted(client: SeqServeCl
     assert first.token.finish_reason == types.FINISH_REASON_UNSPECIFIED
     try:
         aborted = grpc.StatusCode.ABORTED
-        await expect_status(_step(client, sid, text("x")), aborted, sid, "in progress")
+        await expect_status(
+            _step(client, sid, text("x")), aborted, sid, "in progress", reason="SESSION_BUSY"
+        )
         await expect_status(
             client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), aborted
         )
@@ -323,6 +365,7 @@ async def test_concurrent_requests_on_one_session_are_aborted(client: SeqServeCl
         r = await read_replies(call, ["busy", "free"])
         await call.done_writing()
         assert r["busy"][0].error.code == code_value(aborted)
+        assert check_error_info(r["busy"][0].error) == "SESSION_BUSY"  # in-band, the same
         assert r["free"][0].error.code == 0 and r["free"][0].position == 1
     finally:
         long_gen.cancel()
@@ -348,7 +391,7 @@ async def test_refused_version_is_failed_precondition(
     fp = grpc.StatusCode.FAILED_PRECONDITION
     await expect_status(
         client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="2")),
-        fp, "surprise_field",
+        fp, "surprise_field", reason="VERSION_UNAVAILABLE",
     )  # fmt: skip
     await expect_status(
         client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=2)),
@@ -365,11 +408,28 @@ async def test_malformed_aliases_file_is_failed_precondition(
     (store_root / "tok" / "aliases.json").write_text('{"production": "one"')
     await expect_status(
         client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")),
-        grpc.StatusCode.FAILED_PRECONDITION, "aliases.json",
+        grpc.StatusCode.FAILED_PRECONDITION, "aliases.json", reason="VERSION_UNAVAILABLE",
     )  # fmt: skip
     # An explicit version does not need the aliases.
     s = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="1"))
     assert s.session.version == 1
+
+
+async def test_closed_session_and_wrong_position(client: SeqServeClient) -> None:
+    sid = await _create(client)
+    step = pb.StepRequest(session_id=sid, request_id="r1", input=text("ab"), expected_position=5)
+    fp = grpc.StatusCode.FAILED_PRECONDITION
+    await expect_status(client.sessions.Step(step), fp, reason="POSITION_MISMATCH")
+    call = client.sessions.Stream()  # in-band, the same reason and the position
+    wrong = pb.StreamItem(session_id=sid, request_id="r2", input=text("c"), expected_position=9)
+    await call.write(pb.StreamRequest(items=[wrong]))
+    (reply,) = (await read_replies(call, ["r2"]))["r2"]
+    await call.done_writing()
+    assert check_error_info(reply.error, "POSITION_MISMATCH")
+    info = error_details_pb2.ErrorInfo()
+    assert reply.error.details[0].Unpack(info) and info.metadata["position"] == "0"
+    await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    await expect_status(_step(client, sid, text("a")), fp, "closed", reason="SESSION_CLOSED")
 
 
 # ---- RESOURCE_EXHAUSTED --------------------------------------------------------------------------
@@ -382,13 +442,44 @@ async def test_session_limit(server_factory: ServerFactory) -> None:
         await _create(client, model="frames")
         exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
         await expect_status(
-            client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")), exhausted, "limit"
-        )
+            client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")),
+            exhausted, "limit", reason="SESSION_LIMIT",
+        )  # fmt: skip
         await expect_status(
             client.sessions.ForkSession(pb.ForkSessionRequest(session_id=a)), exhausted, "limit"
         )
         await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=a))
         assert await _create(client)  # room again
+
+
+async def test_state_memory_full_with_nothing_evictable(server_factory: ServerFactory) -> None:
+    tok_slot_bytes = 2 * TOKEN_CONFIG.num_layers * TOKEN_CONFIG.hidden_size * 4  # h and c
+    srv = await server_factory(
+        sessions={"pool_bytes": tok_slot_bytes, "pool_initial_slots": 1, "slot_wait_seconds": 0},
+        max_generate_tokens=1_000_000,
+    )
+    async with await _client_of(srv) as client:
+        sid = await _create(client, seed=1)
+        busy = _generate(client, sid, make_sampling(max_tokens=1_000_000))
+        await busy.read()  # generating: its slot cannot be taken
+        try:
+            await expect_status(
+                _create_call(client), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                reason="MEMORY_EXHAUSTED",
+            )  # fmt: skip
+        finally:
+            busy.cancel()
+
+
+async def test_step_queue_full(server_factory: ServerFactory) -> None:
+    srv = await server_factory(max_queue=1)
+    async with await _client_of(srv) as client:
+        a, b = await _create(client), await _create(client)
+        call = client.sessions.Stream()  # two rows at once, for a queue of one
+        await call.write(pb.StreamRequest(items=[item(a, "a", text("x")), item(b, "b", text("y"))]))
+        replies = await read_replies(call, ["a", "b"])
+        await call.done_writing()
+        assert {check_error_info(replies[k][0].error, "QUEUE_FULL") for k in "ab"} == {"QUEUE_FULL"}
 
 
 # ---- UNAVAILABLE ---------------------------------------------------------------------------------
@@ -424,6 +515,7 @@ async def test_stop_drains_new_rpcs_and_stream_items(
         (reply,) = (await read_replies(call, ["after"]))["after"]
         assert reply.error.code == code_value(grpc.StatusCode.UNAVAILABLE)
         assert "draining" in reply.error.message
+        assert check_error_info(reply.error) == "DRAINING"
         await call.done_writing()
         assert await call.code() == grpc.StatusCode.OK
         await stopping
@@ -437,7 +529,7 @@ async def test_draining_engine_answers_unavailable(
     sid = await _create(client)
     server.engine.begin_draining()
     unavailable = grpc.StatusCode.UNAVAILABLE
-    await expect_status(_step(client, sid, text("a")), unavailable, "draining")
+    await expect_status(_step(client, sid, text("a")), unavailable, "draining", reason="DRAINING")
     await expect_status(
         client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")), unavailable
     )
@@ -461,7 +553,7 @@ async def test_weights_digest_mismatch_is_data_loss(
     for _ in range(2):  # refused every time, not just on the first load
         await expect_status(
             client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="2")),
-            grpc.StatusCode.DATA_LOSS, "sha256",
+            grpc.StatusCode.DATA_LOSS, "sha256", reason="DIGEST_MISMATCH",
         )  # fmt: skip
     # The rest keeps serving.
     ok = await client.sessions.CreateSession(
@@ -532,6 +624,10 @@ async def test_unexpected_exception_is_internal_with_an_error_id(
     await call.done_writing()
     assert reply.error.code == code_value(internal)
     _assert_internal_message(reply.error.message)
+    assert check_error_info(reply.error, "INTERNAL")
+    info = error_details_pb2.ErrorInfo()
+    assert reply.error.details[0].Unpack(info)
+    assert f"(error id {info.metadata['error_id']})" in reply.error.message  # the one logged
 
     # The server survives the bug: once the runner works again, so does the session.
     monkeypatch.undo()

@@ -100,6 +100,7 @@ async def test_check_reports_serving_once_started_and_not_found_for_unknown(
         await expect_status(
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT),
             grpc.StatusCode.NOT_FOUND,
+            by_grpc=True,  # the standard health servicer's own status
         )
     assert _rpc_counts(server, "Check") == {"OK": 3, "NOT_FOUND": 1}
 
@@ -128,11 +129,13 @@ async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: P
                 sessions.CreateSession(pb.CreateSessionRequest(model="tok"), timeout=TIMEOUT),
                 grpc.StatusCode.UNAVAILABLE,
                 "server is starting",
+                reason="NOT_READY",
             )
             await expect_status(
                 registry.ListModels(reg_pb.ListModelsRequest(), timeout=TIMEOUT),
                 grpc.StatusCode.UNAVAILABLE,
                 "server is starting",
+                reason="NOT_READY",
             )
             assert not list(server.engine.sessions)
             assert _rpc_counts(server, "CreateSession") == {"UNAVAILABLE": 1}
@@ -170,6 +173,7 @@ async def test_list_is_unimplemented_not_internal(server: SeqServeServer) -> Non
         await expect_status(
             stub.List(health_pb2.HealthListRequest(), timeout=TIMEOUT),
             grpc.StatusCode.UNIMPLEMENTED,
+            reason="UNIMPLEMENTED",
         )
     assert await _recorded(server, "List") == {"UNIMPLEMENTED": 1}  # recorded after the reply
 
