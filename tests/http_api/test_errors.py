@@ -1,0 +1,121 @@
+"""Errors over HTTP, provoked for real: each gets the status the gRPC → HTTP mapping gives its
+gRPC code, a JSON error body, and leaves the session (and the server) as they were."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from service.api.server import SeqServeServer
+from tests.api.conftest import ServerFactory, make_settings
+
+
+async def _error(response: aiohttp.ClientResponse, http_status: int, status: str) -> dict:
+    body = await response.json()
+    assert response.status == http_status, body
+    assert body["error"]["status"] == status, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+async def _session(http: aiohttp.ClientSession, **fields: object) -> str:
+    response = await http.post("/v1/sessions", json={"model": "tok", **fields})
+    assert response.status == 200, await response.text()
+    return (await response.json())["session"]["sessionId"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ('{"model": "tok",', "not a valid JSON"),
+        ('{"model": "tok", "color": "red"}', "color"),
+        ('{"model": 12}', "model"),
+        ("[1, 2]", "not a valid JSON"),
+        (b"\xff\xfe", "not a valid JSON"),
+    ],
+)
+async def test_a_body_that_is_not_the_request_is_400(
+    http: aiohttp.ClientSession, body: str | bytes, words: str
+) -> None:
+    error = await _error(await http.post("/v1/sessions", data=body), 400, "INVALID_ARGUMENT")
+    assert words in error["message"]
+
+
+async def test_bad_input_is_400_and_the_session_goes_on(http: aiohttp.ClientSession) -> None:
+    sid = await _session(http)
+    bad = {"input": {"tokens": {"ids": [1, 999]}}}  # the vocabulary is 256
+    await _error(await http.post(f"/v1/sessions/{sid}:step", json=bad), 400, "INVALID_ARGUMENT")
+    other = {"sessionId": "s_else", "input": {"text": "a"}}
+    error = await _error(
+        await http.post(f"/v1/sessions/{sid}:step", json=other), 400, "INVALID_ARGUMENT"
+    )
+    assert "path" in error["message"]
+    good = await http.post(f"/v1/sessions/{sid}:step", json={"input": {"text": "ab"}})
+    assert (await good.json())["position"] == "2"  # nothing of the bad calls was applied
+
+
+async def test_unknown_things_are_404(http: aiohttp.ClientSession) -> None:
+    await _error(await http.get("/v1/sessions/s_nobody"), 404, "NOT_FOUND")
+    await _error(await http.delete("/v1/sessions/s_nobody"), 404, "NOT_FOUND")
+    step = {"input": {"text": "a"}}
+    await _error(await http.post("/v1/sessions/s_nobody:step", json=step), 404, "NOT_FOUND")
+    await _error(await http.get("/v1/models/nomodel"), 404, "NOT_FOUND")
+    await _error(await http.post("/v1/sessions", json={"model": "nomodel"}), 404, "NOT_FOUND")
+    await _error(
+        await http.post("/v1/sessions", json={"model": "tok", "version": "9"}), 404, "NOT_FOUND"
+    )
+    await _error(await http.post("/v1/sessions/s_x:dance", json={}), 404, "NOT_FOUND")
+
+
+async def test_a_wrong_expected_position_is_400_failed_precondition(
+    http: aiohttp.ClientSession,
+) -> None:
+    sid = await _session(http, prefix={"text": "abc"})
+    step = {"input": {"text": "d"}, "expectedPosition": "1"}
+    await _error(await http.post(f"/v1/sessions/{sid}:step", json=step), 400, "FAILED_PRECONDITION")
+    await _error(
+        await http.post(f"/v1/sessions/{sid}:generate", json={"expectedPosition": "7"}),
+        400, "FAILED_PRECONDITION",
+    )  # fmt: skip
+
+
+async def test_over_the_session_cap_is_429(server_factory: ServerFactory) -> None:
+    server = await server_factory(server={"http_port": 0}, sessions={"max_sessions": 1})
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        await _session(http)
+        await _error(
+            await http.post("/v1/sessions", json={"model": "tok"}), 429, "RESOURCE_EXHAUSTED"
+        )
+
+
+async def test_a_body_over_the_message_limit_is_400(server_factory: ServerFactory) -> None:
+    server = await server_factory(server={"http_port": 0, "max_message_bytes": 4096})
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        sid = await _session(http)
+        big = {"input": {"tokens": {"ids": [1] * 3000}}}
+        error = await _error(
+            await http.post(f"/v1/sessions/{sid}:step", json=big), 400, "INVALID_ARGUMENT"
+        )
+        assert "exceeds the limit" in error["message"]
+        ok = await http.post(f"/v1/sessions/{sid}:step", json={"input": {"text": "a"}})
+        assert ok.status == 200
+
+
+async def test_before_ready_and_while_draining_it_is_503(
+    store_root: Path, tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    starting = SeqServeServer(make_settings(store_root, tmp_path / "s", server={"http_port": 0}))
+    await starting.listen()  # bound, not open: start-up still running
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{starting.http_port}") as http:
+            await _error(await http.get("/v1/models"), 503, "UNAVAILABLE")
+    finally:
+        await starting.stop()
+    server = await server_factory(server={"http_port": 0})
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        sid = await _session(http)
+        server.parts.http.begin_draining()  # what stop() does first
+        error = await _error(await http.get(f"/v1/sessions/{sid}"), 503, "UNAVAILABLE")
+        assert "draining" in error["message"]

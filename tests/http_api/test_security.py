@@ -1,0 +1,78 @@
+"""Auth and TLS on the HTTP port are gRPC's: bearer tokens from the same file, a session is
+its creator's, TLS with the same certificate, and client certificates with mutual TLS."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from service.security.tokens import add_token
+from tests.api.certs import Certs
+from tests.api.conftest import ServerFactory
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    path = tmp_path / "tokens"
+    return path, {name: add_token(path, name, "client") for name in ("alice", "bob")}
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def test_tokens_and_ownership_over_http(
+    server_factory: ServerFactory, tokens: tuple[Path, dict[str, str]]
+) -> None:
+    path, tok = tokens
+    server = await server_factory(server={"http_port": 0}, security={"auth_tokens": path})
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        refused = await http.get("/v1/models")
+        assert refused.status == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await refused.json())["error"]["status"] == "UNAUTHENTICATED"
+        bad = await http.get("/v1/models", headers=_bearer("sqs_not-a-token"))
+        assert bad.status == 401
+        made = await http.post("/v1/sessions", json={"model": "tok"}, headers=_bearer(tok["alice"]))
+        assert made.status == 200
+        sid = (await made.json())["session"]["sessionId"]
+        mine = await http.get(f"/v1/sessions/{sid}", headers=_bearer(tok["alice"]))
+        assert mine.status == 200
+        theirs = await http.get(f"/v1/sessions/{sid}", headers=_bearer(tok["bob"]))
+        assert theirs.status == 404  # another principal's session does not exist for bob
+        step = await http.post(
+            f"/v1/sessions/{sid}:step", json={"input": {"text": "a"}}, headers=_bearer(tok["bob"])
+        )
+        assert step.status == 404
+        # The page and the OpenAPI document are open: the page asks for a token itself.
+        assert (await http.get("/")).status == 200
+        assert (await http.get("/v1/openapi.json")).status == 200
+
+
+async def test_https_with_the_grpc_certificate_and_client_certificates(
+    server_factory: ServerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"],
+           "tls_client_ca": certs.files["ca.pem"]}  # fmt: skip
+    server = await server_factory(server={"http_port": 0}, security=tls)
+    url = f"https://localhost:{server.http_port}"
+    trust = ssl.create_default_context(cafile=str(certs.files["ca.pem"]))
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):  # no client certificate: the handshake fails
+            await http.get(f"{url}/v1/models", ssl=trust)
+        with pytest.raises(aiohttp.ClientError):  # plain HTTP to a TLS port
+            await http.get(f"http://localhost:{server.http_port}/v1/models")
+        alice = tmp_path / "alice.pem"
+        alice.write_bytes(certs.clients["alice"].cert + certs.clients["alice"].key)
+        trust.load_cert_chain(alice)
+        made = await http.post(f"{url}/v1/sessions", json={"model": "tok"}, ssl=trust)
+        assert made.status == 200, await made.text()
+        sid = (await made.json())["session"]["sessionId"]
+        assert (await http.get(f"{url}/v1/sessions/{sid}", ssl=trust)).status == 200
+        bob = tmp_path / "bob.pem"
+        bob.write_bytes(certs.clients["bob"].cert + certs.clients["bob"].key)
+        as_bob = ssl.create_default_context(cafile=str(certs.files["ca.pem"]))
+        as_bob.load_cert_chain(bob)
+        assert (await http.get(f"{url}/v1/sessions/{sid}", ssl=as_bob)).status == 404
