@@ -16,9 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "loadtest",
         help="put session-aware load on a running server",
-        description="Open N sessions on the server at --target and drive them in closed loops "
-        "for --duration seconds; report tokens/s, latency percentiles and errors. Contacts "
-        "the --target address and nothing else.",
+        description="Open N sessions on the server at --target and drive them for --duration "
+        "seconds: in closed loops (each session sends, waits for the answer, thinks, repeats), "
+        "or with --rate R in an open loop (requests arrive as a Poisson process at R per "
+        "second, each on an idle session, latency measured from the intended send time). "
+        "Report tokens/s, latency percentiles and errors. Contacts the --target address and "
+        "nothing else.",
     )
     d = LoadConfig(target="")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address H:P")
@@ -26,7 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=int, default=d.sessions, help="concurrent sessions")
     p.add_argument("--duration", type=float, default=d.duration_seconds, help="seconds measured")
     p.add_argument("--json", type=Path, help="write the report as JSON here ('-' = stdout)")
-    p.add_argument("--plot", type=Path, help="write a PNG: latency distribution, throughput")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="write a PNG: latency distribution with p50/p99, latency and throughput over time",
+    )
     p.add_argument("--model", default=d.model)
     p.add_argument("--version", default=d.version, help='"" = production alias or latest')
     p.add_argument(
@@ -77,6 +84,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.invalid_sessions,
         help="extra sessions with ids the server never issued (exercises errors)",
     )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=d.rate,
+        help="open loop: mean requests per second over all sessions, Poisson arrivals "
+        "(0 = closed loop); --sessions caps how many are in flight",
+    )
+    p.add_argument(
+        "--late-ms",
+        type=float,
+        default=d.late_ms,
+        help="open loop: a request sent this long after its arrival is counted late",
+    )
+    p.add_argument(
+        "--max-lag",
+        type=float,
+        default=d.max_lag_seconds,
+        help="open loop: seconds a request may wait for a free session before it is dropped",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--ready-timeout",
@@ -108,6 +134,9 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         invalid_sessions=args.invalid_sessions,
         seed=args.seed,
         ready_timeout_seconds=args.ready_timeout,
+        rate=args.rate,
+        late_ms=args.late_ms,
+        max_lag_seconds=args.max_lag,
     )
 
 

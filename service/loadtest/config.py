@@ -10,9 +10,11 @@ GenerateVia = Literal["rpc", "stream"]
 
 @dataclass(frozen=True)
 class LoadConfig:
-    """One load test. Every session runs turns in a closed loop: send, wait for the answer,
-    think, repeat. A turn either feeds `tokens_per_message` inputs or, with probability
-    `generate_fraction`, feeds them as a prompt and generates up to `max_tokens`."""
+    """One load test. With `rate` 0 every session runs turns in a closed loop: send, wait for
+    the answer, think, repeat. With `rate` > 0 the load is open loop: requests arrive as a
+    Poisson process at `rate` per second, whatever the server's speed, and each takes an idle
+    session (see `open_loop.py`). A turn either feeds `tokens_per_message` inputs or, with
+    probability `generate_fraction`, feeds them as a prompt and generates up to `max_tokens`."""
 
     target: str  # host:port of the server; the only address the load test ever contacts
     model: str = "bytes-lstm"
@@ -33,6 +35,13 @@ class LoadConfig:
     seed: int = 0  # makes the inputs, think times and turn choices reproducible
     drain_seconds: float = 5.0  # after the window, how long in-flight turns may take to finish
     ready_timeout_seconds: float = 10.0  # how long to wait for the server to accept calls
+    rate: float = 0.0  # open loop: mean requests per second, Poisson arrivals (0 = closed loop)
+    late_ms: float = 10.0  # open loop: a request sent this long after its arrival is late
+    max_lag_seconds: float = 1.0  # open loop: not sent this long after its arrival → dropped
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate > 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -55,7 +64,19 @@ class LoadConfig:
             (self.invalid_sessions >= 0, "invalid sessions must be >= 0"),
             (self.drain_seconds >= 0, "drain must be >= 0"),
             (self.ready_timeout_seconds >= 0, "ready timeout must be >= 0"),
+            (self.rate >= 0, "rate must be >= 0"),
+            (self.late_ms >= 0, "late threshold must be >= 0"),
+            (self.max_lag_seconds > 0, "max lag must be > 0"),
         ]
+        if self.open_loop:  # the closed loop's knobs mean nothing for arrivals at a set rate
+            checks += [
+                (self.think_ms == 0, "--think-ms applies to the closed loop, not with --rate"),
+                (self.multiplex == 1, "--multiplex applies to the closed loop, not with --rate"),
+                (
+                    self.generate_via == "rpc",
+                    "--generate-via stream applies to the closed loop, not with --rate",
+                ),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

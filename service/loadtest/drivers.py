@@ -186,31 +186,44 @@ class StreamGroupDriver:
                 del pending[reply.request_id]
 
     async def _generate_rpc(self, session: ClientSession, prompt: types.Input) -> None:
-        rec = self._recorder
-        request = pb.GenerateRequest(
-            session_id=session.session_id, prompt=prompt, sampling=self._sampling
-        )
         sent = time.perf_counter()
-        rec.message_sent(sent, 0)
-        last: float | None = None
-        call = self._stub.Generate(request, metadata=route_metadata(session.session_id))
-        try:
-            async for response in call:
-                now = time.perf_counter()
-                if last is None:
-                    rec.prompt_fed(now, self._config.tokens_per_message)
-                rec.token(sent if last is None else last, now, last is None)
-                last = now
-                if response.token.finish_reason != types.FINISH_REASON_UNSPECIFIED:
-                    rec.generation_finished(now)
-        except grpc.aio.AioRpcError as exc:
-            rec.error("generate", exc.code().name, exc.details() or "", time.perf_counter())
-        finally:
-            call.cancel()
+        self._recorder.message_sent(sent, 0)
+        await generate_rpc(
+            self._stub, session, prompt, self._sampling, self._recorder, sent,
+            self._config.tokens_per_message,
+        )  # fmt: skip
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
+
+
+async def generate_rpc(
+    stub: pb_grpc.SessionServiceStub,
+    session: ClientSession,
+    prompt: types.Input,
+    sampling: types.Sampling,
+    rec: LoadRecorder,
+    sent: float,
+    prompt_tokens: int,
+) -> None:
+    """One `Generate` call, its time to first token measured from `sent`."""
+    request = pb.GenerateRequest(session_id=session.session_id, prompt=prompt, sampling=sampling)
+    last: float | None = None
+    call = stub.Generate(request, metadata=route_metadata(session.session_id))
+    try:
+        async for response in call:
+            now = time.perf_counter()
+            if last is None:
+                rec.prompt_fed(now, prompt_tokens)
+            rec.token(sent if last is None else last, now, last is None)
+            last = now
+            if response.token.finish_reason != types.FINISH_REASON_UNSPECIFIED:
+                rec.generation_finished(now)
+    except grpc.aio.AioRpcError as exc:
+        rec.error("generate", exc.code().name, exc.details() or "", time.perf_counter())
+    finally:
+        call.cancel()
 
 
 async def _finish_stream(call: grpc.aio.StreamStreamCall) -> None:

@@ -3,8 +3,9 @@
     report = await run_load(LoadConfig(target="127.0.0.1:50051", sessions=64, duration_seconds=30))
 
 Phases: connect (wait until the target accepts calls), inspect the model, create sessions
-(and prefill their history), drive them for warmup + duration, let in-flight turns finish
-(up to `drain_seconds`), close the sessions. Only the window after the warmup is measured.
+(and prefill their history), drive them for warmup + duration (closed loops, or one open loop
+of Poisson arrivals at `rate`), let in-flight turns finish (up to `drain_seconds`), close the
+sessions. Only the window after the warmup is measured.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 from service.client.credentials import Credentials
 from service.loadtest.config import LoadConfig
 from service.loadtest.drivers import ClientSession, StreamGroupDriver
+from service.loadtest.open_loop import OpenLoopDriver
 from service.loadtest.progress import Progress, ProgressTracker
 from service.loadtest.recorder import LoadRecorder
 from service.loadtest.report import LoadReport, build_report
@@ -75,10 +77,14 @@ async def _run(
     started = time.perf_counter()
     recorder.open_window(started + config.warmup_seconds, config.duration_seconds)
     stop = asyncio.Event()
-    drivers = [
-        StreamGroupDriver(stub, group, config, model, recorder, stop)
-        for group in _groups(sessions, config.multiplex)
-    ]
+    drivers: list[StreamGroupDriver] | list[OpenLoopDriver] = []
+    if config.open_loop and sessions:  # one schedule of arrivals over every session
+        drivers = [OpenLoopDriver(stub, sessions, config, model, recorder, stop)]
+    elif not config.open_loop:
+        drivers = [
+            StreamGroupDriver(stub, group, config, model, recorder, stop)
+            for group in _groups(sessions, config.multiplex)
+        ]
     tasks = [asyncio.create_task(d.run()) for d in drivers]
     tracker = ProgressTracker(
         recorder, created, started, config.warmup_seconds + config.duration_seconds

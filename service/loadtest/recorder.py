@@ -11,7 +11,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
-LOAD_OPERATIONS = frozenset({"stream", "generate"})  # the measured calls
+LOAD_OPERATIONS = frozenset({"stream", "generate", "step"})  # the measured calls
 
 
 @dataclass
@@ -47,6 +47,11 @@ class LoadRecorder:
         self.errors: Counter[tuple[str, str]] = Counter()  # (operation, code) → count
         self.error_at = array("d")  # timestamps of errors in the window
         self.error_examples: dict[str, str] = {}  # code → first message seen
+        # Open loop only, each counted by its arrival (intended send) time:
+        self.arrivals = 0  # requests due in the window
+        self.send_lag = Samples()  # sent: actual send − arrival (at = arrival)
+        self.late = 0  # sent more than the late threshold after arrival
+        self.dropped = array("d")  # arrival times of requests never sent
 
     def open_window(self, start: float, seconds: float) -> None:
         assert seconds > 0, "the measured window must not be empty"
@@ -69,6 +74,22 @@ class LoadRecorder:
         if self.in_window(at):
             self.messages.append(at)
             self.items += items
+
+    def arrived(self, intended: float) -> None:
+        """An open-loop request became due at `intended`."""
+        if self.in_window(intended):
+            self.arrivals += 1
+
+    def started(self, intended: float, at: float, late: bool) -> None:
+        """An open-loop request due at `intended` was sent at `at`."""
+        if self.in_window(intended):
+            self.send_lag.add(intended, at - intended)
+            self.late += late
+
+    def drop(self, intended: float) -> None:
+        """An open-loop request due at `intended` was never sent (no session came free)."""
+        if self.in_window(intended):
+            self.dropped.append(intended)
 
     def fed(self, sent_at: float, at: float, tokens: int) -> None:
         """A feed item of `tokens` inputs was answered at `at`."""

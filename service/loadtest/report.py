@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from service.loadtest.recorder import LoadRecorder, Samples
+from service.loadtest.recorder import LoadRecorder
+from service.loadtest.timeline import TimelinePoint, build_timeline
 
 PERCENTILES = (50, 90, 99)
 _HISTOGRAM_BINS = 60
@@ -67,16 +68,21 @@ class Histogram:
 
 
 @dataclass(frozen=True)
-class TimelinePoint:
-    """One bucket of the measured window; rates are per second over the bucket."""
+class OpenLoopSummary:
+    """What the open loop asked for and what it managed. Arrivals, sends, late and dropped
+    are counted by arrival time in the window; every latency of the run is measured from the
+    arrival (the intended send time), so time waiting for a free session is included."""
 
-    t: float  # bucket start, seconds since the window opened
-    tokens_in_per_second: float
-    tokens_generated_per_second: float
-    messages_per_second: float
-    errors: int
-    step_p50: float | None
-    step_p99: float | None
+    rate: float  # asked: mean arrivals per second
+    arrivals: int  # requests due in the window
+    sent: int
+    late: int  # sent more than `late_ms` after their arrival
+    dropped: int  # never sent: no session came free within `max_lag_seconds`, or the run ended
+    late_ms: float
+    max_lag_seconds: float
+    arrival_rate: float  # arrivals per second over the window (the Poisson draw)
+    sent_rate: float  # sent per second over the window
+    send_lag: LatencySummary | None  # actual send − arrival, of the requests sent
 
 
 @dataclass
@@ -100,6 +106,8 @@ class LoadReport:
     error_examples: dict[str, str]  # code → one message the server sent
     timeline: list[TimelinePoint] = field(default_factory=list)
     histograms: dict[str, Histogram] = field(default_factory=dict)
+    mode: str = "closed"  # "closed" (sessions in closed loops) or "open" (arrivals at a rate)
+    open_loop: OpenLoopSummary | None = None
 
     # ---- derived rates ---------------------------------------------------------------------
 
@@ -164,10 +172,20 @@ class LoadReport:
             f"  {'latency (ms)':<22}{'count':>9}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}"
             f"{'max':>9}",
         ]
+        if self.open_loop is not None:
+            o = self.open_loop
+            lines[3:3] = [
+                f"  open loop   {o.rate:,.1f} requests/s asked, {o.arrival_rate:,.1f} arrived, "
+                f"{o.sent_rate:,.1f} sent",
+                f"              {o.arrivals:,} arrivals: {o.late:,} late (> {o.late_ms:g} ms), "
+                f"{o.dropped:,} dropped; latencies from the intended send time",
+                "",
+            ]
         for label, summary in (
             ("per step", self.step_latency),
             ("time to first token", self.time_to_first_token),
             ("inter-token", self.inter_token_latency),
+            *([("send lag", self.open_loop.send_lag)] if self.open_loop else []),
         ):
             if summary is None:
                 lines.append(f"  {label:<22}{'-':>9}")
@@ -196,6 +214,22 @@ def build_report(
     input_kind: str,
     sessions: int,
 ) -> LoadReport:
+    open_loop = None
+    if config.get("rate", 0) > 0:
+        span = max(recorder.window_seconds, 1e-9)
+        sent = len(recorder.send_lag)
+        open_loop = OpenLoopSummary(
+            rate=float(config["rate"]),
+            arrivals=recorder.arrivals,
+            sent=sent,
+            late=recorder.late,
+            dropped=len(recorder.dropped),
+            late_ms=float(config["late_ms"]),
+            max_lag_seconds=float(config["max_lag_seconds"]),
+            arrival_rate=recorder.arrivals / span,
+            sent_rate=sent / span,
+            send_lag=LatencySummary.of(recorder.send_lag.seconds),
+        )
     by_op: dict[str, dict[str, int]] = defaultdict(dict)
     by_code: dict[str, int] = defaultdict(int)
     for (op, code), n in recorder.errors.items():
@@ -219,7 +253,7 @@ def build_report(
         errors=dict(by_code),
         errors_by_operation=dict(by_op),
         error_examples=dict(recorder.error_examples),
-        timeline=_timeline(recorder),
+        timeline=build_timeline(recorder),
         histograms={
             name: h
             for name, h in (
@@ -229,65 +263,6 @@ def build_report(
             )
             if h is not None
         },
+        mode="open" if open_loop is not None else "closed",
+        open_loop=open_loop,
     )
-
-
-def timeline_bucket_seconds(window_seconds: float) -> float:
-    """One-second buckets, finer for short runs so a plot still has ~20 points."""
-    return 1.0 if window_seconds >= 20 else max(0.05, window_seconds / 20)
-
-
-def _timeline(recorder: LoadRecorder) -> list[TimelinePoint]:
-    start, span = recorder.window_start, recorder.window_seconds
-    width = timeline_bucket_seconds(span)
-    n = max(1, int(np.ceil(span / width - 1e-9)))
-
-    def bucket_of(at: Any) -> Any:
-        idx = ((np.asarray(at, dtype=np.float64) - start) / width).astype(np.int64)
-        return np.clip(idx, 0, n - 1)
-
-    def counts(at: Any, weights: Any = None) -> Any:
-        return np.bincount(bucket_of(at), weights=weights, minlength=n)[:n]
-
-    tin = counts(recorder.tokens_in.at, np.asarray(recorder.tokens_in.seconds))
-    tgen = counts(recorder.tokens_generated)
-    msgs = counts(recorder.messages)
-    errs = counts(recorder.error_at)
-    step_p50, step_p99 = _bucket_percentiles(recorder.step_latency, bucket_of, n)
-    points = []
-    for i in range(n):
-        # The last bucket may be partial: rates use its real width.
-        w = min(width, span - i * width) if i == n - 1 else width
-        w = max(w, 1e-9)
-        points.append(
-            TimelinePoint(
-                t=i * width,
-                tokens_in_per_second=float(tin[i]) / w,
-                tokens_generated_per_second=float(tgen[i]) / w,
-                messages_per_second=float(msgs[i]) / w,
-                errors=int(errs[i]),
-                step_p50=step_p50[i],
-                step_p99=step_p99[i],
-            )
-        )
-    return points
-
-
-def _bucket_percentiles(
-    samples: Samples, bucket_of: Any, n: int
-) -> tuple[list[float | None], list[float | None]]:
-    p50: list[float | None] = [None] * n
-    p99: list[float | None] = [None] * n
-    if not len(samples):
-        return p50, p99
-    buckets = bucket_of(samples.at)
-    values = np.asarray(samples.seconds, dtype=np.float64)
-    order = np.argsort(buckets, kind="stable")
-    buckets, values = buckets[order], values[order]
-    bounds = np.searchsorted(buckets, np.arange(n + 1))
-    for i in range(n):
-        chunk = values[bounds[i] : bounds[i + 1]]
-        if chunk.size:
-            a, b = np.percentile(chunk, (50, 99))
-            p50[i], p99[i] = float(a), float(b)
-    return p50, p99

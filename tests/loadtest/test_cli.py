@@ -84,3 +84,39 @@ def test_flags_map_onto_the_config() -> None:
     assert (cfg.multiplex, cfg.think_ms, cfg.generate_fraction) == (16, 250.0, 0.25)
     assert (cfg.generate_via, cfg.max_tokens, cfg.tokens_per_message) == ("stream", 64, 4)
     assert (cfg.history, cfg.warmup_seconds, cfg.model, cfg.version) == (1000, 2.0, "m", "staging")
+
+
+async def test_open_loop_run_writes_its_fields_and_plot(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path, plot_path = tmp_path / "open.json", tmp_path / "open.png"
+
+    code = await run_cli(
+        "--target", target, "--model", "tok", "--sessions", "4", "--duration", "1",
+        "--rate", "120", "--generate-fraction", "0.3", "--max-tokens", "3", "--late-ms", "5",
+        "--max-lag", "0.5", "--json", str(report_path), "--plot", str(plot_path), "--quiet",
+    )  # fmt: skip
+
+    assert code == 0
+    assert "requests/s asked" in capsys.readouterr().out
+    data = json.loads(report_path.read_text())
+    assert data["mode"] == "open" and data["config"]["rate"] == 120.0
+    o = data["open_loop"]
+    assert o["arrivals"] > 0 and o["sent"] + o["dropped"] == o["arrivals"]
+    assert (o["late_ms"], o["max_lag_seconds"]) == (5.0, 0.5)
+    assert o["send_lag"]["count"] == o["sent"]
+    assert data["time_to_first_token"]["count"] > 0 and data["step_latency"]["count"] > 0
+    assert {"ttft_p50", "ttft_p99", "dropped"} <= data["timeline"][0].keys()
+    assert plot_path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_open_loop_flags_map_onto_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(
+        ["loadtest", "--rate", "250", "--late-ms", "2", "--max-lag", "0.5"]
+    )
+    cfg = config_from_args(args)
+
+    assert (cfg.rate, cfg.late_ms, cfg.max_lag_seconds, cfg.open_loop) == (250.0, 2.0, 0.5, True)
+    assert not config_from_args(build_parser().parse_args(["loadtest"])).open_loop
+    assert main(["loadtest", "--rate", "10", "--think-ms", "5", "--quiet"]) == 2
+    assert "--think-ms applies to the closed loop" in capsys.readouterr().err

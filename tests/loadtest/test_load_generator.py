@@ -180,3 +180,73 @@ async def test_proxy_settings_never_divert_traffic(target: str, proxy: _Connecti
 
     assert report.tokens_in > 0
     assert proxy.connections == 0
+
+
+async def test_open_loop_keeps_its_poisson_schedule_and_accounts_for_every_arrival(
+    target: str, server: SeqServeServer
+) -> None:
+    report = await run_load(config(target, rate=200.0, sessions=8, seed=5))
+
+    o = report.open_loop
+    assert report.mode == "open" and o is not None
+    # 200/s for 1 s: Poisson, mean 200, sd ~14.
+    assert 140 < o.arrivals < 260
+    assert o.sent + o.dropped == o.arrivals  # every arrival is sent or counted as dropped
+    assert o.sent > 0.9 * o.arrivals  # eight sessions keep up with 200 small steps a second
+    assert o.send_lag is not None and o.send_lag.count == o.sent
+    assert report.step_latency is not None
+    assert 0.8 * o.sent <= report.step_latency.count <= o.sent
+    assert report.tokens_in == report.step_latency.count  # one token per request
+    assert report.messages == o.sent and report.errors == {}
+    assert list(server.engine.sessions) == []  # closed afterwards
+
+
+async def test_open_loop_counts_late_and_dropped_and_measures_from_the_intended_time(
+    target: str,
+) -> None:
+    # One session, and every request a 48-token generation: the server cannot keep up with
+    # 150 arrivals a second, so requests queue for the session, start late, and some are
+    # dropped after waiting 0.25 s. A closed loop would just slow down and report the server's
+    # own latency; here time spent queued counts in the time to first token.
+    report = await run_load(
+        config(
+            target, rate=150.0, sessions=1, generate_fraction=1.0, max_tokens=48,
+            temperature=0.0, max_lag_seconds=0.25, seed=2,
+        )
+    )  # fmt: skip
+
+    o = report.open_loop
+    assert o is not None and o.arrivals > 60
+    assert o.late > 0 and o.dropped > 0
+    assert o.sent + o.dropped == o.arrivals
+    ttft, lag = report.time_to_first_token, o.send_lag
+    assert ttft is not None and lag is not None
+    assert lag.max > 0.05  # requests waited for the session
+    assert lag.max <= 0.25 + 0.05  # none waited much past --max-lag before it was sent
+    # Each request's TTFT includes its wait: the distribution sits above the lags'.
+    assert ttft.p50 >= lag.p50 and ttft.max >= 0.8 * lag.max
+    assert report.step_latency is None  # generations only
+    assert sum(p.dropped for p in report.timeline) == o.dropped
+
+
+async def test_open_loop_errors_are_counted_per_step(target: str) -> None:
+    report = await run_load(config(target, rate=100.0, sessions=1, invalid_sessions=1))
+
+    assert set(report.errors_by_operation) == {"step"}
+    assert report.errors_by_operation["step"]["NOT_FOUND"] > 0
+    assert report.tokens_in > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rate": -1.0}, "rate must be >= 0"),
+        ({"rate": 10.0, "think_ms": 5.0}, "--think-ms applies to the closed loop"),
+        ({"rate": 10.0, "multiplex": 2}, "--multiplex applies to the closed loop"),
+        ({"rate": 10.0, "generate_via": "stream"}, "--generate-via stream applies"),
+        ({"rate": 10.0, "max_lag_seconds": 0.0}, "max lag must be > 0"),
+    ],
+)
+def test_open_loop_config_is_validated(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config("127.0.0.1:1", **overrides).validate()

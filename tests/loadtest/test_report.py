@@ -120,15 +120,73 @@ def test_json_round_trips(tmp_path: Path) -> None:
     assert len(data["histograms"]["step_latency"]["edges"]) == 61
 
 
-def test_plot_is_a_png(tmp_path: Path) -> None:
+def test_plot_is_a_png_with_p50_p99_values_and_latency_over_time(tmp_path: Path) -> None:
     path = tmp_path / "plot.png"
 
-    write_plot(report_of(recorded()), path)
+    texts = write_plot(report_of(recorded()), path)
 
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE
     width, height = struct.unpack(">II", data[16:24])  # IHDR
-    assert (width, height) == (1000, 800)
+    assert (width, height) == (1000, 1200)
+    # The per-step p50 / p99 (50.50 / 99.01 ms) written on the distribution, and in the legend.
+    assert "p50 50.50 ms" in texts and "p99 99.01 ms" in texts
+    assert "p50 10.00 ms" in texts  # time to first token
+    assert any("per step (n=100): p50 50.50 ms, p99 99.01 ms" in t for t in texts)
+    assert "latency over time (p50 and p99 per bucket)" in texts
+    assert {"per step p50", "per step p99", "time to first token p99"} <= set(texts)
+    assert "closed loop, multiplex 1" in " ".join(texts)
+
+
+def open_loop_recorded() -> LoadRecorder:
+    """An open loop over a 10 s window at t = 100: 50 arrivals, 40 sent (10 of them late),
+    10 dropped; each answered 5 ms after it was sent."""
+    rec = LoadRecorder()
+    rec.open_window(100.0, 10.0)
+    for i in range(50):
+        due = 100.0 + i * 0.2
+        rec.arrived(due)
+        if i % 5 == 4:
+            rec.drop(due)  # counted by its due time, whenever it is given up
+            continue
+        lag = 0.05 if i % 4 == 0 else 0.001
+        rec.started(due, due + lag, late=lag > 0.01)
+        rec.message_sent(due + lag, 0)
+        rec.fed(due, due + lag + 0.005, 1)
+    rec.arrived(99.0)  # before the window: not counted
+    rec.drop(99.5)
+    return rec
+
+
+def test_open_loop_summary_and_latency_from_the_intended_time(tmp_path: Path) -> None:
+    cfg = LoadConfig(target="127.0.0.1:1", model="m", rate=5.0, late_ms=10.0).to_dict()
+    report = build_report(
+        open_loop_recorded(), cfg, model="m", version=1, input_kind="tokens", sessions=2
+    )
+
+    o = report.open_loop
+    assert report.mode == "open" and o is not None
+    assert (o.arrivals, o.sent, o.dropped, o.late) == (50, 40, 10, 10)
+    assert o.rate == 5.0 and o.arrival_rate == pytest.approx(5.0) and o.sent_rate == 4.0
+    assert o.send_lag is not None and o.send_lag.max == pytest.approx(0.05)
+    step = report.step_latency
+    assert step is not None and step.max == pytest.approx(0.055)  # lag + service time
+    assert sum(p.dropped for p in report.timeline) == 10
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["mode"] == "open"
+    assert data["open_loop"]["dropped"] == 10 and data["open_loop"]["send_lag"]["count"] == 40
+    text = report.render_text()
+    assert "50 arrivals: 10 late (> 10 ms), 10 dropped" in text and "send lag" in text
+    texts = write_plot(report, tmp_path / "open.png")
+    assert any("open loop 5 req/s (10 late, 10 dropped)" in t for t in texts)
+    assert "dropped requests per bucket" in texts
+
+
+def test_closed_loop_report_has_no_open_loop_part() -> None:
+    report = report_of(recorded())
+
+    assert report.mode == "closed" and report.open_loop is None
+    assert "open loop" not in report.render_text()
 
 
 def test_text_report_names_every_figure() -> None:
