@@ -1,0 +1,121 @@
+"""`seqserve config show` and the one-line errors of bad settings, from real subprocesses:
+a bad environment variable, flag or config file value gives one line on stderr and exit 2
+(for `serve` and `config show` alike), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def seqserve(
+    *args: str, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`python -m service.cli.main ARGS` in the repo root with no SEQSERVE_* from outside."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    clean["SEQSERVE_DATA_DIR"] = str(tmp_path / "data")
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli.main", *args],
+        cwd=REPO_ROOT,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("seqserve: invalid setting "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", [("serve",), ("config", "show")])
+def test_bad_env_value(command: tuple[str, ...], tmp_path: Path) -> None:
+    proc = seqserve(*command, tmp_path=tmp_path, env={"SEQSERVE_SESSIONS__POOL_BYTES": "-5"})
+    assert_one_line_error(
+        proc,
+        "sessions.pool_bytes (--pool-bytes, --sessions.pool-bytes, SEQSERVE_SESSIONS__POOL_BYTES)",
+        "must be > 0, got -5 [from env SEQSERVE_SESSIONS__POOL_BYTES]",
+    )
+
+
+@pytest.mark.parametrize("command", [("serve",), ("config", "show")])
+def test_bad_flag(command: tuple[str, ...], tmp_path: Path) -> None:
+    proc = seqserve(*command, "--port", "70000", tmp_path=tmp_path)
+    assert_one_line_error(proc, "server.port (--port,", "must be <= 65535, got 70000 [from flag]")
+
+
+def test_bad_config_file_value(tmp_path: Path) -> None:
+    config = tmp_path / "seqserve.toml"
+    config.write_text("[engine]\nmax_batch_size = 0\n")
+    proc = seqserve("serve", "--config", str(config), tmp_path=tmp_path)
+    assert_one_line_error(
+        proc, "engine.max_batch_size", f"must be > 0, got 0 [from config file {config}]"
+    )
+
+
+def test_unknown_config_key_and_missing_file(tmp_path: Path) -> None:
+    config = tmp_path / "seqserve.toml"
+    config.write_text("[sessions]\npool_byte = 5\n")
+    proc = seqserve("serve", "--config", str(config), tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == f"seqserve: config file {config}: unknown setting sessions.pool_byte"
+    )
+    proc = seqserve("serve", "--config", str(tmp_path / "absent.toml"), tmp_path=tmp_path)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_unavailable_device_is_refused_at_start(tmp_path: Path) -> None:
+    proc = seqserve("serve", tmp_path=tmp_path, env={"SEQSERVE_ENGINE__DEVICE": "cuda:99"})
+    assert_one_line_error(proc, "engine.device", "cuda:99 is not available")
+
+
+def test_missing_store_is_refused(tmp_path: Path) -> None:
+    proc = seqserve("serve", "--store", str(tmp_path / "nostore"), tmp_path=tmp_path)
+    assert_one_line_error(proc, "model_store (--store", "no model store at")
+
+
+def test_config_show_provenance(tmp_path: Path) -> None:
+    config = tmp_path / "seqserve.toml"
+    config.write_text(
+        '[server]\nport = 7000\nhost = "127.0.0.3"\n'
+        "[sessions]\nttl_seconds = 30\nmax_sessions = 9\n"
+        "[security]\nreflection = false\n"
+    )
+    env = {"SEQSERVE_SERVER__PORT": "7001", "SEQSERVE_SESSIONS__MAX_SESSIONS": "8"}
+    proc = seqserve(
+        "config", "show", "--json", "--config", str(config), "--max-sessions", "7",
+        "--engine.max-batch-size", "32", "--no-security.reflection", tmp_path=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["server.port"] == {"value": 7001, "source": "env SEQSERVE_SERVER__PORT"}
+    assert shown["server.host"] == {"value": "127.0.0.3", "source": f"config file {config}"}
+    assert shown["sessions.ttl_seconds"] == {"value": 30.0, "source": f"config file {config}"}
+    assert shown["sessions.max_sessions"] == {"value": 7, "source": "flag"}
+    assert shown["engine.max_batch_size"] == {"value": 32, "source": "flag"}
+    assert shown["security.reflection"] == {"value": False, "source": "flag"}
+    assert shown["sessions.pool_bytes"] == {"value": 256 * 1024 * 1024, "source": "default"}
+    assert shown["server.metrics_port"] == {"value": 9464, "source": "default"}
+
+
+def test_config_show_table(tmp_path: Path) -> None:
+    proc = seqserve("config", "show", "--ttl", "45", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    assert rows["sessions.ttl_seconds"] == ["45.0", "flag"]
+    assert rows["server.port"] == ["50051", "default"]
+    assert rows["model_store"][0] == json.dumps(str(REPO_ROOT / "model_store"))

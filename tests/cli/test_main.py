@@ -1,0 +1,88 @@
+"""`seqserve --help`, every subcommand's `--help` and `--version` never import torch (they
+stay fast), and help shows defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import runpy, sys
+sys.argv = ["seqserve", *sys.argv[1:]]
+try:
+    runpy.run_module("service.cli.main", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "safetensors") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _PROBE, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["serve", "--help"],
+        ["predict", "--help"],
+        ["generate", "--help"],
+        ["models", "--help"],
+        ["models", "verify", "--help"],
+        ["train", "--help"],
+        ["loadtest", "--help"],
+        ["auth", "--help"],
+        ["config", "show", "--help"],
+    ],
+)
+def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("HEAVY:"), proc.stderr
+    assert "torch" not in last.removeprefix("HEAVY:").split(","), proc.stderr
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    proc = _run("--version")
+    assert proc.stdout.strip() == f"seqserve {version('seqserve')}"
+
+
+def test_serve_help_lists_every_setting_with_its_default() -> None:
+    from service.config_sources import leaves
+
+    out = _run("serve", "--help").stdout
+    flat = " ".join(out.split())
+    for leaf in leaves():
+        assert leaf.flag in out, leaf.flag
+        assert leaf.env in flat, leaf.env
+    for alias in ("--store", "--host", "--port", "--metrics-port", "--http-port", "--state-url",
+                  "--tls-cert", "--tls-key", "--tls-client-ca", "--auth-tokens", "--insecure",
+                  "--spill-dir", "--spill-max-bytes", "--pool-bytes", "--max-sessions", "--ttl",
+                  "--workers", "--port-file", "--config"):  # fmt: skip
+        assert f"{alias} " in out or f"{alias}," in out, alias
+    assert "[default: 50051; env SEQSERVE_SERVER__PORT]" in flat
+    assert "[default: 268435456; env SEQSERVE_SESSIONS__POOL_BYTES]" in flat
+
+
+def test_generate_help_says_unset_sampling_is_the_sessions_default() -> None:
+    flat = " ".join(_run("generate", "--help").stdout.split())
+    assert "--temperature TEMPERATURE 0 = greedy; unset: the session's default sampling" in flat
+    assert "(default: 200)" in flat

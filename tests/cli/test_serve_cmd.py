@@ -1,0 +1,89 @@
+"""Flags, env and the config file reach a real `seqserve serve`; `--workers` passes every
+setting flag on to its workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.cli.main import build_parser
+from service.cli.serve_cmd import worker_argv
+from service.cli.settings_flags import given_flags
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 90.0
+
+
+def test_worker_argv_passes_every_given_setting_but_the_ports(tmp_path: Path) -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "--config", str(tmp_path / "c.toml"), "--store", "/s", "--ttl", "5",
+         "--insecure", "--port", "7", "--metrics-port", "8", "--engine.max-batch-size", "8",
+         "--no-security.reflection", "--engine.preload", "a:1,b", "--workers", "2"]
+    )  # fmt: skip
+    argv = worker_argv(args)
+    assert argv[0] == "serve" and f"--config={tmp_path / 'c.toml'}" in argv
+    again = parser.parse_args(argv)
+    expected = {k: v for k, v in given_flags(args).items() if k[0] != "server"}
+    assert given_flags(again) == expected
+    assert expected[("security", "insecure")] is True
+    assert expected[("security", "reflection")] is False
+    assert expected[("engine", "preload")] == ["a:1", "b"]
+    assert again.config == args.config
+
+
+@pytest.mark.integration
+def test_flags_env_and_config_file_reach_the_server(tmp_path: Path) -> None:
+    config = tmp_path / "seqserve.toml"
+    config.write_text(
+        f'model_store = "{REPO_ROOT / "model_store"}"\n'
+        f'[sessions]\nspill_dir = "{tmp_path / "spill"}"\nmax_sessions = 50\n'
+    )
+    port_file = tmp_path / "port.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    env |= {"SEQSERVE_DATA_DIR": str(tmp_path / "data"), "SEQSERVE_SERVER__GRACE_SECONDS": "0.5"}
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli.main", "serve", "--config", str(config),
+         "--port", "0", "--metrics-port", "0", "--http-port", "-1", "--max-sessions", "1",
+         "--port-file", str(port_file), "--log-level", "warning"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_file.exists():
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        ports = json.loads(port_file.read_text())
+        assert ports["port"] > 0 and ports["metrics_port"] > 0  # --port 0, --metrics-port 0
+        metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+        with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+            assert reply.status == 200
+            assert b"seqserve_" in reply.read()
+        with grpc.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            first = stub.CreateSession(pb.CreateSessionRequest(model="bytes-lstm"), timeout=60)
+            assert first.session.session_id
+            with pytest.raises(grpc.RpcError) as info:  # --max-sessions 1 beat the file's 50
+                stub.CreateSession(pb.CreateSessionRequest(model="bytes-lstm"), timeout=60)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (tmp_path / "spill").is_dir()  # the config file's spill_dir
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -1,0 +1,119 @@
+"""Layering flags > env > config file > defaults, provenance, and the one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config_sources import InvalidSetting, check_runnable, leaves, load, read_config_file
+from service.settings import Settings
+
+REPO_STORE = Path(__file__).resolve().parent.parent / "model_store"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SEQSERVE_"):
+            monkeypatch.delenv(key)
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "seqserve.toml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_and_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _toml(
+        tmp_path,
+        '[server]\nport = 7000\nmetrics_port = 7100\nhost = "127.0.0.2"\n'
+        "[sessions]\nttl_seconds = 30\n",
+    )
+    monkeypatch.setenv("SEQSERVE_SERVER__PORT", "7001")
+    monkeypatch.setenv("SEQSERVE_SERVER__METRICS_PORT", "7101")
+    loaded = load({("server", "port"): "7002"}, config)
+    s = loaded.settings
+    assert (s.server.port, s.server.metrics_port, s.server.host) == (7002, 7101, "127.0.0.2")
+    assert s.sessions.ttl_seconds == 30.0
+    assert loaded.sources["server.port"] == "flag"
+    assert loaded.sources["server.metrics_port"] == "env SEQSERVE_SERVER__METRICS_PORT"
+    assert loaded.sources["server.host"] == f"config file {config}"
+    assert loaded.sources["sessions.ttl_seconds"] == f"config file {config}"
+    assert loaded.sources["sessions.pool_bytes"] == "default"
+    assert set(loaded.sources) == {leaf.name for leaf in leaves()}
+
+
+def test_defaults_alone_equal_the_model() -> None:
+    assert load().settings == Settings.model_validate({})
+
+
+def test_bad_flag_names_the_setting_and_its_names() -> None:
+    with pytest.raises(InvalidSetting) as info:
+        load({("sessions", "pool_bytes"): "-5"})
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("invalid setting sessions.pool_bytes (--pool-bytes, ")
+    assert "--sessions.pool-bytes" in msg and "SEQSERVE_SESSIONS__POOL_BYTES" in msg
+    assert "must be > 0, got -5 [from flag]" in msg
+
+
+def test_bad_env_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEQSERVE_ENGINE__MAX_BATCH_SIZE", "lots")
+    with pytest.raises(InvalidSetting, match=r"engine\.max_batch_size .*must be an integer, got "
+                       r"lots \[from env SEQSERVE_ENGINE__MAX_BATCH_SIZE\]"):  # fmt: skip
+        load()
+
+
+def test_unparseable_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEQSERVE_SERVER", "{not json")
+    with pytest.raises(InvalidSetting, match="invalid environment"):
+        load()
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSetting, match=r"unknown setting sessions\.ttl$"):
+        read_config_file(_toml(tmp_path, "[sessions]\nttl = 3\n"))
+    with pytest.raises(InvalidSetting, match="unknown setting colour"):
+        read_config_file(_toml(tmp_path, 'colour = "blue"\n'))
+    with pytest.raises(InvalidSetting, match="must be a \\[server\\] table"):
+        read_config_file(_toml(tmp_path, "server = 3\n"))
+    with pytest.raises(InvalidSetting, match="not valid TOML"):
+        read_config_file(_toml(tmp_path, "[server\n"))
+    with pytest.raises(InvalidSetting, match="no such file"):
+        read_config_file(tmp_path / "absent.toml")
+    bad = _toml(tmp_path, '[sessions]\nfsync = "sometimes"\n')
+    with pytest.raises(InvalidSetting, match=r"sessions\.fsync .*must be one of .*\[from config"):
+        load(config_file=bad)
+
+
+def test_check_runnable(tmp_path: Path) -> None:
+    good = Settings.model_validate({"model_store": REPO_STORE})
+    check_runnable(good)
+    with pytest.raises(InvalidSetting, match=r"model_store \(--store.*no model store at"):
+        check_runnable(Settings.model_validate({"model_store": tmp_path / "nope"}))
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(InvalidSetting, match=r"sessions\.spill_dir .*is not a directory"):
+        check_runnable(
+            Settings.model_validate({"model_store": REPO_STORE, "sessions": {"spill_dir": afile}})
+        )
+    with pytest.raises(InvalidSetting, match=r"security.tls_cert \(--tls-cert.*no such file"):
+        check_runnable(
+            Settings.model_validate(
+                {"model_store": REPO_STORE, "security": {"tls_cert": tmp_path / "c.pem"}}
+            )
+        )
+
+
+def test_device_that_torch_does_not_have_is_refused() -> None:
+    import torch
+
+    settings = Settings.model_validate({"model_store": REPO_STORE, "engine": {"device": "cuda:7"}})
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    with pytest.raises(InvalidSetting, match=r"engine\.device .*cuda:7 is not available"):
+        check_runnable(settings)
