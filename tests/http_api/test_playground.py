@@ -1,0 +1,172 @@
+"""The playground page in headless Chromium (Debian's, driven by Playwright; nothing downloads a
+browser) against a server on the bundled model store: typing moves the bars, an edit other
+than appending restarts the session, keystrokes never overlap, a generation streams in, a frame
+model plots its predictions, and with tokens on the page asks for one. Screenshots go to
+`tests/http_api/screenshots/` (the README shows one)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from service.api.server import SeqServeServer
+from service.security.tokens import add_token
+from tests.api.conftest import ServerFactory
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_STORE = REPO_ROOT / "model_store"
+SHOTS = Path(__file__).parent / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+PHONE = {"width": 412, "height": 915}
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is missing: run `make system-deps`")
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def _page(browser: Browser, server: SeqServeServer) -> Page:
+    page = await browser.new_page(viewport=PHONE)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors  # type: ignore[attr-defined]
+    await page.goto(f"http://127.0.0.1:{server.http_port}/")
+    return page
+
+
+async def _settled(page: Page) -> tuple[str, int]:
+    """Wait until the session has consumed exactly the text box's text; (session id, position)."""
+    await page.wait_for_function(
+        """() => {
+            const m = document.querySelector('#session-line').textContent
+                .match(/session (\\S+) · position (\\d+)/);
+            const bytes = new TextEncoder().encode(document.querySelector('#prompt').value).length;
+            return m && Number(m[2]) === bytes && document.querySelectorAll('#bars .bar').length;
+        }""",
+        timeout=15_000,
+    )
+    line = await page.inner_text("#session-line")
+    _, sid, _, _, position = line.split()
+    return sid, int(position)
+
+
+def _count(server: SeqServeServer, method: str, code: str) -> float:
+    key = f'seqserve_rpc_duration_seconds_count{{code="{code}",method="{method}",protocol="http"}}'
+    for line in server.metrics.render().decode().splitlines():
+        if line.startswith(key):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_type_see_the_bars_move_and_generate(
+    server_factory: ServerFactory, browser: Browser
+) -> None:
+    server = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0})
+    page = await _page(browser, server)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    assert await page.input_value("#model") == "bytes-lstm"
+
+    await page.type("#prompt", "def ", delay=5)  # faster than the server answers: coalesced
+    first_id, position = await _settled(page)
+    assert position == 4
+    before = await page.inner_text("#bars")
+    await page.type("#prompt", "main(", delay=5)
+    same_id, position = await _settled(page)
+    after = await page.inner_text("#bars")
+    assert same_id == first_id and position == 9  # appended text: fed to the same session
+    assert before != after and "%" in after
+
+    await page.keyboard.press("Backspace")  # not an append: start again from the new text
+    new_id, position = await _settled(page)
+    assert new_id != first_id and position == 8
+    # Keystrokes went in order, one request at a time: no call was refused for overlapping
+    # (ABORTED) or for a position that moved under it (FAILED_PRECONDITION).
+    assert _count(server, "Step", "OK") >= 1
+    for code in ("ABORTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT"):
+        assert _count(server, "Step", code) == 0, code
+
+    await page.fill("#max-tokens", "40")
+    await page.click("#generate")
+    await page.wait_for_function(
+        "document.querySelector('#status').textContent.startsWith('done')", timeout=20_000
+    )
+    text = await page.input_value("#prompt")
+    assert text.startswith("def main") and len(text) > len("def main")
+    assert _count(server, "Generate", "OK") == 1
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0  # fits a phone's width
+    await page.type("#prompt", " ")  # typing on after a generation continues the same session
+    after_id, _ = await _settled(page)
+    assert after_id == new_id
+    SHOTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SHOTS / "playground.png"), full_page=True)
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_a_frame_model_plots_its_predictions(
+    server_factory: ServerFactory, browser: Browser
+) -> None:
+    server = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0})
+    page = await _page(browser, server)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.select_option("#model", "co2-gru")
+    await page.wait_for_selector("#frames-panel:not([hidden])")
+    await page.click("#example")
+    await page.wait_for_function(
+        "document.querySelector('#status').textContent.includes('156 frames')", timeout=15_000
+    )
+    drawn = await page.evaluate(
+        """() => { const c = document.querySelector('#plot');
+                   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                   let blue = 0;
+                   for (let i = 0; i < d.length; i += 4) if (d[i+2] > 200 && d[i] < 80) blue++;
+                   return blue; }"""
+    )
+    assert drawn > 200  # the prediction line is on the canvas
+    await page.fill("#series", "1,2\n")
+    await page.click("#predict")
+    await page.wait_for_function(
+        "document.querySelector('#status').className === 'error'", timeout=5_000
+    )
+    assert "expected 3 numbers" in await page.inner_text("#status")
+    SHOTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SHOTS / "playground-frames.png"), full_page=True)
+    # Every session the page made is closed: the token model's when the model changed, the
+    # series' after its prediction.
+    made = _count(server, "CreateSession", "OK")
+    assert made >= 2 and _count(server, "CloseSession", "OK") == made
+
+
+async def test_with_tokens_on_the_page_asks_for_one(
+    server_factory: ServerFactory, browser: Browser, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    token = add_token(tokens, "alice", "client")
+    server = await server_factory(
+        store_root=BUNDLED_STORE, server={"http_port": 0}, security={"auth_tokens": tokens}
+    )
+    page = await _page(browser, server)
+    await page.wait_for_selector("#auth:not([hidden])")
+    await page.fill("#token", token)
+    await page.click("#auth-form button")
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.type("#prompt", "ab")
+    await _settled(page)
+    assert await page.input_value("#token") == ""  # not left in the form
+    stored = await page.evaluate("JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
+    assert token not in stored and token not in await page.evaluate("document.cookie")
