@@ -97,3 +97,15 @@ def test_environment_values_nested(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     values = environment_values()
     assert values["sessions"] == {"pool_bytes": "1234"}
     assert Path(values["model_store"]) == tmp_path
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(" `"): line for line in section.splitlines()
+            if line.startswith("| `")}  # fmt: skip
+    for leaf in leaves():
+        assert leaf.name in rows, f"README's Configuration table lacks {leaf.name}"
+        for alias in leaf.aliases:
+            assert f"`{alias}`" in rows[leaf.name], (leaf.name, alias)
+    assert set(rows) == {leaf.name for leaf in leaves()}
