@@ -52,7 +52,8 @@ class OpenLoopDriver:
         self._model = model
         self._recorder = recorder
         self._stop = stop
-        self._rng = random.Random(config.seed ^ _SEED_SALT)  # arrivals and turn choices
+        self._arrivals = random.Random(config.seed ^ _SEED_SALT)  # the schedule: its own stream
+        self._turns = random.Random(config.seed ^ _SEED_SALT ^ 1)  # feed or generate, in order
         self._idle: deque[ClientSession] = deque(sessions)
         self._backlog: deque[float] = deque()  # arrival times not yet sent, oldest first
         self._requests: set[asyncio.Task[None]] = set()
@@ -69,7 +70,7 @@ class OpenLoopDriver:
         due = time.perf_counter()
         try:
             while not self._stop.is_set():
-                due += self._rng.expovariate(self._config.rate)
+                due += self._arrivals.expovariate(self._config.rate)
                 await self._sleep(due - time.perf_counter())
                 if self._stop.is_set():
                     break
@@ -116,7 +117,7 @@ class OpenLoopDriver:
         rec.message_sent(sent, 0)
         inputs = self._model.random_input(session.rng, cfg.tokens_per_message)
         try:
-            if self._generates and self._rng.random() < cfg.generate_fraction:
+            if self._generates and self._turns.random() < cfg.generate_fraction:
                 await generate_rpc(
                     self._stub, session, inputs, self._sampling, rec, due, cfg.tokens_per_message
                 )
