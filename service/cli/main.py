@@ -71,7 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from service.config_sources import InvalidSetting, describe
+
+    try:
+        return int(args.func(args) or 0)
+    except InvalidSetting as exc:
+        print(f"seqserve: {exc}", file=sys.stderr)
+    except SettingsError as exc:  # a command that built Settings() from a bad environment
+        print(f"seqserve: invalid environment: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        if not exc.title.endswith("Settings"):
+            raise
+        print(f"seqserve: {describe(exc)}", file=sys.stderr)
+    return 2
 
 
 def run() -> None:

@@ -86,3 +86,21 @@ def test_generate_help_says_unset_sampling_is_the_sessions_default() -> None:
     flat = " ".join(_run("generate", "--help").stdout.split())
     assert "--temperature TEMPERATURE 0 = greedy; unset: the session's default sampling" in flat
     assert "(default: 200)" in flat
+
+
+def test_a_bad_environment_is_one_line_for_every_command(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    env["SEQSERVE_SESSIONS__POOL_BYTES"] = "-5"
+    for args in (["models", "list"], ["predict", "--model", "bytes-lstm", "--text", "hi"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "service.cli.main", *args],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            "seqserve: invalid setting sessions.pool_bytes (--pool-bytes, --sessions.pool-bytes, "
+            "SEQSERVE_SESSIONS__POOL_BYTES): must be > 0, got -5"
+        ]
