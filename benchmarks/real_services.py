@@ -81,6 +81,15 @@ class RedisServer:
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
 
+def _local_upstream(text: str, port: int, local_ports: list[int]) -> str:
+    """The deploy file's `server replicaN:<port> ...;` lines pointed at local ports."""
+    servers = re.findall(rf"^\s*server replica\d+:{port} .*;$", text, flags=re.M)
+    assert len(servers) == 3, f"the deploy file names three replicas on port {port}"
+    options = servers[0].split(f":{port}", 1)[1]  # " max_fails=... fail_timeout=...;"
+    local = "\n".join(f"    server 127.0.0.1:{p}{options}" for p in local_ports)
+    return text.replace("\n".join(servers), local)
+
+
 class NginxServer:
     """nginx running a deploy file (`deploy/nginx/seqserve.conf` by default) itself, its
     replicas rewritten to local ports, its listener to 127.0.0.1, and any other paths of the
@@ -92,10 +101,15 @@ class NginxServer:
         replica_ports: list[int],
         conf: Path = NGINX_CONF,
         paths: dict[str, Path] | None = None,
+        http_ports: list[int] | None = None,
     ) -> None:
+        """`http_ports`: the replicas' HTTP API ports, for the file's HTTP upstream (nginx then
+        listens for HTTP on `http_port`)."""
         self.workdir = workdir
         self.port = free_port()
+        self.http_port = free_port()
         self.replica_ports = replica_ports
+        self.http_ports = http_ports
         self.conf = conf
         self.paths = paths or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -110,11 +124,10 @@ class NginxServer:
         for old, new in self.paths.items():
             assert old in text, f"{old} is not in {self.conf.name}"
             text = text.replace(old, str(new))
-        servers = re.findall(r"^\s*server replica\d+:50051 .*;$", text, flags=re.M)
-        assert len(servers) == 3, "the deploy file names three replicas"
-        options = servers[0].split(":50051", 1)[1]  # " max_fails=... fail_timeout=...;"
-        local = "\n".join(f"    server 127.0.0.1:{p}{options}" for p in self.replica_ports)
-        text = text.replace("\n".join(servers), local)
+        text = _local_upstream(text, 50051, self.replica_ports)
+        if ":8080 " in text:  # the HTTP API's upstream: the replicas' HTTP ports
+            text = _local_upstream(text, 8080, self.http_ports or self.replica_ports)
+            text = text.replace("listen 8080;", f"listen 127.0.0.1:{self.http_port};")
         text = text.replace("listen 50051 http2;", f"listen 127.0.0.1:{self.port} http2;")
         return text.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{self.port} ssl http2;")
 

@@ -56,6 +56,7 @@ class ServerProcess:
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.http_port = -1
 
     async def start(self) -> None:
         self.port_file.unlink(missing_ok=True)
@@ -71,7 +72,9 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"server did not start:\n{self.log_text()}")
             await asyncio.sleep(0.05)
-        self.port = json.loads(self.port_file.read_text())["port"]
+        ports = json.loads(self.port_file.read_text())
+        self.port = ports["port"]
+        self.http_port = ports.get("http_port", -1)
 
     async def terminate(self) -> int:
         assert self.proc is not None

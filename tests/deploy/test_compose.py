@@ -172,11 +172,17 @@ def test_nginx_hashes_onto_the_replicas_and_is_the_published_port(
     text = conf.read_text()
     port = compose["services"]["replica1"]["environment"]["SEQSERVE_SERVER__PORT"]
 
+    http = compose["services"]["replica1"]["environment"]["SEQSERVE_SERVER__HTTP_PORT"]
+
     assert conf == DEPLOY_DIR / "nginx" / "seqserve.conf"
-    assert set(re.findall(r"server (\S+):(\d+) ", text)) == {(r, port) for r in REPLICAS}
+    assert set(re.findall(r"server (\S+):(\d+) ", text)) == {
+        (r, p) for r in REPLICAS for p in (port, http)
+    }
     assert "hash $http_x_seqserve_route consistent;" in text
+    assert "hash $seqserve_http_route consistent;" in text  # the key in the URL, or the header
     assert "grpc_pass grpc://seqserve_replicas;" in text
-    assert _published(nginx) == {("127.0.0.1", int(port))}
+    assert "proxy_pass http://seqserve_http_replicas;" in text
+    assert _published(nginx) == {("127.0.0.1", int(port)), ("127.0.0.1", int(http))}
 
 
 def test_redis_is_configured_as_the_state_tier_needs(compose: dict[str, Any]) -> None:
