@@ -52,7 +52,8 @@ def _serve(
     name: str, store: Path, state: Path, out: Path, cpus, env: dict[str, str]
 ) -> ServerProcess:  # type: ignore[no-untyped-def]
     argv = ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "-1", "--http-port", "-1", "--store", str(store), "--spill-dir", str(state)]  # fmt: skip
+            "--metrics-port", "-1", "--http-port", "-1", "--store", str(store),
+            "--spill-dir", str(state)]  # fmt: skip
     return start_server(name, argv, out, cpus, env=env, timeout=600.0, cwd=REPO)
 
 

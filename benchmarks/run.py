@@ -173,7 +173,8 @@ async def main_async(args: argparse.Namespace, store: Path, scratch: Path) -> in
     service = start_server(
         "seqserve",
         ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", "--http-port", "-1", "--store", str(store), "--spill-dir", str(spill)],
+         "--metrics-port", "0", "--http-port", "-1", "--store", str(store),
+         "--spill-dir", str(spill)],
         args.out, server_cpus,
     )  # fmt: skip
     echo = None
