@@ -31,15 +31,16 @@ client's `route_key`, else a random one; it is part of the session id from then 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
-from service.client.errors import SeqServeError
+from service.client.errors import PositionMismatchError, SeqServeError
 from service.client.multiplex import FeedMux
 from service.client.results import (
     GeneratedPiece,
@@ -214,9 +215,10 @@ class ClientSession:
                 options=types.PredictionOptions(top_k=top_k),
                 expected_position=self.position,
             )
-            reply = await self.client.retry.run(
-                lambda left: asyncio.wait_for(mux.feed(item), left), timeout=limit
-            )
+            with self._resync():
+                reply = await self.client.retry.run(
+                    lambda left: asyncio.wait_for(mux.feed(item), left), timeout=limit
+                )
             self.position = reply.position
             return prediction_from_pb(reply.prediction)
         request = pb.StepRequest(
@@ -226,12 +228,25 @@ class ClientSession:
             options=types.PredictionOptions(top_k=top_k),
             expected_position=self.position,
         )
-        response = await self.client.retry.run(
-            lambda left: self.client.sessions.Step(request, metadata=self.metadata, timeout=left),
-            timeout=limit,
-        )
+        with self._resync():
+            response = await self.client.retry.run(
+                lambda left: self.client.sessions.Step(
+                    request, metadata=self.metadata, timeout=left
+                ),
+                timeout=limit,
+            )
         self.position = response.position
         return prediction_from_pb(response.prediction)
+
+    @contextlib.contextmanager
+    def _resync(self) -> Iterator[None]:
+        """On a PositionMismatchError (another handle fed the session), take the server's
+        position from it: the failed call is not applied, the next one goes on from there."""
+        try:
+            yield
+        except PositionMismatchError as err:
+            self.position = err.position
+            raise
 
     async def generate(
         self,

@@ -48,4 +48,6 @@ async def test_concurrent_feeds_go_out_together_and_come_back_exact(
         for line in text.splitlines()
         if line.startswith("seqserve_rpc_duration_seconds_count") and 'method="Step"' in line
     ]
-    assert steps == ['seqserve_rpc_duration_seconds_count{code="OK",method="Step"} 1.0']
+    assert steps == [
+        'seqserve_rpc_duration_seconds_count{code="OK",method="Step",protocol="grpc"} 1.0'
+    ]

@@ -1,0 +1,245 @@
+"""The client's own behaviour: typed results and `async with` against a real server; retries
+and timeouts against a real gRPC server on loopback whose SessionService answers as each test
+says (UNAVAILABLE a few times, or nothing for a while), counting the calls it receives; and an
+import that pulls in neither torch nor numpy."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.api.server import SeqServeServer
+from service.client import errors
+from service.client.client import SeqServeClient
+from service.client.results import ModelInfo, Prediction, SessionInfo, TopToken
+from service.client.retry import RetryPolicy
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.pb.seqserve.v1 import types_pb2 as types
+from tests.api.conftest import (  # noqa: F401 - fixtures
+    server,
+    server_factory,
+    store_root,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# ---- against the real server ------------------------------------------------------------------
+
+
+async def test_typed_results_and_async_with(server: SeqServeServer) -> None:  # noqa: F811
+    async with SeqServeClient(f"127.0.0.1:{server.port}", timeout=10) as client:
+        models = await client.list_models()
+        assert all(isinstance(m, ModelInfo) for m in models)
+        assert {m.name: m.versions for m in models} == {"frames": [1], "tok": [1]}
+        tok = await client.get_model("tok")
+        assert tok.default_version == 1 and tok.aliases == {}
+        (v1,) = tok.details
+        assert (v1.version, v1.status, v1.cell) == (1, "ok", "lstm")
+        assert v1.manifest["hidden_size"] == 24 and len(v1.fingerprint) > 8
+
+        async with await client.create_session("tok", seed=4, ttl_seconds=60) as session:
+            assert isinstance(session.info, SessionInfo)
+            assert (session.info.model, session.info.version, session.info.seed) == ("tok", 1, 4)
+            assert session.info.ttl_seconds == 60 and session.info.state == "active"
+            pred = await session.feed(text="ab", top_k=3)
+            assert isinstance(pred, Prediction) and pred.position == 2 and not pred.values
+            assert len(pred.top) == 3 and all(isinstance(t, TopToken) for t in pred.top)
+            token_id, prob, _ = pred.top[0]  # still a tuple
+            assert 0 <= token_id < 256 and prob == max(t.prob for t in pred.top)
+            async with await session.fork() as branch:
+                assert branch.info.parent_session_id == session.session_id
+                assert branch.info.position == 2
+            info = await session.refresh()
+            assert info.position == 2 and info.created_at is not None
+        # Both were closed on leaving their blocks.
+        with pytest.raises(errors.SessionClosedError):
+            await (await client.attach(session.session_id)).refresh()
+        with pytest.raises(errors.SessionClosedError):
+            await (await client.attach(branch.session_id)).refresh()
+
+        series = await client.create_session("frames")
+        out = await series.feed(frames=[0.5, -0.5, 1.0])
+        assert out.top == [] and len(out.values) == 2
+        await series.close()
+        assert series.closed
+        async with series:  # already closed: leaving does not close again
+            pass
+    assert client.channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+
+
+async def test_closed_on_error_inside_the_block(server: SeqServeServer) -> None:  # noqa: F811
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        with pytest.raises(RuntimeError):
+            async with await client.create_session("tok") as session:
+                raise RuntimeError("the app failed")
+        assert session.closed
+        with pytest.raises(errors.SessionClosedError):
+            await session.refresh()
+
+
+def test_importing_the_client_loads_no_torch_or_numpy() -> None:
+    code = (
+        "import sys, service.client, service.client.client, service.client.errors\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules)\n"
+        "engine = sorted(m for m in sys.modules if m.startswith(('service.engine', "
+        "'service.runtime', 'service.models')))\n"
+        "print(heavy, engine)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[] []", out.stdout + out.stderr
+
+
+# ---- against a scripted SessionService -----------------------------------------------------------
+
+
+class Scripted(pb_grpc.SessionServiceServicer):
+    """Fails the first `failures` calls of each method with `code`; `stall` seconds before
+    answering Step. Counts the calls it receives, by method."""
+
+    def __init__(self, failures: int = 0, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+        self.failures = failures
+        self.code = code
+        self.stall = 0.0
+        self.calls: dict[str, int] = {}
+
+    async def _count(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if self.calls[method] <= self.failures:
+            await context.abort(self.code, f"{method}: not now")
+
+    @staticmethod
+    def _session(session_id: str = "s_k.one") -> types.Session:
+        return types.Session(session_id=session_id, model="m", version=1)
+
+    async def CreateSession(self, request, context):  # type: ignore[no-untyped-def]
+        await self._count("CreateSession", context)
+        return pb.CreateSessionResponse(session=self._session())
+
+    async def ForkSession(self, request, context):  # type: ignore[no-untyped-def]
+        await self._count("ForkSession", context)
+        return pb.ForkSessionResponse(session=self._session("s_k.two"))
+
+    async def GetSession(self, request, context):  # type: ignore[no-untyped-def]
+        await self._count("GetSession", context)
+        return pb.GetSessionResponse(session=self._session(request.session_id))
+
+    async def CloseSession(self, request, context):  # type: ignore[no-untyped-def]
+        await self._count("CloseSession", context)
+        return pb.CloseSessionResponse(session=self._session(request.session_id))
+
+    async def Step(self, request, context):  # type: ignore[no-untyped-def]
+        await self._count("Step", context)
+        await asyncio.sleep(self.stall)
+        return pb.StepResponse(
+            session_id=request.session_id, position=1, prediction=types.Prediction(position=1)
+        )
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
+    servicer = Scripted()
+    scripted_server = grpc.aio.server()
+    pb_grpc.add_SessionServiceServicer_to_server(servicer, scripted_server)
+    port = scripted_server.add_insecure_port("127.0.0.1:0")
+    await scripted_server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await scripted_server.stop(0)
+
+
+FAST = RetryPolicy(deadline_seconds=5, first_backoff_seconds=0.01, max_backoff_seconds=0.02)
+
+
+async def test_unavailable_is_retried_once_per_attempt_for_safe_calls(
+    scripted: tuple[Scripted, str],
+) -> None:
+    servicer, target = scripted
+    servicer.failures = 2
+    async with SeqServeClient(target, retry=FAST) as client:
+        session = await client.create_session("m")
+        await session.feed(tokens=[1])
+        await session.fork()
+        await session.refresh()
+    # Two refusals and one success each: one retry layer (the channel retries nothing, or the
+    # server would have counted more).
+    assert servicer.calls == {"CreateSession": 3, "Step": 3, "ForkSession": 3, "GetSession": 3}
+
+
+async def test_close_is_not_retried(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.failures = 1
+    async with SeqServeClient(target, retry=FAST) as client:
+        session = await client.create_session("m")
+        with pytest.raises(errors.UnavailableError) as err:
+            await session.close()
+        assert err.value.reason == "" and "not now" in err.value.message  # no ErrorInfo here
+        assert not session.closed
+    assert servicer.calls["CloseSession"] == 1
+
+
+async def test_other_codes_are_not_retried(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.failures, servicer.code = 1, grpc.StatusCode.RESOURCE_EXHAUSTED
+    async with SeqServeClient(target, retry=FAST) as client:
+        with pytest.raises(errors.ResourceExhaustedError):
+            await client.create_session("m")
+    assert servicer.calls == {"CreateSession": 1}
+
+
+async def test_retries_stop_at_the_retry_deadline(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.failures = 10**6
+    policy = RetryPolicy(deadline_seconds=0.3, first_backoff_seconds=0.01, max_backoff_seconds=0.05)
+    async with SeqServeClient(target, retry=policy) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.UnavailableError):
+            await client.create_session("m")
+        assert time.monotonic() - started < 2.0
+    assert servicer.calls["CreateSession"] > 2
+
+
+async def test_timeouts_per_client_and_per_call(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.stall = 3.0
+    async with SeqServeClient(target, timeout=1.0) as client:
+        session = await client.create_session("m")
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceededError) as err:
+            await session.feed(tokens=[1])
+        assert 0.95 < time.monotonic() - started < 2.9  # the client's 1 s, not the 3 s stall
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceededError):
+            await session.feed(tokens=[1], timeout=0.1)  # the call's own, shorter
+        assert time.monotonic() - started < 0.8  # not the client's 1 s
+        servicer.stall = 0.5
+        assert (await session.feed(tokens=[1], timeout=5)).position == 1  # the call's, longer
+
+
+async def test_a_timeout_bounds_the_retries_too(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.failures = 10**6
+    async with SeqServeClient(target, retry=FAST) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.SeqServeError) as err:
+            await client.create_session("m", timeout=0.3)
+        assert time.monotonic() - started < 1.0
+        assert isinstance(err.value, errors.UnavailableError | errors.DeadlineExceededError)
+
+
+async def test_the_channel_has_its_own_retries_off() -> None:
+    async with SeqServeClient("127.0.0.1:1") as client:
+        assert ("grpc.enable_retries", 0) in client.channel_options
+        assert ("grpc.service_config_disable_resolution", 1) in client.channel_options
+        assert not any(key == "grpc.service_config" for key, _ in client.channel_options)
