@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+
+# A message, enum or field descriptor: the classes differ between protobuf's upb and pure-Python
+# implementations (and their stubs), so they are not spelled out here.
+Descriptor = Any
+EnumDescriptor = Any
 
 _INT64 = {
     FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
