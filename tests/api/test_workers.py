@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -65,7 +66,7 @@ async def test_two_workers_on_one_port_serve_the_same_sessions_exactly(
 ) -> None:
     server = ServerProcess(
         store_root, tmp_path / "state", tmp_path, slots=16,
-        extra=("--workers", "2", "--metrics-port", "0"),
+        extra=("--workers", "2", "--metrics-port", "0", "--http-port", "0"),
     )  # fmt: skip
     try:
         await server.start()
@@ -103,6 +104,12 @@ async def test_two_workers_on_one_port_serve_the_same_sessions_exactly(
             scrape(m).get("seqserve_takeover_seconds_count", 0.0) for m in info["metrics_ports"]
         ]
         assert all(n >= 4 for n in moves), moves
+        # The HTTP API shares its port across the workers too, and reads the same sessions.
+        http = f"http://127.0.0.1:{info['http_port']}/v1/sessions/{sids[0]}"
+        for _ in range(4):  # new connections: either worker
+            with urllib.request.urlopen(http, timeout=10) as answer:
+                body = json.loads(answer.read())
+            assert body["session"]["position"] == str(refs[0].position)
 
         os.kill(info["workers"][1], signal.SIGKILL)  # the supervisor starts it again
         restarted = "worker 1 exited with status -9: starting it again"
