@@ -19,7 +19,7 @@ from service.metrics.bounds import (
     SESSION_EVENTS,
 )
 
-BOUNDED_LABELS = {"method", "code", "model", "version", "tier", "event", "phase", "le"}
+BOUNDED_LABELS = {"method", "code", "protocol", "model", "version", "tier", "event", "phase", "le"}
 FAMILIES = {
     "seqserve_rpc_duration_seconds": "histogram",
     "seqserve_batch_rows": "histogram",
@@ -185,6 +185,17 @@ def test_observe_rpc_by_method_and_code(metrics: Metrics) -> None:
 def test_rpc_code_must_be_a_status_name(metrics: Metrics) -> None:
     with pytest.raises(ValueError, match="status code"):
         metrics.observe_rpc("Step", "StatusCode.OK", 0.001)
+
+
+def test_rpc_protocol_is_grpc_or_http(metrics: Metrics) -> None:
+    metrics.observe_rpc("Step", "OK", 0.001)
+    metrics.observe_rpc("Step", "OK", 0.001, "http")
+    metrics.observe_rpc("Step", "OK", 0.001, "http")
+    count = "seqserve_rpc_duration_seconds_count"
+    assert _value(metrics, count, method="Step", protocol="grpc") == 1
+    assert _value(metrics, count, method="Step", protocol="http") == 2
+    with pytest.raises(ValueError, match="protocol"):
+        metrics.observe_rpc("Step", "OK", 0.001, "websocket")
 
 
 def test_session_events_counted_and_precreated(metrics: Metrics) -> None:
