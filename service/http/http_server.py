@@ -64,9 +64,7 @@ class HttpApi:
                 f"cannot listen for HTTP on {host}:{port}: {exc.strerror} (set --http-port, "
                 "or -1 to turn the HTTP API off)"
             ) from None
-        server = site._server  # aiohttp keeps the asyncio server here
-        sockets = getattr(server, "sockets", None) or ()
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        self.port = int(self._runner.addresses[0][1])  # the bound port (port 0 picks one)
         return self.port
 
     def begin_draining(self) -> None:
