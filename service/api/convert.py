@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,7 +19,7 @@ from service.engine.model_input import ModelInput
 from service.errors import InvalidArgument
 from service.models import ByteTokenizer
 from service.pb.seqserve.v1 import types_pb2 as pb
-from service.runtime.sampler import SamplingParams
+from service.runtime.sampler import DEFAULT_SAMPLING, SamplingParams
 from service.runtime.step_batch import Prediction
 from service.sessions.session import Session
 
@@ -48,7 +49,7 @@ def options_from_pb(msg: pb.PredictionOptions) -> PredictionOptions:
 def sampling_from_pb(msg: pb.Sampling, base: SamplingParams | None = None) -> SamplingParams:
     """Fields the message leaves unset (or repeated fields left empty) fall back to `base`
     (the session's default, or the defaults of `SamplingParams`)."""
-    base = base or SamplingParams()
+    base = base or DEFAULT_SAMPLING
     changes: dict[str, object] = {}
     for name in _SAMPLING_FIELDS:
         value = getattr(msg, name)
@@ -57,6 +58,8 @@ def sampling_from_pb(msg: pb.Sampling, base: SamplingParams | None = None) -> Sa
                 changes[name] = value
         elif len(value):
             changes[name] = tuple(value)
+    if not changes:
+        return base  # frozen: shared, not one copy per session
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -126,7 +129,7 @@ def prediction_to_pb(
 
 
 def per_position_to_pb(
-    preds: list[Prediction], last_position: int, tokenizer: ByteTokenizer | None
+    preds: Sequence[Prediction], last_position: int, tokenizer: ByteTokenizer | None
 ) -> list[pb.Prediction]:
     first = last_position - len(preds) + 1
     return [prediction_to_pb(p, first + i, tokenizer) for i, p in enumerate(preds)]

@@ -7,7 +7,8 @@ step scheduler runs each feed as one *row* of a batched step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from service.engine.model_input import ModelInput
 from service.errors import InvalidArgument
@@ -41,10 +42,10 @@ class Feed:
     request_id: str = ""  # names the feed for a retry
 
 
-@dataclass
+@dataclass(slots=True)  # every idle session keeps its last one (for a retry)
 class FeedOutcome:
     session: Session
     position: int  # inputs the session has consumed after this feed
     prediction: Prediction
-    per_position: list[Prediction] = field(default_factory=list)
+    per_position: Sequence[Prediction] = ()  # () when not asked for: no list per session
     tokenizer: ByteTokenizer | None = None  # decodes the prediction's token ids

@@ -300,7 +300,7 @@ def _outcome(lease: Lease, result: RowResult | BaseException) -> FeedOutcome:
         raise result
     assert result.prediction is not None
     return FeedOutcome(
-        lease.session, result.position, result.prediction, result.per_position,
+        lease.session, result.position, result.prediction, result.per_position or (),
         lease.served.tokenizer,
     )  # fmt: skip
 

@@ -22,7 +22,7 @@ from service.engine.served_versions import ServedVersions
 from service.engine.session_lease import SessionLeases
 from service.engine.session_residency import SessionResidency
 from service.errors import InvalidArgument, SeqServeError
-from service.runtime.sampler import SamplingParams, SessionRng
+from service.runtime.sampler import DEFAULT_SAMPLING, SamplingParams, SessionRng
 from service.security.principal import owner_for_new
 from service.sessions.session import Session, made_key, new_session_id, route_of
 from service.sessions.session_store import SessionStore
@@ -70,7 +70,7 @@ class SessionLifecycle:
         route: str = "",
     ) -> Session:
         ttl = self.ttl(ttl_seconds)
-        sampling = default_sampling or SamplingParams()
+        sampling = default_sampling or DEFAULT_SAMPLING
         if served.tokenizer is not None:
             sampling.validate(served.config.output_dim, self._max_generate)
         if seed is None:

@@ -48,6 +48,10 @@ class SamplingParams:
             raise InvalidArgument("stop strings must not be empty")
 
 
+# Frozen, so one instance serves every session that keeps the defaults.
+DEFAULT_SAMPLING = SamplingParams()
+
+
 class SessionRng:
     """A session's random stream (numpy PCG64); its state travels with the session (fork,
     spill).
@@ -62,7 +66,9 @@ class SessionRng:
     def __init__(self, generator: np.random.Generator | None = None) -> None:
         self._seed: int | None = None
         self._draws = 0  # uniform numbers drawn from the seeded stream, while not built
-        self._generator = generator if generator is not None else np.random.default_rng()
+        self._generator: np.random.Generator | None = (
+            generator if generator is not None else np.random.default_rng()
+        )
 
     @classmethod
     def seeded(cls, seed: int | None) -> SessionRng:

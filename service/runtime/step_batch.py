@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -27,13 +28,15 @@ class StepBatch:
     rows: list[Row]  # at most one row per session
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
-    """A token model's top-k next tokens, or a regression model's output vector."""
+    """A token model's top-k next tokens, or a regression model's output vector. Slots, and
+    the shared empty tuple for an unused field: every idle session keeps its last reply (for a
+    retry), so this is per-session memory."""
 
-    top_ids: list[int] = field(default_factory=list)
-    top_probs: list[float] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
+    top_ids: Sequence[int] = ()
+    top_probs: Sequence[float] = ()
+    values: Sequence[float] = ()
 
 
 @dataclass

@@ -41,7 +41,7 @@ def made_key(kind: str, request_id: str, owner: str) -> str:
     return f"{kind}:{owner}/{request_id}" if owner else f"{kind}:{request_id}"
 
 
-@dataclass
+@dataclass(slots=True)
 class AppliedRequest:
     """The last request applied to a session under a request id: a retry of it (same id, the
     position before it) gets the same reply again and applies nothing."""
@@ -51,7 +51,9 @@ class AppliedRequest:
     reply: Any  # what answers the retry: a feed's outcome, a generation's log
 
 
-@dataclass(eq=False)  # identity semantics: two handles are the same session only if they are one
+# identity semantics: two handles are the same session only if they are one; slots: the record
+# takes 208 bytes instead of 272 with a __dict__ (tracemalloc; see README, Memory per session)
+@dataclass(eq=False, slots=True)
 class Session:
     """Created by the session lifecycle (or read back from the spill tier); changed afterwards
     only through `SessionStore`, which owns every live session."""

@@ -78,7 +78,7 @@ def _assert_prediction(pred: Prediction | None, logits: np.ndarray, k: int) -> N
     assert rest.size == 0 or float(probs[ids].min()) >= float(rest.max()) - ATOL
     assert sum(ps) <= 1.0 + 1e-6
     assert sum(ps) == pytest.approx(float(probs[ids].sum()), abs=ATOL)
-    assert pred.values == []
+    assert len(pred.values) == 0
 
 
 def _assert_same_prediction(a: Prediction | None, b: Prediction | None, atol: float) -> None:
@@ -318,7 +318,7 @@ def test_regression_rows_return_the_head_values(
         outputs, h, c = reference_run(runner.model, snaps[slot], x)
         assert res.consumed == len(x)
         assert res.prediction is not None
-        assert res.prediction.top_ids == [] and res.prediction.top_probs == []
+        assert len(res.prediction.top_ids) == len(res.prediction.top_probs) == 0
         assert len(res.prediction.values) == REG_OUT
         np.testing.assert_allclose(res.prediction.values, outputs[-1], rtol=0, atol=ATOL)
         _assert_state(pool, slot, h, c, ATOL)
