@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-import ssl
 import logging
+import ssl
 
 import grpc
 

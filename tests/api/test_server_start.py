@@ -27,7 +27,8 @@ def _serve(store: Path, spill: Path, port: int) -> subprocess.CompletedProcess[s
     """`seqserve serve` expected to fail at start-up (bounded: 60 s)."""
     argv = [
         sys.executable, "-m", "service.cli.main", "serve", "--port", str(port),
-        "--metrics-port", "-1", "--http-port", "-1", "--store", str(store), "--spill-dir", str(spill),
+        "--metrics-port", "-1", "--http-port", "-1", "--store", str(store),
+        "--spill-dir", str(spill),
     ]  # fmt: skip
     env = {**os.environ, "SEQSERVE_REGISTRY_POLL_SECONDS": "0"}
     return subprocess.run(
