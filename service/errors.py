@@ -1,7 +1,8 @@
 """The one error table: every failure the service reports, with its gRPC status.
 
 Code anywhere in `service/` raises these; the API layer maps them to statuses in one place
-(`service.api.errors`). Anything that is not a `SeqServeError` becomes INTERNAL with an error id.
+(`service.api.interceptor`), each with a `google.rpc.ErrorInfo` whose reason is the class's
+row (`REASONS`). Anything that is not a `SeqServeError` becomes INTERNAL with an error id.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Stream messages, one per routing key per event-loop tick, instead of one Step ca
 An app that awaits 64 `session.feed()` calls at once sends one message with 64 items: the
 server steps them as one batch and answers in one message, which is what makes multiplexed
 frames several times faster than one call per token. Each feed still gets its own result or its
-own error (the same `grpc.aio.AioRpcError` a Step would raise, details included), and is retried
-like a Step: same request id, same expected position, so it applies once.
+own error (here the `grpc.aio.AioRpcError` a Step would raise, details included; the client
+raises it as the same `service.client.errors` class), and is retried like a Step: same request
+id, same expected position, so it applies once.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from service.api.interceptor import NOT_READY_MESSAGE
-from service.errors import InvalidArgument, SeqServeError, Unavailable, quote
+from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
 from service.http.status_map import HttpError
 from service.security import principal
 from service.security.call_auth import CLIENT_HEADER, CallAuth
@@ -88,7 +88,7 @@ class Calls:
             if self.draining:
                 raise Unavailable("server is draining; retry on another replica")
             if not self._ready():
-                raise Unavailable(NOT_READY_MESSAGE)
+                raise NotReady(NOT_READY_MESSAGE)
             yield
         except SeqServeError as exc:
             code = exc.status.name
