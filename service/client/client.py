@@ -168,6 +168,31 @@ class SeqServeClient:
         )
         return model_from_pb(response.model)
 
+    async def set_alias(
+        self, name: str, alias: str, version: int, *, timeout: float | None = None
+    ) -> dict[str, int]:
+        """Point `alias` at `version` (needs the admin role when auth is on); the model's
+        aliases after it. Retried like a read: setting it again changes nothing."""
+        request = reg_pb.SetAliasRequest(name=name, alias=alias, version=version)
+        response = await self.retry.run(
+            lambda left: self.registry.SetAlias(request, timeout=left),
+            timeout=self._timeout(timeout),
+        )
+        return dict(response.aliases)
+
+    async def delete_alias(
+        self, name: str, alias: str, *, timeout: float | None = None
+    ) -> dict[str, int]:
+        """Remove `alias` (admin role); the aliases left. Not retried: a second delete would
+        be refused."""
+        request = reg_pb.DeleteAliasRequest(name=name, alias=alias)
+        response = await self.retry.run(
+            lambda left: self.registry.DeleteAlias(request, timeout=left),
+            timeout=self._timeout(timeout),
+            retry=False,
+        )
+        return dict(response.aliases)
+
 
 class ClientSession:
     def __init__(self, client: SeqServeClient, info: types.Session) -> None:

@@ -4,6 +4,8 @@ no bare `grpc.aio.AioRpcError` leaves a client method."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2
@@ -13,8 +15,11 @@ from service import errors as server_errors
 from service.api.server import SeqServeServer
 from service.client import errors
 from service.client.client import SeqServeClient
+from service.client.credentials import Credentials
 from service.client.retry import RetryPolicy
+from service.security.tokens import add_token
 from tests.api.conftest import (  # noqa: F401 - fixtures
+    ServerFactory,
     server,
     server_factory,
     store_root,
@@ -118,3 +123,25 @@ async def test_draining_server_raises_draining_error(server: SeqServeServer) -> 
         # Retried (a feed is safe to repeat) until the retry deadline, then raised as such.
         err = await _raises(session.feed(text="a"), errors.DrainingError)
         assert isinstance(err, errors.UnavailableError) and "draining" in err.message
+
+
+async def test_credentials_roles_and_quotas(
+    server_factory: ServerFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens"
+    alice, root = add_token(tokens, "alice", "client"), add_token(tokens, "root", "admin")
+    srv = await server_factory(security={"auth_tokens": tokens, "sessions_per_principal": 1})
+    target = f"127.0.0.1:{srv.port}"
+    async with SeqServeClient(target, credentials=Credentials(token="sqs_nobody")) as client:
+        await _raises(client.list_models(), errors.UnauthenticatedError)
+    async with SeqServeClient(target, credentials=Credentials(token=alice)) as client:
+        await _raises(client.set_alias("tok", "canary", 1), errors.PermissionDeniedError)
+        async with await client.create_session("tok"):
+            over = await _raises(client.create_session("tok"), errors.QuotaExceededError)
+            assert over.retry_delay is not None and over.retry_delay > 0
+    async with SeqServeClient(target, credentials=Credentials(token=root)) as client:
+        assert await client.set_alias("tok", "canary", 1) == {"canary": 1}
+        assert await client.set_alias("tok", "canary", 1) == {"canary": 1}  # again: the same
+        assert await client.delete_alias("tok", "canary") == {}
+        await _raises(client.delete_alias("tok", "canary"), errors.AliasNotFoundError)
