@@ -30,17 +30,12 @@ client's `route_key`, else a random one; it is part of the session id from then 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterator, Sequence
-from types import TracebackType
 
-import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
-from service.client.errors import PositionMismatchError, SeqServeError
+from service.client.errors import SeqServeError
 from service.client.multiplex import FeedMux
 from service.client.results import (
     GeneratedPiece,
@@ -51,17 +46,15 @@ from service.client.results import (
     make_input,
     make_sampling,
     model_from_pb,
-    piece_from_pb,
-    prediction_from_pb,
-    session_from_pb,
 )
 from service.client.retry import CHANNEL_OPTIONS, RetryPolicy, new_request_id, retryable
+from service.client.session import ClientSession, route_metadata
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
-from service.sessions.session import ROUTE_HEADER, route_of
+from service.sessions.session import ROUTE_HEADER
 
 
 class SeqServeClient:
@@ -194,183 +187,6 @@ class SeqServeClient:
         return dict(response.aliases)
 
 
-class ClientSession:
-    def __init__(self, client: SeqServeClient, info: types.Session) -> None:
-        self.client = client
-        self.info: SessionInfo = session_from_pb(info)
-        self.session_id = info.session_id
-        self.metadata = route_metadata(info.session_id)  # on every call: routes to its replica
-        # What the server has applied, as far as we know; None after a generation we stopped
-        # reading early (the server may have applied a token more): asked again before use.
-        self.position: int | None = info.position
-        self.closed = False
-
-    async def __aenter__(self) -> ClientSession:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self.closed:
-            await self.close()
-
-    async def feed(
-        self,
-        text: str | None = None,
-        tokens: Sequence[int] | None = None,
-        frames: Sequence[float] | None = None,
-        *,
-        top_k: int = 0,
-        timeout: float | None = None,
-    ) -> Prediction:
-        """Feed one chunk; returns the prediction after its last input. Applied exactly once,
-        across retries (see the module docstring)."""
-        if self.position is None:
-            await self.refresh(timeout=timeout)
-        limit = self.client._timeout(timeout)
-        mux = self.client.mux
-        if mux is not None:  # with the other feeds of this tick, in one Stream message
-            item = pb.StreamItem(
-                session_id=self.session_id,
-                request_id=new_request_id(),
-                input=make_input(text, tokens, frames),
-                options=types.PredictionOptions(top_k=top_k),
-                expected_position=self.position,
-            )
-            with self._resync():
-                reply = await self.client.retry.run(
-                    lambda left: asyncio.wait_for(mux.feed(item), left), timeout=limit
-                )
-            self.position = reply.position
-            return prediction_from_pb(reply.prediction)
-        request = pb.StepRequest(
-            session_id=self.session_id,
-            request_id=new_request_id(),
-            input=make_input(text, tokens, frames),
-            options=types.PredictionOptions(top_k=top_k),
-            expected_position=self.position,
-        )
-        with self._resync():
-            response = await self.client.retry.run(
-                lambda left: self.client.sessions.Step(
-                    request, metadata=self.metadata, timeout=left
-                ),
-                timeout=limit,
-            )
-        self.position = response.position
-        return prediction_from_pb(response.prediction)
-
-    @contextlib.contextmanager
-    def _resync(self) -> Iterator[None]:
-        """On a PositionMismatchError (another handle fed the session), take the server's
-        position from it: the failed call is not applied, the next one goes on from there."""
-        try:
-            yield
-        except PositionMismatchError as err:
-            self.position = err.position
-            raise
-
-    async def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        timeout: float | None = None,
-    ) -> AsyncIterator[GeneratedPiece]:
-        """Unset arguments fall back to the session's default sampling, then the server's.
-        Retried like `feed`: a token is yielded once, however often the server resends it.
-        `timeout` bounds the whole generation."""
-        if self.position is None:
-            await self.refresh(timeout=timeout)
-        request = pb.GenerateRequest(
-            session_id=self.session_id,
-            request_id=new_request_id(),
-            sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop, stop_token_ids),
-            expected_position=self.position,
-        )
-        if prompt is not None:
-            request.prompt.CopyFrom(make_input(text=prompt))
-        attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout))
-        yielded = 0
-        done = False
-        try:
-            while True:
-                call = self.client.sessions.Generate(
-                    request, metadata=self.metadata, timeout=attempts.seconds_left()
-                )
-                seen = 0
-                failure: grpc.aio.AioRpcError | None = None
-                try:
-                    async for response in call:
-                        seen += 1
-                        if seen <= yielded:  # sent again by a retry: already ours
-                            continue
-                        yielded += 1
-                        self.position = response.position
-                        yield piece_from_pb(response.token, response.position)
-                    done = True
-                    return
-                except grpc.aio.AioRpcError as err:
-                    failure = err
-                finally:
-                    call.cancel()
-                await attempts.failed(failure)  # raises, or sleeps before the next attempt
-        finally:
-            if not done:  # stopped early: the server may have applied a token more
-                self.position = None
-
-    async def fork(self, *, seed: int | None = None, timeout: float | None = None) -> ClientSession:
-        """A new session with a copy of this one's state (and random stream, unless `seed`)."""
-        request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
-        if seed is not None:
-            request.seed = seed
-        response = await self.client.retry.run(
-            lambda left: self.client.sessions.ForkSession(
-                request, metadata=self.metadata, timeout=left
-            ),
-            timeout=self.client._timeout(timeout),
-        )
-        return ClientSession(self.client, response.session)
-
-    async def refresh(self, *, timeout: float | None = None) -> SessionInfo:
-        """The session as the server has it now (position, expiry, state, ...)."""
-        request = pb.GetSessionRequest(session_id=self.session_id)
-        response = await self.client.retry.run(
-            lambda left: self.client.sessions.GetSession(
-                request, metadata=self.metadata, timeout=left
-            ),
-            timeout=self.client._timeout(timeout),
-        )
-        self.info = session_from_pb(response.session)
-        self.position = self.info.position
-        return self.info
-
-    async def close(self, *, timeout: float | None = None) -> None:
-        """End the session (not retried: a second close would be refused)."""
-        request = pb.CloseSessionRequest(session_id=self.session_id)
-        await self.client.retry.run(
-            lambda left: self.client.sessions.CloseSession(
-                request, metadata=self.metadata, timeout=left
-            ),
-            timeout=self.client._timeout(timeout),
-            retry=False,
-        )
-        self.closed = True
-
-
-def route_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
-    """The metadata that routes a call on `session_id` (for a Stream: one per routing key)."""
-    return ((ROUTE_HEADER, route_of(session_id)),)
-
-
 def _duration(seconds: float) -> Duration:
     d = Duration()
     d.FromNanoseconds(int(seconds * 1e9))
@@ -391,4 +207,5 @@ __all__ = [
     "make_sampling",
     "new_request_id",
     "retryable",
+    "route_metadata",
 ]

@@ -1,0 +1,208 @@
+"""A handle on one session: feed it, generate from it, fork, refresh and close it (see
+`client.py` for timeouts, retries and errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import grpc
+
+from service.client.errors import PositionMismatchError
+from service.client.results import (
+    GeneratedPiece,
+    Prediction,
+    SessionInfo,
+    make_input,
+    make_sampling,
+    piece_from_pb,
+    prediction_from_pb,
+    session_from_pb,
+)
+from service.client.retry import new_request_id
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
+from service.sessions.session import ROUTE_HEADER, route_of
+
+if TYPE_CHECKING:
+    from service.client.client import SeqServeClient
+
+
+class ClientSession:
+    def __init__(self, client: SeqServeClient, info: types.Session) -> None:
+        self.client = client
+        self.info: SessionInfo = session_from_pb(info)
+        self.session_id = info.session_id
+        self.metadata = route_metadata(info.session_id)  # on every call: routes to its replica
+        # What the server has applied, as far as we know; None after a generation we stopped
+        # reading early (the server may have applied a token more): asked again before use.
+        self.position: int | None = info.position
+        self.closed = False
+
+    async def __aenter__(self) -> ClientSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.closed:
+            await self.close()
+
+    async def feed(
+        self,
+        text: str | None = None,
+        tokens: Sequence[int] | None = None,
+        frames: Sequence[float] | None = None,
+        *,
+        top_k: int = 0,
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Feed one chunk; returns the prediction after its last input. Applied exactly once,
+        across retries (see the module docstring)."""
+        if self.position is None:
+            await self.refresh(timeout=timeout)
+        limit = self.client._timeout(timeout)
+        mux = self.client.mux
+        if mux is not None:  # with the other feeds of this tick, in one Stream message
+            item = pb.StreamItem(
+                session_id=self.session_id,
+                request_id=new_request_id(),
+                input=make_input(text, tokens, frames),
+                options=types.PredictionOptions(top_k=top_k),
+                expected_position=self.position,
+            )
+            with self._resync():
+                reply = await self.client.retry.run(
+                    lambda left: asyncio.wait_for(mux.feed(item), left), timeout=limit
+                )
+            self.position = reply.position
+            return prediction_from_pb(reply.prediction)
+        request = pb.StepRequest(
+            session_id=self.session_id,
+            request_id=new_request_id(),
+            input=make_input(text, tokens, frames),
+            options=types.PredictionOptions(top_k=top_k),
+            expected_position=self.position,
+        )
+        with self._resync():
+            response = await self.client.retry.run(
+                lambda left: self.client.sessions.Step(
+                    request, metadata=self.metadata, timeout=left
+                ),
+                timeout=limit,
+            )
+        self.position = response.position
+        return prediction_from_pb(response.prediction)
+
+    @contextlib.contextmanager
+    def _resync(self) -> Iterator[None]:
+        """On a PositionMismatchError (another handle fed the session), take the server's
+        position from it: the failed call is not applied, the next one goes on from there."""
+        try:
+            yield
+        except PositionMismatchError as err:
+            self.position = err.position
+            raise
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        timeout: float | None = None,
+    ) -> AsyncIterator[GeneratedPiece]:
+        """Unset arguments fall back to the session's default sampling, then the server's.
+        Retried like `feed`: a token is yielded once, however often the server resends it.
+        `timeout` bounds the whole generation."""
+        if self.position is None:
+            await self.refresh(timeout=timeout)
+        request = pb.GenerateRequest(
+            session_id=self.session_id,
+            request_id=new_request_id(),
+            sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop, stop_token_ids),
+            expected_position=self.position,
+        )
+        if prompt is not None:
+            request.prompt.CopyFrom(make_input(text=prompt))
+        attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout))
+        yielded = 0
+        done = False
+        try:
+            while True:
+                call = self.client.sessions.Generate(
+                    request, metadata=self.metadata, timeout=attempts.seconds_left()
+                )
+                seen = 0
+                failure: grpc.aio.AioRpcError | None = None
+                try:
+                    async for response in call:
+                        seen += 1
+                        if seen <= yielded:  # sent again by a retry: already ours
+                            continue
+                        yielded += 1
+                        self.position = response.position
+                        yield piece_from_pb(response.token, response.position)
+                    done = True
+                    return
+                except grpc.aio.AioRpcError as err:
+                    failure = err
+                finally:
+                    call.cancel()
+                await attempts.failed(failure)  # raises, or sleeps before the next attempt
+        finally:
+            if not done:  # stopped early: the server may have applied a token more
+                self.position = None
+
+    async def fork(self, *, seed: int | None = None, timeout: float | None = None) -> ClientSession:
+        """A new session with a copy of this one's state (and random stream, unless `seed`)."""
+        request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
+        if seed is not None:
+            request.seed = seed
+        response = await self.client.retry.run(
+            lambda left: self.client.sessions.ForkSession(
+                request, metadata=self.metadata, timeout=left
+            ),
+            timeout=self.client._timeout(timeout),
+        )
+        return ClientSession(self.client, response.session)
+
+    async def refresh(self, *, timeout: float | None = None) -> SessionInfo:
+        """The session as the server has it now (position, expiry, state, ...)."""
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        response = await self.client.retry.run(
+            lambda left: self.client.sessions.GetSession(
+                request, metadata=self.metadata, timeout=left
+            ),
+            timeout=self.client._timeout(timeout),
+        )
+        self.info = session_from_pb(response.session)
+        self.position = self.info.position
+        return self.info
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        """End the session (not retried: a second close would be refused)."""
+        request = pb.CloseSessionRequest(session_id=self.session_id)
+        await self.client.retry.run(
+            lambda left: self.client.sessions.CloseSession(
+                request, metadata=self.metadata, timeout=left
+            ),
+            timeout=self.client._timeout(timeout),
+            retry=False,
+        )
+        self.closed = True
+
+
+def route_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that routes a call on `session_id` (for a Stream: one per routing key)."""
+    return ((ROUTE_HEADER, route_of(session_id)),)
