@@ -86,33 +86,6 @@ def test_error_table_is_designs_table() -> None:
     assert issubclass(errors.VersionUnusable, errors.FailedPrecondition)
 
 
-# The ErrorInfo reasons that split a row of the table: DESIGN's conditions, one reason each.
-SPLIT_ROWS = {
-    "NOT_FOUND": {"SESSION_NOT_FOUND", "MODEL_NOT_FOUND", "VERSION_NOT_FOUND", "ALIAS_NOT_FOUND"},
-    "FAILED_PRECONDITION": {"SESSION_CLOSED", "VERSION_UNAVAILABLE", "POSITION_MISMATCH"},
-    "RESOURCE_EXHAUSTED": {"SESSION_LIMIT", "QUEUE_FULL", "MEMORY_EXHAUSTED", "QUOTA_EXCEEDED"},
-    "UNAVAILABLE": {"DRAINING", "NOT_READY", "NOT_DURABLE", "SESSION_MOVED"},
-    "DATA_LOSS": {"DIGEST_MISMATCH", "SESSION_LOST"},
-}
-
-
-def test_every_error_class_has_a_reason_of_its_row() -> None:
-    """Each class's ErrorInfo reason is one of `REASONS`, under the class's own status; every
-    row's reasons are there; a reason names one status only."""
-    for cls in vars(errors).values():
-        if isinstance(cls, type) and issubclass(cls, errors.SeqServeError):
-            assert errors.REASONS[cls.reason] == cls.status, cls
-    for code, reasons in SPLIT_ROWS.items():
-        assert {r for r, c in errors.REASONS.items() if c.name == code} == reasons
-    for code in ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL"):
-        assert errors.REASONS[code] == grpc.StatusCode[code]  # one row: the code's own name
-    assert errors.REASONS["SESSION_BUSY"] == grpc.StatusCode.ABORTED
-    assert errors.QueueFull.reason == "QUEUE_FULL" and errors.PoolExhausted.reason == (
-        "MEMORY_EXHAUSTED"
-    )
-    assert errors.PositionMismatch("m", 3).metadata == {"position": "3"}
-
-
 # ---- helpers -------------------------------------------------------------------------------------
 
 
@@ -415,23 +388,6 @@ async def test_malformed_aliases_file_is_failed_precondition(
     assert s.session.version == 1
 
 
-async def test_closed_session_and_wrong_position(client: SeqServeClient) -> None:
-    sid = await _create(client)
-    step = pb.StepRequest(session_id=sid, request_id="r1", input=text("ab"), expected_position=5)
-    fp = grpc.StatusCode.FAILED_PRECONDITION
-    await expect_status(client.sessions.Step(step), fp, reason="POSITION_MISMATCH")
-    call = client.sessions.Stream()  # in-band, the same reason and the position
-    wrong = pb.StreamItem(session_id=sid, request_id="r2", input=text("c"), expected_position=9)
-    await call.write(pb.StreamRequest(items=[wrong]))
-    (reply,) = (await read_replies(call, ["r2"]))["r2"]
-    await call.done_writing()
-    assert check_error_info(reply.error, "POSITION_MISMATCH")
-    info = error_details_pb2.ErrorInfo()
-    assert reply.error.details[0].Unpack(info) and info.metadata["position"] == "0"
-    await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid))
-    await expect_status(_step(client, sid, text("a")), fp, "closed", reason="SESSION_CLOSED")
-
-
 # ---- RESOURCE_EXHAUSTED --------------------------------------------------------------------------
 
 
@@ -450,36 +406,6 @@ async def test_session_limit(server_factory: ServerFactory) -> None:
         )
         await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=a))
         assert await _create(client)  # room again
-
-
-async def test_state_memory_full_with_nothing_evictable(server_factory: ServerFactory) -> None:
-    tok_slot_bytes = 2 * TOKEN_CONFIG.num_layers * TOKEN_CONFIG.hidden_size * 4  # h and c
-    srv = await server_factory(
-        sessions={"pool_bytes": tok_slot_bytes, "pool_initial_slots": 1, "slot_wait_seconds": 0},
-        max_generate_tokens=1_000_000,
-    )
-    async with await _client_of(srv) as client:
-        sid = await _create(client, seed=1)
-        busy = _generate(client, sid, make_sampling(max_tokens=1_000_000))
-        await busy.read()  # generating: its slot cannot be taken
-        try:
-            await expect_status(
-                _create_call(client), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                reason="MEMORY_EXHAUSTED",
-            )  # fmt: skip
-        finally:
-            busy.cancel()
-
-
-async def test_step_queue_full(server_factory: ServerFactory) -> None:
-    srv = await server_factory(max_queue=1)
-    async with await _client_of(srv) as client:
-        a, b = await _create(client), await _create(client)
-        call = client.sessions.Stream()  # two rows at once, for a queue of one
-        await call.write(pb.StreamRequest(items=[item(a, "a", text("x")), item(b, "b", text("y"))]))
-        replies = await read_replies(call, ["a", "b"])
-        await call.done_writing()
-        assert {check_error_info(replies[k][0].error, "QUEUE_FULL") for k in "ab"} == {"QUEUE_FULL"}
 
 
 # ---- UNAVAILABLE ---------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""The status details of every error (`service.api.interceptor.rich_status`): the reason table
+in `service.errors` (one reason per row of DESIGN section 4's table; rows that share a status
+have a reason each), and the reasons that split a status, produced over real gRPC (the other
+reasons are asserted where `test_errors.py` produces their conditions; every failed call and
+in-band error there is checked for a well-formed ErrorInfo by `support.expect_status` and
+`support.read_replies`)."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+
+from service import errors
+from service.client.client import SeqServeClient, make_sampling
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+
+from .conftest import TOKEN_CONFIG, ServerFactory
+from .support import check_error_info, expect_status, item, read_replies, text
+
+
+async def _create(client: SeqServeClient, model: str = "tok", **fields: object) -> str:
+    request = pb.CreateSessionRequest(model=model, **fields)  # type: ignore[arg-type]
+    return (await client.sessions.CreateSession(request)).session.session_id
+
+
+def _step(client: SeqServeClient, sid: str, inp: object):  # type: ignore[no-untyped-def]
+    return client.sessions.Step(pb.StepRequest(session_id=sid, input=inp))  # type: ignore[arg-type]
+
+
+# The ErrorInfo reasons that split a row of the table: DESIGN's conditions, one reason each.
+SPLIT_ROWS = {
+    "NOT_FOUND": {"SESSION_NOT_FOUND", "MODEL_NOT_FOUND", "VERSION_NOT_FOUND", "ALIAS_NOT_FOUND"},
+    "FAILED_PRECONDITION": {"SESSION_CLOSED", "VERSION_UNAVAILABLE", "POSITION_MISMATCH"},
+    "RESOURCE_EXHAUSTED": {"SESSION_LIMIT", "QUEUE_FULL", "MEMORY_EXHAUSTED", "QUOTA_EXCEEDED"},
+    "UNAVAILABLE": {"DRAINING", "NOT_READY", "NOT_DURABLE", "SESSION_MOVED"},
+    "DATA_LOSS": {"DIGEST_MISMATCH", "SESSION_LOST"},
+}
+
+
+def test_every_error_class_has_a_reason_of_its_row() -> None:
+    """Each class's ErrorInfo reason is one of `REASONS`, under the class's own status; every
+    row's reasons are there; a reason names one status only."""
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.SeqServeError):
+            assert errors.REASONS[cls.reason] == cls.status, cls
+    for code, reasons in SPLIT_ROWS.items():
+        assert {r for r, c in errors.REASONS.items() if c.name == code} == reasons
+    for code in ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL"):
+        assert errors.REASONS[code] == grpc.StatusCode[code]  # one row: the code's own name
+    assert errors.REASONS["SESSION_BUSY"] == grpc.StatusCode.ABORTED
+    assert errors.QueueFull.reason == "QUEUE_FULL" and errors.PoolExhausted.reason == (
+        "MEMORY_EXHAUSTED"
+    )
+    assert errors.PositionMismatch("m", 3).metadata == {"position": "3"}
+
+
+async def test_closed_session_and_wrong_position(client: SeqServeClient) -> None:
+    sid = await _create(client)
+    step = pb.StepRequest(session_id=sid, request_id="r1", input=text("ab"), expected_position=5)
+    fp = grpc.StatusCode.FAILED_PRECONDITION
+    await expect_status(client.sessions.Step(step), fp, reason="POSITION_MISMATCH")
+    call = client.sessions.Stream()  # in-band, the same reason and the position
+    wrong = pb.StreamItem(session_id=sid, request_id="r2", input=text("c"), expected_position=9)
+    await call.write(pb.StreamRequest(items=[wrong]))
+    (reply,) = (await read_replies(call, ["r2"]))["r2"]
+    await call.done_writing()
+    assert check_error_info(reply.error, "POSITION_MISMATCH")
+    info = error_details_pb2.ErrorInfo()
+    assert reply.error.details[0].Unpack(info) and info.metadata["position"] == "0"
+    await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    await expect_status(_step(client, sid, text("a")), fp, "closed", reason="SESSION_CLOSED")
+
+
+async def test_state_memory_full_with_nothing_evictable(server_factory: ServerFactory) -> None:
+    tok_slot_bytes = 2 * TOKEN_CONFIG.num_layers * TOKEN_CONFIG.hidden_size * 4  # h and c
+    srv = await server_factory(
+        sessions={"pool_bytes": tok_slot_bytes, "pool_initial_slots": 1, "slot_wait_seconds": 0},
+        max_generate_tokens=1_000_000,
+    )
+    async with await _client_of(srv.port) as client:
+        sid = await _create(client, seed=1)
+        busy = client.sessions.Generate(
+            pb.GenerateRequest(session_id=sid, sampling=make_sampling(max_tokens=1_000_000))
+        )
+        await busy.read()  # generating: its slot cannot be taken
+        try:
+            await expect_status(
+                client.sessions.CreateSession(pb.CreateSessionRequest(model="tok")),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                reason="MEMORY_EXHAUSTED",
+            )
+        finally:
+            busy.cancel()
+
+
+async def test_step_queue_full(server_factory: ServerFactory) -> None:
+    srv = await server_factory(max_queue=1)
+    async with await _client_of(srv.port) as client:
+        a, b = await _create(client), await _create(client)
+        call = client.sessions.Stream()  # two rows at once, for a queue of one
+        await call.write(pb.StreamRequest(items=[item(a, "a", text("x")), item(b, "b", text("y"))]))
+        replies = await read_replies(call, ["a", "b"])
+        await call.done_writing()
+        assert {check_error_info(replies[k][0].error, "QUEUE_FULL") for k in "ab"} == {"QUEUE_FULL"}
+
+
+async def _client_of(port: int) -> SeqServeClient:
+    return SeqServeClient(f"127.0.0.1:{port}")
