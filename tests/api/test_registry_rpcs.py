@@ -281,3 +281,26 @@ async def test_get_model_hashes_every_version_and_refuses_one_failing_its_digest
     await client.registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="production"))
     assert await defaults() == (2, 2, 2)  # the newest whole version, not the broken 3
     await expect_status(_create(client, "3"), grpc.StatusCode.DATA_LOSS, "sha256 mismatch")
+
+
+async def test_an_aliased_version_stays_loaded_after_its_last_session(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """New sessions asking for `staging` would load version 2 again: it stays loaded when its
+    last session ends. Version 3, which nothing resolves to, is unloaded."""
+    store = ModelStore(store_root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=3)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=4)
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=1))
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="staging", version=2))
+    for version in ("staging", "3"):
+        created = await _create(client, version)
+        await client.sessions.CloseSession(
+            pb.CloseSessionRequest(session_id=created.session.session_id)
+        )
+    for _ in range(500):  # the unload runs just after the close returns
+        loaded = {v.version: v.loaded for v in (await _model(client, "tok")).versions}
+        if not loaded[3]:
+            break
+        await asyncio.sleep(0.01)
+    assert loaded == {1: True, 2: True, 3: False}
