@@ -120,7 +120,7 @@ def register(subparsers: Any) -> None:
         "--store",
         type=Path,
         default=None,
-        help="store root (default: SEQSERVE_MODEL_STORE, the repo's model_store/)",
+        help="store root (default: SEQSERVE_MODEL_STORE, else ./model_store)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)  # fmt: skip
