@@ -20,13 +20,13 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
-
+from service.api.event_loop import grpc_server, run
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.settings import ServerSettings
 
 VOCAB = 256
 TOP_K = 5  # the real server's default top-k
@@ -148,7 +148,7 @@ class EchoRegistry(reg_grpc.ModelRegistryServicer):
 
 
 async def serve(host: str, port: int, port_file: Path | None) -> None:
-    server = grpc.aio.server()
+    server = grpc_server(ServerSettings().max_message_bytes)  # the service's options
     pb_grpc.add_SessionServiceServicer_to_server(EchoSessions(), server)
     reg_grpc.add_ModelRegistryServicer_to_server(EchoRegistry(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here as JSON")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.port_file))
+    run(serve(args.host, args.port, args.port_file))  # the service's event loop
     return 0
 
 

@@ -16,11 +16,11 @@ import logging
 import signal
 from collections.abc import Callable
 
-import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.api.event_loop import grpc_server
 from service.api.gc_tuning import freeze_heap
 from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
@@ -51,18 +51,9 @@ class SeqServeServer:
         self.metrics_observer = self.parts.observer
         self.engine = self.parts.engine
         limit = settings.server.max_message_bytes
-        self.grpc = grpc.aio.server(
-            interceptors=[self.parts.interceptor],
-            options=[
-                # Requests up to twice the limit reach our code, which refuses those over it
-                # with INVALID_ARGUMENT; beyond that gRPC itself answers RESOURCE_EXHAUSTED.
-                ("grpc.max_receive_message_length", 2 * limit),
-                ("grpc.max_send_message_length", limit),
-                # One server per port: with SO_REUSEPORT (gRPC's default) a second server on
-                # the same port starts and silently takes half the connections. The workers of
-                # one `serve --workers N` share it on purpose, under their supervisor's lock.
-                ("grpc.so_reuseport", 1 if settings.server.worker >= 0 else 0),
-            ],
+        # The options live in one function the benchmark's echo server uses too.
+        self.grpc = grpc_server(
+            limit, reuse_port=settings.server.worker >= 0, interceptors=[self.parts.interceptor]
         )
         self.port = 0
         self.metrics_port = 0

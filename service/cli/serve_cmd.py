@@ -7,7 +7,6 @@ directory, the server resumes each one where it stopped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -108,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve_one(settings: Settings, port_file: Path | None) -> int:
+    from service.api.event_loop import run  # uvloop when installed
     from service.api.server import serve  # heavy imports only for this command
     from service.cli.workers import PortLock
 
@@ -117,7 +117,7 @@ def _serve_one(settings: Settings, port_file: Path | None) -> int:
         lock.acquire()
     on_started = None if port_file is None else (lambda srv: write_port_file(port_file, srv))
     try:
-        asyncio.run(serve(settings, on_started))
+        run(serve(settings, on_started))
     finally:
         if lock is not None:
             lock.release()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -106,7 +107,11 @@ class StepScheduler:
         self._model, self._version = model, str(version)
         self._max_batch = max_batch_size
         self._max_queue = max_queue
-        self._inline_max_rows = inline_max_rows  # batches this small run on the loop thread
+        # Batches this small run on the loop thread. On one CPU the runner thread overlaps
+        # nothing and its hand-off costs ~0.06 ms of CPU per token at 64 sessions (measured:
+        # 0.31 → 0.24 ms/token, rows per step 27 → 40), so every one-input batch runs inline.
+        one_cpu = inline_max_rows > 0 and _one_cpu()  # 0 still means never
+        self._inline_max_rows = max_batch_size if one_cpu else inline_max_rows
         self._on_stats = on_stats
         self._on_token_times = on_token_times  # (time to first token, inter-token gap)
         self._commit = commit  # group commit of each step's journal records (None: no journal)
@@ -173,7 +178,7 @@ class StepScheduler:
                     break
                 await self._wakeup.wait()
                 self._wakeup.clear()
-            await asyncio.sleep(0)  # one tick: let producers woken with us add their rows
+            await self._gather_ticks()
             self._retire_cancelled()
             if self._stopping:
                 draining = Unavailable("server is draining; retry on another replica")
@@ -244,6 +249,18 @@ class StepScheduler:
                     total_seconds=time.perf_counter() - started,
                 )
             )
+
+    async def _gather_ticks(self) -> None:
+        """Yield event-loop ticks until two in a row bring no new row, or a full batch waits.
+
+        A busy loop reads a burst of messages over several ticks (each message takes a few
+        hops from the socket to `submit`); flushing after one tick cut the 64-session batch
+        to ~25 rows. No timer: on an idle loop this costs three empty ticks (~10 µs)."""
+        seen, quiet = len(self._pending), 0
+        while quiet < 2 and len(self._pending) < self._max_batch:
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(self._pending) == seen else 0
+            seen = len(self._pending)
 
     def _take(self, room: int) -> list[_Queued]:
         """Up to `room` pending rows (at least one, so feeds progress beside generations)."""
@@ -335,6 +352,14 @@ class StepScheduler:
         while self._pending:
             feed = self._pending.popleft()
             feed.group.settle(feed.index, exc)
+
+
+def _one_cpu() -> bool:
+    """Whether this process may run on a single CPU only (pinned, or a one-core machine)."""
+    try:
+        return len(os.sched_getaffinity(0)) == 1
+    except AttributeError:  # not on Linux
+        return (os.cpu_count() or 1) == 1
 
 
 def _session_of(record: bytes) -> str:

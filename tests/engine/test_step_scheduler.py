@@ -137,6 +137,47 @@ async def test_a_batch_holds_at_most_max_batch_size_rows(scheduler: Any) -> None
     assert runner.batches == [[0, 1], [2, 3], [4]]
 
 
+async def test_rows_arriving_over_consecutive_ticks_join_one_batch(scheduler: Any) -> None:
+    """A busy loop delivers a burst of messages over several ticks: the scheduler keeps
+    gathering while each tick brings rows, and flushes once ticks bring none."""
+    runner = FakeRunner()
+    s = scheduler(runner, max_batch_size=64)
+    groups = [s.submit([(Owner(), feed(0))])]
+    for slot in range(1, 6):
+        await asyncio.sleep(0)  # one row per tick
+        groups.append(s.submit([(Owner(), feed(slot))]))
+    await asyncio.wait_for(asyncio.gather(*(g.future for g in groups)), 5)
+    assert runner.batches == [[0, 1, 2, 3, 4, 5]]
+
+
+async def test_a_lone_row_runs_within_a_few_ticks_with_no_timer(scheduler: Any) -> None:
+    runner = FakeRunner()
+    s = scheduler(runner)
+    await asyncio.sleep(0)  # the scheduler's loop is waiting for work
+    group = s.submit([(Owner(), feed(7))])
+    ticks = 0
+    while not group.future.done() and ticks < 50:
+        await asyncio.sleep(0)
+        ticks += 1
+    assert group.future.done() and runner.batches == [[7]]
+    assert ticks <= 6  # a wake-up, three gathering ticks, the step inline, the reply
+
+
+@pytest.mark.parametrize(("one_cpu", "inline_max_rows"), [(True, 1), (False, 1), (True, 0)])
+async def test_on_one_cpu_every_one_input_batch_runs_on_the_loop_thread(
+    scheduler: Any, monkeypatch: pytest.MonkeyPatch, one_cpu: bool, inline_max_rows: int
+) -> None:
+    """On one CPU the runner thread overlaps nothing: batches of one-input rows run inline
+    (chunks still go to the thread); inline_max_rows 0 still means never."""
+    monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: one_cpu)
+    runner = FakeRunner()
+    s = scheduler(runner, inline_max_rows=inline_max_rows)
+    await asyncio.wait_for(s.submit([(Owner(), feed(i)) for i in range(4)]).future, 5)
+    await asyncio.wait_for(s.submit([(Owner(), feed(9, tokens=3))]).future, 5)
+    on_loop = [t is threading.current_thread() for t in runner.threads]
+    assert on_loop == [one_cpu and inline_max_rows > 0, False]
+
+
 async def test_generations_stay_in_the_batch_until_they_finish(scheduler: Any) -> None:
     runner = FakeRunner()
     s = scheduler(runner)
