@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "in a temporary store instead (for before the shipped model exists)",
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin servers and client to CPUs")
+    p.add_argument(
+        "--memory-sessions",
+        type=int,
+        default=0,
+        help="also the memory-per-session and churn rows of benchmarks.memory at this many "
+        "sessions (e.g. 100000: minutes; 0 = skip)",
+    )
     return p.parse_args(argv)
 
 
@@ -208,8 +215,32 @@ async def main_async(args: argparse.Namespace, store: Path, scratch: Path) -> in
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(args.results, bench.rows, targets, info, command.strip(), bench.window)
+    if args.memory_sessions:
+        add_memory_rows(args, results, store)
     print(f"wrote {args.out / 'results.json'} and {args.results}", file=sys.stderr)
     return 0
+
+
+def add_memory_rows(args: argparse.Namespace, results: dict[str, object], store: Path) -> None:
+    """benchmarks.memory's resident phase (memory per session, create + first feed) as rows
+    of this run: into results.json ("memory") and a table appended to the markdown."""
+    from benchmarks import memory
+
+    margs = memory.parse_args(
+        ["--sessions", str(args.memory_sessions), "--spill-sessions", "0",
+         "--prefix-sessions", "5000", "--out", str(args.out), "--store", str(store),
+         "--model", args.model]
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="seqserve-memory-") as tmp:
+        state = memory.hidden_state_bytes(store, args.model)
+        res = {
+            "concurrency": margs.concurrency,
+            "resident": memory.resident_phase(margs, Path(tmp), state),
+        }
+    results["memory"] = res
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = "\n\n## Memory and churn per session (benchmarks.memory)\n\n" + memory.table(res)
+    args.results.write_text(args.results.read_text() + table + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
