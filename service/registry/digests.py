@@ -72,13 +72,6 @@ class DigestVerdicts:
             raise
         self._remember(path, before, expected, None)
 
-    def refusal(self, path: Path, expected: str) -> str | None:
-        """Why the file fails its digest, if it was hashed as it is now and failed."""
-        known = self._verdicts.get(path)
-        if known is None or known[:2] != (file_identity(path), expected):
-            return None
-        return known[2]
-
     def _remember(
         self, path: Path, before: FileIdentity, expected: str, problem: str | None
     ) -> None:

@@ -64,13 +64,3 @@ class VersionRule:
                 "sessions"
             )
         self.check_weights(entry, version)
-
-    def refusal(self, entry: ModelEntry, version: int) -> str | None:
-        """Why `version` is refused for its digest, if its weights were hashed as they are now
-        and failed."""
-        found = entry.entry(version)
-        if found is None or found.manifest is None:
-            return None
-        return self._digests.refusal(
-            found.path / found.manifest.weights_file, found.manifest.weights_sha256
-        )
