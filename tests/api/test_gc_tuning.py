@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
+from service.registry.store import ModelStore
+
+from .conftest import TOKEN_CONFIG, publish_random
 
 
 @pytest.fixture
@@ -32,20 +36,30 @@ async def test_tune_gc_freezes_the_heap_and_spaces_young_collections(
     assert gc.get_threshold()[0] == server.settings.server.gc_gen0_threshold
 
 
+def _publish_v2(store_root: Path) -> None:
+    """A second version of `tok`, published after start-up: not preloaded, its first session
+    loads it."""
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=9)
+
+
 async def test_loading_a_model_freezes_its_objects_too(
-    server: SeqServeServer, client: SeqServeClient, restore_gc: None
+    server: SeqServeServer, client: SeqServeClient, store_root: Path, restore_gc: None
 ) -> None:
     server.tune_gc()
+    _publish_v2(store_root)
     gc.unfreeze()
-    await client.create_session("tok")  # the first session loads the version
+    await client.create_session("tok", "2")  # the first session loads the version
+    assert server.engine.versions.find("tok", 2) is not None
     assert gc.get_freeze_count() > 0
 
 
 async def test_an_embedded_server_leaves_gc_alone_on_load(
-    server: SeqServeServer, client: SeqServeClient, restore_gc: None
+    server: SeqServeServer, client: SeqServeClient, store_root: Path, restore_gc: None
 ) -> None:
+    _publish_v2(store_root)
     gc.unfreeze()
-    await client.create_session("tok")
+    await client.create_session("tok", "2")
+    assert server.engine.versions.find("tok", 2) is not None
     assert gc.get_freeze_count() == 0
 
 
