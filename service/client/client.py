@@ -25,7 +25,12 @@ Reads are retried too; `close` is not (a second close would be refused).
 Routing: every call carries the session's routing key as `x-seqserve-route` metadata, so a
 load balancer that hashes it (nginx, ingress-nginx; see the README) sends all calls of a
 session to one replica. A new session's key is the one given to `create_session`, else the
-client's `route_key`, else a random one; it is part of the session id from then on.
+client's `route_key`; it is part of the session id from then on. The client's `route_key`
+defaults to one random key per client when it multiplexes (its sessions share one Stream and
+one replica), else none (a random key per session, spread over the replicas).
+
+Multiplexing (on by default, `multiplex=False` turns it off): feeds issued concurrently on one
+client go out as Stream messages, one per routing key per event-loop tick (`multiplex.py`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
 from service.client.errors import SeqServeError
-from service.client.multiplex import FeedMux
+from service.client.multiplex import STALL_SECONDS, FeedMux
 from service.client.results import (
     GeneratedPiece,
     ModelInfo,
@@ -67,18 +72,23 @@ class SeqServeClient:
         retry: RetryPolicy | None = None,
         route_key: str | None = None,
         credentials: Credentials | None = None,
-        multiplex: bool = False,
+        multiplex: bool = True,
+        stall_seconds: float = STALL_SECONDS,
     ) -> None:
         """`timeout`: seconds for each call (None: no limit), unless the call gives its own.
         `retry`: how long to retry what is safe to retry. `credentials`: a token and TLS
         (default: the token in SEQSERVE_TOKEN, no TLS). `multiplex`: feeds issued concurrently
         go out together as Stream messages, one per routing key per event-loop tick (see
-        `multiplex.py`); off by default for now: a Stream that stalls behind a proxy while its
-        replica drains is not yet detected."""
+        `multiplex.py`); `stall_seconds`: a Stream with feeds pending and no reply for this
+        long is broken and its feeds retried on a fresh one. `route_key`: the routing key of
+        the sessions this client creates (default: one random key per multiplexing client,
+        else a random key per session)."""
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.route_key = route_key  # for every session this client creates (None: one each)
+        # For every session this client creates (None: one each). A multiplexing client keeps
+        # its sessions on one key, so that their feeds share one Stream (and one replica).
+        self.route_key = route_key or (secrets.token_urlsafe(6) if multiplex else None)
         self.channel_options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -90,7 +100,7 @@ class SeqServeClient:
         # The generated stubs, for what the methods here do not cover (they raise bare
         # grpc.aio.AioRpcError and do not retry).
         self.sessions = pb_grpc.SessionServiceStub(self.channel)
-        self.mux = FeedMux(self.sessions) if multiplex else None
+        self.mux = FeedMux(self.sessions, stall_seconds=stall_seconds) if multiplex else None
         self.registry = reg_grpc.ModelRegistryStub(self.channel)
 
     async def __aenter__(self) -> SeqServeClient:

@@ -1,12 +1,20 @@
 """Coalescing feeds: the feeds an app issues concurrently on one client go to the server as
 Stream messages, one per routing key per event-loop tick, instead of one Step call each.
 
-An app that awaits 64 `session.feed()` calls at once sends one message with 64 items: the
-server steps them as one batch and answers in one message, which is what makes multiplexed
-frames several times faster than one call per token. Each feed still gets its own result or its
-own error (here the `grpc.aio.AioRpcError` a Step would raise, details included; the client
-raises it as the same `service.client.errors` class), and is retried like a Step: same request
-id, same expected position, so it applies once.
+An app that awaits 64 `session.feed()` calls at once sends one message with 64 items (the
+client gives its sessions one routing key by default, so they share one Stream): the server
+steps them as one batch and answers in one message, which is what makes multiplexed frames
+several times faster than one call per token. Each feed still gets its own result or its own
+error (here the `grpc.aio.AioRpcError` a Step would raise, details included; the client raises
+it as the same `service.client.errors` class), and is retried like a Step: same request id,
+same expected position, so it applies once.
+
+A Stream that stops answering must not hold its feeds forever (a proxy restarting, a replica
+draining or frozen, a connection dead without a reset): each feed has a deadline (the call's
+timeout), and a Stream that has had feeds pending for `stall_seconds` without any reply is
+declared broken: it is cancelled, its pending feeds fail with UNAVAILABLE (so they are retried,
+exactly once, on a fresh Stream) and the next tick opens a new one. A Stream that ends, or
+fails, fails its pending feeds the same way.
 """
 
 from __future__ import annotations
@@ -22,32 +30,48 @@ from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.sessions.session import ROUTE_HEADER, route_of
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+STALL_SECONDS = 5.0  # a Stream with feeds pending and no reply for this long is broken
 
 
 class FeedMux:
-    def __init__(self, stub: pb_grpc.SessionServiceStub) -> None:
+    def __init__(
+        self, stub: pb_grpc.SessionServiceStub, *, stall_seconds: float = STALL_SECONDS
+    ) -> None:
         self._stub = stub
+        self._stall = stall_seconds
         self._queued: dict[str, list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]] = {}
         self._flush_scheduled = False
         self._streams: dict[str, _Stream] = {}
+        self.streams_opened = 0  # Stream calls started so far (a broken one is replaced)
 
-    async def feed(self, item: pb.StreamItem) -> pb.StreamReply:
-        """Send `item` with the other feeds of this tick; its reply, or its error raised."""
+    async def feed(self, item: pb.StreamItem, timeout: float | None = None) -> pb.StreamReply:
+        """Send `item` with the other feeds of this tick; its reply, or its error raised
+        (TimeoutError after `timeout` seconds)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[pb.StreamReply] = loop.create_future()
         self._queued.setdefault(route_of(item.session_id), []).append((item, done))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await done
+        if timeout is None:
+            return await done
+        timer = loop.call_later(timeout, _expire, done)  # cheaper than a wait_for task
+        try:
+            return await done
+        finally:
+            timer.cancel()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         queued, self._queued = self._queued, {}
         for route, entries in queued.items():
+            entries = [(item, done) for item, done in entries if not done.done()]
+            if not entries:
+                continue
             stream = self._streams.get(route)
             if stream is None or stream.closed:
-                stream = self._streams[route] = _Stream(self._stub, route)
+                stream = self._streams[route] = _Stream(self._stub, route, self._stall)
+                self.streams_opened += 1
             stream.send(entries)
 
     async def close(self) -> None:
@@ -58,28 +82,60 @@ class FeedMux:
 
 class _Stream:
     """One Stream call for one routing key: a writer sending each tick's items as one message,
-    a reader handing each reply to the feed that waits for it."""
+    a reader handing each reply to the feed that waits for it, a watchdog for a stall."""
 
-    def __init__(self, stub: pb_grpc.SessionServiceStub, route: str) -> None:
+    def __init__(self, stub: pb_grpc.SessionServiceStub, route: str, stall: float) -> None:
+        self._loop = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self._waiting: dict[str, asyncio.Future[pb.StreamReply]] = {}
         self.closed = False
+        self._stall = stall
+        self._heard = self._loop.time()  # last reply, or the last send with nothing pending
+        self._watchdog: asyncio.TimerHandle | None = None
         self._call = stub.Stream(self._requests(), metadata=((ROUTE_HEADER, route),))
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._reader = self._loop.create_task(self._read())
 
     def send(self, entries: list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]) -> None:
+        if not self._waiting:
+            self._heard = self._loop.time()
         for item, done in entries:
             self._waiting[item.request_id] = done
         self._outbox.put_nowait(pb.StreamRequest(items=[item for item, _ in entries]))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self._stall, self._check)
+
+    def _check(self) -> None:
+        """The watchdog: break the Stream if it has had feeds pending, unanswered, too long."""
+        self._watchdog = None
+        if self.closed or not self._waiting:
+            return
+        quiet = self._loop.time() - self._heard
+        if quiet >= self._stall:
+            self._fail(_unavailable(f"the stream answered nothing for {quiet:.1f}s; retry"))
+            self._call.cancel()
+            self._reader.cancel()
+        else:
+            self._watchdog = self._loop.call_later(self._stall - quiet, self._check)
+
+    def _fail(self, failure: grpc.aio.AioRpcError) -> None:
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for done in self._waiting.values():
+            if not done.done():
+                done.set_exception(failure)  # UNAVAILABLE and the like: feeds retry
+        self._waiting.clear()
 
     async def _requests(self) -> AsyncIterator[pb.StreamRequest]:
         while (request := await self._outbox.get()) is not None:
             yield request
 
     async def _read(self) -> None:
-        failure: BaseException | None = None
+        failure: grpc.aio.AioRpcError | None = None
         try:
             async for response in self._call:
+                self._heard = self._loop.time()
                 for reply in response.replies:
                     done = self._waiting.pop(reply.request_id, None)
                     if done is None or done.done():
@@ -94,12 +150,7 @@ class _Stream:
             failure = _unavailable("the stream was closed")
             raise
         finally:
-            self.closed = True
-            failure = failure or _unavailable("the stream ended before its reply")
-            for done in self._waiting.values():
-                if not done.done():
-                    done.set_exception(failure)  # UNAVAILABLE and the like: feeds retry
-            self._waiting.clear()
+            self._fail(failure or _unavailable("the stream ended before its reply"))
 
     async def close(self) -> None:
         self.closed = True
@@ -108,6 +159,11 @@ class _Stream:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await self._reader
+
+
+def _expire(done: asyncio.Future[pb.StreamReply]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
 
 
 def _error(status) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
@@ -79,7 +78,7 @@ class ClientSession:
             )
             with self._resync():
                 reply = await self.client.retry.run(
-                    lambda left: asyncio.wait_for(mux.feed(item), left), timeout=limit
+                    lambda left: mux.feed(item, left), timeout=limit
                 )
             self.position = reply.position
             return prediction_from_pb(reply.prediction)

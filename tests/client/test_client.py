@@ -144,6 +144,23 @@ class Scripted(pb_grpc.SessionServiceServicer):
             session_id=request.session_id, position=1, prediction=types.Prediction(position=1)
         )
 
+    async def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        """A multiplexing client's feeds: each item counted as a "StreamItem" call, refused
+        in-band (as the server does) or answered like Step."""
+        async for request in request_iterator:
+            replies = []
+            for item in request.items:
+                self.calls["StreamItem"] = n = self.calls.get("StreamItem", 0) + 1
+                reply = pb.StreamReply(session_id=item.session_id, request_id=item.request_id)
+                if n <= self.failures:
+                    reply.error.code, reply.error.message = self.code.value[0], "item: not now"
+                else:
+                    await asyncio.sleep(self.stall)
+                    reply.position = 1
+                    reply.prediction.position = 1
+                replies.append(reply)
+            yield pb.StreamResponse(replies=replies)
+
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
@@ -161,19 +178,21 @@ async def scripted() -> AsyncIterator[tuple[Scripted, str]]:
 FAST = RetryPolicy(deadline_seconds=5, first_backoff_seconds=0.01, max_backoff_seconds=0.02)
 
 
+@pytest.mark.parametrize("multiplex", [False, True])
 async def test_unavailable_is_retried_once_per_attempt_for_safe_calls(
-    scripted: tuple[Scripted, str],
+    scripted: tuple[Scripted, str], multiplex: bool
 ) -> None:
     servicer, target = scripted
     servicer.failures = 2
-    async with SeqServeClient(target, retry=FAST) as client:
+    async with SeqServeClient(target, retry=FAST, multiplex=multiplex) as client:
         session = await client.create_session("m")
         await session.feed(tokens=[1])
         await session.fork()
         await session.refresh()
     # Two refusals and one success each: one retry layer (the channel retries nothing, or the
     # server would have counted more).
-    assert servicer.calls == {"CreateSession": 3, "Step": 3, "ForkSession": 3, "GetSession": 3}
+    feed = "StreamItem" if multiplex else "Step"
+    assert servicer.calls == {"CreateSession": 3, feed: 3, "ForkSession": 3, "GetSession": 3}
 
 
 async def test_close_is_not_retried(scripted: tuple[Scripted, str]) -> None:
@@ -209,10 +228,13 @@ async def test_retries_stop_at_the_retry_deadline(scripted: tuple[Scripted, str]
     assert servicer.calls["CreateSession"] > 2
 
 
-async def test_timeouts_per_client_and_per_call(scripted: tuple[Scripted, str]) -> None:
+@pytest.mark.parametrize("multiplex", [False, True])
+async def test_timeouts_per_client_and_per_call(
+    scripted: tuple[Scripted, str], multiplex: bool
+) -> None:
     servicer, target = scripted
     servicer.stall = 3.0
-    async with SeqServeClient(target, timeout=1.0) as client:
+    async with SeqServeClient(target, timeout=1.0, multiplex=multiplex) as client:
         session = await client.create_session("m")
         started = time.monotonic()
         with pytest.raises(errors.DeadlineExceededError) as err:
