@@ -1,19 +1,31 @@
 """The multiplexing client over real gRPC: feeds awaited concurrently on one client go out as
-Stream messages and come back exact, each with its own result or its own error."""
+Stream messages (one per tick, one Stream per routing key) and come back exact, each with its
+own result or its own error class; against a real gRPC server whose Stream records what it
+gets and stops answering as a test says, a stalled or ended Stream is replaced and its feeds
+retried once each, and a feed's timeout holds."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
 from service.api.server import SeqServeServer
-from service.client.client import SeqServeClient
+from service.client import errors
+from service.client.client import ClientSession, SeqServeClient, route_metadata
+from service.client.retry import RetryPolicy
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.pb.seqserve.v1 import types_pb2 as types
 from tests.api.conftest import server, server_factory, store_root  # noqa: F401 - fixtures
 from tests.api.support import ReferenceSession, assert_matches_reference, tokens
+
+FAST = RetryPolicy(deadline_seconds=10, first_backoff_seconds=0.01, max_backoff_seconds=0.05)
 
 
 async def test_concurrent_feeds_go_out_together_and_come_back_exact(
@@ -51,3 +63,152 @@ async def test_concurrent_feeds_go_out_together_and_come_back_exact(
     assert steps == [
         'seqserve_rpc_duration_seconds_count{code="OK",method="Step",protocol="grpc"} 1.0'
     ]
+
+
+async def test_a_position_mismatch_is_the_same_class_and_resyncs(
+    server: SeqServeServer,  # noqa: F811
+) -> None:
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as c:  # multiplexing by default
+        assert c.mux is not None
+        session = await c.create_session("tok")
+        other = await c.attach(session.session_id)
+        await other.feed(tokens=[1, 2])
+        with pytest.raises(errors.PositionMismatchError) as err:
+            await session.feed(tokens=[3])
+        assert err.value.position == 2 == session.position
+        assert (await session.feed(tokens=[3])).position == 3
+
+
+# ---- against a Stream that records what it gets, and answers as each test says ---------------
+
+
+class Recorded(pb_grpc.SessionServiceServicer):
+    """Records the items of each Stream message, by Stream call. `silent`: the first that many
+    Stream calls read their messages and answer nothing, ever; `end_early`: the first that many
+    end (OK) after reading one message, unanswered. Others answer each item at position
+    expected_position + 1."""
+
+    def __init__(self, silent: int = 0, end_early: int = 0) -> None:
+        self.silent, self.end_early = silent, end_early
+        self.messages: list[list[list[pb.StreamItem]]] = []  # per call, per message
+
+    async def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        self.messages.append(received := [])
+        call = len(self.messages)
+        async for request in request_iterator:
+            received.append(list(request.items))
+            if call <= self.end_early:
+                return
+            if call <= self.end_early + self.silent:
+                continue
+            yield pb.StreamResponse(
+                replies=[
+                    pb.StreamReply(
+                        session_id=item.session_id,
+                        request_id=item.request_id,
+                        position=item.expected_position + 1,
+                        prediction=types.Prediction(position=item.expected_position + 1),
+                    )
+                    for item in request.items
+                ]
+            )
+
+
+@asynccontextmanager
+async def recorded(servicer: Recorded) -> AsyncIterator[str]:
+    grpc_server = grpc.aio.server()
+    pb_grpc.add_SessionServiceServicer_to_server(servicer, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await grpc_server.stop(0)
+
+
+def _sessions(client: SeqServeClient, n: int) -> list[ClientSession]:
+    """Handles on `n` sessions with the client's routing key, as `create_session` makes them."""
+    return [
+        ClientSession(client, types.Session(session_id=f"s_{client.route_key}.{i}", position=0))
+        for i in range(n)
+    ]
+
+
+async def test_64_concurrent_feeds_are_one_stream_message_of_64_items() -> None:
+    servicer = Recorded()
+    async with recorded(servicer) as target, SeqServeClient(target) as client:
+        sessions = _sessions(client, 64)
+        got = await asyncio.gather(*(s.feed(tokens=[i]) for i, s in enumerate(sessions)))
+        assert [p.position for p in got] == [1] * 64
+        again = await asyncio.gather(*(s.feed(tokens=[i]) for i, s in enumerate(sessions)))
+        assert [p.position for p in again] == [2] * 64
+    assert len(servicer.messages) == 1  # one Stream for the client's one routing key
+    assert [len(m) for m in servicer.messages[0]] == [64, 64]  # one message per tick
+    first = servicer.messages[0][0]
+    assert [item.session_id for item in first] == [s.session_id for s in sessions]
+    assert [list(item.input.tokens.ids) for item in first] == [[i] for i in range(64)]
+
+
+async def test_sessions_on_other_route_keys_get_their_own_streams() -> None:
+    servicer = Recorded()
+    async with recorded(servicer) as target, SeqServeClient(target) as client:
+        sessions = [
+            ClientSession(client, types.Session(session_id=f"s_user{i % 2}.{i}")) for i in range(4)
+        ]
+        await asyncio.gather(*(s.feed(tokens=[1]) for s in sessions))
+    assert sorted(len(m[0]) for m in servicer.messages) == [2, 2]
+
+
+@pytest.mark.parametrize("how", ["silent", "end_early"])
+async def test_a_stream_that_stops_answering_is_replaced_and_each_feed_applies_once(
+    how: str,
+) -> None:
+    servicer = Recorded(**{how: 1})
+    async with (
+        recorded(servicer) as target,
+        SeqServeClient(target, stall_seconds=0.5, retry=FAST) as client,
+    ):
+        sessions = _sessions(client, 8)
+        started = time.monotonic()
+        got = await asyncio.gather(*(s.feed(tokens=[7]) for s in sessions))  # no timeout set
+        waited = time.monotonic() - started
+        assert client.mux is not None and client.mux.streams_opened == 2
+    assert [p.position for p in got] == [1] * 8
+    assert waited < 3.0  # the stall (0.5 s) was noticed; nothing waited for a timeout
+    if how == "silent":
+        assert waited >= 0.45
+    first, second = (
+        sorted((i.request_id, i.expected_position) for message in call for i in message)
+        for call in servicer.messages
+    )
+    # Each feed was sent once on each Stream (retries back off apart: maybe several messages),
+    # and its retry is the same request: same request id, same expected position.
+    assert first == second and len(first) == len(set(first)) == 8
+
+
+async def test_a_feed_on_a_stalled_stream_honours_its_timeout() -> None:
+    servicer = Recorded(silent=10**6)
+    async with (
+        recorded(servicer) as target,
+        SeqServeClient(target, timeout=0.3, stall_seconds=60) as client,
+    ):
+        (session,) = _sessions(client, 1)
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceededError):
+            await session.feed(tokens=[1])
+        assert 0.25 < time.monotonic() - started < 1.5
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceededError):
+            await session.feed(tokens=[1], timeout=0.1)  # the call's own
+        assert time.monotonic() - started < 0.6
+
+
+async def test_multiplex_false_feeds_by_step(server: SeqServeServer) -> None:  # noqa: F811
+    async with SeqServeClient(f"127.0.0.1:{server.port}", multiplex=False) as c:
+        assert c.mux is None and c.route_key is None  # a random routing key per session
+        one, two = await c.create_session("tok"), await c.create_session("tok")
+        assert route_metadata(one.session_id) != route_metadata(two.session_id)
+        await asyncio.gather(one.feed(tokens=[1]), two.feed(tokens=[2]))
+    text = server.metrics.render().decode()
+    assert 'code="OK",method="Step",protocol="grpc"} 2.0' in text
+    assert 'method="Stream"' not in text
