@@ -107,11 +107,14 @@ class StepScheduler:
         self._model, self._version = model, str(version)
         self._max_batch = max_batch_size
         self._max_queue = max_queue
-        # Batches this small run on the loop thread. On one CPU the runner thread overlaps
-        # nothing and its hand-off costs ~0.06 ms of CPU per token at 64 sessions (measured:
-        # 0.31 → 0.24 ms/token, rows per step 27 → 40), so every one-input batch runs inline.
+        self._inline_max_rows = inline_max_rows  # batches this small run on the loop thread
+        # On one CPU the runner thread overlaps nothing and its hand-off costs ~0.06 ms of CPU
+        # per token at 64 sessions (measured: 0.31 → 0.24 ms/token, rows per step 27 → 40),
+        # so every batch of one-input feeds runs inline. Not with generations: back-to-back
+        # inline steps starve the loop that sends their tokens (measured: 64 generations fell
+        # to ~3 rows per step and ~1 s to the first token).
         one_cpu = inline_max_rows > 0 and _one_cpu()  # 0 still means never
-        self._inline_max_rows = max_batch_size if one_cpu else inline_max_rows
+        self._inline_feed_rows = max_batch_size if one_cpu else inline_max_rows
         self._on_stats = on_stats
         self._on_token_times = on_token_times  # (time to first token, inter-token gap)
         self._commit = commit  # group commit of each step's journal records (None: no journal)
@@ -194,7 +197,8 @@ class StepScheduler:
             rows = [g.row() for g in gens] + [f.row for f in feeds]
             started = time.perf_counter()
             try:
-                if len(rows) <= self._inline_max_rows and all(
+                inline = self._inline_feed_rows if not gens else self._inline_max_rows
+                if len(rows) <= inline and all(
                     r.inputs is None or r.inputs.shape[0] == 1 for r in rows
                 ):
                     # A lone one-input row: handing it to the runner thread and back costs more

@@ -121,3 +121,43 @@ async def test_stopping_ends_a_running_generation_for_its_consumer(
             async for _ in tokens:
                 pass
     await asyncio.wait_for(stopping, 10)
+
+
+async def test_a_prompted_generation_samples_in_the_step_right_after_its_prompt(
+    make_engine: EngineFactory,
+) -> None:
+    """The scheduler gathers ticks before each step, so a generation started as its prompt's
+    step settles joins the very next step, even while another generation keeps the scheduler
+    stepping back to back (with a one-tick flush it missed that step)."""
+    engine = await make_engine(engine={"inline_max_rows": 0})
+    busy, _ = await engine.create_session("tok")
+    session, _ = await engine.create_session("tok")
+    served = engine.versions.find("tok", 1)
+    assert served is not None
+    steps: list[list[tuple[int, bool]]] = []  # (slot, generating) per row
+    execute = served.runner.execute
+
+    def spy(batch: StepBatch):  # type: ignore[no-untyped-def]
+        steps.append([(r.slot, r.inputs is None) for r in batch.rows])
+        return execute(batch)
+
+    served.runner.execute = spy  # type: ignore[method-assign]
+
+    async def drain() -> None:
+        async for _ in engine.generate(busy.session_id, sampling=SamplingParams(max_tokens=400)):
+            pass
+
+    background = asyncio.create_task(drain())
+    while len(steps) < 3:  # the other generation is stepping
+        await asyncio.sleep(0.001)
+    prompt = ModelInput(tokens=[1, 2, 3])
+    tokens = [
+        t async for t in engine.generate(session.session_id, prompt, SamplingParams(max_tokens=2))
+    ]
+    assert [t.position for t in tokens] == [4, 5]
+    slot = session.slot
+    prompt_step = next(i for i, rows in enumerate(steps) if (slot, False) in rows)
+    assert (slot, True) in steps[prompt_step + 1]
+    background.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await background

@@ -178,6 +178,23 @@ async def test_on_one_cpu_every_one_input_batch_runs_on_the_loop_thread(
     assert on_loop == [one_cpu and inline_max_rows > 0, False]
 
 
+async def test_on_one_cpu_steps_with_generations_still_go_to_the_runner_thread(
+    scheduler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back-to-back inline generation steps would starve the loop that sends their tokens."""
+    monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: True)
+    runner = FakeRunner()
+    s = scheduler(runner)
+    gen = Generation(FakeLease(slot=7), SamplingParams(max_tokens=2), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    beside = s.submit([(Owner(), feed(2))])
+    await asyncio.wait_for(beside.future, 5)
+    await asyncio.wait_for(gen.retired, 5)
+    assert runner.batches == [[7, 2], [7]]
+    main = threading.current_thread()
+    assert [t is main for t in runner.threads] == [False, True]  # a lone row stays inline
+
+
 async def test_generations_stay_in_the_batch_until_they_finish(scheduler: Any) -> None:
     runner = FakeRunner()
     s = scheduler(runner)
