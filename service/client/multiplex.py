@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -43,6 +43,7 @@ class FeedMux:
         self._flush_scheduled = False
         self._streams: dict[str, _Stream] = {}
         self.streams_opened = 0  # Stream calls started so far (a broken one is replaced)
+        self.on_send: Callable[[int], None] | None = None  # told each message's item count
 
     async def feed(self, item: pb.StreamItem, timeout: float | None = None) -> pb.StreamReply:
         """Send `item` with the other feeds of this tick; its reply, or its error raised
@@ -73,6 +74,8 @@ class FeedMux:
                 stream = self._streams[route] = _Stream(self._stub, route, self._stall)
                 self.streams_opened += 1
             stream.send(entries)
+            if self.on_send is not None:
+                self.on_send(len(entries))
 
     async def close(self) -> None:
         for stream in self._streams.values():
@@ -118,7 +121,9 @@ class _Stream:
             self._watchdog = self._loop.call_later(self._stall - quiet, self._check)
 
     def _fail(self, failure: grpc.aio.AioRpcError) -> None:
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            self._outbox.put_nowait(None)  # the request generator ends
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -153,8 +158,9 @@ class _Stream:
             self._fail(failure or _unavailable("the stream ended before its reply"))
 
     async def close(self) -> None:
-        self.closed = True
-        self._outbox.put_nowait(None)
+        if not self.closed:
+            self.closed = True
+            self._outbox.put_nowait(None)
         self._call.cancel()
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):

@@ -119,7 +119,9 @@ async def test_a_replica_killed_behind_nginx_loses_no_acknowledged_step(
     nginx = NginxServer(tmp_path / "nginx", [r.port for r in replicas])
     nginx.start()
     try:
-        async with SeqServeClient(nginx.target, retry=RetryPolicy(deadline_seconds=60)) as client:
+        async with SeqServeClient(
+            nginx.target, retry=RetryPolicy(deadline_seconds=60), multiplex=False
+        ) as client:  # by Step, a random routing key per session: spread over the replicas
             load = _Load(client)
             await load.open()
             for _ in range(ROUNDS_BEFORE):
@@ -205,7 +207,9 @@ async def test_a_rolling_restart_behind_nginx_under_load_loses_no_session(
         await asyncio.gather(*(r.start() for r in replicas))
         nginx = NginxServer(tmp_path / "nginx", [r.port for r in replicas])
         nginx.start()
-        async with SeqServeClient(nginx.target, retry=RetryPolicy(deadline_seconds=60)) as client:
+        async with SeqServeClient(
+            nginx.target, retry=RetryPolicy(deadline_seconds=60), multiplex=False
+        ) as client:  # by Step, a random routing key per session: spread over the replicas
             load = _Load(client)
             await load.open()
             running = asyncio.create_task(load.run())
@@ -238,7 +242,9 @@ async def test_redis_killed_and_restarted_on_its_append_only_file_loses_nothing(
     await asyncio.gather(*(r.start() for r in replicas[:2]))
     targets = [f"127.0.0.1:{r.port}" for r in replicas[:2]]
     async with (
-        SeqServeClient(targets[0], retry=RetryPolicy(deadline_seconds=60)) as client,
+        SeqServeClient(
+            targets[0], retry=RetryPolicy(deadline_seconds=60), multiplex=False
+        ) as client,
         SeqServeClient(targets[1]) as other,
     ):
         load = _Load(client)
@@ -263,3 +269,82 @@ async def test_redis_killed_and_restarted_on_its_append_only_file_loses_nothing(
         load.stop()
         await running
         await load.check(store_root)
+
+
+async def test_multiplexed_feeds_through_nginx_survive_kill_freeze_and_restart(
+    store_root: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """64 sessions on one multiplexing client (one routing key: one Stream, one replica), each
+    fed one token per round concurrently through nginx (one Stream message per round), while
+    the replica holding them is frozen (SIGSTOP) for a few stall periods (its silent Streams
+    are replaced; once it wakes it gets both the feeds it had and their resends), then killed
+    (SIGKILL) and restarted, then the holder restarted (SIGTERM, drain, start): no feed hangs
+    on a dead or silent Stream, and every acknowledged feed is applied exactly once."""
+    extra = ("--state-url", redis_server.url)
+    replicas = [
+        ServerProcess(
+            store_root,
+            tmp_path / f"s{i}",
+            tmp_path / f"r{i}",
+            SESSIONS,
+            port=free_port(),
+            extra=extra,
+        )
+        for i in range(3)
+    ]
+    nginx: NginxServer | None = None
+    try:
+        await asyncio.gather(*(r.start() for r in replicas))
+        nginx = NginxServer(tmp_path / "nginx", [r.port for r in replicas])
+        nginx.start()
+        retry = RetryPolicy(deadline_seconds=90)
+        async with SeqServeClient(nginx.target, retry=retry, stall_seconds=1.0) as client:
+            assert client.mux is not None
+            load = _Load(client)
+            await load.open()
+            running = asyncio.create_task(load.run())
+
+            async def rounds(n: int) -> None:
+                before = load.rounds
+                async with asyncio.timeout(120):  # a hung feed fails here, not the whole run
+                    while load.rounds < before + n:
+                        assert not running.done(), running
+                        await asyncio.sleep(0.05)
+
+            def holder() -> ServerProcess:
+                pids = {_holder_pid(redis_server.url, s.session_id) for s in load.sessions}
+                assert len(pids) == 1, pids  # one routing key: all on one replica
+                return next(r for r in replicas if r.proc and r.proc.pid in pids)
+
+            await rounds(2)
+            frozen = holder()  # where nginx sends the key (no replica has failed yet)
+            assert frozen.proc is not None
+            opened = client.mux.streams_opened
+            os.kill(frozen.proc.pid, signal.SIGSTOP)  # its Stream goes silent; nginx waits (1 h)
+            try:
+                await asyncio.sleep(4.5)
+                # Each silent Stream was given up after its 1 s stall and the feeds resent on a
+                # new one (also to the frozen replica: nginx has no reason to move the key).
+                assert client.mux.streams_opened - opened >= 2
+            finally:
+                os.kill(frozen.proc.pid, signal.SIGCONT)  # it wakes with old and resent feeds
+            await rounds(2)
+            killed = holder()
+            killed.kill()  # SIGKILL: the Stream through nginx dies with it
+            await rounds(2)
+            await killed.start()
+            await rounds(1)
+            drained = holder()
+            assert await drained.terminate() == 0  # SIGTERM: drains, writes its sessions
+            await drained.start()
+            await rounds(2)
+            load.stop()
+            await running
+            assert client.mux.streams_opened >= 3  # broken Streams were replaced
+            assert all(len(inputs) == load.rounds for inputs in load.fed)
+            await load.check(store_root)
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        for replica in replicas:
+            replica.kill()

@@ -89,7 +89,9 @@ async def test_the_client_sends_the_key_on_every_call() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with SeqServeClient(f"127.0.0.1:{port}", route_key="tenant-3") as client:
+        async with SeqServeClient(
+            f"127.0.0.1:{port}", route_key="tenant-3", multiplex=False
+        ) as client:  # feeds by Step (multiplexed feeds: tests/client/test_multiplex.py)
             session = await client.create_session("tok")
             await session.feed(tokens=[1, 2])
             _ = [piece async for piece in session.generate(max_tokens=2)]
