@@ -69,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sessions per Stream, one frame per tick with one item each",
     )
     p.add_argument(
+        "--client-mux",
+        action="store_true",
+        help="each session awaits its own feeds on one Python client, which coalesces them "
+        "into one Stream message per event-loop tick (an app's one-token-per-call pattern)",
+    )
+    p.add_argument(
         "--history",
         type=int,
         default=d.history,
@@ -129,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         multiplex=args.multiplex,
+        client_mux=args.client_mux,
         history=args.history,
         top_k=args.top_k,
         invalid_sessions=args.invalid_sessions,

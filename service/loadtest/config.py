@@ -29,6 +29,7 @@ class LoadConfig:
     max_tokens: int = 32  # tokens per generation
     temperature: float = 1.0  # sampling temperature for generations (0 = greedy)
     multiplex: int = 1  # sessions per Stream; each tick sends one frame with one item each
+    client_mux: bool = False  # each session awaits its own feeds on one SeqServeClient
     history: int = 0  # inputs fed to each session before the clock starts (long contexts)
     top_k: int = 0  # top-k of each prediction (0 = server default)
     invalid_sessions: int = 0  # extra sessions with ids the server never issued (error path)
@@ -68,6 +69,12 @@ class LoadConfig:
             (self.late_ms >= 0, "late threshold must be >= 0"),
             (self.max_lag_seconds > 0, "max lag must be > 0"),
         ]
+        if self.client_mux:  # one app-style loop per session, feeding only
+            checks += [
+                (not self.open_loop, "--client-mux is a closed loop, not with --rate"),
+                (self.multiplex == 1, "--client-mux groups feeds itself, not with --multiplex"),
+                (self.generate_fraction == 0, "--client-mux feeds only, not with generations"),
+            ]
         if self.open_loop:  # the closed loop's knobs mean nothing for arrivals at a set rate
             checks += [
                 (self.think_ms == 0, "--think-ms applies to the closed loop, not with --rate"),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import grpc
 
 from service.client.credentials import Credentials
+from service.loadtest.client_mux import ClientMuxDriver
 from service.loadtest.config import LoadConfig
 from service.loadtest.drivers import ClientSession, StreamGroupDriver
 from service.loadtest.open_loop import OpenLoopDriver
@@ -43,7 +44,7 @@ async def run_load(
     config.validate()
     channel = open_channel(config.target, credentials)
     try:
-        return await _run(channel, config, progress, progress_interval)
+        return await _run(channel, config, progress, progress_interval, credentials)
     finally:
         await channel.close()
 
@@ -53,6 +54,7 @@ async def _run(
     config: LoadConfig,
     progress: ProgressCallback | None,
     progress_interval: float,
+    credentials: Credentials | None = None,
 ) -> LoadReport:
     try:
         await asyncio.wait_for(channel.channel_ready(), config.ready_timeout_seconds)
@@ -77,8 +79,10 @@ async def _run(
     started = time.perf_counter()
     recorder.open_window(started + config.warmup_seconds, config.duration_seconds)
     stop = asyncio.Event()
-    drivers: list[StreamGroupDriver] | list[OpenLoopDriver] = []
-    if config.open_loop and sessions:  # one schedule of arrivals over every session
+    drivers: list[StreamGroupDriver] | list[OpenLoopDriver] | list[ClientMuxDriver] = []
+    if config.client_mux and sessions:  # one app-style loop per session, one client
+        drivers = [ClientMuxDriver(sessions, config, model, recorder, stop, credentials)]
+    elif config.open_loop and sessions:  # one schedule of arrivals over every session
         drivers = [OpenLoopDriver(stub, sessions, config, model, recorder, stop)]
     elif not config.open_loop:
         drivers = [

@@ -47,6 +47,8 @@ def write_plot(report: LoadReport, path: Path) -> list[str]:
         load = (
             f"open loop {o.rate:,.0f} req/s ({o.late:,} late, {o.dropped:,} dropped)"
             if o is not None
+            else "closed loop, client-mux"
+            if c.get("client_mux")
             else f"closed loop, multiplex {c['multiplex']}"
         )
         fig.suptitle(

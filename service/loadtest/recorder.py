@@ -11,7 +11,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
-LOAD_OPERATIONS = frozenset({"stream", "generate", "step"})  # the measured calls
+LOAD_OPERATIONS = frozenset({"stream", "generate", "step", "feed"})  # the measured calls
 
 
 @dataclass

@@ -161,7 +161,7 @@ class LoadReport:
             + f", {self.window_seconds:.1f} s measured",
             f"  {c['tokens_per_message']} per message, think {c['think_ms']:g} ms, "
             f"generate {c['generate_fraction']:.0%} (via {c['generate_via']}, "
-            f"{c['max_tokens']} tokens), multiplex {c['multiplex']}, history {c['history']}",
+            f"{c['max_tokens']} tokens), {_grouping(c)}, history {c['history']}",
             "",
             f"  throughput  {self.tokens_per_second:>12,.1f} tokens/s   "
             f"(in {self.tokens_in_per_second:,.1f}, generated "
@@ -266,3 +266,10 @@ def build_report(
         mode="open" if open_loop is not None else "closed",
         open_loop=open_loop,
     )
+
+
+def _grouping(c: dict[str, Any]) -> str:
+    """How feeds were grouped into messages: by the load generator, or by the Python client."""
+    if c.get("client_mux"):
+        return "client-mux (one SeqServeClient coalescing per tick)"
+    return f"multiplex {c['multiplex']}"

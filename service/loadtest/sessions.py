@@ -54,7 +54,8 @@ async def create_sessions(
         request = pb.CreateSessionRequest(
             model=model.name, version=str(model.version), seed=seeds[i]
         )
-        route = ((ROUTE_HEADER, f"lt{run}-{i // max(1, config.multiplex)}"),)
+        group = config.sessions if config.client_mux else config.multiplex  # per routing key
+        route = ((ROUTE_HEADER, f"lt{run}-{i // max(1, group)}"),)
         try:
             response = await stub.CreateSession(request, metadata=route)
         except grpc.aio.AioRpcError as exc:
