@@ -2,7 +2,8 @@
 
 Measures, on one model:
 - the service (a `seqserve serve` subprocess) at 1, 16 and 64 streaming sessions, one token per
-  message; 64 sessions multiplexed into one frame per tick; server-pushed generation at 16
+  message; 64 sessions multiplexed into one frame per tick, by the load generator and by the
+  Python client (64 concurrent `session.feed()` calls); server-pushed generation at 16
   and 64 sessions; one session's per-token latency at history 10, 1,000 and 10,000;
 - the bare gRPC echo ceiling: the same loads against `benchmarks.echo_server` (no model);
 - the compute ceiling: the runner's batched step in-process at batch 1, 16 and 64;
@@ -144,6 +145,13 @@ class Bench:
         mux = {"sessions": 64, "multiplex": 64}
         await self.load("service/mux/64", svc, "service: 64 sessions per frame", **mux)
         await self.load("echo/mux/64", echo, "echo: 64 sessions per frame", **mux)
+        # The same 64 sessions fed as an app writes it: one `await session.feed()` per token
+        # and session on one SeqServeClient, which coalesces each tick's feeds into a frame.
+        cmux = {"sessions": 64, "client_mux": True}
+        label = "service: 64 sessions, client coalescing, 1 token/feed"
+        await self.load("service/client-mux/64", svc, label, **cmux)
+        label = "echo: 64 sessions, client coalescing, 1 token/feed"
+        await self.load("echo/client-mux/64", echo, label, **cmux)
         for n in (16, 64):
             await self.load(
                 f"service/generate/{n}", svc, "service: Generate (push)", sessions=n, **gen
