@@ -53,7 +53,7 @@ def batched_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing
     config = model.config
     with torch.inference_mode():
         initial = model.head(torch.zeros(1, config.hidden_size))[0]
-    pool = StatePool(config, initial, ByteBudget(1 << 34), initial_slots=batch)
+    pool = StatePool(config, initial, ByteBudget(1 << 34), initial_slots=batch, head=model.head)
     runner = ModelRunner(model, pool)
     slots = [pool.allocate() for _ in range(batch)]
     gen = torch.Generator().manual_seed(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import time
@@ -100,6 +101,38 @@ class Target:
         return {**asdict(self), "met": self.met}
 
 
+def step_cpu_per_token(rows: dict[str, Row], batch: float) -> float | None:
+    """Seconds of the raw in-process step per token at `batch` rows (linear between the
+    measured batch sizes, clamped to them)."""
+    points = sorted(
+        (r.sessions, r.p50_ms / 1e3 / r.sessions)
+        for k, r in rows.items()
+        if k.startswith("compute/step/") and r.p50_ms
+    )
+    if not points:
+        return None
+    if batch <= points[0][0]:
+        return points[0][1]
+    for (b0, c0), (b1, c1) in itertools.pairwise(points):
+        if batch <= b1:
+            return c0 + (c1 - c0) * (batch - b0) / (b1 - b0)
+    return points[-1][1]
+
+
+def share_of_limit(rows: dict[str, Row], service: str, echo: str) -> float | None:
+    """How close a path comes to its per-core limit, in CPU: (echo server CPU per token + raw
+    step CPU per token at the rows per step the path reached) ÷ the service's CPU per token.
+    1.0 = the service adds nothing to gRPC and the model step. CPU-normalised, so a server
+    that got less than its core on a loaded machine is not marked down for it."""
+    s, e = rows.get(service), rows.get(echo)
+    if s is None or e is None or not s.server_cpu or not e.server_cpu or not s.rows_per_step:
+        return None
+    step = step_cpu_per_token(rows, s.rows_per_step)
+    if step is None or not s.tokens_per_second or not e.tokens_per_second:
+        return None
+    return (e.server_cpu / e.tokens_per_second + step) / (s.server_cpu / s.tokens_per_second)
+
+
 def evaluate_targets(rows: dict[str, Row]) -> list[Target]:
     def ratio(a: str, b: str, f: Callable[[Row], float | None]) -> float | None:
         if a not in rows or b not in rows:
@@ -133,6 +166,22 @@ def evaluate_targets(rows: dict[str, Row]) -> list[Target]:
         Target("mean rows per batched step ≥ 8 at 64 sessions",
                None if rows64 is None else rows64.rows_per_step, 8.0, True,
                "seqserve_batch_rows_sum ÷ _count over service/stream/64"),
+        Target("per-core: 64 sessions, 1 token/msg, ≥ 48 rows per step",
+               None if rows64 is None else rows64.rows_per_step, 48.0, True,
+               "seqserve_batch_rows_sum ÷ _count over service/stream/64"),
+        *(
+            Target(f"per-core: {what} ≥ 0.9 of its limit (CPU per token)",
+                   share_of_limit(rows, f"service/{path}", f"echo/{path}"), 0.9, True,
+                   f"(echo/{path} CPU/token + compute step/token at its rows/step) ÷ "
+                   f"service/{path} CPU/token")
+            for what, path in (("64 sessions, 1 token/msg", "stream/64"),
+                               ("64 sessions per frame", "mux/64"),
+                               ("Generate, 64 sessions", "generate/64"))
+        ),
+        Target("per-core: Generate, 64 sessions, time to first token p50 ≤ 10 ms (closed loop)",
+               None if "service/generate/64" not in rows
+               else rows["service/generate/64"].ttft_p50_ms, 10.0, False,
+               "service/generate/64 TTFT p50 (ms)"),
     ]  # fmt: skip
 
 
