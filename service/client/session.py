@@ -71,7 +71,7 @@ class ClientSession:
         if mux is not None:  # with the other feeds of this tick, in one Stream message
             item = pb.StreamItem(
                 session_id=self.session_id,
-                request_id=new_request_id(),
+                request_id=mux.request_id(),
                 input=make_input(text, tokens, frames),
                 options=types.PredictionOptions(top_k=top_k),
                 expected_position=self.position,
