@@ -26,6 +26,7 @@ from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.sessions.session import ROUTE_HEADER
 from service.settings import ServerSettings
 
 VOCAB = 256
@@ -61,7 +62,9 @@ class EchoSessions(pb_grpc.SessionServiceServicer):
         return position
 
     async def CreateSession(self, request, context):  # type: ignore[no-untyped-def]
-        session_id = f"echo-{next(self._ids)}"
+        # The routing key in the id, as the service does (a multiplexing client groups by it).
+        route = dict(context.invocation_metadata() or ()).get(ROUTE_HEADER, "echo")
+        session_id = f"s_{route}.{next(self._ids)}"
         self._positions[session_id] = 0
         return pb.CreateSessionResponse(
             session=types.Session(session_id=session_id, model=request.model, version=1)
