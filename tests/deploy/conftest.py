@@ -69,7 +69,8 @@ async def live_server(server_factory: ServerFactory) -> SeqServeServer:
 
 @pytest.fixture
 async def live_client(live_server: SeqServeServer) -> AsyncIterator[SeqServeClient]:
-    async with SeqServeClient(f"127.0.0.1:{live_server.port}") as client:
+    # Feeds by Step: traffic.py tallies them as Step calls (multiplexed feeds would be Stream).
+    async with SeqServeClient(f"127.0.0.1:{live_server.port}", multiplex=False) as client:
         yield client
 
 
