@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -71,6 +71,27 @@ class FeedMux:
             return await done
         finally:
             timer.cancel()
+
+    def attempts(self, item: pb.StreamItem) -> Callable[[float | None], Awaitable[pb.StreamReply]]:
+        """`item`'s attempts, for the client's retry loop (`RetryPolicy.run`). Once a Stream
+        has failed under it, the item may still be running on the server when its resend gets
+        there, which refuses it with ABORTED (one request at a time per session); that is
+        retried too (as UNAVAILABLE): the resend applies once, or answers the first's reply."""
+        resent = False
+
+        async def attempt(timeout: float | None) -> pb.StreamReply:
+            nonlocal resent
+            try:
+                return await self.feed(item, timeout)
+            except _StreamFailure:
+                resent = True
+                raise
+            except grpc.aio.AioRpcError as err:
+                if resent and err.code() == grpc.StatusCode.ABORTED:
+                    raise _unavailable("the item sent before is still running; retry") from err
+                raise
+
+        return attempt
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -191,6 +212,10 @@ def _error(status) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=status.message)
 
 
+class _StreamFailure(grpc.aio.AioRpcError):
+    """A failure of the Stream an item was on (not an answer about the item)."""
+
+
 def _broken(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
     """The stream's own failure, for the feeds it carried. A transport break (the server or a
     proxy reset it, or a write failed: INTERNAL or UNKNOWN from the call itself) says nothing
@@ -199,10 +224,12 @@ def _broken(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
     theirs as it is."""
     if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         return _unavailable(f"the stream broke ({exc.details()}); retry")
-    return exc
+    return _StreamFailure(
+        exc.code(), exc.initial_metadata(), exc.trailing_metadata(), details=exc.details()
+    )
 
 
 def _unavailable(why: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
+    return _StreamFailure(
         grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why
     )

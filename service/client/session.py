@@ -77,9 +77,7 @@ class ClientSession:
                 expected_position=self.position,
             )
             with self._resync():
-                reply = await self.client.retry.run(
-                    lambda left: mux.feed(item, left), timeout=limit
-                )
+                reply = await self.client.retry.run(mux.attempts(item), timeout=limit)
             self.position = reply.position
             return prediction_from_pb(reply.prediction)
         request = pb.StepRequest(

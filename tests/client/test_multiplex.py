@@ -86,11 +86,13 @@ class Recorded(pb_grpc.SessionServiceServicer):
     """Records the items of each Stream message, by Stream call. `silent`: the first that many
     Stream calls read their messages and answer nothing, ever; `end_early`: the first that many
     end (OK) after reading one message, unanswered. Others answer each item at position
-    expected_position + 1."""
+    expected_position + 1, or with `abort_once` ABORTED (another request on the session is
+    running) the first time they see its request id."""
 
-    def __init__(self, silent: int = 0, end_early: int = 0) -> None:
-        self.silent, self.end_early = silent, end_early
+    def __init__(self, silent: int = 0, end_early: int = 0, abort_once: bool = False) -> None:
+        self.silent, self.end_early, self.abort_once = silent, end_early, abort_once
         self.messages: list[list[list[pb.StreamItem]]] = []  # per call, per message
+        self.answered: set[str] = set()
 
     async def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
         self.messages.append(received := [])
@@ -101,17 +103,18 @@ class Recorded(pb_grpc.SessionServiceServicer):
                 return
             if call <= self.end_early + self.silent:
                 continue
-            yield pb.StreamResponse(
-                replies=[
-                    pb.StreamReply(
-                        session_id=item.session_id,
-                        request_id=item.request_id,
-                        position=item.expected_position + 1,
-                        prediction=types.Prediction(position=item.expected_position + 1),
-                    )
-                    for item in request.items
-                ]
-            )
+            yield pb.StreamResponse(replies=[self._reply(item) for item in request.items])
+
+    def _reply(self, item: pb.StreamItem) -> pb.StreamReply:
+        reply = pb.StreamReply(session_id=item.session_id, request_id=item.request_id)
+        if self.abort_once and item.request_id not in self.answered:
+            self.answered.add(item.request_id)
+            reply.error.code = grpc.StatusCode.ABORTED.value[0]
+            reply.error.message = "another request on this session is running"
+            return reply
+        reply.position = item.expected_position + 1
+        reply.prediction.position = item.expected_position + 1
+        return reply
 
 
 @asynccontextmanager
@@ -212,3 +215,20 @@ async def test_multiplex_false_feeds_by_step(server: SeqServeServer) -> None:  #
     text = server.metrics.render().decode()
     assert 'code="OK",method="Step",protocol="grpc"} 2.0' in text
     assert 'method="Stream"' not in text
+
+
+async def test_a_resend_refused_as_aborted_is_retried_only_after_a_broken_stream() -> None:
+    """After a Stream went silent, the first copy may still run on the server when the resend
+    arrives (ABORTED): retried, it applies once. Without a broken Stream, ABORTED is the
+    app's (two requests at once on one session), raised as AbortedError."""
+    servicer = Recorded(silent=1, abort_once=True)
+    async with (
+        recorded(servicer) as target,
+        SeqServeClient(target, stall_seconds=0.3, retry=FAST) as client,
+    ):
+        (session,) = _sessions(client, 1)
+        assert (await session.feed(tokens=[1])).position == 1
+        sent = [i.request_id for call in servicer.messages for m in call for i in m]
+        assert len(sent) == 3 and len(set(sent)) == 1  # silent, ABORTED, answered
+        with pytest.raises(errors.AbortedError):
+            await session.feed(tokens=[2])  # on a working Stream: not retried
