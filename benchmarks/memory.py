@@ -25,6 +25,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import secrets
 import sys
 import tempfile
@@ -132,7 +133,11 @@ async def _make_sessions(target: str, model: str, count: int, workers: int, pref
 def _client_main(target: str, model: str, count: int, workers: int, prefix: bool, go, out) -> None:  # type: ignore[no-untyped-def]
     go.wait()
     started = time.time()
-    errors = asyncio.run(_make_sessions(target, model, count, workers, prefix))
+    try:
+        errors = asyncio.run(_make_sessions(target, model, count, workers, prefix))
+    except BaseException:
+        out.put((started, time.time(), -1))  # never leave the parent waiting
+        raise
     out.put((started, time.time(), errors))
 
 
@@ -153,9 +158,17 @@ def make_sessions(
     time.sleep(3.0)  # imports done before the clock starts
     load = os.getloadavg()[0]
     go.set()
-    results = [out.get() for _ in procs]
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=5.0))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError("a load process failed") from None
     for proc in procs:
         proc.join()
+    if any(r[2] < 0 for r in results):
+        raise RuntimeError("a load process failed")
     seconds = max(r[1] for r in results) - min(r[0] for r in results)
     return {
         "sessions": count,
