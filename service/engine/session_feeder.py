@@ -10,9 +10,11 @@ load, or waiting their turn in a line) take the full path beside them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -61,7 +63,8 @@ class SessionFeeder:
             return retried
         before = lease.session.position
         lease.request_id = feed.request_id
-        outcome = await self.run(lease, self.inputs(lease.served, feed.input), feed.options)
+        inputs = self.inputs(lease.served, feed.input)
+        outcome = await self.run(lease, inputs, feed.options, remember_as=feed.request_id)
         lease.remember(feed.request_id, before, outcome)
         return outcome
 
@@ -70,9 +73,15 @@ class SessionFeeder:
         self._observer.on_request(served.name, str(served.version), time.perf_counter() - started)
 
     async def run(
-        self, lease: Lease, inputs: Tensor, options: PredictionOptions | None = None
+        self,
+        lease: Lease,
+        inputs: Tensor,
+        options: PredictionOptions | None = None,
+        *,
+        remember_as: str = "",
     ) -> FeedOutcome:
-        """Feed validated `inputs` to a leased, ready session."""
+        """Feed validated `inputs` to a leased, ready session. `remember_as`: the feed's
+        request id, remembered for its retry even if this call is cancelled too late."""
         served = lease.served
         group = served.scheduler.submit([(lease, self._row(lease, inputs, options))])
         lease.in_flight = group.future
@@ -82,7 +91,8 @@ class SessionFeeder:
             # Cancelled before the row went into a step: withdrawn, the session is untouched.
             # Too late: the step may be writing the slot now, and the lease is let go only once
             # it settles (the feed is consumed; the position says so).
-            group.withdraw()
+            if not group.withdraw() and remember_as:
+                _remember_late(group, [(lease, remember_as)])
             raise
         return _outcome(lease, result)
 
@@ -190,8 +200,11 @@ class SessionFeeder:
                     else slow_outcome
                 )
         except asyncio.CancelledError:
-            for _, _, group in groups:
-                group.withdraw()  # what has not gone into a step yet never will
+            for _, items, group in groups:
+                # What has not gone into a step yet never will; what has is applied all the
+                # same, and remembered for its retry once the step settles.
+                if not group.withdraw():
+                    _remember_late(group, [(lease, feeds[i].request_id) for i, lease, _ in items])
             slow_work.cancel()
             raise
         assert all(o is not None for o in outcomes)
@@ -284,6 +297,26 @@ def _retried_feed(lease: Lease, feed: Feed) -> FeedOutcome | None:
     if applied.reply.tokenizer is None:  # read back from a checkpoint
         applied.reply.tokenizer = lease.served.tokenizer
     return applied.reply
+
+
+def _remember_late(group: RowGroup, rows: list[tuple[Lease, str]]) -> None:
+    """Feeds whose caller was cancelled after their rows went into a step (the client or a
+    proxy cancelled the call, the server stopped it): when the step settles, each applied one
+    is remembered as its session's last request, as if answered, so that its retry gets the
+    original reply instead of a position mismatch. Not if the session moved on since."""
+
+    def remember(future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        for (lease, request_id), result in zip(rows, future.result(), strict=True):
+            if not request_id or isinstance(result, BaseException):
+                continue
+            with contextlib.suppress(Exception):
+                outcome = _outcome(lease, result)
+                if lease.session.position == outcome.position:  # nothing applied since
+                    lease.remember(request_id, outcome.position - result.consumed, outcome)
+
+    group.future.add_done_callback(remember)
 
 
 def _not_a_retry(lease: Lease, expected: int | None) -> PositionMismatch:
