@@ -17,17 +17,17 @@ say which it is. Shell blocks are not run here (`tests/test_readme_http.py` runs
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.bundled_server import bundled_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -87,27 +87,8 @@ def test_runnable_blocks_are_whole_scripts() -> None:
 @pytest.fixture(scope="module")
 def grpc_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `seqserve serve` on the bundled store, on a free port."""
-    work = tmp_path_factory.mktemp("readme-server")
-    port_file = work / "ports.json"
-    log_path = work / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli.main", "serve", "--port", "0",
-             "--metrics-port", "-1", "--http-port", "-1",
-             "--store", str(REPO_ROOT / "model_store"), "--spill-dir", str(work / "spill"),
-             "--port-file", str(port_file)],
-            cwd=work, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 90
-            while not port_file.exists():
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.05)
-            yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with bundled_server(tmp_path_factory.mktemp("readme-server")) as ports:
+        yield f"127.0.0.1:{ports['port']}"
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: f"line{b.line}")

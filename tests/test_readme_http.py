@@ -5,16 +5,15 @@ gets `--fail-with-body` from a `.curlrc`, so an HTTP error fails the block."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.bundled_server import bundled_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- test: http -->"
@@ -26,25 +25,8 @@ def http_blocks(readme: str) -> list[str]:
 
 @pytest.fixture
 def http_port(tmp_path: Path) -> Iterator[int]:
-    port_file = tmp_path / "ports.json"
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli.main", "serve", "--port", "0", "--metrics-port",
-         "-1", "--http-port", "0", "--store", str(REPO_ROOT / "model_store"),
-         "--spill-dir", str(tmp_path / "spill"), "--port-file", str(port_file)],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        yield int(json.loads(port_file.read_text())["http_port"])
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    with bundled_server(tmp_path / "server", "--http-port", "0") as ports:
+        yield ports["http_port"]
 
 
 def test_the_readme_has_http_examples() -> None:

@@ -10,16 +10,15 @@ runs in bash from the repository root and must exit 0 and print the README's out
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.bundled_server import bundled_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 50051
@@ -61,27 +60,9 @@ def _port_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def grpc_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    work = tmp_path_factory.mktemp("quickstart")
     port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else 0
-    port_file = work / "ports.json"
-    log = (work / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli.main", "serve", "--port", str(port),
-         "--metrics-port", "-1", "--http-port", "-1", "--spill-dir", str(work / "spill"),
-         "--port-file", str(port_file)],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            assert proc.poll() is None, (work / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        yield int(json.loads(port_file.read_text())["port"])
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    with bundled_server(tmp_path_factory.mktemp("quickstart"), "--port", str(port)) as ports:
+        yield ports["port"]
 
 
 _LONG_FLOAT = re.compile(r"(-?\d+\.\d{4})\d+")

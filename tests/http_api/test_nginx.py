@@ -8,33 +8,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import redis
 
 from benchmarks.real_services import NginxServer, RedisServer
 from tests.api.test_lifecycle_restart import ServerProcess
+from tests.api.test_replicas import _holder_pid, redis_server
 
 from .conftest import sse_events
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
-def _holder_pid(redis_url: str, session_id: str) -> int:
-    holder = redis.Redis.from_url(redis_url).hget(f"seqserve:h:{session_id}", "holder")
-    assert holder is not None, session_id
-    return int(holder.decode().split(":")[1])
+__all__ = ["redis_server"]  # a fixture, used by name
 
 
 async def test_http_through_nginx_keeps_sessions_on_their_replica(
