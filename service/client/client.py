@@ -100,7 +100,11 @@ class SeqServeClient:
         # The generated stubs, for what the methods here do not cover (they raise bare
         # grpc.aio.AioRpcError and do not retry).
         self.sessions = pb_grpc.SessionServiceStub(self.channel)
-        self.mux = FeedMux(self.sessions, stall_seconds=stall_seconds) if multiplex else None
+        self.mux = (
+            FeedMux(self.sessions, stall_seconds=stall_seconds, max_message_bytes=max_message_bytes)
+            if multiplex
+            else None
+        )
         self.registry = reg_grpc.ModelRegistryStub(self.channel)
 
     async def __aenter__(self) -> SeqServeClient:

@@ -33,14 +33,21 @@ from service.sessions.session import ROUTE_HEADER, route_of
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 STALL_SECONDS = 5.0  # a Stream with feeds pending and no reply for this long is broken
+_FRAMING = 1024  # bytes kept free in a message for what is not an item's own
+_Entry = tuple[pb.StreamItem, "asyncio.Future[pb.StreamReply]"]
 
 
 class FeedMux:
     def __init__(
-        self, stub: pb_grpc.SessionServiceStub, *, stall_seconds: float = STALL_SECONDS
+        self,
+        stub: pb_grpc.SessionServiceStub,
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        max_message_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._stub = stub
         self._stall = stall_seconds
+        self._max_bytes = max_message_bytes - _FRAMING  # a tick's items beyond it: more messages
         self._queued: dict[str, list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]] = {}
         self._flush_scheduled = False
         self._streams: dict[str, _Stream] = {}
@@ -104,9 +111,10 @@ class FeedMux:
             if stream is None or stream.closed:
                 stream = self._streams[route] = _Stream(self._stub, route, self._stall)
                 self.streams_opened += 1
-            stream.send(entries)
-            if self.on_send is not None:
-                self.on_send(len(entries))
+            for part in _parts(entries, self._max_bytes):
+                stream.send(part)
+                if self.on_send is not None:
+                    self.on_send(len(part))
 
     async def close(self) -> None:
         for stream in self._streams.values():
@@ -196,6 +204,23 @@ class _Stream:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await self._reader
+
+
+def _parts(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """A tick's items as messages of at most `max_bytes` (one, unless they are big): a message
+    over the channel's limit would fail the whole Stream, and again on every retry."""
+    if len(entries) == 1:
+        return [entries]
+    parts: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        n = entry[0].ByteSize() + 8  # the item's tag and length
+        if parts[-1] and size + n > max_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(entry)
+        size += n
+    return parts
 
 
 def _expire(done: asyncio.Future[pb.StreamReply]) -> None:

@@ -232,3 +232,19 @@ async def test_a_resend_refused_as_aborted_is_retried_only_after_a_broken_stream
         assert len(sent) == 3 and len(set(sent)) == 1  # silent, ABORTED, answered
         with pytest.raises(errors.AbortedError):
             await session.feed(tokens=[2])  # on a working Stream: not retried
+
+
+async def test_a_tick_of_big_feeds_is_split_under_the_message_limit() -> None:
+    servicer = Recorded()
+    limit = 64 * 1024
+    async with (
+        recorded(servicer) as target,
+        SeqServeClient(target, max_message_bytes=limit) as client,
+    ):
+        sessions = _sessions(client, 12)
+        chunk = [7] * 20_000  # ~20 KB an item: three to a message
+        got = await asyncio.gather(*(s.feed(tokens=chunk) for s in sessions))
+    assert [p.position for p in got] == [1] * 12
+    (messages,) = servicer.messages
+    assert len(messages) > 1 and sum(len(m) for m in messages) == 12
+    assert all(pb.StreamRequest(items=m).ByteSize() <= limit for m in messages)
