@@ -34,6 +34,7 @@ from service.sessions.session import ROUTE_HEADER, route_of
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 STALL_SECONDS = 5.0  # a Stream with feeds pending and no reply for this long is broken
 _FRAMING = 1024  # bytes kept free in a message for what is not an item's own
+IDLE_SECONDS = 60.0  # a routing key's Stream unused this long is ended (many keys: many Streams)
 _Entry = tuple[pb.StreamItem, "asyncio.Future[pb.StreamReply]"]
 
 
@@ -44,9 +45,12 @@ class FeedMux:
         *,
         stall_seconds: float = STALL_SECONDS,
         max_message_bytes: int = 4 * 1024 * 1024,
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self._stub = stub
         self._stall = stall_seconds
+        self.idle_seconds = idle_seconds
+        self._swept = 0.0  # loop time of the last sweep for idle Streams
         self._max_bytes = max_message_bytes - _FRAMING  # a tick's items beyond it: more messages
         self._queued: dict[str, list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]] = {}
         self._flush_scheduled = False
@@ -103,6 +107,9 @@ class FeedMux:
     def _flush(self) -> None:
         self._flush_scheduled = False
         queued, self._queued = self._queued, {}
+        now = asyncio.get_running_loop().time()
+        if now - self._swept > self.idle_seconds:
+            self._sweep(now)
         for route, entries in queued.items():
             entries = [(item, done) for item, done in entries if not done.done()]
             if not entries:
@@ -115,6 +122,15 @@ class FeedMux:
                 stream.send(part)
                 if self.on_send is not None:
                     self.on_send(len(part))
+
+    def _sweep(self, now: float) -> None:
+        """End the Streams of routing keys unused for `idle_seconds` (a gateway passing one
+        key per user would otherwise keep a Stream open per user it ever served)."""
+        self._swept = now
+        for route, stream in list(self._streams.items()):
+            if stream.closed or stream.idle_since(now) > self.idle_seconds:
+                stream.retire()
+                del self._streams[route]
 
     async def close(self) -> None:
         for stream in self._streams.values():
@@ -133,11 +149,23 @@ class _Stream:
         self.closed = False
         self._stall = stall
         self._heard = self._loop.time()  # last reply, or the last send with nothing pending
+        self._sent = self._heard  # last send
         self._watchdog: asyncio.TimerHandle | None = None
         self._call = stub.Stream(self._requests(), metadata=((ROUTE_HEADER, route),))
         self._reader = self._loop.create_task(self._read())
 
+    def idle_since(self, now: float) -> float:
+        """Seconds since the last send, or 0 while feeds are pending."""
+        return 0.0 if self._waiting else now - self._sent
+
+    def retire(self) -> None:
+        """End the call from this side (half-close: the server ends it) with nothing pending."""
+        if not self.closed and not self._waiting:
+            self.closed = True
+            self._outbox.put_nowait(None)
+
     def send(self, entries: list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]) -> None:
+        self._sent = self._loop.time()
         if not self._waiting:
             self._heard = self._loop.time()
         for item, done in entries:

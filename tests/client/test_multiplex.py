@@ -93,6 +93,7 @@ class Recorded(pb_grpc.SessionServiceServicer):
         self.silent, self.end_early, self.abort_once = silent, end_early, abort_once
         self.messages: list[list[list[pb.StreamItem]]] = []  # per call, per message
         self.answered: set[str] = set()
+        self.ended: list[int] = []  # the calls whose client half-closed them, by number
 
     async def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
         self.messages.append(received := [])
@@ -104,6 +105,7 @@ class Recorded(pb_grpc.SessionServiceServicer):
             if call <= self.end_early + self.silent:
                 continue
             yield pb.StreamResponse(replies=[self._reply(item) for item in request.items])
+        self.ended.append(call)
 
     def _reply(self, item: pb.StreamItem) -> pb.StreamReply:
         reply = pb.StreamReply(session_id=item.session_id, request_id=item.request_id)
@@ -248,3 +250,29 @@ async def test_a_tick_of_big_feeds_is_split_under_the_message_limit() -> None:
     (messages,) = servicer.messages
     assert len(messages) > 1 and sum(len(m) for m in messages) == 12
     assert all(pb.StreamRequest(items=m).ByteSize() <= limit for m in messages)
+
+
+async def test_the_stream_of_a_key_left_unused_is_ended() -> None:
+    """A gateway with a routing key per user must not keep a Stream per user forever."""
+    servicer = Recorded()
+    async with recorded(servicer) as target, SeqServeClient(target) as client:
+        assert client.mux is not None
+        client.mux.idle_seconds = 0.3
+        user1, user2 = (
+            ClientSession(client, types.Session(session_id=f"s_user{i}.x")) for i in (1, 2)
+        )
+        await user1.feed(tokens=[1])
+        await user2.feed(tokens=[1])
+        assert client.mux.streams_opened == 2
+        await asyncio.sleep(0.5)
+        # The next flush after the idle time ends both Streams, and opens one for this feed.
+        assert (await user2.feed(tokens=[2])).position == 2
+        for _ in range(100):
+            if len(servicer.ended) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(servicer.ended) == [1, 2]  # half-closed by the client, ended by the server
+        assert (await user1.feed(tokens=[2])).position == 2  # a new Stream when needed
+        assert client.mux.streams_opened == 4
+        await user2.feed(tokens=[3])  # a Stream in use is kept
+        assert client.mux.streams_opened == 4 and len(servicer.ended) == 2
