@@ -144,6 +144,19 @@ class AliasNotFound(NotFound):
     reason = "ALIAS_NOT_FOUND"
 
 
+class Unimplemented(SeqServeError):
+    """A method this server does not have (over HTTP: a known path with another method)."""
+
+    status = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
+class RouteNotFound(NotFound):
+    """An HTTP path that is no route of the HTTP/JSON API (gRPC answers UNIMPLEMENTED)."""
+
+    reason = "ROUTE_NOT_FOUND"
+
+
 class VersionUnusable(FailedPrecondition):
     """The version is on disk but refused: malformed manifest, missing weights file."""
 
@@ -292,6 +305,7 @@ REASONS: dict[str, grpc.StatusCode] = {
     "MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
     "VERSION_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
     "ALIAS_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "ROUTE_NOT_FOUND": grpc.StatusCode.NOT_FOUND,  # HTTP only: a path that is no route
     "SESSION_BUSY": grpc.StatusCode.ABORTED,  # another request runs on the session
     "SESSION_CLOSED": grpc.StatusCode.FAILED_PRECONDITION,
     "VERSION_UNAVAILABLE": grpc.StatusCode.FAILED_PRECONDITION,  # unloading, refused, gone

@@ -162,6 +162,10 @@ class AliasNotFoundError(NotFoundError):
     """The model exists, but not that alias."""
 
 
+class RouteNotFoundError(NotFoundError):
+    """HTTP only (the gRPC client never sees it): a path that is no route of the HTTP API."""
+
+
 class SessionBusyError(AbortedError):
     """Another request is running on the session: wait for it, then retry."""
 
@@ -229,6 +233,7 @@ REASON_CLASSES: dict[str, type[SeqServeError]] = {
     "MODEL_NOT_FOUND": ModelNotFoundError,
     "VERSION_NOT_FOUND": VersionNotFoundError,
     "ALIAS_NOT_FOUND": AliasNotFoundError,
+    "ROUTE_NOT_FOUND": RouteNotFoundError,
     "SESSION_BUSY": SessionBusyError,
     "SESSION_CLOSED": SessionClosedError,
     "VERSION_UNAVAILABLE": VersionUnavailableError,

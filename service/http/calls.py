@@ -110,7 +110,10 @@ class Calls:
         the URL) set; a body that names another value for one of them is refused."""
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise _too_large(request.content_length, self.max_body_bytes)
-        raw = await request.content.read(self.max_body_bytes + 1)
+        try:  # the whole body, however many pieces it arrives in (the app caps its size)
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # chunked, no length given: cut off at the cap
+            raise _too_large(self.max_body_bytes + 1, self.max_body_bytes) from None
         if len(raw) > self.max_body_bytes:
             raise _too_large(len(raw), self.max_body_bytes)
         if raw.strip():

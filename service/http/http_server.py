@@ -12,8 +12,10 @@ from aiohttp import web
 
 from service.errors import PortInUse
 from service.http.calls import Calls
+from service.http.guard import guard
 from service.http.openapi import openapi_document
 from service.http.routes import Routes
+from service.security.tls import loopback
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,11 @@ class HttpApi:
     def __init__(self, routes: Routes, grace_seconds: float = 10.0) -> None:
         self.calls: Calls = routes.calls
         self._grace_seconds = grace_seconds
-        self.app = web.Application(client_max_size=routes.calls.max_body_bytes + 1)
+        self._loopback = True  # set by start(): the bind address is a loopback one
+        self.app = web.Application(
+            client_max_size=routes.calls.max_body_bytes + 1,
+            middlewares=[guard(lambda: self._loopback)],
+        )
         routes.add_to(self.app)
         document = openapi_document()
 
@@ -42,6 +48,7 @@ class HttpApi:
     ) -> int:
         """Listen on `host:port` (0 picks a port); returns the bound port. `shared`: with
         SO_REUSEPORT, for the worker processes of `serve --workers` (as gRPC's port)."""
+        self._loopback = loopback(host)
         # handler_cancellation: a client that hangs up cancels its call, as in gRPC (and ends a
         # server-sent generation at once).
         self._runner = web.AppRunner(

@@ -183,7 +183,7 @@ def openapi_document() -> dict[str, Any]:
 
 
 _ERROR_RESPONSES = {
-    400: "BadRequest", 401: "Unauthenticated", 404: "NotFound", 429: "ResourceExhausted",
-    503: "Unavailable",
+    400: "BadRequest", 401: "Unauthenticated", 403: "PermissionDenied", 404: "NotFound",
+    409: "Conflict", 429: "ResourceExhausted", 503: "Unavailable",
 }  # fmt: skip
 _SESSION_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}

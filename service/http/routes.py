@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 
 from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
-from service.errors import NotFound, quote
+from service.errors import RouteNotFound, quote
 from service.http.calls import Calls, HttpContext, error_answer, json_answer, to_json
 from service.http.status_map import HttpError
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
@@ -99,7 +99,7 @@ class Routes:
         session_id, _, verb = request.match_info["id"].rpartition(":")
         if not session_id or verb not in SESSION_VERBS:
             return error_answer(
-                NotFound(
+                RouteNotFound(
                     f"no route POST /v1/sessions/{quote(request.match_info['id'])}: expected "
                     "/v1/sessions/{id}:fork, :step or :generate"
                 )

@@ -6,10 +6,12 @@ model plots its predictions, and with tokens on the page asks for one. Screensho
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
@@ -170,3 +172,37 @@ async def test_with_tokens_on_the_page_asks_for_one(
     assert await page.input_value("#token") == ""  # not left in the form
     stored = await page.evaluate("JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
     assert token not in stored and token not in await page.evaluate("document.cookie")
+
+
+async def test_a_generation_holds_the_model_choice_until_stopped(
+    server_factory: ServerFactory, browser: Browser
+) -> None:
+    """While a generation runs the model and version cannot change (a switch would leave it
+    running on an orphaned session); Stop cancels it on the server, and a switch then closes
+    the old session."""
+    server = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0})
+    page = await _page(browser, server)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.type("#prompt", "ab")
+    old_id, _ = await _settled(page)
+    await page.fill("#max-tokens", "2000")
+    await page.click("#generate")
+    await page.wait_for_function("document.querySelector('#prompt').value.length > 2")
+    assert await page.is_disabled("#version") and await page.is_disabled("#model")
+    await page.click("#stop")
+    await page.wait_for_function("!document.querySelector('#version').disabled")
+    assert await page.inner_text("#status") == "stopped"
+    await page.select_option("#version", "production")  # another choice: a new session
+    await page.wait_for_function(
+        f"!document.querySelector('#session-line').textContent.includes('{old_id}')"
+    )
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        for _ in range(100):  # the page closes the old session (its DELETE waits out a 409)
+            got = await http.get(f"/v1/sessions/{old_id}")
+            if got.status != 200:
+                break
+            await asyncio.sleep(0.05)
+        body = await got.json()
+    assert got.status == 400 and body["error"]["status"] == "FAILED_PRECONDITION", body
+    assert _count(server, "Generate", "CANCELLED") == 1  # cut short, not run to 2,000 tokens
+    assert not page.errors  # type: ignore[attr-defined]

@@ -115,6 +115,7 @@ async function loadModels() {
 }
 
 async function chooseModel() {
+  await stopGenerating();
   const name = $("model").value;
   const model = models.find((m) => m.name === name);
   if (!model) return;
@@ -126,6 +127,7 @@ async function chooseModel() {
 }
 
 async function chooseVersion() {
+  await stopGenerating();
   await closeSession();
   const name = $("model").value;
   const detail = (await api("GET", `/v1/models/${encodeURIComponent(name)}`)).model;
@@ -152,7 +154,24 @@ async function closeSession() {
   const old = session;
   session = null;
   showSession();
-  if (old) await api("DELETE", `/v1/sessions/${old.id}`).catch(() => {});
+  if (!old) return;
+  // A generation just stopped may still hold the session for a moment (409 SESSION_BUSY).
+  for (let attempt = 0; attempt < 20; attempt++) {
+    try {
+      await api("DELETE", `/v1/sessions/${old.id}`);
+      return;
+    } catch (e) {
+      if (e.httpStatus !== 409) return; // gone already, or not ours to close
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
+// Stop a running generation and wait until it has let go of the session.
+async function stopGenerating() {
+  if (!generating) return;
+  generating.abort();
+  while (generating) await new Promise((r) => setTimeout(r, 20));
 }
 
 function createBody(prefix) {
@@ -170,16 +189,26 @@ function topK() {
 async function pump() {
   if (pumping || generating) return;
   pumping = true;
+  let restarted = false;
   try {
     while (session === null || session.dirty || session.text !== wanted) {
       const target = wanted;
       let reply;
       if (session && !session.dirty && target.startsWith(session.text)) {
-        reply = await api("POST", `/v1/sessions/${session.id}:step`, {
-          input: { text: target.slice(session.text.length) },
-          expectedPosition: session.position,
-          options: { topK: topK() },
-        });
+        try {
+          reply = await api("POST", `/v1/sessions/${session.id}:step`, {
+            input: { text: target.slice(session.text.length) },
+            expectedPosition: session.position,
+            options: { topK: topK() },
+          });
+        } catch (e) {
+          // The session expired, was closed, or moved on without us: start again from the
+          // text at once (once), rather than at the next keystroke.
+          if (restarted || e.code === "RESOURCE_EXHAUSTED" || e.code === "UNAVAILABLE") throw e;
+          restarted = true;
+          session.dirty = true;
+          continue;
+        }
         session.position = reply.position;
         session.text = target;
       } else {
@@ -232,8 +261,9 @@ async function generate() {
   while (pumping) await new Promise((r) => setTimeout(r, 20));
   wanted = $("prompt").value;
   await pump();
-  if (!session) return;
+  if (!session || session.dirty || session.text !== wanted) return; // pump said why
   generating = new AbortController();
+  $("model").disabled = $("version").disabled = true;
   $("generate").disabled = true;
   $("stop").disabled = false;
   $("prompt").readOnly = true;
@@ -268,6 +298,7 @@ async function generate() {
     await resync();
   } finally {
     generating = null;
+    $("model").disabled = $("version").disabled = false;
     $("generate").disabled = false;
     $("stop").disabled = true;
     $("prompt").readOnly = false;
@@ -415,6 +446,7 @@ $("auth-form").addEventListener("submit", (e) => {
   loadModels();
 });
 window.addEventListener("pagehide", () => {
+  if (generating) generating.abort(); // the server stops it when the connection closes
   if (session) fetch(`/v1/sessions/${session.id}`, { method: "DELETE", headers: headers(false), keepalive: true });
 });
 

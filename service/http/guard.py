@@ -1,0 +1,76 @@
+"""What every HTTP request passes before its route: browsers' cross-site requests and DNS
+rebinding are refused, and requests no route takes get JSON errors like every other answer.
+
+- A request that carries `Origin` (browsers send it on cross-origin requests, and on
+  same-origin POSTs) must come from the page's own origin: a page elsewhere cannot make a
+  visitor's browser create sessions or generate here (no CORS is offered either).
+- Bound to a loopback address, the server answers only requests whose `Host` is a loopback
+  name: a DNS-rebinding page (evil.example resolving to 127.0.0.1) is refused. Bound to another
+  address it takes any Host (TLS and tokens, or --insecure, guard it there).
+- A path that is no route is 404 NOT_FOUND (reason ROUTE_NOT_FOUND); a known path with another
+  method is 405 with `Allow`, the body saying UNIMPLEMENTED (as gRPC-JSON transcoders do)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from service.errors import PermissionDenied, RouteNotFound, Unimplemented, quote
+from service.http.calls import error_answer
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def loopback_name(host: str) -> bool:
+    """Whether a Host header's name (no port) is a loopback one."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def cross_site(request: web.Request, loopback_only: bool) -> str | None:
+    """Why `request` is refused (None: it is not)."""
+    host = request.host  # the Host header, with its port
+    if loopback_only and not loopback_name(urlsplit(f"//{host}").hostname or ""):
+        return f"Host {quote(host)} is not this server's loopback address (DNS rebinding?)"
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+        return f"cross-origin request from {quote(origin)} refused: use the page at / here"
+    return None
+
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def guard(loopback_only: Callable[[], bool]) -> Middleware:
+    """The middleware; `loopback_only()` says whether the server is bound to loopback."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = cross_site(request, loopback_only())
+        if refusal is not None:
+            return error_answer(PermissionDenied(refusal))
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as exc:
+            answer = error_answer(
+                Unimplemented(f"{request.method} is not a method of {quote(request.path)}")
+            )
+            answer.set_status(405)
+            answer.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            return answer
+        except web.HTTPNotFound:
+            return error_answer(
+                RouteNotFound(
+                    f"no route {request.method} {quote(request.path)} (see /v1/openapi.json)"
+                )
+            )
+
+    return middleware

@@ -1,0 +1,103 @@
+"""Before any route: bodies are read whole however they arrive, cross-site browser requests and
+DNS rebinding are refused, and paths no route takes get JSON errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from service.api.server import SeqServeServer
+from tests.api.conftest import ServerFactory
+
+
+async def _raw_post(
+    port: int, path: str, body: bytes, pieces: int, pause: float
+) -> tuple[int, dict]:
+    """POST `body` over a plain socket in `pieces` writes `pause` seconds apart."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    writer.write(head)
+    size = -(-len(body) // pieces)
+    for k in range(pieces):
+        writer.write(body[k * size : (k + 1) * size])
+        await writer.drain()
+        await asyncio.sleep(pause)
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    payload = rest.split(b"\r\n\r\n", 1)[1]
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_whole(http_server: SeqServeServer) -> None:
+    prefix = {"frames": {"values": [0.25] * 3000}}  # ~20 KB of JSON
+    body = json.dumps({"model": "frames", "prefix": prefix}).encode()
+    status, answer = await _raw_post(http_server.http_port, "/v1/sessions", body, 3, 0.2)
+    assert status == 200, answer
+    assert answer["session"]["position"] == "1000"
+
+
+async def test_a_chunked_body_over_the_limit_is_400(server_factory: ServerFactory) -> None:
+    server = await server_factory(server={"http_port": 0, "max_message_bytes": 4096})
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"model": "tok", "prefix": {"tokens": {"ids": ['
+        for _ in range(2000):
+            yield b"1, "
+        yield b"1]}}}"
+
+    async with aiohttp.ClientSession() as http:
+        answer = await http.post(f"http://127.0.0.1:{server.http_port}/v1/sessions", data=chunks())
+        body = await answer.json()
+    assert answer.status == 400, body
+    assert "exceeds the limit" in body["error"]["message"]
+
+
+async def test_cross_site_and_rebinding_requests_are_refused(
+    http_server: SeqServeServer, http: aiohttp.ClientSession
+) -> None:
+    port = http_server.http_port
+    evil = await http.post(
+        "/v1/sessions", data='{"model": "tok"}', headers={"Origin": "http://evil.example"}
+    )
+    assert evil.status == 403
+    assert (await evil.json())["error"]["status"] == "PERMISSION_DENIED"
+    rebound = await http.get("/v1/models", headers={"Host": f"evil.example:{port}"})
+    assert rebound.status == 403
+    # The page's own origin, and tools that send no Origin (curl), are served.
+    same = await http.post(
+        "/v1/sessions", json={"model": "tok"}, headers={"Origin": f"http://127.0.0.1:{port}"}
+    )
+    assert same.status == 200
+    named = await http.get("/v1/models", headers={"Host": f"localhost:{port}"})
+    assert named.status == 200
+
+
+async def test_another_bind_address_takes_any_host(server_factory: ServerFactory) -> None:
+    # 0.0.0.0 is not loopback: the Host check is off (TLS and tokens guard such a bind, or
+    # --insecure says the network is private); the Origin check stays.
+    server = await server_factory(server={"http_port": 0, "host": "0.0.0.0"},
+                                  security={"insecure": True})  # fmt: skip
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        assert (await http.get("/v1/models", headers={"Host": "seqserve.example"})).status == 200
+        evil = await http.post("/v1/sessions", json={"model": "tok"},
+                               headers={"Origin": "http://evil.example"})  # fmt: skip
+        assert evil.status == 403
+
+
+async def test_paths_and_methods_no_route_takes_are_json_errors(
+    http: aiohttp.ClientSession,
+) -> None:
+    missing = await http.get("/nope")
+    body = await missing.json()
+    assert missing.status == 404 and body["error"]["status"] == "NOT_FOUND"
+    assert body["error"]["details"][0]["reason"] == "ROUTE_NOT_FOUND"
+    verb = await http.post("/v1/sessions/s_x:dance", json={})
+    assert (await verb.json())["error"]["details"][0]["reason"] == "ROUTE_NOT_FOUND"
+    wrong = await http.put("/v1/models")
+    body = await wrong.json()
+    assert wrong.status == 405 and body["error"]["status"] == "UNIMPLEMENTED"
+    assert "GET" in wrong.headers["Allow"]
