@@ -101,6 +101,21 @@ class SeqServeServer:
                  reflection.SERVICE_NAME),
                 self.grpc,
             )  # fmt: skip
+        # Metrics first: a gRPC server that bound its port but never started keeps it bound.
+        if s.metrics_port >= 0:
+            tls = {}
+            if sec.metrics_tls:
+                tls = {"certfile": sec.tls_cert, "keyfile": sec.tls_key,
+                       "client_cafile": sec.tls_client_ca}  # fmt: skip
+            try:
+                self.metrics_port = self.metrics.start_http_server(
+                    s.metrics_host, s.metrics_port, ready=self.ready, **tls
+                )
+            except OSError as exc:
+                raise PortInUse(
+                    f"cannot listen for metrics on {s.metrics_host}:{s.metrics_port}: "
+                    f"{exc.strerror or exc} (set --metrics-port, or -1 to turn it off)"
+                ) from None
         address = f"{s.host}:{s.port}"
         try:
             if credentials is None:
@@ -110,17 +125,10 @@ class SeqServeServer:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
+            self.metrics.stop()
             raise PortInUse(
                 f"cannot listen on {s.host}:{s.port}: the address is in use or not available "
                 "(is another seqserve running? set --port or SEQSERVE_SERVER__PORT)"
-            )
-        if s.metrics_port >= 0:
-            tls = {}
-            if sec.metrics_tls:
-                tls = {"certfile": sec.tls_cert, "keyfile": sec.tls_key,
-                       "client_cafile": sec.tls_client_ca}  # fmt: skip
-            self.metrics_port = self.metrics.start_http_server(
-                s.metrics_host, s.metrics_port, ready=self.ready, **tls
             )
         await self.grpc.start()
         if s.http_port >= 0:
@@ -133,10 +141,10 @@ class SeqServeServer:
                 self.metrics.stop()
                 raise
         self._health = health_servicer
+        metrics = f"on {s.metrics_host}:{self.metrics_port}" if s.metrics_port >= 0 else "off"
         log.info(
-            "seqserve listening on %s:%d (HTTP on %d, metrics on %s:%d, store %s); starting",
-            s.host, self.port, self.http_port, s.metrics_host, self.metrics_port,
-            self.settings.model_store,
+            "seqserve listening on %s:%d (HTTP on %d, metrics %s, store %s); starting",
+            s.host, self.port, self.http_port, metrics, self.settings.model_store,
         )  # fmt: skip
 
     async def open(self) -> None:

@@ -2,9 +2,11 @@
 
 The supervisor (this process; it imports no torch) takes the port's lock — a file every
 `seqserve serve` takes for its port, so a second one, with or without `--workers`, refuses to
-start — then starts N workers: each is `seqserve serve` with the same flags, bound to the port
-with SO_REUSEPORT (the kernel spreads connections over them), its metrics on its own port
-(`--metrics-port` + its index), and all of them on the shared state tier: the SQLite file
+start — and the same lock for its HTTP port (shared by the workers with SO_REUSEPORT, which
+alone would let a second supervisor share it too), then starts N workers: each is
+`seqserve serve` with the same flags, bound to the port with SO_REUSEPORT (the kernel
+spreads connections over them), its metrics on its own port (`--metrics-port` + its index),
+and all of them on the shared state tier: the SQLite file
 `state.db` in the state directory (or Redis, if `--state-url` names it). A session called
 through another worker's connection is taken over through the tier, exactly.
 
@@ -44,9 +46,10 @@ class PortLock:
     `seqserve serve` takes it, so two never share a port by accident (workers of one
     supervisor share it on purpose)."""
 
-    def __init__(self, port: int, directory: Path | None = None) -> None:
+    def __init__(self, port: int, directory: Path | None = None, flag: str = "--port") -> None:
         self.path = (directory or Path(tempfile.gettempdir())) / f"seqserve-port-{port}.lock"
         self.port = port
+        self.flag = flag  # the option the refusal tells the user to change
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -58,7 +61,7 @@ class PortLock:
             os.close(fd)
             raise PortInUse(
                 f"port {self.port} is in use by another seqserve (pid {holder}; lock "
-                f"{self.path}); stop it or choose another --port"
+                f"{self.path}); stop it or choose another {self.flag}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -110,6 +113,18 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
     http_reserved, http_port = reserve_port(s.host, s.http_port) if s.http_port >= 0 else (None, -1)
     lock = PortLock(port)
     lock.acquire()
+    # The HTTP port is shared with SO_REUSEPORT too, so a second supervisor's reservation of
+    # it would succeed: the same lock (a port is a port) makes it refuse instead.
+    http_lock = PortLock(http_port, flag="--http-port") if http_reserved is not None else None
+    try:
+        if http_lock is not None:
+            http_lock.acquire()
+    except PortInUse:
+        reserved.close()
+        if http_reserved is not None:
+            http_reserved.close()
+        lock.release()
+        raise
     spill = settings.sessions.spill_dir
     spill.mkdir(parents=True, exist_ok=True)
     dir_lock = os.open(spill / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -145,8 +160,8 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
             w.start()
         ports = _wait_started(workers, lambda: stopping)
         if ports is not None:
-            log.info("seqserve: %d workers serving on %s:%d (metrics on %s)",
-                     count, s.host, port, ports)  # fmt: skip
+            log.info("seqserve: %d workers serving on %s:%d (metrics %s)", count, s.host,
+                     port, f"on {ports}" if s.metrics_port >= 0 else "off")  # fmt: skip
             if port_file is not None:
                 _write_json(port_file, {"port": port, "metrics_port": ports[0],
                                         "http_port": http_port,
@@ -171,6 +186,8 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
         if http_reserved is not None:
             http_reserved.close()
         lock.release()
+        if http_lock is not None:
+            http_lock.release()
         os.close(dir_lock)
     return status
 

@@ -4,7 +4,9 @@ spill directory that cannot be written (a read-only tmpfs, mounted by the test a
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -92,3 +94,60 @@ def test_serve_on_a_read_only_spill_dir_exits_with_one_line(
     spill = read_only_dir if where == "the directory" else read_only_dir / "missing" / "spill"
     done = _serve(store_root, spill, 0)
     _one_line_error(done, "SEQSERVE_SESSIONS__SPILL_DIR", "Read-only file system")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_serve_on_a_taken_metrics_port_exits_with_one_line(
+    store_root: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        metrics = busy.getsockname()[1]
+        argv = [
+            sys.executable, "-m", "service.cli.main", "serve", "--port", "0",
+            "--metrics-port", str(metrics), "--http-port", "-1", "--store", str(store_root),
+            "--spill-dir", str(tmp_path / "spill"),
+        ]  # fmt: skip
+        done = subprocess.run(
+            argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+        )
+    _one_line_error(
+        done, f"cannot listen for metrics on 127.0.0.1:{metrics}", "Address already in use",
+        "--metrics-port, or -1",
+    )  # fmt: skip
+
+
+async def test_a_taken_metrics_port_releases_the_grpc_port(
+    store_root: Path, tmp_path: Path
+) -> None:
+    port = _free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = make_settings(
+            store_root, tmp_path / "a", server={"port": port, "metrics_port": busy.getsockname()[1]}
+        )
+        with pytest.raises(PortInUse, match="cannot listen for metrics"):
+            await SeqServeServer(settings).start()
+    again = SeqServeServer(make_settings(store_root, tmp_path / "b", server={"port": port}))
+    await again.start()  # the port the failed start bound is free again
+    assert again.port == port
+    await again.stop()
+
+
+async def test_the_start_up_line_says_metrics_off(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.api.server"):
+        off = await server_factory()
+        on = await server_factory(server={"metrics_port": 0})
+    lines = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert f":{off.port} " in lines[0] and "metrics off" in lines[0], lines[0]
+    assert f"metrics on 127.0.0.1:{on.metrics_port}" in lines[1], lines[1]
