@@ -22,9 +22,9 @@ from service.engine.feed import Feed, FeedOutcome, PredictionOptions, check_requ
 from service.engine.generation import GeneratedToken, Generation, GenerationLog
 from service.engine.model_input import ModelInput, to_tensor
 from service.engine.reply_size import reply_bytes
+from service.engine.row_group import RowGroup
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.session_lease import Lease, Line, SessionLeases
-from service.engine.step_scheduler import RowGroup
 from service.errors import Internal, InvalidArgument, PositionMismatch, SeqServeError
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import Row, RowResult

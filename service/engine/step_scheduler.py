@@ -22,63 +22,15 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from service.engine.generation import Generation
+from service.engine.row_group import Commit, RowGroup, RowOwner
 from service.errors import QueueFull, SessionMoved, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
 from service.runtime.step_batch import Row, RowResult, StepBatch, StepOutput
 
 log = logging.getLogger(__name__)
-
-
-class RowOwner(Protocol):
-    def record(self, row: Row, result: RowResult) -> bytes:
-        """The row's journal record for this step (called before `advance`)."""
-        ...
-
-    def advance(self, consumed: int, segment: int | None = None) -> int:
-        """`consumed` inputs went into the row's state (journaled in `segment`, if any);
-        return the position that leaves."""
-        ...
-
-
-Commit = Callable[[list[bytes]], int]  # one step's journal records → the segment they went to
-
-
-class RowGroup:
-    """Rows submitted together (one feed, or one Stream message's feeds): `future` resolves to
-    their outcomes in submission order once every row has run — a RowResult, or the exception
-    that failed that row. One future per group, not per row, keeps the per-feed cost of a
-    many-session frame low."""
-
-    __slots__ = ("future", "outcomes", "remaining", "taken")
-
-    def __init__(self, size: int) -> None:
-        self.future: asyncio.Future[list[RowResult | BaseException]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self.outcomes: list[RowResult | BaseException] = [_UNSET] * size  # type: ignore[list-item]
-        self.remaining = size
-        self.taken = False  # a row of it went into a step
-
-    def withdraw(self) -> bool:
-        """Take the group back if none of its rows has gone into a step yet (its caller was
-        cancelled): nothing of it will run. False when too late."""
-        if self.taken or self.future.done():
-            return False
-        self.future.cancel()
-        return True
-
-    def settle(self, index: int, outcome: RowResult | BaseException) -> None:
-        self.outcomes[index] = outcome
-        self.remaining -= 1
-        if self.remaining == 0 and not self.future.done():
-            self.future.set_result(self.outcomes)
-
-
-_UNSET = object()
 
 
 @dataclass

@@ -8,8 +8,9 @@ import logging
 
 import torch
 
+from service.engine.row_group import Commit
 from service.engine.served_version import ServedVersion, VersionObserver
-from service.engine.step_scheduler import Commit, StepScheduler
+from service.engine.step_scheduler import StepScheduler
 from service.registry.store import ModelStore
 from service.runtime.runner import ModelRunner
 from service.runtime.state_pool import ByteBudget, StatePool

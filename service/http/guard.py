@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from service.errors import PermissionDenied, RouteNotFound, Unimplemented, quote
 from service.http.calls import error_answer
@@ -44,9 +45,6 @@ def cross_site(request: web.Request, loopback_only: bool) -> str | None:
     if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
         return f"cross-origin request from {quote(origin)} refused: use the page at / here"
     return None
-
-
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def guard(loopback_only: Callable[[], bool]) -> Middleware:
