@@ -221,6 +221,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SEQSERVE_",
         env_nested_delimiter="__",
+        env_ignore_empty=True,  # `X=` (compose's `${X:-}`) means unset, not "" (or ".")
         extra="ignore",
         protected_namespaces=(),
         use_attribute_docstrings=True,

@@ -1,7 +1,8 @@
 """`seqserve config show`: the effective configuration and where each value came from.
 
 Takes the same `--config FILE` and setting flags as `serve`, and the same environment, so it
-shows exactly what `serve` would run with (or its one-line error, exit status 2).
+shows exactly what `serve` would run with (or its one-line error, exit status 2), except that
+a URL's password (`--state-url redis://:secret@host`) is shown as `***`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from service.cli.settings_flags import (
     InvalidSetting,
@@ -36,9 +38,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=run_show)
 
 
+def redact_url(text: str) -> str:
+    """`text` with a URL's password (`redis://:secret@host`, `?password=secret`) as `***`:
+    a configuration printed to a terminal or a log must not carry it."""
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    netloc, query = parts.netloc, parts.query
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in pairs):
+            query = urlencode(
+                [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+            )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, str):
+        return redact_url(value)
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value

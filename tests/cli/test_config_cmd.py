@@ -119,3 +119,40 @@ def test_config_show_table(tmp_path: Path) -> None:
     assert rows["sessions.ttl_seconds"] == ["45.0", "flag"]
     assert rows["server.port"] == ["50051", "default"]
     assert rows["model_store"][0] == json.dumps(str(REPO_ROOT / "model_store"))
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_config_show_hides_url_passwords(tmp_path: Path, as_json: bool) -> None:
+    url = "redis://:hunter2@localhost:6379/0"
+    env = {"SEQSERVE_SESSIONS__STATE_URL": "rediss://user:s3cret@cache:6380/1?password=p4ss"}
+    by_flag = seqserve(
+        "config", "show", *(["--json"] if as_json else []), "--state-url", url, tmp_path=tmp_path
+    )
+    by_env = seqserve(
+        "config", "show", *(["--json"] if as_json else []), tmp_path=tmp_path, env=env
+    )
+    for proc in (by_flag, by_env):
+        assert proc.returncode == 0, proc.stderr
+        for secret in ("hunter2", "s3cret", "p4ss"):
+            assert secret not in proc.stdout + proc.stderr
+    if as_json:
+        assert json.loads(by_flag.stdout)["sessions.state_url"] == {
+            "value": "redis://:***@localhost:6379/0", "source": "flag",
+        }  # fmt: skip
+        shown = json.loads(by_env.stdout)["sessions.state_url"]["value"]
+        assert shown == "rediss://user:***@cache:6380/1?password=***"
+    else:
+        row = next(x for x in by_flag.stdout.splitlines() if x.startswith("sessions.state_url"))
+        assert row.split()[1:] == ['"redis://:***@localhost:6379/0"', "flag"]
+
+
+def test_an_empty_environment_value_means_unset(tmp_path: Path) -> None:
+    """Compose files write `X=${X:-}`: an empty value is not "" (nor the directory ".")."""
+    env = {"SEQSERVE_SESSIONS__SPILL_DIR": "", "SEQSERVE_SERVER__HOST": ""}
+    proc = seqserve("config", "show", "--json", tmp_path=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["sessions.spill_dir"] == {
+        "value": str(tmp_path / "data" / "spill"), "source": "default",
+    }  # fmt: skip
+    assert shown["server.host"]["source"] == "default"
