@@ -5,6 +5,9 @@
 - `/readyz`: readiness, 200 only while the server takes calls (its models loaded, not
   draining), 503 otherwise;
 - any other path: 404.
+
+Over HTTPS the TLS handshake runs in each connection's own thread (with a timeout), so a client
+that connects and stays silent never stalls the others' probes.
 """
 
 from __future__ import annotations
@@ -24,8 +27,23 @@ from prometheus_client import CollectorRegistry
 StartResponse = Callable[..., Any]
 
 
+_HANDSHAKE_TIMEOUT_S = 10.0  # a client that connects and says nothing holds its thread this long
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scraper holding a connection open never blocks the exit
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: over TLS, the handshake first (the listening socket
+        does not do it in accept(), where one silent client would stall every probe)."""
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(_HANDSHAKE_TIMEOUT_S)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError):  # a silent, plain-text or refused client: drop it
+                return
+        super().finish_request(request, client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -98,7 +116,10 @@ class MetricsEndpoint:
             if client_cafile is not None:
                 context.load_verify_locations(cafile=str(client_cafile))
                 context.verify_mode = ssl.CERT_REQUIRED
-            server.socket = context.wrap_socket(server.socket, server_side=True)
+            # accept() returns unhandshaken sockets; `_Server.finish_request` shakes hands.
+            server.socket = context.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
         thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
         thread.start()
         self._server, self._thread = server, thread
