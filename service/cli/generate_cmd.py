@@ -61,4 +61,7 @@ def run(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except credentials.PlaintextToken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -161,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
     except TargetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except credentials.PlaintextToken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if printer is not None:
             printer.finish()

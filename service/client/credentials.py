@@ -5,11 +5,19 @@ every call) and TLS (a CA to trust the server; a client certificate and key for 
     channel = creds.channel("seqserve.example.com:443")
 
 `SEQSERVE_TOKEN` in the environment is the token when none is given.
+
+TLS: `tls=True` uses the system's default roots; a CA file (and a client certificate) imply it.
+A token never travels in plain text to a host that is not this machine's loopback (127.0.0.0/8,
+::1, localhost, a unix socket): an explicit one is refused when the channel is made
+(`PlaintextToken`), unless `insecure=True` says the network is private; the implicit
+`SEQSERVE_TOKEN` is left off (with a warning).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,26 +26,58 @@ from typing import Any
 
 import grpc
 
+log = logging.getLogger(__name__)
+
+
+class PlaintextToken(ValueError):
+    """A token would be sent without TLS to a host that is not loopback."""
+
 
 @dataclass(frozen=True)
 class Credentials:
-    token: str | None = None
+    token: str | None = None  # None: SEQSERVE_TOKEN, if set (the implicit token)
     ca_file: Path | None = None  # trust this CA for the server's certificate (TLS)
     cert_file: Path | None = None  # this client's certificate (mutual TLS)
     key_file: Path | None = None
+    tls: bool = False  # TLS with the system's default roots (implied by a CA or a cert file)
+    insecure: bool = False  # send the token in plain text to any host (a private network)
 
     @classmethod
     def from_env(cls) -> Credentials:
-        return cls(token=os.environ.get("SEQSERVE_TOKEN") or None)
+        """No explicit token: `SEQSERVE_TOKEN` is used where it is safe (see `token_for`)."""
+        return cls()
 
     @property
-    def tls(self) -> bool:
-        return self.ca_file is not None or self.cert_file is not None
+    def secure(self) -> bool:
+        """Whether the channel uses TLS."""
+        return self.tls or self.ca_file is not None or self.cert_file is not None
+
+    def token_for(self, target: str) -> str | None:
+        """The token to send to `target`: raises `PlaintextToken` for an explicit token that
+        would travel in plain text to a host that is not loopback; the implicit one
+        (SEQSERVE_TOKEN) is then not sent."""
+        explicit = self.token is not None
+        token = self.token if explicit else (os.environ.get("SEQSERVE_TOKEN") or None)
+        if not token or self.secure or self.insecure or is_loopback_target(target):
+            return token
+        host = target_host(target)
+        if explicit:
+            raise PlaintextToken(
+                f"a token would travel in plain text to {host}: use TLS (tls=True or a CA "
+                "file; --tls or --tls-ca), or say the network is private (insecure=True; "
+                "--insecure)"
+            )
+        log.warning(
+            "SEQSERVE_TOKEN not sent: it would travel in plain text to %s (use TLS, or pass "
+            "the token explicitly with insecure=True on a private network)",
+            host,
+        )
+        return None
 
     def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        token = self.token or os.environ.get("SEQSERVE_TOKEN")
+        token = self.token_for(target)
         interceptors = _bearer(token) if token else None
-        if not self.tls:
+        if not self.secure:
             return grpc.aio.insecure_channel(
                 target, options=list(options), interceptors=interceptors
             )
@@ -52,20 +92,66 @@ class Credentials:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """--token, --tls-ca, --tls-cert, --tls-key for a command that calls a server."""
+    """--token, --tls, --tls-ca, --tls-cert, --tls-key, --insecure for a command that calls a
+    server."""
     p.add_argument("--token", help="bearer token (default: SEQSERVE_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's roots")
     p.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate: use TLS")
     p.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send --token without TLS to a host that is not loopback (a private network only)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> Credentials:
     return Credentials(
-        token=getattr(args, "token", None) or os.environ.get("SEQSERVE_TOKEN") or None,
+        token=getattr(args, "token", None) or None,  # None: SEQSERVE_TOKEN where it is safe
         ca_file=getattr(args, "tls_ca", None),
         cert_file=getattr(args, "tls_cert", None),
         key_file=getattr(args, "tls_key", None),
+        tls=bool(getattr(args, "tls", False)),
+        insecure=bool(getattr(args, "insecure", False)),
     )
+
+
+def target_host(target: str) -> str:
+    """The host of a gRPC target: `h:p`, `[v6]:p`, `dns:///h:p`, `ipv4:a:p`, `ipv6:[a]:p`
+    (a list's first address); "" for a unix socket."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return ""
+    rest = target
+    if rest.startswith("dns:"):
+        rest = rest[4:]
+        if rest.startswith("//"):
+            rest = rest[2:].split("/", 1)[1] if "/" in rest[2:] else ""
+    elif rest.startswith(("ipv4:", "ipv6:")):
+        rest = rest[5:].split(",", 1)[0]
+    if rest.startswith("["):
+        return rest[1:].split("]", 1)[0]
+    if rest.count(":") == 1:
+        return rest.split(":", 1)[0]
+    return rest  # a bare host, or a bare IPv6 address
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether every address `target` names is on this machine (loopback or a unix socket)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    if target.startswith(("ipv4:", "ipv6:")):
+        return all(_loopback_host(target_host(target[:5] + one)) for one in target[5:].split(","))
+    return _loopback_host(target_host(target))
+
+
+def _loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _bearer(token: str) -> list[grpc.aio.ClientInterceptor]:

@@ -307,6 +307,7 @@ def test_load_generator_targets_the_server_with_valid_flags(compose: dict[str, A
     assert args.json.parent.as_posix() in reports and args.plot.parent.as_posix() in reports
     assert all(loadtest["depends_on"][r]["condition"] == "service_healthy" for r in REPLICAS)
     assert "SEQSERVE_TOKEN" in loadtest["environment"]  # the replicas need a token
+    assert args.insecure  # ...sent in plain text to nginx: the client needs to be told so
     assert "nginx" in loadtest["depends_on"]
 
 
