@@ -3,7 +3,7 @@
 Importing it needs grpcio and protobuf only (no torch, numpy or the engine)."""
 
 from service.client.client import ClientSession, SeqServeClient
-from service.client.credentials import Credentials
+from service.client.credentials import Credentials, PlaintextToken
 from service.client.errors import SeqServeError
 from service.client.results import (
     GeneratedPiece,
@@ -21,6 +21,7 @@ __all__ = [
     "Credentials",
     "GeneratedPiece",
     "ModelInfo",
+    "PlaintextToken",
     "Prediction",
     "RetryPolicy",
     "SeqServeClient",
