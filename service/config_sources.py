@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -202,8 +203,31 @@ def _what(err: Any) -> str:
     return msg[:1].lower() + msg[1:]
 
 
+def redact_url(text: str) -> str:
+    """`text` with a URL's password (`redis://:secret@host`, `?password=secret`) as `***`:
+    a configuration printed to a terminal or a log must not carry it."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # not a URL after all (an unclosed "[")
+        return text
+    netloc, query = parts.netloc, parts.query
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in pairs):
+            query = urlencode(
+                [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+            )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def _shown(value: Any) -> str:
     text = repr(value) if value == "" or isinstance(value, dict) else str(value)
+    text = redact_url(text)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

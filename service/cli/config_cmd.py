@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from service.cli.settings_flags import (
     InvalidSetting,
@@ -20,7 +19,7 @@ from service.cli.settings_flags import (
     add_settings_arguments,
     load_from_args,
 )
-from service.config_sources import check_runnable, leaves
+from service.config_sources import check_runnable, leaves, redact_url
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,25 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_settings_arguments(show)
     show.set_defaults(func=run_show)
-
-
-def redact_url(text: str) -> str:
-    """`text` with a URL's password (`redis://:secret@host`, `?password=secret`) as `***`:
-    a configuration printed to a terminal or a log must not carry it."""
-    if "://" not in text:
-        return text
-    parts = urlsplit(text)
-    netloc, query = parts.netloc, parts.query
-    userinfo, at, host = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() == "password" for k, _ in pairs):
-            query = urlencode(
-                [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
-            )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _plain(value: Any) -> Any:

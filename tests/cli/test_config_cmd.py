@@ -144,6 +144,11 @@ def test_config_show_hides_url_passwords(tmp_path: Path, as_json: bool) -> None:
     else:
         row = next(x for x in by_flag.stdout.splitlines() if x.startswith("sessions.state_url"))
         assert row.split()[1:] == ['"redis://:***@localhost:6379/0"', "flag"]
+    refused = seqserve(  # an invalid URL's error line does not echo the password either
+        "config", "show", "--state-url", "mysql://u:hunter2@h/0", tmp_path=tmp_path
+    )
+    assert_one_line_error(refused, "sessions.state_url", "got mysql://u:***@h/0")
+    assert "hunter2" not in refused.stderr
 
 
 def test_an_empty_environment_value_means_unset(tmp_path: Path) -> None:
