@@ -142,9 +142,10 @@ class SeqServeServer:
                 raise
         self._health = health_servicer
         metrics = f"on {s.metrics_host}:{self.metrics_port}" if s.metrics_port >= 0 else "off"
+        http = f"on {s.host}:{self.http_port}" if s.http_port >= 0 else "off"
         log.info(
-            "seqserve listening on %s:%d (HTTP on %d, metrics %s, store %s); starting",
-            s.host, self.port, self.http_port, metrics, self.settings.model_store,
+            "seqserve listening on %s:%d (HTTP %s, metrics %s, store %s); starting",
+            s.host, self.port, http, metrics, self.settings.model_store,
         )  # fmt: skip
 
     async def open(self) -> None:

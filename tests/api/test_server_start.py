@@ -141,13 +141,15 @@ async def test_a_taken_metrics_port_releases_the_grpc_port(
     await again.stop()
 
 
-async def test_the_start_up_line_says_metrics_off(
+async def test_the_start_up_line_says_metrics_and_http_off(
     server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="service.api.server"):
         off = await server_factory()
-        on = await server_factory(server={"metrics_port": 0})
+        on = await server_factory(server={"metrics_port": 0, "http_port": 0})
     lines = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
     assert len(lines) == 2, lines
     assert f":{off.port} " in lines[0] and "metrics off" in lines[0], lines[0]
+    assert "HTTP off" in lines[0], lines[0]
     assert f"metrics on 127.0.0.1:{on.metrics_port}" in lines[1], lines[1]
+    assert f"HTTP on 127.0.0.1:{on.http_port}" in lines[1], lines[1]
