@@ -144,13 +144,6 @@ class AliasNotFound(NotFound):
     reason = "ALIAS_NOT_FOUND"
 
 
-class Unimplemented(SeqServeError):
-    """A method this server does not have (over HTTP: a known path with another method)."""
-
-    status = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
-
-
 class RouteNotFound(NotFound):
     """An HTTP path that is no route of the HTTP/JSON API (gRPC answers UNIMPLEMENTED)."""
 

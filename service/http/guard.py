@@ -16,13 +16,22 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+import grpc
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from service.errors import PermissionDenied, RouteNotFound, Unimplemented, quote
+from service.errors import PermissionDenied, RouteNotFound, SeqServeError, quote
 from service.http.calls import error_answer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Unimplemented(SeqServeError):
+    """A known path asked with another method (gRPC's own UNIMPLEMENTED is no row of the error
+    table: the interceptor answers it for methods the server lacks)."""
+
+    status = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
 
 
 def loopback_name(host: str) -> bool:
