@@ -83,12 +83,18 @@ class ServedVersions:
     async def resolve(self, name: str, spec: str) -> ServedVersion:
         """The version `spec` ("" / number / alias) means for a new session now, loaded; a
         loaded one is first checked against its files on disk."""
-        entry = await asyncio.to_thread(self.store.model, name)
-        version = await asyncio.to_thread(self.rule.version_for, entry, spec)
-        served = self._served.get((name, version))
+        return await self.get(name, await asyncio.to_thread(self._pick, name, spec))
+
+    def _pick(self, name: str, spec: str) -> int:
+        """`resolve`'s reading of the store, in one trip to a worker thread (three trips cost
+        more than the reading): the version `spec` means, checked against its files when it
+        is already served."""
+        entry = self.store.model(name)
+        version = self.rule.version_for(entry, spec)
+        served = self._served.get((name, version))  # a dict read: safe from this thread
         if served is not None:
-            await asyncio.to_thread(self.rule.check_unchanged, entry, version, served.fingerprint)
-        return await self.get(name, version)
+            self.rule.check_unchanged(entry, version, served.fingerprint)
+        return version
 
     async def get(self, name: str, version: int) -> ServedVersion:
         """The served version, loading it first if need be (one load however many wait)."""
