@@ -1,9 +1,8 @@
-"""Every Prometheus metric seqserve exports, and the one class that records them.
+"""The one class that records seqserve's facts as Prometheus series, and serves them.
 
 The engine, session store and API layer report plain facts (`StepStats`, an RPC's code and
-duration, a session event); `Metrics` turns them into series on its *own* `CollectorRegistry`,
-never the process-global one, so two servers in one test process do not collide and nothing
-leaks in from imported libraries. Names carry the `seqserve_` prefix and base units (seconds,
+duration, a session event); `Metrics` turns them into series of the families `families.py`
+defines, on the server's own registry. Names carry the `seqserve_` prefix and base units (seconds,
 bytes). Labels are bounded — method, code, model, version, tier, event, phase — and never a
 session id: a session label would create a series per user and take Prometheus down.
 """
@@ -18,32 +17,23 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import (
-    CollectorRegistry,
     Counter,
     Gauge,
-    GCCollector,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
 )
 
-from service.metrics.batch_histogram import BatchHistogram, HistogramSeries
+from service.metrics.batch_histogram import HistogramSeries
 from service.metrics.bounds import (
-    BATCH_ROWS_BUCKETS,
     GRPC_CODES,
-    LATENCY_BUCKETS,
-    MODEL_LOAD_BUCKETS,
     PHASES,
     PROTOCOLS,
     SESSION_EVENTS,
     SESSION_TIERS,
-    TIERS,
     check_tier,
 )
+from service.metrics.families import MetricFamilies
 from service.metrics.http_endpoint import MetricsEndpoint
 from service.metrics.stats import StepStats
-
-_MV = ("model", "version")
 
 
 @dataclass(slots=True)
@@ -64,123 +54,14 @@ class _VersionSeries:
     queue_depth: Gauge
 
 
-class Metrics:
+class Metrics(MetricFamilies):
     """Records seqserve's facts as Prometheus series; serves or renders the exposition."""
 
     def __init__(self, *, process_collectors: bool = True) -> None:
         """`process_collectors`: also export the standard process_*, python_* series (CPU,
         RSS, GC) on this registry. Tests that compare whole expositions turn them off."""
-        # No `*_created` series: in the text format Prometheus stores each as one more plain
-        # series per counter / histogram child, and nothing here reads them. Process-wide.
-        prometheus_client.disable_created_metrics()
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        if process_collectors:
-            ProcessCollector(registry=r)
-            PlatformCollector(registry=r)
-            GCCollector(registry=r)
-
-        self._rpc_duration = Histogram(
-            "seqserve_rpc_duration_seconds",
-            "Call duration, receipt to final status, by method, gRPC status code and protocol "
-            "(grpc, or http: the HTTP/JSON API's routes count as the methods they call).",
-            ("method", "code", "protocol"), buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._batch_rows = Histogram(
-            "seqserve_batch_rows",
-            "Rows (sessions) in one batched model step.",
-            _MV, buckets=BATCH_ROWS_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._step_phase = Histogram(
-            "seqserve_step_phase_seconds",
-            "Compute time of one batched step, by phase (gather, forward, scatter, sample).",
-            (*_MV, "phase"), buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._takeover = Histogram(
-            "seqserve_takeover_seconds",
-            "Taking a session over from the shared state tier: claim, read, version load.",
-            _MV, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._step = Histogram(
-            "seqserve_step_duration_seconds",
-            "Wall time of one batched step as the scheduler sees it, thread hop included.",
-            _MV, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._queue_wait = BatchHistogram(
-            "seqserve_queue_wait_seconds",
-            "Time a fed chunk waited in the step queue before its step started.",
-            _MV, LATENCY_BUCKETS, r,
-        )  # fmt: skip
-        self._step_latency = BatchHistogram(
-            "seqserve_step_latency_seconds",
-            "Server latency of one step request: request received to reply ready.",
-            _MV, LATENCY_BUCKETS, r,
-        )  # fmt: skip
-        self._time_to_first_token = BatchHistogram(
-            "seqserve_time_to_first_token_seconds",
-            "Generation start to the first sampled token.",
-            _MV, LATENCY_BUCKETS, r,
-        )  # fmt: skip
-        self._inter_token = BatchHistogram(
-            "seqserve_inter_token_latency_seconds",
-            "Gap between consecutive generated tokens of one generation.",
-            _MV, LATENCY_BUCKETS, r,
-        )  # fmt: skip
-        self._tokens_in = Counter(
-            "seqserve_tokens_in", "Inputs (tokens or frames) consumed from clients.", _MV,
-            registry=r,
-        )  # fmt: skip
-        self._tokens_generated = Counter(
-            "seqserve_tokens_generated", "Tokens sampled by generations.", _MV, registry=r
-        )
-        self._session_events = Counter(
-            "seqserve_session_events",
-            "Session lifecycle events: created, closed, expired, evicted, restored, forked.",
-            ("event", *_MV), registry=r,
-        )  # fmt: skip
-        self._queue_depth = Gauge(
-            "seqserve_queue_depth", "Steps waiting in a version's step queue.", _MV, registry=r
-        )
-        self._sessions = Gauge(
-            "seqserve_sessions",
-            "Live sessions by tier (memory, spilled, replaying: journal replay pending).",
-            ("tier",),
-            registry=r,
-        )
-        self._state_bytes = Gauge(
-            "seqserve_state_bytes",
-            "Bytes of session state by tier: pool slots in use (memory), spill files (spilled).",
-            ("tier",), registry=r,
-        )  # fmt: skip
-        self._write_failures = Counter(
-            "seqserve_state_write_failures",
-            "Writes of session state the disk refused (full, read-only, failing): `journal` "
-            "(a step refused with UNAVAILABLE), `end` (a session's end record).",
-            ("kind",), registry=r,
-        )  # fmt: skip
+        super().__init__(process_collectors=process_collectors)
         self._write_failures_seen: dict[str, int] = {}
-        self._pool_capacity = Gauge(
-            "seqserve_state_pool_capacity_bytes",
-            "Byte budget of the in-memory state pool, for the memory tier's fill ratio.",
-            registry=r,
-        )
-        self._model_load = Histogram(
-            "seqserve_model_load_duration_seconds",
-            "Time to verify and load one model version.",
-            _MV, buckets=MODEL_LOAD_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._model_info = Gauge(
-            "seqserve_model_info",
-            "1 for each loaded model version; labels carry its fingerprint and cell.",
-            (*_MV, "fingerprint", "cell"), registry=r,
-        )  # fmt: skip
-
-        # A fresh scrape shows every bounded series at zero, so rate() and the pool ratio
-        # have a baseline before the first event.
-        for tier in SESSION_TIERS:
-            self._sessions.labels(tier).set(0)
-        for tier in TIERS:
-            self._state_bytes.labels(tier).set(0)
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
         self._versions_lock = threading.Lock()
         self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}  # -> (fingerprint, cell)
