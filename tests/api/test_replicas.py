@@ -46,14 +46,24 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def replicas(
     store_root: Path, tmp_path: Path, redis_server: RedisServer
 ) -> Iterator[list[ServerProcess]]:
-    extra = ("--state-url", redis_server.url)
-    procs = [
-        ServerProcess(store_root, tmp_path / f"s{i}", tmp_path / f"r{i}", SESSIONS, extra=extra)
-        for i in range(3)
-    ]
+    procs = _three_replicas(store_root, tmp_path, redis_server.url)
     yield procs
     for proc in procs:
         proc.kill()
+
+
+def _three_replicas(
+    store_root: Path, tmp_path: Path, redis_url: str, *, fixed_ports: bool = False
+) -> list[ServerProcess]:
+    """Three replicas on the Redis tier; `fixed_ports`: each on a port of its own from the
+    start, so one restarted comes back where nginx expects it."""
+    return [
+        ServerProcess(
+            store_root, tmp_path / f"s{i}", tmp_path / f"r{i}", SESSIONS,
+            port=free_port() if fixed_ports else 0, extra=("--state-url", redis_url),
+        )
+        for i in range(3)
+    ]  # fmt: skip
 
 
 def _holder_pid(redis_url: str, session_id: str) -> int:
@@ -190,18 +200,7 @@ async def test_a_rolling_restart_behind_nginx_under_load_loses_no_session(
 ) -> None:
     """SIGTERM one replica at a time (each drains, writes its sessions, exits, and comes back on
     its port) while 64 sessions are fed through nginx."""
-    extra = ("--state-url", redis_server.url)
-    replicas = [
-        ServerProcess(
-            store_root,
-            tmp_path / f"s{i}",
-            tmp_path / f"r{i}",
-            SESSIONS,
-            port=free_port(),
-            extra=extra,
-        )
-        for i in range(3)
-    ]
+    replicas = _three_replicas(store_root, tmp_path, redis_server.url, fixed_ports=True)
     nginx: NginxServer | None = None
     try:
         await asyncio.gather(*(r.start() for r in replicas))
@@ -280,18 +279,7 @@ async def test_multiplexed_feeds_through_nginx_survive_kill_freeze_and_restart(
     are replaced; once it wakes it gets both the feeds it had and their resends), then killed
     (SIGKILL) and restarted, then the holder restarted (SIGTERM, drain, start): no feed hangs
     on a dead or silent Stream, and every acknowledged feed is applied exactly once."""
-    extra = ("--state-url", redis_server.url)
-    replicas = [
-        ServerProcess(
-            store_root,
-            tmp_path / f"s{i}",
-            tmp_path / f"r{i}",
-            SESSIONS,
-            port=free_port(),
-            extra=extra,
-        )
-        for i in range(3)
-    ]
+    replicas = _three_replicas(store_root, tmp_path, redis_server.url, fixed_ports=True)
     nginx: NginxServer | None = None
     try:
         await asyncio.gather(*(r.start() for r in replicas))
