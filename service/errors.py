@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import grpc
 
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The gRPC status code a google.rpc.Status's number names (UNKNOWN for none)."""
+    return _STATUS_CODES.get(value, grpc.StatusCode.UNKNOWN)
+
 
 def quote(text: str, limit: int = 100) -> str:
     """A client's string as a status message may show it: repr'd, at most ~`limit` characters

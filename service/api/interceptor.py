@@ -24,7 +24,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import InvalidArgument, NotReady, SeqServeError
+from service.errors import InvalidArgument, NotReady, SeqServeError, status_code
 from service.security import principal
 from service.security.call_auth import CallAuth
 
@@ -239,15 +239,6 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
     return "INTERNAL"
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and message a client sees for `exc` (see `rich_status`)."""
-    status = rich_status(exc)
-    return _CODES[status.code], status.message
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
 def rich_status(exc: BaseException) -> status_pb2.Status:
     """The google.rpc.Status a client sees for `exc` (a failed call's status details, or a
     Stream item's in-band error). It always carries an ErrorInfo (domain `seqserve.v1`) whose
@@ -296,7 +287,7 @@ async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         return
     status = rich_status(exc)
     await context.abort(
-        _CODES[status.code],
+        status_code(status.code),
         status.message,
         trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
     )

@@ -21,9 +21,10 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
+from service.errors import status_code
+
 DOMAIN = "seqserve.v1"  # ErrorInfo.domain of the server's errors
 _DETAILS_KEY = "grpc-status-details-bin"
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class SeqServeError(grpc.aio.AioRpcError):
@@ -279,7 +280,7 @@ def error_from_status(
     status: status_pb2.Status, trailing_metadata: grpc.aio.Metadata | None = None
 ) -> SeqServeError:
     """The exception for a google.rpc.Status (a failed call's details, a Stream item's error)."""
-    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    code = status_code(status.code)
     reason = ""
     metadata: dict[str, str] = {}
     retry_delay: float | None = None

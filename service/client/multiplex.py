@@ -27,11 +27,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from service.errors import status_code
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.sessions.session import ROUTE_HEADER, route_of
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 STALL_SECONDS = 5.0  # a Stream with feeds pending and no reply for this long is broken
 _FRAMING = 1024  # bytes kept free in a message for what is not an item's own
 IDLE_SECONDS = 60.0  # a routing key's Stream unused this long is ended (many keys: many Streams)
@@ -261,7 +261,7 @@ def _error(status) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
     trailing = grpc.aio.Metadata()
     if status.details:
         trailing.add("grpc-status-details-bin", status.SerializeToString())
-    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    code = status_code(status.code)
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=status.message)
 
 

@@ -276,7 +276,8 @@ class SessionEngine:
         request_id: str = "",
     ) -> FeedOutcome:
         self._check_open()
-        await self.quotas.charge(inp.size())
+        if self.quotas.charging:  # sizes (text encoded) only when someone is charged
+            await self.quotas.charge(inp.size())
         await self.takeover.ensure(session_id, expected_position)
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
         return await self.feeder.feed(feed, line)
@@ -288,10 +289,11 @@ class SessionEngine:
         the feed's result, or the error that refused that feed alone."""
         if self.draining:
             return [Unavailable("server is draining; retry on another replica")] * len(feeds)
-        try:
-            await self.quotas.charge(sum(f.input.size() for f in feeds))
-        except SeqServeError as exc:
-            return [exc] * len(feeds)
+        if self.quotas.charging:
+            try:
+                await self.quotas.charge(sum(f.input.size() for f in feeds))
+            except SeqServeError as exc:
+                return [exc] * len(feeds)
         if not self.takeover.shared:
             return await self.feeder.feed_many(feeds, line)
         refused: dict[str, SeqServeError] = {}

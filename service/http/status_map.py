@@ -10,6 +10,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
 from service.api.interceptor import rich_status
+from service.errors import status_code
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
@@ -31,15 +32,13 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 
-_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
-
 
 class HttpError:
     """One failed call as HTTP: status, JSON body, and headers (Retry-After, WWW-Authenticate)."""
 
     def __init__(self, exc: BaseException) -> None:
         status = rich_status(exc)  # logs an INTERNAL one with its error id
-        self.code = _BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN)
+        self.code = status_code(status.code)
         self.http_status = HTTP_STATUS[self.code]
         body: dict[str, Any] = {
             "code": status.code,
