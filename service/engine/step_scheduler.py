@@ -29,6 +29,7 @@ from service.errors import QueueFull, SessionMoved, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
 from service.runtime.step_batch import Row, RowResult, StepBatch, StepOutput
+from service.sessions.journal_record import session_of
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class StepScheduler:
                         segment = self._commit(records)
                     except SessionMoved as moved:  # the rest of the batch still counts
                         gens, feeds, results = self._without(moved, records, gens, feeds, results)
-                        kept = [r for r in records if _session_of(r) not in moved.session_ids]
+                        kept = [r for r in records if session_of(r) not in moved.session_ids]
                         segment = self._commit(kept) if kept else None
                 except Unavailable as exc:  # not durable: the step must not count
                     self._undo(rows, output)
@@ -248,7 +249,7 @@ class StepScheduler:
     ) -> tuple[list[Generation], list[_Queued], list[RowResult]]:
         """Fail the rows of sessions another process holds now (their copies here are stale,
         and are dropped at their next request); the batch without them."""
-        fenced = {i for i, r in enumerate(records) if _session_of(r) in moved.session_ids}
+        fenced = {i for i, r in enumerate(records) if session_of(r) in moved.session_ids}
         kept_gens, kept_feeds, kept_results = [], [], []
         for i, gen in enumerate(gens):
             if i in fenced:
@@ -316,8 +317,3 @@ def _one_cpu() -> bool:
         return len(os.sched_getaffinity(0)) == 1
     except AttributeError:  # not on Linux
         return (os.cpu_count() or 1) == 1
-
-
-def _session_of(record: bytes) -> str:
-    """The session a journal record is for (frame, version, kind, id length, id)."""
-    return record[11 : 11 + record[10]].decode("ascii")

@@ -140,6 +140,17 @@ def end(session_id: str, position: int, why: str) -> bytes:
     return _frame(_head(END, session_id, position) + why.encode("utf-8"))
 
 
+def session_of(record: bytes) -> str:
+    """The session an encoded record (one `_frame`) is for, without decoding the rest."""
+    at = _FRAME.size + 2  # past the frame, the version and the kind
+    return record[at + 1 : at + 1 + record[at]].decode("ascii")
+
+
+def kind_of(record: bytes) -> int:
+    """An encoded record's kind (TOKENS … GEN_START)."""
+    return record[_FRAME.size + 1]
+
+
 def decode_stream(data: bytes) -> Iterator[JournalRecord]:
     """The records of one segment, in order. A damaged record is skipped: reading resumes at
     the next offset where a whole record checks out (the damaged session's later records then

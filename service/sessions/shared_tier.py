@@ -29,15 +29,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from service.errors import JournalUnavailable, SessionMoved, SpillCorrupted
-from service.sessions import spill_record
+from service.sessions import journal_record, spill_record
 from service.sessions.journal_record import JournalRecord, decode_stream
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_record import SpillRecord
 from service.sessions.spill_tier import TierScan
 
 log = logging.getLogger(__name__)
-
-_CREATE, _END = 4, 5  # journal_record kinds that make and end a session
 
 
 @dataclass
@@ -229,21 +227,21 @@ class SharedJournal:
         Raises JournalUnavailable (unreachable) or SessionMoved (fenced): nothing written."""
         by_session: dict[str, list[bytes]] = {}
         kinds: dict[str, int] = {}
-        for record in records:  # frame (8 bytes), version, kind, id length, id
-            sid = record[11 : 11 + record[10]].decode("ascii")
+        for record in records:
+            sid = journal_record.session_of(record)
             by_session.setdefault(sid, []).append(record)
-            kinds[sid] = record[9]
+            kinds[sid] = journal_record.kind_of(record)
         writes = []
         for sid, batch in by_session.items():
             session = self._sessions.peek(sid)
             epoch = session.holder_epoch if session is not None else 0
             ttl_ms = int((session.ttl_seconds if session is not None else 600.0) * 1000)
             owner = session.owner if session is not None else ""
-            if kinds[sid] == _END:
+            if kinds[sid] == journal_record.END:
                 (end,) = decode_stream(batch[-1])
                 tombstone = f"{end.why}\n{owner}".encode()  # why it ended, and whose it was
                 writes.append(Write(sid, epoch, ttl_ms, "end", [tombstone], owner=owner))
-            elif kinds[sid] == _CREATE:
+            elif kinds[sid] == journal_record.CREATE:
                 made_by = session.made_by if session is not None else ""
                 writes.append(Write(sid, epoch, ttl_ms, "create", batch, made_by, owner))
             else:

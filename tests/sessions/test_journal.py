@@ -114,3 +114,14 @@ def test_a_refused_write_names_the_setting_and_the_next_starts_a_new_segment(
     journal.close()
     got = list(Journal(tmp_path / "journal").open())
     assert [r.tokens.tolist() for r in got if r.tokens is not None] == [[1], [3]]
+
+
+def test_a_records_session_and_kind_read_without_decoding_it() -> None:
+    for record, kind in (
+        (jr.tokens("s_ab.cd", 3, np.array([1, 2], dtype=np.int32), "r1"), jr.TOKENS),
+        (jr.create("s_x", {"model": "m"}), jr.CREATE),
+        (jr.end("s_" + "y" * 60, 9, "closed"), jr.END),
+    ):
+        (decoded,) = jr.decode_stream(record)
+        assert jr.session_of(record) == decoded.session_id
+        assert jr.kind_of(record) == kind == decoded.kind
