@@ -88,7 +88,7 @@ def build_engine(
         else SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
     )
 
-    def on_residency_event(event: str, session: Session) -> None:  # evicted, restored
+    def on_residency_event(event: str, session: Session) -> None:  # evicted, restored, moved
         observer.on_session_event(event, session.model, str(session.version))
 
     residency = SessionResidency(

@@ -195,8 +195,7 @@ class PendingReplays:
                 self._residency.tier.write(record)  # raises when the disk refuses: pending
             except SessionMoved:  # another process took it over meanwhile: not ours to write
                 self._forget(pending)
-                self._sessions.forget(session, moved=True)
-                self._residency.versions.unpin(session.model, session.version)
+                self._residency.let_go(session)
                 self._residency.durability.checkpointed(session)
                 continue
             self._residency.durability.checkpointed(session)  # its journal records go

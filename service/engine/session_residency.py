@@ -142,10 +142,8 @@ class SessionResidency:
                 )
             try:
                 self.spill(victim)
-            except SessionMoved:  # another replica holds it: this copy is stale, let it go
-                self.discard(victim)
-                self.sessions.forget(victim, moved=True)
-                self.versions.unpin(victim.model, victim.version)
+            except SessionMoved:  # another replica holds it: this copy is stale
+                self.let_go(victim)
                 continue
             self._on_event("evicted", victim)
 
@@ -261,6 +259,14 @@ class SessionResidency:
                 break  # the disk refuses: try again at the next sweep
             written += 1
         return written
+
+    def let_go(self, session: Session) -> None:
+        """Forget this process's copy of a session another process holds now: its slot
+        freed, the tier's record left to the holder, its version unpinned."""
+        self.discard(session)
+        self.sessions.forget(session, moved=True)
+        self.versions.unpin(session.model, session.version)
+        self._on_event("moved", session)
 
     def discard(self, session: Session) -> None:
         """The session ended: free its slot or delete its record."""

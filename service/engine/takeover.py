@@ -109,10 +109,7 @@ class Takeover:
             )
         assert self._state is not None
         self._state.moved.discard(session.session_id)
-        self._residency.discard(session)  # frees its slot (the tier keeps its record)
-        self._sessions.forget(session, moved=True)
-        self._versions.unpin(session.model, session.version)
-        self._observer.on_session_event("moved", session.model, str(session.version))
+        self._residency.let_go(session)
         log.info("session %s is held by another replica now", session.session_id)
 
     async def made(self, made_by: str) -> Session | None:
