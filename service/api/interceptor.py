@@ -120,7 +120,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             self._check_ready(gated)
             yield
         except BaseException as exc:
-            code = _code_of(exc, context)
+            code = code_name(exc, context)
             await _abort(exc, context)
             raise
         finally:
@@ -226,10 +226,11 @@ def check_message_size(message: Any, limit: int) -> None:
         )
 
 
-def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+def code_name(exc: BaseException, context: grpc.aio.ServicerContext | None = None) -> str:
+    """The status code name a call that raised `exc` ends with (its metric label)."""
     if isinstance(exc, SeqServeError):
         return exc.status.name
-    if isinstance(exc, grpc.aio.AbortError):
+    if isinstance(exc, grpc.aio.AbortError) and context is not None:
         code = context.code()
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     if not isinstance(exc, Exception):

@@ -18,8 +18,8 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from service.api.interceptor import NOT_READY_MESSAGE
-from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
+from service.api.interceptor import NOT_READY_MESSAGE, code_name
+from service.errors import InvalidArgument, NotReady, Unavailable, quote
 from service.http.status_map import HttpError
 from service.security import principal
 from service.security.call_auth import CLIENT_HEADER, CallAuth
@@ -78,9 +78,10 @@ class Calls:
         self.draining = False
 
     @contextlib.asynccontextmanager
-    async def call(self, method: str, grpc_path: str, request: web.Request) -> AsyncIterator[None]:
-        """Around one call: the caller's principal, the readiness gate, the timing. Errors
-        propagate (as the interceptor lets them for gRPC); `answer` turns them into HTTP."""
+    async def call(self, grpc_path: str, request: web.Request) -> AsyncIterator[None]:
+        """Around one call of the method at `grpc_path`: the caller's principal, the readiness
+        gate, the timing (labelled as the interceptor labels gRPC's). Errors propagate;
+        `error_answer` turns them into HTTP."""
         started = time.perf_counter()
         code = "OK"
         try:
@@ -90,19 +91,14 @@ class Calls:
             if not self._ready():
                 raise NotReady(NOT_READY_MESSAGE)
             yield
-        except SeqServeError as exc:
-            code = exc.status.name
-            raise
         except ConnectionResetError:  # the client went away while we wrote
             code = "CANCELLED"
             raise
-        except Exception:
-            code = "INTERNAL"
-            raise
-        except BaseException:  # CancelledError: the client went away
-            code = "CANCELLED"
+        except BaseException as exc:
+            code = code_name(exc)
             raise
         finally:
+            method = grpc_path.rsplit("/", 1)[-1]
             self._observe(method, code, time.perf_counter() - started, "http")
 
     async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:

@@ -58,7 +58,7 @@ class Routes:
         run: Callable[[HttpContext], Awaitable[Message]],
     ) -> web.Response:
         try:
-            async with self.calls.call(method, service + method, request):
+            async with self.calls.call(service + method, request):
                 return json_answer(await run(HttpContext(request)))
         except Exception as exc:
             return error_answer(exc)
@@ -129,7 +129,7 @@ class Routes:
         connection cancels the generation (its tokens so far stay in the session)."""
         response: web.StreamResponse | None = None
         try:
-            async with self.calls.call("Generate", SESSIONS + "Generate", request):
+            async with self.calls.call(SESSIONS + "Generate", request):
                 message = await self.calls.parse(
                     request, pb.GenerateRequest(), session_id=session_id
                 )
