@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 from service.errors import QuotaExceeded
+from service.security import token_bucket
 from service.security.principal import caller
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import SharedState
@@ -91,12 +92,10 @@ class Quotas:
         now = time.monotonic()
         with self._lock:
             level, at = self._buckets.get(who.name, (rate, now))
-            level = min(rate, level + (now - at) * rate)
-            needed = min(tokens, rate)  # a chunk over a second's worth needs a full bucket
-            if level < needed:
-                self._buckets[who.name] = (level, now)
-                raise self._over(who.name, rate, (needed - level) / rate + 0.01)
-            self._buckets[who.name] = (level - tokens, now)
+            level, wait = token_bucket.take(level, at, now, tokens, rate)
+            self._buckets[who.name] = (level, now)
+        if wait > 0:
+            raise self._over(who.name, rate, wait)
 
     @staticmethod
     def _over(name: str, rate: float, wait: float) -> QuotaExceeded:

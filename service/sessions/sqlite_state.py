@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from service.errors import StateTierUnusable
+from service.security import token_bucket
 from service.sessions.shared_tier import Claimed, SharedState, Write
 
 _SYNCHRONOUS = {"batch": "FULL", "interval": "NORMAL", "never": "OFF"}
@@ -206,13 +207,7 @@ class SqliteState(SharedState):
         def work(db: sqlite3.Connection) -> float:
             row = db.execute("SELECT level, at FROM buckets WHERE owner = ?", (owner,)).fetchone()
             level, at = (rate, now) if row is None else (float(row[0]), float(row[1]))
-            level = min(rate, level + (now - at) * rate)
-            needed = min(tokens, rate)
-            wait = 0.0
-            if level < needed:
-                wait = (needed - level) / rate + 0.01
-            else:
-                level -= tokens
+            level, wait = token_bucket.take(level, at, now, tokens, rate)
             db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)", (owner, level, now))
             return wait
 

@@ -1,0 +1,17 @@
+"""The token-bucket rule of the tokens-per-second quota, as pure arithmetic: the local buckets
+(`quotas.py`) and the SQLite tier's (`sessions/sqlite_state.py`) apply it to their own stored
+(level, time); Redis runs the same rule in its Lua script."""
+
+from __future__ import annotations
+
+
+def take(level: float, at: float, now: float, tokens: int, rate: float) -> tuple[float, float]:
+    """A bucket last at `level` at time `at`, refilled at `rate` per second up to a second's
+    worth, asked for `tokens` at `now` → (its new level, 0) when they are taken, or (its
+    refilled level, the seconds to wait) when not. A request over a second's worth needs a full
+    bucket and leaves it in debt, so the rate holds over time."""
+    level = min(rate, level + (now - at) * rate)
+    needed = min(tokens, rate)
+    if level < needed:
+        return level, (needed - level) / rate + 0.01
+    return level - tokens, 0.0
