@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from service.errors import status_code
+from service.client.errors import error_from_status
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.sessions.session import ROUTE_HEADER, route_of
@@ -257,12 +257,12 @@ def _expire(done: asyncio.Future[pb.StreamReply]) -> None:
 
 
 def _error(status) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
-    """A Stream item's in-band error as the AioRpcError a Step call would have raised."""
+    """A Stream item's in-band error as the exception a Step call would have raised (its
+    class decoded here, not serialised into a trailer to be parsed back)."""
     trailing = grpc.aio.Metadata()
     if status.details:
         trailing.add("grpc-status-details-bin", status.SerializeToString())
-    code = status_code(status.code)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=status.message)
+    return error_from_status(status, trailing)
 
 
 class _StreamFailure(grpc.aio.AioRpcError):
