@@ -105,3 +105,12 @@ def test_runnable_blocks_run_as_written(block: Block, grpc_target: str, tmp_path
     assert re.search(block.expect, done.stdout, flags=re.M | re.S), (
         f"README line {block.line}: output does not match {block.expect!r}:\n{done.stdout}"
     )
+
+
+def test_the_reason_table_lists_every_reason_the_server_sends() -> None:
+    from service.errors import REASONS
+
+    text = README.read_text()
+    table = text.split("| reason | status | client exception | when |", 1)[1].split("\n\n", 1)[0]
+    listed = dict(re.findall(r"^\| `([A-Z_]+)` \| ([A-Z_]+) \|", table, flags=re.M))
+    assert listed == {reason: code.name for reason, code in REASONS.items()}
