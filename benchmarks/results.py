@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import torch
 
+from benchmarks.burst import Burst
 from service.loadtest import LoadReport
 
 
@@ -71,6 +72,16 @@ class Row:
             messages_per_second=None, p50_ms=ms, p99_ms=None, mean_ms=ms, ttft_p50_ms=None,
             itl_p50_ms=None, rows_per_step=float(batch), server_cpu=None, client_cpu=None,
             errors=0,
+        )  # fmt: skip
+
+    @staticmethod
+    def burst(key: str, label: str, burst: Burst) -> Row:
+        """Generate calls started at once (`benchmarks.burst`): time to first token."""
+        return Row(
+            key=key, label=label, sessions=burst.sessions,
+            tokens_per_second=burst.tokens / burst.seconds, messages_per_second=None,
+            p50_ms=None, p99_ms=None, mean_ms=None, ttft_p50_ms=burst.ttft_p50 * 1e3,
+            itl_p50_ms=None, rows_per_step=None, server_cpu=None, client_cpu=None, errors=0,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,10 +189,11 @@ def evaluate_targets(rows: dict[str, Row]) -> list[Target]:
                                ("64 sessions per frame", "mux/64"),
                                ("Generate, 64 sessions", "generate/64"))
         ),
-        Target("per-core: Generate, 64 sessions, time to first token p50 ≤ 10 ms (closed loop)",
-               None if "service/generate/64" not in rows
-               else rows["service/generate/64"].ttft_p50_ms, 10.0, False,
-               "service/generate/64 TTFT p50 (ms)"),
+        Target("per-core: 64 Generate calls started at once, time to first token p50 ≤ 10 ms",
+               None if "service/generate-burst/64" not in rows
+               else rows["service/generate-burst/64"].ttft_p50_ms, 10.0, False,
+               "service/generate-burst/64 TTFT p50 (ms); echo/generate-burst/64 is the same "
+               "burst on the bare echo server"),
     ]  # fmt: skip
 
 

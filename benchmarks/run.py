@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import inprocess
+from benchmarks.burst import Burst, generation_burst
 from benchmarks.processes import ServerProcess, scrape, start_server
 from benchmarks.results import Row, evaluate_targets, machine_info, write_markdown
 from service.loadtest import LoadConfig, run_load
@@ -157,9 +158,28 @@ class Bench:
                 f"service/generate/{n}", svc, "service: Generate (push)", sessions=n, **gen
             )
             await self.load(f"echo/generate/{n}", echo, "echo: Generate (push)", sessions=n, **gen)
+        await self.bursts()
         for h in (10, 1000, 10000):
             label = f"service: 1 session at history {h:,}"
             await self.load(f"service/history/{h}", svc, label, sessions=1, history=h)
+
+    async def bursts(self) -> None:
+        """64 Generate calls sent at once, on idle sessions: time to first token, service and
+        echo in alternate rounds."""
+        rounds = 2 if self.args.quick else 4
+        label = "{}: 64 Generate calls started at once"
+        found: dict[str, list[Burst]] = {"service": [], "echo": []}
+        for _ in range(2):
+            for name, server in (("service", self.service), ("echo", self.echo)):
+                found[name].append(
+                    await generation_burst(server.target, self.args.model, 64, rounds)
+                )
+        for name, bursts in found.items():
+            merged = Burst(
+                64, sum(b.rounds for b in bursts), [t for b in bursts for t in b.ttft_seconds],
+                sum(b.tokens for b in bursts), sum(b.seconds for b in bursts),
+            )  # fmt: skip
+            self._add(Row.burst(f"{name}/generate-burst/64", label.format(name), merged))
 
     def run_inprocess(self, model_store: Path) -> None:
         model = inprocess.load_model(model_store, self.args.model)

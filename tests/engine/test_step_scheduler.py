@@ -163,6 +163,61 @@ async def test_a_lone_row_runs_within_a_few_ticks_with_no_timer(scheduler: Any) 
     assert ticks <= 6  # a wake-up, three gathering ticks, the step inline, the reply
 
 
+async def test_a_session_back_alone_steps_at_once_and_a_newcomer_waits_for_company(
+    scheduler: Any,
+) -> None:
+    """After a step of one row, the same session back alone is stepped with no gathering tick
+    (nothing says another row is coming); any other row still waits a few ticks for those
+    arriving just behind it."""
+    runner = FakeRunner()
+    s = scheduler(runner)
+    await asyncio.wait_for(s.submit([(Owner(), feed(7))]).future, 5)
+    again = s.submit([(Owner(), feed(7))])
+    await asyncio.sleep(0)
+    behind = s.submit([(Owner(), feed(9))])
+    await asyncio.wait_for(asyncio.gather(again.future, behind.future), 5)
+    assert runner.batches == [[7], [7], [9]]  # the lone session did not wait for 9
+    newcomer = s.submit([(Owner(), feed(8))])
+    await asyncio.sleep(0)
+    joins = s.submit([(Owner(), feed(5))])
+    await asyncio.wait_for(asyncio.gather(newcomer.future, joins.future), 5)
+    assert runner.batches[-1] == [8, 5]  # another session's row gathered the one behind it
+
+
+async def test_the_scheduler_yields_the_cpu_while_it_gathers(
+    scheduler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each gathering tick gives the CPU to any other runnable thread first (gRPC reads the
+    socket on its own poller thread); a session back alone does not gather, so does not yield."""
+    yields: list[int] = []
+    monkeypatch.setattr("service.engine.step_scheduler._yield_cpu", lambda: yields.append(1))
+    runner = FakeRunner()
+    s = scheduler(runner)
+    await asyncio.wait_for(s.submit([(Owner(), feed(1)), (Owner(), feed(2))]).future, 5)
+    assert len(yields) == 2  # two quiet ticks: no step of many rows before
+    await asyncio.wait_for(s.submit([(Owner(), feed(1))]).future, 5)
+    assert len(yields) == 2 + 4  # four after a step of many rows
+    await asyncio.wait_for(s.submit([(Owner(), feed(1))]).future, 5)
+    assert len(yields) == 6  # the session that stepped alone is back alone: no gathering
+
+
+async def test_a_generation_s_first_step_runs_on_the_runner_thread(
+    scheduler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step with a generation still waiting for its first token leaves the loop free, so
+    calls arriving together join the next step instead of one step each; after that a lone
+    generation steps inline."""
+    monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: True)
+    runner = FakeRunner()
+    s = scheduler(runner)
+    gen = Generation(FakeLease(slot=4), SamplingParams(max_tokens=3), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    await asyncio.wait_for(gen.retired, 5)
+    assert runner.batches == [[4], [4], [4]]
+    main = threading.current_thread()
+    assert [t is main for t in runner.threads] == [False, True, True]
+
+
 @pytest.mark.parametrize(("one_cpu", "inline_max_rows"), [(True, 1), (False, 1), (True, 0)])
 async def test_on_one_cpu_every_one_input_batch_runs_on_the_loop_thread(
     scheduler: Any, monkeypatch: pytest.MonkeyPatch, one_cpu: bool, inline_max_rows: int
