@@ -188,7 +188,13 @@ def _serve(
     argv = ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "-1", "--store", str(args.store),
             "--spill-dir", str(scratch / name)]  # fmt: skip
-    env = {"SEQSERVE_SERVER__HTTP_PORT": "-1", **env}
+    # Sessions made early in a long run must not expire before it ends (the default TTL is 10
+    # minutes; a million sessions take most of an hour to make): that would read as less memory.
+    env = {
+        "SEQSERVE_SERVER__HTTP_PORT": "-1",
+        "SEQSERVE_SESSIONS__TTL_SECONDS": "86400",
+        **env,
+    }
     return start_server(name, argv, args.out, None, env=env, timeout=300.0, cwd=args.server_root)
 
 
