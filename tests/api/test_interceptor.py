@@ -29,8 +29,13 @@ def _step(client: SeqServeClient, sid: str, inp: object):  # type: ignore[no-unt
 
 # The ErrorInfo reasons that split a row of the table: DESIGN's conditions, one reason each.
 SPLIT_ROWS = {
-    "NOT_FOUND": {"SESSION_NOT_FOUND", "MODEL_NOT_FOUND", "VERSION_NOT_FOUND", "ALIAS_NOT_FOUND",
-                  "ROUTE_NOT_FOUND"},  # the last: HTTP only
+    "NOT_FOUND": {
+        "SESSION_NOT_FOUND",
+        "MODEL_NOT_FOUND",
+        "VERSION_NOT_FOUND",
+        "ALIAS_NOT_FOUND",
+        "ROUTE_NOT_FOUND",
+    },  # the last: HTTP only
     "FAILED_PRECONDITION": {"SESSION_CLOSED", "VERSION_UNAVAILABLE", "POSITION_MISMATCH"},
     "RESOURCE_EXHAUSTED": {"SESSION_LIMIT", "QUEUE_FULL", "MEMORY_EXHAUSTED", "QUOTA_EXCEEDED"},
     "UNAVAILABLE": {"DRAINING", "NOT_READY", "NOT_DURABLE", "SESSION_MOVED"},
