@@ -112,19 +112,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         """Around one call: who calls (the call's principal, for ownership checks below), the
         readiness gate, the status its error maps to, its timing."""
         started = time.perf_counter()
-        code = "OK"
         method = path.rsplit("/", 1)[-1]
+        observed = False
         try:
             if self._auth is not None:
                 principal.current.set(self._auth.principal(path, context))
             self._check_ready(gated)
             yield
         except BaseException as exc:
-            code = code_name(exc, context)
+            # Counted before the status goes out, as a response is: a client that has its
+            # answer finds the call in the metrics.
+            self._observe(method, code_name(exc, context), time.perf_counter() - started)
+            observed = True
             await _abort(exc, context)
             raise
         finally:
-            self._observe(method, code, time.perf_counter() - started)
+            if not observed:
+                self._observe(method, "OK", time.perf_counter() - started)
 
     def _unary(self, path: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
