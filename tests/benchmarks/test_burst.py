@@ -4,23 +4,12 @@ row and the target read the time to first token from it."""
 
 from __future__ import annotations
 
-import grpc
-
 from benchmarks.burst import generation_burst
-from benchmarks.echo_server import EchoSessions
 from benchmarks.results import Row, evaluate_targets
-from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 
 
-async def test_each_generation_of_each_round_is_timed_to_its_first_token() -> None:
-    server = grpc.aio.server()
-    pb_grpc.add_SessionServiceServicer_to_server(EchoSessions(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        burst = await generation_burst(f"127.0.0.1:{port}", "m", sessions=5, rounds=3, max_tokens=4)
-    finally:
-        await server.stop(0)
+async def test_each_generation_of_each_round_is_timed_to_its_first_token(echo_target: str) -> None:
+    burst = await generation_burst(echo_target, "m", sessions=5, rounds=3, max_tokens=4)
     assert len(burst.ttft_seconds) == 5 * 3  # the warm-up round is not counted
     assert all(0 < t < burst.seconds for t in burst.ttft_seconds)
     assert burst.tokens == 5 * 3 * 4
