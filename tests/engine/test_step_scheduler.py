@@ -190,7 +190,7 @@ async def test_the_scheduler_yields_the_cpu_while_it_gathers(
     """Each gathering tick gives the CPU to any other runnable thread first (gRPC reads the
     socket on its own poller thread); a session back alone does not gather, so does not yield."""
     yields: list[int] = []
-    monkeypatch.setattr("service.engine.step_scheduler._yield_cpu", lambda: yields.append(1))
+    monkeypatch.setattr("service.engine.batch_window._yield_cpu", lambda: yields.append(1))
     runner = FakeRunner()
     s = scheduler(runner)
     await asyncio.wait_for(s.submit([(Owner(), feed(1)), (Owner(), feed(2))]).future, 5)
