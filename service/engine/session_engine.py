@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 from service.engine.background import Background, every
@@ -164,27 +165,28 @@ class SessionEngine:
 
     async def _write_all(self) -> tuple[int, int]:
         """Spill every session in memory, within `write_timeout` whatever the disk does."""
-        work = asyncio.ensure_future(asyncio.to_thread(self.residency.spill_all))
+        stop = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self.residency.spill_all, stop))
         try:
             return await asyncio.wait_for(asyncio.shield(work), self._background.write_timeout)
         except TimeoutError:
-            left = self.sessions.resident_count
             log.error(
                 "writing sessions at shutdown took over %.0f s", self._background.write_timeout
             )
-            return len(self.sessions) - left, left
+            stop.set()  # it stops after the session it is writing: nothing closes under it
+            return await work
 
     async def settle(self) -> None:
         """Wait for the unloads that ended sessions started in the background."""
         await self.lifecycle.settle()
 
     def stats(self) -> EngineStats:
-        sessions = list(self.sessions)
+        held = len(self.sessions)
         in_memory = self.sessions.resident_count
         replaying = len(self.leases.replays)
         return EngineStats(
             sessions_in_memory=in_memory,
-            sessions_spilled=len(sessions) - in_memory - replaying,
+            sessions_spilled=held - in_memory - replaying,
             sessions_replaying=replaying,
             spilled_bytes=self.spill.bytes_used,
             pool_capacity_bytes=self.budget.limit_bytes,

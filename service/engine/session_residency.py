@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 
 from service.engine.applied_request import from_record, to_record
@@ -245,8 +246,8 @@ class SessionResidency:
         records are released. Returns how many were written."""
         now = self.sessions.clock()
         written = 0
-        for session in self.sessions.resident():
-            if session.unsaved_steps == 0 or session.busy:
+        for session in self.sessions.unsaved():
+            if session.slot is None or session.busy:
                 continue
             if now - session.last_used < min_idle_seconds:
                 continue
@@ -277,12 +278,17 @@ class SessionResidency:
             self.sessions.set_slot(session, None)
         self.tier.delete(session.session_id)
 
-    def spill_all(self) -> tuple[int, int]:
+    def spill_all(self, stop: threading.Event | None = None) -> tuple[int, int]:
         """Shutdown: write every session still in memory (busy or not: the schedulers have
-        stopped, so every slot holds its last completed step), then fsync. → (written, lost)."""
+        stopped, so every slot holds its last completed step), then fsync. → (written, lost).
+        Once `stop` is set (out of time) it writes no more: the rest count as lost, and it
+        returns before the engine goes on to close the versions whose slots it reads."""
         self._frozen = True
         written = lost = 0
-        for session in self.sessions.resident():
+        resident = self.sessions.resident()
+        for done, session in enumerate(resident):
+            if stop is not None and stop.is_set():
+                return written, lost + len(resident) - done
             try:
                 self.spill(session)
                 written += 1

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 
 from service.errors import AliasNotFound, ModelNotFound, VersionNotFound, VersionUnusable, quote
 from service.models.tokenizer import get_tokenizer
-from service.registry.aliases import AliasFileError, read_aliases
+from service.registry.aliases import ALIASES_FILE, AliasFileError, read_aliases
 from service.registry.manifest import MANIFEST_FILE, Manifest, TokensInput
+from service.registry.parsed_files import ParsedFiles
 
 # Canonical version folder names only: "007" and "0" are not versions.
 _VERSION_DIR_RE = re.compile(r"^[1-9][0-9]{0,8}$")
@@ -168,7 +169,7 @@ def scan_model(model_dir: Path) -> ModelEntry:
         for d in sorted(version_dir_names(model_dir), key=int)
     )
     try:
-        aliases, aliases_problem = read_aliases(model_dir), None
+        aliases, aliases_problem = dict(_ALIASES.get(model_dir / ALIASES_FILE)), None
     except AliasFileError as exc:
         aliases, aliases_problem = {}, str(exc)
     return ModelEntry(
@@ -190,7 +191,7 @@ def version_dir_names(model_dir: Path) -> list[str]:
 def scan_version(name: str, version_dir: Path) -> VersionEntry:
     version = int(version_dir.name)
     try:
-        manifest = read_manifest(version_dir, name=name, version=version)
+        manifest = _MANIFESTS.get(version_dir / MANIFEST_FILE)
     except ManifestError as exc:
         return VersionEntry(version, version_dir, None, str(exc))
     weights = version_dir / manifest.weights_file
@@ -251,3 +252,14 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         parts.append(f"field '{loc}': {err['msg']}")
     return "; ".join(parts)
+
+
+def _read_manifest_file(path: Path) -> Manifest:
+    version_dir = path.parent
+    return read_manifest(version_dir, name=version_dir.parent.name, version=int(version_dir.name))
+
+
+# What the scans read, kept while each file is unchanged (`parsed_files`): resolving the version of
+# every new session against the store costs a stat per file, not a read and a validation.
+_MANIFESTS: ParsedFiles[Manifest] = ParsedFiles(_read_manifest_file)
+_ALIASES: ParsedFiles[dict[str, int]] = ParsedFiles(lambda path: read_aliases(path.parent))

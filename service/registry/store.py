@@ -107,6 +107,8 @@ class ModelStore:
 
     def model(self, name: str) -> ModelEntry:
         """Scan one model (cheaper than a full snapshot). Raises ModelNotFound."""
+        if _NAME_RE.match(name) and (self.root / name).is_dir():  # no listing needed
+            return scan_model(self.root / name)
         if name in model_dir_names(self.root):
             return scan_model(self.root / name)
         return self.snapshot().model(name)  # raises, listing what exists

@@ -7,7 +7,10 @@ is reported expired, and the sweeper ends it.
 
 Two LRU orders are kept: all sessions (for TTL bookkeeping and listing) and the sessions whose
 state is in memory (eviction candidates), so picking an eviction victim never walks past the
-spilled ones. The clock is injectable so TTL behaviour is testable without sleeping.
+spilled ones. The periodic chores cost what they find, not what is held: the expiry sweep walks
+the LRU order only while a session there could be past the shortest TTL held, and the idle
+checkpoint looks only at the sessions with journaled steps (`unsaved`). A million idle sessions
+cost the sweep nothing. The clock is injectable so TTL behaviour is testable without sleeping.
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ class SessionStore:
         self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
         self._made: dict[str, Session] = {}  # Session.made_by → the live session
         self._ended_order: deque[str] = deque()
+        # Sessions with journaled steps since their checkpoint, in the order they got them.
+        self._unsaved: dict[str, Session] = {}
+        # TTLs held, with how many sessions hold each, and the shortest (None: recount).
+        self._ttls: Counter[float] = Counter()
+        self._shortest_ttl: float | None = None
+        # False once a session was adopted out of `last_used` order: the next sweep walks all.
+        self._in_order = True
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -79,7 +89,17 @@ class SessionStore:
     def adopt(self, session: Session) -> None:
         """Add without the cap: sessions found in the spill tier at start-up are kept even if
         the cap was lowered meanwhile (new ones are refused until enough end)."""
+        replaced = self._sessions.get(session.session_id)
+        if replaced is not None:
+            self._drop_ttl(replaced.ttl_seconds)
+        elif self._sessions and session.last_used < self._newest().last_used:
+            self._in_order = False  # recovered with an older idle clock than the newest
         self._sessions[session.session_id] = session
+        self._ttls[session.ttl_seconds] += 1
+        if self._shortest_ttl is not None and session.ttl_seconds < self._shortest_ttl:
+            self._shortest_ttl = session.ttl_seconds
+        if session.unsaved_steps:
+            self._unsaved[session.session_id] = session
         if session.owner:
             self._owned[session.owner] += 1
         if session.made_by:
@@ -170,6 +190,8 @@ class SessionStore:
         its checkpoint; True when it is its first since its checkpoint (the caller pins the
         segment)."""
         session.unsaved_steps += steps
+        if session.unsaved_steps and session.session_id in self._sessions:
+            self._unsaved[session.session_id] = session
         if session.journal_segment is None:
             session.journal_segment = segment
             return True
@@ -179,7 +201,12 @@ class SessionStore:
         """The session's state is in a checkpoint; returns the segment it no longer needs."""
         segment, session.journal_segment = session.journal_segment, None
         session.unsaved_steps = 0
+        self._unsaved.pop(session.session_id, None)
         return segment
+
+    def unsaved(self) -> list[Session]:
+        """Sessions with journaled steps not yet in a checkpoint, those journaled first first."""
+        return list(self._unsaved.values())
 
     def remember(self, session: Session, applied: AppliedRequest | None) -> None:
         """The request just applied (None: one without a request id, which no retry names)."""
@@ -195,11 +222,14 @@ class SessionStore:
         session.closed = True
         if session.made_by and self._made.get(session.made_by) is session:
             del self._made[session.made_by]
-        if self._sessions.pop(session.session_id, None) is not None and session.owner:
-            self._owned[session.owner] -= 1
-            if self._owned[session.owner] <= 0:
-                del self._owned[session.owner]
+        if self._sessions.pop(session.session_id, None) is not None:
+            self._drop_ttl(session.ttl_seconds)
+            if session.owner:
+                self._owned[session.owner] -= 1
+                if self._owned[session.owner] <= 0:
+                    del self._owned[session.owner]
         self._resident.pop(session.session_id, None)
+        self._unsaved.pop(session.session_id, None)
         if moved:
             if session.owner:
                 self._owners[session.session_id] = session.owner
@@ -248,7 +278,47 @@ class SessionStore:
         return self.clock() - session.last_used > session.ttl_seconds
 
     def expired(self) -> list[Session]:
-        return [s for s in self._sessions.values() if self.is_expired(s)]
+        """Sessions idle past their TTL. Walks the LRU order from its oldest end and stops at
+        the first session too recently used for even the shortest TTL held: every later one
+        was used later still."""
+        if not self._in_order:
+            self._reorder()
+        shortest = self._shortest()
+        now = self.clock()
+        found = []
+        for session in self._sessions.values():
+            if now - session.last_used <= shortest:
+                break
+            if self.is_expired(session):
+                found.append(session)
+        return found
+
+    def _newest(self) -> Session:
+        return self._sessions[next(reversed(self._sessions))]
+
+    def _reorder(self) -> None:
+        """Put the LRU order back in `last_used` order (after adopting out of order)."""
+        ordered = sorted(self._sessions.values(), key=lambda s: s.last_used)
+        self._sessions = OrderedDict((s.session_id, s) for s in ordered)
+        resident = sorted(self._resident.values(), key=lambda s: s.last_used)
+        self._resident = OrderedDict((s.session_id, s) for s in resident)
+        self._in_order = True
+
+    def _shortest(self) -> float:
+        if self._shortest_ttl is None:
+            if not self._ttls:
+                return 0.0
+            self._shortest_ttl = min(self._ttls)
+        return self._shortest_ttl
+
+    def _drop_ttl(self, ttl: float) -> None:
+        left = self._ttls[ttl] - 1
+        if left > 0:
+            self._ttls[ttl] = left
+            return
+        del self._ttls[ttl]
+        if ttl == self._shortest_ttl:
+            self._shortest_ttl = None  # recounted when the sweep next needs it
 
     def eviction_victim(self) -> Session | None:
         """The least recently used in-memory session with no request running, if any.

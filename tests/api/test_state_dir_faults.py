@@ -205,3 +205,45 @@ async def test_a_close_the_journal_cannot_record_is_refused_and_the_session_live
         with pytest.raises(grpc.aio.AioRpcError) as gone:
             await _step(client, sid, 7)
         assert gone.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # closed
+
+
+async def test_shutdown_out_of_time_stops_writing_before_the_versions_close(
+    tmp_path: Path,
+    server_factory: ServerFactory,
+    store_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writing sessions at shutdown ran past its time on a slow disk. The writer stops after the
+    session it is on, before the versions whose slots it reads are closed (it used to go on in
+    its thread, reading slots of closed pools: "bad free of N"); the sessions it did not write
+    come back from the journal."""
+    sessions = {"spill_dir": tmp_path / "state", "write_timeout_seconds": 0.3}
+    first = await server_factory(sessions=sessions)
+    sids = []
+    async with SeqServeClient(f"127.0.0.1:{first.port}") as client:
+        for k in range(12):
+            created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+            sids.append(created.session.session_id)
+            await _step(client, sids[-1], k + 1, k + 2)
+    tier = first.engine.residency.tier
+    write, written = tier.write, []
+
+    def slow_write(*args: object, **kwargs: object) -> None:
+        time.sleep(0.1)  # a slow disk: 12 sessions take 1.2 s, the limit is 0.3 s
+        write(*args, **kwargs)
+        written.append(time.monotonic())
+
+    monkeypatch.setattr(tier, "write", slow_write)
+    await first.stop()
+    count = len(written)
+    assert 0 < count < len(sids)
+    time.sleep(0.3)
+    assert len(written) == count  # nothing was written after the stop returned
+    second = await server_factory(sessions=sessions)
+    async with SeqServeClient(f"127.0.0.1:{second.port}") as client:
+        for k, sid in enumerate(sids):
+            reference = ReferenceSession(store_root, "tok")
+            reference.feed([k + 1, k + 2])
+            reply = await _step(client, sid, 9)
+            assert reply.position == 3
+            assert_matches_reference(reply.prediction, reference.feed([9])[-1])

@@ -84,3 +84,83 @@ def test_last_used_in_wall_time() -> None:
     clock.now += 25.0
     wall = store.last_used_wall(s)
     assert wall == 1.7e9 - 25.0
+
+
+def _counting_expiry(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> list[Session]:
+    """The sessions the sweep looks at, in order."""
+    seen: list[Session] = []
+    check = store.is_expired
+
+    def counted(session: Session) -> bool:
+        seen.append(session)
+        return check(session)
+
+    monkeypatch.setattr(store, "is_expired", counted)
+    return seen
+
+
+def test_the_sweep_stops_at_the_first_session_too_young_to_expire(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    store = SessionStore(10_000, clock=clock)
+    old = _session(store, ttl=10.0)
+    store.add(old)
+    clock.now += 5.0
+    for _ in range(1_000):
+        store.add(_session(store, ttl=10.0))
+    seen = _counting_expiry(store, monkeypatch)
+    clock.now += 6.0
+    assert store.expired() == [old]
+    assert seen == [old]  # the 1,000 used later were not looked at
+    store.touch(old)
+    seen.clear()
+    assert store.expired() == [] and seen == []
+
+
+def test_a_short_ttl_behind_a_long_one_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    store = SessionStore(10, clock=clock)
+    long_lived, short = _session(store, ttl=30.0), None
+    store.add(long_lived)
+    clock.now += 5.0
+    short = _session(store, ttl=10.0)
+    store.add(short)
+    clock.now += 11.0
+    assert store.expired() == [short]
+    store.remove(short, "expired")
+    seen = _counting_expiry(store, monkeypatch)
+    clock.now += 5.0  # 21 s idle: past the short TTL no session holds any more
+    assert store.expired() == [] and seen == []
+    clock.now += 10.0
+    assert store.expired() == [long_lived]
+
+
+def test_sessions_adopted_out_of_order_are_swept_too() -> None:
+    clock = Clock()
+    store = SessionStore(10, clock=clock)
+    clock.now = 200.0
+    fresh = _session(store, ttl=10.0)
+    store.add(fresh)
+    recovered = _session(store, ttl=10.0)
+    recovered.last_used = 150.0  # a checkpoint's idle clock, older than `fresh`
+    store.adopt(recovered)
+    assert store.expired() == [recovered]
+    clock.now = 211.0
+    assert store.expired() == [recovered, fresh]  # oldest first once put back in order
+
+
+def test_unsaved_lists_sessions_with_journaled_steps_until_their_checkpoint() -> None:
+    store = SessionStore(10)
+    a, b, c = _session(store), _session(store), _session(store)
+    for s in (a, b, c):
+        store.add(s)
+    assert store.unsaved() == []
+    assert store.journaled(b, segment=3) is True
+    assert store.journaled(a, segment=3) is True
+    assert store.journaled(b, segment=4) is False
+    assert store.unsaved() == [b, a]
+    assert store.checkpointed(b) == 3
+    assert store.unsaved() == [a]
+    store.remove(a, "closed")
+    assert store.unsaved() == []
