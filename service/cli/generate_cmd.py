@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 
 import grpc
 
 from service.client import credentials
 from service.client.client import SeqServeClient
+from service.client.session import ClientSession
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,29 +38,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+CLOSE_ATTEMPTS = 40  # x 50 ms: a cancelled generation lets go of its session within this
+
+
 async def _generate(args: argparse.Namespace) -> None:
     async with SeqServeClient(args.target, credentials=credentials.from_args(args)) as client:
         session = await client.create_session(args.model, args.version, seed=args.seed)
         try:
             sys.stdout.write(args.prompt)
-            async for piece in session.generate(
+            pieces = session.generate(
                 args.prompt,
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
                 stop=args.stop,
-            ):
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
+            )
+            async with contextlib.aclosing(pieces):  # a reader gone (`| head`) cancels the call
+                async for piece in pieces:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
             sys.stdout.write("\n")
         finally:
+            await _close(session)
+
+
+async def _close(session: ClientSession) -> None:
+    """Close the session; a generation cancelled just now may still hold it for a moment
+    (the server answers ABORTED, one request at a time), so wait for it briefly."""
+    for attempt in range(CLOSE_ATTEMPTS):
+        try:
             await session.close()
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED or attempt == CLOSE_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_generate(args))
+    except BrokenPipeError:  # the reader went away (`| head`): the session is closed, no error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
+        return 0
     except grpc.aio.AioRpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

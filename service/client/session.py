@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -118,7 +118,7 @@ class ClientSession:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         timeout: float | None = None,
-    ) -> AsyncIterator[GeneratedPiece]:
+    ) -> AsyncGenerator[GeneratedPiece, None]:
         """Unset arguments fall back to the session's default sampling, then the server's.
         Retried like `feed`: a token is yielded once, however often the server resends it.
         `timeout` bounds the whole generation."""
