@@ -169,12 +169,16 @@ class SessionResidency:
     # ---- spill and restore ---------------------------------------------------------------
 
     def spill(self, session: Session, *, durable: bool = False) -> None:
-        """Write an idle in-memory session to the tier and free its slot."""
+        """Write an idle in-memory session to the tier and free its slot. With a journal, a
+        session whose checkpoint is current (written since its last use: an idle checkpoint,
+        usually) is not written again: the tier keeps every checkpoint's record."""
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory spills"
-        record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
-        self.tier.write(record, durable=durable)
-        self.durability.checkpointed(session)
+        if not (self.durability.enabled and self.sessions.record_is_current(session)):
+            record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
+            self.tier.write(record, durable=durable)
+            self.sessions.written(session)
+            self.durability.checkpointed(session)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
 
@@ -186,6 +190,7 @@ class SessionResidency:
         assert served is not None and session.slot is not None, "only a session in memory"
         record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
         self.tier.write(record, first=first)
+        self.sessions.written(session)
         self.durability.checkpointed(session)
 
     def checkpoint_record(self, session: Session, state: SlotSnapshot) -> SpillRecord:

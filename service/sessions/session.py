@@ -77,6 +77,9 @@ class Session:
     # the oldest of them (None when everything is in the checkpoint).
     unsaved_steps: int = 0
     journal_segment: int | None = None
+    # `last_used` when its state was last written to the tier (-1: never). While it still
+    # equals `last_used` and nothing is journaled since, the tier's record is this session.
+    saved_at: float = -1.0
     last_request: AppliedRequest | None = None  # for exactly-once retries
     made_by: str = ""  # "create:<request id>" / "fork:<request id>": a retry finds it
     # Recovered at its position, its state still to be computed from the journal (replay.py).

@@ -204,6 +204,15 @@ class SessionStore:
         self._unsaved.pop(session.session_id, None)
         return segment
 
+    def written(self, session: Session) -> None:
+        """Its state, position and idle clock as they are now were written to the tier."""
+        session.saved_at = session.last_used
+
+    def record_is_current(self, session: Session) -> bool:
+        """The tier's record of it was written since its last use and last journaled change:
+        writing it again would write the same record."""
+        return session.journal_segment is None and session.saved_at == session.last_used
+
     def unsaved(self) -> list[Session]:
         """Sessions with journaled steps not yet in a checkpoint, those journaled first first."""
         return list(self._unsaved.values())

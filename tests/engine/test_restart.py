@@ -106,3 +106,50 @@ async def test_one_server_per_spill_directory(make_engine: EngineFactory, tmp_pa
     await make_engine(spill_dir=tmp_path / "shared-spill")
     with pytest.raises(SpillTierInUse):
         await make_engine(spill_dir=tmp_path / "shared-spill")
+
+
+async def test_stop_writes_only_sessions_changed_since_their_checkpoint(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle checkpoints already hold most sessions: stopping writes only those used since (a
+    step, or only a retry that touched the idle clock), and the restart resumes every one at
+    its position, prediction and idle clock."""
+    spill = tmp_path / "shared-spill"
+    clock = FakeClock()
+    first = await make_engine(spill_dir=spill, clock=clock)
+    roomy = await make_engine()
+    pairs = []
+    for i in range(4):
+        a, _ = await first.create_session("tok", seed=i, ttl_seconds=100.0)
+        b, _ = await roomy.create_session("tok", seed=i)
+        await first.feed(a.session_id, toks(i + 1, i + 2), request_id=f"r{i}", expected_position=0)
+        await roomy.feed(b.session_id, toks(i + 1, i + 2))
+        pairs.append((a.session_id, b.session_id))
+    clock.advance(10.0)
+    first.residency.checkpoint_idle(5.0)  # (the sweeper may have written some already)
+    assert all(first.sessions.record_is_current(s) for s in first.sessions)
+    clock.advance(10.0)
+    retried = await first.feed(pairs[1][0], toks(2, 3), request_id="r1", expected_position=0)
+    assert retried.position == 2  # a retry: it applied nothing, only its use was new
+    clock.advance(1.0)
+    await first.feed(pairs[0][0], toks(7))
+    await roomy.feed(pairs[0][1], toks(7))
+    tier, written = first.residency.tier, []
+    write = tier.write
+
+    def counted(record: object, **kwargs: object) -> None:
+        written.append(record.header.session_id)  # type: ignore[attr-defined]
+        write(record, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tier, "write", counted)
+    await first.stop()
+    assert sorted(written) == sorted([pairs[0][0], pairs[1][0]])
+
+    second = await make_engine(spill_dir=spill, clock=clock)
+    clock.advance(85.0)  # idle since: 106 s for the untouched, 85 s and 86 s for the others
+    for untouched in (pairs[2][0], pairs[3][0]):
+        with pytest.raises(SessionExpired):
+            second.get_session(untouched)
+    for a, b in pairs[:2]:
+        got, want = await second.feed(a, toks(42)), await roomy.feed(b, toks(42))
+        assert got.position == want.position and same(got.prediction, want.prediction)
