@@ -306,11 +306,10 @@ class SessionStore:
         return self._sessions[next(reversed(self._sessions))]
 
     def _reorder(self) -> None:
-        """Put the LRU order back in `last_used` order (after adopting out of order)."""
+        """Put the LRU order back in `last_used` order (after adopting out of order). The
+        in-memory order is left as it is: it ranks eviction, where a restore counts as a use."""
         ordered = sorted(self._sessions.values(), key=lambda s: s.last_used)
         self._sessions = OrderedDict((s.session_id, s) for s in ordered)
-        resident = sorted(self._resident.values(), key=lambda s: s.last_used)
-        self._resident = OrderedDict((s.session_id, s) for s in resident)
         self._in_order = True
 
     def _shortest(self) -> float:
