@@ -148,17 +148,21 @@ class SessionEngine:
         await self.versions.stop_schedulers()
         journal = self.durability.journal
         written, lost = await self._write_all()
+        synced = False
         if lost == 0:
-            with contextlib.suppress(OSError):
+            try:
                 await asyncio.to_thread(self.spill.sync)
                 await asyncio.to_thread(self.spill.mark_clean_stop, self.sessions.wall_clock())
+                synced = True
+            except OSError as exc:  # the checkpoints may not be on disk: keep the journal
+                log.error("could not flush the spill tier at shutdown: %s", exc)
         log.info("spilled %d sessions to %s for a restart", written, self.spill.directory)
         if lost:
             kept = "their steps stay in the journal" if journal else "they are lost"
             log.error("%d sessions could not be written at shutdown; %s", lost, kept)
         if journal is not None:
             journal.close()
-            if lost == 0 and not self.leases.replays:  # all in checkpoints: no journal needed
+            if synced and not self.leases.replays:  # all in checkpoints: no journal needed
                 journal.drop_before(journal.segment + 1)
         await self.versions.close()
         self.spill.close()

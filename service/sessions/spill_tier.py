@@ -11,6 +11,7 @@ One server owns a directory at a time: `open()` takes an exclusive lock on `.loc
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -39,6 +40,9 @@ _ID_RE = re.compile(SESSION_ID_PATTERN)
 # How a record is named in messages a client may see: never the server's path (it is logged).
 _SOURCE = "its spill record"
 _SYNC_THREADS = 8  # fsyncs in parallel share journal commits
+# From this many records on, one syncfs(2) of the directory's filesystem replaces an fsync per
+# file: 50,000 records of 6 KB took 0.4-0.7 s that way against 4.8 s (README, Durability).
+SYNCFS_FROM = 1024
 
 
 @dataclass
@@ -203,7 +207,9 @@ class SpillTier:
     def sync(self) -> None:
         """fsync every record written without it since the last sync, then the directory."""
         ids, self._unsynced = list(self._unsynced), set()
-        if ids:
+        if len(ids) >= SYNCFS_FROM and syncfs(self.directory):
+            pass  # the filesystem's dirty data, these records included, is on disk
+        elif ids:
             with ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="spill-sync") as pool:
                 list(pool.map(self._fsync_file, ids))
         if self.directory.exists():
@@ -280,3 +286,24 @@ def _unusable(directory: Path, exc: OSError) -> SpillDirUnusable:
         f"spill directory {directory} is not usable: {exc.strerror or exc} "
         "(set SEQSERVE_SESSIONS__SPILL_DIR or --spill-dir to a writable directory)"
     )
+
+
+def syncfs(directory: Path) -> bool:
+    """syncfs(2) on the filesystem holding `directory`: every file's dirty data on it is written
+    and flushed, as fsync would for each. False where the C library has no syncfs (not Linux);
+    raises OSError when the kernel reports a write error."""
+    call = getattr(_libc(), "syncfs", None)
+    if call is None:
+        return False
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if call(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs of {directory}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
+    return True
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

@@ -153,3 +153,31 @@ async def test_stop_writes_only_sessions_changed_since_their_checkpoint(
     for a, b in pairs[:2]:
         got, want = await second.feed(a, toks(42)), await roomy.feed(b, toks(42))
         assert got.position == want.position and same(got.prediction, want.prediction)
+
+
+async def test_a_failed_flush_at_stop_keeps_the_journal(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoints written at stop could not be flushed (an I/O error from fsync): they may
+    not be on disk, so the journal that holds the same steps is kept, not trimmed."""
+    spill = tmp_path / "shared-spill"
+
+    def journal_bytes() -> int:
+        return sum(p.stat().st_size for p in (spill / "journal").iterdir())
+
+    for fails in (False, True):
+        engine = await make_engine(spill_dir=spill)
+        made, _ = await engine.create_session("tok")
+        await engine.feed(made.session_id, toks(1, 2, 3))
+        if fails:
+
+            def broken_sync() -> None:
+                raise OSError(5, "Input/output error")
+
+            monkeypatch.setattr(engine.spill, "sync", broken_sync)
+        before = journal_bytes()
+        await engine.stop()
+        if fails:
+            assert journal_bytes() >= before > 0
+        else:
+            assert journal_bytes() < before  # a clean stop trims it

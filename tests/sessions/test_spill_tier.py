@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from service.errors import SpillCorrupted, SpillTierFull, SpillTierInUse
+from service.sessions import spill_tier
+from service.sessions.session import new_session_id
 from service.sessions.spill_tier import SpillTier
 
 from .test_spill_record import make_record
@@ -89,3 +92,62 @@ def test_clean_stop_marker_is_read_once(tmp_path: Path) -> None:
     third = SpillTier(directory, max_bytes=1 << 20)
     assert third.open().stopped_at is None  # a crash after a start must not reuse it
     third.close()
+
+
+def _records(tier: SpillTier, n: int) -> None:
+    """`n` new records, written without fsync (as checkpoints and evictions write them)."""
+    for _ in range(n):
+        record = make_record()
+        header = record.header.model_copy(update={"session_id": new_session_id()})
+        tier.write(dataclasses.replace(record, header=header))
+
+
+def _recorded(monkeypatch: pytest.MonkeyPatch, available: bool = True) -> tuple[list, list]:
+    """(syncfs calls, per-file fsyncs) made by the tier from now on."""
+    whole, files = [], []
+    real = spill_tier.syncfs
+
+    def fake_syncfs(directory: Path) -> bool:
+        whole.append(directory)
+        return real(directory) if available else False
+
+    monkeypatch.setattr(spill_tier, "syncfs", fake_syncfs)
+    fsync_file = SpillTier._fsync_file
+
+    def counted(self: SpillTier, session_id: str) -> None:
+        files.append(session_id)
+        fsync_file(self, session_id)
+
+    monkeypatch.setattr(SpillTier, "_fsync_file", counted)
+    return whole, files
+
+
+def test_many_unsynced_records_take_one_syncfs(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spill_tier, "SYNCFS_FROM", 8)
+    whole, files = _recorded(monkeypatch)
+    _records(tier, 8)
+    tier.sync()
+    assert whole == [tier.directory] and files == []
+    tier.sync()  # nothing left to sync
+    assert len(whole) == 1
+
+
+def test_few_records_or_no_syncfs_are_fsynced_one_by_one(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spill_tier, "SYNCFS_FROM", 8)
+    whole, files = _recorded(monkeypatch, available=False)
+    _records(tier, 7)
+    tier.sync()
+    assert whole == [] and len(files) == 7
+    _records(tier, 8)  # enough for syncfs, which this C library lacks
+    tier.sync()
+    assert len(whole) == 1 and len(files) == 7 + 8
+
+
+def test_syncfs_reports_what_the_kernel_says(tmp_path: Path) -> None:
+    assert spill_tier.syncfs(tmp_path) is True  # Linux: glibc has syncfs
+    with pytest.raises(OSError):
+        spill_tier.syncfs(tmp_path / "missing")
