@@ -10,6 +10,13 @@ latency would pay for it. (With generations there is always a wait: the loop mus
 inline steps.) Measured against two quiet ticks and no yield, on one core, one token per
 message: at 64 sessions rows per step 40 → 52, at 16 sessions 3.5k → 4.3k tokens/s, one
 session p50 0.80 → 0.73 ms.
+
+A step with generations in company (more than one row waiting, a last step of several rows, or
+rows arriving in the last window) waits `GENERATION_BURST_TICKS` quiet ticks: 64 Generate calls
+arriving together came in about as fast as steps of one or two rows ran, each ~0.6 ms, so the
+first tokens went out in some thirty small steps. Interleaved on one core, two pairs: 64
+one-token generations started at once p50 40 / 40 → 38 / 30 ms (p99 94 / 91 → 83 / 62), 64-token
+ones 49 / 54 → 42 / 44 ms; a lone generation and 16 or 64 closed-loop generations unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +25,11 @@ import asyncio
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+# Quiet ticks a step with generations waits while rows keep arriving (a burst of Generate calls
+# being taken in): each one-row generation step costs ~0.6 ms, so fewer, fuller steps get the
+# first tokens out sooner. A lone generation, with nothing arriving, waits the usual two.
+GENERATION_BURST_TICKS = 8
 
 
 class _Queued(Protocol):
@@ -30,6 +42,7 @@ class BatchWindow:
         self._max_batch = max_batch
         self._last_rows = 0  # rows in the last step
         self._lone: int | None = None  # the slot of the last step's row, if it had one only
+        self._arriving = False  # rows came in while the last window was open
 
     def stepped(self, slots: Sequence[int]) -> None:
         """A step of rows on these slots is about to run."""
@@ -40,16 +53,20 @@ class BatchWindow:
         """Yield ticks until enough in a row bring no new row to `pending`, or a full batch
         waits."""
         quiet_ticks = self._quiet_ticks(pending, generating)
-        seen, quiet = len(pending), 0
+        first = seen = len(pending)
+        quiet = 0
         while quiet < quiet_ticks and len(pending) < self._max_batch:
             _yield_cpu()
             await asyncio.sleep(0)
             quiet = quiet + 1 if len(pending) == seen else 0
             seen = len(pending)
+        self._arriving = seen > first
 
     def _quiet_ticks(self, pending: Sequence[_Queued], generating: bool) -> int:
         if not generating and len(pending) == 1 and pending[0].row.slot == self._lone:
             return 0  # the session that stepped alone last time is back, alone
+        if generating and (self._arriving or len(pending) > 1 or self._last_rows > 1):
+            return GENERATION_BURST_TICKS  # calls keep coming in: take more first tokens at once
         return 4 if self._last_rows > 1 else 2
 
 

@@ -1,0 +1,80 @@
+"""BatchWindow: how many quiet ticks a step waits for more rows, counted by the CPU yields."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from service.engine import batch_window
+from service.engine.batch_window import GENERATION_BURST_TICKS, BatchWindow
+
+
+def _rows(*slots: int) -> list[Any]:
+    return [SimpleNamespace(row=SimpleNamespace(slot=s)) for s in slots]
+
+
+@pytest.fixture
+def ticks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per tick the window waits (each tick yields the CPU first)."""
+    seen: list[int] = []
+    monkeypatch.setattr(batch_window, "_yield_cpu", lambda: seen.append(1))
+    return seen
+
+
+async def test_a_lone_generation_waits_two_quiet_ticks(ticks: list[int]) -> None:
+    window = BatchWindow(max_batch=64)
+    window.stepped([5])
+    await window.gather(_rows(5), generating=True)
+    assert len(ticks) == 2
+
+
+@pytest.mark.parametrize(("last_step", "pending"), [([1, 2], [1]), ([5], [1, 2])])
+async def test_generations_in_company_wait_longer_for_more_first_tokens(
+    ticks: list[int], last_step: list[int], pending: list[int]
+) -> None:
+    window = BatchWindow(max_batch=64)
+    window.stepped(last_step)
+    await window.gather(_rows(*pending), generating=True)
+    assert len(ticks) == GENERATION_BURST_TICKS
+
+
+async def test_a_row_arriving_in_the_window_makes_the_next_generation_step_wait_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    window = BatchWindow(max_batch=64)
+    window.stepped([5])
+    pending = _rows(5)
+    seen: list[int] = []
+
+    def tick() -> None:
+        seen.append(1)
+        if len(seen) == 1:
+            pending.extend(_rows(6))  # a call taken in while the window is open
+
+    monkeypatch.setattr(batch_window, "_yield_cpu", tick)
+    await window.gather(pending, generating=True)
+    assert len(seen) == 1 + 2  # the arrival restarts the count of quiet ticks
+    window.stepped([7])
+    seen.clear()
+    await window.gather(_rows(7), generating=True)
+    assert len(seen) == GENERATION_BURST_TICKS
+
+
+async def test_feeds_keep_their_window(ticks: list[int]) -> None:
+    window = BatchWindow(max_batch=64)
+    window.stepped([1, 2])
+    await window.gather(_rows(3), generating=False)
+    assert len(ticks) == 4
+    window.stepped([3])
+    ticks.clear()
+    await window.gather(_rows(3), generating=False)
+    assert ticks == []  # back alone: no wait
+
+
+async def test_a_full_batch_does_not_wait(ticks: list[int]) -> None:
+    window = BatchWindow(max_batch=2)
+    window.stepped([1, 2])
+    await window.gather(_rows(1, 2), generating=True)
+    assert ticks == []
