@@ -19,11 +19,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from service.engine.checkpoint_header import session_from
 from service.engine.replay import PendingReplays, lose
 from service.engine.replay_plan import replay_of
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
-from service.engine.session_residency import SessionResidency, session_from
+from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError, SessionLost, SpillMismatch, VersionGone
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr

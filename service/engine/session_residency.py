@@ -17,7 +17,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from service.engine.applied_request import from_record, to_record
+from service.engine.applied_request import from_record
+from service.engine.checkpoint_header import header_of, session_from
 from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
@@ -30,7 +31,6 @@ from service.errors import (
     SpillMismatch,
     Unavailable,
 )
-from service.runtime.sampler import SessionRng
 from service.runtime.state_pool import SlotSnapshot
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
@@ -307,46 +307,4 @@ class SessionResidency:
     def _header(self, session: Session) -> SpillHeader:
         served = self.versions.find(session.model, session.version)
         assert served is not None
-        cfg = served.config
-        return SpillHeader(
-            session_id=session.session_id,
-            model=session.model,
-            version=session.version,
-            fingerprint=session.fingerprint,
-            position=session.position,
-            seed=session.seed,
-            parent_session_id=session.parent_session_id,
-            created_at=session.created_at,
-            ttl_seconds=session.ttl_seconds,
-            last_used_wall=self.sessions.last_used_wall(session),
-            rng_state=session.rng.get_state(),
-            default_sampling=session.default_sampling,
-            last_request=to_record(session.last_request),
-            made_by=session.made_by,
-            owner=session.owner,
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            has_cell_state=cfg.has_cell_state,
-            output_dim=cfg.output_dim,
-        )
-
-
-def session_from(header: SpillHeader, last_used: float) -> Session:
-    """The session a checkpoint describes, not in memory."""
-    return Session(
-        session_id=header.session_id,
-        model=header.model,
-        version=header.version,
-        fingerprint=header.fingerprint,
-        slot=None,
-        rng=SessionRng.from_state(header.rng_state),
-        default_sampling=header.default_sampling,
-        ttl_seconds=header.ttl_seconds,
-        created_at=header.created_at,
-        last_used=last_used,
-        seed=header.seed,
-        parent_session_id=header.parent_session_id,
-        made_by=header.made_by,
-        owner=header.owner,
-        position=header.position,
-    )
+        return header_of(session, served.config, self.sessions.last_used_wall(session))

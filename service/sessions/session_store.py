@@ -31,6 +31,7 @@ from service.errors import (
 )
 from service.security.principal import caller, may_see
 from service.sessions.session import AppliedRequest, Session
+from service.sessions.ttl_index import TtlIndex
 
 _REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
 
@@ -56,9 +57,7 @@ class SessionStore:
         self._ended_order: deque[str] = deque()
         # Sessions with journaled steps since their checkpoint, in the order they got them.
         self._unsaved: dict[str, Session] = {}
-        # TTLs held, with how many sessions hold each, and the shortest (None: recount).
-        self._ttls: Counter[float] = Counter()
-        self._shortest_ttl: float | None = None
+        self._ttls = TtlIndex()  # how far the expiry sweep walks
         # False once a session was adopted out of `last_used` order: the next sweep walks all.
         self._in_order = True
 
@@ -91,13 +90,11 @@ class SessionStore:
         the cap was lowered meanwhile (new ones are refused until enough end)."""
         replaced = self._sessions.get(session.session_id)
         if replaced is not None:
-            self._drop_ttl(replaced.ttl_seconds)
+            self._ttls.remove(replaced.ttl_seconds)
         elif self._sessions and session.last_used < self._newest().last_used:
             self._in_order = False  # recovered with an older idle clock than the newest
         self._sessions[session.session_id] = session
-        self._ttls[session.ttl_seconds] += 1
-        if self._shortest_ttl is not None and session.ttl_seconds < self._shortest_ttl:
-            self._shortest_ttl = session.ttl_seconds
+        self._ttls.add(session.ttl_seconds)
         if session.unsaved_steps:
             self._unsaved[session.session_id] = session
         if session.owner:
@@ -189,9 +186,9 @@ class SessionStore:
         """A record of the session is in the journal (in `segment`), counting `steps` toward
         its checkpoint; True when it is its first since its checkpoint (the caller pins the
         segment)."""
+        if steps and not session.unsaved_steps and session.session_id in self._sessions:
+            self._unsaved[session.session_id] = session  # its first step since its checkpoint
         session.unsaved_steps += steps
-        if session.unsaved_steps and session.session_id in self._sessions:
-            self._unsaved[session.session_id] = session
         if session.journal_segment is None:
             session.journal_segment = segment
             return True
@@ -232,7 +229,7 @@ class SessionStore:
         if session.made_by and self._made.get(session.made_by) is session:
             del self._made[session.made_by]
         if self._sessions.pop(session.session_id, None) is not None:
-            self._drop_ttl(session.ttl_seconds)
+            self._ttls.remove(session.ttl_seconds)
             if session.owner:
                 self._owned[session.owner] -= 1
                 if self._owned[session.owner] <= 0:
@@ -292,7 +289,7 @@ class SessionStore:
         was used later still."""
         if not self._in_order:
             self._reorder()
-        shortest = self._shortest()
+        shortest = self._ttls.shortest()
         now = self.clock()
         found = []
         for session in self._sessions.values():
@@ -311,22 +308,6 @@ class SessionStore:
         ordered = sorted(self._sessions.values(), key=lambda s: s.last_used)
         self._sessions = OrderedDict((s.session_id, s) for s in ordered)
         self._in_order = True
-
-    def _shortest(self) -> float:
-        if self._shortest_ttl is None:
-            if not self._ttls:
-                return 0.0
-            self._shortest_ttl = min(self._ttls)
-        return self._shortest_ttl
-
-    def _drop_ttl(self, ttl: float) -> None:
-        left = self._ttls[ttl] - 1
-        if left > 0:
-            self._ttls[ttl] = left
-            return
-        del self._ttls[ttl]
-        if ttl == self._shortest_ttl:
-            self._shortest_ttl = None  # recounted when the sweep next needs it
 
     def eviction_victim(self) -> Session | None:
         """The least recently used in-memory session with no request running, if any.

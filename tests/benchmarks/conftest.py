@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
 from benchmarks.echo_server import EchoSessions
-from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from tests.grpc_support import serving
 
 
 @pytest.fixture
 async def echo_target() -> AsyncIterator[str]:
     """The address of a running echo SessionService."""
-    server = grpc.aio.server()
-    pb_grpc.add_SessionServiceServicer_to_server(EchoSessions(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    async with serving(EchoSessions()) as target:
+        yield target

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
 from tests.api.conftest import server, server_factory, store_root  # noqa: F401 - fixtures
 from tests.api.support import ReferenceSession, assert_matches_reference, tokens
+from tests.grpc_support import serving
 
 FAST = RetryPolicy(deadline_seconds=10, first_backoff_seconds=0.01, max_backoff_seconds=0.05)
 
@@ -119,16 +119,8 @@ class Recorded(pb_grpc.SessionServiceServicer):
         return reply
 
 
-@asynccontextmanager
-async def recorded(servicer: Recorded) -> AsyncIterator[str]:
-    grpc_server = grpc.aio.server()
-    pb_grpc.add_SessionServiceServicer_to_server(servicer, grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await grpc_server.stop(0)
+def recorded(servicer: Recorded) -> AbstractAsyncContextManager[str]:
+    return serving(servicer)
 
 
 def _sessions(client: SeqServeClient, n: int) -> list[ClientSession]:
