@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from service.errors import InvalidArgument
-from service.runtime.sampler import SamplingParams, SessionRng, sample
+from service.runtime.sampler import SamplingParams, SessionRng, sample, sort_descending
 
 V = 40
 
@@ -207,6 +207,83 @@ def test_a_rows_draw_does_not_depend_on_the_rest_of_the_batch() -> None:
     for step in range(20):
         out = sample(logits[perm], [params[i] for i in perm], [rngs[i] for i in perm]).tolist()
         assert [out[perm.index(i)] for i in range(6)] == batched[step]
+
+
+def _sample_before(
+    logits: torch.Tensor, params: list[SamplingParams], rngs: list[SessionRng]
+) -> torch.Tensor:
+    """`sample` as it was before its numpy sort and its no-cut path (commit d522e4d), kept
+    verbatim as the oracle: seeded sessions must draw the very same tokens as before."""
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    if greedy:
+        out[greedy] = logits[greedy].argmax(dim=1).cpu()
+    rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if not rand:
+        return out
+    sub = logits[rand].float().cpu()
+    temps = torch.tensor([params[i].temperature for i in rand]).unsqueeze(1)
+    sorted_logits, order = torch.sort(sub / temps, dim=1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=1)
+    rank = torch.arange(vocab).unsqueeze(0)
+    top_k = torch.tensor([params[i].top_k or vocab for i in rand]).unsqueeze(1)
+    top_p = torch.tensor([params[i].top_p for i in rand]).unsqueeze(1)
+    mass_before = torch.cumsum(probs, dim=1) - probs
+    keep = (rank < top_k) & ((mass_before < top_p) | (rank == 0))
+    cdf = torch.cumsum(probs * keep, dim=1)
+    u = torch.tensor([rngs[i].uniform() for i in rand], dtype=cdf.dtype).unsqueeze(1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+    pick = torch.minimum(pick, keep.sum(dim=1, keepdim=True) - 1)
+    out[rand] = order.gather(1, pick).squeeze(1)
+    return out
+
+
+_MIXES = [
+    [SamplingParams()],  # the defaults: no cut
+    [SamplingParams(temperature=0.7)],
+    [SamplingParams(top_k=5), SamplingParams(top_p=0.8), SamplingParams(temperature=0.0)],
+    [SamplingParams(temperature=1.3, top_k=V), SamplingParams(temperature=2.0, top_p=0.5)],
+]
+
+
+@pytest.mark.parametrize("mix", range(len(_MIXES)))
+@pytest.mark.parametrize("ties", [False, True])
+def test_seeded_draws_are_the_same_tokens_as_before_the_faster_sort(mix: int, ties: bool) -> None:
+    gen = torch.Generator().manual_seed(mix)
+    for batch in (1, 3, 64):
+        logits = torch.randn(batch, V, generator=gen) * 3
+        if ties:  # equal logits in every row (the order among them is torch's, kept)
+            logits[:, 5:15] = 0.25
+            logits[0, :] = 1.0  # and a row that is all one value
+        params = [_MIXES[mix][i % len(_MIXES[mix])] for i in range(batch)]
+        now = [SessionRng.seeded(7 + i) for i in range(batch)]
+        before = [SessionRng.seeded(7 + i) for i in range(batch)]
+        for _ in range(30):
+            expected = _sample_before(logits, params, before).tolist()
+            assert sample(logits, params, now).tolist() == expected
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_sort_descending_is_torch_sort(ties: bool) -> None:
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
+    if ties:
+        x[3, 7] = x[3, 9]
+        x[5, :] = 0.0
+        x[6, 0], x[6, 1] = 0.0, -0.0  # equal, though not the same bits
+    values, order = sort_descending(x)
+    expected = torch.sort(x, dim=1, descending=True)
+    assert torch.equal(values, expected.values) and torch.equal(order, expected.indices)
+    assert order.dtype == torch.int64
+
+
+def test_a_nan_logit_row_is_sorted_by_torch() -> None:
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(4))
+    x[1, 2] = float("nan")
+    values, order = sort_descending(x)
+    expected = torch.sort(x, dim=1, descending=True)
+    assert torch.equal(order, expected.indices)
+    assert torch.equal(values.isnan(), expected.values.isnan())
 
 
 # ---- SessionRng -------------------------------------------------------------------------------
