@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 
 from service.api import convert
+from service.api.interceptor import checks_its_requests
 from service.api.stream_mux import StreamMux, error_reply
 from service.engine.session_engine import Feed, FeedOutcome, Line, SessionEngine
 from service.errors import InvalidArgument, SeqServeError
@@ -98,39 +99,41 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                     token=convert.token_to_pb(token),
                 )
 
+    @checks_its_requests  # StreamMux checks each message as it reads it
     async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:  # type: ignore[no-untyped-def]
         async for response in self._mux.run(request_iterator):
             yield response
 
     # ---- Stream items ------------------------------------------------------------------------
 
-    async def _feed_items(self, items: list[pb.StreamItem], line: Line) -> list[pb.StreamReply]:
-        """Plain feeds of one message: one engine call for all, one reply each, in order."""
-        replies: list[pb.StreamReply | None] = [None] * len(items)
+    async def _feed_items(self, items: list[pb.StreamItem], line: Line) -> pb.StreamResponse:
+        """Plain feeds of one message: one engine call for all, one reply each, in order,
+        written in place into the response that carries them (building each reply on its own
+        and copying it into a response costs a copy per reply)."""
+        refused: dict[int, SeqServeError] = {}
         feeds: list[Feed] = []
-        accepted: list[int] = []
         for k, item in enumerate(items):
             try:
                 inp = convert.input_from_pb(item.input)
             except SeqServeError as exc:
-                replies[k] = error_reply(item, exc)
+                refused[k] = exc
                 continue
             options = convert.options_from_pb(item.options)
             feeds.append(Feed(item.session_id, inp, options, _expected(item), item.request_id))
-            accepted.append(k)
-        outcomes = await self.engine.feed_many(feeds, line) if feeds else []
-        for k, outcome in zip(accepted, outcomes, strict=True):
-            item = items[k]
+        outcomes = iter(await self.engine.feed_many(feeds, line) if feeds else ())
+        response = pb.StreamResponse()
+        add = response.replies.add
+        for k, item in enumerate(items):
+            outcome = refused[k] if k in refused else next(outcomes)
             if isinstance(outcome, SeqServeError):
-                replies[k] = error_reply(item, outcome)
+                add().CopyFrom(error_reply(item, outcome))
                 continue
-            reply = pb.StreamReply(
+            reply = add(
                 session_id=item.session_id, request_id=item.request_id, position=outcome.position
             )
             if not item.options.skip:
                 _fill_prediction(reply, outcome)
-            replies[k] = reply
-        return [r for r in replies if r is not None]
+        return response
 
     async def _run_item(self, item: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:
         """An item on its own: a generation (with an optional prompt in `input`), one reply per

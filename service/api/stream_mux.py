@@ -21,20 +21,22 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-from service.api.interceptor import check_message_size, rich_status
+from service.api.interceptor import check_message_size, check_parsed, rich_status
 from service.engine.session_lease import Line
 from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 
-FeedItems = Callable[[list[pb.StreamItem], Line], Awaitable[list[pb.StreamReply]]]
+FeedItems = Callable[[list[pb.StreamItem], Line], Awaitable[pb.StreamResponse]]
 RunItem = Callable[[pb.StreamItem, Line], AsyncIterator[pb.StreamReply]]
+# What the writer takes: a group's replies in a response of their own, or replies one by one.
+_Ready = pb.StreamResponse | list[pb.StreamReply]
 
 
 class StreamMux:
     def __init__(
         self, feed_items: FeedItems, run_item: RunItem, max_items: int, max_bytes: int
     ) -> None:
-        self._feed_items = feed_items  # a group of plain feeds → one reply each, in order
+        self._feed_items = feed_items  # a group of plain feeds → a response, a reply each
         self._run_item = run_item  # any other item → its replies (a generation's tokens)
         self._max_items = max_items
         self._max_bytes = max_bytes
@@ -42,7 +44,7 @@ class StreamMux:
     async def run(
         self, messages: AsyncIterable[pb.StreamRequest]
     ) -> AsyncIterator[pb.StreamResponse]:
-        out: asyncio.Queue[list[pb.StreamReply] | None] = asyncio.Queue()
+        out: asyncio.Queue[_Ready | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         line = Line()
         unfinished: dict[str, int] = {}  # session id → its items on this stream not yet replied
@@ -55,6 +57,7 @@ class StreamMux:
         async def read() -> None:
             try:
                 async for message in messages:
+                    check_parsed(message)  # a body that is not a StreamRequest fails the call
                     refusal = self._refusal(message)
                     if refusal is not None:
                         out.put_nowait([error_reply(item, refusal) for item in message.items])
@@ -71,10 +74,20 @@ class StreamMux:
                 batches = [await out.get()]
                 while not out.empty():
                     batches.append(out.get_nowait())
-                replies = [r for batch in batches if batch is not None for r in batch]
+                ready = [b for b in batches if b is not None]
+                finished = len(ready) < len(batches)  # the reader is done
+                alone = ready[0] if len(ready) == 1 else None
+                if isinstance(alone, pb.StreamResponse) and self._fits(alone):
+                    yield alone  # one group's replies, ready alone: sent as they are
+                    ready = []
+                replies = [
+                    r
+                    for batch in ready
+                    for r in (batch.replies if isinstance(batch, pb.StreamResponse) else batch)
+                ]
                 for part in self._fit(replies):
                     yield pb.StreamResponse(replies=part)
-                if None in batches:
+                if finished:
                     break
             await asyncio.wait([reader])
             if not reader.cancelled() and reader.exception() is not None:
@@ -85,6 +98,9 @@ class StreamMux:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    def _fits(self, response: pb.StreamResponse) -> bool:
+        return len(response.replies) <= 1 or not 0 < self._max_bytes < response.ByteSize()
 
     def _fit(self, replies: list[pb.StreamReply]) -> list[list[pb.StreamReply]]:
         """Replies ready together, in messages that each fit `max_bytes` (each reply alone does:
@@ -117,7 +133,7 @@ class StreamMux:
         self,
         items: list[pb.StreamItem],
         line: Line,
-        out: asyncio.Queue[list[pb.StreamReply] | None],
+        out: asyncio.Queue[_Ready | None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         unfinished: dict[str, int],
     ) -> None:
@@ -147,9 +163,10 @@ class StreamMux:
         self,
         items: list[pb.StreamItem],
         line: Line,
-        out: asyncio.Queue[list[pb.StreamReply] | None],
+        out: asyncio.Queue[_Ready | None],
         unfinished: dict[str, int],
     ) -> None:
+        replies: _Ready
         try:
             replies = await self._feed_items(items, line)
         except asyncio.CancelledError:
@@ -165,7 +182,7 @@ class StreamMux:
         self,
         item: pb.StreamItem,
         line: Line,
-        out: asyncio.Queue[list[pb.StreamReply] | None],
+        out: asyncio.Queue[_Ready | None],
         unfinished: dict[str, int],
     ) -> None:
         try:

@@ -178,7 +178,8 @@ class SessionFeeder:
             # ever ran (the caller went away in the same tick) still lets its lease go.
             task.add_done_callback(self._releaser(lease))
             slow_tasks.append(task)
-        slow_work = asyncio.gather(*slow_tasks, return_exceptions=True)
+        # No gather (a future and a callback) for a message with no slow feeds, the usual case.
+        slow_work = asyncio.gather(*slow_tasks, return_exceptions=True) if slow_tasks else None
         try:
             for served, items, group in groups:
                 results = await asyncio.shield(group.future)
@@ -193,7 +194,9 @@ class SessionFeeder:
                     before = outcome.position - result.consumed  # type: ignore[union-attr]
                     lease.remember(feeds[i].request_id, before, outcome)
                     self._observer.on_request(served.name, str(served.version), elapsed)
-            for (i, _), slow_outcome in zip(slow, await slow_work, strict=True):
+            for (i, _), slow_outcome in zip(
+                slow, await slow_work if slow_work else (), strict=True
+            ):
                 outcomes[i] = (
                     _as_error(slow_outcome)
                     if isinstance(slow_outcome, BaseException)
@@ -205,7 +208,8 @@ class SessionFeeder:
                 # same, and remembered for its retry once the step settles.
                 if not group.withdraw():
                     _remember_late(group, [(lease, feeds[i].request_id) for i, lease, _ in items])
-            slow_work.cancel()
+            if slow_work is not None:
+                slow_work.cancel()
             raise
         assert all(o is not None for o in outcomes)
         return outcomes  # type: ignore[return-value]

@@ -89,7 +89,13 @@ class Lease:
             return journal_record.generated(
                 session.session_id, session.position, result.token, draws, self.request_id
             )
-        values = row.inputs.detach().cpu().numpy()
+        inputs = row.inputs
+        if inputs.ndim == 1 and inputs.shape[0] == 1:  # one token: no array on the way
+            return journal_record.one_token(
+                session.session_id, session.position, int(inputs.item()), self.request_id,
+                row.top_k, row.per_position,
+            )  # fmt: skip
+        values = inputs.detach().cpu().numpy()
         encode = journal_record.tokens if values.ndim == 1 else journal_record.frames
         return encode(
             session.session_id, session.position, values, self.request_id, row.top_k,

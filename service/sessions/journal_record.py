@@ -40,6 +40,7 @@ _FRAME = struct.Struct("<II")
 _HEAD = struct.Struct("<BBB")  # version, kind, session id length
 _POSITION = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
+_ONE = struct.Struct("<Ii")  # a count of one, and the int32 id
 _OPTIONS = struct.Struct("<HB")  # top_k, per_position
 _GENERATED = struct.Struct("<iB")
 _INT32 = np.dtype("<i4")
@@ -102,6 +103,19 @@ def tokens(
     options = _OPTIONS.pack(min(top_k, 0xFFFF), per_position)
     head = _head(TOKENS, session_id, position, request_id)
     return _frame(head + options + _COUNT.pack(data.size) + data.tobytes())
+
+
+def one_token(
+    session_id: str,
+    position: int,
+    token: int,
+    request_id: str = "",
+    top_k: int = 0,
+    per_position: bool = False,
+) -> bytes:
+    """`tokens` of a single id, the same bytes, without an array (the streaming hot path)."""
+    head = _head(TOKENS, session_id, position, request_id)
+    return _frame(head + _OPTIONS.pack(min(top_k, 0xFFFF), per_position) + _ONE.pack(1, token))
 
 
 def frames(

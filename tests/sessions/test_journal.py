@@ -40,6 +40,17 @@ def test_every_kind_round_trips() -> None:
     assert (got[4].why, got[4].position) == ("closed", 4)
 
 
+@pytest.mark.parametrize(
+    ("token", "request_id", "top_k", "per_position"),
+    [(0, "", 0, False), (255, "r-1", 5, True), (2**31 - 1, "é" * 300, 70000, False)],
+)
+def test_one_token_is_the_same_bytes_as_a_one_token_array(
+    token: int, request_id: str, top_k: int, per_position: bool
+) -> None:
+    many = jr.tokens(SID, 9, np.array([token]), request_id, top_k, per_position)
+    assert jr.one_token(SID, 9, token, request_id, top_k, per_position) == many
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "newer-version"])
 def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -> None:
     records = _records()
