@@ -14,6 +14,7 @@ workers share.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 import time
@@ -53,14 +54,20 @@ class SqliteState(SharedState):
         self._db: sqlite3.Connection | None = None
 
     def check(self) -> None:
+        """Open the database, creating it if need be. Workers starting together take turns
+        (a lock file beside it): two connections switching a new file to WAL and creating
+        tables at once can deadlock, and SQLite then answers "database is locked" at once,
+        whatever the busy timeout (seen as a worker exiting at start-up)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(
-                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={_SYNCHRONOUS.get(self.fsync, 'NORMAL')}")
-            db.executescript(_SCHEMA)
+            with open(self.path.with_name(self.path.name + ".init-lock"), "a") as turn:
+                fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file is closed
+                db = sqlite3.connect(
+                    self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={_SYNCHRONOUS.get(self.fsync, 'NORMAL')}")
+                db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StateTierUnusable(
                 f"state database {self.path} cannot be used ({exc}); check "

@@ -1,0 +1,51 @@
+"""The SQLite state tier's start-up: worker processes opening a new database together.
+
+Two connections creating the tables of a new WAL database at once can fail: a statement that
+read the schema and then finds it changed by the other is refused with SQLITE_BUSY_SNAPSHOT
+("database is locked") at once, whatever the busy timeout. A worker of `seqserve serve
+--workers 2` exited so at start-up in a test run; `check` now takes a lock file first."""
+
+from __future__ import annotations
+
+import fcntl
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from service.sessions.sqlite_state import SqliteState
+
+
+def test_the_interleaving_that_made_a_worker_exit_is_refused_by_sqlite(tmp_path: Path) -> None:
+    """What the lock is for: a schema write on a stale read snapshot is refused outright."""
+    path = tmp_path / "state.db"
+    a = sqlite3.connect(path, timeout=5.0, isolation_level=None)
+    b = sqlite3.connect(path, timeout=5.0, isolation_level=None)
+    a.execute("PRAGMA journal_mode=WAL")
+    b.execute("BEGIN")
+    b.execute("SELECT count(*) FROM sqlite_master").fetchall()  # b reads the schema
+    a.execute("CREATE TABLE one (x)")  # a changes it meanwhile
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        b.execute("CREATE TABLE IF NOT EXISTS two (x)")
+
+
+def test_opening_waits_for_another_process_opening_the_same_database(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with open(path.with_name("state.db.init-lock"), "a") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # another worker is opening it
+        opened = threading.Event()
+
+        def open_it() -> None:
+            SqliteState(path).check()
+            opened.set()
+
+        worker = threading.Thread(target=open_it)
+        worker.start()
+        assert not opened.wait(0.5)  # it waits its turn
+    assert opened.wait(10)  # and opens once the other is done
+    worker.join()
+    db = sqlite3.connect(path)
+    assert {"holders", "journal", "checkpoints"} <= {
+        name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
