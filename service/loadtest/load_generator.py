@@ -83,7 +83,7 @@ async def _run(
     if config.client_mux and sessions:  # one app-style loop per session, one client
         drivers = [ClientMuxDriver(sessions, config, model, recorder, stop, credentials)]
     elif config.open_loop and sessions:  # one schedule of arrivals over every session
-        drivers = [OpenLoopDriver(stub, sessions, config, model, recorder, stop)]
+        drivers = [OpenLoopDriver(stub, sessions, config, model, recorder, stop, started)]
     elif not config.open_loop:
         drivers = [
             StreamGroupDriver(stub, group, config, model, recorder, stop)

@@ -45,8 +45,13 @@ class OpenLoopDriver:
         model: ModelInfo,
         recorder: LoadRecorder,
         stop: asyncio.Event,
+        start: float | None = None,
     ) -> None:
+        """`start`: when the schedule begins (`time.perf_counter()`; default: when `run`
+        starts). The load's own start, so a driver that starts late, behind a busy loop, sends
+        the arrivals it missed at once (and late) instead of shifting the schedule."""
         assert config.rate > 0, "the open loop needs a rate"
+        self._start = start
         self._stub = stub
         self._config = config
         self._model = model
@@ -67,7 +72,7 @@ class OpenLoopDriver:
     async def run(self) -> None:
         """Schedule arrivals until `stop`; then drop what never got a session and wait for the
         requests in flight (the caller bounds that wait)."""
-        due = time.perf_counter()
+        due = time.perf_counter() if self._start is None else self._start
         try:
             while not self._stop.is_set():
                 due += self._arrivals.expovariate(self._config.rate)

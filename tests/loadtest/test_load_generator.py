@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from service.api.server import SeqServeServer
 from service.loadtest import LoadConfig, TargetError, run_load
+from service.loadtest.open_loop import OpenLoopDriver
 from service.loadtest.progress import Progress
 from service.loadtest.recorder import LoadRecorder
 from service.loadtest.sessions import create_sessions
@@ -104,6 +106,31 @@ async def test_history_is_fed_before_the_window(target: str) -> None:
 
     assert positions == [1500, 1500]
     assert not recorder.errors
+
+
+async def test_an_open_loop_that_starts_late_sends_what_it_missed_at_once(target: str) -> None:
+    """The schedule starts with the load, not when the driver first runs: a driver held up
+    half a second (a busy loop) still has that half second's arrivals, sent late."""
+    channel = open_channel(target)
+    try:
+        stub = pb_grpc.SessionServiceStub(channel)
+        recorder = LoadRecorder()
+        model = ModelInfo(name="tok", version=1, input_kind="tokens", input_size=256)
+        cfg = config(target, rate=200.0, sessions=4, seed=5, late_ms=10.0)
+        sessions = await create_sessions(stub, cfg, model, recorder)
+        start = time.perf_counter() - 0.5  # the load began half a second ago
+        recorder.open_window(start, 0.5)
+        stop = asyncio.Event()
+        driver = OpenLoopDriver(stub, sessions, cfg, model, recorder, stop, start)
+        run = asyncio.create_task(driver.run())
+        await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(run, 30)
+    finally:
+        await channel.close()
+    # 200/s over the missed 0.5 s: Poisson, mean 100, sd 10; all due before the driver ran.
+    assert 60 < recorder.arrivals < 140
+    assert recorder.late > 0.5 * recorder.arrivals  # sent late, and counted so
 
 
 async def test_unknown_model_is_refused_before_any_load(target: str) -> None:
