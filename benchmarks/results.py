@@ -34,6 +34,9 @@ class Row:
     server_cpu: float | None  # cores the server process used, on average
     client_cpu: float | None  # cores this (load) process used
     errors: int
+    # The server's batched steps' own CPU per token (seqserve_step_cpu_seconds_total over the
+    # tokens in and generated), µs: the model's cost as served, beside the load.
+    step_cpu_us: float | None = None
 
     @staticmethod
     def from_report(
@@ -43,6 +46,7 @@ class Row:
         rows_per_step: float | None,
         server_cpu: float | None,
         client_cpu: float | None,
+        step_cpu_us: float | None = None,
     ) -> Row:
         def ms(summary: Any, field: str) -> float | None:
             return None if summary is None else getattr(summary, field) * 1e3
@@ -62,6 +66,7 @@ class Row:
             server_cpu=server_cpu,
             client_cpu=client_cpu,
             errors=report.error_count,
+            step_cpu_us=step_cpu_us,
         )
 
     @staticmethod
@@ -142,6 +147,53 @@ def share_of_limit(rows: dict[str, Row], service: str, echo: str) -> float | Non
     if step is None or not s.tokens_per_second or not e.tokens_per_second:
         return None
     return (e.server_cpu / e.tokens_per_second + step) / (s.server_cpu / s.tokens_per_second)
+
+
+# The rows `cpu_split` breaks down: (service row, echo row).
+SPLIT_PATHS = ("stream/1", "stream/16", "stream/64", "mux/64", "client-mux/64", "generate/16",
+               "generate/64")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """Where one path's server CPU per token goes (µs), from one run's rows."""
+
+    path: str
+    service: float  # the server process, all threads
+    step: float  # its batched steps' own CPU, as served (beside the load on the other core)
+    echo: float  # the echo server on the same load
+    isolated_step: float | None  # compute/step at the path's rows per step, on a quiet core
+
+    @property
+    def rest(self) -> float:
+        """Everything but the steps: gRPC, the event loop and the request path."""
+        return self.service - self.step
+
+    @property
+    def added(self) -> float:
+        """What the service's own request path adds to the echo server's per-token work."""
+        return self.rest - self.echo
+
+
+def cpu_split(rows: dict[str, Row]) -> list[CpuSplit]:
+    out = []
+    for path in SPLIT_PATHS:
+        s, e = rows.get(f"service/{path}"), rows.get(f"echo/{path}")
+        if s is None or e is None or s.step_cpu_us is None:
+            continue
+        if not (s.server_cpu and e.server_cpu and s.tokens_per_second and e.tokens_per_second):
+            continue
+        isolated = step_cpu_per_token(rows, s.rows_per_step) if s.rows_per_step else None
+        out.append(
+            CpuSplit(
+                path=path,
+                service=1e6 * s.server_cpu / s.tokens_per_second,
+                step=s.step_cpu_us,
+                echo=1e6 * e.server_cpu / e.tokens_per_second,
+                isolated_step=None if isolated is None else 1e6 * isolated,
+            )
+        )
+    return out
 
 
 def evaluate_targets(rows: dict[str, Row]) -> list[Target]:
@@ -290,5 +342,28 @@ def write_markdown(
             f"| {_fmt(r.itl_p50_ms, '.3f')} | {_fmt(r.rows_per_step, '.1f')} "
             f"| {_fmt(r.server_cpu, '.2f')} | {_fmt(r.client_cpu, '.2f')} | {r.errors} |"
         )
+    splits = cpu_split({r.key: r for r in rows})
+    if splits:
+        lines += [
+            "",
+            "## Where the service's CPU goes",
+            "",
+            "Server CPU per token in µs, from the rows above: the whole server process; of it, "
+            "the batched steps' own CPU (`seqserve_step_cpu_seconds_total`, the thread that ran "
+            "each step) and the rest (gRPC, the event loop, the request path); the echo server "
+            "on the same load; the in-process step (`compute/step`) at the same rows per step, "
+            "on a quiet core. The per-core targets divide (echo + in-process step) by service: "
+            "a step that costs more as served than on a quiet core counts against the service.",
+            "",
+            "| path | service | step, as served | rest | echo | rest − echo | in-process step "
+            "| as served ÷ in-process |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in splits:
+            ratio = None if not c.isolated_step else c.step / c.isolated_step
+            lines.append(
+                f"| {c.path} | {c.service:.1f} | {c.step:.1f} | {c.rest:.1f} | {c.echo:.1f} "
+                f"| {c.added:.1f} | {_fmt(c.isolated_step, '.1f')} | {_fmt(ratio, '.2f')} |"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

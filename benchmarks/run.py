@@ -128,13 +128,18 @@ class Bench:
         report = await run_load(config, progress=mark, progress_interval=0.2)
         (w0, c0, s0), (w1, c1, s1) = marks["open"], marks["close"]
         client_cpu, server_cpu = (c1 - c0) / (w1 - w0), (s1 - s0) / (w1 - w0)
-        rows_per_step = None
+        rows_per_step = step_cpu_us = None
         if before is not None:
             delta = _delta(before, scrape(server.metrics_port))
             steps = delta("seqserve_batch_rows_count")
             rows_per_step = delta("seqserve_batch_rows_sum") / steps if steps else None
+            tokens = delta("seqserve_tokens_in_total") + delta("seqserve_tokens_generated_total")
+            cpu = delta("seqserve_step_cpu_seconds_total")
+            step_cpu_us = 1e6 * cpu / tokens if tokens and cpu else None
         self.reports[key] = report.to_dict()
-        self._add(Row.from_report(key, label, report, rows_per_step, server_cpu, client_cpu))
+        self._add(
+            Row.from_report(key, label, report, rows_per_step, server_cpu, client_cpu, step_cpu_us)
+        )
 
     async def run_rpc(self) -> None:
         """Service and echo rows alternate, so both see the machine in the same state."""

@@ -209,6 +209,7 @@ class StepScheduler:
                     scatter_seconds=t.scatter_seconds,
                     sample_seconds=t.sample_seconds,
                     total_seconds=time.perf_counter() - started,
+                    cpu_seconds=t.cpu_seconds,
                 )
             )
 

@@ -97,6 +97,12 @@ class MetricFamilies:
         self._tokens_generated = Counter(
             "seqserve_tokens_generated", "Tokens sampled by generations.", MV, registry=r
         )
+        self._step_cpu = Counter(
+            "seqserve_step_cpu_seconds",
+            "CPU time of batched steps, on the thread that ran each (gather, forward, scatter, "
+            "sampling and predictions; not the time other threads ran meanwhile).",
+            MV, registry=r,
+        )  # fmt: skip
         self._session_events = Counter(
             "seqserve_session_events",
             "Session lifecycle events: created, closed, expired, evicted, restored, forked.",

@@ -50,6 +50,7 @@ class _VersionSeries:
     inter_token: HistogramSeries
     tokens_in: Counter
     tokens_generated: Counter
+    step_cpu: Counter
     session_events: dict[str, Counter]
     queue_depth: Gauge
 
@@ -87,6 +88,7 @@ class Metrics(MetricFamilies):
         s.phase["scatter"].observe(stats.scatter_seconds)
         s.phase["sample"].observe(stats.sample_seconds)
         s.step.observe(stats.total_seconds)
+        s.step_cpu.inc(stats.cpu_seconds)
         if stats.queue_wait_seconds:
             s.queue_wait.observe_many(stats.queue_wait_seconds)
         if stats.tokens_in:
@@ -181,7 +183,8 @@ class Metrics(MetricFamilies):
             if self._versions.pop((model, version), None) is None:
                 return
         labels = (model, version)
-        for family in (self._batch_rows, self._step, self._tokens_in, self._tokens_generated,
+        for family in (self._batch_rows, self._step, self._step_cpu, self._tokens_in,
+                       self._tokens_generated,
                        self._queue_depth, self._model_load, self._queue_wait, self._step_latency,
                        self._time_to_first_token, self._inter_token):  # fmt: skip
             family.remove(*labels)
@@ -230,6 +233,7 @@ class Metrics(MetricFamilies):
                     inter_token=self._inter_token.labels(model, version),
                     tokens_in=self._tokens_in.labels(model, version),
                     tokens_generated=self._tokens_generated.labels(model, version),
+                    step_cpu=self._step_cpu.labels(model, version),
                     session_events={
                         e: self._session_events.labels(e, model, version) for e in SESSION_EVENTS
                     },

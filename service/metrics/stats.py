@@ -36,3 +36,6 @@ class StepStats:
     """Top-k / sampling over the logits."""
     total_seconds: float = 0.0
     """Step start → results ready, as the scheduler sees it (includes the thread hop)."""
+    cpu_seconds: float = 0.0
+    """CPU time the step itself took on the thread that ran it (the phases are wall time:
+    on a busy core they include time other threads ran meanwhile)."""

@@ -35,7 +35,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepOutput:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         timings = StepTimings()
         rows = batch.rows
         results = [RowResult(consumed=0) for _ in rows]
@@ -53,6 +53,7 @@ class ModelRunner:
         # Whatever the phases did not account for (locking, bookkeeping) is forward overhead.
         accounted = timings.gather_seconds + timings.scatter_seconds + timings.sample_seconds
         timings.forward_seconds = max(timings.forward_seconds, t1 - t0 - accounted)
+        timings.cpu_seconds = time.thread_time() - cpu0
         return StepOutput(results, timings, before)
 
     def undo(self, output: StepOutput) -> None:

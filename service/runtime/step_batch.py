@@ -54,6 +54,7 @@ class StepTimings:
     forward_seconds: float = 0.0
     scatter_seconds: float = 0.0
     sample_seconds: float = 0.0  # sampling plus turning outputs into predictions
+    cpu_seconds: float = 0.0  # CPU time of the thread that ran the step (not wall time)
 
 
 @dataclass

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from benchmarks.results import Row, evaluate_targets, share_of_limit, step_cpu_per_token
+from benchmarks.results import (
+    Row,
+    cpu_split,
+    evaluate_targets,
+    share_of_limit,
+    step_cpu_per_token,
+    write_markdown,
+)
 
 
 def _load(key: str, tps: float, cpu: float, rows_per_step: float | None = None) -> Row:
@@ -43,3 +53,31 @@ def test_share_of_limit_is_the_cpu_the_limit_needs_over_the_cpu_the_service_took
     target = by_name["per-core: 64 sessions, 1 token/msg ≥ 0.9 of its limit (CPU per token)"]
     assert target.measured == pytest.approx(0.75) and target.met is False
     assert by_name["per-core: 64 sessions, 1 token/msg, ≥ 48 rows per step"].met is True
+
+
+def test_the_cpu_split_separates_the_step_as_served_from_the_rest() -> None:
+    rows = _rows()
+    served = dataclasses.replace(rows["service/stream/64"], step_cpu_us=80.0)
+    rows["service/stream/64"] = served
+    (split,) = cpu_split(rows)  # the only path with both rows and a step figure
+    assert split.path == "stream/64"
+    assert split.service == pytest.approx(200.0)  # 0.8 cores / 4,000 tokens/s
+    assert (split.step, split.rest, split.echo) == (80.0, pytest.approx(120.0), 100.0)
+    assert split.added == pytest.approx(20.0)  # the request path over the echo server
+    assert split.isolated_step == pytest.approx(50.0)  # compute/step/64: 3.2 ms / 64
+
+
+def test_results_md_carries_the_cpu_split(tmp_path: Path) -> None:
+    rows = _rows()
+    rows["service/stream/64"] = dataclasses.replace(rows["service/stream/64"], step_cpu_us=80.0)
+    info = {
+        "date": "today", "elapsed_seconds": 1, "cpu": "cpu", "cpus_online": 2,
+        "server_cpus": [1], "client_cpus": [0], "python": "3", "torch": "t",
+        "torch_threads": 1, "grpcio": "g", "platform": "p", "loadavg_before": [0, 0, 0],
+        "loadavg_after": [0, 0, 0], "model": "m", "store": "s",
+    }  # fmt: skip
+    out = tmp_path / "RESULTS.md"
+    write_markdown(out, list(rows.values()), evaluate_targets(rows), info, "cmd", 5.0)
+    text = out.read_text()
+    assert "## Where the service's CPU goes" in text
+    assert "| stream/64 | 200.0 | 80.0 | 120.0 | 100.0 | 20.0 | 50.0 | 1.60 |" in text

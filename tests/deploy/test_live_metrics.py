@@ -132,6 +132,9 @@ def _assert_moved_with(tally: Tally, before: Exposition, after: Exposition) -> N
     assert 0 < steps < tally.fed_rows + tally.tokens_generated, "no step batched two rows"
     assert delta("seqserve_batch_rows_bucket", le="1.0", **V) < steps
     assert delta("seqserve_step_duration_seconds_count", **V) == steps
+    # The steps' own CPU time: some, and no more than their wall time.
+    step_cpu = delta("seqserve_step_cpu_seconds_total", **V)
+    assert 0 < step_cpu <= delta("seqserve_step_duration_seconds_sum", **V)
     for phase in PHASES:
         assert delta("seqserve_step_phase_seconds_count", phase=phase, **V) == steps, phase
         assert delta("seqserve_step_phase_seconds_sum", phase=phase, **V) > 0, phase

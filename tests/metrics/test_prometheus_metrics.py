@@ -32,6 +32,7 @@ FAMILIES = {
     "seqserve_inter_token_latency_seconds": "histogram",
     "seqserve_tokens_in": "counter",
     "seqserve_tokens_generated": "counter",
+    "seqserve_step_cpu_seconds": "counter",
     "seqserve_session_events": "counter",
     "seqserve_queue_depth": "gauge",
     "seqserve_sessions": "gauge",
@@ -56,6 +57,7 @@ def _step(**overrides: object) -> StepStats:
         scatter_seconds=0.00002,
         sample_seconds=0.00005,
         total_seconds=0.0004,
+        cpu_seconds=0.0003,
     )
     fields.update(overrides)
     return StepStats(**fields)  # type: ignore[arg-type]
@@ -126,6 +128,7 @@ def test_observe_step_moves_every_step_series(metrics: Metrics) -> None:
     assert _value(metrics, "seqserve_tokens_generated_total", **mv) == 66
     assert _value(metrics, "seqserve_step_duration_seconds_count", **mv) == 2
     assert _value(metrics, "seqserve_step_duration_seconds_sum", **mv) == pytest.approx(0.0008)
+    assert _value(metrics, "seqserve_step_cpu_seconds_total", **mv) == pytest.approx(0.0006)
     for phase, seconds in (
         ("gather", 1e-5),
         ("forward", 2e-4),

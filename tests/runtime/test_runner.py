@@ -6,6 +6,9 @@ consume the token; top-k predictions are the reference softmax's; the regression
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,7 @@ from service.models import ModelConfig
 from service.runtime.runner import ModelRunner
 from service.runtime.sampler import SamplingParams, SessionRng, sample
 from service.runtime.state_pool import SlotSnapshot, StatePool
-from service.runtime.step_batch import Prediction, Row, StepBatch
+from service.runtime.step_batch import Prediction, Row, StepBatch, StepOutput
 
 from .conftest import (
     ATOL,
@@ -119,6 +122,23 @@ def test_a_batched_step_equals_each_row_alone_and_the_reference(
         snap = pool.snapshot(s)
         np.testing.assert_array_equal(snap.h, snaps[s].h)
         np.testing.assert_array_equal(snap.last, snaps[s].last)
+
+
+def test_a_step_reports_the_cpu_time_it_took_on_its_own_thread() -> None:
+    """Thread CPU time, not wall time: a step that waits (here, for another thread holding
+    the pool's lock) is not charged for the wait."""
+    pool, runner, _ = _setup(token_config("lstm", False))
+    rows = [Row(slot=s, inputs=_tokens(3), top_k=4) for s in range(4)]
+    runner.execute(StepBatch(rows))  # warm
+    out = runner.execute(StepBatch(rows))
+    assert out.timings.cpu_seconds > 0
+    waited: list[StepOutput] = []
+    with pool.lock:  # held by another thread while the step waits for it
+        waiting = threading.Thread(target=lambda: waited.append(runner.execute(StepBatch(rows))))
+        waiting.start()
+        time.sleep(0.3)
+    waiting.join()
+    assert waited[0].timings.cpu_seconds < 0.2  # the 0.3 s spent waiting is not CPU
 
 
 @pytest.mark.parametrize(
