@@ -18,6 +18,7 @@ supervisor exits when they have. A worker that dies is started again (not more t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ log = logging.getLogger("service.cli.workers")
 
 _START_TIMEOUT_S = 180.0
 _RESTARTS = 5  # per minute, per worker
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 _SLACK_S = 15.0  # beyond grace + write timeout, before a worker that will not stop is killed
 
 
@@ -84,12 +87,29 @@ class _Worker:
 
     def start(self) -> None:
         self.port_file.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_ends_with(os.getpid()))
         self.starts = [*(self.starts or []), time.monotonic()][-_RESTARTS:]
 
     def too_often(self) -> bool:
         starts = self.starts or []
         return len(starts) >= _RESTARTS and time.monotonic() - starts[0] < 60.0
+
+
+def _ends_with(supervisor: int) -> Callable[[], None] | None:
+    """For the forked worker, before it runs: SIGTERM when the supervisor dies, however it
+    dies (SIGKILL, the OOM killer), so no worker serves on unsupervised (Linux's parent-death
+    signal); and at once if it is already gone. None where there is no prctl."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != supervisor:  # it died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:

@@ -7,6 +7,7 @@ them all, and a restart finds every session."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -133,3 +134,39 @@ async def test_two_workers_on_one_port_serve_the_same_sessions_exactly(
         assert await server.terminate() == 0
     finally:
         server.kill()
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """SIGKILL (or the OOM killer) gives the supervisor no chance to stop its workers: each
+    gets SIGTERM from the kernel instead, drains and exits, so none serves on unsupervised."""
+    server = ServerProcess(
+        store_root, tmp_path / "state", tmp_path, slots=16,
+        extra=("--workers", "2", "--metrics-port", "-1", "--http-port", "-1"),
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        await server.start()
+        workers = json.loads(server.port_file.read_text())["workers"]
+        server.kill()
+        for _ in range(600):
+            if not any(_alive(pid) for pid in workers):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers), server.log_text()
+        assert server.log_text().count("received SIGTERM: draining") == 2  # each worker drained
+    finally:
+        server.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its new parent, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
