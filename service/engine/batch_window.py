@@ -44,6 +44,11 @@ class BatchWindow:
         self._lone: int | None = None  # the slot of the last step's row, if it had one only
         self._arriving = False  # rows came in while the last window was open
 
+    def back_alone(self, slot: int) -> bool:
+        """Whether a lone row on `slot` is the session that stepped alone last time: no wait
+        for company (see `_quiet_ticks`)."""
+        return slot == self._lone
+
     def stepped(self, slots: Sequence[int]) -> None:
         """A step of rows on these slots is about to run."""
         self._last_rows = len(slots)
@@ -63,7 +68,7 @@ class BatchWindow:
         self._arriving = seen > first
 
     def _quiet_ticks(self, pending: Sequence[_Queued], generating: bool) -> int:
-        if not generating and len(pending) == 1 and pending[0].row.slot == self._lone:
+        if not generating and len(pending) == 1 and self.back_alone(pending[0].row.slot):
             return 0  # the session that stepped alone last time is back, alone
         if generating and (self._arriving or len(pending) > 1 or self._last_rows > 1):
             return GENERATION_BURST_TICKS  # calls keep coming in: take more first tokens at once

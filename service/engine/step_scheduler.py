@@ -79,6 +79,7 @@ class StepScheduler:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"runner-{model}")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._idle = False  # the loop is parked, waiting for rows: no step runs or gathers
 
     @property
     def queue_depth(self) -> int:
@@ -106,9 +107,11 @@ class StepScheduler:
             )
         group = RowGroup(len(work))
         now = time.perf_counter()
-        self._pending.extend(
-            _Queued(owner, row, group, i, now) for i, (owner, row) in enumerate(work)
-        )
+        queued = [_Queued(owner, row, group, i, now) for i, (owner, row) in enumerate(work)]
+        if self._direct(queued):
+            self._step_now(queued)  # settled when this returns
+            return group
+        self._pending.extend(queued)
         self._wakeup.set()
         return group
 
@@ -135,7 +138,11 @@ class StepScheduler:
                 if self._stopping:
                     break
                 self._wakeup.clear()  # a set left over from rows already stepped says nothing
-                await self._wakeup.wait()
+                self._idle = True
+                try:
+                    await self._wakeup.wait()
+                finally:
+                    self._idle = False
             await self._window.gather(self._pending, bool(self._generations))
             self._retire_cancelled()
             if self._stopping:
@@ -168,50 +175,95 @@ class StepScheduler:
                         self._executor, self._runner.execute, StepBatch(rows)
                     )
             except Exception as exc:  # a bug in the runner: fail this batch, keep serving
-                log.exception("step failed for %s:%s", self._model, self._version)
+                self._failed(gens, feeds, exc)
+                continue
+            self._settle(gens, feeds, rows, output, started)
+
+    def _direct(self, queued: list[_Queued]) -> bool:
+        """Whether `queued` may step now, in the caller, instead of waking the loop: one
+        session's one-input row, back alone (so the loop would gather nothing and step it
+        inline at once) on a scheduler parked with nothing else to do. One session's feed then
+        costs no scheduler wake-up (a task switch and an event per token)."""
+        if not (self._idle and len(queued) == 1 and self._inline_feed_rows >= 1):
+            return False
+        row = queued[0].row
+        return (
+            not self._pending
+            and not self._generations
+            and row.inputs is not None
+            and row.inputs.shape[0] == 1
+            and self._window.back_alone(row.slot)
+        )
+
+    def _step_now(self, queued: list[_Queued]) -> None:
+        """The loop's step for `queued` (see `_direct`), run synchronously."""
+        for q in queued:
+            q.group.taken = True
+        rows = [q.row for q in queued]
+        self._window.stepped([r.slot for r in rows])
+        started = time.perf_counter()
+        try:
+            output = self._runner.execute(StepBatch(rows))
+        except Exception as exc:  # a bug in the runner: fail this row, keep serving
+            self._failed([], queued, exc)
+            return
+        self._settle([], queued, rows, output, started)
+
+    def _failed(self, gens: list[Generation], feeds: list[_Queued], exc: Exception) -> None:
+        log.exception("step failed for %s:%s", self._model, self._version)
+        for f in feeds:
+            f.group.settle(f.index, exc)
+        for gen in gens:
+            gen.tokens.put_nowait(exc)
+            self._retire(gen)
+
+    def _settle(
+        self,
+        gens: list[Generation],
+        feeds: list[_Queued],
+        rows: list[Row],
+        output: StepOutput,
+        started: float,
+    ) -> None:
+        """After a step: journal it (or undo it, if it cannot be), hand out the results,
+        report the stats."""
+        segment: int | None = None
+        results = output.results
+        if self._commit is not None:
+            records = self._records(gens, feeds, rows, results)
+            try:
+                try:
+                    segment = self._commit(records)
+                except SessionMoved as moved:  # the rest of the batch still counts
+                    gens, feeds, results = self._without(moved, records, gens, feeds, results)
+                    kept = [r for r in records if session_of(r) not in moved.session_ids]
+                    segment = self._commit(kept) if kept else None
+            except Unavailable as exc:  # not durable: the step must not count
+                self._undo(rows, output)
                 for f in feeds:
                     f.group.settle(f.index, exc)
                 for gen in gens:
                     gen.tokens.put_nowait(exc)
                     self._retire(gen)
-                continue
-            segment: int | None = None
-            results = output.results
-            if self._commit is not None:
-                records = self._records(gens, feeds, rows, results)
-                try:
-                    try:
-                        segment = self._commit(records)
-                    except SessionMoved as moved:  # the rest of the batch still counts
-                        gens, feeds, results = self._without(moved, records, gens, feeds, results)
-                        kept = [r for r in records if session_of(r) not in moved.session_ids]
-                        segment = self._commit(kept) if kept else None
-                except Unavailable as exc:  # not durable: the step must not count
-                    self._undo(rows, output)
-                    for f in feeds:
-                        f.group.settle(f.index, exc)
-                    for gen in gens:
-                        gen.tokens.put_nowait(exc)
-                        self._retire(gen)
-                    continue
-            self._fan_out(gens, feeds, results, segment)
-            t = output.timings
-            self._on_stats(
-                StepStats(
-                    model=self._model,
-                    version=self._version,
-                    rows=len(rows),
-                    tokens_in=sum(r.consumed for r in output.results[len(gens) :]),
-                    tokens_generated=len(gens),
-                    queue_wait_seconds=[started - f.enqueued_at for f in feeds],
-                    gather_seconds=t.gather_seconds,
-                    forward_seconds=t.forward_seconds,
-                    scatter_seconds=t.scatter_seconds,
-                    sample_seconds=t.sample_seconds,
-                    total_seconds=time.perf_counter() - started,
-                    cpu_seconds=t.cpu_seconds,
-                )
+                return
+        self._fan_out(gens, feeds, results, segment)
+        t = output.timings
+        self._on_stats(
+            StepStats(
+                model=self._model,
+                version=self._version,
+                rows=len(rows),
+                tokens_in=sum(r.consumed for r in output.results[len(gens) :]),
+                tokens_generated=len(gens),
+                queue_wait_seconds=[started - f.enqueued_at for f in feeds],
+                gather_seconds=t.gather_seconds,
+                forward_seconds=t.forward_seconds,
+                scatter_seconds=t.scatter_seconds,
+                sample_seconds=t.sample_seconds,
+                total_seconds=time.perf_counter() - started,
+                cpu_seconds=t.cpu_seconds,
             )
+        )
 
     def _inline_limit(self, gens: list[Generation]) -> int:
         """The most rows a step with generations may run inline: none while one of them waits

@@ -184,6 +184,44 @@ async def test_a_session_back_alone_steps_at_once_and_a_newcomer_waits_for_compa
     assert runner.batches[-1] == [8, 5]  # another session's row gathered the one behind it
 
 
+async def test_a_session_back_alone_on_an_idle_scheduler_steps_within_submit(
+    scheduler: Any,
+) -> None:
+    """The loop would gather nothing for it and step it inline at once: it is stepped in the
+    caller instead, sparing the loop a wake-up. Anyone else, or a chunk, or rows already
+    waiting, still go through the loop."""
+    runner, journal = FakeRunner(), Journal()
+    stats: list[StepStats] = []
+    s = scheduler(runner, on_stats=stats.append, commit=journal.commit)
+    owner = Owner()
+    await asyncio.wait_for(s.submit([(owner, feed(7))]).future, 5)  # through the loop
+    await asyncio.sleep(0)  # the loop parks again
+    again = s.submit([(owner, feed(7))])
+    assert again.future.done()  # before submit returned
+    (result,) = again.future.result()
+    assert isinstance(result, RowResult) and result.position == 2 and owner.advances == [1, 1]
+    assert journal.groups == [[b"7@0"], [b"7@1"]] and len(stats) == 2  # journaled, counted
+    assert runner.threads[-1] is threading.current_thread()
+
+    other = s.submit([(Owner(), feed(9))])  # another session: it waits for company
+    assert not other.future.done()
+    await asyncio.wait_for(other.future, 5)
+    await asyncio.sleep(0)
+    chunk = s.submit([(Owner(), feed(9, tokens=3))])  # a chunk goes to the runner thread
+    assert not chunk.future.done()
+    await asyncio.wait_for(chunk.future, 5)
+
+    journal.full = True  # and a step that cannot be journaled is undone, in the caller too
+    await asyncio.sleep(0)
+    s.submit([(owner, feed(7))])  # (7 is not the last lone session now: through the loop)
+    await asyncio.sleep(0.05)
+    refused = s.submit([(owner, feed(7))])
+    assert refused.future.done()
+    (outcome,) = refused.future.result()
+    assert isinstance(outcome, JournalUnavailable) and owner.advances == [1, 1]
+    assert len(runner.undone) == 2
+
+
 async def test_the_scheduler_yields_the_cpu_while_it_gathers(
     scheduler: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
