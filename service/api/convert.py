@@ -117,7 +117,8 @@ def fill_prediction(
     top = msg.tokens.top
     decode = tokenizer.decode_one
     for token_id, prob in zip(pred.top_ids, pred.top_probs, strict=True):
-        top.add(id=token_id, prob=prob, text=decode(token_id))
+        entry = top.add()  # then fields one by one: ~20% cheaper than add(**fields)
+        entry.id, entry.prob, entry.text = token_id, prob, decode(token_id)
 
 
 def prediction_to_pb(

@@ -31,8 +31,8 @@ class MetricsObserver(VersionObserver):
         if gap is not None:
             self.metrics.observe_inter_token(model, version, gap)
 
-    def on_request(self, model: str, version: str, seconds: float) -> None:
-        self.metrics.observe_request_latency(model, version, seconds)
+    def on_request(self, model: str, version: str, seconds: float, count: int = 1) -> None:
+        self.metrics.observe_request_latency(model, version, seconds, count)
 
     def on_session_event(self, event: str, model: str, version: str) -> None:
         self.metrics.session_event(event, model, version)

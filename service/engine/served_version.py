@@ -50,7 +50,8 @@ class VersionObserver:
         self, model: str, version: str, ttft: float | None, gap: float | None
     ) -> None: ...
 
-    def on_request(self, model: str, version: str, seconds: float) -> None: ...
+    def on_request(self, model: str, version: str, seconds: float, count: int = 1) -> None:
+        """`count` requests took `seconds` each (the feeds of one Stream message)."""
 
     def on_session_event(self, event: str, model: str, version: str) -> None: ...
 

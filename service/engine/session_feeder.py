@@ -184,6 +184,7 @@ class SessionFeeder:
             for served, items, group in groups:
                 results = await asyncio.shield(group.future)
                 elapsed = time.perf_counter() - started
+                answered = 0
                 for (i, lease, _), result in zip(items, results, strict=True):
                     try:
                         outcome = _outcome(lease, result)
@@ -193,7 +194,9 @@ class SessionFeeder:
                     outcomes[i] = outcome
                     before = outcome.position - result.consumed  # type: ignore[union-attr]
                     lease.remember(feeds[i].request_id, before, outcome)
-                    self._observer.on_request(served.name, str(served.version), elapsed)
+                    answered += 1
+                if answered:  # one observation for the message's feeds: they took as long
+                    self._observer.on_request(served.name, str(served.version), elapsed, answered)
             for (i, _), slow_outcome in zip(
                 slow, await slow_work if slow_work else (), strict=True
             ):

@@ -31,12 +31,13 @@ class HistogramSeries:
         self._sum = 0.0
         self._lock = threading.Lock()  # observe (engine thread) vs collect (scrape thread)
 
-    def observe(self, value: float) -> None:
-        """Record one value (Prometheus buckets are `le`: inclusive upper bounds)."""
+    def observe(self, value: float, count: int = 1) -> None:
+        """Record `value` `count` times (Prometheus buckets are `le`: inclusive upper
+        bounds)."""
         index = bisect_left(self._upper_bounds, value)
         with self._lock:
-            self._counts[index] += 1
-            self._sum += value
+            self._counts[index] += count
+            self._sum += value * count
 
     def observe_many(self, values: Iterable[float]) -> None:
         """Record a batch: the bucket search runs outside the lock, the update under it once."""

@@ -96,9 +96,11 @@ class Metrics(MetricFamilies):
         if stats.tokens_generated:
             s.tokens_generated.inc(stats.tokens_generated)
 
-    def observe_request_latency(self, model: str, version: str, seconds: float) -> None:
-        """One step request: received → reply ready."""
-        self._series(model, version).step_latency.observe(seconds)
+    def observe_request_latency(
+        self, model: str, version: str, seconds: float, count: int = 1
+    ) -> None:
+        """`count` step requests, each received → reply ready in `seconds`."""
+        self._series(model, version).step_latency.observe(seconds, count)
 
     def observe_request_latencies(self, model: str, version: str, seconds: Iterable[float]) -> None:
         """Many step requests at once (the items of one Stream message)."""
