@@ -23,6 +23,7 @@ from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_engine import Background, SessionEngine
 from service.engine.session_feeder import SessionFeeder
+from service.engine.session_generator import SessionGenerator
 from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.session_residency import SessionResidency
@@ -110,6 +111,7 @@ def build_engine(
         leases=leases,
         lifecycle=lifecycle,
         feeder=feeder,
+        generator=SessionGenerator(leases, feeder, settings.engine.max_generate_tokens),
         watcher=StoreWatcher(versions),
         durability=durability,
         takeover=Takeover(shared, sessions, versions, residency, replays, observer),

@@ -32,6 +32,7 @@ from service.engine.model_input import ModelInput
 from service.engine.recovery import Recovery
 from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
+from service.engine.session_generator import SessionGenerator
 from service.engine.session_lease import Line, SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.session_maker import SessionMaker
@@ -63,6 +64,7 @@ class SessionEngine:
         leases: SessionLeases,
         lifecycle: SessionLifecycle,
         feeder: SessionFeeder,
+        generator: SessionGenerator,
         watcher: StoreWatcher,
         durability: Durability,
         background: Background,
@@ -80,6 +82,7 @@ class SessionEngine:
         self.leases = leases
         self.lifecycle = lifecycle
         self.feeder = feeder
+        self.generator = generator
         self.watcher = watcher
         self._background = background
         self.draining = False
@@ -325,14 +328,14 @@ class SessionEngine:
         expected_position: int | None = None,
         request_id: str = "",
     ) -> AsyncIterator[GeneratedToken]:
-        """Sample up to `max_tokens`, one token per step (see `SessionFeeder.generate`)."""
+        """Sample up to `max_tokens`, one token per step (see `SessionGenerator.generate`)."""
         self._check_open()
         await self.takeover.ensure(session_id, expected_position)
         if self.quotas.charging:  # its prompt, and the most it may generate
             params = sampling or self.sessions.get(session_id).default_sampling
             prompt_size = prompt.size() if prompt is not None else 0
             await self.quotas.charge(prompt_size + params.max_tokens)
-        tokens = self.feeder.generate(
+        tokens = self.generator.generate(
             session_id, prompt, sampling, line, expected_position, request_id
         )
         async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]

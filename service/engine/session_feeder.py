@@ -1,4 +1,4 @@
-"""Feeding sessions: input into a session's state, and generation out of it.
+"""Feeding sessions: input into a session's state (generation is `session_generator`).
 
 Each feed holds its session's lease (`session_lease`), is validated into a tensor, goes to its
 version's step scheduler as one row, and comes back as a `FeedOutcome` with the position the
@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from service.engine.feed import Feed, FeedOutcome, PredictionOptions, check_request_id
-from service.engine.generation import GeneratedToken, Generation, GenerationLog
 from service.engine.model_input import ModelInput, to_tensor
 from service.engine.reply_size import reply_bytes
 from service.engine.row_group import RowGroup
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.session_lease import Lease, Line, SessionLeases
 from service.errors import Internal, InvalidArgument, PositionMismatch, SeqServeError
-from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import Row, RowResult
 from service.settings import EngineSettings
 
@@ -43,7 +40,6 @@ class SessionFeeder:
         self._max_reply = max_reply_bytes  # 0: no limit
         self._max_chunk = limits.max_chunk_tokens
         self._default_top_k = limits.default_top_k
-        self._max_generate = limits.max_generate_tokens
         self._observer = observer
 
     # ---- one feed ------------------------------------------------------------------------
@@ -233,64 +229,6 @@ class SessionFeeder:
         self._observed(lease, started)
         return outcome
 
-    # ---- generation ------------------------------------------------------------------------
-
-    async def generate(
-        self,
-        session_id: str,
-        prompt: ModelInput | None = None,
-        sampling: SamplingParams | None = None,
-        line: Line | None = None,
-        expected_position: int | None = None,
-        request_id: str = "",
-    ) -> AsyncIterator[GeneratedToken]:
-        """Sample up to `max_tokens`, one token per step; each token is consumed into the
-        session. Stopping early (cancel) leaves the session at its last completed step. A
-        retry of the session's last generation (same request id, the position before it)
-        sends the tokens it applied again, then continues it."""
-        async with self._leases.hold(session_id, line) as lease:
-            served = lease.served
-            if served.tokenizer is None:
-                raise InvalidArgument(
-                    f"model {served.name!r} takes feature frames; generation needs a token model"
-                )
-            check_request_id(request_id)
-            retried = lease.precondition(expected_position, request_id)
-            lease.request_id = request_id
-            if retried is not None:
-                log = retried.reply
-                if not isinstance(log, GenerationLog):
-                    raise _not_a_retry(lease, expected_position)
-                for token in list(log.tokens):
-                    yield token
-                if log.finished:
-                    return
-            else:
-                params = sampling or lease.session.default_sampling
-                params.validate(served.config.output_dim, self._max_generate)
-                before = lease.session.position
-                prompt_inputs = self.inputs(served, prompt) if prompt is not None else None
-                lease.journal_generation(request_id, dataclasses.asdict(params))
-                if prompt_inputs is not None:
-                    await self.run(lease, prompt_inputs)
-                log = GenerationLog(params)
-                lease.remember(request_id, before, log)
-            generation = Generation(lease, log.params, served.tokenizer, log)
-            served.scheduler.start_generation(generation)
-            lease.in_flight = generation.retired  # the lease outlives the last step
-            try:
-                while True:
-                    item = await generation.tokens.get()
-                    if isinstance(item, SeqServeError):  # draining, not durable
-                        raise item
-                    if isinstance(item, BaseException):
-                        raise Internal("generation step failed") from item
-                    yield item
-                    if item.finish_reason is not None:
-                        break
-            finally:
-                generation.cancelled = True  # the scheduler retires it before the next step
-
 
 def _retried_feed(lease: Lease, feed: Feed) -> FeedOutcome | None:
     """The original reply when `feed` retries the session's last request (nothing is applied
@@ -300,7 +238,7 @@ def _retried_feed(lease: Lease, feed: Feed) -> FeedOutcome | None:
     if applied is None:
         return None
     if not isinstance(applied.reply, FeedOutcome):  # that id named a generation
-        raise _not_a_retry(lease, feed.expected_position)
+        raise not_a_retry(lease, feed.expected_position)
     if applied.reply.tokenizer is None:  # read back from a checkpoint
         applied.reply.tokenizer = lease.served.tokenizer
     return applied.reply
@@ -326,7 +264,7 @@ def _remember_late(group: RowGroup, rows: list[tuple[Lease, str]]) -> None:
     group.future.add_done_callback(remember)
 
 
-def _not_a_retry(lease: Lease, expected: int | None) -> PositionMismatch:
+def not_a_retry(lease: Lease, expected: int | None) -> PositionMismatch:
     position = lease.session.position
     return PositionMismatch(
         f"session {lease.session.session_id!r} is at position {position}, not {expected} "

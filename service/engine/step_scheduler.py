@@ -15,33 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from service.engine.batch_window import BatchWindow
 from service.engine.generation import Generation
 from service.engine.row_group import Commit, RowGroup, RowOwner
-from service.errors import QueueFull, SessionMoved, Unavailable
+from service.engine.step_settlement import QueuedRow, StepSettlement
+from service.errors import QueueFull, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
-from service.runtime.step_batch import Row, RowResult, StepBatch, StepOutput
-from service.sessions.journal_record import session_of
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Queued:
-    owner: RowOwner
-    row: Row
-    group: RowGroup
-    index: int  # the row's place in its group
-    enqueued_at: float = field(default_factory=time.perf_counter)
+from service.runtime.step_batch import Row, StepBatch
 
 
 class StepScheduler:
@@ -69,10 +56,12 @@ class StepScheduler:
         # to ~3 rows per step and ~1 s to the first token).
         one_cpu = inline_max_rows > 0 and _one_cpu()  # 0 still means never
         self._inline_feed_rows = max_batch_size if one_cpu else inline_max_rows
-        self._on_stats = on_stats
-        self._on_token_times = on_token_times  # (time to first token, inter-token gap)
-        self._commit = commit  # group commit of each step's journal records (None: no journal)
-        self._pending: deque[_Queued] = deque()
+        # After each step: journal it (`commit`: group commit of its records; None: no
+        # journal), hand out the results, report stats and token times.
+        self._settlement = StepSettlement(
+            runner, model, self._version, commit, on_stats, on_token_times, retire=self._retire
+        )
+        self._pending: deque[QueuedRow] = deque()
         self._generations: list[Generation] = []
         self._window = BatchWindow(max_batch_size)  # when to stop gathering and step
         self._wakeup = asyncio.Event()
@@ -107,7 +96,7 @@ class StepScheduler:
             )
         group = RowGroup(len(work))
         now = time.perf_counter()
-        queued = [_Queued(owner, row, group, i, now) for i, (owner, row) in enumerate(work)]
+        queued = [QueuedRow(owner, row, group, i, now) for i, (owner, row) in enumerate(work)]
         if self._direct(queued):
             self._step_now(queued)  # settled when this returns
             return group
@@ -175,11 +164,11 @@ class StepScheduler:
                         self._executor, self._runner.execute, StepBatch(rows)
                     )
             except Exception as exc:  # a bug in the runner: fail this batch, keep serving
-                self._failed(gens, feeds, exc)
+                self._settlement.failed(gens, feeds, exc)
                 continue
-            self._settle(gens, feeds, rows, output, started)
+            self._settlement.settle(gens, feeds, rows, output, started)
 
-    def _direct(self, queued: list[_Queued]) -> bool:
+    def _direct(self, queued: list[QueuedRow]) -> bool:
         """Whether `queued` may step now, in the caller, instead of waking the loop: one
         session's one-input row, back alone (so the loop would gather nothing and step it
         inline at once) on a scheduler parked with nothing else to do. One session's feed then
@@ -195,7 +184,7 @@ class StepScheduler:
             and self._window.back_alone(row.slot)
         )
 
-    def _step_now(self, queued: list[_Queued]) -> None:
+    def _step_now(self, queued: list[QueuedRow]) -> None:
         """The loop's step for `queued` (see `_direct`), run synchronously."""
         for q in queued:
             q.group.taken = True
@@ -205,65 +194,9 @@ class StepScheduler:
         try:
             output = self._runner.execute(StepBatch(rows))
         except Exception as exc:  # a bug in the runner: fail this row, keep serving
-            self._failed([], queued, exc)
+            self._settlement.failed([], queued, exc)
             return
-        self._settle([], queued, rows, output, started)
-
-    def _failed(self, gens: list[Generation], feeds: list[_Queued], exc: Exception) -> None:
-        log.exception("step failed for %s:%s", self._model, self._version)
-        for f in feeds:
-            f.group.settle(f.index, exc)
-        for gen in gens:
-            gen.tokens.put_nowait(exc)
-            self._retire(gen)
-
-    def _settle(
-        self,
-        gens: list[Generation],
-        feeds: list[_Queued],
-        rows: list[Row],
-        output: StepOutput,
-        started: float,
-    ) -> None:
-        """After a step: journal it (or undo it, if it cannot be), hand out the results,
-        report the stats."""
-        segment: int | None = None
-        results = output.results
-        if self._commit is not None:
-            records = self._records(gens, feeds, rows, results)
-            try:
-                try:
-                    segment = self._commit(records)
-                except SessionMoved as moved:  # the rest of the batch still counts
-                    gens, feeds, results = self._without(moved, records, gens, feeds, results)
-                    kept = [r for r in records if session_of(r) not in moved.session_ids]
-                    segment = self._commit(kept) if kept else None
-            except Unavailable as exc:  # not durable: the step must not count
-                self._undo(rows, output)
-                for f in feeds:
-                    f.group.settle(f.index, exc)
-                for gen in gens:
-                    gen.tokens.put_nowait(exc)
-                    self._retire(gen)
-                return
-        self._fan_out(gens, feeds, results, segment)
-        t = output.timings
-        self._on_stats(
-            StepStats(
-                model=self._model,
-                version=self._version,
-                rows=len(rows),
-                tokens_in=sum(r.consumed for r in output.results[len(gens) :]),
-                tokens_generated=len(gens),
-                queue_wait_seconds=[started - f.enqueued_at for f in feeds],
-                gather_seconds=t.gather_seconds,
-                forward_seconds=t.forward_seconds,
-                scatter_seconds=t.scatter_seconds,
-                sample_seconds=t.sample_seconds,
-                total_seconds=time.perf_counter() - started,
-                cpu_seconds=t.cpu_seconds,
-            )
-        )
+        self._settlement.settle([], queued, rows, output, started)
 
     def _inline_limit(self, gens: list[Generation]) -> int:
         """The most rows a step with generations may run inline: none while one of them waits
@@ -274,82 +207,15 @@ class StepScheduler:
             return 0
         return self._inline_max_rows
 
-    def _take(self, room: int) -> list[_Queued]:
+    def _take(self, room: int) -> list[QueuedRow]:
         """Up to `room` pending rows (at least one, so feeds progress beside generations)."""
-        taken: list[_Queued] = []
+        taken: list[QueuedRow] = []
         while self._pending and len(taken) < max(room, 1):
             queued = self._pending.popleft()
             if not queued.group.future.cancelled():
                 queued.group.taken = True
                 taken.append(queued)
         return taken
-
-    def _records(
-        self,
-        gens: list[Generation],
-        feeds: list[_Queued],
-        rows: list[Row],
-        results: list[RowResult],
-    ) -> list[bytes]:
-        owners: list[RowOwner] = [g.owner for g in gens] + [f.owner for f in feeds]
-        return [o.record(r, res) for o, r, res in zip(owners, rows, results, strict=True)]
-
-    def _without(
-        self,
-        moved: SessionMoved,
-        records: list[bytes],
-        gens: list[Generation],
-        feeds: list[_Queued],
-        results: list[RowResult],
-    ) -> tuple[list[Generation], list[_Queued], list[RowResult]]:
-        """Fail the rows of sessions another process holds now (their copies here are stale,
-        and are dropped at their next request); the batch without them."""
-        fenced = {i for i, r in enumerate(records) if session_of(r) in moved.session_ids}
-        kept_gens, kept_feeds, kept_results = [], [], []
-        for i, gen in enumerate(gens):
-            if i in fenced:
-                gen.tokens.put_nowait(moved)
-                self._retire(gen)
-            else:
-                kept_gens.append(gen)
-                kept_results.append(results[i])
-        for j, feed in enumerate(feeds):
-            if len(gens) + j in fenced:
-                feed.group.settle(feed.index, moved)
-            else:
-                kept_feeds.append(feed)
-                kept_results.append(results[len(gens) + j])
-        return kept_gens, kept_feeds, kept_results
-
-    def _undo(self, rows: list[Row], output: StepOutput) -> None:
-        """Put the step's rows back as they were, random streams included."""
-        self._runner.undo(output)
-        for row in rows:
-            if row.inputs is None and row.rng is not None and row.sampling is not None:
-                row.rng.rewind(0 if row.sampling.temperature == 0.0 else 1)
-
-    def _fan_out(
-        self,
-        gens: list[Generation],
-        feeds: list[_Queued],
-        results: list[RowResult],
-        segment: int | None,
-    ) -> None:
-        now = time.perf_counter()
-        for gen, res in zip(gens, results[: len(gens)], strict=True):
-            assert res.token is not None
-            token = gen.advance(res.token, res.consumed, segment)
-            if gen.last_token_at is None:
-                self._on_token_times(now - gen.started_at, None)
-            else:
-                self._on_token_times(None, now - gen.last_token_at)
-            gen.last_token_at = now
-            gen.tokens.put_nowait(token)
-            if gen.finished:
-                self._retire(gen)
-        for feed, res in zip(feeds, results[len(gens) :], strict=True):
-            res.position = feed.owner.advance(res.consumed, segment)
-            feed.group.settle(feed.index, res)
 
     def _retire_cancelled(self) -> None:
         for gen in [g for g in self._generations if g.cancelled]:

@@ -1,0 +1,78 @@
+"""Generation out of a session: sample, feed the token back in, one step per token, in the
+running batch of its version's step scheduler (see `engine.generation`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+from service.engine.feed import check_request_id
+from service.engine.generation import GeneratedToken, Generation, GenerationLog
+from service.engine.model_input import ModelInput
+from service.engine.session_feeder import SessionFeeder, not_a_retry
+from service.engine.session_lease import Line, SessionLeases
+from service.errors import Internal, InvalidArgument, SeqServeError
+from service.runtime.sampler import SamplingParams
+
+
+class SessionGenerator:
+    def __init__(self, leases: SessionLeases, feeder: SessionFeeder, max_tokens: int) -> None:
+        self._leases = leases
+        self._feeder = feeder  # validates a prompt and feeds it
+        self._max_generate = max_tokens
+
+    async def generate(
+        self,
+        session_id: str,
+        prompt: ModelInput | None = None,
+        sampling: SamplingParams | None = None,
+        line: Line | None = None,
+        expected_position: int | None = None,
+        request_id: str = "",
+    ) -> AsyncIterator[GeneratedToken]:
+        """Sample up to `max_tokens`, one token per step; each token is consumed into the
+        session. Stopping early (cancel) leaves the session at its last completed step. A
+        retry of the session's last generation (same request id, the position before it)
+        sends the tokens it applied again, then continues it."""
+        async with self._leases.hold(session_id, line) as lease:
+            served = lease.served
+            if served.tokenizer is None:
+                raise InvalidArgument(
+                    f"model {served.name!r} takes feature frames; generation needs a token model"
+                )
+            check_request_id(request_id)
+            retried = lease.precondition(expected_position, request_id)
+            lease.request_id = request_id
+            if retried is not None:
+                log = retried.reply
+                if not isinstance(log, GenerationLog):
+                    raise not_a_retry(lease, expected_position)
+                for token in list(log.tokens):
+                    yield token
+                if log.finished:
+                    return
+            else:
+                params = sampling or lease.session.default_sampling
+                params.validate(served.config.output_dim, self._max_generate)
+                before = lease.session.position
+                prompt_inputs = self._feeder.inputs(served, prompt) if prompt is not None else None
+                lease.journal_generation(request_id, dataclasses.asdict(params))
+                if prompt_inputs is not None:
+                    await self._feeder.run(lease, prompt_inputs)
+                log = GenerationLog(params)
+                lease.remember(request_id, before, log)
+            generation = Generation(lease, log.params, served.tokenizer, log)
+            served.scheduler.start_generation(generation)
+            lease.in_flight = generation.retired  # the lease outlives the last step
+            try:
+                while True:
+                    item = await generation.tokens.get()
+                    if isinstance(item, SeqServeError):  # draining, not durable
+                        raise item
+                    if isinstance(item, BaseException):
+                        raise Internal("generation step failed") from item
+                    yield item
+                    if item.finish_reason is not None:
+                        break
+            finally:
+                generation.cancelled = True  # the scheduler retires it before the next step
