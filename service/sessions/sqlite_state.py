@@ -55,8 +55,8 @@ class SqliteState(SharedState):
 
     def check(self) -> None:
         """Open the database, creating it if need be. Workers starting together take turns
-        (a lock file beside it): two connections switching a new file to WAL and creating
-        tables at once can deadlock, and SQLite then answers "database is locked" at once,
+        (a lock file beside it): a connection whose schema read went stale while another
+        created tables is refused its own schema write with "database is locked" at once,
         whatever the busy timeout (seen as a worker exiting at start-up)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
