@@ -23,7 +23,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from service.engine.background import Background, every
+from service.engine.background import Background, Slices, every
 from service.engine.durability import Durability
 from service.engine.engine_stats import EngineStats, VersionStats
 from service.engine.feed import Feed, FeedOutcome, PredictionOptions
@@ -266,9 +266,10 @@ class SessionEngine:
 
     async def sweep_expired(self) -> int:
         """End sessions idle past their TTL, and checkpoint those idle with journaled steps."""
-        ended = self.lifecycle.sweep_expired()
+        slices = Slices()  # both sweeps share the loop with requests (see `Slices`)
+        ended = await self.lifecycle.sweep_expired(slices)
         if self.durability.enabled:
-            self.residency.checkpoint_idle(self.durability.checkpoint_idle_seconds)
+            await self.residency.checkpoint_idle(self.durability.checkpoint_idle_seconds, slices)
         await self.takeover.purge()
         return ended
 

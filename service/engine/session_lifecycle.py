@@ -16,6 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from service.engine.background import Slices
 from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.served_versions import ServedVersions
@@ -155,12 +156,20 @@ class SessionLifecycle:
             self.end(lease.session, "closed", must_record=True)
             return lease.session
 
-    def sweep_expired(self) -> int:
-        """End every session idle past its TTL (leased ones never are); returns how many."""
-        expired = self._sessions.expired()
-        for session in expired:
+    async def sweep_expired(self, slices: Slices | None = None) -> int:
+        """End every session idle past its TTL (leased ones never are), in `slices` (each end
+        is a journal record and a file deleted); returns how many."""
+        slices = slices or Slices()
+        ended = 0
+        for session in self._sessions.expired():
+            await slices.breathe()
+            if self._sessions.peek(session.session_id) is not session:
+                continue  # ended (or replaced) while requests ran
+            if not self._sessions.is_expired(session):
+                continue  # used meanwhile
             self.end(session, "expired")
-        return len(expired)
+            ended += 1
+        return ended
 
     def end(
         self, session: Session, why: str, *, journal: bool = True, must_record: bool = False

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 from service.engine.applied_request import from_record
+from service.engine.background import Slices
 from service.engine.checkpoint_header import header_of, session_from
 from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion
@@ -246,15 +247,22 @@ class SessionResidency:
         served.pool.free(slot)
         self.notify_idle()
 
-    def checkpoint_idle(self, min_idle_seconds: float) -> int:
+    async def checkpoint_idle(self, min_idle_seconds: float, slices: Slices | None = None) -> int:
         """Checkpoint sessions in memory idle this long with journaled steps: their journal
-        records are released. Returns how many were written."""
-        now = self.sessions.clock()
+        records are released. It runs in `slices`, letting requests in between (each write
+        is a file's worth of system calls; a thousand of them in one go stall every session).
+        Returns how many were written."""
+        slices = slices or Slices()
         written = 0
         for session in self.sessions.unsaved():
+            await slices.breathe()  # what follows is checked after it: requests ran meanwhile
+            if self.sessions.peek(session.session_id) is not session:
+                continue  # ended, moved or replaced while requests ran
             if session.slot is None or session.busy:
                 continue
-            if now - session.last_used < min_idle_seconds:
+            if not self.sessions.is_unsaved(session):
+                continue  # checkpointed meanwhile (by its steps, or evicted)
+            if self.sessions.clock() - session.last_used < min_idle_seconds:
                 continue
             try:
                 self.checkpoint(session)

@@ -210,6 +210,10 @@ class SessionStore:
         writing it again would write the same record."""
         return session.journal_segment is None and session.saved_at == session.last_used
 
+    def is_unsaved(self, session: Session) -> bool:
+        """It has journaled steps not yet in a checkpoint."""
+        return self._unsaved.get(session.session_id) is session
+
     def unsaved(self) -> list[Session]:
         """Sessions with journaled steps not yet in a checkpoint, those journaled first first."""
         return list(self._unsaved.values())

@@ -123,11 +123,11 @@ async def test_close_and_expiry_of_sessions_whose_replay_is_pending(
     await second.close_session(closed)  # waits for its replay, then ends it
     clock.advance(10 * 3600.0)  # past every TTL: but a session whose replay is pending stays
     pending = len(second.leases.replays)
-    assert pending == N - 1 and second.lifecycle.sweep_expired() == 0
+    assert pending == N - 1 and await second.lifecycle.sweep_expired() == 0
     monkeypatch.undo()
     second.leases.replays.start()  # now the background replays them
     await second.leases.replays.wait()
-    assert second.lifecycle.sweep_expired() == N - 1  # replayed: its idle clock runs again
+    assert await second.lifecycle.sweep_expired() == N - 1  # replayed: its idle clock runs again
     await crash(second)
 
     third = await make_engine(spill_dir=spill, checkpoint_steps=1000)

@@ -1,0 +1,112 @@
+"""Background sweeps share the event loop with requests: they run in slices, and what a
+request did to a session while a sweep breathed is respected when the sweep comes back to it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from service.engine.background import Slices
+from service.engine.session_engine import SessionEngine
+
+from .conftest import EngineFactory, FakeClock, toks
+
+N = 12
+
+
+class Meddling(Slices):
+    """Yields before every item; at breath `at`, runs `act` (a request arriving mid-sweep)."""
+
+    def __init__(self, at: int, act: Callable[[], Awaitable[object]]) -> None:
+        super().__init__(seconds=0.0)
+        self._at, self._act = at, act
+
+    async def breathe(self) -> None:
+        await super().breathe()
+        if self.breaths == self._at:
+            await self._act()
+
+
+async def _idle_sessions(engine: SessionEngine, clock: FakeClock) -> list[str]:
+    ids = []
+    for i in range(N):
+        session, _ = await engine.create_session("tok", seed=i, ttl_seconds=60.0)
+        await engine.feed(session.session_id, toks(i + 1))  # journaled: needs a checkpoint
+        ids.append(session.session_id)
+    clock.advance(10.0)
+    return ids
+
+
+async def _ticks_while(work: Awaitable[int]) -> tuple[int, int]:
+    """(what `work` returned, how many loop ticks another task got while it ran)."""
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    ticks = 0
+    try:
+        result = await work
+    finally:
+        done = True
+        await task
+    return result, ticks
+
+
+async def test_slices_yield_only_once_their_time_is_up() -> None:
+    eager, patient = Slices(seconds=0.0), Slices(seconds=3600.0)
+    for _ in range(5):
+        await eager.breathe()
+        await patient.breathe()
+    assert (eager.breaths, patient.breaths) == (5, 0)
+
+
+async def test_idle_checkpoints_let_requests_run_between_sessions(
+    make_engine: EngineFactory,
+) -> None:
+    clock = FakeClock()
+    engine = await make_engine(clock=clock)
+    ids = await _idle_sessions(engine, clock)
+    written, ticks = await _ticks_while(engine.residency.checkpoint_idle(5.0, Slices(seconds=0.0)))
+    assert written == N
+    assert ticks >= N  # the loop ran other work before each write, not after all of them
+    assert all(engine.sessions.record_is_current(engine.get_session(i)) for i in ids)
+
+
+async def test_a_session_used_or_closed_mid_sweep_is_not_checkpointed_as_it_was(
+    make_engine: EngineFactory,
+) -> None:
+    clock = FakeClock()
+    engine = await make_engine(clock=clock)
+    ids = await _idle_sessions(engine, clock)
+    used, closed = ids[-1], ids[-2]  # the sweep comes to them last
+
+    async def requests() -> None:
+        await engine.feed(used, toks(9))
+        await engine.close_session(closed)
+
+    written = await engine.residency.checkpoint_idle(5.0, Meddling(1, requests))
+    assert written == N - 2
+    assert not engine.sessions.record_is_current(engine.get_session(used))  # still journaled
+    assert engine.get_session(used).position == 2
+    assert closed not in engine.spill  # no checkpoint brought the closed one's record back
+    assert all(engine.sessions.record_is_current(engine.get_session(i)) for i in ids[:-2])
+
+
+async def test_expiry_lets_requests_run_between_sessions(make_engine: EngineFactory) -> None:
+    clock = FakeClock()
+    engine = await make_engine(clock=clock)
+    ids = await _idle_sessions(engine, clock)
+    fresh, _ = await engine.create_session("tok", ttl_seconds=600.0)
+    clock.advance(60.0)  # past the TTL of all but `fresh`
+    ended, ticks = await _ticks_while(engine.lifecycle.sweep_expired(Slices(seconds=0.0)))
+    assert ended == N and ticks >= N
+    assert [s.session_id for s in engine.sessions] == [fresh.session_id]
+    assert engine.versions.pinned("tok", 1) == 1  # each ended once: unpinned once
+    assert not any(i in engine.spill for i in ids)
