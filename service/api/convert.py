@@ -64,7 +64,7 @@ def sampling_from_pb(msg: pb.Sampling, base: SamplingParams | None = None) -> Sa
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
-    return pb.Sampling(**dataclasses.asdict(params))
+    return pb.Sampling(**params.as_dict())
 
 
 _SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]

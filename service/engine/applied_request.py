@@ -26,7 +26,7 @@ def to_record(applied: AppliedRequest | None) -> dict[str, Any] | None:
         }
     elif isinstance(reply, GenerationLog):
         record["generation"] = {
-            "sampling": dataclasses.asdict(reply.params),
+            "sampling": reply.params.as_dict(),
             "tokens": [[t.token_id, t.text, t.position, t.finish_reason] for t in reply.tokens],
             "finished": reply.finished,
         }

@@ -12,7 +12,6 @@ a graceful restart (SIGTERM spills them) but not a crash.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from service.errors import JournalUnavailable, SessionMoved
@@ -74,7 +73,7 @@ class Durability:
             "ttl_seconds": session.ttl_seconds,
             "created_at": session.created_at,
             "parent_session_id": session.parent_session_id,
-            "default_sampling": dataclasses.asdict(session.default_sampling),
+            "default_sampling": session.default_sampling.as_dict(),
             "made_by": session.made_by,
             "owner": session.owner,
         }

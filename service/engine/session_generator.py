@@ -3,7 +3,6 @@ running batch of its version's step scheduler (see `engine.generation`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 
 from service.engine.feed import check_request_id
@@ -56,7 +55,7 @@ class SessionGenerator:
                 params.validate(served.config.output_dim, self._max_generate)
                 before = lease.session.position
                 prompt_inputs = self._feeder.inputs(served, prompt) if prompt is not None else None
-                lease.journal_generation(request_id, dataclasses.asdict(params))
+                lease.journal_generation(request_id, params.as_dict())
                 if prompt_inputs is not None:
                     await self._feeder.run(lease, prompt_inputs)
                 log = GenerationLog(params)

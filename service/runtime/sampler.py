@@ -6,6 +6,7 @@ generates the same tokens whether it runs alone or batched with others.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,11 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     max_tokens: int = 16
+
+    def as_dict(self) -> dict[str, Any]:
+        """What `dataclasses.asdict` gives (every field is a scalar or a tuple of them), at a
+        tenth of its cost: it is journaled with every new session."""
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:
@@ -50,6 +56,7 @@ class SamplingParams:
 
 # Frozen, so one instance serves every session that keeps the defaults.
 DEFAULT_SAMPLING = SamplingParams()
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
 class SessionRng:

@@ -7,6 +7,7 @@ row's draw does not depend on the other rows of the batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -396,3 +397,17 @@ def test_an_unbuilt_rng_is_small() -> None:
     rng = SessionRng.seeded(2**62 + 1)
     assert not hasattr(rng, "__dict__")
     assert sys.getsizeof(rng) <= 64 and not rng.built
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=0.3, top_k=5, top_p=0.9, max_tokens=7),
+        SamplingParams(stop_strings=("\n", "END"), stop_token_ids=(0, 10)),
+    ],
+)
+def test_as_dict_is_dataclasses_asdict_and_reads_back(params: SamplingParams) -> None:
+    as_dict = params.as_dict()
+    assert as_dict == dataclasses.asdict(params)
+    assert SamplingParams.from_dict(json.loads(json.dumps(as_dict))) == params
