@@ -15,6 +15,7 @@ from service.engine.session_engine import PredictionOptions
 from service.errors import DataLoss, FailedPrecondition, SessionClosed, SpillMismatch
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
+from service.sessions import journal as journal_module
 from service.sessions import journal_record as jr
 
 from .conftest import TOK, EngineFactory, close, crash, frames, publish, toks
@@ -105,6 +106,43 @@ async def test_a_session_whose_records_are_damaged_is_refused_with_data_loss(
         await second.feed(hurt.session_id, toks(9))
     assert hurt.session_id in err.value.message and "gap" in err.value.message
     assert (await second.feed(fine.session_id, toks(9))).position == 4
+
+
+async def test_segments_left_undeleted_by_a_crash_are_read_and_skipped(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal's janitor deletes segments nobody needs after the fact: a crash before it
+    does leaves them, full of records older than the checkpoints that replaced them."""
+    spill = tmp_path / "state"
+    left: list[Path] = []
+    real = journal_module._do
+    monkeypatch.setattr(
+        journal_module, "_do", lambda w: left.append(w) if isinstance(w, Path) else real(w)
+    )
+    small = {"checkpoint_steps": 2, "journal_segment_bytes": 300}
+    first = await make_engine(spill_dir=spill, **small)
+    roomy = await make_engine(durability="shutdown")
+    pairs = []
+    for i in range(4):
+        a, _ = await first.create_session("tok", seed=i)
+        b, _ = await roomy.create_session("tok", seed=i)
+        pairs.append((a.session_id, b.session_id))
+    for k in range(9):  # checkpoints every 2 steps: segment after segment falls free
+        for i, (a, b) in enumerate(pairs):
+            await first.feed(a, toks((k * 7 + i) % 256))
+            await roomy.feed(b, toks((k * 7 + i) % 256))
+    first.durability.journal.settle()  # type: ignore[union-attr]
+    assert left and all(p.exists() for p in left), "deletions were due, and none was done"
+    await crash(first)
+    monkeypatch.undo()
+
+    second = await make_engine(spill_dir=spill, **small)
+    for a, b in pairs:
+        assert second.get_session(a).position == roomy.get_session(b).position == 9
+        got, want = await second.feed(a, toks(42)), await roomy.feed(b, toks(42))
+        assert got.position == want.position and close(got.prediction, want.prediction)
+        got_t = [t.token_id async for t in second.generate(a, sampling=SAMPLING)]
+        assert got_t == [t.token_id async for t in roomy.generate(b, sampling=SAMPLING)]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ setting."""
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +100,47 @@ def test_segments_nobody_pins_are_deleted(tmp_path: Path) -> None:
     files = lambda: sorted(p.name for p in (tmp_path / "journal").iterdir())  # noqa: E731
     assert len(files()) == 4
     journal.unpin(segments[1])  # an older segment is still pinned: nothing can go
+    journal.settle()
     assert len(files()) == 4
     journal.unpin(segments[0])  # now the two oldest are free
+    journal.settle()
     assert files() == [f"{s:012d}.log" for s in segments[2:]]
     journal.close()
+
+
+def test_full_segments_are_synced_closed_and_deleted_off_the_appending_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends run on the event loop: a roll's fsync and close, and a deletion, do not."""
+    journal = Journal(tmp_path / "journal", fsync="never", segment_bytes=64)
+    list(journal.open())
+    journal.start()
+    seen: list[tuple[str, str]] = []
+    fsync, close, unlink = os.fsync, os.close, Path.unlink
+
+    def noted(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            seen.append((name, threading.current_thread().name))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "fsync", noted("fsync", fsync))
+    monkeypatch.setattr(os, "close", noted("close", close))
+    monkeypatch.setattr(Path, "unlink", noted("unlink", unlink))
+    first = journal.append([jr.tokens(SID, 0, np.arange(20))])
+    journal.pin(first)
+    second = journal.append([jr.tokens(SID, 20, np.arange(20))])  # rolls: `first` is full
+    journal.pin(second)
+    journal.unpin(first)
+    journal.settle()
+    assert {name for name, _ in seen} == {"fsync", "close", "unlink"}
+    assert {thread for _, thread in seen} == {"journal-janitor"}
+    assert not (tmp_path / "journal" / f"{first:012d}.log").exists()
+    monkeypatch.undo()
+    journal.close()
+    again = Journal(tmp_path / "journal")
+    assert [r.position for r in again.open()] == [20]
 
 
 def test_a_refused_write_names_the_setting_and_the_next_starts_a_new_segment(
