@@ -15,9 +15,12 @@ the batch counts as written: the segment it may have torn is closed and the next
 a new one, so a torn record only ever ends a segment, where recovery stops reading.
 
 Appends run on the event loop; the slow file work does not. A full segment's final fsync and
-close, and the deletion of segments nobody needs (~4-14 ms for a 64 MB one on this machine's
-disk), are handed in order to a janitor thread. A crash before it gets to them leaves a segment
-that recovery reads and skips (its records are older than the checkpoints that replaced them).
+close are done by the fsync thread (interval policy: before it syncs anything newer, so the
+journal stays a prefix of what was written) or by a janitor thread (the others: their records
+are synced by `append`, or never), and the deletion of segments nobody needs (~4-14 ms for a
+64 MB one on this machine's disk) by the janitor, in order. A crash before it gets to them
+leaves a segment that recovery reads and skips (its records are older than the checkpoints
+that replaced them).
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ class Journal:
         # A retired segment's descriptor (fsync, close), a segment to delete, an event to set
         # once what came before is done (`settle`), or None: stop.
         self._chores: queue.SimpleQueue[int | Path | threading.Event | None] = queue.SimpleQueue()
+        # With the fsync thread: full segments' descriptors it has yet to fsync, oldest first
+        # (under `_lock`). It fsyncs them before the segment being written, so no newer record
+        # is made durable before an older one.
+        self._retired: list[int] = []
         self._janitor: threading.Thread | None = None
         self.failed_writes = 0  # appends refused because the disk would not take them
         self._failing = False
@@ -110,14 +117,16 @@ class Journal:
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join(timeout=5)
-        self.settle()
         if self._janitor is not None:
-            self._chores.put(None)
+            self._chores.put(None)  # after everything handed to it
             self._janitor.join(timeout=30)
             if self._janitor.is_alive():
                 log.error("journal janitor still busy at close (a slow disk?)")
             self._janitor = None
         with self._lock:
+            retired, self._retired = self._retired, []
+            for fd in retired:  # oldest first, before the segment being written
+                _do(fd)
             if self._fd is not None:
                 with contextlib.suppress(OSError):
                     os.fsync(self._fd)
@@ -179,6 +188,9 @@ class Journal:
 
     def sync(self) -> None:
         with self._lock:
+            retired, self._retired = self._retired, []
+            for fd in retired:  # full segments first: nothing newer is synced before them
+                _do(fd)
             if self._fd is not None and self._dirty:
                 self._dirty = False
                 os.fsync(self._fd)
@@ -188,12 +200,16 @@ class Journal:
     def _roll(self) -> None:
         with self._lock:
             full, self._fd = self._fd, None
-            self._seq += 1
-            path = self.directory / f"{self._seq:012d}.log"
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._size = 0
-        if full is not None:
-            self._chore(full)  # its last fsync and close
+            try:
+                self._seq += 1
+                path = self.directory / f"{self._seq:012d}.log"
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                self._size = 0
+            finally:  # the full segment's last fsync and close, even when no new one opened
+                if full is not None and self._syncer is not None and self._syncer.is_alive():
+                    self._retired.append(full)  # the fsync thread's, before anything newer
+                elif full is not None:
+                    self._chore(full)
 
     def _chore(self, work: int | Path) -> None:
         """A full segment's descriptor to fsync and close, or a segment to delete: by the

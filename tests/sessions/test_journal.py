@@ -175,3 +175,54 @@ def test_a_records_session_and_kind_read_without_decoding_it() -> None:
         (decoded,) = jr.decode_stream(record)
         assert jr.session_of(record) == decoded.session_id
         assert jr.kind_of(record) == kind == decoded.kind
+
+
+def test_with_the_fsync_thread_a_full_segment_is_synced_before_anything_newer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interval policy's thread fsyncs a full segment before the one being written, so a
+    power loss cannot keep newer records and lose older ones (a gap recovery refuses)."""
+    journal = Journal(tmp_path / "journal", fsync_interval_seconds=3600, segment_bytes=64)
+    list(journal.open())
+    journal.start()  # its fsync thread waits an hour: `sync()` below is the one that runs
+    first = journal.append([jr.tokens(SID, 0, np.arange(20))])
+    second = journal.append([jr.tokens(SID, 20, np.arange(20))])  # rolls: `first` is full
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def noted(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", noted)
+    journal.sync()
+    assert synced == [f"{first:012d}.log", f"{second:012d}.log"]
+    monkeypatch.undo()
+    journal.close()
+
+
+def test_a_roll_that_cannot_open_the_next_segment_still_closes_the_full_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path / "journal", fsync="never", segment_bytes=64)
+    list(journal.open())
+    journal.start()
+    journal.append([jr.tokens(SID, 0, np.arange(20))])
+    full = journal._fd
+    assert full is not None
+    real_open = os.open
+
+    def no_space(path: object, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".log"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_space)
+    with pytest.raises(JournalUnavailable):
+        journal.append([jr.tokens(SID, 20, np.arange(20))])  # the roll fails
+    journal.settle()
+    with pytest.raises(OSError):
+        os.fstat(full)  # closed: no descriptor leaks per failed roll
+    monkeypatch.undo()
+    assert journal.append([jr.tokens(SID, 20, np.arange(20))]) > 0  # the disk is back
+    journal.close()
