@@ -14,6 +14,7 @@ other weights, with FAILED_PRECONDITION.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from service.sessions import journal_record as jr
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_record import SpillRecord
+from service.sessions.state_tier import JournalLog
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,24 @@ class Recovery:
         self._versions = versions
         self._residency = residency
         self._replays = replays
+
+    async def from_journal(self, journal: JournalLog) -> RecoveryReport:
+        """Start-up: every session back at its last journaled step (its replay pending), then
+        the journal writing its next segment, without the segments nobody needs."""
+        records = await asyncio.to_thread(lambda: list(journal.open()))
+        report = await self.run(records, journal.oldest)
+        del records
+        journal.start()
+        if not self._replays:  # nothing left to replay: every session is in a checkpoint
+            journal.drop_before(journal.segment)
+        if report.pending_sessions or report.lost:
+            log.info(
+                "recovered %d sessions from the journal (%d steps to replay, in the "
+                "background or when first used; %d lost)",
+                report.pending_sessions, report.pending_steps, report.lost,
+            )  # fmt: skip
+        self._replays.start()
+        return report
 
     async def run(self, records: Iterable[jr.JournalRecord], oldest_segment: int) -> RecoveryReport:
         """Plan every session's replay; their journal records stay (`oldest_segment` pinned)

@@ -101,22 +101,9 @@ class SessionEngine:
         resumed = await asyncio.to_thread(self.residency.open)
         journal = self.durability.journal
         if journal is not None:
-            records = await asyncio.to_thread(lambda: list(journal.open()))
             replays = self.leases.replays
-            report = await Recovery(self.sessions, self.versions, self.residency, replays).run(
-                records, journal.oldest
-            )
-            del records
-            journal.start()
-            if not replays:  # nothing left to replay: every session is in a checkpoint
-                journal.drop_before(journal.segment)
-            if report.pending_sessions or report.lost:
-                log.info(
-                    "recovered %d sessions from the journal (%d steps to replay, in the "
-                    "background or when first used; %d lost)",
-                    report.pending_sessions, report.pending_steps, report.lost,
-                )  # fmt: skip
-            replays.start()
+            recovery = Recovery(self.sessions, self.versions, self.residency, replays)
+            await recovery.from_journal(journal)
         broken = self.sessions.broken
         if resumed or broken:
             log.info(
