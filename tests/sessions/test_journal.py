@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +29,14 @@ def _records() -> list[bytes]:
         jr.frames("s_other", 7, np.array([[0.5, -1.0, 2.0]], dtype=np.float32)),
         jr.end(SID, 4, "closed"),
     ]
+
+
+def _started(tmp_path: Path, **options: Any) -> Journal:
+    """A journal on an empty directory, opened (nothing to read) and writing."""
+    journal = Journal(tmp_path / "journal", **options)
+    list(journal.open())
+    journal.start()
+    return journal
 
 
 def test_every_kind_round_trips() -> None:
@@ -89,9 +98,7 @@ def test_group_commit_is_one_write_and_reads_back_in_order(tmp_path: Path) -> No
 
 
 def test_segments_nobody_pins_are_deleted(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal", fsync="never", segment_bytes=64)
-    list(journal.open())
-    journal.start()
+    journal = _started(tmp_path, fsync="never", segment_bytes=64)
     segments = []
     for i in range(4):  # each append fills a segment; the next one rolls
         seq = journal.append([jr.tokens(SID, i * 10, np.arange(20))])
@@ -112,9 +119,7 @@ def test_full_segments_are_synced_closed_and_deleted_off_the_appending_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Appends run on the event loop: a roll's fsync and close, and a deletion, do not."""
-    journal = Journal(tmp_path / "journal", fsync="never", segment_bytes=64)
-    list(journal.open())
-    journal.start()
+    journal = _started(tmp_path, fsync="never", segment_bytes=64)
     seen: list[tuple[str, str]] = []
     fsync, close, unlink = os.fsync, os.close, Path.unlink
 
@@ -146,9 +151,7 @@ def test_full_segments_are_synced_closed_and_deleted_off_the_appending_thread(
 def test_a_refused_write_names_the_setting_and_the_next_starts_a_new_segment(
     tmp_path: Path,
 ) -> None:
-    journal = Journal(tmp_path / "journal", fsync="never")
-    list(journal.open())
-    journal.start()
+    journal = _started(tmp_path, fsync="never")
     first = journal.append([jr.tokens(SID, 0, np.array([1]))])
     fd = journal._fd
     assert fd is not None
@@ -182,9 +185,8 @@ def test_with_the_fsync_thread_a_full_segment_is_synced_before_anything_newer(
 ) -> None:
     """The interval policy's thread fsyncs a full segment before the one being written, so a
     power loss cannot keep newer records and lose older ones (a gap recovery refuses)."""
-    journal = Journal(tmp_path / "journal", fsync_interval_seconds=3600, segment_bytes=64)
-    list(journal.open())
-    journal.start()  # its fsync thread waits an hour: `sync()` below is the one that runs
+    # Its fsync thread waits an hour: the `sync()` below is the one that runs.
+    journal = _started(tmp_path, fsync_interval_seconds=3600, segment_bytes=64)
     first = journal.append([jr.tokens(SID, 0, np.arange(20))])
     second = journal.append([jr.tokens(SID, 20, np.arange(20))])  # rolls: `first` is full
     synced: list[str] = []
@@ -204,9 +206,7 @@ def test_with_the_fsync_thread_a_full_segment_is_synced_before_anything_newer(
 def test_a_roll_that_cannot_open_the_next_segment_still_closes_the_full_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    journal = Journal(tmp_path / "journal", fsync="never", segment_bytes=64)
-    list(journal.open())
-    journal.start()
+    journal = _started(tmp_path, fsync="never", segment_bytes=64)
     journal.append([jr.tokens(SID, 0, np.arange(20))])
     full = journal._fd
     assert full is not None
