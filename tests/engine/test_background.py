@@ -28,14 +28,18 @@ class Meddling(Slices):
             await self._act()
 
 
-async def _idle_sessions(engine: SessionEngine, clock: FakeClock) -> list[str]:
+async def _idle_sessions(make_engine: EngineFactory) -> tuple[SessionEngine, FakeClock, list[str]]:
+    """An engine on a fake clock with N sessions fed once (journaled: each needs a checkpoint)
+    and idle for 10 s since."""
+    clock = FakeClock()
+    engine = await make_engine(clock=clock)
     ids = []
     for i in range(N):
         session, _ = await engine.create_session("tok", seed=i, ttl_seconds=60.0)
-        await engine.feed(session.session_id, toks(i + 1))  # journaled: needs a checkpoint
+        await engine.feed(session.session_id, toks(i + 1))
         ids.append(session.session_id)
     clock.advance(10.0)
-    return ids
+    return engine, clock, ids
 
 
 async def _ticks_while(work: Awaitable[int]) -> tuple[int, int]:
@@ -71,9 +75,7 @@ async def test_slices_yield_only_once_their_time_is_up() -> None:
 async def test_idle_checkpoints_let_requests_run_between_sessions(
     make_engine: EngineFactory,
 ) -> None:
-    clock = FakeClock()
-    engine = await make_engine(clock=clock)
-    ids = await _idle_sessions(engine, clock)
+    engine, _, ids = await _idle_sessions(make_engine)
     written, ticks = await _ticks_while(engine.residency.checkpoint_idle(5.0, Slices(seconds=0.0)))
     assert written == N
     assert ticks >= -(-N // CHECKPOINT_BATCH)  # other work ran before each batch of writes
@@ -83,9 +85,7 @@ async def test_idle_checkpoints_let_requests_run_between_sessions(
 async def test_a_session_used_or_closed_mid_sweep_is_not_checkpointed_as_it_was(
     make_engine: EngineFactory,
 ) -> None:
-    clock = FakeClock()
-    engine = await make_engine(clock=clock)
-    ids = await _idle_sessions(engine, clock)
+    engine, _, ids = await _idle_sessions(make_engine)
     used, closed = ids[-1], ids[-2]  # the sweep comes to them in its second batch
     assert N > CHECKPOINT_BATCH >= 2
 
@@ -102,9 +102,7 @@ async def test_a_session_used_or_closed_mid_sweep_is_not_checkpointed_as_it_was(
 
 
 async def test_expiry_lets_requests_run_between_sessions(make_engine: EngineFactory) -> None:
-    clock = FakeClock()
-    engine = await make_engine(clock=clock)
-    ids = await _idle_sessions(engine, clock)
+    engine, clock, ids = await _idle_sessions(make_engine)
     fresh, _ = await engine.create_session("tok", ttl_seconds=600.0)
     clock.advance(60.0)  # past the TTL of all but `fresh`
     ended, ticks = await _ticks_while(engine.lifecycle.sweep_expired(Slices(seconds=0.0)))
