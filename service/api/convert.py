@@ -19,7 +19,7 @@ from service.engine.model_input import ModelInput
 from service.errors import InvalidArgument
 from service.models import ByteTokenizer
 from service.pb.seqserve.v1 import types_pb2 as pb
-from service.runtime.sampler import DEFAULT_SAMPLING, SamplingParams
+from service.runtime.sampler import DEFAULT_SAMPLING, SAMPLING_FIELDS, SamplingParams
 from service.runtime.step_batch import Prediction
 from service.sessions.session import Session
 
@@ -51,7 +51,7 @@ def sampling_from_pb(msg: pb.Sampling, base: SamplingParams | None = None) -> Sa
     (the session's default, or the defaults of `SamplingParams`)."""
     base = base or DEFAULT_SAMPLING
     changes: dict[str, object] = {}
-    for name in _SAMPLING_FIELDS:
+    for name in SAMPLING_FIELDS:
         value = getattr(msg, name)
         if isinstance(value, (str, int, float)):
             if msg.HasField(name):
@@ -65,9 +65,6 @@ def sampling_from_pb(msg: pb.Sampling, base: SamplingParams | None = None) -> Sa
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
     return pb.Sampling(**params.as_dict())
-
-
-_SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 
 
 def duration_seconds(msg: Duration) -> float | None:

@@ -29,7 +29,7 @@ class SamplingParams:
     def as_dict(self) -> dict[str, Any]:
         """What `dataclasses.asdict` gives (every field is a scalar or a tuple of them), at a
         tenth of its cost: it is journaled with every new session."""
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS}
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:
@@ -56,7 +56,7 @@ class SamplingParams:
 
 # Frozen, so one instance serves every session that keeps the defaults.
 DEFAULT_SAMPLING = SamplingParams()
-_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
 class SessionRng:
