@@ -66,9 +66,16 @@ async def _check(client: SeqServeClient, store_root: Path, fed: Fed) -> None:
     fed.acked.append(7)
 
 
+@pytest.mark.parametrize("segments", ["default", "small"])
 async def test_sigkill_under_load_loses_no_acknowledged_step(
-    store_root: Path, tmp_path: Path
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, segments: str
 ) -> None:
+    """`small`: 4 KB journal segments and a checkpoint every 8 steps, so segments fill, roll
+    and fall free all through the load, and the kill lands while the journal's threads have
+    full segments still to sync, close or delete."""
+    if segments == "small":
+        monkeypatch.setenv("SEQSERVE_SESSIONS__JOURNAL_SEGMENT_BYTES", "4096")
+        monkeypatch.setenv("SEQSERVE_SESSIONS__CHECKPOINT_STEPS", "8")
     rng = random.Random(20261130)
     server = ServerProcess(store_root, tmp_path / "state", tmp_path, slots=48)
     try:
@@ -96,3 +103,6 @@ async def test_sigkill_under_load_loses_no_acknowledged_step(
     finally:
         server.kill()
     assert "recovered" in server.log_text()
+    if segments == "small":  # segments did roll and were deleted on the way
+        seqs = [int(p.stem) for p in (tmp_path / "state" / "journal").glob("*.log")]
+        assert max(seqs) > 20 and len(seqs) < max(seqs)
