@@ -6,6 +6,7 @@ setting."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -226,3 +227,38 @@ def test_a_roll_that_cannot_open_the_next_segment_still_closes_the_full_one(
     monkeypatch.undo()
     assert journal.append([jr.tokens(SID, 20, np.arange(20))]) > 0  # the disk is back
     journal.close()
+
+
+def test_on_a_disk_out_of_inodes_a_failed_roll_leaks_no_descriptor(tmp_path: Path) -> None:
+    """A real tmpfs with a handful of inodes: the next segment cannot be created (ENOSPC), the
+    append is refused, the full segment's descriptor is closed all the same, and once an inode
+    is free again the journal goes on in a new segment."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(disk)], check=True
+    )
+    try:
+        journal = _started(disk, fsync="never", segment_bytes=64)
+        journal.append([jr.tokens(SID, 0, np.arange(20))])  # fills its segment
+        fillers = []
+        with pytest.raises(OSError):
+            while True:  # take every inode left
+                (disk / f"filler{len(fillers)}").touch()
+                fillers.append(disk / f"filler{len(fillers)}")
+        open_fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+        before = open_fds()
+        for _ in range(3):
+            with pytest.raises(JournalUnavailable):
+                journal.append([jr.tokens(SID, 20, np.arange(20))])  # needs a new segment
+        journal.settle()
+        assert open_fds() == before - 1  # the full segment's, closed; nothing leaked
+        fillers.pop().unlink()
+        assert journal.append([jr.tokens(SID, 20, np.arange(20))]) > 1
+        journal.close()
+        got = list(Journal(disk / "journal").open())
+        assert [r.position for r in got] == [0, 20]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
