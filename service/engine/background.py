@@ -13,10 +13,9 @@ log = logging.getLogger("service.engine.session_engine")
 
 # A background sweep's slice: it runs this long on the event loop, then leaves the loop to
 # requests for as long again (so it takes at most half of a busy loop). A sweep that
-# checkpointed every idle session in one go stalled the loop: with ~750 sessions created per
-# second (each checkpointed 5 s later), one session's feeds beside them read p99 642 ms, max
-# 1.8 s; in slices that yield one tick, 169 / 284 ms; in these, 50 / 83 ms (27-31 / 40 ms with
-# no idle checkpoints at all). See the README's "Background sweeps".
+# checkpointed every idle session in one go stalled the loop: one session's feeds beside ~600
+# creations/s read p99 332-404 ms, max ~2 s; in these slices 108-126 / 160-176 ms
+# (`python -m benchmarks.churn`; the README's "Background sweeps").
 SLICE_SECONDS = 0.002
 
 

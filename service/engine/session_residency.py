@@ -283,9 +283,9 @@ class SessionResidency:
 
     def _checkpoint_batch(self, batch: list[Session]) -> tuple[int, bool]:
         """`checkpoint` each session of `batch`, stage by stage: every state, then every
-        header, then every write (a sweep's checkpoints cost ~30% less so than one after
-        another: each stage's code and data stay in the caches). → (written, whether the
-        tier refused a write; the rest of the batch is then not written)."""
+        header, then every write (`benchmarks.checkpoints`: 161 against 245 µs each one after
+        another, in-process). → (written, whether the tier refused a write; the rest of the
+        batch is then not written)."""
         states = []
         for session in batch:
             served = self.versions.find(session.model, session.version)
