@@ -9,6 +9,12 @@ session feeds one token every `--think-ms` (`seqserve loadtest --sessions 1`) fo
 p50 / p99 / max step latency. The sweep that writes the idle checkpoints shares the event loop
 with both; this shows what it costs the session beside it.
 
+Also reported: the server's CPU per creation, its main thread (the event loop) apart from the
+rest (the runner, store-reader, journal and other threads; `/proc/<pid>/task/*/stat`), from the
+load's start until `--settle` seconds after its end (the last sessions' idle checkpoints), and
+the rows per batched step (`seqserve_batch_rows`). The probe's feeds count in that CPU;
+`--probe-seconds 0` leaves the probe out.
+
 `--compare ROOT` runs the same against a server started from another checkout (a `git
 worktree` of an older commit), the two alternating `--reps` times: a before/after pair measured
 side by side. The load runs on the other CPUs.
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.memory import make_sessions
-from benchmarks.processes import start_server
+from benchmarks.processes import scrape, start_server
 from benchmarks.run import split_cpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, default=14_000, help="sessions created")
     p.add_argument("--concurrency", type=int, default=64, help="creations in flight")
     p.add_argument("--probe-after", type=float, default=6.0, help="seconds into the creations")
-    p.add_argument("--probe-seconds", type=float, default=8.0)
+    p.add_argument("--probe-seconds", type=float, default=8.0, help="0: no probe")
+    p.add_argument("--settle", type=float, default=6.5, help="CPU counted this long after")
     p.add_argument("--think-ms", type=float, default=5.0, help="the probe's pause between feeds")
     p.add_argument("--compare", type=Path, help="another checkout's root, run alternately")
     p.add_argument("--reps", type=int, default=2)
@@ -73,31 +80,65 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "SEQSERVE_SESSIONS__MAX_SESSIONS": str(args.sessions + 5000),
         }
         argv = ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--metrics-port", "-1", "--store", str(args.store),
+                "--metrics-port", "0", "--store", str(args.store),
                 "--spill-dir", str(scratch / "spill")]  # fmt: skip
         server = start_server("churn", argv, scratch, server_cpus, env=env, cwd=root)
         made: dict[str, Any] = {}
+        latency: dict[str, float] | None = None
         try:
 
             def create() -> None:
                 n, k = args.sessions, args.concurrency
                 made.update(make_sessions(server.target, args.model, n, k, 1, True))
 
+            cpu0, rows0 = thread_cpu(server.proc.pid), batch_rows(server.metrics_port)
             load = threading.Thread(target=create)
             load.start()
-            time.sleep(3.0 + args.probe_after)  # (make_sessions starts its clock after ~3 s)
-            latency = probe(args, server.target, scratch)
+            if args.probe_seconds > 0:
+                time.sleep(3.0 + args.probe_after)  # (make_sessions starts its clock after ~3 s)
+                latency = probe(args, server.target, scratch)
             load.join()
+            time.sleep(args.settle)
+            cpu1, rows1 = thread_cpu(server.proc.pid), batch_rows(server.metrics_port)
         finally:
             server.stop()
     if made.get("errors"):
         raise RuntimeError(f"{made['errors']} creations failed")
+    n = args.sessions
     return {
         "server_root": str(root),
         "sessions_per_second": made["sessions_per_second"],
         "probe_ms": latency,
+        "server_cpu_us_per_creation": {
+            "main_thread": (cpu1[0] - cpu0[0]) / n * 1e6,
+            "other_threads": (cpu1[1] - cpu0[1]) / n * 1e6,
+        },
+        "rows_per_step": (rows1[0] - rows0[0]) / max(1.0, rows1[1] - rows0[1]),
         "load_average_1m_before": made["load_average_1m_before"],
     }
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process's main thread, and of all its other threads together."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = rest = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if task.name == str(pid):
+            main += cpu
+        else:
+            rest += cpu
+    return main, rest
+
+
+def batch_rows(metrics_port: int) -> tuple[float, float]:
+    """`seqserve_batch_rows` sum and count, all versions together."""
+    found = scrape(metrics_port)
+    return found.get("seqserve_batch_rows_sum", 0.0), found.get("seqserve_batch_rows_count", 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         for root in roots if rep % 2 == 0 else roots[::-1]:
             result = measure(args, root)
             results.append(result)
-            p = result["probe_ms"]
-            step = ", ".join(f"{k} {p[k]:.1f} ms" for k in ("mean", "p50", "p99", "max"))
-            rate = result["sessions_per_second"]
-            print(f"{root}: {rate:,.0f} creations/s; one session's step {step}", flush=True)
+            rate, cpu = result["sessions_per_second"], result["server_cpu_us_per_creation"]
+            line = (
+                f"{root}: {rate:,.0f} creations/s; server CPU {cpu['main_thread']:,.0f} µs a "
+                f"creation on the main thread, {cpu['other_threads']:,.0f} on the others; "
+                f"{result['rows_per_step']:.1f} rows per step"
+            )
+            if (p := result["probe_ms"]) is not None:
+                step = ", ".join(f"{k} {p[k]:.1f} ms" for k in ("mean", "p50", "p99", "max"))
+                line += f"; one session's step {step}"
+            print(line, flush=True)
     if args.out:
         shown = sys.argv[1:] if argv is None else argv
         summary = {"command": "python -m benchmarks.churn " + " ".join(shown), "runs": results}

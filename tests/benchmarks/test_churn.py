@@ -10,10 +10,23 @@ from benchmarks.churn import REPO, measure, parse_args
 @pytest.mark.integration
 def test_a_small_run_probes_one_session_beside_the_creations() -> None:
     args = parse_args(
-        ["--sessions", "400", "--concurrency", "8", "--probe-after", "0.2", "--probe-seconds", "1"]
-    )
+        ["--sessions", "400", "--concurrency", "8", "--probe-after", "0.2", "--probe-seconds", "1",
+         "--settle", "0.5"]
+    )  # fmt: skip
     result = measure(args, REPO)
     assert result["sessions_per_second"] > 0 and result["server_root"] == str(REPO)
     probe = result["probe_ms"]
     assert probe["count"] > 10  # a feed every 5 ms for a second, answered
     assert 0 < probe["p50"] <= probe["p99"] <= probe["max"]
+    cpu = result["server_cpu_us_per_creation"]
+    assert cpu["main_thread"] > 0 and cpu["other_threads"] > 0  # the loop, and the step threads
+    assert result["rows_per_step"] >= 1.0  # each creation's prefix was stepped
+
+
+@pytest.mark.integration
+def test_without_a_probe_it_reports_the_creations_alone() -> None:
+    args = parse_args(["--sessions", "300", "--concurrency", "8", "--probe-seconds", "0",
+                       "--settle", "0.5"])  # fmt: skip
+    result = measure(args, REPO)
+    assert result["probe_ms"] is None and result["sessions_per_second"] > 0
+    assert result["server_cpu_us_per_creation"]["main_thread"] > 0

@@ -3,6 +3,8 @@ on their version until they end, broken versions are refused for new sessions on
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,21 @@ async def test_version_failing_its_digest_takes_no_new_sessions(
     assert (await engine.feed(running.session_id, toks(3))).position == 1
     await engine.watcher.poll()  # still has a session: stays loaded
     assert engine.versions.find("tok", 2) is not None
+
+
+async def test_new_sessions_read_the_store_on_its_reader_thread_not_the_loop(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await make_engine()
+    await engine.create_session("tok")  # version 1 loaded (the loader reads the store too)
+    threads: list[str] = []
+    real = engine.versions.store.model
+
+    def model(name: str) -> object:
+        threads.append(threading.current_thread().name)
+        return real(name)
+
+    monkeypatch.setattr(engine.versions.store, "model", model)
+    made = await asyncio.gather(*(engine.create_session("tok") for _ in range(5)))
+    assert [s.version for s, _ in made] == [1] * 5
+    assert threads == ["store-reader_0"] * 5  # one reading per session, none on the loop
