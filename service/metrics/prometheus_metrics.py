@@ -102,10 +102,6 @@ class Metrics(MetricFamilies):
         """`count` step requests, each received → reply ready in `seconds`."""
         self._series(model, version).step_latency.observe(seconds, count)
 
-    def observe_request_latencies(self, model: str, version: str, seconds: Iterable[float]) -> None:
-        """Many step requests at once (the items of one Stream message)."""
-        self._series(model, version).step_latency.observe_many(seconds)
-
     def observe_time_to_first_token(self, model: str, version: str, seconds: float) -> None:
         self._series(model, version).time_to_first_token.observe(seconds)
 

@@ -161,14 +161,14 @@ def test_latency_buckets_span_50us_to_10s(metrics: Metrics) -> None:
 
 def test_per_request_latencies(metrics: Metrics) -> None:
     metrics.observe_request_latency("text", "1", 0.002)
-    metrics.observe_request_latencies("text", "1", [0.001, 0.003])
+    metrics.observe_request_latency("text", "1", 0.001)
     metrics.observe_request_latency("text", "1", 0.0005, count=4)  # a message's four feeds
     metrics.observe_time_to_first_token("text", "2", 0.05)
     metrics.observe_inter_token("text", "1", 0.004)
     metrics.observe_inter_tokens("text", "1", [0.004, 0.006])
 
-    assert _value(metrics, "seqserve_step_latency_seconds_count", version="1") == 7
-    assert _value(metrics, "seqserve_step_latency_seconds_sum", version="1") == pytest.approx(0.008)
+    assert _value(metrics, "seqserve_step_latency_seconds_count", version="1") == 6
+    assert _value(metrics, "seqserve_step_latency_seconds_sum", version="1") == pytest.approx(0.005)
     assert _value(metrics, "seqserve_step_latency_seconds_bucket", le="0.0005", version="1") == 4
     assert _value(metrics, "seqserve_time_to_first_token_seconds_count", version="2") == 1
     assert _value(metrics, "seqserve_time_to_first_token_seconds_count", version="1") == 0
