@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from service.engine.applied_request import from_record
 from service.engine.background import Slices
@@ -44,6 +43,11 @@ log = logging.getLogger(__name__)
 # Idle checkpoints written together, stage by stage (see `_checkpoint_batch`): ~8 x 0.25 ms,
 # about one of the sweep's slices.
 CHECKPOINT_BATCH = 8
+# Candidates an idle-checkpoint sweep looks at between two chances to breathe: passing over a
+# session not due costs ~0.5 µs, so 20,000 sessions with recent steps held the loop for 9 ms
+# in one go (in-process, `checkpoint_idle` with nothing due, a ticker task timing the longest
+# gap between its ticks). 2,048 of them: ~1 ms.
+SCAN_STRIDE = 2048
 
 SessionEvent = Callable[[str, Session], None]  # ("evicted" | "restored", session)
 
@@ -262,14 +266,31 @@ class SessionResidency:
         written = 0
         while True:
             await slices.breathe()  # then the batch is chosen: requests ran meanwhile
-            due = (s for s in candidates if self._idle_unsaved(s, min_idle_seconds))
-            batch = list(itertools.islice(due, CHECKPOINT_BATCH))
-            if not batch:
+            batch, exhausted = self._next_due(candidates, min_idle_seconds)
+            if batch:
+                done, refused = self._checkpoint_batch(batch)
+                written += done
+                if refused:
+                    return written  # the disk refuses: try again at the next sweep
+            if exhausted:
                 return written
-            done, refused = self._checkpoint_batch(batch)
-            written += done
-            if refused:
-                return written  # the disk refuses: try again at the next sweep
+
+    def _next_due(
+        self, candidates: Iterator[Session], min_idle_seconds: float
+    ) -> tuple[list[Session], bool]:
+        """Up to `CHECKPOINT_BATCH` sessions due for an idle checkpoint, looking at no more
+        than `SCAN_STRIDE` candidates: the sessions not due yet take time to pass over too.
+        → (those found, whether the candidates ran out)."""
+        batch: list[Session] = []
+        for _ in range(SCAN_STRIDE):
+            session = next(candidates, None)
+            if session is None:
+                return batch, True
+            if self._idle_unsaved(session, min_idle_seconds):
+                batch.append(session)
+                if len(batch) == CHECKPOINT_BATCH:
+                    break
+        return batch, False
 
     def _idle_unsaved(self, session: Session, min_idle_seconds: float) -> bool:
         """In memory, not in use, idle this long, with journaled steps not in a checkpoint."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
+from service.engine import session_residency
 from service.engine.background import Slices
 from service.engine.session_engine import SessionEngine
 from service.engine.session_residency import CHECKPOINT_BATCH
@@ -110,3 +113,14 @@ async def test_expiry_lets_requests_run_between_sessions(make_engine: EngineFact
     assert [s.session_id for s in engine.sessions] == [fresh.session_id]
     assert engine.versions.pinned("tok", 1) == 1  # each ended once: unpinned once
     assert not any(i in engine.spill for i in ids)
+
+
+async def test_a_sweep_with_nothing_due_still_lets_requests_run_while_it_looks(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, _, ids = await _idle_sessions(make_engine)
+    monkeypatch.setattr(session_residency, "SCAN_STRIDE", 4)
+    written, ticks = await _ticks_while(engine.residency.checkpoint_idle(60.0, Slices(0.0)))
+    assert written == 0  # idle 10 s, none for 60
+    assert ticks >= N // 4  # other work ran after every 4 sessions looked at
+    assert all(engine.sessions.is_unsaved(engine.get_session(i)) for i in ids)
