@@ -186,9 +186,7 @@ class SessionResidency:
         assert served is not None and session.slot is not None, "only a session in memory spills"
         if not (self.durability.enabled and self.sessions.record_is_current(session)):
             record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
-            self.tier.write(record, durable=durable)
-            self.sessions.written(session)
-            self.durability.checkpointed(session)
+            self._write(session, record, durable=durable)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
 
@@ -199,7 +197,13 @@ class SessionResidency:
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory"
         record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
-        self.tier.write(record, first=first)
+        self._write(session, record, first=first)
+
+    def _write(
+        self, session: Session, record: SpillRecord, *, durable: bool = False, first: bool = False
+    ) -> None:
+        """`record` of `session` to the tier; then its journal records are no longer needed."""
+        self.tier.write(record, durable=durable, first=first)
         self.sessions.written(session)
         self.durability.checkpointed(session)
 
@@ -316,14 +320,12 @@ class SessionResidency:
         written = 0
         for session, record in zip(batch, records, strict=True):
             try:
-                self.tier.write(record)
+                self._write(session, record)
             except SessionMoved:
                 continue  # another replica holds it; the next request here drops this copy
             except SeqServeError as exc:
                 log.warning("checkpoint of an idle session failed: %s", exc.message)
                 return written, True
-            self.sessions.written(session)
-            self.durability.checkpointed(session)
             written += 1
         return written, False
 

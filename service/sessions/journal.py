@@ -124,9 +124,7 @@ class Journal:
                 log.error("journal janitor still busy at close (a slow disk?)")
             self._janitor = None
         with self._lock:
-            retired, self._retired = self._retired, []
-            for fd in retired:  # oldest first, before the segment being written
-                _do(fd)
+            self._finish_retired()
             if self._fd is not None:
                 with contextlib.suppress(OSError):
                     os.fsync(self._fd)
@@ -188,14 +186,19 @@ class Journal:
 
     def sync(self) -> None:
         with self._lock:
-            retired, self._retired = self._retired, []
-            for fd in retired:  # full segments first: nothing newer is synced before them
-                _do(fd)
+            self._finish_retired()
             if self._fd is not None and self._dirty:
                 self._dirty = False
                 os.fsync(self._fd)
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _finish_retired(self) -> None:
+        """fsync and close the full segments waiting for it, oldest first: before the segment
+        being written, so nothing newer is synced before them. Under `_lock`."""
+        retired, self._retired = self._retired, []
+        for fd in retired:
+            _do(fd)
 
     def _roll(self) -> None:
         with self._lock:
