@@ -52,6 +52,10 @@ class StepSettlement:
 
     def failed(self, gens: list[Generation], feeds: list[QueuedRow], exc: Exception) -> None:
         log.exception("step failed for %s:%s", self._model, self._version)
+        self._refuse(gens, feeds, exc)
+
+    def _refuse(self, gens: list[Generation], feeds: list[QueuedRow], exc: Exception) -> None:
+        """Every row of the step gets `exc`; its generations run no more steps."""
         for f in feeds:
             f.group.settle(f.index, exc)
         for gen in gens:
@@ -81,11 +85,7 @@ class StepSettlement:
                     segment = self._commit(kept) if kept else None
             except Unavailable as exc:  # not durable: the step must not count
                 self._undo(rows, output)
-                for f in feeds:
-                    f.group.settle(f.index, exc)
-                for gen in gens:
-                    gen.tokens.put_nowait(exc)
-                    self._retire(gen)
+                self._refuse(gens, feeds, exc)
                 return
         self._fan_out(gens, feeds, results, segment)
         t = output.timings
