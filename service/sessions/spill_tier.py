@@ -149,11 +149,7 @@ class SpillTier:
         final = self._file(session_id)
         tmp = f"{self._dir}/.{session_id}{SUFFIX}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
+            _write_file(tmp, data, durable)
             os.replace(tmp, final)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -176,8 +172,7 @@ class SpillTier:
         """The record, checksum verified. Raises SpillCorrupted if missing or damaged."""
         path = self._file(session_id)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_file(path)
         except OSError as exc:
             log.warning("spill record %s unreadable: %s", path, exc)
             raise SpillCorrupted(f"{_SOURCE} is unreadable ({exc.strerror})") from exc
@@ -270,6 +265,40 @@ class SpillTier:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# Records are read and written with bare descriptors: `open()`'s buffered file object costs three
+# more system calls (fstat, the isatty ioctl, lseek) and ~20 µs of Python for each checkpoint.
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+def _write_file(path: str, data: bytes, durable: bool) -> None:
+    """All of `data` to a new file at `path` (fsynced with `durable`)."""
+    fd = os.open(path, _WRITE_FLAGS, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written == 0:  # a regular file writes all or raises; never spin on a short one
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            view = view[written:]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: str) -> bytes:
+    """The whole file at `path`."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _owner_of(path: Path) -> str:

@@ -6,11 +6,14 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.errors import SpillCorrupted, SpillTierFull, SpillTierInUse
+from service.runtime.state_pool import SlotSnapshot
 from service.sessions import spill_tier
 from service.sessions.session import new_session_id
+from service.sessions.spill_record import SpillRecord
 from service.sessions.spill_tier import SpillTier
 
 from .test_spill_record import make_record
@@ -36,6 +39,33 @@ def test_write_read_delete(tier: SpillTier) -> None:
     assert sid not in tier and tier.bytes_used == 0 and not tier.path(sid).exists()
     with pytest.raises(SpillCorrupted, match="unreadable"):
         tier.read(sid)
+
+
+def test_a_record_larger_than_one_read_comes_back_whole(tmp_path: Path) -> None:
+    """Records are written and read with bare descriptors, in pieces; a big model's record
+    (here 2 × 20,000 floats of h and of c: 320 KB, five reads of 64 KiB) round-trips exactly."""
+    record = make_record()
+    gen = np.random.default_rng(1)
+    header = record.header.model_copy(update={"hidden_size": 20_000})
+    state = SlotSnapshot(
+        h=gen.standard_normal((2, 20_000)).astype(np.float32),
+        c=gen.standard_normal((2, 20_000)).astype(np.float32),
+        last=record.state.last,
+    )
+    big = SpillRecord(header, state)
+    tier = SpillTier(tmp_path / "spill", max_bytes=1 << 30)
+    tier.open()
+    try:
+        tier.write(big, durable=True)
+        back = tier.read(header.session_id)
+    finally:
+        tier.close()
+    assert tier.path(header.session_id).stat().st_size > 4 * (1 << 16)
+    assert back.header == header
+    np.testing.assert_array_equal(back.state.h, state.h)
+    assert back.state.c is not None
+    np.testing.assert_array_equal(back.state.c, state.c)
+    assert [p.name for p in (tmp_path / "spill").iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_size_cap(tmp_path: Path) -> None:
