@@ -13,7 +13,12 @@ Also reported: the server's CPU per creation, its main thread (the event loop) a
 rest (the runner, store-reader, journal and other threads; `/proc/<pid>/task/*/stat`), from the
 load's start until `--settle` seconds after its end (the last sessions' idle checkpoints), and
 the rows per batched step (`seqserve_batch_rows`). The probe's feeds count in that CPU;
-`--probe-seconds 0` leaves the probe out.
+`--probe-seconds 0` leaves the probe out. And the checkpoints written meanwhile with their
+mean wall time (`seqserve_state_write_seconds_total` ÷ `seqserve_state_writes_total`): each
+new session's idle checkpoint creates a file, and on this VM the kernel's price for a new
+file moves from ~15 to ~700 µs with the directory's place on the disk and the hour, so two
+runs compare only where these agree. `--scratch DIR` puts the state directories under DIR
+(a tmpfs such as /dev/shm takes the disk out).
 
 `--compare ROOT` runs the same against a server started from another checkout (a `git
 worktree` of an older commit), the two alternating `--reps` times: a before/after pair measured
@@ -54,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="bytes-lstm")
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--out", type=Path, help="also write the results here as JSON")
+    p.add_argument(
+        "--scratch", type=Path, help="the state directories go in a temporary directory here "
+        "(default: the system's temporary directory)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -73,15 +82,16 @@ def probe(args: argparse.Namespace, target: str, scratch: Path) -> dict[str, flo
 
 def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     server_cpus, _ = split_cpus(args.no_pin)
-    with tempfile.TemporaryDirectory(prefix="seqserve-churn-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="seqserve-churn-", dir=args.scratch) as tmp:
         scratch = Path(tmp)
+        state_dir = scratch / "spill"
         env = {
             "SEQSERVE_SERVER__HTTP_PORT": "-1",
             "SEQSERVE_SESSIONS__MAX_SESSIONS": str(args.sessions + 5000),
         }
         argv = ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
                 "--metrics-port", "0", "--store", str(args.store),
-                "--spill-dir", str(scratch / "spill")]  # fmt: skip
+                "--spill-dir", str(state_dir)]  # fmt: skip
         server = start_server("churn", argv, scratch, server_cpus, env=env, cwd=root)
         made: dict[str, Any] = {}
         latency: dict[str, float] | None = None
@@ -92,6 +102,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 made.update(make_sessions(server.target, args.model, n, k, 1, True))
 
             cpu0, rows0 = thread_cpu(server.proc.pid), batch_rows(server.metrics_port)
+            writes0 = state_writes(server.metrics_port)
             load = threading.Thread(target=create)
             load.start()
             if args.probe_seconds > 0:
@@ -100,6 +111,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             load.join()
             time.sleep(args.settle)
             cpu1, rows1 = thread_cpu(server.proc.pid), batch_rows(server.metrics_port)
+            writes1 = state_writes(server.metrics_port)
         finally:
             server.stop()
     if made.get("errors"):
@@ -114,6 +126,9 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "other_threads": (cpu1[1] - cpu0[1]) / n * 1e6,
         },
         "rows_per_step": (rows1[0] - rows0[0]) / max(1.0, rows1[1] - rows0[1]),
+        "state_writes": writes1[0] - writes0[0],
+        "state_write_us": (writes1[1] - writes0[1]) / max(1.0, writes1[0] - writes0[0]) * 1e6,
+        "state_dir": str(state_dir),
         "load_average_1m_before": made["load_average_1m_before"],
     }
 
@@ -141,6 +156,15 @@ def batch_rows(metrics_port: int) -> tuple[float, float]:
     return found.get("seqserve_batch_rows_sum", 0.0), found.get("seqserve_batch_rows_count", 0.0)
 
 
+def state_writes(metrics_port: int) -> tuple[float, float]:
+    """`seqserve_state_writes_total` and `seqserve_state_write_seconds_total`."""
+    found = scrape(metrics_port)
+    return (
+        found.get("seqserve_state_writes_total", 0.0),
+        found.get("seqserve_state_write_seconds_total", 0.0),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _, load_cpus = split_cpus(args.no_pin)
@@ -156,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             line = (
                 f"{root}: {rate:,.0f} creations/s; server CPU {cpu['main_thread']:,.0f} µs a "
                 f"creation on the main thread, {cpu['other_threads']:,.0f} on the others; "
-                f"{result['rows_per_step']:.1f} rows per step"
+                f"{result['rows_per_step']:.1f} rows per step; {result['state_writes']:,.0f} "
+                f"checkpoints written, {result['state_write_us']:,.0f} µs each"
             )
             if (p := result["probe_ms"]) is not None:
                 step = ", ".join(f"{k} {p[k]:.1f} ms" for k in ("mean", "p50", "p99", "max"))

@@ -15,7 +15,10 @@ default durability (journal, fsync every 200 ms) and auth off:
   session, and the spill directory's bytes per session (file sizes, and blocks allocated).
 
 Writes `OUT/memory.json` and prints a table. The rates depend on how busy the machine is (note
-the load average printed with them); the memory figures do not.
+the load average printed with them) and on what the disk charges for a new file in the state
+directory (every session's idle checkpoint creates one; the mean checkpoint write is printed
+with them, from `seqserve_state_write*`; `--scratch DIR` puts the state directories under
+DIR); the memory figures do not.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.processes import ServerProcess, start_server
+from benchmarks.processes import ServerProcess, scrape, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTE = "x-seqserve-route"
@@ -51,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     p.add_argument("--store", type=Path, default=REPO / "model_store")
     p.add_argument("--model", default="bytes-lstm")
+    p.add_argument(
+        "--scratch", type=Path, help="the state directories go in a temporary directory here "
+        "(default: the system's temporary directory)",
+    )  # fmt: skip
     p.add_argument(
         "--server-root", type=Path, default=REPO, help="run the server from this checkout "
         "(e.g. `git archive` of an older commit, for a before/after comparison)",
@@ -186,7 +193,7 @@ def _serve(
     name: str, args: argparse.Namespace, scratch: Path, env: dict[str, str]
 ) -> ServerProcess:
     argv = ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "-1", "--store", str(args.store),
+            "--metrics-port", "0", "--store", str(args.store),
             "--spill-dir", str(scratch / name)]  # fmt: skip
     # Sessions made early in a long run must not expire before it ends (the default TTL is 10
     # minutes; a million sessions take most of an hour to make): that would read as less memory.
@@ -223,11 +230,12 @@ def resident_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) ->
         target, pid = server.target, server.proc.pid
         make_sessions(target, args.model, warm, args.concurrency, args.clients)
         _settle(server, scratch / "resident", warm)
-        rss0, cpu0 = rss_bytes(pid), server.cpu_seconds()
+        rss0, cpu0, writes0 = rss_bytes(pid), server.cpu_seconds(), _writes(server)
         churn = make_sessions(target, args.model, n, args.concurrency, args.clients)
         rss_loaded, cpu_loaded = rss_bytes(pid), server.cpu_seconds()
         _settle(server, scratch / "resident", warm + n)
         rss1, cpu1 = rss_bytes(pid), server.cpu_seconds()
+        churn["state_write_us"] = _mean_write_us(writes0, _writes(server))
         per = (rss1 - rss0) / n
         # Server CPU per session: during the load, and with the idle checkpoints written after
         churn["server_cpu_ms_per_session_during_load"] = (cpu_loaded - cpu0) / n * 1e3
@@ -264,10 +272,11 @@ def spill_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) -> di
         pid = server.proc.pid
         make_sessions(server.target, args.model, 256, args.concurrency, args.clients)
         _settle(server, spill, 256)
-        rss0, disk0 = rss_bytes(pid), dir_usage(spill)
+        rss0, disk0, writes0 = rss_bytes(pid), dir_usage(spill), _writes(server)
         churn = make_sessions(server.target, args.model, m, args.concurrency, args.clients)
         _settle(server, spill, 256 + m)
         rss1, disk1 = rss_bytes(pid), dir_usage(spill)
+        churn["state_write_us"] = _mean_write_us(writes0, _writes(server))
         return {
             "sessions": m,
             "pool_slots": args.spill_pool_slots,
@@ -280,6 +289,19 @@ def spill_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) -> di
         }
     finally:
         server.stop(timeout=900.0)
+
+
+def _writes(server: ServerProcess) -> tuple[float, float]:
+    """The state tier's writes so far, and their wall seconds (`seqserve_state_write*`)."""
+    found = scrape(server.metrics_port)
+    writes = found.get("seqserve_state_writes_total", 0.0)
+    return writes, found.get("seqserve_state_write_seconds_total", 0.0)
+
+
+def _mean_write_us(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Mean µs of the writes between two readings of `_writes` (None: there were none)."""
+    count = after[0] - before[0]
+    return (after[1] - before[1]) / count * 1e6 if count else None
 
 
 def table(result: dict[str, Any]) -> str:
@@ -298,6 +320,7 @@ def table(result: dict[str, Any]) -> str:
                 c = res[key]
                 cpu = c.get("server_cpu_ms_per_session_with_checkpoints")
                 cpu_note = "" if cpu is None else f"; server CPU {cpu:.2f} ms per session"
+                cpu_note += _write_note(c)
                 lines.append(
                     f"| {label}, {result['concurrency']} concurrent (load avg "
                     f"{c['load_average_1m_before']:.1f}) | {c['sessions']:,} | "
@@ -310,10 +333,17 @@ def table(result: dict[str, Any]) -> str:
             f"| spill tier: pool of {sp['pool_slots']:,} slots, {sp['spill_files']:,} records "
             f"| {sp['sessions']:,} | RSS {sp['rss_growth_per_session']:,.0f} B, disk "
             f"{sp['disk_bytes_per_session']:,.0f} B ({sp['disk_allocated_per_session']:,.0f} B "
-            f"allocated) per session; {c['sessions_per_second']:,.0f} sessions/s | 1,000,000 "
+            f"allocated) per session; {c['sessions_per_second']:,.0f} sessions/s"
+            f"{_write_note(c)} | 1,000,000 "
             f"held | {'yes' if sp['sessions'] >= 1_000_000 else 'not at this count'} |"
         )
     return "\n".join(lines)
+
+
+def _write_note(churn: dict[str, Any]) -> str:
+    """What the disk charged for each state write of the run (checkpoints, evictions)."""
+    us = churn.get("state_write_us")
+    return "" if us is None else f"; state writes {us:,.0f} µs each"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "clients": args.clients,
         "cpus": os.cpu_count(),
     }
-    with tempfile.TemporaryDirectory(prefix="seqserve-memory-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="seqserve-memory-", dir=args.scratch) as tmp:
         if args.sessions:
             result["resident"] = resident_phase(args, Path(tmp), state_bytes)
             print(table(result), file=sys.stderr, flush=True)

@@ -223,6 +223,7 @@ class SeqServeServer:
         self.metrics.set_state_bytes("spilled", stats.spilled_bytes)
         self.metrics.set_state_write_failures("journal", stats.journal_write_failures)
         self.metrics.set_state_write_failures("end", stats.end_records_lost)
+        self.metrics.set_state_writes(stats.state_writes, stats.state_write_seconds)
 
 
 async def _set_health(servicer, name: str, status) -> None:  # type: ignore[no-untyped-def]

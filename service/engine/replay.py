@@ -192,7 +192,7 @@ class PendingReplays:
             if session.closed or self._pending.get(session.session_id) is not pending:
                 continue  # ended, or dropped and taken back, while this batch ran
             try:
-                self._residency.tier.write(record)  # raises when the disk refuses: pending
+                self._residency.write_record(record)  # raises when the disk refuses: pending
             except SessionMoved:  # another process took it over meanwhile: not ours to write
                 self._forget(pending)
                 self._residency.let_go(session)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from service.engine.applied_request import from_record
@@ -70,6 +71,10 @@ class SessionResidency:
         self._wait_seconds = wait_seconds
         self._went_idle = asyncio.Event()
         self._frozen = False  # set by spill_all: nothing comes back into memory after it
+        # Records the tier took (checkpoints, evictions, replays' checkpoints), and the wall
+        # time they took: the disk's price, for `seqserve_state_write*` (a slow disk shows).
+        self.writes = 0
+        self.write_seconds = 0.0
 
     # ---- start-up ------------------------------------------------------------------------
 
@@ -203,9 +208,18 @@ class SessionResidency:
         self, session: Session, record: SpillRecord, *, durable: bool = False, first: bool = False
     ) -> None:
         """`record` of `session` to the tier; then its journal records are no longer needed."""
-        self.tier.write(record, durable=durable, first=first)
+        self.write_record(record, durable=durable, first=first)
         self.sessions.written(session)
         self.durability.checkpointed(session)
+
+    def write_record(
+        self, record: SpillRecord, *, durable: bool = False, first: bool = False
+    ) -> None:
+        """`record` to the tier, counted and timed (`writes`, `write_seconds`) when it lands."""
+        start = time.perf_counter()
+        self.tier.write(record, durable=durable, first=first)
+        self.write_seconds += time.perf_counter() - start
+        self.writes += 1
 
     def checkpoint_record(self, session: Session, state: SlotSnapshot) -> SpillRecord:
         """The checkpoint of a session not in memory whose state was computed elsewhere (a

@@ -128,6 +128,18 @@ class MetricFamilies:
             "(a step refused with UNAVAILABLE), `end` (a session's end record).",
             ("kind",), registry=r,
         )  # fmt: skip
+        self._state_writes = Counter(
+            "seqserve_state_writes",
+            "Session state records the state tier took: checkpoints (idle, every N steps, at "
+            "shutdown), evictions, checkpoints after a replay.",
+            registry=r,
+        )
+        self._state_write_seconds = Counter(
+            "seqserve_state_write_seconds",
+            "Wall time of those writes, on the event loop: divided by their count, what the "
+            "disk (or Redis) charges for one.",
+            registry=r,
+        )
         self._pool_capacity = Gauge(
             "seqserve_state_pool_capacity_bytes",
             "Byte budget of the in-memory state pool, for the memory tier's fill ratio.",

@@ -63,6 +63,8 @@ class Metrics(MetricFamilies):
         RSS, GC) on this registry. Tests that compare whole expositions turn them off."""
         super().__init__(process_collectors=process_collectors)
         self._write_failures_seen: dict[str, int] = {}
+        self._state_writes_seen = 0
+        self._state_write_seconds_seen = 0.0
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
         self._versions_lock = threading.Lock()
         self._info_labels: dict[tuple[str, str], tuple[str, str]] = {}  # -> (fingerprint, cell)
@@ -139,6 +141,15 @@ class Metrics(MetricFamilies):
         if total > seen:
             self._write_failures.labels(kind).inc(total - seen)
             self._write_failures_seen[kind] = total
+
+    def set_state_writes(self, total: int, seconds: float) -> None:
+        """Bring the write counters up to the engine's totals (`total` records, `seconds`)."""
+        if total > self._state_writes_seen:
+            self._state_writes.inc(total - self._state_writes_seen)
+            self._state_writes_seen = total
+        if seconds > self._state_write_seconds_seen:
+            self._state_write_seconds.inc(seconds - self._state_write_seconds_seen)
+            self._state_write_seconds_seen = seconds
 
     def set_pool_capacity_bytes(self, nbytes: int) -> None:
         self._pool_capacity.set(nbytes)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -99,6 +100,29 @@ async def test_a_full_disk_refuses_steps_with_unavailable_and_changes_nothing(
         reply = await _step(client, sid, 3)
         assert reply.position == len(acked) + 1
         assert_matches_reference(reply.prediction, reference.feed([3])[-1])
+
+
+async def test_the_server_exports_what_its_state_directory_charges_for_a_write(
+    server_factory: ServerFactory,
+) -> None:
+    """A slow disk shows before it fails: seqserve_state_writes_total and
+    seqserve_state_write_seconds_total (mean = seconds ÷ writes) count every checkpoint."""
+    server = await server_factory()
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        for k in range(3):
+            created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+            await _step(client, created.session.session_id, k + 1)
+        assert await server.engine.residency.checkpoint_idle(0.0) == 3
+        server.refresh_gauges()
+        exposition = server.metrics.render().decode()
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name.startswith("seqserve_state_write")
+    }
+    assert samples["seqserve_state_writes_total"] == 3
+    assert 0 < samples["seqserve_state_write_seconds_total"] < 3.0
 
 
 async def test_an_injected_write_error_is_refused_and_the_journal_moves_on(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.churn import REPO, measure, parse_args
@@ -24,9 +26,13 @@ def test_a_small_run_probes_one_session_beside_the_creations() -> None:
 
 
 @pytest.mark.integration
-def test_without_a_probe_it_reports_the_creations_alone() -> None:
+def test_without_a_probe_it_reports_the_creations_alone(tmp_path: Path) -> None:
     args = parse_args(["--sessions", "300", "--concurrency", "8", "--probe-seconds", "0",
-                       "--settle", "0.5"])  # fmt: skip
+                       "--settle", "7", "--scratch", str(tmp_path)])  # (idle checkpoints: 5 s)  # fmt: skip
     result = measure(args, REPO)
     assert result["probe_ms"] is None and result["sessions_per_second"] > 0
     assert result["server_cpu_us_per_creation"]["main_thread"] > 0
+    assert Path(result["state_dir"]).parent.parent == tmp_path  # --scratch: where state went
+    assert result["state_writes"] >= 300  # an idle checkpoint each, counted by the server
+    assert result["state_write_us"] > 0
+    assert list(tmp_path.iterdir()) == []  # and nothing left behind

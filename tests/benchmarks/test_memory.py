@@ -8,7 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from benchmarks.memory import dir_usage, hidden_state_bytes, rss_bytes, table
+import pytest
+
+from benchmarks.memory import _mean_write_us, dir_usage, hidden_state_bytes, rss_bytes, table
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
 
@@ -66,3 +68,24 @@ def test_the_table_says_which_targets_are_met() -> None:
     missed = table(_result(ratio=1.51, rate=235.0, spilled=30_000)).splitlines()
     assert missed[2].endswith("| no |") and missed[3].endswith("| no |")
     assert missed[4].endswith("| not at this count |")
+    assert "state writes" not in table(_result(ratio=1.4, rate=900.0, spilled=10))  # unmeasured
+
+
+def test_the_disks_price_of_a_state_write_is_printed_beside_the_rates() -> None:
+    result = _result(ratio=1.4, rate=900.0, spilled=10)
+    result["resident"]["create_then_step"] = {  # type: ignore[index]
+        **result["resident"]["create_then_step"],  # type: ignore[index]
+        "state_write_us": 412.4,
+    }
+    result["spill"]["create_then_step"] = {  # type: ignore[index]
+        **result["spill"]["create_then_step"],  # type: ignore[index]
+        "state_write_us": 17.0,
+    }
+    lines = table(result).splitlines()
+    assert "state writes 412 µs each" in lines[3]
+    assert "state writes 17 µs each" in lines[4]
+
+
+def test_the_mean_write_comes_from_the_two_counters_between_readings() -> None:
+    assert _mean_write_us((10.0, 0.5), (110.0, 0.53)) == pytest.approx(300.0)
+    assert _mean_write_us((10.0, 0.5), (10.0, 0.5)) is None  # no writes: no figure

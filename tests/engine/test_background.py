@@ -4,6 +4,7 @@ request did to a session while a sweep breathed is respected when the sweep come
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -12,6 +13,7 @@ from service.engine import session_residency
 from service.engine.background import Slices
 from service.engine.session_engine import SessionEngine
 from service.engine.session_residency import CHECKPOINT_BATCH
+from service.errors import SpillTierFull
 
 from .conftest import EngineFactory, FakeClock, toks
 
@@ -124,3 +126,32 @@ async def test_a_sweep_with_nothing_due_still_lets_requests_run_while_it_looks(
     assert written == 0  # idle 10 s, none for 60
     assert ticks >= N // 4  # other work ran after every 4 sessions looked at
     assert all(engine.sessions.is_unsaved(engine.get_session(i)) for i in ids)
+
+
+async def test_checkpoints_are_counted_and_timed_as_the_tier_takes_them(
+    make_engine: EngineFactory,
+) -> None:
+    """`residency.writes` / `write_seconds` (exported as seqserve_state_write*): each record
+    the tier took, with the wall time it took; a write the disk refused counts in neither."""
+    engine, _, _ = await _idle_sessions(make_engine)
+    tier = engine.residency.tier
+    real_write = tier.write
+    refusals = [1]  # the first write: the disk is full (the sweep stops, the next one retries)
+
+    def slow_write(record, **kw):  # type: ignore[no-untyped-def]
+        if refusals[0]:
+            refusals[0] -= 1
+            raise SpillTierFull("spill tier's disk is full")
+        time.sleep(0.002)  # a disk that charges 2 ms a record
+        real_write(record, **kw)
+
+    tier.write = slow_write  # type: ignore[method-assign]
+    try:
+        assert await engine.residency.checkpoint_idle(5.0, Slices(seconds=0.0)) == 0
+        assert engine.stats().state_writes == 0 and engine.stats().state_write_seconds == 0
+        assert await engine.residency.checkpoint_idle(5.0, Slices(seconds=0.0)) == N
+    finally:
+        tier.write = real_write  # type: ignore[method-assign]
+    stats = engine.stats()
+    assert stats.state_writes == N
+    assert 0.002 * N <= stats.state_write_seconds < 5.0

@@ -39,6 +39,8 @@ FAMILIES = {
     "seqserve_state_bytes": "gauge",
     "seqserve_state_pool_capacity_bytes": "gauge",
     "seqserve_state_write_failures": "counter",
+    "seqserve_state_writes": "counter",
+    "seqserve_state_write_seconds": "counter",
     "seqserve_model_load_duration_seconds": "histogram",
     "seqserve_model_info": "gauge",
 }
@@ -231,6 +233,15 @@ def test_session_and_state_gauges(metrics: Metrics) -> None:
     assert _value(metrics, "seqserve_state_pool_capacity_bytes") == 1 << 20
     with pytest.raises(ValueError, match="unknown tier"):
         metrics.set_sessions("gpu", 1)
+
+
+def test_state_writes_follow_the_engines_totals(metrics: Metrics) -> None:
+    assert _value(metrics, "seqserve_state_writes_total") == 0
+    metrics.set_state_writes(5, 0.002)
+    metrics.set_state_writes(5, 0.002)  # a refresh with nothing new moves nothing
+    metrics.set_state_writes(12, 0.0075)
+    assert _value(metrics, "seqserve_state_writes_total") == 12
+    assert _value(metrics, "seqserve_state_write_seconds_total") == pytest.approx(0.0075)
 
 
 def test_model_info_follows_load_state(metrics: Metrics) -> None:
