@@ -28,6 +28,7 @@ REQUIRED_PANELS = {
     "Evictions": "seqserve_session_events_total",
     "Tokens / s": "seqserve_tokens_generated_total",
     "Errors by code": "seqserve_rpc_duration_seconds_count",
+    "State write time": "seqserve_state_write_seconds_total",
 }
 # Grafana's variables, replaced by values Prometheus accepts.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$model": ".*"}
