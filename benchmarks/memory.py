@@ -230,7 +230,8 @@ def resident_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) ->
         target, pid = server.target, server.proc.pid
         make_sessions(target, args.model, warm, args.concurrency, args.clients)
         _settle(server, scratch / "resident", warm)
-        rss0, cpu0, writes0 = rss_bytes(pid), server.cpu_seconds(), _writes(server)
+        writes0 = _writes(server)  # (scraped first: the endpoint's own memory is not counted)
+        rss0, cpu0 = rss_bytes(pid), server.cpu_seconds()
         churn = make_sessions(target, args.model, n, args.concurrency, args.clients)
         rss_loaded, cpu_loaded = rss_bytes(pid), server.cpu_seconds()
         _settle(server, scratch / "resident", warm + n)
@@ -272,7 +273,8 @@ def spill_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) -> di
         pid = server.proc.pid
         make_sessions(server.target, args.model, 256, args.concurrency, args.clients)
         _settle(server, spill, 256)
-        rss0, disk0, writes0 = rss_bytes(pid), dir_usage(spill), _writes(server)
+        writes0 = _writes(server)
+        rss0, disk0 = rss_bytes(pid), dir_usage(spill)
         churn = make_sessions(server.target, args.model, m, args.concurrency, args.clients)
         _settle(server, spill, 256 + m)
         rss1, disk1 = rss_bytes(pid), dir_usage(spill)
