@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.memory import make_sessions
+from benchmarks.memory import make_sessions, mean_write_us
 from benchmarks.processes import scrape, start_server
 from benchmarks.run import split_cpus
 
@@ -127,7 +127,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         },
         "rows_per_step": (rows1[0] - rows0[0]) / max(1.0, rows1[1] - rows0[1]),
         "state_writes": writes1[0] - writes0[0],
-        "state_write_us": (writes1[1] - writes0[1]) / max(1.0, writes1[0] - writes0[0]) * 1e6,
+        "state_write_us": mean_write_us(writes0, writes1),
         "state_dir": str(state_dir),
         "load_average_1m_before": made["load_average_1m_before"],
     }
@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{root}: {rate:,.0f} creations/s; server CPU {cpu['main_thread']:,.0f} µs a "
                 f"creation on the main thread, {cpu['other_threads']:,.0f} on the others; "
                 f"{result['rows_per_step']:.1f} rows per step; {result['state_writes']:,.0f} "
-                f"checkpoints written, {result['state_write_us']:,.0f} µs each"
+                f"checkpoints written"
             )
+            if result["state_write_us"] is not None:
+                line += f", {result['state_write_us']:,.0f} µs each"
             if (p := result["probe_ms"]) is not None:
                 step = ", ".join(f"{k} {p[k]:.1f} ms" for k in ("mean", "p50", "p99", "max"))
                 line += f"; one session's step {step}"

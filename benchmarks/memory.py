@@ -236,7 +236,7 @@ def resident_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) ->
         rss_loaded, cpu_loaded = rss_bytes(pid), server.cpu_seconds()
         _settle(server, scratch / "resident", warm + n)
         rss1, cpu1 = rss_bytes(pid), server.cpu_seconds()
-        churn["state_write_us"] = _mean_write_us(writes0, _writes(server))
+        churn["state_write_us"] = mean_write_us(writes0, _writes(server))
         per = (rss1 - rss0) / n
         # Server CPU per session: during the load, and with the idle checkpoints written after
         churn["server_cpu_ms_per_session_during_load"] = (cpu_loaded - cpu0) / n * 1e3
@@ -278,7 +278,7 @@ def spill_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) -> di
         churn = make_sessions(server.target, args.model, m, args.concurrency, args.clients)
         _settle(server, spill, 256 + m)
         rss1, disk1 = rss_bytes(pid), dir_usage(spill)
-        churn["state_write_us"] = _mean_write_us(writes0, _writes(server))
+        churn["state_write_us"] = mean_write_us(writes0, _writes(server))
         return {
             "sessions": m,
             "pool_slots": args.spill_pool_slots,
@@ -300,7 +300,7 @@ def _writes(server: ServerProcess) -> tuple[float, float]:
     return writes, found.get("seqserve_state_write_seconds_total", 0.0)
 
 
-def _mean_write_us(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+def mean_write_us(before: tuple[float, float], after: tuple[float, float]) -> float | None:
     """Mean µs of the writes between two readings of `_writes` (None: there were none)."""
     count = after[0] - before[0]
     return (after[1] - before[1]) / count * 1e6 if count else None

@@ -130,14 +130,15 @@ class MetricFamilies:
         )  # fmt: skip
         self._state_writes = Counter(
             "seqserve_state_writes",
-            "Session state records the state tier took: checkpoints (idle, every N steps, at "
-            "shutdown), evictions, checkpoints after a replay.",
+            "Session state records the state tier took (refused ones are not counted): "
+            "checkpoints (idle, every N steps, at shutdown), evictions, checkpoints after a "
+            "replay.",
             registry=r,
         )
         self._state_write_seconds = Counter(
             "seqserve_state_write_seconds",
-            "Wall time of those writes, on the event loop: divided by their count, what the "
-            "disk (or Redis) charges for one.",
+            "Wall time of those writes, encoding included, on the thread that wrote them (the "
+            "event loop while serving): divided by their count, what one costs.",
             registry=r,
         )
         self._pool_capacity = Gauge(

@@ -26,9 +26,14 @@ def test_a_small_run_probes_one_session_beside_the_creations() -> None:
 
 
 @pytest.mark.integration
-def test_without_a_probe_it_reports_the_creations_alone(tmp_path: Path) -> None:
+def test_without_a_probe_it_reports_the_creations_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Idle checkpoints after 1 s, not 5 (the server inherits the environment): 300 of them are
+    # written (sweep every second) and exported (gauges every second) well within the settle.
+    monkeypatch.setenv("SEQSERVE_SESSIONS__CHECKPOINT_IDLE_SECONDS", "1")
     args = parse_args(["--sessions", "300", "--concurrency", "8", "--probe-seconds", "0",
-                       "--settle", "7", "--scratch", str(tmp_path)])  # (idle checkpoints: 5 s)  # fmt: skip
+                       "--settle", "5", "--scratch", str(tmp_path)])  # fmt: skip
     result = measure(args, REPO)
     assert result["probe_ms"] is None and result["sessions_per_second"] > 0
     assert result["server_cpu_us_per_creation"]["main_thread"] > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.memory import _mean_write_us, dir_usage, hidden_state_bytes, rss_bytes, table
+from benchmarks.memory import dir_usage, hidden_state_bytes, mean_write_us, rss_bytes, table
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
 
@@ -87,5 +87,5 @@ def test_the_disks_price_of_a_state_write_is_printed_beside_the_rates() -> None:
 
 
 def test_the_mean_write_comes_from_the_two_counters_between_readings() -> None:
-    assert _mean_write_us((10.0, 0.5), (110.0, 0.53)) == pytest.approx(300.0)
-    assert _mean_write_us((10.0, 0.5), (10.0, 0.5)) is None  # no writes: no figure
+    assert mean_write_us((10.0, 0.5), (110.0, 0.53)) == pytest.approx(300.0)
+    assert mean_write_us((10.0, 0.5), (10.0, 0.5)) is None  # no writes: no figure

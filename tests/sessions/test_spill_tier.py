@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.errors import SpillCorrupted, SpillTierFull, SpillTierInUse
+from service.errors import Internal, SpillCorrupted, SpillTierFull, SpillTierInUse
 from service.runtime.state_pool import SlotSnapshot
 from service.sessions import spill_tier
 from service.sessions.session import new_session_id
@@ -66,6 +68,35 @@ def test_a_record_larger_than_one_read_comes_back_whole(tmp_path: Path) -> None:
     assert back.state.c is not None
     np.testing.assert_array_equal(back.state.c, state.c)
     assert [p.name for p in (tmp_path / "spill").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_short_writes_are_completed_and_a_refusing_disk_leaves_the_old_record(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write loop: a disk that takes 100 bytes a call still gets the whole record; one
+    that takes nothing (ENOSPC) gives SpillTierFull, one that fails (EIO) Internal; either way
+    no temp file is left and the record already there is untouched."""
+    real_write = os.write
+    monkeypatch.setattr(spill_tier.os, "write", lambda fd, data: real_write(fd, data[:100]))
+    first = make_record(position=12)
+    sid = first.header.session_id
+    tier.write(first)
+    assert tier.read(sid).header == first.header
+    assert tier.path(sid).stat().st_size > 700  # eight short writes made it
+
+    monkeypatch.setattr(spill_tier.os, "write", lambda fd, data: 0)
+    with pytest.raises(SpillTierFull, match="disk is full"):
+        tier.write(make_record(position=13))
+
+    def failing(fd: int, data: bytes) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spill_tier.os, "write", failing)
+    with pytest.raises(Internal, match="Input/output error"):
+        tier.write(make_record(position=14))
+    monkeypatch.setattr(spill_tier.os, "write", real_write)
+    assert tier.read(sid).header.position == 12
+    assert [p.name for p in tier.directory.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_size_cap(tmp_path: Path) -> None:
