@@ -68,19 +68,25 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         return pb.ForkSessionResponse(session=self._session_pb(child))
 
     async def Step(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._feed_one(request, pb.StepResponse)
+
+    async def _feed_one(self, request, reply_type, line: Line | None = None):  # type: ignore[no-untyped-def]
+        """One feed (a `StepRequest`, or a `StreamItem` waiting behind its session's earlier
+        items) → its reply of `reply_type` (`StepResponse` / `StreamReply`)."""
         outcome = await self.engine.feed(
             request.session_id,
             convert.input_from_pb(request.input),
             convert.options_from_pb(request.options),
+            line,
             expected_position=_expected(request),
             request_id=request.request_id,
         )
-        response = pb.StepResponse(
+        reply = reply_type(
             session_id=request.session_id, request_id=request.request_id, position=outcome.position
         )
         if not request.options.skip:
-            _fill_prediction(response, outcome)
-        return response
+            _fill_prediction(reply, outcome)
+        return reply
 
     async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:  # type: ignore[no-untyped-def]
         tokens = self._generate(
@@ -141,20 +147,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         if not item.HasField("generate"):
             if not item.HasField("input"):
                 raise InvalidArgument("stream item has neither input nor generate")
-            outcome = await self.engine.feed(
-                item.session_id,
-                convert.input_from_pb(item.input),
-                convert.options_from_pb(item.options),
-                line,
-                expected_position=_expected(item),
-                request_id=item.request_id,
-            )
-            reply = pb.StreamReply(
-                session_id=item.session_id, request_id=item.request_id, position=outcome.position
-            )
-            if not item.options.skip:
-                _fill_prediction(reply, outcome)
-            yield reply
+            yield await self._feed_one(item, pb.StreamReply, line)
             return
         prompt = item.input if item.HasField("input") else None
         tokens = self._generate(
