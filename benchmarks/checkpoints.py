@@ -2,10 +2,10 @@
 
 An engine on the bundled store (default durability, a temporary state directory) holds N
 `bytes-lstm` sessions, each fed one token. Passes of `--per-pass` sessions are checkpointed
-alternately one after another (`SessionResidency.checkpoint`, as the sweep did before) and the
-way the sweep does now (`_checkpoint_batch`, eight at a time, stage by stage), each session
-once, into new files; reported: microseconds per checkpoint, every pass and the medians. Run it
-pinned (`taskset -c 1`) on a quiet machine.
+alternately one after another (`SessionResidency.checkpoint`, as the sweep did before) and
+the way the sweep does now (`IdleCheckpoints.write_batch`, eight at a time, stage by stage),
+each session once, into new files; reported: microseconds per checkpoint, every pass and the
+medians. Run it pinned (`taskset -c 1`) on a quiet machine.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.engine.idle_checkpoints import CHECKPOINT_BATCH, IdleCheckpoints
 from service.engine.model_input import ModelInput
-from service.engine.session_residency import CHECKPOINT_BATCH
 from service.settings import SessionSettings, Settings
 from service.wiring import build_engine
 
@@ -54,7 +54,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                 session, _ = await engine.create_session(args.model, seed=i)
                 await engine.feed(session.session_id, ModelInput(tokens=[65]))
                 sessions.append(session)
-            residency = engine.residency
+            residency, sweep = engine.residency, IdleCheckpoints(engine.residency)
             per_pass = {"one by one": [], "batched": []}
             for k in range(args.sessions // args.per_pass):
                 part = sessions[k * args.per_pass : (k + 1) * args.per_pass]
@@ -65,7 +65,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                     key = "one by one"
                 else:
                     for i in range(0, len(part), CHECKPOINT_BATCH):
-                        residency._checkpoint_batch(part[i : i + CHECKPOINT_BATCH])
+                        sweep.write_batch(part[i : i + CHECKPOINT_BATCH])
                     key = "batched"
                 per_pass[key].append(1e6 * (time.perf_counter() - started) / len(part))
                 if not all(engine.sessions.record_is_current(s) for s in part):

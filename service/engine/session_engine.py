@@ -28,6 +28,7 @@ from service.engine.durability import Durability
 from service.engine.engine_stats import EngineStats, VersionStats
 from service.engine.feed import Feed, FeedOutcome, PredictionOptions
 from service.engine.generation import GeneratedToken
+from service.engine.idle_checkpoints import IdleCheckpoints
 from service.engine.model_input import ModelInput
 from service.engine.recovery import Recovery
 from service.engine.served_versions import ServedVersions
@@ -77,6 +78,7 @@ class SessionEngine:
         self.sessions = sessions
         self.versions = versions
         self.residency = residency
+        self.idle_checkpoints = IdleCheckpoints(residency)
         self.spill = spill
         self.budget = budget
         self.leases = leases
@@ -258,7 +260,7 @@ class SessionEngine:
         slices = Slices()  # both sweeps share the loop with requests (see `Slices`)
         ended = await self.lifecycle.sweep_expired(slices)
         if self.durability.enabled:
-            await self.residency.checkpoint_idle(self.durability.checkpoint_idle_seconds, slices)
+            await self.idle_checkpoints.sweep(self.durability.checkpoint_idle_seconds, slices)
         await self.takeover.purge()
         return ended
 

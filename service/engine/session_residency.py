@@ -16,10 +16,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from service.engine.applied_request import from_record
-from service.engine.background import Slices
 from service.engine.checkpoint_header import header_of, session_from
 from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion
@@ -40,15 +39,6 @@ from service.sessions.spill_record import SpillHeader, SpillRecord
 from service.sessions.state_tier import Checkpoints
 
 log = logging.getLogger(__name__)
-
-# Idle checkpoints written together, stage by stage (see `_checkpoint_batch`): ~8 x 0.25 ms,
-# about one of the sweep's slices.
-CHECKPOINT_BATCH = 8
-# Candidates an idle-checkpoint sweep looks at between two chances to breathe: passing over a
-# session not due costs ~0.5 µs, so 20,000 sessions with recent steps held the loop for 9 ms
-# in one go (in-process, `checkpoint_idle` with nothing due, a ticker task timing the longest
-# gap between its ticks). 2,048 of them: ~1 ms.
-SCAN_STRIDE = 2048
 
 SessionEvent = Callable[[str, Session], None]  # ("evicted" | "restored", session)
 
@@ -190,8 +180,8 @@ class SessionResidency:
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory spills"
         if not (self.durability.enabled and self.sessions.record_is_current(session)):
-            record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
-            self._write(session, record, durable=durable)
+            record = SpillRecord(self.header(session), served.pool.snapshot(session.slot))
+            self.save(session, record, durable=durable)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
 
@@ -201,10 +191,10 @@ class SessionResidency:
         checkpoint is its whole history. Raises what the tier's write does."""
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory"
-        record = SpillRecord(self._header(session), served.pool.snapshot(session.slot))
-        self._write(session, record, first=first)
+        record = SpillRecord(self.header(session), served.pool.snapshot(session.slot))
+        self.save(session, record, first=first)
 
-    def _write(
+    def save(
         self, session: Session, record: SpillRecord, *, durable: bool = False, first: bool = False
     ) -> None:
         """`record` of `session` to the tier; then its journal records are no longer needed."""
@@ -224,7 +214,7 @@ class SessionResidency:
     def checkpoint_record(self, session: Session, state: SlotSnapshot) -> SpillRecord:
         """The checkpoint of a session not in memory whose state was computed elsewhere (a
         replay of its journal)."""
-        return SpillRecord(self._header(session), state)
+        return SpillRecord(self.header(session), state)
 
     async def restore(self, session: Session, served: ServedVersion) -> None:
         """Bring a spilled session back into a slot. Its record is checked first: a damaged one
@@ -274,75 +264,6 @@ class SessionResidency:
         served.pool.free(slot)
         self.notify_idle()
 
-    async def checkpoint_idle(self, min_idle_seconds: float, slices: Slices | None = None) -> int:
-        """Checkpoint sessions in memory idle this long with journaled steps: their journal
-        records are released. It runs in `slices`, letting requests in between (each write
-        is a file's worth of system calls; a thousand of them in one go stall every session),
-        a batch of `CHECKPOINT_BATCH` at a time. Returns how many were written."""
-        slices = slices or Slices()
-        candidates = iter(self.sessions.unsaved())
-        written = 0
-        while True:
-            await slices.breathe()  # then the batch is chosen: requests ran meanwhile
-            batch, exhausted = self._next_due(candidates, min_idle_seconds)
-            if batch:
-                done, refused = self._checkpoint_batch(batch)
-                written += done
-                if refused:
-                    return written  # the disk refuses: try again at the next sweep
-            if exhausted:
-                return written
-
-    def _next_due(
-        self, candidates: Iterator[Session], min_idle_seconds: float
-    ) -> tuple[list[Session], bool]:
-        """Up to `CHECKPOINT_BATCH` sessions due for an idle checkpoint, looking at no more
-        than `SCAN_STRIDE` candidates: the sessions not due yet take time to pass over too.
-        → (those found, whether the candidates ran out)."""
-        batch: list[Session] = []
-        for _ in range(SCAN_STRIDE):
-            session = next(candidates, None)
-            if session is None:
-                return batch, True
-            if self._idle_unsaved(session, min_idle_seconds):
-                batch.append(session)
-                if len(batch) == CHECKPOINT_BATCH:
-                    break
-        return batch, False
-
-    def _idle_unsaved(self, session: Session, min_idle_seconds: float) -> bool:
-        """In memory, not in use, idle this long, with journaled steps not in a checkpoint."""
-        return (
-            self.sessions.peek(session.session_id) is session  # not ended, moved or replaced
-            and session.slot is not None
-            and not session.busy
-            and self.sessions.is_unsaved(session)
-            and self.sessions.clock() - session.last_used >= min_idle_seconds
-        )
-
-    def _checkpoint_batch(self, batch: list[Session]) -> tuple[int, bool]:
-        """`checkpoint` each session of `batch`, stage by stage: every state, then every
-        header, then every write (`benchmarks.checkpoints`: 161 against 245 µs each one after
-        another, in-process). → (written, whether the tier refused a write; the rest of the
-        batch is then not written)."""
-        states = []
-        for session in batch:
-            served = self.versions.find(session.model, session.version)
-            assert served is not None and session.slot is not None
-            states.append(served.pool.snapshot(session.slot))
-        records = [SpillRecord(self._header(s), st) for s, st in zip(batch, states, strict=True)]
-        written = 0
-        for session, record in zip(batch, records, strict=True):
-            try:
-                self._write(session, record)
-            except SessionMoved:
-                continue  # another replica holds it; the next request here drops this copy
-            except SeqServeError as exc:
-                log.warning("checkpoint of an idle session failed: %s", exc.message)
-                return written, True
-            written += 1
-        return written, False
-
     def let_go(self, session: Session) -> None:
         """Forget this process's copy of a session another process holds now: its slot
         freed, the tier's record left to the holder, its version unpinned."""
@@ -381,7 +302,8 @@ class SessionResidency:
                 log.error("session %s could not be spilled: %s", session.session_id, exc.message)
         return written, lost
 
-    def _header(self, session: Session) -> SpillHeader:
+    def header(self, session: Session) -> SpillHeader:
+        """The checkpoint header of a session as it stands now."""
         served = self.versions.find(session.model, session.version)
         assert served is not None
         return header_of(session, served.config, self.sessions.last_used_wall(session))

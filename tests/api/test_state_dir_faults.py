@@ -112,7 +112,7 @@ async def test_the_server_exports_what_its_state_directory_charges_for_a_write(
         for k in range(3):
             created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
             await _step(client, created.session.session_id, k + 1)
-        assert await server.engine.residency.checkpoint_idle(0.0) == 3
+        assert await server.engine.idle_checkpoints.sweep(0.0) == 3
         server.refresh_gauges()
         exposition = server.metrics.render().decode()
     samples = {

@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from service.engine import session_residency
+from service.engine import idle_checkpoints
 from service.engine.background import Slices
+from service.engine.idle_checkpoints import CHECKPOINT_BATCH
 from service.engine.session_engine import SessionEngine
-from service.engine.session_residency import CHECKPOINT_BATCH
 from service.errors import SpillTierFull
 
 from .conftest import EngineFactory, FakeClock, toks
@@ -81,7 +81,7 @@ async def test_idle_checkpoints_let_requests_run_between_sessions(
     make_engine: EngineFactory,
 ) -> None:
     engine, _, ids = await _idle_sessions(make_engine)
-    written, ticks = await _ticks_while(engine.residency.checkpoint_idle(5.0, Slices(seconds=0.0)))
+    written, ticks = await _ticks_while(engine.idle_checkpoints.sweep(5.0, Slices(seconds=0.0)))
     assert written == N
     assert ticks >= -(-N // CHECKPOINT_BATCH)  # other work ran before each batch of writes
     assert all(engine.sessions.record_is_current(engine.get_session(i)) for i in ids)
@@ -98,7 +98,7 @@ async def test_a_session_used_or_closed_mid_sweep_is_not_checkpointed_as_it_was(
         await engine.feed(used, toks(9))
         await engine.close_session(closed)
 
-    written = await engine.residency.checkpoint_idle(5.0, Meddling(2, requests))
+    written = await engine.idle_checkpoints.sweep(5.0, Meddling(2, requests))
     assert written == N - 2
     assert not engine.sessions.record_is_current(engine.get_session(used))  # still journaled
     assert engine.get_session(used).position == 2
@@ -121,8 +121,8 @@ async def test_a_sweep_with_nothing_due_still_lets_requests_run_while_it_looks(
     make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine, _, ids = await _idle_sessions(make_engine)
-    monkeypatch.setattr(session_residency, "SCAN_STRIDE", 4)
-    written, ticks = await _ticks_while(engine.residency.checkpoint_idle(60.0, Slices(0.0)))
+    monkeypatch.setattr(idle_checkpoints, "SCAN_STRIDE", 4)
+    written, ticks = await _ticks_while(engine.idle_checkpoints.sweep(60.0, Slices(0.0)))
     assert written == 0  # idle 10 s, none for 60
     assert ticks >= N // 4  # other work ran after every 4 sessions looked at
     assert all(engine.sessions.is_unsaved(engine.get_session(i)) for i in ids)
@@ -147,9 +147,9 @@ async def test_checkpoints_are_counted_and_timed_as_the_tier_takes_them(
 
     tier.write = slow_write  # type: ignore[method-assign]
     try:
-        assert await engine.residency.checkpoint_idle(5.0, Slices(seconds=0.0)) == 0
+        assert await engine.idle_checkpoints.sweep(5.0, Slices(seconds=0.0)) == 0
         assert engine.stats().state_writes == 0 and engine.stats().state_write_seconds == 0
-        assert await engine.residency.checkpoint_idle(5.0, Slices(seconds=0.0)) == N
+        assert await engine.idle_checkpoints.sweep(5.0, Slices(seconds=0.0)) == N
     finally:
         tier.write = real_write  # type: ignore[method-assign]
     stats = engine.stats()

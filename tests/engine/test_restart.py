@@ -126,7 +126,7 @@ async def test_stop_writes_only_sessions_changed_since_their_checkpoint(
         await roomy.feed(b.session_id, toks(i + 1, i + 2))
         pairs.append((a.session_id, b.session_id))
     clock.advance(10.0)
-    await first.residency.checkpoint_idle(5.0)  # (the sweeper may have written some already)
+    await first.idle_checkpoints.sweep(5.0)  # (the sweeper may have written some already)
     assert all(first.sessions.record_is_current(s) for s in first.sessions)
     clock.advance(10.0)
     retried = await first.feed(pairs[1][0], toks(2, 3), request_id="r1", expected_position=0)
