@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.memory import make_sessions, mean_write_us
-from benchmarks.processes import scrape, start_server
+from benchmarks.memory import make_sessions
+from benchmarks.processes import mean_write_us, scrape, start_server, state_writes
 from benchmarks.run import split_cpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,15 +154,6 @@ def batch_rows(metrics_port: int) -> tuple[float, float]:
     """`seqserve_batch_rows` sum and count, all versions together."""
     found = scrape(metrics_port)
     return found.get("seqserve_batch_rows_sum", 0.0), found.get("seqserve_batch_rows_count", 0.0)
-
-
-def state_writes(metrics_port: int) -> tuple[float, float]:
-    """`seqserve_state_writes_total` and `seqserve_state_write_seconds_total`."""
-    found = scrape(metrics_port)
-    return (
-        found.get("seqserve_state_writes_total", 0.0),
-        found.get("seqserve_state_write_seconds_total", 0.0),
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.processes import ServerProcess, scrape, start_server
+from benchmarks.processes import ServerProcess, mean_write_us, start_server, state_writes
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTE = "x-seqserve-route"
@@ -230,13 +230,15 @@ def resident_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) ->
         target, pid = server.target, server.proc.pid
         make_sessions(target, args.model, warm, args.concurrency, args.clients)
         _settle(server, scratch / "resident", warm)
-        writes0 = _writes(server)  # (scraped first: the endpoint's own memory is not counted)
+        writes0 = state_writes(
+            server.metrics_port
+        )  # (scraped first: the endpoint's own memory is not counted)
         rss0, cpu0 = rss_bytes(pid), server.cpu_seconds()
         churn = make_sessions(target, args.model, n, args.concurrency, args.clients)
         rss_loaded, cpu_loaded = rss_bytes(pid), server.cpu_seconds()
         _settle(server, scratch / "resident", warm + n)
         rss1, cpu1 = rss_bytes(pid), server.cpu_seconds()
-        churn["state_write_us"] = mean_write_us(writes0, _writes(server))
+        churn["state_write_us"] = mean_write_us(writes0, state_writes(server.metrics_port))
         per = (rss1 - rss0) / n
         # Server CPU per session: during the load, and with the idle checkpoints written after
         churn["server_cpu_ms_per_session_during_load"] = (cpu_loaded - cpu0) / n * 1e3
@@ -273,12 +275,12 @@ def spill_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) -> di
         pid = server.proc.pid
         make_sessions(server.target, args.model, 256, args.concurrency, args.clients)
         _settle(server, spill, 256)
-        writes0 = _writes(server)
+        writes0 = state_writes(server.metrics_port)
         rss0, disk0 = rss_bytes(pid), dir_usage(spill)
         churn = make_sessions(server.target, args.model, m, args.concurrency, args.clients)
         _settle(server, spill, 256 + m)
         rss1, disk1 = rss_bytes(pid), dir_usage(spill)
-        churn["state_write_us"] = mean_write_us(writes0, _writes(server))
+        churn["state_write_us"] = mean_write_us(writes0, state_writes(server.metrics_port))
         return {
             "sessions": m,
             "pool_slots": args.spill_pool_slots,
@@ -291,19 +293,6 @@ def spill_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) -> di
         }
     finally:
         server.stop(timeout=900.0)
-
-
-def _writes(server: ServerProcess) -> tuple[float, float]:
-    """The state tier's writes so far, and their wall seconds (`seqserve_state_write*`)."""
-    found = scrape(server.metrics_port)
-    writes = found.get("seqserve_state_writes_total", 0.0)
-    return writes, found.get("seqserve_state_write_seconds_total", 0.0)
-
-
-def mean_write_us(before: tuple[float, float], after: tuple[float, float]) -> float | None:
-    """Mean µs of the writes between two readings of `_writes` (None: there were none)."""
-    count = after[0] - before[0]
-    return (after[1] - before[1]) / count * 1e6 if count else None
 
 
 def table(result: dict[str, Any]) -> str:

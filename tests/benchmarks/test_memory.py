@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.memory import dir_usage, hidden_state_bytes, mean_write_us, rss_bytes, table
+from benchmarks.memory import dir_usage, hidden_state_bytes, rss_bytes, table
+from benchmarks.processes import mean_write_us
 
 STORE = Path(__file__).resolve().parents[2] / "model_store"
 
