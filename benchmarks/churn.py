@@ -2,7 +2,7 @@
 
 A real `seqserve serve` (default durability: journal, idle checkpoints after 5 s; auth off),
 pinned to the last CPU when there are two or more. `--sessions` sessions are created over gRPC
-with a one-token prefix, `--concurrency` in flight (`benchmarks.memory.make_sessions`); once
+with a one-token prefix, `--concurrency` in flight (`benchmarks.session_load.make_sessions`); once
 the first of them are due for their idle checkpoint (`--probe-after` seconds in), one more
 session feeds one token every `--think-ms` (`seqserve loadtest --sessions 1`) for
 `--probe-seconds`. Reported per server: creations per second, and that one session's mean /
@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.memory import make_sessions
 from benchmarks.processes import mean_write_us, scrape, start_server, state_writes
 from benchmarks.run import split_cpus
+from benchmarks.session_load import make_sessions
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,11 +2,12 @@
 
 A real `seqserve serve` (default durability, auth off) with a pool of `--pool-slots` slots, so
 most sessions live in the spill tier. N sessions are created over gRPC with a one-token prefix
-(`benchmarks.memory.make_sessions`, 64 in flight); after `--idle` seconds (the idle checkpoints,
-5 s, are written) the server gets SIGTERM. Reported: creations per second, and the time from
-SIGTERM to the process's exit, which is the drain, the writing of the sessions still in memory
-and the flush of the spill tier. `--server-root` runs the server from another checkout, for a
-before/after pair. The server is pinned to the last CPU when there are two or more.
+(`benchmarks.session_load.make_sessions`, 64 in flight); after `--idle` seconds (the idle
+checkpoints, 5 s, are written) the server gets SIGTERM. Reported: creations per second, and the
+time from SIGTERM to the process's exit, which is the drain, the writing of the sessions still
+in memory and the flush of the spill tier. `--server-root` runs the server from another
+checkout, for a before/after pair. The server is pinned to the last CPU when there are two or
+more.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.memory import hidden_state_bytes, make_sessions
+from benchmarks.memory import hidden_state_bytes
 from benchmarks.processes import start_server
 from benchmarks.run import split_cpus
+from benchmarks.session_load import make_sessions
 
 REPO = Path(__file__).resolve().parent.parent
 
