@@ -6,7 +6,8 @@ its tree, pinned like `benchmarks.run` pins), and each load alternates between t
 flipped every repetition. Reported per load and tree: medians over the repetitions of tokens/s,
 server CPU per token, rows per step, p50 / p99 and time to first token. Make a base tree with
 `git worktree add /tmp/base HEAD~1`. Loads: stream1, stream16, stream64, mux64, cmux64, gen1,
-gen16, gen64.
+gen16, gen64, and burst64 / burst64x1 (64 Generate calls sent at once on idle sessions, 64
+tokens or one token each: `benchmarks.burst`, time to first token).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.burst import generation_burst
 from benchmarks.processes import ServerProcess, start_server
 from benchmarks.results import Row
 from benchmarks.run import REPO, Bench, split_cpus
@@ -37,11 +39,12 @@ LOADS: dict[str, dict[str, object]] = {
     "gen16": {"sessions": 16, **_GEN},
     "gen64": {"sessions": 64, **_GEN},
 }
+BURSTS: dict[str, int] = {"burst64": 64, "burst64x1": 1}  # load -> tokens per Generate call
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__)
-    p.add_argument("loads", nargs="+", choices=sorted(LOADS))
+    p.add_argument("loads", nargs="+", choices=sorted([*LOADS, *BURSTS]))
     p.add_argument("--base", type=Path, required=True, help="the tree to compare against")
     p.add_argument("--head", type=Path, default=REPO, help="the tree under test (this one)")
     p.add_argument("--reps", type=int, default=3)
@@ -102,7 +105,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
                 order = ("base", "head") if rep % 2 == 0 else ("head", "base")
                 for load in args.loads:
                     for name in order:
-                        await bench.load(f"{load}/{name}/{rep}", servers[name], load, **LOADS[load])
+                        key = f"{load}/{name}/{rep}"
+                        if load in BURSTS:
+                            burst = await generation_burst(
+                                servers[name].target, args.model, 64, rounds=4,
+                                max_tokens=BURSTS[load],
+                            )  # fmt: skip
+                            bench.rows.append(Row.burst(key, load, burst))
+                        else:
+                            await bench.load(key, servers[name], load, **LOADS[load])
         finally:
             for server in servers.values():
                 server.stop()

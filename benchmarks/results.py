@@ -245,7 +245,8 @@ def evaluate_targets(rows: dict[str, Row]) -> list[Target]:
                None if "service/generate-burst/64" not in rows
                else rows["service/generate-burst/64"].ttft_p50_ms, 10.0, False,
                "service/generate-burst/64 TTFT p50 (ms); echo/generate-burst/64 is the same "
-               "burst on the bare echo server"),
+               "burst on the bare echo server, echo/generate-burst-1/64 one token a call there "
+               "(gRPC's own intake of 64 calls)"),
     ]  # fmt: skip
 
 

@@ -170,21 +170,27 @@ class Bench:
 
     async def bursts(self) -> None:
         """64 Generate calls sent at once, on idle sessions: time to first token, service and
-        echo in alternate rounds."""
+        echo in alternate rounds; with 64 tokens a call, and with one (the echo server's
+        one-token burst is what gRPC alone takes to answer 64 calls started together)."""
         rounds = 2 if self.args.quick else 4
-        label = "{}: 64 Generate calls started at once"
-        found: dict[str, list[Burst]] = {"service": [], "echo": []}
-        for _ in range(2):
-            for name, server in (("service", self.service), ("echo", self.echo)):
-                found[name].append(
-                    await generation_burst(server.target, self.args.model, 64, rounds)
-                )
-        for name, bursts in found.items():
-            merged = Burst(
-                64, sum(b.rounds for b in bursts), [t for b in bursts for t in b.ttft_seconds],
-                sum(b.tokens for b in bursts), sum(b.seconds for b in bursts),
-            )  # fmt: skip
-            self._add(Row.burst(f"{name}/generate-burst/64", label.format(name), merged))
+        for key, max_tokens, label in (
+            ("generate-burst", 64, "{}: 64 Generate calls started at once"),
+            ("generate-burst-1", 1, "{}: 64 one-token Generate calls started at once"),
+        ):
+            found: dict[str, list[Burst]] = {"service": [], "echo": []}
+            for _ in range(2):
+                for name, server in (("service", self.service), ("echo", self.echo)):
+                    found[name].append(
+                        await generation_burst(
+                            server.target, self.args.model, 64, rounds, max_tokens=max_tokens
+                        )
+                    )
+            for name, bursts in found.items():
+                merged = Burst(
+                    64, sum(b.rounds for b in bursts), [t for b in bursts for t in b.ttft_seconds],
+                    sum(b.tokens for b in bursts), sum(b.seconds for b in bursts),
+                )  # fmt: skip
+                self._add(Row.burst(f"{name}/{key}/64", label.format(name), merged))
 
     def run_inprocess(self, model_store: Path) -> None:
         model = inprocess.load_model(model_store, self.args.model)

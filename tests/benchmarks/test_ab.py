@@ -10,10 +10,14 @@ from benchmarks.run import REPO
 
 async def test_both_trees_serve_each_load_and_the_summary_reads_their_rows() -> None:
     args = ab.parse_args(
-        ["stream1", "--base", str(REPO), "--reps", "1", "--window", "0.5", "--no-pin"]
+        ["stream1", "burst64x1", "--base", str(REPO), "--reps", "1", "--window", "0.5", "--no-pin"]
     )
     results = await ab.main_async(args)
-    assert set(results) == {"stream1"}
+    assert set(results) == {"stream1", "burst64x1"}
+    for name in ("base", "head"):  # 64 one-token generations started at once, 4 rounds
+        burst = results["burst64x1"][name]
+        assert burst["ttft_p50_ms"] is not None and burst["ttft_p50_ms"] > 0
+        assert burst["tokens_per_second"] is not None and burst["tokens_per_second"] > 0
     for name in ("base", "head"):
         s = results["stream1"][name]
         assert s["tokens_per_second"] is not None and s["tokens_per_second"] > 0

@@ -15,6 +15,11 @@ def _rows(*slots: int) -> list[Any]:
     return [SimpleNamespace(row=SimpleNamespace(slot=s)) for s in slots]
 
 
+async def _gather(window: BatchWindow, pending: list[Any], generating: bool) -> None:
+    """A window whose only arrivals are rows queued in `pending`."""
+    await window.gather(pending, generating, lambda: len(pending))
+
+
 @pytest.fixture
 def ticks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """One entry per tick the window waits (each tick yields the CPU first)."""
@@ -26,7 +31,7 @@ def ticks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 async def test_a_lone_generation_waits_two_quiet_ticks(ticks: list[int]) -> None:
     window = BatchWindow(max_batch=64)
     window.stepped([5])
-    await window.gather(_rows(5), generating=True)
+    await _gather(window, _rows(5), generating=True)
     assert len(ticks) == 2
 
 
@@ -36,7 +41,7 @@ async def test_generations_in_company_wait_longer_for_more_first_tokens(
 ) -> None:
     window = BatchWindow(max_batch=64)
     window.stepped(last_step)
-    await window.gather(_rows(*pending), generating=True)
+    await _gather(window, _rows(*pending), generating=True)
     assert len(ticks) == GENERATION_BURST_TICKS
 
 
@@ -54,27 +59,53 @@ async def test_a_row_arriving_in_the_window_makes_the_next_generation_step_wait_
             pending.extend(_rows(6))  # a call taken in while the window is open
 
     monkeypatch.setattr(batch_window, "_yield_cpu", tick)
-    await window.gather(pending, generating=True)
+    await _gather(window, pending, generating=True)
     assert len(seen) == 1 + 2  # the arrival restarts the count of quiet ticks
     window.stepped([7])
     seen.clear()
-    await window.gather(_rows(7), generating=True)
+    await _gather(window, _rows(7), generating=True)
     assert len(seen) == GENERATION_BURST_TICKS
 
 
 async def test_feeds_keep_their_window(ticks: list[int]) -> None:
     window = BatchWindow(max_batch=64)
     window.stepped([1, 2])
-    await window.gather(_rows(3), generating=False)
+    await _gather(window, _rows(3), generating=False)
     assert len(ticks) == 4
     window.stepped([3])
     ticks.clear()
-    await window.gather(_rows(3), generating=False)
+    await _gather(window, _rows(3), generating=False)
     assert ticks == []  # back alone: no wait
 
 
 async def test_a_full_batch_does_not_wait(ticks: list[int]) -> None:
     window = BatchWindow(max_batch=2)
     window.stepped([1, 2])
-    await window.gather(_rows(1, 2), generating=True)
+    await _gather(window, _rows(1, 2), generating=True)
     assert ticks == []
+
+
+async def test_a_generation_started_in_the_window_is_company_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Generate calls join the scheduler's generations, not the queue of rows: the window counts
+    them as arrivals all the same, so a burst of them is taken into one step, not one by one."""
+    window = BatchWindow(max_batch=64)
+    window.stepped([5])
+    arrivals = [1]
+    calls_to_come = [3]
+    seen: list[int] = []
+
+    def tick() -> None:
+        seen.append(1)
+        if calls_to_come[0]:
+            calls_to_come[0] -= 1
+            arrivals[0] += 1  # a Generate call taken in on each of the first three ticks
+
+    monkeypatch.setattr(batch_window, "_yield_cpu", tick)
+    await window.gather([], True, lambda: arrivals[0])
+    assert len(seen) == 3 + 2  # each arrival restarted the count of two quiet ticks
+    window.stepped([5, 6, 7, 8])
+    seen.clear()
+    await window.gather([], True, lambda: arrivals[0])
+    assert len(seen) == GENERATION_BURST_TICKS  # calls were arriving: the next step waits longer
