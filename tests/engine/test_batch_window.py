@@ -8,7 +8,11 @@ from typing import Any
 import pytest
 
 from service.engine import batch_window
-from service.engine.batch_window import GENERATION_BURST_TICKS, BatchWindow
+from service.engine.batch_window import (
+    GENERATION_BURST_TICKS,
+    GENERATION_WINDOW_ARRIVALS,
+    BatchWindow,
+)
 
 
 def _rows(*slots: int) -> list[Any]:
@@ -109,3 +113,35 @@ async def test_a_generation_started_in_the_window_is_company_too(
     seen.clear()
     await window.gather([], True, lambda: arrivals[0])
     assert len(seen) == GENERATION_BURST_TICKS  # calls were arriving: the next step waits longer
+
+
+async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Generate call on every tick, without end: the window steps after taking in
+    GENERATION_WINDOW_ARRIVALS of them, so the running generations' next tokens wait for no
+    more than that. Queued feeds arriving as fast stop it only at a full batch."""
+    arrivals = [0]
+    seen: list[int] = []
+
+    def tick() -> None:
+        seen.append(1)
+        arrivals[0] += 1
+        assert len(seen) < 1000, "the window never closed"
+
+    monkeypatch.setattr(batch_window, "_yield_cpu", tick)
+    window = BatchWindow(max_batch=256)
+    window.stepped([1, 2])
+    await window.gather([], True, lambda: arrivals[0])
+    assert len(seen) == GENERATION_WINDOW_ARRIVALS
+
+    pending: list[Any] = []
+    seen.clear()
+
+    def feed_tick() -> None:
+        seen.append(1)
+        pending.extend(_rows(len(pending)))
+
+    monkeypatch.setattr(batch_window, "_yield_cpu", feed_tick)
+    await window.gather(pending, False, lambda: len(pending))
+    assert len(seen) == len(pending) == 256  # feeds: a full batch ends the window
