@@ -25,7 +25,7 @@ them, `python -m benchmarks.ab burst64 burst64x1 gen1 gen16 gen64 stream1 stream
 (medians, pinned): 64 Generate calls of 64 tokens started at once p50 52.2 → 22.2 ms, of one
 token 27.9 → 24.3 ms; closed-loop loads within noise (gen64 8,256 / 8,082 tokens/s).
 
-A window with generations takes in at most `GENERATION_WINDOW_ARRIVALS` before it steps: calls
+A window takes in at most `GENERATION_WINDOW_ARRIVALS` new generations before it steps: calls
 that keep coming must not hold the running generations' next tokens, and a burst's first half
 gets its tokens while the second half is taken in. Against the window without that bound
 (`benchmarks.ab burst64 burst64x1 gen1 gen16 gen64 stream64 --reps 3`): 64-token bursts p50
@@ -43,9 +43,9 @@ from typing import Any, Protocol
 # being taken in): each one-row generation step costs ~0.6 ms, so fewer, fuller steps get the
 # first tokens out sooner. A lone generation, with nothing arriving, waits the usual two.
 GENERATION_BURST_TICKS = 8
-# The most arrivals one window with generations takes in before it steps. Calls that keep coming
-# would otherwise hold it open (a generation is not a queued row, so no full batch ends it) and
-# the running generations' next tokens with it; each arrival costs the loop ~0.2 ms to take in.
+# The most generations one window takes in before it steps. Calls that keep coming would
+# otherwise hold it open (a generation is not a queued row, so no full batch ends it) and the
+# running generations' next tokens with it; each call costs the loop ~0.2 ms to take in.
 GENERATION_WINDOW_ARRIVALS = 32
 
 
@@ -79,9 +79,13 @@ class BatchWindow:
         while the window is open is company as much as a queued feed."""
         quiet_ticks = self._quiet_ticks(pending, generating)
         first = seen = arrivals()
+        queued = len(pending)
         quiet = 0
-        most = GENERATION_WINDOW_ARRIVALS if generating else self._max_batch
-        while quiet < quiet_ticks and len(pending) < self._max_batch and seen - first < most:
+        while (
+            quiet < quiet_ticks
+            and len(pending) < self._max_batch
+            and (seen - first) - (len(pending) - queued) < GENERATION_WINDOW_ARRIVALS
+        ):  # arrivals that did not queue a row started generations
             _yield_cpu()
             await asyncio.sleep(0)
             now = arrivals()

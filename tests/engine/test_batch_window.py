@@ -120,7 +120,8 @@ async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
 ) -> None:
     """A Generate call on every tick, without end: the window steps after taking in
     GENERATION_WINDOW_ARRIVALS of them, so the running generations' next tokens wait for no
-    more than that. Queued feeds arriving as fast stop it only at a full batch."""
+    more than that. Queued feeds arriving as fast (beside running generations) stop it only at
+    a full batch."""
     arrivals = [0]
     seen: list[int] = []
 
@@ -143,5 +144,5 @@ async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
         pending.extend(_rows(len(pending)))
 
     monkeypatch.setattr(batch_window, "_yield_cpu", feed_tick)
-    await window.gather(pending, False, lambda: len(pending))
-    assert len(seen) == len(pending) == 256  # feeds: a full batch ends the window
+    await window.gather(pending, True, lambda: len(pending))
+    assert len(seen) == len(pending) == 256  # feeds, beside generations: a full batch ends it
