@@ -24,12 +24,12 @@ class MetricsObserver(VersionObserver):
         self.metrics.observe_step(stats)
 
     def on_token_times(
-        self, model: str, version: str, ttft: float | None, gap: float | None
+        self, model: str, version: str, firsts: list[float], gaps: list[float]
     ) -> None:
-        if ttft is not None:
-            self.metrics.observe_time_to_first_token(model, version, ttft)
-        if gap is not None:
-            self.metrics.observe_inter_token(model, version, gap)
+        if firsts:
+            self.metrics.observe_times_to_first_token(model, version, firsts)
+        if gaps:
+            self.metrics.observe_inter_tokens(model, version, gaps)
 
     def on_request(self, model: str, version: str, seconds: float, count: int = 1) -> None:
         self.metrics.observe_request_latency(model, version, seconds, count)

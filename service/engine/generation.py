@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from service.engine.token_channel import TokenChannel
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import Row
@@ -104,7 +105,7 @@ class Generation:
         self.lease = lease
         self.sampling = sampling
         self.log = log if log is not None else GenerationLog(sampling)
-        self.tokens: asyncio.Queue[GeneratedToken | BaseException] = asyncio.Queue()
+        self.tokens: TokenChannel[GeneratedToken | BaseException] = TokenChannel()
         self.retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.cancelled = False
         self.started_at = time.perf_counter()

@@ -47,8 +47,10 @@ class VersionObserver:
     def on_step(self, stats: StepStats) -> None: ...
 
     def on_token_times(
-        self, model: str, version: str, ttft: float | None, gap: float | None
-    ) -> None: ...
+        self, model: str, version: str, firsts: list[float], gaps: list[float]
+    ) -> None:
+        """One step's generations: times to first token of those that started, inter-token
+        gaps of the others (seconds)."""
 
     def on_request(self, model: str, version: str, seconds: float, count: int = 1) -> None:
         """`count` requests took `seconds` each (the feeds of one Stream message)."""

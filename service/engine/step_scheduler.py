@@ -41,7 +41,7 @@ class StepScheduler:
         max_queue: int,
         inline_max_rows: int,
         on_stats: Callable[[StepStats], None],
-        on_token_times: Callable[[float | None, float | None], None],
+        on_token_times: Callable[[list[float], list[float]], None],
         commit: Commit | None = None,
     ) -> None:
         self._runner = runner

@@ -39,7 +39,7 @@ class StepSettlement:
         version: str,
         commit: Commit | None,
         on_stats: Callable[[StepStats], None],
-        on_token_times: Callable[[float | None, float | None], None],
+        on_token_times: Callable[[list[float], list[float]], None],
         *,
         retire: Callable[[Generation], None],
     ) -> None:
@@ -47,7 +47,8 @@ class StepSettlement:
         self._model, self._version = model, version
         self._commit = commit  # group commit of each step's journal records (None: no journal)
         self._on_stats = on_stats
-        self._on_token_times = on_token_times  # (time to first token, inter-token gap)
+        # Once a step with generations: (times to first token, inter-token gaps), in seconds.
+        self._on_token_times = on_token_times
         self._retire = retire  # a generation no step will run again
 
     def failed(self, gens: list[Generation], feeds: list[QueuedRow], exc: Exception) -> None:
@@ -158,17 +159,21 @@ class StepSettlement:
         segment: int | None,
     ) -> None:
         now = time.perf_counter()
+        firsts: list[float] = []  # send -> first token, of generations that started
+        gaps: list[float] = []  # since the last token, of the others
         for gen, res in zip(gens, results[: len(gens)], strict=True):
             assert res.token is not None
             token = gen.advance(res.token, res.consumed, segment)
             if gen.last_token_at is None:
-                self._on_token_times(now - gen.started_at, None)
+                firsts.append(now - gen.started_at)
             else:
-                self._on_token_times(None, now - gen.last_token_at)
+                gaps.append(now - gen.last_token_at)
             gen.last_token_at = now
             gen.tokens.put_nowait(token)
             if gen.finished:
                 self._retire(gen)
+        if gens:
+            self._on_token_times(firsts, gaps)
         for feed, res in zip(feeds, results[len(gens) :], strict=True):
             res.position = feed.owner.advance(res.consumed, segment)
             feed.group.settle(feed.index, res)

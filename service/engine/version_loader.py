@@ -62,7 +62,9 @@ class VersionLoader:
             max_queue=engine.max_queue,
             inline_max_rows=engine.inline_max_rows,
             on_stats=observer.on_step,
-            on_token_times=lambda ttft, gap: observer.on_token_times(name, str(version), ttft, gap),
+            on_token_times=lambda firsts, gaps: observer.on_token_times(
+                name, str(version), firsts, gaps
+            ),
             commit=self._commit,
         )
         scheduler.start()

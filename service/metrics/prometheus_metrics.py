@@ -104,11 +104,11 @@ class Metrics(MetricFamilies):
         """`count` step requests, each received → reply ready in `seconds`."""
         self._series(model, version).step_latency.observe(seconds, count)
 
-    def observe_time_to_first_token(self, model: str, version: str, seconds: float) -> None:
-        self._series(model, version).time_to_first_token.observe(seconds)
-
-    def observe_inter_token(self, model: str, version: str, seconds: float) -> None:
-        self._series(model, version).inter_token.observe(seconds)
+    def observe_times_to_first_token(
+        self, model: str, version: str, seconds: Iterable[float]
+    ) -> None:
+        """The first tokens of every generation that started in one step, in one call."""
+        self._series(model, version).time_to_first_token.observe_many(seconds)
 
     def observe_inter_tokens(self, model: str, version: str, seconds: Iterable[float]) -> None:
         """The gaps of every generation that advanced in one step, in one call."""

@@ -96,8 +96,8 @@ def _exercised_metrics() -> Metrics:
         )
     )
     metrics.observe_request_latency("text", "1", 0.001)
-    metrics.observe_time_to_first_token("text", "1", 0.002)
-    metrics.observe_inter_token("text", "1", 0.001)
+    metrics.observe_times_to_first_token("text", "1", [0.002])
+    metrics.observe_inter_tokens("text", "1", [0.001])
     metrics.set_queue_depth("text", "1", 1)
     metrics.set_pool_capacity_bytes(1 << 20)
     return metrics

@@ -150,7 +150,7 @@ def test_observe_step_moves_every_step_series(metrics: Metrics) -> None:
 
 
 def test_latency_buckets_span_50us_to_10s(metrics: Metrics) -> None:
-    metrics.observe_inter_token("text", "1", 0.001)
+    metrics.observe_inter_tokens("text", "1", [0.001])
     les = [
         s.labels["le"]
         for s in _samples(metrics)
@@ -165,8 +165,8 @@ def test_per_request_latencies(metrics: Metrics) -> None:
     metrics.observe_request_latency("text", "1", 0.002)
     metrics.observe_request_latency("text", "1", 0.001)
     metrics.observe_request_latency("text", "1", 0.0005, count=4)  # a message's four feeds
-    metrics.observe_time_to_first_token("text", "2", 0.05)
-    metrics.observe_inter_token("text", "1", 0.004)
+    metrics.observe_times_to_first_token("text", "2", [0.05])
+    metrics.observe_inter_tokens("text", "1", [0.004])
     metrics.observe_inter_tokens("text", "1", [0.004, 0.006])
 
     assert _value(metrics, "seqserve_step_latency_seconds_count", version="1") == 6
@@ -275,7 +275,7 @@ def test_forget_version_drops_its_series_only(metrics: Metrics) -> None:
     for version in ("1", "2"):
         metrics.set_model_info("text", version, f"fp{version}", "lstm", loaded=True)
         metrics.observe_step(_step(version=version))
-        metrics.observe_inter_token("text", version, 0.01)
+        metrics.observe_inter_tokens("text", version, [0.01])
         metrics.observe_model_load("text", version, 0.1)
 
     metrics.forget_version("text", "1")
@@ -303,8 +303,8 @@ def test_exposition_passes_promtool(metrics: Metrics, promtool: str) -> None:
     metrics.observe_step(_step())
     metrics.observe_rpc("Step", "OK", 0.001)
     metrics.observe_request_latency("text", "1", 0.001)
-    metrics.observe_time_to_first_token("text", "1", 0.01)
-    metrics.observe_inter_token("text", "1", 0.01)
+    metrics.observe_times_to_first_token("text", "1", [0.01])
+    metrics.observe_inter_tokens("text", "1", [0.01])
     metrics.session_event("created", "text", "1")
     metrics.set_state_bytes("memory", 100)
     metrics.observe_model_load("text", "1", 0.2)
