@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from service.engine.batch_window import GENERATION_WINDOW_ARRIVALS
 from service.engine.generation import FINISH_MAX_TOKENS, Generation
 from service.engine.step_scheduler import StepScheduler
 from service.errors import JournalUnavailable, ResourceExhausted, Unavailable
@@ -452,3 +453,45 @@ async def test_a_step_that_cannot_be_committed_is_undone_and_refused(scheduler: 
     journal.full = False
     (ok,) = await asyncio.wait_for(s.submit([(owner, feed(1))]).future, 5)
     assert isinstance(ok, RowResult) and ok.position == 1
+
+
+async def test_generate_calls_that_keep_coming_join_steps_without_holding_them(
+    scheduler: Any,
+) -> None:
+    """A running generation, then a new Generate call on every tick: a window takes in
+    GENERATION_WINDOW_ARRIVALS of them at most and steps (not one per step, and not all after
+    the last one), and the running generation advances while they keep coming."""
+    started = [0]
+    at_step: list[int] = []  # calls started when each step ran
+
+    class CountingRunner(FakeRunner):
+        def execute(self, batch: StepBatch) -> StepOutput:
+            at_step.append(started[0])
+            return super().execute(batch)
+
+    runner = CountingRunner()
+    s = scheduler(runner, max_batch_size=256)
+    running = Generation(FakeLease(slot=0), SamplingParams(max_tokens=1000), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(running)
+    await asyncio.wait_for(running.tokens.get(), 5)
+    calls = 100
+    for i in range(1, calls + 1):
+        gen = Generation(FakeLease(slot=i), SamplingParams(max_tokens=1), ByteTokenizer())  # type: ignore[arg-type]
+        s.start_generation(gen)
+        started[0] += 1
+        await asyncio.sleep(0)
+    for _ in range(500):  # until every call has had its token (at most 5 s)
+        stepped = {slot for b in runner.batches for slot in b}
+        if stepped.issuperset(range(1, calls + 1)):
+            break
+        await asyncio.sleep(0.01)
+    running.cancelled = True
+    await asyncio.wait_for(running.retired, 5)
+    joined = [(len(b) - 1, n) for b, n in zip(runner.batches, at_step, strict=True) if len(b) > 1]
+    assert sum(j for j, _ in joined) == calls  # each call's one token, in some step
+    # The window open when the calls began closed after taking in GENERATION_WINDOW_ARRIVALS
+    # (one more may have come in with the tick it opened on), while calls kept coming; those
+    # that arrived while that step ran joined the next one together.
+    first, started_then = joined[0]
+    assert 0 < first <= GENERATION_WINDOW_ARRIVALS + 1 and started_then < calls
+    assert all(0 in b for b in runner.batches)  # the running generation is in every step
