@@ -49,8 +49,10 @@ class StreamMux:
         line = Line()
         unfinished: dict[str, int] = {}  # session id → its items on this stream not yet replied
 
+        loop = asyncio.get_running_loop()  # once a stream, not once a message
+
         def spawn(work: Coroutine[Any, Any, None]) -> None:
-            task = asyncio.get_running_loop().create_task(work)
+            task = loop.create_task(work)
             running.add(task)
             task.add_done_callback(running.discard)
 

@@ -33,10 +33,8 @@ class RowGroup:
 
     __slots__ = ("future", "outcomes", "remaining", "taken")
 
-    def __init__(self, size: int) -> None:
-        self.future: asyncio.Future[list[RowResult | BaseException]] = (
-            asyncio.get_running_loop().create_future()
-        )
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[list[RowResult | BaseException]] = loop.create_future()
         self.outcomes: list[RowResult | BaseException] = [_UNSET] * size  # type: ignore[list-item]
         self.remaining = size
         self.taken = False  # a row of it went into a step

@@ -65,6 +65,7 @@ class StepScheduler:
         self._generations: list[Generation] = []
         self._window = BatchWindow(max_batch_size)  # when to stop gathering and step
         self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()  # looked up once: each lookup is a getpid call
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"runner-{model}")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -82,8 +83,8 @@ class StepScheduler:
     def start(self) -> None:
         # A fresh context: the loop outlives the request that started it, and must not run as
         # that request's principal.
-        self._task = asyncio.get_running_loop().create_task(
-            self._loop(), name="step-scheduler", context=contextvars.Context()
+        self._task = self._loop.create_task(
+            self._run(), name="step-scheduler", context=contextvars.Context()
         )
 
     def submit(self, work: list[tuple[RowOwner, Row]]) -> RowGroup:
@@ -95,7 +96,7 @@ class StepScheduler:
             raise QueueFull(
                 f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}"
             )
-        group = RowGroup(len(work))
+        group = RowGroup(len(work), self._loop)
         now = time.perf_counter()
         queued = [QueuedRow(owner, row, group, i, now) for i, (owner, row) in enumerate(work)]
         if self._direct(queued):
@@ -123,8 +124,8 @@ class StepScheduler:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _run(self) -> None:
+        loop = self._loop
         while True:
             if not self._pending and not self._generations:
                 if self._stopping:
