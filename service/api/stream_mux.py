@@ -22,6 +22,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, C
 from typing import Any
 
 from service.api.interceptor import check_message_size, check_parsed, rich_status
+from service.engine.channel import Channel
 from service.engine.session_lease import Line
 from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -44,7 +45,7 @@ class StreamMux:
     async def run(
         self, messages: AsyncIterable[pb.StreamRequest]
     ) -> AsyncIterator[pb.StreamResponse]:
-        out: asyncio.Queue[_Ready | None] = asyncio.Queue()
+        out: Channel[_Ready | None] = Channel()
         running: set[asyncio.Task[None]] = set()
         line = Line()
         unfinished: dict[str, int] = {}  # session id → its items on this stream not yet replied
@@ -135,7 +136,7 @@ class StreamMux:
         self,
         items: list[pb.StreamItem],
         line: Line,
-        out: asyncio.Queue[_Ready | None],
+        out: Channel[_Ready | None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         unfinished: dict[str, int],
     ) -> None:
@@ -165,7 +166,7 @@ class StreamMux:
         self,
         items: list[pb.StreamItem],
         line: Line,
-        out: asyncio.Queue[_Ready | None],
+        out: Channel[_Ready | None],
         unfinished: dict[str, int],
     ) -> None:
         replies: _Ready
@@ -184,7 +185,7 @@ class StreamMux:
         self,
         item: pb.StreamItem,
         line: Line,
-        out: asyncio.Queue[_Ready | None],
+        out: Channel[_Ready | None],
         unfinished: dict[str, int],
     ) -> None:
         try:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from service.engine.token_channel import TokenChannel
+from service.engine.channel import Channel
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import Row
@@ -105,7 +105,7 @@ class Generation:
         self.lease = lease
         self.sampling = sampling
         self.log = log if log is not None else GenerationLog(sampling)
-        self.tokens: TokenChannel[GeneratedToken | BaseException] = TokenChannel()
+        self.tokens: Channel[GeneratedToken | BaseException] = Channel()
         self.retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.cancelled = False
         self.started_at = time.perf_counter()

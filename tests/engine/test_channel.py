@@ -1,4 +1,4 @@
-"""TokenChannel: a generation's tokens, in order, to one consumer that may wait or be cancelled."""
+"""Channel: items in order to one consumer that may wait or be cancelled."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from service.engine.token_channel import TokenChannel
+from service.engine.channel import Channel
 
 
 async def test_items_come_out_in_order_whether_put_before_or_while_waiting() -> None:
-    channel: TokenChannel[int] = TokenChannel()
+    channel: Channel[int] = Channel()
     channel.put_nowait(1)
     channel.put_nowait(2)
     assert channel.qsize() == 2
@@ -21,11 +21,12 @@ async def test_items_come_out_in_order_whether_put_before_or_while_waiting() -> 
     channel.put_nowait(3)
     channel.put_nowait(4)
     assert await asyncio.wait_for(waiting, 1) == 3
-    assert await channel.get() == 4 and channel.qsize() == 0
+    assert not channel.empty() and channel.get_nowait() == 4
+    assert channel.empty() and channel.qsize() == 0
 
 
 async def test_a_cancelled_wait_loses_nothing_and_the_next_get_takes_it() -> None:
-    channel: TokenChannel[str] = TokenChannel()
+    channel: Channel[str] = Channel()
     waiting = asyncio.ensure_future(channel.get())
     await asyncio.sleep(0)
     waiting.cancel()
@@ -36,7 +37,7 @@ async def test_a_cancelled_wait_loses_nothing_and_the_next_get_takes_it() -> Non
 
 
 async def test_a_put_and_a_cancel_in_the_same_tick_keep_the_item() -> None:
-    channel: TokenChannel[str] = TokenChannel()
+    channel: Channel[str] = Channel()
     waiting = asyncio.ensure_future(channel.get())
     await asyncio.sleep(0)
     channel.put_nowait("b")  # wakes the waiter...

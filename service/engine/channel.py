@@ -1,9 +1,11 @@
-"""A generation's tokens on their way to its one consumer.
+"""An unbounded queue with one consumer: a generation's tokens on their way to its handler, a
+stream's replies on their way out.
 
-What `asyncio.Queue` does for a single reader, without its cost per token: `Queue.get` looks up
+What `asyncio.Queue` does for a single reader, without its cost per item: `Queue.get` looks up
 the running loop each time it waits (a `getpid` system call in CPython 3.11, seen in profiles at
-64 generations) and keeps putter bookkeeping a queue with no size limit never uses. Measured in
-a throwaway uvloop loop on one core: a token handed over and taken 3.0 µs → 2.2 µs.
+64 generations and 64 streams) and keeps putter bookkeeping a queue with no size limit never
+uses. Measured in a throwaway uvloop loop on one core: an item handed over and taken 3.0 µs →
+2.2 µs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-class TokenChannel(Generic[T]):
+class Channel(Generic[T]):
     __slots__ = ("_items", "_loop", "_waiter")
 
     def __init__(self) -> None:
@@ -38,6 +40,13 @@ class TokenChannel(Generic[T]):
             finally:
                 self._waiter = None
         return self._items.popleft()
+
+    def get_nowait(self) -> T:
+        """The oldest item; IndexError when there is none."""
+        return self._items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
 
     def qsize(self) -> int:
         return len(self._items)
