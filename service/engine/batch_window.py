@@ -18,7 +18,7 @@ first tokens went out in some thirty small steps. Interleaved on one core, two p
 one-token generations started at once p50 40 / 40 → 38 / 30 ms (p99 94 / 91 → 83 / 62), 64-token
 ones 49 / 54 → 42 / 44 ms; a lone generation and 16 or 64 closed-loop generations unchanged.
 
-What counts as arriving is every row and every generation queued (`arrivals`): a Generate call
+What counts as arriving is every row queued and every generation started: a Generate call
 joins the scheduler's generations, not its queue of rows, and a window that watched the queue
 alone closed while a burst of them was still coming in, so each step took ~3 of them. Counting
 them, `python -m benchmarks.ab burst64 burst64x1 gen1 gen16 gen64 stream1 stream64 --reps 3`
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 # Quiet ticks a step with generations waits while rows keep arriving (a burst of Generate calls
@@ -71,24 +71,22 @@ class BatchWindow:
         self._last_rows = len(slots)
         self._lone = slots[0] if len(slots) == 1 else None
 
-    async def gather(
-        self, pending: Sequence[_Queued], generating: bool, arrivals: Callable[[], int]
-    ) -> None:
-        """Yield ticks until enough in a row bring nothing new, or a full batch waits.
-        `arrivals()` counts the rows and generations queued so far: a Generate call taken in
-        while the window is open is company as much as a queued feed."""
-        quiet_ticks = self._quiet_ticks(pending, generating)
-        first = seen = arrivals()
-        queued = len(pending)
+    async def gather(self, pending: Sequence[_Queued], generations: Sequence[object]) -> None:
+        """Yield ticks until enough in a row bring nothing new, or a full batch waits. Both
+        lists only grow while the window is open: a Generate call taken in (a generation) is
+        company as much as a queued feed."""
+        quiet_ticks = self._quiet_ticks(pending, bool(generations))
+        started = len(generations)
+        first = seen = len(pending) + started
         quiet = 0
         while (
             quiet < quiet_ticks
             and len(pending) < self._max_batch
-            and (seen - first) - (len(pending) - queued) < GENERATION_WINDOW_ARRIVALS
-        ):  # arrivals that did not queue a row started generations
+            and len(generations) - started < GENERATION_WINDOW_ARRIVALS
+        ):
             _yield_cpu()
             await asyncio.sleep(0)
-            now = arrivals()
+            now = len(pending) + len(generations)
             quiet = quiet + 1 if now == seen else 0
             seen = now
         self._arriving = seen > first

@@ -70,7 +70,6 @@ class StepScheduler:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._idle = False  # the loop is parked, waiting for rows: no step runs or gathers
-        self._arrivals = 0  # rows and generations queued so far: the batch window watches it
 
     @property
     def queue_depth(self) -> int:
@@ -103,7 +102,6 @@ class StepScheduler:
             self._step_now(queued)  # settled when this returns
             return group
         self._pending.extend(queued)
-        self._arrivals += len(queued)
         self._wakeup.set()
         return group
 
@@ -113,7 +111,6 @@ class StepScheduler:
         if self._stopping:
             raise Unavailable("model version is shutting down")
         self._generations.append(generation)
-        self._arrivals += 1
         self._wakeup.set()
 
     async def stop(self) -> None:
@@ -136,7 +133,7 @@ class StepScheduler:
                     await self._wakeup.wait()
                 finally:
                     self._idle = False
-            await self._window.gather(self._pending, bool(self._generations), self._arrived)
+            await self._window.gather(self._pending, self._generations)
             self._retire_cancelled()
             if self._stopping:
                 draining = Unavailable("server is draining; retry on another replica")
@@ -171,9 +168,6 @@ class StepScheduler:
                 self._settlement.failed(gens, feeds, exc)
                 continue
             self._settlement.settle(gens, feeds, rows, output, started)
-
-    def _arrived(self) -> int:
-        return self._arrivals
 
     def _direct(self, queued: list[QueuedRow]) -> bool:
         """Whether `queued` may step now, in the caller, instead of waking the loop: one

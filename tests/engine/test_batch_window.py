@@ -20,8 +20,9 @@ def _rows(*slots: int) -> list[Any]:
 
 
 async def _gather(window: BatchWindow, pending: list[Any], generating: bool) -> None:
-    """A window whose only arrivals are rows queued in `pending`."""
-    await window.gather(pending, generating, lambda: len(pending))
+    """A window whose only arrivals are rows queued in `pending` (beside one running
+    generation, if `generating`)."""
+    await window.gather(pending, ["running"] if generating else [])
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ async def test_a_generation_started_in_the_window_is_company_too(
     them as arrivals all the same, so a burst of them is taken into one step, not one by one."""
     window = BatchWindow(max_batch=64)
     window.stepped([5])
-    arrivals = [1]
+    generations = ["running"]
     calls_to_come = [3]
     seen: list[int] = []
 
@@ -104,14 +105,14 @@ async def test_a_generation_started_in_the_window_is_company_too(
         seen.append(1)
         if calls_to_come[0]:
             calls_to_come[0] -= 1
-            arrivals[0] += 1  # a Generate call taken in on each of the first three ticks
+            generations.append("new")  # a Generate call taken in on each of the first three ticks
 
     monkeypatch.setattr(batch_window, "_yield_cpu", tick)
-    await window.gather([], True, lambda: arrivals[0])
+    await window.gather([], generations)
     assert len(seen) == 3 + 2  # each arrival restarted the count of two quiet ticks
     window.stepped([5, 6, 7, 8])
     seen.clear()
-    await window.gather([], True, lambda: arrivals[0])
+    await window.gather([], generations)
     assert len(seen) == GENERATION_BURST_TICKS  # calls were arriving: the next step waits longer
 
 
@@ -122,18 +123,18 @@ async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
     GENERATION_WINDOW_ARRIVALS of them, so the running generations' next tokens wait for no
     more than that. Queued feeds arriving as fast (beside running generations) stop it only at
     a full batch."""
-    arrivals = [0]
+    generations = ["running"]
     seen: list[int] = []
 
     def tick() -> None:
         seen.append(1)
-        arrivals[0] += 1
+        generations.append("new")
         assert len(seen) < 1000, "the window never closed"
 
     monkeypatch.setattr(batch_window, "_yield_cpu", tick)
     window = BatchWindow(max_batch=256)
     window.stepped([1, 2])
-    await window.gather([], True, lambda: arrivals[0])
+    await window.gather([], generations)
     assert len(seen) == GENERATION_WINDOW_ARRIVALS
 
     pending: list[Any] = []
@@ -144,5 +145,5 @@ async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
         pending.extend(_rows(len(pending)))
 
     monkeypatch.setattr(batch_window, "_yield_cpu", feed_tick)
-    await window.gather(pending, True, lambda: len(pending))
+    await window.gather(pending, ["running"])
     assert len(seen) == len(pending) == 256  # feeds, beside generations: a full batch ends it
