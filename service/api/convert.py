@@ -15,7 +15,7 @@ from service.engine.generation import (
     FINISH_STOP_TOKEN,
     GeneratedToken,
 )
-from service.engine.model_input import ModelInput
+from service.engine.model_input import ModelInput, one_token
 from service.errors import InvalidArgument
 from service.models import ByteTokenizer
 from service.pb.seqserve.v1 import types_pb2 as pb
@@ -34,7 +34,8 @@ _FINISH = {
 def input_from_pb(msg: pb.Input) -> ModelInput:
     kind = msg.WhichOneof("kind")
     if kind == "tokens":
-        return ModelInput(tokens=list(msg.tokens.ids))
+        ids = msg.tokens.ids
+        return one_token(ids[0]) if len(ids) == 1 else ModelInput(tokens=list(ids))
     if kind == "text":
         return ModelInput(text=msg.text)
     if kind == "frames":
@@ -43,7 +44,7 @@ def input_from_pb(msg: pb.Input) -> ModelInput:
 
 
 def options_from_pb(msg: pb.PredictionOptions) -> PredictionOptions:
-    return PredictionOptions(top_k=msg.top_k, per_position=msg.per_position)
+    return PredictionOptions.of(msg.top_k, msg.per_position)
 
 
 def sampling_from_pb(msg: pb.Sampling, base: SamplingParams | None = None) -> SamplingParams:

@@ -32,8 +32,24 @@ class PredictionOptions:
     top_k: int = 0  # 0 = the server default
     per_position: bool = False
 
+    @staticmethod
+    def of(top_k: int, per_position: bool) -> PredictionOptions:
+        """The options for these values, shared (they are immutable): a request's options
+        are converted for every item, and nearly every item asks for the same few."""
+        key = (top_k, per_position)
+        options = _SHARED_OPTIONS.get(key)
+        if options is None:
+            options = PredictionOptions(top_k, per_position)
+            if len(_SHARED_OPTIONS) < _SHARED_OPTIONS_MAX:
+                _SHARED_OPTIONS[key] = options
+        return options
 
-@dataclass(frozen=True, slots=True)
+
+_SHARED_OPTIONS: dict[tuple[int, bool], PredictionOptions] = {}
+_SHARED_OPTIONS_MAX = 256  # distinct (top_k, per_position) pairs kept; others are built each time
+
+
+@dataclass(slots=True)  # not frozen: its __init__ would cost 4x (one is built per item)
 class Feed:
     session_id: str
     input: ModelInput

@@ -29,6 +29,21 @@ class ModelInput:
         return len(self.frames or ())
 
 
+_ONE_TOKEN_INPUTS: dict[int, ModelInput] = {}
+_ONE_TOKEN_CACHED_BELOW = 4096  # token ids with a shared input; a larger id gets its own
+
+
+def one_token(token_id: int) -> ModelInput:
+    """The input of one token: shared per token id (a ModelInput is immutable), since building
+    one per streamed token cost more than the rest of converting the request."""
+    inp = _ONE_TOKEN_INPUTS.get(token_id)
+    if inp is None:
+        inp = ModelInput(tokens=(token_id,))
+        if 0 <= token_id < _ONE_TOKEN_CACHED_BELOW:
+            _ONE_TOKEN_INPUTS[token_id] = inp
+    return inp
+
+
 _SINGLE_TOKENS: list[Tensor] = []
 
 

@@ -1,0 +1,54 @@
+"""Protobuf → core conversions on the request path: one streamed token and the prediction
+options are shared objects (both are immutable), with the same values a fresh one would have."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.api import convert
+from service.engine import feed as feed_module
+from service.engine.feed import PredictionOptions
+from service.engine.model_input import ModelInput, to_tensor
+from service.errors import InvalidArgument
+from service.models import ByteTokenizer, ModelConfig
+from service.pb.seqserve.v1 import types_pb2 as pb
+
+
+def _tokens(*ids: int) -> pb.Input:
+    return pb.Input(tokens=pb.Tokens(ids=list(ids)))
+
+
+def test_one_token_is_one_shared_input_with_the_tokens_value() -> None:
+    first, again = convert.input_from_pb(_tokens(65)), convert.input_from_pb(_tokens(65))
+    assert first is again
+    assert first == ModelInput(tokens=(65,)) and first.size() == 1
+    assert convert.input_from_pb(_tokens(66)).tokens == (66,)
+
+
+def test_tokens_outside_the_shared_range_and_longer_inputs_are_their_own() -> None:
+    big = convert.input_from_pb(_tokens(10**9))
+    assert big.tokens == (10**9,) and big is not convert.input_from_pb(_tokens(10**9))
+    several = convert.input_from_pb(_tokens(1, 2, 3))
+    assert list(several.tokens or ()) == [1, 2, 3]
+
+
+def test_a_shared_token_out_of_the_vocabulary_is_still_refused() -> None:
+    config = ModelConfig(
+        cell="lstm", num_layers=1, hidden_size=8, input_kind="tokens", input_dim=256,
+        embed_dim=4, head_kind="classification", output_dim=256,
+    )  # fmt: skip
+    inp = convert.input_from_pb(_tokens(config.input_dim))  # one past the last id
+    with pytest.raises(InvalidArgument, match="out of range"):
+        to_tensor(inp, "m", config, ByteTokenizer(), cap=64)
+    assert convert.input_from_pb(_tokens(-1)).tokens == (-1,)  # negative: never shared
+
+
+def test_prediction_options_are_shared_per_value_and_bounded() -> None:
+    msg = pb.PredictionOptions(top_k=7, per_position=True)
+    first = convert.options_from_pb(msg)
+    assert first is convert.options_from_pb(msg)
+    assert first == PredictionOptions(top_k=7, per_position=True)
+    assert convert.options_from_pb(pb.PredictionOptions()) == PredictionOptions()
+    for k in range(feed_module._SHARED_OPTIONS_MAX + 10):  # past the bound: built each time
+        assert PredictionOptions.of(1000 + k, False).top_k == 1000 + k
+    assert len(feed_module._SHARED_OPTIONS) <= feed_module._SHARED_OPTIONS_MAX
