@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from service.engine.channel import Channel
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams
-from service.runtime.step_batch import Row
+from service.runtime.step_batch import Head, Row
 
 if TYPE_CHECKING:
     from service.engine.session_lease import Lease
@@ -33,7 +33,7 @@ class GenerationLog:
     finished: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: its __init__ would cost 4x (one is built per token)
 class GeneratedToken:
     token_id: int
     text: str  # the text this token completes (UTF-8 pieces may span tokens, so can be "")
@@ -110,6 +110,7 @@ class Generation:
         self.cancelled = False
         self.started_at = time.perf_counter()
         self.last_token_at: float | None = None
+        self.head: Head | None = None  # the head output after its last token (see Row.head)
         self._text = TokenText(sampling, tokenizer, self.log)
 
     @property
@@ -120,7 +121,9 @@ class Generation:
         """This generation's row of the next step: sample from the last output, consume it."""
         session = self.lease.session
         assert session.slot is not None, "a generating session stays in memory"
-        return Row(slot=session.slot, inputs=None, sampling=self.sampling, rng=session.rng)
+        return Row(
+            slot=session.slot, inputs=None, sampling=self.sampling, rng=session.rng, head=self.head
+        )
 
     def retire(self) -> None:
         """No step will touch this generation's row again (called by the scheduler)."""

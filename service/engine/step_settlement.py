@@ -172,6 +172,8 @@ class StepSettlement:
             gen.tokens.put_nowait(token)
             if gen.finished:
                 self._retire(gen)
+            else:
+                gen.head = res.head  # what its next row samples from
         if gens:
             self._on_token_times(firsts, gaps)
         for feed, res in zip(feeds, results[len(gens) :], strict=True):

@@ -19,6 +19,7 @@ from service.runtime.sampler import sample
 from service.runtime.state_pool import StatePool
 from service.runtime.step_batch import (
     Prediction,
+    Row,
     RowResult,
     StepBatch,
     StepOutput,
@@ -81,8 +82,7 @@ class ModelRunner:
             params = [batch.rows[idx[j]].sampling for j in gen]
             rngs = [batch.rows[idx[j]].rng for j in gen]
             assert all(p is not None for p in params) and all(r is not None for r in rngs)
-            h_top = state.h[-1]  # [B, H]
-            last = self.pool.outputs(h_top if len(gen) == len(idx) else h_top[gen])  # [G, out]
+            last = self._generation_heads([batch.rows[idx[j]] for j in gen], gen, state)
             sampled = sample(last, params, rngs)  # type: ignore[arg-type]
         t2 = time.perf_counter()
         inputs = self._stack_single_inputs(batch, idx, gen, sampled)  # [B] or [B, D]
@@ -100,13 +100,35 @@ class ModelRunner:
                 res.per_position = [pred]
         if sampled is not None:
             for j, token in zip(gen, sampled.tolist(), strict=True):
-                results[idx[j]].consumed, results[idx[j]].token = 1, int(token)
+                res = results[idx[j]]
+                res.consumed, res.token, res.head = 1, int(token), (out, j)
         t5 = time.perf_counter()
         timings.gather_seconds += t1 - t0
         timings.sample_seconds += (t2 - t1) + (t5 - t4)
         timings.forward_seconds += t3 - t2
         timings.scatter_seconds += t4 - t3
         return slots, state
+
+    def _generation_heads(self, rows: list[Row], gen: list[int], state: RecurrentState) -> Tensor:
+        """The head output after each generate row's last input [G, out]: what the step that
+        made it kept (`Row.head`), computed from the state (rows `gen` of it) only for the rows
+        without, such as a generation's first."""
+        kept = next((r.head[0] for r in rows if r.head is not None), None)
+        have = [j for j, r in enumerate(rows) if r.head is not None and r.head[0] is kept]
+        if kept is None:
+            h_top = state.h[-1]  # [B, H]
+            return self.pool.outputs(h_top if len(gen) == h_top.shape[0] else h_top[gen])
+        at = [rows[j].head[1] for j in have]  # type: ignore[index]
+        if len(have) == len(rows):
+            if at == list(range(len(rows))):  # the same rows in the same order: most steps
+                return kept[: len(rows)]
+            return kept.index_select(0, torch.tensor(at, device=kept.device))
+        heads = torch.empty((len(rows), kept.shape[1]), dtype=kept.dtype, device=kept.device)
+        heads[have] = kept.index_select(0, torch.tensor(at, device=kept.device))
+        kept_rows = set(have)
+        missing = [j for j in range(len(rows)) if j not in kept_rows]
+        heads[missing] = self.pool.outputs(state.h[-1][[gen[j] for j in missing]])
+        return heads
 
     def _stack_single_inputs(
         self, batch: StepBatch, idx: list[int], gen: list[int], sampled: Tensor | None

@@ -191,9 +191,11 @@ def sort_descending(x: Tensor) -> tuple[Tensor, Tensor]:
     torch's own, so a row with a tie (or a NaN) is sorted by torch: a seeded session draws
     the same tokens either way.
     """
-    a = x.numpy()
-    order = np.argsort(-a, axis=1)  # distinct values: ascending of -x is descending of x
-    values = np.take_along_axis(a, order, axis=1)
-    if np.isnan(values).any() or bool((values[:, 1:] == values[:, :-1]).any()):
+    # Distinct values: ascending of -x is descending of x. The values are gathered by torch:
+    # numpy's take_along_axis costs 4x as much here.
+    order = torch.from_numpy(np.argsort(-x.numpy(), axis=1).astype(np.int64, copy=False))
+    values = x.gather(1, order)
+    v = values.numpy()  # the same memory; numpy's checks cost a third of torch's here
+    if np.isnan(v).any() or bool((v[:, 1:] == v[:, :-1]).any()):
         return torch.sort(x, dim=1, descending=True)
-    return torch.from_numpy(values), torch.from_numpy(order.astype(np.int64, copy=False))
+    return values, order

@@ -10,6 +10,11 @@ from torch import Tensor
 from service.models import RecurrentState
 from service.runtime.sampler import SamplingParams, SessionRng
 
+# A step's head outputs [B, out] and one row's index in them: what a generation samples its
+# next token from. A generation's rows follow each other step after step, so the output its
+# last step computed is kept for the next, not computed again from the state.
+Head = tuple[Tensor, int]
+
 
 @dataclass
 class Row:
@@ -21,6 +26,9 @@ class Row:
     rng: SessionRng | None = None  # generate rows: the session's RNG
     top_k: int = 0  # feed rows: top entries of the prediction to return (token models)
     per_position: bool = False  # feed rows: also return a prediction at every input position
+    # Generate rows: the head output after the session's last input, where the step that fed
+    # it kept it (`RowResult.head`), so it is not computed again; None: from the state.
+    head: Head | None = None
 
 
 @dataclass
@@ -39,13 +47,14 @@ class Prediction:
     values: Sequence[float] = ()
 
 
-@dataclass
+@dataclass(slots=True)  # one per row of every step
 class RowResult:
     consumed: int  # inputs fed into the state this step (the sampled token counts as one)
     prediction: Prediction | None = None  # after the last input (feed rows)
-    per_position: list[Prediction] = field(default_factory=list)
+    per_position: Sequence[Prediction] = ()  # feed rows that asked for it: one per input
     token: int | None = None  # generate rows: the sampled (and consumed) token
     position: int = -1  # the session's position right after this row (set by the scheduler)
+    head: Head | None = None  # generate rows: the head output after the sampled token
 
 
 @dataclass

@@ -62,7 +62,7 @@ def test_rows_end_where_the_reference_does(cell: str, reset_after: bool) -> None
         want = np.argsort(-softmax(out[-1]))[:3]
         assert result.prediction.top_ids == list(want)
         if not row.per_position:
-            assert result.per_position == []
+            assert not result.per_position
         else:
             assert len(result.per_position) == len(last)
             for k, prediction in enumerate(result.per_position):

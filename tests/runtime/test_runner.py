@@ -105,7 +105,7 @@ def test_a_batched_step_equals_each_row_alone_and_the_reference(
     out = runner.execute(StepBatch(rows))
     assert len(out.results) == 4
     for s, t, res in zip(slots, toks, out.results, strict=True):
-        assert res.consumed == 1 and res.token is None and res.per_position == []
+        assert res.consumed == 1 and res.token is None and not res.per_position
         # Alone, in a fresh pool of the same model from the same state.
         alone_pool, alone_runner, _ = _setup(config)
         alone = alone_runner.execute(StepBatch([Row(slot=s, inputs=_tokens(t), top_k=4)]))
@@ -226,7 +226,7 @@ def test_per_position_predictions_follow_the_reference_at_every_position(
     _assert_state(pool, 2, h, c, ATOL)  # the state is after the last input, not the padding
     np.testing.assert_allclose(pool.snapshot(2).last, logits[-1], rtol=0, atol=ATOL)
 
-    assert b.per_position == []
+    assert not b.per_position
     logits_b, _, _ = reference_run(runner.model, snaps[0], np.array(other))
     _assert_prediction(b.prediction, logits_b[-1], 2)
 
@@ -234,7 +234,7 @@ def test_per_position_predictions_follow_the_reference_at_every_position(
     _assert_same_prediction(single.per_position[0], single.prediction, 0.0)
     logits_s, _, _ = reference_run(runner.model, snaps[1], np.array([7]))
     _assert_prediction(single.prediction, logits_s[-1], 2)
-    assert plain.per_position == []
+    assert not plain.per_position
 
 
 # ---- generate rows ----------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_generate_rows_sample_from_the_last_output_and_consume_the_token(
     expected = sample(torch.from_numpy(snaps[0].last)[None], [hot], [SessionRng.seeded(5)])
     assert h_row.token == int(expected[0])
     for res, slot in ((g, 1), (h_row, 0)):
-        assert res.consumed == 1 and res.prediction is None and res.per_position == []
+        assert res.consumed == 1 and res.prediction is None and not res.per_position
         assert res.token is not None
         logits, h, c = reference_run(runner.model, snaps[slot], np.array([res.token]))
         _assert_state(pool, slot, h, c, ATOL)  # the token was fed
@@ -308,6 +308,55 @@ def test_greedy_generation_from_a_fresh_slot_is_the_reference_greedy_decode(
         expected.append(int(np.argmax(logits)))
         logits = reference_run(runner.model, zero, np.array(expected))[0][-1]
     assert got == expected
+
+
+@pytest.mark.parametrize(("cell", "reset_after"), CELLS, ids=CELL_IDS)
+def test_a_generation_samples_from_the_head_output_its_last_step_kept(
+    cell: str, reset_after: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that carry their last step's head output (`Row.head`) draw the same tokens as rows
+    whose output is computed again from the state, and the head runs only for rows without
+    one: the first step, a row that joins, a row whose kept output is another step's."""
+    config = token_config(cell, reset_after)
+    hot = SamplingParams(temperature=1.3)
+    pools = [_setup(config, slots=4, state_seed=7) for _ in range(2)]
+    rngs = [[SessionRng.seeded(10 + s) for s in range(4)] for _ in range(2)]
+    computed: list[int] = []  # rows the head ran over, in the carrying pool
+    carrying_pool = pools[0][0]
+    outputs = carrying_pool.outputs
+    monkeypatch.setattr(
+        carrying_pool, "outputs", lambda h: computed.append(h.shape[0]) or outputs(h)
+    )
+    # Slots per step: three generations; a fourth joins; then the order changes.
+    plan = [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3], [3, 2, 1, 0], [1, 3]]
+    kept: dict[int, tuple[torch.Tensor, int] | None] = dict.fromkeys(range(4))
+    for step, slots in enumerate(plan):
+        tokens = []
+        for carry, (pool, runner, _) in enumerate(pools):
+            rows = [
+                Row(
+                    slot=s,
+                    inputs=None,
+                    sampling=hot,
+                    rng=rngs[carry][s],
+                    head=kept[s] if carry == 0 else None,
+                )
+                for s in slots
+            ]
+            results = runner.execute(StepBatch(rows)).results
+            tokens.append([r.token for r in results])
+            if carry == 0:
+                for s, res in zip(slots, results, strict=True):
+                    assert res.head is not None
+                    kept_out, row = res.head
+                    # What it keeps is the head over the state the step left.
+                    again = outputs(pool.h[-1, s : s + 1])[0]
+                    torch.testing.assert_close(kept_out[row], again, rtol=0, atol=BATCH_ATOL)
+                    kept[s] = res.head
+        assert tokens[0] == tokens[1], f"step {step}"
+    # The first step computes all three; the fourth slot's first row is computed alone; the
+    # reordered and the shorter steps take every output from the step before.
+    assert computed == [3, 1]
 
 
 # ---- the regression path ----------------------------------------------------------------------
