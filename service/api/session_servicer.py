@@ -99,11 +99,11 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
             async for token in stream:
-                yield pb.GenerateResponse(
-                    session_id=request.session_id,
-                    position=token.position,
-                    token=convert.token_to_pb(token),
+                response = pb.GenerateResponse(
+                    session_id=request.session_id, position=token.position
                 )
+                convert.fill_token(response.token, token)
+                yield response
 
     @checks_its_requests  # StreamMux checks each message as it reads it
     async def Stream(self, request_iterator, context) -> AsyncIterator[pb.StreamResponse]:  # type: ignore[no-untyped-def]
@@ -160,12 +160,13 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         )
         async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
             async for token in stream:
-                yield pb.StreamReply(
+                reply = pb.StreamReply(
                     session_id=item.session_id,
                     request_id=item.request_id,
                     position=token.position,
-                    token=convert.token_to_pb(token),
                 )
+                convert.fill_token(reply.token, token)
+                yield reply
 
     async def _generate(self, session_id, prompt_pb, sampling_pb, line, expected, request_id):  # type: ignore[no-untyped-def]
         """The engine's token stream; sampling fields the request leaves unset fall back to

@@ -1,5 +1,6 @@
-"""Protobuf → core conversions on the request path: one streamed token and the prediction
-options are shared objects (both are immutable), with the same values a fresh one would have."""
+"""Protobuf conversions on the hot path: one streamed token and the prediction
+options are shared objects (both are immutable), with the same values a fresh one would have;
+a generated token is written into its reply in place."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pytest
 from service.api import convert
 from service.engine import feed as feed_module
 from service.engine.feed import PredictionOptions
+from service.engine.generation import FINISH_MAX_TOKENS, GeneratedToken
 from service.engine.model_input import ModelInput, to_tensor
 from service.errors import InvalidArgument
 from service.models import ByteTokenizer, ModelConfig
+from service.pb.seqserve.v1 import session_service_pb2 as spb
 from service.pb.seqserve.v1 import types_pb2 as pb
 
 
@@ -52,3 +55,14 @@ def test_prediction_options_are_shared_per_value_and_bounded() -> None:
     for k in range(feed_module._SHARED_OPTIONS_MAX + 10):  # past the bound: built each time
         assert PredictionOptions.of(1000 + k, False).top_k == 1000 + k
     assert len(feed_module._SHARED_OPTIONS) <= feed_module._SHARED_OPTIONS_MAX
+
+
+def test_a_generated_token_is_written_into_its_reply_in_place() -> None:
+    reply = spb.GenerateResponse(session_id="s", position=3)
+    convert.fill_token(reply.token, GeneratedToken(0, "", 3, None))  # every field at its zero
+    assert reply.HasField("token")  # still set: a client reads the token field, not its absence
+    assert reply == spb.GenerateResponse(session_id="s", position=3, token=pb.GeneratedToken())
+    last = spb.StreamReply(session_id="s", position=4)
+    convert.fill_token(last.token, GeneratedToken(66, "B", 4, FINISH_MAX_TOKENS))
+    assert (last.token.id, last.token.text) == (66, "B")
+    assert last.token.finish_reason == pb.FINISH_REASON_MAX_TOKENS
