@@ -46,7 +46,10 @@ def test_a_shared_token_out_of_the_vocabulary_is_still_refused() -> None:
     assert convert.input_from_pb(_tokens(-1)).tokens == (-1,)  # negative: never shared
 
 
-def test_prediction_options_are_shared_per_value_and_bounded() -> None:
+def test_prediction_options_are_shared_per_value_and_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feed_module, "_SHARED_OPTIONS", {})  # filled here, restored after
     msg = pb.PredictionOptions(top_k=7, per_position=True)
     first = convert.options_from_pb(msg)
     assert first is convert.options_from_pb(msg)
