@@ -40,19 +40,24 @@ class FakeRunner:
         self.threads: list[threading.Thread] = []
         self.fail: Exception | None = None
         self.undone: list[StepOutput] = []
+        self.heads: list[list[tuple[torch.Tensor, int] | None]] = []  # generate rows' Row.head
+        self.outputs: list[torch.Tensor] = []  # each step's stand-in for its head output
 
     def execute(self, batch: StepBatch) -> StepOutput:
         self.batches.append([r.slot for r in batch.rows])
+        self.heads.append([r.head for r in batch.rows if r.inputs is None])
+        out = torch.zeros(len(batch.rows), 1)
+        self.outputs.append(out)
         self.threads.append(threading.current_thread())
         if self.fail is not None:
             exc, self.fail = self.fail, None
             raise exc
         results = []
-        for r in batch.rows:
+        for j, r in enumerate(batch.rows):
             if r.inputs is None:
                 if r.rng is not None and r.sampling is not None and r.sampling.temperature:
                     r.rng.uniform()  # the draw the real sampler takes
-                results.append(RowResult(consumed=1, token=r.slot + 100))
+                results.append(RowResult(consumed=1, token=r.slot + 100, head=(out, j)))
             else:
                 consumed = int(r.inputs.shape[0])
                 results.append(RowResult(consumed=consumed, prediction=Prediction(values=[r.slot])))
@@ -306,6 +311,25 @@ async def test_generations_stay_in_the_batch_until_they_finish(scheduler: Any) -
     steps = len(runner.batches)
     await asyncio.wait_for(s.submit([(Owner(), feed(1))]).future, 5)
     assert runner.batches[steps:] == [[1]]  # retired: no longer in the batch
+
+
+async def test_a_generation_s_next_row_carries_the_head_output_its_last_step_kept(
+    scheduler: Any,
+) -> None:
+    """The runner samples a generate row from `Row.head` when it has one instead of running the
+    head again: each settled step must hand each generation its row's output."""
+    runner = FakeRunner()
+    s = scheduler(runner)
+    gen = Generation(FakeLease(slot=7), SamplingParams(max_tokens=3), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    for _ in range(3):
+        await asyncio.wait_for(gen.tokens.get(), 5)
+    await asyncio.wait_for(gen.retired, 5)
+    assert len(runner.heads) == 3
+    assert runner.heads[0] == [None]  # the first row: nothing kept yet, the runner computes it
+    for step in (1, 2):  # then the row at index 0 of the step before
+        ((kept, row),) = runner.heads[step]  # type: ignore[misc]
+        assert kept is runner.outputs[step - 1] and row == 0
 
 
 async def test_a_cancelled_generation_is_retired_before_the_next_step(scheduler: Any) -> None:

@@ -359,6 +359,44 @@ def test_a_generation_samples_from_the_head_output_its_last_step_kept(
     assert computed == [3, 1]
 
 
+@pytest.mark.parametrize(("cell", "reset_after"), CELLS, ids=CELL_IDS)
+def test_rows_carrying_outputs_of_different_steps_take_one_and_compute_the_others(
+    cell: str, reset_after: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a step's generate rows carry outputs kept by different steps, the runner takes the
+    rows of one of them and runs the head for the rest; the tokens are those of rows computed
+    from the state."""
+    config = token_config(cell, reset_after)
+    hot = SamplingParams(temperature=1.3)
+    pools = [_setup(config, slots=3, state_seed=5) for _ in range(2)]
+    rngs = [[SessionRng.seeded(20 + s) for s in range(3)] for _ in range(2)]
+    computed: list[int] = []  # rows the head ran over, in the carrying pool
+    outputs = pools[0][0].outputs
+    monkeypatch.setattr(pools[0][0], "outputs", lambda h: computed.append(h.shape[0]) or outputs(h))
+    kept: dict[int, tuple[torch.Tensor, int] | None] = dict.fromkeys(range(3))
+    # Slots 0 and 1 step together, then slot 2 alone, then all three: two kept outputs.
+    for step, slots in enumerate([[0, 1], [2], [0, 2, 1]]):
+        tokens = []
+        for carry, (_, runner, _) in enumerate(pools):
+            rows = [
+                Row(
+                    slot=s,
+                    inputs=None,
+                    sampling=hot,
+                    rng=rngs[carry][s],
+                    head=kept[s] if carry == 0 else None,
+                )
+                for s in slots
+            ]
+            results = runner.execute(StepBatch(rows)).results
+            tokens.append([r.token for r in results])
+            if carry == 0:
+                kept.update((s, r.head) for s, r in zip(slots, results, strict=True))
+        assert tokens[0] == tokens[1], f"step {step}"
+    # The last step takes slots 0 and 1 from the first step's output and computes slot 2's.
+    assert computed == [2, 1, 1]
+
+
 # ---- the regression path ----------------------------------------------------------------------
 
 
