@@ -127,6 +127,14 @@ class SessionRng:
         generator = self._generator if self._generator is not None else self._build()
         return dict(generator.bit_generator.state)
 
+    def record_state(self) -> dict:
+        """The state a record keeps: `{"seed", "draws"}` while the generator is not built
+        (building one to read its state cost ~40 µs a checkpoint), numpy's PCG64 state once
+        it is. `from_state` reads both."""
+        if self._generator is None:
+            return {"seed": self._seed, "draws": self._draws}
+        return self.get_state()
+
     def copy(self) -> SessionRng:
         """An independent stream at the same point (a fork's)."""
         if self._generator is None:
@@ -137,6 +145,11 @@ class SessionRng:
 
     @classmethod
     def from_state(cls, state: dict) -> SessionRng:
+        """The stream `get_state` or `record_state` described; a seed and a count stay so."""
+        if "seed" in state:
+            rng = cls.seeded(int(state["seed"]))
+            rng._draws = int(state["draws"])
+            return rng
         bit_gen = np.random.PCG64()
         bit_gen.state = state  # type: ignore[assignment]
         return cls(np.random.Generator(bit_gen))

@@ -144,6 +144,26 @@ class StatePool:
                 last=last.float().cpu().numpy().copy(),
             )
 
+    def snapshots(self, slots: list[int]) -> list[SlotSnapshot]:
+        """`snapshot` of each slot, read together: one gather and one head call for all
+        (eight checkpoints' snapshots 8 x 62 → ~14 µs each here)."""
+        if len(slots) == 1:
+            return [self.snapshot(slots[0])]
+        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        with self.lock:
+            state = self.gather(index)  # [L, B, H] copies
+            last = self.outputs(state.h[-1]).float().cpu().numpy()  # [B, out]
+        h = state.h.cpu().numpy()
+        c = state.c.cpu().numpy() if state.c is not None else None
+        return [
+            SlotSnapshot(
+                h=h[:, j].copy(),
+                c=c[:, j].copy() if c is not None else None,
+                last=last[j].copy(),
+            )
+            for j in range(len(slots))
+        ]
+
     def fresh_snapshot(self) -> SlotSnapshot:
         """A new session's state: zeros, and the head's output for them."""
         h = np.zeros((self.config.num_layers, self.config.hidden_size), dtype=np.float32)

@@ -59,7 +59,9 @@ class SpillHeader(BaseModel):
     created_at: float  # wall clock
     ttl_seconds: float = Field(gt=0)
     last_used_wall: float  # wall clock of its last use: the TTL runs on across a restart
-    rng_state: dict[str, Any]  # numpy PCG64 bit-generator state
+    # numpy's PCG64 bit-generator state, or {"seed", "draws"} for a stream not drawn from
+    # since it was seeded (`SessionRng.record_state`; read by `SessionRng.from_state`)
+    rng_state: dict[str, Any]
     default_sampling: SamplingParams  # as its dataclass fields, in JSON
     # The last request applied under a request id, and its reply (exactly-once retries);
     # absent in records of servers before it.

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import numpy as np
 import pytest
 
 from service.engine import idle_checkpoints
@@ -14,6 +15,7 @@ from service.engine.background import Slices
 from service.engine.idle_checkpoints import CHECKPOINT_BATCH
 from service.engine.session_engine import SessionEngine
 from service.errors import SpillTierFull
+from service.runtime.sampler import SessionRng
 
 from .conftest import EngineFactory, FakeClock, toks
 
@@ -85,6 +87,31 @@ async def test_idle_checkpoints_let_requests_run_between_sessions(
     assert written == N
     assert ticks >= -(-N // CHECKPOINT_BATCH)  # other work ran before each batch of writes
     assert all(engine.sessions.record_is_current(engine.get_session(i)) for i in ids)
+
+
+async def test_idle_checkpoints_keep_each_session_s_state_and_random_stream(
+    make_engine: EngineFactory,
+) -> None:
+    """The sweep reads a batch's states together (`StatePool.snapshots`) and writes a stream not
+    drawn from since its seed as a seed and a count: each record still holds its own session's
+    state and stream, and a stream read back from it is built only if it had been."""
+    engine, _, ids = await _idle_sessions(make_engine)
+    assert N > CHECKPOINT_BATCH  # batches of eight and of the rest
+    drew = engine.get_session(ids[3])
+    drew.rng.uniform()  # a generation drew from this one: its generator is built
+    pool = engine.versions.find("tok", 1).pool  # type: ignore[union-attr]
+    live = {i: pool.snapshot(engine.get_session(i).slot) for i in ids}  # type: ignore[arg-type]
+    twins = {i: engine.get_session(i).rng.copy() for i in ids}
+    assert await engine.idle_checkpoints.sweep(5.0, Slices(seconds=0.0)) == N
+    for i in ids:
+        record = engine.residency.tier.read(i)  # checked and validated as on a restore
+        assert record.header.session_id == i
+        np.testing.assert_array_equal(record.state.h, live[i].h)
+        np.testing.assert_array_equal(record.state.c, live[i].c)  # type: ignore[arg-type]
+        np.testing.assert_allclose(record.state.last, live[i].last, rtol=0, atol=1e-6)
+        read_back = SessionRng.from_state(record.header.rng_state)
+        assert read_back.built == (i == ids[3])
+        assert [read_back.uniform() for _ in range(3)] == [twins[i].uniform() for _ in range(3)]
 
 
 async def test_a_session_used_or_closed_mid_sweep_is_not_checkpointed_as_it_was(

@@ -392,6 +392,26 @@ def test_a_copy_continues_the_same_stream_independently(built: bool) -> None:
     assert [rng.uniform() for _ in range(3)] == drawn  # the copy's draws did not move it
 
 
+@pytest.mark.parametrize("draws", [0, 5, -2], ids=["fresh", "skipped", "rewound"])
+def test_a_record_keeps_an_unbuilt_stream_as_its_seed_and_count(draws: int) -> None:
+    """`record_state` of a stream never built is its seed and count (no generator built to read
+    it); read back through JSON it is the same stream, still unbuilt. A built stream's record
+    state is numpy's, and `from_state` reads both forms."""
+    rng = SessionRng.seeded(31)
+    if draws >= 0:
+        rng.skip(draws)
+    else:
+        rng.rewind(-draws)
+    state = json.loads(json.dumps(rng.record_state()))
+    assert state == {"seed": 31, "draws": draws} and not rng.built
+    back = SessionRng.from_state(state)
+    assert not back.built
+    assert [back.uniform() for _ in range(3)] == [rng.uniform() for _ in range(3)]
+    assert rng.built and rng.record_state() == rng.get_state()  # numpy's form once built
+    again = SessionRng.from_state(json.loads(json.dumps(rng.record_state())))
+    assert again.built and again.uniform() == rng.uniform()
+
+
 def test_an_unbuilt_rng_is_small() -> None:
     """The point of holding a seed: no numpy objects per session that never generates."""
     rng = SessionRng.seeded(2**62 + 1)

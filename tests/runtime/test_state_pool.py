@@ -270,6 +270,25 @@ def test_snapshot_restore_round_trip_is_bit_exact(cell: str, reset_after: bool) 
         assert not pool.snapshot(s).h.any()
 
 
+@pytest.mark.parametrize(("cell", "reset_after"), CELLS, ids=CELL_IDS)
+def test_snapshots_of_many_slots_are_each_slot_s_snapshot(cell: str, reset_after: bool) -> None:
+    config = token_config(cell, reset_after)
+    rng = np.random.default_rng(4)
+    pool = _pool(config, ByteBudget(1 << 20), slots=5)
+    for _ in range(5):
+        pool.restore(pool.allocate(), random_snapshot(config, rng))
+    slots = [3, 0, 4]  # any order
+    many = pool.snapshots(slots)
+    for slot, snap in zip(slots, many, strict=True):
+        one = pool.snapshot(slot)
+        _assert_same_bits(snap, one)
+        np.testing.assert_array_equal(snap.last, one.last)
+    many[0].h[:] = 5.0  # each its own copy: neither the others nor the pool change
+    _assert_same_bits(many[1], pool.snapshot(0))
+    _assert_same_bits(pool.snapshot(3), pool.snapshots([3, 0])[0])
+    assert not (pool.snapshot(3).h == 5.0).all()
+
+
 def test_a_snapshot_is_a_copy() -> None:
     pool = _pool(LSTM, ByteBudget(1 << 20), slots=1)
     slot = pool.allocate()
