@@ -232,6 +232,34 @@ def test_a_reallocated_slot_is_zeroed_and_predicts_the_initial_output(config: Mo
     assert (_value(pool, 0), _value(pool, 2)) == (1.0, 3.0)  # neighbours untouched
 
 
+def test_only_a_slot_that_held_state_is_zeroed_when_handed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slots the pool grew to are zeros until first handed out: those are not zeroed again. A
+    slot that held state is, and so is every slot a compaction kept (its moves write slots)."""
+    pool = _pool(LSTM, ByteBudget(1 << 20), slots=4)
+    zeroed: list[int] = []
+    reset = pool.reset
+    monkeypatch.setattr(pool, "reset", lambda slot: zeroed.append(slot) or reset(slot))
+    for s in range(6):  # the last two grew the pool
+        assert pool.allocate() == s
+        _fill(pool, s, float(s + 1))
+    assert zeroed == []
+    pool.free(2)
+    pool.free(5)
+    assert (pool.allocate(), pool.allocate()) == (5, 2)  # the freed ones first, each zeroed
+    assert zeroed == [5, 2] and _value(pool, 5) == _value(pool, 2) == 0.0
+    assert pool.allocate() == 6 and zeroed == [5, 2]  # then untouched slots again
+    _fill(pool, 5, 9.0)
+    for s in (0, 1, 6):
+        pool.free(s)
+    assert pool.compact(movable=[5]) == {5: 0}  # in use: 2, 3 and 4 pinned, 5 moved
+    assert pool.capacity == 5 and _value(pool, 0) == 9.0
+    assert pool.allocate() == 1 and zeroed[2:] == [1] and _value(pool, 1) == 0.0
+    assert pool.allocate() == 5 and zeroed[2:] == [1]  # grown again: zeros, not zeroed
+    assert _value(pool, 5) == 0.0
+
+
 def test_reset_zeroes_one_slot_in_place() -> None:
     pool = _pool(LSTM, ByteBudget(1 << 20), slots=2)
     a, b = pool.allocate(), pool.allocate()
