@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from service.engine.background import Slices
 from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError, SessionMoved
-from service.runtime.state_pool import SlotSnapshot
 from service.sessions.session import Session
 from service.sessions.spill_record import SpillRecord
 
@@ -83,21 +82,12 @@ class IdleCheckpoints:
         )
 
     def write_batch(self, batch: list[Session]) -> tuple[int, bool]:
-        """Checkpoint each session of `batch`, stage by stage: every state, then every
-        header, then every write; the states of a version's sessions are read together
-        (`StatePool.snapshots`). → (written, whether the tier refused a write; the rest of the
-        batch is then not written)."""
+        """Checkpoint each session of `batch`, stage by stage: every state (read together:
+        `SessionResidency.states`), then every header, then every write. → (written, whether
+        the tier refused a write; the rest of the batch is then not written)."""
         residency = self._residency
-        states: dict[int, SlotSnapshot] = {}  # batch index → its state
-        by_version: dict[tuple[str, int], list[int]] = {}  # → the batch's sessions on it
-        for k, session in enumerate(batch):
-            by_version.setdefault((session.model, session.version), []).append(k)
-        for (model, version), at in by_version.items():
-            served = residency.versions.find(model, version)
-            assert served is not None
-            slots = [batch[k].slot for k in at]
-            states.update(zip(at, served.pool.snapshots(slots), strict=True))  # type: ignore[arg-type]
-        records = [SpillRecord(residency.header(s), states[k]) for k, s in enumerate(batch)]
+        states = residency.states(batch)
+        records = [SpillRecord(residency.header(s), states[s.session_id]) for s in batch]
         written = 0
         for session, record in zip(batch, records, strict=True):
             try:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from service.engine.applied_request import from_record
 from service.engine.checkpoint_header import header_of, session_from
@@ -41,6 +41,10 @@ from service.sessions.state_tier import Checkpoints
 log = logging.getLogger(__name__)
 
 SessionEvent = Callable[[str, Session], None]  # ("evicted" | "restored", session)
+
+
+# Sessions whose states a shutdown reads together before writing them one by one.
+SPILL_BATCH = 64
 
 
 class SessionResidency:
@@ -173,17 +177,41 @@ class SessionResidency:
 
     # ---- spill and restore ---------------------------------------------------------------
 
-    def spill(self, session: Session, *, durable: bool = False) -> None:
+    def spill(
+        self, session: Session, *, durable: bool = False, state: SlotSnapshot | None = None
+    ) -> None:
         """Write an idle in-memory session to the tier and free its slot. With a journal, a
         session whose checkpoint is current (written since its last use: an idle checkpoint,
-        usually) is not written again: the tier keeps every checkpoint's record."""
+        usually) is not written again: the tier keeps every checkpoint's record. `state`: its
+        slot's, when already read (`states`)."""
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory spills"
-        if not (self.durability.enabled and self.sessions.record_is_current(session)):
-            record = SpillRecord(self.header(session), served.pool.snapshot(session.slot))
-            self.save(session, record, durable=durable)
+        if self.needs_record(session):
+            if state is None:
+                state = served.pool.snapshot(session.slot)
+            self.save(session, SpillRecord(self.header(session), state), durable=durable)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
+
+    def needs_record(self, session: Session) -> bool:
+        """Whether spilling the session writes it: not with a journal and a current record."""
+        return not (self.durability.enabled and self.sessions.record_is_current(session))
+
+    def states(self, sessions: Sequence[Session]) -> dict[str, SlotSnapshot]:
+        """The states of sessions in memory, by session id: each version's read together
+        (`StatePool.snapshots`: one gather and one head call)."""
+        by_version: dict[tuple[str, int], list[Session]] = {}
+        for session in sessions:
+            by_version.setdefault((session.model, session.version), []).append(session)
+        states: dict[str, SlotSnapshot] = {}
+        for (model, version), group in by_version.items():
+            served = self.versions.find(model, version)
+            assert served is not None
+            slots = [s.slot for s in group]
+            assert all(slot is not None for slot in slots), "only sessions in memory"
+            snaps = served.pool.snapshots(slots)  # type: ignore[arg-type]
+            states.update(zip((s.session_id for s in group), snaps, strict=True))
+        return states
 
     def checkpoint(self, session: Session, *, first: bool = False) -> None:
         """Write an idle in-memory session's state to the tier and keep it in memory: its
@@ -288,12 +316,16 @@ class SessionResidency:
         returns before the engine goes on to close the versions whose slots it reads."""
         self._frozen = True
         written = lost = 0
-        resident = self.sessions.resident()
+        resident = list(self.sessions.resident())
+        states: dict[str, SlotSnapshot] = {}
         for done, session in enumerate(resident):
             if stop is not None and stop.is_set():
                 return written, lost + len(resident) - done
+            if done % SPILL_BATCH == 0:  # the next batch's states, read together
+                batch = resident[done : done + SPILL_BATCH]
+                states = self.states([s for s in batch if self.needs_record(s)])
             try:
-                self.spill(session)
+                self.spill(session, state=states.get(session.session_id))
                 written += 1
             except SessionMoved:
                 pass  # another replica holds it: nothing of it is this replica's to write

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from service.engine import session_residency
 from service.errors import SessionExpired, SpillTierInUse
 from service.runtime.sampler import SamplingParams
 
 from .conftest import EngineFactory, FakeClock, RecordingObserver, frames, same, toks
 
 
-async def test_sessions_survive_a_restart(make_engine: EngineFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spill_batch", [2, session_residency.SPILL_BATCH])
+async def test_sessions_survive_a_restart(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill_batch: int
+) -> None:
+    """(`spill_batch`: the sessions whose states the stop reads together; at 2 the sessions of
+    the two models in memory come in more than one batch.)"""
+    monkeypatch.setattr(session_residency, "SPILL_BATCH", spill_batch)
     spill = tmp_path / "shared-spill"
     first = await make_engine(slots=3, spill_dir=spill)
     roomy = await make_engine()
