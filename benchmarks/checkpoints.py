@@ -4,8 +4,10 @@ An engine on the bundled store (default durability, a temporary state directory)
 `bytes-lstm` sessions, each fed one token. Passes of `--per-pass` sessions are checkpointed
 alternately one after another (`SessionResidency.checkpoint`, as the sweep did before) and
 the way the sweep does now (`IdleCheckpoints.write_batch`, eight at a time, stage by stage),
-each session once, into new files; reported: microseconds per checkpoint, every pass and the
-medians. Run it pinned (`taskset -c 1`) on a quiet machine.
+each session once, into new files; then every session is fed once more and written the way
+a shutdown writes them (`SessionResidency.spill_all`). Reported: microseconds per checkpoint,
+every pass and the medians. Run it pinned (`taskset -c 1`) on a quiet machine; the files go
+under `$TMPDIR` (`TMPDIR=/dev/shm` takes the disk's price for a new file out).
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                 per_pass[key].append(1e6 * (time.perf_counter() - started) / len(part))
                 if not all(engine.sessions.record_is_current(s) for s in part):
                     raise RuntimeError(f"{key}: a session's checkpoint was not written")
+            # A shutdown's writes: every session used since its checkpoint, written at once.
+            for session in sessions:
+                await engine.feed(session.session_id, ModelInput(tokens=[66]))
+            started = time.perf_counter()
+            written, lost = residency.spill_all()
+            if (written, lost) != (len(sessions), 0):
+                raise RuntimeError(f"shutdown: {written} written, {lost} lost")
+            per_pass["shutdown (spill_all)"] = [1e6 * (time.perf_counter() - started) / written]
             return per_pass
         finally:
             await engine.stop()
