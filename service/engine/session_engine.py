@@ -162,6 +162,7 @@ class SessionEngine:
     async def _write_all(self) -> tuple[int, int]:
         """Spill every session in memory, within `write_timeout` whatever the disk does."""
         stop = threading.Event()
+        self.residency.freeze()  # before the thread starts: no close or restore races it
         work = asyncio.ensure_future(asyncio.to_thread(self.residency.spill_all, stop))
         try:
             return await asyncio.wait_for(asyncio.shield(work), self._background.write_timeout)

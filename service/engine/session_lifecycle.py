@@ -22,7 +22,7 @@ from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_lease import SessionLeases
 from service.engine.session_residency import SessionResidency
-from service.errors import InvalidArgument, SeqServeError
+from service.errors import InvalidArgument, SeqServeError, Unavailable
 from service.runtime.sampler import DEFAULT_SAMPLING, SamplingParams, SessionRng
 from service.security.principal import owner_for_new
 from service.sessions.session import Session, made_key, new_session_id, route_of
@@ -153,6 +153,11 @@ class SessionLifecycle:
 
     async def close(self, session_id: str) -> Session:
         async with self._leases.hold(session_id, bring_in=False) as lease:
+            if self._residency.frozen:  # a shutdown is writing it: closing now would race that
+                raise Unavailable(
+                    "server is shutting down; close the session on another replica, or here "
+                    "once the server is back"
+                )
             self.end(lease.session, "closed", must_record=True)
             return lease.session
 

@@ -64,7 +64,7 @@ class SessionResidency:
         self._on_event = on_event
         self._wait_seconds = wait_seconds
         self._went_idle = asyncio.Event()
-        self._frozen = False  # set by spill_all: nothing comes back into memory after it
+        self._frozen = False  # `freeze`: a shutdown writes what is in memory; nothing changes it
         # Records the tier took (checkpoints, evictions, replays' checkpoints), and the wall
         # time they took: the disk's price, for `seqserve_state_write*` (a slow disk shows).
         self.writes = 0
@@ -314,7 +314,7 @@ class SessionResidency:
         stopped, so every slot holds its last completed step), then fsync. → (written, lost).
         Once `stop` is set (out of time) it writes no more: the rest count as lost, and it
         returns before the engine goes on to close the versions whose slots it reads."""
-        self._frozen = True
+        self.freeze()
         written = lost = 0
         resident = list(self.sessions.resident())
         states: dict[str, SlotSnapshot] = {}
@@ -323,7 +323,9 @@ class SessionResidency:
                 return written, lost + len(resident) - done
             if done % SPILL_BATCH == 0:  # the next batch's states, read together
                 batch = resident[done : done + SPILL_BATCH]
-                states = self.states([s for s in batch if self.needs_record(s)])
+                states = self.states([s for s in batch if _in_memory(s) and self.needs_record(s)])
+            if not _in_memory(session):
+                continue  # let go meanwhile (taken over by another replica): not this one's
             try:
                 self.spill(session, state=states.get(session.session_id))
                 written += 1
@@ -334,8 +336,21 @@ class SessionResidency:
                 log.error("session %s could not be spilled: %s", session.session_id, exc.message)
         return written, lost
 
+    def freeze(self) -> None:
+        """From now on nothing comes into memory and no session ends (`frozen`): a shutdown is
+        writing the sessions in memory, on a thread of its own."""
+        self._frozen = True
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
     def header(self, session: Session) -> SpillHeader:
         """The checkpoint header of a session as it stands now."""
         served = self.versions.find(session.model, session.version)
         assert served is not None
         return header_of(session, served.config, self.sessions.last_used_wall(session))
+
+
+def _in_memory(session: Session) -> bool:
+    return session.slot is not None and not session.closed

@@ -66,7 +66,8 @@ class SessionRng:
     A seeded stream is held as (seed, draws) until something draws from it: the numpy
     generator (~0.9 KB) is built on first use, at the same point of the stream (PCG64 jumps
     ahead in O(log n)). Most sessions never generate, so most never build one. A stream read
-    back from a record (`from_state`) is a generator from the start."""
+    back from a record (`from_state`) is a generator from the start where the record holds
+    numpy's state, and a seed and a count where it holds those (`record_state`)."""
 
     __slots__ = ("_draws", "_generator", "_seed")
 

@@ -1,8 +1,9 @@
 """The spill record: one session's state and metadata as a self-checking byte string.
 
-Layout (version 2; version 1, still read, has no owner block):
+Layout (version 3; version 2, still read, is the same but its header's `rng_state` is always
+numpy's state; version 1, still read, also has no owner block):
 
-    b"SQSPILL2"      8 bytes: magic and format version
+    b"SQSPILL3"      8 bytes: magic and format version
     owner            2 bytes (length, unsigned little-endian), the owner's name (UTF-8), and
                      a CRC-32 of the name (4 bytes): readable on its own when the rest of the
                      record is damaged, so only the owner is told its session is lost
@@ -10,6 +11,9 @@ Layout (version 2; version 1, still read, has no owner block):
     header           JSON (UTF-8), a `SpillHeader`
     arrays           float32 little-endian: h [L, H], then c [L, H] (LSTM only), then last [out]
     sha256           32 bytes, over everything before it
+
+A server that reads only versions 1 and 2 refuses a version-3 record as not a spill record
+(DATA_LOSS) instead of failing on a random-generator state it cannot read.
 
 No pickle anywhere: the header is JSON (numpy's PCG64 state is a dict of plain ints), the arrays
 are raw floats whose shapes the header states. The checksum covers the header too, so a flipped
@@ -34,7 +38,8 @@ from service.runtime.state_pool import SlotSnapshot
 from service.sessions.session import SESSION_ID_PATTERN
 
 MAGIC_V1 = b"SQSPILL1"
-MAGIC = b"SQSPILL2"  # what this server writes
+MAGIC_V2 = b"SQSPILL2"
+MAGIC = b"SQSPILL3"  # what this server writes
 _LENGTH = struct.Struct("<I")
 _OWNER = struct.Struct("<H")
 PREFIX_BYTES = len(MAGIC) + _LENGTH.size  # a version-1 record's bytes before its header
@@ -103,11 +108,11 @@ def encode(record: SpillRecord) -> bytes:
 
 def read_prefix(read) -> tuple[int, str | None]:  # type: ignore[no-untyped-def]
     """From `read(n)` (a file's, or a buffer's): the header's length, and the owner a version-2
-    record names (None: version 1, or an owner block that fails its own check). Raises
+    or -3 record names (None: version 1, or an owner block that fails its own check). Raises
     SpillCorrupted for a record whose start is damaged (carrying the owner when readable)."""
     magic = read(len(MAGIC))
     owner: str | None = None
-    if magic == MAGIC:
+    if magic in (MAGIC, MAGIC_V2):
         (size,) = _OWNER.unpack(_exact(read, _OWNER.size))
         name = _exact(read, size)
         (crc,) = _LENGTH.unpack(_exact(read, _LENGTH.size))

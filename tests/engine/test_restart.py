@@ -3,12 +3,14 @@ each at the same position with the same next prediction and the same random stre
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
 from service.engine import session_residency
-from service.errors import SessionExpired, SpillTierInUse
+from service.errors import SessionExpired, SpillTierInUse, Unavailable
 from service.runtime.sampler import SamplingParams
 
 from .conftest import EngineFactory, FakeClock, RecordingObserver, frames, same, toks
@@ -107,6 +109,46 @@ async def test_after_a_crash_the_downtime_counts(
     with pytest.raises(SessionExpired):
         second.get_session(short.session_id)
     assert second.get_session(long.session_id).position == 0
+
+
+async def test_a_close_while_the_shutdown_writes_is_refused_and_the_session_kept(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shutdown writes the sessions in memory on a thread of its own while the loop still
+    answers; a close arriving then would free a slot or delete a record under that write. It
+    gets UNAVAILABLE, and the session is written and resumes after the restart."""
+    spill = tmp_path / "shared-spill"
+    first = await make_engine(spill_dir=spill)
+    ids = []
+    for i in range(3):
+        session, _ = await first.create_session("tok", seed=i)
+        await first.feed(session.session_id, toks(i + 1))
+        ids.append(session.session_id)
+    writing, go = threading.Event(), threading.Event()
+    spill_all = first.residency.spill_all
+
+    def gated(stop: threading.Event | None = None) -> tuple[int, int]:
+        writing.set()
+        go.wait(10)
+        return spill_all(stop)
+
+    monkeypatch.setattr(first.residency, "spill_all", gated)
+    stopping = asyncio.ensure_future(first.stop())
+    for _ in range(500):
+        if writing.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert writing.is_set()
+    try:
+        with pytest.raises(Unavailable, match="shutting down"):
+            await first.close_session(ids[1])
+    finally:
+        go.set()
+        await stopping
+    assert first.get_session(ids[1]).closed is False
+    second = await make_engine(spill_dir=spill)
+    assert sorted(s.session_id for s in second.sessions) == sorted(ids)
+    assert (await second.feed(ids[1], toks(9))).position == 2
 
 
 async def test_one_server_per_spill_directory(make_engine: EngineFactory, tmp_path: Path) -> None:

@@ -1,13 +1,14 @@
-"""Records written by this version of the server (committed fixtures, format version 1) must
-stay readable by every later one: a server upgraded in place recovers the sessions its
-predecessor journaled and checkpointed. Change a format only by adding a version; never edit
-these files."""
+"""Records written by earlier versions of the server (committed fixtures: journal version 1,
+spill versions 1, 2 and 3) must stay readable by every later one: a server upgraded in place
+recovers the sessions its predecessor journaled and checkpointed. Change a format only by adding
+a version; never edit these files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr
@@ -45,3 +46,24 @@ def test_a_version_1_spill_record_reads_back() -> None:
     np.testing.assert_array_equal(record.state.h, [[0.5, -0.25]])
     np.testing.assert_array_equal(record.state.c, [[1.0, 2.0]])
     np.testing.assert_array_equal(record.state.last, np.array([0.1, 0.2, 0.3], np.float32))
+
+
+@pytest.mark.parametrize(
+    ("name", "built"), [("spill-v2.spill", True), ("spill-v3.spill", False)], ids=["v2", "v3"]
+)
+def test_version_2_and_3_spill_records_read_back_with_their_owner(name: str, built: bool) -> None:
+    """Version 2 added the owner block; version 3 may keep a random stream not drawn from since
+    its seed as `{"seed", "draws"}` (this one: seed 42, one draw), read back as that stream and
+    still unbuilt. Both fixtures hold the version-1 fixture's session, owned by alice."""
+    path = FIXTURES / name
+    data = path.read_bytes()
+    assert data[:8] == (b"SQSPILL2" if built else b"SQSPILL3")
+    record = spill_record.decode(data, str(path))
+    header = record.header
+    assert (header.session_id, header.position, header.owner) == (SID, 3, "alice")
+    rng = SessionRng.seeded(42)
+    rng.uniform()
+    read_back = SessionRng.from_state(header.rng_state)
+    assert read_back.built == built
+    assert [read_back.uniform() for _ in range(3)] == [rng.uniform() for _ in range(3)]
+    np.testing.assert_array_equal(record.state.h, [[0.5, -0.25]])
