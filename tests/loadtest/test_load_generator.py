@@ -130,7 +130,11 @@ async def test_an_open_loop_that_starts_late_sends_what_it_missed_at_once(target
         await channel.close()
     # 200/s over the missed 0.5 s: Poisson, mean 100, sd 10; all due before the driver ran.
     assert 60 < recorder.arrivals < 140
-    assert recorder.late > 0.5 * recorder.arrivals  # sent late, and counted so
+    # Those sent before the stop (the oldest first: at least one per session at once; on a
+    # busy machine the 4 sessions may get through few of them) were sent late, and counted so.
+    sent = recorder.arrivals - len(recorder.dropped)
+    assert sent >= 4
+    assert recorder.late > 0.5 * sent
 
 
 async def test_unknown_model_is_refused_before_any_load(target: str) -> None:
