@@ -17,7 +17,7 @@ from service.models import ModelConfig
 from service.runtime.runner import ModelRunner
 from service.runtime.sampler import SamplingParams, SessionRng, sample
 from service.runtime.state_pool import SlotSnapshot, StatePool
-from service.runtime.step_batch import Prediction, Row, StepBatch, StepOutput
+from service.runtime.step_batch import Prediction, Row, RowResult, StepBatch, StepOutput
 
 from .conftest import (
     ATOL,
@@ -318,45 +318,21 @@ def test_a_generation_samples_from_the_head_output_its_last_step_kept(
     whose output is computed again from the state, and the head runs only for rows without
     one: the first step, a row that joins, a row whose kept output is another step's."""
     config = token_config(cell, reset_after)
-    hot = SamplingParams(temperature=1.3)
-    pools = [_setup(config, slots=4, state_seed=7) for _ in range(2)]
-    rngs = [[SessionRng.seeded(10 + s) for s in range(4)] for _ in range(2)]
-    computed: list[int] = []  # rows the head ran over, in the carrying pool
-    carrying_pool = pools[0][0]
-    outputs = carrying_pool.outputs
-    monkeypatch.setattr(
-        carrying_pool, "outputs", lambda h: computed.append(h.shape[0]) or outputs(h)
-    )
+    twins = _GenerationTwins(config, slots=4, seed=7, monkeypatch=monkeypatch)
+    pool = twins.pools[0][0]
     # Slots per step: three generations; a fourth joins; then the order changes.
-    plan = [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3], [3, 2, 1, 0], [1, 3]]
-    kept: dict[int, tuple[torch.Tensor, int] | None] = dict.fromkeys(range(4))
-    for step, slots in enumerate(plan):
-        tokens = []
-        for carry, (pool, runner, _) in enumerate(pools):
-            rows = [
-                Row(
-                    slot=s,
-                    inputs=None,
-                    sampling=hot,
-                    rng=rngs[carry][s],
-                    head=kept[s] if carry == 0 else None,
-                )
-                for s in slots
-            ]
-            results = runner.execute(StepBatch(rows)).results
-            tokens.append([r.token for r in results])
-            if carry == 0:
-                for s, res in zip(slots, results, strict=True):
-                    assert res.head is not None
-                    kept_out, row = res.head
-                    # What it keeps is the head over the state the step left.
-                    again = outputs(pool.h[-1, s : s + 1])[0]
-                    torch.testing.assert_close(kept_out[row], again, rtol=0, atol=BATCH_ATOL)
-                    kept[s] = res.head
+    for step, slots in enumerate([[0, 1, 2], [0, 1, 2], [0, 1, 2, 3], [3, 2, 1, 0], [1, 3]]):
+        tokens, results = twins.step(slots)
         assert tokens[0] == tokens[1], f"step {step}"
+        for s, res in zip(slots, results, strict=True):
+            assert res.head is not None
+            kept_out, row = res.head
+            # What it keeps is the head over the state the step left.
+            again = twins.outputs(pool.h[-1, s : s + 1])[0]
+            torch.testing.assert_close(kept_out[row], again, rtol=0, atol=BATCH_ATOL)
     # The first step computes all three; the fourth slot's first row is computed alone; the
     # reordered and the shorter steps take every output from the step before.
-    assert computed == [3, 1]
+    assert twins.computed == [3, 1]
 
 
 @pytest.mark.parametrize(("cell", "reset_after"), CELLS, ids=CELL_IDS)
@@ -366,35 +342,54 @@ def test_rows_carrying_outputs_of_different_steps_take_one_and_compute_the_other
     """When a step's generate rows carry outputs kept by different steps, the runner takes the
     rows of one of them and runs the head for the rest; the tokens are those of rows computed
     from the state."""
-    config = token_config(cell, reset_after)
-    hot = SamplingParams(temperature=1.3)
-    pools = [_setup(config, slots=3, state_seed=5) for _ in range(2)]
-    rngs = [[SessionRng.seeded(20 + s) for s in range(3)] for _ in range(2)]
-    computed: list[int] = []  # rows the head ran over, in the carrying pool
-    outputs = pools[0][0].outputs
-    monkeypatch.setattr(pools[0][0], "outputs", lambda h: computed.append(h.shape[0]) or outputs(h))
-    kept: dict[int, tuple[torch.Tensor, int] | None] = dict.fromkeys(range(3))
+    twins = _GenerationTwins(token_config(cell, reset_after), 3, 5, monkeypatch)
     # Slots 0 and 1 step together, then slot 2 alone, then all three: two kept outputs.
     for step, slots in enumerate([[0, 1], [2], [0, 2, 1]]):
-        tokens = []
-        for carry, (_, runner, _) in enumerate(pools):
+        tokens, _ = twins.step(slots)
+        assert tokens[0] == tokens[1], f"step {step}"
+    # The last step takes slots 0 and 1 from the first step's output and computes slot 2's.
+    assert twins.computed == [2, 1, 1]
+
+
+class _GenerationTwins:
+    """Two runners on equal pools and equal seeded streams, stepping the same generate rows:
+    the first's rows carry the head output their last step kept (`Row.head`), the second's are
+    computed from the state. `computed`: the rows the first runner's head ran over, per call."""
+
+    def __init__(
+        self, config: ModelConfig, slots: int, seed: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        self.pools = [_setup(config, slots=slots, state_seed=seed) for _ in range(2)]
+        self.rngs = [[SessionRng.seeded(10 * seed + s) for s in range(slots)] for _ in range(2)]
+        self.kept: dict[int, tuple[torch.Tensor, int] | None] = dict.fromkeys(range(slots))
+        self.computed: list[int] = []
+        carrying = self.pools[0][0]
+        self.outputs = carrying.outputs
+        monkeypatch.setattr(
+            carrying, "outputs", lambda h: self.computed.append(h.shape[0]) or self.outputs(h)
+        )
+
+    def step(self, slots: list[int]) -> tuple[list[list[int | None]], list[RowResult]]:
+        """→ each runner's tokens, and the carrying runner's results."""
+        hot = SamplingParams(temperature=1.3)
+        tokens, carried = [], []
+        for carry, (_, runner, _) in enumerate(self.pools):
             rows = [
                 Row(
                     slot=s,
                     inputs=None,
                     sampling=hot,
-                    rng=rngs[carry][s],
-                    head=kept[s] if carry == 0 else None,
+                    rng=self.rngs[carry][s],
+                    head=self.kept[s] if carry == 0 else None,
                 )
                 for s in slots
             ]
             results = runner.execute(StepBatch(rows)).results
             tokens.append([r.token for r in results])
             if carry == 0:
-                kept.update((s, r.head) for s, r in zip(slots, results, strict=True))
-        assert tokens[0] == tokens[1], f"step {step}"
-    # The last step takes slots 0 and 1 from the first step's output and computes slot 2's.
-    assert computed == [2, 1, 1]
+                carried = results
+                self.kept.update((s, r.head) for s, r in zip(slots, results, strict=True))
+        return tokens, carried
 
 
 # ---- the regression path ----------------------------------------------------------------------
