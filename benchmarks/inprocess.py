@@ -51,9 +51,7 @@ def _time(fn, min_seconds: float, min_calls: int) -> Timing:  # type: ignore[no-
 def batched_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing:
     """One `ModelRunner.execute` of `batch` single-token feed rows (top-5 predictions)."""
     config = model.config
-    with torch.inference_mode():
-        initial = model.head(torch.zeros(1, config.hidden_size))[0]
-    pool = StatePool(config, initial, ByteBudget(1 << 34), initial_slots=batch, head=model.head)
+    pool = StatePool(config, ByteBudget(1 << 34), initial_slots=batch, head=model.head)
     runner = ModelRunner(model, pool)
     slots = [pool.allocate() for _ in range(batch)]
     gen = torch.Generator().manual_seed(batch)

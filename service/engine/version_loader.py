@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import torch
-
 from service.engine.row_group import Commit
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.step_scheduler import StepScheduler
@@ -41,12 +39,8 @@ class VersionLoader:
         engine = self._engine
         verified = await asyncio.to_thread(self._store.load, name, version, engine.device)
         model = verified.model
-        with torch.inference_mode():
-            zero_h = torch.zeros(1, model.config.hidden_size, device=engine.device)
-            initial_output = model.head(zero_h)[0]  # what a fresh session predicts
         pool = StatePool(
             model.config,
-            initial_output,
             self._budget,
             initial_slots=self._initial_slots,
             device=engine.device,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from service.models import RecurrentState
 from service.runtime.runner import ModelRunner
@@ -42,19 +41,17 @@ def replay_rows(
         if rows[0].base.c is not None
         else None,
     )
-    last = torch.from_numpy(np.stack([r.base.last for r in rows]))  # [B, out]
     earlier = [j for j, r in enumerate(rows) if r.earlier is not None]
-    state, last, _ = _run(runner, state, last, earlier, [rows[j].earlier for j in earlier])
+    state, _ = _run(runner, state, earlier, [rows[j].earlier for j in earlier])
     fed = [j for j, r in enumerate(rows) if r.last is not None]
     options = [(rows[j].top_k, rows[j].per_position) for j in fed]
-    state, last, results = _run(runner, state, last, fed, [rows[j].last for j in fed], options)
+    state, results = _run(runner, state, fed, [rows[j].last for j in fed], options)
     by_row: dict[int, RowResult] = dict(zip(fed, results, strict=True))
     return [
         (
             SlotSnapshot(
                 h=state.h[:, j].numpy().copy(),
                 c=None if state.c is None else state.c[:, j].numpy().copy(),
-                last=last[j].numpy().copy(),
             ),
             by_row.get(j),
         )
@@ -65,15 +62,14 @@ def replay_rows(
 def _run(
     runner: ModelRunner,
     state: RecurrentState,
-    last: Tensor,
     rows: list[int],
     inputs: list[np.ndarray | None],
     options: list[tuple[int, bool]] | None = None,
-) -> tuple[RecurrentState, Tensor, list[RowResult]]:
+) -> tuple[RecurrentState, list[RowResult]]:
     """Feed `inputs` to `rows` of the batch in one whole-chunk call; with `options` (top_k,
     per_position per row) also the predictions a reply carries."""
     if not rows:
-        return state, last, []
+        return state, []
     index = torch.tensor(rows, dtype=torch.int64)
     seqs = [torch.from_numpy(x) for x in inputs if x is not None]
     lengths = torch.tensor([x.shape[0] for x in seqs], dtype=torch.int64)
@@ -90,7 +86,6 @@ def _run(
     if state.c is not None:
         assert new.c is not None, "an LSTM's chunk returns its cell state"
         c = state.c.index_copy(1, index, new.c)
-    last = last.index_copy(0, index, tail)
     results: list[RowResult] = []
     if options is not None:
         predictions = runner.predictions(tail, [k for k, _ in options], range(len(rows)))
@@ -102,4 +97,4 @@ def _run(
             if per_position:
                 result.per_position = runner.predictions(out[j, :n], [top_k] * n, range(n))
             results.append(result)
-    return RecurrentState(h, c), last, results
+    return RecurrentState(h, c), results

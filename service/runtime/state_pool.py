@@ -45,31 +45,28 @@ class ByteBudget:
 
 @dataclass(frozen=True)
 class SlotSnapshot:
-    """One session's state copied out of the pool (for spill, fork and shutdown)."""
+    """One session's state copied out of the pool (for spill, fork and shutdown). What it
+    predicts next follows from it (`StatePool.outputs` over h[-1]): nothing else is kept."""
 
     h: np.ndarray  # [L, H] float32
     c: np.ndarray | None  # [L, H] float32 for an LSTM
-    last: np.ndarray  # [out] float32: head(h[-1]) (restore ignores it: the state decides)
 
 
 class StatePool:
     def __init__(
         self,
         config: ModelConfig,
-        initial_output: Tensor,
         budget: ByteBudget,
         initial_slots: int = 64,
         device: str = "cpu",
         *,
         head: Callable[[Tensor], Tensor],
     ) -> None:
-        """`head`: the model's head, top-layer h [B, H] → outputs [B, out]; `initial_output`
-        is head(zeros), what a fresh session predicts."""
+        """`head`: the model's head, top-layer h [B, H] → outputs [B, out]."""
         self.config = config
         self.device = torch.device(device)
         self._budget = budget
         self._head = head
-        self._initial_output = initial_output.detach().to(self.device).float()  # [out]
         self._min_growth = max(1, initial_slots)
         self.lock = threading.Lock()  # held by the runner around gather/step/scatter
         self.capacity = 0
@@ -141,45 +138,32 @@ class StatePool:
 
     def snapshot(self, slot: int) -> SlotSnapshot:
         with self.lock:
-            h = self.h[:, slot]  # [L, H]
-            last = self.outputs(h[-1:])[0]  # [out]
             return SlotSnapshot(
-                h=h.cpu().numpy().copy(),
+                h=self.h[:, slot].cpu().numpy().copy(),
                 c=self.c[:, slot].cpu().numpy().copy() if self.c is not None else None,
-                last=last.float().cpu().numpy().copy(),
             )
 
     def snapshots(self, slots: list[int]) -> list[SlotSnapshot]:
-        """`snapshot` of each slot, read together: one gather and one head call for all
-        (eight checkpoints' snapshots 8 x 62 → ~14 µs each here)."""
+        """`snapshot` of each slot, read together: one gather for all."""
         if len(slots) == 1:
             return [self.snapshot(slots[0])]
         index = torch.tensor(slots, dtype=torch.int64, device=self.device)
         with self.lock:
             state = self.gather(index)  # [L, B, H] copies
-            last = self.outputs(state.h[-1]).float().cpu().numpy()  # [B, out]
         h = state.h.cpu().numpy()
         c = state.c.cpu().numpy() if state.c is not None else None
         return [
-            SlotSnapshot(
-                h=h[:, j].copy(),
-                c=c[:, j].copy() if c is not None else None,
-                last=last[j].copy(),
-            )
+            SlotSnapshot(h=h[:, j].copy(), c=c[:, j].copy() if c is not None else None)
             for j in range(len(slots))
         ]
 
     def fresh_snapshot(self) -> SlotSnapshot:
-        """A new session's state: zeros, and the head's output for them."""
+        """A new session's state: zeros."""
         h = np.zeros((self.config.num_layers, self.config.hidden_size), dtype=np.float32)
-        return SlotSnapshot(
-            h=h,
-            c=h.copy() if self.c is not None else None,
-            last=self._initial_output.cpu().numpy().copy(),
-        )
+        return SlotSnapshot(h=h, c=h.copy() if self.c is not None else None)
 
     def restore(self, slot: int, snap: SlotSnapshot) -> None:
-        """Put a snapshot's state in `slot` (its `last` is not kept: it follows from h)."""
+        """Put a snapshot's state in `slot`."""
         with self.lock:
             self.h[:, slot].copy_(torch.from_numpy(snap.h))
             if self.c is not None:

@@ -1,7 +1,8 @@
 """The spill record: one session's state and metadata as a self-checking byte string.
 
-Layout (version 3; version 2, still read, is the same but its header's `rng_state` is always
-numpy's state; version 1, still read, also has no owner block):
+Layout (version 3; versions 1 and 2 are still read: version 2 also holds `last`, the head's
+output for h, after the arrays, and its header's `rng_state` is always numpy's state; version 1
+has no owner block either):
 
     b"SQSPILL3"      8 bytes: magic and format version
     owner            2 bytes (length, unsigned little-endian), the owner's name (UTF-8), and
@@ -9,11 +10,11 @@ numpy's state; version 1, still read, also has no owner block):
                      record is damaged, so only the owner is told its session is lost
     header length    4 bytes, unsigned little-endian
     header           JSON (UTF-8), a `SpillHeader`
-    arrays           float32 little-endian: h [L, H], then c [L, H] (LSTM only), then last [out]
+    arrays           float32 little-endian: h [L, H], then c [L, H] (LSTM only)
     sha256           32 bytes, over everything before it
 
 A server that reads only versions 1 and 2 refuses a version-3 record as not a spill record
-(DATA_LOSS) instead of failing on a random-generator state it cannot read.
+(DATA_LOSS) instead of misreading it.
 
 No pickle anywhere: the header is JSON (numpy's PCG64 state is a dict of plain ints), the arrays
 are raw floats whose shapes the header states. The checksum covers the header too, so a flipped
@@ -78,9 +79,11 @@ class SpillHeader(BaseModel):
     has_cell_state: bool
     output_dim: int = Field(ge=1)
 
-    def array_bytes(self) -> int:
+    def array_bytes(self, with_last: bool = False) -> int:
+        """The state's bytes in a record (`with_last`: and the head output versions 1 and 2
+        kept after them)."""
         per = self.num_layers * self.hidden_size
-        return 4 * (per * (2 if self.has_cell_state else 1) + self.output_dim)
+        return 4 * (per * (2 if self.has_cell_state else 1) + (self.output_dim if with_last else 0))
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,9 @@ def encode(record: SpillRecord) -> bytes:
     layers, hidden = header.num_layers, header.hidden_size
     assert state.h.shape == (layers, hidden), f"h is {state.h.shape}, header says {layers}x{hidden}"
     assert (state.c is not None) == header.has_cell_state, "cell state present iff an LSTM"
-    assert state.last.shape == (header.output_dim,), f"last is {state.last.shape}"
     head = header.model_dump_json().encode("utf-8")
     owner = header.owner.encode("utf-8")
-    arrays = [state.h] + ([state.c] if state.c is not None else []) + [state.last]
+    arrays = [state.h] + ([state.c] if state.c is not None else [])
     body = b"".join(
         [MAGIC, _OWNER.pack(len(owner)), owner, _LENGTH.pack(zlib.crc32(owner))]
         + [_LENGTH.pack(len(head)), head]
@@ -160,10 +162,10 @@ def decode(data: bytes, source: str) -> SpillRecord:
     at = stream.tell()
     start = at + length
     header = parse_header(body[at:start], source)
-    if len(body) - start != header.array_bytes():
+    expected = header.array_bytes(with_last=not body.startswith(MAGIC))  # `last`: ignored
+    if len(body) - start != expected:
         raise SpillCorrupted(
-            f"{source}: {len(body) - start} bytes of state, the header implies "
-            f"{header.array_bytes()}"
+            f"{source}: {len(body) - start} bytes of state, the header implies {expected}"
         )
     floats = np.frombuffer(body, dtype=_FLOAT, offset=start)
     per = header.num_layers * header.hidden_size
@@ -172,6 +174,5 @@ def decode(data: bytes, source: str) -> SpillRecord:
     rest = floats[per:]
     c = None
     if header.has_cell_state:
-        c, rest = rest[:per].reshape(shape).astype(np.float32), rest[per:]
-    last = rest.astype(np.float32)
-    return SpillRecord(header, SlotSnapshot(h=h, c=c, last=last))
+        c = rest[:per].reshape(shape).astype(np.float32)
+    return SpillRecord(header, SlotSnapshot(h=h, c=c))

@@ -108,7 +108,6 @@ async def test_idle_checkpoints_keep_each_session_s_state_and_random_stream(
         assert record.header.session_id == i
         np.testing.assert_array_equal(record.state.h, live[i].h)
         np.testing.assert_array_equal(record.state.c, live[i].c)  # type: ignore[arg-type]
-        np.testing.assert_allclose(record.state.last, live[i].last, rtol=0, atol=1e-6)
         read_back = SessionRng.from_state(record.header.rng_state)
         assert read_back.built == (i == ids[3])
         assert [read_back.uniform() for _ in range(3)] == [twins[i].uniform() for _ in range(3)]

@@ -16,7 +16,7 @@ def _head(h_top: torch.Tensor) -> torch.Tensor:
 
 
 def _pool(slots: int, budget: ByteBudget) -> StatePool:
-    return StatePool(TOK, torch.zeros(TOK.output_dim), budget, initial_slots=slots, head=_head)
+    return StatePool(TOK, budget, initial_slots=slots, head=_head)
 
 
 def _mark(pool: StatePool, slot: int, value: float) -> None:
@@ -29,7 +29,8 @@ def _value(pool: StatePool, slot: int) -> float:
     snap = pool.snapshot(slot)
     assert snap.c is not None
     v = float(snap.h[0, 0])
-    assert (snap.h == v).all() and (snap.c == -v).all() and (snap.last == 2 * v).all()
+    assert (snap.h == v).all() and (snap.c == -v).all()
+    assert (pool.outputs(pool.h[-1, slot : slot + 1]) == 2 * v).all()  # what it predicts
     return v
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import torch
 
 from service.models import ModelConfig, SequenceModel
 from service.runtime.runner import ModelRunner
@@ -49,10 +48,9 @@ def token_config(cell: str = "lstm", reset_after: bool = True, layers: int = 2) 
     return make_config(cell, reset_after, layers, "tokens", "classification")
 
 
-def initial_output(model: SequenceModel) -> torch.Tensor:
-    """What a fresh session predicts: the head over a zero h (as the engine builds it)."""
-    with torch.inference_mode():
-        return model.head(torch.zeros(1, model.config.hidden_size))[0].clone()
+def head_output(pool: StatePool, slot: int) -> np.ndarray:
+    """What the session in `slot` predicts next: the head over its top-layer h [out]."""
+    return pool.outputs(pool.h[-1, slot : slot + 1])[0].float().numpy()
 
 
 def make_runner(
@@ -61,7 +59,6 @@ def make_runner(
     model = make_model(config, seed=seed)
     pool = StatePool(
         config,
-        initial_output(model),
         budget or ByteBudget(BIG_BUDGET),
         initial_slots=slots,
         head=model.head,
@@ -70,12 +67,11 @@ def make_runner(
 
 
 def random_snapshot(config: ModelConfig, rng: np.random.Generator) -> SlotSnapshot:
-    """A nonzero state for one slot (h in (-0.9, 0.9), c wide), and random last outputs."""
+    """A nonzero state for one slot (h in (-0.9, 0.9), c wide)."""
     shape = (config.num_layers, config.hidden_size)
     return SlotSnapshot(
         h=rng.uniform(-0.9, 0.9, size=shape).astype(np.float32),
         c=rng.normal(0.0, 1.5, size=shape).astype(np.float32) if config.has_cell_state else None,
-        last=rng.normal(0.0, 2.0, size=config.output_dim).astype(np.float32),
     )
 
 

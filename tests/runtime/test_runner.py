@@ -26,6 +26,7 @@ from .conftest import (
     FRAME,
     REG_OUT,
     VOCAB,
+    head_output,
     make_config,
     make_runner,
     random_snapshot,
@@ -41,7 +42,7 @@ def _setup(
     config: ModelConfig, slots: int = 8, seed: int = 0, state_seed: int = 1
 ) -> tuple[StatePool, ModelRunner, list[SlotSnapshot]]:
     """A runner whose pool has every slot allocated and holding a random state; the snapshots
-    read back (so each `last` is the model's head over the slot's top-layer h)."""
+    read back."""
     _, pool, runner = make_runner(config, seed=seed, slots=slots)
     rng = np.random.default_rng(state_seed)
     snaps = []
@@ -116,12 +117,12 @@ def test_a_batched_step_equals_each_row_alone_and_the_reference(
         logits, h, c = reference_run(runner.model, snaps[s], np.array([t]))
         _assert_prediction(res.prediction, logits[-1], 4)
         _assert_state(pool, s, h, c, ATOL)
-        np.testing.assert_allclose(pool.snapshot(s).last, logits[-1], rtol=0, atol=ATOL)
+        np.testing.assert_allclose(head_output(pool, s), logits[-1], rtol=0, atol=ATOL)
     # Slots outside the batch are not touched at all.
     for s in (1, 3, 4, 6):
         snap = pool.snapshot(s)
         np.testing.assert_array_equal(snap.h, snaps[s].h)
-        np.testing.assert_array_equal(snap.last, snaps[s].last)
+        np.testing.assert_array_equal(snap.c, snaps[s].c)  # type: ignore[arg-type]
 
 
 def test_a_step_reports_the_cpu_time_it_took_on_its_own_thread() -> None:
@@ -193,7 +194,9 @@ def test_a_chunk_equals_its_tokens_fed_one_at_a_time(
             last = step_runner.execute(StepBatch([Row(slot=slot, inputs=_tokens(t), top_k=5)]))
         one_by_one = step_pool.snapshot(slot)
         _assert_state(pool, slot, one_by_one.h, one_by_one.c, ATOL)
-        np.testing.assert_allclose(pool.snapshot(slot).last, one_by_one.last, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(
+            head_output(pool, slot), head_output(step_pool, slot), rtol=0, atol=ATOL
+        )
         _assert_same_prediction(out.results[j].prediction, last.results[0].prediction, ATOL)
         logits, h, c = reference_run(runner.model, snaps[slot], np.array(chunks[slot]))
         _assert_prediction(out.results[j].prediction, logits[-1], 5)
@@ -224,7 +227,7 @@ def test_per_position_predictions_follow_the_reference_at_every_position(
         _assert_prediction(pred, logits[t], 3)
     _assert_same_prediction(a.prediction, a.per_position[-1], 0.0)
     _assert_state(pool, 2, h, c, ATOL)  # the state is after the last input, not the padding
-    np.testing.assert_allclose(pool.snapshot(2).last, logits[-1], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(head_output(pool, 2), logits[-1], rtol=0, atol=ATOL)
 
     assert not b.per_position
     logits_b, _, _ = reference_run(runner.model, snaps[0], np.array(other))
@@ -253,20 +256,21 @@ def test_generate_rows_sample_from_the_last_output_and_consume_the_token(
         Row(slot=3, inputs=_tokens(21), top_k=3),
         Row(slot=0, inputs=None, sampling=hot, rng=SessionRng.seeded(5)),
     ]
+    before = {s: head_output(pool, s) for s in (0, 1)}  # what each slot predicts before
     out = runner.execute(StepBatch(rows))
     g, feed, h_row = out.results
 
-    # Greedy: the argmax of the slot's last output (set by the snapshot, not by the model).
-    assert g.token == int(np.argmax(snaps[1].last))
+    # Greedy: the argmax of the slot's output before the step.
+    assert g.token == int(np.argmax(before[1]))
     # Sampled: what the sampler draws from that output with the same seed.
-    expected = sample(torch.from_numpy(snaps[0].last)[None], [hot], [SessionRng.seeded(5)])
+    expected = sample(torch.from_numpy(before[0])[None], [hot], [SessionRng.seeded(5)])
     assert h_row.token == int(expected[0])
     for res, slot in ((g, 1), (h_row, 0)):
         assert res.consumed == 1 and res.prediction is None and not res.per_position
         assert res.token is not None
         logits, h, c = reference_run(runner.model, snaps[slot], np.array([res.token]))
         _assert_state(pool, slot, h, c, ATOL)  # the token was fed
-        np.testing.assert_allclose(pool.snapshot(slot).last, logits[-1], rtol=0, atol=ATOL)
+        np.testing.assert_allclose(head_output(pool, slot), logits[-1], rtol=0, atol=ATOL)
 
     assert feed.token is None and feed.consumed == 1
     logits, h, c = reference_run(runner.model, snaps[3], np.array([21]))
@@ -287,7 +291,6 @@ def test_greedy_generation_from_a_fresh_slot_is_the_reference_greedy_decode(
     zero = SlotSnapshot(
         h=np.zeros((2, 16), np.float32),
         c=np.zeros((2, 16), np.float32) if config.has_cell_state else None,
-        last=np.zeros(VOCAB, np.float32),
     )
     got: list[int] = []
     for _ in range(6):

@@ -34,12 +34,17 @@ def _head(config: ModelConfig):  # type: ignore[no-untyped-def]
 
 
 def _pool(config: ModelConfig, budget: ByteBudget, slots: int) -> StatePool:
-    return StatePool(config, _initial(config), budget, initial_slots=slots, head=_head(config))
+    return StatePool(config, budget, initial_slots=slots, head=_head(config))
 
 
 def _expected_last(config: ModelConfig, h: np.ndarray) -> np.ndarray:
-    """What a snapshot with top-layer state h[-1] reports as its last output."""
+    """What a slot with top-layer state h[-1] predicts: the stand-in head's output."""
     return (_head(config)(torch.from_numpy(h[-1:]))[0]).numpy()
+
+
+def _out(pool: StatePool, slot: int) -> np.ndarray:
+    """What the slot predicts now: the pool's head over its top-layer h."""
+    return pool.outputs(pool.h[-1, slot : slot + 1])[0].numpy()
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -47,7 +52,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def _assert_same_bits(a: SlotSnapshot, b: SlotSnapshot) -> None:
-    """The same state, bit for bit (`last` is not state: it follows from h)."""
+    """The same state, bit for bit."""
     np.testing.assert_array_equal(_bits(a.h), _bits(b.h))
     assert (a.c is None) == (b.c is None)
     if a.c is not None:
@@ -56,7 +61,7 @@ def _assert_same_bits(a: SlotSnapshot, b: SlotSnapshot) -> None:
 
 
 def _fill(pool: StatePool, slot: int, value: float) -> None:
-    """Every float of the slot set to `value` (c to -value); the `last` given is ignored."""
+    """Every float of the slot set to `value` (c to -value)."""
     pool.restore(
         slot,
         SlotSnapshot(
@@ -64,7 +69,6 @@ def _fill(pool: StatePool, slot: int, value: float) -> None:
             c=None
             if pool.c is None
             else np.full((pool.config.num_layers, pool.config.hidden_size), -value, np.float32),
-            last=np.full(pool.config.output_dim, 1e9, np.float32),
         ),
     )
 
@@ -74,7 +78,7 @@ def _value(pool: StatePool, slot: int) -> float:
     snap = pool.snapshot(slot)
     v = float(snap.h.flat[0])
     assert (snap.h == v).all()
-    np.testing.assert_array_equal(snap.last, _initial(pool.config).numpy() + 2 * v)
+    np.testing.assert_array_equal(_out(pool, slot), _initial(pool.config).numpy() + 2 * v)
     if snap.c is not None:
         assert (snap.c == -v).all()
     return v
@@ -228,7 +232,7 @@ def test_a_reallocated_slot_is_zeroed_and_predicts_the_initial_output(config: Mo
         assert snap.c is not None and not snap.c.any()
     else:
         assert snap.c is None
-    np.testing.assert_array_equal(snap.last, _initial(config).numpy())
+    np.testing.assert_array_equal(_out(pool, 1), _initial(config).numpy())
     assert (_value(pool, 0), _value(pool, 2)) == (1.0, 3.0)  # neighbours untouched
 
 
@@ -269,7 +273,7 @@ def test_reset_zeroes_one_slot_in_place() -> None:
     snap = pool.snapshot(a)
     assert snap.c is not None
     assert not snap.h.any() and not snap.c.any()
-    np.testing.assert_array_equal(snap.last, _initial(LSTM).numpy())
+    np.testing.assert_array_equal(_out(pool, a), _initial(LSTM).numpy())
     assert _value(pool, b) == 6.0
 
 
@@ -286,9 +290,8 @@ def test_snapshot_restore_round_trip_is_bit_exact(cell: str, reset_after: bool) 
     pool.restore(2, original)
     snap = pool.snapshot(2)
     _assert_same_bits(snap, original)
-    np.testing.assert_array_equal(snap.last, _expected_last(config, original.h))
-    assert snap.h.dtype == snap.last.dtype == np.float32
-    assert snap.h.shape == (2, 16) and snap.last.shape == (40,)
+    np.testing.assert_array_equal(_out(pool, 2), _expected_last(config, original.h))
+    assert snap.h.dtype == np.float32 and snap.h.shape == (2, 16)
     # Into another slot of another pool: the same bits again.
     other = _pool(config, ByteBudget(1 << 20), slots=1)
     other.restore(other.allocate(), snap)
@@ -310,7 +313,6 @@ def test_snapshots_of_many_slots_are_each_slot_s_snapshot(cell: str, reset_after
     for slot, snap in zip(slots, many, strict=True):
         one = pool.snapshot(slot)
         _assert_same_bits(snap, one)
-        np.testing.assert_array_equal(snap.last, one.last)
     many[0].h[:] = 5.0  # each its own copy: neither the others nor the pool change
     _assert_same_bits(many[1], pool.snapshot(0))
     _assert_same_bits(pool.snapshot(3), pool.snapshots([3, 0])[0])
@@ -325,7 +327,6 @@ def test_a_snapshot_is_a_copy() -> None:
     _fill(pool, slot, -7.0)
     assert snap.c is not None
     assert (snap.h == 1.5).all() and (snap.c == -1.5).all()
-    np.testing.assert_array_equal(snap.last, _initial(LSTM).numpy() + 3.0)
     snap.h[:] = 9.0  # and writing the snapshot does not reach the pool
     assert _value(pool, slot) == -7.0
 
@@ -335,7 +336,7 @@ def test_an_lstm_slot_cannot_be_restored_without_its_cell_state() -> None:
     slot = pool.allocate()
     snap = random_snapshot(LSTM, np.random.default_rng(0))
     with pytest.raises(AssertionError, match="cell state"):
-        pool.restore(slot, SlotSnapshot(h=snap.h, c=None, last=snap.last))
+        pool.restore(slot, SlotSnapshot(h=snap.h, c=None))
 
 
 def test_gather_and_scatter_go_by_slot_index_in_the_order_given() -> None:

@@ -52,7 +52,6 @@ def test_a_record_larger_than_one_read_comes_back_whole(tmp_path: Path) -> None:
     state = SlotSnapshot(
         h=gen.standard_normal((2, 20_000)).astype(np.float32),
         c=gen.standard_normal((2, 20_000)).astype(np.float32),
-        last=record.state.last,
     )
     big = SpillRecord(header, state)
     tier = SpillTier(tmp_path / "spill", max_bytes=1 << 30)
