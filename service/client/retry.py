@@ -23,7 +23,12 @@ from typing import TypeVar
 
 import grpc
 
-from service.client.errors import DeadlineExceededError, SeqServeError, error_from_rpc
+from service.client.errors import (
+    DeadlineExceededError,
+    SeqServeError,
+    SessionBusyError,
+    error_from_rpc,
+)
 
 T = TypeVar("T")
 
@@ -43,8 +48,10 @@ class RetryPolicy:
     first_backoff_seconds: float = 0.05
     max_backoff_seconds: float = 1.0
 
-    def attempts(self, *, timeout: float | None = None, retry: bool = True) -> Attempts:
-        return Attempts(self, timeout, retry)
+    def attempts(
+        self, *, timeout: float | None = None, retry: bool = True, busy: bool = False
+    ) -> Attempts:
+        return Attempts(self, timeout, retry, busy)
 
     async def run(
         self,
@@ -52,10 +59,13 @@ class RetryPolicy:
         *,
         timeout: float | None = None,
         retry: bool = True,
+        busy: bool = False,
     ) -> T:
         """`attempt(seconds_left)` until it succeeds, or fails in a way not to retry (then its
-        error, as a `SeqServeError`, is raised). `seconds_left`: None without a timeout."""
-        attempts = self.attempts(timeout=timeout, retry=retry)
+        error, as a `SeqServeError`, is raised). `seconds_left`: None without a timeout.
+        `busy`: also try again while the session is busy (SESSION_BUSY: nothing was applied),
+        for a request that should wait for the one running, such as a close."""
+        attempts = self.attempts(timeout=timeout, retry=retry, busy=busy)
         while True:
             try:
                 return await attempt(attempts.seconds_left())
@@ -66,13 +76,16 @@ class RetryPolicy:
 class Attempts:
     """The attempts of one call: how long the next may take, and whether to make one."""
 
-    def __init__(self, policy: RetryPolicy, timeout: float | None, retry: bool) -> None:
+    def __init__(
+        self, policy: RetryPolicy, timeout: float | None, retry: bool, busy: bool = False
+    ) -> None:
         self._policy = policy
         now = time.monotonic()
         self._retry_until = now + policy.deadline_seconds
         self._give_up = None if timeout is None else now + timeout
         self._timeout = timeout
         self._retry = retry
+        self._busy = busy
         self._backoff = policy.first_backoff_seconds
 
     def seconds_left(self) -> float | None:
@@ -96,7 +109,10 @@ class Attempts:
         pause = max(self._backoff * (0.5 + random.random()), error.retry_delay or 0.0)
         now = time.monotonic()
         late = now + pause > (self._give_up if self._give_up is not None else float("inf"))
-        if not self._retry or not retryable(error) or now > self._retry_until or late:
+        again = (self._retry and retryable(error)) or (
+            self._busy and isinstance(error, SessionBusyError)
+        )
+        if not again or now > self._retry_until or late:
             raise error from (None if error is exc else exc)
         await asyncio.sleep(pause)
         self._backoff = min(self._backoff * 2, self._policy.max_backoff_seconds)

@@ -188,7 +188,11 @@ class ClientSession:
         return self.info
 
     async def close(self, *, timeout: float | None = None) -> None:
-        """End the session (not retried: a second close would be refused)."""
+        """End the session. Not retried when the server may have closed it (a second close
+        would be refused), but while it is busy (SESSION_BUSY: a generation this client left,
+        or one running elsewhere, goes on until its next step) it waits, with the retry
+        policy's backoff and deadline, so leaving `async with` after a generation loop was
+        broken off closes the session instead of raising SessionBusyError."""
         request = pb.CloseSessionRequest(session_id=self.session_id)
         await self.client.retry.run(
             lambda left: self.client.sessions.CloseSession(
@@ -196,6 +200,7 @@ class ClientSession:
             ),
             timeout=self.client._timeout(timeout),
             retry=False,
+            busy=True,
         )
         self.closed = True
 

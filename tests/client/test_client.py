@@ -85,6 +85,39 @@ async def test_closed_on_error_inside_the_block(server: SeqServeServer) -> None:
             await session.refresh()
 
 
+async def test_a_close_waits_for_the_generation_running_on_the_session(
+    server: SeqServeServer,  # noqa: F811
+) -> None:
+    """One request at a time per session: a close that arrives while a generation runs is
+    refused SESSION_BUSY by the server. The client's close waits it out (the retry policy's
+    backoff), so leaving `async with` while a generation goes on closes the session instead
+    of raising SessionBusyError (masking the block's own exception)."""
+    async with SeqServeClient(f"127.0.0.1:{server.port}", retry=FAST) as client:
+        session = await client.create_session("tok", seed=3)
+        pieces = session.generate(max_tokens=200, temperature=1.0)
+        first = await anext(pieces)
+        rest = asyncio.ensure_future(_drain(pieces))  # the generation goes on meanwhile
+        await session.close()  # refused while it runs (at least once), then applied
+        assert session.closed and rest.done()
+        assert 1 + len(await rest) == 200 and first.text is not None
+        with pytest.raises(errors.SessionClosedError):
+            await session.refresh()
+        # What the server said meanwhile: the same close, without waiting, is refused.
+        other = await client.create_session("tok", seed=3)
+        running = other.generate(max_tokens=200, temperature=1.0)
+        await anext(running)
+        request = pb.CloseSessionRequest(session_id=other.session_id)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.sessions.CloseSession(request, metadata=other.metadata)
+        assert errors.error_from_rpc(refused.value).reason == "SESSION_BUSY"
+        await _drain(running)
+        await other.close()
+
+
+async def _drain(pieces: AsyncIterator[object]) -> list[object]:
+    return [piece async for piece in pieces]
+
+
 def test_importing_the_client_loads_no_torch_or_numpy() -> None:
     code = (
         "import sys, service.client, service.client.client, service.client.errors\n"
