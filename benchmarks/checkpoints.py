@@ -5,7 +5,7 @@ An engine on the bundled store (default durability, a temporary state directory)
 alternately one after another (`SessionResidency.checkpoint`, as the sweep did before) and
 the way the sweep does now (`IdleCheckpoints.write_batch`, eight at a time, stage by stage),
 each session once, into new files; then every session is fed once more and written the way
-a shutdown writes them (`SessionResidency.spill_all`). Reported: microseconds per checkpoint,
+a shutdown writes them (`shutdown_write.spill_all`). Reported: microseconds per checkpoint,
 every pass and the medians. Run it pinned (`taskset -c 1`) on a quiet machine; the files go
 under `$TMPDIR` (`TMPDIR=/dev/shm` takes the disk's price for a new file out).
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from service.engine.idle_checkpoints import CHECKPOINT_BATCH, IdleCheckpoints
 from service.engine.model_input import ModelInput
+from service.engine.shutdown_write import spill_all
 from service.settings import SessionSettings, Settings
 from service.wiring import build_engine
 
@@ -78,7 +79,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
             started = time.perf_counter()
             # On the loop, in one synchronous call: nothing else runs on the slots meanwhile
             # (a real shutdown stops the schedulers first and writes on a thread).
-            written, lost = residency.spill_all()
+            written, lost = spill_all(residency)
             if (written, lost) != (len(sessions), 0):
                 raise RuntimeError(f"shutdown: {written} written, {lost} lost")
             per_pass["shutdown (spill_all)"] = [1e6 * (time.perf_counter() - started) / written]

@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 
+from service.engine import shutdown_write
 from service.engine.background import Background, Slices, every
 from service.engine.durability import Durability
 from service.engine.engine_stats import EngineStats, VersionStats
@@ -163,7 +164,9 @@ class SessionEngine:
         """Spill every session in memory, within `write_timeout` whatever the disk does."""
         stop = threading.Event()
         self.residency.freeze()  # before the thread starts: no close or restore races it
-        work = asyncio.ensure_future(asyncio.to_thread(self.residency.spill_all, stop))
+        work = asyncio.ensure_future(
+            asyncio.to_thread(shutdown_write.spill_all, self.residency, stop)
+        )
         try:
             return await asyncio.wait_for(asyncio.shield(work), self._background.write_timeout)
         except TimeoutError:

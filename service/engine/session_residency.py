@@ -6,7 +6,8 @@ version) is written to the spill tier and its slot reused, and so on until a slo
 session is restored on its next use, bit for bit: state, position and RNG, so its next
 prediction is the one it would have made had it never left. Busy sessions (a request or a
 generation running) never move. Everything here runs on the event loop, so a session is never
-half spilled when a request for it arrives.
+half spilled when a request for it arrives; only a shutdown's write (`shutdown_write`) calls in
+from a thread of its own, once the residency is frozen.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,7 +26,6 @@ from service.engine.served_versions import ServedVersions
 from service.errors import (
     PoolExhausted,
     ResourceExhausted,
-    SeqServeError,
     SessionMoved,
     SpillCorrupted,
     SpillMismatch,
@@ -41,10 +40,6 @@ from service.sessions.state_tier import Checkpoints
 log = logging.getLogger(__name__)
 
 SessionEvent = Callable[[str, Session], None]  # ("evicted" | "restored", session)
-
-
-# Sessions whose states a shutdown reads together before writing them one by one.
-SPILL_BATCH = 64
 
 
 class SessionResidency:
@@ -309,36 +304,9 @@ class SessionResidency:
             self.sessions.set_slot(session, None)
         self.tier.delete(session.session_id)
 
-    def spill_all(self, stop: threading.Event | None = None) -> tuple[int, int]:
-        """Shutdown: write every session still in memory (busy or not: the schedulers have
-        stopped, so every slot holds its last completed step), then fsync. → (written, lost).
-        Once `stop` is set (out of time) it writes no more: the rest count as lost, and it
-        returns before the engine goes on to close the versions whose slots it reads."""
-        self.freeze()
-        written = lost = 0
-        resident = list(self.sessions.resident())
-        states: dict[str, SlotSnapshot] = {}
-        for done, session in enumerate(resident):
-            if stop is not None and stop.is_set():
-                return written, lost + len(resident) - done
-            if done % SPILL_BATCH == 0:  # the next batch's states, read together
-                batch = resident[done : done + SPILL_BATCH]
-                states = self.states([s for s in batch if _in_memory(s) and self.needs_record(s)])
-            if not _in_memory(session):
-                continue  # let go meanwhile (taken over by another replica): not this one's
-            try:
-                self.spill(session, state=states.get(session.session_id))
-                written += 1
-            except SessionMoved:
-                pass  # another replica holds it: nothing of it is this replica's to write
-            except SeqServeError as exc:
-                lost += 1
-                log.error("session %s could not be spilled: %s", session.session_id, exc.message)
-        return written, lost
-
     def freeze(self) -> None:
         """From now on nothing comes into memory and no session ends (`frozen`): a shutdown is
-        writing the sessions in memory, on a thread of its own."""
+        writing the sessions in memory, on a thread of its own (`shutdown_write`)."""
         self._frozen = True
 
     @property
@@ -350,7 +318,3 @@ class SessionResidency:
         served = self.versions.find(session.model, session.version)
         assert served is not None
         return header_of(session, served.config, self.sessions.last_used_wall(session))
-
-
-def _in_memory(session: Session) -> bool:
-    return session.slot is not None and not session.closed

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import session_residency
+from service.engine import shutdown_write
+from service.engine.session_residency import SessionResidency
 from service.errors import SessionExpired, SpillTierInUse, Unavailable
 from service.runtime.sampler import SamplingParams
 
 from .conftest import EngineFactory, FakeClock, RecordingObserver, frames, same, toks
 
 
-@pytest.mark.parametrize("spill_batch", [2, session_residency.SPILL_BATCH])
+@pytest.mark.parametrize("spill_batch", [2, shutdown_write.SPILL_BATCH])
 async def test_sessions_survive_a_restart(
     make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill_batch: int
 ) -> None:
     """(`spill_batch`: the sessions whose states the stop reads together; at 2 the sessions of
     the two models in memory come in more than one batch.)"""
-    monkeypatch.setattr(session_residency, "SPILL_BATCH", spill_batch)
+    monkeypatch.setattr(shutdown_write, "SPILL_BATCH", spill_batch)
     spill = tmp_path / "shared-spill"
     first = await make_engine(slots=3, spill_dir=spill)
     roomy = await make_engine()
@@ -125,14 +126,14 @@ async def test_a_close_while_the_shutdown_writes_is_refused_and_the_session_kept
         await first.feed(session.session_id, toks(i + 1))
         ids.append(session.session_id)
     writing, go = threading.Event(), threading.Event()
-    spill_all = first.residency.spill_all
+    spill_all = shutdown_write.spill_all
 
-    def gated(stop: threading.Event | None = None) -> tuple[int, int]:
+    def gated(residency: SessionResidency, stop: threading.Event | None = None) -> tuple[int, int]:
         writing.set()
         go.wait(10)
-        return spill_all(stop)
+        return spill_all(residency, stop)
 
-    monkeypatch.setattr(first.residency, "spill_all", gated)
+    monkeypatch.setattr(shutdown_write, "spill_all", gated)
     stopping = asyncio.ensure_future(first.stop())
     for _ in range(500):
         if writing.is_set():
