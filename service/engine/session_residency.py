@@ -194,7 +194,7 @@ class SessionResidency:
 
     def states(self, sessions: Sequence[Session]) -> dict[str, SlotSnapshot]:
         """The states of sessions in memory, by session id: each version's read together
-        (`StatePool.snapshots`: one gather and one head call)."""
+        (`StatePool.snapshots`: one gather)."""
         by_version: dict[tuple[str, int], list[Session]] = {}
         for session in sessions:
             by_version.setdefault((session.model, session.version), []).append(session)
