@@ -232,6 +232,9 @@ class Settings(BaseSettings):
     (`serve` refuses to start without a store)."""
     registry_poll_seconds: Seconds = 2.0
     """How often the store is re-read for new versions and alias changes (0 disables)."""
+    registry_notify: bool = True
+    """Keep what a new session's reading of the store found while inotify reports no change in
+    the store's folders (a local filesystem only); off: every new session reads the store."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level (any case)."""
     server: ServerSettings = Field(default_factory=ServerSettings)

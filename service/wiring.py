@@ -35,6 +35,7 @@ from service.http.http_server import HttpApi
 from service.http.routes import Routes
 from service.metrics.prometheus_metrics import Metrics
 from service.registry.store import ModelStore
+from service.registry.store_changes import StoreChanges
 from service.registry.version_rule import VersionRule
 from service.runtime.state_pool import ByteBudget
 from service.security.call_auth import CallAuth
@@ -82,7 +83,8 @@ def build_engine(
         store, budget, settings.engine, cfg.pool_initial_slots, observer,
         commit=durability.commit if durability.enabled else None,
     )  # fmt: skip
-    versions = ServedVersions(store, VersionRule(), loader, observer)
+    changes = StoreChanges(store.root, enabled=settings.registry_notify)
+    versions = ServedVersions(store, VersionRule(), loader, observer, changes)
     spill: Checkpoints = (
         SharedCheckpoints(shared, sessions)
         if shared is not None

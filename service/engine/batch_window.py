@@ -30,12 +30,26 @@ that keep coming must not hold the running generations' next tokens, and a burst
 gets its tokens while the second half is taken in. Against the window without that bound
 (`benchmarks.ab burst64 burst64x1 gen1 gen16 gen64 stream64 --reps 3`): 64-token bursts p50
 21.7 → 16.4 ms, one-token 22.8 → 17.3 ms; closed-loop loads within noise.
+
+On a saturated loop (its thread running or waiting for a CPU `SATURATED_SHARE` of the time or
+more) a window of feeds alone waits `SATURATED_TICKS` quiet ticks (generations keep their own
+rules above: a burst of one-token Generate calls lost tokens/s with it). A unary call
+(CreateSession with a prefix, Step) reaches `submit` several ticks after gRPC hands it over, so
+64 clients each creating a session and feeding it stepped one row at a time: the one-row step,
+two quiet ticks, the next row. Stable, since a step of one row sets the next window to two
+ticks again (1.0-1.8 rows a step, counted). A saturated loop has no idle time to lose to a
+longer wait, and its rows are on their way. Pinned, 64 clients creating sessions side by side
+with the tree before (README, "Tenth pass"): CreateSession + Step 267-296 → 576-719
+sessions/s (1.7 → 39-54 rows a step), a prefix in CreateSession 385-602 → 784-887 /s (17-21 →
+63 rows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -43,6 +57,13 @@ from typing import Any, Protocol
 # being taken in): each one-row generation step costs ~0.6 ms, so fewer, fuller steps get the
 # first tokens out sooner. A lone generation, with nothing arriving, waits the usual two.
 GENERATION_BURST_TICKS = 8
+# Quiet ticks any window waits while the loop thread is saturated (busy at least
+# `SATURATED_SHARE` of the last `BUSY_SAMPLE_SECONDS` or more): unary calls (CreateSession with a
+# prefix, Step) reach `submit` several ticks after gRPC hands them over, so a short window steps
+# them one by one, each one-row step costing the loop more than the ticks a longer window would.
+SATURATED_TICKS = 8
+SATURATED_SHARE = 0.75
+BUSY_SAMPLE_SECONDS = 0.01
 # The most generations one window takes in before it steps. Calls that keep coming would
 # otherwise hold it open (a generation is not a queued row, so no full batch ends it) and the
 # running generations' next tokens with it; each call costs the loop ~0.2 ms to take in.
@@ -60,6 +81,9 @@ class BatchWindow:
         self._last_rows = 0  # rows in the last step
         self._lone: int | None = None  # the slot of the last step's row, if it had one only
         self._arriving = False  # rows came in while the last window was open
+        # The loop thread's busy share (run or waiting to run) over the last sample.
+        self._sampled_at, self._sampled_cpu = _wall_seconds(), _cpu_seconds()
+        self._busy = 0.0
 
     def back_alone(self, slot: int) -> bool:
         """Whether a lone row on `slot` is the session that stepped alone last time: no wait
@@ -96,7 +120,48 @@ class BatchWindow:
             return 0  # the session that stepped alone last time is back, alone
         if generating and (self._arriving or len(pending) > 1 or self._last_rows > 1):
             return GENERATION_BURST_TICKS  # calls keep coming in: take more first tokens at once
+        if not generating and self._saturated():
+            return SATURATED_TICKS  # the loop has no idle time: rows are on their way
         return 4 if self._last_rows > 1 else 2
+
+    def _saturated(self) -> bool:
+        """Whether the loop thread was busy most of the last sample (re-taken once it is
+        `BUSY_SAMPLE_SECONDS` old: a clock and a `pread` a window at most)."""
+        now = _wall_seconds()
+        if now - self._sampled_at >= BUSY_SAMPLE_SECONDS:
+            cpu = _cpu_seconds()
+            self._busy = (cpu - self._sampled_cpu) / (now - self._sampled_at)
+            self._sampled_at, self._sampled_cpu = now, cpu
+        return self._busy >= SATURATED_SHARE
+
+
+_STATS: dict[int, int] = {}  # thread id -> open descriptor of its schedstat (Linux)
+
+
+def _cpu_seconds() -> float:
+    """Seconds the calling thread (the loop's: windows are gathered on it) has run or waited
+    for a CPU: its CPU time and its run-queue wait from `/proc/self/task/<tid>/schedstat`, or
+    its CPU time alone where that file is missing. A loop starved of its core by the process's
+    other threads is as busy as one running: either way it has no idle time. (Its CPU time
+    alone read ~0.6-0.7 for a loop that never idled, beside gRPC's and the store's threads.)"""
+    tid = threading.get_native_id()
+    fd = _STATS.get(tid)
+    if fd is None:
+        try:
+            fd = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        _STATS[tid] = fd
+    if fd >= 0:
+        try:
+            ran, waited = os.pread(fd, 128, 0).split()[:2]
+            return (int(ran) + int(waited)) / 1e9
+        except (OSError, ValueError):
+            pass
+    return time.thread_time()
+
+
+_wall_seconds = time.perf_counter
 
 
 def _yield_cpu() -> None:

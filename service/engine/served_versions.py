@@ -5,8 +5,10 @@ those the `engine.preload` setting names are loaded before the server reports re
 version is loaded on first use. A version stays loaded while sessions are pinned to it (in memory
 or spilled); once its last session ends it is unloaded unless new sessions still resolve to it
 (the default version, an aliased one, or one preloaded by name).
-Resolution re-reads the store on every call, so versions published and aliases moved on disk
-take effect for the next new session; which version a spec means is the store's rule
+Resolution answers for the store as it is on disk now, so versions published and aliases moved
+on disk take effect for the next new session: it reads the store on its reader thread, and keeps
+what it read only while the kernel reports no change in the store's folders (`StoreChanges`,
+inotify, local filesystems); which version a spec means is the store's rule
 (`VersionRule.version_for`), the same one the registry RPCs report. Before a loaded version takes
 a new session its files are checked again (a stat; a re-hash only when the weights changed): a
 version whose files vanished or fail their digest is refused for new sessions while its running
@@ -24,11 +26,13 @@ from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.version_loader import VersionLoader
 from service.errors import InvalidArgument, NotFound, SeqServeError
 from service.registry.store import ModelStore
+from service.registry.store_changes import StoreChanges
 from service.registry.version_rule import VersionRule
 
 log = logging.getLogger(__name__)
 
 VersionKey = tuple[str, int]
+KNOWN_SPECS = 1024  # resolutions kept while the store is unchanged (specs are the clients')
 
 
 class ServedVersions:
@@ -38,9 +42,13 @@ class ServedVersions:
         rule: VersionRule,
         loader: VersionLoader,
         observer: VersionObserver,
+        changes: StoreChanges | None = None,
     ) -> None:
         self.store = store
         self.rule = rule
+        # Tells when a resolution read earlier still holds; None: read every time.
+        self._changes = changes
+        self._known: dict[tuple[str, str], tuple[int, int]] = {}  # (name, spec) -> (mark, version)
         self._loader = loader
         self._observer = observer
         self._served: dict[VersionKey, ServedVersion] = {}
@@ -88,22 +96,34 @@ class ServedVersions:
 
     async def resolve(self, name: str, spec: str) -> ServedVersion:
         """The version `spec` ("" / number / alias) means for a new session now, loaded; a
-        loaded one is first checked against its files on disk."""
+        loaded one is first checked against its files on disk. What a reading found is used
+        again, without reading, while the store's folders report no change since before it."""
+        changes, key = self._changes, (name, spec)
+        mark = changes.mark() if changes is not None else 0
+        known = self._known.get(key)
+        if known is not None and known[0] == mark:
+            return await self.get(name, known[1])
         loop = asyncio.get_running_loop()
-        return await self.get(
-            name, await loop.run_in_executor(self._reader, self._pick, name, spec)
-        )
+        version, watched = await loop.run_in_executor(self._reader, self._pick, name, spec)
+        if watched:  # kept with the mark from before it was read: a change meanwhile moved it
+            if len(self._known) >= KNOWN_SPECS:
+                self._known.clear()
+            self._known[key] = (mark, version)
+        return await self.get(name, version)
 
-    def _pick(self, name: str, spec: str) -> int:
+    def _pick(self, name: str, spec: str) -> tuple[int, bool]:
         """`resolve`'s reading of the store, in one trip to the reader thread (three trips cost
         more than the reading): the version `spec` means, checked against its files when it
-        is already served. A re-hash of weights changed on disk holds the others up."""
+        is already served, and whether the model's folders were watched before it was read
+        (its answer may then be kept). A re-hash of weights changed on disk holds the others
+        up."""
+        watched = self._changes is not None and self._changes.watch(name)
         entry = self.store.model(name)
         version = self.rule.version_for(entry, spec)
         served = self._served.get((name, version))  # a dict read: safe from this thread
         if served is not None:
             self.rule.check_unchanged(entry, version, served.fingerprint)
-        return version
+        return version, watched and self._changes.plain_files(entry)  # type: ignore[union-attr]
 
     async def get(self, name: str, version: int) -> ServedVersion:
         """The served version, loading it first if need be (one load however many wait)."""
@@ -201,3 +221,5 @@ class ServedVersions:
         for served in list(self._served.values()):
             await self.unload(served)
         self._reader.shutdown(wait=False)  # no new session comes after the schedulers stopped
+        if self._changes is not None:
+            self._changes.close()

@@ -86,9 +86,9 @@ EngineFactory = Callable[..., Awaitable[SessionEngine]]
 
 @pytest.fixture
 async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineFactory]:
-    """`await make_engine(slots=N, spill_dir=..., clock=FakeClock(), observer=..., **sessions)`:
-    a started engine whose pool holds `slots` TOK sessions (None: plenty). Stopped at teardown
-    unless the test stopped it."""
+    """`await make_engine(slots=N, spill_dir=..., clock=FakeClock(), observer=..., notify=...,
+    **sessions)`: a started engine whose pool holds `slots` TOK sessions (None: plenty).
+    Stopped at teardown unless the test stopped it."""
     started: list[SessionEngine] = []
 
     async def start(
@@ -99,6 +99,7 @@ async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineF
         observer: VersionObserver | None = None,
         engine: dict[str, Any] | None = None,
         security: dict[str, Any] | None = None,
+        notify: bool = True,
         **sessions: Any,
     ) -> SessionEngine:
         if slots is not None:
@@ -108,6 +109,7 @@ async def make_engine(store_root: Path, tmp_path: Path) -> AsyncIterator[EngineF
         settings = Settings(
             model_store=store_root,
             registry_poll_seconds=0,
+            registry_notify=notify,
             engine=EngineSettings(**(engine or {})),
             sessions=SessionSettings(**sessions),
             security=SecuritySettings(**(security or {})),

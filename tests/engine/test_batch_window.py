@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -9,10 +10,37 @@ import pytest
 
 from service.engine import batch_window
 from service.engine.batch_window import (
+    BUSY_SAMPLE_SECONDS,
     GENERATION_BURST_TICKS,
     GENERATION_WINDOW_ARRIVALS,
+    SATURATED_SHARE,
+    SATURATED_TICKS,
     BatchWindow,
 )
+
+REAL_BUSY_CLOCK = batch_window._cpu_seconds  # before the fixture below replaces it
+
+
+class LoopClocks:
+    """The wall clock and the loop thread's CPU clock a window reads, moved by hand."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 100.0
+
+    def run(self, seconds: float, busy: float) -> None:
+        """`seconds` pass, the loop busy for `busy` of them."""
+        self.wall += seconds
+        self.cpu += seconds * busy
+
+
+@pytest.fixture(autouse=True)
+def clocks(monkeypatch: pytest.MonkeyPatch) -> LoopClocks:
+    """An idle loop unless a test says otherwise (the real clocks would make the windows
+    depend on how busy this machine is)."""
+    clocks = LoopClocks()
+    monkeypatch.setattr(batch_window, "_wall_seconds", lambda: clocks.wall)
+    monkeypatch.setattr(batch_window, "_cpu_seconds", lambda: clocks.cpu)
+    return clocks
 
 
 def _rows(*slots: int) -> list[Any]:
@@ -147,3 +175,61 @@ async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
     monkeypatch.setattr(batch_window, "_yield_cpu", feed_tick)
     await window.gather(pending, ["running"])
     assert len(seen) == len(pending) == 256  # feeds, beside generations: a full batch ends it
+
+
+async def test_a_saturated_loop_waits_longer_for_company(
+    ticks: list[int], clocks: LoopClocks
+) -> None:
+    """Unary calls reach `submit` several ticks after gRPC hands them over: on a loop with no
+    idle time, two quiet ticks after a one-row step would step each of them alone."""
+    window = BatchWindow(max_batch=64)
+    window.stepped([1])
+    clocks.run(BUSY_SAMPLE_SECONDS, busy=1.0)
+    await _gather(window, _rows(2), generating=False)
+    assert len(ticks) == SATURATED_TICKS
+    window.stepped([1, 2])
+    ticks.clear()
+    await _gather(window, _rows(3), generating=False)  # the sample is still fresh: saturated
+    assert len(ticks) == SATURATED_TICKS
+    window.stepped([3])
+    ticks.clear()
+    await _gather(window, _rows(3), generating=True)  # a lone generation keeps its own rule
+    assert len(ticks) == 2
+    ticks.clear()
+    await _gather(window, _rows(3), generating=False)  # back alone: still no wait
+    assert ticks == []
+
+
+@pytest.mark.parametrize("busy", [0.0, SATURATED_SHARE - 0.05])
+async def test_a_loop_with_idle_time_keeps_the_short_window(
+    ticks: list[int], clocks: LoopClocks, busy: float
+) -> None:
+    window = BatchWindow(max_batch=64)
+    clocks.run(1.0, busy=1.0)
+    window.stepped([1])
+    await _gather(window, _rows(2), generating=False)
+    assert len(ticks) == SATURATED_TICKS  # a whole second saturated
+    clocks.run(BUSY_SAMPLE_SECONDS / 2, busy=busy)
+    window.stepped([2])
+    ticks.clear()
+    await _gather(window, _rows(3), generating=False)
+    assert len(ticks) == SATURATED_TICKS  # too soon to sample again
+    clocks.run(BUSY_SAMPLE_SECONDS, busy=busy)
+    window.stepped([3])
+    ticks.clear()
+    await _gather(window, _rows(4), generating=False)
+    assert len(ticks) == 2  # the new sample has idle time: after a one-row step, two
+
+
+def test_the_loop_s_busy_clock_counts_running_and_not_sleeping() -> None:
+    """The real clock: the calling thread's time running or waiting for a CPU."""
+    clock = REAL_BUSY_CLOCK
+    start = clock()
+    until = time.perf_counter() + 0.05
+    while time.perf_counter() < until:
+        pass
+    spun = clock() - start
+    assert spun >= 0.04
+    start = clock()
+    time.sleep(0.05)
+    assert clock() - start < 0.02  # asleep (as a loop in epoll): idle

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from service.engine.session_engine import SessionEngine
 from service.errors import DataLoss, DigestMismatch, VersionUnusable
 from service.registry.store import ModelStore
 
@@ -112,19 +113,92 @@ async def test_version_failing_its_digest_takes_no_new_sessions(
     assert engine.versions.find("tok", 2) is not None
 
 
-async def test_new_sessions_read_the_store_on_its_reader_thread_not_the_loop(
-    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    engine = await make_engine()
-    await engine.create_session("tok")  # version 1 loaded (the loader reads the store too)
+def _count_readings(engine: SessionEngine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The threads new sessions read the store's model folder on, one entry per reading, from
+    now (a version's load reads it too, on a thread of its own: not counted)."""
     threads: list[str] = []
     real = engine.versions.store.model
 
     def model(name: str) -> object:
-        threads.append(threading.current_thread().name)
+        thread = threading.current_thread().name
+        assert thread != "MainThread"  # never on the event loop
+        if thread.startswith("store-reader"):
+            threads.append(thread)
         return real(name)
 
     monkeypatch.setattr(engine.versions.store, "model", model)
+    return threads
+
+
+async def test_new_sessions_read_the_store_on_its_reader_thread_and_again_only_after_a_change(
+    make_engine: EngineFactory, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await make_engine()
+    # The first reading (the loader reads the store too) watches the store's folders first.
+    await engine.create_session("tok")
+    threads = _count_readings(engine, monkeypatch)
+    made = await asyncio.gather(*(engine.create_session("tok") for _ in range(5)))
+    assert [s.version for s, _ in made] == [1] * 5
+    assert threads == []  # nothing changed on disk: nothing read again
+    publish(store, "tok", TOK, seed=2)  # a new folder in the model's folder
+    assert (await engine.create_session("tok"))[0].version == 2
+    assert threads == ["store-reader_0"]  # read again, on the reader thread
+    store.set_alias("tok", "production", 1)  # aliases.json replaced
+    assert (await engine.create_session("tok"))[0].version == 1
+    (store.root / "tok" / "1" / "manifest.json").touch()  # its times only: read again all the same
+    assert (await engine.create_session("tok"))[0].version == 1
+    assert threads == ["store-reader_0"] * 3
+    assert (await engine.create_session("tok"))[0].version == 1
+    assert (await engine.create_session("tok", "2"))[
+        0
+    ].version == 2  # another spec: its own reading
+    assert (await engine.create_session("tok", "2"))[0].version == 2
+    assert threads == ["store-reader_0"] * 4
+
+
+async def test_with_registry_notify_off_every_new_session_reads_the_store(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await make_engine(notify=False)
+    await engine.create_session("tok")
+    threads = _count_readings(engine, monkeypatch)
     made = await asyncio.gather(*(engine.create_session("tok") for _ in range(5)))
     assert [s.version for s, _ in made] == [1] * 5
     assert threads == ["store-reader_0"] * 5  # one reading per session, none on the loop
+
+
+async def test_a_reading_during_which_the_store_changed_is_not_kept(
+    make_engine: EngineFactory, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await make_engine()
+    await engine.create_session("tok")  # kept
+    (store.root / "tok" / "1" / "manifest.json").touch()  # no longer
+    threads: list[str] = []
+    real = engine.versions.store.model
+
+    def model(name: str) -> object:
+        entry = real(name)  # what this reading found: version 1 only
+        if not threads:
+            publish(store, "tok", TOK, seed=2)  # published just after it was read
+        threads.append(threading.current_thread().name)
+        return entry
+
+    monkeypatch.setattr(engine.versions.store, "model", model)
+    assert (await engine.create_session("tok"))[0].version == 1  # asked before the publish ended
+    assert (await engine.create_session("tok"))[0].version == 2  # not the reading kept above
+    assert threads.count("store-reader_0") == 2  # (a version's load reads it too)
+
+
+async def test_a_store_whose_weights_are_symbolic_links_is_read_for_every_new_session(
+    make_engine: EngineFactory, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = store_root / "tok" / "1" / "weights.safetensors"
+    elsewhere = store_root.parent / "weights-elsewhere.safetensors"
+    weights.rename(elsewhere)
+    weights.symlink_to(elsewhere)  # a write to it changes no watched folder
+    engine = await make_engine()
+    await engine.create_session("tok")
+    threads = _count_readings(engine, monkeypatch)
+    await engine.create_session("tok")
+    await engine.create_session("tok")
+    assert threads == ["store-reader_0"] * 2
