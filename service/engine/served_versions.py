@@ -123,7 +123,7 @@ class ServedVersions:
         served = self._served.get((name, version))  # a dict read: safe from this thread
         if served is not None:
             self.rule.check_unchanged(entry, version, served.fingerprint)
-        return version, watched and self._changes.plain_files(entry)  # type: ignore[union-attr]
+        return version, watched
 
     async def get(self, name: str, version: int) -> ServedVersion:
         """The served version, loading it first if need be (one load however many wait)."""

@@ -3,11 +3,14 @@
 Every `CreateSession` resolves its version against the store as it is on disk now (README,
 Version rollouts). Reading the store costs a trip to the store-reader thread, a listing and a
 `stat` per file: ~0.3 ms of server CPU a creation, a fifth of all it cost (measured, issue 13).
-Where the store is on a local filesystem the kernel can say instead that nothing changed: a watch
-on the store's folder, on each model's and on each version's folder reports every file created,
-written, truncated, moved, deleted or chmod-ed in them, queued before the call that made the
-change returns. A reading taken while no event arrived (watches set up first, the queue checked
-after) is therefore still the store as it is now, until the next event.
+Where the store is on a local filesystem the kernel can say instead that nothing changed:
+watches on the store's folder, on each model's and each version's folder report every file
+created, written, truncated, moved, deleted or chmod-ed in them; a watch on each file in those
+reports writes to it through any of its names (a hard link elsewhere); a watch on each folder
+above the store reports it renamed or removed (a release swapped in by `mv`). Each event is
+queued before the call that made the change returns. A reading taken while no event arrived
+(watches set up first, the queue checked after) is therefore still the store as it is now,
+until the next event.
 
 `mark()` reads the queue without blocking (a `read(2)` of an in-kernel queue, never the disk), so
 it is safe on the event loop even when the disk is slow. Any event at all moves the mark (no
@@ -15,10 +18,11 @@ attempt to tell which model it concerns), an overflow of the queue too.
 
 Not used, and every resolution reads the store as before, where the kernel would not see every
 change: a network or FUSE filesystem (changes made by other hosts are not reported), a store
-reached through a symbolic link or whose manifests, weights or aliases are symbolic links (a
-change to a link's target is not in a watched folder), a platform without inotify, no inotify
-instance or watch left (`fs.inotify.max_user_instances`, `max_user_watches`), or the
-`registry_notify` setting off.
+reached through a symbolic link or a model with a symbolic link in its folder or its versions'
+(a change to a link's target is not in a watched folder), a platform without inotify, no
+inotify instance or watch left (`fs.inotify.max_user_instances`, `max_user_watches`), or the
+`registry_notify` setting off. Not seen at all: writes through a shared writable `mmap` of a
+store file until it is unmapped, and a filesystem mounted over the store or a folder above it.
 """
 
 from __future__ import annotations
@@ -29,13 +33,12 @@ import errno
 import functools
 import logging
 import os
+import re
 import threading
 import weakref
 from pathlib import Path
 
-from service.registry.aliases import ALIASES_FILE
-from service.registry.manifest import MANIFEST_FILE
-from service.registry.snapshot import ModelEntry
+from service.registry.manifest import MODEL_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ WATCHED = (
     IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
     | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 )  # fmt: skip
+# A file's own watch: its bytes or times changed through any of its names.
+FILE_WATCHED = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
+# The folders above the store: renamed or removed, the store's path means other folders now.
+ABOVE = IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 # Filesystems on which every change goes through this kernel, so inotify reports it.
 LOCAL_FILESYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "overlay", "f2fs", "zfs",
@@ -90,46 +97,49 @@ class StoreChanges:
         return self._mark
 
     def watch(self, model: str) -> bool:
-        """Watch the store's folder, `model`'s and each of its version folders (on the reader
-        thread, before reading the model). False when a change to them might go unreported: the
-        resolution read next must not be kept."""
+        """Watch the store (the folders above it, its own folder, `model`'s, each version's,
+        and every file in those two) on the reader thread, before reading the model. False when
+        a change might go unreported: the resolution read next must not be kept."""
         if self._why_not is not None:
             return False
+        if not re.fullmatch(MODEL_NAME_PATTERN, model):
+            return False  # no model's name (a path, say): nothing watched, the reading refuses it
         try:
             fd = self._instance()
         except OSError as exc:
             return self._refuse(f"changes are not watched ({exc})", None)
         try:
-            model_dir = self.root / model
-            folders = [self.root, model_dir]
-            with os.scandir(model_dir) as entries:
-                folders += [Path(e.path) for e in entries if e.name.isdigit() and e.is_dir()]
+            root = os.path.abspath(self.root)
+            if os.path.realpath(root) != root:  # again: it may have become one since
+                return self._refuse("the store is reached through a symbolic link", None)
+            watches: list[tuple[str, int]] = [(p, ABOVE) for p in map(str, Path(root).parents)]
+            watches.append((root, WATCHED))
+            folders = [os.path.join(root, model)]
+            with os.scandir(folders[0]) as entries:
+                folders += [e.path for e in entries if e.name.isdigit() and e.is_dir()]
             for folder in folders:
-                if not self._local(folder):
-                    return self._refuse(f"{folder} is not on a local filesystem", model)
-                if _libc().inotify_add_watch(fd, os.fsencode(folder), WATCHED) < 0:
+                watches.append((folder, WATCHED))
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        if e.is_symlink():
+                            return self._refuse(f"{e.path} is a symbolic link", model)
+                        if e.is_file():  # its own watch: a hard link's writes reach only it
+                            watches.append((e.path, FILE_WATCHED))
+            for path, mask in watches:
+                if mask != FILE_WATCHED and not self._local(path):
+                    return self._refuse(f"{path} is not on a local filesystem", model)
+                if _libc().inotify_add_watch(fd, os.fsencode(path), mask) < 0:
                     if ctypes.get_errno() == errno.ENOSPC:
                         return self._refuse("no inotify watch left (max_user_watches)", model)
-                    return False  # the folder vanished meanwhile
-        except OSError:  # no such model, or a folder vanished while listed: nothing kept
+                    return False  # it vanished meanwhile
+        except (OSError, ValueError):  # no such model, or a folder vanished while listed
             return False
         return True
 
-    def plain_files(self, entry: ModelEntry) -> bool:
-        """Whether `entry`'s aliases, manifests and weights are files of their own, not
-        symbolic links (whose targets' changes a watch on their folder does not see)."""
-        paths = [entry.path / ALIASES_FILE]
-        for v in entry.versions:
-            paths.append(v.path / MANIFEST_FILE)
-            if v.manifest is not None:
-                paths.append(v.path / v.manifest.weights_file)
-        if any(p.is_symlink() for p in paths):
-            return self._refuse("a manifest, weights or aliases file is a symlink", entry.name)
-        return True
-
     def close(self) -> None:
-        fd, self._fd = self._fd, None
-        self._why_not = "closed"
+        with self._lock:  # not while a first watch opens the instance
+            fd, self._fd = self._fd, None
+            self._why_not = "closed"
         if fd is not None:
             self._finalizer.detach()
             os.close(fd)
@@ -138,9 +148,9 @@ class StoreChanges:
 
     def _instance(self) -> int:
         with self._lock:
+            if self._why_not is not None:
+                raise OSError(self._why_not)
             if self._fd is None:
-                if os.path.realpath(self.root) != os.path.abspath(self.root):
-                    raise OSError("the store is reached through a symbolic link")
                 self._filesystems = mounted_filesystems()
                 fd = _libc().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
                 if fd < 0:
@@ -150,11 +160,12 @@ class StoreChanges:
                 self._fd = fd
             return self._fd
 
-    def _local(self, folder: Path) -> bool:
+    def _local(self, folder: str) -> bool:
         return self._filesystems.get(os.stat(folder).st_dev) in LOCAL_FILESYSTEMS
 
     def _refuse(self, why: str, model: str | None) -> bool:
-        if model is None:  # nothing will be watched
+        if model is None:  # nothing will be watched: the instance goes
+            self.close()
             self._why_not = why
         if why not in self._logged:
             self._logged.add(why)

@@ -225,11 +225,10 @@ def test_the_loop_s_busy_clock_counts_running_and_not_sleeping() -> None:
     """The real clock: the calling thread's time running or waiting for a CPU."""
     clock = REAL_BUSY_CLOCK
     start = clock()
-    until = time.perf_counter() + 0.05
+    until = time.perf_counter() + 0.1
     while time.perf_counter() < until:
         pass
-    spun = clock() - start
-    assert spun >= 0.04
+    assert clock() - start >= 0.05  # (a VM's stolen time counts as neither)
     start = clock()
-    time.sleep(0.05)
-    assert clock() - start < 0.02  # asleep (as a loop in epoll): idle
+    time.sleep(0.1)
+    assert clock() - start < 0.03  # asleep (as a loop in epoll): idle

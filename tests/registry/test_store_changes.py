@@ -30,7 +30,6 @@ def store(store: ModelStore, publish: PublishFn) -> ModelStore:
 def changes(store: ModelStore) -> Iterator[StoreChanges]:
     changes = StoreChanges(store.root)
     assert changes.watch("m")
-    assert changes.plain_files(store.model("m"))
     yield changes
     changes.close()
 
@@ -97,13 +96,66 @@ def test_a_store_reached_through_a_symbolic_link_is_not_watched(
     assert not changes.watch("m")  # refused for good
 
 
-def test_weights_that_are_symbolic_links_are_not_plain_files(
-    store: ModelStore, changes: StoreChanges, tmp_path: Path
+def test_a_model_with_symbolic_link_weights_is_not_watched(
+    store: ModelStore, tmp_path: Path
 ) -> None:
     weights = store.root / "m" / "2" / "weights.safetensors"
     weights.rename(tmp_path / "elsewhere")
     weights.symlink_to(tmp_path / "elsewhere")
-    assert not changes.plain_files(store.model("m"))
+    changes = StoreChanges(store.root)
+    assert not changes.watch("m")
+    changes.close()
+
+
+def test_writes_through_a_hard_link_outside_the_store_move_the_mark(
+    store: ModelStore, changes: StoreChanges, tmp_path: Path
+) -> None:
+    outside = tmp_path / "dedup-copy"
+    os.link(store.root / "m" / "2" / "weights.safetensors", outside)
+    changes.watch("m")  # the link made after the first watch: the next reading watches it too
+    before = changes.mark()
+    _rewrite_in_place(outside)
+    assert changes.mark() != before
+    aliases = tmp_path / "aliases-link"
+    os.link(store.root / "m" / "aliases.json", aliases)
+    before = changes.mark()
+    aliases.write_text('{"production": 2}')
+    assert changes.mark() != before
+
+
+def test_a_folder_above_the_store_swapped_by_rename_moves_the_mark(tmp_path: Path) -> None:
+    release = tmp_path / "app" / "store"
+    (release / "m" / "1").mkdir(parents=True)
+    changes = StoreChanges(release)
+    assert changes.watch("m")
+    before = changes.mark()
+    (tmp_path / "app").rename(tmp_path / "app.old")
+    (tmp_path / "app.new" / "store" / "m").mkdir(parents=True)
+    (tmp_path / "app.new").rename(tmp_path / "app")
+    assert changes.mark() != before
+    changes.close()
+
+
+def test_a_store_that_becomes_a_symbolic_link_is_no_longer_watched(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    (root / "m" / "1").mkdir(parents=True)
+    changes = StoreChanges(root)
+    assert changes.watch("m")
+    before = changes.mark()
+    shutil.rmtree(root)
+    (tmp_path / "blue" / "m" / "1").mkdir(parents=True)
+    root.symlink_to(tmp_path / "blue")
+    assert changes.mark() != before
+    assert not changes.watch("m")  # read every time from now on
+    changes.close()
+
+
+@pytest.mark.parametrize("name", ["..", "/tmp", "m/../m", "m\x00", ".hidden", ""])
+def test_a_name_that_is_no_model_s_name_is_not_watched(
+    store: ModelStore, changes: StoreChanges, name: str
+) -> None:
+    assert not changes.watch(name)
+    assert changes.watch("m")  # the rest still are
 
 
 def test_a_folder_on_a_network_filesystem_is_not_watched(
