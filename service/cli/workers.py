@@ -18,7 +18,6 @@ supervisor exits when they have. A worker that dies is started again (not more t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import PortInUse
+from service.libc import libc
 from service.settings import Settings
 
 log = logging.getLogger("service.cli.workers")
@@ -100,7 +100,7 @@ def _ends_with(supervisor: int) -> Callable[[], None] | None:
     dies (SIGKILL, the OOM killer), so no worker serves on unsupervised (Linux's parent-death
     signal); and at once if it is already gone. None where there is no prctl."""
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl = libc().prctl
     except (AttributeError, OSError):
         return None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -18,6 +19,7 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 # Also a folder name in the store, so no separators and no leading dot.
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
 
 
 class _Strict(BaseModel):

@@ -13,7 +13,6 @@ version.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 import time
@@ -46,7 +45,7 @@ from service.registry.checkpoint_import import ImportSpec, checkpoint_to_model
 from service.registry.digests import read_verified
 from service.registry.manifest import (
     MANIFEST_FILE,
-    MODEL_NAME_PATTERN,
+    MODEL_NAME_RE,
     WEIGHTS_FILE,
     Manifest,
     TokensInput,
@@ -65,7 +64,6 @@ from service.registry.snapshot import (
 )
 from service.registry.weights import check_tensors, deserialize, serialize, sha256_hex
 
-_NAME_RE = re.compile(MODEL_NAME_PATTERN)
 # How often publish retries when another publisher takes the version number it picked.
 _PUBLISH_ATTEMPTS = 16
 
@@ -107,7 +105,7 @@ class ModelStore:
 
     def model(self, name: str) -> ModelEntry:
         """Scan one model (cheaper than a full snapshot). Raises ModelNotFound."""
-        if _NAME_RE.match(name) and (self.root / name).is_dir():  # no listing needed
+        if MODEL_NAME_RE.match(name) and (self.root / name).is_dir():  # no listing needed
             return scan_model(self.root / name)
         if name in model_dir_names(self.root):
             return scan_model(self.root / name)
@@ -266,7 +264,7 @@ class ModelStore:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        if not _NAME_RE.match(name):
+        if not MODEL_NAME_RE.match(name):
             raise InvalidArgument(
                 f"invalid model name {quote(name)}: use lowercase letters, digits, '_', '.' or "
                 "'-', starting with a letter or digit (at most 64 characters)"

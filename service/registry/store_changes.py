@@ -28,17 +28,15 @@ store file until it is unmapped, and a filesystem mounted over the store or a fo
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
-import functools
 import logging
 import os
-import re
 import threading
 import weakref
 from pathlib import Path
 
-from service.registry.manifest import MODEL_NAME_PATTERN
+from service.libc import libc
+from service.registry.manifest import MODEL_NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +100,7 @@ class StoreChanges:
         a change might go unreported: the resolution read next must not be kept."""
         if self._why_not is not None:
             return False
-        if not re.fullmatch(MODEL_NAME_PATTERN, model):
+        if not MODEL_NAME_RE.fullmatch(model):
             return False  # no model's name (a path, say): nothing watched, the reading refuses it
         try:
             fd = self._instance()
@@ -128,7 +126,7 @@ class StoreChanges:
             for path, mask in watches:
                 if mask != FILE_WATCHED and not self._local(path):
                     return self._refuse(f"{path} is not on a local filesystem", model)
-                if _libc().inotify_add_watch(fd, os.fsencode(path), mask) < 0:
+                if libc().inotify_add_watch(fd, os.fsencode(path), mask) < 0:
                     if ctypes.get_errno() == errno.ENOSPC:
                         return self._refuse("no inotify watch left (max_user_watches)", model)
                     return False  # it vanished meanwhile
@@ -152,7 +150,11 @@ class StoreChanges:
                 raise OSError(self._why_not)
             if self._fd is None:
                 self._filesystems = mounted_filesystems()
-                fd = _libc().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    init = libc().inotify_init1
+                except AttributeError:  # not Linux
+                    raise OSError("no inotify in this C library") from None
+                fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
                 if fd < 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"inotify_init1: {os.strerror(err)}")
@@ -171,17 +173,6 @@ class StoreChanges:
             self._logged.add(why)
             log.info("model store %s: %s; new sessions read the store each time", self.root, why)
         return False
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    try:
-        libc.inotify_init1.argtypes = [ctypes.c_int]
-        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    except AttributeError as exc:  # not Linux
-        raise OSError(f"no inotify in this C library: {exc}") from None
-    return libc
 
 
 def mounted_filesystems(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:

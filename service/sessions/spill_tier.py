@@ -28,6 +28,7 @@ from service.errors import (
     SpillTierFull,
     SpillTierInUse,
 )
+from service.libc import libc
 from service.sessions import spill_record
 from service.sessions.session import SESSION_ID_PATTERN
 from service.sessions.spill_record import SpillHeader, SpillRecord
@@ -321,7 +322,7 @@ def syncfs(directory: Path) -> bool:
     """syncfs(2) on the filesystem holding `directory`: every file's dirty data on it is written
     and flushed, as fsync would for each. False where the C library has no syncfs (not Linux);
     raises OSError when the kernel reports a write error."""
-    call = getattr(_libc(), "syncfs", None)
+    call = getattr(libc(), "syncfs", None)
     if call is None:
         return False
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -332,7 +333,3 @@ def syncfs(directory: Path) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
