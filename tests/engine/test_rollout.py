@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.engine.session_engine import SessionEngine
-from service.errors import DataLoss, DigestMismatch, VersionUnusable
+from service.errors import DataLoss, DigestMismatch, ModelNotFound, VersionUnusable
 from service.registry.store import ModelStore
 
 from .conftest import TOK, EngineFactory, publish, same, toks
@@ -202,3 +202,14 @@ async def test_a_store_whose_weights_are_symbolic_links_is_read_for_every_new_se
     await engine.create_session("tok")
     await engine.create_session("tok")
     assert threads == ["store-reader_0"] * 2
+
+
+@pytest.mark.parametrize("name", ["..", "/tmp", "a\x00b"])
+async def test_a_name_that_is_no_model_s_is_not_found_and_watches_nothing(
+    make_engine: EngineFactory, name: str
+) -> None:
+    engine = await make_engine()
+    await engine.create_session("tok")  # the store is watched
+    with pytest.raises(ModelNotFound):
+        await engine.create_session(name)
+    assert (await engine.create_session("tok"))[0].version == 1
