@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from service.errors import InvalidArgument
-from service.runtime.sampler import SamplingParams, SessionRng, sample, sort_descending
+from service.runtime.sampler import (
+    SamplingParams,
+    SessionRng,
+    ranked_tokens,
+    sample,
+    sort_descending,
+)
 
 V = 40
 
@@ -257,6 +263,7 @@ def test_seeded_draws_are_the_same_tokens_as_before_the_faster_sort(mix: int, ti
         if ties:  # equal logits in every row (the order among them is torch's, kept)
             logits[:, 5:15] = 0.25
             logits[0, :] = 1.0  # and a row that is all one value
+            logits[-1, 20:60] = 8.0  # and one whose draws land in a long tie at the top
         params = [_MIXES[mix][i % len(_MIXES[mix])] for i in range(batch)]
         now = [SessionRng.seeded(7 + i) for i in range(batch)]
         before = [SessionRng.seeded(7 + i) for i in range(batch)]
@@ -266,16 +273,21 @@ def test_seeded_draws_are_the_same_tokens_as_before_the_faster_sort(mix: int, ti
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_sort_descending_is_torch_sort(ties: bool) -> None:
+def test_sorted_values_and_each_ranks_token_are_torch_sorts(ties: bool) -> None:
     x = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
     if ties:
         x[3, 7] = x[3, 9]
+        x[4, 100:140] = 0.5  # a run of equal values, long enough for torch's order to be its own
         x[5, :] = 0.0
         x[6, 0], x[6, 1] = 0.0, -0.0  # equal, though not the same bits
     values, order = sort_descending(x)
     expected = torch.sort(x, dim=1, descending=True)
-    assert torch.equal(values, expected.values) and torch.equal(order, expected.indices)
-    assert order.dtype == torch.int64
+    assert order is None and torch.equal(values, expected.values)
+    for rank in range(x.shape[1]):
+        ranks = torch.full((x.shape[0], 1), rank, dtype=torch.int64)
+        tokens = ranked_tokens(x, values, ranks)
+        assert tokens.dtype == torch.int64
+        assert torch.equal(tokens, expected.indices[:, rank]), rank
 
 
 def test_a_nan_logit_row_is_sorted_by_torch() -> None:
@@ -283,7 +295,7 @@ def test_a_nan_logit_row_is_sorted_by_torch() -> None:
     x[1, 2] = float("nan")
     values, order = sort_descending(x)
     expected = torch.sort(x, dim=1, descending=True)
-    assert torch.equal(order, expected.indices)
+    assert order is not None and torch.equal(order, expected.indices)
     assert torch.equal(values.isnan(), expected.values.isnan())
 
 
