@@ -23,6 +23,8 @@ FINISH_STOP_TOKEN = "stop_token"
 FINISH_STOP_STRING = "stop_string"
 FINISH_MAX_TOKENS = "max_tokens"
 
+_ASCII = tuple(chr(b) for b in range(0x80))
+
 
 @dataclass
 class GenerationLog:
@@ -52,7 +54,9 @@ class TokenText:
         self.sampling = sampling
         self.log = log
         self._tokenizer = tokenizer
+        self._bytes = tokenizer.name == "bytes"
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._mid = False  # the decoder holds the first bytes of a character
         self._tail_len = max((len(s) for s in sampling.stop_strings), default=0)
         self._tail = ""  # recent text, long enough to spot any stop string
         if log.tokens and self._tail_len:  # a retry continues: the stop-string window too
@@ -60,11 +64,13 @@ class TokenText:
 
     def add(self, token: int, position: int) -> GeneratedToken:
         """Record one token the session consumed (reaching `position`)."""
-        text = (
-            self._decoder.decode(bytes([token]))
-            if self._tokenizer.name == "bytes"
-            else (self._tokenizer.decode([token]))
-        )
+        if not self._bytes:
+            text = self._tokenizer.decode([token])
+        elif token < 0x80 and not self._mid:  # ASCII between characters: itself (most tokens)
+            text = _ASCII[token]
+        else:
+            text = self._decoder.decode(bytes((token,)))
+            self._mid = bool(self._decoder.getstate()[0])
         reason: str | None = None
         if token in self.sampling.stop_token_ids:
             reason = FINISH_STOP_TOKEN
