@@ -51,11 +51,13 @@ class StepScheduler:
         self._inline_max_rows = inline_max_rows  # batches this small run on the loop thread
         # On one CPU the runner thread overlaps nothing and its hand-off costs ~0.06 ms of CPU
         # per token at 64 sessions (measured: 0.31 → 0.24 ms/token, rows per step 27 → 40),
-        # so every batch of one-input rows runs inline: feeds, and generations once each has
-        # its first token (`_inline_limit`). The window yields the loop ticks between steps,
-        # in which the generations' tokens are sent (64 generations: 59 → 52 µs of CPU a
-        # token, README "Eleventh pass"). Before the window had its ticks, back-to-back inline
-        # generation steps starved that loop (~3 rows per step, ~1 s to the first token).
+        # so every batch of one-input feeds runs inline. Not with generations: back-to-back
+        # inline steps starve the loop that sends their tokens (measured: 64 generations fell
+        # to ~3 rows per step and ~1 s to the first token). With the window's ticks between
+        # steps, inline steps once each generation has its first token raised 64 generations'
+        # tokens/s by 13-18% but tripled the inter-token p99 (12.7 -> 35 ms; 16 sessions 1.8
+        # -> 17 ms): a loop that never waits sends each stream's tokens in bursts. Not taken
+        # (README, "Eleventh pass").
         one_cpu = inline_max_rows > 0 and _one_cpu()  # 0 still means never
         self._inline_feed_rows = max_batch_size if one_cpu else inline_max_rows
         # After each step: journal it (`commit`: group commit of its records; None: no
@@ -203,12 +205,12 @@ class StepScheduler:
 
     def _inline_limit(self, gens: list[Generation]) -> int:
         """The most rows a step with generations may run inline: none while one of them waits
-        for its first token, else as many as feeds may. An inline step blocks the loop, so
-        generations started together would be taken in one per step; on the runner thread the
-        loop takes in the next calls meanwhile, and they join the following step."""
+        for its first token. An inline step blocks the loop, so generations started together
+        would be taken in one per step; on the runner thread the loop takes in the next calls
+        meanwhile, and they join the following step."""
         if any(g.last_token_at is None for g in gens):
             return 0
-        return self._inline_feed_rows
+        return self._inline_max_rows
 
     def _take(self, room: int) -> list[QueuedRow]:
         """Up to `room` pending rows (at least one, so feeds progress beside generations)."""

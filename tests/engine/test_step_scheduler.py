@@ -277,26 +277,22 @@ async def test_on_one_cpu_every_one_input_batch_runs_on_the_loop_thread(
     assert on_loop == [one_cpu and inline_max_rows > 0, False]
 
 
-@pytest.mark.parametrize("one_cpu", [True, False])
-async def test_on_one_cpu_generation_steps_run_inline_once_each_has_its_first_token(
-    scheduler: Any, monkeypatch: pytest.MonkeyPatch, one_cpu: bool
+async def test_on_one_cpu_steps_with_generations_still_go_to_the_runner_thread(
+    scheduler: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The runner thread overlaps nothing on one CPU: once no generation waits for its first
-    token, their steps run on the loop thread, many rows at a time (the window's ticks between
-    steps send their tokens). With more CPUs only a lone row does."""
-    monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: one_cpu)
+    """Back-to-back inline generation steps would starve the loop that sends their tokens:
+    each stream's tokens would go out in bursts (README, "Eleventh pass")."""
+    monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: True)
     runner = FakeRunner()
     s = scheduler(runner)
-    gens = [
-        Generation(FakeLease(slot=slot), SamplingParams(max_tokens=3), ByteTokenizer())  # type: ignore[arg-type]
-        for slot in (7, 8)
-    ]
-    for gen in gens:
-        s.start_generation(gen)
-    await asyncio.wait_for(asyncio.gather(*(g.retired for g in gens)), 5)
-    assert runner.batches == [[7, 8], [7, 8], [7, 8]]
+    gen = Generation(FakeLease(slot=7), SamplingParams(max_tokens=2), ByteTokenizer())  # type: ignore[arg-type]
+    s.start_generation(gen)
+    beside = s.submit([(Owner(), feed(2))])
+    await asyncio.wait_for(beside.future, 5)
+    await asyncio.wait_for(gen.retired, 5)
+    assert runner.batches == [[7, 2], [7]]
     main = threading.current_thread()
-    assert [t is main for t in runner.threads] == [False, one_cpu, one_cpu]
+    assert [t is main for t in runner.threads] == [False, True]  # a lone row stays inline
 
 
 async def test_generations_stay_in_the_batch_until_they_finish(scheduler: Any) -> None:
