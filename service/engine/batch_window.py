@@ -66,6 +66,9 @@ GENERATION_BURST_TICKS = 8
 SATURATED_TICKS = 8
 SATURATED_SHARE = 0.75
 BUSY_SAMPLE_SECONDS = 0.01
+# The most ticks a step with generations waits for their consumers to take the last step's
+# tokens (each consumer takes its next token once gRPC has sent the one before).
+SEND_TICKS = 16
 # The most generations one window takes in before it steps. Calls that keep coming would
 # otherwise hold it open (a generation is not a queued row, so no full batch ends it) and the
 # running generations' next tokens with it; each call costs the loop ~0.2 ms to take in.
@@ -75,6 +78,15 @@ GENERATION_WINDOW_ARRIVALS = 32
 class _Queued(Protocol):
     @property
     def row(self) -> Any: ...
+
+
+class _Sending(Protocol):
+    """A generation as the window sees it: its tokens on their way to its consumer."""
+
+    cancelled: bool
+
+    @property
+    def tokens(self) -> Any: ...
 
 
 class BatchWindow:
@@ -98,7 +110,9 @@ class BatchWindow:
         self._last_rows = len(slots)
         self._lone = slots[0] if len(slots) == 1 else None
 
-    async def gather(self, pending: Sequence[_Queued], generations: Sequence[object]) -> None:
+    async def gather(
+        self, pending: Sequence[_Queued], generations: Sequence[_Sending]
+    ) -> None:
         """Yield ticks until enough in a row bring nothing new, or a full batch waits. Both
         lists only grow while the window is open: a Generate call taken in (a generation) is
         company as much as a queued feed."""
@@ -106,12 +120,18 @@ class BatchWindow:
         quiet_ticks = self._quiet_ticks(pending, bool(generations))
         started = len(generations)
         first = seen = len(pending) + started
-        quiet = 0
+        quiet = sending = 0
         while (
-            quiet < quiet_ticks
-            and len(pending) < self._max_batch
+            len(pending) < self._max_batch
             and len(generations) - started < GENERATION_WINDOW_ARRIVALS
         ):
+            if quiet >= quiet_ticks:
+                # Quiet; but a generation's consumer that has not taken the last step's token
+                # is still sending the one before: stepping again at once made each stream's
+                # tokens go out in bursts on one core. Wait for it, `SEND_TICKS` at most.
+                if sending >= SEND_TICKS or not _sending(generations):
+                    break
+                sending += 1
             _yield_cpu()
             await asyncio.sleep(0)
             now = len(pending) + len(generations)
@@ -145,6 +165,11 @@ class BatchWindow:
                 self._busy = 1.0
             self._sampled_at, self._sampled_cpu, self._in_windows = now, cpu, 0.0
         return self._busy >= SATURATED_SHARE
+
+
+def _sending(generations: Sequence[_Sending]) -> bool:
+    """Whether a generation's consumer has a token it has not taken (it is sending another)."""
+    return any(g.tokens.qsize() and not g.cancelled for g in generations)
 
 
 _STATS: dict[int, int] = {}  # thread id -> open descriptor of its schedstat (Linux)

@@ -15,6 +15,7 @@ from service.engine.batch_window import (
     GENERATION_WINDOW_ARRIVALS,
     SATURATED_SHARE,
     SATURATED_TICKS,
+    SEND_TICKS,
     BatchWindow,
 )
 
@@ -43,6 +44,15 @@ def clocks(monkeypatch: pytest.MonkeyPatch) -> LoopClocks:
     return clocks
 
 
+class FakeGeneration:
+    """A generation as the window sees it: `unsent` tokens its consumer has not taken."""
+
+    def __init__(self, unsent: int = 0) -> None:
+        self.unsent = unsent
+        self.cancelled = False
+        self.tokens = SimpleNamespace(qsize=lambda: self.unsent)
+
+
 def _rows(*slots: int) -> list[Any]:
     return [SimpleNamespace(row=SimpleNamespace(slot=s)) for s in slots]
 
@@ -50,7 +60,7 @@ def _rows(*slots: int) -> list[Any]:
 async def _gather(window: BatchWindow, pending: list[Any], generating: bool) -> None:
     """A window whose only arrivals are rows queued in `pending` (beside one running
     generation, if `generating`)."""
-    await window.gather(pending, ["running"] if generating else [])
+    await window.gather(pending, [FakeGeneration()] if generating else [])
 
 
 @pytest.fixture
@@ -125,7 +135,7 @@ async def test_a_generation_started_in_the_window_is_company_too(
     them as arrivals all the same, so a burst of them is taken into one step, not one by one."""
     window = BatchWindow(max_batch=64)
     window.stepped([5])
-    generations = ["running"]
+    generations: list[Any] = [FakeGeneration()]
     calls_to_come = [3]
     seen: list[int] = []
 
@@ -133,7 +143,7 @@ async def test_a_generation_started_in_the_window_is_company_too(
         seen.append(1)
         if calls_to_come[0]:
             calls_to_come[0] -= 1
-            generations.append("new")  # a Generate call taken in on each of the first three ticks
+            generations.append(FakeGeneration())  # a call taken in on each of the first three ticks
 
     monkeypatch.setattr(batch_window, "_yield_cpu", tick)
     await window.gather([], generations)
@@ -151,12 +161,12 @@ async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
     GENERATION_WINDOW_ARRIVALS of them, so the running generations' next tokens wait for no
     more than that. Queued feeds arriving as fast (beside running generations) stop it only at
     a full batch."""
-    generations = ["running"]
+    generations: list[Any] = [FakeGeneration()]
     seen: list[int] = []
 
     def tick() -> None:
         seen.append(1)
-        generations.append("new")
+        generations.append(FakeGeneration())
         assert len(seen) < 1000, "the window never closed"
 
     monkeypatch.setattr(batch_window, "_yield_cpu", tick)
@@ -173,7 +183,7 @@ async def test_calls_that_keep_coming_do_not_hold_a_generation_step_open(
         pending.extend(_rows(len(pending)))
 
     monkeypatch.setattr(batch_window, "_yield_cpu", feed_tick)
-    await window.gather(pending, ["running"])
+    await window.gather(pending, [FakeGeneration()])
     assert len(seen) == len(pending) == 256  # feeds, beside generations: a full batch ends it
 
 
@@ -232,3 +242,56 @@ def test_the_loop_s_busy_clock_counts_running_and_not_sleeping() -> None:
     start = clock()
     time.sleep(0.1)
     assert clock() - start < 0.03  # asleep (as a loop in epoll): idle
+
+
+async def test_a_step_with_generations_waits_for_their_consumers_to_take_the_last_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Quiet, but a consumer has not taken the last step's token (it is still sending the one
+    before): the window ticks on until it does, so each stream's tokens do not go out in
+    bursts; at most SEND_TICKS more, and a cancelled generation's consumer is not waited for."""
+    window = BatchWindow(max_batch=64)
+    window.stepped([1])  # a step of one row before: two quiet ticks
+    lagging = FakeGeneration(unsent=1)
+    seen: list[int] = []
+
+    def tick() -> None:
+        seen.append(1)
+        if len(seen) == 5:
+            lagging.unsent = 0  # its consumer takes the token on the fifth tick
+
+    monkeypatch.setattr(batch_window, "_yield_cpu", tick)
+    await window.gather([], [FakeGeneration(), lagging])
+    assert len(seen) == 5  # two quiet ticks, then three more until the token was taken
+
+    stuck = FakeGeneration(unsent=3)  # a consumer that does not read
+    window.stepped([1])
+    seen.clear()
+    await window.gather([], [stuck])
+    assert len(seen) == 2 + SEND_TICKS
+
+    stuck.cancelled = True
+    window.stepped([1])
+    seen.clear()
+    await window.gather([], [stuck])
+    assert len(seen) == 2
+
+
+async def test_waiting_for_consumers_does_not_lift_the_bound_on_arrivals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls that keep coming while a consumer lags still end the window after
+    GENERATION_WINDOW_ARRIVALS of them."""
+    window = BatchWindow(max_batch=256)
+    window.stepped([1])
+    generations: list[Any] = [FakeGeneration(unsent=1)]
+    seen: list[int] = []
+
+    def tick() -> None:
+        seen.append(1)
+        if len(seen) > 2:  # quiet for two ticks, then a call on every tick
+            generations.append(FakeGeneration())
+
+    monkeypatch.setattr(batch_window, "_yield_cpu", tick)
+    await window.gather([], generations)
+    assert len(generations) - 1 == GENERATION_WINDOW_ARRIVALS
