@@ -110,9 +110,7 @@ class BatchWindow:
         self._last_rows = len(slots)
         self._lone = slots[0] if len(slots) == 1 else None
 
-    async def gather(
-        self, pending: Sequence[_Queued], generations: Sequence[_Sending]
-    ) -> None:
+    async def gather(self, pending: Sequence[_Queued], generations: Sequence[_Sending]) -> None:
         """Yield ticks until enough in a row bring nothing new, or a full batch waits. Both
         lists only grow while the window is open: a Generate call taken in (a generation) is
         company as much as a queued feed."""
