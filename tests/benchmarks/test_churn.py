@@ -21,7 +21,9 @@ def test_a_small_run_probes_one_session_beside_the_creations() -> None:
     assert probe["count"] > 10  # a feed every 5 ms for a second, answered
     assert 0 < probe["p50"] <= probe["p99"] <= probe["max"]
     cpu = result["server_cpu_us_per_creation"]
-    assert cpu["main_thread"] > 0 and cpu["other_threads"] > 0  # the loop, and the step threads
+    # Counted in clock ticks (10 ms): the loop's share shows in a run this small; the other
+    # threads' (a few chunk steps, store readings only when the store changes) may read 0.
+    assert cpu["main_thread"] > 0 and cpu["other_threads"] >= 0
     assert result["rows_per_step"] >= 1.0  # each creation's prefix was stepped
 
 
