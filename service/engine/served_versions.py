@@ -98,7 +98,7 @@ class ServedVersions:
         """The version `spec` ("" / number / alias) means for a new session now, loaded; a
         loaded one is first checked against its files on disk. What a reading found is used
         again, without reading, while the store's folders report no change since before it."""
-        changes, key = self._changes, (name, spec)
+        changes, key = self._changes, (name, spec_key(spec))
         mark = changes.mark() if changes is not None else 0
         known = self._known.get(key)
         if known is not None and known[0] == mark:
@@ -223,3 +223,11 @@ class ServedVersions:
         self._reader.shutdown(wait=False)  # no new session comes after the schedulers stopped
         if self._changes is not None:
             self._changes.close()
+
+
+def spec_key(spec: str) -> str:
+    """One spelling per meaning of a version spec, for `resolve`'s kept readings: the store
+    reads a spec stripped, and digits as a number, so " 1", "01" and "1" are one entry, not
+    three of the `KNOWN_SPECS` (a client cycling spellings would otherwise clear them all)."""
+    spec = spec.strip()
+    return str(int(spec)) if spec.isascii() and spec.isdigit() else spec

@@ -156,6 +156,23 @@ async def test_new_sessions_read_the_store_on_its_reader_thread_and_again_only_a
     assert threads == ["store-reader_0"] * 4
 
 
+async def test_spellings_of_one_spec_share_one_reading(
+    make_engine: EngineFactory, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store strips a spec and reads digits as a number: "2", "02" and " 2 " are one kept
+    reading; "latest" and "" (no production alias: the latest too) are readings of their own."""
+    engine = await make_engine()
+    publish(store, "tok", TOK, seed=2)
+    await engine.create_session("tok", "2")
+    threads = _count_readings(engine, monkeypatch)
+    for spec in ("2", "02", " 2 ", "0002"):
+        assert (await engine.create_session("tok", spec))[0].version == 2
+    assert threads == []
+    for spec in ("latest", " latest", ""):
+        assert (await engine.create_session("tok", spec))[0].version == 2
+    assert len(threads) == 2  # "latest" once (stripped), "" once
+
+
 async def test_with_registry_notify_off_every_new_session_reads_the_store(
     make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
