@@ -37,6 +37,7 @@ RpcObserver = Callable[[str, str, float], None]  # (method, code name, seconds)
 # Method paths refused with UNAVAILABLE until the server is ready.
 GATED_PREFIXES: tuple[str, ...] = ("/seqserve.v1.",)
 NOT_READY_MESSAGE = "server is starting; retry shortly"
+MAX_WRAPPED_METHODS = 1024
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -51,6 +52,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         self._max_message_bytes = max_message_bytes  # 0 = no check here
         self._ready = ready  # None: always ready
         self._auth = auth  # None: no authentication
+        # path -> (the servicer's handler, ours around it): built once a method, not once a
+        # call (closures, a handler tuple and an `inspect` check each time, per Generate call).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -61,6 +65,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         path = details.method
+        known = self._wrapped.get(path)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(path, handler)
+        if len(self._wrapped) < MAX_WRAPPED_METHODS:  # only registered methods get here
+            self._wrapped[path] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         gated = self._ready is not None and path.startswith(GATED_PREFIXES)
         kwargs = {
             "request_deserializer": _lenient(handler.request_deserializer),

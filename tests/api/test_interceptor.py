@@ -7,10 +7,14 @@ in-band error there is checked for a well-formed ErrorInfo by `support.expect_st
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
 import grpc
 from google.rpc import error_details_pb2
 
 from service import errors
+from service.api.interceptor import ErrorMappingInterceptor
 from service.client.client import SeqServeClient, make_sampling
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 
@@ -112,3 +116,28 @@ async def test_step_queue_full(server_factory: ServerFactory) -> None:
 
 async def _client_of(port: int) -> SeqServeClient:
     return SeqServeClient(f"127.0.0.1:{port}")
+
+
+async def test_a_method_s_handler_is_wrapped_once_not_once_a_call() -> None:
+    """The wrapper around a servicer's handler is built on the method's first call and used
+    again; a different handler for the same path (another servicer) gets its own."""
+    interceptor = ErrorMappingInterceptor(lambda *_: None, ready=lambda: True)
+
+    async def generate(request: object, context: object) -> AsyncIterator[object]:
+        yield request
+
+    handler = grpc.unary_stream_rpc_method_handler(generate)
+    other = grpc.unary_stream_rpc_method_handler(generate)
+    details = SimpleNamespace(method="/seqserve.v1.SessionService/Generate")
+
+    async def serves(h: grpc.RpcMethodHandler):  # type: ignore[no-untyped-def]
+        async def continuation(_details: object) -> grpc.RpcMethodHandler:
+            return h
+
+        return await interceptor.intercept_service(continuation, details)  # type: ignore[arg-type]
+
+    first = await serves(handler)
+    assert first is not handler and first.unary_stream is not generate
+    assert await serves(handler) is first
+    assert (await serves(other)) is not first
+    assert await serves(other) is await serves(other)
