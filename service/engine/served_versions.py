@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.version_loader import VersionLoader
 from service.errors import InvalidArgument, NotFound, SeqServeError
+from service.registry.snapshot import version_number
 from service.registry.store import ModelStore
 from service.registry.store_changes import StoreChanges
 from service.registry.version_rule import VersionRule
@@ -230,4 +231,5 @@ def spec_key(spec: str) -> str:
     reads a spec stripped, and digits as a number, so " 1", "01" and "1" are one entry, not
     three of the `KNOWN_SPECS` (a client cycling spellings would otherwise clear them all)."""
     spec = spec.strip()
-    return str(int(spec)) if spec.isascii() and spec.isdigit() else spec
+    number = version_number(spec)
+    return spec if number is None else str(number)

@@ -29,6 +29,12 @@ PRODUCTION = "production"
 LATEST = "latest"
 
 
+def version_number(spec: str) -> int | None:
+    """The version a stripped spec names by number (ASCII digits), or None: "", "latest" or an
+    alias."""
+    return int(spec) if spec.isascii() and spec.isdigit() else None
+
+
 @dataclass(frozen=True)
 class VersionEntry:
     version: int
@@ -87,8 +93,9 @@ class ModelEntry:
         Raises VersionNotFound / AliasNotFound (NOT_FOUND) or VersionUnusable when the target
         is on disk but refused."""
         spec = spec.strip()
-        if spec.isascii() and spec.isdigit():
-            return self.usable(int(spec)).version
+        number = version_number(spec)
+        if number is not None:
+            return self.usable(number).version
         if spec == LATEST or (spec == "" and self._alias_map().get(PRODUCTION) is None):
             latest = self.latest
             if latest is None:
