@@ -35,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a PNG: latency distribution with p50/p99, latency and throughput over time",
     )
     p.add_argument("--model", default=d.model)
-    p.add_argument("--version", default=d.version, help='"" = production alias or latest')
+    p.add_argument(
+        "--version",
+        default=d.version,
+        help='"" (production alias, else latest), "latest", a number or an alias',
+    )
     p.add_argument(
         "--tokens-per-message",
         type=int,

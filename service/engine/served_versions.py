@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.version_loader import VersionLoader
 from service.errors import InvalidArgument, NotFound, SeqServeError
-from service.registry.snapshot import version_number
 from service.registry.store import ModelStore
 from service.registry.store_changes import StoreChanges
 from service.registry.version_rule import VersionRule
+from service.registry.version_spec import version_number
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ class Takeover:
         position than the copy's asks the tier whose it is, so a client moving between
         replicas is not told FAILED_PRECONDITION by a stale copy."""
         state = self._state
-        if state is None or not _ID_RE.match(session_id):
+        if state is None or not _ID_RE.fullmatch(session_id):
             return
         while (running := self._claiming.get(session_id)) is not None:
             await asyncio.shield(running)  # another request of ours is taking it over

@@ -18,6 +18,7 @@ from service.client.credentials import Credentials
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.registry.version_spec import LATEST, version_number
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -65,18 +66,24 @@ class ModelInfo:
 
 
 async def fetch_model_info(channel: grpc.aio.Channel, model: str, version: str) -> ModelInfo:
-    """Resolve `version` ("" / number / alias) the way the server does, from `GetModel`."""
+    """Resolve `version` ("" / "latest" / number / alias) by the store's rule
+    (`ModelEntry.resolve`), from what `GetModel` tells."""
     detail = (
         await reg_grpc.ModelRegistryStub(channel).GetModel(reg_pb.GetModelRequest(name=model))
     ).model
-    if version == "":
-        resolved = detail.default_version
-    elif version.isdigit():
-        resolved = int(version)
-    elif version in detail.aliases:
-        resolved = detail.aliases[version]
+    wanted = version.strip()
+    number = version_number(wanted)
+    if number is not None:
+        resolved = number
+    elif wanted == "":
+        resolved = detail.default_version  # the server's own resolution of ""
+    elif wanted == LATEST:
+        ok = [v.version for v in detail.versions if v.status == reg_pb.VERSION_STATUS_OK]
+        resolved = max(ok, default=0)
+    elif wanted in detail.aliases:
+        resolved = detail.aliases[wanted]
     else:
-        raise TargetError(f"model {model!r} has no alias {version!r}")
+        raise TargetError(f"model {model!r} has no alias {wanted!r}")
     for entry in detail.versions:
         if entry.version == resolved:
             manifest = json.loads(entry.manifest_json or "{}")

@@ -35,7 +35,7 @@ def validate_alias_name(alias: str) -> None:
         raise InvalidArgument(
             f"alias {quote(alias)} is reserved: it always means the highest version"
         )
-    if not _ALIAS_RE.match(alias):
+    if not _ALIAS_RE.fullmatch(alias):
         raise InvalidArgument(
             f"invalid alias {quote(alias)}: use a lowercase letter then letters, digits, '_', '.' "
             "or '-' (at most 64 characters); digits alone name versions"

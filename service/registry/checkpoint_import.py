@@ -150,7 +150,7 @@ def _take_rnn(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.T
     """Remove the recurrent weights from `tensors`, returned without their prefix."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for name in list(tensors):
-        m = _RNN_KEY_RE.match(name)
+        m = _RNN_KEY_RE.fullmatch(name)
         if m is None:
             continue
         if m["reverse"]:

@@ -22,17 +22,10 @@ from service.models.tokenizer import get_tokenizer
 from service.registry.aliases import ALIASES_FILE, AliasFileError, read_aliases
 from service.registry.manifest import MANIFEST_FILE, Manifest, TokensInput
 from service.registry.parsed_files import ParsedFiles
+from service.registry.version_spec import LATEST, PRODUCTION, version_number
 
 # Canonical version folder names only: "007" and "0" are not versions.
 _VERSION_DIR_RE = re.compile(r"^[1-9][0-9]{0,8}$")
-PRODUCTION = "production"
-LATEST = "latest"
-
-
-def version_number(spec: str) -> int | None:
-    """The version a stripped spec names by number (ASCII digits), or None: "", "latest" or an
-    alias."""
-    return int(spec) if spec.isascii() and spec.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -190,7 +183,9 @@ def scan_model(model_dir: Path) -> ModelEntry:
 
 def version_dir_names(model_dir: Path) -> list[str]:
     try:
-        return [p.name for p in model_dir.iterdir() if _VERSION_DIR_RE.match(p.name) and p.is_dir()]
+        return [
+            p.name for p in model_dir.iterdir() if _VERSION_DIR_RE.fullmatch(p.name) and p.is_dir()
+        ]
     except FileNotFoundError:
         return []
 

@@ -105,7 +105,7 @@ class ModelStore:
 
     def model(self, name: str) -> ModelEntry:
         """Scan one model (cheaper than a full snapshot). Raises ModelNotFound."""
-        if MODEL_NAME_RE.match(name) and (self.root / name).is_dir():  # no listing needed
+        if MODEL_NAME_RE.fullmatch(name) and (self.root / name).is_dir():  # no listing needed
             return scan_model(self.root / name)
         if name in model_dir_names(self.root):
             return scan_model(self.root / name)
@@ -264,7 +264,7 @@ class ModelStore:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        if not MODEL_NAME_RE.match(name):
+        if not MODEL_NAME_RE.fullmatch(name):
             raise InvalidArgument(
                 f"invalid model name {quote(name)}: use lowercase letters, digits, '_', '.' or "
                 "'-', starting with a letter or digit (at most 64 characters)"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from service.errors import DigestMismatch, VersionUnusable
 from service.registry.digests import DigestVerdicts
-from service.registry.snapshot import LATEST, PRODUCTION, ModelEntry
+from service.registry.snapshot import ModelEntry
+from service.registry.version_spec import LATEST, PRODUCTION
 
 
 class VersionRule:

@@ -48,9 +48,9 @@ def parse(text: str, source: str = "tokens file") -> list[_Entry]:
         parts = line.split()
         if (
             len(parts) != 3
-            or not _NAME_RE.match(parts[0])
+            or not _NAME_RE.fullmatch(parts[0])
             or parts[1] not in ROLES
-            or not _HASH_RE.match(parts[2])
+            or not _HASH_RE.fullmatch(parts[2])
         ):
             raise InvalidArgument(
                 f"{source} line {number}: expected '<principal> <role> <sha256 hex>' with role "
@@ -120,7 +120,7 @@ class TokenFile:
 def add_token(path: Path, principal: str, role: str) -> str:
     """A new random token for `principal`: its hash appended to the file (made 0600 if new);
     the token itself is returned, to be shown once."""
-    if not _NAME_RE.match(principal):
+    if not _NAME_RE.fullmatch(principal):
         raise InvalidArgument("principal must be 1-64 characters of A-Z a-z 0-9 _ . @ -")
     if role not in ROLES:
         raise InvalidArgument(f"role must be one of {', '.join(ROLES)}")

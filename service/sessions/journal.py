@@ -246,7 +246,7 @@ class Journal:
         found = []
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.directory):
-                m = _SEGMENT_RE.match(entry.name)
+                m = _SEGMENT_RE.fullmatch(entry.name)
                 if m:
                     found.append((int(m.group(1)), Path(entry.path)))
         return sorted(found)

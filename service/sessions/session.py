@@ -32,7 +32,7 @@ def route_of(session_id: str) -> str:
 
 
 def valid_route(route: str) -> bool:
-    return bool(_ROUTE_RE.match(route))
+    return bool(_ROUTE_RE.fullmatch(route))
 
 
 def made_key(kind: str, request_id: str, owner: str) -> str:

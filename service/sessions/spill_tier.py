@@ -113,7 +113,7 @@ class SpillTier:
             if path.name.endswith(".tmp"):  # a write a crash cut short
                 path.unlink(missing_ok=True)
                 continue
-            if path.suffix != SUFFIX or not _ID_RE.match(path.stem):
+            if path.suffix != SUFFIX or not _ID_RE.fullmatch(path.stem):
                 continue
             size = path.stat().st_size
             self._sizes[path.stem] = size

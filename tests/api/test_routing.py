@@ -19,6 +19,7 @@ def test_the_route_is_read_back_from_the_id() -> None:
     assert valid_route(random_a) and random_a != random_b
     assert route_of("s_abcdefghijklmnop") == "s_abcdefghijklmnop"  # an id from before keys
     assert not valid_route("") and not valid_route("a.b") and not valid_route("x" * 65)
+    assert not valid_route("user-42\n")  # `$` alone would let a trailing newline through
 
 
 async def test_create_takes_the_key_from_metadata_and_forks_inherit_it(

@@ -578,3 +578,16 @@ def test_a_deleted_tokens_file_refuses_every_token(tmp_path: Path) -> None:
     assert tokens.authenticate(token) is None
     with pytest.raises(InvalidArgument):
         add_token(path, "cert:alice", "client")  # certificate names are not token names
+
+
+def test_a_principal_with_a_line_break_is_refused_and_the_file_stays_readable(
+    tmp_path: Path,
+) -> None:
+    # A name that ends in a newline passed `^...$` with `re.match`, and wrote a line of its own
+    # into the tokens file: a file the server then refused whole.
+    path = tmp_path / "tokens"
+    token = add_token(path, "alice", "client")
+    with pytest.raises(InvalidArgument, match="principal"):
+        add_token(path, "mallory\n", "admin")
+    assert len(path.read_text().splitlines()) == 1
+    assert TokenFile(path).authenticate(token) is not None

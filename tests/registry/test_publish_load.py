@@ -84,7 +84,9 @@ def test_frame_model_has_input_projection(store: ModelStore, publish: PublishFn)
         assert "embedding.weight" not in set(f.keys())
 
 
-@pytest.mark.parametrize("name", ["", "Upper", "../escape", ".hidden", "a/b", "x" * 65])
+@pytest.mark.parametrize(
+    "name", ["", "Upper", "../escape", ".hidden", "a/b", "x" * 65, "trailing-newline\n"]
+)
 def test_publish_rejects_unsafe_names(store: ModelStore, name: str) -> None:
     config = small_config()
     with pytest.raises(InvalidArgument, match="invalid model name"):

@@ -114,6 +114,7 @@ def test_scan_ignores_temp_and_non_version_folders(store: ModelStore, publish: P
     (store.root / "m" / ".publish-123-abcd").mkdir()
     (store.root / "m" / "007").mkdir()
     (store.root / "m" / "notes").mkdir()
+    (store.root / "m" / "2\n").mkdir()  # `^...$` with `re.match` read it as version 2
     (store.root / ".trash").mkdir()
     snap = store.snapshot()
     assert list(snap.models) == ["m"]
