@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def _time(fn, min_seconds: float, min_calls: int) -> Timing:  # type: ignore[no-
             return Timing(calls, elapsed)
 
 
-def batched_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing:
-    """One `ModelRunner.execute` of `batch` single-token feed rows (top-5 predictions)."""
+def step_function(model: SequenceModel, batch: int) -> Callable[[], None]:
+    """One `ModelRunner.execute` of `batch` single-token feed rows (top-5 predictions), as a
+    function to call again and again."""
     config = model.config
     pool = StatePool(config, ByteBudget(1 << 34), initial_slots=batch, head=model.head)
     runner = ModelRunner(model, pool)
@@ -61,7 +63,12 @@ def batched_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing
         rows = [Row(slot=s, inputs=tokens[i : i + 1], top_k=5) for i, s in enumerate(slots)]
         runner.execute(StepBatch(rows))
 
-    return _time(step, min_seconds, min_calls=20)
+    return step
+
+
+def batched_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing:
+    """`step_function`'s step, back to back."""
+    return _time(step_function(model, batch), min_seconds, min_calls=20)
 
 
 def stateless_per_token(model: SequenceModel, history: int, min_seconds: float) -> Timing:
