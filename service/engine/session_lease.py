@@ -57,8 +57,8 @@ class Line:
 
 class Lease:
     __slots__ = (
-        "_durability", "_store", "_turn", "granted", "in_flight", "line", "request_id",
-        "session", "version",
+        "_durability", "_generated", "_store", "_turn", "granted", "in_flight", "line",
+        "request_id", "session", "version",
     )  # fmt: skip
 
     def __init__(
@@ -74,6 +74,8 @@ class Lease:
         self._durability = durability
         self.request_id = ""  # the request running on it, named in its journal records
         self._turn: asyncio.Future[None] | None = None  # resolved when a waiting lease's turn comes
+        # The encoder of its generation's journal records (made at its first generated token).
+        self._generated: journal_record.GeneratedRecords | None = None
 
     @property
     def served(self) -> ServedVersion:
@@ -86,9 +88,12 @@ class Lease:
         if row.inputs is None:  # a generated token, fed back in
             assert result.token is not None and row.sampling is not None
             draws = 0 if row.sampling.temperature == 0.0 else 1
-            return journal_record.generated(
-                session.session_id, session.position, result.token, draws, self.request_id
-            )
+            records = self._generated
+            if records is None or records.request_id != self.request_id:
+                records = self._generated = journal_record.GeneratedRecords(
+                    session.session_id, self.request_id
+                )
+            return records.record(session.position, result.token, draws)
         inputs = row.inputs
         if inputs.ndim == 1 and inputs.shape[0] == 1:  # one token: no array on the way
             return journal_record.one_token(

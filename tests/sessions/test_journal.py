@@ -63,6 +63,25 @@ def test_one_token_is_the_same_bytes_as_a_one_token_array(
     assert jr.one_token(SID, 9, token, request_id, top_k, per_position) == many
 
 
+@pytest.mark.parametrize(
+    ("request_id", "steps"),
+    [("", [(0, 0, 0)]), ("gen-1", [(3, 97, 1), (4, 255, 0), (2**40, 2**31 - 1, 1)]),
+     ("é" * 64, [(9, 10, 1)])],  # 128 bytes of UTF-8: the longest request id accepted
+)  # fmt: skip
+def test_a_generations_encoder_writes_the_same_bytes_as_generated(
+    request_id: str, steps: list[tuple[int, int, int]]
+) -> None:
+    encoder = jr.GeneratedRecords(SID, request_id)
+    for position, token, draws in steps:
+        record = encoder.record(position, token, draws)
+        assert record == jr.generated(SID, position, token, draws, request_id)
+        (read,) = jr.decode_stream(record)
+        assert (read.kind, read.session_id, read.position, read.draws) == (
+            jr.GENERATED, SID, position, draws,
+        )  # fmt: skip
+        assert read.tokens is not None and read.tokens.tolist() == [token]
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "newer-version"])
 def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -> None:
     records = _records()
