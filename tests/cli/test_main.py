@@ -104,3 +104,21 @@ def test_a_bad_environment_is_one_line_for_every_command(tmp_path: Path) -> None
             "seqserve: invalid setting sessions.pool_bytes (--pool-bytes, --sessions.pool-bytes, "
             "SEQSERVE_SESSIONS__POOL_BYTES): must be > 0, got -5"
         ]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`seqserve config show | head -1`: the pipe's reader exits before the command writes. No
+    traceback; the exit status a shell gives a command killed by SIGPIPE."""
+    # The entry point, as the console script calls it (`main` alone is not where it is handled).
+    code = "from service.cli.main import run; run()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "config", "show"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the command has imported anything, let alone written
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + 13, stderr  # SIGPIPE is 13 on Linux
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
