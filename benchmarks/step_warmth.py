@@ -5,8 +5,9 @@
 the state stay in the core's caches from one step to the next. A server steps between other
 work: for one session it waits for the next message (the CPU idles), at 64 sessions it handles
 some fifty messages between steps. This runs the same step (`inprocess.step_function`) four
-ways, in interleaved rounds, and reports the median CPU time of the step itself
-(`time.thread_time` around it, nothing else) per step and per row:
+ways, in interleaved rounds, and reports the CPU time of the step itself (`time.thread_time`
+around it, nothing else; the median over the rounds of each round's mean) per step and per
+row, and how long what ran between two steps took (wall time; a sleep overshoots what it asks):
 
 - back to back: nothing between steps (what `compute/step` measures);
 - after an idle gap: the thread sleeps `--gap-us` between steps, as a server waits for a
@@ -65,7 +66,11 @@ def _ways(gap: float, walk_mb: list[int]) -> dict[str, Callable[[], None]]:
 
     def walker(mb: int) -> Callable[[], None]:
         memory = np.zeros(mb * (1 << 20) // 4, dtype=np.float32)
-        return lambda: np.add(memory, 1.0, out=memory)  # read and written once
+
+        def walk() -> None:
+            np.add(memory, 1.0, out=memory)  # every byte read and written once
+
+        return walk
 
     ways: dict[str, Callable[[], None]] = {
         BACK_TO_BACK: lambda: None,
@@ -77,19 +82,32 @@ def _ways(gap: float, walk_mb: list[int]) -> dict[str, Callable[[], None]]:
     return ways
 
 
-def _step_cpu(step: Callable[[], None], between: Callable[[], None], steps: int) -> float:
-    """Mean CPU seconds of one step, `between` run before each."""
-    total = 0.0
+def _step_cpu(
+    step: Callable[[], None], between: Callable[[], None], steps: int
+) -> tuple[float, float]:
+    """Mean CPU seconds of one step, `between` run before each; and the mean wall seconds
+    `between` took."""
+    total = gaps = 0.0
     for _ in range(steps):
+        gap_started = time.perf_counter()
         between()
+        gaps += time.perf_counter() - gap_started
         started = time.thread_time()
         step()
         total += time.thread_time() - started
-    return total / steps
+    return total / steps, gaps / steps
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server runs its steps
+    try:
+        return _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
     model = load_model(args.store, args.model)
     ways = _ways(args.gap_us / 1e6, args.walk_mb)
     results: list[dict[str, float | int | str]] = []
@@ -98,10 +116,13 @@ def measure(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
         for _ in range(20):
             step()  # warm up: fused weights built, buffers allocated
         per_mode: dict[str, list[float]] = {mode: [] for mode in ways}
+        gaps: dict[str, list[float]] = {mode: [] for mode in ways}
         for round_ in range(args.rounds):
             order = list(ways) if round_ % 2 == 0 else list(reversed(ways))
             for mode in order:
-                per_mode[mode].append(_step_cpu(step, ways[mode], args.steps))
+                cpu, gap = _step_cpu(step, ways[mode], args.steps)
+                per_mode[mode].append(cpu)
+                gaps[mode].append(gap)
         base = statistics.median(per_mode[BACK_TO_BACK])
         for mode in ways:
             seconds = statistics.median(per_mode[mode])
@@ -109,6 +130,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
                 {
                     "rows": rows,
                     "way": mode,
+                    "gap_us": statistics.median(gaps[mode]) * 1e6,
                     "step_us": seconds * 1e6,
                     "per_row_us": seconds * 1e6 / rows,
                     "vs_back_to_back": seconds / base,
@@ -123,13 +145,13 @@ def render(results: list[dict[str, float | int | str]], args: argparse.Namespace
         f"step CPU (median of {args.rounds} rounds of {args.steps} steps; gap "
         f"{args.gap_us:.0f} µs)",
         "",
-        "| rows | way | µs a step | µs a row | ÷ back to back | rounds (µs a step) |",
-        "|---:|---|---:|---:|---:|---|",
+        "| rows | way | µs between | µs a step | µs a row | ÷ back to back | rounds (µs a step) |",
+        "|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['rows']} | {r['way']} | {r['step_us']:.1f} | {r['per_row_us']:.1f} | "
-            f"{r['vs_back_to_back']:.2f} | {r['rounds_us']} |"
+            f"| {r['rows']} | {r['way']} | {r['gap_us']:.0f} | {r['step_us']:.1f} | "
+            f"{r['per_row_us']:.1f} | {r['vs_back_to_back']:.2f} | {r['rounds_us']} |"
         )
     return "\n".join(lines)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 
 import grpc
@@ -78,11 +77,9 @@ async def _close(session: ClientSession) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        # A reader that goes away (`| head`) ends it with BrokenPipeError once `_generate` has
+        # closed the session; `seqserve`'s entry point ends the command quietly then.
         asyncio.run(_generate(args))
-    except BrokenPipeError:  # the reader went away (`| head`): the session is closed, no error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
-        return 0
     except grpc.aio.AioRpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

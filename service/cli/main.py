@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import signal
 import sys
 from typing import Any
@@ -97,12 +98,25 @@ def run() -> None:
         code = main()
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
     except BrokenPipeError:
-        # `seqserve models list | head -1`: the reader closed the pipe. Quietly, as `cat` does:
+        if not _stdout_gone():
+            raise  # another pipe broke: a real error
+        # `seqserve config show | head -1`: the reader closed the pipe. Quietly, as `cat` does:
         # point stdout at /dev/null so the interpreter's own flush at exit cannot fail again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
     sys.exit(code)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone away (poll reports an error on
+    such a pipe's writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or no real descriptor
+        return False
 
 
 if __name__ == "__main__":

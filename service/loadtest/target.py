@@ -66,8 +66,9 @@ class ModelInfo:
 
 
 async def fetch_model_info(channel: grpc.aio.Channel, model: str, version: str) -> ModelInfo:
-    """Resolve `version` ("" / "latest" / number / alias) by the store's rule
-    (`ModelEntry.resolve`), from what `GetModel` tells."""
+    """Resolve `version` ("" / "latest" / number / alias) as the server does for a new session
+    (`VersionRule.version_for`: the store's resolution, "latest" skipping a refused version),
+    from what `GetModel` tells."""
     detail = (
         await reg_grpc.ModelRegistryStub(channel).GetModel(reg_pb.GetModelRequest(name=model))
     ).model
@@ -84,6 +85,8 @@ async def fetch_model_info(channel: grpc.aio.Channel, model: str, version: str) 
         resolved = detail.aliases[wanted]
     else:
         raise TargetError(f"model {model!r} has no alias {wanted!r}")
+    if resolved == 0:  # "" or "latest", and every version refused
+        raise TargetError(f"model {model!r} has no usable version")
     for entry in detail.versions:
         if entry.version == resolved:
             manifest = json.loads(entry.manifest_json or "{}")

@@ -68,7 +68,7 @@ class CallAuth:
         for item in context.invocation_metadata() or ():
             if item.key == CLIENT_HEADER:
                 name = str(item.value).strip()
-        if not _CN_RE.match(name):
+        if not _CN_RE.fullmatch(name):
             raise Unauthenticated(
                 f"proxy {proxy.name} forwarded no usable client identity ({CLIENT_HEADER})"
             )
@@ -81,7 +81,7 @@ class CallAuth:
         if not names:
             return None
         name = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
-        if not _CN_RE.match(name):
+        if not _CN_RE.fullmatch(name):
             raise Unauthenticated("the client certificate's common name cannot name a principal")
         # Its own namespace: a certificate never stands for a token's principal, nor the reverse.
         return Principal(f"cert:{name}", "client")

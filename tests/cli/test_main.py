@@ -122,3 +122,35 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + 13, stderr  # SIGPIPE is 13 on Linux
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_run_lets_a_pipe_other_than_stdout_break_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a reader of stdout that went away is quiet; another broken pipe is an error."""
+    from service.cli import main as cli_main
+
+    def broken() -> int:
+        raise BrokenPipeError("some other pipe")
+
+    monkeypatch.setattr(cli_main, "main", broken)
+    with pytest.raises(BrokenPipeError, match="some other pipe"):
+        cli_main.run()  # stdout here is pytest's capture, not a broken pipe
+
+
+def test_generate_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    """`seqserve generate ... | head -c 5` against a real server: the reader stops after five
+    bytes; the command closes its session and ends with the SIGPIPE status, no traceback."""
+    from tests.bundled_server import bundled_server
+
+    with bundled_server(tmp_path / "server") as ports:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli.main", "generate", "--target",
+             f"127.0.0.1:{ports['port']}", "--model", "bytes-lstm", "--prompt", "def ",
+             "--max-tokens", "2000", "--seed", "1"],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        assert len(proc.stdout.read(5)) == 5
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 128 + 13, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -1,5 +1,6 @@
-"""`fetch_model_info`: the load generator reads a version spec by the store's rule, against a
-real in-process server whose store has two versions and an alias."""
+"""`fetch_model_info`: the load generator reads a version spec as the server does for a new
+session, against a real in-process server whose store has a refused newest version, an alias,
+and a model with no usable version at all."""
 
 from __future__ import annotations
 
@@ -10,32 +11,50 @@ import torch
 
 from service.loadtest import TargetError
 from service.loadtest.target import fetch_model_info, open_channel
-from service.models import SequenceModel
+from service.models import ModelConfig, SequenceModel
 from service.registry.manifest import Training
 from service.registry.store import ModelStore
+from service.registry.version_rule import VersionRule
 from tests.loadtest.conftest import TOKEN_CONFIG
 
 
-@pytest.fixture
-def two_versions(store_root: Path) -> None:
-    """`tok` gets a version 2 and the alias `stable` → 1, before the server starts."""
-    store = ModelStore(store_root)
-    torch.manual_seed(7)
+def _publish(store: ModelStore, name: str, config: ModelConfig, seed: int) -> None:
+    torch.manual_seed(seed)
     store.publish(
-        "tok", TOKEN_CONFIG, SequenceModel(TOKEN_CONFIG).state_dict(), description="v2",
-        training=Training(data="random init", steps=0, seed=7),
+        name, config, SequenceModel(config).state_dict(), description=f"seed {seed}",
+        training=Training(data="random init", steps=0, seed=seed),
     )  # fmt: skip
+
+
+def _break_weights(store: ModelStore, name: str, version: int) -> None:
+    """Flip the last byte of a version's weights: the server refuses it (digest mismatch)."""
+    path = store.root / name / str(version) / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def versions(store_root: Path) -> None:
+    """Before the server starts: `tok` gets a version 2, the alias `stable` → 1, and a version 3
+    whose weights are broken (the newest, refused); `frames`' only version is broken too."""
+    store = ModelStore(store_root)
+    _publish(store, "tok", TOKEN_CONFIG, 7)
     store.set_alias("tok", "stable", 1)
+    _publish(store, "tok", TOKEN_CONFIG, 8)
+    _break_weights(store, "tok", 3)
+    _break_weights(store, "frames", 1)
 
 
 @pytest.mark.parametrize(
     ("spec", "version"),
     [("", 2), ("latest", 2), (" latest ", 2), ("1", 1), (" 1 ", 1), ("2", 2), ("stable", 1)],
 )
-async def test_a_spec_resolves_as_the_store_resolves_it(
-    two_versions: None, target: str, store_root: Path, spec: str, version: int
+async def test_a_spec_resolves_as_the_server_resolves_it(
+    versions: None, target: str, store_root: Path, spec: str, version: int
 ) -> None:
-    assert ModelStore(store_root).resolve("tok", spec) == version  # the store's own reading
+    entry = ModelStore(store_root).model("tok")
+    assert VersionRule().version_for(entry, spec) == version  # the server's own reading
     channel = open_channel(target)
     try:
         info = await fetch_model_info(channel, "tok", spec)
@@ -47,16 +66,21 @@ async def test_a_spec_resolves_as_the_store_resolves_it(
 
 
 @pytest.mark.parametrize(
-    ("spec", "error"),
-    [("beta", "no alias 'beta'"), ("\u0661", "no alias"), ("3", "no version 3")],
+    ("model", "spec", "error"),
+    [
+        ("tok", "beta", "no alias 'beta'"),
+        ("tok", "\u0661", "no alias"),  # ARABIC-INDIC DIGIT ONE: str.isdigit, but no version
+        ("tok", "4", "no version 4"),
+        ("frames", "", "no usable version"),
+        ("frames", "latest", "no usable version"),
+    ],
 )
-async def test_a_spec_the_store_refuses_is_refused(
-    two_versions: None, target: str, spec: str, error: str
+async def test_a_spec_the_server_refuses_is_refused(
+    versions: None, target: str, model: str, spec: str, error: str
 ) -> None:
-    # "\u0661" (ARABIC-INDIC DIGIT ONE) passes str.isdigit, but names no version in the store
     channel = open_channel(target)
     try:
         with pytest.raises(TargetError, match=error):
-            await fetch_model_info(channel, "tok", spec)
+            await fetch_model_info(channel, model, spec)
     finally:
         await channel.close()

@@ -1,0 +1,64 @@
+"""`CallAuth` on its own: which certificate names and proxy-forwarded names make a principal."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from service.errors import Unauthenticated
+from service.security.call_auth import CLIENT_HEADER, CallAuth
+from service.security.principal import Principal
+
+METHOD = "/seqserve.v1.SessionService/Step"
+
+
+class Context:
+    """What `CallAuth` reads of a call: its metadata and its TLS peer's common name."""
+
+    def __init__(self, common_name: bytes | None = None, **metadata: str) -> None:
+        self._common_name = common_name
+        self._metadata = [
+            SimpleNamespace(key=k.replace("_", "-"), value=v) for k, v in metadata.items()
+        ]
+
+    def invocation_metadata(self) -> list[Any]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {} if self._common_name is None else {"x509_common_name": [self._common_name]}
+
+
+def test_a_certificates_common_name_is_the_principal() -> None:
+    auth = CallAuth(tokens=None, client_certificates=True)
+    assert auth.principal(METHOD, Context(b"alice@example.org")) == Principal(
+        "cert:alice@example.org", "client"
+    )
+
+
+@pytest.mark.parametrize("name", [b"alice\n", b"", b"a/b", b"x" * 65])
+def test_a_common_name_that_cannot_name_a_principal_is_refused(name: bytes) -> None:
+    # `^...$` with `re.match` let "alice\n" through as the principal "cert:alice\n".
+    auth = CallAuth(tokens=None, client_certificates=True)
+    with pytest.raises(Unauthenticated, match="common name"):
+        auth.principal(METHOD, Context(name))
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "principal"),
+    [("alice", "cert:alice"), (" alice\n", "cert:alice"), ("", None), ("a/b", None)],
+)
+def test_a_proxy_forwards_only_a_name_that_can_be_a_principal(
+    forwarded: str, principal: str | None
+) -> None:
+    # The forwarded header is stripped first: surrounding spaces and line breaks are not part
+    # of the name.
+    auth = CallAuth(tokens=None, client_certificates=True)
+    proxy = Principal("nginx", "proxy")
+    context = Context(**{CLIENT_HEADER.replace("-", "_"): forwarded})
+    if principal is not None:
+        assert auth._forwarded(context, proxy) == Principal(principal, "client")
+    else:
+        with pytest.raises(Unauthenticated, match="no usable client identity"):
+            auth._forwarded(context, proxy)
