@@ -78,7 +78,7 @@ async def _close(session: ClientSession) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         # A reader that goes away (`| head`) ends it with BrokenPipeError once `_generate` has
-        # closed the session; `seqserve`'s entry point ends the command quietly then.
+        # closed the session; `seqserve`'s entry point ends the command quietly (status 0).
         asyncio.run(_generate(args))
     except grpc.aio.AioRpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -6,7 +6,6 @@ import argparse
 import importlib
 import os
 import select
-import signal
 import sys
 from typing import Any
 
@@ -100,11 +99,12 @@ def run() -> None:
     except BrokenPipeError:
         if not _stdout_gone():
             raise  # another pipe broke: a real error
-        # `seqserve config show | head -1`: the reader closed the pipe. Quietly, as `cat` does:
-        # point stdout at /dev/null so the interpreter's own flush at exit cannot fail again.
+        # `seqserve config show | head -1`: the reader had what it wanted and closed the pipe.
+        # Not an error (status 0, as `generate` always did); stdout goes to /dev/null so the
+        # interpreter's own flush at exit cannot fail again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        code = 128 + signal.SIGPIPE
+        code = 0
     sys.exit(code)
 
 

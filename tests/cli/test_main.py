@@ -108,7 +108,8 @@ def test_a_bad_environment_is_one_line_for_every_command(tmp_path: Path) -> None
 
 def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     """`seqserve config show | head -1`: the pipe's reader exits before the command writes. No
-    traceback; the exit status a shell gives a command killed by SIGPIPE."""
+    traceback, and no error status (`generate` into `head` likewise: tests/api/
+    test_generate_cli.py)."""
     # The entry point, as the console script calls it (`main` alone is not where it is handled).
     code = "from service.cli.main import run; run()"
     proc = subprocess.Popen(
@@ -120,7 +121,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # gone before the command has imported anything, let alone written
     stderr = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 128 + 13, stderr  # SIGPIPE is 13 on Linux
+    assert proc.wait(timeout=120) == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
 
 
@@ -134,23 +135,3 @@ def test_run_lets_a_pipe_other_than_stdout_break_loudly(monkeypatch: pytest.Monk
     monkeypatch.setattr(cli_main, "main", broken)
     with pytest.raises(BrokenPipeError, match="some other pipe"):
         cli_main.run()  # stdout here is pytest's capture, not a broken pipe
-
-
-def test_generate_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
-    """`seqserve generate ... | head -c 5` against a real server: the reader stops after five
-    bytes; the command closes its session and ends with the SIGPIPE status, no traceback."""
-    from tests.bundled_server import bundled_server
-
-    with bundled_server(tmp_path / "server") as ports:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli.main", "generate", "--target",
-             f"127.0.0.1:{ports['port']}", "--model", "bytes-lstm", "--prompt", "def ",
-             "--max-tokens", "2000", "--seed", "1"],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stdout is not None and proc.stderr is not None
-        assert len(proc.stdout.read(5)) == 5
-        proc.stdout.close()
-        stderr = proc.stderr.read().decode()
-        assert proc.wait(timeout=120) == 128 + 13, stderr
-    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
