@@ -117,6 +117,22 @@ def test_group_commit_is_one_write_and_reads_back_in_order(tmp_path: Path) -> No
     assert [r.kind for r in again.open()] == [jr.CREATE, jr.TOKENS, jr.GENERATED, jr.FRAMES, jr.END]
 
 
+def test_only_segment_names_are_read_as_segments(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal", fsync="batch")
+    assert list(journal.open()) == []
+    journal.start()
+    journal.append(_records())
+    journal.close()
+    (first,) = (tmp_path / "journal").iterdir()
+    # A copy under a name that is not a segment's (`$` alone let the trailing "\n" through)
+    # must not be read as one: its records would be applied twice.
+    (tmp_path / "journal" / f"{first.name}\n").write_bytes(first.read_bytes())
+    (tmp_path / "journal" / "notes.log").write_bytes(first.read_bytes())
+    again = Journal(tmp_path / "journal")
+    assert [r.kind for r in again.open()] == [jr.CREATE, jr.TOKENS, jr.GENERATED, jr.FRAMES, jr.END]
+    again.close()
+
+
 def test_segments_nobody_pins_are_deleted(tmp_path: Path) -> None:
     journal = _started(tmp_path, fsync="never", segment_bytes=64)
     segments = []

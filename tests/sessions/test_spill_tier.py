@@ -121,6 +121,7 @@ def test_open_indexes_headers_and_refuses_broken_files(tmp_path: Path) -> None:
     (directory / "s_other.spill").write_bytes(first.path("s_abcDEF-_123").read_bytes())
     (directory / ".s_x.spill.123.tmp").write_bytes(b"half a record")  # a crash mid-write
     (directory / "notes.txt").write_text("not ours")
+    (directory / "s_x\n.spill").write_bytes(b"not a session's")  # not an id: `$` before "\n"
 
     second = SpillTier(directory, max_bytes=1 << 20)
     scan = second.open()
@@ -128,9 +129,9 @@ def test_open_indexes_headers_and_refuses_broken_files(tmp_path: Path) -> None:
         assert [h.session_id for h in scan.headers] == ["s_abcDEF-_123"]
         assert set(scan.broken) == {"s_broken", "s_other"}  # s_other holds another session
         assert not (directory / ".s_x.spill.123.tmp").exists()
-        assert (directory / "notes.txt").exists()
-        on_disk = sum(p.stat().st_size for p in directory.glob("*.spill"))
-        assert second.bytes_used == on_disk
+        assert (directory / "notes.txt").exists() and (directory / "s_x\n.spill").exists()
+        ours = [p for p in directory.glob("*.spill") if "\n" not in p.name]
+        assert second.bytes_used == sum(p.stat().st_size for p in ours)
     finally:
         second.close()
 
