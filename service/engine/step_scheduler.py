@@ -57,7 +57,8 @@ class StepScheduler:
         # steps, inline steps once each generation has its first token raised 64 generations'
         # tokens/s by 13-18% but tripled the inter-token p99 (12.7 -> 35 ms; 16 sessions 1.8
         # -> 17 ms): a loop that never waits sends each stream's tokens in bursts. Not taken
-        # (README, "Eleventh pass").
+        # (README, "Eleventh pass"); nor with the window's wait for consumers, whose ticks
+        # held the tail but cost what the inline step saved (README, "Twelfth pass").
         one_cpu = inline_max_rows > 0 and _one_cpu()  # 0 still means never
         self._inline_feed_rows = max_batch_size if one_cpu else inline_max_rows
         # After each step: journal it (`commit`: group commit of its records; None: no

@@ -82,13 +82,17 @@ def _frame(body: bytes) -> bytes:
     return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
-def _head(kind: int, session_id: str, position: int, request_id: str = "") -> bytes:
+def _ids(kind: int, session_id: str, request_id: str) -> tuple[bytes, bytes]:
+    """A body's head around its position: version, kind and session id before it, the request
+    id after it."""
     sid = session_id.encode("ascii")
     rid = request_id.encode("utf-8")[:MAX_REQUEST_ID]
-    return (
-        _HEAD.pack(VERSION, kind, len(sid)) + sid + _POSITION.pack(position)
-        + bytes([len(rid)]) + rid
-    )  # fmt: skip
+    return _HEAD.pack(VERSION, kind, len(sid)) + sid, bytes([len(rid)]) + rid
+
+
+def _head(kind: int, session_id: str, position: int, request_id: str = "") -> bytes:
+    before, after = _ids(kind, session_id, request_id)
+    return before + _POSITION.pack(position) + after
 
 
 def tokens(
@@ -140,25 +144,20 @@ def generated(
 
 
 class GeneratedRecords:
-    """The `generated` records of one generation (one session, one request id), each packed
-    by one struct call: the ids are encoded once, not once a token (0.84 → 0.31 µs a record,
-    one per generated token). The same bytes as `generated`."""
+    """The `generated` records of one generation (one session, one request id): the ids are
+    encoded once, not once a token (one record per generated token). The same bytes as
+    `generated`."""
 
-    __slots__ = ("_body", "_rid", "_sid", "request_id")
+    __slots__ = ("_after", "_before", "request_id")
 
     def __init__(self, session_id: str, request_id: str) -> None:
         self.request_id = request_id
-        self._sid = session_id.encode("ascii")
-        self._rid = request_id.encode("utf-8")[:MAX_REQUEST_ID]
-        # version, kind, id length, id, position, request id length, request id, token, draws
-        self._body = struct.Struct(f"<BBB{len(self._sid)}sQB{len(self._rid)}siB")
+        self._before, self._after = _ids(GENERATED, session_id, request_id)
 
     def record(self, position: int, token: int, draws: int) -> bytes:
-        sid, rid = self._sid, self._rid
-        body = self._body.pack(
-            VERSION, GENERATED, len(sid), sid, position, len(rid), rid, token, draws
+        return _frame(
+            self._before + _POSITION.pack(position) + self._after + _GENERATED.pack(token, draws)
         )
-        return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
 def generation_start(
