@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from service.api import convert
+from service.api import convert, reply_wire
 from service.api.interceptor import checks_its_requests
 from service.api.stream_mux import StreamMux, error_reply
 from service.engine.session_engine import Feed, FeedOutcome, Line, SessionEngine
@@ -113,9 +113,9 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     # ---- Stream items ------------------------------------------------------------------------
 
     async def _feed_items(self, items: list[pb.StreamItem], line: Line) -> pb.StreamResponse:
-        """Plain feeds of one message: one engine call for all, one reply each, in order,
-        written in place into the response that carries them (building each reply on its own
-        and copying it into a response costs a copy per reply)."""
+        """Plain feeds of one message: one engine call for all, one reply each, in order, in
+        one response parsed from the replies' wire bytes (`reply_wire`: cheaper than building
+        them field by field)."""
         refused: dict[int, SeqServeError] = {}
         feeds: list[Feed] = []
         for k, item in enumerate(items):
@@ -127,18 +127,34 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             options = convert.options_from_pb(item.options)
             feeds.append(Feed(item.session_id, inp, options, _expected(item), item.request_id))
         outcomes = iter(await self.engine.feed_many(feeds, line) if feeds else ())
-        response = pb.StreamResponse()
-        add = response.replies.add
+        entries: list[bytes] = []
         for k, item in enumerate(items):
             outcome = refused[k] if k in refused else next(outcomes)
             if isinstance(outcome, SeqServeError):
-                add().CopyFrom(error_reply(item, outcome))
-                continue
-            reply = add(
-                session_id=item.session_id, request_id=item.request_id, position=outcome.position
-            )
-            if not item.options.skip:
-                _fill_prediction(reply, outcome)
+                entries.append(
+                    reply_wire.message_entry(error_reply(item, outcome).SerializeToString())
+                )
+            elif outcome.per_position:
+                reply = pb.StreamReply(
+                    session_id=item.session_id,
+                    request_id=item.request_id,
+                    position=outcome.position,
+                )
+                if not item.options.skip:
+                    _fill_prediction(reply, outcome)
+                entries.append(reply_wire.message_entry(reply.SerializeToString()))
+            else:
+                entries.append(
+                    reply_wire.feed_reply(
+                        item.session_id,
+                        item.request_id,
+                        outcome.position,
+                        None if item.options.skip else outcome.prediction,
+                        outcome.tokenizer,
+                    )
+                )
+        response = pb.StreamResponse()
+        response.MergeFromString(b"".join(entries))
         return response
 
     async def _run_item(self, item: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:

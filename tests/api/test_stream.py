@@ -142,6 +142,50 @@ async def test_items_for_one_session_run_in_order(client: SeqServeClient, store_
     assert await _position(client, sid) == 10
 
 
+async def test_one_message_of_plain_skipped_per_position_and_refused_feeds(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """Each kind of feed reply in one response (written as wire bytes, or as a message for
+    per-position predictions and errors): each as the reference model says, in item order."""
+    plain, skipped, per_pos = [await _create(client) for _ in range(3)]
+    skip = item(skipped, "skip-ü", tokens(4, 5))
+    skip.options.skip = True
+    call = client.sessions.Stream()
+    await call.write(
+        pb.StreamRequest(
+            items=[
+                item(plain, "plain", tokens(200), top_k=256),  # ids of two varint bytes, "\ufffd"
+                skip,
+                item(per_pos, "per-pos", tokens(7, 8, 9), top_k=3, per_position=True),
+                item("s_nobody.1", "gone", tokens(1)),
+            ]
+        )
+    )
+    message = await call.read()
+    await call.done_writing()
+    assert [r.request_id for r in message.replies] == ["plain", "skip-ü", "per-pos", "gone"]
+    r_plain, r_skip, r_per, r_gone = message.replies
+
+    reference = ReferenceSession(store_root, "tok")
+    assert r_plain.position == 1 and r_plain.session_id == plain
+    assert_matches_reference(r_plain.prediction, reference.feed([200])[-1])
+    assert len(r_plain.prediction.tokens.top) == 256
+    assert r_plain.prediction.position == 1
+
+    assert r_skip.position == 2 and r_skip.session_id == skipped
+    assert not r_skip.HasField("prediction")
+
+    reference = ReferenceSession(store_root, "tok")
+    outs = reference.feed([7, 8, 9])
+    assert r_per.position == 3 and len(r_per.per_position) == 3
+    for got, out in zip(r_per.per_position, outs, strict=True):
+        assert_matches_reference(got, out)
+    assert_matches_reference(r_per.prediction, outs[-1])
+
+    assert r_gone.error.code == NOT_FOUND and not r_gone.HasField("prediction")
+    assert await _position(client, skipped) == 2
+
+
 async def test_generate_items_reply_per_token(client: SeqServeClient) -> None:
     a = await _create(client, seed=1)
     b = await _create(client, seed=2)
