@@ -118,39 +118,43 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         them field by field)."""
         refused: dict[int, SeqServeError] = {}
         feeds: list[Feed] = []
+        heads: list[tuple[str, str, bool]] = []  # session id, request id, skip: read once
         for k, item in enumerate(items):
+            session_id, request_id, options = item.session_id, item.request_id, item.options
+            heads.append((session_id, request_id, options.skip))
             try:
                 inp = convert.input_from_pb(item.input)
             except SeqServeError as exc:
                 refused[k] = exc
                 continue
-            options = convert.options_from_pb(item.options)
-            feeds.append(Feed(item.session_id, inp, options, _expected(item), item.request_id))
+            feeds.append(
+                Feed(
+                    session_id,
+                    inp,
+                    convert.options_from_pb(options),
+                    _expected(item),
+                    request_id,
+                )
+            )
         outcomes = iter(await self.engine.feed_many(feeds, line) if feeds else ())
         entries: list[bytes] = []
-        for k, item in enumerate(items):
+        for k, (session_id, request_id, skip) in enumerate(heads):
             outcome = refused[k] if k in refused else next(outcomes)
             if isinstance(outcome, SeqServeError):
-                entries.append(
-                    reply_wire.message_entry(error_reply(item, outcome).SerializeToString())
-                )
+                error = error_reply(items[k], outcome)
+                entries.append(reply_wire.message_entry(error.SerializeToString()))
             elif outcome.per_position:
                 reply = pb.StreamReply(
-                    session_id=item.session_id,
-                    request_id=item.request_id,
-                    position=outcome.position,
+                    session_id=session_id, request_id=request_id, position=outcome.position
                 )
-                if not item.options.skip:
+                if not skip:
                     _fill_prediction(reply, outcome)
                 entries.append(reply_wire.message_entry(reply.SerializeToString()))
             else:
+                prediction = None if skip else outcome.prediction
                 entries.append(
                     reply_wire.feed_reply(
-                        item.session_id,
-                        item.request_id,
-                        outcome.position,
-                        None if item.options.skip else outcome.prediction,
-                        outcome.tokenizer,
+                        session_id, request_id, outcome.position, prediction, outcome.tokenizer
                     )
                 )
         response = pb.StreamResponse()
