@@ -3,10 +3,11 @@
 Building the replies of a 64-feed message through protobuf's Python API costs an `add()` per
 reply and per top-k entry and a call per field: ~3.0 µs a reply with its serialization
 (in-process, 64 replies of a top-5 prediction). Most of a top-k entry's bytes are fixed by its
-token id (the id and its text), so they come from a table made once per tokenizer, with only the
-probability packed per entry; the response is then parsed from all replies' bytes in one call
-(protobuf's C parser), and gRPC serializes it as before: ~2.1 µs a reply, the same message
-(`tests/api/test_reply_wire.py` compares them field for field).
+token id (the id and its text), so they come from a table per tokenizer (an id's entry made
+when the id is first seen), with only the probability packed per entry; the response is then
+parsed from all replies' bytes in one call (protobuf's C parser), and gRPC serializes it as
+before: ~2.2 µs a reply, the same message (`tests/api/test_reply_wire.py` compares them field
+for field, and the bytes).
 
 Field numbers are `seqserve.v1`'s (StreamResponse.replies = 1; StreamReply: session_id = 1,
 request_id = 2, position = 3, prediction = 4; Prediction: tokens = 1, regression = 2,
@@ -17,6 +18,7 @@ position = 3; TokenPrediction.top = 1; TopToken: id = 1, prob = 2, text = 3; Reg
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from service.models.tokenizer import ByteTokenizer
 from service.runtime.step_batch import Prediction
@@ -44,11 +46,11 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = [varint(n) for n in range(1 << 14)]  # lengths and positions up to 16,383: one lookup
+_SMALL = [varint(n) for n in range(1 << 14)]  # lengths and most positions: one lookup (~0.7 MB)
 
 
 def _uint(n: int) -> bytes:
-    return _SMALL[n] if n < 16384 else varint(n)
+    return _SMALL[n] if 0 <= n < 16384 else varint(n)  # varint raises on a negative n
 
 
 def _field(tag: bytes, body: bytes) -> bytes:
@@ -57,22 +59,23 @@ def _field(tag: bytes, body: bytes) -> bytes:
 
 class _TopTable:
     """A top-k entry's bytes around its probability, per token id: (the entry's tag, length,
-    id and the probability's tag) and (its text)."""
+    id and the probability's tag) and (its text). Made for an id when first needed."""
 
     def __init__(self, tokenizer: ByteTokenizer) -> None:
         self._decode = tokenizer.decode_one
-        self.before: list[bytes] = []
-        self.after: list[bytes] = []
+        self.before: dict[int, bytes] = {}
+        self.after: dict[int, bytes] = {}
 
-    def grow(self, token_id: int) -> None:
-        """Entries for every id up to `token_id` (a vocabulary is small and dense)."""
-        for t in range(len(self.before), token_id + 1):
+    def add(self, ids: Sequence[int]) -> None:
+        for t in ids:
+            if t < 0:
+                raise ValueError(f"negative token id in a prediction: {t}")
             text = self._decode(t).encode()
             id_field = _TOP_ID + varint(t) if t else b""  # an id of 0 is the default: not written
             text_field = _field(_TOP_TEXT, text) if text else b""
             size = len(id_field) + 5 + len(text_field)
-            self.before.append(_TOP + _uint(size) + id_field + _TOP_PROB)
-            self.after.append(text_field)
+            self.before[t] = _TOP + _uint(size) + id_field + _TOP_PROB
+            self.after[t] = text_field
 
 
 _TABLES: dict[str, _TopTable] = {}
@@ -85,9 +88,12 @@ def _table(tokenizer: ByteTokenizer) -> _TopTable:
     return table
 
 
-def prediction(pred: Prediction, position: int, tokenizer: ByteTokenizer | None) -> bytes:
-    """A `Prediction` message's bytes, as `convert.fill_prediction` would fill it."""
-    tail = _PRED_POSITION + _uint(position) if position else b""
+def prediction(
+    pred: Prediction, position: int, tokenizer: ByteTokenizer | None, encoded: bytes = b""
+) -> bytes:
+    """A `Prediction` message's bytes, as `convert.fill_prediction` would fill it (`encoded`:
+    the position's varint, when the caller has it)."""
+    tail = _PRED_POSITION + (encoded or _uint(position)) if position else b""
     if pred.values:
         return (
             _field(_REGRESSION, _field(_VALUES, struct.pack(f"<{len(pred.values)}f", *pred.values)))
@@ -95,13 +101,13 @@ def prediction(pred: Prediction, position: int, tokenizer: ByteTokenizer | None)
         )
     assert tokenizer is not None
     table = _table(tokenizer)
-    ids = pred.top_ids
-    if ids and max(ids) >= len(table.before):
-        table.grow(max(ids))
+    ids, probs = pred.top_ids, pred.top_probs
     before, after = table.before, table.after
-    top = b"".join(
-        [before[t] + _FLOAT(p) + after[t] for t, p in zip(ids, pred.top_probs, strict=True)]
-    )
+    try:
+        top = b"".join([before[t] + _FLOAT(p) + after[t] for t, p in zip(ids, probs, strict=True)])
+    except KeyError:  # an id not seen before: make its entry, and again
+        table.add(ids)
+        return prediction(pred, position, tokenizer, encoded)
     return _TOKENS + _uint(len(top)) + top + tail
 
 
@@ -117,10 +123,11 @@ def feed_reply(
     body = _field(_SESSION_ID, session_id.encode()) if session_id else b""
     if request_id:
         body += _field(_REQUEST_ID, request_id.encode())
+    encoded = _uint(position) if position else b""
     if position:
-        body += _POSITION + _uint(position)
+        body += _POSITION + encoded
     if pred is not None:
-        body += _field(_PREDICTION, prediction(pred, position, tokenizer))
+        body += _field(_PREDICTION, prediction(pred, position, tokenizer, encoded))
     return _field(_REPLIES, body)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import struct
+import zlib
 
 import pytest
 
@@ -44,11 +45,9 @@ def _by_wire(
     return response
 
 
-def _token_prediction(rng: random.Random, k: int, zero_prob: bool = False) -> Prediction:
+def _token_prediction(rng: random.Random, k: int) -> Prediction:
     ids = rng.sample(range(256), k)
     probs = sorted((_f32(rng.random()) for _ in range(k)), reverse=True)
-    if zero_prob and probs:
-        probs[-1] = 0.0
     return Prediction(top_ids=ids, top_probs=probs)
 
 
@@ -58,7 +57,7 @@ def _token_prediction(rng: random.Random, k: int, zero_prob: bool = False) -> Pr
 def test_a_token_prediction_reply_is_the_message_the_api_builds(
     position: int, session_id: str, request_id: str
 ) -> None:
-    rng = random.Random(hash((position, session_id, request_id)) & 0xFFFF)
+    rng = random.Random(zlib.crc32(repr((position, session_id, request_id)).encode()))
     for k in (0, 1, 5, 40, 256):  # 40 and 256 entries: the top list's length takes two bytes
         pred = _token_prediction(rng, k)
         wire = _by_wire(session_id, request_id, position, pred)
@@ -121,6 +120,17 @@ def test_many_replies_and_serialized_ones_in_one_response_keep_their_order() -> 
     response = pb.StreamResponse()
     response.MergeFromString(b"".join(entries))
     assert response == expected
+
+
+def test_a_negative_position_or_token_id_is_refused_not_wrapped() -> None:
+    """Neither can come from a step; were one to, a table lookup would have wrapped it to
+    another number silently (the protobuf API wrote it as a ten-byte varint)."""
+    with pytest.raises(ValueError):
+        reply_wire.feed_reply("s", "r", -1, None, TOKENIZER)
+    with pytest.raises(ValueError):
+        reply_wire.feed_reply(
+            "s", "r", 3, Prediction(top_ids=[4, -1], top_probs=[0.5, 0.25]), TOKENIZER
+        )
 
 
 def test_varint() -> None:

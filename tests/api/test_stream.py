@@ -147,9 +147,13 @@ async def test_one_message_of_plain_skipped_per_position_and_refused_feeds(
 ) -> None:
     """Each kind of feed reply in one response (written as wire bytes, or as a message for
     per-position predictions and errors): each as the reference model says, in item order."""
-    plain, skipped, per_pos = [await _create(client) for _ in range(3)]
+    plain, skipped, per_pos, both, other = [await _create(client) for _ in range(5)]
     skip = item(skipped, "skip-ü", tokens(4, 5))
     skip.options.skip = True
+    skip_per_position = item(both, "skip-per-pos", tokens(1, 2), per_position=True)
+    skip_per_position.options.skip = True
+    kindless = item(other, "no-kind")
+    kindless.input.SetInParent()  # an input with none of tokens, text or frames
     call = client.sessions.Stream()
     await call.write(
         pb.StreamRequest(
@@ -158,13 +162,17 @@ async def test_one_message_of_plain_skipped_per_position_and_refused_feeds(
                 skip,
                 item(per_pos, "per-pos", tokens(7, 8, 9), top_k=3, per_position=True),
                 item("s_nobody.1", "gone", tokens(1)),
+                skip_per_position,
+                kindless,
             ]
         )
     )
     message = await call.read()
     await call.done_writing()
-    assert [r.request_id for r in message.replies] == ["plain", "skip-ü", "per-pos", "gone"]
-    r_plain, r_skip, r_per, r_gone = message.replies
+    assert [r.request_id for r in message.replies] == [
+        "plain", "skip-ü", "per-pos", "gone", "skip-per-pos", "no-kind",
+    ]  # fmt: skip
+    r_plain, r_skip, r_per, r_gone, r_both, r_kindless = message.replies
 
     reference = ReferenceSession(store_root, "tok")
     assert r_plain.position == 1 and r_plain.session_id == plain
@@ -183,7 +191,10 @@ async def test_one_message_of_plain_skipped_per_position_and_refused_feeds(
     assert_matches_reference(r_per.prediction, outs[-1])
 
     assert r_gone.error.code == NOT_FOUND and not r_gone.HasField("prediction")
-    assert await _position(client, skipped) == 2
+    assert r_both.position == 2 and r_both.error.code == 0
+    assert not r_both.HasField("prediction") and len(r_both.per_position) == 0  # skip wins
+    assert r_kindless.error.code == INVALID and r_kindless.session_id == other
+    assert await _position(client, skipped) == 2 and await _position(client, other) == 0
 
 
 async def test_generate_items_reply_per_token(client: SeqServeClient) -> None:
