@@ -123,8 +123,9 @@ def feed_reply(
     body = _field(_SESSION_ID, session_id.encode()) if session_id else b""
     if request_id:
         body += _field(_REQUEST_ID, request_id.encode())
-    encoded = _uint(position) if position else b""
+    encoded = b""
     if position:
+        encoded = _uint(position)
         body += _POSITION + encoded
     if pred is not None:
         body += _field(_PREDICTION, prediction(pred, position, tokenizer, encoded))
