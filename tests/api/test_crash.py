@@ -106,3 +106,43 @@ async def test_sigkill_under_load_loses_no_acknowledged_step(
     if segments == "small":  # segments did roll and were deleted on the way
         seqs = [int(p.stem) for p in (tmp_path / "state" / "journal").glob("*.log")]
         assert max(seqs) > 20 and len(seqs) < max(seqs)
+
+
+async def test_a_retry_after_sigkill_gets_the_reply_its_checkpoint_kept(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step with a request id, then the session's idle checkpoint (which records its last
+    reply), then SIGKILL: the restarted server answers the retry with the original reply,
+    per-position predictions included, and applies nothing again."""
+    monkeypatch.setenv("SEQSERVE_SESSIONS__CHECKPOINT_IDLE_SECONDS", "0.2")
+    monkeypatch.setenv("SEQSERVE_SESSIONS__SWEEP_INTERVAL_SECONDS", "0.2")
+    state = tmp_path / "state"
+    server = ServerProcess(store_root, state, tmp_path)
+    request = pb.StepRequest(input=tokens(3, 4, 5), request_id="r-1", expected_position=0)
+    request.options.top_k, request.options.per_position = 7, True
+    try:
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+            request.session_id = created.session.session_id
+            original = await client.sessions.Step(request)
+        record = state / f"{request.session_id}.spill"
+        for _ in range(200):  # the idle checkpoint: a sweep within a second
+            if record.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert record.exists(), server.log_text()
+        server.kill()
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            retried = await client.sessions.Step(request)
+            got = await client.sessions.GetSession(
+                pb.GetSessionRequest(session_id=request.session_id)
+            )
+    finally:
+        server.kill()
+    assert original.position == 3 and len(original.per_position) == 3
+    assert retried == original  # the same reply, every field
+    assert got.session.position == 3  # nothing applied again
+    reference = ReferenceSession(store_root, "tok")
+    assert_matches_reference(retried.prediction, reference.feed([3, 4, 5])[-1])
