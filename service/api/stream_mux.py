@@ -45,12 +45,11 @@ class StreamMux:
     async def run(
         self, messages: AsyncIterable[pb.StreamRequest]
     ) -> AsyncIterator[pb.StreamResponse]:
-        out: Channel[_Ready | None] = Channel()
+        loop = asyncio.get_running_loop()  # once a stream, not once a message
+        out: Channel[_Ready | None] = Channel(loop)
         running: set[asyncio.Task[None]] = set()
         line = Line()
         unfinished: dict[str, int] = {}  # session id → its items on this stream not yet replied
-
-        loop = asyncio.get_running_loop()  # once a stream, not once a message
 
         def spawn(work: Coroutine[Any, Any, None]) -> None:
             task = loop.create_task(work)

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Channel(Generic[T]):
-    __slots__ = ("_items", "_loop", "_waiter")
+    __slots__ = ("_items", "_loop", "_waiter", "on_drained")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._items: deque[T] = deque()
-        self._loop = asyncio.get_running_loop()
+        # Pass the running loop where the caller has it: each lookup is a `getpid` call.
+        self._loop = loop or asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None  # the consumer, waiting for an item
+        # Called once, then cleared, when the consumer next takes the channel's last item.
+        self.on_drained: Callable[[], None] | None = None
 
     def put_nowait(self, item: T) -> None:
         self._items.append(item)
@@ -39,11 +43,15 @@ class Channel(Generic[T]):
                 await waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        return self.get_nowait()
 
     def get_nowait(self) -> T:
         """The oldest item; IndexError when there is none."""
-        return self._items.popleft()
+        item = self._items.popleft()
+        if self.on_drained is not None and not self._items:
+            hook, self.on_drained = self.on_drained, None
+            hook()
+        return item
 
     def empty(self) -> bool:
         return not self._items

@@ -107,12 +107,14 @@ class Generation:
         sampling: SamplingParams,
         tokenizer: ByteTokenizer,
         log: GenerationLog | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,  # the running one (looked up if None)
     ) -> None:
+        loop = loop or asyncio.get_running_loop()
         self.lease = lease
         self.sampling = sampling
         self.log = log if log is not None else GenerationLog(sampling)
-        self.tokens: Channel[GeneratedToken | BaseException] = Channel()
-        self.retired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.tokens: Channel[GeneratedToken | BaseException] = Channel(loop)
+        self.retired: asyncio.Future[None] = loop.create_future()
         self.cancelled = False
         self.started_at = time.perf_counter()
         self.last_token_at: float | None = None

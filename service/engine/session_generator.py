@@ -60,8 +60,9 @@ class SessionGenerator:
                     await self._feeder.run(lease, prompt_inputs)
                 log = GenerationLog(params)
                 lease.remember(request_id, before, log)
-            generation = Generation(lease, log.params, served.tokenizer, log)
-            served.scheduler.start_generation(generation)
+            scheduler = served.scheduler
+            generation = Generation(lease, log.params, served.tokenizer, log, scheduler.loop)
+            scheduler.start_generation(generation)
             lease.in_flight = generation.retired  # the lease outlives the last step
             try:
                 while True:

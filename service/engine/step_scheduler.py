@@ -51,14 +51,12 @@ class StepScheduler:
         self._inline_max_rows = inline_max_rows  # batches this small run on the loop thread
         # On one CPU the runner thread overlaps nothing and its hand-off costs ~0.06 ms of CPU
         # per token at 64 sessions (measured: 0.31 → 0.24 ms/token, rows per step 27 → 40),
-        # so every batch of one-input feeds runs inline. Not with generations: back-to-back
-        # inline steps starve the loop that sends their tokens (measured: 64 generations fell
-        # to ~3 rows per step and ~1 s to the first token). With the window's ticks between
-        # steps, inline steps once each generation has its first token raised 64 generations'
-        # tokens/s by 13-18% but tripled the inter-token p99 (12.7 -> 35 ms; 16 sessions 1.8
-        # -> 17 ms): a loop that never waits sends each stream's tokens in bursts. Not taken
-        # (README, "Eleventh pass"); nor with the window's wait for consumers, whose ticks
-        # held the tail but cost what the inline step saved (README, "Twelfth pass").
+        # so every batch of one-input feeds runs inline, and so does every step of
+        # generations once each has its first token (`_inline_limit`). Inline generation steps
+        # used to send each stream's tokens in bursts (a loop that never waits: inter-token
+        # p99 12.7 → 35 ms at 64, README "Eleventh pass"); now the window waits, without
+        # ticking, until each consumer has taken the last step's token (`BatchWindow`), and
+        # the tail is shorter than with steps on the thread (README, "Fourteenth pass").
         one_cpu = inline_max_rows > 0 and _one_cpu()  # 0 still means never
         self._inline_feed_rows = max_batch_size if one_cpu else inline_max_rows
         # After each step: journal it (`commit`: group commit of its records; None: no
@@ -68,13 +66,18 @@ class StepScheduler:
         )
         self._pending: deque[QueuedRow] = deque()
         self._generations: list[Generation] = []
-        self._window = BatchWindow(max_batch_size)  # when to stop gathering and step
-        self._wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()  # looked up once: each lookup is a getpid call
+        self._window = BatchWindow(max_batch_size, self._loop)  # when to stop gathering and step
+        self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"runner-{model}")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._idle = False  # the loop is parked, waiting for rows: no step runs or gathers
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the scheduler runs on (the one it was made on)."""
+        return self._loop
 
     @property
     def queue_depth(self) -> int:
@@ -206,12 +209,12 @@ class StepScheduler:
 
     def _inline_limit(self, gens: list[Generation]) -> int:
         """The most rows a step with generations may run inline: none while one of them waits
-        for its first token. An inline step blocks the loop, so generations started together
-        would be taken in one per step; on the runner thread the loop takes in the next calls
-        meanwhile, and they join the following step."""
+        for its first token, else as many as a step of feeds. An inline step blocks the loop,
+        so generations started together would be taken in one per step; on the runner thread
+        the loop takes in the next calls meanwhile, and they join the following step."""
         if any(g.last_token_at is None for g in gens):
             return 0
-        return self._inline_max_rows
+        return self._inline_feed_rows
 
     def _take(self, room: int) -> list[QueuedRow]:
         """Up to `room` pending rows (at least one, so feeds progress beside generations)."""

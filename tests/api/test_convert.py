@@ -15,6 +15,7 @@ from service.errors import InvalidArgument
 from service.models import ByteTokenizer, ModelConfig
 from service.pb.seqserve.v1 import session_service_pb2 as spb
 from service.pb.seqserve.v1 import types_pb2 as pb
+from service.runtime.sampler import SamplingParams
 
 
 def _tokens(*ids: int) -> pb.Input:
@@ -69,3 +70,48 @@ def test_a_generated_token_is_written_into_its_reply_in_place() -> None:
     convert.fill_token(last.token, GeneratedToken(66, "B", 4, FINISH_MAX_TOKENS))
     assert (last.token.id, last.token.text) == (66, "B")
     assert last.token.finish_reason == pb.FINISH_REASON_MAX_TOKENS
+
+
+def _fresh_sampling(msg: pb.Sampling, base: SamplingParams) -> SamplingParams:
+    """What `sampling_from_pb` returns, built without the shared table."""
+    return convert._sampling(msg, base)
+
+
+def test_sampling_is_shared_per_message_and_base_with_the_values_of_a_fresh_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(convert, "_SHARED_SAMPLING", {})
+    base = SamplingParams(temperature=0.7, max_tokens=20, stop_strings=("\n",))
+    other_base = SamplingParams(temperature=0.2, top_k=5)
+    msg = pb.Sampling(temperature=1.0, max_tokens=64)
+    first = convert.sampling_from_pb(msg, base)
+    assert first == _fresh_sampling(msg, base)
+    assert first.temperature == 1.0 and first.max_tokens == 64 and first.stop_strings == ("\n",)
+    assert convert.sampling_from_pb(pb.Sampling(temperature=1.0, max_tokens=64), base) is first
+    # The same message on another base falls back to that base's values.
+    elsewhere = convert.sampling_from_pb(msg, other_base)
+    assert elsewhere == _fresh_sampling(msg, other_base) and elsewhere.top_k == 5
+    # A field set to its zero value is set (presence), and differs from one left unset.
+    zero = convert.sampling_from_pb(pb.Sampling(temperature=0.0), base)
+    assert zero.temperature == 0.0 and zero.max_tokens == 20
+    assert convert.sampling_from_pb(pb.Sampling(), base) == base
+    stops = pb.Sampling(stop_strings=["a", "b"], stop_token_ids=[3])
+    assert convert.sampling_from_pb(stops, base) == _fresh_sampling(stops, base)
+    assert convert.sampling_from_pb(stops, base).stop_strings == ("a", "b")
+
+
+def test_the_shared_sampling_table_is_bounded_in_entries_and_message_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client sending ever-new settings, or huge stop strings, cannot grow it."""
+    table: dict[object, object] = {}
+    monkeypatch.setattr(convert, "_SHARED_SAMPLING", table)
+    base = SamplingParams()
+    for n in range(convert._SHARED_SAMPLING_MAX + 50):
+        msg = pb.Sampling(max_tokens=n + 1)
+        assert convert.sampling_from_pb(msg, base).max_tokens == n + 1
+    assert len(table) == convert._SHARED_SAMPLING_MAX
+    table.clear()
+    long = pb.Sampling(stop_strings=["x" * (convert._SHARED_SAMPLING_BYTES + 1)])
+    assert convert.sampling_from_pb(long, base).stop_strings == (long.stop_strings[0],)
+    assert table == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -15,9 +16,9 @@ from service.engine.batch_window import (
     GENERATION_WINDOW_ARRIVALS,
     SATURATED_SHARE,
     SATURATED_TICKS,
-    SEND_TICKS,
     BatchWindow,
 )
+from service.engine.channel import Channel
 
 REAL_BUSY_CLOCK = batch_window._cpu_seconds  # before the fixture below replaces it
 
@@ -48,9 +49,10 @@ class FakeGeneration:
     """A generation as the window sees it: `unsent` tokens its consumer has not taken."""
 
     def __init__(self, unsent: int = 0) -> None:
-        self.unsent = unsent
         self.cancelled = False
-        self.tokens = SimpleNamespace(qsize=lambda: self.unsent)
+        self.tokens: Channel[int] = Channel()
+        for token in range(unsent):
+            self.tokens.put_nowait(token)
 
 
 def _rows(*slots: int) -> list[Any]:
@@ -245,53 +247,58 @@ def test_the_loop_s_busy_clock_counts_running_and_not_sleeping() -> None:
 
 
 async def test_a_step_with_generations_waits_for_their_consumers_to_take_the_last_tokens(
-    monkeypatch: pytest.MonkeyPatch,
+    ticks: list[int],
 ) -> None:
     """Quiet, but a consumer has not taken the last step's token (it is still sending the one
-    before): the window ticks on until it does, so each stream's tokens do not go out in
-    bursts; at most SEND_TICKS more, and a cancelled generation's consumer is not waited for."""
+    before): stepping again at once made each stream's tokens go out in bursts. The window
+    waits until every such consumer has taken it, with no ticks of its own: it is woken by the
+    last one."""
     window = BatchWindow(max_batch=64)
     window.stepped([1])  # a step of one row before: two quiet ticks
-    lagging = FakeGeneration(unsent=1)
-    seen: list[int] = []
+    waiting = [FakeGeneration(unsent=1), FakeGeneration(unsent=1)]
+    caught_up = FakeGeneration()  # took its token already: nothing to wait for
+    taken: list[int] = []
 
-    def tick() -> None:
-        seen.append(1)
-        if len(seen) == 5:
-            lagging.unsent = 0  # its consumer takes the token on the fifth tick
+    async def consumer(generation: FakeGeneration, sends: int) -> None:
+        for _ in range(sends):  # each send takes the loop a few turns
+            await asyncio.sleep(0)
+        taken.append(await generation.tokens.get())
 
-    monkeypatch.setattr(batch_window, "_yield_cpu", tick)
-    await window.gather([], [FakeGeneration(), lagging])
-    assert len(seen) == 5  # two quiet ticks, then three more until the token was taken
-
-    stuck = FakeGeneration(unsent=3)  # a consumer that does not read
-    window.stepped([1])
-    seen.clear()
-    await window.gather([], [stuck])
-    assert len(seen) == 2 + SEND_TICKS
-
-    stuck.cancelled = True
-    window.stepped([1])
-    seen.clear()
-    await window.gather([], [stuck])
-    assert len(seen) == 2
+    sends = zip(waiting, (3, 12), strict=True)
+    consumers = [asyncio.ensure_future(consumer(g, n)) for g, n in sends]
+    await window.gather([], [caught_up, *waiting])
+    assert len(taken) == 2  # stepped only once both consumers had taken their token
+    assert len(ticks) == 2  # the two quiet ticks; the wait itself spins nothing
+    await asyncio.gather(*consumers)
+    assert all(g.tokens.on_drained is None for g in waiting)  # no hook left behind
 
 
-async def test_waiting_for_consumers_does_not_lift_the_bound_on_arrivals(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_a_consumer_that_does_not_read_delays_one_step_at_most_send_wait(
+    ticks: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Calls that keep coming while a consumer lags still end the window after
-    GENERATION_WINDOW_ARRIVALS of them."""
-    window = BatchWindow(max_batch=256)
+    """A client that stops reading holds its token: the window waits SEND_WAIT_SECONDS for it,
+    then steps. After that step it is two tokens behind and not waited for again; nor is a
+    cancelled generation's consumer."""
+    monkeypatch.setattr(batch_window, "SEND_WAIT_SECONDS", 0.05)
+    window = BatchWindow(max_batch=64)
+    stuck = FakeGeneration(unsent=1)
     window.stepped([1])
-    generations: list[Any] = [FakeGeneration(unsent=1)]
-    seen: list[int] = []
+    started = time.monotonic()
+    await window.gather([], [stuck])
+    waited = time.monotonic() - started
+    assert 0.04 <= waited < 2.0
+    assert stuck.tokens.on_drained is None
 
-    def tick() -> None:
-        seen.append(1)
-        if len(seen) > 2:  # quiet for two ticks, then a call on every tick
-            generations.append(FakeGeneration())
+    stuck.tokens.put_nowait(1)  # the next step's token: now two behind
+    window.stepped([1])
+    started = time.monotonic()
+    await window.gather([], [stuck])
+    assert time.monotonic() - started < 0.04
 
-    monkeypatch.setattr(batch_window, "_yield_cpu", tick)
-    await window.gather([], generations)
-    assert len(generations) - 1 == GENERATION_WINDOW_ARRIVALS
+    cancelled = FakeGeneration(unsent=1)
+    cancelled.cancelled = True
+    window.stepped([1])
+    started = time.monotonic()
+    await window.gather([], [cancelled])
+    assert time.monotonic() - started < 0.04
+    assert len(ticks) == 3 * 2  # two quiet ticks a window, nothing more

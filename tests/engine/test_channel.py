@@ -46,3 +46,28 @@ async def test_a_put_and_a_cancel_in_the_same_tick_keep_the_item() -> None:
         await waiting
     assert channel.qsize() == 1
     assert await asyncio.wait_for(channel.get(), 1) == "b"
+
+
+async def test_on_drained_is_called_once_when_the_consumer_takes_the_last_item() -> None:
+    """The step scheduler's window learns from it that a generation's consumer has taken
+    (and handed to gRPC) every token it was given."""
+    channel: Channel[int] = Channel()
+    calls: list[int] = []
+    channel.put_nowait(1)
+    channel.put_nowait(2)
+    channel.on_drained = lambda: calls.append(channel.qsize())
+    assert await channel.get() == 1
+    assert calls == []  # one item still there
+    assert channel.get_nowait() == 2
+    assert calls == [0] and channel.on_drained is None  # called once, then cleared
+    channel.put_nowait(3)
+    assert await channel.get() == 3
+    assert calls == [0]
+
+    channel.on_drained = lambda: calls.append(-1)
+    waiting = asyncio.ensure_future(channel.get())  # an empty channel: the consumer waits
+    await asyncio.sleep(0)
+    assert calls == [0]  # waiting is not taking
+    channel.put_nowait(4)
+    assert await asyncio.wait_for(waiting, 1) == 4
+    assert calls == [0, -1]

@@ -277,22 +277,38 @@ async def test_on_one_cpu_every_one_input_batch_runs_on_the_loop_thread(
     assert on_loop == [one_cpu and inline_max_rows > 0, False]
 
 
-async def test_on_one_cpu_steps_with_generations_still_go_to_the_runner_thread(
-    scheduler: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("one_cpu", "inline_max_rows"), [(True, 1), (False, 1), (True, 0)])
+async def test_on_one_cpu_generation_steps_run_inline_once_each_has_its_first_token(
+    scheduler: Any, monkeypatch: pytest.MonkeyPatch, one_cpu: bool, inline_max_rows: int
 ) -> None:
-    """Back-to-back inline generation steps would starve the loop that sends their tokens:
-    each stream's tokens would go out in bursts (README, "Eleventh pass")."""
-    monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: True)
+    """The window waits for the generations' consumers to take each step's tokens before the
+    next step, so an inline step no longer sends them in bursts: on one CPU, steps of several
+    generations run on the loop thread once none waits for its first token (a step with a new
+    generation still goes to the thread, leaving the loop free to take in the calls arriving
+    with it). Elsewhere only a lone row runs inline; inline_max_rows 0 means never."""
+    monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: one_cpu)
     runner = FakeRunner()
-    s = scheduler(runner)
-    gen = Generation(FakeLease(slot=7), SamplingParams(max_tokens=2), ByteTokenizer())  # type: ignore[arg-type]
-    s.start_generation(gen)
-    beside = s.submit([(Owner(), feed(2))])
-    await asyncio.wait_for(beside.future, 5)
-    await asyncio.wait_for(gen.retired, 5)
-    assert runner.batches == [[7, 2], [7]]
+    s = scheduler(runner, inline_max_rows=inline_max_rows)
+    gens = [
+        Generation(FakeLease(slot=slot), SamplingParams(max_tokens=3), ByteTokenizer())  # type: ignore[arg-type]
+        for slot in (7, 8)
+    ]
+    taken: list[list[int]] = [[], []]
+
+    async def consume(i: int) -> None:
+        while len(taken[i]) < 3:
+            token = await gens[i].tokens.get()
+            assert not isinstance(token, BaseException)
+            taken[i].append(token.token_id)
+
+    for gen in gens:
+        s.start_generation(gen)
+    await asyncio.wait_for(asyncio.gather(*(consume(i) for i in range(2))), 5)
+    await asyncio.wait_for(asyncio.gather(*(g.retired for g in gens)), 5)
+    assert runner.batches == [[7, 8]] * 3
     main = threading.current_thread()
-    assert [t is main for t in runner.threads] == [False, True]  # a lone row stays inline
+    inline = one_cpu and inline_max_rows > 0
+    assert [t is main for t in runner.threads] == [False, inline, inline]
 
 
 async def test_generations_stay_in_the_batch_until_they_finish(scheduler: Any) -> None:
