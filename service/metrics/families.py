@@ -50,25 +50,25 @@ class MetricFamilies:
             "(grpc, or http: the HTTP/JSON API's routes count as the methods they call).",
             ("method", "code", "protocol"), buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self._batch_rows = Histogram(
+        self._batch_rows = BatchHistogram(
             "seqserve_batch_rows",
             "Rows (sessions) in one batched model step.",
-            MV, buckets=BATCH_ROWS_BUCKETS, registry=r,
+            MV, BATCH_ROWS_BUCKETS, r,
         )  # fmt: skip
-        self._step_phase = Histogram(
+        self._step_phase = BatchHistogram(
             "seqserve_step_phase_seconds",
             "Compute time of one batched step, by phase (gather, forward, scatter, sample).",
-            (*MV, "phase"), buckets=LATENCY_BUCKETS, registry=r,
+            (*MV, "phase"), LATENCY_BUCKETS, r,
         )  # fmt: skip
         self._takeover = Histogram(
             "seqserve_takeover_seconds",
             "Taking a session over from the shared state tier: claim, read, version load.",
             MV, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self._step = Histogram(
+        self._step = BatchHistogram(
             "seqserve_step_duration_seconds",
             "Wall time of one batched step as the scheduler sees it, thread hop included.",
-            MV, buckets=LATENCY_BUCKETS, registry=r,
+            MV, LATENCY_BUCKETS, r,
         )  # fmt: skip
         self._queue_wait = BatchHistogram(
             "seqserve_queue_wait_seconds",

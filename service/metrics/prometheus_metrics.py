@@ -19,7 +19,6 @@ import prometheus_client
 from prometheus_client import (
     Counter,
     Gauge,
-    Histogram,
 )
 
 from service.metrics.batch_histogram import HistogramSeries
@@ -41,9 +40,9 @@ class _VersionSeries:
     """Children for one (model, version), resolved once: `labels()` per observation is the
     dominant cost on the hot path otherwise."""
 
-    batch_rows: Histogram
-    phase: dict[str, Histogram]
-    step: Histogram
+    batch_rows: HistogramSeries
+    phase: dict[str, HistogramSeries]
+    step: HistogramSeries
     queue_wait: HistogramSeries
     step_latency: HistogramSeries
     time_to_first_token: HistogramSeries
