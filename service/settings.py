@@ -104,7 +104,9 @@ class EngineSettings(BaseModel):
     inline_max_rows: NonNegative = 1
     """Batched steps of at most this many rows, each of one input, run on the event-loop thread
     instead of the runner thread: for a lone session the thread handoff costs more than it
-    saves. Chunks always go to the runner thread. 0 = never."""
+    saves. A process limited to one CPU runs every such step there (feeds, and generations once
+    each has its first token): the thread overlaps nothing. Chunks always go to the runner
+    thread. 0 = never."""
     max_queue: Positive = 4096
     """Pending steps per model version beyond which new work gets RESOURCE_EXHAUSTED."""
     max_items_per_message: Positive = 1024

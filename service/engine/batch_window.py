@@ -26,7 +26,8 @@ them, `python -m benchmarks.ab burst64 burst64x1 gen1 gen16 gen64 stream1 stream
 token 27.9 → 24.3 ms; closed-loop loads within noise (gen64 8,256 / 8,082 tokens/s).
 
 A window with generations, once quiet, also waits until each generation's consumer has taken
-the last step's token (and handed it to gRPC), at most `SEND_WAIT_SECONDS`: stepping again
+the last step's token (its handler passes it on to gRPC before it next yields the loop), at most
+`SEND_WAIT_SECONDS`: stepping again
 before then sent each stream's tokens in bursts on one core (inter-token p99 11-13 → 26-31 ms
 at 64 generations once the sampler got faster). The wait spins nothing: the last consumer to
 take its token wakes the window (`Channel.on_drained`). A consumer two tokens behind (its client
@@ -137,11 +138,12 @@ class BatchWindow:
         ):
             if quiet >= quiet_ticks:
                 if generations and not waited:
-                    # Quiet; but stepping again before the generations' consumers have sent
+                    # Quiet; but stepping again before the generations' consumers have taken
                     # the last step's tokens made each stream's tokens go out in bursts on one
-                    # core. Wait for them (no ticks: each comes back when its send is done).
+                    # core. Wait for them (no ticks: the last one to take its token wakes us).
                     waited = True
-                    await self._consumers_back(generations)
+                    await self._consumers_caught_up(generations)
+                    seen = max(seen, len(pending) + len(generations))  # calls taken in meanwhile
                     continue
                 break
             _yield_cpu()
@@ -152,11 +154,12 @@ class BatchWindow:
         self._arriving = seen > first
         self._in_windows += _wall_seconds() - opened
 
-    async def _consumers_back(self, generations: Sequence[_Sending]) -> None:
-        """Wait until each generation's consumer that is at most one token behind has sent
-        what it holds and waits for the next (`Channel.behind`), `SEND_WAIT_SECONDS` at most:
-        a consumer that does not read (its client's flow control) delays one step by that
-        much, then falls two tokens behind and is not waited for again until it catches up."""
+    async def _consumers_caught_up(self, generations: Sequence[_Sending]) -> None:
+        """Wait until each generation's consumer that holds exactly the last step's token has
+        taken it (its handler passes it on to gRPC before it next yields the loop),
+        `SEND_WAIT_SECONDS` at most: a consumer that does not read (its client's flow control)
+        delays one step by that much, then falls two tokens behind and is not waited for again
+        until it catches up. One that leaves (`Channel.abandon`) is not waited for either."""
         behind = [g.tokens for g in generations if not g.cancelled and g.tokens.qsize() == 1]
         if not behind:
             return

@@ -49,9 +49,19 @@ class Channel(Generic[T]):
         """The oldest item; IndexError when there is none."""
         item = self._items.popleft()
         if self.on_drained is not None and not self._items:
-            hook, self.on_drained = self.on_drained, None
-            hook()
+            try:
+                self.abandon()  # the same: the hook is called once
+            except BaseException:
+                self._items.appendleft(item)  # a failing hook loses no item
+                raise
         return item
+
+    def abandon(self) -> None:
+        """The consumer takes nothing more (it is gone, or took the last item): call the
+        `on_drained` hook now, if one is set, so nobody waits for it."""
+        hook, self.on_drained = self.on_drained, None
+        if hook is not None:
+            hook()
 
     def empty(self) -> bool:
         return not self._items

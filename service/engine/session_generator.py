@@ -76,3 +76,4 @@ class SessionGenerator:
                         break
             finally:
                 generation.cancelled = True  # the scheduler retires it before the next step
+                generation.tokens.abandon()  # a step waiting for this consumer need not

@@ -57,7 +57,10 @@ class StepScheduler:
         # p99 12.7 → 35 ms at 64, README "Eleventh pass"); now the window waits, without
         # ticking, until each consumer has taken the last step's token (`BatchWindow`), and
         # the tail is shorter than with steps on the thread (README, "Fourteenth pass").
-        one_cpu = inline_max_rows > 0 and _one_cpu()  # 0 still means never
+        # Not with an accelerator: there the runner thread overlaps the loop's work with the
+        # wait for the device, which an inline step would spend blocking the loop.
+        on_cpu = runner.device.type == "cpu"
+        one_cpu = inline_max_rows > 0 and _one_cpu() and on_cpu  # 0 still means never
         self._inline_feed_rows = max_batch_size if one_cpu else inline_max_rows
         # After each step: journal it (`commit`: group commit of its records; None: no
         # journal), hand out the results, report stats and token times.

@@ -4,6 +4,8 @@ a generated token is written into its reply in place."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from service.api import convert
@@ -94,24 +96,42 @@ def test_sampling_is_shared_per_message_and_base_with_the_values_of_a_fresh_one(
     # A field set to its zero value is set (presence), and differs from one left unset.
     zero = convert.sampling_from_pb(pb.Sampling(temperature=0.0), base)
     assert zero.temperature == 0.0 and zero.max_tokens == 20
-    assert convert.sampling_from_pb(pb.Sampling(), base) == base
+    assert convert.sampling_from_pb(pb.Sampling(), base) is base
     stops = pb.Sampling(stop_strings=["a", "b"], stop_token_ids=[3])
     assert convert.sampling_from_pb(stops, base) == _fresh_sampling(stops, base)
     assert convert.sampling_from_pb(stops, base).stop_strings == ("a", "b")
 
 
-def test_the_shared_sampling_table_is_bounded_in_entries_and_message_size(
+def test_an_equal_base_that_is_another_object_gets_its_own_result() -> None:
+    """Bases equal in value can differ (-0.0 == 0.0): each gets exactly what a fresh build
+    from it gives, not what an equal one got."""
+    positive, negative = SamplingParams(temperature=0.0), SamplingParams(temperature=-0.0)
+    assert positive == negative
+    msg = pb.Sampling(max_tokens=7)
+    from_positive = convert.sampling_from_pb(msg, positive)
+    from_negative = convert.sampling_from_pb(msg, negative)
+    assert math.copysign(1.0, from_positive.temperature) == 1.0
+    assert math.copysign(1.0, from_negative.temperature) == -1.0
+    assert convert.sampling_from_pb(pb.Sampling(), negative) is negative
+
+
+def test_the_shared_sampling_table_is_bounded_in_entries_message_and_base_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A client sending ever-new settings, or huge stop strings, cannot grow it."""
+    """A client sending ever-new settings, huge stop strings, or sessions whose defaults carry
+    huge stop strings, cannot grow it: it starts over when full, and keeps neither a long
+    message nor a large base (an entry keeps its base alive)."""
     table: dict[object, object] = {}
     monkeypatch.setattr(convert, "_SHARED_SAMPLING", table)
     base = SamplingParams()
     for n in range(convert._SHARED_SAMPLING_MAX + 50):
         msg = pb.Sampling(max_tokens=n + 1)
         assert convert.sampling_from_pb(msg, base).max_tokens == n + 1
-    assert len(table) == convert._SHARED_SAMPLING_MAX
+        assert 0 < len(table) <= convert._SHARED_SAMPLING_MAX
+    assert len(table) == 50  # started over once full, and kept on sharing
     table.clear()
     long = pb.Sampling(stop_strings=["x" * (convert._SHARED_SAMPLING_BYTES + 1)])
     assert convert.sampling_from_pb(long, base).stop_strings == (long.stop_strings[0],)
+    large = SamplingParams(stop_strings=("y" * (convert._SHARED_SAMPLING_BYTES + 1),))
+    assert convert.sampling_from_pb(pb.Sampling(max_tokens=3), large).max_tokens == 3
     assert table == {}

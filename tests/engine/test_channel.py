@@ -50,7 +50,7 @@ async def test_a_put_and_a_cancel_in_the_same_tick_keep_the_item() -> None:
 
 async def test_on_drained_is_called_once_when_the_consumer_takes_the_last_item() -> None:
     """The step scheduler's window learns from it that a generation's consumer has taken
-    (and handed to gRPC) every token it was given."""
+    every token it was given (`abandon` calls it too: a consumer that leaves takes nothing)."""
     channel: Channel[int] = Channel()
     calls: list[int] = []
     channel.put_nowait(1)

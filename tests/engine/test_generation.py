@@ -1,21 +1,25 @@
-"""TokenText: a generation's tokens as text, and when it ends."""
+"""TokenText: a generation's tokens as text, and when it ends; a consumer that leaves."""
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import random
 
 import pytest
 
+from service.engine import batch_window, session_generator
 from service.engine.generation import (
     FINISH_MAX_TOKENS,
     FINISH_STOP_STRING,
     FINISH_STOP_TOKEN,
+    Generation,
     GenerationLog,
     TokenText,
 )
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams
+from tests.engine.conftest import EngineFactory
 
 # Bytes that exercise every decoder state: ASCII, two/three/four-byte lead bytes, continuation
 # bytes, and bytes that are never valid UTF-8.
@@ -78,3 +82,39 @@ def test_the_finish_reasons() -> None:
 def _finish(tokens: list[int], sampling: SamplingParams) -> str | None:
     text = TokenText(sampling, ByteTokenizer(), GenerationLog(sampling))
     return [text.add(t, i).finish_reason for i, t in enumerate(tokens)][-1]
+
+
+async def test_a_consumer_that_leaves_holding_a_token_does_not_hold_the_other_generations(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step waits for the generations' consumers to take its tokens (`BatchWindow`). A
+    client that goes away while the step waits for it (its generation closed with a token
+    unread) ends that wait at once: the other generations go on without it (the bound on the
+    wait is raised here, so that only the consumer's leaving can end it in time)."""
+    monkeypatch.setattr(batch_window, "SEND_WAIT_SECONDS", 60.0)
+    made: list[Generation] = []
+
+    class Recorded(Generation):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(session_generator, "Generation", Recorded)
+    engine = await make_engine()
+    leaving, _ = await engine.create_session("tok", seed=1)
+    staying, _ = await engine.create_session("tok", seed=2)
+    sampling = SamplingParams(temperature=1.0, max_tokens=30)
+    left = engine.generate(leaving.session_id, sampling=sampling)
+    await anext(left)  # its first token; then its client stops reading
+
+    async def take_all() -> int:
+        return len([t async for t in engine.generate(staying.session_id, sampling=sampling)])
+
+    async def step_waits_for_it() -> None:
+        while not (made and made[0].tokens.on_drained is not None):
+            await asyncio.sleep(0.001)
+
+    other = asyncio.ensure_future(take_all())
+    await asyncio.wait_for(step_waits_for_it(), 20)
+    await left.aclose()  # the client goes away with a token unread
+    assert await asyncio.wait_for(other, 20) == 30

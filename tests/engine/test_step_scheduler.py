@@ -35,7 +35,8 @@ class FakeRunner:
     row with a prediction naming its slot and each generate row with token `slot + 100`. Set
     `fail` to make the next step raise."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)  # where the pool lives (inline steps: CPU only)
         self.batches: list[list[int]] = []
         self.threads: list[threading.Thread] = []
         self.fail: Exception | None = None
@@ -262,19 +263,28 @@ async def test_a_generation_s_first_step_runs_on_the_runner_thread(
     assert [t is main for t in runner.threads] == [False, True, True]
 
 
-@pytest.mark.parametrize(("one_cpu", "inline_max_rows"), [(True, 1), (False, 1), (True, 0)])
+@pytest.mark.parametrize(
+    ("one_cpu", "inline_max_rows", "device"),
+    [(True, 1, "cpu"), (False, 1, "cpu"), (True, 0, "cpu"), (True, 1, "meta")],
+)
 async def test_on_one_cpu_every_one_input_batch_runs_on_the_loop_thread(
-    scheduler: Any, monkeypatch: pytest.MonkeyPatch, one_cpu: bool, inline_max_rows: int
+    scheduler: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    one_cpu: bool,
+    inline_max_rows: int,
+    device: str,
 ) -> None:
     """On one CPU the runner thread overlaps nothing: batches of one-input rows run inline
-    (chunks still go to the thread); inline_max_rows 0 still means never."""
+    (chunks still go to the thread); inline_max_rows 0 still means never, and a pool on an
+    accelerator (here the `meta` device standing in for one) keeps its thread, which overlaps
+    the loop's work with the wait for the device."""
     monkeypatch.setattr("service.engine.step_scheduler._one_cpu", lambda: one_cpu)
-    runner = FakeRunner()
+    runner = FakeRunner(device)
     s = scheduler(runner, inline_max_rows=inline_max_rows)
     await asyncio.wait_for(s.submit([(Owner(), feed(i)) for i in range(4)]).future, 5)
     await asyncio.wait_for(s.submit([(Owner(), feed(9, tokens=3))]).future, 5)
     on_loop = [t is threading.current_thread() for t in runner.threads]
-    assert on_loop == [one_cpu and inline_max_rows > 0, False]
+    assert on_loop == [one_cpu and inline_max_rows > 0 and device == "cpu", False]
 
 
 @pytest.mark.parametrize(("one_cpu", "inline_max_rows"), [(True, 1), (False, 1), (True, 0)])
