@@ -19,7 +19,8 @@ from service.engine.generation import (
 )
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams
-from tests.engine.conftest import EngineFactory
+
+from .conftest import EngineFactory
 
 # Bytes that exercise every decoder state: ASCII, two/three/four-byte lead bytes, continuation
 # bytes, and bytes that are never valid UTF-8.
