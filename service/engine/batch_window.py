@@ -27,13 +27,12 @@ token 27.9 → 24.3 ms; closed-loop loads within noise (gen64 8,256 / 8,082 toke
 
 A window with generations, once quiet, also waits until each generation's consumer has taken
 the last step's token (its handler passes it on to gRPC before it next yields the loop), at most
-`SEND_WAIT_SECONDS`: stepping again
-before then sent each stream's tokens in bursts on one core (inter-token p99 11-13 → 26-31 ms
-at 64 generations once the sampler got faster). The wait spins nothing: the last consumer to
-take its token wakes the window (`Channel.on_drained`). A consumer two tokens behind (its client
-is not reading) is not waited for; one that stops reading delays a single step by the bound.
-It replaced up to 16 ticks of polling, and let generation steps run on the loop thread (README,
-"Fourteenth pass").
+`SEND_WAIT_SECONDS`: stepping again before then sent each stream's tokens in bursts on one core
+(inter-token p99 11-13 → 26-31 ms at 64 generations once the sampler got faster). The wait
+spins nothing: the last consumer to take its token wakes the window (`Channel.on_drained`). A
+consumer two tokens behind (its client is not reading) is not waited for; one that stops reading
+delays a single step by the bound. It replaced up to 16 ticks of polling, and let generation
+steps run on the loop thread (README, "Fourteenth pass").
 
 A window takes in at most `GENERATION_WINDOW_ARRIVALS` new generations before it steps: calls
 that keep coming must not hold the running generations' next tokens, and a burst's first half
@@ -76,9 +75,9 @@ GENERATION_BURST_TICKS = 8
 SATURATED_TICKS = 8
 SATURATED_SHARE = 0.75
 BUSY_SAMPLE_SECONDS = 0.01
-# The longest a step with generations waits for their consumers to send the last step's tokens
-# (each consumer comes back for its next token once gRPC has taken the one before). Not a
-# batching delay: it ends as soon as the last consumer is back, and bounds only a slow reader.
+# The longest a step with generations waits for their consumers to take the last step's tokens
+# (each takes its next token once gRPC has taken the one before). Not a batching delay: it ends
+# as soon as the last consumer has taken its token, and bounds only a slow reader.
 SEND_WAIT_SECONDS = 0.002
 # The most generations one window takes in before it steps. Calls that keep coming would
 # otherwise hold it open (a generation is not a queued row, so no full batch ends it) and the
@@ -170,8 +169,8 @@ class BatchWindow:
         def back() -> None:
             nonlocal left
             left -= 1
-            if left == 0 and not done.done():
-                done.set_result(None)
+            if left == 0:
+                _release(done)
 
         for channel in behind:
             channel.on_drained = back
@@ -212,6 +211,7 @@ class BatchWindow:
 
 
 def _release(done: asyncio.Future[None]) -> None:
+    """End a wait for consumers (the last one took its token, or the bound came)."""
     if not done.done():
         done.set_result(None)
 

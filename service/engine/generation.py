@@ -133,6 +133,13 @@ class Generation:
             slot=session.slot, inputs=None, sampling=self.sampling, rng=session.rng, head=self.head
         )
 
+    def leave(self) -> None:
+        """Its consumer is gone (the generation ended, failed or its caller went away): the
+        scheduler retires it before the next step, and a step waiting for the consumer to take
+        a token (`BatchWindow`) need not."""
+        self.cancelled = True
+        self.tokens.abandon()
+
     def retire(self) -> None:
         """No step will touch this generation's row again (called by the scheduler)."""
         if not self.retired.done():

@@ -75,5 +75,4 @@ class SessionGenerator:
                     if item.finish_reason is not None:
                         break
             finally:
-                generation.cancelled = True  # the scheduler retires it before the next step
-                generation.tokens.abandon()  # a step waiting for this consumer need not
+                generation.leave()

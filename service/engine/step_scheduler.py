@@ -61,7 +61,7 @@ class StepScheduler:
         # wait for the device, which an inline step would spend blocking the loop.
         on_cpu = runner.device.type == "cpu"
         one_cpu = inline_max_rows > 0 and _one_cpu() and on_cpu  # 0 still means never
-        self._inline_feed_rows = max_batch_size if one_cpu else inline_max_rows
+        self._inline_rows = max_batch_size if one_cpu else inline_max_rows
         # After each step: journal it (`commit`: group commit of its records; None: no
         # journal), hand out the results, report stats and token times.
         self._settlement = StepSettlement(
@@ -161,7 +161,7 @@ class StepScheduler:
             self._window.stepped([r.slot for r in rows])
             started = time.perf_counter()
             try:
-                inline = self._inline_feed_rows
+                inline = self._inline_rows
                 if gens:  # a generation's first step never runs inline (see `_inline_limit`)
                     inline = self._inline_limit(gens)
                 if len(rows) <= inline and all(
@@ -185,7 +185,7 @@ class StepScheduler:
         session's one-input row, back alone (so the loop would gather nothing and step it
         inline at once) on a scheduler parked with nothing else to do. One session's feed then
         costs no scheduler wake-up (a task switch and an event per token)."""
-        if not (self._idle and len(queued) == 1 and self._inline_feed_rows >= 1):
+        if not (self._idle and len(queued) == 1 and self._inline_rows >= 1):
             return False
         row = queued[0].row
         return (
@@ -217,7 +217,7 @@ class StepScheduler:
         the loop takes in the next calls meanwhile, and they join the following step."""
         if any(g.last_token_at is None for g in gens):
             return 0
-        return self._inline_feed_rows
+        return self._inline_rows
 
     def _take(self, room: int) -> list[QueuedRow]:
         """Up to `room` pending rows (at least one, so feeds progress beside generations)."""
