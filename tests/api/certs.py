@@ -74,8 +74,8 @@ class Certs:
 
 
 def make_certs(out: Path) -> Certs:
-    """A CA, a server certificate, clients alice and bob, and a stranger, written under `out`
-    (`files`: ca.pem, server.pem, server.key)."""
+    """A CA, a server certificate, clients alice, bob and "alice\\n", and a stranger, written
+    under `out` (`files`: ca.pem, server.pem, server.key)."""
     ca_key = _key()
     ca = _issue("seqserve test CA", ca_key, None, ca=True)
     issuer = (ca.subject, ca_key)
@@ -90,7 +90,8 @@ def make_certs(out: Path) -> Certs:
     certs = Certs(
         ca=ca.public_bytes(serialization.Encoding.PEM),
         server=leaf("localhost", server=True),
-        clients={name: leaf(name) for name in ("alice", "bob")},
+        # "alice\n": signed by the CA, but a name that cannot be a principal (nor alice)
+        clients={name: leaf(name) for name in ("alice", "bob", "alice\n")},
         stranger=leaf("mallory", by=(other.subject, other_key)),
         files={},
     )

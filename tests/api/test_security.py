@@ -225,6 +225,30 @@ async def test_tls_and_mutual_tls(
         assert mine.session.session_id == sid
 
 
+async def test_a_certificate_whose_name_cannot_be_a_principal_is_unauthenticated(
+    server_factory: ServerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    """Signed by the trusted CA, so the handshake succeeds, but named "alice\\n": the call is
+    UNAUTHENTICATED, and the name is not taken for alice's (`re.match` with `$` once let it
+    through as the principal "cert:alice\\n")."""
+    ca = tmp_path / "client-ca.pem"
+    ca.write_bytes(certs.ca)
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
+    server = await server_factory(security={**tls, "tls_client_ca": ca})
+    target = f"localhost:{server.port}"
+    async with (
+        _tls_channel(target, certs, certs.clients["alice"]) as alice,
+        _tls_channel(target, certs, certs.clients["alice\n"]) as odd,
+    ):
+        made = await pb_grpc.SessionServiceStub(alice).CreateSession(
+            pb.CreateSessionRequest(model="tok")
+        )
+        call = pb_grpc.SessionServiceStub(odd).GetSession(
+            pb.GetSessionRequest(session_id=made.session.session_id), timeout=5
+        )
+        assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_a_network_bind_without_tls_and_tokens_is_refused(
     store_root: Path, tmp_path: Path
 ) -> None:
