@@ -77,6 +77,7 @@ def build_engine(
             fsync=cfg.fsync,
             fsync_interval_seconds=cfg.fsync_interval_seconds,
             segment_bytes=cfg.journal_segment_bytes,
+            checkpoints=cfg.spill_dir,
         )
     durability = Durability(journal, sessions, cfg.checkpoint_steps, cfg.checkpoint_idle_seconds)
     loader = VersionLoader(

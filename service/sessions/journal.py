@@ -21,6 +21,12 @@ are synced by `append`, or never), and the deletion of segments nobody needs (~4
 64 MB one on this machine's disk) by the janitor, in order. A crash before it gets to them
 leaves a segment that recovery reads and skips (its records are older than the checkpoints
 that replaced them).
+
+The checkpoints that released a segment are written without an fsync each. Before a segment is
+deleted, the filesystem holding them (`checkpoints`) is flushed with one syncfs(2), so a power
+loss finds each session's steps in a checkpoint on disk or still in the journal; if that flush
+fails, the segment stays. Not under the `never` policy, which promises nothing past a killed
+process.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Literal
 
 from service.errors import JournalUnavailable
 from service.sessions.journal_record import JournalRecord, decode_stream
+from service.sessions.spill_tier import syncfs
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +60,13 @@ class Journal:
         fsync: FsyncPolicy = "interval",
         fsync_interval_seconds: float = 0.2,
         segment_bytes: int = 64 * 1024 * 1024,
+        checkpoints: Path | None = None,
     ) -> None:
         self.directory = Path(directory)
         self._fsync = fsync
+        # Where the checkpoints that release segments are written (flushed before a deletion);
+        # None: nothing to flush.
+        self._checkpoints = checkpoints
         self._interval = fsync_interval_seconds
         self._segment_bytes = segment_bytes
         self._seq = 0  # the segment being written
@@ -107,9 +118,11 @@ class Journal:
             self._syncer.start()
 
     def drop_before(self, seq: int) -> None:
-        """Delete every segment older than `seq` (after recovery checkpointed their sessions)."""
-        for old, path in self._segments():
-            if old < seq:
+        """Delete every segment older than `seq` (after recovery checkpointed their sessions),
+        once the checkpoints are flushed."""
+        old = [path for n, path in self._segments() if n < seq]
+        if old and self._checkpoints_flushed():
+            for path in old:
                 path.unlink(missing_ok=True)
         self._trimmed_below = max(self._trimmed_below, seq)
 
@@ -198,7 +211,7 @@ class Journal:
         being written, so nothing newer is synced before them. Under `_lock`."""
         retired, self._retired = self._retired, []
         for fd in retired:
-            _do(fd)
+            _close_segment(fd)
 
     def _roll(self) -> None:
         with self._lock:
@@ -220,7 +233,30 @@ class Journal:
         if self._janitor is not None and self._janitor.is_alive():
             self._chores.put(work)
         else:
-            _do(work)
+            self._do(work)
+
+    def _do(self, work: int | Path) -> None:
+        """A chore, done now. A segment is deleted only once the checkpoints are flushed."""
+        if isinstance(work, int):
+            _close_segment(work)
+        elif self._checkpoints_flushed():
+            with contextlib.suppress(OSError):
+                work.unlink()
+
+    def _checkpoints_flushed(self) -> bool:
+        """Flush the filesystem of the checkpoints (syncfs; sync where there is none) before
+        a segment goes. False when the flush fails: the segment is kept (recovery reads and
+        skips it)."""
+        if self._checkpoints is None or self._fsync == "never":
+            return True
+        try:
+            if not syncfs(self._checkpoints):
+                os.sync()
+        except OSError as exc:
+            log.error("could not flush the checkpoints in %s (%s); journal segment kept",
+                      self._checkpoints, exc)  # fmt: skip
+            return False
+        return True
 
     def _janitor_loop(self) -> None:
         while True:
@@ -231,7 +267,7 @@ class Journal:
                 work.set()
                 continue
             try:
-                _do(work)
+                self._do(work)
             except Exception:  # never let the thread die with chores still coming
                 log.exception("journal janitor: %s failed", work)
 
@@ -259,12 +295,8 @@ class Journal:
                 log.error("journal fsync failed: %s", exc)
 
 
-def _do(work: int | Path) -> None:
-    """A janitor's chore, done now."""
-    if isinstance(work, Path):
-        with contextlib.suppress(OSError):
-            work.unlink()
-        return
+def _close_segment(work: int) -> None:
+    """fsync and close a full segment's descriptor."""
     with contextlib.suppress(OSError):
         os.fsync(work)
     with contextlib.suppress(OSError):

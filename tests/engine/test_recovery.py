@@ -115,9 +115,11 @@ async def test_segments_left_undeleted_by_a_crash_are_read_and_skipped(
     does leaves them, full of records older than the checkpoints that replaced them."""
     spill = tmp_path / "state"
     left: list[Path] = []
-    real = journal_module._do
+    real = journal_module.Journal._do
     monkeypatch.setattr(
-        journal_module, "_do", lambda w: left.append(w) if isinstance(w, Path) else real(w)
+        journal_module.Journal,
+        "_do",
+        lambda self, w: left.append(w) if isinstance(w, Path) else real(self, w),
     )
     small = {"checkpoint_steps": 2, "journal_segment_bytes": 300}
     first = await make_engine(spill_dir=spill, **small)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from service.errors import JournalUnavailable
+from service.sessions import journal as journal_module
 from service.sessions import journal_record as jr
 from service.sessions.journal import Journal
 
@@ -297,3 +298,93 @@ def test_on_a_disk_out_of_inodes_a_failed_roll_leaks_no_descriptor(tmp_path: Pat
         assert [r.position for r in got] == [0, 20]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _flushes(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[tuple[Path, list[str]]]:
+    """The journal's flushes of the checkpoints from now on: (directory, the journal's
+    segments on disk at that moment)."""
+    seen: list[tuple[Path, list[str]]] = []
+
+    def fake_syncfs(directory: Path) -> bool:
+        seen.append((directory, sorted(p.name for p in (directory / "journal").iterdir())))
+        if fail:
+            raise OSError(5, "Input/output error")
+        return True
+
+    monkeypatch.setattr(journal_module, "syncfs", fake_syncfs)
+    return seen
+
+
+def _two_segments(journal: Journal) -> tuple[int, int]:
+    first = journal.append([jr.tokens(SID, 0, np.arange(20))])
+    journal.pin(first)
+    second = journal.append([jr.tokens(SID, 20, np.arange(20))])  # rolls: `first` is full
+    journal.pin(second)
+    return first, second
+
+
+def test_a_segment_is_deleted_only_after_the_checkpoints_are_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoints that released a segment are written without an fsync: the filesystem
+    holding them is flushed (syncfs) before the segment goes, so a power loss cannot take both."""
+    seen = _flushes(monkeypatch)
+    journal = _started(
+        tmp_path, fsync_interval_seconds=3600, segment_bytes=64, checkpoints=tmp_path
+    )
+    first, second = _two_segments(journal)
+    journal.unpin(first)
+    journal.settle()
+    assert seen == [(tmp_path, [f"{first:012d}.log", f"{second:012d}.log"])]  # still there
+    assert not (tmp_path / "journal" / f"{first:012d}.log").exists()  # then deleted
+    journal.close()
+
+
+def test_a_segment_stays_when_the_checkpoints_cannot_be_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = _flushes(monkeypatch, fail=True)
+    journal = _started(tmp_path, fsync="batch", segment_bytes=64, checkpoints=tmp_path)
+    first, _ = _two_segments(journal)
+    journal.unpin(first)
+    journal.settle()
+    assert len(seen) == 1
+    assert (tmp_path / "journal" / f"{first:012d}.log").exists()
+    assert "journal segment kept" in caplog.text
+    journal.close()
+    assert [r.position for r in Journal(tmp_path / "journal").open()] == [0, 20]
+
+
+def test_without_fsyncs_or_checkpoints_nothing_is_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`never` promises nothing past a killed process; a journal told of no checkpoints has
+    nothing to flush."""
+    seen = _flushes(monkeypatch)
+    for name, options in (("never", {"fsync": "never", "checkpoints": tmp_path}), ("none", {})):
+        journal = _started(tmp_path / name, segment_bytes=64, **options)
+        first, _ = _two_segments(journal)
+        journal.unpin(first)
+        journal.settle()
+        assert not (tmp_path / name / "journal" / f"{first:012d}.log").exists()
+        journal.close()
+    assert seen == []
+
+
+def test_segments_dropped_after_recovery_wait_for_the_flush_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = _started(tmp_path, fsync="batch", segment_bytes=64)
+    _two_segments(journal)
+    journal.close()
+    seen = _flushes(monkeypatch, fail=True)
+    again = Journal(tmp_path / "journal", fsync="batch", segment_bytes=64, checkpoints=tmp_path)
+    assert len(list(again.open())) == 2
+    again.start()
+    again.drop_before(again.segment)  # the flush fails: the old segments stay
+    assert len(seen) == 1 and len(list((tmp_path / "journal").iterdir())) == 3
+    seen.clear()
+    monkeypatch.setattr(journal_module, "syncfs", lambda directory: seen.append(directory) or True)
+    again.drop_before(again.segment)
+    assert seen == [tmp_path] and len(list((tmp_path / "journal").iterdir())) == 1
+    again.close()

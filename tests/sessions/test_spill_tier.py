@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,3 +218,184 @@ def test_syncfs_reports_what_the_kernel_says(tmp_path: Path) -> None:
     assert spill_tier.syncfs(tmp_path) is True  # Linux: glibc has syncfs
     with pytest.raises(OSError):
         spill_tier.syncfs(tmp_path / "missing")
+
+
+def _with_id(record: SpillRecord, session_id: str) -> SpillRecord:
+    return dataclasses.replace(
+        record, header=record.header.model_copy(update={"session_id": session_id})
+    )
+
+
+def _spares(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(spill_tier.SPARE_PREFIX))
+
+
+def test_a_replaced_record_trades_names_with_a_spare(tier: SpillTier) -> None:
+    """The second write of a session goes to a spare file, which then trades names with the
+    record (RENAME_EXCHANGE): the old record's file is the spare after, and the third write
+    reuses it. Two files alternate; no new one is made after the first replacement."""
+    sid = make_record().header.session_id
+    tier.write(make_record(position=12))
+    first = tier.path(sid).stat().st_ino
+    old_bytes = tier.path(sid).read_bytes()
+    tier.write(make_record(position=13))
+    second = tier.path(sid).stat().st_ino
+    assert second != first
+    [spare] = _spares(tier.directory)
+    assert (tier.directory / spare).stat().st_ino == first  # the old record's file
+    assert (tier.directory / spare).read_bytes() == old_bytes
+    tier.write(make_record(position=14))
+    assert tier.path(sid).stat().st_ino == first  # reused, not made anew
+    assert (tier.directory / spare).stat().st_ino == second
+    assert tier.read(sid).header.position == 14
+    assert tier.bytes_used == tier.path(sid).stat().st_size
+    tier.close()
+    assert _spares(tier.directory) == []  # close removes the spares
+
+
+def test_a_smaller_record_over_a_bigger_spare_is_cut_to_its_length(tmp_path: Path) -> None:
+    """A spare holds whatever record it last named; a smaller one written over it must not
+    keep the bigger one's tail (the checksum would refuse it)."""
+    record = make_record()
+    gen = np.random.default_rng(3)
+    big = SpillRecord(
+        record.header.model_copy(update={"hidden_size": 500}),
+        SlotSnapshot(
+            h=gen.standard_normal((2, 500)).astype(np.float32),
+            c=gen.standard_normal((2, 500)).astype(np.float32),
+        ),
+    )
+    tier = SpillTier(tmp_path / "spill", max_bytes=1 << 30)
+    tier.open()
+    try:
+        tier.write(big)
+        tier.write(big)  # the spare now holds a big record
+        tier.write(record)  # written over that spare
+        back = tier.read(record.header.session_id)
+        assert back.header == record.header
+        np.testing.assert_array_equal(back.state.h, record.state.h)
+        assert tier.path(record.header.session_id).stat().st_size == tier.bytes_used
+    finally:
+        tier.close()
+
+
+def test_spares_and_temp_files_a_crash_left_are_removed_at_open(tmp_path: Path) -> None:
+    directory = tmp_path / "spill"
+    tier = SpillTier(directory, max_bytes=1 << 20)
+    tier.open()
+    tier.write(make_record())
+    tier.close()
+    (directory / f"{spill_tier.SPARE_PREFIX}3").write_bytes(b"stale record bytes")
+    (directory / ".s_x.spill.99.tmp").write_bytes(b"half a write")
+    again = SpillTier(directory, max_bytes=1 << 20)
+    scan = again.open()
+    try:
+        assert [h.session_id for h in scan.headers] == [make_record().header.session_id]
+        assert scan.broken == {}
+        assert _spares(directory) == [] and not list(directory.glob("*.tmp"))
+    finally:
+        again.close()
+
+
+class _NoExchange:
+    """A C library whose renameat2 refuses RENAME_EXCHANGE, as some filesystems do."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def renameat2(self, *args: object) -> int:
+        self.calls += 1
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+
+def test_where_names_cannot_be_traded_the_spare_is_renamed_over_the_record(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refusing = _NoExchange()
+    monkeypatch.setattr(spill_tier, "libc", lambda: refusing)
+    sid = make_record().header.session_id
+    for position in (12, 13, 14, 15):
+        tier.write(make_record(position=position))
+        assert tier.read(sid).header.position == position
+        assert tier.bytes_used == tier.path(sid).stat().st_size
+    assert refusing.calls == 1  # refused once: not asked again
+    assert _spares(tier.directory) == []  # each spare became the record
+
+
+def test_rewrites_from_two_threads_keep_every_record_whole(tier: SpillTier) -> None:
+    """The loop and the shutdown writer's thread may replace records at once: each takes its
+    own spare."""
+    ids = [[new_session_id() for _ in range(8)] for _ in range(2)]
+    base = make_record()
+    for sid in ids[0] + ids[1]:
+        tier.write(_with_id(base, sid))
+    failures: list[BaseException] = []
+
+    def rewrite(mine: list[str]) -> None:
+        try:
+            for position in range(13, 63):
+                for sid in mine:
+                    tier.write(_with_id(make_record(position=position), sid))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=rewrite, args=(mine,)) for mine in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    for sid in ids[0] + ids[1]:
+        assert tier.read(sid).header.position == 62
+    assert 1 <= len(_spares(tier.directory)) <= spill_tier.MAX_SPARES
+    assert tier.bytes_used == sum(tier.path(s).stat().st_size for s in ids[0] + ids[1])
+
+
+_REWRITER = """
+import dataclasses, sys
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from pathlib import Path
+from service.sessions.spill_tier import SpillTier
+from test_spill_record import make_record
+tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30)
+tier.open()
+ids = [f"s_crash{i:02d}" for i in range(16)]
+position = 12
+while True:
+    for sid in ids:
+        record = make_record(position=position)
+        header = record.header.model_copy(update={"session_id": sid})
+        tier.write(dataclasses.replace(record, header=header))
+    if position == 13:
+        print("replacing", flush=True)
+    position += 1
+"""
+
+
+def test_a_server_killed_while_replacing_records_leaves_each_whole(tmp_path: Path) -> None:
+    """A process replacing records as fast as it can is killed (SIGKILL): on reopening, every
+    record reads back whole (the old one or the new one), and the spares are gone."""
+    directory = tmp_path / "spill"
+    here = Path(__file__).resolve().parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _REWRITER, str(directory), str(here.parent.parent), str(here)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "replacing\n"
+        time.sleep(0.3)  # hundreds of replacements in flight
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    tier = SpillTier(directory, max_bytes=1 << 30)
+    scan = tier.open()
+    try:
+        assert scan.broken == {}
+        assert sorted(h.session_id for h in scan.headers) == [f"s_crash{i:02d}" for i in range(16)]
+        positions = [tier.read(h.session_id).header.position for h in scan.headers]
+        assert min(positions) >= 13 and max(positions) - min(positions) <= 1
+        assert _spares(directory) == []
+    finally:
+        tier.close()
