@@ -11,6 +11,7 @@ from benchmarks.results import (
     Row,
     cpu_split,
     evaluate_targets,
+    one_session_excess_ms,
     share_of_limit,
     step_cpu_per_token,
     write_markdown,
@@ -81,3 +82,17 @@ def test_results_md_carries_the_cpu_split(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## Where the service's CPU goes" in text
     assert "| stream/64 | 200.0 | 80.0 | 120.0 | 100.0 | 20.0 | 50.0 | 1.60 |" in text
+
+
+def test_one_session_is_judged_against_the_echo_round_trip_plus_the_raw_step() -> None:
+    rows = _rows()  # compute/step/1: 0.5 ms
+    assert one_session_excess_ms(rows) is None  # no one-session rows
+    for key, p50 in (("service/stream/1", 0.75), ("echo/stream/1", 0.2)):
+        rows[key] = dataclasses.replace(_load(key, tps=1_000, cpu=0.5), p50_ms=p50)
+    assert one_session_excess_ms(rows) == pytest.approx(0.05)
+    by_name = {t.name: t for t in evaluate_targets(rows)}
+    (target,) = [t for name, t in by_name.items() if name.startswith("per-core: one session")]
+    assert target.measured == pytest.approx(0.05) and target.met is True
+    rows["service/stream/1"] = dataclasses.replace(rows["service/stream/1"], p50_ms=0.85)
+    (target,) = [t for t in evaluate_targets(rows) if t.name.startswith("per-core: one session")]
+    assert target.measured == pytest.approx(0.15) and target.met is False
