@@ -11,7 +11,6 @@ are refused with UNAVAILABLE; health and reflection always pass.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import time
@@ -64,7 +63,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        path = details.method
+        return self.wrapped(details.method, handler)
+
+    def wrapped(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """Our handler around the servicer's `handler` for the method at `path`: built on
+        first use, then reused while the servicer's handler is the same object."""
         known = self._wrapped.get(path)
         if known is not None and known[0] is handler:
             return known[1]
@@ -118,34 +121,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if gated and self._ready is not None and not self._ready():
             raise NotReady(NOT_READY_MESSAGE)
 
-    @contextlib.asynccontextmanager
-    async def _observed(
-        self, path: str, gated: bool, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[None]:
-        """Around one call: who calls (the call's principal, for ownership checks below), the
-        readiness gate, the status its error maps to, its timing."""
-        started = time.perf_counter()
-        method = path.rsplit("/", 1)[-1]
-        observed = False
-        try:
-            if self._auth is not None:
-                principal.current.set(self._auth.principal(path, context))
-            self._check_ready(gated)
-            yield
-        except BaseException as exc:
-            # Counted before the status goes out, as a response is: a client that has its
-            # answer finds the call in the metrics.
-            self._observe(method, code_name(exc, context), time.perf_counter() - started)
-            observed = True
-            await _abort(exc, context)
-            raise
-        finally:
-            if not observed:
-                self._observe(method, "OK", time.perf_counter() - started)
-
     def _unary(self, path: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._observed(path, gated, context):
+            async with _Observed(self, path, gated, context):
                 check_parsed(request)
                 result = fn(request, context)
                 return await result if inspect.isawaitable(result) else result
@@ -165,7 +143,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             async def iterate(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                async with self._observed(path, gated, context):
+                async with _Observed(self, path, gated, context):
                     check_parsed(request)
                     async for response in fn(request, context):
                         yield response
@@ -173,7 +151,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return iterate
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
-            async with self._observed(path, gated, context):
+            async with _Observed(self, path, gated, context):
                 result = fn(request, context)
                 if inspect.isawaitable(result):
                     await result
@@ -185,6 +163,53 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         await context.write(response)
 
         return run
+
+
+class _Observed:
+    """Around one call: who calls (the call's principal, for ownership checks below), the
+    readiness gate, the status its error maps to, its timing. (A class: a generator-based
+    context manager cost a generator and two more awaits a call.)"""
+
+    __slots__ = ("_context", "_gated", "_owner", "_path", "_started")
+
+    def __init__(
+        self,
+        owner: ErrorMappingInterceptor,
+        path: str,
+        gated: bool,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self._owner, self._path, self._gated, self._context = owner, path, gated, context
+        self._started = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        owner = self._owner
+        try:
+            if owner._auth is not None:
+                principal.current.set(owner._auth.principal(self._path, self._context))
+            owner._check_ready(self._gated)
+        except BaseException as exc:
+            await self._failed(exc)
+            raise
+
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            self._owner._observe(_method(self._path), "OK", time.perf_counter() - self._started)
+        else:
+            await self._failed(exc)
+        return False  # `exc` goes on (or the AbortError that `_abort` raises)
+
+    async def _failed(self, exc: BaseException) -> None:
+        # Counted before the status goes out, as a response is: a client that has its answer
+        # finds the call in the metrics.
+        seconds = time.perf_counter() - self._started
+        self._owner._observe(_method(self._path), code_name(exc, self._context), seconds)
+        await _abort(exc, self._context)
+
+
+def _method(path: str) -> str:
+    """A method path's last part: "/seqserve.v1.SessionService/Step" → "Step"."""
+    return path[path.rfind("/") + 1 :]
 
 
 class _Unparsable:
