@@ -352,6 +352,54 @@ def test_rewrites_from_two_threads_keep_every_record_whole(tier: SpillTier) -> N
     assert tier.bytes_used == sum(tier.path(s).stat().st_size for s in ids[0] + ids[1])
 
 
+def test_an_ended_sessions_file_is_emptied_and_takes_the_next_first_record(
+    tier: SpillTier,
+) -> None:
+    """Deleting a record keeps its file as an emptied spare; the next session's first record
+    is written into it (no new file), and reads back whole."""
+    ended, fresh = make_record(), _with_id(make_record(position=20), new_session_id())
+    tier.write(ended)
+    inode = tier.path(ended.header.session_id).stat().st_ino
+    tier.delete(ended.header.session_id)
+    assert not tier.path(ended.header.session_id).exists()
+    [spare] = _spares(tier.directory)
+    assert (tier.directory / spare).stat().st_ino == inode
+    assert (tier.directory / spare).stat().st_size == 0  # the ended session's bytes are gone
+    tier.write(fresh)
+    assert tier.path(fresh.header.session_id).stat().st_ino == inode
+    assert tier.read(fresh.header.session_id).header == fresh.header
+    assert _spares(tier.directory) == [] and tier.bytes_used == len(
+        tier.path(fresh.header.session_id).read_bytes()
+    )
+
+
+def test_spares_stop_at_their_cap(tier: SpillTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spill_tier, "MAX_SPARES", 3)
+    ids = [new_session_id() for _ in range(5)]
+    for sid in ids:
+        tier.write(_with_id(make_record(), sid))
+    for sid in ids:
+        tier.delete(sid)
+    spares = _spares(tier.directory)
+    assert len(spares) == 3 and all((tier.directory / n).stat().st_size == 0 for n in spares)
+    assert [p.name for p in tier.directory.iterdir() if p.suffix == ".spill"] == []
+
+
+def test_a_file_that_cannot_become_a_spare_is_deleted(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = make_record()
+    tier.write(record)
+
+    def refusing(src: str, dst: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spill_tier.os, "rename", refusing)
+    tier.delete(record.header.session_id)
+    assert not tier.path(record.header.session_id).exists() and _spares(tier.directory) == []
+    assert "as a spare" in caplog.text
+
+
 _REWRITER = """
 import dataclasses, sys
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
@@ -361,9 +409,12 @@ from test_spill_record import make_record
 tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30)
 tier.open()
 ids = [f"s_crash{i:02d}" for i in range(16)]
+again = [f"s_again{i:02d}" for i in range(8)]  # ended and made again, round after round
 position = 12
 while True:
-    for sid in ids:
+    for sid in ids + again:
+        if sid in again and sid in tier:
+            tier.delete(sid)
         record = make_record(position=position)
         header = record.header.model_copy(update={"session_id": sid})
         tier.write(dataclasses.replace(record, header=header))
@@ -374,8 +425,10 @@ while True:
 
 
 def test_a_server_killed_while_replacing_records_leaves_each_whole(tmp_path: Path) -> None:
-    """A process replacing records as fast as it can is killed (SIGKILL): on reopening, every
-    record reads back whole (the old one or the new one), and the spares are gone."""
+    """A process replacing records as fast as it can, and ending sessions and making them
+    again, is killed (SIGKILL): on reopening, every record reads back whole (the old one or
+    the new one; an ended session's record is there whole or not at all), and the spares are
+    gone."""
     directory = tmp_path / "spill"
     here = Path(__file__).resolve().parent
     proc = subprocess.Popen(
@@ -393,9 +446,57 @@ def test_a_server_killed_while_replacing_records_leaves_each_whole(tmp_path: Pat
     scan = tier.open()
     try:
         assert scan.broken == {}
-        assert sorted(h.session_id for h in scan.headers) == [f"s_crash{i:02d}" for i in range(16)]
-        positions = [tier.read(h.session_id).header.position for h in scan.headers]
-        assert min(positions) >= 13 and max(positions) - min(positions) <= 1
+        found = sorted(h.session_id for h in scan.headers)
+        replaced = [s for s in found if s.startswith("s_crash")]
+        assert replaced == [f"s_crash{i:02d}" for i in range(16)]
+        made_again = [s for s in found if s.startswith("s_again")]
+        assert len(made_again) >= 7  # one at most was between its end and its new record
+        positions = {s: tier.read(s).header.position for s in found}
+        assert min(positions[s] for s in replaced) >= 13
+        assert max(positions.values()) - min(positions.values()) <= 1
+        assert _spares(directory) == []
+    finally:
+        tier.close()
+
+
+_ENDER = """
+import os, signal, sys
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from pathlib import Path
+from service.sessions import spill_tier
+from service.sessions.spill_tier import SpillTier
+from test_spill_record import make_record
+tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30)
+tier.open()
+record = make_record()
+tier.write(record)
+setattr(spill_tier.os, sys.argv[4], lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+tier.delete(record.header.session_id)
+"""
+
+
+@pytest.mark.parametrize("killed_at", ["rename", "ftruncate"])
+def test_a_server_killed_while_ending_a_session_leaves_its_record_whole_or_gone(
+    tmp_path: Path, killed_at: str
+) -> None:
+    """Ending a session moves its file out of the record's name first, then empties it: a
+    process killed (SIGKILL) before the move leaves the record whole, one killed after it
+    leaves no record; never an emptied file under the record's name."""
+    directory = tmp_path / "spill"
+    here = Path(__file__).resolve().parent
+    argv = [sys.executable, "-c", _ENDER, str(directory), str(here.parent.parent), str(here)]
+    proc = subprocess.run([*argv, killed_at], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    tier = SpillTier(directory, max_bytes=1 << 20)
+    scan = tier.open()
+    try:
+        assert scan.broken == {}
+        sid = make_record().header.session_id
+        if killed_at == "rename":  # before the move: the record is there, whole
+            assert [h.session_id for h in scan.headers] == [sid]
+            assert tier.read(sid).header == make_record().header
+        else:
+            assert scan.headers == []
         assert _spares(directory) == []
     finally:
         tier.close()
