@@ -9,9 +9,9 @@ cost 50-900 µs depending on the minute, and replacing a record by renaming a ne
   spare. Where the filesystem cannot exchange names, the spare is renamed over the record.
 - A session's first record goes into a spare when there is one (renamed into place), else into
   a new temp file.
-- An ended session's file is emptied and kept as a spare, up to `MAX_SPARES` spares.
-Spares (`.spare-N`) hold an older record of a live session, or nothing; `open()` and `close()`
-remove them.
+- An ended session's file is emptied and kept as a spare.
+Spares (`.spare-N`) hold an older record of a live session, or nothing: at most `MAX_SPARES`
+of them, holding at most `MAX_SPARE_BYTES`. `open()` and `close()` remove them.
 
 Records are not fsynced one by one: they are written on the request path, and a process crash
 keeps them in the page cache anyway; only a power loss can tear one, and then its checksum
@@ -60,7 +60,8 @@ _SYNC_THREADS = 8  # fsyncs in parallel share journal commits
 # file: 50,000 records of 6 KB took 0.4-0.7 s that way against 4.8 s (README, Durability).
 SYNCFS_FROM = 1024
 SPARE_PREFIX = ".spare-"  # a spare file: `SPARE_PREFIX` + a number
-MAX_SPARES = 64  # files kept for reuse (an emptied one is an inode and a name, no data)
+MAX_SPARES = 1024  # files kept for reuse (an emptied one is an inode and a name, no data)
+MAX_SPARE_BYTES = 16 << 20  # what the kept spares may hold (older records; not in the cap)
 _RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
 _AT_FDCWD = -100
 
@@ -84,7 +85,8 @@ class SpillTier:
         self._bytes = 0
         self._unsynced: set[str] = set()
         self._lock_fd: int | None = None
-        self._spares: list[str] = []  # spare files, free to overwrite (paths)
+        self._spares: list[tuple[str, int]] = []  # spare files to overwrite: (path, bytes)
+        self._spare_bytes = 0
         self._spares_made = 0
         self._spare_lock = threading.Lock()  # the shutdown writer's thread and the loop's
         self._exchange = getattr(libc(), "renameat2", None) is not None  # off where refused
@@ -155,8 +157,8 @@ class SpillTier:
 
     def close(self) -> None:
         with self._spare_lock:
-            spares, self._spares = self._spares, []
-        for spare in spares:
+            spares, self._spares, self._spare_bytes = self._spares, [], 0
+        for spare, _ in spares:
             with contextlib.suppress(OSError):
                 os.unlink(spare)
         if self._lock_fd is not None:
@@ -184,7 +186,8 @@ class SpillTier:
                 _write_file(tmp, data, durable)
                 os.replace(tmp, final)
             else:
-                self._write_via(spare, data, final, durable, exchange=replacing)
+                old = self._sizes.get(session_id, 0)
+                self._write_via(spare, data, final, durable, exchange=replacing, old=old)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -203,21 +206,26 @@ class SpillTier:
             self._unsynced.add(session_id)
 
     def _write_via(
-        self, spare: str, data: bytes, final: str, durable: bool, *, exchange: bool
+        self, spare: str, data: bytes, final: str, durable: bool, *, exchange: bool, old: int
     ) -> None:
         """`data` into `spare`, which then becomes the record at `final`: by trading names with
-        the record there (`exchange`; the old record's file is a spare after), else by a
-        rename (a first record; or where the names cannot be traded: a filesystem without
-        RENAME_EXCHANGE, or `final` gone from under us)."""
-        consumed = False
+        the record there (`exchange`; the old record's file, of `old` bytes, is a spare after),
+        else by a rename (a first record; or where the names cannot be traded: a filesystem
+        without RENAME_EXCHANGE, or `final` gone from under us). A spare a failed write left
+        half-written is deleted."""
+        done = traded = False
         try:
             _overwrite_file(spare, data, durable)
-            if not (exchange and self._trade_names(spare, final)):
-                os.replace(spare, final)
-                consumed = True  # it is the record now
+            traded = exchange and self._trade_names(spare, final)
+            if not traded:
+                os.replace(spare, final)  # the spare is the record now
+            done = True
         finally:
-            if not consumed:
-                self._give_back(spare)
+            if traded:
+                self._give_back(spare, old)
+            elif not done:
+                with contextlib.suppress(OSError):
+                    os.unlink(spare)
 
     def _trade_names(self, spare: str, final: str) -> bool:
         """renameat2(spare, final, RENAME_EXCHANGE): False where the kernel or filesystem
@@ -245,7 +253,9 @@ class SpillTier:
         """A spare to write into; with none left, a new name (`make`) or None."""
         with self._spare_lock:
             if self._spares:
-                return self._spares.pop()
+                spare, size = self._spares.pop()
+                self._spare_bytes -= size
+                return spare
             if not make:
                 return None
             return self._new_spare_name()
@@ -272,13 +282,15 @@ class SpillTier:
             with contextlib.suppress(OSError):
                 os.unlink(spare)
             return True
-        self._give_back(spare)
+        self._give_back(spare, 0)
         return True
 
-    def _give_back(self, spare: str) -> None:
+    def _give_back(self, spare: str, size: int) -> None:
+        """Keep `spare` (holding `size` bytes) for reuse, or delete it past the caps."""
         with self._spare_lock:
-            if len(self._spares) < MAX_SPARES:
-                self._spares.append(spare)
+            if len(self._spares) < MAX_SPARES and self._spare_bytes + size <= MAX_SPARE_BYTES:
+                self._spares.append((spare, size))
+                self._spare_bytes += size
                 return
         with contextlib.suppress(OSError):
             os.unlink(spare)

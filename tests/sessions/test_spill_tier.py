@@ -385,6 +385,23 @@ def test_spares_stop_at_their_cap(tier: SpillTier, monkeypatch: pytest.MonkeyPat
     assert [p.name for p in tier.directory.iterdir() if p.suffix == ".spill"] == []
 
 
+def test_spares_holding_older_records_stop_at_their_byte_cap(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replaced record's file is kept only while the spares hold at most `MAX_SPARE_BYTES`
+    (they are outside the tier's cap); an emptied one holds nothing and is always kept."""
+    monkeypatch.setattr(spill_tier, "MAX_SPARE_BYTES", 0)
+    ended = _with_id(make_record(), new_session_id())
+    tier.write(make_record(position=12))
+    tier.write(ended)
+    tier.write(make_record(position=13))  # the old record's file would hold bytes: deleted
+    assert _spares(tier.directory) == []
+    assert tier.read(make_record().header.session_id).header.position == 13
+    tier.delete(ended.header.session_id)
+    [spare] = _spares(tier.directory)
+    assert (tier.directory / spare).stat().st_size == 0
+
+
 def test_a_file_that_cannot_become_a_spare_is_deleted(
     tier: SpillTier, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
