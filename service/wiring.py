@@ -89,7 +89,12 @@ def build_engine(
     spill: Checkpoints = (
         SharedCheckpoints(shared, sessions)
         if shared is not None
-        else SpillTier(cfg.spill_dir, cfg.spill_max_bytes)
+        else SpillTier(
+            cfg.spill_dir,
+            cfg.spill_max_bytes,
+            # what a power loss may find promised: the journal's steps, fsynced
+            ordered=cfg.durability == "journal" and cfg.fsync != "never",
+        )
     )
 
     def on_residency_event(event: str, session: Session) -> None:  # evicted, restored, moved

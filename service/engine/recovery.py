@@ -72,7 +72,8 @@ class Recovery:
         del records
         journal.start()
         if not self._replays:  # nothing left to replay: every session is in a checkpoint
-            journal.drop_before(journal.segment)
+            # Off the loop: it flushes the checkpoints' filesystem first (`Journal`).
+            await asyncio.to_thread(journal.drop_before, journal.segment)
         if report.pending_sessions or report.lost:
             log.info(
                 "recovered %d sessions from the journal (%d steps to replay, in the "

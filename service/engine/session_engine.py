@@ -156,7 +156,7 @@ class SessionEngine:
         if journal is not None:
             journal.close()
             if synced and not self.leases.replays:  # all in checkpoints: no journal needed
-                journal.drop_before(journal.segment + 1)
+                await asyncio.to_thread(journal.drop_before, journal.segment + 1)
         await self.versions.close()
         self.spill.close()
 

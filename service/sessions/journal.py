@@ -43,7 +43,7 @@ from typing import Literal
 
 from service.errors import JournalUnavailable
 from service.sessions.journal_record import JournalRecord, decode_stream
-from service.sessions.spill_tier import syncfs
+from service.sessions.spill_tier import syncfs_fd
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class Journal:
         # Where the checkpoints that release segments are written (flushed before a deletion);
         # None: nothing to flush.
         self._checkpoints = checkpoints
+        self._checkpoints_fd: int | None = None  # kept open: it sees every writeback error
+        self._flush_failed = False  # once a flush fails, no segment is deleted until restart
         self._interval = fsync_interval_seconds
         self._segment_bytes = segment_bytes
         self._seq = 0  # the segment being written
@@ -109,6 +111,8 @@ class Journal:
         """Begin writing (a fresh segment); start the janitor and, for the interval policy, the
         fsync thread."""
         self._roll()
+        if self._checkpoints is not None and self._fsync != "never":
+            self._checkpoints_fd = os.open(self._checkpoints, os.O_RDONLY | os.O_DIRECTORY)
         self._janitor = threading.Thread(target=self._janitor_loop, name="journal-janitor")
         self._janitor.daemon = True
         self._janitor.start()
@@ -143,6 +147,9 @@ class Journal:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
+        fd, self._checkpoints_fd = self._checkpoints_fd, None
+        if fd is not None:
+            os.close(fd)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -239,35 +246,65 @@ class Journal:
         """A chore, done now. A segment is deleted only once the checkpoints are flushed."""
         if isinstance(work, int):
             _close_segment(work)
-        elif self._checkpoints_flushed():
-            with contextlib.suppress(OSError):
-                work.unlink()
+        else:
+            self._delete([work])
+
+    def _delete(self, segments: list[Path]) -> None:
+        """Delete `segments`, after one flush of the checkpoints for all of them."""
+        if self._checkpoints_flushed():
+            for path in segments:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _checkpoints_flushed(self) -> bool:
-        """Flush the filesystem of the checkpoints (syncfs; sync where there is none) before
-        a segment goes. False when the flush fails: the segment is kept (recovery reads and
-        skips it)."""
+        """Flush the filesystem of the checkpoints (syncfs on a descriptor kept open since
+        `start`; sync where there is no syncfs) before a segment goes. False when the flush
+        fails, and from then on until a restart: segments are kept (recovery reads and skips
+        them)."""
         if self._checkpoints is None or self._fsync == "never":
             return True
+        if self._flush_failed:
+            return False
         try:
-            if not syncfs(self._checkpoints):
+            fd = self._checkpoints_fd
+            if fd is None:  # not started (recovery's drop) or closed: a descriptor for now
+                fd = os.open(self._checkpoints, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    flushed = syncfs_fd(fd, self._checkpoints)
+                finally:
+                    os.close(fd)
+            else:
+                flushed = syncfs_fd(fd, self._checkpoints)
+            if not flushed:
                 os.sync()
         except OSError as exc:
-            log.error("could not flush the checkpoints in %s (%s); journal segment kept",
-                      self._checkpoints, exc)  # fmt: skip
+            self._flush_failed = True
+            log.error("could not flush the checkpoints in %s (%s); no journal segment is "
+                      "deleted until the server restarts", self._checkpoints, exc)  # fmt: skip
             return False
         return True
 
     def _janitor_loop(self) -> None:
+        held: list[int | Path | threading.Event | None] = []  # taken early, done next
         while True:
-            work = self._chores.get()
+            work = held.pop() if held else self._chores.get()
             if work is None:
                 return
             if isinstance(work, threading.Event):
                 work.set()
                 continue
             try:
-                self._do(work)
+                if isinstance(work, Path):  # with the deletions queued behind it: one flush
+                    segments = [work]
+                    while not self._chores.empty():
+                        more = self._chores.get()
+                        if not isinstance(more, Path):
+                            held.append(more)
+                            break
+                        segments.append(more)
+                    self._delete(segments)
+                else:
+                    self._do(work)
             except Exception:  # never let the thread die with chores still coming
                 log.exception("journal janitor: %s failed", work)
 

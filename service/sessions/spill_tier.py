@@ -77,8 +77,11 @@ class TierScan:
 
 
 class SpillTier:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, *, ordered: bool = True) -> None:
         self.directory = Path(directory)
+        # Whether a record must reach the disk before the name that points at it, for a power
+        # loss (see `_overwrite_file`); False where nothing is promised past a killed process.
+        self._ordered = ordered
         self._dir = str(self.directory)
         self.max_bytes = max_bytes
         self._sizes: dict[str, int] = {}  # session id → bytes on disk
@@ -90,6 +93,11 @@ class SpillTier:
         self._spares_made = 0
         self._spare_lock = threading.Lock()  # the shutdown writer's thread and the loop's
         self._exchange = getattr(libc(), "renameat2", None) is not None  # off where refused
+
+    @property
+    def ordered(self) -> bool:
+        """Whether a record reaches the disk before a name points at it (`_overwrite_file`)."""
+        return self._ordered
 
     @property
     def bytes_used(self) -> int:
@@ -156,11 +164,7 @@ class SpillTier:
         return scan
 
     def close(self) -> None:
-        with self._spare_lock:
-            spares, self._spares, self._spare_bytes = self._spares, [], 0
-        for spare, _ in spares:
-            with contextlib.suppress(OSError):
-                os.unlink(spare)
+        self._drop_spares()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -179,24 +183,28 @@ class SpillTier:
             )
         final = self._file(session_id)
         tmp = f"{self._dir}/.{session_id}{SUFFIX}.{os.getpid()}.tmp"
-        try:
-            replacing = session_id in self._sizes
-            spare = self._take_spare(make=replacing and self._exchange)
-            if spare is None:  # a first record, and no file to reuse
-                _write_file(tmp, data, durable)
-                os.replace(tmp, final)
-            else:
-                old = self._sizes.get(session_id, 0)
-                self._write_via(spare, data, final, durable, exchange=replacing, old=old)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpillTierFull(
-                    f"spill tier's disk is full ({exc.strerror}); SEQSERVE_SESSIONS__SPILL_DIR"
-                ) from exc
-            log.error("could not write spill record %s: %s", final, exc)
-            raise Internal(f"could not write a spill record ({exc.strerror})") from exc
+        for attempt in (1, 2):
+            try:
+                replacing = session_id in self._sizes
+                spare = self._take_spare(make=replacing and self._exchange)
+                if spare is None:  # a first record, and no file to reuse
+                    _write_file(tmp, data, durable)
+                    os.replace(tmp, final)
+                else:
+                    old = self._sizes.get(session_id, 0)
+                    self._write_via(spare, data, final, durable, exchange=replacing, old=old)
+                break
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    if attempt == 1 and self._drop_spares():
+                        continue  # the spares' disk space is given back: once more
+                    raise SpillTierFull(
+                        f"spill tier's disk is full ({exc.strerror}); SEQSERVE_SESSIONS__SPILL_DIR"
+                    ) from exc
+                log.error("could not write spill record %s: %s", final, exc)
+                raise Internal(f"could not write a spill record ({exc.strerror})") from exc
         self._bytes = new_total
         self._sizes[session_id] = len(data)
         if durable:
@@ -215,7 +223,7 @@ class SpillTier:
         half-written is deleted."""
         done = traded = False
         try:
-            _overwrite_file(spare, data, durable)
+            _overwrite_file(spare, data, durable, self._ordered)
             traded = exchange and self._trade_names(spare, final)
             if not traded:
                 os.replace(spare, final)  # the spare is the record now
@@ -260,13 +268,23 @@ class SpillTier:
                 return None
             return self._new_spare_name()
 
+    def _drop_spares(self) -> bool:
+        """Delete the spares; whether there were any."""
+        with self._spare_lock:
+            spares, self._spares, self._spare_bytes = self._spares, [], 0
+        for spare, _ in spares:
+            with contextlib.suppress(OSError):
+                os.unlink(spare)
+        return bool(spares)
+
     def _new_spare_name(self) -> str:
         self._spares_made += 1  # under `_spare_lock`
         return f"{self._dir}/{SPARE_PREFIX}{self._spares_made}"
 
     def _keep_as_spare(self, path: str) -> bool:
-        """An ended session's file, emptied (its bytes do not outlive the session under another
-        name), becomes a spare; False when the spares are at their cap."""
+        """An ended session's file, emptied, becomes a spare; False when the spares are at their
+        cap. (A spare left by an earlier replacement may still hold an older record of the
+        session, until it is written over or the tier is closed.)"""
         with self._spare_lock:
             if len(self._spares) >= MAX_SPARES:
                 return False
@@ -429,13 +447,20 @@ def _write_all(fd: int, data: bytes, path: str) -> None:
         view = view[written:]
 
 
-def _overwrite_file(path: str, data: bytes, durable: bool) -> None:
-    """All of `data` over the file at `path` (made if missing), cut to its length: the file's
-    blocks are reused, not freed and allocated again as a truncating open would."""
-    fd = os.open(path, _OVERWRITE_FLAGS, 0o666)
+def _overwrite_file(path: str, data: bytes, durable: bool, ordered: bool) -> None:
+    """All of `data` into the file at `path` (made if missing), and nothing else.
+
+    `ordered`: the file is cut to nothing first and its new blocks allocated on close (ext4's
+    auto_da_alloc does that for a file truncated to zero), so its data reaches the disk before
+    any later change of names, as it did when a new file was renamed over the record: a power
+    loss leaves the record's name on the old record or the new one. Not `ordered` (no promise
+    past a killed process): the blocks are overwritten in place, ~18 against ~110 µs here, and
+    after a power loss the name may point at a file the disk had not finished."""
+    fd = os.open(path, _OVERWRITE_FLAGS | (os.O_TRUNC if ordered else 0), 0o666)
     try:
         _write_all(fd, data, path)
-        os.ftruncate(fd, len(data))
+        if not ordered:
+            os.ftruncate(fd, len(data))
         if durable:
             os.fsync(fd)
     finally:
@@ -474,14 +499,24 @@ def syncfs(directory: Path) -> bool:
     """syncfs(2) on the filesystem holding `directory`: every file's dirty data on it is written
     and flushed, as fsync would for each. False where the C library has no syncfs (not Linux);
     raises OSError when the kernel reports a write error."""
-    call = getattr(libc(), "syncfs", None)
-    if call is None:
+    if getattr(libc(), "syncfs", None) is None:
         return False
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if call(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"syncfs of {directory}: {os.strerror(code)}")
+        return syncfs_fd(fd, directory)
     finally:
         os.close(fd)
+
+
+def syncfs_fd(fd: int, what: object = "") -> bool:
+    """syncfs(2) on the filesystem of the open descriptor `fd`. The kernel reports a writeback
+    error to each descriptor open when it happened, once: a descriptor kept open sees the
+    errors since it was opened, a fresh one does not see older ones. False where the C library
+    has no syncfs; raises OSError for an error."""
+    call = getattr(libc(), "syncfs", None)
+    if call is None:
+        return False
+    if call(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"syncfs of {what or fd}: {os.strerror(code)}")
     return True

@@ -253,9 +253,13 @@ def test_a_replaced_record_trades_names_with_a_spare(tier: SpillTier) -> None:
     assert _spares(tier.directory) == []  # close removes the spares
 
 
-def test_a_smaller_record_over_a_bigger_spare_is_cut_to_its_length(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_smaller_record_over_a_bigger_spare_is_cut_to_its_length(
+    tmp_path: Path, ordered: bool
+) -> None:
     """A spare holds whatever record it last named; a smaller one written over it must not
-    keep the bigger one's tail (the checksum would refuse it)."""
+    keep the bigger one's tail (the checksum would refuse it): truncated first (`ordered`, for
+    a power loss) or cut after the write (overwritten in place)."""
     record = make_record()
     gen = np.random.default_rng(3)
     big = SpillRecord(
@@ -265,7 +269,7 @@ def test_a_smaller_record_over_a_bigger_spare_is_cut_to_its_length(tmp_path: Pat
             c=gen.standard_normal((2, 500)).astype(np.float32),
         ),
     )
-    tier = SpillTier(tmp_path / "spill", max_bytes=1 << 30)
+    tier = SpillTier(tmp_path / "spill", max_bytes=1 << 30, ordered=ordered)
     tier.open()
     try:
         tier.write(big)
@@ -400,6 +404,78 @@ def test_spares_holding_older_records_stop_at_their_byte_cap(
     tier.delete(ended.header.session_id)
     [spare] = _spares(tier.directory)
     assert (tier.directory / spare).stat().st_size == 0
+
+
+def test_the_spares_byte_count_follows_what_they_hold(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for exactly one older record, replacement after replacement keeps one spare:
+    the two files keep alternating (a count that only grew would soon delete the spare)."""
+    sid = make_record().header.session_id
+    tier.write(make_record(position=12))
+    monkeypatch.setattr(spill_tier, "MAX_SPARE_BYTES", tier.bytes_used)
+    inodes = set()
+    for position in range(13, 20):
+        tier.write(make_record(position=position))
+        assert len(_spares(tier.directory)) == 1
+        inodes.add(tier.path(sid).stat().st_ino)
+    assert len(inodes) == 2 and tier.read(sid).header.position == 19
+
+
+def test_a_record_gone_from_under_the_tier_is_written_again(tier: SpillTier) -> None:
+    """The exchange needs the record's file; when it is missing, the spare is renamed in."""
+    sid = make_record().header.session_id
+    tier.write(make_record(position=12))
+    tier.write(make_record(position=13))  # one spare now
+    tier.path(sid).unlink()
+    tier.write(make_record(position=14))
+    assert tier.read(sid).header.position == 14
+    assert _spares(tier.directory) == []  # the spare became the record
+    assert tier.bytes_used == tier.path(sid).stat().st_size
+
+
+class _FailingExchange:
+    def renameat2(self, *args: object) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+
+def test_a_failed_exchange_is_internal_and_keeps_the_record(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = make_record().header.session_id
+    tier.write(make_record(position=12))
+    monkeypatch.setattr(spill_tier, "libc", lambda: _FailingExchange())
+    with pytest.raises(Internal, match="Input/output error"):
+        tier.write(make_record(position=13))
+    assert tier.read(sid).header.position == 12
+    assert _spares(tier.directory) == []  # the half-used spare is deleted
+    assert tier.bytes_used == tier.path(sid).stat().st_size
+
+
+def test_a_full_disk_gets_the_spares_space_back_before_refusing(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spares are outside the tier's cap: when the disk is full they are deleted and the write
+    tried once more."""
+    ended, sid = _with_id(make_record(), new_session_id()), make_record().header.session_id
+    tier.write(ended)
+    tier.write(make_record(position=12))
+    tier.write(make_record(position=13))  # a spare holding the older record
+    tier.delete(ended.header.session_id)  # and an emptied one
+    assert len(_spares(tier.directory)) == 2
+    real_write, calls = os.write, []
+
+    def full_once(fd: int, data: bytes) -> int:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(spill_tier.os, "write", full_once)
+    tier.write(make_record(position=14))
+    assert tier.read(sid).header.position == 14
+    assert len(calls) == 2 and len(_spares(tier.directory)) <= 1
 
 
 def test_a_file_that_cannot_become_a_spare_is_deleted(
