@@ -1,17 +1,18 @@
 """The spill tier: one `<session id>.spill` file per session in a directory, under a size cap.
 
 Files appear whole or not at all: a record is written to a file of another name, then renamed
-into place. Files are reused rather than made and deleted: on this machine's disk a new file
-cost 50-900 µs depending on the minute, and replacing a record by renaming a new file over it
-70-900 µs, against 14-30 µs for the moves below (README, "Fifteenth pass").
-- A record that replaces one is written into a spare file, which then trades names with the old
-  record (renameat2 with RENAME_EXCHANGE, one atomic step): the old record's file is the next
-  spare. Where the filesystem cannot exchange names, the spare is renamed over the record.
+into place. Files are reused rather than made and deleted, which this machine's disk charges
+for (a new file cost 40-900 µs depending on the minute; README, "Fifteenth pass").
+- A record that replaces one is written into a spare file (emptied first where a power loss is
+  promised: `_overwrite_file`), which then trades names with the old record (renameat2 with
+  RENAME_EXCHANGE, one atomic step): the old record's file is the next spare. Where the
+  filesystem cannot exchange names, the spare is renamed over the record.
 - A session's first record goes into a spare when there is one (renamed into place), else into
   a new temp file.
-- An ended session's file is emptied and kept as a spare.
-Spares (`.spare-N`) hold an older record of a live session, or nothing: at most `MAX_SPARES`
-of them, holding at most `MAX_SPARE_BYTES`. `open()` and `close()` remove them.
+- An ended session's file is moved out of its name and kept as a spare.
+Spares (`.spare-N`) hold an older record of a live session or an ended session's last one
+(with the same permissions as the records): at most `MAX_SPARES` of them, holding at most
+`MAX_SPARE_BYTES`, outside the tier's cap. `open()` and `close()` remove them.
 
 Records are not fsynced one by one: they are written on the request path, and a process crash
 keeps them in the page cache anyway; only a power loss can tear one, and then its checksum
@@ -60,7 +61,7 @@ _SYNC_THREADS = 8  # fsyncs in parallel share journal commits
 # file: 50,000 records of 6 KB took 0.4-0.7 s that way against 4.8 s (README, Durability).
 SYNCFS_FROM = 1024
 SPARE_PREFIX = ".spare-"  # a spare file: `SPARE_PREFIX` + a number
-MAX_SPARES = 1024  # files kept for reuse (an emptied one is an inode and a name, no data)
+MAX_SPARES = 1024  # files kept for reuse
 MAX_SPARE_BYTES = 16 << 20  # what the kept spares may hold (older records; not in the cap)
 _RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
 _AT_FDCWD = -100
@@ -223,7 +224,7 @@ class SpillTier:
         half-written is deleted."""
         done = traded = False
         try:
-            _overwrite_file(spare, data, durable, self._ordered)
+            _overwrite_file(spare, data, durable, ordered=exchange and self._ordered)
             traded = exchange and self._trade_names(spare, final)
             if not traded:
                 os.replace(spare, final)  # the spare is the record now
@@ -281,26 +282,17 @@ class SpillTier:
         self._spares_made += 1  # under `_spare_lock`
         return f"{self._dir}/{SPARE_PREFIX}{self._spares_made}"
 
-    def _keep_as_spare(self, path: str) -> bool:
-        """An ended session's file, emptied, becomes a spare; False when the spares are at their
-        cap. (A spare left by an earlier replacement may still hold an older record of the
-        session, until it is written over or the tier is closed.)"""
+    def _keep_as_spare(self, path: str, size: int) -> bool:
+        """An ended session's file (of `size` bytes) becomes a spare, moved out of the record's
+        name in one step; False when the spares are at their caps. Its bytes stay until a
+        record is written over them or the tier is closed: emptying it cost ~70 µs more here
+        (its blocks freed, then allocated again for the next record)."""
         with self._spare_lock:
-            if len(self._spares) >= MAX_SPARES:
+            if len(self._spares) >= MAX_SPARES or self._spare_bytes + size > MAX_SPARE_BYTES:
                 return False
             spare = self._new_spare_name()
-        os.rename(path, spare)  # the record's name goes in one step; then its bytes
-        try:
-            fd = os.open(spare, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                os.ftruncate(fd, 0)
-            finally:
-                os.close(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(spare)
-            return True
-        self._give_back(spare, 0)
+        os.rename(path, spare)
+        self._give_back(spare, size)
         return True
 
     def _give_back(self, spare: str, size: int) -> None:
@@ -339,7 +331,7 @@ class SpillTier:
         self._unsynced.discard(session_id)
         path = self._file(session_id)
         try:
-            if self._keep_as_spare(path):
+            if self._keep_as_spare(path, size):
                 return
         except FileNotFoundError:
             return
@@ -447,15 +439,16 @@ def _write_all(fd: int, data: bytes, path: str) -> None:
         view = view[written:]
 
 
-def _overwrite_file(path: str, data: bytes, durable: bool, ordered: bool) -> None:
+def _overwrite_file(path: str, data: bytes, durable: bool, *, ordered: bool) -> None:
     """All of `data` into the file at `path` (made if missing), and nothing else.
 
-    `ordered`: the file is cut to nothing first and its new blocks allocated on close (ext4's
-    auto_da_alloc does that for a file truncated to zero), so its data reaches the disk before
-    any later change of names, as it did when a new file was renamed over the record: a power
-    loss leaves the record's name on the old record or the new one. Not `ordered` (no promise
-    past a killed process): the blocks are overwritten in place, ~18 against ~110 µs here, and
-    after a power loss the name may point at a file the disk had not finished."""
+    `ordered` (a record that replaces one, where a power loss is promised): the file is cut to
+    nothing first and its new blocks allocated on close (ext4's auto_da_alloc does that for a
+    file truncated to zero), so its data reaches the disk before a later change of names, as it
+    did when a new file was renamed over the record: a power loss leaves the record's name on
+    the old record or the new one. Otherwise the blocks are overwritten in place (~18 against
+    ~110 µs here): a first record needs no order (the journal holds all of its session's
+    steps until a flush), nor does anything where no power loss is promised."""
     fd = os.open(path, _OVERWRITE_FLAGS | (os.O_TRUNC if ordered else 0), 0o666)
     try:
         _write_all(fd, data, path)
