@@ -134,10 +134,12 @@ class Journal:
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join(timeout=5)
+        janitor_busy = False
         if self._janitor is not None:
             self._chores.put(None)  # after everything handed to it
             self._janitor.join(timeout=30)
-            if self._janitor.is_alive():
+            janitor_busy = self._janitor.is_alive()
+            if janitor_busy:
                 log.error("journal janitor still busy at close (a slow disk?)")
             self._janitor = None
         with self._lock:
@@ -148,7 +150,7 @@ class Journal:
                 os.close(self._fd)
                 self._fd = None
         fd, self._checkpoints_fd = self._checkpoints_fd, None
-        if fd is not None:
+        if fd is not None and not janitor_busy:  # a busy janitor may be flushing through it
             os.close(fd)
 
     # ---- writing -------------------------------------------------------------------------

@@ -173,7 +173,9 @@ class SpillTier:
     # ---- records -------------------------------------------------------------------------
 
     def write(self, record: SpillRecord, *, durable: bool = False, first: bool = False) -> None:
-        """Write (or replace) a session's record. Raises SpillTierFull over the cap."""
+        """Write (or replace) a session's record. Raises SpillTierFull over the cap. `first`: a
+        fork's first record, its whole history (no journal record behind it): fsynced."""
+        durable = durable or first
         session_id = record.header.session_id
         data = spill_record.encode(record)
         new_total = self._bytes - self._sizes.get(session_id, 0) + len(data)
@@ -187,8 +189,10 @@ class SpillTier:
         for attempt in (1, 2):
             try:
                 replacing = session_id in self._sizes
-                spare = self._take_spare(make=replacing and self._exchange)
-                if spare is None:  # a first record, and no file to reuse
+                # Ordered, a spare must exist already: a file made now has nothing for ext4 to
+                # allocate on close (`_overwrite_file`), so the renaming path orders it instead.
+                spare = self._take_spare(make=replacing and self._exchange and not self._ordered)
+                if spare is None:  # no file to reuse
                     _write_file(tmp, data, durable)
                     os.replace(tmp, final)
                 else:
@@ -224,7 +228,7 @@ class SpillTier:
         half-written is deleted."""
         done = traded = False
         try:
-            _overwrite_file(spare, data, durable, ordered=exchange and self._ordered)
+            _overwrite_file(spare, data, durable, ordered=self._ordered)
             traded = exchange and self._trade_names(spare, final)
             if not traded:
                 os.replace(spare, final)  # the spare is the record now
@@ -440,15 +444,15 @@ def _write_all(fd: int, data: bytes, path: str) -> None:
 
 
 def _overwrite_file(path: str, data: bytes, durable: bool, *, ordered: bool) -> None:
-    """All of `data` into the file at `path` (made if missing), and nothing else.
+    """All of `data` into the file at `path`, and nothing else.
 
-    `ordered` (a record that replaces one, where a power loss is promised): the file is cut to
-    nothing first and its new blocks allocated on close (ext4's auto_da_alloc does that for a
-    file truncated to zero), so its data reaches the disk before a later change of names, as it
-    did when a new file was renamed over the record: a power loss leaves the record's name on
-    the old record or the new one. Otherwise the blocks are overwritten in place (~18 against
-    ~110 µs here): a first record needs no order (the journal holds all of its session's
-    steps until a flush), nor does anything where no power loss is promised."""
+    `ordered` (where a power loss is promised; `path` must exist): the file is cut to nothing
+    first and its new blocks allocated on close (ext4's auto_da_alloc does that for a file
+    truncated to zero), so its data reaches the disk before a later change of names, as it did
+    when a new file was renamed over the record; and its old blocks, which may hold a record a
+    name still points at until the change of names is committed (a spare is the old file of a
+    record just replaced), are not written over. Otherwise the blocks are overwritten in place
+    (~18 against ~110 µs here)."""
     fd = os.open(path, _OVERWRITE_FLAGS | (os.O_TRUNC if ordered else 0), 0o666)
     try:
         _write_all(fd, data, path)

@@ -29,7 +29,9 @@ from .test_spill_record import make_record
 
 @pytest.fixture
 def tier(tmp_path: Path) -> Iterator[SpillTier]:
-    t = SpillTier(tmp_path / "spill", max_bytes=1 << 20)
+    """A tier that promises nothing past a killed process (`ordered=False`): every replacement
+    trades names with a spare. `ordered_tier` below is the default server's."""
+    t = SpillTier(tmp_path / "spill", max_bytes=1 << 20, ordered=False)
     t.open()
     yield t
     t.close()
@@ -590,3 +592,73 @@ def test_a_server_killed_while_ending_a_session_leaves_its_record_whole_or_gone(
         assert _spares(directory) == []
     finally:
         tier.close()
+
+
+@pytest.fixture
+def ordered_tier(tmp_path: Path) -> Iterator[SpillTier]:
+    t = SpillTier(tmp_path / "spill", max_bytes=1 << 20)  # the default: ordered
+    t.open()
+    yield t
+    t.close()
+
+
+def _opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """The files the tier opens for writing from now on: (name, flags)."""
+    seen: list[tuple[str, int]] = []
+    real = os.open
+
+    def noted(path: str, flags: int, *args: int) -> int:
+        if flags & os.O_WRONLY:
+            seen.append((os.path.basename(path), flags))
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(spill_tier.os, "open", noted)
+    return seen
+
+
+def test_ordered_a_replacement_with_no_spare_is_a_new_file_renamed_over_the_record(
+    ordered_tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spare made on the spot has nothing for ext4 to allocate on close, so it would not be
+    ordered before the exchange: with no spare to reuse, the record is replaced as before (a
+    new file renamed over it, which ext4 orders), and the old file goes."""
+    tier, sid = ordered_tier, make_record().header.session_id
+    tier.write(make_record(position=12))
+    opened = _opens(monkeypatch)
+    tier.write(make_record(position=13))
+    assert [name.endswith(".tmp") for name, _ in opened] == [True]
+    assert _spares(tier.directory) == [] and tier.read(sid).header.position == 13
+
+
+def test_ordered_a_spare_is_emptied_before_it_is_written(
+    ordered_tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once an ended session left a spare, a replacement and then a first record go through
+    spares, each opened with O_TRUNC: its old blocks (maybe a record a name points at until
+    the exchange is committed) are not written over, and ext4 allocates the new ones on close,
+    before the change of names."""
+    tier, sid = ordered_tier, make_record().header.session_id
+    ended = _with_id(make_record(), new_session_id())
+    tier.write(make_record(position=12))
+    tier.write(ended)
+    tier.delete(ended.header.session_id)  # one spare
+    opened = _opens(monkeypatch)
+    tier.write(make_record(position=13))  # through it; the old record's file is the spare now
+    tier.write(_with_id(make_record(), new_session_id()))  # a first record, through that one
+    assert len(opened) == 2
+    assert all(name.startswith(spill_tier.SPARE_PREFIX) for name, _ in opened)
+    assert all(flags & os.O_TRUNC for _, flags in opened)
+    assert tier.read(sid).header.position == 13
+
+
+def test_a_forks_first_record_is_fsynced(
+    ordered_tier: SpillTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork's first record is its whole history, with no journal record behind it."""
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(spill_tier.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    ordered_tier.write(make_record())
+    assert synced == []
+    ordered_tier.write(_with_id(make_record(), new_session_id()), first=True)
+    assert len(synced) == 2  # the file and the directory
