@@ -1,18 +1,28 @@
 """The spill tier: one `<session id>.spill` file per session in a directory, under a size cap.
 
 Files appear whole or not at all: a record is written to a file of another name, then renamed
-into place. Files are reused rather than made and deleted, which this machine's disk charges
-for (a new file cost 40-900 µs depending on the minute; README, "Fifteenth pass").
-- A record that replaces one is written into a spare file (emptied first where a power loss is
-  promised: `_overwrite_file`), which then trades names with the old record (renameat2 with
-  RENAME_EXCHANGE, one atomic step): the old record's file is the next spare. Where the
-  filesystem cannot exchange names, the spare is renamed over the record.
-- A session's first record goes into a spare when there is one (renamed into place), else into
+into place.
+
+Where no power loss is promised (`ordered=False`: `FSYNC=never`, or `DURABILITY=shutdown`),
+files are reused rather than made and deleted, which this machine's disk charges for (a new
+file cost 40-900 µs depending on the minute; README, "Fifteenth pass"):
+- A record that replaces one is written over a spare file in place, which then trades names
+  with the old record (renameat2 with RENAME_EXCHANGE, one atomic step): the old record's file
+  is the next spare. Where the filesystem cannot exchange names, the spare is renamed over
+  the record.
+- A session's first record goes over a spare when there is one (renamed into place), else into
   a new temp file.
 - An ended session's file is moved out of its name and kept as a spare.
 Spares (`.spare-N`) hold an older record of a live session or an ended session's last one
 (with the same permissions as the records): at most `MAX_SPARES` of them, holding at most
-`MAX_SPARE_BYTES`, outside the tier's cap. `open()` and `close()` remove them.
+`MAX_SPARE_BYTES`, outside the tier's cap, dropped first when the disk is full. `open()` and
+`close()` remove them.
+
+Where a power loss is promised (`ordered`, the default) none of that: ext4 writes a new file's
+data before a rename over an existing record commits (`auto_da_alloc`), so a power loss leaves
+the name on the old record or the new one; it orders neither an overwrite in place nor a file
+made for an exchange, and emptying a spare first to get that order cost more than a new file
+(two reviews and the measurements in the README).
 
 Records are not fsynced one by one: they are written on the request path, and a process crash
 keeps them in the page cache anyway; only a power loss can tear one, and then its checksum
@@ -189,10 +199,10 @@ class SpillTier:
         for attempt in (1, 2):
             try:
                 replacing = session_id in self._sizes
-                # Ordered, a spare must exist already: a file made now has nothing for ext4 to
-                # allocate on close (`_overwrite_file`), so the renaming path orders it instead.
-                spare = self._take_spare(make=replacing and self._exchange and not self._ordered)
-                if spare is None:  # no file to reuse
+                spare = None
+                if not self._ordered:  # see the module's docstring
+                    spare = self._take_spare(make=replacing and self._exchange)
+                if spare is None:  # a new file, renamed into place
                     _write_file(tmp, data, durable)
                     os.replace(tmp, final)
                 else:
@@ -228,7 +238,7 @@ class SpillTier:
         half-written is deleted."""
         done = traded = False
         try:
-            _overwrite_file(spare, data, durable, ordered=self._ordered)
+            _overwrite_file(spare, data, durable)
             traded = exchange and self._trade_names(spare, final)
             if not traded:
                 os.replace(spare, final)  # the spare is the record now
@@ -335,7 +345,7 @@ class SpillTier:
         self._unsynced.discard(session_id)
         path = self._file(session_id)
         try:
-            if self._keep_as_spare(path, size):
+            if not self._ordered and self._keep_as_spare(path, size):
                 return
         except FileNotFoundError:
             return
@@ -443,21 +453,13 @@ def _write_all(fd: int, data: bytes, path: str) -> None:
         view = view[written:]
 
 
-def _overwrite_file(path: str, data: bytes, durable: bool, *, ordered: bool) -> None:
-    """All of `data` into the file at `path`, and nothing else.
-
-    `ordered` (where a power loss is promised; `path` must exist): the file is cut to nothing
-    first and its new blocks allocated on close (ext4's auto_da_alloc does that for a file
-    truncated to zero), so its data reaches the disk before a later change of names, as it did
-    when a new file was renamed over the record; and its old blocks, which may hold a record a
-    name still points at until the change of names is committed (a spare is the old file of a
-    record just replaced), are not written over. Otherwise the blocks are overwritten in place
-    (~18 against ~110 µs here)."""
-    fd = os.open(path, _OVERWRITE_FLAGS | (os.O_TRUNC if ordered else 0), 0o666)
+def _overwrite_file(path: str, data: bytes, durable: bool) -> None:
+    """All of `data` over the file at `path` (made if missing), cut to its length: its blocks
+    are overwritten in place (~18 µs here against ~110 with the file emptied first)."""
+    fd = os.open(path, _OVERWRITE_FLAGS, 0o666)
     try:
         _write_all(fd, data, path)
-        if not ordered:
-            os.ftruncate(fd, len(data))
+        os.ftruncate(fd, len(data))
         if durable:
             os.fsync(fd)
     finally:

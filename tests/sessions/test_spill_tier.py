@@ -29,8 +29,8 @@ from .test_spill_record import make_record
 
 @pytest.fixture
 def tier(tmp_path: Path) -> Iterator[SpillTier]:
-    """A tier that promises nothing past a killed process (`ordered=False`): every replacement
-    trades names with a spare. `ordered_tier` below is the default server's."""
+    """A tier that promises nothing past a killed process (`ordered=False`), where records
+    trade names with spares. `ordered_tier` below is the default server's."""
     t = SpillTier(tmp_path / "spill", max_bytes=1 << 20, ordered=False)
     t.open()
     yield t
@@ -255,13 +255,9 @@ def test_a_replaced_record_trades_names_with_a_spare(tier: SpillTier) -> None:
     assert _spares(tier.directory) == []  # close removes the spares
 
 
-@pytest.mark.parametrize("ordered", [True, False])
-def test_a_smaller_record_over_a_bigger_spare_is_cut_to_its_length(
-    tmp_path: Path, ordered: bool
-) -> None:
-    """A spare holds whatever record it last named; a smaller one written over it must not
-    keep the bigger one's tail (the checksum would refuse it): truncated first (`ordered`, for
-    a power loss) or cut after the write (overwritten in place)."""
+def test_a_smaller_record_over_a_bigger_spare_is_cut_to_its_length(tmp_path: Path) -> None:
+    """A spare holds whatever record it last named; a smaller one written over it in place
+    must not keep the bigger one's tail (the checksum would refuse it)."""
     record = make_record()
     gen = np.random.default_rng(3)
     big = SpillRecord(
@@ -271,7 +267,7 @@ def test_a_smaller_record_over_a_bigger_spare_is_cut_to_its_length(
             c=gen.standard_normal((2, 500)).astype(np.float32),
         ),
     )
-    tier = SpillTier(tmp_path / "spill", max_bytes=1 << 30, ordered=ordered)
+    tier = SpillTier(tmp_path / "spill", max_bytes=1 << 30, ordered=False)
     tier.open()
     try:
         tier.write(big)
@@ -497,7 +493,7 @@ sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from pathlib import Path
 from service.sessions.spill_tier import SpillTier
 from test_spill_record import make_record
-tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30)
+tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30, ordered=False)
 tier.open()
 ids = [f"s_crash{i:02d}" for i in range(16)]
 again = [f"s_again{i:02d}" for i in range(8)]  # ended and made again, round after round
@@ -557,7 +553,7 @@ from pathlib import Path
 from service.sessions import spill_tier
 from service.sessions.spill_tier import SpillTier
 from test_spill_record import make_record
-tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30)
+tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30, ordered=False)
 tier.open()
 record = make_record()
 tier.write(record)
@@ -616,39 +612,23 @@ def _opens(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return seen
 
 
-def test_ordered_a_replacement_with_no_spare_is_a_new_file_renamed_over_the_record(
+def test_ordered_every_record_is_a_new_file_renamed_into_place(
     ordered_tier: SpillTier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A spare made on the spot has nothing for ext4 to allocate on close, so it would not be
-    ordered before the exchange: with no spare to reuse, the record is replaced as before (a
-    new file renamed over it, which ext4 orders), and the old file goes."""
-    tier, sid = ordered_tier, make_record().header.session_id
-    tier.write(make_record(position=12))
-    opened = _opens(monkeypatch)
-    tier.write(make_record(position=13))
-    assert [name.endswith(".tmp") for name, _ in opened] == [True]
-    assert _spares(tier.directory) == [] and tier.read(sid).header.position == 13
-
-
-def test_ordered_a_spare_is_emptied_before_it_is_written(
-    ordered_tier: SpillTier, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Once an ended session left a spare, a replacement and then a first record go through
-    spares, each opened with O_TRUNC: its old blocks (maybe a record a name points at until
-    the exchange is committed) are not written over, and ext4 allocates the new ones on close,
-    before the change of names."""
+    """Where a power loss is promised, no spare: ext4 orders a new file's data before a rename
+    over the record, not an overwrite in place nor a file made for an exchange. A replacement
+    and a first record are each a new temp file renamed into place; an ended session's file is
+    deleted."""
     tier, sid = ordered_tier, make_record().header.session_id
     ended = _with_id(make_record(), new_session_id())
     tier.write(make_record(position=12))
     tier.write(ended)
-    tier.delete(ended.header.session_id)  # one spare
+    tier.delete(ended.header.session_id)
     opened = _opens(monkeypatch)
-    tier.write(make_record(position=13))  # through it; the old record's file is the spare now
-    tier.write(_with_id(make_record(), new_session_id()))  # a first record, through that one
-    assert len(opened) == 2
-    assert all(name.startswith(spill_tier.SPARE_PREFIX) for name, _ in opened)
-    assert all(flags & os.O_TRUNC for _, flags in opened)
-    assert tier.read(sid).header.position == 13
+    tier.write(make_record(position=13))
+    tier.write(_with_id(make_record(), new_session_id()))
+    assert [name.endswith(".tmp") for name, _ in opened] == [True, True]
+    assert _spares(tier.directory) == [] and tier.read(sid).header.position == 13
 
 
 def test_a_forks_first_record_is_fsynced(
