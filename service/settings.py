@@ -155,7 +155,8 @@ class SessionSettings(BaseModel):
     fsync: Literal["batch", "interval", "never"] = "interval"
     """When journal writes are fsynced: after every batched step (survives power loss, costs a
     disk flush per step), every `fsync_interval_seconds` in the background, or never (the OS
-    writes them back; a killed process loses nothing either way)."""
+    writes them back; a killed process loses nothing either way; the spill tier then reuses its
+    files, which makes checkpoints cheaper: README, "The state pool and the spill tier")."""
     fsync_interval_seconds: PositiveSeconds = 0.2
     """The fsync period of the `interval` policy."""
     checkpoint_steps: Positive = 256
