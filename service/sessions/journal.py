@@ -43,7 +43,7 @@ from typing import Literal
 
 from service.errors import JournalUnavailable
 from service.sessions.journal_record import JournalRecord, decode_stream
-from service.sessions.spill_tier import syncfs_fd
+from service.sessions.record_files import syncfs_fd
 
 log = logging.getLogger(__name__)
 

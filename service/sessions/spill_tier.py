@@ -1,28 +1,15 @@
 """The spill tier: one `<session id>.spill` file per session in a directory, under a size cap.
 
 Files appear whole or not at all: a record is written to a file of another name, then renamed
-into place.
-
-Where no power loss is promised (`ordered=False`: `FSYNC=never`, or `DURABILITY=shutdown`),
-files are reused rather than made and deleted, which this machine's disk charges for (a new
-file cost 40-900 µs depending on the minute; README, "Fifteenth pass"):
-- A record that replaces one is written over a spare file in place, which then trades names
-  with the old record (renameat2 with RENAME_EXCHANGE, one atomic step): the old record's file
-  is the next spare. Where the filesystem cannot exchange names, the spare is renamed over
-  the record.
-- A session's first record goes over a spare when there is one (renamed into place), else into
-  a new temp file.
-- An ended session's file is moved out of its name and kept as a spare.
-Spares (`.spare-N`) hold an older record of a live session or an ended session's last one
-(with the same permissions as the records): at most `MAX_SPARES` of them, holding at most
-`MAX_SPARE_BYTES`, outside the tier's cap, dropped first when the disk is full. `open()` and
-`close()` remove them.
-
-Where a power loss is promised (`ordered`, the default) none of that: ext4 writes a new file's
-data before a rename over an existing record commits (`auto_da_alloc`), so a power loss leaves
-the name on the old record or the new one; it orders neither an overwrite in place nor a file
-made for an exchange, and emptying a spare first to get that order cost more than a new file
-(two reviews and the measurements in the README).
+into place. Where a power loss is promised (`ordered`, the default) that file is new: ext4
+writes a new file's data before a rename over an existing record commits (`auto_da_alloc`), so
+a power loss leaves the name on the old record or the new one; it orders neither an overwrite
+in place nor a file made for an exchange (two reviews; README, "Fifteenth pass"). Elsewhere
+(`FSYNC=never`, `DURABILITY=shutdown`) files are reused, which this machine's disk charges less
+for (`service.sessions.spare_files`): a replacing record is written over a spare in place and
+trades names with the old record, whose file is the next spare; a first record goes over a
+spare when there is one; an ended session's file is kept as a spare. Spares are dropped first
+when the disk is full, and removed by `open()` and `close()`.
 
 Records are not fsynced one by one: they are written on the request path, and a process crash
 keeps them in the page cache anyway; only a power loss can tear one, and then its checksum
@@ -36,13 +23,11 @@ One server owns a directory at a time: `open()` takes an exclusive lock on `.loc
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
 import os
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +39,10 @@ from service.errors import (
     SpillTierFull,
     SpillTierInUse,
 )
-from service.libc import libc
 from service.sessions import spill_record
+from service.sessions.record_files import overwrite_file, read_file, syncfs, write_file
 from service.sessions.session import SESSION_ID_PATTERN
+from service.sessions.spare_files import SPARE_PREFIX, SpareFiles
 from service.sessions.spill_record import SpillHeader, SpillRecord
 
 log = logging.getLogger(__name__)
@@ -70,11 +56,6 @@ _SYNC_THREADS = 8  # fsyncs in parallel share journal commits
 # From this many records on, one syncfs(2) of the directory's filesystem replaces an fsync per
 # file: 50,000 records of 6 KB took 0.4-0.7 s that way against 4.8 s (README, Durability).
 SYNCFS_FROM = 1024
-SPARE_PREFIX = ".spare-"  # a spare file: `SPARE_PREFIX` + a number
-MAX_SPARES = 1024  # files kept for reuse
-MAX_SPARE_BYTES = 16 << 20  # what the kept spares may hold (older records; not in the cap)
-_RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
-_AT_FDCWD = -100
 
 
 @dataclass
@@ -91,7 +72,7 @@ class SpillTier:
     def __init__(self, directory: Path, max_bytes: int, *, ordered: bool = True) -> None:
         self.directory = Path(directory)
         # Whether a record must reach the disk before the name that points at it, for a power
-        # loss (see `_overwrite_file`); False where nothing is promised past a killed process.
+        # loss (the module's docstring); False where nothing is promised past a killed process.
         self._ordered = ordered
         self._dir = str(self.directory)
         self.max_bytes = max_bytes
@@ -99,15 +80,11 @@ class SpillTier:
         self._bytes = 0
         self._unsynced: set[str] = set()
         self._lock_fd: int | None = None
-        self._spares: list[tuple[str, int]] = []  # spare files to overwrite: (path, bytes)
-        self._spare_bytes = 0
-        self._spares_made = 0
-        self._spare_lock = threading.Lock()  # the shutdown writer's thread and the loop's
-        self._exchange = getattr(libc(), "renameat2", None) is not None  # off where refused
+        self._spares = SpareFiles(self._dir)  # used only where not `ordered`
 
     @property
     def ordered(self) -> bool:
-        """Whether a record reaches the disk before a name points at it (`_overwrite_file`)."""
+        """Whether a record reaches the disk before a name points at it (no spares)."""
         return self._ordered
 
     @property
@@ -175,7 +152,7 @@ class SpillTier:
         return scan
 
     def close(self) -> None:
-        self._drop_spares()
+        self._spares.drop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -201,9 +178,9 @@ class SpillTier:
                 replacing = session_id in self._sizes
                 spare = None
                 if not self._ordered:  # see the module's docstring
-                    spare = self._take_spare(make=replacing and self._exchange)
+                    spare = self._spares.take(make=replacing and self._spares.can_exchange)
                 if spare is None:  # a new file, renamed into place
-                    _write_file(tmp, data, durable)
+                    write_file(tmp, data, durable)
                     os.replace(tmp, final)
                 else:
                     old = self._sizes.get(session_id, 0)
@@ -213,7 +190,7 @@ class SpillTier:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    if attempt == 1 and self._drop_spares():
+                    if attempt == 1 and self._spares.drop():
                         continue  # the spares' disk space is given back: once more
                     raise SpillTierFull(
                         f"spill tier's disk is full ({exc.strerror}); SEQSERVE_SESSIONS__SPILL_DIR"
@@ -238,92 +215,23 @@ class SpillTier:
         half-written is deleted."""
         done = traded = False
         try:
-            _overwrite_file(spare, data, durable)
-            traded = exchange and self._trade_names(spare, final)
+            overwrite_file(spare, data, durable)
+            traded = exchange and self._spares.trade_names(spare, final)
             if not traded:
                 os.replace(spare, final)  # the spare is the record now
             done = True
         finally:
             if traded:
-                self._give_back(spare, old)
+                self._spares.give_back(spare, old)
             elif not done:
                 with contextlib.suppress(OSError):
                     os.unlink(spare)
-
-    def _trade_names(self, spare: str, final: str) -> bool:
-        """renameat2(spare, final, RENAME_EXCHANGE): False where the kernel or filesystem
-        refuses the flag (then never tried again) or `final` is missing; raises OSError for
-        anything else."""
-        if not self._exchange:
-            return False
-        call = libc().renameat2
-        if (
-            call(_AT_FDCWD, os.fsencode(spare), _AT_FDCWD, os.fsencode(final), _RENAME_EXCHANGE)
-            == 0
-        ):
-            return True
-        code = ctypes.get_errno()
-        if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            log.info("%s cannot exchange names (%s): records are replaced by rename",
-                     self.directory, os.strerror(code))  # fmt: skip
-            self._exchange = False
-            return False
-        if code == errno.ENOENT:
-            return False
-        raise OSError(code, os.strerror(code), final)
-
-    def _take_spare(self, make: bool) -> str | None:
-        """A spare to write into; with none left, a new name (`make`) or None."""
-        with self._spare_lock:
-            if self._spares:
-                spare, size = self._spares.pop()
-                self._spare_bytes -= size
-                return spare
-            if not make:
-                return None
-            return self._new_spare_name()
-
-    def _drop_spares(self) -> bool:
-        """Delete the spares; whether there were any."""
-        with self._spare_lock:
-            spares, self._spares, self._spare_bytes = self._spares, [], 0
-        for spare, _ in spares:
-            with contextlib.suppress(OSError):
-                os.unlink(spare)
-        return bool(spares)
-
-    def _new_spare_name(self) -> str:
-        self._spares_made += 1  # under `_spare_lock`
-        return f"{self._dir}/{SPARE_PREFIX}{self._spares_made}"
-
-    def _keep_as_spare(self, path: str, size: int) -> bool:
-        """An ended session's file (of `size` bytes) becomes a spare, moved out of the record's
-        name in one step; False when the spares are at their caps. Its bytes stay until a
-        record is written over them or the tier is closed: emptying it cost ~70 µs more here
-        (its blocks freed, then allocated again for the next record)."""
-        with self._spare_lock:
-            if len(self._spares) >= MAX_SPARES or self._spare_bytes + size > MAX_SPARE_BYTES:
-                return False
-            spare = self._new_spare_name()
-        os.rename(path, spare)
-        self._give_back(spare, size)
-        return True
-
-    def _give_back(self, spare: str, size: int) -> None:
-        """Keep `spare` (holding `size` bytes) for reuse, or delete it past the caps."""
-        with self._spare_lock:
-            if len(self._spares) < MAX_SPARES and self._spare_bytes + size <= MAX_SPARE_BYTES:
-                self._spares.append((spare, size))
-                self._spare_bytes += size
-                return
-        with contextlib.suppress(OSError):
-            os.unlink(spare)
 
     def read(self, session_id: str) -> SpillRecord:
         """The record, checksum verified. Raises SpillCorrupted if missing or damaged."""
         path = self._file(session_id)
         try:
-            data = _read_file(path)
+            data = read_file(path)
         except OSError as exc:
             log.warning("spill record %s unreadable: %s", path, exc)
             raise SpillCorrupted(f"{_SOURCE} is unreadable ({exc.strerror})") from exc
@@ -345,7 +253,7 @@ class SpillTier:
         self._unsynced.discard(session_id)
         path = self._file(session_id)
         try:
-            if not self._ordered and self._keep_as_spare(path, size):
+            if not self._ordered and self._spares.keep(path, size):
                 return
         except FileNotFoundError:
             return
@@ -426,58 +334,6 @@ class SpillTier:
             os.close(fd)
 
 
-# Records are read and written with bare descriptors: `open()`'s buffered file object costs three
-# more system calls (fstat, the isatty ioctl, lseek) and ~20 µs of Python for each checkpoint.
-_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-_OVERWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-
-
-def _write_file(path: str, data: bytes, durable: bool) -> None:
-    """All of `data` to a new file at `path` (fsynced with `durable`)."""
-    fd = os.open(path, _WRITE_FLAGS, 0o666)
-    try:
-        _write_all(fd, data, path)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes, path: str) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written == 0:  # a regular file writes all or raises; never spin on a short one
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        view = view[written:]
-
-
-def _overwrite_file(path: str, data: bytes, durable: bool) -> None:
-    """All of `data` over the file at `path` (made if missing), cut to its length: its blocks
-    are overwritten in place (~18 µs here against ~110 with the file emptied first)."""
-    fd = os.open(path, _OVERWRITE_FLAGS, 0o666)
-    try:
-        _write_all(fd, data, path)
-        os.ftruncate(fd, len(data))
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_file(path: str) -> bytes:
-    """The whole file at `path`."""
-    fd = os.open(path, _READ_FLAGS)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
 def _owner_of(path: Path) -> str:
     """The owner block of a record whose header is damaged (empty when that is too)."""
     try:
@@ -492,30 +348,3 @@ def _unusable(directory: Path, exc: OSError) -> SpillDirUnusable:
         f"spill directory {directory} is not usable: {exc.strerror or exc} "
         "(set SEQSERVE_SESSIONS__SPILL_DIR or --spill-dir to a writable directory)"
     )
-
-
-def syncfs(directory: Path) -> bool:
-    """syncfs(2) on the filesystem holding `directory`: every file's dirty data on it is written
-    and flushed, as fsync would for each. False where the C library has no syncfs (not Linux);
-    raises OSError when the kernel reports a write error."""
-    if getattr(libc(), "syncfs", None) is None:
-        return False
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return syncfs_fd(fd, directory)
-    finally:
-        os.close(fd)
-
-
-def syncfs_fd(fd: int, what: object = "") -> bool:
-    """syncfs(2) on the filesystem of the open descriptor `fd`. The kernel reports a writeback
-    error to each descriptor open when it happened, once: a descriptor kept open sees the
-    errors since it was opened, a fresh one does not see older ones. False where the C library
-    has no syncfs; raises OSError for an error."""
-    call = getattr(libc(), "syncfs", None)
-    if call is None:
-        return False
-    if call(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"syncfs of {what or fd}: {os.strerror(code)}")
-    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -19,7 +20,7 @@ import pytest
 
 from service.errors import Internal, SpillCorrupted, SpillTierFull, SpillTierInUse
 from service.runtime.state_pool import SlotSnapshot
-from service.sessions import spill_tier
+from service.sessions import spare_files, spill_tier
 from service.sessions.session import new_session_id
 from service.sessions.spill_record import SpillRecord
 from service.sessions.spill_tier import SpillTier
@@ -229,7 +230,9 @@ def _with_id(record: SpillRecord, session_id: str) -> SpillRecord:
 
 
 def _spares(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(spill_tier.SPARE_PREFIX))
+    return sorted(
+        p.name for p in directory.iterdir() if p.name.startswith(spare_files.SPARE_PREFIX)
+    )
 
 
 def test_a_replaced_record_trades_names_with_a_spare(tier: SpillTier) -> None:
@@ -287,7 +290,7 @@ def test_spares_and_temp_files_a_crash_left_are_removed_at_open(tmp_path: Path) 
     tier.open()
     tier.write(make_record())
     tier.close()
-    (directory / f"{spill_tier.SPARE_PREFIX}3").write_bytes(b"stale record bytes")
+    (directory / f"{spare_files.SPARE_PREFIX}3").write_bytes(b"stale record bytes")
     (directory / ".s_x.spill.99.tmp").write_bytes(b"half a write")
     again = SpillTier(directory, max_bytes=1 << 20)
     scan = again.open()
@@ -315,7 +318,7 @@ def test_where_names_cannot_be_traded_the_spare_is_renamed_over_the_record(
     tier: SpillTier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     refusing = _NoExchange()
-    monkeypatch.setattr(spill_tier, "libc", lambda: refusing)
+    monkeypatch.setattr(spare_files, "libc", lambda: refusing)
     sid = make_record().header.session_id
     for position in (12, 13, 14, 15):
         tier.write(make_record(position=position))
@@ -350,7 +353,7 @@ def test_rewrites_from_two_threads_keep_every_record_whole(tier: SpillTier) -> N
     assert failures == []
     for sid in ids[0] + ids[1]:
         assert tier.read(sid).header.position == 62
-    assert 1 <= len(_spares(tier.directory)) <= spill_tier.MAX_SPARES
+    assert 1 <= len(_spares(tier.directory)) <= spare_files.MAX_SPARES
     assert tier.bytes_used == sum(tier.path(s).stat().st_size for s in ids[0] + ids[1])
 
 
@@ -374,7 +377,7 @@ def test_an_ended_sessions_file_takes_the_next_first_record(tier: SpillTier) -> 
 
 
 def test_spares_stop_at_their_cap(tier: SpillTier, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spill_tier, "MAX_SPARES", 3)
+    monkeypatch.setattr(spare_files, "MAX_SPARES", 3)
     ids = [new_session_id() for _ in range(5)]
     for sid in ids:
         tier.write(_with_id(make_record(), sid))
@@ -390,12 +393,12 @@ def test_spares_stop_at_their_byte_cap(tier: SpillTier, monkeypatch: pytest.Monk
     ended = _with_id(make_record(), new_session_id())
     tier.write(make_record(position=12))
     tier.write(ended)
-    monkeypatch.setattr(spill_tier, "MAX_SPARE_BYTES", 0)
+    monkeypatch.setattr(spare_files, "MAX_SPARE_BYTES", 0)
     tier.write(make_record(position=13))  # the old record's file would hold bytes: deleted
     tier.delete(ended.header.session_id)  # and so would the ended session's
     assert _spares(tier.directory) == []
     assert tier.read(make_record().header.session_id).header.position == 13
-    monkeypatch.setattr(spill_tier, "MAX_SPARE_BYTES", tier.bytes_used)
+    monkeypatch.setattr(spare_files, "MAX_SPARE_BYTES", tier.bytes_used)
     tier.write(make_record(position=14))  # room for one
     assert len(_spares(tier.directory)) == 1
 
@@ -407,7 +410,7 @@ def test_the_spares_byte_count_follows_what_they_hold(
     the two files keep alternating (a count that only grew would soon delete the spare)."""
     sid = make_record().header.session_id
     tier.write(make_record(position=12))
-    monkeypatch.setattr(spill_tier, "MAX_SPARE_BYTES", tier.bytes_used)
+    monkeypatch.setattr(spare_files, "MAX_SPARE_BYTES", tier.bytes_used)
     inodes = set()
     for position in range(13, 20):
         tier.write(make_record(position=position))
@@ -439,7 +442,7 @@ def test_a_failed_exchange_is_internal_and_keeps_the_record(
 ) -> None:
     sid = make_record().header.session_id
     tier.write(make_record(position=12))
-    monkeypatch.setattr(spill_tier, "libc", lambda: _FailingExchange())
+    monkeypatch.setattr(spare_files, "libc", lambda: _FailingExchange())
     with pytest.raises(Internal, match="Input/output error"):
         tier.write(make_record(position=13))
     assert tier.read(sid).header.position == 12
@@ -550,20 +553,20 @@ _ENDER = """
 import os, signal, sys
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from pathlib import Path
-from service.sessions import spill_tier
+from service.sessions import spare_files, spill_tier
 from service.sessions.spill_tier import SpillTier
 from test_spill_record import make_record
 tier = SpillTier(Path(sys.argv[1]), max_bytes=1 << 30, ordered=False)
 tier.open()
 record = make_record()
 tier.write(record)
-owner = spill_tier.os if sys.argv[4] == "rename" else SpillTier
+owner = spill_tier.os if sys.argv[4] == "rename" else spare_files.SpareFiles
 setattr(owner, sys.argv[4], lambda *args: os.kill(os.getpid(), signal.SIGKILL))
 tier.delete(record.header.session_id)
 """
 
 
-@pytest.mark.parametrize("killed_at", ["rename", "_give_back"])
+@pytest.mark.parametrize("killed_at", ["rename", "give_back"])
 def test_a_server_killed_while_ending_a_session_leaves_its_record_whole_or_gone(
     tmp_path: Path, killed_at: str
 ) -> None:
@@ -642,3 +645,49 @@ def test_a_forks_first_record_is_fsynced(
     assert synced == []
     ordered_tier.write(_with_id(make_record(), new_session_id()), first=True)
     assert len(synced) == 2  # the file and the directory
+
+
+def test_on_a_real_full_disk_the_spares_make_room_for_a_record(tmp_path: Path) -> None:
+    """A real tmpfs of 256 KiB: spares left by ended sessions hold pages; the disk is filled to
+    the last page; a record bigger than any spare fails over one (ENOSPC), and is written once
+    the spares are dropped. With no spare left the next one is refused (SpillTierFull), and
+    the records already there read back whole."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        tier = SpillTier(disk / "spill", max_bytes=1 << 30, ordered=False)
+        tier.open()
+        kept = make_record()
+        tier.write(kept)
+        ended = [new_session_id() for _ in range(12)]
+        for sid in ended:
+            tier.write(_with_id(make_record(), sid))
+        for sid in ended:
+            tier.delete(sid)  # twelve spares of a page each
+        assert len(_spares(tier.directory)) == 12
+        filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:  # every page left
+                os.write(filler, b"x" * 4096)
+        os.close(filler)
+        gen = np.random.default_rng(5)
+        big = SpillRecord(
+            kept.header.model_copy(update={"hidden_size": 2_000}),
+            SlotSnapshot(
+                h=gen.standard_normal((2, 2_000)).astype(np.float32),
+                c=gen.standard_normal((2, 2_000)).astype(np.float32),
+            ),
+        )  # ~32 KB: eight pages
+        first = _with_id(big, new_session_id())
+        tier.write(first)
+        assert _spares(tier.directory) == []
+        np.testing.assert_array_equal(tier.read(first.header.session_id).state.h, big.state.h)
+        with pytest.raises(SpillTierFull, match="disk is full"):
+            tier.write(_with_id(big, new_session_id()))
+        assert tier.read(kept.header.session_id).header == kept.header
+        tier.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
