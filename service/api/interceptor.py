@@ -63,11 +63,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        return self.wrapped(details.method, handler)
-
-    def wrapped(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """Our handler around the servicer's `handler` for the method at `path`: built on
-        first use, then reused while the servicer's handler is the same object."""
+        path = details.method
         known = self._wrapped.get(path)
         if known is not None and known[0] is handler:
             return known[1]
