@@ -48,7 +48,6 @@ class StepScheduler:
         self._model, self._version = model, str(version)
         self._max_batch = max_batch_size
         self._max_queue = max_queue
-        self._inline_max_rows = inline_max_rows  # batches this small run on the loop thread
         # On one CPU the runner thread overlaps nothing and its hand-off costs ~0.06 ms of CPU
         # per token at 64 sessions (measured: 0.31 → 0.24 ms/token, rows per step 27 → 40),
         # so every batch of one-input feeds runs inline, and so does every step of
