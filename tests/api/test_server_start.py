@@ -19,6 +19,7 @@ from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.errors import PortInUse
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from tests.tmpfs import mounted_tmpfs
 
 from .conftest import ServerFactory, make_settings
 
@@ -76,15 +77,8 @@ async def test_serve_on_a_taken_port_exits_with_one_line(
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     """A read-only tmpfs (root can write anywhere else, so chmod would prove nothing)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "size=1m,ro") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("where", ["the directory", "its parent"])

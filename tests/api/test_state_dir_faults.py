@@ -7,7 +7,6 @@ time, and the steps it could not checkpoint come back from the journal."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.sessions.journal import Journal
+from tests.tmpfs import fill, mounted_tmpfs
 
 from .conftest import ServerFactory
 from .support import ReferenceSession, assert_matches_reference, code_value, item, tokens
@@ -26,27 +26,8 @@ from .support import ReferenceSession, assert_matches_reference, code_value, ite
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Take every free byte of the disk; returns the filler file."""
-    filler = disk / "filler"
-    with filler.open("wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
+    with mounted_tmpfs(tmp_path / "disk", "size=2m") as disk:
+        yield disk
 
 
 def _break(journal: Journal) -> None:

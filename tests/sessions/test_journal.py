@@ -6,7 +6,6 @@ setting."""
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from service.errors import JournalUnavailable
 from service.sessions import journal as journal_module
 from service.sessions import journal_record as jr
 from service.sessions.journal import Journal
+from tests.tmpfs import mounted_tmpfs
 
 SID = "s_abcdefghijklmnopqrstuv"
 
@@ -269,14 +269,7 @@ def test_on_a_disk_out_of_inodes_a_failed_roll_leaks_no_descriptor(tmp_path: Pat
     """A real tmpfs with a handful of inodes: the next segment cannot be created (ENOSPC), the
     append is refused, the full segment's descriptor is closed all the same, and once an inode
     is free again the journal goes on in a new segment."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(disk)], check=True
-    )
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=1m,nr_inodes=8") as disk:
         journal = _started(disk, fsync="never", segment_bytes=64)
         journal.append([jr.tokens(SID, 0, np.arange(20))])  # fills its segment
         fillers = []
@@ -296,8 +289,6 @@ def test_on_a_disk_out_of_inodes_a_failed_roll_leaks_no_descriptor(tmp_path: Pat
         journal.close()
         got = list(Journal(disk / "journal").open())
         assert [r.position for r in got] == [0, 20]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _flushes(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[tuple[Path, list[str]]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -24,6 +23,7 @@ from service.sessions import spare_files, spill_tier
 from service.sessions.session import new_session_id
 from service.sessions.spill_record import SpillRecord
 from service.sessions.spill_tier import SpillTier
+from tests.tmpfs import fill, mounted_tmpfs
 
 from .test_spill_record import make_record
 
@@ -652,12 +652,7 @@ def test_on_a_real_full_disk_the_spares_make_room_for_a_record(tmp_path: Path) -
     the last page; a record bigger than any spare fails over one (ENOSPC), and is written once
     the spares are dropped. With no spare left the next one is refused (SpillTierFull), and
     the records already there read back whole."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=256k") as disk:
         tier = SpillTier(disk / "spill", max_bytes=1 << 30, ordered=False)
         tier.open()
         kept = make_record()
@@ -668,11 +663,7 @@ def test_on_a_real_full_disk_the_spares_make_room_for_a_record(tmp_path: Path) -
         for sid in ended:
             tier.delete(sid)  # twelve spares of a page each
         assert len(_spares(tier.directory)) == 12
-        filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-        with contextlib.suppress(OSError):
-            while True:  # every page left
-                os.write(filler, b"x" * 4096)
-        os.close(filler)
+        fill(disk)  # every page left
         gen = np.random.default_rng(5)
         big = SpillRecord(
             kept.header.model_copy(update={"hidden_size": 2_000}),
@@ -689,5 +680,3 @@ def test_on_a_real_full_disk_the_spares_make_room_for_a_record(tmp_path: Path) -
             tier.write(_with_id(big, new_session_id()))
         assert tier.read(kept.header.session_id).header == kept.header
         tier.close()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
