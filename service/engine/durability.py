@@ -13,6 +13,7 @@ a graceful restart (SIGTERM spills them) but not a crash.
 from __future__ import annotations
 
 import logging
+import zlib
 
 from service.errors import JournalUnavailable, SessionMoved
 from service.sessions import journal_record
@@ -34,6 +35,8 @@ class Durability:
         self.journal = journal
         self._sessions = sessions
         self.checkpoint_steps = checkpoint_steps
+        # The earliest a session's first checkpoint comes (see `_first_due`).
+        self._earliest_first = checkpoint_steps - checkpoint_steps // 2
         self.checkpoint_idle_seconds = checkpoint_idle_seconds
         self.end_records_lost = 0  # END records the disk refused (counted, logged once)
 
@@ -58,7 +61,28 @@ class Durability:
             self.journal.unpin(segment)
 
     def due(self, session: Session) -> bool:
-        return self.journal is not None and session.unsaved_steps >= self.checkpoint_steps
+        """It has enough journaled steps to be checkpointed when its lease is let go."""
+        if self.journal is None:
+            return False
+        unsaved = session.unsaved_steps
+        if unsaved >= self.checkpoint_steps:
+            return True
+        return (
+            unsaved >= self._earliest_first
+            and session.saved_at < 0  # never written: its first checkpoint
+            and unsaved >= self._first_due(session.session_id)
+        )
+
+    def _first_due(self, session_id: str) -> int:
+        """The steps after which a session's first checkpoint is due: between half and all of
+        `checkpoint_steps`, by its id. Sessions created together and stepped together (64
+        streams of one client, say) would otherwise come due in the same step, and their
+        checkpoints, a file each written on the event loop, stall every stream at once (64
+        generations: time to first token p99 42-56 ms against 24-30 ms with no checkpoints).
+        Spread by their first, their later ones stay spread: each is due `checkpoint_steps`
+        after the one before."""
+        spread = self.checkpoint_steps // 2 + 1
+        return self.checkpoint_steps - zlib.crc32(session_id.encode()) % spread
 
     def created(self, session: Session) -> None:
         """Journal a new session (its own write: creation is not a step). Raises
