@@ -1,0 +1,125 @@
+"""StreamMux with the engine replaced by recorders: where each message's items run. A stream of
+one session's plain feeds is answered in the stream's own task, a message at a time; the first
+message that is anything else hands the stream to the multiplexer for good, and every item
+still gets its reply. (Over a real server and channel: tests/api/test_stream.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from service.api.stream_mux import StreamMux
+from service.engine.session_lease import Line
+from service.errors import NotFound
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
+
+from .support import item, tokens
+
+
+class Recorder:
+    """The servicer's two callbacks: each records the task it ran in, per request id."""
+
+    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+        self.ran_in: dict[str, asyncio.Task[object] | None] = {}
+        self.failing = failing
+
+    async def feed_items(self, items: list[pb.StreamItem], line: Line) -> pb.StreamResponse:
+        await asyncio.sleep(0)  # a step's wait
+        for it in items:
+            self.ran_in[it.request_id] = asyncio.current_task()
+            if it.request_id in self.failing:
+                raise NotFound(f"session {it.session_id!r} not found")
+        return pb.StreamResponse(
+            replies=[
+                pb.StreamReply(session_id=it.session_id, request_id=it.request_id, position=1)
+                for it in items
+            ]
+        )
+
+    async def run_item(self, it: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:
+        self.ran_in[it.request_id] = asyncio.current_task()
+        for position in (1, 2):
+            await asyncio.sleep(0)
+            yield pb.StreamReply(
+                session_id=it.session_id, request_id=it.request_id, position=position
+            )
+
+
+def feed(session_id: str, request_id: str) -> pb.StreamItem:
+    return item(session_id, request_id, tokens(7))
+
+
+Ran = tuple[list[pb.StreamResponse], "asyncio.Task[object] | None"]
+
+
+async def run(mux: StreamMux, *messages: list[pb.StreamItem]) -> Ran:
+    """Send `messages` on one stream; → the responses, and the task that consumed them."""
+
+    async def incoming() -> AsyncIterator[pb.StreamRequest]:
+        for items in messages:
+            yield pb.StreamRequest(items=items)
+
+    return [r async for r in mux.run(incoming())], asyncio.current_task()
+
+
+def replied(responses: list[pb.StreamResponse]) -> list[tuple[str, int]]:
+    return [(r.request_id, r.position) for response in responses for r in response.replies]
+
+
+def mux_for(recorder: Recorder, max_items: int = 8) -> StreamMux:
+    return StreamMux(recorder.feed_items, recorder.run_item, max_items, 1 << 20)
+
+
+async def test_one_sessions_plain_feeds_run_in_the_streams_own_task() -> None:
+    recorder = Recorder()
+    responses, own = await run(mux_for(recorder), *[[feed("a", f"r{i}")] for i in range(4)])
+    assert replied(responses) == [(f"r{i}", 1) for i in range(4)]
+    assert len(responses) == 4  # a response per message
+    assert all(task is own for task in recorder.ran_in.values())
+
+
+async def test_another_session_hands_the_stream_to_the_multiplexer() -> None:
+    recorder = Recorder()
+    messages = [[feed("a", "r0")], [feed("a", "r1")], [feed("b", "r2")], [feed("a", "r3")]]
+    responses, own = await run(mux_for(recorder), *messages)
+    assert sorted(replied(responses)) == [("r0", 1), ("r1", 1), ("r2", 1), ("r3", 1)]
+    ran_in = recorder.ran_in
+    assert ran_in["r0"] is own and ran_in["r1"] is own
+    assert ran_in["r2"] is not own and ran_in["r3"] is not own  # for good, "a" included
+
+
+async def test_several_items_or_a_generation_hand_it_over_too() -> None:
+    recorder = Recorder()
+    responses, own = await run(mux_for(recorder), [feed("a", "r0"), feed("b", "r1")])
+    assert sorted(replied(responses)) == [("r0", 1), ("r1", 1)]
+    assert recorder.ran_in["r0"] is not own
+
+    recorder = Recorder()
+    generate = item("a", "g1", tokens(7), generate=types.Sampling(max_tokens=2))
+    responses, own = await run(mux_for(recorder), [feed("a", "r0")], [generate], [feed("a", "r2")])
+    got = replied(responses)
+    assert got[0] == ("r0", 1) and {("g1", 1), ("g1", 2)} <= set(got)
+    assert "r2" in {request_id for request_id, _ in got}  # behind g1: run as its own item
+    assert recorder.ran_in["r0"] is own
+    assert recorder.ran_in["g1"] is not own and recorder.ran_in["r2"] is not own
+
+
+async def test_an_inline_feeds_error_is_its_reply_and_the_stream_goes_on() -> None:
+    recorder = Recorder(failing=frozenset({"r1"}))
+    responses, own = await run(mux_for(recorder), *[[feed("a", f"r{i}")] for i in range(3)])
+    replies = [r for response in responses for r in response.replies]
+    assert [r.request_id for r in replies] == ["r0", "r1", "r2"]
+    assert replies[1].error.code == 5 and "not found" in replies[1].error.message  # NOT_FOUND
+    assert replies[0].error.code == 0 and replies[2].error.code == 0
+    assert all(task is own for task in recorder.ran_in.values())
+
+
+async def test_a_refused_message_is_answered_by_the_multiplexer() -> None:
+    recorder = Recorder()
+    too_many = [feed("a", f"x{i}") for i in range(3)]
+    responses, _own = await run(mux_for(recorder, max_items=2), [feed("a", "r0")], too_many)
+    replies = [r for response in responses for r in response.replies]
+    assert [r.request_id for r in replies] == ["r0", "x0", "x1", "x2"]
+    assert all(r.error.code == 3 for r in replies[1:])  # INVALID_ARGUMENT, none run
+    assert set(recorder.ran_in) == {"r0"}
