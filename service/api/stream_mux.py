@@ -58,7 +58,7 @@ class StreamMux:
         incoming = aiter(messages)
         # One session's plain feeds, a message at a time, answered right here (the module's
         # docstring); the first message that is anything else goes to the multiplexer.
-        session_id = ""
+        session_id: str | None = None  # the one session fed so far
         async for message in incoming:
             check_parsed(message)  # a body that is not a StreamRequest fails the call
             if not self._inline(message, session_id):
@@ -75,7 +75,7 @@ class StreamMux:
         async for response in self._multiplex(message, incoming, line):
             yield response
 
-    def _inline(self, message: pb.StreamRequest, session_id: str) -> bool:
+    def _inline(self, message: pb.StreamRequest, session_id: str | None) -> bool:
         """Whether `message` can be answered in the stream's own task: one plain feed (an
         input, no generation) of the one session this stream has fed so far, in a message the
         limits accept. Nothing else of the stream is running then (the messages before were
@@ -85,7 +85,7 @@ class StreamMux:
             return False
         item = items[0]
         return (
-            (not session_id or item.session_id == session_id)
+            (session_id is None or item.session_id == session_id)
             and item.HasField("input")
             and not item.HasField("generate")
             and self._refusal(message) is None

@@ -35,7 +35,7 @@ class Durability:
         self.journal = journal
         self._sessions = sessions
         self.checkpoint_steps = checkpoint_steps
-        # The earliest a session's first checkpoint comes (see `_first_due`).
+        # The earliest a checkpoint spread by the session's id comes (see `_first_due`).
         self._earliest_first = checkpoint_steps - checkpoint_steps // 2
         self.checkpoint_idle_seconds = checkpoint_idle_seconds
         self.end_records_lost = 0  # END records the disk refused (counted, logged once)
@@ -54,9 +54,11 @@ class Durability:
         if self._sessions.journaled(session, segment, steps) and self.journal is not None:
             self.journal.pin(segment)
 
-    def checkpointed(self, session: Session) -> None:
-        """Its state is in a checkpoint now: its journal records are no longer needed."""
-        segment = self._sessions.checkpointed(session)
+    def checkpointed(self, session: Session, *, periodic: bool = False) -> None:
+        """Its state is in a checkpoint now: its journal records are no longer needed.
+        `periodic`: the checkpoint `due` asked for (the next is due `checkpoint_steps` later);
+        after any other (idle, eviction, shutdown) the next is spread by the session's id."""
+        segment = self._sessions.checkpointed(session, self.checkpoint_steps if periodic else 0)
         if segment is not None and self.journal is not None:
             self.journal.unpin(segment)
 
@@ -67,20 +69,19 @@ class Durability:
         unsaved = session.unsaved_steps
         if unsaved >= self.checkpoint_steps:
             return True
-        return (
-            unsaved >= self._earliest_first
-            and session.saved_at < 0  # never written: its first checkpoint
-            and unsaved >= self._first_due(session.session_id)
-        )
+        if unsaved < self._earliest_first:
+            return False
+        return unsaved >= (session.checkpoint_due or self._first_due(session.session_id))
 
     def _first_due(self, session_id: str) -> int:
-        """The steps after which a session's first checkpoint is due: between half and all of
-        `checkpoint_steps`, by its id. Sessions created together and stepped together (64
-        streams of one client, say) would otherwise come due in the same step, and their
-        checkpoints, a file each written on the event loop, stall every stream at once (64
-        generations: time to first token p99 42-56 ms against 24-30 ms with no checkpoints).
-        Spread by their first, their later ones stay spread: each is due `checkpoint_steps`
-        after the one before."""
+        """The steps after which a session's checkpoint is due when its last write was not
+        one that `due` asked for (none yet, or an idle checkpoint, an eviction, a shutdown):
+        between half and all of `checkpoint_steps`, by its id. Sessions created together, or
+        idle together, and then stepped together (64 streams of one client, say) would
+        otherwise come due in the same step, and their checkpoints, a file each written on the
+        event loop, stall every stream at once (64 generations: time to first token p99 42-56
+        ms against 24-30 ms with no checkpoints). Spread once, they stay spread: each periodic
+        checkpoint is due `checkpoint_steps` after the one before."""
         spread = self.checkpoint_steps // 2 + 1
         return self.checkpoint_steps - zlib.crc32(session_id.encode()) % spread
 

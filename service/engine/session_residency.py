@@ -208,22 +208,29 @@ class SessionResidency:
             states.update(zip((s.session_id for s in group), snaps, strict=True))
         return states
 
-    def checkpoint(self, session: Session, *, first: bool = False) -> None:
+    def checkpoint(self, session: Session, *, first: bool = False, periodic: bool = False) -> None:
         """Write an idle in-memory session's state to the tier and keep it in memory: its
         journal records up to here are no longer needed. `first`: a fork's child, whose first
-        checkpoint is its whole history. Raises what the tier's write does."""
+        checkpoint is its whole history; `periodic`: the one `Durability.due` asked for.
+        Raises what the tier's write does."""
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory"
         record = SpillRecord(self.header(session), served.pool.snapshot(session.slot))
-        self.save(session, record, first=first)
+        self.save(session, record, first=first, periodic=periodic)
 
     def save(
-        self, session: Session, record: SpillRecord, *, durable: bool = False, first: bool = False
+        self,
+        session: Session,
+        record: SpillRecord,
+        *,
+        durable: bool = False,
+        first: bool = False,
+        periodic: bool = False,
     ) -> None:
         """`record` of `session` to the tier; then its journal records are no longer needed."""
         self.write_record(record, durable=durable, first=first)
         self.sessions.written(session)
-        self.durability.checkpointed(session)
+        self.durability.checkpointed(session, periodic=periodic)
 
     def write_record(
         self, record: SpillRecord, *, durable: bool = False, first: bool = False

@@ -77,6 +77,9 @@ class Session:
     # the oldest of them (None when everything is in the checkpoint).
     unsaved_steps: int = 0
     journal_segment: int | None = None
+    # Unsaved steps at which its next checkpoint is due where its lease is let go; 0 after any
+    # other write of its state (or none yet): then by its id (`Durability.due`).
+    checkpoint_due: int = 0
     # `last_used` when its state was last written to the tier (-1: never). While it still
     # equals `last_used` and nothing is journaled since, the tier's record is this session.
     saved_at: float = -1.0

@@ -194,10 +194,12 @@ class SessionStore:
             return True
         return False
 
-    def checkpointed(self, session: Session) -> int | None:
-        """The session's state is in a checkpoint; returns the segment it no longer needs."""
+    def checkpointed(self, session: Session, next_due: int = 0) -> int | None:
+        """The session's state is in a checkpoint, its next due after `next_due` steps (0: see
+        `Session.checkpoint_due`); returns the segment it no longer needs."""
         segment, session.journal_segment = session.journal_segment, None
         session.unsaved_steps = 0
+        session.checkpoint_due = next_due
         self._unsaved.pop(session.session_id, None)
         return segment
 

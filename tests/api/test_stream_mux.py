@@ -22,12 +22,14 @@ class Recorder:
 
     def __init__(self, failing: frozenset[str] = frozenset()) -> None:
         self.ran_in: dict[str, asyncio.Task[object] | None] = {}
+        self.lines: set[Line] = set()  # the Line each item was run on
         self.failing = failing
 
     async def feed_items(self, items: list[pb.StreamItem], line: Line) -> pb.StreamResponse:
         await asyncio.sleep(0)  # a step's wait
         for it in items:
             self.ran_in[it.request_id] = asyncio.current_task()
+            self.lines.add(line)
             if it.request_id in self.failing:
                 raise NotFound(f"session {it.session_id!r} not found")
         return pb.StreamResponse(
@@ -39,6 +41,7 @@ class Recorder:
 
     async def run_item(self, it: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:
         self.ran_in[it.request_id] = asyncio.current_task()
+        self.lines.add(line)
         for position in (1, 2):
             await asyncio.sleep(0)
             yield pb.StreamReply(
@@ -67,8 +70,8 @@ def replied(responses: list[pb.StreamResponse]) -> list[tuple[str, int]]:
     return [(r.request_id, r.position) for response in responses for r in response.replies]
 
 
-def mux_for(recorder: Recorder, max_items: int = 8) -> StreamMux:
-    return StreamMux(recorder.feed_items, recorder.run_item, max_items, 1 << 20)
+def mux_for(recorder: Recorder, max_items: int = 8, max_bytes: int = 1 << 20) -> StreamMux:
+    return StreamMux(recorder.feed_items, recorder.run_item, max_items, max_bytes)
 
 
 async def test_one_sessions_plain_feeds_run_in_the_streams_own_task() -> None:
@@ -87,6 +90,7 @@ async def test_another_session_hands_the_stream_to_the_multiplexer() -> None:
     ran_in = recorder.ran_in
     assert ran_in["r0"] is own and ran_in["r1"] is own
     assert ran_in["r2"] is not own and ran_in["r3"] is not own  # for good, "a" included
+    assert len(recorder.lines) == 1  # one Line: "a"'s items keep their order across the switch
 
 
 async def test_several_items_or_a_generation_hand_it_over_too() -> None:
@@ -123,3 +127,16 @@ async def test_a_refused_message_is_answered_by_the_multiplexer() -> None:
     assert [r.request_id for r in replies] == ["r0", "x0", "x1", "x2"]
     assert all(r.error.code == 3 for r in replies[1:])  # INVALID_ARGUMENT, none run
     assert set(recorder.ran_in) == {"r0"}
+
+    recorder = Recorder()  # one item, over the size limit: not fed in the stream's task either
+    big = item("a", "big", tokens(*range(200)))
+    responses, _own = await run(mux_for(recorder, max_bytes=100), [feed("a", "r0")], [big])
+    replies = [r for response in responses for r in response.replies]
+    assert [(r.request_id, r.error.code) for r in replies] == [("r0", 0), ("big", 3)]
+    assert set(recorder.ran_in) == {"r0"}
+
+
+async def test_a_first_item_with_an_empty_session_id_counts_as_its_session() -> None:
+    recorder = Recorder()
+    _responses, own = await run(mux_for(recorder), [feed("", "r0")], [feed("b", "r1")])
+    assert recorder.ran_in["r0"] is own and recorder.ran_in["r1"] is not own
