@@ -117,20 +117,13 @@ class Target:
         return {**asdict(self), "met": self.met}
 
 
-# The in-process step on a quiet machine, and with the other CPU busy (a pure-Python loop
-# pinned to it, as the load generator keeps it during a load): see `run_inprocess`.
-QUIET_STEP, BUSY_STEP = "compute/step/", "compute/step-busy/"
-
-
-def step_cpu_per_token(
-    rows: dict[str, Row], batch: float, prefix: str = QUIET_STEP
-) -> float | None:
+def step_cpu_per_token(rows: dict[str, Row], batch: float) -> float | None:
     """Seconds of the raw in-process step per token at `batch` rows (linear between the
-    measured batch sizes, clamped to them), from the rows under `prefix`."""
+    measured batch sizes, clamped to them)."""
     points = sorted(
         (r.sessions, r.p50_ms / 1e3 / r.sessions)
         for k, r in rows.items()
-        if k.startswith(prefix) and r.p50_ms
+        if k.startswith("compute/step/") and r.p50_ms
     )
     if not points:
         return None
@@ -170,7 +163,6 @@ class CpuSplit:
     step: float  # its batched steps' own CPU, as served (beside the load on the other core)
     echo: float  # the echo server on the same load
     isolated_step: float | None  # compute/step at the path's rows per step, on a quiet core
-    busy_step: float | None = None  # the same with the other CPU busy (compute/step-busy)
 
     @property
     def rest(self) -> float:
@@ -192,7 +184,6 @@ def cpu_split(rows: dict[str, Row]) -> list[CpuSplit]:
         if not (s.server_cpu and e.server_cpu and s.tokens_per_second and e.tokens_per_second):
             continue
         isolated = step_cpu_per_token(rows, s.rows_per_step) if s.rows_per_step else None
-        busy = step_cpu_per_token(rows, s.rows_per_step, BUSY_STEP) if s.rows_per_step else None
         out.append(
             CpuSplit(
                 path=path,
@@ -200,7 +191,6 @@ def cpu_split(rows: dict[str, Row]) -> list[CpuSplit]:
                 step=s.step_cpu_us,
                 echo=1e6 * e.server_cpu / e.tokens_per_second,
                 isolated_step=None if isolated is None else 1e6 * isolated,
-                busy_step=None if busy is None else 1e6 * busy,
             )
         )
     return out
@@ -382,22 +372,17 @@ def write_markdown(
             "each step) and the rest (gRPC, the event loop, the request path); the echo server "
             "on the same load; the in-process step (`compute/step`) at the same rows per step, "
             "on a quiet core. The per-core targets divide (echo + in-process step) by service: "
-            "a step that costs more as served than on a quiet core counts against the service. "
-            "The last two columns: the in-process step again with the other CPU busy "
-            "(`compute/step-busy`: a pure-Python loop pinned to it, as the load generator keeps "
-            "it during a load), not used by the targets.",
+            "a step that costs more as served than on a quiet core counts against the service.",
             "",
             "| path | service | step, as served | rest | echo | rest − echo | in-process step "
-            "| as served ÷ in-process | in-process, other CPU busy | as served ÷ that |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| as served ÷ in-process |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for c in splits:
             ratio = None if not c.isolated_step else c.step / c.isolated_step
-            busy_ratio = None if not c.busy_step else c.step / c.busy_step
             lines.append(
                 f"| {c.path} | {c.service:.1f} | {c.step:.1f} | {c.rest:.1f} | {c.echo:.1f} "
-                f"| {c.added:.1f} | {_fmt(c.isolated_step, '.1f')} | {_fmt(ratio, '.2f')} "
-                f"| {_fmt(c.busy_step, '.1f')} | {_fmt(busy_ratio, '.2f')} |"
+                f"| {c.added:.1f} | {_fmt(c.isolated_step, '.1f')} | {_fmt(ratio, '.2f')} |"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

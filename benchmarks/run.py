@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -195,23 +192,13 @@ class Bench:
                 )  # fmt: skip
                 self._add(Row.burst(f"{name}/{key}/64", label.format(name), merged))
 
-    def run_inprocess(self, model_store: Path, busy_cpus: Sequence[int] = ()) -> None:
-        """The in-process rows, on this process's CPU with the others idle; and the step again
-        with `busy_cpus` running a pure-Python loop (`compute/step-busy`), as the load
-        generator keeps the other CPU during a load. On this VM that alone took a one-row step
-        from 145 to 216 µs (its two vCPUs share more than a cache, it seems)."""
+    def run_inprocess(self, model_store: Path) -> None:
         model = inprocess.load_model(model_store, self.args.model)
         seconds = 0.5 if self.args.quick else 2.0
         for batch in (1, 16, 64):
             t = inprocess.batched_step(model, batch, seconds)
             label = "in-process batched step (no RPC)"
             self._add(Row.compute(f"compute/step/{batch}", label, batch, t.per_call))
-        if busy_cpus:
-            with busy(busy_cpus):
-                for batch in (1, 16, 64):
-                    t = inprocess.batched_step(model, batch, seconds)
-                    label = "in-process batched step, the other CPU busy"
-                    self._add(Row.compute(f"compute/step-busy/{batch}", label, batch, t.per_call))
         for h in (10, 1000, 10000):
             t = inprocess.stateless_per_token(model, h, seconds)
             label = f"stateless: re-run {h:,} tokens per token"
@@ -220,19 +207,6 @@ class Bench:
     def _add(self, row: Row) -> None:
         self.rows.append(row)
         print(row.progress_line(), file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def busy(cpus: Sequence[int]) -> Iterator[None]:
-    """A pure-Python busy loop pinned to `cpus` for the block (killed after)."""
-    code = f"import os; os.sched_setaffinity(0, {set(cpus)!r})\nwhile True: pass"
-    loop = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        time.sleep(0.3)  # pinned and spinning
-        yield
-    finally:
-        loop.kill()
-        loop.wait()
 
 
 async def main_async(args: argparse.Namespace, store: Path, scratch: Path) -> int:
@@ -258,7 +232,7 @@ async def main_async(args: argparse.Namespace, store: Path, scratch: Path) -> in
         load_before = os.getloadavg()
         started = time.time()
         await bench.run_rpc()
-        bench.run_inprocess(store, server_cpus or ())
+        bench.run_inprocess(store)
         elapsed = time.time() - started
     finally:
         service.stop()
