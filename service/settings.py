@@ -162,8 +162,9 @@ class SessionSettings(BaseModel):
     checkpoint_steps: Positive = 256
     """A session is checkpointed (its state written, its journal records released) once this
     many of its steps are journaled: recovery replays at most this many steps per session. Its
-    first checkpoint comes sooner, after between half and all of them (by its id), so sessions
-    stepped together are not all checkpointed in the same step."""
+    first checkpoint (and its first after an idle checkpoint or an eviction) comes sooner, after
+    between half and all of them (by its id), so sessions stepped together are not all
+    checkpointed in the same step."""
     checkpoint_idle_seconds: Seconds = 5.0
     """A session idle this long with journaled steps is checkpointed, so idle sessions do not
     keep the journal from being trimmed."""

@@ -16,11 +16,12 @@ replies of other sessions or of its own earlier items.
 A stream that so far carried one session's plain feeds, one item a message (a client streaming
 a session, one token or chunk at a time: the common case) is answered in the stream's own task,
 a message at a time: read, fed, answered, then the next read. No reader task, no task per
-message, no hand-over through a channel: at 64 such streams on one core, server CPU per token
-136 → 129 µs and rows per step 51 → 58 (README, "Sixteenth pass"). What such a client sends
-ahead waits in gRPC's buffers (its flow control, not our memory) until the reply before it has
-gone. The first message that is anything else hands the stream to the multiplexer above for
-good; nothing of the stream is running at that moment, so no reply can be overtaken.
+message, no hand-over through a channel: at 64 such streams on one core, rows per step 51 → 58
+(README, "Sixteenth pass"; CPU per token moved less than this machine's noise). What such a
+client sends ahead waits in gRPC's buffers (its flow control, not our memory) until the reply
+before it has gone. The first message that is anything else hands the stream to the
+multiplexer above for good; nothing of the stream is running at that moment, so no reply can
+be overtaken.
 """
 
 from __future__ import annotations
@@ -64,12 +65,7 @@ class StreamMux:
             if not self._inline(message, session_id):
                 break
             session_id = message.items[0].session_id
-            response = await self._feed_group_now(list(message.items), line)
-            if self._fits(response):
-                yield response
-            else:
-                for part in self._fit(list(response.replies)):
-                    yield pb.StreamResponse(replies=part)
+            yield await self._feed_group_now(list(message.items), line)  # one reply: fits
         else:
             return  # the client ended the stream
         async for response in self._multiplex(message, incoming, line):
@@ -92,7 +88,7 @@ class StreamMux:
         )
 
     async def _feed_group_now(self, items: list[pb.StreamItem], line: Line) -> pb.StreamResponse:
-        """`_feed_group` in the caller's task: the group's response (a reply each)."""
+        """The group's response, a reply each (an error's for every item if feeding fails)."""
         try:
             return await self._feed_items(items, line)
         except asyncio.CancelledError:
@@ -234,13 +230,8 @@ class StreamMux:
         out: Channel[_Ready | None],
         unfinished: dict[str, int],
     ) -> None:
-        replies: _Ready
         try:
-            replies = await self._feed_items(items, line)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            replies = [error_reply(item, exc) for item in items]
+            replies = await self._feed_group_now(items, line)
         finally:
             for item in items:
                 _finished(unfinished, item.session_id)
