@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.filesystem import state_filesystem
 from benchmarks.processes import mean_write_us, scrape, start_server, state_writes
 from benchmarks.run import split_cpus
 from benchmarks.session_load import make_sessions
@@ -85,6 +86,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="seqserve-churn-", dir=args.scratch) as tmp:
         scratch = Path(tmp)
         state_dir = scratch / "spill"
+        filesystem = state_filesystem(scratch)
         env = {
             "SEQSERVE_SERVER__HTTP_PORT": "-1",
             "SEQSERVE_SESSIONS__MAX_SESSIONS": str(args.sessions + 5000),
@@ -128,6 +130,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "rows_per_step": (rows1[0] - rows0[0]) / max(1.0, rows1[1] - rows0[1]),
         "state_writes": writes1[0] - writes0[0],
         "state_write_us": mean_write_us(writes0, writes1),
+        "state_filesystem": filesystem,
         "state_dir": str(state_dir),
         "load_average_1m_before": made["load_average_1m_before"],
     }
@@ -176,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if result["state_write_us"] is not None:
                 line += f", {result['state_write_us']:,.0f} µs each"
+            if result["state_filesystem"]:
+                line += f" (state on {result['state_filesystem']})"
             if (p := result["probe_ms"]) is not None:
                 step = ", ".join(f"{k} {p[k]:.1f} ms" for k in ("mean", "p50", "p99", "max"))
                 line += f"; one session's step {step}"

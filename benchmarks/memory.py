@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.filesystem import state_filesystem
 from benchmarks.processes import ServerProcess, mean_write_us, start_server, state_writes
 from benchmarks.session_load import make_sessions
 
@@ -236,6 +237,8 @@ def table(result: dict[str, Any]) -> str:
             f"{_write_note(c)} | 1,000,000 "
             f"held | {'yes' if sp['sessions'] >= 1_000_000 else 'not at this count'} |"
         )
+    if result.get("state_filesystem"):
+        lines += ["", f"State directories: {result['state_filesystem']}."]
     return "\n".join(lines)
 
 
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
     }
     with tempfile.TemporaryDirectory(prefix="seqserve-memory-", dir=args.scratch) as tmp:
+        result["state_filesystem"] = state_filesystem(Path(tmp))
         if args.sessions:
             result["resident"] = resident_phase(args, Path(tmp), state_bytes)
             print(table(result), file=sys.stderr, flush=True)

@@ -329,6 +329,7 @@ def write_markdown(
         f"grpcio {info['grpcio']}; {info['platform']}",
         f"- load average before / after: {info['loadavg_before']} / {info['loadavg_after']}",
         f"- model: {info['model']} from `{info['store']}`",
+        f"- the service's state directory: {info.get('state_filesystem') or 'unknown'}",
         "",
         "## Targets",
         "",

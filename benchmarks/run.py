@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import inprocess
 from benchmarks.burst import Burst, generation_burst
+from benchmarks.filesystem import state_filesystem
 from benchmarks.processes import ServerProcess, scrape, start_server
 from benchmarks.results import Row, evaluate_targets, machine_info, write_markdown
 from service.loadtest import LoadConfig, run_load
@@ -241,6 +242,7 @@ async def main_async(args: argparse.Namespace, store: Path, scratch: Path) -> in
     info = machine_info(server_cpus, client_cpus, load_before, os.getloadavg(), elapsed)
     info["model"] = args.model + (" (random weights)" if args.random_model else "")
     info["store"] = str(store)
+    info["state_filesystem"] = state_filesystem(scratch)
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:])
     targets = evaluate_targets({r.key: r for r in bench.rows})
     results = {

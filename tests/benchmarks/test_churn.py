@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.churn import REPO, measure, parse_args
+from benchmarks.filesystem import describe
 
 
 @pytest.mark.integration
@@ -42,4 +43,5 @@ def test_without_a_probe_it_reports_the_creations_alone(
     assert Path(result["state_dir"]).parent.parent == tmp_path  # --scratch: where state went
     assert result["state_writes"] >= 300  # an idle checkpoint each, counted by the server
     assert result["state_write_us"] > 0
+    assert result["state_filesystem"] == describe(tmp_path).summary()  # type: ignore[union-attr]
     assert list(tmp_path.iterdir()) == []  # and nothing left behind

@@ -85,6 +85,9 @@ def test_the_disks_price_of_a_state_write_is_printed_beside_the_rates() -> None:
     lines = table(result).splitlines()
     assert "state writes 412 µs each" in lines[3]
     assert "state writes 17 µs each" in lines[4]
+    assert not any(line.startswith("State directories") for line in lines)  # not known
+    result["state_filesystem"] = "tmpfs on tmpfs at /dev/shm"
+    assert table(result).splitlines()[-1] == "State directories: tmpfs on tmpfs at /dev/shm."
 
 
 def test_the_mean_write_comes_from_the_two_counters_between_readings() -> None:

@@ -76,10 +76,12 @@ def test_results_md_carries_the_cpu_split(tmp_path: Path) -> None:
         "server_cpus": [1], "client_cpus": [0], "python": "3", "torch": "t",
         "torch_threads": 1, "grpcio": "g", "platform": "p", "loadavg_before": [0, 0, 0],
         "loadavg_after": [0, 0, 0], "model": "m", "store": "s",
+        "state_filesystem": "ext4 on /dev/vda at /, without a journal",
     }  # fmt: skip
     out = tmp_path / "RESULTS.md"
     write_markdown(out, list(rows.values()), evaluate_targets(rows), info, "cmd", 5.0)
     text = out.read_text()
+    assert "- the service's state directory: ext4 on /dev/vda at /, without a journal" in text
     assert "## Where the service's CPU goes" in text
     assert "| stream/64 | 200.0 | 80.0 | 120.0 | 100.0 | 20.0 | 50.0 | 1.60 |" in text
 
