@@ -65,9 +65,7 @@ class ModelRunner:
                 self.pool.scatter(slots, state)
 
     def _slots(self, batch: StepBatch, idx: list[int]) -> Tensor:
-        return torch.tensor(
-            [batch.rows[i].slot for i in idx], dtype=torch.int64, device=self.device
-        )
+        return self.pool.index([batch.rows[i].slot for i in idx])
 
     def _run_single(
         self, batch: StepBatch, idx: list[int], results: list[RowResult], timings: StepTimings

@@ -21,6 +21,8 @@ pool grows by copying, as before.
 from __future__ import annotations
 
 import mmap
+import platform
+import resource
 import sys
 import threading
 from collections.abc import Callable, Collection
@@ -33,9 +35,35 @@ from torch import Tensor
 from service.errors import ResourceExhausted
 from service.models import ModelConfig, RecurrentState
 
-# Map without reserving swap for it (Linux): the pool's storage is sized for the whole budget
-# and most of it may never be written.
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+# Map without reserving swap for it: the pool's storage is sized for the whole budget and most
+# of it may never be written. Python 3.11's mmap has no name for the flag; 0x4000 is its value
+# on Linux's common layout (x86, Arm), not everywhere, so elsewhere the flag is left out.
+_MAP_NORESERVE = getattr(
+    mmap,
+    "MAP_NORESERVE",
+    0x4000
+    if sys.platform.startswith("linux")
+    and platform.machine() in ("x86_64", "i686", "aarch64", "armv7l", "armv8l")
+    else 0,
+)
+
+
+def mapping_allowed() -> bool:
+    """Whether mapping storage for a whole budget up front is harmless here: not where the
+    address space is limited (`ulimit -v`, which it would use up: every pool maps the whole
+    budget) or where the kernel charges every mapping in full (`vm.overcommit_memory` 2,
+    which ignores `MAP_NORESERVE`). There the pool grows by copying instead."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (AttributeError, OSError, ValueError):  # no such limit on this system
+        soft = resource.RLIM_INFINITY
+    if soft != resource.RLIM_INFINITY:
+        return False
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() != "2"
+    except OSError:
+        return True
 
 
 def reserved_zeros(shape: tuple[int, ...]) -> Tensor | None:
@@ -44,7 +72,7 @@ def reserved_zeros(shape: tuple[int, ...]) -> Tensor | None:
     numel = 1
     for n in shape:
         numel *= n
-    if numel <= 0:
+    if numel <= 0 or not mapping_allowed():
         return None
     try:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
@@ -161,8 +189,18 @@ class StatePool:
             if self.c is not None:
                 self.c[:, slot].zero_()
 
+    def index(self, slots: list[int]) -> Tensor:
+        """The index tensor of `slots` for `gather` / `scatter`, each checked to be one of
+        this pool's: they index storage that may reach past the pool (the mapping holds the
+        whole budget), where a stray slot would be written silently and handed out later as
+        a fresh one. IndexError for a slot outside the pool (a bookkeeping bug)."""
+        if slots and not (min(slots) >= 0 and max(slots) < self.capacity):
+            raise IndexError(f"slots {slots} are not all in a pool of {self.capacity}")
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
     def gather(self, slots: Tensor) -> RecurrentState:
-        """slots [B] → state with h/c [L, B, H]; copies."""
+        """slots [B] (from `index`) → state with h/c [L, B, H]; copies. The caller holds
+        `lock`."""
         h = self._h_all.index_select(1, slots)
         c = self._c_all.index_select(1, slots) if self._c_all is not None else None
         return RecurrentState(h, c)
@@ -174,6 +212,7 @@ class StatePool:
             return self._head(h_top)
 
     def scatter(self, slots: Tensor, state: RecurrentState) -> None:
+        """Write `state` into `slots` (from `index`). The caller holds `lock`."""
         self._h_all.index_copy_(1, slots, state.h)
         if self._c_all is not None:
             assert state.c is not None
@@ -190,7 +229,7 @@ class StatePool:
         """`snapshot` of each slot, read together: one gather for all."""
         if len(slots) == 1:
             return [self.snapshot(slots[0])]
-        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        index = self.index(slots)
         with self.lock:
             state = self.gather(index)  # [L, B, H] copies
         h = state.h.cpu().numpy()
@@ -259,9 +298,18 @@ class StatePool:
         return moves
 
     def close(self) -> None:
-        """Give the pool's bytes back to the budget (the version is being unloaded)."""
+        """Give the pool's bytes back to the budget (the version is being unloaded), and its
+        memory to the kernel once nothing still holds a view of it."""
         self._budget.release(self.nbytes)
+        with self.lock:
+            self._h_all = torch.zeros(
+                self.config.num_layers, 0, self.config.hidden_size, device=self.device
+            )
+            self._c_all = None if self._c_all is None else torch.zeros_like(self._h_all)
+            self._reserved = False
+            self._view(0)
         self.capacity = 0
+        self._untouched_from = 0
         self._free.clear()
         self._free_set.clear()
 
