@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import mmap
 import platform
-import resource
 import sys
 import threading
 from collections.abc import Callable, Collection
@@ -34,6 +33,11 @@ from torch import Tensor
 
 from service.errors import ResourceExhausted
 from service.models import ModelConfig, RecurrentState
+
+try:
+    import resource
+except ImportError:  # not a Unix: no mapping either (mmap.MAP_PRIVATE is Unix's)
+    resource = None  # type: ignore[assignment]
 
 # Map without reserving swap for it: the pool's storage is sized for the whole budget and most
 # of it may never be written. Python 3.11's mmap has no name for the flag; 0x4000 is its value
@@ -53,6 +57,8 @@ def mapping_allowed() -> bool:
     address space is limited (`ulimit -v`, which it would use up: every pool maps the whole
     budget) or where the kernel charges every mapping in full (`vm.overcommit_memory` 2,
     which ignores `MAP_NORESERVE`). There the pool grows by copying instead."""
+    if resource is None:
+        return False
     try:
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     except (AttributeError, OSError, ValueError):  # no such limit on this system
