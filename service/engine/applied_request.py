@@ -9,7 +9,7 @@ from service.engine.feed import FeedOutcome
 from service.engine.generation import GeneratedToken, GenerationLog
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import Prediction
-from service.sessions.session import AppliedRequest, Session
+from service.sessions.session import AppliedRequest
 
 
 def to_record(applied: AppliedRequest | None) -> dict[str, Any] | None:
@@ -38,14 +38,13 @@ def _prediction(p: Prediction) -> dict[str, list[Any]]:
     return {"top_ids": list(p.top_ids), "top_probs": list(p.top_probs), "values": list(p.values)}
 
 
-def from_record(record: dict[str, Any] | None, session: Session) -> AppliedRequest | None:
+def from_record(record: dict[str, Any] | None) -> AppliedRequest | None:
     if not record:
         return None
     reply: FeedOutcome | GenerationLog | None = None
     if "feed" in record:
         feed = record["feed"]
         reply = FeedOutcome(
-            session,
             int(feed["position"]),
             Prediction(**feed["prediction"]),
             [Prediction(**p) for p in feed["per_position"]],

@@ -65,7 +65,7 @@ class Replay:
         if self.last[0] == "feed":
             assert result is not None and result.prediction is not None
             outcome = FeedOutcome(
-                session, session.position, result.prediction, result.per_position, tokenizer
+                session.position, result.prediction, result.per_position, tokenizer
             )
             return AppliedRequest(self.last[1], self.last[2], outcome)
         _, request_id, position, sampling, tokens, first = self.last

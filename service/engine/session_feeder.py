@@ -278,9 +278,8 @@ def _outcome(lease: Lease, result: RowResult | BaseException) -> FeedOutcome:
         raise result
     assert result.prediction is not None
     return FeedOutcome(
-        lease.session, result.position, result.prediction, result.per_position or (),
-        lease.served.tokenizer,
-    )  # fmt: skip
+        result.position, result.prediction, result.per_position or (), lease.served.tokenizer
+    )
 
 
 def _as_error(exc: BaseException) -> SeqServeError:

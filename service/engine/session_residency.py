@@ -99,7 +99,7 @@ class SessionResidency:
     def adopt(self, session: Session, header: SpillHeader) -> None:
         """A session read back from its checkpoint (`header`) joins the live ones, spilled."""
         self.sessions.adopt(session)
-        self.sessions.remember(session, from_record(header.last_request, session))
+        self.sessions.remember(session, from_record(header.last_request))
         self.versions.pin(session.model, session.version)
 
     # ---- slots ---------------------------------------------------------------------------

@@ -152,32 +152,39 @@ class StepScheduler:
                     gen.tokens.put_nowait(draining)  # its consumer stops waiting for tokens
                     self._retire(gen)
                 continue
-            feeds = self._take(self._max_batch - len(self._generations))
-            gens = list(self._generations)
-            if not feeds and not gens:
-                continue
-            rows = [g.row() for g in gens] + [f.row for f in feeds]
-            self._window.stepped([r.slot for r in rows])
-            started = time.perf_counter()
-            try:
-                inline = self._inline_rows
-                if gens:  # a generation's first step never runs inline (see `_inline_limit`)
-                    inline = self._inline_limit(gens)
-                if len(rows) <= inline and all(
-                    r.inputs is None or r.inputs.shape[0] == 1 for r in rows
-                ):
-                    # A lone one-input row: handing it to the runner thread and back costs more
-                    # than the step (~0.25 ms of 1.3 ms per token for one session, measured).
-                    # Chunks always go to the thread: they would stall the loop.
-                    output = self._runner.execute(StepBatch(rows))
-                else:
-                    output = await loop.run_in_executor(
-                        self._executor, self._runner.execute, StepBatch(rows)
-                    )
-            except Exception as exc:  # a bug in the runner: fail this batch, keep serving
-                self._settlement.failed(gens, feeds, exc)
-                continue
-            self._settlement.settle(gens, feeds, rows, output, started)
+            await self._step_pending(loop)
+
+    async def _step_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One step of what is pending and every running generation. Its own call, so that
+        the batch it held (rows, leases, their sessions) is let go when it returns, not kept
+        by a parked scheduler's frame until the next step: a closed session's objects are
+        freed then, by their reference count."""
+        feeds = self._take(self._max_batch - len(self._generations))
+        gens = list(self._generations)
+        if not feeds and not gens:
+            return
+        rows = [g.row() for g in gens] + [f.row for f in feeds]
+        self._window.stepped([r.slot for r in rows])
+        started = time.perf_counter()
+        try:
+            inline = self._inline_rows
+            if gens:  # a generation's first step never runs inline (see `_inline_limit`)
+                inline = self._inline_limit(gens)
+            if len(rows) <= inline and all(
+                r.inputs is None or r.inputs.shape[0] == 1 for r in rows
+            ):
+                # A lone one-input row: handing it to the runner thread and back costs more
+                # than the step (~0.25 ms of 1.3 ms per token for one session, measured).
+                # Chunks always go to the thread: they would stall the loop.
+                output = self._runner.execute(StepBatch(rows))
+            else:
+                output = await loop.run_in_executor(
+                    self._executor, self._runner.execute, StepBatch(rows)
+                )
+        except Exception as exc:  # a bug in the runner: fail this batch, keep serving
+            self._settlement.failed(gens, feeds, exc)
+            return
+        self._settlement.settle(gens, feeds, rows, output, started)
 
     def _direct(self, queued: list[QueuedRow]) -> bool:
         """Whether `queued` may step now, in the caller, instead of waking the loop: one

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
-from typing import Any
 
 from service.engine.applied_request import from_record, to_record
 from service.engine.feed import FeedOutcome
@@ -15,21 +13,19 @@ from service.runtime.step_batch import Prediction
 from service.sessions.session import AppliedRequest
 
 
-def _through_json(applied: AppliedRequest, session: Any) -> AppliedRequest | None:
-    return from_record(json.loads(json.dumps(to_record(applied))), session)
+def _through_json(applied: AppliedRequest) -> AppliedRequest | None:
+    return from_record(json.loads(json.dumps(to_record(applied))))
 
 
 def test_a_feeds_reply_comes_back_whole() -> None:
-    session = SimpleNamespace(session_id="s_a.1")
     outcome = FeedOutcome(
-        session,  # type: ignore[arg-type]
         7,
         Prediction(top_ids=[3, 0, 255], top_probs=[0.5, 0.25, 0.125]),
         [Prediction(top_ids=[1], top_probs=[1.0]), Prediction(values=(0.5, -2.0))],
     )
-    back = _through_json(AppliedRequest("r-1", 5, outcome), session)
+    back = _through_json(AppliedRequest("r-1", 5, outcome))
     assert back is not None and (back.request_id, back.position) == ("r-1", 5)
-    assert isinstance(back.reply, FeedOutcome) and back.reply.session is session
+    assert isinstance(back.reply, FeedOutcome)
     assert back.reply.position == 7
     assert back.reply.prediction == Prediction(
         top_ids=[3, 0, 255], top_probs=[0.5, 0.25, 0.125], values=[]
@@ -44,7 +40,7 @@ def test_every_field_of_a_prediction_is_recorded() -> None:
     """The record is written field by field (not `dataclasses.asdict`, ~16x the cost): a field
     added to Prediction must be added to it too, or this fails."""
     every = Prediction(top_ids=(1, 2), top_probs=(0.75, 0.25), values=(3.0,))
-    outcome = FeedOutcome(SimpleNamespace(), 1, every)  # type: ignore[arg-type]
+    outcome = FeedOutcome(1, every)
     record = to_record(AppliedRequest("r", 0, outcome))
     assert record is not None
     written = record["feed"]["prediction"]
@@ -57,11 +53,11 @@ def test_a_generations_log_comes_back_whole() -> None:
     log = GenerationLog(
         params, [GeneratedToken(65, "A", 3, None), GeneratedToken(66, "B", 4, "max_tokens")], True
     )
-    back = _through_json(AppliedRequest("g-1", 2, log), SimpleNamespace())
+    back = _through_json(AppliedRequest("g-1", 2, log))
     assert back is not None and isinstance(back.reply, GenerationLog)
     assert back.reply.params == params and back.reply.finished
     assert back.reply.tokens == log.tokens
 
 
 def test_no_request_is_no_record() -> None:
-    assert to_record(None) is None and from_record(None, SimpleNamespace()) is None  # type: ignore[arg-type]
+    assert to_record(None) is None and from_record(None) is None
