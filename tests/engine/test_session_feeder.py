@@ -224,7 +224,7 @@ async def test_a_fed_session_is_freed_when_closed_without_the_cycle_collector(
     try:
         await engine.close_session(sid)
         await asyncio.sleep(0)  # callbacks that let the session go
-        left = [o for o in gc.get_objects() if isinstance(o, Session) and o.session_id == sid]
+        left = [o for o in gc.get_objects() if type(o) is Session and o.session_id == sid]
     finally:
         gc.enable()
     assert left == []
