@@ -13,7 +13,7 @@ import torch
 
 from service.errors import ResourceExhausted
 from service.models import ModelConfig, RecurrentState
-from service.runtime import state_pool
+from service.runtime import reserved_memory, state_pool
 from service.runtime.state_pool import ByteBudget, SlotSnapshot, StatePool
 
 from .conftest import CELL_IDS, CELLS, random_snapshot, token_config
@@ -246,9 +246,9 @@ def test_where_the_address_space_is_limited_the_pool_does_not_map_the_budget(
 ) -> None:
     """Every pool maps its whole budget: under `ulimit -v` that would use the address space
     up, so there the pool grows by copying."""
-    monkeypatch.setattr(state_pool.resource, "getrlimit", lambda which: (1 << 33, 1 << 33))
-    assert not state_pool.mapping_allowed()
-    assert state_pool.reserved_zeros((2, 4, 16)) is None
+    monkeypatch.setattr(reserved_memory.resource, "getrlimit", lambda which: (1 << 33, 1 << 33))
+    assert not reserved_memory.mapping_allowed()
+    assert reserved_memory.reserved_zeros((2, 4, 16)) is None
     pool = _pool(LSTM, ByteBudget(1 << 20), slots=2)
     h = pool.h
     pool.allocate()
