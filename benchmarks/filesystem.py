@@ -17,9 +17,11 @@ figures move with it; a run straight after another run's clean-up reads low.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+_OCTAL = re.compile(r"\\([0-7]{3})")  # how the mount table writes a space, a tab, a newline
 # Filesystems whose journal, when they have one, is kept by jbd2 (named in /proc/fs/jbd2).
 _JBD2 = ("ext3", "ext4")
 
@@ -92,6 +94,4 @@ def _journal(fs_type: str, source: str, jbd2: Path) -> bool | None:
 
 def _unescape(field: str) -> str:
     """A mount table field with its octal escapes (`\\040` for a space) undone."""
-    if "\\" not in field:
-        return field
-    return field.encode("latin-1").decode("unicode_escape").encode("latin-1").decode()
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)

@@ -132,7 +132,6 @@ class StepScheduler:
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
-        loop = self._loop
         while True:
             if not self._pending and not self._generations:
                 if self._stopping:
@@ -152,9 +151,9 @@ class StepScheduler:
                     gen.tokens.put_nowait(draining)  # its consumer stops waiting for tokens
                     self._retire(gen)
                 continue
-            await self._step_pending(loop)
+            await self._step_pending()
 
-    async def _step_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _step_pending(self) -> None:
         """One step of what is pending and every running generation. Its own call, so that
         the batch it held (rows, leases, their sessions) is let go when it returns, not kept
         by a parked scheduler's frame until the next step: a closed session's objects are
@@ -178,7 +177,7 @@ class StepScheduler:
                 # Chunks always go to the thread: they would stall the loop.
                 output = self._runner.execute(StepBatch(rows))
             else:
-                output = await loop.run_in_executor(
+                output = await self._loop.run_in_executor(
                     self._executor, self._runner.execute, StepBatch(rows)
                 )
         except Exception as exc:  # a bug in the runner: fail this batch, keep serving
