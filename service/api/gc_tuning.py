@@ -1,18 +1,38 @@
 """Keeping Python's cyclic GC off the serving hot path (for `seqserve serve`).
 
-Full collections scanned every object torch and the loaded models had made, stalling the event
-loop: at 64 streaming sessions p99 step latency was ~170 ms against ~20 ms with this
-(benchmarks). After start-up, and again after each model load, long-lived objects are moved out
-of the collector's sight (`gc.freeze`) and young collections run less often.
+Two measured stalls, two remedies:
+
+- Full collections scanned every object torch and the loaded models had made: at 64 streaming
+  sessions p99 step latency was ~170 ms against ~20 ms with `freeze_heap` (benchmarks). After
+  start-up, and again after each model load, what exists is moved out of the collector's sight
+  (`gc.freeze`) and young collections run less often.
+- A server that keeps creating sessions keeps objects: ~7 tracked objects a session, which
+  reached the middle generation 20 young collections later. Collecting it walked all of them:
+  375–513 ms with the event loop stopped, once every ~140,000 sessions created (in-process,
+  README "Eighteenth pass"). `HeapFreezer` freezes whatever survives any collection, so every
+  collection walks only what was allocated since the one before (at most the young threshold).
+  Frozen objects freed by their reference count are freed at once, as before; what seqserve
+  makes per session and per request is acyclic (tests/api/test_reference_cycles.py: every
+  request path that succeeds, with the collector off, leaves no cycle but grpc's dispatch
+  closure, garbage at once; a failed call's exception and traceback are one, and die with the
+  call). A reference cycle that
+  was alive at a collection and dies later waits for the next thaw: every `gc_thaw_seconds`
+  the heap is thawed and collected whole, once, and what that finds is counted
+  (`seqserve_gc_thawed_garbage_objects_total`).
 """
 
 from __future__ import annotations
 
 import gc
+import time
+from collections import deque
+from typing import Any
 
 from service.api.metrics_observer import MetricsObserver
 from service.engine.served_version import ServedVersion
 from service.metrics.prometheus_metrics import Metrics
+
+_PAUSES_KEPT = 4096  # between two drains (one a second): more collections than that is a bug
 
 
 class ServerObserver(MetricsObserver):
@@ -40,3 +60,52 @@ def freeze_heap(gen0_threshold: int) -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(gen0_threshold, max(gen1, 20), max(gen2, 100))
+
+
+class HeapFreezer:
+    """Freezes what survives each collection (a `gc.callbacks` hook) and times every
+    collection. `thaw()` collects the whole heap once. Process-wide: one per `serve`."""
+
+    def __init__(self) -> None:
+        self._began = 0.0
+        # (generation, seconds), appended by the hook on whichever thread collected; read on
+        # the event loop by `drain`. Nothing here takes a lock: the hook cannot wait on one
+        # the interrupted code may hold.
+        self._pauses: deque[tuple[int, float]] = deque(maxlen=_PAUSES_KEPT)
+
+    @property
+    def installed(self) -> bool:
+        return self._on_collection in gc.callbacks
+
+    def install(self) -> None:
+        if not self.installed:
+            gc.callbacks.append(self._on_collection)
+
+    def uninstall(self) -> None:
+        while self._on_collection in gc.callbacks:
+            gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
+        # Runs inside the collector (no collection can start meanwhile, so a start and its
+        # stop are never interleaved with another's). `gc.freeze` splices lists: O(1).
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        self._pauses.append((info["generation"], time.perf_counter() - self._began))
+        gc.freeze()
+
+    def thaw(self) -> int:
+        """Collect the whole heap, frozen part included, then freeze what survived. Returns
+        the unreachable objects found: cycles that died after being frozen. Stops the calling
+        thread for as long as a full collection of everything alive takes."""
+        gc.unfreeze()
+        found = gc.collect()
+        gc.freeze()  # also when the hook is not installed
+        return found
+
+    def drain(self) -> list[tuple[int, float]]:
+        """The collections timed since the last drain: (generation, seconds) each."""
+        out = []
+        while self._pauses:
+            out.append(self._pauses.popleft())
+        return out

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.event_loop import grpc_server
-from service.api.gc_tuning import freeze_heap
+from service.api.gc_tuning import HeapFreezer, freeze_heap
 from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
@@ -59,6 +59,8 @@ class SeqServeServer:
         self.metrics_port = 0
         self.http_port = 0  # the HTTP/JSON API's; 0 while it is off (`http_port` -1)
         self._refresher: asyncio.Task[None] | None = None
+        self._heap = HeapFreezer()  # installed by tune_gc
+        self._thawer: asyncio.Task[None] | None = None
         self._health: health.aio.HealthServicer | None = None
         self._engine_started = False  # set by open(): an engine never started is not stopped
         self._stopping = False
@@ -171,9 +173,25 @@ class SeqServeServer:
         return self._open and not self._stopping
 
     def tune_gc(self) -> None:
-        """Process-wide GC tuning, for `serve` (not for servers embedded in other programs)."""
+        """Process-wide GC tuning, for `serve` (not for servers embedded in other programs):
+        see `service.api.gc_tuning`. Call on the event loop."""
+        s = self.settings.server
+        if s.gc_gen0_threshold <= 0:
+            return
         self.metrics_observer.tuning_gc = True
-        freeze_heap(self.settings.server.gc_gen0_threshold)
+        freeze_heap(s.gc_gen0_threshold)
+        self._heap.install()
+        if s.gc_thaw_seconds > 0 and self._thawer is None:
+            self._thawer = asyncio.get_running_loop().create_task(
+                self._thaw_heap(s.gc_thaw_seconds)
+            )
+
+    async def _thaw_heap(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            found = self._heap.thaw()
+            self.metrics.count_thawed_garbage(found)
+            log.info("GC: thawed the heap; %d unreachable objects freed", found)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight RPCs finish (up to the grace period), then stop the
@@ -195,10 +213,12 @@ class SeqServeServer:
         except Exception:  # whatever the disk did, the process must still exit
             log.exception("shutdown did not finish cleanly")
         finally:
-            if self._refresher is not None:
-                self._refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._refresher
+            for task in (self._refresher, self._thawer):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            self._heap.uninstall()
             self.metrics_observer.close()
             self.metrics.stop()
             self._stopped.set()
@@ -224,6 +244,7 @@ class SeqServeServer:
         self.metrics.set_state_write_failures("journal", stats.journal_write_failures)
         self.metrics.set_state_write_failures("end", stats.end_records_lost)
         self.metrics.set_state_writes(stats.state_writes, stats.state_write_seconds)
+        self.metrics.observe_gc_pauses(self._heap.drain())
 
 
 async def _set_health(servicer, name: str, status) -> None:  # type: ignore[no-untyped-def]

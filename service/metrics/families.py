@@ -19,6 +19,7 @@ from prometheus_client import (
 from service.metrics.batch_histogram import BatchHistogram
 from service.metrics.bounds import (
     BATCH_ROWS_BUCKETS,
+    GC_GENERATIONS,
     LATENCY_BUCKETS,
     MODEL_LOAD_BUCKETS,
     SESSION_TIERS,
@@ -146,6 +147,18 @@ class MetricFamilies:
             "Byte budget of the in-memory state pool, for the memory tier's fill ratio.",
             registry=r,
         )
+        self._gc_pause = Histogram(
+            "seqserve_gc_pause_seconds",
+            "Python cyclic-GC collections, each the time its thread stood still, by generation "
+            "(0 and 1: young collections; 2: a thaw of the frozen heap, or a model load's).",
+            ("generation",), buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._gc_thawed_garbage = Counter(
+            "seqserve_gc_thawed_garbage_objects",
+            "Unreachable objects the periodic thaw of the frozen heap found: reference cycles "
+            "that died after being frozen, held until that thaw.",
+            registry=r,
+        )
         self._model_load = Histogram(
             "seqserve_model_load_duration_seconds",
             "Time to verify and load one model version.",
@@ -163,3 +176,5 @@ class MetricFamilies:
             self._sessions.labels(tier).set(0)
         for tier in TIERS:
             self._state_bytes.labels(tier).set(0)
+        for generation in GC_GENERATIONS:
+            self._gc_pause.labels(generation)

@@ -153,6 +153,16 @@ class Metrics(MetricFamilies):
     def set_pool_capacity_bytes(self, nbytes: int) -> None:
         self._pool_capacity.set(nbytes)
 
+    # ---- the process -------------------------------------------------------------------
+
+    def observe_gc_pauses(self, pauses: Iterable[tuple[int, float]]) -> None:
+        """Collections timed by `HeapFreezer`: (generation, seconds) each."""
+        for generation, seconds in pauses:
+            self._gc_pause.labels(str(generation)).observe(seconds)
+
+    def count_thawed_garbage(self, objects: int) -> None:
+        self._gc_thawed_garbage.inc(objects)
+
     # ---- models ------------------------------------------------------------------------
 
     def observe_model_load(self, model: str, version: str, seconds: float) -> None:

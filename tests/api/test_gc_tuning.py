@@ -1,29 +1,159 @@
 """`serve` keeps the cyclic GC off the hot path: the heap is frozen after start-up and after each
-model load, and young collections are spaced out (see SeqServeServer.tune_gc)."""
+model load, so is whatever survives a collection, young collections are spaced out, and a
+periodic thaw frees cycles that died frozen (see SeqServeServer.tune_gc, HeapFreezer)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from service.api.gc_tuning import HeapFreezer
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.registry.store import ModelStore
 
-from .conftest import TOKEN_CONFIG, publish_random
+from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
 
 
 @pytest.fixture
 def restore_gc() -> Iterator[None]:
-    threshold = gc.get_threshold()
+    threshold, callbacks, enabled = gc.get_threshold(), list(gc.callbacks), gc.isenabled()
     try:
         yield
     finally:
+        gc.callbacks[:] = callbacks
         gc.unfreeze()
         gc.set_threshold(*threshold)
+        (gc.enable if enabled else gc.disable)()
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def _cycle() -> tuple[_Node, weakref.ref[_Node]]:
+    """Two objects that refer to each other: only the cycle collector frees them."""
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    return a, weakref.ref(a)
+
+
+def _tracked(count: int) -> list[dict[str, list[int]]]:
+    return [{"i": [i]} for i in range(count)]
+
+
+def _in_sight(objects: list[dict[str, list[int]]]) -> int:
+    """How many of `objects` the collector still walks (any generation, not frozen)."""
+    ids = {id(o) for o in objects}
+    return sum(1 for o in gc.get_objects() if id(o) in ids)
+
+
+def test_without_the_hook_survivors_stay_in_sight(restore_gc: None) -> None:
+    gc.disable()  # no automatic collection between the steps below
+    kept = _tracked(2000)
+    gc.collect(0)
+    assert _in_sight(kept) == len(kept)  # in the middle generation now, walked again later
+
+
+def test_what_survives_a_collection_is_frozen_and_older_generations_stay_empty(
+    restore_gc: None,
+) -> None:
+    gc.disable()
+    HeapFreezer().install()
+    kept = _tracked(2000)
+    frozen = gc.get_freeze_count()
+    gc.collect(0)
+    assert _in_sight(kept) == 0
+    assert gc.get_freeze_count() >= frozen + len(kept)
+    assert gc.get_objects(generation=1) == [] and gc.get_objects(generation=2) == []
+
+
+def test_a_cycle_that_dies_frozen_waits_for_the_thaw(restore_gc: None) -> None:
+    gc.disable()
+    freezer = HeapFreezer()
+    freezer.install()
+    a, alive = _cycle()
+    gc.collect(0)  # alive at the collection: frozen
+    del a
+    gc.collect()
+    assert alive() is not None  # garbage, but out of the collector's sight
+    assert freezer.thaw() >= 2
+    assert alive() is None
+
+
+def test_collections_are_timed_by_generation(restore_gc: None) -> None:
+    gc.disable()
+    freezer = HeapFreezer()
+    gc.collect(0)
+    assert freezer.drain() == []  # not installed: nothing timed
+    freezer.install()
+    freezer.install()  # once only
+    gc.collect(0)
+    gc.collect(1)
+    gc.collect(2)
+    pauses = freezer.drain()
+    assert [g for g, _ in pauses] == [0, 1, 2]
+    assert all(0 <= seconds < 10 for _, seconds in pauses)
+    assert freezer.drain() == []
+    freezer.uninstall()
+    assert not freezer.installed
+    gc.collect(0)
+    assert freezer.drain() == []
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    found = [
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    ]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+async def test_serve_thaws_the_heap_on_its_period_and_exports_the_collections(
+    server_factory: ServerFactory, restore_gc: None
+) -> None:
+    server = await server_factory(server={"gc_thaw_seconds": 0.05})
+    server.tune_gc()
+    a, alive = _cycle()
+    gc.collect(0)  # frozen while alive
+    del a
+    deadline = time.monotonic() + 10
+    while alive() is not None:  # freed by a thaw, not by any young collection
+        assert time.monotonic() < deadline, "no thaw freed the frozen cycle"
+        await asyncio.sleep(0.02)
+    server.refresh_gauges()
+    text = server.metrics.render().decode()
+    assert _sample(text, "seqserve_gc_pause_seconds_count", generation="0") >= 1
+    assert _sample(text, "seqserve_gc_pause_seconds_count", generation="2") >= 1  # the thaws
+    assert _sample(text, "seqserve_gc_thawed_garbage_objects_total") >= 2
+    await server.stop()
+    assert not any(getattr(cb, "__self__", None) is server._heap for cb in gc.callbacks)
+
+
+async def test_no_thaw_when_its_period_is_zero(
+    server_factory: ServerFactory, restore_gc: None
+) -> None:
+    server = await server_factory(server={"gc_thaw_seconds": 0})
+    server.tune_gc()
+    a, alive = _cycle()
+    gc.collect(0)
+    del a
+    await asyncio.sleep(0.3)
+    assert alive() is not None  # frozen, and nothing thaws it
+    server.refresh_gauges()
+    text = server.metrics.render().decode()
+    assert _sample(text, "seqserve_gc_thawed_garbage_objects_total") == 0
 
 
 async def test_tune_gc_freezes_the_heap_and_spaces_young_collections(
@@ -69,5 +199,7 @@ async def test_zero_threshold_leaves_gc_alone(server: SeqServeServer, restore_gc
     server.settings = server.settings.model_copy(
         update={"server": server.settings.server.model_copy(update={"gc_gen0_threshold": 0})}
     )
+    callbacks = list(gc.callbacks)
     server.tune_gc()
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+    assert gc.callbacks == callbacks  # no hook

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,11 @@ def test_worker_argv_passes_every_given_setting_but_the_ports(tmp_path: Path) ->
     assert again.config == args.config
 
 
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return bytes(reply.read())
+
+
 @pytest.mark.integration
 def test_flags_env_and_config_file_reach_the_server(tmp_path: Path) -> None:
     config = tmp_path / "seqserve.toml"
@@ -52,7 +58,8 @@ def test_flags_env_and_config_file_reach_the_server(tmp_path: Path) -> None:
     )
     port_file = tmp_path / "port.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
-    env |= {"SEQSERVE_DATA_DIR": str(tmp_path / "data"), "SEQSERVE_SERVER__GRACE_SECONDS": "0.5"}
+    env |= {"SEQSERVE_DATA_DIR": str(tmp_path / "data"), "SEQSERVE_SERVER__GRACE_SECONDS": "0.5",
+            "SEQSERVE_SERVER__GC_THAW_SECONDS": "0.2"}  # fmt: skip
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli.main", "serve", "--config", str(config),
@@ -72,6 +79,12 @@ def test_flags_env_and_config_file_reach_the_server(tmp_path: Path) -> None:
         with urllib.request.urlopen(metrics_url, timeout=10) as reply:
             assert reply.status == 200
             assert b"seqserve_" in reply.read()
+        # serve tunes the GC: the heap is frozen and thawed every 0.2 s (a generation-2
+        # collection each; the models were loaded before the hook that times collections).
+        thawed = re.compile(rb'^seqserve_gc_pause_seconds_count\{generation="2"\} [1-9]', re.M)
+        while not thawed.search(body := _get(metrics_url)):
+            assert time.monotonic() < deadline + 30, body.decode()
+            time.sleep(0.2)
         with grpc.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
             stub = pb_grpc.SessionServiceStub(channel)
             first = stub.CreateSession(pb.CreateSessionRequest(model="bytes-lstm"), timeout=60)

@@ -34,7 +34,9 @@ DESIGN_FAMILIES = {
     "model load time": ("seqserve_model_load_duration_seconds", "histogram"),
     "model info": ("seqserve_model_info", "gauge"),
 }
-BOUNDED_LABELS = {"method", "code", "protocol", "model", "version", "tier", "event", "phase", "le"}
+BOUNDED_LABELS = {
+    "method", "code", "protocol", "model", "version", "tier", "event", "phase", "generation", "le",
+}  # fmt: skip
 INFO_LABELS = {"fingerprint", "cell"}  # seqserve_model_info only: one series per loaded version
 SESSION_ID = re.compile(SESSION_ID_PATTERN)  # service.sessions.session.new_session_id
 V = {"model": MODEL, "version": "1"}

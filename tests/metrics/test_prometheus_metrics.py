@@ -19,7 +19,9 @@ from service.metrics.bounds import (
     SESSION_EVENTS,
 )
 
-BOUNDED_LABELS = {"method", "code", "protocol", "model", "version", "tier", "event", "phase", "le"}
+BOUNDED_LABELS = {
+    "method", "code", "protocol", "model", "version", "tier", "event", "phase", "generation", "le",
+}  # fmt: skip
 FAMILIES = {
     "seqserve_rpc_duration_seconds": "histogram",
     "seqserve_batch_rows": "histogram",
@@ -41,6 +43,8 @@ FAMILIES = {
     "seqserve_state_write_failures": "counter",
     "seqserve_state_writes": "counter",
     "seqserve_state_write_seconds": "counter",
+    "seqserve_gc_pause_seconds": "histogram",
+    "seqserve_gc_thawed_garbage_objects": "counter",
     "seqserve_model_load_duration_seconds": "histogram",
     "seqserve_model_info": "gauge",
 }
@@ -233,6 +237,21 @@ def test_session_and_state_gauges(metrics: Metrics) -> None:
     assert _value(metrics, "seqserve_state_pool_capacity_bytes") == 1 << 20
     with pytest.raises(ValueError, match="unknown tier"):
         metrics.set_sessions("gpu", 1)
+
+
+def test_gc_pauses_and_thawed_garbage(metrics: Metrics) -> None:
+    for generation in ("0", "1", "2"):  # at zero before the first collection
+        assert _value(metrics, "seqserve_gc_pause_seconds_count", generation=generation) == 0
+    metrics.observe_gc_pauses([(0, 0.004), (0, 0.02), (2, 0.3)])
+    metrics.count_thawed_garbage(7)
+    metrics.count_thawed_garbage(0)
+
+    assert _value(metrics, "seqserve_gc_pause_seconds_count", generation="0") == 2
+    assert _value(metrics, "seqserve_gc_pause_seconds_sum", generation="0") == pytest.approx(0.024)
+    assert _value(metrics, "seqserve_gc_pause_seconds_bucket", generation="0", le="0.005") == 1
+    assert _value(metrics, "seqserve_gc_pause_seconds_count", generation="1") == 0
+    assert _value(metrics, "seqserve_gc_pause_seconds_count", generation="2") == 1
+    assert _value(metrics, "seqserve_gc_thawed_garbage_objects_total") == 7
 
 
 def test_state_writes_follow_the_engines_totals(metrics: Metrics) -> None:

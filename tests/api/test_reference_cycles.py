@@ -1,0 +1,72 @@
+"""What the server makes per session and per request is freed by reference counts alone, so
+freezing what survives a collection (service.api.gc_tuning) keeps no garbage: every request
+path that succeeds, run with the cycle collector off, leaves no reference cycle behind but
+grpc's own (a closure its server makes to look up each call's handler, garbage at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import time
+
+from deploy.traffic import MODEL, Traffic
+
+from service.api.server import SeqServeServer
+from service.client.client import SeqServeClient
+
+from .conftest import ServerFactory
+
+# grpc.aio's server: `_find_method_handler`'s closure and what it holds (the call's details,
+# their metadata). Made and dropped as each call is dispatched, before anything runs.
+GRPC_MODULES = ("grpc.", "_cython_")  # the closure's function: `_cython_<version>`
+GRPC_HELD = {"importlib._bootstrap._Metadatum", "builtins.tuple", "builtins.str", "builtins.bytes"}
+
+
+def _grpc_dispatch(kind: str) -> bool:
+    return kind.startswith(GRPC_MODULES) or kind in GRPC_HELD
+
+
+def _kind(o: object) -> str:
+    return f"{type(o).__module__}.{type(o).__qualname__}"
+
+
+async def _expire(client: SeqServeClient, server: SeqServeServer) -> None:
+    """Sessions fed, then left to expire (a closed one's last request is the close; an expired
+    one keeps its last feed's reply)."""
+    before = server.engine.stats().sessions_in_memory
+    sessions = [await client.create_session(MODEL, ttl_seconds=0.2) for _ in range(2)]
+    for session in sessions:
+        await session.feed(tokens=[1, 2])
+    deadline = time.monotonic() + 10
+    while server.engine.stats().sessions_in_memory > before:
+        assert time.monotonic() < deadline, "the sweep expired nothing"
+        await asyncio.sleep(0.05)
+
+
+async def test_request_paths_leave_no_reference_cycles(server_factory: ServerFactory) -> None:
+    """Create, fork, Step, Stream (feeds and a generation), Generate, close, expiry: three
+    rounds."""
+    server = await server_factory(sessions={"sweep_interval_seconds": 0.05})
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        traffic = Traffic(client)
+        await traffic.close(await traffic.open())  # what loads once (the model, the stubs)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what a collection finds unreachable, to look at
+        try:
+            for _ in range(3):
+                opened = await traffic.open()
+                await traffic.drive(opened)
+                await traffic.close(opened)
+                await _expire(client, server)
+            gc.collect()
+            garbage = list(gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    dispatches = sum(1 for o in garbage if _kind(o).endswith("_HandlerCallDetails"))
+    assert dispatches >= 3 * traffic.sessions  # the audit sees cycles where there are some
+    kinds = collections.Counter(k for k in map(_kind, garbage) if not _grpc_dispatch(k))
+    assert not kinds, kinds.most_common(20)
