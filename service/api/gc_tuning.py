@@ -98,6 +98,7 @@ class HeapFreezer:
         """Collect the whole heap, frozen part included, then freeze what survived. Returns
         the unreachable objects found: cycles that died after being frozen. Stops the calling
         thread for as long as a full collection of everything alive takes."""
+        gc.collect()  # what was never frozen first: young garbage is not what a thaw is for
         gc.unfreeze()
         found = gc.collect()
         gc.freeze()  # also when the hook is not installed

@@ -89,6 +89,19 @@ def test_a_cycle_that_dies_frozen_waits_for_the_thaw(restore_gc: None) -> None:
     assert alive() is None
 
 
+def test_the_thaw_counts_only_what_died_frozen(restore_gc: None) -> None:
+    gc.disable()
+    freezer = HeapFreezer()
+    freezer.install()
+    young = [_cycle()[1] for _ in range(1000)]  # garbage at once, never frozen
+    a, frozen = _cycle()
+    gc.collect(0)  # `a` frozen; the young garbage collected
+    young += [_cycle()[1] for _ in range(1000)]  # young garbage again, this time at the thaw
+    del a
+    assert 2 <= freezer.thaw() < 1000  # the frozen cycle, not the young garbage
+    assert frozen() is None and not any(ref() for ref in young)
+
+
 def test_collections_are_timed_by_generation(restore_gc: None) -> None:
     gc.disable()
     freezer = HeapFreezer()
