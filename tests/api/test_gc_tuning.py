@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from deploy.exposition import Exposition
 
 from service.api.gc_tuning import HeapFreezer
 from service.api.server import SeqServeServer
@@ -39,7 +39,10 @@ class _Node:
         self.other: _Node | None = None
 
 
-def _cycle() -> tuple[_Node, weakref.ref[_Node]]:
+Ref = weakref.ref[_Node]
+
+
+def _cycle() -> tuple[_Node, Ref]:
     """Two objects that refer to each other: only the cycle collector frees them."""
     a, b = _Node(), _Node()
     a.other, b.other = b, a
@@ -122,34 +125,33 @@ def test_collections_are_timed_by_generation(restore_gc: None) -> None:
     assert freezer.drain() == []
 
 
-def _sample(text: str, name: str, **labels: str) -> float:
-    found = [
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    ]
-    assert len(found) == 1, (name, labels, found)
-    return found[0]
+async def _tuned(server_factory: ServerFactory, thaw_seconds: float) -> tuple[SeqServeServer, Ref]:
+    """A server with serve's GC tuning, and a cycle frozen while alive, then dropped."""
+    server = await server_factory(server={"gc_thaw_seconds": thaw_seconds})
+    server.tune_gc()
+    a, alive = _cycle()
+    gc.collect(0)  # frozen while alive
+    del a
+    return server, alive
+
+
+def _exported(server: SeqServeServer) -> Exposition:
+    server.refresh_gauges()  # drains the timed collections into the histogram
+    return Exposition.parse(server.metrics.render())
 
 
 async def test_serve_thaws_the_heap_on_its_period_and_exports_the_collections(
     server_factory: ServerFactory, restore_gc: None
 ) -> None:
-    server = await server_factory(server={"gc_thaw_seconds": 0.05})
-    server.tune_gc()
-    a, alive = _cycle()
-    gc.collect(0)  # frozen while alive
-    del a
+    server, alive = await _tuned(server_factory, thaw_seconds=0.05)
     deadline = time.monotonic() + 10
     while alive() is not None:  # freed by a thaw, not by any young collection
         assert time.monotonic() < deadline, "no thaw freed the frozen cycle"
         await asyncio.sleep(0.02)
-    server.refresh_gauges()
-    text = server.metrics.render().decode()
-    assert _sample(text, "seqserve_gc_pause_seconds_count", generation="0") >= 1
-    assert _sample(text, "seqserve_gc_pause_seconds_count", generation="2") >= 1  # the thaws
-    assert _sample(text, "seqserve_gc_thawed_garbage_objects_total") >= 2
+    exported = _exported(server)
+    assert exported.total("seqserve_gc_pause_seconds_count", generation="0") >= 1
+    assert exported.total("seqserve_gc_pause_seconds_count", generation="2") >= 1  # the thaws
+    assert exported.total("seqserve_gc_thawed_garbage_objects_total") >= 2
     await server.stop()
     assert not any(getattr(cb, "__self__", None) is server._heap for cb in gc.callbacks)
 
@@ -157,16 +159,10 @@ async def test_serve_thaws_the_heap_on_its_period_and_exports_the_collections(
 async def test_no_thaw_when_its_period_is_zero(
     server_factory: ServerFactory, restore_gc: None
 ) -> None:
-    server = await server_factory(server={"gc_thaw_seconds": 0})
-    server.tune_gc()
-    a, alive = _cycle()
-    gc.collect(0)
-    del a
+    server, alive = await _tuned(server_factory, thaw_seconds=0)
     await asyncio.sleep(0.3)
     assert alive() is not None  # frozen, and nothing thaws it
-    server.refresh_gauges()
-    text = server.metrics.render().decode()
-    assert _sample(text, "seqserve_gc_thawed_garbage_objects_total") == 0
+    assert _exported(server).total("seqserve_gc_thawed_garbage_objects_total") == 0
 
 
 async def test_tune_gc_freezes_the_heap_and_spaces_young_collections(
