@@ -23,6 +23,8 @@ EXPECTED_ALERTS = {
     "SeqserveHighErrorRatio",
     "SeqserveEvictionStorm",
     "SeqservePoolNearFull",
+    "SeqserveLongGCPauses",
+    "SeqserveFrozenGarbage",
 }
 
 
