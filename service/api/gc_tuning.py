@@ -15,10 +15,9 @@ Two measured stalls, two remedies:
   makes per session and per request is acyclic (tests/api/test_reference_cycles.py: every
   request path that succeeds, with the collector off, leaves no cycle but grpc's dispatch
   closure, garbage at once; a failed call's exception and traceback are one, and die with the
-  call). A reference cycle that
-  was alive at a collection and dies later waits for the next thaw: every `gc_thaw_seconds`
-  the heap is thawed and collected whole, once, and what that finds is counted
-  (`seqserve_gc_thawed_garbage_objects_total`).
+  call). A reference cycle that was alive at a collection and dies later waits for the next
+  thaw: every `gc_thaw_seconds` the heap is thawed and collected whole, once, and what that
+  finds is counted (`seqserve_gc_thawed_garbage_objects_total`).
 """
 
 from __future__ import annotations
