@@ -38,6 +38,10 @@ def _prediction(p: Prediction) -> dict[str, list[Any]]:
     return {"top_ids": list(p.top_ids), "top_probs": list(p.top_probs), "values": list(p.values)}
 
 
+def _prediction_from(fields: dict[str, list[Any]]) -> Prediction:
+    return Prediction(**{name: tuple(values) for name, values in fields.items()})
+
+
 def from_record(record: dict[str, Any] | None) -> AppliedRequest | None:
     if not record:
         return None
@@ -46,8 +50,8 @@ def from_record(record: dict[str, Any] | None) -> AppliedRequest | None:
         feed = record["feed"]
         reply = FeedOutcome(
             int(feed["position"]),
-            Prediction(**feed["prediction"]),
-            [Prediction(**p) for p in feed["per_position"]],
+            _prediction_from(feed["prediction"]),
+            [_prediction_from(p) for p in feed["per_position"]],
         )  # its tokenizer is set when it is sent again
     elif "generation" in record:
         gen = record["generation"]

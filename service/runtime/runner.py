@@ -190,12 +190,15 @@ class ModelRunner:
         every_row = len(rows) == out.shape[0] and rows == list(range(len(rows)))
         sub = (out if every_row else out[rows]).float().cpu()  # [R, out]
         if self.config.head_kind == "regression":
-            return [Prediction(values=v) for v in sub.tolist()]
+            return [Prediction(values=tuple(v)) for v in sub.tolist()]
         k_max = max(1, min(max(top_ks), sub.shape[1]))
         probs = torch.softmax(sub, dim=1)
         top_p, top_i = probs.topk(k_max, dim=1)
         ids, ps = top_i.tolist(), top_p.tolist()
+        # Tuples: an idle session keeps its last prediction, and the collector stops tracking
+        # a tuple of numbers at its first collection (two lists a session were tracked for
+        # life, and walked by every thaw of the frozen heap).
         return [
-            Prediction(top_ids=ids[r][:k], top_probs=ps[r][:k])
+            Prediction(top_ids=tuple(ids[r][:k]), top_probs=tuple(ps[r][:k]))
             for r, k in enumerate(max(1, k) for k in top_ks)
         ]

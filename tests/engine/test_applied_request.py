@@ -27,12 +27,13 @@ def test_a_feeds_reply_comes_back_whole() -> None:
     assert back is not None and (back.request_id, back.position) == ("r-1", 5)
     assert isinstance(back.reply, FeedOutcome)
     assert back.reply.position == 7
+    # Tuples, as the runner makes them: a kept reply's numbers are not the collector's.
     assert back.reply.prediction == Prediction(
-        top_ids=[3, 0, 255], top_probs=[0.5, 0.25, 0.125], values=[]
+        top_ids=(3, 0, 255), top_probs=(0.5, 0.25, 0.125), values=()
     )
     assert back.reply.per_position == [
-        Prediction(top_ids=[1], top_probs=[1.0], values=[]),
-        Prediction(top_ids=[], top_probs=[], values=[0.5, -2.0]),
+        Prediction(top_ids=(1,), top_probs=(1.0,), values=()),
+        Prediction(top_ids=(), top_probs=(), values=(0.5, -2.0)),
     ]
 
 

@@ -59,11 +59,11 @@ def test_rows_end_where_the_reference_does(cell: str, reset_after: bool) -> None
         assert result is not None and result.prediction is not None
         assert result.consumed == len(last)
         want = np.argsort(-softmax(out[-1]))[:3]
-        assert result.prediction.top_ids == list(want)
+        assert list(result.prediction.top_ids) == list(want)
         if not row.per_position:
             assert not result.per_position
         else:
             assert len(result.per_position) == len(last)
             for k, prediction in enumerate(result.per_position):
                 at = (0 if earlier is None else len(earlier)) + k
-                assert prediction.top_ids == list(np.argsort(-softmax(out[at]))[:3])
+                assert list(prediction.top_ids) == list(np.argsort(-softmax(out[at]))[:3])

@@ -6,6 +6,7 @@ consume the token; top-k predictions are the reference softmax's; the regression
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -72,7 +73,7 @@ def _assert_prediction(pred: Prediction | None, logits: np.ndarray, k: int) -> N
     (to ATOL), sorted, distinct."""
     assert pred is not None
     probs = softmax(logits)
-    ids, ps = pred.top_ids, pred.top_probs
+    ids, ps = list(pred.top_ids), list(pred.top_probs)
     assert len(ids) == len(ps) == k
     assert len(set(ids)) == k
     assert ps == sorted(ps, reverse=True)
@@ -164,6 +165,26 @@ def test_top_k_predictions_are_the_reference_softmax(top_k: int, expected: int) 
         assert full is not None
         assert sum(full.top_probs) == pytest.approx(1.0, abs=1e-5)
         assert sorted(full.top_ids) == list(range(VOCAB))
+
+
+def test_predictions_are_numbers_the_collector_stops_tracking() -> None:
+    """An idle session keeps its last prediction (for a retry): its fields are tuples of
+    numbers, which the cycle collector untracks at their first collection, so holding many
+    sessions does not grow what every collection (and the heap's thaw) walks. Lists would be
+    tracked for as long as the session lives."""
+    _, runner, _ = _setup(token_config("lstm"), slots=2)
+    out = runner.execute(StepBatch([Row(slot=0, inputs=_tokens(11), top_k=3)]))
+    pred = out.results[0].prediction
+    assert pred is not None
+    gc.collect()
+    for field in (pred.top_ids, pred.top_probs, pred.values):
+        assert isinstance(field, tuple) and not gc.is_tracked(field)
+    _, regression, _ = _setup(make_config("lstm", False, 2, "tokens", "regression"), slots=1)
+    values = regression.execute(StepBatch([Row(slot=0, inputs=_tokens(3))])).results[0]
+    assert values.prediction is not None
+    gc.collect()
+    assert isinstance(values.prediction.values, tuple)
+    assert not gc.is_tracked(values.prediction.values)
 
 
 # ---- chunks (multi-input rows) ----------------------------------------------------------------
