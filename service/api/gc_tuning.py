@@ -6,7 +6,8 @@ Two measured stalls, two remedies:
   sessions p99 step latency was ~170 ms against ~20 ms with `freeze_heap` (benchmarks). After
   start-up, and again after each model load, what exists is moved out of the collector's sight
   (`gc.freeze`) and young collections run less often.
-- A server that keeps creating sessions keeps objects: ~7 tracked objects a session, which
+- A server that keeps creating sessions keeps objects: 5 tracked objects a session (7 before
+  predictions held tuples), which
   reached the middle generation 20 young collections later. Collecting it walked all of them:
   375–513 ms with the event loop stopped, once every ~140,000 sessions created (in-process,
   README "Eighteenth pass"). `HeapFreezer` freezes whatever survives any collection, so every
