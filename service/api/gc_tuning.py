@@ -1,24 +1,33 @@
 """Keeping Python's cyclic GC off the serving hot path (for `seqserve serve`).
 
-Two measured stalls, two remedies:
+Two measured stalls, and a third kept from building up:
 
 - Full collections scanned every object torch and the loaded models had made: at 64 streaming
   sessions p99 step latency was ~170 ms against ~20 ms with `freeze_heap` (benchmarks). After
   start-up, and again after each model load, what exists is moved out of the collector's sight
   (`gc.freeze`) and young collections run less often.
 - A server that keeps creating sessions keeps objects: 5 tracked objects a session (7 before
-  predictions held tuples), which
-  reached the middle generation 20 young collections later. Collecting it walked all of them:
-  375–513 ms with the event loop stopped, once every ~140,000 sessions created (in-process,
-  README "Eighteenth pass"). `HeapFreezer` freezes whatever survives any collection, so every
-  collection walks only what was allocated since the one before (at most the young threshold).
-  Frozen objects freed by their reference count are freed at once, as before; what seqserve
-  makes per session and per request is acyclic (tests/api/test_reference_cycles.py: every
-  request path that succeeds, with the collector off, leaves no cycle but grpc's dispatch
-  closure, garbage at once; a failed call's exception and traceback are one, and die with the
-  call). A reference cycle that was alive at a collection and dies later waits for the next
-  thaw: every `gc_thaw_seconds` the heap is thawed and collected whole, once, and what that
-  finds is counted (`seqserve_gc_thawed_garbage_objects_total`).
+  predictions held tuples), which reached the middle generation 20 young collections later.
+  Collecting it walked all of them: 375–513 ms with the event loop stopped, once every
+  ~140,000 sessions created (in-process, README "Eighteenth pass"). `HeapFreezer` freezes
+  whatever survives any collection, so each collection walks only what was made since the one
+  before and is still alive.
+- CPython starts a young collection when allocations minus deallocations pass the threshold,
+  and freeing a frozen object counts as a deallocation. Traffic that replaces what it keeps
+  (each feed replaces its session's kept reply) leaves that count flat: the young generation
+  would fill with every session's newest reply, uncollected, until one collection walked them
+  all (a synthetic 100,000 sessions fed three times each: 300,001 objects young and no
+  collection; collecting them then took 10 ms, more for the server's larger replies). So a
+  young collection also runs once a second when none ran in that second (`collect_young`),
+  walking that second's survivors only.
+
+Frozen objects freed by their reference count are freed at once, as before; what seqserve makes
+per session and per request is acyclic (tests/api/test_reference_cycles.py: every request path
+that succeeds, with the collector off, leaves no cycle but grpc's dispatch closure, garbage at
+once; a failed call's exception and traceback are one, and die with the call). A reference
+cycle that was alive at a collection and dies later waits for the next thaw: every
+`gc_thaw_seconds` the heap is thawed and collected whole, once, and what that finds is counted
+(`seqserve_gc_thawed_garbage_objects_total`).
 """
 
 from __future__ import annotations
@@ -62,12 +71,17 @@ def freeze_heap(gen0_threshold: int) -> None:
     gc.set_threshold(gen0_threshold, max(gen1, 20), max(gen2, 100))
 
 
+def _full_collections() -> int:
+    return int(gc.get_stats()[2]["collections"])
+
+
 class HeapFreezer:
     """Freezes what survives each collection (a `gc.callbacks` hook) and times every
     collection. `thaw()` collects the whole heap once. Process-wide: one per `serve`."""
 
     def __init__(self) -> None:
         self._began = 0.0
+        self._ended = time.monotonic()  # the last collection's end
         # (generation, seconds), appended by the hook on whichever thread collected; read on
         # the event loop by `drain`. Nothing here takes a lock: the hook cannot wait on one
         # the interrupted code may hold.
@@ -92,17 +106,33 @@ class HeapFreezer:
             self._began = time.perf_counter()
             return
         self._pauses.append((info["generation"], time.perf_counter() - self._began))
+        self._ended = time.monotonic()
         gc.freeze()
 
-    def thaw(self) -> int:
+    def collect_young(self, quiet_seconds: float) -> bool:
+        """A young collection, when none has ended for `quiet_seconds`: what survived the last
+        one's is frozen, so this walks only what was made since and is still alive. → whether
+        it ran."""
+        if not self.installed or time.monotonic() - self._ended < quiet_seconds:
+            return False
+        gc.collect(0)
+        return True
+
+    def thaw(self) -> int | None:
         """Collect the whole heap, frozen part included, then freeze what survived. Returns
-        the unreachable objects found: cycles that died after being frozen. Stops the calling
-        thread for as long as a full collection of everything alive takes."""
+        the unreachable objects found (cycles that died after being frozen), or None when a
+        collection on another thread was under way (`gc.collect` then does nothing: try
+        again later). Stops the calling thread for as long as a full collection of
+        everything alive takes."""
+        full = _full_collections()
         gc.collect()  # what was never frozen first: young garbage is not what a thaw is for
+        if _full_collections() == full:
+            return None  # nothing ran, nothing was touched
+        full = _full_collections()
         gc.unfreeze()
         found = gc.collect()
         gc.freeze()  # also when the hook is not installed
-        return found
+        return found if _full_collections() > full else None
 
     def drain(self) -> list[tuple[int, float]]:
         """The collections timed since the last drain: (generation, seconds) each."""

@@ -187,9 +187,18 @@ class SeqServeServer:
             )
 
     async def _thaw_heap(self, every: float) -> None:
+        wait = every
         while True:
-            await asyncio.sleep(every)
-            found = self._heap.thaw()
+            await asyncio.sleep(wait)
+            try:
+                found = self._heap.thaw()
+            except Exception:  # the next period tries again; stop() must not see this
+                log.exception("GC: the thaw failed")
+                found = 0
+            if found is None:  # a collection on another thread was under way
+                wait = min(1.0, every)
+                continue
+            wait = every
             self.metrics.count_thawed_garbage(found)
             log.info("GC: thawed the heap; %d unreachable objects freed", found)
 
@@ -228,6 +237,7 @@ class SeqServeServer:
 
     async def _refresh_gauges(self) -> None:
         while True:
+            self._heap.collect_young(_GAUGE_REFRESH_SECONDS)  # see HeapFreezer.collect_young
             self.refresh_gauges()
             await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
 

@@ -25,6 +25,7 @@ from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
 @pytest.fixture
 def restore_gc() -> Iterator[None]:
     threshold, callbacks, enabled = gc.get_threshold(), list(gc.callbacks), gc.isenabled()
+    gc.collect()  # what earlier tests left dead goes now, not into these tests' counts
     try:
         yield
     finally:
@@ -105,6 +106,48 @@ def test_the_thaw_counts_only_what_died_frozen(restore_gc: None) -> None:
     assert frozen() is None and not any(ref() for ref in young)
 
 
+def test_a_quiet_second_gets_a_young_collection(restore_gc: None) -> None:
+    """Traffic that replaces what it keeps leaves CPython's count flat (freeing a frozen object
+    counts as a deallocation): the young generation fills, uncollected. `collect_young` bounds
+    it to what was made since the last collection."""
+    gc.disable()
+    freezer = HeapFreezer()
+    assert not freezer.collect_young(0)  # not installed: leaves the collector alone
+    freezer.install()
+    kept = _tracked(2000)
+    gc.collect(0)  # frozen
+    before = gc.get_count()[0]
+    kept = _tracked(2000)  # each replaces one frozen and freed
+    assert gc.get_count()[0] - before < len(kept)  # 4,000 made: the count barely moved
+    assert _in_sight(kept) == len(kept)
+    assert not freezer.collect_young(60)  # a collection ended less than a minute ago
+    assert _in_sight(kept) == len(kept)
+    assert freezer.collect_young(0)
+    assert _in_sight(kept) == 0
+
+
+def test_a_thaw_during_another_collection_says_so(restore_gc: None) -> None:
+    """`gc.collect` does nothing while a collection is under way (on another thread, or here
+    from inside one): the thaw reports None, not "nothing found"."""
+    gc.disable()
+    freezer = HeapFreezer()
+    seen: list[int | None] = []
+
+    def during(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and not seen:
+            seen.append(freezer.thaw())
+
+    gc.callbacks.append(during)
+    gc.collect(0)
+    gc.callbacks.remove(during)
+    assert seen == [None]
+    freezer.install()
+    a, alive = _cycle()
+    gc.collect(0)  # frozen while alive
+    del a
+    assert freezer.thaw() >= 2 and alive() is None  # outside a collection it runs
+
+
 def test_collections_are_timed_by_generation(restore_gc: None) -> None:
     gc.disable()
     freezer = HeapFreezer()
@@ -156,6 +199,28 @@ async def test_serve_thaws_the_heap_on_its_period_and_exports_the_collections(
     assert not any(getattr(cb, "__self__", None) is server._heap for cb in gc.callbacks)
 
 
+async def test_the_thaw_task_retries_a_skipped_thaw_and_outlives_a_failed_one(
+    server_factory: ServerFactory, restore_gc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes: list[int | Exception | None] = [None, RuntimeError("no"), 7]
+
+    def thaw() -> int | None:
+        outcome = outcomes.pop(0) if outcomes else 0
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    server = await server_factory(server={"gc_thaw_seconds": 0.05})
+    monkeypatch.setattr(server._heap, "thaw", thaw)
+    server.tune_gc()
+    deadline = time.monotonic() + 10
+    while _exported(server).total("seqserve_gc_thawed_garbage_objects_total") < 7:
+        assert time.monotonic() < deadline, outcomes
+        await asyncio.sleep(0.02)
+    assert not outcomes
+    await asyncio.wait_for(server.stop(), 30)  # the failed thaw did not end the task
+
+
 async def test_no_thaw_when_its_period_is_zero(
     server_factory: ServerFactory, restore_gc: None
 ) -> None:
@@ -185,6 +250,7 @@ async def test_loading_a_model_freezes_its_objects_too(
     server: SeqServeServer, client: SeqServeClient, store_root: Path, restore_gc: None
 ) -> None:
     server.tune_gc()
+    server._heap.uninstall()  # else any collection during the load would freeze things too
     _publish_v2(store_root)
     gc.unfreeze()
     await client.create_session("tok", "2")  # the first session loads the version
