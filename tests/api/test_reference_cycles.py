@@ -9,11 +9,14 @@ import asyncio
 import collections
 import gc
 import time
+from collections.abc import Awaitable, Callable
 
 from deploy.traffic import MODEL, Traffic
 
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 
 from .conftest import ServerFactory
 
@@ -55,6 +58,30 @@ async def _expire(client: SeqServeClient, server: SeqServeServer) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _garbage(rounds: Callable[[], Awaitable[None]], times: int = 3) -> list[object]:
+    """What the cycle collector finds unreachable after `rounds` ran `times` with it off."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # keep what a collection finds unreachable, to look at
+    try:
+        for _ in range(times):
+            await rounds()
+        gc.collect()
+        return list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _assert_only_dispatch(garbage: list[object], calls: int) -> None:
+    dispatches = sum(1 for o in garbage if _kind(o).endswith("_HandlerCallDetails"))
+    assert dispatches >= calls  # the audit sees cycles where there are some
+    dispatch = _dispatch_garbage(garbage)
+    kinds = collections.Counter(_kind(o) for o in garbage if id(o) not in dispatch)
+    assert not kinds, kinds.most_common(20)
+
+
 async def test_request_paths_leave_no_reference_cycles(server_factory: ServerFactory) -> None:
     """Create, fork, Step, Stream (feeds and a generation), Generate, close, expiry: three
     rounds."""
@@ -62,23 +89,56 @@ async def test_request_paths_leave_no_reference_cycles(server_factory: ServerFac
     async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
         traffic = Traffic(client)
         await traffic.close(await traffic.open())  # what loads once (the model, the stubs)
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what a collection finds unreachable, to look at
-        try:
-            for _ in range(3):
-                opened = await traffic.open()
-                await traffic.drive(opened)
-                await traffic.close(opened)
-                await _expire(client, server)
-            gc.collect()
-            garbage = list(gc.garbage)
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
-    dispatches = sum(1 for o in garbage if _kind(o).endswith("_HandlerCallDetails"))
-    assert dispatches >= 3 * traffic.sessions  # the audit sees cycles where there are some
-    dispatch = _dispatch_garbage(garbage)
-    kinds = collections.Counter(_kind(o) for o in garbage if id(o) not in dispatch)
-    assert not kinds, kinds.most_common(20)
+
+        async def rounds() -> None:
+            opened = await traffic.open()
+            await traffic.drive(opened)
+            await traffic.close(opened)
+            await _expire(client, server)
+
+        garbage = await _garbage(rounds)
+    _assert_only_dispatch(garbage, 3 * traffic.sessions)
+
+
+async def _until_idle(server: SeqServeServer, session_ids: list[str]) -> None:
+    """Until no request holds these sessions (a cancelled call lets go as it unwinds)."""
+    deadline = time.monotonic() + 10
+    while any(getattr(server.engine.sessions.peek(sid), "busy", False) for sid in session_ids):
+        assert time.monotonic() < deadline, "a cancelled call still holds its session"
+        await asyncio.sleep(0.02)
+
+
+async def test_cancelled_calls_leave_no_reference_cycles(server_factory: ServerFactory) -> None:
+    """A Stream cancelled while its generations run, and a Generate cancelled after its first
+    token. (A call that fails is a cycle, grpc's: `abort` raises, and the exception's traceback
+    holds the frame that caught it. It dies with the call.)"""
+    server = await server_factory()
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        streamed = [await client.create_session(MODEL) for _ in range(4)]
+        generating = await client.create_session(MODEL)
+        sampling = types.Sampling(temperature=1.0, max_tokens=500)
+        ids = [s.session_id for s in (*streamed, generating)]
+
+        async def rounds() -> None:
+            call = client.sessions.Stream()
+            items = [
+                pb.StreamItem(
+                    session_id=s.session_id, generate=types.GenerateSpec(sampling=sampling)
+                )
+                for s in streamed
+            ]
+            await call.write(pb.StreamRequest(items=items))
+            async for _ in call:
+                break
+            call.cancel()
+            generate = client.sessions.Generate(
+                pb.GenerateRequest(session_id=generating.session_id, sampling=sampling)
+            )
+            async for _ in generate:
+                break
+            generate.cancel()
+            await _until_idle(server, ids)
+
+        await rounds()  # what loads once
+        garbage = await _garbage(rounds)
+    _assert_only_dispatch(garbage, 3)
