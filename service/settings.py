@@ -76,8 +76,9 @@ class ServerSettings(BaseModel):
     gc_gen0_threshold: NonNegative = 50_000
     """Python GC tuning for `serve`: after start-up and each model load the heap is frozen
     (`gc.freeze`), so is whatever survives a collection, and young collections run every this
-    many allocations. 0 keeps Python's defaults, whose full collections stalled the event loop
-    for ~150 ms under load, and whose middle-generation ones for ~0.5 s at 100,000 sessions."""
+    many allocations (and at least once a second). 0 keeps Python's defaults, whose full
+    collections stalled the event loop for ~150 ms under load, and whose middle-generation
+    ones for ~0.5 s at 100,000 sessions."""
     gc_thaw_seconds: Seconds = 3600.0
     """With GC tuning on: every this many seconds the frozen heap is collected whole, once,
     freeing reference cycles that died after being frozen (one pause as long as a full

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 LIVENESS = "seqserve.liveness"  # the health service name a liveness probe asks for
 
 _GAUGE_REFRESH_SECONDS = 1.0
+_GC_TICK_SECONDS = 1.0  # the young collection's bound, and how soon a skipped thaw is retried
 
 
 class SeqServeServer:
@@ -60,7 +62,7 @@ class SeqServeServer:
         self.http_port = 0  # the HTTP/JSON API's; 0 while it is off (`http_port` -1)
         self._refresher: asyncio.Task[None] | None = None
         self._heap = HeapFreezer()  # installed by tune_gc
-        self._thawer: asyncio.Task[None] | None = None
+        self._heap_tender: asyncio.Task[None] | None = None  # started by tune_gc
         self._health: health.aio.HealthServicer | None = None
         self._engine_started = False  # set by open(): an engine never started is not stopped
         self._stopping = False
@@ -181,24 +183,30 @@ class SeqServeServer:
         self.metrics_observer.tuning_gc = True
         freeze_heap(s.gc_gen0_threshold)
         self._heap.install()
-        if s.gc_thaw_seconds > 0 and self._thawer is None:
-            self._thawer = asyncio.get_running_loop().create_task(
-                self._thaw_heap(s.gc_thaw_seconds)
+        if self._heap_tender is None:
+            self._heap_tender = asyncio.get_running_loop().create_task(
+                self._tend_heap(s.gc_thaw_seconds)
             )
 
-    async def _thaw_heap(self, every: float) -> None:
-        wait = every
+    async def _tend_heap(self, thaw_every: float) -> None:
+        """Every second a young collection, if none ran (`HeapFreezer.collect_young`); every
+        `thaw_every` seconds (0: never) a thaw, tried again at the next tick when a collection
+        on another thread was under way."""
+        tick = min(_GC_TICK_SECONDS, thaw_every) if thaw_every > 0 else _GC_TICK_SECONDS
+        thaw_at = time.monotonic() + thaw_every
         while True:
-            await asyncio.sleep(wait)
+            await asyncio.sleep(tick)
+            self._heap.collect_young(_GC_TICK_SECONDS)
+            if thaw_every <= 0 or time.monotonic() < thaw_at:
+                continue
             try:
                 found = self._heap.thaw()
             except Exception:  # the next period tries again; stop() must not see this
                 log.exception("GC: the thaw failed")
                 found = 0
             if found is None:  # a collection on another thread was under way
-                wait = min(1.0, every)
                 continue
-            wait = every
+            thaw_at = time.monotonic() + thaw_every
             self.metrics.count_thawed_garbage(found)
             log.info("GC: thawed the heap; %d unreachable objects freed", found)
 
@@ -222,7 +230,7 @@ class SeqServeServer:
         except Exception:  # whatever the disk did, the process must still exit
             log.exception("shutdown did not finish cleanly")
         finally:
-            for task in (self._refresher, self._thawer):
+            for task in (self._refresher, self._heap_tender):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -237,7 +245,6 @@ class SeqServeServer:
 
     async def _refresh_gauges(self) -> None:
         while True:
-            self._heap.collect_young(_GAUGE_REFRESH_SECONDS)  # see HeapFreezer.collect_young
             self.refresh_gauges()
             await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
 

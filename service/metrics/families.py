@@ -150,7 +150,8 @@ class MetricFamilies:
         self._gc_pause = Histogram(
             "seqserve_gc_pause_seconds",
             "Python cyclic-GC collections, each the time its thread stood still, by generation "
-            "(0 and 1: young collections; 2: a thaw of the frozen heap, or a model load's).",
+            "(0 and 1: young collections; 2: a thaw of the frozen heap, a model load's, or a "
+            "full collection Python started itself).",
             ("generation",), buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self._gc_thawed_garbage = Counter(

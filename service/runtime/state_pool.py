@@ -84,10 +84,7 @@ class StatePool:
         # gather and scatter index: index_select of the view itself (not contiguous once the
         # storage is mapped for more slots) copied the whole view, 21.6 ms a 64-row gather at
         # 20,000 slots against 3.3 µs on the storage.
-        self._h_all = torch.zeros(config.num_layers, 0, config.hidden_size, device=self.device)
-        self._c_all: Tensor | None = (
-            torch.zeros_like(self._h_all) if config.has_cell_state else None
-        )
+        self._h_all, self._c_all = self._no_storage()
         self.h, self.c = self._h_all, self._c_all
         self._free: list[int] = []  # a stack: low slots on top, handed out first
         self._free_set: set[int] = set()  # the same slots, for an O(1) double-free check
@@ -252,16 +249,19 @@ class StatePool:
         memory to the kernel once nothing still holds a view of it."""
         self._budget.release(self.nbytes)
         with self.lock:
-            self._h_all = torch.zeros(
-                self.config.num_layers, 0, self.config.hidden_size, device=self.device
-            )
-            self._c_all = None if self._c_all is None else torch.zeros_like(self._h_all)
+            self._h_all, self._c_all = self._no_storage()
             self._reserved = False
             self._view(0)
         self.capacity = 0
         self._untouched_from = 0
         self._free.clear()
         self._free_set.clear()
+
+    def _no_storage(self) -> tuple[Tensor, Tensor | None]:
+        """Empty h and c storage (no slots)."""
+        cfg = self.config
+        h = torch.zeros(cfg.num_layers, 0, cfg.hidden_size, device=self.device)
+        return h, (torch.zeros_like(h) if cfg.has_cell_state else None)
 
     def _reserve(self) -> bool:
         """Map fresh storage for every slot the budget could hold as `_h_all` / `_c_all`;

@@ -221,6 +221,19 @@ async def test_the_thaw_task_retries_a_skipped_thaw_and_outlives_a_failed_one(
     await asyncio.wait_for(server.stop(), 30)  # the failed thaw did not end the task
 
 
+async def test_serve_runs_a_young_collection_every_quiet_second(
+    server_factory: ServerFactory, restore_gc: None
+) -> None:
+    server = await server_factory(server={"gc_thaw_seconds": 0})
+    server.tune_gc()
+    gc.disable()  # no collection of CPython's own: only the server's once-a-second one
+    kept = _tracked(2000)
+    deadline = time.monotonic() + 10
+    while _in_sight(kept):
+        assert time.monotonic() < deadline, "no young collection froze them"
+        await asyncio.sleep(0.05)
+
+
 async def test_no_thaw_when_its_period_is_zero(
     server_factory: ServerFactory, restore_gc: None
 ) -> None:
