@@ -1,9 +1,9 @@
 """The one place errors become gRPC statuses, and every RPC is timed.
 
-A `SeqServeError` aborts with its declared status and message. `NotImplementedError` (a method
-the servicer does not implement, as generated base classes raise) is UNIMPLEMENTED. Anything
-else is a bug: it is logged with an error id, and the client gets INTERNAL with that id and no
-stack trace.
+A `SeqServeError` ends the call with its declared status and message (set on the context, not
+raised: see `_Observed`). `NotImplementedError` (a method the servicer does not implement, as
+generated base classes raise) is UNIMPLEMENTED. Anything else is a bug: it is logged with an
+error id, and the client gets INTERNAL with that id and no stack trace.
 
 Until the server is ready (`ready` returns true), calls to the gated services (seqserve.v1.*)
 are refused with UNAVAILABLE; health and reflection always pass.
@@ -119,10 +119,18 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, path: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _Observed(self, path, gated, context):
+            observed = _Observed(self, path, gated, context)
+            try:
+                observed.enter()
                 check_parsed(request)
                 result = fn(request, context)
-                return await result if inspect.isawaitable(result) else result
+                response = await result if inspect.isawaitable(result) else result
+            except BaseException as exc:
+                if observed.failed(exc):
+                    return None  # the status is set; grpc sends no message with it
+                raise
+            observed.succeeded()
+            return response
 
         return call
 
@@ -139,15 +147,24 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             async def iterate(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                async with _Observed(self, path, gated, context):
+                observed = _Observed(self, path, gated, context)
+                try:
+                    observed.enter()
                     check_parsed(request)
                     async for response in fn(request, context):
                         yield response
+                except BaseException as exc:
+                    if observed.failed(exc):
+                        return  # the status is set; it ends the stream
+                    raise
+                observed.succeeded()
 
             return iterate
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
-            async with _Observed(self, path, gated, context):
+            observed = _Observed(self, path, gated, context)
+            try:
+                observed.enter()
                 result = fn(request, context)
                 if inspect.isawaitable(result):
                     await result
@@ -157,14 +174,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 elif result is not None:  # a plain iterator (e.g. a sync generator)
                     for response in result:
                         await context.write(response)
+            except BaseException as exc:
+                if observed.failed(exc):
+                    return
+                raise
+            observed.succeeded()
 
         return run
 
 
 class _Observed:
-    """Around one call: who calls (the call's principal, for ownership checks below), the
-    readiness gate, the status its error maps to, its timing. (A class: a generator-based
-    context manager cost a generator and two more awaits a call.)"""
+    """One call: who calls (the call's principal, for ownership checks below), the readiness
+    gate, its timing, and the status its error maps to, set on the call's context rather than
+    raised with `context.abort`. An abort keeps its exception on the call's state, and that
+    exception's traceback holds the frames that led to it (the handler's, with the session's
+    lease and feed), and through them the context again: a reference cycle, left to the cycle
+    collector, for every failed call. A status set and a normal return send the same trailers
+    and leave nothing behind. (A class: a context manager cost two awaits a call.)"""
 
     __slots__ = ("_context", "_gated", "_owner", "_path", "_started")
 
@@ -178,29 +204,27 @@ class _Observed:
         self._owner, self._path, self._gated, self._context = owner, path, gated, context
         self._started = time.perf_counter()
 
-    async def __aenter__(self) -> None:
+    def enter(self) -> None:
+        """Authenticate the call and check readiness (raises what refuses it)."""
         owner = self._owner
-        try:
-            if owner._auth is not None:
-                principal.current.set(owner._auth.principal(self._path, self._context))
-            owner._check_ready(self._gated)
-        except BaseException as exc:
-            await self._failed(exc)
-            raise
+        if owner._auth is not None:
+            principal.current.set(owner._auth.principal(self._path, self._context))
+        owner._check_ready(self._gated)
 
-    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
-        if exc is None:
-            self._owner._observe(_method(self._path), "OK", time.perf_counter() - self._started)
-        else:
-            await self._failed(exc)
-        return False  # `exc` goes on (or the AbortError that `_abort` raises)
+    def succeeded(self) -> None:
+        self._owner._observe(_method(self._path), "OK", time.perf_counter() - self._started)
 
-    async def _failed(self, exc: BaseException) -> None:
-        # Counted before the status goes out, as a response is: a client that has its answer
-        # finds the call in the metrics.
+    def failed(self, exc: BaseException) -> bool:
+        """Count the call (before its status goes out, as a response is: a client that has
+        its answer finds the call in the metrics) and set its status from `exc`. → whether
+        that answers it (the handler then returns); False for what must go on: a
+        cancellation, or an abort the handler made itself."""
         seconds = time.perf_counter() - self._started
         self._owner._observe(_method(self._path), code_name(exc, self._context), seconds)
-        await _abort(exc, self._context)
+        if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
+            return False
+        set_status(exc, self._context)
+        return True
 
 
 def _method(path: str) -> str:
@@ -329,14 +353,11 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
     return status
 
 
-async def _abort(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-    """Turn `exc` into the RPC's status, with its details (`rich_status`) in the standard
-    `grpc-status-details-bin` trailer. Aborting raises AbortError."""
-    if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
-        return
+def set_status(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    """Make `exc` the call's status, with its details (`rich_status`) in the standard
+    `grpc-status-details-bin` trailer. The handler then returns: gRPC sends the status (and no
+    response message, its code not being OK)."""
     status = rich_status(exc)
-    await context.abort(
-        status_code(status.code),
-        status.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-    )
+    context.set_code(status_code(status.code))
+    context.set_details(status.message)
+    context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))

@@ -1,7 +1,8 @@
 """What the server makes per session and per request is freed by reference counts alone, so
 freezing what survives a collection (service.api.gc_tuning) keeps no garbage: every request
-path that succeeds, run with the cycle collector off, leaves no reference cycle behind but
-grpc's own (a closure its server makes to look up each call's handler, garbage at once)."""
+path, run with the cycle collector off, leaves no reference cycle behind but grpc's own (a
+closure its server makes to look up each call's handler, garbage at once). That holds for calls
+that succeed, calls the client cancels, and calls that fail."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import gc
 import time
 from collections.abc import Awaitable, Callable
 
+import grpc
 from deploy.traffic import MODEL, Traffic
 
 from service.api.server import SeqServeServer
@@ -110,8 +112,7 @@ async def _until_idle(server: SeqServeServer, session_ids: list[str]) -> None:
 
 async def test_cancelled_calls_leave_no_reference_cycles(server_factory: ServerFactory) -> None:
     """A Stream cancelled while its generations run, and a Generate cancelled after its first
-    token. (A call that fails is a cycle, grpc's: `abort` raises, and the exception's traceback
-    holds the frame that caught it. It dies with the call.)"""
+    token."""
     server = await server_factory()
     async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
         streamed = [await client.create_session(MODEL) for _ in range(4)]
@@ -142,3 +143,47 @@ async def test_cancelled_calls_leave_no_reference_cycles(server_factory: ServerF
         await rounds()  # what loads once
         garbage = await _garbage(rounds)
     _assert_only_dispatch(garbage, 3)
+
+
+async def test_failed_calls_leave_no_reference_cycles(server_factory: ServerFactory) -> None:
+    """Calls refused at each depth: an unknown model, an unknown session, a Step at the wrong
+    position (refused with the session leased and its feed made), a Generate with bad sampling
+    and one on an unknown session (streaming), a Stream whose message is not protobuf. A status
+    raised with `context.abort` kept its exception on the call's state, and the exception's
+    traceback held the frames that led to it: a cycle for each."""
+    server = await server_factory()
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        session = await client.create_session(MODEL)
+        await session.feed(tokens=[1, 2])
+        sid = session.session_id
+        stub = client.sessions
+        one = types.Input(tokens=types.Tokens(ids=[3]))
+
+        raw = client.channel.stream_stream(
+            "/seqserve.v1.SessionService/Stream",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.StreamResponse.FromString,
+        )
+        bad = types.Sampling(temperature=-1.0, max_tokens=2)
+        calls = [
+            (lambda: stub.CreateSession(pb.CreateSessionRequest(model="no-such-model")),
+             grpc.StatusCode.NOT_FOUND),
+            (lambda: stub.Step(pb.StepRequest(session_id="no-such-session", input=one)),
+             grpc.StatusCode.NOT_FOUND),
+            (lambda: stub.Step(pb.StepRequest(session_id=sid, input=one, expected_position=99)),
+             grpc.StatusCode.FAILED_PRECONDITION),
+            (lambda: stub.Generate(pb.GenerateRequest(session_id=sid, sampling=bad)),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: stub.Generate(pb.GenerateRequest(session_id="no-such-session")),
+             grpc.StatusCode.NOT_FOUND),
+            (lambda: raw(iter([b"\xff\xff\xff"])), grpc.StatusCode.INVALID_ARGUMENT),
+        ]  # fmt: skip
+
+        async def rounds() -> None:
+            # The status is awaited, not raised: a client's exception is a cycle of its own.
+            for call, code in calls:
+                assert await call().code() == code
+
+        await rounds()  # what loads once
+        garbage = await _garbage(rounds)
+    _assert_only_dispatch(garbage, 3 * len(calls))
