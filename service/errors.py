@@ -7,6 +7,8 @@ row (`REASONS`). Anything that is not a `SeqServeError` becomes INTERNAL with an
 
 from __future__ import annotations
 
+from typing import Self
+
 import grpc
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -42,6 +44,16 @@ class SeqServeError(Exception):
         self.metadata: dict[str, str] = {}
         if retry_after is not None:
             self.retry_after = retry_after
+
+    def detached(self) -> Self:
+        """This error, to be kept as a value (a refused item's outcome, answered later) rather
+        than raised on: without its traceback, whose frames hold whatever list or dict keeps
+        it (a reference cycle per refused item, left to the cycle collector). Its status,
+        message and metadata are all a reply uses; an INTERNAL one keeps its traceback for the
+        log (`service.api.interceptor.rich_status`)."""
+        if self.status != grpc.StatusCode.INTERNAL:
+            self.__traceback__ = None
+        return self
 
 
 class InvalidArgument(SeqServeError):

@@ -125,7 +125,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             try:
                 inp = convert.input_from_pb(item.input)
             except SeqServeError as exc:
-                refused[k] = exc
+                refused[k] = exc.detached()
                 continue
             feeds.append(
                 Feed(

@@ -307,7 +307,7 @@ class SessionEngine:
             try:
                 await self.takeover.ensure(session_id, expected[session_id])
             except SeqServeError as exc:  # the tier is unreachable, or the session is moving
-                refused[session_id] = exc
+                refused[session_id] = exc.detached()
         if not refused:
             return await self.feeder.feed_many(feeds, line)
         going = [f for f in feeds if f.session_id not in refused]

@@ -132,7 +132,7 @@ class SessionFeeder:
             try:
                 lease = self._leases.take(feed.session_id, line)
             except SeqServeError as exc:
-                outcomes[i] = exc
+                outcomes[i] = exc.detached()
                 continue
             served = self._leases.ready_now(lease)
             if served is None:  # needs its turn, a load or a restore: the full path
@@ -147,7 +147,7 @@ class SessionFeeder:
                 row = self._row(lease, self.inputs(served, feed.input), feed.options)
                 lease.request_id = feed.request_id
             except SeqServeError as exc:
-                outcomes[i] = exc
+                outcomes[i] = exc.detached()
                 self._leases.release(lease)
                 continue
             batches.setdefault((served.name, served.version), (served, []))[1].append(
@@ -160,7 +160,7 @@ class SessionFeeder:
                 group = served.scheduler.submit([(lease, row) for _, lease, row in items])
             except SeqServeError as exc:
                 for i, lease, _ in items:
-                    outcomes[i] = exc
+                    outcomes[i] = exc.detached()
                     self._leases.release(lease)
                 continue
             # Let go the moment the rows have run, not when this call returns: slow feeds
@@ -283,9 +283,10 @@ def _outcome(lease: Lease, result: RowResult | BaseException) -> FeedOutcome:
 
 
 def _as_error(exc: BaseException) -> SeqServeError:
-    """A feed's failure as the error it reports (a bug becomes INTERNAL)."""
+    """A feed's failure as the error it reports (a bug becomes INTERNAL), kept as its outcome
+    (`SeqServeError.detached`)."""
     if isinstance(exc, SeqServeError):
-        return exc
+        return exc.detached()
     internal = Internal("step failed")
     internal.__cause__ = exc
     return internal

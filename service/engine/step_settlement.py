@@ -56,7 +56,10 @@ class StepSettlement:
         self._refuse(gens, feeds, exc)
 
     def _refuse(self, gens: list[Generation], feeds: list[QueuedRow], exc: Exception) -> None:
-        """Every row of the step gets `exc`; its generations run no more steps."""
+        """Every row of the step gets `exc` (without its traceback, whose frames hold the
+        step's rows, and through them their results: a cycle per refused step; a bug's was
+        logged by `failed`); its generations run no more steps."""
+        exc = exc.with_traceback(None)
         for f in feeds:
             f.group.settle(f.index, exc)
         for gen in gens:

@@ -86,6 +86,24 @@ def test_error_table_is_designs_table() -> None:
     assert issubclass(errors.VersionUnusable, errors.FailedPrecondition)
 
 
+def _raised(exc: errors.SeqServeError) -> errors.SeqServeError:
+    try:
+        raise exc
+    except errors.SeqServeError as caught:
+        return caught
+
+
+def test_an_error_kept_as_an_outcome_drops_its_traceback_unless_internal() -> None:
+    """A refused item's error is kept until its reply is written; its traceback's frames would
+    hold the list that keeps it (a reference cycle). An INTERNAL one keeps it for the log."""
+    refused = _raised(errors.SessionNotFound("no such session"))
+    assert refused.__traceback__ is not None
+    assert refused.detached() is refused and refused.__traceback__ is None
+    assert refused.message == "no such session" and refused.status == NOT_FOUND
+    bug = _raised(errors.Internal("step failed"))
+    assert bug.detached().__traceback__ is not None
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 
 

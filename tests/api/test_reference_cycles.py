@@ -148,7 +148,8 @@ async def test_cancelled_calls_leave_no_reference_cycles(server_factory: ServerF
 async def test_failed_calls_leave_no_reference_cycles(server_factory: ServerFactory) -> None:
     """Calls refused at each depth: an unknown model, an unknown session, a Step at the wrong
     position (refused with the session leased and its feed made), a Generate with bad sampling
-    and one on an unknown session (streaming), a Stream whose message is not protobuf. A status
+    and one on an unknown session (streaming), a Stream whose message is not protobuf, and
+    Stream items refused in-band. A status
     raised with `context.abort` kept its exception on the call's state, and the exception's
     traceback held the frames that led to it: a cycle for each."""
     server = await server_factory()
@@ -183,6 +184,14 @@ async def test_failed_calls_leave_no_reference_cycles(server_factory: ServerFact
             # The status is awaited, not raised: a client's exception is a cycle of its own.
             for call, code in calls:
                 assert await call().code() == code
+            # Items refused in-band: the stream itself ends OK (its replies read first).
+            refused = [
+                pb.StreamItem(session_id="no-such-session", input=one),
+                pb.StreamItem(session_id=sid, input=one, expected_position=99),
+            ]
+            stream = stub.Stream(iter([pb.StreamRequest(items=refused)]))
+            replies = [reply async for response in stream for reply in response.replies]
+            assert [r.error.code for r in replies] == [5, 9]  # NOT_FOUND, FAILED_PRECONDITION
 
         await rounds()  # what loads once
         garbage = await _garbage(rounds)

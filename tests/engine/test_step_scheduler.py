@@ -384,6 +384,9 @@ async def test_a_failed_step_fails_its_rows_and_the_next_step_runs(scheduler: An
     failed = s.submit([(owner, feed(1))])
     (outcome,) = await asyncio.wait_for(failed.future, 5)
     assert isinstance(outcome, RuntimeError)
+    # Handed out without its traceback (logged when it was raised), whose frames hold the
+    # step's rows: a reference cycle per failed step.
+    assert outcome.__traceback__ is None
     assert isinstance(await asyncio.wait_for(gen.tokens.get(), 5), RuntimeError)
     await asyncio.wait_for(gen.retired, 5)
     assert owner.advances == [] and lease.advances == []  # nothing counted as consumed
@@ -496,6 +499,7 @@ async def test_a_step_that_cannot_be_committed_is_undone_and_refused(scheduler: 
     s.start_generation(gen)
     (outcome,) = await asyncio.wait_for(s.submit([(owner, feed(1))]).future, 5)
     assert isinstance(outcome, JournalUnavailable)
+    assert outcome.__traceback__ is None  # as a failed step's (above)
     assert isinstance(await asyncio.wait_for(gen.tokens.get(), 5), JournalUnavailable)
     await asyncio.wait_for(gen.retired, 5)
     assert len(runner.undone) == 1  # the step's state was put back
