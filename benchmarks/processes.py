@@ -101,29 +101,25 @@ def start_server(
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def scrape(metrics_port: int) -> dict[str, float]:
-    """Every sample on the server's metrics endpoint, summed over labels, by sample name."""
+# A sample's name and its labels, sorted.
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def scrape_samples(metrics_port: int) -> dict[SampleKey, float]:
+    """Every sample on the server's metrics endpoint, by name and labels."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with _OPENER.open(url, timeout=10) as response:
         text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """Every sample on the server's metrics endpoint, summed over labels, by sample name."""
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    for (name, _), value in scrape_samples(metrics_port).items():
+        totals[name] = totals.get(name, 0.0) + value
     return totals
-
-
-def state_writes(metrics_port: int) -> tuple[float, float]:
-    """The state tier's writes so far and their wall seconds (`seqserve_state_writes_total`,
-    `seqserve_state_write_seconds_total`)."""
-    found = scrape(metrics_port)
-    return (
-        found.get("seqserve_state_writes_total", 0.0),
-        found.get("seqserve_state_write_seconds_total", 0.0),
-    )
-
-
-def mean_write_us(before: tuple[float, float], after: tuple[float, float]) -> float | None:
-    """Mean µs of the writes between two readings of `state_writes` (None: there were none)."""
-    count = after[0] - before[0]
-    return (after[1] - before[1]) / count * 1e6 if count else None
