@@ -113,7 +113,7 @@ async def refuse(target: str, load: str, seconds: float, concurrency: int) -> tu
 
 
 def measure(args: argparse.Namespace, root: Path, load: str) -> dict[str, Any]:
-    server_cpus, load_cpus = split_cpus(args.no_pin)
+    server_cpus, _ = split_cpus(args.no_pin)
     # The thaw comes once the load is over (the server's start is about a second before it).
     thaw_seconds = WARMUP_SECONDS + args.seconds + 3.0
     with tempfile.TemporaryDirectory(prefix="seqserve-refusals-") as tmp:
@@ -129,8 +129,6 @@ def measure(args: argparse.Namespace, root: Path, load: str) -> dict[str, Any]:
             "refusals", argv, scratch, server_cpus, env=env, cwd=root
         )
         try:
-            if load_cpus:
-                os.sched_setaffinity(0, load_cpus)
             asyncio.run(refuse(server.target, load, WARMUP_SECONDS, args.concurrency))
             before, cpu0, t0 = (
                 scrape_samples(server.metrics_port),
@@ -166,6 +164,9 @@ def measure(args: argparse.Namespace, root: Path, load: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _, load_cpus = split_cpus(args.no_pin)
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)  # the load runs in this process
     roots = [REPO] if args.compare is None else [args.compare.resolve(), REPO]
     results = []
     print("| load | server | refusals/s | server CPU µs a refusal | young collections "

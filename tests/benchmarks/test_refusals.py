@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from benchmarks.refusals import REPO, measure, parse_args
@@ -11,7 +13,9 @@ from benchmarks.refusals import REPO, measure, parse_args
 @pytest.mark.parametrize("load", ["unary", "inband"])
 def test_a_short_run_counts_refusals_and_reads_the_thaw(load: str) -> None:
     args = parse_args([load, "--seconds", "1", "--concurrency", "4"])
+    cpus = os.sched_getaffinity(0)
     result = measure(args, REPO, load)
+    assert os.sched_getaffinity(0) == cpus  # only `main` pins this process (to the load's CPUs)
     assert result["load"] == load and result["server_root"] == str(REPO)
     assert result["refusals"] > 10 and result["refusals_per_second"] > 0
     assert result["server_cpu_us_per_refusal"] > 0
