@@ -81,8 +81,8 @@ def probe(args: argparse.Namespace, target: str, scratch: Path) -> dict[str, flo
     }
 
 
-def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    server_cpus, _ = split_cpus(args.no_pin)
+def measure(args: argparse.Namespace, root: Path, server_cpus: list[int] | None) -> dict[str, Any]:
+    """One run against the server in `root`, pinned to `server_cpus` (None: not pinned)."""
     with tempfile.TemporaryDirectory(prefix="seqserve-churn-", dir=args.scratch) as tmp:
         scratch = Path(tmp)
         state_dir = scratch / "spill"
@@ -161,14 +161,16 @@ def batch_rows(metrics_port: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _, load_cpus = split_cpus(args.no_pin)
+    # Split once: after pinning this process, `split_cpus` would see the load's CPUs only (and
+    # leave the server unpinned, inheriting them: on two CPUs, server and load shared one).
+    server_cpus, load_cpus = split_cpus(args.no_pin)
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)  # the load processes inherit it
     roots = [REPO] + ([args.compare.resolve()] if args.compare else [])
     results: list[dict[str, Any]] = []
     for rep in range(args.reps):
         for root in roots if rep % 2 == 0 else roots[::-1]:
-            result = measure(args, root)
+            result = measure(args, root, server_cpus)
             results.append(result)
             rate, cpu = result["sessions_per_second"], result["server_cpu_us_per_creation"]
             line = (

@@ -34,6 +34,7 @@ from typing import Any
 
 from benchmarks.filesystem import state_filesystem
 from benchmarks.processes import ServerProcess, mean_write_us, start_server, state_writes
+from benchmarks.run import split_cpus
 from benchmarks.session_load import make_sessions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spill-pool-slots", type=int, default=4096, help="pool size, spill phase")
     p.add_argument("--concurrency", type=int, default=64, help="sessions in flight")
     p.add_argument("--clients", type=int, default=2, help="load processes")
+    p.add_argument(
+        "--pin", action="store_true", help="the server on the last CPU, the load processes on "
+        "the others (as `benchmarks.run` and `benchmarks.churn`; default: neither pinned)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="10,000 / 2,000 / 20,000 sessions")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     p.add_argument("--store", type=Path, default=REPO / "model_store")
@@ -60,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(e.g. `git archive` of an older commit, for a before/after comparison)",
     )  # fmt: skip
     args = p.parse_args(argv)
+    args.server_cpus = None  # `main` pins with --pin
     if args.quick:
         args.sessions = min(args.sessions, 10_000)
         args.prefix_sessions = min(args.prefix_sessions, 2_000)
@@ -111,7 +117,9 @@ def _serve(
         "SEQSERVE_SESSIONS__TTL_SECONDS": "86400",
         **env,
     }
-    return start_server(name, argv, args.out, None, env=env, timeout=300.0, cwd=args.server_root)
+    return start_server(
+        name, argv, args.out, args.server_cpus, env=env, timeout=300.0, cwd=args.server_root
+    )
 
 
 def _settle(server: ServerProcess, spill: Path, want_files: int, limit: float = 600.0) -> None:
@@ -250,6 +258,9 @@ def _write_note(churn: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.server_cpus, load_cpus = split_cpus(not args.pin)
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)  # the load processes inherit it
     args.out.mkdir(parents=True, exist_ok=True)
     state_bytes = hidden_state_bytes(args.store, args.model)
     shown = sys.argv[1:] if argv is None else argv
@@ -259,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
         "clients": args.clients,
         "cpus": os.cpu_count(),
+        "server_cpus": args.server_cpus,
     }
     with tempfile.TemporaryDirectory(prefix="seqserve-memory-", dir=args.scratch) as tmp:
         result["state_filesystem"] = state_filesystem(Path(tmp))

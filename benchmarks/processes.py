@@ -123,3 +123,19 @@ def scrape(metrics_port: int) -> dict[str, float]:
     for (name, _), value in scrape_samples(metrics_port).items():
         totals[name] = totals.get(name, 0.0) + value
     return totals
+
+
+def state_writes(metrics_port: int) -> tuple[float, float]:
+    """The state tier's writes so far and their wall seconds (`seqserve_state_writes_total`,
+    `seqserve_state_write_seconds_total`)."""
+    found = scrape(metrics_port)
+    return (
+        found.get("seqserve_state_writes_total", 0.0),
+        found.get("seqserve_state_write_seconds_total", 0.0),
+    )
+
+
+def mean_write_us(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Mean µs of the writes between two readings of `state_writes` (None: there were none)."""
+    count = after[0] - before[0]
+    return (after[1] - before[1]) / count * 1e6 if count else None

@@ -112,8 +112,10 @@ async def refuse(target: str, load: str, seconds: float, concurrency: int) -> tu
     return refused, other
 
 
-def measure(args: argparse.Namespace, root: Path, load: str) -> dict[str, Any]:
-    server_cpus, _ = split_cpus(args.no_pin)
+def measure(
+    args: argparse.Namespace, root: Path, load: str, server_cpus: list[int] | None
+) -> dict[str, Any]:
+    """One load against the server in `root`, pinned to `server_cpus` (None: not pinned)."""
     # The thaw comes once the load is over (the server's start is about a second before it).
     thaw_seconds = WARMUP_SECONDS + args.seconds + 3.0
     with tempfile.TemporaryDirectory(prefix="seqserve-refusals-") as tmp:
@@ -164,7 +166,7 @@ def measure(args: argparse.Namespace, root: Path, load: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _, load_cpus = split_cpus(args.no_pin)
+    server_cpus, load_cpus = split_cpus(args.no_pin)  # once: pinning narrows what it sees
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)  # the load runs in this process
     roots = [REPO] if args.compare is None else [args.compare.resolve(), REPO]
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.reps):
         for load in args.loads:
             for root in roots:
-                r = measure(args, root, load)
+                r = measure(args, root, load, server_cpus)
                 results.append(r)
                 print(
                     f"| {load} | {root} | {r['refusals_per_second']:,.0f} "

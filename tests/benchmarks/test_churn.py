@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.churn import REPO, measure, parse_args
 from benchmarks.filesystem import describe
+from benchmarks.run import split_cpus
 
 
 @pytest.mark.integration
@@ -16,7 +17,7 @@ def test_a_small_run_probes_one_session_beside_the_creations() -> None:
         ["--sessions", "400", "--concurrency", "8", "--probe-after", "0.2", "--probe-seconds", "1",
          "--settle", "0.5"]
     )  # fmt: skip
-    result = measure(args, REPO)
+    result = measure(args, REPO, split_cpus(False)[0])
     assert result["sessions_per_second"] > 0 and result["server_root"] == str(REPO)
     probe = result["probe_ms"]
     assert probe["count"] > 10  # a feed every 5 ms for a second, answered
@@ -37,7 +38,7 @@ def test_without_a_probe_it_reports_the_creations_alone(
     monkeypatch.setenv("SEQSERVE_SESSIONS__CHECKPOINT_IDLE_SECONDS", "1")
     args = parse_args(["--sessions", "300", "--concurrency", "8", "--probe-seconds", "0",
                        "--settle", "5", "--scratch", str(tmp_path)])  # fmt: skip
-    result = measure(args, REPO)
+    result = measure(args, REPO, split_cpus(False)[0])
     assert result["probe_ms"] is None and result["sessions_per_second"] > 0
     assert result["server_cpu_us_per_creation"]["main_thread"] > 0
     assert Path(result["state_dir"]).parent.parent == tmp_path  # --scratch: where state went

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from benchmarks.refusals import REPO, measure, parse_args
+from benchmarks.run import split_cpus
 
 
 @pytest.mark.integration
@@ -14,7 +15,7 @@ from benchmarks.refusals import REPO, measure, parse_args
 def test_a_short_run_counts_refusals_and_reads_the_thaw(load: str) -> None:
     args = parse_args([load, "--seconds", "1", "--concurrency", "4"])
     cpus = os.sched_getaffinity(0)
-    result = measure(args, REPO, load)
+    result = measure(args, REPO, load, split_cpus(False)[0])
     assert os.sched_getaffinity(0) == cpus  # only `main` pins this process (to the load's CPUs)
     assert result["load"] == load and result["server_root"] == str(REPO)
     assert result["refusals"] > 10 and result["refusals_per_second"] > 0
