@@ -1,7 +1,7 @@
 """The one place errors become gRPC statuses, and every RPC is timed.
 
-A `SeqServeError` ends the call with its declared status and message (set on the context, not
-raised: see `_Observed`). `NotImplementedError` (a method the servicer does not implement, as
+A `SeqServeError` ends the call with its declared status and message (`_abort`, which leaves
+no reference cycle behind). `NotImplementedError` (a method the servicer does not implement, as
 generated base classes raise) is UNIMPLEMENTED. Anything else is a bug: it is logged with an
 error id, and the client gets INTERNAL with that id and no stack trace.
 
@@ -126,11 +126,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 result = fn(request, context)
                 response = await result if inspect.isawaitable(result) else result
             except BaseException as exc:
-                if observed.failed(exc):
-                    return None  # the status is set; grpc sends no message with it
-                raise
-            observed.succeeded()
-            return response
+                status = observed.failed(exc)
+                if status is None:
+                    raise
+            else:
+                observed.succeeded()
+                return response
+            await _abort(context, status)  # outside the `except`: not chained to `exc`
+            return None
 
         return call
 
@@ -154,10 +157,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     async for response in fn(request, context):
                         yield response
                 except BaseException as exc:
-                    if observed.failed(exc):
-                        return  # the status is set; it ends the stream
-                    raise
-                observed.succeeded()
+                    status = observed.failed(exc)
+                    if status is None:
+                        raise
+                else:
+                    observed.succeeded()
+                    return
+                await _abort(context, status)
 
             return iterate
 
@@ -175,22 +181,21 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     for response in result:
                         await context.write(response)
             except BaseException as exc:
-                if observed.failed(exc):
-                    return
-                raise
-            observed.succeeded()
+                status = observed.failed(exc)
+                if status is None:
+                    raise
+            else:
+                observed.succeeded()
+                return
+            await _abort(context, status)
 
         return run
 
 
 class _Observed:
     """One call: who calls (the call's principal, for ownership checks below), the readiness
-    gate, its timing, and the status its error maps to, set on the call's context rather than
-    raised with `context.abort`. An abort keeps its exception on the call's state, and that
-    exception's traceback holds the frames that led to it (the handler's, with the session's
-    lease and feed), and through them the context again: a reference cycle, left to the cycle
-    collector, for every failed call. A status set and a normal return send the same trailers
-    and leave nothing behind. (A class: a context manager cost two awaits a call.)"""
+    gate, its timing, and the status its error maps to. (A class: a context manager cost two
+    awaits a call.)"""
 
     __slots__ = ("_context", "_gated", "_owner", "_path", "_started")
 
@@ -214,17 +219,22 @@ class _Observed:
     def succeeded(self) -> None:
         self._owner._observe(_method(self._path), "OK", time.perf_counter() - self._started)
 
-    def failed(self, exc: BaseException) -> bool:
+    def failed(self, exc: BaseException) -> status_pb2.Status | None:
         """Count the call (before its status goes out, as a response is: a client that has
-        its answer finds the call in the metrics) and set its status from `exc`. → whether
-        that answers it (the handler then returns); False for what must go on: a
-        cancellation, or an abort the handler made itself."""
+        its answer finds the call in the metrics). → the status `exc` maps to, for `_abort`;
+        None for what must go on: a cancellation, or an abort the handler made itself.
+
+        `exc` loses its traceback (an INTERNAL one is logged with it first, by `rich_status`):
+        a task or generator that holds an exception raised again in a frame that holds that
+        task (a multiplexed Stream's reader, a generation's token channel) made a reference
+        cycle of it."""
         seconds = time.perf_counter() - self._started
         self._owner._observe(_method(self._path), code_name(exc, self._context), seconds)
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
-            return False
-        set_status(exc, self._context)
-        return True
+            return None
+        status = rich_status(exc)
+        exc.__traceback__ = None
+        return status
 
 
 def _method(path: str) -> str:
@@ -353,11 +363,19 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
     return status
 
 
-def set_status(exc: Exception, context: grpc.aio.ServicerContext) -> None:
-    """Make `exc` the call's status, with its details (`rich_status`) in the standard
-    `grpc-status-details-bin` trailer. The handler then returns: gRPC sends the status (and no
-    response message, its code not being OK)."""
-    status = rich_status(exc)
-    context.set_code(status_code(status.code))
-    context.set_details(status.message)
-    context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    """End the call with `status`, its details (`rich_status`) in the standard
+    `grpc-status-details-bin` trailer. `context.abort` sends it at once, with no response
+    message (a status set on the context and a normal return would send an empty one first,
+    for a unary call). The `AbortError` it raises is kept by grpc on the call's state and
+    raised again from grpc's own code once the handler returns; it loses its traceback here,
+    whose frames (the handler's, holding the context) made a reference cycle of every failed
+    call."""
+    try:
+        await context.abort(
+            status_code(status.code),
+            status.message,
+            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        )
+    except grpc.aio.AbortError as aborted:
+        aborted.__traceback__ = None

@@ -144,6 +144,25 @@ async def _client_of(srv: SeqServeServer, **kwargs: int) -> SeqServeClient:
 # ---- INVALID_ARGUMENT ----------------------------------------------------------------------
 
 
+async def test_a_failed_unary_call_sends_its_status_and_no_message(
+    client: SeqServeClient,
+) -> None:
+    """Read as a stream (as a proxy or a transcoder may read it), a refused Step sends nothing
+    before its status. (A status set on the context and a normal return sent an empty
+    message first.)"""
+    raw = client.channel.unary_stream(
+        "/seqserve.v1.SessionService/Step",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    request = pb.StepRequest(session_id="no-such-session", input=tokens(1))
+    received: list[bytes] = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for message in raw(request.SerializeToString()):
+            received.append(message)
+    assert err.value.code() == NOT_FOUND and received == []
+
+
 async def test_bad_token_ids(client: SeqServeClient) -> None:
     sid = await _create(client)
     await expect_status(

@@ -148,8 +148,8 @@ async def test_cancelled_calls_leave_no_reference_cycles(server_factory: ServerF
 async def test_failed_calls_leave_no_reference_cycles(server_factory: ServerFactory) -> None:
     """Calls refused at each depth: an unknown model, an unknown session, a Step at the wrong
     position (refused with the session leased and its feed made), a Generate with bad sampling
-    and one on an unknown session (streaming), a Stream whose message is not protobuf, and
-    Stream items refused in-band. A status
+    and one on an unknown session (streaming), a Stream whose message is not protobuf (first,
+    or once the stream is multiplexed), and Stream items refused in-band. A status
     raised with `context.abort` kept its exception on the call's state, and the exception's
     traceback held the frames that led to it: a cycle for each."""
     server = await server_factory()
@@ -166,6 +166,9 @@ async def test_failed_calls_leave_no_reference_cycles(server_factory: ServerFact
             response_deserializer=pb.StreamResponse.FromString,
         )
         bad = types.Sampling(temperature=-1.0, max_tokens=2)
+        two_items = pb.StreamRequest(
+            items=[pb.StreamItem(session_id=sid, input=one), pb.StreamItem(session_id=sid)]
+        ).SerializeToString()
         calls = [
             (lambda: stub.CreateSession(pb.CreateSessionRequest(model="no-such-model")),
              grpc.StatusCode.NOT_FOUND),
@@ -192,6 +195,14 @@ async def test_failed_calls_leave_no_reference_cycles(server_factory: ServerFact
             stream = stub.Stream(iter([pb.StreamRequest(items=refused)]))
             replies = [reply async for response in stream for reply in response.replies]
             assert [r.error.code for r in replies] == [5, 9]  # NOT_FOUND, FAILED_PRECONDITION
+            # Multiplexed (a message of two items, answered), then one that is not protobuf.
+            mixed = raw()
+            await mixed.write(two_items)
+            answered = 0
+            while answered < 2:
+                answered += len((await mixed.read()).replies)
+            await mixed.write(b"\xff\xff\xff")
+            assert await mixed.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         await rounds()  # what loads once
         garbage = await _garbage(rounds)
