@@ -23,7 +23,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import InvalidArgument, NotReady, SeqServeError, status_code
+from service.errors import InvalidArgument, NotReady, SeqServeError, drop_tracebacks, status_code
 from service.security import principal
 from service.security.call_auth import CallAuth
 
@@ -233,7 +233,7 @@ class _Observed:
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
             return None
         status = rich_status(exc)
-        exc.__traceback__ = None
+        drop_tracebacks(exc)
         return status
 
 

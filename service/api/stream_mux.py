@@ -34,7 +34,7 @@ from typing import Any
 from service.api.interceptor import check_message_size, check_parsed, rich_status
 from service.engine.channel import Channel
 from service.engine.session_lease import Line
-from service.errors import InvalidArgument, SeqServeError
+from service.errors import InvalidArgument, SeqServeError, drop_tracebacks
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 
 FeedItems = Callable[[list[pb.StreamItem], Line], Awaitable[pb.StreamResponse]]
@@ -265,6 +265,10 @@ def _finished(unfinished: dict[str, int], session_id: str) -> None:
 
 
 def error_reply(item: pb.StreamItem, exc: BaseException) -> pb.StreamReply:
-    return pb.StreamReply(
-        session_id=item.session_id, request_id=item.request_id, error=rich_status(exc)
-    )
+    """The in-band reply of an item that `exc` refused. `exc` loses its traceback (an INTERNAL
+    one is logged with it first, by `rich_status`), as a failed call's does
+    (`service.api.interceptor`): an error one step handed to several generations is raised
+    in each generation's own frame, which holds it, a reference cycle."""
+    status = rich_status(exc)
+    drop_tracebacks(exc)
+    return pb.StreamReply(session_id=item.session_id, request_id=item.request_id, error=status)

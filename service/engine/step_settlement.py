@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from service.engine.generation import Generation
 from service.engine.row_group import Commit, RowGroup, RowOwner
-from service.errors import SessionMoved, Unavailable
+from service.errors import SessionMoved, Unavailable, drop_tracebacks
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
 from service.runtime.step_batch import Row, RowResult, StepOutput
@@ -59,7 +59,7 @@ class StepSettlement:
         """Every row of the step gets `exc` (without its traceback, whose frames hold the
         step's rows, and through them their results: a cycle per refused step; a bug's was
         logged by `failed`); its generations run no more steps."""
-        exc = exc.with_traceback(None)
+        drop_tracebacks(exc)
         for f in feeds:
             f.group.settle(f.index, exc)
         for gen in gens:

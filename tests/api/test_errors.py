@@ -103,6 +103,19 @@ def test_an_error_kept_as_an_outcome_drops_its_traceback_unless_internal() -> No
     bug = _raised(errors.Internal("step failed"))
     assert bug.detached().__traceback__ is not None
 
+    # The exceptions it chains lose theirs too, a context hidden by `from None` included.
+    try:
+        try:
+            raise OSError(28, "no space")
+        except OSError:
+            raise errors.JournalUnavailable("not durable") from None
+    except errors.JournalUnavailable as caught:
+        chained = caught
+    hidden = chained.__context__
+    assert hidden is not None and hidden.__traceback__ is not None
+    chained.detached()
+    assert chained.__traceback__ is None and hidden.__traceback__ is None
+
 
 # ---- helpers -------------------------------------------------------------------------------------
 

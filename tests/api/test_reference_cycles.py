@@ -21,6 +21,7 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
 
 from .conftest import ServerFactory
+from .test_state_dir_faults import _break as break_journal
 
 # grpc.aio's server makes a closure to look up each call's handler (`_find_method_handler`):
 # a cycle holding the call's details and their metadata, garbage as soon as the call is
@@ -207,3 +208,47 @@ async def test_failed_calls_leave_no_reference_cycles(server_factory: ServerFact
         await rounds()  # what loads once
         garbage = await _garbage(rounds)
     _assert_only_dispatch(garbage, 3 * len(calls))
+
+
+async def test_steps_the_journal_refuses_leave_no_reference_cycles(
+    server_factory: ServerFactory,
+) -> None:
+    """A journal write that fails refuses the step with UNAVAILABLE: generations on one Stream
+    share the step's error (each raises it in its own frame), a Step and a Generate call fail
+    with it. Three rounds, the journal broken before each (it moves to a new segment)."""
+    server = await server_factory()
+    journal = server.engine.durability.journal
+    assert journal is not None
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        sessions = [await client.create_session(MODEL) for _ in range(5)]
+        for session in sessions:
+            await session.feed(tokens=[1])
+        stub, one = client.sessions, types.Input(tokens=types.Tokens(ids=[3]))
+        unavailable = grpc.StatusCode.UNAVAILABLE
+        sampling = types.Sampling(max_tokens=2)
+
+        async def broken() -> None:
+            await sessions[4].feed(tokens=[1])  # a write that opens the journal's next segment
+            break_journal(journal)
+
+        async def rounds() -> None:
+            await broken()
+            items = [
+                pb.StreamItem(
+                    session_id=s.session_id, generate=types.GenerateSpec(sampling=sampling)
+                )
+                for s in sessions[:2]
+            ]
+            stream = stub.Stream(iter([pb.StreamRequest(items=items)]))
+            replies = [reply async for response in stream for reply in response.replies]
+            assert [r.error.code for r in replies] == [unavailable.value[0]] * 2
+            await broken()
+            step = pb.StepRequest(session_id=sessions[2].session_id, input=one)
+            assert await stub.Step(step).code() == unavailable
+            await broken()
+            generate = pb.GenerateRequest(session_id=sessions[3].session_id, sampling=sampling)
+            assert await stub.Generate(generate).code() == unavailable
+
+        await rounds()  # what loads once
+        garbage = await _garbage(rounds)
+    _assert_only_dispatch(garbage, 3 * 3)
