@@ -119,21 +119,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, path: str, fn: Any, gated: bool = False) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            observed = _Observed(self, path, gated, context)
-            try:
-                observed.enter()
+            async with _Observed(self, path, gated, context) as observed:
+                observed.admit()
                 check_parsed(request)
                 result = fn(request, context)
-                response = await result if inspect.isawaitable(result) else result
-            except BaseException as exc:
-                status = observed.failed(exc)
-                if status is None:
-                    raise
-            else:
-                observed.succeeded()
-                return response
-            await _abort(context, status)  # outside the `except`: not chained to `exc`
-            return None
+                return await result if inspect.isawaitable(result) else result
+            return None  # refused: its status is sent
 
         return call
 
@@ -150,27 +141,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             async def iterate(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                observed = _Observed(self, path, gated, context)
-                try:
-                    observed.enter()
+                async with _Observed(self, path, gated, context) as observed:
+                    observed.admit()
                     check_parsed(request)
                     async for response in fn(request, context):
                         yield response
-                except BaseException as exc:
-                    status = observed.failed(exc)
-                    if status is None:
-                        raise
-                else:
-                    observed.succeeded()
-                    return
-                await _abort(context, status)
 
             return iterate
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
-            observed = _Observed(self, path, gated, context)
-            try:
-                observed.enter()
+            async with _Observed(self, path, gated, context) as observed:
+                observed.admit()
                 result = fn(request, context)
                 if inspect.isawaitable(result):
                     await result
@@ -180,22 +161,15 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 elif result is not None:  # a plain iterator (e.g. a sync generator)
                     for response in result:
                         await context.write(response)
-            except BaseException as exc:
-                status = observed.failed(exc)
-                if status is None:
-                    raise
-            else:
-                observed.succeeded()
-                return
-            await _abort(context, status)
 
         return run
 
 
 class _Observed:
-    """One call: who calls (the call's principal, for ownership checks below), the readiness
-    gate, its timing, and the status its error maps to. (A class: a context manager cost two
-    awaits a call.)"""
+    """Around one call: who calls (the call's principal, for ownership checks below), the
+    readiness gate (`admit`, the first thing a call does), the status its error maps to, its
+    timing. (A class: a generator-based context manager cost a generator and two more awaits
+    a call.)"""
 
     __slots__ = ("_context", "_gated", "_owner", "_path", "_started")
 
@@ -209,32 +183,37 @@ class _Observed:
         self._owner, self._path, self._gated, self._context = owner, path, gated, context
         self._started = time.perf_counter()
 
-    def enter(self) -> None:
+    def admit(self) -> None:
         """Authenticate the call and check readiness (raises what refuses it)."""
         owner = self._owner
         if owner._auth is not None:
             principal.current.set(owner._auth.principal(self._path, self._context))
         owner._check_ready(self._gated)
 
-    def succeeded(self) -> None:
-        self._owner._observe(_method(self._path), "OK", time.perf_counter() - self._started)
+    async def __aenter__(self) -> _Observed:
+        return self
 
-    def failed(self, exc: BaseException) -> status_pb2.Status | None:
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
         """Count the call (before its status goes out, as a response is: a client that has
-        its answer finds the call in the metrics). → the status `exc` maps to, for `_abort`;
-        None for what must go on: a cancellation, or an abort the handler made itself.
+        its answer finds the call in the metrics); end a failed one with its status
+        (`_abort`) and return True (the handler returns). A cancellation, or an abort the
+        handler made itself, goes on.
 
         `exc` loses its traceback (an INTERNAL one is logged with it first, by `rich_status`):
         a task or generator that holds an exception raised again in a frame that holds that
         task (a multiplexed Stream's reader, a generation's token channel) made a reference
         cycle of it."""
         seconds = time.perf_counter() - self._started
+        if exc is None:
+            self._owner._observe(_method(self._path), "OK", seconds)
+            return False
         self._owner._observe(_method(self._path), code_name(exc, self._context), seconds)
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
-            return None
+            return False
         status = rich_status(exc)
         drop_tracebacks(exc)
-        return status
+        await _abort(self._context, status)
+        return True
 
 
 def _method(path: str) -> str:
@@ -378,4 +357,5 @@ async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -
             trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
         )
     except grpc.aio.AbortError as aborted:
+        aborted.__context__ = None  # the error it answers, being handled
         aborted.__traceback__ = None
