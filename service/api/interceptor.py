@@ -199,10 +199,7 @@ class _Observed:
         (`_abort`) and return True (the handler returns). A cancellation, or an abort the
         handler made itself, goes on.
 
-        `exc` loses its traceback (an INTERNAL one is logged with it first, by `rich_status`):
-        a task or generator that holds an exception raised again in a frame that holds that
-        task (a multiplexed Stream's reader, a generation's token channel) made a reference
-        cycle of it."""
+        `exc` loses its traceback once answered (`answered_status`)."""
         seconds = time.perf_counter() - self._started
         if exc is None:
             self._owner._observe(_method(self._path), "OK", seconds)
@@ -210,9 +207,7 @@ class _Observed:
         self._owner._observe(_method(self._path), code_name(exc, self._context), seconds)
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
             return False
-        status = rich_status(exc)
-        drop_tracebacks(exc)
-        await _abort(self._context, status)
+        await _abort(self._context, answered_status(exc))
         return True
 
 
@@ -339,6 +334,17 @@ def rich_status(exc: BaseException) -> status_pb2.Status:
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         status.details.append(detail)
+    return status
+
+
+def answered_status(exc: BaseException) -> status_pb2.Status:
+    """The status `exc` is answered with (`rich_status`, which logs an INTERNAL one), and then
+    `exc` without the tracebacks of it and of what it chains (`drop_tracebacks`): once
+    answered, an error is logged no more, and a traceback's frames reach whatever holds the
+    error (the lists of a message's outcomes, a reader task, a generation's frame), a
+    reference cycle. An error that answers several items is answered once (one error id)."""
+    status = rich_status(exc)
+    drop_tracebacks(exc)
     return status
 
 

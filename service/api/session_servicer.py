@@ -10,8 +10,10 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from google.rpc import status_pb2
+
 from service.api import convert, reply_wire
-from service.api.interceptor import checks_its_requests
+from service.api.interceptor import answered_status, checks_its_requests
 from service.api.stream_mux import StreamMux, error_reply
 from service.engine.session_engine import Feed, FeedOutcome, Line, SessionEngine
 from service.errors import InvalidArgument, SeqServeError
@@ -138,10 +140,14 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             )
         outcomes = iter(await self.engine.feed_many(feeds, line) if feeds else ())
         entries: list[bytes] = []
+        answered: dict[int, status_pb2.Status] = {}  # one status (one error id) per error
         for k, (session_id, request_id, skip) in enumerate(heads):
             outcome = refused[k] if k in refused else next(outcomes)
             if isinstance(outcome, SeqServeError):
-                error = error_reply(items[k], outcome)
+                status = answered.get(id(outcome))
+                if status is None:
+                    status = answered[id(outcome)] = answered_status(outcome)
+                error = error_reply(items[k], status)
                 entries.append(reply_wire.message_entry(error.SerializeToString()))
             elif outcome.per_position:
                 reply = pb.StreamReply(

@@ -31,10 +31,12 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-from service.api.interceptor import check_message_size, check_parsed, rich_status
+from google.rpc import status_pb2
+
+from service.api.interceptor import answered_status, check_message_size, check_parsed
 from service.engine.channel import Channel
 from service.engine.session_lease import Line
-from service.errors import InvalidArgument, SeqServeError, drop_tracebacks
+from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 
 FeedItems = Callable[[list[pb.StreamItem], Line], Awaitable[pb.StreamResponse]]
@@ -94,7 +96,8 @@ class StreamMux:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return pb.StreamResponse(replies=[error_reply(item, exc) for item in items])
+            status = answered_status(exc)
+            return pb.StreamResponse(replies=[error_reply(item, status) for item in items])
 
     async def _multiplex(
         self,
@@ -117,7 +120,8 @@ class StreamMux:
         def take(message: pb.StreamRequest) -> None:
             refusal = self._refusal(message)
             if refusal is not None:
-                out.put_nowait([error_reply(item, refusal) for item in message.items])
+                status = answered_status(refusal)
+                out.put_nowait([error_reply(item, status) for item in message.items])
             else:
                 self._dispatch(list(message.items), line, out, spawn, unfinished)
 
@@ -251,7 +255,7 @@ class StreamMux:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            out.put_nowait([error_reply(item, exc)])
+            out.put_nowait([error_reply(item, answered_status(exc))])
         finally:
             _finished(unfinished, item.session_id)
 
@@ -264,11 +268,6 @@ def _finished(unfinished: dict[str, int], session_id: str) -> None:
         unfinished.pop(session_id, None)
 
 
-def error_reply(item: pb.StreamItem, exc: BaseException) -> pb.StreamReply:
-    """The in-band reply of an item that `exc` refused. `exc` loses its traceback (an INTERNAL
-    one is logged with it first, by `rich_status`), as a failed call's does
-    (`service.api.interceptor`): an error one step handed to several generations is raised
-    in each generation's own frame, which holds it, a reference cycle."""
-    status = rich_status(exc)
-    drop_tracebacks(exc)
+def error_reply(item: pb.StreamItem, status: status_pb2.Status) -> pb.StreamReply:
+    """The in-band reply of an item refused with `status` (`answered_status` of its error)."""
     return pb.StreamReply(session_id=item.session_id, request_id=item.request_id, error=status)

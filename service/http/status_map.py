@@ -9,7 +9,7 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
-from service.api.interceptor import rich_status
+from service.api.interceptor import answered_status
 from service.errors import status_code
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -37,7 +37,7 @@ class HttpError:
     """One failed call as HTTP: status, JSON body, and headers (Retry-After, WWW-Authenticate)."""
 
     def __init__(self, exc: BaseException) -> None:
-        status = rich_status(exc)  # logs an INTERNAL one with its error id
+        status = answered_status(exc)  # logs an INTERNAL one with its error id
         self.code = status_code(status.code)
         self.http_status = HTTP_STATUS[self.code]
         body: dict[str, Any] = {

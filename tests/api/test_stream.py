@@ -8,8 +8,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
+from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient, make_sampling
+from service.errors import Internal
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
 
@@ -364,3 +367,27 @@ async def test_a_feed_waiting_behind_a_generation_holds_back_no_other_reply(
                 order.append(r.request_id)
     await call.done_writing()
     assert order == ["A1", "A2", "genB", "B1"]
+
+
+async def test_one_error_that_refuses_several_items_is_answered_once(
+    server: SeqServeServer, client: SeqServeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error the engine hands to several items of a message (here an INTERNAL one, as a
+    bug would give) is logged once, under one error id that every item's reply carries: its
+    traceback is dropped once it is answered."""
+    sids = [await _create(client) for _ in range(3)]
+    failure = Internal("step failed")
+
+    async def feed_many(feeds: list[object], line: object = None) -> list[Internal]:
+        return [failure] * len(feeds)
+
+    monkeypatch.setattr(server.engine, "feed_many", feed_many)
+    call = client.sessions.Stream()
+    await call.write(
+        pb.StreamRequest(items=[item(sid, f"req-{i}", tokens(1)) for i, sid in enumerate(sids)])
+    )
+    replies = await read_replies(call, [f"req-{i}" for i in range(3)])
+    messages = {reply.error.message for (reply,) in replies.values()}
+    assert len(messages) == 1 and "error id" in messages.pop()
+    assert {reply.error.code for (reply,) in replies.values()} == {13}  # INTERNAL
+    await call.done_writing()

@@ -9,7 +9,9 @@ import json
 
 import aiohttp
 
+from service.api.server import SeqServeServer
 from tests.api.test_reference_cycles import _garbage, _kind
+from tests.api.test_state_dir_faults import _break as break_journal
 
 
 class _Looped:
@@ -48,4 +50,41 @@ async def test_http_requests_leave_no_reference_cycles(http: aiohttp.ClientSessi
     kinds = collections.Counter(_kind(o) for o in garbage)
     looped = _kind(_Looped())
     assert kinds.pop(looped) == 3  # the audit sees cycles where there are some
+    assert not kinds, kinds.most_common(20)
+
+
+async def test_steps_the_journal_refuses_over_http_leave_no_reference_cycles(
+    http: aiohttp.ClientSession, http_server: SeqServeServer
+) -> None:
+    """A step and a generation the journal refuses (503), three rounds, the journal broken
+    before each."""
+    journal = http_server.engine.durability.journal
+    assert journal is not None
+    one = {"input": {"tokens": {"ids": [3]}}}
+    statuses: list[int] = []
+
+    async def call(path: str, body: dict[str, object]) -> bytes:
+        async with http.post(path, json=body) as response:
+            statuses.append(response.status)
+            return await response.read()
+
+    made = await call("/v1/sessions", {"model": "tok", "prefix": one["input"]})
+    sid = json.loads(made)["session"]["sessionId"]
+
+    async def broken() -> None:
+        await call(f"/v1/sessions/{sid}:step", one)  # opens the journal's next segment
+        break_journal(journal)
+
+    async def rounds() -> None:
+        await broken()
+        await call(f"/v1/sessions/{sid}:step", one)
+        await broken()
+        refused = await call(f"/v1/sessions/{sid}:generate", {"sampling": {"maxTokens": 2}})
+        assert json.loads(refused)["error"]["status"] == "UNAVAILABLE"
+
+    await rounds()  # what loads once
+    statuses.clear()
+    garbage = await _garbage(rounds)
+    assert statuses == [200, 503, 200, 503] * 3
+    kinds = collections.Counter(_kind(o) for o in garbage)
     assert not kinds, kinds.most_common(20)
