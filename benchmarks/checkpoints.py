@@ -58,7 +58,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                 await engine.feed(session.session_id, ModelInput(tokens=[65]))
                 sessions.append(session)
             residency, sweep = engine.residency, IdleCheckpoints(engine.residency)
-            per_pass = {"one by one": [], "batched": []}
+            per_pass: dict[str, list[float]] = {"one by one": [], "batched": []}
             for k in range(args.sessions // args.per_pass):
                 part = sessions[k * args.per_pass : (k + 1) * args.per_pass]
                 started = time.perf_counter()

@@ -88,7 +88,9 @@ async def measure(server: ServerProcess, http_port: int, args: argparse.Namespac
                 "grpc": [await sides.grpc_session(args.model) for _ in range(sessions)],
             }
             steps = {"http": sides.http_step, "grpc": sides.grpc_step}
-            totals = {p: {"latencies": [], "cpu": 0.0, "wall": 0.0, "calls": 0} for p in steps}
+            totals: dict[str, dict[str, Any]] = {
+                p: {"latencies": [], "cpu": 0.0, "wall": 0.0, "calls": 0} for p in steps
+            }
             for _ in range(args.rounds):  # interleaved: the machine's noise hits both alike
                 for protocol, step in steps.items():
                     r = await _round(step, sids[protocol], args.calls, server)

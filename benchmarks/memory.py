@@ -151,7 +151,7 @@ def resident_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) ->
             server.metrics_port
         )  # (scraped first: the endpoint's own memory is not counted)
         rss0, cpu0 = rss_bytes(pid), server.cpu_seconds()
-        churn = make_sessions(target, args.model, n, args.concurrency, args.clients)
+        churn: dict[str, Any] = make_sessions(target, args.model, n, args.concurrency, args.clients)
         rss_loaded, cpu_loaded = rss_bytes(pid), server.cpu_seconds()
         _settle(server, scratch / "resident", warm + n)
         rss1, cpu1 = rss_bytes(pid), server.cpu_seconds()
@@ -194,7 +194,9 @@ def spill_phase(args: argparse.Namespace, scratch: Path, state_bytes: int) -> di
         _settle(server, spill, 256)
         writes0 = state_writes(server.metrics_port)
         rss0, disk0 = rss_bytes(pid), dir_usage(spill)
-        churn = make_sessions(server.target, args.model, m, args.concurrency, args.clients)
+        churn: dict[str, Any] = make_sessions(
+            server.target, args.model, m, args.concurrency, args.clients
+        )
         _settle(server, spill, 256 + m)
         rss1, disk1 = rss_bytes(pid), dir_usage(spill)
         churn["state_write_us"] = mean_write_us(writes0, state_writes(server.metrics_port))

@@ -80,7 +80,7 @@ def make_sessions(
     time.sleep(3.0)  # imports done before the clock starts
     load = os.getloadavg()[0]
     go.set()
-    results = []
+    results: list[tuple[float, float, int]] = []  # (started, ended, errors) per process
     while len(results) < len(procs):
         try:
             results.append(out.get(timeout=5.0))
