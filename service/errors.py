@@ -50,7 +50,7 @@ class SeqServeError(Exception):
         than raised on: without its traceback, whose frames hold whatever list or dict keeps
         it (a reference cycle per refused item, left to the cycle collector). Its status,
         message and metadata are all a reply uses; an INTERNAL one keeps its traceback for the
-        log (`service.api.interceptor.rich_status`)."""
+        log (`service.api.error_status.rich_status`)."""
         if self.status != grpc.StatusCode.INTERNAL:
             drop_tracebacks(self)
         return self

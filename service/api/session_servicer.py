@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from google.rpc import status_pb2
 
 from service.api import convert, reply_wire
-from service.api.interceptor import answered_status, checks_its_requests
+from service.api.error_status import answered_status
+from service.api.interceptor import checks_its_requests
 from service.api.stream_mux import StreamMux, error_reply
 from service.engine.session_engine import Feed, FeedOutcome, Line, SessionEngine
 from service.errors import InvalidArgument, SeqServeError

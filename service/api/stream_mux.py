@@ -33,7 +33,8 @@ from typing import Any
 
 from google.rpc import status_pb2
 
-from service.api.interceptor import answered_status, check_message_size, check_parsed
+from service.api.error_status import answered_status
+from service.api.interceptor import check_message_size, check_parsed
 from service.engine.channel import Channel
 from service.engine.session_lease import Line
 from service.errors import InvalidArgument, SeqServeError

@@ -18,7 +18,8 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from service.api.interceptor import NOT_READY_MESSAGE, code_name
+from service.api.error_status import code_name
+from service.api.interceptor import NOT_READY_MESSAGE
 from service.errors import InvalidArgument, NotReady, Unavailable, quote
 from service.http.status_map import HttpError
 from service.security import principal

@@ -9,7 +9,7 @@ import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
-from service.api.interceptor import answered_status
+from service.api.error_status import answered_status
 from service.errors import status_code
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {

@@ -1,4 +1,4 @@
-"""The status details of every error (`service.api.interceptor.rich_status`): the reason table
+"""The status details of every error (`service.api.error_status.rich_status`): the reason table
 in `service.errors` (one reason per row of DESIGN section 4's table; rows that share a status
 have a reason each), and the reasons that split a status, produced over real gRPC (the other
 reasons are asserted where `test_errors.py` produces their conditions; every failed call and
