@@ -22,9 +22,9 @@ Two measured stalls, and a third kept from building up:
   walking that second's survivors only.
 
 Frozen objects freed by their reference count are freed at once, as before; what seqserve makes
-per session and per request is acyclic (tests/api/test_reference_cycles.py: every request path
-that succeeds, with the collector off, leaves no cycle but grpc's dispatch closure, garbage at
-once; a failed call's exception and traceback are one, and die with the call). A reference
+per session and per request is acyclic (tests/api/test_reference_cycles.py: every request path,
+succeeding, cancelled or refused, with the collector off, leaves no cycle but grpc's dispatch
+closure, garbage at once; answered errors drop their tracebacks, `error_status`). A reference
 cycle that was alive at a collection and dies later waits for the next thaw: every
 `gc_thaw_seconds` the heap is thawed and collected whole, once, and what that finds is counted
 (`seqserve_gc_thawed_garbage_objects_total`).
