@@ -281,10 +281,14 @@ class SessionEngine:
         request_id: str = "",
     ) -> FeedOutcome:
         self._check_open()
-        if self.quotas.charging:  # sizes (text encoded) only when someone is charged
-            await self.quotas.charge(inp.size())
-        await self.takeover.ensure(session_id, expected_position)
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
+        if not self.quotas.charging:  # sizes (text encoded) only when someone is charged
+            return await self._feed(feed, line)
+        async with self.quotas.charged(inp.size()):  # given back if refused
+            return await self._feed(feed, line)
+
+    async def _feed(self, feed: Feed, line: Line | None) -> FeedOutcome:
+        await self.takeover.ensure(feed.session_id, feed.expected_position)
         return await self.feeder.feed(feed, line)
 
     async def feed_many(
@@ -294,11 +298,27 @@ class SessionEngine:
         the feed's result, or the error that refused that feed alone."""
         if self.draining:
             return [Unavailable("server is draining; retry on another replica")] * len(feeds)
-        if self.quotas.charging:
-            try:
-                await self.quotas.charge(sum(f.input.size() for f in feeds))
-            except SeqServeError as exc:
-                return [exc] * len(feeds)
+        if not self.quotas.charging:
+            return await self._feed_many(feeds, line)
+        sizes = [f.input.size() for f in feeds]
+        try:
+            await self.quotas.charge(sum(sizes))
+        except SeqServeError as exc:
+            return [exc] * len(feeds)
+        try:
+            outcomes = await self._feed_many(feeds, line)
+        except SeqServeError:
+            await self.quotas.refund(sum(sizes))
+            raise
+        # The feeds refused are given their charge back.
+        await self.quotas.refund(
+            sum(n for n, o in zip(sizes, outcomes, strict=True) if isinstance(o, SeqServeError))
+        )
+        return outcomes
+
+    async def _feed_many(
+        self, feeds: Sequence[Feed], line: Line | None
+    ) -> list[FeedOutcome | SeqServeError]:
         if not self.takeover.shared:
             return await self.feeder.feed_many(feeds, line)
         refused: dict[str, SeqServeError] = {}
@@ -327,16 +347,27 @@ class SessionEngine:
         """Sample up to `max_tokens`, one token per step (see `SessionGenerator.generate`)."""
         self._check_open()
         await self.takeover.ensure(session_id, expected_position)
+        charge = 0
         if self.quotas.charging:  # its prompt, and the most it may generate
             params = sampling or self.sessions.get(session_id).default_sampling
             prompt_size = prompt.size() if prompt is not None else 0
-            await self.quotas.charge(prompt_size + params.max_tokens)
+            # A max_tokens over the cap is refused, its charge given back; capped meanwhile,
+            # so the caller's other calls do not see a bucket deep in debt.
+            charge = prompt_size + min(params.max_tokens, self.generator.max_tokens)
+            await self.quotas.charge(charge)
         tokens = self.generator.generate(
             session_id, prompt, sampling, line, expected_position, request_id
         )
-        async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
-            async for token in stream:
-                yield token
+        sent = False
+        try:
+            async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+                async for token in stream:
+                    sent = True
+                    yield token
+        except SeqServeError:
+            if not sent:  # refused before its first token: charged nothing
+                await self.quotas.refund(charge)
+            raise
 
     def _check_open(self) -> None:
         if self.draining:

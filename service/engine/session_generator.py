@@ -20,6 +20,11 @@ class SessionGenerator:
         self._feeder = feeder  # validates a prompt and feeds it
         self._max_generate = max_tokens
 
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens one generation may ask for."""
+        return self._max_generate
+
     async def generate(
         self,
         session_id: str,

@@ -19,7 +19,7 @@ from service.engine.session_feeder import SessionFeeder
 from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.takeover import Takeover
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, SeqServeError
 from service.runtime.sampler import SamplingParams
 from service.security.principal import may_see, owner_for_new
 from service.security.quotas import Quotas
@@ -92,9 +92,9 @@ class SessionMaker:
         route: str,
     ) -> tuple[Session, FeedOutcome | None]:
         ttl = self.lifecycle.ttl(ttl_seconds)
-        async with self.quotas.new_session(self.sessions):
-            if prefix is not None:
-                await self.quotas.charge(prefix.size())  # a prefix is input like any other
+        # A prefix is input like any other; a create refused is given its charge back.
+        charge = prefix.size() if prefix is not None and self.quotas.charging else 0
+        async with self.quotas.new_session(self.sessions), self.quotas.charged(charge):
             served = await self.lifecycle.version_for_new_session(model, version)
             self._check_open()
             prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
@@ -109,10 +109,12 @@ class SessionMaker:
                 lease.request_id = request_id  # journaled with the prefix: survives a restart
                 outcome = await self.feeder.run(lease, prefix_tensor, options)
                 lease.remember(request_id, 0, outcome)
-        except BaseException:
+        except BaseException as exc:
             # A refused or cancelled create leaves no session behind (the client has no id).
             if not session.closed and not session.busy:
                 self.lifecycle.end(session, "closed")
+            if isinstance(exc, SeqServeError):
+                await self.quotas.refund(charge)
             raise
         return session, outcome
 

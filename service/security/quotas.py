@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from service.errors import QuotaExceeded
+from service.errors import QuotaExceeded, SeqServeError
 from service.security import token_bucket
 from service.security.principal import caller
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import SharedState
+
+log = logging.getLogger(__name__)
 
 
 class Quotas:
@@ -80,9 +83,37 @@ class Quotas:
         most a second's worth), or refuse with the time until there are enough. A request
         larger than the bucket is allowed when the bucket is full, and leaves it in debt: the
         rate holds over time."""
+        if tokens > 0:
+            await self._take(tokens)
+
+    async def refund(self, tokens: int) -> None:
+        """Give back what `charge` took for a request that was then refused before it ran (an
+        unknown session, a bad argument, a step the journal refused): a refused request changes
+        nothing, its charge included. Never past a full bucket. Best effort: a shared tier that
+        cannot be reached keeps the charge (the caller's refusal stands as it was)."""
+        if tokens <= 0:
+            return
+        try:
+            await self._take(-tokens)
+        except SeqServeError as exc:
+            log.warning("quota refund of %d tokens not made: %s", tokens, exc)
+
+    @contextlib.asynccontextmanager
+    async def charged(self, tokens: int) -> AsyncIterator[None]:
+        """`charge(tokens)` around a request, refunded if the request is refused (raises a
+        `SeqServeError`)."""
+        await self.charge(tokens)
+        try:
+            yield
+        except SeqServeError:
+            await self.refund(tokens)
+            raise
+
+    async def _take(self, tokens: int) -> None:
+        """`token_bucket.take` on the caller's bucket: local, or in the shared tier."""
         who = caller()
         rate = self.tokens_per_second
-        if who is None or rate <= 0 or tokens <= 0:
+        if who is None or rate <= 0:
             return
         if self._shared is not None:
             wait = await asyncio.to_thread(self._shared.take_tokens, who.name, tokens, rate)

@@ -9,8 +9,11 @@ def take(level: float, at: float, now: float, tokens: int, rate: float) -> tuple
     """A bucket last at `level` at time `at`, refilled at `rate` per second up to a second's
     worth, asked for `tokens` at `now` → (its new level, 0) when they are taken, or (its
     refilled level, the seconds to wait) when not. A request over a second's worth needs a full
-    bucket and leaves it in debt, so the rate holds over time."""
+    bucket and leaves it in debt, so the rate holds over time. A negative count gives tokens
+    back (what a refused request was charged), never past a full bucket."""
     level = min(rate, level + (now - at) * rate)
+    if tokens < 0:
+        return min(rate, level - tokens), 0.0
     needed = min(tokens, rate)
     if level < needed:
         return level, (needed - level) / rate + 0.01

@@ -117,7 +117,8 @@ return redis.call("ZCARD", KEYS[1])
 """
 
 # KEYS: an owner's token bucket. ARGV: rate per second, tokens. "0" when taken, else the
-# seconds until there are enough (a string: Lua numbers become integers in replies).
+# seconds until there are enough (a string: Lua numbers become integers in replies). Negative
+# tokens are given back, up to a full bucket (`security.token_bucket.take`).
 _BUCKET = """
 local rate, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
 local clock = redis.call("TIME")
@@ -128,7 +129,9 @@ local at = tonumber(state[2]) or now
 level = math.min(rate, level + (now - at) * rate)
 local needed = math.min(tokens, rate)
 local wait = "0"
-if level < needed then
+if tokens < 0 then
+  level = math.min(rate, level - tokens)
+elseif level < needed then
   wait = tostring((needed - level) / rate + 0.01)
 else
   level = level - tokens

@@ -137,7 +137,7 @@ class SharedState:
     def take_tokens(self, owner: str, tokens: int, rate: float) -> float:
         """Take `tokens` from `owner`'s bucket in the tier (refilled at `rate`, holding a
         second's worth; see `security.quotas`): 0 when taken, else seconds until there are
-        enough."""
+        enough. Negative `tokens` give back a refused request's charge."""
         raise NotImplementedError
 
     # Each backend raises `self.unreachable(exc)` (JournalUnavailable) for its connection or

@@ -335,6 +335,25 @@ async def test_quotas_hold_across_replicas(make_engine: EngineFactory, state_url
     assert (await b.feed(other.session_id, toks(1))).position == 1  # bob's own share
 
 
+async def test_a_refused_request_is_given_its_charge_back_in_the_tier(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """Four seconds' worth, refused: kept, the charge would refuse the next step on either
+    replica for three seconds."""
+    limits = {"tokens_per_second": 1000}
+    a = await make_engine(state_url=state_url, security=limits)
+    b = await make_engine(state_url=state_url, security=limits)
+    principal.current.set(Principal("alice", "client"))
+    s, _ = await a.create_session("tok")
+    with pytest.raises(SessionNotFound):
+        await a.feed("no-such-session", toks(*([1] * 4000)))
+    assert (await b.feed(s.session_id, toks(1))).position == 1
+    await asyncio.sleep(0.01)
+    await b.feed(s.session_id, toks(*([1] * 4000)))  # applied: the charge stays
+    with pytest.raises(QuotaExceeded):
+        await a.feed(s.session_id, toks(1))
+
+
 async def test_another_principal_neither_sees_nor_moves_a_session(
     make_engine: EngineFactory, state_url: str
 ) -> None:

@@ -23,3 +23,9 @@ def test_a_request_over_a_seconds_worth_needs_a_full_bucket_and_leaves_debt() ->
     assert take(10.0, 0.0, 0.0, 25, 10.0) == (-15.0, 0.0)
     level, wait = take(-15.0, 0.0, 1.0, 1, 10.0)  # a second later: still 5 in debt
     assert level == -5.0 and wait == pytest.approx(0.6 + 0.01)
+
+
+def test_a_negative_count_gives_tokens_back_up_to_a_full_bucket() -> None:
+    assert take(-15.0, 0.0, 0.0, -25, 10.0) == (10.0, 0.0)  # a refused request's 25 back
+    assert take(2.0, 0.0, 0.0, -3, 10.0) == (5.0, 0.0)
+    assert take(-100.0, 0.0, 0.0, -30, 10.0) == (-70.0, 0.0)  # debt from an applied request
