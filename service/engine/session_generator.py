@@ -61,10 +61,12 @@ class SessionGenerator:
                 before = lease.session.position
                 prompt_inputs = self._feeder.inputs(served, prompt) if prompt is not None else None
                 lease.journal_generation(request_id, params.as_dict())
+                log = GenerationLog(params)
+                # Remembered before the prompt runs: a call cancelled while its prompt's step
+                # runs (applied, or not) is retried as this generation, not refused.
+                lease.remember(request_id, before, log)
                 if prompt_inputs is not None:
                     await self._feeder.run(lease, prompt_inputs)
-                log = GenerationLog(params)
-                lease.remember(request_id, before, log)
             scheduler = served.scheduler
             generation = Generation(lease, log.params, served.tokenizer, log, scheduler.loop)
             scheduler.start_generation(generation)

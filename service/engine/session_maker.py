@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from service.engine.feed import FeedOutcome, PredictionOptions, check_request_id
 from service.engine.model_input import ModelInput
 from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
-from service.engine.session_lease import SessionLeases
+from service.engine.session_lease import Lease, SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.takeover import Takeover
-from service.errors import InvalidArgument, SeqServeError
+from service.errors import InvalidArgument, SeqServeError, quote
 from service.runtime.sampler import SamplingParams
 from service.security.principal import may_see, owner_for_new
 from service.security.quotas import Quotas
@@ -48,6 +49,8 @@ class SessionMaker:
         self.feeder = feeder
         self._check_open = check_open  # draining: refuse (checked again after an await)
         self._making: dict[str, asyncio.Future[None]] = {}  # creates/forks running, by request
+        # Steps of prefixes whose create was cancelled inside them, by session id.
+        self._stepping: dict[str, asyncio.Future[Any]] = {}
 
     async def create(
         self,
@@ -73,6 +76,8 @@ class SessionMaker:
         async with self._made_once(key if request_id else ""):
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: what the first call made, and its prefix's outcome
+                if made.model != model:
+                    raise _reused(request_id, f"a create of model {made.model!r}")
                 return made, await self._prefix_outcome(made, request_id)
             return await self._create(
                 model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id,
@@ -104,23 +109,51 @@ class SessionMaker:
             )  # fmt: skip
         if prefix_tensor is None:
             return session, None
+        lease: Lease | None = None
         try:
             async with self.leases.hold(session.session_id) as lease:
                 lease.request_id = request_id  # journaled with the prefix: survives a restart
-                outcome = await self.feeder.run(lease, prefix_tensor, options)
+                outcome = await self.feeder.run(
+                    lease, prefix_tensor, options, remember_as=request_id
+                )
                 lease.remember(request_id, 0, outcome)
         except BaseException as exc:
-            # A refused or cancelled create leaves no session behind (the client has no id).
-            if not session.closed and not session.busy:
-                self.lifecycle.end(session, "closed")
+            self._leave_nothing(session, lease, request_id)
             if isinstance(exc, SeqServeError):
                 await self.quotas.refund(charge)
             raise
         return session, outcome
 
+    def _leave_nothing(self, session: Session, lease: Lease | None, request_id: str) -> None:
+        """A refused or cancelled create leaves no session behind that its client cannot name:
+        ended now, or, cancelled while its prefix's step ran, once that step settles. With a
+        request id, a session whose prefix was applied stays: the retry finds it, with the
+        prefix's prediction (`remember_as`)."""
+        if session.closed:
+            return
+        step = lease.in_flight if lease is not None else None
+        if step is None or step.done():
+            if not session.busy:
+                self.lifecycle.end(session, "closed")
+            return
+        if request_id:  # a retry meanwhile waits for the step (`_prefix_outcome`)
+            sid = session.session_id
+            self._stepping[sid] = step
+            step.add_done_callback(lambda _step: self._stepping.pop(sid, None))
+            return
+
+        def end(_step: asyncio.Future[Any]) -> None:
+            if not session.closed and not session.busy:
+                self.lifecycle.end(session, "closed")
+
+        step.add_done_callback(end)  # after the lease's own: it is let go by then
+
     async def _prefix_outcome(self, session: Session, request_id: str) -> FeedOutcome | None:
         """The outcome of the prefix a creation fed, while it is the session's last request."""
         await self.leases.replays.settle(session)  # the reply is rebuilt by its replay
+        stepping = self._stepping.get(session.session_id)
+        if stepping is not None:  # the first call's prefix, cancelled inside its step
+            await asyncio.wait([stepping])  # settled: remembered (`remember_as`) by now
         last = session.last_request
         if last is None or last.request_id != request_id:
             return None
@@ -146,6 +179,8 @@ class SessionMaker:
         async with self._made_once(key if request_id else ""):
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: the fork the first call made
+                if made.parent_session_id != session_id:
+                    raise _reused(request_id, "a fork of another session")
                 return made
             async with self.quotas.new_session(self.sessions):
                 return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
@@ -172,3 +207,11 @@ class SessionMaker:
         finally:
             del self._making[key]
             done.set_result(None)
+
+
+def _reused(request_id: str, first: str) -> InvalidArgument:
+    """A request id already used by another request: its retry must be the same request."""
+    return InvalidArgument(
+        f"request id {quote(request_id)} was used for {first}; a retry must repeat its request, "
+        "and another request needs a new id"
+    )

@@ -4,7 +4,9 @@ controllable clock, and a reference engine whose pool never fills (so nothing is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from service.engine.session_engine import ModelInput, SessionEngine
 from service.models import ModelConfig, SequenceModel
 from service.registry.manifest import Training
 from service.registry.store import ModelStore
-from service.runtime.step_batch import Prediction
+from service.runtime.step_batch import Prediction, StepBatch
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.settings import EngineSettings, SecuritySettings, SessionSettings, Settings
@@ -176,3 +178,35 @@ def close(a: Prediction, b: Prediction, tol: float = 1e-5) -> bool:
         and all(abs(x - y) <= tol for x, y in zip(a.values, b.values, strict=True))
         and len(a.values) == len(b.values)
     )
+
+
+@contextlib.contextmanager
+def slow_steps(engine: SessionEngine, seconds: float = 0.3) -> Iterator[asyncio.Event]:
+    """Each step of `tok` v1 takes `seconds` longer (on the runner thread: build the engine
+    with `engine={"inline_max_rows": 0}`); the event is set when one starts, so a test can
+    cancel a call while its row is inside a step."""
+    served = engine.versions.find("tok", 1)
+    assert served is not None
+    execute = served.runner.execute
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(batch: StepBatch):  # type: ignore[no-untyped-def]
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(seconds)
+        return execute(batch)
+
+    served.runner.execute = slow  # type: ignore[method-assign]
+    try:
+        yield started
+    finally:
+        served.runner.execute = execute  # type: ignore[method-assign]
+
+
+async def settled(session: Session, position: int) -> None:
+    """Until `session` is at `position` and no step holds it (a cancelled call's step)."""
+    for _ in range(500):
+        if session.position == position and not session.busy:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"session at {session.position}, busy {session.busy}")

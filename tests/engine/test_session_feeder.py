@@ -15,7 +15,7 @@ from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import StepBatch
 from service.sessions.session import Session
 
-from .conftest import EngineFactory
+from .conftest import EngineFactory, settled, slow_steps
 
 
 async def test_each_item_reports_the_position_its_own_step_left(
@@ -174,34 +174,19 @@ async def test_a_feed_cancelled_inside_its_step_is_remembered_for_its_retry(
     position) must get the original reply, not a position mismatch, and apply nothing."""
     engine = await make_engine(engine={"inline_max_rows": 0})
     session, _ = await engine.create_session("tok")
-    served = engine.versions.find("tok", 1)
-    assert served is not None
-    execute = served.runner.execute
-    in_step = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def slow(batch: StepBatch):  # type: ignore[no-untyped-def]
-        loop.call_soon_threadsafe(in_step.set)
-        time.sleep(0.3)
-        return execute(batch)
-
-    served.runner.execute = slow  # type: ignore[method-assign]
     feed = Feed(session.session_id, ModelInput(tokens=[7]), expected_position=0, request_id="r1")
-    if many:
-        call = asyncio.create_task(engine.feed_many([feed]))
-    else:
-        call = asyncio.create_task(
-            engine.feed(feed.session_id, feed.input, expected_position=0, request_id="r1")
-        )
-    await asyncio.wait_for(in_step.wait(), 5)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
-    served.runner.execute = execute  # type: ignore[method-assign]
-    for _ in range(500):  # until the step settles
-        if session.position == 1 and not session.busy:
-            break
-        await asyncio.sleep(0.01)
+    with slow_steps(engine) as in_step:
+        if many:
+            call = asyncio.create_task(engine.feed_many([feed]))
+        else:
+            call = asyncio.create_task(
+                engine.feed(feed.session_id, feed.input, expected_position=0, request_id="r1")
+            )
+        await asyncio.wait_for(in_step.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await settled(session, 1)
     retry = await engine.feed(feed.session_id, feed.input, expected_position=0, request_id="r1")
     assert retry.position == 1 == session.position  # the original reply; applied once
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import EngineFactory, toks
+import pytest
+
+from service.errors import InvalidArgument
+
+from .conftest import EngineFactory, slow_steps, toks
 
 
 async def test_concurrent_creates_with_one_request_id_make_one_session(
@@ -17,3 +21,50 @@ async def test_concurrent_creates_with_one_request_id_make_one_session(
     assert len({session.session_id for session, _ in made}) == 1
     assert len(engine.sessions) == 1
     assert all(outcome is not None and outcome.position == 2 for _, outcome in made)
+
+
+async def test_a_create_cancelled_while_its_prefix_steps_leaves_no_orphan_and_is_retried(
+    make_engine: EngineFactory,
+) -> None:
+    """Cancelled after the prefix's row went into a step: without a request id nobody can ever
+    name the session, so it ends once the step settles; with one, the retry finds the session
+    and the prefix's prediction."""
+    engine = await make_engine(engine={"inline_max_rows": 0})
+    await engine.create_session("tok")  # the version loaded
+    for request_id in ("", "c1"):
+        with slow_steps(engine) as in_step:
+            call = asyncio.create_task(
+                engine.create_session("tok", prefix=toks(1, 2, 3), request_id=request_id)
+            )
+            await asyncio.wait_for(in_step.wait(), 5)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            if request_id:  # a retry at once: it waits for the step, then answers
+                again, outcome = await engine.create_session(
+                    "tok", prefix=toks(1, 2, 3), request_id=request_id
+                )
+                assert again.position == 3 and outcome is not None and outcome.position == 3
+        for _ in range(300):
+            if len(engine.sessions) == (2 if request_id else 1):
+                break
+            await asyncio.sleep(0.01)
+        assert len(engine.sessions) == (2 if request_id else 1)
+
+
+async def test_a_request_id_reused_for_another_create_or_fork_is_refused(
+    make_engine: EngineFactory,
+) -> None:
+    """A retry repeats its request: the id of a fork of one session, reused to fork another,
+    is not answered with the first fork (a wrong session, silently)."""
+    engine = await make_engine()
+    a, _ = await engine.create_session("tok", request_id="c1")
+    with pytest.raises(InvalidArgument, match="create of model 'tok'"):
+        await engine.create_session("frames", request_id="c1")
+    b, _ = await engine.create_session("tok", prefix=toks(1, 2))
+    child = await engine.fork_session(a.session_id, request_id="f1")
+    with pytest.raises(InvalidArgument, match="fork of another session"):
+        await engine.fork_session(b.session_id, request_id="f1")
+    assert (await engine.fork_session(a.session_id, request_id="f1")).session_id == (
+        child.session_id
+    )

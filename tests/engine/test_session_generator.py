@@ -1,0 +1,43 @@
+"""SessionGenerator: a generation's retry, when its call went away mid-prompt."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.engine.generation import GeneratedToken
+from service.runtime.sampler import SamplingParams
+
+from .conftest import EngineFactory, settled, slow_steps, toks
+
+SAMPLING = SamplingParams(max_tokens=3)
+
+
+async def test_a_generate_cancelled_while_its_prompt_steps_is_retried_as_itself(
+    make_engine: EngineFactory,
+) -> None:
+    """The caller goes away while the prompt's step runs: the prompt is applied all the same,
+    so the retry (same request id, the position before) continues that generation instead of
+    being refused with a position mismatch; its tokens are those of an uninterrupted one."""
+    engine = await make_engine(engine={"inline_max_rows": 0})
+    session, _ = await engine.create_session("tok", seed=5)
+    reference, _ = await engine.create_session("tok", seed=5)
+
+    async def generate(session_id: str) -> list[GeneratedToken]:
+        tokens = engine.generate(
+            session_id, toks(1, 2, 3), SAMPLING, expected_position=0, request_id="g1"
+        )
+        return [t async for t in tokens]
+
+    with slow_steps(engine) as in_step:
+        call = asyncio.create_task(generate(session.session_id))
+        await asyncio.wait_for(in_step.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await settled(session, 3)
+    retried = await generate(session.session_id)
+    want = await generate(reference.session_id)
+    assert [t.position for t in retried] == [4, 5, 6]
+    assert [t.token_id for t in retried] == [t.token_id for t in want]
