@@ -111,7 +111,7 @@ class StreamMux:
         loop = asyncio.get_running_loop()  # once a stream, not once a message
         out: Channel[_Ready | None] = Channel(loop)
         running: set[asyncio.Task[None]] = set()
-        unfinished: dict[str, int] = {}  # session id → its items on this stream not yet replied
+        unfinished = _Unfinished()  # this stream's items not yet replied, by session
 
         def spawn(work: Coroutine[Any, Any, None]) -> None:
             task = loop.create_task(work)
@@ -132,6 +132,10 @@ class StreamMux:
                 async for message in messages:
                     check_parsed(message)  # a body that is not a StreamRequest fails the call
                     take(message)
+                    # Bounded: no more messages are read (the client's further ones wait in
+                    # gRPC's flow control) while a message's worth of items is unfinished or
+                    # replies wait for the writer (a client that does not read them).
+                    await unfinished.below(self._max_items, out.qsize)
                 if running:
                     await asyncio.gather(*list(running), return_exceptions=True)
             finally:
@@ -143,6 +147,7 @@ class StreamMux:
                 batches = [await out.get()]
                 while not out.empty():
                     batches.append(out.get_nowait())
+                unfinished.wake()  # the replies waiting are the writer's now
                 ready = [b for b in batches if b is not None]
                 finished = len(ready) < len(batches)  # the reader is done
                 alone = ready[0] if len(ready) == 1 else None
@@ -204,7 +209,7 @@ class StreamMux:
         line: Line,
         out: Channel[_Ready | None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
-        unfinished: dict[str, int],
+        unfinished: _Unfinished,
     ) -> None:
         group: list[pb.StreamItem] = []
         in_group: set[str] = set()
@@ -220,12 +225,12 @@ class StreamMux:
             if sid in in_group:  # its earlier item must take the lease first
                 start_group()
             plain = item.HasField("input") and not item.HasField("generate")
-            if plain and not unfinished.get(sid):
+            if plain and not unfinished.of(sid):
                 group.append(item)
                 in_group.add(sid)
             else:
                 spawn(self._item(item, line, out, unfinished))
-            unfinished[sid] = unfinished.get(sid, 0) + 1
+            unfinished.add(sid)
         start_group()
 
     async def _feed_group(
@@ -233,13 +238,13 @@ class StreamMux:
         items: list[pb.StreamItem],
         line: Line,
         out: Channel[_Ready | None],
-        unfinished: dict[str, int],
+        unfinished: _Unfinished,
     ) -> None:
         try:
             replies = await self._feed_group_now(items, line)
         finally:
             for item in items:
-                _finished(unfinished, item.session_id)
+                unfinished.done(item.session_id)
         out.put_nowait(replies)
 
     async def _item(
@@ -247,7 +252,7 @@ class StreamMux:
         item: pb.StreamItem,
         line: Line,
         out: Channel[_Ready | None],
-        unfinished: dict[str, int],
+        unfinished: _Unfinished,
     ) -> None:
         try:
             async with contextlib.aclosing(self._run_item(item, line)) as replies:  # type: ignore[type-var]
@@ -258,17 +263,63 @@ class StreamMux:
         except Exception as exc:
             out.put_nowait([error_reply(item, answered_status(exc))])
         finally:
-            _finished(unfinished, item.session_id)
+            unfinished.done(item.session_id)
 
 
-def _finished(unfinished: dict[str, int], session_id: str) -> None:
-    left = unfinished.get(session_id, 0) - 1
-    if left > 0:
-        unfinished[session_id] = left
-    else:
-        unfinished.pop(session_id, None)
+class _Unfinished:
+    """A stream's items dispatched and not yet replied: by session (what orders a session's
+    items), and in all (what, with the replies waiting for the writer, bounds the stream)."""
+
+    __slots__ = ("_by_session", "_waiter", "total")
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, int] = {}
+        self.total = 0
+        self._waiter: asyncio.Future[None] | None = None  # the reader, waiting for room
+
+    def of(self, session_id: str) -> int:
+        return self._by_session.get(session_id, 0)
+
+    def add(self, session_id: str) -> None:
+        self._by_session[session_id] = self._by_session.get(session_id, 0) + 1
+        self.total += 1
+
+    def done(self, session_id: str) -> None:
+        left = self._by_session.get(session_id, 0) - 1
+        if left > 0:
+            self._by_session[session_id] = left
+        else:
+            self._by_session.pop(session_id, None)
+        self.total -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Let the reader look again (an item finished, the writer took replies)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def below(self, bound: int, waiting: Callable[[], int]) -> None:
+        """Until fewer than `bound` items are unfinished or have replies `waiting`."""
+        while self.total + waiting() >= bound:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
+# The longest id an error reply echoes: longer than any session id the server makes (~100
+# bytes with a routing key) or request id it takes (128), so such an item names nothing; echoed
+# whole, an item just under the message limit made a reply over it, and failed the stream.
+MAX_ECHOED_ID = 256
 
 
 def error_reply(item: pb.StreamItem, status: status_pb2.Status) -> pb.StreamReply:
-    """The in-band reply of an item refused with `status` (`answered_status` of its error)."""
-    return pb.StreamReply(session_id=item.session_id, request_id=item.request_id, error=status)
+    """The in-band reply of an item refused with `status` (`answered_status` of its error).
+    Its ids are echoed unless too long to name anything (`MAX_ECHOED_ID`)."""
+    sid, rid = item.session_id, item.request_id
+    return pb.StreamReply(
+        session_id=sid if len(sid) <= MAX_ECHOED_ID else "",
+        request_id=rid if len(rid) <= MAX_ECHOED_ID else "",
+        error=status,
+    )

@@ -140,3 +140,39 @@ async def test_a_first_item_with_an_empty_session_id_counts_as_its_session() -> 
     recorder = Recorder()
     _responses, own = await run(mux_for(recorder), [feed("", "r0")], [feed("b", "r1")])
     assert recorder.ran_in["r0"] is own and recorder.ran_in["r1"] is not own
+
+
+async def test_a_client_that_does_not_read_its_replies_is_not_read_further() -> None:
+    """Messages keep coming and nobody reads the replies: the stream stops reading (the rest
+    wait in gRPC's flow control) once a message's worth of items is unfinished or replied and
+    waiting, instead of queueing without bound."""
+    pulled = 0
+
+    async def incoming() -> AsyncIterator[pb.StreamRequest]:
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield pb.StreamRequest(items=[feed("a", f"r{i}-{j}") for j in range(4)])
+
+    responses = mux_for(Recorder(), max_items=8).run(incoming())
+    first = await anext(responses)
+    for _ in range(200):  # the loop free to read all it would
+        await asyncio.sleep(0)
+    assert first.replies and pulled <= 8
+    await responses.aclose()
+
+
+async def test_an_error_reply_does_not_echo_an_id_too_long_to_name_anything() -> None:
+    """An item whose ids are just under the message limit: its in-band error must not be a
+    reply over the limit (which failed the whole stream, the other sessions on it included)."""
+    long_id, long_request = "s_" + "x" * 100_000, "r" * 300  # refused, as the engine does
+    responses, _ = await run(
+        mux_for(Recorder(failing=frozenset({"bad", long_request}))),
+        [feed("a", "ok"), item(long_id, "bad", tokens(7))],
+        [item("b", long_request, tokens(7)), feed("a", "after")],
+    )
+    replies = [r for response in responses for r in response.replies]
+    bad = next(r for r in replies if r.request_id == "bad")
+    assert bad.HasField("error") and bad.session_id == ""
+    assert ("after", 1) in replied(responses)
+    assert all(len(r.request_id) <= 256 and len(r.session_id) <= 256 for r in replies)
