@@ -30,6 +30,10 @@ class ModelInput:
 
 
 _ONE_TOKEN_INPUTS: dict[int, ModelInput] = {}
+# The largest frame value taken: far beyond any measurement, far below float32's overflow. A
+# finite 3e38 overflowed the first layer's matmul to inf, and the session's state to NaN for
+# good (every later prediction NaN).
+MAX_FRAME_VALUE = 1e15
 _ONE_TOKEN_CACHED_BELOW = 4096  # token ids with a shared input; a larger id gets its own
 
 
@@ -78,6 +82,8 @@ def to_tensor(
         frames = torch.tensor(inp.frames, dtype=torch.float32).view(-1, cfg.input_dim)
         if not bool(torch.isfinite(frames).all()):
             raise InvalidArgument("frames must be finite numbers")
+        if bool((frames.abs() > MAX_FRAME_VALUE).any()):
+            raise InvalidArgument(f"frame values must be within ±{MAX_FRAME_VALUE:g}")
         return frames
     if cfg.input_kind != "tokens" or tokenizer is None:
         raise InvalidArgument(f"model {name!r} takes feature frames, not tokens or text")

@@ -16,6 +16,13 @@ from torch import Tensor
 
 from service.errors import InvalidArgument
 
+# Bounds on the stop conditions, checked against every token: without them one Generate's
+# 200,000 stop strings cost the event loop ~12 ms a token, and a session's default sampling
+# that large made its Session message (CreateSession's reply) too big to send.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_BYTES = 256
+MAX_STOP_TOKEN_IDS = 1024
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -52,6 +59,16 @@ class SamplingParams:
             raise InvalidArgument(f"stop token ids out of range [0, {vocab_size}): {bad}")
         if any(s == "" for s in self.stop_strings):
             raise InvalidArgument("stop strings must not be empty")
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise InvalidArgument(
+                f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}"
+            )
+        if any(len(s.encode()) > MAX_STOP_STRING_BYTES for s in self.stop_strings):
+            raise InvalidArgument(f"a stop string may have at most {MAX_STOP_STRING_BYTES} bytes")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(
+                f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.stop_token_ids)}"
+            )
 
 
 # Frozen, so one instance serves every session that keeps the defaults.
@@ -170,6 +187,10 @@ def sample(logits: Tensor, params: list[SamplingParams], rngs: list[SessionRng])
     sub = (logits if every else logits[rand]).float().cpu()  # [R, V]
     chosen = params if every else [params[i] for i in rand]
     if any(p.temperature != 1.0 for p in chosen):  # x / 1.0 is x: skip the division
+        # Each row's best at 0 first: a tiny temperature (1e-38) then sends the others to
+        # -inf, not the best to +inf (inf - inf is NaN: a garbage draw). The softmax is the
+        # same function of the shifted row.
+        sub = sub - sub.max(dim=1, keepdim=True).values
         sub = sub / torch.tensor([p.temperature for p in chosen]).unsqueeze(1)  # [R, 1]
     sorted_logits, order = sort_descending(sub)  # [R, V]; the order only for a NaN row
     probs = torch.softmax(sorted_logits, dim=1)  # [R, V]

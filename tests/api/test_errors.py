@@ -199,6 +199,10 @@ async def test_wrong_input_for_the_model(client: SeqServeClient) -> None:
     )
     await expect_status(_step(client, feats, frames([0.1] * 7)), INVALID, "7 values")
     await expect_status(_step(client, feats, frames([0.1, math.nan, 0.3])), INVALID, "finite")
+    # Finite, but it overflowed the first layer and left the state NaN for every later step.
+    await expect_status(_step(client, feats, frames([3e38, 3e38, 3e38])), INVALID, "within")
+    fine = await _step(client, feats, frames([400.0, 0.5, 0.5]))
+    assert fine.position == 1 and all(math.isfinite(v) for v in fine.prediction.regression.values)
     await expect_status(_step(client, feats, text("abc")), INVALID, "frames")
     await expect_status(_step(client, toks, frames([0.1, 0.2, 0.3])), INVALID, "not frames")
     await expect_stream_status(_generate(client, feats), INVALID, "token model")

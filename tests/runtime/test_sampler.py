@@ -76,6 +76,16 @@ def test_greedy_is_the_argmax_of_each_row() -> None:
     assert out.tolist() == logits.argmax(dim=1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, 1e-45])
+def test_a_temperature_near_zero_draws_the_argmax(temperature: float) -> None:
+    """Inside the valid range (0, 100]: logits / 1e-38 overflowed to inf, inf - inf made the
+    softmax NaN, and the draw was garbage (the least likely token, for one row)."""
+    logits = _logits(16, seed=4, scale=20.0)
+    params = [SamplingParams(temperature=temperature)] * 16
+    draws = sample(logits, params, [SessionRng.seeded(i) for i in range(16)])
+    assert draws.tolist() == logits.argmax(dim=1).tolist()
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -337,6 +347,7 @@ def test_defaults_and_the_edges_of_every_range_are_valid() -> None:
         temperature=0.0, top_k=0, top_p=1.0, max_tokens=1, stop_token_ids=(0, V - 1)
     ).validate(V, 16)
     SamplingParams(temperature=100.0, top_k=V + 5, top_p=1e-9, max_tokens=16).validate(V, 16)
+    SamplingParams(stop_strings=("é" * 128,) * 16, stop_token_ids=(1,) * 1024).validate(V, 16)
 
 
 @pytest.mark.parametrize(
@@ -353,6 +364,9 @@ def test_defaults_and_the_edges_of_every_range_are_valid() -> None:
         (SamplingParams(max_tokens=17), "max_tokens must be in [1, 16]"),
         (SamplingParams(stop_token_ids=(3, V, -1)), f"out of range [0, {V}): [{V}, -1]"),
         (SamplingParams(stop_strings=("ok", "")), "stop strings must not be empty"),
+        (SamplingParams(stop_strings=("s",) * 17), "at most 16 stop strings, got 17"),
+        (SamplingParams(stop_strings=("é" * 129,)), "at most 256 bytes"),
+        (SamplingParams(stop_token_ids=(1,) * 1025), "at most 1024 stop token ids, got 1025"),
     ],
 )
 def test_validate_refuses_each_bad_field(params: SamplingParams, message: str) -> None:
