@@ -226,6 +226,17 @@ class SecuritySettings(BaseModel):
     """Input tokens per second one principal may feed (a token bucket, a second's burst; a
     generation counts its prompt and max_tokens when it starts). 0: no cap."""
 
+    @model_validator(mode="after")
+    def _metrics_tls_has_a_certificate(self) -> SecuritySettings:
+        """Refused here, before anything listens: without the pair the metrics endpoint would
+        be served in plain text, the opposite of what was asked."""
+        if self.metrics_tls and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError(
+                "metrics_tls (SEQSERVE_SECURITY__METRICS_TLS) needs --tls-cert and --tls-key: "
+                "without them the metrics would be served in plain text"
+            )
+        return self
+
 
 class Settings(BaseSettings):
     """All of seqserve's configuration. Env: `SEQSERVE_<FIELD>`, nested with `__`."""

@@ -9,6 +9,7 @@ and its certificate through `auth_context()`, which `HttpContext` gives them fro
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -115,8 +116,8 @@ class Calls:
             raise _too_large(len(raw), self.max_body_bytes)
         if raw.strip():
             try:
-                json_format.Parse(raw.decode("utf-8"), message)
-            except (json_format.ParseError, UnicodeDecodeError) as exc:
+                json_format.ParseDict(_json_object(raw), message)
+            except (json_format.ParseError, ValueError, TypeError) as exc:
                 raise InvalidArgument(f"the request body is not a valid JSON {_name(message)}: "
                                       f"{quote(str(exc), 160)}") from None  # fmt: skip
         for field, value in path_fields.items():
@@ -149,6 +150,34 @@ def _too_large(size: int, limit: int) -> InvalidArgument:
         f"request body of {size} bytes exceeds the limit of {limit} "
         "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send smaller chunks"
     )
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object. Parsed here rather than by `json_format.Parse`, which takes
+    any JSON value: `[]` would be read as `{}` (a call with every field unset) and a string
+    char by char. Duplicate keys are refused, as `json_format.Parse` refuses them."""
+    try:
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError:  # nested deeper than the interpreter's stack
+        raise ValueError("nested too deeply") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"a JSON {_JSON_TYPES.get(type(document), 'value')}, not an object")
+    return document
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"duplicate key {quote(key)}")
+        document[key] = value
+    return document
+
+
+_JSON_TYPES: dict[type, str] = {
+    list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+    type(None): "null",
+}  # fmt: skip
 
 
 def _name(message: Message) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import grpc
 from aiohttp import web
@@ -46,14 +46,24 @@ def loopback_name(host: str) -> bool:
 
 
 def cross_site(request: web.Request, loopback_only: bool) -> str | None:
-    """Why `request` is refused (None: it is not)."""
+    """Why `request` is refused (None: it is not). A Host or Origin that does not parse (`[`)
+    cannot be shown to be this server's, so it is refused like a foreign one."""
     host = request.host  # the Host header, with its port
-    if loopback_only and not loopback_name(urlsplit(f"//{host}").hostname or ""):
+    if loopback_only and not loopback_name(_parsed(f"//{host}").hostname or ""):
         return f"Host {quote(host)} is not this server's loopback address (DNS rebinding?)"
     origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+    if origin is not None and _parsed(origin).netloc.lower() != host.lower():
         return f"cross-origin request from {quote(origin)} refused: use the page at / here"
     return None
+
+
+def _parsed(url: str) -> SplitResult:
+    """`url` split, or an empty one where it does not parse (urlsplit raises ValueError on an
+    unclosed `[`)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return urlsplit("")
 
 
 def guard(loopback_only: Callable[[], bool]) -> Middleware:

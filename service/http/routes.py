@@ -83,12 +83,14 @@ class Routes:
         return await self._unary(request, SESSIONS, "CreateSession", run)
 
     async def get_session(self, request: web.Request) -> web.Response:
+        _refuse_verb(request)
         message = pb.GetSessionRequest(session_id=request.match_info["id"])
         return await self._unary(
             request, SESSIONS, "GetSession", lambda ctx: self.sessions.GetSession(message, ctx)
         )
 
     async def close_session(self, request: web.Request) -> web.Response:
+        _refuse_verb(request)
         message = pb.CloseSessionRequest(session_id=request.match_info["id"])
         return await self._unary(
             request, SESSIONS, "CloseSession", lambda ctx: self.sessions.CloseSession(message, ctx)
@@ -162,6 +164,15 @@ class Routes:
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response
+
+
+def _refuse_verb(request: web.Request) -> None:
+    """A GET or DELETE of `/v1/sessions/{id}:fork` (`:step`, `:generate`) is a known path with
+    another method: 405 with `Allow: POST` (the guard answers it), not "session '{id}:fork' not
+    found" (no session id has a colon)."""
+    session_id, _, verb = request.match_info["id"].rpartition(":")
+    if session_id and verb in SESSION_VERBS:
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
 
 
 async def _event_stream(request: web.Request) -> web.StreamResponse:

@@ -126,7 +126,15 @@ def add_token(path: Path, principal: str, role: str) -> str:
         raise InvalidArgument(f"role must be one of {', '.join(ROLES)}")
     # A recognisable prefix (secret scanners, logs) that also keeps it from reading as a flag.
     token = "sqs_" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(f"{principal} {role} {digest(token)}\n")
+    line = f"{principal} {role} {digest(token)}\n".encode()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as f:
+        f.write(b"\n" + line if _last_line_open(fd) else line)
     return token
+
+
+def _last_line_open(fd: int) -> bool:
+    """Whether the file's last line has no newline (an editor or `printf` left it so): the new
+    line would be glued onto it, spoiling both tokens."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"

@@ -34,6 +34,12 @@ async def _session(http: aiohttp.ClientSession, **fields: object) -> str:
         ('{"model": 12}', "model"),
         ("[1, 2]", "not a valid JSON"),
         (b"\xff\xfe", "not a valid JSON"),
+        ("[]", "a JSON array, not an object"),
+        ('""', "a JSON string, not an object"),
+        ('"model"', "a JSON string, not an object"),
+        ("null", "a JSON null, not an object"),
+        ('{"model": "tok", "model": "tok"}', "duplicate key 'model'"),
+        ('{"model": "tok", "prefix": {"text": "a", "text": "b"}}', "duplicate key 'text'"),
     ],
 )
 async def test_a_body_that_is_not_the_request_is_400(
@@ -41,6 +47,17 @@ async def test_a_body_that_is_not_the_request_is_400(
 ) -> None:
     error = await _error(await http.post("/v1/sessions", data=body), 400, "INVALID_ARGUMENT")
     assert words in error["message"]
+
+
+@pytest.mark.parametrize("body", ["[]", '""', '"maxTokens"'])
+async def test_a_generate_body_that_is_no_object_is_400_and_generates_nothing(
+    http: aiohttp.ClientSession, body: str
+) -> None:
+    sid = await _session(http)
+    await _error(await http.post(f"/v1/sessions/{sid}:generate", data=body), 400,
+                 "INVALID_ARGUMENT")  # fmt: skip
+    session = await (await http.get(f"/v1/sessions/{sid}")).json()
+    assert session["session"]["position"] == "0"
 
 
 async def test_bad_input_is_400_and_the_session_goes_on(http: aiohttp.ClientSession) -> None:

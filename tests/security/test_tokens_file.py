@@ -1,0 +1,51 @@
+"""`seqserve auth add-token` and the tokens file it appends to, on real files."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from service.cli.main import main
+from service.security.principal import Principal
+from service.security.tokens import TokenFile, add_token
+
+
+def _add(path: Path, principal: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """A token made by the real command, as it prints it."""
+    assert main(["auth", "add-token", "--file", str(path), "--principal", principal]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_a_new_file_is_private_and_every_token_it_gets_is_good(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens"
+    alice, bob = _add(path, "alice", capsys), _add(path, "bob", capsys)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    tokens = TokenFile(path)
+    assert tokens.authenticate(alice) == Principal("alice", "client")
+    assert tokens.authenticate(bob) == Principal("bob", "client")
+
+
+@pytest.mark.parametrize("tail", ["", "# alice's laptop", "\r\n"])
+def test_a_token_is_added_on_a_line_of_its_own_after_a_hand_edit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tail: str
+) -> None:
+    """An editor or `printf '%s'` can leave the last line without its newline: the new line
+    must not be glued onto it (both tokens would be lost, and the file refused)."""
+    path = tmp_path / "tokens"
+    alice = _add(path, "alice", capsys)
+    path.write_bytes(path.read_bytes().rstrip(b"\n") + tail.encode())
+    bob = _add(path, "bob", capsys)
+    tokens = TokenFile(path)  # raises on a malformed line
+    assert tokens.authenticate(alice) == Principal("alice", "client")
+    assert tokens.authenticate(bob) == Principal("bob", "client")
+
+
+def test_an_empty_file_gets_no_blank_first_line(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.touch()
+    add_token(path, "carol", "admin")
+    assert path.read_text().splitlines()[0].startswith("carol admin ")
