@@ -256,7 +256,7 @@ class SessionEngine:
         request_id: str = "",
     ) -> Session:
         self._check_open()
-        await self.takeover.ensure(session_id)
+        await self.takeover.ensure(session_id, read_only=True)  # never a stale copy's state
         return await self.maker.fork(session_id, ttl_seconds, seed, request_id)
 
     async def sweep_expired(self) -> int:

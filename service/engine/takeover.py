@@ -24,7 +24,7 @@ from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import SessionMoved, SpillCorrupted
+from service.errors import SeqServeError, SessionMoved, SpillCorrupted
 from service.security.principal import caller, may_see
 from service.sessions import journal_record as jr
 from service.sessions.session import SESSION_ID_PATTERN, Session
@@ -63,14 +63,19 @@ class Takeover:
         if self._state is not None:
             await asyncio.to_thread(self._state.check)
 
-    async def ensure(self, session_id: str, expected_position: int | None = None) -> None:
+    async def ensure(
+        self, session_id: str, expected_position: int | None = None, *, read_only: bool = False
+    ) -> None:
         """Make sure this replica holds `session_id` if the tier has it; afterwards the session
         store answers for it (the session, or why there is none).
 
         A copy this replica still has may be stale without its knowing (another took the
         session over, and this one has not written it since): a request expecting another
         position than the copy's asks the tier whose it is, so a client moving between
-        replicas is not told FAILED_PRECONDITION by a stale copy."""
+        replicas is not told FAILED_PRECONDITION by a stale copy. So does a `read_only`
+        request (a fork: it copies the state and writes nothing of the session, so no write
+        would be refused to tell it the copy was stale), which also restarts the session's
+        TTL in the tier, as a write would."""
         state = self._state
         if state is None or not _ID_RE.fullmatch(session_id):
             return
@@ -81,11 +86,11 @@ class Takeover:
             if not may_see(local.owner):
                 return  # not the caller's: the session store answers NOT_FOUND
             if session_id not in state.moved:
-                if expected_position is None or expected_position == local.position:
+                if not read_only and expected_position in (None, local.position):
                     return
                 if local.busy or local.replay_pending:
                     return  # its own request or replay decides; a stale write is refused
-                epoch = await asyncio.to_thread(state.epoch_of, session_id)
+                epoch = await self._epoch(state, local, keep_alive=read_only)
                 if epoch == local.holder_epoch:
                     return  # ours: the client is wrong, and the lease says so
             self.drop(local)
@@ -100,6 +105,17 @@ class Takeover:
         finally:
             del self._claiming[session_id]
             done.set_result(None)
+
+    @staticmethod
+    async def _epoch(state: SharedState, session: Session, *, keep_alive: bool) -> int:
+        """The session's epoch in the tier; with `keep_alive`, its TTL there restarted if the
+        epoch is this copy's."""
+        if not keep_alive:
+            return await asyncio.to_thread(state.epoch_of, session.session_id)
+        ttl_ms = int(session.ttl_seconds * 1000)
+        return await asyncio.to_thread(
+            state.keep_alive, session.session_id, session.holder_epoch, ttl_ms, session.owner
+        )
 
     def drop(self, session: Session) -> None:
         """Forget this replica's copy of a session another replica holds now."""
@@ -157,8 +173,7 @@ class Takeover:
         if found.epoch and not may_see(_owner(found)):
             return self._sessions.get(session_id)  # not the caller's: NOT_FOUND
         if found.epoch == 0:
-            if found.ended:
-                self._sessions.ended_earlier(session_id, found.ended, found.ended_owner)
+            self._gone(session_id, found)
             return self._sessions.get(session_id)  # raises: NOT_FOUND, or why it ended
         recovery = Recovery(self._sessions, self._versions, self._residency, self._replays)
         session = await recovery.describe(session_id, found.checkpoint, found.records)
@@ -174,8 +189,7 @@ class Takeover:
                 return  # not the caller's: the session store answers NOT_FOUND
         claimed = await asyncio.to_thread(state.claim, session_id)
         if claimed.epoch == 0:
-            if claimed.ended:
-                self._sessions.ended_earlier(session_id, claimed.ended, claimed.ended_owner)
+            self._gone(session_id, claimed)
             return
         state.moved.discard(session_id)
         recovery = Recovery(self._sessions, self._versions, self._residency, self._replays)
@@ -186,6 +200,20 @@ class Takeover:
             self._observer.on_takeover(session.model, str(session.version), elapsed)
             self._observer.on_session_event("taken_over", session.model, str(session.version))
             log.info("took session %s over at epoch %d", session_id, claimed.epoch)
+
+    def _gone(self, session_id: str, found: Claimed) -> None:
+        """The tier has no such session: the session store learns why it ended from its
+        tombstone. Without one, a session this replica let go as moved expired (its TTL lapsed
+        in the tier, which no replica holds it in): NOT_FOUND, not a retry that never lands."""
+        if found.ended:
+            self._sessions.ended_earlier(session_id, found.ended, found.ended_owner)
+            return
+        try:
+            self._sessions.get(session_id)
+        except SessionMoved:
+            self._sessions.ended_earlier(session_id, "expired")
+        except SeqServeError:
+            pass  # never here, or ended here: the store already says which
 
 
 def _owner(found: Claimed) -> str:

@@ -108,6 +108,24 @@ redis.call("HSET", KEYS[1], "holder", ARGV[1])
 return {epoch, redis.call("GET", KEYS[3]), redis.call("LRANGE", KEYS[2], 0, -1)}
 """
 
+# KEYS: h, j, c. ARGV: epoch, ttl ms, the owner's key (or ""). The session's epoch (0: no such
+# session); when it is ARGV[1], its keys (and its place in its owner's set) live ttl ms more.
+_KEEP_ALIVE = """
+local epoch = redis.call("HGET", KEYS[1], "epoch")
+if not epoch then return 0 end
+if epoch == ARGV[1] then
+  local ttl = tonumber(ARGV[2])
+  redis.call("PEXPIRE", KEYS[1], ttl)
+  redis.call("PEXPIRE", KEYS[2], ttl)
+  redis.call("PEXPIRE", KEYS[3], ttl)
+  if ARGV[3] ~= "" then
+    local clock = redis.call("TIME")
+    redis.call("ZADD", ARGV[3], clock[1] * 1000 + math.floor(clock[2] / 1000) + ttl, KEYS[1])
+  end
+end
+return tonumber(epoch)
+"""
+
 # KEYS: an owner's sorted set. Its live sessions (expired ones are dropped first).
 _OWNED = """
 local clock = redis.call("TIME")
@@ -178,6 +196,7 @@ class RedisState(SharedState):
         self._checkpoint = self.client.register_script(_CHECKPOINT)
         self._claim = self.client.register_script(_CLAIM)
         self._peek = self.client.register_script(_PEEK)
+        self._keep_alive = self.client.register_script(_KEEP_ALIVE)
         self._owned = self.client.register_script(_OWNED)
         self._bucket = self.client.register_script(_BUCKET)
 
@@ -277,6 +296,14 @@ class RedisState(SharedState):
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
         return 0 if epoch is None else int(epoch)  # type: ignore[arg-type]
+
+    def keep_alive(self, session_id: str, epoch: int, ttl_ms: int, owner: str = "") -> int:
+        h, j, c, _ = self.keys(session_id)
+        owned = self._owner_key(owner) if owner else ""
+        try:
+            return int(self._keep_alive(keys=[h, j, c], args=[str(epoch), ttl_ms, owned]))
+        except redis.RedisError as exc:
+            raise self.unreachable(exc) from None
 
     def made(self, made_by: str) -> str:
         try:

@@ -12,7 +12,8 @@ journal), its end — is checked against the epoch in the same atomic step that 
 script; a SQLite transaction). A takeover raises the epoch, so the previous holder, however
 alive, has every later write refused and answers UNAVAILABLE; no lock is held between writes,
 so a frozen process keeps nothing from anyone. Keys expire by each session's TTL on the tier's
-clock, refreshed by every write, so a session whose holder died still expires.
+clock, refreshed by every write and every fork of the session (`keep_alive`), so a session whose
+holder died still expires.
 
 `SharedJournal` and `SharedCheckpoints` give the engine the journal and spill-tier interfaces
 of the local tier (`state_tier.py`) over either backend.
@@ -119,6 +120,13 @@ class SharedState:
 
     def epoch_of(self, session_id: str) -> int:
         """The session's current epoch (0: no such session)."""
+        raise NotImplementedError
+
+    def keep_alive(self, session_id: str, epoch: int, ttl_ms: int, owner: str = "") -> int:
+        """The session's current epoch (0: no such session); when that is `epoch`, its TTL
+        restarts as at a write. For a request that uses the session and writes nothing of it (a
+        fork of it): without this a template only forked expires in the tier while its holder
+        keeps it alive. `owner`: its principal, whose count of live sessions it stays in."""
         raise NotImplementedError
 
     def made(self, made_by: str) -> str:

@@ -182,6 +182,22 @@ class SqliteState(SharedState):
 
         return self._transaction(work)
 
+    def keep_alive(self, session_id: str, epoch: int, ttl_ms: int, owner: str = "") -> int:
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> int:
+            row = self._holder(db, session_id, now)
+            if row is None:
+                return 0
+            if row[0] == epoch:  # its owner's count reads the same expiry
+                db.execute(
+                    "UPDATE holders SET expires = ? WHERE sid = ?",
+                    (now + ttl_ms / 1000.0, session_id),
+                )
+            return row[0]
+
+        return self._transaction(work)
+
     def made(self, made_by: str) -> str:
         now = time.time()
 

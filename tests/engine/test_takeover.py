@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from service.errors import (
     QuotaExceeded,
     SeqServeError,
     SessionClosed,
+    SessionExpired,
     SessionMoved,
     SessionNotFound,
     StateTierUnusable,
@@ -414,3 +416,76 @@ async def test_generations_and_prefixes_are_charged_their_real_size(
     await engine.create_session("tok", prefix=toks(*range(50)))  # a full bucket allows it
     with pytest.raises(QuotaExceeded):
         await engine.create_session("tok", prefix=toks(1))
+
+
+async def test_a_fork_on_a_stale_copy_forks_the_state_the_tier_holds(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """b moved the session on since a last wrote it; a fork through a checks a's copy against
+    the tier first and takes the session back: the child starts at b's position and state."""
+    a, b = await _replicas(make_engine, state_url)
+    roomy = await make_engine(durability="shutdown")
+    s, _ = await a.create_session("tok", seed=2)
+    r, _ = await roomy.create_session("tok", seed=2)
+    for engine, sid in ((a, s.session_id), (roomy, r.session_id)):
+        await engine.feed(sid, toks(1, 2))
+    await b.feed(s.session_id, toks(3, 4))
+    await roomy.feed(r.session_id, toks(3, 4))
+    child = await a.fork_session(s.session_id)
+    ref_child = await roomy.fork_session(r.session_id)
+    assert child.position == ref_child.position == 4
+    got, want = (
+        await a.feed(child.session_id, toks(5)),
+        await roomy.feed(ref_child.session_id, toks(5)),
+    )
+    assert got.position == want.position == 5 and close(got.prediction, want.prediction)
+
+
+async def test_a_session_only_forked_stays_alive_in_the_tier(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """A template forked per request writes nothing of itself: each fork restarts its TTL in
+    the tier as a write would, so the tier keeps it as long as its holder does."""
+    a, b = await _replicas(make_engine, state_url)
+    s, _ = await a.create_session("tok", seed=1, ttl_seconds=1.0)
+    await a.feed(s.session_id, toks(1, 2))
+    for _ in range(6):  # 2.4 s of forks only: over twice its TTL
+        await asyncio.sleep(0.4)
+        child = await a.fork_session(s.session_id)
+        await a.close_session(child.session_id)
+    assert (await b.describe_session(s.session_id)).position == 2  # still in the tier
+    assert (await a.feed(s.session_id, toks(3))).position == 3
+
+
+def _lapse_in_tier(state_url: str, session_id: str) -> None:
+    """What a TTL lapsed in the tier leaves of a session: neither its record nor a tombstone."""
+    if state_url.startswith("redis"):
+        redis.Redis.from_url(state_url).delete(*(f"seqserve:{k}:{session_id}" for k in "hjc"))
+        return
+    db = sqlite3.connect(state_url.removeprefix("sqlite:"))
+    with db:
+        for table in ("holders", "checkpoints", "journal"):
+            db.execute(f"DELETE FROM {table} WHERE sid = ?", (session_id,))
+    db.close()
+
+
+async def test_a_session_gone_from_the_tier_is_expired_not_moved(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """No record and no tombstone in the tier: nobody holds the session, so a replica that let
+    its copy go answers NOT_FOUND (expired), every time — not UNAVAILABLE "retry" forever."""
+    a, b = await _replicas(make_engine, state_url)
+    held, _ = await a.create_session("tok")  # a holds it when it lapses
+    moved, _ = await a.create_session("tok")  # b took it over; a's copy is stale
+    await a.feed(held.session_id, toks(1))
+    await a.feed(moved.session_id, toks(1))
+    await b.feed(moved.session_id, toks(2))
+    _lapse_in_tier(state_url, held.session_id)
+    _lapse_in_tier(state_url, moved.session_id)
+    with pytest.raises(SessionExpired):  # the refused write, then the client's retry
+        await _retried(lambda: a.feed(held.session_id, toks(2)))
+    with pytest.raises(SessionExpired):  # a asks the tier (another position) and learns it
+        await a.feed(moved.session_id, toks(3), expected_position=2)
+    for sid in (held.session_id, moved.session_id):
+        with pytest.raises(SessionExpired):
+            await a.feed(sid, toks(4))

@@ -49,3 +49,26 @@ def test_opening_waits_for_another_process_opening_the_same_database(tmp_path: P
     assert {"holders", "journal", "checkpoints"} <= {
         name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
+
+
+def _expires(path: Path, session_id: str) -> float:
+    db = sqlite3.connect(path)
+    (expires,) = db.execute("SELECT expires FROM holders WHERE sid = ?", (session_id,)).fetchone()
+    db.close()
+    return float(expires)
+
+
+def test_keep_alive_restarts_the_ttl_only_for_the_holder(tmp_path: Path) -> None:
+    """A session forked and never written lives on in the tier, kept alive by its holder; a
+    stale copy's keep-alive (another epoch) neither extends it nor is told it holds it."""
+    path = tmp_path / "state.db"
+    state = SqliteState(path)
+    state.check()
+    assert state.checkpoint("s1", 1, 1_000, b"checkpoint", first=True)
+    made = _expires(path, "s1")
+    assert state.keep_alive("s1", 2, 60_000) == 1  # not its epoch: untouched
+    assert _expires(path, "s1") == made
+    assert state.keep_alive("s1", 1, 60_000) == 1
+    assert _expires(path, "s1") > made + 50
+    assert state.keep_alive("nobody", 1, 60_000) == 0
+    state.close()
