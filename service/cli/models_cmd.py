@@ -108,7 +108,10 @@ def _fail(exc: SeqServeError) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    snap = _store(args).snapshot()
+    try:
+        snap = _store(args).snapshot()
+    except SeqServeError as exc:  # the store root is not a readable folder
+        return _fail(exc)
     if args.json:
         print(json.dumps([_model_json(m) for m in snap.models.values()], indent=2))
         return 0
@@ -170,7 +173,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    results = _store(args).verify()
+    try:
+        results = _store(args).verify()
+    except SeqServeError as exc:
+        return _fail(exc)
     bad = [r for r in results if not r.ok]
     if args.json:
         print(
@@ -219,8 +225,12 @@ def _alias(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
-        renames = tuple(_parse_rename(r) for r in args.rename_prefix)
+        from service.registry.aliases import validate_alias_name
         from service.registry.checkpoint_import import ImportSpec
+
+        if args.alias is not None:  # before publishing: a refused alias must leave no version
+            validate_alias_name(args.alias)
+        renames = tuple(_parse_rename(r) for r in args.rename_prefix)
 
         spec = ImportSpec(
             rename_prefixes=renames,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument, SeqServeError
+from service.registry.aliases import validate_alias_name
 from service.settings import Settings
 
 if TYPE_CHECKING:  # torch and training are imported when the command runs: --help stays fast
@@ -134,6 +135,8 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
                   "seq_len", "lr"):  # fmt: skip
         if getattr(resolved, field) is None:
             setattr(resolved, field, getattr(defaults, field))
+    if resolved.alias is not None:  # before training and publishing, not after
+        validate_alias_name(resolved.alias)
     if resolved.eval_bytes is not None and resolved.task != "text":
         raise InvalidArgument("--eval-bytes applies to --task text only")
     if resolved.cell == "lstm":

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.version_loader import VersionLoader
 from service.errors import InvalidArgument, NotFound, SeqServeError
+from service.registry.snapshot import ModelEntry
 from service.registry.store import ModelStore
 from service.registry.store_changes import StoreChanges
 from service.registry.version_rule import VersionRule
@@ -193,17 +194,23 @@ class ServedVersions:
         served = self._served.get((name, version))
         if served is None or served.sessions > 0 or served.unloading:
             return
-        if (name, version) in self._preloaded:
-            return
         try:
             entry = await asyncio.to_thread(self.store.model, name)
             current: int | None = await asyncio.to_thread(self.rule.version_for, entry, "")
         except SeqServeError:  # the model vanished or is broken: nothing resolves to it
             entry, current = None, None
-        aliased = entry is not None and version in entry.aliases.values()
-        if current == version or aliased or served.sessions > 0 or served.unloading:
+        if self.wanted(served, entry, current) or served.sessions > 0 or served.unloading:
             return
         await self.unload(served)
+
+    def wanted(self, served: ServedVersion, entry: ModelEntry | None, default: int | None) -> bool:
+        """Whether new sessions may still ask for `served` though none runs on it: it is the
+        model's `default` version (what "" resolves to now), an alias in `entry` points at it,
+        or the preload setting names it. Such a version stays loaded (`release_if_unused` and
+        the store watcher both ask here, so a poll never undoes what start-up loaded)."""
+        key = (served.name, served.version)
+        aliased = entry is not None and served.version in entry.aliases.values()
+        return key in self._preloaded or aliased or default == served.version
 
     async def unload(self, served: ServedVersion) -> None:
         served.unloading = True

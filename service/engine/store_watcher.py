@@ -1,8 +1,10 @@
 """Watches the model store while the server runs (`registry_poll_seconds`).
 
 Each poll: log where new sessions of each served model now go and preload that version; unload
-served versions whose files broke or that nothing needs any more. Problems are logged once when
-they appear and once when they clear, not at every poll.
+served versions whose files broke or that nothing needs any more: no session runs on them and
+new sessions no longer ask for them (`ServedVersions.wanted`: not the default version, not
+aliased, not named by `engine.preload`; the rule `release_if_unused` follows too). Problems are
+logged once when they appear and once when they clear, not at every poll.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class StoreWatcher:
                     await self._versions.unload(sv)
                 continue
             self._report(subject, None)
-            if sv.sessions == 0 and not sv.unloading and self._defaults.get(sv.name) != sv.version:
+            wanted = self._versions.wanted(sv, entry, self._defaults.get(sv.name))
+            if sv.sessions == 0 and not sv.unloading and not wanted:
                 await self._versions.unload(sv)
 
     async def _follow_default(self, name: str, entry: ModelEntry | None) -> None:

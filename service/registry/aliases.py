@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from service.errors import InvalidArgument, quote
+from service.errors import FailedPrecondition, InvalidArgument, quote
 from service.registry.atomic import replace_durably
 
 ALIASES_FILE = "aliases.json"
@@ -69,17 +69,35 @@ def read_aliases(model_dir: Path) -> dict[str, int]:
 
 
 def write_aliases(model_dir: Path, aliases: Mapping[str, int]) -> None:
-    """Replace aliases.json atomically; the caller holds `aliases_locked`."""
+    """Replace aliases.json atomically; the caller holds `aliases_locked`. Raises
+    FailedPrecondition when the store cannot be written."""
     body = json.dumps(dict(sorted(aliases.items())), indent=2) + "\n"
-    replace_durably(model_dir / ALIASES_FILE, body.encode("utf-8"))
+    try:
+        replace_durably(model_dir / ALIASES_FILE, body.encode("utf-8"))
+    except OSError as exc:
+        raise _unwritable(model_dir, exc) from exc
 
 
 @contextlib.contextmanager
 def aliases_locked(model_dir: Path) -> Iterator[None]:
-    """Hold the model's alias lock (advisory, released when the block ends)."""
-    with (model_dir / LOCK_FILE).open("a") as lock:
+    """Hold the model's alias lock (advisory, released when the block ends). Raises
+    FailedPrecondition when the lock file cannot be opened: the store is read-only (a
+    ReadOnlyMany volume), full or not ours to write, so no alias can change."""
+    try:
+        lock = (model_dir / LOCK_FILE).open("a")
+    except OSError as exc:
+        raise _unwritable(model_dir, exc) from exc
+    with lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _unwritable(model_dir: Path, exc: OSError) -> FailedPrecondition:
+    # The model's name, not the folder: clients never see the server's paths.
+    return FailedPrecondition(
+        f"cannot change the aliases of {model_dir.name!r}: the model store cannot be written "
+        f"({exc.strerror or exc})"
+    )

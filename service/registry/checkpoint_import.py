@@ -57,15 +57,8 @@ def checkpoint_to_model(
     tensors = _rename(_read_state_dict(path, spec.key), spec.rename_prefixes)
     where = str(path)
     rnn = _take_rnn(tensors, where)
-    hidden = rnn["weight_hh_l0"].shape[1]
-    gates = rnn["weight_hh_l0"].shape[0] // hidden
-    cell = _CELL_BY_GATES.get(gates) if gates * hidden == rnn["weight_hh_l0"].shape[0] else None
-    if cell is None:
-        raise InvalidCheckpoint(
-            f"{where}: weight_hh_l0 has shape {list(rnn['weight_hh_l0'].shape)}: not an LSTM "
-            "([4*hidden, hidden]) or GRU ([3*hidden, hidden])"
-        )
-    embed_dim = rnn["weight_ih_l0"].shape[1]
+    cell, hidden = _cell_and_hidden(rnn["weight_hh_l0"], where)
+    embed_dim = _matrix(rnn, "weight_ih_l0", where)[1]
     out = {f"rnn.{k}": v for k, v in rnn.items()}
 
     input_kind, input_dim = _take_input(tensors, out, embed_dim, where)
@@ -102,6 +95,29 @@ def checkpoint_to_model(
     except WeightsMismatch as exc:
         raise InvalidCheckpoint(exc.message) from exc
     return config, out
+
+
+def _cell_and_hidden(weight_hh: torch.Tensor, where: str) -> tuple[str, int]:
+    """The cell kind and hidden size `weight_hh_l0` ([gates * hidden, hidden]) describes."""
+    shape = tuple(weight_hh.shape)
+    rows, hidden = shape if len(shape) == 2 else (0, 0)
+    gates = rows // hidden if hidden else 0
+    cell = _CELL_BY_GATES.get(gates) if hidden and gates * hidden == rows else None
+    if cell is None:
+        raise InvalidCheckpoint(
+            f"{where}: weight_hh_l0 has shape {list(shape)}: not an LSTM ([4*hidden, hidden]) "
+            "or GRU ([3*hidden, hidden])"
+        )
+    return cell, hidden
+
+
+def _matrix(tensors: Mapping[str, torch.Tensor], name: str, where: str) -> tuple[int, int]:
+    """The shape of `tensors[name]`, which must be a matrix with no empty side: the
+    architecture is read off its widths."""
+    shape = tuple(tensors[name].shape)
+    if len(shape) != 2 or 0 in shape:
+        raise InvalidCheckpoint(f"{where}: {name} has shape {list(shape)}: expected a matrix")
+    return shape[0], shape[1]
 
 
 def _read_state_dict(path: Path, key: str | None) -> dict[str, torch.Tensor]:
@@ -188,11 +204,11 @@ def _take_input(
     """Move the input layer from `tensors` to `out`; return its kind and width."""
     if "embedding.weight" in tensors:
         out["embedding.weight"] = tensors.pop("embedding.weight")
-        return "tokens", out["embedding.weight"].shape[0]
+        return "tokens", _matrix(out, "embedding.weight", where)[0]
     if "input_proj.weight" in tensors and "input_proj.bias" in tensors:
         out["input_proj.weight"] = tensors.pop("input_proj.weight")
         out["input_proj.bias"] = tensors.pop("input_proj.bias")
-        return "features", out["input_proj.weight"].shape[1]
+        return "features", _matrix(out, "input_proj.weight", where)[1]
     raise InvalidCheckpoint(
         f"{where}: no input layer. The recurrent weights take {embed_dim} inputs; the checkpoint "
         f"also needs 'embedding.weight' [vocab_size, {embed_dim}] for token input, or "
@@ -209,7 +225,7 @@ def _take_head(
     if "head.weight" in tensors and "head.bias" in tensors:
         out["head.weight"] = tensors.pop("head.weight")
         out["head.bias"] = tensors.pop("head.bias")
-        return out["head.weight"].shape[0]
+        return _matrix(out, "head.weight", where)[0]
     raise InvalidCheckpoint(
         f"{where}: no head. The checkpoint needs 'head.weight' [outputs, {hidden}] and "
         "'head.bias' [outputs] (a Linear over the last hidden state: outputs = vocab_size for "

@@ -17,7 +17,14 @@ from types import MappingProxyType
 
 from pydantic import ValidationError
 
-from service.errors import AliasNotFound, ModelNotFound, VersionNotFound, VersionUnusable, quote
+from service.errors import (
+    AliasNotFound,
+    FailedPrecondition,
+    ModelNotFound,
+    VersionNotFound,
+    VersionUnusable,
+    quote,
+)
 from service.models.tokenizer import get_tokenizer
 from service.registry.aliases import ALIASES_FILE, AliasFileError, read_aliases
 from service.registry.manifest import MANIFEST_FILE, Manifest, TokensInput
@@ -156,11 +163,17 @@ def scan_store(root: Path) -> StoreSnapshot:
 
 
 def model_dir_names(root: Path) -> list[str]:
-    """Model folder names under `root`, sorted; hidden entries (temp folders, locks) skipped."""
+    """Model folder names under `root`, sorted; hidden entries (temp folders, locks) skipped.
+    Raises FailedPrecondition when `root` is there but no folder that can be listed (a file,
+    no permission): calling that an empty store would hide the mistake."""
     try:
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"the model store {root} is not a readable folder: {exc.strerror or exc}"
+        ) from exc
 
 
 def scan_model(model_dir: Path) -> ModelEntry:

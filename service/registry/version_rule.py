@@ -2,13 +2,14 @@
 intact: shared by `CreateSession`, `ListModels`/`GetModel` and the server's store watcher.
 
 A version serves new sessions while its manifest is usable and its weights hash to the digest
-the manifest records. Digest verdicts are remembered per weights file while the file is
-unchanged, so asking again costs a stat, not a hash.
+the manifest records and fit the architecture it describes (what loading checks). Verdicts are
+remembered per weights file while the file is unchanged, so asking again costs a stat, not a
+hash.
 """
 
 from __future__ import annotations
 
-from service.errors import DigestMismatch, VersionUnusable
+from service.errors import DigestMismatch, VersionUnusable, WeightsMismatch
 from service.registry.digests import DigestVerdicts
 from service.registry.snapshot import ModelEntry
 from service.registry.version_spec import LATEST, PRODUCTION
@@ -23,10 +24,11 @@ class VersionRule:
         `ListModels` and `GetModel` share.
 
         As `entry.resolve(spec)`, except that when `spec` means the latest version ("latest", or
-        "" without a `production` alias) a version whose weights fail their digest is skipped,
-        like one whose manifest is malformed, for the next older one. Asked for by number or
-        alias, such a version is not skipped (loading it raises DigestMismatch). Blocking: may
-        hash weights files, each once per change."""
+        "" without a `production` alias) a version whose weights fail their digest or do not fit
+        its manifest is skipped, like one whose manifest is malformed, for the next older one.
+        Asked for by number or alias, such a version is not skipped (loading it raises
+        DigestMismatch / WeightsMismatch). Blocking: may read weights files, each once per
+        change."""
         version = entry.resolve(spec)
         spec = spec.strip()
         if not (spec == LATEST or (spec == "" and PRODUCTION not in entry.aliases)):
@@ -35,7 +37,7 @@ class VersionRule:
         for i, candidate in enumerate(candidates):
             try:
                 self.check_weights(entry, candidate)
-            except DigestMismatch:
+            except (DigestMismatch, WeightsMismatch):
                 if i + 1 == len(candidates):
                     raise
                 continue
@@ -43,11 +45,14 @@ class VersionRule:
         raise AssertionError("unreachable: the loop returns or raises")
 
     def check_weights(self, entry: ModelEntry, version: int) -> None:
-        """DigestMismatch / VersionUnusable unless `version`'s weights are usable and hash to
-        their manifest's digest (hashed again only when the file changed)."""
+        """DigestMismatch / WeightsMismatch / VersionUnusable unless `version`'s weights are
+        usable, hash to their manifest's digest and fit its architecture (read again only when
+        the file changed)."""
         found = entry.usable(version)
-        assert found.manifest is not None
-        self._digests.check(found.path / found.manifest.weights_file, found.manifest.weights_sha256)
+        manifest = found.manifest
+        assert manifest is not None
+        weights = found.path / manifest.weights_file
+        self._digests.check(weights, manifest.weights_sha256, manifest.to_config())
 
     def check_unchanged(self, entry: ModelEntry, version: int, fingerprint: str) -> None:
         """Raise unless `version` is still in the store as it was loaded (with `fingerprint`):
@@ -64,4 +69,7 @@ class VersionRule:
                 f"{what}: its manifest on disk changed since it was loaded; it takes no new "
                 "sessions"
             )
-        self.check_weights(entry, version)
+        # The digest alone: the fingerprint covers digest and architecture, and these bytes fit
+        # that architecture when they were loaded (no parse per new session).
+        weights = found.path / found.manifest.weights_file
+        self._digests.check(weights, found.manifest.weights_sha256)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -77,6 +80,18 @@ def test_list_reports_refused_versions(store: ModelStore, capsys) -> None:
     code, _, err = _run(capsys, "models", "list", "--store", str(store.root))
     assert code == 0
     assert f"refused: {manifest}: invalid manifest" in err
+
+
+@pytest.mark.parametrize("action", ["list", "verify"])
+def test_a_store_that_is_a_file_exits_1_with_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    root = tmp_path / "store"
+    root.write_text("not a folder")
+    code, out, err = _run(capsys, "models", action, "--store", str(root))
+    assert code == 1
+    assert out == ""
+    assert err == f"error: the model store {root} is not a readable folder: Not a directory\n"
 
 
 def test_store_defaults_to_the_setting(
@@ -173,6 +188,28 @@ def test_alias_errors(
     assert dict(store.model("bytes-lstm").aliases) == {"production": 1}
 
 
+def test_alias_on_a_read_only_store_exits_1_with_an_error(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Path.open
+
+    def read_only(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        # A read-only mount cannot be made in a test: refuse writes where the store opens files.
+        if self.is_relative_to(store.root) and any(m in mode for m in "wax"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", read_only)
+    for argv in (["bytes-lstm", "staging", "2"], ["--delete", "bytes-lstm", "production"]):
+        code, _, err = _run(capsys, "models", "alias", *argv, "--store", str(store.root))
+        assert code == 1
+        assert err == (
+            "error: cannot change the aliases of 'bytes-lstm': the model store cannot be "
+            "written (Read-only file system)\n"
+        )
+    assert dict(store.model("bytes-lstm").aliases) == {"production": 1}
+
+
 def test_import_a_torch_gru_checkpoint(
     store: ModelStore, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -212,3 +249,20 @@ def test_import_bad_checkpoint_exits_2(
     assert code == 2
     assert "no input layer" in err
     assert "x" not in store.snapshot().models
+
+
+@pytest.mark.parametrize(
+    ("alias", "message"), [("latest", "is reserved"), ("Prod", "invalid alias 'Prod'")]
+)
+def test_import_with_a_bad_alias_exits_2_and_publishes_nothing(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], tmp_path: Path, alias: str, message: str
+) -> None:
+    ckpt = tmp_path / "co2.pt"
+    torch.save(store.load("co2-gru", 1).model.state_dict(), ckpt)
+    code, _, err = _run(
+        capsys, "models", "import", "co2-gru", str(ckpt), "--alias", alias,
+        "--store", str(store.root),
+    )  # fmt: skip
+    assert code == 2
+    assert message in err
+    assert store.model("co2-gru").usable_versions == (1,)

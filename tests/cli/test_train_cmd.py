@@ -99,6 +99,17 @@ def test_contradictory_flags_exit_2_and_publish_nothing(
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("alias", "message"), [("latest", "is reserved"), ("Prod", "invalid alias 'Prod'")]
+)
+def test_a_bad_alias_exits_2_before_anything_is_published(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], alias: str, message: str
+) -> None:
+    assert main([*TINY_SERIES, "--alias", alias, *_store_args(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_non_positive_sizes_are_rejected_by_the_parser(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exited:
         main([*TINY_TEXT, "--steps", "0", *_store_args(tmp_path)])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +78,44 @@ def test_a_malformed_aliases_file_is_not_overwritten(model: ModelStore) -> None:
     with pytest.raises(FailedPrecondition, match="fix or remove it"):
         model.delete_alias("m", "production")
     assert path.read_text() == '{"production": true}'
+
+
+def _refuse_writes(
+    monkeypatch: pytest.MonkeyPatch, under: Path, code: int, modes: str = "wax"
+) -> None:
+    """Files under `under` open for reading only; opening one to write raises OSError(`code`),
+    as on a read-only mount (EROFS) or a full disk (ENOSPC). A test cannot mount a read-only
+    filesystem, so the refusal is simulated where the store opens its files."""
+    real = Path.open
+
+    def refusing_open(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if self.is_relative_to(under) and any(m in mode for m in modes):
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+
+
+def test_a_read_only_store_refuses_alias_changes_as_a_failed_precondition(
+    model: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model.set_alias("m", "production", 1)
+    _refuse_writes(monkeypatch, model.root, errno.EROFS)
+    want = "cannot change the aliases of 'm': the model store cannot be written (Read-only"
+    with pytest.raises(FailedPrecondition, match=re.escape(want)) as info:
+        model.set_alias("m", "staging", 2)
+    assert str(model.root) not in info.value.message  # clients never see the server's paths
+    with pytest.raises(FailedPrecondition, match=re.escape(want)):
+        model.delete_alias("m", "production")
+    assert _on_disk(model) == {"production": 1}
+
+
+def test_a_failed_aliases_write_is_a_failed_precondition(
+    model: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model.set_alias("m", "production", 1)
+    _refuse_writes(monkeypatch, model.root, errno.ENOSPC, modes="x")  # the lock still opens
+    with pytest.raises(FailedPrecondition, match="cannot be written \\(No space left"):
+        model.set_alias("m", "production", 2)
+    assert _on_disk(model) == {"production": 1}
+    assert not [p for p in (model.root / "m").iterdir() if p.name.endswith(".tmp")]

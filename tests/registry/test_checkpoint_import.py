@@ -155,3 +155,25 @@ def test_arbitrary_pickled_objects_are_not_loaded(store: ModelStore, tmp_path: P
 def test_missing_file(store: ModelStore, tmp_path: Path) -> None:
     with pytest.raises(InvalidCheckpoint, match="no such file"):
         store.import_checkpoint("m", tmp_path / "absent.pt")
+
+
+@pytest.mark.parametrize(
+    ("name", "tensor", "message"),
+    [
+        ("rnn.weight_hh_l0", torch.zeros(3), r"weight_hh_l0 has shape \[3\]: not an LSTM"),
+        ("rnn.weight_hh_l0", torch.zeros(0, 0), r"weight_hh_l0 has shape \[0, 0\]: not an LSTM"),
+        ("rnn.weight_ih_l0", torch.zeros(32), r"weight_ih_l0 has shape \[32\]: expected a matrix"),
+        ("embedding.weight", torch.zeros(256), r"embedding\.weight has shape \[256\]: expected"),
+        ("head.weight", torch.zeros(0, 8), r"head\.weight has shape \[0, 8\]: expected a matrix"),
+    ],
+)
+def test_tensors_of_the_wrong_rank_are_refused_by_name(
+    store: ModelStore, tmp_path: Path, name: str, tensor: torch.Tensor, message: str
+) -> None:
+    """The architecture is read off these tensors' widths: a vector or an empty matrix where a
+    matrix belongs is a bad checkpoint, not a crash."""
+    state = {**seeded_model(small_config("lstm")).state_dict(), name: tensor}
+    ckpt = _save(state, tmp_path / "bad.pt")
+    with pytest.raises(InvalidCheckpoint, match=message):
+        store.import_checkpoint("m", ckpt)
+    assert store.snapshot().models == {}

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from service.errors import FailedPrecondition
 from service.registry.store import ModelStore
 
 from .conftest import PublishFn, small_config
@@ -125,6 +127,16 @@ def test_missing_root_is_an_empty_store(tmp_path: Path) -> None:
     snap = ModelStore(tmp_path / "nowhere").snapshot()
     assert dict(snap.models) == {}
     assert snap.problems == ()
+
+
+def test_a_root_that_is_a_file_is_refused_not_an_empty_store(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.write_text("not a folder")
+    want = f"the model store {root} is not a readable folder: Not a directory"
+    with pytest.raises(FailedPrecondition, match=re.escape(want)):
+        ModelStore(root).snapshot()
+    with pytest.raises(FailedPrecondition, match=re.escape(want)):
+        ModelStore(root).model("m")
 
 
 def test_snapshot_is_immutable_and_follows_the_disk(store: ModelStore, publish: PublishFn) -> None:

@@ -1,0 +1,69 @@
+"""`VersionRule`: which version new sessions get, skipping a newest version that would not load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.errors import WeightsMismatch
+from service.registry import digests
+from service.registry.store import ModelStore
+from service.registry.version_rule import VersionRule
+
+from .conftest import PublishFn
+
+
+def _set_hidden_size(store: ModelStore, version: int, hidden_size: int) -> Path:
+    """Edit version `version`'s manifest: it still parses and its digest still matches the
+    weights, but it describes another architecture than the tensors have."""
+    path = store.root / "m" / str(version) / "manifest.json"
+    body: dict[str, Any] = json.loads(path.read_text())
+    body["hidden_size"] = hidden_size
+    path.write_text(json.dumps(body))
+    return path
+
+
+@pytest.fixture
+def misfit(store: ModelStore, publish: PublishFn) -> ModelStore:
+    """Model `m`: version 1 whole; version 2's manifest says hidden_size 16, its tensors 8."""
+    publish("m", seed=1)
+    publish("m", seed=2)
+    _set_hidden_size(store, 2, 16)
+    return store
+
+
+def test_latest_skips_a_newest_version_whose_tensors_do_not_fit_its_manifest(
+    misfit: ModelStore,
+) -> None:
+    rule, entry = VersionRule(), misfit.model("m")
+    assert entry.usable_versions == (1, 2)  # the scan reads manifests only: it cannot tell
+    assert rule.version_for(entry, "") == 1
+    assert rule.version_for(entry, "latest") == 1
+    # Asked for by number, it is not skipped: it is refused, as loading it is.
+    assert rule.version_for(entry, "2") == 2
+    with pytest.raises(WeightsMismatch, match=r"rnn\.weight_hh_l0 has shape \[32, 8\]"):
+        rule.check_weights(entry, 2)
+    with pytest.raises(WeightsMismatch):
+        misfit.load("m", 2)
+
+
+def test_the_verdict_is_kept_until_the_manifest_describes_the_tensors_again(
+    misfit: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[Path] = []
+    real = digests.read_verified
+
+    def counting(path: Path, expected: str) -> bytes:
+        reads.append(path)
+        return real(path, expected)
+
+    monkeypatch.setattr(digests, "read_verified", counting)
+    rule = VersionRule()
+    for _ in range(3):
+        assert rule.version_for(misfit.model("m"), "") == 1
+    assert len(reads) == 2  # each weights file read once, not at every question
+    _set_hidden_size(misfit, 2, 8)  # fixed: the manifest fits the tensors again
+    assert rule.version_for(misfit.model("m"), "") == 2
