@@ -173,8 +173,12 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if not store.root.exists():  # a mistyped path must not pass as "0 of 0 versions ok"
+        print(f"error: the model store {store.root} does not exist", file=sys.stderr)
+        return 1
     try:
-        results = _store(args).verify()
+        results = store.verify()
     except SeqServeError as exc:
         return _fail(exc)
     bad = [r for r in results if not r.ok]

@@ -199,6 +199,24 @@ class ModelStore:
         )
         data = serialize(state_dict)
         digest = sha256_hex(data)
+        try:
+            return self._publish(name, config, data, digest, description, training, tokenizer)
+        except OSError as exc:  # read-only, full, not a folder: not a bug of ours
+            raise FailedPrecondition(
+                f"cannot publish {quote(name)}: the model store cannot be written "
+                f"({exc.strerror or type(exc).__name__})"
+            ) from None
+
+    def _publish(
+        self,
+        name: str,
+        config: ModelConfig,
+        data: bytes,
+        digest: str,
+        description: str,
+        training: Training,
+        tokenizer: str,
+    ) -> Manifest:
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(_PUBLISH_ATTEMPTS):

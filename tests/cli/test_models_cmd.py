@@ -266,3 +266,34 @@ def test_import_with_a_bad_alias_exits_2_and_publishes_nothing(
     assert code == 2
     assert message in err
     assert store.model("co2-gru").usable_versions == (1,)
+
+
+def test_verify_of_a_store_that_does_not_exist_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --store in CI must not pass as "0 of 0 versions ok"."""
+    missing = tmp_path / "no-such-store"
+    code, out, err = _run(capsys, "models", "verify", "--store", str(missing))
+    assert (code, out) == (1, "")
+    assert err == f"error: the model store {missing} does not exist\n"
+
+
+def test_import_into_a_store_that_is_a_file_exits_1_with_an_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    root.write_text("not a folder")
+    ckpt = tmp_path / "gru.pt"
+    torch.save(
+        {
+            **{f"encoder.{k}": v for k, v in nn.GRU(4, 8, batch_first=True).state_dict().items()},
+            "input_proj.weight": torch.zeros(4, 3),
+            "input_proj.bias": torch.zeros(4),
+            "head.weight": torch.zeros(2, 8),
+            "head.bias": torch.zeros(2),
+        },
+        ckpt,
+    )
+    code, out, err = _run(capsys, "models", "import", "co2", str(ckpt), "--store", str(root))
+    assert (code, out) == (1, "")
+    assert err.startswith("error: cannot publish 'co2': the model store cannot be written (")
