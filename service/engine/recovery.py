@@ -132,6 +132,8 @@ class Recovery:
     async def _recover(self, plans: dict[str, _Plan], oldest_segment: int) -> RecoveryReport:
         by_version: dict[tuple[str, int], list[_Plan]] = {}
         for plan in plans.values():
+            if not _needs_replay(plan):
+                continue  # its checkpoint holds every journaled step: nothing to load or check
             s = plan.session
             by_version.setdefault((s.model, s.version), []).append(plan)
         pending = steps = lost = 0
@@ -141,7 +143,7 @@ class Recovery:
             except SeqServeError as exc:
                 why = f"its version {model}:{version} cannot be loaded: {exc.message}"
                 for plan in group:
-                    self._lose(plan, why, VersionGone)
+                    self._hold(plan, why, oldest_segment)
                 lost += len(group)
                 continue
             for plan in group:
@@ -218,6 +220,31 @@ class Recovery:
 
     def _lose(self, plan: _Plan, why: str, error: type[SeqServeError] = SessionLost) -> None:
         lose(self._sessions, self._residency, plan.session, why, error)
+
+    def _hold(self, plan: _Plan, why: str, oldest_segment: int) -> None:
+        """Refuse a session whose version cannot be loaded now (VersionGone), keeping what it
+        is made of: its checkpoint stays in the tier and its journal segments stay (pinned
+        until the server stops; the journal keeps pinned segments then too), so it comes back
+        at a restart once the store holds the version again. Closing it deletes them."""
+        session = plan.session
+        log.error("session %s cannot be recovered now: %s", session.session_id, why)
+        if self._sessions.contains(session.session_id):  # adopted from its checkpoint
+            self._sessions.remove(session, "lost")
+            self._versions.unpin(session.model, session.version)
+        self._sessions.mark_broken(session.session_id, why, VersionGone, owner=session.owner)
+        journal = self._residency.durability.journal
+        if journal is not None and oldest_segment:
+            journal.pin(oldest_segment)
+
+
+def _needs_replay(plan: _Plan) -> bool:
+    """A new session (its CREATE is its base), or one with steps journaled after its
+    checkpoint. Records at or before the checkpoint's position (a checkpoint written after
+    them, their segment not deleted yet) need nothing: its position is a step's boundary."""
+    if plan.fresh:
+        return True
+    base = plan.session.position
+    return any(r.position >= base for r in plan.records if r.kind != jr.GEN_START)
 
 
 def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # type: ignore[type-arg]

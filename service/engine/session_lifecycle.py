@@ -152,6 +152,8 @@ class SessionLifecycle:
             return child
 
     async def close(self, session_id: str) -> Session:
+        if not self._sessions.contains(session_id) and session_id in self._sessions.broken:
+            return self._close_broken(session_id)
         async with self._leases.hold(session_id, bring_in=False) as lease:
             if self._residency.frozen:  # a shutdown is writing it: closing now would race that
                 raise Unavailable(
@@ -160,6 +162,25 @@ class SessionLifecycle:
                 )
             self.end(lease.session, "closed", must_record=True)
             return lease.session
+
+    def _close_broken(self, session_id: str) -> Session:
+        """Close a session refused since start-up (its record unreadable, its journal broken,
+        its version gone): nothing of it can be used, so closing is how its owner lets its
+        record go (it would stay, counted against the tier's bytes, forever). Its END is
+        journaled first (refused, changing nothing, when the journal cannot take it), so no
+        record left in the journal brings it back. The reply's session names only its id."""
+        if self._residency.frozen:
+            raise Unavailable("server is shutting down; close the session once it is back")
+        gone = Session(
+            session_id=session_id, model="", version=0, fingerprint="", slot=None,
+            rng=SessionRng.seeded(0), default_sampling=DEFAULT_SAMPLING, ttl_seconds=0.0,
+            created_at=0.0, last_used=self._sessions.clock(), closed=True,
+        )  # fmt: skip
+        gone.owner = self._sessions.broken_owner(session_id)  # NOT_FOUND if not the caller's
+        self._durability.ended(gone, "closed", must_record=True)
+        self._sessions.close_broken(session_id)
+        self._residency.tier.delete(session_id)
+        return gone
 
     async def sweep_expired(self, slices: Slices | None = None) -> int:
         """End every session idle past its TTL (leased ones never are), in `slices` (each end

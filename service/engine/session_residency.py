@@ -69,12 +69,15 @@ class SessionResidency:
 
     def open(self) -> int:
         """Index the spill tier: every record becomes a spilled session, restored on first use.
-        Records past their TTL are deleted; unreadable ones are remembered as broken (a request
-        for one gets DATA_LOSS).
+        Unreadable ones are remembered as broken (a request for one gets DATA_LOSS).
 
         Idle time runs on from where it stood at the last clean stop: the time the server was
         down does not count (clients could not reach it). After a crash the stop time is
-        unknown, and the downtime counts.
+        unknown, and the downtime counts. A record past its TTL is kept all the same: its
+        checkpoint's last use is not the session's when steps were journaled after it
+        (`Recovery` restarts its idle clock then). One still past its TTL once the journal is
+        read is ended by the TTL sweeper, which journals its END: deleting it here, unrecorded,
+        let its CREATE record bring it back from zero.
         """
         scan = self.tier.open()
         for session_id, why in scan.broken.items():
@@ -87,10 +90,6 @@ class SessionResidency:
                 session = session_from(header, self.sessions.clock() - idle)
             except (TypeError, ValueError, KeyError) as exc:  # numpy rejected the RNG state
                 self.sessions.mark_broken(header.session_id, f"unusable RNG state: {exc}")
-                continue
-            if self.sessions.is_expired(session):
-                self.tier.delete(header.session_id)
-                self.sessions.remove(session, "expired")
                 continue
             self.adopt(session, header)
             adopted += 1

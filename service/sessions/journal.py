@@ -11,8 +11,10 @@ segment holding their oldest needed record; older segments that nobody pins are 
 the journal stays about as long as `checkpoint_steps` steps of the busiest sessions.
 
 A write that fails (disk full, read-only, I/O error) raises `JournalUnavailable` and nothing of
-the batch counts as written: the segment it may have torn is closed and the next append starts
-a new one, so a torn record only ever ends a segment, where recovery stops reading.
+the batch counts as written, after a crash either: the segment is cut back to the records
+before the batch (a short write leaves whole records of it, which recovery would replay) and
+closed, and the next append starts a new one. Where even the cut fails, the segment is renamed
+to carry the length it had before the batch, and recovery reads no further (`_discard_torn`).
 
 Appends run on the event loop; the slow file work does not. A full segment's final fsync and
 close are done by the fsync thread (interval policy: before it syncs anything newer, so the
@@ -48,7 +50,9 @@ from service.sessions.record_files import syncfs_fd
 log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["batch", "interval", "never"]
-_SEGMENT_RE = re.compile(r"^(\d{12})\.log$")
+# `<sequence>.log`, or `<sequence>.<valid bytes>.log` for a segment a failed append tore and
+# could not cut back: only its first <valid bytes> count.
+_SEGMENT_RE = re.compile(r"^(\d{12})(?:\.(\d{1,20}))?\.log$")
 _SETTING = "SEQSERVE_SESSIONS__SPILL_DIR"
 
 
@@ -91,6 +95,7 @@ class Journal:
         self._janitor: threading.Thread | None = None
         self.failed_writes = 0  # appends refused because the disk would not take them
         self._failing = False
+        self._torn_names: dict[int, Path] = {}  # segments renamed by `_discard_torn`
 
     @property
     def segment(self) -> int:
@@ -105,7 +110,9 @@ class Journal:
         for seq, path in self._segments():
             self._seq = max(self._seq, seq)
             self.oldest = self.oldest or seq
-            yield from decode_stream(path.read_bytes())
+            valid = _valid_length(path)
+            data = path.read_bytes()
+            yield from decode_stream(data if valid is None else data[:valid])
 
     def start(self) -> None:
         """Begin writing (a fresh segment); start the janitor and, for the interval policy, the
@@ -123,7 +130,9 @@ class Journal:
 
     def drop_before(self, seq: int) -> None:
         """Delete every segment older than `seq` (after recovery checkpointed their sessions),
-        once the checkpoints are flushed."""
+        once the checkpoints are flushed; not a pinned one or any after it (recovery pins the
+        segments of a session it could not load, to keep them across restarts)."""
+        seq = min(seq, min(self._pins, default=seq))
         old = [path for n, path in self._segments() if n < seq]
         if old and self._checkpoints_flushed():
             for path in old:
@@ -169,7 +178,7 @@ class Journal:
             if self._fsync == "batch":
                 os.fsync(self._fd)
         except OSError as exc:
-            self._close_torn()
+            self._discard_torn()
             self.failed_writes += 1
             if not self._failing:
                 self._failing = True
@@ -196,7 +205,8 @@ class Journal:
         self._pins.pop(seq, None)
         floor = min(min(self._pins, default=self._seq), self._seq)
         while self._trimmed_below < floor:  # segments nobody needs: deleted by name
-            self._chore(self.directory / f"{self._trimmed_below:012d}.log")
+            torn = self._torn_names.pop(self._trimmed_below, None)
+            self._chore(torn or self.directory / f"{self._trimmed_below:012d}.log")
             self._trimmed_below += 1
 
     def settle(self) -> None:
@@ -310,12 +320,39 @@ class Journal:
             except Exception:  # never let the thread die with chores still coming
                 log.exception("journal janitor: %s failed", work)
 
-    def _close_torn(self) -> None:
+    def _discard_torn(self) -> None:
+        """Undo a failed append: none of its records may come back at recovery (the client was
+        told the step was not applied). A short write leaves whole records of the batch in the
+        segment, and a failed fsync all of them, so the segment is cut back to its length
+        before the batch (`_size`); ftruncate frees blocks, so it works on a full disk. Where
+        the cut fails too (an I/O error, a read-only remount), the segment is renamed to
+        `<sequence>.<length before the batch>.log`: a rename needs no data block, and recovery
+        reads such a segment only up to that length. If both fail the disk takes no change at
+        all, and a crash may bring the batch back: logged. Either way the segment is closed and
+        the next append starts a new one."""
         with self._lock:
-            if self._fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(self._fd)
-                self._fd = None  # the next append starts a new segment
+            fd, self._fd = self._fd, None
+            if fd is None:  # the roll failed: nothing of the batch was written
+                return
+            try:
+                os.ftruncate(fd, self._size)
+            except OSError as exc:
+                self._mark_valid_length(exc)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _mark_valid_length(self, cut_failed: OSError) -> None:
+        """Rename the segment being written to carry its valid length (see `_discard_torn`)."""
+        path = self.directory / f"{self._seq:012d}.log"
+        marked = self.directory / f"{self._seq:012d}.{self._size}.log"
+        try:
+            os.rename(path, marked)
+        except OSError as exc:
+            log.critical("journal segment %s holds a refused batch that could not be cut "
+                         "(%s) nor marked (%s): a crash now would replay it", path,
+                         cut_failed, exc)  # fmt: skip
+            return
+        self._torn_names[self._seq] = marked
 
     def _segments(self) -> list[tuple[int, Path]]:
         found = []
@@ -332,6 +369,12 @@ class Journal:
                 self.sync()
             except OSError as exc:
                 log.error("journal fsync failed: %s", exc)
+
+
+def _valid_length(segment: Path) -> int | None:
+    """How many bytes of `segment` count: all (None), or what its name says (`_discard_torn`)."""
+    m = _SEGMENT_RE.fullmatch(segment.name)
+    return int(m.group(2)) if m is not None and m.group(2) is not None else None
 
 
 def _close_segment(work: int) -> None:

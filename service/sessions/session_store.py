@@ -163,6 +163,19 @@ class SessionStore:
     def broken(self) -> dict[str, str]:
         return {sid: why for sid, (why, _) in self._broken.items()}
 
+    def broken_owner(self, session_id: str) -> str:
+        """The owner of a session refused since start-up (`mark_broken`); NOT_FOUND, as from
+        `get`, for a caller who may not see it."""
+        owner = self._owners.get(session_id, "")
+        if (caller() is not None and session_id not in self._owners) or not may_see(owner):
+            raise SessionNotFound(f"session {quote(session_id)} not found")
+        return owner
+
+    def close_broken(self, session_id: str) -> None:
+        """A refused session was closed: remembered as closed from now on."""
+        self._broken.pop(session_id, None)
+        self._remember_end(session_id, "closed")
+
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
         self._sessions.move_to_end(session.session_id)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.engine.session_engine import PredictionOptions
-from service.errors import DataLoss, FailedPrecondition, SessionClosed, SpillMismatch
+from service.errors import DataLoss, FailedPrecondition, SessionClosed, SpillMismatch, VersionGone
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
 from service.sessions import journal as journal_module
@@ -238,3 +238,41 @@ async def test_create_and_fork_retries_after_a_crash_return_what_was_made(
         child.session_id
     )
     assert len(second.sessions) == 2  # nothing made twice
+
+
+@pytest.mark.parametrize("then", ["crash", "stop"])
+async def test_a_version_missing_at_one_recovery_loses_nothing_once_it_is_back(
+    make_engine: EngineFactory, store_root: Path, tmp_path: Path, then: str
+) -> None:
+    """tok/1 is missing from the store at one start after a crash (a mount not ready): the
+    session with steps to replay is refused meanwhile, but its checkpoint and journal stay (also
+    through that server's own crash or stop), and one whose checkpoint holds all its steps
+    needs no replay at all; once the version is back both resume at their positions."""
+    spill = tmp_path / "state"
+    quiet = {"slots": 1, "spill_dir": spill, "checkpoint_idle_seconds": 3600.0}
+    first = await make_engine(**quiet)
+    idle, _ = await first.create_session("tok")
+    await first.feed(idle.session_id, toks(1, 2))
+    busy, _ = await first.create_session("tok")  # evicts idle: checkpointed at 2
+    await first.feed(busy.session_id, toks(3))
+    await first.feed(idle.session_id, toks(4))  # evicts busy: checkpointed at 1
+    await first.feed(busy.session_id, toks(5, 6))  # evicts idle (at 3); journaled only
+    await crash(first)
+    away = tmp_path / "tok-1-away"
+    (store_root / "tok" / "1").rename(away)
+
+    second = await make_engine(**quiet)
+    with pytest.raises(VersionGone):
+        second.get_session(busy.session_id)
+    assert second.get_session(idle.session_id).position == 3
+    if then == "crash":
+        await crash(second)
+    else:
+        await second.stop()
+    away.rename(store_root / "tok" / "1")
+
+    third = await make_engine(**quiet)
+    assert third.get_session(idle.session_id).position == 3
+    assert third.get_session(busy.session_id).position == 3
+    assert (await third.feed(busy.session_id, toks(7))).position == 4
+    assert (await third.feed(idle.session_id, toks(7))).position == 4

@@ -18,7 +18,7 @@ from service.errors import JournalUnavailable
 from service.sessions import journal as journal_module
 from service.sessions import journal_record as jr
 from service.sessions.journal import Journal
-from tests.tmpfs import mounted_tmpfs
+from tests.tmpfs import fill, mounted_tmpfs
 
 SID = "s_abcdefghijklmnopqrstuv"
 
@@ -424,3 +424,61 @@ def test_segments_dropped_after_recovery_wait_for_the_flush_too(
     third.drop_before(third.segment)
     assert len(list((tmp_path / "journal").iterdir())) == 1
     third.close()
+
+
+def test_a_batch_a_full_disk_cut_short_leaves_none_of_its_records(tmp_path: Path) -> None:
+    """A real full tmpfs: the batch's write is short, so some of its whole records reach the
+    segment. It is refused, and a journal read after a crash holds none of them (the client was
+    told the step was not applied), only the batches before it."""
+    with mounted_tmpfs(tmp_path / "disk", "size=1m") as disk:
+        journal = _started(disk, fsync="never")
+        journal.append([jr.tokens(SID, 0, np.array([1]))])
+        filler = fill_but(disk, 6000)  # room for the first records of the next batch only
+        batch = [jr.tokens(f"s_{k:02d}", 0, np.arange(400)) for k in range(20)]  # ~32 KB
+        with pytest.raises(JournalUnavailable):
+            journal.append(batch)
+        got = list(Journal(disk / "journal").open())  # what a kill -9 now leaves
+        assert [r.session_id for r in got] == [SID]
+        filler.unlink()
+        journal.append([jr.tokens(SID, 1, np.array([2]))])  # the disk is back
+        journal.close()
+        got = list(Journal(disk / "journal").open())
+        assert [(r.session_id, r.position) for r in got] == [(SID, 0), (SID, 1)]
+
+
+def test_a_torn_segment_that_cannot_be_cut_is_read_only_up_to_its_batches_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut fails too (an I/O error): the segment's name carries its length before the
+    refused batch, recovery reads no further, and the segment is still deleted once free."""
+    journal = _started(tmp_path, fsync="batch")
+    first = journal.append([jr.tokens(SID, 0, np.array([1]))])
+    journal.pin(first)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)  # the whole batch is written, its fsync fails
+    monkeypatch.setattr(os, "ftruncate", lambda fd, size: failing(fd))
+    with pytest.raises(JournalUnavailable):
+        journal.append([jr.tokens(SID, 1, np.array([2])), jr.tokens("s_other", 0, np.array([3]))])
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "journal").iterdir()] == [f"{first:012d}.{_ONE}.log"]
+    got = list(Journal(tmp_path / "journal").open())
+    assert [(r.session_id, r.position) for r in got] == [(SID, 0)]
+    second = journal.append([jr.tokens(SID, 1, np.array([2]))])
+    journal.pin(second)
+    journal.unpin(first)
+    journal.settle()
+    assert sorted(p.name for p in (tmp_path / "journal").iterdir()) == [f"{second:012d}.log"]
+    journal.close()
+
+
+_ONE = len(jr.tokens(SID, 0, np.array([1])))
+
+
+def fill_but(disk: Path, room: int) -> Path:
+    """Take every free byte of the disk but about `room`; returns the filler file."""
+    filler = fill(disk)
+    os.truncate(filler, filler.stat().st_size - room)
+    return filler
