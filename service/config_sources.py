@@ -8,6 +8,8 @@ environment variable; the command line prints it and exits 2.
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
 import typing
 from collections.abc import Iterator
@@ -112,6 +114,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise InvalidSetting(f"config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidSetting(f"config file {path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; a Latin-1 comment is enough to fail
+        raise InvalidSetting(
+            f"config file {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     known = leaf_by_path()
     sections = {p[0] for p in known if len(p) > 1}
     for key, value in data.items():
@@ -130,7 +136,43 @@ def _env_layer() -> dict[str, Any]:
     try:
         return environment_values()
     except SettingsError as exc:  # e.g. SEQSERVE_SERVER='{not json'
-        raise InvalidSetting(f"invalid environment: {exc}") from None
+        raise InvalidSetting(f"invalid environment: {_not_json() or exc}") from None
+
+
+def _not_json() -> str | None:
+    """The message for the variable pydantic-settings could not parse, when it is one whose
+    value must be JSON (a list or table setting, a whole section): its own error names only
+    the section."""
+    environ = {name.upper(): value for name, value in os.environ.items()}
+    for leaf in leaves():
+        value = environ.get(leaf.env)
+        if value is not None and _is_json_valued(leaf) and not _parses(value):
+            kind, example = "table", "{}"
+            if leaf.is_list:  # the flag's comma list, as the JSON the variable takes
+                kind, example = "list", json.dumps([v.strip() for v in value.split(",")])
+            return (
+                f"{leaf.env}={value!r}: {leaf.name} takes a JSON {kind} in the environment, "
+                f"e.g. {leaf.env}='{example}'"
+            )
+    for name, info in Settings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        value = environ.get(env)
+        if value is not None and _is_section(info) and not _parses(value):
+            return f"{env}={value!r}: a whole section is a JSON object (or set {env}__<NAME>)"
+    return None
+
+
+def _is_json_valued(leaf: Leaf) -> bool:
+    origin = typing.get_origin(leaf.info.annotation)
+    return origin in (list, dict, set, tuple)
+
+
+def _parses(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _flat(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -273,19 +315,24 @@ def check_runnable(settings: Settings) -> None:
         path = getattr(sec, name)
         if path is not None and not path.is_file():
             raise _fail(known[("security", name)], f"no such file: {path}")
-    device = settings.engine.device
-    if device != "cpu":
-        import torch  # only here: a CPU server never pays for this check
+    check_device(settings)
 
-        index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available():
-            raise _fail(
-                known[("engine", "device")],
-                f"{device} is not available: this torch ({torch.__version__}) has no CUDA "
-                "device; use cpu",
-            )
-        if index >= torch.cuda.device_count():
-            raise _fail(
-                known[("engine", "device")],
-                f"{device} is not available: {torch.cuda.device_count()} CUDA device(s)",
-            )
+
+def check_device(settings: Settings) -> None:
+    """The configured device is there: `serve` and `predict` refuse one torch cannot use in one
+    line (imports torch only for a non-CPU device)."""
+    device = settings.engine.device
+    if device == "cpu":
+        return
+    import torch  # only here: a CPU server never pays for this check
+
+    leaf = leaf_by_path()[("engine", "device")]
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available():
+        raise _fail(
+            leaf,
+            f"{device} is not available: this torch ({torch.__version__}) has no CUDA "
+            "device; use cpu",
+        )
+    if index >= torch.cuda.device_count():
+        raise _fail(leaf, f"{device} is not available: {torch.cuda.device_count()} CUDA device(s)")

@@ -74,6 +74,28 @@ def test_unparseable_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
         load()
 
 
+@pytest.mark.parametrize(
+    ("value", "example"), [("bytes-lstm", '["bytes-lstm"]'), ("a, b:2", '["a", "b:2"]')]
+)
+def test_a_list_variable_that_is_not_json_is_named(
+    monkeypatch: pytest.MonkeyPatch, value: str, example: str
+) -> None:
+    monkeypatch.setenv("SEQSERVE_ENGINE__PRELOAD", value)
+    with pytest.raises(InvalidSetting) as info:
+        load()
+    assert str(info.value) == (
+        f"invalid environment: SEQSERVE_ENGINE__PRELOAD={value!r}: engine.preload takes a JSON "
+        f"list in the environment, e.g. SEQSERVE_ENGINE__PRELOAD='{example}'"
+    )
+
+
+def test_a_config_file_not_in_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# r\xe9glages\n[server]\nport = 7000\n")
+    with pytest.raises(InvalidSetting, match=rf"^config file {path}: not UTF-8 text \(byte 3\)"):
+        read_config_file(path)
+
+
 def test_config_file_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidSetting, match=r"unknown setting sessions\.ttl$"):
         read_config_file(_toml(tmp_path, "[sessions]\nttl = 3\n"))

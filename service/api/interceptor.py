@@ -272,7 +272,9 @@ def check_message_size(message: Any, limit: int) -> None:
         return
     size = message.ByteSize()
     if size > limit:
-        raise InvalidArgument(
+        err = InvalidArgument(
             f"message of {size} bytes exceeds the limit of {limit} "
             "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send smaller chunks or fewer items"
         )
+        err.metadata["max_message_bytes"] = str(limit)  # what a client lowers its own to
+        raise err

@@ -194,9 +194,11 @@ class StreamMux:
 
     def _refusal(self, message: pb.StreamRequest) -> SeqServeError | None:
         if len(message.items) > self._max_items:
-            return InvalidArgument(
+            err = InvalidArgument(
                 f"message carries {len(message.items)} items; the limit is {self._max_items}"
             )
+            err.metadata["max_items_per_message"] = str(self._max_items)
+            return err
         try:
             check_message_size(message, self._max_bytes)
         except InvalidArgument as exc:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except credentials.PlaintextToken as exc:
+    except (credentials.PlaintextToken, credentials.CredentialFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

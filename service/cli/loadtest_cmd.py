@@ -10,6 +10,7 @@ from pathlib import Path
 from service.client import credentials
 from service.loadtest import LoadConfig, LoadReport, TargetError, run_load
 from service.loadtest.progress import ProgressPrinter
+from service.loadtest.report import check_writable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -158,9 +159,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    printer = None if args.quiet else ProgressPrinter(sys.stderr)
     try:
         creds = credentials.from_args(args)
+        if args.json is not None and str(args.json) != "-":
+            check_writable(args.json)  # not after the whole run
+    except credentials.CredentialFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: --json {args.json}: {exc.strerror}", file=sys.stderr)
+        return 2
+    printer = None if args.quiet else ProgressPrinter(sys.stderr)
+    try:
         report = asyncio.run(run_load(config, progress=printer, credentials=creds))
     except TargetError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -182,7 +192,11 @@ def _output(report: LoadReport, args: argparse.Namespace) -> int:
 
         print(json.dumps(report.to_dict(), indent=2))
     elif args.json is not None:
-        report.write_json(args.json)
+        try:
+            report.write_json(args.json)
+        except OSError as exc:  # e.g. the disk filled during the run
+            print(f"error: --json {args.json}: {exc.strerror}", file=sys.stderr)
+            return 1
     if args.plot is not None:
         from service.loadtest.plot import PlotUnavailable, write_plot
 

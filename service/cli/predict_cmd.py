@@ -5,7 +5,8 @@ last input: the next-token top-k for a token model, the output vector for a regr
 `--json` prints exactly `{"model","version","position","top":[{"id","prob","text"}…]}` or
 `{"model","version","position","values":[…]}`.
 
-Exit codes: 0 success; 1 the store refused (not found, digest mismatch); 2 a bad argument.
+Exit codes: 0 success; 1 the store refused (not found, digest mismatch); 2 a bad argument or
+setting (a device this torch does not have, as `serve` refuses it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.config_sources import InvalidSetting, check_device
 from service.errors import InvalidArgument, SeqServeError
 from service.settings import Settings
 
@@ -52,6 +54,11 @@ def _predict(args: argparse.Namespace) -> int:
     from service.registry.store import ModelStore
 
     settings = Settings()  # composition root for this command
+    try:
+        check_device(settings)
+    except InvalidSetting as exc:
+        print(f"seqserve: {exc}", file=sys.stderr)  # one line, as `serve` says it
+        return 2
     store = ModelStore(args.store if args.store is not None else settings.model_store)
     top_k = settings.engine.default_top_k if args.top_k is None else args.top_k
     try:

@@ -36,12 +36,13 @@ client go out as Stream messages, one per routing key per event-loop tick (`mult
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
 from service.client.errors import SeqServeError
-from service.client.multiplex import STALL_SECONDS, FeedMux
+from service.client.multiplex import MAX_ITEMS_PER_MESSAGE, STALL_SECONDS, FeedMux
 from service.client.results import (
     GeneratedPiece,
     ModelInfo,
@@ -74,13 +75,18 @@ class SeqServeClient:
         credentials: Credentials | None = None,
         multiplex: bool = True,
         stall_seconds: float = STALL_SECONDS,
+        max_items_per_message: int = MAX_ITEMS_PER_MESSAGE,
+        channel_options: Sequence[tuple[str, int]] = (),
     ) -> None:
         """`timeout`: seconds for each call (None: no limit), unless the call gives its own.
         `retry`: how long to retry what is safe to retry. `credentials`: a token and TLS
         (default: the token in SEQSERVE_TOKEN, no TLS). `multiplex`: feeds issued concurrently
         go out together as Stream messages, one per routing key per event-loop tick (see
         `multiplex.py`); `stall_seconds`: a Stream with feeds pending and no reply for this
-        long is broken and its feeds retried on a fresh one. `route_key`: the routing key of
+        long is broken and its feeds retried on a fresh one; `max_items_per_message` and
+        `max_message_bytes` bound a Stream message (lowered to a server's own when it refuses
+        one). `channel_options`: more gRPC channel options (e.g. `("grpc.enable_http_proxy",
+        0)`). `route_key`: the routing key of
         the sessions this client creates (default: one random key per multiplexing client,
         else a random key per session)."""
         self.target = target
@@ -93,6 +99,7 @@ class SeqServeClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             *CHANNEL_OPTIONS,
+            *channel_options,
         ]
         self.channel = (credentials or Credentials.from_env()).channel(
             target, options=self.channel_options
@@ -101,7 +108,12 @@ class SeqServeClient:
         # grpc.aio.AioRpcError and do not retry).
         self.sessions = pb_grpc.SessionServiceStub(self.channel)
         self.mux = (
-            FeedMux(self.sessions, stall_seconds=stall_seconds, max_message_bytes=max_message_bytes)
+            FeedMux(
+                self.sessions,
+                stall_seconds=stall_seconds,
+                max_message_bytes=max_message_bytes,
+                max_items_per_message=max_items_per_message,
+            )
             if multiplex
             else None
         )

@@ -33,6 +33,10 @@ class PlaintextToken(ValueError):
     """A token would be sent without TLS to a host that is not loopback."""
 
 
+class CredentialFileError(ValueError):
+    """A --tls-ca, --tls-cert or --tls-key file that cannot be read (named in the message)."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     token: str | None = None  # None: SEQSERVE_TOKEN, if set (the implicit token)
@@ -107,6 +111,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> Credentials:
+    """The flags' credentials; `CredentialFileError` for a TLS file that cannot be read (the
+    channel would only read it on the first call, with a traceback)."""
+    for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is not None:
+            _check_readable(flag, path)
     return Credentials(
         token=getattr(args, "token", None) or None,  # None: SEQSERVE_TOKEN where it is safe
         ca_file=getattr(args, "tls_ca", None),
@@ -115,6 +125,14 @@ def from_args(args: argparse.Namespace) -> Credentials:
         tls=bool(getattr(args, "tls", False)),
         insecure=bool(getattr(args, "insecure", False)),
     )
+
+
+def _check_readable(flag: str, path: Path) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise CredentialFileError(f"{flag} {path}: {exc.strerror}") from None
 
 
 def target_host(target: str) -> str:

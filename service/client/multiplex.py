@@ -15,6 +15,16 @@ timeout), and a Stream that has had feeds pending for `stall_seconds` without an
 declared broken: it is cancelled, its pending feeds fail with UNAVAILABLE (so they are retried,
 exactly once, on a fresh Stream) and the next tick opens a new one. A Stream that ends, or
 fails, fails its pending feeds the same way.
+
+One feed's fault stays its own. A feed whose item alone is over the channel's message limit
+fails alone (RESOURCE_EXHAUSTED, as its Step would), before it is queued. A tick's items go out
+in messages under the client's limits (`max_message_bytes`, `max_items_per_message`); a server
+whose own limits are lower refuses a message (its items answered INVALID_ARGUMENT, or the
+Stream failed RESOURCE_EXHAUSTED when the message is over twice its limit): the client lowers
+its limits to the server's and resends those items (UNAVAILABLE: retried) in smaller messages.
+
+A closed client's feeds do not wait forever: those queued or on a Stream are cancelled (as a
+Step's call is when its channel closes), and a feed after `close` raises `grpc.aio.UsageError`.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -35,7 +46,46 @@ from service.sessions.session import ROUTE_HEADER, route_of
 STALL_SECONDS = 5.0  # a Stream with feeds pending and no reply for this long is broken
 _FRAMING = 1024  # bytes kept free in a message for what is not an item's own
 IDLE_SECONDS = 60.0  # a routing key's Stream unused this long is ended (many keys: many Streams)
+MAX_ITEMS_PER_MESSAGE = 1024  # the server's default engine.max_items_per_message
 _Entry = tuple[pb.StreamItem, "asyncio.Future[pb.StreamReply]"]
+
+
+@dataclass
+class MessageLimits:
+    """What one Stream message may carry: the client's own limits, lowered to the server's
+    when it refuses a message over its own (shared by a client's Streams)."""
+
+    channel_bytes: int  # the channel's max send size: an item over it fails alone
+    bytes: int  # a message's items, beyond it: more messages
+    items: int
+
+    def learn(self, reply: pb.StreamReply) -> bool:
+        """Whether a reply's error is the server refusing the whole message over one of its
+        limits, which is then lowered to the server's (so a resend fits)."""
+        error = reply.error
+        if error.code != grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+            return False
+        # The server's refusals of a whole message (service/api/stream_mux.py,
+        # check_message_size) name the limit in their ErrorInfo's metadata.
+        metadata = error_from_status(error).metadata
+        if (items := _limit(metadata, "max_items_per_message")) is not None:
+            self.items = min(self.items, items)
+            return True
+        if (limit := _limit(metadata, "max_message_bytes")) is not None:
+            self.bytes = min(self.bytes, max(limit - _FRAMING, limit // 2, 1))
+            return True
+        return False
+
+    def shrink(self, message_bytes: int) -> None:
+        """A message of `message_bytes` broke the Stream (over the server's transport limit):
+        from now on messages of at most half of it."""
+        self.bytes = min(self.bytes, max(message_bytes // 2, 1))
+
+
+def _limit(metadata: dict[str, str], key: str) -> int | None:
+    """A positive limit from an ErrorInfo's metadata, if it names one."""
+    value = metadata.get(key, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class FeedMux:
@@ -45,13 +95,19 @@ class FeedMux:
         *,
         stall_seconds: float = STALL_SECONDS,
         max_message_bytes: int = 4 * 1024 * 1024,
+        max_items_per_message: int = MAX_ITEMS_PER_MESSAGE,
         idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self._stub = stub
         self._stall = stall_seconds
         self.idle_seconds = idle_seconds
         self._swept = 0.0  # loop time of the last sweep for idle Streams
-        self._max_bytes = max_message_bytes - _FRAMING  # a tick's items beyond it: more messages
+        self.limits = MessageLimits(
+            channel_bytes=max_message_bytes,
+            bytes=max_message_bytes - _FRAMING,
+            items=max_items_per_message,
+        )
+        self.closed = False  # after `close`: feeds are refused
         self._queued: dict[str, list[tuple[pb.StreamItem, asyncio.Future[pb.StreamReply]]]] = {}
         self._flush_scheduled = False
         self._streams: dict[str, _Stream] = {}
@@ -69,6 +125,11 @@ class FeedMux:
     async def feed(self, item: pb.StreamItem, timeout: float | None = None) -> pb.StreamReply:
         """Send `item` with the other feeds of this tick; its reply, or its error raised
         (TimeoutError after `timeout` seconds)."""
+        if self.closed:  # as a Step on the closed channel: not an error to retry
+            raise grpc.aio.UsageError("the client is closed")
+        size = _wire_size(item)
+        if size > self.limits.channel_bytes:  # it alone breaks the Stream: it fails alone
+            raise _too_big(size, self.limits.channel_bytes)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[pb.StreamReply] = loop.create_future()
         self._queued.setdefault(route_of(item.session_id), []).append((item, done))
@@ -114,14 +175,22 @@ class FeedMux:
             entries = [(item, done) for item, done in entries if not done.done()]
             if not entries:
                 continue
-            stream = self._streams.get(route)
-            if stream is None or stream.closed:
-                stream = self._streams[route] = _Stream(self._stub, route, self._stall)
-                self.streams_opened += 1
-            for part in _parts(entries, self._max_bytes):
-                stream.send(part)
-                if self.on_send is not None:
-                    self.on_send(len(part))
+            try:
+                self._send(route, entries)
+            except Exception as exc:  # in a loop callback: raised to each feed instead
+                for _, done in entries:
+                    if not done.done():
+                        done.set_exception(exc)
+
+    def _send(self, route: str, entries: list[_Entry]) -> None:
+        stream = self._streams.get(route)
+        if stream is None or stream.closed:
+            stream = self._streams[route] = _Stream(self._stub, route, self._stall, self.limits)
+            self.streams_opened += 1
+        for part in _parts(entries, self.limits.bytes, self.limits.items):
+            stream.send(part)
+            if self.on_send is not None:
+                self.on_send(len(part))
 
     def _sweep(self, now: float) -> None:
         """End the Streams of routing keys unused for `idle_seconds` (a gateway passing one
@@ -133,6 +202,13 @@ class FeedMux:
                 del self._streams[route]
 
     async def close(self) -> None:
+        """Refuse new feeds; cancel those queued and those on a Stream (not UNAVAILABLE: they
+        would be retried on a channel about to close, and wait forever)."""
+        self.closed = True
+        queued, self._queued = self._queued, {}
+        for entries in queued.values():
+            for _, done in entries:
+                done.cancel()
         for stream in self._streams.values():
             await stream.close()
         self._streams.clear()
@@ -142,10 +218,15 @@ class _Stream:
     """One Stream call for one routing key: a writer sending each tick's items as one message,
     a reader handing each reply to the feed that waits for it, a watchdog for a stall."""
 
-    def __init__(self, stub: pb_grpc.SessionServiceStub, route: str, stall: float) -> None:
+    def __init__(
+        self, stub: pb_grpc.SessionServiceStub, route: str, stall: float, limits: MessageLimits
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self._waiting: dict[str, asyncio.Future[pb.StreamReply]] = {}
+        self._limits = limits
+        # The message each pending item went in: its bytes, and whether it had other items.
+        self._messages: dict[str, tuple[int, bool]] = {}
         self.closed = False
         self._stall = stall
         self._heard = self._loop.time()  # last reply, or the last send with nothing pending
@@ -168,9 +249,12 @@ class _Stream:
         self._sent = self._loop.time()
         if not self._waiting:
             self._heard = self._loop.time()
+        request = pb.StreamRequest(items=[item for item, _ in entries])
+        message = (request.ByteSize(), len(entries) > 1)
         for item, done in entries:
             self._waiting[item.request_id] = done
-        self._outbox.put_nowait(pb.StreamRequest(items=[item for item, _ in entries]))
+            self._messages[item.request_id] = message
+        self._outbox.put_nowait(request)
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self._stall, self._check)
 
@@ -198,6 +282,7 @@ class _Stream:
             if not done.done():
                 done.set_exception(failure)  # UNAVAILABLE and the like: feeds retry
         self._waiting.clear()
+        self._messages.clear()
 
     async def _requests(self) -> AsyncIterator[pb.StreamRequest]:
         while (request := await self._outbox.get()) is not None:
@@ -209,22 +294,55 @@ class _Stream:
             async for response in self._call:
                 self._heard = self._loop.time()
                 for reply in response.replies:
-                    done = self._waiting.pop(reply.request_id, None)
-                    if done is None or done.done():
-                        continue
-                    if reply.HasField("error"):
-                        done.set_exception(_error(reply.error))
-                    else:
-                        done.set_result(reply)
+                    self._answer(reply)
         except grpc.aio.AioRpcError as exc:
-            failure = _broken(exc)
+            failure = self._broken(exc)
         except asyncio.CancelledError:
             failure = _unavailable("the stream was closed")
             raise
         finally:
             self._fail(failure or _unavailable("the stream ended before its reply"))
 
+    def _answer(self, reply: pb.StreamReply) -> None:
+        done = self._waiting.pop(reply.request_id, None)
+        _, shared = self._messages.pop(reply.request_id, (0, False))
+        if done is None or done.done():
+            return
+        if not reply.HasField("error"):
+            done.set_result(reply)
+        elif shared and self._limits.learn(reply):  # the message's fault, not the item's
+            done.set_exception(_unavailable(f"{reply.error.message}; resent in smaller messages"))
+        else:
+            done.set_exception(_error(reply.error))
+
+    def _broken(self, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """The Stream's own failure, for the feeds it carried. A transport break (the server
+        or a proxy reset it, or a write failed: INTERNAL or UNKNOWN from the call itself) says
+        nothing about the feeds: they are told UNAVAILABLE and retried, within the client's
+        retry deadline (exactly once: request ids, expected positions). RESOURCE_EXHAUSTED is a
+        message over the server's transport limit: the biggest pending one was, so if that is
+        one item it alone gets the error (as its Step would), else messages are made smaller;
+        the other feeds are retried. Anything else (UNAUTHENTICATED, ...) is theirs as it is."""
+        code = exc.code()
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            return _unavailable(f"the stream broke ({exc.details()}); retry")
+        if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not self._messages:
+            return _StreamFailure(
+                code, exc.initial_metadata(), exc.trailing_metadata(), details=exc.details()
+            )
+        culprit, (size, shared) = max(self._messages.items(), key=lambda kv: kv[1][0])
+        if shared:
+            self._limits.shrink(size)
+        elif (done := self._waiting.pop(culprit, None)) is not None and not done.done():
+            done.set_exception(
+                grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), exc.details())
+            )
+        return _unavailable(f"the stream broke ({exc.details()}); resent in smaller messages")
+
     async def close(self) -> None:
+        """End the call; its pending feeds are cancelled (the client is closing)."""
+        for done in self._waiting.values():
+            done.cancel()
         if not self.closed:
             self.closed = True
             self._outbox.put_nowait(None)
@@ -234,21 +352,39 @@ class _Stream:
             await self._reader
 
 
-def _parts(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
-    """A tick's items as messages of at most `max_bytes` (one, unless they are big): a message
-    over the channel's limit would fail the whole Stream, and again on every retry."""
+def _parts(entries: list[_Entry], max_bytes: int, max_items: int) -> list[list[_Entry]]:
+    """A tick's items as messages of at most `max_bytes` and `max_items` (one, unless they are
+    big or many): a message over a limit would fail the whole Stream (or each of its items),
+    and again on every retry."""
     if len(entries) == 1:
         return [entries]
     parts: list[list[_Entry]] = [[]]
     size = 0
     for entry in entries:
         n = entry[0].ByteSize() + 8  # the item's tag and length
-        if parts[-1] and size + n > max_bytes:
+        if parts[-1] and (size + n > max_bytes or len(parts[-1]) >= max_items):
             parts.append([])
             size = 0
         parts[-1].append(entry)
         size += n
     return parts
+
+
+def _wire_size(item: pb.StreamItem) -> int:
+    """The bytes of a Stream message carrying `item` alone (its tag, length and body)."""
+    size = item.ByteSize()
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
+def _too_big(size: int, limit: int) -> grpc.aio.AioRpcError:
+    """The error a Step of this size gets from the channel, for the one feed that is."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details=f"the feed's message of {size} bytes is over the client's max_message_bytes "
+        f"of {limit}; send smaller chunks",
+    )
 
 
 def _expire(done: asyncio.Future[pb.StreamReply]) -> None:
@@ -267,19 +403,6 @@ def _error(status) -> grpc.aio.AioRpcError:  # type: ignore[no-untyped-def]
 
 class _StreamFailure(grpc.aio.AioRpcError):
     """A failure of the Stream an item was on (not an answer about the item)."""
-
-
-def _broken(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
-    """The stream's own failure, for the feeds it carried. A transport break (the server or a
-    proxy reset it, or a write failed: INTERNAL or UNKNOWN from the call itself) says nothing
-    about the feeds: they are told UNAVAILABLE and retried, within the client's retry deadline
-    (exactly once: request ids, expected positions). Anything else (UNAUTHENTICATED, ...) is
-    theirs as it is."""
-    if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-        return _unavailable(f"the stream broke ({exc.details()}); retry")
-    return _StreamFailure(
-        exc.code(), exc.initial_metadata(), exc.trailing_metadata(), details=exc.details()
-    )
 
 
 def _unavailable(why: str) -> grpc.aio.AioRpcError:

@@ -5,6 +5,8 @@ closed loop: `await session.feed(...)`, think, repeat. Nothing here groups the f
 coalesces the feeds awaited at once into one Stream message per event-loop tick (all sessions
 share the client's routing key), so the report's items per message show how well it does.
 Errors are the client's (`service.client.errors`), counted by code after its own retries.
+Its channel, like the load test's own, connects to the target only (no proxy from the
+environment).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from service.client.session import ClientSession as Handle
 from service.loadtest.config import LoadConfig
 from service.loadtest.drivers import ClientSession
 from service.loadtest.recorder import LoadRecorder
-from service.loadtest.target import ModelInfo
+from service.loadtest.target import CONNECT_OPTIONS, ModelInfo
 from service.pb.seqserve.v1 import types_pb2 as types
 
 
@@ -43,7 +45,9 @@ class ClientMuxDriver:
         self._credentials = credentials
 
     async def run(self) -> None:
-        async with SeqServeClient(self._config.target, credentials=self._credentials) as client:
+        async with SeqServeClient(
+            self._config.target, credentials=self._credentials, channel_options=CONNECT_OPTIONS
+        ) as client:
             assert client.mux is not None
             rec = self._recorder
             client.mux.on_send = lambda items: rec.message_sent(time.perf_counter(), items)

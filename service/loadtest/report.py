@@ -273,3 +273,14 @@ def _grouping(c: dict[str, Any]) -> str:
     if c.get("client_mux"):
         return "client-mux (one SeqServeClient coalescing per tick)"
     return f"multiplex {c['multiplex']}"
+
+
+def check_writable(path: Path) -> None:
+    """Raise the OSError that `write_json(path)` would, before a run rather than after it:
+    the folders made, the file opened for append (and removed again if it was not there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
+    with path.open("a"):
+        pass
+    if not existed:
+        path.unlink()

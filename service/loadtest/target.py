@@ -22,9 +22,13 @@ from service.registry.version_spec import LATEST, version_number
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+# Every channel of a load test has these, the client's (`--client-mux`) included.
+CONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.enable_http_proxy", 0),  # only ever connect to the target itself
     ("grpc.service_config_disable_resolution", 1),  # no DNS TXT lookups for service config
+)
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    *CONNECT_OPTIONS,
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.use_local_subchannel_pool", 1),  # each channel gets its own connection

@@ -161,3 +161,25 @@ def test_an_empty_environment_value_means_unset(tmp_path: Path) -> None:
         "value": str(tmp_path / "data" / "spill"), "source": "default",
     }  # fmt: skip
     assert shown["server.host"]["source"] == "default"
+
+
+@pytest.mark.parametrize("command", [("serve",), ("config", "show")])
+def test_a_config_file_not_in_utf8_is_one_line(command: tuple[str, ...], tmp_path: Path) -> None:
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(b"# r\xe9glages\n[server]\nport = 53304\n")
+    proc = seqserve(*command, "--config", str(config), tmp_path=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"seqserve: config file {config}: not UTF-8 text (byte 3); " + (
+        "save it as UTF-8"
+    )
+
+
+def test_a_list_variable_not_in_json_names_the_variable(tmp_path: Path) -> None:
+    proc = seqserve(
+        "config", "show", tmp_path=tmp_path, env={"SEQSERVE_ENGINE__PRELOAD": "bytes-lstm"}
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "seqserve: invalid environment: SEQSERVE_ENGINE__PRELOAD='bytes-lstm': engine.preload "
+        """takes a JSON list in the environment, e.g. SEQSERVE_ENGINE__PRELOAD='["bytes-lstm"]'"""
+    )

@@ -219,3 +219,17 @@ def test_tampered_weights_are_refused(
                         "--store", str(store.root))  # fmt: skip
     assert code == 1
     assert f"{path}: sha256 mismatch" in err
+
+
+def test_a_device_torch_does_not_have_exits_2_with_a_message(
+    store: ModelStore,
+    text_models: dict[int, SequenceModel],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEQSERVE_ENGINE__DEVICE", "cuda:99")  # none has it, CUDA or not
+    argv = ("predict", "--model", "bytes-lstm", "--text", "a", "--store", str(store.root))
+    code, out, err = _run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("seqserve: invalid setting engine.device (--engine.device, ")
+    assert "cuda:99 is not available" in err and len(err.strip().splitlines()) == 1

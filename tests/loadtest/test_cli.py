@@ -120,3 +120,35 @@ def test_open_loop_flags_map_onto_the_config(capsys: pytest.CaptureFixture[str])
     assert not config_from_args(build_parser().parse_args(["loadtest"])).open_loop
     assert main(["loadtest", "--rate", "10", "--think-ms", "5", "--quiet"]) == 2
     assert "--think-ms applies to the closed loop" in capsys.readouterr().err
+
+
+def test_a_json_path_that_cannot_be_written_exits_2_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = blocker / "report.json"  # its folder would be a file
+    # No server at the target: the run would fail; the path is refused before it starts.
+    code = main(["loadtest", "--target", "127.0.0.1:1", "--json", str(path), "--quiet"])
+
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: --json {path}: File exists"
+
+
+def test_a_json_path_checked_writable_is_left_as_it_was(tmp_path: Path) -> None:
+    from service.loadtest.report import check_writable
+
+    path = tmp_path / "new" / "report.json"
+    check_writable(path)
+    assert path.parent.is_dir() and not path.exists()
+
+
+@pytest.mark.parametrize("flag", ["--tls-ca", "--tls-cert", "--tls-key"])
+def test_a_tls_file_that_does_not_exist_exits_2(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "absent.pem"
+    code = main(["loadtest", "--target", "127.0.0.1:1", flag, str(missing), "--quiet"])
+
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {flag} {missing}: No such file or directory"

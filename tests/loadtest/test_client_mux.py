@@ -11,6 +11,7 @@ from service.api.server import SeqServeServer
 from service.cli.loadtest_cmd import config_from_args
 from service.cli.main import build_parser, main
 from service.loadtest import LoadConfig, run_load
+from tests.loadtest.test_load_generator import _ConnectionCounter, proxy  # noqa: F401 - fixture
 
 
 def config(target: str, **overrides: object) -> LoadConfig:
@@ -69,3 +70,13 @@ async def test_the_cli_reports_the_mode(target: str, capsys: pytest.CaptureFixtu
             "0.5", "--client-mux", "--quiet"]  # fmt: skip
     assert await asyncio.to_thread(main, argv) == 0
     assert "client-mux" in capsys.readouterr().out
+
+
+async def test_proxy_settings_never_divert_the_clients_traffic(
+    target: str,
+    proxy: _ConnectionCounter,  # noqa: F811 - the fixture
+) -> None:
+    report = await run_load(config(target, sessions=2, duration_seconds=0.5))
+
+    assert report.tokens_in > 0 and report.errors == {}
+    assert proxy.connections == 0
