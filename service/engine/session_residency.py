@@ -183,7 +183,10 @@ class SessionResidency:
         if self.needs_record(session):
             if state is None:
                 state = served.pool.snapshot(session.slot)
-            self.save(session, SpillRecord(self.header(session), state), durable=durable)
+            # A shutdown's write (frozen) may pass the tier's cap: refused, the session
+            # would be lost with the process.
+            record = SpillRecord(self.header(session), state)
+            self.save(session, record, durable=durable, past_cap=self._frozen)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
 
@@ -225,18 +228,24 @@ class SessionResidency:
         durable: bool = False,
         first: bool = False,
         periodic: bool = False,
+        past_cap: bool = False,
     ) -> None:
         """`record` of `session` to the tier; then its journal records are no longer needed."""
-        self.write_record(record, durable=durable, first=first)
+        self.write_record(record, durable=durable, first=first, past_cap=past_cap)
         self.sessions.written(session)
         self.durability.checkpointed(session, periodic=periodic)
 
     def write_record(
-        self, record: SpillRecord, *, durable: bool = False, first: bool = False
+        self,
+        record: SpillRecord,
+        *,
+        durable: bool = False,
+        first: bool = False,
+        past_cap: bool = False,
     ) -> None:
         """`record` to the tier, counted and timed (`writes`, `write_seconds`) when it lands."""
         start = time.perf_counter()
-        self.tier.write(record, durable=durable, first=first)
+        self.tier.write(record, durable=durable, first=first, past_cap=past_cap)
         self.write_seconds += time.perf_counter() - start
         self.writes += 1
 

@@ -283,9 +283,16 @@ class SharedCheckpoints:
     def mark_clean_stop(self, wall_time: float) -> None:
         pass  # expiry runs on the tier's clock, which did not stop
 
-    def write(self, record: SpillRecord, *, durable: bool = False, first: bool = False) -> None:
+    def write(
+        self,
+        record: SpillRecord,
+        *,
+        durable: bool = False,
+        first: bool = False,
+        past_cap: bool = False,
+    ) -> None:
         """The checkpoint, and its session's journal emptied, if this process still holds it
-        (`first`: a fork's child, made by this write)."""
+        (`first`: a fork's child, made by this write). The tier has no byte cap (`past_cap`)."""
         sid = record.header.session_id
         session = self._sessions.peek(sid)
         epoch = session.holder_epoch if session is not None else 0

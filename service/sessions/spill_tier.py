@@ -159,14 +159,23 @@ class SpillTier:
 
     # ---- records -------------------------------------------------------------------------
 
-    def write(self, record: SpillRecord, *, durable: bool = False, first: bool = False) -> None:
-        """Write (or replace) a session's record. Raises SpillTierFull over the cap. `first`: a
-        fork's first record, its whole history (no journal record behind it): fsynced."""
+    def write(
+        self,
+        record: SpillRecord,
+        *,
+        durable: bool = False,
+        first: bool = False,
+        past_cap: bool = False,
+    ) -> None:
+        """Write (or replace) a session's record. Raises SpillTierFull over the cap, unless
+        `past_cap` (a shutdown writing the sessions in memory: refused, they would be lost; the
+        pool's size bounds how far past it goes). `first`: a fork's first record, its whole
+        history (no journal record behind it): fsynced."""
         durable = durable or first
         session_id = record.header.session_id
         data = spill_record.encode(record)
         new_total = self._bytes - self._sizes.get(session_id, 0) + len(data)
-        if new_total > self.max_bytes:
+        if new_total > self.max_bytes and not past_cap:
             raise SpillTierFull(
                 f"spill tier full ({self._bytes} of {self.max_bytes} bytes); close sessions "
                 "or raise SEQSERVE_SESSIONS__SPILL_MAX_BYTES"

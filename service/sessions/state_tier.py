@@ -34,7 +34,14 @@ class Checkpoints(Protocol):
 
     def mark_clean_stop(self, wall_time: float) -> None: ...
 
-    def write(self, record: SpillRecord, *, durable: bool = False, first: bool = False) -> None: ...
+    def write(
+        self,
+        record: SpillRecord,
+        *,
+        durable: bool = False,
+        first: bool = False,
+        past_cap: bool = False,
+    ) -> None: ...
 
     def read(self, session_id: str) -> SpillRecord: ...
 

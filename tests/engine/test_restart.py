@@ -13,6 +13,7 @@ from service.engine import shutdown_write
 from service.engine.session_residency import SessionResidency
 from service.errors import SessionExpired, SpillTierInUse, Unavailable
 from service.runtime.sampler import SamplingParams
+from service.sessions.spill_tier import SpillTier
 
 from .conftest import EngineFactory, FakeClock, RecordingObserver, frames, same, toks
 
@@ -231,3 +232,26 @@ async def test_a_failed_flush_at_stop_keeps_the_journal(
             assert journal_bytes() >= before > 0
         else:
             assert journal_bytes() < before  # a clean stop trims it
+
+
+async def test_a_shutdown_writes_every_session_in_memory_past_the_spill_cap(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """Without a journal the shutdown's write is all a session in memory has: a spill tier at
+    its cap refused it, and the session was lost with the process (NOT_FOUND after the
+    restart). The write goes past the cap (by at most what the pool holds)."""
+    spill = tmp_path / "capped"
+    first = await make_engine(slots=4, spill_dir=spill, durability="shutdown")
+    positions = {}
+    for i in range(7):  # three spilled, four in memory
+        made, _ = await first.create_session("tok", seed=i)
+        positions[made.session_id] = (await first.feed(made.session_id, toks(i + 1, 2))).position
+    tier = first.residency.tier
+    assert isinstance(tier, SpillTier)
+    tier.max_bytes = tier.bytes_used  # full: not one more record fits
+    await first.stop()
+    assert len(list(spill.glob("*.spill"))) == 7
+
+    second = await make_engine(slots=4, spill_dir=spill, durability="shutdown")
+    for session_id, position in positions.items():
+        assert (await second.feed(session_id, toks(9))).position == position + 1
