@@ -73,6 +73,10 @@ class RetryPolicy:
                 await attempts.failed(exc)
 
 
+# Left of a call's timeout below which no last attempt is made (DeadlineExceededError).
+_LAST_ATTEMPT_SECONDS = 0.05
+
+
 class Attempts:
     """The attempts of one call: how long the next may take, and whether to make one."""
 
@@ -112,8 +116,14 @@ class Attempts:
         again = (self._retry and retryable(error)) or (
             self._busy and isinstance(error, SessionBusyError)
         )
-        if not again or now > self._retry_until or late:
+        if not again or now > self._retry_until:
             raise error from (None if error is exc else exc)
+        if late:  # the timeout, not the policy, ends the retries: it says so
+            assert self._give_up is not None
+            left = self._give_up - now
+            if left < _LAST_ATTEMPT_SECONDS:
+                raise self._timed_out() from error
+            pause = left / 2  # then a last attempt with the other half
         await asyncio.sleep(pause)
         self._backoff = min(self._backoff * 2, self._policy.max_backoff_seconds)
 

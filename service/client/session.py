@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -29,6 +30,11 @@ from service.sessions.session import ROUTE_HEADER, route_of
 if TYPE_CHECKING:
     from service.client.client import SeqServeClient
 
+R = TypeVar("R")
+# Ticks a request waits for asyncio to close a generator the app broke out of (two do it: the
+# finalizer's task is created in one and runs in the next).
+_CLOSE_TICKS = 4
+
 
 class ClientSession:
     def __init__(self, client: SeqServeClient, info: types.Session) -> None:
@@ -40,6 +46,10 @@ class ClientSession:
         # reading early (the server may have applied a token more): asked again before use.
         self.position: int | None = info.position
         self.closed = False
+        # A generation running on this handle (its generator not closed yet), and whether the
+        # last one was stopped early (a `break`): see `_settle`.
+        self._generating = False
+        self._stopped_early = False
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -64,6 +74,7 @@ class ClientSession:
     ) -> Prediction:
         """Feed one chunk; returns the prediction after its last input. Applied exactly once,
         across retries (see the module docstring)."""
+        settling = await self._settle()
         if self.position is None:
             await self.refresh(timeout=timeout)
         limit = self.client._timeout(timeout)
@@ -76,8 +87,12 @@ class ClientSession:
                 options=types.PredictionOptions(top_k=top_k),
                 expected_position=self.position,
             )
-            with self._resync():
-                reply = await self.client.retry.run(mux.attempts(item), timeout=limit)
+
+            async def stream_it() -> pb.StreamReply:
+                item.expected_position = self.position or 0
+                return await self.client.retry.run(mux.attempts(item), timeout=limit, busy=settling)
+
+            reply = await self._after(settling, stream_it)
             self.position = reply.position
             return prediction_from_pb(reply.prediction)
         request = pb.StepRequest(
@@ -87,15 +102,49 @@ class ClientSession:
             options=types.PredictionOptions(top_k=top_k),
             expected_position=self.position,
         )
-        with self._resync():
-            response = await self.client.retry.run(
+
+        async def step() -> pb.StepResponse:
+            request.expected_position = self.position or 0
+            return await self.client.retry.run(
                 lambda left: self.client.sessions.Step(
                     request, metadata=self.metadata, timeout=left
                 ),
                 timeout=limit,
+                busy=settling,
             )
+
+        response = await self._after(settling, step)
         self.position = response.position
         return prediction_from_pb(response.prediction)
+
+    async def _settle(self) -> bool:
+        """Whether the last generation was stopped early, just now. A generator the app broke
+        out of (`break` in `async for`) is closed by asyncio a tick or two later (its call
+        cancelled then); a request sent before that went out at the position last yielded
+        while the server still generated. So a request waits those ticks first; and the server
+        may still apply the step in flight, holding the session until it settles, so the
+        request then waits that out (`_after`). A generation still being read elsewhere is not
+        waited for (the request gets SESSION_BUSY, as before)."""
+        for _ in range(_CLOSE_TICKS):
+            if not self._generating:
+                break
+            await asyncio.sleep(0)
+        stopped, self._stopped_early = self._stopped_early, False
+        return stopped
+
+    async def _after(self, settling: bool, send: Callable[[], Awaitable[R]]) -> R:
+        """`send()` (resynced on a position mismatch). `settling`: right after stopping a left
+        generation, whose last step may land after this handle read the position: the request
+        waits while the session is busy (`send` retries SESSION_BUSY), and a mismatch then is
+        that step's: taken up, and sent once more."""
+        with self._resync():
+            try:
+                return await send()
+            except PositionMismatchError:
+                if not settling:
+                    raise
+        with self._resync():
+            return await send()  # at the position the left generation ended at
 
     @contextlib.contextmanager
     def _resync(self) -> Iterator[None]:
@@ -122,6 +171,7 @@ class ClientSession:
         """Unset arguments fall back to the session's default sampling, then the server's.
         Retried like `feed`: a token is yielded once, however often the server resends it.
         `timeout` bounds the whole generation."""
+        settling = await self._settle()
         if self.position is None:
             await self.refresh(timeout=timeout)
         request = pb.GenerateRequest(
@@ -132,9 +182,10 @@ class ClientSession:
         )
         if prompt is not None:
             request.prompt.CopyFrom(make_input(text=prompt))
-        attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout))
+        attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout), busy=settling)
         yielded = 0
         done = False
+        self._generating = True
         try:
             while True:
                 call = self.client.sessions.Generate(
@@ -156,21 +207,31 @@ class ClientSession:
                     failure = err
                 finally:
                     call.cancel()
-                await attempts.failed(failure)  # raises, or sleeps before the next attempt
+                try:
+                    await attempts.failed(failure)  # raises, or sleeps before the next attempt
+                except PositionMismatchError as err:
+                    if not settling or yielded:
+                        raise
+                    settling = False  # the left generation's last step landed: from there
+                    self.position = request.expected_position = err.position
         finally:
+            self._generating = False
             if not done:  # stopped early: the server may have applied a token more
                 self.position = None
+                self._stopped_early = True
 
     async def fork(self, *, seed: int | None = None, timeout: float | None = None) -> ClientSession:
         """A new session with a copy of this one's state (and random stream, unless `seed`)."""
         request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
         if seed is not None:
             request.seed = seed
+        settling = await self._settle()  # a generation stopped just now: its last step first
         response = await self.client.retry.run(
             lambda left: self.client.sessions.ForkSession(
                 request, metadata=self.metadata, timeout=left
             ),
             timeout=self.client._timeout(timeout),
+            busy=settling,
         )
         return ClientSession(self.client, response.session)
 
@@ -194,6 +255,7 @@ class ClientSession:
         policy's backoff and deadline, so leaving `async with` after a generation loop was
         broken off closes the session instead of raising SessionBusyError."""
         request = pb.CloseSessionRequest(session_id=self.session_id)
+        await self._settle()  # a generation just stopped: its call cancelled first
         await self.client.retry.run(
             lambda left: self.client.sessions.CloseSession(
                 request, metadata=self.metadata, timeout=left

@@ -114,6 +114,35 @@ async def test_a_close_waits_for_the_generation_running_on_the_session(
         await other.close()
 
 
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_a_request_right_after_breaking_out_of_a_generation_goes_on_from_its_end(
+    server: SeqServeServer,  # noqa: F811
+    multiplex: bool,
+) -> None:
+    """`break` out of `generate`, then at once a feed, a generation or a fork on the same
+    handle: asyncio closes the broken-off generator (and cancels its call) only later, so the
+    request used to go out at the position last yielded while the server still generated
+    (SESSION_BUSY, or a position mismatch). It stops that call, waits for the session, and
+    goes on from where the generation ended."""
+    async with SeqServeClient(
+        f"127.0.0.1:{server.port}", retry=FAST, multiplex=multiplex
+    ) as client:
+        for then in ("feed", "generate", "fork"):
+            session = await client.create_session("tok", seed=3)
+            async for piece in session.generate(max_tokens=2000, temperature=1.0):
+                if piece.position >= 5:
+                    break
+            if then == "feed":
+                await session.feed(tokens=[1])
+            elif then == "generate":
+                assert len([p async for p in session.generate(max_tokens=3)]) == 3
+            else:
+                child = await session.fork()
+                assert child.position == (await session.refresh()).position
+            assert session.position == (await session.refresh()).position > 5
+            await session.close()
+
+
 async def _drain(pieces: AsyncIterator[object]) -> list[object]:
     return [piece async for piece in pieces]
 
@@ -282,15 +311,22 @@ async def test_timeouts_per_client_and_per_call(
         assert (await session.feed(tokens=[1], timeout=5)).position == 1  # the call's, longer
 
 
-async def test_a_timeout_bounds_the_retries_too(scripted: tuple[Scripted, str]) -> None:
+@pytest.mark.parametrize("backoff", [0.01, 2.0])
+async def test_a_timeout_bounds_the_retries_too(
+    scripted: tuple[Scripted, str], backoff: float
+) -> None:
+    """The timeout ends the retries, and says so: DeadlineExceededError when it is spent, not
+    the last UNAVAILABLE as soon as the next backoff would pass it (with a 2 s backoff, at
+    once). The time left goes to one last attempt."""
     servicer, target = scripted
     servicer.failures = 10**6
-    async with SeqServeClient(target, retry=FAST) as client:
+    policy = RetryPolicy(first_backoff_seconds=backoff, max_backoff_seconds=backoff)
+    async with SeqServeClient(target, retry=policy) as client:
         started = time.monotonic()
-        with pytest.raises(errors.SeqServeError) as err:
+        with pytest.raises(errors.DeadlineExceededError):
             await client.create_session("m", timeout=0.3)
-        assert time.monotonic() - started < 1.0
-        assert isinstance(err.value, errors.UnavailableError | errors.DeadlineExceededError)
+        assert 0.25 <= time.monotonic() - started < 1.0
+    assert servicer.calls["CreateSession"] >= 2
 
 
 async def test_the_channel_has_its_own_retries_off() -> None:
