@@ -246,7 +246,8 @@ class SessionLimit(ResourceExhausted):
 
 
 class PoolExhausted(ResourceExhausted):
-    """No state slot within the byte budget, and every session in memory is busy."""
+    """No state slot within the byte budget, and no eviction can make one: every session in
+    memory is busy, or the idle ones sit in pools a busy session keeps from shrinking."""
 
 
 class SpillTierFull(ResourceExhausted):

@@ -2,7 +2,9 @@
 
 When a version's pool cannot get a slot within the byte budget, it first takes back capacity
 other versions' pools hold but do not use; then the least recently used idle session (of any
-version) is written to the spill tier and its slot reused, and so on until a slot fits. A spilled
+version) is written to the spill tier and its slot reused, and so on until a slot fits. Only a
+session whose eviction helps is taken: one of the version's own, or one in a pool that can
+shrink for it (not below a busy session's slot), when such pools can free a slot's worth. A spilled
 session is restored on its next use, bit for bit: state, position and RNG, so its next
 prediction is the one it would have made had it never left. Busy sessions (a request or a
 generation running) never move. Everything here runs on the event loop, so a session is never
@@ -106,8 +108,9 @@ class SessionResidency:
     async def allocate(self, served: ServedVersion) -> int:
         """A zeroed slot in `version`'s pool, evicting idle sessions to the spill tier if need be.
 
-        When every session in memory is busy, waits up to `slot_wait_seconds` for one to go
-        idle (a request finishing), then raises PoolExhausted. The wait cannot deadlock: a
+        When no eviction can make room (every session in memory is busy, or the idle ones sit
+        in pools a busy session keeps from shrinking), waits up to `slot_wait_seconds` for one
+        to go idle (a request finishing), then raises PoolExhausted. The wait cannot deadlock: a
         waiter holds no slot, and the busy sessions holding them finish their steps. Raises
         SpillTierFull when the tier cannot take the eviction."""
         loop = asyncio.get_running_loop()
@@ -137,19 +140,70 @@ class SessionResidency:
                 pass
             if self._reclaim(served):
                 continue
-            victim = self.sessions.eviction_victim()
+            victim = self._victim(served)
             if victim is None:
-                raise PoolExhausted(
-                    f"state memory budget exhausted ({served.pool.budget.limit_bytes} bytes) and "
-                    "every session in memory is busy; retry shortly, or raise "
-                    "SEQSERVE_SESSIONS__POOL_BYTES"
-                )
+                raise self._exhausted(served)
             try:
                 self.spill(victim)
             except SessionMoved:  # another replica holds it: this copy is stale
                 self.let_go(victim)
                 continue
             self._on_event("evicted", victim)
+
+    def _victim(self, wanting: ServedVersion) -> Session | None:
+        """The least recently used idle session whose eviction brings `wanting` a slot nearer:
+        one of its own (the slot is reused), or one in another version's pool that shrinks for
+        it, when those pools can give back a slot's worth between them. None when no eviction
+        helps: a pool cannot shrink past a busy session's slot, so evicting below it would
+        spill sessions for nothing."""
+        gains: dict[tuple[str, int], int] | None = None  # computed for the first other one
+        for session in self.sessions.idle_resident():
+            if session.model == wanting.name and session.version == wanting.version:
+                return session
+            if gains is None:
+                gains = self._gains(wanting)
+            if gains.get((session.model, session.version), 0) > 0:
+                return session
+        return None
+
+    def _gains(self, wanting: ServedVersion) -> dict[tuple[str, int], int]:
+        """The bytes each other version's pool gives back once all its idle sessions are
+        evicted, by (model, version): down to just above its highest busy slot (the busy
+        sessions are few: this reads them, not every session in memory); none at all when they
+        and what the budget has left come to less than one slot of `wanting`'s (the least its
+        pool grows by)."""
+        top: dict[tuple[str, int], int] = {}  # the highest busy slot, by version
+        for s in self.sessions.busy_sessions():
+            if s.slot is not None:
+                key = (s.model, s.version)
+                top[key] = max(top.get(key, -1), s.slot)
+        gains = {}
+        for other in self.versions.served():
+            if other is not wanting:
+                key, pool = (other.name, other.version), other.pool
+                floor = top.get(key, -1) + 1
+                gains[key] = max(0, pool.capacity - floor) * pool.bytes_per_slot
+        budget = wanting.pool.budget
+        left = budget.limit_bytes - budget.used_bytes
+        return gains if left + sum(gains.values()) >= wanting.pool.bytes_per_slot else {}
+
+    def _exhausted(self, wanting: ServedVersion) -> PoolExhausted:
+        """Why no slot can be had: every session in memory busy, or the idle ones in pools that
+        busy sessions keep from shrinking (nothing was evicted for them)."""
+        limit = wanting.pool.budget.limit_bytes
+        idle = sum(1 for s in self.sessions.resident() if not s.busy)
+        if idle == 0:
+            why = "every session in memory is busy"
+        else:
+            why = (
+                f"evicting the {idle} idle session(s) in memory would free no slot for "
+                f"{wanting.name}:{wanting.version}: busy sessions hold the rest (a pool cannot "
+                "shrink past its highest busy slot)"
+            )
+        return PoolExhausted(
+            f"state memory budget exhausted ({limit} bytes) and {why}; retry shortly, or raise "
+            "SEQSERVE_SESSIONS__POOL_BYTES"
+        )
 
     def _reclaim(self, wanting: ServedVersion) -> bool:
         """Shrink other versions' pools to what they use; True if any bytes came back."""

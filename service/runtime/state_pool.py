@@ -208,9 +208,7 @@ class StatePool:
         """
         free = self._free_set
         used = [s for s in range(self.capacity) if s not in free]
-        movable = set(movable)
-        pinned_top = max((s for s in used if s not in movable), default=-1)
-        target = max(len(used), pinned_top + 1)
+        target = max(len(used), self.floor(movable))
         if target >= self.capacity:
             return {}
         movers = [s for s in used if s >= target]  # all movable: target covers every pinned slot
@@ -243,6 +241,17 @@ class StatePool:
             self._free_set = set(self._free)
         self._budget.release(released)
         return moves
+
+    def floor(self, movable: Collection[int]) -> int:
+        """The fewest slots `compact` can leave however many slots in `movable` are freed
+        first: up to the highest in-use slot outside it, which stays put. Freeing a slot
+        gives bytes back only while the pool is above this."""
+        movable = set(movable)
+        free = self._free_set
+        for slot in range(self.capacity - 1, -1, -1):  # from the top: a busy one ends it
+            if slot not in free and slot not in movable:
+                return slot + 1
+        return 0
 
     def close(self) -> None:
         """Give the pool's bytes back to the budget (the version is being unloaded), and its

@@ -48,6 +48,7 @@ class SessionStore:
         self.wall_clock = wall_clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, Session] = OrderedDict()  # in memory, LRU first
+        self._busy: dict[str, Session] = {}  # held by a lease now
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
         self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
         self._owned: Counter[str] = Counter()  # owner → live sessions it has here
@@ -270,6 +271,14 @@ class SessionStore:
     def set_busy(self, session: Session, busy: bool) -> None:
         """Held by a lease (a request or generation runs on it), or free again."""
         session.busy = busy
+        if busy:
+            self._busy[session.session_id] = session
+        else:
+            self._busy.pop(session.session_id, None)
+
+    def busy_sessions(self) -> list[Session]:
+        """The sessions held by a lease now (a few: one per request running)."""
+        return list(self._busy.values())
 
     def remove(self, session: Session, why: str) -> None:
         """End the session ("closed", "expired"): it is marked closed and forgotten, its id
@@ -328,15 +337,11 @@ class SessionStore:
         self._sessions = OrderedDict((s.session_id, s) for s in ordered)
         self._in_order = True
 
-    def eviction_victim(self) -> Session | None:
-        """The least recently used in-memory session with no request running, if any.
-
-        Busy sessions were touched when their request began, so they sit at the recent end and
-        this scan is short."""
-        for session in self._resident.values():
-            if not session.busy:
-                return session
-        return None
+    def idle_resident(self) -> Iterator[Session]:
+        """In-memory sessions with no request running, least recently used first (not copied:
+        stop before changing the store). Busy sessions were touched when their request began,
+        so they sit at the recent end and the first idle one comes at once."""
+        return (s for s in self._resident.values() if not s.busy)
 
     def resident(self) -> list[Session]:
         return list(self._resident.values())

@@ -12,6 +12,7 @@ from service.errors import PoolExhausted, ResourceExhausted, SpillTierFull
 from service.runtime.sampler import SamplingParams
 
 from .conftest import (
+    FRAMES,
     TOK_SLOT_BYTES,
     EngineFactory,
     RecordingObserver,
@@ -162,3 +163,69 @@ async def test_versions_share_the_budget_by_reclaiming_idle_capacity(
             (await engine.feed(a, toks(3, 4))).prediction,
             (await roomy.feed(b, toks(3, 4))).prediction,
         )
+
+
+async def _busy_tok_and_a_frames_create(
+    make_engine: EngineFactory, busy_slot: int
+) -> tuple[RecordingObserver, list[str], Exception | None]:
+    """Four TOK sessions fill the whole budget; the one in `busy_slot` generates while a
+    FRAMES session is created. Returns the observer, the TOK ids and the create's error."""
+    observer = RecordingObserver()
+    engine = await make_engine(
+        slots=4, slot_wait_seconds=0.0, observer=observer, engine={"max_generate_tokens": 100_000}
+    )
+    tok = [(await engine.create_session("tok", seed=i))[0] for i in range(4)]
+    assert sorted(s.slot for s in tok) == [0, 1, 2, 3]
+    assert engine.budget.used_bytes == engine.budget.limit_bytes  # FRAMES has no room left
+    busy = next(s for s in tok if s.slot == busy_slot)
+    long = SamplingParams(temperature=1.0, max_tokens=100_000)
+    error: Exception | None = None
+    async with aclosing(engine.generate(busy.session_id, sampling=long)) as gen:
+        await anext(gen)
+        try:
+            await engine.create_session("frames")
+        except PoolExhausted as exc:
+            error = exc
+        assert busy.slot == busy_slot and busy.busy  # a busy session never moves
+    await wait_idle(busy)
+    return observer, [s.session_id for s in tok], error
+
+
+async def test_a_busy_session_atop_another_pool_evicts_nothing_for_nothing(
+    make_engine: EngineFactory,
+) -> None:
+    """The TOK pool cannot shrink past its busy top slot, so evicting its idle sessions would
+    free nothing for FRAMES: the create is refused at once, saying so, and they stay."""
+    observer, _, error = await _busy_tok_and_a_frames_create(make_engine, busy_slot=3)
+    assert observer.count("evicted") == 0
+    assert isinstance(error, PoolExhausted)
+    assert "busy sessions hold the rest" in str(error) and "every session" not in str(error)
+
+
+async def test_a_busy_session_low_in_another_pool_costs_one_eviction(
+    make_engine: EngineFactory,
+) -> None:
+    """The control: with the busy session in slot 0 the TOK pool can shrink, and the create
+    takes one idle TOK session's slot, no more."""
+    observer, _, error = await _busy_tok_and_a_frames_create(make_engine, busy_slot=0)
+    assert error is None
+    assert observer.count("evicted") == 1
+
+
+async def test_another_pool_too_small_to_free_a_slot_is_left_alone(
+    make_engine: EngineFactory,
+) -> None:
+    """Evicting every FRAMES session would free less than one TOK slot: a new TOK session
+    evicts the least recently used TOK session instead, though the FRAMES ones are older."""
+    frames_slot = 4 * FRAMES.state_numel()
+    observer = RecordingObserver()
+    engine = await make_engine(
+        pool_bytes=4 * TOK_SLOT_BYTES + 3 * frames_slot, pool_initial_slots=1, observer=observer
+    )
+    olds = [(await engine.create_session("frames"))[0] for _ in range(3)]
+    tok = [(await engine.create_session("tok", seed=i))[0] for i in range(4)]
+    assert engine.budget.used_bytes == engine.budget.limit_bytes
+    fifth, _ = await engine.create_session("tok")
+    assert fifth.slot is not None and observer.count("evicted") == 1
+    assert all(s.slot is not None for s in olds)
+    assert tok[0].slot is None and all(s.slot is not None for s in tok[1:])

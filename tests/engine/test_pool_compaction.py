@@ -76,3 +76,21 @@ def test_an_empty_pool_shrinks_to_nothing_and_grows_again() -> None:
     slot = pool.allocate()
     assert slot == 0 and pool.capacity == 4  # growth is at least the initial slots
     assert float(pool.h[:, slot].abs().sum()) == 0.0
+
+
+def test_floor_is_the_least_compact_can_leave_once_the_movable_slots_are_freed() -> None:
+    budget = ByteBudget(8 * TOK_SLOT_BYTES)
+    pool = _pool(8, budget)
+    for _ in range(6):
+        pool.allocate()  # slots 0-5 in use, 6 and 7 free
+    assert pool.floor(movable=[]) == 6
+    assert pool.floor(movable=[3, 4, 5]) == 3  # 2 is the highest that stays put
+    assert pool.floor(movable=range(6)) == 0
+    pool.free(5)
+    assert pool.floor(movable=[4]) == 4
+    for s in range(4):
+        pool.free(s)  # only 4 is in use: freeing it leaves nothing
+    assert (pool.floor(movable=[]), pool.floor(movable=[4])) == (5, 0)
+    assert pool.capacity == 8  # floor only reads the pool
+    pool.compact(movable=[])
+    assert pool.capacity == 5  # what floor said, with slot 4 pinned

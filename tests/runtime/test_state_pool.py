@@ -551,3 +551,18 @@ def test_close_gives_every_byte_back() -> None:
     assert budget.used_bytes == 1000
     assert pool.capacity == 0 and pool.used_slots == 0 and pool.nbytes == 0
     assert tuple(pool.h.shape) == (2, 0, 16)  # its memory is let go, not kept to the end
+
+
+def test_floor_stops_at_the_highest_slot_that_must_stay_put() -> None:
+    """The pool can shrink no lower than its highest in-use slot outside `movable`, which is
+    what makes evicting a session below a busy one pointless."""
+    budget = ByteBudget(4 * LSTM_SLOT_BYTES)
+    pool = _pool(LSTM, budget, 4)
+    for _ in range(4):
+        pool.allocate()
+    assert pool.floor(movable=[0, 1, 2]) == 4  # slot 3 is busy: freeing the rest gains nothing
+    assert pool.floor(movable=[1, 2, 3]) == 1
+    assert pool.compact(movable=[1, 2, 3]) == {} and pool.capacity == 4  # none free yet
+    pool.free(2)
+    pool.compact(movable=[1, 3])
+    assert pool.capacity == 3 and budget.used_bytes == 3 * LSTM_SLOT_BYTES

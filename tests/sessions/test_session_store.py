@@ -59,22 +59,27 @@ def test_ttl_runs_on_the_clock_and_ended_ids_say_why() -> None:
         store.get("s_never")
 
 
-def test_eviction_victim_is_the_least_recently_used_idle_one_in_memory() -> None:
+def test_idle_resident_is_least_recently_used_first_and_busy_ones_are_known() -> None:
     store = SessionStore(10, clock=Clock())
     a, b, c = (_session(store, slot=i) for i in range(3))
     for s in (a, b, c):
         store.add(s)
-    assert store.eviction_victim() is a
+
+    def idle() -> list[object]:
+        return list(store.idle_resident())
+
+    assert idle() == [a, b, c]
     store.touch(a)
-    assert store.eviction_victim() is b
-    b.busy = True
-    assert store.eviction_victim() is c
+    assert idle() == [b, c, a]
+    store.set_busy(b, True)
+    assert idle() == [c, a] and store.busy_sessions() == [b]
     store.set_slot(c, None)  # spilled: no longer a candidate
-    assert store.eviction_victim() is a
-    a.busy = True
-    assert store.eviction_victim() is None
+    assert idle() == [a]
+    store.set_busy(a, True)
+    assert idle() == [] and store.busy_sessions() == [b, a]
     store.set_slot(c, 5)  # restored: most recent
-    assert store.eviction_victim() is c
+    store.set_busy(b, False)
+    assert idle() == [b, c] and store.busy_sessions() == [a]
 
 
 def test_last_used_in_wall_time() -> None:
