@@ -20,6 +20,16 @@ log = logging.getLogger("service.api.interceptor")  # where these logs always we
 ERROR_DOMAIN = "seqserve.v1"  # ErrorInfo.domain of our error details
 
 
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:  # type: ignore[type-arg]
+    """Whether the call's deadline has passed (gRPC cancels the handler then, as it does when
+    the client cancels: only the deadline tells them apart)."""
+    try:
+        left = context.time_remaining()
+    except Exception:  # a context without the call's state (a test's stand-in)
+        return False
+    return left is not None and left <= 0
+
+
 def code_name(exc: BaseException, context: grpc.aio.ServicerContext | None = None) -> str:
     """The status code name a call that raised `exc` ends with (its metric label)."""
     if isinstance(exc, SeqServeError):
@@ -27,8 +37,10 @@ def code_name(exc: BaseException, context: grpc.aio.ServicerContext | None = Non
     if isinstance(exc, grpc.aio.AbortError) and context is not None:
         code = context.code()
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    if not isinstance(exc, Exception):
-        return "CANCELLED"  # CancelledError, GeneratorExit: the client went away
+    if not isinstance(exc, Exception):  # CancelledError, GeneratorExit: gRPC ended the call
+        if context is not None and _past_deadline(context):
+            return "DEADLINE_EXCEEDED"  # the client's deadline ran out (a slow server)
+        return "CANCELLED"  # the client went away
     if isinstance(exc, NotImplementedError):
         return "UNIMPLEMENTED"
     return "INTERNAL"

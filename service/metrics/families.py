@@ -24,6 +24,7 @@ from service.metrics.bounds import (
     MODEL_LOAD_BUCKETS,
     SESSION_TIERS,
     TIERS,
+    WRITE_FAILURE_KINDS,
 )
 
 MV = ("model", "version")
@@ -179,3 +180,5 @@ class MetricFamilies:
             self._state_bytes.labels(tier).set(0)
         for generation in GC_GENERATIONS:
             self._gc_pause.labels(generation)
+        for kind in WRITE_FAILURE_KINDS:  # the runbook's first failure must show in increase()
+            self._write_failures.labels(kind)

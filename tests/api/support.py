@@ -3,9 +3,11 @@ and the NumPy reference of the article's equations run over a store's weights fi
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -227,3 +229,26 @@ def top_ids(pred: types.Prediction) -> list[int]:
 
 def top_probs(pred: types.Prediction) -> list[float]:
     return [t.prob for t in pred.tokens.top]
+
+
+def rpc_counts(server: Any, method: str) -> dict[str, float]:
+    """RPCs of `method` a server's metric has recorded (`seqserve_rpc_duration_seconds`), by
+    status code."""
+    counts: dict[str, float] = {}
+    for family in server.metrics.registry.collect():
+        if family.name != "seqserve_rpc_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count") and sample.labels.get("method") == method:
+                counts[sample.labels["code"]] = sample.value
+    return counts
+
+
+async def recorded_rpcs(server: Any, method: str, calls: int = 1) -> dict[str, float]:
+    """The counts for `method` once `calls` calls have finished (streams are recorded when
+    they end, after the client has gone)."""
+    deadline = time.monotonic() + 10.0
+    while sum((counts := rpc_counts(server, method)).values()) < calls:
+        assert time.monotonic() < deadline, f"{method}: {counts}, not {calls} calls recorded"
+        await asyncio.sleep(0.02)
+    return counts

@@ -28,7 +28,7 @@ from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.registry.store import ModelStore
 
 from .conftest import TOKEN_CONFIG, make_settings, publish_random
-from .support import expect_status
+from .support import expect_status, recorded_rpcs, rpc_counts
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -67,28 +67,6 @@ async def _check(stub: health_pb2_grpc.HealthStub, service: str) -> int:
     return int(response.status)
 
 
-def _rpc_counts(server: SeqServeServer, method: str) -> dict[str, float]:
-    """RPCs of `method` the server's metric has recorded, by status code."""
-    counts: dict[str, float] = {}
-    for family in server.metrics.registry.collect():
-        if family.name != "seqserve_rpc_duration_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_count") and sample.labels.get("method") == method:
-                counts[sample.labels["code"]] = sample.value
-    return counts
-
-
-async def _recorded(server: SeqServeServer, method: str) -> dict[str, float]:
-    """The counts for `method` once at least one call has finished (streams such as Watch are
-    recorded when they end, after the client has gone)."""
-    deadline = time.monotonic() + TIMEOUT
-    while not (counts := _rpc_counts(server, method)):
-        assert time.monotonic() < deadline, f"no {method} call was recorded"
-        await asyncio.sleep(0.02)
-    return counts
-
-
 async def test_check_reports_serving_once_started_and_not_found_for_unknown(
     server: SeqServeServer,
 ) -> None:
@@ -102,7 +80,7 @@ async def test_check_reports_serving_once_started_and_not_found_for_unknown(
             grpc.StatusCode.NOT_FOUND,
             by_grpc=True,  # the standard health servicer's own status
         )
-    assert _rpc_counts(server, "Check") == {"OK": 3, "NOT_FOUND": 1}
+    assert rpc_counts(server, "Check") == {"OK": 3, "NOT_FOUND": 1}
 
 
 async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: Path) -> None:
@@ -138,7 +116,7 @@ async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: P
                 reason="NOT_READY",
             )
             assert not list(server.engine.sessions)
-            assert _rpc_counts(server, "CreateSession") == {"UNAVAILABLE": 1}
+            assert rpc_counts(server, "CreateSession") == {"UNAVAILABLE": 1}
 
             await asyncio.wait_for(server.open(), TIMEOUT)
             assert await _next_status(watch) == SERVING
@@ -163,7 +141,7 @@ async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: P
         else:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stopping, grace + TIMEOUT)
-    counts = _rpc_counts(server, "Watch")
+    counts = rpc_counts(server, "Watch")
     assert counts and "INTERNAL" not in counts and "UNIMPLEMENTED" not in counts, counts
 
 
@@ -175,7 +153,7 @@ async def test_list_is_unimplemented_not_internal(server: SeqServeServer) -> Non
             grpc.StatusCode.UNIMPLEMENTED,
             reason="UNIMPLEMENTED",
         )
-    assert await _recorded(server, "List") == {"UNIMPLEMENTED": 1}  # recorded after the reply
+    assert await recorded_rpcs(server, "List") == {"UNIMPLEMENTED": 1}  # recorded after the reply
 
 
 async def test_a_client_side_health_checked_channel_connects_and_calls(
@@ -192,10 +170,10 @@ async def test_a_client_side_health_checked_channel_connects_and_calls(
         assert created.session.model == "tok" and created.session.seed == 3
         assert await _check(health_pb2_grpc.HealthStub(channel), "") == SERVING
     # The channel's health check is a Watch that ends when the channel closes.
-    watch = await _recorded(server, "Watch")
+    watch = await recorded_rpcs(server, "Watch")
     assert "INTERNAL" not in watch and "UNIMPLEMENTED" not in watch, watch
-    assert _rpc_counts(server, "Check") == {"OK": 1}
-    assert _rpc_counts(server, "CreateSession") == {"OK": 1}
+    assert rpc_counts(server, "Check") == {"OK": 1}
+    assert rpc_counts(server, "CreateSession") == {"OK": 1}
 
 
 async def test_a_health_checked_channel_waits_for_open(store_root: Path, tmp_path: Path) -> None:

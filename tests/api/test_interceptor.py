@@ -7,19 +7,29 @@ in-band error there is checked for a well-formed ErrorInfo by `support.expect_st
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 
 from service import errors
 from service.api.interceptor import ErrorMappingInterceptor
 from service.client.client import SeqServeClient, make_sampling
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 
 from .conftest import TOKEN_CONFIG, ServerFactory
-from .support import check_error_info, expect_status, item, read_replies, text
+from .support import (
+    check_error_info,
+    expect_status,
+    item,
+    read_replies,
+    recorded_rpcs,
+    text,
+)
 
 
 async def _create(client: SeqServeClient, model: str = "tok", **fields: object) -> str:
@@ -141,3 +151,26 @@ async def test_a_method_s_handler_is_wrapped_once_not_once_a_call() -> None:
     assert await serves(handler) is first
     assert (await serves(other)) is not first
     assert await serves(other) is await serves(other)
+
+
+async def test_a_deadline_that_runs_out_is_counted_as_such_not_as_a_cancel(
+    server_factory: ServerFactory,
+) -> None:
+    """gRPC cancels the handler both when the client's deadline runs out and when the client
+    cancels: the metric told them apart by neither, so a server too slow for its clients'
+    deadlines (what SeqserveHighErrorRatio pages on) read as clients going away."""
+    server = await server_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
+        long = pb.GenerateRequest(session_id=sid, sampling=make_sampling(max_tokens=2048))
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            async for _ in stub.Generate(long, timeout=0.2):
+                await asyncio.sleep(0.01)  # a slow reader: the deadline comes first
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await recorded_rpcs(server, "Generate", calls=1)
+        gone = stub.Generate(long)
+        await gone.read()
+        gone.cancel()  # the client goes away
+        counts = await recorded_rpcs(server, "Generate", calls=2)
+    assert counts == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1}

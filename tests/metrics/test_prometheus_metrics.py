@@ -17,10 +17,12 @@ from service.metrics.bounds import (
     LATENCY_BUCKETS,
     PHASES,
     SESSION_EVENTS,
+    WRITE_FAILURE_KINDS,
 )
 
 BOUNDED_LABELS = {
     "method", "code", "protocol", "model", "version", "tier", "event", "phase", "generation", "le",
+    "kind",
 }  # fmt: skip
 FAMILIES = {
     "seqserve_rpc_duration_seconds": "histogram",
@@ -315,6 +317,8 @@ def test_only_bounded_labels(metrics: Metrics) -> None:
 
     assert labels <= BOUNDED_LABELS | {"fingerprint", "cell"}
     assert {s.labels["phase"] for s in _samples(metrics) if "phase" in s.labels} == set(PHASES)
+    kinds = {s.labels["kind"] for s in _samples(metrics) if "kind" in s.labels}
+    assert kinds == set(WRITE_FAILURE_KINDS)
 
 
 def test_exposition_passes_promtool(metrics: Metrics, promtool: str) -> None:
@@ -356,3 +360,11 @@ def test_http_endpoint_serves_the_registry(metrics: Metrics) -> None:
     again = Metrics(process_collectors=False)
     assert again.start_http_server("127.0.0.1", port) == port
     again.stop()
+
+
+def test_state_write_failures_start_at_zero_for_each_kind() -> None:
+    """The runbook's check is `increase(seqserve_state_write_failures_total[...]) > 0`: without
+    a zero to start from, the first failure of each kind never showed in it."""
+    metrics = Metrics()
+    for kind in ("journal", "end"):
+        assert _value(metrics, "seqserve_state_write_failures_total", kind=kind) == 0.0
