@@ -105,6 +105,9 @@ def run() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 0
+    except KeyboardInterrupt:  # Ctrl-C: the command's `async with` blocks have closed up
+        print("seqserve: interrupted", file=sys.stderr)
+        code = 130  # 128 + SIGINT, as a shell reports it
     sys.exit(code)
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from service.cli.main import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("flag", ["--tls-ca", "--tls-cert", "--tls-key"])
@@ -23,3 +30,19 @@ def test_a_tls_file_that_cannot_be_read_exits_2(
     assert "Traceback" not in err
     code = main([*argv, flag, str(tmp_path)])  # a folder
     assert code == 2 and f"{flag} {tmp_path}: Is a directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path: Path) -> None:
+    """SIGINT while `generate` waits for a server that is not there (it retries UNAVAILABLE
+    for its retry deadline): one line, 130, no traceback."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "service.cli.main", "generate", "--target",
+               f"127.0.0.1:{port}", "--model", "m", "--prompt", "hi"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # past start-up, into the retries
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert err.strip() == "seqserve: interrupted"
