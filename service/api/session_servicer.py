@@ -7,6 +7,7 @@ whose multiplexing lives in `stream_mux`: there an item's error travels in-band 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -197,12 +198,11 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
 
     async def _generate(self, session_id, prompt_pb, sampling_pb, line, expected, request_id):  # type: ignore[no-untyped-def]
         """The engine's token stream; sampling fields the request leaves unset fall back to
-        the session's defaults."""
-        await self.engine.locate(session_id)  # its defaults are the holder's
+        the session's defaults (the holder's: the engine reads them once it has the session,
+        so nothing here awaits before the engine takes the item's place in its line)."""
         sampling = None
         if sampling_pb is not None:
-            base = self.engine.get_session(session_id).default_sampling
-            sampling = convert.sampling_from_pb(sampling_pb, base)
+            sampling = functools.partial(convert.sampling_from_pb, sampling_pb)
         prompt = convert.input_from_pb(prompt_pb) if prompt_pb is not None else None
         tokens = self.engine.generate(
             session_id, prompt, sampling, line, expected_position=expected, request_id=request_id

@@ -7,11 +7,13 @@ stream and the other sessions on it go on.
 
 Order within a session is the session lease's job: the whole stream is one `Line`, so an item
 for a session this stream is already using waits its turn instead of being refused. Leases are
-taken in the order tasks start (each task takes its leases before it first suspends), so tasks
-are started in item order for each session: a group is started before any later task for a
-session in it. A feed for a session with an unfinished item on this stream runs as its own task,
-not in a group, so its reply goes out when it is done and never holds back, or overtakes, the
-replies of other sessions or of its own earlier items.
+taken in the order tasks start (each task takes its leases before it first suspends, or, where
+it must await first, the quota or takeover of a shared state tier, takes its place in the
+line's order before: `Line.enter`), so tasks are started in item order for each session: a
+group is started before any later task for a session in it. A feed for a session with an
+unfinished item on this stream runs as its own task, not in a group, so its reply goes out when
+it is done and never holds back, or overtakes, the replies of other sessions or of its own
+earlier items.
 
 A stream that so far carried one session's plain feeds, one item a message (a client streaming
 a session, one token or chunk at a time: the common case) is answered in the stream's own task,

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from service.engine import shutdown_write
 from service.engine.background import Background, Slices, every
@@ -35,7 +35,7 @@ from service.engine.recovery import Recovery
 from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
 from service.engine.session_generator import SessionGenerator
-from service.engine.session_lease import Line, SessionLeases
+from service.engine.session_lease import Entry, Line, SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.session_maker import SessionMaker
 from service.engine.session_residency import SessionResidency
@@ -282,14 +282,27 @@ class SessionEngine:
     ) -> FeedOutcome:
         self._check_open()
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
-        if not self.quotas.charging:  # sizes (text encoded) only when someone is charged
-            return await self._feed(feed, line)
-        async with self.quotas.charged(inp.size()):  # given back if refused
-            return await self._feed(feed, line)
+        entry = self._enter(line, (session_id,))
+        try:
+            if not self.quotas.charging:  # sizes (text encoded) only when someone is charged
+                return await self._feed(feed, line, entry)
+            async with self.quotas.charged(inp.size()):  # given back if refused
+                return await self._feed(feed, line, entry)
+        finally:
+            if entry is not None:
+                entry.leave()
 
-    async def _feed(self, feed: Feed, line: Line | None) -> FeedOutcome:
+    async def _feed(self, feed: Feed, line: Line | None, entry: Entry | None) -> FeedOutcome:
         await self.takeover.ensure(feed.session_id, feed.expected_position)
+        if entry is not None:
+            await entry.turn()
         return await self.feeder.feed(feed, line)
+
+    def _enter(self, line: Line | None, session_ids: Iterable[str]) -> Entry | None:
+        """The request's place in its line, where it awaits the shared tier (a quota charge, a
+        takeover) before it takes its leases: so its leases are taken in the line's order, not
+        in the order those awaits end (`Line`). None otherwise: nothing awaits before them."""
+        return line.enter(session_ids) if line is not None and self.takeover.shared else None
 
     async def feed_many(
         self, feeds: Sequence[Feed], line: Line | None = None
@@ -298,15 +311,25 @@ class SessionEngine:
         the feed's result, or the error that refused that feed alone."""
         if self.draining:
             return [Unavailable("server is draining; retry on another replica")] * len(feeds)
+        entry = self._enter(line, (f.session_id for f in feeds))
+        try:
+            return await self._charged_feed_many(feeds, line, entry)
+        finally:
+            if entry is not None:
+                entry.leave()
+
+    async def _charged_feed_many(
+        self, feeds: Sequence[Feed], line: Line | None, entry: Entry | None
+    ) -> list[FeedOutcome | SeqServeError]:
         if not self.quotas.charging:
-            return await self._feed_many(feeds, line)
+            return await self._feed_many(feeds, line, entry)
         sizes = [f.input.size() for f in feeds]
         try:
             await self.quotas.charge(sum(sizes))
         except SeqServeError as exc:
             return [exc] * len(feeds)
         try:
-            outcomes = await self._feed_many(feeds, line)
+            outcomes = await self._feed_many(feeds, line, entry)
         except SeqServeError:
             await self.quotas.refund(sum(sizes))
             raise
@@ -317,7 +340,7 @@ class SessionEngine:
         return outcomes
 
     async def _feed_many(
-        self, feeds: Sequence[Feed], line: Line | None
+        self, feeds: Sequence[Feed], line: Line | None, entry: Entry | None
     ) -> list[FeedOutcome | SeqServeError]:
         if not self.takeover.shared:
             return await self.feeder.feed_many(feeds, line)
@@ -328,6 +351,8 @@ class SessionEngine:
                 await self.takeover.ensure(session_id, expected[session_id])
             except SeqServeError as exc:  # the tier is unreachable, or the session is moving
                 refused[session_id] = exc.detached()
+        if entry is not None:
+            await entry.turn()
         if not refused:
             return await self.feeder.feed_many(feeds, line)
         going = [f for f in feeds if f.session_id not in refused]
@@ -338,23 +363,34 @@ class SessionEngine:
         self,
         session_id: str,
         prompt: ModelInput | None = None,
-        sampling: SamplingParams | None = None,
+        sampling: SamplingParams | Callable[[SamplingParams], SamplingParams] | None = None,
         line: Line | None = None,
         *,
         expected_position: int | None = None,
         request_id: str = "",
     ) -> AsyncIterator[GeneratedToken]:
-        """Sample up to `max_tokens`, one token per step (see `SessionGenerator.generate`)."""
+        """Sample up to `max_tokens`, one token per step (see `SessionGenerator.generate`).
+        `sampling`: the parameters, or how to make them from the session's defaults (known
+        once the session is taken over, if it must be: a request's unset fields)."""
         self._check_open()
-        await self.takeover.ensure(session_id, expected_position)
-        charge = 0
-        if self.quotas.charging:  # its prompt, and the most it may generate
-            params = sampling or self.sessions.get(session_id).default_sampling
-            prompt_size = prompt.size() if prompt is not None else 0
-            # A max_tokens over the cap is refused, its charge given back; capped meanwhile,
-            # so the caller's other calls do not see a bucket deep in debt.
-            charge = prompt_size + min(params.max_tokens, self.generator.max_tokens)
-            await self.quotas.charge(charge)
+        entry = self._enter(line, (session_id,))
+        try:
+            await self.takeover.ensure(session_id, expected_position)
+            if callable(sampling):
+                sampling = sampling(self.sessions.get(session_id).default_sampling)
+            charge = 0
+            if self.quotas.charging:  # its prompt, and the most it may generate
+                params = sampling or self.sessions.get(session_id).default_sampling
+                prompt_size = prompt.size() if prompt is not None else 0
+                # A max_tokens over the cap is refused, its charge given back; capped meanwhile,
+                # so the caller's other calls do not see a bucket deep in debt.
+                charge = prompt_size + min(params.max_tokens, self.generator.max_tokens)
+                await self.quotas.charge(charge)
+            if entry is not None:
+                await entry.turn()  # the lease is taken at the first token, before a suspension
+        finally:
+            if entry is not None:
+                entry.leave()
         tokens = self.generator.generate(
             session_id, prompt, sampling, line, expected_position, request_id
         )
