@@ -12,7 +12,8 @@ through another worker's connection is taken over through the tier, exactly.
 
 SIGTERM or SIGINT is passed on to every worker, each drains and writes its sessions, and the
 supervisor exits when they have. A worker that dies is started again (not more than
-`_RESTARTS` times a minute: then everything stops).
+`_RESTARTS` times a minute: then everything stops). The supervisor's `--port-file` is written
+once every worker listens, and again after each restart: it always names the workers serving.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from service.settings import Settings
 
 log = logging.getLogger("service.cli.workers")
 
-_START_TIMEOUT_S = 180.0
 _RESTARTS = 5  # per minute, per worker
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 _SLACK_S = 15.0  # beyond grace + write timeout, before a worker that will not stop is killed
@@ -175,31 +175,15 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     status = 0
+    serving = _Serving(port_file, s.host, port, http_port, metrics=s.metrics_port >= 0)
     try:
         for w in workers:
             w.start()
-        ports = _wait_started(workers, lambda: stopping)
-        if ports is not None:
-            log.info("seqserve: %d workers serving on %s:%d (metrics %s)", count, s.host,
-                     port, f"on {ports}" if s.metrics_port >= 0 else "off")  # fmt: skip
-            if port_file is not None:
-                _write_json(port_file, {"port": port, "metrics_port": ports[0],
-                                        "http_port": http_port,
-                                        "workers": [w.proc.pid for w in workers if w.proc],
-                                        "metrics_ports": ports})  # fmt: skip
         while not stopping:
-            time.sleep(0.2)
-            for w in workers:
-                assert w.proc is not None
-                code = w.proc.poll()
-                if code is None or stopping:
-                    continue
-                if w.too_often():
-                    log.error("worker %d keeps exiting (status %d): stopping", w.index, code)
-                    stopping, status = True, 1
-                    break
-                log.error("worker %d exited with status %d: starting it again", w.index, code)
-                w.start()
+            serving.update(workers)
+            time.sleep(0.2 if serving.announced else 0.05)
+            if not stopping and not _restart_exited(workers):
+                stopping, status = True, 1
     finally:
         _stop_all(workers, settings)
         reserved.close()
@@ -212,15 +196,66 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
     return status
 
 
-def _wait_started(workers: list[_Worker], stopping) -> list[int] | None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while time.monotonic() < deadline and not stopping():
-        if all(w.port_file.exists() for w in workers):
-            return [int(json.loads(w.port_file.read_text())["metrics_port"]) for w in workers]
-        if any(w.proc is not None and w.proc.poll() is not None for w in workers):
-            return None  # the loop restarts it (or gives up)
-        time.sleep(0.05)
-    return None
+class _Serving:
+    """The supervisor's "serving" log line and its `--port-file`: written once every worker
+    has written its own port file, and again whenever a restarted worker has (its new pid, and
+    with `--metrics-port 0` its new metrics port), so the file always names the workers that
+    serve. A worker that exits during start-up only delays it: the loop starts it again."""
+
+    def __init__(self, path: Path | None, host: str, port: int, http_port: int, metrics: bool):
+        self.path = path
+        self.host = host
+        self.port = port
+        self.http_port = http_port
+        self.metrics = metrics
+        self.announced: list[tuple[int, int]] | None = None  # (pid, metrics port) per worker
+
+    def update(self, workers: list[_Worker]) -> None:
+        serving = _serving(workers)
+        if serving is None or serving == self.announced:
+            return
+        pids, ports = [pid for pid, _ in serving], [m for _, m in serving]
+        if self.announced is None:
+            log.info("seqserve: %d workers serving on %s:%d (metrics %s)", len(workers),
+                     self.host, self.port, f"on {ports}" if self.metrics else "off")  # fmt: skip
+        else:
+            log.info("seqserve: workers now %s (metrics %s)", pids,
+                     f"on {ports}" if self.metrics else "off")  # fmt: skip
+        self.announced = serving
+        if self.path is not None:
+            _write_json(self.path, {"port": self.port, "metrics_port": ports[0],
+                                    "http_port": self.http_port, "workers": pids,
+                                    "metrics_ports": ports})  # fmt: skip
+
+
+def _serving(workers: list[_Worker]) -> list[tuple[int, int]] | None:
+    """Each worker's (pid, metrics port) once every running worker has written its port file
+    (a restarted one removes its predecessor's first); None while one has not."""
+    serving = []
+    for w in workers:
+        if w.proc is None or w.proc.poll() is not None:
+            return None
+        try:
+            metrics_port = int(json.loads(w.port_file.read_text())["metrics_port"])
+        except FileNotFoundError:
+            return None
+        serving.append((w.proc.pid, metrics_port))
+    return serving
+
+
+def _restart_exited(workers: list[_Worker]) -> bool:
+    """Start again each worker that has exited; False if one keeps exiting (then all stop)."""
+    for w in workers:
+        assert w.proc is not None
+        code = w.proc.poll()
+        if code is None:
+            continue
+        if w.too_often():
+            log.error("worker %d keeps exiting (status %d): stopping", w.index, code)
+            return False
+        log.error("worker %d exited with status %d: starting it again", w.index, code)
+        w.start()
+    return True
 
 
 def _stop_all(workers: list[_Worker], settings: Settings) -> None:

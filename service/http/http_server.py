@@ -3,6 +3,7 @@ JSON routes, the OpenAPI document and the playground page (plain files shipped i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from importlib import resources
@@ -25,6 +26,7 @@ STATIC_DIR = Path(str(resources.files("service.http") / "static"))
 class HttpApi:
     def __init__(self, routes: Routes, grace_seconds: float = 10.0) -> None:
         self.calls: Calls = routes.calls
+        self._routes = routes
         self._grace_seconds = grace_seconds
         self._loopback = True  # set by start(): the bind address is a loopback one
         self.app = web.Application(
@@ -79,9 +81,17 @@ class HttpApi:
         self.calls.draining = True
 
     async def stop(self) -> None:
-        """Close the listener and the connections (calls in flight had the grace period)."""
+        """Close the listener and the connections (calls in flight had the grace period). A
+        generation still streaming when the grace period ends gets its `error` event (DRAINING)
+        and a finished body first, while its connection is open: the runner would only cancel
+        it (after twice the grace period) and cut the body off."""
         if self._runner is not None:
-            await self._runner.cleanup()
+            loop = asyncio.get_running_loop()
+            ending = loop.call_later(self._grace_seconds, self._routes.end_streams)
+            try:
+                await self._runner.cleanup()
+            finally:
+                ending.cancel()
             self._runner = None
 
 

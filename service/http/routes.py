@@ -13,9 +13,10 @@ the body parsed by protobuf's JSON mapping, so one JSON document reads the same 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -23,7 +24,7 @@ from google.protobuf.message import Message
 
 from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
-from service.errors import RouteNotFound, quote
+from service.errors import RouteNotFound, Unavailable, quote
 from service.http.calls import Calls, HttpContext, error_answer, json_answer, to_json
 from service.http.status_map import HttpError
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
@@ -41,6 +42,8 @@ class Routes:
         self.calls = calls
         self.sessions = sessions
         self.registry = registry
+        self._streams: set[asyncio.Task[Any]] = set()  # the generations being sent
+        self._ended: set[asyncio.Task[Any]] = set()  # those `end_streams` cancelled
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", self.list_models)
@@ -127,22 +130,27 @@ class Routes:
     async def generate(self, request: web.Request, session_id: str) -> web.StreamResponse:
         """Server-sent events: `token` per generated token (a GenerateResponse), then `done`
         with the finish reason and position, or `error` if the generation fails after its
-        first token. An error before the first token is a plain JSON error answer. Closing the
-        connection cancels the generation (its tokens so far stay in the session)."""
+        first token (also when it outlives a shutdown's grace period: see `end_streams`). An
+        error before the first token is a plain JSON error answer. Closing the connection
+        cancels the generation (its tokens so far stay in the session)."""
         response: web.StreamResponse | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
         try:
             async with self.calls.call(SESSIONS + "Generate", request):
-                message = await self.calls.parse(
-                    request, pb.GenerateRequest(), session_id=session_id
-                )
-                tokens = self.sessions.Generate(message, HttpContext(request))
-                async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
-                    last: pb.GenerateResponse | None = None
-                    async for reply in stream:
-                        if response is None:  # the generation started: commit to SSE
-                            response = await _event_stream(request)
-                        await _send(response, "token", to_json(reply))
-                        last = reply
+                with self._drainable(task):
+                    message = await self.calls.parse(
+                        request, pb.GenerateRequest(), session_id=session_id
+                    )
+                    tokens = self.sessions.Generate(message, HttpContext(request))
+                    async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+                        last: pb.GenerateResponse | None = None
+                        async for reply in stream:
+                            if response is None:  # the generation started: commit to SSE
+                                response = await _event_stream(request)
+                            await _send(response, "token", to_json(reply))
+                            last = reply
                     if response is None:  # max_tokens 0 or the like: nothing generated
                         response = await _event_stream(request)
                     done = {
@@ -160,10 +168,37 @@ class Routes:
                 return error_answer(exc)
             with contextlib.suppress(ConnectionResetError):
                 await _send(response, "error", HttpError(exc).body)
+        finally:
+            self._streams.discard(task)
+            self._ended.discard(task)
         assert response is not None
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response
+
+    def end_streams(self) -> None:
+        """End every generation still being sent with an `error` event (UNAVAILABLE, DRAINING)
+        and a finished body: called when a shutdown's grace period is over, while the
+        connections are still open. (The runner would cancel the handlers later and close the
+        connections mid-body, leaving each client a broken response and no reason.)"""
+        for task in self._streams - self._ended:
+            self._ended.add(task)
+            task.cancel()
+
+    @contextlib.contextmanager
+    def _drainable(self, task: asyncio.Task[Any]) -> Iterator[None]:
+        """`end_streams`'s cancellation of `task` as the call's error, UNAVAILABLE (DRAINING);
+        any other (the client hung up, the runner gave up) goes on as a cancellation."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task not in self._ended:
+                raise
+            task.uncancel()  # ours, and taken: the call ends with an answer instead
+            raise Unavailable(
+                "server is draining: the generation ran past the shutdown grace period (its "
+                "tokens so far are in the session); retry on another replica"
+            ) from None
 
 
 def _refuse_verb(request: web.Request) -> None:

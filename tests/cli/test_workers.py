@@ -1,17 +1,23 @@
 """`seqserve serve --workers N`'s supervisor locks its HTTP port as well as its gRPC port: the
 workers share the HTTP port with SO_REUSEPORT, so without the lock a second, unrelated
 supervisor could bind the same HTTP port and the kernel would split requests between them.
+Its `--port-file` (with `--port 0` the only way to learn the ports) is written even when a
+worker dies during start-up, and names a worker started again in place of a killed one.
 (The workers' serving itself is tested in tests/api/test_workers.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +80,88 @@ def test_a_second_supervisor_on_the_same_http_port_is_refused(tmp_path: Path) ->
                 first.kill()
                 first.wait()
         log.close()
+
+
+class _Supervisor:
+    """`serve --workers 1 --port 0 --metrics-port 0 --port-file F` as a real process: with port
+    0 the port file is the only way to learn the ports and the worker's pid."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port_file = tmp_path / "ports.json"
+        self.log_path = tmp_path / "supervisor.log"
+        argv = [*_serve_argv(tmp_path, "state", -1), "--port-file", str(self.port_file)]
+        argv[argv.index("--metrics-port") + 1] = "0"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def worker(self) -> int:
+        """The pid of the worker once it runs seqserve (not just forked): soon after it starts."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+            for pid in map(int, children.split()):
+                with contextlib.suppress(FileNotFoundError):
+                    if b"service.cli.main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return pid
+            time.sleep(0.01)
+        raise AssertionError("no worker started")
+
+    def ports(self, not_pid: int | None = None) -> dict[str, Any]:
+        """The supervisor's port file once it is written (and names a worker other than
+        `not_pid`)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            if self.port_file.exists():
+                info: dict[str, Any] = json.loads(self.port_file.read_text())
+                if not_pid not in info["workers"]:
+                    return info
+            time.sleep(0.05)
+        raise AssertionError(f"no port file naming a new worker: {self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # SIGTERM: the supervisor stops its worker
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _assert_serves(info: dict[str, Any]) -> None:
+    """The port file names the live worker and a metrics port that answers."""
+    (pid,) = info["workers"]
+    os.kill(pid, 0)  # alive
+    assert info["metrics_ports"] == [info["metrics_port"]], info
+    with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/healthz", timeout=5):
+        pass
+
+
+def test_the_port_file_is_written_after_a_worker_dies_during_start_up(tmp_path: Path) -> None:
+    supervisor = _Supervisor(tmp_path)
+    try:
+        first = supervisor.worker()
+        assert not supervisor.port_file.exists()
+        os.kill(first, signal.SIGKILL)  # still importing: long before it listens
+        info = supervisor.ports(not_pid=first)
+        _assert_serves(info)
+    finally:
+        supervisor.stop()
+
+
+def test_the_port_file_names_a_restarted_worker(tmp_path: Path) -> None:
+    supervisor = _Supervisor(tmp_path)
+    try:
+        before = supervisor.ports()
+        _assert_serves(before)
+        os.kill(before["workers"][0], signal.SIGKILL)
+        after = supervisor.ports(not_pid=before["workers"][0])
+        _assert_serves(after)
+        assert after["port"] == before["port"], (before, after)
+    finally:
+        supervisor.stop()

@@ -1,5 +1,6 @@
 """`POST /v1/sessions/{id}:generate` as server-sent events: the same tokens as gRPC's Generate
-for the same seed, a final `done` event, and a client that hangs up cancels the generation."""
+for the same seed, a final `done` event, a client that hangs up cancels the generation, and a
+generation that outlives a shutdown's grace period ends with a DRAINING `error` event."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from service.http.calls import to_json
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from tests.api.conftest import ServerFactory
 
 from .conftest import sse_events
 
@@ -106,4 +108,33 @@ async def test_hanging_up_cancels_the_generation(
     assert (
         'seqserve_rpc_duration_seconds_count{code="CANCELLED",method="Generate",protocol="http"}'
         in exposition
+    )
+
+
+async def test_a_generation_past_the_shutdown_grace_ends_with_a_draining_error(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(
+        server={"http_port": 0, "grace_seconds": 0.5}, max_generate_tokens=10_000_000
+    )
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        sid = await _create(http, seed=3)
+        body = {"sampling": {"maxTokens": 10_000_000, "temperature": 1.0}}
+        response = await http.post(f"/v1/sessions/{sid}:generate", json=body)
+        assert response.status == 200
+        first = await response.content.readuntil(b"\n\n")
+        assert first.startswith(b"event: token"), first
+        stopping = asyncio.create_task(server.stop())  # as SIGTERM does
+        # The whole body arrives, finished (no ClientPayloadError), its last event the error.
+        events = sse_events((first + await response.read()).decode())
+        await stopping
+    assert events[0][0] == "token"
+    assert {event for event, _ in events[:-1]} == {"token"}
+    event, data = events[-1]
+    assert event == "error", events[-3:]
+    assert data["error"]["status"] == "UNAVAILABLE", data
+    assert data["error"]["details"][0]["reason"] == "DRAINING", data
+    assert (
+        'seqserve_rpc_duration_seconds_count{code="UNAVAILABLE",method="Generate",protocol="http"}'
+        in server.metrics.render().decode()
     )
