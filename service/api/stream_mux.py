@@ -234,7 +234,7 @@ class StreamMux:
                 in_group.add(sid)
             else:
                 spawn(self._item(item, line, out, unfinished))
-            unfinished.add(sid)
+            unfinished.add(sid, counted=not item.HasField("generate"))
         start_group()
 
     async def _feed_group(
@@ -261,55 +261,70 @@ class StreamMux:
         try:
             async with contextlib.aclosing(self._run_item(item, line)) as replies:  # type: ignore[type-var]
                 async for reply in replies:
+                    # A generation's tokens wait while replies pile up for a client that does
+                    # not read them: they stay in the generation's own queue (at most its
+                    # max_tokens, as for a Generate call), not in this stream's.
+                    await unfinished.room(self._max_items, out.qsize)
                     out.put_nowait([reply])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             out.put_nowait([error_reply(item, answered_status(exc))])
         finally:
-            unfinished.done(item.session_id)
+            unfinished.done(item.session_id, counted=not item.HasField("generate"))
 
 
 class _Unfinished:
     """A stream's items dispatched and not yet replied: by session (what orders a session's
-    items), and in all (what, with the replies waiting for the writer, bounds the stream)."""
+    items), and the feeds among them (what, with the replies waiting for the writer, bounds
+    what the stream reads). A generation does not count once started: it may run for long,
+    and must not keep the stream from reading other sessions' items; its tokens wait for room
+    among the replies instead (`room`)."""
 
-    __slots__ = ("_by_session", "_waiter", "total")
+    __slots__ = ("_by_session", "_waiters", "total")
 
     def __init__(self) -> None:
         self._by_session: dict[str, int] = {}
-        self.total = 0
-        self._waiter: asyncio.Future[None] | None = None  # the reader, waiting for room
+        self.total = 0  # feeds unfinished
+        self._waiters: list[asyncio.Future[None]] = []  # the reader, generations' consumers
 
     def of(self, session_id: str) -> int:
         return self._by_session.get(session_id, 0)
 
-    def add(self, session_id: str) -> None:
+    def add(self, session_id: str, *, counted: bool) -> None:
         self._by_session[session_id] = self._by_session.get(session_id, 0) + 1
-        self.total += 1
+        self.total += counted
 
-    def done(self, session_id: str) -> None:
+    def done(self, session_id: str, *, counted: bool = True) -> None:
         left = self._by_session.get(session_id, 0) - 1
         if left > 0:
             self._by_session[session_id] = left
         else:
             self._by_session.pop(session_id, None)
-        self.total -= 1
+        self.total -= counted
         self.wake()
 
     def wake(self) -> None:
-        """Let the reader look again (an item finished, the writer took replies)."""
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        """Let every waiter look again (an item finished, the writer took replies)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def below(self, bound: int, waiting: Callable[[], int]) -> None:
-        """Until fewer than `bound` items are unfinished or have replies `waiting`."""
+        """Until fewer than `bound` feeds are unfinished or replies `waiting` for the writer."""
         while self.total + waiting() >= bound:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
+
+    async def room(self, bound: int, waiting: Callable[[], int]) -> None:
+        """Until fewer than `bound` replies are `waiting` for the writer."""
+        while waiting() >= bound:
+            await self._wait()
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
 
 # The longest id an error reply echoes: longer than any session id the server makes (~100

@@ -176,3 +176,62 @@ async def test_an_error_reply_does_not_echo_an_id_too_long_to_name_anything() ->
     assert bad.HasField("error") and bad.session_id == ""
     assert ("after", 1) in replied(responses)
     assert all(len(r.request_id) <= 256 and len(r.session_id) <= 256 for r in replies)
+
+
+def generation(session_id: str, request_id: str) -> pb.StreamItem:
+    it = feed(session_id, request_id)
+    it.generate.SetInParent()
+    return it
+
+
+class Generating(Recorder):
+    """Generations that yield `tokens` replies each, a tick apart; `produced` counts them."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.produced = 0
+
+    async def run_item(self, it: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:
+        for position in range(1, self.tokens + 1):
+            await asyncio.sleep(0)
+            self.produced += 1
+            yield pb.StreamReply(
+                session_id=it.session_id, request_id=it.request_id, position=position
+            )
+
+
+async def test_running_generations_do_not_keep_the_stream_from_reading_other_items() -> None:
+    """More generations running than a message may carry items: a feed for another session
+    sent after them is still read and answered while they run (a bound that counted them held
+    it until the first generation ended)."""
+    recorder = Generating(tokens=10**6)
+
+    async def incoming() -> AsyncIterator[pb.StreamRequest]:
+        for k in range(3):
+            yield pb.StreamRequest(items=[generation(f"g{k}{j}", f"g{k}{j}") for j in range(8)])
+        yield pb.StreamRequest(items=[feed("a", "the-feed")])
+
+    async def until_the_feed_is_answered() -> None:
+        async for response in mux_for(recorder, max_items=8).run(incoming()):
+            if any(r.request_id == "the-feed" for r in response.replies):
+                return
+
+    await asyncio.wait_for(until_the_feed_is_answered(), 10)
+
+
+async def test_a_client_that_reads_nothing_holds_back_its_generations_tokens() -> None:
+    """Nobody reads the replies: the generations' tokens wait for room among the replies
+    queued for the writer, instead of 16 generations queueing 2,048 replies each."""
+    recorder = Generating(tokens=2048)
+
+    async def incoming() -> AsyncIterator[pb.StreamRequest]:
+        for k in range(2):
+            yield pb.StreamRequest(items=[generation(f"g{k}{j}", f"g{k}{j}") for j in range(8)])
+
+    responses = mux_for(recorder, max_items=8).run(incoming())
+    await anext(responses)
+    for _ in range(2000):  # the loop free to run everything it would
+        await asyncio.sleep(0)
+    assert recorder.produced < 100
+    await responses.aclose()
