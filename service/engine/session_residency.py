@@ -155,16 +155,20 @@ class SessionResidency:
         one of its own (the slot is reused), or one in another version's pool that shrinks for
         it, when those pools can give back a slot's worth between them. None when no eviction
         helps: a pool cannot shrink past a busy session's slot, so evicting below it would
-        spill sessions for nothing."""
-        gains: dict[tuple[str, int], int] | None = None  # computed for the first other one
-        for session in self.sessions.idle_resident():
-            if session.model == wanting.name and session.version == wanting.version:
-                return session
-            if gains is None:
-                gains = self._gains(wanting)
-            if gains.get((session.model, session.version), 0) > 0:
-                return session
-        return None
+        spill sessions for nothing. Each version's oldest idle session comes first in its own
+        order (busy ones sit at the recent end), so this costs a look per version, not one
+        per session in memory."""
+        own = next(self.sessions.idle_resident((wanting.name, wanting.version)), None)
+        served = self.versions.served()
+        if len(served) == 1:  # the common case: one version, nothing else to shrink
+            return own
+        candidates = [own] if own is not None else []
+        for key, gain in self._gains(wanting).items():
+            if gain > 0:
+                oldest = next(self.sessions.idle_resident(key), None)
+                if oldest is not None:
+                    candidates.append(oldest)
+        return min(candidates, key=lambda s: s.last_used, default=None)
 
     def _gains(self, wanting: ServedVersion) -> dict[tuple[str, int], int]:
         """The bytes each other version's pool gives back once all its idle sessions are
@@ -191,7 +195,7 @@ class SessionResidency:
         """Why no slot can be had: every session in memory busy, or the idle ones in pools that
         busy sessions keep from shrinking (nothing was evicted for them)."""
         limit = wanting.pool.budget.limit_bytes
-        idle = sum(1 for s in self.sessions.resident() if not s.busy)
+        idle = self.sessions.idle_count()
         if idle == 0:
             why = "every session in memory is busy"
         else:

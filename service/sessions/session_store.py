@@ -48,6 +48,8 @@ class SessionStore:
         self.wall_clock = wall_clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, Session] = OrderedDict()  # in memory, LRU first
+        # The same, by (model, version): an eviction looks for a version's oldest idle one.
+        self._resident_by: dict[tuple[str, int], OrderedDict[str, Session]] = {}
         self._busy: dict[str, Session] = {}  # held by a lease now
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
         self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
@@ -103,7 +105,7 @@ class SessionStore:
         if session.made_by:
             self._made[session.made_by] = session
         if session.slot is not None:
-            self._resident[session.session_id] = session
+            self._in_memory(session)
 
     def made(self, made_by: str) -> Session | None:
         """The live session a create or fork request (`made_by`) made, if any."""
@@ -179,17 +181,36 @@ class SessionStore:
 
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
-        self._sessions.move_to_end(session.session_id)
-        if session.session_id in self._resident:
-            self._resident.move_to_end(session.session_id)
+        sid = session.session_id
+        self._sessions.move_to_end(sid)
+        if sid in self._resident:
+            self._resident.move_to_end(sid)
+            self._resident_by[(session.model, session.version)].move_to_end(sid)
 
     def set_slot(self, session: Session, slot: int | None) -> None:
         """Move a session between tiers: a slot means in memory, None means spilled."""
         session.slot = slot
         if slot is None:
-            self._resident.pop(session.session_id, None)
+            self._not_in_memory(session)
         elif session.session_id in self._sessions:
-            self._resident[session.session_id] = session  # a restore is a use: most recent
+            self._in_memory(session)  # a restore is a use: most recent
+
+    def _in_memory(self, session: Session) -> None:
+        sid = session.session_id
+        self._resident[sid] = session
+        self._resident.move_to_end(sid)
+        by = self._resident_by.setdefault((session.model, session.version), OrderedDict())
+        by[sid] = session
+        by.move_to_end(sid)
+
+    def _not_in_memory(self, session: Session) -> None:
+        if self._resident.pop(session.session_id, None) is None:
+            return
+        key = (session.model, session.version)
+        by = self._resident_by[key]
+        del by[session.session_id]
+        if not by:
+            del self._resident_by[key]
 
     def advance(self, session: Session, consumed: int) -> int:
         """Count inputs consumed into the session's state; returns its new position."""
@@ -254,7 +275,7 @@ class SessionStore:
                 self._owned[session.owner] -= 1
                 if self._owned[session.owner] <= 0:
                     del self._owned[session.owner]
-        self._resident.pop(session.session_id, None)
+        self._not_in_memory(session)
         self._unsaved.pop(session.session_id, None)
         if moved:
             if session.owner:
@@ -337,11 +358,17 @@ class SessionStore:
         self._sessions = OrderedDict((s.session_id, s) for s in ordered)
         self._in_order = True
 
-    def idle_resident(self) -> Iterator[Session]:
-        """In-memory sessions with no request running, least recently used first (not copied:
-        stop before changing the store). Busy sessions were touched when their request began,
-        so they sit at the recent end and the first idle one comes at once."""
-        return (s for s in self._resident.values() if not s.busy)
+    def idle_resident(self, version: tuple[str, int] | None = None) -> Iterator[Session]:
+        """In-memory sessions (of `version`, a (model, version), if given) with no request
+        running, least recently used first (not copied: stop before changing the store). Busy
+        sessions were touched when their request began, so they sit at the recent end and the
+        first idle one comes at once."""
+        resident = self._resident if version is None else self._resident_by.get(version)
+        return (s for s in (resident or {}).values() if not s.busy)
+
+    def idle_count(self) -> int:
+        """In-memory sessions with no request running."""
+        return len(self._resident) - sum(1 for s in self._busy.values() if s.slot is not None)
 
     def resident(self) -> list[Session]:
         return list(self._resident.values())

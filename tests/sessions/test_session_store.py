@@ -80,6 +80,26 @@ def test_idle_resident_is_least_recently_used_first_and_busy_ones_are_known() ->
     store.set_slot(c, 5)  # restored: most recent
     store.set_busy(b, False)
     assert idle() == [b, c] and store.busy_sessions() == [a]
+    assert store.idle_count() == 2
+
+
+def test_each_versions_idle_sessions_in_their_own_order() -> None:
+    """An eviction for one version looks at its own oldest idle session first: not through
+    every other version's idle sessions before it (20,000 of them cost 4.8 ms a look)."""
+    store = SessionStore(10, clock=Clock())
+    a, b, c = (_session(store, slot=i) for i in range(3))
+    b.version = 2
+    for s in (a, b, c):
+        store.add(s)
+    assert list(store.idle_resident(("m", 1))) == [a, c]
+    assert list(store.idle_resident(("m", 2))) == [b]
+    store.touch(a)
+    assert list(store.idle_resident(("m", 1))) == [c, a]
+    store.set_slot(b, None)
+    assert list(store.idle_resident(("m", 2))) == [] == list(store.idle_resident(("x", 9)))
+    store.set_slot(b, 4)
+    store.remove(c, "closed")
+    assert list(store.idle_resident(("m", 1))) == [a] and list(store.idle_resident()) == [a, b]
 
 
 def test_last_used_in_wall_time() -> None:
