@@ -75,9 +75,11 @@ class SessionFeeder:
         options: PredictionOptions | None = None,
         *,
         remember_as: str = "",
+        if_applied_late: Callable[[], None] | None = None,
     ) -> FeedOutcome:
         """Feed validated `inputs` to a leased, ready session. `remember_as`: the feed's
-        request id, remembered for its retry even if this call is cancelled too late."""
+        request id, remembered for its retry even if this call is cancelled too late;
+        `if_applied_late`: called, in that case, once the step has applied the feed."""
         served = lease.served
         group = served.scheduler.submit([(lease, self._row(lease, inputs, options))])
         lease.in_flight = group.future
@@ -87,8 +89,11 @@ class SessionFeeder:
             # Cancelled before the row went into a step: withdrawn, the session is untouched.
             # Too late: the step may be writing the slot now, and the lease is let go only once
             # it settles (the feed is consumed; the position says so).
-            if not group.withdraw() and remember_as:
-                _remember_late(group, [(lease, remember_as)])
+            if not group.withdraw():
+                if remember_as:
+                    _remember_late(group, [(lease, remember_as)])
+                if if_applied_late is not None:
+                    _when_applied(group, if_applied_late)
             raise
         return _outcome(lease, result)
 
@@ -262,6 +267,19 @@ def _remember_late(group: RowGroup, rows: list[tuple[Lease, str]]) -> None:
                     lease.remember(request_id, outcome.position - result.consumed, outcome)
 
     group.future.add_done_callback(remember)
+
+
+def _when_applied(group: RowGroup, then: Callable[[], None]) -> None:
+    """`then()` once the group's step has settled, if it applied the group's one row."""
+
+    def settled(future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        (result,) = future.result()
+        if not isinstance(result, BaseException):
+            then()
+
+    group.future.add_done_callback(settled)
 
 
 def not_a_retry(lease: Lease, expected: int | None) -> PositionMismatch:

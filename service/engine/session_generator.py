@@ -62,11 +62,16 @@ class SessionGenerator:
                 prompt_inputs = self._feeder.inputs(served, prompt) if prompt is not None else None
                 lease.journal_generation(request_id, params.as_dict())
                 log = GenerationLog(params)
-                # Remembered before the prompt runs: a call cancelled while its prompt's step
-                # runs (applied, or not) is retried as this generation, not refused.
-                lease.remember(request_id, before, log)
                 if prompt_inputs is not None:
-                    await self._feeder.run(lease, prompt_inputs)
+                    # A call cancelled while its prompt's step runs is remembered once the
+                    # step applies the prompt, so that its retry goes on with this generation;
+                    # one whose prompt was not applied leaves the last request as it was.
+                    await self._feeder.run(
+                        lease,
+                        prompt_inputs,
+                        if_applied_late=lambda: lease.remember(request_id, before, log),
+                    )
+                lease.remember(request_id, before, log)
             scheduler = served.scheduler
             generation = Generation(lease, log.params, served.tokenizer, log, scheduler.loop)
             scheduler.start_generation(generation)

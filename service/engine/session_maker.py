@@ -78,7 +78,9 @@ class SessionMaker:
             if made is not None:  # a retry: what the first call made, and its prefix's outcome
                 if made.model != model:
                     raise _reused(request_id, f"a create of model {made.model!r}")
-                return made, await self._prefix_outcome(made, request_id)
+                outcome = await self._prefix_outcome(made, request_id)
+                if not made.closed:  # else its prefix's step failed after a cancel: anew
+                    return made, outcome
             return await self._create(
                 model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id,
                 route,
@@ -127,8 +129,9 @@ class SessionMaker:
     def _leave_nothing(self, session: Session, lease: Lease | None, request_id: str) -> None:
         """A refused or cancelled create leaves no session behind that its client cannot name:
         ended now, or, cancelled while its prefix's step ran, once that step settles. With a
-        request id, a session whose prefix was applied stays: the retry finds it, with the
-        prefix's prediction (`remember_as`)."""
+        request id, a session whose prefix that step applied stays: the retry finds it, with
+        the prefix's prediction (`remember_as`); one whose prefix it did not apply (refused,
+        failed) is ended, and the retry makes the session anew."""
         if session.closed:
             return
         step = lease.in_flight if lease is not None else None
@@ -136,17 +139,17 @@ class SessionMaker:
             if not session.busy:
                 self.lifecycle.end(session, "closed")
             return
+        sid = session.session_id
         if request_id:  # a retry meanwhile waits for the step (`_prefix_outcome`)
-            sid = session.session_id
             self._stepping[sid] = step
-            step.add_done_callback(lambda _step: self._stepping.pop(sid, None))
-            return
 
-        def end(_step: asyncio.Future[Any]) -> None:
-            if not session.closed and not session.busy:
+        def settled(_step: asyncio.Future[Any]) -> None:  # after the lease's own: let go
+            self._stepping.pop(sid, None)
+            applied = session.position > 0  # a new session: only the prefix moves it
+            if not session.closed and not session.busy and not (request_id and applied):
                 self.lifecycle.end(session, "closed")
 
-        step.add_done_callback(end)  # after the lease's own: it is let go by then
+        step.add_done_callback(settled)
 
     async def _prefix_outcome(self, session: Session, request_id: str) -> FeedOutcome | None:
         """The outcome of the prefix a creation fed, while it is the session's last request."""

@@ -181,10 +181,12 @@ def close(a: Prediction, b: Prediction, tol: float = 1e-5) -> bool:
 
 
 @contextlib.contextmanager
-def slow_steps(engine: SessionEngine, seconds: float = 0.3) -> Iterator[asyncio.Event]:
+def slow_steps(
+    engine: SessionEngine, seconds: float = 0.3, *, fail: bool = False
+) -> Iterator[asyncio.Event]:
     """Each step of `tok` v1 takes `seconds` longer (on the runner thread: build the engine
-    with `engine={"inline_max_rows": 0}`); the event is set when one starts, so a test can
-    cancel a call while its row is inside a step."""
+    with `engine={"inline_max_rows": 0}`), and with `fail` then fails (applies nothing); the
+    event is set when one starts, so a test can cancel a call while its row is in a step."""
     served = engine.versions.find("tok", 1)
     assert served is not None
     execute = served.runner.execute
@@ -194,6 +196,8 @@ def slow_steps(engine: SessionEngine, seconds: float = 0.3) -> Iterator[asyncio.
     def slow(batch: StepBatch):  # type: ignore[no-untyped-def]
         loop.call_soon_threadsafe(started.set)
         time.sleep(seconds)
+        if fail:
+            raise RuntimeError("the step failed")
         return execute(batch)
 
     served.runner.execute = slow  # type: ignore[method-assign]

@@ -41,3 +41,22 @@ async def test_a_generate_cancelled_while_its_prompt_steps_is_retried_as_itself(
     want = await generate(reference.session_id)
     assert [t.position for t in retried] == [4, 5, 6]
     assert [t.token_id for t in retried] == [t.token_id for t in want]
+
+
+async def test_a_generate_whose_prompt_step_fails_leaves_the_last_request_as_it_was(
+    make_engine: EngineFactory,
+) -> None:
+    """A refused request changes nothing: a retry of the step applied before it still gets
+    its original reply (the generation, remembered before its prompt ran, replaced it)."""
+    engine = await make_engine(engine={"inline_max_rows": 0})
+    session, _ = await engine.create_session("tok")
+    first = await engine.feed(session.session_id, toks(1, 2), expected_position=0, request_id="r1")
+    with slow_steps(engine, seconds=0.0, fail=True), pytest.raises(RuntimeError):
+        _ = [
+            t
+            async for t in engine.generate(
+                session.session_id, toks(3), SAMPLING, expected_position=2, request_id="g1"
+            )
+        ]
+    again = await engine.feed(session.session_id, toks(1, 2), expected_position=0, request_id="r1")
+    assert again.position == first.position == 2 == session.position

@@ -68,3 +68,25 @@ async def test_a_request_id_reused_for_another_create_or_fork_is_refused(
     assert (await engine.fork_session(a.session_id, request_id="f1")).session_id == (
         child.session_id
     )
+
+
+async def test_a_create_cancelled_while_its_prefix_step_fails_is_made_anew_by_its_retry(
+    make_engine: EngineFactory,
+) -> None:
+    """The step the cancelled create's prefix was in failed: nothing was applied, so the
+    session it made is ended, and the retry makes one with the prefix (it returned the empty
+    session, at position 0 with no prediction, as if made)."""
+    engine = await make_engine(engine={"inline_max_rows": 0})
+    await engine.create_session("tok")  # the version loaded
+    with slow_steps(engine, fail=True) as in_step:
+        call = asyncio.create_task(
+            engine.create_session("tok", prefix=toks(1, 2, 3), request_id="c1")
+        )
+        await asyncio.wait_for(in_step.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    # The step still runs (and fails); the retry waits for it, then makes the session anew.
+    again, outcome = await engine.create_session("tok", prefix=toks(1, 2, 3), request_id="c1")
+    assert again.position == 3 and outcome is not None and outcome.position == 3
+    assert len(engine.sessions) == 2
