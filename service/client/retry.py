@@ -121,9 +121,9 @@ class Attempts:
         if late:  # the timeout, not the policy, ends the retries: it says so
             assert self._give_up is not None
             left = self._give_up - now
-            if left < _LAST_ATTEMPT_SECONDS:
-                raise self._timed_out() from error
-            pause = left / 2  # then a last attempt with the other half
+            if left < _LAST_ATTEMPT_SECONDS or (error.retry_delay or 0.0) > left:
+                raise self._timed_out() from error  # (the server asked for more than is left)
+            pause = left / 2  # then another attempt with the other half
         await asyncio.sleep(pause)
         self._backoff = min(self._backoff * 2, self._policy.max_backoff_seconds)
 
