@@ -8,8 +8,10 @@ SERVING, each session with records after its base (its checkpoint, or a fresh st
 put at its final position with its random stream moved on past the journaled draws, and handed
 to `PendingReplays`, which computes its state in the background or when a request needs it
 first (`replay.py`). A session whose records have a gap (lost or damaged) is refused with
-DATA_LOSS naming it; one whose version cannot be loaded any more, likewise; one journaled for
-other weights, with FAILED_PRECONDITION.
+DATA_LOSS naming it; one journaled for other weights, with FAILED_PRECONDITION. One whose
+version cannot be loaded now is refused (VersionGone) and held: its checkpoint stays, and its
+records are copied into a journal segment of their own (`Journal.hold`), so it comes back at a
+restart once the store has its version again, without keeping the segments they came from.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError, SessionLost, SpillMismatch, VersionGone
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr
+from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_record import SpillRecord
@@ -42,6 +45,7 @@ class _Plan:
     session: Session
     fresh: bool  # no checkpoint: the base is a new session's zero state
     records: list[jr.JournalRecord] = field(default_factory=list)
+    create: jr.JournalRecord | None = None  # a fresh one's CREATE record
 
 
 @dataclass(frozen=True)
@@ -137,13 +141,15 @@ class Recovery:
             s = plan.session
             by_version.setdefault((s.model, s.version), []).append(plan)
         pending = steps = lost = 0
+        held: list[_Plan] = []
         for (model, version), group in by_version.items():
             try:
                 served = await self._versions.get(model, version)
             except SeqServeError as exc:
                 why = f"its version {model}:{version} cannot be loaded: {exc.message}"
                 for plan in group:
-                    self._hold(plan, why, oldest_segment)
+                    self._hold(plan, why)
+                held += group
                 lost += len(group)
                 continue
             for plan in group:
@@ -153,6 +159,7 @@ class Recovery:
                 else:
                     pending += got > 0 or plan.fresh
                     steps += got
+        self._keep(held, oldest_segment)
         return RecoveryReport(pending, steps, lost)
 
     # ---- reading the journal -------------------------------------------------------------
@@ -167,7 +174,7 @@ class Recovery:
                 if sid not in known and rec.meta is not None:
                     fresh = _fresh_session(sid, rec.meta, self._sessions.clock())
                     known[sid] = fresh
-                    plans[sid] = _Plan(fresh, fresh=True)
+                    plans[sid] = _Plan(fresh, fresh=True, create=rec)
                 continue
             if rec.kind == jr.END:
                 plans.pop(sid, None)
@@ -221,19 +228,28 @@ class Recovery:
     def _lose(self, plan: _Plan, why: str, error: type[SeqServeError] = SessionLost) -> None:
         lose(self._sessions, self._residency, plan.session, why, error)
 
-    def _hold(self, plan: _Plan, why: str, oldest_segment: int) -> None:
+    def _hold(self, plan: _Plan, why: str) -> None:
         """Refuse a session whose version cannot be loaded now (VersionGone), keeping what it
-        is made of: its checkpoint stays in the tier and its journal segments stay (pinned
-        until the server stops; the journal keeps pinned segments then too), so it comes back
-        at a restart once the store holds the version again. Closing it deletes them."""
+        is made of: its checkpoint stays in the tier and its records in the journal (`_keep`),
+        so it comes back at a restart once the store holds the version again. Closing it
+        deletes them."""
         session = plan.session
         log.error("session %s cannot be recovered now: %s", session.session_id, why)
         if self._sessions.contains(session.session_id):  # adopted from its checkpoint
             self._sessions.remove(session, "lost")
             self._versions.unpin(session.model, session.version)
         self._sessions.mark_broken(session.session_id, why, VersionGone, owner=session.owner)
+
+    def _keep(self, held: list[_Plan], oldest_segment: int) -> None:
+        """Keep the journal records of the sessions held: copied into a segment of their own
+        (a held session gets no new record, so that is all it needs; the segments read are
+        trimmed as usual), or, where that segment cannot be written, every segment read
+        (pinned: none is trimmed until the next start)."""
         journal = self._residency.durability.journal
-        if journal is not None and oldest_segment:
+        if not held or journal is None or not oldest_segment:
+            return
+        records = {plan.session.session_id: _encoded(plan) for plan in held}
+        if not (isinstance(journal, Journal) and journal.hold(records)):
             journal.pin(oldest_segment)
 
 
@@ -245,6 +261,32 @@ def _needs_replay(plan: _Plan) -> bool:
         return True
     base = plan.session.position
     return any(r.position >= base for r in plan.records if r.kind != jr.GEN_START)
+
+
+def _encoded(plan: _Plan) -> list[bytes]:
+    """A held session's records as the journal holds them: its CREATE (a fresh one), then the
+    rest in order (version 1 records are written as version 2, which holds all they say)."""
+    records = [plan.create] if plan.create is not None else []
+    return [_encode(r) for r in records + plan.records]
+
+
+def _encode(r: jr.JournalRecord) -> bytes:
+    if r.kind == jr.TOKENS:
+        ids = r.tokens
+        assert ids is not None
+        return jr.tokens(r.session_id, r.position, ids, r.request_id, r.top_k, r.per_position)
+    if r.kind == jr.FRAMES:
+        values = r.frames
+        assert values is not None
+        return jr.frames(r.session_id, r.position, values, r.request_id, r.top_k, r.per_position)
+    if r.kind == jr.GENERATED:
+        token = int.from_bytes(r.data, "little", signed=True)
+        return jr.generated(r.session_id, r.position, token, r.draws, r.request_id)
+    if r.kind == jr.GEN_START:
+        return jr.generation_start(r.session_id, r.position, r.request_id, r.meta or {})
+    if r.kind == jr.CREATE:
+        return jr.create(r.session_id, r.meta or {})
+    return jr.end(r.session_id, r.position, r.why)
 
 
 def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # type: ignore[type-arg]

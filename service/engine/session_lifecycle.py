@@ -25,8 +25,10 @@ from service.engine.session_residency import SessionResidency
 from service.errors import InvalidArgument, SeqServeError, Unavailable
 from service.runtime.sampler import DEFAULT_SAMPLING, SamplingParams, SessionRng
 from service.security.principal import owner_for_new
+from service.sessions.journal import Journal
 from service.sessions.session import Session, made_key, new_session_id, route_of
 from service.sessions.session_store import SessionStore
+from service.sessions.shared_tier import SharedJournal
 from service.settings import SessionSettings
 
 log = logging.getLogger(__name__)
@@ -168,9 +170,23 @@ class SessionLifecycle:
         its version gone): nothing of it can be used, so closing is how its owner lets its
         record go (it would stay, counted against the tier's bytes, forever). Its END is
         journaled first (refused, changing nothing, when the journal cannot take it), so no
-        record left in the journal brings it back. The reply's session names only its id."""
+        record left in the journal brings it back; then the records recovery held for it
+        go. The reply's session names only its id.
+
+        Not with a shared state tier: the END is fenced there by the epoch of a replica that
+        holds the session, which this one never did (a retry would take the session over
+        again and be refused again, UNAVAILABLE for ever). Refused with its own error instead:
+        a replica that can load its version closes it, or its TTL in the tier ends it."""
         if self._residency.frozen:
             raise Unavailable("server is shutting down; close the session once it is back")
+        journal = self._durability.journal
+        if isinstance(journal, SharedJournal):
+            error = self._sessions.broken_error(session_id)  # NOT_FOUND if not the caller's
+            raise error(
+                f"session {session_id!r} cannot be closed on this replica: "
+                f"{self._sessions.broken[session_id]}; close it on a replica that can load "
+                "it, or its TTL in the state tier ends it"
+            )
         gone = Session(
             session_id=session_id, model="", version=0, fingerprint="", slot=None,
             rng=SessionRng.seeded(0), default_sampling=DEFAULT_SAMPLING, ttl_seconds=0.0,
@@ -180,6 +196,8 @@ class SessionLifecycle:
         self._durability.ended(gone, "closed", must_record=True)
         self._sessions.close_broken(session_id)
         self._residency.tier.delete(session_id)
+        if isinstance(journal, Journal):
+            journal.release(session_id)
         return gone
 
     async def sweep_expired(self, slices: Slices | None = None) -> int:

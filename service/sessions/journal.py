@@ -16,6 +16,12 @@ before the batch (a short write leaves whole records of it, which recovery would
 closed, and the next append starts a new one. Where even the cut fails, the segment is renamed
 to carry the length it had before the batch, and recovery reads no further (`_discard_torn`).
 
+A session recovery cannot load now (its version missing from the store) keeps its records for a
+later restart, but not the segments around them: recovery copies them into a segment of their
+own (`hold`), which trimming passes over, and the segments it read are trimmed as usual. Its
+records go when its owner closes it (`release`); at the next restart they are read like any
+other segment's.
+
 Appends run on the event loop; the slow file work does not. A full segment's final fsync and
 close are done by the fsync thread (interval policy: before it syncs anything newer, so the
 journal stays a prefix of what was written) or by a janitor thread (the others: their records
@@ -95,7 +101,11 @@ class Journal:
         self._janitor: threading.Thread | None = None
         self.failed_writes = 0  # appends refused because the disk would not take them
         self._failing = False
-        self._torn_names: dict[int, Path] = {}  # segments renamed by `_discard_torn`
+        # Segments whose file is not `<sequence>.log`: renamed by `_discard_torn`, or found so
+        # by `open` (deleted by sequence, as any other).
+        self._torn_names: dict[int, Path] = {}
+        self._held: dict[str, list[bytes]] = {}  # session → its records recovery holds (`hold`)
+        self._held_seq = 0  # the segment holding them (0: none), never trimmed while they live
 
     @property
     def segment(self) -> int:
@@ -107,10 +117,15 @@ class Journal:
         """Every record the segments on disk hold, oldest first (for recovery). Writing starts
         in a new segment once `start()` is called."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        for stray in self.directory.glob("*.held"):  # a held segment's write a crash cut short
+            with contextlib.suppress(OSError):
+                stray.unlink()
         for seq, path in self._segments():
             self._seq = max(self._seq, seq)
             self.oldest = self.oldest or seq
             valid = _valid_length(path)
+            if valid is not None:
+                self._torn_names[seq] = path
             data = path.read_bytes()
             yield from decode_stream(data if valid is None else data[:valid])
 
@@ -131,13 +146,53 @@ class Journal:
     def drop_before(self, seq: int) -> None:
         """Delete every segment older than `seq` (after recovery checkpointed their sessions),
         once the checkpoints are flushed; not a pinned one or any after it (recovery pins the
-        segments of a session it could not load, to keep them across restarts)."""
+        segments of the sessions it could not load when `hold` could not copy them), nor the
+        held segment."""
         seq = min(seq, min(self._pins, default=seq))
-        old = [path for n, path in self._segments() if n < seq]
+        old = [(n, path) for n, path in self._segments() if n < seq and n != self._held_seq]
         if old and self._checkpoints_flushed():
-            for path in old:
+            for n, path in old:
                 path.unlink(missing_ok=True)
+                self._torn_names.pop(n, None)
         self._trimmed_below = max(self._trimmed_below, seq)
+
+    def hold(self, records: dict[str, list[bytes]]) -> bool:
+        """Keep `records` (per session: those of the sessions recovery could not load now)
+        across restarts, in a segment of their own after the ones `open` read: only what they
+        need stays, and the segments read are trimmed as usual (pinning them kept all later
+        segments too, for as long as such a session lived). Before `start`. False when the
+        segment cannot be written: the caller keeps the segments read instead."""
+        if self._fd is not None or self._held_seq or not records:
+            return False
+        seq = self._seq + 1
+        try:
+            self._write_held(seq, records)
+        except OSError as exc:
+            log.error("could not copy the records of sessions held at recovery (%s): the "
+                      "journal keeps every segment until they are closed", exc)  # fmt: skip
+            return False
+        self._seq = self._held_seq = seq  # `start` writes the next one
+        self._held = dict(records)
+        return True
+
+    def release(self, session_id: str) -> None:
+        """A held session was closed (its END journaled first): its records go, and the held
+        segment with the last of them. Held records of a closed session must not outlive its
+        END, whose segment is trimmed: they would bring it back after a restart."""
+        if self._held.pop(session_id, None) is None:
+            return
+        path = self.directory / f"{self._held_seq:012d}.log"
+        if not self._held:
+            self._held_seq = 0
+            self._chore(path)
+            return
+        try:
+            self._write_held(self._held_seq, self._held)  # the others' records, in its place
+        except OSError as exc:
+            log.error("could not drop the held records of closed session %s (%s): the "
+                      "journal keeps its END's segment and all after it",
+                      session_id, exc)  # fmt: skip
+            self.pin(self._seq)
 
     def close(self) -> None:
         self._stop.set()
@@ -204,9 +259,11 @@ class Journal:
             return
         self._pins.pop(seq, None)
         floor = min(min(self._pins, default=self._seq), self._seq)
-        while self._trimmed_below < floor:  # segments nobody needs: deleted by name
-            torn = self._torn_names.pop(self._trimmed_below, None)
-            self._chore(torn or self.directory / f"{self._trimmed_below:012d}.log")
+        while self._trimmed_below < floor:  # segments nobody needs: deleted by sequence
+            n = self._trimmed_below
+            if n != self._held_seq:
+                torn = self._torn_names.pop(n, None)
+                self._chore(torn or self.directory / f"{n:012d}.log")
             self._trimmed_below += 1
 
     def settle(self) -> None:
@@ -353,6 +410,34 @@ class Journal:
                          cut_failed, exc)  # fmt: skip
             return
         self._torn_names[self._seq] = marked
+
+    def _write_held(self, seq: int, records: dict[str, list[bytes]]) -> None:
+        """Write (or replace) the held segment `seq` whole: a temporary file, synced, renamed
+        over it, so a crash finds the old contents or the new, never a part."""
+        path = self.directory / f"{seq:012d}.log"
+        temporary = path.with_suffix(".held")
+        data = b"".join(b"".join(batch) for batch in records.values())
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self._fsync != "never":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        if self._fsync != "never":
+            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def _segments(self) -> list[tuple[int, Path]]:
         found = []

@@ -174,6 +174,12 @@ class SessionStore:
             raise SessionNotFound(f"session {quote(session_id)} not found")
         return owner
 
+    def broken_error(self, session_id: str) -> type[SeqServeError]:
+        """Why a session refused since start-up is refused (its error class); NOT_FOUND, as
+        `broken_owner`, for a caller who may not see it."""
+        self.broken_owner(session_id)
+        return self._broken[session_id][1]
+
     def close_broken(self, session_id: str) -> None:
         """A refused session was closed: remembered as closed from now on."""
         self._broken.pop(session_id, None)

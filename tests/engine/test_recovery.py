@@ -6,13 +6,23 @@ real server is in tests/api/test_crash.py.)"""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from service.engine.session_engine import PredictionOptions
-from service.errors import DataLoss, FailedPrecondition, SessionClosed, SpillMismatch, VersionGone
+from service.engine.session_engine import PredictionOptions, SessionEngine
+from service.errors import (
+    DataLoss,
+    FailedPrecondition,
+    JournalUnavailable,
+    SessionClosed,
+    SessionNotFound,
+    SpillMismatch,
+    VersionGone,
+)
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
 from service.sessions import journal as journal_module
@@ -276,3 +286,135 @@ async def test_a_version_missing_at_one_recovery_loses_nothing_once_it_is_back(
     assert third.get_session(busy.session_id).position == 3
     assert (await third.feed(busy.session_id, toks(7))).position == 4
     assert (await third.feed(idle.session_id, toks(7))).position == 4
+
+
+_SMALL_SEGMENTS = {"slots": 1, "checkpoint_idle_seconds": 3600.0, "checkpoint_steps": 4}
+
+
+async def _steps(engine: SessionEngine, session_id: str, n: int) -> None:
+    for _ in range(n):
+        await engine.feed(session_id, frames(0.1, 0.2, 0.3))
+    journal = engine.durability.journal
+    assert isinstance(journal, journal_module.Journal)
+    journal.settle()  # its deletions done
+
+
+def _segment_files(spill: Path) -> list[str]:
+    return sorted(p.name for p in (spill / "journal").iterdir())
+
+
+async def test_a_held_session_keeps_only_its_records_and_they_go_when_it_is_closed(
+    make_engine: EngineFactory, store_root: Path, tmp_path: Path
+) -> None:
+    """Two sessions held (tok/1 missing at a recovery) keep their records, not the journal:
+    another session's steps are trimmed as usual (pinning the segments read kept every later
+    one: 52 segments became 253). Closing one drops its records, so it does not come back once
+    the version is; closing the other deletes what was held."""
+    spill = tmp_path / "state"
+    opts = {**_SMALL_SEGMENTS, "spill_dir": spill, "journal_segment_bytes": 256, "slots": 2}
+    first = await make_engine(**opts)
+    one, _ = await first.create_session("tok")
+    await first.feed(one.session_id, toks(1, 2))  # journaled only
+    two, _ = await first.create_session("tok")
+    await first.feed(two.session_id, toks(3))  # journaled only
+    await crash(first)
+    away = tmp_path / "tok-1-away"
+    (store_root / "tok" / "1").rename(away)
+
+    second = await make_engine(**opts)
+    for held in (one, two):
+        with pytest.raises(VersionGone):
+            second.get_session(held.session_id)
+    busy, _ = await second.create_session("frames")
+    counts = []
+    for _ in range(3):
+        await _steps(second, busy.session_id, 150)
+        counts.append(len(_segment_files(spill)))
+    assert max(counts) <= 8, counts
+    await second.close_session(one.session_id)
+    await _steps(second, busy.session_id, 150)  # its END's segment is trimmed
+    await crash(second)
+    away.rename(store_root / "tok" / "1")
+
+    third = await make_engine(**opts)
+    with pytest.raises(SessionNotFound):  # closed: its records went before its END did
+        third.get_session(one.session_id)
+    assert third.get_session(two.session_id).position == 1
+    await third.close_session(two.session_id)
+    await _steps(third, busy.session_id, 20)
+    assert len(_segment_files(spill)) <= 2  # what the busy session needs now, no more
+
+
+async def test_a_session_held_at_two_recoveries_comes_back_at_its_position(
+    make_engine: EngineFactory, store_root: Path, tmp_path: Path
+) -> None:
+    """Its records are copied again at each recovery that holds it, while the journal moves
+    on; once the version is back it resumes where it was."""
+    spill = tmp_path / "state"
+    opts = {**_SMALL_SEGMENTS, "spill_dir": spill, "journal_segment_bytes": 256}
+    first = await make_engine(**opts)
+    held, _ = await first.create_session("tok", seed=7)
+    await first.feed(held.session_id, toks(1, 2, 3))
+    await crash(first)
+    away = tmp_path / "tok-1-away"
+    (store_root / "tok" / "1").rename(away)
+    for _ in range(2):
+        engine = await make_engine(**opts)
+        busy, _ = await engine.create_session("frames")
+        await _steps(engine, busy.session_id, 100)
+        assert len(_segment_files(spill)) <= 6
+        await crash(engine)
+    away.rename(store_root / "tok" / "1")
+
+    last = await make_engine(**opts)
+    roomy = await make_engine(durability="shutdown")
+    ref, _ = await roomy.create_session("tok", seed=7)
+    await roomy.feed(ref.session_id, toks(1, 2, 3))
+    assert last.get_session(held.session_id).position == 3
+    got = await last.feed(held.session_id, toks(4))
+    want = await roomy.feed(ref.session_id, toks(4))
+    assert got.position == 4 and close(got.prediction, want.prediction)
+
+
+async def test_a_torn_segment_found_at_a_restart_is_trimmed_and_brings_nothing_back(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed append could not cut its segment back, so it was renamed to carry its valid
+    length. The next start reads it and trims it like any other segment: left behind, its
+    CREATE record brought back, after a later crash, a session closed meanwhile."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_idle_seconds=3600.0)
+    closed, _ = await first.create_session("tok")
+    await first.feed(closed.session_id, toks(1, 2))
+    other, _ = await first.create_session("tok")
+    journal = first.durability.journal
+    assert isinstance(journal, journal_module.Journal)
+    torn_fd = journal._fd
+    write, cut = os.write, os.ftruncate
+    monkeypatch.setattr(
+        os, "write", lambda fd, d: write(fd, d[: len(d) // 2] if fd == torn_fd else d)
+    )
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: _eio() if fd == torn_fd else cut(fd, n))
+    with pytest.raises(JournalUnavailable):
+        await first.feed(other.session_id, toks(9, 9, 9))
+    monkeypatch.undo()
+    await crash(first)
+    torn = [name for name in _segment_files(spill) if name.count(".") == 2]
+    assert torn
+
+    opts = {**_SMALL_SEGMENTS, "spill_dir": spill, "journal_segment_bytes": 256}
+    second = await make_engine(**opts)
+    assert second.get_session(closed.session_id).position == 2
+    await second.close_session(closed.session_id)
+    busy, _ = await second.create_session("frames")
+    await _steps(second, busy.session_id, 100)
+    assert not set(torn) & set(_segment_files(spill))
+    await crash(second)
+
+    third = await make_engine(**opts)
+    with pytest.raises((SessionClosed, SessionNotFound)):  # not back from its CREATE record
+        third.get_session(closed.session_id)
+
+
+def _eio() -> None:
+    raise OSError(errno.EIO, "Input/output error")

@@ -489,3 +489,26 @@ async def test_a_session_gone_from_the_tier_is_expired_not_moved(
     for sid in (held.session_id, moved.session_id):
         with pytest.raises(SessionExpired):
             await a.feed(sid, toks(4))
+
+
+async def test_a_session_refused_for_its_version_is_not_closed_where_it_cannot_be(
+    make_engine: EngineFactory, state_url: str, store_root: Path
+) -> None:
+    """b cannot load the session's version: closing it there is FAILED_PRECONDITION naming
+    the version, every time, not UNAVAILABLE (its END, fenced by the epoch of a replica that
+    holds the session, was refused, and each retry took the session over again, for ever). A
+    replica that can load the version closes it."""
+    a, b = await _replicas(make_engine, state_url)
+    s, _ = await a.create_session("tok")
+    await a.feed(s.session_id, toks(1, 2))
+    away = store_root.parent / "tok-1-away"
+    (store_root / "tok" / "1").rename(away)
+    for _ in range(2):
+        with pytest.raises(FailedPrecondition) as err:
+            await asyncio.wait_for(b.close_session(s.session_id), 30)
+        assert "tok:1" in err.value.message
+    away.rename(store_root / "tok" / "1")
+    assert (await _retried(lambda: a.feed(s.session_id, toks(3)))).position == 3
+    await a.close_session(s.session_id)
+    with pytest.raises(SessionClosed):
+        await a.feed(s.session_id, toks(4))

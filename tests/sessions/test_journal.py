@@ -482,3 +482,110 @@ def fill_but(disk: Path, room: int) -> Path:
     filler = fill(disk)
     os.truncate(filler, filler.stat().st_size - room)
     return filler
+
+
+def _names(journal: Journal) -> list[str]:
+    return sorted(p.name for p in journal.directory.iterdir())
+
+
+def test_a_torn_segment_found_at_a_restart_is_deleted_once_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment renamed `<sequence>.<length>.log` by a failed append, found by the next start,
+    is trimmed like any other (deleted by sequence, whatever its name): left behind, its
+    records (a CREATE) would outlive the END that a trimmed later segment held."""
+    first = _started(tmp_path, fsync="batch")
+    torn = first.append([jr.tokens(SID, 0, np.array([1]))])
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(os, "ftruncate", lambda fd, size: os.fsync(fd))
+    with pytest.raises(JournalUnavailable):
+        first.append([jr.tokens(SID, 1, np.array([2]))])
+    monkeypatch.undo()
+    first.close()  # what a crash leaves: the renamed segment
+    assert _names(first) == [f"{torn:012d}.{_ONE}.log"]
+
+    second = Journal(tmp_path / "journal", fsync="batch")
+    assert [r.position for r in second.open()] == [0]
+    second.start()
+    second.pin(second.oldest)  # a session recovered from it, until its checkpoint
+    newer = second.append([jr.tokens(SID, 1, np.array([2]))])
+    second.pin(newer)
+    second.unpin(second.oldest)
+    second.settle()
+    assert _names(second) == [f"{newer:012d}.log"]
+    second.close()
+
+
+def _two_old_segments(tmp_path: Path) -> None:
+    """A crashed journal: a held session's records (SID) among another's, in two segments."""
+    journal = _started(tmp_path, segment_bytes=1)  # one batch a segment
+    journal.append([jr.create(SID, {"model": "tok"}), jr.create("s_other", {"model": "tok"})])
+    journal.append([jr.tokens(SID, 0, np.array([1])), jr.end("s_other", 0, "closed")])
+    journal.close()
+
+
+def test_held_records_stay_without_holding_back_the_trimming_of_any_segment(
+    tmp_path: Path,
+) -> None:
+    """Recovery copies the records of the sessions it holds into a segment of their own: the
+    segments it read and every later one are trimmed as usual, the held one is not, and the
+    next start reads it first; closing the held session deletes it."""
+    _two_old_segments(tmp_path)
+    journal = Journal(tmp_path / "journal", segment_bytes=1)  # one batch a segment
+    read = list(journal.open())
+    assert journal.hold({SID: [jr.create(SID, {"model": "tok"}), jr.tokens(SID, 0, np.array([1]))]})
+    journal.start()
+    held = journal.segment - 1
+    assert held == 3 and len(read) == 4
+    journal.drop_before(journal.segment)  # recovery: nothing to replay
+    assert _names(journal) == [f"{held:012d}.log", f"{held + 1:012d}.log"]
+    for k in range(5):  # later segments come and go
+        segment = journal.append([jr.tokens("s_new", k, np.array([k]))])
+        journal.pin(segment)
+        journal.unpin(segment)  # checkpointed
+    journal.settle()
+    assert _names(journal) == [f"{held:012d}.log", f"{journal.segment:012d}.log"]
+    again = Journal(tmp_path / "journal")  # a crash now: the next start finds its records
+    got = [(r.kind, r.session_id) for r in again.open()]
+    assert got == [(jr.CREATE, SID), (jr.TOKENS, SID), (jr.TOKENS, "s_new")]
+    journal.release(SID)  # its owner closed it (its END journaled first)
+    journal.settle()
+    assert _names(journal) == [f"{journal.segment:012d}.log"]
+    journal.close()
+
+
+def test_closing_one_of_two_held_sessions_drops_only_its_records(tmp_path: Path) -> None:
+    """Its END is in a segment trimmed later: its held records must go now, or a restart
+    would bring it back; the other's stay."""
+    _two_old_segments(tmp_path)
+    journal = Journal(tmp_path / "journal")
+    list(journal.open())
+    mine, other = [jr.create(SID, {"model": "tok"})], [jr.create("s_other", {"model": "tok"})]
+    assert journal.hold({SID: mine, "s_other": other})
+    journal.start()
+    journal.drop_before(journal.segment)  # the segments read
+    journal.release(SID)
+    journal.close()
+    assert [r.session_id for r in Journal(tmp_path / "journal").open()] == ["s_other"]
+
+
+def test_held_records_that_cannot_be_written_keep_every_segment_read_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _two_old_segments(tmp_path)
+    journal = Journal(tmp_path / "journal")
+    list(journal.open())
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(28, "full")))
+    assert not journal.hold({SID: [jr.create(SID, {"model": "tok"})]})
+    monkeypatch.undo()
+    assert _names(journal) == ["000000000001.log", "000000000002.log"]  # nothing left over
+    journal.close()
+
+
+def test_a_held_segment_write_a_crash_cut_short_is_removed_at_open(tmp_path: Path) -> None:
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    stray = journal_dir / "000000000007.held"
+    stray.write_bytes(b"half a copy")
+    list(Journal(journal_dir).open())
+    assert not stray.exists()
