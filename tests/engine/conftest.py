@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import torch
 
+from benchmarks.real_services import RedisServer
 from service.engine.served_version import VersionObserver
 from service.engine.session_engine import ModelInput, SessionEngine
 from service.models import ModelConfig, SequenceModel
@@ -214,3 +216,26 @@ async def settled(session: Session, position: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"session at {session.position}, busy {session.busy}")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1, one per test module."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each shared backend: Redis (replicas), SQLite in the state directory (workers)."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    return f"sqlite:{tmp_path / 'shared' / 'state.db'}"

@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
-import redis
 
-from benchmarks.real_services import RedisServer
 from service.api.session_servicer import SessionServicer
 from service.engine.session_lease import Line
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -28,24 +25,6 @@ from .conftest import EngineFactory
 
 ITEMS = 24
 LIMITS = {"tokens_per_second": 10**6}  # charged in the tier, never refused
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(params=["redis", "sqlite"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each shared backend: Redis (replicas), SQLite in the state directory (workers)."""
-    if request.param == "redis":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        redis.Redis.from_url(server.url).flushall()
-        return server.url
-    return f"sqlite:{tmp_path / 'shared' / 'state.db'}"
 
 
 @pytest.fixture

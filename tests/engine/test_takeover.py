@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from benchmarks.real_services import RedisServer
 from service.engine.feed import Feed, PredictionOptions
 from service.engine.session_engine import SessionEngine
 from service.errors import (
@@ -36,28 +34,6 @@ from service.security.principal import Principal
 from .conftest import TOK, EngineFactory, close, crash, publish, toks
 
 SAMPLING = SamplingParams(temperature=1.0, max_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    redis.Redis.from_url(redis_server.url).flushall()
-    return redis_server.url
-
-
-@pytest.fixture(params=["redis", "sqlite"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each shared backend: Redis (replicas), SQLite in the state directory (workers)."""
-    if request.param == "redis":
-        return str(request.getfixturevalue("redis_url"))
-    return f"sqlite:{tmp_path / 'shared' / 'state.db'}"
 
 
 async def _replicas(make_engine: EngineFactory, url: str) -> tuple[SessionEngine, SessionEngine]:
