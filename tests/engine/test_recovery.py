@@ -360,6 +360,7 @@ async def test_a_session_held_at_two_recoveries_comes_back_at_its_position(
     (store_root / "tok" / "1").rename(away)
     for _ in range(2):
         engine = await make_engine(**opts)
+        await engine.leases.replays.wait()  # the last run's frames session: replayed, unpinned
         busy, _ = await engine.create_session("frames")
         await _steps(engine, busy.session_id, 100)
         assert len(_segment_files(spill)) <= 6
