@@ -234,7 +234,7 @@ class StreamMux:
                 in_group.add(sid)
             else:
                 spawn(self._item(item, line, out, unfinished))
-            unfinished.add(sid, counted=not item.HasField("generate"))
+            unfinished.add(sid)
         start_group()
 
     async def _feed_group(
@@ -258,9 +258,14 @@ class StreamMux:
         out: Channel[_Ready | None],
         unfinished: _Unfinished,
     ) -> None:
+        counted = True  # until a generation's first token: waiting, it holds reading back
+        generating = item.HasField("generate")
         try:
             async with contextlib.aclosing(self._run_item(item, line)) as replies:  # type: ignore[type-var]
                 async for reply in replies:
+                    if counted and generating:
+                        counted = False
+                        unfinished.started()
                     # A generation's tokens wait while replies pile up for a client that does
                     # not read them: they stay in the generation's own queue (at most its
                     # max_tokens, as for a Generate call), not in this stream's.
@@ -271,15 +276,16 @@ class StreamMux:
         except Exception as exc:
             out.put_nowait([error_reply(item, answered_status(exc))])
         finally:
-            unfinished.done(item.session_id, counted=not item.HasField("generate"))
+            unfinished.done(item.session_id, counted=counted)
 
 
 class _Unfinished:
     """A stream's items dispatched and not yet replied: by session (what orders a session's
-    items), and the feeds among them (what, with the replies waiting for the writer, bounds
-    what the stream reads). A generation does not count once started: it may run for long,
-    and must not keep the stream from reading other sessions' items; its tokens wait for room
-    among the replies instead (`room`)."""
+    items), and in all (what, with the replies waiting for the writer, bounds what the stream
+    reads). A generation counts until its first token: waiting (behind its session's earlier
+    items, say) it holds memory and sends nothing; running, it may run for long and must not
+    keep the stream from reading other sessions' items, and its tokens wait for room among the
+    replies instead (`room`)."""
 
     __slots__ = ("_by_session", "_waiters", "total")
 
@@ -291,9 +297,14 @@ class _Unfinished:
     def of(self, session_id: str) -> int:
         return self._by_session.get(session_id, 0)
 
-    def add(self, session_id: str, *, counted: bool) -> None:
+    def add(self, session_id: str) -> None:
         self._by_session[session_id] = self._by_session.get(session_id, 0) + 1
-        self.total += counted
+        self.total += 1
+
+    def started(self) -> None:
+        """A generation sent its first token: it no longer counts (see the class)."""
+        self.total -= 1
+        self.wake()
 
     def done(self, session_id: str, *, counted: bool = True) -> None:
         left = self._by_session.get(session_id, 0) - 1
@@ -312,8 +323,11 @@ class _Unfinished:
                 waiter.set_result(None)
 
     async def below(self, bound: int, waiting: Callable[[], int]) -> None:
-        """Until fewer than `bound` feeds are unfinished or replies `waiting` for the writer."""
-        while self.total + waiting() >= bound:
+        """Until fewer than `bound` items are unfinished, and fewer than twice that many
+        replies are `waiting` for the writer: running generations fill the replies only up to
+        `bound` (`room`), so they alone never keep the stream from reading; the feeds' replies
+        of a client that does not read them do."""
+        while self.total >= bound or waiting() >= 2 * bound:
             await self._wait()
 
     async def room(self, bound: int, waiting: Callable[[], int]) -> None:

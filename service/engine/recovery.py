@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.engine.checkpoint_header import session_from
 from service.engine.replay import PendingReplays, lose
@@ -168,6 +169,11 @@ class Recovery:
         self, records: Iterable[jr.JournalRecord], known: dict[str, Session]
     ) -> dict[str, _Plan]:
         plans: dict[str, _Plan] = {}
+        # Each session's last record kept: (its position, what it was). A session's records
+        # come in step order, so one behind it, or the same again, is a copy: the records of a
+        # session held at an earlier recovery are copied into a segment of their own, and a
+        # crash before the segments they came from were trimmed leaves both to read.
+        last: dict[str, tuple[int, tuple[Any, ...]]] = {}
         for rec in records:
             sid = rec.session_id
             if rec.kind == jr.CREATE:
@@ -192,6 +198,13 @@ class Recovery:
                 if sid not in self._sessions.broken:
                     self._sessions.mark_broken(sid, "its checkpoint is missing")
                 continue
+            what = (rec.kind, rec.request_id, rec.data, rec.draws)
+            before = last.get(sid)
+            if before is not None and (
+                rec.position < before[0] or (rec.position == before[0] and what == before[1])
+            ):
+                continue  # a copy of a record already read
+            last[sid] = (rec.position, what)
             plans.setdefault(sid, _Plan(base, fresh=False)).records.append(rec)
         return plans
 

@@ -235,3 +235,31 @@ async def test_a_client_that_reads_nothing_holds_back_its_generations_tokens() -
         await asyncio.sleep(0)
     assert recorder.produced < 100
     await responses.aclose()
+
+
+async def test_generations_waiting_for_their_session_hold_the_stream_back() -> None:
+    """Generations that have not started (queued behind their session's running one, say)
+    hold memory and send nothing: they count, and the stream is read no further (uncounted,
+    one stream read 10,000 messages and started 80,000 generation tasks)."""
+    read = 0
+    gate = asyncio.Event()
+
+    class Waiting(Recorder):
+        async def run_item(self, it: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:
+            await gate.wait()
+            yield pb.StreamReply(session_id=it.session_id, request_id=it.request_id, position=1)
+
+    async def incoming() -> AsyncIterator[pb.StreamRequest]:
+        nonlocal read
+        for k in range(10_000):
+            read += 1
+            yield pb.StreamRequest(items=[generation("s", f"g{k}-{j}") for j in range(8)])
+
+    responses = mux_for(Waiting(), max_items=8).run(incoming())
+    first = asyncio.ensure_future(anext(responses))
+    for _ in range(2000):
+        await asyncio.sleep(0)
+    assert read <= 3
+    gate.set()  # they start: a reply each, and the stream reads on
+    await asyncio.wait_for(first, 10)
+    await responses.aclose()

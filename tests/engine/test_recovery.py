@@ -6,13 +6,17 @@ real server is in tests/api/test_crash.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from service.engine.recovery import Recovery
+from service.engine.replay_plan import replay_of
 from service.engine.session_engine import PredictionOptions, SessionEngine
 from service.errors import (
     DataLoss,
@@ -419,3 +423,28 @@ async def test_a_torn_segment_found_at_a_restart_is_trimmed_and_brings_nothing_b
 
 def _eio() -> None:
     raise OSError(errno.EIO, "Input/output error")
+
+
+async def test_records_read_twice_are_planned_once(make_engine: EngineFactory) -> None:
+    """A held session's records are copied into a segment of their own; a crash before the
+    segments they came from are trimmed leaves both to read at the next start. Planned twice,
+    they doubled at each restart and the replay then found a gap (DATA_LOSS)."""
+    engine = await make_engine()
+    session, _ = await engine.create_session("tok")
+    sid = session.session_id
+    steps = [
+        jr.tokens(sid, 0, np.array([1, 2, 3])),
+        jr.generated(sid, 3, 7, draws=1, request_id="g"),
+        jr.generated(sid, 4, 9, draws=1, request_id="g"),
+    ]
+    records = list(jr.decode_stream(b"".join(steps + steps)))  # the originals, then the copy
+    recovery = Recovery(engine.sessions, engine.versions, engine.residency, engine.leases.replays)
+    base = dataclasses.replace(session, position=0)
+    plans = recovery._plan(records, {sid: base})
+    kept = plans[sid].records
+    assert [(r.kind, r.position) for r in kept] == [
+        (jr.TOKENS, 0),
+        (jr.GENERATED, 3),
+        (jr.GENERATED, 4),
+    ]
+    assert replay_of(kept, 0, "tokens", TOK.input_dim).problem is None
