@@ -37,8 +37,9 @@ from google.rpc import status_pb2
 
 from service.api.error_status import answered_status
 from service.api.interceptor import check_message_size, check_parsed
+from service.api.stream_backlog import Unfinished
 from service.engine.channel import Channel
-from service.engine.session_lease import Line
+from service.engine.session_line import Line
 from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 
@@ -113,7 +114,7 @@ class StreamMux:
         loop = asyncio.get_running_loop()  # once a stream, not once a message
         out: Channel[_Ready | None] = Channel(loop)
         running: set[asyncio.Task[None]] = set()
-        unfinished = _Unfinished()  # this stream's items not yet replied, by session
+        unfinished = Unfinished()  # this stream's items not yet replied, by session
 
         def spawn(work: Coroutine[Any, Any, None]) -> None:
             task = loop.create_task(work)
@@ -213,7 +214,7 @@ class StreamMux:
         line: Line,
         out: Channel[_Ready | None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
-        unfinished: _Unfinished,
+        unfinished: Unfinished,
     ) -> None:
         group: list[pb.StreamItem] = []
         in_group: set[str] = set()
@@ -242,7 +243,7 @@ class StreamMux:
         items: list[pb.StreamItem],
         line: Line,
         out: Channel[_Ready | None],
-        unfinished: _Unfinished,
+        unfinished: Unfinished,
     ) -> None:
         try:
             replies = await self._feed_group_now(items, line)
@@ -256,7 +257,7 @@ class StreamMux:
         item: pb.StreamItem,
         line: Line,
         out: Channel[_Ready | None],
-        unfinished: _Unfinished,
+        unfinished: Unfinished,
     ) -> None:
         counted = True  # until a generation's first token: waiting, it holds reading back
         generating = item.HasField("generate")
@@ -277,68 +278,6 @@ class StreamMux:
             out.put_nowait([error_reply(item, answered_status(exc))])
         finally:
             unfinished.done(item.session_id, counted=counted)
-
-
-class _Unfinished:
-    """A stream's items dispatched and not yet replied: by session (what orders a session's
-    items), and in all (what, with the replies waiting for the writer, bounds what the stream
-    reads). A generation counts until its first token: waiting (behind its session's earlier
-    items, say) it holds memory and sends nothing; running, it may run for long and must not
-    keep the stream from reading other sessions' items, and its tokens wait for room among the
-    replies instead (`room`)."""
-
-    __slots__ = ("_by_session", "_waiters", "total")
-
-    def __init__(self) -> None:
-        self._by_session: dict[str, int] = {}
-        self.total = 0  # feeds unfinished
-        self._waiters: list[asyncio.Future[None]] = []  # the reader, generations' consumers
-
-    def of(self, session_id: str) -> int:
-        return self._by_session.get(session_id, 0)
-
-    def add(self, session_id: str) -> None:
-        self._by_session[session_id] = self._by_session.get(session_id, 0) + 1
-        self.total += 1
-
-    def started(self) -> None:
-        """A generation sent its first token: it no longer counts (see the class)."""
-        self.total -= 1
-        self.wake()
-
-    def done(self, session_id: str, *, counted: bool = True) -> None:
-        left = self._by_session.get(session_id, 0) - 1
-        if left > 0:
-            self._by_session[session_id] = left
-        else:
-            self._by_session.pop(session_id, None)
-        self.total -= counted
-        self.wake()
-
-    def wake(self) -> None:
-        """Let every waiter look again (an item finished, the writer took replies)."""
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def below(self, bound: int, waiting: Callable[[], int]) -> None:
-        """Until fewer than `bound` items are unfinished, and fewer than twice that many
-        replies are `waiting` for the writer: running generations fill the replies only up to
-        `bound` (`room`), so they alone never keep the stream from reading; the feeds' replies
-        of a client that does not read them do."""
-        while self.total >= bound or waiting() >= 2 * bound:
-            await self._wait()
-
-    async def room(self, bound: int, waiting: Callable[[], int]) -> None:
-        """Until fewer than `bound` replies are `waiting` for the writer."""
-        while waiting() >= bound:
-            await self._wait()
-
-    async def _wait(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
 
 
 # The longest id an error reply echoes: longer than any session id the server makes (~100

@@ -42,7 +42,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
 from service.client.errors import SeqServeError
-from service.client.multiplex import MAX_ITEMS_PER_MESSAGE, STALL_SECONDS, FeedMux
+from service.client.message_limits import MAX_ITEMS_PER_MESSAGE
+from service.client.multiplex import STALL_SECONDS, FeedMux
 from service.client.results import (
     GeneratedPiece,
     ModelInfo,

@@ -34,58 +34,24 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import grpc
 
 from service.client.errors import error_from_status
+from service.client.message_limits import (
+    FRAMING,
+    MAX_ITEMS_PER_MESSAGE,
+    Entry,
+    MessageLimits,
+    message_parts,
+    wire_size,
+)
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.sessions.session import ROUTE_HEADER, route_of
 
 STALL_SECONDS = 5.0  # a Stream with feeds pending and no reply for this long is broken
-_FRAMING = 1024  # bytes kept free in a message for what is not an item's own
 IDLE_SECONDS = 60.0  # a routing key's Stream unused this long is ended (many keys: many Streams)
-MAX_ITEMS_PER_MESSAGE = 1024  # the server's default engine.max_items_per_message
-_Entry = tuple[pb.StreamItem, "asyncio.Future[pb.StreamReply]"]
-
-
-@dataclass
-class MessageLimits:
-    """What one Stream message may carry: the client's own limits, lowered to the server's
-    when it refuses a message over its own (shared by a client's Streams)."""
-
-    channel_bytes: int  # the channel's max send size: an item over it fails alone
-    bytes: int  # a message's items, beyond it: more messages
-    items: int
-
-    def learn(self, reply: pb.StreamReply) -> bool:
-        """Whether a reply's error is the server refusing the whole message over one of its
-        limits, which is then lowered to the server's (so a resend fits)."""
-        error = reply.error
-        if error.code != grpc.StatusCode.INVALID_ARGUMENT.value[0]:
-            return False
-        # The server's refusals of a whole message (service/api/stream_mux.py,
-        # check_message_size) name the limit in their ErrorInfo's metadata.
-        metadata = error_from_status(error).metadata
-        if (items := _limit(metadata, "max_items_per_message")) is not None:
-            self.items = min(self.items, items)
-            return True
-        if (limit := _limit(metadata, "max_message_bytes")) is not None:
-            self.bytes = min(self.bytes, max(limit - _FRAMING, limit // 2, 1))
-            return True
-        return False
-
-    def shrink(self, message_bytes: int) -> None:
-        """A message of `message_bytes` broke the Stream (over the server's transport limit):
-        from now on messages of at most half of it."""
-        self.bytes = min(self.bytes, max(message_bytes // 2, 1))
-
-
-def _limit(metadata: dict[str, str], key: str) -> int | None:
-    """A positive limit from an ErrorInfo's metadata, if it names one."""
-    value = metadata.get(key, "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class FeedMux:
@@ -104,7 +70,7 @@ class FeedMux:
         self._swept = 0.0  # loop time of the last sweep for idle Streams
         self.limits = MessageLimits(
             channel_bytes=max_message_bytes,
-            bytes=max_message_bytes - _FRAMING,
+            bytes=max_message_bytes - FRAMING,
             items=max_items_per_message,
         )
         self.closed = False  # after `close`: feeds are refused
@@ -127,7 +93,7 @@ class FeedMux:
         (TimeoutError after `timeout` seconds)."""
         if self.closed:  # as a Step on the closed channel: not an error to retry
             raise grpc.aio.UsageError("the client is closed")
-        size = _wire_size(item)
+        size = wire_size(item)
         if size > self.limits.channel_bytes:  # it alone breaks the Stream: it fails alone
             raise _too_big(size, self.limits.channel_bytes)
         loop = asyncio.get_running_loop()
@@ -182,12 +148,12 @@ class FeedMux:
                     if not done.done():
                         done.set_exception(exc)
 
-    def _send(self, route: str, entries: list[_Entry]) -> None:
+    def _send(self, route: str, entries: list[Entry]) -> None:
         stream = self._streams.get(route)
         if stream is None or stream.closed:
             stream = self._streams[route] = _Stream(self._stub, route, self._stall, self.limits)
             self.streams_opened += 1
-        for part in _parts(entries, self.limits.bytes, self.limits.items):
+        for part in message_parts(entries, self.limits.bytes, self.limits.items):
             stream.send(part)
             if self.on_send is not None:
                 self.on_send(len(part))
@@ -350,30 +316,6 @@ class _Stream:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await self._reader
-
-
-def _parts(entries: list[_Entry], max_bytes: int, max_items: int) -> list[list[_Entry]]:
-    """A tick's items as messages of at most `max_bytes` and `max_items` (one, unless they are
-    big or many): a message over a limit would fail the whole Stream (or each of its items),
-    and again on every retry."""
-    if len(entries) == 1:
-        return [entries]
-    parts: list[list[_Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        n = entry[0].ByteSize() + 8  # the item's tag and length
-        if parts[-1] and (size + n > max_bytes or len(parts[-1]) >= max_items):
-            parts.append([])
-            size = 0
-        parts[-1].append(entry)
-        size += n
-    return parts
-
-
-def _wire_size(item: pb.StreamItem) -> int:
-    """The bytes of a Stream message carrying `item` alone (its tag, length and body)."""
-    size = item.ByteSize()
-    return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
 def _too_big(size: int, limit: int) -> grpc.aio.AioRpcError:

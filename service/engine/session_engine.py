@@ -35,8 +35,9 @@ from service.engine.recovery import Recovery
 from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
 from service.engine.session_generator import SessionGenerator
-from service.engine.session_lease import Entry, Line, SessionLeases
+from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
+from service.engine.session_line import Entry, Line
 from service.engine.session_maker import SessionMaker
 from service.engine.session_residency import SessionResidency
 from service.engine.store_watcher import StoreWatcher

@@ -22,7 +22,8 @@ from service.engine.model_input import ModelInput, to_tensor
 from service.engine.reply_size import reply_bytes
 from service.engine.row_group import RowGroup
 from service.engine.served_version import ServedVersion, VersionObserver
-from service.engine.session_lease import Lease, Line, SessionLeases
+from service.engine.session_lease import Lease, SessionLeases
+from service.engine.session_line import Line
 from service.errors import Internal, InvalidArgument, PositionMismatch, SeqServeError
 from service.runtime.step_batch import Row, RowResult
 from service.settings import EngineSettings

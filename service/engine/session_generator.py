@@ -9,7 +9,8 @@ from service.engine.feed import check_request_id
 from service.engine.generation import GeneratedToken, Generation, GenerationLog
 from service.engine.model_input import ModelInput
 from service.engine.session_feeder import SessionFeeder, not_a_retry
-from service.engine.session_lease import Line, SessionLeases
+from service.engine.session_lease import SessionLeases
+from service.engine.session_line import Line
 from service.errors import Internal, InvalidArgument, SeqServeError
 from service.runtime.sampler import SamplingParams
 

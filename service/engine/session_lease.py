@@ -25,13 +25,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from service.engine.durability import Durability
 from service.engine.replay import PendingReplays
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
+from service.engine.session_line import Line
 from service.engine.session_residency import SessionResidency
 from service.errors import (
     Aborted,
@@ -48,92 +49,6 @@ from service.sessions.session import AppliedRequest, Session
 from service.sessions.session_store import SessionStore
 
 log = logging.getLogger(__name__)
-
-
-class Line:
-    """One caller's ordered requests (a Stream): they queue for a session instead of being
-    refused, and run in the order they were taken.
-
-    A request that must await something before it takes its leases (with a shared state tier:
-    a quota charge, a takeover) would take them in the order those awaits end, not in arrival
-    order. So it enters the line first (`enter`: synchronous, in arrival order), and takes its
-    leases when `Entry.turn` returns, once the requests that entered before it on any of its
-    sessions have taken theirs or given up."""
-
-    __slots__ = ("_entered",)
-
-    def __init__(self) -> None:
-        self._entered: dict[str, asyncio.Future[None]] = {}  # the last entry's, by session
-
-    def enter(self, session_ids: Iterable[str]) -> Entry:
-        """A place in the line for a request on `session_ids`, after those entered before."""
-        passed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        earlier: list[asyncio.Future[None]] = []
-        sessions = list(dict.fromkeys(session_ids))
-        for session_id in sessions:
-            last = self._entered.get(session_id)
-            if last is not None and not last.done():
-                earlier.append(last)
-            self._entered[session_id] = passed
-        return Entry(self, sessions, earlier, passed)
-
-    def _forget(self, sessions: list[str], passed: asyncio.Future[None]) -> None:
-        for session_id in sessions:
-            if self._entered.get(session_id) is passed:
-                del self._entered[session_id]
-
-
-class Entry:
-    """A request's place in a `Line` (see there)."""
-
-    __slots__ = ("_earlier", "_left", "_line", "_passed", "_sessions")
-
-    def __init__(
-        self,
-        line: Line,
-        sessions: list[str],
-        earlier: list[asyncio.Future[None]],
-        passed: asyncio.Future[None],
-    ) -> None:
-        self._line = line
-        self._sessions = sessions
-        self._earlier = earlier  # the entries before it, on its sessions, not yet passed
-        self._passed = passed  # resolved once it and every entry before it have passed
-        self._left = False
-
-    async def turn(self) -> None:
-        """Wait until the requests that entered before have taken their leases (or given up),
-        and let the later ones go: the caller takes its leases before it next suspends (the
-        later ones resume only then)."""
-        for earlier in self._earlier:
-            if not earlier.done():
-                await asyncio.shield(earlier)  # cancelled here, it leaves the others be
-        self.leave()
-
-    def leave(self) -> None:
-        """Give up the place (refused, cancelled) or pass it (`turn`). Idempotent. The entries
-        after go on only once those before have passed too, so they keep their order."""
-        if self._left:
-            return
-        self._left = True
-        waiting = [f for f in self._earlier if not f.done()]
-        if not waiting:
-            self._pass()
-            return
-        left = len(waiting)
-
-        def one_passed(_done: asyncio.Future[None]) -> None:
-            nonlocal left
-            left -= 1
-            if left == 0:
-                self._pass()
-
-        for earlier in waiting:
-            earlier.add_done_callback(one_passed)
-
-    def _pass(self) -> None:
-        self._passed.set_result(None)
-        self._line._forget(self._sessions, self._passed)
 
 
 class Lease:

@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from service.api.stream_mux import StreamMux
-from service.engine.session_lease import Line
+from service.engine.session_line import Line
 from service.errors import NotFound
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from service.engine.session_lease import Line
+from service.engine.session_line import Line
 from service.errors import Aborted, SessionClosed, SessionExpired
 
 from .conftest import EngineFactory, FakeClock, toks

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.api.session_servicer import SessionServicer
-from service.engine.session_lease import Line
+from service.engine.session_line import Line
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
 from service.security import principal
