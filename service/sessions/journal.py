@@ -51,7 +51,7 @@ from typing import Literal
 
 from service.errors import JournalUnavailable
 from service.sessions.journal_record import JournalRecord, decode_stream
-from service.sessions.record_files import syncfs_fd
+from service.sessions.record_files import fsync_dir, syncfs_fd, write_file
 
 log = logging.getLogger(__name__)
 
@@ -416,28 +416,17 @@ class Journal:
         over it, so a crash finds the old contents or the new, never a part."""
         path = self.directory / f"{seq:012d}.log"
         temporary = path.with_suffix(".held")
-        data = b"".join(b"".join(batch) for batch in records.values())
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        durable = self._fsync != "never"
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if self._fsync != "never":
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            data = b"".join(b"".join(r) for r in records.values())
+            write_file(str(temporary), data, durable, mode=0o600)  # as every segment
             os.replace(temporary, path)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        if self._fsync != "never":
-            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+        if durable:
+            fsync_dir(self.directory)
 
     def _segments(self) -> list[tuple[int, Path]]:
         found = []

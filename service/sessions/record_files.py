@@ -17,9 +17,9 @@ _OVERWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
-def write_file(path: str, data: bytes, durable: bool) -> None:
+def write_file(path: str, data: bytes, durable: bool, mode: int = 0o666) -> None:
     """All of `data` to a new file at `path` (fsynced with `durable`)."""
-    fd = os.open(path, _WRITE_FLAGS, 0o666)
+    fd = os.open(path, _WRITE_FLAGS, mode)
     try:
         write_all(fd, data, path)
         if durable:
@@ -60,6 +60,15 @@ def read_file(path: str) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def fsync_dir(directory: Path | str) -> None:
+    """fsync a directory: the names created, renamed or removed in it are on disk."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def syncfs(directory: Path) -> bool:

@@ -40,7 +40,13 @@ from service.errors import (
     SpillTierInUse,
 )
 from service.sessions import spill_record
-from service.sessions.record_files import overwrite_file, read_file, syncfs, write_file
+from service.sessions.record_files import (
+    fsync_dir,
+    overwrite_file,
+    read_file,
+    syncfs,
+    write_file,
+)
 from service.sessions.session import SESSION_ID_PATTERN
 from service.sessions.spare_files import SPARE_PREFIX, SpareFiles
 from service.sessions.spill_record import SpillHeader, SpillRecord
@@ -336,11 +342,7 @@ class SpillTier:
             os.close(fd)
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.directory)
 
 
 def _owner_of(path: Path) -> str:
