@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from service.engine import eviction_choice
 from service.engine.applied_request import from_record
 from service.engine.checkpoint_header import header_of, session_from
 from service.engine.durability import Durability
@@ -140,74 +141,15 @@ class SessionResidency:
                 pass
             if self._reclaim(served):
                 continue
-            victim = self._victim(served)
+            victim = eviction_choice.victim(self.sessions, self.versions, served)
             if victim is None:
-                raise self._exhausted(served)
+                raise eviction_choice.exhausted(self.sessions, served)
             try:
                 self.spill(victim)
             except SessionMoved:  # another replica holds it: this copy is stale
                 self.let_go(victim)
                 continue
             self._on_event("evicted", victim)
-
-    def _victim(self, wanting: ServedVersion) -> Session | None:
-        """The least recently used idle session whose eviction brings `wanting` a slot nearer:
-        one of its own (the slot is reused), or one in another version's pool that shrinks for
-        it, when those pools can give back a slot's worth between them. None when no eviction
-        helps: a pool cannot shrink past a busy session's slot, so evicting below it would
-        spill sessions for nothing. Each version's oldest idle session comes first in its own
-        order (busy ones sit at the recent end), so this costs a look per version, not one
-        per session in memory."""
-        own = next(self.sessions.idle_resident((wanting.name, wanting.version)), None)
-        served = self.versions.served()
-        if len(served) == 1:  # the common case: one version, nothing else to shrink
-            return own
-        candidates = [own] if own is not None else []
-        for key, gain in self._gains(wanting).items():
-            if gain > 0:
-                oldest = next(self.sessions.idle_resident(key), None)
-                if oldest is not None:
-                    candidates.append(oldest)
-        return min(candidates, key=lambda s: s.last_used, default=None)
-
-    def _gains(self, wanting: ServedVersion) -> dict[tuple[str, int], int]:
-        """The bytes each other version's pool gives back once all its idle sessions are
-        evicted, by (model, version): down to just above its highest busy slot (the busy
-        sessions are few: this reads them, not every session in memory); none at all when they
-        and what the budget has left come to less than one slot of `wanting`'s (the least its
-        pool grows by)."""
-        top: dict[tuple[str, int], int] = {}  # the highest busy slot, by version
-        for s in self.sessions.busy_sessions():
-            if s.slot is not None:
-                key = (s.model, s.version)
-                top[key] = max(top.get(key, -1), s.slot)
-        gains = {}
-        for other in self.versions.served():
-            if other is not wanting:
-                key, pool = (other.name, other.version), other.pool
-                floor = top.get(key, -1) + 1
-                gains[key] = max(0, pool.capacity - floor) * pool.bytes_per_slot
-        budget = wanting.pool.budget
-        left = budget.limit_bytes - budget.used_bytes
-        return gains if left + sum(gains.values()) >= wanting.pool.bytes_per_slot else {}
-
-    def _exhausted(self, wanting: ServedVersion) -> PoolExhausted:
-        """Why no slot can be had: every session in memory busy, or the idle ones in pools that
-        busy sessions keep from shrinking (nothing was evicted for them)."""
-        limit = wanting.pool.budget.limit_bytes
-        idle = self.sessions.idle_count()
-        if idle == 0:
-            why = "every session in memory is busy"
-        else:
-            why = (
-                f"evicting the {idle} idle session(s) in memory would free no slot for "
-                f"{wanting.name}:{wanting.version}: busy sessions hold the rest (a pool cannot "
-                "shrink past its highest busy slot)"
-            )
-        return PoolExhausted(
-            f"state memory budget exhausted ({limit} bytes) and {why}; retry shortly, or raise "
-            "SEQSERVE_SESSIONS__POOL_BYTES"
-        )
 
     def _reclaim(self, wanting: ServedVersion) -> bool:
         """Shrink other versions' pools to what they use; True if any bytes came back."""
@@ -216,8 +158,8 @@ class SessionResidency:
                 continue
             owners = {
                 s.slot: s
-                for s in self.sessions.resident()
-                if s.model == other.name and s.version == other.version and s.slot is not None
+                for s in self.sessions.resident((other.name, other.version))
+                if s.slot is not None
             }
             movable = [slot for slot, s in owners.items() if not s.busy]
             before = other.pool.nbytes

@@ -376,8 +376,10 @@ class SessionStore:
         """In-memory sessions with no request running."""
         return len(self._resident) - sum(1 for s in self._busy.values() if s.slot is not None)
 
-    def resident(self) -> list[Session]:
-        return list(self._resident.values())
+    def resident(self, version: tuple[str, int] | None = None) -> list[Session]:
+        """The sessions in memory (of `version`, a (model, version), if given)."""
+        resident = self._resident if version is None else self._resident_by.get(version)
+        return list((resident or {}).values())
 
     def least_recently_used(self) -> Iterator[Session]:
         """Sessions from least to most recently used."""
