@@ -94,7 +94,8 @@ class SessionFeeder:
                 if remember_as:
                     _remember_late(group, [(lease, remember_as)])
                 if if_applied_late is not None:
-                    _when_applied(group, if_applied_late)
+                    then = if_applied_late
+                    _when_applied(group, lambda _row, _result: then())
             raise
         return _outcome(lease, result)
 
@@ -256,29 +257,27 @@ def _remember_late(group: RowGroup, rows: list[tuple[Lease, str]]) -> None:
     is remembered as its session's last request, as if answered, so that its retry gets the
     original reply instead of a position mismatch. Not if the session moved on since."""
 
-    def remember(future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
+    def remember(row: int, result: RowResult) -> None:
+        lease, request_id = rows[row]
+        if not request_id:
             return
-        for (lease, request_id), result in zip(rows, future.result(), strict=True):
-            if not request_id or isinstance(result, BaseException):
-                continue
-            with contextlib.suppress(Exception):
-                outcome = _outcome(lease, result)
-                if lease.session.position == outcome.position:  # nothing applied since
-                    lease.remember(request_id, outcome.position - result.consumed, outcome)
+        with contextlib.suppress(Exception):
+            outcome = _outcome(lease, result)
+            if lease.session.position == outcome.position:  # nothing applied since
+                lease.remember(request_id, outcome.position - result.consumed, outcome)
 
-    group.future.add_done_callback(remember)
+    _when_applied(group, remember)
 
 
-def _when_applied(group: RowGroup, then: Callable[[], None]) -> None:
-    """`then()` once the group's step has settled, if it applied the group's one row."""
+def _when_applied(group: RowGroup, then: Callable[[int, RowResult], None]) -> None:
+    """`then(row, result)` for each of the group's rows its step applied, once it settles."""
 
     def settled(future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        (result,) = future.result()
-        if not isinstance(result, BaseException):
-            then()
+        for row, result in enumerate(future.result()):
+            if not isinstance(result, BaseException):
+                then(row, result)
 
     group.future.add_done_callback(settled)
 
