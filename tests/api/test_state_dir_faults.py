@@ -252,3 +252,54 @@ async def test_shutdown_out_of_time_stops_writing_before_the_versions_close(
             reply = await _step(client, sid, 9)
             assert reply.position == 3
             assert_matches_reference(reply.prediction, reference.feed([9])[-1])
+
+
+async def test_a_batch_the_full_disk_cut_short_does_not_come_back_after_a_kill(
+    small_disk: Path, store_root: Path, tmp_path: Path
+) -> None:
+    """A real `seqserve serve`, its disk full: a Stream message of two sessions' feeds, a
+    short one and a long one, is refused (the disk takes the first record whole and tears the
+    second). kill -9, the disk freed, a restart: each session is at the position its last
+    acknowledged reply said, the refused feeds applied nowhere (the first record left in the
+    segment was replayed: a refused input applied)."""
+    from .test_lifecycle_restart import ServerProcess
+
+    server = ServerProcess(store_root, small_disk / "state", tmp_path, slots=8)
+    try:
+        await server.start()
+        acked: dict[str, int] = {}
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            for _ in range(2):
+                made = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+                acked[made.session.session_id] = 0
+            short, long = list(acked)
+            filler = fill(small_disk)
+            refused = False
+            call = client.sessions.Stream()
+            for _ in range(200):
+                await call.write(
+                    pb.StreamRequest(
+                        items=[item(short, "a", tokens(1)), item(long, "b", tokens(*[2] * 900))]
+                    )
+                )
+                replies = []
+                while len(replies) < 2:
+                    replies.extend((await call.read()).replies)
+                for reply in replies:
+                    if reply.HasField("error"):
+                        refused = True
+                    else:
+                        acked[reply.session_id] = reply.position
+                if refused:
+                    break
+            await call.done_writing()
+            assert refused, "the full disk never refused a message"
+        server.kill()  # SIGKILL: no shutdown, the journal as the disk has it
+        filler.unlink()
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            for sid, position in acked.items():
+                got = await client.sessions.GetSession(pb.GetSessionRequest(session_id=sid))
+                assert got.session.position == position, (sid, got.session.position, position)
+    finally:
+        server.kill()
