@@ -25,6 +25,7 @@ the end of its segment.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -45,6 +46,10 @@ _OPTIONS = struct.Struct("<HB")  # top_k, per_position
 _GENERATED = struct.Struct("<iB")
 _INT32 = np.dtype("<i4")
 _FLOAT32 = np.dtype("<f4")
+# Where a body can begin: a readable version byte, then a known kind (what `_resync` looks for).
+_BODY_START = re.compile(
+    b"[%s][%s]" % tuple(re.escape(bytes(v)) for v in (READABLE, range(TOKENS, GEN_START + 1)))
+)
 
 
 class JournalRecord(NamedTuple):
@@ -257,9 +262,15 @@ def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
 
 
 def _resync(data: bytes, offset: int) -> int:
-    """The next offset at or after `offset` where a whole record checks out (or the end)."""
+    """The next offset at or after `offset` where a whole record checks out (or the end).
+    Only offsets whose body would begin with a readable version and a known kind are tried
+    (every whole record's does): `_frame_at` at every byte of a damaged 4 MB feed took 32 s."""
     size = len(data)
     while offset + _FRAME.size <= size:
+        candidate = _BODY_START.search(data, offset + _FRAME.size)
+        if candidate is None:
+            break
+        offset = candidate.start() - _FRAME.size
         if _frame_at(data, offset)[0] is not None:
             return offset
         offset += 1

@@ -107,6 +107,50 @@ def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -
         assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS, jr.FRAMES, jr.END]
 
 
+def _resync_every_byte(data: bytes, offset: int) -> int:
+    """What `_resync` must find: the first offset where `_frame_at` reads a whole record."""
+    while offset + 8 <= len(data):
+        if jr._frame_at(data, offset)[0] is not None:
+            return offset
+        offset += 1
+    return len(data)
+
+
+def test_after_any_one_flipped_byte_reading_resumes_where_a_byte_by_byte_search_would() -> None:
+    records = [*_records(), jr.generation_start(SID, 4, "g", {"temperature": 0.5})]
+    records += [jr.one_token(SID, 5 + i, i, request_id=f"r{i}") for i in range(3)]
+    clean = b"".join(records)
+    for at in range(len(clean)):
+        for bit in (0x01, 0x80):
+            data = bytearray(clean)
+            data[at] ^= bit
+            for offset in range(0, len(data), 7):
+                assert jr._resync(bytes(data), offset) == _resync_every_byte(bytes(data), offset)
+
+
+def test_a_damaged_large_feed_is_skipped_without_trying_each_of_its_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flipped byte in a 1 MB feed of token ids (each id a plausible small record length):
+    the search tries only offsets where a body could begin, not a million (32 s for 4 MB)."""
+    feed = jr.tokens(SID, 0, np.arange(250_000) % 256, request_id="big")
+    after = jr.end(SID, 250_000, "closed")
+    data = bytearray(feed + after)
+    data[100] ^= 0xFF
+    tries = 0
+    frame_at = jr._frame_at
+
+    def counted(buf: bytes, offset: int) -> tuple[jr.JournalRecord | None, int]:
+        nonlocal tries
+        tries += 1
+        return frame_at(buf, offset)
+
+    monkeypatch.setattr(jr, "_frame_at", counted)
+    got = list(jr.decode_stream(bytes(data)))
+    assert [r.kind for r in got] == [jr.END]
+    assert tries < 100, tries
+
+
 def test_group_commit_is_one_write_and_reads_back_in_order(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal", fsync="batch")
     assert list(journal.open()) == []
