@@ -45,7 +45,7 @@ from service.engine.takeover import Takeover
 from service.errors import SeqServeError, Unavailable
 from service.runtime.sampler import SamplingParams
 from service.runtime.state_pool import ByteBudget
-from service.security.quotas import Quotas
+from service.security.quotas import Quotas, Reservation
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.state_tier import Checkpoints
@@ -375,36 +375,77 @@ class SessionEngine:
         once the session is taken over, if it must be: a request's unset fields)."""
         self._check_open()
         entry = self._enter(line, (session_id,))
+        reservation: Reservation | None = None
         try:
             await self.takeover.ensure(session_id, expected_position)
             if callable(sampling):
                 sampling = sampling(self.sessions.get(session_id).default_sampling)
-            charge = 0
-            if self.quotas.charging:  # its prompt, and the most it may generate
-                params = sampling or self.sessions.get(session_id).default_sampling
-                prompt_size = prompt.size() if prompt is not None else 0
-                # A max_tokens over the cap is refused, its charge given back; capped meanwhile,
-                # so the caller's other calls do not see a bucket deep in debt.
-                charge = prompt_size + min(params.max_tokens, self.generator.max_tokens)
-                await self.quotas.charge(charge)
+            if self.quotas.charging:
+                reservation = await self._reserve(session_id, prompt, sampling)
             if entry is not None:
                 await entry.turn()  # the lease is taken at the first token, before a suspension
+        except BaseException:  # refused, or cancelled in line: charged nothing
+            if reservation is not None:
+                await reservation.settle(0)
+            raise
         finally:
             if entry is not None:
                 entry.leave()
         tokens = self.generator.generate(
             session_id, prompt, sampling, line, expected_position, request_id
         )
-        sent = False
+        if reservation is None:
+            async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+                async for token in stream:
+                    yield token
+            return
+        async for token in self._reconciled(session_id, tokens, prompt, reservation):
+            yield token
+
+    async def _reserve(
+        self, session_id: str, prompt: ModelInput | None, sampling: SamplingParams | None
+    ) -> Reservation:
+        """Charge a generation its prompt and the most it may generate, up front; the unused
+        part is given back when it ends (`_reconciled`). A max_tokens over the cap is charged
+        the cap (and then refused), so the caller's other calls never see a bucket in debt
+        for tokens no generation may make."""
+        params = sampling or self.sessions.get(session_id).default_sampling
+        prompt_size = prompt.size() if prompt is not None else 0
+        return await self.quotas.reserve(
+            prompt_size + min(params.max_tokens, self.generator.max_tokens)
+        )
+
+    async def _reconciled(
+        self,
+        session_id: str,
+        tokens: AsyncIterator[GeneratedToken],
+        prompt: ModelInput | None,
+        reservation: Reservation,
+    ) -> AsyncIterator[GeneratedToken]:
+        """`tokens`, then, however the generation ends (finished, stopped early, cancelled,
+        refused, failed), the charge kept is its prompt, once its step ran, and the tokens it
+        generated; the rest of the reservation is given back."""
+        session = self.sessions.peek(session_id)
+        # Read where the lease is taken (the first `anext`, no suspension between): with the
+        # lease free, the position moves from here only by this generation's steps.
+        before = session.position if session is not None and not session.busy else None
+        first: GeneratedToken | None = None
+        sent = 0
         try:
             async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
                 async for token in stream:
-                    sent = True
+                    first = first or token
+                    sent += 1
                     yield token
-        except SeqServeError:
-            if not sent:  # refused before its first token: charged nothing
-                await self.quotas.refund(charge)
-            raise
+        finally:
+            now = session.position if session is not None else 0
+            if first is not None:  # the steps since the prompt's, read or not by the caller
+                used = (prompt.size() if prompt else 0) + max(sent, now - first.position + 1)
+            elif before is not None and now > before:  # the prompt ran, no token came of it
+                used = prompt.size() if prompt else 0
+            else:  # refused, or cancelled, before its prompt ran
+                used = 0
+            await reservation.settle(used)
 
     def _check_open(self) -> None:
         if self.draining:

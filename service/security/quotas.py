@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from service.errors import QuotaExceeded, SeqServeError
 from service.security import token_bucket
-from service.security.principal import caller
+from service.security.principal import Principal, caller
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import SharedState
 
@@ -84,17 +84,28 @@ class Quotas:
         larger than the bucket is allowed when the bucket is full, and leaves it in debt: the
         rate holds over time."""
         if tokens > 0:
-            await self._take(tokens)
+            await self._take(tokens, caller())
 
     async def refund(self, tokens: int) -> None:
         """Give back what `charge` took for a request that was then refused before it ran (an
         unknown session, a bad argument, a step the journal refused): a refused request changes
         nothing, its charge included. Never past a full bucket. Best effort: a shared tier that
         cannot be reached keeps the charge (the caller's refusal stands as it was)."""
+        await self._give_back(caller(), tokens)
+
+    async def reserve(self, tokens: int) -> Reservation:
+        """`charge(tokens)` for a request whose size is known only once it ends (a generation:
+        its prompt and the most it may generate); its `Reservation` gives back the unused
+        part then."""
+        await self.charge(tokens)
+        return Reservation(self, caller(), tokens)
+
+    async def _give_back(self, who: Principal | None, tokens: int) -> None:
+        """`refund` to `who`'s bucket."""
         if tokens <= 0:
             return
         try:
-            await self._take(-tokens)
+            await self._take(-tokens, who)
         except SeqServeError as exc:
             log.warning("quota refund of %d tokens not made: %s", tokens, exc)
 
@@ -109,9 +120,8 @@ class Quotas:
             await self.refund(tokens)
             raise
 
-    async def _take(self, tokens: int) -> None:
-        """`token_bucket.take` on the caller's bucket: local, or in the shared tier."""
-        who = caller()
+    async def _take(self, tokens: int, who: Principal | None) -> None:
+        """`token_bucket.take` on `who`'s bucket: local, or in the shared tier."""
         rate = self.tokens_per_second
         if who is None or rate <= 0:
             return
@@ -135,3 +145,28 @@ class Quotas:
             "(SEQSERVE_SECURITY__TOKENS_PER_SECOND); slow down",
             retry_after=wait,
         )
+
+
+class Reservation:
+    """Tokens charged up front, for one caller, by a request that may use fewer (a generation
+    that stops early, is cancelled, or fails): `settle` gives the rest back once it ends. Keeps
+    its caller: a cancelled call's clean-up may run where no caller is set."""
+
+    __slots__ = ("_quotas", "_settled", "_who", "tokens")
+
+    def __init__(self, quotas: Quotas, who: Principal | None, tokens: int) -> None:
+        self._quotas = quotas
+        self._who = who
+        self.tokens = tokens  # charged
+        self._settled = False
+
+    async def settle(self, used: int) -> None:
+        """Give back the tokens charged beyond `used` (all of them at 0: the request was
+        refused or cancelled before it ran), never past a full bucket (`Quotas.refund`). Only
+        the first call gives back. Shielded: a call cancelled again meanwhile still does."""
+        if self._settled:
+            return
+        self._settled = True
+        unused = self.tokens - min(max(used, 0), self.tokens)
+        if unused > 0:
+            await asyncio.shield(self._quotas._give_back(self._who, unused))

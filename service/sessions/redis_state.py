@@ -136,7 +136,9 @@ return redis.call("ZCARD", KEYS[1])
 
 # KEYS: an owner's token bucket. ARGV: rate per second, tokens. "0" when taken, else the
 # seconds until there are enough (a string: Lua numbers become integers in replies). Negative
-# tokens are given back, up to a full bucket (`security.token_bucket.take`).
+# tokens are given back, up to a full bucket (`security.token_bucket.take`). The key lives until
+# the bucket would be full again (a minute at least): expiry drops only a full bucket, never a
+# debt (a big generation's), as the local buckets keep it.
 _BUCKET = """
 local rate, tokens = tonumber(ARGV[1]), tonumber(ARGV[2])
 local clock = redis.call("TIME")
@@ -155,7 +157,9 @@ else
   level = level - tokens
 end
 redis.call("HSET", KEYS[1], "level", tostring(level), "at", tostring(now))
-redis.call("EXPIRE", KEYS[1], 60)
+-- formatted: a number argument would go as %.14g, and PEXPIRE refuses "1e+14"
+local refill_ms = math.ceil((rate - level) / rate * 1000) + 1000
+redis.call("PEXPIRE", KEYS[1], string.format("%d", math.max(60000, refill_ms)))
 return wait
 """
 

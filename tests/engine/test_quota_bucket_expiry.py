@@ -1,0 +1,49 @@
+"""A principal's debt in the shared tier's token bucket (a big generation's charge) is kept
+until it is paid off, as the local bucket keeps it: Redis expires the bucket's key only once the
+bucket would be full again, and the SQLite tier keeps every bucket. No minute is slept: the key's
+TTL is read, and a minute's idleness is made by moving the bucket's last update back."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import redis
+
+from service.sessions.redis_state import RedisState
+from service.sessions.sqlite_state import SqliteState
+
+RATE = 10.0  # tokens a second, and the bucket's size
+CHARGE = 1000  # taken from a full bucket: 990 owed, 100 s until it is full again
+REFILL_MS = (CHARGE / RATE) * 1000
+
+
+def test_a_redis_bucket_in_debt_lives_until_it_would_be_full(redis_url: str) -> None:
+    tier = RedisState(redis_url, namespace="quota")
+    key = "quota:b:alice"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert tier.take_tokens("alice", CHARGE, RATE) == 0.0
+        assert client.pttl(key) >= REFILL_MS  # not the minute it had
+        at = float(client.hget(key, "at") or 0)
+        client.hset(key, "at", str(at - 60))  # a minute idle: the key is still there, and
+        assert tier.take_tokens("alice", 1, RATE) > 30  # still owes ~39 s
+        assert tier.take_tokens("alice", -(10**6), RATE) == 0.0  # given back: full
+        assert client.pttl(key) <= 60_000  # a full bucket may go after a minute, as before
+    finally:
+        client.close()
+        tier.close()
+
+
+def test_a_sqlite_bucket_in_debt_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    tier = SqliteState(path)
+    tier.check()
+    try:
+        assert tier.take_tokens("alice", CHARGE, RATE) == 0.0
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE buckets SET at = at - 60 WHERE owner = 'alice'")
+        assert tier.take_tokens("alice", 1, RATE) > 30
+    finally:
+        tier.close()

@@ -1,0 +1,175 @@
+"""A generation is charged up front (its prompt, and the most it may generate) and reconciled
+when it ends, however it ends: the caller keeps paying for its prompt, once its step ran, and
+for the tokens generated; the rest is given back. At one token a second, what a generation
+kept shows as the seconds a one-token step must then wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from service.engine.session_engine import SessionEngine
+from service.engine.session_lease import SessionLeases
+from service.engine.session_line import Entry, Line
+from service.errors import Internal, QuotaExceeded
+from service.runtime.sampler import SamplingParams
+from service.runtime.step_batch import StepBatch
+from service.security import principal
+from service.security.principal import Principal
+
+from .conftest import EngineFactory, toks, wait_idle
+
+RATE = {"tokens_per_second": 1}  # a bucket of one token: a charge of 52 leaves 51 owed
+PROMPT = toks(1, 2)
+MAX_TOKENS = 50  # charged 2 + 50
+
+
+async def _engine(make_engine: EngineFactory, **kw: object) -> tuple[SessionEngine, str]:
+    engine = await make_engine(security=RATE, **kw)
+    principal.current.set(Principal("alice", "client"))
+    session, _ = await engine.create_session("tok")
+    return engine, session.session_id
+
+
+async def _owed(engine: SessionEngine, session_id: str) -> float:
+    """The seconds a one-token step waits: about the tokens the bucket still owes (0: the
+    step went through, nothing was owed)."""
+    try:
+        await engine.feed(session_id, toks(1))
+    except QuotaExceeded as exc:
+        assert exc.retry_after is not None
+        return exc.retry_after
+    return 0.0
+
+
+def _greedy(**kw: object) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_generation_stopped_early_keeps_its_prompt_and_its_token(
+    make_engine: EngineFactory,
+) -> None:
+    engine, sid = await _engine(make_engine)
+    every_token = _greedy(stop_token_ids=tuple(range(256)))  # the first token stops it
+    got = [t async for t in engine.generate(sid, PROMPT, every_token)]
+    assert len(got) == 1 and got[0].finish_reason == "stop_token"
+    assert 2.0 < await _owed(engine, sid) <= 3.01  # 2 + 1 kept; 49 given back
+
+
+async def test_a_generation_cancelled_after_its_first_token_keeps_what_it_generated(
+    make_engine: EngineFactory,
+) -> None:
+    engine, sid = await _engine(make_engine)
+    async with contextlib.aclosing(engine.generate(sid, PROMPT, _greedy())) as tokens:
+        async for _ in tokens:
+            break  # the client goes away
+    session = engine.sessions.get(sid)
+    await wait_idle(session)
+    generated = session.position - 2  # what ran ahead of the reader counts too
+    assert generated < MAX_TOKENS
+    kept = 2 + generated
+    assert kept - 1.5 < await _owed(engine, sid) <= kept + 0.01  # one step may end later
+
+
+@contextlib.contextmanager
+def _failing_step(engine: SessionEngine, nth: int) -> Iterator[None]:
+    """The `nth` step of `tok` v1 from now on fails (applies nothing); the others run."""
+    served = engine.versions.find("tok", 1)
+    assert served is not None
+    execute = served.runner.execute
+    steps = 0
+
+    def counted(batch: StepBatch):  # type: ignore[no-untyped-def]
+        nonlocal steps
+        steps += 1
+        if steps == nth:
+            raise RuntimeError("the step failed")
+        return execute(batch)
+
+    served.runner.execute = counted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        served.runner.execute = execute  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(("failing", "kept"), [(1, 0), (2, 2), (4, 4)])
+async def test_a_generation_that_fails_keeps_only_what_ran(
+    make_engine: EngineFactory, failing: int, kept: int
+) -> None:
+    """Step 1 is the prompt's (it fails: nothing ran, nothing kept); step 2 makes the first
+    token (it fails: the prompt ran, no token); step 4 fails after two tokens."""
+    engine, sid = await _engine(make_engine, engine={"inline_max_rows": 0})
+    got = []
+    failure = RuntimeError if failing == 1 else Internal  # the prompt's step: as a feed's
+    with _failing_step(engine, failing), pytest.raises(failure):
+        async for token in engine.generate(sid, PROMPT, _greedy()):
+            got.append(token)
+    assert len(got) == max(0, failing - 2)
+    await wait_idle(engine.sessions.get(sid))
+    owed = await _owed(engine, sid)
+    assert (owed == 0.0) if kept == 0 else kept - 1.0 < owed <= kept + 0.01
+
+
+@pytest.fixture
+def lease_taken(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once a request has taken its lease, or its place in the line for it."""
+    taken = asyncio.Event()
+    take = SessionLeases.take
+
+    def spy(self: SessionLeases, session_id: str, line: Line | None = None):  # type: ignore[no-untyped-def]
+        lease = take(self, session_id, line)
+        taken.set()
+        return lease
+
+    monkeypatch.setattr(SessionLeases, "take", spy)
+    return taken
+
+
+async def test_a_generation_cancelled_waiting_for_its_session_keeps_nothing(
+    make_engine: EngineFactory, lease_taken: asyncio.Event
+) -> None:
+    """A Stream's generation queued behind the stream's earlier request on its session."""
+    engine, sid = await _engine(make_engine)
+    line = Line()
+    async with engine.leases.hold(sid, line):  # the earlier request, running
+        lease_taken.clear()
+        waiting = asyncio.create_task(_drain(engine, sid, line))
+        await lease_taken.wait()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    assert await _owed(engine, sid) == 0.0  # all 52 given back
+
+
+async def test_a_generation_cancelled_in_its_streams_line_keeps_nothing(
+    make_engine: EngineFactory, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a shared tier a Stream's generation charges the tier, then waits in the stream's
+    line (`Entry.turn`) behind an earlier item that has not taken its lease yet."""
+    in_line = asyncio.Event()
+    turn = Entry.turn
+
+    async def spy(self: Entry) -> None:
+        in_line.set()
+        await turn(self)
+
+    monkeypatch.setattr(Entry, "turn", spy)
+    engine, sid = await _engine(make_engine, state_url=state_url)
+    line = Line()
+    earlier = line.enter([sid])  # an item still charging, say
+    waiting = asyncio.create_task(_drain(engine, sid, line))
+    await in_line.wait()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    earlier.leave()
+    assert await _owed(engine, sid) == 0.0  # all 52 given back
+
+
+async def _drain(engine: SessionEngine, session_id: str, line: Line) -> None:
+    async for _ in engine.generate(session_id, PROMPT, _greedy(), line):
+        pass
