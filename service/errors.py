@@ -11,6 +11,8 @@ from typing import Self
 
 import grpc
 
+from service.tracebacks import drop_tracebacks
+
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -54,23 +56,6 @@ class SeqServeError(Exception):
         if self.status != grpc.StatusCode.INTERNAL:
             drop_tracebacks(self)
         return self
-
-
-def drop_tracebacks(exc: BaseException) -> None:
-    """Forget the tracebacks of `exc` and of the exceptions it chains (`__cause__`,
-    `__context__`, even one hidden by `from None`), once nothing will log them. A traceback
-    keeps its frames, and each frame its caller's (`f_back`) and their locals: an error kept
-    or raised where one of those frames holds it (a step's rows hold its error, a generation
-    raises the error its channel held) is a reference cycle, left to the cycle collector."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        current.__traceback__ = None
-        pending += (current.__cause__, current.__context__)
 
 
 class InvalidArgument(SeqServeError):

@@ -13,7 +13,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import SeqServeError, drop_tracebacks, status_code
+from service.errors import SeqServeError, status_code
+from service.tracebacks import drop_tracebacks
 
 log = logging.getLogger("service.api.interceptor")  # where these logs always were
 

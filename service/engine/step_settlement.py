@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 from service.engine.generation import Generation
 from service.engine.row_group import Commit, RowGroup, RowOwner
-from service.errors import SessionMoved, Unavailable, drop_tracebacks
+from service.errors import SessionMoved, Unavailable
 from service.metrics.stats import StepStats
 from service.runtime.runner import ModelRunner
 from service.runtime.step_batch import Row, RowResult, StepOutput
 from service.sessions.journal_record import session_of
+from service.tracebacks import drop_tracebacks
 
 log = logging.getLogger(__name__)
 

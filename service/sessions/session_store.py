@@ -11,29 +11,29 @@ spilled ones. The periodic chores cost what they find, not what is held: the exp
 the LRU order only while a session there could be past the shortest TTL held, and the idle
 checkpoint looks only at the sessions with journaled steps (`unsaved`). A million idle sessions
 cost the sweep nothing. The clock is injectable so TTL behaviour is testable without sleeping.
+
+What a request for an id no longer here hears (ended, moved, refused at start-up) is kept by
+`service.sessions.ended_sessions`.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 
 from service.errors import (
     SeqServeError,
-    SessionClosed,
     SessionExpired,
     SessionLimit,
-    SessionMoved,
     SessionNotFound,
     SpillCorrupted,
     quote,
 )
-from service.security.principal import caller, may_see
+from service.security.principal import may_see
+from service.sessions.ended_sessions import EndedSessions
 from service.sessions.session import AppliedRequest, Session
 from service.sessions.ttl_index import TtlIndex
-
-_REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
 
 
 class SessionStore:
@@ -51,13 +51,9 @@ class SessionStore:
         # The same, by (model, version): an eviction looks for a version's oldest idle one.
         self._resident_by: dict[tuple[str, int], OrderedDict[str, Session]] = {}
         self._busy: dict[str, Session] = {}  # held by a lease now
-        self._ended: dict[str, str] = {}  # session id → "expired" | "closed"
-        self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
+        self._gone = EndedSessions()  # why the ids of sessions no longer here are gone
         self._owned: Counter[str] = Counter()  # owner → live sessions it has here
-        # session id → why its records could not be used, and the error a request gets
-        self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
         self._made: dict[str, Session] = {}  # Session.made_by → the live session
-        self._ended_order: deque[str] = deque()
         # Sessions with journaled steps since their checkpoint, in the order they got them.
         self._unsaved: dict[str, Session] = {}
         self._ttls = TtlIndex()  # how far the expiry sweep walks
@@ -119,29 +115,10 @@ class SessionStore:
         expired (also when idle past its TTL but not yet swept), or DATA_LOSS when its records
         were refused at start-up. A caller that does not own the session hears NOT_FOUND,
         whatever its state (`security.principal`)."""
-        shown = quote(session_id)
         session = self._sessions.get(session_id)
         if session is None:
-            if caller() is not None and session_id not in self._owners:
-                raise SessionNotFound(f"session {shown} not found")  # whose it was: unknown
-            if not may_see(self._owners.get(session_id, "")):
-                raise SessionNotFound(f"session {shown} not found")
-            why = self._ended.get(session_id)
-            if why == "expired":
-                raise SessionExpired(f"session {shown} expired after its idle TTL")
-            if why == "closed":
-                raise SessionClosed(f"session {shown} was closed")
-            if why == "moved":
-                raise SessionMoved(f"session {shown} is held by another replica now; retry")
-            broken = self._broken.get(session_id)
-            if broken is not None:
-                why, error = broken
-                if error is SpillCorrupted:
-                    raise SpillCorrupted(
-                        f"session {shown} cannot be resumed: its records were refused ({why})"
-                    )
-                raise error(f"session {shown} cannot be resumed: {why}")
-            raise SessionNotFound(f"session {shown} not found")
+            self._gone.why_gone(session_id)
+        shown = quote(session_id)
         if not may_see(session.owner):
             raise SessionNotFound(f"session {shown} not found")
         if self.is_expired(session):
@@ -158,32 +135,25 @@ class SessionStore:
         """Remember a session whose records exist but could not be used: damaged or lost
         (DATA_LOSS, the default), or intact but for other weights (FAILED_PRECONDITION). Only
         its `owner` (when known) hears which."""
-        self._broken[session_id] = (why, error)
-        if owner:
-            self._owners[session_id] = owner
+        self._gone.mark_broken(session_id, why, error, owner)
 
     @property
     def broken(self) -> dict[str, str]:
-        return {sid: why for sid, (why, _) in self._broken.items()}
+        return self._gone.broken
 
     def broken_owner(self, session_id: str) -> str:
         """The owner of a session refused since start-up (`mark_broken`); NOT_FOUND, as from
         `get`, for a caller who may not see it."""
-        owner = self._owners.get(session_id, "")
-        if (caller() is not None and session_id not in self._owners) or not may_see(owner):
-            raise SessionNotFound(f"session {quote(session_id)} not found")
-        return owner
+        return self._gone.broken_owner(session_id)
 
     def broken_error(self, session_id: str) -> type[SeqServeError]:
         """Why a session refused since start-up is refused (its error class); NOT_FOUND, as
         `broken_owner`, for a caller who may not see it."""
-        self.broken_owner(session_id)
-        return self._broken[session_id][1]
+        return self._gone.broken_error(session_id)
 
     def close_broken(self, session_id: str) -> None:
         """A refused session was closed: remembered as closed from now on."""
-        self._broken.pop(session_id, None)
-        self._remember_end(session_id, "closed")
+        self._gone.close_broken(session_id)
 
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
@@ -284,9 +254,7 @@ class SessionStore:
         self._not_in_memory(session)
         self._unsaved.pop(session.session_id, None)
         if moved:
-            if session.owner:
-                self._owners[session.session_id] = session.owner
-            self._remember_end(session.session_id, "moved")
+            self._gone.ended(session.session_id, "moved", session.owner)
 
     def set_epoch(self, session: Session, epoch: int) -> None:
         session.holder_epoch = epoch
@@ -311,25 +279,12 @@ class SessionStore:
         """End the session ("closed", "expired"): it is marked closed and forgotten, its id
         remembered so a late request learns why."""
         self.forget(session)
-        if session.owner:
-            self._owners[session.session_id] = session.owner
-        self._remember_end(session.session_id, why)
-
-    def _remember_end(self, session_id: str, why: str) -> None:
-        self._ended[session_id] = why
-        self._ended_order.append(session_id)
-        if len(self._ended_order) > _REMEMBER_ENDED:
-            gone = self._ended_order.popleft()
-            self._ended.pop(gone, None)
-            self._owners.pop(gone, None)
+        self._gone.ended(session.session_id, why, session.owner)
 
     def ended_earlier(self, session_id: str, why: str, owner: str = "") -> None:
         """A session that ended before a restart (or on another replica), known only by its
         END record: a late request by its owner learns why (closed, expired)."""
-        if session_id not in self._sessions and self._ended.get(session_id) != why:
-            self._remember_end(session_id, why)  # the tier says so: it overrides this copy's
-        if owner:
-            self._owners[session_id] = owner
+        self._gone.ended_earlier(session_id, why, owner, live=session_id in self._sessions)
 
     def is_expired(self, session: Session) -> bool:
         """Idle past its TTL (a busy session never expires mid-request, nor one whose replay

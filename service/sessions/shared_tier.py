@@ -33,8 +33,8 @@ from service.errors import JournalUnavailable, SessionMoved, SpillCorrupted
 from service.sessions import journal_record, spill_record
 from service.sessions.journal_record import JournalRecord, decode_stream
 from service.sessions.session_store import SessionStore
+from service.sessions.spill_directory import TierScan
 from service.sessions.spill_record import SpillRecord
-from service.sessions.spill_tier import TierScan
 
 log = logging.getLogger(__name__)
 

@@ -17,29 +17,21 @@ refuses it (the journal flushes the checkpoints before it deletes a segment they
 A graceful shutdown calls `sync()`, which fsyncs every file written since the last sync, and
 the directory.
 
-One server owns a directory at a time: `open()` takes an exclusive lock on `.lock` inside it.
+One server owns a directory at a time: `open()` takes an exclusive lock on `.lock` inside it
+(`service.sessions.spill_directory`, which also reads what a start finds there).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import (
-    Internal,
-    SpillCorrupted,
-    SpillDirUnusable,
-    SpillTierFull,
-    SpillTierInUse,
-)
-from service.sessions import spill_record
+from service.errors import Internal, SpillCorrupted, SpillTierFull
+from service.sessions import spill_directory, spill_record
 from service.sessions.record_files import (
     fsync_dir,
     overwrite_file,
@@ -47,31 +39,17 @@ from service.sessions.record_files import (
     syncfs,
     write_file,
 )
-from service.sessions.session import SESSION_ID_PATTERN
-from service.sessions.spare_files import SPARE_PREFIX, SpareFiles
-from service.sessions.spill_record import SpillHeader, SpillRecord
+from service.sessions.spare_files import SpareFiles
+from service.sessions.spill_directory import SOURCE as _SOURCE
+from service.sessions.spill_directory import SUFFIX, TierScan
+from service.sessions.spill_record import SpillRecord
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".spill"
-STOP_MARKER = ".stopped_at"  # wall time of the last clean stop
-_ID_RE = re.compile(SESSION_ID_PATTERN)
-# How a record is named in messages a client may see: never the server's path (it is logged).
-_SOURCE = "its spill record"
 _SYNC_THREADS = 8  # fsyncs in parallel share journal commits
 # From this many records on, one syncfs(2) of the directory's filesystem replaces an fsync per
 # file: 50,000 records of 6 KB took 0.4-0.7 s that way against 4.8 s (README, Durability).
 SYNCFS_FROM = 1024
-
-
-@dataclass
-class TierScan:
-    """What `open()` found on disk."""
-
-    headers: list[SpillHeader] = field(default_factory=list)  # readable records
-    broken: dict[str, str] = field(default_factory=dict)  # session id → what is wrong
-    stopped_at: float | None = None  # wall time of the last clean stop; None after a crash
-    owners: dict[str, str] = field(default_factory=dict)  # broken session → owner, if readable
 
 
 class SpillTier:
@@ -115,46 +93,10 @@ class SpillTier:
     def open(self) -> TierScan:
         """Lock the directory, clear temp files a crash left, and read every record's header.
         SpillDirUnusable when the directory cannot be created, locked or written."""
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise _unusable(self.directory, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise SpillTierInUse(
-                f"spill directory {self.directory} is in use by another server process"
-            ) from exc
-        self._lock_fd = fd
-        probe = self.directory / f".probe-{os.getpid()}.tmp"
-        try:  # a directory we can lock but not write fails here, not at the first eviction
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            self.close()
-            raise _unusable(self.directory, exc) from None
-        scan = TierScan(stopped_at=self._take_stop_marker())
-        for path in sorted(self.directory.iterdir()):
-            if path.name.endswith(".tmp") or path.name.startswith(SPARE_PREFIX):
-                path.unlink(missing_ok=True)  # a write a crash cut short, or a spare
-                continue
-            if path.suffix != SUFFIX or not _ID_RE.fullmatch(path.stem):
-                continue
-            size = path.stat().st_size
-            self._sizes[path.stem] = size
-            self._bytes += size
-            try:
-                header = self._read_header(path)
-                if header.session_id != path.stem:
-                    raise SpillCorrupted(f"{_SOURCE} holds another session's state")
-            except SpillCorrupted as exc:
-                scan.broken[path.stem] = exc.message  # what the session's owner is told
-                scan.owners[path.stem] = exc.owner or _owner_of(path)
-                log.warning("spill record %s refused: %s", path, exc.message)
-                continue
-            scan.headers.append(header)
+        self._lock_fd = spill_directory.claim(self.directory)
+        scan, sizes = spill_directory.scan(self.directory)
+        self._sizes.update(sizes)
+        self._bytes += sum(sizes.values())
         return scan
 
     def close(self) -> None:
@@ -295,41 +237,10 @@ class SpillTier:
     def mark_clean_stop(self, wall_time: float) -> None:
         """Record when the server stopped cleanly, so the next start knows how long it was down
         (the idle clock does not run while nobody can reach the server)."""
-        marker = self.directory / STOP_MARKER
-        tmp = marker.with_name(f"{STOP_MARKER}.{os.getpid()}.tmp")
-        with tmp.open("w") as f:
-            f.write(repr(wall_time))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, marker)
+        spill_directory.mark_clean_stop(self.directory, wall_time)
         self._fsync_dir()
 
     # ---- internals -----------------------------------------------------------------------
-
-    def _take_stop_marker(self) -> float | None:
-        """Read and remove the clean-stop marker: a later crash must not find a stale one."""
-        marker = self.directory / STOP_MARKER
-        try:
-            text = marker.read_text()
-        except FileNotFoundError:
-            return None
-        marker.unlink()
-        try:
-            return float(text)
-        except ValueError:
-            log.warning("ignoring unreadable %s: %r", marker, text[:40])
-            return None
-
-    def _read_header(self, path: Path) -> SpillHeader:
-        try:
-            with path.open("rb") as f:
-                length, _owner = spill_record.read_prefix(f.read)
-                raw = f.read(length)
-        except OSError as exc:
-            raise SpillCorrupted(f"{_SOURCE} is unreadable ({exc.strerror})") from exc
-        if len(raw) != length:
-            raise SpillCorrupted(f"{_SOURCE} has a truncated header")
-        return spill_record.parse_header(raw, _SOURCE)
 
     def _fsync_file(self, session_id: str) -> None:
         try:
@@ -343,19 +254,3 @@ class SpillTier:
 
     def _fsync_dir(self) -> None:
         fsync_dir(self.directory)
-
-
-def _owner_of(path: Path) -> str:
-    """The owner block of a record whose header is damaged (empty when that is too)."""
-    try:
-        with path.open("rb") as f:
-            return spill_record.read_prefix(f.read)[1] or ""
-    except (OSError, SpillCorrupted) as exc:
-        return getattr(exc, "owner", "")
-
-
-def _unusable(directory: Path, exc: OSError) -> SpillDirUnusable:
-    return SpillDirUnusable(
-        f"spill directory {directory} is not usable: {exc.strerror or exc} "
-        "(set SEQSERVE_SESSIONS__SPILL_DIR or --spill-dir to a writable directory)"
-    )

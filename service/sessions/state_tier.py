@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from service.sessions.journal_record import JournalRecord
+from service.sessions.spill_directory import TierScan
 from service.sessions.spill_record import SpillRecord
-from service.sessions.spill_tier import TierScan
 
 
 class Checkpoints(Protocol):

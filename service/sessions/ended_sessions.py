@@ -1,0 +1,113 @@
+"""What a request hears about a session this process no longer has: why it is gone.
+
+A session that ended (closed, expired) or moved to another replica leaves its id behind, so a
+late request learns why rather than NOT_FOUND; so does one whose records were refused at
+start-up (damaged or lost: DATA_LOSS; intact but for other weights: FAILED_PRECONDITION). Only
+its owner hears which: any other caller gets NOT_FOUND, as for an id never seen
+(`security.principal`). The newest ended ids are remembered, up to a bound; refused ones until
+they are closed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NoReturn
+
+from service.errors import (
+    SeqServeError,
+    SessionClosed,
+    SessionExpired,
+    SessionMoved,
+    SessionNotFound,
+    SpillCorrupted,
+    quote,
+)
+from service.security.principal import caller, may_see
+
+_REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
+
+
+class EndedSessions:
+    def __init__(self) -> None:
+        self._ended: dict[str, str] = {}  # session id → "expired" | "closed" | "moved"
+        self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
+        # session id → why its records could not be used, and the error a request gets
+        self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
+        self._ended_order: deque[str] = deque()
+
+    def why_gone(self, session_id: str) -> NoReturn:
+        """Raise what a request for a session this process does not have hears: not found,
+        closed, expired, moved, or DATA_LOSS when its records were refused at start-up;
+        NOT_FOUND, whatever its state, for a caller that did not own it."""
+        shown = quote(session_id)
+        if caller() is not None and session_id not in self._owners:
+            raise SessionNotFound(f"session {shown} not found")  # whose it was: unknown
+        if not may_see(self._owners.get(session_id, "")):
+            raise SessionNotFound(f"session {shown} not found")
+        why = self._ended.get(session_id)
+        if why == "expired":
+            raise SessionExpired(f"session {shown} expired after its idle TTL")
+        if why == "closed":
+            raise SessionClosed(f"session {shown} was closed")
+        if why == "moved":
+            raise SessionMoved(f"session {shown} is held by another replica now; retry")
+        broken = self._broken.get(session_id)
+        if broken is not None:
+            why, error = broken
+            if error is SpillCorrupted:
+                raise SpillCorrupted(
+                    f"session {shown} cannot be resumed: its records were refused ({why})"
+                )
+            raise error(f"session {shown} cannot be resumed: {why}")
+        raise SessionNotFound(f"session {shown} not found")
+
+    def ended(self, session_id: str, why: str, owner: str = "") -> None:
+        """The session ended here ("closed", "expired") or moved to another replica."""
+        if owner:
+            self._owners[session_id] = owner
+        self._remember_end(session_id, why)
+
+    def ended_earlier(self, session_id: str, why: str, owner: str = "", *, live: bool) -> None:
+        """Known to have ended only by its END record (`SessionStore.ended_earlier`); `live`:
+        this process has it (only its owner is noted)."""
+        if not live and self._ended.get(session_id) != why:
+            self._remember_end(session_id, why)  # the tier says so: it overrides this copy's
+        if owner:
+            self._owners[session_id] = owner
+
+    def mark_broken(
+        self, session_id: str, why: str, error: type[SeqServeError], owner: str = ""
+    ) -> None:
+        self._broken[session_id] = (why, error)
+        if owner:
+            self._owners[session_id] = owner
+
+    @property
+    def broken(self) -> dict[str, str]:
+        return {sid: why for sid, (why, _) in self._broken.items()}
+
+    def broken_owner(self, session_id: str) -> str:
+        """The owner of a refused session; NOT_FOUND for a caller who may not see it."""
+        owner = self._owners.get(session_id, "")
+        if (caller() is not None and session_id not in self._owners) or not may_see(owner):
+            raise SessionNotFound(f"session {quote(session_id)} not found")
+        return owner
+
+    def broken_error(self, session_id: str) -> type[SeqServeError]:
+        """Why a refused session is refused; NOT_FOUND, as `broken_owner`, for a caller who
+        may not see it."""
+        self.broken_owner(session_id)
+        return self._broken[session_id][1]
+
+    def close_broken(self, session_id: str) -> None:
+        """A refused session was closed: remembered as closed from now on."""
+        self._broken.pop(session_id, None)
+        self._remember_end(session_id, "closed")
+
+    def _remember_end(self, session_id: str, why: str) -> None:
+        self._ended[session_id] = why
+        self._ended_order.append(session_id)
+        if len(self._ended_order) > _REMEMBER_ENDED:
+            gone = self._ended_order.popleft()
+            self._ended.pop(gone, None)
+            self._owners.pop(gone, None)
