@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -108,7 +109,10 @@ class Generation:
         tokenizer: ByteTokenizer,
         log: GenerationLog | None = None,
         loop: asyncio.AbstractEventLoop | None = None,  # the running one (looked up if None)
+        on_first_step: Callable[[], None] | None = None,
     ) -> None:
+        """`on_first_step`: called once its first token applies (a generation without a prompt
+        becomes the session's last request then: one whose first step failed changed nothing)."""
         loop = loop or asyncio.get_running_loop()
         self.lease = lease
         self.sampling = sampling
@@ -120,6 +124,7 @@ class Generation:
         self.last_token_at: float | None = None
         self.head: Head | None = None  # the head output after its last token (see Row.head)
         self._text = TokenText(sampling, tokenizer, self.log)
+        self._on_first_step = on_first_step
 
     @property
     def finished(self) -> bool:
@@ -153,4 +158,8 @@ class Generation:
     def advance(self, token: int, consumed: int, segment: int | None = None) -> GeneratedToken:
         """Record one sampled token the step consumed into the state (journaled in `segment`);
         decide whether the generation ends with it."""
-        return self._text.add(token, self.lease.advance(consumed, segment))
+        generated = self._text.add(token, self.lease.advance(consumed, segment))
+        if self._on_first_step is not None:
+            self._on_first_step()
+            self._on_first_step = None
+        return generated

@@ -79,11 +79,13 @@ def replay_of(records: list[jr.JournalRecord], base: int, kind: str, dim: int) -
     """A session's records after `base`, checked for gaps (records were lost)."""
     replay = Replay(kind, dim, base=base, end=base)
     position = base
+    # A GEN_START is written before its prompt runs: it is the last request only once a step
+    # of its own follows it (`_started`); one whose prompt was never applied (its step failed,
+    # or its call went away before the row entered a step) changed nothing, as in memory.
+    started: jr.JournalRecord | None = None
     for rec in records:
         if rec.kind == jr.GEN_START:
-            if rec.position >= base:
-                replay.seen_request = True
-                replay.last = ("generate", rec.request_id, rec.position, rec.meta or {}, [], None)
+            started = rec if rec.position >= base else None
             continue
         n = rec.n // dim if rec.kind == jr.FRAMES else rec.n
         if rec.position + n <= base:
@@ -91,6 +93,9 @@ def replay_of(records: list[jr.JournalRecord], base: int, kind: str, dim: int) -
         if rec.position != position:
             replay.problem = f"its journal has a gap at position {position} (records were lost)"
             return replay
+        if started is not None and _started(started, rec):
+            replay.last = ("generate", rec.request_id, rec.position, started.meta or {}, [], None)
+        started = None
         replay.seen_request = True
         last = replay.last
         generating = last is not None and last[0] == "generate" and last[1] == rec.request_id
@@ -109,3 +114,9 @@ def replay_of(records: list[jr.JournalRecord], base: int, kind: str, dim: int) -
         replay.draws += rec.draws
     replay.end = position
     return replay
+
+
+def _started(start: jr.JournalRecord, rec: jr.JournalRecord) -> bool:
+    """Whether `rec`, the step after the GEN_START `start`, is that generation's own (its
+    prompt, or its first token without one): same request id, from where it started."""
+    return rec.request_id == start.request_id and rec.position == start.position

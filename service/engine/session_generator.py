@@ -3,7 +3,7 @@ running batch of its version's step scheduler (see `engine.generation`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from service.engine.feed import check_request_id
 from service.engine.generation import GeneratedToken, Generation, GenerationLog
@@ -48,6 +48,7 @@ class SessionGenerator:
             check_request_id(request_id)
             retried = lease.precondition(expected_position, request_id)
             lease.request_id = request_id
+            first_step: Callable[[], None] | None = None  # remembers a new one (see below)
             if retried is not None:
                 log = retried.reply
                 if not isinstance(log, GenerationLog):
@@ -63,18 +64,23 @@ class SessionGenerator:
                 prompt_inputs = self._feeder.inputs(served, prompt) if prompt is not None else None
                 lease.journal_generation(request_id, params.as_dict())
                 log = GenerationLog(params)
+
+                def remember() -> None:
+                    lease.remember(request_id, before, log)
+
+                # Remembered once its first step applies (the prompt, or without one the first
+                # token), as recovery does (`replay_plan`): one whose first step was not
+                # applied leaves the last request as it was. A call cancelled while that step
+                # runs is remembered when the step applies, so its retry goes on with it.
                 if prompt_inputs is not None:
-                    # A call cancelled while its prompt's step runs is remembered once the
-                    # step applies the prompt, so that its retry goes on with this generation;
-                    # one whose prompt was not applied leaves the last request as it was.
-                    await self._feeder.run(
-                        lease,
-                        prompt_inputs,
-                        if_applied_late=lambda: lease.remember(request_id, before, log),
-                    )
-                lease.remember(request_id, before, log)
+                    await self._feeder.run(lease, prompt_inputs, if_applied_late=remember)
+                    remember()
+                else:
+                    first_step = remember
             scheduler = served.scheduler
-            generation = Generation(lease, log.params, served.tokenizer, log, scheduler.loop)
+            generation = Generation(
+                lease, log.params, served.tokenizer, log, scheduler.loop, first_step
+            )
             scheduler.start_generation(generation)
             lease.in_flight = generation.retired  # the lease outlives the last step
             try:
