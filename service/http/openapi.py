@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 from google.protobuf.descriptor import FieldDescriptor
 
+from service.http.status_map import HTTP_STATUS
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 
@@ -50,6 +52,8 @@ ERROR_SCHEMA = {
         }
     },
 }
+
+ERROR_REF = "#/components/schemas/Error"  # ERROR_SCHEMA's place in the document
 
 
 class _Schemas:
@@ -109,10 +113,7 @@ def _enum(descriptor: EnumDescriptor) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     schemas = _Schemas()
-    errors = {
-        str(status): {"$ref": f"#/components/responses/{name}"}
-        for status, name in _ERROR_RESPONSES.items()
-    }
+    errors = {str(status): _error_ref(status) for status in error_statuses()}
 
     def answer(descriptor: Descriptor, summary: str, body: Descriptor | None = None,
                session: bool = False) -> dict[str, Any]:  # fmt: skip
@@ -153,8 +154,10 @@ def openapi_document() -> dict[str, Any]:
         "/v1/sessions": {"post": answer(pb.CreateSessionResponse.DESCRIPTOR, "CreateSession",
                                         pb.CreateSessionRequest.DESCRIPTOR)},
         "/v1/sessions/{id}": {
-            "get": answer(pb.GetSessionResponse.DESCRIPTOR, "GetSession", session=True),
-            "delete": answer(pb.CloseSessionResponse.DESCRIPTOR, "CloseSession", session=True),
+            "get": _verb_path_405(answer(pb.GetSessionResponse.DESCRIPTOR, "GetSession",
+                                         session=True)),
+            "delete": _verb_path_405(answer(pb.CloseSessionResponse.DESCRIPTOR, "CloseSession",
+                                            session=True)),
         },
         "/v1/sessions/{id}:fork": {"post": answer(
             pb.ForkSessionResponse.DESCRIPTOR, "ForkSession", pb.ForkSessionRequest.DESCRIPTOR,
@@ -163,27 +166,86 @@ def openapi_document() -> dict[str, Any]:
             pb.StepResponse.DESCRIPTOR, "Step", pb.StepRequest.DESCRIPTOR, True)},
         "/v1/sessions/{id}:generate": {"post": generate},
     }  # fmt: skip
-    error = {"description": "an error", "content": {"application/json": {"schema": ERROR_SCHEMA}}}
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "seqserve HTTP/JSON API",
             "version": "v1",
             "description": "The seqserve.v1 gRPC API over HTTP: bodies in protobuf's JSON "
-            "mapping, errors with the standard gRPC → HTTP status mapping.",
+            "mapping, errors with the standard gRPC → HTTP status mapping. A method a path "
+            "does not list is 405 (UNIMPLEMENTED) with `Allow`; a path not listed is 404 "
+            "(NOT_FOUND, reason ROUTE_NOT_FOUND).",
         },
         "paths": paths,
         "components": {
-            "schemas": schemas.components,
-            "responses": {name: error for name in _ERROR_RESPONSES.values()},
+            "schemas": {**schemas.components, "Error": ERROR_SCHEMA},
+            "responses": _error_responses(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{}, {"bearer": []}],
     }
 
 
-_ERROR_RESPONSES = {
+def error_statuses() -> dict[int, list[str]]:
+    """Each HTTP status an error is answered with (`status_map.HTTP_STATUS`, so the document
+    cannot drift from what the server sends), with the gRPC codes it stands for."""
+    codes: dict[int, list[str]] = {}
+    for code, status in HTTP_STATUS.items():
+        if code != grpc.StatusCode.OK:
+            codes.setdefault(status, []).append(code.name)
+    return dict(sorted(codes.items()))
+
+
+def _error_ref(status: int) -> dict[str, str]:
+    return {"$ref": f"#/components/responses/{_response_name(status)}"}
+
+
+def _response_name(status: int) -> str:
+    return _RESPONSE_NAMES.get(status, f"Error{status}")
+
+
+def _verb_path_405(op: dict[str, Any]) -> dict[str, Any]:
+    """`op` of `/v1/sessions/{id}` with its 405: an id that ends in a custom method's name
+    (`{id}:fork`) names that method's path, which takes POST only."""
+    op["responses"]["405"] = _error_ref(405)
+    return op
+
+
+def _error_responses() -> dict[str, Any]:
+    """The error answers: each with the error body (but 499's, which has none), and the
+    headers some carry."""
+    statuses = {**error_statuses(), 405: ["UNIMPLEMENTED"]}
+    responses = {}
+    for status, codes in sorted(statuses.items()):
+        response: dict[str, Any] = {"description": f"{', '.join(codes)}{_WHEN.get(status, '')}"}
+        if status != 499:  # no body: nobody is there to read it
+            response["content"] = {"application/json": {"schema": {"$ref": ERROR_REF}}}
+        headers = {name: {"description": text, "schema": {"type": "string"}}
+                   for name, text in _HEADERS.get(status, {}).items()}  # fmt: skip
+        if headers:
+            response["headers"] = headers
+        responses[_response_name(status)] = response
+    return responses
+
+
+_RESPONSE_NAMES = {
     400: "BadRequest", 401: "Unauthenticated", 403: "PermissionDenied", 404: "NotFound",
-    409: "Conflict", 429: "ResourceExhausted", 503: "Unavailable",
+    405: "MethodNotAllowed", 409: "Conflict", 429: "ResourceExhausted",
+    499: "ClientClosedRequest", 500: "InternalError", 501: "NotImplemented",
+    503: "Unavailable", 504: "DeadlineExceeded",
 }  # fmt: skip
+_WHEN = {
+    405: ": the path takes other methods (`Allow` names them)",
+    499: ": the client closed the connection before the answer (no body: a proxy's log shows it)",
+    500: ": a bug (the message and ErrorInfo carry an error id, as in the server log) or a "
+    "session's records lost",
+    501: ": a method this server does not implement",
+    503: ": starting (models loading), draining, or the session moved; retry",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": 'Bearer realm="seqserve"'},
+    405: {"Allow": "the methods the path takes"},
+    429: {"Retry-After": "seconds, when the server says when to retry"},
+    503: {"Retry-After": "seconds, when the server says when to retry"},
+}
 _SESSION_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}

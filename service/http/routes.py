@@ -9,6 +9,10 @@ the body parsed by protobuf's JSON mapping, so one JSON document reads the same 
     POST   /v1/sessions/{id}:fork         ForkSession     (body: ForkSessionRequest)
     POST   /v1/sessions/{id}:step         Step            (body: StepRequest)
     POST   /v1/sessions/{id}:generate     Generate        (body: GenerateRequest) → SSE
+
+A route's path with another method is 405 with `Allow` (the guard answers it), a path no route
+takes 404: `/v1/sessions/{id}` is two paths in one route, the session itself (GET, DELETE) and
+its custom methods (`{id}:fork` and the others: POST), so its handlers tell them apart.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Routes:
         app.router.add_get("/v1/sessions/{id}", self.get_session)
         app.router.add_delete("/v1/sessions/{id}", self.close_session)
         app.router.add_post("/v1/sessions/{id}", self.session_verb)  # {id}:fork, :step, :generate
+        app.router.add_route("*", "/v1/sessions/{id}", self.other_method)  # PUT, PATCH, ...
 
     async def _unary(
         self,
@@ -86,14 +91,14 @@ class Routes:
         return await self._unary(request, SESSIONS, "CreateSession", run)
 
     async def get_session(self, request: web.Request) -> web.Response:
-        _refuse_verb(request)
+        _check_method(request)
         message = pb.GetSessionRequest(session_id=request.match_info["id"])
         return await self._unary(
             request, SESSIONS, "GetSession", lambda ctx: self.sessions.GetSession(message, ctx)
         )
 
     async def close_session(self, request: web.Request) -> web.Response:
-        _refuse_verb(request)
+        _check_method(request)
         message = pb.CloseSessionRequest(session_id=request.match_info["id"])
         return await self._unary(
             request, SESSIONS, "CloseSession", lambda ctx: self.sessions.CloseSession(message, ctx)
@@ -101,7 +106,9 @@ class Routes:
 
     async def session_verb(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/sessions/{id}:verb` (a custom method in the AIP-136 style)."""
-        session_id, _, verb = request.match_info["id"].rpartition(":")
+        session_id, colon, verb = request.match_info["id"].rpartition(":")
+        if not colon:  # `POST /v1/sessions/{id}`: the session itself, which takes no POST
+            raise web.HTTPMethodNotAllowed(request.method, _session_methods(request))
         if not session_id or verb not in SESSION_VERBS:
             return error_answer(
                 RouteNotFound(
@@ -126,6 +133,11 @@ class Routes:
             return await self.sessions.Step(message, ctx)
 
         return await self._unary(request, SESSIONS, "Step", step)
+
+    async def other_method(self, request: web.Request) -> web.StreamResponse:
+        """Any other method of `/v1/sessions/{id}` (PUT, PATCH, OPTIONS): 405 with the `Allow`
+        of the path it names, not aiohttp's, which would list every method of the route."""
+        raise web.HTTPMethodNotAllowed(request.method, _session_methods(request))
 
     async def generate(self, request: web.Request, session_id: str) -> web.StreamResponse:
         """Server-sent events: `token` per generated token (a GenerateResponse), then `done`
@@ -201,13 +213,23 @@ class Routes:
             ) from None
 
 
-def _refuse_verb(request: web.Request) -> None:
-    """A GET or DELETE of `/v1/sessions/{id}:fork` (`:step`, `:generate`) is a known path with
-    another method: 405 with `Allow: POST` (the guard answers it), not "session '{id}:fork' not
-    found" (no session id has a colon)."""
+def _session_methods(request: web.Request) -> list[str]:
+    """The methods of the path `/v1/sessions/{id}` names: POST for `{id}:fork` (`:step`,
+    `:generate`); GET (and HEAD) and DELETE for anything else, a session id (no session id has
+    a colon, so `{id}:dance` is one no session has, and its POST no route: 404)."""
     session_id, _, verb = request.match_info["id"].rpartition(":")
     if session_id and verb in SESSION_VERBS:
-        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        return ["POST"]
+    return ["DELETE", "GET", "HEAD"]
+
+
+def _check_method(request: web.Request) -> None:
+    """A known path with another method is 405 with `Allow` (the guard answers it): a GET or
+    DELETE of `{id}:fork` is not "session '{id}:fork' not found", and a POST of `{id}` is not
+    "no route"."""
+    allowed = _session_methods(request)
+    if request.method not in allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
 
 
 async def _event_stream(request: web.Request) -> web.StreamResponse:

@@ -152,3 +152,34 @@ async def test_another_method_on_a_session_verb_is_405(
     # still an id no session has.
     assert (await http.get(f"/v1/sessions/{sid}")).status == 200
     assert (await http.get(f"/v1/sessions/{sid}:dance")).status == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/v1/sessions/{sid}", "DELETE, GET, HEAD"),
+        ("PUT", "/v1/sessions/{sid}", "DELETE, GET, HEAD"),
+        ("PATCH", "/v1/sessions/{sid}", "DELETE, GET, HEAD"),
+        ("PUT", "/v1/sessions/{sid}:fork", "POST"),
+        ("PATCH", "/v1/sessions/{sid}:generate", "POST"),
+        ("GET", "/v1/sessions", "POST"),
+        ("DELETE", "/v1/models/tok", "GET, HEAD"),
+        ("POST", "/v1/openapi.json", "GET, HEAD"),
+    ],
+)
+async def test_every_route_path_with_another_method_is_405_with_its_own_allow(
+    http: aiohttp.ClientSession, method: str, path: str, allow: str
+) -> None:
+    """Each path's `Allow` names exactly the methods that path takes: the session's own (not
+    the POST of its `:verb` paths, which share the route) and the verbs' POST alone."""
+    made = await http.post("/v1/sessions", json={"model": "tok"})
+    sid = (await made.json())["session"]["sessionId"]
+    wrong = await http.request(method, path.format(sid=sid), json={})
+    body = await wrong.json()
+    assert wrong.status == 405 and body["error"]["status"] == "UNIMPLEMENTED", body
+    assert wrong.headers["Allow"] == allow
+    assert (await http.get(f"/v1/sessions/{sid}")).status == 200  # untouched
+    for method in allow.split(", "):  # what `Allow` names is taken: no 405 for it
+        if method != "DELETE":
+            answer = await http.request(method, path.format(sid=sid), json={})
+            assert answer.status != 405, (method, path)

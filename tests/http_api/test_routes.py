@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import aiohttp
 import grpc
+import jsonschema
 import pytest
 
 from service.api.server import SeqServeServer
 from service.http.calls import to_json
+from service.http.openapi import ERROR_SCHEMA
+from service.http.status_map import HTTP_STATUS
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -130,7 +133,7 @@ async def test_the_openapi_document_covers_every_route(
         (r.method, r.resource.canonical)
         for r in http_server.parts.http.app.router.routes()
         if r.resource is not None and r.resource.canonical.startswith("/v1/")
-        and r.method != "HEAD"
+        and r.method not in ("HEAD", "*")  # "*": the 405s of /v1/sessions/{id}
     }  # fmt: skip
     for method, path in routes:
         if path == "/v1/openapi.json":
@@ -155,6 +158,64 @@ async def test_the_openapi_document_covers_every_route(
         assert name in doc["components"][kind], ref
     step = schemas["seqserve.v1.StepRequest"]["properties"]
     assert {"sessionId", "requestId", "input", "options", "expectedPosition"} <= set(step)
+
+
+def _resolve(doc: dict, node: dict) -> dict:
+    while "$ref" in node:
+        kind, name = node["$ref"].removeprefix("#/components/").split("/", 1)
+        node = doc["components"][kind][name]
+    return node
+
+
+async def test_the_openapi_document_lists_every_error_status_the_server_gives(
+    http: aiohttp.ClientSession, http_server: SeqServeServer
+) -> None:
+    """Every operation lists every status the gRPC → HTTP mapping answers errors with (the
+    error body's schema with it), and each error provoked here, 405s included, is one its
+    operation lists, its body valid by that schema."""
+    doc = await _json(await http.get("/v1/openapi.json"))
+    operations = {(m, path): op for path, item in doc["paths"].items() for m, op in item.items()}
+    error_schema = ERROR_SCHEMA
+    jsonschema.Draft202012Validator.check_schema(error_schema)
+    for (method, path), op in operations.items():
+        for status in set(HTTP_STATUS.values()) - {200}:
+            response = _resolve(doc, op["responses"].get(str(status), {"missing": True}))
+            assert "missing" not in response, (method, path, status)
+            if status != 499:  # the client is gone: no body
+                schema = _resolve(doc, response["content"]["application/json"]["schema"])
+                assert schema == error_schema, (method, path, status)
+    sid = (await _json(await http.post("/v1/sessions", json={"model": "tok"})))["session"][
+        "sessionId"
+    ]
+    provoked = [
+        ("get", "/v1/models/{model}", "GET", "/v1/models/nope", None),
+        ("post", "/v1/sessions", "POST", "/v1/sessions", {"model": "nope"}),
+        ("post", "/v1/sessions", "POST", "/v1/sessions", {"color": "red"}),
+        ("get", "/v1/sessions/{id}", "GET", "/v1/sessions/s_gone", None),
+        ("get", "/v1/sessions/{id}", "GET", f"/v1/sessions/{sid}:fork", None),
+        ("delete", "/v1/sessions/{id}", "DELETE", f"/v1/sessions/{sid}:step", None),
+        ("post", "/v1/sessions/{id}:fork", "POST", "/v1/sessions/s_gone:fork", {}),
+        ("post", "/v1/sessions/{id}:step", "POST", f"/v1/sessions/{sid}:step",
+         {"input": {"tokens": {"ids": [10**6]}}}),
+        ("post", "/v1/sessions/{id}:step", "POST", f"/v1/sessions/{sid}:step",
+         {"input": {"text": "a"}, "expectedPosition": "99"}),
+        ("post", "/v1/sessions/{id}:generate", "POST", f"/v1/sessions/{sid}:generate", []),
+    ]  # fmt: skip
+    seen = set()
+    for method, path, verb, url, body in provoked:
+        answer = await http.request(verb, url, json=body)
+        assert answer.status >= 400, (verb, url)
+        assert str(answer.status) in operations[(method, path)]["responses"], (verb, url)
+        jsonschema.validate(await answer.json(), error_schema)
+        seen.add(answer.status)
+    http_server.parts.http.begin_draining()  # every operation: 503
+    for method, path, verb, url, body in provoked:
+        answer = await http.request(verb, url, json=body)
+        if answer.status != 405:  # the guard's, before any call
+            assert answer.status == 503, (verb, url)
+            assert "503" in operations[(method, path)]["responses"]
+        jsonschema.validate(await answer.json(), error_schema)
+    assert {400, 404, 405} <= seen, seen
 
 
 @pytest.mark.parametrize("path", ["/nope", "/v1/sessions/s_x:dance", "/v1/models/tok/extra"])
