@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """Console-script entry point."""
     try:
-        code = main()
+        code = _main_process()
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
     except BrokenPipeError:
         if not _stdout_gone():
@@ -109,6 +109,17 @@ def run() -> None:
         print("seqserve: interrupted", file=sys.stderr)
         code = 130  # 128 + SIGINT, as a shell reports it
     sys.exit(code)
+
+
+def _main_process() -> int:
+    """`main()`; for `serve` under its start-up signal handlers from the process's first
+    moment, before the parser imports the commands: model loading can take seconds, and a
+    SIGTERM meanwhile is a stop (one line, status 0), not a death."""
+    if sys.argv[1:2] != ["serve"]:
+        return main()
+    from service.cli.serve_cmd import STARTUP_SIGNALS  # imports little
+
+    return STARTUP_SIGNALS.guard(main)
 
 
 def _stdout_gone() -> bool:

@@ -1,7 +1,11 @@
 """`seqserve serve`: run the gRPC server (and the metrics endpoint) until SIGTERM/SIGINT.
 
 On SIGTERM every session is written to the spill directory; started again on the same
-directory, the server resumes each one where it stopped.
+directory, the server resumes each one where it stopped. SIGTERM or SIGINT during start-up
+(model loading can take seconds) ends it with one line and status 0: see `StartupSignals`.
+
+This module imports little at the top (settings and pydantic inside the functions): `run()` of
+`service.cli.main` imports it first thing, to take the signals over from the process's start.
 """
 
 from __future__ import annotations
@@ -9,25 +13,114 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from service.cli.settings_flags import (
-    InvalidSetting,
-    add_config_argument,
-    add_settings_arguments,
-    flags_argv,
-    load_from_args,
-)
-from service.config_sources import check_runnable
-from service.settings import Settings
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
+
     from service.api.server import SeqServeServer
+    from service.settings import Settings
+
+
+class StoppedDuringStartup(BaseException):
+    """SIGTERM or SIGINT arrived before the server served. A BaseException, as
+    KeyboardInterrupt is: raised from a signal handler, it must not be taken for an error of
+    whatever code it interrupts (an `except Exception` there)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
+
+
+class StartupSignals:
+    """SIGTERM and SIGINT from the start of `seqserve serve` until the server takes them over
+    (`service.api.server.serve` installs its own handlers once it serves, and the supervisor
+    of `--workers` its own). Python's defaults would end a start-up abruptly: SIGTERM as a bare
+    signal death with no line, SIGINT with a traceback from wherever it was. Here either ends
+    start-up as a drain ends serving: before the event loop runs, the handler raises
+    `StoppedDuringStartup` (nothing is open yet); on the loop, it cancels the start-up task,
+    as asyncio's own SIGINT handler would, so the server closes its ports on the way out."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the signal that stops start-up
+        self._previous: dict[int, Any] = {}  # the handlers found: `restore` puts them back
+        self._task: asyncio.Task[None] | None = None  # the start-up, once on the loop
+        self._server: SeqServeServer | None = None  # the server, once it listens and loaded
+
+    def guard(self, command: Callable[[], int]) -> int:
+        """`command()` (the serve command, or `main()` from the process's start) with the
+        handlers installed, and the one line and status 0 of a start-up stopped. The handlers
+        found are put back after (`main()` may run in a longer process: a test's)."""
+        installed = self._install()
+        try:
+            return command()
+        except StoppedDuringStartup as exc:
+            print(f"seqserve serve: received {exc.name}: stopping during start-up", file=sys.stderr)
+            return 0
+        finally:
+            if installed:
+                self._restore()
+
+    def _install(self) -> bool:
+        """Whether this call installed them (not when installed already, nor off the main
+        thread, where Python sets no handler)."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return True
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        self.signum, self._task, self._server = None, None, None
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signum is not None:  # stopping already
+            return
+        self.signum = signum
+        if self._task is None:
+            raise StoppedDuringStartup(signum)
+        if self._task.done():  # the loop is closed or closing: the process is exiting anyway
+            return
+        self._task.cancel()
+        self._task.get_loop().call_soon_threadsafe(lambda: None)  # wake it from its select
+
+    def started(self, server: SeqServeServer) -> None:
+        """`serve`'s `on_started`: the server listens and has loaded its models."""
+        self._server = server
+
+    async def run(self, main: Coroutine[Any, Any, None]) -> None:
+        """Await `main` (`serve`) as the task a signal cancels. A cancel that lands once the
+        server has started (between its `on_started` and its own handlers) stops it as its
+        handlers would."""
+        import asyncio
+
+        self._task = asyncio.current_task()
+        try:
+            await main
+        except asyncio.CancelledError:
+            if self.signum is None:
+                raise
+            if self._server is not None:
+                await self._server.stop()  # the drain its handlers would have started
+                return
+            raise StoppedDuringStartup(self.signum) from None
+
+
+STARTUP_SIGNALS = StartupSignals()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from service.cli.settings_flags import add_config_argument, add_settings_arguments
+
     p = sub.add_parser(
         "serve",
         help="run the gRPC server on a model store",
@@ -53,6 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The effective settings (flags > env > --config > defaults); raises InvalidSetting."""
+    from service.cli.settings_flags import load_from_args
+
     return load_from_args(args).settings
 
 
@@ -68,10 +163,19 @@ def write_port_file(path: Path, server: SeqServeServer) -> None:
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
     """`serve` and the setting flags as given (and `--config`); the supervisor adds the ports."""
+    from service.cli.settings_flags import flags_argv
+
     return ["serve", *flags_argv(args, skip=("server.port", "server.metrics_port"))]
 
 
 def run(args: argparse.Namespace) -> int:
+    # In a process, `service.cli.main.run` has guarded it from the start already.
+    return STARTUP_SIGNALS.guard(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from service.cli.settings_flags import InvalidSetting
+    from service.config_sources import check_runnable
     from service.errors import (
         InsecureBind,
         InvalidArgument,
@@ -115,9 +219,14 @@ def _serve_one(settings: Settings, port_file: Path | None) -> int:
     if settings.server.worker < 0 and settings.server.port != 0:  # workers: their supervisor's
         lock = PortLock(settings.server.port)
         lock.acquire()
-    on_started = None if port_file is None else (lambda srv: write_port_file(port_file, srv))
+
+    def on_started(server: SeqServeServer) -> None:
+        STARTUP_SIGNALS.started(server)
+        if port_file is not None:
+            write_port_file(port_file, server)
+
     try:
-        run(serve(settings, on_started))
+        run(STARTUP_SIGNALS.run(serve(settings, on_started)))
     finally:
         if lock is not None:
             lock.release()

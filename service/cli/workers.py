@@ -12,8 +12,11 @@ through another worker's connection is taken over through the tier, exactly.
 
 SIGTERM or SIGINT is passed on to every worker, each drains and writes its sessions, and the
 supervisor exits when they have. A worker that dies is started again (not more than
-`_RESTARTS` times a minute: then everything stops). The supervisor's `--port-file` is written
-once every worker listens, and again after each restart: it always names the workers serving.
+`_RESTARTS` times a minute: then everything stops), but for one that exits with the
+configuration-error status before it ever served: starting it again would fail the same way,
+so everything stops at once and the supervisor exits with that status. The supervisor's
+`--port-file` is written once every worker listens, and again after each restart: it always
+names the workers serving.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from service.settings import Settings
 log = logging.getLogger("service.cli.workers")
 
 _RESTARTS = 5  # per minute, per worker
+_CONFIG_ERROR = 2  # `serve`'s status for a usage or configuration error (its one line said why)
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 _SLACK_S = 15.0  # beyond grace + write timeout, before a worker that will not stop is killed
 
@@ -84,11 +88,17 @@ class _Worker:
     port_file: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: list[float] | None = None
+    served: bool = False  # it has written its port file (it listened, loaded) at least once
 
     def start(self) -> None:
         self.port_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(self.argv, env=self.env, preexec_fn=_ends_with(os.getpid()))
         self.starts = [*(self.starts or []), time.monotonic()][-_RESTARTS:]
+
+    def note_served(self) -> None:
+        """Called while it runs and once it has exited: its port file says it served (the
+        file outlives it; `start` removes it)."""
+        self.served = self.served or self.port_file.exists()
 
     def too_often(self) -> bool:
         starts = self.starts or []
@@ -182,8 +192,9 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
         while not stopping:
             serving.update(workers)
             time.sleep(0.2 if serving.announced else 0.05)
-            if not stopping and not _restart_exited(workers):
-                stopping, status = True, 1
+            failed = None if stopping else _restart_exited(workers)
+            if failed is not None:
+                stopping, status = True, failed
     finally:
         _stop_all(workers, settings)
         reserved.close()
@@ -243,19 +254,26 @@ def _serving(workers: list[_Worker]) -> list[tuple[int, int]] | None:
     return serving
 
 
-def _restart_exited(workers: list[_Worker]) -> bool:
-    """Start again each worker that has exited; False if one keeps exiting (then all stop)."""
+def _restart_exited(workers: list[_Worker]) -> int | None:
+    """Start again each worker that has exited; the supervisor's exit status if one must not
+    be (then all stop): 1 if it keeps exiting, the configuration-error status if it exited
+    so before it ever served (its settings, or the store, make every start fail alike)."""
     for w in workers:
         assert w.proc is not None
         code = w.proc.poll()
+        w.note_served()
         if code is None:
             continue
+        if code == _CONFIG_ERROR and not w.served:
+            log.error("worker %d could not start (status %d, its error above): stopping",
+                      w.index, code)  # fmt: skip
+            return code
         if w.too_often():
             log.error("worker %d keeps exiting (status %d): stopping", w.index, code)
-            return False
+            return 1
         log.error("worker %d exited with status %d: starting it again", w.index, code)
         w.start()
-    return True
+    return None
 
 
 def _stop_all(workers: list[_Worker], settings: Settings) -> None:

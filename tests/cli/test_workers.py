@@ -165,3 +165,22 @@ def test_the_port_file_names_a_restarted_worker(tmp_path: Path) -> None:
         assert after["port"] == before["port"], (before, after)
     finally:
         supervisor.stop()
+
+
+def test_a_worker_with_a_configuration_error_stops_the_supervisor_at_once(
+    tmp_path: Path,
+) -> None:
+    """A preload naming no model passes the supervisor's checks (it loads no model) and fails
+    every worker's start-up with status 2: the supervisor starts none again (before: five
+    restarts each, then status 1), stops the others and exits 2, the workers' line shown."""
+    argv = [*_serve_argv(tmp_path, "state", -1), "--engine.preload", "nosuch"]
+    argv[argv.index("--workers") + 1] = "2"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "starting it again" not in proc.stderr, proc.stderr
+    assert "engine.preload: 'nosuch': model 'nosuch' not found" in proc.stderr, proc.stderr
+    assert "could not start (status 2, its error above): stopping" in proc.stderr, proc.stderr
