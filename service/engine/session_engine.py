@@ -8,7 +8,9 @@ work is done by its parts, each built by the composition root (`service.wiring`)
 - `SessionFeeder`: feeds (steps) and generations;
 - `SessionLeases`: who runs on a session and when (lookup, turn, restore, release);
 - `SessionResidency` and the spill tier: where each session's state lives;
-- `ServedVersions`: the loaded model versions, each with its pool, runner and scheduler.
+- `ServedVersions`: the loaded model versions, each with its pool, runner and scheduler;
+- built here: `RequestCharges` (what each request costs the caller's quota) and
+  `OrderedTakeover` (a request's sessions taken over from a shared tier in its line's order).
 
 This class owns what is left: start-up (index the spill tier, start the sweeper and the store
 watcher), draining, shutdown (every session in memory is written to the spill tier), and a
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from service.engine import shutdown_write
 from service.engine.background import Background, Slices, every
@@ -31,13 +33,15 @@ from service.engine.feed import Feed, FeedOutcome, PredictionOptions
 from service.engine.generation import GeneratedToken
 from service.engine.idle_checkpoints import IdleCheckpoints
 from service.engine.model_input import ModelInput
+from service.engine.ordered_takeover import OrderedTakeover
 from service.engine.recovery import Recovery
+from service.engine.request_charges import RequestCharges
 from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
 from service.engine.session_generator import SessionGenerator
 from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
-from service.engine.session_line import Entry, Line
+from service.engine.session_line import Line
 from service.engine.session_maker import SessionMaker
 from service.engine.session_residency import SessionResidency
 from service.engine.store_watcher import StoreWatcher
@@ -50,7 +54,10 @@ from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.state_tier import Checkpoints
 
-__all__ = ["Feed", "FeedOutcome", "Line", "ModelInput", "PredictionOptions", "SessionEngine"]
+__all__ = [
+    "Background", "EngineStats", "Feed", "FeedOutcome", "Line", "ModelInput",
+    "PredictionOptions", "SessionEngine", "VersionStats",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ class SessionEngine:
             sessions, versions, leases, lifecycle, feeder, self._check_open, takeover,
             self.quotas,
         )  # fmt: skip
+        self.charges = RequestCharges(self.quotas, sessions, generator.max_tokens)
+        self.ordered = OrderedTakeover(takeover, feeder)  # a request's takeovers, in line order
         self._loops: list[asyncio.Task[None]] = []
 
     # ---- start and stop ------------------------------------------------------------------
@@ -283,27 +292,12 @@ class SessionEngine:
     ) -> FeedOutcome:
         self._check_open()
         feed = Feed(session_id, inp, options or PredictionOptions(), expected_position, request_id)
-        entry = self._enter(line, (session_id,))
+        entry = self.ordered.enter(line, (session_id,))
         try:
-            if not self.quotas.charging:  # sizes (text encoded) only when someone is charged
-                return await self._feed(feed, line, entry)
-            async with self.quotas.charged(inp.size()):  # given back if refused
-                return await self._feed(feed, line, entry)
+            return await self.charges.feed(inp, lambda: self.ordered.feed(feed, line, entry))
         finally:
             if entry is not None:
                 entry.leave()
-
-    async def _feed(self, feed: Feed, line: Line | None, entry: Entry | None) -> FeedOutcome:
-        await self.takeover.ensure(feed.session_id, feed.expected_position)
-        if entry is not None:
-            await entry.turn()
-        return await self.feeder.feed(feed, line)
-
-    def _enter(self, line: Line | None, session_ids: Iterable[str]) -> Entry | None:
-        """The request's place in its line, where it awaits the shared tier (a quota charge, a
-        takeover) before it takes its leases: so its leases are taken in the line's order, not
-        in the order those awaits end (`Line`). None otherwise: nothing awaits before them."""
-        return line.enter(session_ids) if line is not None and self.takeover.shared else None
 
     async def feed_many(
         self, feeds: Sequence[Feed], line: Line | None = None
@@ -312,53 +306,14 @@ class SessionEngine:
         the feed's result, or the error that refused that feed alone."""
         if self.draining:
             return [Unavailable("server is draining; retry on another replica")] * len(feeds)
-        entry = self._enter(line, (f.session_id for f in feeds))
+        entry = self.ordered.enter(line, (f.session_id for f in feeds))
         try:
-            return await self._charged_feed_many(feeds, line, entry)
+            return await self.charges.feed_many(
+                feeds, lambda: self.ordered.feed_many(feeds, line, entry)
+            )
         finally:
             if entry is not None:
                 entry.leave()
-
-    async def _charged_feed_many(
-        self, feeds: Sequence[Feed], line: Line | None, entry: Entry | None
-    ) -> list[FeedOutcome | SeqServeError]:
-        if not self.quotas.charging:
-            return await self._feed_many(feeds, line, entry)
-        sizes = [f.input.size() for f in feeds]
-        try:
-            await self.quotas.charge(sum(sizes))
-        except SeqServeError as exc:
-            return [exc] * len(feeds)
-        try:
-            outcomes = await self._feed_many(feeds, line, entry)
-        except SeqServeError:
-            await self.quotas.refund(sum(sizes))
-            raise
-        # The feeds refused are given their charge back.
-        await self.quotas.refund(
-            sum(n for n, o in zip(sizes, outcomes, strict=True) if isinstance(o, SeqServeError))
-        )
-        return outcomes
-
-    async def _feed_many(
-        self, feeds: Sequence[Feed], line: Line | None, entry: Entry | None
-    ) -> list[FeedOutcome | SeqServeError]:
-        if not self.takeover.shared:
-            return await self.feeder.feed_many(feeds, line)
-        refused: dict[str, SeqServeError] = {}
-        expected = {f.session_id: f.expected_position for f in reversed(feeds)}  # the first's
-        for session_id in dict.fromkeys(f.session_id for f in feeds):  # in the items' order
-            try:
-                await self.takeover.ensure(session_id, expected[session_id])
-            except SeqServeError as exc:  # the tier is unreachable, or the session is moving
-                refused[session_id] = exc.detached()
-        if entry is not None:
-            await entry.turn()
-        if not refused:
-            return await self.feeder.feed_many(feeds, line)
-        going = [f for f in feeds if f.session_id not in refused]
-        done = iter(await self.feeder.feed_many(going, line) if going else [])
-        return [refused.get(f.session_id) or next(done) for f in feeds]
 
     async def generate(
         self,
@@ -374,14 +329,13 @@ class SessionEngine:
         `sampling`: the parameters, or how to make them from the session's defaults (known
         once the session is taken over, if it must be: a request's unset fields)."""
         self._check_open()
-        entry = self._enter(line, (session_id,))
+        entry = self.ordered.enter(line, (session_id,))
         reservation: Reservation | None = None
         try:
             await self.takeover.ensure(session_id, expected_position)
             if callable(sampling):
                 sampling = sampling(self.sessions.get(session_id).default_sampling)
-            if self.quotas.charging:
-                reservation = await self._reserve(session_id, prompt, sampling)
+            reservation = await self.charges.reserve(session_id, prompt, sampling)
             if entry is not None:
                 await entry.turn()  # the lease is taken at the first token, before a suspension
         except BaseException:  # refused, or cancelled in line: charged nothing
@@ -399,57 +353,9 @@ class SessionEngine:
                 async for token in stream:
                     yield token
             return
-        async for token in self._reconciled(session_id, tokens, prompt, reservation):
+        async for token in self.charges.settled(session_id, tokens, prompt, reservation):
             yield token
-
-    async def _reserve(
-        self, session_id: str, prompt: ModelInput | None, sampling: SamplingParams | None
-    ) -> Reservation:
-        """Charge a generation its prompt and the most it may generate, up front; the unused
-        part is given back when it ends (`_reconciled`). A max_tokens over the cap is charged
-        the cap (and then refused), so the caller's other calls never see a bucket in debt
-        for tokens no generation may make."""
-        params = sampling or self.sessions.get(session_id).default_sampling
-        prompt_size = prompt.size() if prompt is not None else 0
-        return await self.quotas.reserve(
-            prompt_size + min(params.max_tokens, self.generator.max_tokens)
-        )
-
-    async def _reconciled(
-        self,
-        session_id: str,
-        tokens: AsyncIterator[GeneratedToken],
-        prompt: ModelInput | None,
-        reservation: Reservation,
-    ) -> AsyncIterator[GeneratedToken]:
-        """`tokens`, then, however the generation ends (finished, stopped early, cancelled,
-        refused, failed), the charge kept is its prompt, once its step ran, and the tokens it
-        generated; the rest of the reservation is given back."""
-        session = self.sessions.peek(session_id)
-        # Read where the lease is taken (the first `anext`, no suspension between): with the
-        # lease free, the position moves from here only by this generation's steps.
-        before = session.position if session is not None and not session.busy else None
-        first: GeneratedToken | None = None
-        sent = 0
-        try:
-            async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
-                async for token in stream:
-                    first = first or token
-                    sent += 1
-                    yield token
-        finally:
-            now = session.position if session is not None else 0
-            if first is not None:  # the steps since the prompt's, read or not by the caller
-                used = (prompt.size() if prompt else 0) + max(sent, now - first.position + 1)
-            elif before is not None and now > before:  # the prompt ran, no token came of it
-                used = prompt.size() if prompt else 0
-            else:  # refused, or cancelled, before its prompt ran
-                used = 0
-            await reservation.settle(used)
 
     def _check_open(self) -> None:
         if self.draining:
             raise Unavailable("server is draining; retry on another replica")
-
-
-__all__ = ["Background", "EngineStats", "SessionEngine", "VersionStats"]

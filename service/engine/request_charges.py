@@ -1,0 +1,113 @@
+"""How each kind of request is charged to its caller's input tokens per second, and given back.
+
+The rate itself (a token bucket per principal, local or in the shared tier) is
+`security.quotas`; this module says what each engine request costs and when what it did not use
+is given back, so that a request refused changes nothing, its charge included:
+
+- a feed (Step): its input, given back if the feed is refused;
+- a Stream message's feeds: their inputs, charged together; each refused feed's given back;
+- a generation: its prompt and the most it may generate, reserved up front; what it did not
+  use (its prompt's step never ran, fewer tokens than asked) is given back however it ends.
+
+A call not charged (no principal, or no rate) costs nothing here, not even its inputs' sizes
+(text is encoded to measure it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from service.engine.feed import Feed, FeedOutcome
+from service.engine.generation import GeneratedToken
+from service.engine.model_input import ModelInput
+from service.errors import SeqServeError
+from service.runtime.sampler import SamplingParams
+from service.security.quotas import Quotas, Reservation
+from service.sessions.session_store import SessionStore
+
+T = TypeVar("T")
+Outcomes = list[FeedOutcome | SeqServeError]  # one per feed: its result, or what refused it
+
+
+class RequestCharges:
+    def __init__(self, quotas: Quotas, sessions: SessionStore, max_tokens: int) -> None:
+        self._quotas = quotas
+        self._sessions = sessions  # a generation's default sampling, and its position
+        self._max_tokens = max_tokens  # the most one generation may ask for
+
+    async def feed(self, inp: ModelInput, run: Callable[[], Awaitable[T]]) -> T:
+        """`run()`, the feed of `inp`, charged its size; given back if it is refused."""
+        if not self._quotas.charging:  # sizes (text encoded) only when someone is charged
+            return await run()
+        async with self._quotas.charged(inp.size()):  # given back if refused
+            return await run()
+
+    async def feed_many(
+        self, feeds: Sequence[Feed], run: Callable[[], Awaitable[Outcomes]]
+    ) -> Outcomes:
+        """`run()`, the feeds of one Stream message, charged their sizes together: all are
+        refused if the caller is over its rate, and each feed refused is given its charge back."""
+        if not self._quotas.charging:
+            return await run()
+        sizes = [f.input.size() for f in feeds]
+        try:
+            await self._quotas.charge(sum(sizes))
+        except SeqServeError as exc:
+            return [exc] * len(feeds)
+        try:
+            outcomes = await run()
+        except SeqServeError:
+            await self._quotas.refund(sum(sizes))
+            raise
+        # The feeds refused are given their charge back.
+        await self._quotas.refund(
+            sum(n for n, o in zip(sizes, outcomes, strict=True) if isinstance(o, SeqServeError))
+        )
+        return outcomes
+
+    async def reserve(
+        self, session_id: str, prompt: ModelInput | None, sampling: SamplingParams | None
+    ) -> Reservation | None:
+        """Charge a generation its prompt and the most it may generate, up front; the unused
+        part is given back when it ends (`settled`). A max_tokens over the cap is charged the
+        cap (and then refused), so the caller's other calls never see a bucket in debt for
+        tokens no generation may make. None when the call is not charged."""
+        if not self._quotas.charging:
+            return None
+        params = sampling or self._sessions.get(session_id).default_sampling
+        prompt_size = prompt.size() if prompt is not None else 0
+        return await self._quotas.reserve(prompt_size + min(params.max_tokens, self._max_tokens))
+
+    async def settled(
+        self,
+        session_id: str,
+        tokens: AsyncIterator[GeneratedToken],
+        prompt: ModelInput | None,
+        reservation: Reservation,
+    ) -> AsyncIterator[GeneratedToken]:
+        """`tokens`, then, however the generation ends (finished, stopped early, cancelled,
+        refused, failed), the charge kept is its prompt, once its step ran, and the tokens it
+        generated; the rest of the reservation is given back."""
+        session = self._sessions.peek(session_id)
+        # Read where the lease is taken (the first `anext`, no suspension between): with the
+        # lease free, the position moves from here only by this generation's steps.
+        before = session.position if session is not None and not session.busy else None
+        first: GeneratedToken | None = None
+        sent = 0
+        try:
+            async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+                async for token in stream:
+                    first = first or token
+                    sent += 1
+                    yield token
+        finally:
+            now = session.position if session is not None else 0
+            if first is not None:  # the steps since the prompt's, read or not by the caller
+                used = (prompt.size() if prompt else 0) + max(sent, now - first.position + 1)
+            elif before is not None and now > before:  # the prompt ran, no token came of it
+                used = prompt.size() if prompt else 0
+            else:  # refused, or cancelled, before its prompt ran
+                used = 0
+            await reservation.settle(used)
