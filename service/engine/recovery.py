@@ -36,6 +36,7 @@ from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_record import SpillRecord
+from service.sessions.spill_tier import SpillTier
 from service.sessions.state_tier import JournalLog
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class Recovery:
                 continue
             if rec.kind == jr.END:
                 plans.pop(sid, None)
+                self._drop_refused_record(sid)
                 gone = known.pop(sid, None)
                 if gone is None:
                     self._sessions.ended_earlier(sid, rec.why or "closed")
@@ -207,6 +209,14 @@ class Recovery:
             last[sid] = (rec.position, what)
             plans.setdefault(sid, _Plan(base, fresh=False)).records.append(rec)
         return plans
+
+    def _drop_refused_record(self, session_id: str) -> None:
+        """A session whose spill record was refused at this start, then found ended by its END
+        record: the record goes (it is no longer refused, so neither a close nor the expiry of
+        refused sessions would free it). Only in the local spill tier, this process's own."""
+        tier = self._residency.tier
+        if session_id in self._sessions.broken and isinstance(tier, SpillTier):
+            tier.delete(session_id)
 
     def _pend(self, served: ServedVersion, plan: _Plan, oldest_segment: int) -> int | None:
         """Put the session at its journaled position, its replay pending; the steps to replay

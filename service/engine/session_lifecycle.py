@@ -4,6 +4,11 @@ A session is created on the version its model/alias resolves to and pinned there
 fork copies another's state, position and RNG into a new slot. A session ends when closed or
 when the sweeper finds it idle past its TTL: its slot is freed or its spill record deleted, its
 version unpinned, and a version nothing needs any more unloaded in the background.
+
+A session refused since start-up (its record damaged, its journal broken, its version missing
+from the store) ends the same ways: closed by its owner, or expired by the sweeper once its TTL
+has passed since its last use as far as its record tells (`_refused_ttl_end`). Either deletes
+what it kept: its checkpoint, and the journal records recovery held for it.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import secrets
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from service.engine.background import Slices
@@ -29,6 +36,7 @@ from service.sessions.journal import Journal
 from service.sessions.session import Session, made_key, new_session_id, route_of
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import SharedJournal
+from service.sessions.spill_tier import SpillTier
 from service.settings import SessionSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,9 @@ class SessionLifecycle:
         self._max_generate = max_generate_tokens
         self._observer = observer
         self._chores: set[asyncio.Task[None]] = set()  # unloads started when sessions end
+        # Refused session → when it expires (the store's clock), read from its record once.
+        self._refused_until: dict[str, float] = {}
+        self._soonest = math.inf  # the earliest of them: the sweep looks again from then on
 
     async def version_for_new_session(self, model: str, version: str) -> ServedVersion:
         """The version a new session of `model` gets (checked: capacity first)."""
@@ -187,22 +198,32 @@ class SessionLifecycle:
                 f"{self._sessions.broken[session_id]}; close it on a replica that can load "
                 "it, or its TTL in the state tier ends it"
             )
-        gone = Session(
+        gone = self._refused_stand_in(session_id)
+        gone.owner = self._sessions.broken_owner(session_id)  # NOT_FOUND if not the caller's
+        self._durability.ended(gone, "closed", must_record=True)
+        self._sessions.close_broken(session_id)
+        self._delete_refused(session_id)
+        return gone
+
+    def _refused_stand_in(self, session_id: str) -> Session:
+        """A refused session as its END is written from: of all it was, only its id is sure."""
+        return Session(
             session_id=session_id, model="", version=0, fingerprint="", slot=None,
             rng=SessionRng.seeded(0), default_sampling=DEFAULT_SAMPLING, ttl_seconds=0.0,
             created_at=0.0, last_used=self._sessions.clock(), closed=True,
         )  # fmt: skip
-        gone.owner = self._sessions.broken_owner(session_id)  # NOT_FOUND if not the caller's
-        self._durability.ended(gone, "closed", must_record=True)
-        self._sessions.close_broken(session_id)
+
+    def _delete_refused(self, session_id: str) -> None:
+        """What a refused session kept goes: its checkpoint, and its records held in the
+        journal (`Recovery._keep`)."""
         self._residency.tier.delete(session_id)
+        journal = self._durability.journal
         if isinstance(journal, Journal):
             journal.release(session_id)
-        return gone
 
     async def sweep_expired(self, slices: Slices | None = None) -> int:
-        """End every session idle past its TTL (leased ones never are), in `slices` (each end
-        is a journal record and a file deleted); returns how many."""
+        """End every session idle past its TTL (leased ones never are), refused ones too, in
+        `slices` (each end is a journal record and a file deleted); returns how many."""
         slices = slices or Slices()
         ended = 0
         for session in self._sessions.expired():
@@ -213,7 +234,63 @@ class SessionLifecycle:
                 continue  # used meanwhile
             self.end(session, "expired")
             ended += 1
+        return ended + await self._sweep_refused(slices)
+
+    async def _sweep_refused(self, slices: Slices) -> int:
+        """End the refused sessions idle past their TTL (`_refused_ttl_end`): nothing else frees
+        what they keep on disk, a checkpoint nobody can use counted against the tier's bytes,
+        and one whose owner is unknown cannot even be closed while auth is on. Its END is
+        journaled (a disk refusing it is counted, as for any expiry), so nothing left brings
+        it back; a late request hears it expired. Only with the local spill tier: a shared
+        tier's TTL ends its sessions there."""
+        refused = self._sessions.broken
+        if not (refused or self._refused_until) or not isinstance(self._residency.tier, SpillTier):
+            return 0
+        if refused.keys() == self._refused_until.keys() and self._sessions.clock() <= self._soonest:
+            return 0  # none refused or closed since the last look, none due
+        for closed in self._refused_until.keys() - refused.keys():
+            del self._refused_until[closed]
+        ended = 0
+        for session_id in list(refused):
+            await slices.breathe()
+            if session_id not in refused:
+                continue  # closed while requests ran
+            until = self._refused_until.get(session_id)
+            if until is None:  # first seen: its record is read, once
+                until = self._refused_until[session_id] = self._refused_ttl_end(session_id)
+            if self._sessions.clock() > until:
+                self._expire_refused(session_id)
+                ended += 1
+        self._soonest = min(self._refused_until.values(), default=math.inf)
         return ended
+
+    def _refused_ttl_end(self, session_id: str) -> float:
+        """When a refused session expires, on the store's clock: its TTL after its last use as
+        far as its record tells. A readable checkpoint gives both (its steps journaled since
+        are not timed: the checkpoint's last use stands for them). A record whose header cannot
+        be read gives neither: the default TTL from the file's last write. With no record
+        (refused before its first checkpoint: only its journal records), the default TTL
+        from now, the start that refused it."""
+        now, wall = self._sessions.clock(), self._sessions.wall_clock()
+        tier = self._residency.tier
+        assert isinstance(tier, SpillTier)
+        if session_id not in tier:
+            return now + self._ttl_default
+        try:
+            header = tier.read(session_id).header
+        except SeqServeError:
+            last_write = _modified(tier.path(session_id))
+            if last_write is None:
+                return now + self._ttl_default
+            return now - max(0.0, wall - last_write) + self._ttl_default
+        return now - max(0.0, wall - header.last_used_wall) + header.ttl_seconds
+
+    def _expire_refused(self, session_id: str) -> None:
+        self._refused_until.pop(session_id, None)
+        log.info("refused session %s expired: what it kept is deleted", session_id)
+        self._durability.ended(self._refused_stand_in(session_id), "expired")
+        self._sessions.ended_earlier(session_id, "expired")
+        self._delete_refused(session_id)
 
     def end(
         self, session: Session, why: str, *, journal: bool = True, must_record: bool = False
@@ -262,3 +339,11 @@ class SessionLifecycle:
         task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
+
+
+def _modified(path: Path) -> float | None:
+    """The file's last write (wall time), or None when it cannot be read."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None

@@ -5,7 +5,8 @@ late request learns why rather than NOT_FOUND; so does one whose records were re
 start-up (damaged or lost: DATA_LOSS; intact but for other weights: FAILED_PRECONDITION). Only
 its owner hears which: any other caller gets NOT_FOUND, as for an id never seen
 (`security.principal`). The newest ended ids are remembered, up to a bound; refused ones until
-they are closed.
+they end (closed by their owner, or expired by the sweeper: `SessionLifecycle`), which is
+when they join the ended ones.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class EndedSessions:
         self._ended: dict[str, str] = {}  # session id → "expired" | "closed" | "moved"
         self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
         # session id → why its records could not be used, and the error a request gets
-        self._broken: dict[str, tuple[str, type[SeqServeError]]] = {}
+        self._broken: dict[str, str] = {}
+        self._broken_errors: dict[str, type[SeqServeError]] = {}
         self._ended_order: deque[str] = deque()
 
     def why_gone(self, session_id: str) -> NoReturn:
@@ -53,7 +55,7 @@ class EndedSessions:
             raise SessionMoved(f"session {shown} is held by another replica now; retry")
         broken = self._broken.get(session_id)
         if broken is not None:
-            why, error = broken
+            why, error = broken, self._broken_errors[session_id]
             if error is SpillCorrupted:
                 raise SpillCorrupted(
                     f"session {shown} cannot be resumed: its records were refused ({why})"
@@ -62,29 +64,37 @@ class EndedSessions:
         raise SessionNotFound(f"session {shown} not found")
 
     def ended(self, session_id: str, why: str, owner: str = "") -> None:
-        """The session ended here ("closed", "expired") or moved to another replica."""
+        """The session ended here ("closed", "expired") or moved to another replica: if it
+        was refused, it is no longer (recovery read its END after refusing its record)."""
+        self._forget_refusal(session_id)
         if owner:
             self._owners[session_id] = owner
         self._remember_end(session_id, why)
 
     def ended_earlier(self, session_id: str, why: str, owner: str = "", *, live: bool) -> None:
-        """Known to have ended only by its END record (`SessionStore.ended_earlier`); `live`:
-        this process has it (only its owner is noted)."""
-        if not live and self._ended.get(session_id) != why:
-            self._remember_end(session_id, why)  # the tier says so: it overrides this copy's
+        """Known to have ended only by its END record (`SessionStore.ended_earlier`), or a
+        refused one the sweeper expired; `live`: this process has it (only its owner is noted).
+        A refused session that ended is refused no more: it answers why it ended."""
+        if not live:
+            self._forget_refusal(session_id)
+            if self._ended.get(session_id) != why:
+                self._remember_end(session_id, why)  # the tier says so: it overrides this copy's
         if owner:
             self._owners[session_id] = owner
 
     def mark_broken(
         self, session_id: str, why: str, error: type[SeqServeError], owner: str = ""
     ) -> None:
-        self._broken[session_id] = (why, error)
+        self._broken[session_id] = why
+        self._broken_errors[session_id] = error
         if owner:
             self._owners[session_id] = owner
 
     @property
     def broken(self) -> dict[str, str]:
-        return {sid: why for sid, (why, _) in self._broken.items()}
+        """Refused session → why (not a copy, so the sweeper's look each second costs nothing:
+        read it, never change it)."""
+        return self._broken
 
     def broken_owner(self, session_id: str) -> str:
         """The owner of a refused session; NOT_FOUND for a caller who may not see it."""
@@ -97,12 +107,16 @@ class EndedSessions:
         """Why a refused session is refused; NOT_FOUND, as `broken_owner`, for a caller who
         may not see it."""
         self.broken_owner(session_id)
-        return self._broken[session_id][1]
+        return self._broken_errors[session_id]
 
     def close_broken(self, session_id: str) -> None:
         """A refused session was closed: remembered as closed from now on."""
-        self._broken.pop(session_id, None)
+        self._forget_refusal(session_id)
         self._remember_end(session_id, "closed")
+
+    def _forget_refusal(self, session_id: str) -> None:
+        self._broken.pop(session_id, None)
+        self._broken_errors.pop(session_id, None)
 
     def _remember_end(self, session_id: str, why: str) -> None:
         self._ended[session_id] = why
