@@ -7,7 +7,8 @@ is given back, so that a request refused changes nothing, its charge included:
 - a feed (Step): its input, given back if the feed is refused;
 - a Stream message's feeds: their inputs, charged together; each refused feed's given back;
 - a generation: its prompt and the most it may generate, reserved up front; what it did not
-  use (its prompt's step never ran, fewer tokens than asked) is given back however it ends.
+  apply itself (its prompt's step never ran, fewer tokens than asked, a retry's prompt and
+  the tokens it sends again) is given back however it ends.
 
 A call not charged (no principal, or no rate) costs nothing here, not even its inputs' sizes
 (text is encoded to measure it).
@@ -22,6 +23,7 @@ from typing import TypeVar
 from service.engine.feed import Feed, FeedOutcome
 from service.engine.generation import GeneratedToken
 from service.engine.model_input import ModelInput
+from service.engine.session_generator import Applied
 from service.errors import SeqServeError
 from service.runtime.sampler import SamplingParams
 from service.security.quotas import Quotas, Reservation
@@ -34,7 +36,7 @@ Outcomes = list[FeedOutcome | SeqServeError]  # one per feed: its result, or wha
 class RequestCharges:
     def __init__(self, quotas: Quotas, sessions: SessionStore, max_tokens: int) -> None:
         self._quotas = quotas
-        self._sessions = sessions  # a generation's default sampling, and its position
+        self._sessions = sessions  # a generation's default sampling
         self._max_tokens = max_tokens  # the most one generation may ask for
 
     async def feed(self, inp: ModelInput, run: Callable[[], Awaitable[T]]) -> T:
@@ -82,32 +84,19 @@ class RequestCharges:
 
     async def settled(
         self,
-        session_id: str,
         tokens: AsyncIterator[GeneratedToken],
         prompt: ModelInput | None,
         reservation: Reservation,
+        applied: Applied,
     ) -> AsyncIterator[GeneratedToken]:
         """`tokens`, then, however the generation ends (finished, stopped early, cancelled,
-        refused, failed), the charge kept is its prompt, once its step ran, and the tokens it
-        generated; the rest of the reservation is given back."""
-        session = self._sessions.peek(session_id)
-        # Read where the lease is taken (the first `anext`, no suspension between): with the
-        # lease free, the position moves from here only by this generation's steps.
-        before = session.position if session is not None and not session.busy else None
-        first: GeneratedToken | None = None
-        sent = 0
+        refused, failed), the charge kept is what the call applied itself, as the generator
+        told `applied`: its prompt, once its step ran, and the tokens it generated (read or
+        not by the caller; not a retry's tokens sent again). The rest is given back."""
         try:
             async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
                 async for token in stream:
-                    first = first or token
-                    sent += 1
                     yield token
         finally:
-            now = session.position if session is not None else 0
-            if first is not None:  # the steps since the prompt's, read or not by the caller
-                used = (prompt.size() if prompt else 0) + max(sent, now - first.position + 1)
-            elif before is not None and now > before:  # the prompt ran, no token came of it
-                used = prompt.size() if prompt else 0
-            else:  # refused, or cancelled, before its prompt ran
-                used = 0
-            await reservation.settle(used)
+            kept_prompt = prompt.size() if prompt is not None and applied.prompt else 0
+            await reservation.settle(kept_prompt + applied.tokens)

@@ -38,7 +38,7 @@ from service.engine.recovery import Recovery
 from service.engine.request_charges import RequestCharges
 from service.engine.served_versions import ServedVersions
 from service.engine.session_feeder import SessionFeeder
-from service.engine.session_generator import SessionGenerator
+from service.engine.session_generator import Applied, SessionGenerator
 from service.engine.session_lease import SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.session_line import Line
@@ -349,15 +349,16 @@ class SessionEngine:
         finally:
             if entry is not None:
                 entry.leave()
+        applied = Applied()  # what this call applies itself: what it keeps of its charge
         tokens = self.generator.generate(
-            session_id, prompt, sampling, line, expected_position, request_id
+            session_id, prompt, sampling, line, expected_position, request_id, applied
         )
         if reservation is None:
             async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
                 async for token in stream:
                     yield token
             return
-        async for token in self.charges.settled(session_id, tokens, prompt, reservation):
+        async for token in self.charges.settled(tokens, prompt, reservation, applied):
             yield token
 
     def _check_open(self) -> None:

@@ -4,6 +4,7 @@ running batch of its version's step scheduler (see `engine.generation`)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from service.engine.feed import check_request_id
 from service.engine.generation import GeneratedToken, Generation, GenerationLog
@@ -13,6 +14,23 @@ from service.engine.session_lease import SessionLeases
 from service.engine.session_line import Line
 from service.errors import Internal, InvalidArgument, SeqServeError
 from service.runtime.sampler import SamplingParams
+from service.sessions.session import Session
+
+
+@dataclass
+class Applied:
+    """What one call of `generate` applied itself, told as it happens, for what the call is
+    charged (`RequestCharges.settled`): a retry's prompt and the tokens it sends again from
+    the first call's log are not among them."""
+
+    prompt: bool = False  # its prompt's step applied (possibly after the call was cancelled)
+    session: Session | None = None  # where its own tokens' steps run, once they may
+    tokens_from: int = 0  # the session's position before its own first token
+
+    @property
+    def tokens(self) -> int:
+        """Its own tokens the session has consumed so far."""
+        return 0 if self.session is None else max(0, self.session.position - self.tokens_from)
 
 
 class SessionGenerator:
@@ -34,11 +52,14 @@ class SessionGenerator:
         line: Line | None = None,
         expected_position: int | None = None,
         request_id: str = "",
+        applied: Applied | None = None,
     ) -> AsyncIterator[GeneratedToken]:
         """Sample up to `max_tokens`, one token per step; each token is consumed into the
         session. Stopping early (cancel) leaves the session at its last completed step. A
         retry of the session's last generation (same request id, the position before it)
-        sends the tokens it applied again, then continues it."""
+        sends the tokens it applied again, then continues it. `applied` is told what this
+        call applies itself."""
+        applied = applied if applied is not None else Applied()
         async with self._leases.hold(session_id, line) as lease:
             served = lease.served
             if served.tokenizer is None:
@@ -68,19 +89,24 @@ class SessionGenerator:
                 def remember() -> None:
                     lease.remember(request_id, before, log)
 
+                def prompt_applied() -> None:
+                    applied.prompt = True
+                    remember()
+
                 # Remembered once its first step applies (the prompt, or without one the first
                 # token), as recovery does (`replay_plan`): one whose first step was not
                 # applied leaves the last request as it was. A call cancelled while that step
                 # runs is remembered when the step applies, so its retry goes on with it.
                 if prompt_inputs is not None:
-                    await self._feeder.run(lease, prompt_inputs, if_applied_late=remember)
-                    remember()
+                    await self._feeder.run(lease, prompt_inputs, if_applied_late=prompt_applied)
+                    prompt_applied()
                 else:
                     first_step = remember
             scheduler = served.scheduler
             generation = Generation(
                 lease, log.params, served.tokenizer, log, scheduler.loop, first_step
             )
+            applied.session, applied.tokens_from = lease.session, lease.session.position
             scheduler.start_generation(generation)
             lease.in_flight = generation.retired  # the lease outlives the last step
             try:

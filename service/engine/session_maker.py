@@ -101,7 +101,7 @@ class SessionMaker:
         ttl = self.lifecycle.ttl(ttl_seconds)
         # A prefix is input like any other; a create refused is given its charge back.
         charge = prefix.size() if prefix is not None and self.quotas.charging else 0
-        async with self.quotas.new_session(self.sessions), self.quotas.charged(charge):
+        async with self.quotas.new_session(self.sessions) as made_one, self.quotas.charged(charge):
             served = await self.lifecycle.version_for_new_session(model, version)
             self._check_open()
             prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
@@ -109,6 +109,7 @@ class SessionMaker:
                 served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
                 request_id=request_id, route=route,
             )  # fmt: skip
+            made_one(session.session_id)  # in the step its row was written (`Quotas.new_session`)
         if prefix_tensor is None:
             return session, None
         lease: Lease | None = None
@@ -185,8 +186,10 @@ class SessionMaker:
                 if made.parent_session_id != session_id:
                     raise _reused(request_id, "a fork of another session")
                 return made
-            async with self.quotas.new_session(self.sessions):
-                return await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
+            async with self.quotas.new_session(self.sessions) as made_one:
+                child = await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
+                made_one(child.session_id)  # in the step its row was written (`Quotas.new_session`)
+                return child
 
     async def _made(self, key: str) -> Session | None:
         """What the request `key` made: here, or on another process (the shared tier); only

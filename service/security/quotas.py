@@ -11,8 +11,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from service.errors import QuotaExceeded, SeqServeError
 from service.security import token_bucket
@@ -33,35 +32,51 @@ class Quotas:
         self.sessions_per_principal = sessions_per_principal  # 0: no cap
         self.tokens_per_second = tokens_per_second  # 0: no cap
         self._shared = shared
-        self._making: Counter[str] = Counter()  # sessions being made now, by principal
+        self._making: dict[str, _Making] = {}  # sessions being made now, by principal
         self._buckets: dict[str, tuple[float, float]] = {}  # principal → (tokens, at)
         self._lock = threading.Lock()
 
     # ---- sessions --------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def new_session(self, sessions: SessionStore) -> AsyncIterator[None]:
+    async def new_session(self, sessions: SessionStore) -> AsyncIterator[Callable[[str], None]]:
         """Around making a session: refused when the caller already has its cap, counting
         the sessions it is making right now (so a burst of creates cannot pass the cap
-        together; across replicas, a burst can still pass it by one per replica)."""
+        together; across replicas, a burst can still pass it by one per replica). The block
+        calls what it is given with the new session's id as soon as it has one (see
+        `_Making`)."""
         who = caller()
         cap = self.sessions_per_principal
         if who is None or cap <= 0:
-            yield
+            yield _nothing
             return
-        if self._shared is not None:
-            owned = await asyncio.to_thread(self._shared.owned, who.name)
-        else:
-            owned = sessions.owned_by(who.name)
-        if owned + self._making[who.name] >= cap:
-            raise self._at_cap(who.name, cap)
-        self._making[who.name] += 1
+        making = self._making.setdefault(who.name, _Making())
         try:
-            yield
+            if await self._live(who.name, sessions, making) + making.running >= cap:
+                raise self._at_cap(who.name, cap)
+            making.running += 1  # no suspension since the check: none raced it
+            try:
+                yield making.made
+            finally:
+                making.running -= 1
         finally:
-            self._making[who.name] -= 1
-            if self._making[who.name] <= 0:
+            if making.idle and self._making.get(who.name) is making:
                 del self._making[who.name]
+
+    async def _live(self, name: str, sessions: SessionStore, making: _Making) -> int:
+        """`name`'s live sessions, but for those still being made: in this process, or in the
+        shared tier together with those made here while the tier was read (the read may or
+        may not have seen them)."""
+        if self._shared is None:
+            return sessions.owned_by(name)
+        read = object()  # this read's key
+        meanwhile: set[str] = set()
+        making.reading[read] = meanwhile
+        try:
+            owned = await asyncio.to_thread(self._shared.owned, name)
+        finally:
+            del making.reading[read]
+        return len(owned | {s for s in meanwhile if sessions.peek(s) is not None})
 
     @staticmethod
     def _at_cap(name: str, cap: int) -> QuotaExceeded:
@@ -82,9 +97,29 @@ class Quotas:
         """Take `tokens` from the caller's bucket (refilled at `tokens_per_second`, holding at
         most a second's worth), or refuse with the time until there are enough. A request
         larger than the bucket is allowed when the bucket is full, and leaves it in debt: the
-        rate holds over time."""
-        if tokens > 0:
-            await self._take(tokens, caller())
+        rate holds over time. A call cancelled meanwhile is charged nothing."""
+        if tokens <= 0:
+            return
+        who = caller()
+        if self._shared is None:  # no suspension: a cancel cannot come in the middle
+            await self._take(tokens, who)
+            return
+        # The tier's take runs in a thread, which a cancel does not stop: taken anyway, the
+        # charge is given back (the request never ran), once the take is done.
+        take = asyncio.ensure_future(self._take(tokens, who))
+        try:
+            await asyncio.shield(take)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._undo(take, who, tokens))
+            raise
+
+    async def _undo(self, take: asyncio.Future[None], who: Principal | None, tokens: int) -> None:
+        """Give back what `take` took from `who`, once it is done (nothing if it refused)."""
+        try:
+            await take
+        except SeqServeError:
+            return
+        await self._give_back(who, tokens)
 
     async def refund(self, tokens: int) -> None:
         """Give back what `charge` took for a request that was then refused before it ran (an
@@ -145,6 +180,32 @@ class Quotas:
             "(SEQSERVE_SECURITY__TOKENS_PER_SECOND); slow down",
             retry_after=wait,
         )
+
+
+def _nothing(_session_id: str) -> None:
+    """`new_session`'s callback where nothing is counted."""
+
+
+class _Making:
+    """One principal's sessions being made in this process, which its count in the shared tier
+    may not show yet. A session counts in `running` until the block making it has it, in the
+    step of the event loop that wrote its row to the tier: a read of the tier begun before
+    then may or may not see it, so each read running then is told its id (`reading`); one
+    begun after sees its row."""
+
+    __slots__ = ("reading", "running")
+
+    def __init__(self) -> None:
+        self.running = 0  # creates and forks past the check, not yet made
+        self.reading: dict[object, set[str]] = {}  # each read running: the ids made since
+
+    def made(self, session_id: str) -> None:
+        for meanwhile in self.reading.values():
+            meanwhile.add(session_id)
+
+    @property
+    def idle(self) -> bool:
+        return self.running == 0 and not self.reading
 
 
 class Reservation:

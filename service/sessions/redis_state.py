@@ -126,12 +126,12 @@ end
 return tonumber(epoch)
 """
 
-# KEYS: an owner's sorted set. Its live sessions (expired ones are dropped first).
+# KEYS: an owner's sorted set. Its live sessions' holder keys (expired ones are dropped first).
 _OWNED = """
 local clock = redis.call("TIME")
 local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
 redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now_ms)
-return redis.call("ZCARD", KEYS[1])
+return redis.call("ZRANGE", KEYS[1], 0, -1)
 """
 
 # KEYS: an owner's token bucket. ARGV: rate per second, tokens. "0" when taken, else the
@@ -323,11 +323,13 @@ class RedisState(SharedState):
     def _owner_key(self, owner: str) -> str:
         return f"{self.namespace}:o:{owner}"
 
-    def owned(self, owner: str) -> int:
+    def owned(self, owner: str) -> set[str]:
         try:
-            return int(self._owned(keys=[self._owner_key(owner)]))
+            holders = self._owned(keys=[self._owner_key(owner)])
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
+        prefix = len(f"{self.namespace}:h:")
+        return {bytes(h).decode()[prefix:] for h in holders}
 
     def take_tokens(self, owner: str, tokens: int, rate: float) -> float:
         key = f"{self.namespace}:b:{owner}"

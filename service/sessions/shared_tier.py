@@ -138,8 +138,10 @@ class SharedState:
         itself: key TTLs)."""
         return 0
 
-    def owned(self, owner: str) -> int:
-        """Live sessions `owner` has in the tier, on every replica."""
+    def owned(self, owner: str) -> set[str]:
+        """The ids of the live sessions `owner` has in the tier, on every replica. Ids, not a
+        count: a caller adds the sessions it made while the read ran, once whether the read
+        saw them or not (`security.quotas`)."""
         raise NotImplementedError
 
     def take_tokens(self, owner: str, tokens: int, rate: float) -> float:

@@ -213,14 +213,14 @@ class SqliteState(SharedState):
     def _made(db: sqlite3.Connection, made_by: str, session_id: str, expires: float) -> None:
         db.execute("INSERT OR REPLACE INTO made VALUES (?, ?, ?)", (made_by, session_id, expires))
 
-    def owned(self, owner: str) -> int:
+    def owned(self, owner: str) -> set[str]:
         now = time.time()
 
-        def work(db: sqlite3.Connection) -> int:
-            row = db.execute(
-                "SELECT COUNT(*) FROM holders WHERE owner = ? AND expires >= ?", (owner, now)
-            ).fetchone()
-            return int(row[0])
+        def work(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "SELECT sid FROM holders WHERE owner = ? AND expires >= ?", (owner, now)
+            ).fetchall()
+            return {str(row[0]) for row in rows}
 
         return self._transaction(work)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +21,8 @@ from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import StepBatch
 from service.security import principal
 from service.security.principal import Principal
+from service.sessions.redis_state import RedisState
+from service.sessions.sqlite_state import SqliteState
 
 from .conftest import EngineFactory, toks, wait_idle
 
@@ -173,3 +177,90 @@ async def test_a_generation_cancelled_in_its_streams_line_keeps_nothing(
 async def _drain(engine: SessionEngine, session_id: str, line: Line) -> None:
     async for _ in engine.generate(session_id, PROMPT, _greedy(), line):
         pass
+
+
+async def test_a_generation_cancelled_while_the_tier_takes_its_charge_keeps_nothing(
+    make_engine: EngineFactory, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared tier's take runs in a thread, which the cancel does not stop: the tier takes
+    the charge anyway, and it is given back once taken (the generation never ran)."""
+    taking, taken = threading.Event(), threading.Event()
+    for tier in (RedisState, SqliteState):
+        take = tier.take_tokens
+
+        def slow(self, owner: str, tokens: int, rate: float, take=take) -> float:  # type: ignore[no-untyped-def]
+            if tokens < MAX_TOKENS:  # not the generation's charge (2 + 50)
+                return take(self, owner, tokens, rate)
+            taking.set()
+            time.sleep(0.2)  # a slow round trip: the cancel comes meanwhile
+            try:
+                return take(self, owner, tokens, rate)
+            finally:
+                taken.set()
+
+        monkeypatch.setattr(tier, "take_tokens", slow)
+    engine, sid = await _engine(make_engine, state_url=state_url)
+    generating = asyncio.create_task(_drain(engine, sid, Line()))
+    await asyncio.to_thread(taking.wait, 5)
+    generating.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await generating
+    await asyncio.to_thread(taken.wait, 5)  # the thread took the charge, whatever the fix does
+    assert engine.sessions.get(sid).position == 0  # nothing ran
+    assert await _owed(engine, sid) == 0.0  # all 52 given back
+
+
+async def test_a_generation_queued_in_its_streams_line_keeps_its_prompt_once_it_ran(
+    make_engine: EngineFactory, lease_taken: asyncio.Event
+) -> None:
+    """A Stream's generation waits for its session behind the stream's earlier request; then
+    its prompt's step runs and its first token's step fails: the prompt is kept."""
+    engine, sid = await _engine(make_engine, engine={"inline_max_rows": 0})
+    line = Line()
+    with _failing_step(engine, 2):  # 1: the prompt's step (runs); 2: the first token's
+        async with engine.leases.hold(sid, line):  # the earlier request, running
+            lease_taken.clear()
+            queued = asyncio.create_task(_drain(engine, sid, line))
+            await lease_taken.wait()
+        with pytest.raises(Internal):
+            await queued
+    await wait_idle(engine.sessions.get(sid))
+    assert engine.sessions.get(sid).position == 2  # the prompt ran
+    assert 1.0 < await _owed(engine, sid) <= 2.01  # the prompt kept; 50 given back
+
+
+async def test_a_retry_of_a_finished_generation_keeps_nothing(
+    make_engine: EngineFactory,
+) -> None:
+    """A retry (same request id and expected position) sends the first call's tokens again
+    from its log: nothing it applies, nothing it keeps."""
+    engine, sid = await _engine(make_engine)
+    params = SamplingParams(temperature=0.0, max_tokens=5)
+    first = [t async for t in engine.generate(sid, PROMPT, params, request_id="r1")]
+    await engine.quotas.refund(10**6)  # the first call's 7 paid off: a full bucket
+    again = [
+        t async for t in engine.generate(sid, PROMPT, params, expected_position=0, request_id="r1")
+    ]
+    assert again == first and engine.sessions.get(sid).position == 7  # nothing applied again
+    assert await _owed(engine, sid) == 0.0  # all 7 given back
+
+
+async def test_a_retry_that_goes_on_keeps_only_the_tokens_it_generated(
+    make_engine: EngineFactory,
+) -> None:
+    """The first call is cancelled after its first token; its retry sends what it applied
+    again, then generates the rest: only the rest is kept (the prompt ran in the first)."""
+    engine, sid = await _engine(make_engine)
+    first = engine.generate(sid, PROMPT, _greedy(), expected_position=0, request_id="r1")
+    async with contextlib.aclosing(first) as tokens:
+        async for _ in tokens:
+            break  # the client goes away
+    session = engine.sessions.get(sid)
+    await wait_idle(session)
+    applied = session.position
+    await engine.quotas.refund(10**6)  # the first call's charge paid off: a full bucket
+    again = engine.generate(sid, PROMPT, _greedy(), expected_position=0, request_id="r1")
+    got = [t async for t in again]
+    assert got[-1].position == 2 + MAX_TOKENS  # resent, then generated to the end
+    kept = 2 + MAX_TOKENS - applied
+    assert kept - 1.0 < await _owed(engine, sid) <= kept + 0.01
