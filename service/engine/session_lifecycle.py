@@ -255,6 +255,8 @@ class SessionLifecycle:
             await slices.breathe()
             if session_id not in refused:
                 continue  # closed while requests ran
+            if self._sessions.contains(session_id):
+                continue  # live (rebuilt from its journal): never a refused one's to end
             until = self._refused_until.get(session_id)
             if until is None:  # first seen: its record is read, once
                 until = self._refused_until[session_id] = self._refused_ttl_end(session_id)
@@ -270,8 +272,9 @@ class SessionLifecycle:
         are not timed: the checkpoint's last use stands for them). A record whose header cannot
         be read gives neither: the default TTL from the file's last write. With no record
         (refused before its first checkpoint: only its journal records), the default TTL
-        from now, the start that refused it."""
-        now, wall = self._sessions.clock(), self._sessions.wall_clock()
+        from now, the start that refused it. As for any session, the time the server was down
+        after a clean stop does not count (`SessionResidency.idle_since`)."""
+        now = self._sessions.clock()
         tier = self._residency.tier
         assert isinstance(tier, SpillTier)
         if session_id not in tier:
@@ -282,8 +285,8 @@ class SessionLifecycle:
             last_write = _modified(tier.path(session_id))
             if last_write is None:
                 return now + self._ttl_default
-            return now - max(0.0, wall - last_write) + self._ttl_default
-        return now - max(0.0, wall - header.last_used_wall) + header.ttl_seconds
+            return now - self._residency.idle_since(last_write) + self._ttl_default
+        return now - self._residency.idle_since(header.last_used_wall) + header.ttl_seconds
 
     def _expire_refused(self, session_id: str) -> None:
         self._refused_until.pop(session_id, None)

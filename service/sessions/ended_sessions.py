@@ -114,6 +114,12 @@ class EndedSessions:
         self._forget_refusal(session_id)
         self._remember_end(session_id, "closed")
 
+    def revived(self, session_id: str) -> None:
+        """The session is live (recovery rebuilt it from its journal after refusing its
+        record, or a takeover read a good checkpoint of it): it is refused no more, so
+        nothing that ends refused sessions (a close, the sweeper) takes it for one."""
+        self._forget_refusal(session_id)
+
     def _forget_refusal(self, session_id: str) -> None:
         self._broken.pop(session_id, None)
         self._broken_errors.pop(session_id, None)

@@ -86,7 +86,10 @@ class SessionStore:
 
     def adopt(self, session: Session) -> None:
         """Add without the cap: sessions found in the spill tier at start-up are kept even if
-        the cap was lowered meanwhile (new ones are refused until enough end)."""
+        the cap was lowered meanwhile (new ones are refused until enough end). A live session
+        is not a refused one, whatever was refused of it before (its damaged checkpoint, when
+        its journal rebuilt it)."""
+        self._gone.revived(session.session_id)
         replaced = self._sessions.get(session.session_id)
         if replaced is not None:
             self._ttls.remove(replaced.ttl_seconds)
