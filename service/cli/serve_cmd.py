@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from service.api.server import SeqServeServer
     from service.settings import Settings
 
+log = logging.getLogger("service.cli.serve_cmd")
+
 
 class StoppedDuringStartup(BaseException):
     """SIGTERM or SIGINT arrived before the server served. A BaseException, as
@@ -45,11 +47,20 @@ class StartupSignals:
     signal death with no line, SIGINT with a traceback from wherever it was. Here either ends
     start-up as a drain ends serving: before the event loop runs, the handler raises
     `StoppedDuringStartup` (nothing is open yet); on the loop, it cancels the start-up task,
-    as asyncio's own SIGINT handler would, so the server closes its ports on the way out."""
+    as asyncio's own SIGINT handler would, so the server closes its ports on the way out.
+
+    Python runs a handler wherever the main thread is, and an exception raised there is lost
+    when that is a weakref callback or a `__del__` (importlib runs one on every import): so
+    the signal is kept (`signum`) until something acts on it (`_acted`), a later signal acts
+    again meanwhile, and `check` (before the loop awaits `serve`, and by the `--workers`
+    supervisor once its own handlers are in) and `started` act on one still kept. Such a
+    lost exception is not printed either (`_on_unraisable`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None  # the signal that stops start-up
+        self._acted = False  # a stop is under way for it: later signals change nothing
         self._previous: dict[int, Any] = {}  # the handlers found: `restore` puts them back
+        self._unraisable = sys.unraisablehook  # the hook found: `restore` puts it back
         self._task: asyncio.Task[None] | None = None  # the start-up, once on the loop
         self._server: SeqServeServer | None = None  # the server, once it listens and loaded
 
@@ -61,11 +72,18 @@ class StartupSignals:
         try:
             return command()
         except StoppedDuringStartup as exc:
+            self._acted = True  # first: CPython runs handlers at calls, none comes before
             print(f"seqserve serve: received {exc.name}: stopping during start-up", file=sys.stderr)
             return 0
         finally:
             if installed:
                 self._restore()
+
+    def check(self) -> None:
+        """Raise `StoppedDuringStartup` for a signal kept but not acted on (its handler's
+        exception was lost). Call where start-up may still stop as if it had not started."""
+        if self.signum is not None and not self._acted:
+            raise StoppedDuringStartup(self.signum)
 
     def _install(self) -> bool:
         """Whether this call installed them (not when installed already, nor off the main
@@ -74,28 +92,45 @@ class StartupSignals:
             return False
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = self._on_unraisable
         return True
+
+    def _on_unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
+        """A `StoppedDuringStartup` lost (in a weakref callback, a `__del__`) is no error to
+        print: its signal is kept, and acted on at the next `check`, `started` or signal."""
+        if not isinstance(unraisable.exc_value, StoppedDuringStartup):
+            self._unraisable(unraisable)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-        self.signum, self._task, self._server = None, None, None
+        sys.unraisablehook = self._unraisable
+        self.signum, self._acted, self._task, self._server = None, False, None, None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if self.signum is not None:  # stopping already
+        if self._acted:  # stopping already
             return
-        self.signum = signum
+        self.signum = self.signum or signum  # kept: the exception below may be lost
         if self._task is None:
-            raise StoppedDuringStartup(signum)
+            raise StoppedDuringStartup(self.signum)
         if self._task.done():  # the loop is closed or closing: the process is exiting anyway
             return
+        self._cancel()
+
+    def _cancel(self) -> None:
+        assert self._task is not None, "cancel before the start-up task runs"
         self._task.cancel()
         self._task.get_loop().call_soon_threadsafe(lambda: None)  # wake it from its select
 
     def started(self, server: SeqServeServer) -> None:
-        """`serve`'s `on_started`: the server listens and has loaded its models."""
+        """`serve`'s `on_started`: the server listens and has loaded its models. A signal kept
+        but not acted on (its cancel was swallowed on the way) stops it now: the cancel lands
+        at `serve`'s next await, and `run` drains the server as its handlers would."""
         self._server = server
+        if self.signum is not None and not self._acted:
+            self._cancel()
 
     async def run(self, main: Coroutine[Any, Any, None]) -> None:
         """Await `main` (`serve`) as the task a signal cancels. A cancel that lands once the
@@ -104,12 +139,17 @@ class StartupSignals:
         import asyncio
 
         self._task = asyncio.current_task()
+        if self.signum is not None:  # a signal before the loop whose exception was lost
+            main.close()  # never awaited: closed, so no warning says so
+            raise StoppedDuringStartup(self.signum)
         try:
             await main
         except asyncio.CancelledError:
             if self.signum is None:
                 raise
+            self._acted = True
             if self._server is not None:
+                log.info("received %s: draining", signal.Signals(self.signum).name)
                 await self._server.stop()  # the drain its handlers would have started
                 return
             raise StoppedDuringStartup(self.signum) from None

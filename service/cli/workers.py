@@ -16,7 +16,8 @@ supervisor exits when they have. A worker that dies is started again (not more t
 configuration-error status before it ever served: starting it again would fail the same way,
 so everything stops at once and the supervisor exits with that status. The supervisor's
 `--port-file` is written once every worker listens, and again after each restart: it always
-names the workers serving.
+names the workers serving. The workers' own port files are in a `seqserve-workers-*`
+temporary directory, removed when the supervisor exits.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.cli.serve_cmd import STARTUP_SIGNALS
 from service.errors import PortInUse
 from service.libc import libc
 from service.settings import Settings
@@ -137,73 +139,96 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
 
 
 def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path | None) -> int:
-    """Supervise `count` workers until SIGTERM/SIGINT; the exit status."""
+    """Supervise `count` workers until SIGTERM/SIGINT; the exit status. What it holds (the
+    ports and their locks, the state directory's lock, the workers' temporary directory) is
+    let go on every way out, a start-up signal's `StoppedDuringStartup` included."""
     s = settings.server
-    reserved, port = reserve_port(s.host, s.port)
-    http_reserved, http_port = reserve_port(s.host, s.http_port) if s.http_port >= 0 else (None, -1)
+    held = contextlib.ExitStack()
+    try:
+        port, http_port = _hold_ports(held, s.host, s.port, s.http_port)
+        _hold_state_dir(held, settings.sessions.spill_dir)
+        # Its finalizer removes it at exit even if a signal's exception lands before `held` has it.
+        work = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="seqserve-workers-")))
+        workers = [_worker(settings, argv, i, port, http_port, work) for i in range(count)]
+        held.callback(_stop_all, workers, settings)  # first of all (LIFO): then the directory
+        serving = _Serving(port_file, s.host, port, http_port, metrics=s.metrics_port >= 0)
+        return _supervise(workers, serving)
+    finally:
+        held.close()
+
+
+def _worker(
+    settings: Settings, argv: list[str], i: int, port: int, http_port: int, work: Path
+) -> _Worker:
+    """Worker `i`: `serve` on the shared ports and state tier, its port file in `work`."""
+    s, spill = settings.server, settings.sessions.spill_dir
+    env = {**os.environ, "SEQSERVE_SERVER__WORKER": str(i)}
+    if not settings.sessions.state_url:
+        env["SEQSERVE_SESSIONS__STATE_URL"] = f"sqlite:{spill.resolve() / 'state.db'}"
+    metrics = -1 if s.metrics_port < 0 else (0 if s.metrics_port == 0 else s.metrics_port + i)
+    worker_file = work / f"worker-{i}.json"
+    child = [sys.executable, "-m", "service.cli.main", *argv, "--port", str(port),
+             "--metrics-port", str(metrics), "--http-port", str(http_port),
+             "--port-file", str(worker_file)]  # fmt: skip
+    return _Worker(i, child, env, worker_file)
+
+
+def _hold_ports(
+    held: contextlib.ExitStack, host: str, port: int, http_port: int
+) -> tuple[int, int]:
+    """Reserve the port (and the HTTP port, unless -1) and take their locks, each let go by
+    `held`; the ports bound (for port 0)."""
+    reserved, port = reserve_port(host, port)
+    held.callback(reserved.close)
     lock = PortLock(port)
     lock.acquire()
+    held.callback(lock.release)
+    if http_port < 0:
+        return port, -1
+    http_reserved, http_port = reserve_port(host, http_port)
+    held.callback(http_reserved.close)
     # The HTTP port is shared with SO_REUSEPORT too, so a second supervisor's reservation of
     # it would succeed: the same lock (a port is a port) makes it refuse instead.
-    http_lock = PortLock(http_port, flag="--http-port") if http_reserved is not None else None
-    try:
-        if http_lock is not None:
-            http_lock.acquire()
-    except PortInUse:
-        reserved.close()
-        if http_reserved is not None:
-            http_reserved.close()
-        lock.release()
-        raise
-    spill = settings.sessions.spill_dir
+    http_lock = PortLock(http_port, flag="--http-port")
+    http_lock.acquire()
+    held.callback(http_lock.release)
+    return port, http_port
+
+
+def _hold_state_dir(held: contextlib.ExitStack, spill: Path) -> None:
+    """The state directory is the workers' now: a lone server on it must refuse."""
     spill.mkdir(parents=True, exist_ok=True)
     dir_lock = os.open(spill / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:  # the state directory is the workers' now: a lone server on it must refuse
+    held.callback(os.close, dir_lock)
+    try:
         fcntl.flock(dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise PortInUse(f"state directory {spill} is in use by another server process") from None
-    work = Path(tempfile.mkdtemp(prefix="seqserve-workers-"))
-    workers = []
-    for i in range(count):
-        env = {**os.environ, "SEQSERVE_SERVER__WORKER": str(i)}
-        if not settings.sessions.state_url:
-            env["SEQSERVE_SESSIONS__STATE_URL"] = f"sqlite:{spill.resolve() / 'state.db'}"
-        metrics = -1 if s.metrics_port < 0 else (0 if s.metrics_port == 0 else s.metrics_port + i)
-        worker_file = work / f"worker-{i}.json"
-        child = [sys.executable, "-m", "service.cli.main", *argv, "--port", str(port),
-                 "--metrics-port", str(metrics), "--http-port", str(http_port),
-                 "--port-file", str(worker_file)]  # fmt: skip
-        workers.append(_Worker(i, child, env, worker_file))
+
+
+def _supervise(workers: list[_Worker], serving: _Serving) -> int:
+    """Start the workers and start them again as they exit, until SIGTERM/SIGINT or one that
+    must not be; the exit status. The caller stops them."""
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         if not stopping:
-            log.info("received %s: stopping %d workers", signal.Signals(signum).name, count)
+            log.info("received %s: stopping %d workers", signal.Signals(signum).name, len(workers))
         stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    STARTUP_SIGNALS.check()  # one that came before, its exception lost: stop before starting
     status = 0
-    serving = _Serving(port_file, s.host, port, http_port, metrics=s.metrics_port >= 0)
-    try:
-        for w in workers:
-            w.start()
-        while not stopping:
-            serving.update(workers)
-            time.sleep(0.2 if serving.announced else 0.05)
-            failed = None if stopping else _restart_exited(workers)
-            if failed is not None:
-                stopping, status = True, failed
-    finally:
-        _stop_all(workers, settings)
-        reserved.close()
-        if http_reserved is not None:
-            http_reserved.close()
-        lock.release()
-        if http_lock is not None:
-            http_lock.release()
-        os.close(dir_lock)
+    for w in workers:
+        w.start()
+    while not stopping:
+        serving.update(workers)
+        time.sleep(0.2 if serving.announced else 0.05)
+        failed = None if stopping else _restart_exited(workers)
+        if failed is not None:
+            stopping, status = True, failed
     return status
 
 

@@ -2,7 +2,8 @@
 workers share the HTTP port with SO_REUSEPORT, so without the lock a second, unrelated
 supervisor could bind the same HTTP port and the kernel would split requests between them.
 Its `--port-file` (with `--port 0` the only way to learn the ports) is written even when a
-worker dies during start-up, and names a worker started again in place of a killed one.
+worker dies during start-up, and names a worker started again in place of a killed one. Its
+temporary directory (the workers' port files) is removed when it exits.
 (The workers' serving itself is tested in tests/api/test_workers.py.)"""
 
 from __future__ import annotations
@@ -86,12 +87,13 @@ class _Supervisor:
     """`serve --workers 1 --port 0 --metrics-port 0 --port-file F` as a real process: with port
     0 the port file is the only way to learn the ports and the worker's pid."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None) -> None:
         self.port_file = tmp_path / "ports.json"
         self.log_path = tmp_path / "supervisor.log"
         argv = [*_serve_argv(tmp_path, "state", -1), "--port-file", str(self.port_file)]
         argv[argv.index("--metrics-port") + 1] = "0"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")},
+               **(env or {})}  # fmt: skip
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -184,3 +186,39 @@ def test_a_worker_with_a_configuration_error_stops_the_supervisor_at_once(
     assert "starting it again" not in proc.stderr, proc.stderr
     assert "engine.preload: 'nosuch': model 'nosuch' not found" in proc.stderr, proc.stderr
     assert "could not start (status 2, its error above): stopping" in proc.stderr, proc.stderr
+
+
+def _work_dirs(tmp: Path) -> list[Path]:
+    """The supervisors' temporary directories in `tmp` (their TMPDIR)."""
+    return list(tmp.glob("seqserve-workers-*"))
+
+
+def test_the_supervisor_removes_its_temporary_directory_when_it_stops(tmp_path: Path) -> None:
+    """Before: every `--workers` run left a `seqserve-workers-*` directory in /tmp."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    supervisor = _Supervisor(tmp_path, env={"TMPDIR": str(tmp)})
+    try:
+        _assert_serves(supervisor.ports())
+        assert len(_work_dirs(tmp)) == 1  # where the workers' port files are
+        supervisor.proc.send_signal(signal.SIGTERM)
+        assert supervisor.proc.wait(60) == 0, supervisor.log_path.read_text()
+        assert _work_dirs(tmp) == []
+    finally:
+        supervisor.stop()
+
+
+def test_the_supervisor_removes_its_temporary_directory_when_a_worker_cannot_start(
+    tmp_path: Path,
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    argv = [*_serve_argv(tmp_path, "state", -1), "--engine.preload", "nosuch"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    env["TMPDIR"] = str(tmp)
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "could not start (status 2, its error above): stopping" in proc.stderr, proc.stderr
+    assert _work_dirs(tmp) == []
