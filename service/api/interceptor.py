@@ -11,6 +11,7 @@ are refused with UNAVAILABLE; health and reflection always pass.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -20,14 +21,19 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.api.error_status import abort_with, answered_status, code_name
-from service.errors import InvalidArgument, NotReady
+from service.api.error_status import (
+    abort_with,
+    answered_status,
+    code_name,
+    returned_code_name,
+)
+from service.errors import InvalidArgument, NotReady, SeqServeError
 from service.security import principal
-from service.security.call_auth import CallAuth
+from service.security.call_auth import CallAuth, Grant, current_grant
 
 log = logging.getLogger(__name__)
 
-RpcObserver = Callable[[str, str, float], None]  # (method, code name, seconds)
+RpcObserver = Callable[[str, str, float, str, str], None]  # (method, code, s, protocol, reason)
 
 # Method paths refused with UNAVAILABLE until the server is ready.
 GATED_PREFIXES: tuple[str, ...] = ("/seqserve.v1.",)
@@ -138,10 +144,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 async with _Observed(self, path, gated, context) as observed:
-                    observed.admit()
+                    grant = observed.admit(lasting=True)
                     check_parsed(request)
-                    async for response in fn(request, context):
-                        yield response
+                    if grant is None:
+                        async for response in fn(request, context):
+                            yield response
+                        return
+                    # A token revoked while the call is open ends it before its next reply.
+                    async with contextlib.aclosing(fn(request, context)) as responses:
+                        async for response in responses:
+                            grant.check()
+                            yield response
 
             return iterate
 
@@ -179,12 +192,20 @@ class _Observed:
         self._owner, self._path, self._gated, self._context = owner, path, gated, context
         self._started = time.perf_counter()
 
-    def admit(self) -> None:
-        """Authenticate the call and check readiness (raises what refuses it)."""
+    def admit(self, lasting: bool = False) -> Grant | None:
+        """Authenticate the call and check readiness (raises what refuses it). A `lasting`
+        call (one that streams its responses) gets its grant, to check again as it goes
+        (also as `call_auth.current_grant`, for what it runs: StreamMux)."""
         owner = self._owner
+        grant = None
         if owner._auth is not None:
-            principal.current.set(owner._auth.principal(self._path, self._context))
+            who = owner._auth.principal(self._path, self._context)
+            principal.current.set(who)
+            if lasting:
+                grant = owner._auth.grant(self._path, self._context, who)
+                current_grant.set(grant)
         owner._check_ready(self._gated)
+        return grant
 
     async def __aenter__(self) -> _Observed:
         return self
@@ -197,10 +218,12 @@ class _Observed:
 
         `exc` loses its traceback once answered (`answered_status`)."""
         seconds = time.perf_counter() - self._started
+        method = _method(self._path)
         if exc is None:
-            self._owner._observe(_method(self._path), "OK", seconds)
+            self._owner._observe(method, returned_code_name(self._context), seconds, "grpc", "")
             return False
-        self._owner._observe(_method(self._path), code_name(exc, self._context), seconds)
+        reason = exc.reason if isinstance(exc, SeqServeError) else ""  # a refusal's kind
+        self._owner._observe(method, code_name(exc, self._context), seconds, "grpc", reason)
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
             return False
         await abort_with(self._context, answered_status(exc))

@@ -24,6 +24,10 @@ client sends ahead waits in gRPC's buffers (its flow control, not our memory) un
 before it has gone. The first message that is anything else hands the stream to the
 multiplexer above for good; nothing of the stream is running at that moment, so no reply can
 be overtaken.
+
+A token revoked while the stream is open (`call_auth.Grant`) ends it with UNAUTHENTICATED
+before the next message is applied, and before the next reply is sent (the interceptor's
+check): generations under way are cancelled with it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from service.engine.channel import Channel
 from service.engine.session_line import Line
 from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.security.call_auth import Grant, current_grant
 
 FeedItems = Callable[[list[pb.StreamItem], Line], Awaitable[pb.StreamResponse]]
 RunItem = Callable[[pb.StreamItem, Line], AsyncIterator[pb.StreamReply]]
@@ -63,18 +68,21 @@ class StreamMux:
     ) -> AsyncIterator[pb.StreamResponse]:
         line = Line()
         incoming = aiter(messages)
+        grant = current_grant.get()  # None: auth is off, or nothing here can be revoked
         # One session's plain feeds, a message at a time, answered right here (the module's
         # docstring); the first message that is anything else goes to the multiplexer.
         session_id: str | None = None  # the one session fed so far
         async for message in incoming:
             check_parsed(message)  # a body that is not a StreamRequest fails the call
+            if grant is not None:
+                grant.check()  # a revoked token ends the stream: nothing more is applied
             if not self._inline(message, session_id):
                 break
             session_id = message.items[0].session_id
             yield await self._feed_group_now(list(message.items), line)  # one reply: fits
         else:
             return  # the client ended the stream
-        async for response in self._multiplex(message, incoming, line):
+        async for response in self._multiplex(message, incoming, line, grant):
             yield response
 
     def _inline(self, message: pb.StreamRequest, session_id: str | None) -> bool:
@@ -108,9 +116,12 @@ class StreamMux:
         first: pb.StreamRequest,
         messages: AsyncIterator[pb.StreamRequest],
         line: Line,
+        grant: Grant | None,
     ) -> AsyncIterator[pb.StreamResponse]:
         """The stream from `first` on (already read and checked), every message's items
-        dispatched as they arrive, replies sent as they are ready."""
+        dispatched as they arrive, replies sent as they are ready. A revoked token (`grant`)
+        fails the reader before the message it comes with is taken; the interceptor checks
+        the replies."""
         loop = asyncio.get_running_loop()  # once a stream, not once a message
         out: Channel[_Ready | None] = Channel(loop)
         running: set[asyncio.Task[None]] = set()
@@ -134,6 +145,8 @@ class StreamMux:
                 take(first)
                 async for message in messages:
                     check_parsed(message)  # a body that is not a StreamRequest fails the call
+                    if grant is not None:
+                        grant.check()
                     take(message)
                     # Bounded: no more messages are read (the client's further ones wait in
                     # gRPC's flow control) while a message's worth of items is unfinished or

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from service.errors import PortInUse
 from service.http.calls import Calls
@@ -21,6 +22,36 @@ from service.security.tls import loopback
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(resources.files("service.http") / "static"))
+
+
+class RefusedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header line over its 8190-byte limit, a
+    malformed line) at ERROR with a traceback, and the exception's message quotes the line:
+    an over-long `Authorization` header put the start of its token in the log. Such a record
+    becomes one WARNING line that names the error's kind and the peer, nothing the peer sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused an HTTP request from %s that does not parse: %s (HTTP %d)"
+            record.args = (_peer(record), type(exc).__name__, exc.code)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _peer(record: logging.LogRecord) -> str:
+    """The remote address aiohttp's record names ("?" if it names none)."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return str(args[0]) if args else "?"
+
+
+def _filter_refused_requests() -> None:
+    """Install `RefusedRequestFilter` on aiohttp's server logger (once a process)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RefusedRequestFilter) for f in logger.filters):
+        logger.addFilter(RefusedRequestFilter())
 
 
 class HttpApi:
@@ -51,6 +82,7 @@ class HttpApi:
         """Listen on `host:port` (0 picks a port); returns the bound port. `shared`: with
         SO_REUSEPORT, for the worker processes of `serve --workers` (as gRPC's port)."""
         self._loopback = loopback(host)
+        _filter_refused_requests()
         # handler_cancellation: a client that hangs up cancels its call, as in gRPC (and ends a
         # server-sent generation at once).
         self._runner = web.AppRunner(

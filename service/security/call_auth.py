@@ -1,13 +1,19 @@
 """Authenticating a call: a bearer token from the tokens file, or the client certificate of a
 mutual-TLS connection. Health is open (probes carry no credentials); every other method needs a
-principal once tokens or client certificates are configured, and registry writes need `admin`."""
+principal once tokens or client certificates are configured, and registry writes need `admin`.
+
+A call that lasts (a Stream, a generation) holds a `Grant`: when the tokens file's entries
+change while it is open, it authenticates again, and a token revoked or given another role
+ends it. A client certificate is not in the file: it cannot be revoked this way (its CA and
+expiry are what limit it)."""
 
 from __future__ import annotations
 
+import contextvars
 import re
 from typing import Any
 
-from service.errors import PermissionDenied, Unauthenticated
+from service.errors import PermissionDenied, SeqServeError, Unauthenticated
 from service.security.principal import Principal
 from service.security.tokens import TokenFile
 
@@ -44,6 +50,13 @@ class CallAuth:
         if method in ADMIN_METHODS and not who.admin:
             raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs the admin role")
         return who
+
+    def grant(self, method: str, context: Any, who: Principal | None) -> Grant | None:
+        """What a lasting call admitted as `who` checks again as it goes (None: nothing can
+        be revoked, no tokens file or no principal)."""
+        if self.tokens is None or who is None:
+            return None
+        return Grant(self, self.tokens, method, context, who)
 
     def _from_token(self, context: Any) -> Principal | None:
         header = ""
@@ -85,3 +98,43 @@ class CallAuth:
             raise Unauthenticated("the client certificate's common name cannot name a principal")
         # Its own namespace: a certificate never stands for a token's principal, nor the reverse.
         return Principal(f"cert:{name}", "client")
+
+
+class Grant:
+    """A lasting call's admission, checked again (`check`, before each message it applies and
+    each reply it sends) when the tokens file's entries have changed since: one integer
+    compare when they have not (and the file's own re-read, at most once a second)."""
+
+    __slots__ = ("_auth", "_context", "_generation", "_method", "_tokens", "_who")
+
+    def __init__(
+        self, auth: CallAuth, tokens: TokenFile, method: str, context: Any, who: Principal
+    ) -> None:
+        self._auth, self._tokens, self._method, self._context = auth, tokens, method, context
+        self._who = who
+        self._generation = tokens.generation
+
+    def check(self) -> None:
+        """Raises Unauthenticated if the call's credentials no longer name the principal it
+        was admitted as (revoked, or another role)."""
+        if self._tokens.refresh() != self._generation:
+            self._recheck()
+
+    def _recheck(self) -> None:
+        generation = self._tokens.generation
+        try:
+            who = self._auth.principal(self._method, self._context)
+        except SeqServeError:
+            who = None
+        if who != self._who:
+            raise Unauthenticated(
+                "the call's credentials were revoked or changed while it was open; "
+                "call again with a valid token"
+            )
+        self._generation = generation  # still good: no re-check until the next change
+
+
+# The grant of the lasting call being served (set by the interceptor: Stream reads it).
+current_grant: contextvars.ContextVar[Grant | None] = contextvars.ContextVar(
+    "seqserve_grant", default=None
+)

@@ -3,6 +3,10 @@
 Only hashes are stored; a token is checked by hashing it and comparing with every line in
 constant time. The file is re-read when it changes (its mtime and size are checked at most once
 a second), so tokens are added and revoked without a restart. Tokens are never logged.
+
+Each reload that changes the entries bumps `generation`: a call that outlives its first check
+(a Stream, a generation) compares it with the one it was admitted under, and authenticates
+again only when it moved (`call_auth.Grant`).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class TokenFile:
         self._stamp: tuple[float, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
+        self.generation = 0  # bumped by each reload that changes the entries
         self.reload(force=True)
 
     def reload(self, *, force: bool = False) -> None:
@@ -86,8 +91,7 @@ class TokenFile:
             if self._entries or self._stamp is not None:  # gone: no token is good any more
                 log.error("tokens file %s cannot be read (%s): refusing every token",
                           self.path, exc.strerror)  # fmt: skip
-                with self._lock:
-                    self._entries, self._stamp = [], None
+                self._replace([], None)
             return
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp and not force:
@@ -100,15 +104,26 @@ class TokenFile:
             log.error("tokens file %s not reloaded: %s", self.path, exc)
             self._stamp = stamp
             return
-        with self._lock:
-            self._entries, self._stamp = entries, stamp
+        self._replace(entries, stamp)
         log.info("tokens file %s: %d tokens", self.path, len(entries))
 
-    def authenticate(self, token: str) -> Principal | None:
+    def _replace(self, entries: list[_Entry], stamp: tuple[float, int] | None) -> None:
+        with self._lock:
+            if entries != self._entries:  # a rewrite with the same lines revokes nothing
+                self.generation += 1
+            self._entries, self._stamp = entries, stamp
+
+    def refresh(self) -> int:
+        """Re-read the file if a second has passed since it was last looked at; the
+        generation of its entries."""
         now = time.monotonic()
         if now - self._checked >= _CHECK_EVERY_S:
             self._checked = now
             self.reload()
+        return self.generation
+
+    def authenticate(self, token: str) -> Principal | None:
+        self.refresh()
         wanted = hashlib.sha256(token.encode()).digest()
         found = None
         for entry in self._entries:  # every entry, always: no early exit to time

@@ -49,3 +49,21 @@ def test_an_empty_file_gets_no_blank_first_line(tmp_path: Path) -> None:
     path.touch()
     add_token(path, "carol", "admin")
     assert path.read_text().splitlines()[0].startswith("carol admin ")
+
+
+def test_the_generation_moves_only_when_the_entries_change(tmp_path: Path) -> None:
+    """What an open Stream compares to know whether to authenticate again."""
+    path = tmp_path / "tokens"
+    add_token(path, "alice", "client")
+    tokens = TokenFile(path)
+    start = tokens.generation
+    path.write_text(path.read_text() + "# a comment\n")
+    tokens.reload()
+    assert tokens.generation == start  # nothing revoked: nothing to check again
+    bob = add_token(path, "bob", "client")
+    tokens.reload()
+    assert tokens.generation == start + 1
+    path.unlink()
+    tokens.reload()
+    assert tokens.generation == start + 2
+    assert tokens.authenticate(bob) is None
