@@ -31,6 +31,15 @@ def _past_deadline(context: grpc.aio.ServicerContext) -> bool:  # type: ignore[t
     return left is not None and left <= 0
 
 
+def returned_code_name(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+    """The status code name of a call whose handler returned: OK, unless its deadline had run
+    out (the client has DEADLINE_EXCEEDED then: a Stream's requests simply end at the deadline,
+    and its handler returns as if the client had finished). A Stream the client cancels ends
+    the same way and gRPC does not say so here (`context.cancelled()` is still False, even in
+    a done callback): it counts as OK."""
+    return "DEADLINE_EXCEEDED" if _past_deadline(context) else "OK"
+
+
 def code_name(exc: BaseException, context: grpc.aio.ServicerContext | None = None) -> str:
     """The status code name a call that raised `exc` ends with (its metric label)."""
     if isinstance(exc, SeqServeError):

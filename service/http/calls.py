@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from service.api.error_status import code_name
 from service.api.interceptor import NOT_READY_MESSAGE
-from service.errors import InvalidArgument, NotReady, Unavailable, quote
+from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
 from service.http.status_map import HttpError
 from service.security import principal
 from service.security.call_auth import CLIENT_HEADER, CallAuth
@@ -32,7 +32,7 @@ M = TypeVar("M", bound=Message)
 # Headers a servicer or CallAuth reads as gRPC metadata (lower-case, as gRPC gives them).
 FORWARDED_HEADERS = ("authorization", ROUTE_HEADER, CLIENT_HEADER)
 
-RpcObserver = Callable[[str, str, float, str], None]  # (method, code, seconds, protocol)
+RpcObserver = Callable[[str, str, float, str, str], None]  # (method, code, s, protocol, reason)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Calls:
         gate, the timing (labelled as the interceptor labels gRPC's). Errors propagate;
         `error_answer` turns them into HTTP."""
         started = time.perf_counter()
-        code = "OK"
+        code, reason = "OK", ""
         try:
             principal.current.set(self._auth.principal(grpc_path, HttpContext(request)))
             if self.draining:
@@ -98,10 +98,11 @@ class Calls:
             raise
         except BaseException as exc:
             code = code_name(exc)
+            reason = exc.reason if isinstance(exc, SeqServeError) else ""
             raise
         finally:
             method = grpc_path.rsplit("/", 1)[-1]
-            self._observe(method, code, time.perf_counter() - started, "http")
+            self._observe(method, code, time.perf_counter() - started, "http", reason)
 
     async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:
         """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in

@@ -36,6 +36,13 @@ GRPC_CODES = frozenset(
 )  # fmt: skip
 # The `protocol` label of call durations: gRPC, or the HTTP/JSON API.
 PROTOCOLS = ("grpc", "http")
+# The `reason` label of seqserve_refusals_total: the ErrorInfo reasons of RESOURCE_EXHAUSTED
+# (`service.errors.REASONS`). The server out of capacity (a session cap, a full queue, a full
+# state pool or spill tier) is an operator's problem; QUOTA_EXCEEDED is one principal over its
+# own share, which must page no one. OTHER: a refusal that carried none of these.
+CAPACITY_REASONS = ("SESSION_LIMIT", "QUEUE_FULL", "MEMORY_EXHAUSTED")
+QUOTA_REASON = "QUOTA_EXCEEDED"
+REFUSAL_REASONS = (*CAPACITY_REASONS, QUOTA_REASON, "OTHER")
 
 
 def check_tier(tier: str, tiers: tuple[str, ...] = TIERS) -> str:

@@ -22,6 +22,7 @@ from service.metrics.bounds import (
     GC_GENERATIONS,
     LATENCY_BUCKETS,
     MODEL_LOAD_BUCKETS,
+    REFUSAL_REASONS,
     SESSION_TIERS,
     TIERS,
     WRITE_FAILURE_KINDS,
@@ -51,6 +52,13 @@ class MetricFamilies:
             "Call duration, receipt to final status, by method, gRPC status code and protocol "
             "(grpc, or http: the HTTP/JSON API's routes count as the methods they call).",
             ("method", "code", "protocol"), buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._refusals = Counter(
+            "seqserve_refusals",
+            "Calls refused with RESOURCE_EXHAUSTED (also counted under that code above), by "
+            "their ErrorInfo reason: the server out of capacity (SESSION_LIMIT, QUEUE_FULL, "
+            "MEMORY_EXHAUSTED) or one principal over its own quota (QUOTA_EXCEEDED).",
+            ("reason",), registry=r,
         )  # fmt: skip
         self._batch_rows = BatchHistogram(
             "seqserve_batch_rows",
@@ -182,3 +190,5 @@ class MetricFamilies:
             self._gc_pause.labels(generation)
         for kind in WRITE_FAILURE_KINDS:  # the runbook's first failure must show in increase()
             self._write_failures.labels(kind)
+        for reason in REFUSAL_REASONS:  # the error-ratio alert subtracts the quota ones
+            self._refusals.labels(reason)

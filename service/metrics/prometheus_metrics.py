@@ -3,8 +3,8 @@
 The engine, session store and API layer report plain facts (`StepStats`, an RPC's code and
 duration, a session event); `Metrics` turns them into series of the families `families.py`
 defines, on the server's own registry. Names carry the `seqserve_` prefix and base units (seconds,
-bytes). Labels are bounded — method, code, model, version, tier, event, phase — and never a
-session id: a session label would create a series per user and take Prometheus down.
+bytes). Labels are bounded — method, code, model, version, tier, event, phase, reason — and never
+a session id: a session label would create a series per user and take Prometheus down.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from service.metrics.bounds import (
     GRPC_CODES,
     PHASES,
     PROTOCOLS,
+    REFUSAL_REASONS,
     SESSION_EVENTS,
     SESSION_TIERS,
     check_tier,
@@ -71,14 +72,22 @@ class Metrics(MetricFamilies):
 
     # ---- requests and steps ------------------------------------------------------------
 
-    def observe_rpc(self, method: str, code: str, seconds: float, protocol: str = "grpc") -> None:
+    def observe_rpc(
+        self, method: str, code: str, seconds: float, protocol: str = "grpc", reason: str = ""
+    ) -> None:
         """One finished call. `method` is the short RPC name, `code` a gRPC status name,
-        `protocol` `grpc` or `http`."""
+        `protocol` `grpc` or `http`, `reason` the ErrorInfo reason a failed call carried.
+
+        A RESOURCE_EXHAUSTED call is also counted by its reason: the code alone cannot tell
+        a server out of capacity from one client over its own quota, and only the first is
+        a server failure (the error-ratio alert subtracts the second)."""
         if code not in GRPC_CODES:
             raise ValueError(f"not a gRPC status code name: {code!r}")
         if protocol not in PROTOCOLS:
             raise ValueError(f"not a protocol: {protocol!r}")
         self._rpc_duration.labels(method, code, protocol).observe(seconds)
+        if code == "RESOURCE_EXHAUSTED":
+            self._refusals.labels(reason if reason in REFUSAL_REASONS else "OTHER").inc()
 
     def observe_step(self, stats: StepStats) -> None:
         """One batched step of one model version."""

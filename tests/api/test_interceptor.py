@@ -29,6 +29,7 @@ from .support import (
     read_replies,
     recorded_rpcs,
     text,
+    tokens,
 )
 
 
@@ -174,3 +175,30 @@ async def test_a_deadline_that_runs_out_is_counted_as_such_not_as_a_cancel(
         gone.cancel()  # the client goes away
         counts = await recorded_rpcs(server, "Generate", calls=2)
     assert counts == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1}
+
+
+async def test_a_stream_whose_deadline_runs_out_is_not_counted_as_ok(
+    server_factory: ServerFactory,
+) -> None:
+    """A Stream's requests simply end when its deadline runs out, and its handler returns as if
+    the client had finished: the metric said OK. (A Stream the client cancels still counts as
+    OK: gRPC does not tell the handler, see `returned_code_name`.)"""
+    server = await server_factory()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
+        quiet: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+
+        async def messages() -> AsyncIterator[pb.StreamRequest]:
+            while (message := await quiet.get()) is not None:
+                yield message
+
+        fed = stub.Stream(messages(), timeout=0.5)  # fed once, then quiet until its deadline
+        await quiet.put(pb.StreamRequest(items=[pb.StreamItem(session_id=sid, input=tokens(1))]))
+        await fed.read()
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await fed.read()
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        counts = await recorded_rpcs(server, "Stream", calls=1)
+        await quiet.put(None)
+    assert counts == {"DEADLINE_EXCEEDED": 1}

@@ -28,6 +28,8 @@ REQUIRED_PANELS = {
     "Evictions": "seqserve_session_events_total",
     "Tokens / s": "seqserve_tokens_generated_total",
     "Errors by code": "seqserve_rpc_duration_seconds_count",
+    # RESOURCE_EXHAUSTED split into the server's capacity and principals' own quotas.
+    "Refusals by reason": "seqserve_refusals_total",
     "State write time": "seqserve_state_write_seconds_total",
 }
 # Grafana's variables, replaced by values Prometheus accepts.

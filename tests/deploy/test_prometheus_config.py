@@ -8,9 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
-from service.metrics.bounds import GRPC_CODES
+from service.metrics.bounds import GRPC_CODES, QUOTA_REASON, REFUSAL_REASONS
 
 from .conftest import DEPLOY_DIR, StartPrometheus
 
@@ -152,6 +153,44 @@ def test_error_ratio_unit_test_rejects_counting_client_errors(
 
     assert result.returncode != 0
     assert "alertname: SeqserveHighErrorRatio" in result.stdout + result.stderr
+
+
+QUOTA_MATCHER = f'seqserve_refusals_total{{reason="{QUOTA_REASON}"}}'
+
+
+def test_error_ratio_takes_out_quota_refusals_only() -> None:
+    text = ALERTS.read_text()
+    selectors = re.findall(r"seqserve_refusals_total\{([^}]*)\}", text)
+
+    # A principal over its own quota is RESOURCE_EXHAUSTED too; only those refusals are taken
+    # out, by a reason the counter really has (a misspelt one would take out nothing).
+    assert selectors == [f'reason="{QUOTA_REASON}"']
+    assert QUOTA_REASON in REFUSAL_REASONS
+
+
+@pytest.mark.parametrize(
+    ("taken_out", "failing_case"),
+    [
+        # Nothing taken out (the rule before refusals were counted by reason): one client
+        # over its quota pages.
+        ('reason="NONE"', "does not fire when one principal is over its own quota"),
+        # Every refusal taken out: a server out of capacity no longer pages.
+        ('reason=~".+"', "fires on capacity refusals"),
+    ],
+)
+def test_error_ratio_unit_test_tells_quota_from_capacity(
+    promtool: str, tmp_path: Path, taken_out: str, failing_case: str
+) -> None:
+    text = ALERTS.read_text()
+    assert QUOTA_MATCHER in text
+    mutated = QUOTA_MATCHER.replace(f'reason="{QUOTA_REASON}"', taken_out)
+    (tmp_path / "alerts.yml").write_text(text.replace(QUOTA_MATCHER, mutated))
+    shutil.copy(ALERTS_TEST, tmp_path / "alerts_test.yml")
+
+    result = _promtool(promtool, "test", "rules", "alerts_test.yml", cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert f"name: SeqserveHighErrorRatio {failing_case}" in result.stdout + result.stderr
 
 
 RUNBOOK_BASE = "https://github.com/seqserve/seqserve/blob/main/README.md#"

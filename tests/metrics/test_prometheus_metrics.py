@@ -12,20 +12,25 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from service.errors import REASONS
 from service.metrics import Metrics, StepStats
 from service.metrics.bounds import (
+    CAPACITY_REASONS,
     LATENCY_BUCKETS,
     PHASES,
+    QUOTA_REASON,
+    REFUSAL_REASONS,
     SESSION_EVENTS,
     WRITE_FAILURE_KINDS,
 )
 
 BOUNDED_LABELS = {
     "method", "code", "protocol", "model", "version", "tier", "event", "phase", "generation", "le",
-    "kind",
+    "kind", "reason",
 }  # fmt: skip
 FAMILIES = {
     "seqserve_rpc_duration_seconds": "histogram",
+    "seqserve_refusals": "counter",
     "seqserve_batch_rows": "histogram",
     "seqserve_step_phase_seconds": "histogram",
     "seqserve_step_duration_seconds": "histogram",
@@ -209,6 +214,42 @@ def test_rpc_protocol_is_grpc_or_http(metrics: Metrics) -> None:
     assert _value(metrics, count, method="Step", protocol="http") == 2
     with pytest.raises(ValueError, match="protocol"):
         metrics.observe_rpc("Step", "OK", 0.001, "websocket")
+
+
+def test_refusals_counted_by_reason_from_zero(metrics: Metrics) -> None:
+    """RESOURCE_EXHAUSTED alone cannot tell the server out of capacity from one principal over
+    its own quota; the error-ratio alert subtracts `reason="QUOTA_EXCEEDED"`, so each reason
+    must be there (at 0) before the first refusal."""
+    refusals = "seqserve_refusals_total"
+    for reason in REFUSAL_REASONS:
+        assert _value(metrics, refusals, reason=reason) == 0.0, reason
+
+    metrics.observe_rpc("CreateSession", "RESOURCE_EXHAUSTED", 0.001, reason="QUOTA_EXCEEDED")
+    metrics.observe_rpc("Step", "RESOURCE_EXHAUSTED", 0.001, "http", "QUOTA_EXCEEDED")
+    metrics.observe_rpc("CreateSession", "RESOURCE_EXHAUSTED", 0.001, reason="SESSION_LIMIT")
+    metrics.observe_rpc("Step", "RESOURCE_EXHAUSTED", 0.001)  # no reason: still a refusal
+    metrics.observe_rpc("Step", "RESOURCE_EXHAUSTED", 0.001, reason="MADE_UP")  # bounded
+    metrics.observe_rpc("Step", "NOT_FOUND", 0.001, reason="SESSION_NOT_FOUND")  # no refusal
+    metrics.observe_rpc("Step", "OK", 0.001)
+
+    assert _value(metrics, refusals, reason="QUOTA_EXCEEDED") == 2
+    assert _value(metrics, refusals, reason="SESSION_LIMIT") == 1
+    assert _value(metrics, refusals, reason="OTHER") == 2
+    assert _value(metrics, refusals, reason="QUEUE_FULL") == 0
+    # Every RESOURCE_EXHAUSTED call once, under one reason.
+    exhausted = "seqserve_rpc_duration_seconds_count"
+    total = sum(
+        s.value for s in _samples(metrics)
+        if s.name == exhausted and s.labels["code"] == "RESOURCE_EXHAUSTED"
+    )  # fmt: skip
+    assert sum(s.value for s in _samples(metrics) if s.name == refusals) == total == 5
+
+
+def test_refusal_reasons_are_the_error_tables_resource_exhausted_rows() -> None:
+    exhausted = {r for r, code in REASONS.items() if code.name == "RESOURCE_EXHAUSTED"}
+
+    assert {*CAPACITY_REASONS, QUOTA_REASON} == exhausted
+    assert set(REFUSAL_REASONS) == exhausted | {"OTHER"}
 
 
 def test_session_events_counted_and_precreated(metrics: Metrics) -> None:
