@@ -1,8 +1,9 @@
 """The playground page in headless Chromium (Debian's, driven by Playwright; nothing downloads a
 browser) against a server on the bundled model store: typing moves the bars, an edit other
 than appending restarts the session, keystrokes never overlap, a generation streams in, a frame
-model plots its predictions, and with tokens on the page asks for one. Screenshots go to
-`tests/http_api/screenshots/` (the README shows one)."""
+model plots its predictions, and with tokens on the page asks for one; a switch mid-step, a
+session closed under the page and a server restart each leave the page a working session.
+Screenshots go to `tests/http_api/screenshots/` (the README shows one)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, Route, async_playwright
 
 from service.api.server import SeqServeServer
 from service.security.tokens import add_token
@@ -205,4 +207,128 @@ async def test_a_generation_holds_the_model_choice_until_stopped(
         body = await got.json()
     assert got.status == 400 and body["error"]["status"] == "FAILED_PRECONDITION", body
     assert _count(server, "Generate", "CANCELLED") == 1  # cut short, not run to 2,000 tokens
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+async def _outcome(page: Page, prefix: str) -> str:
+    """Wait until the status says `prefix` or shows an error; the status."""
+    await page.wait_for_function(
+        """(prefix) => { const s = document.querySelector('#status');
+                         return s.textContent.startsWith(prefix) || s.className === 'error'; }""",
+        arg=prefix,
+        timeout=20_000,
+    )
+    return await page.inner_text("#status")
+
+
+async def _session_status(server: SeqServeServer, sid: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        got = await http.get(f"/v1/sessions/{sid}")
+        return got.status, await got.json()
+
+
+@pytest.mark.parametrize("switch", ["version", "model"])
+async def test_a_switch_while_a_step_is_in_flight_goes_on_with_the_new_choice(
+    server_factory: ServerFactory, browser: Browser, switch: str
+) -> None:
+    """The switch closes the old session under a step still on its way (held back here by
+    Playwright's routing): that step's late answer is dropped and its pump stops, and the page
+    goes on with the new choice at once, with no error and nothing left open: another version
+    of the token model gets a new session for the text, the frame model none."""
+    server = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0})
+    page = await _page(browser, server)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.type("#prompt", "abc")
+    old_id, _ = await _settled(page)
+    held = asyncio.Event()
+
+    async def slow(route: Route) -> None:
+        held.set()
+        await asyncio.sleep(0.6)
+        await route.continue_()
+
+    await page.route("**/*:step", slow)
+    async with page.expect_event(
+        "requestfinished", lambda r: r.url.endswith(":step"), timeout=10_000
+    ):
+        await page.type("#prompt", "d")
+        await asyncio.wait_for(held.wait(), 5)  # the step for "d" is on its way
+        if switch == "version":
+            await page.select_option("#version", "1")
+        else:
+            await page.select_option("#model", "co2-gru")
+    await page.unroute("**/*:step")
+    await page.evaluate("new Promise((r) => setTimeout(r, 300))")  # the late answer is in
+    if switch == "version":
+        new_id, position = await _settled(page)
+        assert new_id != old_id and position == 4
+    else:
+        await page.wait_for_selector("#frames-panel:not([hidden])")
+        assert await page.inner_text("#session-line") == ""
+    assert await page.get_attribute("#status", "class") != "error", await page.inner_text("#status")
+    got, body = await _session_status(server, old_id)
+    assert got == 400 and body["error"]["status"] == "FAILED_PRECONDITION", body
+    live = _count(server, "CreateSession", "OK") - _count(server, "CloseSession", "OK")
+    assert live == (1 if switch == "version" else 0)  # the stale step's pump made none
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_generate_on_a_session_closed_elsewhere_replaces_it(
+    server_factory: ServerFactory, browser: Browser
+) -> None:
+    """Generate finds the session closed (by another client here) before its first token: the
+    page starts a new session from the text and generates on it, without showing the error."""
+    server = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0})
+    page = await _page(browser, server)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.type("#prompt", "hello")
+    old_id, _ = await _settled(page)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        assert (await http.delete(f"/v1/sessions/{old_id}")).status == 200
+    await page.fill("#max-tokens", "10")
+    await page.click("#generate")
+    assert (await _outcome(page, "done")).startswith("done")
+    new_id = (await page.inner_text("#session-line")).split()[1]
+    text = await page.input_value("#prompt")
+    assert new_id != old_id and text.startswith("hello") and len(text) > len("hello")
+    assert _count(server, "Generate", "OK") == 1
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_the_session_lives_on_across_a_server_restart(
+    server_factory: ServerFactory, browser: Browser, tmp_path: Path
+) -> None:
+    """With the server down the page keeps its session and retries: the step typed meanwhile
+    reaches the restarted server (which restored the session from its spill tier), and a
+    session closed while the server is down is closed once it is back, not left to its TTL."""
+    spill = {"spill_dir": tmp_path / "shared-spill"}
+    first = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0}, sessions=spill)
+    port = {"http_port": first.http_port}  # the restarts listen where the page calls
+    page = await _page(browser, first)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.type("#prompt", "def f(x")
+    sid, _ = await _settled(page)
+    await first.stop()
+    await page.type("#prompt", ")")
+    await page.wait_for_function(
+        "document.querySelector('#status').textContent.includes('retrying')"
+    )
+    second = await server_factory(store_root=BUNDLED_STORE, server=port, sessions=spill)
+    same_id, position = await _settled(page)
+    assert same_id == sid and position == 8
+    assert _count(second, "Step", "OK") == 1
+
+    await second.stop()
+    await page.select_option("#version", "1")  # closes the session while the server is down
+    await page.wait_for_function(
+        "document.querySelector('#status').textContent.includes('retrying')"
+    )
+    third = await server_factory(store_root=BUNDLED_STORE, server=port, sessions=spill)
+    await page.wait_for_function(
+        f"!document.querySelector('#session-line').textContent.includes('{sid}')"
+    )
+    new_id, _ = await _settled(page)
+    assert new_id != sid
+    got, body = await _session_status(third, sid)
+    assert got == 400 and body["error"]["status"] == "FAILED_PRECONDITION", body
     assert not page.errors  # type: ignore[attr-defined]

@@ -14,6 +14,34 @@ class ApiError extends Error {
     super(e.message || `HTTP ${status}`);
     this.httpStatus = status;
     this.code = e.status || "UNKNOWN";
+    this.reason = (e.details || []).map((d) => d.reason).find(Boolean) || null; // ErrorInfo's
+  }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// A failure that says nothing about the call: the server could not be reached (fetch's
+// TypeError: a restart, a dropped connection) or it, or a proxy before it, is briefly unable to
+// answer (502-504). The same call, sent again, may well succeed.
+function transient(e) {
+  return !(e instanceof ApiError) || [502, 503, 504].includes(e.httpStatus);
+}
+
+const RETRY_FOR_MS = 30_000; // how long a transient failure is retried before it is shown
+
+// `call()`, retried with a growing delay while its failure is transient (a restarted server
+// comes back with its sessions restored from the spill tier, so they are worth keeping) and
+// `wanted()` still holds.
+async function retried(call, wanted = () => true) {
+  const start = Date.now();
+  for (let delay = 250; ; delay = Math.min(2 * delay, 2000)) {
+    try {
+      return await call();
+    } catch (e) {
+      if (!transient(e) || !wanted() || Date.now() - start > RETRY_FOR_MS) throw e;
+      status(`${e instanceof ApiError ? e.code : "no answer"}: ${e.message}; retrying…`, true);
+      await sleep(delay);
+    }
   }
 }
 
@@ -74,7 +102,8 @@ let models = [];         // ListModels
 let manifest = null;     // the chosen version's manifest
 let session = null;      // {id, text, position}: what the session has consumed
 let wanted = "";         // what the text box says
-let pumping = false;     // a request for the text box is in flight
+let epoch = 0;           // bumped by every model or version switch
+let pumping = null;      // the epoch of the pump in flight (a request for the text box), or null
 let generating = null;   // AbortController of the running generation
 
 function status(text, error = false) {
@@ -127,10 +156,17 @@ async function chooseModel() {
 }
 
 async function chooseVersion() {
+  epoch++; // a pump still waiting on the old session's answer drops it
   await stopGenerating();
   await closeSession();
   const name = $("model").value;
-  const detail = (await api("GET", `/v1/models/${encodeURIComponent(name)}`)).model;
+  let detail;
+  try {
+    detail = (await retried(() => api("GET", `/v1/models/${encodeURIComponent(name)}`))).model;
+  } catch (e) {
+    status(`${e.code || "error"}: ${e.message}`, true);
+    return;
+  }
   const wantedVersion = $("version").value || detail.defaultVersion;
   const resolved = detail.aliases[wantedVersion] || wantedVersion;
   const version = detail.versions.find((v) => `${v.version}` === `${resolved}`);
@@ -150,19 +186,28 @@ async function chooseVersion() {
 
 // ---- token models: feed as you type ---------------------------------------------------------
 
+// Close the session, waiting out a restart of the server (which restores it, and would keep it
+// until its TTL) rather than forgetting it at the first failed call.
 async function closeSession() {
   const old = session;
   session = null;
   showSession();
   if (!old) return;
-  // A generation just stopped may still hold the session for a moment (409 SESSION_BUSY).
-  for (let attempt = 0; attempt < 20; attempt++) {
+  try {
+    await retried(() => deleteWhenIdle(old.id));
+  } catch (e) {
+    // gone already, not ours to close, or the server stayed away
+  }
+}
+
+// A generation just stopped may still hold the session for a moment (409 SESSION_BUSY).
+async function deleteWhenIdle(id) {
+  for (let attempt = 1; ; attempt++) {
     try {
-      await api("DELETE", `/v1/sessions/${old.id}`);
-      return;
+      return await api("DELETE", `/v1/sessions/${id}`);
     } catch (e) {
-      if (e.httpStatus !== 409) return; // gone already, or not ours to close
-      await new Promise((r) => setTimeout(r, 50));
+      if (e.httpStatus !== 409 || attempt >= 20) throw e;
+      await sleep(50);
     }
   }
 }
@@ -171,7 +216,7 @@ async function closeSession() {
 async function stopGenerating() {
   if (!generating) return;
   generating.abort();
-  while (generating) await new Promise((r) => setTimeout(r, 20));
+  while (generating) await sleep(20);
 }
 
 function createBody(prefix) {
@@ -185,47 +230,68 @@ function topK() {
 }
 
 // Bring the session to the text box's text, one request at a time. Appended text is fed as a
-// step; any other edit (backspace, a paste in the middle) restarts from the new text.
+// step; any other edit (backspace, a paste in the middle) restarts from the new text. A pump
+// belongs to the model and version it started on: once they change it stops, dropping any late
+// answer, and leaves the page to a pump of the new choice.
 async function pump() {
-  if (pumping || generating) return;
-  pumping = true;
+  if (generating || pumping === epoch) return;
+  const mine = epoch;
+  const current = () => epoch === mine;
+  pumping = mine;
   let restarted = false;
   try {
-    while (session === null || session.dirty || session.text !== wanted) {
+    while (current() && (session === null || session.dirty || session.text !== wanted)) {
       const target = wanted;
+      const s = session;
       let reply;
-      if (session && !session.dirty && target.startsWith(session.text)) {
+      if (s && !s.dirty && target.startsWith(s.text)) {
         try {
-          reply = await api("POST", `/v1/sessions/${session.id}:step`, {
-            input: { text: target.slice(session.text.length) },
-            expectedPosition: session.position,
-            options: { topK: topK() },
-          });
+          reply = await retried(() => step(s, target), current);
         } catch (e) {
           // The session expired, was closed, or moved on without us: start again from the
           // text at once (once), rather than at the next keystroke.
-          if (restarted || e.code === "RESOURCE_EXHAUSTED" || e.code === "UNAVAILABLE") throw e;
+          if (!current()) return;
+          if (restarted || transient(e) || e.code === "RESOURCE_EXHAUSTED") throw e;
           restarted = true;
-          session.dirty = true;
+          s.dirty = true;
           continue;
         }
-        session.position = reply.position;
-        session.text = target;
+        if (!current()) return;
+        s.position = reply.position;
+        s.text = target;
       } else {
         await closeSession();
+        if (!current()) return;
         reply = await api("POST", "/v1/sessions", createBody(target));
-        session = { id: reply.session.sessionId, text: target, position: reply.session.position };
+        const made = { id: reply.session.sessionId, text: target, position: reply.session.position };
+        if (!current()) {
+          await api("DELETE", `/v1/sessions/${made.id}`).catch(() => {});
+          return;
+        }
+        session = made;
       }
       showSession();
       showBars(reply.prediction);
     }
-    status("");
+    if (current()) status("");
   } catch (e) {
+    if (!current()) return;
     status(`${e.code || "error"}: ${e.message}`, true);
-    if (session) session.dirty = true; // start again from the text at the next keystroke
+    // Start again from the text at the next keystroke; after a failure that was only the
+    // server out of reach, with the same session.
+    if (session && !transient(e)) session.dirty = true;
   } finally {
-    pumping = false;
+    if (pumping === mine) pumping = null;
   }
+}
+
+// Feed the text `target` has beyond what session `s` has consumed.
+function step(s, target) {
+  return api("POST", `/v1/sessions/${s.id}:step`, {
+    input: { text: target.slice(s.text.length) },
+    expectedPosition: s.position,
+    options: { topK: topK() },
+  });
 }
 
 function showBars(prediction) {
@@ -256,12 +322,23 @@ function showBars(prediction) {
   }));
 }
 
+// A session closed or expired under the page is replaced from the text and the generation
+// asked for again, once: pump() alone sends nothing when the text has not changed.
 async function generate() {
   if (generating) return;
-  while (pumping) await new Promise((r) => setTimeout(r, 20));
+  while (pumping !== null) await sleep(20);
   wanted = $("prompt").value;
-  await pump();
-  if (!session || session.dirty || session.text !== wanted) return; // pump said why
+  for (let mayRetry = true; ; mayRetry = false) {
+    await pump();
+    if (!session || session.dirty || session.text !== wanted) return; // pump said why
+    if (!(await streamGeneration(mayRetry))) return;
+    if (session) session.dirty = true;
+  }
+}
+
+// Stream a generation into the text box. True (and nothing shown) when `mayRetry` and the
+// session was gone before the first token, for the caller to replace it and ask again.
+async function streamGeneration(mayRetry) {
   generating = new AbortController();
   $("model").disabled = $("version").disabled = true;
   $("generate").disabled = true;
@@ -278,9 +355,12 @@ async function generate() {
     },
   };
   let finish = "";
+  let tokens = 0;
+  let gone = false;
   try {
     for await (const { event, data } of events(`/v1/sessions/${session.id}:generate`, body, generating.signal)) {
       if (event === "token") {
+        tokens++;
         session.text += data.token.text;
         session.position = data.position;
         $("prompt").value = session.text;
@@ -293,9 +373,10 @@ async function generate() {
     }
     status(`done: ${finish.replace("FINISH_REASON_", "").toLowerCase()} — type on to see the bars again`);
   } catch (e) {
-    if (e.name === "AbortError") status("stopped");
+    if (mayRetry && tokens === 0 && sessionGone(e)) gone = true;
+    else if (e.name === "AbortError") status("stopped");
     else status(`${e.code || "error"}: ${e.message}`, true);
-    await resync();
+    if (!gone) await resync();
   } finally {
     generating = null;
     $("model").disabled = $("version").disabled = false;
@@ -305,6 +386,12 @@ async function generate() {
     wanted = $("prompt").value;
     if (session && utf8.encode(session.text).length !== Number(session.position)) session.dirty = true;
   }
+  return gone;
+}
+
+// Closed, expired, or never known to this server: not the call's fault but the session's.
+function sessionGone(e) {
+  return e instanceof ApiError && ["SESSION_NOT_FOUND", "SESSION_CLOSED"].includes(e.reason);
 }
 
 // After a stopped or failed generation the session may hold tokens this page never saw.
