@@ -15,15 +15,11 @@ from a thread of its own, once the residency is frozen.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import itertools
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from service.engine import eviction_choice
 from service.engine.applied_request import from_record
@@ -40,6 +36,7 @@ from service.errors import (
     Unavailable,
 )
 from service.runtime.state_pool import SlotSnapshot
+from service.sessions.clean_downtimes import CleanDowntimes, modified
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_directory import TierScan
@@ -48,11 +45,6 @@ from service.sessions.spill_tier import SpillTier
 from service.sessions.state_tier import Checkpoints
 
 log = logging.getLogger(__name__)
-
-# In the spill directory: the clean stops' downtimes (wall times [stop, start]) since the oldest
-# checkpoint's last use. A checkpoint not written again keeps its last use from before them
-# all, and the clean-stop marker tells only of the latest stop.
-DOWNTIMES = ".downtimes"
 
 SessionEvent = Callable[[str, Session], None]  # ("evicted" | "restored", session)
 
@@ -79,11 +71,7 @@ class SessionResidency:
         # time they took: the disk's price, for `seqserve_state_write*` (a slow disk shows).
         self.writes = 0
         self.write_seconds = 0.0
-        # The clean stops' downtimes (`DOWNTIMES`), oldest first, and the downtime from each
-        # of them on (one more, 0.0, at the end): what `idle_since` skips.
-        self._downtimes: list[tuple[float, float]] = []
-        self._down_ends: list[float] = []
-        self._down_from: list[float] = [0.0]
+        self._downtimes = CleanDowntimes()  # what `idle_since` skips
 
     # ---- start-up ------------------------------------------------------------------------
 
@@ -119,41 +107,19 @@ class SessionResidency:
     def idle_since(self, last_used_wall: float) -> float:
         """Seconds the server was up since `last_used_wall` (a checkpoint's, a record file's
         write): the wall time since, less the downtime of every clean stop since."""
-        now = self.sessions.wall_clock()
-        i = bisect.bisect_right(self._down_ends, last_used_wall)  # the first stop ending later
-        down = self._down_from[i]
-        if i < len(self._downtimes):  # "used" while down (clocks differ): only the rest skipped
-            down -= max(0.0, last_used_wall - self._downtimes[i][0])
-        return max(0.0, now - last_used_wall - down)
+        return self._downtimes.idle_since(last_used_wall, self.sessions.wall_clock())
 
     def _note_downtimes(self, scan: TierScan) -> None:
-        """Read the clean stops' downtimes (`DOWNTIMES`) and add the one that ends now; keep
-        those a record's last use may precede (on disk too, for the next start). Only in the
-        local spill tier: a shared tier's clock did not stop. One that cannot be read or
-        written is logged: its downtime counts then, as after a crash."""
+        """The clean stops' downtimes, with the one that ends now (`CleanDowntimes`); only in
+        the local spill tier: a shared tier's clock did not stop."""
         tier = self.tier
         if not isinstance(tier, SpillTier):
             return
-        now = self.sessions.wall_clock()
-        path = tier.directory / DOWNTIMES
-        kept = _read_downtimes(path)
-        found = list(kept)
-        if scan.stopped_at is not None and scan.stopped_at < now:
-            found.append((scan.stopped_at, now))
-        oldest = min(
-            itertools.chain(
-                (h.last_used_wall for h in scan.headers),
-                (_modified(tier.path(session_id)) for session_id in scan.broken),
-            ),
-            default=now,
+        last_uses = itertools.chain(
+            (h.last_used_wall for h in scan.headers),
+            (modified(tier.path(session_id)) for session_id in scan.broken),
         )
-        found = [(stop, start) for stop, start in found if start > oldest]
-        if found != kept:
-            _write_downtimes(path, found)
-        self._downtimes = found
-        self._down_ends = [start for _, start in found]
-        lengths = [start - stop for stop, start in reversed(found)]
-        self._down_from = list(itertools.accumulate(lengths, initial=0.0))[::-1]
+        self._downtimes.note(tier.directory, scan.stopped_at, self.sessions.wall_clock(), last_uses)
 
     def adopt(self, session: Session, header: SpillHeader) -> None:
         """A session read back from its checkpoint (`header`) joins the live ones, spilled."""
@@ -390,36 +356,3 @@ class SessionResidency:
         served = self.versions.find(session.model, session.version)
         assert served is not None
         return header_of(session, served.config, self.sessions.last_used_wall(session))
-
-
-def _read_downtimes(path: Path) -> list[tuple[float, float]]:
-    """The clean stops' downtimes kept in `path` (none when there is no such file)."""
-    try:
-        return [(float(stop), float(start)) for stop, start in json.loads(path.read_text())]
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("ignoring unreadable %s (their downtime counts toward TTLs): %s", path, exc)
-        return []
-
-
-def _write_downtimes(path: Path, downtimes: list[tuple[float, float]]) -> None:
-    """`downtimes` to `path`, whole (a crash leaves the old file or a temporary one, which the
-    next start clears), synced."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            json.dump(downtimes, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("could not write %s (the downtime counts at the next start): %s", path, exc)
-
-
-def _modified(path: Path) -> float:
-    """The file's last write (wall time); +inf when it cannot be read."""
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return float("inf")
