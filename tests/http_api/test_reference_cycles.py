@@ -21,6 +21,20 @@ class _Looped:
         self.me = self
 
 
+def _without_yarl_origins(garbage: list[object]) -> list[object]:
+    """`garbage` less yarl's own cycle: an origin URL (`http://host:port`) caches itself as
+    its `origin()` in its `_cache` dict, and yarl keeps URLs in an LRU; one evicted while the
+    rounds run (made by an earlier test, for another server's port: seen after ~50 tests of
+    this folder) is cyclic garbage that no code of ours made or holds."""
+    own = [
+        o
+        for o in garbage
+        if _kind(o) == "yarl.URL" and getattr(o, "_cache", {}).get("_origin") is o
+    ]
+    skip = {id(o) for o in own} | {id(o._cache) for o in own}  # type: ignore[attr-defined]
+    return [o for o in garbage if id(o) not in skip]
+
+
 async def test_http_requests_leave_no_reference_cycles(http: aiohttp.ClientSession) -> None:
     """Create with a prefix, step, generate (server-sent events), a step on an unknown session,
     one at the wrong position, a body that is not JSON, close: three rounds."""
@@ -47,7 +61,7 @@ async def test_http_requests_leave_no_reference_cycles(http: aiohttp.ClientSessi
     statuses.clear()
     garbage = await _garbage(rounds)
     assert statuses == [200, 200, 200, 404, 400, 400, 200] * 3
-    kinds = collections.Counter(_kind(o) for o in garbage)
+    kinds = collections.Counter(_kind(o) for o in _without_yarl_origins(garbage))
     looped = _kind(_Looped())
     assert kinds.pop(looped) == 3  # the audit sees cycles where there are some
     assert not kinds, kinds.most_common(20)
