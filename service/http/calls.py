@@ -24,7 +24,7 @@ from service.api.interceptor import NOT_READY_MESSAGE
 from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
 from service.http.status_map import HttpError
 from service.security import principal
-from service.security.call_auth import CLIENT_HEADER, CallAuth
+from service.security.call_auth import CLIENT_HEADER, CallAuth, Grant
 from service.sessions.session import ROUTE_HEADER
 
 M = TypeVar("M", bound=Message)
@@ -103,6 +103,12 @@ class Calls:
         finally:
             method = grpc_path.rsplit("/", 1)[-1]
             self._observe(method, code, time.perf_counter() - started, "http", reason)
+
+    def grant(self, grpc_path: str, request: web.Request) -> Grant | None:
+        """What a lasting call (a generation sent as server-sent events) checks again before
+        each event, inside `call`: a token revoked or given another role while it streams ends
+        it, as it ends an open gRPC Generate (None: nothing here can be revoked)."""
+        return self._auth.grant(grpc_path, HttpContext(request), principal.current.get())
 
     async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:
         """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in

@@ -144,7 +144,8 @@ class Routes:
         with the finish reason and position, or `error` if the generation fails after its
         first token (also when it outlives a shutdown's grace period: see `end_streams`). An
         error before the first token is a plain JSON error answer. Closing the connection
-        cancels the generation (its tokens so far stay in the session)."""
+        cancels the generation (its tokens so far stay in the session); so does a token
+        revoked while it streams (an `error` event, UNAUTHENTICATED)."""
         response: web.StreamResponse | None = None
         task = asyncio.current_task()
         assert task is not None
@@ -155,10 +156,13 @@ class Routes:
                     message = await self.calls.parse(
                         request, pb.GenerateRequest(), session_id=session_id
                     )
+                    grant = self.calls.grant(SESSIONS + "Generate", request)
                     tokens = self.sessions.Generate(message, HttpContext(request))
                     async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
                         last: pb.GenerateResponse | None = None
                         async for reply in stream:
+                            if grant is not None:
+                                grant.check()  # revoked meanwhile: an `error` event, no more
                             if response is None:  # the generation started: commit to SSE
                                 response = await _event_stream(request)
                             await _send(response, "token", to_json(reply))

@@ -9,9 +9,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from service.security import tokens as tokens_module
 from service.security.tokens import add_token
 from tests.api.certs import Certs
 from tests.api.conftest import ServerFactory
+from tests.http_api.conftest import sse_events
 
 
 @pytest.fixture
@@ -76,3 +78,37 @@ async def test_https_with_the_grpc_certificate_and_client_certificates(
         as_bob = ssl.create_default_context(cafile=str(certs.files["ca.pem"]))
         as_bob.load_cert_chain(bob)
         assert (await http.get(f"{url}/v1/sessions/{sid}", ssl=as_bob)).status == 404
+
+
+async def test_a_revoked_token_ends_a_generation_streaming_as_events(
+    server_factory: ServerFactory,
+    tokens: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As gRPC's Generate: the token's line removed while its events stream, the next event is
+    an `error` (UNAUTHENTICATED) and the generation stops, long before its max_tokens."""
+    monkeypatch.setattr(tokens_module, "_CHECK_EVERY_S", 0.0)  # each check reads the file
+    path, tok = tokens
+    server = await server_factory(server={"http_port": 0}, security={"auth_tokens": path})
+    limit = 2048
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        made = await http.post("/v1/sessions", json={"model": "tok"}, headers=_bearer(tok["bob"]))
+        sid = (await made.json())["session"]["sessionId"]
+        body = {"prompt": {"text": "a"}, "sampling": {"maxTokens": limit}}
+        response = await http.post(
+            f"/v1/sessions/{sid}:generate", json=body, headers=_bearer(tok["bob"])
+        )
+        assert response.status == 200
+        assert (await response.content.readline()).startswith(b"event: token")
+        kept = [line for line in path.read_text().splitlines() if not line.startswith("bob ")]
+        path.with_suffix(".tmp").write_text("\n".join(kept) + "\n")
+        path.with_suffix(".tmp").replace(path)  # as an operator would, atomically
+        events = sse_events("event: token\n" + (await response.text()))
+        assert events[-1][0] == "error", events[-3:]
+        assert events[-1][1]["error"]["status"] == "UNAUTHENTICATED"
+        assert "revoked" in events[-1][1]["error"]["message"]
+        assert len(events) < limit
+        later = await http.get(f"/v1/sessions/{sid}", headers=_bearer(tok["bob"]))
+        assert later.status == 401
+        # alice's token (not revoked) still works while bob's is refused
+        assert (await http.get("/v1/models", headers=_bearer(tok["alice"]))).status == 200
