@@ -6,25 +6,21 @@ when the sweeper finds it idle past its TTL: its slot is freed or its spill reco
 version unpinned, and a version nothing needs any more unloaded in the background.
 
 A session refused since start-up (its record damaged, its journal broken, its version missing
-from the store) ends the same ways: closed by its owner, or expired by the sweeper once its TTL
-has passed since its last use as far as its record tells (`_refused_ttl_end`). Either deletes
-what it kept: its checkpoint, and the journal records recovery held for it.
+from the store) ends the same ways, through `RefusedSessions`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
-import math
 import secrets
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 from service.engine.background import Slices
 from service.engine.durability import Durability
+from service.engine.refused_sessions import RefusedSessions
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_lease import SessionLeases
@@ -32,14 +28,9 @@ from service.engine.session_residency import SessionResidency
 from service.errors import InvalidArgument, SeqServeError, Unavailable
 from service.runtime.sampler import DEFAULT_SAMPLING, SamplingParams, SessionRng
 from service.security.principal import owner_for_new
-from service.sessions.journal import Journal
 from service.sessions.session import Session, made_key, new_session_id, route_of
 from service.sessions.session_store import SessionStore
-from service.sessions.shared_tier import SharedJournal
-from service.sessions.spill_tier import SpillTier
 from service.settings import SessionSettings
-
-log = logging.getLogger(__name__)
 
 
 class SessionLifecycle:
@@ -64,9 +55,7 @@ class SessionLifecycle:
         self._max_generate = max_generate_tokens
         self._observer = observer
         self._chores: set[asyncio.Task[None]] = set()  # unloads started when sessions end
-        # Refused session → when it expires (the store's clock), read from its record once.
-        self._refused_until: dict[str, float] = {}
-        self._soonest = math.inf  # the earliest of them: the sweep looks again from then on
+        self._refused = RefusedSessions(sessions, residency, durability, limits.ttl_seconds)
 
     async def version_for_new_session(self, model: str, version: str) -> ServedVersion:
         """The version a new session of `model` gets (checked: capacity first)."""
@@ -165,8 +154,8 @@ class SessionLifecycle:
             return child
 
     async def close(self, session_id: str) -> Session:
-        if not self._sessions.contains(session_id) and session_id in self._sessions.broken:
-            return self._close_broken(session_id)
+        if self._refused.is_refused(session_id):
+            return self._refused.close(session_id)
         async with self._leases.hold(session_id, bring_in=False) as lease:
             if self._residency.frozen:  # a shutdown is writing it: closing now would race that
                 raise Unavailable(
@@ -175,51 +164,6 @@ class SessionLifecycle:
                 )
             self.end(lease.session, "closed", must_record=True)
             return lease.session
-
-    def _close_broken(self, session_id: str) -> Session:
-        """Close a session refused since start-up (its record unreadable, its journal broken,
-        its version gone): nothing of it can be used, so closing is how its owner lets its
-        record go (it would stay, counted against the tier's bytes, forever). Its END is
-        journaled first (refused, changing nothing, when the journal cannot take it), so no
-        record left in the journal brings it back; then the records recovery held for it
-        go. The reply's session names only its id.
-
-        Not with a shared state tier: the END is fenced there by the epoch of a replica that
-        holds the session, which this one never did (a retry would take the session over
-        again and be refused again, UNAVAILABLE for ever). Refused with its own error instead:
-        a replica that can load its version closes it, or its TTL in the tier ends it."""
-        if self._residency.frozen:
-            raise Unavailable("server is shutting down; close the session once it is back")
-        journal = self._durability.journal
-        if isinstance(journal, SharedJournal):
-            error = self._sessions.broken_error(session_id)  # NOT_FOUND if not the caller's
-            raise error(
-                f"session {session_id!r} cannot be closed on this replica: "
-                f"{self._sessions.broken[session_id]}; close it on a replica that can load "
-                "it, or its TTL in the state tier ends it"
-            )
-        gone = self._refused_stand_in(session_id)
-        gone.owner = self._sessions.broken_owner(session_id)  # NOT_FOUND if not the caller's
-        self._durability.ended(gone, "closed", must_record=True)
-        self._sessions.close_broken(session_id)
-        self._delete_refused(session_id)
-        return gone
-
-    def _refused_stand_in(self, session_id: str) -> Session:
-        """A refused session as its END is written from: of all it was, only its id is sure."""
-        return Session(
-            session_id=session_id, model="", version=0, fingerprint="", slot=None,
-            rng=SessionRng.seeded(0), default_sampling=DEFAULT_SAMPLING, ttl_seconds=0.0,
-            created_at=0.0, last_used=self._sessions.clock(), closed=True,
-        )  # fmt: skip
-
-    def _delete_refused(self, session_id: str) -> None:
-        """What a refused session kept goes: its checkpoint, and its records held in the
-        journal (`Recovery._keep`)."""
-        self._residency.tier.delete(session_id)
-        journal = self._durability.journal
-        if isinstance(journal, Journal):
-            journal.release(session_id)
 
     async def sweep_expired(self, slices: Slices | None = None) -> int:
         """End every session idle past its TTL (leased ones never are), refused ones too, in
@@ -234,66 +178,7 @@ class SessionLifecycle:
                 continue  # used meanwhile
             self.end(session, "expired")
             ended += 1
-        return ended + await self._sweep_refused(slices)
-
-    async def _sweep_refused(self, slices: Slices) -> int:
-        """End the refused sessions idle past their TTL (`_refused_ttl_end`): nothing else frees
-        what they keep on disk, a checkpoint nobody can use counted against the tier's bytes,
-        and one whose owner is unknown cannot even be closed while auth is on. Its END is
-        journaled (a disk refusing it is counted, as for any expiry), so nothing left brings
-        it back; a late request hears it expired. Only with the local spill tier: a shared
-        tier's TTL ends its sessions there."""
-        refused = self._sessions.broken
-        if not (refused or self._refused_until) or not isinstance(self._residency.tier, SpillTier):
-            return 0
-        if refused.keys() == self._refused_until.keys() and self._sessions.clock() <= self._soonest:
-            return 0  # none refused or closed since the last look, none due
-        for closed in self._refused_until.keys() - refused.keys():
-            del self._refused_until[closed]
-        ended = 0
-        for session_id in list(refused):
-            await slices.breathe()
-            if session_id not in refused:
-                continue  # closed while requests ran
-            if self._sessions.contains(session_id):
-                continue  # live (rebuilt from its journal): never a refused one's to end
-            until = self._refused_until.get(session_id)
-            if until is None:  # first seen: its record is read, once
-                until = self._refused_until[session_id] = self._refused_ttl_end(session_id)
-            if self._sessions.clock() > until:
-                self._expire_refused(session_id)
-                ended += 1
-        self._soonest = min(self._refused_until.values(), default=math.inf)
-        return ended
-
-    def _refused_ttl_end(self, session_id: str) -> float:
-        """When a refused session expires, on the store's clock: its TTL after its last use as
-        far as its record tells. A readable checkpoint gives both (its steps journaled since
-        are not timed: the checkpoint's last use stands for them). A record whose header cannot
-        be read gives neither: the default TTL from the file's last write. With no record
-        (refused before its first checkpoint: only its journal records), the default TTL
-        from now, the start that refused it. As for any session, the time the server was down
-        after a clean stop does not count (`SessionResidency.idle_since`)."""
-        now = self._sessions.clock()
-        tier = self._residency.tier
-        assert isinstance(tier, SpillTier)
-        if session_id not in tier:
-            return now + self._ttl_default
-        try:
-            header = tier.read(session_id).header
-        except SeqServeError:
-            last_write = _modified(tier.path(session_id))
-            if last_write is None:
-                return now + self._ttl_default
-            return now - self._residency.idle_since(last_write) + self._ttl_default
-        return now - self._residency.idle_since(header.last_used_wall) + header.ttl_seconds
-
-    def _expire_refused(self, session_id: str) -> None:
-        self._refused_until.pop(session_id, None)
-        log.info("refused session %s expired: what it kept is deleted", session_id)
-        self._durability.ended(self._refused_stand_in(session_id), "expired")
-        self._sessions.ended_earlier(session_id, "expired")
-        self._delete_refused(session_id)
+        return ended + await self._refused.sweep(slices)
 
     def end(
         self, session: Session, why: str, *, journal: bool = True, must_record: bool = False
@@ -342,11 +227,3 @@ class SessionLifecycle:
         task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
-
-
-def _modified(path: Path) -> float | None:
-    """The file's last write (wall time), or None when it cannot be read."""
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
