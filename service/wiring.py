@@ -173,6 +173,7 @@ def build_server_parts(settings: Settings, *, ready: Callable[[], bool]) -> Serv
         engine,
         max_items_per_message=settings.engine.max_items_per_message,
         max_message_bytes=settings.server.max_message_bytes,
+        item_counts=metrics,
     )
     registry_servicer = RegistryServicer(engine.versions)
     calls = Calls(auth, ready, metrics.observe_rpc, settings.server.max_message_bytes)

@@ -15,8 +15,9 @@ from google.rpc import status_pb2
 
 from service.api import convert, reply_wire
 from service.api.error_status import answered_status
+from service.api.in_band import InBand, ItemCounts, error_reply
 from service.api.interceptor import checks_its_requests
-from service.api.stream_mux import StreamMux, error_reply
+from service.api.stream_mux import StreamMux
 from service.engine.session_engine import Feed, FeedOutcome, Line, SessionEngine
 from service.errors import InvalidArgument, SeqServeError
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -27,11 +28,21 @@ from service.sessions.session import ROUTE_HEADER, Session
 
 class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(
-        self, engine: SessionEngine, *, max_items_per_message: int, max_message_bytes: int
+        self,
+        engine: SessionEngine,
+        *,
+        max_items_per_message: int,
+        max_message_bytes: int,
+        item_counts: ItemCounts | None = None,
     ) -> None:
         self.engine = engine
+        self._in_band = InBand(item_counts)  # Stream items' errors, answered and counted
         self._mux = StreamMux(
-            self._feed_items, self._run_item, max_items_per_message, max_message_bytes
+            self._feed_items,
+            self._run_item,
+            max_items_per_message,
+            max_message_bytes,
+            self._in_band,
         )
 
     def _session_pb(self, session: Session) -> types_pb2.Session:
@@ -142,13 +153,13 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             )
         outcomes = iter(await self.engine.feed_many(feeds, line) if feeds else ())
         entries: list[bytes] = []
-        answered: dict[int, status_pb2.Status] = {}  # one status (one error id) per error
+        # Each error's status (one error id however many items it refused), and its items.
+        answered: dict[int, tuple[status_pb2.Status, SeqServeError, int]] = {}
         for k, (session_id, request_id, skip) in enumerate(heads):
             outcome = refused[k] if k in refused else next(outcomes)
             if isinstance(outcome, SeqServeError):
-                status = answered.get(id(outcome))
-                if status is None:
-                    status = answered[id(outcome)] = answered_status(outcome)
+                status, _, count = answered.get(id(outcome)) or (answered_status(outcome), 0, 0)
+                answered[id(outcome)] = (status, outcome, count + 1)
                 error = error_reply(items[k], status)
                 entries.append(reply_wire.message_entry(error.SerializeToString()))
             elif outcome.per_position:
@@ -165,6 +176,8 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                         session_id, request_id, outcome.position, prediction, outcome.tokenizer
                     )
                 )
+        for _, refusal, count in answered.values():
+            self._in_band.count(refusal, count)
         response = pb.StreamResponse()
         response.MergeFromString(b"".join(entries))
         return response

@@ -37,9 +37,7 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-from google.rpc import status_pb2
-
-from service.api.error_status import answered_status
+from service.api.in_band import InBand
 from service.api.interceptor import check_message_size, check_parsed
 from service.api.stream_backlog import Unfinished
 from service.engine.channel import Channel
@@ -56,12 +54,18 @@ _Ready = pb.StreamResponse | list[pb.StreamReply]
 
 class StreamMux:
     def __init__(
-        self, feed_items: FeedItems, run_item: RunItem, max_items: int, max_bytes: int
+        self,
+        feed_items: FeedItems,
+        run_item: RunItem,
+        max_items: int,
+        max_bytes: int,
+        in_band: InBand | None = None,
     ) -> None:
         self._feed_items = feed_items  # a group of plain feeds → a response, a reply each
         self._run_item = run_item  # any other item → its replies (a generation's tokens)
         self._max_items = max_items
         self._max_bytes = max_bytes
+        self._in_band = in_band or InBand()  # errors answered and items counted
 
     async def run(
         self, messages: AsyncIterable[pb.StreamRequest]
@@ -78,6 +82,7 @@ class StreamMux:
                 grant.check()  # a revoked token ends the stream: nothing more is applied
             if not self._inline(message, session_id):
                 break
+            self._in_band.taken(1)
             session_id = message.items[0].session_id
             yield await self._feed_group_now(list(message.items), line)  # one reply: fits
         else:
@@ -108,8 +113,7 @@ class StreamMux:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            status = answered_status(exc)
-            return pb.StreamResponse(replies=[error_reply(item, status) for item in items])
+            return pb.StreamResponse(replies=self._in_band.replies(exc, items))
 
     async def _multiplex(
         self,
@@ -133,10 +137,10 @@ class StreamMux:
             task.add_done_callback(running.discard)
 
         def take(message: pb.StreamRequest) -> None:
+            self._in_band.taken(len(message.items))
             refusal = self._refusal(message)
             if refusal is not None:
-                status = answered_status(refusal)
-                out.put_nowait([error_reply(item, status) for item in message.items])
+                out.put_nowait(self._in_band.replies(refusal, list(message.items)))
             else:
                 self._dispatch(list(message.items), line, out, spawn, unfinished)
 
@@ -288,23 +292,6 @@ class StreamMux:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            out.put_nowait([error_reply(item, answered_status(exc))])
+            out.put_nowait(self._in_band.replies(exc, [item]))
         finally:
             unfinished.done(item.session_id, counted=counted)
-
-
-# The longest id an error reply echoes: longer than any session id the server makes (~100
-# bytes with a routing key) or request id it takes (128), so such an item names nothing; echoed
-# whole, an item just under the message limit made a reply over it, and failed the stream.
-MAX_ECHOED_ID = 256
-
-
-def error_reply(item: pb.StreamItem, status: status_pb2.Status) -> pb.StreamReply:
-    """The in-band reply of an item refused with `status` (`answered_status` of its error).
-    Its ids are echoed unless too long to name anything (`MAX_ECHOED_ID`)."""
-    sid, rid = item.session_id, item.request_id
-    return pb.StreamReply(
-        session_id=sid if len(sid) <= MAX_ECHOED_ID else "",
-        request_id=rid if len(rid) <= MAX_ECHOED_ID else "",
-        error=status,
-    )

@@ -60,6 +60,19 @@ class MetricFamilies:
             "MEMORY_EXHAUSTED) or one principal over its own quota (QUOTA_EXCEEDED).",
             ("reason",), registry=r,
         )  # fmt: skip
+        self._stream_items = Counter(
+            "seqserve_stream_items",
+            "Items read from Stream messages (each a feed or a generation of one session; "
+            "a Stream call is one RPC above however many items it carries).",
+            registry=r,
+        )
+        self._stream_item_errors = Counter(
+            "seqserve_stream_item_errors",
+            "Stream items answered with an error in-band (the stream went on), by gRPC status "
+            "code and, for RESOURCE_EXHAUSTED, the ErrorInfo reason as in seqserve_refusals "
+            '(empty for other codes).',
+            ("code", "reason"), registry=r,
+        )  # fmt: skip
         self._batch_rows = BatchHistogram(
             "seqserve_batch_rows",
             "Rows (sessions) in one batched model step.",

@@ -89,6 +89,21 @@ class Metrics(MetricFamilies):
         if code == "RESOURCE_EXHAUSTED":
             self._refusals.labels(reason if reason in REFUSAL_REASONS else "OTHER").inc()
 
+    def observe_stream_items(self, count: int) -> None:
+        """`count` items read from a Stream message."""
+        self._stream_items.inc(count)
+
+    def observe_stream_item_errors(self, code: str, reason: str, count: int) -> None:
+        """`count` Stream items answered in-band with the status `code` (a gRPC status name)
+        and ErrorInfo `reason`: kept only for RESOURCE_EXHAUSTED, bounded as for calls."""
+        if code not in GRPC_CODES:
+            raise ValueError(f"not a gRPC status code name: {code!r}")
+        if code == "RESOURCE_EXHAUSTED":
+            reason = reason if reason in REFUSAL_REASONS else "OTHER"
+        else:
+            reason = ""
+        self._stream_item_errors.labels(code, reason).inc(count)
+
     def observe_step(self, stats: StepStats) -> None:
         """One batched step of one model version."""
         s = self._series(stats.model, stats.version)

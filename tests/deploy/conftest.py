@@ -80,6 +80,8 @@ def _exercised_metrics() -> Metrics:
     metrics.set_model_info("text", "1", "fp", "lstm", loaded=True)
     metrics.observe_model_load("text", "1", 0.2)
     metrics.observe_rpc("Step", "OK", 0.001)
+    metrics.observe_stream_items(2)
+    metrics.observe_stream_item_errors("RESOURCE_EXHAUSTED", "QUEUE_FULL", 1)
     metrics.observe_step(
         StepStats(
             model="text",

@@ -30,6 +30,8 @@ REQUIRED_PANELS = {
     "Errors by code": "seqserve_rpc_duration_seconds_count",
     # RESOURCE_EXHAUSTED split into the server's capacity and principals' own quotas.
     "Refusals by reason": "seqserve_refusals_total",
+    # A Stream ends OK whatever its items' errors: they are counted apart.
+    "Stream item errors": "seqserve_stream_item_errors_total",
     "State write time": "seqserve_state_write_seconds_total",
 }
 # Grafana's variables, replaced by values Prometheus accepts.

@@ -22,6 +22,7 @@ EXPECTED_ALERTS = {
     "SeqserveDown",
     "SeqserveHighInterTokenLatency",
     "SeqserveHighErrorRatio",
+    "SeqserveHighStreamItemErrorRatio",
     "SeqserveEvictionStorm",
     "SeqservePoolNearFull",
     "SeqserveLongGCPauses",
@@ -153,6 +154,46 @@ def test_error_ratio_unit_test_rejects_counting_client_errors(
 
     assert result.returncode != 0
     assert "alertname: SeqserveHighErrorRatio" in result.stdout + result.stderr
+
+
+ITEM_ERRORS = re.compile(r'seqserve_stream_item_errors_total\{code=~"([^"]+)", ([^}]*)\}')
+
+
+def test_item_error_ratio_counts_what_the_call_ratio_counts() -> None:
+    """The same server-side codes as for calls, quota refusals (a reason the counter has)
+    left out."""
+    ((codes, rest),) = ITEM_ERRORS.findall(ALERTS.read_text())
+
+    assert set(codes.split("|")) == SERVER_SIDE_CODES
+    assert rest == f'reason!="{QUOTA_REASON}"'
+
+
+@pytest.mark.parametrize(
+    ("mutation", "failing_case"),
+    [
+        ('reason!="NONE"', "SeqserveHighStreamItemErrorRatio"),  # quota refusals counted
+        ('code=~"INTERNAL"', "SeqserveHighStreamItemErrorRatio"),  # capacity not counted
+    ],
+)
+def test_item_error_ratio_unit_test_tells_quota_from_capacity(
+    promtool: str, tmp_path: Path, mutation: str, failing_case: str
+) -> None:
+    text = ALERTS.read_text()
+    match = ITEM_ERRORS.search(text)
+    assert match is not None
+    original = match.group(0)
+    if mutation.startswith("reason"):
+        mutated = original.replace(f'reason!="{QUOTA_REASON}"', mutation)
+    else:
+        mutated = original.replace(f'code=~"{match.group(1)}"', mutation)
+    assert mutated != original
+    (tmp_path / "alerts.yml").write_text(text.replace(original, mutated))
+    shutil.copy(ALERTS_TEST, tmp_path / "alerts_test.yml")
+
+    result = _promtool(promtool, "test", "rules", "alerts_test.yml", cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert f"alertname: {failing_case}" in result.stdout + result.stderr
 
 
 QUOTA_MATCHER = f'seqserve_refusals_total{{reason="{QUOTA_REASON}"}}'

@@ -31,6 +31,8 @@ BOUNDED_LABELS = {
 FAMILIES = {
     "seqserve_rpc_duration_seconds": "histogram",
     "seqserve_refusals": "counter",
+    "seqserve_stream_items": "counter",
+    "seqserve_stream_item_errors": "counter",
     "seqserve_batch_rows": "histogram",
     "seqserve_step_phase_seconds": "histogram",
     "seqserve_step_duration_seconds": "histogram",
@@ -243,6 +245,30 @@ def test_refusals_counted_by_reason_from_zero(metrics: Metrics) -> None:
         if s.name == exhausted and s.labels["code"] == "RESOURCE_EXHAUSTED"
     )  # fmt: skip
     assert sum(s.value for s in _samples(metrics) if s.name == refusals) == total == 5
+
+
+def test_stream_items_and_their_in_band_errors_counted(metrics: Metrics) -> None:
+    """Items are not calls: a Stream answering every item with an error is one OK call. The
+    items and their errors are counted apart, the reason kept (bounded) for RESOURCE_EXHAUSTED
+    only, so quota refusals can be told from capacity ones as for calls."""
+    items, errors = "seqserve_stream_items_total", "seqserve_stream_item_errors_total"
+    assert _value(metrics, items) == 0.0  # there before the first item
+    metrics.observe_stream_items(64)
+    metrics.observe_stream_items(1)
+    metrics.observe_stream_item_errors("RESOURCE_EXHAUSTED", "QUEUE_FULL", 60)
+    metrics.observe_stream_item_errors("RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED", 2)
+    metrics.observe_stream_item_errors("RESOURCE_EXHAUSTED", "MADE_UP", 1)
+    metrics.observe_stream_item_errors("NOT_FOUND", "SESSION_NOT_FOUND", 1)
+    metrics.observe_stream_item_errors("NOT_FOUND", "SESSION_EXPIRED", 1)
+
+    assert _value(metrics, items) == 65
+    assert _value(metrics, errors, code="RESOURCE_EXHAUSTED", reason="QUEUE_FULL") == 60
+    assert _value(metrics, errors, code="RESOURCE_EXHAUSTED", reason="QUOTA_EXCEEDED") == 2
+    assert _value(metrics, errors, code="RESOURCE_EXHAUSTED", reason="OTHER") == 1
+    assert _value(metrics, errors, code="NOT_FOUND", reason="") == 2  # one series: bounded
+    assert _value(metrics, "seqserve_rpc_duration_seconds_count", method="Stream") is None
+    with pytest.raises(ValueError, match="gRPC status code"):
+        metrics.observe_stream_item_errors("NOT_A_CODE", "", 1)
 
 
 def test_refusal_reasons_are_the_error_tables_resource_exhausted_rows() -> None:
