@@ -176,10 +176,10 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
                         session_id, request_id, outcome.position, prediction, outcome.tokenizer
                     )
                 )
-        for _, refusal, count in answered.values():
-            self._in_band.count(refusal, count)
         response = pb.StreamResponse()
         response.MergeFromString(b"".join(entries))
+        for _, refusal, count in answered.values():  # counted once answered (a failure
+            self._in_band.count(refusal, count)  # above answers every item, and counts it)
         return response
 
     async def _run_item(self, item: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:

@@ -24,7 +24,7 @@ from service.api.interceptor import NOT_READY_MESSAGE
 from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
 from service.http.status_map import HttpError
 from service.security import principal
-from service.security.call_auth import CLIENT_HEADER, CallAuth, Grant
+from service.security.call_auth import CLIENT_HEADER, CallAuth, current_grant
 from service.sessions.session import ROUTE_HEADER
 
 M = TypeVar("M", bound=Message)
@@ -81,13 +81,20 @@ class Calls:
 
     @contextlib.asynccontextmanager
     async def call(self, grpc_path: str, request: web.Request) -> AsyncIterator[None]:
-        """Around one call of the method at `grpc_path`: the caller's principal, the readiness
+        """Around one call of the method at `grpc_path`: the caller's principal (and its
+        `call_auth.current_grant`, which a lasting call checks again as it goes), the readiness
         gate, the timing (labelled as the interceptor labels gRPC's). Errors propagate;
         `error_answer` turns them into HTTP."""
         started = time.perf_counter()
         code, reason = "OK", ""
         try:
-            principal.current.set(self._auth.principal(grpc_path, HttpContext(request)))
+            context = HttpContext(request)
+            who = self._auth.principal(grpc_path, context)
+            principal.current.set(who)
+            # Taken with the principal, before the body is read: a token revoked from here on
+            # is seen by a generation's `grant.check()` (one taken later would start from the
+            # tokens file as already changed, and never look again).
+            current_grant.set(self._auth.grant(grpc_path, context, who))
             if self.draining:
                 raise Unavailable("server is draining; retry on another replica")
             if not self._ready():
@@ -103,12 +110,6 @@ class Calls:
         finally:
             method = grpc_path.rsplit("/", 1)[-1]
             self._observe(method, code, time.perf_counter() - started, "http", reason)
-
-    def grant(self, grpc_path: str, request: web.Request) -> Grant | None:
-        """What a lasting call (a generation sent as server-sent events) checks again before
-        each event, inside `call`: a token revoked or given another role while it streams ends
-        it, as it ends an open gRPC Generate (None: nothing here can be revoked)."""
-        return self._auth.grant(grpc_path, HttpContext(request), principal.current.get())
 
     async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:
         """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in

@@ -33,6 +33,7 @@ from service.http.calls import Calls, HttpContext, error_answer, json_answer, to
 from service.http.status_map import HttpError
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.security.call_auth import current_grant
 
 SESSIONS = "/seqserve.v1.SessionService/"
 REGISTRY = "/seqserve.v1.ModelRegistry/"
@@ -156,7 +157,9 @@ class Routes:
                     message = await self.calls.parse(
                         request, pb.GenerateRequest(), session_id=session_id
                     )
-                    grant = self.calls.grant(SESSIONS + "Generate", request)
+                    grant = current_grant.get()  # taken with the principal (`Calls.call`)
+                    if grant is not None:
+                        grant.check()  # revoked while the body came: nothing runs
                     tokens = self.sessions.Generate(message, HttpContext(request))
                     async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
                         last: pb.GenerateResponse | None = None

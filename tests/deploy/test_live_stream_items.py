@@ -9,9 +9,11 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 from api.conftest import ServerFactory
-from api.support import item, tokens
+from api.support import item, read_replies, tokens
 
+from service.api import reply_wire
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
@@ -79,3 +81,28 @@ async def test_in_band_item_errors_counted_by_code_and_reason(
 def _code(value: int) -> tuple[int, str]:
     """grpc.StatusCode's value for a google.rpc code number."""
     return next(c.value for c in grpc.StatusCode if c.value[0] == value)
+
+
+async def test_a_message_whose_replies_cannot_be_built_counts_each_item_once(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's errors are counted once its response is built: if building it fails, every
+    item is answered INTERNAL and counted so, not counted again on top of its own error (found
+    by a review: errors outnumbered items, so the alert's ratio could pass 1). The failure is
+    a stand-in: the feed replies' wire bytes broken."""
+    server = await server_factory(server={"metrics_host": "127.0.0.1", "metrics_port": 0})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
+        monkeypatch.setattr(reply_wire, "feed_reply", lambda *_: b"\x0a\x05\x01")  # truncated
+        call = stub.Stream()
+        both = [item("s_no-such-session", "a", tokens(7)), item(sid, "b", tokens(7))]
+        await call.write(pb.StreamRequest(items=both))
+        replies = await read_replies(call, ["a", "b"])
+        await call.done_writing()
+    assert {rid: got[0].error.code for rid, got in replies.items()} == {
+        "a": grpc.StatusCode.INTERNAL.value[0], "b": grpc.StatusCode.INTERNAL.value[0],
+    }  # fmt: skip
+    after = Exposition.parse(await asyncio.to_thread(fetch, server.metrics_port))
+    assert after.total("seqserve_stream_items_total") == 2
+    assert after.total(ERRORS) == after.total(ERRORS, code="INTERNAL") == 2

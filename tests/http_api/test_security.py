@@ -3,7 +3,9 @@ its creator's, TLS with the same certificate, and client certificates with mutua
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -112,3 +114,45 @@ async def test_a_revoked_token_ends_a_generation_streaming_as_events(
         assert later.status == 401
         # alice's token (not revoked) still works while bob's is refused
         assert (await http.get("/v1/models", headers=_bearer(tok["alice"]))).status == 200
+
+
+async def test_a_token_revoked_while_the_body_arrives_generates_nothing(
+    server_factory: ServerFactory,
+    tokens: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The call's principal is taken when its headers arrive, its body read after: a token
+    revoked in between (the tokens file re-read meanwhile by another request) must still be
+    seen. The answer is a 401 and the session does not move (found by a review: the check
+    started from the file as already changed, and the whole generation streamed)."""
+    monkeypatch.setattr(tokens_module, "_CHECK_EVERY_S", 0.0)
+    path, tok = tokens
+    server = await server_factory(server={"http_port": 0}, security={"auth_tokens": path})
+    release = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"prompt": {"text": "a"}, '
+        await release.wait()
+        yield b'"sampling": {"maxTokens": 40}}'
+
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        made = await http.post("/v1/sessions", json={"model": "tok"}, headers=_bearer(tok["bob"]))
+        sid = (await made.json())["session"]["sessionId"]
+        headers = {**_bearer(tok["bob"]), "content-type": "application/json"}
+        call = asyncio.ensure_future(
+            http.post(f"/v1/sessions/{sid}:generate", data=body(), headers=headers)
+        )
+        await asyncio.sleep(0.5)  # its headers taken, the handler waits for the body
+        before = path.read_text()
+        kept = [line for line in before.splitlines() if not line.startswith("bob ")]
+        path.with_suffix(".tmp").write_text("\n".join(kept) + "\n")
+        path.with_suffix(".tmp").replace(path)
+        assert (await http.get("/v1/models", headers=_bearer(tok["alice"]))).status == 200
+        release.set()
+        response = await call
+        assert response.status == 401, await response.text()
+        assert (await response.json())["error"]["status"] == "UNAUTHENTICATED"
+        path.with_suffix(".tmp").write_text(before)
+        path.with_suffix(".tmp").replace(path)  # bob back, to look at his session
+        got = await http.get(f"/v1/sessions/{sid}", headers=_bearer(tok["bob"]))
+        assert (await got.json())["session"].get("position", "0") == "0"  # nothing applied
