@@ -80,7 +80,8 @@ async def test_check_reports_serving_once_started_and_not_found_for_unknown(
             grpc.StatusCode.NOT_FOUND,
             by_grpc=True,  # the standard health servicer's own status
         )
-    assert rpc_counts(server, "Check") == {"OK": 3, "NOT_FOUND": 1}
+    # An aborted call is recorded once its status is sent: the client can see it first.
+    assert await recorded_rpcs(server, "Check", calls=4) == {"OK": 3, "NOT_FOUND": 1}
 
 
 async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: Path) -> None:
@@ -116,7 +117,7 @@ async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: P
                 reason="NOT_READY",
             )
             assert not list(server.engine.sessions)
-            assert rpc_counts(server, "CreateSession") == {"UNAVAILABLE": 1}
+            assert await recorded_rpcs(server, "CreateSession") == {"UNAVAILABLE": 1}
 
             await asyncio.wait_for(server.open(), TIMEOUT)
             assert await _next_status(watch) == SERVING
