@@ -80,9 +80,11 @@ class Calls:
         self.draining = False
 
     @contextlib.asynccontextmanager
-    async def call(self, grpc_path: str, request: web.Request) -> AsyncIterator[None]:
-        """Around one call of the method at `grpc_path`: the caller's principal (and its
-        `call_auth.current_grant`, which a lasting call checks again as it goes), the readiness
+    async def call(
+        self, grpc_path: str, request: web.Request, *, lasting: bool = False
+    ) -> AsyncIterator[None]:
+        """Around one call of the method at `grpc_path`: the caller's principal (and, for a
+        `lasting` call, its `call_auth.current_grant`, to check again as it goes), the readiness
         gate, the timing (labelled as the interceptor labels gRPC's). Errors propagate;
         `error_answer` turns them into HTTP."""
         started = time.perf_counter()
@@ -91,10 +93,11 @@ class Calls:
             context = HttpContext(request)
             who = self._auth.principal(grpc_path, context)
             principal.current.set(who)
-            # Taken with the principal, before the body is read: a token revoked from here on
-            # is seen by a generation's `grant.check()` (one taken later would start from the
-            # tokens file as already changed, and never look again).
-            current_grant.set(self._auth.grant(grpc_path, context, who))
+            if lasting:
+                # Taken with the principal, before the body is read: a token revoked from here
+                # on is seen by a generation's `grant.check()` (one taken later would start
+                # from the tokens file as already changed, and never look again).
+                current_grant.set(self._auth.grant(grpc_path, context, who))
             if self.draining:
                 raise Unavailable("server is draining; retry on another replica")
             if not self._ready():

@@ -152,7 +152,7 @@ class Routes:
         assert task is not None
         self._streams.add(task)
         try:
-            async with self.calls.call(SESSIONS + "Generate", request):
+            async with self.calls.call(SESSIONS + "Generate", request, lasting=True):
                 with self._drainable(task):
                     message = await self.calls.parse(
                         request, pb.GenerateRequest(), session_id=session_id

@@ -87,7 +87,7 @@ class Metrics(MetricFamilies):
             raise ValueError(f"not a protocol: {protocol!r}")
         self._rpc_duration.labels(method, code, protocol).observe(seconds)
         if code == "RESOURCE_EXHAUSTED":
-            self._refusals.labels(reason if reason in REFUSAL_REASONS else "OTHER").inc()
+            self._refusals.labels(_refusal_reason(reason)).inc()
 
     def observe_stream_items(self, count: int) -> None:
         """`count` items read from a Stream message."""
@@ -98,10 +98,7 @@ class Metrics(MetricFamilies):
         and ErrorInfo `reason`: kept only for RESOURCE_EXHAUSTED, bounded as for calls."""
         if code not in GRPC_CODES:
             raise ValueError(f"not a gRPC status code name: {code!r}")
-        if code == "RESOURCE_EXHAUSTED":
-            reason = reason if reason in REFUSAL_REASONS else "OTHER"
-        else:
-            reason = ""
+        reason = _refusal_reason(reason) if code == "RESOURCE_EXHAUSTED" else ""
         self._stream_item_errors.labels(code, reason).inc(count)
 
     def observe_step(self, stats: StepStats) -> None:
@@ -282,3 +279,9 @@ class Metrics(MetricFamilies):
                     queue_depth=self._queue_depth.labels(model, version),
                 )
         return series
+
+
+def _refusal_reason(reason: str) -> str:
+    """A RESOURCE_EXHAUSTED error's `reason` label: its ErrorInfo reason, bounded (OTHER for
+    any the table does not name)."""
+    return reason if reason in REFUSAL_REASONS else "OTHER"
