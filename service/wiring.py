@@ -159,6 +159,7 @@ class ServerParts:
     session_servicer: SessionServicer
     registry_servicer: RegistryServicer
     interceptor: ErrorMappingInterceptor  # errors → statuses, RPC timing, readiness gate
+    auth: CallAuth  # who calls (the interceptor's and the HTTP API's), and its revocation watch
     http: HttpApi  # the HTTP/JSON API over the same servicers (auth, gate and timing its own)
 
 
@@ -187,6 +188,7 @@ def build_server_parts(settings: Settings, *, ready: Callable[[], bool]) -> Serv
         interceptor=ErrorMappingInterceptor(
             metrics.observe_rpc, settings.server.max_message_bytes, ready=ready, auth=auth
         ),
+        auth=auth,
         http=HttpApi(
             Routes(calls, session_servicer, registry_servicer), settings.server.grace_seconds
         ),

@@ -108,20 +108,24 @@ def answered_status(exc: BaseException) -> status_pb2.Status:
     return status
 
 
-async def abort_with(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> bool:
     """End the call with `status`, its details (`rich_status`) in the standard
-    `grpc-status-details-bin` trailer. `context.abort` sends it at once, with no response
-    message (a status set on the context and a normal return would send an empty one first,
-    for a unary call). The `AbortError` it raises is kept by grpc on the call's state and
-    raised again from grpc's own code once the handler returns; it loses its traceback here,
-    whose frames (the handler's, holding the context) made a reference cycle of every failed
-    call."""
+    `grpc-status-details-bin` trailer; False if the call had been ended so already (by the
+    revocation watch, from another task, while its handler went on to fail by itself).
+    `context.abort` sends it at once, with no response message (a status set on the context
+    and a normal return would send an empty one first, for a unary call). The `AbortError` it
+    raises is kept by grpc on the call's state and raised again from grpc's own code once the
+    handler returns; it loses its traceback here, whose frames (the handler's, holding the
+    context) made a reference cycle of every failed call."""
     try:
         await context.abort(
             status_code(status.code),
             status.message,
             trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
         )
+    except grpc.aio.UsageError:  # "Abort already called!": the first status stands
+        return False
     except grpc.aio.AbortError as aborted:
         aborted.__context__ = None  # the error it answers, being handled
         aborted.__traceback__ = None
+    return True

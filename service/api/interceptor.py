@@ -27,9 +27,10 @@ from service.api.error_status import (
     code_name,
     returned_code_name,
 )
-from service.errors import InvalidArgument, NotReady, SeqServeError
+from service.errors import InvalidArgument, NotReady, SeqServeError, Unauthenticated
 from service.security import principal
-from service.security.call_auth import CallAuth, Grant, current_grant
+from service.security.call_auth import REVOKED_MESSAGE, CallAuth, Grant, current_grant
+from service.security.revocation_watch import RevocationWatch
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,18 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         return sized
 
+    def _watch(self, grant: Grant, context: grpc.aio.ServicerContext) -> RevocationWatch:
+        """`grant`'s call, ended by the revocation watch with UNAUTHENTICATED if its token
+        is revoked while it waits (the handler's read or wait then ends with gRPC's abort)."""
+        watch = self._auth.revocations if self._auth is not None else None
+        assert watch is not None, "a grant comes only from a tokens file"
+
+        async def end() -> bool:
+            return await abort_with(context, answered_status(Unauthenticated(REVOKED_MESSAGE)))
+
+        watch.watch(grant, end)
+        return watch
+
     def _check_ready(self, gated: bool) -> None:
         if gated and self._ready is not None and not self._ready():
             raise NotReady(NOT_READY_MESSAGE)
@@ -150,11 +163,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         async for response in fn(request, context):
                             yield response
                         return
-                    # A token revoked while the call is open ends it before its next reply.
-                    async with contextlib.aclosing(fn(request, context)) as responses:
-                        async for response in responses:
-                            grant.check()
-                            yield response
+                    # A token revoked while the call is open ends it before its next reply,
+                    # or, while it waits for its client or its turn, within about 2 s.
+                    watch = self._watch(grant, context)
+                    try:
+                        async with contextlib.aclosing(fn(request, context)) as responses:
+                            async for response in responses:
+                                grant.check()
+                                yield response
+                    finally:
+                        watch.unwatch(grant)
 
             return iterate
 

@@ -235,6 +235,8 @@ class SeqServeServer:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            if self.parts.auth.revocations is not None:
+                await self.parts.auth.revocations.close()
             self._heap.uninstall()
             self.metrics_observer.close()
             self.metrics.stop()

@@ -4,8 +4,9 @@ principal once tokens or client certificates are configured, and registry writes
 
 A call that lasts (a Stream, a generation) holds a `Grant`: when the tokens file's entries
 change while it is open, it authenticates again, and a token revoked or given another role
-ends it. A client certificate is not in the file: it cannot be revoked this way (its CA and
-expiry are what limit it)."""
+ends it (at its next message or reply, or by `RevocationWatch` while it waits). A client
+certificate is not in the file: it cannot be revoked this way (its CA and expiry are what
+limit it)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ from typing import Any
 
 from service.errors import PermissionDenied, SeqServeError, Unauthenticated
 from service.security.principal import Principal
+from service.security.revocation_watch import RevocationWatch
 from service.security.tokens import TokenFile
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 CLIENT_HEADER = "x-seqserve-client"  # set by a proxy (role `proxy`) to the client it verified
 _CN_RE = re.compile(r"^[A-Za-z0-9_.@ -]{1,64}$")  # what a certificate name may be to be a principal
+REVOKED_MESSAGE = (
+    "the call's credentials were revoked or changed while it was open; "
+    "call again with a valid token"
+)
 ADMIN_METHODS = frozenset(
     {"/seqserve.v1.ModelRegistry/SetAlias", "/seqserve.v1.ModelRegistry/DeleteAlias"}
 )
@@ -29,6 +35,8 @@ class CallAuth:
     def __init__(self, tokens: TokenFile | None, client_certificates: bool) -> None:
         self.tokens = tokens
         self.client_certificates = client_certificates
+        # The open lasting calls that wait: ended when revoked (None: nothing can be revoked).
+        self.revocations = RevocationWatch(tokens) if tokens is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -127,11 +135,20 @@ class Grant:
         except SeqServeError:
             who = None
         if who != self._who:
-            raise Unauthenticated(
-                "the call's credentials were revoked or changed while it was open; "
-                "call again with a valid token"
-            )
+            raise Unauthenticated(REVOKED_MESSAGE)
         self._generation = generation  # still good: no re-check until the next change
+
+    def admitted_under(self, generation: int) -> bool:
+        """Whether the call was last found good under the tokens file's `generation`."""
+        return self._generation == generation
+
+    def revoked(self) -> bool:
+        """`check`, as a question."""
+        try:
+            self.check()
+        except Unauthenticated:
+            return True
+        return False
 
 
 # The grant of the lasting call being served (set by the interceptor: Stream reads it).

@@ -1,5 +1,6 @@
 """Tokens revoked (or given another role) while a call is open, over real gRPC: an open Stream
-or Generate ends with UNAUTHENTICATED, and nothing the stream sends afterwards is applied."""
+or Generate ends with UNAUTHENTICATED, an idle one too (the revocation watch), and nothing the
+stream sends afterwards is applied."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.security import revocation_watch
 from service.security import tokens as tokens_module
 from service.security.tokens import add_token
 
 from .conftest import ServerFactory
-from .support import item, tokens
+from .support import item, recorded_rpcs, tokens
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MAX_TOKENS = 2048  # the most one generation may ask for: ended long before, if revoked
@@ -84,10 +86,14 @@ async def _feed(call: grpc.aio.StreamStreamCall, sid: str, rid: str) -> pb.Strea
 
 
 async def test_a_revoked_token_ends_its_open_stream_and_nothing_after_is_applied(
-    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
+    server_factory: ServerFactory,
+    token_file: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The real once-a-second re-read: once new calls with bob's token are refused, his open
-    Stream is too, at its next message, which is not fed; alice's stream goes on."""
+    Stream is too, at its next message, which is not fed; alice's stream goes on. (The
+    revocation watch is kept away: this is the message's own check.)"""
+    monkeypatch.setattr(revocation_watch, "WATCH_EVERY_S", 3600.0)
     path, tok = token_file
     server = await server_factory(security={"auth_tokens": path})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -116,6 +122,113 @@ async def test_a_revoked_token_ends_its_open_stream_and_nothing_after_is_applied
             pb.GetSessionRequest(session_id=bob_sid), metadata=_bearer(tok["bob"])
         )
         assert got.session.position == 1
+
+
+@pytest.mark.parametrize("shape", ["one session", "multiplexed"])
+async def test_an_idle_stream_ends_when_its_token_is_revoked(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]], shape: str
+) -> None:
+    """Bob's Stream sends nothing after its first message (one feed: answered in the stream's
+    own task; two sessions' feeds: the multiplexer's reader waits): it still ends,
+    UNAUTHENTICATED, within a few seconds of the revocation (the tokens file looked at once a
+    second by the revocation watch, no call made to prompt it), counted so; alice's idle
+    stream stays open and goes on; bob's sessions are where his stream left them."""
+    path, tok = token_file
+    server = await server_factory(security={"auth_tokens": path})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub, registry = pb_grpc.SessionServiceStub(channel), reg_grpc.ModelRegistryStub(channel)
+        bob_sids = [
+            await _create(stub, tok["bob"]) for _ in range(2 if shape == "multiplexed" else 1)
+        ]
+        alice_sid = await _create(stub, tok["alice"])
+        bob, alice = (
+            stub.Stream(metadata=_bearer(tok["bob"])),
+            stub.Stream(metadata=_bearer(tok["alice"])),
+        )
+        await bob.write(pb.StreamRequest(items=[item(s, s, tokens(7)) for s in bob_sids]))
+        replies = []
+        while len(replies) < len(bob_sids):
+            replies += (await bob.read()).replies
+        assert [r.position for r in replies] == [1] * len(bob_sids), replies
+        await _feed(alice, alice_sid, "1")
+
+        before = _rewrite(path, "bob", None)  # and no call at all made after it
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(bob.read(), timeout=10.0)
+        assert ended.value.code() == UNAUTHENTICATED
+        assert "revoked" in (ended.value.details() or "")
+        counts = await recorded_rpcs(server, "Stream")
+        assert counts == {"UNAUTHENTICATED": 1.0}, counts
+
+        assert (await _feed(alice, alice_sid, "2")).position == 2  # hers is still good
+        await alice.done_writing()
+        counts = await recorded_rpcs(server, "Stream", calls=2)
+        assert counts == {"UNAUTHENTICATED": 1.0, "OK": 1.0}, counts
+
+        path.write_text(before)
+        await _until(True, registry, tok["bob"])
+        for sid in bob_sids:
+            got = await stub.GetSession(
+                pb.GetSessionRequest(session_id=sid), metadata=_bearer(tok["bob"])
+            )
+            assert got.session.position == 1
+    watch = server.parts.auth.revocations
+    assert watch is not None and watch.ended == 1 and len(watch) == 0
+
+
+async def test_streams_feeding_generating_and_idle_all_end_when_revoked(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
+) -> None:
+    """The watch and the calls' own checks race (a stream feeding as fast as it can, one
+    generating, one idle, with the real once-a-second re-read): each call ends once, with
+    UNAUTHENTICATED, none with another status, and the server goes on serving alice."""
+    path, tok = token_file
+    server = await server_factory(security={"auth_tokens": path})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        sids = [await _create(stub, tok["bob"]) for _ in range(3)]
+        calls = [stub.Stream(metadata=_bearer(tok["bob"])) for _ in sids]
+        feeding, generating, idle = calls
+        await _feed(idle, sids[2], "1")
+        generate = types.Sampling(max_tokens=MAX_TOKENS)
+        await generating.write(
+            pb.StreamRequest(items=[item(sids[1], "g", tokens(1), generate=generate)])
+        )
+        assert (await generating.read()).replies[0].HasField("token")
+
+        async def feed_on() -> int:
+            n = 0
+            while True:
+                try:
+                    await _feed(feeding, sids[0], str(n))
+                except asyncio.InvalidStateError:  # ended (by the watch) between two feeds
+                    await feeding.read()  # raises the call's status
+                n += 1
+
+        async def generate_on() -> None:
+            while True:
+                replies = (await generating.read()).replies
+                assert not any(r.token.finish_reason for r in replies), "it outlived its token"
+
+        feeder, generator = asyncio.create_task(feed_on()), asyncio.create_task(generate_on())
+        await asyncio.sleep(0.3)  # both running
+        assert not feeder.done() and not generator.done()
+        _rewrite(path, "bob", None)
+        for running in (feeder, generator, asyncio.ensure_future(idle.read())):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(running, timeout=10.0)
+            assert ended.value.code() == UNAUTHENTICATED, ended.value
+        counts = await recorded_rpcs(server, "Stream", calls=3)
+        assert counts == {"UNAUTHENTICATED": 3.0}, counts
+
+        alice_sid = await _create(stub, tok["alice"])
+        alice = stub.Stream(metadata=_bearer(tok["alice"]))
+        assert (await _feed(alice, alice_sid, "1")).position == 1
+        await alice.done_writing()
+        counts = await recorded_rpcs(server, "Stream", calls=4)
+        assert counts == {"UNAUTHENTICATED": 3.0, "OK": 1.0}, counts
+    watch = server.parts.auth.revocations
+    assert watch is not None and len(watch) == 0  # every call, ended or not, let go
 
 
 @pytest.mark.parametrize("change", ["revoked", "made admin"])
