@@ -119,7 +119,7 @@ class Grant:
         self, auth: CallAuth, tokens: TokenFile, method: str, context: Any, who: Principal
     ) -> None:
         self._auth, self._tokens, self._method, self._context = auth, tokens, method, context
-        self._who = who
+        self._who: Principal | None = who  # None once ended (`end`): no principal is it
         self._generation = tokens.generation
 
     def check(self) -> None:
@@ -134,9 +134,15 @@ class Grant:
             who = self._auth.principal(self._method, self._context)
         except SeqServeError:
             who = None
-        if who != self._who:
+        if who is None or who != self._who:
             raise Unauthenticated(REVOKED_MESSAGE)
         self._generation = generation  # still good: no re-check until the next change
+
+    def end(self) -> None:
+        """The call was ended for a revocation (by the watch, from outside): every later
+        check fails, even if its token is good again by then (it must not go on as if not
+        ended: its client has its status)."""
+        self._who, self._generation = None, -1
 
     def admitted_under(self, generation: int) -> bool:
         """Whether the call was last found good under the tokens file's `generation`."""

@@ -97,7 +97,7 @@ class TokenFile:
         if stamp == self._stamp and not force:
             return
         try:
-            entries = parse(self.path.read_text(), str(self.path))
+            entries = parse(_text(self.path), str(self.path))
         except (OSError, InvalidArgument) as exc:
             if force:
                 raise
@@ -130,6 +130,13 @@ class TokenFile:
             if hmac.compare_digest(entry.sha256, wanted):
                 found = entry.principal
         return found
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode()
+    except UnicodeDecodeError as exc:  # a binary file or another encoding: malformed
+        raise InvalidArgument(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def add_token(path: Path, principal: str, role: str) -> str:

@@ -124,3 +124,84 @@ async def test_closing_stops_the_watch(tmp_path: Path) -> None:
     assert task is not None and not task.done()
     await watch.close()
     assert task.cancelled() and watch._task is None and len(watch) == 0
+
+
+async def test_a_call_whose_end_hangs_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """An abort waits until its status is sent (a client that reads nothing holds it up):
+    the other revoked calls are ended all the same, and closing cancels the hung ending."""
+    path = tmp_path / "tokens"
+    token = add_token(path, "bob", "client")
+    tokens = TokenFile(path)
+    auth = CallAuth(tokens, client_certificates=False)
+    watch = RevocationWatch(tokens, every_s=EVERY_S)
+    context = Context(authorization=f"Bearer {token}")
+    who = auth.principal(METHOD, context)
+    hung = asyncio.Event()
+
+    async def hangs() -> bool:
+        hung.set()
+        await asyncio.Event().wait()  # never
+        return True
+
+    ends = Ends()
+    first, second = auth.grant(METHOD, context, who), auth.grant(METHOD, context, who)
+    assert first is not None and second is not None
+    watch.watch(first, hangs)
+    watch.watch(second, ends.of("second"))
+    path.write_text("")
+    await _settle(watch)
+    assert hung.is_set() and ends.calls == {"second": 1} and watch.ended == 1
+    await watch.close()  # the hung ending is cancelled, not left behind
+    assert not watch._ending
+
+
+async def test_an_ended_call_fails_its_checks_even_with_its_token_back(tmp_path: Path) -> None:
+    """Ended by the watch, a call's own next check must fail though the token was restored
+    meanwhile: its client has its status, the handler must not go on."""
+    path = tmp_path / "tokens"
+    token = add_token(path, "bob", "client")
+    before = path.read_text()
+    tokens = TokenFile(path)
+    auth = CallAuth(tokens, client_certificates=False)
+    watch = RevocationWatch(tokens, every_s=EVERY_S)
+    context = Context(authorization=f"Bearer {token}")
+    grant = auth.grant(METHOD, context, auth.principal(METHOD, context))
+    assert grant is not None
+    watch.watch(grant, Ends().of("bob"))
+    path.write_text("")
+    await _settle(watch)
+    path.write_text(before)
+    assert auth.principal(METHOD, context) is not None  # the token is good again
+    assert grant.revoked()
+
+
+async def test_a_pass_that_fails_does_not_stop_the_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "tokens"
+    token = add_token(path, "bob", "client")
+    tokens = TokenFile(path)
+    auth = CallAuth(tokens, client_certificates=False)
+    watch = RevocationWatch(tokens, every_s=EVERY_S)
+    context = Context(authorization=f"Bearer {token}")
+    grant = auth.grant(METHOD, context, auth.principal(METHOD, context))
+    assert grant is not None
+    failures = [RuntimeError("a disk error"), RuntimeError("again")]
+    refresh = tokens.refresh
+
+    def flaky() -> int:
+        if failures:
+            raise failures.pop()
+        return refresh()
+
+    monkeypatch.setattr(tokens, "refresh", flaky)
+    ends = Ends()
+    watch.watch(grant, ends.of("bob"))
+    for _ in range(100):
+        if not failures:
+            break
+        await asyncio.sleep(EVERY_S)
+    assert not failures, "the watch stopped looking after a failed pass"
+    path.write_text("")
+    await _settle(watch)
+    assert ends.calls == {"bob": 1}

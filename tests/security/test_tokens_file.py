@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.cli.main import main
+from service.errors import InvalidArgument
 from service.security.principal import Principal
 from service.security.tokens import TokenFile, add_token
 
@@ -67,3 +68,16 @@ def test_the_generation_moves_only_when_the_entries_change(tmp_path: Path) -> No
     tokens.reload()
     assert tokens.generation == start + 2
     assert tokens.authenticate(bob) is None
+
+
+def test_a_file_that_is_not_utf8_is_malformed(tmp_path: Path) -> None:
+    """Refused at start with a clear error; rewritten so later, the last good entries stay."""
+    path = tmp_path / "tokens"
+    path.write_bytes(b"alice client \xff\xfe\n")
+    with pytest.raises(InvalidArgument, match="not UTF-8 text"):
+        TokenFile(path)
+    alice = add_token(path := tmp_path / "good", "alice", "client")
+    tokens = TokenFile(path)
+    path.write_bytes(b"\xff" * 10)
+    tokens.reload()
+    assert tokens.authenticate(alice) == Principal("alice", "client")
