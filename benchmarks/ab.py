@@ -52,10 +52,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--store", type=Path, default=REPO / "model_store")
     p.add_argument("--model", default="bytes-lstm")
     p.add_argument("--no-pin", action="store_true")
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="run each tree's bare echo server (benchmarks.echo_server), not the service: for a "
+        "change to the event loop or server set-up they share, which moves the ceiling too",
+    )
     return p.parse_args(argv)
 
 
 def _serve(name: str, tree: Path, args: argparse.Namespace, scratch: Path, cpus) -> ServerProcess:  # type: ignore[no-untyped-def]
+    if args.echo:
+        return start_server(
+            name, ["-m", "benchmarks.echo_server", "--port", "0"], scratch, cpus, cwd=tree
+        )
     argv = ["-m", "service.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "0", "--http-port", "-1", "--store", str(args.store),
             "--spill-dir", str(scratch / f"spill-{name}")]  # fmt: skip

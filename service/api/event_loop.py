@@ -9,12 +9,18 @@ Measured on one pinned core at 64 streaming sessions, one token per message: see
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+POLLER_THREAD = "_poll_wrapper"  # in the name of the thread gRPC's asyncio polls its queue on
 
 
 def loop_name() -> str:
@@ -41,8 +47,9 @@ def grpc_server(
     reuse_port: bool = False,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
-    """A gRPC asyncio server with the service's options."""
-    return grpc.aio.server(
+    """A gRPC asyncio server with the service's options, its poller thread made SCHED_BATCH
+    (`batch_poller`)."""
+    server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
             # Requests up to twice the limit reach our code, which refuses those over it with
@@ -55,3 +62,27 @@ def grpc_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
+    batch_poller()
+    return server
+
+
+def batch_poller() -> bool:
+    """Put gRPC asyncio's poller thread in SCHED_BATCH: the same share of the CPU, but its
+    wake-ups no longer preempt the thread running. gRPC's asyncio polls its completion queue on
+    a thread of its own (started with the first server or channel) that takes the GIL for each
+    batch of events; on a busy core, every wake-up preempted the event loop in the middle of a
+    step (torch lets go of the GIL at each op), and the step's weights fell out of the cache
+    meanwhile. Measured on one pinned core, side by side: 64 streams +23% tokens/s, 64
+    generations +21%, the bare echo server likewise (README, "Where the time goes"). False
+    where there is no such thread or no SCHED_BATCH (not Linux): nothing changes then."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return False
+    done = False
+    for thread in threading.enumerate():
+        if POLLER_THREAD in thread.name and thread.native_id is not None:
+            try:
+                os.sched_setscheduler(thread.native_id, os.SCHED_BATCH, os.sched_param(0))
+                done = True
+            except OSError as exc:  # a policy this container may not set
+                log.info("gRPC's poller thread left as it was: %s", exc)
+    return done

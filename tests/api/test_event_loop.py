@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import threading
 
 import pytest
 
@@ -46,3 +48,18 @@ async def test_without_reuse_port_a_second_server_cannot_take_the_port() -> None
             second.add_insecure_port(f"127.0.0.1:{port}")
     finally:
         await first.stop(None)
+
+
+async def test_grpcs_poller_thread_is_made_sched_batch_and_nothing_else_is() -> None:
+    """Its wake-ups must not preempt the loop mid-step (`batch_poller`); the loop's own
+    thread and the others keep their policy."""
+    pollers = [t for t in threading.enumerate() if event_loop.POLLER_THREAD in t.name]
+    for t in pollers:  # made so by an earlier server in this process: undo it first
+        os.sched_setscheduler(t.native_id, os.SCHED_OTHER, os.sched_param(0))
+    server = event_loop.grpc_server(1024)
+    pollers = [t for t in threading.enumerate() if event_loop.POLLER_THREAD in t.name]
+    assert len(pollers) == 1, [t.name for t in threading.enumerate()]
+    assert os.sched_getscheduler(pollers[0].native_id) == os.SCHED_BATCH
+    others = [t for t in threading.enumerate() if t not in pollers and t.native_id]
+    assert all(os.sched_getscheduler(t.native_id) == os.SCHED_OTHER for t in others)
+    await server.stop(None)
