@@ -72,9 +72,10 @@ def batch_poller() -> bool:
     a thread of its own (started with the first server or channel) that takes the GIL for each
     batch of events; on a busy core, every wake-up preempted the event loop in the middle of a
     step (torch lets go of the GIL at each op), and the step's weights fell out of the cache
-    meanwhile. Measured on one pinned core, side by side: 64 streams +23% tokens/s, 64
-    generations +21%, the bare echo server likewise (README, "Where the time goes"). False
-    where there is no such thread or no SCHED_BATCH (not Linux): nothing changes then."""
+    meanwhile. Measured on one pinned core, side by side (README, "Twentieth pass"): 64
+    generations +12–21% tokens/s, 64 streams between none and +23% by the hour, the bare echo
+    server faster too. False where there is no such thread or no SCHED_BATCH (not Linux):
+    nothing changes then."""
     if not hasattr(os, "SCHED_BATCH"):
         return False
     done = False
