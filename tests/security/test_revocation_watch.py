@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.security import tokens as tokens_module
-from service.security.call_auth import CallAuth
+from service.security.call_auth import CallAuth, Grant
 from service.security.revocation_watch import RevocationWatch
 from service.security.tokens import TokenFile, add_token
 
@@ -37,6 +37,27 @@ class Ends:
             return not gone
 
         return end
+
+
+class Bob:
+    """One principal's tokens file, its `CallAuth`, a watch over it, and its calls' grants."""
+
+    def __init__(self, tmp_path: Path, every_s: float = EVERY_S) -> None:
+        self.path = tmp_path / "tokens"
+        token = add_token(self.path, "bob", "client")
+        self.tokens = TokenFile(self.path)
+        self.auth = CallAuth(self.tokens, client_certificates=False)
+        self.watch = RevocationWatch(self.tokens, every_s=every_s)
+        self.context = Context(authorization=f"Bearer {token}")
+
+    def grant(self) -> Grant:
+        """A new call's grant."""
+        grant = self.auth.grant(METHOD, self.context, self.auth.principal(METHOD, self.context))
+        assert grant is not None
+        return grant
+
+    def revoke(self) -> None:
+        self.path.write_text("")
 
 
 async def _settle(watch: RevocationWatch) -> None:
@@ -89,37 +110,23 @@ async def test_revoked_calls_end_once_and_the_others_go_on(tmp_path: Path) -> No
 async def test_an_end_that_fails_is_not_counted_and_the_watch_goes_on(tmp_path: Path) -> None:
     """A call whose client went away as it was ended (its abort raised): not counted, and
     the other revoked calls are still ended."""
-    path = tmp_path / "tokens"
-    token = add_token(path, "bob", "client")
-    tokens = TokenFile(path)
-    auth = CallAuth(tokens, client_certificates=False)
-    watch = RevocationWatch(tokens, every_s=EVERY_S)
-    context = Context(authorization=f"Bearer {token}")
-    who = auth.principal(METHOD, context)
+    bob = Bob(tmp_path)
 
     async def fails() -> bool:
         raise RuntimeError("the call had finished")
 
     ends = Ends()
-    first, second = auth.grant(METHOD, context, who), auth.grant(METHOD, context, who)
-    assert first is not None and second is not None
-    watch.watch(first, fails)
-    watch.watch(second, ends.of("second"))
-    path.write_text("")
-    await _settle(watch)
-    assert ends.calls == {"second": 1} and watch.ended == 1 and len(watch) == 0
+    bob.watch.watch(bob.grant(), fails)
+    bob.watch.watch(bob.grant(), ends.of("second"))
+    bob.revoke()
+    await _settle(bob.watch)
+    assert ends.calls == {"second": 1} and bob.watch.ended == 1 and len(bob.watch) == 0
 
 
 async def test_closing_stops_the_watch(tmp_path: Path) -> None:
-    path = tmp_path / "tokens"
-    token = add_token(path, "bob", "client")
-    tokens = TokenFile(path)
-    auth = CallAuth(tokens, client_certificates=False)
-    watch = RevocationWatch(tokens, every_s=3600.0)
-    context = Context(authorization=f"Bearer {token}")
-    grant = auth.grant(METHOD, context, auth.principal(METHOD, context))
-    assert grant is not None
-    watch.watch(grant, Ends().of("bob"))
+    bob = Bob(tmp_path, every_s=3600.0)
+    watch = bob.watch
+    watch.watch(bob.grant(), Ends().of("bob"))
     task = watch._task
     assert task is not None and not task.done()
     await watch.close()
@@ -129,13 +136,8 @@ async def test_closing_stops_the_watch(tmp_path: Path) -> None:
 async def test_a_call_whose_end_hangs_does_not_hold_up_the_others(tmp_path: Path) -> None:
     """An abort waits until its status is sent (a client that reads nothing holds it up):
     the other revoked calls are ended all the same, and closing cancels the hung ending."""
-    path = tmp_path / "tokens"
-    token = add_token(path, "bob", "client")
-    tokens = TokenFile(path)
-    auth = CallAuth(tokens, client_certificates=False)
-    watch = RevocationWatch(tokens, every_s=EVERY_S)
-    context = Context(authorization=f"Bearer {token}")
-    who = auth.principal(METHOD, context)
+    bob = Bob(tmp_path)
+    watch = bob.watch
     hung = asyncio.Event()
 
     async def hangs() -> bool:
@@ -144,11 +146,9 @@ async def test_a_call_whose_end_hangs_does_not_hold_up_the_others(tmp_path: Path
         return True
 
     ends = Ends()
-    first, second = auth.grant(METHOD, context, who), auth.grant(METHOD, context, who)
-    assert first is not None and second is not None
-    watch.watch(first, hangs)
-    watch.watch(second, ends.of("second"))
-    path.write_text("")
+    watch.watch(bob.grant(), hangs)
+    watch.watch(bob.grant(), ends.of("second"))
+    bob.revoke()
     await _settle(watch)
     assert hung.is_set() and ends.calls == {"second": 1} and watch.ended == 1
     await watch.close()  # the hung ending is cancelled, not left behind
@@ -158,50 +158,38 @@ async def test_a_call_whose_end_hangs_does_not_hold_up_the_others(tmp_path: Path
 async def test_an_ended_call_fails_its_checks_even_with_its_token_back(tmp_path: Path) -> None:
     """Ended by the watch, a call's own next check must fail though the token was restored
     meanwhile: its client has its status, the handler must not go on."""
-    path = tmp_path / "tokens"
-    token = add_token(path, "bob", "client")
-    before = path.read_text()
-    tokens = TokenFile(path)
-    auth = CallAuth(tokens, client_certificates=False)
-    watch = RevocationWatch(tokens, every_s=EVERY_S)
-    context = Context(authorization=f"Bearer {token}")
-    grant = auth.grant(METHOD, context, auth.principal(METHOD, context))
-    assert grant is not None
-    watch.watch(grant, Ends().of("bob"))
-    path.write_text("")
-    await _settle(watch)
-    path.write_text(before)
-    assert auth.principal(METHOD, context) is not None  # the token is good again
+    bob = Bob(tmp_path)
+    before = bob.path.read_text()
+    grant = bob.grant()
+    bob.watch.watch(grant, Ends().of("bob"))
+    bob.revoke()
+    await _settle(bob.watch)
+    bob.path.write_text(before)
+    assert bob.auth.principal(METHOD, bob.context) is not None  # the token is good again
     assert grant.revoked()
 
 
 async def test_a_pass_that_fails_does_not_stop_the_watch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "tokens"
-    token = add_token(path, "bob", "client")
-    tokens = TokenFile(path)
-    auth = CallAuth(tokens, client_certificates=False)
-    watch = RevocationWatch(tokens, every_s=EVERY_S)
-    context = Context(authorization=f"Bearer {token}")
-    grant = auth.grant(METHOD, context, auth.principal(METHOD, context))
-    assert grant is not None
+    bob = Bob(tmp_path)
+    grant = bob.grant()
     failures = [RuntimeError("a disk error"), RuntimeError("again")]
-    refresh = tokens.refresh
+    refresh = bob.tokens.refresh
 
     def flaky() -> int:
         if failures:
             raise failures.pop()
         return refresh()
 
-    monkeypatch.setattr(tokens, "refresh", flaky)
+    monkeypatch.setattr(bob.tokens, "refresh", flaky)
     ends = Ends()
-    watch.watch(grant, ends.of("bob"))
+    bob.watch.watch(grant, ends.of("bob"))
     for _ in range(100):
         if not failures:
             break
         await asyncio.sleep(EVERY_S)
     assert not failures, "the watch stopped looking after a failed pass"
-    path.write_text("")
-    await _settle(watch)
+    bob.revoke()
+    await _settle(bob.watch)
     assert ends.calls == {"bob": 1}
