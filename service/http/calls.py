@@ -8,6 +8,7 @@ and its certificate through `auth_context()`, which `HttpContext` gives them fro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -78,6 +80,14 @@ class Calls:
         self._observe = observe
         self.max_body_bytes = max_body_bytes
         self.draining = False
+        self._in_flight = 0  # calls between entering `call` and leaving it
+        self._settled = asyncio.Event()  # set while none is
+
+    async def settled(self) -> None:
+        """Returns once no call is in flight (a draining server refuses new ones at once)."""
+        while self._in_flight:
+            self._settled.clear()
+            await self._settled.wait()
 
     @contextlib.asynccontextmanager
     async def call(
@@ -89,6 +99,7 @@ class Calls:
         `error_answer` turns them into HTTP."""
         started = time.perf_counter()
         code, reason = "OK", ""
+        self._in_flight += 1
         try:
             context = HttpContext(request)
             who = self._auth.principal(grpc_path, context)
@@ -111,6 +122,9 @@ class Calls:
             reason = exc.reason if isinstance(exc, SeqServeError) else ""
             raise
         finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._settled.set()
             method = grpc_path.rsplit("/", 1)[-1]
             self._observe(method, code, time.perf_counter() - started, "http", reason)
 
@@ -123,6 +137,13 @@ class Calls:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:  # chunked, no length given: cut off at the cap
             raise _too_large(self.max_body_bytes + 1, self.max_body_bytes) from None
+        except web.RequestPayloadError as exc:  # bytes that do not decode as they say
+            if isinstance(exc.__cause__, ContentEncodingError):
+                encoding = quote(request.headers.get("Content-Encoding", ""))
+                why = f"it does not decode as its Content-Encoding, {encoding}"
+            else:  # a chunked body with a malformed chunk, say
+                why = type(exc.__cause__ or exc).__name__
+            raise InvalidArgument(f"the request body could not be read: {why}") from None
         if len(raw) > self.max_body_bytes:
             raise _too_large(len(raw), self.max_body_bytes)
         if raw.strip():

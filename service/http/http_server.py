@@ -32,6 +32,8 @@ class RefusedRequestFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError):  # a body that does not decode: the
+            exc = exc.__cause__  # call was answered 400; aiohttp then fails to drain the rest
         if isinstance(exc, HttpProcessingError):
             record.msg = "refused an HTTP request from %s that does not parse: %s (HTTP %d)"
             record.args = (_peer(record), type(exc).__name__, exc.code)
@@ -65,6 +67,7 @@ class HttpApi:
             middlewares=[guard(lambda: self._loopback)],
         )
         routes.add_to(self.app)
+        self.app.on_response_prepare.append(_close_after_unread_body)
         document = openapi_document()
 
         async def openapi(_: web.Request) -> web.Response:
@@ -72,7 +75,9 @@ class HttpApi:
 
         self.app.router.add_get("/v1/openapi.json", openapi)
         self.app.router.add_get("/", _index)
-        self.app.router.add_static("/static/", STATIC_DIR, append_version=False)
+        # The page's two files by name, not a directory: any other path under /static/ is the
+        # guard's JSON 404, as for every path that is no route.
+        self.app.router.add_get("/static/{name}", _asset)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -113,19 +118,41 @@ class HttpApi:
         self.calls.draining = True
 
     async def stop(self) -> None:
-        """Close the listener and the connections (calls in flight had the grace period). A
-        generation still streaming when the grace period ends gets its `error` event (DRAINING)
-        and a finished body first, while its connection is open: the runner would only cancel
-        it (after twice the grace period) and cut the body off."""
-        if self._runner is not None:
-            loop = asyncio.get_running_loop()
-            ending = loop.call_later(self._grace_seconds, self._routes.end_streams)
-            try:
-                await self._runner.cleanup()
-            finally:
-                ending.cancel()
-            self._runner = None
+        """Refuse new calls (503) while the calls in flight finish, for up to the grace period,
+        then close the listener and the connections. Until then a client on a kept-alive
+        connection or a new one gets the JSON 503 (DRAINING), not a refused connection. A
+        generation still streaming when the grace period ends gets its `error` event
+        (DRAINING) and a finished body first, while its connection is open: the runner would
+        only cancel it (after the grace period again) and cut the body off."""
+        if self._runner is None:
+            return
+        self.begin_draining()
+        try:
+            await asyncio.wait_for(self.calls.settled(), self._grace_seconds)
+        except TimeoutError:
+            self._routes.end_streams()
+        await self._runner.cleanup()
+        self._runner = None
+
+
+async def _close_after_unread_body(request: web.Request, response: web.StreamResponse) -> None:
+    """A request whose body failed to read (it does not decode as its Content-Encoding) is
+    answered with `Connection: close`: what follows the bad bytes on the connection is not a
+    request. (The hook runs after aiohttp wrote its headers' values, hence the header.)"""
+    if isinstance(request.content.exception(), web.RequestPayloadError):
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 async def _index(_: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+_ASSETS = frozenset({"playground.js", "playground.css"})
+
+
+async def _asset(request: web.Request) -> web.FileResponse:
+    name = request.match_info["name"]
+    if name not in _ASSETS:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})

@@ -3,6 +3,8 @@ gRPC code, a JSON error body, and leaves the session (and the server) as they we
 
 from __future__ import annotations
 
+import logging
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -136,3 +138,31 @@ async def test_before_ready_and_while_draining_it_is_503(
         server.parts.http.begin_draining()  # what stop() does first
         error = await _error(await http.get(f"/v1/sessions/{sid}"), 503, "UNAVAILABLE")
         assert "draining" in error["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(
+    http: aiohttp.ClientSession,
+    http_server: SeqServeServer,
+    encoding: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sid = await _session(http)
+    for url in (f"/v1/sessions/{sid}:step", "/v1/sessions", f"/v1/sessions/{sid}:generate"):
+        answer = await http.post(
+            url, data=b"not compressed at all", headers={"Content-Encoding": encoding}
+        )
+        error = await _error(answer, 400, "INVALID_ARGUMENT")
+        assert "does not decode as its Content-Encoding" in error["message"], error
+        assert answer.headers["Connection"] == "close"  # the rest of the body is not read
+    session = await (await http.get(f"/v1/sessions/{sid}")).json()
+    assert session["session"]["position"] == "0"
+    assert 'code="INTERNAL"' not in http_server.metrics.render().decode()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # A body that does decode as it says is read as usual.
+    packed = zlib.compress(b'{"input": {"text": "ab"}}')
+    answer = await http.post(
+        f"/v1/sessions/{sid}:step", data=packed, headers={"Content-Encoding": "deflate"}
+    )
+    assert answer.status == 200, await answer.text()
+    assert (await answer.json())["position"] == "2"

@@ -125,8 +125,17 @@ async def test_a_generation_past_the_shutdown_grace_ends_with_a_draining_error(
         first = await response.content.readuntil(b"\n\n")
         assert first.startswith(b"event: token"), first
         stopping = asyncio.create_task(server.stop())  # as SIGTERM does
+        rest = asyncio.create_task(response.read())
+        # Within the grace period the listener is still open: a new call, on a connection of
+        # its own, is refused with the JSON 503 (DRAINING), not a refused connection.
+        await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as other:
+            refused = await other.get("/v1/models")
+            assert refused.status == 503
+            error = (await refused.json())["error"]
+            assert error["details"][0]["reason"] == "DRAINING", error
         # The whole body arrives, finished (no ClientPayloadError), its last event the error.
-        events = sse_events((first + await response.read()).decode())
+        events = sse_events((first + await rest).decode())
         await stopping
     assert events[0][0] == "token"
     assert {event for event, _ in events[:-1]} == {"token"}
@@ -138,3 +147,13 @@ async def test_a_generation_past_the_shutdown_grace_ends_with_a_draining_error(
         'seqserve_rpc_duration_seconds_count{code="UNAVAILABLE",method="Generate",protocol="http"}'
         in server.metrics.render().decode()
     )
+
+
+async def test_a_shutdown_with_no_call_in_flight_does_not_wait_for_the_grace_period(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(server={"http_port": 0, "grace_seconds": 60})
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        sid = await _create(http, seed=3)
+        assert (await http.get(f"/v1/sessions/{sid}")).status == 200  # a kept-alive connection
+        await asyncio.wait_for(server.stop(), 30)  # the calls had ended: no 60 s wait

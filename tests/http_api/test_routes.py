@@ -218,10 +218,16 @@ async def test_the_openapi_document_lists_every_error_status_the_server_gives(
     assert {400, 404, 405} <= seen, seen
 
 
-@pytest.mark.parametrize("path", ["/nope", "/v1/sessions/s_x:dance", "/v1/models/tok/extra"])
+@pytest.mark.parametrize(
+    "path",
+    ["/nope", "/v1/sessions/s_x:dance", "/v1/models/tok/extra", "/static/", "/static/nope.js",
+     "/static/../index.html", "/static/index.html/x"],
+)  # fmt: skip
 async def test_unknown_routes_are_404(http: aiohttp.ClientSession, path: str) -> None:
     response = await http.post(path, json={}) if ":" in path else await http.get(path)
     assert response.status == 404
+    error = (await response.json())["error"]  # the JSON error body, as for any other answer
+    assert error["details"][0]["reason"] == "ROUTE_NOT_FOUND", error
 
 
 async def test_the_playground_page_and_its_files_are_served(http: aiohttp.ClientSession) -> None:
