@@ -89,6 +89,7 @@ def parse_input(
     Raises InvalidArgument with a message fit for a terminal."""
     import torch
 
+    from service.engine.model_input import MAX_FRAME_VALUE
     from service.models.tokenizer import get_tokenizer
     from service.registry.manifest import TokensInput
 
@@ -118,13 +119,17 @@ def parse_input(
             f"{manifest.name!r} takes frames of {spec.dim} floats, not text or tokens; use --frames"
         )
     values = _split_numbers(frames, "--frames", float)
-    if not all(math.isfinite(v) for v in values):
-        raise InvalidArgument("--frames values must be finite numbers")
     if len(values) % spec.dim:
         raise InvalidArgument(
             f"--frames has {len(values)} values, not a multiple of the frame width {spec.dim}"
         )
-    return torch.tensor(values, dtype=torch.float32).view(1, -1, spec.dim)  # [1, T, D]
+    # The server's bounds, on the values as the model takes them (1e300 is no float32).
+    floats = torch.tensor(values, dtype=torch.float32)
+    if not all(math.isfinite(v) for v in values) or not bool(torch.isfinite(floats).all()):
+        raise InvalidArgument("--frames values must be finite numbers (as float32)")
+    if bool((floats.abs() > MAX_FRAME_VALUE).any()):
+        raise InvalidArgument(f"--frames values must be within ±{MAX_FRAME_VALUE:g}")
+    return floats.view(1, -1, spec.dim)  # [1, T, D]
 
 
 def predict(loaded: VerifiedModel, inputs: torch.Tensor, top_k: int) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
-from service.client.errors import SeqServeError
+from service.client.errors import SeqServeError, checked_locally
 from service.client.message_limits import MAX_ITEMS_PER_MESSAGE
 from service.client.multiplex import STALL_SECONDS, FeedMux
 from service.client.results import (
@@ -152,7 +152,8 @@ class SeqServeClient:
         key = route_key or self.route_key or secrets.token_urlsafe(6)
         metadata = ((ROUTE_HEADER, key),)
         if seed is not None:
-            request.seed = seed
+            with checked_locally():
+                request.seed = seed
         if ttl_seconds is not None:
             request.ttl.CopyFrom(_duration(ttl_seconds))
         if sampling is not None:

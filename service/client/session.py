@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from service.client.errors import PositionMismatchError
+from service.client.errors import PositionMismatchError, checked_locally, outcome_unknown
 from service.client.results import (
     GeneratedPiece,
     Prediction,
@@ -50,6 +50,9 @@ class ClientSession:
         # last one was stopped early (a `break`): see `_settle`.
         self._generating = False
         self._stopped_early = False
+        # The last feed, if it failed without a reply (its outcome unknown): its request id,
+        # the position it was sent at, its input and top_k (see `feed`).
+        self._unsettled: tuple[str, int, types.Input, int] | None = None
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -73,18 +76,26 @@ class ClientSession:
         timeout: float | None = None,
     ) -> Prediction:
         """Feed one chunk; returns the prediction after its last input. Applied exactly once,
-        across retries (see the module docstring)."""
+        across retries (see the module docstring), and across calls: a feed that ended without
+        its reply (cancelled, timed out, the server unreachable) may or may not have been
+        applied; fed again with the same input next, it is sent as the same request (applied
+        once, or answered with the reply it got the first time); any other feed next asks the
+        server where the session is first."""
         settling = await self._settle()
+        with checked_locally():
+            inp = make_input(text, tokens, frames)
+            options = types.PredictionOptions(top_k=top_k)
+        mux = self.client.mux
+        again = self._again(inp, top_k)  # the unsettled feed's id, its position restored
         if self.position is None:
             await self.refresh(timeout=timeout)
         limit = self.client._timeout(timeout)
-        mux = self.client.mux
         if mux is not None:  # with the other feeds of this tick, in one Stream message
             item = pb.StreamItem(
                 session_id=self.session_id,
-                request_id=mux.request_id(),
-                input=make_input(text, tokens, frames),
-                options=types.PredictionOptions(top_k=top_k),
+                request_id=again or mux.request_id(),
+                input=inp,
+                options=options,
                 expected_position=self.position,
             )
 
@@ -92,14 +103,15 @@ class ClientSession:
                 item.expected_position = self.position or 0
                 return await self.client.retry.run(mux.attempts(item), timeout=limit, busy=settling)
 
-            reply = await self._after(settling, stream_it)
+            with self._unsettled_on_failure(item, top_k):
+                reply = await self._after(settling, stream_it)
             self.position = reply.position
             return prediction_from_pb(reply.prediction)
         request = pb.StepRequest(
             session_id=self.session_id,
-            request_id=new_request_id(),
-            input=make_input(text, tokens, frames),
-            options=types.PredictionOptions(top_k=top_k),
+            request_id=again or new_request_id(),
+            input=inp,
+            options=options,
             expected_position=self.position,
         )
 
@@ -113,9 +125,50 @@ class ClientSession:
                 busy=settling,
             )
 
-        response = await self._after(settling, step)
+        with self._unsettled_on_failure(request, top_k):
+            response = await self._after(settling, step)
         self.position = response.position
         return prediction_from_pb(response.prediction)
+
+    def _again(self, inp: types.Input, top_k: int) -> str:
+        """The request id to send `inp` with: the unsettled feed's (see `feed`) if it had the
+        same input and options, its position restored (a resend is applied once, or answered
+        with its first reply); else "" (a new one), the unsettled feed given up and the
+        position asked for again."""
+        if self._unsettled is None:
+            return ""
+        request_id, position, sent, sent_top_k = self._unsettled
+        if sent == inp and sent_top_k == top_k:
+            self.position = position
+            return request_id
+        self._unsettled, self.position = None, None
+        return ""
+
+    @contextlib.contextmanager
+    def _unsettled_on_failure(
+        self, request: pb.StepRequest | pb.StreamItem, top_k: int
+    ) -> Iterator[None]:
+        """A feed that fails without the server having refused it (no reply: cancelled, timed
+        out, unreachable, an internal error) may have been applied: its position is not known
+        any more, and it is kept to be sent again as itself (`_again`). A refused resend (the
+        session busy with the first, say) stays unsettled; a position mismatch settles it (the
+        session moved on past it, and the handle takes the server's position)."""
+        try:
+            yield
+        except PositionMismatchError:
+            self._unsettled = None
+            raise
+        except BaseException as exc:
+            if outcome_unknown(exc):
+                self._unsettled = (
+                    request.request_id,
+                    request.expected_position,
+                    request.input,
+                    top_k,
+                )
+                self.position = None
+            raise
+        self._unsettled = None
 
     async def _settle(self) -> bool:
         """Whether the last generation was stopped early, just now. A generator the app broke
@@ -174,14 +227,15 @@ class ClientSession:
         settling = await self._settle()
         if self.position is None:
             await self.refresh(timeout=timeout)
-        request = pb.GenerateRequest(
-            session_id=self.session_id,
-            request_id=new_request_id(),
-            sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop, stop_token_ids),
-            expected_position=self.position,
-        )
-        if prompt is not None:
-            request.prompt.CopyFrom(make_input(text=prompt))
+        with checked_locally():
+            request = pb.GenerateRequest(
+                session_id=self.session_id,
+                request_id=new_request_id(),
+                sampling=make_sampling(temperature, top_k, top_p, max_tokens, stop, stop_token_ids),
+                expected_position=self.position,
+            )
+            if prompt is not None:
+                request.prompt.CopyFrom(make_input(text=prompt))
         attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout), busy=settling)
         yielded = 0
         done = False
@@ -224,7 +278,8 @@ class ClientSession:
         """A new session with a copy of this one's state (and random stream, unless `seed`)."""
         request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
         if seed is not None:
-            request.seed = seed
+            with checked_locally():
+                request.seed = seed
         settling = await self._settle()  # a generation stopped just now: its last step first
         response = await self.client.retry.run(
             lambda left: self.client.sessions.ForkSession(

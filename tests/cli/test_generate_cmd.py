@@ -46,3 +46,17 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130
     assert err.strip() == "seqserve: interrupted"
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999999"])
+def test_a_number_out_of_its_field_s_range_is_one_line_not_a_traceback(
+    seed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused by the client before any call (nothing listens on the target)."""
+    argv = ["generate", "--target", "127.0.0.1:1", "--model", "m", "--prompt", "hi"]
+    code = main([*argv, "--seed", seed])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert err.strip().startswith("error: INVALID_ARGUMENT: Value out of range"), err
+    assert "(refused by the client)" in err

@@ -169,6 +169,9 @@ def test_human_output(
         (["--model", "co2-gru", "--tokens", "1,2,3"], "takes frames of 3 floats"),
         (["--model", "co2-gru", "--frames", "0.1,0.2"], "2 values, not a multiple of"),
         (["--model", "co2-gru", "--frames", "1,2,nan"], "must be finite"),
+        (["--model", "co2-gru", "--frames", "1e300,1,2"], "must be finite numbers (as float32)"),
+        (["--model", "co2-gru", "--frames", "1e16,1,2"], "must be within ±1e+15"),
+        (["--model", "co2-gru", "--frames", "1,-1e16,2"], "must be within ±1e+15"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(

@@ -334,3 +334,23 @@ async def test_the_channel_has_its_own_retries_off() -> None:
         assert ("grpc.enable_retries", 0) in client.channel_options
         assert ("grpc.service_config_disable_resolution", 1) in client.channel_options
         assert not any(key == "grpc.service_config" for key, _ in client.channel_options)
+
+
+async def test_a_number_out_of_its_field_s_range_is_invalid_argument_not_a_value_error(
+    server: SeqServeServer,  # noqa: F811
+) -> None:
+    """Protobuf refuses it while the request is built; the app gets the class the server
+    would have sent, and nothing is sent."""
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as c:
+        with pytest.raises(errors.InvalidArgumentError):
+            await c.create_session("tok", seed=-1)
+        session = await c.create_session("tok", seed=1)
+        with pytest.raises(errors.InvalidArgumentError):
+            await session.feed(tokens=[2**40])
+        with pytest.raises(errors.InvalidArgumentError):
+            await session.feed(tokens=[1], top_k=2**40)
+        with pytest.raises(errors.InvalidArgumentError):
+            [p async for p in session.generate(max_tokens=2**40)]
+        with pytest.raises(errors.InvalidArgumentError):
+            await session.fork(seed=-1)
+        assert (await session.feed(tokens=[1])).position == 1  # nothing of those was applied

@@ -17,6 +17,7 @@ import pytest
 from service.api.server import SeqServeServer
 from service.client import errors
 from service.client.client import ClientSession, SeqServeClient, route_metadata
+from service.client.results import Prediction
 from service.client.retry import RetryPolicy
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
@@ -268,3 +269,82 @@ async def test_the_stream_of_a_key_left_unused_is_ended() -> None:
         assert client.mux.streams_opened == 4
         await user2.feed(tokens=[3])  # a Stream in use is kept
         assert client.mux.streams_opened == 4 and len(servicer.ended) == 2
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_a_feed_that_timed_out_after_it_was_applied_is_sent_again_as_itself(
+    server: SeqServeServer,  # noqa: F811
+    store_root: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    multiplex: bool,
+) -> None:
+    """The server applies the feed and its reply never comes (the handler holds it): the
+    client's feed times out, its outcome unknown. Fed again with the same input, it is the
+    same request (applied once: the server answers it from what it remembers); fed with other
+    input, the handle asks where the session is, with no spurious position mismatch."""
+    engine = server.engine
+    hold = asyncio.Event()
+    applied: list[int] = []
+
+    def held(real):  # type: ignore[no-untyped-def]
+        async def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            result = await real(*args, **kwargs)
+            applied.append(1)
+            await hold.wait()  # the reply is held until the test lets it go
+            return result
+
+        return call
+
+    reference = ReferenceSession(store_root, "tok")
+    async with SeqServeClient(f"127.0.0.1:{server.port}", multiplex=multiplex) as c:
+        session = await c.create_session("tok", seed=1)
+        monkeypatch.setattr(engine, "feed", held(engine.feed))
+        monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
+        with pytest.raises(errors.DeadlineExceededError):
+            await session.feed(tokens=[5, 6], top_k=3, timeout=0.3)
+        assert applied  # the server applied it; the client could not know
+        assert session.position is None  # not known any more
+        hold.set()
+        monkeypatch.undo()
+        again = await session.feed(tokens=[5, 6], top_k=3)  # the retry an app would make
+        assert again.position == 2 == session.position  # applied once, not twice
+        assert (await session.refresh()).position == 2
+        assert_matches_reference(_as_pb(again), reference.feed([5, 6])[-1])
+        # Another timed-out feed, then a different one: it goes on from the server's position.
+        hold.clear()
+        monkeypatch.setattr(engine, "feed", held(engine.feed))
+        monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
+        with pytest.raises(errors.DeadlineExceededError):
+            await session.feed(tokens=[7], top_k=3, timeout=0.3)
+        hold.set()
+        monkeypatch.undo()
+        other = await session.feed(tokens=[8], top_k=3)
+        assert other.position == 4 == session.position
+        reference.feed([7])
+        assert_matches_reference(_as_pb(other), reference.feed([8])[-1])
+        # The app cancels a feed the server has applied: the same, sent again, applies once.
+        hold.clear()
+        applied.clear()
+        monkeypatch.setattr(engine, "feed", held(engine.feed))
+        monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
+        feeding = asyncio.create_task(session.feed(tokens=[9], top_k=3))
+        for _ in range(500):
+            if applied:
+                break
+            await asyncio.sleep(0.01)
+        feeding.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await feeding
+        hold.set()
+        monkeypatch.undo()
+        last = await session.feed(tokens=[9], top_k=3)
+        assert last.position == 5 == (await session.refresh()).position
+
+
+def _as_pb(prediction: Prediction) -> types.Prediction:
+    """The client's prediction back as the message, to hold against the reference."""
+    return types.Prediction(
+        tokens=types.TokenPrediction(
+            top=[types.TopToken(id=t.id, prob=t.prob, text=t.text) for t in prediction.top]
+        ),
+    )
