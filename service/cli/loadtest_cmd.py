@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.client import credentials
-from service.loadtest import LoadConfig, LoadReport, TargetError, run_load
-from service.loadtest.progress import ProgressPrinter
-from service.loadtest.report import check_writable
+from service.loadtest.config import LoadConfig
+
+if TYPE_CHECKING:  # the rest when the command runs: numpy stays out of `seqserve --help`
+    from service.loadtest import LoadReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -153,6 +155,10 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.loadtest import TargetError, run_load
+    from service.loadtest.progress import ProgressPrinter
+    from service.loadtest.report import check_writable
+
     try:
         config = config_from_args(args)
         config.validate()
