@@ -3,6 +3,9 @@
 - `batched_step`: the server's own runner executing one batched step of B single-token rows
   (gather, fused step, scatter, top-k predictions): what the model costs per token, with no
   gRPC, no event loop and no scheduler.
+- `generation_step`: the same runner executing one step of B generate rows, as a running
+  generation's steps are (sample each row's next token from the head output the last step
+  kept, feed it, keep the new head output): the raw step of the Generate path.
 - `stateless_per_token`: a server that keeps no state re-runs the whole history for every new
   token: one whole-sequence call over `history` tokens from the zero state per prediction.
 """
@@ -19,8 +22,9 @@ import torch
 from service.models import SequenceModel
 from service.registry.store import ModelStore
 from service.runtime.runner import ModelRunner
+from service.runtime.sampler import SamplingParams, SessionRng
 from service.runtime.state_pool import ByteBudget, StatePool
-from service.runtime.step_batch import Row, StepBatch
+from service.runtime.step_batch import Head, Row, StepBatch
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,34 @@ def step_function(model: SequenceModel, batch: int) -> Callable[[], None]:
         runner.execute(StepBatch(rows))
 
     return step
+
+
+def generation_step_function(model: SequenceModel, batch: int) -> Callable[[], None]:
+    """One `ModelRunner.execute` of `batch` generate rows at temperature 1 (what `seqserve
+    loadtest --generate-fraction 1` asks for), each row's head output taken from the step
+    before as a running generation's is, as a function to call again and again."""
+    config = model.config
+    pool = StatePool(config, ByteBudget(1 << 34), initial_slots=batch, head=model.head)
+    runner = ModelRunner(model, pool)
+    slots = [pool.allocate() for _ in range(batch)]
+    rngs = [SessionRng.seeded(batch * 1000 + i) for i in range(batch)]
+    sampling = SamplingParams(temperature=1.0)
+    heads: list[Head | None] = [None] * batch  # the first step computes them from the state
+
+    def step() -> None:
+        rows = [
+            Row(slot=s, inputs=None, sampling=sampling, rng=rngs[i], head=heads[i])
+            for i, s in enumerate(slots)
+        ]
+        for i, result in enumerate(runner.execute(StepBatch(rows)).results):
+            heads[i] = result.head
+
+    return step
+
+
+def generation_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing:
+    """`generation_step_function`'s step, back to back."""
+    return _time(generation_step_function(model, batch), min_seconds, min_calls=20)
 
 
 def batched_step(model: SequenceModel, batch: int, min_seconds: float) -> Timing:

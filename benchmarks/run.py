@@ -200,6 +200,10 @@ class Bench:
             t = inprocess.batched_step(model, batch, seconds)
             label = "in-process batched step (no RPC)"
             self._add(Row.compute(f"compute/step/{batch}", label, batch, t.per_call))
+        for batch in (1, 16, 64):
+            t = inprocess.generation_step(model, batch, seconds)
+            label = "in-process generation step (no RPC)"
+            self._add(Row.compute(f"compute/generate/{batch}", label, batch, t.per_call))
         for h in (10, 1000, 10000):
             t = inprocess.stateless_per_token(model, h, seconds)
             label = f"stateless: re-run {h:,} tokens per token"

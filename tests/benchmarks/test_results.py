@@ -98,3 +98,23 @@ def test_one_session_is_judged_against_the_echo_round_trip_plus_the_raw_step() -
     rows["service/stream/1"] = dataclasses.replace(rows["service/stream/1"], p50_ms=0.85)
     (target,) = [t for t in evaluate_targets(rows) if t.name.startswith("per-core: one session")]
     assert target.measured == pytest.approx(0.15) and target.met is False
+
+
+def test_generate_is_judged_against_its_own_generation_step_too() -> None:
+    """Two shares for Generate at 64: with the feed step (as before) and with the in-process
+    generation step, each from its own compute rows."""
+    rows = _rows()  # compute/step/64: 0.05 ms per token
+    rows["compute/generate/64"] = Row.compute("compute/generate/64", "gen", 64, 4.8e-3)  # 0.075
+    rows["echo/generate/64"] = _load("echo/generate/64", tps=10_000, cpu=1.0)  # 0.1 ms
+    rows["service/generate/64"] = _load("service/generate/64", tps=4_000, cpu=1.0,
+                                        rows_per_step=64)  # 0.25 ms  # fmt: skip
+    assert step_cpu_per_token(rows, 64, "compute/generate/") == pytest.approx(0.075e-3)
+    by_name = {t.name: t for t in evaluate_targets(rows)}
+    feed = by_name["per-core: Generate, 64 sessions ≥ 0.9 of its limit (CPU per token)"]
+    assert feed.measured == pytest.approx((0.1 + 0.05) / 0.25)
+    own = by_name["per-core: Generate, 64 sessions ≥ 0.9 of its limit with the in-process "
+                  "generation step (CPU per token)"]  # fmt: skip
+    assert own.measured == pytest.approx((0.1 + 0.075) / 0.25)
+    del rows["compute/generate/64"]
+    by_name = {t.name: t for t in evaluate_targets(rows)}
+    assert by_name[own.name].measured is None  # no generation step measured: not judged
