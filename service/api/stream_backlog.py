@@ -19,16 +19,35 @@ class Unfinished:
     __slots__ = ("_by_session", "_waiters", "total")
 
     def __init__(self) -> None:
-        self._by_session: dict[str, int] = {}
+        # Per session with items unfinished: [items dispatched, items replied] (the entry goes
+        # when they are equal, so an item's turn counts from the first of a run of them).
+        self._by_session: dict[str, list[int]] = {}
         self.total = 0  # feeds unfinished
         self._waiters: list[asyncio.Future[None]] = []  # the reader, generations' consumers
 
     def of(self, session_id: str) -> int:
-        return self._by_session.get(session_id, 0)
+        counts = self._by_session.get(session_id)
+        return counts[0] - counts[1] if counts is not None else 0
 
-    def add(self, session_id: str) -> None:
-        self._by_session[session_id] = self._by_session.get(session_id, 0) + 1
+    def add(self, session_id: str) -> int:
+        """Count an item of `session_id` in; returns its turn (see `turn`)."""
+        counts = self._by_session.get(session_id)
+        if counts is None:
+            self._by_session[session_id] = counts = [0, 0]
+        counts[0] += 1
         self.total += 1
+        return counts[0] - 1
+
+    async def turn(self, session_id: str, turn: int) -> None:
+        """Until every item of `session_id` before the one whose turn is `turn` has replied:
+        a session's replies leave in the order of its items. (An item in a group of its own
+        can be ready first: the first of a new session's items, say, lets its lease go when
+        its step is done, before its group's replies are posted.)"""
+        while True:
+            counts = self._by_session.get(session_id)
+            if counts is None or counts[1] >= turn:
+                return
+            await self._wait()
 
     def started(self) -> None:
         """A generation sent its first token: it no longer counts (see the class)."""
@@ -36,11 +55,12 @@ class Unfinished:
         self.wake()
 
     def done(self, session_id: str, *, counted: bool = True) -> None:
-        left = self._by_session.get(session_id, 0) - 1
-        if left > 0:
-            self._by_session[session_id] = left
-        else:
-            self._by_session.pop(session_id, None)
+        """An item of `session_id` replied (its last reply is posted)."""
+        counts = self._by_session.get(session_id)
+        if counts is not None:
+            counts[1] += 1
+            if counts[1] >= counts[0]:
+                del self._by_session[session_id]
         self.total -= counted
         self.wake()
 

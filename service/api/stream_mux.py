@@ -247,12 +247,12 @@ class StreamMux:
             if sid in in_group:  # its earlier item must take the lease first
                 start_group()
             plain = item.HasField("input") and not item.HasField("generate")
-            if plain and not unfinished.of(sid):
+            if plain and not unfinished.of(sid):  # nothing of its session before it
                 group.append(item)
                 in_group.add(sid)
+                unfinished.add(sid)
             else:
-                spawn(self._item(item, line, out, unfinished))
-            unfinished.add(sid)
+                spawn(self._item(item, line, out, unfinished, unfinished.add(sid)))
         start_group()
 
     async def _feed_group(
@@ -275,15 +275,20 @@ class StreamMux:
         line: Line,
         out: Channel[_Ready | None],
         unfinished: Unfinished,
+        turn: int,
     ) -> None:
+        """One item that is not in a group: a generation, or an item behind earlier ones of
+        its session (its replies wait for theirs: `Unfinished.turn`)."""
         counted = True  # until a generation's first token: waiting, it holds reading back
         generating = item.HasField("generate")
+        sid = item.session_id
         try:
             async with contextlib.aclosing(self._run_item(item, line)) as replies:  # type: ignore[type-var]
                 async for reply in replies:
                     if counted and generating:
                         counted = False
                         unfinished.started()
+                    await unfinished.turn(sid, turn)
                     # A generation's tokens wait while replies pile up for a client that does
                     # not read them: they stay in the generation's own queue (at most its
                     # max_tokens, as for a Generate call), not in this stream's.
@@ -292,6 +297,7 @@ class StreamMux:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            await unfinished.turn(sid, turn)
             out.put_nowait(self._in_band.replies(exc, [item]))
         finally:
-            unfinished.done(item.session_id, counted=counted)
+            unfinished.done(sid, counted=counted)

@@ -263,3 +263,25 @@ async def test_generations_waiting_for_their_session_hold_the_stream_back() -> N
     gate.set()  # they start: a reply each, and the stream reads on
     await asyncio.wait_for(first, 10)
     await responses.aclose()
+
+
+async def test_a_sessions_later_item_does_not_reply_before_its_earlier_one() -> None:
+    """The engine orders a session's items (its lease), but an item behind another can be
+    done first: the earlier one's lease goes when its step is done, before its group's replies
+    are posted. Its replies still wait for the earlier item's (they came first: over a real
+    server, a new session's two items replied at positions 2, then 1)."""
+
+    class SlowGroups(Recorder):
+        async def feed_items(self, items: list[pb.StreamItem], line: Line) -> pb.StreamResponse:
+            for _ in range(20):  # the group's own hops after its step, drawn out
+                await asyncio.sleep(0)
+            return await super().feed_items(items, line)
+
+        async def run_item(self, it: pb.StreamItem, line: Line) -> AsyncIterator[pb.StreamReply]:
+            yield pb.StreamReply(session_id=it.session_id, request_id=it.request_id, position=2)
+
+    responses, _ = await run(
+        mux_for(SlowGroups()), [feed("s", "first"), feed("s", "second"), feed("t", "other")]
+    )
+    order = [rid for rid, _ in replied(responses)]
+    assert order.index("first") < order.index("second"), order
