@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +59,17 @@ NonNegative = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Address = Annotated[str, Field(min_length=1)]
+
+
+def _a_path(value: Any) -> Any:
+    """An empty path is refused, not read as the current directory: a state directory of "."
+    would have the server claim (and tidy up) whatever directory it was started in."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must name a directory, not be empty")
+    return value
+
+
+DirPath = Annotated[Path, BeforeValidator(_a_path)]
 # Sub-models: docstrings are descriptions; an unknown key (config file, env) is an error.
 _SECTION = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
@@ -140,7 +158,7 @@ class SessionSettings(BaseModel):
     """Byte budget for in-memory state, per server, across model versions."""
     pool_initial_slots: Positive = 64
     """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
-    spill_dir: Annotated[Path, flag("--spill-dir")] = Field(
+    spill_dir: Annotated[DirPath, flag("--spill-dir")] = Field(
         default_factory=lambda: default_data_dir() / "spill"
     )
     """The state directory: checkpoints of evicted, idle and shut-down sessions, and the journal
@@ -250,7 +268,7 @@ class Settings(BaseSettings):
         use_attribute_docstrings=True,
     )
 
-    model_store: Annotated[Path, flag("--store")] = Field(default_factory=default_model_store)
+    model_store: Annotated[DirPath, flag("--store")] = Field(default_factory=default_model_store)
     """Root of the versioned model store. Default: `./model_store` in the current directory
     (`serve` refuses to start without a store)."""
     registry_poll_seconds: Seconds = 2.0

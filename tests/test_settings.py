@@ -47,6 +47,8 @@ def test_defaults_are_valid_and_every_setting_has_a_docstring() -> None:
         (SessionSettings, "slot_wait_seconds", -1),
         (SessionSettings, "fsync", "sometimes"),
         (SessionSettings, "state_url", "http://example"),
+        (SessionSettings, "spill_dir", ""),  # not the current directory
+        (SessionSettings, "spill_dir", "  "),
         (SecuritySettings, "tokens_per_second", -1),
         (SecuritySettings, "sessions_per_principal", -1),
     ],
@@ -109,3 +111,8 @@ def test_readme_configuration_table_lists_every_setting() -> None:
         for alias in leaf.aliases:
             assert f"`{alias}`" in rows[leaf.name], (leaf.name, alias)
     assert set(rows) == {leaf.name for leaf in leaves()}
+
+
+def test_an_empty_model_store_path_is_refused() -> None:
+    with pytest.raises(ValidationError, match="must name a directory"):
+        Settings(model_store="")  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.cli.settings_flags import store_path
 from service.errors import InvalidArgument, SeqServeError
 from service.settings import Settings
 
@@ -29,7 +30,7 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--store", type=Path, default=None, help="store root (default: SEQSERVE_MODEL_STORE)"
+        "--store", type=store_path, default=None, help="store root (default: SEQSERVE_MODEL_STORE)"
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON")

@@ -15,9 +15,9 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.cli.settings_flags import store_path
 from service.config_sources import InvalidSetting, check_device
 from service.errors import InvalidArgument, SeqServeError
 from service.settings import Settings
@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
     source.add_argument("--frames", help="comma-separated floats, a multiple of the frame width")
     p.add_argument("--top-k", type=int, default=None, help="entries in a token prediction")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--store", type=Path, default=None, help="store root (default: settings)")
+    p.add_argument("--store", type=store_path, default=None, help="store root (default: settings)")
     p.set_defaults(func=_predict)
 
 

@@ -39,6 +39,14 @@ def _help(leaf: Leaf) -> str:
     return f"{doc} [default: {shown}; env {leaf.env}]".replace("%", "%%")
 
 
+def store_path(text: str) -> Path:
+    """`--store`'s argparse type: a path, not an empty string (which would be the current
+    directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, not be empty")
+    return Path(text)
+
+
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",

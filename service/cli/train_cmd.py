@@ -20,9 +20,9 @@ import argparse
 import shlex
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.cli.settings_flags import store_path
 from service.errors import InvalidArgument, SeqServeError
 from service.registry.aliases import validate_alias_name
 from service.settings import Settings
@@ -119,7 +119,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--store",
-        type=Path,
+        type=store_path,
         default=None,
         help="store root (default: SEQSERVE_MODEL_STORE, else ./model_store)",
     )

@@ -100,3 +100,22 @@ def test_flags_env_and_config_file_reach_the_server(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_an_empty_state_directory_is_refused_and_the_current_one_left_alone(
+    tmp_path: Path,
+) -> None:
+    """`--spill-dir ""` was the current directory: the server claimed it and deleted its
+    `*.tmp` and `.spare-*` files at start. Refused now, one line, exit 2, nothing touched."""
+    for name in ("draft.tmp", ".spare-1"):
+        (tmp_path / name).write_text("mine")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "serve", "--spill-dir", "", "--port", "0",
+         "--metrics-port", "-1", "--http-port", "-1", "--store", str(REPO_ROOT / "model_store")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "sessions.spill_dir" in proc.stderr and "must name a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".spare-1", "draft.tmp"]
