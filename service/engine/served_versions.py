@@ -173,6 +173,9 @@ class ServedVersions:
                 version = await asyncio.to_thread(self.rule.version_for, entry, spec)
             except NotFound as exc:
                 raise InvalidArgument(f"engine.preload: {item!r}: {exc.message}") from None
+            except SeqServeError as exc:  # there, but refused (files, manifest): skipped
+                log.error("not preloading %s: %s", item, exc.message)
+                continue
             self._preloaded.add((name, version))
             if (name, version) not in wanted:
                 wanted.append((name, version))

@@ -387,3 +387,22 @@ async def test_a_preload_naming_nothing_in_the_store_refuses_to_start(
     with pytest.raises(InvalidArgument, match=r"engine.preload: 'tok:canary': .*canary"):
         await asyncio.wait_for(server.start(), TIMEOUT)
     await server.stop()
+
+
+async def test_a_preload_naming_a_version_that_is_refused_skips_it(
+    store_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version that is there but unusable (its weights gone) is logged and skipped, as an
+    aliased one is, not a traceback at start."""
+    store = ModelStore(store_root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=3)
+    store.set_alias("tok", "production", 1)
+    (store_root / "tok" / "2" / "weights.safetensors").unlink()
+    server = SeqServeServer(make_settings(store_root, tmp_path, preload=["tok:2"]))
+    try:
+        await asyncio.wait_for(server.start(), TIMEOUT)
+        loaded = {(v.name, v.version) for v in server.engine.versions.served()}
+        assert ("tok", 1) in loaded and ("tok", 2) not in loaded
+        assert "not preloading tok:2" in caplog.text
+    finally:
+        await server.stop()
