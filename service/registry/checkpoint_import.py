@@ -15,6 +15,7 @@ pickled objects.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,13 +121,28 @@ def _matrix(tensors: Mapping[str, torch.Tensor], name: str, where: str) -> tuple
     return shape[0], shape[1]
 
 
+def _why_unreadable(exc: Exception) -> str:
+    """One line for a file `torch.load(weights_only=True)` refused. Not torch's own message:
+    it runs to several lines and suggests loading with `weights_only=False`, which would run
+    whatever code a pickle carries."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        detail = f" ({found.group(1).strip()})" if found else ""
+        return f"holds more than tensors and plain containers: refused, none of it was run{detail}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not a torch checkpoint ({type(exc).__name__}{': ' + first[:200] if first else ''})"
+
+
 def _read_state_dict(path: Path, key: str | None) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its pickle-protocol note is not the user's business
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise InvalidCheckpoint(f"{path}: no such file") from exc
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, … for bad files
-        raise InvalidCheckpoint(f"{path}: not a torch checkpoint readable safely: {exc}") from exc
+        raise InvalidCheckpoint(f"{path}: {_why_unreadable(exc)}") from exc
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             raise InvalidCheckpoint(f"{path}: has no entry {key!r}")

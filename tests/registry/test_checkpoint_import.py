@@ -148,8 +148,19 @@ class _NotWeights:
 
 def test_arbitrary_pickled_objects_are_not_loaded(store: ModelStore, tmp_path: Path) -> None:
     ckpt = _save({"payload": _NotWeights()}, tmp_path / "evil.pt")
-    with pytest.raises(InvalidCheckpoint, match="not a torch checkpoint readable safely"):
+    with pytest.raises(InvalidCheckpoint) as info:
         store.import_checkpoint("m", ckpt)
+    message = str(info.value)
+    assert "holds more than tensors and plain containers: refused, none of it was run" in message
+    assert "\n" not in message and "weights_only" not in message  # one line, no unsafe advice
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line(store: ModelStore, tmp_path: Path) -> None:
+    text = tmp_path / "notes.pt"
+    text.write_text("hello world")
+    with pytest.raises(InvalidCheckpoint, match=r"notes.pt: not a torch checkpoint \(") as info:
+        store.import_checkpoint("m", text)
+    assert "\n" not in str(info.value)
 
 
 def test_missing_file(store: ModelStore, tmp_path: Path) -> None:
