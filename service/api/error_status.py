@@ -20,6 +20,18 @@ log = logging.getLogger("service.api.interceptor")  # where these logs always we
 
 ERROR_DOMAIN = "seqserve.v1"  # ErrorInfo.domain of our error details
 
+# What gRPC raises into a handler still reading or writing when the server has stopped (the end
+# of a shutdown's grace period): not a bug, and nothing can be sent on the call any more.
+try:
+    from grpc._cython.cygrpc import _ServerStoppedError as _ServerStopped
+except ImportError:  # another grpcio: nothing of ours to tell apart
+    _ServerStopped = ()  # type: ignore[assignment,misc]
+
+
+def server_stopped(exc: BaseException) -> bool:
+    """Whether `exc` is gRPC ending a call because the server stopped."""
+    return isinstance(exc, _ServerStopped)
+
 
 def _past_deadline(context: grpc.aio.ServicerContext) -> bool:  # type: ignore[type-arg]
     """Whether the call's deadline has passed (gRPC cancels the handler then, as it does when
@@ -53,6 +65,8 @@ def code_name(exc: BaseException, context: grpc.aio.ServicerContext | None = Non
         return "CANCELLED"  # the client went away
     if isinstance(exc, NotImplementedError):
         return "UNIMPLEMENTED"
+    if server_stopped(exc):
+        return "UNAVAILABLE"  # the server went away under the call
     return "INTERNAL"
 
 

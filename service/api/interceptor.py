@@ -27,6 +27,7 @@ from service.api.error_status import (
     answered_status,
     code_name,
     returned_code_name,
+    server_stopped,
 )
 from service.errors import (
     InvalidArgument,
@@ -275,6 +276,8 @@ class _Observed:
         self._owner._observe(method, code_name(exc, self._context), seconds, "grpc", reason)
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
             return False
+        if server_stopped(exc):  # nothing can be sent: the call just ends (no traceback)
+            return True
         await abort_with(self._context, answered_status(exc))
         return True
 

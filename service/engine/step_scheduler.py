@@ -103,7 +103,8 @@ class StepScheduler:
             raise Unavailable("model version is shutting down")
         if len(self._pending) + len(work) > self._max_queue:
             raise QueueFull(
-                f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}"
+                f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}; "
+                "retry shortly, or raise SEQSERVE_ENGINE__MAX_QUEUE"
             )
         group = RowGroup(len(work), self._loop)
         now = time.perf_counter()

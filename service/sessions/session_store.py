@@ -73,7 +73,8 @@ class SessionStore:
     def check_capacity(self) -> None:
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimit(
-                f"live session limit reached ({self.max_sessions}); close sessions or retry later"
+                f"live session limit reached ({self.max_sessions}); close sessions, retry "
+                "later, or raise SEQSERVE_SESSIONS__MAX_SESSIONS"
             )
 
     def owned_by(self, owner: str) -> int:

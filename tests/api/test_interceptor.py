@@ -123,6 +123,7 @@ async def test_step_queue_full(server_factory: ServerFactory) -> None:
         replies = await read_replies(call, ["a", "b"])
         await call.done_writing()
         assert {check_error_info(replies[k][0].error, "QUEUE_FULL") for k in "ab"} == {"QUEUE_FULL"}
+        assert "raise SEQSERVE_ENGINE__MAX_QUEUE" in replies["a"][0].error.message
 
 
 async def _client_of(port: int) -> SeqServeClient:
@@ -202,3 +203,23 @@ async def test_a_stream_whose_deadline_runs_out_is_not_counted_as_ok(
         counts = await recorded_rpcs(server, "Stream", calls=1)
         await quiet.put(None)
     assert counts == {"DEADLINE_EXCEEDED": 1}
+
+
+async def test_a_call_the_stopping_server_ends_is_unavailable_not_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At the end of a shutdown's grace period gRPC raises `_ServerStoppedError` into a
+    handler still reading (a Stream's `async for`): counted UNAVAILABLE, no traceback, no
+    status sent (the call cannot take one). It was logged as an internal error."""
+    from grpc._cython import cygrpc
+
+    from service.api.interceptor import _Observed
+
+    seen: list[tuple[str, str]] = []
+    owner = ErrorMappingInterceptor(lambda method, code, *_: seen.append((method, code)))
+    context = SimpleNamespace(time_remaining=lambda: None)
+    observed = _Observed(owner, "/seqserve.v1.SessionService/Stream", False, context)  # type: ignore[arg-type]
+    stopped = cygrpc._ServerStoppedError("Server already stopped.")
+    assert await observed.__aexit__(type(stopped), stopped, None) is True
+    assert seen == [("Stream", "UNAVAILABLE")]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

@@ -30,7 +30,7 @@ def test_cap_counts_spilled_sessions_too() -> None:
     store = SessionStore(max_sessions=2)
     store.add(_session(store, slot=0))
     store.add(_session(store, slot=None))
-    with pytest.raises(SessionLimit):
+    with pytest.raises(SessionLimit, match="raise SEQSERVE_SESSIONS__MAX_SESSIONS"):
         store.add(_session(store))
     store.adopt(_session(store))  # restart: kept even over the cap
     assert len(store) == 3 and store.resident_count == 2
