@@ -236,10 +236,24 @@ class ModelStore:
         raise SeqServeError(f"could not publish {name!r}: version numbers kept being taken")
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
-        """Point `alias` at `version` (which must exist and be usable)."""
+        """Point `alias` at `version`, which must exist and be usable, and whose weights must
+        pass their digest and match their manifest (as a server would load them): an alias is
+        what new sessions get, and one moved to weights that fail would refuse them all."""
         validate_alias_name(alias)
         entry = self.model(name)
-        entry.usable(version)  # raises VersionNotFound / VersionUnusable
+        usable = entry.usable(version)  # raises VersionNotFound / VersionUnusable
+        assert usable.manifest is not None
+        path = usable.path / usable.manifest.weights_file
+        try:
+            check_tensors(
+                deserialize(read_verified(path, usable.manifest.weights_sha256), str(path)),
+                usable.manifest.to_config(),
+                str(path),
+            )
+        except SeqServeError as exc:
+            raise VersionUnusable(
+                f"version {version} of {quote(name)} cannot be aliased: {exc.message}"
+            ) from None
         with aliases_locked(entry.path):
             aliases = self._aliases_for_update(entry)
             aliases[alias] = version

@@ -62,6 +62,22 @@ def test_alias_must_point_at_an_existing_version(model: ModelStore) -> None:
         model.set_alias("nope", "production", 1)
 
 
+@pytest.mark.parametrize("damage", ["a flipped byte", "not safetensors"])
+def test_alias_must_point_at_weights_that_pass_their_digest(model: ModelStore, damage: str) -> None:
+    """An alias is what new sessions get: moved to weights that fail, it would refuse them
+    all (it was accepted: `models verify` said BAD, the alias moved, every default
+    CreateSession failed DATA_LOSS)."""
+    model.set_alias("m", "production", 1)
+    weights = model.root / "m" / "2" / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]) if damage == "a flipped byte"
+                        else b"PK\x03\x04 not safetensors")  # fmt: skip
+    with pytest.raises(FailedPrecondition, match=r"version 2 of 'm' cannot be aliased: ") as info:
+        model.set_alias("m", "production", 2)
+    assert info.value.reason == "VERSION_UNAVAILABLE", info.value.reason
+    assert _on_disk(model) == {"production": 1}  # unchanged
+
+
 def test_delete_unknown_alias_names_the_existing_ones(model: ModelStore) -> None:
     model.set_alias("m", "production", 1)
     with pytest.raises(AliasNotFound) as info:
