@@ -204,6 +204,7 @@ class SessionEngine:
                 self.durability.journal.failed_writes if self.durability.journal else 0
             ),
             end_records_lost=self.durability.end_records_lost,
+            state_write_failures=self.residency.write_failures,
             state_writes=self.residency.writes,
             state_write_seconds=self.residency.write_seconds,
             versions=[

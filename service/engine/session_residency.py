@@ -30,6 +30,7 @@ from service.engine.served_versions import ServedVersions
 from service.errors import (
     PoolExhausted,
     ResourceExhausted,
+    SeqServeError,
     SessionMoved,
     SpillCorrupted,
     SpillMismatch,
@@ -71,6 +72,7 @@ class SessionResidency:
         # time they took: the disk's price, for `seqserve_state_write*` (a slow disk shows).
         self.writes = 0
         self.write_seconds = 0.0
+        self.write_failures = 0  # records the tier refused (a full, read-only, failing disk)
         self._downtimes = CleanDowntimes()  # what `idle_since` skips
 
     # ---- start-up ------------------------------------------------------------------------
@@ -266,9 +268,17 @@ class SessionResidency:
         first: bool = False,
         past_cap: bool = False,
     ) -> None:
-        """`record` to the tier, counted and timed (`writes`, `write_seconds`) when it lands."""
+        """`record` to the tier, counted and timed (`writes`, `write_seconds`) when it lands;
+        counted in `write_failures` when the tier refuses it (not when another replica holds
+        the session)."""
         start = time.perf_counter()
-        self.tier.write(record, durable=durable, first=first, past_cap=past_cap)
+        try:
+            self.tier.write(record, durable=durable, first=first, past_cap=past_cap)
+        except SessionMoved:
+            raise
+        except SeqServeError:
+            self.write_failures += 1
+            raise
         self.write_seconds += time.perf_counter() - start
         self.writes += 1
 

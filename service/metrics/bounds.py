@@ -23,7 +23,8 @@ TIERS = ("memory", "spilled")
 # Sessions also count by "replaying": recovered, their journaled steps not yet replayed.
 SESSION_TIERS = (*TIERS, "replaying")
 GC_GENERATIONS = ("0", "1", "2")
-WRITE_FAILURE_KINDS = ("journal", "end")  # seqserve_state_write_failures_total's `kind`
+# seqserve_state_write_failures_total's `kind`
+WRITE_FAILURE_KINDS = ("journal", "end", "checkpoint")
 PHASES = ("gather", "forward", "scatter", "sample")
 # google.rpc.Code names: the `code` label may only take these, which keeps it bounded.
 GRPC_CODES = frozenset(

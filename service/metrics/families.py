@@ -148,7 +148,9 @@ class MetricFamilies:
         self._write_failures = Counter(
             "seqserve_state_write_failures",
             "Writes of session state the disk refused (full, read-only, failing): `journal` "
-            "(a step refused with UNAVAILABLE), `end` (a session's end record).",
+            "(a step refused with UNAVAILABLE), `end` (a session's end record), `checkpoint` (a "
+            "session's state record: an idle or periodic checkpoint, an eviction, a shutdown's "
+            "write).",
             ("kind",), registry=r,
         )  # fmt: skip
         self._state_writes = Counter(

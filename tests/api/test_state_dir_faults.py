@@ -6,6 +6,7 @@ time, and the steps it could not checkpoint come back from the journal."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -151,6 +152,38 @@ async def test_shutdown_on_a_full_disk_is_bounded_and_the_journal_keeps_the_step
             reply = await _step(client, sid, 9)
             assert reply.position == 3
             assert_matches_reference(reply.prediction, reference.feed([9])[-1])
+
+
+async def test_idle_checkpoints_the_full_disk_refuses_are_counted(
+    small_disk: Path, server_factory: ServerFactory
+) -> None:
+    """An idle session's checkpoint that fails (ENOSPC) is counted, kind `checkpoint`: it was
+    only logged, about once a second, with the journal kept from being trimmed and no alert
+    able to see it."""
+    sessions = {"spill_dir": small_disk / "state", "checkpoint_idle_seconds": 0.3,
+                "sweep_interval_seconds": 0.1}  # fmt: skip
+    server = await server_factory(sessions=sessions)
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        for k in range(4):
+            created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+            await _step(client, created.session.session_id, k + 1)
+    filler = fill(small_disk)
+    try:
+        failed = 0.0
+        for _ in range(100):  # bounded: 10 s
+            server.refresh_gauges()
+            for family in text_string_to_metric_families(server.metrics.render().decode()):
+                for sample in family.samples:
+                    if sample.name == "seqserve_state_write_failures_total" and (
+                        sample.labels.get("kind") == "checkpoint"
+                    ):
+                        failed = sample.value
+            if failed:
+                break
+            await asyncio.sleep(0.1)
+        assert failed >= 1
+    finally:
+        filler.unlink()
 
 
 async def test_a_real_server_on_a_full_disk_exits_on_sigterm(
