@@ -46,6 +46,7 @@ from service.sessions.redis_state import RedisState
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import SharedCheckpoints, SharedJournal, SharedState
+from service.sessions.spill_directory import JOURNAL_SUBDIR
 from service.sessions.spill_tier import SpillTier
 from service.sessions.sqlite_state import SqliteState
 from service.sessions.state_tier import Checkpoints, JournalLog
@@ -73,7 +74,7 @@ def build_engine(
         journal = SharedJournal(shared, sessions)
     elif cfg.durability == "journal":
         journal = Journal(
-            cfg.spill_dir / "journal",
+            cfg.spill_dir / JOURNAL_SUBDIR,
             fsync=cfg.fsync,
             fsync_interval_seconds=cfg.fsync_interval_seconds,
             segment_bytes=cfg.journal_segment_bytes,

@@ -11,6 +11,7 @@ stopped, so the next start knows how long nobody could reach it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".spill"
 STOP_MARKER = ".stopped_at"  # wall time of the last clean stop
+JOURNAL_SUBDIR = "journal"  # the journal's segments (`durability = "journal"`)
 # How a record is named in messages a client may see: never the server's path (it is logged).
 SOURCE = "its spill record"
 _ID_RE = re.compile(SESSION_ID_PATTERN)
@@ -59,13 +61,20 @@ def claim(directory: Path) -> int:
         raise SpillTierInUse(
             f"spill directory {directory} is in use by another server process"
         ) from exc
-    probe = directory / f".probe-{os.getpid()}.tmp"
-    try:  # a directory we can lock but not write fails here, not at the first eviction
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        os.close(fd)  # releases the lock
-        raise _unusable(directory, exc) from None
+    # A directory we can lock but not write fails here, not at the first eviction; so does a
+    # journal subdirectory that is a file or cannot be written (it failed at recovery, with a
+    # traceback).
+    journal = directory / JOURNAL_SUBDIR
+    for where in (directory, journal) if journal.exists() or journal.is_symlink() else (directory,):
+        probe = where / f".probe-{os.getpid()}.tmp"
+        try:
+            if not where.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            os.close(fd)  # releases the lock
+            raise _unusable(where, exc) from None
     return fd
 
 

@@ -90,6 +90,24 @@ def test_serve_on_a_read_only_spill_dir_exits_with_one_line(
     _one_line_error(done, "SEQSERVE_SESSIONS__SPILL_DIR", "Read-only file system")
 
 
+@pytest.mark.parametrize("journal", ["a file", "read-only"])
+def test_serve_on_a_journal_subdirectory_it_cannot_use_exits_with_one_line(
+    store_root: Path, tmp_path: Path, journal: str
+) -> None:
+    """The state directory is fine, its `journal/` is not: one line naming it, exit 2 (it
+    was a traceback from recovery, FileExistsError or PermissionError)."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    if journal == "a file":
+        (spill / "journal").write_text("not a directory")
+        done = _serve(store_root, spill, 0)
+        _one_line_error(done, "SEQSERVE_SESSIONS__SPILL_DIR", "journal", "not a directory")
+        return
+    with mounted_tmpfs(spill / "journal", "size=1m,ro"):
+        done = _serve(store_root, spill, 0)
+    _one_line_error(done, "SEQSERVE_SESSIONS__SPILL_DIR", "journal", "Read-only file system")
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
