@@ -183,6 +183,7 @@ def _verify(args: argparse.Namespace) -> int:
     except SeqServeError as exc:
         return _fail(exc)
     bad = [r for r in results if not r.ok]
+    aliases = store.verify_aliases(results)  # what would refuse new sessions even so
     if args.json:
         print(
             json.dumps(
@@ -195,6 +196,17 @@ def _verify(args: argparse.Namespace) -> int:
                         "message": r.message,
                     }
                     for r in results
+                ]
+                + [
+                    {
+                        "model": a.name,
+                        "version": a.version,
+                        "alias": a.alias,
+                        "ok": False,
+                        "path": str(a.path),
+                        "message": a.message,
+                    }
+                    for a in aliases
                 ],
                 indent=2,
             )
@@ -204,9 +216,14 @@ def _verify(args: argparse.Namespace) -> int:
         if rows:
             print(_table(["MODEL", "VERSION", "STATUS", "FILE"], rows))
         print(f"{len(results) - len(bad)} of {len(results)} versions ok")
-    for r in bad:
-        print(f"bad: {r.path}: {r.message}", file=sys.stderr)
-    return 1 if bad else 0
+        if aliases:
+            print(f"{len(aliases)} alias problem(s)")
+    problems = [(r.path, r.message) for r in bad] + [(a.path, a.message) for a in aliases]
+    for path, message in problems:
+        # The path once: most messages name their file already.
+        print(f"bad: {message if message.startswith(str(path)) else f'{path}: {message}'}",
+              file=sys.stderr)  # fmt: skip
+    return 1 if bad or aliases else 0
 
 
 def _alias(args: argparse.Namespace) -> int:

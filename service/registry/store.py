@@ -34,6 +34,7 @@ from service.errors import (
 from service.models import ModelConfig, SequenceModel
 from service.models.tokenizer import ByteTokenizer, get_tokenizer
 from service.registry.aliases import (
+    ALIASES_FILE,
     AliasFileError,
     aliases_locked,
     read_aliases,
@@ -84,6 +85,15 @@ class VerifyResult:
     path: Path  # the file at fault (or the weights file when ok)
     ok: bool
     message: str  # "ok", or what is wrong, naming the file
+
+
+@dataclass(frozen=True)
+class AliasProblem:
+    name: str
+    alias: str | None  # None: the aliases file itself
+    version: int | None  # the version the alias points to
+    path: Path  # the model's aliases.json
+    message: str
 
 
 class ModelStore:
@@ -174,6 +184,23 @@ class ModelStore:
                 else:
                     results.append(VerifyResult(model.name, entry.version, path, True, "ok"))
         return results
+
+    def verify_aliases(self, results: list[VerifyResult]) -> list[AliasProblem]:
+        """Aliases that would refuse new sessions: a malformed `aliases.json`, or an alias
+        pointing at a version that is missing or failed `results` (from `verify`)."""
+        good = {(r.name, r.version) for r in results if r.ok}
+        problems = []
+        for model in self.snapshot().models.values():
+            path = model.path / ALIASES_FILE
+            if model.aliases_problem is not None:
+                problems.append(AliasProblem(model.name, None, None, path, model.aliases_problem))
+                continue
+            for alias, version in sorted(model.aliases.items()):
+                if (model.name, version) not in good:
+                    what = "missing" if model.entry(version) is None else "refused"
+                    message = f"alias {alias!r} points to version {version}, which is {what}"
+                    problems.append(AliasProblem(model.name, alias, version, path, message))
+        return problems
 
     # ---- writing -------------------------------------------------------------------------
 

@@ -159,6 +159,29 @@ def test_verify_names_each_bad_file_and_fails(
     }
 
 
+@pytest.mark.parametrize(
+    ("aliases", "said"),
+    [('{"production": 9}', "alias 'production' points to version 9, which is missing"),
+     ("not json", "unreadable")],
+)  # fmt: skip
+def test_verify_fails_on_aliases_that_would_refuse_new_sessions(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], aliases: str, said: str
+) -> None:
+    """Every version's weights are fine, the aliases are not: the server would refuse every
+    default session (it passed as "3 of 3 versions ok", exit 0)."""
+    path = store.root / "bytes-lstm" / "aliases.json"
+    path.write_text(aliases)
+    code, out, err = _run(capsys, "models", "verify", "--store", str(store.root))
+    assert code == 1
+    assert "3 of 3 versions ok" in out and "1 alias problem(s)" in out
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"bad: {path}: ") and said in line
+    assert line.count(str(path)) == 1, line  # the path once
+    code, out, _ = _run(capsys, "models", "verify", "--json", "--store", str(store.root))
+    assert code == 1
+    assert [r["model"] for r in json.loads(out) if not r["ok"]] == ["bytes-lstm"]
+
+
 def test_alias_set_and_delete(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(store.root)
     assert _run(capsys, "models", "alias", "bytes-lstm", "staging", "2", "--store", root)[0] == 0
