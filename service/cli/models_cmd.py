@@ -124,7 +124,7 @@ def _list(args: argparse.Namespace) -> int:
             m.name,
             _architecture(m),
             ", ".join(map(str, m.usable_versions)) or "-",
-            str(m.latest or "-"),
+            _latest(m),
             _aliases_text(m),
         ]
         for m in snap.models.values()
@@ -133,6 +133,18 @@ def _list(args: argparse.Namespace) -> int:
     for problem in snap.problems:
         print(f"refused: {problem}", file=sys.stderr)
     return 0
+
+
+def _latest(model: ModelEntry) -> str:
+    """The version "latest" gets on a server: the newest usable one whose weights pass their
+    digest (a newest version that fails is skipped, as the server skips it)."""
+    from service.registry.version_rule import VersionRule
+    from service.registry.version_spec import LATEST
+
+    try:
+        return str(VersionRule().version_for(model, LATEST))
+    except SeqServeError:
+        return "-"
 
 
 def _show(args: argparse.Namespace) -> int:

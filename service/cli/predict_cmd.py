@@ -52,6 +52,7 @@ def register(subparsers: Any) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from service.registry.store import ModelStore
+    from service.registry.version_rule import VersionRule
 
     settings = Settings()  # composition root for this command
     try:
@@ -65,7 +66,9 @@ def _predict(args: argparse.Namespace) -> int:
         if top_k < 1:
             raise InvalidArgument(f"--top-k must be at least 1, got {top_k}")
         model = store.model(args.model)
-        version = model.resolve(args.version)
+        # The server's rule: "latest" (or "" with no `production` alias) skips a newest version
+        # whose weights fail their digest, for the next older one.
+        version = VersionRule().version_for(model, args.version)
         manifest = model.usable(version).manifest
         assert manifest is not None, "usable versions have a manifest"
         # Check the input against the manifest before paying for a load.

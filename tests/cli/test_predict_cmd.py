@@ -236,3 +236,30 @@ def test_a_device_torch_does_not_have_exits_2_with_a_message(
     assert (code, out) == (2, "")
     assert err.startswith("seqserve: invalid setting engine.device (--engine.device, ")
     assert "cuda:99 is not available" in err and len(err.strip().splitlines()) == 1
+
+
+def test_latest_skips_a_newest_version_whose_weights_fail_as_the_server_does(
+    store: ModelStore, text_models: dict[int, SequenceModel], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Version 2's weights fail their digest: "latest" (and the default, with no production
+    alias) is version 1, as on a server; `models list` says so. It failed with the digest
+    error, exit 1, and listed 2 as latest."""
+    weights = store.root / "bytes-lstm" / "2" / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    root = str(store.root)
+    code, out, err = _run(capsys, "predict", "--model", "bytes-lstm", "--tokens", "72",
+                          "--version", "latest", "--json", "--store", root)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["version"] == 1
+    store.delete_alias("bytes-lstm", "production")
+    code, out, err = _run(capsys, "predict", "--model", "bytes-lstm", "--tokens", "72", "--json",
+                          "--store", root)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["version"] == 1
+    code, out, _ = _run(capsys, "models", "list", "--store", root)
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("bytes-lstm")]
+    assert row[row.index("1,") + 2] == "1", out  # VERSIONS "1, 2", then LATEST
+    code, _, err = _run(capsys, "predict", "--model", "bytes-lstm", "--tokens", "72",
+                        "--version", "2", "--store", root)  # fmt: skip
+    assert code == 1 and "sha256" in err  # asked for by number: not skipped
