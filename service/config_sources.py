@@ -8,6 +8,7 @@ environment variable; the command line prints it and exits 2.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -160,6 +161,28 @@ def _not_json() -> str | None:
         if value is not None and _is_section(info) and not _parses(value):
             return f"{env}={value!r}: a whole section is a JSON object (or set {env}__<NAME>)"
     return None
+
+
+# SEQSERVE_* variables that are not settings but are read elsewhere: the data directory the
+# defaults derive from, and the client's token.
+_OTHER_VARIABLES = frozenset({"SEQSERVE_DATA_DIR", "SEQSERVE_TOKEN"})
+
+
+def unknown_environment() -> list[str]:
+    """A warning for each `SEQSERVE_*` variable that names no setting (a misspelled section,
+    `SEQSERVE_SESSION__POOL_BYTES`, is otherwise ignored without a word), with the nearest
+    setting's variable when one is close."""
+    known = {leaf.env for leaf in leaves()} | _OTHER_VARIABLES
+    known |= {ENV_PREFIX + name.upper() for name in Settings.model_fields}  # whole sections
+    found = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        near = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.8)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        found.append(f"{name} is not a setting and is ignored{hint}")
+    return found
 
 
 def _is_json_valued(leaf: Leaf) -> bool:

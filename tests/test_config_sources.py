@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,25 @@ def test_device_that_torch_does_not_have_is_refused() -> None:
         pytest.skip("this machine has 8 CUDA devices")
     with pytest.raises(InvalidSetting, match=r"engine\.device .*cuda:7 is not available"):
         check_runnable(settings)
+
+
+def test_a_seqserve_variable_that_names_no_setting_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A misspelled section was ignored without a word (the default stayed); `serve` logs a
+    warning for each, with the nearest setting's variable."""
+    from service.config_sources import unknown_environment
+
+    for name in list(os.environ):
+        if name.upper().startswith("SEQSERVE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SEQSERVE_SESSION__POOL_BYTES", "5")
+    monkeypatch.setenv("SEQSERVE_NOTHING_LIKE_IT", "1")
+    for fine in ("SEQSERVE_SESSIONS__POOL_BYTES", "SEQSERVE_DATA_DIR", "SEQSERVE_TOKEN",
+                 "SEQSERVE_MODEL_STORE", "SEQSERVE_SERVER__GC_GEN0_THRESHOLD"):  # fmt: skip
+        monkeypatch.setenv(fine, "1")
+    assert unknown_environment() == [
+        "SEQSERVE_NOTHING_LIKE_IT is not a setting and is ignored",
+        "SEQSERVE_SESSION__POOL_BYTES is not a setting and is ignored; did you mean "
+        "SEQSERVE_SESSIONS__POOL_BYTES?",
+    ]

@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from service.cli.settings_flags import InvalidSetting
-    from service.config_sources import check_runnable
+    from service.config_sources import check_runnable, unknown_environment
     from service.errors import (
         InsecureBind,
         InvalidArgument,
@@ -234,6 +234,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for warning in unknown_environment():
+        log.warning("%s", warning)
     port_file: Path | None = getattr(args, "port_file", None)
     workers = getattr(args, "workers", 0) or 0
     try:
