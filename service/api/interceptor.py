@@ -11,7 +11,6 @@ are refused with UNAVAILABLE; health and reflection always pass.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -29,13 +28,7 @@ from service.api.error_status import (
     returned_code_name,
     server_stopped,
 )
-from service.errors import (
-    InvalidArgument,
-    NotReady,
-    SeqServeError,
-    Unauthenticated,
-    Unavailable,
-)
+from service.errors import InvalidArgument, NotReady, SeqServeError, Unauthenticated
 from service.security import principal
 from service.security.call_auth import REVOKED_MESSAGE, CallAuth, Grant, current_grant
 from service.security.revocation_watch import RevocationWatch
@@ -65,21 +58,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         # path -> (the servicer's handler, ours around it): built once a method, not once a
         # call (closures, a handler tuple and an `inspect` check each time, per Generate call).
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-        self.draining = False  # `begin_draining`: gated calls are refused with DRAINING
-        self._in_flight = 0  # gated calls between their start and their status
-        self._settled = asyncio.Event()  # set while none is
-
-    def begin_draining(self) -> None:
-        """From now on a new call to a gated service is refused with UNAVAILABLE (DRAINING);
-        health and reflection go on answering (the server keeps its port open while the calls
-        in flight finish: `settled`)."""
-        self.draining = True
-
-    async def settled(self) -> None:
-        """Returns once no call to a gated service is in flight."""
-        while self._in_flight:
-            self._settled.clear()
-            await self._settled.wait()
 
     async def intercept_service(
         self,
@@ -153,8 +131,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     def _check_ready(self, gated: bool) -> None:
         if gated and self._ready is not None and not self._ready():
-            if self.draining:
-                raise Unavailable("server is draining; retry on another replica")
             raise NotReady(NOT_READY_MESSAGE)
 
     def _unary(self, path: str, fn: Any, gated: bool = False) -> Any:
@@ -234,8 +210,6 @@ class _Observed:
     ) -> None:
         self._owner, self._path, self._gated, self._context = owner, path, gated, context
         self._started = time.perf_counter()
-        if gated:
-            owner._in_flight += 1
 
     def admit(self, lasting: bool = False) -> Grant | None:
         """Authenticate the call and check readiness (raises what refuses it). A `lasting`
@@ -264,11 +238,6 @@ class _Observed:
         `exc` loses its traceback once answered (`answered_status`)."""
         seconds = time.perf_counter() - self._started
         method = _method(self._path)
-        if self._gated:
-            owner = self._owner
-            owner._in_flight -= 1
-            if not owner._in_flight:
-                owner._settled.set()
         if exc is None:
             self._owner._observe(method, returned_code_name(self._context), seconds, "grpc", "")
             return False

@@ -169,18 +169,6 @@ class SeqServeServer:
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
         log.info("seqserve serving on port %d", self.port)
 
-    async def _drain_grpc(self) -> None:
-        """The calls in flight get the grace period to finish while the port stays open: health
-        answers NOT_SERVING (a probe or a balancer sees it, not a refused connection) and a new
-        session call gets UNAVAILABLE (DRAINING). Then gRPC stops, cancelling what is left."""
-        grace = self.settings.server.grace_seconds
-        interceptor = self.parts.interceptor
-        interceptor.begin_draining()
-        started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(interceptor.settled(), grace)
-        await self.grpc.stop(max(0.0, grace - (time.monotonic() - started)))
-
     def ready(self) -> bool:
         """Whether the server takes calls: opened (models loaded) and not draining. Called from
         the metrics endpoint's thread (reads two booleans)."""
@@ -234,7 +222,9 @@ class SeqServeServer:
         self.engine.begin_draining()  # streams still open get UNAVAILABLE for new items
         try:
             self.parts.http.begin_draining()
-            await asyncio.gather(self._drain_grpc(), self.parts.http.stop())
+            await asyncio.gather(
+                self.grpc.stop(self.settings.server.grace_seconds), self.parts.http.stop()
+            )
             if self._engine_started:  # stopped before open(): the spill tier was never opened
                 await self.engine.stop()
         except Exception:  # whatever the disk did, the process must still exit

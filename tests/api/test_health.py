@@ -28,7 +28,7 @@ from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.registry.store import ModelStore
 
 from .conftest import TOKEN_CONFIG, make_settings, publish_random
-from .support import expect_status, item, recorded_rpcs, rpc_counts, tokens
+from .support import expect_status, recorded_rpcs, rpc_counts
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -144,54 +144,6 @@ async def test_watch_follows_listen_open_and_drain(store_root: Path, tmp_path: P
                 await asyncio.wait_for(stopping, grace + TIMEOUT)
     counts = rpc_counts(server, "Watch")
     assert counts and "INTERNAL" not in counts and "UNIMPLEMENTED" not in counts, counts
-
-
-async def test_while_calls_finish_the_port_answers_health_and_refuses_new_calls(
-    store_root: Path, tmp_path: Path
-) -> None:
-    """A drain keeps the port open while a call is in flight (an idle Stream here): health
-    answers NOT_SERVING (a probe sees the drain, not a refused connection: it was CANCELLED,
-    then refused, for the whole grace period), a new call gets UNAVAILABLE (DRAINING), and
-    once the Stream ends the server stops, well inside the grace period."""
-    grace = 30.0
-    server = SeqServeServer(make_settings(store_root, tmp_path, server={"grace_seconds": grace}))
-    await server.listen()
-    await asyncio.wait_for(server.open(), TIMEOUT)
-    stopping: asyncio.Task[None] | None = None
-    try:
-        async with grpc.aio.insecure_channel(_target(server)) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            sessions = pb_grpc.SessionServiceStub(channel)
-            sid = (
-                await sessions.CreateSession(pb.CreateSessionRequest(model="tok"), timeout=TIMEOUT)
-            ).session.session_id
-            stream = sessions.Stream()
-            await stream.write(pb.StreamRequest(items=[item(sid, "a", tokens(1))]))
-            assert (await asyncio.wait_for(stream.read(), TIMEOUT)).replies[0].position == 1
-            started = time.monotonic()
-            stopping = asyncio.create_task(server.stop())
-            await asyncio.sleep(0.3)
-            assert not stopping.done()  # the Stream is still open
-            assert await _check(health, "") == NOT_SERVING
-            assert await _check(health, SESSION_SERVICE) == NOT_SERVING
-            assert await _check(health, LIVENESS) == SERVING
-            await expect_status(
-                sessions.CreateSession(pb.CreateSessionRequest(model="tok"), timeout=TIMEOUT),
-                grpc.StatusCode.UNAVAILABLE,
-                "draining",
-                reason="DRAINING",
-            )
-            await stream.done_writing()
-            assert await asyncio.wait_for(stream.code(), TIMEOUT) == grpc.StatusCode.OK
-            await asyncio.wait_for(asyncio.shield(stopping), TIMEOUT)
-            assert time.monotonic() - started < grace
-    finally:
-        if stopping is None:
-            await server.stop()
-        else:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(stopping, grace + TIMEOUT)
-    assert await recorded_rpcs(server, "CreateSession") == {"OK": 1, "UNAVAILABLE": 1}
 
 
 async def test_list_is_unimplemented_not_internal(server: SeqServeServer) -> None:
