@@ -94,7 +94,9 @@ class HttpApi:
             self.app,
             handler_cancellation=True,
             access_log=None,
-            shutdown_timeout=self._grace_seconds,
+            # `stop` waits out the grace period itself first: the runner then only gives
+            # what is still running a moment (an ended generation writes its last event).
+            shutdown_timeout=min(self._grace_seconds, 1.0),
         )
         await self._runner.setup()
         site = web.TCPSite(
