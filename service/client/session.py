@@ -78,9 +78,9 @@ class ClientSession:
         """Feed one chunk; returns the prediction after its last input. Applied exactly once,
         across retries (see the module docstring), and across calls: a feed that ended without
         its reply (cancelled, timed out, the server unreachable) may or may not have been
-        applied; fed again with the same input next, it is sent as the same request (applied
-        once, or answered with the reply it got the first time); any other feed next asks the
-        server where the session is first."""
+        applied; fed again with the same input next (no `generate` in between), it is sent as
+        the same request (applied once, or answered with the reply it got the first time); any
+        other feed next asks the server where the session is first."""
         settling = await self._settle()
         with checked_locally():
             inp = make_input(text, tokens, frames)
@@ -166,6 +166,9 @@ class ClientSession:
                     request.input,
                     top_k,
                 )
+            # Unknown, or a resend refused (busy, say) while the first may have applied: the
+            # position is asked for before the next call that does not resend it.
+            if self._unsettled is not None:
                 self.position = None
             raise
         self._unsettled = None
@@ -225,6 +228,9 @@ class ClientSession:
         Retried like `feed`: a token is yielded once, however often the server resends it.
         `timeout` bounds the whole generation."""
         settling = await self._settle()
+        # A feed left unsettled is given up: the generation moves the session on, and a resend
+        # at the old position would no longer be a retry of the session's last request.
+        self._unsettled = None
         if self.position is None:
             await self.refresh(timeout=timeout)
         with checked_locally():

@@ -339,6 +339,39 @@ async def test_a_feed_that_timed_out_after_it_was_applied_is_sent_again_as_itsel
         monkeypatch.undo()
         last = await session.feed(tokens=[9], top_k=3)
         assert last.position == 5 == (await session.refresh()).position
+        # Timed out again, then a generation: the unsettled feed is given up, so the same
+        # input fed after it is a new feed at the new position (not a resend of the old one,
+        # which got a spurious PositionMismatchError, or with a stopped generation just before,
+        # applied twice).
+        hold.clear()
+        monkeypatch.setattr(engine, "feed", held(engine.feed))
+        monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
+        with pytest.raises(errors.DeadlineExceededError):
+            await session.feed(tokens=[4], top_k=3, timeout=0.3)
+        hold.set()
+        monkeypatch.undo()
+        pieces = [p async for p in session.generate(max_tokens=2, temperature=1.0)]
+        assert pieces[-1].position == 8
+        after = await session.feed(tokens=[4], top_k=3)
+        assert after.position == 9 == (await session.refresh()).position
+
+
+async def test_a_refused_resend_of_an_unsettled_feed_leaves_the_position_unknown() -> None:
+    """The resend is refused (the session busy with the first copy, say) while the first
+    may have applied: the handle must not keep the old position it resent at."""
+    from types import SimpleNamespace
+
+    session = ClientSession(
+        SimpleNamespace(),  # type: ignore[arg-type]
+        types.Session(session_id="s_x", position=7),
+    )
+    item = pb.StreamItem(session_id="s_x", request_id="r1", input=tokens(1), expected_position=7)
+    session._unsettled = ("r1", 7, item.input, 0)
+    busy = errors.SessionBusyError(grpc.StatusCode.ABORTED, "busy", reason="SESSION_BUSY")
+    with pytest.raises(errors.SessionBusyError), session._unsettled_on_failure(item, 0):
+        raise busy
+    assert session.position is None
+    assert session._unsettled == ("r1", 7, item.input, 0)  # still resent as itself next
 
 
 def _as_pb(prediction: Prediction) -> types.Prediction:
