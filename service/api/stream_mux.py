@@ -37,7 +37,10 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-from service.api.in_band import InBand
+from google.rpc import status_pb2
+
+from service.api.error_status import answered_status
+from service.api.in_band import InBand, error_reply
 from service.api.interceptor import check_message_size, check_parsed
 from service.api.stream_backlog import Unfinished
 from service.engine.channel import Channel
@@ -140,7 +143,7 @@ class StreamMux:
             self._in_band.taken(len(message.items))
             refusal = self._refusal(message)
             if refusal is not None:
-                out.put_nowait(self._in_band.replies(refusal, list(message.items)))
+                self._refuse(refusal, list(message.items), out, spawn, unfinished)
             else:
                 self._dispatch(list(message.items), line, out, spawn, unfinished)
 
@@ -224,6 +227,41 @@ class StreamMux:
         except InvalidArgument as exc:
             return exc
         return None
+
+    def _refuse(
+        self,
+        refusal: SeqServeError,
+        items: list[pb.StreamItem],
+        out: Channel[_Ready | None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        unfinished: Unfinished,
+    ) -> None:
+        """A refused message's replies: at once, but those of a session with earlier items
+        unfinished after them (a session's replies keep the order of its items)."""
+        status = answered_status(refusal)
+        self._in_band.count(refusal, len(items))
+        waiting = [bool(unfinished.of(item.session_id)) for item in items]
+        if not all(waiting):
+            now = [it for it, w in zip(items, waiting, strict=True) if not w]
+            out.put_nowait([error_reply(it, status) for it in now])
+        for item, wait in zip(items, waiting, strict=True):
+            if wait:
+                turn = unfinished.add(item.session_id)
+                spawn(self._refused_in_turn(item, status, turn, out, unfinished))
+
+    async def _refused_in_turn(
+        self,
+        item: pb.StreamItem,
+        status: status_pb2.Status,
+        turn: int,
+        out: Channel[_Ready | None],
+        unfinished: Unfinished,
+    ) -> None:
+        try:
+            await unfinished.turn(item.session_id, turn)
+            out.put_nowait([error_reply(item, status)])
+        finally:
+            unfinished.done(item.session_id)
 
     def _dispatch(
         self,

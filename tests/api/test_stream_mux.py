@@ -285,3 +285,24 @@ async def test_a_sessions_later_item_does_not_reply_before_its_earlier_one() -> 
     )
     order = [rid for rid, _ in replied(responses)]
     assert order.index("first") < order.index("second"), order
+
+
+async def test_a_refused_messages_replies_wait_for_their_sessions_earlier_items() -> None:
+    """A message refused whole (too many items) is answered at once, but a session's replies
+    still keep the order of its items: s's refusals wait for s's earlier feed, t's do not
+    (they came first: second, third, fourth, first)."""
+
+    class SlowGroups(Recorder):
+        async def feed_items(self, items: list[pb.StreamItem], line: Line) -> pb.StreamResponse:
+            for _ in range(20):
+                await asyncio.sleep(0)
+            return await super().feed_items(items, line)
+
+    responses, _ = await run(
+        mux_for(SlowGroups(), max_items=2),
+        [feed("s", "first"), feed("t", "other")],
+        [feed("s", "second"), feed("u", "new"), feed("s", "third")],
+    )
+    order = [rid for rid, _ in replied(responses)]
+    assert order.index("first") < order.index("second") < order.index("third"), order
+    assert order.index("new") < order.index("first"), order  # nothing of u's before it
