@@ -298,26 +298,27 @@ async def test_a_feed_that_timed_out_after_it_was_applied_is_sent_again_as_itsel
     reference = ReferenceSession(store_root, "tok")
     async with SeqServeClient(f"127.0.0.1:{server.port}", multiplex=multiplex) as c:
         session = await c.create_session("tok", seed=1)
-        monkeypatch.setattr(engine, "feed", held(engine.feed))
-        monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
-        with pytest.raises(errors.DeadlineExceededError):
-            await session.feed(tokens=[5, 6], top_k=3, timeout=0.3)
-        assert applied  # the server applied it; the client could not know
-        assert session.position is None  # not known any more
-        hold.set()
-        monkeypatch.undo()
+
+        async def timed_out(ids: list[int]) -> None:
+            """`ids` fed, applied by the server, and the feed past its timeout."""
+            hold.clear()
+            monkeypatch.setattr(engine, "feed", held(engine.feed))
+            monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
+            applied.clear()
+            with pytest.raises(errors.DeadlineExceededError):
+                await session.feed(tokens=ids, top_k=3, timeout=0.3)
+            assert applied  # the server applied it; the client could not know
+            assert session.position is None  # not known any more
+            hold.set()
+            monkeypatch.undo()
+
+        await timed_out([5, 6])
         again = await session.feed(tokens=[5, 6], top_k=3)  # the retry an app would make
         assert again.position == 2 == session.position  # applied once, not twice
         assert (await session.refresh()).position == 2
         assert_matches_reference(_as_pb(again), reference.feed([5, 6])[-1])
         # Another timed-out feed, then a different one: it goes on from the server's position.
-        hold.clear()
-        monkeypatch.setattr(engine, "feed", held(engine.feed))
-        monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
-        with pytest.raises(errors.DeadlineExceededError):
-            await session.feed(tokens=[7], top_k=3, timeout=0.3)
-        hold.set()
-        monkeypatch.undo()
+        await timed_out([7])
         other = await session.feed(tokens=[8], top_k=3)
         assert other.position == 4 == session.position
         reference.feed([7])
@@ -343,13 +344,7 @@ async def test_a_feed_that_timed_out_after_it_was_applied_is_sent_again_as_itsel
         # input fed after it is a new feed at the new position (not a resend of the old one,
         # which got a spurious PositionMismatchError, or with a stopped generation just before,
         # applied twice).
-        hold.clear()
-        monkeypatch.setattr(engine, "feed", held(engine.feed))
-        monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
-        with pytest.raises(errors.DeadlineExceededError):
-            await session.feed(tokens=[4], top_k=3, timeout=0.3)
-        hold.set()
-        monkeypatch.undo()
+        await timed_out([4])
         pieces = [p async for p in session.generate(max_tokens=2, temperature=1.0)]
         assert pieces[-1].position == 8
         after = await session.feed(tokens=[4], top_k=3)
