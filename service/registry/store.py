@@ -173,10 +173,7 @@ class ModelStore:
                     continue
                 path = entry.path / entry.manifest.weights_file
                 try:
-                    data = read_verified(path, entry.manifest.weights_sha256)
-                    check_tensors(
-                        deserialize(data, str(path)), entry.manifest.to_config(), str(path)
-                    )
+                    _check_weights(path, entry.manifest)
                 except SeqServeError as exc:
                     results.append(
                         VerifyResult(model.name, entry.version, path, False, exc.message)
@@ -270,13 +267,8 @@ class ModelStore:
         entry = self.model(name)
         usable = entry.usable(version)  # raises VersionNotFound / VersionUnusable
         assert usable.manifest is not None
-        path = usable.path / usable.manifest.weights_file
         try:
-            check_tensors(
-                deserialize(read_verified(path, usable.manifest.weights_sha256), str(path)),
-                usable.manifest.to_config(),
-                str(path),
-            )
+            _check_weights(usable.path / usable.manifest.weights_file, usable.manifest)
         except SeqServeError as exc:
             raise VersionUnusable(
                 f"version {version} of {quote(name)} cannot be aliased: {exc.message}"
@@ -359,3 +351,10 @@ class ModelStore:
             return True
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_weights(path: Path, manifest: Manifest) -> None:
+    """The weights at `path` hash to `manifest`'s digest and fit its architecture (what a load
+    checks, without building the model); raises DigestMismatch / WeightsMismatch."""
+    check_tensors(deserialize(read_verified(path, manifest.weights_sha256), str(path)),
+                  manifest.to_config(), str(path))  # fmt: skip
