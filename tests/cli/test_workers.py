@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
@@ -38,9 +39,7 @@ def _serve_argv(tmp_path: Path, name: str, http_port: int) -> list[str]:
 
 
 def test_a_second_supervisor_on_the_same_http_port_is_refused(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        http_port = int(probe.getsockname()[1])
+    http_port = free_port()
     port_file = tmp_path / "first.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
     log = (tmp_path / "first.log").open("wb")

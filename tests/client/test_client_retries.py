@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,9 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from tests.api.conftest import store_root  # noqa: F401 - the fixture
 from tests.api.support import ReferenceSession, assert_matches_reference, tokens
 from tests.api.test_lifecycle_restart import ServerProcess
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _port_for_restarts() -> int:
-    """A port the server binds again after each restart (bound by the server, not held here)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _crashes(server: ServerProcess, rng: random.Random, times: int) -> None:
@@ -42,7 +35,7 @@ async def test_feeds_and_generations_apply_exactly_once_across_crashes(
 ) -> None:
     rng = random.Random(7)
     server = ServerProcess(store_root, tmp_path / "state", tmp_path, slots=8,
-                           port=_port_for_restarts())  # fmt: skip
+                           port=free_port())  # fmt: skip
     try:
         await server.start()
         target = f"127.0.0.1:{server.port}"
