@@ -4,7 +4,7 @@
     <root>/<name>/aliases.json            {"production": 3, "staging": 4}
 
 `ModelStore` publishes new versions, moves aliases, loads verified weights and re-verifies the
-whole store (which version new sessions get is `version_rule.VersionRule`). Everything it
+whole store (through `verification`; which version new sessions get is `version_rule.VersionRule`). Everything it
 writes appears atomically: a version folder is built under a hidden temp name and renamed into
 place, aliases.json is replaced by rename. So a server polling `snapshot()` never sees half a
 version.
@@ -34,7 +34,6 @@ from service.errors import (
 from service.models import ModelConfig, SequenceModel
 from service.models.tokenizer import ByteTokenizer, get_tokenizer
 from service.registry.aliases import (
-    ALIASES_FILE,
     AliasFileError,
     aliases_locked,
     read_aliases,
@@ -63,6 +62,13 @@ from service.registry.snapshot import (
     scan_store,
     version_dir_names,
 )
+from service.registry.verification import (
+    AliasProblem,
+    VerifyResult,
+    alias_problems,
+    check_weights,
+    verify_versions,
+)
 from service.registry.weights import check_tensors, deserialize, serialize, sha256_hex
 
 # How often publish retries when another publisher takes the version number it picked.
@@ -76,24 +82,6 @@ class VerifiedModel:
     fingerprint: str  # Manifest.fingerprint(): weights digest + architecture
     tokenizer: ByteTokenizer | None  # None for a frame-input model
     load_seconds: float  # read + verify + deserialize + build
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    name: str
-    version: int
-    path: Path  # the file at fault (or the weights file when ok)
-    ok: bool
-    message: str  # "ok", or what is wrong, naming the file
-
-
-@dataclass(frozen=True)
-class AliasProblem:
-    name: str
-    alias: str | None  # None: the aliases file itself
-    version: int | None  # the version the alias points to
-    path: Path  # the model's aliases.json
-    message: str
 
 
 class ModelStore:
@@ -163,41 +151,11 @@ class ModelStore:
 
     def verify(self) -> list[VerifyResult]:
         """Re-hash every version's weights and check its tensors; one result per version."""
-        results = []
-        for model in self.snapshot().models.values():
-            for entry in model.versions:
-                if entry.problem is not None or entry.manifest is None:
-                    path = entry.weights_path or entry.path / MANIFEST_FILE
-                    message = entry.problem or "unusable"
-                    results.append(VerifyResult(model.name, entry.version, path, False, message))
-                    continue
-                path = entry.path / entry.manifest.weights_file
-                try:
-                    _check_weights(path, entry.manifest)
-                except SeqServeError as exc:
-                    results.append(
-                        VerifyResult(model.name, entry.version, path, False, exc.message)
-                    )
-                else:
-                    results.append(VerifyResult(model.name, entry.version, path, True, "ok"))
-        return results
+        return verify_versions(self.snapshot())
 
     def verify_aliases(self, results: list[VerifyResult]) -> list[AliasProblem]:
-        """Aliases that would refuse new sessions: a malformed `aliases.json`, or an alias
-        pointing at a version that is missing or failed `results` (from `verify`)."""
-        good = {(r.name, r.version) for r in results if r.ok}
-        problems = []
-        for model in self.snapshot().models.values():
-            path = model.path / ALIASES_FILE
-            if model.aliases_problem is not None:
-                problems.append(AliasProblem(model.name, None, None, path, model.aliases_problem))
-                continue
-            for alias, version in sorted(model.aliases.items()):
-                if (model.name, version) not in good:
-                    what = "missing" if model.entry(version) is None else "refused"
-                    message = f"alias {alias!r} points to version {version}, which is {what}"
-                    problems.append(AliasProblem(model.name, alias, version, path, message))
-        return problems
+        """Aliases that would refuse new sessions (see `verification.alias_problems`)."""
+        return alias_problems(self.snapshot(), results)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -265,15 +223,15 @@ class ModelStore:
         what new sessions get, and one moved to weights that fail would refuse them all."""
         validate_alias_name(alias)
         entry = self.model(name)
-        usable = entry.usable(version)  # raises VersionNotFound / VersionUnusable
-        assert usable.manifest is not None
-        try:
-            _check_weights(usable.path / usable.manifest.weights_file, usable.manifest)
-        except SeqServeError as exc:
-            raise VersionUnusable(
-                f"version {version} of {quote(name)} cannot be aliased: {exc.message}"
-            ) from None
-        with aliases_locked(entry.path):
+        with aliases_locked(entry.path):  # checked under the lock: the version is there as written
+            usable = self.model(name).usable(version)  # raises VersionNotFound / VersionUnusable
+            assert usable.manifest is not None
+            try:
+                check_weights(usable.path / usable.manifest.weights_file, usable.manifest)
+            except SeqServeError as exc:
+                raise VersionUnusable(
+                    f"version {version} of {quote(name)} cannot be aliased: {exc.message}"
+                ) from None
             aliases = self._aliases_for_update(entry)
             aliases[alias] = version
             write_aliases(entry.path, aliases)
@@ -351,10 +309,3 @@ class ModelStore:
             return True
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_weights(path: Path, manifest: Manifest) -> None:
-    """The weights at `path` hash to `manifest`'s digest and fit its architecture (what a load
-    checks, without building the model); raises DigestMismatch / WeightsMismatch."""
-    check_tensors(deserialize(read_verified(path, manifest.weights_sha256), str(path)),
-                  manifest.to_config(), str(path))  # fmt: skip
