@@ -4,10 +4,10 @@
     <root>/<name>/aliases.json            {"production": 3, "staging": 4}
 
 `ModelStore` publishes new versions, moves aliases, loads verified weights and re-verifies the
-whole store (through `verification`; which version new sessions get is `version_rule.VersionRule`). Everything it
-writes appears atomically: a version folder is built under a hidden temp name and renamed into
-place, aliases.json is replaced by rename. So a server polling `snapshot()` never sees half a
-version.
+whole store (through `verification`; which version new sessions get is
+`version_rule.VersionRule`). Everything it writes appears atomically: a version folder is built
+under a hidden temp name and renamed into place, aliases.json is replaced by rename. So a
+server polling `snapshot()` never sees half a version.
 """
 
 from __future__ import annotations
