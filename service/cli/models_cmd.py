@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the store (and torch) are imported when a command runs: --h
     from service.registry.manifest import Manifest
     from service.registry.snapshot import ModelEntry
     from service.registry.store import ModelStore
+    from service.registry.version_rule import VersionRule
 
 
 def register(subparsers: Any) -> None:
@@ -119,12 +120,15 @@ def _list(args: argparse.Namespace) -> int:
     if not snap.models:
         print(f"no models in {snap.root}")
         return 0
+    from service.registry.version_rule import VersionRule
+
+    rule = VersionRule()  # one for the listing, as a server has one
     rows = [
         [
             m.name,
             _architecture(m),
             ", ".join(map(str, m.usable_versions)) or "-",
-            _latest(m),
+            _latest(m, rule),
             _aliases_text(m),
         ]
         for m in snap.models.values()
@@ -135,14 +139,13 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _latest(model: ModelEntry) -> str:
+def _latest(model: ModelEntry, rule: VersionRule) -> str:
     """The version "latest" gets on a server: the newest usable one whose weights pass their
     digest (a newest version that fails is skipped, as the server skips it)."""
-    from service.registry.version_rule import VersionRule
     from service.registry.version_spec import LATEST
 
     try:
-        return str(VersionRule().version_for(model, LATEST))
+        return str(rule.version_for(model, LATEST))
     except SeqServeError:
         return "-"
 
