@@ -27,6 +27,7 @@ from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable
 from service.http.status_map import HttpError
 from service.security import principal
 from service.security.call_auth import CLIENT_HEADER, CallAuth, current_grant
+from service.security.revocation_watch import RevocationWatch
 from service.sessions.session import ROUTE_HEADER
 
 M = TypeVar("M", bound=Message)
@@ -82,6 +83,11 @@ class Calls:
         self.draining = False
         self._in_flight = 0  # calls between entering `call` and leaving it
         self._settled = asyncio.Event()  # set while none is
+
+    @property
+    def revocations(self) -> RevocationWatch | None:
+        """The watch that ends the open calls of revoked tokens (None without a tokens file)."""
+        return self._auth.revocations
 
     async def settled(self) -> None:
         """Returns once no call is in flight (a draining server refuses new ones at once)."""

@@ -28,12 +28,12 @@ from google.protobuf.message import Message
 
 from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
-from service.errors import RouteNotFound, Unavailable, quote
+from service.errors import RouteNotFound, SeqServeError, Unauthenticated, Unavailable, quote
 from service.http.calls import Calls, HttpContext, error_answer, json_answer, to_json
 from service.http.status_map import HttpError
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import session_service_pb2 as pb
-from service.security.call_auth import current_grant
+from service.security.call_auth import REVOKED_MESSAGE, Grant, current_grant
 
 SESSIONS = "/seqserve.v1.SessionService/"
 REGISTRY = "/seqserve.v1.ModelRegistry/"
@@ -48,7 +48,8 @@ class Routes:
         self.sessions = sessions
         self.registry = registry
         self._streams: set[asyncio.Task[Any]] = set()  # the generations being sent
-        self._ended: set[asyncio.Task[Any]] = set()  # those `end_streams` cancelled
+        # Those cancelled to end with an error (`end_streams`, a revoked token), and the error.
+        self._ended: dict[asyncio.Task[Any], SeqServeError] = {}
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", self.list_models)
@@ -146,7 +147,8 @@ class Routes:
         first token (also when it outlives a shutdown's grace period: see `end_streams`). An
         error before the first token is a plain JSON error answer. Closing the connection
         cancels the generation (its tokens so far stay in the session); so does a token
-        revoked while it streams (an `error` event, UNAUTHENTICATED)."""
+        revoked while it streams (an `error` event, UNAUTHENTICATED): seen before each event,
+        and by the revocation watch while the call waits (a client that reads nothing)."""
         response: web.StreamResponse | None = None
         task = asyncio.current_task()
         assert task is not None
@@ -161,15 +163,16 @@ class Routes:
                     if grant is not None:
                         grant.check()  # revoked while the body came: nothing runs
                     tokens = self.sessions.Generate(message, HttpContext(request))
-                    async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
-                        last: pb.GenerateResponse | None = None
-                        async for reply in stream:
-                            if grant is not None:
-                                grant.check()  # revoked meanwhile: an `error` event, no more
-                            if response is None:  # the generation started: commit to SSE
-                                response = await _event_stream(request)
-                            await _send(response, "token", to_json(reply))
-                            last = reply
+                    with self._watched(grant, task):
+                        async with contextlib.aclosing(tokens) as stream:  # type: ignore[type-var]
+                            last: pb.GenerateResponse | None = None
+                            async for reply in stream:
+                                if grant is not None:
+                                    grant.check()  # revoked meanwhile: an `error` event
+                                if response is None:  # the generation started: commit to SSE
+                                    response = await _event_stream(request)
+                                await _send(response, "token", to_json(reply))
+                                last = reply
                     if response is None:  # max_tokens 0 or the like: nothing generated
                         response = await _event_stream(request)
                     done = {
@@ -189,7 +192,7 @@ class Routes:
                 await _send(response, "error", HttpError(exc).body)
         finally:
             self._streams.discard(task)
-            self._ended.discard(task)
+            self._ended.pop(task, None)
         assert response is not None
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
@@ -200,24 +203,53 @@ class Routes:
         and a finished body: called when a shutdown's grace period is over, while the
         connections are still open. (The runner would cancel the handlers later and close the
         connections mid-body, leaving each client a broken response and no reason.)"""
-        for task in self._streams - self._ended:
-            self._ended.add(task)
-            task.cancel()
+        draining = Unavailable(
+            "server is draining: the generation ran past the shutdown grace period (its "
+            "tokens so far are in the session); retry on another replica"
+        )
+        for task in self._streams:
+            self._end(task, draining)
+
+    def _end(self, task: asyncio.Task[Any], error: SeqServeError) -> bool:
+        """Cancel `task`, a generation being sent, to end with `error` (False: it is ending
+        already)."""
+        if task.done() or task in self._ended:
+            return False
+        self._ended[task] = error
+        task.cancel()
+        return True
+
+    @contextlib.contextmanager
+    def _watched(self, grant: Grant | None, task: asyncio.Task[Any]) -> Iterator[None]:
+        """While the generation runs, the revocation watch looks at its `grant`: a call that
+        waits (its client reads nothing, so its write waits) never reaches its own check."""
+        watch = self.calls.revocations
+        if grant is None or watch is None:
+            yield
+            return
+
+        async def end() -> bool:
+            return self._end(task, Unauthenticated(REVOKED_MESSAGE))
+
+        watch.watch(grant, end)
+        try:
+            yield
+        finally:
+            watch.unwatch(grant)
 
     @contextlib.contextmanager
     def _drainable(self, task: asyncio.Task[Any]) -> Iterator[None]:
-        """`end_streams`'s cancellation of `task` as the call's error, UNAVAILABLE (DRAINING);
-        any other (the client hung up, the runner gave up) goes on as a cancellation."""
+        """A cancellation of `task` by `_end` as the call's error (UNAVAILABLE for a drain,
+        UNAUTHENTICATED for a revoked token); any other (the client hung up, the runner gave
+        up) goes on as a cancellation."""
         try:
             yield
         except asyncio.CancelledError:
-            if task not in self._ended:
+            error = self._ended.get(task)
+            if error is None:
                 raise
             task.uncancel()  # ours, and taken: the call ends with an answer instead
-            raise Unavailable(
-                "server is draining: the generation ran past the shutdown grace period (its "
-                "tokens so far are in the session); retry on another replica"
-            ) from None
+            raise error from None
 
 
 def _session_methods(request: web.Request) -> list[str]:

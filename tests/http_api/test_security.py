@@ -4,9 +4,13 @@ its creator's, TLS with the same certificate, and client certificates with mutua
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,6 +19,7 @@ from service.security import tokens as tokens_module
 from service.security.tokens import add_token
 from tests.api.certs import Certs
 from tests.api.conftest import ServerFactory
+from tests.api.support import recorded_rpcs
 from tests.http_api.conftest import sse_events
 
 
@@ -156,3 +161,76 @@ async def test_a_token_revoked_while_the_body_arrives_generates_nothing(
         path.with_suffix(".tmp").replace(path)  # bob back, to look at his session
         got = await http.get(f"/v1/sessions/{sid}", headers=_bearer(tok["bob"]))
         assert (await got.json())["session"].get("position", "0") == "0"  # nothing applied
+
+
+def _small_send_buffer(server: Any, client: tuple[str, int]) -> Any:
+    """The server's end of the HTTP connection from `client` (its aiohttp handler), now
+    sending through a 4 KiB buffer (the kernel would grow it to megabytes of events before a
+    write had to wait)."""
+    runner = server.parts.http._runner
+    for handler in runner.server.connections:
+        sock = handler.transport.get_extra_info("socket")
+        if sock.getpeername() == client:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            return handler
+    raise AssertionError(f"no HTTP connection from {client}")
+
+
+async def _writes_wait(handler: Any) -> None:
+    """Until the handler's writes wait: nothing is read, so the buffers fill, the transport
+    pauses its writer and the handler's next drain waits (its buffer stops growing)."""
+    deadline = time.monotonic() + 30
+    size = -1
+    while not handler.writing_paused or handler.transport.get_write_buffer_size() != size:
+        assert time.monotonic() < deadline, "the server's writes never had to wait"
+        size = handler.transport.get_write_buffer_size()
+        await asyncio.sleep(0.5)
+
+
+async def test_a_revoked_token_ends_a_generation_whose_client_reads_nothing(
+    server_factory: ServerFactory,
+    tokens: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that stops reading leaves its generation waiting in a write, where the check
+    before each event never runs: the revocation watch ends the call (counted UNAUTHENTICATED)
+    while the client still reads nothing, and the generation stops, its session free again.
+    (Before, the call held the session until its client read again or went away.)"""
+    monkeypatch.setattr(tokens_module, "_CHECK_EVERY_S", 0.0)  # bob's return seen at once
+    path, tok = tokens
+    server = await server_factory(server={"http_port": 0}, security={"auth_tokens": path})
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        made = await http.post("/v1/sessions", json={"model": "tok"}, headers=_bearer(tok["bob"]))
+        sid = (await made.json())["session"]["sessionId"]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: fills soon
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.http_port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        try:
+            body = json.dumps({"prompt": {"text": "a"}, "sampling": {"maxTokens": 2048}})
+            writer.write(
+                f"POST /v1/sessions/{sid}:generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {tok['bob']}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+            )
+            await writer.drain()
+            await asyncio.wait_for(reader.readuntil(b"event: token"), timeout=30)
+            handler = _small_send_buffer(server, sock.getsockname())  # a slow network
+            await _writes_wait(handler)
+            original = path.read_text()
+            kept = [line for line in original.splitlines() if not line.startswith("bob ")]
+            path.with_suffix(".tmp").write_text("\n".join(kept) + "\n")
+            path.with_suffix(".tmp").replace(path)  # bob revoked; no call made after it
+            counts = await recorded_rpcs(server, "Generate")  # within its 10 s
+            assert counts == {"UNAUTHENTICATED": 1.0}, counts
+            assert (await http.get("/v1/models", headers=_bearer(tok["alice"]))).status == 200
+            path.with_suffix(".tmp").write_text(original)
+            path.with_suffix(".tmp").replace(path)  # bob back, to look at his session
+            step = await http.post(
+                f"/v1/sessions/{sid}:step", json={"input": {"text": "b"}},
+                headers=_bearer(tok["bob"]),
+            )  # fmt: skip
+            assert step.status == 200, await step.text()  # not SESSION_BUSY: the call is over
+        finally:
+            writer.close()
