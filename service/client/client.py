@@ -41,9 +41,10 @@ from collections.abc import Sequence
 from google.protobuf.duration_pb2 import Duration
 
 from service.client.credentials import Credentials
-from service.client.errors import SeqServeError, checked_locally
+from service.client.errors import SeqServeError
 from service.client.message_limits import MAX_ITEMS_PER_MESSAGE
 from service.client.multiplex import STALL_SECONDS, FeedMux
+from service.client.outcome import checked_locally
 from service.client.results import (
     GeneratedPiece,
     ModelInfo,

@@ -17,9 +17,6 @@ keeps working; but no bare `AioRpcError` leaves a client method.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -327,25 +324,3 @@ def error_from_rpc(err: grpc.aio.AioRpcError) -> SeqServeError:
             parsed.ParseFromString(value)
             status.details.extend(parsed.details)
     return error_from_status(status, grpc.aio.Metadata(*trailing))
-
-
-def outcome_unknown(exc: BaseException) -> bool:
-    """Whether a call that raised `exc` may have been applied on the server: anything but a
-    refusal the server sent (a status with its ErrorInfo reason: nothing of the call was
-    applied), and an internal error, a cancellation or a deadline whatever it carries."""
-    if isinstance(exc, InternalError | DeadlineExceededError | CallCancelledError):
-        return True
-    return not (isinstance(exc, SeqServeError) and exc.reason)
-
-
-@contextlib.contextmanager
-def checked_locally() -> Iterator[None]:
-    """Protobuf's own checks of a request being built (a seed below 0, a token id or top_k out
-    of its field's range) raised as the InvalidArgumentError the server would send, not a bare
-    ValueError."""
-    try:
-        yield
-    except ValueError as exc:
-        raise InvalidArgumentError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (refused by the client)"
-        ) from None

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from service.client.errors import PositionMismatchError, checked_locally, outcome_unknown
+from service.client.errors import PositionMismatchError
+from service.client.outcome import checked_locally, outcome_unknown
 from service.client.results import (
     GeneratedPiece,
     Prediction,
