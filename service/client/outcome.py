@@ -35,6 +35,9 @@ def checked_locally() -> Iterator[None]:
     try:
         yield
     except ValueError as exc:
-        raise InvalidArgumentError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (refused by the client)"
-        ) from None
+        raise refused_locally(exc) from None
+
+
+def refused_locally(exc: Exception) -> InvalidArgumentError:
+    """The InvalidArgumentError for a request the client refused to build (`exc` says why)."""
+    return InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (refused by the client)")

@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from service.client.errors import PositionMismatchError
-from service.client.outcome import checked_locally, outcome_unknown
+from service.client.outcome import checked_locally, outcome_unknown, refused_locally
 from service.client.results import (
     GeneratedPiece,
     Prediction,
@@ -51,9 +50,9 @@ class ClientSession:
         # last one was stopped early (a `break`): see `_settle`.
         self._generating = False
         self._stopped_early = False
-        # The last feed, if it failed without a reply (its outcome unknown): its request id,
-        # the position it was sent at, its input and top_k (see `feed`).
-        self._unsettled: tuple[str, int, types.Input, int] | None = None
+        # The last feed, if it failed without a reply (its outcome unknown): its request, with
+        # the position it was sent at (see `feed`).
+        self._unsettled: pb.StepRequest | pb.StreamItem | None = None
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -83,11 +82,13 @@ class ClientSession:
         the same request (applied once, or answered with the reply it got the first time); any
         other feed next asks the server where the session is first."""
         settling = await self._settle()
-        with checked_locally():
+        try:  # (not `checked_locally()`: a context manager costs a microsecond per feed)
             inp = make_input(text, tokens, frames)
             options = types.PredictionOptions(top_k=top_k)
+        except ValueError as exc:
+            raise refused_locally(exc) from None
         mux = self.client.mux
-        again = self._again(inp, top_k)  # the unsettled feed's id, its position restored
+        again = self._again(inp, options)  # the unsettled feed's id, its position restored
         if self.position is None:
             await self.refresh(timeout=timeout)
         limit = self.client._timeout(timeout)
@@ -104,8 +105,12 @@ class ClientSession:
                 item.expected_position = self.position or 0
                 return await self.client.retry.run(mux.attempts(item), timeout=limit, busy=settling)
 
-            with self._unsettled_on_failure(item, top_k):
+            try:
                 reply = await self._after(settling, stream_it)
+            except BaseException as exc:
+                self._failed(item, exc)
+                raise
+            self._unsettled = None
             self.position = reply.position
             return prediction_from_pb(reply.prediction)
         request = pb.StepRequest(
@@ -126,53 +131,45 @@ class ClientSession:
                 busy=settling,
             )
 
-        with self._unsettled_on_failure(request, top_k):
+        try:
             response = await self._after(settling, step)
+        except BaseException as exc:
+            self._failed(request, exc)
+            raise
+        self._unsettled = None
         self.position = response.position
         return prediction_from_pb(response.prediction)
 
-    def _again(self, inp: types.Input, top_k: int) -> str:
+    def _again(self, inp: types.Input, options: types.PredictionOptions) -> str:
         """The request id to send `inp` with: the unsettled feed's (see `feed`) if it had the
         same input and options, its position restored (a resend is applied once, or answered
         with its first reply); else "" (a new one), the unsettled feed given up and the
         position asked for again."""
-        if self._unsettled is None:
+        sent = self._unsettled
+        if sent is None:
             return ""
-        request_id, position, sent, sent_top_k = self._unsettled
-        if sent == inp and sent_top_k == top_k:
-            self.position = position
-            return request_id
+        if sent.input == inp and sent.options == options:
+            self.position = sent.expected_position
+            return sent.request_id
         self._unsettled, self.position = None, None
         return ""
 
-    @contextlib.contextmanager
-    def _unsettled_on_failure(
-        self, request: pb.StepRequest | pb.StreamItem, top_k: int
-    ) -> Iterator[None]:
-        """A feed that fails without the server having refused it (no reply: cancelled, timed
-        out, unreachable, an internal error) may have been applied: its position is not known
-        any more, and it is kept to be sent again as itself (`_again`). A refused resend (the
+    def _failed(self, request: pb.StepRequest | pb.StreamItem, exc: BaseException) -> None:
+        """After a feed that raised `exc` (a feed that succeeds settles: `_unsettled` None). A
+        feed that fails without the server having refused it (no reply: cancelled, timed out,
+        unreachable, an internal error) may have been applied: its position is not known any
+        more, and it is kept to be sent again as itself (`_again`). A refused resend (the
         session busy with the first, say) stays unsettled; a position mismatch settles it (the
         session moved on past it, and the handle takes the server's position)."""
-        try:
-            yield
-        except PositionMismatchError:
+        if isinstance(exc, PositionMismatchError):
             self._unsettled = None
-            raise
-        except BaseException as exc:
-            if outcome_unknown(exc):
-                self._unsettled = (
-                    request.request_id,
-                    request.expected_position,
-                    request.input,
-                    top_k,
-                )
-            # Unknown, or a resend refused (busy, say) while the first may have applied: the
-            # position is asked for before the next call that does not resend it.
-            if self._unsettled is not None:
-                self.position = None
-            raise
-        self._unsettled = None
+            return
+        if outcome_unknown(exc):
+            self._unsettled = request
+        # Unknown, or a resend refused (busy, say) while the first may have applied: the
+        # position is asked for before the next call that does not resend it.
+        if self._unsettled is not None:
+            self.position = None
 
     async def _settle(self) -> bool:
         """Whether the last generation was stopped early, just now. A generator the app broke
@@ -194,21 +191,17 @@ class ClientSession:
         generation, whose last step may land after this handle read the position: the request
         waits while the session is busy (`send` retries SESSION_BUSY), and a mismatch then is
         that step's: taken up, and sent once more."""
-        with self._resync():
-            try:
-                return await send()
-            except PositionMismatchError:
-                if not settling:
-                    raise
-        with self._resync():
-            return await send()  # at the position the left generation ended at
-
-    @contextlib.contextmanager
-    def _resync(self) -> Iterator[None]:
-        """On a PositionMismatchError (another handle fed the session), take the server's
-        position from it: the failed call is not applied, the next one goes on from there."""
+        # On a PositionMismatchError (another handle fed the session), the handle takes the
+        # server's position from it: the failed call is not applied, the next one goes on
+        # from there. (Plain try/except, not a context manager: this runs on every feed.)
         try:
-            yield
+            return await send()
+        except PositionMismatchError as err:
+            self.position = err.position
+            if not settling:
+                raise
+        try:
+            return await send()  # at the position the left generation ended at
         except PositionMismatchError as err:
             self.position = err.position
             raise

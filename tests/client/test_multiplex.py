@@ -361,12 +361,12 @@ async def test_a_refused_resend_of_an_unsettled_feed_leaves_the_position_unknown
         types.Session(session_id="s_x", position=7),
     )
     item = pb.StreamItem(session_id="s_x", request_id="r1", input=tokens(1), expected_position=7)
-    session._unsettled = ("r1", 7, item.input, 0)
+    session._unsettled = item
+    resend = pb.StreamItem(session_id="s_x", request_id="r1", input=tokens(1), expected_position=7)
     busy = errors.SessionBusyError(grpc.StatusCode.ABORTED, "busy", reason="SESSION_BUSY")
-    with pytest.raises(errors.SessionBusyError), session._unsettled_on_failure(item, 0):
-        raise busy
+    session._failed(resend, busy)  # what `feed` does with the exception before raising it
     assert session.position is None
-    assert session._unsettled == ("r1", 7, item.input, 0)  # still resent as itself next
+    assert session._unsettled is item  # still resent as itself next
 
 
 def _as_pb(prediction: Prediction) -> types.Prediction:
