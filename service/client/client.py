@@ -35,6 +35,8 @@ client go out as Stream messages, one per routing key per event-loop tick (`mult
 
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 from collections.abc import Sequence
 
@@ -54,6 +56,7 @@ from service.client.results import (
     make_input,
     make_sampling,
     model_from_pb,
+    set_field,
 )
 from service.client.retry import CHANNEL_OPTIONS, RetryPolicy, new_request_id, retryable
 from service.client.session import ClientSession, route_metadata
@@ -152,13 +155,17 @@ class SeqServeClient:
         request = pb.CreateSessionRequest(model=model, version=version, request_id=new_request_id())
         key = route_key or self.route_key or secrets.token_urlsafe(6)
         metadata = ((ROUTE_HEADER, key),)
-        if seed is not None:
-            with checked_locally():
-                request.seed = seed
-        if ttl_seconds is not None:
-            request.ttl.CopyFrom(_duration(ttl_seconds))
-        if sampling is not None:
-            request.default_sampling.CopyFrom(sampling)
+        with checked_locally():
+            set_field(request, "seed", seed, "an int")
+            if ttl_seconds is not None:
+                request.ttl.CopyFrom(_duration(ttl_seconds))
+            if sampling is not None:
+                if not isinstance(sampling, types.Sampling):
+                    raise TypeError(
+                        f"sampling must be a seqserve.v1.Sampling (make_sampling builds one), "
+                        f"not {type(sampling).__name__}"
+                    )
+                request.default_sampling.CopyFrom(sampling)
         response = await self.retry.run(
             lambda left: self.sessions.CreateSession(request, metadata=metadata, timeout=left),
             timeout=self._timeout(timeout),
@@ -217,6 +224,11 @@ class SeqServeClient:
 
 
 def _duration(seconds: float) -> Duration:
+    """`ttl_seconds` as a Duration (TypeError or ValueError naming it, for `checked_locally`)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise TypeError(f"ttl_seconds must be a number, not {type(seconds).__name__}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"ttl_seconds must be finite, not {seconds}")
     d = Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d

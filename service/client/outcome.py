@@ -29,12 +29,13 @@ def outcome_unknown(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def checked_locally() -> Iterator[None]:
-    """Protobuf's own checks of a request being built (a seed below 0, a token id or top_k out
-    of its field's range) raised as the InvalidArgumentError the server would send, not a bare
-    ValueError."""
+    """The checks of a request being built, protobuf's own (a seed below 0, a token id or
+    top_k out of its field's range) and the client's (an argument of the wrong type: bytes for
+    a text, a float among token ids), raised as the InvalidArgumentError the server would
+    send, not a bare ValueError or TypeError."""
     try:
         yield
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise refused_locally(exc) from None
 
 

@@ -96,13 +96,30 @@ def make_input(
     tokens: Sequence[int] | None = None,
     frames: Sequence[float] | None = None,
 ) -> types.Input:
+    """The Input message. An argument of the wrong type (bytes for `text`, a float among
+    `tokens`, ...) raises TypeError naming it, a value out of its field's range ValueError
+    (`outcome.checked_locally` makes either an InvalidArgumentError)."""
     if sum(x is not None for x in (text, tokens, frames)) != 1:
         raise ValueError("give exactly one of text, tokens or frames")
     if text is not None:
-        return types.Input(text=text)
+        return types.Input(text=require_str("text", text))
     if tokens is not None:
-        return types.Input(tokens=types.Tokens(ids=list(tokens)))
-    return types.Input(frames=types.Frames(values=list(frames or ())))
+        try:
+            return types.Input(tokens=types.Tokens(ids=list(tokens)))
+        except TypeError as exc:
+            raise wrong_type("tokens", "a sequence of ints", exc) from None
+    try:
+        return types.Input(frames=types.Frames(values=list(frames)))  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise wrong_type("frames", "a sequence of numbers", exc) from None
+
+
+def make_options(top_k: int) -> types.PredictionOptions:
+    """A feed's PredictionOptions (TypeError or ValueError as for `make_input`)."""
+    try:
+        return types.PredictionOptions(top_k=top_k)
+    except TypeError as exc:
+        raise wrong_type("top_k", "an int", exc) from None
 
 
 def make_sampling(
@@ -113,16 +130,55 @@ def make_sampling(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
 ) -> types.Sampling:
-    msg = types.Sampling(stop_strings=list(stop), stop_token_ids=list(stop_token_ids))
-    if temperature is not None:
-        msg.temperature = temperature
-    if top_k is not None:
-        msg.top_k = top_k
-    if top_p is not None:
-        msg.top_p = top_p
-    if max_tokens is not None:
-        msg.max_tokens = max_tokens
+    """The Sampling message; None leaves a field unset (TypeError or ValueError as for
+    `make_input`)."""
+    msg = types.Sampling(stop_strings=_strings("stop", stop))
+    try:
+        msg.stop_token_ids.extend(list(stop_token_ids))
+    except TypeError as exc:
+        raise wrong_type("stop_token_ids", "a sequence of ints", exc) from None
+    set_field(msg, "temperature", temperature, "a number")
+    set_field(msg, "top_k", top_k, "an int")
+    set_field(msg, "top_p", top_p, "a number")
+    set_field(msg, "max_tokens", max_tokens, "an int")
     return msg
+
+
+def set_field(msg: Any, name: str, value: object, kind: str) -> None:
+    """`msg.<name> = value` unless `value` is None; the argument of that name is `kind`."""
+    if value is None:
+        return
+    try:
+        setattr(msg, name, value)
+    except TypeError as exc:
+        raise wrong_type(name, kind, exc) from None
+
+
+def require_str(name: str, value: object) -> str:
+    """`value`, the argument `name`, if it is a str (protobuf would take bytes as UTF-8)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+def wrong_type(name: str, kind: str, exc: TypeError) -> TypeError:
+    """Protobuf's (or Python's) TypeError about the argument `name`, saying which one it is."""
+    return TypeError(f"{name} must be {kind}: {exc}")
+
+
+def _strings(name: str, values: Sequence[str]) -> list[str]:
+    if isinstance(values, str | bytes):  # a sequence, of characters: not what was meant
+        raise TypeError(f"{name} must be a sequence of str, not a {type(values).__name__}")
+    try:
+        strings = list(values)
+    except TypeError as exc:
+        raise wrong_type(name, "a sequence of str", exc) from None
+    for value in strings:
+        if not isinstance(value, str):
+            raise TypeError(
+                f"{name} must be a sequence of str, not one holding {type(value).__name__}"
+            )
+    return strings
 
 
 def prediction_from_pb(msg: types.Prediction) -> Prediction:

@@ -17,10 +17,13 @@ from service.client.results import (
     Prediction,
     SessionInfo,
     make_input,
+    make_options,
     make_sampling,
     piece_from_pb,
     prediction_from_pb,
+    require_str,
     session_from_pb,
+    set_field,
 )
 from service.client.retry import new_request_id
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -84,8 +87,8 @@ class ClientSession:
         settling = await self._settle()
         try:  # (not `checked_locally()`: a context manager costs a microsecond per feed)
             inp = make_input(text, tokens, frames)
-            options = types.PredictionOptions(top_k=top_k)
-        except ValueError as exc:
+            options = make_options(top_k)
+        except (ValueError, TypeError) as exc:
             raise refused_locally(exc) from None
         mux = self.client.mux
         again = self._again(inp, options)  # the unsettled feed's id, its position restored
@@ -235,7 +238,7 @@ class ClientSession:
                 expected_position=self.position,
             )
             if prompt is not None:
-                request.prompt.CopyFrom(make_input(text=prompt))
+                request.prompt.CopyFrom(make_input(text=require_str("prompt", prompt)))
         attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout), busy=settling)
         yielded = 0
         done = False
@@ -277,9 +280,8 @@ class ClientSession:
     async def fork(self, *, seed: int | None = None, timeout: float | None = None) -> ClientSession:
         """A new session with a copy of this one's state (and random stream, unless `seed`)."""
         request = pb.ForkSessionRequest(session_id=self.session_id, request_id=new_request_id())
-        if seed is not None:
-            with checked_locally():
-                request.seed = seed
+        with checked_locally():
+            set_field(request, "seed", seed, "an int")
         settling = await self._settle()  # a generation stopped just now: its last step first
         response = await self.client.retry.run(
             lambda left: self.client.sessions.ForkSession(

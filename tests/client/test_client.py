@@ -354,3 +354,73 @@ async def test_a_number_out_of_its_field_s_range_is_invalid_argument_not_a_value
         with pytest.raises(errors.InvalidArgumentError):
             await session.fork(seed=-1)
         assert (await session.feed(tokens=[1])).position == 1  # nothing of those was applied
+
+
+# Arguments of the wrong type: each call, and the argument the message must name.
+WRONG_TYPES: list[tuple[str, str, dict[str, object]]] = [
+    ("feed", "text", {"text": 123}),
+    ("feed", "text", {"text": b"abc"}),  # protobuf took bytes as the text, silently
+    ("feed", "text", {"text": b"\xff"}),
+    ("feed", "tokens", {"tokens": [1.5]}),
+    ("feed", "tokens", {"tokens": ["a"]}),
+    ("feed", "tokens", {"tokens": "ab"}),
+    ("feed", "tokens", {"tokens": 5}),
+    ("feed", "frames", {"frames": ["0.5"]}),
+    ("feed", "frames", {"frames": [None]}),
+    ("feed", "top_k", {"tokens": [1], "top_k": 1.5}),
+    ("feed", "top_k", {"tokens": [1], "top_k": "3"}),
+    ("generate", "prompt", {"prompt": b"hi"}),
+    ("generate", "prompt", {"prompt": 5}),
+    ("generate", "temperature", {"temperature": "hot"}),
+    ("generate", "top_k", {"top_k": 2.0}),
+    ("generate", "top_p", {"top_p": "0.9"}),
+    ("generate", "max_tokens", {"max_tokens": 1.5}),
+    ("generate", "stop", {"stop": "\n\n"}),  # two stop strings "\n", silently
+    ("generate", "stop", {"stop": [b"\n"]}),
+    ("generate", "stop_token_ids", {"stop_token_ids": [1.5]}),
+    ("create_session", "seed", {"seed": "7"}),
+    ("create_session", "ttl_seconds", {"ttl_seconds": "60"}),
+    ("create_session", "ttl_seconds", {"ttl_seconds": float("inf")}),
+    ("create_session", "sampling", {"sampling": {"temperature": 0.5}}),
+    ("fork", "seed", {"seed": 1.5}),
+]
+
+
+@pytest.mark.parametrize(("call", "argument", "kwargs"), WRONG_TYPES)
+async def test_an_argument_of_the_wrong_type_is_invalid_argument_refused_by_the_client(
+    server: SeqServeServer,  # noqa: F811
+    call: str,
+    argument: str,
+    kwargs: dict[str, object],
+) -> None:
+    """As a number out of its field's range: InvalidArgumentError naming the argument, with
+    nothing sent (not protobuf's TypeError, and no bytes or string taken for something else)."""
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as c:
+        session = await c.create_session("tok", seed=1)
+        with pytest.raises(errors.InvalidArgumentError) as err:
+            if call == "feed":
+                await session.feed(**kwargs)
+            elif call == "generate":
+                [p async for p in session.generate(**{"max_tokens": 2, **kwargs})]
+            elif call == "create_session":
+                await c.create_session("tok", **kwargs)
+            else:
+                await session.fork(**kwargs)
+        assert err.value.message.startswith(argument + " "), err.value.message
+        assert err.value.message.endswith("(refused by the client)")
+        assert (await session.refresh()).position == 0  # nothing of it was applied
+
+
+async def test_any_sequence_of_ints_or_numbers_is_still_taken(
+    server: SeqServeServer,  # noqa: F811
+) -> None:
+    import numpy as np
+
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as c:
+        session = await c.create_session("tok", seed=1)
+        assert (await session.feed(tokens=range(2))).position == 2
+        assert (await session.feed(tokens=np.array([3, 4]), top_k=np.int64(2))).position == 4
+        series = await c.create_session("frames", ttl_seconds=np.float32(60))
+        assert (await series.feed(frames=np.array([0.5, 1, 2], dtype=np.float32))).position == 1
+        pieces = [p async for p in session.generate(max_tokens=2, stop=("\n",), top_p=1)]
+        assert len(pieces) == 2
