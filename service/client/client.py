@@ -38,7 +38,8 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -58,7 +59,13 @@ from service.client.results import (
     model_from_pb,
     set_field,
 )
-from service.client.retry import CHANNEL_OPTIONS, RetryPolicy, new_request_id, retryable
+from service.client.retry import (
+    CHANNEL_OPTIONS,
+    Pauses,
+    RetryPolicy,
+    new_request_id,
+    retryable,
+)
 from service.client.session import ClientSession, route_metadata
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
@@ -66,6 +73,8 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
 from service.sessions.session import ROUTE_HEADER
+
+T = TypeVar("T")
 
 
 class SeqServeClient:
@@ -97,6 +106,7 @@ class SeqServeClient:
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.pauses = Pauses()  # the backoff pauses of this client's calls (`close` ends them)
         # For every session this client creates (None: one each). A multiplexing client keeps
         # its sessions on one key, so that their feeds share one Stream (and one replica).
         self.route_key = route_key or (secrets.token_urlsafe(6) if multiplex else None)
@@ -131,12 +141,31 @@ class SeqServeClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channel. The client's calls still running end with
+        `asyncio.CancelledError`: those in flight (the channel cancels them, the multiplexer
+        its feeds) and those waiting to retry alike."""
+        self.pauses.close()
         if self.mux is not None:
             await self.mux.close()
         await self.channel.close()
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _retried(
+        self,
+        attempt: Callable[[float | None], Awaitable[T]],
+        *,
+        timeout: float | None,
+        retry: bool = True,
+        busy: bool = False,
+    ) -> Awaitable[T]:
+        """`attempt` under the client's retry policy, within `timeout` (None: the client's),
+        its backoff pauses ended by `close` (see `RetryPolicy.run`). (A plain function: no
+        coroutine of its own on a feed's path.)"""
+        return self.retry.run(
+            attempt, timeout=self._timeout(timeout), retry=retry, busy=busy, pauses=self.pauses
+        )
 
     async def create_session(
         self,
@@ -166,9 +195,9 @@ class SeqServeClient:
                         f"not {type(sampling).__name__}"
                     )
                 request.default_sampling.CopyFrom(sampling)
-        response = await self.retry.run(
+        response = await self._retried(
             lambda left: self.sessions.CreateSession(request, metadata=metadata, timeout=left),
-            timeout=self._timeout(timeout),
+            timeout=timeout,
         )
         return ClientSession(self, response.session)
 
@@ -176,24 +205,24 @@ class SeqServeClient:
         """A handle on an existing session (e.g. after a reconnect)."""
         request = pb.GetSessionRequest(session_id=session_id)
         metadata = route_metadata(session_id)
-        response = await self.retry.run(
+        response = await self._retried(
             lambda left: self.sessions.GetSession(request, metadata=metadata, timeout=left),
-            timeout=self._timeout(timeout),
+            timeout=timeout,
         )
         return ClientSession(self, response.session)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        response = await self.retry.run(
+        response = await self._retried(
             lambda left: self.registry.ListModels(reg_pb.ListModelsRequest(), timeout=left),
-            timeout=self._timeout(timeout),
+            timeout=timeout,
         )
         return [model_from_pb(m) for m in response.models]
 
     async def get_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
         """A model with its versions' details (status, cell, fingerprint, manifest, ...)."""
-        response = await self.retry.run(
+        response = await self._retried(
             lambda left: self.registry.GetModel(reg_pb.GetModelRequest(name=name), timeout=left),
-            timeout=self._timeout(timeout),
+            timeout=timeout,
         )
         return model_from_pb(response.model)
 
@@ -203,9 +232,9 @@ class SeqServeClient:
         """Point `alias` at `version` (needs the admin role when auth is on); the model's
         aliases after it. Retried like a read: setting it again changes nothing."""
         request = reg_pb.SetAliasRequest(name=name, alias=alias, version=version)
-        response = await self.retry.run(
+        response = await self._retried(
             lambda left: self.registry.SetAlias(request, timeout=left),
-            timeout=self._timeout(timeout),
+            timeout=timeout,
         )
         return dict(response.aliases)
 
@@ -215,9 +244,9 @@ class SeqServeClient:
         """Remove `alias` (admin role); the aliases left. Not retried: a second delete would
         be refused."""
         request = reg_pb.DeleteAliasRequest(name=name, alias=alias)
-        response = await self.retry.run(
+        response = await self._retried(
             lambda left: self.registry.DeleteAlias(request, timeout=left),
-            timeout=self._timeout(timeout),
+            timeout=timeout,
             retry=False,
         )
         return dict(response.aliases)

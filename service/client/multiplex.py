@@ -24,7 +24,8 @@ Stream failed RESOURCE_EXHAUSTED when the message is over twice its limit): the 
 its limits to the server's and resends those items (UNAVAILABLE: retried) in smaller messages.
 
 A closed client's feeds do not wait forever: those queued or on a Stream are cancelled (as a
-Step's call is when its channel closes), and a feed after `close` raises `grpc.aio.UsageError`.
+Step's call is when its channel closes; those waiting to retry are too, by the client's
+`retry.Pauses`), and a feed after `close` raises `grpc.aio.UsageError`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ stacks under this one.
 
 A timeout bounds a whole call, retries and backoff included: each attempt gets what is left as
 its gRPC deadline. Every failure leaves as a `service.client.errors.SeqServeError`.
+
+A client's backoff pauses are its `Pauses`: closing the client ends them, so that a call
+waiting to retry ends as one in flight does (`asyncio.CancelledError`), not with a retry on
+the closed channel.
 """
 
 from __future__ import annotations
@@ -49,9 +53,14 @@ class RetryPolicy:
     max_backoff_seconds: float = 1.0
 
     def attempts(
-        self, *, timeout: float | None = None, retry: bool = True, busy: bool = False
+        self,
+        *,
+        timeout: float | None = None,
+        retry: bool = True,
+        busy: bool = False,
+        pauses: Pauses | None = None,
     ) -> Attempts:
-        return Attempts(self, timeout, retry, busy)
+        return Attempts(self, timeout, retry, busy, pauses)
 
     async def run(
         self,
@@ -60,12 +69,14 @@ class RetryPolicy:
         timeout: float | None = None,
         retry: bool = True,
         busy: bool = False,
+        pauses: Pauses | None = None,
     ) -> T:
         """`attempt(seconds_left)` until it succeeds, or fails in a way not to retry (then its
         error, as a `SeqServeError`, is raised). `seconds_left`: None without a timeout.
         `busy`: also try again while the session is busy (SESSION_BUSY: nothing was applied),
-        for a request that should wait for the one running, such as a close."""
-        attempts = self.attempts(timeout=timeout, retry=retry, busy=busy)
+        for a request that should wait for the one running, such as a close. `pauses`: the
+        client's, which its close ends (else plain sleeps)."""
+        attempts = self.attempts(timeout=timeout, retry=retry, busy=busy, pauses=pauses)
         while True:
             try:
                 return await attempt(attempts.seconds_left())
@@ -81,9 +92,15 @@ class Attempts:
     """The attempts of one call: how long the next may take, and whether to make one."""
 
     def __init__(
-        self, policy: RetryPolicy, timeout: float | None, retry: bool, busy: bool = False
+        self,
+        policy: RetryPolicy,
+        timeout: float | None,
+        retry: bool,
+        busy: bool = False,
+        pauses: Pauses | None = None,
     ) -> None:
         self._policy = policy
+        self._pauses = pauses
         now = time.monotonic()
         self._retry_until = now + policy.deadline_seconds
         self._give_up = None if timeout is None else now + timeout
@@ -124,13 +141,50 @@ class Attempts:
             if left < _LAST_ATTEMPT_SECONDS or (error.retry_delay or 0.0) > left:
                 raise self._timed_out() from error  # (the server asked for more than is left)
             pause = left / 2  # then another attempt with the other half
-        await asyncio.sleep(pause)
+        if self._pauses is None:
+            await asyncio.sleep(pause)
+        else:
+            await self._pauses.sleep(pause)
         self._backoff = min(self._backoff * 2, self._policy.max_backoff_seconds)
 
     def _timed_out(self) -> DeadlineExceededError:
         return DeadlineExceededError(
             grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within the timeout of {self._timeout}s"
         )
+
+
+class Pauses:
+    """The backoff pauses of one client's calls. Its `close` ends them: a call waiting to retry
+    raises `asyncio.CancelledError` at once, as a call in flight does when its channel closes
+    (and a multiplexed feed when the client cancels it), instead of waking to retry on the
+    closed channel (gRPC's `UsageError`)."""
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Future[None]] = set()
+        self.closed = False
+
+    async def sleep(self, seconds: float) -> None:
+        if self.closed:  # the call failed while the client closed: no retry either
+            raise asyncio.CancelledError()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _wake, done)
+        self._waiting.add(done)
+        try:
+            await done
+        finally:
+            timer.cancel()
+            self._waiting.discard(done)
+
+    def close(self) -> None:
+        self.closed = True
+        for done in self._waiting:
+            done.cancel()
+
+
+def _wake(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def retryable(err: grpc.aio.AioRpcError) -> bool:
@@ -146,4 +200,11 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-__all__ = ["CHANNEL_OPTIONS", "Attempts", "RetryPolicy", "SeqServeError", "new_request_id"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "Attempts",
+    "Pauses",
+    "RetryPolicy",
+    "SeqServeError",
+    "new_request_id",
+]

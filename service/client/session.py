@@ -94,7 +94,6 @@ class ClientSession:
         again = self._again(inp, options)  # the unsettled feed's id, its position restored
         if self.position is None:
             await self.refresh(timeout=timeout)
-        limit = self.client._timeout(timeout)
         if mux is not None:  # with the other feeds of this tick, in one Stream message
             item = pb.StreamItem(
                 session_id=self.session_id,
@@ -106,7 +105,9 @@ class ClientSession:
 
             async def stream_it() -> pb.StreamReply:
                 item.expected_position = self.position or 0
-                return await self.client.retry.run(mux.attempts(item), timeout=limit, busy=settling)
+                return await self.client._retried(
+                    mux.attempts(item), timeout=timeout, busy=settling
+                )
 
             try:
                 reply = await self._after(settling, stream_it)
@@ -126,11 +127,11 @@ class ClientSession:
 
         async def step() -> pb.StepResponse:
             request.expected_position = self.position or 0
-            return await self.client.retry.run(
+            return await self.client._retried(
                 lambda left: self.client.sessions.Step(
                     request, metadata=self.metadata, timeout=left
                 ),
-                timeout=limit,
+                timeout=timeout,
                 busy=settling,
             )
 
@@ -239,7 +240,9 @@ class ClientSession:
             )
             if prompt is not None:
                 request.prompt.CopyFrom(make_input(text=require_str("prompt", prompt)))
-        attempts = self.client.retry.attempts(timeout=self.client._timeout(timeout), busy=settling)
+        attempts = self.client.retry.attempts(
+            timeout=self.client._timeout(timeout), busy=settling, pauses=self.client.pauses
+        )
         yielded = 0
         done = False
         self._generating = True
@@ -283,11 +286,11 @@ class ClientSession:
         with checked_locally():
             set_field(request, "seed", seed, "an int")
         settling = await self._settle()  # a generation stopped just now: its last step first
-        response = await self.client.retry.run(
+        response = await self.client._retried(
             lambda left: self.client.sessions.ForkSession(
                 request, metadata=self.metadata, timeout=left
             ),
-            timeout=self.client._timeout(timeout),
+            timeout=timeout,
             busy=settling,
         )
         return ClientSession(self.client, response.session)
@@ -295,11 +298,11 @@ class ClientSession:
     async def refresh(self, *, timeout: float | None = None) -> SessionInfo:
         """The session as the server has it now (position, expiry, state, ...)."""
         request = pb.GetSessionRequest(session_id=self.session_id)
-        response = await self.client.retry.run(
+        response = await self.client._retried(
             lambda left: self.client.sessions.GetSession(
                 request, metadata=self.metadata, timeout=left
             ),
-            timeout=self.client._timeout(timeout),
+            timeout=timeout,
         )
         self.info = session_from_pb(response.session)
         self.position = self.info.position
@@ -313,11 +316,11 @@ class ClientSession:
         broken off closes the session instead of raising SessionBusyError."""
         request = pb.CloseSessionRequest(session_id=self.session_id)
         await self._settle()  # a generation just stopped: its call cancelled first
-        await self.client.retry.run(
+        await self.client._retried(
             lambda left: self.client.sessions.CloseSession(
                 request, metadata=self.metadata, timeout=left
             ),
-            timeout=self.client._timeout(timeout),
+            timeout=timeout,
             retry=False,
             busy=True,
         )

@@ -24,6 +24,7 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
 from tests.api.conftest import (  # noqa: F401 - fixtures
+    ServerFactory,
     server,
     server_factory,
     store_root,
@@ -141,6 +142,36 @@ async def test_a_request_right_after_breaking_out_of_a_generation_goes_on_from_i
                 assert child.position == (await session.refresh()).position
             assert session.position == (await session.refresh()).position > 5
             await session.close()
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_calls_waiting_to_retry_when_the_client_closes_end_as_those_in_flight_do(
+    server_factory: ServerFactory,  # noqa: F811
+    multiplex: bool,
+) -> None:
+    """The server gone, each call fails UNAVAILABLE and waits in its retry backoff; the client
+    closes. They used to wait out the backoff and retry on the closed channel: gRPC's
+    `UsageError` ("Channel is closed"). They end at once with `asyncio.CancelledError`, as a
+    call in flight does (`test_a_call_in_flight_when_the_client_closes_is_cancelled`)."""
+    srv = await server_factory()
+    slow = RetryPolicy(first_backoff_seconds=3.0, max_backoff_seconds=3.0)  # pauses of 1.5-4.5 s
+    client = SeqServeClient(f"127.0.0.1:{srv.port}", retry=slow, multiplex=multiplex)
+    feeding, generating, forking = [await client.create_session("tok", seed=1) for _ in range(3)]
+    await srv.stop()  # nothing listens on its port any more
+    calls = [
+        asyncio.ensure_future(feeding.feed(tokens=[1])),
+        asyncio.ensure_future(_drain(generating.generate(max_tokens=2))),
+        asyncio.ensure_future(forking.fork()),
+        asyncio.ensure_future(client.create_session("tok")),
+    ]
+    await asyncio.sleep(0.5)  # each has failed once, and waits to retry
+    assert not any(call.done() for call in calls)
+    closing = time.monotonic()
+    await client.close()
+    for call in calls:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(call, 10)
+    assert time.monotonic() - closing < 1.0  # at the close, not after the backoff
 
 
 async def _drain(pieces: AsyncIterator[object]) -> list[object]:
@@ -309,6 +340,23 @@ async def test_timeouts_per_client_and_per_call(
         assert time.monotonic() - started < 0.8  # not the client's 1 s
         servicer.stall = 0.5
         assert (await session.feed(tokens=[1], timeout=5)).position == 1  # the call's, longer
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_a_call_in_flight_when_the_client_closes_is_cancelled(
+    scripted: tuple[Scripted, str], multiplex: bool
+) -> None:
+    """Its channel cancels a Step, the multiplexer a feed on its Stream: either way the app
+    gets `asyncio.CancelledError`."""
+    servicer, target = scripted
+    servicer.stall = 5.0
+    client = SeqServeClient(target, multiplex=multiplex)
+    session = await client.create_session("m")
+    feed = asyncio.ensure_future(session.feed(tokens=[1]))
+    await asyncio.sleep(0.3)  # sent, unanswered
+    await client.close()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(feed, 3)
 
 
 @pytest.mark.parametrize("backoff", [0.01, 2.0])
