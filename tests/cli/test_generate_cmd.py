@@ -1,4 +1,5 @@
-"""`seqserve generate`'s argument errors: one line and exit 2, before any call."""
+"""`seqserve generate`: argument errors (one line and exit 2, before any call), an unreachable
+target within `--timeout`, and a generation against a real server."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from service.cli.main import main
+from service.api.server import SeqServeServer
+from service.cli import generate_cmd
+from service.cli.main import build_parser, main
+from tests.api.conftest import server, server_factory, store_root  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,3 +64,43 @@ def test_a_number_out_of_its_field_s_range_is_one_line_not_a_traceback(
     assert "Traceback" not in err
     assert err.strip().startswith("error: INVALID_ARGUMENT: Value out of range"), err
     assert "(refused by the client)" in err
+
+
+def test_timeout_ends_the_wait_for_an_unreachable_target(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nothing listens on the target: without `--timeout` the command retries for the
+    client's 30 s; with it, it gives up within it, one line and status 1."""
+    argv = ["generate", "--target", "127.0.0.1:1", "--model", "m", "--prompt", "hi"]
+    started = time.monotonic()
+    code = main([*argv, "--timeout", "1.5"])
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert took < 1.5 + 0.5, took  # within it (and the time to close the channel)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith("error: DEADLINE_EXCEEDED: not done within --timeout 1.5 s")
+    assert "UNAVAILABLE" in err  # what it was retrying
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_a_timeout_that_is_no_positive_number_exits_2(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--target", "127.0.0.1:1", "--model", "m", "--prompt", "hi"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--timeout", value])
+    assert exit_.value.code == 2
+    assert "argument --timeout" in capsys.readouterr().err
+
+
+async def test_a_generation_within_its_timeout_is_printed_and_its_session_closed(
+    server: SeqServeServer,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["generate", "--target", f"127.0.0.1:{server.port}", "--model", "tok",
+            "--prompt", "hi", "--max-tokens", "5", "--seed", "3", "--timeout", "30"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    await generate_cmd._generate(args)  # what `run` runs (on this test's event loop)
+    assert capsys.readouterr().out.startswith("hi")
+    assert server.engine.stats().sessions_in_memory == 0  # closed
