@@ -8,7 +8,10 @@ SERVING, each session with records after its base (its checkpoint, or a fresh st
 put at its final position with its random stream moved on past the journaled draws, and handed
 to `PendingReplays`, which computes its state in the background or when a request needs it
 first (`replay.py`). A session whose records have a gap (lost or damaged) is refused with
-DATA_LOSS naming it; one journaled for other weights, with FAILED_PRECONDITION. One whose
+DATA_LOSS naming it, and so is one whose last record is damaged (`Journal.open` reports it in
+place, and its head still names the session): the step it held was acknowledged, and coming
+back a step short would pass for the truth. One journaled for other weights is refused with
+FAILED_PRECONDITION. One whose
 version cannot be loaded now is refused (VersionGone) and held: its checkpoint stays, and its
 records are copied into a journal segment of their own (`Journal.hold`), so it comes back at a
 restart once the store has its version again, without keeping the segments they came from.
@@ -48,6 +51,9 @@ class _Plan:
     fresh: bool  # no checkpoint: the base is a new session's zero state
     records: list[jr.JournalRecord] = field(default_factory=list)
     create: jr.JournalRecord | None = None  # a fresh one's CREATE record
+    # A damaged record of the session after all its readable ones, past its checkpoint: its
+    # last step is lost.
+    damaged: jr.Unreadable | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,9 @@ class Recovery:
         self._replays.start()
         return report
 
-    async def run(self, records: Iterable[jr.JournalRecord], oldest_segment: int) -> RecoveryReport:
+    async def run(
+        self, records: Iterable[jr.JournalRecord | jr.Unreadable], oldest_segment: int
+    ) -> RecoveryReport:
         """Plan every session's replay; their journal records stay (`oldest_segment` pinned)
         until each has a new checkpoint."""
         known = {s.session_id: s for s in self._sessions}  # from their checkpoints
@@ -137,12 +145,16 @@ class Recovery:
 
     async def _recover(self, plans: dict[str, _Plan], oldest_segment: int) -> RecoveryReport:
         by_version: dict[tuple[str, int], list[_Plan]] = {}
+        pending = steps = lost = 0
         for plan in plans.values():
+            if plan.damaged is not None:
+                self._lose(plan, _damage(plan.damaged))
+                lost += 1
+                continue
             if not _needs_replay(plan):
                 continue  # its checkpoint holds every journaled step: nothing to load or check
             s = plan.session
             by_version.setdefault((s.model, s.version), []).append(plan)
-        pending = steps = lost = 0
         held: list[_Plan] = []
         for (model, version), group in by_version.items():
             try:
@@ -167,7 +179,7 @@ class Recovery:
     # ---- reading the journal -------------------------------------------------------------
 
     def _plan(
-        self, records: Iterable[jr.JournalRecord], known: dict[str, Session]
+        self, records: Iterable[jr.JournalRecord | jr.Unreadable], known: dict[str, Session]
     ) -> dict[str, _Plan]:
         plans: dict[str, _Plan] = {}
         # Each session's last record kept: (its position, what it was). A session's records
@@ -175,8 +187,17 @@ class Recovery:
         # session held at an earlier recovery are copied into a segment of their own, and a
         # crash before the segments they came from were trimmed leaves both to read.
         last: dict[str, tuple[int, tuple[Any, ...]]] = {}
+        # Damaged records by the session their head names, until a readable record of it
+        # follows (then a gap shows what is missing, as for any lost record).
+        damaged: dict[str, jr.Unreadable] = {}
         for rec in records:
+            if isinstance(rec, jr.Unreadable):
+                if rec.session_id and rec.kind != jr.GEN_START:  # one alone changed nothing
+                    damaged[rec.session_id] = rec
+                continue
             sid = rec.session_id
+            if damaged:
+                damaged.pop(sid, None)
             if rec.kind == jr.CREATE:
                 if sid not in known and rec.meta is not None:
                     fresh = _fresh_session(sid, rec.meta, self._sessions.clock())
@@ -208,7 +229,22 @@ class Recovery:
                 continue  # a copy of a record already read
             last[sid] = (rec.position, what)
             plans.setdefault(sid, _Plan(base, fresh=False)).records.append(rec)
+        for sid, bad in damaged.items():
+            self._damaged_last(plans, known, sid, bad)
         return plans
+
+    def _damaged_last(
+        self, plans: dict[str, _Plan], known: dict[str, Session], sid: str, bad: jr.Unreadable
+    ) -> None:
+        """A damaged record after every readable one of session `sid`: its last step (or its
+        creation, or its end) is lost, unless its checkpoint is past it (a record older than
+        the checkpoint, from a segment a crash left undeleted)."""
+        base = known.get(sid)
+        if base is None:  # neither a checkpoint nor a creation: the damaged record was its CREATE
+            if sid not in self._sessions.broken:
+                self._sessions.mark_broken(sid, _damage(bad))
+        elif bad.position >= base.position:  # not in its checkpoint already
+            plans.setdefault(sid, _Plan(base, fresh=False)).damaged = bad
 
     def _drop_refused_record(self, session_id: str) -> None:
         """A session whose spill record was refused at this start, then found ended by its END
@@ -274,6 +310,13 @@ class Recovery:
         records = {plan.session.session_id: _encoded(plan) for plan in held}
         if not (isinstance(journal, Journal) and journal.hold(records)):
             journal.pin(oldest_segment)
+
+
+def _damage(bad: jr.Unreadable) -> str:
+    return (
+        f"its last journal record (at position {bad.position}) is damaged: what it recorded "
+        "was acknowledged and is lost"
+    )
 
 
 def _needs_replay(plan: _Plan) -> bool:

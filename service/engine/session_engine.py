@@ -205,6 +205,9 @@ class SessionEngine:
             ),
             end_records_lost=self.durability.end_records_lost,
             state_write_failures=self.residency.write_failures,
+            journal_damaged_records=(
+                self.durability.journal.damaged_records if self.durability.journal else 0
+            ),
             state_writes=self.residency.writes,
             state_write_seconds=self.residency.write_seconds,
             versions=[

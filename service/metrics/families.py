@@ -19,6 +19,7 @@ from prometheus_client import (
 from service.metrics.batch_histogram import BatchHistogram
 from service.metrics.bounds import (
     BATCH_ROWS_BUCKETS,
+    DAMAGED_RECORD_KINDS,
     GC_GENERATIONS,
     LATENCY_BUCKETS,
     MODEL_LOAD_BUCKETS,
@@ -153,6 +154,13 @@ class MetricFamilies:
             "write; also one over the spill tier's byte cap).",
             ("kind",), registry=r,
         )  # fmt: skip
+        self._damaged_records = Counter(
+            "seqserve_state_damaged_records",
+            "Records of session state found damaged at start-up: `journal` (a record that fails "
+            "its checksum, or bytes whole records follow; not a torn last record, which a crash "
+            "leaves). Each is skipped; a session that lost a step by it is refused (DATA_LOSS).",
+            ("kind",), registry=r,
+        )  # fmt: skip
         self._state_writes = Counter(
             "seqserve_state_writes",
             "Session state records the state tier took (refused ones are not counted): "
@@ -205,5 +213,7 @@ class MetricFamilies:
             self._gc_pause.labels(generation)
         for kind in WRITE_FAILURE_KINDS:  # the runbook's first failure must show in increase()
             self._write_failures.labels(kind)
+        for kind in DAMAGED_RECORD_KINDS:
+            self._damaged_records.labels(kind)
         for reason in REFUSAL_REASONS:  # the error-ratio alert subtracts the quota ones
             self._refusals.labels(reason)

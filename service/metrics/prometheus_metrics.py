@@ -63,6 +63,7 @@ class Metrics(MetricFamilies):
         RSS, GC) on this registry. Tests that compare whole expositions turn them off."""
         super().__init__(process_collectors=process_collectors)
         self._write_failures_seen: dict[str, int] = {}
+        self._damaged_records_seen: dict[str, int] = {}
         self._state_writes_seen = 0
         self._state_write_seconds_seen = 0.0
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
@@ -161,6 +162,13 @@ class Metrics(MetricFamilies):
         if total > seen:
             self._write_failures.labels(kind).inc(total - seen)
             self._write_failures_seen[kind] = total
+
+    def set_damaged_records(self, kind: str, total: int) -> None:
+        """Bring the counter up to `total` damaged records of `kind` (the engine counts them)."""
+        seen = self._damaged_records_seen.get(kind, 0)
+        if total > seen:
+            self._damaged_records.labels(kind).inc(total - seen)
+            self._damaged_records_seen[kind] = total
 
     def set_state_writes(self, total: int, seconds: float) -> None:
         """Bring the write counters up to the engine's totals (`total` records, `seconds`)."""

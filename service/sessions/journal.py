@@ -49,7 +49,13 @@ from typing import Literal
 from service.errors import JournalUnavailable
 from service.sessions.held_records import HeldRecords
 from service.sessions.journal_janitor import JournalJanitor
-from service.sessions.journal_record import JournalRecord, decode_stream
+from service.sessions.journal_record import (
+    NEWER,
+    TORN,
+    JournalRecord,
+    Unreadable,
+    read_stream,
+)
 from service.sessions.journal_segments import (
     clear_stray_held,
     close_segment,
@@ -102,6 +108,7 @@ class Journal:
         # is made durable before an older one.
         self._retired: list[int] = []
         self.failed_writes = 0  # appends refused because the disk would not take them
+        self.damaged_records = 0  # records `open` found damaged (not a crash's torn last one)
         self._failing = False
         # Segments whose file is not `<sequence>.log`: renamed by `_discard_torn`, or found so
         # by `open` (deleted by sequence, as any other).
@@ -114,9 +121,11 @@ class Journal:
 
     # ---- start and stop --------------------------------------------------------------------
 
-    def open(self) -> Iterator[JournalRecord]:
-        """Every record the segments on disk hold, oldest first (for recovery). Writing starts
-        in a new segment once `start()` is called."""
+    def open(self) -> Iterator[JournalRecord | Unreadable]:
+        """Every record the segments on disk hold, oldest first (for recovery), and in its place
+        each damaged one (`Unreadable`: logged, counted in `damaged_records`; a torn last
+        record is a crash's and only noted). Writing starts in a new segment once `start()` is
+        called."""
         self.directory.mkdir(parents=True, exist_ok=True)
         clear_stray_held(self.directory)
         for seq, path in list_segments(self.directory):
@@ -126,7 +135,10 @@ class Journal:
             if valid is not None:
                 self._torn_names[seq] = path
             data = path.read_bytes()
-            yield from decode_stream(data if valid is None else data[:valid])
+            for item in read_stream(data if valid is None else data[:valid]):
+                if isinstance(item, Unreadable) and not self._note(path, item):
+                    continue  # a crash's torn write, a newer server's record: nothing lost
+                yield item
 
     def start(self) -> None:
         """Begin writing (a fresh segment); start the janitor and, for the interval policy, the
@@ -258,6 +270,27 @@ class Journal:
                 os.fsync(self._fd)
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _note(self, path: Path, bad: Unreadable) -> bool:
+        """Log what `open` could not read in segment `path`; True for damage (counted, and
+        passed on to recovery: its session lost a step), False for a crash's torn last write
+        or a newer server's record."""
+        if bad.what == TORN:
+            log.info("journal segment %s ends in a record cut short at offset %d (a write a "
+                     "crash interrupted): dropped", path, bad.offset)  # fmt: skip
+            return False
+        if bad.what == NEWER:
+            log.warning("journal segment %s: the record at offset %d was written by a newer "
+                        "server: skipped", path, bad.offset)  # fmt: skip
+            return False
+        self.damaged_records += 1
+        named = ""
+        if bad.session_id:  # what its head says: the damage may be there too
+            named = f", apparently session {bad.session_id}'s at position {bad.position}"
+        log.warning("journal segment %s: the record at offset %d is damaged (it fails its "
+                    "checksum, or whole records follow it)%s: skipped", path, bad.offset,
+                    named)  # fmt: skip
+        return True
 
     def _finish_retired(self) -> None:
         """fsync and close the full segments waiting for it, oldest first: before the segment

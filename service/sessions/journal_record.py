@@ -20,6 +20,12 @@ reply to a session's last request for an exactly-once retry. This server writes 
 reads both (tests/sessions/fixtures holds version 1 records). No pickle. A record that fails
 its checksum is never applied: reading resumes at the next whole record; a torn last record is
 the end of its segment.
+
+A torn last record (shorter than its length says, with nothing whole after it) is what a crash
+in the middle of a write leaves: normal. Anything else unreadable is damage: a whole record
+whose checksum fails, or bytes that whole records follow. `read_stream` reports both in place
+(`Unreadable`), with what the damaged record's head still says (its session and position), so
+recovery can tell the session it was for that a step is lost.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from service.sessions.session import SESSION_ID_PATTERN
 
 VERSION = 2  # what this server writes
 READABLE = (1, 2)
@@ -50,6 +58,7 @@ _FLOAT32 = np.dtype("<f4")
 _BODY_START = re.compile(
     b"[%s][%s]" % tuple(re.escape(bytes(v)) for v in (READABLE, range(TOKENS, GEN_START + 1)))
 )
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
 class JournalRecord(NamedTuple):
@@ -191,18 +200,78 @@ def kind_of(record: bytes) -> int:
     return record[_FRAME.size + 1]
 
 
+# What `Unreadable` found: a crash's torn last write, damage, or a newer server's record.
+TORN, DAMAGED, NEWER = "torn", "damaged", "newer"
+
+
+class Unreadable(NamedTuple):
+    """Bytes of a segment that hold no readable record, where `read_stream` met them."""
+
+    offset: int  # where the record that could not be read begins
+    what: str  # TORN, DAMAGED or NEWER
+    # What a damaged record's head still says, when it reads as one (the damage may be there
+    # too, so a guess): its session ("" when unreadable), position and kind.
+    session_id: str = ""
+    position: int = 0
+    kind: int = 0
+
+
 def decode_stream(data: bytes) -> Iterator[JournalRecord]:
     """The records of one segment, in order. A damaged record is skipped: reading resumes at
     the next offset where a whole record checks out (the damaged session's later records then
     show a gap, which recovery refuses with DATA_LOSS); a torn last record is simply the end."""
+    for item in read_stream(data):
+        if isinstance(item, JournalRecord):
+            yield item
+
+
+def read_stream(data: bytes) -> Iterator[JournalRecord | Unreadable]:
+    """`decode_stream`, with an `Unreadable` in place of each stretch of bytes it skips."""
     offset, size = 0, len(data)
     while offset + _FRAME.size <= size:
         record, end_at = _frame_at(data, offset)
         if record is None:
-            offset = _resync(data, offset + 1)
+            resumed = _resync(data, offset + 1)
+            yield _unreadable(data, offset, whole_after=resumed < size)
+            offset = resumed
             continue
         yield record
         offset = end_at
+    if offset < size:  # less than a frame's head: a write cut short
+        yield Unreadable(offset, TORN)
+
+
+def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
+    """Why the record at `offset` cannot be read. Torn: shorter than its length says, and no
+    whole record after it (a crash cut its write short). A whole one that fails its checksum,
+    or any bytes whole records follow, are damage; a whole one that checks out but will not
+    parse is a newer server's (its version) or damage."""
+    length, crc = _FRAME.unpack_from(data, offset)
+    start = offset + _FRAME.size
+    whole = _HEAD.size + _POSITION.size <= length <= len(data) - start
+    if not whole and not whole_after:
+        return Unreadable(offset, TORN)
+    checks_out = whole and zlib.crc32(memoryview(data)[start : start + length]) == crc
+    if checks_out and data[start] not in READABLE:
+        return Unreadable(offset, NEWER)
+    return Unreadable(offset, DAMAGED, *_head_of(data, start))
+
+
+def _head_of(data: bytes, start: int) -> tuple[str, int, int]:
+    """(session id, position, kind) of the body at `start`, when its head reads as a record's:
+    a readable version, a known kind, a well-formed session id. ("", 0, 0) when not."""
+    try:
+        version, kind, sid_len = _HEAD.unpack_from(data, start)
+        at = start + _HEAD.size
+        session_id = data[at : at + sid_len].decode("ascii")
+        (position,) = _POSITION.unpack_from(data, at + sid_len)
+    except (struct.error, UnicodeDecodeError):
+        return "", 0, 0
+    if version not in READABLE or not TOKENS <= kind <= GEN_START:
+        return "", 0, 0
+    if not _SESSION_ID.fullmatch(session_id):
+        return "", 0, 0
+    return session_id, position, kind
 
 
 def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:

@@ -31,7 +31,7 @@ from typing import Literal
 
 from service.errors import JournalUnavailable, SessionMoved, SpillCorrupted
 from service.sessions import journal_record, spill_record
-from service.sessions.journal_record import JournalRecord, decode_stream
+from service.sessions.journal_record import JournalRecord, Unreadable, decode_stream
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_directory import TierScan
 from service.sessions.spill_record import SpillRecord
@@ -206,12 +206,13 @@ class SharedJournal:
         self._sessions = sessions
         self.oldest = 0
         self.segment = 0
+        self.damaged_records = 0  # nothing is read at start-up (`open`)
 
     @property
     def failed_writes(self) -> int:
         return self._state.failed_writes
 
-    def open(self) -> Iterator[JournalRecord]:
+    def open(self) -> Iterator[JournalRecord | Unreadable]:
         return iter(())  # sessions are read when taken over, not at start-up
 
     def start(self) -> None:

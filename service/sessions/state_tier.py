@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from service.sessions.journal_record import JournalRecord
+from service.sessions.journal_record import JournalRecord, Unreadable
 from service.sessions.spill_directory import TierScan
 from service.sessions.spill_record import SpillRecord
 
@@ -58,7 +58,10 @@ class JournalLog(Protocol):
     @property
     def failed_writes(self) -> int: ...
 
-    def open(self) -> Iterator[JournalRecord]: ...
+    @property
+    def damaged_records(self) -> int: ...  # records `open` found damaged
+
+    def open(self) -> Iterator[JournalRecord | Unreadable]: ...
 
     def start(self) -> None: ...
 

@@ -36,7 +36,7 @@ DESIGN_FAMILIES = {
 }
 BOUNDED_LABELS = {
     "method", "code", "protocol", "model", "version", "tier", "event", "phase", "generation", "le",
-    "kind",  # seqserve_state_write_failures_total: journal, end, checkpoint
+    "kind",  # seqserve_state_write_failures_total, seqserve_state_damaged_records_total
     "reason",  # seqserve_refusals_total: the ErrorInfo reasons of RESOURCE_EXHAUSTED
 }  # fmt: skip
 INFO_LABELS = {"fingerprint", "cell"}  # seqserve_model_info only: one series per loaded version

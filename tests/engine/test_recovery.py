@@ -122,6 +122,42 @@ async def test_a_session_whose_records_are_damaged_is_refused_with_data_loss(
     assert (await second.feed(fine.session_id, toks(9))).position == 4
 
 
+@pytest.mark.parametrize("tail", ["damaged", "torn"])
+async def test_a_damaged_last_record_refuses_its_session_a_torn_one_does_not(
+    make_engine: EngineFactory, tmp_path: Path, tail: str
+) -> None:
+    """The segment's last record is hurt's third step. Whole but failing its checksum, it is
+    damage: that step was acknowledged, so hurt is refused with DATA_LOSS (as when a later
+    record of it shows the gap), not brought back a step short; counted. Cut short, it is a
+    crash's torn write, which nobody was told had happened: hurt comes back before it."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    hurt, _ = await first.create_session("tok")
+    fine, _ = await first.create_session("tok")
+    for k in range(3):
+        await first.feed(fine.session_id, toks(k + 1))
+        await first.feed(hurt.session_id, toks(k + 1))
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    if tail == "damaged":
+        data[-1] ^= 0xFF  # its token's last byte: the length still fits, the checksum fails
+    else:
+        del data[-3:]
+    segment.write_bytes(bytes(data))
+
+    second = await make_engine(spill_dir=spill)
+    assert (await second.feed(fine.session_id, toks(9))).position == 4
+    if tail == "torn":
+        assert (await second.feed(hurt.session_id, toks(9))).position == 3
+        assert second.stats().journal_damaged_records == 0
+        return
+    with pytest.raises(DataLoss) as err:
+        await second.feed(hurt.session_id, toks(9))
+    assert hurt.session_id in err.value.message and "damaged" in err.value.message
+    assert second.stats().journal_damaged_records == 1
+
+
 async def test_segments_left_undeleted_by_a_crash_are_read_and_skipped(
     make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

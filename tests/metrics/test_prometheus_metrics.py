@@ -50,6 +50,7 @@ FAMILIES = {
     "seqserve_state_bytes": "gauge",
     "seqserve_state_pool_capacity_bytes": "gauge",
     "seqserve_state_write_failures": "counter",
+    "seqserve_state_damaged_records": "counter",
     "seqserve_state_writes": "counter",
     "seqserve_state_write_seconds": "counter",
     "seqserve_gc_pause_seconds": "histogram",
@@ -435,3 +436,11 @@ def test_state_write_failures_start_at_zero_for_each_kind() -> None:
     metrics = Metrics()
     for kind in ("journal", "end"):
         assert _value(metrics, "seqserve_state_write_failures_total", kind=kind) == 0.0
+
+
+def test_damaged_records_start_at_zero_and_follow_the_engines_count() -> None:
+    metrics = Metrics(process_collectors=False)
+    assert _value(metrics, "seqserve_state_damaged_records_total", kind="journal") == 0.0
+    metrics.set_damaged_records("journal", 2)
+    metrics.set_damaged_records("journal", 2)  # the next refresh: nothing new
+    assert _value(metrics, "seqserve_state_damaged_records_total", kind="journal") == 2.0

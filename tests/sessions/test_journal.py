@@ -107,6 +107,50 @@ def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -
         assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS, jr.FRAMES, jr.END]
 
 
+def test_a_torn_last_record_and_a_damaged_one_are_told_apart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A last record shorter than its length says is what a crash mid-write leaves: dropped,
+    noted at INFO, not counted. A whole last record that fails its checksum is damage: logged
+    as a WARNING naming the segment and the offset, counted, and passed on to recovery in
+    place with the session and position its head still names."""
+    records = _records()[:3]  # CREATE, TOKENS, GENERATED (the last)
+    last = sum(len(r) for r in records[:2])
+    torn = b"".join(records)[:-3]
+    damaged = bytearray(b"".join(records))
+    damaged[-1] ^= 0x01  # its token's last byte: the length still fits, the checksum fails
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    (directory / f"{1:012d}.log").write_bytes(torn)
+    (directory / f"{2:012d}.log").write_bytes(bytes(damaged))
+    journal = Journal(directory)
+    caplog.set_level("INFO", logger="service.sessions.journal")
+    got = list(journal.open())
+
+    *read, bad = got
+    assert [r.kind for r in read if isinstance(r, jr.JournalRecord)] == [jr.CREATE, jr.TOKENS] * 2
+    assert bad == jr.Unreadable(last, jr.DAMAGED, SID, 3, jr.GENERATED)
+    assert journal.damaged_records == 1
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{2:012d}.log" in warning.getMessage() and f"offset {last}" in warning.getMessage()
+    (info,) = [r for r in caplog.records if r.levelname == "INFO"]
+    assert f"{1:012d}.log" in info.getMessage() and f"offset {last}" in info.getMessage()
+
+
+def test_damage_that_whole_records_follow_is_damage_whatever_its_length_says() -> None:
+    """A record whose length field is damaged, so that it seems to run past the end, is not a
+    torn tail when whole records follow it."""
+    records = _records()
+    data = bytearray(b"".join(records))
+    data[len(records[0]) + 3] = 0x7F  # the TOKENS record's length: far past the end
+    got = list(jr.read_stream(bytes(data)))
+    assert [type(r) for r in got] == [jr.JournalRecord, jr.Unreadable] + [jr.JournalRecord] * 3
+    assert got[1] == jr.Unreadable(len(records[0]), jr.DAMAGED, SID, 0, jr.TOKENS)
+    assert [r.kind for r in jr.decode_stream(bytes(data))] == [
+        jr.CREATE, jr.GENERATED, jr.FRAMES, jr.END,
+    ]  # fmt: skip
+
+
 def _resync_every_byte(data: bytes, offset: int) -> int:
     """What `_resync` must find: the first offset where `_frame_at` reads a whole record."""
     while offset + 8 <= len(data):
