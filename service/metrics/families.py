@@ -151,7 +151,8 @@ class MetricFamilies:
             "Writes of session state the disk refused (full, read-only, failing): `journal` "
             "(a step refused with UNAVAILABLE), `end` (a session's end record), `checkpoint` (a "
             "session's state record: an idle or periodic checkpoint, an eviction, a shutdown's "
-            "write; also one over the spill tier's byte cap).",
+            "write, a fork's first, its directory's fsync included; also one over the spill "
+            "tier's byte cap).",
             ("kind",), registry=r,
         )  # fmt: skip
         self._damaged_records = Counter(

@@ -15,7 +15,8 @@ Records are not fsynced one by one: they are written on the request path, and a 
 keeps them in the page cache anyway; only a power loss can tear one, and then its checksum
 refuses it (the journal flushes the checkpoints before it deletes a segment they released).
 A graceful shutdown calls `sync()`, which fsyncs every file written since the last sync, and
-the directory.
+the directory. A durable write (a fork's first record) fsyncs its file and the directory; when
+either fails, it is refused as a write the disk refused.
 
 One server owns a directory at a time: `open()` takes an exclusive lock on `.lock` inside it
 (`service.sessions.spill_directory`, which also reads what a start finds there).
@@ -146,21 +147,22 @@ class SpillTier:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    if attempt == 1 and self._spares.drop():
-                        continue  # the spares' disk space is given back: once more
-                    raise SpillTierFull(
-                        f"spill tier's disk is full ({exc.strerror}); SEQSERVE_SESSIONS__SPILL_DIR"
-                    ) from exc
-                log.error("could not write spill record %s: %s", final, exc)
-                raise Internal(f"could not write a spill record ({exc.strerror})") from exc
+                if _full(exc) and attempt == 1 and self._spares.drop():
+                    continue  # the spares' disk space is given back: once more
+                raise _refused(final, exc) from exc
         self._bytes = new_total
         self._sizes[session_id] = len(data)
-        if durable:
-            self._fsync_dir()
-            self._unsynced.discard(session_id)
-        else:
+        if not durable:
             self._unsynced.add(session_id)
+            return
+        try:
+            self._fsync_dir()
+        except OSError as exc:
+            # The record is in place (indexed: deleting the session deletes it), but its name
+            # may not survive a power loss: refused as a failed write is, so the caller does
+            # not take it for durable (a fork ends its child). `sync` fsyncs the directory.
+            raise _refused(final, exc, "its directory's fsync failed: ") from exc
+        self._unsynced.discard(session_id)
 
     def _write_via(
         self, spare: str, data: bytes, final: str, durable: bool, *, exchange: bool, old: int
@@ -254,3 +256,18 @@ class SpillTier:
 
     def _fsync_dir(self) -> None:
         fsync_dir(self.directory)
+
+
+def _full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _refused(final: str, exc: OSError, how: str = "") -> SpillTierFull | Internal:
+    """The error a write the disk refused raises (`how`: at which point): SpillTierFull for a
+    full disk, else Internal (logged)."""
+    if _full(exc):
+        return SpillTierFull(
+            f"spill tier's disk is full ({exc.strerror}); SEQSERVE_SESSIONS__SPILL_DIR"
+        )
+    log.error("could not write spill record %s: %s%s", final, how, exc)
+    return Internal(f"could not write a spill record ({exc.strerror})")

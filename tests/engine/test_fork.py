@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
+import pytest
+
+from service.errors import Internal
 from service.runtime.sampler import SamplingParams
+from service.sessions import spill_tier
 
 from .conftest import EngineFactory, RecordingObserver, close, same, toks
 
@@ -62,3 +69,30 @@ async def test_fork_of_a_spilled_session(make_engine: EngineFactory) -> None:
     want = await roomy.feed(ref.session_id, toks(3))
     assert got.position == want.position == 3
     assert same(got.prediction, want.prediction)
+
+
+async def test_a_fork_whose_record_cannot_be_made_durable_is_refused_and_counted(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork's child has no journal record: its first checkpoint, fsynced with its directory,
+    is all of it. When the directory's fsync fails the fork is refused like one whose record
+    the disk refused: counted as a failed checkpoint write, the child ended and its record
+    deleted. It was an OSError nobody caught: the child stayed live, not durable, and
+    uncounted."""
+    engine = await make_engine()
+    parent, _ = await engine.create_session("tok", seed=3)
+    await engine.feed(parent.session_id, toks(10, 20))
+    records = set(engine.spill.directory.glob("*.spill"))
+
+    def failing(directory: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spill_tier, "fsync_dir", failing)
+    with pytest.raises(Internal):
+        await engine.fork_session(parent.session_id)
+    monkeypatch.undo()
+    assert engine.stats().state_write_failures == 1
+    assert [s.session_id for s in engine.sessions] == [parent.session_id]
+    assert set(engine.spill.directory.glob("*.spill")) == records
+    child = await engine.fork_session(parent.session_id)  # the disk is fine again
+    assert child.position == 2 and engine.stats().state_write_failures == 1

@@ -107,6 +107,31 @@ def test_short_writes_are_completed_and_a_refusing_disk_leaves_the_old_record(
     assert [p.name for p in tier.directory.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_a_directory_fsync_that_fails_refuses_the_durable_write_as_a_failed_write_is(
+    tier: SpillTier, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A fork's first record is fsynced, then its directory, so that its name survives a power
+    loss. When the directory's fsync fails the write is refused as one the disk refused
+    (Internal, or SpillTierFull for a full disk), not an OSError its caller does not expect;
+    the record is in place and indexed, so deleting its session deletes it. (The directory's
+    fsync is replaced: no real filesystem here fails it while the file's own fsync passes.)"""
+
+    def failing(directory: Path) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(spill_tier, "fsync_dir", failing)
+    record = make_record()
+    sid = record.header.session_id
+    with pytest.raises(SpillTierFull if code == errno.ENOSPC else Internal):
+        tier.write(record, first=True)
+    assert sid in tier and tier.bytes_used == tier.path(sid).stat().st_size
+    tier.delete(sid)
+    assert not tier.path(sid).exists() and tier.bytes_used == 0
+    tier.write(record)  # not durable: no directory fsync, nothing refused
+    assert tier.read(sid).header == record.header
+
+
 def test_size_cap(tmp_path: Path) -> None:
     record = make_record()
     tier = SpillTier(tmp_path / "spill", max_bytes=100)
