@@ -264,6 +264,7 @@ class SeqServeServer:
         self.metrics.set_state_write_failures("end", stats.end_records_lost)
         self.metrics.set_state_write_failures("checkpoint", stats.state_write_failures)
         self.metrics.set_damaged_records("journal", stats.journal_damaged_records)
+        self.metrics.set_damaged_records("checkpoint", stats.damaged_checkpoints)
         self.metrics.set_state_writes(stats.state_writes, stats.state_write_seconds)
         self.metrics.observe_gc_pauses(self._heap.drain())
 

@@ -26,6 +26,7 @@ class EngineStats:
     end_records_lost: int = 0  # session ends the journal could not record
     state_write_failures: int = 0  # state records (checkpoints, evictions) the tier refused
     journal_damaged_records: int = 0  # journal records recovery found damaged
+    damaged_checkpoints: int = 0  # sessions whose checkpoint was found damaged
     state_writes: int = 0  # checkpoints and evictions the state tier took
     state_write_seconds: float = 0.0  # the wall time those writes took
     versions: list[VersionStats] = field(default_factory=list)

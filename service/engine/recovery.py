@@ -28,7 +28,7 @@ from typing import Any
 
 from service.engine.checkpoint_header import session_from
 from service.engine.replay import PendingReplays, lose
-from service.engine.replay_plan import replay_of
+from service.engine.replay_plan import Replay, replay_of
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
@@ -50,7 +50,9 @@ class _Plan:
     session: Session
     fresh: bool  # no checkpoint: the base is a new session's zero state
     records: list[jr.JournalRecord] = field(default_factory=list)
-    create: jr.JournalRecord | None = None  # a fresh one's CREATE record
+    # Its CREATE record: a fresh one's base; behind a checkpoint (at start-up), the start of a
+    # whole history, which rebuilds its state should the checkpoint's prove damaged.
+    create: jr.JournalRecord | None = None
     # A damaged record of the session after all its readable ones, past its checkpoint: its
     # last step is lost.
     damaged: jr.Unreadable | None = None
@@ -101,7 +103,7 @@ class Recovery:
         """Plan every session's replay; their journal records stay (`oldest_segment` pinned)
         until each has a new checkpoint."""
         known = {s.session_id: s for s in self._sessions}  # from their checkpoints
-        return await self._recover(self._plan(records, known), oldest_segment)
+        return await self._recover(self._plan(records, known, histories=True), oldest_segment)
 
     async def take_over(
         self,
@@ -161,6 +163,7 @@ class Recovery:
                 served = await self._versions.get(model, version)
             except SeqServeError as exc:
                 why = f"its version {model}:{version} cannot be loaded: {exc.message}"
+                group = [plan for plan in group if not _only_checked(plan)]
                 for plan in group:
                     self._hold(plan, why)
                 held += group
@@ -179,8 +182,14 @@ class Recovery:
     # ---- reading the journal -------------------------------------------------------------
 
     def _plan(
-        self, records: Iterable[jr.JournalRecord | jr.Unreadable], known: dict[str, Session]
+        self,
+        records: Iterable[jr.JournalRecord | jr.Unreadable],
+        known: dict[str, Session],
+        *,
+        histories: bool = False,
     ) -> dict[str, _Plan]:
+        """Each session's plan. `histories`: keep the CREATE record of a session with a
+        checkpoint too (the local journal at start-up), so its whole history can rebuild it."""
         plans: dict[str, _Plan] = {}
         # Each session's last record kept: (its position, what it was). A session's records
         # come in step order, so one behind it, or the same again, is a copy: the records of a
@@ -203,6 +212,8 @@ class Recovery:
                     fresh = _fresh_session(sid, rec.meta, self._sessions.clock())
                     known[sid] = fresh
                     plans[sid] = _Plan(fresh, fresh=True, create=rec)
+                elif histories and sid in known and rec.meta is not None:
+                    plans.setdefault(sid, _Plan(known[sid], fresh=False)).create = rec
                 continue
             if rec.kind == jr.END:
                 plans.pop(sid, None)
@@ -259,6 +270,8 @@ class Recovery:
         (0: only a first checkpoint to write, or nothing), or None when it is lost."""
         session = plan.session
         if session.fingerprint != served.fingerprint:
+            if _only_checked(plan):
+                return 0
             self._lose(
                 plan,
                 f"it was journaled for weights {session.fingerprint}, but "
@@ -271,17 +284,25 @@ class Recovery:
         if replay.problem is not None:
             self._lose(plan, replay.problem)
             return None
+        history = _history(plan, replay, cfg.input_kind, cfg.input_dim)
         if plan.fresh:
             self._sessions.adopt(session)
             self._versions.pin(session.model, session.version)
         elif replay.empty:
-            return 0  # everything journaled is in its checkpoint already
+            if history is None:
+                return 0  # everything journaled is in its checkpoint already
+            # Only its checkpoint to read, in the background or on first use (its state is
+            # checked there only). Nothing was journaled since: it is not replaying, and its
+            # idle clock runs on (it may expire before it is read).
+            self._residency.durability.journaled(session, oldest_segment, steps=0)  # a pin
+            self._replays.add(session, replay, fresh=False, history=history)
+            return 0
         self._sessions.advance(session, replay.end - replay.base)
         session.rng.skip(replay.draws)
         self._sessions.touch(session)  # used until the crash: its idle clock restarts
         self._sessions.set_replay_pending(session, True)
         self._residency.durability.journaled(session, oldest_segment, steps=0)  # a pin
-        self._replays.add(session, replay, fresh=plan.fresh)
+        self._replays.add(session, replay, fresh=plan.fresh, history=history)
         return replay.end - replay.base
 
     def _lose(self, plan: _Plan, why: str, error: type[SeqServeError] = SessionLost) -> None:
@@ -320,13 +341,40 @@ def _damage(bad: jr.Unreadable) -> str:
 
 
 def _needs_replay(plan: _Plan) -> bool:
-    """A new session (its CREATE is its base), or one with steps journaled after its
-    checkpoint. Records at or before the checkpoint's position (a checkpoint written after
-    them, their segment not deleted yet) need nothing: its position is a step's boundary."""
-    if plan.fresh:
-        return True
+    """A new session (its CREATE is its base), one with steps journaled after its checkpoint,
+    or one whose whole history is journaled (its checkpoint's state is checked)."""
+    return plan.fresh or plan.create is not None or _has_steps(plan)
+
+
+def _only_checked(plan: _Plan) -> bool:
+    """A checkpointed session with nothing journaled since, whose checkpoint is checked only
+    because its whole history is journaled: where that cannot be done (its version does not
+    load, its weights changed) it is left as before, to be refused on first use."""
+    return not plan.fresh and not _has_steps(plan)
+
+
+def _has_steps(plan: _Plan) -> bool:
+    """Steps journaled after its checkpoint. Records at or before the checkpoint's position (a
+    checkpoint written after them, their segment not deleted yet) are in it already: its
+    position is a step's boundary."""
     base = plan.session.position
     return any(r.position >= base for r in plan.records if r.kind != jr.GEN_START)
+
+
+def _history(plan: _Plan, replay: Replay, kind: str, dim: int) -> Replay | None:
+    """A checkpointed session's whole history, from its creation to where `replay` ends, when
+    the journal still holds it without a gap: what rebuilds its state from a new session's
+    should its checkpoint's state prove damaged (`PendingReplays`). None when it does not (a
+    fork's child has no CREATE: its first checkpoint is its history)."""
+    create = plan.create
+    if plan.fresh or create is None or create.meta is None:
+        return None
+    if create.meta.get("fingerprint") != plan.session.fingerprint:
+        return None
+    history = replay_of(plan.records, 0, kind, dim)
+    if history.problem is not None or history.end != replay.end:
+        return None
+    return history
 
 
 def _encoded(plan: _Plan) -> list[bytes]:

@@ -10,7 +10,12 @@ journaled inputs, through the model's whole-chunk kernel, then written as a new 
   so a request never sees a session that is not replayed.
 A session with a replay pending is never in memory, never evicted and never expires; its journal
 segment stays pinned until its new checkpoint is written. Replays do not hold the state pool:
-serving goes on beside them. A session whose base cannot be read is refused with DATA_LOSS.
+serving goes on beside them. A session whose base cannot be read is refused with DATA_LOSS,
+unless its checkpoint's state is damaged and the journal holds its whole history (`history`):
+then that rebuilds it from a new session's state, and the new checkpoint replaces the damaged
+one. So that damage is found while the history is still there, a session whose whole history
+is journaled but nothing since its checkpoint has its checkpoint read here too (nothing is
+written when it reads back whole).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from service.engine.replay_plan import Replay
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import SeqServeError, SessionLost, SessionMoved, Unavailable
+from service.errors import SeqServeError, SessionLost, SessionMoved, SpillCorrupted, Unavailable
 from service.runtime.chunk_replay import ReplayRow, replay_rows
 from service.runtime.state_pool import SlotSnapshot
 from service.runtime.step_batch import RowResult
@@ -45,7 +50,15 @@ class _Pending:
     session: Session
     fresh: bool  # no checkpoint: the base is a new session's zero state
     replay: Replay
+    # Its whole history, from its creation to `replay.end`, when the journal holds it (a
+    # checkpointed session): what rebuilds it should its checkpoint's state prove damaged.
+    history: Replay | None = None
     task: asyncio.Task[None] | None = None  # the replay running it
+
+    @property
+    def check_only(self) -> bool:
+        """Nothing to replay on its checkpoint, only the checkpoint's state to check."""
+        return not self.fresh and self.replay.empty
 
 
 @dataclass
@@ -53,6 +66,9 @@ class _Computed:
     state: SlotSnapshot | None = None  # None: its base could not be read (`problem` says why)
     result: RowResult | None = None  # the last feed's outcome, when the last request was one
     problem: str | None = None
+    rebuilt: str | None = None  # rebuilt from its history: why its checkpoint was not used
+    damaged: bool = False  # its checkpoint is damaged (rebuilt, or lost)
+    checked: bool = False  # its checkpoint read back whole, and nothing to replay on it
 
 
 class PendingReplays:
@@ -75,13 +91,26 @@ class PendingReplays:
         self._stopping = False
         self.replayed_sessions = 0
         self.replayed_steps = 0
+        self.rebuilt_sessions = 0  # from their history, their checkpoint's state damaged
+        self._checks = 0  # pending entries that are `check_only`
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, session: Session, replay: Replay, *, fresh: bool) -> None:
-        """Recovery found `session` at `replay.end` with the records of `replay` to apply."""
-        self._pending[session.session_id] = _Pending(session, fresh, replay)
+    @property
+    def replaying(self) -> int:
+        """Sessions with journaled steps still to replay (not those only to be checked)."""
+        return len(self._pending) - self._checks
+
+    def add(
+        self, session: Session, replay: Replay, *, fresh: bool, history: Replay | None = None
+    ) -> None:
+        """Recovery found `session` at `replay.end` with the records of `replay` to apply
+        (none: only its checkpoint to check, `history` at hand)."""
+        pending = _Pending(session, fresh, replay, history)
+        replaced = self._pending.get(session.session_id)
+        self._checks += pending.check_only - (replaced is not None and replaced.check_only)
+        self._pending[session.session_id] = pending
 
     # ---- while serving ---------------------------------------------------------------------
 
@@ -177,12 +206,28 @@ class PendingReplays:
             if session.closed:
                 self._forget(pending)
                 continue
+            if got.damaged:
+                self._residency.damaged(session.session_id)
             if got.state is None:
                 assert got.problem is not None
                 self._forget(pending)
                 lose(self._sessions, self._residency, session, got.problem)
                 continue
-            applied = pending.replay.applied(session, got.result, served.tokenizer)
+            if got.checked:  # nothing to write: its journal records are no longer needed
+                self._forget(pending)
+                self._residency.durability.checkpointed(session)
+                continue
+            replay = pending.replay
+            if got.rebuilt is not None:
+                assert pending.history is not None
+                log.warning(
+                    "session %s: %s; rebuilt from its journal (the %d inputs since its creation)",
+                    session.session_id, got.rebuilt, pending.history.end,
+                )  # fmt: skip
+                self.rebuilt_sessions += 1
+                if replay.seen_request:  # the last request's reply is the history's last row
+                    replay = pending.history
+            applied = replay.applied(session, got.result, served.tokenizer)
             self._sessions.remember(session, applied)
             written.append((pending, self._residency.checkpoint_record(session, got.state)))
         for k, (pending, record) in enumerate(written):
@@ -208,6 +253,7 @@ class PendingReplays:
         sid = pending.session.session_id
         if self._pending.get(sid) is pending:
             del self._pending[sid]
+            self._checks -= pending.check_only
         self._sessions.set_replay_pending(pending.session, False)
 
     def _compute(self, served: ServedVersion, batch: list[_Pending]) -> list[_Computed]:
@@ -216,13 +262,27 @@ class PendingReplays:
         rows: list[ReplayRow] = []
         live: list[int] = []
         for k, pending in enumerate(batch):
+            if pending.session.closed:  # ended meanwhile (its checkpoint deleted): nothing to do
+                continue
+            replay = pending.replay
             try:
                 base = self._base(served, pending)
+            except SpillCorrupted as exc:
+                computed[k].damaged = True
+                if pending.history is None:
+                    computed[k].problem = f"its checkpoint cannot be read: {exc.message}"
+                    continue
+                base, replay = served.pool.fresh_snapshot(), pending.history
+                computed[k].rebuilt = f"its checkpoint cannot be read: {exc.message}"
             except SeqServeError as exc:
                 computed[k].problem = f"its checkpoint cannot be read: {exc.message}"
                 continue
-            earlier, last = pending.replay.split()
-            top_k, per_position = (pending.replay.last or (None,) * 5)[3:5]
+            else:
+                if replay.empty and not pending.fresh:
+                    computed[k].state, computed[k].checked = base, True
+                    continue
+            earlier, last = replay.split()
+            top_k, per_position = (replay.last or (None,) * 5)[3:5]
             rows.append(ReplayRow(base, earlier, last, top_k or 0, bool(per_position)))
             live.append(k)
         for k, (state, result) in zip(live, replay_rows(served.runner, rows), strict=True):

@@ -193,7 +193,7 @@ class SessionEngine:
     def stats(self) -> EngineStats:
         held = len(self.sessions)
         in_memory = self.sessions.resident_count
-        replaying = len(self.leases.replays)
+        replaying = self.leases.replays.replaying
         return EngineStats(
             sessions_in_memory=in_memory,
             sessions_spilled=held - in_memory - replaying,
@@ -205,6 +205,7 @@ class SessionEngine:
             ),
             end_records_lost=self.durability.end_records_lost,
             state_write_failures=self.residency.write_failures,
+            damaged_checkpoints=self.residency.damaged_checkpoints,
             journal_damaged_records=(
                 self.durability.journal.damaged_records if self.durability.journal else 0
             ),

@@ -73,6 +73,7 @@ class SessionResidency:
         self.writes = 0
         self.write_seconds = 0.0
         self.write_failures = 0  # records the tier refused (a full, read-only, failing disk)
+        self._damaged: set[str] = set()  # sessions whose checkpoint was found damaged (`damaged`)
         self._downtimes = CleanDowntimes()  # what `idle_since` skips
 
     # ---- start-up ------------------------------------------------------------------------
@@ -93,6 +94,7 @@ class SessionResidency:
         scan = self.tier.open()
         for session_id, why in scan.broken.items():
             self.sessions.mark_broken(session_id, why, owner=scan.owners.get(session_id, ""))
+            self.damaged(session_id)
         self._note_downtimes(scan)
         adopted = 0
         for header in scan.headers:
@@ -105,6 +107,15 @@ class SessionResidency:
             self.adopt(session, header)
             adopted += 1
         return adopted
+
+    def damaged(self, session_id: str) -> None:
+        """The session's checkpoint was found damaged (its header at start-up, its state when
+        read): counted once a session, however often it is refused."""
+        self._damaged.add(session_id)
+
+    @property
+    def damaged_checkpoints(self) -> int:
+        return len(self._damaged)
 
     def idle_since(self, last_used_wall: float) -> float:
         """Seconds the server was up since `last_used_wall` (a checkpoint's, a record file's
@@ -292,7 +303,11 @@ class SessionResidency:
         raises SpillCorrupted (DATA_LOSS), one for other weights SpillMismatch; neither is used."""
         if self._frozen:  # a request that outlived the drain must not undo the shutdown spill
             raise Unavailable("server is shutting down; retry on another replica")
-        record = self.tier.read(session.session_id)
+        try:
+            record = self.tier.read(session.session_id)
+        except SpillCorrupted:
+            self.damaged(session.session_id)
+            raise
         header = record.header
         if (header.model, header.version, header.position) != (
             session.model,

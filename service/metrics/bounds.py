@@ -26,7 +26,7 @@ GC_GENERATIONS = ("0", "1", "2")
 # seqserve_state_write_failures_total's `kind`
 WRITE_FAILURE_KINDS = ("journal", "end", "checkpoint")
 # seqserve_state_damaged_records_total's `kind`
-DAMAGED_RECORD_KINDS = ("journal",)
+DAMAGED_RECORD_KINDS = ("journal", "checkpoint")
 PHASES = ("gather", "forward", "scatter", "sample")
 # google.rpc.Code names: the `code` label may only take these, which keeps it bounded.
 GRPC_CODES = frozenset(

@@ -157,9 +157,11 @@ class MetricFamilies:
         )  # fmt: skip
         self._damaged_records = Counter(
             "seqserve_state_damaged_records",
-            "Records of session state found damaged at start-up: `journal` (a record that fails "
-            "its checksum, or bytes whole records follow; not a torn last record, which a crash "
-            "leaves). Each is skipped; a session that lost a step by it is refused (DATA_LOSS).",
+            "Records of session state found damaged: `journal` (at start-up: a record that "
+            "fails its checksum, or bytes whole records follow; not a torn last record, which a "
+            "crash leaves), `checkpoint` (a session's spill record whose header or state fails "
+            "its checks, once a session: rebuilt from the journal where it holds the session's "
+            "whole history, else the session is refused with DATA_LOSS).",
             ("kind",), registry=r,
         )  # fmt: skip
         self._state_writes = Counter(

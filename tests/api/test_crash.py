@@ -146,3 +146,51 @@ async def test_a_retry_after_sigkill_gets_the_reply_its_checkpoint_kept(
     assert got.session.position == 3  # nothing applied again
     reference = ReferenceSession(store_root, "tok")
     assert_matches_reference(retried.prediction, reference.feed([3, 4, 5])[-1])
+
+
+async def test_a_checkpoint_damaged_past_its_header_is_rebuilt_from_the_journal_after_sigkill(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session fed, its idle checkpoint written, the server killed with SIGKILL, and a byte
+    of the checkpoint's state flipped (its header intact, so start-up takes it for good). The
+    journal still holds the session's CREATE and every step since, so the restarted server
+    rebuilds its state from them: the next step predicts what the NumPy reference does over
+    all the inputs, and a retry of the last request still gets its original reply."""
+    monkeypatch.setenv("SEQSERVE_SESSIONS__CHECKPOINT_IDLE_SECONDS", "0.2")
+    monkeypatch.setenv("SEQSERVE_SESSIONS__SWEEP_INTERVAL_SECONDS", "0.2")
+    state = tmp_path / "state"
+    server = ServerProcess(store_root, state, tmp_path)
+    request = pb.StepRequest(input=tokens(3, 4, 5), request_id="r-1", expected_position=2)
+    try:
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            created = await client.sessions.CreateSession(
+                pb.CreateSessionRequest(model="tok", prefix=tokens(1, 2))
+            )
+            request.session_id = created.session.session_id
+            original = await client.sessions.Step(request)
+        record = state / f"{request.session_id}.spill"
+        for _ in range(200):  # the idle checkpoint: a sweep within a second
+            if record.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert record.exists(), server.log_text()
+        server.kill()
+        data = bytearray(record.read_bytes())
+        data[-32 - 5] ^= 0xFF  # in the state arrays, before the SHA-256 that ends the record
+        record.write_bytes(bytes(data))
+
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            retried = await client.sessions.Step(request)
+            reply = await client.sessions.Step(
+                pb.StepRequest(session_id=request.session_id, input=tokens(7))
+            )
+    finally:
+        server.kill()
+    assert retried == original and original.position == 5
+    assert reply.position == 6
+    reference = ReferenceSession(store_root, "tok")
+    assert_matches_reference(reply.prediction, reference.feed([1, 2, 3, 4, 5, 7])[-1])
+    assert "rebuilt from its journal" in server.log_text()
+    assert bytes(data) != record.read_bytes()  # the rebuilt checkpoint replaced it

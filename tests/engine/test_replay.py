@@ -139,14 +139,15 @@ async def test_close_and_expiry_of_sessions_whose_replay_is_pending(
 async def test_a_session_lost_in_its_replay_answers_data_loss_and_unpins_once(
     make_engine: EngineFactory, tmp_path: Path
 ) -> None:
-    """Its checkpoint was damaged: the request that starts its replay (a close here) gets
-    DATA_LOSS, and the version another session still uses stays pinned by that one."""
+    """Its checkpoint was damaged, and the journal does not hold its whole history (a fork's
+    child: its first checkpoint is all of it): the request that starts its replay (a close
+    here) gets DATA_LOSS, and the version other sessions still use stays pinned by them."""
     spill = tmp_path / "state"
     first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
-    s, _ = await first.create_session("tok", seed=1)
+    parent, _ = await first.create_session("tok", seed=1)
     t, _ = await first.create_session("tok", seed=2)
-    await first.feed(s.session_id, toks(1, 2))
-    first.residency.checkpoint(first.sessions.get(s.session_id))
+    await first.feed(parent.session_id, toks(1, 2))
+    s = await first.fork_session(parent.session_id)
     await first.feed(s.session_id, toks(3))
     await crash(first)
     (record,) = spill.glob(f"{s.session_id}*")
@@ -159,6 +160,7 @@ async def test_a_session_lost_in_its_replay_answers_data_loss_and_unpins_once(
         await second.close_session(s.session_id)
     with pytest.raises(DataLoss):
         await second.feed(s.session_id, toks(4))
-    assert second.versions.pinned("tok", 1) == 1  # t's
+    assert second.versions.pinned("tok", 1) == 2  # the parent's and t's
     await second.close_session(t.session_id)
+    await second.close_session(parent.session_id)
     assert second.versions.pinned("tok", 1) == 0
