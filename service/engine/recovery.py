@@ -15,6 +15,11 @@ FAILED_PRECONDITION. One whose
 version cannot be loaded now is refused (VersionGone) and held: its checkpoint stays, and its
 records are copied into a journal segment of their own (`Journal.hold`), so it comes back at a
 restart once the store has its version again, without keeping the segments they came from.
+
+A checkpointed session whose CREATE record the journal still holds, with every step since, has
+that whole history handed to `PendingReplays` too: its checkpoint is read there (also when
+nothing was journaled since it), and a damaged one is rebuilt from the history instead of
+refused.
 """
 
 from __future__ import annotations
