@@ -8,11 +8,13 @@ SERVING, each session with records after its base (its checkpoint, or a fresh st
 put at its final position with its random stream moved on past the journaled draws, and handed
 to `PendingReplays`, which computes its state in the background or when a request needs it
 first (`replay.py`). A session whose records have a gap (lost or damaged) is refused with
-DATA_LOSS naming it, and so is one whose last record is damaged (`Journal.open` reports it in
-place, and its head still names the session): the step it held was acknowledged, and coming
-back a step short would pass for the truth. One journaled for other weights is refused with
-FAILED_PRECONDITION. One whose
-version cannot be loaded now is refused (VersionGone) and held: its checkpoint stays, and its
+DATA_LOSS naming it, and so is one whose last record is damaged with whole records after it
+(`Journal.open` reports it in place, and its head still names the session): later writes
+reached the disk whole, so its step was most likely synced and acknowledged, and coming back a
+step short would pass for the truth. (A segment's whole last record failing its checksum is
+dropped there: a power loss's unsynced write looks the same.) One journaled for other weights
+is refused with FAILED_PRECONDITION. One whose version cannot be loaded now is refused
+(VersionGone) and held: its checkpoint stays, and its
 records are copied into a journal segment of their own (`Journal.hold`), so it comes back at a
 restart once the store has its version again, without keeping the segments they came from.
 
@@ -340,8 +342,8 @@ class Recovery:
 
 def _damage(bad: jr.Unreadable) -> str:
     return (
-        f"its last journal record (at position {bad.position}) is damaged: what it recorded "
-        "was acknowledged and is lost"
+        f"its last journal record (at position {bad.position}) is damaged, and records written "
+        "after it are whole: what it recorded was acknowledged and is lost"
     )
 
 

@@ -51,6 +51,7 @@ from service.sessions.held_records import HeldRecords
 from service.sessions.journal_janitor import JournalJanitor
 from service.sessions.journal_record import (
     NEWER,
+    TAIL,
     TORN,
     JournalRecord,
     Unreadable,
@@ -273,8 +274,12 @@ class Journal:
 
     def _note(self, path: Path, bad: Unreadable) -> bool:
         """Log what `open` could not read in segment `path`; True for damage (counted, and
-        passed on to recovery: its session lost a step), False for a crash's torn last write
-        or a newer server's record."""
+        passed on to recovery: its session lost a step), False for what is dropped: a crash's
+        torn last write, a whole last record failing its checksum (counted), a newer server's
+        record."""
+        named = ""
+        if bad.session_id:  # what its head says: the damage may be there too
+            named = f", apparently session {bad.session_id}'s at position {bad.position}"
         if bad.what == TORN:
             log.info("journal segment %s ends in a record cut short at offset %d (a write a "
                      "crash interrupted): dropped", path, bad.offset)  # fmt: skip
@@ -284,12 +289,14 @@ class Journal:
                         "server: skipped", path, bad.offset)  # fmt: skip
             return False
         self.damaged_records += 1
-        named = ""
-        if bad.session_id:  # what its head says: the damage may be there too
-            named = f", apparently session {bad.session_id}'s at position {bad.position}"
-        log.warning("journal segment %s: the record at offset %d is damaged (it fails its "
-                    "checksum, or whole records follow it)%s: skipped", path, bad.offset,
-                    named)  # fmt: skip
+        if bad.what == TAIL:
+            log.warning("journal segment %s ends in a whole record that fails its checksum at "
+                        "offset %d%s (a write a power loss caught before it was synced, so "
+                        "never acknowledged, or damage): dropped, its session comes back "
+                        "before it", path, bad.offset, named)  # fmt: skip
+            return False
+        log.warning("journal segment %s: the record at offset %d is damaged (whole records "
+                    "follow it)%s: skipped", path, bad.offset, named)  # fmt: skip
         return True
 
     def _finish_retired(self) -> None:

@@ -22,10 +22,13 @@ its checksum is never applied: reading resumes at the next whole record; a torn 
 the end of its segment.
 
 A torn last record (shorter than its length says, with nothing whole after it) is what a crash
-in the middle of a write leaves: normal. Anything else unreadable is damage: a whole record
-whose checksum fails, or bytes that whole records follow. `read_stream` reports both in place
-(`Unreadable`), with what the damaged record's head still says (its session and position), so
-recovery can tell the session it was for that a step is lost.
+in the middle of a write leaves: normal. A whole last record whose checksum fails is what a
+power loss leaves when the file's length reached the disk before all of its bytes (the write
+was not yet synced, so its step was never acknowledged), or damage after the fact: the two
+cannot be told apart, so it is reported (`TAIL`) and dropped, as a database's log ends at its
+first bad checksum. Anything else unreadable is damage: bytes that whole records follow.
+`read_stream` reports each in place (`Unreadable`), with what the record's head still says
+(its session and position), so recovery can tell the session it was for that a step is lost.
 """
 
 from __future__ import annotations
@@ -200,15 +203,16 @@ def kind_of(record: bytes) -> int:
     return record[_FRAME.size + 1]
 
 
-# What `Unreadable` found: a crash's torn last write, damage, or a newer server's record.
-TORN, DAMAGED, NEWER = "torn", "damaged", "newer"
+# What `Unreadable` found: a crash's torn last write, a whole last record failing its checksum
+# (a power loss's unsynced write, or damage), damage, or a newer server's record.
+TORN, TAIL, DAMAGED, NEWER = "torn", "tail", "damaged", "newer"
 
 
 class Unreadable(NamedTuple):
     """Bytes of a segment that hold no readable record, where `read_stream` met them."""
 
     offset: int  # where the record that could not be read begins
-    what: str  # TORN, DAMAGED or NEWER
+    what: str  # TORN, TAIL, DAMAGED or NEWER
     # What a damaged record's head still says, when it reads as one (the damage may be there
     # too, so a guess): its session ("" when unreadable), position and kind.
     session_id: str = ""
@@ -243,9 +247,10 @@ def read_stream(data: bytes) -> Iterator[JournalRecord | Unreadable]:
 
 def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
     """Why the record at `offset` cannot be read. Torn: shorter than its length says, and no
-    whole record after it (a crash cut its write short). A whole one that fails its checksum,
-    or any bytes whole records follow, are damage; a whole one that checks out but will not
-    parse is a newer server's (its version) or damage."""
+    whole record after it (a crash cut its write short). Tail: whole, the last, and failing its
+    checksum (a power loss's unsynced write, or damage). Any bytes whole records follow are
+    damage; a whole one that checks out but will not parse is a newer server's (its version)
+    or damage."""
     length, crc = _FRAME.unpack_from(data, offset)
     start = offset + _FRAME.size
     whole = _HEAD.size + _POSITION.size <= length <= len(data) - start
@@ -254,7 +259,8 @@ def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
     checks_out = whole and zlib.crc32(memoryview(data)[start : start + length]) == crc
     if checks_out and data[start] not in READABLE:
         return Unreadable(offset, NEWER)
-    return Unreadable(offset, DAMAGED, *_head_of(data, start))
+    what = TAIL if whole and not checks_out and not whole_after else DAMAGED
+    return Unreadable(offset, what, *_head_of(data, start))
 
 
 def _head_of(data: bytes, start: int) -> tuple[str, int, int]:

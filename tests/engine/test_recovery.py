@@ -123,13 +123,13 @@ async def test_a_session_whose_records_are_damaged_is_refused_with_data_loss(
 
 
 @pytest.mark.parametrize("tail", ["damaged", "torn"])
-async def test_a_damaged_last_record_refuses_its_session_a_torn_one_does_not(
+async def test_a_hurt_last_record_of_a_segment_is_dropped_and_its_session_comes_back_before_it(
     make_engine: EngineFactory, tmp_path: Path, tail: str
 ) -> None:
-    """The segment's last record is hurt's third step. Whole but failing its checksum, it is
-    damage: that step was acknowledged, so hurt is refused with DATA_LOSS (as when a later
-    record of it shows the gap), not brought back a step short; counted. Cut short, it is a
-    crash's torn write, which nobody was told had happened: hurt comes back before it."""
+    """The segment's last record is hurt's third step. Cut short, it is a crash's torn write.
+    Whole but failing its checksum, it is what a power loss leaves of a write not yet synced
+    (whose step was never acknowledged) as much as damage: dropped as well, but counted. Either
+    way hurt comes back before it, and fine is untouched."""
     spill = tmp_path / "state"
     first = await make_engine(spill_dir=spill)
     hurt, _ = await first.create_session("tok")
@@ -148,10 +148,33 @@ async def test_a_damaged_last_record_refuses_its_session_a_torn_one_does_not(
 
     second = await make_engine(spill_dir=spill)
     assert (await second.feed(fine.session_id, toks(9))).position == 4
-    if tail == "torn":
-        assert (await second.feed(hurt.session_id, toks(9))).position == 3
-        assert second.stats().journal_damaged_records == 0
-        return
+    assert (await second.feed(hurt.session_id, toks(9))).position == 3
+    assert second.stats().journal_damaged_records == (1 if tail == "damaged" else 0)
+
+
+async def test_a_damaged_last_record_of_a_session_that_whole_records_follow_refuses_it(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """hurt's third step is damaged and only fine's records follow it: no later record of hurt
+    shows a gap, but those whole records were written after it, so its step was synced and
+    acknowledged. hurt is refused with DATA_LOSS, not brought back a step short; counted."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    hurt, _ = await first.create_session("tok")
+    fine, _ = await first.create_session("tok")
+    for k in range(3):
+        await first.feed(hurt.session_id, toks(k + 1))
+        await first.feed(fine.session_id, toks(k + 1))
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    fine_last = data.rindex(fine.session_id.encode())  # fine's last record's session id
+    hurt_last = data.rindex(hurt.session_id.encode(), 0, fine_last)
+    data[hurt_last + len(hurt.session_id) + 8] ^= 0xFF  # just past its position: its token
+    segment.write_bytes(bytes(data))
+
+    second = await make_engine(spill_dir=spill)
+    assert (await second.feed(fine.session_id, toks(9))).position == 4
     with pytest.raises(DataLoss) as err:
         await second.feed(hurt.session_id, toks(9))
     assert hurt.session_id in err.value.message and "damaged" in err.value.message

@@ -107,13 +107,14 @@ def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -
         assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS, jr.FRAMES, jr.END]
 
 
-def test_a_torn_last_record_and_a_damaged_one_are_told_apart(
+def test_a_torn_last_record_and_a_whole_one_failing_its_checksum_are_told_apart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A last record shorter than its length says is what a crash mid-write leaves: dropped,
-    noted at INFO, not counted. A whole last record that fails its checksum is damage: logged
-    as a WARNING naming the segment and the offset, counted, and passed on to recovery in
-    place with the session and position its head still names."""
+    noted at INFO, not counted. A whole last record that fails its checksum is what a power
+    loss leaves of an unsynced write, or damage: dropped too (recovery never sees it), but
+    logged as a WARNING naming the segment, the offset and the session its head names, and
+    counted."""
     records = _records()[:3]  # CREATE, TOKENS, GENERATED (the last)
     last = sum(len(r) for r in records[:2])
     torn = b"".join(records)[:-3]
@@ -127,12 +128,15 @@ def test_a_torn_last_record_and_a_damaged_one_are_told_apart(
     caplog.set_level("INFO", logger="service.sessions.journal")
     got = list(journal.open())
 
-    *read, bad = got
-    assert [r.kind for r in read if isinstance(r, jr.JournalRecord)] == [jr.CREATE, jr.TOKENS] * 2
-    assert bad == jr.Unreadable(last, jr.DAMAGED, SID, 3, jr.GENERATED)
+    assert [r.kind for r in got if isinstance(r, jr.JournalRecord)] == [jr.CREATE, jr.TOKENS] * 2
+    assert len(got) == 4  # nothing unreadable passed on
+    assert list(jr.read_stream(bytes(damaged)))[-1] == jr.Unreadable(
+        last, jr.TAIL, SID, 3, jr.GENERATED
+    )
     assert journal.damaged_records == 1
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert f"{2:012d}.log" in warning.getMessage() and f"offset {last}" in warning.getMessage()
+    message = warning.getMessage()
+    assert f"{2:012d}.log" in message and f"offset {last}" in message and SID in message
     (info,) = [r for r in caplog.records if r.levelname == "INFO"]
     assert f"{1:012d}.log" in info.getMessage() and f"offset {last}" in info.getMessage()
 
