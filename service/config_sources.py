@@ -315,33 +315,40 @@ def describe(exc: ValidationError, sources: dict[tuple[str, ...], str] | None = 
     return f"invalid setting {leaf.name} ({names}): {_what(err)}{got}{origin}{more}"
 
 
-def _fail(leaf: Leaf, why: str) -> InvalidSetting:
+def _fail(leaf: Leaf, why: str, sources: dict[str, str] | None = None) -> InvalidSetting:
+    """The one line for a setting that cannot be used, with where its value came from (as
+    `describe` says it) when that is not the default."""
     names = ", ".join((*leaf.aliases, leaf.flag, leaf.env))
-    return InvalidSetting(f"invalid setting {leaf.name} ({names}): {why}")
+    source = (sources or {}).get(leaf.name, "default")
+    origin = f" [from {source}]" if source != "default" else ""
+    return InvalidSetting(f"invalid setting {leaf.name} ({names}): {why}{origin}")
 
 
-def check_runnable(settings: Settings) -> None:
+def check_runnable(settings: Settings, sources: dict[str, str] | None = None) -> None:
     """What only the machine can tell: the paths that must exist do, the device is there.
-    Run by `serve` before anything starts (imports torch only for a non-CPU device)."""
+    Run by `serve` and `config show` before anything starts or is shown (imports torch only
+    for a non-CPU device); `sources` (`Loaded.sources`) says in the error where the value at
+    fault came from."""
     known = leaf_by_path()
     store = settings.model_store
     if not store.is_dir():
         raise _fail(
             known[("model_store",)],
             f"no model store at {store} (point --store or SEQSERVE_MODEL_STORE at one)",
+            sources,
         )
     spill = settings.sessions.spill_dir
     if spill.exists() and not spill.is_dir():
-        raise _fail(known[("sessions", "spill_dir")], f"{spill} is not a directory")
+        raise _fail(known[("sessions", "spill_dir")], f"{spill} is not a directory", sources)
     sec = settings.security
     for name in ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
         path = getattr(sec, name)
         if path is not None and not path.is_file():
-            raise _fail(known[("security", name)], f"no such file: {path}")
-    check_device(settings)
+            raise _fail(known[("security", name)], f"no such file: {path}", sources)
+    check_device(settings, sources)
 
 
-def check_device(settings: Settings) -> None:
+def check_device(settings: Settings, sources: dict[str, str] | None = None) -> None:
     """The configured device is there: `serve` and `predict` refuse one torch cannot use in one
     line (imports torch only for a non-CPU device)."""
     device = settings.engine.device
@@ -356,6 +363,8 @@ def check_device(settings: Settings) -> None:
             leaf,
             f"{device} is not available: this torch ({torch.__version__}) has no CUDA "
             "device; use cpu",
+            sources,
         )
     if index >= torch.cuda.device_count():
-        raise _fail(leaf, f"{device} is not available: {torch.cuda.device_count()} CUDA device(s)")
+        count = torch.cuda.device_count()
+        raise _fail(leaf, f"{device} is not available: {count} CUDA device(s)", sources)

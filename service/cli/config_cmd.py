@@ -1,8 +1,10 @@
 """`seqserve config show`: the effective configuration and where each value came from.
 
 Takes the same `--config FILE` and setting flags as `serve`, and the same environment, so it
-shows exactly what `serve` would run with (or its one-line error, exit status 2), except that
-a URL's password (`--state-url redis://:secret@host`) is shown as `***`.
+shows exactly what `serve` would run with, except that a URL's password (`--state-url
+redis://:secret@host`) is shown as `***`; or, where `serve` would refuse to start (a bad value,
+no model store, a file where the state directory should be, no such device), only `serve`'s
+one-line error and exit status 2.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def _plain(value: Any) -> Any:
 def run_show(args: argparse.Namespace) -> int:
     try:
         loaded = load_from_args(args)
+        # What `serve` would refuse (no model store, ...) before anything is printed: its one
+        # line and status 2, as `serve` gives, not a table of settings it would not run with.
+        check_runnable(loaded.settings, loaded.sources)
     except InvalidSetting as exc:
         print(f"seqserve: {exc}", file=sys.stderr)
         return 2
@@ -68,9 +73,4 @@ def run_show(args: argparse.Namespace) -> int:
         vwidth = min(60, max(len(s) for s in shown))
         for (name, _, source), text in zip(rows, shown, strict=True):
             print(f"{name:<{width}}  {text:<{vwidth}}  {source}")
-    try:
-        check_runnable(loaded.settings)
-    except InvalidSetting as exc:  # shown, but `serve` would refuse to start
-        print(f"seqserve: {exc}", file=sys.stderr)
-        return 2
     return 0

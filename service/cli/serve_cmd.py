@@ -184,13 +184,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The effective settings (flags > env > --config > defaults); raises InvalidSetting."""
-    from service.cli.settings_flags import load_from_args
-
-    return load_from_args(args).settings
-
-
 def write_port_file(path: Path, server: SeqServeServer) -> None:
     """Atomically, so a reader polling for the file never sees half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -214,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from service.cli.settings_flags import InvalidSetting
+    from service.cli.settings_flags import InvalidSetting, load_from_args
     from service.config_sources import check_runnable, unknown_environment
     from service.errors import (
         InsecureBind,
@@ -226,11 +219,12 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     try:
-        settings = settings_from_args(args)
-        check_runnable(settings)
+        loaded = load_from_args(args)  # flags > env > --config > defaults
+        check_runnable(loaded.settings, loaded.sources)
     except InvalidSetting as exc:
         print(f"seqserve: {exc}", file=sys.stderr)  # one line, no traceback
         return 2
+    settings = loaded.settings
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -85,7 +85,52 @@ def test_unavailable_device_is_refused_at_start(tmp_path: Path) -> None:
 
 def test_missing_store_is_refused(tmp_path: Path) -> None:
     proc = seqserve("serve", "--store", str(tmp_path / "nostore"), tmp_path=tmp_path)
-    assert_one_line_error(proc, "model_store (--store", "no model store at")
+    assert_one_line_error(proc, "model_store (--store", "no model store at", "[from flag]")
+
+
+@pytest.mark.parametrize("store", ["missing", "empty", "a file"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_config_show_without_a_store_gives_serves_one_line_and_no_table(
+    tmp_path: Path, store: str, as_json: bool
+) -> None:
+    """`config show` answers what `serve` would: its one line, status 2, and nothing on
+    stdout (it printed the whole table first, then the error, so a script reading the JSON
+    took a configuration `serve` refuses for a good one)."""
+    path = tmp_path / "store"
+    if store == "empty":
+        path.mkdir()
+        (path / "README.md").write_text("no models yet")
+    elif store == "a file":
+        path.write_text("not a store")
+    json_flag = ["--json"] if as_json else []
+    by_flag = seqserve("config", "show", *json_flag, "--store", str(path), tmp_path=tmp_path)
+    if store == "empty":  # a folder with no models is a store: `serve` starts on it
+        assert by_flag.returncode == 0, by_flag.stderr
+        assert by_flag.stdout and by_flag.stderr == ""
+        return
+    assert by_flag.stdout == ""
+    assert_one_line_error(by_flag, f"no model store at {path}", "[from flag]")
+    by_env = seqserve(
+        "config", "show", *json_flag, tmp_path=tmp_path, env={"SEQSERVE_MODEL_STORE": str(path)}
+    )
+    assert by_env.stdout == ""
+    assert_one_line_error(by_env, f"no model store at {path}", "[from env SEQSERVE_MODEL_STORE]")
+
+
+def test_config_show_outside_a_project_is_one_line(tmp_path: Path) -> None:
+    """Run where there is no `./model_store`: the default store is missing."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "config", "show"],
+        cwd=tmp_path,
+        env={**clean, "SEQSERVE_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout == ""
+    assert_one_line_error(proc, f"no model store at {tmp_path / 'model_store'} (point --store")
+    assert "[from" not in proc.stderr  # the default: the line's path says where it looked
 
 
 def test_config_show_provenance(tmp_path: Path) -> None:
