@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import SettingsError
 
-from service.settings import Flag, Settings, environment_values
+from service.settings import Flag, Settings, data_dir_variable, environment_values
 
 ENV_PREFIX = "SEQSERVE_"
 
@@ -101,7 +101,9 @@ def leaf_by_path() -> dict[tuple[str, ...], Leaf]:
 @dataclass
 class Loaded:
     settings: Settings
-    sources: dict[str, str]  # setting name -> "default" | "config file F" | "env V" | "flag"
+    # setting name -> "default" | "config file F" | "env V" | "flag"; a default derived from an
+    # environment variable names it: "env SEQSERVE_DATA_DIR" for the spill directory in it.
+    sources: dict[str, str]
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -244,7 +246,10 @@ def load(
     except ValidationError as exc:
         raise InvalidSetting(describe(exc, sources)) from None
     names = {leaf.path: leaf.name for leaf in known.values()}
-    return Loaded(settings, {names[p]: sources.get(p, "default") for p in known})
+    shown = {names[p]: sources.get(p, "default") for p in known}
+    if shown["sessions.spill_dir"] == "default" and (variable := data_dir_variable()):
+        shown["sessions.spill_dir"] = f"env {variable}"  # spill/ in the data directory it names
+    return Loaded(settings, shown)
 
 
 def _what(err: Any) -> str:

@@ -41,6 +41,15 @@ def default_data_dir() -> Path:
     return Path(state) / "seqserve"
 
 
+def data_dir_variable() -> str | None:
+    """The environment variable `default_data_dir()` is taken from now (`SEQSERVE_DATA_DIR`,
+    else `XDG_STATE_HOME`); None when it is the home directory's default."""
+    for name in ("SEQSERVE_DATA_DIR", "XDG_STATE_HOME"):
+        if os.environ.get(name):
+            return name
+    return None
+
+
 @dataclass(frozen=True)
 class Flag:
     """Short command-line names of a setting, besides its generated `--section.name` flag."""

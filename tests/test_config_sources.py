@@ -48,6 +48,30 @@ def test_precedence_and_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert set(loaded.sources) == {leaf.name for leaf in leaves()}
 
 
+@pytest.mark.parametrize("variable", ["SEQSERVE_DATA_DIR", "XDG_STATE_HOME", None])
+def test_a_spill_dir_in_the_data_directory_names_its_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str | None
+) -> None:
+    """The spill directory's default is in the data directory, which an environment variable
+    may set: the source says so (it said `default` for a directory the operator had set)."""
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if variable is not None:
+        monkeypatch.setenv(variable, str(tmp_path / "state"))
+    loaded = load()
+    if variable is None:
+        assert loaded.sources["sessions.spill_dir"] == "default"
+        want = tmp_path / "home" / ".local" / "state" / "seqserve" / "spill"
+    else:
+        assert loaded.sources["sessions.spill_dir"] == f"env {variable}"
+        sub = () if variable == "SEQSERVE_DATA_DIR" else ("seqserve",)
+        want = tmp_path.joinpath("state", *sub, "spill")
+    assert loaded.settings.sessions.spill_dir == want
+    monkeypatch.setenv("SEQSERVE_SESSIONS__SPILL_DIR", str(tmp_path / "mine"))  # set: its own
+    assert load().sources["sessions.spill_dir"] == "env SEQSERVE_SESSIONS__SPILL_DIR"
+    assert load({("sessions", "spill_dir"): str(tmp_path)}).sources["sessions.spill_dir"] == "flag"
+
+
 def test_defaults_alone_equal_the_model() -> None:
     assert load().settings == Settings.model_validate({})
 

@@ -202,10 +202,24 @@ def test_an_empty_environment_value_means_unset(tmp_path: Path) -> None:
     proc = seqserve("config", "show", "--json", tmp_path=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
-    assert shown["sessions.spill_dir"] == {
-        "value": str(tmp_path / "data" / "spill"), "source": "default",
+    assert shown["sessions.spill_dir"] == {  # in the data directory `seqserve` set
+        "value": str(tmp_path / "data" / "spill"), "source": "env SEQSERVE_DATA_DIR",
     }  # fmt: skip
     assert shown["server.host"]["source"] == "default"
+
+
+def test_config_show_names_the_data_directory_variable(tmp_path: Path) -> None:
+    """A spill directory in `$SEQSERVE_DATA_DIR` shows that variable as its source, in the
+    table as in the JSON (both said `default`)."""
+    data = tmp_path / "elsewhere"
+    env = {"SEQSERVE_DATA_DIR": str(data)}
+    table = seqserve("config", "show", tmp_path=tmp_path, env=env)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in table.stdout.splitlines()}
+    value, *source = rows["sessions.spill_dir"]
+    assert (value, source) == (json.dumps(str(data / "spill")), ["env", "SEQSERVE_DATA_DIR"])
+    shown = json.loads(seqserve("config", "show", "--json", tmp_path=tmp_path, env=env).stdout)
+    assert shown["sessions.spill_dir"]["source"] == "env SEQSERVE_DATA_DIR"
 
 
 @pytest.mark.parametrize("command", [("serve",), ("config", "show")])
