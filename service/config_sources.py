@@ -23,7 +23,13 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import SettingsError
 
-from service.settings import Flag, Settings, data_dir_variable, environment_values
+from service.settings import (
+    DATA_DIR_VARIABLES,
+    Flag,
+    Settings,
+    data_dir_variable,
+    environment_values,
+)
 
 ENV_PREFIX = "SEQSERVE_"
 
@@ -343,14 +349,34 @@ def check_runnable(settings: Settings, sources: dict[str, str] | None = None) ->
             sources,
         )
     spill = settings.sessions.spill_dir
-    if spill.exists() and not spill.is_dir():
-        raise _fail(known[("sessions", "spill_dir")], f"{spill} is not a directory", sources)
+    blocked = _not_a_directory(spill)
+    if blocked is not None:
+        source = (sources or {}).get("sessions.spill_dir", "default").removeprefix("env ")
+        if source in DATA_DIR_VARIABLES:  # the default, in the data directory it names
+            raise InvalidSetting(
+                f"invalid {source}: {blocked} is not a directory (the default state "
+                f"directory, sessions.spill_dir, is {spill})"
+            )
+        raise _fail(known[("sessions", "spill_dir")], f"{blocked} is not a directory", sources)
     sec = settings.security
     for name in ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
         path = getattr(sec, name)
         if path is not None and not path.is_file():
             raise _fail(known[("security", name)], f"no such file: {path}", sources)
     check_device(settings, sources)
+
+
+def _not_a_directory(path: Path) -> Path | None:
+    """`path`, or the nearest of its parents that exists, when that is not a directory: a file
+    where the directory is to be, or one of its parents made. None when nothing is in the way
+    (or the path cannot be looked at: making the directory will say why)."""
+    try:
+        for where in (path, *path.parents):
+            if where.exists():
+                return None if where.is_dir() else where
+    except OSError:
+        return None
+    return None
 
 
 def check_device(settings: Settings, sources: dict[str, str] | None = None) -> None:

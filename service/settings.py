@@ -41,10 +41,13 @@ def default_data_dir() -> Path:
     return Path(state) / "seqserve"
 
 
+DATA_DIR_VARIABLES = ("SEQSERVE_DATA_DIR", "XDG_STATE_HOME")  # what `default_data_dir` reads
+
+
 def data_dir_variable() -> str | None:
     """The environment variable `default_data_dir()` is taken from now (`SEQSERVE_DATA_DIR`,
     else `XDG_STATE_HOME`); None when it is the home directory's default."""
-    for name in ("SEQSERVE_DATA_DIR", "XDG_STATE_HOME"):
+    for name in DATA_DIR_VARIABLES:
         if os.environ.get(name):
             return name
     return None

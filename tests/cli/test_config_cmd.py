@@ -117,6 +117,24 @@ def test_config_show_without_a_store_gives_serves_one_line_and_no_table(
     assert_one_line_error(by_env, f"no model store at {path}", "[from env SEQSERVE_MODEL_STORE]")
 
 
+@pytest.mark.parametrize("command", [("serve",), ("config", "show")])
+def test_a_data_directory_that_is_a_file_names_seqserve_data_dir(
+    command: tuple[str, ...], tmp_path: Path
+) -> None:
+    """`SEQSERVE_DATA_DIR` at a file: one line naming that variable, before anything starts
+    (`serve` started, then named SEQSERVE_SESSIONS__SPILL_DIR, which the operator never set;
+    `config show` showed the table and exit 0)."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    ports = ("--port", "0", "--metrics-port", "-1", "--http-port", "-1")  # `serve` started
+    proc = seqserve(*command, *ports, tmp_path=tmp_path, env={"SEQSERVE_DATA_DIR": str(afile)})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip() == (
+        f"seqserve: invalid SEQSERVE_DATA_DIR: {afile} is not a directory (the default state "
+        f"directory, sessions.spill_dir, is {afile / 'spill'})"
+    )
+
+
 def test_config_show_outside_a_project_is_one_line(tmp_path: Path) -> None:
     """Run where there is no `./model_store`: the default store is missing."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
