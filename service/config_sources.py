@@ -267,6 +267,8 @@ def _what(err: Any) -> str:
         return "must be an integer"
     if kind in ("float_parsing", "float_type"):
         return "must be a number"
+    if kind == "finite_number":
+        return "must be a finite number"
     if kind in ("bool_parsing", "bool_type"):
         return "must be true or false"
     if kind == "literal_error":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -64,12 +65,26 @@ def flag(*names: str) -> Flag:
     return Flag(names)
 
 
+def _off_or_at_least(floor: float) -> AfterValidator:
+    """0 (off), or at least `floor`: a loop run more often than that does nothing but spin."""
+
+    def check(value: float) -> float:
+        if 0 < value < floor:
+            raise ValueError(f"must be 0 (off) or >= {floor:g}")
+        return value
+
+    return AfterValidator(check)
+
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 Port = Annotated[int, Field(ge=0, le=65535)]  # 0 picks a free one
 OptionalPort = Annotated[int, Field(ge=-1, le=65535)]  # -1 disables
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
-Seconds = Annotated[float, Field(ge=0)]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+# Never inf or nan: "inf" from the environment parses as a float, and a TTL of inf seconds
+# fails in milliseconds (`int(ttl * 1000)`), a timeout of nan never compares.
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Address = Annotated[str, Field(min_length=1)]
 
 
@@ -103,19 +118,22 @@ class ServerSettings(BaseModel):
     """HTTP/JSON API and playground page port (on `host`); 0 picks a free one, -1 disables."""
     grace_seconds: Seconds = 10.0
     """On SIGTERM/SIGINT: how long in-flight RPCs get to finish before they are cancelled."""
-    gc_gen0_threshold: NonNegative = 50_000
+    gc_gen0_threshold: Annotated[int, Field(ge=0, le=2**31 - 1)] = 50_000
     """Python GC tuning for `serve`: after start-up and each model load the heap is frozen
     (`gc.freeze`), so is whatever survives a collection, and young collections run every this
     many allocations (and at least once a second). 0 keeps Python's defaults, whose full
     collections stalled the event loop for ~150 ms under load, and whose middle-generation
-    ones for ~0.5 s at 100,000 sessions."""
-    gc_thaw_seconds: Seconds = 3600.0
+    ones for ~0.5 s at 100,000 sessions. At most 2**31-1 (`gc.set_threshold` takes a C int)."""
+    gc_thaw_seconds: Annotated[Seconds, _off_or_at_least(0.05)] = 3600.0
     """With GC tuning on: every this many seconds the frozen heap is collected whole, once,
     freeing reference cycles that died after being frozen (one pause as long as a full
-    collection of everything alive). 0: never."""
-    max_message_bytes: Positive = 4 * 1024 * 1024
+    collection of everything alive). 0: never; else at least 0.05 (more often, the server
+    does little but collect)."""
+    max_message_bytes: Annotated[int, Field(ge=64 * KiB, lt=GiB)] = 4 * MiB
     """Largest request message accepted (larger: INVALID_ARGUMENT; over twice this, gRPC's own
-    RESOURCE_EXHAUSTED) and largest reply sent."""
+    RESOURCE_EXHAUSTED) and largest reply sent. At least 64 KiB (a one-step reply with every
+    entry of the bundled models' vocabulary takes 5.4 KB, a registry reply a few KB), under
+    1 GiB (gRPC's receive limit, twice this, is a C int)."""
     worker: Annotated[int, Field(ge=-1)] = -1
     """Set by `serve --workers N` for its worker processes (0..N-1): the worker shares the port
     with its siblings (SO_REUSEPORT) under the supervisor's port lock. Not for setting by hand."""
@@ -129,8 +147,9 @@ class EngineSettings(BaseModel):
     device: Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")] = "cpu"
     """torch device for model weights and session state: `cpu`, `cuda` or `cuda:N` (refused at
     start-up when this torch has no such device)."""
-    torch_threads: Positive = 1
-    """torch intra-op threads. One is best for small recurrent steps on few cores."""
+    torch_threads: Annotated[int, Field(ge=1, le=1024)] = 1
+    """torch intra-op threads. One is best for small recurrent steps on few cores. At most 1024
+    (past the cores of any machine; a pool of 100,000 crashed the process)."""
     max_batch_size: Positive = 256
     """Most rows (sessions) in one batched step."""
     max_chunk_tokens: Positive = 4096
@@ -162,11 +181,12 @@ class SessionSettings(BaseModel):
 
     ttl_seconds: Annotated[PositiveSeconds, flag("--ttl")] = 600.0
     """Idle time after which a session expires, unless it asked for another TTL."""
-    max_ttl_seconds: PositiveSeconds = 86400.0
-    """Largest TTL a client may ask for."""
+    max_ttl_seconds: Annotated[PositiveSeconds, Field(le=10 * 365 * 86400)] = 86400.0
+    """Largest TTL a client may ask for; at most ten years (the Redis state tier keeps a
+    session's TTL in milliseconds, a 64-bit integer)."""
     max_sessions: Annotated[Positive, flag("--max-sessions")] = 100_000
     """Cap on live sessions (memory and spilled)."""
-    pool_bytes: Annotated[Positive, flag("--pool-bytes")] = 256 * 1024 * 1024
+    pool_bytes: Annotated[Positive, flag("--pool-bytes")] = 256 * MiB
     """Byte budget for in-memory state, per server, across model versions."""
     pool_initial_slots: Positive = 64
     """Slots preallocated per loaded model version; the pool grows up to `pool_bytes`."""
@@ -177,13 +197,14 @@ class SessionSettings(BaseModel):
     (`journal/`); a server started on it resumes the sessions it finds there, after a crash too.
     One server per directory (it is locked). Default: `spill/` in the data directory
     (`$SEQSERVE_DATA_DIR`, else `$XDG_STATE_HOME/seqserve`, else `~/.local/state/seqserve`)."""
-    spill_max_bytes: Annotated[Positive, flag("--spill-max-bytes")] = 4 * 1024 * 1024 * 1024
+    spill_max_bytes: Annotated[Positive, flag("--spill-max-bytes")] = 4 * GiB
     """Cap on the spill tier's size on disk; evicting past it gives RESOURCE_EXHAUSTED."""
     slot_wait_seconds: Seconds = 5.0
     """When the pool is full and every session in memory is busy, how long a request waits for
     one to go idle (and be evicted) before RESOURCE_EXHAUSTED. 0 refuses at once."""
-    sweep_interval_seconds: PositiveSeconds = 1.0
-    """How often expired sessions are swept (and idle sessions checkpointed)."""
+    sweep_interval_seconds: Annotated[float, Field(ge=0.01, allow_inf_nan=False)] = 1.0
+    """How often expired sessions are swept (and idle sessions checkpointed); at least 0.01
+    (more often, the sweeper spins)."""
     durability: Literal["journal", "shutdown"] = "journal"
     """`journal`: every acknowledged step is in the journal (in `spill_dir`/journal) before its
     reply leaves, so a killed server loses no session. `shutdown`: sessions are written only on
@@ -193,8 +214,8 @@ class SessionSettings(BaseModel):
     disk flush per step), every `fsync_interval_seconds` in the background, or never (the OS
     writes them back; a killed process loses nothing either way; the spill tier then reuses its
     files, which makes checkpoints cheaper: README, "The state pool and the spill tier")."""
-    fsync_interval_seconds: PositiveSeconds = 0.2
-    """The fsync period of the `interval` policy."""
+    fsync_interval_seconds: Annotated[float, Field(ge=0.001, allow_inf_nan=False)] = 0.2
+    """The fsync period of the `interval` policy; at least 0.001 (for every step: `batch`)."""
     checkpoint_steps: Positive = 256
     """A session is checkpointed (its state written, its journal records released) once this
     many of its steps are journaled: recovery replays at most this many steps per session. Its
@@ -208,8 +229,10 @@ class SessionSettings(BaseModel):
     """At shutdown, the most time writing the sessions in memory may take, whatever the disk
     does; sessions not written by then keep their steps in the journal (`durability=journal`)
     or are lost (`shutdown`). Shutdown takes at most `grace_seconds` plus this."""
-    journal_segment_bytes: Positive = 64 * 1024 * 1024
-    """Journal segment size: segments no session needs any more are deleted whole."""
+    journal_segment_bytes: Annotated[int, Field(ge=256)] = 64 * MiB
+    """Journal segment size: segments no session needs any more are deleted whole. At least
+    256 bytes, room for a one-token step's record (96 bytes with the Python client's request
+    ids; a segment always takes the record that fills it, whatever its size)."""
     state_url: Annotated[
         str, Field(pattern=r"^((redis|rediss)://.+|sqlite:.+|)$"), flag("--state-url")
     ] = ""
@@ -252,7 +275,7 @@ class SecuritySettings(BaseModel):
     """Serve gRPC reflection (it needs a token too when tokens are on)."""
     sessions_per_principal: NonNegative = 1000
     """Live sessions one principal may hold on this server (0: no cap; auth off: none)."""
-    tokens_per_second: Annotated[float, Field(ge=0)] = 20_000.0
+    tokens_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 20_000.0
     """Input tokens per second one principal may feed (a token bucket, a second's burst; a
     generation counts its prompt and max_tokens when it starts). 0: no cap."""
 
@@ -283,8 +306,9 @@ class Settings(BaseSettings):
     model_store: Annotated[DirPath, flag("--store")] = Field(default_factory=default_model_store)
     """Root of the versioned model store. Default: `./model_store` in the current directory
     (`serve` refuses to start without a store)."""
-    registry_poll_seconds: Seconds = 2.0
-    """How often the store is re-read for new versions and alias changes (0 disables)."""
+    registry_poll_seconds: Annotated[Seconds, _off_or_at_least(0.01)] = 2.0
+    """How often the store is re-read for new versions and alias changes (0 disables; else at
+    least 0.01)."""
     registry_notify: bool = True
     """Keep what a new session's reading of the store found while inotify reports no change in
     the store's folders (a local filesystem only); off: every new session reads the store."""

@@ -36,6 +36,14 @@ def test_defaults_are_valid_and_every_setting_has_a_docstring() -> None:
         (ServerSettings, "host", ""),
         (ServerSettings, "grace_seconds", -0.1),
         (ServerSettings, "max_message_bytes", 0),
+        (ServerSettings, "max_message_bytes", 1),  # every request and reply refused
+        (ServerSettings, "max_message_bytes", 64 * 1024 - 1),
+        (ServerSettings, "max_message_bytes", 1 << 30),  # gRPC's 2x is past a C int
+        (ServerSettings, "grace_seconds", float("inf")),
+        (ServerSettings, "grace_seconds", float("nan")),
+        (ServerSettings, "gc_gen0_threshold", 2**31),  # gc.set_threshold: OverflowError
+        (ServerSettings, "gc_thaw_seconds", 0.01),  # a full collection 100 times a second
+        (EngineSettings, "torch_threads", 1025),
         (EngineSettings, "torch_threads", 0),
         (EngineSettings, "max_batch_size", 0),
         (EngineSettings, "max_queue", -1),
@@ -45,11 +53,18 @@ def test_defaults_are_valid_and_every_setting_has_a_docstring() -> None:
         (SessionSettings, "max_sessions", 0),
         (SessionSettings, "ttl_seconds", 0),
         (SessionSettings, "slot_wait_seconds", -1),
+        (SessionSettings, "ttl_seconds", float("inf")),
+        (SessionSettings, "max_ttl_seconds", 10 * 365 * 86400 + 1),
+        (SessionSettings, "sweep_interval_seconds", 0.001),
+        (SessionSettings, "fsync_interval_seconds", 0.0001),
+        (SessionSettings, "journal_segment_bytes", 1),
+        (SessionSettings, "journal_segment_bytes", 255),
         (SessionSettings, "fsync", "sometimes"),
         (SessionSettings, "state_url", "http://example"),
         (SessionSettings, "spill_dir", ""),  # not the current directory
         (SessionSettings, "spill_dir", "  "),
         (SecuritySettings, "tokens_per_second", -1),
+        (SecuritySettings, "tokens_per_second", float("inf")),
         (SecuritySettings, "sessions_per_principal", -1),
     ],
 )
@@ -67,6 +82,16 @@ def test_out_of_range_values_are_refused(model: type, field: str, bad: object) -
         (ServerSettings, "metrics_port", -1),
         (ServerSettings, "http_port", -1),
         (EngineSettings, "device", "cuda:1"),
+        (ServerSettings, "max_message_bytes", 64 * 1024),
+        (ServerSettings, "max_message_bytes", (1 << 30) - 1),
+        (ServerSettings, "gc_gen0_threshold", 2**31 - 1),
+        (ServerSettings, "gc_thaw_seconds", 0),
+        (ServerSettings, "gc_thaw_seconds", 0.05),
+        (EngineSettings, "torch_threads", 1024),
+        (SessionSettings, "max_ttl_seconds", 10 * 365 * 86400),
+        (SessionSettings, "sweep_interval_seconds", 0.01),
+        (SessionSettings, "fsync_interval_seconds", 0.001),
+        (SessionSettings, "journal_segment_bytes", 256),
         (EngineSettings, "inline_max_rows", 0),
         (SessionSettings, "slot_wait_seconds", 0),
         (SessionSettings, "state_url", "redis://127.0.0.1:6379/0"),
@@ -76,6 +101,18 @@ def test_out_of_range_values_are_refused(model: type, field: str, bad: object) -
 )
 def test_edge_values_are_accepted(model: type, field: str, good: object) -> None:
     assert getattr(model(**{field: good}), field) == good
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0, True), (0.001, False), (0.01, True), (2.0, True)])
+def test_registry_poll_is_off_or_at_least_ten_milliseconds(value: float, ok: bool) -> None:
+    """A poll every microsecond re-read the store without pause (a core's worth of CPU)."""
+    if ok:
+        assert (
+            Settings.model_validate({"registry_poll_seconds": value}).registry_poll_seconds == value
+        )
+        return
+    with pytest.raises(ValidationError, match=r"must be 0 \(off\) or >= 0\.01"):
+        Settings.model_validate({"registry_poll_seconds": value})
 
 
 def test_ttl_over_max_ttl_is_refused() -> None:

@@ -51,6 +51,27 @@ def test_bad_env_value(command: tuple[str, ...], tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        ("SEQSERVE_SERVER__MAX_MESSAGE_BYTES", "1", "must be >= 65536, got 1"),
+        ("SEQSERVE_SESSIONS__JOURNAL_SEGMENT_BYTES", "1", "must be >= 256, got 1"),
+        ("SEQSERVE_ENGINE__TORCH_THREADS", "100000", "must be <= 1024, got 100000"),
+        ("SEQSERVE_SESSIONS__SWEEP_INTERVAL_SECONDS", "1e-6", "must be >= 0.01, got 1e-6"),
+        ("SEQSERVE_SERVER__GRACE_SECONDS", "inf", "must be a finite number, got inf"),
+    ],
+)
+def test_sizes_and_periods_past_their_bounds_are_refused_at_start(
+    tmp_path: Path, variable: str, value: str, why: str
+) -> None:
+    """Accepted before, they broke the server once it ran: every message refused, a file per
+    journal write, a crash starting torch's threads, a sweeper that spun. Refused as `serve`
+    loads its settings (`config show` loads them the same way, and ran on before: it is what
+    is checked here, so the check of the code before this fix does not start a server)."""
+    proc = seqserve("config", "show", tmp_path=tmp_path, env={variable: value})
+    assert_one_line_error(proc, f"{variable}): {why} [from env {variable}]")
+
+
 @pytest.mark.parametrize("command", [("serve",), ("config", "show")])
 def test_bad_flag(command: tuple[str, ...], tmp_path: Path) -> None:
     proc = seqserve(*command, "--port", "70000", tmp_path=tmp_path)

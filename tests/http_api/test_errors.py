@@ -110,10 +110,10 @@ async def test_over_the_session_cap_is_429(server_factory: ServerFactory) -> Non
 
 
 async def test_a_body_over_the_message_limit_is_400(server_factory: ServerFactory) -> None:
-    server = await server_factory(server={"http_port": 0, "max_message_bytes": 4096})
+    server = await server_factory(server={"http_port": 0, "max_message_bytes": 64 * 1024})
     async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
         sid = await _session(http)
-        big = {"input": {"tokens": {"ids": [1] * 3000}}}
+        big = {"input": {"tokens": {"ids": [1] * 30_000}}}  # ~90 KB of JSON
         error = await _error(
             await http.post(f"/v1/sessions/{sid}:step", json=big), 400, "INVALID_ARGUMENT"
         )

@@ -42,11 +42,11 @@ async def test_a_body_that_arrives_in_pieces_is_read_whole(http_server: SeqServe
 
 
 async def test_a_chunked_body_over_the_limit_is_400(server_factory: ServerFactory) -> None:
-    server = await server_factory(server={"http_port": 0, "max_message_bytes": 4096})
+    server = await server_factory(server={"http_port": 0, "max_message_bytes": 64 * 1024})
 
     async def chunks():  # type: ignore[no-untyped-def]
         yield b'{"model": "tok", "prefix": {"tokens": {"ids": ['
-        for _ in range(2000):
+        for _ in range(30_000):  # ~90 KB
             yield b"1, "
         yield b"1]}}}"
 
