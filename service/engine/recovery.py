@@ -212,7 +212,7 @@ class Recovery:
                     damaged[rec.session_id] = rec
                 continue
             sid = rec.session_id
-            if damaged:
+            if damaged and rec.kind != jr.GEN_START:  # replays skip it: it shows no gap
                 damaged.pop(sid, None)
             if rec.kind == jr.CREATE:
                 if sid not in known and rec.meta is not None:
@@ -261,6 +261,8 @@ class Recovery:
         if base is None:  # neither a checkpoint nor a creation: the damaged record was its CREATE
             if sid not in self._sessions.broken:
                 self._sessions.mark_broken(sid, _damage(bad))
+        elif bad.kind == jr.CREATE:  # its checkpoint holds all a creation did (at position 0)
+            return
         elif bad.position >= base.position:  # not in its checkpoint already
             plans.setdefault(sid, _Plan(base, fresh=False)).damaged = bad
 

@@ -50,6 +50,7 @@ from service.errors import JournalUnavailable
 from service.sessions.held_records import HeldRecords
 from service.sessions.journal_janitor import JournalJanitor
 from service.sessions.journal_record import (
+    DAMAGED,
     NEWER,
     TAIL,
     TORN,
@@ -124,21 +125,30 @@ class Journal:
 
     def open(self) -> Iterator[JournalRecord | Unreadable]:
         """Every record the segments on disk hold, oldest first (for recovery), and in its place
-        each damaged one (`Unreadable`: logged, counted in `damaged_records`; a torn last
-        record is a crash's and only noted). Writing starts in a new segment once `start()` is
-        called."""
+        each damaged one (`Unreadable`: logged, counted in `damaged_records`). The newest
+        segment's unreadable end (a torn last record, only noted; a whole one failing its
+        checksum, counted) is a crash's or a power loss's and is cut off; in an older segment
+        such a record was followed by newer segments, so it was synced: damage. Writing starts
+        in a new segment once `start()` is called."""
         self.directory.mkdir(parents=True, exist_ok=True)
         clear_stray_held(self.directory)
-        for seq, path in list_segments(self.directory):
+        segments = list_segments(self.directory)
+        for seq, path in segments:
             self._seq = max(self._seq, seq)
             self.oldest = self.oldest or seq
             valid = valid_length(path)
             if valid is not None:
                 self._torn_names[seq] = path
             data = path.read_bytes()
+            newest = seq == segments[-1][0]  # the one a crash or power loss may have left cut
             for item in read_stream(data if valid is None else data[:valid]):
-                if isinstance(item, Unreadable) and not self._note(path, item):
-                    continue  # a crash's torn write, a newer server's record: nothing lost
+                if isinstance(item, Unreadable):
+                    if item.what == TAIL and not newest:  # newer segments followed it: synced
+                        item = item._replace(what=DAMAGED)
+                    if not self._note(path, item):
+                        if newest and item.what in (TORN, TAIL):
+                            path = self._cut(seq, path, item.offset)
+                        continue  # a crash's cut write, a newer server's record: nothing lost
                 yield item
 
     def start(self) -> None:
@@ -298,6 +308,21 @@ class Journal:
         log.warning("journal segment %s: the record at offset %d is damaged (whole records "
                     "follow it)%s: skipped", path, bad.offset, named)  # fmt: skip
         return True
+
+    def _cut(self, seq: int, path: Path, size: int) -> Path:
+        """Cut segment `seq` back to its first `size` bytes, the end a crash left unreadable:
+        once newer segments follow it, a later start must not take that end for damage. Where
+        the cut fails, the segment is marked instead (`mark_valid_length`); its path now."""
+        try:
+            with open(path, "r+b") as segment:
+                segment.truncate(size)
+                os.fsync(segment.fileno())
+        except OSError as exc:
+            if valid_length(path) is None:
+                marked = mark_valid_length(self.directory, seq, size, exc)
+                if marked is not None:
+                    self._torn_names[seq] = path = marked
+        return path
 
     def _finish_retired(self) -> None:
         """fsync and close the full segments waiting for it, oldest first: before the segment

@@ -181,6 +181,125 @@ async def test_a_damaged_last_record_of_a_session_that_whole_records_follow_refu
     assert second.stats().journal_damaged_records == 1
 
 
+async def test_a_damaged_last_step_is_not_hidden_by_its_sessions_generation_start(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """hurt's third step is damaged, whole records follow, and the last of them is hurt's own
+    GEN_START (a generate began, then the crash): a GEN_START shows no gap in a replay, so it
+    must not count as the record after the damage. hurt is refused, not back a step short."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    hurt, _ = await first.create_session("tok")
+    fine, _ = await first.create_session("tok")
+    for k in range(3):
+        await first.feed(hurt.session_id, toks(k + 1))
+        await first.feed(fine.session_id, toks(k + 1))
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    fine_last = data.rindex(fine.session_id.encode())
+    hurt_last = data.rindex(hurt.session_id.encode(), 0, fine_last)
+    data[hurt_last + len(hurt.session_id) + 8] ^= 0xFF  # just past its position: its token
+    data += jr.generation_start(hurt.session_id, 3, "req-1", {"temperature": 1.0})
+    segment.write_bytes(bytes(data))
+
+    second = await make_engine(spill_dir=spill)
+    with pytest.raises(DataLoss, match="damaged"):
+        await second.feed(hurt.session_id, toks(9))
+    assert (await second.feed(fine.session_id, toks(9))).position == 4
+
+
+async def test_a_damaged_create_of_a_session_checkpointed_before_its_first_step_is_harmless(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """hurt was created and evicted before its first feed (its checkpoint at position 0), then
+    its CREATE record is damaged, whole records after it: the checkpoint holds all a creation
+    did, so hurt comes back from it, and the checkpoint is kept (not lost, not deleted)."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, slots=1)
+    hurt, _ = await first.create_session("tok")
+    other, _ = await first.create_session("tok")  # evicts hurt: its checkpoint at 0 written
+    await first.feed(other.session_id, toks(1))
+    assert (spill / f"{hurt.session_id}.spill").exists()
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    meta = data.index(b"{", data.index(hurt.session_id.encode()))
+    data[meta + 5] ^= 0x01  # inside hurt's CREATE's settings: its head still reads
+    segment.write_bytes(bytes(data))
+    assert [u.what for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)] == [
+        jr.DAMAGED
+    ]
+
+    second = await make_engine(spill_dir=spill, slots=1)
+    assert (spill / f"{hurt.session_id}.spill").exists()
+    assert (await second.feed(hurt.session_id, toks(9))).position == 1
+    assert second.stats().journal_damaged_records == 1
+
+
+async def test_a_whole_last_record_failing_its_checksum_in_an_older_segment_is_damage(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """With fsync=batch, a record that newer segments follow was synced and acknowledged:
+    its segment's whole last record failing its checksum there is damage, not a power loss's
+    unsynced write. hurt, whose last step it was, is refused, not back a step short."""
+    spill = tmp_path / "state"
+    opts: dict[str, object] = {"spill_dir": spill, "fsync": "batch", "journal_segment_bytes": 256}
+    first = await make_engine(**opts)
+    hurt, _ = await first.create_session("tok")
+    fine, _ = await first.create_session("tok")
+    journal = first.durability.journal
+    steps = 0
+    while not steps or journal._size < 256:  # hurt's steps until its segment is full
+        await first.feed(hurt.session_id, toks(steps % 200 + 1))
+        steps += 1
+    for k in range(10):  # fine's records fill newer segments
+        await first.feed(fine.session_id, toks(k + 1))
+    await crash(first)
+    segments = sorted((spill / "journal").iterdir())
+    (older,) = [
+        p for p in segments
+        if (r := list(jr.decode_stream(p.read_bytes())))
+        and (r[-1].session_id, r[-1].position) == (hurt.session_id, steps - 1)
+    ]  # fmt: skip
+    assert older != segments[-1]
+    data = bytearray(older.read_bytes())
+    data[-1] ^= 0xFF
+    older.write_bytes(bytes(data))
+
+    second = await make_engine(**opts)
+    with pytest.raises(DataLoss, match="damaged"):
+        await second.feed(hurt.session_id, toks(9))
+    assert second.stats().journal_damaged_records == 1
+
+
+async def test_the_newest_segments_cut_end_is_cut_off_so_a_later_start_finds_it_clean(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """The newest segment's whole last record fails its checksum (a power loss's unsynced
+    write): dropped and cut off at the first start, so at a second start, when the first
+    start's own segments follow it, it is not taken for damage that newer records follow."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    hurt, _ = await first.create_session("tok")
+    for k in range(3):
+        await first.feed(hurt.session_id, toks(k + 1))
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    data[-1] ^= 0xFF
+    segment.write_bytes(bytes(data))
+
+    second = await make_engine(spill_dir=spill)
+    assert second.stats().journal_damaged_records == 1
+    assert segment.stat().st_size < len(data)  # the cut end is gone from the disk
+    assert (await second.feed(hurt.session_id, toks(9))).position == 3  # back before it
+    await crash(second)
+    third = await make_engine(spill_dir=spill)
+    assert third.stats().journal_damaged_records == 0
+    assert (await third.feed(hurt.session_id, toks(10))).position == 4
+
+
 async def test_segments_left_undeleted_by_a_crash_are_read_and_skipped(
     make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
