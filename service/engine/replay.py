@@ -8,8 +8,9 @@ journaled inputs, through the model's whole-chunk kernel, then written as a new 
 - in the background, in batches, right after start-up;
 - at once, for one session, when a request needs it first (`settle`): the lease waits for it,
   so a request never sees a session that is not replayed.
-A session with a replay pending is never in memory, never evicted and never expires; its journal
-segment stays pinned until its new checkpoint is written. Replays do not hold the state pool:
+A session with a replay pending is never in memory, never evicted and never expires (one that
+only has its checkpoint checked can expire: it has no steps to lose); its journal segment stays
+pinned until its new checkpoint is written. Replays do not hold the state pool:
 serving goes on beside them. A session whose base cannot be read is refused with DATA_LOSS,
 unless its checkpoint's state is damaged and the journal holds its whole history (`history`):
 then that rebuilds it from a new session's state, and the new checkpoint replaces the damaged
@@ -63,7 +64,8 @@ class _Pending:
 
 @dataclass
 class _Computed:
-    state: SlotSnapshot | None = None  # None: its base could not be read (`problem` says why)
+    state: SlotSnapshot | None = None  # None: its base could not be read, or it ended
+    # meanwhile (`problem` says why)
     result: RowResult | None = None  # the last feed's outcome, when the last request was one
     problem: str | None = None
     rebuilt: str | None = None  # rebuilt from its history: why its checkpoint was not used

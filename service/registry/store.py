@@ -223,15 +223,15 @@ class ModelStore:
         what new sessions get, and one moved to weights that fail would refuse them all."""
         validate_alias_name(alias)
         entry = self.model(name)
-        with aliases_locked(entry.path):  # checked under the lock: the version is there as written
-            usable = self.model(name).usable(version)  # raises VersionNotFound / VersionUnusable
-            assert usable.manifest is not None
-            try:
-                check_weights(usable.path / usable.manifest.weights_file, usable.manifest)
-            except SeqServeError as exc:
-                raise VersionUnusable(
-                    f"version {version} of {quote(name)} cannot be aliased: {exc.message}"
-                ) from None
+        usable = entry.usable(version)  # raises VersionNotFound / VersionUnusable
+        assert usable.manifest is not None
+        try:  # outside the lock, which orders alias writers only (versions do not take it)
+            check_weights(usable.path / usable.manifest.weights_file, usable.manifest)
+        except SeqServeError as exc:
+            raise VersionUnusable(
+                f"version {version} of {quote(name)} cannot be aliased: {exc.message}"
+            ) from None
+        with aliases_locked(entry.path):
             aliases = self._aliases_for_update(entry)
             aliases[alias] = version
             write_aliases(entry.path, aliases)
