@@ -30,17 +30,25 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from service.engine.checkpoint_header import session_from
+from service.engine.recovery_plan import (
+    Plan,
+    damage,
+    encoded,
+    fresh_session,
+    needs_replay,
+    only_checked,
+    whole_history,
+)
 from service.engine.replay import PendingReplays, lose
-from service.engine.replay_plan import Replay, replay_of
+from service.engine.replay_plan import replay_of
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError, SessionLost, SpillMismatch, VersionGone
-from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr
 from service.sessions.journal import Journal
 from service.sessions.session import Session
@@ -50,19 +58,6 @@ from service.sessions.spill_tier import SpillTier
 from service.sessions.state_tier import JournalLog
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Plan:
-    session: Session
-    fresh: bool  # no checkpoint: the base is a new session's zero state
-    records: list[jr.JournalRecord] = field(default_factory=list)
-    # Its CREATE record: a fresh one's base; behind a checkpoint (at start-up), the start of a
-    # whole history, which rebuilds its state should the checkpoint's prove damaged.
-    create: jr.JournalRecord | None = None
-    # A damaged record of the session after all its readable ones, past its checkpoint: its
-    # last step is lost.
-    damaged: jr.Unreadable | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +139,7 @@ class Recovery:
         else:
             create = next((r for r in records if r.kind == jr.CREATE and r.meta), None)
             if create is not None and create.meta is not None:
-                base = _fresh_session(session_id, create.meta, self._sessions.clock())
+                base = fresh_session(session_id, create.meta, self._sessions.clock())
         if base is None:
             return None
         served = await self._versions.get(base.model, base.version)
@@ -152,25 +147,25 @@ class Recovery:
         replay = replay_of(records, base.position, cfg.input_kind, cfg.input_dim)
         return dataclasses.replace(base, position=replay.end)
 
-    async def _recover(self, plans: dict[str, _Plan], oldest_segment: int) -> RecoveryReport:
-        by_version: dict[tuple[str, int], list[_Plan]] = {}
+    async def _recover(self, plans: dict[str, Plan], oldest_segment: int) -> RecoveryReport:
+        by_version: dict[tuple[str, int], list[Plan]] = {}
         pending = steps = lost = 0
         for plan in plans.values():
             if plan.damaged is not None:
-                self._lose(plan, _damage(plan.damaged))
+                self._lose(plan, damage(plan.damaged))
                 lost += 1
                 continue
-            if not _needs_replay(plan):
+            if not needs_replay(plan):
                 continue  # its checkpoint holds every journaled step: nothing to load or check
             s = plan.session
             by_version.setdefault((s.model, s.version), []).append(plan)
-        held: list[_Plan] = []
+        held: list[Plan] = []
         for (model, version), group in by_version.items():
             try:
                 served = await self._versions.get(model, version)
             except SeqServeError as exc:
                 why = f"its version {model}:{version} cannot be loaded: {exc.message}"
-                group = [plan for plan in group if not _only_checked(plan)]
+                group = [plan for plan in group if not only_checked(plan)]
                 for plan in group:
                     self._hold(plan, why)
                 held += group
@@ -194,10 +189,10 @@ class Recovery:
         known: dict[str, Session],
         *,
         histories: bool = False,
-    ) -> dict[str, _Plan]:
+    ) -> dict[str, Plan]:
         """Each session's plan. `histories`: keep the CREATE record of a session with a
         checkpoint too (the local journal at start-up), so its whole history can rebuild it."""
-        plans: dict[str, _Plan] = {}
+        plans: dict[str, Plan] = {}
         # Each session's last record kept: (its position, what it was). A session's records
         # come in step order, so one behind it, or the same again, is a copy: the records of a
         # session held at an earlier recovery are copied into a segment of their own, and a
@@ -216,11 +211,11 @@ class Recovery:
                 damaged.pop(sid, None)
             if rec.kind == jr.CREATE:
                 if sid not in known and rec.meta is not None:
-                    fresh = _fresh_session(sid, rec.meta, self._sessions.clock())
+                    fresh = fresh_session(sid, rec.meta, self._sessions.clock())
                     known[sid] = fresh
-                    plans[sid] = _Plan(fresh, fresh=True, create=rec)
+                    plans[sid] = Plan(fresh, fresh=True, create=rec)
                 elif histories and sid in known and rec.meta is not None:
-                    plans.setdefault(sid, _Plan(known[sid], fresh=False)).create = rec
+                    plans.setdefault(sid, Plan(known[sid], fresh=False)).create = rec
                 continue
             if rec.kind == jr.END:
                 plans.pop(sid, None)
@@ -246,13 +241,13 @@ class Recovery:
             ):
                 continue  # a copy of a record already read
             last[sid] = (rec.position, what)
-            plans.setdefault(sid, _Plan(base, fresh=False)).records.append(rec)
+            plans.setdefault(sid, Plan(base, fresh=False)).records.append(rec)
         for sid, bad in damaged.items():
             self._damaged_last(plans, known, sid, bad)
         return plans
 
     def _damaged_last(
-        self, plans: dict[str, _Plan], known: dict[str, Session], sid: str, bad: jr.Unreadable
+        self, plans: dict[str, Plan], known: dict[str, Session], sid: str, bad: jr.Unreadable
     ) -> None:
         """A damaged record after every readable one of session `sid`: its last step (or its
         creation, or its end) is lost, unless its checkpoint is past it (a record older than
@@ -260,11 +255,11 @@ class Recovery:
         base = known.get(sid)
         if base is None:  # neither a checkpoint nor a creation: the damaged record was its CREATE
             if sid not in self._sessions.broken:
-                self._sessions.mark_broken(sid, _damage(bad))
+                self._sessions.mark_broken(sid, damage(bad))
         elif bad.kind == jr.CREATE:  # its checkpoint holds all a creation did (at position 0)
             return
         elif bad.position >= base.position:  # not in its checkpoint already
-            plans.setdefault(sid, _Plan(base, fresh=False)).damaged = bad
+            plans.setdefault(sid, Plan(base, fresh=False)).damaged = bad
 
     def _drop_refused_record(self, session_id: str) -> None:
         """A session whose spill record was refused at this start, then found ended by its END
@@ -274,12 +269,12 @@ class Recovery:
         if session_id in self._sessions.broken and isinstance(tier, SpillTier):
             tier.delete(session_id)
 
-    def _pend(self, served: ServedVersion, plan: _Plan, oldest_segment: int) -> int | None:
+    def _pend(self, served: ServedVersion, plan: Plan, oldest_segment: int) -> int | None:
         """Put the session at its journaled position, its replay pending; the steps to replay
         (0: only a first checkpoint to write, or nothing), or None when it is lost."""
         session = plan.session
         if session.fingerprint != served.fingerprint:
-            if _only_checked(plan):
+            if only_checked(plan):
                 return 0
             self._lose(
                 plan,
@@ -293,7 +288,7 @@ class Recovery:
         if replay.problem is not None:
             self._lose(plan, replay.problem)
             return None
-        history = _history(plan, replay, cfg.input_kind, cfg.input_dim)
+        history = whole_history(plan, replay, cfg.input_kind, cfg.input_dim)
         if plan.fresh:
             self._sessions.adopt(session)
             self._versions.pin(session.model, session.version)
@@ -314,10 +309,10 @@ class Recovery:
         self._replays.add(session, replay, fresh=plan.fresh, history=history)
         return replay.end - replay.base
 
-    def _lose(self, plan: _Plan, why: str, error: type[SeqServeError] = SessionLost) -> None:
+    def _lose(self, plan: Plan, why: str, error: type[SeqServeError] = SessionLost) -> None:
         lose(self._sessions, self._residency, plan.session, why, error)
 
-    def _hold(self, plan: _Plan, why: str) -> None:
+    def _hold(self, plan: Plan, why: str) -> None:
         """Refuse a session whose version cannot be loaded now (VersionGone), keeping what it
         is made of: its checkpoint stays in the tier and its records in the journal (`_keep`),
         so it comes back at a restart once the store holds the version again. Closing it
@@ -329,7 +324,7 @@ class Recovery:
             self._versions.unpin(session.model, session.version)
         self._sessions.mark_broken(session.session_id, why, VersionGone, owner=session.owner)
 
-    def _keep(self, held: list[_Plan], oldest_segment: int) -> None:
+    def _keep(self, held: list[Plan], oldest_segment: int) -> None:
         """Keep the journal records of the sessions held: copied into a segment of their own
         (a held session gets no new record, so that is all it needs; the segments read are
         trimmed as usual), or, where that segment cannot be written, every segment read
@@ -337,96 +332,6 @@ class Recovery:
         journal = self._residency.durability.journal
         if not held or journal is None or not oldest_segment:
             return
-        records = {plan.session.session_id: _encoded(plan) for plan in held}
+        records = {plan.session.session_id: encoded(plan) for plan in held}
         if not (isinstance(journal, Journal) and journal.hold(records)):
             journal.pin(oldest_segment)
-
-
-def _damage(bad: jr.Unreadable) -> str:
-    return (
-        f"its last journal record (at position {bad.position}) is damaged, and records written "
-        "after it are whole: what it recorded was acknowledged and is lost"
-    )
-
-
-def _needs_replay(plan: _Plan) -> bool:
-    """A new session (its CREATE is its base), one with steps journaled after its checkpoint,
-    or one whose whole history is journaled (its checkpoint's state is checked)."""
-    return plan.fresh or plan.create is not None or _has_steps(plan)
-
-
-def _only_checked(plan: _Plan) -> bool:
-    """A checkpointed session with nothing journaled since, whose checkpoint is checked only
-    because its whole history is journaled: where that cannot be done (its version does not
-    load, its weights changed) it is left as before, to be refused on first use."""
-    return not plan.fresh and not _has_steps(plan)
-
-
-def _has_steps(plan: _Plan) -> bool:
-    """Steps journaled after its checkpoint. Records at or before the checkpoint's position (a
-    checkpoint written after them, their segment not deleted yet) are in it already: its
-    position is a step's boundary."""
-    base = plan.session.position
-    return any(r.position >= base for r in plan.records if r.kind != jr.GEN_START)
-
-
-def _history(plan: _Plan, replay: Replay, kind: str, dim: int) -> Replay | None:
-    """A checkpointed session's whole history, from its creation to where `replay` ends, when
-    the journal still holds it without a gap: what rebuilds its state from a new session's
-    should its checkpoint's state prove damaged (`PendingReplays`). None when it does not (a
-    fork's child has no CREATE: its first checkpoint is its history)."""
-    create = plan.create
-    if plan.fresh or create is None or create.meta is None:
-        return None
-    if create.meta.get("fingerprint") != plan.session.fingerprint:
-        return None
-    history = replay_of(plan.records, 0, kind, dim)
-    if history.problem is not None or history.end != replay.end:
-        return None
-    return history
-
-
-def _encoded(plan: _Plan) -> list[bytes]:
-    """A held session's records as the journal holds them: its CREATE (a fresh one), then the
-    rest in order (version 1 records are written as version 2, which holds all they say)."""
-    records = [plan.create] if plan.create is not None else []
-    return [_encode(r) for r in records + plan.records]
-
-
-def _encode(r: jr.JournalRecord) -> bytes:
-    if r.kind == jr.TOKENS:
-        ids = r.tokens
-        assert ids is not None
-        return jr.tokens(r.session_id, r.position, ids, r.request_id, r.top_k, r.per_position)
-    if r.kind == jr.FRAMES:
-        values = r.frames
-        assert values is not None
-        return jr.frames(r.session_id, r.position, values, r.request_id, r.top_k, r.per_position)
-    if r.kind == jr.GENERATED:
-        token = int.from_bytes(r.data, "little", signed=True)
-        return jr.generated(r.session_id, r.position, token, r.draws, r.request_id)
-    if r.kind == jr.GEN_START:
-        return jr.generation_start(r.session_id, r.position, r.request_id, r.meta or {})
-    if r.kind == jr.CREATE:
-        return jr.create(r.session_id, r.meta or {})
-    return jr.end(r.session_id, r.position, r.why)
-
-
-def _fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # type: ignore[type-arg]
-    sampling = meta.get("default_sampling") or {}
-    return Session(
-        session_id=session_id,
-        model=meta["model"],
-        version=int(meta["version"]),
-        fingerprint=meta["fingerprint"],
-        slot=None,
-        rng=SessionRng.seeded(int(meta["seed"])),
-        default_sampling=SamplingParams.from_dict(sampling),
-        ttl_seconds=float(meta["ttl_seconds"]),
-        created_at=float(meta["created_at"]),
-        last_used=clock_now,
-        seed=int(meta["seed"]),
-        parent_session_id=meta.get("parent_session_id", ""),
-        made_by=meta.get("made_by", ""),
-        owner=str(meta.get("owner", "")),
-    )
