@@ -21,7 +21,8 @@ from service.cli.settings_flags import (
     add_settings_arguments,
     load_from_args,
 )
-from service.config_sources import check_runnable, leaves, redact_url
+from service.config_sources import leaves, redact_url
+from service.startup_checks import check_runnable
 
 
 def register(sub: argparse._SubParsersAction) -> None:

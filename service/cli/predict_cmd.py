@@ -18,9 +18,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from service.cli.settings_flags import store_path
-from service.config_sources import InvalidSetting, check_device
+from service.config_sources import InvalidSetting
 from service.errors import InvalidArgument, SeqServeError
 from service.settings import Settings
+from service.startup_checks import check_device
 
 if TYPE_CHECKING:  # torch and the store are imported when the command runs: --help stays fast
     import torch

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from service.cli.settings_flags import InvalidSetting, load_from_args
-    from service.config_sources import check_runnable, unknown_environment
+    from service.config_sources import unknown_environment
     from service.errors import (
         InsecureBind,
         InvalidArgument,
@@ -217,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         SpillTierInUse,
         StateTierUnusable,
     )
+    from service.startup_checks import check_runnable
 
     try:
         loaded = load_from_args(args)  # flags > env > --config > defaults
