@@ -10,17 +10,7 @@ import pytest
 from service.config_sources import InvalidSetting, load
 from service.settings import Settings
 from service.startup_checks import check_runnable
-
-REPO_STORE = Path(__file__).resolve().parent.parent / "model_store"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("SEQSERVE_"):
-            monkeypatch.delenv(key)
+from tests.test_config_sources import REPO_STORE, _clean_env  # noqa: F401 - the fixture
 
 
 def test_check_runnable(tmp_path: Path) -> None:

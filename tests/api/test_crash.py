@@ -108,6 +108,15 @@ async def test_sigkill_under_load_loses_no_acknowledged_step(
         assert max(seqs) > 20 and len(seqs) < max(seqs)
 
 
+async def _idle_checkpoint(server: ServerProcess, record: Path) -> Path:
+    """`record`, once the server's idle sweep has written it (within a second)."""
+    for _ in range(200):
+        if record.exists():
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no idle checkpoint {record}\n{server.log_text()}")
+
+
 async def test_a_retry_after_sigkill_gets_the_reply_its_checkpoint_kept(
     store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,12 +135,7 @@ async def test_a_retry_after_sigkill_gets_the_reply_its_checkpoint_kept(
             created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
             request.session_id = created.session.session_id
             original = await client.sessions.Step(request)
-        record = state / f"{request.session_id}.spill"
-        for _ in range(200):  # the idle checkpoint: a sweep within a second
-            if record.exists():
-                break
-            await asyncio.sleep(0.05)
-        assert record.exists(), server.log_text()
+        await _idle_checkpoint(server, state / f"{request.session_id}.spill")
         server.kill()
         await server.start()
         async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
@@ -169,12 +173,7 @@ async def test_a_checkpoint_damaged_past_its_header_is_rebuilt_from_the_journal_
             )
             request.session_id = created.session.session_id
             original = await client.sessions.Step(request)
-        record = state / f"{request.session_id}.spill"
-        for _ in range(200):  # the idle checkpoint: a sweep within a second
-            if record.exists():
-                break
-            await asyncio.sleep(0.05)
-        assert record.exists(), server.log_text()
+        record = await _idle_checkpoint(server, state / f"{request.session_id}.spill")
         server.kill()
         data = bytearray(record.read_bytes())
         data[-32 - 5] ^= 0xFF  # in the state arrays, before the SHA-256 that ends the record

@@ -122,6 +122,30 @@ async def test_a_session_whose_records_are_damaged_is_refused_with_data_loss(
     assert (await second.feed(fine.session_id, toks(9))).position == 4
 
 
+async def _hurt_and_fine(
+    make_engine: EngineFactory, spill: Path, *, hurt_last: bool
+) -> tuple[str, str, Path]:
+    """Sessions hurt and fine fed three steps each, in turns (hurt's last, or fine's, the
+    journal's last record), then a crash: their ids and the journal's one segment."""
+    first = await make_engine(spill_dir=spill)
+    hurt, _ = await first.create_session("tok")
+    fine, _ = await first.create_session("tok")
+    order = (fine, hurt) if hurt_last else (hurt, fine)
+    for k in range(3):
+        for session in order:
+            await first.feed(session.session_id, toks(k + 1))
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    return hurt.session_id, fine.session_id, segment
+
+
+def _damage_last_step_of(data: bytearray, hurt: str, fine: str) -> None:
+    """Flip a byte of hurt's last record, which fine's last record follows."""
+    fine_last = data.rindex(fine.encode())  # fine's last record's session id
+    hurt_last = data.rindex(hurt.encode(), 0, fine_last)
+    data[hurt_last + len(hurt) + 8] ^= 0xFF  # just past its position: its token
+
+
 @pytest.mark.parametrize("tail", ["damaged", "torn"])
 async def test_a_hurt_last_record_of_a_segment_is_dropped_and_its_session_comes_back_before_it(
     make_engine: EngineFactory, tmp_path: Path, tail: str
@@ -131,14 +155,7 @@ async def test_a_hurt_last_record_of_a_segment_is_dropped_and_its_session_comes_
     (whose step was never acknowledged) as much as damage: dropped as well, but counted. Either
     way hurt comes back before it, and fine is untouched."""
     spill = tmp_path / "state"
-    first = await make_engine(spill_dir=spill)
-    hurt, _ = await first.create_session("tok")
-    fine, _ = await first.create_session("tok")
-    for k in range(3):
-        await first.feed(fine.session_id, toks(k + 1))
-        await first.feed(hurt.session_id, toks(k + 1))
-    await crash(first)
-    (segment,) = sorted((spill / "journal").iterdir())
+    hurt, fine, segment = await _hurt_and_fine(make_engine, spill, hurt_last=True)
     data = bytearray(segment.read_bytes())
     if tail == "damaged":
         data[-1] ^= 0xFF  # its token's last byte: the length still fits, the checksum fails
@@ -147,8 +164,8 @@ async def test_a_hurt_last_record_of_a_segment_is_dropped_and_its_session_comes_
     segment.write_bytes(bytes(data))
 
     second = await make_engine(spill_dir=spill)
-    assert (await second.feed(fine.session_id, toks(9))).position == 4
-    assert (await second.feed(hurt.session_id, toks(9))).position == 3
+    assert (await second.feed(fine, toks(9))).position == 4
+    assert (await second.feed(hurt, toks(9))).position == 3
     assert second.stats().journal_damaged_records == (1 if tail == "damaged" else 0)
 
 
@@ -159,25 +176,16 @@ async def test_a_damaged_last_record_of_a_session_that_whole_records_follow_refu
     shows a gap, but those whole records were written after it, so its step was synced and
     acknowledged. hurt is refused with DATA_LOSS, not brought back a step short; counted."""
     spill = tmp_path / "state"
-    first = await make_engine(spill_dir=spill)
-    hurt, _ = await first.create_session("tok")
-    fine, _ = await first.create_session("tok")
-    for k in range(3):
-        await first.feed(hurt.session_id, toks(k + 1))
-        await first.feed(fine.session_id, toks(k + 1))
-    await crash(first)
-    (segment,) = sorted((spill / "journal").iterdir())
+    hurt, fine, segment = await _hurt_and_fine(make_engine, spill, hurt_last=False)
     data = bytearray(segment.read_bytes())
-    fine_last = data.rindex(fine.session_id.encode())  # fine's last record's session id
-    hurt_last = data.rindex(hurt.session_id.encode(), 0, fine_last)
-    data[hurt_last + len(hurt.session_id) + 8] ^= 0xFF  # just past its position: its token
+    _damage_last_step_of(data, hurt, fine)
     segment.write_bytes(bytes(data))
 
     second = await make_engine(spill_dir=spill)
-    assert (await second.feed(fine.session_id, toks(9))).position == 4
+    assert (await second.feed(fine, toks(9))).position == 4
     with pytest.raises(DataLoss) as err:
-        await second.feed(hurt.session_id, toks(9))
-    assert hurt.session_id in err.value.message and "damaged" in err.value.message
+        await second.feed(hurt, toks(9))
+    assert hurt in err.value.message and "damaged" in err.value.message
     assert second.stats().journal_damaged_records == 1
 
 
@@ -188,25 +196,16 @@ async def test_a_damaged_last_step_is_not_hidden_by_its_sessions_generation_star
     GEN_START (a generate began, then the crash): a GEN_START shows no gap in a replay, so it
     must not count as the record after the damage. hurt is refused, not back a step short."""
     spill = tmp_path / "state"
-    first = await make_engine(spill_dir=spill)
-    hurt, _ = await first.create_session("tok")
-    fine, _ = await first.create_session("tok")
-    for k in range(3):
-        await first.feed(hurt.session_id, toks(k + 1))
-        await first.feed(fine.session_id, toks(k + 1))
-    await crash(first)
-    (segment,) = sorted((spill / "journal").iterdir())
+    hurt, fine, segment = await _hurt_and_fine(make_engine, spill, hurt_last=False)
     data = bytearray(segment.read_bytes())
-    fine_last = data.rindex(fine.session_id.encode())
-    hurt_last = data.rindex(hurt.session_id.encode(), 0, fine_last)
-    data[hurt_last + len(hurt.session_id) + 8] ^= 0xFF  # just past its position: its token
-    data += jr.generation_start(hurt.session_id, 3, "req-1", {"temperature": 1.0})
+    _damage_last_step_of(data, hurt, fine)
+    data += jr.generation_start(hurt, 3, "req-1", {"temperature": 1.0})
     segment.write_bytes(bytes(data))
 
     second = await make_engine(spill_dir=spill)
     with pytest.raises(DataLoss, match="damaged"):
-        await second.feed(hurt.session_id, toks(9))
-    assert (await second.feed(fine.session_id, toks(9))).position == 4
+        await second.feed(hurt, toks(9))
+    assert (await second.feed(fine, toks(9))).position == 4
 
 
 async def test_a_damaged_create_of_a_session_checkpointed_before_its_first_step_is_harmless(
