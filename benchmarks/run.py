@@ -8,6 +8,8 @@ Measures, on one model:
 - the bare gRPC echo ceiling: the same loads against `benchmarks.echo_server` (no model);
 - the compute ceiling: the runner's batched step in-process at batch 1, 16 and 64;
 - a stateless baseline that re-runs the whole history for every token.
+The in-process rows run on the servers' CPU (idle then), half their time before the loads and
+half after, so a host whose speed drifts over the run moves them as it moves the loads.
 
 The load comes from `service.loadtest` in this process; each server runs in its own process,
 pinned to its own CPU when there are two or more. Writes `OUT/results.json` and the markdown
@@ -110,6 +112,7 @@ class Bench:
         self.warmup = 0.5 if args.quick else 1.0
         self.rows: list[Row] = []
         self.reports: dict[str, dict[str, object]] = {}
+        self._halves: dict[str, list[inprocess.Timing]] = {}  # in-process timings, by row
 
     async def load(self, key: str, server: ServerProcess, label: str, **cfg: object) -> None:
         config = LoadConfig(
@@ -193,21 +196,50 @@ class Bench:
                 )  # fmt: skip
                 self._add(Row.burst(f"{name}/{key}/64", label.format(name), merged))
 
-    def run_inprocess(self, model_store: Path) -> None:
-        model = inprocess.load_model(model_store, self.args.model)
-        seconds = 0.5 if self.args.quick else 2.0
-        for batch in (1, 16, 64):
-            t = inprocess.batched_step(model, batch, seconds)
-            label = "in-process batched step (no RPC)"
-            self._add(Row.compute(f"compute/step/{batch}", label, batch, t.per_call))
-        for batch in (1, 16, 64):
-            t = inprocess.generation_step(model, batch, seconds)
-            label = "in-process generation step (no RPC)"
-            self._add(Row.compute(f"compute/generate/{batch}", label, batch, t.per_call))
-        for h in (10, 1000, 10000):
-            t = inprocess.stateless_per_token(model, h, seconds)
-            label = f"stateless: re-run {h:,} tokens per token"
-            self._add(Row.compute(f"stateless/{h}", label, 1, t.per_call))
+    def measure_inprocess(self, model_store: Path, cpus: list[int] | None) -> None:
+        """Half of each in-process row's time (the runner's step, the generation step, the
+        stateless baseline), on the CPU the servers run on (`cpus`; they are idle now): called
+        before the loads and again after them, so a host that drifts faster or slower over the
+        run moves the served and the in-process rows alike. `inprocess_rows` makes the rows."""
+        previous = os.sched_getaffinity(0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        try:
+            model = inprocess.load_model(model_store, self.args.model)
+            seconds = 0.25 if self.args.quick else 1.0
+            for batch in (1, 16, 64):
+                self._timed(f"compute/step/{batch}", inprocess.batched_step(model, batch, seconds))
+            for batch in (1, 16, 64):
+                self._timed(
+                    f"compute/generate/{batch}", inprocess.generation_step(model, batch, seconds)
+                )
+            for h in (10, 1000, 10000):
+                self._timed(f"stateless/{h}", inprocess.stateless_per_token(model, h, seconds))
+        finally:
+            os.sched_setaffinity(0, previous)
+
+    def _timed(self, key: str, timing: inprocess.Timing) -> None:
+        self._halves.setdefault(key, []).append(timing)
+
+    def inprocess_rows(self) -> None:
+        """The in-process rows from both halves (their calls and time summed); each half's
+        per-call time is kept in the report (`inprocess halves`), to show the drift."""
+        labels = {
+            "compute/step": "in-process batched step (no RPC)",
+            "compute/generate": "in-process generation step (no RPC)",
+        }
+        drift: dict[str, object] = {}
+        for key, halves in self._halves.items():
+            kind, _, size = key.rpartition("/")
+            calls = sum(t.calls for t in halves)
+            seconds = sum(t.seconds for t in halves)
+            if kind == "stateless":
+                label, batch = f"stateless: re-run {int(size):,} tokens per token", 1
+            else:
+                label, batch = labels[kind], int(size)
+            self._add(Row.compute(key, label, batch, seconds / calls))
+            drift[key] = [round(t.per_call * 1e3, 4) for t in halves]
+        self.reports["inprocess halves"] = {"per_call_ms_before_and_after_the_loads": drift}
 
     def _add(self, row: Row) -> None:
         self.rows.append(row)
@@ -236,8 +268,10 @@ async def main_async(args: argparse.Namespace, store: Path, scratch: Path) -> in
         bench = Bench(args, service, echo)
         load_before = os.getloadavg()
         started = time.time()
+        bench.measure_inprocess(store, server_cpus)
         await bench.run_rpc()
-        bench.run_inprocess(store)
+        bench.measure_inprocess(store, server_cpus)
+        bench.inprocess_rows()
         elapsed = time.time() - started
     finally:
         service.stop()
