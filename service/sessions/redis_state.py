@@ -251,6 +251,8 @@ class RedisState(SharedState):
             args += [str(w.epoch), w.ttl_ms, w.op, made, owned, len(w.records), *w.records]
         try:
             fenced = self._append(keys=keys, args=args)
+        except redis.TimeoutError as exc:  # sent, not answered: it may still be applied
+            raise self.unsure(exc, [w.session_id for w in writes]) from None
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
         return [writes[int(k) - 1].session_id for k in fenced]
@@ -274,6 +276,8 @@ class RedisState(SharedState):
         ]  # fmt: skip
         try:
             return bool(self._checkpoint(keys=[h, j, c], args=args))
+        except redis.TimeoutError as exc:  # sent, not answered: it may still be applied
+            raise self.unsure(exc, [session_id]) from None
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
 

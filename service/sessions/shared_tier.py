@@ -183,6 +183,20 @@ class SharedState:
             "unreachable; the step was not applied, retry later"
         )
 
+    def unsure(self, exc: Exception, session_ids: list[str]) -> JournalUnavailable:
+        """A write the tier did not answer in time: it may still apply it (a Redis that stalls
+        runs what it has queued when it wakes), so this replica no longer knows what the tier
+        holds of `session_ids`. Each copy here is dropped at its next request (`moved`) and
+        taken over again from the tier, whose epoch then fences the write should it land
+        later: a retry with the same request id finds it applied (its reply) or applies it."""
+        self.unreachable(exc)
+        self.moved.update(session_ids)
+        return JournalUnavailable(
+            f"session state may not be durable: the state tier ({self.setting}) did not "
+            "answer in time, so the step may or may not have been applied; retry with the "
+            "same request id"
+        )
+
     def reachable(self) -> None:
         if self._failing:
             self._failing = False

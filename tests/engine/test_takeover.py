@@ -7,13 +7,16 @@ moved; GetSession reads without moving."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import sqlite3
 from pathlib import Path
 
 import pytest
 import redis
 
+from benchmarks.real_services import RedisServer
 from service.engine.feed import Feed, PredictionOptions
 from service.engine.session_engine import SessionEngine
 from service.errors import (
@@ -25,6 +28,7 @@ from service.errors import (
     SessionMoved,
     SessionNotFound,
     StateTierUnusable,
+    Unavailable,
 )
 from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
@@ -488,3 +492,44 @@ async def test_a_session_refused_for_its_version_is_not_closed_where_it_cannot_b
     await a.close_session(s.session_id)
     with pytest.raises(SessionClosed):
         await a.feed(s.session_id, toks(4))
+
+
+async def test_a_step_the_tier_did_not_answer_in_time_is_applied_once(
+    make_engine: EngineFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Redis frozen (SIGSTOP) while a step is written: after the client's 2 s the step is
+    refused UNAVAILABLE, and Redis, woken, runs the write it had queued. Before, the replica's
+    copy stayed a step behind the tier: another input at the same position was applied too,
+    and the tier's journal held two steps at one position (a takeover refused the session,
+    DATA_LOSS). Now the copy is taken over again from the tier at its next request: the other
+    input is a position mismatch, the retry with the same request id gets the step's reply,
+    and another replica takes the session over where the client left it."""
+    a, b = await _replicas(make_engine, redis_url)
+    roomy = await make_engine(durability="shutdown")
+    s, _ = await a.create_session("tok", seed=2)
+    r, _ = await roomy.create_session("tok", seed=2)
+    sid = s.session_id
+    await a.feed(sid, toks(1), expected_position=0, request_id="r0")
+    await roomy.feed(r.session_id, toks(1))
+    tier = redis.Redis.from_url(redis_url)
+    journal = f"seqserve:j:{sid}"
+    before = tier.llen(journal)
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(Unavailable, match="may or may not have been applied"):
+            await a.feed(sid, toks(2), expected_position=1, request_id="r1")
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert tier.llen(journal) == before + 1  # woken, Redis ran the queued write
+    with pytest.raises(FailedPrecondition):  # not a second step at position 1
+        await a.feed(sid, toks(9), expected_position=1, request_id="other")
+    again = await a.feed(sid, toks(2), expected_position=1, request_id="r1")  # the retry
+    want = await roomy.feed(r.session_id, toks(2))
+    assert again.position == want.position == 2 and close(again.prediction, want.prediction)
+    got, want = (
+        await b.feed(sid, toks(3), expected_position=2),
+        await roomy.feed(r.session_id, toks(3)),
+    )
+    assert got.position == want.position == 3 and close(got.prediction, want.prediction)
+    tier.close()
