@@ -52,8 +52,10 @@ class HttpContext:
 
     def invocation_metadata(self) -> tuple[_Metadatum, ...]:
         headers = self._request.headers
-        return tuple(
-            _Metadatum(name, headers[name]) for name in FORWARDED_HEADERS if name in headers
+        return tuple(  # every value: call_auth refuses a header sent twice, as over gRPC
+            _Metadatum(name, value)
+            for name in FORWARDED_HEADERS
+            for value in headers.getall(name, ())
         )
 
     def auth_context(self) -> dict[str, list[bytes]]:

@@ -67,10 +67,7 @@ class CallAuth:
         return Grant(self, self.tokens, method, context, who)
 
     def _from_token(self, context: Any) -> Principal | None:
-        header = ""
-        for item in context.invocation_metadata() or ():
-            if item.key == "authorization":
-                header = str(item.value)
+        header = _one(context, "authorization")
         if not header:
             return None
         scheme, _, token = header.partition(" ")
@@ -85,10 +82,7 @@ class CallAuth:
     def _forwarded(context: Any, proxy: Principal) -> Principal:
         """The client a proxy vouches for (it verified the client's certificate); a proxy
         that names no client is refused: it never acts as itself."""
-        name = ""
-        for item in context.invocation_metadata() or ():
-            if item.key == CLIENT_HEADER:
-                name = str(item.value).strip()
+        name = _one(context, CLIENT_HEADER).strip()
         if not _CN_RE.fullmatch(name):
             raise Unauthenticated(
                 f"proxy {proxy.name} forwarded no usable client identity ({CLIENT_HEADER})"
@@ -98,9 +92,14 @@ class CallAuth:
     def _from_certificate(self, context: Any) -> Principal | None:
         if not self.client_certificates:
             return None
-        names = (context.auth_context() or {}).get("x509_common_name") or []
+        auth = context.auth_context() or {}
+        names = auth.get("x509_common_name") or []
         if not names:
             return None
+        # gRPC names one CN of a subject that has two: which is meant is not ours to guess
+        # (nginx would read the other one first), so the subject itself is counted too.
+        if len(names) > 1 or any(_cn_count(s) > 1 for s in auth.get("x509_subject") or ()):
+            raise Unauthenticated("the client certificate has more than one common name")
         name = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
         if not _CN_RE.fullmatch(name):
             raise Unauthenticated("the client certificate's common name cannot name a principal")
@@ -161,3 +160,21 @@ class Grant:
 current_grant: contextvars.ContextVar[Grant | None] = contextvars.ContextVar(
     "seqserve_grant", default=None
 )
+
+
+def _one(context: Any, key: str) -> str:
+    """The value of header `key` ("" when absent); one sent twice is refused: gRPC and HTTP
+    would each pick another of the two, and a proxy that adds its header after the client's
+    would let the client choose."""
+    values = [str(m.value) for m in context.invocation_metadata() or () if m.key == key]
+    if len(values) > 1:
+        raise Unauthenticated(f"{key} was sent more than once")
+    return values[0] if values else ""
+
+
+def _cn_count(subject: bytes | str) -> int:
+    """The CN attributes of an RFC 2253 subject ("CN=alice,CN=bob"; "O=x\\,CN=a,CN=b" has
+    one: an escaped comma is part of a value)."""
+    text = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
+    parts = re.split(r"(?<!\\)[,+]", text)
+    return sum(1 for part in parts if part.strip().upper().startswith("CN="))

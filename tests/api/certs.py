@@ -33,15 +33,23 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+# Subjects a client could get a careless CA to sign, each naming "alice" besides its own CN.
+POSING_SUBJECTS = {
+    "two-cns": [(NameOID.COMMON_NAME, "bob"), (NameOID.COMMON_NAME, "alice")],
+    "o-poses": [(NameOID.ORGANIZATION_NAME, "x,CN=alice"), (NameOID.COMMON_NAME, "bob")],
+}
+
+
 def _issue(
-    name: str,
+    name: str | list[tuple[x509.ObjectIdentifier, str]],
     key: ec.EllipticCurvePrivateKey,
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
     *,
     ca: bool = False,
     server: bool = False,
 ) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    attributes = [(NameOID.COMMON_NAME, name)] if isinstance(name, str) else name
+    subject = x509.Name([x509.NameAttribute(oid, value) for oid, value in attributes])
     issuer_name, issuer_key = issuer if issuer is not None else (subject, key)
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -74,13 +82,14 @@ class Certs:
 
 
 def make_certs(out: Path) -> Certs:
-    """A CA, a server certificate, clients alice, bob and "alice\\n", and a stranger, written
+    """A CA, a server certificate, clients alice, bob, "alice\\n" and the posing subjects
+    (`POSING_SUBJECTS`), and a stranger, written
     under `out` (`files`: ca.pem, server.pem, server.key)."""
     ca_key = _key()
     ca = _issue("seqserve test CA", ca_key, None, ca=True)
     issuer = (ca.subject, ca_key)
 
-    def leaf(name: str, *, server: bool = False, by=issuer) -> Pem:  # type: ignore[no-untyped-def]
+    def leaf(name, *, server: bool = False, by=issuer) -> Pem:  # type: ignore[no-untyped-def]
         key = _key()
         cert = _issue(name, key, by, server=server)
         return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
@@ -91,7 +100,8 @@ def make_certs(out: Path) -> Certs:
         ca=ca.public_bytes(serialization.Encoding.PEM),
         server=leaf("localhost", server=True),
         # "alice\n": signed by the CA, but a name that cannot be a principal (nor alice)
-        clients={name: leaf(name) for name in ("alice", "bob", "alice\n")},
+        clients={name: leaf(name) for name in ("alice", "bob", "alice\n")}
+        | {key: leaf(subject) for key, subject in POSING_SUBJECTS.items()},
         stranger=leaf("mallory", by=(other.subject, other_key)),
         files={},
     )

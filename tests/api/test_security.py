@@ -12,11 +12,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+from multidict import CIMultiDict
 
 from benchmarks.real_services import NGINX_CONF, NginxServer
 from service.api.server import SeqServeServer
@@ -249,6 +251,60 @@ async def test_a_certificate_whose_name_cannot_be_a_principal_is_unauthenticated
         assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_a_certificate_with_two_common_names_is_unauthenticated(
+    server_factory: ServerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    """CN=bob and CN=alice in one subject: which one is meant is not the server's to guess
+    (nginx would read the other one first); one whose O holds "CN=alice" is bob's."""
+    ca = tmp_path / "client-ca.pem"
+    ca.write_bytes(certs.ca)
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
+    server = await server_factory(security={**tls, "tls_client_ca": ca})
+    target = f"localhost:{server.port}"
+    async with (
+        _tls_channel(target, certs, certs.clients["two-cns"]) as two,
+        _tls_channel(target, certs, certs.clients["o-poses"]) as posing,
+        _tls_channel(target, certs, certs.clients["bob"]) as bob,
+    ):
+        create = pb.CreateSessionRequest(model="tok")
+        call = pb_grpc.SessionServiceStub(two).CreateSession(create, timeout=5)
+        assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
+        made = await pb_grpc.SessionServiceStub(posing).CreateSession(create, timeout=5)
+        mine = await pb_grpc.SessionServiceStub(bob).GetSession(
+            pb.GetSessionRequest(session_id=made.session.session_id)
+        )
+        assert mine.session.session_id == made.session.session_id  # cert:bob's
+
+
+async def test_a_credential_header_sent_twice_is_unauthenticated(
+    server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
+) -> None:
+    """Two `authorization` values, or a proxy's two `x-seqserve-client` values: gRPC would
+    take the last and HTTP the first, and a proxy that adds its header after the client's
+    would let the client choose; each is refused, over gRPC and over HTTP."""
+    path, tok = token_file
+    proxy_token = add_token(path, "nginx", "proxy")
+    server = await server_factory(server={"http_port": 0}, security={"auth_tokens": path})
+    twice = (*_bearer(tok["alice"]), *_bearer(tok["bob"]))
+    named_twice = (*_bearer(proxy_token), ("x-seqserve-client", "bob"),
+                   ("x-seqserve-client", "alice"))  # fmt: skip
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        create = pb.CreateSessionRequest(model="tok")
+        for metadata in (twice, named_twice):
+            assert await _code(stub.CreateSession(create, metadata=metadata)) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+        assert (await stub.CreateSession(create, metadata=_bearer(tok["alice"]))).session
+    url = f"http://127.0.0.1:{server.http_port}/v1/sessions"
+    async with aiohttp.ClientSession() as http:
+        for metadata in (twice, named_twice):
+            headers = CIMultiDict(metadata)
+            answer = await http.post(url, json={"model": "tok"}, headers=headers)
+            assert answer.status == 401, await answer.text()
+            assert "more than once" in (await answer.json())["error"]["message"]
+
+
 async def test_a_network_bind_without_tls_and_tokens_is_refused(
     store_root: Path, tmp_path: Path
 ) -> None:
@@ -475,6 +531,12 @@ async def test_tokens_pass_through_nginx_and_client_certificates_are_verified_th
                 pb.GetSessionRequest(session_id=sid)
             )
             assert again.session.session_id == sid
+        for posing in ("two-cns", "o-poses"):  # subjects that also say "CN=alice"
+            async with _tls_channel(target, certs, certs.clients[posing]) as channel:
+                probe = pb_grpc.SessionServiceStub(channel).GetSession(
+                    pb.GetSessionRequest(session_id=sid), timeout=5
+                )
+                assert await _code(probe) == grpc.StatusCode.UNAUTHENTICATED, posing
         # Straight to the replica, the header counts for nothing without the proxy's token.
         async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as direct:
             stub = pb_grpc.SessionServiceStub(direct)
