@@ -71,6 +71,7 @@ class _Computed:
     rebuilt: str | None = None  # rebuilt from its history: why its checkpoint was not used
     damaged: bool = False  # its checkpoint is damaged (rebuilt, or lost)
     checked: bool = False  # its checkpoint read back whole, and nothing to replay on it
+    moved: bool = False  # another replica holds it now (its checkpoint's epoch moved on)
 
 
 class PendingReplays:
@@ -208,6 +209,9 @@ class PendingReplays:
             if session.closed:
                 self._forget(pending)
                 continue
+            if got.moved:  # not lost: the caller's retry takes it back from the tier
+                self._let_go(pending)
+                continue
             if got.damaged:
                 self._residency.damaged(session.session_id)
             if got.state is None:
@@ -241,14 +245,18 @@ class PendingReplays:
             try:
                 self._residency.write_record(record)  # raises when the disk refuses: pending
             except SessionMoved:  # another process took it over meanwhile: not ours to write
-                self._forget(pending)
-                self._residency.let_go(session)
-                self._residency.durability.checkpointed(session)
+                self._let_go(pending)
                 continue
             self._residency.durability.checkpointed(session)  # its journal records go
             self._forget(pending)
             self.replayed_sessions += 1
             self.replayed_steps += pending.replay.end - pending.replay.base
+
+    def _let_go(self, pending: _Pending) -> None:
+        """Another process holds the session now: this copy, and its replay, go."""
+        self._forget(pending)
+        self._residency.let_go(pending.session)
+        self._residency.durability.checkpointed(pending.session)
 
     def _forget(self, pending: _Pending) -> None:
         """No replay pending for it any more (only this entry: a newer one for the id stays)."""
@@ -276,6 +284,11 @@ class PendingReplays:
                     continue
                 base, replay = served.pool.fresh_snapshot(), pending.history
                 computed[k].rebuilt = f"its checkpoint cannot be read: {exc.message}"
+            except SessionMoved:  # another replica took it over since: this copy is stale
+                computed[k].moved = True
+                continue
+            except Unavailable:  # the state tier is unreachable: the batch stays pending
+                raise
             except SeqServeError as exc:
                 computed[k].problem = f"its checkpoint cannot be read: {exc.message}"
                 continue

@@ -533,3 +533,51 @@ async def test_a_step_the_tier_did_not_answer_in_time_is_applied_once(
     )
     assert got.position == want.position == 3 and close(got.prediction, want.prediction)
     tier.close()
+
+
+async def test_a_replay_whose_tier_is_unreachable_stays_pending_not_lost(
+    make_engine: EngineFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    """a takes a checkpointed session over (its replay pending) and Redis goes down before the
+    replay reads the checkpoint: the request gets UNAVAILABLE and the session stays pending
+    (before, it was refused for good, DATA_LOSS, intact as it was). Once Redis is back on its
+    append-only file, the retry replays it and goes on where the client left it."""
+    c = await make_engine(state_url=redis_url, slots=1)
+    a = await make_engine(state_url=redis_url)
+    x, _ = await c.create_session("tok", seed=4)
+    await c.feed(x.session_id, toks(1, 2))
+    await c.create_session("tok")  # evicts x: its checkpoint (at 2) in the tier
+    await c.feed(x.session_id, toks(3))  # brought back; a step journaled after it
+    await asyncio.sleep(1.2)  # appendfsync everysec: on Redis's disk
+    await a.takeover.ensure(x.session_id)  # a takes it: its replay pending
+    redis_server.kill()
+    try:
+        with pytest.raises(Unavailable):
+            await a.feed(x.session_id, toks(4), expected_position=3)
+        assert len(a.leases.replays) == 1  # still pending, not lost
+    finally:
+        redis_server.start()
+    got = await a.feed(x.session_id, toks(4), expected_position=3)
+    assert got.position == 4
+
+
+async def test_a_replay_whose_checkpoint_another_replica_took_lets_the_session_go(
+    make_engine: EngineFactory, redis_url: str
+) -> None:
+    """a takes a checkpointed session over, then b takes it before a's replay reads the
+    checkpoint: a's copy is stale, not lost. a's request gets SESSION_MOVED (before:
+    DATA_LOSS, for good) and its retry takes the session back."""
+    c = await make_engine(state_url=redis_url, slots=1)
+    a = await make_engine(state_url=redis_url)
+    b = await make_engine(state_url=redis_url)
+    x, _ = await c.create_session("tok", seed=4)
+    await c.feed(x.session_id, toks(1, 2))
+    await c.create_session("tok")  # evicts x: its checkpoint (at 2) in the tier
+    await c.feed(x.session_id, toks(3))
+    await a.takeover.ensure(x.session_id)  # a takes it: its replay pending
+    await b.takeover.ensure(x.session_id)  # b takes it before a's replay reads
+    with pytest.raises(SessionMoved):
+        await a.feed(x.session_id, toks(4), expected_position=3)
+    assert len(a.leases.replays) == 0
+    got = await a.feed(x.session_id, toks(4), expected_position=3)  # the retry
+    assert got.position == 4
