@@ -180,7 +180,7 @@ class SharedState:
             log.error("state tier %s failing: %s", self.where, exc)
         return JournalUnavailable(
             f"session state cannot be made durable: the state tier ({self.setting}) is "
-            "unreachable; the step was not applied, retry later"
+            "unreachable; nothing was applied or changed, retry later"
         )
 
     def unsure(self, exc: Exception, session_ids: list[str]) -> JournalUnavailable:

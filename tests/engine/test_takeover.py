@@ -552,7 +552,7 @@ async def test_a_replay_whose_tier_is_unreachable_stays_pending_not_lost(
     await a.takeover.ensure(x.session_id)  # a takes it: its replay pending
     redis_server.kill()
     try:
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable, match="unreachable; nothing was applied or changed"):
             await a.feed(x.session_id, toks(4), expected_position=3)
         assert len(a.leases.replays) == 1  # still pending, not lost
     finally:
