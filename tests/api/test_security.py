@@ -499,9 +499,9 @@ async def test_tokens_pass_through_nginx_and_client_certificates_are_verified_th
             "/etc/nginx/secrets/proxy-token.conf": secrets_conf,
         },
     )
-    plain.start()
-    mutual.start()
     try:
+        plain.start()
+        mutual.start()  # (a config nginx refuses raises here: plain is stopped all the same)
         create = pb.CreateSessionRequest(model="tok")
         async with grpc.aio.insecure_channel(plain.target) as channel:
             stub = pb_grpc.SessionServiceStub(channel)
