@@ -167,7 +167,7 @@ class CpuSplit:
     service: float  # the server process, all threads
     step: float  # its batched steps' own CPU, as served (beside the load on the other core)
     echo: float  # the echo server on the same load
-    isolated_step: float | None  # compute/step at the path's rows per step, on a quiet core
+    isolated_step: float | None  # compute/step at the path's rows per step, alone on its core
 
     @property
     def rest(self) -> float:
@@ -386,8 +386,9 @@ def write_markdown(
             "the batched steps' own CPU (`seqserve_step_cpu_seconds_total`, the thread that ran "
             "each step) and the rest (gRPC, the event loop, the request path); the echo server "
             "on the same load; the in-process step (`compute/step`) at the same rows per step, "
-            "on a quiet core. The per-core targets divide (echo + in-process step) by service: "
-            "a step that costs more as served than on a quiet core counts against the service.",
+            "on the servers' core while they are idle (half before the loads, half after). The "
+            "per-core targets divide (echo + in-process step) by service: a step that costs "
+            "more as served than alone on that core counts against the service.",
             "",
             "| path | service | step, as served | rest | echo | rest − echo | in-process step "
             "| as served ÷ in-process |",
