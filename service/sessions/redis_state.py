@@ -251,7 +251,7 @@ class RedisState(SharedState):
             args += [str(w.epoch), w.ttl_ms, w.op, made, owned, len(w.records), *w.records]
         try:
             fenced = self._append(keys=keys, args=args)
-        except redis.TimeoutError as exc:  # sent, not answered: it may still be applied
+        except (redis.TimeoutError, redis.ConnectionError) as exc:  # it may have been applied
             raise self.unsure(exc, [w.session_id for w in writes]) from None
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None
@@ -276,7 +276,7 @@ class RedisState(SharedState):
         ]  # fmt: skip
         try:
             return bool(self._checkpoint(keys=[h, j, c], args=args))
-        except redis.TimeoutError as exc:  # sent, not answered: it may still be applied
+        except (redis.TimeoutError, redis.ConnectionError) as exc:  # it may have been applied
             raise self.unsure(exc, [session_id]) from None
         except redis.RedisError as exc:
             raise self.unreachable(exc) from None

@@ -184,17 +184,19 @@ class SharedState:
         )
 
     def unsure(self, exc: Exception, session_ids: list[str]) -> JournalUnavailable:
-        """A write the tier did not answer in time: it may still apply it (a Redis that stalls
-        runs what it has queued when it wakes), so this replica no longer knows what the tier
-        holds of `session_ids`. Each copy here is dropped at its next request (`moved`) and
-        taken over again from the tier, whose epoch then fences the write should it land
-        later: a retry with the same request id finds it applied (its reply) or applies it."""
+        """A write the tier did not answer (it timed out, or the connection failed or broke):
+        it may have applied it, or may still (a Redis that stalls runs what it has queued when
+        it wakes; a connection reset after the script ran loses only the answer), so this
+        replica no longer knows what the tier holds of `session_ids`. Each copy here is
+        dropped at its next request (`moved`) and taken over again from the tier, whose epoch
+        then fences the write should it land later: a retry with the same request id finds
+        it applied (its reply) or applies it."""
         self.unreachable(exc)
         self.moved.update(session_ids)
         return JournalUnavailable(
             f"session state may not be durable: the state tier ({self.setting}) did not "
-            "answer in time, so the step may or may not have been applied; retry with the "
-            "same request id"
+            "answer (it timed out, or the connection failed), so the step may or may not have "
+            "been applied; retry with the same request id"
         )
 
     def reachable(self) -> None:
@@ -256,6 +258,11 @@ class SharedJournal:
             sid = journal_record.session_of(record)
             by_session.setdefault(sid, []).append(record)
             kinds[sid] = journal_record.kind_of(record)
+        # A copy known stale (`moved`: refused, or its last write's outcome unknown) writes
+        # nothing more at its old epoch, even from a request admitted before it was marked.
+        stale = [sid for sid in by_session if sid in self._state.moved]
+        if stale:
+            raise self._state.fenced(stale)
         writes = []
         for sid, batch in by_session.items():
             session = self._sessions.peek(sid)
@@ -311,6 +318,8 @@ class SharedCheckpoints:
         """The checkpoint, and its session's journal emptied, if this process still holds it
         (`first`: a fork's child, made by this write). The tier has no byte cap (`past_cap`)."""
         sid = record.header.session_id
+        if sid in self._state.moved:  # a stale copy: another holds it, or may (`append`)
+            raise self._state.fenced([sid])
         session = self._sessions.peek(sid)
         epoch = session.holder_epoch if session is not None else 0
         ttl_ms = int(record.header.ttl_seconds * 1000)

@@ -11,6 +11,8 @@ import os
 import shutil
 import signal
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import redis
 from benchmarks.real_services import RedisServer
 from service.engine.feed import Feed, PredictionOptions
 from service.engine.session_engine import SessionEngine
+from service.engine.session_line import Line
 from service.errors import (
     FailedPrecondition,
     QuotaExceeded,
@@ -35,7 +38,7 @@ from service.runtime.sampler import SamplingParams
 from service.security import principal
 from service.security.principal import Principal
 
-from .conftest import TOK, EngineFactory, close, crash, publish, toks
+from .conftest import TOK, EngineFactory, close, crash, publish, slow_steps, toks
 
 SAMPLING = SamplingParams(temperature=1.0, max_tokens=4)
 
@@ -533,6 +536,72 @@ async def test_a_step_the_tier_did_not_answer_in_time_is_applied_once(
     )
     assert got.position == want.position == 3 and close(got.prediction, want.prediction)
     tier.close()
+
+
+async def test_a_request_queued_behind_a_write_the_tier_did_not_answer_writes_nothing(
+    make_engine: EngineFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Two feeds of one session on one Stream line: the second is admitted while the first
+    steps, and waits for the lease. The first's write meets a frozen Redis (SIGSTOP) and times
+    out; Redis, woken, runs it. The second must not then write at the old epoch and the same
+    position (found by a review: the tier's journal held two steps at one position and a
+    takeover refused the session): it is refused SESSION_MOVED, and another replica takes the
+    session over after the first step, which landed."""
+    a = await make_engine(state_url=redis_url, engine={"inline_max_rows": 0})
+    b = await make_engine(state_url=redis_url)
+    s, _ = await a.create_session("tok", seed=2)
+    sid = s.session_id
+    await a.feed(sid, toks(1), request_id="r0")
+    state = a.takeover._state
+    assert state is not None and redis_server.proc is not None
+    pid = redis_server.proc.pid
+
+    def wake() -> None:  # SIGCONT once the first write is marked unsure
+        deadline = time.monotonic() + 30
+        while sid not in state.moved and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(pid, signal.SIGCONT)
+
+    line = Line()
+    try:
+        with slow_steps(a, 0.3) as started:
+            os.kill(pid, signal.SIGSTOP)
+            threading.Thread(target=wake, daemon=True).start()
+            first = asyncio.create_task(a.feed(sid, toks(2), line=line, request_id="r1"))
+            await started.wait()
+            second = asyncio.create_task(a.feed(sid, toks(3), line=line, request_id="r2"))
+            with pytest.raises(Unavailable, match="may or may not have been applied"):
+                await first
+            with pytest.raises(SessionMoved):
+                await second
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    got = await b.feed(sid, toks(4))
+    assert got.position == 3  # r0, then r1 (landed late), then this: r2 never written
+
+
+async def test_a_step_whose_tier_connection_fails_is_retried_by_request_id(
+    make_engine: EngineFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    """A write whose connection fails cannot tell a Redis that never saw it from one that ran
+    it and lost only the answer (a reset after the script): the step is UNAVAILABLE "may or may
+    not have been applied", the copy is taken over again once Redis is back, and the retry
+    with the same request id is applied once."""
+    a = await make_engine(state_url=redis_url)
+    s, _ = await a.create_session("tok", seed=2)
+    sid = s.session_id
+    await a.feed(sid, toks(1), expected_position=0, request_id="r0")
+    await asyncio.sleep(1.2)  # appendfsync everysec: on Redis's disk
+    redis_server.kill()
+    try:
+        with pytest.raises(Unavailable, match="may or may not have been applied"):
+            await a.feed(sid, toks(2), expected_position=1, request_id="r1")
+    finally:
+        redis_server.start()
+    assert a.takeover.moved(sid)  # taken over again at its next request
+    got = await a.feed(sid, toks(2), expected_position=1, request_id="r1")
+    assert got.position == 2
+    assert (await a.feed(sid, toks(3), expected_position=2)).position == 3
 
 
 async def test_a_replay_whose_tier_is_unreachable_stays_pending_not_lost(
