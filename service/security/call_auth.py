@@ -173,8 +173,18 @@ def _one(context: Any, key: str) -> str:
 
 
 def _cn_count(subject: bytes | str) -> int:
-    """The CN attributes of an RFC 2253 subject ("CN=alice,CN=bob"; "O=x\\,CN=a,CN=b" has
-    one: an escaped comma is part of a value)."""
+    """The CN attributes of an RFC 2253 subject ("CN=alice,CN=bob" has two; "O=x\\,CN=a,CN=b"
+    one: an escaped comma is part of a value, and so is any escaped character, a backslash
+    included: in "O=x\\\\,CN=a,CN=b" the comma after the escaped backslash ends the O)."""
     text = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
-    parts = re.split(r"(?<!\\)[,+]", text)
-    return sum(1 for part in parts if part.strip().upper().startswith("CN="))
+    count, start, i = 0, 0, 0
+    while i <= len(text):
+        if i < len(text) and text[i] == "\\":
+            i = min(i + 2, len(text))  # an escaped character: part of the value
+            continue
+        if i == len(text) or text[i] in ",+":  # an attribute ends
+            name = text[start:i].partition("=")[0]
+            count += name.strip().upper() == "CN"
+            start = i + 1
+        i += 1
+    return count

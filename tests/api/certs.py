@@ -37,7 +37,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 POSING_SUBJECTS = {
     "two-cns": [(NameOID.COMMON_NAME, "bob"), (NameOID.COMMON_NAME, "alice")],
     "o-poses": [(NameOID.ORGANIZATION_NAME, "x,CN=alice"), (NameOID.COMMON_NAME, "bob")],
+    # RFC 2253 "CN=alice,O=x\\\\,CN=bob": the comma after an escaped backslash ends the O
+    "backslash": [
+        (NameOID.COMMON_NAME, "bob"),
+        (NameOID.ORGANIZATION_NAME, "x\\"),
+        (NameOID.COMMON_NAME, "alice"),
+    ],
 }
+# openssl's prompt order (O, CN, emailAddress): its RFC 2253 subject does not start with the CN.
+CAROL = [(NameOID.ORGANIZATION_NAME, "Acme, Inc"), (NameOID.COMMON_NAME, "carol"),
+         (NameOID.EMAIL_ADDRESS, "carol@acme.example")]  # fmt: skip
 
 
 def _issue(
@@ -101,7 +110,8 @@ def make_certs(out: Path) -> Certs:
         server=leaf("localhost", server=True),
         # "alice\n": signed by the CA, but a name that cannot be a principal (nor alice)
         clients={name: leaf(name) for name in ("alice", "bob", "alice\n")}
-        | {key: leaf(subject) for key, subject in POSING_SUBJECTS.items()},
+        | {key: leaf(subject) for key, subject in POSING_SUBJECTS.items()}
+        | {"carol": leaf(CAROL)},
         stranger=leaf("mallory", by=(other.subject, other_key)),
         files={},
     )

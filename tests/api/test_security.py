@@ -263,12 +263,14 @@ async def test_a_certificate_with_two_common_names_is_unauthenticated(
     target = f"localhost:{server.port}"
     async with (
         _tls_channel(target, certs, certs.clients["two-cns"]) as two,
+        _tls_channel(target, certs, certs.clients["backslash"]) as escaped,
         _tls_channel(target, certs, certs.clients["o-poses"]) as posing,
         _tls_channel(target, certs, certs.clients["bob"]) as bob,
     ):
         create = pb.CreateSessionRequest(model="tok")
-        call = pb_grpc.SessionServiceStub(two).CreateSession(create, timeout=5)
-        assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
+        for channel in (two, escaped):
+            call = pb_grpc.SessionServiceStub(channel).CreateSession(create, timeout=5)
+            assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
         made = await pb_grpc.SessionServiceStub(posing).CreateSession(create, timeout=5)
         mine = await pb_grpc.SessionServiceStub(bob).GetSession(
             pb.GetSessionRequest(session_id=made.session.session_id)
@@ -531,7 +533,16 @@ async def test_tokens_pass_through_nginx_and_client_certificates_are_verified_th
                 pb.GetSessionRequest(session_id=sid)
             )
             assert again.session.session_id == sid
-        for posing in ("two-cns", "o-poses"):  # subjects that also say "CN=alice"
+        async with _tls_channel(target, certs, certs.clients["carol"]) as channel:
+            # emailAddress=…,CN=carol,O=Acme\, Inc: the CN is not first, and is carol's
+            made = await pb_grpc.SessionServiceStub(channel).CreateSession(create, timeout=5)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as direct:
+            as_carol = (*_bearer(proxy_token), ("x-seqserve-client", "carol"))
+            seen = await pb_grpc.SessionServiceStub(direct).GetSession(
+                pb.GetSessionRequest(session_id=made.session.session_id), metadata=as_carol
+            )
+            assert seen.session.session_id == made.session.session_id  # cert:carol's
+        for posing in ("two-cns", "o-poses", "backslash"):  # subjects also saying "CN=alice"
             async with _tls_channel(target, certs, certs.clients[posing]) as channel:
                 probe = pb_grpc.SessionServiceStub(channel).GetSession(
                     pb.GetSessionRequest(session_id=sid), timeout=5
