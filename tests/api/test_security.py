@@ -227,17 +227,22 @@ async def test_tls_and_mutual_tls(
         assert mine.session.session_id == sid
 
 
+async def _mutual_tls_server(server_factory: ServerFactory, certs: Certs, tmp_path: Path) -> str:
+    """A server asking for client certificates the test CA signed; its target."""
+    ca = tmp_path / "client-ca.pem"
+    ca.write_bytes(certs.ca)
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
+    server = await server_factory(security={**tls, "tls_client_ca": ca})
+    return f"localhost:{server.port}"
+
+
 async def test_a_certificate_whose_name_cannot_be_a_principal_is_unauthenticated(
     server_factory: ServerFactory, certs: Certs, tmp_path: Path
 ) -> None:
     """Signed by the trusted CA, so the handshake succeeds, but named "alice\\n": the call is
     UNAUTHENTICATED, and the name is not taken for alice's (`re.match` with `$` once let it
     through as the principal "cert:alice\\n")."""
-    ca = tmp_path / "client-ca.pem"
-    ca.write_bytes(certs.ca)
-    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
-    server = await server_factory(security={**tls, "tls_client_ca": ca})
-    target = f"localhost:{server.port}"
+    target = await _mutual_tls_server(server_factory, certs, tmp_path)
     async with (
         _tls_channel(target, certs, certs.clients["alice"]) as alice,
         _tls_channel(target, certs, certs.clients["alice\n"]) as odd,
@@ -256,11 +261,7 @@ async def test_a_certificate_with_two_common_names_is_unauthenticated(
 ) -> None:
     """CN=bob and CN=alice in one subject: which one is meant is not the server's to guess
     (nginx would read the other one first); one whose O holds "CN=alice" is bob's."""
-    ca = tmp_path / "client-ca.pem"
-    ca.write_bytes(certs.ca)
-    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
-    server = await server_factory(security={**tls, "tls_client_ca": ca})
-    target = f"localhost:{server.port}"
+    target = await _mutual_tls_server(server_factory, certs, tmp_path)
     async with (
         _tls_channel(target, certs, certs.clients["two-cns"]) as two,
         _tls_channel(target, certs, certs.clients["backslash"]) as escaped,
