@@ -67,6 +67,7 @@ class SeqServeServer:
         self._engine_started = False  # set by open(): an engine never started is not stopped
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._refusing_writes = False  # its disk refuses the journal's writes: not ready
 
     async def start(self) -> None:
         """`listen()`, then `open()`. If opening fails, gRPC is stopped again."""
@@ -170,9 +171,10 @@ class SeqServeServer:
         log.info("seqserve serving on port %d", self.port)
 
     def ready(self) -> bool:
-        """Whether the server takes calls: opened (models loaded) and not draining. Called from
-        the metrics endpoint's thread (reads two booleans)."""
-        return self._open and not self._stopping
+        """Whether the server takes calls: opened (models loaded), not draining, and its disk
+        taking the journal's writes. Called from the metrics endpoint's thread (reads three
+        booleans)."""
+        return self._open and not self._stopping and not self._refusing_writes
 
     def tune_gc(self) -> None:
         """Process-wide GC tuning, for `serve` (not for servers embedded in other programs):
@@ -248,7 +250,30 @@ class SeqServeServer:
     async def _refresh_gauges(self) -> None:
         while True:
             self.refresh_gauges()
+            await self.follow_state_dir()
             await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
+
+    async def follow_state_dir(self) -> None:
+        """Readiness follows the state directory: while its disk refuses the journal's writes
+        every step is refused (UNAVAILABLE), so health goes NOT_SERVING (and `/readyz` 503) and
+        a balancer sends new work to other replicas; liveness stays SERVING, and reads and
+        closes still work. Each second a probe looks whether the disk takes writes again."""
+        refusing = not await self.engine.state_takes_writes()
+        if refusing == self._refusing_writes:
+            return
+        self._refusing_writes = refusing
+        if self._stopping or self._health is None:
+            return
+        if refusing:
+            log.error("not ready: the state directory refuses writes (steps get UNAVAILABLE)")
+        else:
+            log.warning("ready again: the state directory takes writes")
+        answer = health_pb2.HealthCheckResponse
+        status = answer.NOT_SERVING if refusing else answer.SERVING
+        for name in ("", *SERVICE_NAMES):
+            if self._stopping:  # a drain's NOT_SERVING stands
+                return
+            await _set_health(self._health, name, status)
 
     def refresh_gauges(self) -> None:
         stats = self.engine.stats()

@@ -121,6 +121,18 @@ class Journal:
     def segment(self) -> int:
         return self._seq
 
+    @property
+    def refusing(self) -> bool:
+        """Whether the last append failed: the disk refuses writes (until one succeeds)."""
+        return self._failing
+
+    def writes_again(self) -> None:
+        """A probe found that the disk takes writes again (`write_probe`): no longer refusing."""
+        if self._failing:
+            self._failing = False
+            log.warning("journal's directory takes writes again (probed) after %d failed "
+                        "appends", self.failed_writes)  # fmt: skip
+
     # ---- start and stop --------------------------------------------------------------------
 
     def open(self) -> Iterator[JournalRecord | Unreadable]:

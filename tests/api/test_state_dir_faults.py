@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client.client import SeqServeClient
@@ -77,6 +79,82 @@ async def test_a_full_disk_refuses_steps_with_unavailable_and_changes_nothing(
         assert b'seqserve_state_write_failures_total{kind="journal"} 2.0' in server.metrics.render()
 
         filler.unlink()  # the disk takes writes again: the session goes on exactly
+        reference = ReferenceSession(store_root, "tok")
+        reference.feed(acked)
+        reply = await _step(client, sid, 3)
+        assert reply.position == len(acked) + 1
+        assert_matches_reference(reply.prediction, reference.feed([3])[-1])
+
+
+async def _health(channel: grpc.aio.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+
+
+def _readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def _until(check, want: int, seconds: float = 15.0) -> int:  # type: ignore[no-untyped-def]
+    """Poll `check()` until it answers `want` (the server looks at its disk once a second)."""
+    deadline = time.monotonic() + seconds
+    got = await check()
+    while got != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        got = await check()
+    return got
+
+
+async def test_a_replica_whose_disk_refuses_writes_is_not_ready_until_it_takes_them_again(
+    small_disk: Path, server_factory: ServerFactory, store_root: Path
+) -> None:
+    """Every step is refused while the disk is full, so the replica says so where balancers
+    look: gRPC health NOT_SERVING and `/readyz` 503, liveness still SERVING, reads still
+    answered. With no step coming, its once-a-second probe of the disk finds room again, and
+    it is ready again without a restart; the session goes on exactly."""
+    server = await server_factory(
+        sessions={"spill_dir": small_disk / "state"}, server={"metrics_port": 0}
+    )
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        (health_pb2.HealthCheckResponse.NOT_SERVING),
+    )
+    async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+        channel = client.channel
+        sid = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+        sid = sid.session.session_id
+        acked = [1, 2]
+        await _step(client, sid, *acked)
+        assert await _health(channel, "") == serving
+        assert await asyncio.to_thread(_readyz, server.metrics_port) == 200
+        filler = fill(small_disk)
+        refused = False
+        for k in range(1000):  # the journal's last page still takes a few records
+            try:
+                await _step(client, sid, k % 256)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                refused = True
+                break
+            acked.append(k % 256)
+        assert refused, "the full disk never refused a step"
+
+        assert await _until(lambda: _health(channel, ""), not_serving) == not_serving
+        for name in ("seqserve.v1.SessionService", "seqserve.v1.ModelRegistry"):
+            assert await _health(channel, name) == not_serving
+        assert await _health(channel, "seqserve.liveness") == serving
+        assert await asyncio.to_thread(_readyz, server.metrics_port) == 503
+        got = await client.sessions.GetSession(pb.GetSessionRequest(session_id=sid))
+        assert got.session.position == len(acked)  # reads still answered, nothing applied
+
+        filler.unlink()  # room again: no step comes, the probe finds it
+        assert await _until(lambda: _health(channel, ""), serving) == serving
+        assert await asyncio.to_thread(_readyz, server.metrics_port) == 200
+        assert not list((small_disk / "state").rglob(".write-probe-*"))  # the probe's page gone
         reference = ReferenceSession(store_root, "tok")
         reference.feed(acked)
         reply = await _step(client, sid, 3)
