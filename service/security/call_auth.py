@@ -5,8 +5,9 @@ principal once tokens or client certificates are configured, and registry writes
 A call that lasts (a Stream, a generation) holds a `Grant`: when the tokens file's entries
 change while it is open, it authenticates again, and a token revoked or given another role
 ends it (at its next message or reply, or by `RevocationWatch` while it waits). A client
-certificate is not in the file: it cannot be revoked this way (its CA and expiry are what
-limit it)."""
+certificate is not in the file (its CA vouches for it), but a `revoke cert:<CN>` line there
+refuses its common name from then on, over direct mutual TLS and through a proxy alike, and
+ends its open calls as a revoked token's are."""
 
 from __future__ import annotations
 
@@ -78,8 +79,7 @@ class CallAuth:
             raise Unauthenticated("invalid bearer token")
         return who
 
-    @staticmethod
-    def _forwarded(context: Any, proxy: Principal) -> Principal:
+    def _forwarded(self, context: Any, proxy: Principal) -> Principal:
         """The client a proxy vouches for (it verified the client's certificate); a proxy
         that names no client is refused: it never acts as itself."""
         name = _one(context, CLIENT_HEADER).strip()
@@ -87,7 +87,7 @@ class CallAuth:
             raise Unauthenticated(
                 f"proxy {proxy.name} forwarded no usable client identity ({CLIENT_HEADER})"
             )
-        return Principal(f"cert:{name}", "client")  # as if the certificate came here
+        return self._unrevoked(Principal(f"cert:{name}", "client"))  # as if it came here
 
     def _from_certificate(self, context: Any) -> Principal | None:
         if not self.client_certificates:
@@ -104,7 +104,13 @@ class CallAuth:
         if not _CN_RE.fullmatch(name):
             raise Unauthenticated("the client certificate's common name cannot name a principal")
         # Its own namespace: a certificate never stands for a token's principal, nor the reverse.
-        return Principal(f"cert:{name}", "client")
+        return self._unrevoked(Principal(f"cert:{name}", "client"))
+
+    def _unrevoked(self, who: Principal) -> Principal:
+        """`who`, a certificate's principal, unless the tokens file revokes its name."""
+        if self.tokens is not None and self.tokens.revoked(who.name):
+            raise Unauthenticated(f"client certificate {who.name} is revoked")
+        return who
 
 
 class Grant:

@@ -1,4 +1,6 @@
-"""The tokens file: `<principal> <role> <sha256 hex of the token>` per line, `#` comments.
+"""The tokens file: `<principal> <role> <sha256 hex of the token>` per line, `#` comments, and
+`revoke cert:<common name>` lines: client certificates are not in the file (their CA vouches for
+them), so one that must stop working before it expires is named there (`revoked`).
 
 Only hashes are stored; a token is checked by hashing it and comparing with every line in
 constant time. The file is re-read when it changes (its mtime and size are checked at most once
@@ -28,6 +30,9 @@ from service.security.principal import ROLES, Principal, Role
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")  # no ':' (certificate names are "cert:...")
+# What `revoke` may name: a certificate principal, as `call_auth` makes it from a common name.
+_CERT_RE = re.compile(r"^cert:[A-Za-z0-9_.@ -]{1,64}$")
+REVOKE = "revoke"
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHECK_EVERY_S = 1.0
 
@@ -42,12 +47,26 @@ class _Entry:
     sha256: bytes
 
 
-def parse(text: str, source: str = "tokens file") -> list[_Entry]:
+@dataclass(frozen=True)
+class _Revoked:
+    name: str  # "cert:<common name>"
+
+
+def parse(text: str, source: str = "tokens file") -> list[_Entry | _Revoked]:
     """The entries of a tokens file; InvalidArgument naming the line of a malformed one."""
-    entries = []
+    entries: list[_Entry | _Revoked] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
+            continue
+        verb, _, named = line.partition(" ")
+        if verb == REVOKE:  # the name may hold spaces, as a common name may
+            if not _CERT_RE.fullmatch(named.strip()):
+                raise InvalidArgument(
+                    f"{source} line {number}: expected 'revoke cert:<common name>' (1-64 "
+                    "characters of A-Z a-z 0-9 _ . @ - and space)"
+                )
+            entries.append(_Revoked(named.strip()))
             continue
         parts = line.split()
         if (
@@ -70,7 +89,8 @@ def parse(text: str, source: str = "tokens file") -> list[_Entry]:
 class TokenFile:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._entries: list[_Entry] = []
+        self._entries: list[_Entry | _Revoked] = []
+        self._revoked: frozenset[str] = frozenset()
         self._stamp: tuple[float, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -105,13 +125,16 @@ class TokenFile:
             self._stamp = stamp
             return
         self._replace(entries, stamp)
-        log.info("tokens file %s: %d tokens", self.path, len(entries))
+        revoked = sum(isinstance(e, _Revoked) for e in entries)
+        log.info("tokens file %s: %d tokens, %d certificates revoked", self.path,
+                 len(entries) - revoked, revoked)  # fmt: skip
 
-    def _replace(self, entries: list[_Entry], stamp: tuple[float, int] | None) -> None:
+    def _replace(self, entries: list[_Entry | _Revoked], stamp: tuple[float, int] | None) -> None:
         with self._lock:
             if entries != self._entries:  # a rewrite with the same lines revokes nothing
                 self.generation += 1
             self._entries, self._stamp = entries, stamp
+            self._revoked = frozenset(e.name for e in entries if isinstance(e, _Revoked))
 
     def refresh(self) -> int:
         """Re-read the file if a second has passed since it was last looked at; the
@@ -127,9 +150,14 @@ class TokenFile:
         wanted = hashlib.sha256(token.encode()).digest()
         found = None
         for entry in self._entries:  # every entry, always: no early exit to time
-            if hmac.compare_digest(entry.sha256, wanted):
+            if isinstance(entry, _Entry) and hmac.compare_digest(entry.sha256, wanted):
                 found = entry.principal
         return found
+
+    def revoked(self, name: str) -> bool:
+        """Whether a `revoke` line names the certificate principal `name` ("cert:<CN>")."""
+        self.refresh()
+        return name in self._revoked
 
 
 def _text(path: Path) -> str:

@@ -279,6 +279,48 @@ async def test_a_certificate_with_two_common_names_is_unauthenticated(
         assert mine.session.session_id == made.session.session_id  # cert:bob's
 
 
+async def test_a_revoked_client_certificate_is_refused_and_its_open_stream_ended(
+    server_factory: ServerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    """A certificate the CA still vouches for, named in a `revoke cert:<CN>` line of the tokens
+    file while its Stream is open: the Stream is ended UNAUTHENTICATED (idle, by the
+    revocation watch), new calls are refused naming the revocation, another certificate goes
+    on; the line removed, alice is back and her session with her."""
+    ca = tmp_path / "client-ca.pem"
+    ca.write_bytes(certs.ca)
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("# certificates only\n")
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
+    server = await server_factory(security={**tls, "tls_client_ca": ca, "auth_tokens": tokens_file})
+    target = f"localhost:{server.port}"
+    async with (
+        _tls_channel(target, certs, certs.clients["alice"]) as alice_channel,
+        _tls_channel(target, certs, certs.clients["bob"]) as bob_channel,
+    ):
+        alice, bob = (pb_grpc.SessionServiceStub(c) for c in (alice_channel, bob_channel))
+        create = pb.CreateSessionRequest(model="tok")
+        sid = (await alice.CreateSession(create)).session.session_id
+        stream = alice.Stream()
+        await stream.write(pb.StreamRequest(items=[item(sid, "a1", tokens(1))]))
+        assert not (await stream.read()).replies[0].HasField("error")
+
+        tokens_file.write_text("# certificates only\nrevoke cert:alice\n")
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(stream.read(), timeout=10)  # idle: the watch ends it
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        refused = alice.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await refused
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "cert:alice is revoked" in (err.value.details() or "")
+        assert (await bob.CreateSession(create)).session.session_id  # bob's goes on
+
+        tokens_file.write_text("# certificates only\n")
+        await asyncio.sleep(1.1)  # the file is looked at once a second
+        got = await alice.GetSession(pb.GetSessionRequest(session_id=sid))
+        assert got.session.position == 1
+
+
 async def test_a_credential_header_sent_twice_is_unauthenticated(
     server_factory: ServerFactory, token_file: tuple[Path, dict[str, str]]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from service.errors import Unauthenticated
 from service.security.call_auth import CLIENT_HEADER, CallAuth
 from service.security.principal import Principal
+from service.security.tokens import TokenFile
 
 METHOD = "/seqserve.v1.SessionService/Step"
 
@@ -62,3 +64,16 @@ def test_a_proxy_forwards_only_a_name_that_can_be_a_principal(
     else:
         with pytest.raises(Unauthenticated, match="no usable client identity"):
             auth._forwarded(context, proxy)
+
+
+def test_a_revoked_certificate_is_refused_directly_and_through_a_proxy(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("revoke cert:alice\n")
+    auth = CallAuth(tokens=TokenFile(path), client_certificates=True)
+    with pytest.raises(Unauthenticated, match="cert:alice is revoked"):
+        auth.principal(METHOD, Context(b"alice"))
+    with pytest.raises(Unauthenticated, match="cert:alice is revoked"):
+        auth._forwarded(
+            Context(**{CLIENT_HEADER.replace("-", "_"): "alice"}), Principal("n", "proxy")
+        )
+    assert auth.principal(METHOD, Context(b"bob")) == Principal("cert:bob", "client")

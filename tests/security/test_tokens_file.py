@@ -81,3 +81,30 @@ def test_a_file_that_is_not_utf8_is_malformed(tmp_path: Path) -> None:
     path.write_bytes(b"\xff" * 10)
     tokens.reload()
     assert tokens.authenticate(alice) == Principal("alice", "client")
+
+
+def test_revoke_lines_name_certificates_beside_the_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokens"
+    alice = _add(path, "alice", capsys)
+    with path.open("a") as f:
+        f.write("revoke cert:bob\nrevoke   cert:Carol Smith  # left the team\n")
+    tokens = TokenFile(path)
+    assert tokens.revoked("cert:bob") and tokens.revoked("cert:Carol Smith")
+    assert not tokens.revoked("cert:alice") and not tokens.revoked("bob")
+    assert tokens.authenticate(alice) == Principal("alice", "client")  # tokens as before
+    generation = tokens.generation
+    path.write_text(path.read_text().replace("revoke cert:bob\n", ""))
+    tokens.reload()
+    assert not tokens.revoked("cert:bob") and tokens.generation == generation + 1
+
+
+@pytest.mark.parametrize(
+    "line", ["revoke bob", "revoke cert:", "revoke cert:a/b", "revoke", "revoke cert:" + "x" * 65]
+)
+def test_a_revoke_line_that_names_no_certificate_is_malformed(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(line + "\n")
+    with pytest.raises(InvalidArgument, match="line 1: expected 'revoke cert:<common name>'"):
+        TokenFile(path)
