@@ -272,6 +272,8 @@ class JournalUnavailable(Unavailable):
 class SessionLost(DataLoss):
     """A session's records were lost or damaged (for example by a crash mid-write)."""
 
+    owner: str = ""  # the session's owner, when known (a takeover refusing it says whose)
+
 
 class SpillCorrupted(DataLoss):
     """A spill record is missing, truncated or fails its checksum; it is never used."""

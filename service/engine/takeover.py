@@ -24,7 +24,7 @@ from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import SeqServeError, SessionMoved, SpillCorrupted
+from service.errors import SeqServeError, SessionLost, SessionMoved, SpillCorrupted
 from service.security.principal import caller, may_see
 from service.sessions import journal_record as jr
 from service.sessions.session import SESSION_ID_PATTERN, Session
@@ -98,9 +98,9 @@ class Takeover:
         self._claiming[session_id] = done
         try:
             await self._take(state, session_id)
-        except SpillCorrupted as exc:  # its checkpoint in the tier is damaged
+        except (SpillCorrupted, SessionLost) as exc:  # its checkpoint or journal is damaged
             if may_see(exc.owner or ""):
-                self._sessions.mark_broken(session_id, exc.message, owner=exc.owner)
+                self._sessions.mark_broken(session_id, exc.message, type(exc), exc.owner)
             # anyone else hears the NOT_FOUND of an id that never existed
         finally:
             del self._claiming[session_id]
@@ -166,9 +166,9 @@ class Takeover:
         assert self._state is not None
         try:
             found = await asyncio.to_thread(self._state.peek, session_id)
-        except SpillCorrupted as exc:
+        except (SpillCorrupted, SessionLost) as exc:
             if may_see(exc.owner or ""):
-                self._sessions.mark_broken(session_id, exc.message, owner=exc.owner)
+                self._sessions.mark_broken(session_id, exc.message, type(exc), exc.owner)
             return self._sessions.get(session_id)
         if found.epoch and not may_see(_owner(found)):
             return self._sessions.get(session_id)  # not the caller's: NOT_FOUND

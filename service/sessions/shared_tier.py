@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from service.errors import JournalUnavailable, SessionMoved, SpillCorrupted
-from service.sessions import journal_record, spill_record
+from service.sessions import journal_record, spill_record, tier_records
 from service.sessions.journal_record import JournalRecord, Unreadable, decode_stream
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_directory import TierScan
@@ -78,6 +78,7 @@ class SharedState:
         self.replica = replica or replica_name()
         self.moved: set[str] = set()  # sessions whose writes were refused: another holds them
         self.failed_writes = 0
+        self.damaged: dict[str, int] = {}  # session → damaged journal records found (`claimed`)
         self._failing = False
 
     # -- the backend's part ------------------------------------------------------------------
@@ -170,7 +171,13 @@ class SharedState:
         record = None
         if checkpoint is not None:
             record = spill_record.decode(bytes(checkpoint), f"checkpoint of {session_id}")
-        decoded = list(decode_stream(b"".join(records))) if records else []
+        decoded, damaged = tier_records.read(records)
+        if damaged:  # counted once a session, however often it is read
+            if session_id not in self.damaged:
+                self.damaged[session_id] = len(damaged)
+                log.warning("state tier %s: session %s's journal holds %d damaged records",
+                            self.where, session_id, len(damaged))  # fmt: skip
+            raise tier_records.lost(session_id, record, decoded, damaged)
         return Claimed(epoch, record, decoded)
 
     def unreachable(self, exc: Exception) -> JournalUnavailable:
@@ -222,11 +229,15 @@ class SharedJournal:
         self._sessions = sessions
         self.oldest = 0
         self.segment = 0
-        self.damaged_records = 0  # nothing is read at start-up (`open`)
 
     @property
     def failed_writes(self) -> int:
         return self._state.failed_writes
+
+    @property
+    def damaged_records(self) -> int:
+        """Found damaged in the journals of sessions taken over (nothing is read at start-up)."""
+        return sum(self._state.damaged.values())
 
     def open(self) -> Iterator[JournalRecord | Unreadable]:
         return iter(())  # sessions are read when taken over, not at start-up

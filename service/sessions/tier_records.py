@@ -1,0 +1,58 @@
+"""A session's journal as the shared tier holds it (`shared_tier.py`): one record an entry.
+
+Each entry was written whole by one atomic write (a Lua script, a SQLite transaction) before
+its step was acknowledged, so unlike a segment's end none is a crash's torn write or a power
+loss's unsynced one: an entry that is not one whole record is a lost step wherever it stands,
+and its session is refused (SessionLost, DATA_LOSS) rather than brought back short of it.
+"""
+
+from __future__ import annotations
+
+from service.errors import SessionLost, quote
+from service.sessions.journal_record import (
+    CREATE,
+    DAMAGED,
+    NEWER,
+    JournalRecord,
+    Unreadable,
+    read_stream,
+)
+from service.sessions.spill_record import SpillRecord
+
+
+def read(entries: list[bytes]) -> tuple[list[JournalRecord], list[Unreadable]]:
+    """The records, and in place of each entry that is not one whole record what reading it
+    found. A newer server's record is skipped, as in a segment (the gap it leaves refuses the
+    session at its replay)."""
+    decoded: list[JournalRecord] = []
+    damaged: list[Unreadable] = []
+    for entry in entries:
+        items = list(read_stream(bytes(entry)))
+        if len(items) == 1 and isinstance(items[0], JournalRecord):
+            decoded.append(items[0])
+            continue
+        bad = [i for i in items if isinstance(i, Unreadable)] or [Unreadable(0, DAMAGED)]
+        if len(items) > 1 or bad[0].what != NEWER:
+            damaged.append(bad[0])
+    return decoded, damaged
+
+
+def lost(
+    session_id: str,
+    checkpoint: SpillRecord | None,
+    decoded: list[JournalRecord],
+    damaged: list[Unreadable],
+) -> SessionLost:
+    """The error that refuses a session whose journal holds `damaged` entries, naming its
+    owner where its checkpoint or creation record still does (only the owner hears it)."""
+    owner = checkpoint.header.owner if checkpoint is not None else ""
+    for r in decoded:
+        if not owner and r.kind == CREATE and r.meta is not None:
+            owner = str(r.meta.get("owner", ""))
+    at = f" (at position {damaged[0].position})" if damaged[0].session_id else ""
+    error = SessionLost(
+        f"session {quote(session_id)} cannot be taken over: a record of its journal in the "
+        f"state tier{at} is damaged; what it recorded was acknowledged and is lost"
+    )
+    error.owner = owner
+    return error
