@@ -158,11 +158,12 @@ class MetricFamilies:
         self._damaged_records = Counter(
             "seqserve_state_damaged_records",
             "Records of session state found damaged: `journal` (at start-up: a record that "
-            "fails its checksum, or bytes whole records follow; not a torn last record, which a "
-            "crash leaves; with a shared tier, a record of a session's journal there, found at "
-            "its takeover, once a session), `checkpoint` (a session's spill record whose header "
-            "or state fails its checks, once a session: rebuilt from the journal where it holds "
-            "the session's whole history, else the session is refused with DATA_LOSS).",
+            "fails its checksum, or bytes whole records follow; not the newest segment's torn "
+            "last record, which a crash leaves; with a shared tier, a record of a session's "
+            "journal there, found at its takeover, once a session), `checkpoint` (a session's "
+            "spill record whose header or state fails its checks, once a session: rebuilt from "
+            "the journal where it holds the session's whole history, else the session is "
+            "refused with DATA_LOSS).",
             ("kind",), registry=r,
         )  # fmt: skip
         self._state_writes = Counter(

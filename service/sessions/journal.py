@@ -140,7 +140,7 @@ class Journal:
         each damaged one (`Unreadable`: logged, counted in `damaged_records`). The newest
         segment's unreadable end (a torn last record, only noted; a whole one failing its
         checksum, counted) is a crash's or a power loss's and is cut off; in an older segment
-        such a record was followed by newer segments, so it was synced: damage. Writing starts
+        either was followed by newer segments, so it was synced whole: damage. Writing starts
         in a new segment once `start()` is called."""
         self.directory.mkdir(parents=True, exist_ok=True)
         clear_stray_held(self.directory)
@@ -155,8 +155,8 @@ class Journal:
             newest = seq == segments[-1][0]  # the one a crash or power loss may have left cut
             for item in read_stream(data if valid is None else data[:valid]):
                 if isinstance(item, Unreadable):
-                    if item.what == TAIL and not newest:  # newer segments followed it: synced
-                        item = item._replace(what=DAMAGED)
+                    if item.what in (TORN, TAIL) and not newest:  # newer segments followed it:
+                        item = item._replace(what=DAMAGED)  # it was synced, whole
                     if not self._note(path, item):
                         if newest and item.what in (TORN, TAIL):
                             path = self._cut(seq, path, item.offset)

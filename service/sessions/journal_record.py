@@ -26,7 +26,9 @@ in the middle of a write leaves: normal. A whole last record whose checksum fail
 power loss leaves when the file's length reached the disk before all of its bytes (the write
 was not yet synced, so its step was never acknowledged), or damage after the fact: the two
 cannot be told apart, so it is reported (`TAIL`) and dropped, as a database's log ends at its
-first bad checksum. Anything else unreadable is damage: bytes that whole records follow.
+first bad checksum. Anything else unreadable is damage: bytes that whole records follow. (Only
+the newest segment's end can be a crash's or a power loss's: `Journal.open` takes an older
+one's for damage.)
 `read_stream` reports each in place (`Unreadable`), with what the record's head still says
 (its session and position), so recovery can tell the session it was for that a step is lost.
 """
@@ -254,8 +256,8 @@ def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
     length, crc = _FRAME.unpack_from(data, offset)
     start = offset + _FRAME.size
     whole = _HEAD.size + _POSITION.size <= length <= len(data) - start
-    if not whole and not whole_after:
-        return Unreadable(offset, TORN)
+    if not whole and not whole_after:  # its head may still name it (an older segment's: damage)
+        return Unreadable(offset, TORN, *_head_of(data, start))
     checks_out = whole and zlib.crc32(memoryview(data)[start : start + length]) == crc
     if checks_out and data[start] not in READABLE:
         return Unreadable(offset, NEWER)

@@ -236,12 +236,14 @@ async def test_a_damaged_create_of_a_session_checkpointed_before_its_first_step_
     assert second.stats().journal_damaged_records == 1
 
 
-async def test_a_whole_last_record_failing_its_checksum_in_an_older_segment_is_damage(
-    make_engine: EngineFactory, tmp_path: Path
+@pytest.mark.parametrize("hurt_end", ["damaged", "torn"])
+async def test_a_hurt_last_record_in_an_older_segment_is_damage(
+    make_engine: EngineFactory, tmp_path: Path, hurt_end: str
 ) -> None:
     """With fsync=batch, a record that newer segments follow was synced and acknowledged:
     its segment's whole last record failing its checksum there is damage, not a power loss's
-    unsynced write. hurt, whose last step it was, is refused, not back a step short."""
+    unsynced write, and so is one cut short there (before, that was dropped as a crash's torn
+    write, uncounted). hurt, whose last step it was, is refused, not back a step short."""
     spill = tmp_path / "state"
     opts: dict[str, object] = {"spill_dir": spill, "fsync": "batch", "journal_segment_bytes": 256}
     first = await make_engine(**opts)
@@ -263,12 +265,16 @@ async def test_a_whole_last_record_failing_its_checksum_in_an_older_segment_is_d
     ]  # fmt: skip
     assert older != segments[-1]
     data = bytearray(older.read_bytes())
-    data[-1] ^= 0xFF
+    if hurt_end == "damaged":
+        data[-1] ^= 0xFF
+    else:
+        del data[-3:]
     older.write_bytes(bytes(data))
 
     second = await make_engine(**opts)
     with pytest.raises(DataLoss, match="damaged"):
         await second.feed(hurt.session_id, toks(9))
+    assert (await second.feed(fine.session_id, toks(9))).position == 11
     assert second.stats().journal_damaged_records == 1
 
 
