@@ -251,12 +251,13 @@ class Recovery:
     ) -> None:
         """A damaged record after every readable one of session `sid`: its last step (or its
         creation, or its end) is lost, unless its checkpoint is past it (a record older than
-        the checkpoint, from a segment a crash left undeleted)."""
+        the checkpoint, from a segment a crash left undeleted). Its head is a guess (the damage
+        may be there too): a CREATE is taken at its word only where creations are, position 0."""
         base = known.get(sid)
         if base is None:  # neither a checkpoint nor a creation: the damaged record was its CREATE
             if sid not in self._sessions.broken:
                 self._sessions.mark_broken(sid, damage(bad))
-        elif bad.kind == jr.CREATE:  # its checkpoint holds all a creation did (at position 0)
+        elif bad.kind == jr.CREATE and bad.position == 0:  # its checkpoint holds all it did
             return
         elif bad.position >= base.position:  # not in its checkpoint already
             plans.setdefault(sid, Plan(base, fresh=False)).damaged = bad

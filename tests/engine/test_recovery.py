@@ -236,6 +236,39 @@ async def test_a_damaged_create_of_a_session_checkpointed_before_its_first_step_
     assert second.stats().journal_damaged_records == 1
 
 
+async def test_a_damaged_step_whose_head_reads_as_a_create_is_not_taken_for_one(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """hurt is checkpointed at position 2, then steps once more; that step's record is damaged
+    in its kind byte, so its head reads as a CREATE at position 2, and whole records follow.
+    A damaged CREATE is harmless behind a checkpoint only at position 0, where a creation is:
+    before, any record whose head said CREATE was, and hurt came back a step short."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, slots=2)
+    hurt, _ = await first.create_session("tok")
+    await first.feed(hurt.session_id, toks(1, 2))
+    await first.create_session("tok")
+    other, _ = await first.create_session("tok")  # evicts hurt: its checkpoint at 2 written
+    await first.feed(hurt.session_id, toks(3))  # restored: a step at 2 (not evicted again)
+    await first.feed(other.session_id, toks(1))  # whole records after it
+    assert first.get_session(hurt.session_id).position == 3
+    assert first.get_session(hurt.session_id).unsaved_steps == 1
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    head = bytes([jr.VERSION, jr.TOKENS, len(hurt.session_id)]) + hurt.session_id.encode()
+    at = data.index(head + (2).to_bytes(8, "little"))
+    data[at + 1] = jr.CREATE  # its kind byte: the checksum fails, its head reads as a CREATE
+    segment.write_bytes(bytes(data))
+    bad = [u for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)]
+    assert [(u.what, u.kind, u.position) for u in bad] == [(jr.DAMAGED, jr.CREATE, 2)]
+
+    second = await make_engine(spill_dir=spill, slots=2)
+    with pytest.raises(DataLoss, match="damaged"):
+        await second.feed(hurt.session_id, toks(9))
+    assert (await second.feed(other.session_id, toks(9))).position == 2
+
+
 @pytest.mark.parametrize("hurt_end", ["damaged", "torn"])
 async def test_a_hurt_last_record_in_an_older_segment_is_damage(
     make_engine: EngineFactory, tmp_path: Path, hurt_end: str
