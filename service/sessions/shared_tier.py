@@ -76,7 +76,9 @@ class SharedState:
     def __init__(self, where: str, replica: str | None) -> None:
         self.where = where  # for logs and messages (no password)
         self.replica = replica or replica_name()
-        self.moved: set[str] = set()  # sessions whose writes were refused: another holds them
+        # Sessions whose copy here is stale (a write refused: another holds them; or its
+        # outcome unknown), until the copy goes (`SharedCheckpoints.delete`) or is taken back.
+        self.moved: set[str] = set()
         self.failed_writes = 0
         self.damaged: dict[str, int] = {}  # session → damaged journal records found (`claimed`)
         self._failing = False
@@ -354,4 +356,8 @@ class SharedCheckpoints:
         return spill_record.decode(bytes(data), f"checkpoint of {session_id}")
 
     def delete(self, session_id: str) -> None:
-        pass  # its end (an END record) deletes it, fenced like every write
+        """This process is done with the session (it ended here, or was let go): its end (an
+        END record) deletes it in the tier, fenced like every write. With no copy left to be
+        stale it leaves `moved`, which would otherwise keep every id a long-running replica
+        was ever fenced on (a copy that expired here, or was let go at its eviction)."""
+        self._state.moved.discard(session_id)
