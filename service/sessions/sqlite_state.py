@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from service.errors import StateTierUnusable
+from service.errors import DataLoss, StateTierUnusable
 from service.security import token_bucket
 from service.sessions.shared_tier import Claimed, SharedState, Write
 
@@ -287,9 +287,15 @@ class SqliteState(SharedState):
                 )
             ]
             data = None if checkpoint is None else bytes(checkpoint[0])
-            return self.claimed(session_id, epoch, data, records)
+            try:
+                return self.claimed(session_id, epoch, data, records)
+            except DataLoss as exc:  # damaged: the claim still commits, fencing the last holder
+                return exc  # (as Redis's claim, whose epoch is bumped before anything is read)
 
-        return self._transaction(work)
+        claimed = self._transaction(work)
+        if isinstance(claimed, DataLoss):
+            raise claimed
+        return claimed
 
     def _holder(self, db: sqlite3.Connection, session_id: str, now: float) -> tuple[int] | None:
         row = db.execute(

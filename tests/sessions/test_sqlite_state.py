@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from service.errors import DataLoss
 from service.sessions.sqlite_state import SqliteState
 
 
@@ -72,3 +73,20 @@ def test_keep_alive_restarts_the_ttl_only_for_the_holder(tmp_path: Path) -> None
     assert _expires(path, "s1") > made + 50
     assert state.keep_alive("nobody", 1, 60_000) == 0
     state.close()
+
+
+def test_a_claim_of_a_damaged_session_still_fences_its_last_holder(tmp_path: Path) -> None:
+    """A takeover that finds the session's checkpoint damaged refuses it (DATA_LOSS), but its
+    claim stands, as on Redis: the replica that held it can write nothing more at its epoch
+    (the refusal rolled the claim back, and the old holder went on writing)."""
+    path = tmp_path / "state.db"
+    holder, taker = SqliteState(path, replica="a"), SqliteState(path, replica="b")
+    holder.check()
+    taker.check()
+    assert holder.checkpoint("s1", 1, 60_000, b"not a spill record", first=True)
+    with pytest.raises(DataLoss):
+        taker.claim("s1")
+    assert taker.epoch_of("s1") == 2  # fenced: the holder's epoch 1 is no longer the session's
+    assert not holder.checkpoint("s1", 1, 60_000, b"late write")  # refused at its old epoch
+    holder.close()
+    taker.close()
