@@ -261,7 +261,7 @@ class SqliteState(SharedState):
     def _read(self, session_id: str, *, take: bool) -> Claimed:
         now = time.time()
 
-        def work(db: sqlite3.Connection) -> Claimed:
+        def work(db: sqlite3.Connection) -> Claimed | DataLoss:
             row = self._holder(db, session_id, now)
             if row is None:
                 ended = db.execute(
