@@ -99,12 +99,20 @@ class Takeover:
         try:
             await self._take(state, session_id)
         except (SpillCorrupted, SessionLost) as exc:  # its checkpoint or journal is damaged
-            if may_see(exc.owner or ""):
-                self._sessions.mark_broken(session_id, exc.message, type(exc), exc.owner)
-            # anyone else hears the NOT_FOUND of an id that never existed
+            self._refuse(session_id, exc)
         finally:
             del self._claiming[session_id]
             done.set_result(None)
+
+    def _refuse(self, session_id: str, exc: SpillCorrupted | SessionLost) -> None:
+        """A session the tier holds damaged: refused to its owner from now on (anyone else
+        hears the NOT_FOUND of an id that never existed). A damaged checkpoint is counted here,
+        once a session (`seqserve_state_damaged_records_total{kind="checkpoint"}`); damaged
+        journal records are counted by the tier as it reads them."""
+        if isinstance(exc, SpillCorrupted):
+            self._residency.damaged(session_id)
+        if may_see(exc.owner or ""):
+            self._sessions.mark_broken(session_id, exc.message, type(exc), exc.owner)
 
     @staticmethod
     async def _epoch(state: SharedState, session: Session, *, keep_alive: bool) -> int:
@@ -167,8 +175,7 @@ class Takeover:
         try:
             found = await asyncio.to_thread(self._state.peek, session_id)
         except (SpillCorrupted, SessionLost) as exc:
-            if may_see(exc.owner or ""):
-                self._sessions.mark_broken(session_id, exc.message, type(exc), exc.owner)
+            self._refuse(session_id, exc)
             return self._sessions.get(session_id)
         if found.epoch and not may_see(_owner(found)):
             return self._sessions.get(session_id)  # not the caller's: NOT_FOUND

@@ -40,3 +40,33 @@ async def test_a_damaged_record_in_the_tiers_journal_refuses_its_session_on_take
         await b.feed(hurt.session_id, toks(9))
     assert (await b.feed(fine.session_id, toks(9))).position == 4
     assert b.stats().journal_damaged_records == 1  # once, however often it is refused
+
+
+async def test_a_damaged_checkpoint_in_the_tier_is_refused_and_counted_once(
+    make_engine: EngineFactory, redis_url: str
+) -> None:
+    """A checkpoint in Redis with a flipped byte: the takeover (and GetSession's look, which
+    does not take it) refuse the session with DATA_LOSS, counted once in
+    `{kind="checkpoint"}` (before, a takeover through the tier counted no damaged checkpoint),
+    and the tier's other sessions go on."""
+    a = await make_engine(state_url=redis_url)
+    b = await make_engine(state_url=redis_url)
+    hurt, _ = await a.create_session("tok", seed=1)
+    fine, _ = await a.create_session("tok", seed=2)
+    for session in (hurt, fine):
+        await a.feed(session.session_id, toks(1))
+    assert await a.idle_checkpoints.sweep(0.0) == 2  # both checkpointed in the tier
+    tier = redis.Redis.from_url(redis_url)
+    key = f"seqserve:c:{hurt.session_id}"
+    checkpoint = bytearray(tier.get(key))  # type: ignore[arg-type]
+    checkpoint[-1] ^= 0xFF  # the state's last byte: the record's checksum fails
+    tier.set(key, bytes(checkpoint))
+    tier.close()
+
+    for _ in range(2):  # refused, and again
+        with pytest.raises(DataLoss):
+            await b.feed(hurt.session_id, toks(9))
+    with pytest.raises(DataLoss):
+        await b.describe_session(hurt.session_id)
+    assert (await b.feed(fine.session_id, toks(9))).position == 2
+    assert b.stats().damaged_checkpoints == 1
