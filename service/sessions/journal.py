@@ -27,7 +27,8 @@ journal stays a prefix of what was written) or by the janitor (`journal_janitor`
 their records are synced by `append`, or never), and the deletion of segments nobody needs by
 the janitor, in order. A crash before it gets to them leaves a segment that recovery reads and
 skips (its records are older than the checkpoints that replaced them). The segment files'
-names and whole-file work are `journal_segments`'s.
+names and whole-file work are `journal_segments`'s; reading them at start-up (what is a crash's
+and dropped, what is damage) is `journal_opening`'s.
 
 The checkpoints that released a segment are written without an fsync each. Before a segment is
 deleted, the filesystem holding them (`checkpoints`) is flushed with one syncfs(2), so a power
@@ -49,14 +50,10 @@ from typing import Literal
 from service.errors import JournalUnavailable
 from service.sessions.held_records import HeldRecords
 from service.sessions.journal_janitor import JournalJanitor
+from service.sessions.journal_opening import SegmentReading
 from service.sessions.journal_record import (
-    DAMAGED,
-    NEWER,
-    TAIL,
-    TORN,
     JournalRecord,
     Unreadable,
-    read_stream,
 )
 from service.sessions.journal_segments import (
     clear_stray_held,
@@ -64,7 +61,6 @@ from service.sessions.journal_segments import (
     list_segments,
     mark_valid_length,
     segment_path,
-    valid_length,
 )
 from service.sessions.record_files import syncfs_fd
 
@@ -137,31 +133,20 @@ class Journal:
 
     def open(self) -> Iterator[JournalRecord | Unreadable]:
         """Every record the segments on disk hold, oldest first (for recovery), and in its place
-        each damaged one (`Unreadable`: logged, counted in `damaged_records`). The newest
-        segment's unreadable end (a torn last record, only noted; a whole one failing its
-        checksum, counted) is a crash's or a power loss's and is cut off; in an older segment
-        either was followed by newer segments, so it was synced whole: damage. Writing starts
-        in a new segment once `start()` is called."""
+        each damaged one (`Unreadable`: logged, counted in `damaged_records`); what is dropped
+        and what is damage is `journal_opening`'s. Writing starts in a new segment once
+        `start()` is called."""
         self.directory.mkdir(parents=True, exist_ok=True)
         clear_stray_held(self.directory)
         segments = list_segments(self.directory)
-        for seq, path in segments:
-            self._seq = max(self._seq, seq)
-            self.oldest = self.oldest or seq
-            valid = valid_length(path)
-            if valid is not None:
-                self._torn_names[seq] = path
-            data = path.read_bytes()
-            newest = seq == segments[-1][0]  # the one a crash or power loss may have left cut
-            for item in read_stream(data if valid is None else data[:valid]):
-                if isinstance(item, Unreadable):
-                    if item.what in (TORN, TAIL) and not newest:  # newer segments followed it:
-                        item = item._replace(what=DAMAGED)  # it was synced, whole
-                    if not self._note(path, item):
-                        if newest and item.what in (TORN, TAIL):
-                            path = self._cut(seq, path, item.offset)
-                        continue  # a crash's cut write, a newer server's record: nothing lost
-                yield item
+        if segments:
+            self._seq = max(self._seq, segments[-1][0])
+            self.oldest = self.oldest or segments[0][0]
+        reading = SegmentReading(self.directory, self._torn_names)
+        try:
+            yield from reading.records(segments)
+        finally:
+            self.damaged_records += reading.damaged_records
 
     def start(self) -> None:
         """Begin writing (a fresh segment); start the janitor and, for the interval policy, the
@@ -293,48 +278,6 @@ class Journal:
                 os.fsync(self._fd)
 
     # ---- internals -------------------------------------------------------------------------
-
-    def _note(self, path: Path, bad: Unreadable) -> bool:
-        """Log what `open` could not read in segment `path`; True for damage (counted, and
-        passed on to recovery: its session lost a step), False for what is dropped: a crash's
-        torn last write, a whole last record failing its checksum (counted), a newer server's
-        record."""
-        named = ""
-        if bad.session_id:  # what its head says: the damage may be there too
-            named = f", apparently session {bad.session_id}'s at position {bad.position}"
-        if bad.what == TORN:
-            log.info("journal segment %s ends in a record cut short at offset %d (a write a "
-                     "crash interrupted): dropped", path, bad.offset)  # fmt: skip
-            return False
-        if bad.what == NEWER:
-            log.warning("journal segment %s: the record at offset %d was written by a newer "
-                        "server: skipped", path, bad.offset)  # fmt: skip
-            return False
-        self.damaged_records += 1
-        if bad.what == TAIL:
-            log.warning("journal segment %s ends in a whole record that fails its checksum at "
-                        "offset %d%s (a write a power loss caught before it was synced, so "
-                        "never acknowledged, or damage): dropped, its session comes back "
-                        "before it", path, bad.offset, named)  # fmt: skip
-            return False
-        log.warning("journal segment %s: the record at offset %d is damaged (whole records "
-                    "follow it)%s: skipped", path, bad.offset, named)  # fmt: skip
-        return True
-
-    def _cut(self, seq: int, path: Path, size: int) -> Path:
-        """Cut segment `seq` back to its first `size` bytes, the end a crash left unreadable:
-        once newer segments follow it, a later start must not take that end for damage. Where
-        the cut fails, the segment is marked instead (`mark_valid_length`); its path now."""
-        try:
-            with open(path, "r+b") as segment:
-                segment.truncate(size)
-                os.fsync(segment.fileno())
-        except OSError as exc:
-            if valid_length(path) is None:
-                marked = mark_valid_length(self.directory, seq, size, exc)
-                if marked is not None:
-                    self._torn_names[seq] = path = marked
-        return path
 
     def _finish_retired(self) -> None:
         """fsync and close the full segments waiting for it, oldest first: before the segment
