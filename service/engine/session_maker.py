@@ -2,7 +2,9 @@
 
 A create or fork that names a request id is remembered by the session store (`made_by`, which
 survives a restart in the session's creation record and checkpoint): a retry returns what the
-first call made, with the prefix's prediction while the prefix is the session's last request.
+first call made, with the prefix's prediction while the prefix is the session's last request;
+one whose first call's creation write landed only after the call failed (the shared tier did
+not answer in time) finds the session without its prefix, and feeds it then.
 Two calls with one request id never both make a session: the second waits for the first.
 """
 
@@ -12,6 +14,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from torch import Tensor
 
 from service.engine.feed import FeedOutcome, PredictionOptions, check_request_id
 from service.engine.model_input import ModelInput
@@ -79,6 +83,8 @@ class SessionMaker:
                 if made.model != model:
                     raise _reused(request_id, f"a create of model {made.model!r}")
                 outcome = await self._prefix_outcome(made, request_id)
+                if prefix is not None and not made.closed and outcome is None and _unfed(made):
+                    return await self._prefix_of_retry(made, prefix, options, request_id)
                 if not made.closed:  # else its prefix's step failed after a cancel: anew
                     return made, outcome
             return await self._create(
@@ -112,6 +118,36 @@ class SessionMaker:
             made_one(session.session_id)  # in the step its row was written (`Quotas.new_session`)
         if prefix_tensor is None:
             return session, None
+        return session, await self._feed_prefix(session, prefix_tensor, options, request_id, charge)
+
+    async def _prefix_of_retry(
+        self,
+        made: Session,
+        prefix: ModelInput,
+        options: PredictionOptions | None,
+        request_id: str,
+    ) -> tuple[Session, FeedOutcome]:
+        """A retry finds the session its first call made without the prefix applied: the
+        first call's creation write had an unknown outcome on the shared tier (it timed out,
+        and the tier ran it late), so that call failed before its prefix ran. The prefix is
+        fed now, as the first call would have, under the same request id: a further retry
+        finds it applied (`_prefix_outcome`)."""
+        served = await self.versions.get(made.model, made.version)
+        prefix_tensor = self.feeder.inputs(served, prefix)  # validated, as by the first call
+        charge = prefix.size() if self.quotas.charging else 0
+        await self.quotas.charge(charge)  # as the first call was (refunded when it failed)
+        return made, await self._feed_prefix(made, prefix_tensor, options, request_id, charge)
+
+    async def _feed_prefix(
+        self,
+        session: Session,
+        prefix_tensor: Tensor,
+        options: PredictionOptions | None,
+        request_id: str,
+        charge: int,
+    ) -> FeedOutcome:
+        """Feed a new session its prefix; refused or failed, the session is not left behind
+        (`_leave_nothing`) and the charge goes back."""
         lease: Lease | None = None
         try:
             async with self.leases.hold(session.session_id) as lease:
@@ -125,7 +161,7 @@ class SessionMaker:
             if isinstance(exc, SeqServeError):
                 await self.quotas.refund(charge)
             raise
-        return session, outcome
+        return outcome
 
     def _leave_nothing(self, session: Session, lease: Lease | None, request_id: str) -> None:
         """A refused or cancelled create leaves no session behind that its client cannot name:
@@ -213,6 +249,13 @@ class SessionMaker:
         finally:
             del self._making[key]
             done.set_result(None)
+
+
+def _unfed(made: Session) -> bool:
+    """Nothing was fed to the session a create made: no request moved it. For a retry that
+    carries a prefix, it is made without it (a retry must repeat its request, so the prefix is
+    the first call's)."""
+    return made.position == 0 and made.last_request is None
 
 
 def _reused(request_id: str, first: str) -> InvalidArgument:

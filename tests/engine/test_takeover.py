@@ -37,6 +37,7 @@ from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
 from service.security import principal
 from service.security.principal import Principal
+from service.sessions.shared_tier import Write
 
 from .conftest import TOK, EngineFactory, close, crash, publish, slow_steps, toks
 
@@ -535,6 +536,55 @@ async def test_a_step_the_tier_did_not_answer_in_time_is_applied_once(
         await roomy.feed(r.session_id, toks(3)),
     )
     assert got.position == want.position == 3 and close(got.prediction, want.prediction)
+    tier.close()
+
+
+async def test_a_create_the_tier_did_not_answer_in_time_gets_its_prefix_once_on_retry(
+    make_engine: EngineFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Redis frozen (SIGSTOP) while a create with a prefix writes its session: after the
+    client's 2 s the create is refused UNAVAILABLE before its prefix ran, and Redis, woken,
+    runs the write it had queued, so the session exists in the tier at position 0. Before,
+    the retry with the same request id found it and returned it as made, at position 0 with
+    no prediction: the prefix was never applied. Now the retry applies the prefix, once, and
+    answers what the first call would have; a second retry gets the same reply."""
+    a, b = await _replicas(make_engine, redis_url)
+    roomy = await make_engine(durability="shutdown")
+    options = PredictionOptions(top_k=4)
+    want_session, want = await roomy.create_session(
+        "tok", seed=2, prefix=toks(1, 2, 3), options=options
+    )
+    assert want is not None
+    await a.create_session("tok")  # Redis has the scripts (a frozen EVALSHA's would be lost)
+    tier = redis.Redis.from_url(redis_url)
+    state = a.takeover._state
+    assert state is not None and redis_server.proc is not None
+    pid, append = redis_server.proc.pid, state.append
+
+    def frozen_at_create(writes: list[Write]) -> list[str]:  # after the request id's lookup
+        if writes[0].op == "create":
+            os.kill(pid, signal.SIGSTOP)
+        return append(writes)
+
+    state.append = frozen_at_create  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Unavailable, match="may or may not have been applied"):
+            await a.create_session(
+                "tok", seed=2, prefix=toks(1, 2, 3), options=options, request_id="c1"
+            )
+    finally:
+        state.append = append  # type: ignore[method-assign]
+        os.kill(pid, signal.SIGCONT)
+    assert tier.keys("seqserve:m:*")  # woken, Redis ran the queued create
+    for _ in range(2):  # the retry, and a retry of the retry: one prefix, one reply
+        made, outcome = await a.create_session(
+            "tok", seed=2, prefix=toks(1, 2, 3), options=options, request_id="c1"
+        )
+        assert made.position == 3 and outcome is not None and outcome.position == 3
+        assert close(outcome.prediction, want.prediction)
+    got = await b.feed(made.session_id, toks(4))  # taken over where the client left it
+    assert got.position == 4
+    assert close(got.prediction, (await roomy.feed(want_session.session_id, toks(4))).prediction)
     tier.close()
 
 
