@@ -152,7 +152,6 @@ class Routes:
         response: web.StreamResponse | None = None
         task = asyncio.current_task()
         assert task is not None
-        self._streams.add(task)
         try:
             async with self.calls.call(SESSIONS + "Generate", request, lasting=True):
                 with self._drainable(task):
@@ -190,9 +189,6 @@ class Routes:
                 return error_answer(exc)
             with contextlib.suppress(ConnectionResetError):
                 await _send(response, "error", HttpError(exc).body)
-        finally:
-            self._streams.discard(task)
-            self._ended.pop(task, None)
         assert response is not None
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
@@ -212,8 +208,10 @@ class Routes:
 
     def _end(self, task: asyncio.Task[Any], error: SeqServeError) -> bool:
         """Cancel `task`, a generation being sent, to end with `error` (False: it is ending
-        already)."""
-        if task.done() or task in self._ended:
+        already). Only while it is in `_drainable`, where the cancel becomes `error`: the
+        revocation watch takes a call's `end` before it runs it, and the call may have finished
+        meanwhile; cancelled then, it would lose its body's end, and stay in `_ended` for good."""
+        if task not in self._streams or task in self._ended:
             return False
         self._ended[task] = error
         task.cancel()
@@ -241,7 +239,9 @@ class Routes:
     def _drainable(self, task: asyncio.Task[Any]) -> Iterator[None]:
         """A cancellation of `task` by `_end` as the call's error (UNAVAILABLE for a drain,
         UNAUTHENTICATED for a revoked token); any other (the client hung up, the runner gave
-        up) goes on as a cancellation."""
+        up) goes on as a cancellation. `task` is in `_streams` (one `_end` may end) exactly
+        while it is in here."""
+        self._streams.add(task)
         try:
             yield
         except asyncio.CancelledError:
@@ -250,6 +250,9 @@ class Routes:
                 raise
             task.uncancel()  # ours, and taken: the call ends with an answer instead
             raise error from None
+        finally:
+            self._streams.discard(task)
+            self._ended.pop(task, None)
 
 
 def _session_methods(request: web.Request) -> list[str]:
