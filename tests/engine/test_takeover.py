@@ -654,6 +654,46 @@ async def test_a_step_whose_tier_connection_fails_is_retried_by_request_id(
     assert (await a.feed(sid, toks(3), expected_position=2)).position == 3
 
 
+async def test_with_redis_down_every_session_call_is_unavailable_getsession_on_its_holder_too(
+    make_engine: EngineFactory, redis_server: RedisServer, redis_url: str
+) -> None:
+    """What the README says fails while Redis is down (a real redis-server killed): every call
+    that names or makes a session, GetSession included, on the replica that holds the session
+    as on any other. The holder does not answer GetSession from its own copy: only the tier's
+    epoch says that copy is current (another replica may have taken the session over before
+    Redis went down, and this one learns it at its next write), and a GetSession answer is
+    always current. Once Redis is back, both answer, nothing changed."""
+    a, b = await _replicas(make_engine, redis_url)
+    s, _ = await a.create_session("tok", seed=2)
+    sid = s.session_id
+    await a.feed(sid, toks(1, 2), request_id="r0")
+    await asyncio.sleep(1.2)  # appendfsync everysec: on Redis's disk
+    redis_server.kill()
+    try:
+        calls = {
+            "GetSession on its holder": lambda: a.describe_session(sid),
+            "GetSession elsewhere": lambda: b.describe_session(sid),
+            "CreateSession": lambda: a.create_session("tok", request_id="c"),
+            "ForkSession": lambda: a.fork_session(sid),
+            "Generate": lambda: _generated(a, sid),
+            "Step": lambda: a.feed(sid, toks(3), expected_position=2, request_id="r1"),
+            "CloseSession": lambda: a.close_session(sid),
+        }
+        for name, call in calls.items():
+            with pytest.raises(Unavailable, match="SEQSERVE_SESSIONS__STATE_URL"):
+                await call()
+                pytest.fail(f"{name} answered with Redis down")
+    finally:
+        redis_server.start()
+    assert (await b.describe_session(sid)).position == 2
+    assert (await a.describe_session(sid)).position == 2  # its copy taken over again
+    assert (await a.feed(sid, toks(3), expected_position=2, request_id="r1")).position == 3
+
+
+async def _generated(engine: SessionEngine, session_id: str) -> list[int]:
+    return [t.token_id async for t in engine.generate(session_id, sampling=SAMPLING)]
+
+
 async def test_a_replay_whose_tier_is_unreachable_stays_pending_not_lost(
     make_engine: EngineFactory, redis_server: RedisServer, redis_url: str
 ) -> None:
