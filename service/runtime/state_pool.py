@@ -33,6 +33,11 @@ from service.models import ModelConfig, RecurrentState
 from service.runtime.reserved_memory import reserved_zeros
 
 
+def slot_bytes(config: ModelConfig) -> int:
+    """One session's state in a pool of `config`'s model: h (and c), float32."""
+    return 4 * config.state_numel()
+
+
 class ByteBudget:
     """Server-wide budget for in-memory state, shared by every version's pool."""
 
@@ -98,7 +103,7 @@ class StatePool:
 
     @property
     def bytes_per_slot(self) -> int:
-        return 4 * self.config.state_numel()
+        return slot_bytes(self.config)
 
     @property
     def budget(self) -> ByteBudget:

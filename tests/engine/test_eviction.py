@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 from contextlib import aclosing
 
+import grpc
 import pytest
 
-from service.errors import PoolExhausted, ResourceExhausted, SpillTierFull
+from service.errors import FailedPrecondition, PoolExhausted, ResourceExhausted, SpillTierFull
 from service.runtime.sampler import SamplingParams
 
 from .conftest import (
@@ -229,3 +230,23 @@ async def test_another_pool_too_small_to_free_a_slot_is_left_alone(
     assert fifth.slot is not None and observer.count("evicted") == 1
     assert all(s.slot is not None for s in olds)
     assert tok[0].slot is None and all(s.slot is not None for s in tok[1:])
+
+
+async def test_a_budget_smaller_than_one_session_of_a_version_refuses_it_naming_the_setting(
+    make_engine: EngineFactory,
+) -> None:
+    """`pool_bytes` below one TOK slot: no TOK session can ever be held. Before, the first
+    create waited out `slot_wait_seconds` and said "every session in memory is busy", with none
+    in memory; now the version is refused at its load (FAILED_PRECONDITION), the message naming
+    the setting, its value and the slot's size. FRAMES, whose slot fits, serves."""
+    budget = TOK_SLOT_BYTES // 2
+    assert 4 * FRAMES.state_numel() <= budget
+    engine = await make_engine(pool_bytes=budget, pool_initial_slots=1)
+    with pytest.raises(FailedPrecondition) as err:
+        await asyncio.wait_for(engine.create_session("tok"), 2)
+    assert err.value.status == grpc.StatusCode.FAILED_PRECONDITION
+    assert "SEQSERVE_SESSIONS__POOL_BYTES" in err.value.message
+    assert f"{budget} bytes" in err.value.message
+    assert f"{TOK_SLOT_BYTES} bytes" in err.value.message
+    made, _ = await engine.create_session("frames")
+    assert (await engine.feed(made.session_id, frames(1, 2, 3))).position == 1
