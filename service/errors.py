@@ -247,6 +247,15 @@ class SpillDirUnusable(NotReady):
     """The spill directory cannot be created, locked or written (read-only, missing parent,
     no permission): the server does not start."""
 
+    @classmethod
+    def at(cls, directory: object, exc: OSError, setting: str) -> Self:
+        """For `directory`, which `exc` refused; `setting` is the variable that set it (what
+        the operator fixes: `SEQSERVE_DATA_DIR` for the default in the data directory)."""
+        return cls(
+            f"spill directory {directory} is not usable: {exc.strerror or exc} "
+            f"(set {setting} or --spill-dir to a writable directory)"
+        )
+
 
 class SessionMoved(Unavailable):
     """Another replica took the session over (its epoch moved on): this replica's write was

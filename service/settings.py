@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -43,6 +44,7 @@ def default_data_dir() -> Path:
 
 
 DATA_DIR_VARIABLES = ("SEQSERVE_DATA_DIR", "XDG_STATE_HOME")  # what `default_data_dir` reads
+SPILL_DIR_VARIABLE = "SEQSERVE_SESSIONS__SPILL_DIR"
 
 
 def data_dir_variable() -> str | None:
@@ -240,6 +242,25 @@ class SessionSettings(BaseModel):
     checkpoint, journal and holder live there, so any replica can take a session over. Empty:
     the local tier (`spill_dir`). Needs `durability=journal`; Redis must run with
     `appendonly yes` and `maxmemory-policy noeviction` (checked at start-up)."""
+
+    # What set `spill_dir` when it was not given: the data directory's variable then, if any.
+    _data_dir_variable: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _note_data_dir_variable(self) -> SessionSettings:
+        if "spill_dir" not in self.model_fields_set:  # the default: read when it was made
+            self._data_dir_variable = data_dir_variable()
+        return self
+
+    @property
+    def spill_dir_variable(self) -> str:
+        """The environment variable that set `spill_dir`, for the messages about it (an
+        operator fixes what they set): `SEQSERVE_DATA_DIR` or `XDG_STATE_HOME` when it is the
+        default `spill/` in the data directory one of them names, else `SPILL_DIR_VARIABLE`
+        (given by it, a flag or a config file, or the home directory's default)."""
+        if "spill_dir" in self.model_fields_set or self._data_dir_variable is None:
+            return SPILL_DIR_VARIABLE
+        return self._data_dir_variable
 
     @model_validator(mode="after")
     def _ttl_within_max(self) -> SessionSettings:

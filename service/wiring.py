@@ -79,6 +79,7 @@ def build_engine(
             fsync_interval_seconds=cfg.fsync_interval_seconds,
             segment_bytes=cfg.journal_segment_bytes,
             checkpoints=cfg.spill_dir,
+            setting=cfg.spill_dir_variable,
         )
     durability = Durability(journal, sessions, cfg.checkpoint_steps, cfg.checkpoint_idle_seconds)
     loader = VersionLoader(
@@ -95,6 +96,7 @@ def build_engine(
             cfg.spill_max_bytes,
             # what a power loss may find promised: the journal's steps, fsynced
             ordered=cfg.durability == "journal" and cfg.fsync != "never",
+            setting=cfg.spill_dir_variable,
         )
     )
 

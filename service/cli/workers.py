@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.cli.serve_cmd import STARTUP_SIGNALS
-from service.errors import PortInUse
+from service.errors import PortInUse, SpillDirUnusable
 from service.libc import libc
 from service.settings import Settings
 
@@ -146,7 +146,7 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
     held = contextlib.ExitStack()
     try:
         port, http_port = _hold_ports(held, s.host, s.port, s.http_port)
-        _hold_state_dir(held, settings.sessions.spill_dir)
+        _hold_state_dir(held, settings.sessions.spill_dir, settings.sessions.spill_dir_variable)
         # Its finalizer removes it at exit even if a signal's exception lands before `held` has it.
         work = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="seqserve-workers-")))
         workers = [_worker(settings, argv, i, port, http_port, work) for i in range(count)]
@@ -195,10 +195,14 @@ def _hold_ports(
     return port, http_port
 
 
-def _hold_state_dir(held: contextlib.ExitStack, spill: Path) -> None:
-    """The state directory is the workers' now: a lone server on it must refuse."""
-    spill.mkdir(parents=True, exist_ok=True)
-    dir_lock = os.open(spill / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+def _hold_state_dir(held: contextlib.ExitStack, spill: Path, setting: str) -> None:
+    """The state directory is the workers' now: a lone server on it must refuse. One that
+    cannot be made (read-only) is one line naming `setting`, what set it, not a traceback."""
+    try:
+        spill.mkdir(parents=True, exist_ok=True)
+        dir_lock = os.open(spill / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise SpillDirUnusable.at(spill, exc, setting) from None
     held.callback(os.close, dir_lock)
     try:
         fcntl.flock(dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -63,11 +63,11 @@ from service.sessions.journal_segments import (
     segment_path,
 )
 from service.sessions.record_files import syncfs_fd
+from service.settings import SPILL_DIR_VARIABLE
 
 log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["batch", "interval", "never"]
-_SETTING = "SEQSERVE_SESSIONS__SPILL_DIR"
 
 
 class Journal:
@@ -79,8 +79,10 @@ class Journal:
         fsync_interval_seconds: float = 0.2,
         segment_bytes: int = 64 * 1024 * 1024,
         checkpoints: Path | None = None,
+        setting: str = SPILL_DIR_VARIABLE,
     ) -> None:
         self.directory = Path(directory)
+        self._setting = setting  # what set the state directory, named when a write fails
         self._fsync = fsync
         # Where the checkpoints that release segments are written (flushed before a deletion);
         # None: nothing to flush.
@@ -240,7 +242,7 @@ class Journal:
                 log.error("journal writes failing: %s (%s)", exc.strerror or exc, self.directory)
             raise JournalUnavailable(
                 f"session state cannot be made durable: {exc.strerror or 'write failed'} "
-                f"(the state directory, {_SETTING}); the step was not applied, retry later"
+                f"(the state directory, {self._setting}); the step was not applied, retry later"
             ) from None
         if self._failing:
             self._failing = False

@@ -24,6 +24,7 @@ from service.sessions import spill_record
 from service.sessions.session import SESSION_ID_PATTERN
 from service.sessions.spare_files import SPARE_PREFIX
 from service.sessions.spill_record import SpillHeader
+from service.settings import SPILL_DIR_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,16 @@ class TierScan:
     owners: dict[str, str] = field(default_factory=dict)  # broken session → owner, if readable
 
 
-def claim(directory: Path) -> int:
+def claim(directory: Path, setting: str = SPILL_DIR_VARIABLE) -> int:
     """Create and lock the directory, and check it can be written; the lock's descriptor
     (closing it releases the lock). SpillDirUnusable when the directory cannot be created,
-    locked or written; SpillTierInUse when another process holds the lock."""
+    locked or written, naming `setting` (the variable that set the directory); SpillTierInUse
+    when another process holds the lock."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise _unusable(directory, exc) from None
+        raise SpillDirUnusable.at(directory, exc, setting) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -74,7 +76,7 @@ def claim(directory: Path) -> int:
             probe.unlink()
         except OSError as exc:
             os.close(fd)  # releases the lock
-            raise _unusable(where, exc) from None
+            raise SpillDirUnusable.at(where, exc, setting) from None
     return fd
 
 
@@ -148,10 +150,3 @@ def _owner_of(path: Path) -> str:
             return spill_record.read_prefix(f.read)[1] or ""
     except (OSError, SpillCorrupted) as exc:
         return getattr(exc, "owner", "")
-
-
-def _unusable(directory: Path, exc: OSError) -> SpillDirUnusable:
-    return SpillDirUnusable(
-        f"spill directory {directory} is not usable: {exc.strerror or exc} "
-        "(set SEQSERVE_SESSIONS__SPILL_DIR or --spill-dir to a writable directory)"
-    )

@@ -44,6 +44,7 @@ from service.sessions.spare_files import SpareFiles
 from service.sessions.spill_directory import SOURCE as _SOURCE
 from service.sessions.spill_directory import SUFFIX, TierScan
 from service.sessions.spill_record import SpillRecord
+from service.settings import SPILL_DIR_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,16 @@ SYNCFS_FROM = 1024
 
 
 class SpillTier:
-    def __init__(self, directory: Path, max_bytes: int, *, ordered: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        *,
+        ordered: bool = True,
+        setting: str = SPILL_DIR_VARIABLE,
+    ) -> None:
         self.directory = Path(directory)
+        self._setting = setting  # what set the directory, named when it fails
         # Whether a record must reach the disk before the name that points at it, for a power
         # loss (the module's docstring); False where nothing is promised past a killed process.
         self._ordered = ordered
@@ -94,7 +103,7 @@ class SpillTier:
     def open(self) -> TierScan:
         """Lock the directory, clear temp files a crash left, and read every record's header.
         SpillDirUnusable when the directory cannot be created, locked or written."""
-        self._lock_fd = spill_directory.claim(self.directory)
+        self._lock_fd = spill_directory.claim(self.directory, self._setting)
         scan, sizes = spill_directory.scan(self.directory)
         self._sizes.update(sizes)
         self._bytes += sum(sizes.values())
@@ -149,7 +158,7 @@ class SpillTier:
                     os.unlink(tmp)
                 if _full(exc) and attempt == 1 and self._spares.drop():
                     continue  # the spares' disk space is given back: once more
-                raise _refused(final, exc) from exc
+                raise _refused(final, exc, self._setting) from exc
         self._bytes = new_total
         self._sizes[session_id] = len(data)
         if not durable:
@@ -161,7 +170,7 @@ class SpillTier:
             # The record is in place (indexed: deleting the session deletes it), but its name
             # may not survive a power loss: refused as a failed write is, so the caller does
             # not take it for durable (a fork ends its child). `sync` fsyncs the directory.
-            raise _refused(final, exc, "its directory's fsync failed: ") from exc
+            raise _refused(final, exc, self._setting, "its directory's fsync failed: ") from exc
         self._unsynced.discard(session_id)
 
     def _write_via(
@@ -262,12 +271,10 @@ def _full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _refused(final: str, exc: OSError, how: str = "") -> SpillTierFull | Internal:
+def _refused(final: str, exc: OSError, setting: str, how: str = "") -> SpillTierFull | Internal:
     """The error a write the disk refused raises (`how`: at which point): SpillTierFull for a
-    full disk, else Internal (logged)."""
+    full disk, naming `setting` (what set the directory), else Internal (logged)."""
     if _full(exc):
-        return SpillTierFull(
-            f"spill tier's disk is full ({exc.strerror}); SEQSERVE_SESSIONS__SPILL_DIR"
-        )
+        return SpillTierFull(f"spill tier's disk is full ({exc.strerror}); {setting}")
     log.error("could not write spill record %s: %s%s", final, how, exc)
     return Internal(f"could not write a spill record ({exc.strerror})")

@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -26,17 +26,31 @@ from .conftest import ServerFactory, make_settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _serve(store: Path, spill: Path, port: int) -> subprocess.CompletedProcess[str]:
-    """`seqserve serve` expected to fail at start-up (bounded: 60 s)."""
+def _serve(
+    store: Path,
+    spill: Path | None,
+    port: int,
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """`seqserve serve` (with `extra` flags) expected to fail at start-up (bounded: 60 s);
+    without `spill`, the state directory is the default one in the data directory `env`
+    names."""
     argv = [
         sys.executable, "-m", "service.cli.main", "serve", "--port", str(port),
         "--metrics-port", "-1", "--http-port", "-1", "--store", str(store),
-        "--spill-dir", str(spill),
+        *(["--spill-dir", str(spill)] if spill is not None else []), *extra,
     ]  # fmt: skip
-    env = {**os.environ, "SEQSERVE_REGISTRY_POLL_SECONDS": "0"}
+    env = {**_without_state_paths(os.environ), "SEQSERVE_REGISTRY_POLL_SECONDS": "0", **(env or {})}
     return subprocess.run(
         argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def _without_state_paths(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment less what could name the state directory, so each test names it."""
+    named = ("SEQSERVE_DATA_DIR", "XDG_STATE_HOME", "SEQSERVE_SESSIONS__SPILL_DIR")
+    return {k: v for k, v in environ.items() if k not in named}
 
 
 def _one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -88,6 +102,34 @@ def test_serve_on_a_read_only_spill_dir_exits_with_one_line(
     spill = read_only_dir if where == "the directory" else read_only_dir / "missing" / "spill"
     done = _serve(store_root, spill, 0)
     _one_line_error(done, "SEQSERVE_SESSIONS__SPILL_DIR", "Read-only file system")
+
+
+@pytest.mark.parametrize("variable", ["SEQSERVE_DATA_DIR", "XDG_STATE_HOME"])
+@pytest.mark.parametrize("where", ["the data directory", "its parent"])
+def test_serve_on_a_read_only_data_dir_names_the_variable_that_set_it(
+    store_root: Path, read_only_dir: Path, variable: str, where: str
+) -> None:
+    """No spill directory given: the state directory is `spill/` in the data directory the
+    variable names, and the line names that variable (it named SEQSERVE_SESSIONS__SPILL_DIR,
+    which the operator never set)."""
+    data = read_only_dir if where == "the data directory" else read_only_dir / "missing"
+    done = _serve(store_root, None, 0, env={variable: str(data)})
+    _one_line_error(done, variable, "Read-only file system")
+    assert "SEQSERVE_SESSIONS__SPILL_DIR" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("given", ["SEQSERVE_DATA_DIR", "--spill-dir"])
+def test_serve_workers_on_a_read_only_state_dir_exits_with_one_line(
+    store_root: Path, read_only_dir: Path, given: str
+) -> None:
+    """The supervisor of `--workers` makes the state directory itself: read-only, that was an
+    OSError traceback; now the one line, naming what set the directory."""
+    if given == "--spill-dir":
+        done = _serve(store_root, read_only_dir / "spill", 0, extra=("--workers", "2"))
+        _one_line_error(done, "SEQSERVE_SESSIONS__SPILL_DIR", "Read-only file system")
+        return
+    done = _serve(store_root, None, 0, env={given: str(read_only_dir)}, extra=("--workers", "2"))
+    _one_line_error(done, given, "Read-only file system")
 
 
 @pytest.mark.parametrize("journal", ["a file", "read-only"])

@@ -18,12 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.sessions.journal import Journal
+from service.settings import SessionSettings
 from tests.tmpfs import fill, mounted_tmpfs
 
-from .conftest import ServerFactory
+from .conftest import ServerFactory, make_settings
 from .support import ReferenceSession, assert_matches_reference, code_value, item, tokens
 
 
@@ -160,6 +162,34 @@ async def test_a_replica_whose_disk_refuses_writes_is_not_ready_until_it_takes_t
         reply = await _step(client, sid, 3)
         assert reply.position == len(acked) + 1
         assert_matches_reference(reply.prediction, reference.feed([3])[-1])
+
+
+async def test_a_full_disk_in_the_data_directory_names_the_variable_that_set_it(
+    small_disk: Path, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No spill directory given: the state directory is `spill/` in SEQSERVE_DATA_DIR, and a
+    step the full disk refuses names that variable (it named SEQSERVE_SESSIONS__SPILL_DIR,
+    which the operator never set)."""
+    monkeypatch.delenv("SEQSERVE_SESSIONS__SPILL_DIR", raising=False)
+    monkeypatch.setenv("SEQSERVE_DATA_DIR", str(small_disk))
+    settings = make_settings(store_root, small_disk)
+    settings.sessions = SessionSettings()  # the default, in the data directory
+    assert settings.sessions.spill_dir == small_disk / "spill"
+    server = SeqServeServer(settings)
+    await server.start()
+    try:
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            created = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))
+            sid = created.session.session_id
+            fill(small_disk)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                for k in range(1000):  # the journal's last page still takes a few records
+                    await _step(client, sid, k % 256)
+        details = err.value.details() or ""
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert "SEQSERVE_DATA_DIR" in details and "SPILL_DIR" not in details, details
+    finally:
+        await server.stop()
 
 
 async def test_the_server_exports_what_its_state_directory_charges_for_a_write(
