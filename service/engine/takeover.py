@@ -191,9 +191,16 @@ class Takeover:
     async def _take(self, state: SharedState, session_id: str) -> None:
         started = time.perf_counter()
         if caller() is not None:  # ownership is checked before anything moves
-            found = await asyncio.to_thread(state.peek, session_id)
-            if found.epoch and not may_see(_owner(found)):
-                return  # not the caller's: the session store answers NOT_FOUND
+            try:
+                found = await asyncio.to_thread(state.peek, session_id)
+            except (SpillCorrupted, SessionLost) as exc:
+                if not may_see(exc.owner or ""):
+                    raise  # refused to no one: the store answers NOT_FOUND
+                # The caller's and damaged: claimed all the same (refused again below, once
+                # its epoch is raised), so the replica that held it writes nothing more.
+            else:
+                if found.epoch and not may_see(_owner(found)):
+                    return  # not the caller's: the session store answers NOT_FOUND
         claimed = await asyncio.to_thread(state.claim, session_id)
         if claimed.epoch == 0:
             self._gone(session_id, claimed)

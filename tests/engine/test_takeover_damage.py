@@ -4,10 +4,14 @@ counted; the tier's other sessions are untouched."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import redis
 
-from service.errors import DataLoss
+from service.errors import DataLoss, SeqServeError
+from service.security import principal
+from service.security.principal import Principal
 
 from .conftest import EngineFactory, toks
 
@@ -70,3 +74,52 @@ async def test_a_damaged_checkpoint_in_the_tier_is_refused_and_counted_once(
         await b.describe_session(hurt.session_id)
     assert (await b.feed(fine.session_id, toks(9))).position == 2
     assert b.stats().damaged_checkpoints == 1
+
+
+def _hurt_last_record(state_url: str, session_id: str) -> None:
+    """Flip the last byte of the session's newest journal record in the tier."""
+    if state_url.startswith("sqlite:"):
+        db = sqlite3.connect(state_url.removeprefix("sqlite:"))
+        seq, record = db.execute(
+            "SELECT seq, record FROM journal WHERE sid = ? ORDER BY seq DESC LIMIT 1",
+            (session_id,),
+        ).fetchone()
+        hurt = bytearray(record)
+        hurt[-1] ^= 0xFF
+        db.execute("UPDATE journal SET record = ? WHERE seq = ?", (bytes(hurt), seq))
+        db.commit()
+        db.close()
+        return
+    tier = redis.Redis.from_url(state_url)
+    key = f"seqserve:j:{session_id}"
+    entry = bytearray(tier.lindex(key, -1))  # type: ignore[arg-type]
+    entry[-1] ^= 0xFF
+    tier.lset(key, -1, bytes(entry))
+    tier.close()
+
+
+async def test_a_damaged_session_taken_by_its_owner_fences_the_replica_that_held_it(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """With auth on, a takeover first looks whose the session is; that look found the damage
+    and refused it before the claim, so the replica that held it was never fenced: it went on
+    applying alice's steps (position 4) while the other refused the session for good. Now
+    the owner's takeover claims it before refusing it, and the holder writes nothing more. A
+    stranger's request claims nothing (NOT_FOUND, the holder untouched)."""
+    a = await make_engine(state_url=state_url)
+    b = await make_engine(state_url=state_url)
+    principal.current.set(Principal("alice", "client"))
+    made, _ = await a.create_session("tok", seed=1)
+    for k in range(3):
+        await a.feed(made.session_id, toks(k + 1))
+    _hurt_last_record(state_url, made.session_id)
+
+    principal.current.set(Principal("mallory", "client"))
+    with pytest.raises(SeqServeError) as stranger:
+        await b.feed(made.session_id, toks(9))
+    assert stranger.value.reason == "SESSION_NOT_FOUND"
+    principal.current.set(Principal("alice", "client"))
+    with pytest.raises(DataLoss):
+        await b.feed(made.session_id, toks(9))
+    with pytest.raises(SeqServeError):  # fenced: the holder's copy is stale now
+        await a.feed(made.session_id, toks(9))
