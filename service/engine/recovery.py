@@ -201,12 +201,14 @@ class Recovery:
         # Damaged records by the session their head names, until a readable record of it
         # follows (then a gap shows what is missing, as for any lost record).
         damaged: dict[str, jr.Unreadable] = {}
+        whole: set[str] = set()  # sessions with a record read whole (so a CREATE is behind)
         for rec in records:
             if isinstance(rec, jr.Unreadable):
                 if rec.session_id and rec.kind != jr.GEN_START:  # one alone changed nothing
                     damaged[rec.session_id] = rec
                 continue
             sid = rec.session_id
+            whole.add(sid)
             if damaged and rec.kind != jr.GEN_START:  # replays skip it: it shows no gap
                 damaged.pop(sid, None)
             if rec.kind == jr.CREATE:
@@ -243,21 +245,29 @@ class Recovery:
             last[sid] = (rec.position, what)
             plans.setdefault(sid, Plan(base, fresh=False)).records.append(rec)
         for sid, bad in damaged.items():
-            self._damaged_last(plans, known, sid, bad)
+            self._damaged_last(plans, known, sid, bad, first=sid not in whole)
         return plans
 
     def _damaged_last(
-        self, plans: dict[str, Plan], known: dict[str, Session], sid: str, bad: jr.Unreadable
+        self,
+        plans: dict[str, Plan],
+        known: dict[str, Session],
+        sid: str,
+        bad: jr.Unreadable,
+        *,
+        first: bool,
     ) -> None:
         """A damaged record after every readable one of session `sid`: its last step (or its
         creation, or its end) is lost, unless its checkpoint is past it (a record older than
         the checkpoint, from a segment a crash left undeleted). Its head is a guess (the damage
-        may be there too): a CREATE is taken at its word only where creations are, position 0."""
+        may be there too): a CREATE is taken at its word only where creations are, position 0,
+        and only as the `first` record of the session read (a session's first step is at
+        position 0 too, and comes after its CREATE)."""
         base = known.get(sid)
         if base is None:  # neither a checkpoint nor a creation: the damaged record was its CREATE
             if sid not in self._sessions.broken:
                 self._sessions.mark_broken(sid, damage(bad))
-        elif bad.kind == jr.CREATE and bad.position == 0:  # its checkpoint holds all it did
+        elif bad.kind == jr.CREATE and bad.position == 0 and first:  # its checkpoint has it all
             return
         elif bad.position >= base.position:  # not in its checkpoint already
             plans.setdefault(sid, Plan(base, fresh=False)).damaged = bad

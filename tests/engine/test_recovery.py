@@ -269,6 +269,34 @@ async def test_a_damaged_step_whose_head_reads_as_a_create_is_not_taken_for_one(
     assert (await second.feed(other.session_id, toks(9))).position == 2
 
 
+async def test_a_damaged_first_step_whose_head_reads_as_a_create_is_not_taken_for_one(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """A session's first step is at position 0 too, where creations are: hurt's, damaged in its
+    kind byte, reads as a CREATE at 0 behind hurt's own whole CREATE. A session has one
+    creation, so that is a step, and it is lost: before, hurt came back at position 0."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill)
+    hurt, _ = await first.create_session("tok")
+    other, _ = await first.create_session("tok")
+    await first.feed(hurt.session_id, toks(1))
+    await first.feed(other.session_id, toks(1))  # whole records after it
+    await crash(first)
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    head = bytes([jr.VERSION, jr.TOKENS, len(hurt.session_id)]) + hurt.session_id.encode()
+    at = data.index(head + (0).to_bytes(8, "little"))
+    data[at + 1] = jr.CREATE  # its kind byte: the checksum fails, its head reads as a CREATE
+    segment.write_bytes(bytes(data))
+    bad = [u for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)]
+    assert [(u.what, u.kind, u.position) for u in bad] == [(jr.DAMAGED, jr.CREATE, 0)]
+
+    second = await make_engine(spill_dir=spill)
+    with pytest.raises(DataLoss, match="damaged"):
+        await second.feed(hurt.session_id, toks(9))
+    assert (await second.feed(other.session_id, toks(9))).position == 2
+
+
 @pytest.mark.parametrize("hurt_end", ["damaged", "torn"])
 async def test_a_hurt_last_record_in_an_older_segment_is_damage(
     make_engine: EngineFactory, tmp_path: Path, hurt_end: str
