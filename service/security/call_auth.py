@@ -22,7 +22,9 @@ from service.security.tokens import TokenFile
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 CLIENT_HEADER = "x-seqserve-client"  # set by a proxy (role `proxy`) to the client it verified
-_CN_RE = re.compile(r"^[A-Za-z0-9_.@ -]{1,64}$")  # what a certificate name may be to be a principal
+# What a certificate name may be to be a principal: no space at either end, where a `revoke`
+# line of the tokens file (stripped) could not name it.
+_CN_RE = re.compile(r"^(?! )[A-Za-z0-9_.@ -]{1,64}(?<! )$")
 REVOKED_MESSAGE = (
     "the call's credentials were revoked or changed while it was open; "
     "call again with a valid token"

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")  # no ':' (certificate names are "cert:...")
 # What `revoke` may name: a certificate principal, as `call_auth` makes it from a common name.
-_CERT_RE = re.compile(r"^cert:[A-Za-z0-9_.@ -]{1,64}$")
+_CERT_RE = re.compile(r"^cert:(?! )[A-Za-z0-9_.@ -]{1,64}(?<! )$")
 REVOKE = "revoke"
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHECK_EVERY_S = 1.0
@@ -59,16 +59,16 @@ def parse(text: str, source: str = "tokens file") -> list[_Entry | _Revoked]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        verb, _, named = line.partition(" ")
-        if verb == REVOKE:  # the name may hold spaces, as a common name may
-            if not _CERT_RE.fullmatch(named.strip()):
+        parts = line.split()
+        if parts[0] == REVOKE and not (len(parts) == 3 and parts[1] in ROLES):
+            named = line[len(REVOKE) :].strip()  # a common name may hold spaces, kept as they are
+            if not _CERT_RE.fullmatch(named):
                 raise InvalidArgument(
                     f"{source} line {number}: expected 'revoke cert:<common name>' (1-64 "
-                    "characters of A-Z a-z 0-9 _ . @ - and space)"
+                    "characters of A-Z a-z 0-9 _ . @ - and inner spaces)"
                 )
-            entries.append(_Revoked(named.strip()))
-            continue
-        parts = line.split()
+            entries.append(_Revoked(named))
+            continue  # (a principal named "revoke" has a token line: three words, a role)
         if (
             len(parts) != 3
             or not _NAME_RE.fullmatch(parts[0])
@@ -109,9 +109,10 @@ class TokenFile:
                     f"tokens file {self.path} cannot be read: {exc.strerror}"
                 ) from None
             if self._entries or self._stamp is not None:  # gone: no token is good any more
-                log.error("tokens file %s cannot be read (%s): refusing every token",
-                          self.path, exc.strerror)  # fmt: skip
-                self._replace([], None)
+                log.error("tokens file %s cannot be read (%s): refusing every token (the "
+                          "certificates it revoked stay revoked)", self.path,
+                          exc.strerror)  # fmt: skip
+                self._replace([e for e in self._entries if isinstance(e, _Revoked)], None)
             return
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp and not force:

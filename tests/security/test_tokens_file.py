@@ -108,3 +108,29 @@ def test_a_revoke_line_that_names_no_certificate_is_malformed(tmp_path: Path, li
     path.write_text(line + "\n")
     with pytest.raises(InvalidArgument, match="line 1: expected 'revoke cert:<common name>'"):
         TokenFile(path)
+
+
+def test_a_principal_named_revoke_has_a_token_like_any_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`add-token --principal revoke` wrote a line the parser took for a malformed revocation:
+    the server refused to start, and a live reload kept the old file for good."""
+    path = tmp_path / "tokens"
+    token = _add(path, "revoke", capsys)
+    with path.open("a") as f:
+        f.write("revoke\tcert:bob\n")  # a tab between the words, as token lines may have
+    tokens = TokenFile(path)
+    assert tokens.authenticate(token) == Principal("revoke", "client")
+    assert tokens.revoked("cert:bob")
+
+
+def test_a_tokens_file_that_disappears_keeps_its_certificates_revoked(tmp_path: Path) -> None:
+    """Fail closed: its tokens are refused (as before), and the certificates it revoked are
+    not let back in."""
+    path = tmp_path / "tokens"
+    path.write_text("revoke cert:alice\n")
+    tokens = TokenFile(path)
+    assert tokens.revoked("cert:alice")
+    path.unlink()
+    tokens.reload()
+    assert tokens.revoked("cert:alice")
