@@ -290,6 +290,13 @@ class SpillCorrupted(DataLoss):
     owner: str = ""  # the session's owner, when the record's owner block was still readable
 
 
+class WrittenByNewer(FailedPrecondition):
+    """A session's journal in the shared state tier holds a record a newer seqserve wrote:
+    this replica cannot take it over (one of that version can)."""
+
+    reason = "WRITTEN_BY_NEWER"
+
+
 class SpillMismatch(FailedPrecondition):
     """A spill record is intact but belongs to other weights (fingerprint or shapes differ)."""
 

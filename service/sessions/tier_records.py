@@ -3,12 +3,15 @@
 Each entry was written whole by one atomic write (a Lua script, a SQLite transaction) before
 its step was acknowledged, so unlike a segment's end none is a crash's torn write or a power
 loss's unsynced one: an entry that is not one whole record is a lost step wherever it stands,
-and its session is refused (SessionLost, DATA_LOSS) rather than brought back short of it.
+and its session is refused (SessionLost, DATA_LOSS) rather than brought back short of it. An
+entry a newer seqserve wrote (in a rolling upgrade) is whole, but not this server's to apply:
+the takeover is refused (WrittenByNewer, FAILED_PRECONDITION) and the session left as it is,
+for a replica of that version.
 """
 
 from __future__ import annotations
 
-from service.errors import SessionLost, quote
+from service.errors import SessionLost, WrittenByNewer, quote
 from service.sessions.journal_record import (
     CREATE,
     DAMAGED,
@@ -20,10 +23,10 @@ from service.sessions.journal_record import (
 from service.sessions.spill_record import SpillRecord
 
 
-def read(entries: list[bytes]) -> tuple[list[JournalRecord], list[Unreadable]]:
+def read(session_id: str, entries: list[bytes]) -> tuple[list[JournalRecord], list[Unreadable]]:
     """The records, and in place of each entry that is not one whole record what reading it
-    found. A newer server's record is skipped, as in a segment (the gap it leaves refuses the
-    session at its replay)."""
+    found. Raises WrittenByNewer for an entry a newer server wrote (skipped, it would bring
+    the session back short of that step; where it stood last, nothing would even show it)."""
     decoded: list[JournalRecord] = []
     damaged: list[Unreadable] = []
     for entry in entries:
@@ -32,8 +35,12 @@ def read(entries: list[bytes]) -> tuple[list[JournalRecord], list[Unreadable]]:
             decoded.append(items[0])
             continue
         bad = [i for i in items if isinstance(i, Unreadable)] or [Unreadable(0, DAMAGED)]
-        if len(items) > 1 or bad[0].what != NEWER:
-            damaged.append(bad[0])
+        if len(items) == 1 and bad[0].what == NEWER:
+            raise WrittenByNewer(
+                f"session {quote(session_id)} cannot be taken over here: its journal in the "
+                "state tier holds a record a newer seqserve wrote; use a replica of that version"
+            )
+        damaged.append(bad[0])
     return decoded, damaged
 
 

@@ -9,9 +9,10 @@ import sqlite3
 import pytest
 import redis
 
-from service.errors import DataLoss, SeqServeError
+from service.errors import DataLoss, SeqServeError, WrittenByNewer
 from service.security import principal
 from service.security.principal import Principal
+from service.sessions import journal_record as jr
 
 from .conftest import EngineFactory, toks
 
@@ -123,3 +124,34 @@ async def test_a_damaged_session_taken_by_its_owner_fences_the_replica_that_held
         await b.feed(made.session_id, toks(9))
     with pytest.raises(SeqServeError):  # fenced: the holder's copy is stale now
         await a.feed(made.session_id, toks(9))
+
+
+async def test_a_record_a_newer_server_wrote_refuses_the_takeover_and_keeps_the_session(
+    make_engine: EngineFactory, redis_url: str
+) -> None:
+    """A rolling upgrade: the session's last record in Redis was written by a newer seqserve
+    (its version byte, its checksum good). It was skipped, and where it stood last nothing
+    showed it: the session came back a step short, silently. Now this replica refuses the
+    takeover (FAILED_PRECONDITION, WRITTEN_BY_NEWER) and leaves the session as it is; nothing
+    is counted as damage, and the tier's other sessions go on."""
+    a = await make_engine(state_url=redis_url)
+    b = await make_engine(state_url=redis_url)
+    newer, _ = await a.create_session("tok", seed=1)
+    fine, _ = await a.create_session("tok", seed=2)
+    for k in range(3):
+        await a.feed(newer.session_id, toks(k + 1))
+        await a.feed(fine.session_id, toks(k + 1))
+    tier = redis.Redis.from_url(redis_url)
+    key = f"seqserve:j:{newer.session_id}"
+    entry = bytearray(tier.lindex(key, -1))  # type: ignore[arg-type]
+    body = entry[8:]  # after the frame's length and checksum
+    body[0] = jr.VERSION + 1
+    tier.lset(key, -1, jr._frame(bytes(body)))
+    tier.close()
+
+    for _ in range(2):
+        with pytest.raises(WrittenByNewer, match="newer seqserve"):
+            await b.feed(newer.session_id, toks(9))
+    assert (await b.feed(fine.session_id, toks(9))).position == 4
+    assert b.stats().journal_damaged_records == 0
+    assert newer.session_id not in b.sessions.broken  # not refused for good here
