@@ -292,9 +292,7 @@ class SpillCorrupted(DataLoss):
 
 class WrittenByNewer(FailedPrecondition):
     """A session's journal in the shared state tier holds a record a newer seqserve wrote:
-    this replica cannot take it over (one of that version can)."""
-
-    reason = "WRITTEN_BY_NEWER"
+    this replica cannot take it over (one of that version can). Reason VERSION_UNAVAILABLE."""
 
 
 class SpillMismatch(FailedPrecondition):

@@ -132,7 +132,7 @@ async def test_a_record_a_newer_server_wrote_refuses_the_takeover_and_keeps_the_
     """A rolling upgrade: the session's last record in Redis was written by a newer seqserve
     (its version byte, its checksum good). It was skipped, and where it stood last nothing
     showed it: the session came back a step short, silently. Now this replica refuses the
-    takeover (FAILED_PRECONDITION, WRITTEN_BY_NEWER) and leaves the session as it is; nothing
+    takeover (FAILED_PRECONDITION, VERSION_UNAVAILABLE) and leaves the session as it is; nothing
     is counted as damage, and the tier's other sessions go on."""
     a = await make_engine(state_url=redis_url)
     b = await make_engine(state_url=redis_url)
