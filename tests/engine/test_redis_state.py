@@ -1,0 +1,25 @@
+"""The Redis backend's scripts against a real redis-server (its fixture is the engine tests')."""
+
+from __future__ import annotations
+
+from service.sessions.redis_state import RedisState
+from service.sessions.shared_tier import Write
+
+
+def test_the_first_session_made_for_a_request_id_stays_its_answer(redis_url: str) -> None:
+    """A create whose answer was lost (Redis did not answer in time) may land after its retry
+    made another session: the retry's answer, already given, must stay the request id's, or
+    a later retry would name a session the client was never given."""
+    tier = RedisState(redis_url, namespace="made")
+    try:
+        made_by = "create:r1"
+        retry = Write("s-retry", 1, 60_000, "create", [b"x"], made_by=made_by)
+        assert tier.append([retry]) == []
+        late = Write("s-late", 1, 60_000, "create", [b"x"], made_by=made_by)
+        assert tier.append([late]) == []  # the first call's write, landing last
+        assert tier.made(made_by) == "s-retry"
+        assert tier.checkpoint("s-fork", 1, 60_000, b"c", first=True, made_by="fork:r2")
+        assert tier.checkpoint("s-fork2", 1, 60_000, b"c", first=True, made_by="fork:r2")
+        assert tier.made("fork:r2") == "s-fork"
+    finally:
+        tier.close()
