@@ -122,6 +122,16 @@ class ModelStore:
         Raises VersionNotFound / VersionUnusable, DigestMismatch (DataLoss) or WeightsMismatch.
         """
         started = time.perf_counter()
+        try:
+            return self._load(name, version, device, started)
+        except SeqServeError as exc:  # it reaches clients: files named within the store only
+            exc.message = exc.message.replace(f"{self.root}/", "")
+            exc.args = (exc.message,)
+            raise
+
+    def _load(
+        self, name: str, version: int, device: torch.device | str, started: float
+    ) -> VerifiedModel:
         version_dir = self.model(name).usable(version).path  # raises if absent or refused
         try:  # re-read: the scan above may be a moment old
             manifest = read_manifest(version_dir, name=name, version=version)

@@ -531,10 +531,12 @@ async def test_weights_digest_mismatch_is_data_loss(
     data[len(data) // 2] ^= 0x01  # one bit in the tensor data, after the header
     weights.write_bytes(bytes(data))
     for _ in range(2):  # refused every time, not just on the first load
-        await expect_status(
+        details = await expect_status(
             client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", version="2")),
-            grpc.StatusCode.DATA_LOSS, "sha256", reason="DIGEST_MISMATCH",
+            grpc.StatusCode.DATA_LOSS, "sha256", "tok/2/weights.safetensors",
+            reason="DIGEST_MISMATCH",
         )  # fmt: skip
+        assert str(store_root) not in details  # the file within the store, not the server's path
     # The rest keeps serving.
     ok = await client.sessions.CreateSession(
         pb.CreateSessionRequest(model="tok", version="1", prefix=text("a"))
