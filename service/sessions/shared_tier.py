@@ -205,7 +205,8 @@ class SharedState:
         return JournalUnavailable(
             f"session state may not be durable: the state tier ({self.setting}) did not "
             "answer (it timed out, or the connection failed), so the step may or may not have "
-            "been applied; retry with the same request id"
+            "been applied; retry with the same request id (a call sent without one may have "
+            "taken effect: look before repeating it)"
         )
 
     def reachable(self) -> None:
