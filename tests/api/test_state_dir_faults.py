@@ -46,6 +46,20 @@ async def _step(client: SeqServeClient, sid: str, *ids: int) -> pb.StepResponse:
     return await client.sessions.Step(pb.StepRequest(session_id=sid, input=tokens(*ids)))
 
 
+async def _step_until_refused(
+    client: SeqServeClient, sid: str, acked: list[int]
+) -> grpc.aio.AioRpcError:
+    """Step `sid` on a full disk until a step is refused (the journal's last page still takes
+    a few records); the steps taken go on `acked`."""
+    for k in range(1000):
+        try:
+            await _step(client, sid, k % 256)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        acked.append(k % 256)
+    raise AssertionError("the full disk never refused a step")
+
+
 async def test_a_full_disk_refuses_steps_with_unavailable_and_changes_nothing(
     small_disk: Path, server_factory: ServerFactory, store_root: Path
 ) -> None:
@@ -57,15 +71,7 @@ async def test_a_full_disk_refuses_steps_with_unavailable_and_changes_nothing(
         acked = [1, 2]
         await _step(client, sid, *acked)
         filler = fill(small_disk)
-        err = None
-        for k in range(1000):  # the journal's last page still takes a few records
-            try:
-                await _step(client, sid, k % 256)
-            except grpc.aio.AioRpcError as exc:
-                err = exc
-                break
-            acked.append(k % 256)
-        assert err is not None, "the full disk never refused a step"
+        err = await _step_until_refused(client, sid, acked)
         details = err.details() or ""
         assert err.code() == grpc.StatusCode.UNAVAILABLE, details
         assert "SEQSERVE_SESSIONS__SPILL_DIR" in details
@@ -134,16 +140,8 @@ async def test_a_replica_whose_disk_refuses_writes_is_not_ready_until_it_takes_t
         assert await _health(channel, "") == serving
         assert await asyncio.to_thread(_readyz, server.metrics_port) == 200
         filler = fill(small_disk)
-        refused = False
-        for k in range(1000):  # the journal's last page still takes a few records
-            try:
-                await _step(client, sid, k % 256)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE
-                refused = True
-                break
-            acked.append(k % 256)
-        assert refused, "the full disk never refused a step"
+        refused = await _step_until_refused(client, sid, acked)
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
 
         assert await _until(lambda: _health(channel, ""), not_serving) == not_serving
         for name in ("seqserve.v1.SessionService", "seqserve.v1.ModelRegistry"):

@@ -236,6 +236,19 @@ async def test_a_damaged_create_of_a_session_checkpointed_before_its_first_step_
     assert second.stats().journal_damaged_records == 1
 
 
+def _step_read_as_create(spill: Path, session_id: str, position: int) -> None:
+    """Damage the kind byte of the session's step record at `position` in the one journal
+    segment, so that its checksum fails and its head reads as a CREATE."""
+    (segment,) = sorted((spill / "journal").iterdir())
+    data = bytearray(segment.read_bytes())
+    head = bytes([jr.VERSION, jr.TOKENS, len(session_id)]) + session_id.encode()
+    at = data.index(head + position.to_bytes(8, "little"))
+    data[at + 1] = jr.CREATE
+    segment.write_bytes(bytes(data))
+    bad = [u for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)]
+    assert [(u.what, u.kind, u.position) for u in bad] == [(jr.DAMAGED, jr.CREATE, position)]
+
+
 async def test_a_damaged_step_whose_head_reads_as_a_create_is_not_taken_for_one(
     make_engine: EngineFactory, tmp_path: Path
 ) -> None:
@@ -254,14 +267,7 @@ async def test_a_damaged_step_whose_head_reads_as_a_create_is_not_taken_for_one(
     assert first.get_session(hurt.session_id).position == 3
     assert first.get_session(hurt.session_id).unsaved_steps == 1
     await crash(first)
-    (segment,) = sorted((spill / "journal").iterdir())
-    data = bytearray(segment.read_bytes())
-    head = bytes([jr.VERSION, jr.TOKENS, len(hurt.session_id)]) + hurt.session_id.encode()
-    at = data.index(head + (2).to_bytes(8, "little"))
-    data[at + 1] = jr.CREATE  # its kind byte: the checksum fails, its head reads as a CREATE
-    segment.write_bytes(bytes(data))
-    bad = [u for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)]
-    assert [(u.what, u.kind, u.position) for u in bad] == [(jr.DAMAGED, jr.CREATE, 2)]
+    _step_read_as_create(spill, hurt.session_id, 2)
 
     second = await make_engine(spill_dir=spill, slots=2)
     with pytest.raises(DataLoss, match="damaged"):
@@ -282,14 +288,7 @@ async def test_a_damaged_first_step_whose_head_reads_as_a_create_is_not_taken_fo
     await first.feed(hurt.session_id, toks(1))
     await first.feed(other.session_id, toks(1))  # whole records after it
     await crash(first)
-    (segment,) = sorted((spill / "journal").iterdir())
-    data = bytearray(segment.read_bytes())
-    head = bytes([jr.VERSION, jr.TOKENS, len(hurt.session_id)]) + hurt.session_id.encode()
-    at = data.index(head + (0).to_bytes(8, "little"))
-    data[at + 1] = jr.CREATE  # its kind byte: the checksum fails, its head reads as a CREATE
-    segment.write_bytes(bytes(data))
-    bad = [u for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)]
-    assert [(u.what, u.kind, u.position) for u in bad] == [(jr.DAMAGED, jr.CREATE, 0)]
+    _step_read_as_create(spill, hurt.session_id, 0)
 
     second = await make_engine(spill_dir=spill)
     with pytest.raises(DataLoss, match="damaged"):

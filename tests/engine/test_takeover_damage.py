@@ -5,6 +5,7 @@ counted; the tier's other sessions are untouched."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -17,6 +18,41 @@ from service.sessions import journal_record as jr
 from .conftest import EngineFactory, toks
 
 
+async def _two_sessions_three_steps(make_engine: EngineFactory, state_url: str):  # type: ignore[no-untyped-def]
+    """Two replicas on the tier; on the first, sessions `hurt` and `fine` three steps each."""
+    a = await make_engine(state_url=state_url)
+    b = await make_engine(state_url=state_url)
+    hurt, _ = await a.create_session("tok", seed=1)
+    fine, _ = await a.create_session("tok", seed=2)
+    for k in range(3):
+        await a.feed(hurt.session_id, toks(k + 1))
+        await a.feed(fine.session_id, toks(k + 1))
+    return a, b, hurt, fine
+
+
+def _rewrite_last_record(state_url: str, session_id: str, change: Callable[[bytes], bytes]) -> None:
+    """Replace the session's newest journal record in the tier with `change(record)`."""
+    if state_url.startswith("sqlite:"):
+        db = sqlite3.connect(state_url.removeprefix("sqlite:"))
+        seq, record = db.execute(
+            "SELECT seq, record FROM journal WHERE sid = ? ORDER BY seq DESC LIMIT 1",
+            (session_id,),
+        ).fetchone()
+        db.execute("UPDATE journal SET record = ? WHERE seq = ?", (change(bytes(record)), seq))
+        db.commit()
+        db.close()
+        return
+    tier = redis.Redis.from_url(state_url)
+    key = f"seqserve:j:{session_id}"
+    tier.lset(key, -1, change(bytes(tier.lindex(key, -1))))  # type: ignore[arg-type]
+    tier.close()
+
+
+def _flip_last_byte(record: bytes) -> bytes:
+    """Its token's last byte: the checksum fails."""
+    return record[:-1] + bytes([record[-1] ^ 0xFF])
+
+
 async def test_a_damaged_record_in_the_tiers_journal_refuses_its_session_on_takeover(
     make_engine: EngineFactory, redis_url: str
 ) -> None:
@@ -24,19 +60,8 @@ async def test_a_damaged_record_in_the_tiers_journal_refuses_its_session_on_take
     decoded the list as a segment: a whole last record failing its checksum was dropped as a
     power loss's unsynced write, and hurt came back a step short. In Redis every entry was
     written whole, and acknowledged: it is damage."""
-    a = await make_engine(state_url=redis_url)
-    b = await make_engine(state_url=redis_url)
-    hurt, _ = await a.create_session("tok", seed=1)
-    fine, _ = await a.create_session("tok", seed=2)
-    for k in range(3):
-        await a.feed(hurt.session_id, toks(k + 1))
-        await a.feed(fine.session_id, toks(k + 1))
-    tier = redis.Redis.from_url(redis_url)
-    key = f"seqserve:j:{hurt.session_id}"
-    entry = bytearray(tier.lindex(key, -1))  # type: ignore[arg-type]
-    entry[-1] ^= 0xFF  # its token's last byte: the checksum fails
-    tier.lset(key, -1, bytes(entry))
-    tier.close()
+    _holder, b, hurt, fine = await _two_sessions_three_steps(make_engine, redis_url)
+    _rewrite_last_record(redis_url, hurt.session_id, _flip_last_byte)
 
     with pytest.raises(DataLoss) as err:
         await b.feed(hurt.session_id, toks(9))
@@ -77,28 +102,6 @@ async def test_a_damaged_checkpoint_in_the_tier_is_refused_and_counted_once(
     assert b.stats().damaged_checkpoints == 1
 
 
-def _hurt_last_record(state_url: str, session_id: str) -> None:
-    """Flip the last byte of the session's newest journal record in the tier."""
-    if state_url.startswith("sqlite:"):
-        db = sqlite3.connect(state_url.removeprefix("sqlite:"))
-        seq, record = db.execute(
-            "SELECT seq, record FROM journal WHERE sid = ? ORDER BY seq DESC LIMIT 1",
-            (session_id,),
-        ).fetchone()
-        hurt = bytearray(record)
-        hurt[-1] ^= 0xFF
-        db.execute("UPDATE journal SET record = ? WHERE seq = ?", (bytes(hurt), seq))
-        db.commit()
-        db.close()
-        return
-    tier = redis.Redis.from_url(state_url)
-    key = f"seqserve:j:{session_id}"
-    entry = bytearray(tier.lindex(key, -1))  # type: ignore[arg-type]
-    entry[-1] ^= 0xFF
-    tier.lset(key, -1, bytes(entry))
-    tier.close()
-
-
 async def test_a_damaged_session_taken_by_its_owner_fences_the_replica_that_held_it(
     make_engine: EngineFactory, state_url: str
 ) -> None:
@@ -113,7 +116,7 @@ async def test_a_damaged_session_taken_by_its_owner_fences_the_replica_that_held
     made, _ = await a.create_session("tok", seed=1)
     for k in range(3):
         await a.feed(made.session_id, toks(k + 1))
-    _hurt_last_record(state_url, made.session_id)
+    _rewrite_last_record(state_url, made.session_id, _flip_last_byte)
 
     principal.current.set(Principal("mallory", "client"))
     with pytest.raises(SeqServeError) as stranger:
@@ -134,20 +137,14 @@ async def test_a_record_a_newer_server_wrote_refuses_the_takeover_and_keeps_the_
     showed it: the session came back a step short, silently. Now this replica refuses the
     takeover (FAILED_PRECONDITION, VERSION_UNAVAILABLE) and leaves the session as it is; nothing
     is counted as damage, and the tier's other sessions go on."""
-    a = await make_engine(state_url=redis_url)
-    b = await make_engine(state_url=redis_url)
-    newer, _ = await a.create_session("tok", seed=1)
-    fine, _ = await a.create_session("tok", seed=2)
-    for k in range(3):
-        await a.feed(newer.session_id, toks(k + 1))
-        await a.feed(fine.session_id, toks(k + 1))
-    tier = redis.Redis.from_url(redis_url)
-    key = f"seqserve:j:{newer.session_id}"
-    entry = bytearray(tier.lindex(key, -1))  # type: ignore[arg-type]
-    body = entry[8:]  # after the frame's length and checksum
-    body[0] = jr.VERSION + 1
-    tier.lset(key, -1, jr._frame(bytes(body)))
-    tier.close()
+    _holder, b, newer, fine = await _two_sessions_three_steps(make_engine, redis_url)
+
+    def newer_version(record: bytes) -> bytes:  # its body's version byte, checksum made good
+        body = bytearray(record[8:])  # after the frame's length and checksum
+        body[0] = jr.VERSION + 1
+        return jr._frame(bytes(body))
+
+    _rewrite_last_record(redis_url, newer.session_id, newer_version)
 
     for _ in range(2):
         with pytest.raises(WrittenByNewer, match="newer seqserve"):
