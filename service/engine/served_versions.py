@@ -106,7 +106,11 @@ class ServedVersions:
         if known is not None and known[0] == mark:
             return await self.get(name, known[1])
         loop = asyncio.get_running_loop()
-        version, watched = await loop.run_in_executor(self._reader, self._pick, name, spec)
+        try:
+            version, watched = await loop.run_in_executor(self._reader, self._pick, name, spec)
+        except SeqServeError as exc:  # the store's files, named within it: clients read this
+            self.store.name_within(exc)
+            raise
         if watched:  # kept with the mark from before it was read: a change meanwhile moved it
             if len(self._known) >= KNOWN_SPECS:
                 self._known.clear()

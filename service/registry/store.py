@@ -124,10 +124,15 @@ class ModelStore:
         started = time.perf_counter()
         try:
             return self._load(name, version, device, started)
-        except SeqServeError as exc:  # it reaches clients: files named within the store only
-            exc.message = exc.message.replace(f"{self.root}/", "")
-            exc.args = (exc.message,)
+        except SeqServeError as exc:
+            self.name_within(exc)
             raise
+
+    def name_within(self, exc: SeqServeError) -> None:
+        """Name the store's files in `exc` as within the store (`tok/2/weights.safetensors`),
+        not by where the store is on this server: the message reaches clients."""
+        exc.message = exc.message.replace(f"{self.root}/", "")
+        exc.args = (exc.message,)
 
     def _load(
         self, name: str, version: int, device: torch.device | str, started: float

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from service.engine.session_engine import SessionEngine
-from service.errors import DataLoss, DigestMismatch, ModelNotFound, VersionUnusable
+from service.errors import (
+    DataLoss,
+    DigestMismatch,
+    ModelNotFound,
+    SeqServeError,
+    VersionUnusable,
+)
 from service.registry.store import ModelStore
 
 from .conftest import TOK, EngineFactory, publish, same, toks
@@ -230,3 +236,23 @@ async def test_a_name_that_is_no_model_s_is_not_found_and_watches_nothing(
     with pytest.raises(ModelNotFound):
         await engine.create_session(name)
     assert (await engine.create_session("tok"))[0].version == 1
+
+
+@pytest.mark.parametrize("how", ["changed", "deleted"])
+async def test_a_create_refused_for_weights_changed_on_disk_names_them_within_the_store(
+    make_engine: EngineFactory, store_root: Path, how: str
+) -> None:
+    """A loaded version whose weights changed or went since: the create is refused naming the
+    file within the store, not where the store is on the server (the check of a served
+    version's files passed its path through; a load's refusal did not)."""
+    engine = await make_engine()
+    await engine.create_session("tok")  # tok:1 loaded
+    weights = store_root / "tok" / "1" / "weights.safetensors"
+    if how == "changed":
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    else:
+        weights.unlink()
+    with pytest.raises(SeqServeError) as err:
+        await engine.create_session("tok")
+    assert "tok/1/weights.safetensors" in err.value.message
+    assert str(store_root) not in err.value.message
