@@ -66,9 +66,15 @@ for s = 1, n do
     if owned ~= "" then redis.call("ZADD", owned, now_ms + ttl, h) end
     if op == "create" then
       redis.call("HSET", h, "epoch", epoch, "holder", replica)
-      -- made key -> its h key; the first session made for a request id stays its answer (a
-      -- create whose answer was lost can land after its retry made another)
-      if made ~= "" then redis.call("SET", made, h, "PX", ttl, "NX") end
+      -- made key -> its h key, unless it names a session that still exists: that one is the
+      -- request's answer (a create whose answer was lost can land after its retry made
+      -- another); one that ended (a prefix's failed step) is made anew
+      if made ~= "" then
+        local was = redis.call("GET", made)
+        if not was or redis.call("EXISTS", was) == 0 then
+          redis.call("SET", made, h, "PX", ttl)
+        end
+      end
     end
     for k = first, first + count - 1 do redis.call("RPUSH", j, ARGV[k]) end
     redis.call("PEXPIRE", h, ttl)
@@ -86,7 +92,12 @@ _CHECKPOINT = """
 if ARGV[4] ~= "" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
   redis.call("HSET", KEYS[1], "epoch", ARGV[1], "holder", ARGV[4])
-  if ARGV[5] ~= "" then redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2]), "NX") end
+  if ARGV[5] ~= "" then  -- as in _APPEND: not over a session that still exists
+    local was = redis.call("GET", ARGV[5])
+    if not was or redis.call("EXISTS", was) == 0 then
+      redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2]))
+    end
+  end
   if ARGV[6] ~= "" then
     local clock = redis.call("TIME")
     local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)

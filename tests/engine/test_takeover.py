@@ -740,3 +740,21 @@ async def test_a_replay_whose_checkpoint_another_replica_took_lets_the_session_g
     assert len(a.leases.replays) == 0
     got = await a.feed(x.session_id, toks(4), expected_position=3)  # the retry
     assert got.position == 4
+
+
+async def test_a_create_made_anew_after_its_prefix_failed_is_its_request_ids_on_every_replica(
+    make_engine: EngineFactory, redis_url: str
+) -> None:
+    """A create whose prefix's step failed ends its session; its retry makes the session anew,
+    and that one is the request id's answer everywhere: a retry on another replica finds it
+    (the tier's request-id key, kept over any session that still exists, kept the ended one
+    for a while, and the other replica made a third session)."""
+    a = await make_engine(state_url=redis_url, engine={"inline_max_rows": 0})
+    b = await make_engine(state_url=redis_url)
+    await a.create_session("tok")  # the version loaded
+    with slow_steps(a, seconds=0.01, fail=True), pytest.raises(RuntimeError, match="step failed"):
+        await a.create_session("tok", prefix=toks(1, 2, 3), request_id="c1")
+    again, _ = await a.create_session("tok", prefix=toks(1, 2, 3), request_id="c1")
+    assert again.position == 3
+    elsewhere, _ = await b.create_session("tok", prefix=toks(1, 2, 3), request_id="c1")
+    assert elsewhere.session_id == again.session_id
