@@ -294,6 +294,8 @@ class WrittenByNewer(FailedPrecondition):
     """A session's journal in the shared state tier holds a record a newer seqserve wrote:
     this replica cannot take it over (one of that version can). Reason VERSION_UNAVAILABLE."""
 
+    owner: str = ""  # the session's owner, where its checkpoint or creation names it
+
 
 class SpillMismatch(FailedPrecondition):
     """A spill record is intact but belongs to other weights (fingerprint or shapes differ)."""

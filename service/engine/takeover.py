@@ -24,7 +24,13 @@ from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import SeqServeError, SessionLost, SessionMoved, SpillCorrupted
+from service.errors import (
+    SeqServeError,
+    SessionLost,
+    SessionMoved,
+    SpillCorrupted,
+    WrittenByNewer,
+)
 from service.security.principal import caller, may_see
 from service.sessions import journal_record as jr
 from service.sessions.session import SESSION_ID_PATTERN, Session
@@ -177,6 +183,10 @@ class Takeover:
         except (SpillCorrupted, SessionLost) as exc:
             self._refuse(session_id, exc)
             return self._sessions.get(session_id)
+        except WrittenByNewer as exc:
+            if not may_see(exc.owner):
+                return self._sessions.get(session_id)  # raises NOT_FOUND
+            raise
         if found.epoch and not may_see(_owner(found)):
             return self._sessions.get(session_id)  # not the caller's: NOT_FOUND
         if found.epoch == 0:
@@ -193,6 +203,10 @@ class Takeover:
         if caller() is not None:  # ownership is checked before anything moves
             try:
                 found = await asyncio.to_thread(state.peek, session_id)
+            except WrittenByNewer as exc:
+                if not may_see(exc.owner):
+                    return  # not the caller's: the session store answers NOT_FOUND
+                raise  # the owner's: refused here, claimed by no one
             except (SpillCorrupted, SessionLost) as exc:
                 if not may_see(exc.owner or ""):
                     raise  # refused to no one: the store answers NOT_FOUND

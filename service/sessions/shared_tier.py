@@ -173,7 +173,7 @@ class SharedState:
         record = None
         if checkpoint is not None:
             record = spill_record.decode(bytes(checkpoint), f"checkpoint of {session_id}")
-        decoded, damaged = tier_records.read(session_id, records)
+        decoded, damaged = tier_records.read(session_id, records, record)
         if damaged:  # counted once a session, however often it is read
             if session_id not in self.damaged:
                 self.damaged[session_id] = len(damaged)

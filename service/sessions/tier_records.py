@@ -23,10 +23,13 @@ from service.sessions.journal_record import (
 from service.sessions.spill_record import SpillRecord
 
 
-def read(session_id: str, entries: list[bytes]) -> tuple[list[JournalRecord], list[Unreadable]]:
+def read(
+    session_id: str, entries: list[bytes], checkpoint: SpillRecord | None
+) -> tuple[list[JournalRecord], list[Unreadable]]:
     """The records, and in place of each entry that is not one whole record what reading it
     found. Raises WrittenByNewer for an entry a newer server wrote (skipped, it would bring
-    the session back short of that step; where it stood last, nothing would even show it)."""
+    the session back short of that step; where it stood last, nothing would even show it),
+    naming the session's owner where `checkpoint` or its creation record does."""
     decoded: list[JournalRecord] = []
     damaged: list[Unreadable] = []
     for entry in entries:
@@ -36,10 +39,12 @@ def read(session_id: str, entries: list[bytes]) -> tuple[list[JournalRecord], li
             continue
         bad = [i for i in items if isinstance(i, Unreadable)] or [Unreadable(0, DAMAGED)]
         if len(items) == 1 and bad[0].what == NEWER:
-            raise WrittenByNewer(
+            newer = WrittenByNewer(
                 f"session {quote(session_id)} cannot be taken over here: its journal in the "
                 "state tier holds a record a newer seqserve wrote; use a replica of that version"
             )
+            newer.owner = _owner(checkpoint, decoded)  # only the owner hears it
+            raise newer
         damaged.append(bad[0])
     return decoded, damaged
 
@@ -52,10 +57,7 @@ def lost(
 ) -> SessionLost:
     """The error that refuses a session whose journal holds `damaged` entries, naming its
     owner where its checkpoint or creation record still does (only the owner hears it)."""
-    owner = checkpoint.header.owner if checkpoint is not None else ""
-    for r in decoded:
-        if not owner and r.kind == CREATE and r.meta is not None:
-            owner = str(r.meta.get("owner", ""))
+    owner = _owner(checkpoint, decoded)
     at = f" (at position {damaged[0].position})" if damaged[0].session_id else ""
     error = SessionLost(
         f"session {quote(session_id)} cannot be taken over: a record of its journal in the "
@@ -63,3 +65,13 @@ def lost(
     )
     error.owner = owner
     return error
+
+
+def _owner(checkpoint: SpillRecord | None, decoded: list[JournalRecord]) -> str:
+    """The session's owner as its checkpoint or its creation record names it ("" if neither)."""
+    if checkpoint is not None and checkpoint.header.owner:
+        return checkpoint.header.owner
+    for r in decoded:
+        if r.kind == CREATE and r.meta is not None:
+            return str(r.meta.get("owner", ""))
+    return ""

@@ -18,8 +18,13 @@ from service.sessions import journal_record as jr
 from .conftest import EngineFactory, toks
 
 
-async def _two_sessions_three_steps(make_engine: EngineFactory, state_url: str):  # type: ignore[no-untyped-def]
-    """Two replicas on the tier; on the first, sessions `hurt` and `fine` three steps each."""
+async def _two_sessions_three_steps(  # type: ignore[no-untyped-def]
+    make_engine: EngineFactory, state_url: str, owner: str = ""
+):
+    """Two replicas on the tier; on the first, sessions `hurt` and `fine` three steps each
+    (made by `owner`, with auth on, when one is named)."""
+    if owner:
+        principal.current.set(Principal(owner, "client"))
     a = await make_engine(state_url=state_url)
     b = await make_engine(state_url=state_url)
     hurt, _ = await a.create_session("tok", seed=1)
@@ -46,6 +51,13 @@ def _rewrite_last_record(state_url: str, session_id: str, change: Callable[[byte
     key = f"seqserve:j:{session_id}"
     tier.lset(key, -1, change(bytes(tier.lindex(key, -1))))  # type: ignore[arg-type]
     tier.close()
+
+
+def _newer_version(record: bytes) -> bytes:
+    """Its body's version byte a newer server's, its checksum made good."""
+    body = bytearray(record[8:])  # after the frame's length and checksum
+    body[0] = jr.VERSION + 1
+    return jr._frame(bytes(body))
 
 
 def _flip_last_byte(record: bytes) -> bytes:
@@ -138,13 +150,7 @@ async def test_a_record_a_newer_server_wrote_refuses_the_takeover_and_keeps_the_
     takeover (FAILED_PRECONDITION, VERSION_UNAVAILABLE) and leaves the session as it is; nothing
     is counted as damage, and the tier's other sessions go on."""
     _holder, b, newer, fine = await _two_sessions_three_steps(make_engine, redis_url)
-
-    def newer_version(record: bytes) -> bytes:  # its body's version byte, checksum made good
-        body = bytearray(record[8:])  # after the frame's length and checksum
-        body[0] = jr.VERSION + 1
-        return jr._frame(bytes(body))
-
-    _rewrite_last_record(redis_url, newer.session_id, newer_version)
+    _rewrite_last_record(redis_url, newer.session_id, _newer_version)
 
     for _ in range(2):
         with pytest.raises(WrittenByNewer, match="newer seqserve"):
@@ -152,3 +158,22 @@ async def test_a_record_a_newer_server_wrote_refuses_the_takeover_and_keeps_the_
     assert (await b.feed(fine.session_id, toks(9))).position == 4
     assert b.stats().journal_damaged_records == 0
     assert newer.session_id not in b.sessions.broken  # not refused for good here
+
+
+async def test_a_stranger_hears_not_found_for_a_session_a_newer_server_wrote(
+    make_engine: EngineFactory, redis_url: str
+) -> None:
+    """With auth on, the refusal of a newer server's record is the owner's to hear: a stranger
+    naming the session, to step it or to read it, gets NOT_FOUND as for any session not its
+    own (it got FAILED_PRECONDITION naming the session)."""
+    _holder, b, newer, _fine = await _two_sessions_three_steps(make_engine, redis_url, "alice")
+    _rewrite_last_record(redis_url, newer.session_id, _newer_version)
+    principal.current.set(Principal("mallory", "client"))
+    with pytest.raises(SeqServeError) as stepped:
+        await b.feed(newer.session_id, toks(9))
+    with pytest.raises(SeqServeError) as read:
+        await b.describe_session(newer.session_id)
+    assert stepped.value.reason == read.value.reason == "SESSION_NOT_FOUND"
+    principal.current.set(Principal("alice", "client"))
+    with pytest.raises(WrittenByNewer):
+        await b.feed(newer.session_id, toks(9))
