@@ -108,7 +108,7 @@ class TokenFile:
                 raise InvalidArgument(
                     f"tokens file {self.path} cannot be read: {exc.strerror}"
                 ) from None
-            if self._entries or self._stamp is not None:  # gone: no token is good any more
+            if self._stamp is not None:  # gone (said once): no token is good any more
                 log.error("tokens file %s cannot be read (%s): refusing every token (the "
                           "certificates it revoked stay revoked)", self.path,
                           exc.strerror)  # fmt: skip

@@ -134,3 +134,16 @@ def test_a_tokens_file_that_disappears_keeps_its_certificates_revoked(tmp_path: 
     path.unlink()
     tokens.reload()
     assert tokens.revoked("cert:alice")
+
+
+def test_a_tokens_file_that_disappears_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kept revocations made every later look (once a second) log the loss again."""
+    path = tmp_path / "tokens"
+    path.write_text("revoke cert:alice\n")
+    tokens = TokenFile(path)
+    path.unlink()
+    for _ in range(3):
+        tokens.reload()
+    assert sum("cannot be read" in r.getMessage() for r in caplog.records) == 1
