@@ -181,7 +181,9 @@ class Routes:
                         if last is not None
                         else None,
                     }
-                    await _send(response, "done", done)
+                # Out of `_drainable`: a generation writing its `done` is left to finish it
+                # (a drain or a revocation now would put an `error` after its last token).
+                await _send(response, "done", done)
         except ConnectionResetError:  # the client closed the connection: nothing to answer
             return response if response is not None else web.Response(status=499)
         except Exception as exc:
