@@ -170,6 +170,11 @@ class SessionFeeder:
                     outcomes[i] = exc.detached()
                     self._leases.release(lease)
                 continue
+            # Each applied feed is its session's last request before its lease goes: letting
+            # go may write the session's periodic checkpoint, which records that request for
+            # its retry (remembered only when this call resumed, the checkpoint kept the one
+            # before, and a retry after a restart was refused). Also if this call is cancelled.
+            _remember_late(group, [(lease, feeds[i].request_id) for i, lease, _ in items])
             # Let go the moment the rows have run, not when this call returns: slow feeds
             # below may be waiting for exactly these slots.
             self._leases.release_after(leased, group.future)
@@ -209,11 +214,10 @@ class SessionFeeder:
                     else slow_outcome
                 )
         except asyncio.CancelledError:
-            for _, items, group in groups:
+            for _, _, group in groups:
                 # What has not gone into a step yet never will; what has is applied all the
-                # same, and remembered for its retry once the step settles.
-                if not group.withdraw():
-                    _remember_late(group, [(lease, feeds[i].request_id) for i, lease, _ in items])
+                # same, and remembered for its retry once the step settles (`_remember_late`).
+                group.withdraw()
             if slow_work is not None:
                 slow_work.cancel()
             raise
@@ -279,7 +283,10 @@ def _when_applied(group: RowGroup, then: Callable[[int, RowResult], None]) -> No
             if not isinstance(result, BaseException):
                 then(row, result)
 
-    group.future.add_done_callback(settled)
+    if group.future.done():  # stepped already (a lone row steps in `submit`): at once
+        settled(group.future)
+    else:
+        group.future.add_done_callback(settled)
 
 
 def not_a_retry(lease: Lease, expected: int | None) -> PositionMismatch:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import StepBatch
 from service.sessions.session import Session
 
-from .conftest import EngineFactory, settled, slow_steps
+from .conftest import EngineFactory, close, crash, settled, slow_steps
 
 
 async def test_each_item_reports_the_position_its_own_step_left(
@@ -213,3 +214,33 @@ async def test_a_fed_session_is_freed_when_closed_without_the_cycle_collector(
     finally:
         gc.enable()
     assert left == []
+
+
+async def test_a_feed_whose_step_wrote_the_periodic_checkpoint_is_retried_after_a_crash(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """A Stream message's feeds let their sessions go as their step settles, and letting go
+    writes a session's due periodic checkpoint; that checkpoint recorded the request before
+    (the feed was remembered only when the call resumed), so after a crash (or a clean
+    restart) nothing after the checkpoint named the feed, and its retry was refused with a
+    position mismatch. A chaos run found it (about one feed in `checkpoint_steps`)."""
+    spill = tmp_path / "state"
+    engine = await make_engine(spill_dir=spill, checkpoint_steps=2)
+    a, _ = await engine.create_session("tok")
+    b, _ = await engine.create_session("tok")
+    last = None
+    for k in range(2):  # the second step makes both sessions due: checkpointed at 2
+        outcomes = await engine.feed_many(
+            [
+                Feed(s.session_id, ModelInput(tokens=[k + 1]), request_id=f"{s.session_id}-{k}")
+                for s in (a, b)
+            ]
+        )
+        last = outcomes[0]
+    await crash(engine)
+    again = await make_engine(spill_dir=spill, checkpoint_steps=2)
+    retried = await again.feed(
+        a.session_id, ModelInput(tokens=[2]), expected_position=1, request_id=f"{a.session_id}-1"
+    )
+    assert retried.position == 2 == last.position  # type: ignore[union-attr]
+    assert close(retried.prediction, last.prediction)  # type: ignore[union-attr]
