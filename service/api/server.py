@@ -256,8 +256,9 @@ class SeqServeServer:
     async def follow_state_dir(self) -> None:
         """Readiness follows the state directory: while its disk refuses the journal's writes
         every step is refused (UNAVAILABLE), so health goes NOT_SERVING (and `/readyz` 503) and
-        a balancer sends new work to other replicas; liveness stays SERVING, and reads and
-        closes still work. Each second a probe looks whether the disk takes writes again."""
+        a balancer sends new work to other replicas; liveness stays SERVING, and reads still
+        work (a close, journaled too, is refused like a step). Each second a probe looks
+        whether the disk takes writes again."""
         refusing = not await self.engine.state_takes_writes()
         if refusing == self._refusing_writes:
             return
