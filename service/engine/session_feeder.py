@@ -170,10 +170,11 @@ class SessionFeeder:
                     outcomes[i] = exc.detached()
                     self._leases.release(lease)
                 continue
-            # Each applied feed is its session's last request before its lease goes: letting
-            # go may write the session's periodic checkpoint, which records that request for
-            # its retry (remembered only when this call resumed, the checkpoint kept the one
-            # before, and a retry after a restart was refused). Also if this call is cancelled.
+            # Each applied feed is its session's last request as its step settles, before its
+            # lease goes, and only then: letting go may write the session's periodic
+            # checkpoint, which records that request for its retry, and lets the next message
+            # of a Stream step the session before this call resumes (remembered then, it was
+            # recorded over that later request). Also if this call is cancelled.
             _remember_late(group, [(lease, feeds[i].request_id) for i, lease, _ in items])
             # Let go the moment the rows have run, not when this call returns: slow feeds
             # below may be waiting for exactly these slots.
@@ -199,9 +200,7 @@ class SessionFeeder:
                     except BaseException as exc:
                         outcomes[i] = _as_error(exc)
                         continue
-                    outcomes[i] = outcome
-                    before = outcome.position - result.consumed  # type: ignore[union-attr]
-                    lease.remember(feeds[i].request_id, before, outcome)
+                    outcomes[i] = outcome  # remembered for its retry as it settled
                     answered += 1
                 if answered:  # one observation for the message's feeds: they took as long
                     self._observer.on_request(served.name, str(served.version), elapsed, answered)
@@ -256,15 +255,14 @@ def _retried_feed(lease: Lease, feed: Feed) -> FeedOutcome | None:
 
 
 def _remember_late(group: RowGroup, rows: list[tuple[Lease, str]]) -> None:
-    """Feeds whose caller was cancelled after their rows went into a step (the client or a
-    proxy cancelled the call, the server stopped it): when the step settles, each applied one
-    is remembered as its session's last request, as if answered, so that its retry gets the
-    original reply instead of a position mismatch. Not if the session moved on since."""
+    """When the step settles, each applied feed is remembered as its session's last request
+    (one without a request id as such: no retry names it), also if its caller was cancelled
+    after its row went into the step (the client or a proxy cancelled the call, the server
+    stopped it), so that its retry gets the original reply instead of a position mismatch.
+    Not if the session moved on since."""
 
     def remember(row: int, result: RowResult) -> None:
         lease, request_id = rows[row]
-        if not request_id:
-            return
         with contextlib.suppress(Exception):
             outcome = _outcome(lease, result)
             if lease.session.position == outcome.position:  # nothing applied since

@@ -244,3 +244,26 @@ async def test_a_feed_whose_step_wrote_the_periodic_checkpoint_is_retried_after_
     )
     assert retried.position == 2 == last.position  # type: ignore[union-attr]
     assert close(retried.prediction, last.prediction)  # type: ignore[union-attr]
+
+
+async def test_a_message_waiting_behind_another_keeps_its_own_request_for_retry(
+    make_engine: EngineFactory,
+) -> None:
+    """Two messages of one Stream feed one session: the second waits for the first's lease,
+    which goes as the first's step settles, and steps at once (the session stepped alone last
+    time) before the first call resumes. Resuming, the first remembered *its* request as the
+    session's last, over the second's, so the second's retry was refused with a position
+    mismatch."""
+    engine = await make_engine(engine={"inline_max_rows": 1})
+    session, _ = await engine.create_session("tok")
+    sid = session.session_id
+    first = Feed(sid, ModelInput(tokens=[3]), expected_position=0, request_id="first")
+    second = Feed(sid, ModelInput(tokens=[4]), request_id="second")
+    line = Line()  # one Stream's messages: the second queues for the session
+    one = asyncio.create_task(engine.feed_many([first], line))
+    two = asyncio.create_task(engine.feed_many([second], line))
+    ones, twos = await asyncio.gather(one, two)
+    assert [ones[0].position, twos[0].position] == [1, 2]  # type: ignore[union-attr]
+    assert session.last_request is not None and session.last_request.request_id == "second"
+    retry = await engine.feed(sid, second.input, expected_position=1, request_id="second")
+    assert retry.position == 2 == session.position  # the original reply; applied once
