@@ -12,19 +12,15 @@ ends its open calls as a revoked token's are."""
 from __future__ import annotations
 
 import contextvars
-import re
 from typing import Any
 
 from service.errors import PermissionDenied, SeqServeError, Unauthenticated
 from service.security.principal import Principal
 from service.security.revocation_watch import RevocationWatch
-from service.security.tokens import TokenFile
+from service.security.tokens import CERT_PREFIX, COMMON_NAME_RE, TokenFile
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 CLIENT_HEADER = "x-seqserve-client"  # set by a proxy (role `proxy`) to the client it verified
-# What a certificate name may be to be a principal: no space at either end, where a `revoke`
-# line of the tokens file (stripped) could not name it.
-_CN_RE = re.compile(r"^(?! )[A-Za-z0-9_.@ -]{1,64}(?<! )$")
 REVOKED_MESSAGE = (
     "the call's credentials were revoked or changed while it was open; "
     "call again with a valid token"
@@ -85,11 +81,11 @@ class CallAuth:
         """The client a proxy vouches for (it verified the client's certificate); a proxy
         that names no client is refused: it never acts as itself."""
         name = _one(context, CLIENT_HEADER).strip()
-        if not _CN_RE.fullmatch(name):
+        if not COMMON_NAME_RE.fullmatch(name):
             raise Unauthenticated(
                 f"proxy {proxy.name} forwarded no usable client identity ({CLIENT_HEADER})"
             )
-        return self._unrevoked(Principal(f"cert:{name}", "client"))  # as if it came here
+        return self._unrevoked(Principal(CERT_PREFIX + name, "client"))  # as if it came here
 
     def _from_certificate(self, context: Any) -> Principal | None:
         if not self.client_certificates:
@@ -103,10 +99,10 @@ class CallAuth:
         if len(names) > 1 or any(_cn_count(s) > 1 for s in auth.get("x509_subject") or ()):
             raise Unauthenticated("the client certificate has more than one common name")
         name = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
-        if not _CN_RE.fullmatch(name):
+        if not COMMON_NAME_RE.fullmatch(name):
             raise Unauthenticated("the client certificate's common name cannot name a principal")
         # Its own namespace: a certificate never stands for a token's principal, nor the reverse.
-        return self._unrevoked(Principal(f"cert:{name}", "client"))
+        return self._unrevoked(Principal(CERT_PREFIX + name, "client"))
 
     def _unrevoked(self, who: Principal) -> Principal:
         """`who`, a certificate's principal, unless the tokens file revokes its name."""

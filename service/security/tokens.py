@@ -30,8 +30,10 @@ from service.security.principal import ROLES, Principal, Role
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")  # no ':' (certificate names are "cert:...")
-# What `revoke` may name: a certificate principal, as `call_auth` makes it from a common name.
-_CERT_RE = re.compile(r"^cert:(?! )[A-Za-z0-9_.@ -]{1,64}(?<! )$")
+# What a certificate's common name may be to be a principal ("cert:<CN>", `call_auth`): no
+# space at either end, where a stripped `revoke` line could not name it.
+COMMON_NAME_RE = re.compile(r"^(?! )[A-Za-z0-9_.@ -]{1,64}(?<! )$")
+CERT_PREFIX = "cert:"
 REVOKE = "revoke"
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHECK_EVERY_S = 1.0
@@ -48,13 +50,15 @@ class _Entry:
 
 
 @dataclass(frozen=True)
-class _Revoked:
-    name: str  # "cert:<common name>"
+class Entries:
+    tokens: tuple[_Entry, ...] = ()
+    revoked: frozenset[str] = frozenset()  # "cert:<common name>"
 
 
-def parse(text: str, source: str = "tokens file") -> list[_Entry | _Revoked]:
+def parse(text: str, source: str = "tokens file") -> Entries:
     """The entries of a tokens file; InvalidArgument naming the line of a malformed one."""
-    entries: list[_Entry | _Revoked] = []
+    tokens: list[_Entry] = []
+    revoked: set[str] = set()
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -62,12 +66,15 @@ def parse(text: str, source: str = "tokens file") -> list[_Entry | _Revoked]:
         parts = line.split()
         if parts[0] == REVOKE and not (len(parts) == 3 and parts[1] in ROLES):
             named = line[len(REVOKE) :].strip()  # a common name may hold spaces, kept as they are
-            if not _CERT_RE.fullmatch(named):
+            if not (
+                named.startswith(CERT_PREFIX)
+                and COMMON_NAME_RE.fullmatch(named[len(CERT_PREFIX) :])
+            ):
                 raise InvalidArgument(
                     f"{source} line {number}: expected 'revoke cert:<common name>' (1-64 "
                     "characters of A-Z a-z 0-9 _ . @ - and inner spaces)"
                 )
-            entries.append(_Revoked(named))
+            revoked.add(named)
             continue  # (a principal named "revoke" has a token line: three words, a role)
         if (
             len(parts) != 3
@@ -82,15 +89,14 @@ def parse(text: str, source: str = "tokens file") -> list[_Entry | _Revoked]:
         role: Role = (
             "admin" if parts[1] == "admin" else "proxy" if parts[1] == "proxy" else "client"
         )
-        entries.append(_Entry(Principal(parts[0], role), bytes.fromhex(parts[2])))
-    return entries
+        tokens.append(_Entry(Principal(parts[0], role), bytes.fromhex(parts[2])))
+    return Entries(tuple(tokens), frozenset(revoked))
 
 
 class TokenFile:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._entries: list[_Entry | _Revoked] = []
-        self._revoked: frozenset[str] = frozenset()
+        self._entries = Entries()
         self._stamp: tuple[float, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -112,7 +118,7 @@ class TokenFile:
                 log.error("tokens file %s cannot be read (%s): refusing every token (the "
                           "certificates it revoked stay revoked)", self.path,
                           exc.strerror)  # fmt: skip
-                self._replace([e for e in self._entries if isinstance(e, _Revoked)], None)
+                self._replace(Entries(revoked=self._entries.revoked), None)
             return
         stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp and not force:
@@ -126,16 +132,14 @@ class TokenFile:
             self._stamp = stamp
             return
         self._replace(entries, stamp)
-        revoked = sum(isinstance(e, _Revoked) for e in entries)
         log.info("tokens file %s: %d tokens, %d certificates revoked", self.path,
-                 len(entries) - revoked, revoked)  # fmt: skip
+                 len(entries.tokens), len(entries.revoked))  # fmt: skip
 
-    def _replace(self, entries: list[_Entry | _Revoked], stamp: tuple[float, int] | None) -> None:
+    def _replace(self, entries: Entries, stamp: tuple[float, int] | None) -> None:
         with self._lock:
             if entries != self._entries:  # a rewrite with the same lines revokes nothing
                 self.generation += 1
             self._entries, self._stamp = entries, stamp
-            self._revoked = frozenset(e.name for e in entries if isinstance(e, _Revoked))
 
     def refresh(self) -> int:
         """Re-read the file if a second has passed since it was last looked at; the
@@ -150,15 +154,15 @@ class TokenFile:
         self.refresh()
         wanted = hashlib.sha256(token.encode()).digest()
         found = None
-        for entry in self._entries:  # every entry, always: no early exit to time
-            if isinstance(entry, _Entry) and hmac.compare_digest(entry.sha256, wanted):
+        for entry in self._entries.tokens:  # every entry, always: no early exit to time
+            if hmac.compare_digest(entry.sha256, wanted):
                 found = entry.principal
         return found
 
     def revoked(self, name: str) -> bool:
         """Whether a `revoke` line names the certificate principal `name` ("cert:<CN>")."""
         self.refresh()
-        return name in self._revoked
+        return name in self._entries.revoked
 
 
 def _text(path: Path) -> str:
