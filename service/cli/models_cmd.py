@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.cli import models_text as text
 from service.cli.settings_flags import store_path
 from service.errors import InvalidArgument, SeqServeError
 from service.settings import Settings
 
 if TYPE_CHECKING:  # the store (and torch) are imported when a command runs: --help stays fast
-    from service.registry.manifest import Manifest
     from service.registry.snapshot import ModelEntry
     from service.registry.store import ModelStore
     from service.registry.version_rule import VersionRule
@@ -115,7 +114,7 @@ def _list(args: argparse.Namespace) -> int:
     except SeqServeError as exc:  # the store root is not a readable folder
         return _fail(exc)
     if args.json:
-        print(json.dumps([_model_json(m) for m in snap.models.values()], indent=2))
+        print(json.dumps([text.model_json(m) for m in snap.models.values()], indent=2))
         return 0
     if not snap.models:
         print(f"no models in {snap.root}")
@@ -126,14 +125,14 @@ def _list(args: argparse.Namespace) -> int:
     rows = [
         [
             m.name,
-            _architecture(m),
+            text.architecture(m),
             ", ".join(map(str, m.usable_versions)) or "-",
             _latest(m, rule),
-            _aliases_text(m),
+            text.aliases_text(m),
         ]
         for m in snap.models.values()
     ]
-    print(_table(["MODEL", "ARCHITECTURE", "VERSIONS", "LATEST", "ALIASES"], rows))
+    print(text.table(["MODEL", "ARCHITECTURE", "VERSIONS", "LATEST", "ALIASES"], rows))
     for problem in snap.problems:
         print(f"refused: {problem}", file=sys.stderr)
     return 0
@@ -159,7 +158,7 @@ def _show(args: argparse.Namespace) -> int:
         return _fail(exc)
     assert manifest is not None, "usable versions have a manifest"
     if args.json:
-        body = _model_json(model)
+        body = text.model_json(model)
         body.update(
             version=version,
             fingerprint=manifest.fingerprint(),
@@ -168,7 +167,7 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
         return 0
     print(f"{model.name} version {version}    fingerprint {manifest.fingerprint()}")
-    print(_manifest_text(manifest))
+    print(text.manifest_text(manifest))
     print()
     by_version: dict[int, list[str]] = {}
     for alias, v in sorted(model.aliases.items()):
@@ -182,7 +181,7 @@ def _show(args: argparse.Namespace) -> int:
         ]
         for v in model.versions
     ]
-    print(_table(["VERSION", "ALIASES", "CREATED", "DESCRIPTION / STATUS"], rows))
+    print(text.table(["VERSION", "ALIASES", "CREATED", "DESCRIPTION / STATUS"], rows))
     if model.aliases_problem:
         print(f"refused: {model.aliases_problem}", file=sys.stderr)
     return 0
@@ -229,7 +228,7 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         rows = [[r.name, str(r.version), "ok" if r.ok else "BAD", str(r.path)] for r in results]
         if rows:
-            print(_table(["MODEL", "VERSION", "STATUS", "FILE"], rows))
+            print(text.table(["MODEL", "VERSION", "STATUS", "FILE"], rows))
         print(f"{len(results) - len(bad)} of {len(results)} versions ok")
         if aliases:
             print(f"{len(aliases)} alias problem(s)")
@@ -285,85 +284,14 @@ def _import(args: argparse.Namespace) -> int:
             store.set_alias(manifest.name, args.alias, manifest.version)
     except SeqServeError as exc:
         return _fail(exc)
-    print(f"published {manifest.name} version {manifest.version} ({_manifest_arch(manifest)})")
+    print(f"published {manifest.name} version {manifest.version} ({text.manifest_arch(manifest)})")
     if args.alias:
         print(f"{manifest.name}: {args.alias} → version {manifest.version}")
     return 0
 
 
-def _parse_rename(text: str) -> tuple[str, str]:
-    old, sep, new = text.partition("=")
+def _parse_rename(value: str) -> tuple[str, str]:
+    old, sep, new = value.partition("=")
     if not sep or not old:
-        raise InvalidArgument(f"--rename-prefix expects OLD=NEW, got {text!r}")
+        raise InvalidArgument(f"--rename-prefix expects OLD=NEW, got {value!r}")
     return old, new
-
-
-# ---- formatting ------------------------------------------------------------------------------
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [list(headers), *rows]
-    ]
-    return "\n".join(lines)
-
-
-def _architecture(model: ModelEntry) -> str:
-    latest = model.entry(model.latest) if model.latest is not None else None
-    return _manifest_arch(latest.manifest) if latest and latest.manifest else "-"
-
-
-def _manifest_arch(m: Manifest) -> str:
-    cell = m.cell if m.cell == "lstm" else f"gru{'' if m.reset_after else ' (article)'}"
-    if m.input.kind == "tokens":
-        source = f"{m.input.tokenizer} tokens ({m.input.vocab_size})"
-    else:
-        source = f"frames of {m.input.dim}"
-    target = "next token" if m.head.kind == "classification" else f"regression ({m.head.dim})"
-    return f"{cell} {m.num_layers}x{m.hidden_size}, {source} → {target}"
-
-
-def _aliases_text(model: ModelEntry) -> str:
-    if model.aliases_problem:
-        return "(aliases.json unreadable)"
-    return ", ".join(f"{a}→{v}" for a, v in sorted(model.aliases.items())) or "-"
-
-
-def _manifest_text(m: Manifest) -> str:
-    t = m.training
-    lines = [
-        ("architecture", _manifest_arch(m)),
-        ("description", m.description or "-"),
-        ("created", m.created_at.isoformat()),
-        ("weights", f"{m.weights_file} sha256 {m.weights_sha256}"),
-        ("data", t.data),
-        ("steps", str(t.steps)),
-    ]
-    if t.final_loss is not None:
-        lines.append(("final loss", f"{t.final_loss:.4g}"))
-    lines += [(f"val {k}", f"{v:.4g}") for k, v in sorted(t.validation.items())]
-    lines += [(f"baseline {k}", f"{v:.4g}") for k, v in sorted(t.baselines.items())]
-    if t.command:
-        lines.append(("command", t.command))
-    width = max(len(k) for k, _ in lines)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in lines)
-
-
-def _model_json(m: ModelEntry) -> dict[str, Any]:
-    return {
-        "name": m.name,
-        "latest": m.latest,
-        "aliases": dict(m.aliases),
-        "versions": [
-            {
-                "version": v.version,
-                "status": v.status,
-                "created_at": v.manifest.created_at.isoformat() if v.manifest else None,
-                "description": v.manifest.description if v.manifest else None,
-            }
-            for v in m.versions
-        ],
-        "problems": list(m.problems),
-    }
