@@ -1,5 +1,5 @@
 """A real small filesystem for the fault tests: a tmpfs mounted for one test (root only; the
-test is skipped otherwise), and a way to take every free byte of it."""
+test is skipped otherwise), and ways to take every free byte of it, or all but a few."""
 
 from __future__ import annotations
 
@@ -34,4 +34,11 @@ def fill(disk: Path) -> Path:
                 f.write(b"\0" * 4096)
         except OSError:
             pass
+    return filler
+
+
+def fill_but(disk: Path, room: int) -> Path:
+    """Take every free byte of the disk but about `room`; returns the filler file."""
+    filler = fill(disk)
+    os.truncate(filler, filler.stat().st_size - room)
     return filler

@@ -195,11 +195,12 @@ class SessionEngine:
     async def state_takes_writes(self) -> bool:
         """Whether steps can be made durable on this replica's disk: no local journal, or its
         last append succeeded, or a probe of its directory (on a thread) finds that the disk
-        takes writes again. (A shared tier's journal is every replica's: not judged here.)"""
+        takes as much as the batch it refused (`write_probe`). (A shared tier's journal is
+        every replica's: not judged here.)"""
         journal = self.durability.journal
         if not isinstance(journal, Journal) or not journal.refusing:
             return True
-        if await asyncio.to_thread(takes_writes, journal.directory):
+        if await asyncio.to_thread(takes_writes, journal.directory, journal.refused_bytes):
             journal.writes_again()
             return True
         return False

@@ -108,6 +108,7 @@ class Journal:
         # is made durable before an older one.
         self._retired: list[int] = []
         self.failed_writes = 0  # appends refused because the disk would not take them
+        self.refused_bytes = 0  # the size of the last batch refused (what a probe asks room for)
         self.damaged_records = 0  # records `open` found damaged (not a crash's torn last one)
         self._failing = False
         # Segments whose file is not `<sequence>.log`: renamed by `_discard_torn`, or found so
@@ -237,6 +238,7 @@ class Journal:
         except OSError as exc:
             self._discard_torn()
             self.failed_writes += 1
+            self.refused_bytes = len(data)
             if not self._failing:
                 self._failing = True
                 log.error("journal writes failing: %s (%s)", exc.strerror or exc, self.directory)

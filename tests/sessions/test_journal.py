@@ -18,7 +18,7 @@ from service.errors import JournalUnavailable
 from service.sessions import journal as journal_module
 from service.sessions import journal_record as jr
 from service.sessions.journal import Journal
-from tests.tmpfs import fill, mounted_tmpfs
+from tests.tmpfs import fill_but, mounted_tmpfs
 
 SID = "s_abcdefghijklmnopqrstuv"
 
@@ -568,13 +568,6 @@ def test_a_torn_segment_that_cannot_be_cut_is_read_only_up_to_its_batches_before
 
 
 _ONE = len(jr.tokens(SID, 0, np.array([1])))
-
-
-def fill_but(disk: Path, room: int) -> Path:
-    """Take every free byte of the disk but about `room`; returns the filler file."""
-    filler = fill(disk)
-    os.truncate(filler, filler.stat().st_size - room)
-    return filler
 
 
 def _names(journal: Journal) -> list[str]:

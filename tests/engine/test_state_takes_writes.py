@@ -1,0 +1,38 @@
+"""Whether steps can be made durable on this replica's disk (`SessionEngine.state_takes_writes`,
+which readiness follows): once the journal's disk refused a batch, a probe on a real full tmpfs
+says so until the disk has room for that batch again, not merely for a page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from service.errors import JournalUnavailable
+from tests.tmpfs import fill_but, mounted_tmpfs
+
+from .conftest import EngineFactory, toks
+
+
+async def test_a_disk_with_room_for_a_page_but_not_the_refused_batch_still_refuses(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """A 4,096-token feed's record (about 16 KiB) is refused by a disk with two pages free.
+    The probe wrote one page, which fit: the replica was reported ready again, and the retry
+    was refused again (readiness flapped while the disk stayed too full for it). Now the probe
+    asks for the refused batch's size: not ready until that fits, then the retry goes through."""
+    chunk = toks(*(k % 256 for k in range(4096)))
+    with mounted_tmpfs(tmp_path / "disk", "size=2m") as disk:
+        engine = await make_engine(spill_dir=disk / "state")
+        session, _ = await engine.create_session("tok", seed=1)
+        assert await engine.state_takes_writes()
+        filler = fill_but(disk, 8192)
+        with pytest.raises(JournalUnavailable):
+            await engine.feed(session.session_id, chunk)
+        for _ in range(2):  # and again: the probe leaves nothing behind that would fill it
+            assert not await engine.state_takes_writes()
+        os.truncate(filler, filler.stat().st_size - 64 * 1024)
+        assert await engine.state_takes_writes()
+        assert (await engine.feed(session.session_id, chunk)).position == 4096
+        await engine.stop()
