@@ -267,8 +267,8 @@ class SessionMoved(Unavailable):
 
 
 class StateTierUnusable(NotReady):
-    """The Redis state tier is unreachable or configured to lose sessions: the server does not
-    start."""
+    """The shared state tier is unreachable or configured to lose sessions (Redis), or cannot
+    be opened (the SQLite database): the server does not start."""
 
 
 class JournalUnavailable(Unavailable):

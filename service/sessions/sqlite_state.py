@@ -70,8 +70,9 @@ class SqliteState(SharedState):
                 db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StateTierUnusable(
-                f"state database {self.path} cannot be used ({exc}); check "
-                "SEQSERVE_SESSIONS__SPILL_DIR"
+                f"state database {self.path} cannot be used ({exc}); check {self.setting} "
+                "(--state-url sqlite:PATH; `serve --workers` without one sets it to state.db in "
+                "the state directory, --spill-dir)"
             ) from None
         self._db = db
 

@@ -3,7 +3,8 @@
 Two connections creating the tables of a new WAL database at once can fail: a statement that
 read the schema and then finds it changed by the other is refused with SQLITE_BUSY_SNAPSHOT
 ("database is locked") at once, whatever the busy timeout. A worker of `seqserve serve
---workers 2` exited so at start-up in a test run; `check` now takes a lock file first."""
+--workers 2` exited so at start-up in a test run; `check` now takes a lock file first. A
+database that cannot be opened names the setting that chose it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import DataLoss
+from service.errors import DataLoss, StateTierUnusable
 from service.sessions.sqlite_state import SqliteState
 
 
@@ -57,6 +58,18 @@ def _expires(path: Path, session_id: str) -> float:
     (expires,) = db.execute("SELECT expires FROM holders WHERE sid = ?", (session_id,)).fetchone()
     db.close()
     return float(expires)
+
+
+def test_a_database_that_cannot_be_opened_names_the_setting_that_chose_it(
+    tmp_path: Path,
+) -> None:
+    """The database is `SEQSERVE_SESSIONS__STATE_URL`'s (`sqlite:PATH`, which `serve --workers`
+    sets when it is unset): the message named `SEQSERVE_SESSIONS__SPILL_DIR` alone, which does
+    not move a database the state URL names."""
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StateTierUnusable) as err:
+        SqliteState(tmp_path / "file" / "state.db").check()
+    assert "check SEQSERVE_SESSIONS__STATE_URL (--state-url sqlite:PATH;" in err.value.message
 
 
 def test_keep_alive_restarts_the_ttl_only_for_the_holder(tmp_path: Path) -> None:
