@@ -291,8 +291,9 @@ class SpillCorrupted(DataLoss):
 
 
 class WrittenByNewer(FailedPrecondition):
-    """A session's journal in the shared state tier holds a record a newer seqserve wrote:
-    this replica cannot take it over (one of that version can). Reason VERSION_UNAVAILABLE."""
+    """A session's checkpoint in the shared state tier, or a record of its journal there, is
+    of a newer seqserve's format: this replica cannot take it over (one of that version can).
+    Reason VERSION_UNAVAILABLE."""
 
     owner: str = ""  # the session's owner, where its checkpoint or creation names it
 

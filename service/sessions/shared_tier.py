@@ -172,7 +172,10 @@ class SharedState:
     ) -> Claimed:
         record = None
         if checkpoint is not None:
-            record = spill_record.decode(bytes(checkpoint), f"checkpoint of {session_id}")
+            data = bytes(checkpoint)
+            if spill_record.newer(data):  # a rolling upgrade's, not damage: not ours to read
+                raise tier_records.newer_checkpoint(session_id, spill_record.newer_owner(data))
+            record = spill_record.decode(data, f"checkpoint of {session_id}")
         decoded, damaged = tier_records.read(session_id, records, record)
         if damaged:  # counted once a session, however often it is read
             if session_id not in self.damaged:

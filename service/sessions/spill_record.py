@@ -14,7 +14,11 @@ has no owner block either):
     sha256           32 bytes, over everything before it
 
 A server that reads only versions 1 and 2 refuses a version-3 record as not a spill record
-(DATA_LOSS) instead of misreading it.
+(DATA_LOSS) instead of misreading it. Later versions keep what versions 2 and 3 share: the magic
+(`SQSPILL` and a version byte), the owner block right after it, and the sha256 at the end. So a
+record whose version byte is above this server's and whose checksum is good is a newer server's
+(`newer`), not damage, and its owner block still says whose it is (`newer_owner`): the shared
+tier refuses to take such a session over (WrittenByNewer) rather than counting it lost.
 
 No pickle anywhere: the header is JSON (numpy's PCG64 state is a dict of plain ints), the arrays
 are raw floats whose shapes the header states. The checksum covers the header too, so a flipped
@@ -115,17 +119,40 @@ def read_prefix(read) -> tuple[int, str | None]:  # type: ignore[no-untyped-def]
     magic = read(len(MAGIC))
     owner: str | None = None
     if magic in (MAGIC, MAGIC_V2):
-        (size,) = _OWNER.unpack(_exact(read, _OWNER.size))
-        name = _exact(read, size)
-        (crc,) = _LENGTH.unpack(_exact(read, _LENGTH.size))
-        if zlib.crc32(name) == crc:
-            owner = name.decode("utf-8", errors="replace")
+        owner = _owner_block(read)
     elif magic != MAGIC_V1:
         raise SpillCorrupted(f"{_SOURCE}: not a spill record (bad magic)")
     (length,) = _LENGTH.unpack(_exact(read, _LENGTH.size, owner))
     if not 0 < length <= MAX_HEADER_BYTES:
         raise _corrupted(f"{_SOURCE}: header length {length} is out of range", owner)
     return length, owner
+
+
+def _owner_block(read) -> str | None:  # type: ignore[no-untyped-def]
+    """The owner block after the magic: the name, or None when it fails its own CRC."""
+    (size,) = _OWNER.unpack(_exact(read, _OWNER.size))
+    name = _exact(read, size)
+    (crc,) = _LENGTH.unpack(_exact(read, _LENGTH.size))
+    return name.decode("utf-8", errors="replace") if zlib.crc32(name) == crc else None
+
+
+def newer(data: bytes) -> bool:
+    """Whether `data` is a whole record of a later format than this server reads: its magic's
+    version byte above this server's, and its sha256 good (damage fails that)."""
+    return (
+        len(data) >= len(MAGIC) + DIGEST_BYTES
+        and data[: len(MAGIC) - 1] == MAGIC[:-1]
+        and data[len(MAGIC) - 1] > MAGIC[-1]
+        and hashlib.sha256(data[:-DIGEST_BYTES]).digest() == data[-DIGEST_BYTES:]
+    )
+
+
+def newer_owner(data: bytes) -> str:
+    """The owner a `newer` record's owner block names ("" when it does not read as one)."""
+    try:
+        return _owner_block(io.BytesIO(data[len(MAGIC) : -DIGEST_BYTES]).read) or ""
+    except SpillCorrupted:
+        return ""
 
 
 def _exact(read, n: int, owner: str | None = None) -> bytes:  # type: ignore[no-untyped-def]

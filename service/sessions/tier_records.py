@@ -6,7 +6,7 @@ loss's unsynced one: an entry that is not one whole record is a lost step wherev
 and its session is refused (SessionLost, DATA_LOSS) rather than brought back short of it. An
 entry a newer seqserve wrote (in a rolling upgrade) is whole, but not this server's to apply:
 the takeover is refused (WrittenByNewer, FAILED_PRECONDITION) and the session left as it is,
-for a replica of that version.
+for a replica of that version; so is a checkpoint of a newer format (`newer_checkpoint`).
 """
 
 from __future__ import annotations
@@ -39,14 +39,25 @@ def read(
             continue
         bad = [i for i in items if isinstance(i, Unreadable)] or [Unreadable(0, DAMAGED)]
         if len(items) == 1 and bad[0].what == NEWER:
-            newer = WrittenByNewer(
-                f"session {quote(session_id)} cannot be taken over here: its journal in the "
-                "state tier holds a record a newer seqserve wrote; use a replica of that version"
-            )
-            newer.owner = _owner(checkpoint, decoded)  # only the owner hears it
-            raise newer
+            what = "its journal in the state tier holds a record a newer seqserve wrote"
+            raise _newer(session_id, what, _owner(checkpoint, decoded))
         damaged.append(bad[0])
     return decoded, damaged
+
+
+def newer_checkpoint(session_id: str, owner: str) -> WrittenByNewer:
+    """The error that refuses a session whose checkpoint in the tier a newer seqserve wrote (a
+    later format version, whole: `spill_record.newer`), naming `owner`, as its record says."""
+    return _newer(session_id, "its checkpoint in the state tier is a newer seqserve's", owner)
+
+
+def _newer(session_id: str, what: str, owner: str) -> WrittenByNewer:
+    error = WrittenByNewer(
+        f"session {quote(session_id)} cannot be taken over here: {what}; use a replica of "
+        "that version"
+    )
+    error.owner = owner  # only the owner hears it
+    return error
 
 
 def lost(

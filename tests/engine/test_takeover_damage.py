@@ -4,6 +4,7 @@ counted; the tier's other sessions are untouched."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from service.errors import DataLoss, SeqServeError, WrittenByNewer
 from service.security import principal
 from service.security.principal import Principal
 from service.sessions import journal_record as jr
+from service.sessions import spill_record
 
 from .conftest import EngineFactory, toks
 
@@ -51,6 +53,30 @@ def _rewrite_last_record(state_url: str, session_id: str, change: Callable[[byte
     key = f"seqserve:j:{session_id}"
     tier.lset(key, -1, change(bytes(tier.lindex(key, -1))))  # type: ignore[arg-type]
     tier.close()
+
+
+def _rewrite_checkpoint(state_url: str, session_id: str, change: Callable[[bytes], bytes]) -> None:
+    """Replace the session's checkpoint in the tier with `change(checkpoint)`."""
+    if state_url.startswith("sqlite:"):
+        db = sqlite3.connect(state_url.removeprefix("sqlite:"))
+        (data,) = db.execute("SELECT data FROM checkpoints WHERE sid = ?", (session_id,)).fetchone()
+        db.execute(
+            "UPDATE checkpoints SET data = ? WHERE sid = ?", (change(bytes(data)), session_id)
+        )
+        db.commit()
+        db.close()
+        return
+    tier = redis.Redis.from_url(state_url)
+    key = f"seqserve:c:{session_id}"
+    tier.set(key, change(bytes(tier.get(key))))  # type: ignore[arg-type]
+    tier.close()
+
+
+def _newer_checkpoint(record: bytes) -> bytes:
+    """Its magic's version byte a newer server's (`SQSPILL4`), its sha256 made good."""
+    assert record.startswith(spill_record.MAGIC)
+    body = b"SQSPILL" + bytes([spill_record.MAGIC[-1] + 1]) + record[8 : -spill_record.DIGEST_BYTES]
+    return body + hashlib.sha256(body).digest()
 
 
 def _newer_version(record: bytes) -> bytes:
@@ -177,3 +203,48 @@ async def test_a_stranger_hears_not_found_for_a_session_a_newer_server_wrote(
     principal.current.set(Principal("alice", "client"))
     with pytest.raises(WrittenByNewer):
         await b.feed(newer.session_id, toks(9))
+
+
+async def test_a_checkpoint_a_newer_server_wrote_refuses_the_takeover_and_is_not_damage(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """A rolling upgrade: the session's checkpoint in the tier is of a newer format (its magic's
+    version byte above this server's, its sha256 good). It was read as not a spill record:
+    DATA_LOSS, counted as a damaged checkpoint, and the session refused for good here. Now the
+    takeover is refused as for a newer server's journal record (FAILED_PRECONDITION,
+    VERSION_UNAVAILABLE), on Redis and on SQLite; nothing is counted as damage, and the tier's
+    other sessions go on. (A checkpoint whose checksum fails is still damage: the test above.)"""
+    _holder, b, newer, fine = await _two_sessions_three_steps(make_engine, state_url)
+    assert await _holder.idle_checkpoints.sweep(0.0) == 2  # both checkpointed in the tier
+    _rewrite_checkpoint(state_url, newer.session_id, _newer_checkpoint)
+
+    for _ in range(2):
+        with pytest.raises(WrittenByNewer, match=r"checkpoint .* newer seqserve") as err:
+            await b.feed(newer.session_id, toks(9))
+        assert err.value.reason == "VERSION_UNAVAILABLE"
+    with pytest.raises(WrittenByNewer):
+        await b.describe_session(newer.session_id)
+    assert (await b.feed(fine.session_id, toks(9))).position == 4
+    assert b.stats().damaged_checkpoints == 0
+    assert newer.session_id not in b.sessions.broken  # not refused for good here
+
+
+async def test_a_stranger_hears_not_found_for_a_checkpoint_a_newer_server_wrote(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """With auth on, whose the session is comes from the newer checkpoint's owner block (kept
+    by every version after 2): a stranger, stepping or reading, hears NOT_FOUND; the owner
+    hears FAILED_PRECONDITION."""
+    holder, b, newer, _fine = await _two_sessions_three_steps(make_engine, state_url, "alice")
+    assert await holder.idle_checkpoints.sweep(0.0) == 2
+    _rewrite_checkpoint(state_url, newer.session_id, _newer_checkpoint)
+    principal.current.set(Principal("mallory", "client"))
+    with pytest.raises(SeqServeError) as stepped:
+        await b.feed(newer.session_id, toks(9))
+    with pytest.raises(SeqServeError) as read:
+        await b.describe_session(newer.session_id)
+    assert stepped.value.reason == read.value.reason == "SESSION_NOT_FOUND"
+    principal.current.set(Principal("alice", "client"))
+    with pytest.raises(WrittenByNewer):
+        await b.feed(newer.session_id, toks(9))
+    assert b.stats().damaged_checkpoints == 0
