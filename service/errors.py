@@ -278,24 +278,32 @@ class JournalUnavailable(Unavailable):
     reason = "NOT_DURABLE"
 
 
-class SessionLost(DataLoss):
+class SessionRefusal(Exception):
+    """Mixed into the errors that refuse a session because of what its records hold (damaged,
+    lost, a newer server's): each names the session's owner where the records still do, and
+    only the owner hears it (anyone else NOT_FOUND, as for a session not theirs). Not a row of
+    the table: each such error keeps its own status. `lasting`: refused for good here (its
+    records will not get better), or only until a replica that can read them takes it."""
+
+    owner: str = ""  # the session's owner, when known ("": unknown, or made with auth off)
+    lasting: bool = True
+
+
+class SessionLost(DataLoss, SessionRefusal):
     """A session's records were lost or damaged (for example by a crash mid-write)."""
 
-    owner: str = ""  # the session's owner, when known (a takeover refusing it says whose)
+
+class SpillCorrupted(DataLoss, SessionRefusal):
+    """A spill record is missing, truncated or fails its checksum; it is never used. Its
+    `owner` is known when the record's owner block was still readable."""
 
 
-class SpillCorrupted(DataLoss):
-    """A spill record is missing, truncated or fails its checksum; it is never used."""
-
-    owner: str = ""  # the session's owner, when the record's owner block was still readable
-
-
-class WrittenByNewer(FailedPrecondition):
+class WrittenByNewer(FailedPrecondition, SessionRefusal):
     """A session's checkpoint in the shared state tier, or a record of its journal there, is
     of a newer seqserve's format: this replica cannot take it over (one of that version can).
     Reason VERSION_UNAVAILABLE."""
 
-    owner: str = ""  # the session's owner, where its checkpoint or creation names it
+    lasting = False
 
 
 class SpillMismatch(FailedPrecondition):

@@ -24,13 +24,7 @@ from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
-from service.errors import (
-    SeqServeError,
-    SessionLost,
-    SessionMoved,
-    SpillCorrupted,
-    WrittenByNewer,
-)
+from service.errors import SeqServeError, SessionMoved, SessionRefusal, SpillCorrupted
 from service.security.principal import caller, may_see
 from service.sessions import journal_record as jr
 from service.sessions.session import SESSION_ID_PATTERN, Session
@@ -104,21 +98,27 @@ class Takeover:
         self._claiming[session_id] = done
         try:
             await self._take(state, session_id)
-        except (SpillCorrupted, SessionLost) as exc:  # its checkpoint or journal is damaged
+        except SessionRefusal as exc:  # its checkpoint or journal is damaged, or a newer's
             self._refuse(session_id, exc)
         finally:
             del self._claiming[session_id]
             done.set_result(None)
 
-    def _refuse(self, session_id: str, exc: SpillCorrupted | SessionLost) -> None:
-        """A session the tier holds damaged: refused to its owner from now on (anyone else
-        hears the NOT_FOUND of an id that never existed). A damaged checkpoint is counted here,
-        once a session (`seqserve_state_damaged_records_total{kind="checkpoint"}`); damaged
-        journal records are counted by the tier as it reads them."""
+    def _refuse(self, session_id: str, exc: SessionRefusal) -> None:
+        """A session the tier holds but this replica cannot take: anyone but its owner hears
+        the NOT_FOUND of an id that never existed (the session store has no such session).
+        Damaged, it is refused to its owner from now on; a newer server's, the owner hears it
+        now (raised), and a replica of that version takes it. A damaged checkpoint is counted
+        here, once a session (`seqserve_state_damaged_records_total{kind="checkpoint"}`);
+        damaged journal records are counted by the tier as it reads them."""
+        assert isinstance(exc, SeqServeError)  # every refusal is one (the mixin is not)
         if isinstance(exc, SpillCorrupted):
             self._residency.damaged(session_id)
-        if may_see(exc.owner or ""):
-            self._sessions.mark_broken(session_id, exc.message, type(exc), exc.owner)
+        if not may_see(exc.owner):
+            return
+        if not exc.lasting:
+            raise exc
+        self._sessions.mark_broken(session_id, exc.message, type(exc), exc.owner)
 
     @staticmethod
     async def _epoch(state: SharedState, session: Session, *, keep_alive: bool) -> int:
@@ -180,13 +180,9 @@ class Takeover:
         assert self._state is not None
         try:
             found = await asyncio.to_thread(self._state.peek, session_id)
-        except (SpillCorrupted, SessionLost) as exc:
-            self._refuse(session_id, exc)
-            return self._sessions.get(session_id)
-        except WrittenByNewer as exc:
-            if not may_see(exc.owner):
-                return self._sessions.get(session_id)  # raises NOT_FOUND
-            raise
+        except SessionRefusal as exc:
+            self._refuse(session_id, exc)  # raises a newer server's to its owner
+            return self._sessions.get(session_id)  # raises NOT_FOUND, or why it is refused
         if found.epoch and not may_see(_owner(found)):
             return self._sessions.get(session_id)  # not the caller's: NOT_FOUND
         if found.epoch == 0:
@@ -203,13 +199,9 @@ class Takeover:
         if caller() is not None:  # ownership is checked before anything moves
             try:
                 found = await asyncio.to_thread(state.peek, session_id)
-            except WrittenByNewer as exc:
-                if not may_see(exc.owner):
-                    return  # not the caller's: the session store answers NOT_FOUND
-                raise  # the owner's: refused here, claimed by no one
-            except (SpillCorrupted, SessionLost) as exc:
-                if not may_see(exc.owner or ""):
-                    raise  # refused to no one: the store answers NOT_FOUND
+            except SessionRefusal as exc:
+                if not (exc.lasting and may_see(exc.owner)):
+                    raise  # claimed by no one: `_refuse` answers (a stranger: NOT_FOUND)
                 # The caller's and damaged: claimed all the same (refused again below, once
                 # its epoch is raised), so the replica that held it writes nothing more.
             else:
