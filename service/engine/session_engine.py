@@ -50,11 +50,9 @@ from service.errors import SeqServeError, Unavailable
 from service.runtime.sampler import SamplingParams
 from service.runtime.state_pool import ByteBudget
 from service.security.quotas import Quotas, Reservation
-from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.state_tier import Checkpoints
-from service.sessions.write_probe import takes_writes
 
 __all__ = [
     "Background", "EngineStats", "Feed", "FeedOutcome", "Line", "ModelInput",
@@ -195,12 +193,12 @@ class SessionEngine:
     async def state_takes_writes(self) -> bool:
         """Whether steps can be made durable on this replica's disk: no local journal, or its
         last append succeeded, or a probe of its directory (on a thread) finds that the disk
-        takes as much as the batch it refused (`write_probe`). (A shared tier's journal is
-        every replica's: not judged here.)"""
+        takes as much as the batch it refused (`Journal.probe`). (A shared tier's journal is
+        every replica's, never `refusing`: not judged here.)"""
         journal = self.durability.journal
-        if not isinstance(journal, Journal) or not journal.refusing:
+        if journal is None or not journal.refusing:
             return True
-        if await asyncio.to_thread(takes_writes, journal.directory, journal.refused_bytes):
+        if await asyncio.to_thread(journal.probe):
             journal.writes_again()
             return True
         return False

@@ -63,6 +63,7 @@ from service.sessions.journal_segments import (
     segment_path,
 )
 from service.sessions.record_files import syncfs_fd
+from service.sessions.write_probe import takes_writes
 from service.settings import SPILL_DIR_VARIABLE
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,13 @@ class Journal:
         """Whether the last append failed: the disk refuses writes (until one succeeds)."""
         return self._failing
 
+    def probe(self) -> bool:
+        """Whether the directory takes as much as the batch last refused now (`write_probe`;
+        blocking: run it on a thread)."""
+        return takes_writes(self.directory, self.refused_bytes)
+
     def writes_again(self) -> None:
-        """A probe found that the disk takes writes again (`write_probe`): no longer refusing."""
+        """A probe found that the disk takes writes again (`probe`): no longer refusing."""
         if self._failing:
             self._failing = False
             log.warning("journal's directory takes writes again (probed) after %d failed "

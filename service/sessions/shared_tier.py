@@ -245,6 +245,16 @@ class SharedJournal:
         """Found damaged in the journals of sessions taken over (nothing is read at start-up)."""
         return sum(self._state.damaged.values())
 
+    @property
+    def refusing(self) -> bool:
+        return False  # every replica's journal: one replica's readiness does not follow it
+
+    def probe(self) -> bool:
+        return True
+
+    def writes_again(self) -> None:
+        pass
+
     def open(self) -> Iterator[JournalRecord | Unreadable]:
         return iter(())  # sessions are read when taken over, not at start-up
 

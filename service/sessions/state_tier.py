@@ -1,11 +1,12 @@
 """The state tier's two interfaces, each with two backends (DESIGN section 10).
 
 - `Checkpoints`: each session's last checkpoint (a spill record). Local: `SpillTier`, one file
-  per session in the state directory. Shared: `RedisCheckpoints`.
+  per session in the state directory. Shared: `SharedCheckpoints` (Redis, or SQLite).
 - `JournalLog`: every acknowledged step since each session's checkpoint. Local: `Journal`,
-  append-only segment files. Shared: `RedisJournal`, a list per session.
+  append-only segment files. Shared: `SharedJournal`, a list (or rows) per session.
 
-The engine sees only these; `wiring.py` picks the backends (`SESSIONS__STATE_URL` set: Redis).
+The engine sees only these; `wiring.py` picks the backends (`SESSIONS__STATE_URL` set: the
+shared tier it names).
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ class JournalLog(Protocol):
 
     @property
     def damaged_records(self) -> int: ...  # records `open` found damaged
+
+    # Whether this replica's own disk refuses appends now (the last one failed), so steps
+    # cannot be made durable here until `probe` finds it takes writes again. Always False for
+    # a shared tier: its journal is every replica's, not judged by one.
+    @property
+    def refusing(self) -> bool: ...
+
+    def probe(self) -> bool: ...  # while `refusing`: would an append succeed now (blocking)
+
+    def writes_again(self) -> None: ...  # a probe succeeded: no longer `refusing`
 
     def open(self) -> Iterator[JournalRecord | Unreadable]: ...
 
