@@ -16,6 +16,7 @@ from service.errors import PortInUse
 from service.http.calls import Calls
 from service.http.guard import guard
 from service.http.openapi import openapi_document
+from service.http.protocol import JsonErrorRunner
 from service.http.routes import Routes
 from service.security.tls import loopback
 
@@ -78,7 +79,7 @@ class HttpApi:
         # The page's two files by name, not a directory: any other path under /static/ is the
         # guard's JSON 404, as for every path that is no route.
         self.app.router.add_get("/static/{name}", _asset)
-        self._runner: web.AppRunner | None = None
+        self._runner: JsonErrorRunner | None = None
         self.port = 0
 
     async def start(
@@ -90,7 +91,7 @@ class HttpApi:
         _filter_refused_requests()
         # handler_cancellation: a client that hangs up cancels its call, as in gRPC (and ends a
         # server-sent generation at once).
-        self._runner = web.AppRunner(
+        self._runner = JsonErrorRunner(  # aiohttp's own error answers in JSON too
             self.app,
             handler_cancellation=True,
             access_log=None,

@@ -1,16 +1,21 @@
-"""A request aiohttp cannot parse (an over-long `Authorization` header) over a real socket: it is
-refused, and the server's log gets one line that quotes nothing of what the client sent."""
+"""Requests aiohttp cannot parse (an over-long `Authorization` header, a malformed request line or
+header) over a real socket: each is refused with the API's JSON error body (400
+INVALID_ARGUMENT), and the server's log gets one line; neither quotes what the client sent."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from service.api.server import SeqServeServer
 from service.security.tokens import add_token
-from tests.api.conftest import ServerFactory
+from tests.api.conftest import ServerFactory, make_settings
 
 OVER_LIMIT = 9000  # aiohttp's limit on a header line is 8190 bytes
 
@@ -27,7 +32,9 @@ async def test_an_over_long_authorization_header_puts_no_token_in_the_log(
         async with aiohttp.ClientSession() as http:
             async with http.get(url, headers={"Authorization": header}) as answer:
                 assert answer.status == 400
-                await answer.read()
+                error = (await answer.json())["error"]
+                assert error["status"] == "INVALID_ARGUMENT", error
+                assert "LineTooLong" in error["message"] and token[4:12] not in error["message"]
             async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as answer:
                 assert answer.status == 200  # the server goes on
     assert token[4:12] not in caplog.text  # not even the start of its random part
@@ -36,3 +43,78 @@ async def test_an_over_long_authorization_header_puts_no_token_in_the_log(
     assert refused[0].levelno == logging.WARNING
     assert refused[0].exc_info is None  # no traceback
     assert "LineTooLong" in refused[0].getMessage()
+
+
+async def _raw(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """`request` sent over a plain socket; the answer's head and body, read until the server
+    closes the connection (an answer to a request that does not parse closes it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "kind"),
+    [
+        (b"GARBAGE /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "BadHttpMethod"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n", "BadHttpMessage"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX: " + b"y" * OVER_LIMIT + b"\r\n\r\n",
+         "LineTooLong"),
+        (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n",
+         "BadHttpMessage"),
+        # A malformed chunk that arrives with the head is aiohttp's to refuse too.
+        (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"zz\r\n", "BadHttpMessage"),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "BadHttpMethod"),  # a TLS hello
+    ],
+)  # fmt: skip
+async def test_a_request_that_does_not_parse_gets_the_json_error_body(
+    http_server: SeqServeServer, request_bytes: bytes, kind: str
+) -> None:
+    head, body = await _raw(http_server.http_port, request_bytes)
+    assert head.startswith(b"HTTP/1.0 400 "), head
+    assert b"\r\ncontent-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert error["code"] == 3 and error["status"] == "INVALID_ARGUMENT", error
+    assert error["details"][0]["reason"] == "INVALID_ARGUMENT", error
+    assert error["message"].startswith(f"the request could not be read as HTTP/1.1 ({kind}")
+    for sent in (b"GARBAGE", b"Bad Header", b"yyyy", b"zz"):  # nothing the client sent
+        assert sent.decode() not in error["message"], error
+    # The server goes on.
+    url = f"http://127.0.0.1:{http_server.http_port}/v1/models"
+    async with aiohttp.ClientSession() as http, http.get(url) as answer:
+        assert answer.status == 200
+
+
+async def test_a_handler_that_fails_outside_the_routes_gets_the_json_internal_error(
+    store_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's own 500 (a handler raising past every middleware; the routes answer their
+    errors themselves) is the JSON INTERNAL with an error id, logged with its traceback."""
+
+    async def broken(_: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    server = SeqServeServer(make_settings(store_root, tmp_path, server={"http_port": 0}))
+    server.parts.http.app.router.add_get("/broken", broken)  # a route with a bug
+    await server.start()
+    try:
+        with caplog.at_level(logging.ERROR):
+            head, body = await _raw(
+                server.http_port, b"GET /broken HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+    finally:
+        await server.stop()
+    assert head.startswith(b"HTTP/1.1 500 "), head
+    assert b"\r\ncontent-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert error["status"] == "INTERNAL", error
+    error_id = error["details"][0]["metadata"]["error_id"]
+    assert "a bug" not in error["message"] and error_id in error["message"]
+    (logged,) = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged.exc_info is not None  # the traceback is in the log, not in the answer

@@ -1,0 +1,80 @@
+"""aiohttp's connection protocol with the API's own error answers: a request aiohttp cannot parse
+(a malformed request line, a bad header, a header line over its 8190-byte limit, a malformed
+chunk that arrived with the head) is answered by aiohttp itself, before any route or middleware
+sees it, with a text/plain 400 that quotes the bytes it choked on. Here it is the JSON error
+body every other answer has (400 INVALID_ARGUMENT, naming the kind of error and nothing the
+client sent), and so is the 500 aiohttp would give a handler's unexpected exception (INTERNAL,
+with an error id, logged as every INTERNAL is).
+
+aiohttp has no setting for these answers: they come from `RequestHandler.handle_error`, so the
+runner's server makes connections of a subclass (`JsonErrorRunner` is `web.AppRunner` with
+that server; `tests/http_api/test_refused_headers.py` would see aiohttp change this)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
+
+from service.errors import Internal, InvalidArgument, quote
+from service.http.calls import error_answer
+
+# What aiohttp's parse errors add after what they are: the bytes, quoted (`b'…'`, `'…'`).
+_QUOTED = re.compile(r"""[:\s]*b?['"].*$""")
+
+
+def parse_error(exc: HttpProcessingError) -> InvalidArgument:
+    """The error a request aiohttp could not parse is answered with: its kind and aiohttp's
+    first words on it, without the bytes aiohttp quotes after them (the start of an over-long
+    `Authorization` line), and quoted (an unparsable URL is all of InvalidURLError's words)."""
+    first = _QUOTED.sub("", exc.message.split("\n", 1)[0]).rstrip(":. ")
+    what = f"{type(exc).__name__}: {quote(first)}" if first else type(exc).__name__
+    return InvalidArgument(
+        f"the request could not be read as HTTP/1.1 ({what}); the connection is closed"
+    )
+
+
+class JsonErrorHandler(web.RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            # aiohttp's logging (one WARNING line: `RefusedRequestFilter`), and its refusal to
+            # answer on a response already begun; its text answer is not used.
+            super().handle_error(request, status, exc, message)
+            answer = error_answer(parse_error(exc))
+        else:  # logged by `error_answer` with its error id, as every INTERNAL is
+            if request.writer.output_size > 0:  # as aiohttp: nothing more can be sent
+                raise ConnectionError("the response was begun: no error answer can follow")
+            answer = error_answer(
+                exc
+                if exc is not None
+                else Internal(f"the request's handler failed (HTTP {status})")
+            )
+        answer.force_close()
+        return answer
+
+
+class JsonErrorServer(web.Server):
+    """aiohttp's server, whose connections are `JsonErrorHandler`s."""
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorRunner(web.AppRunner):
+    """`web.AppRunner` whose server is a `JsonErrorServer`."""
+
+    async def _make_server(self) -> web.Server:
+        made: Any = await super()._make_server()
+        return JsonErrorServer(
+            made.request_handler, request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation, loop=made._loop, **made._kwargs,
+        )  # fmt: skip
