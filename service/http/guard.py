@@ -2,8 +2,13 @@
 rebinding are refused, and requests no route takes get JSON errors like every other answer.
 
 - A request that carries `Origin` (browsers send it on cross-origin requests, and on
-  same-origin POSTs) must come from the page's own origin: a page elsewhere cannot make a
-  visitor's browser create sessions or generate here (no CORS is offered either).
+  same-origin POSTs) must come from the page's own origin, scheme, host and port: a page
+  elsewhere cannot make a visitor's browser create sessions or generate here (no CORS is
+  offered either), nor can a page on `http://` of this server's name and port when it speaks
+  HTTPS (one a network attacker could serve, and whose calls a browser would send with the
+  visitor's client certificate). The scheme is this port's (`https` with TLS), or the
+  `X-Forwarded-Proto` a proxy in front sets (one ending TLS for it); a page cannot set that
+  header on a cross-origin call without a CORS preflight, which is refused.
 - Bound to a loopback address, the server answers only requests whose `Host` is a loopback
   name: a DNS-rebinding page (evil.example resolving to 127.0.0.1) is refused. Bound to another
   address it takes any Host (TLS and tokens, or --insecure, guard it there).
@@ -52,9 +57,34 @@ def cross_site(request: web.Request, loopback_only: bool) -> str | None:
     if loopback_only and not loopback_name(_parsed(f"//{host}").hostname or ""):
         return f"Host {quote(host)} is not this server's loopback address (DNS rebinding?)"
     origin = request.headers.get("Origin")
-    if origin is not None and _parsed(origin).netloc.lower() != host.lower():
+    if origin is None:
+        return None
+    # The scheme the page used: this port's, or the one the (first) proxy in front was asked.
+    forwarded = request.headers.get("X-Forwarded-Proto", request.scheme)
+    own = _origin(forwarded.split(",")[0].strip().lower(), _parsed(f"//{host}"))
+    page = _parsed(origin.strip())
+    if own is None or _origin(page.scheme, page) != own:
         return f"cross-origin request from {quote(origin)} refused: use the page at / here"
     return None
+
+
+Origin = tuple[str, str, int]  # scheme, host name, port
+
+
+def _origin(scheme: str, url: SplitResult) -> Origin | None:
+    """(scheme, host name, port) of `url` with `scheme`, the port its scheme's default if not
+    given (`http://localhost` is `http://localhost:80`); None if it names no host or no port
+    that parses, or a scheme other than http and https."""
+    if scheme not in _DEFAULT_PORTS or not url.hostname:
+        return None
+    try:
+        port = url.port
+    except ValueError:  # `:x`, `:99999`
+        return None
+    return scheme, url.hostname, port if port is not None else _DEFAULT_PORTS[scheme]
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _parsed(url: str) -> SplitResult:

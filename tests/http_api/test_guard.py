@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
 import aiohttp
 import pytest
 
 from service.api.server import SeqServeServer
+from tests.api.certs import Certs
 from tests.api.conftest import ServerFactory
 
 
@@ -183,3 +185,54 @@ async def test_every_route_path_with_another_method_is_405_with_its_own_allow(
         if method != "DELETE":
             answer = await http.request(method, path.format(sid=sid), json={})
             assert answer.status != 405, (method, path)
+
+
+@pytest.mark.parametrize(
+    ("host", "origin", "forwarded", "status"),
+    [
+        ("127.0.0.1:{port}", "http://127.0.0.1:{port}", None, 200),
+        ("127.0.0.1:{port}", "https://127.0.0.1:{port}", None, 403),  # this port is plain HTTP
+        # A proxy in front that ends TLS says so; its page is https://, an http:// one is not.
+        ("127.0.0.1:{port}", "https://127.0.0.1:{port}", "https", 200),
+        ("127.0.0.1:{port}", "http://127.0.0.1:{port}", "https", 403),
+        ("127.0.0.1:{port}", "https://127.0.0.1:{port}", "https, http", 200),  # the first's
+        ("127.0.0.1:{port}", "http://127.0.0.1:{port}", "ftp", 403),
+        # A port not given is its scheme's default, in Host as in Origin.
+        ("localhost", "http://localhost:80", None, 200),
+        ("localhost:80", "http://localhost", None, 200),
+        ("localhost", "https://localhost", None, 403),
+        ("localhost:443", "http://localhost", None, 403),
+        ("localhost:443", "https://localhost", "https", 200),
+        ("127.0.0.1:{port}", "http://127.0.0.1:{port}0", None, 403),
+        ("127.0.0.1:{port}", "http://127.0.0.1:x", None, 403),
+        ("127.0.0.1:{port}", "null", None, 403),  # a sandboxed page or a file
+    ],
+)
+async def test_an_origin_is_this_servers_only_with_its_scheme_host_and_port(
+    http_server: SeqServeServer, host: str, origin: str, forwarded: str | None, status: int
+) -> None:
+    port = http_server.http_port
+    headers = {"Host": host.format(port=port), "Origin": origin.format(port=port)}
+    if forwarded is not None:
+        headers["X-Forwarded-Proto"] = forwarded
+    got, _, body = await _raw_get(port, "/v1/models", headers)
+    assert got == status, (headers, body)
+    if status == 403:
+        assert body["error"]["status"] == "PERMISSION_DENIED", body
+
+
+async def test_over_https_an_http_origin_of_the_same_name_and_port_is_refused(
+    server_factory: ServerFactory, certs: Certs
+) -> None:
+    """A page on http://localhost:<port> (one a network attacker could serve: the browser
+    would send the visitor's client certificate with its calls) is not the HTTPS port's own."""
+    tls = {"tls_cert": certs.files["server.pem"], "tls_key": certs.files["server.key"]}
+    server = await server_factory(server={"http_port": 0}, security=tls)
+    url = f"https://localhost:{server.http_port}"
+    trust = ssl.create_default_context(cafile=str(certs.files["ca.pem"]))
+    async with aiohttp.ClientSession() as http:
+        for origin, status in ((f"http://localhost:{server.http_port}", 403), (url, 200)):
+            answer = await http.post(
+                f"{url}/v1/sessions", json={"model": "tok"}, ssl=trust, headers={"Origin": origin}
+            )
+            assert answer.status == status, (origin, await answer.text())

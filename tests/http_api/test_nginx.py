@@ -49,6 +49,9 @@ async def test_http_through_nginx_keeps_sessions_on_their_replica(
                 )  # fmt: skip
                 assert made.status == 200, await made.text()
                 sids.append((await made.json())["session"]["sessionId"])
+            # The page's own calls (with its Origin) pass: nginx passes Host and the scheme.
+            page = {"Origin": f"http://127.0.0.1:{nginx.http_port}"}
+            assert (await http.get(f"/v1/sessions/{sids[0]}", headers=page)).status == 200
             makers = {sid: _holder_pid(redis_server.url, sid) for sid in sids}
             assert len(set(makers.values())) == 2  # the keys spread over both replicas
             for _ in range(3):  # steps by URL alone: no header
