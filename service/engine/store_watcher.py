@@ -4,7 +4,8 @@ Each poll: log where new sessions of each served model now go and preload that v
 served versions whose files broke or that nothing needs any more: no session runs on them and
 new sessions no longer ask for them (`ServedVersions.wanted`: not the default version, not
 aliased, not named by `engine.preload`; the rule `release_if_unused` follows too). Problems are
-logged once when they appear and once when they clear, not at every poll.
+logged once when they appear and once when they clear, not at every poll: a store that cannot be
+read at all (its path a file, a folder it may not list) too, and then nothing is unloaded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.registry.snapshot import ModelEntry
 log = logging.getLogger(__name__)
 
 WARM_RETRY_SECONDS = 60.0
+STORE = "the model store"  # the subject of the store's own problems (a model's is its name)
 
 
 class StoreWatcher:
@@ -34,7 +36,12 @@ class StoreWatcher:
         self._problems: dict[str, str] = {}  # what was last warned about, by subject
 
     async def poll(self) -> None:
-        snapshot = await asyncio.to_thread(self._store.snapshot)
+        try:
+            snapshot = await asyncio.to_thread(self._store.snapshot)
+        except SeqServeError as exc:  # there, but no folder it can list: nothing to judge by
+            self._report(STORE, f"new sessions cannot be served: {exc.message}")
+            return
+        self._report(STORE, None)
         served = self._versions.served()
         for name in sorted({s.name for s in served}):
             await self._follow_default(name, snapshot.models.get(name))
