@@ -12,15 +12,19 @@ that server; `tests/http_api/test_refused_headers.py` would see aiohttp change t
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
 from service.errors import Internal, InvalidArgument, quote
 from service.http.calls import error_answer
+
+log = logging.getLogger(__name__)
 
 # What aiohttp's parse errors add after what they are: the bytes, quoted (`b'…'`, `'…'`).
 _QUOTED = re.compile(r"""[:\s]*b?['"].*$""")
@@ -63,18 +67,43 @@ class JsonErrorHandler(web.RequestHandler):
 
 
 class JsonErrorServer(web.Server):
-    """aiohttp's server, whose connections are `JsonErrorHandler`s."""
+    """aiohttp's server, whose connections are `JsonErrorHandler`s; aiohttp's own where its
+    internals are not what this was written against (a later aiohttp): its text answers then,
+    but every connection is served."""
 
     def __call__(self) -> web.RequestHandler:
-        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        try:
+            return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        except (AttributeError, TypeError):
+            _fallen_back()
+            return super().__call__()
 
 
 class JsonErrorRunner(web.AppRunner):
-    """`web.AppRunner` whose server is a `JsonErrorServer`."""
+    """`web.AppRunner` whose server is a `JsonErrorServer` (aiohttp's own where its internals
+    differ: see `JsonErrorServer`)."""
 
     async def _make_server(self) -> web.Server:
         made: Any = await super()._make_server()
-        return JsonErrorServer(
-            made.request_handler, request_factory=made.request_factory,
-            handler_cancellation=made.handler_cancellation, loop=made._loop, **made._kwargs,
-        )  # fmt: skip
+        try:
+            return JsonErrorServer(
+                made.request_handler, request_factory=made.request_factory,
+                handler_cancellation=made.handler_cancellation, loop=made._loop, **made._kwargs,
+            )  # fmt: skip
+        except (AttributeError, TypeError):
+            _fallen_back()
+            return made  # type: ignore[no-any-return]
+
+
+_warned = False
+
+
+def _fallen_back() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "aiohttp %s is not what service/http/protocol.py was written against: requests "
+            "it cannot parse get its text/plain answers, not the API's JSON errors",
+            aiohttp.__version__,
+        )

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from service.api.server import SeqServeServer
+from service.http import protocol
 from service.security.tokens import add_token
 from tests.api.conftest import ServerFactory, make_settings
 
@@ -118,3 +119,32 @@ async def test_a_handler_that_fails_outside_the_routes_gets_the_json_internal_er
     assert "a bug" not in error["message"] and error_id in error["message"]
     (logged,) = [r for r in caplog.records if error_id in r.getMessage()]
     assert logged.exc_info is not None  # the traceback is in the log, not in the answer
+
+
+@pytest.mark.parametrize("where", ["server", "connection"])
+async def test_an_aiohttp_whose_internals_differ_still_serves_with_its_own_text_answers(
+    server_factory: ServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    """The JSON answers rest on aiohttp's internals (`protocol.py`); where a later aiohttp
+    changed them, its own server or connection is used, with one warning: every request is
+    still served, and one it cannot parse gets its text answer."""
+
+    def changed(*_args: object, **_kwargs: object) -> None:
+        raise TypeError("an unexpected keyword argument")  # as a changed signature would
+
+    target = protocol.JsonErrorServer if where == "server" else protocol.JsonErrorHandler
+    monkeypatch.setattr(target, "__init__", changed)
+    monkeypatch.setattr(protocol, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger=protocol.__name__):
+        server = await server_factory(server={"http_port": 0})
+        url = f"http://127.0.0.1:{server.http_port}/v1/models"
+        async with aiohttp.ClientSession() as http, http.get(url) as answer:
+            assert answer.status == 200 and answer.content_type == "application/json"
+            assert {m["name"] for m in (await answer.json())["models"]} == {"frames", "tok"}
+        head, _ = await _raw(server.http_port, b"GARBAGE / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400 ") and b"text/plain" in head.lower(), head
+    warned = [r for r in caplog.records if "written against" in r.getMessage()]
+    assert len(warned) == 1
