@@ -82,6 +82,10 @@ class Takeover:
         while (running := self._claiming.get(session_id)) is not None:
             await asyncio.shield(running)  # another request of ours is taking it over
         local = self._sessions.peek(session_id)
+        if local is None and session_id in self._sessions.broken:
+            # Refused here for good (damaged): answered from what this replica learned. A
+            # claim would read all its records again and refuse it again, at each request.
+            return
         if local is not None:
             if not may_see(local.owner):
                 return  # not the caller's: the session store answers NOT_FOUND
@@ -178,6 +182,8 @@ class Takeover:
     async def describe(self, session_id: str) -> Session:
         """The session as the tier holds it, without taking it over (GetSession)."""
         assert self._state is not None
+        if session_id in self._sessions.broken:  # refused here for good: see `ensure`
+            return self._sessions.get(session_id)  # raises why (NOT_FOUND to a stranger)
         try:
             found = await asyncio.to_thread(self._state.peek, session_id)
         except SessionRefusal as exc:

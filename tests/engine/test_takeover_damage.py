@@ -248,3 +248,39 @@ async def test_a_stranger_hears_not_found_for_a_checkpoint_a_newer_server_wrote(
     with pytest.raises(WrittenByNewer):
         await b.feed(newer.session_id, toks(9))
     assert b.stats().damaged_checkpoints == 0
+
+
+async def test_a_refused_session_is_not_claimed_again_at_each_request(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """Once a replica refused a damaged session, its owner's further requests are answered
+    from that: before, each one claimed the session in the tier again (a write, and a read of
+    all its records) only to refuse it again, and each GetSession read all its records."""
+    _holder, b, hurt, fine = await _two_sessions_three_steps(make_engine, state_url)
+    _rewrite_last_record(state_url, hurt.session_id, _flip_last_byte)
+    state = b.takeover._state
+    assert state is not None
+    claims: list[str] = []
+    claim = state.claim
+
+    def counted(session_id: str):  # type: ignore[no-untyped-def]
+        claims.append(session_id)
+        return claim(session_id)
+
+    state.claim = counted  # type: ignore[method-assign]
+    peek = state.peek
+    peeks: list[str] = []
+
+    def peeked(session_id: str):  # type: ignore[no-untyped-def]
+        peeks.append(session_id)
+        return peek(session_id)
+
+    state.peek = peeked  # type: ignore[method-assign]
+    for _ in range(3):
+        with pytest.raises(DataLoss):
+            await b.feed(hurt.session_id, toks(9))
+        with pytest.raises(DataLoss):
+            await b.describe_session(hurt.session_id)
+    assert claims == [hurt.session_id]
+    assert peeks == []  # a read of all its records, each GetSession
+    assert (await b.feed(fine.session_id, toks(9))).position == 4
