@@ -2,7 +2,7 @@
 
 An engine on the bundled store (default durability, a temporary state directory) holds N
 `bytes-lstm` sessions, each fed one token. Passes of `--per-pass` sessions are checkpointed
-alternately one after another (`SessionResidency.checkpoint`, as the sweep did before) and
+alternately one after another (`CheckpointWriter.checkpoint`, as the sweep did before) and
 the way the sweep does now (`IdleCheckpoints.write_batch`, eight at a time, stage by stage),
 each session once, into new files; then every session is fed once more and written the way
 a shutdown writes them (`shutdown_write.spill_all`). Reported: microseconds per checkpoint,
@@ -57,14 +57,15 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                 session, _ = await engine.create_session(args.model, seed=i)
                 await engine.feed(session.session_id, ModelInput(tokens=[65]))
                 sessions.append(session)
-            residency, sweep = engine.residency, IdleCheckpoints(engine.residency)
+            writer = engine.residency.writer
+            sweep = IdleCheckpoints(writer)
             per_pass: dict[str, list[float]] = {"one by one": [], "batched": []}
             for k in range(args.sessions // args.per_pass):
                 part = sessions[k * args.per_pass : (k + 1) * args.per_pass]
                 started = time.perf_counter()
                 if k % 2 == 0:
                     for session in part:
-                        residency.checkpoint(session)
+                        writer.checkpoint(session)
                     key = "one by one"
                 else:
                     for i in range(0, len(part), CHECKPOINT_BATCH):
@@ -79,7 +80,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
             started = time.perf_counter()
             # On the loop, in one synchronous call: nothing else runs on the slots meanwhile
             # (a real shutdown stops the schedulers first and writes on a thread).
-            written, lost = spill_all(residency)
+            written, lost = spill_all(engine.residency)
             if (written, lost) != (len(sessions), 0):
                 raise RuntimeError(f"shutdown: {written} written, {lost} lost")
             per_pass["shutdown (spill_all)"] = [1e6 * (time.perf_counter() - started) / written]

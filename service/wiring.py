@@ -17,6 +17,7 @@ from service.api.gc_tuning import ServerObserver
 from service.api.interceptor import ErrorMappingInterceptor
 from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
+from service.engine.checkpoint_writer import CheckpointWriter
 from service.engine.durability import Durability
 from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
@@ -103,8 +104,9 @@ def build_engine(
     def on_residency_event(event: str, session: Session) -> None:  # evicted, restored, moved
         observer.on_session_event(event, session.model, str(session.version))
 
+    writer = CheckpointWriter(sessions, versions, spill, durability)
     residency = SessionResidency(
-        sessions, versions, spill, on_residency_event, durability, cfg.slot_wait_seconds
+        sessions, versions, spill, on_residency_event, durability, writer, cfg.slot_wait_seconds
     )
     replays = PendingReplays(sessions, versions, residency)
     leases = SessionLeases(sessions, versions, residency, durability, replays)

@@ -3,7 +3,7 @@ checkpoint, so their journal records can go (DESIGN §10, bounded replay).
 
 The sweep shares the event loop with requests: it runs in `Slices`, chooses each batch after a
 pause (a request may have used, closed or moved a session meanwhile), and writes a batch stage
-by stage. Where a session's state lives and how a record is written is `SessionResidency`'s.
+by stage. How a record is written is `CheckpointWriter`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator
 
 from service.engine.background import Slices
-from service.engine.session_residency import SessionResidency
+from service.engine.checkpoint_writer import CheckpointWriter
 from service.errors import SeqServeError, SessionMoved
 from service.sessions.session import Session
 from service.sessions.spill_record import SpillRecord
@@ -30,9 +30,9 @@ SCAN_STRIDE = 2048
 
 
 class IdleCheckpoints:
-    def __init__(self, residency: SessionResidency) -> None:
-        self._residency = residency
-        self._sessions = residency.sessions
+    def __init__(self, writer: CheckpointWriter) -> None:
+        self._writer = writer
+        self._sessions = writer.sessions
 
     async def sweep(self, min_idle_seconds: float, slices: Slices | None = None) -> int:
         """Checkpoint sessions in memory idle this long with journaled steps: their journal
@@ -83,15 +83,15 @@ class IdleCheckpoints:
 
     def write_batch(self, batch: list[Session]) -> tuple[int, bool]:
         """Checkpoint each session of `batch`, stage by stage: every state (read together:
-        `SessionResidency.states`), then every header, then every write. → (written, whether
+        `CheckpointWriter.states`), then every header, then every write. → (written, whether
         the tier refused a write; the rest of the batch is then not written)."""
-        residency = self._residency
-        states = residency.states(batch)
-        records = [SpillRecord(residency.header(s), states[s.session_id]) for s in batch]
+        writer = self._writer
+        states = writer.states(batch)
+        records = [SpillRecord(writer.header(s), states[s.session_id]) for s in batch]
         written = 0
         for session, record in zip(batch, records, strict=True):
             try:
-                residency.save(session, record)
+                writer.save(session, record)
             except SessionMoved:
                 continue  # another replica holds it; the next request here drops this copy
             except SeqServeError as exc:

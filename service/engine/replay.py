@@ -235,7 +235,7 @@ class PendingReplays:
                     replay = pending.history
             applied = replay.applied(session, got.result, served.tokenizer)
             self._sessions.remember(session, applied)
-            written.append((pending, self._residency.checkpoint_record(session, got.state)))
+            written.append((pending, self._residency.writer.checkpoint_record(session, got.state)))
         for k, (pending, record) in enumerate(written):
             if k and k % _WRITES_PER_TURN == 0:
                 await asyncio.sleep(0)  # serving goes on between chunks of writes
@@ -243,7 +243,7 @@ class PendingReplays:
             if session.closed or self._pending.get(session.session_id) is not pending:
                 continue  # ended, or dropped and taken back, while this batch ran
             try:
-                self._residency.write_record(record)  # raises when the disk refuses: pending
+                self._residency.writer.write_record(record)  # raises when the disk refuses: pending
             except SessionMoved:  # another process took it over meanwhile: not ours to write
                 self._let_go(pending)
                 continue

@@ -87,7 +87,7 @@ class SessionEngine:
         self.sessions = sessions
         self.versions = versions
         self.residency = residency
-        self.idle_checkpoints = IdleCheckpoints(residency)
+        self.idle_checkpoints = IdleCheckpoints(residency.writer)
         self.spill = spill
         self.budget = budget
         self.leases = leases
@@ -217,13 +217,13 @@ class SessionEngine:
                 self.durability.journal.failed_writes if self.durability.journal else 0
             ),
             end_records_lost=self.durability.end_records_lost,
-            state_write_failures=self.residency.write_failures,
+            state_write_failures=self.residency.writer.write_failures,
             damaged_checkpoints=self.residency.damaged_checkpoints,
             journal_damaged_records=(
                 self.durability.journal.damaged_records if self.durability.journal else 0
             ),
-            state_writes=self.residency.writes,
-            state_write_seconds=self.residency.write_seconds,
+            state_writes=self.residency.writer.writes,
+            state_write_seconds=self.residency.writer.write_seconds,
             versions=[
                 VersionStats(
                     model=sv.name,

@@ -298,7 +298,7 @@ class SessionLeases:
             self._sessions.touch(session)
             if self._durability.due(session):  # bound what recovery replays
                 try:
-                    self._residency.checkpoint(session, periodic=True)
+                    self._residency.writer.checkpoint(session, periodic=True)
                 except SeqServeError as exc:  # the journal still holds its steps
                     log.warning("checkpoint of a session failed: %s", exc.message)
             self._residency.notify_idle()

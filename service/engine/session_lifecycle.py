@@ -147,7 +147,7 @@ class SessionLifecycle:
                 raise
             if self._durability.enabled:  # the child's first checkpoint is its whole history
                 try:
-                    self._residency.checkpoint(child, first=True)
+                    self._residency.writer.checkpoint(child, first=True)
                 except SeqServeError:
                     self.end(child, "closed", journal=False)
                     raise

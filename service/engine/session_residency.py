@@ -9,7 +9,8 @@ session is restored on its next use, bit for bit: state, position and RNG, so it
 prediction is the one it would have made had it never left. Busy sessions (a request or a
 generation running) never move. Everything here runs on the event loop, so a session is never
 half spilled when a request for it arrives; only a shutdown's write (`shutdown_write`) calls in
-from a thread of its own, once the residency is frozen.
+from a thread of its own, once the residency is frozen. A spilled session's record is written
+by `CheckpointWriter` (`checkpoint_writer.py`), as every checkpoint is.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from service.engine import eviction_choice
 from service.engine.applied_request import from_record
-from service.engine.checkpoint_header import header_of, session_from
+from service.engine.checkpoint_header import session_from
+from service.engine.checkpoint_writer import CheckpointWriter
 from service.engine.durability import Durability
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.errors import (
     PoolExhausted,
     ResourceExhausted,
-    SeqServeError,
     SessionMoved,
     SpillCorrupted,
     SpillMismatch,
@@ -58,9 +58,11 @@ class SessionResidency:
         tier: Checkpoints,
         on_event: SessionEvent,
         durability: Durability,
+        writer: CheckpointWriter,
         wait_seconds: float = 0.0,
     ) -> None:
         self.durability = durability
+        self.writer = writer  # how a spilled session's record is written
         self.sessions = sessions
         self.versions = versions
         self.tier = tier
@@ -68,11 +70,6 @@ class SessionResidency:
         self._wait_seconds = wait_seconds
         self._went_idle = asyncio.Event()
         self._frozen = False  # `freeze`: a shutdown writes what is in memory; nothing changes it
-        # Records the tier took (checkpoints, evictions, replays' checkpoints), and the wall
-        # time they took: the disk's price, for `seqserve_state_write*` (a slow disk shows).
-        self.writes = 0
-        self.write_seconds = 0.0
-        self.write_failures = 0  # records the tier refused (a full, read-only, failing disk)
         self._damaged: set[str] = set()  # sessions whose checkpoint was found damaged (`damaged`)
         self._downtimes = CleanDowntimes()  # what `idle_since` skips
 
@@ -213,7 +210,7 @@ class SessionResidency:
         """Write an idle in-memory session to the tier and free its slot. With a journal, a
         session whose checkpoint is current (written since its last use: an idle checkpoint,
         usually) is not written again: the tier keeps every checkpoint's record. `state`: its
-        slot's, when already read (`states`)."""
+        slot's, when already read (`CheckpointWriter.states`)."""
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory spills"
         if self.needs_record(session):
@@ -221,82 +218,14 @@ class SessionResidency:
                 state = served.pool.snapshot(session.slot)
             # A shutdown's write (frozen) may pass the tier's cap: refused, the session
             # would be lost with the process.
-            record = SpillRecord(self.header(session), state)
-            self.save(session, record, durable=durable, past_cap=self._frozen)
+            record = SpillRecord(self.writer.header(session), state)
+            self.writer.save(session, record, durable=durable, past_cap=self._frozen)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
 
     def needs_record(self, session: Session) -> bool:
         """Whether spilling the session writes it: not with a journal and a current record."""
         return not (self.durability.enabled and self.sessions.record_is_current(session))
-
-    def states(self, sessions: Sequence[Session]) -> dict[str, SlotSnapshot]:
-        """The states of sessions in memory, by session id: each version's read together
-        (`StatePool.snapshots`: one gather)."""
-        by_version: dict[tuple[str, int], list[Session]] = {}
-        for session in sessions:
-            by_version.setdefault((session.model, session.version), []).append(session)
-        states: dict[str, SlotSnapshot] = {}
-        for (model, version), group in by_version.items():
-            served = self.versions.find(model, version)
-            assert served is not None
-            slots = [s.slot for s in group]
-            assert all(slot is not None for slot in slots), "only sessions in memory"
-            snaps = served.pool.snapshots(slots)  # type: ignore[arg-type]
-            states.update(zip((s.session_id for s in group), snaps, strict=True))
-        return states
-
-    def checkpoint(self, session: Session, *, first: bool = False, periodic: bool = False) -> None:
-        """Write an idle in-memory session's state to the tier and keep it in memory: its
-        journal records up to here are no longer needed. `first`: a fork's child, whose first
-        checkpoint is its whole history; `periodic`: the one `Durability.due` asked for.
-        Raises what the tier's write does."""
-        served = self.versions.find(session.model, session.version)
-        assert served is not None and session.slot is not None, "only a session in memory"
-        record = SpillRecord(self.header(session), served.pool.snapshot(session.slot))
-        self.save(session, record, first=first, periodic=periodic)
-
-    def save(
-        self,
-        session: Session,
-        record: SpillRecord,
-        *,
-        durable: bool = False,
-        first: bool = False,
-        periodic: bool = False,
-        past_cap: bool = False,
-    ) -> None:
-        """`record` of `session` to the tier; then its journal records are no longer needed."""
-        self.write_record(record, durable=durable, first=first, past_cap=past_cap)
-        self.sessions.written(session)
-        self.durability.checkpointed(session, periodic=periodic)
-
-    def write_record(
-        self,
-        record: SpillRecord,
-        *,
-        durable: bool = False,
-        first: bool = False,
-        past_cap: bool = False,
-    ) -> None:
-        """`record` to the tier, counted and timed (`writes`, `write_seconds`) when it lands;
-        counted in `write_failures` when the tier refuses it (not when another replica holds
-        the session)."""
-        start = time.perf_counter()
-        try:
-            self.tier.write(record, durable=durable, first=first, past_cap=past_cap)
-        except SessionMoved:
-            raise
-        except SeqServeError:
-            self.write_failures += 1
-            raise
-        self.write_seconds += time.perf_counter() - start
-        self.writes += 1
-
-    def checkpoint_record(self, session: Session, state: SlotSnapshot) -> SpillRecord:
-        """The checkpoint of a session not in memory whose state was computed elsewhere (a
-        replay of its journal)."""
-        return SpillRecord(self.header(session), state)
 
     async def restore(self, session: Session, served: ServedVersion) -> None:
         """Bring a spilled session back into a slot. Its record is checked first: a damaged one
@@ -375,9 +304,3 @@ class SessionResidency:
     @property
     def frozen(self) -> bool:
         return self._frozen
-
-    def header(self, session: Session) -> SpillHeader:
-        """The checkpoint header of a session as it stands now."""
-        served = self.versions.find(session.model, session.version)
-        assert served is not None
-        return header_of(session, served.config, self.sessions.last_used_wall(session))

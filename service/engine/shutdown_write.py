@@ -36,7 +36,7 @@ def spill_all(residency: SessionResidency, stop: threading.Event | None = None) 
             return written, lost + len(resident) - done
         if done % SPILL_BATCH == 0:  # the next batch's states, read together
             batch = resident[done : done + SPILL_BATCH]
-            states = residency.states(
+            states = residency.writer.states(
                 [s for s in batch if _in_memory(s) and residency.needs_record(s)]
             )
         if not _in_memory(session):

@@ -157,7 +157,7 @@ async def test_a_sweep_with_nothing_due_still_lets_requests_run_while_it_looks(
 async def test_checkpoints_are_counted_and_timed_as_the_tier_takes_them(
     make_engine: EngineFactory,
 ) -> None:
-    """`residency.writes` / `write_seconds` (exported as seqserve_state_write*): each record
+    """`CheckpointWriter.writes` / `write_seconds` (exported as seqserve_state_write*): each record
     the tier took, with the wall time it took; a write the disk refused counts in neither."""
     engine, _, _ = await _idle_sessions(make_engine)
     tier = engine.residency.tier

@@ -41,7 +41,7 @@ async def _checkpointed(
     for k in range(3):
         await first.feed(s.session_id, toks(10 + k, 20 + k))
         await roomy.feed(twin.session_id, toks(10 + k, 20 + k))
-    first.residency.checkpoint(first.sessions.get(s.session_id))
+    first.residency.writer.checkpoint(first.sessions.get(s.session_id))
     for k in range(after):
         await first.feed(s.session_id, toks(40 + k))
         await roomy.feed(twin.session_id, toks(40 + k))
