@@ -46,7 +46,9 @@ from service.sessions.journal import Journal
 from service.sessions.redis_state import RedisState
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
-from service.sessions.shared_tier import SharedCheckpoints, SharedJournal, SharedState
+from service.sessions.shared_checkpoints import SharedCheckpoints
+from service.sessions.shared_journal import SharedJournal
+from service.sessions.shared_tier import SharedState
 from service.sessions.spill_directory import JOURNAL_SUBDIR
 from service.sessions.spill_tier import SpillTier
 from service.sessions.sqlite_state import SqliteState

@@ -22,7 +22,7 @@ from service.sessions.clean_downtimes import modified
 from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
-from service.sessions.shared_tier import SharedJournal
+from service.sessions.shared_journal import SharedJournal
 from service.sessions.spill_tier import SpillTier
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,10 @@ so a frozen process keeps nothing from anyone. Keys expire by each session's TTL
 clock, refreshed by every write and every fork of the session (`keep_alive`), so a session whose
 holder died still expires.
 
-`SharedJournal` and `SharedCheckpoints` give the engine the journal and spill-tier interfaces
-of the local tier (`state_tier.py`) over either backend.
+`SharedJournal` (`shared_journal.py`) and `SharedCheckpoints` (`shared_checkpoints.py`) give
+the engine the journal and spill-tier interfaces of the local tier (`state_tier.py`) over either
+backend; both work through the `SharedState` defined here, the backends' common base, with what
+its methods take and return (`Write`, `Claimed`).
 """
 
 from __future__ import annotations
@@ -25,15 +27,12 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from service.errors import JournalUnavailable, SessionMoved, SpillCorrupted
-from service.sessions import journal_record, spill_record, tier_records
-from service.sessions.journal_record import JournalRecord, Unreadable, decode_stream
-from service.sessions.session_store import SessionStore
-from service.sessions.spill_directory import TierScan
+from service.errors import JournalUnavailable, SessionMoved
+from service.sessions import spill_record, tier_records
+from service.sessions.journal_record import JournalRecord
 from service.sessions.spill_record import SpillRecord
 
 log = logging.getLogger(__name__)
@@ -225,153 +224,3 @@ class SharedState:
         )
         error.session_ids = tuple(session_ids)
         return error
-
-
-class SharedJournal:
-    """The journal interface of the local tier (`journal.Journal`), over the shared tier."""
-
-    def __init__(self, state: SharedState, sessions: SessionStore) -> None:
-        self._state = state
-        self._sessions = sessions
-        self.oldest = 0
-        self.segment = 0
-
-    @property
-    def failed_writes(self) -> int:
-        return self._state.failed_writes
-
-    @property
-    def damaged_records(self) -> int:
-        """Found damaged in the journals of sessions taken over (nothing is read at start-up)."""
-        return sum(self._state.damaged.values())
-
-    @property
-    def refusing(self) -> bool:
-        return False  # every replica's journal: one replica's readiness does not follow it
-
-    def probe(self) -> bool:
-        return True
-
-    def writes_again(self) -> None:
-        pass
-
-    def open(self) -> Iterator[JournalRecord | Unreadable]:
-        return iter(())  # sessions are read when taken over, not at start-up
-
-    def start(self) -> None:
-        pass
-
-    def drop_before(self, seq: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def sync(self) -> None:
-        pass  # the tier's own fsync policy does it
-
-    def pin(self, seq: int) -> None:
-        pass  # a checkpoint empties its session's journal itself
-
-    def unpin(self, seq: int) -> None:
-        pass
-
-    def append(self, records: list[bytes]) -> int:
-        """All of a batch's records, every session's epoch checked, in one atomic step.
-        Raises JournalUnavailable (unreachable) or SessionMoved (fenced): nothing written."""
-        by_session: dict[str, list[bytes]] = {}
-        kinds: dict[str, int] = {}
-        for record in records:
-            sid = journal_record.session_of(record)
-            by_session.setdefault(sid, []).append(record)
-            kinds[sid] = journal_record.kind_of(record)
-        # A copy known stale (`moved`: refused, or its last write's outcome unknown) writes
-        # nothing more at its old epoch, even from a request admitted before it was marked.
-        stale = [sid for sid in by_session if sid in self._state.moved]
-        if stale:
-            raise self._state.fenced(stale)
-        writes = []
-        for sid, batch in by_session.items():
-            session = self._sessions.peek(sid)
-            epoch = session.holder_epoch if session is not None else 0
-            ttl_ms = int((session.ttl_seconds if session is not None else 600.0) * 1000)
-            owner = session.owner if session is not None else ""
-            if kinds[sid] == journal_record.END:
-                (end,) = decode_stream(batch[-1])
-                tombstone = f"{end.why}\n{owner}".encode()  # why it ended, and whose it was
-                writes.append(Write(sid, epoch, ttl_ms, "end", [tombstone], owner=owner))
-            elif kinds[sid] == journal_record.CREATE:
-                made_by = session.made_by if session is not None else ""
-                writes.append(Write(sid, epoch, ttl_ms, "create", batch, made_by, owner))
-            else:
-                writes.append(Write(sid, epoch, ttl_ms, "step", batch, owner=owner))
-        fenced = self._state.append(writes)  # raises JournalUnavailable when unreachable
-        self._state.reachable()
-        if fenced:
-            raise self._state.fenced(fenced)
-        return 0
-
-
-class SharedCheckpoints:
-    """The spill-tier interface of the local tier (`spill_tier.SpillTier`), over the shared
-    tier."""
-
-    def __init__(self, state: SharedState, sessions: SessionStore) -> None:
-        self._state = state
-        self._sessions = sessions
-        self.directory = state.where
-        self.bytes_used = 0  # the tier's own metrics say how much
-
-    def open(self) -> TierScan:
-        return TierScan()  # nothing to index: sessions are read when taken over
-
-    def close(self) -> None:
-        self._state.close()
-
-    def sync(self) -> None:
-        pass
-
-    def mark_clean_stop(self, wall_time: float) -> None:
-        pass  # expiry runs on the tier's clock, which did not stop
-
-    def write(
-        self,
-        record: SpillRecord,
-        *,
-        durable: bool = False,
-        first: bool = False,
-        past_cap: bool = False,
-    ) -> None:
-        """The checkpoint, and its session's journal emptied, if this process still holds it
-        (`first`: a fork's child, made by this write). The tier has no byte cap (`past_cap`)."""
-        sid = record.header.session_id
-        if sid in self._state.moved:  # a stale copy: another holds it, or may (`append`)
-            raise self._state.fenced([sid])
-        session = self._sessions.peek(sid)
-        epoch = session.holder_epoch if session is not None else 0
-        ttl_ms = int(record.header.ttl_seconds * 1000)
-        data = spill_record.encode(record)
-        made_by = record.header.made_by if first else ""
-        owner = record.header.owner
-        if not self._state.checkpoint(
-            sid, epoch, ttl_ms, data, first=first, made_by=made_by, owner=owner
-        ):
-            raise self._state.fenced([sid])
-
-    def read(self, session_id: str) -> SpillRecord:
-        """The checkpoint of a session this process holds; SessionMoved when another took it
-        over since (this copy is stale: the caller's retry takes it back)."""
-        epoch, data = self._state.read_checkpoint(session_id)
-        session = self._sessions.peek(session_id)
-        if session is not None and epoch != session.holder_epoch:
-            raise self._state.fenced([session_id])
-        if data is None:
-            raise SpillCorrupted(f"checkpoint of session {session_id!r} is missing from the tier")
-        return spill_record.decode(bytes(data), f"checkpoint of {session_id}")
-
-    def delete(self, session_id: str) -> None:
-        """This process is done with the session (it ended here, or was let go): its end (an
-        END record) deletes it in the tier, fenced like every write. With no copy left to be
-        stale it leaves `moved`, which would otherwise keep every id a long-running replica
-        was ever fenced on (a copy that expired here, or was let go at its eviction)."""
-        self._state.moved.discard(session_id)
