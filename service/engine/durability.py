@@ -8,10 +8,14 @@ record written when it has `checkpoint_steps` unsaved steps, when it has been id
 journaled too, so a session created and fed since the last checkpoint survives a crash, and one
 closed does not come back. With `durability = "shutdown"` nothing is journaled: sessions survive
 a graceful restart (SIGTERM spills them) but not a crash.
+
+Whether this replica's journal takes writes (`takes_writes`) is what its readiness follows: not
+after its disk refused a batch, until an append succeeds or a probe finds room for that batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
 
@@ -43,6 +47,19 @@ class Durability:
     @property
     def enabled(self) -> bool:
         return self.journal is not None
+
+    async def takes_writes(self) -> bool:
+        """Whether steps can be made durable on this replica's disk: no local journal, or its
+        last append succeeded, or a probe of its directory (on a thread) finds that the disk
+        takes as much as the batch it refused (`Journal.probe`). (A shared tier's journal is
+        every replica's, never `refusing`: not judged here.)"""
+        journal = self.journal
+        if journal is None or not journal.refusing:
+            return True
+        if await asyncio.to_thread(journal.probe):
+            journal.writes_again()
+            return True
+        return False
 
     def commit(self, records: list[bytes]) -> int:
         """Group commit of one batched step's records; the segment they went to. Raises

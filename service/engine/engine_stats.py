@@ -1,8 +1,17 @@
-"""What the engine reports for the metrics gauges."""
+"""What the engine reports for the metrics gauges, and that report read from its parts
+(`snapshot`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from service.engine.durability import Durability
+from service.engine.replay import PendingReplays
+from service.engine.served_versions import ServedVersions
+from service.engine.session_residency import SessionResidency
+from service.runtime.state_pool import ByteBudget
+from service.sessions.session_store import SessionStore
+from service.sessions.state_tier import Checkpoints
 
 
 @dataclass(frozen=True)
@@ -30,3 +39,41 @@ class EngineStats:
     state_writes: int = 0  # checkpoints and evictions the state tier took
     state_write_seconds: float = 0.0  # the wall time those writes took
     versions: list[VersionStats] = field(default_factory=list)
+
+
+def snapshot(
+    sessions: SessionStore,
+    replays: PendingReplays,
+    tier: Checkpoints,
+    budget: ByteBudget,
+    durability: Durability,
+    residency: SessionResidency,
+    versions: ServedVersions,
+) -> EngineStats:
+    """The engine's stats as its parts count them now."""
+    held = len(sessions)
+    in_memory = sessions.resident_count
+    replaying = replays.replaying
+    return EngineStats(
+        sessions_in_memory=in_memory,
+        sessions_spilled=held - in_memory - replaying,
+        sessions_replaying=replaying,
+        spilled_bytes=tier.bytes_used,
+        pool_capacity_bytes=budget.limit_bytes,
+        journal_write_failures=durability.journal.failed_writes if durability.journal else 0,
+        end_records_lost=durability.end_records_lost,
+        state_write_failures=residency.writer.write_failures,
+        damaged_checkpoints=residency.damaged_checkpoints,
+        journal_damaged_records=durability.journal.damaged_records if durability.journal else 0,
+        state_writes=residency.writer.writes,
+        state_write_seconds=residency.writer.write_seconds,
+        versions=[
+            VersionStats(
+                model=sv.name,
+                version=sv.version,
+                queue_depth=sv.scheduler.queue_depth,
+                state_bytes=sv.pool.used_slots * sv.pool.bytes_per_slot,
+            )
+            for sv in versions.served()
+        ],
+    )

@@ -13,8 +13,9 @@ work is done by its parts, each built by the composition root (`service.wiring`)
   `OrderedTakeover` (a request's sessions taken over from a shared tier in its line's order).
 
 This class owns what is left: start-up (index the spill tier, start the sweeper and the store
-watcher), draining, shutdown (every session in memory is written to the spill tier), and a
-stats snapshot for the metrics.
+watcher), draining, shutdown (its parts stopped in order; every session in memory is written to
+the spill tier by `shutdown_write`), readiness (`Durability.takes_writes`) and a stats snapshot
+for the metrics (`engine_stats.snapshot`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from service.engine import shutdown_write
+from service.engine import engine_stats, shutdown_write
 from service.engine.background import Background, Slices, every
 from service.engine.durability import Durability
 from service.engine.engine_stats import EngineStats, VersionStats
@@ -149,91 +149,28 @@ class SessionEngine:
                 await task
         await self.leases.replays.stop()  # the batch replaying finishes; the rest stays journaled
         await self.versions.stop_schedulers()
-        journal = self.durability.journal
-        written, lost = await self._write_all()
-        synced = False
-        if lost == 0:
-            try:
-                await asyncio.to_thread(self.spill.sync)
-                await asyncio.to_thread(self.spill.mark_clean_stop, self.sessions.wall_clock())
-                synced = True
-            except OSError as exc:  # the checkpoints may not be on disk: keep the journal
-                log.error("could not flush the spill tier at shutdown: %s", exc)
-        log.info("spilled %d sessions to %s for a restart", written, self.spill.directory)
-        if lost:
-            kept = "their steps stay in the journal" if journal else "they are lost"
-            log.error("%d sessions could not be written at shutdown; %s", lost, kept)
-        if journal is not None:
-            journal.close()
-            if synced and not self.leases.replays:  # all in checkpoints: no journal needed
-                await asyncio.to_thread(journal.drop_before, journal.segment + 1)
+        await shutdown_write.write_for_restart(
+            self.residency, self.spill, self.durability.journal, self.leases.replays,
+            self._background.write_timeout,
+        )  # fmt: skip
         await self.versions.close()
         self.spill.close()
-
-    async def _write_all(self) -> tuple[int, int]:
-        """Spill every session in memory, within `write_timeout` whatever the disk does."""
-        stop = threading.Event()
-        self.residency.freeze()  # before the thread starts: no close or restore races it
-        work = asyncio.ensure_future(
-            asyncio.to_thread(shutdown_write.spill_all, self.residency, stop)
-        )
-        try:
-            return await asyncio.wait_for(asyncio.shield(work), self._background.write_timeout)
-        except TimeoutError:
-            log.error(
-                "writing sessions at shutdown took over %.0f s", self._background.write_timeout
-            )
-            stop.set()  # it stops after the session it is writing: nothing closes under it
-            return await work
 
     async def settle(self) -> None:
         """Wait for the unloads that ended sessions started in the background."""
         await self.lifecycle.settle()
 
     async def state_takes_writes(self) -> bool:
-        """Whether steps can be made durable on this replica's disk: no local journal, or its
-        last append succeeded, or a probe of its directory (on a thread) finds that the disk
-        takes as much as the batch it refused (`Journal.probe`). (A shared tier's journal is
-        every replica's, never `refusing`: not judged here.)"""
-        journal = self.durability.journal
-        if journal is None or not journal.refusing:
-            return True
-        if await asyncio.to_thread(journal.probe):
-            journal.writes_again()
-            return True
-        return False
+        """Whether steps can be made durable on this replica's disk (`Durability.takes_writes`):
+        readiness follows it."""
+        return await self.durability.takes_writes()
 
     def stats(self) -> EngineStats:
-        held = len(self.sessions)
-        in_memory = self.sessions.resident_count
-        replaying = self.leases.replays.replaying
-        return EngineStats(
-            sessions_in_memory=in_memory,
-            sessions_spilled=held - in_memory - replaying,
-            sessions_replaying=replaying,
-            spilled_bytes=self.spill.bytes_used,
-            pool_capacity_bytes=self.budget.limit_bytes,
-            journal_write_failures=(
-                self.durability.journal.failed_writes if self.durability.journal else 0
-            ),
-            end_records_lost=self.durability.end_records_lost,
-            state_write_failures=self.residency.writer.write_failures,
-            damaged_checkpoints=self.residency.damaged_checkpoints,
-            journal_damaged_records=(
-                self.durability.journal.damaged_records if self.durability.journal else 0
-            ),
-            state_writes=self.residency.writer.writes,
-            state_write_seconds=self.residency.writer.write_seconds,
-            versions=[
-                VersionStats(
-                    model=sv.name,
-                    version=sv.version,
-                    queue_depth=sv.scheduler.queue_depth,
-                    state_bytes=sv.pool.used_slots * sv.pool.bytes_per_slot,
-                )
-                for sv in self.versions.served()
-            ],
-        )
+        """A snapshot for the metrics gauges."""
+        return engine_stats.snapshot(
+            self.sessions, self.leases.replays, self.spill, self.budget, self.durability,
+            self.residency, self.versions,
+        )  # fmt: skip
 
     # ---- sessions ------------------------------------------------------------------------
 

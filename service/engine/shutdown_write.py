@@ -4,23 +4,72 @@ started on the same directory resumes each one (README: Restarts).
 It runs on a thread of its own while the event loop still answers, once the schedulers have
 stopped: every slot holds its last completed step. The residency is frozen first (nothing comes
 into memory, no session ends: a close gets UNAVAILABLE), and the states of each batch of
-`SPILL_BATCH` sessions are read together before they are written one by one.
+`SPILL_BATCH` sessions are read together before they are written one by one. Then
+(`write_for_restart`) the tier is flushed and the clean stop marked, and the journal closed;
+its segments go when every session is in a checkpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 
+from service.engine.replay import PendingReplays
 from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError, SessionMoved
 from service.runtime.state_pool import SlotSnapshot
 from service.sessions.session import Session
+from service.sessions.state_tier import Checkpoints, JournalLog
 
 log = logging.getLogger("service.engine.session_residency")  # where these logs always were
+engine_log = logging.getLogger("service.engine.session_engine")  # where these logs always were
 
 # Sessions whose states are read together before they are written one by one.
 SPILL_BATCH = 64
+
+
+async def write_for_restart(
+    residency: SessionResidency,
+    tier: Checkpoints,
+    journal: JournalLog | None,
+    replays: PendingReplays,
+    timeout: float,
+) -> None:
+    """Write every session in memory (`spill_all`, within `timeout`), then flush `tier` and
+    mark the clean stop, and close the journal. Its segments are dropped only when nothing
+    needs them: every session written and flushed, and no replay left pending (`replays`,
+    stopped: what is left stays journaled)."""
+    written, lost = await _write_all(residency, timeout)
+    synced = False
+    if lost == 0:
+        try:
+            await asyncio.to_thread(tier.sync)
+            await asyncio.to_thread(tier.mark_clean_stop, residency.sessions.wall_clock())
+            synced = True
+        except OSError as exc:  # the checkpoints may not be on disk: keep the journal
+            engine_log.error("could not flush the spill tier at shutdown: %s", exc)
+    engine_log.info("spilled %d sessions to %s for a restart", written, tier.directory)
+    if lost:
+        kept = "their steps stay in the journal" if journal else "they are lost"
+        engine_log.error("%d sessions could not be written at shutdown; %s", lost, kept)
+    if journal is not None:
+        journal.close()
+        if synced and not replays:  # all in checkpoints: no journal needed
+            await asyncio.to_thread(journal.drop_before, journal.segment + 1)
+
+
+async def _write_all(residency: SessionResidency, timeout: float) -> tuple[int, int]:
+    """Spill every session in memory, within `timeout` whatever the disk does."""
+    stop = threading.Event()
+    residency.freeze()  # before the thread starts: no close or restore races it
+    work = asyncio.ensure_future(asyncio.to_thread(spill_all, residency, stop))
+    try:
+        return await asyncio.wait_for(asyncio.shield(work), timeout)
+    except TimeoutError:
+        engine_log.error("writing sessions at shutdown took over %.0f s", timeout)
+        stop.set()  # it stops after the session it is writing: nothing closes under it
+        return await work
 
 
 def spill_all(residency: SessionResidency, stop: threading.Event | None = None) -> tuple[int, int]:
