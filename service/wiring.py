@@ -76,7 +76,7 @@ def build_engine(
     if shared is not None:
         journal = SharedJournal(shared, sessions)
     elif cfg.durability == "journal":
-        journal = Journal(
+        journal = local = Journal(
             cfg.spill_dir / JOURNAL_SUBDIR,
             fsync=cfg.fsync,
             fsync_interval_seconds=cfg.fsync_interval_seconds,
@@ -84,6 +84,7 @@ def build_engine(
             checkpoints=cfg.spill_dir,
             setting=cfg.spill_dir_variable,
         )
+        sessions.gone.on_end = local.note_end  # why each ended, kept past its END record
     durability = Durability(journal, sessions, cfg.checkpoint_steps, cfg.checkpoint_idle_seconds)
     loader = VersionLoader(
         store, budget, settings.engine, cfg.pool_initial_slots, observer,

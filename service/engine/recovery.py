@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -82,10 +83,19 @@ class Recovery:
 
     async def from_journal(self, journal: JournalLog) -> RecoveryReport:
         """Start-up: every session back at its last journaled step (its replay pending), then
-        the journal writing its next segment, without the segments nobody needs."""
+        the journal writing its next segment, without the segments nobody needs. The ends the
+        journal kept past their END records (`Journal.ended_sessions`) are read first, as END
+        records older than any it has; what the process then remembers of why sessions ended
+        is kept before a segment is deleted."""
+        kept = await asyncio.to_thread(journal.ended_sessions)
+        ends = (
+            jr.JournalRecord(jr.END, sid, 0, why=why, meta={"owner": owner} if owner else None)
+            for sid, why, owner in kept
+        )
         records = await asyncio.to_thread(lambda: list(journal.open()))
-        report = await self.run(records, journal.oldest)
-        del records
+        report = await self.run(itertools.chain(ends, records), journal.oldest)
+        del records, kept
+        await asyncio.to_thread(journal.keep_ended, self._sessions.gone.remembered())
         journal.start()
         if not self._replays:  # nothing left to replay: every session is in a checkpoint
             # Off the loop: it flushes the checkpoints' filesystem first (`Journal`).
@@ -223,8 +233,9 @@ class Recovery:
                 plans.pop(sid, None)
                 self._drop_refused_record(sid)
                 gone = known.pop(sid, None)
-                if gone is None:
-                    self._sessions.ended_earlier(sid, rec.why or "closed")
+                if gone is None:  # its owner is known only from what the journal kept
+                    owner = rec.meta.get("owner", "") if rec.meta else ""
+                    self._sessions.ended_earlier(sid, rec.why or "closed", owner)
                 else:
                     if self._sessions.contains(sid):  # adopted from a checkpoint
                         self._residency.discard(gone)

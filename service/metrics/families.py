@@ -159,7 +159,8 @@ class MetricFamilies:
             "seqserve_state_damaged_records",
             "Records of session state found damaged: `journal` (at start-up: a record that "
             "fails its checksum, or bytes whole records follow; not the newest segment's torn "
-            "last record, which a crash leaves; with a shared tier, a record of a session's "
+            "last record, which a crash leaves; a line of the journal's `ended` file failing "
+            "its checksum; with a shared tier, a record of a session's "
             "journal there, found at its takeover, once a session), `checkpoint` (a session's "
             "spill record whose header or state fails its checks, once a session: rebuilt from "
             "the journal where it holds the session's whole history, else the session is "

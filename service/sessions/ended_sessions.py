@@ -6,12 +6,14 @@ start-up (damaged or lost: DATA_LOSS; intact but for other weights: FAILED_PRECO
 its owner hears which: any other caller gets NOT_FOUND, as for an id never seen
 (`security.principal`). The newest ended ids are remembered, up to a bound; refused ones until
 they end (closed by their owner, or expired by the sweeper: `SessionLifecycle`), which is
-when they join the ended ones.
+when they join the ended ones. Each end is passed on (`on_end`): with the local journal, it is
+kept on disk for later starts (`ended_file`).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import NoReturn
 
 from service.errors import (
@@ -25,17 +27,19 @@ from service.errors import (
 )
 from service.security.principal import caller, may_see
 
-_REMEMBER_ENDED = 100_000  # ids remembered so a late request learns why its session is gone
+REMEMBERED = 100_000  # ended ids remembered so a late request learns why its session is gone
 
 
 class EndedSessions:
     def __init__(self) -> None:
-        self._ended: dict[str, str] = {}  # session id → "expired" | "closed" | "moved"
+        # session id → "expired" | "closed" | "moved", the newest ended last
+        self._ended: OrderedDict[str, str] = OrderedDict()
         self._owners: dict[str, str] = {}  # ended or broken session → its owner (if any)
         # session id → why its records could not be used, and the error a request gets
         self._broken: dict[str, str] = {}
         self._broken_errors: dict[str, type[SeqServeError]] = {}
-        self._ended_order: deque[str] = deque()
+        # Told of each end remembered: (session id, why, owner or "").
+        self.on_end: Callable[[str, str, str], None] | None = None
 
     def why_gone(self, session_id: str) -> NoReturn:
         """Raise what a request for a session this process does not have hears: not found,
@@ -75,12 +79,12 @@ class EndedSessions:
         """Known to have ended only by its END record (`SessionStore.ended_earlier`), or a
         refused one the sweeper expired; `live`: this process has it (only its owner is noted).
         A refused session that ended is refused no more: it answers why it ended."""
+        if owner:
+            self._owners[session_id] = owner
         if not live:
             self._forget_refusal(session_id)
             if self._ended.get(session_id) != why:
                 self._remember_end(session_id, why)  # the tier says so: it overrides this copy's
-        if owner:
-            self._owners[session_id] = owner
 
     def mark_broken(
         self, session_id: str, why: str, error: type[SeqServeError], owner: str = ""
@@ -124,10 +128,16 @@ class EndedSessions:
         self._broken.pop(session_id, None)
         self._broken_errors.pop(session_id, None)
 
+    def remembered(self) -> list[tuple[str, str, str]]:
+        """Every ended id remembered, oldest first: (session id, why, owner or "")."""
+        owners = self._owners
+        return [(sid, why, owners.get(sid, "")) for sid, why in self._ended.items()]
+
     def _remember_end(self, session_id: str, why: str) -> None:
         self._ended[session_id] = why
-        self._ended_order.append(session_id)
-        if len(self._ended_order) > _REMEMBER_ENDED:
-            gone = self._ended_order.popleft()
-            self._ended.pop(gone, None)
+        self._ended.move_to_end(session_id)  # ended again (recovery's END after the file's)
+        if len(self._ended) > REMEMBERED:
+            gone, _ = self._ended.popitem(last=False)
             self._owners.pop(gone, None)
+        if self.on_end is not None:
+            self.on_end(session_id, why, self._owners.get(session_id, ""))

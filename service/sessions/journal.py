@@ -30,6 +30,11 @@ skips (its records are older than the checkpoints that replaced them). The segme
 names and whole-file work are `journal_segments`'s; reading them at start-up (what is a crash's
 and dropped, what is damage) is `journal_opening`'s.
 
+A segment's END records say, until it is deleted, why those sessions ended; a late request
+learns that from the journal's `ended` file after that (`ended_file`): the ends noted since the
+start (`note_end`) are appended to it before the segments holding them are deleted (all of
+them by a shutdown's `drop_before`).
+
 The checkpoints that released a segment are written without an fsync each. Before a segment is
 deleted, the filesystem holding them (`checkpoints`) is flushed with one syncfs(2), so a power
 loss finds each session's steps in a checkpoint on disk or still in the journal; if that flush
@@ -48,6 +53,7 @@ from pathlib import Path
 from typing import Literal
 
 from service.errors import JournalUnavailable
+from service.sessions.ended_file import Ended, EndedFile
 from service.sessions.held_records import HeldRecords
 from service.sessions.journal_janitor import JournalJanitor
 from service.sessions.journal_opening import SegmentReading
@@ -61,6 +67,7 @@ from service.sessions.journal_segments import (
     list_segments,
     mark_valid_length,
     segment_path,
+    sequence_of,
 )
 from service.sessions.record_files import syncfs_fd
 from service.sessions.write_probe import takes_writes
@@ -110,16 +117,24 @@ class Journal:
         self._retired: list[int] = []
         self.failed_writes = 0  # appends refused because the disk would not take them
         self.refused_bytes = 0  # the size of the last batch refused (what a probe asks room for)
-        self.damaged_records = 0  # records `open` found damaged (not a crash's torn last one)
+        self._damaged = 0  # records `open` found damaged (not a crash's torn last one)
         self._failing = False
         # Segments whose file is not `<sequence>.log`: renamed by `_discard_torn`, or found so
         # by `open` (deleted by sequence, as any other).
         self._torn_names: dict[int, Path] = {}
         self._held = HeldRecords(self.directory, durable=fsync != "never")  # `hold`
+        # Why sessions ended, kept past their END records (`note_end`, `ended_sessions`).
+        self._ended = EndedFile(self.directory, durable=fsync != "never")
+        self._started = False  # ends are noted once writing begins (before: `keep_ended`)
 
     @property
     def segment(self) -> int:
         return self._seq
+
+    @property
+    def damaged_records(self) -> int:
+        """Records `open` found damaged (not a crash's torn last one), and ended file lines."""
+        return self._damaged + self._ended.damaged
 
     @property
     def refusing(self) -> bool:
@@ -155,12 +170,29 @@ class Journal:
         try:
             yield from reading.records(segments)
         finally:
-            self.damaged_records += reading.damaged_records
+            self._damaged += reading.damaged_records
+
+    def ended_sessions(self) -> list[Ended]:
+        """The ends kept past their END records (session id, why, owner), oldest first; what
+        is readable of a damaged file (logged, counted in `damaged_records`)."""
+        return self._ended.read()
+
+    def keep_ended(self, ended: list[Ended]) -> None:
+        """Keep `ended` (all the process remembers once recovery read the journal's ENDs, oldest
+        first) before `drop_before` deletes the segments read."""
+        self._ended.rewrite(ended)
+
+    def note_end(self, session_id: str, why: str, owner: str) -> None:
+        """A session ended: kept in the ended file once the segment being written is deleted
+        (before `start`, an end recovery read: `keep_ended`'s)."""
+        if self._started:
+            self._ended.note(self._seq, (session_id, why, owner))
 
     def start(self) -> None:
         """Begin writing (a fresh segment); start the janitor and, for the interval policy, the
         fsync thread."""
         self._roll()
+        self._started = True
         if self._checkpoints is not None and self._fsync != "never":
             self._checkpoints_fd = os.open(self._checkpoints, os.O_RDONLY | os.O_DIRECTORY)
         self._janitor.start()
@@ -177,6 +209,7 @@ class Journal:
         seq = min(seq, min(self._pins, default=seq))
         old = [(n, p) for n, p in list_segments(self.directory) if n < seq and n != self._held.seq]
         if old and self._checkpoints_flushed():
+            self._ended.carry(old[-1][0])  # their ENDs' answers first
             for n, path in old:
                 path.unlink(missing_ok=True)
                 self._torn_names.pop(n, None)
@@ -215,6 +248,7 @@ class Journal:
         if self._syncer is not None:
             self._syncer.join(timeout=5)
         janitor_busy = self._janitor.stop()
+        self._ended.carry(0)  # ends a refused append kept noted: their segments may be gone
         with self._lock:
             self._finish_retired()
             if self._fd is not None:
@@ -311,8 +345,11 @@ class Journal:
                     self._janitor.hand(full)
 
     def _delete(self, segments: list[Path]) -> None:
-        """Delete `segments`, after one flush of the checkpoints for all of them."""
+        """Delete `segments`, after one flush of the checkpoints for all of them, and the ends
+        noted up to the newest of them appended to the ended file (deleted all the same when
+        the disk refuses that: the ends stay noted)."""
         if self._checkpoints_flushed():
+            self._ended.carry(max(sequence_of(path) for path in segments))
             for path in segments:
                 with contextlib.suppress(OSError):
                     path.unlink()

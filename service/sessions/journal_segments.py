@@ -39,6 +39,12 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def sequence_of(segment: Path) -> int:
+    """The sequence number in a segment's name (0 for a name that is not a segment's)."""
+    m = _SEGMENT_RE.fullmatch(segment.name)
+    return int(m.group(1)) if m is not None else 0
+
+
 def valid_length(segment: Path) -> int | None:
     """How many bytes of `segment` count: all (None), or what its name says."""
     m = _SEGMENT_RE.fullmatch(segment.name)

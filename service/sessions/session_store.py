@@ -129,6 +129,11 @@ class SessionStore:
             raise SessionExpired(f"session {shown} expired after its idle TTL")
         return session
 
+    @property
+    def gone(self) -> EndedSessions:
+        """Why the ids of sessions no longer here are gone (ended, moved, refused)."""
+        return self._gone
+
     def mark_broken(
         self,
         session_id: str,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from service.sessions import journal_record
+from service.sessions.ended_file import Ended
 from service.sessions.journal_record import JournalRecord, Unreadable, decode_stream
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import SharedState, Write
@@ -43,6 +44,12 @@ class SharedJournal:
 
     def open(self) -> Iterator[JournalRecord | Unreadable]:
         return iter(())  # sessions are read when taken over, not at start-up
+
+    def ended_sessions(self) -> list[Ended]:
+        return []  # the tier keeps why each ended (a tombstone), read at a takeover
+
+    def keep_ended(self, ended: list[Ended]) -> None:
+        pass
 
     def start(self) -> None:
         pass

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from service.sessions.ended_file import Ended
 from service.sessions.journal_record import JournalRecord, Unreadable
 from service.sessions.spill_directory import TierScan
 from service.sessions.spill_record import SpillRecord
@@ -73,6 +74,10 @@ class JournalLog(Protocol):
     def writes_again(self) -> None: ...  # a probe succeeded: no longer `refusing`
 
     def open(self) -> Iterator[JournalRecord | Unreadable]: ...
+
+    def ended_sessions(self) -> list[Ended]: ...  # ends kept past their END records
+
+    def keep_ended(self, ended: list[Ended]) -> None: ...
 
     def start(self) -> None: ...
 

@@ -1,0 +1,72 @@
+"""Why sessions ended, across restarts, from the journal's `ended` file: an engine started on a
+directory whose file is damaged or garbage starts all the same; only the answers it cannot read
+are lost (NOT_FOUND), each damaged line counted as a damaged journal record, and the file is
+written whole again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.errors import SessionClosed, SessionNotFound
+
+from .conftest import EngineFactory
+
+
+async def _closed(make_engine: EngineFactory, spill: Path, n: int) -> list[str]:
+    """`n` sessions made and closed, then a clean stop (which deletes the journal's segments)."""
+    first = await make_engine(spill_dir=spill)
+    ids = []
+    for _ in range(n):
+        session, _ = await first.create_session("tok")
+        await first.close_session(session.session_id)
+        ids.append(session.session_id)
+    await first.stop()
+    assert not list((spill / "journal").glob("*.log"))  # only the file says they were closed
+    return ids
+
+
+async def test_a_damaged_ended_file_loses_only_the_answers_it_cannot_read(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    ids = await _closed(make_engine, spill, 3)
+    path = spill / "journal" / "ended"
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    damaged = bytearray(lines[1])
+    damaged[-4] ^= 0x01  # a bit flipped: its checksum fails
+    path.write_bytes(lines[0] + bytes(damaged) + lines[2][:20])  # and the last one cut short
+    second = await make_engine(spill_dir=spill)
+    with pytest.raises(SessionClosed, match="was closed"):
+        second.get_session(ids[0])
+    for lost in ids[1:]:
+        with pytest.raises(SessionNotFound, match="not found"):
+            second.get_session(lost)
+    assert second.stats().journal_damaged_records == 1  # the cut-short line is no damage
+    assert path.read_bytes() == lines[0]  # written anew: what it could read, nothing else
+    await second.stop()
+    third = await make_engine(spill_dir=spill)
+    with pytest.raises(SessionClosed):
+        third.get_session(ids[0])
+    assert third.stats().journal_damaged_records == 0
+
+
+async def test_an_engine_starts_on_an_ended_file_of_garbage(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    ids = await _closed(make_engine, spill, 2)
+    (spill / "journal" / "ended").write_bytes(bytes(range(256)) * 8)
+    second = await make_engine(spill_dir=spill)
+    for sid in ids:
+        with pytest.raises(SessionNotFound):
+            second.get_session(sid)
+    assert second.stats().journal_damaged_records > 0
+    session, _ = await second.create_session("tok")  # it serves
+    await second.close_session(session.session_id)
+    await second.stop()
+    third = await make_engine(spill_dir=spill)
+    with pytest.raises(SessionClosed):
+        third.get_session(session.session_id)
