@@ -35,11 +35,9 @@ learns that from the journal's `ended` file after that (`ended_file`): the ends 
 start (`note_end`) are appended to it before the segments holding them are deleted (all of
 them by a shutdown's `drop_before`).
 
-The checkpoints that released a segment are written without an fsync each. Before a segment is
-deleted, the filesystem holding them (`checkpoints`) is flushed with one syncfs(2), so a power
-loss finds each session's steps in a checkpoint on disk or still in the journal; if that flush
-fails, the segment stays. Not under the `never` policy, which promises nothing past a killed
-process.
+Before a segment is deleted, the checkpoints that released it are flushed to disk
+(`checkpoints_flush`), so a power loss finds each session's steps in a checkpoint or still in
+the journal; not under the `never` policy, which promises nothing past a killed process.
 """
 
 from __future__ import annotations
@@ -53,14 +51,12 @@ from pathlib import Path
 from typing import Literal
 
 from service.errors import JournalUnavailable
+from service.sessions.checkpoints_flush import CheckpointsFlush
 from service.sessions.ended_file import Ended, EndedFile
 from service.sessions.held_records import HeldRecords
 from service.sessions.journal_janitor import JournalJanitor
 from service.sessions.journal_opening import SegmentReading
-from service.sessions.journal_record import (
-    JournalRecord,
-    Unreadable,
-)
+from service.sessions.journal_record import JournalRecord, Unreadable
 from service.sessions.journal_segments import (
     clear_stray_held,
     close_segment,
@@ -69,7 +65,6 @@ from service.sessions.journal_segments import (
     segment_path,
     sequence_of,
 )
-from service.sessions.record_files import syncfs_fd
 from service.sessions.write_probe import takes_writes
 from service.settings import SPILL_DIR_VARIABLE
 
@@ -92,11 +87,8 @@ class Journal:
         self.directory = Path(directory)
         self._setting = setting  # what set the state directory, named when a write fails
         self._fsync = fsync
-        # Where the checkpoints that release segments are written (flushed before a deletion);
-        # None: nothing to flush.
-        self._checkpoints = checkpoints
-        self._checkpoints_fd: int | None = None  # kept open: it sees every writeback error
-        self._flush_failed = False  # once a flush fails, no segment is deleted until restart
+        # The checkpoints that release segments, flushed before a deletion.
+        self._checkpoints_flushed = CheckpointsFlush(checkpoints if fsync != "never" else None)
         self._interval = fsync_interval_seconds
         self._segment_bytes = segment_bytes
         self._seq = 0  # the segment being written
@@ -193,8 +185,7 @@ class Journal:
         fsync thread."""
         self._roll()
         self._started = True
-        if self._checkpoints is not None and self._fsync != "never":
-            self._checkpoints_fd = os.open(self._checkpoints, os.O_RDONLY | os.O_DIRECTORY)
+        self._checkpoints_flushed.open()
         self._janitor.start()
         if self._fsync == "interval":
             self._syncer = threading.Thread(target=self._sync_loop, name="journal-fsync")
@@ -256,9 +247,7 @@ class Journal:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
-        fd, self._checkpoints_fd = self._checkpoints_fd, None
-        if fd is not None and not janitor_busy:  # a busy janitor may be flushing through it
-            os.close(fd)
+        self._checkpoints_flushed.close(in_use=janitor_busy)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -353,34 +342,6 @@ class Journal:
             for path in segments:
                 with contextlib.suppress(OSError):
                     path.unlink()
-
-    def _checkpoints_flushed(self) -> bool:
-        """Flush the filesystem of the checkpoints (syncfs on a descriptor kept open since
-        `start`; sync where there is no syncfs) before a segment goes. False when the flush
-        fails, and from then on until a restart: segments are kept (recovery reads and skips
-        them)."""
-        if self._checkpoints is None or self._fsync == "never":
-            return True
-        if self._flush_failed:
-            return False
-        try:
-            fd = self._checkpoints_fd
-            if fd is None:  # not started (recovery's drop) or closed: a descriptor for now
-                fd = os.open(self._checkpoints, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    flushed = syncfs_fd(fd, self._checkpoints)
-                finally:
-                    os.close(fd)
-            else:
-                flushed = syncfs_fd(fd, self._checkpoints)
-            if not flushed:
-                os.sync()
-        except OSError as exc:
-            self._flush_failed = True
-            log.error("could not flush the checkpoints in %s (%s); no journal segment is "
-                      "deleted until the server restarts", self._checkpoints, exc)  # fmt: skip
-            return False
-        return True
 
     def _discard_torn(self) -> None:
         """Undo a failed append: none of its records may come back at recovery (the client was

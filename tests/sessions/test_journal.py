@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.errors import JournalUnavailable
-from service.sessions import journal as journal_module
+from service.sessions import checkpoints_flush
 from service.sessions import journal_record as jr
 from service.sessions.journal import Journal
 from tests.tmpfs import fill_but, mounted_tmpfs
@@ -396,7 +396,7 @@ def _flushes(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[tuple[
             raise OSError(5, "Input/output error")
         return True
 
-    monkeypatch.setattr(journal_module, "syncfs_fd", fake_syncfs_fd)
+    monkeypatch.setattr(checkpoints_flush, "syncfs_fd", fake_syncfs_fd)
     return seen
 
 
