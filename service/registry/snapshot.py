@@ -144,7 +144,7 @@ class StoreSnapshot:
     def model(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
-            known = ", ".join(sorted(self.models)) or f"none (the store at {self.root} is empty)"
+            known = ", ".join(sorted(self.models)) or f"none (the model store {self.root} is empty or missing)"
             raise ModelNotFound(f"model {quote(name)} not found; available: {known}")
         return entry
 

@@ -130,7 +130,9 @@ class ModelStore:
 
     def name_within(self, exc: SeqServeError) -> None:
         """Name the store's files in `exc` as within the store (`tok/2/weights.safetensors`),
-        not by where the store is on this server: the message reaches clients."""
+        not by where the store is on this server, and the store itself as "the model store":
+        the message reaches clients."""
+        exc.message = exc.message.replace(f"the model store {self.root}", "the model store")
         exc.message = exc.message.replace(f"{self.root}/", "")
         exc.args = (exc.message,)
 
