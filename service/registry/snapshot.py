@@ -144,7 +144,8 @@ class StoreSnapshot:
     def model(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
-            known = ", ".join(sorted(self.models)) or f"none (the model store {self.root} is empty or missing)"
+            empty = f"none (the model store {self.root} is empty or missing)"
+            known = ", ".join(sorted(self.models)) or empty
             raise ModelNotFound(f"model {quote(name)} not found; available: {known}")
         return entry
 
