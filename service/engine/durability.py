@@ -138,7 +138,7 @@ class Durability:
         changed; otherwise (expiry) count it: its checkpoint, deleted next, could revive it
         after a crash, where its idle time expires it again."""
         if self.journal is not None:
-            record = journal_record.end(session.session_id, session.position, why)
+            record = journal_record.end(session.session_id, session.position, why, session.owner)
             try:
                 self.journal.append([record])
             except SessionMoved:

@@ -93,7 +93,7 @@ def _encode(r: jr.JournalRecord) -> bytes:
         return jr.generation_start(r.session_id, r.position, r.request_id, r.meta or {})
     if r.kind == jr.CREATE:
         return jr.create(r.session_id, r.meta or {})
-    return jr.end(r.session_id, r.position, r.why)
+    return jr.end(r.session_id, r.position, r.why, (r.meta or {}).get("owner", ""))
 
 
 def fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # type: ignore[type-arg]

@@ -13,7 +13,8 @@ A record is framed as
              GENERATED  the sampled token (int32), the RNG draws it took (1 byte)
              GEN_START  JSON (the rest of the body): the generation's sampling
              CREATE     JSON (the rest of the body): model, version, seed, sampling, ...
-             END        why (the rest of the body, UTF-8): "closed", "expired"
+             END        why, then a newline and the session's owner when it has one (the rest
+                        of the body, UTF-8): "closed", "expired\nalice"
 
 Version 2 adds the request id and a feed's prediction options, so recovery can rebuild the
 reply to a session's last request for an exactly-once retry. This server writes version 2 and
@@ -75,7 +76,8 @@ class JournalRecord(NamedTuple):
     data: bytes = b""  # TOKENS, GENERATED: int32 ids; FRAMES: float32 values
     n: int = 0  # values in `data`
     draws: int = 0  # GENERATED: uniform numbers its sampling took from the session's RNG
-    meta: dict[str, Any] | None = None  # CREATE: the session; GEN_START: the sampling
+    # CREATE: the session; GEN_START: the sampling; END: {"owner": ...} when it names one
+    meta: dict[str, Any] | None = None
     why: str = ""  # END
     request_id: str = ""  # the request that applied it ("" in version 1)
     top_k: int = 0  # TOKENS, FRAMES: the feed's prediction options (version 2)
@@ -190,8 +192,12 @@ def create(session_id: str, meta: dict[str, Any]) -> bytes:
     return _frame(_head(CREATE, session_id, 0) + json.dumps(meta).encode("utf-8"))
 
 
-def end(session_id: str, position: int, why: str) -> bytes:
-    return _frame(_head(END, session_id, position) + why.encode("utf-8"))
+def end(session_id: str, position: int, why: str, owner: str = "") -> bytes:
+    """The session ended; `owner` (who it was, with auth on) answers, after a crash that
+    left nothing else of it, who may hear why. (A server before this reads the owner as part
+    of why, and answers NOT_FOUND for the session.)"""
+    body = f"{why}\n{owner}" if owner else why
+    return _frame(_head(END, session_id, position) + body.encode("utf-8"))
 
 
 def session_of(record: bytes) -> str:
@@ -332,7 +338,9 @@ def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
                 kind, session_id, position, meta=meta, request_id=request_id
             ), end_at
         if kind == END:
-            return JournalRecord(kind, session_id, position, why=data[at:end_at].decode()), end_at
+            why, _, owner = data[at:end_at].decode().partition("\n")
+            meta = {"owner": owner} if owner else None
+            return JournalRecord(kind, session_id, position, meta=meta, why=why), end_at
     except (ValueError, UnicodeDecodeError, struct.error, IndexError):
         pass
     return None, offset

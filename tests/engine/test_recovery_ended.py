@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from service.errors import SessionClosed, SessionNotFound
+from service.security import principal
+from service.security.principal import Principal
+from service.sessions import journal_record as jr
 
-from .conftest import EngineFactory
+from .conftest import EngineFactory, crash, toks
 
 
 async def _closed(make_engine: EngineFactory, spill: Path, n: int) -> list[str]:
@@ -70,3 +73,39 @@ async def test_an_engine_starts_on_an_ended_file_of_garbage(
     third = await make_engine(spill_dir=spill)
     with pytest.raises(SessionClosed):
         third.get_session(session.session_id)
+
+
+async def test_a_closed_session_known_only_by_its_end_record_is_still_its_owners(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """With auth on, a session whose creation record's segment was deleted (a checkpoint
+    replaced it) and whose checkpoint went with its close has, after a crash, only its END
+    record: that record names its owner, so the owner still hears that it was closed and
+    anyone else NOT_FOUND. Before, the END named no owner, and the owner heard NOT_FOUND too."""
+    spill = tmp_path / "state"
+    alice = principal.current.set(Principal("alice", "client"))
+    try:
+        first = await make_engine(spill_dir=spill, checkpoint_steps=1, journal_segment_bytes=256)
+        session, _ = await first.create_session("tok")
+        sid = session.session_id
+        for k in range(6):  # checkpointed after each step; the segments roll and go
+            await first.feed(sid, toks(k + 1))
+        journal = first.durability.journal
+        assert journal is not None
+        journal.settle()  # type: ignore[attr-defined]
+        await first.close_session(sid)
+        await crash(first)
+        segments = sorted((spill / "journal").glob("*.log"))
+        kinds = {r.kind for s in segments for r in jr.read_stream(s.read_bytes())}
+        assert jr.CREATE not in kinds and jr.END in kinds  # only the END says anything
+        second = await make_engine(spill_dir=spill)
+        with pytest.raises(SessionClosed, match="was closed"):
+            second.get_session(sid)
+    finally:
+        principal.current.reset(alice)
+    bob = principal.current.set(Principal("bob", "client"))
+    try:
+        with pytest.raises(SessionNotFound):
+            second.get_session(sid)
+    finally:
+        principal.current.reset(bob)
