@@ -37,6 +37,20 @@ async def _two_sessions_three_steps(  # type: ignore[no-untyped-def]
     return a, b, hurt, fine
 
 
+async def _not_found_but_to_alice(engine, session_id: str) -> None:  # type: ignore[no-untyped-def]
+    """A stranger stepping or reading the session hears NOT_FOUND; alice, its owner, hears
+    that a newer server wrote it."""
+    principal.current.set(Principal("mallory", "client"))
+    with pytest.raises(SeqServeError) as stepped:
+        await engine.feed(session_id, toks(9))
+    with pytest.raises(SeqServeError) as read:
+        await engine.describe_session(session_id)
+    assert stepped.value.reason == read.value.reason == "SESSION_NOT_FOUND"
+    principal.current.set(Principal("alice", "client"))
+    with pytest.raises(WrittenByNewer):
+        await engine.feed(session_id, toks(9))
+
+
 def _rewrite_last_record(state_url: str, session_id: str, change: Callable[[bytes], bytes]) -> None:
     """Replace the session's newest journal record in the tier with `change(record)`."""
     if state_url.startswith("sqlite:"):
@@ -194,15 +208,7 @@ async def test_a_stranger_hears_not_found_for_a_session_a_newer_server_wrote(
     own (it got FAILED_PRECONDITION naming the session)."""
     _holder, b, newer, _fine = await _two_sessions_three_steps(make_engine, redis_url, "alice")
     _rewrite_last_record(redis_url, newer.session_id, _newer_version)
-    principal.current.set(Principal("mallory", "client"))
-    with pytest.raises(SeqServeError) as stepped:
-        await b.feed(newer.session_id, toks(9))
-    with pytest.raises(SeqServeError) as read:
-        await b.describe_session(newer.session_id)
-    assert stepped.value.reason == read.value.reason == "SESSION_NOT_FOUND"
-    principal.current.set(Principal("alice", "client"))
-    with pytest.raises(WrittenByNewer):
-        await b.feed(newer.session_id, toks(9))
+    await _not_found_but_to_alice(b, newer.session_id)
 
 
 async def test_a_checkpoint_a_newer_server_wrote_refuses_the_takeover_and_is_not_damage(
@@ -238,15 +244,7 @@ async def test_a_stranger_hears_not_found_for_a_checkpoint_a_newer_server_wrote(
     holder, b, newer, _fine = await _two_sessions_three_steps(make_engine, state_url, "alice")
     assert await holder.idle_checkpoints.sweep(0.0) == 2
     _rewrite_checkpoint(state_url, newer.session_id, _newer_checkpoint)
-    principal.current.set(Principal("mallory", "client"))
-    with pytest.raises(SeqServeError) as stepped:
-        await b.feed(newer.session_id, toks(9))
-    with pytest.raises(SeqServeError) as read:
-        await b.describe_session(newer.session_id)
-    assert stepped.value.reason == read.value.reason == "SESSION_NOT_FOUND"
-    principal.current.set(Principal("alice", "client"))
-    with pytest.raises(WrittenByNewer):
-        await b.feed(newer.session_id, toks(9))
+    await _not_found_but_to_alice(b, newer.session_id)
     assert b.stats().damaged_checkpoints == 0
 
 
