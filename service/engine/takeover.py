@@ -82,9 +82,11 @@ class Takeover:
         while (running := self._claiming.get(session_id)) is not None:
             await asyncio.shield(running)  # another request of ours is taking it over
         local = self._sessions.peek(session_id)
-        if local is None and session_id in self._sessions.broken:
+        if local is None and self._sessions.refused_for_good(session_id):
             # Refused here for good (damaged): answered from what this replica learned. A
             # claim would read all its records again and refuse it again, at each request.
+            # Not one refused for its version: the store may hold it again, or another
+            # replica may have closed it, so the tier is asked again.
             return
         if local is not None:
             if not may_see(local.owner):
@@ -182,7 +184,7 @@ class Takeover:
     async def describe(self, session_id: str) -> Session:
         """The session as the tier holds it, without taking it over (GetSession)."""
         assert self._state is not None
-        if session_id in self._sessions.broken:  # refused here for good: see `ensure`
+        if self._sessions.refused_for_good(session_id):  # damaged: see `ensure`
             return self._sessions.get(session_id)  # raises why (NOT_FOUND to a stranger)
         try:
             found = await asyncio.to_thread(self._state.peek, session_id)

@@ -22,6 +22,7 @@ from service.errors import (
     SessionExpired,
     SessionMoved,
     SessionNotFound,
+    SessionRefusal,
     SpillCorrupted,
     quote,
 )
@@ -112,6 +113,13 @@ class EndedSessions:
         may not see it."""
         self.broken_owner(session_id)
         return self._broken_errors[session_id]
+
+    def refused_for_good(self, session_id: str) -> bool:
+        """Whether the session is refused for what its records hold, which will not get
+        better (damaged or lost: a lasting `SessionRefusal`), not for what this process lacks
+        now (its version, its weights), which a later look may find otherwise."""
+        error = self._broken_errors.get(session_id)
+        return error is not None and issubclass(error, SessionRefusal) and error.lasting
 
     def close_broken(self, session_id: str) -> None:
         """A refused session was closed: remembered as closed from now on."""

@@ -160,6 +160,11 @@ class SessionStore:
         `broken_owner`, for a caller who may not see it."""
         return self._gone.broken_error(session_id)
 
+    def refused_for_good(self, session_id: str) -> bool:
+        """Refused for damage (`EndedSessions.refused_for_good`), not for what this process
+        lacks now."""
+        return self._gone.refused_for_good(session_id)
+
     def close_broken(self, session_id: str) -> None:
         """A refused session was closed: remembered as closed from now on."""
         self._gone.close_broken(session_id)
