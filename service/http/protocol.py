@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from aiohttp.web_request import BaseRequest
 
 from service.errors import Internal, InvalidArgument, quote
@@ -33,9 +33,16 @@ _QUOTED = re.compile(r"""[:\s]*b?['"].*$""")
 def parse_error(exc: HttpProcessingError) -> InvalidArgument:
     """The error a request aiohttp could not parse is answered with: its kind and aiohttp's
     first words on it, without the bytes aiohttp quotes after them (the start of an over-long
-    `Authorization` line), and quoted (an unparsable URL is all of InvalidURLError's words)."""
+    `Authorization` line), and quoted. An unparsable URL only by its kind: InvalidURLError's
+    message is often the request target itself, unquoted (an absolute URL or a CONNECT
+    authority aiohttp could not split, a target with a control character)."""
+    if isinstance(exc, InvalidURLError):
+        return _refused(type(exc).__name__)
     first = _QUOTED.sub("", exc.message.split("\n", 1)[0]).rstrip(":. ")
-    what = f"{type(exc).__name__}: {quote(first)}" if first else type(exc).__name__
+    return _refused(f"{type(exc).__name__}: {quote(first)}" if first else type(exc).__name__)
+
+
+def _refused(what: str) -> InvalidArgument:
     return InvalidArgument(
         f"the request could not be read as HTTP/1.1 ({what}); the connection is closed"
     )
