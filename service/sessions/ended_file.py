@@ -84,6 +84,8 @@ class EndedFile:
         self._lines = 0  # lines in the file (a compaction is due past twice the bound)
         self._torn_tail = False  # it may end in a part of a line: an append starts a new one
         self._read: list[Ended] | None = None  # what `read` found, when the file is just that
+        self._unread = False  # `read` could not read it: kept, never replaced, by this process
+        self._dir_synced = False  # the file's name made durable by this process (once)
 
     def read(self) -> list[Ended]:
         """The ends the file keeps, oldest first, each id once (its last line), the newest
@@ -96,8 +98,10 @@ class EndedFile:
             return []
         except OSError as exc:
             log.warning("could not read %s (%s): requests for the sessions that ended before "
-                        "it was written hear NOT_FOUND", self.path, exc)  # fmt: skip
+                        "it was written hear NOT_FOUND until a restart reads it; it is kept, "
+                        "and appended to", self.path, exc)  # fmt: skip
             self._torn_tail = True
+            self._unread = True
             return []
         found, lines = self._entries(data, at_start=True)
         self._lines = lines
@@ -111,6 +115,9 @@ class EndedFile:
         ended = [e for e in ended if e[1] in WHYS][-self._bound :]
         with self._writing:
             if ended == self._read:
+                return True
+            if self._unread:  # what it holds may be readable again later: not replaced
+                self._requeue(ended)  # appended with the next carry
                 return True
             self._read = None
             try:
@@ -197,8 +204,9 @@ class EndedFile:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        if new and self._durable:
-            fsync_dir(self.path.parent)
+        if (new or not self._dir_synced) and self._durable:
+            fsync_dir(self.path.parent)  # again at the next append if this one failed
+            self._dir_synced = True
         self._torn_tail = False
         self._lines += len(batch)
 
@@ -224,6 +232,7 @@ class EndedFile:
             raise
         if self._durable:
             fsync_dir(self.path.parent)
+            self._dir_synced = True
         self._lines = len(ended)
         self._torn_tail = False
 

@@ -74,8 +74,56 @@ def test_an_unreadable_file_starts_with_no_answers(
     kept = _file(tmp_path)
     assert kept.read() == []
     assert "could not read" in caplog.text
-    assert not kept.rewrite([A])  # nor can it be replaced: the ends stay noted
-    assert "could not write" in caplog.text
+    assert kept.rewrite([A])  # not replaced: the ends stay noted, for the next append
+    assert not kept.carry(None)  # which the directory refuses too
+    assert "could not append" in caplog.text
+
+
+def test_a_file_unreadable_at_the_start_is_kept_and_appended_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that fails at a start (an I/O error that passes) must not lose what the file
+    holds: the start's rewrite replaced it with the journal's ends alone, for good."""
+    before = _file(tmp_path)
+    before.note(1, A)
+    assert before.carry(None)
+    real = ended_file.read_file
+
+    def failing(path: str) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ended_file, "read_file", failing)
+    kept = _file(tmp_path)
+    assert kept.read() == []
+    monkeypatch.setattr(ended_file, "read_file", real)
+    assert kept.rewrite([B])  # what the journal's segments said at this start
+    kept.note(2, C)
+    assert kept.carry(None)
+    assert _file(tmp_path).read() == [A, B, C]
+
+
+def test_a_name_whose_sync_failed_is_synced_at_the_next_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's first append fsyncs the directory, so its name survives a power loss; when
+    that fsync failed, the next append did not try again (the file existed by then)."""
+    synced: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        synced.append(path)
+        if len(synced) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ended_file, "fsync_dir", fsync_dir)
+    kept = _file(tmp_path)
+    kept.note(1, A)
+    assert not kept.carry(None)  # the data is written; its name is not known durable
+    kept.note(2, B)
+    assert kept.carry(None)
+    assert synced == [tmp_path, tmp_path]
+    kept.note(3, C)
+    assert kept.carry(None)
+    assert len(synced) == 2  # once it held, not at every append
 
 
 def test_a_refused_append_keeps_its_ends_for_the_next(
