@@ -75,11 +75,12 @@ class SessionFeeder:
         inputs: Tensor,
         options: PredictionOptions | None = None,
         *,
-        remember_as: str = "",
+        remember_as: str | None = None,
         if_applied_late: Callable[[], None] | None = None,
     ) -> FeedOutcome:
         """Feed validated `inputs` to a leased, ready session. `remember_as`: the feed's
-        request id, remembered for its retry even if this call is cancelled too late;
+        request id ("" for none), remembered as the session's last request even if this call is
+        cancelled too late (None: the caller remembers nothing, as a generation's prompt);
         `if_applied_late`: called, in that case, once the step has applied the feed."""
         served = lease.served
         group = served.scheduler.submit([(lease, self._row(lease, inputs, options))])
@@ -91,7 +92,7 @@ class SessionFeeder:
             # Too late: the step may be writing the slot now, and the lease is let go only once
             # it settles (the feed is consumed; the position says so).
             if not group.withdraw():
-                if remember_as:
+                if remember_as is not None:
                     _remember_late(group, [(lease, remember_as)])
                 if if_applied_late is not None:
                     then = if_applied_late

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.engine.session_engine import Feed, Line, ModelInput
-from service.errors import InvalidArgument, Unavailable
+from service.errors import InvalidArgument, PositionMismatch, Unavailable
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import StepBatch
 from service.sessions.session import Session
@@ -267,3 +267,29 @@ async def test_a_message_waiting_behind_another_keeps_its_own_request_for_retry(
     assert session.last_request is not None and session.last_request.request_id == "second"
     retry = await engine.feed(sid, second.input, expected_position=1, request_id="second")
     assert retry.position == 2 == session.position  # the original reply; applied once
+
+
+@pytest.mark.parametrize("many", [True, False])
+async def test_a_feed_without_request_id_cancelled_inside_its_step_ends_the_retry_of_the_one_before(
+    make_engine: EngineFactory, many: bool
+) -> None:
+    """A feed with no request id is applied all the same when its caller goes away inside its
+    step: the request before it is no longer the session's last, so a retry of that one must
+    be told the position moved on, not given its old reply (the unary path kept it)."""
+    engine = await make_engine(engine={"inline_max_rows": 0})
+    session, _ = await engine.create_session("tok")
+    sid = session.session_id
+    await engine.feed(sid, ModelInput(tokens=[7]), expected_position=0, request_id="r1")
+    with slow_steps(engine) as in_step:
+        if many:
+            call = asyncio.create_task(engine.feed_many([Feed(sid, ModelInput(tokens=[8]))]))
+        else:
+            call = asyncio.create_task(engine.feed(sid, ModelInput(tokens=[8])))
+        await asyncio.wait_for(in_step.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await settled(session, 2)
+    assert session.last_request is None
+    with pytest.raises(PositionMismatch):
+        await engine.feed(sid, ModelInput(tokens=[7]), expected_position=0, request_id="r1")
