@@ -146,6 +146,7 @@ class EndedSessions:
         self._ended.move_to_end(session_id)  # ended again (recovery's END after the file's)
         if len(self._ended) > REMEMBERED:
             gone, _ = self._ended.popitem(last=False)
-            self._owners.pop(gone, None)
+            if gone not in self._broken:  # a refused one's owner is kept: only it may close it
+                self._owners.pop(gone, None)
         if self.on_end is not None:
             self.on_end(session_id, why, self._owners.get(session_id, ""))
