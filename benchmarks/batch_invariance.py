@@ -9,6 +9,11 @@ three), so a session's state alone and batched differs by about 1e-6. That chang
 token only where the draw falls within that distance of the boundary between two tokens;
 after one does, the two continuations differ.
 
+It also times why this is not fixed by padding every step to a batch where rows agree: one
+layer's matrix product (a random float32 matrix the shape of a layer above the first, 4H x 2H,
+gates x [input, h], of an LSTM of the model's hidden size H; 3H for a GRU) of 1, 2, 4 and 8 rows,
+and which batch sizes of 1 to 8 and 64 give a row another result than a batch of 256 does.
+
 This runs the server's own runner (`ModelRunner.execute` of generate rows, each row's head
 output kept from its step before, as a running generation's) twice over the same sessions and
 seeds: each session stepped alone, then all of them in one batch each step. It reports how
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -69,9 +75,36 @@ def generate(
     return drawn
 
 
+SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 64)
+
+
+def products(model: SequenceModel, calls: int = 2000) -> dict[str, object]:
+    """One layer's product, the batch sizes whose rows differ from a batch of 256's, and the
+    time of a product of 1, 2, 4 and 8 rows (µs, the mean over `calls`)."""
+    hidden = model.config.hidden_size
+    gates = model.config.gates * hidden
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(gates, 2 * hidden, generator=gen) * 0.05
+    rows = torch.randn(256, 2 * hidden, generator=gen)
+    reference = rows @ weight.T
+    differ = [n for n in SIZES if not torch.equal((rows[:n] @ weight.T), reference[:n])]
+    bias = torch.zeros(gates)
+    timed: dict[int, float] = {}
+    for n in (1, 2, 4, 8):
+        batch = rows[:n]
+        for _ in range(calls // 10):
+            torch.addmm(bias, batch, weight.T)
+        started = time.perf_counter()
+        for _ in range(calls):
+            torch.addmm(bias, batch, weight.T)
+        timed[n] = (time.perf_counter() - started) / calls * 1e6
+    return {"rows_differ_at": differ, "product_us": timed}
+
+
 def measure(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(1)
     model = load_model(args.store, args.model)
+    layer = products(model)
     alone = generate(model, args.sessions, args.tokens, args.temperature, batched=False)
     batched = generate(model, args.sessions, args.tokens, args.temperature, batched=True)
     firsts = [
@@ -88,6 +121,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "diverged": len(diverged),
         "first_divergences": diverged,
         "tokens_compared": compared,
+        **layer,
     }
 
 
@@ -99,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         f"temperature {result['temperature']}, alone against batched: "
         f"{result['diverged']} diverged (at tokens {result['first_divergences']}) in "
         f"{result['tokens_compared']:,} tokens compared up to each divergence"
+    )
+    product_us = result["product_us"]
+    assert isinstance(product_us, dict)
+    print(
+        f"one layer's product: a row differs from a batch of 256's at batch sizes "
+        f"{result['rows_differ_at']} (of {list(SIZES)}); "
+        + ", ".join(f"{n} rows {us:.1f} µs" for n, us in product_us.items())
     )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))

@@ -23,6 +23,7 @@ def test_a_divergence_is_counted_at_its_first_differing_token(
         True: [[1, 2, 3, 4], [5, 6, 0, 0], [0, 9, 9, 9]],
     }
     monkeypatch.setattr(batch_invariance, "load_model", lambda store, name: None)
+    monkeypatch.setattr(batch_invariance, "products", lambda model: {})
     monkeypatch.setattr(
         batch_invariance, "generate", lambda model, s, t, temp, *, batched: runs[batched]
     )
@@ -52,4 +53,8 @@ def test_main_prints_and_writes_the_result(
     written = json.loads(out.read_text())
     assert written["sessions"] == 2 and written["tokens"] == 5
     assert written["tokens_compared"] <= 10
-    assert "alone against batched" in capsys.readouterr().out
+    assert set(written["rows_differ_at"]) <= set(batch_invariance.SIZES)
+    assert sorted(written["product_us"]) == ["1", "2", "4", "8"]
+    assert all(us > 0 for us in written["product_us"].values())
+    printed = capsys.readouterr().out
+    assert "alone against batched" in printed and "one layer's product" in printed
