@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NODE_DIR := tests/node
+# Test processes (pytest-xdist): 2 fits a 2-core machine; PYTEST_WORKERS=0 runs the tests in one.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install system-deps node-deps serve test lint typecheck protos fmt bench clean
 
@@ -33,7 +35,7 @@ serve: $(STAMP)
 test: $(STAMP) system-deps node-deps
 	$(VENV)/bin/ruff check service tests benchmarks
 	$(VENV)/bin/mypy
-	$(PY) -m pytest ; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -n $(PYTEST_WORKERS) ; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service tests benchmarks
