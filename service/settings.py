@@ -210,7 +210,9 @@ class SessionSettings(BaseModel):
     durability: Literal["journal", "shutdown"] = "journal"
     """`journal`: every acknowledged step is in the journal (in `spill_dir`/journal) before its
     reply leaves, so a killed server loses no session. `shutdown`: sessions are written only on
-    a graceful stop (SIGTERM) and on eviction; a crash loses the ones in memory."""
+    a graceful stop (SIGTERM) and on eviction; a crash loses the ones in memory (and why the
+    sessions since the last graceful stop ended: `journal/ended` is written at each graceful
+    stop)."""
     fsync: Literal["batch", "interval", "never"] = "interval"
     """When journal writes are fsynced: after every batched step (survives power loss, costs a
     disk flush per step), every `fsync_interval_seconds` in the background, or never (the OS

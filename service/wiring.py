@@ -19,6 +19,7 @@ from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
 from service.engine.checkpoint_writer import CheckpointWriter
 from service.engine.durability import Durability
+from service.engine.kept_ends import KeptEnds
 from service.engine.replay import PendingReplays
 from service.engine.served_version import VersionObserver
 from service.engine.served_versions import ServedVersions
@@ -85,7 +86,13 @@ def build_engine(
             setting=cfg.spill_dir_variable,
         )
         sessions.gone.on_end = local.note_end  # why each ended, kept past its END record
-    durability = Durability(journal, sessions, cfg.checkpoint_steps, cfg.checkpoint_idle_seconds)
+    kept_ends = None
+    if journal is None:  # why sessions ended, kept at a clean stop (`KeptEnds`)
+        directory = cfg.spill_dir / JOURNAL_SUBDIR
+        kept_ends = KeptEnds(directory, sessions, durable=cfg.fsync != "never")
+    durability = Durability(
+        journal, sessions, cfg.checkpoint_steps, cfg.checkpoint_idle_seconds, kept_ends
+    )
     loader = VersionLoader(
         store, budget, settings.engine, cfg.pool_initial_slots, observer,
         commit=durability.commit if durability.enabled else None,

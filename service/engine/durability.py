@@ -7,7 +7,8 @@ record written when it has `checkpoint_steps` unsaved steps, when it has been id
 `checkpoint_idle_seconds`, when it is evicted, and at shutdown. Creation and ending are
 journaled too, so a session created and fed since the last checkpoint survives a crash, and one
 closed does not come back. With `durability = "shutdown"` nothing is journaled: sessions survive
-a graceful restart (SIGTERM spills them) but not a crash.
+a graceful restart (SIGTERM spills them) but not a crash, and so does why sessions ended
+(`kept_ends`).
 
 Whether this replica's journal takes writes (`takes_writes`) is what its readiness follows: not
 after its disk refused a batch, until an append succeeds or a probe finds room for that batch.
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import zlib
 
+from service.engine.kept_ends import KeptEnds
 from service.errors import JournalUnavailable, SessionMoved
 from service.sessions import journal_record
 from service.sessions.session import Session
@@ -35,14 +37,23 @@ class Durability:
         sessions: SessionStore,
         checkpoint_steps: int,
         checkpoint_idle_seconds: float,
+        kept_ends: KeptEnds | None = None,
     ) -> None:
         self.journal = journal
+        self.kept_ends = kept_ends  # without a journal: why sessions ended, at a clean stop
         self._sessions = sessions
         self.checkpoint_steps = checkpoint_steps
         # The earliest a checkpoint spread by the session's id comes (see `_first_due`).
         self._earliest_first = checkpoint_steps - checkpoint_steps // 2
         self.checkpoint_idle_seconds = checkpoint_idle_seconds
         self.end_records_lost = 0  # END records the disk refused (counted, logged once)
+
+    @property
+    def damaged_records(self) -> int:
+        """Records of the journal, or lines of the ends kept without one, found damaged."""
+        if self.journal is not None:
+            return self.journal.damaged_records
+        return self.kept_ends.damaged if self.kept_ends is not None else 0
 
     @property
     def enabled(self) -> bool:

@@ -64,7 +64,7 @@ def snapshot(
         end_records_lost=durability.end_records_lost,
         state_write_failures=residency.writer.write_failures,
         damaged_checkpoints=residency.damaged_checkpoints,
-        journal_damaged_records=durability.journal.damaged_records if durability.journal else 0,
+        journal_damaged_records=durability.damaged_records,
         state_writes=residency.writer.writes,
         state_write_seconds=residency.writer.write_seconds,
         versions=[

@@ -117,6 +117,8 @@ class SessionEngine:
             replays = self.leases.replays
             recovery = Recovery(self.sessions, self.versions, self.residency, replays)
             await recovery.from_journal(journal)
+        elif self.durability.kept_ends is not None:
+            await self.durability.kept_ends.recall()
         broken = self.sessions.broken
         if resumed or broken:
             log.info(
@@ -153,6 +155,8 @@ class SessionEngine:
             self.residency, self.spill, self.durability.journal, self.leases.replays,
             self._background.write_timeout,
         )  # fmt: skip
+        if self.durability.kept_ends is not None:  # every session written: none ends now
+            await self.durability.kept_ends.keep()
         await self.versions.close()
         self.spill.close()
 

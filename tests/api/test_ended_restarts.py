@@ -140,3 +140,33 @@ async def test_an_end_whose_segment_was_deleted_while_serving_survives_sigkill(
             await stub.Step(request, metadata=alice)
     await _restart(server, "kill")
     await _expect_ended(server, tok, closed, expired)
+
+
+async def test_without_a_journal_each_clean_stop_keeps_why_sessions_ended(
+    server: ServerProcess, tok: Tokens, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`durability = "shutdown"`: nothing is journaled, so a clean stop writes the answers and
+    a start reads them: they hold across clean restarts, and after a SIGKILL that follows one
+    (the file is the last clean stop's). An end after that stop is lost to a SIGKILL: its id
+    answers NOT_FOUND, as the README says."""
+    monkeypatch.setenv("SEQSERVE_SESSIONS__DURABILITY", "shutdown")
+    journal = tmp_path / "state" / "journal"
+    await server.start()
+    closed, expired = await _end_two(server, tok)
+    for how in ("term", "term", "kill"):
+        await _restart(server, how)
+        await _expect_ended(server, tok, closed, expired)
+    assert (journal / "ended").exists() and not list(journal.glob("*.log"))  # no journal
+    alice = _bearer(tok["alice"])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        made = await stub.CreateSession(pb.CreateSessionRequest(model="tok"), metadata=alice)
+        late = made.session.session_id
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=late), metadata=alice)
+        await expect_status(_get(stub, late, tok["alice"]), grpc.StatusCode.FAILED_PRECONDITION)
+    await _restart(server, "kill")
+    await _expect_ended(server, tok, closed, expired)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        details = await expect_status(_get(stub, late, tok["alice"]), grpc.StatusCode.NOT_FOUND)
+        assert details == f"session {late!r} not found"

@@ -1,0 +1,85 @@
+"""Why sessions ended, without a journal (`durability = "shutdown"`): a clean stop writes the
+answers to `journal/ended` and the next start reads them (`KeptEnds`). The real-server test,
+with SIGTERMs and a SIGKILL, is in `tests/api/test_ended_restarts.py`."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from service.errors import SessionClosed, SessionNotFound
+from service.security import principal
+from service.security.principal import Principal
+from service.sessions import ended_file
+from service.sessions.ended_file import EndedFile, line
+
+from .conftest import EngineFactory, toks
+
+
+async def test_a_clean_stop_keeps_why_sessions_ended_for_the_next_start(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    alice = principal.current.set(Principal("alice", "client"))
+    try:
+        first = await make_engine(spill_dir=spill, durability="shutdown")
+        assert first.durability.journal is None
+        closed, _ = await first.create_session("tok")
+        await first.feed(closed.session_id, toks(1, 2))
+        await first.close_session(closed.session_id)
+        live, _ = await first.create_session("tok")
+        await first.stop()
+        second = await make_engine(spill_dir=spill, durability="shutdown")
+        with pytest.raises(SessionClosed, match="was closed"):
+            second.get_session(closed.session_id)
+        assert second.get_session(live.session_id).position == 0  # resumed, not ended
+    finally:
+        principal.current.reset(alice)
+    bob = principal.current.set(Principal("bob", "client"))
+    try:
+        with pytest.raises(SessionNotFound, match="not found"):
+            second.get_session(closed.session_id)
+    finally:
+        principal.current.reset(bob)
+    assert not list((spill / "journal").glob("*.log"))  # nothing journaled: the file alone
+
+
+async def test_a_file_the_start_could_not_read_is_appended_to_at_the_stop(
+    make_engine: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error that passes: the stop must not replace what the file holds with this
+    process's ends alone."""
+    spill = tmp_path / "state"
+    (spill / "journal").mkdir(parents=True)
+    earlier = ("s_r.aaaa", "expired", "")
+    (spill / "journal" / "ended").write_bytes(line(earlier))
+    real = ended_file.read_file
+
+    def failing(path: str) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ended_file, "read_file", failing)
+    engine = await make_engine(spill_dir=spill, durability="shutdown")
+    monkeypatch.setattr(ended_file, "read_file", real)
+    with pytest.raises(SessionNotFound, match="not found"):
+        engine.get_session(earlier[0])  # unread: NOT_FOUND until a start reads it
+    session, _ = await engine.create_session("tok")
+    await engine.close_session(session.session_id)
+    await engine.stop()
+    kept = EndedFile(spill / "journal", durable=True).read()
+    assert kept == [earlier, (session.session_id, "closed", "")]
+
+
+async def test_damaged_lines_count_as_damaged_journal_records(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    spill = tmp_path / "state"
+    (spill / "journal").mkdir(parents=True)
+    good = ("s_r.bbbb", "closed", "")
+    (spill / "journal" / "ended").write_bytes(b'00000000 s_r.aaaa closed ""\n' + line(good))
+    engine = await make_engine(spill_dir=spill, durability="shutdown")
+    assert engine.stats().journal_damaged_records == 1
+    with pytest.raises(SessionClosed):
+        engine.get_session(good[0])
