@@ -16,7 +16,7 @@ from service.errors import PortInUse
 from service.http.calls import Calls
 from service.http.guard import guard
 from service.http.openapi import openapi_document
-from service.http.protocol import JsonErrorRunner
+from service.http.protocol import JsonErrorRunner, expect_continue
 from service.http.routes import Routes
 from service.security.tls import loopback
 
@@ -74,11 +74,11 @@ class HttpApi:
         async def openapi(_: web.Request) -> web.Response:
             return web.json_response(document)
 
-        self.app.router.add_get("/v1/openapi.json", openapi)
-        self.app.router.add_get("/", _index)
+        self.app.router.add_get("/v1/openapi.json", openapi, expect_handler=expect_continue)
+        self.app.router.add_get("/", _index, expect_handler=expect_continue)
         # The page's two files by name, not a directory: any other path under /static/ is the
         # guard's JSON 404, as for every path that is no route.
-        self.app.router.add_get("/static/{name}", _asset)
+        self.app.router.add_get("/static/{name}", _asset, expect_handler=expect_continue)
         self._runner: JsonErrorRunner | None = None
         self.port = 0
 

@@ -4,7 +4,8 @@ chunk that arrived with the head) is answered by aiohttp itself, before any rout
 sees it, with a text/plain 400 that quotes the bytes it choked on. Here it is the JSON error
 body every other answer has (400 INVALID_ARGUMENT, naming the kind of error and nothing the
 client sent), and so is the 500 aiohttp would give a handler's unexpected exception (INTERNAL,
-with an error id, logged as every INTERNAL is).
+with an error id, logged as every INTERNAL is). So is a request that expects anything but
+`100-continue` (`expect_continue`: aiohttp's is a text/plain 417 quoting the header).
 
 aiohttp has no setting for these answers: they come from `RequestHandler.handle_error`, so the
 runner's server makes connections of a subclass (`JsonErrorRunner` is `web.AppRunner` with
@@ -17,7 +18,7 @@ import re
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from aiohttp.web_request import BaseRequest
 
@@ -46,6 +47,24 @@ def _refused(what: str) -> InvalidArgument:
     return InvalidArgument(
         f"the request could not be read as HTTP/1.1 ({what}); the connection is closed"
     )
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Every route's `Expect` handler: `100-continue` as aiohttp answers it (a `100 Continue`
+    before the body is read, over HTTP/1.1), anything else 400 INVALID_ARGUMENT with the API's
+    JSON error body, naming nothing the client sent, and the connection closed (the body it may
+    be sending is not read)."""
+    if request.version != aiohttp.HttpVersion11:
+        return None  # no interim answers before HTTP/1.1 (as aiohttp)
+    if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        if request.transport is not None:  # aiohttp's documented way (`expect_handler`)
+            request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    answer = error_answer(
+        InvalidArgument("the request's Expect header is not 100-continue, the only one served")
+    )
+    answer.force_close()
+    return answer
 
 
 class JsonErrorHandler(web.RequestHandler):

@@ -30,6 +30,7 @@ from service.api.registry_servicer import RegistryServicer
 from service.api.session_servicer import SessionServicer
 from service.errors import RouteNotFound, SeqServeError, Unauthenticated, Unavailable, quote
 from service.http.calls import Calls, HttpContext, error_answer, json_answer, to_json
+from service.http.protocol import expect_continue
 from service.http.status_map import HttpError
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -52,13 +53,15 @@ class Routes:
         self._ended: dict[asyncio.Task[Any], SeqServeError] = {}
 
     def add_to(self, app: web.Application) -> None:
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{model}", self.get_model)
-        app.router.add_post("/v1/sessions", self.create_session)
-        app.router.add_get("/v1/sessions/{id}", self.get_session)
-        app.router.add_delete("/v1/sessions/{id}", self.close_session)
-        app.router.add_post("/v1/sessions/{id}", self.session_verb)  # {id}:fork, :step, :generate
-        app.router.add_route("*", "/v1/sessions/{id}", self.other_method)  # PUT, PATCH, ...
+        router, expect = app.router, expect_continue  # JSON, not aiohttp's text 417
+        router.add_get("/v1/models", self.list_models, expect_handler=expect)
+        router.add_get("/v1/models/{model}", self.get_model, expect_handler=expect)
+        router.add_post("/v1/sessions", self.create_session, expect_handler=expect)
+        router.add_get("/v1/sessions/{id}", self.get_session, expect_handler=expect)
+        router.add_delete("/v1/sessions/{id}", self.close_session, expect_handler=expect)
+        # {id}:fork, :step, :generate; then PUT, PATCH, … (405)
+        router.add_post("/v1/sessions/{id}", self.session_verb, expect_handler=expect)
+        router.add_route("*", "/v1/sessions/{id}", self.other_method, expect_handler=expect)
 
     async def _unary(
         self,

@@ -96,6 +96,51 @@ async def test_a_request_that_does_not_parse_gets_the_json_error_body(
         assert answer.status == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/sessions"),
+        ("POST", "/v1/sessions/s_x:step"),
+        ("GET", "/"),
+        ("PUT", "/v1/sessions/s_x"),
+    ],
+)
+async def test_an_expectation_other_than_100_continue_gets_the_json_error_body(
+    http_server: SeqServeServer, method: str, path: str
+) -> None:
+    """aiohttp answers it with a text/plain 417 quoting the header; on every route (the API's,
+    the page's) here the JSON 400 every other refusal has, quoting nothing, and the connection
+    is closed (the body is not read)."""
+    request = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Expect: sekrit-continue\r\nContent-Length: 2\r\n\r\n{}"
+    ).encode()
+    head, body = await _raw(http_server.http_port, request)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"\r\ncontent-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert error["status"] == "INVALID_ARGUMENT", error
+    assert "Expect" in error["message"] and "sekrit" not in error["message"], error
+
+
+async def test_100_continue_is_answered_before_the_body_is_sent(
+    http_server: SeqServeServer,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_server.http_port)
+    try:
+        writer.write(
+            b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            b"\r\nExpect: 100-continue\r\nContent-Length: 17\r\n\r\n"
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b'{"model": "tok"} ')
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    finally:
+        writer.close()
+
+
 async def test_a_handler_that_fails_outside_the_routes_gets_the_json_internal_error(
     store_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

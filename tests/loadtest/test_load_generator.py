@@ -206,6 +206,28 @@ async def proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[_ConnectionCou
         yield counter
 
 
+async def test_arrivals_a_blocked_event_loop_never_issued_are_counted_as_dropped(
+    target: str, server: SeqServeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop blocked from 0.4 s into the 1 s window until past its end (a starved
+    process): the arrivals due meanwhile were never issued. They are arrivals all the same,
+    counted as dropped; before, the schedule stopped with the load and they were not counted,
+    so a busy machine read as a lower arrival rate."""
+    opened = LoadRecorder.open_window
+
+    def open_window(recorder: LoadRecorder, start: float, seconds: float) -> None:
+        opened(recorder, start, seconds)
+        asyncio.get_running_loop().call_later(0.4, time.sleep, 0.8)
+
+    monkeypatch.setattr(LoadRecorder, "open_window", open_window)
+    report = await run_load(config(target, rate=200.0, sessions=8, seed=5))
+    o = report.open_loop
+    assert o is not None
+    assert 140 < o.arrivals < 260  # the whole second's schedule: ~200
+    assert o.sent + o.dropped == o.arrivals
+    assert o.dropped >= 0.3 * o.arrivals  # the last ~0.6 s never went out
+
+
 async def test_proxy_settings_never_divert_traffic(target: str, proxy: _ConnectionCounter) -> None:
     report = await run_load(config(target, sessions=2, duration_seconds=0.5))
 
@@ -223,7 +245,9 @@ async def test_open_loop_keeps_its_poisson_schedule_and_accounts_for_every_arriv
     # 200/s for 1 s: Poisson, mean 200, sd ~14.
     assert 140 < o.arrivals < 260
     assert o.sent + o.dropped == o.arrivals  # every arrival is sent or counted as dropped
-    assert o.sent > 0.9 * o.arrivals  # eight sessions keep up with 200 small steps a second
+    # How many of them were sent on time is this host's speed (a benchmark's to say, not a
+    # test's): a busy machine sends fewer, drops and lates more.
+    assert o.sent > 0
     assert o.send_lag is not None and o.send_lag.count == o.sent
     assert report.step_latency is not None
     assert 0.8 * o.sent <= report.step_latency.count <= o.sent
