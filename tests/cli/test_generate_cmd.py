@@ -77,7 +77,7 @@ def test_timeout_ends_the_wait_for_an_unreachable_target(
     took = time.monotonic() - started
     err = capsys.readouterr().err
     assert code == 1, err
-    assert took < 1.5 + 0.5, took  # within it (and the time to close the channel)
+    assert took < 1.5 + 3.0, took  # within it and closing the channel, not the client's 30 s
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.strip().startswith("error: DEADLINE_EXCEEDED: not done within --timeout 1.5 s")
     assert "UNAVAILABLE" in err  # what it was retrying

@@ -337,7 +337,7 @@ async def test_timeouts_per_client_and_per_call(
         started = time.monotonic()
         with pytest.raises(errors.DeadlineExceededError):
             await session.feed(tokens=[1], timeout=0.1)  # the call's own, shorter
-        assert time.monotonic() - started < 0.8  # not the client's 1 s
+        assert time.monotonic() - started < 0.9  # not the client's 1 s
         servicer.stall = 0.5
         assert (await session.feed(tokens=[1], timeout=5)).position == 1  # the call's, longer
 
