@@ -31,6 +31,7 @@ class KeptEnds:
     def __init__(self, directory: Path, sessions: SessionStore, *, durable: bool) -> None:
         self._file = EndedFile(directory, durable=durable)
         self._sessions = sessions
+        self._recalled = False  # `keep` writes only what a `recall` started from
 
     @property
     def damaged(self) -> int:
@@ -44,11 +45,16 @@ class KeptEnds:
         kept = await asyncio.to_thread(self._file.read)
         for session_id, why, owner in kept:
             self._sessions.ended_earlier(session_id, why, owner)
+        self._recalled = True
         return len(kept)
 
     async def keep(self) -> bool:
         """At a clean stop, once every session is written: what this process remembers of why
-        sessions ended, for the next start. False when the disk refused it (logged)."""
+        sessions ended, for the next start. False when the disk refused it (logged). Nothing
+        is written by a process whose start did not read the file (a start that failed before:
+        the file, maybe another server's, is left as it is)."""
+        if not self._recalled:
+            return False
         ended = self._sessions.gone.remembered()
         return await asyncio.to_thread(self._write, ended)
 

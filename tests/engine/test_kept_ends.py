@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from service.engine.kept_ends import KeptEnds
 from service.errors import SessionClosed, SessionNotFound
 from service.security import principal
 from service.security.principal import Principal
 from service.sessions import ended_file
 from service.sessions.ended_file import EndedFile, line
+from service.sessions.session_store import SessionStore
 
 from .conftest import EngineFactory, toks
 
@@ -83,3 +85,18 @@ async def test_damaged_lines_count_as_damaged_journal_records(
     assert engine.stats().journal_damaged_records == 1
     with pytest.raises(SessionClosed):
         engine.get_session(good[0])
+
+
+async def test_a_stop_whose_start_never_read_the_file_leaves_it_as_it_is(tmp_path: Path) -> None:
+    """A start that failed before the file was read (its stop still runs) must not replace
+    what the file holds with the nothing this process remembers."""
+    earlier = ("s_r.aaaa", "closed", "alice")
+    (tmp_path / "ended").write_bytes(line(earlier))
+    sessions = SessionStore(10)
+    assert not await KeptEnds(tmp_path, sessions, durable=True).keep()
+    assert EndedFile(tmp_path, durable=True).read() == [earlier]
+    kept = KeptEnds(tmp_path, sessions, durable=True)
+    assert await kept.recall() == 1
+    sessions.gone.ended("s_r.bbbb", "expired", "bob")
+    assert await kept.keep()
+    assert EndedFile(tmp_path, durable=True).read() == [earlier, ("s_r.bbbb", "expired", "bob")]
