@@ -6,7 +6,10 @@ kept: its checkpoint, and the journal records recovery held for it.
 
 Nothing of such a session can be used, so ending it is the only thing done with it; a live
 session (rebuilt from its journal though its checkpoint could not be read) is never one of
-them (`SessionStore.adopt` takes it off the refused list)."""
+them (`SessionStore.adopt` takes it off the refused list).
+
+With a shared state tier, the tier's TTL ends its sessions there, refused or not: this replica
+only learns it (`SharedRefusals`)."""
 
 from __future__ import annotations
 
@@ -16,12 +19,14 @@ import math
 from service.engine.background import Slices
 from service.engine.durability import Durability
 from service.engine.session_residency import SessionResidency
+from service.engine.shared_refusals import SharedRefusals
 from service.errors import SeqServeError, Unavailable
 from service.runtime.sampler import DEFAULT_SAMPLING, SessionRng
 from service.sessions.clean_downtimes import modified
 from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
+from service.sessions.shared_checkpoints import SharedCheckpoints
 from service.sessions.shared_journal import SharedJournal
 from service.sessions.spill_tier import SpillTier
 
@@ -43,6 +48,10 @@ class RefusedSessions:
         # Refused session → when it expires (the store's clock), read from its record once.
         self._until: dict[str, float] = {}
         self._soonest = math.inf  # the earliest of them: the sweep looks again from then on
+        tier = residency.tier
+        self._shared = (
+            SharedRefusals(tier.state, sessions) if isinstance(tier, SharedCheckpoints) else None
+        )
 
     def is_refused(self, session_id: str) -> bool:
         """Whether `session_id` names a refused session (and no live one)."""
@@ -80,7 +89,10 @@ class RefusedSessions:
         one whose owner is unknown cannot even be closed while auth is on. Its END is journaled
         (a disk refusing it is counted, as for any expiry), so nothing left brings it back; a
         late request hears it expired. Only with the local spill tier: a shared tier's TTL
-        ends its sessions there. Returns how many ended."""
+        ends its sessions there, and a refusal here lasts until the tier no longer holds the
+        session (`SharedRefusals`). Returns how many ended."""
+        if self._shared is not None:
+            return await self._shared.sweep(slices)
         refused = self._sessions.broken
         if not (refused or self._until) or not isinstance(self._residency.tier, SpillTier):
             return 0

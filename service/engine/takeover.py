@@ -113,10 +113,11 @@ class Takeover:
     def _refuse(self, session_id: str, exc: SessionRefusal) -> None:
         """A session the tier holds but this replica cannot take: anyone but its owner hears
         the NOT_FOUND of an id that never existed (the session store has no such session).
-        Damaged, it is refused to its owner from now on; a newer server's, the owner hears it
-        now (raised), and a replica of that version takes it. A damaged checkpoint is counted
-        here, once a session (`seqserve_state_damaged_records_total{kind="checkpoint"}`);
-        damaged journal records are counted by the tier as it reads them."""
+        Damaged, it is refused to its owner from now on, until the tier no longer holds it
+        (`SharedRefusals`); a newer server's, the owner hears it now (raised), and a replica
+        of that version takes it. A damaged checkpoint is counted here, once a session
+        (`seqserve_state_damaged_records_total{kind="checkpoint"}`); damaged journal records
+        are counted by the tier as it reads them."""
         assert isinstance(exc, SeqServeError)  # every refusal is one (the mixin is not)
         if isinstance(exc, SpillCorrupted):
             self._residency.damaged(session_id)

@@ -23,6 +23,11 @@ class SharedCheckpoints:
         self.directory = state.where
         self.bytes_used = 0  # the tier's own metrics say how much
 
+    @property
+    def state(self) -> SharedState:
+        """The tier itself, for what the spill-tier interface does not ask of it."""
+        return self._state
+
     def open(self) -> TierScan:
         return TierScan()  # nothing to index: sessions are read when taken over
 

@@ -1,0 +1,80 @@
+"""When a replica stops refusing a damaged session of the shared state tier: once the tier no
+longer holds it.
+
+A replica that took a session over and found its checkpoint or journal damaged refuses it to
+its owner from then on (`Takeover._refuse`: DATA_LOSS), without claiming it again at each
+request. The session ends in the tier: its TTL lapses there (nothing of it is left), or another
+replica ends it (a tombstone says why). The sweeper asks the tier about each such session at
+most every `LOOK_SECONDS`, and about at most `LOOKS_PER_SWEEP` of them in one sweep, off the
+event loop; once the tier holds nothing of a session, this replica lifts the refusal. The
+session's owner then hears why the tombstone says it ended, or, with no tombstone, that it
+expired, as on the replica that held it (`Takeover._gone`); anyone else hears NOT_FOUND.
+
+Sessions refused for something this replica lacks (their version) are not refused for good:
+each request asks the tier again, so they are left alone here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.engine.background import Slices
+from service.errors import JournalUnavailable, SeqServeError
+from service.sessions.session_store import SessionStore
+from service.sessions.shared_tier import Claimed, SharedState
+
+log = logging.getLogger(__name__)
+
+LOOK_SECONDS = 2.0  # between two looks at one refused session, on the store's clock
+LOOKS_PER_SWEEP = 8  # tier round trips a sweep spends on refused sessions, at most
+
+
+class SharedRefusals:
+    def __init__(self, state: SharedState, sessions: SessionStore) -> None:
+        self._state = state
+        self._sessions = sessions
+        self._due: dict[str, float] = {}  # refused for good → when the tier is next asked
+
+    async def sweep(self, slices: Slices) -> int:
+        """Lift the refusal of each session due for a look that the tier no longer holds;
+        returns how many."""
+        refused = self._sessions.broken
+        for lifted in self._due.keys() - refused.keys():
+            del self._due[lifted]
+        now = self._sessions.clock()
+        due: list[str] = []
+        for session_id in refused:
+            if not self._sessions.refused_for_good(session_id):
+                continue
+            if self._due.setdefault(session_id, now + LOOK_SECONDS) <= now:
+                due.append(session_id)
+                if len(due) == LOOKS_PER_SWEEP:
+                    break
+        ended = 0
+        for session_id in due:
+            await slices.breathe()
+            self._due[session_id] = self._sessions.clock() + LOOK_SECONDS
+            try:
+                gone = await self._gone(session_id)
+            except JournalUnavailable:
+                return ended  # the tier is unreachable: asked again at the next look
+            except SeqServeError:
+                continue  # the tier holds it again, and it is damaged: still refused
+            if gone is None or not self._sessions.refused_for_good(session_id):
+                continue  # still in the tier, or no longer refused meanwhile
+            del self._due[session_id]
+            why = gone.ended or "expired"
+            log.info("refused session %s ended in the state tier (%s)", session_id, why)
+            self._sessions.ended_earlier(session_id, why, gone.ended_owner)
+            ended += 1
+        return ended
+
+    async def _gone(self, session_id: str) -> Claimed | None:
+        """What the tier says of a session it no longer holds (its tombstone, if any); None
+        while it holds it. Only a session that is gone is read, which costs one key: a held
+        one's records, damaged, would be read whole at each look."""
+        if await asyncio.to_thread(self._state.epoch_of, session_id):
+            return None
+        found = await asyncio.to_thread(self._state.peek, session_id)
+        return found if found.epoch == 0 else None
