@@ -17,6 +17,7 @@ each request asks the tier again, so they are left alone here.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 
 from service.engine.background import Slices
@@ -27,7 +28,7 @@ from service.sessions.shared_tier import Claimed, SharedState
 log = logging.getLogger(__name__)
 
 LOOK_SECONDS = 2.0  # between two looks at one refused session, on the store's clock
-LOOKS_PER_SWEEP = 8  # tier round trips a sweep spends on refused sessions, at most
+LOOKS_PER_SWEEP = 8  # refused sessions a sweep asks the tier about (1 or 2 calls each), at most
 
 
 class SharedRefusals:
@@ -38,22 +39,25 @@ class SharedRefusals:
 
     async def sweep(self, slices: Slices) -> int:
         """Lift the refusal of each session due for a look that the tier no longer holds;
-        returns how many."""
+        returns how many. The ones due longest are looked at first, so every refused session
+        gets its turn however many there are."""
         refused = self._sessions.broken
+        if not (refused or self._due):
+            return 0
         for lifted in self._due.keys() - refused.keys():
             del self._due[lifted]
         now = self._sessions.clock()
-        due: list[str] = []
-        for session_id in refused:
-            if not self._sessions.refused_for_good(session_id):
-                continue
-            if self._due.setdefault(session_id, now + LOOK_SECONDS) <= now:
-                due.append(session_id)
-                if len(due) == LOOKS_PER_SWEEP:
-                    break
+        for session_id in refused.keys() - self._due.keys():
+            if self._sessions.refused_for_good(session_id):
+                self._due[session_id] = now + LOOK_SECONDS
+        due = heapq.nsmallest(LOOKS_PER_SWEEP, self._due.items(), key=lambda item: item[1])
         ended = 0
-        for session_id in due:
+        for session_id, when in due:
+            if when > now:
+                break
             await slices.breathe()
+            if session_id not in self._due:
+                continue  # lifted meanwhile (closed, or taken over again)
             self._due[session_id] = self._sessions.clock() + LOOK_SECONDS
             try:
                 gone = await self._gone(session_id)
@@ -61,9 +65,13 @@ class SharedRefusals:
                 return ended  # the tier is unreachable: asked again at the next look
             except SeqServeError:
                 continue  # the tier holds it again, and it is damaged: still refused
+            except Exception:  # a tier answer this replica cannot read: logged, looked at later
+                log.exception("could not learn whether refused session %s is still in the "
+                              "state tier", session_id)  # fmt: skip
+                continue
             if gone is None or not self._sessions.refused_for_good(session_id):
                 continue  # still in the tier, or no longer refused meanwhile
-            del self._due[session_id]
+            self._due.pop(session_id, None)
             why = gone.ended or "expired"
             log.info("refused session %s ended in the state tier (%s)", session_id, why)
             self._sessions.ended_earlier(session_id, why, gone.ended_owner)

@@ -50,10 +50,11 @@ def _refused(what: str) -> InvalidArgument:
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """Every route's `Expect` handler: `100-continue` as aiohttp answers it (a `100 Continue`
-    before the body is read, over HTTP/1.1), anything else 400 INVALID_ARGUMENT with the API's
-    JSON error body, naming nothing the client sent, and the connection closed (the body it may
-    be sending is not read)."""
+    """Every route's `Expect` handler, run before the middlewares (as aiohttp's own): over
+    HTTP/1.1, `100-continue` as aiohttp answers it (a `100 Continue` before the body is read)
+    and anything else 400 INVALID_ARGUMENT with the API's JSON error body, naming nothing the
+    client sent, the connection closed once aiohttp has read past the body it may be sending;
+    before HTTP/1.1 the header is ignored, as by aiohttp."""
     if request.version != aiohttp.HttpVersion11:
         return None  # no interim answers before HTTP/1.1 (as aiohttp)
     if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":

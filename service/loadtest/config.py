@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+MAX_RATE = 1_000_000.0  # open loop: arrivals a second, at most
+
 GenerateVia = Literal["rpc", "stream"]
 
 
@@ -65,7 +67,8 @@ class LoadConfig:
             (self.invalid_sessions >= 0, "invalid sessions must be >= 0"),
             (self.drain_seconds >= 0, "drain must be >= 0"),
             (self.ready_timeout_seconds >= 0, "ready timeout must be >= 0"),
-            (self.rate >= 0, "rate must be >= 0"),
+            # NaN fails both; an open loop cannot issue more (nor count more it fell behind on)
+            (0 <= self.rate <= MAX_RATE, f"rate must be >= 0 and <= {MAX_RATE:,.0f} a second"),
             (self.late_ms >= 0, "late threshold must be >= 0"),
             (self.max_lag_seconds > 0, "max lag must be > 0"),
         ]

@@ -10,12 +10,15 @@ import time
 
 import pytest
 
-from service.errors import DataLoss, SeqServeError, SessionClosed, SessionExpired
+from service.engine.background import Slices
+from service.engine.shared_refusals import SharedRefusals
+from service.errors import DataLoss, SeqServeError, SessionClosed, SessionExpired, SpillCorrupted
 from service.security import principal
 from service.security.principal import Principal
-from service.sessions.shared_tier import Write
+from service.sessions.session_store import SessionStore
+from service.sessions.shared_tier import Claimed, Write
 
-from .conftest import EngineFactory, toks
+from .conftest import EngineFactory, FakeClock, toks
 from .test_takeover_damage import _flip_last_byte, _rewrite_checkpoint
 
 
@@ -100,3 +103,62 @@ async def test_a_damaged_sessions_refusal_ends_with_what_its_tombstone_says(
     with pytest.raises(SeqServeError) as stranger:
         await b.feed(sid, toks(3))
     assert stranger.value.reason == "SESSION_NOT_FOUND"
+
+
+class _Tier:
+    """The two questions the sweeper asks of the tier, answered from a set of held ids (the
+    real tiers' answers are the tests above'); the ids asked about, in order."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.held = held
+        self.asked: list[str] = []
+
+    def epoch_of(self, session_id: str) -> int:
+        self.asked.append(session_id)
+        return 1 if session_id in self.held else 0
+
+    def peek(self, session_id: str) -> Claimed:
+        return Claimed(epoch=0, checkpoint=None)
+
+
+async def test_every_refused_session_gets_its_turn_however_many_there_are() -> None:
+    """40 refused sessions, the first 16 held in the tier for ever, the rest lapsed, swept once
+    a second (the default): each sweep looks at 8, each session again 2 s after its look.
+    Before, the sweep took the first 8 due in the order they were refused, so the first 16
+    took every turn and the lapsed ones stayed refused (DATA_LOSS) for ever."""
+    clock = FakeClock()
+    sessions = SessionStore(100, clock=clock, wall_clock=clock.wall)
+    ids = [f"s_r.{k:04d}" for k in range(40)]
+    for sid in ids:
+        sessions.mark_broken(sid, "its checkpoint is damaged", SpillCorrupted, "alice")
+    tier = _Tier(held=set(ids[:16]))
+    refusals = SharedRefusals(tier, sessions)  # type: ignore[arg-type]
+    for _ in range(30):  # 30 s of sweeps
+        await refusals.sweep(Slices())
+        clock.now += 1.0
+    assert set(sessions.broken) == set(ids[:16])  # only the held ones are still refused
+    assert set(tier.asked) == set(ids)
+
+
+async def test_a_tier_answer_that_cannot_be_read_fails_that_look_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, anything but a SeqServeError (a corrupt hash field) went up through the sweep,
+    and the sweeper's other work (idle checkpoints, the takeover purge) was skipped with it."""
+
+    class Garbled(_Tier):
+        def epoch_of(self, session_id: str) -> int:
+            if session_id == "s_r.bad0":
+                raise ValueError("invalid literal for int() with base 10: b'x'")
+            return super().epoch_of(session_id)
+
+    clock = FakeClock()
+    sessions = SessionStore(100, clock=clock, wall_clock=clock.wall)
+    for sid in ("s_r.bad0", "s_r.gone"):
+        sessions.mark_broken(sid, "its checkpoint is damaged", SpillCorrupted, "alice")
+    refusals = SharedRefusals(Garbled(held=set()), sessions)  # type: ignore[arg-type]
+    await refusals.sweep(Slices())
+    clock.now += 3.0
+    assert await refusals.sweep(Slices()) == 1
+    assert set(sessions.broken) == {"s_r.bad0"}
+    assert "s_r.bad0" in caplog.text

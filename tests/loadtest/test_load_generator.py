@@ -296,6 +296,8 @@ async def test_open_loop_errors_are_counted_per_step(target: str) -> None:
     ("overrides", "message"),
     [
         ({"rate": -1.0}, "rate must be >= 0"),
+        ({"rate": float("inf")}, "rate must be >= 0 and <= 1,000,000"),
+        ({"rate": float("nan")}, "rate must be >= 0"),
         ({"rate": 10.0, "think_ms": 5.0}, "--think-ms applies to the closed loop"),
         ({"rate": 10.0, "multiplex": 2}, "--multiplex applies to the closed loop"),
         ({"rate": 10.0, "generate_via": "stream"}, "--generate-via stream applies"),
