@@ -58,8 +58,9 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     if request.version != aiohttp.HttpVersion11:
         return None  # no interim answers before HTTP/1.1 (as aiohttp)
     if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-        if request.transport is not None:  # aiohttp's documented way (`expect_handler`)
-            request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        transport = request.transport  # aiohttp's documented way (`expect_handler`)
+        if transport is not None and not transport.is_closing():  # else the client has gone
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
     answer = error_answer(
         InvalidArgument("the request's Expect header is not 100-continue, the only one served")
