@@ -130,6 +130,8 @@ class Durability:
             "made_by": session.made_by,
             "owner": session.owner,
         }
+        if session.prefixed is not None:  # a retry must repeat it (older servers ignore it)
+            meta["prefixed"] = session.prefixed
         segment = self.journal.append([journal_record.create(session.session_id, meta)])
         self.journaled(session, segment, steps=0)  # pins the journal; no step yet
 

@@ -112,5 +112,6 @@ def fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # 
         seed=int(meta["seed"]),
         parent_session_id=meta.get("parent_session_id", ""),
         made_by=meta.get("made_by", ""),
+        prefixed=prefixed if isinstance(prefixed := meta.get("prefixed"), bool) else None,
         owner=str(meta.get("owner", "")),
     )

@@ -71,6 +71,7 @@ class SessionLifecycle:
         default_sampling: SamplingParams | None,
         request_id: str = "",
         route: str = "",
+        prefixed: bool | None = None,
     ) -> Session:
         ttl = self.ttl(ttl_seconds)
         sampling = default_sampling or DEFAULT_SAMPLING
@@ -95,6 +96,7 @@ class SessionLifecycle:
                 seed=seed,
                 owner=owner_for_new(),
                 made_by=made_key("create", request_id, owner_for_new()) if request_id else "",
+                prefixed=prefixed if request_id else None,
             )
             self._register(session, served, "created")
         except BaseException:

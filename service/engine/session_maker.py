@@ -4,7 +4,11 @@ A create or fork that names a request id is remembered by the session store (`ma
 survives a restart in the session's creation record and checkpoint): a retry returns what the
 first call made, with the prefix's prediction while the prefix is the session's last request;
 one whose first call's creation write landed only after the call failed (the shared tier did
-not answer in time) finds the session without its prefix, and feeds it then.
+not answer in time) finds the session without its prefix, and feeds it then. A retry must
+repeat its request: one that adds a prefix the first call did not carry is refused
+(INVALID_ARGUMENT), where the session knows (`Session.prefixed`: in memory, and in its creation
+record; not in a checkpoint, so not once only a checkpoint is left of its creation, nor on the
+shared tier, whose creation is a checkpoint).
 Two calls with one request id never both make a session: the second waits for the first.
 """
 
@@ -82,6 +86,8 @@ class SessionMaker:
             if made is not None:  # a retry: what the first call made, and its prefix's outcome
                 if made.model != model:
                     raise _reused(request_id, f"a create of model {made.model!r}")
+                if prefix is not None and made.prefixed is False:
+                    raise _reused(request_id, "a create without a prefix")
                 outcome = await self._prefix_outcome(made, request_id)
                 if prefix is not None and not made.closed and outcome is None and _unfed(made):
                     return await self._prefix_of_retry(made, prefix, options, request_id)
@@ -113,7 +119,7 @@ class SessionMaker:
             prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
             session = await self.lifecycle.create(
                 served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
-                request_id=request_id, route=route,
+                request_id=request_id, route=route, prefixed=prefix is not None,
             )  # fmt: skip
             made_one(session.session_id)  # in the step its row was written (`Quotas.new_session`)
         if prefix_tensor is None:

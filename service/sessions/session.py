@@ -85,6 +85,9 @@ class Session:
     saved_at: float = -1.0
     last_request: AppliedRequest | None = None  # for exactly-once retries
     made_by: str = ""  # "create:<request id>" / "fork:<request id>": a retry finds it
+    # Whether the create that made it (under a request id) carried a prefix: a retry must
+    # repeat it. None: not known (a fork, no request id, or read from a checkpoint).
+    prefixed: bool | None = None
     # Recovered at its position, its state still to be computed from the journal (replay.py).
     replay_pending: bool = False
     holder_epoch: int = 1  # the fencing epoch this replica holds it at (the Redis tier)

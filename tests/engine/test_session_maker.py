@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from service.errors import InvalidArgument
 
-from .conftest import EngineFactory, slow_steps, toks
+from .conftest import EngineFactory, crash, slow_steps, toks
 
 
 async def test_concurrent_creates_with_one_request_id_make_one_session(
@@ -68,6 +69,32 @@ async def test_a_request_id_reused_for_another_create_or_fork_is_refused(
     assert (await engine.fork_session(a.session_id, request_id="f1")).session_id == (
         child.session_id
     )
+
+
+async def test_a_retry_that_adds_a_prefix_its_first_call_did_not_carry_is_refused(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """Before, it found the session unfed, took it for a first call whose prefix never ran, and
+    fed the prefix: a second request applied under one request id. Refused, also after a crash
+    (the creation record says so), and the session is left as it was; a retry that repeats the
+    request still gets the first call's session."""
+    spill = tmp_path / "state"
+    engine = await make_engine(spill_dir=spill)
+    made, outcome = await engine.create_session("tok", request_id="c1")
+    assert outcome is None
+    for attempt in range(2):
+        with pytest.raises(InvalidArgument, match="was used for a create without a prefix"):
+            await engine.create_session("tok", prefix=toks(1, 2), request_id="c1")
+        assert engine.get_session(made.session_id).position == 0
+        again, _ = await engine.create_session("tok", request_id="c1")
+        assert again.session_id == made.session_id
+        if attempt == 0:
+            await crash(engine)
+            engine = await make_engine(spill_dir=spill)
+    prefixed, _ = await engine.create_session("tok", prefix=toks(1), request_id="c2")
+    retried, outcome = await engine.create_session("tok", prefix=toks(1), request_id="c2")
+    assert retried.session_id == prefixed.session_id
+    assert outcome is not None and outcome.position == 1
 
 
 async def test_a_create_cancelled_while_its_prefix_step_fails_is_made_anew_by_its_retry(
