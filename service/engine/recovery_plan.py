@@ -98,6 +98,7 @@ def _encode(r: jr.JournalRecord) -> bytes:
 
 def fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # type: ignore[type-arg]
     sampling = meta.get("default_sampling") or {}
+    prefixed = meta.get("prefixed")  # whether its create carried a prefix (absent: not known)
     return Session(
         session_id=session_id,
         model=meta["model"],
@@ -112,6 +113,6 @@ def fresh_session(session_id: str, meta: dict, clock_now: float) -> Session:  # 
         seed=int(meta["seed"]),
         parent_session_id=meta.get("parent_session_id", ""),
         made_by=meta.get("made_by", ""),
-        prefixed=prefixed if isinstance(prefixed := meta.get("prefixed"), bool) else None,
+        prefixed=prefixed if isinstance(prefixed, bool) else None,
         owner=str(meta.get("owner", "")),
     )

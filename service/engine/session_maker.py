@@ -7,8 +7,7 @@ one whose first call's creation write landed only after the call failed (the sha
 not answer in time) finds the session without its prefix, and feeds it then. A retry must
 repeat its request: one that adds a prefix the first call did not carry is refused
 (INVALID_ARGUMENT), where the session knows (`Session.prefixed`: in memory, and in its creation
-record; not in a checkpoint, so not once only a checkpoint is left of its creation, nor on the
-shared tier, whose creation is a checkpoint).
+record, on either tier; not in a checkpoint, so not once the session has been checkpointed).
 Two calls with one request id never both make a session: the second waits for the first.
 """
 
