@@ -24,6 +24,7 @@ from service.engine.session_engine import SessionEngine
 from service.engine.session_line import Line
 from service.errors import (
     FailedPrecondition,
+    InvalidArgument,
     QuotaExceeded,
     SeqServeError,
     SessionClosed,
@@ -537,6 +538,20 @@ async def test_a_step_the_tier_did_not_answer_in_time_is_applied_once(
     )
     assert got.position == want.position == 3 and close(got.prediction, want.prediction)
     tier.close()
+
+
+async def test_a_create_retried_on_another_replica_with_a_new_prefix_is_refused(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """The first call carried no prefix; its retry, reaching another replica, adds one. That
+    replica takes the session over from its creation record in the tier, which says so: the
+    retry is refused, and the session is left as it was. Before, the prefix was fed."""
+    a, b = await _replicas(make_engine, state_url)
+    made, _ = await a.create_session("tok", request_id="c1")
+    with pytest.raises(InvalidArgument, match="was used for a create without a prefix"):
+        await b.create_session("tok", prefix=toks(1, 2), request_id="c1")
+    again, outcome = await b.create_session("tok", request_id="c1")
+    assert again.session_id == made.session_id and again.position == 0 and outcome is None
 
 
 async def test_a_create_the_tier_did_not_answer_in_time_gets_its_prefix_once_on_retry(
