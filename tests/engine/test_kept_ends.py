@@ -5,6 +5,7 @@ with SIGTERMs and a SIGKILL, is in `tests/api/test_ended_restarts.py`."""
 from __future__ import annotations
 
 import errno
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from service.security.principal import Principal
 from service.sessions import ended_file
 from service.sessions.ended_file import EndedFile, line
 from service.sessions.session_store import SessionStore
+from tests.tmpfs import fill, mounted_tmpfs
 
 from .conftest import EngineFactory, toks
 
@@ -100,3 +102,33 @@ async def test_a_stop_whose_start_never_read_the_file_leaves_it_as_it_is(tmp_pat
     sessions.gone.ended("s_r.bbbb", "expired", "bob")
     assert await kept.keep()
     assert EndedFile(tmp_path, durable=True).read() == [earlier, ("s_r.bbbb", "expired", "bob")]
+
+
+async def test_a_full_disk_at_the_stop_leaves_the_last_stops_answers(
+    make_engine: EngineFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real 2 MB tmpfs, full when the second stop writes the file: the stop goes on (logged),
+    the file is the first stop's, whole; the end since is lost (NOT_FOUND), as a crash loses it."""
+    with mounted_tmpfs(tmp_path / "disk", "size=2m") as disk:
+        spill = disk / "state"
+        first = await make_engine(spill_dir=spill, durability="shutdown")
+        kept, _ = await first.create_session("tok")
+        await first.close_session(kept.session_id)
+        await first.stop()
+        second = await make_engine(spill_dir=spill, durability="shutdown")
+        lost, _ = await second.create_session("tok")
+        await second.close_session(lost.session_id)
+        filler = fill(disk)
+        with caplog.at_level(logging.ERROR, logger="service.sessions.ended_file"):
+            await second.stop()
+        assert "could not write" in caplog.text
+        filler.unlink()
+        assert EndedFile(spill / "journal", durable=True).read() == [
+            (kept.session_id, "closed", "")
+        ]
+        third = await make_engine(spill_dir=spill, durability="shutdown")
+        with pytest.raises(SessionClosed):
+            third.get_session(kept.session_id)
+        with pytest.raises(SessionNotFound, match="not found"):
+            third.get_session(lost.session_id)
+        await third.stop()
