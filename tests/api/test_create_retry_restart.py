@@ -1,0 +1,57 @@
+"""A CreateSession retry must repeat its request, after a crash too: a real `seqserve serve`
+process, SIGKILLed after a create without a prefix, is started again; the retry of that create
+(its request id) with a prefix is refused INVALID_ARGUMENT and the session stays at position 0;
+the same retry without a prefix gets the session the first call made."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+
+from .support import expect_status, tokens
+from .test_lifecycle_restart import ServerProcess, server_process  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_retry_adding_a_prefix_is_refused_after_sigkill(
+    server_process: ServerProcess,  # noqa: F811
+) -> None:
+    await server_process.start()
+    first = pb.CreateSessionRequest(model="tok", request_id="c1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
+        made = await pb_grpc.SessionServiceStub(channel).CreateSession(first)
+    server_process.kill()
+    await server_process.start()
+    sid = made.session.session_id
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        await _recovered(stub, sid)
+        retry = pb.CreateSessionRequest(model="tok", request_id="c1", prefix=tokens(1, 2))
+        await expect_status(
+            stub.CreateSession(retry, timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "was used for a create without a prefix",
+        )
+        got = await stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+        assert got.session.position == 0  # nothing applied
+        again = await stub.CreateSession(first, timeout=10)
+        assert again.session.session_id == sid
+
+
+async def _recovered(stub: pb_grpc.SessionServiceStub, sid: str) -> None:
+    """Until the restarted server answers for `sid` (UNAVAILABLE while it recovers)."""
+    for _ in range(200):
+        try:
+            await stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("the server stayed UNAVAILABLE")
