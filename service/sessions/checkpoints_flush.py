@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from service.sessions.record_files import syncfs_fd
+from service.sessions.record_files import syncfs, syncfs_fd
 
 log = logging.getLogger("service.sessions.journal")  # its messages are the journal's
 
@@ -46,15 +46,8 @@ class CheckpointsFlush:
         if self._failed:
             return False
         try:
-            fd = self._fd
-            if fd is None:  # not started (recovery's drop) or closed: a descriptor for now
-                fd = os.open(self._checkpoints, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    flushed = syncfs_fd(fd, self._checkpoints)
-                finally:
-                    os.close(fd)
-            else:
-                flushed = syncfs_fd(fd, self._checkpoints)
+            fd = self._fd  # None: not started (recovery's drop) or closed, one for now
+            flushed = syncfs(self._checkpoints) if fd is None else syncfs_fd(fd, self._checkpoints)
             if not flushed:
                 os.sync()
         except OSError as exc:

@@ -24,10 +24,8 @@ those answers (NOT_FOUND), never a session.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import threading
 import zlib
@@ -35,7 +33,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 
 from service.sessions.ended_sessions import REMEMBERED
-from service.sessions.record_files import fsync_dir, read_file, write_all, write_file
+from service.sessions.record_files import append_file, fsync_dir, read_file, replace_file
 from service.sessions.session import SESSION_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 ENDED_FILE = "ended"
 WHYS = frozenset(("closed", "expired", "moved"))  # what a late request is told (not "lost")
 _ID_RE = re.compile(SESSION_ID_PATTERN)
-_APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
 
 Ended = tuple[str, str, str]  # session id, why it ended, its owner ("" when unknown)
 
@@ -197,13 +194,7 @@ class EndedFile:
         if self._torn_tail:
             data = b"\n" + data  # the next line starts on a line of its own
         new = not self.path.exists()
-        fd = os.open(self.path, _APPEND_FLAGS, 0o600)
-        try:
-            write_all(fd, data, str(self.path))
-            if self._durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_file(str(self.path), data, self._durable, mode=0o600)
         if (new or not self._dir_synced) and self._durable:
             fsync_dir(self.path.parent)  # again at the next append if this one failed
             self._dir_synced = True
@@ -223,16 +214,8 @@ class EndedFile:
         """`ended` as the whole file: a temporary file, synced, renamed over it. Raises
         OSError (the file is left as it was)."""
         temporary = self.path.with_name(f"{ENDED_FILE}.tmp")
-        try:
-            write_file(str(temporary), b"".join(map(line, ended)), self._durable, mode=0o600)
-            os.replace(temporary, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        if self._durable:
-            fsync_dir(self.path.parent)
-            self._dir_synced = True
+        replace_file(self.path, temporary, b"".join(map(line, ended)), self._durable, 0o600)
+        self._dir_synced = self._dir_synced or self._durable
         self._lines = len(ended)
         self._torn_tail = False
 

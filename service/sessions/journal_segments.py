@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from service.sessions.record_files import fsync_dir, write_file
+from service.sessions.record_files import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,7 @@ def write_whole(directory: Path, seq: int, data: bytes, durable: bool) -> None:
     """Write (or replace) segment `seq` whole: a temporary file, synced where `durable`, renamed
     over it, so a crash finds the old contents or the new, never a part. Raises OSError."""
     path = segment_path(directory, seq)
-    temporary = path.with_suffix(".held")
-    try:
-        write_file(str(temporary), data, durable, mode=0o600)  # as every segment
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    if durable:
-        fsync_dir(directory)
+    replace_file(path, path.with_suffix(".held"), data, durable, mode=0o600)  # as every segment
 
 
 def clear_stray_held(directory: Path) -> None:

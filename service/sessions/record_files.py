@@ -3,6 +3,7 @@ write, read and flush their files with."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -14,12 +15,38 @@ from service.libc import libc
 # more system calls (fstat, the isatty ioctl, lseek) and ~20 µs of Python for each checkpoint.
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 _OVERWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 def write_file(path: str, data: bytes, durable: bool, mode: int = 0o666) -> None:
     """All of `data` to a new file at `path` (fsynced with `durable`)."""
-    fd = os.open(path, _WRITE_FLAGS, mode)
+    _write(path, _WRITE_FLAGS, data, durable, mode)
+
+
+def append_file(path: str, data: bytes, durable: bool, mode: int = 0o666) -> None:
+    """All of `data` after the end of the file at `path` (made if missing; fsynced with
+    `durable`)."""
+    _write(path, _APPEND_FLAGS, data, durable, mode)
+
+
+def replace_file(path: Path, temporary: Path, data: bytes, durable: bool, mode: int) -> None:
+    """`data` as the whole file at `path`: written to `temporary`, synced where `durable`,
+    renamed over it (and its directory synced), so a crash finds the old contents or the new,
+    never a part. Raises OSError, `path` left as it was."""
+    try:
+        write_file(str(temporary), data, durable, mode=mode)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def _write(path: str, flags: int, data: bytes, durable: bool, mode: int) -> None:
+    fd = os.open(path, flags, mode)
     try:
         write_all(fd, data, path)
         if durable:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.sessions import ended_file
+from service.sessions import ended_file, record_files
 from service.sessions.ended_file import ENDED_FILE, EndedFile, line
 from service.sessions.journal import Journal
 from service.sessions.journal_record import create, end
@@ -131,15 +131,15 @@ def test_a_refused_append_keeps_its_ends_for_the_next(
 ) -> None:
     kept = _file(tmp_path)
     kept.note(1, A)
-    real = ended_file.write_all
+    real = record_files.write_all
 
     def full(fd: int, data: bytes, path: str) -> None:
         real(fd, data[:10], path)  # a part of it written, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ended_file, "write_all", full)
+    monkeypatch.setattr(record_files, "write_all", full)
     assert not kept.carry(1)
-    monkeypatch.setattr(ended_file, "write_all", real)
+    monkeypatch.setattr(record_files, "write_all", real)
     kept.note(2, B)
     assert kept.carry(2)
     reread = _file(tmp_path)
@@ -200,15 +200,15 @@ def test_ends_a_refused_append_kept_are_written_at_close(
     first = journal.append([end("s_r.aaaa", 0, "closed")])
     journal.note_end(*A)
     journal.append([create("s_r.bbbb", {"model": "tok"})])  # the next segment
-    real = ended_file.write_all
+    real = record_files.write_all
 
     def full(fd: int, data: bytes, path: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ended_file, "write_all", full)
+    monkeypatch.setattr(record_files, "write_all", full)
     journal.drop_before(journal.segment)
     assert not (tmp_path / "journal" / f"{first:012d}.log").exists()
     assert Journal(tmp_path / "journal").ended_sessions() == []
-    monkeypatch.setattr(ended_file, "write_all", real)
+    monkeypatch.setattr(record_files, "write_all", real)
     journal.close()
     assert Journal(tmp_path / "journal").ended_sessions() == [A]
