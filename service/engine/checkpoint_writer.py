@@ -65,7 +65,7 @@ class CheckpointWriter:
         Raises what the tier's write does."""
         served = self.versions.find(session.model, session.version)
         assert served is not None and session.slot is not None, "only a session in memory"
-        record = SpillRecord(self.header(session), served.pool.snapshot(session.slot))
+        record = self.checkpoint_record(session, served.pool.snapshot(session.slot))
         self.save(session, record, first=first, periodic=periodic)
 
     def save(
@@ -106,8 +106,8 @@ class CheckpointWriter:
         self.writes += 1
 
     def checkpoint_record(self, session: Session, state: SlotSnapshot) -> SpillRecord:
-        """The checkpoint of a session not in memory whose state was computed elsewhere (a
-        replay of its journal)."""
+        """The checkpoint of `session` as it stands now, with `state` (read from its slot, or
+        computed elsewhere: a replay of its journal)."""
         return SpillRecord(self.header(session), state)
 
     def header(self, session: Session) -> SpillHeader:

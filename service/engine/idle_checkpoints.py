@@ -15,7 +15,6 @@ from service.engine.background import Slices
 from service.engine.checkpoint_writer import CheckpointWriter
 from service.errors import SeqServeError, SessionMoved
 from service.sessions.session import Session
-from service.sessions.spill_record import SpillRecord
 
 log = logging.getLogger("service.engine.session_residency")  # where these logs always were
 
@@ -87,7 +86,7 @@ class IdleCheckpoints:
         the tier refused a write; the rest of the batch is then not written)."""
         writer = self._writer
         states = writer.states(batch)
-        records = [SpillRecord(writer.header(s), states[s.session_id]) for s in batch]
+        records = [writer.checkpoint_record(s, states[s.session_id]) for s in batch]
         written = 0
         for session, record in zip(batch, records, strict=True):
             try:

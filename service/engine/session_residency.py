@@ -41,7 +41,7 @@ from service.sessions.clean_downtimes import CleanDowntimes, modified
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.sessions.spill_directory import TierScan
-from service.sessions.spill_record import SpillHeader, SpillRecord
+from service.sessions.spill_record import SpillHeader
 from service.sessions.spill_tier import SpillTier
 from service.sessions.state_tier import Checkpoints
 
@@ -218,7 +218,7 @@ class SessionResidency:
                 state = served.pool.snapshot(session.slot)
             # A shutdown's write (frozen) may pass the tier's cap: refused, the session
             # would be lost with the process.
-            record = SpillRecord(self.writer.header(session), state)
+            record = self.writer.checkpoint_record(session, state)
             self.writer.save(session, record, durable=durable, past_cap=self._frozen)
         served.pool.free(session.slot)
         self.sessions.set_slot(session, None)
