@@ -5,9 +5,11 @@ survives a restart in the session's creation record and checkpoint): a retry ret
 first call made, with the prefix's prediction while the prefix is the session's last request;
 one whose first call's creation write landed only after the call failed (the shared tier did
 not answer in time) finds the session without its prefix, and feeds it then. A retry must
-repeat its request: one that adds a prefix the first call did not carry is refused
-(INVALID_ARGUMENT), where the session knows (`Session.prefixed`: in memory, and in its creation
-record, on either tier; not in a checkpoint, so not once the session has been checkpointed).
+repeat its request: one that adds a prefix the first call did not carry, or drops the one it
+carried, is refused (INVALID_ARGUMENT), where the session knows (`Session.prefixed`: in memory,
+and in its creation record, on either tier; not in a checkpoint, so not once the session has been
+checkpointed, except that a prefix whose outcome is still the session's last request says the
+first call carried one).
 Two calls with one request id never both make a session: the second waits for the first.
 """
 
@@ -88,6 +90,10 @@ class SessionMaker:
                 if prefix is not None and made.prefixed is False:
                     raise _reused(request_id, "a create without a prefix")
                 outcome = await self._prefix_outcome(made, request_id)
+                if prefix is None and (made.prefixed or outcome is not None):
+                    # (A prefix's outcome under the create's id: it carried one, checkpointed
+                    # or not.)
+                    raise _reused(request_id, "a create with a prefix")
                 if prefix is not None and not made.closed and outcome is None and _unfed(made):
                     return await self._prefix_of_retry(made, prefix, options, request_id)
                 if not made.closed:  # else its prefix's step failed after a cancel: anew

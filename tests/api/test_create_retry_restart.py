@@ -1,7 +1,8 @@
 """A CreateSession retry must repeat its request, after a crash too: a real `seqserve serve`
 process, SIGKILLed after a create without a prefix, is started again; the retry of that create
 (its request id) with a prefix is refused INVALID_ARGUMENT and the session stays at position 0;
-the same retry without a prefix gets the session the first call made."""
+the same retry without a prefix gets the session the first call made. Likewise a retry that
+drops the prefix its first call carried."""
 
 from __future__ import annotations
 
@@ -42,6 +43,30 @@ async def test_a_retry_adding_a_prefix_is_refused_after_sigkill(
         assert got.session.position == 0  # nothing applied
         again = await stub.CreateSession(first, timeout=10)
         assert again.session.session_id == sid
+
+
+async def test_a_retry_dropping_its_prefix_is_refused_after_sigkill(
+    server_process: ServerProcess,  # noqa: F811
+) -> None:
+    await server_process.start()
+    first = pb.CreateSessionRequest(model="tok", request_id="c1", prefix=tokens(1, 2))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
+        made = await pb_grpc.SessionServiceStub(channel).CreateSession(first)
+    server_process.kill()
+    await server_process.start()
+    sid = made.session.session_id
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        await _recovered(stub, sid)
+        await expect_status(
+            stub.CreateSession(pb.CreateSessionRequest(model="tok", request_id="c1"), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "was used for a create with a prefix",
+        )
+        again = await stub.CreateSession(first, timeout=10)
+        assert again.session.session_id == sid
+        assert again.session.position == 2  # the prefix, applied once
+        assert again.prediction == made.prediction  # the first call's outcome
 
 
 async def _recovered(stub: pb_grpc.SessionServiceStub, sid: str) -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from service.engine.model_input import ModelInput
 from service.errors import InvalidArgument
+from service.sessions.session import Session
 
 from .conftest import EngineFactory, crash, slow_steps, toks
 
@@ -95,6 +97,40 @@ async def test_a_retry_that_adds_a_prefix_its_first_call_did_not_carry_is_refuse
     retried, outcome = await engine.create_session("tok", prefix=toks(1), request_id="c2")
     assert retried.session_id == prefixed.session_id
     assert outcome is not None and outcome.position == 1
+
+
+async def test_a_retry_that_drops_the_prefix_its_first_call_carried_is_refused(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """Before, it was answered with the session and the first call's outcome: a different
+    request accepted under one request id. Refused in memory, after a crash (the creation
+    record says the create carried a prefix), and after a crash once the session was
+    checkpointed (the checkpoint does not say; the prefix's outcome, still the session's last
+    request, does). The session is left as it was, and a retry that repeats the request still
+    gets the first call's session and outcome."""
+    spill = tmp_path / "state"
+    quiet = {"checkpoint_steps": 1000, "checkpoint_idle_seconds": 3600.0}
+    engine = await make_engine(spill_dir=spill, **quiet)
+    journaled, _ = await engine.create_session("tok", prefix=toks(1, 2), request_id="c1")
+    checkpointed, _ = await engine.create_session("tok", prefix=toks(3, 4, 5), request_id="c2")
+
+    async def refused_then_repeated(made: Session, request_id: str, prefix: ModelInput) -> None:
+        with pytest.raises(InvalidArgument, match="was used for a create with a prefix"):
+            await engine.create_session("tok", request_id=request_id)
+        assert engine.get_session(made.session_id).position == prefix.size()
+        again, outcome = await engine.create_session("tok", prefix=prefix, request_id=request_id)
+        assert again.session_id == made.session_id
+        assert outcome is not None and outcome.position == prefix.size()
+
+    await refused_then_repeated(journaled, "c1", toks(1, 2))
+    engine.residency.writer.checkpoint(engine.sessions.get(checkpointed.session_id))
+    await crash(engine)
+    engine = await make_engine(spill_dir=spill, **quiet)
+    assert engine.get_session(checkpointed.session_id).prefixed is None  # the checkpoint's
+    await refused_then_repeated(journaled, "c1", toks(1, 2))
+    await refused_then_repeated(checkpointed, "c2", toks(3, 4, 5))
+    bare, _ = await engine.create_session("tok", request_id="c3")  # no prefix: retried as made
+    assert (await engine.create_session("tok", request_id="c3"))[0].session_id == bare.session_id
 
 
 async def test_a_create_cancelled_while_its_prefix_step_fails_is_made_anew_by_its_retry(
