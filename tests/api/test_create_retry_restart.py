@@ -7,6 +7,8 @@ drops the prefix its first call carried."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -23,16 +25,9 @@ pytestmark = pytest.mark.integration
 async def test_a_retry_adding_a_prefix_is_refused_after_sigkill(
     server_process: ServerProcess,  # noqa: F811
 ) -> None:
-    await server_process.start()
     first = pb.CreateSessionRequest(model="tok", request_id="c1")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
-        made = await pb_grpc.SessionServiceStub(channel).CreateSession(first)
-    server_process.kill()
-    await server_process.start()
-    sid = made.session.session_id
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
-        stub = pb_grpc.SessionServiceStub(channel)
-        await _recovered(stub, sid)
+    async with _made_then_killed(server_process, first) as (stub, made):
+        sid = made.session.session_id
         retry = pb.CreateSessionRequest(model="tok", request_id="c1", prefix=tokens(1, 2))
         await expect_status(
             stub.CreateSession(retry, timeout=10),
@@ -48,25 +43,35 @@ async def test_a_retry_adding_a_prefix_is_refused_after_sigkill(
 async def test_a_retry_dropping_its_prefix_is_refused_after_sigkill(
     server_process: ServerProcess,  # noqa: F811
 ) -> None:
-    await server_process.start()
     first = pb.CreateSessionRequest(model="tok", request_id="c1", prefix=tokens(1, 2))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
-        made = await pb_grpc.SessionServiceStub(channel).CreateSession(first)
-    server_process.kill()
-    await server_process.start()
-    sid = made.session.session_id
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
-        stub = pb_grpc.SessionServiceStub(channel)
-        await _recovered(stub, sid)
+    async with _made_then_killed(server_process, first) as (stub, made):
         await expect_status(
             stub.CreateSession(pb.CreateSessionRequest(model="tok", request_id="c1"), timeout=10),
             grpc.StatusCode.INVALID_ARGUMENT,
             "was used for a create with a prefix",
         )
         again = await stub.CreateSession(first, timeout=10)
-        assert again.session.session_id == sid
+        assert again.session.session_id == made.session.session_id
         assert again.session.position == 2  # the prefix, applied once
         assert again.prediction == made.prediction  # the first call's outcome
+
+
+@contextlib.asynccontextmanager
+async def _made_then_killed(
+    server_process: ServerProcess,  # noqa: F811
+    first: pb.CreateSessionRequest,
+) -> AsyncIterator[tuple[pb_grpc.SessionServiceStub, pb.CreateSessionResponse]]:
+    """`first` made on a real server, which is then SIGKILLed and started again: a stub on
+    the restarted server once it answers for the session, and what `first` answered."""
+    await server_process.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
+        made = await pb_grpc.SessionServiceStub(channel).CreateSession(first)
+    server_process.kill()
+    await server_process.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        await _recovered(stub, made.session.session_id)
+        yield stub, made
 
 
 async def _recovered(stub: pb_grpc.SessionServiceStub, sid: str) -> None:
