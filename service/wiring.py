@@ -50,7 +50,7 @@ from service.sessions.session_store import SessionStore
 from service.sessions.shared_checkpoints import SharedCheckpoints
 from service.sessions.shared_journal import SharedJournal
 from service.sessions.shared_tier import SharedState
-from service.sessions.spill_directory import JOURNAL_SUBDIR
+from service.sessions.spill_directory import JOURNAL_SUBDIR, WORKERS_DATABASE
 from service.sessions.spill_tier import SpillTier
 from service.sessions.sqlite_state import SqliteState
 from service.sessions.state_tier import Checkpoints, JournalLog
@@ -161,7 +161,13 @@ def shared_state(cfg: SessionSettings) -> SharedState | None:
     if not url:
         return None
     if url.startswith("sqlite:"):
-        return SqliteState(Path(url.removeprefix("sqlite:")), fsync=cfg.fsync)
+        path = Path(url.removeprefix("sqlite:"))
+        # The state directory's database (what `serve --workers` sets): name what set the
+        # directory, not the state URL the supervisor set.
+        ours = path == cfg.spill_dir.resolve() / WORKERS_DATABASE
+        return SqliteState(
+            path, fsync=cfg.fsync, in_state_dir=cfg.spill_dir_variable if ours else ""
+        )
     return RedisState(url, fsync=cfg.fsync)
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from service.cli.serve_cmd import STARTUP_SIGNALS
 from service.errors import PortInUse, SpillDirUnusable
 from service.libc import libc
+from service.sessions.spill_directory import WORKERS_DATABASE
 from service.settings import Settings
 
 log = logging.getLogger("service.cli.workers")
@@ -164,7 +165,7 @@ def _worker(
     s, spill = settings.server, settings.sessions.spill_dir
     env = {**os.environ, "SEQSERVE_SERVER__WORKER": str(i)}
     if not settings.sessions.state_url:
-        env["SEQSERVE_SESSIONS__STATE_URL"] = f"sqlite:{spill.resolve() / 'state.db'}"
+        env["SEQSERVE_SESSIONS__STATE_URL"] = f"sqlite:{spill.resolve() / WORKERS_DATABASE}"
     metrics = -1 if s.metrics_port < 0 else (0 if s.metrics_port == 0 else s.metrics_port + i)
     worker_file = work / f"worker-{i}.json"
     child = [sys.executable, "-m", "service.cli.main", *argv, "--port", str(port),

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".spill"
 STOP_MARKER = ".stopped_at"  # wall time of the last clean stop
 JOURNAL_SUBDIR = "journal"  # the journal's segments (`durability = "journal"`)
+WORKERS_DATABASE = "state.db"  # the SQLite tier of `serve --workers` without a state URL
 # How a record is named in messages a client may see: never the server's path (it is logged).
 SOURCE = "its spill record"
 _ID_RE = re.compile(SESSION_ID_PATTERN)

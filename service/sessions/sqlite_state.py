@@ -46,9 +46,20 @@ CREATE TABLE IF NOT EXISTS made (
 
 
 class SqliteState(SharedState):
-    def __init__(self, path: Path, *, fsync: str = "interval", replica: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fsync: str = "interval",
+        replica: str | None = None,
+        in_state_dir: str = "",
+    ) -> None:
+        """`in_state_dir`: for the database `serve --workers` keeps in the state directory
+        (`WORKERS_DATABASE`), the variable that set that directory, which its messages name
+        (what the operator set) in place of the state URL the supervisor set."""
         super().__init__(f"sqlite:{path}", replica)
         self.path = path
+        self.setting = in_state_dir or self.setting
         self.fsync = fsync
         self._lock = threading.Lock()  # one connection, used from the loop and from threads
         self._db: sqlite3.Connection | None = None
@@ -69,10 +80,13 @@ class SqliteState(SharedState):
                 db.execute(f"PRAGMA synchronous={_SYNCHRONOUS.get(self.fsync, 'NORMAL')}")
                 db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
+            fix = (
+                f"check {self.setting} (--state-url sqlite:PATH)"
+                if self.setting == SharedState.setting
+                else f"`serve --workers` keeps it in the state directory {self.setting} sets"
+            )
             raise StateTierUnusable(
-                f"state database {self.path} cannot be used ({exc}); check {self.setting} "
-                "(--state-url sqlite:PATH; `serve --workers` without one sets it to state.db in "
-                "the state directory, --spill-dir)"
+                f"state database {self.path} cannot be used ({exc}); {fix}"
             ) from None
         self._db = db
 

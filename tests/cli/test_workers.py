@@ -221,3 +221,29 @@ def test_the_supervisor_removes_its_temporary_directory_when_a_worker_cannot_sta
     assert proc.returncode == 2, proc.stderr
     assert "could not start (status 2, its error above): stopping" in proc.stderr, proc.stderr
     assert _work_dirs(tmp) == []
+
+
+def test_a_database_in_the_data_directory_that_cannot_be_used_names_seqserve_data_dir(
+    tmp_path: Path,
+) -> None:
+    """No spill directory or state URL given: the workers share `spill/state.db` in
+    SEQSERVE_DATA_DIR, which the operator set. A damaged one stops every worker with one line
+    naming that variable; before, it named SEQSERVE_SESSIONS__STATE_URL (which the supervisor
+    set) and --spill-dir, neither of which the operator gave."""
+    data = tmp_path / "data"
+    (data / "spill").mkdir(parents=True)
+    (data / "spill" / "state.db").write_bytes(b"not a database, " * 256)
+    argv = _serve_argv(tmp_path, "state", -1)
+    del argv[argv.index("--spill-dir") : argv.index("--spill-dir") + 2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    env["SEQSERVE_DATA_DIR"] = str(data)
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("seqserve serve: state database")]
+    assert lines, proc.stderr
+    assert "cannot be used (file is not a database)" in lines[0], lines[0]
+    fix = lines[0].split("); ", 1)[1]  # what the line says to do, after the path and the error
+    assert fix == "`serve --workers` keeps it in the state directory SEQSERVE_DATA_DIR sets", fix

@@ -69,7 +69,9 @@ def test_a_database_that_cannot_be_opened_names_the_setting_that_chose_it(
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StateTierUnusable) as err:
         SqliteState(tmp_path / "file" / "state.db").check()
-    assert "check SEQSERVE_SESSIONS__STATE_URL (--state-url sqlite:PATH;" in err.value.message
+    assert err.value.message.endswith(
+        "; check SEQSERVE_SESSIONS__STATE_URL (--state-url sqlite:PATH)"
+    )
 
 
 def test_keep_alive_restarts_the_ttl_only_for_the_holder(tmp_path: Path) -> None:
