@@ -57,6 +57,7 @@ from service.client.results import (
     make_input,
     make_sampling,
     model_from_pb,
+    require_str,
     set_field,
 )
 from service.client.retry import (
@@ -181,10 +182,13 @@ class SeqServeClient:
         """A new session on `model` at `version` ("" : alias `production`, else the latest; a
         number; an alias). `route_key` (else the client's, else a random one) routes it.
         Usable as `async with await client.create_session(...) as session:` (closed on exit)."""
-        request = pb.CreateSessionRequest(model=model, version=version, request_id=new_request_id())
-        key = route_key or self.route_key or secrets.token_urlsafe(6)
-        metadata = ((ROUTE_HEADER, key),)
         with checked_locally():
+            request = pb.CreateSessionRequest(
+                model=require_str("model", model),
+                version=require_str("version", version),
+                request_id=new_request_id(),
+            )
+            key = require_str("route_key", route_key or self.route_key or secrets.token_urlsafe(6))
             set_field(request, "seed", seed, "an int")
             if ttl_seconds is not None:
                 request.ttl.CopyFrom(_duration(ttl_seconds))
@@ -195,6 +199,7 @@ class SeqServeClient:
                         f"not {type(sampling).__name__}"
                     )
                 request.default_sampling.CopyFrom(sampling)
+        metadata = ((ROUTE_HEADER, key),)
         response = await self._retried(
             lambda left: self.sessions.CreateSession(request, metadata=metadata, timeout=left),
             timeout=timeout,
@@ -203,7 +208,8 @@ class SeqServeClient:
 
     async def attach(self, session_id: str, *, timeout: float | None = None) -> ClientSession:
         """A handle on an existing session (e.g. after a reconnect)."""
-        request = pb.GetSessionRequest(session_id=session_id)
+        with checked_locally():
+            request = pb.GetSessionRequest(session_id=require_str("session_id", session_id))
         metadata = route_metadata(session_id)
         response = await self._retried(
             lambda left: self.sessions.GetSession(request, metadata=metadata, timeout=left),
@@ -220,8 +226,10 @@ class SeqServeClient:
 
     async def get_model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
         """A model with its versions' details (status, cell, fingerprint, manifest, ...)."""
+        with checked_locally():
+            request = reg_pb.GetModelRequest(name=require_str("name", name))
         response = await self._retried(
-            lambda left: self.registry.GetModel(reg_pb.GetModelRequest(name=name), timeout=left),
+            lambda left: self.registry.GetModel(request, timeout=left),
             timeout=timeout,
         )
         return model_from_pb(response.model)
@@ -231,7 +239,11 @@ class SeqServeClient:
     ) -> dict[str, int]:
         """Point `alias` at `version` (needs the admin role when auth is on); the model's
         aliases after it. Retried like a read: setting it again changes nothing."""
-        request = reg_pb.SetAliasRequest(name=name, alias=alias, version=version)
+        with checked_locally():
+            request = reg_pb.SetAliasRequest(
+                name=require_str("name", name), alias=require_str("alias", alias)
+            )
+            set_field(request, "version", version, "an int")
         response = await self._retried(
             lambda left: self.registry.SetAlias(request, timeout=left),
             timeout=timeout,
@@ -243,7 +255,10 @@ class SeqServeClient:
     ) -> dict[str, int]:
         """Remove `alias` (admin role); the aliases left. Not retried: a second delete would
         be refused."""
-        request = reg_pb.DeleteAliasRequest(name=name, alias=alias)
+        with checked_locally():
+            request = reg_pb.DeleteAliasRequest(
+                name=require_str("name", name), alias=require_str("alias", alias)
+            )
         response = await self._retried(
             lambda left: self.registry.DeleteAlias(request, timeout=left),
             timeout=timeout,

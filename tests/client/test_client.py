@@ -431,6 +431,21 @@ WRONG_TYPES: list[tuple[str, str, dict[str, object]]] = [
     ("create_session", "ttl_seconds", {"ttl_seconds": float("inf")}),
     ("create_session", "sampling", {"sampling": {"temperature": 0.5}}),
     ("fork", "seed", {"seed": 1.5}),
+    # The names and ids client.py sends: protobuf's bare TypeError, or bytes taken as UTF-8.
+    ("create_session", "model", {"model": 123}),
+    ("create_session", "model", {"model": b"tok"}),
+    ("create_session", "version", {"version": 1}),  # "1", an alias or "" (the default)
+    ("create_session", "version", {"version": b"1"}),
+    ("create_session", "route_key", {"route_key": 5}),
+    ("create_session", "route_key", {"route_key": b"k"}),
+    ("attach", "session_id", {"session_id": 5}),
+    ("attach", "session_id", {"session_id": b"id"}),
+    ("get_model", "name", {"name": 5}),
+    ("get_model", "name", {"name": b"tok"}),
+    ("set_alias", "name", {"name": b"tok"}),
+    ("set_alias", "alias", {"alias": 5}),
+    ("set_alias", "version", {"version": "1"}),
+    ("delete_alias", "alias", {"alias": b"beta"}),
 ]
 
 
@@ -451,12 +466,21 @@ async def test_an_argument_of_the_wrong_type_is_invalid_argument_refused_by_the_
             elif call == "generate":
                 [p async for p in session.generate(**{"max_tokens": 2, **kwargs})]
             elif call == "create_session":
-                await c.create_session("tok", **kwargs)
+                await c.create_session(**{"model": "tok", **kwargs})
+            elif call == "attach":
+                await c.attach(**kwargs)
+            elif call == "get_model":
+                await c.get_model(**kwargs)
+            elif call == "set_alias":
+                await c.set_alias(**{"name": "tok", "alias": "beta", "version": 1, **kwargs})
+            elif call == "delete_alias":
+                await c.delete_alias(**{"name": "tok", "alias": "beta", **kwargs})
             else:
                 await session.fork(**kwargs)
         assert err.value.message.startswith(argument + " "), err.value.message
         assert err.value.message.endswith("(refused by the client)")
         assert (await session.refresh()).position == 0  # nothing of it was applied
+        assert (await c.get_model("tok")).aliases == {}
 
 
 async def test_any_sequence_of_ints_or_numbers_is_still_taken(
