@@ -184,14 +184,18 @@ class SharedState:
             raise tier_records.lost(session_id, record, decoded, damaged)
         return Claimed(epoch, record, decoded)
 
-    def unreachable(self, exc: Exception) -> JournalUnavailable:
+    def unreachable(self, exc: Exception, *, failed: bool = False) -> JournalUnavailable:
+        """The answer to a call the tier did not take. `failed`: the tier answered with an
+        error of its own (SQLite's: a full disk, an I/O error), which the answer quotes; else
+        it could not be reached."""
         self.failed_writes += 1
         if not self._failing:
             self._failing = True
             log.error("state tier %s failing: %s", self.where, exc)
+        why = f"failed ({exc})" if failed else "is unreachable"
         return JournalUnavailable(
-            f"session state cannot be made durable: the state tier ({self.setting}) is "
-            "unreachable; nothing was applied or changed, retry later"
+            f"session state cannot be made durable: the state tier ({self.setting}) {why}; "
+            "nothing was applied or changed, retry later"
         )
 
     def unsure(self, exc: Exception, session_ids: list[str]) -> JournalUnavailable:

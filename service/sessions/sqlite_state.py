@@ -342,5 +342,5 @@ class SqliteState(SharedState):
                     raise
                 db.execute("COMMIT")
                 return result
-            except sqlite3.Error as exc:
-                raise self.unreachable(exc) from None
+            except sqlite3.Error as exc:  # the database's own error: a full disk, say
+                raise self.unreachable(exc, failed=True) from None

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import DataLoss, StateTierUnusable
+from service.errors import DataLoss, JournalUnavailable, StateTierUnusable
 from service.sessions.sqlite_state import SqliteState
+from tests.tmpfs import fill, mounted_tmpfs
 
 
 def test_the_interleaving_that_made_a_worker_exit_is_refused_by_sqlite(tmp_path: Path) -> None:
@@ -105,3 +106,22 @@ def test_a_claim_of_a_damaged_session_still_fences_its_last_holder(tmp_path: Pat
     assert not holder.checkpoint("s1", 1, 60_000, b"late write")  # refused at its old epoch
     holder.close()
     taker.close()
+
+
+def test_a_full_disk_is_named_as_such_not_as_an_unreachable_tier(tmp_path: Path) -> None:
+    """Before, every SQLite error while serving said the tier was "unreachable": an operator
+    with a full disk looked for a network fault. The answer now carries SQLite's own words
+    (UNAVAILABLE still: nothing was applied, a retry may land once there is room), on a real
+    full disk. (A Redis that cannot be reached is still "unreachable".)"""
+    with mounted_tmpfs(tmp_path / "disk", "size=1m") as disk:
+        state = SqliteState(disk / "state.db")
+        state.check()
+        fill(disk)
+        record = bytes(range(256)) * 64  # 16 KiB: more than any page left
+        with pytest.raises(JournalUnavailable) as refused:
+            for k in range(64):
+                state.checkpoint(f"s{k}", 1, 60_000, record, first=True)
+        message = str(refused.value)
+        assert "full" in message and "unreachable" not in message, message
+        assert "SEQSERVE_SESSIONS__STATE_URL" in message and "nothing was applied" in message
+        state.close()
