@@ -245,7 +245,8 @@ class SpillTierInUse(NotReady):
 
 class SpillDirUnusable(NotReady):
     """The spill directory cannot be created, locked or written (read-only, missing parent,
-    no permission): the server does not start."""
+    no permission), or, without the journal, its journal holds records: the server does not
+    start."""
 
     @classmethod
     def at(cls, directory: object, exc: OSError, setting: str) -> Self:

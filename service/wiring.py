@@ -108,6 +108,7 @@ def build_engine(
             # what a power loss may find promised: the journal's steps, fsynced
             ordered=cfg.durability == "journal" and cfg.fsync != "never",
             setting=cfg.spill_dir_variable,
+            journaled=cfg.durability == "journal",  # without: a journal left is refused
         )
     )
 

@@ -2,7 +2,8 @@
 finds there (`TierScan`), and the marker of a clean stop.
 
 One server owns a directory at a time: `claim` holds an exclusive lock on `.lock` inside it,
-and proves the directory writable before the first eviction needs it. `scan` clears what a
+and proves the directory writable before the first eviction needs it; without the journal, it
+refuses a directory whose journal holds records (`_refuse_a_journal`). `scan` clears what a
 crash or the last run left (temporary files, spares) and reads every record's header, so a
 start learns which sessions there are without reading their state; a record it cannot read is
 reported, with its owner when that much is readable. `mark_clean_stop` records when the server
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from service.errors import SpillCorrupted, SpillDirUnusable, SpillTierInUse
 from service.sessions import spill_record
+from service.sessions.journal_segments import list_segments
 from service.sessions.session import SESSION_ID_PATTERN
 from service.sessions.spare_files import SPARE_PREFIX
 from service.sessions.spill_record import SpillHeader
@@ -47,10 +49,11 @@ class TierScan:
     owners: dict[str, str] = field(default_factory=dict)  # broken session → owner, if readable
 
 
-def claim(directory: Path, setting: str = SPILL_DIR_VARIABLE) -> int:
+def claim(directory: Path, setting: str = SPILL_DIR_VARIABLE, *, journaled: bool = True) -> int:
     """Create and lock the directory, and check it can be written; the lock's descriptor
     (closing it releases the lock). SpillDirUnusable when the directory cannot be created,
-    locked or written, naming `setting` (the variable that set the directory); SpillTierInUse
+    locked or written, naming `setting` (the variable that set the directory), or, not
+    `journaled` (`durability = "shutdown"`), when its journal holds records; SpillTierInUse
     when another process holds the lock."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -78,7 +81,41 @@ def claim(directory: Path, setting: str = SPILL_DIR_VARIABLE) -> int:
         except OSError as exc:
             os.close(fd)  # releases the lock
             raise SpillDirUnusable.at(where, exc, setting) from None
+    if not journaled:
+        try:
+            _refuse_a_journal(directory)
+        except SpillDirUnusable:
+            os.close(fd)
+            raise
     return fd
+
+
+def _refuse_a_journal(directory: Path) -> None:
+    """Without the journal, a directory whose journal holds records is refused: a server with
+    the journal left them (a crash, or a clean stop with replays pending), and they hold steps,
+    and sessions, that no checkpoint does. Served without them, the sessions would go on from
+    their checkpoints (or be NOT_FOUND), and a later start with the journal would replay them
+    over what this server did: a session it closed would come back. Nothing is read or taken
+    before this (the clean-stop marker stays); a start with the journal recovers them, and its
+    clean stop deletes them. Empty segments hold nothing, and are let be."""
+    journal = directory / JOURNAL_SUBDIR
+    held = [path for _, path in list_segments(journal) if _size(path) != 0]
+    if held:
+        raise SpillDirUnusable(
+            f"spill directory {directory} holds {len(held)} journal segments that a server with "
+            f"durability=journal left in {journal}: their steps are in no checkpoint, and a "
+            "start without the journal would ignore them, to be replayed over its sessions by "
+            "a later start with it; start once with SEQSERVE_SESSIONS__DURABILITY=journal to "
+            "recover them (its clean stop deletes them)"
+        )
+
+
+def _size(path: Path) -> int | None:
+    """The file's size; None when it cannot be read (counted as holding records)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def scan(directory: Path) -> tuple[TierScan, dict[str, int]]:

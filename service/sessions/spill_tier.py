@@ -62,9 +62,11 @@ class SpillTier:
         *,
         ordered: bool = True,
         setting: str = SPILL_DIR_VARIABLE,
+        journaled: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self._setting = setting  # what set the directory, named when it fails
+        self._journaled = journaled  # False: a journal holding records refuses `open`
         # Whether a record must reach the disk before the name that points at it, for a power
         # loss (the module's docstring); False where nothing is promised past a killed process.
         self._ordered = ordered
@@ -102,8 +104,11 @@ class SpillTier:
 
     def open(self) -> TierScan:
         """Lock the directory, clear temp files a crash left, and read every record's header.
-        SpillDirUnusable when the directory cannot be created, locked or written."""
-        self._lock_fd = spill_directory.claim(self.directory, self._setting)
+        SpillDirUnusable when the directory cannot be created, locked or written, or, without
+        the journal, when it holds a journal's records (`spill_directory.claim`)."""
+        self._lock_fd = spill_directory.claim(
+            self.directory, self._setting, journaled=self._journaled
+        )
         scan, sizes = spill_directory.scan(self.directory)
         self._sizes.update(sizes)
         self._bytes += sum(sizes.values())

@@ -76,6 +76,21 @@ async def _get(stub: pb_grpc.SessionServiceStub, sid: str, token: str) -> None:
     raise AssertionError("the server stayed UNAVAILABLE")
 
 
+async def _position(stub: pb_grpc.SessionServiceStub, sid: str, token: str) -> int:
+    """GetSession's position for `sid` (retried while the server is still recovering)."""
+    request = pb.GetSessionRequest(session_id=sid)
+    for _ in range(200):
+        try:
+            got = await stub.GetSession(request, metadata=_bearer(token), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.1)
+        else:
+            return got.session.position
+    raise AssertionError("the server stayed UNAVAILABLE")
+
+
 async def _expect_ended(server: ServerProcess, tok: Tokens, closed: str, expired: str) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.SessionServiceStub(channel)
@@ -170,3 +185,52 @@ async def test_without_a_journal_each_clean_stop_keeps_why_sessions_ended(
         stub = pb_grpc.SessionServiceStub(channel)
         details = await expect_status(_get(stub, late, tok["alice"]), grpc.StatusCode.NOT_FOUND)
         assert details == f"session {late!r} not found"
+
+
+async def test_a_journal_a_crash_left_is_recovered_before_a_start_without_one(
+    server: ServerProcess, tok: Tokens, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL with the journal, then a start with `durability = "shutdown"`. It served without
+    the journal's steps (here NOT_FOUND: nothing of the session was checkpointed), and the next
+    start with the journal replayed them: the session was live again, one closed meanwhile
+    too. Now that start refuses (exit 2, one line naming the setting) and leaves the journal;
+    the start with the journal recovers the session, and once it stopped cleanly the start
+    without the journal serves it, and its close there holds across a start with the journal."""
+    alice = _bearer(tok["alice"])
+    journal = tmp_path / "state" / "journal"
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        made = await stub.CreateSession(pb.CreateSessionRequest(model="tok"), metadata=alice)
+        sid = made.session.session_id
+        await stub.Step(pb.StepRequest(session_id=sid, input=tokens(1, 2, 3)), metadata=alice)
+    server.kill()
+    segments = sorted(journal.glob("*.log"))
+    monkeypatch.setenv("SEQSERVE_SESSIONS__DURABILITY", "shutdown")
+    with pytest.raises(AssertionError, match="server exited 2"):
+        await server.start()
+    assert "start once with SEQSERVE_SESSIONS__DURABILITY=journal" in server.log_text()
+    assert sorted(journal.glob("*.log")) == segments  # left for the start with the journal
+
+    monkeypatch.setenv("SEQSERVE_SESSIONS__DURABILITY", "journal")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        assert await _position(stub, sid, tok["alice"]) == 3
+    assert await server.terminate() == 0, server.log_text()
+
+    monkeypatch.setenv("SEQSERVE_SESSIONS__DURABILITY", "shutdown")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        assert await _position(stub, sid, tok["alice"]) == 3
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=alice)
+    assert await server.terminate() == 0, server.log_text()
+
+    monkeypatch.setenv("SEQSERVE_SESSIONS__DURABILITY", "journal")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        await expect_status(
+            _get(stub, sid, tok["alice"]), grpc.StatusCode.FAILED_PRECONDITION, "was closed"
+        )

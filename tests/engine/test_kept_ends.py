@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
 from service.engine.kept_ends import KeptEnds
-from service.errors import SessionClosed, SessionNotFound
+from service.errors import SessionClosed, SessionNotFound, SpillDirUnusable
 from service.security import principal
 from service.security.principal import Principal
 from service.sessions import ended_file
@@ -132,3 +133,30 @@ async def test_a_full_disk_at_the_stop_leaves_the_last_stops_answers(
         with pytest.raises(SessionNotFound, match="not found"):
             third.get_session(lost.session_id)
         await third.stop()
+
+
+async def test_a_journal_a_crash_left_refuses_a_start_without_one(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """A server with the journal crashed (its directory copied while it runs: what a SIGKILL
+    leaves). A start without the journal on it served the session from what the journal does
+    not hold (here: nothing, NOT_FOUND), and left the journal to a later start with it, which
+    replayed it: a session closed meanwhile came back. It refuses to start, naming the setting,
+    and leaves the journal; a start with the journal recovers it, and once that one stopped
+    cleanly the start without it serves the session."""
+    live = tmp_path / "live"
+    first = await make_engine(spill_dir=live)  # durability = "journal", the default
+    made, _ = await first.create_session("tok")
+    await first.feed(made.session_id, toks(1, 2, 3))
+    crashed = tmp_path / "crashed"
+    shutil.copytree(live, crashed, ignore=shutil.ignore_patterns(".lock"))
+    segments = sorted((crashed / "journal").glob("*.log"))
+    assert segments
+    with pytest.raises(SpillDirUnusable, match="SEQSERVE_SESSIONS__DURABILITY=journal"):
+        await make_engine(spill_dir=crashed, durability="shutdown")
+    assert sorted((crashed / "journal").glob("*.log")) == segments  # left as they were
+    second = await make_engine(spill_dir=crashed)
+    assert second.get_session(made.session_id).position == 3
+    await second.stop()
+    third = await make_engine(spill_dir=crashed, durability="shutdown")
+    assert third.get_session(made.session_id).position == 3

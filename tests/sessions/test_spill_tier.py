@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import Internal, SpillCorrupted, SpillTierFull, SpillTierInUse
+from service.errors import (
+    Internal,
+    SpillCorrupted,
+    SpillDirUnusable,
+    SpillTierFull,
+    SpillTierInUse,
+)
 from service.runtime.state_pool import SlotSnapshot
 from service.sessions import spare_files, spill_tier
 from service.sessions.session import new_session_id
@@ -187,6 +193,33 @@ def test_clean_stop_marker_is_read_once(tmp_path: Path) -> None:
     third = SpillTier(directory, max_bytes=1 << 20)
     assert third.open().stopped_at is None  # a crash after a start must not reuse it
     third.close()
+
+
+def test_without_the_journal_a_journal_holding_records_is_refused(tmp_path: Path) -> None:
+    """`journaled=False` (`durability = "shutdown"`): a journal segment holding records (left by
+    a server with the journal) refuses the open before anything is read or taken: the lock is
+    let go, the clean-stop marker stays for the start with the journal. An empty segment holds
+    nothing: let be. With the journal, the same directory opens."""
+    directory = tmp_path / "spill"
+    first = SpillTier(directory, max_bytes=1 << 20)
+    first.open()
+    first.mark_clean_stop(1234.5)
+    first.close()
+    journal = directory / "journal"
+    journal.mkdir()
+    (journal / f"{1:012d}.log").write_bytes(b"")
+    unjournaled = SpillTier(directory, max_bytes=1 << 20, journaled=False)
+    unjournaled.open()
+    unjournaled.close()  # and the marker is read: a new one for the next open
+    first.open()
+    first.mark_clean_stop(1234.5)
+    first.close()
+    (journal / f"{2:012d}.log").write_bytes(b"records")
+    with pytest.raises(SpillDirUnusable, match=r"holds 1 journal segments .*DURABILITY=journal"):
+        SpillTier(directory, max_bytes=1 << 20, journaled=False).open()
+    journaled = SpillTier(directory, max_bytes=1 << 20)  # not locked by the refused open
+    assert journaled.open().stopped_at == 1234.5
+    journaled.close()
 
 
 def _records(tier: SpillTier, n: int) -> None:
