@@ -36,6 +36,7 @@ class SharedRefusals:
         self._state = state
         self._sessions = sessions
         self._due: dict[str, float] = {}  # refused for good → when the tier is next asked
+        self._garbled: set[str] = set()  # those whose last look got an answer it cannot read
 
     async def sweep(self, slices: Slices) -> int:
         """Lift the refusal of each session due for a look that the tier no longer holds;
@@ -46,6 +47,7 @@ class SharedRefusals:
             return 0
         for lifted in self._due.keys() - refused.keys():
             del self._due[lifted]
+            self._garbled.discard(lifted)
         now = self._sessions.clock()
         for session_id in refused.keys() - self._due.keys():
             if self._sessions.refused_for_good(session_id):
@@ -65,10 +67,10 @@ class SharedRefusals:
                 return ended  # the tier is unreachable: asked again at the next look
             except SeqServeError:
                 continue  # the tier holds it again, and it is damaged: still refused
-            except Exception:  # a tier answer this replica cannot read: logged, looked at later
-                log.exception("could not learn whether refused session %s is still in the "
-                              "state tier", session_id)  # fmt: skip
+            except Exception as exc:  # a tier answer this replica cannot read: looked at later
+                self._unreadable(session_id, exc)
                 continue
+            self._garbled.discard(session_id)
             if gone is None or not self._sessions.refused_for_good(session_id):
                 continue  # still in the tier, or no longer refused meanwhile
             self._due.pop(session_id, None)
@@ -77,6 +79,18 @@ class SharedRefusals:
             self._sessions.ended_earlier(session_id, why, gone.ended_owner)
             ended += 1
         return ended
+
+    def _unreadable(self, session_id: str, exc: Exception) -> None:
+        """Log a look that got an answer this replica cannot read: with its traceback the
+        first time, then at debug level while the looks keep failing (one every
+        `LOOK_SECONDS` until the session's TTL lapses in the tier)."""
+        if session_id in self._garbled:
+            log.debug("refused session %s: the state tier's answer still cannot be read (%s)",
+                      session_id, exc)  # fmt: skip
+            return
+        self._garbled.add(session_id)
+        log.error("could not learn whether refused session %s is still in the state tier "
+                  "(logged once while it lasts)", session_id, exc_info=exc)  # fmt: skip
 
     async def _gone(self, session_id: str) -> Claimed | None:
         """What the tier says of a session it no longer holds (its tombstone, if any); None

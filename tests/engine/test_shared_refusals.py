@@ -6,6 +6,7 @@ TTL"), anyone else the plain NOT_FOUND; on Redis and on SQLite."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -162,3 +163,43 @@ async def test_a_tier_answer_that_cannot_be_read_fails_that_look_only(
     assert await refusals.sweep(Slices()) == 1
     assert set(sessions.broken) == {"s_r.bad0"}
     assert "s_r.bad0" in caplog.text
+
+
+async def test_a_tier_answer_that_cannot_be_read_is_logged_with_its_traceback_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, each look (every 2 s) logged the whole traceback again until the session's TTL
+    lapsed in the tier: a minute of one garbled session was 30 tracebacks. Now the first look
+    logs it, later ones only at debug level; a session whose answer reads again and then fails
+    once more is logged again."""
+
+    class Garbled(_Tier):
+        garbled = True
+
+        def epoch_of(self, session_id: str) -> int:
+            if self.garbled:
+                raise ValueError("invalid literal for int() with base 10: b'x'")
+            return super().epoch_of(session_id)
+
+    clock = FakeClock()
+    sessions = SessionStore(100, clock=clock, wall_clock=clock.wall)
+    sessions.mark_broken("s_r.bad0", "its checkpoint is damaged", SpillCorrupted, "alice")
+    tier = Garbled(held={"s_r.bad0"})
+    refusals = SharedRefusals(tier, sessions)  # type: ignore[arg-type]
+    caplog.set_level(logging.DEBUG, logger="service.engine.shared_refusals")
+
+    async def sweeps(n: int) -> list[logging.LogRecord]:
+        caplog.clear()
+        for _ in range(n):
+            clock.now += 3.0
+            await refusals.sweep(Slices())
+        return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+    errors = await sweeps(20)
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 18  # 19 looks
+    tier.garbled = False
+    assert await sweeps(2) == []  # read again: still held, still refused
+    tier.garbled = True
+    assert len(await sweeps(5)) == 1  # failing anew: logged anew
+    assert set(sessions.broken) == {"s_r.bad0"}
