@@ -497,8 +497,11 @@ async def test_quotas_hold_one_principal_without_touching_another(
 
         burst = pb.StepRequest(session_id=mine[0], input=tokens(*range(40)))
         await stub.Step(burst, metadata=alice)  # the whole second's worth
+        # Half a second's worth next: refused unless half a second passed between the two
+        # (one token, 25 ms of refill, was let through once on a loaded host).
+        half = pb.StepRequest(session_id=mine[0], input=tokens(*range(20)))
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Step(pb.StepRequest(session_id=mine[0], input=tokens(1)), metadata=alice)
+            await stub.Step(half, metadata=alice)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         delay = _retry_delay(err.value)
         assert 0 < delay <= 1.1
