@@ -300,9 +300,10 @@ class SpillCorrupted(DataLoss, SessionRefusal):
 
 
 class WrittenByNewer(FailedPrecondition, SessionRefusal):
-    """A session's checkpoint in the shared state tier, or a record of its journal there, is
-    of a newer seqserve's format: this replica cannot take it over (one of that version can).
-    Reason VERSION_UNAVAILABLE."""
+    """A session's checkpoint, or a record of its journal, is of a newer seqserve's format: in
+    the shared state tier this replica cannot take it over (one of that version can); in the
+    local state directory this server refuses it and keeps what it is made of (that version,
+    started again, serves it). Reason VERSION_UNAVAILABLE."""
 
     lasting = False
 

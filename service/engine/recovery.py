@@ -17,6 +17,9 @@ is refused with FAILED_PRECONDITION. One whose version cannot be loaded now is r
 (VersionGone) and held: its checkpoint stays, and its
 records are copied into a journal segment of their own (`Journal.hold`), so it comes back at a
 restart once the store has its version again, without keeping the segments they came from.
+A session with a record a newer seqserve wrote (a downgrade) is refused (WrittenByNewer) and
+kept the same way, its newer records as they were written (`newer_records`), rather than
+brought back short of them.
 
 A checkpointed session whose CREATE record the journal still holds, with every step since, has
 that whole history handed to `PendingReplays` too: its checkpoint is read there (also when
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.engine.checkpoint_header import session_from
+from service.engine.newer_records import NewerRecords
 from service.engine.recovery_plan import (
     Plan,
     damage,
@@ -115,7 +119,9 @@ class Recovery:
         """Plan every session's replay; their journal records stay (`oldest_segment` pinned)
         until each has a new checkpoint."""
         known = {s.session_id: s for s in self._sessions}  # from their checkpoints
-        return await self._recover(self._plan(records, known, histories=True), oldest_segment)
+        newer = NewerRecords(self._sessions)
+        plans = self._plan(records, known, histories=True, newer=newer)
+        return await self._recover(plans, oldest_segment, newer)
 
     async def take_over(
         self,
@@ -157,7 +163,11 @@ class Recovery:
         replay = replay_of(records, base.position, cfg.input_kind, cfg.input_dim)
         return dataclasses.replace(base, position=replay.end)
 
-    async def _recover(self, plans: dict[str, Plan], oldest_segment: int) -> RecoveryReport:
+    async def _recover(
+        self, plans: dict[str, Plan], oldest_segment: int, newer: NewerRecords | None = None
+    ) -> RecoveryReport:
+        """Check and pend each plan; the records of the sessions refused as a `newer`
+        server's are held with those of the sessions whose version does not load."""
         by_version: dict[tuple[str, int], list[Plan]] = {}
         pending = steps = lost = 0
         for plan in plans.values():
@@ -188,7 +198,8 @@ class Recovery:
                 else:
                     pending += got > 0 or plan.fresh
                     steps += got
-        self._keep(held, oldest_segment)
+        records = {plan.session.session_id: encoded(plan) for plan in held}
+        self._keep({**records, **(newer.held() if newer is not None else {})}, oldest_segment)
         return RecoveryReport(pending, steps, lost)
 
     # ---- reading the journal -------------------------------------------------------------
@@ -199,9 +210,12 @@ class Recovery:
         known: dict[str, Session],
         *,
         histories: bool = False,
+        newer: NewerRecords | None = None,
     ) -> dict[str, Plan]:
         """Each session's plan. `histories`: keep the CREATE record of a session with a
-        checkpoint too (the local journal at start-up), so its whole history can rebuild it."""
+        checkpoint too (the local journal at start-up), so its whole history can rebuild it.
+        `newer`: where the sessions with a newer server's record (the local journal's) go,
+        refused; without it such records are skipped."""
         plans: dict[str, Plan] = {}
         # Each session's last record kept: (its position, what it was). A session's records
         # come in step order, so one behind it, or the same again, is a copy: the records of a
@@ -214,11 +228,17 @@ class Recovery:
         whole: set[str] = set()  # sessions with a record read whole (so a CREATE is behind)
         for rec in records:
             if isinstance(rec, jr.Unreadable):
+                if rec.what == jr.NEWER:
+                    if newer is not None:
+                        newer.newer(rec, known, plans)
+                    continue
                 if rec.session_id and rec.kind != jr.GEN_START:  # one alone changed nothing
                     damaged[rec.session_id] = rec
                 continue
             sid = rec.session_id
             whole.add(sid)
+            if newer is not None:
+                newer.follow(rec)
             if damaged and rec.kind != jr.GEN_START:  # replays skip it: it shows no gap
                 damaged.pop(sid, None)
             if rec.kind == jr.CREATE:
@@ -244,7 +264,7 @@ class Recovery:
                 continue
             base = known.get(sid)
             if base is None:  # neither a checkpoint nor a creation: its base is gone
-                if sid not in self._sessions.broken:
+                if sid not in self._sessions.broken and not (newer is not None and sid in newer):
                     self._sessions.mark_broken(sid, "its checkpoint is missing")
                 continue
             what = (rec.kind, rec.request_id, rec.data, rec.draws)
@@ -257,6 +277,8 @@ class Recovery:
             plans.setdefault(sid, Plan(base, fresh=False)).records.append(rec)
         for sid, bad in damaged.items():
             self._damaged_last(plans, known, sid, bad, first=sid not in whole)
+        if newer is not None:
+            newer.refuse(plans, known, self._versions)
         return plans
 
     def _damaged_last(
@@ -346,14 +368,14 @@ class Recovery:
             self._versions.unpin(session.model, session.version)
         self._sessions.mark_broken(session.session_id, why, VersionGone, owner=session.owner)
 
-    def _keep(self, held: list[Plan], oldest_segment: int) -> None:
-        """Keep the journal records of the sessions held: copied into a segment of their own
-        (a held session gets no new record, so that is all it needs; the segments read are
-        trimmed as usual), or, where that segment cannot be written, every segment read
-        (pinned: none is trimmed until the next start)."""
+    def _keep(self, records: dict[str, list[bytes]], oldest_segment: int) -> None:
+        """Keep the journal records of the sessions held (and of those refused for a newer
+        server's record): copied into a segment of their own (a held session gets no new
+        record, so that is all it needs; the segments read are trimmed as usual), or, where
+        that segment cannot be written, every segment read (pinned: none is trimmed until the
+        next start)."""
         journal = self._residency.durability.journal
-        if not held or journal is None or not oldest_segment:
+        if not records or journal is None or not oldest_segment:
             return
-        records = {plan.session.session_id: encoded(plan) for plan in held}
         if not (isinstance(journal, Journal) and journal.hold(records)):
             journal.pin(oldest_segment)

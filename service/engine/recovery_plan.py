@@ -74,10 +74,12 @@ def encoded(plan: Plan) -> list[bytes]:
     """A held session's records as the journal holds them: its CREATE (a fresh one), then the
     rest in order (version 1 records are written as version 2, which holds all they say)."""
     records = [plan.create] if plan.create is not None else []
-    return [_encode(r) for r in records + plan.records]
+    return [encode_record(r) for r in records + plan.records]
 
 
-def _encode(r: jr.JournalRecord) -> bytes:
+def encode_record(r: jr.JournalRecord) -> bytes:
+    """A record as this server writes it (version 1 records as version 2, which holds all they
+    say)."""
     if r.kind == jr.TOKENS:
         ids = r.tokens
         assert ids is not None

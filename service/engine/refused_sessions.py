@@ -2,7 +2,9 @@
 version missing from the store): closed by their owner, or expired by the sweeper once their TTL
 has passed since their last use as far as their record tells (`_ttl_end`). Either journals an
 END first, so no record left in the journal brings the session back, then deletes what it
-kept: its checkpoint, and the journal records recovery held for it.
+kept: its checkpoint, and the journal records recovery held for it. One refused because a newer
+seqserve wrote it (`newer_records`) is never expired here: its last use and TTL are in what
+this server cannot read, and what it kept is a newer server's to serve; only a close ends it.
 
 Nothing of such a session can be used, so ending it is the only thing done with it; a live
 session (rebuilt from its journal though its checkpoint could not be read) is never one of
@@ -20,7 +22,7 @@ from service.engine.background import Slices
 from service.engine.durability import Durability
 from service.engine.session_residency import SessionResidency
 from service.engine.shared_refusals import SharedRefusals
-from service.errors import SeqServeError, Unavailable
+from service.errors import SeqServeError, Unavailable, WrittenByNewer
 from service.runtime.sampler import DEFAULT_SAMPLING, SessionRng
 from service.sessions.clean_downtimes import modified
 from service.sessions.journal import Journal
@@ -124,7 +126,9 @@ class RefusedSessions:
         cannot be read either). With no record (refused before its first checkpoint: only its
         journal records), the default TTL from now, the start that refused it. As for any
         session, the time the server was down after a clean stop does not count
-        (`SessionResidency.idle_since`)."""
+        (`SessionResidency.idle_since`). Never, for one a newer seqserve wrote."""
+        if self._sessions.gone.refused_as(session_id) is WrittenByNewer:
+            return math.inf
         now = self._sessions.clock()
         tier = self._residency.tier
         assert isinstance(tier, SpillTier)

@@ -114,6 +114,10 @@ class EndedSessions:
         self.broken_owner(session_id)
         return self._broken_errors[session_id]
 
+    def refused_as(self, session_id: str) -> type[SeqServeError] | None:
+        """The error a refused session is refused with (None: not refused), whoever asks."""
+        return self._broken_errors.get(session_id)
+
     def refused_for_good(self, session_id: str) -> bool:
         """Whether the session is refused for what its records hold, which will not get
         better (damaged or lost: a lasting `SessionRefusal`), not for what this process lacks

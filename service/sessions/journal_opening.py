@@ -7,7 +7,9 @@ power loss caught before it was synced, so never acknowledged: counted). Either 
 cut off the segment, so a later start, with newer segments after it, does not take that end
 for damage. In an older segment either was followed by newer segments, so it was synced whole:
 damage, passed on to recovery (its session lost a step), as is every unreadable stretch that
-whole records follow. A record a newer server wrote is skipped.
+whole records follow. A record a newer server wrote is passed on too, not counted: recovery
+refuses its session (written by a newer seqserve) and keeps its records; one whose head names
+no session is skipped (logged).
 """
 
 from __future__ import annotations
@@ -54,14 +56,15 @@ class SegmentReading:
                     if not self._note(path, item):
                         if newest and item.what in (TORN, TAIL):
                             path = self._cut(seq, path, item.offset)
-                        continue  # a crash's cut write, a newer server's record: nothing lost
+                        continue  # a crash's cut write, a newer server's nameless record
                 yield item
 
     def _note(self, path: Path, bad: Unreadable) -> bool:
-        """Log what `open` could not read in segment `path`; True for damage (counted, and
-        passed on to recovery: its session lost a step), False for what is dropped: a crash's
-        torn last write, a whole last record failing its checksum (counted), a newer server's
-        record."""
+        """Log what `open` could not read in segment `path`; True for what is passed on to
+        recovery: damage (counted: its session lost a step) and a newer server's record of a
+        session its head names (not counted: recovery refuses that session and says so); False
+        for what is dropped: a crash's torn last write, a whole last record failing its checksum
+        (counted), a newer server's record that names no session."""
         named = ""
         if bad.session_id:  # what its head says: the damage may be there too
             named = f", apparently session {bad.session_id}'s at position {bad.position}"
@@ -70,8 +73,10 @@ class SegmentReading:
                      "crash interrupted): dropped", path, bad.offset)  # fmt: skip
             return False
         if bad.what == NEWER:
+            if bad.session_id:
+                return True
             log.warning("journal segment %s: the record at offset %d was written by a newer "
-                        "server: skipped", path, bad.offset)  # fmt: skip
+                        "server and names no session: skipped", path, bad.offset)  # fmt: skip
             return False
         self.damaged_records += 1
         if bad.what == TAIL:

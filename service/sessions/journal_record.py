@@ -22,6 +22,13 @@ reads both (tests/sessions/fixtures holds version 1 records). No pickle. A recor
 its checksum is never applied: reading resumes at the next whole record; a torn last record is
 the end of its segment.
 
+Later versions keep the frame and the body's head as versions 1 and 2 have them: the version
+byte, a kind byte, the session id (its length, then ASCII) and the position. So a whole record
+whose checksum is good and whose version is above this server's is a newer seqserve's, not
+damage, and its head still says whose it is: `read_stream` reports it (`NEWER`, with its session,
+position and the whole frame, `raw`), and recovery refuses that session rather than bring it
+back short of that step, keeping the frame as it is for a server of that version.
+
 A torn last record (shorter than its length says, with nothing whole after it) is what a crash
 in the middle of a write leaves: normal. A whole last record whose checksum fails is what a
 power loss leaves when the file's length reached the disk before all of its bytes (the write
@@ -226,6 +233,7 @@ class Unreadable(NamedTuple):
     session_id: str = ""
     position: int = 0
     kind: int = 0
+    raw: bytes = b""  # NEWER: the whole frame, as the newer server wrote it
 
 
 def decode_stream(data: bytes) -> Iterator[JournalRecord]:
@@ -243,6 +251,11 @@ def read_stream(data: bytes) -> Iterator[JournalRecord | Unreadable]:
     while offset + _FRAME.size <= size:
         record, end_at = _frame_at(data, offset)
         if record is None:
+            newer = _newer_at(data, offset)
+            if newer is not None:  # whole: reading goes on right after it
+                yield newer
+                offset += len(newer.raw)
+                continue
             resumed = _resync(data, offset + 1)
             yield _unreadable(data, offset, whole_after=resumed < size)
             offset = resumed
@@ -253,20 +266,40 @@ def read_stream(data: bytes) -> Iterator[JournalRecord | Unreadable]:
         yield Unreadable(offset, TORN)
 
 
+def _newer_at(data: bytes, offset: int) -> Unreadable | None:
+    """The record at `offset` as a newer server's (`NEWER`), when it is one: whole, its
+    checksum good, its version above this server's. Its head names its session, as every
+    version's does (the module's docstring); "" where it does not read so."""
+    length, crc = _FRAME.unpack_from(data, offset)
+    start = offset + _FRAME.size
+    end = start + length
+    if not _HEAD.size + _POSITION.size <= length <= len(data) - start:
+        return None
+    if data[start] <= VERSION or zlib.crc32(memoryview(data)[start:end]) != crc:
+        return None
+    session_id, position = "", 0
+    kind, sid_len = data[start + 1], data[start + 2]
+    at = start + _HEAD.size
+    if at + sid_len + _POSITION.size <= end:
+        name = data[at : at + sid_len].decode("ascii", errors="replace")
+        if _SESSION_ID.fullmatch(name):
+            session_id = name
+            (position,) = _POSITION.unpack_from(data, at + sid_len)
+    return Unreadable(offset, NEWER, session_id, position, kind, bytes(data[offset:end]))
+
+
 def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
-    """Why the record at `offset` cannot be read. Torn: shorter than its length says, and no
-    whole record after it (a crash cut its write short). Tail: whole, the last, and failing its
-    checksum (a power loss's unsynced write, or damage). Any bytes whole records follow are
-    damage; a whole one that checks out but will not parse is a newer server's (its version)
-    or damage."""
+    """Why the record at `offset` cannot be read (a newer server's is `_newer_at`'s). Torn:
+    shorter than its length says, and no whole record after it (a crash cut its write short).
+    Tail: whole, the last, and failing its checksum (a power loss's unsynced write, or damage).
+    Any bytes whole records follow are damage, as is a whole one that checks out but will not
+    parse."""
     length, crc = _FRAME.unpack_from(data, offset)
     start = offset + _FRAME.size
     whole = _HEAD.size + _POSITION.size <= length <= len(data) - start
     if not whole and not whole_after:  # its head may still name it (an older segment's: damage)
         return Unreadable(offset, TORN, *_head_of(data, start))
     checks_out = whole and zlib.crc32(memoryview(data)[start : start + length]) == crc
-    if checks_out and data[start] not in READABLE:
-        return Unreadable(offset, NEWER)
     what = TAIL if whole and not checks_out and not whole_after else DAMAGED
     return Unreadable(offset, what, *_head_of(data, start))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,35 @@ def test_damage_that_whole_records_follow_is_damage_whatever_its_length_says() -
     assert [r.kind for r in jr.decode_stream(bytes(data))] == [
         jr.CREATE, jr.GENERATED, jr.FRAMES, jr.END,
     ]  # fmt: skip
+
+
+def test_a_newer_servers_record_names_its_session_and_is_passed_on_whole(tmp_path: Path) -> None:
+    """A whole record whose version is above this server's, its checksum good, is a newer
+    seqserve's: `read_stream` reports it with the session, position and kind its head names and
+    its frame as written, reading on right after it; `Journal.open` passes it on to recovery
+    (which refuses its session), not counted as damage. Before, it came without its session,
+    and `open` dropped it: recovery never knew the session had a step it could not read."""
+    records = _records()
+    newer = bytearray(records[2])  # GENERATED at position 3
+    newer[8] = jr.VERSION + 1
+    newer[4:8] = zlib.crc32(bytes(newer[8:])).to_bytes(4, "little")
+    data = records[0] + records[1] + bytes(newer) + records[3] + records[4]
+    at = len(records[0]) + len(records[1])
+    got = list(jr.read_stream(data))
+    read = got[2]
+    assert isinstance(read, jr.Unreadable)
+    assert (read.offset, read.what, read.session_id, read.position, read.kind) == (
+        at, jr.NEWER, SID, 3, jr.GENERATED,
+    )  # fmt: skip
+    assert getattr(read, "raw", None) == bytes(newer)
+    assert [r.kind for r in got if isinstance(r, jr.JournalRecord)] == [
+        jr.CREATE, jr.TOKENS, jr.FRAMES, jr.END,
+    ]  # fmt: skip
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    (directory / f"{1:012d}.log").write_bytes(data)
+    journal = Journal(directory)
+    assert list(journal.open()) == got and journal.damaged_records == 0
 
 
 def _resync_every_byte(data: bytes, offset: int) -> int:

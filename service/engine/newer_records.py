@@ -1,0 +1,134 @@
+"""Sessions a newer seqserve wrote, as recovery meets them in the local journal: refused, and
+kept whole for a server of that version.
+
+A downgrade leaves records of a later format than this server reads. Such a record is whole
+(its checksum is good) and its head still names its session (`journal_record`), so skipping it
+would bring the session back short of the steps it recorded, answering as if nothing had
+happened. Instead the session is refused as the shared tier refuses one (WrittenByNewer:
+FAILED_PRECONDITION, VERSION_UNAVAILABLE; only its owner hears it, where its checkpoint or
+creation record names one), and nothing of it is lost: its checkpoint stays, and its records
+(the newer frames as they were written, the readable ones re-encoded as held records are) are
+kept in the journal's held segment (`Journal.hold`), at every start, so this server's trimming
+never takes them; a server of the newer version, started on the directory again, reads them
+and serves the session whole.
+
+A newer record older than the session's checkpoint (from a segment a crash left undeleted) is
+in that checkpoint already: ignored, as a damaged one there is. A session whose last record
+read is an END ended: nothing is refused. One refused for good before the journal was read (its
+checkpoint damaged) stays so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from service.engine.recovery_plan import Plan, encode_record, encoded
+from service.engine.served_versions import ServedVersions
+from service.errors import WrittenByNewer
+from service.sessions import journal_record as jr
+from service.sessions.session import Session
+from service.sessions.session_store import SessionStore
+
+log = logging.getLogger(__name__)
+
+JOURNALED = (
+    "its journal holds a record a newer seqserve wrote, in a format this server does not "
+    "read; a server of that version resumes it"
+)
+
+
+class NewerRecords:
+    def __init__(self, sessions: SessionStore) -> None:
+        self._sessions = sessions
+        # Refused for good before the journal is read (a damaged checkpoint).
+        self._for_good = {s for s in sessions.broken if sessions.refused_for_good(s)}
+        self._kept: dict[str, list[bytes]] = {}  # session → its records, in the journal's order
+        self._seen: dict[str, set[bytes]] = {}  # the same, to pass over copies of them
+        self._ended: set[str] = set()  # sessions whose last record read is an END
+
+    def __contains__(self, session_id: str) -> bool:
+        """Whether the session is refused for a newer server's record, so far."""
+        return session_id in self._kept
+
+    def newer(
+        self, record: jr.Unreadable, known: dict[str, Session], plans: dict[str, Plan]
+    ) -> None:
+        """A record a newer server wrote (NEWER), after the sessions `known` so far (from a
+        checkpoint or a creation) and their `plans` so far."""
+        sid = record.session_id
+        if not sid:
+            return  # its head names none: skipped (logged by `Journal.open`)
+        if sid not in self._kept:
+            base, plan = known.get(sid), plans.get(sid)
+            if base is not None and record.position < base.position:
+                return  # older than its checkpoint: in it already
+            self._kept[sid] = []
+            for earlier in encoded(plan) if plan is not None else []:
+                self._keep(sid, earlier)
+        self._keep(sid, record.raw)
+        self._ended.discard(sid)
+
+    def follow(self, record: jr.JournalRecord) -> None:
+        """A readable record: kept, in order, for a session refused so far."""
+        sid = record.session_id
+        if sid not in self:
+            return
+        self._keep(sid, encode_record(record))
+        if record.kind == jr.END:
+            self._ended.add(sid)
+        else:
+            self._ended.discard(sid)
+
+    def _keep(self, session_id: str, record: bytes) -> None:
+        """Keep `record` of the session, unless a copy of it is kept already: a held segment
+        read with the segments it was copied from (a crash before they were trimmed) holds
+        each record twice, and copying both would double them at every such start."""
+        seen = self._seen.setdefault(session_id, set())
+        if record not in seen:
+            seen.add(record)
+            self._kept.setdefault(session_id, []).append(record)
+
+    def refuse(
+        self, plans: dict[str, Plan], known: dict[str, Session], versions: ServedVersions
+    ) -> None:
+        """Once the journal is read: refuse the sessions a newer server wrote (`refused`),
+        dropping their `plans`; one adopted from its checkpoint leaves the store, its version
+        unpinned."""
+        for sid in list(self.refused()):
+            plans.pop(sid, None)
+            session = known.get(sid)
+            if refuse(self._sessions, sid, session, JOURNALED) and session is not None:
+                versions.unpin(session.model, session.version)
+
+    def refused(self) -> Iterator[str]:
+        """The sessions to refuse once the journal is read: not ended, nor refused for good
+        already."""
+        for sid in self._kept:
+            if sid not in self._ended and sid not in self._for_good:
+                yield sid
+
+    def held(self) -> dict[str, list[bytes]]:
+        """The records to keep (`Journal.hold`): those of every session refused as a newer
+        server's once recovery is done."""
+        sessions = self._sessions
+        return {
+            sid: records
+            for sid, records in self._kept.items()
+            if sessions.gone.refused_as(sid) is WrittenByNewer and not sessions.contains(sid)
+        }
+
+
+def refuse(sessions: SessionStore, session_id: str, session: Session | None, why: str) -> bool:
+    """Refuse a session a newer server wrote (WrittenByNewer, naming `why`), keeping its
+    checkpoint: a live one adopted from that checkpoint leaves the store (its version unpinned
+    by the caller when this returns True)."""
+    log.warning("session %s was journaled by a newer seqserve: refused, what it is made of "
+                "kept for a server of that version", session_id)  # fmt: skip
+    owner = session.owner if session is not None else ""
+    adopted = session is not None and sessions.contains(session_id)
+    if adopted:
+        assert session is not None
+        sessions.remove(session, "lost")
+    sessions.mark_broken(session_id, why, WrittenByNewer, owner=owner)
+    return adopted

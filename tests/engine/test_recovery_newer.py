@@ -1,0 +1,181 @@
+"""A downgrade on the local state directory: records a newer seqserve wrote (a format version
+above this server's, whole) are not this server's to read. Its session is
+refused as the shared tier refuses one (WrittenByNewer: FAILED_PRECONDITION,
+VERSION_UNAVAILABLE; only its owner hears it), not brought back short of the steps it cannot
+read, and not counted as damage; what it is made of stays on disk, at every restart, so a
+server that reads it (here: the version put back, standing in for the newer seqserve) serves it
+whole. The other sessions go on. (A real SIGKILLed server: tests/api/test_newer_records_restart.py;
+the shared tier: tests/engine/test_takeover_damage.py.)"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service.errors import SeqServeError, SessionClosed, WrittenByNewer
+from service.security import principal
+from service.security.principal import Principal
+from service.sessions import journal_record as jr
+from tests.newer_records import NEWER_JOURNAL, set_journal_version
+
+from .conftest import EngineFactory, FakeClock, close, crash, toks
+
+# Checkpoints only when a test writes them; a TTL short enough to pass by hand.
+OPTS = {"checkpoint_idle_seconds": 3600.0, "ttl_seconds": 60.0}
+
+
+async def _refused(engine, session_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Stepping and reading the session are refused as a newer server's, twice."""
+    for _ in range(2):
+        with pytest.raises(WrittenByNewer, match="a newer seqserve") as err:
+            await engine.feed(session_id, toks(9))
+        assert err.value.reason == "VERSION_UNAVAILABLE"
+        assert err.value.status == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(WrittenByNewer):
+            await engine.describe_session(session_id)
+
+
+async def test_a_session_a_newer_server_journaled_is_refused_not_brought_back_short(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """Its last step's record is a newer server's. Before, that record was skipped with a
+    warning and the session came back at position 2 of 3, answering as if nothing happened."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, **OPTS)
+    newer, _ = await first.create_session("tok", seed=1)
+    fine, _ = await first.create_session("tok", seed=2)
+    for k in range(3):
+        await first.feed(newer.session_id, toks(k + 1))
+        await first.feed(fine.session_id, toks(k + 1))
+    await crash(first)
+    assert set_journal_version(spill / "journal", newer.session_id, 2, jr.VERSION, NEWER_JOURNAL)
+
+    second = await make_engine(spill_dir=spill, **OPTS)
+    await _refused(second, newer.session_id)
+    assert (await second.feed(fine.session_id, toks(9))).position == 4
+    stats = second.stats()
+    assert stats.journal_damaged_records == 0 and stats.damaged_checkpoints == 0
+
+
+async def test_it_is_kept_across_restarts_and_served_whole_by_a_server_that_reads_it(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """Checkpointed at position 2, two steps journaled after it, the last a newer server's.
+    The checkpoint stays as it was and the records too: a clean stop (which trims every
+    segment) and a start after it still refuse the session, and a server that reads the
+    record brings it back at position 4, its next prediction its twin's. Records read twice
+    (a copy left beside the segment they were copied to) are kept once."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, **OPTS)
+    roomy = await make_engine(durability="shutdown")
+    newer, _ = await first.create_session("tok", seed=7)
+    twin, _ = await roomy.create_session("tok", seed=7)
+    for k in range(4):
+        if k == 2:
+            assert await first.idle_checkpoints.sweep(0.0) == 1
+        await first.feed(newer.session_id, toks(k + 1))
+        await roomy.feed(twin.session_id, toks(k + 1))
+    await crash(first)
+    journal = spill / "journal"
+    assert set_journal_version(journal, newer.session_id, 3, jr.VERSION, NEWER_JOURNAL) == 1
+    checkpoint = spill / f"{newer.session_id}.spill"
+    kept = checkpoint.read_bytes()
+
+    second = await make_engine(spill_dir=spill, **OPTS)
+    await _refused(second, newer.session_id)
+    other, _ = await second.create_session("tok")
+    await second.feed(other.session_id, toks(5))
+    await second.stop()
+    (held,) = journal.glob("*.log")  # all a clean stop leaves: the records kept
+    copy = journal / f"{int(held.name.split('.')[0]) + 7:012d}.log"
+    copy.write_bytes(held.read_bytes())  # as if a crash had left them twice
+    third = await make_engine(spill_dir=spill, **OPTS)
+    await _refused(third, newer.session_id)
+    await crash(third)
+    assert checkpoint.read_bytes() == kept
+
+    assert set_journal_version(journal, newer.session_id, 3, NEWER_JOURNAL, jr.VERSION) == 1
+    last = await make_engine(spill_dir=spill, **OPTS)
+    assert last.get_session(newer.session_id).position == 4
+    got = await last.feed(newer.session_id, toks(5))
+    want = await roomy.feed(twin.session_id, toks(5))
+    assert got.position == 5 and close(got.prediction, want.prediction)
+    assert last.get_session(other.session_id).position == 1
+
+
+async def test_a_session_a_newer_server_created_is_refused_not_unknown(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """Every record of it a newer server's, its creation included: before, all were skipped
+    and the session was NOT_FOUND, as if it had never been made."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, **OPTS)
+    newer, _ = await first.create_session("tok")
+    await first.feed(newer.session_id, toks(1))
+    await crash(first)
+    journal = spill / "journal"  # its CREATE and its step, both at position 0:
+    assert set_journal_version(journal, newer.session_id, 0, jr.VERSION, NEWER_JOURNAL) == 2
+
+    second = await make_engine(spill_dir=spill, **OPTS)
+    await _refused(second, newer.session_id)
+
+
+async def test_a_newer_record_older_than_the_checkpoint_changes_nothing(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """A segment not deleted yet holds a newer server's record that the session's checkpoint is
+    past: that step is in the checkpoint, so the session comes back whole, not refused."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, **OPTS)
+    made, _ = await first.create_session("tok")
+    for k in range(3):
+        await first.feed(made.session_id, toks(k + 1))
+    await first.idle_checkpoints.sweep(0.0)  # at 3; the segment holding its steps stays
+    await crash(first)
+    assert set_journal_version(spill / "journal", made.session_id, 1, jr.VERSION, NEWER_JOURNAL)
+
+    second = await make_engine(spill_dir=spill, **OPTS)
+    assert second.get_session(made.session_id).position == 3
+    assert (await second.feed(made.session_id, toks(4))).position == 4
+
+
+async def test_only_its_owner_hears_it_and_the_sweeper_never_expires_it(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """With auth on, a stranger hears NOT_FOUND. Past its TTL the refused-session sweeper,
+    which ends other refused sessions and deletes what they kept, leaves it as it is: its last
+    use and TTL are in the record this server cannot read. Its owner can close it: its END is
+    journaled, what it kept is deleted, and a later start hears it closed."""
+    spill = tmp_path / "state"
+    clock = FakeClock()
+    principal.current.set(Principal("alice", "client"))
+    first = await make_engine(spill_dir=spill, clock=clock, **OPTS)
+    newer, _ = await first.create_session("tok")
+    for k in range(3):
+        await first.feed(newer.session_id, toks(k + 1))
+    await first.idle_checkpoints.sweep(0.0)
+    await first.feed(newer.session_id, toks(4))
+    await crash(first)
+    assert set_journal_version(spill / "journal", newer.session_id, 3, jr.VERSION, NEWER_JOURNAL)
+
+    second = await make_engine(spill_dir=spill, clock=clock, **OPTS)
+    principal.current.set(Principal("mallory", "client"))
+    with pytest.raises(SeqServeError) as stranger:
+        await second.feed(newer.session_id, toks(9))
+    assert stranger.value.reason == "SESSION_NOT_FOUND"
+    principal.current.set(Principal("alice", "client"))
+    await _refused(second, newer.session_id)
+    clock.advance(3600.0)  # far past its 60 s TTL
+    assert await second.sweep_expired() == 0
+    assert (spill / f"{newer.session_id}.spill").exists()
+    await _refused(second, newer.session_id)
+
+    await second.close_session(newer.session_id)
+    assert not (spill / f"{newer.session_id}.spill").exists()
+    second.durability.journal.settle()  # type: ignore[union-attr]
+    await crash(second)
+    journal = spill / "journal"  # its records went with its close
+    assert set_journal_version(journal, newer.session_id, 3, NEWER_JOURNAL, jr.VERSION) == 0
+    third = await make_engine(spill_dir=spill, clock=clock, **OPTS)
+    with pytest.raises(SessionClosed):
+        third.get_session(newer.session_id)

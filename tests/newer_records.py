@@ -1,0 +1,47 @@
+"""What a newer seqserve leaves in a state directory, made by hand: journal records of a format
+version above this server's, whole (their checksums made good), as after a downgrade; and the
+same put back, standing in for a server of that version reading them."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+from service.sessions import journal_record as jr
+
+NEWER_JOURNAL = jr.VERSION + 1
+
+
+def _frames(data: bytes) -> list[tuple[int, int]]:
+    """(offset, frame length) of every whole frame of a segment, in order."""
+    found, at = [], 0
+    while at + 8 <= len(data):
+        length = int.from_bytes(data[at : at + 4], "little")
+        if at + 8 + length > len(data):
+            break
+        found.append((at, 8 + length))
+        at += 8 + length
+    return found
+
+
+def set_journal_version(
+    journal: Path, session_id: str, position: int, old: int, new: int, kind: int = 0
+) -> int:
+    """Give every record of `session_id` at `position` (of `kind`, when one is named) whose
+    version byte is `old` the version byte `new`, its CRC made good, in every segment of the
+    `journal` directory; how many were changed."""
+    head = bytes([len(session_id)]) + session_id.encode() + position.to_bytes(8, "little")
+    changed = 0
+    for segment in sorted(journal.glob("*.log")):
+        data = bytearray(segment.read_bytes())
+        for at, size in _frames(bytes(data)):
+            body = at + 8
+            if data[body] != old or data[body + 2 : body + 2 + len(head)] != head:
+                continue
+            if kind and data[body + 1] != kind:
+                continue
+            data[body] = new
+            data[at + 4 : at + 8] = zlib.crc32(data[body : at + size]).to_bytes(4, "little")
+            changed += 1
+        segment.write_bytes(bytes(data))
+    return changed
