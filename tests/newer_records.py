@@ -1,15 +1,18 @@
-"""What a newer seqserve leaves in a state directory, made by hand: journal records of a format
-version above this server's, whole (their checksums made good), as after a downgrade; and the
-same put back, standing in for a server of that version reading them."""
+"""What a newer seqserve leaves in a state directory, made by hand: journal records and spill
+records of a format version above this server's, whole (their checksums made good), as after a
+downgrade; and the same put back, standing in for a server of that version reading them."""
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from pathlib import Path
 
 from service.sessions import journal_record as jr
+from service.sessions import spill_record
 
 NEWER_JOURNAL = jr.VERSION + 1
+NEWER_SPILL = spill_record.MAGIC[:-1] + bytes([spill_record.MAGIC[-1] + 1])
 
 
 def _frames(data: bytes) -> list[tuple[int, int]]:
@@ -45,3 +48,11 @@ def set_journal_version(
             changed += 1
         segment.write_bytes(bytes(data))
     return changed
+
+
+def set_spill_magic(record: Path, magic: bytes) -> None:
+    """Give the spill record at `record` the magic `magic` (its format version), its sha256 made
+    good."""
+    data = record.read_bytes()
+    body = magic + data[len(magic) : -spill_record.DIGEST_BYTES]
+    record.write_bytes(body + hashlib.sha256(body).digest())

@@ -1,5 +1,5 @@
-"""Sessions a newer seqserve wrote, as recovery meets them in the local journal: refused, and
-kept whole for a server of that version.
+"""Sessions a newer seqserve wrote, as recovery meets them in the local journal and spill
+directory: refused, and kept whole for a server of that version.
 
 A downgrade leaves records of a later format than this server reads. Such a record is whole
 (its checksum is good) and its head still names its session (`journal_record`), so skipping it
@@ -11,6 +11,11 @@ creation record names one), and nothing of it is lost: its checkpoint stays, and
 kept in the journal's held segment (`Journal.hold`), at every start, so this server's trimming
 never takes them; a server of the newer version, started on the directory again, reads them
 and serves the session whole.
+
+A session whose checkpoint a newer seqserve wrote (refused so by `SessionResidency.open`) stays
+refused, its journal records kept the same way, unless the journal holds its whole history in
+records this server reads (its creation, every step since, none a newer server's): then it is
+rebuilt from that, as a session whose checkpoint is damaged is (`Recovery`).
 
 A newer record older than the session's checkpoint (from a segment a crash left undeleted) is
 in that checkpoint already: ignored, as a damaged one there is. A session whose last record
@@ -36,20 +41,29 @@ JOURNALED = (
     "its journal holds a record a newer seqserve wrote, in a format this server does not "
     "read; a server of that version resumes it"
 )
+CHECKPOINTED = (
+    "its spill record was written by a newer seqserve, in a format this server does not "
+    "read; a server of that version resumes it"
+)
 
 
 class NewerRecords:
     def __init__(self, sessions: SessionStore) -> None:
         self._sessions = sessions
-        # Refused for good before the journal is read (a damaged checkpoint).
+        gone = sessions.gone
+        # Refused before the journal is read: for a newer checkpoint, and for good (damaged).
+        self._newer_checkpoint = {
+            s for s in sessions.broken if gone.refused_as(s) is WrittenByNewer
+        }
         self._for_good = {s for s in sessions.broken if sessions.refused_for_good(s)}
         self._kept: dict[str, list[bytes]] = {}  # session → its records, in the journal's order
         self._seen: dict[str, set[bytes]] = {}  # the same, to pass over copies of them
+        self._has_newer: set[str] = set()  # sessions with a newer record (not in a checkpoint)
         self._ended: set[str] = set()  # sessions whose last record read is an END
 
     def __contains__(self, session_id: str) -> bool:
-        """Whether the session is refused for a newer server's record, so far."""
-        return session_id in self._kept
+        """Whether the session is refused for a newer server's record or checkpoint, so far."""
+        return session_id in self._kept or session_id in self._newer_checkpoint
 
     def newer(
         self, record: jr.Unreadable, known: dict[str, Session], plans: dict[str, Plan]
@@ -66,6 +80,7 @@ class NewerRecords:
             self._kept[sid] = []
             for earlier in encoded(plan) if plan is not None else []:
                 self._keep(sid, earlier)
+        self._has_newer.add(sid)
         self._keep(sid, record.raw)
         self._ended.discard(sid)
 
@@ -95,18 +110,24 @@ class NewerRecords:
         """Once the journal is read: refuse the sessions a newer server wrote (`refused`),
         dropping their `plans`; one adopted from its checkpoint leaves the store, its version
         unpinned."""
-        for sid in list(self.refused()):
+        for sid, why in list(self.refused(plans)):
             plans.pop(sid, None)
             session = known.get(sid)
-            if refuse(self._sessions, sid, session, JOURNALED) and session is not None:
+            if refuse(self._sessions, sid, session, why) and session is not None:
                 versions.unpin(session.model, session.version)
 
-    def refused(self) -> Iterator[str]:
-        """The sessions to refuse once the journal is read: not ended, nor refused for good
-        already."""
-        for sid in self._kept:
-            if sid not in self._ended and sid not in self._for_good:
-                yield sid
+    def refused(self, plans: dict[str, Plan]) -> Iterator[tuple[str, str]]:
+        """The sessions to refuse once the journal is read (`plans`), and why: not ended, nor
+        refused for good already, nor to be rebuilt from their creation record."""
+        for sid in self._kept.keys() | self._newer_checkpoint:
+            if sid in self._ended or sid in self._for_good:
+                continue
+            if sid not in self._newer_checkpoint:
+                yield sid, JOURNALED
+                continue
+            plan = plans.get(sid)
+            if sid in self._has_newer or plan is None or not plan.fresh:
+                yield sid, CHECKPOINTED
 
     def held(self) -> dict[str, list[bytes]]:
         """The records to keep (`Journal.hold`): those of every session refused as a newer
@@ -123,8 +144,9 @@ def refuse(sessions: SessionStore, session_id: str, session: Session | None, why
     """Refuse a session a newer server wrote (WrittenByNewer, naming `why`), keeping its
     checkpoint: a live one adopted from that checkpoint leaves the store (its version unpinned
     by the caller when this returns True)."""
-    log.warning("session %s was journaled by a newer seqserve: refused, what it is made of "
-                "kept for a server of that version", session_id)  # fmt: skip
+    if sessions.gone.refused_as(session_id) is not WrittenByNewer:  # its checkpoint's: logged
+        log.warning("session %s was written by a newer seqserve: refused, what it is made of "
+                    "kept for a server of that version", session_id)  # fmt: skip
     owner = session.owner if session is not None else ""
     adopted = session is not None and sessions.contains(session_id)
     if adopted:

@@ -26,6 +26,7 @@ from service.engine.applied_request import from_record
 from service.engine.checkpoint_header import session_from
 from service.engine.checkpoint_writer import CheckpointWriter
 from service.engine.durability import Durability
+from service.engine.newer_records import CHECKPOINTED
 from service.engine.served_version import ServedVersion
 from service.engine.served_versions import ServedVersions
 from service.errors import (
@@ -35,6 +36,7 @@ from service.errors import (
     SpillCorrupted,
     SpillMismatch,
     Unavailable,
+    WrittenByNewer,
 )
 from service.runtime.state_pool import SlotSnapshot
 from service.sessions.clean_downtimes import CleanDowntimes, modified
@@ -77,7 +79,9 @@ class SessionResidency:
 
     def open(self) -> int:
         """Index the spill tier: every record becomes a spilled session, restored on first use.
-        Unreadable ones are remembered as broken (a request for one gets DATA_LOSS).
+        Unreadable ones are remembered as broken (a request for one gets DATA_LOSS); one a
+        newer seqserve wrote, in a later format, is refused as such (WrittenByNewer,
+        FAILED_PRECONDITION: not damage, not counted) and kept (`newer_records`).
 
         Idle time runs on from where it stood at the last clean stop: the time the server was
         down does not count (clients could not reach it), at this start or any later one
@@ -92,6 +96,8 @@ class SessionResidency:
         for session_id, why in scan.broken.items():
             self.sessions.mark_broken(session_id, why, owner=scan.owners.get(session_id, ""))
             self.damaged(session_id)
+        for session_id, owner in scan.newer.items():
+            self.sessions.mark_broken(session_id, CHECKPOINTED, WrittenByNewer, owner=owner)
         self._note_downtimes(scan)
         adopted = 0
         for header in scan.headers:
@@ -127,7 +133,7 @@ class SessionResidency:
             return
         last_uses = itertools.chain(
             (h.last_used_wall for h in scan.headers),
-            (modified(tier.path(session_id)) for session_id in scan.broken),
+            (modified(tier.path(session_id)) for session_id in [*scan.broken, *scan.newer]),
         )
         self._downtimes.note(tier.directory, scan.stopped_at, self.sessions.wall_clock(), last_uses)
 

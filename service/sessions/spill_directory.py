@@ -6,8 +6,9 @@ and proves the directory writable before the first eviction needs it; without th
 refuses a directory whose journal holds records (`_refuse_a_journal`). `scan` clears what a
 crash or the last run left (temporary files, spares) and reads every record's header, so a
 start learns which sessions there are without reading their state; a record it cannot read is
-reported, with its owner when that much is readable. `mark_clean_stop` records when the server
-stopped, so the next start knows how long nobody could reach it.
+reported, with its owner when that much is readable, apart from one a newer seqserve wrote (a
+later format, whole: `spill_record.newer`), which is not damage. `mark_clean_stop` records when
+the server stopped, so the next start knows how long nobody could reach it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class TierScan:
     broken: dict[str, str] = field(default_factory=dict)  # session id → what is wrong
     stopped_at: float | None = None  # wall time of the last clean stop; None after a crash
     owners: dict[str, str] = field(default_factory=dict)  # broken session → owner, if readable
+    # Records of a later format a newer seqserve wrote, whole: session id → their owner ("" if
+    # none). Neither readable nor damaged.
+    newer: dict[str, str] = field(default_factory=dict)
 
 
 def claim(directory: Path, setting: str = SPILL_DIR_VARIABLE, *, journaled: bool = True) -> int:
@@ -135,6 +139,12 @@ def scan(directory: Path) -> tuple[TierScan, dict[str, int]]:
             if header.session_id != path.stem:
                 raise SpillCorrupted(f"{SOURCE} holds another session's state")
         except SpillCorrupted as exc:
+            owner = _newer_owner(path)
+            if owner is not None:
+                found.newer[path.stem] = owner
+                log.warning("spill record %s was written by a newer seqserve: kept, its "
+                            "session refused", path)  # fmt: skip
+                continue
             found.broken[path.stem] = exc.message  # what the session's owner is told
             found.owners[path.stem] = exc.owner or _owner_of(path)
             log.warning("spill record %s refused: %s", path, exc.message)
@@ -179,6 +189,20 @@ def _read_header(path: Path) -> SpillHeader:
     if len(raw) != length:
         raise SpillCorrupted(f"{SOURCE} has a truncated header")
     return spill_record.parse_header(raw, SOURCE)
+
+
+def _newer_owner(path: Path) -> str | None:
+    """The owner a record of a newer format names ("" for none), or None when the record is
+    not one (`spill_record.newer`): its magic's version is checked before it is read whole."""
+    try:
+        with path.open("rb") as f:
+            if not spill_record.newer_magic(f.read(len(spill_record.MAGIC))):
+                return None
+            f.seek(0)
+            data = f.read()
+    except OSError:
+        return None
+    return spill_record.newer_owner(data) if spill_record.newer(data) else None
 
 
 def _owner_of(path: Path) -> str:

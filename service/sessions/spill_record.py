@@ -18,7 +18,8 @@ A server that reads only versions 1 and 2 refuses a version-3 record as not a sp
 (`SQSPILL` and a version byte), the owner block right after it, and the sha256 at the end. So a
 record whose version byte is above this server's and whose checksum is good is a newer server's
 (`newer`), not damage, and its owner block still says whose it is (`newer_owner`): the shared
-tier refuses to take such a session over (WrittenByNewer) rather than counting it lost.
+tier refuses to take such a session over, and the local spill directory refuses the session
+and keeps the record (WrittenByNewer), rather than counting it lost.
 
 No pickle anywhere: the header is JSON (numpy's PCG64 state is a dict of plain ints), the arrays
 are raw floats whose shapes the header states. The checksum covers the header too, so a flipped
@@ -136,13 +137,17 @@ def _owner_block(read) -> str | None:  # type: ignore[no-untyped-def]
     return name.decode("utf-8", errors="replace") if zlib.crc32(name) == crc else None
 
 
+def newer_magic(magic: bytes) -> bool:
+    """Whether a record's first bytes are the magic of a later format than this server's."""
+    return len(magic) == len(MAGIC) and magic[:-1] == MAGIC[:-1] and magic[-1] > MAGIC[-1]
+
+
 def newer(data: bytes) -> bool:
     """Whether `data` is a whole record of a later format than this server reads: its magic's
     version byte above this server's, and its sha256 good (damage fails that)."""
     return (
         len(data) >= len(MAGIC) + DIGEST_BYTES
-        and data[: len(MAGIC) - 1] == MAGIC[:-1]
-        and data[len(MAGIC) - 1] > MAGIC[-1]
+        and newer_magic(data[: len(MAGIC)])
         and hashlib.sha256(data[:-DIGEST_BYTES]).digest() == data[-DIGEST_BYTES:]
     )
 

@@ -1,5 +1,5 @@
-"""A downgrade on the local state directory: records a newer seqserve wrote (a format version
-above this server's, whole) are not this server's to read. Its session is
+"""A downgrade on the local state directory: records or a checkpoint a newer seqserve wrote (a
+format version above this server's, whole) are not this server's to read. Its session is
 refused as the shared tier refuses one (WrittenByNewer: FAILED_PRECONDITION,
 VERSION_UNAVAILABLE; only its owner hears it), not brought back short of the steps it cannot
 read, and not counted as damage; what it is made of stays on disk, at every restart, so a
@@ -16,7 +16,8 @@ from service.errors import SeqServeError, SessionClosed, WrittenByNewer
 from service.security import principal
 from service.security.principal import Principal
 from service.sessions import journal_record as jr
-from tests.newer_records import NEWER_JOURNAL, set_journal_version
+from service.sessions import spill_record
+from tests.newer_records import NEWER_JOURNAL, NEWER_SPILL, set_journal_version, set_spill_magic
 
 from .conftest import EngineFactory, FakeClock, close, crash, toks
 
@@ -179,3 +180,101 @@ async def test_only_its_owner_hears_it_and_the_sweeper_never_expires_it(
     third = await make_engine(spill_dir=spill, clock=clock, **OPTS)
     with pytest.raises(SessionClosed):
         third.get_session(newer.session_id)
+
+
+async def _checkpointed_then_stepped(make_engine: EngineFactory, spill, clock, **opts):  # type: ignore[no-untyped-def]
+    """A session (and its twin on a roomy engine) checkpointed at 2 and stepped once more, a
+    second session stepped once, then the engine crashed: (newer, twin, fine, roomy)."""
+    first = await make_engine(spill_dir=spill, clock=clock, **OPTS, **opts)
+    roomy = await make_engine(durability="shutdown")
+    newer, _ = await first.create_session("tok", seed=3)
+    twin, _ = await roomy.create_session("tok", seed=3)
+    for k in range(3):
+        if k == 2:
+            await first.idle_checkpoints.sweep(0.0)  # at 2
+        await first.feed(newer.session_id, toks(k + 1))
+        await roomy.feed(twin.session_id, toks(k + 1))
+    fine, _ = await first.create_session("tok", ttl_seconds=7200.0)
+    await first.feed(fine.session_id, toks(1))
+    first.durability.journal.settle()  # type: ignore[union-attr]
+    await crash(first)
+    return newer, twin, fine, roomy
+
+
+def _kinds(spill, session_id: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """The kinds of the session's records the journal's segments hold, readable or not."""
+    return [
+        r.kind
+        for segment in sorted((spill / "journal").glob("*.log"))
+        for r in jr.read_stream(segment.read_bytes())
+        if r.session_id == session_id
+    ]
+
+
+async def test_a_checkpoint_a_newer_server_wrote_is_refused_as_such_and_kept(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """Its spill record's magic a newer format's (`SQSPILL4`), its sha256 good, a step of it
+    journaled after it, the segments before trimmed. Before, it was refused as damaged
+    (DATA_LOSS, counted in damaged_checkpoints), its journal record trimmed, and the
+    refused-session sweeper deleted the record a TTL after its file's time. Now it is
+    FAILED_PRECONDITION as in the shared tier, nothing is counted, and record and journal
+    record stay, through restarts and past its TTL, for a server that reads them: it serves
+    the session at position 3."""
+    spill = tmp_path / "state"
+    clock = FakeClock()
+    small = {"journal_segment_bytes": 256}
+    newer, twin, fine, roomy = await _checkpointed_then_stepped(make_engine, spill, clock, **small)
+    assert jr.CREATE not in _kinds(spill, newer.session_id)  # its creation's segment: gone
+    checkpoint = spill / f"{newer.session_id}.spill"
+    set_spill_magic(checkpoint, NEWER_SPILL)
+    kept = checkpoint.read_bytes()
+
+    second = await make_engine(spill_dir=spill, clock=clock, **OPTS, **small)
+    await _refused(second, newer.session_id)
+    assert (await second.feed(fine.session_id, toks(9))).position == 2
+    assert second.stats().damaged_checkpoints == 0
+    clock.advance(3600.0)
+    assert await second.sweep_expired() == 0
+    await second.stop()  # a clean stop trims every segment it does not keep
+    third = await make_engine(spill_dir=spill, clock=clock, **OPTS, **small)
+    await _refused(third, newer.session_id)
+    await crash(third)
+    assert checkpoint.read_bytes() == kept
+
+    set_spill_magic(checkpoint, spill_record.MAGIC)
+    last = await make_engine(spill_dir=spill, clock=clock, **OPTS, **small)
+    assert last.get_session(newer.session_id).position == 3
+    got = await last.feed(newer.session_id, toks(4))
+    want = await roomy.feed(twin.session_id, toks(4))
+    assert got.position == 4 and close(got.prediction, want.prediction)
+
+
+async def test_a_newer_checkpoint_whose_whole_history_is_readable_is_rebuilt_from_it(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """The journal still holds its creation and every step, in records this server reads: as
+    for a damaged checkpoint, the session is rebuilt from them, nothing lost (as before)."""
+    spill = tmp_path / "state"
+    newer, twin, _fine, roomy = await _checkpointed_then_stepped(make_engine, spill, FakeClock())
+    assert _kinds(spill, newer.session_id)[0] == jr.CREATE
+    set_spill_magic(spill / f"{newer.session_id}.spill", NEWER_SPILL)
+
+    second = await make_engine(spill_dir=spill, **OPTS)
+    got = await second.feed(newer.session_id, toks(4))
+    want = await roomy.feed(twin.session_id, toks(4))
+    assert got.position == 4 and close(got.prediction, want.prediction)
+
+
+async def test_a_newer_checkpoint_with_a_newer_record_after_it_is_refused_not_rebuilt_short(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """Its whole history is journaled, but its last step's record is a newer server's too.
+    Before, that record was skipped and the session rebuilt from the rest: a step short."""
+    spill = tmp_path / "state"
+    newer, *_ = await _checkpointed_then_stepped(make_engine, spill, FakeClock())
+    set_spill_magic(spill / f"{newer.session_id}.spill", NEWER_SPILL)
+    assert set_journal_version(spill / "journal", newer.session_id, 2, jr.VERSION, NEWER_JOURNAL)
+
+    second = await make_engine(spill_dir=spill, **OPTS)
+    await _refused(second, newer.session_id)
