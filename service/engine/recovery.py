@@ -42,6 +42,7 @@ from service.engine.newer_records import NewerRecords
 from service.engine.recovery_plan import (
     Plan,
     damage,
+    damaged_last,
     encoded,
     fresh_session,
     needs_replay,
@@ -276,34 +277,10 @@ class Recovery:
             last[sid] = (rec.position, what)
             plans.setdefault(sid, Plan(base, fresh=False)).records.append(rec)
         for sid, bad in damaged.items():
-            self._damaged_last(plans, known, sid, bad, first=sid not in whole)
+            damaged_last(self._sessions, plans, known, bad, first=sid not in whole)
         if newer is not None:
             newer.refuse(plans, known, self._versions)
         return plans
-
-    def _damaged_last(
-        self,
-        plans: dict[str, Plan],
-        known: dict[str, Session],
-        sid: str,
-        bad: jr.Unreadable,
-        *,
-        first: bool,
-    ) -> None:
-        """A damaged record after every readable one of session `sid`: its last step (or its
-        creation, or its end) is lost, unless its checkpoint is past it (a record older than
-        the checkpoint, from a segment a crash left undeleted). Its head is a guess (the damage
-        may be there too): a CREATE is taken at its word only where creations are, position 0,
-        and only as the `first` record of the session read (a session's first step is at
-        position 0 too, and comes after its CREATE)."""
-        base = known.get(sid)
-        if base is None:  # neither a checkpoint nor a creation: the damaged record was its CREATE
-            if sid not in self._sessions.broken:
-                self._sessions.mark_broken(sid, damage(bad))
-        elif bad.kind == jr.CREATE and bad.position == 0 and first:  # its checkpoint has it all
-            return
-        elif bad.position >= base.position:  # not in its checkpoint already
-            plans.setdefault(sid, Plan(base, fresh=False)).damaged = bad
 
     def _drop_refused_record(self, session_id: str) -> None:
         """A session whose spill record was refused at this start, then found ended by its END

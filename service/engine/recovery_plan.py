@@ -1,7 +1,7 @@
 """What recovery plans for one session from its journal records (`recovery.py`): its base, the
-records after it, what a damaged record took from it, whether its state needs replaying or
-only its checkpoint checked, its whole history (to rebuild a damaged checkpoint), and its
-records as a held segment holds them."""
+records after it, what a damaged record took from it (`damaged_last`), whether its state needs
+replaying or only its checkpoint checked, its whole history (to rebuild a damaged checkpoint),
+and its records as a held segment holds them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from service.engine.replay_plan import Replay, replay_of
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr
 from service.sessions.session import Session
+from service.sessions.session_store import SessionStore
 
 
 @dataclass
@@ -31,6 +32,31 @@ def damage(bad: jr.Unreadable) -> str:
         f"its last journal record (at position {bad.position}) is damaged, and records written "
         "after it are whole: what it recorded was acknowledged and is lost"
     )
+
+
+def damaged_last(
+    sessions: SessionStore,
+    plans: dict[str, Plan],
+    known: dict[str, Session],
+    bad: jr.Unreadable,
+    *,
+    first: bool,
+) -> None:
+    """A damaged record after every readable one of the session its head names: its last step
+    (or its creation, or its end) is lost, unless its checkpoint is past it (a record older
+    than the checkpoint, from a segment a crash left undeleted). Its head is a guess (the
+    damage may be there too): a CREATE is taken at its word only where creations are, position
+    0, and only as the `first` record of the session read (a session's first step is at
+    position 0 too, and comes after its CREATE)."""
+    sid = bad.session_id
+    base = known.get(sid)
+    if base is None:  # neither a checkpoint nor a creation: the damaged record was its CREATE
+        if sid not in sessions.broken:
+            sessions.mark_broken(sid, damage(bad))
+    elif bad.kind == jr.CREATE and bad.position == 0 and first:  # its checkpoint has it all
+        return
+    elif bad.position >= base.position:  # not in its checkpoint already
+        plans.setdefault(sid, Plan(base, fresh=False)).damaged = bad
 
 
 def needs_replay(plan: Plan) -> bool:
