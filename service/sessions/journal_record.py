@@ -71,6 +71,10 @@ _FLOAT32 = np.dtype("<f4")
 _BODY_START = re.compile(
     b"[%s][%s]" % tuple(re.escape(bytes(v)) for v in (READABLE, range(TOKENS, GEN_START + 1)))
 )
+# Where a newer server's body can begin (`_resync` stops there too): a version above ours, any
+# kind, then its session id's length and the id's first bytes (every id begins "s_", and every
+# format keeps that head, the module's docstring).
+_NEWER_START = re.compile(b"[%s-\xff].[\x03-\xff]s_" % re.escape(bytes([VERSION + 1])), re.DOTALL)
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
@@ -380,16 +384,25 @@ def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
 
 
 def _resync(data: bytes, offset: int) -> int:
-    """The next offset at or after `offset` where a whole record checks out (or the end).
-    Only offsets whose body would begin with a readable version and a known kind are tried
-    (every whole record's does): `_frame_at` at every byte of a damaged 4 MB feed took 32 s."""
+    """The next offset at or after `offset` where a whole record checks out, readable or a
+    newer server's (`_newer_at`: skipping it would bring its session back short), or the end.
+    Only offsets whose body would begin with a readable version and a known kind, or with a
+    newer version and a session id, are tried (every whole record's does): `_frame_at` at
+    every byte of a damaged 4 MB feed took 32 s."""
     size = len(data)
     while offset + _FRAME.size <= size:
-        candidate = _BODY_START.search(data, offset + _FRAME.size)
-        if candidate is None:
+        readable = _BODY_START.search(data, offset + _FRAME.size)
+        end = readable.start() if readable is not None else size
+        newer = _NEWER_START.search(data, offset + _FRAME.size, end)
+        if newer is not None:
+            offset = newer.start() - _FRAME.size
+            if _newer_at(data, offset) is not None:
+                return offset
+        elif readable is None:
             break
-        offset = candidate.start() - _FRAME.size
-        if _frame_at(data, offset)[0] is not None:
-            return offset
+        else:
+            offset = end - _FRAME.size
+            if _frame_at(data, offset)[0] is not None:
+                return offset
         offset += 1
     return size

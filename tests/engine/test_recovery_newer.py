@@ -278,3 +278,50 @@ async def test_a_newer_checkpoint_with_a_newer_record_after_it_is_refused_not_re
 
     second = await make_engine(spill_dir=spill, **OPTS)
     await _refused(second, newer.session_id)
+
+
+def _damage_step(journal, session_id: str, position: int) -> int:  # type: ignore[no-untyped-def]
+    """Flip the last byte of the session's step record at `position` (its CRC left failing),
+    in every segment of `journal`; how many were damaged."""
+    head = bytes([len(session_id)]) + session_id.encode() + position.to_bytes(8, "little")
+    damaged = 0
+    for segment in sorted(journal.glob("*.log")):
+        data = bytearray(segment.read_bytes())
+        at = 0
+        while at + 8 <= len(data):
+            size = 8 + int.from_bytes(data[at : at + 4], "little")
+            body = at + 8
+            if data[body + 1] == jr.TOKENS and data[body + 2 : body + 2 + len(head)] == head:
+                data[at + size - 1] ^= 0xFF
+                damaged += 1
+            at += size
+        segment.write_bytes(bytes(data))
+    return damaged
+
+
+async def test_a_newer_record_right_after_a_damaged_one_still_refuses_its_session(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """Another session's damaged record, then this one's last step a newer server's record.
+    Before, reading on after the damage looked only for a readable record, so the newer one
+    was passed over unseen: the session came back at position 2 of 3, answering as if nothing
+    had happened. The damaged one's session is lost, as any is."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, **OPTS)
+    damaged, _ = await first.create_session("tok", seed=1)
+    newer, _ = await first.create_session("tok", seed=2)
+    await first.feed(newer.session_id, toks(1))
+    await first.feed(newer.session_id, toks(2))
+    await first.feed(damaged.session_id, toks(1))
+    await first.feed(newer.session_id, toks(3))  # right after the damaged record
+    await first.feed(damaged.session_id, toks(2))
+    await crash(first)
+    journal = spill / "journal"
+    assert set_journal_version(journal, newer.session_id, 2, jr.VERSION, NEWER_JOURNAL) == 1
+    assert _damage_step(journal, damaged.session_id, 0) == 1
+
+    second = await make_engine(spill_dir=spill, **OPTS)
+    await _refused(second, newer.session_id)
+    with pytest.raises(SeqServeError) as lost:
+        await second.feed(damaged.session_id, toks(9))
+    assert lost.value.status == grpc.StatusCode.DATA_LOSS
