@@ -110,7 +110,9 @@ def _refuse_a_journal(directory: Path) -> None:
             f"durability=journal left in {journal}: their steps are in no checkpoint, and a "
             "start without the journal would ignore them, to be replayed over its sessions by "
             "a later start with it; start once with SEQSERVE_SESSIONS__DURABILITY=journal to "
-            "recover them (its clean stop deletes them)"
+            "recover them (its clean stop deletes them, but for the records it keeps for the "
+            "sessions it refuses, their version missing from the store or written by a newer "
+            "seqserve: those stay until their owners close them)"
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.errors import SeqServeError, SessionClosed, WrittenByNewer
+from service.errors import SeqServeError, SessionClosed, SpillDirUnusable, WrittenByNewer
 from service.security import principal
 from service.security.principal import Principal
 from service.sessions import journal_record as jr
@@ -325,3 +325,22 @@ async def test_a_newer_record_right_after_a_damaged_one_still_refuses_its_sessio
     with pytest.raises(SeqServeError) as lost:
         await second.feed(damaged.session_id, toks(9))
     assert lost.value.status == grpc.StatusCode.DATA_LOSS
+
+
+async def test_a_start_without_the_journal_says_the_records_kept_stay_until_closed(
+    make_engine: EngineFactory, tmp_path
+) -> None:
+    """The records kept for a refused session stay through a clean stop with the journal, so a
+    start without it is refused again and again. Before, the refusal said that a start with
+    the journal recovers them and its clean stop deletes them: an operator who did so was
+    refused again, with the same advice."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, **OPTS)
+    newer, _ = await first.create_session("tok")
+    await first.feed(newer.session_id, toks(1))
+    await crash(first)
+    assert set_journal_version(spill / "journal", newer.session_id, 0, jr.VERSION, NEWER_JOURNAL)
+    second = await make_engine(spill_dir=spill, **OPTS)
+    await second.stop()  # as the refusal advises: a start with the journal, a clean stop
+    with pytest.raises(SpillDirUnusable, match="stay until their owners close them"):
+        await make_engine(spill_dir=spill, durability="shutdown", **OPTS)
