@@ -32,6 +32,7 @@ from service.engine.recovery_plan import Plan, encode_record, encoded
 from service.engine.served_versions import ServedVersions
 from service.errors import WrittenByNewer
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 
@@ -66,7 +67,7 @@ class NewerRecords:
         return session_id in self._kept or session_id in self._newer_checkpoint
 
     def newer(
-        self, record: jr.Unreadable, known: dict[str, Session], plans: dict[str, Plan]
+        self, record: js.Unreadable, known: dict[str, Session], plans: dict[str, Plan]
     ) -> None:
         """A record a newer server wrote (NEWER), after the sessions `known` so far (from a
         checkpoint or a creation) and their `plans` so far."""

@@ -56,6 +56,7 @@ from service.engine.served_versions import ServedVersions
 from service.engine.session_residency import SessionResidency
 from service.errors import SeqServeError, SessionLost, SpillMismatch, VersionGone
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 from service.sessions.journal import Journal
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
@@ -115,7 +116,7 @@ class Recovery:
         return report
 
     async def run(
-        self, records: Iterable[jr.JournalRecord | jr.Unreadable], oldest_segment: int
+        self, records: Iterable[jr.JournalRecord | js.Unreadable], oldest_segment: int
     ) -> RecoveryReport:
         """Plan every session's replay; their journal records stay (`oldest_segment` pinned)
         until each has a new checkpoint."""
@@ -207,7 +208,7 @@ class Recovery:
 
     def _plan(
         self,
-        records: Iterable[jr.JournalRecord | jr.Unreadable],
+        records: Iterable[jr.JournalRecord | js.Unreadable],
         known: dict[str, Session],
         *,
         histories: bool = False,
@@ -225,11 +226,11 @@ class Recovery:
         last: dict[str, tuple[int, tuple[Any, ...]]] = {}
         # Damaged records by the session their head names, until a readable record of it
         # follows (then a gap shows what is missing, as for any lost record).
-        damaged: dict[str, jr.Unreadable] = {}
+        damaged: dict[str, js.Unreadable] = {}
         whole: set[str] = set()  # sessions with a record read whole (so a CREATE is behind)
         for rec in records:
-            if isinstance(rec, jr.Unreadable):
-                if rec.what == jr.NEWER:
+            if isinstance(rec, js.Unreadable):
+                if rec.what == js.NEWER:
                     if newer is not None:
                         newer.newer(rec, known, plans)
                     continue

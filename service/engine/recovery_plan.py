@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from service.engine.replay_plan import Replay, replay_of
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 
@@ -24,10 +25,10 @@ class Plan:
     create: jr.JournalRecord | None = None
     # A damaged record of the session after all its readable ones, past its checkpoint: its
     # last step is lost.
-    damaged: jr.Unreadable | None = None
+    damaged: js.Unreadable | None = None
 
 
-def damage(bad: jr.Unreadable) -> str:
+def damage(bad: js.Unreadable) -> str:
     return (
         f"its last journal record (at position {bad.position}) is damaged, and records written "
         "after it are whole: what it recorded was acknowledged and is lost"
@@ -38,7 +39,7 @@ def damaged_last(
     sessions: SessionStore,
     plans: dict[str, Plan],
     known: dict[str, Session],
-    bad: jr.Unreadable,
+    bad: js.Unreadable,
     *,
     first: bool,
 ) -> None:

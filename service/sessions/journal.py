@@ -56,7 +56,8 @@ from service.sessions.ended_file import Ended, EndedFile
 from service.sessions.held_records import HeldRecords
 from service.sessions.journal_janitor import JournalJanitor
 from service.sessions.journal_opening import SegmentReading
-from service.sessions.journal_record import JournalRecord, Unreadable
+from service.sessions.journal_record import JournalRecord
+from service.sessions.journal_scan import Unreadable
 from service.sessions.journal_segments import (
     clear_stray_held,
     close_segment,

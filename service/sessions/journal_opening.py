@@ -19,15 +19,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.sessions.journal_record import (
-    DAMAGED,
-    NEWER,
-    TAIL,
-    TORN,
-    JournalRecord,
-    Unreadable,
-    read_stream,
-)
+from service.sessions.journal_record import JournalRecord
+from service.sessions.journal_scan import DAMAGED, NEWER, TAIL, TORN, Unreadable, read_stream
 from service.sessions.journal_segments import mark_valid_length, valid_length
 
 log = logging.getLogger("service.sessions.journal")  # the journal's own log, as before the split

@@ -23,59 +23,33 @@ its checksum is never applied: reading resumes at the next whole record; a torn 
 the end of its segment.
 
 Later versions keep the frame and the body's head as versions 1 and 2 have them: the version
-byte, a kind byte, the session id (its length, then ASCII) and the position. So a whole record
-whose checksum is good and whose version is above this server's is a newer seqserve's, not
-damage, and its head still says whose it is: `read_stream` reports it (`NEWER`, with its session,
-position and the whole frame, `raw`), and recovery refuses that session rather than bring it
-back short of that step, keeping the frame as it is for a server of that version.
-
-A torn last record (shorter than its length says, with nothing whole after it) is what a crash
-in the middle of a write leaves: normal. A whole last record whose checksum fails is what a
-power loss leaves when the file's length reached the disk before all of its bytes (the write
-was not yet synced, so its step was never acknowledged), or damage after the fact: the two
-cannot be told apart, so it is reported (`TAIL`) and dropped, as a database's log ends at its
-first bad checksum. Anything else unreadable is damage: bytes that whole records follow. (Only
-the newest segment's end can be a crash's or a power loss's: `Journal.open` takes an older
-one's for damage.)
-`read_stream` reports each in place (`Unreadable`), with what the record's head still says
-(its session and position), so recovery can tell the session it was for that a step is lost.
+byte, a kind byte, the session id (its length, then ASCII) and the position, so a reader of
+an older version can still tell whose a newer record is. Reading a segment back (damage,
+torn writes, a newer server's records) is `journal_scan`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import struct
 import zlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
-
-from service.sessions.session import SESSION_ID_PATTERN
 
 VERSION = 2  # what this server writes
 READABLE = (1, 2)
 TOKENS, FRAMES, GENERATED, CREATE, END, GEN_START = 1, 2, 3, 4, 5, 6
 MAX_REQUEST_ID = 255  # bytes of a request id a record can carry
-_FRAME = struct.Struct("<II")
-_HEAD = struct.Struct("<BBB")  # version, kind, session id length
-_POSITION = struct.Struct("<Q")
+FRAME = struct.Struct("<II")
+HEAD = struct.Struct("<BBB")  # version, kind, session id length
+POSITION = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
 _ONE = struct.Struct("<Ii")  # a count of one, and the int32 id
 _OPTIONS = struct.Struct("<HB")  # top_k, per_position
 _GENERATED = struct.Struct("<iB")
 _INT32 = np.dtype("<i4")
 _FLOAT32 = np.dtype("<f4")
-# Where a body can begin: a readable version byte, then a known kind (what `_resync` looks for).
-_BODY_START = re.compile(
-    b"[%s][%s]" % tuple(re.escape(bytes(v)) for v in (READABLE, range(TOKENS, GEN_START + 1)))
-)
-# Where a newer server's body can begin (`_resync` stops there too): a version above ours, any
-# kind, then its session id's length and the id's first bytes (every id begins "s_", and every
-# format keeps that head, the module's docstring).
-_NEWER_START = re.compile(b"[%s-\xff].[\x03-\xff]s_" % re.escape(bytes([VERSION + 1])), re.DOTALL)
-_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
 class JournalRecord(NamedTuple):
@@ -111,7 +85,7 @@ class JournalRecord(NamedTuple):
 
 
 def _frame(body: bytes) -> bytes:
-    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+    return FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
 def _ids(kind: int, session_id: str, request_id: str) -> tuple[bytes, bytes]:
@@ -119,12 +93,12 @@ def _ids(kind: int, session_id: str, request_id: str) -> tuple[bytes, bytes]:
     id after it."""
     sid = session_id.encode("ascii")
     rid = request_id.encode("utf-8")[:MAX_REQUEST_ID]
-    return _HEAD.pack(VERSION, kind, len(sid)) + sid, bytes([len(rid)]) + rid
+    return HEAD.pack(VERSION, kind, len(sid)) + sid, bytes([len(rid)]) + rid
 
 
 def _head(kind: int, session_id: str, position: int, request_id: str = "") -> bytes:
     before, after = _ids(kind, session_id, request_id)
-    return before + _POSITION.pack(position) + after
+    return before + POSITION.pack(position) + after
 
 
 def tokens(
@@ -188,7 +162,7 @@ class GeneratedRecords:
 
     def record(self, position: int, token: int, draws: int) -> bytes:
         return _frame(
-            self._before + _POSITION.pack(position) + self._after + _GENERATED.pack(token, draws)
+            self._before + POSITION.pack(position) + self._after + _GENERATED.pack(token, draws)
         )
 
 
@@ -213,136 +187,34 @@ def end(session_id: str, position: int, why: str, owner: str = "") -> bytes:
 
 def session_of(record: bytes) -> str:
     """The session an encoded record (one `_frame`) is for, without decoding the rest."""
-    at = _FRAME.size + 2  # past the frame, the version and the kind
+    at = FRAME.size + 2  # past the frame, the version and the kind
     return record[at + 1 : at + 1 + record[at]].decode("ascii")
 
 
 def kind_of(record: bytes) -> int:
     """An encoded record's kind (TOKENS … GEN_START)."""
-    return record[_FRAME.size + 1]
+    return record[FRAME.size + 1]
 
 
-# What `Unreadable` found: a crash's torn last write, a whole last record failing its checksum
-# (a power loss's unsynced write, or damage), damage, or a newer server's record.
-TORN, TAIL, DAMAGED, NEWER = "torn", "tail", "damaged", "newer"
-
-
-class Unreadable(NamedTuple):
-    """Bytes of a segment that hold no readable record, where `read_stream` met them."""
-
-    offset: int  # where the record that could not be read begins
-    what: str  # TORN, TAIL, DAMAGED or NEWER
-    # What a damaged record's head still says, when it reads as one (the damage may be there
-    # too, so a guess): its session ("" when unreadable), position and kind.
-    session_id: str = ""
-    position: int = 0
-    kind: int = 0
-    raw: bytes = b""  # NEWER: the whole frame, as the newer server wrote it
-
-
-def decode_stream(data: bytes) -> Iterator[JournalRecord]:
-    """The records of one segment, in order. A damaged record is skipped: reading resumes at
-    the next offset where a whole record checks out (the damaged session's later records then
-    show a gap, which recovery refuses with DATA_LOSS); a torn last record is simply the end."""
-    for item in read_stream(data):
-        if isinstance(item, JournalRecord):
-            yield item
-
-
-def read_stream(data: bytes) -> Iterator[JournalRecord | Unreadable]:
-    """`decode_stream`, with an `Unreadable` in place of each stretch of bytes it skips."""
-    offset, size = 0, len(data)
-    while offset + _FRAME.size <= size:
-        record, end_at = _frame_at(data, offset)
-        if record is None:
-            newer = _newer_at(data, offset)
-            if newer is not None:  # whole: reading goes on right after it
-                yield newer
-                offset += len(newer.raw)
-                continue
-            resumed = _resync(data, offset + 1)
-            yield _unreadable(data, offset, whole_after=resumed < size)
-            offset = resumed
-            continue
-        yield record
-        offset = end_at
-    if offset < size:  # less than a frame's head: a write cut short
-        yield Unreadable(offset, TORN)
-
-
-def _newer_at(data: bytes, offset: int) -> Unreadable | None:
-    """The record at `offset` as a newer server's (`NEWER`), when it is one: whole, its
-    checksum good, its version above this server's. Its head names its session, as every
-    version's does (the module's docstring); "" where it does not read so."""
-    length, crc = _FRAME.unpack_from(data, offset)
-    start = offset + _FRAME.size
-    end = start + length
-    if not _HEAD.size + _POSITION.size <= length <= len(data) - start:
-        return None
-    if data[start] <= VERSION or zlib.crc32(memoryview(data)[start:end]) != crc:
-        return None
-    session_id, position = "", 0
-    kind, sid_len = data[start + 1], data[start + 2]
-    at = start + _HEAD.size
-    if at + sid_len + _POSITION.size <= end:
-        name = data[at : at + sid_len].decode("ascii", errors="replace")
-        if _SESSION_ID.fullmatch(name):
-            session_id = name
-            (position,) = _POSITION.unpack_from(data, at + sid_len)
-    return Unreadable(offset, NEWER, session_id, position, kind, bytes(data[offset:end]))
-
-
-def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
-    """Why the record at `offset` cannot be read (a newer server's is `_newer_at`'s). Torn:
-    shorter than its length says, and no whole record after it (a crash cut its write short).
-    Tail: whole, the last, and failing its checksum (a power loss's unsynced write, or damage).
-    Any bytes whole records follow are damage, as is a whole one that checks out but will not
-    parse."""
-    length, crc = _FRAME.unpack_from(data, offset)
-    start = offset + _FRAME.size
-    whole = _HEAD.size + _POSITION.size <= length <= len(data) - start
-    if not whole and not whole_after:  # its head may still name it (an older segment's: damage)
-        return Unreadable(offset, TORN, *_head_of(data, start))
-    checks_out = whole and zlib.crc32(memoryview(data)[start : start + length]) == crc
-    what = TAIL if whole and not checks_out and not whole_after else DAMAGED
-    return Unreadable(offset, what, *_head_of(data, start))
-
-
-def _head_of(data: bytes, start: int) -> tuple[str, int, int]:
-    """(session id, position, kind) of the body at `start`, when its head reads as a record's:
-    a readable version, a known kind, a well-formed session id. ("", 0, 0) when not."""
-    try:
-        version, kind, sid_len = _HEAD.unpack_from(data, start)
-        at = start + _HEAD.size
-        session_id = data[at : at + sid_len].decode("ascii")
-        (position,) = _POSITION.unpack_from(data, at + sid_len)
-    except (struct.error, UnicodeDecodeError):
-        return "", 0, 0
-    if version not in READABLE or not TOKENS <= kind <= GEN_START:
-        return "", 0, 0
-    if not _SESSION_ID.fullmatch(session_id):
-        return "", 0, 0
-    return session_id, position, kind
-
-
-def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
-    """The record framed at `offset` and where the next begins, or (None, offset)."""
-    length, crc = _FRAME.unpack_from(data, offset)
-    start = offset + _FRAME.size
+def decode_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
+    """The readable record framed at `offset` and where the next begins, or (None, offset)
+    (`journal_scan` reads whole segments with it)."""
+    length, crc = FRAME.unpack_from(data, offset)
+    start = offset + FRAME.size
     end_at = start + length
-    if length < _HEAD.size + _POSITION.size or end_at > len(data):
+    if length < HEAD.size + POSITION.size or end_at > len(data):
         return None, offset
     if zlib.crc32(memoryview(data)[start:end_at]) != crc:
         return None, offset
     version, kind, sid_len = data[start], data[start + 1], data[start + 2]
     if version not in READABLE:  # a newer server's record: not ours to guess at
         return None, offset
-    at = start + _HEAD.size
+    at = start + HEAD.size
     try:
         session_id = data[at : at + sid_len].decode("ascii")
         at += sid_len
-        (position,) = _POSITION.unpack_from(data, at)
-        at += _POSITION.size
+        (position,) = POSITION.unpack_from(data, at)
+        at += POSITION.size
         request_id = ""
         if version >= 2:
             rid_len = data[at]
@@ -381,28 +253,3 @@ def _frame_at(data: bytes, offset: int) -> tuple[JournalRecord | None, int]:
     except (ValueError, UnicodeDecodeError, struct.error, IndexError):
         pass
     return None, offset
-
-
-def _resync(data: bytes, offset: int) -> int:
-    """The next offset at or after `offset` where a whole record checks out, readable or a
-    newer server's (`_newer_at`: skipping it would bring its session back short), or the end.
-    Only offsets whose body would begin with a readable version and a known kind, or with a
-    newer version and a session id, are tried (every whole record's does): `_frame_at` at
-    every byte of a damaged 4 MB feed took 32 s."""
-    size = len(data)
-    while offset + _FRAME.size <= size:
-        readable = _BODY_START.search(data, offset + _FRAME.size)
-        end = readable.start() if readable is not None else size
-        newer = _NEWER_START.search(data, offset + _FRAME.size, end)
-        if newer is not None:
-            offset = newer.start() - _FRAME.size
-            if _newer_at(data, offset) is not None:
-                return offset
-        elif readable is None:
-            break
-        else:
-            offset = end - _FRAME.size
-            if _frame_at(data, offset)[0] is not None:
-                return offset
-        offset += 1
-    return size

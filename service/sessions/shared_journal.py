@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 from service.sessions import journal_record
 from service.sessions.ended_file import Ended
-from service.sessions.journal_record import JournalRecord, Unreadable, decode_stream
+from service.sessions.journal_record import JournalRecord
+from service.sessions.journal_scan import Unreadable, decode_stream
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import SharedState, Write
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 from service.sessions.ended_file import Ended
-from service.sessions.journal_record import JournalRecord, Unreadable
+from service.sessions.journal_record import JournalRecord
+from service.sessions.journal_scan import Unreadable
 from service.sessions.spill_directory import TierScan
 from service.sessions.spill_record import SpillRecord
 

@@ -12,14 +12,8 @@ for a replica of that version; so is a checkpoint of a newer format (`newer_chec
 from __future__ import annotations
 
 from service.errors import SessionLost, WrittenByNewer, quote
-from service.sessions.journal_record import (
-    CREATE,
-    DAMAGED,
-    NEWER,
-    JournalRecord,
-    Unreadable,
-    read_stream,
-)
+from service.sessions.journal_record import CREATE, JournalRecord
+from service.sessions.journal_scan import DAMAGED, NEWER, Unreadable, read_stream
 from service.sessions.spill_record import SpillRecord
 
 

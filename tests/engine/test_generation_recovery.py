@@ -16,6 +16,7 @@ from service.engine.session_engine import PredictionOptions, SessionEngine
 from service.errors import Internal
 from service.runtime.sampler import SamplingParams
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 
 from .conftest import EngineFactory, close, crash, settled, slow_steps, toks
 
@@ -93,7 +94,7 @@ async def test_a_generation_whose_prompt_was_not_applied_changes_no_reply_after_
     await _not_applied(first, sid, how)
     await crash(first)
     journal = b"".join(p.read_bytes() for p in sorted((spill / "journal").glob("*.log")))
-    kinds = [r.kind for r in jr.decode_stream(journal) if r.session_id == sid]
+    kinds = [r.kind for r in js.decode_stream(journal) if r.session_id == sid]
     assert kinds[-1] == jr.GEN_START, "the case: g1's start journaled, nothing after it"
 
     second = await make_engine(spill_dir=spill, checkpoint_steps=checkpoint_steps)

@@ -15,6 +15,7 @@ from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.registry.store import ModelStore
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 from tests.api.conftest import TOKEN_CONFIG, publish_random
 from tests.api.support import tokens
 from tests.api.test_lifecycle_restart import ServerProcess
@@ -75,7 +76,7 @@ async def test_a_generation_whose_prompt_the_disk_refused_changes_no_reply_after
         server.kill()  # SIGKILL: the journal as the disk has it
         filler.unlink()
         journal = b"".join(p.read_bytes() for p in sorted((state / "journal").glob("*.log")))
-        kinds = [r.kind for r in jr.decode_stream(journal) if r.session_id == sid]
+        kinds = [r.kind for r in js.decode_stream(journal) if r.session_id == sid]
         assert kinds[-1] == jr.GEN_START, "the case: g1's start journaled, its prompt not"
         await server.start()
         async with SeqServeClient(f"127.0.0.1:{server.port}") as client:

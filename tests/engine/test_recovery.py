@@ -31,6 +31,7 @@ from service.registry.store import ModelStore
 from service.runtime.sampler import SamplingParams
 from service.sessions import journal as journal_module
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 
 from .conftest import TOK, EngineFactory, close, crash, frames, publish, toks
 
@@ -226,8 +227,8 @@ async def test_a_damaged_create_of_a_session_checkpointed_before_its_first_step_
     meta = data.index(b"{", data.index(hurt.session_id.encode()))
     data[meta + 5] ^= 0x01  # inside hurt's CREATE's settings: its head still reads
     segment.write_bytes(bytes(data))
-    assert [u.what for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)] == [
-        jr.DAMAGED
+    assert [u.what for u in js.read_stream(bytes(data)) if isinstance(u, js.Unreadable)] == [
+        js.DAMAGED
     ]
 
     second = await make_engine(spill_dir=spill, slots=1)
@@ -245,8 +246,8 @@ def _step_read_as_create(spill: Path, session_id: str, position: int) -> None:
     at = data.index(head + position.to_bytes(8, "little"))
     data[at + 1] = jr.CREATE
     segment.write_bytes(bytes(data))
-    bad = [u for u in jr.read_stream(bytes(data)) if isinstance(u, jr.Unreadable)]
-    assert [(u.what, u.kind, u.position) for u in bad] == [(jr.DAMAGED, jr.CREATE, position)]
+    bad = [u for u in js.read_stream(bytes(data)) if isinstance(u, js.Unreadable)]
+    assert [(u.what, u.kind, u.position) for u in bad] == [(js.DAMAGED, jr.CREATE, position)]
 
 
 async def test_a_damaged_step_whose_head_reads_as_a_create_is_not_taken_for_one(
@@ -320,7 +321,7 @@ async def test_a_hurt_last_record_in_an_older_segment_is_damage(
     segments = sorted((spill / "journal").iterdir())
     (older,) = [
         p for p in segments
-        if (r := list(jr.decode_stream(p.read_bytes())))
+        if (r := list(js.decode_stream(p.read_bytes())))
         and (r[-1].session_id, r[-1].position) == (hurt.session_id, steps - 1)
     ]  # fmt: skip
     assert older != segments[-1]
@@ -683,7 +684,7 @@ async def test_records_read_twice_are_planned_once(make_engine: EngineFactory) -
         jr.generated(sid, 3, 7, draws=1, request_id="g"),
         jr.generated(sid, 4, 9, draws=1, request_id="g"),
     ]
-    records = list(jr.decode_stream(b"".join(steps + steps)))  # the originals, then the copy
+    records = list(js.decode_stream(b"".join(steps + steps)))  # the originals, then the copy
     recovery = Recovery(engine.sessions, engine.versions, engine.residency, engine.leases.replays)
     base = dataclasses.replace(session, position=0)
     plans = recovery._plan(records, {sid: base})

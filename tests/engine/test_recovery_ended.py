@@ -13,6 +13,7 @@ from service.errors import SessionClosed, SessionNotFound
 from service.security import principal
 from service.security.principal import Principal
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 
 from .conftest import EngineFactory, crash, toks
 
@@ -96,7 +97,7 @@ async def test_a_closed_session_known_only_by_its_end_record_is_still_its_owners
         await first.close_session(sid)
         await crash(first)
         segments = sorted((spill / "journal").glob("*.log"))
-        kinds = {r.kind for s in segments for r in jr.read_stream(s.read_bytes())}
+        kinds = {r.kind for s in segments for r in js.read_stream(s.read_bytes())}
         assert jr.CREATE not in kinds and jr.END in kinds  # only the END says anything
         second = await make_engine(spill_dir=spill)
         with pytest.raises(SessionClosed, match="was closed"):

@@ -16,6 +16,7 @@ from service.errors import SeqServeError, SessionClosed, SpillDirUnusable, Writt
 from service.security import principal
 from service.security.principal import Principal
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 from service.sessions import spill_record
 from tests.newer_records import NEWER_JOURNAL, NEWER_SPILL, set_journal_version, set_spill_magic
 
@@ -206,7 +207,7 @@ def _kinds(spill, session_id: str) -> list[int]:  # type: ignore[no-untyped-def]
     return [
         r.kind
         for segment in sorted((spill / "journal").glob("*.log"))
-        for r in jr.read_stream(segment.read_bytes())
+        for r in js.read_stream(segment.read_bytes())
         if r.session_id == session_id
     ]
 

@@ -18,6 +18,7 @@ from service.engine.recovery_plan import (
 )
 from service.engine.replay_plan import replay_of
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 
 SID = "s_" + "a" * 32
 
@@ -28,7 +29,7 @@ def _meta(fingerprint: str = "fp-1") -> dict[str, Any]:
 
 
 def _read(*records: bytes) -> list[jr.JournalRecord]:
-    return list(jr.decode_stream(b"".join(records)))
+    return list(js.decode_stream(b"".join(records)))
 
 
 def _steps(*counts: int) -> list[jr.JournalRecord]:
@@ -75,5 +76,5 @@ def test_a_whole_history_rebuilds_only_what_it_fully_covers() -> None:
 
 
 def test_the_damage_message_names_the_position() -> None:
-    bad = jr.Unreadable(10, jr.DAMAGED, SID, 4, jr.TOKENS)
+    bad = js.Unreadable(10, js.DAMAGED, SID, 4, jr.TOKENS)
     assert "position 4" in damage(bad) and "damaged" in damage(bad)

@@ -18,6 +18,7 @@ import pytest
 from service.errors import JournalUnavailable
 from service.sessions import checkpoints_flush
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 from service.sessions.journal import Journal
 from tests.tmpfs import fill_but, mounted_tmpfs
 
@@ -43,7 +44,7 @@ def _started(tmp_path: Path, **options: Any) -> Journal:
 
 
 def test_every_kind_round_trips() -> None:
-    got = list(jr.decode_stream(b"".join(_records())))
+    got = list(js.decode_stream(b"".join(_records())))
     assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS, jr.GENERATED, jr.FRAMES, jr.END]
     assert got[0].meta == {"model": "tok", "version": 1, "seed": 3}
     assert got[1].tokens is not None and got[1].tokens.tolist() == [1, 2, 3]
@@ -77,7 +78,7 @@ def test_a_generations_encoder_writes_the_same_bytes_as_generated(
     for position, token, draws in steps:
         record = encoder.record(position, token, draws)
         assert record == jr.generated(SID, position, token, draws, request_id)
-        (read,) = jr.decode_stream(record)
+        (read,) = js.decode_stream(record)
         assert (read.kind, read.session_id, read.position, read.draws) == (
             jr.GENERATED, SID, position, draws,
         )  # fmt: skip
@@ -101,7 +102,7 @@ def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -
         body = bytes(newer[8:])
         newer[4:8] = zlib.crc32(body).to_bytes(4, "little")
         data = data[:at] + newer + data[at + len(records[2]) :]
-    got = list(jr.decode_stream(bytes(data)))
+    got = list(js.decode_stream(bytes(data)))
     if damage == "truncate":  # a torn tail: the end of what was written
         assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS]
     else:  # the record is never applied; the ones after it still are
@@ -131,10 +132,10 @@ def test_a_torn_last_record_and_a_whole_one_failing_its_checksum_are_told_apart(
         got = list(journal.open())
         assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS]  # nothing unreadable passed on
 
-    assert list(jr.read_stream(bytes(damaged)))[-1] == jr.Unreadable(
-        last, jr.TAIL, SID, 3, jr.GENERATED
+    assert list(js.read_stream(bytes(damaged)))[-1] == js.Unreadable(
+        last, js.TAIL, SID, 3, jr.GENERATED
     )
-    assert list(jr.read_stream(torn))[-1] == jr.Unreadable(last, jr.TORN, SID, 3, jr.GENERATED)
+    assert list(js.read_stream(torn))[-1] == js.Unreadable(last, js.TORN, SID, 3, jr.GENERATED)
     assert journals["torn"].damaged_records == 0 and journals["damaged"].damaged_records == 1
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     message = warning.getMessage()
@@ -149,10 +150,10 @@ def test_damage_that_whole_records_follow_is_damage_whatever_its_length_says() -
     records = _records()
     data = bytearray(b"".join(records))
     data[len(records[0]) + 3] = 0x7F  # the TOKENS record's length: far past the end
-    got = list(jr.read_stream(bytes(data)))
-    assert [type(r) for r in got] == [jr.JournalRecord, jr.Unreadable] + [jr.JournalRecord] * 3
-    assert got[1] == jr.Unreadable(len(records[0]), jr.DAMAGED, SID, 0, jr.TOKENS)
-    assert [r.kind for r in jr.decode_stream(bytes(data))] == [
+    got = list(js.read_stream(bytes(data)))
+    assert [type(r) for r in got] == [jr.JournalRecord, js.Unreadable] + [jr.JournalRecord] * 3
+    assert got[1] == js.Unreadable(len(records[0]), js.DAMAGED, SID, 0, jr.TOKENS)
+    assert [r.kind for r in js.decode_stream(bytes(data))] == [
         jr.CREATE, jr.GENERATED, jr.FRAMES, jr.END,
     ]  # fmt: skip
 
@@ -169,11 +170,11 @@ def test_a_newer_servers_record_names_its_session_and_is_passed_on_whole(tmp_pat
     newer[4:8] = zlib.crc32(bytes(newer[8:])).to_bytes(4, "little")
     data = records[0] + records[1] + bytes(newer) + records[3] + records[4]
     at = len(records[0]) + len(records[1])
-    got = list(jr.read_stream(data))
+    got = list(js.read_stream(data))
     read = got[2]
-    assert isinstance(read, jr.Unreadable)
+    assert isinstance(read, js.Unreadable)
     assert (read.offset, read.what, read.session_id, read.position, read.kind) == (
-        at, jr.NEWER, SID, 3, jr.GENERATED,
+        at, js.NEWER, SID, 3, jr.GENERATED,
     )  # fmt: skip
     assert getattr(read, "raw", None) == bytes(newer)
     assert [r.kind for r in got if isinstance(r, jr.JournalRecord)] == [
@@ -187,9 +188,9 @@ def test_a_newer_servers_record_names_its_session_and_is_passed_on_whole(tmp_pat
 
 
 def _resync_every_byte(data: bytes, offset: int) -> int:
-    """What `_resync` must find: the first offset where `_frame_at` reads a whole record."""
+    """What `_resync` must find: the first offset where `decode_at` reads a whole record."""
     while offset + 8 <= len(data):
-        if jr._frame_at(data, offset)[0] is not None:
+        if jr.decode_at(data, offset)[0] is not None:
             return offset
         offset += 1
     return len(data)
@@ -204,7 +205,7 @@ def test_after_any_one_flipped_byte_reading_resumes_where_a_byte_by_byte_search_
             data = bytearray(clean)
             data[at] ^= bit
             for offset in range(0, len(data), 7):
-                assert jr._resync(bytes(data), offset) == _resync_every_byte(bytes(data), offset)
+                assert js._resync(bytes(data), offset) == _resync_every_byte(bytes(data), offset)
 
 
 def test_a_damaged_large_feed_is_skipped_without_trying_each_of_its_bytes(
@@ -217,15 +218,15 @@ def test_a_damaged_large_feed_is_skipped_without_trying_each_of_its_bytes(
     data = bytearray(feed + after)
     data[100] ^= 0xFF
     tries = 0
-    frame_at = jr._frame_at
+    frame_at = jr.decode_at
 
     def counted(buf: bytes, offset: int) -> tuple[jr.JournalRecord | None, int]:
         nonlocal tries
         tries += 1
         return frame_at(buf, offset)
 
-    monkeypatch.setattr(jr, "_frame_at", counted)
-    got = list(jr.decode_stream(bytes(data)))
+    monkeypatch.setattr(js, "decode_at", counted)  # as `journal_scan` calls it
+    got = list(js.decode_stream(bytes(data)))
     assert [r.kind for r in got] == [jr.END]
     assert tries < 100, tries
 
@@ -335,7 +336,7 @@ def test_a_records_session_and_kind_read_without_decoding_it() -> None:
         (jr.create("s_x", {"model": "m"}), jr.CREATE),
         (jr.end("s_" + "y" * 60, 9, "closed"), jr.END),
     ):
-        (decoded,) = jr.decode_stream(record)
+        (decoded,) = js.decode_stream(record)
         assert jr.session_of(record) == decoded.session_id
         assert jr.kind_of(record) == kind == decoded.kind
 

@@ -13,6 +13,7 @@ import pytest
 
 from service.runtime.sampler import SamplingParams, SessionRng
 from service.sessions import journal_record as jr
+from service.sessions import journal_scan as js
 from service.sessions import spill_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -20,7 +21,7 @@ SID = "s_fixtureFormatV1xxxxxx"
 
 
 def test_a_version_1_journal_segment_reads_back() -> None:
-    records = list(jr.decode_stream((FIXTURES / "journal-v1.log").read_bytes()))
+    records = list(js.decode_stream((FIXTURES / "journal-v1.log").read_bytes()))
     assert [r.kind for r in records] == [jr.CREATE, jr.TOKENS, jr.GENERATED, jr.FRAMES, jr.END]
     create, fed, sampled, frames, end = records
     assert create.session_id == SID and create.meta is not None
