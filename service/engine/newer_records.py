@@ -57,8 +57,8 @@ class NewerRecords:
             s for s in sessions.broken if gone.refused_as(s) is WrittenByNewer
         }
         self._for_good = {s for s in sessions.broken if sessions.refused_for_good(s)}
-        self._kept: dict[str, list[bytes]] = {}  # session → its records, in the journal's order
-        self._seen: dict[str, set[bytes]] = {}  # the same, to pass over copies of them
+        # session → its records, in the journal's order, each once (a dict keeps both)
+        self._kept: dict[str, dict[bytes, None]] = {}
         self._has_newer: set[str] = set()  # sessions with a newer record (not in a checkpoint)
         self._ended: set[str] = set()  # sessions whose last record read is an END
 
@@ -78,7 +78,7 @@ class NewerRecords:
             base, plan = known.get(sid), plans.get(sid)
             if base is not None and record.position < base.position:
                 return  # older than its checkpoint: in it already
-            self._kept[sid] = []
+            self._kept[sid] = {}
             for earlier in encoded(plan) if plan is not None else []:
                 self._keep(sid, earlier)
         self._has_newer.add(sid)
@@ -100,10 +100,7 @@ class NewerRecords:
         """Keep `record` of the session, unless a copy of it is kept already: a held segment
         read with the segments it was copied from (a crash before they were trimmed) holds
         each record twice, and copying both would double them at every such start."""
-        seen = self._seen.setdefault(session_id, set())
-        if record not in seen:
-            seen.add(record)
-            self._kept.setdefault(session_id, []).append(record)
+        self._kept.setdefault(session_id, {})[record] = None
 
     def refuse(
         self, plans: dict[str, Plan], known: dict[str, Session], versions: ServedVersions
@@ -135,7 +132,7 @@ class NewerRecords:
         server's once recovery is done."""
         sessions = self._sessions
         return {
-            sid: records
+            sid: list(records)
             for sid, records in self._kept.items()
             if sessions.gone.refused_as(sid) is WrittenByNewer and not sessions.contains(sid)
         }

@@ -22,7 +22,6 @@ one's for damage.)
 from __future__ import annotations
 
 import re
-import struct
 import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -110,14 +109,8 @@ def _newer_at(data: bytes, offset: int) -> Unreadable | None:
         return None
     if data[start] <= VERSION or zlib.crc32(memoryview(data)[start:end]) != crc:
         return None
-    session_id, position = "", 0
-    kind, sid_len = data[start + 1], data[start + 2]
-    at = start + HEAD.size
-    if at + sid_len + POSITION.size <= end:
-        name = data[at : at + sid_len].decode("ascii", errors="replace")
-        if _SESSION_ID.fullmatch(name):
-            session_id = name
-            (position,) = POSITION.unpack_from(data, at + sid_len)
+    session_id, position = _named(data, start, end)
+    kind = data[start + 1]
     return Unreadable(offset, NEWER, session_id, position, kind, bytes(data[offset:end]))
 
 
@@ -140,18 +133,28 @@ def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
 def _head_of(data: bytes, start: int) -> tuple[str, int, int]:
     """(session id, position, kind) of the body at `start`, when its head reads as a record's:
     a readable version, a known kind, a well-formed session id. ("", 0, 0) when not."""
-    try:
-        version, kind, sid_len = HEAD.unpack_from(data, start)
-        at = start + HEAD.size
-        session_id = data[at : at + sid_len].decode("ascii")
-        (position,) = POSITION.unpack_from(data, at + sid_len)
-    except (struct.error, UnicodeDecodeError):
+    if start + HEAD.size > len(data):
         return "", 0, 0
+    version, kind = data[start], data[start + 1]
     if version not in READABLE or not TOKENS <= kind <= GEN_START:
         return "", 0, 0
-    if not _SESSION_ID.fullmatch(session_id):
-        return "", 0, 0
-    return session_id, position, kind
+    session_id, position = _named(data, start, len(data))
+    return (session_id, position, kind) if session_id else ("", 0, 0)
+
+
+def _named(data: bytes, start: int, end: int) -> tuple[str, int]:
+    """The session id and position the head of the body at `start` names, read no further
+    than `end` (the head every version keeps: `journal_record`); ("", 0) when they do not
+    read as a session's."""
+    sid_len = data[start + 2]
+    at = start + HEAD.size
+    if at + sid_len + POSITION.size > end:
+        return "", 0
+    name = data[at : at + sid_len].decode("ascii", errors="replace")
+    if not _SESSION_ID.fullmatch(name):
+        return "", 0
+    (position,) = POSITION.unpack_from(data, at + sid_len)
+    return name, position
 
 
 def _resync(data: bytes, offset: int) -> int:

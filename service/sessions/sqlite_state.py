@@ -59,6 +59,7 @@ class SqliteState(SharedState):
         (what the operator set) in place of the state URL the supervisor set."""
         super().__init__(f"sqlite:{path}", replica)
         self.path = path
+        self._in_state_dir = in_state_dir
         self.setting = in_state_dir or self.setting
         self.fsync = fsync
         self._lock = threading.Lock()  # one connection, used from the loop and from threads
@@ -82,7 +83,7 @@ class SqliteState(SharedState):
         except (sqlite3.Error, OSError) as exc:
             fix = (
                 f"check {self.setting} (--state-url sqlite:PATH)"
-                if self.setting == SharedState.setting
+                if not self._in_state_dir
                 else f"`serve --workers` keeps it in the state directory {self.setting} sets"
             )
             raise StateTierUnusable(
