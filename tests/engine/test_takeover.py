@@ -314,8 +314,11 @@ async def test_quotas_hold_across_replicas(make_engine: EngineFactory, state_url
     third, _ = await a.create_session("tok")
 
     await a.feed(third.session_id, toks(*range(10)))  # the second's worth, on a
+    # Nine tenths of a second's worth next: refused unless that long passed between the two
+    # (b takes the session over first; one token, 0.1 s of refill, was let through once on a
+    # loaded host).
     with pytest.raises(QuotaExceeded) as err:
-        await b.feed(third.session_id, toks(1))  # b sees the same bucket
+        await b.feed(third.session_id, toks(*range(9)))  # b sees the same bucket
     assert err.value.retry_after is not None and 0 < err.value.retry_after <= 1.1
     principal.current.set(Principal("bob", "client"))
     other, _ = await b.create_session("tok")
