@@ -128,7 +128,9 @@ class OpenLoopDriver:
         cfg, rec = self._config, self._recorder
         sent = time.perf_counter()
         rec.started(due, sent, late=sent - due > self._late)
-        rec.message_sent(sent, 0)
+        # Counted by its arrival, like every open-loop count: one due just before the window's
+        # end and sent just after it is one of the window's `sent`, so it is one of its messages.
+        rec.message_sent(due, 0)
         inputs = self._model.random_input(session.rng, cfg.tokens_per_message)
         try:
             if self._generates and self._turns.random() < cfg.generate_fraction:
