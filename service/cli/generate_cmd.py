@@ -89,6 +89,10 @@ async def _generate(args: argparse.Namespace) -> None:
                     sys.stdout.write(piece.text)
                     sys.stdout.flush()
             sys.stdout.write("\n")
+        except grpc.aio.AioRpcError:
+            sys.stdout.write("\n")  # the line the prompt began ends before the error's
+            sys.stdout.flush()
+            raise
         finally:
             limit = left()
             await _close(session, None if limit is None else max(limit, CLOSE_SECONDS))
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         # closed the session; `seqserve`'s entry point ends the command quietly (status 0).
         asyncio.run(_generate(args))
     except grpc.aio.AioRpcError as exc:
-        print(f"\nerror: {_failure(exc, args.timeout)}", file=sys.stderr)
+        print(f"error: {_failure(exc, args.timeout)}", file=sys.stderr)
         return 1
     except (credentials.PlaintextToken, credentials.CredentialFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@ target within `--timeout`, and a generation against a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -104,3 +105,28 @@ async def test_a_generation_within_its_timeout_is_printed_and_its_session_closed
     await generate_cmd._generate(args)  # what `run` runs (on this test's event loop)
     assert capsys.readouterr().out.startswith("hi")
     assert server.engine.stats().sessions_in_memory == 0  # closed
+
+
+@pytest.mark.parametrize(
+    ("flags", "out", "error"),
+    [
+        (["--model", "nope"], "", "error: NOT_FOUND: "),  # refused before the prompt is written
+        (["--model", "tok", "--max-tokens", "100000000"], "hi\n", "error: INVALID_ARGUMENT: "),
+    ],
+)
+async def test_a_refused_generation_is_one_error_line_after_the_prompt_s_line_ends(
+    server: SeqServeServer,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    out: str,
+    error: str,
+) -> None:
+    """The error line on stderr starts the line (no blank line before it), and a prompt
+    already written to stdout has its line ended there, so stdout ends with a newline."""
+    argv = ["generate", "--target", f"127.0.0.1:{server.port}", "--prompt", "hi", *flags]
+    code = await asyncio.to_thread(generate_cmd.run, build_parser().parse_args(argv))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out == out
+    assert captured.err.startswith(error) and captured.err.count("\n") == 1, captured.err
+    assert server.engine.stats().sessions_in_memory == 0  # the refused one's session closed
