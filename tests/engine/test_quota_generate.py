@@ -1,7 +1,11 @@
 """A generation is charged up front (its prompt, and the most it may generate) and reconciled
 when it ends, however it ends: the caller keeps paying for its prompt, once its step ran, and
-for the tokens generated; the rest is given back. At one token a second, what a generation
-kept shows as the seconds a one-token step must then wait."""
+for the tokens generated; the rest is given back. What a generation kept shows as the tokens
+a one-token step is then told are still owed (its wait times the rate). The rate is an eighth
+of a token a second, so the bounds (half a token of slack at least) hold through 4 s of refill
+between the charge and that step: a loaded host stalls for seconds. An eighth is exact in
+binary: a charge given back whole leaves the bucket exactly full, and a one-token step goes
+through (a full bucket lets through a request larger than itself)."""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from service.sessions.sqlite_state import SqliteState
 
 from .conftest import EngineFactory, toks, wait_idle
 
-RATE = {"tokens_per_second": 1}  # a bucket of one token: a charge of 52 leaves 51 owed
+TOKENS_PER_SECOND = 0.125  # a bucket of an eighth of a token: a charge of 52 leaves 52 owed
+RATE = {"tokens_per_second": TOKENS_PER_SECOND}
 PROMPT = toks(1, 2)
 MAX_TOKENS = 50  # charged 2 + 50
 
@@ -39,13 +44,14 @@ async def _engine(make_engine: EngineFactory, **kw: object) -> tuple[SessionEngi
 
 
 async def _owed(engine: SessionEngine, session_id: str) -> float:
-    """The seconds a one-token step waits: about the tokens the bucket still owes (0: the
-    step went through, nothing was owed)."""
+    """The tokens a one-token step is told the bucket still owes (its wait times the rate:
+    what was kept, less what refilled since, plus the wait's 0.01 s margin), or 0 when the
+    step went through (nothing was owed)."""
     try:
         await engine.feed(session_id, toks(1))
     except QuotaExceeded as exc:
         assert exc.retry_after is not None
-        return exc.retry_after
+        return exc.retry_after * TOKENS_PER_SECOND
     return 0.0
 
 
