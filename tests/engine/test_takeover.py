@@ -313,13 +313,13 @@ async def test_quotas_hold_across_replicas(make_engine: EngineFactory, state_url
     await b.close_session(first.session_id)  # a's session, closed through b
     third, _ = await a.create_session("tok")
 
-    await a.feed(third.session_id, toks(*range(10)))  # the second's worth, on a
-    # Nine tenths of a second's worth next: refused unless that long passed between the two
-    # (b takes the session over first; one token, 0.1 s of refill, was let through once on a
-    # loaded host).
+    await a.feed(third.session_id, toks(*range(50)))  # five seconds' worth, on a
+    # A second's worth next: refused unless 5 s passed between the two, b's takeover of the
+    # session included (with only a second's worth fed first, 0.1 s of refill let one token
+    # through on a loaded host).
     with pytest.raises(QuotaExceeded) as err:
-        await b.feed(third.session_id, toks(*range(9)))  # b sees the same bucket
-    assert err.value.retry_after is not None and 0 < err.value.retry_after <= 1.1
+        await b.feed(third.session_id, toks(*range(10)))  # b sees the same bucket
+    assert err.value.retry_after is not None and 0 < err.value.retry_after <= 5.1
     principal.current.set(Principal("bob", "client"))
     other, _ = await b.create_session("tok")
     assert (await b.feed(other.session_id, toks(1))).position == 1  # bob's own share
@@ -328,9 +328,10 @@ async def test_quotas_hold_across_replicas(make_engine: EngineFactory, state_url
 async def test_a_refused_request_is_given_its_charge_back_in_the_tier(
     make_engine: EngineFactory, state_url: str
 ) -> None:
-    """Four seconds' worth, refused: kept, the charge would refuse the next step on either
-    replica for three seconds."""
-    limits = {"tokens_per_second": 1000}
+    """Eight seconds' worth, refused: kept, the charge would refuse the next step on either
+    replica for seven seconds. Applied, it does: unless 7 s pass, the applied feed's own step
+    and a's takeover included."""
+    limits = {"tokens_per_second": 500}
     a = await make_engine(state_url=state_url, security=limits)
     b = await make_engine(state_url=state_url, security=limits)
     principal.current.set(Principal("alice", "client"))
@@ -394,12 +395,13 @@ async def test_a_burst_of_creates_does_not_pass_the_session_cap(
 async def test_generations_and_prefixes_are_charged_their_real_size(
     make_engine: EngineFactory,
 ) -> None:
-    engine = await make_engine(security={"tokens_per_second": 5})
+    engine = await make_engine(security={"tokens_per_second": 2})
     principal.current.set(Principal("alice", "client"))
     s, _ = await engine.create_session("tok")
     _ = [t async for t in engine.generate(s.session_id)]  # the session default: 16 tokens
+    # In debt after those 16 (14 below empty): refused unless 7.5 s passed since the charge.
     with pytest.raises(QuotaExceeded):
-        await engine.feed(s.session_id, toks(1))  # in debt after those 16
+        await engine.feed(s.session_id, toks(1))
     principal.current.set(Principal("bob", "client"))
     await engine.create_session("tok", prefix=toks(*range(50)))  # a full bucket allows it
     with pytest.raises(QuotaExceeded):
