@@ -480,7 +480,7 @@ async def test_quotas_hold_one_principal_without_touching_another(
 ) -> None:
     path, tok = token_file
     server = await server_factory(
-        security={"auth_tokens": path, "sessions_per_principal": 2, "tokens_per_second": 40}
+        security={"auth_tokens": path, "sessions_per_principal": 2, "tokens_per_second": 8}
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.SessionServiceStub(channel)
@@ -496,15 +496,16 @@ async def test_quotas_hold_one_principal_without_touching_another(
         theirs = (await stub.CreateSession(create, metadata=bob)).session.session_id
 
         burst = pb.StepRequest(session_id=mine[0], input=tokens(*range(40)))
-        await stub.Step(burst, metadata=alice)  # the whole second's worth
-        # Half a second's worth next: refused unless half a second passed between the two
-        # (one token, 25 ms of refill, was let through once on a loaded host).
-        half = pb.StepRequest(session_id=mine[0], input=tokens(*range(20)))
+        await stub.Step(burst, metadata=alice)  # five seconds' worth, let through: a full bucket
+        # Half a second's worth next: refused unless 4.5 s passed between the two, the burst's
+        # step included (with only a second's worth first, 25 ms of refill let one token
+        # through once on a loaded host).
+        half = pb.StepRequest(session_id=mine[0], input=tokens(*range(4)))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Step(half, metadata=alice)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         delay = _retry_delay(err.value)
-        assert 0 < delay <= 1.1
+        assert 0 < delay <= 4.6
         got = await stub.GetSession(pb.GetSessionRequest(session_id=mine[0]), metadata=alice)
         assert got.session.position == 40  # the refused step changed nothing
         other = pb.StepRequest(session_id=theirs, input=tokens(1))
