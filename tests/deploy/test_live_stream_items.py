@@ -30,7 +30,7 @@ async def test_in_band_item_errors_counted_by_code_and_reason(
     alice = add_token(token_file, "alice", "client")
     server = await server_factory(
         server={"metrics_host": "127.0.0.1", "metrics_port": 0},
-        # A bucket of 4 input tokens: an item of 5 is over alice's quota however long she waits.
+        # 4 input tokens a second, a bucket of 4: see item "2" below.
         security={"auth_tokens": token_file, "tokens_per_second": 4},
         max_items_per_message=4,
     )
@@ -44,11 +44,15 @@ async def test_in_band_item_errors_counted_by_code_and_reason(
             for _ in range(2)
         ]
         call = stub.Stream(metadata=as_alice)
+        # Item "2" is refused for a bucket that is not full (a full one lets through an item
+        # larger than itself): "1" leaves it 16 tokens below empty, full again after 5 s.
+        # (When "1" was one token, the bucket was full 0.25 s later.) "3" and "4" come first:
+        # charged after "1", they would be refused for the quota too.
         sent = [
-            [item(a, "1", tokens(7))],  # fed (the one-session path)
-            [item(a, "2", tokens(1, 2, 3, 4, 5))],  # over the quota: RESOURCE_EXHAUSTED
             [item("s_no-such-session", "3", tokens(7)), item(b, "4", tokens(10**6))],
             [item(b, str(k), tokens(7)) for k in range(5, 10)],  # 5 items: over the limit
+            [item(a, "1", tokens(*[7] * 20))],  # fed (the one-session path): 5 s' worth
+            [item(a, "2", tokens(1, 2, 3, 4, 5))],  # over the quota: RESOURCE_EXHAUSTED
         ]
         got: list[pb.StreamReply] = []
         for items in sent:  # a message's replies read before the next is sent: in this order
