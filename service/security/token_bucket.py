@@ -10,8 +10,10 @@ def take(level: float, at: float, now: float, tokens: int, rate: float) -> tuple
     worth, asked for `tokens` at `now` → (its new level, 0) when they are taken, or (its
     refilled level, the seconds to wait) when not. A request over a second's worth needs a full
     bucket and leaves it in debt, so the rate holds over time. A negative count gives tokens
-    back (what a refused request was charged), never past a full bucket."""
-    level = min(rate, level + (now - at) * rate)
+    back (what a refused request was charged), never past a full bucket. A `now` before `at`
+    (a clock stepped back, or another process's take that read its clock first and committed
+    first) refills nothing: it never takes tokens away."""
+    level = min(rate, level + max(0.0, now - at) * rate)
     if tokens < 0:
         return min(rate, level - tokens), 0.0
     needed = min(tokens, rate)

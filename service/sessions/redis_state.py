@@ -159,7 +159,7 @@ local now = clock[1] + clock[2] / 1000000
 local state = redis.call("HMGET", KEYS[1], "level", "at")
 local level = tonumber(state[1]) or rate
 local at = tonumber(state[2]) or now
-level = math.min(rate, level + (now - at) * rate)
+level = math.min(rate, level + math.max(0, now - at) * rate)
 local needed = math.min(tokens, rate)
 local wait = "0"
 if tokens < 0 then
@@ -169,7 +169,9 @@ elseif level < needed then
 else
   level = level - tokens
 end
-redis.call("HSET", KEYS[1], "level", tostring(level), "at", tostring(now))
+-- `at` to the microsecond: tostring keeps 14 digits (a tenth of a millisecond of today's
+-- clock), so a take right after would read a time before the one stored
+redis.call("HSET", KEYS[1], "level", tostring(level), "at", string.format("%.6f", now))
 -- formatted: a number argument would go as %.14g, and PEXPIRE refuses "1e+14"
 local refill_ms = math.ceil((rate - level) / rate * 1000) + 1000
 redis.call("PEXPIRE", KEYS[1], string.format("%d", math.max(60000, refill_ms)))

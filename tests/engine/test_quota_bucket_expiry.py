@@ -1,7 +1,8 @@
 """A principal's debt in the shared tier's token bucket (a big generation's charge) is kept
 until it is paid off, as the local bucket keeps it: Redis expires the bucket's key only once the
 bucket would be full again, and the SQLite tier keeps every bucket. No minute is slept: the key's
-TTL is read, and a minute's idleness is made by moving the bucket's last update back."""
+TTL is read, and a minute's idleness is made by moving the bucket's last update back. A last
+update that reads ahead of the clock refills nothing and drains nothing."""
 
 from __future__ import annotations
 
@@ -45,5 +46,35 @@ def test_a_sqlite_bucket_in_debt_is_kept(tmp_path: Path) -> None:
         with contextlib.closing(sqlite3.connect(path)) as db, db:
             db.execute("UPDATE buckets SET at = at - 60 WHERE owner = 'alice'")
         assert tier.take_tokens("alice", 1, RATE) > 30
+    finally:
+        tier.close()
+
+
+def test_a_redis_bucket_stored_a_moment_ahead_is_not_drained(redis_url: str) -> None:
+    """The time a take stores is to the microsecond, and one before it refills nothing: a
+    full bucket whose stored time reads ahead of Redis's clock still lets a step through."""
+    tier = RedisState(redis_url, namespace="quota")
+    key = "quota:b:alice"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert tier.take_tokens("alice", 1, RATE) == 0.0
+        at = (client.hget(key, "at") or b"").decode()
+        assert len(at.partition(".")[2]) == 6, at  # microseconds, not 14 significant digits
+        client.hset(key, mapping={"level": str(RATE), "at": str(float(at) + 5)})
+        assert tier.take_tokens("alice", 1, RATE) == 0.0  # was refused: 5 s of refill taken
+    finally:
+        client.close()
+        tier.close()
+
+
+def test_a_sqlite_bucket_stored_a_moment_ahead_is_not_drained(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    tier = SqliteState(path)
+    tier.check()
+    try:
+        assert tier.take_tokens("alice", -1, RATE) == 0.0  # the bucket made: full
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE buckets SET at = at + 5 WHERE owner = 'alice'")
+        assert tier.take_tokens("alice", 1, RATE) == 0.0
     finally:
         tier.close()

@@ -29,3 +29,9 @@ def test_a_negative_count_gives_tokens_back_up_to_a_full_bucket() -> None:
     assert take(-15.0, 0.0, 0.0, -25, 10.0) == (10.0, 0.0)  # a refused request's 25 back
     assert take(2.0, 0.0, 0.0, -3, 10.0) == (5.0, 0.0)
     assert take(-100.0, 0.0, 0.0, -30, 10.0) == (-70.0, 0.0)  # debt from an applied request
+
+
+def test_a_clock_before_the_last_update_refills_nothing_and_takes_nothing() -> None:
+    """A clock stepped back, or a take that read its clock before another's committed."""
+    assert take(10.0, 5.0, 4.0, 1, 10.0) == (9.0, 0.0)  # was -1: refused for 1 s
+    assert take(-15.0, 5.0, 4.0, -25, 10.0) == (10.0, 0.0)
