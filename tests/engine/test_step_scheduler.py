@@ -99,6 +99,14 @@ def feed(slot: int, tokens: int = 1) -> Row:
     return Row(slot=slot, inputs=torch.arange(tokens), top_k=1)
 
 
+@pytest.fixture(autouse=True)
+def idle_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop reads as having idle time, whatever the host's load: a loop thread waiting
+    for a CPU reads as saturated, and a saturated loop's windows wait `SATURATED_TICKS` quiet
+    ticks (tests/engine/test_batch_window.py checks that rule on its own clocks)."""
+    monkeypatch.setattr("service.engine.batch_window._cpu_seconds", lambda: 0.0)
+
+
 @pytest.fixture
 async def scheduler() -> Any:
     made: list[StepScheduler] = []
