@@ -178,6 +178,51 @@ async def test_a_deadline_that_runs_out_is_counted_as_such_not_as_a_cancel(
     assert counts == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1}
 
 
+class _Relay:
+    """A TCP relay to the server that can stop passing on what the client sends (`hold`):
+    held, a client's cancel at its own deadline never reaches the server, which then ends the
+    call at its deadline. (The server's deadline is the client's plus the time the call's
+    headers took to arrive: on a loaded host the client's came first by enough that the
+    cancel arrived before the server's, and the Stream counted OK, as a cancelled one does.)"""
+
+    def __init__(self, port: int) -> None:
+        self.port = 0
+        self._target = port
+        self._held = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> _Relay:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    def hold(self) -> None:
+        self._held.set()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self._target)
+        for pump in (self._pump(client_r, server_w, True), self._pump(server_r, client_w, False)):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+
+    async def _pump(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, held: bool) -> None:
+        try:
+            while data := await r.read(65536):
+                if not (held and self._held.is_set()):
+                    w.write(data)
+                    await w.drain()
+        finally:
+            w.close()
+
+
 async def test_a_stream_whose_deadline_runs_out_is_not_counted_as_ok(
     server_factory: ServerFactory,
 ) -> None:
@@ -185,7 +230,10 @@ async def test_a_stream_whose_deadline_runs_out_is_not_counted_as_ok(
     the client had finished: the metric said OK. (A Stream the client cancels still counts as
     OK: gRPC does not tell the handler, see `returned_code_name`.)"""
     server = await server_factory()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with (
+        _Relay(server.port) as relay,
+        grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as channel,
+    ):
         stub = pb_grpc.SessionServiceStub(channel)
         sid = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
         quiet: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
@@ -197,6 +245,7 @@ async def test_a_stream_whose_deadline_runs_out_is_not_counted_as_ok(
         fed = stub.Stream(messages(), timeout=0.5)  # fed once, then quiet until its deadline
         await quiet.put(pb.StreamRequest(items=[pb.StreamItem(session_id=sid, input=tokens(1))]))
         await fed.read()
+        relay.hold()  # the client's cancel at its deadline stays with the relay
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await fed.read()
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
