@@ -175,6 +175,8 @@ class Pauses:
         finally:
             timer.cancel()
             self._waiting.discard(done)
+        if self.closed:  # its time was up, but the client closed before the call went on
+            raise asyncio.CancelledError()
 
     def close(self) -> None:
         self.closed = True

@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from service.api.server import SeqServeServer
-from service.client import errors
+from service.client import errors, retry
 from service.client.client import SeqServeClient
 from service.client.results import ModelInfo, Prediction, SessionInfo, TopToken
-from service.client.retry import RetryPolicy
+from service.client.retry import Pauses, RetryPolicy
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
@@ -172,6 +172,36 @@ async def test_calls_waiting_to_retry_when_the_client_closes_end_as_those_in_fli
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(call, 10)
     assert time.monotonic() - closing < 1.0  # at the close, not after the backoff
+
+
+async def test_a_pause_that_ends_as_the_client_closes_makes_no_more_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race the test above lost on a busy host (fork: UsageError, "Channel is closed"): a
+    pause's time is up (its timer fired, the call not yet resumed) when the client closes.
+    Ending the pause then did nothing, and the call went on to retry on the closed channel. It
+    ends with `asyncio.CancelledError` as the others do, without another attempt."""
+    pauses = Pauses()
+    woken = retry._wake
+
+    def wake_then_close(done: asyncio.Future[None]) -> None:
+        woken(done)  # the pause's time is up...
+        pauses.close()  # ...and the client closes before the call goes on
+
+    monkeypatch.setattr(retry, "_wake", wake_then_close)
+    attempts = 0
+
+    async def attempt(_left: float | None) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+        )
+
+    policy = RetryPolicy(first_backoff_seconds=0.01, max_backoff_seconds=0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await policy.run(attempt, pauses=pauses)
+    assert attempts == 1
 
 
 async def _drain(pieces: AsyncIterator[object]) -> list[object]:
