@@ -116,14 +116,18 @@ async def test_an_open_loop_that_starts_late_sends_what_it_missed_at_once(target
         stub = pb_grpc.SessionServiceStub(channel)
         recorder = LoadRecorder()
         model = ModelInfo(name="tok", version=1, input_kind="tokens", input_size=256)
-        cfg = config(target, rate=200.0, sessions=4, seed=5, late_ms=10.0)
+        # --max-lag far off: a busy host's stall sends them later, it drops none of them.
+        cfg = config(target, rate=200.0, sessions=4, seed=5, late_ms=10.0, max_lag_seconds=30.0)
         sessions = await create_sessions(stub, cfg, model, recorder)
         start = time.perf_counter() - 0.5  # the load began half a second ago
         recorder.open_window(start, 0.5)
         stop = asyncio.Event()
         driver = OpenLoopDriver(stub, sessions, cfg, model, recorder, stop, start)
         run = asyncio.create_task(driver.run())
-        await asyncio.sleep(0.05)
+        for _ in range(1000):  # until one went out on each session (a busy host takes longer)
+            if len(recorder.send_lag) >= 4:
+                break
+            await asyncio.sleep(0.005)
         stop.set()
         await asyncio.wait_for(run, 30)
     finally:
@@ -159,14 +163,23 @@ async def test_unreachable_target_is_refused() -> None:
 
 
 async def test_server_going_away_midway_is_reported_not_raised(
-    target: str, server: SeqServeServer
+    target: str, server: SeqServeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def stop_soon() -> None:
         await asyncio.sleep(0.4)
         await server.stop()
 
-    stopper = asyncio.create_task(stop_soon())
+    # 0.4 s into the window, however long the set-up before it took on a busy host.
+    stoppers: list[asyncio.Task[None]] = []
+    opened = LoadRecorder.open_window
+
+    def open_window(recorder: LoadRecorder, start: float, seconds: float) -> None:
+        opened(recorder, start, seconds)
+        stoppers.append(asyncio.get_running_loop().create_task(stop_soon()))
+
+    monkeypatch.setattr(LoadRecorder, "open_window", open_window)
     report = await run_load(config(target, duration_seconds=1.5, drain_seconds=1.0))
+    (stopper,) = stoppers
     await stopper
 
     assert report.tokens_in > 0  # before the stop
