@@ -52,6 +52,9 @@ from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.sessions.session import ROUTE_HEADER, route_of
 
 STALL_SECONDS = 5.0  # a Stream with feeds pending and no reply for this long is broken
+# A watchdog check this share of the stall time late found the event loop held up: one more
+# window before the Stream is called broken.
+LATE_SHARE = 0.1
 IDLE_SECONDS = 60.0  # a routing key's Stream unused this long is ended (many keys: many Streams)
 
 
@@ -199,6 +202,8 @@ class _Stream:
         self._heard = self._loop.time()  # last reply, or the last send with nothing pending
         self._sent = self._heard  # last send
         self._watchdog: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the watchdog was meant to run
+        self._forgiven = -1.0  # the `_heard` of the silence a late check last let go on
         self._call = stub.Stream(self._requests(), metadata=((ROUTE_HEADER, route),))
         self._reader = self._loop.create_task(self._read())
 
@@ -223,20 +228,33 @@ class _Stream:
             self._messages[item.request_id] = message
         self._outbox.put_nowait(request)
         if self._watchdog is None:
-            self._watchdog = self._loop.call_later(self._stall, self._check)
+            self._arm(self._stall)
+
+    def _arm(self, delay: float) -> None:
+        self._watchdog = self._loop.call_later(delay, self._check)
+        self._due = self._loop.time() + delay
 
     def _check(self) -> None:
-        """The watchdog: break the Stream if it has had feeds pending, unanswered, too long."""
+        """The watchdog: break the Stream if it has had feeds pending, unanswered, too long.
+        A check that runs well after its time found the event loop held up (by the
+        application, or a busy host): replies that came meanwhile wait for the reader behind
+        it, so the silence is not yet the Stream's. It gives the reader one more window, once
+        per silence: if nothing is heard by then, the Stream is broken."""
         self._watchdog = None
         if self.closed or not self._waiting:
             return
-        quiet = self._loop.time() - self._heard
-        if quiet >= self._stall:
-            self._fail(_unavailable(f"the stream answered nothing for {quiet:.1f}s; retry"))
-            self._call.cancel()
-            self._reader.cancel()
-        else:
-            self._watchdog = self._loop.call_later(self._stall - quiet, self._check)
+        now = self._loop.time()
+        quiet = now - self._heard
+        if quiet < self._stall:
+            self._arm(self._stall - quiet)
+            return
+        if now - self._due > LATE_SHARE * self._stall and self._forgiven != self._heard:
+            self._forgiven = self._heard
+            self._arm(self._stall)
+            return
+        self._fail(_unavailable(f"the stream answered nothing for {quiet:.1f}s; retry"))
+        self._call.cancel()
+        self._reader.cancel()
 
     def _fail(self, failure: grpc.aio.AioRpcError) -> None:
         if not self.closed:

@@ -233,6 +233,46 @@ async def test_a_resend_refused_as_aborted_is_retried_only_after_a_broken_stream
             await session.feed(tokens=[2])  # on a working Stream: not retried
 
 
+class _SecondAnsweredLate(Recorded):
+    """Answers a Stream's second message `late` seconds after it reads it."""
+
+    def __init__(self, late: float) -> None:
+        super().__init__()
+        self.late = late
+
+    async def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        self.messages.append(received := [])
+        async for request in request_iterator:
+            received.append(list(request.items))
+            if len(received) == 2:
+                await asyncio.sleep(self.late)
+            yield pb.StreamResponse(replies=[self._reply(item) for item in request.items])
+
+
+async def test_a_stream_is_not_called_broken_for_the_time_the_application_held_the_loop() -> None:
+    """The application blocks the event loop (CPU work, a blocking call) for 2.5 s, over
+    twice the stall time, while a feed is pending; its reply comes 0.1 s after the loop is
+    free. The watchdog runs late, as the loop frees: that time is the loop's, not the
+    Stream's silence, and the reply is taken on the same Stream, nothing sent again. (It was
+    called broken at once, and the feed sent again on a new Stream.)"""
+    servicer = _SecondAnsweredLate(late=2.6)
+    async with (
+        recorded(servicer) as target,
+        SeqServeClient(target, stall_seconds=1.0, retry=FAST) as client,
+    ):
+        (session,) = _sessions(client, 1)
+        assert (await session.feed(tokens=[1])).position == 1  # the Stream is open
+        feed = asyncio.ensure_future(session.feed(tokens=[2]))
+        for _ in range(5000):  # until the server has the item
+            if len(servicer.messages[0]) == 2:
+                break
+            await asyncio.sleep(0.001)
+        time.sleep(2.5)  # the application holds the loop
+        assert (await asyncio.wait_for(feed, 30)).position == 2
+        assert client.mux is not None and client.mux.streams_opened == 1
+    assert len(servicer.messages) == 1 and len(servicer.messages[0]) == 2  # sent once each
+
+
 async def test_a_tick_of_big_feeds_is_split_under_the_message_limit() -> None:
     servicer = Recorded()
     limit = 64 * 1024
