@@ -37,17 +37,23 @@ def test_a_redis_bucket_in_debt_lives_until_it_would_be_full(redis_url: str) -> 
         tier.close()
 
 
-def test_a_sqlite_bucket_in_debt_is_kept(tmp_path: Path) -> None:
+def _sqlite_bucket_moved(tmp_path: Path, tokens: int, seconds: float) -> float:
+    """A SQLite tier's bucket for alice after a take of `tokens`, its last update moved by
+    `seconds`: what a one-token step is then told to wait."""
     path = tmp_path / "state.db"
     tier = SqliteState(path)
     tier.check()
     try:
-        assert tier.take_tokens("alice", CHARGE, RATE) == 0.0
+        assert tier.take_tokens("alice", tokens, RATE) == 0.0
         with contextlib.closing(sqlite3.connect(path)) as db, db:
-            db.execute("UPDATE buckets SET at = at - 60 WHERE owner = 'alice'")
-        assert tier.take_tokens("alice", 1, RATE) > 30
+            db.execute("UPDATE buckets SET at = at + ? WHERE owner = 'alice'", (seconds,))
+        return tier.take_tokens("alice", 1, RATE)
     finally:
         tier.close()
+
+
+def test_a_sqlite_bucket_in_debt_is_kept(tmp_path: Path) -> None:
+    assert _sqlite_bucket_moved(tmp_path, CHARGE, -60) > 30  # a minute idle: still owes ~39 s
 
 
 def test_a_redis_bucket_stored_a_moment_ahead_is_not_drained(redis_url: str) -> None:
@@ -68,13 +74,4 @@ def test_a_redis_bucket_stored_a_moment_ahead_is_not_drained(redis_url: str) -> 
 
 
 def test_a_sqlite_bucket_stored_a_moment_ahead_is_not_drained(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    tier = SqliteState(path)
-    tier.check()
-    try:
-        assert tier.take_tokens("alice", -1, RATE) == 0.0  # the bucket made: full
-        with contextlib.closing(sqlite3.connect(path)) as db, db:
-            db.execute("UPDATE buckets SET at = at + 5 WHERE owner = 'alice'")
-        assert tier.take_tokens("alice", 1, RATE) == 0.0
-    finally:
-        tier.close()
+    assert _sqlite_bucket_moved(tmp_path, -1, 5) == 0.0  # made full, then 5 s ahead
