@@ -47,6 +47,7 @@ from service.client.message_limits import (
     message_parts,
     wire_size,
 )
+from service.client.retry import CLIENT_CLOSED
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.sessions.session import ROUTE_HEADER, route_of
@@ -96,7 +97,7 @@ class FeedMux:
         """Send `item` with the other feeds of this tick; its reply, or its error raised
         (TimeoutError after `timeout` seconds)."""
         if self.closed:  # as a Step on the closed channel: not an error to retry
-            raise grpc.aio.UsageError("the client is closed")
+            raise grpc.aio.UsageError(CLIENT_CLOSED)
         size = wire_size(item)
         if size > self.limits.channel_bytes:  # it alone breaks the Stream: it fails alone
             raise _too_big(size, self.limits.channel_bytes)

@@ -34,6 +34,8 @@ from service.client.errors import (
     error_from_rpc,
 )
 
+CLIENT_CLOSED = "the client is closed"  # a call after `close()`: its UsageError's message
+
 T = TypeVar("T")
 
 # For every channel the client opens: gRPC's own retries off (transparent ones included), and
@@ -60,6 +62,10 @@ class RetryPolicy:
         busy: bool = False,
         pauses: Pauses | None = None,
     ) -> Attempts:
+        """The attempts of one call. A call made after its client closed is refused here, as
+        a multiplexed feed is (the same `UsageError`), not by gRPC's closed channel."""
+        if pauses is not None and pauses.closed:
+            raise grpc.aio.UsageError(CLIENT_CLOSED)
         return Attempts(self, timeout, retry, busy, pauses)
 
     async def run(

@@ -417,6 +417,32 @@ async def test_a_call_in_flight_when_the_client_closes_is_cancelled(
         await asyncio.wait_for(feed, 3)
 
 
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_every_call_after_close_is_refused_with_one_message(
+    scripted: tuple[Scripted, str], multiplex: bool
+) -> None:
+    """A feed, a generation, a create, a model lookup and a close made after `close()`: each
+    `grpc.aio.UsageError("the client is closed")`, multiplexed or not (a plain call got gRPC's
+    own "Channel is closed"), and nothing reaches the server."""
+    servicer, target = scripted
+    client = SeqServeClient(target, multiplex=multiplex)
+    session = await client.create_session("m")
+    await client.close()
+    before = dict(servicer.calls)
+    calls = [
+        lambda: session.feed(tokens=[1]),
+        lambda: _drain(session.generate("a", max_tokens=2)),
+        lambda: client.create_session("m"),
+        lambda: client.get_model("m"),
+        lambda: session.close(),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.UsageError) as err:
+            await call()
+        assert err.value.args == ("the client is closed",), err.value.args
+    assert servicer.calls == before
+
+
 @pytest.mark.parametrize("backoff", [0.01, 30.0])
 async def test_a_timeout_bounds_the_retries_too(
     scripted: tuple[Scripted, str], backoff: float, monkeypatch: pytest.MonkeyPatch
