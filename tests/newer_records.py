@@ -27,6 +27,21 @@ def _frames(data: bytes) -> list[tuple[int, int]]:
     return found
 
 
+def newer_frame(frame: bytes) -> bytes:
+    """One journal frame (length, CRC, body) with its body's version byte a newer server's,
+    its CRC made good."""
+    body = bytearray(frame[8:])
+    body[0] = NEWER_JOURNAL
+    return frame[:4] + zlib.crc32(bytes(body)).to_bytes(4, "little") + bytes(body)
+
+
+def newer_spill(record: bytes) -> bytes:
+    """A spill record with a newer server's magic, its sha256 made good."""
+    assert record.startswith(spill_record.MAGIC)
+    body = NEWER_SPILL + record[len(NEWER_SPILL) : -spill_record.DIGEST_BYTES]
+    return body + hashlib.sha256(body).digest()
+
+
 def set_journal_version(
     journal: Path, session_id: str, position: int, old: int, new: int, kind: int = 0
 ) -> int:

@@ -4,7 +4,6 @@ counted; the tier's other sessions are untouched."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Callable
 
@@ -14,8 +13,7 @@ import redis
 from service.errors import DataLoss, SeqServeError, WrittenByNewer
 from service.security import principal
 from service.security.principal import Principal
-from service.sessions import journal_record as jr
-from service.sessions import spill_record
+from tests.newer_records import newer_frame, newer_spill
 
 from .conftest import EngineFactory, toks
 
@@ -84,20 +82,6 @@ def _rewrite_checkpoint(state_url: str, session_id: str, change: Callable[[bytes
     key = f"seqserve:c:{session_id}"
     tier.set(key, change(bytes(tier.get(key))))  # type: ignore[arg-type]
     tier.close()
-
-
-def _newer_checkpoint(record: bytes) -> bytes:
-    """Its magic's version byte a newer server's (`SQSPILL4`), its sha256 made good."""
-    assert record.startswith(spill_record.MAGIC)
-    body = b"SQSPILL" + bytes([spill_record.MAGIC[-1] + 1]) + record[8 : -spill_record.DIGEST_BYTES]
-    return body + hashlib.sha256(body).digest()
-
-
-def _newer_version(record: bytes) -> bytes:
-    """Its body's version byte a newer server's, its checksum made good."""
-    body = bytearray(record[8:])  # after the frame's length and checksum
-    body[0] = jr.VERSION + 1
-    return jr._frame(bytes(body))
 
 
 def _flip_last_byte(record: bytes) -> bytes:
@@ -190,7 +174,7 @@ async def test_a_record_a_newer_server_wrote_refuses_the_takeover_and_keeps_the_
     takeover (FAILED_PRECONDITION, VERSION_UNAVAILABLE) and leaves the session as it is; nothing
     is counted as damage, and the tier's other sessions go on."""
     _holder, b, newer, fine = await _two_sessions_three_steps(make_engine, redis_url)
-    _rewrite_last_record(redis_url, newer.session_id, _newer_version)
+    _rewrite_last_record(redis_url, newer.session_id, newer_frame)
 
     for _ in range(2):
         with pytest.raises(WrittenByNewer, match="newer seqserve"):
@@ -207,7 +191,7 @@ async def test_a_stranger_hears_not_found_for_a_session_a_newer_server_wrote(
     naming the session, to step it or to read it, gets NOT_FOUND as for any session not its
     own (it got FAILED_PRECONDITION naming the session)."""
     _holder, b, newer, _fine = await _two_sessions_three_steps(make_engine, redis_url, "alice")
-    _rewrite_last_record(redis_url, newer.session_id, _newer_version)
+    _rewrite_last_record(redis_url, newer.session_id, newer_frame)
     await _not_found_but_to_alice(b, newer.session_id)
 
 
@@ -222,7 +206,7 @@ async def test_a_checkpoint_a_newer_server_wrote_refuses_the_takeover_and_is_not
     other sessions go on. (A checkpoint whose checksum fails is still damage: the test above.)"""
     _holder, b, newer, fine = await _two_sessions_three_steps(make_engine, state_url)
     assert await _holder.idle_checkpoints.sweep(0.0) == 2  # both checkpointed in the tier
-    _rewrite_checkpoint(state_url, newer.session_id, _newer_checkpoint)
+    _rewrite_checkpoint(state_url, newer.session_id, newer_spill)
 
     for _ in range(2):
         with pytest.raises(WrittenByNewer, match=r"checkpoint .* newer seqserve") as err:
@@ -243,7 +227,7 @@ async def test_a_stranger_hears_not_found_for_a_checkpoint_a_newer_server_wrote(
     hears FAILED_PRECONDITION."""
     holder, b, newer, _fine = await _two_sessions_three_steps(make_engine, state_url, "alice")
     assert await holder.idle_checkpoints.sweep(0.0) == 2
-    _rewrite_checkpoint(state_url, newer.session_id, _newer_checkpoint)
+    _rewrite_checkpoint(state_url, newer.session_id, newer_spill)
     await _not_found_but_to_alice(b, newer.session_id)
     assert b.stats().damaged_checkpoints == 0
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import threading
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from service.sessions import checkpoints_flush
 from service.sessions import journal_record as jr
 from service.sessions import journal_scan as js
 from service.sessions.journal import Journal
+from tests.newer_records import newer_frame
 from tests.tmpfs import fill_but, mounted_tmpfs
 
 SID = "s_abcdefghijklmnopqrstuv"
@@ -95,13 +95,7 @@ def test_a_damaged_record_is_skipped_and_reading_resumes_after_it(damage: str) -
     elif damage == "truncate":
         data = data[: at + 5]
     else:  # a record a newer server wrote: not guessed at
-        newer = bytearray(records[2])
-        newer[8] = jr.VERSION + 1
-        import zlib
-
-        body = bytes(newer[8:])
-        newer[4:8] = zlib.crc32(body).to_bytes(4, "little")
-        data = data[:at] + newer + data[at + len(records[2]) :]
+        data = data[:at] + newer_frame(records[2]) + data[at + len(records[2]) :]
     got = list(js.decode_stream(bytes(data)))
     if damage == "truncate":  # a torn tail: the end of what was written
         assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS]
@@ -165,10 +159,8 @@ def test_a_newer_servers_record_names_its_session_and_is_passed_on_whole(tmp_pat
     (which refuses its session), not counted as damage. Before, it came without its session,
     and `open` dropped it: recovery never knew the session had a step it could not read."""
     records = _records()
-    newer = bytearray(records[2])  # GENERATED at position 3
-    newer[8] = jr.VERSION + 1
-    newer[4:8] = zlib.crc32(bytes(newer[8:])).to_bytes(4, "little")
-    data = records[0] + records[1] + bytes(newer) + records[3] + records[4]
+    newer = newer_frame(records[2])  # GENERATED at position 3
+    data = records[0] + records[1] + newer + records[3] + records[4]
     at = len(records[0]) + len(records[1])
     got = list(js.read_stream(data))
     read = got[2]
@@ -176,7 +168,7 @@ def test_a_newer_servers_record_names_its_session_and_is_passed_on_whole(tmp_pat
     assert (read.offset, read.what, read.session_id, read.position, read.kind) == (
         at, js.NEWER, SID, 3, jr.GENERATED,
     )  # fmt: skip
-    assert getattr(read, "raw", None) == bytes(newer)
+    assert getattr(read, "raw", None) == newer
     assert [r.kind for r in got if isinstance(r, jr.JournalRecord)] == [
         jr.CREATE, jr.TOKENS, jr.FRAMES, jr.END,
     ]  # fmt: skip
