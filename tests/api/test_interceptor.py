@@ -161,11 +161,13 @@ async def test_a_deadline_that_runs_out_is_counted_as_such_not_as_a_cancel(
     """gRPC cancels the handler both when the client's deadline runs out and when the client
     cancels: the metric told them apart by neither, so a server too slow for its clients'
     deadlines (what SeqserveHighErrorRatio pages on) read as clients going away."""
-    server = await server_factory()
+    # A generation no host finishes before the deadline: one that did (2048 tokens in 0.2 s is
+    # 10,000 a second) ended OK on the server, however slowly the client read its tokens.
+    server = await server_factory(max_generate_tokens=10_000_000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.SessionServiceStub(channel)
         sid = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
-        long = pb.GenerateRequest(session_id=sid, sampling=make_sampling(max_tokens=2048))
+        long = pb.GenerateRequest(session_id=sid, sampling=make_sampling(max_tokens=10_000_000))
         with pytest.raises(grpc.aio.AioRpcError) as late:
             async for _ in stub.Generate(long, timeout=0.2):
                 await asyncio.sleep(0.01)  # a slow reader: the deadline comes first
