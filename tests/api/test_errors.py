@@ -367,35 +367,43 @@ async def test_unknown_session_model_version_alias(client: SeqServeClient) -> No
 # ---- ABORTED -------------------------------------------------------------------------------------
 
 
-async def test_concurrent_requests_on_one_session_are_aborted(client: SeqServeClient) -> None:
-    sid = await _create(client, seed=1)
-    other = await _create(client)
-    long_gen = _generate(client, sid, make_sampling(max_tokens=2048))
-    first = await long_gen.read()  # the generation is running
-    assert first.token.finish_reason == types.FINISH_REASON_UNSPECIFIED
-    try:
-        aborted = grpc.StatusCode.ABORTED
-        await expect_status(
-            _step(client, sid, text("x")), aborted, sid, "in progress", reason="SESSION_BUSY"
-        )
-        await expect_status(
-            client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), aborted
-        )
-        await expect_status(
-            client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), aborted
-        )
-        await expect_stream_status(_generate(client, sid, make_sampling(max_tokens=1)), aborted)
-        call = client.sessions.Stream()
-        await call.write(
-            pb.StreamRequest(items=[item(sid, "busy", text("y")), item(other, "free", text("y"))])
-        )
-        r = await read_replies(call, ["busy", "free"])
-        await call.done_writing()
-        assert r["busy"][0].error.code == code_value(aborted)
-        assert check_error_info(r["busy"][0].error) == "SESSION_BUSY"  # in-band, the same
-        assert r["free"][0].error.code == 0 and r["free"][0].position == 1
-    finally:
-        long_gen.cancel()
+async def test_concurrent_requests_on_one_session_are_aborted(
+    server_factory: ServerFactory,
+) -> None:
+    # A generation no host finishes before the last check: of a 2048-token one, some 30 tokens
+    # (once 243) had run by then on a host doing 1,000 a second, and a faster one may do 5x.
+    srv = await server_factory(max_generate_tokens=10_000_000)
+    async with await _client_of(srv) as client:
+        sid = await _create(client, seed=1)
+        other = await _create(client)
+        long_gen = _generate(client, sid, make_sampling(max_tokens=10_000_000))
+        first = await long_gen.read()  # the generation is running
+        assert first.token.finish_reason == types.FINISH_REASON_UNSPECIFIED
+        try:
+            aborted = grpc.StatusCode.ABORTED
+            await expect_status(
+                _step(client, sid, text("x")), aborted, sid, "in progress", reason="SESSION_BUSY"
+            )
+            await expect_status(
+                client.sessions.CloseSession(pb.CloseSessionRequest(session_id=sid)), aborted
+            )
+            await expect_status(
+                client.sessions.ForkSession(pb.ForkSessionRequest(session_id=sid)), aborted
+            )
+            await expect_stream_status(_generate(client, sid, make_sampling(max_tokens=1)), aborted)
+            call = client.sessions.Stream()
+            await call.write(
+                pb.StreamRequest(
+                    items=[item(sid, "busy", text("y")), item(other, "free", text("y"))]
+                )
+            )
+            r = await read_replies(call, ["busy", "free"])
+            await call.done_writing()
+            assert r["busy"][0].error.code == code_value(aborted)
+            assert check_error_info(r["busy"][0].error) == "SESSION_BUSY"  # in-band, the same
+            assert r["free"][0].error.code == 0 and r["free"][0].position == 1
+        finally:
+            long_gen.cancel()
 
 
 # ---- FAILED_PRECONDITION -------------------------------------------------------------------------
