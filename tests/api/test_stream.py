@@ -389,8 +389,11 @@ async def test_a_feed_waiting_behind_a_generation_holds_back_no_other_reply(
     not held until B's generation ends; B's feed answers after its generation."""
     a, b = await _create(client), await _create(client)
     call = client.sessions.Stream()
+    # Long enough to outlast A's two feeds on any host: it must end for B's feed to answer, so
+    # it cannot be endless. Of 400 tokens, 8 (once 40) had run by A2's reply here at ~1,000 a
+    # second: too close on a host 5x faster.
     await call.write(
-        pb.StreamRequest(items=[item(b, "genB", generate=make_sampling(max_tokens=400))])
+        pb.StreamRequest(items=[item(b, "genB", generate=make_sampling(max_tokens=2048))])
     )
     first = await call.read()  # B's generation is running
     await call.write(pb.StreamRequest(items=[item(a, "A1", tokens(1)), item(b, "B1", tokens(1))]))
