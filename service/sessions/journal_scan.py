@@ -162,17 +162,21 @@ def _resync(data: bytes, offset: int) -> int:
     newer server's (`_newer_at`: skipping it would bring its session back short), or the end.
     Only offsets whose body would begin with a readable version and a known kind, or with a
     newer version and a session id, are tried (every whole record's does): `decode_at` at
-    every byte of a damaged 4 MB feed took 32 s."""
+    every byte of a damaged 4 MB feed took 32 s. The next readable start found is kept while
+    the search passes false newer ones before it: searched again after each, a stretch of
+    them scanned on to the same start every time."""
     size = len(data)
+    end = -1  # where the next readable body may begin, found from before `offset` (size: none)
     while offset + FRAME.size <= size:
-        readable = _BODY_START.search(data, offset + FRAME.size)
-        end = readable.start() if readable is not None else size
+        if end < offset + FRAME.size:
+            readable = _BODY_START.search(data, offset + FRAME.size)
+            end = readable.start() if readable is not None else size
         newer = _NEWER_START.search(data, offset + FRAME.size, end)
         if newer is not None:
             offset = newer.start() - FRAME.size
             if _newer_at(data, offset) is not None:
                 return offset
-        elif readable is None:
+        elif end == size:
             break
         else:
             offset = end - FRAME.size

@@ -6,6 +6,7 @@ setting."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -221,6 +222,31 @@ def test_a_damaged_large_feed_is_skipped_without_trying_each_of_its_bytes(
     got = list(js.decode_stream(bytes(data)))
     assert [r.kind for r in got] == [jr.END]
     assert tries < 100, tries
+
+
+def test_a_stretch_of_false_newer_starts_is_searched_past_once() -> None:
+    """Bytes that look like the start of a newer server's record (a version above ours, then
+    a session id's length and "s_") but are not whole records, 2,000 of them before the next
+    readable one: the search for that next readable start is made once, not again after each
+    false one (each scanned on to the same start: quadratic in the stretch)."""
+    false_newer = bytes([jr.VERSION + 1, 0, 3]) + b"s_"
+    assert js._NEWER_START.fullmatch(false_newer) and not js._BODY_START.search(false_newer * 2)
+    after = jr.end(SID, 7, "closed")
+    data = false_newer * 2_000 + after
+    searches = 0
+    body_start = js._BODY_START
+
+    class Counted:
+        def search(self, buf: bytes, pos: int) -> re.Match[bytes] | None:
+            nonlocal searches
+            searches += 1
+            return body_start.search(buf, pos)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(js, "_BODY_START", Counted())
+        found = js._resync(data, 1)
+    assert found == len(data) - len(after) == _resync_every_byte(data, 1)
+    assert searches <= 2, searches
 
 
 def test_group_commit_is_one_write_and_reads_back_in_order(tmp_path: Path) -> None:
