@@ -87,31 +87,53 @@ async def test_closed_on_error_inside_the_block(server: SeqServeServer) -> None:
 
 
 async def test_a_close_waits_for_the_generation_running_on_the_session(
-    server: SeqServeServer,  # noqa: F811
+    server_factory: ServerFactory,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One request at a time per session: a close that arrives while a generation runs is
     refused SESSION_BUSY by the server. The client's close waits it out (the retry policy's
     backoff), so leaving `async with` while a generation goes on closes the session instead
     of raising SessionBusyError (masking the block's own exception)."""
-    async with SeqServeClient(f"127.0.0.1:{server.port}", retry=FAST) as client:
+    # The close must reach the server while the generation runs, on any host: some 10 tokens
+    # had run when it did here, at ~1,000 a second. The first generation must end for the
+    # close to apply, so it is finite: 2048 tokens, and the close waits up to 60 s for it (a
+    # loaded host may stall for seconds); the second one is stopped by the test, so it need
+    # not end by itself.
+    srv = await server_factory(max_generate_tokens=10_000_000)
+    patient = RetryPolicy(deadline_seconds=60, first_backoff_seconds=0.01, max_backoff_seconds=0.02)
+    async with SeqServeClient(f"127.0.0.1:{srv.port}", retry=patient) as client:
+        answers: list[grpc.StatusCode] = []  # each CloseSession call's, in order
+        close_rpc = client.sessions.CloseSession
+
+        async def counted(request: pb.CloseSessionRequest, **kwargs: object) -> object:
+            try:
+                reply = await close_rpc(request, **kwargs)
+            except grpc.aio.AioRpcError as err:
+                answers.append(err.code())
+                raise
+            answers.append(grpc.StatusCode.OK)
+            return reply
+
+        monkeypatch.setattr(client.sessions, "CloseSession", counted)
         session = await client.create_session("tok", seed=3)
-        pieces = session.generate(max_tokens=200, temperature=1.0)
+        pieces = session.generate(max_tokens=2048, temperature=1.0)
         first = await anext(pieces)
         rest = asyncio.ensure_future(_drain(pieces))  # the generation goes on meanwhile
         await session.close()  # refused while it runs (at least once), then applied
         assert session.closed and rest.done()
-        assert 1 + len(await rest) == 200 and first.text is not None
+        assert 1 + len(await rest) == 2048 and first.text is not None
+        assert answers[0] == grpc.StatusCode.ABORTED and answers[-1] == grpc.StatusCode.OK
         with pytest.raises(errors.SessionClosedError):
             await session.refresh()
         # What the server said meanwhile: the same close, without waiting, is refused.
         other = await client.create_session("tok", seed=3)
-        running = other.generate(max_tokens=200, temperature=1.0)
+        running = other.generate(max_tokens=10_000_000, temperature=1.0)
         await anext(running)
         request = pb.CloseSessionRequest(session_id=other.session_id)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.sessions.CloseSession(request, metadata=other.metadata)
         assert errors.error_from_rpc(refused.value).reason == "SESSION_BUSY"
-        await _drain(running)
+        await running.aclose()  # its call cancelled: the server stops at its next step
         await other.close()
 
 
