@@ -9,6 +9,7 @@ still in the journal) and never after a clean stop (it deletes every segment).""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
+from tests.deploy.exposition import Exposition, fetch
 
 from .support import expect_status, tokens
 from .test_lifecycle_restart import ServerProcess
@@ -44,9 +46,8 @@ def server(
     store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[ServerProcess]:
     monkeypatch.setenv("SEQSERVE_SESSIONS__SWEEP_INTERVAL_SECONDS", "0.1")
-    proc = ServerProcess(
-        store_root, tmp_path / "state", tmp_path, extra=("--auth-tokens", str(tmp_path / "tokens"))
-    )
+    extra = ("--auth-tokens", str(tmp_path / "tokens"), "--metrics-port", "0")  # see _swept
+    proc = ServerProcess(store_root, tmp_path / "state", tmp_path, extra=extra)
     try:
         yield proc
     finally:
@@ -91,6 +92,21 @@ async def _position(stub: pb_grpc.SessionServiceStub, sid: str, token: str) -> i
     raise AssertionError("the server stayed UNAVAILABLE")
 
 
+async def _swept(server: ServerProcess) -> None:
+    """Wait until the server's sweeper has ended a session as expired (its metrics count it),
+    however late its turn comes on a loaded host: a GetSession hears "expired" as soon as the
+    TTL lapses, but only the sweeper's end is journaled, and a start after SIGKILL gives a
+    session not yet swept a new idle clock (it is live again)."""
+    port = json.loads(server.port_file.read_text())["metrics_port"]
+    deadline = time.monotonic() + 60
+    while True:
+        scraped = Exposition.parse(await asyncio.to_thread(fetch, port))
+        if scraped.total("seqserve_session_events_total", event="expired") >= 1:
+            return
+        assert time.monotonic() < deadline, "the sweeper never ended the session"
+        await asyncio.sleep(0.1)
+
+
 async def _expect_ended(server: ServerProcess, tok: Tokens, closed: str, expired: str) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.SessionServiceStub(channel)
@@ -114,7 +130,7 @@ async def _end_two(server: ServerProcess, tok: Tokens) -> tuple[str, str]:
         await stub.CloseSession(pb.CloseSessionRequest(session_id=closed), metadata=alice)
         request = pb.CreateSessionRequest(model="tok", ttl=Duration(seconds=1))
         expired = (await stub.CreateSession(request, metadata=alice)).session.session_id
-        await asyncio.sleep(2.5)  # its TTL, then the sweeper's turns (every 0.1 s) end it
+    await _swept(server)  # its TTL, then a sweeper's turn (every 0.1 s) ended it
     await _expect_ended(server, tok, closed, expired)
     return closed, expired
 
