@@ -120,7 +120,9 @@ async def test_a_close_waits_for_the_generation_running_on_the_session(
         first = await anext(pieces)
         rest = asyncio.ensure_future(_drain(pieces))  # the generation goes on meanwhile
         await session.close()  # refused while it runs (at least once), then applied
-        assert session.closed and rest.done()
+        assert session.closed
+        # The generation ended whole before the close applied; its last tokens may still be
+        # on their way to this client (the server is done with them, the reader need not be).
         assert 1 + len(await rest) == 2048 and first.text is not None
         assert answers[0] == grpc.StatusCode.ABORTED and answers[-1] == grpc.StatusCode.OK
         with pytest.raises(errors.SessionClosedError):
