@@ -127,19 +127,19 @@ class OpenLoopDriver:
     async def _request(self, session: ClientSession, due: float) -> None:
         cfg, rec = self._config, self._recorder
         sent = time.perf_counter()
-        if sent - due > cfg.max_lag_seconds:
-            # Given a session in time, but this task ran later than that (a busy event loop, a
-            # starved process): still waiting at max lag, so dropped, as `_start_ready` would.
-            rec.drop(due)
-            self._idle.append(session)
-            self._start_ready()
-            return
-        rec.started(due, sent, late=sent - due > self._late)
-        # Counted by its arrival, like every open-loop count: one due just before the window's
-        # end and sent just after it is one of the window's `sent`, so it is one of its messages.
-        rec.message_sent(due, 0)
-        inputs = self._model.random_input(session.rng, cfg.tokens_per_message)
         try:
+            if sent - due > cfg.max_lag_seconds:
+                # Given a session in time, but this task ran later than that (a busy event
+                # loop, a starved process): still waiting at max lag, so dropped, as
+                # `_start_ready` would.
+                rec.drop(due)
+                return
+            rec.started(due, sent, late=sent - due > self._late)
+            # Counted by its arrival, like every open-loop count: one due just before the
+            # window's end and sent just after it is one of the window's `sent`, so it is one
+            # of its messages.
+            rec.message_sent(due, 0)
+            inputs = self._model.random_input(session.rng, cfg.tokens_per_message)
             if self._generates and self._turns.random() < cfg.generate_fraction:
                 await generate_rpc(
                     self._stub, session, inputs, self._sampling, rec, due, cfg.tokens_per_message
