@@ -155,31 +155,6 @@ async def test_a_method_s_handler_is_wrapped_once_not_once_a_call() -> None:
     assert await serves(other) is await serves(other)
 
 
-async def test_a_deadline_that_runs_out_is_counted_as_such_not_as_a_cancel(
-    server_factory: ServerFactory,
-) -> None:
-    """gRPC cancels the handler both when the client's deadline runs out and when the client
-    cancels: the metric told them apart by neither, so a server too slow for its clients'
-    deadlines (what SeqserveHighErrorRatio pages on) read as clients going away."""
-    # A generation no host finishes before the deadline: one that did (2048 tokens in 0.2 s is
-    # 10,000 a second) ended OK on the server, however slowly the client read its tokens.
-    server = await server_factory(max_generate_tokens=10_000_000)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.SessionServiceStub(channel)
-        sid = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
-        long = pb.GenerateRequest(session_id=sid, sampling=make_sampling(max_tokens=10_000_000))
-        with pytest.raises(grpc.aio.AioRpcError) as late:
-            async for _ in stub.Generate(long, timeout=0.2):
-                await asyncio.sleep(0.01)  # a slow reader: the deadline comes first
-        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await recorded_rpcs(server, "Generate", calls=1)
-        gone = stub.Generate(long)
-        await gone.read()
-        gone.cancel()  # the client goes away
-        counts = await recorded_rpcs(server, "Generate", calls=2)
-    assert counts == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1}
-
-
 class _Relay:
     """A TCP relay to the server that can stop passing on what the client sends (`hold`):
     held, a client's cancel at its own deadline never reaches the server, which then ends the
@@ -223,6 +198,41 @@ class _Relay:
                     await w.drain()
         finally:
             w.close()
+
+
+async def test_a_deadline_that_runs_out_is_counted_as_such_not_as_a_cancel(
+    server_factory: ServerFactory,
+) -> None:
+    """gRPC cancels the handler both when the client's deadline runs out and when the client
+    cancels: the metric told them apart by neither, so a server too slow for its clients'
+    deadlines (what SeqserveHighErrorRatio pages on) read as clients going away."""
+    # A generation no host finishes before the deadline: one that did (2048 tokens in 0.2 s is
+    # 10,000 a second) ended OK on the server, however slowly the client read its tokens.
+    server = await server_factory(max_generate_tokens=10_000_000)
+    async with (
+        _Relay(server.port) as relay,
+        grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as held,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.SessionServiceStub(channel)
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(model="tok"))).session.session_id
+        long = pb.GenerateRequest(session_id=sid, sampling=make_sampling(max_tokens=10_000_000))
+        late_call = pb_grpc.SessionServiceStub(held).Generate(long, timeout=0.2)
+        await late_call.read()
+        # The client's cancel at its own deadline stays with the relay, so the server's deadline
+        # ends the call. (It trails the client's by the time the headers took to arrive: on a
+        # loaded host the client's cancel came first, and the server rightly saw a cancel.)
+        relay.hold()
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            while await late_call.read() is not grpc.aio.EOF:
+                await asyncio.sleep(0.01)  # a slow reader: the deadline comes first
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await recorded_rpcs(server, "Generate", calls=1)
+        gone = stub.Generate(long)
+        await gone.read()
+        gone.cancel()  # the client goes away
+        counts = await recorded_rpcs(server, "Generate", calls=2)
+    assert counts == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1}
 
 
 async def test_a_stream_whose_deadline_runs_out_is_not_counted_as_ok(
