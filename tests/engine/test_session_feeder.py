@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,8 +32,12 @@ async def test_each_item_reports_the_position_its_own_step_left(
     assert slow_version is not None
     execute = slow_version.runner.execute
 
+    released = threading.Event()
+
     def slow(batch: StepBatch):  # type: ignore[no-untyped-def]
-        time.sleep(1.0)  # a big batch of a big model
+        # A big batch of a big model, running until the test has stepped B again (a fixed 1 s
+        # here was all the margin a loaded host's stall had, and the group ended first).
+        released.wait(60)
         return execute(batch)
 
     slow_version.runner.execute = slow  # type: ignore[method-assign]
@@ -45,13 +49,17 @@ async def test_each_item_reports_the_position_its_own_step_left(
             ]
         )
     )
-    for _ in range(500):  # until B's own row has run and B is free again
-        await asyncio.sleep(0.002)
-        if b.position == 1 and not b.busy:
-            break
-    assert not many.done(), "the slow version's group should still be running"
-    meanwhile = await engine.feed(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]))
-    assert meanwhile.position == 2
+    try:
+        for _ in range(30_000):  # until B's own row has run and B is free again
+            await asyncio.sleep(0.002)
+            if b.position == 1 and not b.busy:
+                break
+        assert b.position == 1 and not b.busy, "B's own row never ran"
+        assert not many.done(), "the slow version's group should still be running"
+        meanwhile = await engine.feed(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]))
+        assert meanwhile.position == 2
+    finally:
+        released.set()
     outcomes = await many
     assert [o.position for o in outcomes] == [1, 1]  # type: ignore[union-attr]
 
