@@ -107,7 +107,7 @@ async def test_tokens_authenticate_and_roles_gate_registry_writes(
             next(line for line in path.read_text().splitlines() if line.startswith("bob ")), ""
         )
         path.write_text(revoked + "# bob's token revoked\n")  # re-read within a second
-        for _ in range(40):
+        for _ in range(600):  # a loaded host may be late by seconds
             try:
                 await sessions.CreateSession(create, metadata=_bearer(tok["bob"]))
             except grpc.aio.AioRpcError as err:
@@ -430,7 +430,7 @@ async def test_a_body_that_is_not_protobuf_is_invalid_argument_and_counted(
             pb.CreateSessionRequest(model="tok")
         )
         assert ok.session.session_id  # the server is fine
-    for _ in range(100):
+    for _ in range(3000):  # the Stream is counted as it ends, just after the client's last read
         text = server.metrics.render().decode()
         if 'method="Stream"' in text:
             break

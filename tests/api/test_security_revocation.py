@@ -60,7 +60,7 @@ def _rewrite(path: Path, name: str, line: str | None) -> str:
 
 async def _until(accepted: bool, registry: reg_grpc.ModelRegistryStub, token: str) -> None:
     """Wait until a new call with `token` is accepted (or refused): the file was re-read."""
-    for _ in range(40):
+    for _ in range(600):  # re-read once a second; a loaded host may be late by seconds
         try:
             await registry.ListModels(reg_pb.ListModelsRequest(), metadata=_bearer(token))
             if accepted:

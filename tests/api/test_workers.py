@@ -46,7 +46,7 @@ async def _channel_per_worker(target: str, metrics: list[int]) -> list[grpc.aio.
                 pb.GetSessionRequest(session_id="s_probe.none")
             )
         moved: list[int] = []
-        for _ in range(100):  # the call is counted just after its reply leaves
+        for _ in range(3000):  # the call is counted just after its reply leaves (60 s bound)
             after = [_calls(m) for m in metrics]
             moved = [i for i in range(len(metrics)) if after[i] > before[i]]
             if moved:
