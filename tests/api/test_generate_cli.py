@@ -29,7 +29,7 @@ async def test_generate_piped_into_head_exits_quietly_and_closes_its_session(
     out, err = await asyncio.wait_for(shell.communicate(), 120)
     assert len(out) == 5 and out.startswith(b"hi")
     assert err.decode().strip().splitlines() == ["generate exited 0"]
-    for _ in range(100):  # the close is the command's last call; the server may still be on it
+    for _ in range(1_200):  # the close is the command's last call; the server may still be on it
         if len(server.engine.sessions) == 0:
             break
         await asyncio.sleep(0.05)

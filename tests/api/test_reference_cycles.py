@@ -52,7 +52,9 @@ async def _expire(client: SeqServeClient, server: SeqServeServer) -> None:
     """Sessions fed, then left to expire (a closed one's last request is the close; an expired
     one keeps its last feed's reply)."""
     before = server.engine.stats().sessions_in_memory
-    sessions = [await client.create_session(MODEL, ttl_seconds=0.2) for _ in range(2)]
+    # Fed within their TTL of being made: a loaded host's stall of 0.2 s (the TTL this had)
+    # expired one before its feed.
+    sessions = [await client.create_session(MODEL, ttl_seconds=1.0) for _ in range(2)]
     for session in sessions:
         await session.feed(tokens=[1, 2])
     deadline = time.monotonic() + 10

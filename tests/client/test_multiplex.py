@@ -263,7 +263,7 @@ async def test_a_stream_is_not_called_broken_for_the_time_the_application_held_t
         (session,) = _sessions(client, 1)
         assert (await session.feed(tokens=[1])).position == 1  # the Stream is open
         feed = asyncio.ensure_future(session.feed(tokens=[2]))
-        for _ in range(5000):  # until the server has the item
+        for _ in range(60_000):  # until the server has the item (a loaded host: seconds)
             if len(servicer.messages[0]) == 2:
                 break
             await asyncio.sleep(0.001)
@@ -376,7 +376,7 @@ async def test_a_feed_that_timed_out_after_it_was_applied_is_sent_again_as_itsel
         monkeypatch.setattr(engine, "feed", held(engine.feed))
         monkeypatch.setattr(engine, "feed_many", held(engine.feed_many))
         feeding = asyncio.create_task(session.feed(tokens=[9], top_k=3))
-        for _ in range(500):
+        for _ in range(6_000):  # a loaded host may take seconds
             if applied:
                 break
             await asyncio.sleep(0.01)

@@ -204,7 +204,7 @@ async def test_a_generation_holds_the_model_choice_until_stopped(
         f"!document.querySelector('#session-line').textContent.includes('{old_id}')"
     )
     async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
-        for _ in range(100):  # the page closes the old session (its DELETE waits out a 409)
+        for _ in range(1_200):  # the page closes the old session (its DELETE waits out a 409)
             got = await http.get(f"/v1/sessions/{old_id}")
             if got.status != 200:
                 break
@@ -245,11 +245,12 @@ async def test_a_switch_while_a_step_is_in_flight_goes_on_with_the_new_choice(
     await page.wait_for_selector("#tokens-panel:not([hidden])")
     await page.type("#prompt", "abc")
     old_id, _ = await _settled(page)
-    held = asyncio.Event()
+    held, switched = asyncio.Event(), asyncio.Event()
 
     async def slow(route: Route) -> None:
         held.set()
-        await asyncio.sleep(0.6)
+        # Until the page has switched: a fixed 0.6 s let a loaded host's stall end it first.
+        await asyncio.wait_for(switched.wait(), 30)
         await route.continue_()
 
     await page.route("**/*:step", slow)
@@ -257,11 +258,12 @@ async def test_a_switch_while_a_step_is_in_flight_goes_on_with_the_new_choice(
         "requestfinished", lambda r: r.url.endswith(":step"), timeout=10_000
     ):
         await page.type("#prompt", "d")
-        await asyncio.wait_for(held.wait(), 5)  # the step for "d" is on its way
+        await asyncio.wait_for(held.wait(), 30)  # the step for "d" is on its way
         if switch == "version":
             await page.select_option("#version", "1")
         else:
             await page.select_option("#model", "co2-gru")
+        switched.set()
     await page.unroute("**/*:step")
     await page.evaluate("new Promise((r) => setTimeout(r, 300))")  # the late answer is in
     if switch == "version":

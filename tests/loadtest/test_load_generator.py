@@ -124,7 +124,7 @@ async def test_an_open_loop_that_starts_late_sends_what_it_missed_at_once(target
         stop = asyncio.Event()
         driver = OpenLoopDriver(stub, sessions, cfg, model, recorder, stop, start)
         run = asyncio.create_task(driver.run())
-        for _ in range(1000):  # until one went out on each session (a busy host takes longer)
+        for _ in range(12_000):  # until one went out on each session (a busy host takes longer)
             if len(recorder.send_lag) >= 4:
                 break
             await asyncio.sleep(0.005)
