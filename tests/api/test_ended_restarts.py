@@ -21,7 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
-from tests.deploy.exposition import Exposition, fetch
+from tests.deploy.exposition import scrape
 
 from .support import expect_status, tokens
 from .test_lifecycle_restart import ServerProcess
@@ -100,7 +100,7 @@ async def _swept(server: ServerProcess) -> None:
     port = json.loads(server.port_file.read_text())["metrics_port"]
     deadline = time.monotonic() + 60
     while True:
-        scraped = Exposition.parse(await asyncio.to_thread(fetch, port))
+        scraped = await scrape(port)
         if scraped.total("seqserve_session_events_total", event="expired") >= 1:
             return
         assert time.monotonic() < deadline, "the sweeper never ended the session"

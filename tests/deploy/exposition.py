@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from dataclasses import dataclass
 
@@ -14,6 +15,11 @@ def fetch(port: int) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         body: bytes = response.read()
     return body
+
+
+async def scrape(port: int) -> Exposition:
+    """One scrape of 127.0.0.1:`port`/metrics, fetched off the event loop and parsed."""
+    return Exposition.parse(await asyncio.to_thread(fetch, port))
 
 
 @dataclass(frozen=True)

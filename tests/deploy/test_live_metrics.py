@@ -14,7 +14,7 @@ from service.client.client import SeqServeClient
 from service.metrics.bounds import PHASES, SESSION_EVENTS
 from service.sessions.session import SESSION_ID_PATTERN
 
-from .exposition import Exposition, fetch
+from .exposition import Exposition, fetch, scrape
 from .traffic import MODEL, Tally, Traffic
 
 # DESIGN §6, item by item, and the family that answers it.
@@ -46,7 +46,7 @@ V = {"model": MODEL, "version": "1"}
 
 async def _scrape(server: SeqServeServer) -> Exposition:
     server.refresh_gauges()  # the gauges as of now, not as of the last 1 s refresh
-    return Exposition.parse(await asyncio.to_thread(fetch, server.metrics_port))
+    return await scrape(server.metrics_port)
 
 
 async def test_every_design_family_is_live_and_moves_with_traffic(

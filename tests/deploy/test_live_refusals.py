@@ -4,7 +4,6 @@ principal over its own quota (QUOTA_EXCEEDED) apart from the server out of capac
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +16,7 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
 
-from .exposition import Exposition, fetch
+from .exposition import scrape
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -76,7 +75,7 @@ async def test_quota_and_capacity_refusals_are_counted_apart(
             await _refused_over_grpc(stub, as_bob),
             await _refused_over_http(http, bob),
         ]
-    after = Exposition.parse(await asyncio.to_thread(fetch, server.metrics_port))
+    after = await scrape(server.metrics_port)
 
     assert refused == ["QUOTA_EXCEEDED"] * 2 + ["SESSION_LIMIT"] * 2
     refusals = "seqserve_refusals_total"

@@ -5,7 +5,6 @@ one-session path, the multiplexer's groups, a message refused whole."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
 
-from .exposition import Exposition, fetch
+from .exposition import scrape
 
 ERRORS = "seqserve_stream_item_errors_total"
 
@@ -68,7 +67,7 @@ async def test_in_band_item_errors_counted_by_code_and_reason(
         **{str(k): "INVALID_ARGUMENT" for k in range(5, 10)},
     }  # fmt: skip
 
-    after = Exposition.parse(await asyncio.to_thread(fetch, server.metrics_port))
+    after = await scrape(server.metrics_port)
     assert after.types["seqserve_stream_items"] == "counter"
     assert after.total("seqserve_stream_items_total") == 9
     assert after.total(ERRORS, code="RESOURCE_EXHAUSTED", reason="QUOTA_EXCEEDED") == 1
@@ -107,6 +106,6 @@ async def test_a_message_whose_replies_cannot_be_built_counts_each_item_once(
     assert {rid: got[0].error.code for rid, got in replies.items()} == {
         "a": grpc.StatusCode.INTERNAL.value[0], "b": grpc.StatusCode.INTERNAL.value[0],
     }  # fmt: skip
-    after = Exposition.parse(await asyncio.to_thread(fetch, server.metrics_port))
+    after = await scrape(server.metrics_port)
     assert after.total("seqserve_stream_items_total") == 2
     assert after.total(ERRORS) == after.total(ERRORS, code="INTERNAL") == 2
