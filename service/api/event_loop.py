@@ -73,9 +73,9 @@ def batch_poller() -> bool:
     events; on a busy core its wake-ups preempted the event loop in the middle of steps (torch
     lets go of the GIL at each op): at 64 generations on one core the loop's thread was switched
     out involuntarily 77 times a step, 6 with this. Measured on one pinned core, side by side
-    (README, "Twentieth pass"): 64 generations +12–21% tokens/s, 64 streams between none and
-    +23% by the hour, the bare echo server faster too. False where there is no such thread or no
-    SCHED_BATCH (not Linux): nothing changes then."""
+    (docs/per-core-passes.md, "Twentieth pass"): 64 generations +12–21% tokens/s, 64 streams between
+    none and +23% by the hour, the bare echo server faster too. False where there is no such thread
+    or no SCHED_BATCH (not Linux): nothing changes then."""
     if not hasattr(os, "SCHED_BATCH"):
         return False
     done = False

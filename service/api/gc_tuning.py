@@ -9,9 +9,9 @@ Two measured stalls, and a third kept from building up:
 - A server that keeps creating sessions keeps objects: 5 tracked objects a session (7 before
   predictions held tuples), which reached the middle generation 20 young collections later.
   Collecting it walked all of them: 375–513 ms with the event loop stopped, once every
-  ~140,000 sessions created (in-process, README "Eighteenth pass"). `HeapFreezer` freezes
-  whatever survives any collection, so each collection walks only what was made since the one
-  before and is still alive.
+  ~140,000 sessions created (in-process, docs/per-core-passes.md, "Eighteenth pass"). `HeapFreezer`
+  freezes whatever survives any collection, so each collection walks only what was made since the
+  one before and is still alive.
 - CPython starts a young collection when allocations minus deallocations pass the threshold,
   and freeing a frozen object counts as a deallocation. Traffic that replaces what it keeps
   (each feed replaces its session's kept reply) leaves that count flat: the young generation

@@ -19,11 +19,11 @@ A stream that so far carried one session's plain feeds, one item a message (a cl
 a session, one token or chunk at a time: the common case) is answered in the stream's own task,
 a message at a time: read, fed, answered, then the next read. No reader task, no task per
 message, no hand-over through a channel: at 64 such streams on one core, rows per step 51 → 58
-(README, "Sixteenth pass"; CPU per token moved less than this machine's noise). What such a
-client sends ahead waits in gRPC's buffers (its flow control, not our memory) until the reply
-before it has gone. The first message that is anything else hands the stream to the
-multiplexer above for good; nothing of the stream is running at that moment, so no reply can
-be overtaken.
+(docs/per-core-passes.md, "Sixteenth pass"; CPU per token moved less than this machine's noise).
+What such a client sends ahead waits in gRPC's buffers (its flow control, not our memory) until the
+reply before it has gone. The first message that is anything else hands the stream to the
+multiplexer above for good; nothing of the stream is running at that moment, so no reply can be
+overtaken.
 
 A token revoked while the stream is open (`call_auth.Grant`) ends it with UNAUTHENTICATED
 before the next message is applied, and before the next reply is sent (the interceptor's

@@ -32,7 +32,7 @@ the last step's token (its handler passes it on to gRPC before it next yields th
 spins nothing: the last consumer to take its token wakes the window (`Channel.on_drained`). A
 consumer two tokens behind (its client is not reading) is not waited for; one that stops reading
 delays a single step by the bound. It replaced up to 16 ticks of polling, and let generation
-steps run on the loop thread (README, "Fourteenth pass").
+steps run on the loop thread (docs/per-core-passes.md, "Fourteenth pass").
 
 A window takes in at most `GENERATION_WINDOW_ARRIVALS` new generations before it steps: calls
 that keep coming must not hold the running generations' next tokens, and a burst's first half
@@ -50,8 +50,8 @@ the next window to two ticks again (1.0-1.8 rows a step, counted). A saturated l
 time to lose to a longer wait, and its rows are on their way. The windows' own time is left
 out of the share: a window never blocks, and its yields (to another process, say) would read
 as busy and keep long windows going by themselves. Pinned, 64 clients creating sessions, side
-by side with the tree before (README, "Tenth pass"): CreateSession + Step 298-399 → 915-928
-sessions/s (1.6-1.8 → 52-53 rows a step), a prefix in CreateSession 842-995 → 1,040-1,674 /s
+by side with the tree before (docs/per-core-passes.md, "Tenth pass"): CreateSession + Step 298-399 →
+915-928 sessions/s (1.6-1.8 → 52-53 rows a step), a prefix in CreateSession 842-995 → 1,040-1,674 /s
 (20-23 → 62 rows).
 """
 

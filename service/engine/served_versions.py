@@ -60,7 +60,7 @@ class ServedVersions:
         # `resolve`'s readings of the store, one per new session, on a thread of their own.
         # Through the default executor (several threads taking turns) a creation cost ~14%
         # more server CPU; two threads of their own were no better than the default one
-        # (README, "Where the time goes (per-core)", fifth pass).
+        # (docs/per-core-passes.md, "Fifth pass").
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
 
     def served(self) -> list[ServedVersion]:

@@ -53,9 +53,10 @@ class StepScheduler:
         # so every batch of one-input feeds runs inline, and so does every step of
         # generations once each has its first token (`_inline_limit`). Inline generation steps
         # used to send each stream's tokens in bursts (a loop that never waits: inter-token
-        # p99 12.7 → 35 ms at 64, README "Eleventh pass"); now the window waits, without
-        # ticking, until each consumer has taken the last step's token (`BatchWindow`), and
-        # the tail is shorter than with steps on the thread (README, "Fourteenth pass").
+        # p99 12.7 → 35 ms at 64, docs/per-core-passes.md, "Eleventh pass"); now the window
+        # waits, without ticking, until each consumer has taken the last step's token
+        # (`BatchWindow`), and the tail is shorter than with steps on the thread
+        # (docs/per-core-passes.md, "Fourteenth pass").
         # Not with an accelerator: there the runner thread overlaps the loop's work with the
         # wait for the device, which an inline step would spend blocking the loop.
         on_cpu = runner.device.type == "cpu"

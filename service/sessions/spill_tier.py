@@ -4,9 +4,9 @@ Files appear whole or not at all: a record is written to a file of another name,
 into place. Where a power loss is promised (`ordered`, the default) that file is new: ext4
 writes a new file's data before a rename over an existing record commits (`auto_da_alloc`), so
 a power loss leaves the name on the old record or the new one; it orders neither an overwrite
-in place nor a file made for an exchange (two reviews; README, "Fifteenth pass"). Elsewhere
-(`FSYNC=never`, `DURABILITY=shutdown`) files are reused, which this machine's disk charges less
-for (`service.sessions.spare_files`): a replacing record is written over a spare in place and
+in place nor a file made for an exchange (two reviews; docs/per-core-passes.md, "Fifteenth pass").
+Elsewhere (`FSYNC=never`, `DURABILITY=shutdown`) files are reused, which this machine's disk charges
+less for (`service.sessions.spare_files`): a replacing record is written over a spare in place and
 trades names with the old record, whose file is the next spare; a first record goes over a
 spare when there is one; an ended session's file is kept as a spare. Spares are dropped first
 when the disk is full, and removed by `open()` and `close()`.
