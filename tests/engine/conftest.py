@@ -25,6 +25,7 @@ from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
 from service.settings import EngineSettings, SecuritySettings, SessionSettings, Settings
 from service.wiring import build_engine
+from tests.polling import until
 
 TOK = ModelConfig(
     cell="lstm", num_layers=2, hidden_size=8, input_kind="tokens", input_dim=256,
@@ -150,11 +151,9 @@ async def crash(engine: SessionEngine) -> None:
 
 async def wait_idle(*sessions: Session) -> None:
     """Until the scheduler has retired cancelled generations (it does so between steps)."""
-    for _ in range(60_000):  # a loaded host may take seconds
-        if not any(s.busy for s in sessions):
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("sessions stayed busy")
+    await until(  # a loaded host may take seconds
+        lambda: not any(s.busy for s in sessions), 60, "the sessions to be idle", interval=0.001
+    )
 
 
 def toks(*ids: int) -> ModelInput:
@@ -211,11 +210,12 @@ def slow_steps(
 
 async def settled(session: Session, position: int) -> None:
     """Until `session` is at `position` and no step holds it (a cancelled call's step)."""
-    for _ in range(6_000):  # a loaded host may take seconds
-        if session.position == position and not session.busy:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"session at {session.position}, busy {session.busy}")
+    await until(  # a loaded host may take seconds
+        lambda: session.position == position and not session.busy,
+        60,
+        f"the session to be at {position} and not busy",
+        detail=lambda: f"session at {session.position}, busy {session.busy}",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from service.engine.session_residency import SessionResidency
 from service.errors import SessionExpired, SpillTierInUse, Unavailable
 from service.runtime.sampler import SamplingParams
 from service.sessions.spill_tier import SpillTier
+from tests.polling import until
 
 from .conftest import EngineFactory, FakeClock, RecordingObserver, frames, same, toks
 
@@ -136,11 +137,7 @@ async def test_a_close_while_the_shutdown_writes_is_refused_and_the_session_kept
 
     monkeypatch.setattr(shutdown_write, "spill_all", gated)
     stopping = asyncio.ensure_future(first.stop())
-    for _ in range(6_000):  # a loaded host may take seconds
-        if writing.is_set():
-            break
-        await asyncio.sleep(0.01)
-    assert writing.is_set()
+    await until(writing.is_set, 60, "the stop's spill to begin")  # a loaded host: seconds
     try:
         with pytest.raises(Unavailable, match="shutting down"):
             await first.close_session(ids[1])

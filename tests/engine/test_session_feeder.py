@@ -15,6 +15,7 @@ from service.errors import InvalidArgument, PositionMismatch, Unavailable
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import StepBatch
 from service.sessions.session import Session
+from tests.polling import until
 
 from .conftest import EngineFactory, close, crash, settled, slow_steps
 
@@ -50,11 +51,12 @@ async def test_each_item_reports_the_position_its_own_step_left(
         )
     )
     try:
-        for _ in range(30_000):  # until B's own row has run and B is free again
-            await asyncio.sleep(0.002)
-            if b.position == 1 and not b.busy:
-                break
-        assert b.position == 1 and not b.busy, "B's own row never ran"
+        await until(
+            lambda: b.position == 1 and not b.busy,
+            60,
+            "B's own row to run and B to be free again",
+            interval=0.002,
+        )
         assert not many.done(), "the slow version's group should still be running"
         meanwhile = await engine.feed(b.session_id, ModelInput(frames=[0.1, 0.2, 0.3]))
         assert meanwhile.position == 2

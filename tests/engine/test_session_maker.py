@@ -10,6 +10,7 @@ import pytest
 from service.engine.model_input import ModelInput
 from service.errors import InvalidArgument
 from service.sessions.session import Session
+from tests.polling import until
 
 from .conftest import EngineFactory, crash, slow_steps, toks
 
@@ -48,11 +49,10 @@ async def test_a_create_cancelled_while_its_prefix_steps_leaves_no_orphan_and_is
                     "tok", prefix=toks(1, 2, 3), request_id=request_id
                 )
                 assert again.position == 3 and outcome is not None and outcome.position == 3
-        for _ in range(6_000):  # a loaded host may take seconds
-            if len(engine.sessions) == (2 if request_id else 1):
-                break
-            await asyncio.sleep(0.01)
-        assert len(engine.sessions) == (2 if request_id else 1)
+        want = 2 if request_id else 1
+        await until(  # a loaded host may take seconds
+            lambda want=want: len(engine.sessions) == want, 60, f"{want} sessions in the engine"
+        )
 
 
 async def test_a_request_id_reused_for_another_create_or_fork_is_refused(

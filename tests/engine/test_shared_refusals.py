@@ -5,9 +5,7 @@ TTL"), anyone else the plain NOT_FOUND; on Redis and on SQLite."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
 import pytest
 
@@ -18,6 +16,7 @@ from service.security import principal
 from service.security.principal import Principal
 from service.sessions.session_store import SessionStore
 from service.sessions.shared_tier import Claimed, Write
+from tests.polling import until
 
 from .conftest import EngineFactory, FakeClock, toks
 from .test_takeover_damage import _flip_last_byte, _rewrite_checkpoint
@@ -44,9 +43,9 @@ async def test_a_damaged_sessions_refusal_ends_once_its_ttl_lapses_in_the_tier(
         await b.feed(sid, toks(2))
     assert sid in b.sessions.broken
 
-    deadline = time.monotonic() + 60.0  # a look every 2 s, however late a loaded host is
-    while sid in b.sessions.broken and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await until(  # a look every 2 s, however late a loaded host is
+        lambda: sid not in b.sessions.broken, 60, "b to drop its refusal", interval=0.1
+    )
     state = b.takeover._state
     assert state is not None
     gone = state.peek(sid)
@@ -102,18 +101,14 @@ async def test_a_damaged_sessions_refusal_ends_with_what_its_tombstone_says(
     monkeypatch.setattr(SharedRefusals, "sweep", counted_sweep)
     # Some sweeps (0.05 s apart), well inside the first look's 2 s: a fixed second of them
     # left a loaded host's stall 1 s before the look came, and the test saw it.
-    for _ in range(6000):
-        if sweeps >= 5:
-            break
-        await asyncio.sleep(0.01)
-    assert sweeps >= 5
+    await until(lambda: sweeps >= 5, 60, "five sweeps")
     assert asked == []  # the first look comes a few seconds after the refusal
     end = Write(sid, epoch_of(sid), 600_000, "end", [b"closed\nalice"], owner="alice")
     assert state.append([end]) == []  # its END at its epoch, as its holder writes one
 
-    deadline = time.monotonic() + 60.0  # a look every 2 s, however late a loaded host is
-    while sid in b.sessions.broken and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await until(  # a look every 2 s, however late a loaded host is
+        lambda: sid not in b.sessions.broken, 60, "b to drop its refusal", interval=0.1
+    )
     with pytest.raises(SessionClosed, match="was closed"):
         await b.feed(sid, toks(3))
     assert 1 <= len(asked) <= 2  # one look found it gone

@@ -28,6 +28,7 @@ from service.runtime.step_batch import (
     StepOutput,
     StepTimings,
 )
+from tests.polling import until
 
 
 class FakeRunner:
@@ -534,11 +535,11 @@ async def test_generate_calls_that_keep_coming_join_steps_without_holding_them(
         gen = Generation(FakeLease(slot=i), SamplingParams(max_tokens=1), ByteTokenizer())  # type: ignore[arg-type]
         s.start_generation(gen)
         await asyncio.sleep(0)
-    for _ in range(6_000):  # until every call has had its token (at most 60 s)
-        stepped = {slot for b in runner.batches for slot in b}
-        if stepped.issuperset(range(1, calls + 1)):
-            break
-        await asyncio.sleep(0.01)
+    await until(
+        lambda: {slot for b in runner.batches for slot in b}.issuperset(range(1, calls + 1)),
+        60,
+        "every call to have had its token",
+    )
     running.cancelled = True
     await asyncio.wait_for(running.retired, 60)
     joined = [len(b) - 1 for b in runner.batches if len(b) > 1]  # new calls in each step
