@@ -3,11 +3,9 @@ and the NumPy reference of the article's equations run over a store's weights fi
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from service.errors import REASONS
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
+from tests.polling import until
 
 
 def _load_reference() -> ModuleType:
@@ -247,8 +246,15 @@ def rpc_counts(server: Any, method: str) -> dict[str, float]:
 async def recorded_rpcs(server: Any, method: str, calls: int = 1) -> dict[str, float]:
     """The counts for `method` once `calls` calls have finished (streams are recorded when
     they end, after the client has gone)."""
-    deadline = time.monotonic() + 10.0
-    while sum((counts := rpc_counts(server, method)).values()) < calls:
-        assert time.monotonic() < deadline, f"{method}: {counts}, not {calls} calls recorded"
-        await asyncio.sleep(0.02)
-    return counts
+
+    def recorded() -> dict[str, float] | None:
+        counts = rpc_counts(server, method)
+        return counts if sum(counts.values()) >= calls else None
+
+    return await until(
+        recorded,
+        10,
+        f"{calls} {method} calls recorded",
+        interval=0.02,
+        detail=lambda: f"{method}: {rpc_counts(server, method)}",
+    )

@@ -16,6 +16,7 @@ import pytest
 
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from tests.polling import until
 
 from .support import ReferenceSession, assert_matches_reference, tokens
 from .test_lifecycle_restart import ServerProcess
@@ -111,11 +112,10 @@ async def test_sigkill_under_load_loses_no_acknowledged_step(
 
 async def _idle_checkpoint(server: ServerProcess, record: Path) -> Path:
     """`record`, once the server's idle sweep has written it (within a second)."""
-    for _ in range(200):
-        if record.exists():
-            return record
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no idle checkpoint {record}\n{server.log_text()}")
+    await until(
+        record.exists, 10, f"an idle checkpoint {record}", interval=0.05, detail=server.log_text
+    )
+    return record
 
 
 async def test_a_retry_after_sigkill_gets_the_reply_its_checkpoint_kept(

@@ -6,7 +6,6 @@ drops the prefix its first call carried."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -15,6 +14,7 @@ import pytest
 
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from tests.polling import until
 
 from .support import expect_status, tokens
 from .test_lifecycle_restart import ServerProcess, server_process  # noqa: F401 (a fixture)
@@ -76,12 +76,14 @@ async def _made_then_killed(
 
 async def _recovered(stub: pb_grpc.SessionServiceStub, sid: str) -> None:
     """Until the restarted server answers for `sid` (UNAVAILABLE while it recovers)."""
-    for _ in range(200):
+
+    async def answers() -> bool:
         try:
             await stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
-            return
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            await asyncio.sleep(0.1)
-    raise AssertionError("the server stayed UNAVAILABLE")
+            return False
+        return True
+
+    await until(answers, 20, f"the server to answer for {sid}, not UNAVAILABLE", interval=0.1)

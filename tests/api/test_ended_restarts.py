@@ -22,6 +22,7 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import add_token
 from tests.deploy.exposition import scrape
+from tests.polling import until
 
 from .support import expect_status, tokens
 from .test_lifecycle_restart import ServerProcess
@@ -98,13 +99,11 @@ async def _swept(server: ServerProcess) -> None:
     TTL lapses, but only the sweeper's end is journaled, and a start after SIGKILL gives a
     session not yet swept a new idle clock (it is live again)."""
     port = json.loads(server.port_file.read_text())["metrics_port"]
-    deadline = time.monotonic() + 60
-    while True:
-        scraped = await scrape(port)
-        if scraped.total("seqserve_session_events_total", event="expired") >= 1:
-            return
-        assert time.monotonic() < deadline, "the sweeper never ended the session"
-        await asyncio.sleep(0.1)
+
+    async def expired() -> bool:
+        return (await scrape(port)).total("seqserve_session_events_total", event="expired") >= 1
+
+    await until(expired, 60, "the sweeper to end a session as expired", interval=0.1)
 
 
 async def _expect_ended(server: ServerProcess, tok: Tokens, closed: str, expired: str) -> None:

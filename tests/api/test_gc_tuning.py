@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from service.api.gc_tuning import HeapFreezer
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.registry.store import ModelStore
+from tests.polling import until
 
 from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
 
@@ -187,10 +187,9 @@ async def test_serve_thaws_the_heap_on_its_period_and_exports_the_collections(
     server_factory: ServerFactory, restore_gc: None
 ) -> None:
     server, alive = await _tuned(server_factory, thaw_seconds=0.05)
-    deadline = time.monotonic() + 10
-    while alive() is not None:  # freed by a thaw, not by any young collection
-        assert time.monotonic() < deadline, "no thaw freed the frozen cycle"
-        await asyncio.sleep(0.02)
+    await until(  # freed by a thaw, not by any young collection
+        lambda: alive() is None, 10, "a thaw to free the frozen cycle", interval=0.02
+    )
     exported = _exported(server)
     assert exported.total("seqserve_gc_pause_seconds_count", generation="0") >= 1
     assert exported.total("seqserve_gc_pause_seconds_count", generation="2") >= 1  # the thaws
@@ -213,10 +212,13 @@ async def test_the_thaw_task_retries_a_skipped_thaw_and_outlives_a_failed_one(
     server = await server_factory(server={"gc_thaw_seconds": 0.05})
     monkeypatch.setattr(server._heap, "thaw", thaw)
     server.tune_gc()
-    deadline = time.monotonic() + 10
-    while _exported(server).total("seqserve_gc_thawed_garbage_objects_total") < 7:
-        assert time.monotonic() < deadline, outcomes
-        await asyncio.sleep(0.02)
+    await until(
+        lambda: _exported(server).total("seqserve_gc_thawed_garbage_objects_total") >= 7,
+        10,
+        "the third thaw's 7 objects to be exported",
+        interval=0.02,
+        detail=lambda: f"outcomes left: {outcomes}",
+    )
     assert not outcomes
     await asyncio.wait_for(server.stop(), 30)  # the failed thaw did not end the task
 
@@ -228,10 +230,7 @@ async def test_serve_runs_a_young_collection_every_quiet_second(
     server.tune_gc()
     gc.disable()  # no collection of CPython's own: only the server's once-a-second one
     kept = _tracked(2000)
-    deadline = time.monotonic() + 10
-    while _in_sight(kept):
-        assert time.monotonic() < deadline, "no young collection froze them"
-        await asyncio.sleep(0.05)
+    await until(lambda: not _in_sight(kept), 10, "a young collection to freeze them", interval=0.05)
 
 
 async def test_no_thaw_when_its_period_is_zero(

@@ -6,6 +6,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from tests.polling import until
+
 from .conftest import ServerFactory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +31,6 @@ async def test_generate_piped_into_head_exits_quietly_and_closes_its_session(
     out, err = await asyncio.wait_for(shell.communicate(), 120)
     assert len(out) == 5 and out.startswith(b"hi")
     assert err.decode().strip().splitlines() == ["generate exited 0"]
-    for _ in range(1_200):  # the close is the command's last call; the server may still be on it
-        if len(server.engine.sessions) == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert len(server.engine.sessions) == 0
+    await until(  # the close is the command's last call; the server may still be on it
+        lambda: len(server.engine.sessions) == 0, 60, "the session's close", interval=0.05
+    )

@@ -6,10 +6,8 @@ that succeed, calls the client cancels, and calls that fail."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import gc
-import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -19,6 +17,7 @@ from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
+from tests.polling import until
 
 from .conftest import ServerFactory
 from .test_state_dir_faults import _break as break_journal
@@ -57,10 +56,12 @@ async def _expire(client: SeqServeClient, server: SeqServeServer) -> None:
     sessions = [await client.create_session(MODEL, ttl_seconds=1.0) for _ in range(2)]
     for session in sessions:
         await session.feed(tokens=[1, 2])
-    deadline = time.monotonic() + 10
-    while server.engine.stats().sessions_in_memory > before:
-        assert time.monotonic() < deadline, "the sweep expired nothing"
-        await asyncio.sleep(0.05)
+    await until(
+        lambda: server.engine.stats().sessions_in_memory <= before,
+        10,
+        "the sweep to expire the sessions",
+        interval=0.05,
+    )
 
 
 async def _garbage(rounds: Callable[[], Awaitable[None]], times: int = 3) -> list[object]:
@@ -107,10 +108,14 @@ async def test_request_paths_leave_no_reference_cycles(server_factory: ServerFac
 
 async def _until_idle(server: SeqServeServer, session_ids: list[str]) -> None:
     """Until no request holds these sessions (a cancelled call lets go as it unwinds)."""
-    deadline = time.monotonic() + 10
-    while any(getattr(server.engine.sessions.peek(sid), "busy", False) for sid in session_ids):
-        assert time.monotonic() < deadline, "a cancelled call still holds its session"
-        await asyncio.sleep(0.02)
+    await until(
+        lambda: (
+            not any(getattr(server.engine.sessions.peek(sid), "busy", False) for sid in session_ids)
+        ),
+        10,
+        "the cancelled calls to let go of their sessions",
+        interval=0.02,
+    )
 
 
 async def test_cancelled_calls_leave_no_reference_cycles(server_factory: ServerFactory) -> None:

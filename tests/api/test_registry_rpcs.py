@@ -3,7 +3,6 @@ aliases that move new sessions while old ones stay pinned to their version."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import model_registry_pb2 as reg
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.registry.store import ModelStore
+from tests.polling import until
 
 from .conftest import TOKEN_CONFIG, publish_random
 from .support import ReferenceSession, assert_matches_reference, expect_status, text
@@ -154,11 +154,13 @@ async def test_old_version_unloads_after_its_last_session(
     assert versions[1].loaded and versions[1].live_sessions == 1 and versions[2].loaded
 
     await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=old.session.session_id))
-    for _ in range(6_000):  # the unload runs just after the close returns (60 s bound)
+
+    async def unloaded() -> dict[int, reg.ModelVersion] | None:
         versions = {v.version: v for v in (await _model(client, "tok")).versions}
-        if not versions[1].loaded:
-            break
-        await asyncio.sleep(0.01)
+        return None if versions[1].loaded else versions
+
+    # The unload runs just after the close returns.
+    versions = await until(unloaded, 60, "version 1's unload")
     assert not versions[1].loaded and versions[1].live_sessions == 0
     assert versions[2].loaded  # what new sessions resolve to stays loaded
 
@@ -298,9 +300,10 @@ async def test_an_aliased_version_stays_loaded_after_its_last_session(
         await client.sessions.CloseSession(
             pb.CloseSessionRequest(session_id=created.session.session_id)
         )
-    for _ in range(6_000):  # the unload runs just after the close returns (60 s bound)
+
+    async def unloaded() -> dict[int, bool] | None:
         loaded = {v.version: v.loaded for v in (await _model(client, "tok")).versions}
-        if not loaded[3]:
-            break
-        await asyncio.sleep(0.01)
-    assert loaded == {1: True, 2: True, 3: False}
+        return None if loaded[3] else loaded
+
+    # The unload runs just after the close returns.
+    assert await until(unloaded, 60, "version 3's unload") == {1: True, 2: True, 3: False}

@@ -32,6 +32,7 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.security.tokens import TokenFile, add_token
 from service.sessions import spill_record, spill_tier
+from tests.polling import until
 
 from .certs import Certs, Pem
 from .conftest import TOKEN_CONFIG, ServerFactory, make_settings
@@ -430,11 +431,13 @@ async def test_a_body_that_is_not_protobuf_is_invalid_argument_and_counted(
             pb.CreateSessionRequest(model="tok")
         )
         assert ok.session.session_id  # the server is fine
-    for _ in range(3000):  # the Stream is counted as it ends, just after the client's last read
+
+    def counted() -> str | None:
         text = server.metrics.render().decode()
-        if 'method="Stream"' in text:
-            break
-        await asyncio.sleep(0.02)
+        return text if 'method="Stream"' in text else None
+
+    # The Stream is counted as it ends, just after the client's last read.
+    text = await until(counted, 60, "the Stream to be counted", interval=0.02)
     assert 'code="INVALID_ARGUMENT",method="Step"' in text
     assert 'code="INVALID_ARGUMENT",method="Stream"' in text
 

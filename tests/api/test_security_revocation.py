@@ -19,6 +19,7 @@ from service.pb.seqserve.v1 import types_pb2 as types
 from service.security import revocation_watch
 from service.security import tokens as tokens_module
 from service.security.tokens import add_token
+from tests.polling import until
 
 from .conftest import ServerFactory
 from .support import item, recorded_rpcs, tokens
@@ -60,17 +61,19 @@ def _rewrite(path: Path, name: str, line: str | None) -> str:
 
 async def _until(accepted: bool, registry: reg_grpc.ModelRegistryStub, token: str) -> None:
     """Wait until a new call with `token` is accepted (or refused): the file was re-read."""
-    for _ in range(600):  # re-read once a second; a loaded host may be late by seconds
+
+    async def answered() -> bool:
         try:
             await registry.ListModels(reg_pb.ListModelsRequest(), metadata=_bearer(token))
-            if accepted:
-                return
         except grpc.aio.AioRpcError as err:
             assert err.code() == UNAUTHENTICATED
-            if not accepted:
-                return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"a new call was never {'accepted' if accepted else 'refused'}")
+            return not accepted
+        return accepted
+
+    # Re-read once a second; a loaded host may be late by seconds.
+    await until(
+        answered, 60, f"a new call to be {'accepted' if accepted else 'refused'}", interval=0.1
+    )
 
 
 async def _create(stub: pb_grpc.SessionServiceStub, token: str) -> str:

@@ -23,6 +23,7 @@ from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.sessions.journal import Journal
 from service.settings import SessionSettings
+from tests.polling import until
 from tests.tmpfs import fill, mounted_tmpfs
 
 from .conftest import ServerFactory, make_settings
@@ -275,8 +276,9 @@ async def test_idle_checkpoints_the_full_disk_refuses_are_counted(
             await _step(client, created.session.session_id, k + 1)
     filler = fill(small_disk)
     try:
-        failed = 0.0
-        for _ in range(100):  # bounded: 10 s
+
+        def failed_checkpoints() -> float:
+            failed = 0.0
             server.refresh_gauges()
             for family in text_string_to_metric_families(server.metrics.render().decode()):
                 for sample in family.samples:
@@ -284,9 +286,9 @@ async def test_idle_checkpoints_the_full_disk_refuses_are_counted(
                         sample.labels.get("kind") == "checkpoint"
                     ):
                         failed = sample.value
-            if failed:
-                break
-            await asyncio.sleep(0.1)
+            return failed
+
+        failed = await until(failed_checkpoints, 10, "a failed checkpoint write", interval=0.1)
         assert failed >= 1
     finally:
         filler.unlink()

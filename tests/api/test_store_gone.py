@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ from service.api.server import SeqServeServer
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from tests.polling import until
 
 from .conftest import make_settings
 from .test_health import SESSION_SERVICE, _check, _statuses
@@ -28,10 +28,12 @@ POLL_SECONDS = 0.2
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
     """Until a log line says `text` (the store watcher's poll, every POLL_SECONDS)."""
-    deadline = time.monotonic() + 10
-    while not any(text in r.getMessage() for r in caplog.records):
-        assert time.monotonic() < deadline, f"never logged: {text}"
-        await asyncio.sleep(POLL_SECONDS / 2)
+    await until(
+        lambda: any(text in r.getMessage() for r in caplog.records),
+        10,
+        f"a log line saying {text!r}",
+        interval=POLL_SECONDS / 2,
+    )
 
 
 async def test_a_store_renamed_away_leaves_the_server_ready_for_its_sessions(

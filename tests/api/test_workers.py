@@ -6,7 +6,6 @@ them all, and a restart finds every session."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -23,6 +22,7 @@ from benchmarks.processes import scrape
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
+from tests.polling import until
 
 from .support import ReferenceSession, assert_matches_reference, tokens
 from .test_lifecycle_restart import REPO_ROOT, ServerProcess
@@ -45,13 +45,12 @@ async def _channel_per_worker(target: str, metrics: list[int]) -> list[grpc.aio.
             await pb_grpc.SessionServiceStub(channel).GetSession(
                 pb.GetSessionRequest(session_id="s_probe.none")
             )
-        moved: list[int] = []
-        for _ in range(3000):  # the call is counted just after its reply leaves (60 s bound)
-            after = [_calls(m) for m in metrics]
-            moved = [i for i in range(len(metrics)) if after[i] > before[i]]
-            if moved:
-                break
-            await asyncio.sleep(0.02)
+        moved = await until(  # the call is counted just after its reply leaves
+            lambda before=before: [i for i, m in enumerate(metrics) if _calls(m) > before[i]],
+            60,
+            "a worker to count the probe call",
+            interval=0.02,
+        )
         (worker,) = moved
         if worker in found:
             await channel.close()
@@ -114,11 +113,13 @@ async def test_two_workers_on_one_port_serve_the_same_sessions_exactly(
 
         os.kill(info["workers"][1], signal.SIGKILL)  # the supervisor starts it again
         restarted = "worker 1 exited with status -9: starting it again"
-        for _ in range(200):
-            if restarted in server.log_text():
-                break
-            await asyncio.sleep(0.05)
-        assert restarted in server.log_text()
+        await until(
+            lambda: restarted in server.log_text(),
+            10,
+            "the supervisor to start worker 1 again",
+            interval=0.05,
+            detail=server.log_text,
+        )
         for r in range(3):
             for k in range(len(sids)):
                 await step(stubs[0], k, (k * 7 + r) % 256)
@@ -150,11 +151,13 @@ async def test_workers_stop_when_their_supervisor_is_killed(
         await server.start()
         workers = json.loads(server.port_file.read_text())["workers"]
         server.kill()
-        for _ in range(600):
-            if not any(_alive(pid) for pid in workers):
-                break
-            await asyncio.sleep(0.05)
-        assert not any(_alive(pid) for pid in workers), server.log_text()
+        await until(
+            lambda: not any(_alive(pid) for pid in workers),
+            30,
+            "the workers to exit",
+            interval=0.05,
+            detail=server.log_text,
+        )
         assert server.log_text().count("received SIGTERM: draining") == 2  # each worker drained
     finally:
         server.kill()
