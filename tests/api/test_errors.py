@@ -21,6 +21,7 @@ from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
 from service.registry.store import ModelStore
 from service.runtime.runner import ModelRunner
+from tests.polling import until
 
 from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
 from .support import (
@@ -484,18 +485,21 @@ async def test_stop_drains_new_rpcs_and_stream_items(
         assert (await read_replies(call, ["before"]))["before"][0].position == 2
 
         stopping = asyncio.create_task(srv.stop())
-        # A new RPC is refused once the stop has begun (the listener is closed); one that
-        # races the start of the shutdown may instead be cancelled by gRPC.
-        for _ in range(12_000):  # a loaded host may take seconds
+
+        async def refused() -> bool:
             try:
                 await client.sessions.GetSession(pb.GetSessionRequest(session_id=sid))
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    break
+                    return True
                 assert err.code() == grpc.StatusCode.CANCELLED, err
-            await asyncio.sleep(0.005)
-        else:
-            raise AssertionError("the server still accepts RPCs after stop() began")
+            return False
+
+        # A new RPC is refused once the stop has begun (the listener is closed); one that
+        # races the start of the shutdown may instead be cancelled by gRPC.
+        await until(  # a loaded host may take seconds
+            refused, 60, "the stopping server to refuse new RPCs", interval=0.005
+        )
         assert not stopping.done()  # it waits for the open stream (grace is 30 s)
         # A stream already open may finish, but new work on it is refused in-band, so the
         # client moves its sessions elsewhere; the stream itself ends cleanly.

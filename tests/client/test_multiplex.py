@@ -25,6 +25,7 @@ from service.pb.seqserve.v1 import types_pb2 as types
 from tests.api.conftest import server, server_factory, store_root  # noqa: F401 - fixtures
 from tests.api.support import ReferenceSession, assert_matches_reference, tokens
 from tests.grpc_support import serving
+from tests.polling import until
 
 FAST = RetryPolicy(deadline_seconds=10, first_backoff_seconds=0.01, max_backoff_seconds=0.05)
 
@@ -50,12 +51,14 @@ async def test_concurrent_feeds_go_out_together_and_come_back_exact(
         with pytest.raises(grpc.aio.AioRpcError) as err:  # an item's own error, as for Step
             await sessions[0].feed(tokens=[999])
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    for _ in range(3000):  # a Stream is counted when it ends, just after the client closes it
+
+    def counted() -> str | None:
         text = server.metrics.render().decode()
-        if 'method="Stream"' in text:
-            break
-        await asyncio.sleep(0.02)
-    assert 'method="Stream"' in text  # the feeds went as Stream items
+        return text if 'method="Stream"' in text else None
+
+    # A Stream is counted when it ends, just after the client closes it; the feeds went as
+    # Stream items.
+    text = await until(counted, 60, "a Stream to be counted", interval=0.02)
     steps = [
         line
         for line in text.splitlines()
@@ -306,10 +309,9 @@ async def test_the_stream_of_a_key_left_unused_is_ended() -> None:
         assert (await user2.feed(tokens=[2])).position == 2
         # From here on no Stream is idle (a busy host's stall past 0.3 s would make user2's so).
         client.mux.idle_seconds = 60.0
-        for _ in range(6000):  # a loaded host may take seconds to end them
-            if len(servicer.ended) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(  # a loaded host may take seconds to end them
+            lambda: len(servicer.ended) == 2, 60, "the server to end both idle Streams"
+        )
         assert sorted(servicer.ended) == [1, 2]  # half-closed by the client, ended by the server
         assert (await user1.feed(tokens=[2])).position == 2  # a new Stream when needed
         assert client.mux.streams_opened == 4

@@ -20,6 +20,7 @@ import aiohttp
 
 from service.api.server import SeqServeServer
 from tests.api.conftest import ServerFactory
+from tests.polling import until
 
 from .conftest import sse_events
 
@@ -121,13 +122,14 @@ async def _done_waits_second(
 async def _connection(server: SeqServeServer, client: tuple[str, int]) -> Any:
     """The server's end of the connection from `client` (its aiohttp handler) once accepted."""
     runner = server.parts.http._runner
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for handler in runner.server.connections:
-            if handler.transport.get_extra_info("peername") == client:
-                return handler
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no HTTP connection from {client}")
+
+    def accepted() -> Any:
+        connections = runner.server.connections
+        return next(
+            (h for h in connections if h.transport.get_extra_info("peername") == client), None
+        )
+
+    return await until(accepted, 10, f"an HTTP connection from {client}")
 
 
 async def test_a_done_write_held_up_by_its_client_is_left_to_finish_by_a_shutdown(

@@ -3,8 +3,6 @@ again first; the server's stop cancels what is pending."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from types import SimpleNamespace
 from typing import cast
 
@@ -13,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.api.metrics_observer import MetricsObserver
 from service.engine.served_version import ServedVersion
 from service.metrics import Metrics, StepStats
+from tests.polling import until
 
 
 def _version(name: str, version: int) -> ServedVersion:
@@ -48,10 +47,11 @@ def _load_and_step(observer: MetricsObserver, lv: ServedVersion) -> None:
 
 
 async def _wait_until_gone(metrics: Metrics, name: str, version: str) -> None:
-    deadline = time.monotonic() + 10.0
-    while _has_version(metrics, name, version):
-        assert time.monotonic() < deadline, f"{name}:{version} series were never dropped"
-        await asyncio.sleep(0.01)
+    await until(
+        lambda: not _has_version(metrics, name, version),
+        10,
+        f"{name}:{version} series to be dropped",
+    )
 
 
 async def test_unloaded_version_keeps_its_series_for_a_while_then_drops_them() -> None:

@@ -13,6 +13,7 @@ from service.security import tokens as tokens_module
 from service.security.call_auth import CallAuth, Grant
 from service.security.revocation_watch import RevocationWatch
 from service.security.tokens import TokenFile, add_token
+from tests.polling import until
 
 from .test_call_auth import METHOD, Context
 
@@ -61,11 +62,12 @@ class Bob:
 
 
 async def _settle(watch: RevocationWatch) -> None:
-    for _ in range(100):
-        await asyncio.sleep(EVERY_S)
-        if watch._task is None:
-            return
-    raise AssertionError("the watch is still running with nothing to watch")
+    await until(
+        lambda: watch._task is None,
+        100 * EVERY_S,
+        "the watch to stop with nothing to watch",
+        interval=EVERY_S,
+    )
 
 
 async def test_revoked_calls_end_once_and_the_others_go_on(tmp_path: Path) -> None:
@@ -185,11 +187,12 @@ async def test_a_pass_that_fails_does_not_stop_the_watch(
     monkeypatch.setattr(bob.tokens, "refresh", flaky)
     ends = Ends()
     bob.watch.watch(grant, ends.of("bob"))
-    for _ in range(100):
-        if not failures:
-            break
-        await asyncio.sleep(EVERY_S)
-    assert not failures, "the watch stopped looking after a failed pass"
+    await until(
+        lambda: not failures,
+        100 * EVERY_S,
+        "the watch to go on looking after a failed pass (its failures used up)",
+        interval=EVERY_S,
+    )
     bob.revoke()
     await _settle(bob.watch)
     assert ends.calls == {"bob": 1}
