@@ -7,9 +7,10 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.polling import until_sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_STORE = REPO_ROOT / "model_store"
@@ -29,12 +30,13 @@ def bundled_server(work: Path, *flags: str, timeout: float = 90.0) -> Iterator[d
              "--spill-dir", str(work / "spill"), "--port-file", str(port_file), *flags],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+
+        def started() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            return port_file.exists()
+
         try:
-            deadline = time.monotonic() + timeout
-            while not port_file.exists():
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.05)
+            until_sync(started, timeout, "the server to start (its port file)", interval=0.05)
             yield json.loads(port_file.read_text())
         finally:
             proc.terminate()

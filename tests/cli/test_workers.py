@@ -14,13 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.polling import until_sync
 from tests.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,12 +47,13 @@ def test_a_second_supervisor_on_the_same_http_port_is_refused(tmp_path: Path) ->
         [*_serve_argv(tmp_path, "a", http_port), "--port-file", str(port_file)],
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+
+    def started() -> bool:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        return port_file.exists()
+
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_file.exists():
-            assert first.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.monotonic() < deadline, "the first supervisor did not start"
-            time.sleep(0.05)
+        until_sync(started, START_TIMEOUT_S, "the first supervisor's port file", interval=0.05)
         second = subprocess.Popen(
             _serve_argv(tmp_path, "b", http_port), cwd=REPO_ROOT, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -100,29 +101,37 @@ class _Supervisor:
 
     def worker(self) -> int:
         """The pid of the worker once it runs seqserve (not just forked): soon after it starts."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
+
+        def running() -> int | None:
             assert self.proc.poll() is None, self.log_path.read_text()
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
             for pid in map(int, children.split()):
                 with contextlib.suppress(FileNotFoundError):
                     if b"service.cli.main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                         return pid
-            time.sleep(0.01)
-        raise AssertionError("no worker started")
+            return None
+
+        return until_sync(running, START_TIMEOUT_S, "a worker running seqserve")
 
     def ports(self, not_pid: int | None = None) -> dict[str, Any]:
         """The supervisor's port file once it is written (and names a worker other than
         `not_pid`)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
+
+        def written() -> dict[str, Any] | None:
             assert self.proc.poll() is None, self.log_path.read_text()
             if self.port_file.exists():
                 info: dict[str, Any] = json.loads(self.port_file.read_text())
                 if not_pid not in info["workers"]:
                     return info
-            time.sleep(0.05)
-        raise AssertionError(f"no port file naming a new worker: {self.log_path.read_text()}")
+            return None
+
+        return until_sync(
+            written,
+            START_TIMEOUT_S,
+            "a port file naming a new worker",
+            interval=0.05,
+            detail=self.log_path.read_text,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:  # SIGTERM: the supervisor stops its worker
