@@ -83,7 +83,8 @@ class ClientSession:
         its reply (cancelled, timed out, the server unreachable) may or may not have been
         applied; fed again with the same input next (no `generate` in between), it is sent as
         the same request (applied once, or answered with the reply it got the first time); any
-        other feed next asks the server where the session is first."""
+        other feed next asks the server where the session is first. Either waits while the
+        server is still stepping the feed left (`_settle`)."""
         settling = await self._settle()
         try:  # (not `checked_locally()`: a context manager costs a microsecond per feed)
             inp = make_input(text, tokens, frames)
@@ -92,6 +93,9 @@ class ClientSession:
             raise refused_locally(exc) from None
         mux = self.client.mux
         again = self._again(inp, options)  # the unsettled feed's id, its position restored
+        # A resend waits out its first copy's step (busy) but takes no mismatch up: the
+        # session moved past it, and sent at the new position it would apply a second time.
+        resync = settling and not again
         if self.position is None:
             await self.refresh(timeout=timeout)
         if mux is not None:  # with the other feeds of this tick, in one Stream message
@@ -110,7 +114,7 @@ class ClientSession:
                 )
 
             try:
-                reply = await self._after(settling, stream_it)
+                reply = await self._after(resync, stream_it)
             except BaseException as exc:
                 self._failed(item, exc)
                 raise
@@ -136,7 +140,7 @@ class ClientSession:
             )
 
         try:
-            response = await self._after(settling, step)
+            response = await self._after(resync, step)
         except BaseException as exc:
             self._failed(request, exc)
             raise
@@ -176,25 +180,28 @@ class ClientSession:
             self.position = None
 
     async def _settle(self) -> bool:
-        """Whether the last generation was stopped early, just now. A generator the app broke
-        out of (`break` in `async for`) is closed by asyncio a tick or two later (its call
-        cancelled then); a request sent before that went out at the position last yielded
-        while the server still generated. So a request waits those ticks first; and the server
-        may still apply the step in flight, holding the session until it settles, so the
-        request then waits that out (`_after`). A generation still being read elsewhere is not
+        """Whether this handle left a step the server may still be applying: a generation
+        stopped early just now, or a feed that ended without its reply (`_unsettled`). A
+        generator the app broke out of (`break` in `async for`) is closed by asyncio a tick or
+        two later (its call cancelled then); a request sent before that went out at the
+        position last yielded while the server still generated. So a request waits those ticks
+        first. Either way the server may still apply the step in flight, holding the session
+        until it settles, so the request then waits that out (`_after`: SESSION_BUSY retried,
+        and a mismatch then taken up once). A generation still being read elsewhere is not
         waited for (the request gets SESSION_BUSY, as before)."""
         for _ in range(_CLOSE_TICKS):
             if not self._generating:
                 break
             await asyncio.sleep(0)
         stopped, self._stopped_early = self._stopped_early, False
-        return stopped
+        return stopped or self._unsettled is not None
 
     async def _after(self, settling: bool, send: Callable[[], Awaitable[R]]) -> R:
-        """`send()` (resynced on a position mismatch). `settling`: right after stopping a left
-        generation, whose last step may land after this handle read the position: the request
-        waits while the session is busy (`send` retries SESSION_BUSY), and a mismatch then is
-        that step's: taken up, and sent once more."""
+        """`send()` (resynced on a position mismatch). `settling`: right after this handle left
+        a step (a generation stopped early, a feed without its reply), which may land after
+        the handle read the position: the request waits while the session is busy (`send`
+        retries SESSION_BUSY), and a mismatch then is that step's: taken up, and sent once
+        more."""
         # On a PositionMismatchError (another handle fed the session), the handle takes the
         # server's position from it: the failed call is not applied, the next one goes on
         # from there. (Plain try/except, not a context manager: this runs on every feed.)

@@ -7,6 +7,7 @@ retried once each, and a feed's timeout holds."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -22,7 +23,12 @@ from service.client.retry import RetryPolicy
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
-from tests.api.conftest import server, server_factory, store_root  # noqa: F401 - fixtures
+from tests.api.conftest import (  # noqa: F401 - fixtures
+    ServerFactory,
+    server,
+    server_factory,
+    store_root,
+)
 from tests.api.support import ReferenceSession, assert_matches_reference, tokens
 from tests.grpc_support import serving
 from tests.polling import until
@@ -398,6 +404,56 @@ async def test_a_feed_that_timed_out_after_it_was_applied_is_sent_again_as_itsel
         assert pieces[-1].position == 8
         after = await session.feed(tokens=[4], top_k=3)
         assert after.position == 9 == (await session.refresh()).position
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+@pytest.mark.parametrize("then", ["other", "same", "generate"])
+async def test_the_call_after_a_feed_left_while_its_step_runs_waits_that_step_out(
+    server_factory: ServerFactory,  # noqa: F811
+    store_root: Path,  # noqa: F811
+    multiplex: bool,
+    then: str,
+) -> None:
+    """The app gives up on a feed (cancelled here; a timeout is the same) while the server is
+    still stepping it. The handle's next call, a feed of other input, the same input again, or
+    a generation, goes on once that step is done: no SessionBusyError, no PositionMismatchError
+    of the handle's own making (both were raised), and the left feed applied once."""
+    srv = await server_factory(inline_max_rows=0)  # steps on the runner thread: gated below
+    async with SeqServeClient(f"127.0.0.1:{srv.port}", multiplex=multiplex) as c:
+        session = await c.create_session("tok", seed=1)
+        served = srv.engine.versions.find("tok", 1)
+        assert served is not None
+        execute = served.runner.execute
+        loop = asyncio.get_running_loop()
+        started, release = asyncio.Event(), threading.Event()
+
+        def gated(batch):  # type: ignore[no-untyped-def]
+            if not started.is_set():  # the left feed's step, held until the next call is sent
+                loop.call_soon_threadsafe(started.set)
+                release.wait(60)
+            return execute(batch)
+
+        served.runner.execute = gated  # type: ignore[method-assign]
+        try:
+            left = asyncio.create_task(session.feed(tokens=[5, 6], top_k=3))
+            await asyncio.wait_for(started.wait(), 60)
+            left.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await left
+            # The step goes on on the server; it ends a little after the next call is sent.
+            loop.call_later(0.3, release.set)
+            if then == "other":
+                assert (await session.feed(tokens=[8], top_k=3)).position == 3
+            elif then == "same":
+                assert (await session.feed(tokens=[5, 6], top_k=3)).position == 2
+            else:
+                pieces = [p async for p in session.generate(max_tokens=2, temperature=1.0)]
+                assert [p.position for p in pieces] == [3, 4]
+        finally:
+            release.set()
+            served.runner.execute = execute  # type: ignore[method-assign]
+        want = {"other": 3, "same": 2, "generate": 4}[then]
+        assert session.position == want == (await session.refresh()).position
 
 
 async def test_a_refused_resend_of_an_unsettled_feed_leaves_the_position_unknown() -> None:
