@@ -47,7 +47,7 @@ from service.client.credentials import Credentials
 from service.client.errors import SeqServeError
 from service.client.message_limits import MAX_ITEMS_PER_MESSAGE
 from service.client.multiplex import STALL_SECONDS, FeedMux
-from service.client.outcome import checked_locally
+from service.client.outcome import checked_locally, refused_locally
 from service.client.results import (
     GeneratedPiece,
     ModelInfo,
@@ -64,6 +64,7 @@ from service.client.retry import (
     CHANNEL_OPTIONS,
     Pauses,
     RetryPolicy,
+    check_timeout,
     new_request_id,
     retryable,
 )
@@ -73,7 +74,7 @@ from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
-from service.sessions.session import ROUTE_HEADER
+from service.sessions.session import ROUTE_HEADER, valid_route
 
 T = TypeVar("T")
 
@@ -104,8 +105,9 @@ class SeqServeClient:
         0)`). `route_key`: the routing key of
         the sessions this client creates (default: one random key per multiplexing client,
         else a random key per session)."""
-        self.target = target
-        self.timeout = timeout
+        with checked_locally():
+            self.target = require_str("target", target)
+            self.timeout = check_timeout(timeout)
         self.retry = retry or RetryPolicy()
         self.pauses = Pauses()  # the backoff pauses of this client's calls (`close` ends them)
         # For every session this client creates (None: one each). A multiplexing client keeps
@@ -151,7 +153,13 @@ class SeqServeClient:
         await self.channel.close()
 
     def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+        """A call's timeout: its own (checked), else the client's."""
+        if timeout is None:
+            return self.timeout
+        try:
+            return check_timeout(timeout)
+        except (TypeError, ValueError) as exc:
+            raise refused_locally(exc) from None
 
     def _retried(
         self,
@@ -189,6 +197,8 @@ class SeqServeClient:
                 request_id=new_request_id(),
             )
             key = require_str("route_key", route_key or self.route_key or secrets.token_urlsafe(6))
+            if not valid_route(key):  # as the server refuses it (one it could not even send)
+                raise ValueError(f"route_key must be 1-64 characters of A-Z a-z 0-9 _ -: {key!r}")
             set_field(request, "seed", seed, "an int")
             if ttl_seconds is not None:
                 request.ttl.CopyFrom(_duration(ttl_seconds))
@@ -273,8 +283,11 @@ def _duration(seconds: float) -> Duration:
         raise TypeError(f"ttl_seconds must be a number, not {type(seconds).__name__}")
     if not math.isfinite(seconds):
         raise ValueError(f"ttl_seconds must be finite, not {seconds}")
+    nanoseconds = int(seconds * 1e9)
+    if nanoseconds == 0:  # an unset ttl: the server's default, not what was asked
+        raise ValueError(f"ttl_seconds must be more than 0 (None: the server's default): {seconds}")
     d = Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
+    d.FromNanoseconds(nanoseconds)
     return d
 
 

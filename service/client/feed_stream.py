@@ -15,9 +15,9 @@ import grpc
 
 from service.client.errors import error_from_status
 from service.client.message_limits import MessageLimits
+from service.client.session import route_header
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
-from service.sessions.session import ROUTE_HEADER
 
 # A watchdog check this share of the stall time late found the event loop held up: one more
 # window before the Stream is called broken.
@@ -44,7 +44,7 @@ class FeedStream:
         self._watchdog: asyncio.TimerHandle | None = None
         self._due = 0.0  # when the watchdog was meant to run
         self._forgiven = -1.0  # the `_heard` of the silence a late check last let go on
-        self._call = stub.Stream(self._requests(), metadata=((ROUTE_HEADER, route),))
+        self._call = stub.Stream(self._requests(), metadata=route_header(route))
         self._reader = self._loop.create_task(self._read())
 
     def idle_since(self, now: float) -> float:

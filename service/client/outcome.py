@@ -41,4 +41,8 @@ def checked_locally() -> Iterator[None]:
 
 def refused_locally(exc: Exception) -> InvalidArgumentError:
     """The InvalidArgumentError for a request the client refused to build (`exc` says why)."""
-    return InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (refused by the client)")
+    return InvalidArgumentError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{exc} (refused by the client)",
+        reason="INVALID_ARGUMENT",  # the server's reason for it: nothing was applied
+    )

@@ -18,6 +18,7 @@ the closed channel.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import uuid
@@ -92,6 +93,27 @@ class RetryPolicy:
 
 # Left of a call's timeout below which no last attempt is made (DeadlineExceededError).
 _LAST_ATTEMPT_SECONDS = 0.05
+# gRPC keeps a deadline as int64 nanoseconds: one past ~9.2e9 s from now overflows, and the
+# call fails at once with DEADLINE_EXCEEDED. An attempt with more than this left gets none.
+_GRPC_DEADLINE_SECONDS = 1e9
+
+
+def check_timeout(timeout: object) -> float | None:
+    """A `timeout` argument: None or a number of seconds (`math.inf`: no limit, as None).
+    TypeError or ValueError for anything else (a string, a bool; NaN, which would silently be
+    no limit)."""
+    if timeout is None:
+        return None
+    wrong = TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if isinstance(timeout, bool | str | bytes):
+        raise wrong
+    try:
+        seconds = float(timeout)  # type: ignore[arg-type]  # an int, NumPy's numbers, ...
+    except (TypeError, ValueError):
+        raise wrong from None
+    if math.isnan(seconds):
+        raise ValueError("timeout must be a number of seconds or None, not NaN")
+    return None if seconds == math.inf else seconds
 
 
 class Attempts:
@@ -121,7 +143,7 @@ class Attempts:
         left = self._give_up - time.monotonic()
         if left <= 0:
             raise self._timed_out()
-        return left
+        return left if left < _GRPC_DEADLINE_SECONDS else None
 
     async def failed(self, exc: BaseException) -> None:
         """After a failed attempt: return (having slept) to try again, or raise `exc` as a

@@ -336,4 +336,13 @@ class ClientSession:
 
 def route_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
     """The metadata that routes a call on `session_id` (for a Stream: one per routing key)."""
-    return ((ROUTE_HEADER, route_of(session_id)),)
+    return route_header(route_of(session_id))
+
+
+def route_header(route: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that routes a call by `route`. None for a key no header can carry (not
+    printable ASCII: no session has one; gRPC would fail the call with its own error), so the
+    server answers the session id as any it does not hold."""
+    if not route.isascii() or not route.isprintable():
+        return ()
+    return ((ROUTE_HEADER, route),)

@@ -6,6 +6,7 @@ import that pulls in neither torch nor numpy."""
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from service.api.server import SeqServeServer
 from service.client import errors, retry
-from service.client.client import SeqServeClient
+from service.client.client import ClientSession, SeqServeClient
 from service.client.results import ModelInfo, Prediction, SessionInfo, TopToken
 from service.client.retry import Pauses, RetryPolicy
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -551,6 +552,13 @@ WRONG_TYPES: list[tuple[str, str, dict[str, object]]] = [
     ("create_session", "ttl_seconds", {"ttl_seconds": float("inf")}),
     ("create_session", "sampling", {"sampling": {"temperature": 0.5}}),
     ("fork", "seed", {"seed": 1.5}),
+    ("feed", "timeout", {"text": "a", "timeout": "5"}),  # a bare TypeError from the retries
+    ("feed", "timeout", {"tokens": [1], "timeout": float("nan")}),  # no limit, silently
+    ("generate", "timeout", {"timeout": "1"}),
+    ("fork", "timeout", {"timeout": True}),
+    ("create_session", "ttl_seconds", {"ttl_seconds": 0}),  # the server's default, silently
+    ("create_session", "route_key", {"route_key": "josé"}),  # gRPC's own error: no header
+    ("create_session", "route_key", {"route_key": "a b"}),
     # The names and ids client.py sends: protobuf's bare TypeError, or bytes taken as UTF-8.
     ("create_session", "model", {"model": 123}),
     ("create_session", "model", {"model": b"tok"}),
@@ -599,6 +607,7 @@ async def test_an_argument_of_the_wrong_type_is_invalid_argument_refused_by_the_
                 await session.fork(**kwargs)
         assert err.value.message.startswith(argument + " "), err.value.message
         assert err.value.message.endswith("(refused by the client)")
+        assert err.value.reason == "INVALID_ARGUMENT"  # as the server's: nothing was applied
         assert (await session.refresh()).position == 0  # nothing of it was applied
         assert (await c.get_model("tok")).aliases == {}
 
@@ -616,3 +625,44 @@ async def test_any_sequence_of_ints_or_numbers_is_still_taken(
         assert (await series.feed(frames=np.array([0.5, 1, 2], dtype=np.float32))).position == 1
         pieces = [p async for p in session.generate(max_tokens=2, stop=("\n",), top_p=1)]
         assert len(pieces) == 2
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_an_infinite_or_huge_timeout_is_no_limit(
+    server: SeqServeServer,  # noqa: F811
+    multiplex: bool,
+) -> None:
+    """`math.inf` (and a finite timeout past what gRPC's deadline can hold, ~9.2e9 s) bounds
+    nothing: the calls are answered, not failed at once with DeadlineExceededError."""
+    target = f"127.0.0.1:{server.port}"
+    async with SeqServeClient(target, timeout=math.inf, multiplex=multiplex) as c:
+        session = await c.create_session("tok", seed=1)
+        assert (await session.feed(tokens=[1, 2])).position == 2
+        assert (await session.feed(tokens=[3], timeout=1e12)).position == 3
+        pieces = [p async for p in session.generate(max_tokens=2, timeout=math.inf)]
+        assert pieces[-1].position == 5
+        assert [m.name for m in await c.list_models(timeout=1e10)] == ["frames", "tok"]
+
+
+@pytest.mark.parametrize("multiplex", [True, False])
+async def test_a_session_id_no_header_can_carry_is_answered_by_the_server(
+    server: SeqServeServer,  # noqa: F811
+    multiplex: bool,
+) -> None:
+    """An id with a routing key gRPC cannot send as a header (not printable ASCII) is asked
+    for without one: the server answers it as any id it does not hold, not gRPC's own
+    ExecuteBatchError from the channel."""
+    async with SeqServeClient(f"127.0.0.1:{server.port}", multiplex=multiplex) as c:
+        for session_id in ("s_josé.abc", "s_a\nb.abc"):
+            with pytest.raises(errors.SessionNotFoundError):
+                await c.attach(session_id)
+            handle = ClientSession(c, types.Session(session_id=session_id))
+            with pytest.raises(errors.SessionNotFoundError):
+                await handle.feed(tokens=[1])
+
+
+async def test_a_target_that_is_not_a_str_is_invalid_argument() -> None:
+    with pytest.raises(errors.InvalidArgumentError, match="target must be a str"):
+        SeqServeClient(123)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgumentError, match="timeout must be a number"):
+        SeqServeClient("127.0.0.1:1", timeout="10")  # type: ignore[arg-type]
