@@ -104,8 +104,14 @@ class StepScheduler:
             raise Unavailable("model version is shutting down")
         if len(self._pending) + len(work) > self._max_queue:
             raise QueueFull(
-                f"step queue full ({self._max_queue} pending) for {self._model}:{self._version}; "
-                "retry shortly, or raise SEQSERVE_ENGINE__MAX_QUEUE"
+                f"step queue full for {self._model}:{self._version}: {len(self._pending)} rows "
+                f"pending and {len(work)} more asked, at most {self._max_queue}; "
+                + (
+                    "retry shortly, or raise SEQSERVE_ENGINE__MAX_QUEUE"
+                    if len(work) <= self._max_queue
+                    else "more than the queue ever takes at once: send fewer sessions a "
+                    "message, or raise SEQSERVE_ENGINE__MAX_QUEUE"
+                )
             )
         group = RowGroup(len(work), self._loop)
         now = time.perf_counter()
