@@ -107,7 +107,14 @@ def parse_input(
         if text is not None:
             if not text:
                 raise InvalidArgument("--text is empty")
-            ids = get_tokenizer(spec.tokenizer).encode(text)
+            try:
+                ids = get_tokenizer(spec.tokenizer).encode(text)
+            except UnicodeEncodeError as exc:
+                # Bytes that are not UTF-8 in argv arrive as surrogate escapes; the server
+                # takes text as UTF-8 only (a protobuf string), so refuse it as it would.
+                raise InvalidArgument(
+                    f"--text is not UTF-8 (from character {exc.start}); give such bytes as --tokens"
+                ) from None
         else:
             assert tokens is not None
             ids = [int(x) for x in _split_numbers(tokens, "--tokens", int)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,24 @@ def test_bad_input_exits_2_with_a_message(
     assert code == 2
     assert message in err
     assert out == ""
+
+
+@pytest.mark.parametrize("raw", [b"\xff", b"caf\xe9 au lait"])
+def test_text_that_is_not_utf8_exits_2_with_one_line(
+    store: ModelStore,
+    text_models: dict[int, SequenceModel],
+    capsys: pytest.CaptureFixture[str],
+    raw: bytes,
+) -> None:
+    """Bytes that are not UTF-8 on the command line reach Python as surrogate escapes (what
+    os.fsdecode gives): refused as the server refuses text that is not UTF-8, one line and
+    exit 2 (it was a traceback ending in UnicodeEncodeError, exit 1)."""
+    text = os.fsdecode(raw)
+    code, out, err = _run(capsys, "predict", "--model", "bytes-lstm", "--text", text,
+                          "--store", str(store.root))  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err.startswith("error: --text is not UTF-8"), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(
