@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:  # frames may start with a negative value: `--frames -0.5,…`
+        from service.cli.predict_cmd import join_negative_frames
+
+        argv = join_negative_frames(argv)
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
     from pydantic_settings import SettingsError

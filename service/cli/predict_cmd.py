@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,36 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--store", type=store_path, default=None, help="store root (default: settings)")
     p.set_defaults(func=_predict)
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\.?\d")  # "-0.5,0.3", "-.5,1", "-1e15,0,0"
+
+
+def join_negative_frames(argv: list[str]) -> list[str]:
+    """`predict`'s arguments with `--frames -0.5,0.3` given as `--frames=-0.5,0.3`.
+
+    argparse takes a value that starts with "-" for an option unless it is one plain negative
+    number, so a list of frames starting with a negative value would be refused with a usage
+    error. A flag that abbreviates `--frames` (argparse accepts those) is joined the same way;
+    nothing after `--` is touched."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + argv[i:]
+        if (
+            len(arg) >= 3
+            and "--frames".startswith(arg)
+            and i + 1 < len(argv)
+            and _NEGATIVE_NUMBER.match(argv[i + 1])
+        ):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _predict(args: argparse.Namespace) -> int:

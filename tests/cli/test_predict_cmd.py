@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from service.cli.main import main
+from service.cli.predict_cmd import join_negative_frames
 from service.models import ModelConfig, SequenceModel
 from service.registry.manifest import Training
 from service.registry.store import ModelStore
@@ -143,6 +144,53 @@ def test_regression_prediction_json(
     with torch.no_grad():
         expected, _ = frame_model(torch.tensor(frames).view(1, 2, 3))  # [1, T, 2]
     assert body["values"] == pytest.approx(expected[0, -1].tolist(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("flag", ["--frames", "--fr"])  # argparse's abbreviation too
+def test_frames_starting_with_a_negative_value_follow_the_flag(
+    store: ModelStore,
+    frame_model: SequenceModel,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+) -> None:
+    """Normalised features are often negative: `--frames -0.5,...` as a separate argument is
+    the flag's value, as `--frames=-0.5,...` is (argparse took it for an option and printed
+    usage, exit 2)."""
+    frames = [-0.5, 0.2, 0.3, -1.0, 0.5, 2.0]
+    value = ",".join(map(str, frames))
+    root = str(store.root)
+    code, out, err = _run(capsys, "predict", "--model", "co2-gru", flag, value, "--json",
+                          "--store", root)  # fmt: skip
+    assert code == 0, err
+    code, joined, err = _run(capsys, "predict", "--model", "co2-gru", f"--frames={value}",
+                             "--json", "--store", root)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out) == json.loads(joined)
+    with torch.no_grad():
+        expected, _ = frame_model(torch.tensor(frames).view(1, 2, 3))  # [1, T, 2]
+    assert json.loads(out)["values"] == pytest.approx(expected[0, -1].tolist(), rel=1e-5, abs=1e-6)
+    code, out, err = _run(capsys, "predict", "--model", "co2-gru", "--frames", "-.5,0,0",
+                          "--json", "--store", root)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["position"] == 1
+
+
+def test_frames_then_an_option_is_still_a_missing_value(
+    store: ModelStore, frame_model: SequenceModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a value that reads as a negative number is joined to `--frames`; an option after
+    it is still an option, and `--frames` without its value a usage error."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--model", "co2-gru", "--frames", "--json", "--store", str(store.root)])
+    assert exit_.value.code == 2
+    assert "argument --frames: expected one argument" in capsys.readouterr().err
+
+
+def test_only_frames_values_that_read_as_negative_numbers_are_joined() -> None:
+    argv = ["predict", "--text", "-1", "--frames", "-1,2", "--f", "-e", "--", "--frames", "-3"]
+    assert join_negative_frames(argv) == [
+        "predict", "--text", "-1", "--frames=-1,2", "--f", "-e", "--", "--frames", "-3",
+    ]  # fmt: skip
 
 
 def test_human_output(
