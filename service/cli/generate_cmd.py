@@ -15,6 +15,7 @@ from service.client import credentials
 from service.client.client import SeqServeClient
 from service.client.errors import DeadlineExceededError, SeqServeError
 from service.client.session import ClientSession
+from service.loadtest.config import check_target
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,6 +113,11 @@ async def _close(session: ClientSession, timeout: float | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        check_target(args.target)  # as `loadtest` checks it, before gRPC sees it
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         # A reader that goes away (`| head`) ends it with BrokenPipeError once `_generate` has
         # closed the session; `seqserve`'s entry point ends the command quietly (status 0).

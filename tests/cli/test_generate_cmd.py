@@ -130,3 +130,17 @@ async def test_a_refused_generation_is_one_error_line_after_the_prompt_s_line_en
     assert captured.out == out
     assert captured.err.startswith(error) and captured.err.count("\n") == 1, captured.err
     assert server.engine.stats().sessions_in_memory == 0  # the refused one's session closed
+
+
+@pytest.mark.parametrize("target", ["", "127.0.0.1:99999", "127.0.0.1:0", "http://127.0.0.1:1"])
+def test_a_target_that_is_not_host_port_exits_2_with_one_line(
+    target: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The check `loadtest` makes (one function): gRPC printed C-core errors for "" and wrapped
+    the port of 127.0.0.1:99999 (connecting to 34463), status 1 after its retries."""
+    argv = ["generate", "--target", target, "--model", "m", "--prompt", "hi", "--timeout", "2"]
+    code = main(argv)
+    err = capfd.readouterr().err  # the file descriptor: gRPC's C core writes there
+    assert code == 2, err
+    assert err.startswith("error: target must be host:port") and repr(target) in err, err
+    assert len(err.strip().splitlines()) == 1, err
