@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -48,6 +49,17 @@ def _host_port(address: str) -> bool:
     return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
 
 
+# The float fields' checks. NaN fails both. So does inf: an infinite duration or warmup never
+# ends, an infinite ready timeout waits for ever for a target that does not answer, and the
+# report's config (--json) would hold `Infinity`, which is not JSON.
+def _at_least(value: float, low: float) -> bool:
+    return value >= low and math.isfinite(value)
+
+
+def _above(value: float, low: float) -> bool:
+    return value > low and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """One load test. With `rate` 0 every session runs turns in a closed loop: send, wait for
@@ -91,24 +103,27 @@ class LoadConfig:
             (bool(self.model), "model must be set"),
             (self.sessions >= 0, "sessions must be >= 0"),
             (self.sessions + self.invalid_sessions > 0, "need at least one session"),
-            (self.duration_seconds > 0, "duration must be > 0"),
-            (self.warmup_seconds >= 0, "warmup must be >= 0"),
+            (_above(self.duration_seconds, 0), "duration must be > 0 and finite"),
+            (_at_least(self.warmup_seconds, 0), "warmup must be >= 0 and finite"),
             (self.tokens_per_message >= 1, "tokens per message must be >= 1"),
-            (self.think_ms >= 0, "think time must be >= 0"),
+            (_at_least(self.think_ms, 0), "think time must be >= 0 and finite"),
             (0.0 <= self.generate_fraction <= 1.0, "generate fraction must be in [0, 1]"),
             (self.generate_via in ("rpc", "stream"), "generate-via must be rpc or stream"),
             (self.max_tokens >= 1, "max tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (_at_least(self.temperature, 0), "temperature must be >= 0 and finite"),
             (self.multiplex >= 1, "multiplex must be >= 1"),
             (self.history >= 0, "history must be >= 0"),
             (self.top_k >= 0, "top-k must be >= 0"),
             (self.invalid_sessions >= 0, "invalid sessions must be >= 0"),
-            (self.drain_seconds >= 0, "drain must be >= 0"),
-            (self.ready_timeout_seconds >= 0, "ready timeout must be >= 0"),
+            (_at_least(self.drain_seconds, 0), "drain must be >= 0 and finite"),
+            (
+                _at_least(self.ready_timeout_seconds, 0),
+                "ready timeout must be >= 0 and finite",
+            ),
             # NaN fails both; an open loop cannot issue more (nor count more it fell behind on)
             (0 <= self.rate <= MAX_RATE, f"rate must be >= 0 and <= {MAX_RATE:,.0f} a second"),
-            (self.late_ms >= 0, "late threshold must be >= 0"),
-            (self.max_lag_seconds > 0, "max lag must be > 0"),
+            (_at_least(self.late_ms, 0), "late threshold must be >= 0 and finite"),
+            (_above(self.max_lag_seconds, 0), "max lag must be > 0 and finite"),
         ]
         if self.client_mux:  # one app-style loop per session, feeding only
             checks += [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,50 @@ def test_a_bad_target_exits_2_with_one_line_before_connecting(
     err = capsys.readouterr().err
     assert err.startswith("error: target must be host:port") and repr(target) in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+# Every float a load test takes; inf was accepted by all but --rate (nan by none): an infinite
+# duration or warmup never ends, an infinite ready timeout waits for ever for a target that does
+# not answer, an infinite think time is one turn a session and then a pause till the end, and
+# an inf anywhere makes the --json report's config `Infinity`, which is not JSON.
+FLOAT_FIELDS = [
+    ("duration_seconds", "duration must be > 0 and finite"),
+    ("warmup_seconds", "warmup must be >= 0 and finite"),
+    ("think_ms", "think time must be >= 0 and finite"),
+    ("temperature", "temperature must be >= 0 and finite"),
+    ("drain_seconds", "drain must be >= 0 and finite"),
+    ("ready_timeout_seconds", "ready timeout must be >= 0 and finite"),
+    ("late_ms", "late threshold must be >= 0 and finite"),
+    ("max_lag_seconds", "max lag must be > 0 and finite"),
+    ("rate", "rate must be >= 0 and <= 1,000,000"),
+]
+
+
+@pytest.mark.parametrize(("field", "message"), FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_float_that_is_not_finite_is_refused(field: str, message: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        LoadConfig(target="127.0.0.1:1", **{field: value}).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--duration", "duration must be > 0 and finite"),
+        ("--warmup", "warmup must be >= 0 and finite"),
+        ("--think-ms", "think time must be >= 0 and finite"),
+        ("--temperature", "temperature must be >= 0 and finite"),
+        ("--late-ms", "late threshold must be >= 0 and finite"),
+        ("--max-lag", "max lag must be > 0 and finite"),
+    ],
+)
+def test_an_infinite_flag_exits_2_before_the_run(
+    flag: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--duration inf` ran for ever (nan was refused). No server at the target: a run that was
+    let start fails (exit 1) after --ready-timeout."""
+    argv = ["loadtest", "--target", "127.0.0.1:1", "--ready-timeout", "1", "--quiet"]
+    code = main([*argv, flag, "inf"])
+
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
