@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = LoadConfig(target="")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address H:P")
     credentials.add_arguments(p)
-    p.add_argument("--sessions", type=int, default=d.sessions, help="concurrent sessions")
+    p.add_argument("--sessions", type=int, default=d.sessions, help="concurrent sessions (>= 1)")
     p.add_argument("--duration", type=float, default=d.duration_seconds, help="seconds measured")
     p.add_argument("--json", type=Path, help="write the report as JSON here ('-' = stdout)")
     p.add_argument(

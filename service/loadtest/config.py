@@ -71,7 +71,7 @@ class LoadConfig:
     target: str  # host:port of the server; the only address the load test ever contacts
     model: str = "bytes-lstm"
     version: str = ""  # "" = what the server resolves by default (production alias, else latest)
-    sessions: int = 16  # concurrent sessions created on the server
+    sessions: int = 16  # concurrent sessions created on the server, at least 1
     duration_seconds: float = 10.0  # measured window; workers stop sending when it ends
     warmup_seconds: float = 0.0  # run this long first without recording anything
     tokens_per_message: int = 1  # inputs (tokens or feature frames) per feed item
@@ -101,8 +101,7 @@ class LoadConfig:
         check_target(self.target)
         checks: list[tuple[bool, str]] = [
             (bool(self.model), "model must be set"),
-            (self.sessions >= 0, "sessions must be >= 0"),
-            (self.sessions + self.invalid_sessions > 0, "need at least one session"),
+            (self.sessions >= 1, "sessions must be >= 1"),  # invalid sessions are extra ones
             (_above(self.duration_seconds, 0), "duration must be > 0 and finite"),
             (_at_least(self.warmup_seconds, 0), "warmup must be >= 0 and finite"),
             (self.tokens_per_message >= 1, "tokens per message must be >= 1"),

@@ -240,3 +240,21 @@ def test_an_infinite_flag_exits_2_before_the_run(
 
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--sessions", "-1"], ["--sessions", "0"], ["--sessions", "0", "--invalid-sessions", "2"]],
+)
+def test_sessions_below_one_are_refused_with_one_true_message(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-1 said "sessions must be >= 0" and 0 "need at least one session" (0 with invalid
+    sessions, which are extra sessions, ran them alone: a run that moves no tokens, exit 1)."""
+    argv = ["loadtest", "--target", "127.0.0.1:1", "--ready-timeout", "1", "--quiet"]
+    code = main([*argv, *flags])
+
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: sessions must be >= 1"
+    with pytest.raises(ValueError, match=r"^sessions must be >= 1$"):
+        config_from_args(build_parser().parse_args([*argv, *flags])).validate()
