@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from service.engine.served_versions import ServedVersions
 from service.errors import SeqServeError
@@ -13,12 +15,25 @@ from service.registry.snapshot import ModelEntry
 
 _CELL = {"lstm": pb.CELL_TYPE_LSTM, "gru": pb.CELL_TYPE_GRU}
 
+T = TypeVar("T")
+
 
 class RegistryServicer(pb_grpc.ModelRegistryServicer):
     def __init__(self, versions: ServedVersions) -> None:
         self.versions = versions
         self.store = versions.store
         self.rule = versions.rule
+
+    async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` (store or rule work: file reads, maybe hashing) on a thread. Every store
+        error these RPCs answer passes through here: the files it names are named within the
+        store (`tok/2/weights.safetensors`), the store as "the model store", never where it is
+        on this server."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except SeqServeError as exc:
+            self.store.name_within(exc)
+            raise
 
     def _default_version(self, entry: ModelEntry) -> int:
         """What `CreateSession` with no version gets now (the store's one rule); blocking."""
@@ -28,9 +43,9 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
             return 0
 
     async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
-        snapshot = await asyncio.to_thread(self.store.snapshot)
+        snapshot = await self._blocking(self.store.snapshot)
         models = sorted(snapshot.models.values(), key=lambda e: e.name)
-        defaults = await asyncio.to_thread(lambda: [self._default_version(e) for e in models])
+        defaults = await self._blocking(lambda: [self._default_version(e) for e in models])
         return pb.ListModelsResponse(
             models=[
                 pb.ModelSummary(
@@ -54,12 +69,12 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
                 self.rule.check_weights(entry, version)
             except SeqServeError as exc:
                 problem = exc.message
-        return None if problem is None else problem.replace(f"{self.store.root}/", "")
+        return None if problem is None else self.store.within(problem)
 
     async def GetModel(self, request, context):  # type: ignore[no-untyped-def]
-        entry = await asyncio.to_thread(self.store.model, request.name)
-        default = await asyncio.to_thread(self._default_version, entry)
-        problems = await asyncio.to_thread(
+        entry = await self._blocking(self.store.model, request.name)
+        default = await self._blocking(self._default_version, entry)
+        problems = await self._blocking(
             lambda: [self._problem(entry, v.version) for v in entry.versions]
         )
         versions = []
@@ -90,11 +105,11 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
         )
 
     async def SetAlias(self, request, context):  # type: ignore[no-untyped-def]
-        await asyncio.to_thread(self.store.set_alias, request.name, request.alias, request.version)
-        entry = await asyncio.to_thread(self.store.model, request.name)
+        await self._blocking(self.store.set_alias, request.name, request.alias, request.version)
+        entry = await self._blocking(self.store.model, request.name)
         return pb.SetAliasResponse(aliases=dict(entry.aliases))
 
     async def DeleteAlias(self, request, context):  # type: ignore[no-untyped-def]
-        await asyncio.to_thread(self.store.delete_alias, request.name, request.alias)
-        entry = await asyncio.to_thread(self.store.model, request.name)
+        await self._blocking(self.store.delete_alias, request.name, request.alias)
+        entry = await self._blocking(self.store.model, request.name)
         return pb.DeleteAliasResponse(aliases=dict(entry.aliases))

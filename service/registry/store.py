@@ -131,10 +131,15 @@ class ModelStore:
     def name_within(self, exc: SeqServeError) -> None:
         """Name the store's files in `exc` as within the store (`tok/2/weights.safetensors`),
         not by where the store is on this server, and the store itself as "the model store":
-        the message reaches clients."""
-        exc.message = exc.message.replace(f"the model store {self.root}", "the model store")
-        exc.message = exc.message.replace(f"{self.root}/", "")
+        the message reaches clients. The server passes every error of the store through here
+        before a client sees it (`load`, new sessions' resolution, the ModelRegistry RPCs)."""
+        exc.message = self.within(exc.message)
         exc.args = (exc.message,)
+
+    def within(self, text: str) -> str:
+        """`text` with the store's files named within it and the store as "the model store"."""
+        text = text.replace(f"the model store {self.root}", "the model store")
+        return text.replace(f"{self.root}/", "")
 
     def _load(
         self, name: str, version: int, device: torch.device | str, started: float

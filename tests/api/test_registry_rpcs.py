@@ -307,3 +307,80 @@ async def test_an_aliased_version_stays_loaded_after_its_last_session(
 
     # The unload runs just after the close returns.
     assert await until(unloaded, 60, "version 3's unload") == {1: True, 2: True, 3: False}
+
+
+def _damage(weights: Path) -> None:
+    """Flip the last byte: the file no longer hashes to its manifest's sha256."""
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+async def test_registry_refusals_name_files_within_the_store(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """SetAlias and DeleteAlias refusals name the file at fault as GetModel does, within the
+    store (`tok/2/weights.safetensors`), never where the store is on the server: a version whose
+    weights fail their digest, one without weights, a malformed aliases.json."""
+    store = ModelStore(store_root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=3)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=4)
+    _damage(store_root / "tok" / "2" / "weights.safetensors")
+    (store_root / "tok" / "3" / "weights.safetensors").unlink()
+    (store_root / "frames" / "aliases.json").write_text("{not json")
+    precondition = grpc.StatusCode.FAILED_PRECONDITION
+    registry = client.registry
+
+    refusals = [
+        await expect_status(
+            registry.SetAlias(reg.SetAliasRequest(name="tok", alias="staging", version=2)),
+            precondition,
+            "version 2 of 'tok' cannot be aliased: tok/2/weights.safetensors: sha256 mismatch",
+        ),
+        await expect_status(
+            registry.SetAlias(reg.SetAliasRequest(name="tok", alias="staging", version=3)),
+            precondition,
+            "version 3 of 'tok' is unusable: tok/3/weights.safetensors: missing",
+        ),
+        await expect_status(
+            registry.SetAlias(reg.SetAliasRequest(name="frames", alias="staging", version=1)),
+            precondition,
+            "frames/aliases.json: unreadable: ",
+            "fix or remove it first",
+        ),
+        await expect_status(
+            registry.DeleteAlias(reg.DeleteAliasRequest(name="frames", alias="production")),
+            precondition,
+            "frames/aliases.json: unreadable: ",
+        ),
+    ]
+    for details in refusals:
+        assert str(store_root) not in details, details
+    assert not (store_root / "tok" / "aliases.json").exists()  # nothing was changed
+    assert (store_root / "frames" / "aliases.json").read_text() == "{not json"
+
+
+async def test_registry_reads_of_a_missing_or_unreadable_store_do_not_name_it(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """The store renamed away, then its path a file: GetModel and ListModels say so as
+    CreateSession does, as "the model store", not by its path on the server."""
+    away = store_root.with_name("store.away")
+    store_root.rename(away)
+    details = await expect_status(
+        client.registry.GetModel(reg.GetModelRequest(name="tok")),
+        grpc.StatusCode.NOT_FOUND,
+        "model 'tok' not found; available: none (the model store is empty or missing)",
+    )
+    assert str(store_root) not in details, details
+    store_root.write_text("not a folder")
+    for call in (
+        client.registry.ListModels(reg.ListModelsRequest()),
+        client.registry.GetModel(reg.GetModelRequest(name="tok")),
+    ):
+        details = await expect_status(
+            call,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the model store is not a readable folder: Not a directory",
+        )
+        assert str(store_root) not in details, details
