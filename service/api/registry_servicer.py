@@ -42,33 +42,27 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
         except SeqServeError:  # no usable version: report 0 rather than fail the listing
             return 0
 
+    def _summary(self, entry: ModelEntry) -> pb.ModelSummary:
+        """Blocking: hashes weights not hashed since they changed (once per change)."""
+        return pb.ModelSummary(
+            name=entry.name,
+            versions=list(self.rule.servable_versions(entry)),
+            aliases=dict(entry.aliases),
+            default_version=self._default_version(entry),
+        )
+
     async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
         snapshot = await self._blocking(self.store.snapshot)
         models = sorted(snapshot.models.values(), key=lambda e: e.name)
-        defaults = await self._blocking(lambda: [self._default_version(e) for e in models])
         return pb.ListModelsResponse(
-            models=[
-                pb.ModelSummary(
-                    name=entry.name,
-                    versions=list(entry.usable_versions),
-                    aliases=dict(entry.aliases),
-                    default_version=default,
-                )
-                for entry, default in zip(models, defaults, strict=True)
-            ]
+            models=await self._blocking(lambda: [self._summary(e) for e in models])
         )
 
     def _problem(self, entry: ModelEntry, version: int) -> str | None:
         """Why `version` takes no new sessions (a bad manifest, missing weights, weights that
         fail their digest), or None; blocking: hashes weights not hashed since they changed.
         Paths in it are relative to the store (a client never sees the server's paths)."""
-        found = entry.entry(version)
-        problem = found.problem if found is not None else None
-        if problem is None:
-            try:
-                self.rule.check_weights(entry, version)
-            except SeqServeError as exc:
-                problem = exc.message
+        problem = self.rule.refusal(entry, version)
         return None if problem is None else self.store.within(problem)
 
     async def GetModel(self, request, context):  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ hash.
 
 from __future__ import annotations
 
-from service.errors import DigestMismatch, VersionUnusable, WeightsMismatch
+from service.errors import DigestMismatch, SeqServeError, VersionUnusable, WeightsMismatch
 from service.registry.digests import DigestVerdicts
 from service.registry.snapshot import ModelEntry
 from service.registry.version_spec import LATEST, PRODUCTION
@@ -43,6 +43,27 @@ class VersionRule:
                 continue
             return candidate
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def servable_versions(self, entry: ModelEntry) -> tuple[int, ...]:
+        """The versions a new session can be created on: a usable manifest and weights that
+        pass `check_weights` (what `ListModels` lists; `GetModel` reports the others REFUSED
+        with `refusal`). Blocking: reads weights files not read since they changed."""
+        return tuple(v for v in entry.usable_versions if self.refusal(entry, v) is None)
+
+    def refusal(self, entry: ModelEntry, version: int) -> str | None:
+        """Why `version` takes no new sessions (a bad manifest, missing weights, weights that
+        fail their digest or do not fit the manifest), or None. Paths in it are as the store's
+        scan names them (absolute: `ModelStore.within` names them within the store)."""
+        found = entry.entry(version)
+        if found is None:
+            return f"version {version} of {entry.name!r} is not in the store"
+        if found.problem is not None:
+            return found.problem
+        try:
+            self.check_weights(entry, version)
+        except SeqServeError as exc:
+            return exc.message
+        return None
 
     def check_weights(self, entry: ModelEntry, version: int) -> None:
         """DigestMismatch / WeightsMismatch / VersionUnusable unless `version`'s weights are

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import grpc
+import pytest
 
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import model_registry_pb2 as reg
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.registry import digests
 from service.registry.store import ModelStore
 from tests.polling import until
 
@@ -384,3 +386,46 @@ async def test_registry_reads_of_a_missing_or_unreadable_store_do_not_name_it(
             "the model store is not a readable folder: Not a directory",
         )
         assert str(store_root) not in details, details
+
+
+async def _listed(client: SeqServeClient) -> dict[str, reg.ModelSummary]:
+    models = (await client.registry.ListModels(reg.ListModelsRequest())).models
+    return {m.name: m for m in models}
+
+
+async def test_list_models_lists_only_versions_that_serve(
+    client: SeqServeClient, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version whose weights fail their digest is REFUSED in GetModel and refused by
+    CreateSession, so ListModels leaves it out, as it leaves out one with a malformed manifest;
+    listed again once its weights are whole. Each weights file is hashed once per change, not at
+    every listing."""
+    store = ModelStore(store_root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=3)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=4)
+    weights = store_root / "tok" / "2" / "weights.safetensors"
+    whole = weights.read_bytes()
+    _damage(weights)
+    reads: list[Path] = []
+    real = digests.read_verified
+
+    def counting(path: Path, expected: str) -> bytes:
+        reads.append(path)
+        return real(path, expected)
+
+    monkeypatch.setattr(digests, "read_verified", counting)  # the server runs in this process
+
+    for _ in range(3):
+        assert list((await _listed(client))["tok"].versions) == [1, 3]
+    assert sorted(reads) == sorted(set(reads)), reads  # no file hashed twice
+    statuses = {v.version: v.status for v in (await _model(client, "tok")).versions}
+    assert statuses == {
+        1: reg.VERSION_STATUS_OK,
+        2: reg.VERSION_STATUS_REFUSED,
+        3: reg.VERSION_STATUS_OK,
+    }
+    await expect_status(_create(client, "2"), grpc.StatusCode.DATA_LOSS, "sha256 mismatch")
+
+    weights.write_bytes(whole)
+    assert list((await _listed(client))["tok"].versions) == [1, 2, 3]
+    assert (await _create(client, "2")).session.version == 2

@@ -67,3 +67,25 @@ def test_the_verdict_is_kept_until_the_manifest_describes_the_tensors_again(
     assert len(reads) == 2  # each weights file read once, not at every question
     _set_hidden_size(misfit, 2, 8)  # fixed: the manifest fits the tensors again
     assert rule.version_for(misfit.model("m"), "") == 2
+
+
+def test_servable_versions_leave_out_what_would_not_load_with_the_reason(
+    misfit: ModelStore, publish: PublishFn
+) -> None:
+    """Version 2's tensors do not fit its manifest, 3 fails its digest, 4's manifest is
+    malformed: only 1 and 5 serve, and `refusal` says why each other one does not."""
+    for seed in (3, 4, 5):
+        publish("m", seed=seed)
+    weights = misfit.root / "m" / "3" / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    (misfit.root / "m" / "4" / "manifest.json").write_text("{not json")
+    rule, entry = VersionRule(), misfit.model("m")
+    assert entry.usable_versions == (1, 2, 3, 5)  # manifests only
+    assert rule.servable_versions(entry) == (1, 5)
+    reasons = {v: rule.refusal(entry, v) for v in range(1, 7)}
+    assert reasons[1] is None and reasons[5] is None
+    assert "rnn.weight_hh_l0 has shape [32, 8]" in str(reasons[2])
+    assert "3/weights.safetensors: sha256 mismatch" in str(reasons[3])
+    assert "4/manifest.json: unreadable" in str(reasons[4])
+    assert reasons[6] == "version 6 of 'm' is not in the store"
