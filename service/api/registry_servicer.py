@@ -36,10 +36,12 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
             raise
 
     def _default_version(self, entry: ModelEntry) -> int:
-        """What `CreateSession` with no version gets now (the store's one rule); blocking."""
+        """What `CreateSession` with no version gets now (the store's one rule), or 0 when it
+        would be refused (no servable version; `production` on a missing or refused one);
+        blocking."""
         try:
             return self.rule.version_for(entry, "")
-        except SeqServeError:  # no usable version: report 0 rather than fail the listing
+        except SeqServeError:  # refused: report 0 rather than fail the listing
             return 0
 
     def _summary(self, entry: ModelEntry) -> pb.ModelSummary:

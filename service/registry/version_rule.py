@@ -26,12 +26,18 @@ class VersionRule:
         As `entry.resolve(spec)`, except that when `spec` means the latest version ("latest", or
         "" without a `production` alias) a version whose weights fail their digest or do not fit
         its manifest is skipped, like one whose manifest is malformed, for the next older one.
-        Asked for by number or alias, such a version is not skipped (loading it raises
-        DigestMismatch / WeightsMismatch). Blocking: may read weights files, each once per
-        change."""
+        For "" with a `production` alias, the alias's version is checked the same way and
+        refused (DigestMismatch / WeightsMismatch / VersionUnusable), never replaced by another:
+        the alias is what was chosen. So the default version the registry reports (this, or 0
+        when it raises) is the one a new session gets, or is refused on. Asked for by number or
+        another alias, such a version is not checked here (loading it raises the same).
+        Blocking: may read weights files, each once per change."""
         version = entry.resolve(spec)
         spec = spec.strip()
-        if not (spec == LATEST or (spec == "" and PRODUCTION not in entry.aliases)):
+        if spec == "" and PRODUCTION in entry.aliases:
+            self.check_weights(entry, version)
+            return version
+        if spec != LATEST and spec != "":
             return version
         candidates = [v for v in reversed(entry.usable_versions) if v <= version]
         for i, candidate in enumerate(candidates):

@@ -429,3 +429,41 @@ async def test_list_models_lists_only_versions_that_serve(
     weights.write_bytes(whole)
     assert list((await _listed(client))["tok"].versions) == [1, 2, 3]
     assert (await _create(client, "2")).session.version == 2
+
+
+async def test_a_default_that_new_sessions_would_be_refused_on_is_reported_as_0(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """`production` set, then its version's weights damaged: CreateSession with no version is
+    refused (the alias is what was chosen; no other version is served in its place), so
+    ListModels and GetModel report default_version 0, as for an alias to a missing version,
+    not the alias's version. Whole again, all three say version 2."""
+    store = ModelStore(store_root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=3)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=4)
+    await client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="production", version=2))
+    weights = store_root / "tok" / "2" / "weights.safetensors"
+    whole = weights.read_bytes()
+
+    async def defaults() -> tuple[int, int]:
+        return (await _listed(client))["tok"].default_version, (
+            await _model(client, "tok")
+        ).default_version
+
+    assert await defaults() == (2, 2)
+    _damage(weights)
+    assert await defaults() == (0, 0)
+    await expect_status(_create(client), grpc.StatusCode.DATA_LOSS, "sha256 mismatch")
+
+    weights.unlink()  # gone: refused too
+    assert await defaults() == (0, 0)
+    await expect_status(_create(client), grpc.StatusCode.FAILED_PRECONDITION, "missing")
+
+    (store_root / "tok" / "aliases.json").write_text('{"production": 9}')  # not in the store
+    assert await defaults() == (0, 0)
+    await expect_status(_create(client), grpc.StatusCode.NOT_FOUND, "version 9")
+
+    weights.write_bytes(whole)
+    (store_root / "tok" / "aliases.json").write_text('{"production": 2}')
+    assert await defaults() == (2, 2)
+    assert (await _create(client)).session.version == 2

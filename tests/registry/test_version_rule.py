@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.errors import WeightsMismatch
+from service.errors import DigestMismatch, VersionUnusable, WeightsMismatch
 from service.registry import digests
 from service.registry.store import ModelStore
 from service.registry.version_rule import VersionRule
@@ -67,6 +67,33 @@ def test_the_verdict_is_kept_until_the_manifest_describes_the_tensors_again(
     assert len(reads) == 2  # each weights file read once, not at every question
     _set_hidden_size(misfit, 2, 8)  # fixed: the manifest fits the tensors again
     assert rule.version_for(misfit.model("m"), "") == 2
+
+
+def test_a_production_alias_on_a_version_that_would_not_load_is_refused_not_replaced(
+    misfit: ModelStore, publish: PublishFn
+) -> None:
+    """An empty spec follows `production`: when its version's weights do not fit (or fail
+    their digest, or are gone) "" is refused, as creating a session on it is, and no other
+    version is served in its place. What the registry reports as the default is this rule's
+    answer."""
+    publish("m", seed=3)  # version 3, whole
+    misfit.set_alias("m", "production", 1)
+    (misfit.root / "m" / "aliases.json").write_text('{"production": 2}')  # by hand
+    rule, entry = VersionRule(), misfit.model("m")
+    with pytest.raises(WeightsMismatch, match=r"rnn\.weight_hh_l0 has shape \[32, 8\]"):
+        rule.version_for(entry, "")
+    assert rule.version_for(entry, "latest") == 3
+    assert rule.version_for(entry, "production") == 2  # by name: loading refuses it
+    weights = misfit.root / "m" / "1" / "weights.safetensors"
+    (misfit.root / "m" / "aliases.json").write_text('{"production": 1}')
+    assert rule.version_for(misfit.model("m"), "") == 1
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(DigestMismatch, match="sha256 mismatch"):
+        rule.version_for(misfit.model("m"), "")
+    weights.unlink()
+    with pytest.raises(VersionUnusable, match=r"1/weights\.safetensors: missing"):
+        rule.version_for(misfit.model("m"), "")
 
 
 def test_servable_versions_leave_out_what_would_not_load_with_the_reason(
