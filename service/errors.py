@@ -7,6 +7,7 @@ row (`REASONS`). Anything that is not a `SeqServeError` becomes INTERNAL with an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Self
 
 import grpc
@@ -27,6 +28,13 @@ def quote(text: str, limit: int = 100) -> str:
     if len(text) <= limit:
         return repr(text)
     return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def quote_list(items: Sequence[object], limit: int = 8) -> str:
+    """A client's list as a status message may show it: its first `limit` items, then how many
+    more (1,024 out-of-range stop token ids are not echoed back)."""
+    shown = repr(list(items[:limit]))
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
 class SeqServeError(Exception):

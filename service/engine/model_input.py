@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, quote_list
 from service.models import ByteTokenizer, ModelConfig
 
 
@@ -96,8 +96,5 @@ def to_tensor(
         raise InvalidArgument(f"chunk of {len(ids)} tokens exceeds the limit of {cap}")
     bad = [t for t in ids if not 0 <= t < cfg.input_dim]
     if bad:
-        raise InvalidArgument(
-            f"token ids out of range [0, {cfg.input_dim}): {bad[:8]}"
-            + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        )
+        raise InvalidArgument(f"token ids out of range [0, {cfg.input_dim}): {quote_list(bad)}")
     return torch.tensor(ids, dtype=torch.int64)

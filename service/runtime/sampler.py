@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, quote_list
 
 # Bounds on the stop conditions, checked against every token: without them one Generate's
 # 200,000 stop strings cost the event loop ~12 ms a token, and a session's default sampling
@@ -54,21 +54,24 @@ class SamplingParams:
             raise InvalidArgument(
                 f"max_tokens must be in [1, {max_tokens_cap}], got {self.max_tokens}"
             )
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise InvalidArgument(f"stop token ids out of range [0, {vocab_size}): {bad}")
-        if any(s == "" for s in self.stop_strings):
-            raise InvalidArgument("stop strings must not be empty")
-        if len(self.stop_strings) > MAX_STOP_STRINGS:
-            raise InvalidArgument(
-                f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}"
-            )
-        if any(len(s.encode()) > MAX_STOP_STRING_BYTES for s in self.stop_strings):
-            raise InvalidArgument(f"a stop string may have at most {MAX_STOP_STRING_BYTES} bytes")
+        # The counts first: a list over its cap is refused for its length, unread.
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidArgument(
                 f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(self.stop_token_ids)}"
             )
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise InvalidArgument(
+                f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}"
+            )
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:  # a few of them: every one made a status too big to send (1,024 → 13 KB)
+            raise InvalidArgument(
+                f"stop token ids out of range [0, {vocab_size}): {quote_list(bad)}"
+            )
+        if any(s == "" for s in self.stop_strings):
+            raise InvalidArgument("stop strings must not be empty")
+        if any(len(s.encode()) > MAX_STOP_STRING_BYTES for s in self.stop_strings):
+            raise InvalidArgument(f"a stop string may have at most {MAX_STOP_STRING_BYTES} bytes")
 
 
 # Frozen, so one instance serves every session that keeps the defaults.
