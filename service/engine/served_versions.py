@@ -29,7 +29,7 @@ from service.registry.snapshot import ModelEntry
 from service.registry.store import ModelStore
 from service.registry.store_changes import StoreChanges
 from service.registry.version_rule import VersionRule
-from service.registry.version_spec import version_number
+from service.registry.version_spec import version_digits
 
 log = logging.getLogger(__name__)
 
@@ -245,5 +245,5 @@ def spec_key(spec: str) -> str:
     reads a spec stripped, and digits as a number, so " 1", "01" and "1" are one entry, not
     three of the `KNOWN_SPECS` (a client cycling spellings would otherwise clear them all)."""
     spec = spec.strip()
-    number = version_number(spec)
-    return spec if number is None else str(number)
+    digits = version_digits(spec)
+    return spec if digits is None else digits

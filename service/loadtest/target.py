@@ -15,10 +15,11 @@ from typing import Any
 import grpc
 
 from service.client.credentials import Credentials
+from service.errors import quote
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
-from service.registry.version_spec import LATEST, version_number
+from service.registry.version_spec import LATEST, VersionNumberTooLong, version_number
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -77,7 +78,10 @@ async def fetch_model_info(channel: grpc.aio.Channel, model: str, version: str) 
         await reg_grpc.ModelRegistryStub(channel).GetModel(reg_pb.GetModelRequest(name=model))
     ).model
     wanted = version.strip()
-    number = version_number(wanted)
+    try:
+        number = version_number(wanted)
+    except VersionNumberTooLong as exc:
+        raise TargetError(f"model {model!r} has no version {quote(wanted)} ({exc})") from None
     if number is not None:
         resolved = number
     elif wanted == "":

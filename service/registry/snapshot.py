@@ -29,7 +29,12 @@ from service.models.tokenizer import get_tokenizer
 from service.registry.aliases import ALIASES_FILE, AliasFileError, read_aliases
 from service.registry.manifest import MANIFEST_FILE, Manifest, TokensInput
 from service.registry.parsed_files import ParsedFiles
-from service.registry.version_spec import LATEST, PRODUCTION, version_number
+from service.registry.version_spec import (
+    LATEST,
+    PRODUCTION,
+    VersionNumberTooLong,
+    version_number,
+)
 
 # Canonical version folder names only: "007" and "0" are not versions.
 _VERSION_DIR_RE = re.compile(r"^[1-9][0-9]{0,8}$")
@@ -93,7 +98,13 @@ class ModelEntry:
         Raises VersionNotFound / AliasNotFound (NOT_FOUND) or VersionUnusable when the target
         is on disk but refused."""
         spec = spec.strip()
-        number = version_number(spec)
+        try:
+            number = version_number(spec)
+        except VersionNumberTooLong as exc:  # no version has it: quoted, not echoed whole
+            known = ", ".join(map(str, self.usable_versions)) or "none"
+            raise VersionNotFound(
+                f"version {quote(spec)} of {self.name!r} not found ({exc}); versions: {known}"
+            ) from None
         if number is not None:
             return self.usable(number).version
         if spec == LATEST or (spec == "" and self._alias_map().get(PRODUCTION) is None):

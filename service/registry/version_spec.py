@@ -6,8 +6,33 @@ from __future__ import annotations
 PRODUCTION = "production"  # the alias "" means when it is set
 LATEST = "latest"  # the highest usable version
 
+# The store's version folders are 1 to 999,999,999 (and versions are int64 on the wire): a
+# number of more digits names no version. It is not converted (Python's int() refuses over
+# 4,300 digits) nor echoed whole.
+MAX_VERSION_DIGITS = 18
+
+
+class VersionNumberTooLong(ValueError):
+    """A spec of more digits than any version's number has (leading zeros aside)."""
+
+
+def version_digits(spec: str) -> str | None:
+    """The number a stripped spec names, as its digits without leading zeros ("0" for zeros
+    alone), or None: "", "latest" or an alias. One spelling per number: "01" and "1" are one."""
+    if not (spec.isascii() and spec.isdigit()):
+        return None
+    return spec.lstrip("0") or "0"
+
 
 def version_number(spec: str) -> int | None:
     """The version a stripped spec names by number (ASCII digits), or None: "", "latest" or an
-    alias."""
-    return int(spec) if spec.isascii() and spec.isdigit() else None
+    alias. VersionNumberTooLong (a ValueError) for a number of more than MAX_VERSION_DIGITS
+    digits: no version has it."""
+    digits = version_digits(spec)
+    if digits is None:
+        return None
+    if len(digits) > MAX_VERSION_DIGITS:
+        raise VersionNumberTooLong(
+            f"a version number has at most {MAX_VERSION_DIGITS} digits, got {len(digits)}"
+        )
+    return int(digits)

@@ -1,6 +1,6 @@
 """A client's lists and strings in an error are bounded (a few ids, ~100 characters), so a
-refusal is a short INVALID_ARGUMENT and never a status or in-band reply too big to send. Over a
-real channel."""
+refusal is a short INVALID_ARGUMENT / NOT_FOUND and never a status or in-band reply too big to
+send. Over a real channel."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .conftest import ServerFactory
 from .support import code_value, expect_status, expect_stream_status, item, read_replies, text
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
 SHORT = 300  # characters: what a refusal naming a few ids and its limits takes, with room
 
 INT32_MIN = -(2**31)
@@ -98,3 +99,31 @@ async def test_a_stream_item_with_very_many_bad_stop_ids_gets_its_error_in_band(
         got_b = await client.sessions.GetSession(pb.GetSessionRequest(session_id=b))
         got_a = await client.sessions.GetSession(pb.GetSessionRequest(session_id=a))
         assert (got_b.session.position, got_a.session.position) == (3, 0)
+
+
+# ---- version numbers ---------------------------------------------------------------------------
+
+
+async def test_a_version_number_too_long_to_be_a_version_is_not_found_quoted(
+    client: SeqServeClient,
+) -> None:
+    """4,301 nines was INTERNAL (Python's int() refuses over 4,300 digits); 4,300 was NOT_FOUND
+    echoing all of them. Both, and longer, are NOT_FOUND with at most ~100 characters of it."""
+    for digits in (20, 4300, 4301, 100_000):
+        request = pb.CreateSessionRequest(model="tok", version="9" * digits)
+        details = await expect_status(
+            client.sessions.CreateSession(request),
+            NOT_FOUND, "9999", "not found", "versions: 1",
+            reason="VERSION_NOT_FOUND",
+        )  # fmt: skip
+        assert len(details) < SHORT, (digits, details)
+    # Leading zeros do not count: this names version 1, as "01" does.
+    made = await client.sessions.CreateSession(
+        pb.CreateSessionRequest(model="tok", version="0" * 5000 + "1")
+    )
+    assert made.session.version == 1
+    # An unknown model with such a version is still the model's NOT_FOUND.
+    await expect_status(
+        client.sessions.CreateSession(pb.CreateSessionRequest(model="nope", version="9" * 5000)),
+        NOT_FOUND, "nope", reason="MODEL_NOT_FOUND",
+    )  # fmt: skip

@@ -71,6 +71,8 @@ async def test_a_spec_resolves_as_the_server_resolves_it(
         ("tok", "beta", "no alias 'beta'"),
         ("tok", "\u0661", "no alias"),  # ARABIC-INDIC DIGIT ONE: str.isdigit, but no version
         ("tok", "4", "no version 4"),
+        ("tok", "9" * 20, "no version '9{20}'"),  # more digits than any version has
+        ("tok", "9" * 5000, r"no version '9{100}'\.\.\. \(5000 characters\)"),  # was ValueError
         ("frames", "", "no usable version"),
         ("frames", "latest", "no usable version"),
     ],
