@@ -19,6 +19,7 @@ from service.engine.model_input import ModelInput, one_token
 from service.errors import InvalidArgument
 from service.models import ByteTokenizer
 from service.pb.seqserve.v1 import types_pb2 as pb
+from service.pb.seqserve.v1.session_service_pb2 import CreateSessionRequest, ForkSessionRequest
 from service.runtime.sampler import DEFAULT_SAMPLING, SAMPLING_FIELDS, SamplingParams
 from service.runtime.step_batch import Prediction
 from service.sessions.session import Session
@@ -102,9 +103,30 @@ def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
     return pb.Sampling(**params.as_dict())
 
 
-def duration_seconds(msg: Duration) -> float | None:
-    seconds = msg.seconds + msg.nanos / 1e9
-    return seconds or None
+_NANOS_PER_SECOND = 1_000_000_000
+
+
+def duration_seconds(msg: Duration, what: str) -> float:
+    """A Duration field as seconds, refused (InvalidArgument naming `what`) where protobuf's
+    Duration does not allow it: nanos in (-1e9, 1e9), of the sign of seconds when both are
+    set. (5 s and 2e9 nanos was taken as 7 s; 1 s and -1e9 nanos as 0, then the default.)"""
+    seconds, nanos = msg.seconds, msg.nanos
+    if not -_NANOS_PER_SECOND < nanos < _NANOS_PER_SECOND:
+        raise InvalidArgument(
+            f"{what} is not a valid Duration: nanos must be within ±999,999,999, got {nanos}"
+        )
+    if (seconds < 0 < nanos) or (nanos < 0 < seconds):
+        raise InvalidArgument(
+            f"{what} is not a valid Duration: nanos must have the sign of seconds, got "
+            f"seconds={seconds}, nanos={nanos}"
+        )
+    return seconds + nanos / _NANOS_PER_SECOND
+
+
+def ttl_seconds(request: CreateSessionRequest | ForkSessionRequest) -> float | None:
+    """A request's `ttl` in seconds; None when unset (the default; a fork: its parent's). Set,
+    it is checked as it is (0 included) against the allowed range."""
+    return duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
 
 
 def session_to_pb(session: Session, clock_now: float, wall_now: float) -> pb.Session:

@@ -53,7 +53,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             request.model,
             request.version,
             seed=request.seed if request.HasField("seed") else None,
-            ttl_seconds=convert.duration_seconds(request.ttl),
+            ttl_seconds=convert.ttl_seconds(request),
             default_sampling=convert.sampling_from_pb(request.default_sampling),
             prefix=convert.input_from_pb(request.prefix) if request.HasField("prefix") else None,
             options=convert.options_from_pb(request.options),
@@ -76,7 +76,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     async def ForkSession(self, request, context):  # type: ignore[no-untyped-def]
         child = await self.engine.fork_session(
             request.session_id,
-            ttl_seconds=convert.duration_seconds(request.ttl),
+            ttl_seconds=convert.ttl_seconds(request),
             seed=request.seed if request.HasField("seed") else None,
             request_id=request.request_id,
         )

@@ -117,7 +117,7 @@ class SessionLifecycle:
         request_id: str = "",
     ) -> Session:
         """A new session with a copy of the source's state, position and RNG (or a new seed)."""
-        ttl = self.ttl(ttl_seconds) if ttl_seconds else None
+        ttl = self.ttl(ttl_seconds) if ttl_seconds is not None else None  # None: the source's
         async with self._leases.hold(session_id) as lease:
             source, served = lease.session, lease.served
             self._sessions.check_capacity()
@@ -134,7 +134,7 @@ class SessionLifecycle:
                 seed=source.seed if seed is None else seed,
                 parent_session_id=source.session_id,
                 default_sampling=source.default_sampling,
-                ttl_seconds=ttl or source.ttl_seconds,
+                ttl_seconds=source.ttl_seconds if ttl is None else ttl,
                 created_at=time.time(),
                 last_used=self._sessions.clock(),
                 position=source.position,
@@ -209,7 +209,7 @@ class SessionLifecycle:
         return list(self._chores)
 
     def ttl(self, requested: float | None) -> float:
-        if requested is None or requested == 0:
+        if requested is None:  # unset; one set to 0 is refused, as the range says
             return self._ttl_default
         if not 0 < requested <= self._ttl_max:
             raise InvalidArgument(f"ttl must be in (0, {self._ttl_max}] seconds, got {requested}")

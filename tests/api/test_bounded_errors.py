@@ -1,11 +1,14 @@
 """A client's lists and strings in an error are bounded (a few ids, ~100 characters), so a
 refusal is a short INVALID_ARGUMENT / NOT_FOUND and never a status or in-band reply too big to
-send. Over a real channel."""
+send; and ttl Durations that protobuf's Duration does not allow are refused, not normalised. Over
+a real channel."""
 
 from __future__ import annotations
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
+from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
@@ -127,3 +130,52 @@ async def test_a_version_number_too_long_to_be_a_version_is_not_found_quoted(
         client.sessions.CreateSession(pb.CreateSessionRequest(model="nope", version="9" * 5000)),
         NOT_FOUND, "nope", reason="MODEL_NOT_FOUND",
     )  # fmt: skip
+
+
+# ---- ttl Durations -----------------------------------------------------------------------------
+
+BAD_DURATIONS = [
+    (Duration(seconds=5, nanos=2_000_000_000), "nanos"),  # nanos out of range: was 7 s
+    (Duration(seconds=1, nanos=-5), "sign"),  # mixed signs: was 1 s less 5 ns
+    (Duration(seconds=1, nanos=-1_000_000_000), "nanos"),  # sums to 0: was the 600 s default
+    (Duration(seconds=-1, nanos=2_000_000_000), "nanos"),  # sums to +1 s: was 1 s
+    (Duration(seconds=0, nanos=-1_000_000_000), "nanos"),
+    (Duration(seconds=-1, nanos=-5), "(0, 86400"),  # a valid Duration, but negative
+    (Duration(), "(0, 86400"),  # set to 0: the range says 0 is not a ttl
+]
+
+
+async def test_invalid_ttl_durations_are_refused_for_create_and_fork(
+    server: SeqServeServer, client: SeqServeClient
+) -> None:
+    parent = await _create(client)
+    for duration, needle in BAD_DURATIONS:
+        shown = f"seconds={duration.seconds}, nanos={duration.nanos}"
+        details = await expect_status(
+            client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", ttl=duration)),
+            INVALID, "ttl", needle, reason="INVALID_ARGUMENT",
+        )  # fmt: skip
+        assert len(details) < SHORT, (shown, details)
+        await expect_status(
+            client.sessions.ForkSession(pb.ForkSessionRequest(session_id=parent, ttl=duration)),
+            INVALID, "ttl", needle, reason="INVALID_ARGUMENT",
+        )  # fmt: skip
+    # Unset: the server's default (600 s), and for a fork the parent's.
+    made = (await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok"))).session
+    assert (made.ttl.seconds, made.ttl.nanos) == (600, 0)
+    own = await _create(client, ttl=Duration(seconds=30))
+    fork = await client.sessions.ForkSession(pb.ForkSessionRequest(session_id=own))
+    assert (fork.session.ttl.seconds, fork.session.ttl.nanos) == (30, 0)
+    # Valid Durations with nanos are taken as they are.
+    half = (
+        await client.sessions.CreateSession(
+            pb.CreateSessionRequest(model="tok", ttl=Duration(seconds=1, nanos=500_000_000))
+        )
+    ).session
+    assert (half.ttl.seconds, half.ttl.nanos) == (1, 500_000_000)
+    tiny = await client.sessions.ForkSession(
+        pb.ForkSessionRequest(session_id=parent, ttl=Duration(nanos=999_999_999))
+    )
+    assert (tiny.session.ttl.seconds, tiny.session.ttl.nanos) == (0, 999_999_999)
+    # The refused ones made nothing: the six sessions above are all that live.
+    assert len(server.engine.sessions) == 6
