@@ -284,7 +284,7 @@ def _duration(seconds: float) -> Duration:
     if not math.isfinite(seconds):
         raise ValueError(f"ttl_seconds must be finite, not {seconds}")
     nanoseconds = int(seconds * 1e9)
-    if nanoseconds == 0:  # an unset ttl: the server's default, not what was asked
+    if nanoseconds == 0:  # the server refuses a ttl of 0 (unset would be its default)
         raise ValueError(f"ttl_seconds must be more than 0 (None: the server's default): {seconds}")
     d = Duration()
     d.FromNanoseconds(nanoseconds)
