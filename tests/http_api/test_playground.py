@@ -2,7 +2,8 @@
 browser) against a server on the bundled model store: typing moves the bars, an edit other
 than appending restarts the session, keystrokes never overlap, a generation streams in, a frame
 model plots its predictions, and with tokens on the page asks for one; a switch mid-step, a
-session closed under the page and a server restart each leave the page a working session.
+session closed under the page and a server restart each leave the page a working session, and
+a step or create whose answer is lost is retried as the same request (applied once).
 Screenshots go to `tests/http_api/screenshots/` (the README shows one)."""
 
 from __future__ import annotations
@@ -338,4 +339,104 @@ async def test_the_session_lives_on_across_a_server_restart(
     assert new_id != sid
     got, body = await _session_status(third, sid)
     assert got == 400 and body["error"]["status"] == "FAILED_PRECONDITION", body
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+class _LostAnswer:
+    """Route `pattern`: the first POST reaches the server, which applies it and answers, but the
+    page gets a reset connection instead of that answer (as from a proxy's 502, a dropped
+    connection, a server killed right after its journal write); later calls pass. `lost` is
+    what the server answered that first call, `sent` the body of every POST."""
+
+    def __init__(self) -> None:
+        self.lost: list[tuple[int, dict[str, Any]]] = []
+        self.sent: list[dict[str, Any]] = []
+
+    async def route(self, page: Page, pattern: str) -> _LostAnswer:
+        await page.route(pattern, self._lose_once)
+        return self
+
+    async def _lose_once(self, route: Route) -> None:
+        if route.request.method != "POST":
+            await route.continue_()
+            return
+        self.sent.append(route.request.post_data_json)
+        if self.lost:
+            await route.continue_()
+            return
+        answer = await route.fetch()
+        self.lost.append((answer.status, await answer.json()))
+        await route.abort("connectionreset")
+
+
+def _created(server: SeqServeServer) -> float:
+    """Sessions the server made (calls answered from a first call's record make none)."""
+    total = 0.0
+    for line in server.metrics.render().decode().splitlines():
+        if line.startswith("seqserve_session_events_total{") and 'event="created"' in line:
+            total += float(line.split()[-1])
+    return total
+
+
+async def test_a_step_whose_answer_was_lost_is_retried_as_the_same_request(
+    server_factory: ServerFactory, browser: Browser
+) -> None:
+    """The server applied the step but its answer never reached the page: the retry carries
+    the first attempt's requestId and expectedPosition, so the server answers it with the
+    first reply rather than POSITION_MISMATCH, and the page keeps its session (README), the
+    step applied once; typing goes on in it, each new step with a new requestId."""
+    server = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0})
+    page = await _page(browser, server)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.type("#prompt", "abc")
+    sid, _ = await _settled(page)
+    steps = await _LostAnswer().route(page, "**/*:step")
+    await page.type("#prompt", "d")
+    same_id, position = await _settled(page)
+    [(code, lost)] = steps.lost
+    assert code == 200 and lost["position"] == "4", lost  # the server applied "d"
+    assert same_id == sid and position == 4, (await page.inner_text("#status"), steps.sent)
+    first, retry = steps.sent
+    assert first == retry and first["requestId"] and first["expectedPosition"] == "3", first
+    got, body = await _session_status(server, sid)
+    assert got == 200 and body["session"]["position"] == "4", body  # applied once
+
+    await page.type("#prompt", "e")  # typing goes on in the same session
+    after_id, position = await _settled(page)
+    assert after_id == sid and position == 5
+    assert len(steps.sent) == 3 and steps.sent[2]["requestId"] != first["requestId"]
+    assert _count(server, "Step", "FAILED_PRECONDITION") == 0
+    assert _created(server) == 1 and _count(server, "CloseSession", "OK") == 0
+    assert await page.get_attribute("#status", "class") != "error", await page.inner_text("#status")
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_a_create_whose_answer_was_lost_is_retried_as_the_same_request(
+    server_factory: ServerFactory, browser: Browser
+) -> None:
+    """A backspace starts a new session from the text; the server made it but its answer was
+    lost: the retry, with the same requestId, gets that session back (no second one left
+    open until its TTL), and typing goes on in it."""
+    server = await server_factory(store_root=BUNDLED_STORE, server={"http_port": 0})
+    page = await _page(browser, server)
+    await page.wait_for_selector("#tokens-panel:not([hidden])")
+    await page.type("#prompt", "abc")
+    old_id, _ = await _settled(page)
+    creates = await _LostAnswer().route(page, "**/v1/sessions")
+    await page.keyboard.press("Backspace")
+    new_id, position = await _settled(page)
+    [(code, lost)] = creates.lost
+    assert code == 200 and lost["session"]["position"] == "2", lost
+    assert new_id == lost["session"]["sessionId"] != old_id and position == 2, (
+        await page.inner_text("#status"),
+        creates.sent,
+    )
+    first, retry = creates.sent
+    assert first == retry and first["requestId"] and first["prefix"] == {"text": "ab"}, first
+    await page.type("#prompt", "x")
+    same_id, position = await _settled(page)
+    assert same_id == new_id and position == 3
+    # The page load's session (closed by the backspace) and the backspace's: no third.
+    assert _created(server) == 2 and _count(server, "CloseSession", "OK") == 1
+    assert await page.get_attribute("#status", "class") != "error", await page.inner_text("#status")
     assert not page.errors  # type: ignore[attr-defined]

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const ROUTE = randomRoute(); // the routing key: every call of this page reaches one replica
+const ROUTE = randomKey(); // the routing key: every call of this page reaches one replica
 let token = null; // a bearer token, only in memory, when the server asks for one
 
 // ---- the HTTP/JSON API --------------------------------------------------------------------
@@ -31,7 +31,10 @@ const RETRY_FOR_MS = 30_000; // how long a transient failure is retried before i
 
 // `call()`, retried with a growing delay while its failure is transient (a restarted server
 // comes back with its sessions restored from the spill tier, so they are worth keeping) and
-// `wanted()` still holds.
+// `wanted()` still holds. A transient failure may come after the server applied the call (its
+// answer lost on the way back), so a call that changes state sends the same body every time,
+// with one `requestId` (see `newRequestId`): the server applies it once and answers a retry
+// with the first reply.
 async function retried(call, wanted = () => true) {
   const start = Date.now();
   for (let delay = 250; ; delay = Math.min(2 * delay, 2000)) {
@@ -121,10 +124,16 @@ function askForToken() {
   $("token").focus();
 }
 
-function randomRoute() {
+function randomKey() {
   const bytes = new Uint8Array(9);
   crypto.getRandomValues(bytes);
   return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_");
+}
+
+// A new call's request id, for it and all its retries (never for another call: the server
+// would answer that with the first call's reply, or refuse it).
+function newRequestId() {
+  return `playground-${randomKey()}`;
 }
 
 const utf8 = new TextEncoder();
@@ -245,8 +254,9 @@ async function pump() {
       const s = session;
       let reply;
       if (s && !s.dirty && target.startsWith(s.text)) {
+        const body = stepBody(s, target); // one requestId for the step and its retries
         try {
-          reply = await retried(() => step(s, target), current);
+          reply = await retried(() => api("POST", `/v1/sessions/${s.id}:step`, body), current);
         } catch (e) {
           // The session expired, was closed, or moved on without us: start again from the
           // text at once (once), rather than at the next keystroke.
@@ -262,7 +272,8 @@ async function pump() {
       } else {
         await closeSession();
         if (!current()) return;
-        reply = await api("POST", "/v1/sessions", createBody(target));
+        const body = { ...createBody(target), requestId: newRequestId() }; // and its retries
+        reply = await retried(() => api("POST", "/v1/sessions", body), current);
         const made = { id: reply.session.sessionId, text: target, position: reply.session.position };
         if (!current()) {
           await api("DELETE", `/v1/sessions/${made.id}`).catch(() => {});
@@ -285,13 +296,14 @@ async function pump() {
   }
 }
 
-// Feed the text `target` has beyond what session `s` has consumed.
-function step(s, target) {
-  return api("POST", `/v1/sessions/${s.id}:step`, {
+// A step feeding the text `target` has beyond what session `s` has consumed: a new call.
+function stepBody(s, target) {
+  return {
     input: { text: target.slice(s.text.length) },
     expectedPosition: s.position,
+    requestId: newRequestId(),
     options: { topK: topK() },
-  });
+  };
 }
 
 function showBars(prediction) {
