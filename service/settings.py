@@ -136,6 +136,10 @@ class ServerSettings(BaseModel):
     RESOURCE_EXHAUSTED) and largest reply sent. At least 64 KiB (a one-step reply with every
     entry of the bundled models' vocabulary takes 5.4 KB, a registry reply a few KB), under
     1 GiB (gRPC's receive limit, twice this, is a C int)."""
+    http_body_timeout_seconds: Annotated[PositiveSeconds, Field(le=3600)] = 30.0
+    """HTTP API: the most time a request's body may take to arrive once its call starts to
+    read it (a client that sends part of it and then nothing, or trickles it): past it the
+    call is answered 408 (INVALID_ARGUMENT) and the connection closed. At most an hour."""
     worker: Annotated[int, Field(ge=-1)] = -1
     """Set by `serve --workers N` for its worker processes (0..N-1): the worker shares the port
     with its siblings (SO_REUSEPORT) under the supervisor's port lock. Not for setting by hand."""

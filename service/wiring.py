@@ -199,7 +199,10 @@ def build_server_parts(settings: Settings, *, ready: Callable[[], bool]) -> Serv
         item_counts=metrics,
     )
     registry_servicer = RegistryServicer(engine.versions)
-    calls = Calls(auth, ready, metrics.observe_rpc, settings.server.max_message_bytes)
+    calls = Calls(
+        auth, ready, metrics.observe_rpc, settings.server.max_message_bytes,
+        body_timeout_seconds=settings.server.http_body_timeout_seconds,
+    )  # fmt: skip
     return ServerParts(
         store=store,
         metrics=metrics,

@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from service.api.error_status import code_name
 from service.api.interceptor import NOT_READY_MESSAGE
 from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
-from service.http.status_map import HttpError
+from service.http.status_map import HttpError, HttpRefusal
 from service.security import principal
 from service.security.call_auth import CLIENT_HEADER, CallAuth, current_grant
 from service.security.revocation_watch import RevocationWatch
@@ -77,11 +77,13 @@ class Calls:
         ready: Callable[[], bool],
         observe: RpcObserver,
         max_body_bytes: int,
+        body_timeout_seconds: float = 30.0,
     ) -> None:
         self._auth = auth
         self._ready = ready
         self._observe = observe
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_seconds = body_timeout_seconds
         self.draining = False
         self._in_flight = 0  # calls between entering `call` and leaving it
         self._settled = asyncio.Event()  # set while none is
@@ -142,7 +144,13 @@ class Calls:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise _too_large(request.content_length, self.max_body_bytes)
         try:  # the whole body, however many pieces it arrives in (the app caps its size)
-            raw = await request.read()
+            async with asyncio.timeout(self.body_timeout_seconds):
+                raw = await request.read()
+        except TimeoutError:  # a client that sent part of it and then nothing, or trickles
+            raise BodyTimeout(
+                f"the request body did not arrive within {self.body_timeout_seconds:g} s "
+                "(SEQSERVE_SERVER__HTTP_BODY_TIMEOUT_SECONDS); the connection is closed"
+            ) from None
         except web.HTTPRequestEntityTooLarge:  # chunked, no length given: cut off at the cap
             raise _too_large(self.max_body_bytes + 1, self.max_body_bytes) from None
         except web.RequestPayloadError as exc:  # bytes that do not decode as they say
@@ -182,7 +190,20 @@ def json_answer(message: Message) -> web.Response:
 
 def error_answer(exc: BaseException) -> web.Response:
     error = HttpError(exc)
-    return web.json_response(error.body, status=error.http_status, headers=error.headers)
+    answer = web.json_response(error.body, status=error.http_status, headers=error.headers)
+    if error.closes:  # `Connection: close`: the rest of the request is not read
+        answer.force_close()
+    return answer
+
+
+class BodyTimeout(HttpRefusal, InvalidArgument):
+    """The request's body did not arrive within `server.http_body_timeout_seconds`: HTTP's
+    408 Request Timeout. INVALID_ARGUMENT, not DEADLINE_EXCEEDED (whose HTTP status is 504, a
+    gateway's): the client's fault, counted as a client error (a slow client pages no one:
+    the error-ratio alert counts DEADLINE_EXCEEDED as the server's), with a reason of the
+    error table (which has no row for DEADLINE_EXCEEDED, a status only gRPC makes)."""
+
+    http_status = 408
 
 
 def _too_large(size: int, limit: int) -> InvalidArgument:

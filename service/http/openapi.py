@@ -127,7 +127,8 @@ def openapi_document() -> dict[str, Any]:
         }  # fmt: skip
         if session:
             op["parameters"] = [_SESSION_ID]
-        if body is not None:
+        if body is not None:  # and the refusals of the HTTP request's body itself
+            op["responses"].update({str(status): _error_ref(status) for status in BODY_REFUSALS})
             op["requestBody"] = {"required": False, "content": {
                 "application/json": {"schema": schemas.ref(body)}}}  # fmt: skip
         return op
@@ -214,7 +215,7 @@ def _verb_path_405(op: dict[str, Any]) -> dict[str, Any]:
 def _error_responses() -> dict[str, Any]:
     """The error answers: each with the error body (but 499's, which has none), and the
     headers some carry."""
-    statuses = {**error_statuses(), 405: ["UNIMPLEMENTED"]}
+    statuses = {**error_statuses(), 405: ["UNIMPLEMENTED"], **BODY_REFUSALS}
     responses = {}
     for status, codes in sorted(statuses.items()):
         response: dict[str, Any] = {"description": f"{', '.join(codes)}{_WHEN.get(status, '')}"}
@@ -228,14 +229,20 @@ def _error_responses() -> dict[str, Any]:
     return responses
 
 
+# HTTP statuses of their own for refusals of a request's body (`status_map.HttpRefusal`), with
+# the gRPC codes their bodies name.
+BODY_REFUSALS: dict[int, list[str]] = {408: ["INVALID_ARGUMENT"]}
+
 _RESPONSE_NAMES = {
     400: "BadRequest", 401: "Unauthenticated", 403: "PermissionDenied", 404: "NotFound",
-    405: "MethodNotAllowed", 409: "Conflict", 429: "ResourceExhausted",
+    405: "MethodNotAllowed", 408: "RequestTimeout", 409: "Conflict", 429: "ResourceExhausted",
     499: "ClientClosedRequest", 500: "InternalError", 501: "NotImplemented",
     503: "Unavailable", 504: "DeadlineExceeded",
 }  # fmt: skip
 _WHEN = {
     405: ": the path takes other methods (`Allow` names them)",
+    408: ": the request body did not arrive within `server.http_body_timeout_seconds` (the "
+    "connection is closed)",
     499: ": the client closed the connection before the answer (no body: a proxy's log shows it)",
     500: ": a bug (the message and ErrorInfo carry an error id, as in the server log) or a "
     "session's records lost",

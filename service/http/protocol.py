@@ -18,14 +18,18 @@ import re
 from typing import Any
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
+from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
 from service.errors import Internal, InvalidArgument, quote
 from service.http.calls import error_answer
 
 log = logging.getLogger(__name__)
+
+# What aiohttp's connection queues for a request that does not parse (None: another aiohttp).
+_ERR_INFO: type | None = getattr(web_protocol, "_ErrInfo", None)
 
 # What aiohttp's parse errors add after what they are: the bytes, quoted (`b'…'`, `'…'`).
 _QUOTED = re.compile(r"""[:\s]*b?['"].*$""")
@@ -70,6 +74,33 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 
 class JsonErrorHandler(web.RequestHandler):
+    _body: StreamReader | None = None  # the body of the last request parsed on the connection
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's, and then: a parse error in the body of a request whose head was parsed
+        before (a malformed chunk arriving after the head) fails that body. aiohttp 3.14's
+        parser queues the error as a next request instead, and the handler reading the body
+        waited for as long as the client kept the connection (a SIGTERM's drain too), a
+        request pipelined behind never answered. The handler's read now fails at once
+        (`Calls.parse`: 400, the connection closed)."""
+        queue: Any = getattr(self, "_messages", None)  # aiohttp's (message, body) pairs
+        queued = len(queue) if queue is not None else 0
+        super().data_received(data)
+        if queue is None or _ERR_INFO is None:  # another aiohttp: as it is
+            return
+        for message, payload in list(queue)[queued:]:
+            if not isinstance(message, _ERR_INFO):
+                self._body = payload
+                continue
+            body, error = self._body, getattr(message, "exc", None)
+            # Unended, the body is where the parser was: the error is in it.
+            if body is not None and not body.is_eof() and body.exception() is None:
+                failed = web.RequestPayloadError("malformed body")
+                if isinstance(error, BaseException):
+                    body.set_exception(failed, error)
+                else:
+                    body.set_exception(failed)
+
     def handle_error(
         self,
         request: BaseRequest,

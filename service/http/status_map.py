@@ -3,7 +3,7 @@ and gRPC-JSON transcoders give it) and the `{"error": {code, status, message, de
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import json_format
@@ -33,6 +33,17 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 }
 
 
+class HttpRefusal:
+    """Mixed into an error raised by the HTTP side only, for a refusal of the HTTP request
+    itself that has an HTTP status of its own (408: its body did not arrive in time; 415: a
+    Content-Encoding the server does not read): answered with `http_status` rather than its
+    gRPC code's (the body names the code, as the guard's 405 names UNIMPLEMENTED), with
+    `http_headers`, and with the connection closed (the rest of the body is not read)."""
+
+    http_status: ClassVar[int]
+    http_headers: ClassVar[dict[str, str]] = {}
+
+
 class HttpError:
     """One failed call as HTTP: status, JSON body, and headers (Retry-After, WWW-Authenticate)."""
 
@@ -40,6 +51,7 @@ class HttpError:
         status = answered_status(exc)  # logs an INTERNAL one with its error id
         self.code = status_code(status.code)
         self.http_status = HTTP_STATUS[self.code]
+        self.closes = isinstance(exc, HttpRefusal)
         body: dict[str, Any] = {
             "code": status.code,
             "status": self.code.name,
@@ -57,3 +69,6 @@ class HttpError:
                 self.headers["Retry-After"] = str(max(1, seconds))
         if self.code == grpc.StatusCode.UNAUTHENTICATED:
             self.headers["WWW-Authenticate"] = 'Bearer realm="seqserve"'
+        if isinstance(exc, HttpRefusal):
+            self.http_status = exc.http_status
+            self.headers.update(exc.http_headers)

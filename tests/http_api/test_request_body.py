@@ -1,0 +1,136 @@
+"""Reading a request's body over a real socket: a body that stops arriving, or that breaks after
+its head was taken, is answered (not waited on for as long as the client keeps the connection),
+with the API's JSON error body, and the connection is closed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from service.api.server import SeqServeServer
+from tests.api.conftest import ServerFactory
+
+HEAD = b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+class Raw:
+    """One connection over a plain socket: what is sent, and the answers read back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Raw:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def answer(self) -> tuple[bytes, dict]:
+        """The next answer's head and its JSON body (by its Content-Length)."""
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 30)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = await asyncio.wait_for(self.reader.readexactly(length), 30)
+        return head, json.loads(body)
+
+    async def closed(self) -> bool:
+        """Whether the server closes the connection with nothing more sent."""
+        return await asyncio.wait_for(self.reader.read(), 30) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _count(server: SeqServeServer, code: str) -> float:
+    key = f'seqserve_rpc_duration_seconds_count{{code="{code}",method="CreateSession",'
+    lines = [line for line in server.metrics.render().decode().splitlines() if key in line]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+async def test_a_malformed_chunk_after_the_head_is_answered_400_at_once(
+    server_factory: ServerFactory,
+) -> None:
+    """The head is taken (the call begins) and then a chunk size that is not hex arrives:
+    aiohttp's parser queues its error as a next request, and the body being read never ends.
+    It is answered 400 at once (the body timeout here is far off), the connection closed, and
+    the call counted INVALID_ARGUMENT; a request pipelined behind it is not a request."""
+    server = await server_factory(server={"http_port": 0, "http_body_timeout_seconds": 600})
+    call = await Raw.open(server.http_port)
+    try:
+        call.writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.3)  # the head on its own: the call has begun reading the body
+        call.writer.write(b"zz\r\n" + b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, body = await call.answer()
+        assert await call.closed()
+    finally:
+        call.close()
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"\r\nconnection: close" in head.lower(), head
+    error = body["error"]
+    assert error["status"] == "INVALID_ARGUMENT", error
+    assert error["message"].startswith("the request body could not be read"), error
+    assert "zz" not in error["message"]
+    assert _count(server, "INVALID_ARGUMENT") == 1
+
+
+async def test_a_body_that_stops_arriving_is_408_after_the_body_timeout(
+    server_factory: ServerFactory,
+) -> None:
+    """A body sent in part (a Content-Length one, a chunked one) and then nothing: 408 with
+    the JSON error body once `server.http_body_timeout_seconds` have passed, the connection
+    closed; the server goes on."""
+    server = await server_factory(server={"http_port": 0, "http_body_timeout_seconds": 0.5})
+    for framing, part in [
+        (b"Content-Length: 40\r\n\r\n", b'{"model": '),
+        (b"Transfer-Encoding: chunked\r\n\r\n", b'a\r\n{"model": \r\n'),
+    ]:
+        call = await Raw.open(server.http_port)
+        try:
+            call.writer.write(HEAD + framing + part)
+            head, body = await call.answer()
+            assert await call.closed()
+        finally:
+            call.close()
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        assert b"\r\nconnection: close" in head.lower(), head
+        error = body["error"]
+        assert error["status"] == "INVALID_ARGUMENT", error
+        assert error["details"][0]["reason"] == "INVALID_ARGUMENT", error
+        assert "0.5 s" in error["message"], error
+        assert "SEQSERVE_SERVER__HTTP_BODY_TIMEOUT_SECONDS" in error["message"], error
+    assert _count(server, "INVALID_ARGUMENT") == 2
+    async with aiohttp.ClientSession() as http:  # the document lists it where a body is read
+        url = f"http://127.0.0.1:{server.http_port}/v1/openapi.json"
+        doc = await (await http.get(url)).json()
+    operations = [op for item in doc["paths"].values() for m, op in item.items()]
+    assert all(("408" in op["responses"]) == ("requestBody" in op) for op in operations)
+    assert len([op for op in operations if "408" in op["responses"]]) == 4
+    call = await Raw.open(server.http_port)  # a body that comes whole is read as ever
+    try:
+        call.writer.write(HEAD + b'Content-Length: 15\r\n\r\n{"model":"tok"}')
+        head, body = await call.answer()
+    finally:
+        call.close()
+    assert head.startswith(b"HTTP/1.1 200 "), (head, body)
+
+
+async def test_a_stuck_body_does_not_hold_a_shutdown_for_its_grace_period(
+    server_factory: ServerFactory,
+) -> None:
+    """The malformed chunk's call is over at once: a shutdown finds no call in flight (it
+    waited for the whole grace period, the call never ending)."""
+    server = await server_factory(
+        server={"http_port": 0, "http_body_timeout_seconds": 600, "grace_seconds": 600}
+    )
+    call = await Raw.open(server.http_port)
+    try:
+        call.writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.3)
+        call.writer.write(b"zz\r\n")
+        await call.answer()
+        await asyncio.wait_for(server.parts.http.calls.settled(), 30)
+    finally:
+        call.close()
