@@ -31,6 +31,7 @@ from service.security.revocation_watch import RevocationWatch
 from service.sessions.session import ROUTE_HEADER
 
 M = TypeVar("M", bound=Message)
+Descriptor = Any  # a message's descriptor (protobuf's Python or upb class)
 
 # Headers a servicer or CallAuth reads as gRPC metadata (lower-case, as gRPC gives them).
 FORWARDED_HEADERS = ("authorization", ROUTE_HEADER, CLIENT_HEADER)
@@ -164,7 +165,7 @@ class Calls:
             raise _too_large(len(raw), self.max_body_bytes)
         if raw.strip():
             try:
-                json_format.ParseDict(_json_object(raw), message)
+                json_format.ParseDict(_json_object(raw, message.DESCRIPTOR), message)
             except (json_format.ParseError, ValueError, TypeError) as exc:
                 raise InvalidArgument(f"the request body is not a valid JSON {_name(message)}: "
                                       f"{quote(str(exc), 160)}") from None  # fmt: skip
@@ -213,17 +214,51 @@ def _too_large(size: int, limit: int) -> InvalidArgument:
     )
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object. Parsed here rather than by `json_format.Parse`, which takes
-    any JSON value: `[]` would be read as `{}` (a call with every field unset) and a string
-    char by char. Duplicate keys are refused, as `json_format.Parse` refuses them."""
+def _json_object(raw: bytes, descriptor: Descriptor) -> dict[str, Any]:
+    """The body as a JSON object of the message `descriptor` describes. Parsed here rather
+    than by `json_format.Parse`, which takes any JSON value: `[]` would be read as `{}` (a call
+    with every field unset) and a string char by char. Duplicate keys are refused, as
+    `json_format.Parse` refuses them, and so is a field given under both its names."""
     try:
         document = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        if not isinstance(document, dict):
+            raise ValueError(f"a JSON {_JSON_TYPES.get(type(document), 'value')}, not an object")
+        _fields_named_once(document, descriptor)
     except RecursionError:  # nested deeper than the interpreter's stack
         raise ValueError("nested too deeply") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"a JSON {_JSON_TYPES.get(type(document), 'value')}, not an object")
     return document
+
+
+def _fields_named_once(document: dict[str, Any], descriptor: Descriptor, where: str = "") -> None:
+    """Refuses a field of `document` (an object of the message `descriptor` describes, and
+    the objects of its message fields, down the tree) given under both the names protobuf's
+    JSON mapping reads, its JSON name and its proto name (`requestId`, `request_id`): parsed,
+    the last would win. A map's keys are data, not field names (its message values are looked
+    into); so are the members of google.protobuf's types (a `Struct`'s keys; the others' JSON
+    forms have no fields of theirs). Keys that name no field are left to `json_format`."""
+    by_json_name = {field.json_name: field for field in descriptor.fields}
+    given: dict[str, str] = {}  # field name -> the key it was given under
+    for key, value in document.items():
+        field = by_json_name.get(key) or descriptor.fields_by_name.get(key)
+        if field is None:
+            continue
+        name = where + field.name
+        if field.name in given:
+            raise ValueError(f"field {name!r} given twice, as {given[field.name]!r} and {key!r}")
+        given[field.name] = key
+        kind = field.message_type
+        if kind is None or kind.full_name.startswith("google.protobuf."):
+            continue
+        if kind.GetOptions().map_entry:  # {key: value}: the values may be messages
+            kind = kind.fields_by_name["value"].message_type
+            if kind is None or kind.full_name.startswith("google.protobuf."):
+                continue
+            values = list(value.values()) if isinstance(value, dict) else []
+        else:
+            values = value if isinstance(value, list) else [value]  # repeated, or one
+        for item in values:
+            if isinstance(item, dict):
+                _fields_named_once(item, kind, name + ".")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -6,12 +6,18 @@ from __future__ import annotations
 import logging
 import zlib
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from service.api.server import SeqServeServer
+from service.http.calls import _fields_named_once
 from tests.api.conftest import ServerFactory, make_settings
+
+FieldType = descriptor_pb2.FieldDescriptorProto.Type
+Label = descriptor_pb2.FieldDescriptorProto.Label
 
 
 async def _error(response: aiohttp.ClientResponse, http_status: int, status: str) -> dict:
@@ -42,6 +48,25 @@ async def _session(http: aiohttp.ClientSession, **fields: object) -> str:
         ("null", "a JSON null, not an object"),
         ('{"model": "tok", "model": "tok"}', "duplicate key 'model'"),
         ('{"model": "tok", "prefix": {"text": "a", "text": "b"}}', "duplicate key 'text'"),
+        # One field under its JSON name and its proto name is given twice too.
+        (
+            '{"model": "tok", "requestId": "x", "request_id": "y"}',
+            "field 'request_id' given twice, as 'requestId' and 'request_id'",
+        ),
+        (
+            '{"model": "tok", "request_id": "x", "requestId": "y"}',
+            "field 'request_id' given twice, as 'request_id' and 'requestId'",
+        ),
+        ('{"model": "tok", "requestId": null, "request_id": "y"}', "'request_id' given twice"),
+        (
+            '{"model": "tok", "defaultSampling": {"stopStrings": ["a"], "stop_strings": ["b"]}}',
+            "field 'default_sampling.stop_strings' given twice",
+        ),
+        (
+            '{"model": "tok", "prefix": {"tokens": {"ids": [1]}, "text": "a"}, "ttl": "5s", '
+            '"default_sampling": {"maxTokens": 2, "max_tokens": 3}}',
+            "field 'default_sampling.max_tokens' given twice",
+        ),
     ],
 )
 async def test_a_body_that_is_not_the_request_is_400(
@@ -49,6 +74,25 @@ async def test_a_body_that_is_not_the_request_is_400(
 ) -> None:
     error = await _error(await http.post("/v1/sessions", data=body), 400, "INVALID_ARGUMENT")
     assert words in error["message"]
+
+
+async def test_a_step_option_given_under_both_its_names_is_400_and_steps_nothing(
+    http: aiohttp.ClientSession,
+) -> None:
+    sid = await _session(http)
+    body = '{"input": {"text": "a"}, "options": {"topK": 2, "top_k": 9}}'
+    error = await _error(
+        await http.post(f"/v1/sessions/{sid}:step", data=body), 400, "INVALID_ARGUMENT"
+    )
+    assert "field 'options.top_k' given twice, as 'topK' and 'top_k'" in error["message"], error
+    session = await (await http.get(f"/v1/sessions/{sid}")).json()
+    assert session["session"]["position"] == "0"
+    # Each name once, in its own object, is as ever: the JSON name or the proto name.
+    for name in ("topK", "top_k"):
+        body = f'{{"input": {{"text": "a"}}, "options": {{"{name}": 2}}, "request_id": "{name}"}}'
+        answer = await http.post(f"/v1/sessions/{sid}:step", data=body)
+        assert answer.status == 200, await answer.text()
+        assert len((await answer.json())["prediction"]["tokens"]["top"]) == 2
 
 
 @pytest.mark.parametrize("body", ["[]", '""', '"maxTokens"'])
@@ -166,3 +210,37 @@ async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400(
     )
     assert answer.status == 200, await answer.text()
     assert (await answer.json())["position"] == "2"
+
+
+def _map_message() -> Any:
+    """A message `t.Outer` with `by_name: map<string, t.Inner>` and `counts: map<string,
+    int32>`, `t.Inner` with `top_k` (no request message of the API has a map field)."""
+    file = descriptor_pb2.FileDescriptorProto(name="t_map.proto", package="t", syntax="proto3")
+    inner = file.message_type.add(name="Inner")
+    inner.field.add(name="top_k", number=1, type=FieldType.TYPE_INT32, label=Label.LABEL_OPTIONAL)
+    outer = file.message_type.add(name="Outer")
+    for name, number, value in (("by_name", 1, ".t.Inner"), ("counts", 2, "")):
+        entry = outer.nested_type.add(name=f"{name.title().replace('_', '')}Entry")
+        entry.options.map_entry = True
+        entry.field.add(name="key", number=1, type=FieldType.TYPE_STRING,
+                        label=Label.LABEL_OPTIONAL)  # fmt: skip
+        field = entry.field.add(name="value", number=2, label=Label.LABEL_OPTIONAL,
+                                type=FieldType.TYPE_INT32)  # fmt: skip
+        if value:
+            field.type, field.type_name = FieldType.TYPE_MESSAGE, value
+        outer.field.add(name=name, number=number, type=FieldType.TYPE_MESSAGE,
+                        label=Label.LABEL_REPEATED, type_name=f".t.Outer.{entry.name}")  # fmt: skip
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return pool.FindMessageTypeByName("t.Outer")
+
+
+def test_a_map_fields_keys_are_data_and_its_message_values_are_looked_into() -> None:
+    outer = _map_message()
+    document = {"counts": {"topK": 1, "top_k": 2}, "byName": {"topK": {"topK": 1}, "top_k": {}}}
+    _fields_named_once(document, outer)  # keys that look like one field's two names: data
+    twice = {"by_name": {"a": {"topK": 1, "top_k": 2}}}
+    with pytest.raises(ValueError, match=r"field 'by_name.top_k' given twice"):
+        _fields_named_once(twice, outer)
+    with pytest.raises(ValueError, match=r"field 'by_name' given twice, as 'byName' and"):
+        _fields_named_once({"byName": {}, "by_name": {}}, outer)
