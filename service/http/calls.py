@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from aiohttp import web
+import grpc
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -142,6 +144,7 @@ class Calls:
     async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:
         """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in
         the URL) set; a body that names another value for one of them is refused."""
+        coding = _content_coding(request)
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise _too_large(request.content_length, self.max_body_bytes)
         try:  # the whole body, however many pieces it arrives in (the app caps its size)
@@ -161,6 +164,8 @@ class Calls:
             else:  # a chunked body with a malformed chunk, say
                 why = type(exc.__cause__ or exc).__name__
             raise InvalidArgument(f"the request body could not be read: {why}") from None
+        if coding == "x-gzip":  # gzip by another name (RFC 9110 8.4.1.3), which aiohttp skips
+            raw = _gunzip(raw, self.max_body_bytes)
         if len(raw) > self.max_body_bytes:
             raise _too_large(len(raw), self.max_body_bytes)
         if raw.strip():
@@ -205,6 +210,55 @@ class BodyTimeout(HttpRefusal, InvalidArgument):
     error table (which has no row for DEADLINE_EXCEEDED, a status only gRPC makes)."""
 
     http_status = 408
+
+
+class UnsupportedEncoding(HttpRefusal, SeqServeError):
+    """A `Content-Encoding` the server does not read: HTTP's 415 Unsupported Media Type with
+    `Accept-Encoding` naming those it does (RFC 9110 15.5.16), the body saying UNIMPLEMENTED
+    as gRPC answers a `grpc-encoding` it does not read (with `grpc-accept-encoding`)."""
+
+    status = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+    http_status = 415
+    http_headers: ClassVar[dict[str, str]] = {"Accept-Encoding": "gzip, deflate"}
+
+
+# The codings a body is read in: aiohttp decodes gzip and deflate; x-gzip is gzip (RFC 9110).
+_READ_CODINGS = frozenset({"", "identity", "gzip", "deflate", "x-gzip"})
+UNREAD_CODING = (
+    "is not one this server reads: send the body as it is, or gzip or deflate it "
+    "(Accept-Encoding names them); the connection is closed"
+)
+
+
+def _content_coding(request: web.Request) -> str:
+    """The request's one content coding, lower-case ("" for none); any other, or a list of
+    them, is refused (aiohttp reads an unknown one, or a list, as no coding at all)."""
+    coding = ", ".join(request.headers.getall(hdrs.CONTENT_ENCODING, ())).strip().lower()
+    if coding not in _READ_CODINGS:
+        raise UnsupportedEncoding(f"Content-Encoding {quote(coding)} {UNREAD_CODING}")
+    return coding
+
+
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    """`raw` as gzip decodes it (every member), refused past `limit` bytes of output."""
+    out, rest = bytearray(), raw
+    try:
+        while True:
+            decoder = zlib.decompressobj(wbits=31)  # gzip's header and trailer
+            out += decoder.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit:
+                raise _too_large(len(out), limit)
+            if not decoder.eof:
+                raise zlib.error("the data ends inside a gzip member")
+            rest = decoder.unused_data
+            if not rest:
+                return bytes(out)
+    except zlib.error:
+        raise InvalidArgument(
+            "the request body could not be read: it does not decode as its Content-Encoding, "
+            "'x-gzip'"
+        ) from None
 
 
 def _too_large(size: int, limit: int) -> InvalidArgument:

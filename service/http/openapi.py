@@ -231,11 +231,12 @@ def _error_responses() -> dict[str, Any]:
 
 # HTTP statuses of their own for refusals of a request's body (`status_map.HttpRefusal`), with
 # the gRPC codes their bodies name.
-BODY_REFUSALS: dict[int, list[str]] = {408: ["INVALID_ARGUMENT"]}
+BODY_REFUSALS: dict[int, list[str]] = {408: ["INVALID_ARGUMENT"], 415: ["UNIMPLEMENTED"]}
 
 _RESPONSE_NAMES = {
     400: "BadRequest", 401: "Unauthenticated", 403: "PermissionDenied", 404: "NotFound",
-    405: "MethodNotAllowed", 408: "RequestTimeout", 409: "Conflict", 429: "ResourceExhausted",
+    405: "MethodNotAllowed", 408: "RequestTimeout", 409: "Conflict",
+    415: "UnsupportedMediaType", 429: "ResourceExhausted",
     499: "ClientClosedRequest", 500: "InternalError", 501: "NotImplemented",
     503: "Unavailable", 504: "DeadlineExceeded",
 }  # fmt: skip
@@ -243,6 +244,8 @@ _WHEN = {
     405: ": the path takes other methods (`Allow` names them)",
     408: ": the request body did not arrive within `server.http_body_timeout_seconds` (the "
     "connection is closed)",
+    415: ": a Content-Encoding the server does not read (`Accept-Encoding` names those it "
+    "does; the connection is closed)",
     499: ": the client closed the connection before the answer (no body: a proxy's log shows it)",
     500: ": a bug (the message and ErrorInfo carry an error id, as in the server log) or a "
     "session's records lost",
@@ -252,6 +255,7 @@ _WHEN = {
 _HEADERS = {
     401: {"WWW-Authenticate": 'Bearer realm="seqserve"'},
     405: {"Allow": "the methods the path takes"},
+    415: {"Accept-Encoding": "the content codings a request body is read in: gzip, deflate"},
     429: {"Retry-After": "seconds, when the server says when to retry"},
     503: {"Retry-After": "seconds, when the server says when to retry"},
 }

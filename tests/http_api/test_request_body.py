@@ -5,9 +5,11 @@ with the API's JSON error body, and the connection is closed."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import aiohttp
+import pytest
 
 from service.api.server import SeqServeServer
 from tests.api.conftest import ServerFactory
@@ -134,3 +136,78 @@ async def test_a_stuck_body_does_not_hold_a_shutdown_for_its_grace_period(
         await asyncio.wait_for(server.parts.http.calls.settled(), 30)
     finally:
         call.close()
+
+
+async def _session(http: aiohttp.ClientSession) -> str:
+    made = await http.post("/v1/sessions", json={"model": "tok"})
+    assert made.status == 200, await made.text()
+    return (await made.json())["session"]["sessionId"]
+
+
+async def _position(http: aiohttp.ClientSession, sid: str) -> str:
+    return (await (await http.get(f"/v1/sessions/{sid}")).json())["session"]["position"]
+
+
+@pytest.mark.parametrize(
+    "coding", ["foo", "br", "zstd", "compress", "gzip, deflate", "x-gzip, identity"]
+)
+async def test_a_content_encoding_the_server_does_not_read_is_415(
+    http: aiohttp.ClientSession, coding: str
+) -> None:
+    """An unknown coding was read as none (200), `br` and `zstd` refused by aiohttp's parser
+    with advice to install a library: each is 415 with the JSON error body (UNIMPLEMENTED, as
+    gRPC answers a `grpc-encoding` it does not read), `Accept-Encoding` naming those read,
+    and the connection closed. The body is not applied."""
+    sid = await _session(http)
+    answer = await http.post(
+        f"/v1/sessions/{sid}:step",
+        data=b'{"input": {"text": "ab"}}',
+        headers={"Content-Encoding": coding, "Content-Type": "application/json"},
+    )
+    body = await answer.json()
+    assert answer.status == 415, body
+    assert answer.headers["Accept-Encoding"] == "gzip, deflate"
+    assert answer.headers["Connection"] == "close"
+    error = body["error"]
+    assert error["status"] == "UNIMPLEMENTED", error
+    assert error["details"][0]["reason"] == "UNIMPLEMENTED", error
+    assert "Content-Encoding" in error["message"], error
+    assert "install" not in error["message"].lower(), error
+    assert await _position(http, sid) == "0"
+
+
+async def test_x_gzip_is_read_as_gzip_and_identity_as_none(http: aiohttp.ClientSession) -> None:
+    """RFC 9110 8.4.1.3: a recipient SHOULD consider x-gzip equivalent to gzip."""
+    sid = await _session(http)
+    for coding, data in [
+        ("x-gzip", gzip.compress(b'{"input": {"text": "ab"}}')),
+        ("X-Gzip", gzip.compress(b'{"input": {"text": "c"}}') * 1),
+        ("identity", b'{"input": {"text": "d"}}'),
+    ]:
+        answer = await http.post(
+            f"/v1/sessions/{sid}:step", data=data, headers={"Content-Encoding": coding}
+        )
+        assert answer.status == 200, (coding, await answer.text())
+    assert await _position(http, sid) == "4"
+    # Two gzip members are one body, as gzip reads them; bytes that are not gzip are 400.
+    packed = gzip.compress(b'{"input": ') + gzip.compress(b'{"text": "e"}}')
+    answer = await http.post(
+        f"/v1/sessions/{sid}:step", data=packed, headers={"Content-Encoding": "x-gzip"}
+    )
+    assert answer.status == 200, await answer.text()
+    for broken in (b"not compressed", gzip.compress(b'{"input": {"text": "f"}}')[:-5]):
+        answer = await http.post(
+            f"/v1/sessions/{sid}:step", data=broken, headers={"Content-Encoding": "x-gzip"}
+        )
+        error = (await answer.json())["error"]
+        assert answer.status == 400, error
+        assert "does not decode as its Content-Encoding, 'x-gzip'" in error["message"], error
+    assert await _position(http, sid) == "5"
+
+
+async def test_the_document_lists_415_where_a_body_is_read(http: aiohttp.ClientSession) -> None:
+    doc = await (await http.get("/v1/openapi.json")).json()
+    operations = [op for item in doc["paths"].values() for op in item.values()]
+    assert all(("415" in op["responses"]) == ("requestBody" in op) for op in operations)
+    headers = doc["components"]["responses"]["UnsupportedMediaType"]["headers"]
+    assert "Accept-Encoding" in headers
