@@ -146,7 +146,7 @@ class Calls:
         the URL) set; a body that names another value for one of them is refused."""
         coding = _content_coding(request)
         if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise _too_large(request.content_length, self.max_body_bytes)
+            raise too_large(request.content_length, self.max_body_bytes)
         try:  # the whole body, however many pieces it arrives in (the app caps its size)
             async with asyncio.timeout(self.body_timeout_seconds):
                 raw = await request.read()
@@ -156,7 +156,7 @@ class Calls:
                 "(SEQSERVE_SERVER__HTTP_BODY_TIMEOUT_SECONDS); the connection is closed"
             ) from None
         except web.HTTPRequestEntityTooLarge:  # chunked, no length given: cut off at the cap
-            raise _too_large(self.max_body_bytes + 1, self.max_body_bytes) from None
+            raise too_large(self.max_body_bytes + 1, self.max_body_bytes) from None
         except web.RequestPayloadError as exc:  # bytes that do not decode as they say
             if isinstance(exc.__cause__, ContentEncodingError):
                 encoding = quote(request.headers.get("Content-Encoding", ""))
@@ -167,7 +167,7 @@ class Calls:
         if coding == "x-gzip":  # gzip by another name (RFC 9110 8.4.1.3), which aiohttp skips
             raw = _gunzip(raw, self.max_body_bytes)
         if len(raw) > self.max_body_bytes:
-            raise _too_large(len(raw), self.max_body_bytes)
+            raise too_large(len(raw), self.max_body_bytes)
         if raw.strip():
             try:
                 json_format.ParseDict(_json_object(raw, message.DESCRIPTOR), message)
@@ -248,7 +248,7 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
             decoder = zlib.decompressobj(wbits=31)  # gzip's header and trailer
             out += decoder.decompress(rest, limit + 1 - len(out))
             if len(out) > limit:
-                raise _too_large(len(out), limit)
+                raise too_large(len(out), limit)
             if not decoder.eof:
                 raise zlib.error("the data ends inside a gzip member")
             rest = decoder.unused_data
@@ -261,7 +261,7 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
         ) from None
 
 
-def _too_large(size: int, limit: int) -> InvalidArgument:
+def too_large(size: int, limit: int) -> InvalidArgument:
     return InvalidArgument(
         f"request body of {size} bytes exceeds the limit of {limit} "
         "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send smaller chunks"

@@ -64,7 +64,7 @@ class HttpApi:
         self._grace_seconds = grace_seconds
         self._loopback = True  # set by start(): the bind address is a loopback one
         self.app = web.Application(
-            client_max_size=routes.calls.max_body_bytes + 1,
+            client_max_size=routes.calls.max_body_bytes + 1,  # `expect_continue` reads it
             middlewares=[guard(lambda: self._loopback)],
         )
         routes.add_to(self.app)

@@ -24,7 +24,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
 from service.errors import Internal, InvalidArgument, SeqServeError, quote
-from service.http.calls import UNREAD_CODING, UnsupportedEncoding, error_answer
+from service.http.calls import UNREAD_CODING, UnsupportedEncoding, error_answer, too_large
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,22 @@ def _refused(what: str) -> InvalidArgument:
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """Every route's `Expect` handler, run before the middlewares (as aiohttp's own): over
-    HTTP/1.1, `100-continue` as aiohttp answers it (a `100 Continue` before the body is read)
-    and anything else 400 INVALID_ARGUMENT with the API's JSON error body, naming nothing the
+    HTTP/1.1, `100-continue` as aiohttp answers it (a `100 Continue` before the body is read),
+    but for a POST whose Content-Length is over the size limit the final 400 the size check
+    would give once the body were in (none is asked for; the connection is closed), and
+    anything else 400 INVALID_ARGUMENT with the API's JSON error body, naming nothing the
     client sent, the connection closed once aiohttp has read past the body it may be sending;
     before HTTP/1.1 the header is ignored, as by aiohttp."""
     if request.version != aiohttp.HttpVersion11:
         return None  # no interim answers before HTTP/1.1 (as aiohttp)
     if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        limit = request.client_max_size - 1  # server.max_message_bytes (`HttpApi`)
+        length = request.content_length
+        if request.method == hdrs.METH_POST and length is not None and length > limit:
+            # The final answer the size check gives, without sending for the body first.
+            answer = error_answer(too_large(length, limit))
+            answer.force_close()
+            return answer
         transport = request.transport  # aiohttp's documented way (`expect_handler`)
         if transport is not None and not transport.is_closing():  # else the client has gone
             transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")

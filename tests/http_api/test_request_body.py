@@ -28,15 +28,18 @@ class Raw:
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
     async def answer(self) -> tuple[bytes, dict]:
-        """The next answer's head and its JSON body (by its Content-Length)."""
+        """The next answer's head and its JSON body (by its Content-Length; none: {})."""
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 30)
         length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
         )
         body = await asyncio.wait_for(self.reader.readexactly(length), 30)
-        return head, json.loads(body)
+        return head, json.loads(body) if body else {}
 
     async def closed(self) -> bool:
         """Whether the server closes the connection with nothing more sent."""
@@ -211,3 +214,32 @@ async def test_the_document_lists_415_where_a_body_is_read(http: aiohttp.ClientS
     assert all(("415" in op["responses"]) == ("requestBody" in op) for op in operations)
     headers = doc["components"]["responses"]["UnsupportedMediaType"]["headers"]
     assert "Accept-Encoding" in headers
+
+
+async def test_100_continue_is_not_sent_for_a_body_over_the_limit(
+    server_factory: ServerFactory,
+) -> None:
+    """`Expect: 100-continue` with a Content-Length over `server.max_message_bytes`: the final
+    400 at once (what the size check answers once the body is in), no `100 Continue` first
+    (the client would send 100 MB to be refused), and the connection closed. Under the limit
+    the client is still told to go on."""
+    server = await server_factory(server={"http_port": 0, "max_message_bytes": 64 * 1024})
+    call = await Raw.open(server.http_port)
+    try:
+        call.writer.write(HEAD + b"Content-Length: 104857600\r\nExpect: 100-continue\r\n\r\n")
+        head, body = await call.answer()
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert await call.closed()
+    finally:
+        call.close()
+    assert b"\r\nconnection: close" in head.lower(), head
+    error = body["error"]
+    assert error["status"] == "INVALID_ARGUMENT", error
+    assert "104857600 bytes exceeds the limit of 65536" in error["message"], error
+    call = await Raw.open(server.http_port)
+    try:
+        call.writer.write(HEAD + b"Content-Length: 65536\r\nExpect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(call.reader.readuntil(b"\r\n\r\n"), 30)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    finally:
+        call.close()
