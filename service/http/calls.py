@@ -155,8 +155,8 @@ class Calls:
                 f"the request body did not arrive within {self.body_timeout_seconds:g} s "
                 "(SEQSERVE_SERVER__HTTP_BODY_TIMEOUT_SECONDS); the connection is closed"
             ) from None
-        except web.HTTPRequestEntityTooLarge:  # chunked, no length given: cut off at the cap
-            raise too_large(self.max_body_bytes + 1, self.max_body_bytes) from None
+        except web.HTTPRequestEntityTooLarge:  # chunked or compressed: cut off at the cap
+            raise too_large(None, self.max_body_bytes) from None
         except web.RequestPayloadError as exc:  # bytes that do not decode as they say
             if isinstance(exc.__cause__, ContentEncodingError):
                 encoding = quote(request.headers.get("Content-Encoding", ""))
@@ -247,8 +247,8 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
         while True:
             decoder = zlib.decompressobj(wbits=31)  # gzip's header and trailer
             out += decoder.decompress(rest, limit + 1 - len(out))
-            if len(out) > limit:
-                raise too_large(len(out), limit)
+            if len(out) > limit:  # decoded only so far
+                raise too_large(None, limit)
             if not decoder.eof:
                 raise zlib.error("the data ends inside a gzip member")
             rest = decoder.unused_data
@@ -261,10 +261,13 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
         ) from None
 
 
-def too_large(size: int, limit: int) -> InvalidArgument:
+def too_large(size: int | None, limit: int) -> InvalidArgument:
+    """The refusal of a body over `limit` bytes: `size` is its Content-Length, or None for one
+    cut off at the limit (chunked, or decompressed), whose size is not known."""
+    what = "request body" if size is None else f"request body of {size} bytes"
     return InvalidArgument(
-        f"request body of {size} bytes exceeds the limit of {limit} "
-        "(SEQSERVE_SERVER__MAX_MESSAGE_BYTES); send smaller chunks"
+        f"{what} exceeds the limit of {limit} bytes (SEQSERVE_SERVER__MAX_MESSAGE_BYTES"
+        f"{'; not read past it' if size is None else ''}); send smaller chunks"
     )
 
 

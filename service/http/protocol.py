@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 # What aiohttp's connection queues for a request that does not parse (None: another aiohttp).
 _ERR_INFO: type | None = getattr(web_protocol, "_ErrInfo", None)
 
-# What aiohttp's parse errors add after what they are: the bytes, quoted (`b'…'`, `'…'`).
-_QUOTED = re.compile(r"""[:\s]*b?['"].*$""")
+# What aiohttp's parse errors add after their words on what is wrong: the bytes, as Python
+# quotes them (`: b'…'`, ` '…'`, maybe a last `.`), at the end of the message's first line
+# (`Got more than 8190 bytes when reading: b'…'.`, `Invalid HTTP header: '…'`, `Bad status
+# line '…'`; llhttp's are `Invalid header token:` with the bytes on the next lines). Only
+# that: a quote within the words is theirs (`Transfer-Encoding can't be present…`,
+# `Missing 'Host' header in request.`).
+_QUOTED = re.compile(r"""(?::\s*|\s+)b?(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\.?$""")
 
 
 def parse_error(exc: HttpProcessingError) -> InvalidArgument:

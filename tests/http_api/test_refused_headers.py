@@ -12,13 +12,21 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    InvalidHeader,
+    LineTooLong,
+)
 
 from service.api.server import SeqServeServer
 from service.http import protocol
 from service.security.tokens import add_token
 from tests.api.conftest import ServerFactory, make_settings
 
-OVER_LIMIT = 9000  # aiohttp's limit on a header line is 8190 bytes
+OVER_LIMIT = 9000
+CLOSED = "the connection is closed"  # aiohttp's limit on a header line is 8190 bytes
 
 
 async def test_an_over_long_authorization_header_puts_no_token_in_the_log(
@@ -94,6 +102,48 @@ async def test_a_request_that_does_not_parse_gets_the_json_error_body(
     url = f"http://127.0.0.1:{http_server.http_port}/v1/models"
     async with aiohttp.ClientSession() as http, http.get(url) as answer:
         assert answer.status == 200
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "words"),
+    [
+        (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+         "BadHttpMessage: \"Transfer-Encoding can't be present with Content-Length\")"),
+        (b"GET /v1/models HTTP/1.1\r\n\r\n",
+         "BadHttpMessage: \"Missing 'Host' header in request\")"),
+        (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n",
+         "BadHttpMessage: \"Duplicate 'Host' header found\")"),
+        (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x'y\r\n\r\n",
+         "BadHttpMessage: 'Invalid character in Content-Length')"),
+    ],
+)  # fmt: skip
+async def test_aiohttps_words_on_a_request_are_given_whole(
+    http_server: SeqServeServer, request_bytes: bytes, words: str
+) -> None:
+    """aiohttp's own description of what is wrong, whole (it was cut at its first quote
+    character: `'Transfer-Encoding can'`, `'Missing'`), without what the client sent."""
+    _, body = await _raw(http_server.http_port, request_bytes)
+    message = json.loads(body)["error"]["message"]
+    assert message == f"the request could not be read as HTTP/1.1 ({words}; {CLOSED}"
+    assert "x'y" not in message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        LineTooLong(b"Bearer sekrit'x\"y" + b"z" * 100, 8190),
+        LineTooLong("Bearer sekrit", 8190),
+        InvalidHeader(b"sekrit: 'x'"),
+        BadStatusLine("sekrit'\"line"),
+        BadHttpMethod("sekrit'line"),
+        BadHttpMessage("Invalid header value char:\n\n  b'sekrit: \\x01'\n    ^"),
+    ],
+)
+def test_the_bytes_aiohttp_quotes_after_its_words_are_left_out(error: Exception) -> None:
+    message = protocol.parse_error(error).message
+    assert "sekrit" not in message, message
+    assert type(error).__name__ in message, message
 
 
 _PLACEHOLDERS = {"{id}": "s_x:step", "{model}": "tok", "{name}": "playground.js"}

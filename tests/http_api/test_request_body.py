@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import zlib
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -243,3 +245,36 @@ async def test_100_continue_is_not_sent_for_a_body_over_the_limit(
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     finally:
         call.close()
+
+
+async def test_a_body_over_the_limit_whose_size_is_not_known_is_not_given_one(
+    server_factory: ServerFactory,
+) -> None:
+    """A chunked or compressed body is cut off at the limit, its size unknown: the message
+    says it is over the limit, not that it was the limit plus one byte (and a Content-Length
+    one is told its size)."""
+    limit = 64 * 1024
+    server = await server_factory(server={"http_port": 0, "max_message_bytes": limit})
+    big = b'{"model": "' + b"a" * (4 * limit) + b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 8192):
+            yield big[start : start + 8192]
+
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http:
+        for coding, data in [
+            ("gzip", gzip.compress(big)),
+            ("x-gzip", gzip.compress(big)),
+            ("deflate", zlib.compress(big)),
+            ("", chunks()),
+        ]:
+            headers = {"Content-Encoding": coding} if coding else {}
+            answer = await http.post("/v1/sessions", data=data, headers=headers)
+            error = (await answer.json())["error"]
+            assert answer.status == 400, (coding, error)
+            message = error["message"]
+            assert f"exceeds the limit of {limit} bytes" in message, (coding, message)
+            assert str(limit + 1) not in message and " of 0 " not in message, (coding, message)
+        answer = await http.post("/v1/sessions", data=big)
+        message = (await answer.json())["error"]["message"]
+        assert f"request body of {len(big)} bytes exceeds the limit of {limit}" in message
