@@ -201,11 +201,19 @@ class ServedVersions:
         served = self._served.get((name, version))
         if served is None or served.sessions > 0 or served.unloading:
             return
+        entry: ModelEntry | None
+        current: int | None
         try:
             entry = await asyncio.to_thread(self.store.model, name)
-            current: int | None = await asyncio.to_thread(self.rule.version_for, entry, "")
         except SeqServeError:  # the model vanished or is broken: nothing resolves to it
-            entry, current = None, None
+            entry = None
+        try:  # the default refused (`production` on a version that fails its digest, say):
+            # the entry's aliases still keep the versions they name
+            current = (
+                None if entry is None else await asyncio.to_thread(self.rule.version_for, entry, "")
+            )
+        except SeqServeError:
+            current = None
         if self.wanted(served, entry, current) or served.sessions > 0 or served.unloading:
             return
         await self.unload(served)

@@ -111,6 +111,7 @@ class JsonErrorHandler(web.RequestHandler):
             if body is not None and not body.is_eof() and body.exception() is None:
                 failed = web.RequestPayloadError("malformed body")
                 if isinstance(error, BaseException):
+                    failed.__cause__ = error  # also for a reader not waiting just now
                     body.set_exception(failed, error)
                 else:
                     body.set_exception(failed)
@@ -126,7 +127,9 @@ class JsonErrorHandler(web.RequestHandler):
             # aiohttp's logging (one WARNING line: `RefusedRequestFilter`), and its refusal to
             # answer on a response already begun; its text answer is not used.
             super().handle_error(request, status, exc, message)
-            if isinstance(exc, ContentEncodingError):  # br, zstd: refused with the head, and
+            coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+            if isinstance(exc, ContentEncodingError) and coding not in ("gzip", "deflate"):
+                # br, zstd: refused with the head, and
                 # with advice to install their library; the same 415 as any coding not read
                 refused: SeqServeError = UnsupportedEncoding(
                     f"the request's Content-Encoding {UNREAD_CODING}"

@@ -3,6 +3,7 @@ aliases that move new sessions while old ones stay pinned to their version."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from service.registry import digests
 from service.registry.store import ModelStore
 from tests.polling import until
 
-from .conftest import TOKEN_CONFIG, publish_random
+from .conftest import TOKEN_CONFIG, ServerFactory, publish_random
 from .support import ReferenceSession, assert_matches_reference, expect_status, text
 
 
@@ -467,3 +468,31 @@ async def test_a_default_that_new_sessions_would_be_refused_on_is_reported_as_0(
     (store_root / "tok" / "aliases.json").write_text('{"production": 2}')
     assert await defaults() == (2, 2)
     assert (await _create(client)).session.version == 2
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+async def test_an_aliased_version_stays_loaded_when_production_is_refused(
+    server_factory: ServerFactory, tmp_path: Path, damaged: bool
+) -> None:
+    """`staging` names version 1 and `production` version 2. With version 2's weights failing
+    their digest (new sessions asking for "" are refused), closing the last session on
+    `staging` still leaves version 1 loaded: the alias keeps it (a refused default made the
+    unload forget the aliases, and the next `staging` session paid a reload)."""
+    root = tmp_path / "aliased"
+    store = ModelStore(root)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=1)
+    publish_random(store, "tok", TOKEN_CONFIG, seed=2)
+    store.set_alias("tok", "production", 2)
+    store.set_alias("tok", "staging", 1)
+    if damaged:
+        weights = next((root / "tok" / "2").glob("*.safetensors"))
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+    srv = await server_factory(store_root=root)
+    async with SeqServeClient(f"127.0.0.1:{srv.port}") as c:
+        session = await c.create_session("tok", "staging")
+        await session.feed(tokens=[1])
+        await session.close()
+        await asyncio.sleep(0.5)  # the unload, when there is one, runs just after the close
+    assert srv.engine.versions.find("tok", 1) is not None
