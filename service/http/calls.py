@@ -19,7 +19,6 @@ from typing import Any, ClassVar, TypeVar
 
 import grpc
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import ContentEncodingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -157,15 +156,11 @@ class Calls:
             ) from None
         except web.HTTPRequestEntityTooLarge:  # chunked or compressed: cut off at the cap
             raise too_large(None, self.max_body_bytes) from None
-        except web.RequestPayloadError as exc:  # bytes that do not decode as they say
-            if isinstance(exc.__cause__, ContentEncodingError):
-                encoding = quote(request.headers.get("Content-Encoding", ""))
-                why = f"it does not decode as its Content-Encoding, {encoding}"
-            else:  # a chunked body with a malformed chunk, say
-                why = type(exc.__cause__ or exc).__name__
+        except web.RequestPayloadError as exc:  # a chunked body with a malformed chunk, say
+            why = type(exc.__cause__ or exc).__name__
             raise InvalidArgument(f"the request body could not be read: {why}") from None
-        if coding == "x-gzip":  # gzip by another name (RFC 9110 8.4.1.3), which aiohttp skips
-            raw = _gunzip(raw, self.max_body_bytes)
+        if coding in _DECODED:  # aiohttp's decoding is off (`HttpApi`): this checks the end
+            raw = _decode(raw, coding, self.max_body_bytes)
         if len(raw) > self.max_body_bytes:
             raise too_large(len(raw), self.max_body_bytes)
         if raw.strip():
@@ -223,8 +218,9 @@ class UnsupportedEncoding(HttpRefusal, SeqServeError):
     http_headers: ClassVar[dict[str, str]] = {"Accept-Encoding": "gzip, deflate"}
 
 
-# The codings a body is read in: aiohttp decodes gzip and deflate; x-gzip is gzip (RFC 9110).
-_READ_CODINGS = frozenset({"", "identity", "gzip", "deflate", "x-gzip"})
+# The codings a body is read in; x-gzip is gzip (RFC 9110 8.4.1.3).
+_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
+_READ_CODINGS = frozenset({"", "identity"}) | _DECODED
 UNREAD_CODING = (
     "is not one this server reads: send the body as it is, or gzip or deflate it "
     "(Accept-Encoding names them); the connection is closed"
@@ -240,24 +236,35 @@ def _content_coding(request: web.Request) -> str:
     return coding
 
 
-def _gunzip(raw: bytes, limit: int) -> bytes:
-    """`raw` as gzip decodes it (every member), refused past `limit` bytes of output."""
+def _decode(raw: bytes, coding: str, limit: int) -> bytes:
+    """`raw` as `coding` decodes it, refused past `limit` bytes of output (a small body that
+    inflates to gigabytes is not inflated past it). gzip: every member, each to its trailer
+    (its CRC and length checked); deflate: one zlib stream to its checksum, or raw deflate
+    data without zlib's header, as aiohttp and browsers read it. A body cut short, or with
+    bytes after its end, does not decode; an empty one is empty. aiohttp's own decoding is
+    off because it checks neither a gzip body's end nor what follows it."""
+    if not raw:  # no body, whatever its coding (as aiohttp read one)
+        return raw
     out, rest = bytearray(), raw
     try:
         while True:
-            decoder = zlib.decompressobj(wbits=31)  # gzip's header and trailer
+            zlib_header = rest[0] & 0x0F == 8  # RFC 1950's (a deflate body may have none)
+            wbits = 31 if coding != "deflate" else 15 if zlib_header else -15  # 31: gzip's
+            decoder = zlib.decompressobj(wbits=wbits)
             out += decoder.decompress(rest, limit + 1 - len(out))
             if len(out) > limit:  # decoded only so far
                 raise too_large(None, limit)
             if not decoder.eof:
-                raise zlib.error("the data ends inside a gzip member")
+                raise zlib.error("the data ends before its stream does")
             rest = decoder.unused_data
             if not rest:
                 return bytes(out)
+            if coding == "deflate":
+                raise zlib.error("bytes after the stream's end")
     except zlib.error:
         raise InvalidArgument(
             "the request body could not be read: it does not decode as its Content-Encoding, "
-            "'x-gzip'"
+            f"{quote(coding)}"
         ) from None
 
 

@@ -95,6 +95,7 @@ class HttpApi:
             self.app,
             handler_cancellation=True,
             access_log=None,
+            auto_decompress=False,  # `Calls.parse` decodes a body: aiohttp checks no gzip end
             # `stop` waits out the grace period itself first: the runner then only gives
             # what is still running a moment (an ended generation writes its last event).
             shutdown_timeout=min(self._grace_seconds, 1.0),

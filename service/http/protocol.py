@@ -19,12 +19,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web, web_protocol
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, InvalidURLError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
-from service.errors import Internal, InvalidArgument, SeqServeError, quote
-from service.http.calls import UNREAD_CODING, UnsupportedEncoding, error_answer, too_large
+from service.errors import Internal, InvalidArgument, quote
+from service.http.calls import error_answer, too_large
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,7 @@ class JsonErrorHandler(web.RequestHandler):
             # aiohttp's logging (one WARNING line: `RefusedRequestFilter`), and its refusal to
             # answer on a response already begun; its text answer is not used.
             super().handle_error(request, status, exc, message)
-            coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
-            if isinstance(exc, ContentEncodingError) and coding not in ("gzip", "deflate"):
-                # br, zstd: refused with the head, and
-                # with advice to install their library; the same 415 as any coding not read
-                refused: SeqServeError = UnsupportedEncoding(
-                    f"the request's Content-Encoding {UNREAD_CODING}"
-                )
-            else:
-                refused = parse_error(exc)
+            refused = parse_error(exc)
             answer = error_answer(refused)
             answer.headers[hdrs.CONNECTION] = "close"  # said also in an HTTP/1.0 answer
         else:  # logged by `error_answer` with its error id, as every INTERNAL is
