@@ -15,7 +15,7 @@ from service.client import credentials
 from service.client.client import SeqServeClient
 from service.client.errors import DeadlineExceededError, SeqServeError
 from service.client.session import ClientSession
-from service.loadtest.config import check_target
+from service.client.target_address import check_target
 
 
 def register(sub: argparse._SubParsersAction) -> None:

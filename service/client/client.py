@@ -69,6 +69,7 @@ from service.client.retry import (
     retryable,
 )
 from service.client.session import ClientSession, route_metadata
+from service.client.target_address import check_target
 from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -107,6 +108,7 @@ class SeqServeClient:
         else a random key per session)."""
         with checked_locally():
             self.target = require_str("target", target)
+            check_target(self.target)  # gRPC would take port 99999 as 34463
             self.timeout = check_timeout(timeout)
         self.retry = retry or RetryPolicy()
         self.pauses = Pauses()  # the backoff pauses of this client's calls (`close` ends them)

@@ -16,7 +16,6 @@ A token never travels in plain text to a host that is not this machine's loopbac
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 from collections.abc import Sequence
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from service.client.target_address import is_loopback_target, target_host
 
 log = logging.getLogger(__name__)
 
@@ -133,43 +134,6 @@ def _check_readable(flag: str, path: Path) -> None:
             pass
     except OSError as exc:
         raise CredentialFileError(f"{flag} {path}: {exc.strerror}") from None
-
-
-def target_host(target: str) -> str:
-    """The host of a gRPC target: `h:p`, `[v6]:p`, `dns:///h:p`, `ipv4:a:p`, `ipv6:[a]:p`
-    (a list's first address); "" for a unix socket."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return ""
-    rest = target
-    if rest.startswith("dns:"):
-        rest = rest[4:]
-        if rest.startswith("//"):
-            rest = rest[2:].split("/", 1)[1] if "/" in rest[2:] else ""
-    elif rest.startswith(("ipv4:", "ipv6:")):
-        rest = rest[5:].split(",", 1)[0]
-    if rest.startswith("["):
-        return rest[1:].split("]", 1)[0]
-    if rest.count(":") == 1:
-        return rest.split(":", 1)[0]
-    return rest  # a bare host, or a bare IPv6 address
-
-
-def is_loopback_target(target: str) -> bool:
-    """Whether every address `target` names is on this machine (loopback or a unix socket)."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    if target.startswith(("ipv4:", "ipv6:")):
-        return all(_loopback_host(target_host(target[:5] + one)) for one in target[5:].split(","))
-    return _loopback_host(target_host(target))
-
-
-def _loopback_host(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _bearer(token: str) -> list[grpc.aio.ClientInterceptor]:

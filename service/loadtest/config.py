@@ -6,47 +6,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from service.client.target_address import check_target
+
 MAX_RATE = 1_000_000.0  # open loop: arrivals a second, at most
 
 GenerateVia = Literal["rpc", "stream"]
-
-
-def check_target(target: str) -> None:
-    """Raise ValueError unless `target` is an address a gRPC channel can be opened to as
-    given: `host:port` or `[ipv6]:port`, the port in 1-65535, or a gRPC target URI of such
-    addresses (`dns:///host:port`, `ipv4:a:p,b:q`, `ipv6:[a]:p`) or `unix:PATH`.
-
-    gRPC itself takes a port beyond 65535 modulo 65536 (127.0.0.1:99999 connects to 34463),
-    prints its C core's errors for "" and looks up "http://h:p" as a host name. The one check
-    of `seqserve loadtest` (`LoadConfig.validate`) and `seqserve generate`."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        ok = bool(target.partition(":")[2].strip())
-    elif target.startswith("dns:"):
-        rest = target[4:]
-        if rest.startswith("//"):  # dns://[authority]/host:port
-            rest = rest[2:].partition("/")[2]
-        ok = _host_port(rest)
-    elif target.startswith(("ipv4:", "ipv6:")):
-        ok = all(_host_port(address) for address in target[5:].split(","))
-    else:
-        ok = _host_port(target)
-    if not ok:
-        raise ValueError(f"target must be host:port with a port in 1-65535, got {target!r}")
-
-
-def _host_port(address: str) -> bool:
-    if address.startswith("["):  # [ipv6]:port
-        host, bracket, rest = address[1:].partition("]")
-        colon, port = rest[:1], rest[1:]
-        if not bracket or colon != ":":
-            return False
-    else:
-        host, colon, port = address.rpartition(":")
-        if not colon or ":" in host:  # no port, or an IPv6 address without brackets
-            return False
-    if not host or any(c.isspace() or c in "/[]" for c in host):
-        return False
-    return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
 
 
 # The float fields' checks. NaN fails both. So does inf: an infinite duration or warmup never

@@ -18,12 +18,8 @@ import grpc
 import pytest
 
 from service.client.client import SeqServeClient
-from service.client.credentials import (
-    Credentials,
-    PlaintextToken,
-    is_loopback_target,
-    target_host,
-)
+from service.client.credentials import Credentials, PlaintextToken
+from service.client.target_address import is_loopback_target
 from tests.api.certs import Certs, make_certs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,26 +81,6 @@ async def _call(creds: Credentials, target: str) -> None:
         assert await channel.unary_unary(METHOD)(b"", timeout=10) == b"ok"
     finally:
         await channel.close()
-
-
-@pytest.mark.parametrize(
-    ("target", "host", "loopback"),
-    [
-        ("127.0.0.1:50051", "127.0.0.1", True), ("127.9.0.3:1", "127.9.0.3", True),
-        ("localhost:50051", "localhost", True), ("[::1]:50051", "::1", True),
-        ("dns:///localhost:50051", "localhost", True),
-        ("ipv4:127.0.0.1:1,127.0.0.2:2", "127.0.0.1", True),
-        ("unix:/run/seqserve.sock", "", True), ("10.0.0.7:50051", "10.0.0.7", False),
-        ("seqserve.example.com:443", "seqserve.example.com", False),
-        ("dns:///seqserve.example.com:443", "seqserve.example.com", False),
-        ("[2001:db8::1]:50051", "2001:db8::1", False),
-        ("ipv4:127.0.0.1:1,10.0.0.1:2", "127.0.0.1", False),
-        ("localhost.example.com:1", "localhost.example.com", False),
-    ],
-)  # fmt: skip
-def test_target_hosts(target: str, host: str, loopback: bool) -> None:
-    assert target_host(target) == host
-    assert is_loopback_target(target) is loopback
 
 
 async def test_an_explicit_token_in_plain_text_to_another_host_is_refused() -> None:

@@ -13,6 +13,7 @@ import pytest
 from service.cli.loadtest_cmd import config_from_args
 from service.cli.main import build_parser, main
 from service.loadtest import LoadConfig
+from tests.client.test_target_address import BAD_TARGETS, GOOD_TARGETS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -154,21 +155,6 @@ def test_a_tls_file_that_does_not_exist_exits_2(
 
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {flag} {missing}: No such file or directory"
-
-
-# Not an address a channel can be opened to: gRPC would fail to parse it (C-core lines on
-# stderr), look up a name that is no host, or wrap the port (99999 connects to 34463).
-BAD_TARGETS = [
-    "", "  ", "127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:99999", "127.0.0.1:65536",
-    ":50051", "127.0.0.1:50x", "127.0.0.1:+5", "::1:50051", "[::1]", "[]:1",
-    "http://127.0.0.1:50051", "two words:1", "dns:///127.0.0.1:99999", "dns:///", "unix:",
-    "ipv4:127.0.0.1:1,127.0.0.2:0",
-]  # fmt: skip
-GOOD_TARGETS = [
-    "127.0.0.1:1", "127.0.0.1:65535", "localhost:50051", "nginx:50051", "[::1]:50051",
-    "dns:///localhost:50051", "dns://8.8.8.8/seqserve.example.com:443", "dns:localhost:1",
-    "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:1", "unix:/run/seqserve.sock",
-]  # fmt: skip
 
 
 @pytest.mark.parametrize("target", BAD_TARGETS)
