@@ -114,17 +114,13 @@ class Calls:
         self._in_flight += 1
         try:
             context = HttpContext(request)
-            who = self._auth.principal(grpc_path, context)
+            who = self._admit(grpc_path, context)
             principal.current.set(who)
             if lasting:
                 # Taken with the principal, before the body is read: a token revoked from here
                 # on is seen by a generation's `grant.check()` (one taken later would start
                 # from the tokens file as already changed, and never look again).
                 current_grant.set(self._auth.grant(grpc_path, context, who))
-            if self.draining:
-                raise Unavailable("server is draining; retry on another replica")
-            if not self._ready():
-                raise NotReady(NOT_READY_MESSAGE)
             yield
         except ConnectionResetError:  # the client went away while we wrote
             code = "CANCELLED"
@@ -139,6 +135,31 @@ class Calls:
                 self._settled.set()
             method = grpc_path.rsplit("/", 1)[-1]
             self._observe(method, code, time.perf_counter() - started, "http", reason)
+
+    def _admit(self, grpc_path: str, context: HttpContext) -> principal.Principal | None:
+        """The caller's principal, if the call is taken at all: its credentials (401, 403),
+        a drain (503), readiness (503)."""
+        who = self._auth.principal(grpc_path, context)
+        if self.draining:
+            raise Unavailable("server is draining; retry on another replica")
+        if not self._ready():
+            raise NotReady(NOT_READY_MESSAGE)
+        return who
+
+    def refusal_before_body(self, grpc_path: str, request: web.Request) -> SeqServeError | None:
+        """What the call would be refused with before its body is read (`_admit`'s checks,
+        then a Content-Length over the limit), counted as the call's refusal; None if it
+        would read the body. For `Expect: 100-continue`: the client is answered without
+        being asked for a body it would send for nothing."""
+        try:
+            self._admit(grpc_path, HttpContext(request))
+            length = request.content_length
+            if length is not None and length > self.max_body_bytes:
+                raise too_large(length, self.max_body_bytes)
+        except SeqServeError as exc:
+            self._observe(grpc_path.rsplit("/", 1)[-1], code_name(exc), 0.0, "http", exc.reason)
+            return exc
+        return None
 
     async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:
         """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in

@@ -23,7 +23,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from google.protobuf.message import Message
 
 from service.api.registry_servicer import RegistryServicer
@@ -41,6 +41,17 @@ REGISTRY = "/seqserve.v1.ModelRegistry/"
 SESSION_VERBS = ("fork", "step", "generate")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_VERB_METHODS = {"fork": "ForkSession", "step": "Step", "generate": "Generate"}
+
+
+def _posted_method(request: web.Request) -> str | None:
+    """The SessionService method a POST with a body calls (None: no such route)."""
+    if request.method != hdrs.METH_POST:
+        return None
+    if request.path == "/v1/sessions":
+        return "CreateSession"
+    session_id, colon, verb = request.match_info.get("id", "").rpartition(":")
+    return _VERB_METHODS.get(verb) if colon and session_id else None
 
 
 class Routes:
@@ -53,7 +64,7 @@ class Routes:
         self._ended: dict[asyncio.Task[Any], SeqServeError] = {}
 
     def add_to(self, app: web.Application) -> None:
-        router, expect = app.router, expect_continue  # JSON, not aiohttp's text 417
+        router, expect = app.router, self._expect  # JSON, not aiohttp's text 417
         router.add_get("/v1/models", self.list_models, expect_handler=expect)
         router.add_get("/v1/models/{model}", self.get_model, expect_handler=expect)
         router.add_post("/v1/sessions", self.create_session, expect_handler=expect)
@@ -62,6 +73,23 @@ class Routes:
         # {id}:fork, :step, :generate; then PUT, PATCH, … (405)
         router.add_post("/v1/sessions/{id}", self.session_verb, expect_handler=expect)
         router.add_route("*", "/v1/sessions/{id}", self.other_method, expect_handler=expect)
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`expect_continue`, but a call with a body that would be refused before its body is
+        read (no or bad credentials, a drain, not ready, over the size limit) gets that final
+        answer instead of `100 Continue`, counted as the call, the connection closed."""
+        method = _posted_method(request)
+        if (
+            method is not None
+            and request.version == HttpVersion11
+            and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+        ):
+            refused = self.calls.refusal_before_body(SESSIONS + method, request)
+            if refused is not None:
+                answer = error_answer(refused)
+                answer.force_close()
+                return answer
+        return await expect_continue(request)
 
     async def _unary(
         self,

@@ -234,3 +234,49 @@ async def test_a_revoked_token_ends_a_generation_whose_client_reads_nothing(
             assert step.status == 200, await step.text()  # not SESSION_BUSY: the call is over
         finally:
             writer.close()
+
+
+def _counted(server: Any, code: str, method: str) -> float:
+    key = f'seqserve_rpc_duration_seconds_count{{code="{code}",method="{method}",'
+    lines = [line for line in server.metrics.render().decode().splitlines() if key in line]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+async def test_100_continue_is_not_sent_to_a_call_refused_before_its_body(
+    server_factory: ServerFactory, tokens: tuple[Path, dict[str, str]]
+) -> None:
+    """`Expect: 100-continue` on a POST without credentials (or another's bad token): the final
+    401 at once, not `100 Continue` (the client sent its body to be refused unread), the
+    connection closed, and the call counted as refused; with a good token the client is told to
+    go on. The over-limit answer of the same kind is counted too."""
+    path, tok = tokens
+    server = await server_factory(
+        server={"http_port": 0, "max_message_bytes": 64 * 1024}, security={"auth_tokens": path}
+    )
+    body = b'{"input": {"text": "ab"}}'
+
+    async def first_answer(target: str, headers: bytes, length: int = len(body)) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        try:
+            writer.write(
+                f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n".encode()
+                + headers + b"\r\n"
+            )  # fmt: skip
+            # The final answer's head (its JSON body follows; the server then lingers a while
+            # for the body it did not ask for before it closes, so EOF is not awaited here).
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        finally:
+            writer.close()
+
+    for target, method in [("/v1/sessions", "CreateSession"), ("/v1/sessions/s_x:step", "Step")]:
+        for headers in (b"", b"Authorization: Bearer sqs_not-a-token\r\n"):
+            head = await first_answer(target, headers)
+            assert head.startswith(b"HTTP/1.1 401 "), head
+            assert b"\r\nconnection: close" in head.lower(), head
+        assert _counted(server, "UNAUTHENTICATED", method) == 2
+    good = f"Authorization: Bearer {tok['alice']}\r\n".encode()
+    assert await first_answer("/v1/sessions", good) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    head = await first_answer("/v1/sessions", good, length=10**8)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert _counted(server, "INVALID_ARGUMENT", "CreateSession") == 1
