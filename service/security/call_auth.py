@@ -51,8 +51,13 @@ class CallAuth:
             who = self._forwarded(context, who)
         if who is None:
             raise Unauthenticated(
-                "this server needs credentials: send 'authorization: Bearer <token>'"
-                + (" or a client certificate" if self.client_certificates else "")
+                "this server needs credentials: "
+                + (
+                    "a client certificate (it takes no bearer tokens)"
+                    if self.tokens is None
+                    else "send 'authorization: Bearer <token>'"
+                    + (" or a client certificate" if self.client_certificates else "")
+                )
             )
         if method in ADMIN_METHODS and not who.admin:
             raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs the admin role")
@@ -67,10 +72,10 @@ class CallAuth:
 
     def _from_token(self, context: Any) -> Principal | None:
         header = _one(context, "authorization")
-        if not header:
-            return None
+        if not header or self.tokens is None:  # none, or a server of client certificates
+            return None  # alone (a client sends SEQSERVE_TOKEN wherever it goes)
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip() or self.tokens is None:
+        if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("invalid credentials: expected 'authorization: Bearer <token>'")
         who = self.tokens.authenticate(token.strip())
         if who is None:

@@ -37,10 +37,12 @@ def caller() -> Principal | None:
 
 
 def may_see(owner: str) -> bool:
-    """Whether the caller may learn anything about a session owned by `owner` ("" : made with
-    auth off, or by no one in particular: anyone may)."""
+    """Whether the caller may learn anything about a session owned by `owner`. With auth off
+    (no caller) anyone may see any; with it on, only the owner: a session made while auth was
+    off (owner "") is no principal's, so none sees it (once auth is turned on, the sessions
+    made before are not open to every token)."""
     who = current.get()
-    return who is None or not owner or who.name == owner
+    return who is None or who.name == owner
 
 
 def owner_for_new() -> str:

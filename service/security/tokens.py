@@ -152,7 +152,8 @@ class TokenFile:
 
     def authenticate(self, token: str) -> Principal | None:
         self.refresh()
-        wanted = hashlib.sha256(token.encode()).digest()
+        # An HTTP header's bytes that are not UTF-8 come as surrogates: no token, not an error.
+        wanted = hashlib.sha256(token.encode(errors="surrogateescape")).digest()
         found = None
         for entry in self._entries.tokens:  # every entry, always: no early exit to time
             if hmac.compare_digest(entry.sha256, wanted):

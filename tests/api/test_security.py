@@ -30,6 +30,7 @@ from service.pb.seqserve.v1 import model_registry_pb2 as reg_pb
 from service.pb.seqserve.v1 import model_registry_pb2_grpc as reg_grpc
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
+from service.pb.seqserve.v1 import types_pb2 as types
 from service.security.tokens import TokenFile, add_token
 from service.sessions import spill_record, spill_tier
 from tests.polling import until
@@ -737,3 +738,48 @@ def test_a_principal_with_a_line_break_is_refused_and_the_file_stays_readable(
         add_token(path, "mallory\n", "admin")
     assert len(path.read_text().splitlines()) == 1
     assert TokenFile(path).authenticate(token) is not None
+
+
+async def test_sessions_made_with_auth_off_are_no_principals_once_it_is_on(
+    store_root: Path, tmp_path: Path, token_file: tuple[Path, dict[str, str]]
+) -> None:
+    """A session made while auth was off has no owner. Restarted on the same state with tokens,
+    every principal could read, feed and close it; now none sees it (NOT_FOUND, as an id that
+    never existed), and a session made now is its maker's as ever."""
+    path, tokens = token_file
+    server = SeqServeServer(make_settings(store_root, tmp_path))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            made = await pb_grpc.SessionServiceStub(ch).CreateSession(
+                pb.CreateSessionRequest(model="tok", prefix=types.Input(text="ab"))
+            )
+    finally:
+        await server.stop()
+    sid = made.session.session_id
+    server = SeqServeServer(make_settings(store_root, tmp_path, security={"auth_tokens": path}))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = pb_grpc.SessionServiceStub(ch)
+            for name in tokens:
+                auth = _bearer(tokens[name])
+                calls = [
+                    stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=auth),
+                    stub.Step(
+                        pb.StepRequest(session_id=sid, input=types.Input(text="c")), metadata=auth
+                    ),
+                    stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=auth),
+                ]
+                for call in calls:
+                    assert await _code(call) == grpc.StatusCode.NOT_FOUND, name
+            mine = await stub.CreateSession(
+                pb.CreateSessionRequest(model="tok"), metadata=_bearer(tokens["alice"])
+            )
+            got = await stub.GetSession(
+                pb.GetSessionRequest(session_id=mine.session.session_id),
+                metadata=_bearer(tokens["alice"]),
+            )
+            assert got.session.session_id == mine.session.session_id
+    finally:
+        await server.stop()

@@ -280,3 +280,27 @@ async def test_100_continue_is_not_sent_to_a_call_refused_before_its_body(
     head = await first_answer("/v1/sessions", good, length=10**8)
     assert head.startswith(b"HTTP/1.1 400 "), head
     assert _counted(server, "INVALID_ARGUMENT", "CreateSession") == 1
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_401_not_500(
+    server_factory: ServerFactory, tokens: tuple[Path, dict[str, str]]
+) -> None:
+    """Raw latin-1 bytes in the token: 401 UNAUTHENTICATED, as any token not in the file (it
+    was 500 INTERNAL with a traceback logged: anyone reaching the port could raise the
+    error-ratio alert)."""
+    path, _ = tokens
+    server = await server_factory(server={"http_port": 0}, security={"auth_tokens": path})
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+    try:
+        writer.write(
+            b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer sqs_\xe9\xe9\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 "), answer
+    assert json.loads(body)["error"]["message"] == "invalid bearer token", body
+    assert _counted(server, "INTERNAL", "ListModels") == 0
+    assert _counted(server, "UNAUTHENTICATED", "ListModels") == 1

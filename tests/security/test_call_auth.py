@@ -11,7 +11,7 @@ import pytest
 from service.errors import Unauthenticated
 from service.security.call_auth import CLIENT_HEADER, CallAuth
 from service.security.principal import Principal
-from service.security.tokens import TokenFile
+from service.security.tokens import TokenFile, add_token
 
 METHOD = "/seqserve.v1.SessionService/Step"
 
@@ -78,3 +78,27 @@ def test_a_revoked_certificate_is_refused_directly_and_through_a_proxy(tmp_path:
             Context(**{CLIENT_HEADER.replace("-", "_"): "alice"}), Principal("n", "proxy")
         )
     assert auth.principal(METHOD, Context(b"bob")) == Principal("cert:bob", "client")
+
+
+def test_a_server_of_client_certificates_alone_ignores_a_bearer_token() -> None:
+    """With mutual TLS and no tokens file, a certificate the CA signed is the credential: a
+    bearer token sent beside it (a client sends SEQSERVE_TOKEN wherever it goes) made the call
+    UNAUTHENTICATED, saying the header was not `Bearer <token>`. Without a certificate the
+    message says the server takes none."""
+    auth = CallAuth(tokens=None, client_certificates=True)
+    for header in ("Bearer sqs_elsewhere", "Basic abc", "Bearer "):
+        context = Context(b"alice", authorization=header)
+        assert auth.principal(METHOD, context) == Principal("cert:alice", "client")
+    with pytest.raises(Unauthenticated, match=r"a client certificate \(it takes no bearer"):
+        auth.principal(METHOD, Context(authorization="Bearer sqs_elsewhere"))
+
+
+def test_a_token_that_is_not_utf8_is_an_invalid_token(tmp_path: Path) -> None:
+    """An HTTP header's bytes that are not UTF-8 arrive as surrogates (aiohttp): hashing the
+    token raised UnicodeEncodeError, a 500 INTERNAL with a traceback in the log."""
+    path = tmp_path / "tokens"
+    add_token(path, "alice", "client")
+    auth = CallAuth(tokens=TokenFile(path), client_certificates=False)
+    token = b"sqs_\xe9\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(Unauthenticated, match="invalid bearer token"):
+        auth.principal(METHOD, Context(authorization=f"Bearer {token}"))
