@@ -135,9 +135,23 @@ def read_config_file(path: Path) -> dict[str, Any]:
             for sub in value:
                 if (key, sub) not in known:
                     raise InvalidSetting(f"config file {path}: unknown setting {key}.{sub}")
+                value[sub] = _no_bool_number(known[key, sub], value[sub])
         elif (key,) not in known:
             raise InvalidSetting(f"config file {path}: unknown setting {key}")
+        else:
+            data[key] = _no_bool_number(known[key,], value)
     return data
+
+
+def _no_bool_number(leaf: Leaf, value: Any) -> Any:
+    """A TOML `true`/`false` given to a number setting, as the words the environment would
+    give: refused as there ("must be an integer, got false"), not read as 1 or 0 (pydantic
+    takes a bool for an int: `metrics_port = false` bound a random port, not none)."""
+    if isinstance(value, bool):
+        kinds = typing.get_args(leaf.info.annotation) or (leaf.info.annotation,)
+        if bool not in kinds and (int in kinds or float in kinds):
+            return "true" if value else "false"
+    return value
 
 
 def _env_layer() -> dict[str, Any]:

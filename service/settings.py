@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -90,15 +91,73 @@ PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Address = Annotated[str, Field(min_length=1)]
 
 
+def _home(value: Any) -> Any:
+    """`~` and `~user` at a path's start are the home directory, as a shell would read them:
+    a path from a config file or a compose file's variable has not been through one (it made
+    a directory named `~` in the working directory)."""
+    if isinstance(value, str | Path) and str(value).startswith("~"):
+        return Path(os.path.expanduser(value))
+    return value
+
+
 def _a_path(value: Any) -> Any:
     """An empty path is refused, not read as the current directory: a state directory of "."
     would have the server claim (and tidy up) whatever directory it was started in."""
     if isinstance(value, str) and not value.strip():
         raise ValueError("must name a directory, not be empty")
-    return value
+    return _home(value)
 
 
 DirPath = Annotated[Path, BeforeValidator(_a_path)]
+FilePath = Annotated[Path | None, BeforeValidator(_home)]
+
+
+def _state_url(value: str) -> str:
+    """A Redis URL as the tier reads it, `redis[s]://[:PASSWORD@]HOST[:PORT][/DB]`: checked
+    here, so that a bad one is `serve`'s one-line refusal (redis-py raised a traceback for a
+    port out of range, a query it does not know; a database that is not a number was read
+    as 0). Messages quote it without its password (`config_sources`)."""
+    if not value.startswith(("redis://", "rediss://")):
+        return value
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:  # a port that is not a number or is over 65535, a broken [IPv6]
+        raise ValueError(
+            "must be redis://HOST:PORT/DB with a port in 1-65535 (and an IPv6 host in [])"
+        ) from None
+    if not parts.hostname:
+        raise ValueError("must name a host: redis://HOST:PORT/DB")
+    if port == 0:
+        raise ValueError("its port must be in 1-65535")
+    if parts.fragment:
+        raise ValueError("takes no #fragment: redis://[:PASSWORD@]HOST[:PORT][/DB]")
+    if parts.query:
+        _redis_query(parts.scheme, parts.query)
+    db = parts.path[1:]
+    if parts.path not in ("", "/") and not (db.isascii() and db.isdigit()):
+        raise ValueError("its database (the path) must be a number: redis://HOST:PORT/DB")
+    return value
+
+
+def _redis_query(scheme: str, query: str) -> None:
+    """A Redis URL's `?name=value` options: those redis-py reads (`socket_timeout`, `db`,
+    `password`, …, and `ssl_*` for rediss), each a value it can read; any other it would pass
+    on to its connection, which fails at `serve` with a traceback."""
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS  # only for a URL with options
+
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        known = name in URL_QUERY_ARGUMENT_PARSERS or name in ("username", "password")
+        if not known and not (scheme == "rediss" and name.startswith("ssl_")):
+            raise ValueError(f"has an option redis does not take: {name[:40]!r}")
+        parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        try:
+            if parser is not None:
+                parser(values[0])
+        except (TypeError, ValueError):
+            raise ValueError(f"its option {name} has a value redis cannot read") from None
+
+
 # Sub-models: docstrings are descriptions; an unknown key (config file, env) is an error.
 _SECTION = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
@@ -242,9 +301,13 @@ class SessionSettings(BaseModel):
     256 bytes, room for a one-token step's record (96 bytes with the Python client's request
     ids; a segment always takes the record that fills it, whatever its size)."""
     state_url: Annotated[
-        str, Field(pattern=r"^((redis|rediss)://.+|sqlite:.+|)$"), flag("--state-url")
+        str,
+        Field(pattern=r"^((redis|rediss)://.+|sqlite:.+|)$"),
+        AfterValidator(_state_url),
+        flag("--state-url"),
     ] = ""
-    """The shared state tier, `redis://HOST:PORT/DB` (or `rediss://`): every session's
+    """The shared state tier, `redis://HOST:PORT/DB` (or `rediss://`; a password as
+    `redis://:PASSWORD@HOST…`, and redis-py's own `?options`, checked at start): every session's
     checkpoint, journal and holder live there, so any replica can take a session over. Empty:
     the local tier (`spill_dir`). Needs `durability=journal`; Redis must run with
     `appendonly yes` and `maxmemory-policy noeviction` (checked at start-up)."""
@@ -283,14 +346,14 @@ class SecuritySettings(BaseModel):
 
     model_config = _SECTION
 
-    auth_tokens: Annotated[Path | None, flag("--auth-tokens")] = None
+    auth_tokens: Annotated[FilePath, flag("--auth-tokens")] = None
     """A file of `<principal> <role> <sha256 hex>` lines (`seqserve auth add-token`); set,
     every call but health needs `authorization: Bearer <token>`. Re-read when it changes."""
-    tls_cert: Annotated[Path | None, flag("--tls-cert")] = None
+    tls_cert: Annotated[FilePath, flag("--tls-cert")] = None
     """PEM certificate chain of the server; with `tls_key`, gRPC is served over TLS."""
-    tls_key: Annotated[Path | None, flag("--tls-key")] = None
+    tls_key: Annotated[FilePath, flag("--tls-key")] = None
     """PEM private key of `tls_cert`."""
-    tls_client_ca: Annotated[Path | None, flag("--tls-client-ca")] = None
+    tls_client_ca: Annotated[FilePath, flag("--tls-client-ca")] = None
     """PEM CA bundle: clients must present a certificate it signed (mutual TLS); the
     certificate's subject common name is the principal (role `client`)."""
     insecure: Annotated[bool, flag("--insecure")] = False

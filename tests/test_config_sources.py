@@ -132,6 +132,14 @@ def test_config_file_errors(tmp_path: Path) -> None:
         read_config_file(_toml(tmp_path, "[server\n"))
     with pytest.raises(InvalidSetting, match="no such file"):
         read_config_file(tmp_path / "absent.toml")
+    # A TOML bool for a number is refused as the same word from the environment is (pydantic
+    # read `false` as 0: a metrics port of false bound a random port).
+    for text, word in [("[server]\nmetrics_port = false\n", "false"),
+                       ("[sessions]\npool_bytes = true\n", "true")]:  # fmt: skip
+        with pytest.raises(InvalidSetting, match=rf"must be an integer, got {word} \[from config"):
+            load(config_file=_toml(tmp_path, text))
+    told = load(config_file=_toml(tmp_path, "[security]\nreflection = false\n"))
+    assert told.settings.security.reflection is False  # a bool setting takes it as ever
     bad = _toml(tmp_path, '[sessions]\nfsync = "sometimes"\n')
     with pytest.raises(InvalidSetting, match=r"sessions\.fsync .*must be one of .*\[from config"):
         load(config_file=bad)

@@ -61,6 +61,16 @@ def test_defaults_are_valid_and_every_setting_has_a_docstring() -> None:
         (SessionSettings, "journal_segment_bytes", 255),
         (SessionSettings, "fsync", "sometimes"),
         (SessionSettings, "state_url", "http://example"),
+        # redis-py raised tracebacks at `serve` for these, or read /abc as database 0:
+        (SessionSettings, "state_url", "redis://127.0.0.1:99999/0"),
+        (SessionSettings, "state_url", "redis://127.0.0.1:notaport/0"),
+        (SessionSettings, "state_url", "redis://[::1/0"),
+        (SessionSettings, "state_url", "redis://127.0.0.1:6379/0?socket_timeout=abc"),
+        (SessionSettings, "state_url", "redis://127.0.0.1:6379/0?x=1"),
+        (SessionSettings, "state_url", "redis://127.0.0.1:6379/0?ssl_cert_reqs=none"),
+        (SessionSettings, "state_url", "redis://127.0.0.1:6379/abc"),
+        (SessionSettings, "state_url", "redis://127.0.0.1:0/0"),
+        (SessionSettings, "state_url", "redis:///0"),
         (SessionSettings, "spill_dir", ""),  # not the current directory
         (SessionSettings, "spill_dir", "  "),
         (SecuritySettings, "tokens_per_second", -1),
@@ -95,6 +105,10 @@ def test_out_of_range_values_are_refused(model: type, field: str, bad: object) -
         (EngineSettings, "inline_max_rows", 0),
         (SessionSettings, "slot_wait_seconds", 0),
         (SessionSettings, "state_url", "redis://127.0.0.1:6379/0"),
+        (SessionSettings, "state_url", "rediss://:pw@redis.example:6380"),
+        (SessionSettings, "state_url", "redis://[::1]:6379/"),
+        (SessionSettings, "state_url", "redis://h:6379/0?socket_timeout=5&password=p"),
+        (SessionSettings, "state_url", "rediss://h:6380/1?ssl_cert_reqs=none"),
         (SessionSettings, "state_url", "sqlite:/tmp/state.db"),
         (SecuritySettings, "tokens_per_second", 0),
     ],
@@ -153,3 +167,12 @@ def test_readme_configuration_table_lists_every_setting() -> None:
 def test_an_empty_model_store_path_is_refused() -> None:
     with pytest.raises(ValidationError, match="must name a directory"):
         Settings(model_store="")  # type: ignore[arg-type]
+
+
+def test_a_path_from_home_is_read_as_a_shell_reads_it() -> None:
+    """`~/x` from a config file or a variable made a directory named `~` in the working
+    directory."""
+    home = Path.home()
+    assert SessionSettings(spill_dir="~/seqserve-spill").spill_dir == home / "seqserve-spill"
+    assert SecuritySettings(auth_tokens="~/tokens").auth_tokens == home / "tokens"
+    assert SessionSettings(spill_dir="a~b").spill_dir == Path("a~b")
