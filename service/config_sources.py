@@ -134,7 +134,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
                 raise InvalidSetting(f"config file {path}: `{key}` must be a [{key}] table")
             for sub in value:
                 if (key, sub) not in known:
-                    raise InvalidSetting(f"config file {path}: unknown setting {key}.{sub}")
+                    raise InvalidSetting(
+                        f"config file {path}: unknown setting {key}.{sub}"
+                        + _nearest((key, sub), known)
+                    )
                 value[sub] = _no_bool_number(known[key, sub], value[sub])
         elif (key,) not in known:
             raise InvalidSetting(f"config file {path}: unknown setting {key}")
@@ -327,15 +330,29 @@ def describe(exc: ValidationError, sources: dict[tuple[str, ...], str] | None = 
     errors = exc.errors()
     err = errors[0]
     path = tuple(str(p) for p in err["loc"])
-    leaf = leaf_by_path().get(path)
+    known = leaf_by_path()
+    # An item of a list setting (`engine.preload.0`) is told as the setting's.
+    at = next((n for n in range(len(path), 0, -1) if path[:n] in known), len(path))
+    leaf, item = known.get(path[:at]), path[at:]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    source = (sources or {}).get(path)
+    source = (sources or {}).get(path) or (sources or {}).get(path[:at])
     origin = f" [from {source}]" if source else ""
     if leaf is None:
         name = ".".join(path) or "settings"
         if err["type"] == "extra_forbidden":
-            return f"unknown setting {name}{origin}{more}"
+            return f"unknown setting {name}{origin}{_nearest(path, known)}{more}"
         return f"invalid settings {name}: {_what(err)}{origin}{more}"
     names = ", ".join((*leaf.aliases, leaf.flag, leaf.env))
     got = f", got {_shown(err['input'])}" if "input" in err else ""
-    return f"invalid setting {leaf.name} ({names}): {_what(err)}{got}{origin}{more}"
+    which = f" (item {int(item[0]) + 1})" if item and item[0].isdigit() else ""
+    return f"invalid setting {leaf.name}{which} ({names}): {_what(err)}{got}{origin}{more}"
+
+
+def _nearest(path: tuple[str, ...], known: dict[tuple[str, ...], Leaf]) -> str:
+    """ "; did you mean server.port (SEQSERVE_SERVER__PORT)?" for a misspelled setting."""
+    siblings = {p[-1]: leaf for p, leaf in known.items() if p[:-1] == path[:-1]}
+    near = difflib.get_close_matches(path[-1], sorted(siblings), n=1, cutoff=0.6) if path else []
+    if not near:
+        return ""
+    leaf = siblings[near[0]]
+    return f"; did you mean {leaf.name} ({leaf.flag}, {leaf.env})?"

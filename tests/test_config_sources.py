@@ -165,3 +165,28 @@ def test_a_seqserve_variable_that_names_no_setting_is_reported(
         "SEQSERVE_SESSION__POOL_BYTES is not a setting and is ignored; did you mean "
         "SEQSERVE_SESSIONS__POOL_BYTES?",
     ]
+
+
+def test_a_misspelled_setting_is_told_its_nearest_and_a_list_item_its_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A misspelled name within a real section is refused (it is not the warning of a variable
+    whose section names none) and now names the setting it is near; an item of a list setting
+    named `engine.preload.0`, with no flag, variable or source."""
+    monkeypatch.setenv("SEQSERVE_SERVER__PROT", "1")
+    with pytest.raises(InvalidSetting) as refused:
+        load()
+    assert str(refused.value) == (
+        "unknown setting server.prot [from env SEQSERVE_SERVER__PROT]; did you mean "
+        "server.port (--server.port, SEQSERVE_SERVER__PORT)?"
+    )
+    monkeypatch.delenv("SEQSERVE_SERVER__PROT")
+    with pytest.raises(InvalidSetting, match=r"unknown setting server\.prot; did you mean"):
+        read_config_file(_toml(tmp_path, "[server]\nprot = 3\n"))
+    monkeypatch.setenv("SEQSERVE_ENGINE__PRELOAD", '["ok", 1]')
+    with pytest.raises(InvalidSetting) as refused:
+        load()
+    assert str(refused.value).startswith(
+        "invalid setting engine.preload (item 2) (--engine.preload, SEQSERVE_ENGINE__PRELOAD): "
+    ), refused.value
+    assert str(refused.value).endswith("[from env SEQSERVE_ENGINE__PRELOAD]"), refused.value
