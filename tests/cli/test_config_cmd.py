@@ -93,7 +93,9 @@ def test_unknown_config_key_and_missing_file(tmp_path: Path) -> None:
     proc = seqserve("serve", "--config", str(config), tmp_path=tmp_path)
     assert proc.returncode == 2
     assert (
-        proc.stderr.strip() == f"seqserve: config file {config}: unknown setting sessions.pool_byte"
+        proc.stderr.strip()
+        == f"seqserve: config file {config}: unknown setting sessions.pool_byte; did you mean "
+        "sessions.pool_bytes (--sessions.pool-bytes, SEQSERVE_SESSIONS__POOL_BYTES)?"
     )
     proc = seqserve("serve", "--config", str(tmp_path / "absent.toml"), tmp_path=tmp_path)
     assert proc.returncode == 2 and "no such file" in proc.stderr
