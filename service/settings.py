@@ -203,6 +203,20 @@ class ServerSettings(BaseModel):
     """Set by `serve --workers N` for its worker processes (0..N-1): the worker shares the port
     with its siblings (SO_REUSEPORT) under the supervisor's port lock. Not for setting by hand."""
 
+    @model_validator(mode="after")
+    def _ports_apart(self) -> ServerSettings:
+        """Two endpoints on one port of one host: the second to bind failed at start-up, with
+        gRPC's own log line and a hint that blamed another seqserve."""
+        ports = [("port", self.port), ("http_port", self.http_port)]
+        if self.metrics_host == self.host:
+            ports.append(("metrics_port", self.metrics_port))
+        taken: dict[int, str] = {}
+        for name, port in ports:
+            if port > 0 and port in taken:
+                raise ValueError(f"{name} and {taken[port]} are both {port}: give each its own")
+            taken.setdefault(port, name)
+        return self
+
 
 class EngineSettings(BaseModel):
     """Step scheduling and model execution (`SEQSERVE_ENGINE__*`)."""

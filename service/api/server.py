@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -69,6 +71,31 @@ class SeqServeServer:
         self._stopped = asyncio.Event()
         self._refusing_writes = False  # its disk refuses the journal's writes: not ready
 
+    def _check_port_free(self, host: str, port: int) -> None:
+        """Refuse, with the reason, a gRPC address that cannot be bound (the metrics endpoint,
+        already up, is stopped): gRPC would log its own error line first, and say only that
+        it failed."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return  # a name gRPC resolves its own way: it reports its own failure
+        family, kind, proto, _, where = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                self.metrics.stop()
+                fix = (
+                    "set --host to an address of this machine"
+                    if exc.errno == errno.EADDRNOTAVAIL
+                    else "is another seqserve or program on it? set --port or "
+                    "SEQSERVE_SERVER__PORT"
+                )
+                raise PortInUse(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc} ({fix})"
+                ) from None
+
     async def start(self) -> None:
         """`listen()`, then `open()`. If opening fails, gRPC is stopped again."""
         await self.listen()
@@ -117,10 +144,17 @@ class SeqServeServer:
                     s.metrics_host, s.metrics_port, ready=self.ready, **tls
                 )
             except OSError as exc:
+                fix = (
+                    "set --server.metrics-host to an address of this machine"
+                    if exc.errno == errno.EADDRNOTAVAIL
+                    else "set --metrics-port, or -1 to turn it off"
+                )
                 raise PortInUse(
                     f"cannot listen for metrics on {s.metrics_host}:{s.metrics_port}: "
-                    f"{exc.strerror or exc} (set --metrics-port, or -1 to turn it off)"
+                    f"{exc.strerror or exc} ({fix})"
                 ) from None
+        if s.worker < 0 and s.port > 0:  # said here, before gRPC's own line on stderr
+            self._check_port_free(s.host, s.port)
         address = f"{s.host}:{s.port}"
         try:
             if credentials is None:

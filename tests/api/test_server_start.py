@@ -177,6 +177,36 @@ def test_serve_on_a_taken_metrics_port_exits_with_one_line(
     )  # fmt: skip
 
 
+def test_a_grpc_address_it_cannot_bind_is_one_line_saying_why(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """A port another program holds, and a host not of this machine: one line with the
+    system's reason and the flag to change, and no line of gRPC's own before it (it was
+    gRPC's "Failed to add port" line, then a hint that blamed another seqserve for both)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _serve(store_root, tmp_path / "a", port)
+    _one_line_error(done, f"cannot listen on 127.0.0.1:{port}", "Address already in use", "--port")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = _serve(
+        store_root, tmp_path / "b", _free_port(), extra=("--host", "10.255.255.1", "--insecure")
+    )
+    _one_line_error(done, "cannot listen on 10.255.255.1", "--host to an address of this machine")
+    assert "add_port" not in done.stderr, done.stderr  # (and --insecure's own warning line)
+
+
+def test_two_endpoints_on_one_port_are_refused_before_start(
+    store_root: Path, tmp_path: Path
+) -> None:
+    port = _free_port()
+    done = _serve(store_root, tmp_path / "a", port, extra=("--http-port", str(port)))
+    assert done.returncode == 2, done.stderr
+    assert f"http_port and port are both {port}" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 async def test_a_taken_metrics_port_releases_the_grpc_port(
     store_root: Path, tmp_path: Path
 ) -> None:
