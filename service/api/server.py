@@ -89,8 +89,7 @@ class SeqServeServer:
                 fix = (
                     "set --host to an address of this machine"
                     if exc.errno == errno.EADDRNOTAVAIL
-                    else "is another seqserve or program on it? set --port or "
-                    "SEQSERVE_SERVER__PORT"
+                    else "is another seqserve or program on it? set --port or SEQSERVE_SERVER__PORT"
                 )
                 raise PortInUse(
                     f"cannot listen on {host}:{port}: {exc.strerror or exc} ({fix})"
