@@ -2,8 +2,9 @@
 a crash's and dropped, and which are damage.
 
 The newest segment's unreadable end is a crash's or a power loss's: a record cut short (a
-write a crash interrupted: only noted), or a whole last record failing its checksum (a write a
-power loss caught before it was synced, so never acknowledged: counted). Either is dropped and
+write a crash interrupted: only noted), or a whole last record failing its checksum, or zeros
+where the last records were (a write a power loss caught before it was synced, so never
+acknowledged: warned and counted). Either is dropped and
 cut off the segment, so a later start, with newer segments after it, does not take that end
 for damage. In an older segment either was followed by newer segments, so it was synced whole:
 damage, passed on to recovery (its session lost a step), as is every unreadable stretch that
@@ -73,9 +74,10 @@ class SegmentReading:
             return False
         self.damaged_records += 1
         if bad.what == TAIL:
-            log.warning("journal segment %s ends in a whole record that fails its checksum at "
-                        "offset %d%s (a write a power loss caught before it was synced, so "
-                        "never acknowledged, or damage): dropped, its session comes back "
+            log.warning("journal segment %s ends in a whole record that fails its checksum, or "
+                        "in bytes no record begins with (zeros), at offset %d%s (a write a "
+                        "power loss caught before it was synced, so never acknowledged, or "
+                        "damage; a crash leaves neither): dropped, its session comes back "
                         "before it", path, bad.offset, named)  # fmt: skip
             return False
         log.warning("journal segment %s: the record at offset %d is damaged (whole records "

@@ -10,8 +10,10 @@ back short of that step, keeping the frame as it is for a server of that version
 A torn last record (shorter than its length says, with nothing whole after it) is what a crash
 in the middle of a write leaves: normal. A whole last record whose checksum fails is what a
 power loss leaves when the file's length reached the disk before all of its bytes (the write
-was not yet synced, so its step was never acknowledged), or damage after the fact: the two
-cannot be told apart, so it is reported (`TAIL`) and dropped, as a database's log ends at its
+was not yet synced, so its step was never acknowledged), or damage after the fact, and so is a
+last stretch whose length no record has (above all zeros: the last records' length reached the
+disk, their bytes did not; no crash leaves that). The two cannot be told apart, so it is
+reported (`TAIL`) and dropped, as a database's log ends at its
 first bad checksum. Anything else unreadable is damage: bytes that whole records follow. (Only
 the newest segment's end can be a crash's or a power loss's: `Journal.open` takes an older
 one's for damage.)
@@ -117,16 +119,22 @@ def _newer_at(data: bytes, offset: int) -> Unreadable | None:
 def _unreadable(data: bytes, offset: int, *, whole_after: bool) -> Unreadable:
     """Why the record at `offset` cannot be read (a newer server's is `_newer_at`'s). Torn:
     shorter than its length says, and no whole record after it (a crash cut its write short).
-    Tail: whole, the last, and failing its checksum (a power loss's unsynced write, or damage).
+    Tail: the last, and whole but failing its checksum, or with a length no record has, as
+    zeros read (a power loss's unsynced write, or damage).
     Any bytes whole records follow are damage, as is a whole one that checks out but will not
     parse."""
     length, crc = FRAME.unpack_from(data, offset)
     start = offset + FRAME.size
     whole = HEAD.size + POSITION.size <= length <= len(data) - start
-    if not whole and not whole_after:  # its head may still name it (an older segment's: damage)
+    # Only a length running past the end is a crash's: what a write cut short leaves is a prefix
+    # of its bytes, and one that holds a whole frame holds its real length. A length no record
+    # has (zeros, above all: the last records' length reached the disk before their bytes) is a
+    # power loss's or damage, never a crash's.
+    cut_short = length > len(data) - start
+    if cut_short and not whole_after:  # its head may still name it (an older segment's: damage)
         return Unreadable(offset, TORN, *_head_of(data, start))
     checks_out = whole and zlib.crc32(memoryview(data)[start : start + length]) == crc
-    what = TAIL if whole and not checks_out and not whole_after else DAMAGED
+    what = TAIL if not checks_out and not whole_after else DAMAGED
     return Unreadable(offset, what, *_head_of(data, start))
 
 

@@ -139,6 +139,35 @@ def test_a_torn_last_record_and_a_whole_one_failing_its_checksum_are_told_apart(
     assert "torn" in info.getMessage() and f"offset {last}" in info.getMessage()
 
 
+@pytest.mark.parametrize("zeroed", [1, 2])
+def test_a_zeroed_tail_is_a_power_loss_s_warned_and_counted_not_a_crash_s(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, zeroed: int
+) -> None:
+    """The newest segment's last whole records zeroed, its length kept, is what a power loss
+    leaves when the file's length reached the disk before its bytes; a crash (a write cut short)
+    never leaves zeros. It is dropped like a whole last record failing its checksum: a WARNING,
+    counted in `damaged_records`, the segment cut back to its last good record. Before, it read
+    as a record cut short (its length, 0, runs past nothing): an INFO line, not counted."""
+    records = _records()[:3]
+    kept = sum(len(r) for r in records[:-zeroed])
+    data = b"".join(records[:-zeroed]) + bytes(sum(len(r) for r in records[-zeroed:]))
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    segment = directory / f"{1:012d}.log"
+    segment.write_bytes(data)
+    caplog.set_level("INFO", logger="service.sessions.journal")
+    journal = Journal(directory)
+    got = list(journal.open())
+
+    assert [r.kind for r in got] == [jr.CREATE, jr.TOKENS][: 3 - zeroed]
+    assert list(js.read_stream(data))[-1] == js.Unreadable(kept, js.TAIL)
+    assert journal.damaged_records == 1
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"offset {kept}" in warning.getMessage() and "power loss" in warning.getMessage()
+    assert not [r for r in caplog.records if r.levelname == "INFO" and "cut short" in r.message]
+    assert segment.stat().st_size == kept  # cut off: a later start does not take it for damage
+
+
 def test_damage_that_whole_records_follow_is_damage_whatever_its_length_says() -> None:
     """A record whose length field is damaged, so that it seems to run past the end, is not a
     torn tail when whole records follow it."""
