@@ -4,7 +4,9 @@ Recovery (`recovery.py`) reads the journal before the server reports SERVING and
 session with records after its checkpoint at its final position, with its random stream moved
 on past the journaled draws; what it does not yet have is the state those steps make. That is
 computed here, from the base state (the checkpoint, or a new session's zero state) and the
-journaled inputs, through the model's whole-chunk kernel, then written as a new checkpoint:
+journaled inputs, through the model's whole-chunk kernel, then written as a new checkpoint (past
+the spill tier's cap if need be, as a shutdown's writes are: the sessions existed before, so
+refusing them would lose availability and free nothing):
 - in the background, in batches, right after start-up;
 - at once, for one session, when a request needs it first (`settle`): the lease waits for it,
   so a request never sees a session that is not replayed.
@@ -243,7 +245,12 @@ class PendingReplays:
             if session.closed or self._pending.get(session.session_id) is not pending:
                 continue  # ended, or dropped and taken back, while this batch ran
             try:
-                self._residency.writer.write_record(record)  # raises when the disk refuses: pending
+                # Past the tier's cap if need be, as a shutdown's writes are: these sessions
+                # existed before the restart (in memory then, most of them, which the cap never
+                # counted), so the pool they held bounds how far past it this goes; refused,
+                # they would stay pending, every request for them refused, the cap never freed.
+                # The disk refusing it still leaves it pending (retried).
+                self._residency.writer.write_record(record, past_cap=True)
             except SessionMoved:  # another process took it over meanwhile: not ours to write
                 self._let_go(pending)
                 continue

@@ -131,9 +131,11 @@ class SpillTier:
         past_cap: bool = False,
     ) -> None:
         """Write (or replace) a session's record. Raises SpillTierFull over the cap, unless
-        `past_cap` (a shutdown writing the sessions in memory: refused, they would be lost; the
-        pool's size bounds how far past it goes). `first`: a fork's first record, its whole
-        history (no journal record behind it): fsynced."""
+        `past_cap` (a shutdown writing the sessions in memory: refused, they would be lost; a
+        replay after a restart writing the checkpoint of a session that existed before it:
+        refused, it could not be served; the pool's size bounds how far past it either goes).
+        `first`: a fork's first record, its whole history (no journal record behind it):
+        fsynced."""
         durable = durable or first
         session_id = record.header.session_id
         data = spill_record.encode(record)

@@ -10,7 +10,7 @@ import pytest
 
 from service.engine.replay import PendingReplays
 from service.engine.session_engine import SessionEngine
-from service.errors import DataLoss, SessionClosed
+from service.errors import DataLoss, ResourceExhausted, SessionClosed
 from service.runtime.sampler import SamplingParams
 
 from .conftest import EngineFactory, FakeClock, close, crash, toks
@@ -164,3 +164,47 @@ async def test_a_session_lost_in_its_replay_answers_data_loss_and_unpins_once(
     await second.close_session(t.session_id)
     await second.close_session(parent.session_id)
     assert second.versions.pinned("tok", 1) == 0
+
+
+async def test_sessions_replayed_after_a_crash_with_the_spill_tier_near_its_cap_are_served(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    """A full pool, the spill tier near its cap (one more eviction refused), then a crash: the
+    sessions that were in memory come back from the journal alone, and their replay writes
+    their checkpoints to the tier. Those writes may pass the cap, as a shutdown's do: the
+    sessions existed before, and the pool they held bounds how far past it that goes. Before,
+    each replay was refused as "spill tier full": every request for them RESOURCE_EXHAUSTED,
+    the background replay retrying forever."""
+    probe = await make_engine(slots=1)  # one record's size on disk
+    await probe.create_session("tok", seed=0)
+    await probe.create_session("tok", seed=1)  # evicts the first
+    record = probe.spill.bytes_used
+    assert record > 0
+
+    spill, slots = tmp_path / "state", 3
+    settings = {"slots": slots, "spill_max_bytes": record * 3 // 2, "checkpoint_steps": 1000}
+    first = await make_engine(spill_dir=spill, slot_wait_seconds=0, **settings)
+    roomy = await make_engine(durability="shutdown")
+    pairs = []
+    for i in range(slots + 1):  # the first is evicted: the tier holds one record
+        a, _ = await first.create_session("tok", seed=i)
+        b, _ = await roomy.create_session("tok", seed=i)
+        pairs.append((a.session_id, b.session_id))
+    with pytest.raises(ResourceExhausted):  # a second eviction would pass the cap
+        await first.create_session("tok", seed=99)
+    in_memory = [(a, b) for a, b in pairs if first.get_session(a).slot is not None]
+    assert len(in_memory) == slots and len(first.spill) == 1
+    for k, (a, b) in enumerate(in_memory):
+        chunk = toks(*range(k + 1, k + 4))
+        await first.feed(a, chunk)
+        await roomy.feed(b, chunk)
+    await crash(first)
+
+    second = await make_engine(spill_dir=spill, slot_wait_seconds=0, **settings)
+    assert second.leases.replays.replaying == slots  # the evicted one: only checked
+    a, b = in_memory[0]
+    await _same(second, roomy, a, b, 5)  # replayed on demand, its checkpoint past the cap
+    await second.leases.replays.wait()  # the rest in the background
+    assert len(second.leases.replays) == 0
+    for a, b in in_memory:
+        await _same(second, roomy, a, b, 9)
