@@ -177,7 +177,11 @@ def parse_header(raw: bytes, source: str) -> SpillHeader:
     try:
         return SpillHeader.model_validate_json(raw)
     except ValidationError as exc:  # bad UTF-8 and bad JSON included
-        raise SpillCorrupted(f"{source}: unreadable header: {exc}") from exc
+        # One line naming the first bad field, not pydantic's multi-line dump (which quoted
+        # the header's bytes into the client's DATA_LOSS message): the cause keeps it all.
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "its JSON"
+        raise SpillCorrupted(f"{source}: unreadable header ({where})") from exc
 
 
 def decode(data: bytes, source: str) -> SpillRecord:

@@ -126,3 +126,16 @@ def test_header_rejects_unknown_fields_and_bad_ids() -> None:
         SpillHeader.model_validate({**good, "pickle": "no"})
     with pytest.raises(ValueError):
         SpillHeader.model_validate({**good, "session_id": "../../etc/passwd"})
+
+
+def test_an_unreadable_header_is_one_line_naming_its_field() -> None:
+    """The message reaches a client as DATA_LOSS details: it was pydantic's multi-line dump
+    ("1 validation error for SpillHeader\\nsession_id\\n  String should match pattern…"),
+    with the header's own bytes quoted in it."""
+    good = make_record().header.model_dump()
+    raw = json.dumps({**good, "session_id": "../../etc/passwd"}).encode()
+    with pytest.raises(SpillCorrupted) as refused:
+        spill_record.parse_header(raw, "its spill record")
+    assert str(refused.value) == "its spill record: unreadable header (session_id)"
+    with pytest.raises(SpillCorrupted, match=r"^its spill record: unreadable header \(its JSON\)$"):
+        spill_record.parse_header(b"{not json", "its spill record")
