@@ -261,7 +261,7 @@ def load(
             sources[path] = source
     for path, source in sources.items():
         if source == "env":
-            sources[path] = "env " + ENV_PREFIX + "__".join(path).upper()
+            sources[path] = "env " + _variable_of(path)
     known = leaf_by_path()
     try:
         settings = Settings.model_validate(_nest(merged))
@@ -272,6 +272,17 @@ def load(
     if shown["sessions.spill_dir"] == "default" and (variable := data_dir_variable()):
         shown["sessions.spill_dir"] = f"env {variable}"  # spill/ in the data directory it names
     return Loaded(settings, shown)
+
+
+def _variable_of(path: tuple[str, ...]) -> str:
+    """The variable that set the setting at `path`: its own, or its section's JSON
+    (`SEQSERVE_SESSIONS='{"ttl_seconds": 30}'`), named as set."""
+    own = ENV_PREFIX + "__".join(path).upper()
+    upper = {name.upper() for name in os.environ}
+    if own in upper or len(path) < 2:
+        return own
+    section = ENV_PREFIX + path[0].upper()
+    return f"{section} (its {'.'.join(path[1:])})" if section in upper else own
 
 
 def _what(err: Any) -> str:

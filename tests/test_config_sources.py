@@ -190,3 +190,18 @@ def test_a_misspelled_setting_is_told_its_nearest_and_a_list_item_its_setting(
         "invalid setting engine.preload (item 2) (--engine.preload, SEQSERVE_ENGINE__PRELOAD): "
     ), refused.value
     assert str(refused.value).endswith("[from env SEQSERVE_ENGINE__PRELOAD]"), refused.value
+
+
+def test_a_setting_from_its_sections_variable_names_that_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`SEQSERVE_SESSIONS='{"ttl_seconds": 30}'` was shown as from SEQSERVE_SESSIONS__TTL_SECONDS,
+    a variable that was not set (and so were its errors)."""
+    monkeypatch.setenv("SEQSERVE_SESSIONS", '{"ttl_seconds": 30}')
+    assert load().sources["sessions.ttl_seconds"] == "env SEQSERVE_SESSIONS (its ttl_seconds)"
+    monkeypatch.setenv("SEQSERVE_SESSIONS", '{"pool_bytes": -1}')
+    with pytest.raises(InvalidSetting, match=r"\[from env SEQSERVE_SESSIONS \(its pool_bytes\)\]$"):
+        load()
+    monkeypatch.delenv("SEQSERVE_SESSIONS")
+    monkeypatch.setenv("SEQSERVE_SESSIONS__TTL_SECONDS", "30")
+    assert load().sources["sessions.ttl_seconds"] == "env SEQSERVE_SESSIONS__TTL_SECONDS"

@@ -179,8 +179,9 @@ def parse_header(raw: bytes, source: str) -> SpillHeader:
     except ValidationError as exc:  # bad UTF-8 and bad JSON included
         # One line naming the first bad field, not pydantic's multi-line dump (which quoted
         # the header's bytes into the client's DATA_LOSS message): the cause keeps it all.
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())) or "its JSON"
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        where = where or "its JSON"
         raise SpillCorrupted(f"{source}: unreadable header ({where})") from exc
 
 
