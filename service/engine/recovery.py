@@ -306,7 +306,9 @@ class Recovery:
             )
             return None
         cfg = served.config
-        replay = replay_of(plan.records, session.position, cfg.input_kind, cfg.input_dim)
+        replay = replay_of(
+            plan.records, session.position, cfg.input_kind, cfg.input_dim, session.last_request
+        )
         if replay.problem is not None:
             self._lose(plan, replay.problem)
             return None

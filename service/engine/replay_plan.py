@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from service.engine.feed import FeedOutcome
-from service.engine.generation import rebuilt_log
+from service.engine.generation import GenerationLog, rebuilt_log
 from service.models import ByteTokenizer
 from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import RowResult
@@ -75,10 +75,21 @@ class Replay:
         return AppliedRequest(request_id, position, rebuilt_log(params, tokenizer, tokens, first))
 
 
-def replay_of(records: list[jr.JournalRecord], base: int, kind: str, dim: int) -> Replay:
-    """A session's records after `base`, checked for gaps (records were lost)."""
+def replay_of(
+    records: list[jr.JournalRecord],
+    base: int,
+    kind: str,
+    dim: int,
+    checkpointed: AppliedRequest | None = None,
+) -> Replay:
+    """A session's records after `base`, checked for gaps (records were lost). `checkpointed`:
+    the last request its base (a checkpoint) holds, which its records may go on with."""
     replay = Replay(kind, dim, base=base, end=base)
     position = base
+    # A generation the checkpoint holds unfinished, when a retry goes on with it: its tokens
+    # after the base come as GENERATED records of its request id with no GEN_START of their
+    # own (the retry writes none; the GEN_START, if still journaled, is behind the base).
+    going_on = _unfinished_generation(checkpointed, base)
     # A GEN_START is written before its prompt runs: it is the last request only once a step
     # of its own follows it (`_started`); one whose prompt was never applied (its step failed,
     # or its call went away before the row entered a step) changed nothing, as in memory.
@@ -95,6 +106,13 @@ def replay_of(records: list[jr.JournalRecord], base: int, kind: str, dim: int) -
             return replay
         if started is not None and _started(started, rec):
             replay.last = ("generate", rec.request_id, rec.position, started.meta or {}, [], None)
+        elif (
+            going_on is not None
+            and not replay.seen_request
+            and rec.kind == jr.GENERATED
+            and rec.request_id == going_on[1]
+        ):
+            replay.last = going_on  # its first record after the base: the same generation
         started = None
         replay.seen_request = True
         last = replay.last
@@ -120,3 +138,19 @@ def _started(start: jr.JournalRecord, rec: jr.JournalRecord) -> bool:
     """Whether `rec`, the step after the GEN_START `start`, is that generation's own (its
     prompt, or its first token without one): same request id, from where it started."""
     return rec.request_id == start.request_id and rec.position == start.position
+
+
+def _unfinished_generation(applied: AppliedRequest | None, base: int) -> tuple[Any, ...] | None:
+    """`applied`, the last request a checkpoint at `base` holds, as a replay's last request
+    (see `Replay.last`) when it is a generation not finished whose last step reached `base`
+    (its next token's step starts there); else None."""
+    if applied is None or not applied.request_id:
+        return None
+    log = applied.reply
+    if not isinstance(log, GenerationLog) or log.finished:
+        return None
+    if log.tokens and log.tokens[-1].position != base:
+        return None
+    tokens = [t.token_id for t in log.tokens]
+    first = log.tokens[0].position if log.tokens else None
+    return ("generate", applied.request_id, applied.position, log.params.as_dict(), tokens, first)

@@ -13,9 +13,11 @@ import pytest
 
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import session_service_pb2 as pb
+from service.pb.seqserve.v1 import types_pb2 as types
 from service.registry.store import ModelStore
 from service.sessions import journal_record as jr
 from service.sessions import journal_scan as js
+from service.sessions import spill_record
 from tests.api.conftest import TOKEN_CONFIG, publish_random
 from tests.api.support import tokens
 from tests.api.test_lifecycle_restart import ServerProcess
@@ -86,3 +88,68 @@ async def test_a_generation_whose_prompt_the_disk_refused_changes_no_reply_after
         server.kill()
     assert retried == original  # the same reply, every field
     assert got.session.position == pad + 3  # nothing applied again
+
+
+GEN_TOKENS = 30
+KILL_AFTER = 6  # tokens received by each of the first two calls before the kill
+
+
+async def _fed_session(client: SeqServeClient) -> str:
+    """A session of seed 7 fed five tokens (position 5)."""
+    made = await client.sessions.CreateSession(pb.CreateSessionRequest(model="tok", seed=7))
+    sid = made.session.session_id
+    await client.sessions.Step(pb.StepRequest(session_id=sid, input=tokens(60, 61, 62, 63, 64)))
+    return sid
+
+
+def _generate(sid: str) -> pb.GenerateRequest:
+    sampling = types.Sampling(temperature=1.0, max_tokens=GEN_TOKENS)
+    return pb.GenerateRequest(
+        session_id=sid, request_id="GEN", expected_position=5, sampling=sampling
+    )
+
+
+async def test_a_generation_retried_across_two_kills_sends_its_tokens_again_and_goes_on(
+    store_root: Path, tmp_path: Path
+) -> None:
+    """Generate killed (SIGKILL) mid-stream, retried after the restart, killed again mid-stream,
+    retried again: each retry sends every token applied so far, then the same generation goes
+    on, to the tokens of an uninterrupted generation of the same seed. After the first restart
+    the replay checkpoints the session inside the generation, and the retry's tokens are
+    journaled without a GEN_START of their own: the second recovery goes on with the
+    generation that checkpoint holds (it answered FAILED_PRECONDITION, at position 17 not 5)."""
+    state = tmp_path / "state"
+    server = ServerProcess(store_root, state, tmp_path)
+    calls: list[list[tuple[int, types.GeneratedToken]]] = []
+    try:
+        await server.start()
+        async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+            ref = await _fed_session(client)
+            reference = [
+                (r.position, r.token) async for r in client.sessions.Generate(_generate(ref))
+            ]
+            sid = await _fed_session(client)
+        assert len(reference) == GEN_TOKENS
+        for call in range(3):
+            got: list[tuple[int, types.GeneratedToken]] = []
+            async with SeqServeClient(f"127.0.0.1:{server.port}") as client:
+                async for r in client.sessions.Generate(_generate(sid)):
+                    got.append((r.position, r.token))
+                    if call < 2 and len(got) == len(calls[-1] if calls else []) + KILL_AFTER:
+                        server.kill()  # SIGKILL mid-stream
+                        break
+            calls.append(got)
+            if call == 1:  # the case: a checkpoint inside the generation, holding it
+                header = spill_record.decode((state / f"{sid}.spill").read_bytes(), sid).header
+                assert header.last_request is not None
+                assert header.last_request["request_id"] == "GEN"
+                assert header.last_request["position"] == 5
+                assert 5 < header.position < 5 + GEN_TOKENS
+            if call < 2:
+                await server.start()
+    finally:
+        server.kill()
+    assert calls[0] == reference[:KILL_AFTER]
+    assert calls[1] == reference[: 2 * KILL_AFTER]  # the first call's tokens again, then on
+    assert calls[2] == reference  # both calls' tokens again, then on to the same end
+    assert reference[-1][1].finish_reason == types.FINISH_REASON_MAX_TOKENS

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from service.engine.generation import GeneratedToken, GenerationLog
 from service.engine.recovery_plan import (
     Plan,
     damage,
@@ -17,8 +18,10 @@ from service.engine.recovery_plan import (
     whole_history,
 )
 from service.engine.replay_plan import replay_of
+from service.runtime.sampler import SamplingParams
 from service.sessions import journal_record as jr
 from service.sessions import journal_scan as js
+from service.sessions.session import AppliedRequest
 
 SID = "s_" + "a" * 32
 
@@ -78,3 +81,41 @@ def test_a_whole_history_rebuilds_only_what_it_fully_covers() -> None:
 def test_the_damage_message_names_the_position() -> None:
     bad = js.Unreadable(10, js.DAMAGED, SID, 4, jr.TOKENS)
     assert "position 4" in damage(bad) and "damaged" in damage(bad)
+
+
+def _checkpointed_generation(finished: bool = False) -> AppliedRequest:
+    """Generation "g" from position 5, its tokens 65..67 reaching 6..8: a checkpoint at 8."""
+    tokens = [GeneratedToken(65 + i, chr(65 + i), 6 + i, None) for i in range(3)]
+    return AppliedRequest("g", 5, GenerationLog(SamplingParams(max_tokens=9), tokens, finished))
+
+
+def _generated(request_id: str, *tokens: tuple[int, int]) -> list[jr.JournalRecord]:
+    return _read(*(jr.generated(SID, at, token, 1, request_id) for at, token in tokens))
+
+
+def test_a_retry_going_on_with_a_checkpointed_generation_stays_its_last_request() -> None:
+    """A checkpoint at 8 holds generation g unfinished; its retry's tokens follow, journaled
+    with no GEN_START of their own: the last request is g, its tokens the checkpoint's then
+    theirs (only GENERATED records of g at the base go on with it)."""
+    held = _checkpointed_generation()
+    sampling = SamplingParams(max_tokens=9).as_dict()
+    going_on = _generated("g", (8, 70), (9, 71))
+    replay = replay_of(going_on, 8, "tokens", 1, held)
+    assert replay.last == ("generate", "g", 5, sampling, [65, 66, 67, 70, 71], 6)
+    assert (replay.end, replay.draws) == (10, 2)
+    # without the checkpoint's request (as before): no last request to answer a retry
+    assert replay_of(going_on, 8, "tokens", 1).last is None
+    # another request's tokens, a finished generation, or one that does not reach the base
+    assert replay_of(_generated("h", (8, 70)), 8, "tokens", 1, held).last is None
+    finished = _checkpointed_generation(finished=True)
+    assert replay_of(going_on, 8, "tokens", 1, finished).last is None
+    assert replay_of(_generated("g", (9, 70)), 9, "tokens", 1, held).last is None
+    # a new generation under the same id (its own GEN_START) is its own last request
+    started = _read(jr.generation_start(SID, 8, "g", sampling))
+    again = replay_of(started + _generated("g", (8, 70)), 8, "tokens", 1, held)
+    assert again.last is not None
+    assert (again.last[:3], again.last[4:]) == (("generate", "g", 8), ([70], 9))
+    # a step after the generation's tokens is the last request
+    (step,) = _read(jr.tokens(SID, 9, np.array([1], dtype=np.int64), request_id="s"))
+    after = replay_of([*_generated("g", (8, 70)), step], 8, "tokens", 1, held)
+    assert after.last is not None and after.last[:3] == ("feed", "s", 9)
