@@ -266,6 +266,8 @@ def _import(args: argparse.Namespace) -> int:
 
         if args.alias is not None:  # before publishing: a refused alias must leave no version
             validate_alias_name(args.alias)
+        if args.steps < 0:
+            raise InvalidArgument(f"--steps must be >= 0, got {args.steps}")
         renames = tuple(_parse_rename(r) for r in args.rename_prefix)
 
         spec = ImportSpec(

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from service.errors import (
     AliasNotFound,
@@ -56,6 +57,7 @@ from service.registry.snapshot import (
     ModelEntry,
     StoreSnapshot,
     check_tokenizer,
+    describe_validation_error,
     model_dir_names,
     read_manifest,
     scan_model,
@@ -276,12 +278,19 @@ class ModelStore:
         """Publish a `torch.save(state_dict)` checkpoint (nn.LSTM / nn.GRU weights plus input
         and head tensors) as a new version. See `checkpoint_import` for what is accepted."""
         spec = spec or ImportSpec()
+        if spec.steps < 0:  # before the checkpoint is read: nothing to publish with it
+            raise InvalidArgument(f"training steps must be >= 0, got {spec.steps}")
         config, state_dict = checkpoint_to_model(Path(path), spec)
-        training = Training(
-            data=spec.data or f"imported from {Path(path).name}",
-            steps=spec.steps,
-            command=spec.command,
-        )
+        try:
+            training = Training(
+                data=spec.data or f"imported from {Path(path).name}",
+                steps=spec.steps,
+                command=spec.command,
+            )
+        except ValidationError as exc:  # an InvalidArgument, not a traceback, for any other
+            raise InvalidArgument(
+                f"invalid training record: {describe_validation_error(exc)}"
+            ) from None
         return self.publish(
             name,
             config,

@@ -291,6 +291,21 @@ def test_import_with_a_bad_alias_exits_2_and_publishes_nothing(
     assert store.model("co2-gru").usable_versions == (1,)
 
 
+def test_import_with_negative_steps_exits_2_with_one_line_and_publishes_nothing(
+    store: ModelStore, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`--steps -5` was a pydantic ValidationError traceback from the manifest's Training."""
+    ckpt = tmp_path / "co2.pt"
+    torch.save(store.load("co2-gru", 1).model.state_dict(), ckpt)
+    code, out, err = _run(
+        capsys, "models", "import", "co2-gru", str(ckpt), "--steps", "-5",
+        "--store", str(store.root),
+    )  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err == "error: --steps must be >= 0, got -5\n"
+    assert store.model("co2-gru").usable_versions == (1,)
+
+
 def test_verify_of_a_store_that_does_not_exist_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

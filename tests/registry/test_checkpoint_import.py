@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.errors import InvalidCheckpoint
+from service.errors import InvalidArgument, InvalidCheckpoint
 from service.registry.checkpoint_import import ImportSpec
 from service.registry.store import ModelStore
 
@@ -188,3 +188,13 @@ def test_tensors_of_the_wrong_rank_are_refused_by_name(
     with pytest.raises(InvalidCheckpoint, match=message):
         store.import_checkpoint("m", ckpt)
     assert store.snapshot().models == {}
+
+
+def test_negative_training_steps_are_an_invalid_argument(store: ModelStore, tmp_path: Path) -> None:
+    """Not a pydantic ValidationError from the manifest's Training: a SeqServeError whose one
+    line the CLI prints, and nothing published."""
+    ckpt = _save(seeded_model(small_config(), 0).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(InvalidArgument, match="training steps must be >= 0, got -1"):
+        store.import_checkpoint("m", ckpt, ImportSpec(steps=-1))
+    assert "m" not in store.snapshot().models
+    assert store.import_checkpoint("m", ckpt, ImportSpec(steps=0)).training.steps == 0
