@@ -113,15 +113,15 @@ def _list(args: argparse.Namespace) -> int:
         snap = _store(args).snapshot()
     except SeqServeError as exc:  # the store root is not a readable folder
         return _fail(exc)
+    from service.registry.version_rule import VersionRule
+
+    rule = VersionRule()  # one for the listing, as a server has one
     if args.json:
-        print(json.dumps([text.model_json(m) for m in snap.models.values()], indent=2))
+        print(json.dumps([text.model_json(m, rule) for m in snap.models.values()], indent=2))
         return 0
     if not snap.models:
         print(f"no models in {snap.root}")
         return 0
-    from service.registry.version_rule import VersionRule
-
-    rule = VersionRule()  # one for the listing, as a server has one
     rows = [
         [
             m.name,
@@ -139,14 +139,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _latest(model: ModelEntry, rule: VersionRule) -> str:
-    """The version "latest" gets on a server: the newest usable one whose weights pass their
-    digest (a newest version that fails is skipped, as the server skips it)."""
-    from service.registry.version_spec import LATEST
-
-    try:
-        return str(rule.version_for(model, LATEST))
-    except SeqServeError:
-        return "-"
+    """The LATEST column: `latest` as a server resolves it (see `text.latest_version`)."""
+    version = text.latest_version(model, rule)
+    return "-" if version is None else str(version)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -158,7 +153,9 @@ def _show(args: argparse.Namespace) -> int:
         return _fail(exc)
     assert manifest is not None, "usable versions have a manifest"
     if args.json:
-        body = text.model_json(model)
+        from service.registry.version_rule import VersionRule
+
+        body = text.model_json(model, VersionRule())
         body.update(
             version=version,
             fingerprint=manifest.fingerprint(),

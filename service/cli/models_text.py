@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.registry.manifest import Manifest
     from service.registry.snapshot import ModelEntry
+    from service.registry.version_rule import VersionRule
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -60,19 +61,39 @@ def manifest_text(m: Manifest) -> str:
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in lines)
 
 
-def model_json(m: ModelEntry) -> dict[str, Any]:
+def latest_version(model: ModelEntry, rule: VersionRule) -> int | None:
+    """The version "latest" gets on a server: the newest usable one whose weights pass their
+    digest and fit their manifest (a newest version that fails is skipped, as the server skips
+    it); None when there is none."""
+    from service.errors import SeqServeError
+    from service.registry.version_spec import LATEST
+
+    try:
+        return rule.version_for(model, LATEST)
+    except SeqServeError:
+        return None
+
+
+def model_json(m: ModelEntry, rule: VersionRule) -> dict[str, Any]:
+    """As the table says it, by the server's rule (`rule`, which hashes the weights): `latest`
+    and each version's `status` ("ok", or why it takes no new sessions, a failed digest
+    included), not the manifests' word alone."""
+    refusals = {v.version: rule.refusal(m, v.version) for v in m.versions}
+    problems = [r for r in refusals.values() if r is not None]
+    if m.aliases_problem is not None:
+        problems.append(m.aliases_problem)
     return {
         "name": m.name,
-        "latest": m.latest,
+        "latest": latest_version(m, rule),
         "aliases": dict(m.aliases),
         "versions": [
             {
                 "version": v.version,
-                "status": v.status,
+                "status": refusals[v.version] or "ok",
                 "created_at": v.manifest.created_at.isoformat() if v.manifest else None,
                 "description": v.manifest.description if v.manifest else None,
             }
             for v in m.versions
         ],
-        "problems": list(m.problems),
+        "problems": problems,
     }

@@ -74,6 +74,34 @@ def test_list_json(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> Non
     assert [v["status"] for v in models["co2-gru"]["versions"]] == ["ok"]
 
 
+def test_list_json_says_what_the_table_says_of_weights_that_fail_their_digest(
+    store: ModelStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json read the manifests alone: a version failing its digest was "ok" and latest, while
+    the table (the server's rule, which hashes) and `verify` said otherwise."""
+    for version in ("2", "1"):
+        path = store.root / "bytes-lstm" / version / "weights.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        code, out, _ = _run(capsys, "models", "list", "--store", str(store.root))
+        assert code == 0
+        row = next(r.split("  ") for r in out.splitlines() if r.startswith("bytes-lstm"))
+        table_latest = [c.strip() for c in row if c.strip()][3]
+        code, out, _ = _run(capsys, "models", "list", "--json", "--store", str(store.root))
+        assert code == 0
+        model = {m["name"]: m for m in json.loads(out)}["bytes-lstm"]
+        expected = 1 if version == "2" else None
+        assert table_latest == ("-" if expected is None else str(expected))
+        assert model["latest"] == expected
+        status = {v["version"]: v["status"] for v in model["versions"]}
+        assert "sha256 mismatch" in status[int(version)]
+        assert status[int(version)] in model["problems"]
+    code, out, _ = _run(capsys, "models", "show", "co2-gru", "--json", "--store", str(store.root))
+    assert code == 0
+    assert json.loads(out)["latest"] == 1
+
+
 def test_list_reports_refused_versions(store: ModelStore, capsys) -> None:
     manifest = store.root / "co2-gru" / "1" / "manifest.json"
     manifest.write_text("{}")
