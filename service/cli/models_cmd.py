@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.cli import models_text as text
 from service.cli.settings_flags import store_path
-from service.errors import InvalidArgument, SeqServeError
+from service.errors import FailedPrecondition, InvalidArgument, SeqServeError
 from service.settings import Settings
 
 if TYPE_CHECKING:  # the store (and torch) are imported when a command runs: --help stays fast
@@ -103,6 +103,15 @@ def _store(args: argparse.Namespace) -> ModelStore:
     return ModelStore(args.store if args.store is not None else Settings().model_store)
 
 
+def _existing_store(args: argparse.Namespace) -> ModelStore:
+    """The store of a command that reads it: a mistyped path must not pass as an empty store
+    ("no models", "0 of 0 versions ok"). Raises FailedPrecondition when it does not exist."""
+    store = _store(args)
+    if not store.root.exists():
+        raise FailedPrecondition(f"the model store {store.root} does not exist")
+    return store
+
+
 def _fail(exc: SeqServeError) -> int:
     print(f"error: {exc.message}", file=sys.stderr)
     return 2 if isinstance(exc, InvalidArgument) else 1
@@ -110,8 +119,8 @@ def _fail(exc: SeqServeError) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     try:
-        snap = _store(args).snapshot()
-    except SeqServeError as exc:  # the store root is not a readable folder
+        snap = _existing_store(args).snapshot()
+    except SeqServeError as exc:  # the store root is missing or not a readable folder
         return _fail(exc)
     from service.registry.version_rule import VersionRule
 
@@ -185,11 +194,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if not store.root.exists():  # a mistyped path must not pass as "0 of 0 versions ok"
-        print(f"error: the model store {store.root} does not exist", file=sys.stderr)
-        return 1
     try:
+        store = _existing_store(args)
         results = store.verify()
     except SeqServeError as exc:
         return _fail(exc)

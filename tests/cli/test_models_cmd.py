@@ -334,12 +334,14 @@ def test_import_with_negative_steps_exits_2_with_one_line_and_publishes_nothing(
     assert store.model("co2-gru").usable_versions == (1,)
 
 
-def test_verify_of_a_store_that_does_not_exist_fails(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("action", [["verify"], ["list"], ["list", "--json"]])
+def test_a_store_that_does_not_exist_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: list[str]
 ) -> None:
-    """A mistyped --store in CI must not pass as "0 of 0 versions ok"."""
+    """A mistyped --store in CI must not pass as "0 of 0 versions ok" (verify), nor as
+    "no models in …" or `[]` with status 0 (list, which did)."""
     missing = tmp_path / "no-such-store"
-    code, out, err = _run(capsys, "models", "verify", "--store", str(missing))
+    code, out, err = _run(capsys, "models", *action, "--store", str(missing))
     assert (code, out) == (1, "")
     assert err == f"error: the model store {missing} does not exist\n"
 
