@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from service.cli import models_text as text
 from service.cli.settings_flags import store_path
 from service.errors import FailedPrecondition, InvalidArgument, SeqServeError
-from service.settings import Settings
 
 if TYPE_CHECKING:  # the store (and torch) are imported when a command runs: --help stays fast
     from service.registry.snapshot import ModelEntry
@@ -99,8 +98,13 @@ def register(subparsers: Any) -> None:
 def _store(args: argparse.Namespace) -> ModelStore:
     from service.registry.store import ModelStore
 
-    # The composition root for this command: the one place Settings is built.
-    return ModelStore(args.store if args.store is not None else Settings().model_store)
+    if args.store is not None:
+        return ModelStore(args.store)
+    # The composition root for this command: its settings load as `serve`'s and `config
+    # show`'s do (env, defaults), so a bad variable is the same one line naming it.
+    from service.config_sources import load
+
+    return ModelStore(load().settings.model_store)
 
 
 def _existing_store(args: argparse.Namespace) -> ModelStore:

@@ -130,6 +130,27 @@ def test_store_defaults_to_the_setting(
     assert code == 0 and "bytes-lstm" in out
 
 
+@pytest.mark.parametrize("action", [["list"], ["verify"], ["show", "bytes-lstm"]])
+def test_a_bad_environment_variable_is_named_as_serve_names_it(
+    store: ModelStore,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    action: list[str],
+) -> None:
+    """Without --store the commands read the settings: an unrelated bad variable was
+    `invalid environment: error parsing value for field "engine" from source …`."""
+    monkeypatch.setenv("SEQSERVE_MODEL_STORE", str(store.root))
+    monkeypatch.setenv("SEQSERVE_ENGINE__PRELOAD", "bytes-lstm")
+    code, out, err = _run(capsys, "models", *action)
+    assert (code, out) == (2, "")
+    assert err == (
+        "seqserve: invalid environment: SEQSERVE_ENGINE__PRELOAD='bytes-lstm': engine.preload "
+        "takes a JSON list in the environment, e.g. SEQSERVE_ENGINE__PRELOAD='[\"bytes-lstm\"]'\n"
+    )
+    code, out, err = _run(capsys, "config", "show")
+    assert code == 2 and out == "" and "SEQSERVE_ENGINE__PRELOAD='bytes-lstm'" in err
+
+
 def test_show_resolves_production_and_prints_fingerprint(
     store: ModelStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
