@@ -40,6 +40,11 @@ class StoppedDuringStartup(BaseException):
         self.name = signal.Signals(signum).name
 
 
+class StartupFailed(Exception):
+    """The server started but could not finish starting (its `--port-file` could not be
+    written): it was drained and stopped; `str()` is the one line to print."""
+
+
 class StartupSignals:
     """SIGTERM and SIGINT from the start of `seqserve serve` until the server takes them over
     (`service.api.server.serve` installs its own handlers once it serves, and the supervisor
@@ -63,6 +68,7 @@ class StartupSignals:
         self._unraisable = sys.unraisablehook  # the hook found: `restore` puts it back
         self._task: asyncio.Task[None] | None = None  # the start-up, once on the loop
         self._server: SeqServeServer | None = None  # the server, once it listens and loaded
+        self._failure: str | None = None  # why `fail` stopped a started server
 
     def guard(self, command: Callable[[], int]) -> int:
         """`command()` (the serve command, or `main()` from the process's start) with the
@@ -108,6 +114,7 @@ class StartupSignals:
         self._previous.clear()
         sys.unraisablehook = self._unraisable
         self.signum, self._acted, self._task, self._server = None, False, None, None
+        self._failure = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._acted:  # stopping already
@@ -132,6 +139,16 @@ class StartupSignals:
         if self.signum is not None and not self._acted:
             self._cancel()
 
+    def fail(self, message: str) -> None:
+        """From `on_started`, after `started`: the server must not serve on (its port file
+        could not be written, so whoever waits for it would wait forever). The cancel lands at
+        `serve`'s next await; `run` drains the server as a signal would, then raises
+        `StartupFailed(message)`."""
+        if self._acted or self._task is None:  # stopping already
+            return
+        self._failure = message
+        self._cancel()
+
     async def run(self, main: Coroutine[Any, Any, None]) -> None:
         """Await `main` (`serve`) as the task a signal cancels. A cancel that lands once the
         server has started (between its `on_started` and its own handlers) stops it as its
@@ -145,6 +162,11 @@ class StartupSignals:
         try:
             await main
         except asyncio.CancelledError:
+            if self.signum is None and self._failure is not None:
+                self._acted = True
+                assert self._server is not None, "fail() comes after started()"
+                await self._server.stop()
+                raise StartupFailed(self._failure) from None
             if self.signum is None:
                 raise
             self._acted = True
@@ -184,14 +206,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def write_port_file(path: Path, server: SeqServeServer) -> None:
-    """Atomically, so a reader polling for the file never sees half of it."""
+def check_port_file(path: Path) -> None:
+    """InvalidArgument unless a port file can be written at `path` (before start-up: a path
+    that is a directory, or in a directory that does not exist or cannot be written, was a
+    traceback once the server served)."""
+    from service.errors import InvalidArgument
+
+    parent = path.parent
+    if path.is_dir():
+        raise InvalidArgument(f"--port-file {path} is a directory; name a file")
+    if not parent.is_dir():
+        raise InvalidArgument(f"--port-file {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"--port-file {path}: directory {parent} is not writable")
+
+
+def write_json_file(path: Path, text: str) -> None:
+    """Atomically, so a reader polling for the file never sees half of it: a temporary file
+    beside it renamed over it, and removed when that fails (OSError)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # not a directory: `check_port_file` refused that
+        raise
+
+
+def write_port_file(path: Path, server: SeqServeServer) -> None:
+    write_json_file(
+        path,
         f'{{"port": {server.port}, "metrics_port": {server.metrics_port}, '
-        f'"http_port": {server.http_port}}}\n'
+        f'"http_port": {server.http_port}}}\n',
     )
-    os.replace(tmp, path)
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
@@ -234,6 +281,8 @@ def _run(args: argparse.Namespace) -> int:
     port_file: Path | None = getattr(args, "port_file", None)
     workers = getattr(args, "workers", 0) or 0
     try:
+        if port_file is not None:
+            check_port_file(port_file)
         if workers > 0:
             from service.cli.workers import run_workers  # no torch in the supervisor
 
@@ -244,6 +293,9 @@ def _run(args: argparse.Namespace) -> int:
         StateTierUnusable,
     ) as exc:  # fmt: skip
         print(f"seqserve serve: {exc.message}", file=sys.stderr)  # one line, no traceback
+        return 2
+    except StartupFailed as exc:  # started, then drained and stopped
+        print(f"seqserve serve: {exc}", file=sys.stderr)  # one line, no traceback
         return 2
 
 
@@ -259,8 +311,14 @@ def _serve_one(settings: Settings, port_file: Path | None) -> int:
 
     def on_started(server: SeqServeServer) -> None:
         STARTUP_SIGNALS.started(server)
-        if port_file is not None:
+        if port_file is None:
+            return
+        try:
             write_port_file(port_file, server)
+        except OSError as exc:  # its directory went away or filled since `check_port_file`
+            STARTUP_SIGNALS.fail(
+                f"cannot write --port-file {port_file}: {exc.strerror or exc}; stopping"
+            )
 
     try:
         run(STARTUP_SIGNALS.run(serve(settings, on_started)))

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.cli.serve_cmd import STARTUP_SIGNALS
+from service.cli.serve_cmd import STARTUP_SIGNALS, write_json_file
 from service.errors import PortInUse, SpillDirUnusable
 from service.libc import libc
 from service.sessions.spill_directory import WORKERS_DATABASE
@@ -229,7 +229,12 @@ def _supervise(workers: list[_Worker], serving: _Serving) -> int:
     for w in workers:
         w.start()
     while not stopping:
-        serving.update(workers)
+        try:
+            serving.update(workers)
+        except OSError as exc:  # its directory went away or filled since `check_port_file`
+            print(f"seqserve serve: cannot write --port-file {serving.path}: "
+                  f"{exc.strerror or exc}; stopping", file=sys.stderr)  # fmt: skip
+            return _CONFIG_ERROR
         time.sleep(0.2 if serving.announced else 0.05)
         failed = None if stopping else _restart_exited(workers)
         if failed is not None:
@@ -264,9 +269,9 @@ class _Serving:
                      f"on {ports}" if self.metrics else "off")  # fmt: skip
         self.announced = serving
         if self.path is not None:
-            _write_json(self.path, {"port": self.port, "metrics_port": ports[0],
-                                    "http_port": self.http_port, "workers": pids,
-                                    "metrics_ports": ports})  # fmt: skip
+            write_json_file(self.path, json.dumps({
+                "port": self.port, "metrics_port": ports[0], "http_port": self.http_port,
+                "workers": pids, "metrics_ports": ports}) + "\n")  # fmt: skip
 
 
 def _serving(workers: list[_Worker]) -> list[tuple[int, int]] | None:
@@ -321,9 +326,3 @@ def _stop_all(workers: list[_Worker], settings: Settings) -> None:
             log.error("worker %d did not stop in %.0f s: killing it", w.index, limit)
             w.proc.kill()
             w.proc.wait()
-
-
-def _write_json(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)

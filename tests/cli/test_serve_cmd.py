@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from service.cli.main import build_parser
-from service.cli.serve_cmd import worker_argv
+from service.cli.serve_cmd import worker_argv, write_json_file
 from service.cli.settings_flags import given_flags
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
@@ -119,3 +119,79 @@ def test_an_empty_state_directory_is_refused_and_the_current_one_left_alone(
     assert "sessions.spill_dir" in proc.stderr and "must name a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".spare-1", "draft.tmp"]
+
+
+def _serve(tmp_path: Path, *flags: str, workers: int = 0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli.main", "serve", "--port", "0", "--metrics-port",
+         "-1", "--http-port", "-1", "--store", str(REPO_ROOT / "model_store"), "--spill-dir",
+         str(tmp_path / "spill"), "--log-level", "info",
+         *(["--workers", str(workers)] if workers else []), *flags],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**env, "SEQSERVE_SERVER__GRACE_SECONDS": "0.5"},
+    )  # fmt: skip
+
+
+def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("seqserve serve:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("where", ["a directory", "in a missing directory"])
+def test_a_port_file_that_cannot_be_written_is_refused_before_start_up(
+    tmp_path: Path, where: str, workers: int
+) -> None:
+    """It was a FileNotFoundError / IsADirectoryError traceback once the server served, and a
+    directory left `.<name>.<pid>.tmp` in its parent. Now one line, exit 2, nothing started
+    and nothing written."""
+    parent = tmp_path / "out"
+    parent.mkdir()
+    target = parent / "ports" if where == "a directory" else parent / "missing" / "p.json"
+    if where == "a directory":
+        target.mkdir()
+    proc = _serve(tmp_path, "--port-file", str(target), workers=workers)
+    line = _one_line(proc)
+    said = "is a directory" if where == "a directory" else f"no directory {target.parent}"
+    assert line == f"seqserve serve: --port-file {target}" + (
+        f" {said}; name a file" if where == "a directory" else f": {said}"
+    )
+    assert "listening" not in proc.stderr, proc.stderr
+    assert [p.name for p in parent.iterdir()] == (["ports"] if where == "a directory" else [])
+    if where == "a directory":
+        assert list(target.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_a_port_file_write_that_fails_after_start_stops_the_server_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """A write that fails once the server listens (here its temporary name is too long for
+    the file system; a directory removed meanwhile would do the same) drains and stops the
+    server: one line, exit 2, no traceback, no temporary file left."""
+    parent = tmp_path / "out"
+    parent.mkdir()
+    target = parent / ("p" * 250)  # a legal name; `.<name>.<pid>.tmp` beside it is not
+    proc = _serve(tmp_path, "--port-file", str(target))
+    line = _one_line(proc)
+    assert (
+        line == f"seqserve serve: cannot write --port-file {target}: File name too long; stopping"
+    )
+    assert "serving on port" in proc.stderr  # it had started
+    assert "spilled 0 sessions" in proc.stderr  # and was drained as a SIGTERM drains it
+    assert list(parent.iterdir()) == []
+
+
+def test_write_json_file_leaves_no_temporary_file_when_it_fails(tmp_path: Path) -> None:
+    target = tmp_path / "ports.json"
+    target.mkdir()  # the rename over it fails
+    with pytest.raises(IsADirectoryError):
+        write_json_file(target, "{}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["ports.json"]
+    write_json_file(tmp_path / "ok.json", '{"port": 1}\n')
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"port": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "ports.json"]
