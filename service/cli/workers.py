@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.cli.serve_cmd import STARTUP_SIGNALS, write_json_file
-from service.errors import PortInUse, SpillDirUnusable
+from service.errors import InvalidArgument, PortInUse, SpillDirUnusable
 from service.libc import libc
 from service.sessions.spill_directory import WORKERS_DATABASE
 from service.settings import Settings
@@ -147,6 +147,7 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
     held = contextlib.ExitStack()
     try:
         port, http_port = _hold_ports(held, s.host, s.port, s.http_port)
+        _check_metrics_ports(s.metrics_port, count, port, http_port)  # before any worker
         _hold_state_dir(held, settings.sessions.spill_dir, settings.sessions.spill_dir_variable)
         # Its finalizer removes it at exit even if a signal's exception lands before `held` has it.
         work = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="seqserve-workers-")))
@@ -156,6 +157,25 @@ def run_workers(settings: Settings, argv: list[str], count: int, port_file: Path
         return _supervise(workers, serving)
     finally:
         held.close()
+
+
+def _check_metrics_ports(metrics_port: int, count: int, port: int, http_port: int) -> None:
+    """InvalidArgument unless the workers' metrics ports, `metrics_port` + 0..count-1, are all
+    ports and none is the gRPC or HTTP port (bound already: with port 0, the one chosen).
+    Workers given a port past 65535 each failed with a setting the operator never gave."""
+    if metrics_port <= 0:  # off, or each worker picks a free one
+        return
+    last = metrics_port + count - 1
+    taken = f"--metrics-port {metrics_port} with --workers {count} takes {metrics_port}-{last}"
+    if last > 65535:
+        raise InvalidArgument(
+            f"{taken}, past 65535; choose a --metrics-port <= {65536 - count} or fewer --workers"
+        )
+    for flag, value in (("--port", port), ("--http-port", http_port)):
+        if metrics_port <= value <= last:
+            raise InvalidArgument(
+                f"{taken}, which includes {flag} {value}; choose a --metrics-port range clear of it"
+            )
 
 
 def _worker(

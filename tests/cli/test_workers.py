@@ -256,3 +256,61 @@ def test_a_database_in_the_data_directory_that_cannot_be_used_names_seqserve_dat
     assert "cannot be used (file is not a database)" in lines[0], lines[0]
     fix = lines[0].split("); ", 1)[1]  # what the line says to do, after the path and the error
     assert fix == "`serve --workers` keeps it in the state directory SEQSERVE_DATA_DIR sets", fix
+
+
+@pytest.mark.parametrize(
+    ("metrics", "said"),
+    [
+        ("65535", "takes 65535-65536, past 65535; choose a --metrics-port <= 65534 or fewer "
+                  "--workers"),
+        ("next to --http-port", "takes {m}-{h}, which includes --http-port {h}; choose a "
+                                "--metrics-port range clear of it"),
+    ],
+    ids=["past-65535", "on-the-http-port"],
+)  # fmt: skip
+def test_metrics_ports_past_65535_or_on_the_http_port_are_refused_before_any_worker(
+    tmp_path: Path, metrics: str, said: str
+) -> None:
+    """Worker i's metrics port is --metrics-port + i: with 65535 worker 1 was refused with a
+    setting never given (`must be <= 65535, got 65536 [from flag]`) and its sibling stopped
+    "during start-up"; next to --http-port worker 1 collided with the shared HTTP port."""
+    http_port = -1 if metrics == "65535" else free_port()
+    metrics_port = metrics if metrics == "65535" else str(http_port - 1)
+    argv = _serve_argv(tmp_path, "state", http_port)
+    argv[argv.index("--workers") + 1] = "2"
+    argv[argv.index("--metrics-port") + 1] = metrics_port
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "SIGTERM" not in proc.stderr, proc.stderr
+    assert "invalid setting" not in proc.stderr, proc.stderr  # no worker was started
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("seqserve serve:")]
+    expected = f"--metrics-port {metrics_port} with --workers 2 " + said.format(
+        m=metrics_port, h=http_port
+    )
+    assert lines == [f"seqserve serve: {expected}"], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("metrics", "count", "port", "http_port", "refused"),
+    [
+        (65534, 2, 50051, -1, False),
+        (65534, 3, 50051, -1, True),
+        (9464, 4, 9467, -1, True),  # the gRPC port in the range
+        (9464, 4, 50051, 9468, False),
+        (9464, 4, 50051, 9464, True),
+        (0, 8, 50051, 8080, False),  # each picks a free one
+        (-1, 8, 50051, 8080, False),  # off
+    ],
+)
+def test_check_metrics_ports(
+    metrics: int, count: int, port: int, http_port: int, refused: bool
+) -> None:
+    from service.cli.workers import _check_metrics_ports
+    from service.errors import InvalidArgument
+
+    if refused:
+        with pytest.raises(InvalidArgument, match=f"--metrics-port {metrics} with --workers"):
+            _check_metrics_ports(metrics, count, port, http_port)
+    else:
+        _check_metrics_ports(metrics, count, port, http_port)
