@@ -19,9 +19,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from service.cli.settings_flags import store_path
-from service.config_sources import InvalidSetting
+from service.config_sources import InvalidSetting, load
 from service.errors import InvalidArgument, SeqServeError
-from service.settings import Settings
 from service.startup_checks import check_device
 
 if TYPE_CHECKING:  # torch and the store are imported when the command runs: --help stays fast
@@ -86,7 +85,9 @@ def _predict(args: argparse.Namespace) -> int:
     from service.registry.store import ModelStore
     from service.registry.version_rule import VersionRule
 
-    settings = Settings()  # composition root for this command
+    # The composition root for this command: settings loaded as `serve` loads them (a bad
+    # variable is its one line naming it).
+    settings = load().settings
     try:
         check_device(settings)
     except InvalidSetting as exc:

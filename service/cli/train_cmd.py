@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.cli.settings_flags import store_path
+from service.config_sources import load
 from service.errors import InvalidArgument, SeqServeError
 from service.registry.aliases import validate_alias_name
-from service.settings import Settings
 
 if TYPE_CHECKING:  # torch and training are imported when the command runs: --help stays fast
     from service.models import CellKind
@@ -185,8 +185,9 @@ def run_train(args: argparse.Namespace) -> int:
             lr=resolved.lr,
             seed=resolved.seed,
         )
-        # The composition root for this command: the one place Settings is built.
-        store = ModelStore(args.store if args.store is not None else Settings().model_store)
+        # The composition root for this command: settings loaded as `serve` loads them (a bad
+        # variable is its one line naming it), and only without --store.
+        store = ModelStore(args.store if args.store is not None else load().settings.model_store)
         torch.set_num_threads(resolved.threads)
         progress = not args.no_progress
         result: TrainResult

@@ -87,22 +87,37 @@ def test_generate_help_says_unset_sampling_is_the_sessions_default() -> None:
     assert "(default: 200)" in flat
 
 
-def test_a_bad_environment_is_one_line_for_every_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("SEQSERVE_SESSIONS__POOL_BYTES", "-5",
+         "seqserve: invalid setting sessions.pool_bytes (--pool-bytes, --sessions.pool-bytes, "
+         "SEQSERVE_SESSIONS__POOL_BYTES): must be > 0, got -5 [from env "
+         "SEQSERVE_SESSIONS__POOL_BYTES]"),
+        # pydantic-settings alone said `error parsing value for field "engine" from source
+        # "EnvSettingsSource"`: the commands that built Settings() themselves said that.
+        ("SEQSERVE_ENGINE__PRELOAD", "bytes-lstm",
+         "seqserve: invalid environment: SEQSERVE_ENGINE__PRELOAD='bytes-lstm': engine.preload "
+         "takes a JSON list in the environment, e.g. SEQSERVE_ENGINE__PRELOAD='[\"bytes-lstm\"]'"),
+    ],
+)  # fmt: skip
+def test_a_bad_environment_is_one_line_for_every_command(
+    tmp_path: Path, variable: str, value: str, line: str
+) -> None:
+    """The line `serve` and `config show` print, from every command that reads the settings."""
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
-    env["SEQSERVE_SESSIONS__POOL_BYTES"] = "-5"
-    for args in (["models", "list"], ["predict", "--model", "bytes-lstm", "--text", "hi"]):
+    env[variable] = value
+    for args in (["models", "list"], ["predict", "--model", "bytes-lstm", "--text", "hi"],
+                 ["config", "show"]):  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-m", "service.cli.main", *args],
             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
-        assert proc.stderr.strip().splitlines() == [
-            "seqserve: invalid setting sessions.pool_bytes (--pool-bytes, --sessions.pool-bytes, "
-            "SEQSERVE_SESSIONS__POOL_BYTES): must be > 0, got -5"
-        ]
+        assert proc.stderr.strip().splitlines() == [line], args
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
