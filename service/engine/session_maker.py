@@ -10,7 +10,10 @@ carried, is refused (INVALID_ARGUMENT), where the session knows (`Session.prefix
 and in its creation record, on either tier; not in a checkpoint, so not once the session has been
 checkpointed, except that a prefix whose outcome is still the session's last request says the
 first call carried one).
-Two calls with one request id never both make a session: the second waits for the first.
+Two calls with one request id never both make a session: in one process the second waits for
+the first; on two processes at once the shared tier refuses the second's creation, as long as
+the first's session exists (`redis_scripts.APPEND`, `SqliteState.append`), and the second
+answers with the first's session, as a retry would.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from service.engine.session_feeder import SessionFeeder
 from service.engine.session_lease import Lease, SessionLeases
 from service.engine.session_lifecycle import SessionLifecycle
 from service.engine.takeover import Takeover
-from service.errors import InvalidArgument, SeqServeError, quote
+from service.errors import InvalidArgument, SeqServeError, SessionMoved, quote
 from service.runtime.sampler import SamplingParams
 from service.security.principal import may_see, owner_for_new
 from service.security.quotas import Quotas
@@ -85,23 +88,50 @@ class SessionMaker:
         async with self._made_once(key if request_id else ""):
             made = await self._made(key) if request_id else None
             if made is not None:  # a retry: what the first call made, and its prefix's outcome
-                if made.model != model:
-                    raise _reused(request_id, f"a create of model {made.model!r}")
-                if prefix is not None and made.prefixed is False:
-                    raise _reused(request_id, "a create without a prefix")
-                outcome = await self._prefix_outcome(made, request_id)
-                if prefix is None and (made.prefixed or outcome is not None):
-                    # (A prefix's outcome under the create's id: it carried one, checkpointed
-                    # or not.)
-                    raise _reused(request_id, "a create with a prefix")
-                if prefix is not None and not made.closed and outcome is None and _unfed(made):
-                    return await self._prefix_of_retry(made, prefix, options, request_id)
-                if not made.closed:  # else its prefix's step failed after a cancel: anew
-                    return made, outcome
-            return await self._create(
-                model, version, seed, ttl_seconds, default_sampling, prefix, options, request_id,
-                route,
-            )  # fmt: skip
+                answer = await self._retried_create(made, model, prefix, options, request_id)
+                if answer is not None:
+                    return answer
+            try:
+                return await self._create(
+                    model, version, seed, ttl_seconds, default_sampling, prefix, options,
+                    request_id, route,
+                )  # fmt: skip
+            except _MadeElsewhere:
+                # The same request reached another process at once, and made its session
+                # first (the tier refused this one's): answer as a retry there would.
+                made = await self._made(key)
+                answer = (
+                    await self._retried_create(made, model, prefix, options, request_id)
+                    if made is not None
+                    else None
+                )
+                if answer is None:
+                    raise
+                return answer
+
+    async def _retried_create(
+        self,
+        made: Session,
+        model: str,
+        prefix: ModelInput | None,
+        options: PredictionOptions | None,
+        request_id: str,
+    ) -> tuple[Session, FeedOutcome | None] | None:
+        """A retry's answer: what the first call made, and its prefix's outcome; None when
+        that session ended (its prefix's step failed after a cancel): it is made anew."""
+        if made.model != model:
+            raise _reused(request_id, f"a create of model {made.model!r}")
+        if prefix is not None and made.prefixed is False:
+            raise _reused(request_id, "a create without a prefix")
+        outcome = await self._prefix_outcome(made, request_id)
+        if prefix is None and (made.prefixed or outcome is not None):
+            # (A prefix's outcome under the create's id: it carried one, checkpointed or not.)
+            raise _reused(request_id, "a create with a prefix")
+        if prefix is not None and not made.closed and outcome is None and _unfed(made):
+            return await self._prefix_of_retry(made, prefix, options, request_id)
+        if made.closed:
+            return None
+        return made, outcome
 
     async def _create(
         self,
@@ -122,10 +152,15 @@ class SessionMaker:
             served = await self.lifecycle.version_for_new_session(model, version)
             self._check_open()
             prefix_tensor = self.feeder.inputs(served, prefix) if prefix is not None else None
-            session = await self.lifecycle.create(
-                served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
-                request_id=request_id, route=route, prefixed=prefix is not None,
-            )  # fmt: skip
+            try:
+                session = await self.lifecycle.create(
+                    served, seed=seed, ttl_seconds=ttl, default_sampling=default_sampling,
+                    request_id=request_id, route=route, prefixed=prefix is not None,
+                )  # fmt: skip
+            except SessionMoved as exc:  # the tier refused its creation: nothing was made
+                if not request_id:
+                    raise
+                raise _MadeElsewhere(exc) from None
             made_one(session.session_id)  # in the step its row was written (`Quotas.new_session`)
         if prefix_tensor is None:
             return session, None
@@ -233,10 +268,21 @@ class SessionMaker:
                 if made.parent_session_id != session_id:
                     raise _reused(request_id, "a fork of another session")
                 return made
-            async with self.quotas.new_session(self.sessions) as made_one:
-                child = await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
-                made_one(child.session_id)  # in the step its row was written (`Quotas.new_session`)
-                return child
+            try:
+                async with self.quotas.new_session(self.sessions) as made_one:
+                    child = await self.lifecycle.fork(session_id, ttl_seconds, seed, request_id)
+                    made_one(child.session_id)  # in the step its row was written
+                    return child
+            except SessionMoved:
+                # The tier refused the child's first write: the same request may have reached
+                # another process at once and made its fork first; that one is the answer, as
+                # to a retry. (Else the source moved: refused, retryable.)
+                if not request_id:
+                    raise
+                made = await self._made(key)
+                if made is None or made.parent_session_id != session_id:
+                    raise
+                return made
 
     async def _made(self, key: str) -> Session | None:
         """What the request `key` made: here, or on another process (the shared tier); only
@@ -260,6 +306,16 @@ class SessionMaker:
         finally:
             del self._making[key]
             done.set_result(None)
+
+
+class _MadeElsewhere(SessionMoved):
+    """The tier refused a create's first write: the request's session may have been made by
+    another process meanwhile. (A SessionMoved: the create's charge is given back.)"""
+
+    def __init__(self, refused: SessionMoved) -> None:
+        super().__init__(refused.message)
+        self.metadata = refused.metadata
+        self.session_ids = refused.session_ids
 
 
 def _unfed(made: Session) -> bool:

@@ -6,8 +6,10 @@ for many sessions go in one call (group commit), all or nothing. The keys are th
 # KEYS: per session h, j, c, e. ARGV: replica, sessions, then per session: epoch, ttl ms, op
 # ("create", "step", "end"), the made-by key of a create with a request id (else ""), the
 # owner's key (a sorted set of its sessions by expiry; "" with auth off), record count, the
-# records (for "end": the why). Returns the
-# indexes (1-based) of the sessions whose epoch did not hold; then nothing was written.
+# records (for "end": the tombstone, "why\nowner"). Returns the indexes (1-based) of the
+# sessions whose epoch did not hold; then nothing was written. A create whose made key names
+# another session that still exists is refused so too: that session is the request's answer
+# (the same request sent to two replicas at once), and a second one must not be made.
 APPEND = """
 local replica = ARGV[1]
 local n = tonumber(ARGV[2])
@@ -19,13 +21,18 @@ for s = 1, n do
   local epoch, ttl = ARGV[at], tonumber(ARGV[at + 1])
   local op, made, owned = ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
   local count = tonumber(ARGV[at + 5])
-  ops[s] = {epoch, ttl, op, at + 6, count, made, owned}
-  at = at + 6 + count
   if op == "create" then
-    if redis.call("EXISTS", h) == 1 then table.insert(fenced, s) end
+    if redis.call("EXISTS", h) == 1 then
+      table.insert(fenced, s)
+    elseif made ~= "" then
+      local was = redis.call("GET", made)
+      if was and was ~= h and redis.call("EXISTS", was) == 1 then table.insert(fenced, s) end
+    end
   elseif redis.call("HGET", h, "epoch") ~= epoch then
     table.insert(fenced, s)
   end
+  ops[s] = {epoch, ttl, op, at + 6, count, made, owned}
+  at = at + 6 + count
 end
 if #fenced > 0 then return fenced end
 local clock = redis.call("TIME")
@@ -42,15 +49,10 @@ for s = 1, n do
     if owned ~= "" then redis.call("ZADD", owned, now_ms + ttl, h) end
     if op == "create" then
       redis.call("HSET", h, "epoch", epoch, "holder", replica)
-      -- made key -> its h key, unless it names a session that still exists: that one is the
-      -- request's answer (a create whose answer was lost can land after its retry made
-      -- another); one that ended (a prefix's failed step) is made anew
-      if made ~= "" then
-        local was = redis.call("GET", made)
-        if not was or redis.call("EXISTS", was) == 0 then
-          redis.call("SET", made, h, "PX", ttl)
-        end
-      end
+      -- made key -> its h key: one naming a session that still exists refused the create
+      -- above (that one is the request's answer: a create whose answer was lost can land
+      -- after its retry made another); one that ended (a prefix's failed step) is made anew
+      if made ~= "" then redis.call("SET", made, h, "PX", ttl) end
     end
     for k = first, first + count - 1 do redis.call("RPUSH", j, ARGV[k]) end
     redis.call("PEXPIRE", h, ttl)
@@ -63,17 +65,17 @@ return fenced
 
 # KEYS: h, j, c. ARGV: epoch, ttl ms, checkpoint bytes, replica when it is a new session's
 # first (a fork: no record made it), else "", then its made-by key and its owner's key (or "").
-# 1 when written, 0 when fenced.
+# 1 when written, 0 when fenced (a first one: when the session exists, or its made key names
+# another that does).
 CHECKPOINT = """
 if ARGV[4] ~= "" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
-  redis.call("HSET", KEYS[1], "epoch", ARGV[1], "holder", ARGV[4])
-  if ARGV[5] ~= "" then  -- as in _APPEND: not over a session that still exists
+  if ARGV[5] ~= "" then  -- as in APPEND: the request made another session that still exists
     local was = redis.call("GET", ARGV[5])
-    if not was or redis.call("EXISTS", was) == 0 then
-      redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2]))
-    end
+    if was and was ~= KEYS[1] and redis.call("EXISTS", was) == 1 then return 0 end
   end
+  redis.call("HSET", KEYS[1], "epoch", ARGV[1], "holder", ARGV[4])
+  if ARGV[5] ~= "" then redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2])) end
   if ARGV[6] ~= "" then
     local clock = redis.call("TIME")
     local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)

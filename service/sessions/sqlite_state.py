@@ -100,9 +100,10 @@ class SqliteState(SharedState):
             fenced = []
             for w in writes:
                 row = self._holder(db, w.session_id, now)
-                if (w.op == "create" and row is not None) or (
-                    w.op != "create" and (row is None or row[0] != w.epoch)
-                ):
+                if w.op == "create":
+                    if row is not None or self._made_elsewhere(db, w.made_by, w.session_id, now):
+                        fenced.append(w.session_id)
+                elif row is None or row[0] != w.epoch:
                     fenced.append(w.session_id)
             if fenced:
                 return fenced
@@ -151,7 +152,7 @@ class SqliteState(SharedState):
         def work(db: sqlite3.Connection) -> bool:
             row = self._holder(db, session_id, now)
             if first:
-                if row is not None:
+                if row is not None or self._made_elsewhere(db, made_by, session_id, now):
                     return False
                 db.execute(
                     "INSERT INTO holders VALUES (?, ?, ?, ?, ?)",
@@ -224,6 +225,20 @@ class SqliteState(SharedState):
             return "" if row is None else str(row[0])
 
         return self._transaction(work)
+
+    def _made_elsewhere(
+        self, db: sqlite3.Connection, made_by: str, session_id: str, now: float
+    ) -> bool:
+        """The request `made_by` made another session that still exists: that one is its
+        answer (the same request sent to two workers at once), not a second session."""
+        if not made_by:
+            return False
+        row = db.execute(
+            "SELECT sid FROM made WHERE made_by = ? AND expires >= ?", (made_by, now)
+        ).fetchone()
+        if row is None or row[0] == session_id:
+            return False
+        return self._holder(db, row[0], now) is not None
 
     @staticmethod
     def _made(db: sqlite3.Connection, made_by: str, session_id: str, expires: float) -> None:
