@@ -10,6 +10,9 @@ for many sessions go in one call (group commit), all or nothing. The keys are th
 # sessions whose epoch did not hold; then nothing was written. A create whose made key names
 # another session that still exists is refused so too: that session is the request's answer
 # (the same request sent to two replicas at once), and a second one must not be made.
+# An "expired" end of a session whose keys are gone (they expire one TTL after its last write,
+# so they are often gone when its holder ends it at its TTL) writes its tombstone all the same,
+# unless it already has one (another replica ended it).
 APPEND = """
 local replica = ARGV[1]
 local n = tonumber(ARGV[2])
@@ -17,10 +20,11 @@ local fenced = {}
 local at = 3
 local ops = {}
 for s = 1, n do
-  local h = KEYS[4 * s - 3]
+  local h, e = KEYS[4 * s - 3], KEYS[4 * s]
   local epoch, ttl = ARGV[at], tonumber(ARGV[at + 1])
   local op, made, owned = ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
   local count = tonumber(ARGV[at + 5])
+  local lapsed = false
   if op == "create" then
     if redis.call("EXISTS", h) == 1 then
       table.insert(fenced, s)
@@ -28,10 +32,15 @@ for s = 1, n do
       local was = redis.call("GET", made)
       if was and was ~= h and redis.call("EXISTS", was) == 1 then table.insert(fenced, s) end
     end
-  elseif redis.call("HGET", h, "epoch") ~= epoch then
-    table.insert(fenced, s)
+  else
+    local held = redis.call("HGET", h, "epoch")
+    if op == "end" and not held and string.sub(ARGV[at + 6], 1, 8) == "expired\\n" then
+      lapsed = true
+    elseif held ~= epoch then
+      table.insert(fenced, s)
+    end
   end
-  ops[s] = {epoch, ttl, op, at + 6, count, made, owned}
+  ops[s] = {epoch, ttl, op, at + 6, count, made, owned, lapsed}
   at = at + 6 + count
 end
 if #fenced > 0 then return fenced end
@@ -39,10 +48,14 @@ local clock = redis.call("TIME")
 local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
 for s = 1, n do
   local h, j, c, e = KEYS[4 * s - 3], KEYS[4 * s - 2], KEYS[4 * s - 1], KEYS[4 * s]
-  local epoch, ttl, op, first, count, made, owned = unpack(ops[s])
+  local epoch, ttl, op, first, count, made, owned, lapsed = unpack(ops[s])
   if op == "end" then
     redis.call("DEL", h, j, c)
-    redis.call("SET", e, ARGV[first], "PX", 86400000)
+    if lapsed then
+      redis.call("SET", e, ARGV[first], "PX", 86400000, "NX")
+    else
+      redis.call("SET", e, ARGV[first], "PX", 86400000)
+    end
     if owned ~= "" then redis.call("ZREM", owned, h) end
   else
     -- the owner's live sessions, each scored by when it expires (counted by `owned`)

@@ -98,11 +98,14 @@ class SqliteState(SharedState):
 
         def work(db: sqlite3.Connection) -> list[str]:
             fenced = []
+            lapsed = set()  # "expired" ends of sessions already gone: their tombstone, if none
             for w in writes:
                 row = self._holder(db, w.session_id, now)
                 if w.op == "create":
                     if row is not None or self._made_elsewhere(db, w.made_by, w.session_id, now):
                         fenced.append(w.session_id)
+                elif w.op == "end" and row is None and w.records[0].startswith(b"expired\n"):
+                    lapsed.add(w.session_id)
                 elif row is None or row[0] != w.epoch:
                     fenced.append(w.session_id)
             if fenced:
@@ -111,6 +114,8 @@ class SqliteState(SharedState):
                 expires = now + w.ttl_ms / 1000.0
                 if w.op == "end":
                     self._delete(db, w.session_id)
+                    if w.session_id in lapsed and self._ended(db, w.session_id, now):
+                        continue  # another replica ended it first: its why stands
                     why = w.records[0].decode()
                     db.execute(
                         "INSERT OR REPLACE INTO ended VALUES (?, ?, ?)",
@@ -239,6 +244,13 @@ class SqliteState(SharedState):
         if row is None or row[0] == session_id:
             return False
         return self._holder(db, row[0], now) is not None
+
+    @staticmethod
+    def _ended(db: sqlite3.Connection, session_id: str, now: float) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM ended WHERE sid = ? AND expires >= ?", (session_id, now)
+        ).fetchone()
+        return row is not None
 
     @staticmethod
     def _made(db: sqlite3.Connection, made_by: str, session_id: str, expires: float) -> None:

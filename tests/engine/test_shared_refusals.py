@@ -49,7 +49,9 @@ async def test_a_damaged_sessions_refusal_ends_once_its_ttl_lapses_in_the_tier(
     state = b.takeover._state
     assert state is not None
     gone = state.peek(sid)
-    assert (gone.epoch, gone.ended) == (0, "")  # nothing of it left in the tier
+    # Nothing of it left in the tier, but for the tombstone its first holder, a, writes if
+    # its own sweeper ends its (stale) copy at its TTL after the tier's lapsed.
+    assert gone.epoch == 0 and gone.ended in ("", "expired")
 
     for replica in (b, a):
         with pytest.raises(SessionExpired, match="expired after its idle TTL"):
