@@ -48,12 +48,14 @@ class Replay:
             return np.frombuffer(b"".join(parts), dtype="<i4").astype(np.int64)
         return np.frombuffer(b"".join(parts), dtype="<f4").reshape(-1, self.dim).copy()
 
-    def split(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(the inputs before the last request, the last request's) when it was a feed."""
+    def split(self) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """(the inputs of each step before the last request, the last request's) when it was
+        a feed. Step by step: replay runs each through the kernel its live step ran."""
+        at = len(self.parts)
         if self.last is not None and self.last[0] == "feed":
             at = self.last[5]
-            return self.array(self.parts[:at]), self.array(self.parts[at:])
-        return self.array(self.parts), None
+        earlier = [self.array([part]) for part in self.parts[:at]]
+        return [x for x in earlier if x is not None], self.array(self.parts[at:])
 
     def applied(
         self, session: Session, result: RowResult | None, tokenizer: ByteTokenizer | None

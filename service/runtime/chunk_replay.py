@@ -1,14 +1,20 @@
 """Replaying recorded inputs on states outside the pool (journal replay after a restart).
 
 Each row starts from a base state (a checkpoint, or a new session's), consumes its earlier
-inputs in one whole-chunk call over every row that has some, then its last request's inputs in
-a second call that also returns the predictions that request's reply carried. The pool is not
-touched: serving goes on beside a replay.
+steps' inputs, then its last request's, which also return the predictions that request's reply
+carried. Each journaled step runs alone and through the kernel its live step ran, so the state
+and the reply are bit for bit those of a live step that ran alone: a one-input step through the
+fused `step` (the runner's one-row step), a many-input step through one whole-chunk call. Not
+one call over a row's steps together, nor over many rows: a whole-chunk call over more inputs,
+or more rows, can sum in another order (seen with one torch thread, the default). The journal
+does not say whether a live step ran batched with other sessions' rows; one that did can differ
+from this replay in the last bits (README, "Exactly once"). The pool is not touched: serving
+goes on beside a replay.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,8 +28,9 @@ from service.runtime.step_batch import RowResult
 @dataclass
 class ReplayRow:
     base: SlotSnapshot
-    earlier: np.ndarray | None  # [T] int tokens or [T, D] float32 frames; None: nothing
-    last: np.ndarray | None  # the last request's inputs, when it was a feed
+    # Each earlier journaled step's inputs, in order: [T] int tokens or [T, D] float32 frames
+    earlier: list[np.ndarray] = field(default_factory=list)
+    last: np.ndarray | None = None  # the last request's inputs, when it was a feed
     top_k: int = 0  # the last request's prediction options
     per_position: bool = False
 
@@ -33,30 +40,33 @@ def replay_rows(
     runner: ModelRunner, rows: list[ReplayRow]
 ) -> list[tuple[SlotSnapshot, RowResult | None]]:
     """Each row's state after all its inputs, and its last request's result (None without)."""
-    if not rows:
-        return []
+    return [_replay(runner, row) for row in rows]
+
+
+def _replay(runner: ModelRunner, row: ReplayRow) -> tuple[SlotSnapshot, RowResult | None]:
     state = RecurrentState(
-        torch.from_numpy(np.stack([r.base.h for r in rows], axis=1)),  # [L, B, H]
-        torch.from_numpy(np.stack([r.base.c for r in rows], axis=1))  # type: ignore[misc]
-        if rows[0].base.c is not None
-        else None,
+        torch.from_numpy(row.base.h[:, None].copy()),  # [L, 1, H]
+        None if row.base.c is None else torch.from_numpy(row.base.c[:, None].copy()),
     )
-    earlier = [j for j, r in enumerate(rows) if r.earlier is not None]
-    state, _ = _run(runner, state, earlier, [rows[j].earlier for j in earlier])
-    fed = [j for j, r in enumerate(rows) if r.last is not None]
-    options = [(rows[j].top_k, rows[j].per_position) for j in fed]
-    state, results = _run(runner, state, fed, [rows[j].last for j in fed], options)
-    by_row: dict[int, RowResult] = dict(zip(fed, results, strict=True))
-    return [
-        (
-            SlotSnapshot(
-                h=state.h[:, j].numpy().copy(),
-                c=None if state.c is None else state.c[:, j].numpy().copy(),
-            ),
-            by_row.get(j),
-        )
-        for j in range(len(rows))
-    ]
+    for inputs in row.earlier:
+        if inputs.shape[0] > 1:
+            state, _ = _run(runner, state, [0], [inputs])
+        else:
+            _, state = runner.model.step(torch.from_numpy(inputs), state)
+    result: RowResult | None = None
+    if row.last is not None and row.last.shape[0] > 1:
+        state, (result,) = _run(runner, state, [0], [row.last], [(row.top_k, row.per_position)])
+    elif row.last is not None:
+        out, state = runner.model.step(torch.from_numpy(row.last), state)
+        (prediction,) = runner.predictions(out, [row.top_k], [0])
+        result = RowResult(consumed=1, prediction=prediction)
+        if row.per_position:
+            result.per_position = [prediction]
+    snapshot = SlotSnapshot(
+        h=state.h[:, 0].numpy().copy(),
+        c=None if state.c is None else state.c[:, 0].numpy().copy(),
+    )
+    return snapshot, result
 
 
 def _run(

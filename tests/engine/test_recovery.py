@@ -33,7 +33,7 @@ from service.sessions import journal as journal_module
 from service.sessions import journal_record as jr
 from service.sessions import journal_scan as js
 
-from .conftest import TOK, EngineFactory, close, crash, frames, publish, toks
+from .conftest import TOK, EngineFactory, close, crash, frames, publish, same, toks
 
 SAMPLING = SamplingParams(temperature=1.0, max_tokens=5)
 
@@ -398,6 +398,54 @@ async def test_segments_left_undeleted_by_a_crash_are_read_and_skipped(
         assert got.position == want.position and close(got.prediction, want.prediction)
         got_t = [t.token_id async for t in second.generate(a, sampling=SAMPLING)]
         assert got_t == [t.token_id async for t in roomy.generate(b, sampling=SAMPLING)]
+
+
+@pytest.mark.parametrize("model", ["tok", "frames"])
+async def test_a_replay_after_one_input_steps_is_bit_exact(
+    make_engine: EngineFactory, tmp_path: Path, model: str
+) -> None:
+    """Steps of one input run the fused one-row step, steps of more the whole-chunk kernel; a
+    replay of the journal runs each through the kernel its live step ran, so a retry of the
+    last request gets the original reply bit for bit, and the next step predicts bit for bit
+    what an uninterrupted twin does (each step here ran alone, as its replay does)."""
+    spill = tmp_path / "state"
+    first = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    roomy = await make_engine(durability="shutdown")
+    if model == "tok":
+        steps = [toks(1), toks(2, 3), toks(4), toks(5), toks(6, 7, 8), toks(9), toks(10)]
+        after = toks(11)
+    else:
+        steps = [frames(0.1 * k, -0.2, 0.3 * k) for k in range(1, 4)]
+        steps[1:1] = [frames(0.5, 0.4, -0.3, 0.2, -0.1, 0.9)]
+        after = frames(0.7, -0.7, 0.2)
+    options = PredictionOptions(top_k=5)
+    a, _ = await first.create_session(model, seed=3)
+    b, _ = await roomy.create_session(model, seed=3)
+    position = 0
+    for k, step in enumerate(steps):
+        if model == "tok" and k == 4:  # a generation: each token a one-input step
+            got_t = [t.token_id async for t in first.generate(a.session_id, sampling=SAMPLING)]
+            want_t = [t.token_id async for t in roomy.generate(b.session_id, sampling=SAMPLING)]
+            assert got_t == want_t
+            position += len(got_t)
+        before = position
+        original = await first.feed(
+            a.session_id, step, options, expected_position=position, request_id=f"r{k}"
+        )
+        twin = await roomy.feed(b.session_id, step, options)
+        assert same(original.prediction, twin.prediction)
+        position = original.position
+    await crash(first)
+
+    second = await make_engine(spill_dir=spill, checkpoint_steps=1000)
+    retried = await second.feed(
+        a.session_id, steps[-1], options, expected_position=before, request_id=f"r{k}"
+    )
+    assert retried.position == position == second.get_session(a.session_id).position
+    assert same(retried.prediction, original.prediction), (retried.prediction, original.prediction)
+    got = await second.feed(a.session_id, after, options)
+    want = await roomy.feed(b.session_id, after, options)
+    assert same(got.prediction, want.prediction), (got.prediction, want.prediction)
 
 
 @pytest.mark.parametrize(
