@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from benchmarks.real_services import RedisServer
-from service.engine.feed import Feed, PredictionOptions
+from service.engine.feed import Feed, FeedOutcome, PredictionOptions
 from service.engine.session_engine import SessionEngine
 from service.engine.session_line import Line
 from service.errors import (
@@ -40,7 +40,7 @@ from service.security import principal
 from service.security.principal import Principal
 from service.sessions.shared_tier import Write
 
-from .conftest import TOK, EngineFactory, close, crash, publish, slow_steps, toks
+from .conftest import TOK, EngineFactory, close, crash, publish, same, slow_steps, toks
 
 SAMPLING = SamplingParams(temperature=1.0, max_tokens=4)
 
@@ -72,6 +72,39 @@ async def test_a_session_moves_between_replicas_and_stays_one_session(
         _ = [t async for t in b.generate(sid, sampling=SAMPLING)]
     got = [t.token_id async for t in b.generate(sid, sampling=SAMPLING)]  # retried: taken back
     assert got == [t.token_id async for t in roomy.generate(rid, sampling=SAMPLING)]
+
+
+async def test_a_session_moved_after_one_token_steps_goes_on_bit_for_bit(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """A takeover replays the journal each step through the kernel its live step ran (one
+    token: the fused one-row step), so a session moved between replicas predicts bit for bit
+    what one never moved does, and a retry of its last Step gets the original reply."""
+    a, b = await _replicas(make_engine, state_url)
+    roomy = await make_engine(durability="shutdown")
+    s, _ = await a.create_session("tok", seed=3)
+    ref, _ = await roomy.create_session("tok", seed=3)
+    sid, rid = s.session_id, ref.session_id
+    options = PredictionOptions(top_k=5)
+
+    async def step(replica: SessionEngine, token: int, k: int) -> FeedOutcome:
+        try:
+            return await replica.feed(
+                sid, toks(token), options, expected_position=k, request_id=f"r{k}"
+            )
+        except SessionMoved:  # a stale copy's first write is refused; the retry takes it back
+            return await replica.feed(
+                sid, toks(token), options, expected_position=k, request_id=f"r{k}"
+            )
+
+    moves = [a, a, b, b, a, b]  # the replica each Step reaches
+    for k, (replica, token) in enumerate(zip(moves, [65, 67, 68, 69, 70, 71], strict=True)):
+        got = await step(replica, token, k)
+        want = await roomy.feed(rid, toks(token), options)
+        assert got.position == want.position == k + 1
+        assert same(got.prediction, want.prediction), (k, got.prediction, want.prediction)
+    retried = await step(a, 71, 5)  # the retry of b's last Step, on a
+    assert retried.position == 6 and same(retried.prediction, got.prediction)
 
 
 async def test_a_replica_killed_loses_no_acknowledged_step(
