@@ -4,9 +4,9 @@ Recovery (`recovery.py`) reads the journal before the server reports SERVING and
 session with records after its checkpoint at its final position, with its random stream moved
 on past the journaled draws; what it does not yet have is the state those steps make. That is
 computed here, from the base state (the checkpoint, or a new session's zero state) and the
-journaled inputs, each step through the kernel its live step ran (`chunk_replay`), so the state
-and a rebuilt reply are bit for bit the live ones; then written as a new checkpoint (past the
-spill tier's cap if need be, as a shutdown's writes are: the sessions existed before, so
+journaled inputs, each step alone through the kernel its live step ran (`chunk_replay`: bit for
+bit the live state and reply where that step ran alone), then written as a new checkpoint (past
+the spill tier's cap if need be, as a shutdown's writes are: the sessions existed before, so
 refusing them would lose availability and free nothing):
 - in the background, in batches, right after start-up;
 - at once, for one session, when a request needs it first (`settle`): the lease waits for it,
