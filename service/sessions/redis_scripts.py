@@ -14,6 +14,10 @@ for many sessions go in one call (group commit), all or nothing. The keys are th
 # so they are often gone when its holder ends it at its TTL) writes its tombstone all the same,
 # unless it already has one (another replica ended it).
 APPEND = """
+local function keep_made(h, ttl)  -- the request id that made it lives as long as it does
+  local m = redis.call("HGET", h, "made")
+  if m and redis.call("GET", m) == h then redis.call("PEXPIRE", m, ttl) end
+end
 local replica = ARGV[1]
 local n = tonumber(ARGV[2])
 local fenced = {}
@@ -65,7 +69,12 @@ for s = 1, n do
       -- made key -> its h key: one naming a session that still exists refused the create
       -- above (that one is the request's answer: a create whose answer was lost can land
       -- after its retry made another); one that ended (a prefix's failed step) is made anew
-      if made ~= "" then redis.call("SET", made, h, "PX", ttl) end
+      if made ~= "" then
+        redis.call("SET", made, h, "PX", ttl)
+        redis.call("HSET", h, "made", made)
+      end
+    else
+      keep_made(h, ttl)
     end
     for k = first, first + count - 1 do redis.call("RPUSH", j, ARGV[k]) end
     redis.call("PEXPIRE", h, ttl)
@@ -81,6 +90,10 @@ return fenced
 # 1 when written, 0 when fenced (a first one: when the session exists, or its made key names
 # another that does).
 CHECKPOINT = """
+local function keep_made(h, ttl)  -- the request id that made it lives as long as it does
+  local m = redis.call("HGET", h, "made")
+  if m and redis.call("GET", m) == h then redis.call("PEXPIRE", m, ttl) end
+end
 if ARGV[4] ~= "" then
   if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
   if ARGV[5] ~= "" then  -- as in APPEND: the request made another session that still exists
@@ -88,7 +101,10 @@ if ARGV[4] ~= "" then
     if was and was ~= KEYS[1] and redis.call("EXISTS", was) == 1 then return 0 end
   end
   redis.call("HSET", KEYS[1], "epoch", ARGV[1], "holder", ARGV[4])
-  if ARGV[5] ~= "" then redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2])) end
+  if ARGV[5] ~= "" then
+    redis.call("SET", ARGV[5], KEYS[1], "PX", tonumber(ARGV[2]))
+    redis.call("HSET", KEYS[1], "made", ARGV[5])
+  end
   if ARGV[6] ~= "" then
     local clock = redis.call("TIME")
     local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
@@ -96,6 +112,8 @@ if ARGV[4] ~= "" then
   end
 elseif redis.call("HGET", KEYS[1], "epoch") ~= ARGV[1] then
   return 0
+else
+  keep_made(KEYS[1], tonumber(ARGV[2]))
 end
 redis.call("SET", KEYS[3], ARGV[3], "PX", tonumber(ARGV[2]))
 redis.call("DEL", KEYS[2])
@@ -115,10 +133,15 @@ return {epoch, redis.call("GET", KEYS[3]), redis.call("LRANGE", KEYS[2], 0, -1)}
 # KEYS: h, j, c. ARGV: epoch, ttl ms, the owner's key (or ""). The session's epoch (0: no such
 # session); when it is ARGV[1], its keys (and its place in its owner's set) live ttl ms more.
 KEEP_ALIVE = """
+local function keep_made(h, ttl)  -- the request id that made it lives as long as it does
+  local m = redis.call("HGET", h, "made")
+  if m and redis.call("GET", m) == h then redis.call("PEXPIRE", m, ttl) end
+end
 local epoch = redis.call("HGET", KEYS[1], "epoch")
 if not epoch then return 0 end
 if epoch == ARGV[1] then
   local ttl = tonumber(ARGV[2])
+  keep_made(KEYS[1], ttl)
   redis.call("PEXPIRE", KEYS[1], ttl)
   redis.call("PEXPIRE", KEYS[2], ttl)
   redis.call("PEXPIRE", KEYS[3], ttl)

@@ -130,9 +130,7 @@ class SqliteState(SharedState):
                     if w.made_by:
                         self._made(db, w.made_by, w.session_id, expires)
                 else:
-                    db.execute(
-                        "UPDATE holders SET expires = ? WHERE sid = ?", (expires, w.session_id)
-                    )
+                    self._live_until(db, w.session_id, expires)
                 db.executemany(
                     "INSERT INTO journal (sid, record) VALUES (?, ?)",
                     [(w.session_id, r) for r in w.records],
@@ -169,10 +167,7 @@ class SqliteState(SharedState):
                 return False
             db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)", (session_id, data))
             db.execute("DELETE FROM journal WHERE sid = ?", (session_id,))
-            db.execute(
-                "UPDATE holders SET expires = ? WHERE sid = ?",
-                (now + ttl_ms / 1000.0, session_id),
-            )
+            self._live_until(db, session_id, now + ttl_ms / 1000.0)
             return True
 
         return self._transaction(work)
@@ -212,10 +207,7 @@ class SqliteState(SharedState):
             if row is None:
                 return 0
             if row[0] == epoch:  # its owner's count reads the same expiry
-                db.execute(
-                    "UPDATE holders SET expires = ? WHERE sid = ?",
-                    (now + ttl_ms / 1000.0, session_id),
-                )
+                self._live_until(db, session_id, now + ttl_ms / 1000.0)
             return row[0]
 
         return self._transaction(work)
@@ -251,6 +243,14 @@ class SqliteState(SharedState):
             "SELECT 1 FROM ended WHERE sid = ? AND expires >= ?", (session_id, now)
         ).fetchone()
         return row is not None
+
+    @staticmethod
+    def _live_until(db: sqlite3.Connection, session_id: str, expires: float) -> None:
+        """The session's holder row, and the request id that made it (a retry of its create
+        or fork finds it for as long as it lives, not one TTL after it was made), live until
+        `expires`."""
+        db.execute("UPDATE holders SET expires = ? WHERE sid = ?", (expires, session_id))
+        db.execute("UPDATE made SET expires = ? WHERE sid = ?", (expires, session_id))
 
     @staticmethod
     def _made(db: sqlite3.Connection, made_by: str, session_id: str, expires: float) -> None:

@@ -6,6 +6,7 @@ Before, each replica looked in the tier, found nothing, and made a session of it
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -104,3 +105,20 @@ async def test_one_fork_on_two_replicas_at_once_makes_one_child(
     assert child.session_id == a_child.session_id and child.position == 2
     assert _sessions_in_tier(state_url) == 2  # the parent and one child
     assert (await b.feed(child.session_id, toks(3))).position == 3
+
+
+async def test_a_create_retried_later_than_one_ttl_finds_the_session_it_made_while_it_lives(
+    make_engine: EngineFactory, state_url: str
+) -> None:
+    """The tier's pointer from a request id to the session it made was set for one TTL when
+    the session was made and never kept alive with it: a session fed for longer than its TTL
+    was made again by a retry of its create on another replica (two sessions, one request)."""
+    a = await make_engine(state_url=state_url)
+    b = await make_engine(state_url=state_url)
+    made, _ = await a.create_session("tok", request_id="c", ttl_seconds=1.0)
+    for i in range(6):  # 1.8 s of steps, each within the TTL of the one before
+        await asyncio.sleep(0.3)
+        assert (await a.feed(made.session_id, toks(i))).position == i + 1
+    again, _ = await b.create_session("tok", request_id="c", ttl_seconds=1.0)
+    assert again.session_id == made.session_id
+    assert _sessions_in_tier(state_url) == 1
