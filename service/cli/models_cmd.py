@@ -165,10 +165,11 @@ def _show(args: argparse.Namespace) -> int:
     except SeqServeError as exc:
         return _fail(exc)
     assert manifest is not None, "usable versions have a manifest"
-    if args.json:
-        from service.registry.version_rule import VersionRule
+    from service.registry.version_rule import VersionRule
 
-        body = text.model_json(model, VersionRule())
+    rule = VersionRule()  # the server's word on each version (it hashes the weights)
+    if args.json:
+        body = text.model_json(model, rule)
         body.update(
             version=version,
             fingerprint=manifest.fingerprint(),
@@ -187,10 +188,11 @@ def _show(args: argparse.Namespace) -> int:
             str(v.version) + (" *" if v.version == version else ""),
             ", ".join(by_version.get(v.version, [])) or "-",
             v.manifest.created_at.strftime("%Y-%m-%d %H:%M:%SZ") if v.manifest else "-",
-            v.status if not v.ok else (v.manifest.description if v.manifest else ""),
+            refusal if (refusal := rule.refusal(model, v.version)) is not None
+            else (v.manifest.description if v.manifest else ""),
         ]
         for v in model.versions
-    ]
+    ]  # fmt: skip
     print(text.table(["VERSION", "ALIASES", "CREATED", "DESCRIPTION / STATUS"], rows))
     if model.aliases_problem:
         print(f"refused: {model.aliases_problem}", file=sys.stderr)

@@ -174,6 +174,22 @@ def test_show_json_of_a_version(store: ModelStore, capsys: pytest.CaptureFixture
     assert body["manifest"]["input"] == {"kind": "features", "dim": 3, "embed_dim": 4}
 
 
+def test_show_says_which_versions_fail_their_digest(
+    store: ModelStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The versions table of `models show` read the manifests alone: a version whose weights
+    fail their digest showed its description, as one that serves."""
+    path = store.root / "bytes-lstm" / "2" / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    code, out, _ = _run(capsys, "models", "show", "bytes-lstm", "--store", str(store.root))
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line[:1].isdigit()}
+    assert "sha256 mismatch" in rows["2"], out
+    assert "sha256 mismatch" not in rows["1"] and "bytes-lstm seed 0" in rows["1"], out
+
+
 def test_show_unknown_model(store: ModelStore, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "models", "show", "nope", "--store", str(store.root))
     assert code == 1
