@@ -141,16 +141,24 @@ def _state_url(value: str) -> str:
 
 
 def _redis_query(scheme: str, query: str) -> None:
-    """A Redis URL's `?name=value` options: those redis-py reads (`socket_timeout`, `db`,
-    `password`, …, and `ssl_*` for rediss), each a value it can read; any other it would pass
-    on to its connection, which fails at `serve` with a traceback."""
-    from redis.connection import URL_QUERY_ARGUMENT_PARSERS  # only for a URL with options
+    """A Redis URL's `?name=value` options: those redis-py reads itself (`socket_timeout`,
+    `db`, …), each a value it can read, and those it passes on to its connection, named as
+    the connection's parameters (`client_name`, `password`, and `ssl_*` for rediss); any
+    other reached the connection as an unknown argument, a traceback at `serve`. A blank
+    value is skipped, as redis-py skips it."""
+    import inspect
 
-    for name, values in parse_qs(query, keep_blank_values=True).items():
-        known = name in URL_QUERY_ARGUMENT_PARSERS or name in ("username", "password")
-        if not known and not (scheme == "rediss" and name.startswith("ssl_")):
+    from redis import connection  # only for a URL with options
+
+    classes: list[Any] = [connection.AbstractConnection, connection.Connection]
+    if scheme == "rediss":
+        classes.append(connection.SSLConnection)
+    taken = {name for cls in classes for name in inspect.signature(cls).parameters}
+    taken -= {"self", "kwargs"}
+    for name, values in parse_qs(query).items():
+        parser: Any = connection.URL_QUERY_ARGUMENT_PARSERS.get(name)
+        if parser is None and name not in taken:
             raise ValueError(f"has an option redis does not take: {name[:40]!r}")
-        parser: Any = URL_QUERY_ARGUMENT_PARSERS.get(name)
         try:
             if parser is not None:
                 parser(values[0])

@@ -109,6 +109,8 @@ def test_out_of_range_values_are_refused(model: type, field: str, bad: object) -
         (SessionSettings, "state_url", "redis://[::1]:6379/"),
         (SessionSettings, "state_url", "redis://h:6379/0?socket_timeout=5&password=p"),
         (SessionSettings, "state_url", "rediss://h:6380/1?ssl_cert_reqs=none"),
+        (SessionSettings, "state_url", "redis://h:6379/0?client_name=replica-a"),
+        (SessionSettings, "state_url", "redis://h:6379/0?socket_timeout="),  # blank: skipped
         (SessionSettings, "state_url", "sqlite:/tmp/state.db"),
         (SecuritySettings, "tokens_per_second", 0),
     ],

@@ -74,26 +74,31 @@ class SeqServeServer:
     def _check_port_free(self, host: str, port: int) -> None:
         """Refuse, with the reason, a gRPC address that cannot be bound (the metrics endpoint,
         already up, is stopped): gRPC would log its own error line first, and say only that
-        it failed."""
+        it failed. Each address the host resolves to is tried, as gRPC binds each: refused
+        when one is in use, or when none can be bound."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
             return  # a name gRPC resolves its own way: it reports its own failure
-        family, kind, proto, _, where = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        failed: list[OSError] = []
+        for family, kind, proto, _, where in infos:  # gRPC binds each; one that works will do
             try:
-                probe.bind(where)
-            except OSError as exc:
-                self.metrics.stop()
-                fix = (
-                    "set --host to an address of this machine"
-                    if exc.errno == errno.EADDRNOTAVAIL
-                    else "is another seqserve or program on it? set --port or SEQSERVE_SERVER__PORT"
-                )
-                raise PortInUse(
-                    f"cannot listen on {host}:{port}: {exc.strerror or exc} ({fix})"
-                ) from None
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+                    probe.bind(where)
+            except OSError as refused:  # (no IPv6 on this host: its socket fails too)
+                failed.append(refused)
+        in_use = [e for e in failed if e.errno == errno.EADDRINUSE]
+        if not in_use and len(failed) < len(infos):
+            return
+        exc = (in_use or failed)[0]
+        self.metrics.stop()
+        fix = (
+            "set --host to an address of this machine"
+            if exc.errno == errno.EADDRNOTAVAIL
+            else "is another seqserve or program on it? set --port or SEQSERVE_SERVER__PORT"
+        )
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({fix})")
 
     async def start(self) -> None:
         """`listen()`, then `open()`. If opening fails, gRPC is stopped again."""

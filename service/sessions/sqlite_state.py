@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS ended (sid TEXT PRIMARY KEY, why TEXT NOT NULL, expir
 CREATE TABLE IF NOT EXISTS made (
     made_by TEXT PRIMARY KEY, sid TEXT NOT NULL, expires REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS made_by_session ON made (sid);
 """
 
 
