@@ -197,7 +197,7 @@ def test_a_grpc_address_it_cannot_bind_is_one_line_saying_why(
     assert "add_port" not in done.stderr, done.stderr  # (and --insecure's own warning line)
 
 
-def test_a_host_whose_first_address_is_not_this_machines_is_served_on_the_others(
+async def test_a_host_whose_first_address_is_not_this_machines_is_served_on_the_others(
     store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """gRPC binds every address a host name resolves to and serves if one binds (`localhost`
