@@ -11,12 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -24,6 +21,23 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from service.setting_types import (
+    Address,
+    DirPath,
+    FilePath,
+    GiB,
+    KiB,
+    MiB,
+    NonNegative,
+    OptionalPort,
+    Port,
+    Positive,
+    PositiveSeconds,
+    Seconds,
+    StateUrl,
+    off_or_at_least,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,104 +82,6 @@ def flag(*names: str) -> Flag:
     return Flag(names)
 
 
-def _off_or_at_least(floor: float) -> AfterValidator:
-    """0 (off), or at least `floor`: a loop run more often than that does nothing but spin."""
-
-    def check(value: float) -> float:
-        if 0 < value < floor:
-            raise ValueError(f"must be 0 (off) or >= {floor:g}")
-        return value
-
-    return AfterValidator(check)
-
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-Port = Annotated[int, Field(ge=0, le=65535)]  # 0 picks a free one
-OptionalPort = Annotated[int, Field(ge=-1, le=65535)]  # -1 disables
-Positive = Annotated[int, Field(gt=0)]
-NonNegative = Annotated[int, Field(ge=0)]
-# Never inf or nan: "inf" from the environment parses as a float, and a TTL of inf seconds
-# fails in milliseconds (`int(ttl * 1000)`), a timeout of nan never compares.
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Address = Annotated[str, Field(min_length=1)]
-
-
-def _home(value: Any) -> Any:
-    """`~` and `~user` at a path's start are the home directory, as a shell would read them:
-    a path from a config file or a compose file's variable has not been through one (it made
-    a directory named `~` in the working directory)."""
-    if isinstance(value, str | Path) and str(value).startswith("~"):
-        return Path(os.path.expanduser(value))
-    return value
-
-
-def _a_path(value: Any) -> Any:
-    """An empty path is refused, not read as the current directory: a state directory of "."
-    would have the server claim (and tidy up) whatever directory it was started in."""
-    if isinstance(value, str) and not value.strip():
-        raise ValueError("must name a directory, not be empty")
-    return _home(value)
-
-
-DirPath = Annotated[Path, BeforeValidator(_a_path)]
-FilePath = Annotated[Path | None, BeforeValidator(_home)]
-
-
-def _state_url(value: str) -> str:
-    """A Redis URL as the tier reads it, `redis[s]://[:PASSWORD@]HOST[:PORT][/DB]`: checked
-    here, so that a bad one is `serve`'s one-line refusal (redis-py raised a traceback for a
-    port out of range, a query it does not know; a database that is not a number was read
-    as 0). Messages quote it without its password (`config_sources`)."""
-    if not value.startswith(("redis://", "rediss://")):
-        return value
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:  # a port that is not a number or is over 65535, a broken [IPv6]
-        raise ValueError(
-            "must be redis://HOST:PORT/DB with a port in 1-65535 (and an IPv6 host in [])"
-        ) from None
-    if not parts.hostname:
-        raise ValueError("must name a host: redis://HOST:PORT/DB")
-    if port == 0:
-        raise ValueError("its port must be in 1-65535")
-    if parts.fragment:
-        raise ValueError("takes no #fragment: redis://[:PASSWORD@]HOST[:PORT][/DB]")
-    if parts.query:
-        _redis_query(parts.scheme, parts.query)
-    db = parts.path[1:]
-    if parts.path not in ("", "/") and not (db.isascii() and db.isdigit()):
-        raise ValueError("its database (the path) must be a number: redis://HOST:PORT/DB")
-    return value
-
-
-def _redis_query(scheme: str, query: str) -> None:
-    """A Redis URL's `?name=value` options: those redis-py reads itself (`socket_timeout`,
-    `db`, …), each a value it can read, and those it passes on to its connection, named as
-    the connection's parameters (`client_name`, `password`, and `ssl_*` for rediss); any
-    other reached the connection as an unknown argument, a traceback at `serve`. A blank
-    value is skipped, as redis-py skips it."""
-    import inspect
-
-    from redis import connection  # only for a URL with options
-
-    classes: list[Any] = [connection.AbstractConnection, connection.Connection]
-    if scheme == "rediss":
-        classes.append(connection.SSLConnection)
-    taken = {name for cls in classes for name in inspect.signature(cls).parameters}
-    taken -= {"self", "kwargs"}
-    for name, values in parse_qs(query).items():
-        parser: Any = connection.URL_QUERY_ARGUMENT_PARSERS.get(name)
-        if parser is None and name not in taken:
-            raise ValueError(f"has an option redis does not take: {name[:40]!r}")
-        try:
-            if parser is not None:
-                parser(values[0])
-        except (TypeError, ValueError):
-            raise ValueError(f"its option {name} has a value redis cannot read") from None
-
-
 # Sub-models: docstrings are descriptions; an unknown key (config file, env) is an error.
 _SECTION = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 
@@ -193,7 +109,7 @@ class ServerSettings(BaseModel):
     many allocations (and at least once a second). 0 keeps Python's defaults, whose full
     collections stalled the event loop for ~150 ms under load, and whose middle-generation
     ones for ~0.5 s at 100,000 sessions. At most 2**31-1 (`gc.set_threshold` takes a C int)."""
-    gc_thaw_seconds: Annotated[Seconds, _off_or_at_least(0.05)] = 3600.0
+    gc_thaw_seconds: Annotated[Seconds, off_or_at_least(0.05)] = 3600.0
     """With GC tuning on: every this many seconds the frozen heap is collected whole, once,
     freeing reference cycles that died after being frozen (one pause as long as a full
     collection of everything alive). 0: never; else at least 0.05 (more often, the server
@@ -322,12 +238,7 @@ class SessionSettings(BaseModel):
     """Journal segment size: segments no session needs any more are deleted whole. At least
     256 bytes, room for a one-token step's record (96 bytes with the Python client's request
     ids; a segment always takes the record that fills it, whatever its size)."""
-    state_url: Annotated[
-        str,
-        Field(pattern=r"^((redis|rediss)://.+|sqlite:.+|)$"),
-        AfterValidator(_state_url),
-        flag("--state-url"),
-    ] = ""
+    state_url: Annotated[StateUrl, flag("--state-url")] = ""
     """The shared state tier, `redis://HOST:PORT/DB` (or `rediss://`; a password as
     `redis://:PASSWORD@HOST…`, and redis-py's own `?options`, checked at start): every session's
     checkpoint, journal and holder live there, so any replica can take a session over. Empty:
@@ -418,7 +329,7 @@ class Settings(BaseSettings):
     model_store: Annotated[DirPath, flag("--store")] = Field(default_factory=default_model_store)
     """Root of the versioned model store. Default: `./model_store` in the current directory
     (`serve` refuses to start without a store)."""
-    registry_poll_seconds: Annotated[Seconds, _off_or_at_least(0.01)] = 2.0
+    registry_poll_seconds: Annotated[Seconds, off_or_at_least(0.01)] = 2.0
     """How often the store is re-read for new versions and alias changes (0 disables; else at
     least 0.01)."""
     registry_notify: bool = True
