@@ -12,19 +12,18 @@ import asyncio
 import contextlib
 import json
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
-import grpc
-from aiohttp import hdrs, web
+from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from service.api.error_status import code_name
 from service.api.interceptor import NOT_READY_MESSAGE
 from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
+from service.http.request_body import DECODED, content_coding, decode, too_large
 from service.http.status_map import HttpError, HttpRefusal
 from service.security import principal
 from service.security.call_auth import CLIENT_HEADER, CallAuth, current_grant
@@ -164,7 +163,7 @@ class Calls:
     async def parse(self, request: web.Request, message: M, **path_fields: str) -> M:
         """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in
         the URL) set; a body that names another value for one of them is refused."""
-        coding = _content_coding(request)
+        coding = content_coding(request)
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise too_large(request.content_length, self.max_body_bytes)
         try:  # the whole body, however many pieces it arrives in (the app caps its size)
@@ -180,8 +179,8 @@ class Calls:
         except web.RequestPayloadError as exc:  # a chunked body with a malformed chunk, say
             why = type(exc.__cause__ or exc).__name__
             raise InvalidArgument(f"the request body could not be read: {why}") from None
-        if coding in _DECODED:  # aiohttp's decoding is off (`HttpApi`): this checks the end
-            raw = _decode(raw, coding, self.max_body_bytes)
+        if coding in DECODED:  # aiohttp's decoding is off (`HttpApi`): this checks the end
+            raw = decode(raw, coding, self.max_body_bytes)
         if len(raw) > self.max_body_bytes:
             raise too_large(len(raw), self.max_body_bytes)
         if raw.strip():
@@ -226,77 +225,6 @@ class BodyTimeout(HttpRefusal, InvalidArgument):
     error table (which has no row for DEADLINE_EXCEEDED, a status only gRPC makes)."""
 
     http_status = 408
-
-
-class UnsupportedEncoding(HttpRefusal, SeqServeError):
-    """A `Content-Encoding` the server does not read: HTTP's 415 Unsupported Media Type with
-    `Accept-Encoding` naming those it does (RFC 9110 15.5.16), the body saying UNIMPLEMENTED
-    as gRPC answers a `grpc-encoding` it does not read (with `grpc-accept-encoding`)."""
-
-    status = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
-    http_status = 415
-    http_headers: ClassVar[dict[str, str]] = {"Accept-Encoding": "gzip, deflate"}
-
-
-# The codings a body is read in; x-gzip is gzip (RFC 9110 8.4.1.3).
-_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
-_READ_CODINGS = frozenset({"", "identity"}) | _DECODED
-UNREAD_CODING = (
-    "is not one this server reads: send the body as it is, or gzip or deflate it "
-    "(Accept-Encoding names them); the connection is closed"
-)
-
-
-def _content_coding(request: web.Request) -> str:
-    """The request's one content coding, lower-case ("" for none); any other, or a list of
-    them, is refused (aiohttp reads an unknown one, or a list, as no coding at all)."""
-    coding = ", ".join(request.headers.getall(hdrs.CONTENT_ENCODING, ())).strip().lower()
-    if coding not in _READ_CODINGS:
-        raise UnsupportedEncoding(f"Content-Encoding {quote(coding)} {UNREAD_CODING}")
-    return coding
-
-
-def _decode(raw: bytes, coding: str, limit: int) -> bytes:
-    """`raw` as `coding` decodes it, refused past `limit` bytes of output (a small body that
-    inflates to gigabytes is not inflated past it). gzip: every member, each to its trailer
-    (its CRC and length checked); deflate: one zlib stream to its checksum, or raw deflate
-    data without zlib's header, as aiohttp and browsers read it. A body cut short, or with
-    bytes after its end, does not decode; an empty one is empty. aiohttp's own decoding is
-    off because it checks neither a gzip body's end nor what follows it."""
-    if not raw:  # no body, whatever its coding (as aiohttp read one)
-        return raw
-    out, rest = bytearray(), raw
-    try:
-        while True:
-            zlib_header = rest[0] & 0x0F == 8  # RFC 1950's (a deflate body may have none)
-            wbits = 31 if coding != "deflate" else 15 if zlib_header else -15  # 31: gzip's
-            decoder = zlib.decompressobj(wbits=wbits)
-            out += decoder.decompress(rest, limit + 1 - len(out))
-            if len(out) > limit:  # decoded only so far
-                raise too_large(None, limit)
-            if not decoder.eof:
-                raise zlib.error("the data ends before its stream does")
-            rest = decoder.unused_data
-            if not rest:
-                return bytes(out)
-            if coding == "deflate":
-                raise zlib.error("bytes after the stream's end")
-    except zlib.error:
-        raise InvalidArgument(
-            "the request body could not be read: it does not decode as its Content-Encoding, "
-            f"{quote(coding)}"
-        ) from None
-
-
-def too_large(size: int | None, limit: int) -> InvalidArgument:
-    """The refusal of a body over `limit` bytes: `size` is its Content-Length, or None for one
-    cut off at the limit (chunked, or decompressed), whose size is not known."""
-    what = "request body" if size is None else f"request body of {size} bytes"
-    return InvalidArgument(
-        f"{what} exceeds the limit of {limit} bytes (SEQSERVE_SERVER__MAX_MESSAGE_BYTES"
-        f"{'; not read past it' if size is None else ''}); send smaller chunks"
-    )
 
 
 def _json_object(raw: bytes, descriptor: Descriptor) -> dict[str, Any]:

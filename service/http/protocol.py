@@ -24,7 +24,8 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_request import BaseRequest
 
 from service.errors import Internal, InvalidArgument, quote
-from service.http.calls import error_answer, too_large
+from service.http.calls import error_answer
+from service.http.request_body import too_large
 
 log = logging.getLogger(__name__)
 
