@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.event_loop import grpc_server
 from service.api.gc_tuning import HeapFreezer, freeze_heap
+from service.api.listen_check import check_bindable
 from service.errors import PortInUse
 from service.pb import SERVICE_NAMES
 from service.pb.seqserve.v1 import model_registry_pb2_grpc, session_service_pb2_grpc
@@ -70,35 +70,6 @@ class SeqServeServer:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._refusing_writes = False  # its disk refuses the journal's writes: not ready
-
-    def _check_port_free(self, host: str, port: int) -> None:
-        """Refuse, with the reason, a gRPC address that cannot be bound (the metrics endpoint,
-        already up, is stopped): gRPC would log its own error line first, and say only that
-        it failed. Each address the host resolves to is tried, as gRPC binds each: refused
-        when one is in use, or when none can be bound."""
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            return  # a name gRPC resolves its own way: it reports its own failure
-        failed: list[OSError] = []
-        for family, kind, proto, _, where in infos:  # gRPC binds each; one that works will do
-            try:
-                with socket.socket(family, kind, proto) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
-                    probe.bind(where)
-            except OSError as refused:  # (no IPv6 on this host: its socket fails too)
-                failed.append(refused)
-        in_use = [e for e in failed if e.errno == errno.EADDRINUSE]
-        if not in_use and len(failed) < len(infos):
-            return
-        exc = (in_use or failed)[0]
-        self.metrics.stop()
-        fix = (
-            "set --host to an address of this machine"
-            if exc.errno == errno.EADDRNOTAVAIL
-            else "is another seqserve or program on it? set --port or SEQSERVE_SERVER__PORT"
-        )
-        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({fix})")
 
     async def start(self) -> None:
         """`listen()`, then `open()`. If opening fails, gRPC is stopped again."""
@@ -158,7 +129,11 @@ class SeqServeServer:
                     f"{exc.strerror or exc} ({fix})"
                 ) from None
         if s.worker < 0 and s.port > 0:  # said here, before gRPC's own line on stderr
-            self._check_port_free(s.host, s.port)
+            try:
+                check_bindable(s.host, s.port)
+            except PortInUse:
+                self.metrics.stop()  # already up
+                raise
         address = f"{s.host}:{s.port}"
         try:
             if credentials is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from service.api.listen_check import check_bindable
 from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.errors import PortInUse
@@ -197,14 +198,13 @@ def test_a_grpc_address_it_cannot_bind_is_one_line_saying_why(
     assert "add_port" not in done.stderr, done.stderr  # (and --insecure's own warning line)
 
 
-async def test_a_host_whose_first_address_is_not_this_machines_is_served_on_the_others(
-    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_host_whose_first_address_is_not_this_machines_is_served_on_the_others(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """gRPC binds every address a host name resolves to and serves if one binds (`localhost`
     as ::1 then 127.0.0.1 on a host without IPv6): the check before it tried only the first
     and refused. One address in use is still refused. (The resolver is the one stand-in: this
     machine cannot have its IPv6 turned off for a test.)"""
-    server = SeqServeServer(make_settings(store_root, tmp_path))
     port = _free_port()
     real = socket.getaddrinfo
 
@@ -213,12 +213,12 @@ async def test_a_host_whose_first_address_is_not_this_machines_is_served_on_the_
         return [nowhere, *real("127.0.0.1", at, *args, **kwargs)]  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
-    server._check_port_free("localhost", port)  # 127.0.0.1 binds: no refusal
+    check_bindable("localhost", port)  # 127.0.0.1 binds: no refusal
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen()
         with pytest.raises(PortInUse, match="Address already in use"):
-            server._check_port_free("localhost", port)
+            check_bindable("localhost", port)
 
 
 def test_two_endpoints_on_one_port_are_refused_before_start(
