@@ -16,6 +16,7 @@ import pytest
 
 from service.api.server import SeqServeServer
 from tests.api.conftest import ServerFactory
+from tests.api.support import rpc_counts
 
 HEAD = b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
@@ -52,12 +53,6 @@ class Raw:
         self.writer.close()
 
 
-def _count(server: SeqServeServer, code: str, method: str = "CreateSession") -> float:
-    key = f'seqserve_rpc_duration_seconds_count{{code="{code}",method="{method}",'
-    lines = [line for line in server.metrics.render().decode().splitlines() if key in line]
-    return float(lines[0].split()[-1]) if lines else 0.0
-
-
 @pytest.mark.parametrize("first", [b"", b'a\r\n{"model": \r\n'])
 async def test_a_malformed_chunk_after_the_head_is_answered_400_at_once(
     server_factory: ServerFactory, caplog: pytest.LogCaptureFixture, first: bytes
@@ -84,7 +79,7 @@ async def test_a_malformed_chunk_after_the_head_is_answered_400_at_once(
     error = body["error"]
     assert error["status"] == "INVALID_ARGUMENT", error
     assert error["message"] == "the request body could not be read: BadHttpMessage", error
-    assert _count(server, "INVALID_ARGUMENT") == 1
+    assert rpc_counts(server, "CreateSession").get("INVALID_ARGUMENT", 0) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
@@ -113,7 +108,7 @@ async def test_a_body_that_stops_arriving_is_408_after_the_body_timeout(
         assert error["details"][0]["reason"] == "INVALID_ARGUMENT", error
         assert "0.5 s" in error["message"], error
         assert "SEQSERVE_SERVER__HTTP_BODY_TIMEOUT_SECONDS" in error["message"], error
-    assert _count(server, "INVALID_ARGUMENT") == 2
+    assert rpc_counts(server, "CreateSession").get("INVALID_ARGUMENT", 0) == 2
     async with aiohttp.ClientSession() as http:  # the document lists it where a body is read
         url = f"http://127.0.0.1:{server.http_port}/v1/openapi.json"
         doc = await (await http.get(url)).json()
@@ -185,7 +180,7 @@ async def test_a_content_encoding_the_server_does_not_read_is_415(
     assert "Content-Encoding" in error["message"], error
     assert "install" not in error["message"].lower(), error
     assert await _position(http, sid) == "0"
-    assert _count(http_server, "UNIMPLEMENTED", "Step") == 1
+    assert rpc_counts(http_server, "Step").get("UNIMPLEMENTED", 0) == 1
 
 
 async def test_x_gzip_is_read_as_gzip_and_identity_as_none(http: aiohttp.ClientSession) -> None:

@@ -19,7 +19,7 @@ from service.security import tokens as tokens_module
 from service.security.tokens import add_token
 from tests.api.certs import Certs
 from tests.api.conftest import ServerFactory
-from tests.api.support import recorded_rpcs
+from tests.api.support import recorded_rpcs, rpc_counts
 from tests.http_api.conftest import sse_events
 
 
@@ -236,12 +236,6 @@ async def test_a_revoked_token_ends_a_generation_whose_client_reads_nothing(
             writer.close()
 
 
-def _counted(server: Any, code: str, method: str) -> float:
-    key = f'seqserve_rpc_duration_seconds_count{{code="{code}",method="{method}",'
-    lines = [line for line in server.metrics.render().decode().splitlines() if key in line]
-    return float(lines[0].split()[-1]) if lines else 0.0
-
-
 async def test_100_continue_is_not_sent_to_a_call_refused_before_its_body(
     server_factory: ServerFactory, tokens: tuple[Path, dict[str, str]]
 ) -> None:
@@ -274,12 +268,12 @@ async def test_100_continue_is_not_sent_to_a_call_refused_before_its_body(
             head = await first_answer(target, headers)
             assert head.startswith(b"HTTP/1.1 401 "), head
             assert b"\r\nconnection: close" in head.lower(), head
-        assert _counted(server, "UNAUTHENTICATED", method) == 2
+        assert rpc_counts(server, method).get("UNAUTHENTICATED", 0) == 2
     good = f"Authorization: Bearer {tok['alice']}\r\n".encode()
     assert await first_answer("/v1/sessions", good) == b"HTTP/1.1 100 Continue\r\n\r\n"
     head = await first_answer("/v1/sessions", good, length=10**8)
     assert head.startswith(b"HTTP/1.1 400 "), head
-    assert _counted(server, "INVALID_ARGUMENT", "CreateSession") == 1
+    assert rpc_counts(server, "CreateSession").get("INVALID_ARGUMENT", 0) == 1
 
 
 async def test_an_authorization_header_that_is_not_utf8_is_401_not_500(
@@ -302,5 +296,5 @@ async def test_an_authorization_header_that_is_not_utf8_is_401_not_500(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401 "), answer
     assert json.loads(body)["error"]["message"] == "invalid bearer token", body
-    assert _counted(server, "INTERNAL", "ListModels") == 0
-    assert _counted(server, "UNAUTHENTICATED", "ListModels") == 1
+    assert rpc_counts(server, "ListModels").get("INTERNAL", 0) == 0
+    assert rpc_counts(server, "ListModels").get("UNAUTHENTICATED", 0) == 1
