@@ -92,8 +92,8 @@ async def test_a_generation_whose_prompt_the_disk_refused_changes_no_reply_after
 
 # The most a generation may ask for: the server generates ahead of what the client has read
 # (about 0.4 ms a token here), so the kill after KILL_AFTER tokens lands inside the generation
-# unless the client stalls for most of a second. With 30 a stall of about 10 ms on a loaded CI machine
-# let the first server finish it before the kill, and the case below was not the one tested.
+# unless the client stalls for most of a second. With 30 a stall of about 10 ms on a loaded CI
+# machine let the first server finish it before the kill: not the case tested below.
 GEN_TOKENS = 2048
 KILL_AFTER = 6  # tokens received by each of the first two calls before the kill
 
