@@ -23,7 +23,13 @@ from google.protobuf.message import Message
 from service.api.error_status import code_name
 from service.api.interceptor import NOT_READY_MESSAGE
 from service.errors import InvalidArgument, NotReady, SeqServeError, Unavailable, quote
-from service.http.request_body import DECODED, content_coding, decode, too_large
+from service.http.request_body import (
+    DECODED,
+    check_declared_length,
+    content_coding,
+    decode,
+    too_large,
+)
 from service.http.status_map import HttpError, HttpRefusal
 from service.security import principal
 from service.security.call_auth import CLIENT_HEADER, CallAuth, current_grant
@@ -152,9 +158,7 @@ class Calls:
         being asked for a body it would send for nothing."""
         try:
             self._admit(grpc_path, HttpContext(request))
-            length = request.content_length
-            if length is not None and length > self.max_body_bytes:
-                raise too_large(length, self.max_body_bytes)
+            check_declared_length(request.content_length, self.max_body_bytes)
         except SeqServeError as exc:
             self._observe(grpc_path.rsplit("/", 1)[-1], code_name(exc), 0.0, "http", exc.reason)
             return exc
@@ -164,8 +168,7 @@ class Calls:
         """The request body (JSON; empty is `{}`) as `message`, with `path_fields` (the ids in
         the URL) set; a body that names another value for one of them is refused."""
         coding = content_coding(request)
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise too_large(request.content_length, self.max_body_bytes)
+        check_declared_length(request.content_length, self.max_body_bytes)
         try:  # the whole body, however many pieces it arrives in (the app caps its size)
             async with asyncio.timeout(self.body_timeout_seconds):
                 raw = await request.read()

@@ -25,7 +25,7 @@ from aiohttp.web_request import BaseRequest
 
 from service.errors import Internal, InvalidArgument, quote
 from service.http.calls import error_answer
-from service.http.request_body import too_large
+from service.http.request_body import check_declared_length
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,11 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         return None  # no interim answers before HTTP/1.1 (as aiohttp)
     if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
         limit = request.client_max_size - 1  # server.max_message_bytes (`HttpApi`)
-        length = request.content_length
-        if request.method == hdrs.METH_POST and length is not None and length > limit:
-            # The final answer the size check gives, without sending for the body first.
-            answer = error_answer(too_large(length, limit))
+        try:  # the final answer the size check gives, without sending for the body first
+            if request.method == hdrs.METH_POST:
+                check_declared_length(request.content_length, limit)
+        except InvalidArgument as exc:
+            answer = error_answer(exc)
             answer.force_close()
             return answer
         transport = request.transport  # aiohttp's documented way (`expect_handler`)

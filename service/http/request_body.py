@@ -75,6 +75,13 @@ def decode(raw: bytes, coding: str, limit: int) -> bytes:
         ) from None
 
 
+def check_declared_length(length: int | None, limit: int) -> None:
+    """Refuse a body whose Content-Length is over `limit`, before any of it is read (a
+    chunked or compressed body is checked as it is read)."""
+    if length is not None and length > limit:
+        raise too_large(length, limit)
+
+
 def too_large(size: int | None, limit: int) -> InvalidArgument:
     """The refusal of a body over `limit` bytes: `size` is its Content-Length, or None for one
     cut off at the limit (chunked, or decompressed), whose size is not known."""

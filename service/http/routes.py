@@ -38,10 +38,10 @@ from service.security.call_auth import REVOKED_MESSAGE, Grant, current_grant
 
 SESSIONS = "/seqserve.v1.SessionService/"
 REGISTRY = "/seqserve.v1.ModelRegistry/"
-SESSION_VERBS = ("fork", "step", "generate")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_VERB_METHODS = {"fork": "ForkSession", "step": "Step", "generate": "Generate"}
+# `POST /v1/sessions/{id}:verb`: the SessionService method each verb calls.
+SESSION_VERBS = {"fork": "ForkSession", "step": "Step", "generate": "Generate"}
 
 
 def _posted_method(request: web.Request) -> str | None:
@@ -51,7 +51,7 @@ def _posted_method(request: web.Request) -> str | None:
     if request.path == "/v1/sessions":
         return "CreateSession"
     session_id, colon, verb = request.match_info.get("id", "").rpartition(":")
-    return _VERB_METHODS.get(verb) if colon and session_id else None
+    return SESSION_VERBS.get(verb) if colon and session_id else None
 
 
 class Routes:
