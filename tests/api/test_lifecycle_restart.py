@@ -20,12 +20,12 @@ import pytest
 from service.client.client import SeqServeClient, make_sampling
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import types_pb2 as types
+from service.runtime.state_pool import slot_bytes
 
 from .conftest import TOKEN_CONFIG, ServerFactory
 from .support import expect_status, tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SLOT_BYTES = 4 * (TOKEN_CONFIG.state_numel() + TOKEN_CONFIG.output_dim)
 START_TIMEOUT_S = 60.0  # python + torch import on a loaded machine
 STOP_TIMEOUT_S = 60.0
 
@@ -33,7 +33,9 @@ pytestmark = pytest.mark.integration
 
 
 class ServerProcess:
-    """`python -m service.cli.main serve` on port 0; the port comes back through --port-file."""
+    """`python -m service.cli.main serve` on port 0; the port comes back through --port-file.
+    Its pool holds `slots` sessions of `tok` (a preloaded `frames` pool gives its bytes back
+    when `tok` needs them, while it holds no session)."""
 
     def __init__(
         self,
@@ -52,7 +54,7 @@ class ServerProcess:
             sys.executable, "-m", "service.cli.main", "serve",
             "--port", str(port), "--metrics-port", "-1", "--http-port", "-1", "--store", str(store),
             "--spill-dir", str(spill), "--port-file", str(self.port_file),
-            "--pool-bytes", str(slots * SLOT_BYTES), "--ttl", "3600", *extra,
+            "--pool-bytes", str(slots * slot_bytes(TOKEN_CONFIG)), "--ttl", "3600", *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
