@@ -232,14 +232,15 @@ def top_probs(pred: types.Prediction) -> list[float]:
 
 def rpc_counts(server: Any, method: str) -> dict[str, float]:
     """RPCs of `method` a server's metric has recorded (`seqserve_rpc_duration_seconds`), by
-    status code."""
+    status code, over both protocols (gRPC and HTTP)."""
     counts: dict[str, float] = {}
     for family in server.metrics.registry.collect():
         if family.name != "seqserve_rpc_duration_seconds":
             continue
         for sample in family.samples:
             if sample.name.endswith("_count") and sample.labels.get("method") == method:
-                counts[sample.labels["code"]] = sample.value
+                code = sample.labels["code"]
+                counts[code] = counts.get(code, 0.0) + sample.value
     return counts
 
 
