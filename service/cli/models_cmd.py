@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from service.cli import models_text as text
 from service.cli.settings_flags import store_path
-from service.errors import FailedPrecondition, InvalidArgument, SeqServeError
+from service.errors import (
+    DigestMismatch,
+    FailedPrecondition,
+    InvalidArgument,
+    SeqServeError,
+    VersionUnusable,
+    WeightsMismatch,
+)
 
 if TYPE_CHECKING:  # the store (and torch) are imported when a command runs: --help stays fast
     from service.registry.snapshot import ModelEntry
@@ -126,9 +133,7 @@ def _list(args: argparse.Namespace) -> int:
         snap = _existing_store(args).snapshot()
     except SeqServeError as exc:  # the store root is missing or not a readable folder
         return _fail(exc)
-    from service.registry.version_rule import VersionRule
-
-    rule = VersionRule()  # one for the listing, as a server has one
+    rule = _rule()  # one for the listing, as a server has one
     if args.json:
         print(json.dumps([text.model_json(m, rule) for m in snap.models.values()], indent=2))
         return 0
@@ -139,16 +144,34 @@ def _list(args: argparse.Namespace) -> int:
         [
             m.name,
             text.architecture(m),
-            ", ".join(map(str, m.usable_versions)) or "-",
+            ", ".join(map(str, rule.servable_versions(m))) or "-",  # as ListModels lists
             _latest(m, rule),
             text.aliases_text(m),
         ]
         for m in snap.models.values()
     ]
     print(text.table(["MODEL", "ARCHITECTURE", "VERSIONS", "LATEST", "ALIASES"], rows))
-    for problem in snap.problems:
+    refusals = [  # weights that fail their digest or do not fit (the manifests' are below)
+        refusal
+        for m in snap.models.values()
+        for v in m.usable_versions
+        if (refusal := rule.refusal(m, v)) is not None
+    ]
+    for problem in [*snap.problems, *refusals]:
         print(f"refused: {problem}", file=sys.stderr)
     return 0
+
+
+def _rule() -> VersionRule:
+    """The server's rule for which versions take new sessions (it hashes the weights). Its
+    verdicts are printed by the command ("refused: …", a version's status), so the rule's own
+    log line for each (a server's log) is not written to the terminal bare as well."""
+    import logging
+
+    from service.registry.version_rule import VersionRule
+
+    logging.getLogger("service.registry.digests").addHandler(logging.NullHandler())
+    return VersionRule()
 
 
 def _latest(model: ModelEntry, rule: VersionRule) -> str:
@@ -158,16 +181,17 @@ def _latest(model: ModelEntry, rule: VersionRule) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
+    rule = _rule()  # the server's word on each version
     try:
         model = _store(args).model(args.name)
-        version = model.resolve(args.version)
+        try:  # the version a new session asking for it gets (a refused newest one skipped)
+            version = rule.version_for(model, args.version)
+        except (DigestMismatch, WeightsMismatch, VersionUnusable):  # refused: shown, with why
+            version = model.resolve(args.version)
         manifest = model.usable(version).manifest
     except SeqServeError as exc:
         return _fail(exc)
     assert manifest is not None, "usable versions have a manifest"
-    from service.registry.version_rule import VersionRule
-
-    rule = VersionRule()  # the server's word on each version (it hashes the weights)
     if args.json:
         body = text.model_json(model, rule)
         body.update(

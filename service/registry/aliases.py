@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service.errors import FailedPrecondition, InvalidArgument, quote
 from service.registry.atomic import replace_durably
+from service.registry.version_spec import MAX_VERSION
 
 ALIASES_FILE = "aliases.json"
 LOCK_FILE = ".aliases.lock"
@@ -49,7 +50,7 @@ def read_aliases(model_dir: Path) -> dict[str, int]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # undecodable, not JSON, a number of 4,300+ digits
         raise AliasFileError(f"{path}: unreadable: {exc}") from exc
     if not isinstance(raw, dict):
         raise AliasFileError(f"{path}: expected an object of alias → version")
@@ -59,10 +60,14 @@ def read_aliases(model_dir: Path) -> dict[str, int]:
             validate_alias_name(alias)
         except InvalidArgument as exc:
             raise AliasFileError(f"{path}: {exc.message}") from exc
-        # bool is an int subclass; `true` is not a version.
+        # bool is an int subclass; `true` is not a version. Nor is a number past the folders'.
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise AliasFileError(
                 f"{path}: alias {alias!r}: version must be a positive integer, got {version!r}"
+            )
+        if version > MAX_VERSION:
+            raise AliasFileError(  # (not echoed: no version has as many digits)
+                f"{path}: alias {alias!r}: version must be at most {MAX_VERSION}"
             )
         aliases[alias] = version
     return aliases

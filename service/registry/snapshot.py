@@ -31,13 +31,14 @@ from service.registry.manifest import MANIFEST_FILE, Manifest, TokensInput
 from service.registry.parsed_files import ParsedFiles
 from service.registry.version_spec import (
     LATEST,
+    MAX_VERSION,
     PRODUCTION,
     VersionNumberTooLong,
     version_number,
 )
 
-# Canonical version folder names only: "007" and "0" are not versions.
-_VERSION_DIR_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+# Canonical version folder names only, 1 to MAX_VERSION: "007" and "0" are not versions.
+_VERSION_DIR_RE = re.compile(rf"^[1-9][0-9]{{0,{len(str(MAX_VERSION)) - 1}}}$")
 
 
 @dataclass(frozen=True)

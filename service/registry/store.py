@@ -13,6 +13,7 @@ server polling `snapshot()` never sees half a version.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import time
@@ -71,6 +72,7 @@ from service.registry.verification import (
     check_weights,
     verify_versions,
 )
+from service.registry.version_spec import MAX_VERSION
 from service.registry.weights import check_tensors, deserialize, serialize, sha256_hex
 
 # How often publish retries when another publisher takes the version number it picked.
@@ -139,9 +141,10 @@ class ModelStore:
         exc.args = (exc.message,)
 
     def within(self, text: str) -> str:
-        """`text` with the store's files named within it and the store as "the model store"."""
+        """`text` with the store's files named within it and the store as "the model store".
+        Only a path that starts with the root is cut: a relative root `s` leaves `bus/1` be."""
         text = text.replace(f"the model store {self.root}", "the model store")
-        return text.replace(f"{self.root}/", "")
+        return re.sub(rf"(?<![\w.~/-]){re.escape(str(self.root))}/", "", text)
 
     def _load(
         self, name: str, version: int, device: torch.device | str, started: float
@@ -227,6 +230,11 @@ class ModelStore:
         model_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(_PUBLISH_ATTEMPTS):
             version = max(map(int, version_dir_names(model_dir)), default=0) + 1
+            if version > MAX_VERSION:  # its folder would be no version's
+                raise FailedPrecondition(
+                    f"could not publish {name!r}: it has version {MAX_VERSION}, the highest a "
+                    "model store holds; publish it under another name"
+                )
             manifest = Manifest.from_config(
                 config,
                 name=name,
@@ -261,6 +269,7 @@ class ModelStore:
             write_aliases(entry.path, aliases)
 
     def delete_alias(self, name: str, alias: str) -> None:
+        validate_alias_name(alias)  # a name no alias can have is a bad argument, not "not found"
         entry = self.model(name)
         with aliases_locked(entry.path):
             aliases = self._aliases_for_update(entry)

@@ -6,8 +6,9 @@ from __future__ import annotations
 PRODUCTION = "production"  # the alias "" means when it is set
 LATEST = "latest"  # the highest usable version
 
-# The store's version folders are 1 to 999,999,999 (and versions are int64 on the wire): a
-# number of more digits names no version. It is not converted (Python's int() refuses over
+# The store's version folders are 1 to MAX_VERSION (versions are int64 on the wire).
+MAX_VERSION = 999_999_999
+# A number of more digits names no version. It is not converted (Python's int() refuses over
 # 4,300 digits) nor echoed whole.
 MAX_VERSION_DIGITS = 18
 

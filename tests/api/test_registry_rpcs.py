@@ -496,3 +496,30 @@ async def test_an_aliased_version_stays_loaded_when_production_is_refused(
         await session.close()
         await asyncio.sleep(0.5)  # the unload, when there is one, runs just after the close
     assert srv.engine.versions.find("tok", 1) is not None
+
+
+async def test_an_alias_past_every_version_number_is_a_broken_alias_file(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """aliases.json naming a version past any folder's (past int64 here) is malformed like any
+    other: ListModels still lists every model, GetModel answers, alias writes are refused and
+    change nothing, version numbers still serve. The number was copied into the reply's int64
+    map, which raised: INTERNAL for the whole listing, and for SetAlias after it had written."""
+    body = '{"production": 1, "staging": 99999999999999999999}'
+    (store_root / "tok" / "aliases.json").write_text(body)
+    models = {m.name: m for m in (await client.registry.ListModels(reg.ListModelsRequest())).models}
+    assert sorted(models) == ["frames", "tok"]
+    assert not models["tok"].aliases
+    tok = await _model(client, "tok")
+    assert [v.version for v in tok.versions] == [1]
+    for call in (
+        client.registry.SetAlias(reg.SetAliasRequest(name="tok", alias="canary", version=1)),
+        client.registry.DeleteAlias(reg.DeleteAliasRequest(name="tok", alias="staging")),
+        _create(client),
+    ):
+        await expect_status(
+            call, grpc.StatusCode.FAILED_PRECONDITION, "tok/aliases.json", "at most 999999999"
+        )
+    assert (store_root / "tok" / "aliases.json").read_text() == body
+    made = await _create(client, version="1")
+    assert made.session.version == 1

@@ -53,6 +53,11 @@ def test_invalid_alias_names_are_refused(model: ModelStore, alias: str) -> None:
     with pytest.raises(InvalidArgument, match=re.escape(repr(alias))):
         model.set_alias("m", alias, 1)
     assert not (model.root / "m" / "aliases.json").exists()
+    # Deleting one is the same bad argument, not "not found" (no alias can have the name).
+    model.set_alias("m", "production", 1)
+    with pytest.raises(InvalidArgument, match=re.escape(repr(alias))):
+        model.delete_alias("m", alias)
+    assert _on_disk(model) == {"production": 1}
 
 
 def test_alias_must_point_at_an_existing_version(model: ModelStore) -> None:
@@ -86,14 +91,29 @@ def test_delete_unknown_alias_names_the_existing_ones(model: ModelStore) -> None
     assert _on_disk(model) == {"production": 1}
 
 
-def test_a_malformed_aliases_file_is_not_overwritten(model: ModelStore) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"production": true}',
+        # Past the highest version folder (999,999,999), past int64, past int()'s 4,300 digits:
+        # copied into the registry's int64 map it raised (ListModels INTERNAL, the store's
+        # other models included; an alias write applied, then answered INTERNAL).
+        '{"production": 1000000000}',
+        '{"production": 1, "staging": 99999999999999999999}',
+        '{"production": ' + "9" * 5000 + "}",
+    ],
+    ids=["a bool", "past the folders", "past int64", "5,000 digits"],
+)
+def test_a_malformed_aliases_file_is_not_overwritten(model: ModelStore, body: str) -> None:
     path = model.root / "m" / "aliases.json"
-    path.write_text('{"production": true}')
-    with pytest.raises(FailedPrecondition, match=re.escape(f"{path}: alias 'production'")):
-        model.set_alias("m", "staging", 1)
+    path.write_text(body)
+    with pytest.raises(FailedPrecondition, match=re.escape(f"{path}: ")) as info:
+        model.set_alias("m", "canary", 1)
+    assert len(info.value.message) < 400, "the number is not echoed"
     with pytest.raises(FailedPrecondition, match="fix or remove it"):
         model.delete_alias("m", "production")
-    assert path.read_text() == '{"production": true}'
+    assert path.read_text() == body
+    assert model.model("m").aliases_problem is not None  # the rest of the model still reads
 
 
 def _refuse_writes(

@@ -41,6 +41,25 @@ def test_tampered_weights_are_refused_naming_file_and_both_digests(
     assert store.load("m", 2).manifest.version == 2
 
 
+@pytest.mark.parametrize("root", ["s", "./s"])
+def test_a_relative_store_names_its_files_within_it_whole(
+    store: ModelStore, publish: PublishFn, monkeypatch: pytest.MonkeyPatch, root: str
+) -> None:
+    """`--store s`: only a path that starts with the root is cut, so `bus/1/…` stays whole (the
+    root's `s/` cut out of the middle of it made it `bu1/weights.safetensors`)."""
+    publish("bus")
+    monkeypatch.chdir(store.root.parent)
+    store.root.rename(store.root.parent / "s")
+    relative = ModelStore(root)
+    _flip_one_byte(relative.root / "bus" / "1" / "weights.safetensors")
+    with pytest.raises(DigestMismatch) as info:
+        relative.load("bus", 1)
+    assert info.value.message.startswith("bus/1/weights.safetensors: "), info.value.message
+    assert relative.within(f"{relative.root}/bus/1/manifest.json (and xs/bus/1)") == (
+        "bus/1/manifest.json (and xs/bus/1)"
+    )
+
+
 def test_digest_is_checked_before_deserialization(
     store: ModelStore, publish: PublishFn, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,13 @@ import pytest
 import safetensors
 import torch
 
-from service.errors import InvalidArgument, VersionNotFound, VersionUnusable, WeightsMismatch
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    VersionNotFound,
+    VersionUnusable,
+    WeightsMismatch,
+)
 from service.registry.manifest import Training
 from service.registry.store import ModelStore
 from service.registry.weights import serialize, sha256_hex
@@ -55,6 +61,19 @@ def test_a_broken_version_folder_keeps_its_number(store: ModelStore, publish: Pu
     publish("m")
     (store.root / "m" / "2").mkdir()  # no manifest: refused, but the number is taken
     assert publish("m")[0].version == 3
+
+
+def test_publishing_past_the_highest_version_number_is_refused(
+    store: ModelStore, publish: PublishFn
+) -> None:
+    """Version folders are 1 to 999,999,999: past that, publish refuses, and leaves nothing
+    (it reported a version 1000000000 the store never showed, and the next publish failed as
+    "version numbers kept being taken")."""
+    publish("m")
+    (store.root / "m" / "999999999").mkdir()  # a broken folder: its number is taken
+    with pytest.raises(FailedPrecondition, match="it has version 999999999, the highest"):
+        publish("m")
+    assert sorted(p.name for p in (store.root / "m").iterdir()) == ["1", "999999999"]
 
 
 def test_weights_file_has_design_tensor_names_and_recorded_digest(
