@@ -37,18 +37,23 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
 
     def _default_version(self, entry: ModelEntry) -> int:
         """What `CreateSession` with no version gets now (the store's one rule), or 0 when it
-        would be refused (no servable version; `production` on a missing or refused one);
-        blocking."""
+        would be refused (no servable version; `production` on a missing or refused one; a
+        version whose loaded copy is outdated while sessions run on it); blocking."""
         try:
-            return self.rule.version_for(entry, "")
+            version = self.rule.version_for(entry, "")
         except SeqServeError:  # refused: report 0 rather than fail the listing
             return 0
+        return 0 if self.versions.held_refusal(entry, version) is not None else version
 
     def _summary(self, entry: ModelEntry) -> pb.ModelSummary:
         """Blocking: hashes weights not hashed since they changed (once per change)."""
         return pb.ModelSummary(
             name=entry.name,
-            versions=list(self.rule.servable_versions(entry)),
+            versions=[
+                v
+                for v in self.rule.servable_versions(entry)
+                if self.versions.held_refusal(entry, v) is None
+            ],
             aliases=dict(entry.aliases),
             default_version=self._default_version(entry),
         )
@@ -62,10 +67,13 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
 
     def _problem(self, entry: ModelEntry, version: int) -> str | None:
         """Why `version` takes no new sessions (a bad manifest, missing weights, weights that
-        fail their digest), or None; blocking: hashes weights not hashed since they changed.
-        Paths in it are relative to the store (a client never sees the server's paths)."""
+        fail their digest; its loaded copy outdated while sessions run on it), or None;
+        blocking: hashes weights not hashed since they changed. Paths in it are relative to
+        the store (a client never sees the server's paths)."""
         problem = self.rule.refusal(entry, version)
-        return None if problem is None else self.store.within(problem)
+        if problem is None:
+            return self.versions.held_refusal(entry, version)
+        return self.store.within(problem)
 
     async def GetModel(self, request, context):  # type: ignore[no-untyped-def]
         entry = await self._blocking(self.store.model, request.name)
@@ -76,6 +84,8 @@ class RegistryServicer(pb_grpc.ModelRegistryServicer):
         versions = []
         for v, problem in zip(entry.versions, problems, strict=True):
             lv = self.versions.find(entry.name, v.version)
+            if lv is not None and self.versions.outdated(entry, v.version) is lv:
+                lv = None  # an older copy is loaded, not these files (see `_problem`)
             manifest = v.manifest
             versions.append(
                 pb.ModelVersion(

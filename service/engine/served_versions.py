@@ -12,7 +12,11 @@ inotify, local filesystems); which version a spec means is the store's rule
 (`VersionRule.version_for`), the same one the registry RPCs report. Before a loaded version takes
 a new session its files are checked again (a stat; a re-hash only when the weights changed): a
 version whose files vanished or fail their digest is refused for new sessions while its running
-sessions go on.
+sessions go on. A loaded version whose manifest on disk now describes other weights (the model
+deleted and published again under the same number) is outdated: while sessions run on it, it
+serves them and refuses new ones; once none does, it is unloaded (when its last session ends, or
+by the next new session that asks for it, which then loads the files on disk), even when it is
+the default version.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from service.engine.served_version import ServedVersion, VersionObserver
 from service.engine.version_loader import VersionLoader
-from service.errors import InvalidArgument, NotFound, SeqServeError
+from service.errors import InvalidArgument, NotFound, SeqServeError, VersionUnusable
 from service.registry.snapshot import ModelEntry
 from service.registry.store import ModelStore
 from service.registry.store_changes import StoreChanges
-from service.registry.version_rule import VersionRule
+from service.registry.version_rule import VersionRule, republished_reason
 from service.registry.version_spec import version_digits
 
 log = logging.getLogger(__name__)
@@ -107,29 +111,76 @@ class ServedVersions:
             return await self.get(name, known[1])
         loop = asyncio.get_running_loop()
         try:
-            version, watched = await loop.run_in_executor(self._reader, self._pick, name, spec)
+            version, watched, outdated = await loop.run_in_executor(
+                self._reader, self._pick, name, spec
+            )
         except SeqServeError as exc:  # the store's files, named within it: clients read this
             self.store.name_within(exc)
             raise
+        if outdated is not None:
+            await self._replace(outdated)
         if watched:  # kept with the mark from before it was read: a change meanwhile moved it
             if len(self._known) >= KNOWN_SPECS:
                 self._known.clear()
             self._known[key] = (mark, version)
         return await self.get(name, version)
 
-    def _pick(self, name: str, spec: str) -> tuple[int, bool]:
+    def _pick(self, name: str, spec: str) -> tuple[int, bool, ServedVersion | None]:
         """`resolve`'s reading of the store, in one trip to the reader thread (three trips cost
         more than the reading): the version `spec` means, checked against its files when it
-        is already served, and whether the model's folders were watched before it was read
-        (its answer may then be kept). A re-hash of weights changed on disk holds the others
-        up."""
+        is already served, whether the model's folders were watched before it was read (its
+        answer may then be kept), and the loaded copy of that version when it is outdated
+        (`VersionRule.republished`) and no session runs on it: `_replace` unloads it on the
+        event loop. One with sessions is refused here. A re-hash of weights changed on disk
+        holds the others up."""
         watched = self._changes is not None and self._changes.watch(name)
         entry = self.store.model(name)
         version = self.rule.version_for(entry, spec)
         served = self._served.get((name, version))  # a dict read: safe from this thread
         if served is not None:
+            if served.sessions == 0 and self.rule.republished(entry, version, served.fingerprint):
+                return version, watched, served
             self.rule.check_unchanged(entry, version, served.fingerprint)
-        return version, watched
+        return version, watched, None
+
+    async def _replace(self, outdated: ServedVersion) -> None:
+        """Unload `outdated` (`_pick` found its manifest on disk changed and no session on it)
+        so that `get` loads the files on disk; refused as `check_unchanged` refuses if a session
+        was pinned to it meanwhile. Another resolve already unloading it: nothing to do."""
+        if outdated.sessions > 0:
+            raise VersionUnusable(republished_reason(outdated.name, outdated.version))
+        if (
+            not outdated.unloading
+            and self._served.get((outdated.name, outdated.version)) is outdated
+        ):
+            log.info(
+                "%s:%d changed on disk since it was loaded (%s): loading it again",
+                outdated.name,
+                outdated.version,
+                outdated.fingerprint,
+            )
+            await self.unload(outdated)
+
+    def outdated(self, entry: ModelEntry, version: int) -> ServedVersion | None:
+        """The copy of `version` loaded here when it is outdated (`VersionRule.republished`:
+        the store's manifest describes other weights), else None. Read by the registry (from a
+        thread: dict and attribute reads)."""
+        served = self._served.get((entry.name, version))
+        if served is None or served.unloading:
+            return None
+        return served if self.rule.republished(entry, version, served.fingerprint) else None
+
+    def held_refusal(self, entry: ModelEntry, version: int) -> str | None:
+        """Why new sessions of `version` are refused although its files on disk serve: its
+        loaded copy is outdated and sessions still run on it (what `_pick` refuses); None
+        otherwise. The registry reports it (GetModel's status, ListModels, the default)."""
+        served = self.outdated(entry, version)
+        if served is None or served.sessions == 0:
+            return None
+        return (
+            f"{republished_reason(entry.name, version)} while the {served.sessions} "
+            f"session(s) made on the copy loaded (fingerprint {served.fingerprint}) run"
+        )
 
     async def get(self, name: str, version: int) -> ServedVersion:
         """The served version, loading it first if need be (one load however many wait)."""
@@ -197,7 +248,8 @@ class ServedVersions:
 
     async def release_if_unused(self, name: str, version: int) -> None:
         """Unload a version no session is pinned to that new sessions no longer resolve to
-        (not the default version, not aliased, not preloaded by name)."""
+        (not the default version, not aliased, not preloaded by name), or whose copy is
+        outdated (`VersionRule.republished`: new sessions would load the files on disk)."""
         served = self._served.get((name, version))
         if served is None or served.sessions > 0 or served.unloading:
             return
@@ -214,7 +266,10 @@ class ServedVersions:
             )
         except SeqServeError:
             current = None
-        if self.wanted(served, entry, current) or served.sessions > 0 or served.unloading:
+        outdated = entry is not None and self.rule.republished(entry, version, served.fingerprint)
+        if not outdated and self.wanted(served, entry, current):  # outdated: nothing wants it
+            return
+        if served.sessions > 0 or served.unloading:
             return
         await self.unload(served)
 

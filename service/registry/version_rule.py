@@ -81,6 +81,16 @@ class VersionRule:
         weights = found.path / manifest.weights_file
         self._digests.check(weights, manifest.weights_sha256, manifest.to_config())
 
+    def republished(self, entry: ModelEntry, version: int, fingerprint: str) -> bool:
+        """Whether the store now holds `version` with a usable manifest that describes other
+        weights than the copy loaded with `fingerprint` (the model deleted and published again
+        under that number, say): the copy is outdated, the files on disk are what a new load
+        reads. Not blocking: the manifest was read with the entry."""
+        found = entry.entry(version)
+        if found is None or found.problem is not None or found.manifest is None:
+            return False
+        return found.manifest.fingerprint() != fingerprint
+
     def check_unchanged(self, entry: ModelEntry, version: int, fingerprint: str) -> None:
         """Raise unless `version` is still in the store as it was loaded (with `fingerprint`):
         VersionUnusable when its folder, manifest or weights are gone or the manifest now
@@ -92,11 +102,17 @@ class VersionRule:
         if found.problem is not None or found.manifest is None:
             raise VersionUnusable(f"{what} is unusable on disk: {found.problem}")
         if found.manifest.fingerprint() != fingerprint:
-            raise VersionUnusable(
-                f"{what}: its manifest on disk changed since it was loaded; it takes no new "
-                "sessions"
-            )
+            raise VersionUnusable(republished_reason(entry.name, version))
         # The digest alone: the fingerprint covers digest and architecture, and these bytes fit
         # that architecture when they were loaded (no parse per new session).
         weights = found.path / found.manifest.weights_file
         self._digests.check(weights, found.manifest.weights_sha256)
+
+
+def republished_reason(name: str, version: int) -> str:
+    """Why a loaded copy of `name:version` whose manifest on disk changed since (`republished`)
+    takes no new sessions: the sessions made on it still run on it."""
+    return (
+        f"{name}:{version}: its manifest on disk changed since it was loaded; it takes no new "
+        "sessions"
+    )

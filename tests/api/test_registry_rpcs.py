@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 
+from service.api.server import SeqServeServer
 from service.client.client import SeqServeClient
 from service.pb.seqserve.v1 import model_registry_pb2 as reg
 from service.pb.seqserve.v1 import session_service_pb2 as pb
@@ -523,3 +525,66 @@ async def test_an_alias_past_every_version_number_is_a_broken_alias_file(
     assert (store_root / "tok" / "aliases.json").read_text() == body
     made = await _create(client, version="1")
     assert made.session.version == 1
+
+
+def _republish(store_root: Path) -> None:
+    """`tok` deleted from the store and published again: version 1 once more, other weights."""
+    shutil.rmtree(store_root / "tok")
+    publish_random(ModelStore(store_root), "tok", TOKEN_CONFIG, seed=5)
+
+
+async def test_a_version_republished_under_its_number_serves_the_files_on_disk(
+    server: SeqServeServer, client: SeqServeClient, store_root: Path
+) -> None:
+    """Its copy loaded (the default version) and no session on it, `tok` is deleted and
+    published again as version 1 (no store polling): GetModel reports the version OK but not
+    loaded, since the copy loaded is not these files (it said loaded, with the new fingerprint,
+    while every CreateSession was refused), and the next CreateSession gets the new files."""
+    first = await _create(client)
+    await client.sessions.CloseSession(pb.CloseSessionRequest(session_id=first.session.session_id))
+    await server.engine.settle()  # the close's unload check, done before the store changes
+    assert server.engine.versions.find("tok", 1) is not None  # the default: kept loaded
+    _republish(store_root)
+    tok = await _model(client, "tok")
+    (v1,) = tok.versions
+    assert v1.fingerprint != first.session.fingerprint
+    assert (v1.status, v1.loaded, v1.live_sessions) == (reg.VERSION_STATUS_OK, False, 0)
+    assert tok.default_version == 1
+    assert list((await _listed(client))["tok"].versions) == [1]
+    created = await _create(client)
+    assert (created.session.version, created.session.fingerprint) == (1, v1.fingerprint)
+    (v1,) = (await _model(client, "tok")).versions
+    assert (v1.status, v1.loaded, v1.live_sessions) == (reg.VERSION_STATUS_OK, True, 1)
+
+
+async def test_a_republished_version_whose_old_copy_has_sessions_is_reported_refused(
+    client: SeqServeClient, store_root: Path
+) -> None:
+    """A session runs on the copy loaded when `tok` is published again as version 1: new
+    sessions are refused, and the registry says so (REFUSED with the reason, not loaded,
+    default 0, not listed) instead of reporting the new fingerprint loaded and OK. Once the
+    session is closed the version is OK again and the next session gets the new files."""
+    running = await _create(client)
+    _republish(store_root)
+    await expect_status(
+        _create(client), grpc.StatusCode.FAILED_PRECONDITION, "manifest on disk changed"
+    )
+    tok = await _model(client, "tok")
+    (v1,) = tok.versions
+    assert v1.fingerprint != running.session.fingerprint
+    assert (v1.status, v1.loaded, v1.live_sessions) == (reg.VERSION_STATUS_REFUSED, False, 1)
+    assert "manifest on disk changed" in v1.status_reason
+    assert running.session.fingerprint in v1.status_reason  # the copy the session runs on
+    assert tok.default_version == 0
+    listed = (await _listed(client))["tok"]
+    assert (list(listed.versions), listed.default_version) == ([], 0)
+    await client.sessions.CloseSession(
+        pb.CloseSessionRequest(session_id=running.session.session_id)
+    )
+    tok = await _model(client, "tok")
+    (v1,) = tok.versions
+    assert (v1.status, v1.live_sessions, tok.default_version) == (reg.VERSION_STATUS_OK, 0, 1)
+    created = await _create(client)
+    assert (created.session.version, created.session.fingerprint) == (1, v1.fingerprint)
+    (v1,) = (await _model(client, "tok")).versions
+    assert v1.loaded and v1.live_sessions == 1

@@ -4,6 +4,7 @@ on their version until they end, broken versions are refused for new sessions on
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from pathlib import Path
 
@@ -256,3 +257,64 @@ async def test_a_create_refused_for_weights_changed_on_disk_names_them_within_th
         await engine.create_session("tok")
     assert "tok/1/weights.safetensors" in err.value.message
     assert str(store_root) not in err.value.message
+
+
+def _republish(store: ModelStore, seed: int) -> str:
+    """`tok` deleted from the store and published again: version 1 once more, other weights
+    (a retrained model under the same number). Returns its fingerprint on disk."""
+    shutil.rmtree(store.root / "tok")
+    assert publish(store, "tok", TOK, seed=seed) == 1
+    manifest = store.model("tok").usable(1).manifest
+    assert manifest is not None
+    return manifest.fingerprint()
+
+
+async def test_a_version_republished_under_its_number_is_loaded_again_by_the_next_session(
+    make_engine: EngineFactory, store: ModelStore
+) -> None:
+    """The loaded copy of the default version no session runs on, its model deleted and
+    published again as version 1: the next new session unloads the copy and loads the files on
+    disk, without a poll of the store (it was refused until the watcher unloaded the copy)."""
+    engine = await make_engine()
+    s, _ = await engine.create_session("tok")
+    await engine.close_session(s.session_id)
+    await engine.settle()
+    old = engine.versions.find("tok", 1)
+    assert old is not None  # the default version: kept loaded
+    fingerprint = _republish(store, seed=9)
+    assert fingerprint != old.fingerprint
+    new, _ = await engine.create_session("tok")
+    assert (new.version, new.fingerprint) == (1, fingerprint)
+    served = engine.versions.find("tok", 1)
+    assert served is not None and served is not old and served.fingerprint == fingerprint
+    reference = await make_engine()  # started on the republished files
+    ref, _ = await reference.create_session("tok")
+    got = await engine.feed(new.session_id, toks(4, 5))
+    want = await reference.feed(ref.session_id, toks(4, 5))
+    assert same(got.prediction, want.prediction)
+
+
+async def test_a_republished_version_with_sessions_serves_them_refuses_new_ones_then_reloads(
+    make_engine: EngineFactory, store: ModelStore
+) -> None:
+    """A session still runs on the copy loaded: it keeps its weights, new sessions are refused
+    (they would run on weights the store no longer holds); when it ends the copy is unloaded,
+    though it is the default version, and the next session gets the files on disk."""
+    engine = await make_engine()
+    pinned = await make_engine()  # a reference that only ever runs the first version 1
+    running, _ = await engine.create_session("tok")
+    ref, _ = await pinned.create_session("tok")
+    old = engine.versions.find("tok", 1)
+    assert old is not None
+    fingerprint = _republish(store, seed=9)
+    with pytest.raises(VersionUnusable, match="manifest on disk changed"):
+        await engine.create_session("tok")
+    got = await engine.feed(running.session_id, toks(4, 5))
+    want = await pinned.feed(ref.session_id, toks(4, 5))
+    assert same(got.prediction, want.prediction)
+    assert engine.versions.find("tok", 1) is old
+    await engine.close_session(running.session_id)
+    await engine.settle()
+    assert engine.versions.find("tok", 1) is None  # outdated: kept for nothing
+    new, _ = await engine.create_session("tok")
+    assert (new.version, new.fingerprint) == (1, fingerprint)
