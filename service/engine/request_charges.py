@@ -5,7 +5,10 @@ The rate itself (a token bucket per principal, local or in the shared tier) is
 is given back, so that a request refused changes nothing, its charge included:
 
 - a feed (Step): its input, given back if the feed is refused;
-- a Stream message's feeds: their inputs, charged together; each refused feed's given back;
+- a Stream message's feeds: their inputs, charged together when they come to at most a
+  second's worth (the bucket's size), else feed by feed in the message's order, as that many
+  Steps would be, the feeds after one the bucket refused refused too; each refused feed's
+  charge given back;
 - a generation: its prompt and the most it may generate, reserved up front; what it did not
   apply itself (its prompt's step never ran, fewer tokens than asked, a retry's prompt and
   the tokens it sends again) is given back however it ends.
@@ -16,6 +19,7 @@ A call not charged (no principal, or no rate) costs nothing here, not even its i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -47,27 +51,55 @@ class RequestCharges:
             return await run()
 
     async def feed_many(
-        self, feeds: Sequence[Feed], run: Callable[[], Awaitable[Outcomes]]
+        self, feeds: Sequence[Feed], run: Callable[[Sequence[Feed]], Awaitable[Outcomes]]
     ) -> Outcomes:
-        """`run()`, the feeds of one Stream message, charged their sizes together: all are
-        refused if the caller is over its rate, and each feed refused is given its charge back."""
+        """`run(admitted)`, the feeds of one Stream message the caller's rate admits (`_admit`),
+        in the message's order; the others refused with the quota's error. Each feed refused
+        by `run` is given its charge back."""
         if not self._quotas.charging:
-            return await run()
+            return await run(feeds)
         sizes = [f.input.size() for f in feeds]
+        admitted, over = await self._admit(sizes)
+        if not admitted:
+            assert over is not None
+            return [over] * len(feeds)
+        charged = sizes[:admitted]
         try:
-            await self._quotas.charge(sum(sizes))
-        except SeqServeError as exc:
-            return [exc] * len(feeds)
-        try:
-            outcomes = await run()
+            outcomes = await run(feeds[:admitted])
         except SeqServeError:
-            await self._quotas.refund(sum(sizes))
+            await self._quotas.refund(sum(charged))
             raise
         # The feeds refused are given their charge back.
         await self._quotas.refund(
-            sum(n for n, o in zip(sizes, outcomes, strict=True) if isinstance(o, SeqServeError))
+            sum(n for n, o in zip(charged, outcomes, strict=True) if isinstance(o, SeqServeError))
         )
-        return outcomes
+        return outcomes if over is None else [*outcomes, *[over] * (len(feeds) - admitted)]
+
+    async def _admit(self, sizes: list[int]) -> tuple[int, SeqServeError | None]:
+        """Charge the leading feeds the rate admits: how many, and the refusal of the rest.
+        Up to a second's worth in all (the bucket's size) they are charged together, in one
+        take (one round trip to a shared tier), all or none. More is charged feed by feed, as
+        Steps are: the first may leave a full bucket in debt (as one Step over a second's
+        worth does), the rest wait for it. Charged together, such a message was admitted whole
+        into a debt of any size (1,024 feeds of 4,096 tokens), the burst the bucket bounds."""
+        if len(sizes) == 1 or sum(sizes) <= self._quotas.tokens_per_second:
+            try:
+                await self._quotas.charge(sum(sizes))
+            except SeqServeError as exc:
+                return 0, exc
+            return len(sizes), None
+        charged = 0
+        try:
+            for k, size in enumerate(sizes):
+                try:
+                    await self._quotas.charge(size)
+                except SeqServeError as exc:
+                    return k, exc
+                charged += size
+        except asyncio.CancelledError:  # nothing ran: what was taken goes back
+            await asyncio.shield(self._quotas.refund(charged))
+            raise
+        return len(sizes), None
 
     async def reserve(
         self, session_id: str, prompt: ModelInput | None, sampling: SamplingParams | None

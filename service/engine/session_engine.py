@@ -272,7 +272,7 @@ class SessionEngine:
             if not self.quotas.charging:
                 return await self.ordered.feed_many(feeds, line, entry)
             return await self.charges.feed_many(
-                feeds, lambda: self.ordered.feed_many(feeds, line, entry)
+                feeds, lambda admitted: self.ordered.feed_many(admitted, line, entry)
             )
         finally:
             if entry is not None:

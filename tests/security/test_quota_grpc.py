@@ -16,6 +16,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from service.client.client import SeqServeClient
+from service.client.credentials import Credentials
+from service.client.errors import QuotaExceededError
+from service.client.results import Prediction
 from service.pb.seqserve.v1 import session_service_pb2 as pb
 from service.pb.seqserve.v1 import session_service_pb2_grpc as pb_grpc
 from service.pb.seqserve.v1 import types_pb2 as types
@@ -93,3 +97,32 @@ async def test_a_cancelled_generation_keeps_only_what_it_used(
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         owed = _retry_delay(err.value) * TOKENS_PER_SECOND
         assert kept - 2.0 < owed <= kept + 0.01
+
+
+async def test_concurrent_feeds_of_a_multiplexing_client_are_held_to_the_rate(
+    server_factory: ServerFactory,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """The Python client sends concurrent feeds of many sessions as one Stream message: 16
+    feeds of 50 tokens against a bucket of 5 a second. The first goes through (a full bucket
+    lets one request larger than itself through, into a debt of 10 s), the other 15 are
+    refused with RetryInfo and change nothing; it let all 800 tokens through in one message
+    before."""
+    tokens_file = tmp_path / "tokens"
+    credentials = Credentials(token=add_token(tokens_file, "alice", "client"), insecure=True)
+    server = await server_factory(security={"auth_tokens": tokens_file, "tokens_per_second": 5})
+    async with SeqServeClient(f"127.0.0.1:{server.port}", credentials=credentials) as client:
+        sessions = [await client.create_session("tok") for _ in range(16)]
+        outcomes = await asyncio.gather(
+            *(s.feed(tokens=[1] * 50) for s in sessions), return_exceptions=True
+        )
+        fed = [o for o in outcomes if isinstance(o, Prediction)]
+        refused = [o for o in outcomes if isinstance(o, QuotaExceededError)]
+        assert (len(fed), len(refused)) == (1, 15), outcomes
+        positions = [
+            (
+                await client.sessions.GetSession(pb.GetSessionRequest(session_id=s.session_id))
+            ).session.position
+            for s in sessions
+        ]
+    assert sorted(positions) == [0] * 15 + [50]
