@@ -60,7 +60,13 @@ class TokenText:
         self._mid = False  # the decoder holds the first bytes of a character
         self._tail_len = max((len(s) for s in sampling.stop_strings), default=0)
         self._tail = ""  # recent text, long enough to spot any stop string
-        if log.tokens and self._tail_len:  # a retry continues: the stop-string window too
+        if log.tokens and self._bytes:  # a retry continues: the decoder where it was
+            # The bytes of a character not yet complete are held back (its tokens' text is
+            # ""): a fresh decoder would drop them, and the next token's text, and a stop
+            # string spanning it, would differ from the uninterrupted generation's.
+            self._decoder.decode(bytes(t.token_id for t in log.tokens))
+            self._mid = bool(self._decoder.getstate()[0])
+        if log.tokens and self._tail_len:  # the stop-string window too
             self._tail = "".join(t.text for t in log.tokens)[-self._tail_len :]
 
     def add(self, token: int, position: int) -> GeneratedToken:

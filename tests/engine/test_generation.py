@@ -80,6 +80,47 @@ def test_the_finish_reasons() -> None:
     assert _finish([ord("a")] * 3, SamplingParams(max_tokens=3)) == FINISH_MAX_TOKENS
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_a_generation_continued_from_its_log_gives_the_uninterrupted_text(seed: int) -> None:
+    """A retry continues a generation from its log (`Generation(..., log)`) with a new
+    TokenText: cut anywhere, mid-character included, its texts and its end are the
+    uninterrupted ones. A new decoder dropped the bytes the log held back: a continuation byte
+    came out U+FFFD (`Ϻ` lost), an ASCII byte without the U+FFFD before it, and a stop string
+    across the cut was missed (the generation ran on to max_tokens)."""
+    rng = random.Random(seed)
+    tokens = [rng.choice(_MIXED) for _ in range(120)]
+    sampling = SamplingParams(max_tokens=len(tokens), stop_strings=("\u03fa", "\ufffd\ufffd"))
+    whole = TokenText(sampling, ByteTokenizer(), GenerationLog(sampling))
+    want = []
+    for i, t in enumerate(tokens):
+        want.append(whole.add(t, i + 1))
+        if want[-1].finish_reason is not None:
+            break
+    for cut in range(1, len(want)):
+        log = GenerationLog(sampling)
+        first = TokenText(sampling, ByteTokenizer(), log)
+        for i, t in enumerate(tokens[:cut]):
+            first.add(t, i + 1)
+        continued = TokenText(sampling, ByteTokenizer(), log)  # what a retry builds
+        for i in range(cut, len(want)):
+            continued.add(tokens[i], i + 1)
+        assert log.tokens == want, cut
+
+
+def test_a_stop_string_across_a_retry_s_cut_is_found() -> None:
+    """`Ϻ` is CF BA: the log ends on CF (held back), the retry's first token is BA."""
+    sampling = SamplingParams(max_tokens=50, stop_strings=("Ϻ",))
+    log = GenerationLog(sampling)
+    first = TokenText(sampling, ByteTokenizer(), log)
+    assert [first.add(t, i).text for i, t in enumerate([ord("a"), 0xCF])] == ["a", ""]
+    continued = TokenText(sampling, ByteTokenizer(), log)
+    token = continued.add(0xBA, 3)
+    assert (token.text, token.finish_reason) == ("Ϻ", FINISH_STOP_STRING)
+    lone = GenerationLog(sampling)
+    TokenText(sampling, ByteTokenizer(), lone).add(0xC3, 1)
+    assert TokenText(sampling, ByteTokenizer(), lone).add(ord("4"), 2).text == "\ufffd4"
+
+
 def _finish(tokens: list[int], sampling: SamplingParams) -> str | None:
     text = TokenText(sampling, ByteTokenizer(), GenerationLog(sampling))
     return [text.add(t, i).finish_reason for i, t in enumerate(tokens)][-1]

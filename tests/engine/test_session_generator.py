@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
 from service.engine.generation import GeneratedToken
 from service.runtime.sampler import SamplingParams
 
-from .conftest import EngineFactory, settled, slow_steps, toks
+from .conftest import EngineFactory, settled, slow_steps, toks, wait_idle
 
 SAMPLING = SamplingParams(max_tokens=3)
 
@@ -60,3 +61,31 @@ async def test_a_generate_whose_prompt_step_fails_leaves_the_last_request_as_it_
         ]
     again = await engine.feed(session.session_id, toks(1, 2), expected_position=0, request_id="r1")
     assert again.position == first.position == 2 == session.position
+
+
+async def test_a_generation_cancelled_mid_character_and_retried_gives_the_uninterrupted_text(
+    make_engine: EngineFactory,
+) -> None:
+    """At temperature 100 the test model's tokens are near-uniform bytes, half of them not
+    ASCII: generations cancelled after each of the first 16 tokens, then retried (same request
+    id), give the uninterrupted generation's tokens and text. The retry's new TokenText dropped
+    a character's first bytes held back at the cut: wrong text where the cut split one."""
+    engine = await make_engine()
+    hot = SamplingParams(temperature=100.0, max_tokens=40)
+
+    def generate(session_id: str) -> AsyncIterator[GeneratedToken]:
+        return engine.generate(session_id, sampling=hot, expected_position=0, request_id="g")
+
+    reference, _ = await engine.create_session("tok", seed=11)
+    want = [(t.token_id, t.text) async for t in generate(reference.session_id)]
+    split = 0  # cuts whose last token held a character back
+    for cut in range(1, 17):
+        session, _ = await engine.create_session("tok", seed=11)
+        first = generate(session.session_id)
+        got = [await anext(first) for _ in range(cut)]
+        split += got[-1].text == ""
+        await first.aclose()  # the caller goes away
+        await wait_idle(session)
+        got = [t async for t in generate(session.session_id)]
+        assert [(t.token_id, t.text) for t in got] == want, cut
+    assert split > 0, "no cut fell inside a character: the case is not tested"
