@@ -33,6 +33,7 @@ cycle that was alive at a collection and dies later waits for the next thaw: eve
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -86,6 +87,11 @@ class HeapFreezer:
         # the event loop by `drain`. Nothing here takes a lock: the hook cannot wait on one
         # the interrupted code may hold.
         self._pauses: deque[tuple[int, float]] = deque(maxlen=_PAUSES_KEPT)
+        # While `thaw` runs: its thread, and the time its collections took so far (one pause:
+        # timed apart, its first, of what was never frozen, read as a second full collection
+        # of near zero, halving the generation-2 median and doubling its rate).
+        self._thawing: int | None = None
+        self._thaw_seconds = 0.0
 
     @property
     def installed(self) -> bool:
@@ -105,7 +111,11 @@ class HeapFreezer:
         if phase == "start":
             self._began = time.perf_counter()
             return
-        self._pauses.append((info["generation"], time.perf_counter() - self._began))
+        took = time.perf_counter() - self._began
+        if self._thawing == threading.get_ident():
+            self._thaw_seconds += took
+        else:
+            self._pauses.append((info["generation"], took))
         self._ended = time.monotonic()
         gc.freeze()
 
@@ -124,15 +134,21 @@ class HeapFreezer:
         collection on another thread was under way (`gc.collect` then does nothing: try
         again later). Stops the calling thread for as long as a full collection of
         everything alive takes."""
-        full = _full_collections()
-        gc.collect()  # what was never frozen first: young garbage is not what a thaw is for
-        if _full_collections() == full:
-            return None  # nothing ran, nothing was touched
-        full = _full_collections()
-        gc.unfreeze()
-        found = gc.collect()
-        gc.freeze()  # also when the hook is not installed
-        return found if _full_collections() > full else None
+        self._thawing, self._thaw_seconds = threading.get_ident(), 0.0
+        try:
+            full = _full_collections()
+            gc.collect()  # what was never frozen first: young garbage is not what a thaw is for
+            if _full_collections() == full:
+                return None  # nothing ran, nothing was touched
+            full = _full_collections()
+            gc.unfreeze()
+            found = gc.collect()
+            gc.freeze()  # also when the hook is not installed
+            return found if _full_collections() > full else None
+        finally:
+            self._thawing = None
+            if self._thaw_seconds:  # one generation-2 pause, both collections
+                self._pauses.append((2, self._thaw_seconds))
 
     def drain(self) -> list[tuple[int, float]]:
         """The collections timed since the last drain: (generation, seconds) each."""

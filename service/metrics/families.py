@@ -129,7 +129,8 @@ class MetricFamilies:
         )  # fmt: skip
         self._session_events = Counter(
             "seqserve_session_events",
-            "Session lifecycle events: created, closed, expired, evicted, restored, forked.",
+            "Session lifecycle events: created, closed, expired, evicted, restored, forked, "
+            "taken_over, moved.",
             ("event", *MV), registry=r,
         )  # fmt: skip
         self._queue_depth = Gauge(

@@ -168,6 +168,20 @@ def test_collections_are_timed_by_generation(restore_gc: None) -> None:
     assert freezer.drain() == []
 
 
+def test_a_thaw_is_timed_as_one_full_collection(restore_gc: None) -> None:
+    """A thaw collects twice (what was never frozen, then everything): one pause of both,
+    generation 2, not two (the first near zero, halving the exported median)."""
+    gc.disable()
+    freezer = HeapFreezer()
+    freezer.install()
+    freezer.drain()
+    assert freezer.thaw() is not None
+    pauses = freezer.drain()
+    assert [g for g, _ in pauses] == [2], pauses
+    gc.collect(2)  # a full collection outside a thaw is timed on its own again
+    assert [g for g, _ in freezer.drain()] == [2]
+
+
 async def _tuned(server_factory: ServerFactory, thaw_seconds: float) -> tuple[SeqServeServer, Ref]:
     """A server with serve's GC tuning, and a cycle frozen while alive, then dropped."""
     server = await server_factory(server={"gc_thaw_seconds": thaw_seconds})
