@@ -118,6 +118,8 @@ class SessionLifecycle:
     ) -> Session:
         """A new session with a copy of the source's state, position and RNG (or a new seed)."""
         ttl = self.ttl(ttl_seconds) if ttl_seconds is not None else None  # None: the source's
+        if self._sessions.peek(session_id) is not None:  # (an unknown one: NOT_FOUND first)
+            self._sessions.check_capacity()  # before its lease brings a spilled source back
         async with self._leases.hold(session_id) as lease:
             source, served = lease.session, lease.served
             self._sessions.check_capacity()

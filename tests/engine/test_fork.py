@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import Internal
+from service.errors import Internal, SessionLimit
 from service.runtime.sampler import SamplingParams
 from service.sessions import spill_tier
 
@@ -69,6 +69,22 @@ async def test_fork_of_a_spilled_session(make_engine: EngineFactory) -> None:
     want = await roomy.feed(ref.session_id, toks(3))
     assert got.position == want.position == 3
     assert same(got.prediction, want.prediction)
+
+
+async def test_a_fork_at_the_session_cap_leaves_a_spilled_source_where_it_is(
+    make_engine: EngineFactory,
+) -> None:
+    """Refused for the cap before its source is brought back: a refused request moves nothing
+    (it restored the spilled source first, evicting another session to make room)."""
+    observer = RecordingObserver()
+    engine = await make_engine(slots=1, max_sessions=2, observer=observer)
+    parent, _ = await engine.create_session("tok")
+    other, _ = await engine.create_session("tok")  # `parent` is evicted now
+    assert parent.slot is None and other.slot is not None
+    with pytest.raises(SessionLimit):
+        await engine.fork_session(parent.session_id)
+    assert parent.slot is None and other.slot is not None
+    assert (observer.count("restored"), observer.count("evicted")) == (0, 1)
 
 
 async def test_a_fork_whose_record_cannot_be_made_durable_is_refused_and_counted(
