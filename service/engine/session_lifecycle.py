@@ -98,15 +98,16 @@ class SessionLifecycle:
                 made_by=made_key("create", request_id, owner_for_new()) if request_id else "",
                 prefixed=prefixed if request_id else None,
             )
-            self._register(session, served, "created")
+            self._register(session, served)
         except BaseException:
             self._versions.unpin(served.name, served.version)
             raise
         try:
             self._durability.created(session)
         except SeqServeError:
-            self.end(session, "closed", journal=False)
+            self.end(session, "closed", journal=False, counted=False)
             raise
+        self._observer.on_session_event("created", session.model, str(session.version))
         return session
 
     async def fork(
@@ -145,7 +146,7 @@ class SessionLifecycle:
             )
             self._versions.pin(child.model, child.version)
             try:
-                self._register(child, served, "forked")
+                self._register(child, served)
             except BaseException:
                 self._versions.unpin(child.model, child.version)
                 raise
@@ -153,8 +154,9 @@ class SessionLifecycle:
                 try:
                     self._residency.writer.checkpoint(child, first=True)
                 except SeqServeError:
-                    self.end(child, "closed", journal=False)
+                    self.end(child, "closed", journal=False, counted=False)
                     raise
+            self._observer.on_session_event("forked", child.model, str(child.version))
             return child
 
     async def close(self, session_id: str) -> Session:
@@ -185,10 +187,18 @@ class SessionLifecycle:
         return ended + await self._refused.sweep(slices)
 
     def end(
-        self, session: Session, why: str, *, journal: bool = True, must_record: bool = False
+        self,
+        session: Session,
+        why: str,
+        *,
+        journal: bool = True,
+        must_record: bool = False,
+        counted: bool = True,
     ) -> None:
         """End the session: journaled (refused, changing nothing, if `must_record` and the
-        journal cannot take it), removed, its slot or record freed, its version unpinned."""
+        journal cannot take it), removed, its slot or record freed, its version unpinned.
+        `counted`: a session event (not for one whose create or fork was refused: it never
+        counted as made)."""
         if journal:
             self._durability.ended(session, why, must_record=must_record)
         else:
@@ -197,7 +207,8 @@ class SessionLifecycle:
         self._residency.discard(session)
         self._residency.notify_idle()
         self._versions.unpin(session.model, session.version)
-        self._observer.on_session_event(why, session.model, str(session.version))
+        if counted:
+            self._observer.on_session_event(why, session.model, str(session.version))
         self._chore(self._versions.release_if_unused(session.model, session.version))
 
     async def settle(self) -> None:
@@ -217,15 +228,15 @@ class SessionLifecycle:
             raise InvalidArgument(f"ttl must be in (0, {self._ttl_max}] seconds, got {requested}")
         return requested
 
-    def _register(self, session: Session, served: ServedVersion, event: str) -> None:
-        """Add a new session whose slot is allocated (and version pinned) to the store."""
+    def _register(self, session: Session, served: ServedVersion) -> None:
+        """Add a new session whose slot is allocated (and version pinned) to the store (its
+        event is counted once it is made durable)."""
         try:
             self._sessions.add(session)
         except SeqServeError:
             assert session.slot is not None
             self._residency.free_slot(served, session.slot)
             raise
-        self._observer.on_session_event(event, session.model, str(session.version))
 
     def _chore(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())

@@ -94,8 +94,10 @@ async def test_a_fork_whose_record_cannot_be_made_durable_is_refused_and_counted
     is all of it. When the directory's fsync fails the fork is refused like one whose record
     the disk refused: counted as a failed checkpoint write, the child ended and its record
     deleted. It was an OSError nobody caught: the child stayed live, not durable, and
-    uncounted."""
-    engine = await make_engine()
+    uncounted. Nor is it counted as a session made and then closed (`forked` and `closed`
+    events for a session no client ever had)."""
+    observer = RecordingObserver()
+    engine = await make_engine(observer=observer)
     parent, _ = await engine.create_session("tok", seed=3)
     await engine.feed(parent.session_id, toks(10, 20))
     records = set(engine.spill.directory.glob("*.spill"))
@@ -110,5 +112,7 @@ async def test_a_fork_whose_record_cannot_be_made_durable_is_refused_and_counted
     assert engine.stats().state_write_failures == 1
     assert [s.session_id for s in engine.sessions] == [parent.session_id]
     assert set(engine.spill.directory.glob("*.spill")) == records
+    assert (observer.count("forked"), observer.count("closed")) == (0, 0)
     child = await engine.fork_session(parent.session_id)  # the disk is fine again
     assert child.position == 2 and engine.stats().state_write_failures == 1
+    assert (observer.count("forked"), observer.count("closed")) == (1, 0)

@@ -12,7 +12,7 @@ import pytest
 from service.errors import JournalUnavailable
 from tests.tmpfs import fill_but, mounted_tmpfs
 
-from .conftest import EngineFactory, toks
+from .conftest import EngineFactory, RecordingObserver, toks
 
 
 async def test_a_disk_with_room_for_a_page_but_not_the_refused_batch_still_refuses(
@@ -36,3 +36,29 @@ async def test_a_disk_with_room_for_a_page_but_not_the_refused_batch_still_refus
         assert await engine.state_takes_writes()
         assert (await engine.feed(session.session_id, chunk)).position == 4096
         await engine.stop()
+
+
+async def test_a_create_the_journal_refused_is_not_counted_as_made_and_closed(
+    make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create whose CREATE record the journal refused made no session: no `created` and no
+    `closed` event (both were counted, for a session no client ever had: `closed` ran past
+    `created`). The refusal is the journal's own error, raised where it appends (a full disk
+    takes a record this small into the page it has: test_state_dir_faults.py fills real ones)."""
+    observer = RecordingObserver()
+    engine = await make_engine(observer=observer)
+    await engine.create_session("tok", seed=1)
+    journal = engine.durability.journal
+    assert journal is not None
+
+    def refused(records: list[bytes]) -> int:
+        raise JournalUnavailable("the state directory refused the write (test)")
+
+    monkeypatch.setattr(journal, "append", refused)
+    with pytest.raises(JournalUnavailable):
+        await engine.create_session("tok", seed=2)
+    monkeypatch.undo()
+    assert (observer.count("created"), observer.count("closed")) == (1, 0)
+    assert len(engine.sessions) == 1
+    await engine.create_session("tok", seed=3)
+    assert (observer.count("created"), observer.count("closed")) == (2, 0)
