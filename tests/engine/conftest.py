@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,8 +22,10 @@ from service.models import ModelConfig, SequenceModel
 from service.registry.manifest import Training
 from service.registry.store import ModelStore
 from service.runtime.step_batch import Prediction, StepBatch
+from service.sessions.redis_state import RedisState
 from service.sessions.session import Session
 from service.sessions.session_store import SessionStore
+from service.sessions.sqlite_state import SqliteState
 from service.settings import EngineSettings, SecuritySettings, SessionSettings, Settings
 from service.wiring import build_engine
 from tests.polling import until
@@ -239,3 +242,27 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "redis":
         return str(request.getfixturevalue("redis_url"))
     return f"sqlite:{tmp_path / 'shared' / 'state.db'}"
+
+
+def slow_takes(
+    monkeypatch: pytest.MonkeyPatch, slowed: Callable[[int], bool]
+) -> tuple[threading.Event, threading.Event]:
+    """The shared tiers' quota takes (Redis and SQLite) of a charge `slowed` picks take 0.2 s,
+    on their thread, as a slow round trip: a cancel comes meanwhile. → (set when such a take
+    begins, set when it is done)."""
+    taking, taken = threading.Event(), threading.Event()
+    for tier in (RedisState, SqliteState):
+        take = tier.take_tokens
+
+        def slow(self, owner: str, tokens: int, rate: float, take=take) -> float:  # type: ignore[no-untyped-def]
+            if not slowed(tokens):
+                return take(self, owner, tokens, rate)
+            taking.set()
+            time.sleep(0.2)
+            try:
+                return take(self, owner, tokens, rate)
+            finally:
+                taken.set()
+
+        monkeypatch.setattr(tier, "take_tokens", slow)
+    return taking, taken

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,10 +23,8 @@ from service.runtime.sampler import SamplingParams
 from service.runtime.step_batch import StepBatch
 from service.security import principal
 from service.security.principal import Principal
-from service.sessions.redis_state import RedisState
-from service.sessions.sqlite_state import SqliteState
 
-from .conftest import EngineFactory, toks, wait_idle
+from .conftest import EngineFactory, slow_takes, toks, wait_idle
 
 TOKENS_PER_SECOND = 0.125  # a bucket of an eighth of a token: a charge of 52 leaves 52 owed
 RATE = {"tokens_per_second": TOKENS_PER_SECOND}
@@ -190,21 +186,7 @@ async def test_a_generation_cancelled_while_the_tier_takes_its_charge_keeps_noth
 ) -> None:
     """The shared tier's take runs in a thread, which the cancel does not stop: the tier takes
     the charge anyway, and it is given back once taken (the generation never ran)."""
-    taking, taken = threading.Event(), threading.Event()
-    for tier in (RedisState, SqliteState):
-        take = tier.take_tokens
-
-        def slow(self, owner: str, tokens: int, rate: float, take=take) -> float:  # type: ignore[no-untyped-def]
-            if tokens < MAX_TOKENS:  # not the generation's charge (2 + 50)
-                return take(self, owner, tokens, rate)
-            taking.set()
-            time.sleep(0.2)  # a slow round trip: the cancel comes meanwhile
-            try:
-                return take(self, owner, tokens, rate)
-            finally:
-                taken.set()
-
-        monkeypatch.setattr(tier, "take_tokens", slow)
+    taking, taken = slow_takes(monkeypatch, lambda tokens: tokens >= MAX_TOKENS)  # 2 + 50
     engine, sid = await _engine(make_engine, state_url=state_url)
     generating = asyncio.create_task(_drain(engine, sid, Line()))
     await asyncio.to_thread(taking.wait, 5)

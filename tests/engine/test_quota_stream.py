@@ -8,8 +8,6 @@ the auto-multiplexing client sends concurrent feeds as such messages."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import pytest
 
@@ -18,10 +16,8 @@ from service.engine.session_engine import SessionEngine
 from service.errors import QuotaExceeded, SessionNotFound
 from service.security import principal
 from service.security.principal import Principal
-from service.sessions.redis_state import RedisState
-from service.sessions.sqlite_state import SqliteState
 
-from .conftest import EngineFactory, toks
+from .conftest import EngineFactory, slow_takes, toks
 
 RATE = 20.0  # tokens a second, and the bucket's size
 SLOW = 0.01  # a bucket refilled this slowly gains at most 0.04 tokens while a test runs
@@ -69,7 +65,9 @@ async def test_a_message_within_a_seconds_worth_is_charged_whole(
     a, b, c = await _sessions(engine, 3)
     fed = await engine.feed_many([Feed(a, toks(*[1] * 8)), Feed(b, toks(*[1] * 8))])
     assert [getattr(o, "position", o) for o in fed] == [8, 8]  # 16 of the 20
-    refused = await engine.feed_many([Feed(a, toks(1, 2)), Feed(c, toks(1, 2, 3))])  # 5 > 4
+    # 19 against the 4 left (and what refills meanwhile: 0.75 s would be needed), its first
+    # feed's 3 among them.
+    refused = await engine.feed_many([Feed(a, toks(1, 2, 3)), Feed(c, toks(*[1] * 16))])
     assert all(isinstance(o, QuotaExceeded) for o in refused), refused
     assert [(await engine.describe_session(s)).position for s in (a, b, c)] == [8, 8, 0]
 
@@ -95,21 +93,7 @@ async def test_a_message_cancelled_while_the_tier_charges_its_feeds_keeps_nothin
     feed's charge is given back. The rate is an eighth of a token a second: the first feed
     leaves the bucket 0.875 in debt, which 4 s of refill would not clear, so a one-token feed
     after it goes through only if that charge came back."""
-    taking, taken = threading.Event(), threading.Event()
-    for tier in (RedisState, SqliteState):
-        take = tier.take_tokens
-
-        def slow(self, owner: str, tokens: int, rate: float, take=take) -> float:  # type: ignore[no-untyped-def]
-            if tokens != 2:  # not the second feed's charge
-                return take(self, owner, tokens, rate)
-            taking.set()
-            time.sleep(0.2)  # a slow round trip: the cancel comes meanwhile
-            try:
-                return take(self, owner, tokens, rate)
-            finally:
-                taken.set()
-
-        monkeypatch.setattr(tier, "take_tokens", slow)
+    taking, taken = slow_takes(monkeypatch, lambda tokens: tokens == 2)  # the second feed's
     engine = await make_engine(security={"tokens_per_second": 0.125}, state_url=state_url)
     a, b = await _sessions(engine, 2)
     feeding = asyncio.create_task(engine.feed_many([Feed(a, toks(1)), Feed(b, toks(1, 2))]))
