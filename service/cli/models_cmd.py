@@ -170,7 +170,9 @@ def _rule() -> VersionRule:
 
     from service.registry.version_rule import VersionRule
 
-    logging.getLogger("service.registry.digests").addHandler(logging.NullHandler())
+    digests = logging.getLogger("service.registry.digests")
+    if not digests.handlers:
+        digests.addHandler(logging.NullHandler())
     return VersionRule()
 
 

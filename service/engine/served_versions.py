@@ -138,9 +138,14 @@ class ServedVersions:
         version = self.rule.version_for(entry, spec)
         served = self._served.get((name, version))  # a dict read: safe from this thread
         if served is not None:
-            if served.sessions == 0 and self.rule.republished(entry, version, served.fingerprint):
-                return version, watched, served
-            self.rule.check_unchanged(entry, version, served.fingerprint)
+            try:
+                self.rule.check_unchanged(entry, version, served.fingerprint)
+            except VersionUnusable:  # (only then: a fingerprint per create is enough)
+                if served.sessions == 0 and self.rule.republished(
+                    entry, version, served.fingerprint
+                ):
+                    return version, watched, served
+                raise
         return version, watched, None
 
     async def _replace(self, outdated: ServedVersion) -> None:

@@ -38,7 +38,7 @@ from service.registry.version_spec import (
 )
 
 # Canonical version folder names only, 1 to MAX_VERSION: "007" and "0" are not versions.
-_VERSION_DIR_RE = re.compile(rf"^[1-9][0-9]{{0,{len(str(MAX_VERSION)) - 1}}}$")
+_VERSION_DIR_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,18 @@ def version_dir_names(model_dir: Path) -> list[str]:
         ]
     except FileNotFoundError:
         return []
+
+
+def next_version(model_dir: Path, name: str) -> int:
+    """The number a new version of `name` (in `model_dir`) takes: one past its highest folder,
+    broken ones included. FailedPrecondition past MAX_VERSION: its folder would be no version's."""
+    version = max(map(int, version_dir_names(model_dir)), default=0) + 1
+    if version > MAX_VERSION:
+        raise FailedPrecondition(
+            f"could not publish {name!r}: it has version {MAX_VERSION}, the highest a model "
+            "store holds; publish it under another name"
+        )
+    return version
 
 
 def scan_version(name: str, version_dir: Path) -> VersionEntry:

@@ -60,10 +60,10 @@ from service.registry.snapshot import (
     check_tokenizer,
     describe_validation_error,
     model_dir_names,
+    next_version,
     read_manifest,
     scan_model,
     scan_store,
-    version_dir_names,
 )
 from service.registry.verification import (
     AliasProblem,
@@ -72,7 +72,6 @@ from service.registry.verification import (
     check_weights,
     verify_versions,
 )
-from service.registry.version_spec import MAX_VERSION
 from service.registry.weights import check_tensors, deserialize, serialize, sha256_hex
 
 # How often publish retries when another publisher takes the version number it picked.
@@ -229,12 +228,7 @@ class ModelStore:
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(_PUBLISH_ATTEMPTS):
-            version = max(map(int, version_dir_names(model_dir)), default=0) + 1
-            if version > MAX_VERSION:  # its folder would be no version's
-                raise FailedPrecondition(
-                    f"could not publish {name!r}: it has version {MAX_VERSION}, the highest a "
-                    "model store holds; publish it under another name"
-                )
+            version = next_version(model_dir, name)
             manifest = Manifest.from_config(
                 config,
                 name=name,
